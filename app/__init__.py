@@ -1,0 +1,4 @@
+"""Missing-modality segmentation and sentiment models: Dynamic Sharing networks trained with
+gradient strategies (plain, modality dropout, GMD, CGGM) and evaluated on every modality subset."""
+
+__version__ = "0.1.0"
