@@ -1,0 +1,5 @@
+"""Subset-aware networks: per-modality outputs plus a fusion that accepts any modality mask."""
+
+from app.networks.ds_unet import DSUNet, ModalityEncoder, SharedDecoder, masked_mean
+
+__all__ = ["DSUNet", "ModalityEncoder", "SharedDecoder", "masked_mean"]

@@ -1,0 +1,177 @@
+"""Dynamic Sharing 3D U-Net: per-modality encoders, one shared decoder trunk, mean fusion.
+
+Each available modality is encoded by its own 3D U-Net encoder and decoded by the *shared* decoder
+trunk with that modality's own skip features. The trunk ends in a linear 1x1x1 head, so fusing the
+per-modality logits by a mean is the same as fusing the trunk features and then applying the
+head. That makes every subset prediction a cheap masked mean over one set of per-modality outputs.
+Absent modalities are skipped: their encoders never run and their inputs are never read.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetOutBlock, UnetUpBlock
+from torch import nn
+
+from app.subsets import BRATS_MODALITIES
+
+__all__ = ["ModalityEncoder", "SharedDecoder", "DSUNet", "masked_mean"]
+
+
+def masked_mean(per_modality: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the modality axis (dim 1) of ``per_modality`` restricted to ``mask``.
+
+    Args:
+        per_modality: ``[B, M, ...]`` per-modality outputs.
+        mask: ``[B, M]`` bool; every row must have at least one ``True``.
+
+    Raises:
+        ValueError: when a sample has no modality to fuse.
+    """
+    count = mask.sum(dim=1)
+    if bool((count == 0).any()):
+        raise ValueError("Cannot fuse a sample with no available modality: every sample needs at least one.")
+    weights = mask.to(per_modality.dtype) / count.to(per_modality.dtype).unsqueeze(1)
+    weights = weights.reshape(*weights.shape, *([1] * (per_modality.ndim - 2)))
+    return (per_modality * weights).sum(dim=1)
+
+
+class ModalityEncoder(nn.Module):
+    """3D U-Net encoder for one modality; returns the skip features of every level."""
+
+    def __init__(self, in_channels: int, features: Sequence[int], norm_name: str | tuple = "instance") -> None:
+        super().__init__()
+        blocks = []
+        prev = in_channels
+        for level, width in enumerate(features):
+            stride = 1 if level == 0 else 2
+            blocks.append(UnetBasicBlock(3, prev, width, kernel_size=3, stride=stride, norm_name=norm_name))
+            prev = width
+        self.levels = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        skips = []
+        for block in self.levels:
+            x = block(x)
+            skips.append(x)
+        return skips
+
+
+class SharedDecoder(nn.Module):
+    """The shared trunk: U-Net decoder from the deepest features up, plus a linear 1x1x1 head."""
+
+    def __init__(self, features: Sequence[int], out_channels: int, norm_name: str | tuple = "instance") -> None:
+        super().__init__()
+        ups = []
+        for level in range(len(features) - 1, 0, -1):
+            ups.append(
+                UnetUpBlock(
+                    3,
+                    features[level],
+                    features[level - 1],
+                    kernel_size=3,
+                    stride=2,
+                    upsample_kernel_size=2,
+                    norm_name=norm_name,
+                )
+            )
+        self.ups = nn.ModuleList(ups)
+        self.head = UnetOutBlock(3, features[0], out_channels)
+
+    def forward(self, skips: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = skips[-1]
+        for up, skip in zip(self.ups, reversed(skips[:-1])):
+            x = up(x, skip)
+        return self.head(x)
+
+
+class DSUNet(nn.Module):
+    """Dynamic Sharing network for multi-sequence 3D segmentation with missing sequences.
+
+    Args:
+        modalities: names of the input sequences, in channel order of the image tensor.
+        out_channels: number of output region channels (WT, TC, ET).
+        features: channel widths per level; the number of levels is ``len(features)`` and the
+            input size must be divisible by ``2 ** (len(features) - 1)``.
+        norm_name: normalisation for the MONAI blocks.
+
+    ``forward(image, modality_mask)`` takes ``image [B, M, D, H, W]`` (one channel per modality)
+    and ``modality_mask [B, M]`` (bool) and returns the fused logits ``[B, out_channels, D, H, W]``.
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str] = BRATS_MODALITIES,
+        out_channels: int = 3,
+        features: Sequence[int] = (16, 32, 64, 128, 256),
+        norm_name: str | tuple = "instance",
+    ) -> None:
+        super().__init__()
+        if len(features) < 2:
+            raise ValueError(f"features needs at least two levels, got {list(features)}.")
+        self.modalities = tuple(modalities)
+        self.features = tuple(int(f) for f in features)
+        self.out_channels = out_channels
+        self.encoders = nn.ModuleList(ModalityEncoder(1, self.features, norm_name) for _ in self.modalities)
+        self.trunk = SharedDecoder(self.features, out_channels, norm_name)
+
+    @property
+    def num_modalities(self) -> int:
+        return len(self.modalities)
+
+    @property
+    def divisor(self) -> int:
+        """Spatial sizes must be multiples of this."""
+        return 2 ** (len(self.features) - 1)
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters shared by all modalities (decoder trunk and head)."""
+        return self.trunk.parameters()
+
+    def modality_parameters(self) -> Iterator[nn.Parameter]:
+        """Modality-specific parameters (the encoders)."""
+        return self.encoders.parameters()
+
+    def _full_mask(self, image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if image.ndim != 5 or image.shape[1] != self.num_modalities:
+            raise ValueError(
+                f"Expected image [B, {self.num_modalities}, D, H, W] for modalities {list(self.modalities)}, "
+                f"got {tuple(image.shape)}."
+            )
+        if mask is None:
+            return torch.ones(image.shape[0], self.num_modalities, dtype=torch.bool, device=image.device)
+        return mask.to(device=image.device, dtype=torch.bool)
+
+    def per_modality(self, image: torch.Tensor, modality_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-modality logits ``[B, M, C, D, H, W]``; entries of absent modalities are zero.
+
+        The encoders run only on the samples that have their modality; the shared trunk then runs
+        once on all (sample, modality) pairs stacked along the batch axis, which is exact because
+        instance normalisation is per sample.
+        """
+        mask = self._full_mask(image, modality_mask)
+        batch = image.shape[0]
+        rows, modality_ids, skip_lists = [], [], []
+        for m, encoder in enumerate(self.encoders):
+            idx = torch.nonzero(mask[:, m], as_tuple=False).flatten()
+            if idx.numel() == 0:
+                continue
+            skip_lists.append(encoder(image[idx, m : m + 1]))
+            rows.append(idx)
+            modality_ids.append(torch.full_like(idx, m))
+        out = image.new_zeros(batch, self.num_modalities, self.out_channels, *image.shape[2:])
+        if not rows:
+            return out
+        stacked = [torch.cat(level, dim=0) for level in zip(*skip_lists)]
+        decoded = self.trunk(stacked)
+        return out.index_put((torch.cat(rows), torch.cat(modality_ids)), decoded.to(out.dtype))
+
+    def fuse(self, per_modality: torch.Tensor, modality_mask: torch.Tensor) -> torch.Tensor:
+        """Mean of the per-modality logits over the modalities in ``modality_mask``."""
+        return masked_mean(per_modality, modality_mask.to(per_modality.device, torch.bool))
+
+    def forward(self, image: torch.Tensor, modality_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = self._full_mask(image, modality_mask)
+        return self.fuse(self.per_modality(image, mask), mask)

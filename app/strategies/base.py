@@ -1,0 +1,111 @@
+"""The gradient-strategy seam: one object decides how a training iteration produces gradients.
+
+The trainer zeroes the gradients, calls :meth:`GradientStrategy.step` inside its autocast context
+and steps the optimizer. A strategy only needs the subset-aware model protocol:
+
+- ``per_modality(inputs, modality_mask) -> Tensor [B, M, ...]``: per-modality outputs;
+- ``fuse(per_modality, modality_mask) -> Tensor``: fused prediction for any modality mask;
+- ``shared_parameters()`` / ``modality_parameters()``: the trunk and the per-modality parts;
+- ``modalities`` (names) and ``num_modalities``.
+
+Both the BraTS DS U-Net and the sentiment DS transformer implement it, so every strategy serves
+both branches unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["StepResult", "GradientStrategy", "subset_loss", "random_submasks"]
+
+
+@dataclass
+class StepResult:
+    """What one strategy step reports back to the trainer.
+
+    Attributes:
+        loss: detached scalar, the loss of the prediction fused over the available modalities.
+        pred: detached fused prediction over the available modalities.
+        diagnostics: optional per-step diagnostics (GMD conflict statistics).
+    """
+
+    loss: torch.Tensor
+    pred: torch.Tensor
+    diagnostics: dict | None = field(default=None)
+
+
+def subset_loss(
+    model: Any,
+    per_modality: torch.Tensor,
+    mask: torch.Tensor,
+    targets: torch.Tensor,
+    loss_function: Callable,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Loss of the prediction fused over ``mask``, on the samples that have any modality in it.
+
+    Returns ``(None, None)`` when no sample has a modality of ``mask``.
+    """
+    valid = mask.any(dim=1)
+    if not bool(valid.any()):
+        return None, None
+    if bool(valid.all()):
+        pred = model.fuse(per_modality, mask)
+        return loss_function(pred, targets).mean(), pred
+    pred = model.fuse(per_modality[valid], mask[valid])
+    return loss_function(pred, targets[valid]).mean(), pred
+
+
+def random_submasks(mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A uniformly random non-empty subset of each sample's available modalities."""
+    batch, m = mask.shape
+    out = torch.zeros_like(mask)
+    cpu_mask = mask.cpu()
+    for b in range(batch):
+        avail = torch.nonzero(cpu_mask[b]).flatten()
+        if avail.numel() == 0:
+            continue
+        n_subsets = 2 ** avail.numel() - 1
+        code = int(torch.randint(1, n_subsets + 1, (1,), generator=generator))
+        chosen = [int(avail[i]) for i in range(avail.numel()) if code >> i & 1]
+        out[b, chosen] = True
+    return out.to(mask.device)
+
+
+class GradientStrategy:
+    """Base class: computes the gradients of one iteration.
+
+    Subclasses implement :meth:`step`. ``state_dict``/``load_state_dict`` carry the strategy's own
+    random state so a resumed run continues identically.
+
+    Args:
+        seed: seed of the strategy's private random generator.
+    """
+
+    name = "base"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def step(
+        self,
+        model: Any,
+        inputs: Any,
+        modality_mask: torch.Tensor,
+        targets: torch.Tensor,
+        loss_function: Callable,
+        iteration: int = 0,
+    ) -> StepResult:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(seed={self.seed})"

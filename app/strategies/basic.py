@@ -1,0 +1,45 @@
+"""Baseline strategies: plain training on all available modalities, and modality dropout."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from app.strategies.base import GradientStrategy, StepResult, random_submasks, subset_loss
+
+__all__ = ["PlainStrategy", "DropoutStrategy"]
+
+
+class PlainStrategy(GradientStrategy):
+    """One loss on the prediction fused over every available modality."""
+
+    name = "plain"
+
+    def step(self, model, inputs, modality_mask, targets, loss_function, iteration=0) -> StepResult:
+        per_mod = model.per_modality(inputs, modality_mask)
+        loss, pred = subset_loss(model, per_mod, modality_mask, targets, loss_function)
+        loss.backward()
+        return StepResult(loss=loss.detach(), pred=pred.detach())
+
+
+class DropoutStrategy(GradientStrategy):
+    """Modality dropout: each sample is trained on a random non-empty subset of its modalities.
+
+    The reported loss is the one of the dropped-out prediction that was trained; the reported
+    prediction is recomputed from the same per-modality outputs on all available modalities.
+    """
+
+    name = "dropout"
+
+    def step(
+        self, model: Any, inputs: Any, modality_mask: torch.Tensor, targets: torch.Tensor,
+        loss_function: Callable, iteration: int = 0,
+    ) -> StepResult:
+        per_mod = model.per_modality(inputs, modality_mask)
+        sub = random_submasks(modality_mask, self.generator)
+        loss, _ = subset_loss(model, per_mod, sub, targets, loss_function)
+        loss.backward()
+        with torch.no_grad():
+            pred = model.fuse(per_mod.detach(), modality_mask)
+        return StepResult(loss=loss.detach(), pred=pred)

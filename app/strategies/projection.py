@@ -1,0 +1,80 @@
+"""GMD decoupling in coefficient space.
+
+Every decoupled gradient is a linear combination of the original subset gradients ``G_1..G_k``
+(each projection step subtracts a multiple of an *original* ``G_j``), so the whole PCGrad-style
+procedure of eq. 8 can run on the Gram matrix ``K = G G^T`` alone. The result is a coefficient
+matrix ``A`` with ``g~_i = sum_l A[i, l] G_l`` and merge weights ``w = A.mean(0)`` so that the mean
+of the decoupled gradients is ``sum_j w_j G_j``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["projection_orders", "decouple_coefficients", "gram_cosine", "count_conflicts", "gmd_statistics"]
+
+_EPS = 1e-20
+
+
+def projection_orders(k: int, generator: torch.Generator | None = None) -> list[list[int]]:
+    """For each subset ``i``, the random order in which the other subsets are visited."""
+    orders = []
+    for i in range(k):
+        perm = torch.randperm(k, generator=generator).tolist()
+        orders.append([j for j in perm if j != i])
+    return orders
+
+
+def decouple_coefficients(gram: torch.Tensor, orders: list[list[int]]) -> torch.Tensor:
+    """Coefficients ``A`` of the decoupled gradients in the basis of the original ones.
+
+    For each ``i``, start from ``g_i = G_i`` and visit the other subsets ``j`` in ``orders[i]``;
+    whenever ``g_i . G_j < 0`` remove the projection: ``g_i -= (g_i . G_j / |G_j|^2) G_j`` (eq. 8).
+
+    Args:
+        gram: ``[k, k]`` Gram matrix ``G_j . G_l`` (use float64).
+        orders: output of :func:`projection_orders`.
+
+    Returns:
+        ``[k, k]`` matrix ``A`` in the dtype of ``gram``.
+    """
+    k = gram.shape[0]
+    coeffs = torch.eye(k, dtype=gram.dtype, device=gram.device)
+    for i in range(k):
+        for j in orders[i]:
+            dot = coeffs[i] @ gram[:, j]
+            norm_sq = gram[j, j]
+            if dot < 0 and norm_sq > _EPS:
+                coeffs[i, j] -= dot / norm_sq
+    return coeffs
+
+
+def gram_cosine(gram: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine similarities from a Gram matrix (0 where a gradient is zero)."""
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    denom = norms[:, None] * norms[None, :]
+    return torch.where(denom > 0, gram / denom.clamp_min(_EPS), torch.zeros_like(gram))
+
+
+def count_conflicts(cosine: torch.Tensor, tol: float = 1e-9) -> int:
+    """Number of unordered pairs ``j < l`` with negative cosine."""
+    upper = torch.triu(torch.ones_like(cosine, dtype=torch.bool), diagonal=1)
+    return int(((cosine < -tol) & upper).sum())
+
+
+def gmd_statistics(gram: torch.Tensor, coeffs: torch.Tensor) -> dict:
+    """Diagnostics of one GMD step: norms, cosines and conflict counts before and after decoupling."""
+    gram_after = coeffs @ gram @ coeffs.T
+    cos_before, cos_after = gram_cosine(gram), gram_cosine(gram_after)
+    k = gram.shape[0]
+    pairs = k * (k - 1) // 2
+    return {
+        "norms": gram.diagonal().clamp_min(0).sqrt().tolist(),
+        "norms_after": gram_after.diagonal().clamp_min(0).sqrt().tolist(),
+        "cosine_before": cos_before.tolist(),
+        "cosine_after": cos_after.tolist(),
+        "conflicts_before": count_conflicts(cos_before),
+        "conflicts_after": count_conflicts(cos_after),
+        "pairs": pairs,
+        "weights": coeffs.mean(0).tolist(),
+    }

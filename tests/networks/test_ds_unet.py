@@ -1,0 +1,73 @@
+"""DS U-Net: shapes, skipped encoders, and invariance to absent modalities' inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.networks import DSUNet, masked_mean
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return DSUNet(features=(4, 8, 16)).eval()
+
+
+def test_shapes_and_per_modality_fusion(net):
+    x = torch.randn(2, 4, 16, 16, 16)
+    mask = torch.tensor([[1, 1, 0, 1], [0, 0, 1, 0]], dtype=torch.bool)
+    per_mod = net.per_modality(x, mask)
+    assert per_mod.shape == (2, 4, 3, 16, 16, 16)
+    fused = net(x, mask)
+    assert torch.allclose(fused[0], per_mod[0, [0, 1, 3]].mean(0), atol=1e-6)
+    assert torch.allclose(fused[1], per_mod[1, 2], atol=1e-6)
+
+
+def test_absent_modality_input_cannot_change_output(net):
+    x = torch.randn(2, 4, 16, 16, 16)
+    mask = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 1]], dtype=torch.bool)
+    ref = net(x, mask)
+    y = x.clone()
+    y[0, 1] = 1e4
+    y[0, 3] = float("nan")
+    y[1, 0] = -7.0
+    assert torch.equal(net(y, mask), ref)
+
+
+def test_absent_encoder_does_not_run(net):
+    calls = []
+    hooks = [enc.register_forward_hook(lambda m, i, o, k=k: calls.append(k)) for k, enc in enumerate(net.encoders)]
+    try:
+        net(torch.randn(1, 4, 16, 16, 16), torch.tensor([[0, 0, 1, 1]], dtype=torch.bool))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == [2, 3]
+
+
+def test_shared_trunk_matches_single_modality_run(net):
+    """Batching all modalities through the trunk equals running each one alone."""
+    x = torch.randn(1, 4, 16, 16, 16)
+    full = net.per_modality(x, torch.ones(1, 4, dtype=torch.bool))
+    for m in range(4):
+        only = torch.zeros(1, 4, dtype=torch.bool)
+        only[0, m] = True
+        assert torch.allclose(net.per_modality(x, only)[0, m], full[0, m], atol=1e-5)
+
+
+def test_features_from_config_and_parameter_groups():
+    net = DSUNet(features=[2, 4, 8, 16])
+    assert net.encoders[0].levels[-1].conv1.conv.out_channels == 16
+    shared = {id(p) for p in net.shared_parameters()}
+    specific = {id(p) for p in net.modality_parameters()}
+    assert shared.isdisjoint(specific)
+    assert shared | specific == {id(p) for p in net.parameters()}
+    assert net.divisor == 8
+
+
+def test_empty_mask_is_an_error(net):
+    with pytest.raises(ValueError, match="at least one"):
+        masked_mean(torch.zeros(1, 4, 3, 2, 2, 2), torch.zeros(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="Expected image"):
+        net(torch.zeros(1, 3, 16, 16, 16))

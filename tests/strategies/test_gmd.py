@@ -1,0 +1,189 @@
+"""GMD maths by hand, and the fast strategy against a naive one-backward-per-subset reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.networks import DSUNet
+from app.strategies import GMDApproxStrategy, GMDStrategy, build_strategy
+from app.strategies.projection import decouple_coefficients, gmd_statistics, projection_orders
+from app.subsets import all_subsets, subset_masks
+
+
+def _merged(grads: torch.Tensor, orders) -> torch.Tensor:
+    gram = grads.double() @ grads.double().T
+    coeffs = decouple_coefficients(gram, orders)
+    return coeffs.mean(0) @ grads.double()
+
+
+def test_two_conflicting_gradients_match_eq8():
+    g1 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    g2 = torch.tensor([-1.0, 1.0], dtype=torch.float64)
+    # eq. 8 by hand: g1 - (g1.g2/|g2|^2) g2 = [1,0] + 0.5[-1,1] = [0.5, 0.5];
+    #                g2 - (g2.g1/|g1|^2) g1 = [-1,1] + [1,0] = [0, 1].
+    merged = _merged(torch.stack([g1, g2]), [[1], [0]])
+    assert torch.allclose(merged, torch.tensor([0.25, 0.75], dtype=torch.float64))
+    # the decoupled gradients no longer conflict with the original other one
+    coeffs = decouple_coefficients(torch.stack([g1, g2]) @ torch.stack([g1, g2]).T, [[1], [0]])
+    d = coeffs @ torch.stack([g1, g2])
+    assert float(d[0] @ g2) == pytest.approx(0.0, abs=1e-12)
+    assert float(d[1] @ g1) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_no_conflict_no_change():
+    grads = torch.tensor([[1.0, 0.2, 0.0], [0.5, 1.0, 0.1], [0.1, 0.3, 2.0]], dtype=torch.float64)
+    gram = grads @ grads.T
+    coeffs = decouple_coefficients(gram, projection_orders(3, torch.Generator().manual_seed(0)))
+    assert torch.equal(coeffs, torch.eye(3, dtype=torch.float64))
+    assert torch.allclose(_merged(grads, [[1, 2], [0, 2], [0, 1]]), grads.mean(0))
+
+
+def test_three_gradients_sequential_projection_by_hand():
+    g = torch.tensor([[1.0, 0.0], [-1.0, 0.5], [0.0, -1.0]], dtype=torch.float64)
+    orders = [[1, 2], [2, 0], [0, 1]]
+    # g0: dot(g0,g1)=-1 -> g0 + (1/1.25) g1 = [0.2, 0.4]; dot with g2 = -0.4 -> + 0.4 g2 = [0.2, 0.0]
+    # g1: dot(g1,g2)=-0.5 -> g1 + 0.5 g2 = [-1, 0]; dot with g0 = -1 -> + g0 = [0, 0]
+    # g2: dot(g2,g0)=0 -> unchanged; dot(g2,g1)=-0.5 -> g2 + 0.4 g1 = [-0.4, -0.8]
+    coeffs = decouple_coefficients(g @ g.T, orders)
+    d = coeffs @ g
+    expected = torch.tensor([[0.2, 0.0], [0.0, 0.0], [-0.4, -0.8]], dtype=torch.float64)
+    assert torch.allclose(d, expected)
+    stats = gmd_statistics(g @ g.T, coeffs)
+    assert stats["conflicts_before"] == 2 and stats["pairs"] == 3
+    assert stats["weights"] == pytest.approx(coeffs.mean(0).tolist())
+
+
+def _loss(pred, target):
+    return torch.nn.functional.binary_cross_entropy_with_logits(pred, target) + (pred.sigmoid() * target).mean()
+
+
+def _naive_gmd(model, x, y, subsets_idx, orders):
+    """One full backward per subset, projections on the flattened shared gradient, as published."""
+    masks = subset_masks(model.num_modalities)
+    params = list(model.parameters())
+    shared_ids = {id(p) for p in model.shared_parameters()}
+    is_shared = torch.cat([torch.full((p.numel(),), id(p) in shared_ids) for p in params])
+    grads = []
+    for j in subsets_idx:
+        model.zero_grad()
+        m = masks[j].expand(x.shape[0], -1)
+        _loss(model(x, m), y).backward()
+        grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]))
+    grads = torch.stack(grads).double()
+    k = len(grads)
+    decoupled = []
+    for i in range(k):
+        g = grads[i].clone()
+        for j in orders[i]:
+            dot = g[is_shared] @ grads[j][is_shared]
+            if dot < 0:
+                g = g - dot / (grads[j][is_shared] @ grads[j][is_shared]) * grads[j]
+        decoupled.append(g)
+    decoupled = torch.stack(decoupled)
+    merged = torch.where(is_shared, decoupled.mean(0), decoupled.sum(0))
+    model.zero_grad()
+    return merged
+
+
+def _fast(strategy, model, x, y):
+    model.zero_grad()
+    mask = torch.ones(x.shape[0], model.num_modalities, dtype=torch.bool)
+    strategy.step(model, x, mask, y, _loss)
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("subsets", ["all", 5])
+@pytest.mark.parametrize("vjp_chunk", [1, 4])
+def test_gmd_matches_naive_reference(subsets, vjp_chunk):
+    torch.manual_seed(0)
+    model = DSUNet(features=(4, 8), out_channels=2).double()
+    x = torch.randn(2, 4, 8, 8, 8, dtype=torch.float64)
+    y = (torch.rand(2, 2, 8, 8, 8) > 0.6).double()
+    strategy = GMDStrategy(subsets=subsets, seed=3, vjp_chunk=vjp_chunk)
+    # replay the strategy's random draws to give the reference the same subsets and orders
+    probe = GMDStrategy(subsets=subsets, seed=3)
+    chosen = probe.choose_subsets(15)
+    orders = projection_orders(len(chosen), probe.generator)
+    fast = _fast(strategy, model, x, y)
+    naive = _naive_gmd(model, x, y, chosen, orders)
+    rel = (fast - naive).norm() / naive.norm()
+    assert rel < 1e-5, float(rel)
+
+
+def test_gmd_float32_close_to_reference():
+    torch.manual_seed(1)
+    model = DSUNet(features=(4, 8), out_channels=3)
+    x = torch.randn(2, 4, 8, 8, 8)
+    y = (torch.rand(2, 3, 8, 8, 8) > 0.5).float()
+    probe = GMDStrategy(seed=7)
+    orders = projection_orders(15, probe.generator)
+    fast = _fast(GMDStrategy(seed=7), model, x, y).double()
+    naive = _naive_gmd(model, x, y, list(range(15)), orders)
+    assert (fast - naive).norm() / naive.norm() < 1e-5
+
+
+def test_k_sampling_covers_every_subset():
+    strategy = GMDStrategy(subsets=5, seed=0)
+    seen = set()
+    for it in range(3):
+        chosen = strategy.choose_subsets(15)
+        assert len(chosen) == 5 and len(set(chosen)) == 5
+        seen.update(chosen)
+    assert seen == set(range(15))
+    for _ in range(50):
+        seen.update(strategy.choose_subsets(15))
+    assert len(all_subsets(4)) == 15
+
+
+def test_strategy_state_round_trip_reproduces_draws():
+    a = GMDStrategy(subsets=4, seed=2)
+    a.choose_subsets(15)
+    state = a.state_dict()
+    b = GMDStrategy(subsets=4, seed=99)
+    b.load_state_dict(state)
+    assert [a.choose_subsets(15) for _ in range(5)] == [b.choose_subsets(15) for _ in range(5)]
+
+
+def test_gmd_approx_is_close_to_exact_direction():
+    torch.manual_seed(2)
+    model = DSUNet(features=(4, 8), out_channels=3)
+    x = torch.randn(2, 4, 8, 8, 8)
+    y = (torch.rand(2, 3, 8, 8, 8) > 0.5).float()
+    exact = _fast(GMDStrategy(seed=0), model, x, y)
+    approx = _fast(GMDApproxStrategy(seed=0), model, x, y)
+    cos = float(exact @ approx / (exact.norm() * approx.norm()))
+    assert cos > 0.5, cos
+
+
+def test_diagnostics_recorded_on_interval():
+    torch.manual_seed(3)
+    model = DSUNet(features=(4, 8), out_channels=3)
+    x = torch.randn(1, 4, 8, 8, 8)
+    y = (torch.rand(1, 3, 8, 8, 8) > 0.5).float()
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    strategy = build_strategy("gmd", diagnostics_interval=2, seed=0)
+    assert strategy.step(model, x, mask, y, _loss, iteration=1).diagnostics is None
+    diag = strategy.step(model, x, mask, y, _loss, iteration=2).diagnostics
+    assert diag["subsets"][0] == "flair" and diag["subsets"][-1] == "flair+t1+t1ce+t2"
+    assert len(diag["cosine_before"]) == 15 and diag["conflicts_after"] <= diag["pairs"]
+    # projections only ever add non-negative multiples of the others, so every weight is >= 1/k
+    assert len(diag["weights"]) == 15 and min(diag["weights"]) >= 1 / 15 - 1e-12
+
+
+def test_unknown_strategy_names_the_choices():
+    with pytest.raises(ValueError, match="gmd_approx"):
+        build_strategy("pcgrad")
+
+
+def test_partial_masks_skip_absent_subsets():
+    torch.manual_seed(4)
+    model = DSUNet(features=(4, 8), out_channels=3)
+    x = torch.randn(2, 4, 8, 8, 8)
+    y = (torch.rand(2, 3, 8, 8, 8) > 0.5).float()
+    mask = torch.tensor([[1, 0, 0, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    model.zero_grad()
+    GMDStrategy(seed=0, diagnostics_interval=1).step(model, x, mask, y, _loss, iteration=1)
+    # encoders of absent modalities receive no gradient at all
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in model.encoders[1].parameters())
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.encoders[0].parameters())
