@@ -1,0 +1,442 @@
+"""Per-modality-subset evaluation: accumulate per-case scores for every subset, then report each
+subset, the mean over subsets and the worst subset.
+
+:class:`SubsetAccumulator` holds the logic shared by every branch (subset naming and ordering,
+raw per-case rows that can be gathered across ranks, averaging, worst-subset selection);
+:class:`SubsetDiceAccumulator` is the BraTS WT/TC/ET Dice version and :class:`SubsetMeanDice`
+wraps it as a scalar ignite metric usable as a ``CheckpointSaver`` key metric.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import ignite.distributed as idist
+import numpy as np
+import torch
+from ignite.engine import Engine
+from ignite.exceptions import NotComputableError
+from ignite.metrics import Metric
+from ignite.metrics.metric import reinit__is_reduced
+
+from app.metrics.dice import dice_from_logits
+from app.subsets import BRATS_MODALITIES, all_subsets, subset_name
+
+__all__ = ["SubsetAccumulator", "SubsetDiceAccumulator", "SubsetMeanDice", "BRATS_REGIONS"]
+
+BRATS_REGIONS: tuple[str, ...] = ("WT", "TC", "ET")
+
+
+def _as_2d_float64(values: torch.Tensor | np.ndarray | Sequence, n_fields: int, name: str) -> np.ndarray:
+    """``values`` as a CPU float64 array ``[B, n_fields]``; a 1-D input is one value per case."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().to("cpu", torch.float64).numpy()
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim == 1 and n_fields == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2 or arr.shape[1] != n_fields:
+        raise ValueError(f"{name} must have shape [B, {n_fields}], got {tuple(arr.shape)}.")
+    return arr
+
+
+def _as_1d(values: torch.Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(values, dtype=np.float64).reshape(-1)
+
+
+class SubsetAccumulator:
+    """Base class: raw per-(case, subset) rows -> per-subset metrics, mean over subsets, worst subset.
+
+    Every row is ``(case_id, subset_index, *values)`` with the floats named by ``row_fields`` (for
+    Dice: one value per region; for sentiment: prediction and label); ``subset_index`` indexes
+    :func:`app.subsets.all_subsets` for ``len(modalities)`` modalities. Every update counts: a
+    ``(case_id, subset_index)`` seen twice (non-unique ids, or the samples a padding
+    ``DistributedSampler`` repeats across ranks) is kept twice and triggers a warning rather than
+    silently replacing the earlier row, which would lose data whenever ids are not unique. Use
+    ``monai.data.DistributedSampler(even_divisible=False)`` for evaluation to avoid repeats.
+
+    Subclasses implement :meth:`_subset_metrics`, which reduces the rows of one subset to the
+    values named by ``metric_keys``.
+
+    Args:
+        modalities: modality names in the branch's order.
+        row_fields: names of the floats stored per row.
+        metric_keys: per-subset metrics, averaged over subsets in ``mean_over_subsets``.
+        primary_key: metric of ``metric_keys`` used to pick the worst (lowest) subset.
+        count_key: key holding the number of rows of a subset in the per-subset results.
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        row_fields: Sequence[str],
+        metric_keys: Sequence[str],
+        primary_key: str,
+        count_key: str,
+    ) -> None:
+        self.modalities: tuple[str, ...] = tuple(modalities)
+        self.row_fields: tuple[str, ...] = tuple(row_fields)
+        self.metric_keys: tuple[str, ...] = tuple(metric_keys)
+        if primary_key not in self.metric_keys:
+            raise ValueError(f"primary_key {primary_key!r} must be one of {self.metric_keys}.")
+        self.primary_key = primary_key
+        self.count_key = count_key
+        self.subsets: list[tuple[int, ...]] = all_subsets(len(self.modalities))
+        self.subset_names: list[str] = [subset_name(s, self.modalities) for s in self.subsets]
+        self._rows: list[tuple[str, int, tuple[float, ...]]] = []
+        self._seen: set[tuple[str, int]] = set()
+
+    def __len__(self) -> int:
+        """Number of stored ``(case, subset)`` rows."""
+        return len(self._rows)
+
+    def reset(self) -> None:
+        """Drop every stored row."""
+        self._rows = []
+        self._seen = set()
+
+    def _check_subset(self, subset_index: int) -> int:
+        j = int(subset_index)
+        if not 0 <= j < len(self.subsets):
+            raise IndexError(f"subset_index {subset_index} out of range for {len(self.subsets)} subsets.")
+        return j
+
+    def _add_rows(
+        self, case_ids: Sequence[str], subset_index: int, values: Any, valid: Any = None, name: str = "values"
+    ) -> None:
+        """Store one row per case of ``values`` ``[B, len(row_fields)]`` for subset ``subset_index``,
+        skipping the cases where the boolean ``valid`` ``[B]`` (if given) is False."""
+        j = self._check_subset(subset_index)
+        if isinstance(case_ids, str):
+            raise TypeError("case_ids must be a sequence of case ids, not a single string.")
+        arr = _as_2d_float64(values, len(self.row_fields), name)
+        if len(case_ids) != arr.shape[0]:
+            raise ValueError(f"Got {len(case_ids)} case ids for {arr.shape[0]} rows of {name}.")
+        keep = [True] * arr.shape[0] if valid is None else _as_1d(valid).astype(bool).tolist()
+        if len(keep) != arr.shape[0]:
+            raise ValueError(f"valid must have {arr.shape[0]} entries, got {len(keep)}.")
+        for case_id, row, k in zip(case_ids, arr.tolist(), keep):
+            if k:
+                self._append(str(case_id), j, tuple(row))
+
+    def _append(self, case_id: str, j: int, values: tuple[float, ...]) -> None:
+        if (case_id, j) in self._seen:
+            warnings.warn(
+                f"Case {case_id!r} was scored twice on subset {self.subset_names[j]!r}; both rows are counted. "
+                "Case ids should be unique and evaluation samplers should not pad (even_divisible=False).",
+                stacklevel=4,
+            )
+        self._seen.add((case_id, j))
+        self._rows.append((case_id, j, values))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain (picklable, JSON-serialisable) copy of the raw rows, for gathering across ranks.
+
+        Returns:
+            ``{"modalities": [...], "row_fields": [...], "rows": [[case_id, subset_index, *values], ...]}``.
+        """
+        return {
+            "modalities": list(self.modalities),
+            "row_fields": list(self.row_fields),
+            "rows": [[case_id, j, *values] for case_id, j, values in self._rows],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace the stored rows by those of ``state`` (see :meth:`state_dict`)."""
+        self.reset()
+        self.merge(state)
+
+    def merge(self, other: SubsetAccumulator | Mapping[str, Any]) -> None:
+        """Add the rows of another accumulator (or of its :meth:`state_dict`, e.g. from another rank).
+
+        Rows whose ``(case_id, subset_index)`` is already stored are added too, with a warning.
+
+        Raises:
+            ValueError: if ``other`` was built for different modalities or row fields.
+        """
+        state = other.state_dict() if isinstance(other, SubsetAccumulator) else other
+        if tuple(state["modalities"]) != self.modalities or tuple(state["row_fields"]) != self.row_fields:
+            raise ValueError(
+                f"Cannot merge rows for modalities {tuple(state['modalities'])} / fields {tuple(state['row_fields'])} "
+                f"into an accumulator for {self.modalities} / {self.row_fields}."
+            )
+        n_fields = len(self.row_fields)
+        for row in state["rows"]:
+            if len(row) != n_fields + 2:
+                raise ValueError(f"Malformed row {row!r}: expected case id, subset index and {n_fields} values.")
+            self._append(str(row[0]), self._check_subset(row[1]), tuple(float(v) for v in row[2:]))
+
+    def rows_by_subset(self) -> list[tuple[list[str], np.ndarray]]:
+        """Per subset, in :func:`~app.subsets.all_subsets` order: the case ids (sorted by id then
+        values, so the result does not depend on update or rank order) and their values
+        ``[n, len(row_fields)]``."""
+        grouped: list[list[tuple[str, tuple[float, ...]]]] = [[] for _ in self.subsets]
+        for case_id, j, values in self._rows:
+            grouped[j].append((case_id, values))
+        out = []
+        for rows in grouped:
+            rows.sort()
+            values = np.array([v for _, v in rows], dtype=np.float64).reshape(len(rows), len(self.row_fields))
+            out.append(([c for c, _ in rows], values))
+        return out
+
+    def _subset_metrics(self, values: np.ndarray) -> dict[str, float]:
+        """Reduce the rows ``[n, len(row_fields)]`` (``n >= 1``) of one subset to ``metric_keys``."""
+        raise NotImplementedError
+
+    def aggregate(self) -> dict[str, Any]:
+        """Per-subset metrics, their mean over subsets and the worst subset.
+
+        Subsets without any row are left out of ``"subsets"`` and of the mean, so the mean is over
+        the evaluated subsets only (normally all of them). ``mean_over_subsets`` is the unweighted
+        mean of the per-subset values: every subset counts the same whatever its number of cases.
+        The worst subset is the one with the lowest ``primary_key`` value (NaN values ignored; ties
+        go to the earlier subset in :func:`~app.subsets.all_subsets` order).
+
+        Returns:
+            ``{"subsets": {name: {*metric_keys: float, count_key: int}}, "mean_over_subsets":
+            {*metric_keys: float}, "worst_subset": {"name": str, primary_key: float}}``, subsets in
+            :func:`~app.subsets.all_subsets` order.
+
+        Raises:
+            ValueError: if no row has been stored.
+        """
+        if not self._rows:
+            raise ValueError(f"{type(self).__name__} has no rows to aggregate; call update first.")
+        subsets: dict[str, dict[str, Any]] = {}
+        for name, (case_ids, values) in zip(self.subset_names, self.rows_by_subset()):
+            if case_ids:
+                metrics = self._subset_metrics(values)
+                subsets[name] = {**{k: float(metrics[k]) for k in self.metric_keys}, self.count_key: len(case_ids)}
+        mean_over = {k: math.fsum(m[k] for m in subsets.values()) / len(subsets) for k in self.metric_keys}
+        # (value, position) pairs so that ties go to the earlier subset
+        ranked = [(m[self.primary_key], i, n) for i, (n, m) in enumerate(subsets.items())]
+        finite = [r for r in ranked if not math.isnan(r[0])]
+        worst_name = min(finite)[2] if finite else ranked[0][2]
+        return {
+            "subsets": subsets,
+            "mean_over_subsets": mean_over,
+            "worst_subset": {"name": worst_name, self.primary_key: subsets[worst_name][self.primary_key]},
+        }
+
+
+class SubsetDiceAccumulator(SubsetAccumulator):
+    """WT/TC/ET hard Dice of every case under every modality subset.
+
+    Per subset, each region's Dice is averaged over the subset's cases and ``"mean"`` is the mean of
+    the region means; ``mean_over_subsets`` then averages those over the evaluated subsets (subsets
+    with no case are omitted, not counted as 0). The worst subset is the one with the lowest
+    ``"mean"``.
+
+    Example::
+
+        acc = SubsetDiceAccumulator()
+        acc.update_from_logits(batch["case"], logits, batch["label"])  # logits [B, 15, 3, H, W, D]
+        acc.update_from_subset_dice(output["case"], output["subset_dice"], output["subset_valid"])  # or
+        result = acc.aggregate()
+        result["subsets"]["flair+t1ce"]["ET"], result["worst_subset"]["name"]
+
+    Args:
+        modalities: modality names in order; subset indices refer to ``all_subsets(len(modalities))``.
+        regions: channel names of the Dice rows (and of the label/logit channels).
+    """
+
+    def __init__(self, modalities: Sequence[str] = BRATS_MODALITIES, regions: Sequence[str] = BRATS_REGIONS) -> None:
+        regions = tuple(regions)
+        if "mean" in regions or len(set(regions)) != len(regions) or not regions:
+            raise ValueError(f"regions must be non-empty, unique and must not be named 'mean', got {regions}.")
+        self.regions = regions
+        super().__init__(
+            modalities, row_fields=regions, metric_keys=(*regions, "mean"), primary_key="mean", count_key="n_cases"
+        )
+
+    def update(
+        self,
+        case_ids: Sequence[str],
+        subset_index: int,
+        dice: torch.Tensor | np.ndarray | Sequence[Sequence[float]],
+        valid: torch.Tensor | np.ndarray | Sequence[bool] | None = None,
+    ) -> None:
+        """Record the Dice ``[B, len(regions)]`` of cases ``case_ids`` under subset ``subset_index``.
+
+        Cases where the boolean ``valid`` ``[B]`` is False (e.g. a case lacking one of the subset's
+        sequences) are not recorded.
+        """
+        self._add_rows(case_ids, subset_index, dice, valid, name="dice")
+
+    def update_case(
+        self, case_id: str, subset_index: int, dice_row: torch.Tensor | np.ndarray | Sequence[float]
+    ) -> None:
+        """Record the Dice ``[len(regions)]`` of one case under subset ``subset_index``."""
+        self._add_rows([case_id], subset_index, _as_1d(dice_row)[None], name="dice_row")
+
+    def update_from_subset_dice(
+        self,
+        case_ids: Sequence[str],
+        subset_dice: torch.Tensor | np.ndarray,
+        valid: torch.Tensor | np.ndarray | None = None,
+    ) -> None:
+        """Record precomputed Dice of every subset at once.
+
+        Args:
+            case_ids: ``B`` case ids.
+            subset_dice: ``[B, S, len(regions)]`` with ``S = len(all_subsets)`` in order (e.g. from
+                :func:`~app.metrics.dice.dice_from_logits` per subset, stacked on dim 1).
+            valid: optional boolean ``[B, S]``; ``valid[b, j] == False`` leaves case ``b`` out of subset ``j``.
+        """
+        s = len(self.subsets)
+        if subset_dice.ndim != 3 or subset_dice.shape[1] != s:
+            raise ValueError(f"subset_dice must be [B, {s}, {len(self.regions)}], got {tuple(subset_dice.shape)}.")
+        if valid is not None and tuple(valid.shape) != tuple(subset_dice.shape[:2]):
+            raise ValueError(f"valid must be [B, {s}], got {tuple(valid.shape)}.")
+        for j in range(s):
+            self.update(case_ids, j, subset_dice[:, j], None if valid is None else valid[:, j])
+
+    def update_from_logits(
+        self,
+        case_ids: Sequence[str],
+        subset_logits: Mapping[int, torch.Tensor] | torch.Tensor,
+        target: torch.Tensor,
+        threshold: float = 0.5,
+        valid: torch.Tensor | np.ndarray | None = None,
+    ) -> None:
+        """Threshold the logits of each subset and record their hard Dice against ``target``.
+
+        Args:
+            case_ids: ``B`` case ids.
+            subset_logits: either ``{subset_index: logits [B, R, *spatial]}`` for any subsets, or a
+                tensor ``[B, S, R, *spatial]`` holding all ``S = len(all_subsets)`` subsets in order.
+            target: binary label ``[B, R, *spatial]`` with one channel per region.
+            threshold: sigmoid probability threshold, see :func:`~app.metrics.dice.dice_from_logits`.
+            valid: optional boolean ``[B, S]`` indexed by subset index, as in :meth:`update_from_subset_dice`.
+        """
+        if isinstance(subset_logits, torch.Tensor):
+            if subset_logits.ndim < 4 or subset_logits.shape[1] != len(self.subsets):
+                raise ValueError(
+                    f"subset_logits tensor must be [B, {len(self.subsets)}, {len(self.regions)}, *spatial], "
+                    f"got {tuple(subset_logits.shape)}."
+                )
+            items: list[tuple[int, torch.Tensor]] = [(j, subset_logits[:, j]) for j in range(len(self.subsets))]
+        else:
+            items = list(subset_logits.items())
+        for j, logits in items:
+            dice = dice_from_logits(logits, target, threshold)
+            self.update(case_ids, j, dice, None if valid is None else valid[:, j])
+
+    def _subset_metrics(self, values: np.ndarray) -> dict[str, float]:
+        # math.fsum keeps the means exact to rounding whatever the number of cases.
+        means = {r: math.fsum(values[:, i]) / values.shape[0] for i, r in enumerate(self.regions)}
+        means["mean"] = math.fsum(means.values()) / len(self.regions)
+        return means
+
+    def aggregate(self) -> dict[str, Any]:
+        """:meth:`SubsetAccumulator.aggregate` plus the raw rows.
+
+        Returns:
+            ``{"subsets": {name: {"WT", "TC", "ET", "mean": float, "n_cases": int}},
+            "mean_over_subsets": {"WT", "TC", "ET", "mean": float}, "worst_subset": {"name": str,
+            "mean": float}, "per_case": [{"case": str, "subset": name, "WT", "TC", "ET": float}, ...]}``;
+            ``per_case`` is sorted by subset (in :func:`~app.subsets.all_subsets` order) then case id.
+        """
+        result = super().aggregate()
+        result["per_case"] = [
+            {"case": case_id, "subset": name, **dict(zip(self.regions, row))}
+            for name, (case_ids, values) in zip(self.subset_names, self.rows_by_subset())
+            for case_id, row in zip(case_ids, values.tolist())
+        ]
+        return result
+
+
+class SubsetMeanDice(Metric):
+    """Ignite metric: hard Dice mean over regions and over all modality subsets (a scalar, so it can
+    be the key metric of ``CheckpointSaver``/``ModelCheckpoint``; per-region values cannot).
+
+    The full :meth:`SubsetDiceAccumulator.aggregate` dict of the last :meth:`compute` is kept on
+    :attr:`last_result` so that a handler can write the per-subset report.
+
+    The (transformed) engine output must be a mapping with a ``"case"`` list of ``B`` case ids and
+    either
+
+    - ``"subset_dice"``: precomputed hard Dice ``[B, S, R]``, ``S == len(all_subsets(len(modalities)))``
+      in :func:`~app.subsets.all_subsets` order (preferred: no full-resolution volume per subset
+      has to be kept), or
+    - ``"subset_logits"``: ``[B, S, R, *spatial]`` (or ``{subset_index: [B, R, *spatial]}``) with
+      ``"label"``: binary ``[B, R, *spatial]``, thresholded here,
+
+    and optionally ``"subset_valid"``: boolean ``[B, S]``; a case is left out of the subsets where it
+    is False (e.g. it lacks one of their sequences). With MONAI engines use ``decollate=False`` or
+    an ``output_transform`` that yields these batched entries.
+
+    In distributed runs :meth:`compute` gathers the raw rows of all ranks, so every rank returns the
+    same value.
+
+    Args:
+        modalities: modality names; see :class:`SubsetDiceAccumulator`.
+        regions: channel names; see :class:`SubsetDiceAccumulator`.
+        threshold: sigmoid probability threshold for ``"subset_logits"``.
+        output_transform: applied to ``engine.state.output`` before :meth:`update`.
+        device: unused for the state (rows live on CPU); kept for the ignite ``Metric`` signature.
+    """
+
+    # the output mapping has alternative keys, so it is passed whole to update()
+    required_output_keys = None
+
+    def __init__(
+        self,
+        modalities: Sequence[str] = BRATS_MODALITIES,
+        regions: Sequence[str] = BRATS_REGIONS,
+        threshold: float = 0.5,
+        output_transform: Callable = lambda x: x,
+        device: str | torch.device = torch.device("cpu"),
+    ) -> None:
+        # created before Metric.__init__, which calls reset()
+        self._accumulator = SubsetDiceAccumulator(modalities, regions)
+        self.threshold = threshold
+        self.last_result: dict[str, Any] | None = None
+        super().__init__(output_transform=output_transform, device=device, skip_unrolling=True)
+
+    @property
+    def accumulator(self) -> SubsetDiceAccumulator:
+        """The local (this rank's) accumulator."""
+        return self._accumulator
+
+    @torch.no_grad()
+    def iteration_completed(self, engine: Engine) -> None:
+        # ignite's default would turn a mapping into a tuple of fixed required_output_keys
+        self.update(self._output_transform(engine.state.output))
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        self._accumulator.reset()
+
+    @reinit__is_reduced
+    def update(self, output: Mapping[str, Any]) -> None:
+        if not isinstance(output, Mapping) or "case" not in output:
+            raise TypeError(f"{type(self).__name__} expects a mapping with a 'case' entry, got {type(output)}.")
+        case_ids, valid = list(output["case"]), output.get("subset_valid")
+        if "subset_dice" in output:
+            self._accumulator.update_from_subset_dice(case_ids, output["subset_dice"], valid)
+        elif "subset_logits" in output and "label" in output:
+            logits, label = output["subset_logits"], output["label"]
+            self._accumulator.update_from_logits(case_ids, logits, label, self.threshold, valid)
+        else:
+            raise ValueError(
+                f"{type(self).__name__} needs 'subset_dice', or 'subset_logits' and 'label', in the output; "
+                f"got keys {list(output)}."
+            )
+
+    def compute(self) -> float:
+        accumulator = self._accumulator
+        # every rank must take part in the gather, so check emptiness only after it
+        if idist.get_world_size() > 1:
+            accumulator = SubsetDiceAccumulator(self._accumulator.modalities, self._accumulator.regions)
+            for state in idist.all_gather(self._accumulator.state_dict()):
+                accumulator.merge(state)
+        if len(accumulator) == 0:
+            raise NotComputableError("SubsetMeanDice must have at least one example before it can be computed.")
+        self.last_result = accumulator.aggregate()
+        return float(self.last_result["mean_over_subsets"]["mean"])

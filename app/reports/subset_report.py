@@ -1,0 +1,281 @@
+"""Per-modality-subset report writers: JSON, CSV, Markdown and a PNG heatmap of an accumulator's
+``aggregate()`` dict (Dice or sentiment), plus atomic file writes so an interrupted run never
+leaves a truncated report behind.
+
+matplotlib is imported only when the heatmap is drawn, so training and inference never need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["write_subset_report", "format_table", "atomic_write_bytes", "atomic_write_text", "MEAN_ROW"]
+
+#: Name of the summary row appended after the per-subset rows.
+MEAN_ROW = "mean_over_subsets"
+#: Metrics for which a lower value is better (their heatmap colours are reversed).
+_LOWER_IS_BETTER = frozenset({"MAE"})
+_COUNT_KEYS = ("n_cases", "n")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``.
+
+    Readers see either the previous file or the complete new one, never a partial write. Parent
+    directories are created. The file gets the usual ``0o666 & ~umask`` permissions.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # same directory, so os.replace is an atomic rename on the same filesystem
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """UTF-8 text version of :func:`atomic_write_bytes`."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_safe(obj: Any) -> Any:
+    """Plain JSON types; non-finite floats become ``null`` so the file is strict JSON."""
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _count_key(result: Mapping[str, Any], count_key: str | None) -> str | None:
+    if count_key is not None:
+        return count_key
+    first = next(iter(result["subsets"].values()), {})
+    return next((k for k in _COUNT_KEYS if k in first), None)
+
+
+def _check_metrics(result: Mapping[str, Any], metrics: Sequence[str]) -> None:
+    if not result.get("subsets"):
+        raise ValueError("result has no subsets to report.")
+    missing = {m for m in metrics if m not in result["mean_over_subsets"]}
+    missing |= {m for row in result["subsets"].values() for m in metrics if m not in row}
+    if missing:
+        raise ValueError(f"Metrics {sorted(missing)} are not in the result; pass the result's own metric names.")
+
+
+def _fmt(value: Any, digits: int) -> str:
+    if isinstance(value, (float, np.floating)):
+        if math.isnan(value):
+            return "nan"
+        text = f"{value:.{digits}f}"
+        # a tiny negative value would print as "-0.0000"
+        return text[1:] if text.startswith("-") and float(text) == 0 else text
+    return str(value)
+
+
+def _rows(result: Mapping[str, Any], metrics: Sequence[str], count_key: str | None) -> tuple[list[str], list[list]]:
+    """Header and rows (per subset, then the mean row with an empty count) shared by CSV and Markdown."""
+    header = ["subset", *metrics] + ([count_key] if count_key else [])
+    rows = [
+        [name, *(row[m] for m in metrics)] + ([row.get(count_key, "")] if count_key else [])
+        for name, row in result["subsets"].items()
+    ]
+    mean = result["mean_over_subsets"]
+    rows.append([MEAN_ROW, *(mean[m] for m in metrics)] + ([""] if count_key else []))
+    return header, rows
+
+
+def _worst_line(result: Mapping[str, Any], digits: int) -> str | None:
+    worst = result.get("worst_subset")
+    if not worst:
+        return None
+    values = ", ".join(f"{k} = {_fmt(v, digits)}" for k, v in worst.items() if k != "name")
+    return f"Worst subset: **{worst['name']}** ({values})"
+
+
+def format_table(
+    result: Mapping[str, Any],
+    metrics: Sequence[str] = ("WT", "TC", "ET", "mean"),
+    count_key: str | None = None,
+    digits: int = 4,
+) -> str:
+    """Markdown table of ``result``: one row per subset, then the bold ``mean_over_subsets`` row.
+
+    Args:
+        result: ``aggregate()`` dict of a :class:`~app.metrics.SubsetAccumulator`.
+        metrics: metric columns, in order.
+        count_key: column holding the number of cases/samples; ``None`` picks ``"n_cases"`` or
+            ``"n"``, whichever the result has.
+        digits: decimals of the metric values.
+
+    Returns:
+        The table, without a trailing newline.
+    """
+    _check_metrics(result, metrics)
+    header, rows = _rows(result, metrics, _count_key(result, count_key))
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
+    for row in rows:
+        cells = [_fmt(v, digits) for v in row]
+        if row[0] == MEAN_ROW:
+            cells = [f"**{c}**" if c else c for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _heatmap_png(result: Mapping[str, Any], metrics: Sequence[str], title: str, digits: int) -> bytes | None:
+    """PNG bytes of a subsets x metrics heatmap, or ``None`` when matplotlib is unavailable."""
+    # optional dependency, imported only here (the optional_import pattern, without importing monai,
+    # so that summarising a JSON result needs neither torch nor matplotlib)
+    try:
+        from matplotlib import colormaps
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        warnings.warn("matplotlib is not installed: the subset report heatmap (PNG) is skipped.", stacklevel=3)
+        return None
+
+    row_names = [*result["subsets"], MEAN_ROW]
+    values = np.array(
+        [[float(result["subsets"][n][m]) for m in metrics] for n in result["subsets"]]
+        + [[float(result["mean_over_subsets"][m]) for m in metrics]],
+        dtype=np.float64,
+    )
+    finite = values[np.isfinite(values)]
+    shared_scale = (
+        finite.size > 0 and finite.min() >= 0.0 and finite.max() <= 1.0 and not _LOWER_IS_BETTER & set(metrics)
+    )
+    if shared_scale:
+        # Dice-like metrics in [0, 1]: one absolute scale, so colours compare across columns
+        colours = values
+    else:
+        # mixed ranges (e.g. MAE, Corr): scale each column on its own, best = high colour
+        colours = np.full_like(values, 0.5)
+        for j, metric in enumerate(metrics):
+            col = values[:, j]
+            ok = np.isfinite(col)
+            if ok.any() and np.ptp(col[ok]) > 0:
+                colours[ok, j] = (col[ok] - col[ok].min()) / np.ptp(col[ok])
+            if metric in _LOWER_IS_BETTER:
+                colours[:, j] = 1.0 - colours[:, j]
+    colours = np.ma.masked_invalid(np.where(np.isfinite(values), colours, np.nan))
+
+    # figure is created through the Agg canvas directly (not pyplot), so no global backend state
+    fig = Figure(figsize=(2.0 + 1.1 * len(metrics), 1.2 + 0.35 * len(row_names)), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    cmap = colormaps["RdYlGn"].with_extremes(bad="lightgrey")
+    image = ax.imshow(colours, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            weight = "bold" if i == len(row_names) - 1 else "normal"
+            # white text on the dark ends of the colour map, black elsewhere
+            dark = not np.ma.is_masked(colours[i, j]) and not 0.15 <= colours[i, j] <= 0.85
+            color = "white" if dark else "black"
+            label = _fmt(values[i, j], digits)
+            ax.text(j, i, label, ha="center", va="center", fontsize=8, fontweight=weight, color=color)
+    ax.axhline(len(row_names) - 1.5, color="black", linewidth=1.5)
+    ax.set_xticks(range(len(metrics)), labels=list(metrics))
+    ax.set_yticks(range(len(row_names)), labels=row_names, fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_title(title if shared_scale else f"{title}\n(colours scaled per column)", fontsize=10)
+    if shared_scale:
+        fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def write_subset_report(
+    result: Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    stem: str = "subset_dice",
+    metrics: Sequence[str] = ("WT", "TC", "ET", "mean"),
+    title: str | None = None,
+    count_key: str | None = None,
+    digits: int = 4,
+    plot: bool = True,
+) -> dict[str, Path]:
+    """Write ``result`` as ``<stem>.json``, ``<stem>.csv``, ``<stem>.md`` and ``<stem>.png`` in ``out_dir``.
+
+    - JSON: the whole ``result`` (non-finite floats as ``null``).
+    - CSV: header ``subset, *metrics, <count_key>``; one row per subset then a ``mean_over_subsets``
+      row with an empty count; floats at full precision.
+    - Markdown: a title, :func:`format_table` and a line naming the worst subset.
+    - PNG: heatmap of subsets x metrics with annotated values and the mean row last. Colours share
+      one [0, 1] scale when every value is in [0, 1] (Dice, accuracies), otherwise each column is
+      scaled on its own with lower-is-better metrics (MAE) reversed. Skipped when ``plot`` is False,
+      and with a warning when matplotlib is not installed.
+
+    Each file is written atomically (:func:`atomic_write_bytes`). Works for the sentiment results
+    too: ``metrics=SENTIMENT_METRICS`` with the count key ``"n"`` found automatically.
+
+    Args:
+        result: ``aggregate()`` dict of a :class:`~app.metrics.SubsetAccumulator`.
+        out_dir: output directory, created if needed.
+        stem: file name stem.
+        metrics: metric columns, in order.
+        title: Markdown heading and heatmap title; defaults to ``"Per-subset results: <stem>"``.
+        count_key: see :func:`format_table`.
+        digits: decimals in the Markdown table and heatmap annotations.
+        plot: whether to draw the heatmap.
+
+    Returns:
+        ``{"json": path, "csv": path, "md": path[, "png": path]}``.
+    """
+    _check_metrics(result, metrics)
+    out_dir = Path(out_dir)
+    title = title if title is not None else f"Per-subset results: {stem}"
+    count_key = _count_key(result, count_key)
+    paths: dict[str, Path] = {}
+
+    paths["json"] = atomic_write_text(
+        out_dir / f"{stem}.json", json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n"
+    )
+
+    header, rows = _rows(result, metrics, count_key)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    paths["csv"] = atomic_write_text(out_dir / f"{stem}.csv", buffer.getvalue())
+
+    md = [f"# {title}", "", format_table(result, metrics, count_key, digits), ""]
+    worst = _worst_line(result, digits)
+    if worst:
+        md += [worst, ""]
+    paths["md"] = atomic_write_text(out_dir / f"{stem}.md", "\n".join(md))
+
+    if plot:
+        png = _heatmap_png(result, metrics, title, digits)
+        if png is not None:
+            paths["png"] = atomic_write_bytes(out_dir / f"{stem}.png", png)
+    return paths

@@ -1,0 +1,242 @@
+"""Per-subset Dice accumulation, aggregation, merging and the scalar ignite metric."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from ignite.engine import Engine
+from ignite.exceptions import NotComputableError
+
+from app.metrics import SubsetDiceAccumulator, SubsetMeanDice, hard_dice
+from app.subsets import BRATS_MODALITIES, all_subsets, subset_name
+
+# Written out so that a change of the subset order or naming (which would silently reorder
+# every report) fails here.
+EXPECTED_NAMES = [
+    "flair", "t1", "t1ce", "t2",
+    "flair+t1", "flair+t1ce", "flair+t2", "t1+t1ce", "t1+t2", "t1ce+t2",
+    "flair+t1+t1ce", "flair+t1+t2", "flair+t1ce+t2", "t1+t1ce+t2",
+    "flair+t1+t1ce+t2",
+]  # fmt: skip
+FLAIR, ALL = 0, 14
+
+
+def _two_by_two() -> SubsetDiceAccumulator:
+    acc = SubsetDiceAccumulator()
+    # float64 like hard_dice's output, so the values are exactly those written here
+    acc.update(["a", "b"], FLAIR, torch.tensor([[0.2, 0.4, 0.6], [0.4, 0.6, 0.8]], dtype=torch.float64))
+    acc.update_case("a", ALL, [0.8, 0.8, 0.8])
+    acc.update_case("b", ALL, torch.tensor([1.0, 0.6, 0.9], dtype=torch.float64))
+    return acc
+
+
+def test_subset_names_and_order_are_stable():
+    acc = SubsetDiceAccumulator()
+    assert acc.subset_names == EXPECTED_NAMES
+    assert acc.subset_names == [subset_name(s, BRATS_MODALITIES) for s in all_subsets(4)]
+    assert acc.subset_names[FLAIR] == "flair" and acc.subset_names[ALL] == "flair+t1+t1ce+t2"
+
+
+def test_aggregate_by_hand():
+    result = _two_by_two().aggregate()
+    assert set(result) == {"subsets", "mean_over_subsets", "worst_subset", "per_case"}
+    # subsets without cases are omitted; present ones keep all_subsets order
+    assert list(result["subsets"]) == ["flair", "flair+t1+t1ce+t2"]
+    flair = result["subsets"]["flair"]
+    # WT (0.2 + 0.4) / 2, TC (0.4 + 0.6) / 2, ET (0.6 + 0.8) / 2, mean of the three
+    assert flair == pytest.approx({"WT": 0.3, "TC": 0.5, "ET": 0.7, "mean": 0.5, "n_cases": 2})
+    assert list(flair) == ["WT", "TC", "ET", "mean", "n_cases"]
+    assert isinstance(flair["n_cases"], int)
+    full = result["subsets"]["flair+t1+t1ce+t2"]
+    # WT (0.8 + 1.0) / 2, TC (0.8 + 0.6) / 2, ET (0.8 + 0.9) / 2, mean (0.9 + 0.7 + 0.85) / 3
+    assert full == pytest.approx({"WT": 0.9, "TC": 0.7, "ET": 0.85, "mean": 2.45 / 3, "n_cases": 2})
+    # unweighted mean over the two evaluated subsets
+    expected_mean = {"WT": 0.6, "TC": 0.6, "ET": 0.775, "mean": (0.5 + 2.45 / 3) / 2}
+    assert result["mean_over_subsets"] == pytest.approx(expected_mean)
+    assert result["worst_subset"] == {"name": "flair", "mean": pytest.approx(0.5)}
+    assert result["per_case"] == [
+        {"case": "a", "subset": "flair", "WT": 0.2, "TC": 0.4, "ET": 0.6},
+        {"case": "b", "subset": "flair", "WT": 0.4, "TC": 0.6, "ET": 0.8},
+        {"case": "a", "subset": "flair+t1+t1ce+t2", "WT": 0.8, "TC": 0.8, "ET": 0.8},
+        {"case": "b", "subset": "flair+t1+t1ce+t2", "WT": 1.0, "TC": 0.6, "ET": 0.9},
+    ]
+    json.dumps(result)  # plain JSON types only
+
+
+def test_aggregate_does_not_depend_on_update_order():
+    acc = SubsetDiceAccumulator()
+    acc.update_case("b", ALL, [1.0, 0.6, 0.9])
+    acc.update_case("a", ALL, [0.8, 0.8, 0.8])
+    acc.update(["b", "a"], FLAIR, [[0.4, 0.6, 0.8], [0.2, 0.4, 0.6]])
+    assert json.dumps(acc.aggregate()) == json.dumps(_two_by_two().aggregate())
+
+
+def test_worst_subset_tie_goes_to_earlier_subset():
+    acc = SubsetDiceAccumulator()
+    for j in (5, 2, 9):
+        acc.update_case("a", j, [0.5, 0.5, 0.5])
+    assert acc.aggregate()["worst_subset"]["name"] == EXPECTED_NAMES[2]
+
+
+def test_duplicate_case_is_counted_and_warned():
+    acc = SubsetDiceAccumulator()
+    acc.update_case("a", FLAIR, [0.0, 0.0, 0.0])
+    acc.update_case("a", ALL, [0.0, 0.0, 0.0])  # same case, other subset: fine
+    with pytest.warns(UserWarning, match="scored twice"):
+        acc.update_case("a", FLAIR, [1.0, 1.0, 1.0])  # e.g. non-unique ids: no row is lost
+    assert len(acc) == 3
+    assert acc.aggregate()["subsets"]["flair"]["n_cases"] == 2
+    assert acc.aggregate()["subsets"]["flair"]["mean"] == 0.5
+
+
+def test_reset_and_empty_aggregate():
+    acc = _two_by_two()
+    acc.reset()
+    assert len(acc) == 0
+    with pytest.raises(ValueError, match="no rows"):
+        acc.aggregate()
+
+
+def test_merge_equals_single_accumulator():
+    g = torch.Generator().manual_seed(0)
+    dice = torch.rand(6, 15, 3, generator=g)
+    cases = [f"case{i}" for i in range(6)]
+    single = SubsetDiceAccumulator()
+    ranks = [SubsetDiceAccumulator(), SubsetDiceAccumulator()]
+    for i, case in enumerate(cases):
+        for j in range(15):
+            single.update_case(case, j, dice[i, j])
+            ranks[i % 2].update_case(case, j, dice[i, j])
+    merged = SubsetDiceAccumulator()
+    merged.merge(ranks[0])
+    # states travel between ranks as plain objects (here through JSON)
+    merged.merge(json.loads(json.dumps(ranks[1].state_dict())))
+    assert merged.aggregate() == single.aggregate()
+    restored = SubsetDiceAccumulator()
+    restored.load_state_dict(single.state_dict())
+    assert restored.aggregate() == single.aggregate()
+    with pytest.raises(ValueError, match="Cannot merge"):
+        SubsetDiceAccumulator(modalities=("t1", "t2")).merge(single)
+
+
+def test_input_validation():
+    acc = SubsetDiceAccumulator()
+    with pytest.raises(IndexError):
+        acc.update_case("a", 15, [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match=r"\[B, 3\]"):
+        acc.update(["a"], 0, torch.ones(1, 2))
+    with pytest.raises(ValueError, match="case ids"):
+        acc.update(["a", "b"], 0, torch.ones(1, 3))
+    with pytest.raises(TypeError):
+        acc.update("ab", 0, torch.ones(2, 3))
+    with pytest.raises(ValueError, match="valid"):
+        acc.update(["a", "b"], 0, torch.ones(2, 3), valid=[True])
+    with pytest.raises(ValueError, match="subset_dice"):
+        acc.update_from_subset_dice(["a"], torch.ones(1, 7, 3))
+    with pytest.raises(ValueError, match="mean"):
+        SubsetDiceAccumulator(regions=("WT", "mean"))
+
+
+def test_valid_mask_leaves_cases_out_of_subsets():
+    dice = torch.rand(2, 15, 3, dtype=torch.float64)
+    valid = torch.ones(2, 15, dtype=torch.bool)
+    valid[1, FLAIR] = False  # case b lacks flair: not scored on flair
+    acc = SubsetDiceAccumulator()
+    acc.update_from_subset_dice(["a", "b"], dice, valid)
+    result = acc.aggregate()
+    assert result["subsets"]["flair"]["n_cases"] == 1
+    assert result["subsets"]["flair"]["WT"] == dice[0, FLAIR, 0].item()
+    assert result["subsets"]["t1"]["n_cases"] == 2
+    assert len(result["per_case"]) == 2 * 15 - 1
+    # the logits path takes the same mask
+    logits, label = _random_batch(4)
+    from_logits = SubsetDiceAccumulator()
+    from_logits.update_from_logits(["a", "b"], logits, label, valid=valid)
+    assert from_logits.aggregate()["subsets"]["flair"]["n_cases"] == 1
+
+
+def _random_batch(seed: int, b: int = 2, s: int = 15):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, s, 3, 6, 6, 6, generator=g)
+    label = torch.rand(b, 3, 6, 6, 6, generator=g) > 0.5
+    label[0, 2] = False  # an empty ET
+    return logits, label
+
+
+def test_update_from_logits_tensor_and_mapping_agree():
+    logits, label = _random_batch(0)
+    from_tensor = SubsetDiceAccumulator()
+    from_tensor.update_from_logits(["a", "b"], logits, label)
+    from_mapping = SubsetDiceAccumulator()
+    from_mapping.update_from_logits(["a", "b"], {j: logits[:, j] for j in range(15)}, label)
+    assert from_tensor.aggregate() == from_mapping.aggregate()
+    result = from_tensor.aggregate()
+    assert list(result["subsets"]) == EXPECTED_NAMES
+    expected = hard_dice(logits[:, 3] > 0, label)
+    assert result["subsets"]["t2"]["ET"] == pytest.approx(expected[:, 2].mean().item())
+    with pytest.raises(ValueError, match="subset_logits"):
+        from_tensor.update_from_logits(["a", "b"], logits[:, :7], label)
+
+
+def test_subset_mean_dice_ignite_metric():
+    batches = [_random_batch(1), _random_batch(2)]
+    data = [
+        {"subset_logits": logits, "label": label, "case": [f"c{k}a", f"c{k}b"]}
+        for k, (logits, label) in enumerate(batches)
+    ]
+    evaluator = Engine(lambda engine, batch: batch)
+    metric = SubsetMeanDice()
+    metric.attach(evaluator, "subset_mean_dice")
+    state = evaluator.run(data)
+
+    reference = SubsetDiceAccumulator()
+    for batch in data:
+        reference.update_from_logits(batch["case"], batch["subset_logits"], batch["label"])
+    expected = reference.aggregate()
+    value = state.metrics["subset_mean_dice"]
+    assert isinstance(value, float)
+    assert value == expected["mean_over_subsets"]["mean"]
+    assert metric.last_result == expected
+    assert len(metric.last_result["subsets"]) == 15 and len(metric.last_result["per_case"]) == 4 * 15
+
+    # a second run starts from scratch (reset on EPOCH_STARTED)
+    state = evaluator.run(data[:1])
+    first = SubsetDiceAccumulator()
+    first.update_from_logits(data[0]["case"], data[0]["subset_logits"], data[0]["label"])
+    assert state.metrics["subset_mean_dice"] == first.aggregate()["mean_over_subsets"]["mean"]
+
+
+def test_subset_mean_dice_from_precomputed_dice():
+    """The evaluator's format: per-subset hard Dice [B, S, 3], validity [B, S] and case ids."""
+    g = torch.Generator().manual_seed(5)
+    data = []
+    for k in range(3):
+        valid = torch.rand(2, 15, generator=g) > 0.2
+        data.append({"subset_dice": torch.rand(2, 15, 3, generator=g, dtype=torch.float64),
+                     "subset_valid": valid, "case": [f"c{k}a", f"c{k}b"], "pred": None})  # fmt: skip
+    evaluator = Engine(lambda engine, batch: batch)
+    metric = SubsetMeanDice()
+    metric.attach(evaluator, "val_mean_dice")
+    state = evaluator.run(data)
+    reference = SubsetDiceAccumulator()
+    for batch in data:
+        reference.update_from_subset_dice(batch["case"], batch["subset_dice"], batch["subset_valid"])
+    assert state.metrics["val_mean_dice"] == reference.aggregate()["mean_over_subsets"]["mean"]
+    assert metric.last_result == reference.aggregate()
+
+
+def test_subset_mean_dice_direct_use():
+    metric = SubsetMeanDice()
+    with pytest.raises(NotComputableError):
+        metric.compute()
+    logits, label = _random_batch(3)
+    with pytest.raises(TypeError, match="mapping"):
+        metric.update((logits, label, ["x", "y"]))
+    with pytest.raises(ValueError, match="subset_dice"):
+        metric.update({"subset_logits": logits, "case": ["x", "y"]})  # no label
+    metric.update({"subset_logits": logits, "label": label, "case": ["x", "y"]})
+    value = metric.compute()
+    assert 0.0 <= value <= 1.0
+    assert metric.last_result["mean_over_subsets"]["mean"] == value

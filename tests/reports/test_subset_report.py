@@ -1,0 +1,126 @@
+"""Report files (JSON, CSV, Markdown, PNG) for Dice and sentiment results, and atomic writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from app.reports import MEAN_ROW, atomic_write_bytes, atomic_write_text, format_table, write_subset_report
+from app.subsets import BRATS_MODALITIES, MOSI_MODALITIES, all_subsets, subset_name
+
+DICE_METRICS = ("WT", "TC", "ET", "mean")
+SENTIMENT_METRICS = ("Acc2", "Acc2_has0", "F1", "Acc7", "MAE", "Corr")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _dice_result() -> dict:
+    """A hand-made aggregate() dict for all 15 subsets; the worst subset is t1."""
+    names = [subset_name(s, BRATS_MODALITIES) for s in all_subsets(4)]
+    subsets = {}
+    for j, name in enumerate(names):
+        wt, tc, et = 0.5 + 0.02 * j, 0.4 + 0.02 * j, 0.3 + 0.02 * j
+        if name == "t1":
+            wt, tc, et = 0.1, 0.1, 0.1
+        subsets[name] = {"WT": wt, "TC": tc, "ET": et, "mean": (wt + tc + et) / 3, "n_cases": 3}
+    mean = {k: sum(s[k] for s in subsets.values()) / len(subsets) for k in DICE_METRICS}
+    per_case = [{"case": "c0", "subset": n, "WT": s["WT"], "TC": s["TC"], "ET": s["ET"]} for n, s in subsets.items()]
+    return {
+        "subsets": subsets,
+        "mean_over_subsets": mean,
+        "worst_subset": {"name": "t1", "mean": subsets["t1"]["mean"]},
+        "per_case": per_case,
+    }
+
+
+def _sentiment_result() -> dict:
+    names = [subset_name(s, MOSI_MODALITIES) for s in all_subsets(3)]
+    subsets = {
+        name: {"Acc2": 0.7 + 0.01 * j, "Acc2_has0": 0.68, "F1": 0.7, "Acc7": 0.3, "MAE": 1.0 - 0.05 * j,
+               "Corr": 0.6, "n": 10}
+        for j, name in enumerate(names)
+    }  # fmt: skip
+    subsets["vision"]["Corr"] = float("nan")
+    mean = {k: sum(s[k] for s in subsets.values()) / len(subsets) for k in SENTIMENT_METRICS}
+    return {"subsets": subsets, "mean_over_subsets": mean, "worst_subset": {"name": "text", "Acc2": 0.7}}
+
+
+def test_dice_report_files(tmp_path: Path):
+    result = _dice_result()
+    paths = write_subset_report(result, tmp_path / "reports", title="Validation Dice")
+    assert set(paths) == {"json", "csv", "md", "png"}
+    assert all(p.parent == tmp_path / "reports" and p.stem == "subset_dice" for p in paths.values())
+
+    assert json.loads(paths["json"].read_text()) == result
+
+    with open(paths["csv"], newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["subset", *DICE_METRICS, "n_cases"]
+    body = rows[1:]
+    assert len(body) == 15 + 1
+    assert [r[0] for r in body[:-1]] == list(result["subsets"])
+    assert float(body[0][1]) == result["subsets"]["flair"]["WT"]  # full precision
+    assert body[0][-1] == "3"
+    assert body[-1][0] == MEAN_ROW and body[-1][-1] == ""
+    assert float(body[-1][4]) == pytest.approx(result["mean_over_subsets"]["mean"])
+
+    md = paths["md"].read_text()
+    assert md.startswith("# Validation Dice\n")
+    assert "Worst subset: **t1** (mean = 0.1000)" in md
+    assert "| **mean_over_subsets** |" in md
+    assert "| flair+t1+t1ce+t2 | 0.7800 | 0.6800 | 0.5800 | 0.6800 | 3 |" in md
+
+    assert paths["png"].read_bytes()[:8] == PNG_MAGIC
+    # nothing but the four reports: temporary files were renamed away
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == sorted(p.name for p in paths.values())
+
+
+def test_sentiment_report_files(tmp_path: Path):
+    result = _sentiment_result()
+    paths = write_subset_report(result, tmp_path, stem="subset_sentiment", metrics=SENTIMENT_METRICS)
+    with open(paths["csv"], newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["subset", *SENTIMENT_METRICS, "n"]
+    assert len(rows) - 1 == 7 + 1
+    loaded = json.loads(paths["json"].read_text())  # strict JSON: NaN is written as null
+    assert loaded["subsets"]["vision"]["Corr"] is None
+    assert math.isnan(result["subsets"]["vision"]["Corr"])  # the input is not modified
+    md = paths["md"].read_text()
+    assert "Worst subset: **text** (Acc2 = 0.7000)" in md
+    assert "| vision | 0.7200 | 0.6800 | 0.7000 | 0.3000 | 0.9000 | nan | 10 |" in md
+    assert paths["png"].read_bytes()[:8] == PNG_MAGIC
+
+
+def test_format_table():
+    result = _dice_result()
+    table = format_table(result)
+    lines = table.splitlines()
+    assert len(lines) == 2 + 15 + 1
+    assert lines[0] == "| subset | WT | TC | ET | mean | n_cases |"
+    assert lines[2].startswith("| flair | 0.5000 |")
+    # WT: (sum_j (0.5 + 0.02 j) - 0.52 + 0.1) / 15 = (7.5 + 2.1 - 0.42) / 15 = 0.612; TC (6 + 2.1 - 0.32) / 15,
+    # ET (4.5 + 2.1 - 0.22) / 15; mean of the three
+    assert lines[-1] == "| **mean_over_subsets** | **0.6120** | **0.5187** | **0.4253** | **0.5187** |  |"
+    assert format_table(result, ("ET",), digits=2).splitlines()[2] == "| flair | 0.30 | 3 |"
+    with pytest.raises(ValueError, match="not in the result"):
+        format_table(result, ("Acc2",))
+
+
+def test_plot_can_be_disabled(tmp_path: Path):
+    paths = write_subset_report(_dice_result(), tmp_path, stem="x", plot=False)
+    assert set(paths) == {"json", "csv", "md"} and not (tmp_path / "x.png").exists()
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path):
+    target = tmp_path / "report.json"
+    atomic_write_text(target, "old")
+    with pytest.raises(TypeError):
+        atomic_write_bytes(target, "not bytes")  # fails while writing the temporary file
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["report.json"]
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new"
