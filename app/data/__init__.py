@@ -1,0 +1,63 @@
+"""Data layer: case discovery, label conventions, loading transforms, splits and phantom cases.
+
+Names are imported on first use (PEP 562) so that light entry points such as the phantom generator
+and discovery do not pay for importing MONAI.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "read_datalist": "app.data.datalist",
+    "split_cases": "app.data.datalist",
+    "write_datalist": "app.data.datalist",
+    "ACCEPTED_LAYOUTS": "app.data.discovery",
+    "CHANNEL_ALIASES": "app.data.discovery",
+    "discover_cases": "app.data.discovery",
+    "msd_channels": "app.data.discovery",
+    "msd_label_map": "app.data.discovery",
+    "CaseError": "app.data.errors",
+    "LABEL_CONVENTIONS": "app.data.labels",
+    "LABEL_PARTS": "app.data.labels",
+    "REGION_NAMES": "app.data.labels",
+    "check_label_values": "app.data.labels",
+    "label_map_values": "app.data.labels",
+    "labels_to_regions": "app.data.labels",
+    "regions_to_labels": "app.data.labels",
+    "make_phantom": "app.data.phantoms",
+    "write_phantoms": "app.data.phantoms",
+    "LoadCased": "app.data.transforms",
+    "load_case": "app.data.transforms",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from app.data.datalist import read_datalist, split_cases, write_datalist
+    from app.data.discovery import ACCEPTED_LAYOUTS, CHANNEL_ALIASES, discover_cases, msd_channels, msd_label_map
+    from app.data.errors import CaseError
+    from app.data.labels import (
+        LABEL_CONVENTIONS,
+        LABEL_PARTS,
+        REGION_NAMES,
+        check_label_values,
+        label_map_values,
+        labels_to_regions,
+        regions_to_labels,
+    )
+    from app.data.phantoms import make_phantom, write_phantoms
+    from app.data.transforms import LoadCased, load_case
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'app.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

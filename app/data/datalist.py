@@ -1,0 +1,94 @@
+"""Deterministic train/validation splits of case records and their JSON datalist files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["read_datalist", "split_cases", "write_datalist"]
+
+
+def _rank(case: str, seed: int) -> str:
+    # a hash per (seed, case id) instead of a PRNG stream: identical on every platform and library
+    # version, and adding a case never reorders the others
+    return hashlib.sha256(f"{seed}\0{case}".encode()).hexdigest()
+
+
+def split_cases(
+    cases: Sequence[dict[str, Any]], val_fraction: float = 0.2, seed: int = 0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split case records into training and validation sets.
+
+    The split depends only on the case ids, ``val_fraction`` and ``seed`` (not on the input order):
+    cases are sorted by id, then put into a seeded order. With two or more cases at least one goes to
+    validation and at least one to training.
+
+    Args:
+        cases: records with a ``"case"`` id (e.g. from :func:`app.data.discovery.discover_cases`).
+        val_fraction: share of cases for validation, ``0 < val_fraction < 1``; rounded to whole cases.
+        seed: selects the split.
+
+    Returns:
+        ``(train, val)``, each sorted by case id.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
+    ids = [str(c["case"]) for c in cases]
+    dupes = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if dupes:
+        raise ValueError(f"Duplicate case ids {dupes[:5]}: a split by id needs unique ids.")
+    ordered = sorted(cases, key=lambda c: str(c["case"]))
+    n = len(ordered)
+    n_val = 0 if n < 2 else min(n - 1, max(1, math.floor(n * val_fraction + 0.5)))
+    shuffled = sorted(ordered, key=lambda c: _rank(str(c["case"]), seed))
+    val_ids = {str(c["case"]) for c in shuffled[:n_val]}
+    train = [c for c in ordered if str(c["case"]) not in val_ids]
+    val = [c for c in ordered if str(c["case"]) in val_ids]
+    return train, val
+
+
+def write_datalist(path: str | os.PathLike, train: Sequence[dict[str, Any]], val: Sequence[dict[str, Any]]) -> str:
+    """Write ``{"training": [...], "validation": [...]}`` to ``path`` atomically.
+
+    The JSON goes to a temporary file in the same folder which then replaces ``path``, so readers
+    never see a half-written datalist.
+
+    Returns:
+        The path written, as a string.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"training": list(train), "validation": list(val)}
+    text = json.dumps(payload, indent=2)  # serialise first: a TypeError leaves no file behind
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return str(target)
+
+
+def read_datalist(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Read a datalist written by :func:`write_datalist`; returns ``(train, val)``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            payload = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"Cannot read datalist {path}: {err}. Re-create it with write_datalist.") from err
+    if not isinstance(payload, dict) or "training" not in payload:
+        raise ValueError(
+            f"Datalist {path} has no 'training' list; expected {{'training': [...], 'validation': [...]}}."
+        )
+    return list(payload["training"]), list(payload.get("validation", []))

@@ -1,0 +1,344 @@
+"""Find brain-tumour cases on disk and describe each as a JSON-serialisable record.
+
+Three layouts are recognised anywhere below the root folder:
+
+* BraTS 2018-2021: ``<case>_{flair,t1,t1ce,t2,seg}.nii(.gz)`` (enhancing tumour = 4);
+* BraTS 2023+: ``<case>-{t2f,t1n,t1c,t2w,seg}.nii(.gz)`` (enhancing tumour = 3);
+* MSD Task01 (and nnU-Net v2): a folder with ``dataset.json``, images under ``imagesTr/`` and
+  ``imagesTs/``, labels under ``labelsTr/``; channel and label meanings come from ``dataset.json``.
+
+Discovery only looks at names; image contents are checked when loading (:mod:`app.data.transforms`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from app.data.errors import CaseError
+from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS
+from app.subsets import BRATS_MODALITIES
+
+__all__ = ["CaseError", "ACCEPTED_LAYOUTS", "CHANNEL_ALIASES", "discover_cases", "msd_channels", "msd_label_map"]
+
+ACCEPTED_LAYOUTS = (
+    "BraTS 2018-2021 '<case>_{flair,t1,t1ce,t2,seg}.nii.gz'; "
+    "BraTS 2023+ '<case>-{t2f,t1n,t1c,t2w,seg}.nii.gz'; "
+    "MSD Task01 / nnU-Net v2 folder with dataset.json, imagesTr/ (imagesTs/) and labelsTr/"
+)
+
+_BRATS2018_RE = re.compile(r"^(?P<case>.+)_(?P<seq>flair|t1ce|t1|t2|seg)\.nii(?:\.gz)?$", re.IGNORECASE)
+_BRATS2023_RE = re.compile(r"^(?P<case>.+)-(?P<seq>t2f|t1n|t1c|t2w|seg)\.nii(?:\.gz)?$", re.IGNORECASE)
+_BRATS2023_SEQ = {"t2f": "flair", "t1n": "t1", "t1c": "t1ce", "t2w": "t2", "seg": "seg"}
+# nnU-Net v2 stores one file per channel: <case>_0000.nii.gz
+_NNUNET_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<idx>\d{4})\.nii(?:\.gz)?$")
+_NIFTI_RE = re.compile(r"^(?P<case>.+)\.nii(?:\.gz)?$")
+
+#: Accepted spellings of each sequence in ``dataset.json``, compared after lower-casing and
+#: dropping everything but letters and digits ("T1-Gd" -> "t1gd").
+CHANNEL_ALIASES: dict[str, tuple[str, ...]] = {
+    "flair": ("flair", "t2flair", "flairt2", "t2f", "fl"),
+    "t1": ("t1", "t1w", "t1n", "t1native", "nativet1", "t1pre", "t1precontrast"),
+    "t1ce": (
+        "t1ce", "t1c", "t1gd", "t1wgd", "t1gad", "t1cgd", "t1post", "t1postcontrast",
+        "t1contrast", "t1wce", "cet1", "t1wc", "t1enhanced",
+    ),
+    "t2": ("t2", "t2w"),
+}
+_ALIAS_TO_SEQ = {alias: seq for seq, aliases in CHANNEL_ALIASES.items() for alias in aliases}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", str(name).lower())
+
+
+def _label_part(name: str) -> str | None:
+    """Map a label name from dataset.json to background / ncr / ed / et / wt / tc, or None if unknown."""
+    n = _norm(name)
+    if n in ("background", "bg", "clear", "healthy", "normal", "none"):
+        return "background"
+    if n in ("wt", "wholetumor", "wholetumour"):
+        return "wt"
+    if n in ("tc", "tumorcore", "tumourcore"):
+        return "tc"
+    # oedema first: BraTS 2023 calls it "surrounding non-enhancing FLAIR hyperintensity" (SNFH)
+    if n == "ed" or "edema" in n or "oedema" in n or "snfh" in n or "hyperintens" in n:
+        return "ed"
+    # non-enhancing before enhancing: "non-enhancing tumor" contains "enhancing"
+    if n in ("ncr", "net", "ncrnet", "netc") or "necro" in n or "nonenhanc" in n:
+        return "ncr"
+    if n == "et" or "enhancing" in n or "enhanced" in n:
+        return "et"
+    return None
+
+
+def _read_dataset_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            desc = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CaseError(f"Cannot read {path}: {err}. Fix the JSON or remove the file.") from err
+    if not isinstance(desc, dict):
+        raise CaseError(
+            f"{path} is not a JSON object: expected MSD/nnU-Net keys 'modality'/'channel_names' and 'labels'."
+        )
+    return desc
+
+
+def msd_channels(desc: dict[str, Any], source: str | os.PathLike = "dataset.json") -> dict[str, int]:
+    """Map BraTS sequence names to channel indices from an MSD ``modality`` / nnU-Net ``channel_names`` entry.
+
+    Args:
+        desc: parsed ``dataset.json``.
+        source: path of ``dataset.json``, for error messages.
+
+    Returns:
+        ``{seq: channel index}`` with ``seq`` from :data:`app.subsets.BRATS_MODALITIES`.
+    """
+    names = desc.get("channel_names", desc.get("modality"))
+    if not isinstance(names, dict) or not names:
+        raise CaseError(f"{source} has no 'modality' (MSD) or 'channel_names' (nnU-Net v2) mapping: add e.g. "
+                        '{"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}.')
+    channels: dict[str, int] = {}
+    for idx, name in names.items():
+        seq = _ALIAS_TO_SEQ.get(_norm(name))
+        if seq is None:
+            raise CaseError(
+                f"{source}: channel {idx} is named {name!r}, which is not a BraTS sequence. Rename it to one of "
+                f"{ {s: list(a) for s, a in CHANNEL_ALIASES.items()} } (case and punctuation are ignored)."
+            )
+        if seq in channels:
+            raise CaseError(
+                f"{source}: channels {channels[seq]} and {idx} both map to {seq!r}; give each sequence one channel."
+            )
+        try:
+            channels[seq] = int(idx)
+        except ValueError as err:
+            raise CaseError(f"{source}: channel key {idx!r} is not an integer index; use '0', '1', ...") from err
+    return channels
+
+
+def msd_label_map(desc: dict[str, Any], source: str | os.PathLike = "dataset.json") -> dict[str, list[int]]:
+    """Build ``{"ncr": [...], "ed": [...], "et": [...]}`` from the ``labels`` entry of ``dataset.json``.
+
+    Accepts MSD style (``{"1": "edema", ...}``), nnU-Net v2 style (``{"edema": 1, ...}``) and nnU-Net v2
+    region style (``{"whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3}``), from which
+    the parts are derived as NCR = TC \\ ET and ED = WT \\ TC.
+    """
+    labels = desc.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        raise CaseError(f"{source} has no 'labels' mapping: add e.g. "
+                        '{"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}.')
+    pairs: list[tuple[str, list[int]]] = []
+    try:
+        if all(isinstance(v, str) for v in labels.values()):  # MSD: value -> name
+            pairs = [(name, [int(k)]) for k, name in labels.items()]
+        else:  # nnU-Net v2: name -> value or list of values
+            pairs = [
+                (name, [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(v)]) for name, v in labels.items()
+            ]
+    except (TypeError, ValueError) as err:
+        raise CaseError(f"{source}: label values in {labels!r} must be integers. Fix the 'labels' entry.") from err
+    found: dict[str, set[int]] = {}
+    for name, values in pairs:
+        part = _label_part(name)
+        if part is None:
+            raise CaseError(
+                f"{source}: label {name!r} ({values}) is not a known tumour label. Rename it to one of 'background', "
+                "'edema', 'non-enhancing tumor'/'necrosis', 'enhancing tumor' (or regions 'whole tumor', 'tumor core')."
+            )
+        if part != "background":
+            found.setdefault(part, set()).update(values)
+    parts = {p: set(found.get(p, set())) for p in LABEL_PARTS}
+    if not parts["et"] and "tc" in found and "wt" in found:
+        raise CaseError(f"{source}: regions given but no enhancing-tumour label; add e.g. 'enhancing tumor': 3.")
+    if "tc" in found and not parts["ncr"]:
+        parts["ncr"] = found["tc"] - parts["et"]
+    if "wt" in found and not parts["ed"]:
+        parts["ed"] = found["wt"] - found.get("tc", parts["ncr"] | parts["et"])
+    missing = [p for p in LABEL_PARTS if not parts[p]]
+    if missing:
+        raise CaseError(
+            f"{source}: labels {labels!r} give no value for {missing} (ncr = necrosis/non-enhancing core, "
+            "ed = edema, et = enhancing tumour). Name each tumour label in 'labels'."
+        )
+    for i, a in enumerate(LABEL_PARTS):
+        for b in LABEL_PARTS[i + 1:]:
+            if parts[a] & parts[b]:
+                raise CaseError(f"{source}: label value(s) {sorted(parts[a] & parts[b])} are both {a!r} and {b!r}; "
+                                "give each value one meaning.")
+    return {p: sorted(parts[p]) for p in LABEL_PARTS}
+
+
+def _record(case: str, layout: str, images: dict[str, str], image4d: str | None, channels: dict[str, int],
+            label: str | None, label_map: dict[str, list[int]]) -> dict[str, Any]:
+    present = set(images) | (set(channels) if image4d else set())
+    return {
+        "case": case,
+        "layout": layout,
+        "images": {s: images[s] for s in BRATS_MODALITIES if s in images},
+        "image4d": image4d,
+        "channels": {s: channels[s] for s in BRATS_MODALITIES if s in channels},
+        "label": label,
+        "label_map": copy.deepcopy(label_map),
+        "modalities": [s for s in BRATS_MODALITIES if s in present],
+    }
+
+
+def _msd_cases(folder: Path, desc: dict[str, Any]) -> list[tuple[dict[str, Any], str, str]]:
+    """Records of an MSD / nnU-Net v2 folder, each with its location and expected label file name."""
+    source = folder / "dataset.json"
+    channels = msd_channels(desc, source)
+    label_map = msd_label_map(desc, source)
+    per_channel = "channel_names" in desc  # nnU-Net v2 splits channels into <case>_XXXX files
+    idx_to_seq = {i: s for s, i in channels.items()}
+    out = []
+    seen_labels: set[str] = set()
+    for img_dir, lbl_dir in (("imagesTr", "labelsTr"), ("imagesTs", "labelsTs")):
+        if not (folder / img_dir).is_dir():
+            continue
+        cases: dict[str, dict[str, str]] = {}
+        four_d: dict[str, str] = {}
+        for fname in sorted(os.listdir(folder / img_dir)):
+            if fname.startswith("."):  # MSD tarballs ship macOS '._*' resource files
+                continue
+            path = str(folder / img_dir / fname)
+            if not per_channel:
+                if (m := _NIFTI_RE.match(fname)) is not None:
+                    four_d[m.group("case")] = path
+                continue
+            if (m := _NNUNET_CHANNEL_RE.match(fname)) is None:
+                if _NIFTI_RE.match(fname):
+                    raise CaseError(
+                        f"{path}: nnU-Net v2 image files must be named <case>_XXXX.nii.gz (XXXX = channel index "
+                        f"from {source}); rename it, or describe 4D files with the MSD 'modality' key."
+                    )
+                continue
+            idx = int(m.group("idx"))
+            if idx not in idx_to_seq:
+                raise CaseError(f"{path}: channel {idx:04d} is not listed in {source} {sorted(idx_to_seq)}; "
+                                "add it to 'channel_names' or remove the file.")
+            cases.setdefault(m.group("case"), {})[idx_to_seq[idx]] = path
+        for case in sorted(set(cases) | set(four_d)):
+            label = None
+            for ext in (".nii.gz", ".nii"):
+                candidate = folder / lbl_dir / f"{case}{ext}"
+                if candidate.is_file():
+                    label = str(candidate)
+                    seen_labels.add(label)
+                    break
+            # "channels" indexes into image4d; per-channel nnU-Net files need none
+            rec = _record(case, "msd", cases.get(case, {}), four_d.get(case), {} if per_channel else channels,
+                          label, label_map)
+            location = rec["image4d"] or next(iter(rec["images"].values()))
+            out.append((rec, location, str(folder / lbl_dir / f"{case}.nii.gz")))
+    for lbl_dir in ("labelsTr", "labelsTs"):
+        if (folder / lbl_dir).is_dir():
+            for fname in sorted(os.listdir(folder / lbl_dir)):
+                path = str(folder / lbl_dir / fname)
+                if not fname.startswith(".") and _NIFTI_RE.match(fname) and path not in seen_labels:
+                    raise CaseError(f"{path} has no image in {folder / lbl_dir.replace('labels', 'images')}: "
+                                    "a case needs at least one image sequence; add the image or remove the label.")
+    return out
+
+
+def discover_cases(root: str | os.PathLike, require_label: bool = False) -> list[dict[str, Any]]:
+    """Find every case below ``root`` in the BraTS 2018, BraTS 2023 or MSD Task01 layout.
+
+    Args:
+        root: folder to search recursively (symlinked folders are followed).
+        require_label: raise if any case has no segmentation (for training data).
+
+    Returns:
+        Case records sorted by case id::
+
+            {"case": str, "layout": "brats2018" | "brats2023" | "msd",
+             "images": {seq: path}, "image4d": path | None, "channels": {seq: index},
+             "label": path | None, "label_map": {"ncr": [...], "ed": [...], "et": [...]},
+             "modalities": [present sequences in BRATS_MODALITIES order]}
+
+        Paths are absolute strings; the record is JSON-serialisable.
+
+    Raises:
+        CaseError: missing/empty root, a case without image sequences, duplicate case ids or
+            duplicate files of one sequence, unusable ``dataset.json``, or (with
+            ``require_label``) a case without label.
+    """
+    root_path = Path(root).expanduser().absolute()
+    if not root_path.is_dir():
+        raise CaseError(
+            f"Data folder {root_path} does not exist or is not a folder: pass the folder holding the cases."
+        )
+
+    found: list[tuple[dict[str, Any], str, str]] = []  # (record, location for messages, expected label path)
+    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+    visited: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root_path, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:  # symlink loop or two links to one folder
+            dirnames[:] = []
+            continue
+        visited.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        folder = Path(dirpath)
+        if "dataset.json" in filenames:
+            desc = _read_dataset_json(folder / "dataset.json")
+            if "modality" in desc or "channel_names" in desc:
+                found.extend(_msd_cases(folder, desc))
+                dirnames[:] = []  # the MSD folder is fully described by dataset.json
+                continue
+        for fname in sorted(filenames):
+            if fname.startswith("."):
+                continue
+            if (m := _BRATS2018_RE.match(fname)) is not None:
+                layout, seq = "brats2018", m.group("seq").lower()
+            elif (m := _BRATS2023_RE.match(fname)) is not None:
+                layout, seq = "brats2023", _BRATS2023_SEQ[m.group("seq").lower()]
+            else:
+                continue
+            group = groups.setdefault((dirpath, layout, m.group("case")), {"images": {}, "label": None})
+            path = str(folder / fname)
+            previous = group["label"] if seq == "seg" else group["images"].get(seq)
+            if previous is not None:
+                raise CaseError(f"Case {m.group('case')!r} has two {seq!r} files: {previous} and {path}. Keep one.")
+            if seq == "seg":
+                group["label"] = path
+            else:
+                group["images"][seq] = path
+
+    for (dirpath, layout, case), group in groups.items():
+        sep = "_" if layout == "brats2018" else "-"
+        if not group["images"]:
+            names = "{flair,t1,t1ce,t2}" if layout == "brats2018" else "{t2f,t1n,t1c,t2w}"
+            raise CaseError(
+                f"Folder {dirpath}: case {case!r} has a label ({os.path.basename(group['label'])}) but no image "
+                f"sequence; expected at least one of {case}{sep}{names}.nii.gz. Add the images or remove the case."
+            )
+        rec = _record(case, layout, group["images"], None, {}, group["label"], LABEL_CONVENTIONS[layout])
+        found.append((rec, next(iter(rec["images"].values())), str(Path(dirpath) / f"{case}{sep}seg.nii.gz")))
+
+    if not found:
+        raise CaseError(f"No cases found under {root_path}. Accepted layouts: {ACCEPTED_LAYOUTS}.")
+
+    where: dict[str, str] = {}
+    for rec, location, _ in found:
+        if rec["case"] in where:
+            raise CaseError(
+                f"Duplicate case id {rec['case']!r}: {where[rec['case']]} and {location}. "
+                "Remove or rename one copy, or point discovery at a folder holding only one."
+            )
+        where[rec["case"]] = location
+
+    if require_label:
+        missing = [(rec["case"], expected) for rec, _, expected in found if rec["label"] is None]
+        if missing:
+            shown = "; ".join(f"case {c!r}: expected {e}" for c, e in missing[:5])
+            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise CaseError(f"{len(missing)} case(s) have no label: {shown}{more}. Add the segmentation files, "
+                            "or discover without require_label for inference-only data.")
+
+    return sorted((rec for rec, _, _ in found), key=lambda r: r["case"])

@@ -1,0 +1,189 @@
+"""Tumour label conventions and conversion between label maps and WT/TC/ET region channels.
+
+BraTS releases disagree on the value of the enhancing-tumour label (4 until 2021, 3 from 2023) and
+MSD Task01 uses yet another order, so every case record carries its own ``label_map``
+(``{"ncr": [...], "ed": [...], "et": [...]}``) and all conversions go through it.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence, Union
+
+import numpy as np
+import torch
+
+from app.data.errors import CaseError
+
+__all__ = [
+    "LABEL_CONVENTIONS",
+    "LABEL_PARTS",
+    "REGION_NAMES",
+    "check_label_values",
+    "label_map_values",
+    "labels_to_regions",
+    "regions_to_labels",
+]
+
+LabelMap = Mapping[str, Sequence[int]]
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+
+#: Label parts of a tumour: necrotic/non-enhancing core, oedema, enhancing tumour.
+LABEL_PARTS: tuple[str, ...] = ("ncr", "ed", "et")
+
+#: Output channel order of :func:`labels_to_regions`: whole tumour, tumour core, enhancing tumour.
+REGION_NAMES: tuple[str, ...] = ("wt", "tc", "et")
+
+#: Label values of each tumour part per BraTS naming generation.
+LABEL_CONVENTIONS: dict[str, dict[str, list[int]]] = {
+    "brats2018": {"ncr": [1], "ed": [2], "et": [4]},
+    "brats2023": {"ncr": [1], "ed": [2], "et": [3]},
+}
+
+
+def _resolve(label_map: LabelMap | str) -> LabelMap:
+    if isinstance(label_map, str):
+        if label_map not in LABEL_CONVENTIONS:
+            raise ValueError(f"Unknown label convention {label_map!r}: use one of {sorted(LABEL_CONVENTIONS)}.")
+        return LABEL_CONVENTIONS[label_map]
+    missing = [p for p in LABEL_PARTS if p not in label_map]
+    if missing:
+        raise ValueError(
+            f"label_map {dict(label_map)!r} lacks {missing}: give label values for each of {list(LABEL_PARTS)}."
+        )
+    return label_map
+
+
+def label_map_values(label_map: LabelMap | str) -> set[int]:
+    """All tumour label values of ``label_map`` (a mapping or a name from :data:`LABEL_CONVENTIONS`)."""
+    lm = _resolve(label_map)
+    return {int(v) for p in LABEL_PARTS for v in lm[p]}
+
+
+def _present_values(label: np.ndarray, source: str | None) -> np.ndarray:
+    """Sorted distinct values of an integer-valued label array; non-integer values are an error."""
+    if label.dtype.kind == "f":
+        if not np.isfinite(label).all():
+            raise CaseError(f"Label {source or '<array>'} contains NaN/Inf: re-export the segmentation as integers.")
+        rounded = np.rint(label)
+        if not np.array_equal(rounded, label):
+            bad = np.unique(label[rounded != label])[:5]
+            raise CaseError(
+                f"Label {source or '<array>'} has non-integer values (e.g. {bad.tolist()}); it was probably resampled "
+                "with linear interpolation: resample segmentations with nearest-neighbour instead."
+            )
+        label = rounded.astype(np.int64)
+    elif label.dtype.kind == "b":
+        label = label.astype(np.uint8)
+    # bincount is several times faster than np.unique on full-resolution volumes
+    lo, hi = (int(label.min()), int(label.max())) if label.size else (0, 0)
+    if lo >= 0 and hi < 65536:
+        return np.flatnonzero(np.bincount(label.ravel(), minlength=1))
+    return np.unique(label)
+
+
+def check_label_values(label: ArrayLike, label_map: LabelMap | str, source: str | None = None) -> list[int]:
+    """Raise :class:`CaseError` if ``label`` holds values that ``label_map`` does not know.
+
+    Args:
+        label: integer-valued label volume (numpy or torch).
+        label_map: ``{"ncr": [...], "ed": [...], "et": [...]}`` or a name from :data:`LABEL_CONVENTIONS`.
+        source: file the label came from, used in the error message.
+
+    Returns:
+        The distinct values present in ``label`` (sorted).
+    """
+    arr = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+    present = _present_values(arr, source).tolist()
+    known = label_map_values(label_map) | {0}
+    unknown = sorted(set(present) - known)
+    if unknown:
+        hint = ""
+        fits = [name for name, conv in LABEL_CONVENTIONS.items() if set(present) <= label_map_values(conv) | {0}]
+        if fits:
+            hint = (
+                f" These values fit the {' / '.join(repr(f) for f in fits)} convention "
+                f"({', '.join(f'{n}: {LABEL_CONVENTIONS[n]}' for n in fits)}): name the files accordingly "
+                "(BraTS 2018-2021: <case>_seg.nii.gz, enhancing tumour = 4; BraTS 2023+: <case>-seg.nii.gz, "
+                "enhancing tumour = 3) or relabel the segmentation."
+            )
+        else:
+            hint = " Relabel the segmentation to the known values or fix the label names in dataset.json."
+        raise CaseError(
+            f"Label {source or '<array>'} contains values {unknown} unknown to its label map "
+            f"(found {present}; known: 0 background, {dict(_resolve(label_map))}).{hint}"
+        )
+    return present
+
+
+def labels_to_regions(label: ArrayLike, label_map: LabelMap | str, source: str | None = None) -> ArrayLike:
+    """Convert a label volume into overlapping WT/TC/ET region channels.
+
+    WT is every tumour label, TC is necrosis/non-enhancing core plus enhancing tumour, ET is
+    enhancing tumour alone. Unknown label values raise :class:`CaseError` rather than being treated
+    as background, because a mis-identified convention silently removes a whole region.
+
+    Args:
+        label: integer-valued label volume of any spatial shape (numpy or torch), no channel dim.
+        label_map: ``{"ncr": [...], "ed": [...], "et": [...]}`` or a name from :data:`LABEL_CONVENTIONS`.
+        source: file the label came from, used in error messages.
+
+    Returns:
+        float32 array of shape ``[3, *label.shape]`` (WT, TC, ET), numpy or torch like the input.
+    """
+    lm = _resolve(label_map)
+    is_torch = isinstance(label, torch.Tensor)
+    arr = label.detach().cpu().numpy() if is_torch else np.asarray(label)
+    check_label_values(arr, lm, source)
+    if arr.dtype.kind == "f":
+        arr = np.rint(arr).astype(np.int64)
+
+    def member(values: Sequence[int]) -> np.ndarray:
+        return np.isin(arr, np.asarray(list(values), dtype=np.int64))
+
+    ncr, ed, et = member(lm["ncr"]), member(lm["ed"]), member(lm["et"])
+    regions = np.stack([ncr | ed | et, ncr | et, et]).astype(np.float32)
+    if is_torch:
+        return torch.from_numpy(regions).to(label.device)
+    return regions
+
+
+def regions_to_labels(regions: ArrayLike, convention: LabelMap | str = "brats2018") -> ArrayLike:
+    """Convert WT/TC/ET region channels back into one label volume.
+
+    Nested priority ET > TC > WT resolves inconsistent predictions: ET voxels get the enhancing label,
+    TC voxels outside ET the necrosis label, WT voxels outside TC the oedema label. The first value of
+    each part in the label map is written.
+
+    Args:
+        regions: ``[3, ...]`` region channels (WT, TC, ET). Boolean input is used as is; any other
+            dtype is thresholded at 0.5, so pass probabilities only if 0.5 is the intended cut-off.
+        convention: a name from :data:`LABEL_CONVENTIONS` or a label map.
+
+    Returns:
+        uint8 label volume of shape ``regions.shape[1:]``: numpy for numpy input, otherwise a plain
+        torch tensor on the input's device.
+    """
+    lm = _resolve(convention)
+    if regions.shape[0] != len(REGION_NAMES):
+        raise ValueError(
+            f"regions must have {len(REGION_NAMES)} channels (WT, TC, ET) first, got shape {tuple(regions.shape)}."
+        )
+    values = [int(lm[p][0]) for p in LABEL_PARTS]
+    if max(values) > 255 or min(values) < 0:
+        raise ValueError(f"Label values {values} do not fit uint8.")
+    ncr_v, ed_v, et_v = values
+    if isinstance(regions, torch.Tensor):  # stay on the tensor's device (GPU inference)
+        binary_t = regions if regions.dtype == torch.bool else regions > 0.5
+        out_t = torch.zeros(tuple(regions.shape[1:]), dtype=torch.uint8, device=regions.device)
+        out_t[binary_t[0]] = ed_v
+        out_t[binary_t[1]] = ncr_v
+        out_t[binary_t[2]] = et_v
+        return out_t
+    arr = np.asarray(regions)
+    binary = arr if arr.dtype == np.bool_ else arr > 0.5
+    out = np.zeros(arr.shape[1:], dtype=np.uint8)
+    out[binary[0]] = ed_v
+    out[binary[1]] = ncr_v
+    out[binary[2]] = et_v
+    return out

@@ -1,0 +1,215 @@
+"""Load a discovered case into network-ready tensors, checking the files on the way.
+
+:func:`load_case` reads a case record (see :func:`app.data.discovery.discover_cases`) with nibabel and
+returns a 4-channel image in ``BRATS_MODALITIES`` order (absent sequences are zero channels, flagged
+by ``modality_mask``) and, optionally, the WT/TC/ET region label. :class:`LoadCased` is the MONAI
+dictionary transform around it. Every problem with the files raises :class:`CaseError` naming the file.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable, Mapping
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys
+
+from app.data.errors import CaseError
+from app.data.labels import labels_to_regions
+from app.subsets import BRATS_MODALITIES
+
+__all__ = ["AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "load_case"]
+
+#: Largest absolute difference between affine entries still treated as the same grid.
+AFFINE_TOLERANCE = 1e-3
+
+#: Keys of a discovery record that hold file locations rather than sample data.
+RECORD_KEYS: tuple[str, ...] = ("images", "image4d", "channels", "label_map", "modalities", "label_file")
+
+
+def _open(path: str) -> nib.spatialimages.SpatialImage:
+    try:
+        return nib.load(path)
+    except FileNotFoundError as err:
+        raise CaseError(f"{path} does not exist: restore the file or re-run discovery.") from err
+    except Exception as err:  # nibabel raises many types for bad headers; all mean the same to the user
+        raise CaseError(f"Cannot read {path} ({type(err).__name__}: {err}): the file is corrupt or not NIfTI; "
+                        "re-download or re-export it.") from err
+
+
+def _read(img: nib.spatialimages.SpatialImage, path: str, dtype: type | None) -> np.ndarray:
+    """Read the voxels; decompression errors only show up here, not in ``nib.load``."""
+    try:
+        if dtype is None:
+            return np.asanyarray(img.dataobj)
+        return img.get_fdata(dtype=dtype)
+    except Exception as err:
+        raise CaseError(f"Cannot read the voxels of {path} ({type(err).__name__}: {err}): the file is corrupt or "
+                        "truncated; re-download or re-export it.") from err
+
+
+def _spatial_shape(shape: tuple[int, ...], path: str, channels: bool) -> tuple[int, ...]:
+    """Shape with singleton dims beyond the third removed (some writers store 3D volumes as X*Y*Z*1)."""
+    extra = tuple(d for d in shape[3:] if d != 1)
+    if len(shape) < 3:
+        raise CaseError(f"{path} is {len(shape)}D (shape {shape}); expected a 3D volume. Assemble the slices into "
+                        "one 3D NIfTI file per sequence.")
+    if channels:
+        if len(extra) > 1:
+            raise CaseError(
+                f"{path} has shape {shape}; expected a 4D X*Y*Z*channels file as described by dataset.json."
+            )
+        return tuple(shape[:3]) + (extra or (1,))
+    if extra:
+        raise CaseError(f"{path} is {len(shape)}D (shape {shape}); expected one 3D volume per sequence. Split it "
+                        "into one file per sequence, or describe it with an MSD dataset.json (imagesTr/ + 'modality').")
+    return tuple(shape[:3])
+
+
+_Grid = tuple[str, tuple[int, ...], np.ndarray]  # (file, spatial shape, affine) of the reference image
+
+
+def _check_grid(path: str, shape: tuple[int, ...], affine: np.ndarray, ref: _Grid) -> None:
+    ref_path, ref_shape, ref_affine = ref
+    diff = float(np.abs(affine - ref_affine).max())
+    if shape != ref_shape or diff > AFFINE_TOLERANCE:
+        vox = np.round(np.linalg.norm(affine[:3, :3], axis=0), 4).tolist()
+        ref_vox = np.round(np.linalg.norm(ref_affine[:3, :3], axis=0), 4).tolist()
+        raise CaseError(
+            f"{path} and {ref_path} are on different grids: shape {shape} vs {ref_shape}, voxel size {vox} vs "
+            f"{ref_vox}, largest affine entry difference {diff:.4g} (tolerance {AFFINE_TOLERANCE}). Resample/register "
+            "them onto one grid (e.g. resample every sequence and the label onto the first sequence) first."
+        )
+
+
+def _check_finite(data: np.ndarray, path: str) -> None:
+    if not np.isfinite(data).all():
+        n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        raise CaseError(f"{path} contains {n_bad} NaN/Inf voxel(s): replace them (e.g. with 0) or re-export the image.")
+
+
+def _meta_tensor(array: np.ndarray, affine: np.ndarray, path: str, case: str) -> MetaTensor:
+    # the keys MONAI's LoadImage would set, so Orientationd/Spacingd/SaveImage treat it like a loaded image
+    meta = {
+        ImageMetaKey.FILENAME_OR_OBJ: path,
+        MetaKeys.ORIGINAL_AFFINE: affine.copy(),
+        MetaKeys.SPATIAL_SHAPE: np.asarray(array.shape[1:]),
+        MetaKeys.ORIGINAL_CHANNEL_DIM: 0,
+        MetaKeys.SPACE: SpaceKeys.RAS,  # NIfTI affines map to RAS+ world coordinates
+        "case": case,
+    }
+    return MetaTensor(torch.from_numpy(array), affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta)
+
+
+def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, Any]:
+    """Read the images (and label) of one case record.
+
+    Args:
+        record: a case record from :func:`app.data.discovery.discover_cases`.
+        load_label: read the label when the record has one.
+
+    Returns:
+        A copy of ``record`` where the label path moves from ``"label"`` to ``"label_file"``, plus
+
+        * ``"image"``: float32 :class:`~monai.data.MetaTensor` ``[4, X, Y, Z]`` in ``BRATS_MODALITIES``
+          order, zeros for absent sequences, affine and meta of the first present sequence;
+        * ``"modality_mask"``: bool tensor ``[4]``, True where the sequence was read;
+        * ``"label"``: float32 MetaTensor ``[3, X, Y, Z]`` with WT/TC/ET regions, only when loaded.
+
+    Raises:
+        CaseError: unreadable/corrupt file, image that is not 3D (MSD: not 4D), sequences or label on
+            different grids, NaN/Inf in an image, label values unknown to the record's label map,
+            4D file with fewer channels than ``dataset.json`` names.
+    """
+    case = str(record.get("case", "<unnamed case>"))
+    images = dict(record.get("images") or {})
+    image4d = record.get("image4d")
+    channels = dict(record.get("channels") or {})
+    unknown = sorted((set(images) | set(channels)) - set(BRATS_MODALITIES))
+    if unknown:
+        raise CaseError(f"Case {case!r}: unknown sequence name(s) {unknown} in record; use {list(BRATS_MODALITIES)}.")
+    if not images and not image4d:
+        raise CaseError(f"Case {case!r} has no image files in its record; re-run discovery on the case folder.")
+
+    present: list[str] = []
+    stacked: np.ndarray | None = None  # allocated once the grid is known; filled in place to avoid copies
+    ref: _Grid | None = None
+    if image4d:
+        img = _open(image4d)
+        shape = _spatial_shape(tuple(img.shape), image4d, channels=True)
+        need = max(channels.values(), default=-1) + 1
+        if need == 0 or shape[3] < need:
+            raise CaseError(f"{image4d} has {shape[3]} channel(s) but dataset.json names {need} ({channels}); "
+                            "fix 'modality' in dataset.json or re-export the 4D image.")
+        ref = (image4d, shape[:3], img.affine)
+        data = _read(img, image4d, np.float32).reshape(shape)
+        stacked = np.zeros((len(BRATS_MODALITIES), *shape[:3]), dtype=np.float32)
+        for seq, idx in channels.items():
+            _check_finite(data[..., idx], f"{image4d} (channel {idx}, {seq})")
+            stacked[BRATS_MODALITIES.index(seq)] = data[..., idx]
+            present.append(seq)
+        del data
+    for c, seq in enumerate(BRATS_MODALITIES):
+        if seq not in images:
+            continue
+        path = images[seq]
+        img = _open(path)
+        shape = _spatial_shape(tuple(img.shape), path, channels=False)
+        if ref is None:
+            ref = (path, shape, img.affine)
+            stacked = np.zeros((len(BRATS_MODALITIES), *shape), dtype=np.float32)
+        else:
+            _check_grid(path, shape, img.affine, ref)
+        volume = _read(img, path, np.float32).reshape(shape)
+        _check_finite(volume, path)
+        stacked[c] = volume  # type: ignore[index]
+        present.append(seq)
+    assert ref is not None and stacked is not None  # at least one of images/image4d was read above
+    ref_path, _, ref_affine = ref
+
+    out = {k: v for k, v in record.items() if k != "label"}
+    out["label_file"] = record.get("label")
+    out["image"] = _meta_tensor(stacked, np.asarray(ref_affine, dtype=np.float64), ref_path, case)
+    out["modality_mask"] = torch.tensor([seq in present for seq in BRATS_MODALITIES], dtype=torch.bool)
+
+    label_path = record.get("label")
+    if load_label and label_path:
+        if "label_map" not in record:
+            raise CaseError(f"Case {case!r}: record has a label but no label_map; re-run discovery.")
+        img = _open(label_path)
+        shape = _spatial_shape(tuple(img.shape), label_path, channels=False)
+        _check_grid(label_path, shape, img.affine, ref)
+        labels = _read(img, label_path, None).reshape(shape)
+        regions = labels_to_regions(labels, record["label_map"], source=label_path)
+        out["label"] = _meta_tensor(regions, np.asarray(ref_affine, dtype=np.float64), label_path, case)
+    return out
+
+
+class LoadCased(MapTransform):
+    """Dictionary transform: turn a discovery case record into ``image``/``modality_mask``/``label`` tensors.
+
+    See :func:`load_case` for the outputs and the checks. By default the record's file-location keys
+    (:data:`RECORD_KEYS`) are dropped from the output: they differ in structure between cases with
+    different sequences, which breaks batch collation, and the file names stay available in the
+    tensors' meta (``filename_or_obj``). ``"case"``, ``"layout"`` and any extra keys are kept.
+
+    Args:
+        load_label: read the label when the record has one.
+        keep_record: keep the record's file-location keys (for single-case inference, not batching).
+    """
+
+    def __init__(self, load_label: bool = True, keep_record: bool = False) -> None:
+        # the output keys are fixed by the record format; "label" is absent for unlabelled cases
+        super().__init__(keys=("image", "label"), allow_missing_keys=True)
+        self.load_label = load_label
+        self.keep_record = keep_record
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = load_case(data, load_label=self.load_label)
+        if not self.keep_record:
+            for key in RECORD_KEYS:
+                out.pop(key, None)
+        return out

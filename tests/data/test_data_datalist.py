@@ -1,0 +1,69 @@
+"""Train/validation splitting and datalist files."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from app.data.datalist import read_datalist, split_cases, write_datalist
+
+
+def records(n):
+    return [{"case": f"Case_{i:03d}", "images": {"flair": f"/d/Case_{i:03d}_flair.nii.gz"}} for i in range(n)]
+
+
+def ids(cases):
+    return [c["case"] for c in cases]
+
+
+def test_split_is_deterministic_and_order_independent():
+    cases = records(20)
+    train, val = split_cases(cases, val_fraction=0.2, seed=3)
+    shuffled = cases[:]
+    random.Random(1).shuffle(shuffled)
+    assert (ids(train), ids(val)) == tuple(map(ids, split_cases(shuffled, val_fraction=0.2, seed=3)))
+    assert len(val) == 4 and len(train) == 16
+    assert sorted(ids(train) + ids(val)) == ids(cases) and not set(ids(train)) & set(ids(val))
+    assert ids(val) == sorted(ids(val)) and ids(train) == sorted(ids(train))
+    other_seeds = {tuple(ids(split_cases(cases, 0.2, seed=s)[1])) for s in range(5)}
+    assert len(other_seeds) > 1  # the seed matters
+
+
+def test_split_sizes():
+    assert [len(v) for _, v in (split_cases(records(n), 0.2) for n in (1, 2, 3, 10, 11))] == [0, 1, 1, 2, 2]
+    train, val = split_cases(records(2), val_fraction=0.9)
+    assert len(train) == 1 and len(val) == 1  # never an empty training set
+    assert split_cases([], 0.2) == ([], [])
+
+
+def test_split_rejects_bad_input():
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_cases(records(4), val_fraction=1.0)
+    with pytest.raises(ValueError, match="Duplicate case ids"):
+        split_cases(records(3) + records(1), 0.2)
+
+
+def test_write_and_read_datalist(tmp_path):
+    train, val = split_cases(records(5), 0.2)
+    path = tmp_path / "sub" / "datalist.json"
+    assert write_datalist(path, train, val) == str(path)
+    assert json.loads(path.read_text()) == {"training": train, "validation": val}
+    assert read_datalist(path) == (train, val)
+    write_datalist(path, val, train)  # overwrite in place
+    assert read_datalist(path) == (val, train)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["datalist.json"]  # no temp files left
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "datalist.json"
+    write_datalist(path, records(2), [])
+    before = path.read_text()
+    with pytest.raises(TypeError):
+        write_datalist(path, [{"case": "x", "image": object()}], [])
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["datalist.json"]
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="datalist.json"):
+        read_datalist(path)

@@ -1,0 +1,221 @@
+"""Case discovery on the BraTS 2018, BraTS 2023 and MSD / nnU-Net v2 layouts, and its error messages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from app.data.discovery import CaseError, discover_cases, msd_label_map
+
+MSD_DESC = {
+    "name": "BRATS",
+    "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+    "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+}
+
+
+def touch(path: Path) -> Path:
+    # discovery only looks at names, so empty files are enough here
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def brats18(root: Path, case: str, seqs=("flair", "t1", "t1ce", "t2", "seg"), ext=".nii.gz") -> None:
+    for s in seqs:
+        touch(root / case / f"{case}_{s}{ext}")
+
+
+def test_brats2018_layout_with_missing_sequence_and_label(tmp_path):
+    brats18(tmp_path, "Brats18_B_1")
+    brats18(tmp_path, "Brats18_A_1", seqs=("t2", "flair", "t1"))  # no t1ce, no seg
+    touch(tmp_path / "README.txt")
+    cases = discover_cases(tmp_path)
+    assert [c["case"] for c in cases] == ["Brats18_A_1", "Brats18_B_1"]
+    a, b = cases
+    assert a["layout"] == "brats2018"
+    assert list(a["images"]) == ["flair", "t1", "t2"]
+    assert a["modalities"] == ["flair", "t1", "t2"]
+    assert a["label"] is None and a["image4d"] is None and a["channels"] == {}
+    assert a["label_map"] == {"ncr": [1], "ed": [2], "et": [4]}
+    assert b["modalities"] == ["flair", "t1", "t1ce", "t2"]
+    assert b["label"] == str(tmp_path / "Brats18_B_1" / "Brats18_B_1_seg.nii.gz")
+    assert b["images"]["t1ce"].endswith("Brats18_B_1_t1ce.nii.gz")
+    assert json.loads(json.dumps(cases)) == cases  # plain JSON
+    a["label_map"]["et"].append(99)  # records do not share the convention table
+    assert discover_cases(tmp_path)[1]["label_map"]["et"] == [4]
+
+
+def test_uncompressed_and_flat_folder(tmp_path):
+    brats18(tmp_path, "X_1", ext=".nii")
+    for s in ("flair", "t2"):
+        touch(tmp_path / f"Y_2_{s}.nii.gz")  # several cases side by side in one folder
+    touch(tmp_path / "Y_2_seg.nii.gz")
+    cases = {c["case"]: c for c in discover_cases(tmp_path, require_label=True)}
+    assert set(cases) == {"X_1", "Y_2"}
+    assert cases["X_1"]["images"]["flair"].endswith("X_1_flair.nii")
+    assert cases["Y_2"]["modalities"] == ["flair", "t2"]
+
+
+def test_require_label_names_case_and_expected_file(tmp_path):
+    brats18(tmp_path, "Brats18_A_1", seqs=("flair", "t1", "t1ce", "t2"))
+    brats18(tmp_path, "Brats18_B_1")
+    assert len(discover_cases(tmp_path)) == 2
+    with pytest.raises(CaseError, match="Brats18_A_1") as err:
+        discover_cases(tmp_path, require_label=True)
+    assert "Brats18_A_1_seg.nii.gz" in str(err.value)
+    assert "Brats18_B_1" not in str(err.value)
+
+
+def test_brats2023_names(tmp_path):
+    case = "BraTS-GLI-00001-000"
+    for s in ("t2f", "t1n", "t1c", "t2w", "seg"):
+        touch(tmp_path / case / f"{case}-{s}.nii.gz")
+    touch(tmp_path / "BraTS-GLI-00002-000" / "BraTS-GLI-00002-000-t1c.nii.gz")
+    cases = discover_cases(tmp_path)
+    c = cases[0]
+    assert c["case"] == case and c["layout"] == "brats2023"
+    assert c["images"] == {
+        "flair": str(tmp_path / case / f"{case}-t2f.nii.gz"),
+        "t1": str(tmp_path / case / f"{case}-t1n.nii.gz"),
+        "t1ce": str(tmp_path / case / f"{case}-t1c.nii.gz"),
+        "t2": str(tmp_path / case / f"{case}-t2w.nii.gz"),
+    }
+    assert c["label_map"] == {"ncr": [1], "ed": [2], "et": [3]}
+    assert cases[1]["modalities"] == ["t1ce"] and cases[1]["label"] is None
+    with pytest.raises(CaseError, match="BraTS-GLI-00002-000-seg.nii.gz"):
+        discover_cases(tmp_path, require_label=True)
+
+
+def test_msd_task01_layout(tmp_path):
+    task = tmp_path / "Task01_BrainTumour"
+    task.mkdir()
+    (task / "dataset.json").write_text(json.dumps(MSD_DESC))
+    touch(task / "imagesTr" / "BRATS_001.nii.gz")
+    touch(task / "imagesTr" / "BRATS_002.nii.gz")
+    touch(task / "imagesTr" / "._BRATS_001.nii.gz")  # macOS junk shipped in the MSD tarball
+    touch(task / "labelsTr" / "BRATS_001.nii.gz")
+    touch(task / "labelsTr" / "BRATS_002.nii.gz")
+    touch(task / "imagesTs" / "BRATS_900.nii.gz")
+    cases = discover_cases(tmp_path)
+    assert [c["case"] for c in cases] == ["BRATS_001", "BRATS_002", "BRATS_900"]
+    c = cases[0]
+    assert c["layout"] == "msd"
+    assert c["image4d"] == str(task / "imagesTr" / "BRATS_001.nii.gz")
+    assert c["images"] == {}
+    assert c["channels"] == {"flair": 0, "t1": 1, "t1ce": 2, "t2": 3}
+    assert c["modalities"] == ["flair", "t1", "t1ce", "t2"]
+    assert c["label"] == str(task / "labelsTr" / "BRATS_001.nii.gz")
+    assert c["label_map"] == {"ncr": [2], "ed": [1], "et": [3]}
+    assert cases[2]["label"] is None
+    with pytest.raises(CaseError, match=r"BRATS_900.*labelsTs"):
+        discover_cases(tmp_path, require_label=True)
+
+
+def test_msd_channel_aliases_and_order(tmp_path):
+    desc = dict(MSD_DESC, modality={"0": "t2-FLAIR", "1": "T1-Gd", "2": "T1", "3": "t2w"})
+    (tmp_path / "dataset.json").write_text(json.dumps(desc))
+    touch(tmp_path / "imagesTr" / "c1.nii.gz")
+    (c,) = discover_cases(tmp_path)
+    # record lists channels in BRATS_MODALITIES order, indices from dataset.json
+    assert list(c["channels"].items()) == [("flair", 0), ("t1", 2), ("t1ce", 1), ("t2", 3)]
+
+
+def test_nnunet_v2_per_channel_files_and_region_labels(tmp_path):
+    desc = {
+        "channel_names": {"0": "FLAIR", "1": "T1", "2": "T1ce", "3": "T2"},
+        "labels": {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3},
+        "file_ending": ".nii.gz",
+    }
+    (tmp_path / "dataset.json").write_text(json.dumps(desc))
+    touch(tmp_path / "imagesTr" / "case_7_0000.nii.gz")
+    touch(tmp_path / "imagesTr" / "case_7_0002.nii.gz")
+    touch(tmp_path / "labelsTr" / "case_7.nii.gz")
+    (c,) = discover_cases(tmp_path, require_label=True)
+    assert c["case"] == "case_7" and c["image4d"] is None and c["channels"] == {}
+    assert c["images"] == {"flair": str(tmp_path / "imagesTr" / "case_7_0000.nii.gz"),
+                           "t1ce": str(tmp_path / "imagesTr" / "case_7_0002.nii.gz")}
+    assert c["modalities"] == ["flair", "t1ce"]
+    assert c["label_map"] == {"ncr": [2], "ed": [1], "et": [3]}
+
+
+@pytest.mark.parametrize(
+    "labels, expected",
+    [
+        ({"0": "background", "1": "NCR", "2": "SNFH", "3": "ET"}, {"ncr": [1], "ed": [2], "et": [3]}),
+        ({"0": "Background", "1": "Necrotic tumour core", "2": "Peritumoral Oedema", "4": "GD-enhancing tumor"},
+         {"ncr": [1], "ed": [2], "et": [4]}),
+        ({"background": 0, "edema": 1, "non-enhancing tumor": 2, "enhancing tumour": 3},
+         {"ncr": [2], "ed": [1], "et": [3]}),
+    ],
+)
+def test_label_name_variants(labels, expected):
+    assert msd_label_map({"labels": labels}) == expected
+
+
+def test_msd_errors_name_dataset_json(tmp_path):
+    (tmp_path / "dataset.json").write_text(json.dumps(dict(MSD_DESC, modality={"0": "FLAIR", "1": "DWI"})))
+    touch(tmp_path / "imagesTr" / "c1.nii.gz")
+    with pytest.raises(CaseError, match=r"dataset\.json.*'DWI'"):
+        discover_cases(tmp_path)
+    cyst = {"0": "background", "1": "edema", "2": "cyst"}
+    (tmp_path / "dataset.json").write_text(json.dumps(dict(MSD_DESC, labels=cyst)))
+    with pytest.raises(CaseError, match=r"dataset\.json.*'cyst'"):
+        discover_cases(tmp_path)
+    (tmp_path / "dataset.json").write_text(json.dumps(dict(MSD_DESC, labels={"0": "background", "1": "edema"})))
+    with pytest.raises(CaseError, match=r"dataset\.json.*\['ncr', 'et'\]"):
+        discover_cases(tmp_path)
+    (tmp_path / "dataset.json").write_text("{not json")
+    with pytest.raises(CaseError, match=r"dataset\.json"):
+        discover_cases(tmp_path)
+
+
+def test_msd_label_without_image(tmp_path):
+    (tmp_path / "dataset.json").write_text(json.dumps(MSD_DESC))
+    touch(tmp_path / "imagesTr" / "BRATS_001.nii.gz")
+    touch(tmp_path / "labelsTr" / "BRATS_001.nii.gz")
+    touch(tmp_path / "labelsTr" / "BRATS_003.nii.gz")
+    with pytest.raises(CaseError, match=r"labelsTr/BRATS_003\.nii\.gz.*imagesTr"):
+        discover_cases(tmp_path)
+
+
+def test_duplicate_case_ids_name_both_paths(tmp_path):
+    brats18(tmp_path / "site_a", "Brats18_A_1")
+    brats18(tmp_path / "site_b", "Brats18_A_1")
+    with pytest.raises(CaseError, match="Duplicate case id 'Brats18_A_1'") as err:
+        discover_cases(tmp_path)
+    assert str(tmp_path / "site_a") in str(err.value) and str(tmp_path / "site_b") in str(err.value)
+
+
+def test_duplicate_sequence_file(tmp_path):
+    brats18(tmp_path, "A_1")
+    touch(tmp_path / "A_1" / "A_1_flair.nii")
+    with pytest.raises(CaseError, match=r"two 'flair' files.*A_1_flair\.nii"):
+        discover_cases(tmp_path)
+
+
+def test_case_with_zero_sequences_names_folder(tmp_path):
+    brats18(tmp_path, "A_1")
+    touch(tmp_path / "labels_only" / "B_2_seg.nii.gz")
+    with pytest.raises(CaseError, match="no image sequence") as err:
+        discover_cases(tmp_path)
+    assert str(tmp_path / "labels_only") in str(err.value) and "B_2_{flair,t1,t1ce,t2}.nii.gz" in str(err.value)
+
+
+def test_empty_and_missing_folders(tmp_path):
+    touch(tmp_path / "notes" / "scan.nii.gz")  # not a recognised name
+    with pytest.raises(CaseError, match="No cases found") as err:
+        discover_cases(tmp_path)
+    assert str(tmp_path) in str(err.value) and "BraTS 2023" in str(err.value) and "dataset.json" in str(err.value)
+    with pytest.raises(CaseError, match="does not exist"):
+        discover_cases(tmp_path / "nope")
+
+
+def test_symlinked_case_folder(tmp_path):
+    brats18(tmp_path / "store", "A_1")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "A_1").symlink_to(tmp_path / "store" / "A_1", target_is_directory=True)
+    (c,) = discover_cases(tmp_path / "data", require_label=True)
+    assert c["case"] == "A_1"

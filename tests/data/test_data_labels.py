@@ -1,0 +1,92 @@
+"""Label conventions: labels -> WT/TC/ET regions and back, and unknown-value errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from app.data.errors import CaseError
+from app.data.labels import LABEL_CONVENTIONS, check_label_values, labels_to_regions, regions_to_labels
+
+MSD_MAP = {"ncr": [2], "ed": [1], "et": [3]}
+
+
+@pytest.mark.parametrize(
+    "convention, label, wt, tc, et",
+    [
+        #            bg ncr ed et           WT          TC          ET
+        ("brats2018", [0, 1, 2, 4], [0, 1, 1, 1], [0, 1, 0, 1], [0, 0, 0, 1]),
+        ("brats2023", [0, 1, 2, 3], [0, 1, 1, 1], [0, 1, 0, 1], [0, 0, 0, 1]),
+        (MSD_MAP, [0, 2, 1, 3], [0, 1, 1, 1], [0, 1, 0, 1], [0, 0, 0, 1]),
+    ],
+)
+def test_labels_to_regions_by_hand(convention, label, wt, tc, et):
+    lab = np.array(label, dtype=np.uint8).reshape(2, 2, 1)
+    regions = labels_to_regions(lab, convention)
+    assert regions.dtype == np.float32 and regions.shape == (3, 2, 2, 1)
+    np.testing.assert_array_equal(regions[0].ravel(), wt)
+    np.testing.assert_array_equal(regions[1].ravel(), tc)
+    np.testing.assert_array_equal(regions[2].ravel(), et)
+
+
+def test_labels_to_regions_torch_and_float_input():
+    lab = torch.tensor([[0.0, 4.0], [2.0, 1.0]])
+    regions = labels_to_regions(lab, "brats2018")
+    assert isinstance(regions, torch.Tensor) and regions.dtype == torch.float32
+    torch.testing.assert_close(regions[2], torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
+    with pytest.raises(CaseError, match=r"seg\.nii\.gz.*non-integer.*nearest"):
+        labels_to_regions(np.array([0.0, 0.5, 1.0]), "brats2018", source="case_seg.nii.gz")
+
+
+def test_unknown_values_suggest_the_other_convention():
+    lab = np.array([0, 1, 2, 3], dtype=np.uint8)
+    with pytest.raises(CaseError) as err:
+        labels_to_regions(lab, "brats2018", source="/data/Brats18_X_seg.nii.gz")
+    msg = str(err.value)
+    assert "/data/Brats18_X_seg.nii.gz" in msg and "[3]" in msg and "found [0, 1, 2, 3]" in msg
+    assert "'brats2023'" in msg and "<case>-seg.nii.gz" in msg
+    with pytest.raises(CaseError, match=r"BraTS-X-seg\.nii\.gz.*\[4\].*'brats2018'"):
+        labels_to_regions(np.array([0, 4]), "brats2023", source="BraTS-X-seg.nii.gz")
+
+
+def test_unknown_values_without_fitting_convention():
+    with pytest.raises(CaseError) as err:
+        check_label_values(np.array([0, 1, 7, 200]), MSD_MAP, source="labelsTr/x.nii.gz")
+    msg = str(err.value)
+    assert "labelsTr/x.nii.gz" in msg and "[7, 200]" in msg and "'et': [3]" in msg and "Relabel" in msg
+    assert check_label_values(np.zeros((2, 2), dtype=np.int16), "brats2018") == [0]
+    with pytest.raises(CaseError, match=r"\[-1\]"):
+        check_label_values(np.array([-1, 0, 1]), "brats2018")
+
+
+def test_regions_to_labels_priority_by_hand():
+    # voxels: bg, WT only, WT+TC, WT+TC+ET, ET only (inconsistent), TC only (inconsistent)
+    wt = [0, 1, 1, 1, 0, 0]
+    tc = [0, 0, 1, 1, 0, 1]
+    et = [0, 0, 0, 1, 1, 0]
+    regions = np.array([wt, tc, et], dtype=bool)
+    np.testing.assert_array_equal(regions_to_labels(regions, "brats2018"), [0, 2, 1, 4, 4, 1])
+    np.testing.assert_array_equal(regions_to_labels(regions, "brats2023"), [0, 2, 1, 3, 3, 1])
+    np.testing.assert_array_equal(regions_to_labels(regions, MSD_MAP), [0, 1, 2, 3, 3, 2])
+    out = regions_to_labels(torch.tensor(regions, dtype=torch.float32) * 0.9, "brats2018")  # thresholded at 0.5
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.uint8
+    assert out.tolist() == [0, 2, 1, 4, 4, 1]
+    assert regions_to_labels(regions, "brats2018").dtype == np.uint8
+
+
+@pytest.mark.parametrize("convention", [*LABEL_CONVENTIONS, "msd"])
+def test_round_trip(convention):
+    label_map = MSD_MAP if convention == "msd" else LABEL_CONVENTIONS[convention]
+    values = [0, label_map["ncr"][0], label_map["ed"][0], label_map["et"][0]]
+    lab = np.random.default_rng(0).choice(values, size=(6, 5, 4)).astype(np.uint8)
+    np.testing.assert_array_equal(regions_to_labels(labels_to_regions(lab, label_map), label_map), lab)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="brats2018"):
+        labels_to_regions(np.zeros(3), "brats2020")
+    with pytest.raises(ValueError, match="lacks"):
+        labels_to_regions(np.zeros(3), {"ncr": [1]})
+    with pytest.raises(ValueError, match="3 channels"):
+        regions_to_labels(np.zeros((2, 4, 4), dtype=bool))

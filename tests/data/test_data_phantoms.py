@@ -1,0 +1,91 @@
+"""Phantom cases: MRI-like contrasts per sequence, files on disk, and the command line."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from app.data.discovery import discover_cases
+from app.data.phantoms import main, make_phantom, write_phantoms
+from app.data.transforms import LoadCased
+
+SEEDS = (0, 1, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def phantoms():
+    return [make_phantom(32, np.random.default_rng(s)) for s in SEEDS]
+
+
+def test_arrays_and_labels(phantoms):
+    for p in phantoms:
+        assert set(p) == {"flair", "t1", "t1ce", "t2", "seg", "brain"}
+        for seq in ("flair", "t1", "t1ce", "t2"):
+            assert p[seq].dtype == np.int16 and p[seq].shape == (32, 32, 32) and p[seq].min() >= 0
+        assert p["seg"].dtype == np.uint8
+        assert set(np.unique(p["seg"]).tolist()) == {0, 1, 2, 4}
+        head = p["flair"] > 0
+        assert 0.2 < head.mean() < 0.8  # a head on zero background
+        assert not p["seg"][~head].any()  # tumour inside the head
+        assert p["brain"].sum() > 1000
+
+
+def test_contrasts_like_real_mri(phantoms):
+    for p in phantoms:
+        seg, brain = p["seg"], p["brain"]
+        ed, et, ncr, core, tumour = seg == 2, seg == 4, seg == 1, (seg == 1) | (seg == 4), seg > 0
+
+        def mean(seq, mask):
+            return float(p[seq][mask].mean())
+
+        assert mean("flair", ed) > 1.3 * mean("flair", brain)
+        assert mean("t1ce", et) > 1.3 * mean("t1ce", ncr)
+        assert mean("t1ce", et) > 1.3 * mean("t1ce", brain)
+        assert mean("t2", ed) > 1.2 * mean("t2", brain)
+        assert mean("t2", core) > 1.2 * mean("t2", brain)
+        flair_contrast = abs(mean("flair", tumour) / mean("flair", brain) - 1)
+        t1_contrast = abs(mean("t1", tumour) / mean("t1", brain) - 1)
+        assert t1_contrast < 0.4 * flair_contrast  # T1 alone barely shows the tumour
+
+
+def test_reproducible_and_sizes():
+    a = make_phantom(16, np.random.default_rng(5))
+    b = make_phantom(16, 5)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert make_phantom((20, 18, 16), 0)["seg"].shape == (20, 18, 16)
+    with pytest.raises(ValueError, match=">= 16"):
+        make_phantom(8, 0)
+
+
+def test_write_discover_and_load(tmp_path):
+    folders = write_phantoms(tmp_path, cases=2, size=20, seed=7)
+    assert folders == [str(tmp_path / "Phantom_000"), str(tmp_path / "Phantom_001")]
+    cases = discover_cases(tmp_path, require_label=True)
+    assert [c["case"] for c in cases] == ["Phantom_000", "Phantom_001"]
+    assert all(c["layout"] == "brats2018" and c["modalities"] == ["flair", "t1", "t1ce", "t2"] for c in cases)
+    img = nib.load(cases[0]["images"]["t1ce"])
+    assert img.get_data_dtype() == np.int16 and img.shape == (20, 20, 20)
+    np.testing.assert_allclose(np.abs(np.diag(img.affine)[:3]), 1.0)
+    assert nib.load(cases[0]["label"]).get_data_dtype() == np.uint8
+    out = LoadCased()(cases[0])
+    assert out["image"].shape == (4, 20, 20, 20) and out["label"].shape == (3, 20, 20, 20)
+    assert out["label"][0].sum() > 0
+    # case i depends only on (seed, i): writing more cases keeps the first ones
+    more = write_phantoms(tmp_path / "more", cases=3, size=20, seed=7)
+    np.testing.assert_array_equal(
+        nib.load(f"{more[1]}/Phantom_001_flair.nii.gz").get_fdata(), nib.load(cases[1]["images"]["flair"]).get_fdata()
+    )
+
+
+def test_command_line(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), "--cases", "1", "--size", "16", "--seed", "1"]) == 0
+    assert "Wrote 1 phantom case" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "Phantom_000").iterdir()) == [
+        f"Phantom_000_{s}.nii.gz" for s in ("flair", "seg", "t1", "t1ce", "t2")
+    ]
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--size", "8"])
+    with pytest.raises(SystemExit):
+        main(["--cases", "2"])

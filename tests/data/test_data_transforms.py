@@ -1,0 +1,178 @@
+"""LoadCased / load_case: tensors, meta and channel order, and a CaseError naming the file for each bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import DataLoader, Dataset, MetaTensor
+from monai.transforms import Compose, Orientationd, Spacingd
+
+from app.data.discovery import discover_cases
+from app.data.errors import CaseError
+from app.data.labels import labels_to_regions
+from app.data.transforms import RECORD_KEYS, LoadCased, load_case
+
+SHAPE = (16, 16, 12)  # the default shape written by the make_case fixture
+
+
+def only(records):
+    assert len(records) == 1
+    return records[0]
+
+
+def test_load_case_with_missing_sequence(tmp_path, make_case, nested_label):
+    affine = np.diag([-1.0, -1.0, 1.2, 1.0])
+    affine[:3, 3] = [5.0, 7.0, -3.0]
+    folder = make_case(tmp_path, "A_1", seqs=("flair", "t1ce", "t2"))
+    for f in folder.iterdir():  # re-save everything on a non-trivial grid
+        img = nib.load(f)
+        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), affine), str(f))
+    rec = only(discover_cases(tmp_path))
+    out = load_case(rec)
+
+    image, label = out["image"], out["label"]
+    assert isinstance(image, MetaTensor) and image.dtype == torch.float32 and image.shape == (4, 16, 16, 12)
+    assert out["modality_mask"].dtype == torch.bool and out["modality_mask"].tolist() == [True, False, True, True]
+    assert torch.count_nonzero(image[1]) == 0  # absent t1 is zeros
+    flair = nib.load(rec["images"]["flair"]).get_fdata()
+    np.testing.assert_array_equal(image[0].numpy(), flair)
+    assert image[2].min() >= 300 and image[3].min() >= 400  # channel c holds sequence c (see make_case)
+    np.testing.assert_allclose(image.affine.numpy(), affine)
+    assert image.meta["filename_or_obj"] == rec["images"]["flair"]
+    assert image.meta["case"] == "A_1"
+
+    assert isinstance(label, MetaTensor) and label.dtype == torch.float32 and label.shape == (3, 16, 16, 12)
+    expected = labels_to_regions(nested_label(SHAPE, (2, 4, 1)), "brats2018")
+    np.testing.assert_array_equal(label.numpy(), expected)
+    np.testing.assert_allclose(label.affine.numpy(), affine)
+    assert label.meta["filename_or_obj"] == rec["label"]
+    assert out["label_file"] == rec["label"] and out["images"] == rec["images"]
+
+
+def test_load_cased_is_batchable_and_monai_spatial_transforms_work(tmp_path, make_case):
+    make_case(tmp_path, "A_1", seqs=("flair", "t1", "t1ce", "t2"))
+    make_case(tmp_path, "B_2", seqs=("t1ce",))
+    records = discover_cases(tmp_path, require_label=True)
+    transform = Compose([
+        LoadCased(),
+        Orientationd(keys=["image", "label"], axcodes="RAS", labels=None),
+        Spacingd(keys=["image", "label"], pixdim=(2.0, 2.0, 2.0), mode=("bilinear", "nearest")),
+    ])
+    sample = transform(records[0])
+    assert not set(RECORD_KEYS) & set(sample)
+    assert set(sample) == {"case", "layout", "image", "label", "modality_mask"}
+    assert sample["image"].shape == (4, 8, 8, 6) and sample["label"].shape == (3, 8, 8, 6)
+    # cases with different sequences still collate because record paths were dropped
+    batch = next(iter(DataLoader(Dataset(records, LoadCased()), batch_size=2, num_workers=0)))
+    assert batch["image"].shape == (2, 4, 16, 16, 12)
+    assert batch["modality_mask"].tolist() == [[True] * 4, [False, False, True, False]]
+    assert batch["case"] == ["A_1", "B_2"]
+
+
+def test_load_cased_options(tmp_path, make_case):
+    make_case(tmp_path, "A_1")
+    rec = only(discover_cases(tmp_path))
+    out = LoadCased(load_label=False, keep_record=True)(rec)
+    assert "label" not in out and out["label_file"] == rec["label"] and out["images"] == rec["images"]
+    assert rec["label"].endswith("_seg.nii.gz")  # the input record is not modified
+
+
+def test_msd_4d_channels_follow_dataset_json(tmp_path, write_nii):
+    desc = {"modality": {"0": "T2w", "1": "FLAIR", "2": "t1gd"},
+            "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}}
+    (tmp_path / "dataset.json").write_text(json.dumps(desc))
+    data = np.stack([np.full(SHAPE, v, dtype=np.float32) for v in (40.0, 10.0, 30.0)], axis=-1)
+    write_nii(tmp_path / "imagesTr" / "BRATS_001.nii.gz", data)
+    lab = np.zeros(SHAPE, dtype=np.uint8)
+    lab[2:4, 2:4, 2:4] = [[[1, 2], [3, 0]], [[0, 0], [0, 0]]]
+    write_nii(tmp_path / "labelsTr" / "BRATS_001.nii.gz", lab)
+    out = load_case(only(discover_cases(tmp_path)))
+    assert [float(out["image"][c].mean()) for c in range(4)] == [10.0, 0.0, 30.0, 40.0]
+    assert out["modality_mask"].tolist() == [True, False, True, True]
+    assert out["label"][:, 2, 2, 2].tolist() == [1.0, 0.0, 0.0]  # 1 = edema: WT only
+    assert out["label"][:, 2, 2, 3].tolist() == [1.0, 1.0, 0.0]  # 2 = non-enhancing: WT + TC
+    assert out["label"][:, 2, 3, 2].tolist() == [1.0, 1.0, 1.0]  # 3 = enhancing
+    assert out["image"].meta["filename_or_obj"].endswith("imagesTr/BRATS_001.nii.gz")
+
+    write_nii(tmp_path / "imagesTr" / "BRATS_001.nii.gz", data[..., :2])
+    with pytest.raises(CaseError, match=r"BRATS_001\.nii\.gz has 2 channel\(s\).*dataset\.json"):
+        load_case(only(discover_cases(tmp_path)))
+
+
+def test_sequences_on_different_grids(tmp_path, make_case, write_nii):
+    folder = make_case(tmp_path, "A_1")
+    t2 = folder / "A_1_t2.nii.gz"
+    write_nii(t2, np.ones((16, 16, 13), dtype=np.int16))
+    with pytest.raises(CaseError, match=r"A_1_t2\.nii\.gz and .*A_1_flair\.nii\.gz.*Resample/register"):
+        load_case(only(discover_cases(tmp_path)))
+    shifted = np.eye(4)
+    shifted[0, 3] = 0.5
+    write_nii(t2, np.ones(SHAPE, dtype=np.int16), shifted)
+    with pytest.raises(CaseError, match=r"A_1_t2\.nii\.gz.*different grids"):
+        load_case(only(discover_cases(tmp_path)))
+    nearly = np.eye(4)
+    nearly[0, 3] = 1e-5  # float noise between exports is tolerated
+    write_nii(t2, np.ones(SHAPE, dtype=np.int16), nearly)
+    assert load_case(only(discover_cases(tmp_path)))["image"].shape == (4, *SHAPE)
+
+
+def test_label_on_different_grid(tmp_path, make_case, write_nii):
+    folder = make_case(tmp_path, "A_1")
+    write_nii(folder / "A_1_seg.nii.gz", np.zeros((16, 16, 11), dtype=np.uint8))
+    with pytest.raises(CaseError, match=r"A_1_seg\.nii\.gz and .*A_1_flair\.nii\.gz"):
+        load_case(only(discover_cases(tmp_path)))
+    # without the label the case still loads (inference)
+    assert "label" not in load_case(only(discover_cases(tmp_path)), load_label=False)
+
+
+@pytest.mark.parametrize("shape, match", [((16, 16), "2D"), ((16, 16, 12, 2), "4D")])
+def test_image_not_3d(tmp_path, make_case, write_nii, shape, match):
+    folder = make_case(tmp_path, "A_1")
+    write_nii(folder / "A_1_t1.nii.gz", np.ones(shape, dtype=np.int16))
+    with pytest.raises(CaseError, match=rf"A_1_t1\.nii\.gz is {match}"):
+        load_case(only(discover_cases(tmp_path)))
+
+
+def test_trailing_singleton_dimension_is_accepted(tmp_path, make_case, write_nii):
+    folder = make_case(tmp_path, "A_1")
+    write_nii(folder / "A_1_t1.nii.gz", np.ones((*SHAPE, 1), dtype=np.int16))
+    assert load_case(only(discover_cases(tmp_path)))["image"].shape == (4, *SHAPE)
+
+
+def test_nan_in_image(tmp_path, make_case, write_nii):
+    folder = make_case(tmp_path, "A_1")
+    data = np.ones(SHAPE, dtype=np.float32)
+    data[1, 2, 3] = np.nan
+    data[2, 2, 3] = np.inf
+    write_nii(folder / "A_1_t1ce.nii.gz", data)
+    with pytest.raises(CaseError, match=r"A_1_t1ce\.nii\.gz contains 2 NaN/Inf"):
+        load_case(only(discover_cases(tmp_path)))
+
+
+def test_unknown_label_values(tmp_path, make_case):
+    make_case(tmp_path, "Brats18_X_1", label_values=(2, 3, 1))  # BraTS 2023 values under 2018 names
+    with pytest.raises(CaseError, match=r"Brats18_X_1_seg\.nii\.gz contains values \[3\].*'brats2023'"):
+        LoadCased()(only(discover_cases(tmp_path)))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_file(tmp_path, make_case, damage):
+    folder = make_case(tmp_path, "A_1", shape=(24, 24, 24))
+    path = folder / "A_1_flair.nii.gz"
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2] if damage == "truncate" else b"not a nifti file at all" * 10)
+    with pytest.raises(CaseError, match=r"A_1_flair\.nii\.gz.*(corrupt|truncated)"):
+        load_case(only(discover_cases(tmp_path)))
+
+
+def test_missing_file(tmp_path, make_case):
+    make_case(tmp_path, "A_1")
+    rec = only(discover_cases(tmp_path))
+    os.unlink(rec["images"]["t2"])
+    with pytest.raises(CaseError, match=r"A_1_t2\.nii\.gz does not exist"):
+        load_case(rec)
