@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
+    "prepare_datalist": "app.data.datalist",
     "read_datalist": "app.data.datalist",
     "split_cases": "app.data.datalist",
     "write_datalist": "app.data.datalist",
@@ -35,7 +36,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from app.data.datalist import read_datalist, split_cases, write_datalist
+    from app.data.datalist import prepare_datalist, read_datalist, split_cases, write_datalist
     from app.data.discovery import ACCEPTED_LAYOUTS, CHANNEL_ALIASES, discover_cases, msd_channels, msd_label_map
     from app.data.errors import CaseError
     from app.data.labels import (

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["read_datalist", "split_cases", "write_datalist"]
+__all__ = ["prepare_datalist", "read_datalist", "split_cases", "write_datalist"]
 
 
 def _rank(case: str, seed: int) -> str:
@@ -92,3 +92,23 @@ def read_datalist(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[d
             f"Datalist {path} has no 'training' list; expected {{'training': [...], 'validation': [...]}}."
         )
     return list(payload["training"]), list(payload.get("validation", []))
+
+
+def prepare_datalist(
+    dataset_dir: str | os.PathLike, output_dir: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0
+) -> dict[str, list[dict[str, Any]]]:
+    """Discover labelled cases under ``dataset_dir``, split them and write ``<output_dir>/datalist.json``.
+
+    Returns:
+        ``{"training": [...], "validation": [...]}``.
+    """
+    from app.data.discovery import discover_cases
+
+    cases = discover_cases(dataset_dir, require_label=True)
+    if len(cases) < 2:
+        raise ValueError(
+            f"{dataset_dir} holds {len(cases)} labelled case(s): training needs at least 2 (one for validation)."
+        )
+    train, val = split_cases(cases, val_fraction=val_fraction, seed=seed)
+    write_datalist(Path(output_dir) / "datalist.json", train, val)
+    return {"training": train, "validation": val}

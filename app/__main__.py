@@ -1,0 +1,37 @@
+"""Command line: ``python -m app <command> ...``.
+
+Commands:
+    phantoms        write BraTS-named synthetic cases (the built-in demo data)
+    plot-conflicts  plot GMD conflict diagnostics of a training run
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "phantoms": "app.data.phantoms",
+    "plot-conflicts": "app.reports.conflicts",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"Unknown command {command!r}: choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command])
+    try:
+        return int(module.main(rest) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Ignite handlers of the training workflow: wall-clock budget, GMD diagnostics, subset reports."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ignite.engine import Engine, Events
+
+__all__ = ["TimeLimitHandler", "DiagnosticsHandler", "SubsetReportHandler"]
+
+logger = logging.getLogger(__name__)
+
+
+class TimeLimitHandler:
+    """Stops training cleanly once a wall-clock budget is spent.
+
+    The budget counts from the start of the run. When it runs out, the handler optionally runs the
+    validator once more (so the best-model checkpoint sees the last weights) and terminates the
+    trainer; ``COMPLETED`` handlers (e.g. the final-model ``CheckpointSaver``) still run.
+
+    Args:
+        minutes: budget in minutes; ``None`` or ``<= 0`` disables the limit.
+        validator: optional evaluator to run before stopping.
+    """
+
+    def __init__(self, minutes: float | None, validator: Engine | None = None) -> None:
+        self.seconds = None if minutes is None or float(minutes) <= 0 else float(minutes) * 60.0
+        self.validator = validator
+        self.start: float | None = None
+        self.expired = False
+
+    def attach(self, engine: Engine) -> None:
+        if self.seconds is None:
+            return
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._check)
+
+    def _started(self, engine: Engine) -> None:
+        self.start = time.monotonic()
+
+    def _check(self, engine: Engine) -> None:
+        if self.expired or time.monotonic() - self.start < self.seconds:
+            return
+        self.expired = True
+        logger.info(
+            "Time limit of %.1f min reached at epoch %d, iteration %d: stopping.",
+            self.seconds / 60, engine.state.epoch, engine.state.iteration,
+        )
+        if self.validator is not None:
+            self.validator.run(engine.state.epoch)
+        engine.terminate()
+
+
+class DiagnosticsHandler:
+    """Writes the strategy's per-step diagnostics to a JSONL file and to TensorBoard.
+
+    Args:
+        output_dir: folder of ``gmd_diagnostics.jsonl``.
+        summary_writer: optional TensorBoard ``SummaryWriter``.
+        key: key of the diagnostics in the engine output.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, summary_writer: Any = None, key: str = "diagnostics") -> None:
+        self.path = Path(output_dir) / "gmd_diagnostics.jsonl"
+        self.writer = summary_writer
+        self.key = key
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        output = engine.state.output
+        diag = output.get(self.key) if isinstance(output, dict) else None
+        if not diag:
+            return
+        record = {"iteration": engine.state.iteration, "epoch": engine.state.epoch, **diag}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            it = engine.state.iteration
+            pairs = max(diag["pairs"], 1)
+            self.writer.add_scalar("gmd/conflict_fraction_before", diag["conflicts_before"] / pairs, it)
+            self.writer.add_scalar("gmd/conflict_fraction_after", diag["conflicts_after"] / pairs, it)
+            for name, norm, w in zip(diag["subsets"], diag["norms"], diag["weights"]):
+                self.writer.add_scalar(f"gmd_norm/{name}", norm, it)
+                self.writer.add_scalar(f"gmd_weight/{name}", w, it)
+            self.writer.flush()
+
+
+class SubsetReportHandler:
+    """After each evaluation, writes the metric's per-subset report (JSON, CSV, MD, PNG).
+
+    Args:
+        metric: a metric exposing ``last_result`` (e.g. :class:`app.metrics.SubsetMeanDice`).
+        output_dir: where the report files go.
+        stem: file stem, e.g. ``subset_dice``.
+        print_table: also log the Markdown table.
+    """
+
+    def __init__(self, metric: Any, output_dir: str | os.PathLike, stem: str = "subset_dice",
+                 print_table: bool = False) -> None:
+        self.metric = metric
+        self.output_dir = Path(output_dir)
+        self.stem = stem
+        self.print_table = print_table
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        from app.reports import format_table, write_subset_report
+
+        result = getattr(self.metric, "last_result", None)
+        if not result:
+            return
+        write_subset_report(result, self.output_dir, stem=self.stem)
+        if self.print_table:
+            print(format_table(result), flush=True)

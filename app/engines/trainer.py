@@ -1,0 +1,163 @@
+"""Training and evaluation engines that delegate the gradient computation to a strategy.
+
+:class:`SubsetTrainer` is a MONAI ``SupervisedTrainer`` whose iteration hands loss and backward to
+a :class:`~app.strategies.GradientStrategy`; :class:`SubsetEvaluator` predicts every modality
+subset of each case from one sliding-window pass of the per-modality outputs.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, Callable, Sequence
+
+import torch
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.inferers import Inferer, SimpleInferer
+from monai.utils import CommonKeys as Keys
+
+from app.metrics.dice import dice_from_logits
+from app.networks.ds_unet import masked_mean
+from app.strategies.base import GradientStrategy
+from app.subsets import subset_masks
+
+__all__ = ["SubsetTrainer", "SubsetEvaluator", "to_device", "autocast_context"]
+
+
+def to_device(data: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """Move a tensor, or a dict/list of tensors, to ``device``."""
+    if isinstance(data, torch.Tensor):
+        return data.to(device, non_blocking=non_blocking)
+    if isinstance(data, dict):
+        return {k: to_device(v, device, non_blocking) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(to_device(v, device, non_blocking) for v in data)
+    return data
+
+
+def autocast_context(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when enabled (bf16 needs no gradient scaler); a no-op elsewhere."""
+    if enabled and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class SubsetTrainer(SupervisedTrainer):
+    """Supervised trainer whose gradients come from a gradient strategy.
+
+    Args:
+        strategy: the :class:`GradientStrategy` that computes the gradients of each iteration.
+        image_key, label_key, mask_key: batch keys of the inputs, targets and modality masks.
+        amp: bf16 autocast on CUDA.
+        kwargs: everything else goes to ``SupervisedTrainer``.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        strategy: GradientStrategy,
+        image_key: str = Keys.IMAGE,
+        label_key: str = Keys.LABEL,
+        mask_key: str = "modality_mask",
+        amp: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("decollate", False)
+        super().__init__(*args, amp=False, **kwargs)
+        self.strategy = strategy
+        self.use_amp = bool(amp)
+        self.keys = (image_key, label_key, mask_key)
+
+    def _iteration(self, engine: SubsetTrainer, batchdata: dict[str, Any]) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        image_key, label_key, mask_key = self.keys
+        device = engine.state.device
+        inputs = to_device(batchdata[image_key], device, engine.non_blocking)
+        targets = to_device(batchdata[label_key], device, engine.non_blocking)
+        mask = to_device(batchdata[mask_key], device, engine.non_blocking).bool()
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        with autocast_context(device, self.use_amp):
+            result = self.strategy.step(
+                engine.network, inputs, mask, targets, engine.loss_function, iteration=engine.state.iteration
+            )
+        engine.state.output = {
+            Keys.IMAGE: inputs, Keys.LABEL: targets, Keys.PRED: result.pred, Keys.LOSS: result.loss,
+            "diagnostics": result.diagnostics,
+        }
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+class SubsetEvaluator(SupervisedEvaluator):
+    """Evaluates every modality subset of each case from one pass of the per-modality outputs.
+
+    The network must offer ``per_modality(image, mask)`` (``[B, M, C, ...]``); the inferer (e.g. a
+    Gaussian ``SlidingWindowInferer``) runs on it once, and each subset's prediction is a masked
+    mean of those outputs. A case is scored on a subset only if it has every sequence of that
+    subset. The output holds ``subset_dice [B, S, C]`` (hard Dice, sigmoid > 0.5), ``subset_valid
+    [B, S]`` and ``case`` ids, so no full-resolution subset volumes are kept.
+
+    Args:
+        case_key: batch key of the case identifiers.
+        amp: bf16 autocast on CUDA.
+        kwargs: everything else goes to ``SupervisedEvaluator``.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        image_key: str = Keys.IMAGE,
+        label_key: str = Keys.LABEL,
+        mask_key: str = "modality_mask",
+        case_key: str = "case",
+        amp: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("decollate", False)
+        super().__init__(*args, amp=False, **kwargs)
+        self.use_amp = bool(amp)
+        self.keys = (image_key, label_key, mask_key, case_key)
+
+    def per_modality_outputs(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Run the inferer over the per-modality outputs; returns ``[B, M, C, ...]`` in float32."""
+        network = self.network
+        m, c = network.num_modalities, network.out_channels
+
+        def _flat(x: torch.Tensor) -> torch.Tensor:
+            return network.per_modality(x, mask).flatten(1, 2)
+
+        with autocast_context(self.state.device, self.use_amp):
+            flat = self.inferer(inputs, _flat)
+        return flat.float().reshape(flat.shape[0], m, c, *flat.shape[2:])
+
+    def _iteration(self, engine: SubsetEvaluator, batchdata: dict[str, Any]) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        image_key, label_key, mask_key, case_key = self.keys
+        device = engine.state.device
+        inputs = to_device(batchdata[image_key], device, engine.non_blocking)
+        targets = to_device(batchdata[label_key], device, engine.non_blocking)
+        mask = to_device(batchdata[mask_key], device, engine.non_blocking).bool()
+        with engine.mode(engine.network), torch.no_grad():
+            per_mod = self.per_modality_outputs(inputs, mask)
+            subsets = subset_masks(engine.network.num_modalities, device=device)
+            valid = (mask[:, None, :] | ~subsets[None]).all(dim=2)  # [B, S]: case has the whole subset
+            dice = []
+            for j in range(subsets.shape[0]):
+                sub = torch.where(valid[:, j : j + 1], mask & subsets[j], mask)
+                dice.append(dice_from_logits(masked_mean(per_mod, sub), targets))
+            pred = masked_mean(per_mod, mask)
+        engine.state.output = {
+            Keys.IMAGE: inputs, Keys.LABEL: targets, Keys.PRED: pred,
+            "subset_dice": torch.stack(dice, dim=1), "subset_valid": valid,
+            "case": list(batchdata.get(case_key, [str(i) for i in range(inputs.shape[0])])),
+        }
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
