@@ -1,4 +1,5 @@
-"""Data layer: case discovery, label conventions, loading transforms, splits and phantom cases.
+"""Data layer: case discovery, label conventions, loading transforms, splits, phantom cases and
+MMSA sentiment features.
 
 Names are imported on first use (PEP 562) so that light entry points such as the phantom generator
 and discovery do not pay for importing MONAI.
@@ -27,6 +28,16 @@ _EXPORTS = {
     "label_map_values": "app.data.labels",
     "labels_to_regions": "app.data.labels",
     "regions_to_labels": "app.data.labels",
+    "MMSA_MODALITIES": "app.data.mmsa",
+    "MMSADataset": "app.data.mmsa",
+    "convert_mmsa": "app.data.mmsa",
+    "feature_dims": "app.data.mmsa",
+    "feature_statistics": "app.data.mmsa",
+    "load_mmsa": "app.data.mmsa",
+    "make_synthetic_mmsa": "app.data.mmsa",
+    "mmsa_split": "app.data.mmsa",
+    "save_mmsa_npz": "app.data.mmsa",
+    "write_synthetic_mmsa": "app.data.mmsa",
     "make_phantom": "app.data.phantoms",
     "write_phantoms": "app.data.phantoms",
     "LoadCased": "app.data.transforms",
@@ -47,6 +58,18 @@ if TYPE_CHECKING:
         label_map_values,
         labels_to_regions,
         regions_to_labels,
+    )
+    from app.data.mmsa import (
+        MMSA_MODALITIES,
+        MMSADataset,
+        convert_mmsa,
+        feature_dims,
+        feature_statistics,
+        load_mmsa,
+        make_synthetic_mmsa,
+        mmsa_split,
+        save_mmsa_npz,
+        write_synthetic_mmsa,
     )
     from app.data.phantoms import make_phantom, write_phantoms
     from app.data.transforms import LoadCased, load_case

@@ -7,16 +7,18 @@ subset of each case from one sliding-window pass of the per-modality outputs.
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents
-from monai.inferers import Inferer, SimpleInferer
+from monai.inferers import SlidingWindowInferer
 from monai.utils import CommonKeys as Keys
 
 from app.metrics.dice import dice_from_logits
+from app.engines.utils import fit_roi
 from app.networks.ds_unet import masked_mean
 from app.strategies.base import GradientStrategy
 from app.subsets import subset_masks
@@ -132,8 +134,14 @@ class SubsetEvaluator(SupervisedEvaluator):
         def _flat(x: torch.Tensor) -> torch.Tensor:
             return network.per_modality(x, mask).flatten(1, 2)
 
+        inferer = self.inferer
+        if isinstance(inferer, SlidingWindowInferer):
+            roi = fit_roi(inferer.roi_size, inputs.shape[2:], network.divisor)
+            if roi != tuple(inferer.roi_size):
+                inferer = copy.copy(inferer)
+                inferer.roi_size = roi
         with autocast_context(self.state.device, self.use_amp):
-            flat = self.inferer(inputs, _flat)
+            flat = inferer(inputs, _flat)
         return flat.float().reshape(flat.shape[0], m, c, *flat.shape[2:])
 
     def _iteration(self, engine: SubsetEvaluator, batchdata: dict[str, Any]) -> dict:

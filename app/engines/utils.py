@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 from ignite.engine import Engine
 
-__all__ = ["check_patch_size", "load_weights", "describe_state_dict", "ProgressBarHandler"]
+__all__ = ["check_patch_size", "fit_roi", "load_weights", "describe_state_dict", "ProgressBarHandler"]
 
 
 def check_patch_size(patch_size: Sequence[int], network: Any) -> None:
@@ -21,6 +21,12 @@ def check_patch_size(patch_size: Sequence[int], network: Any) -> None:
             f"patch_size {list(patch_size)} must have 3 entries that are multiples of {divisor} "
             f"(2 ** (len(features) - 1)): use e.g. --patch_size \"{fixed}\"."
         )
+
+
+def fit_roi(roi_size: Sequence[int], spatial_shape: Sequence[int], divisor: int) -> tuple[int, ...]:
+    """Sliding-window size for a volume: the training patch, shrunk to the volume (rounded up to
+    ``divisor``) where the volume is smaller, so small volumes are not padded up to a whole patch."""
+    return tuple(min(int(r), -(-int(s) // divisor) * divisor) for r, s in zip(roi_size, spatial_shape))
 
 
 def describe_state_dict(state: dict[str, torch.Tensor]) -> str:
