@@ -3,6 +3,7 @@
 Commands:
     phantoms        write BraTS-named synthetic cases (the built-in demo data)
     plot-conflicts  plot GMD conflict diagnostics of a training run
+    convert-mmsa    convert a trusted MMSA feature pickle to the safe .npz layout
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 
 COMMANDS = {
     "phantoms": "app.data.phantoms",
+    "convert-mmsa": "app.data.mmsa",
     "plot-conflicts": "app.reports.conflicts",
 }
 

@@ -1,5 +1,9 @@
 """Subset-aware networks: per-modality outputs plus a fusion that accepts any modality mask."""
 
+from app.networks.ds_transformer import DSTransformer, SequenceEncoder, SharedSequenceTrunk, lengths_to_padding_mask
 from app.networks.ds_unet import DSUNet, ModalityEncoder, SharedDecoder, masked_mean
 
-__all__ = ["DSUNet", "ModalityEncoder", "SharedDecoder", "masked_mean"]
+__all__ = [
+    "DSUNet", "ModalityEncoder", "SharedDecoder", "masked_mean",
+    "DSTransformer", "SequenceEncoder", "SharedSequenceTrunk", "lengths_to_padding_mask",
+]

@@ -1,0 +1,418 @@
+"""MMSA sentiment features (CMU-MOSI / CMU-MOSEI / IEMOCAP-style): safe loading, conversion to
+``.npz``, a torch dataset of dict samples and a synthetic generator for tests.
+
+The MMSA layout is ``{split: {"id", "raw_text", "text" [N, L_t, D_t], "audio" [N, L_a, D_a],
+"vision" [N, L_v, D_v], "regression_labels" [N], ...}}`` and comes in three flavours:
+
+- **aligned**: every modality padded to one sequence length (word-aligned features);
+- **unaligned**: per-modality lengths (``audio_lengths``, ``vision_lengths``, optionally
+  ``text_lengths``; MMSA's BERT release gives the text lengths as the attention-mask row of
+  ``text_bert [N, 3, L]``);
+- **utterance**: one feature vector per modality (length 1), e.g. the bc-LSTM MOSI release.
+
+Padding positions are never read by the model: every modality carries its lengths. A sample whose
+length is 0 for a modality does not have that modality (its ``modality_mask`` entry is False).
+
+MMSA ships pickles, and unpickling runs code stored in the file, so :func:`load_mmsa` refuses a
+pickle unless ``trust_pickle`` is set. :func:`convert_mmsa` (``python -m app convert-mmsa IN.pkl
+OUT.npz``) rewrites one trusted pickle as an ``.npz`` of plain arrays that loads without pickle.
+
+Command line (dispatched by ``python -m app convert-mmsa``)::
+
+    python -m app.data.mmsa IN.pkl OUT.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "MMSA_MODALITIES",
+    "NPZ_FORMAT",
+    "MMSADataset",
+    "as_bool",
+    "convert_mmsa",
+    "feature_dims",
+    "feature_statistics",
+    "load_mmsa",
+    "main",
+    "make_synthetic_mmsa",
+    "mmsa_split",
+    "save_mmsa_npz",
+    "write_synthetic_mmsa",
+]
+
+MMSA_MODALITIES: tuple[str, ...] = ("text", "audio", "vision")
+#: Value of the ``__format__`` entry of the converted ``.npz`` files.
+NPZ_FORMAT = "mmsa-npz-1"
+_PICKLE_SUFFIXES = (".pkl", ".pickle", ".pk")
+_LABEL_KEYS = ("regression_labels", "classification_labels")
+
+
+def as_bool(value: Any) -> bool:
+    """Interpret a config/CLI flag: ``True``/``"true"``/``"1"``/``"yes"`` are true, the usual
+    spellings of false are false; anything else is an error (a typo must not mean "trust")."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", "none", ""):
+        return False
+    raise ValueError(f"Cannot read {value!r} as true/false: pass true or false.")
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def _refuse_pickle(path: Path) -> ValueError:
+    target = path.with_suffix(".npz")
+    return ValueError(
+        f"Refusing to load {path}: it is a pickle, and unpickling runs whatever code the file contains. "
+        f"If you trust where it came from, pass --trust_pickle true (trust_pickle=True), or convert it once "
+        f"to the safe .npz layout with `python -m app convert-mmsa {path} {target}` and use {target} instead."
+    )
+
+
+def _text_lengths_from_bert(split: Mapping[str, Any], n: int, length: int) -> np.ndarray | None:
+    """Text lengths from MMSA's ``text_bert [N, 3, L]`` (row 1 is the attention mask), if usable."""
+    bert = split.get("text_bert")
+    if bert is None:
+        return None
+    bert = np.asarray(bert)
+    if bert.ndim != 3 or bert.shape[0] != n or bert.shape[1] != 3 or bert.shape[2] != length:
+        return None
+    return (bert[:, 1, :] > 0).sum(axis=1)
+
+
+def _normalise_split(name: str, split: Mapping[str, Any], source: Path) -> dict[str, np.ndarray]:
+    """Check one split and return plain arrays with lengths for every modality."""
+    if not isinstance(split, Mapping):
+        raise ValueError(f"Split {name!r} of {source} is a {type(split).__name__}, not a dict of arrays (MMSA layout).")
+    missing = [k for k in MMSA_MODALITIES if k not in split]
+    if missing or not any(k in split for k in _LABEL_KEYS):
+        raise ValueError(
+            f"Split {name!r} of {source} lacks {missing + ([] if any(k in split for k in _LABEL_KEYS) else ['regression_labels'])}"
+            f" (found keys {sorted(split)}): an MMSA split needs text, audio, vision and regression_labels "
+            "(or classification_labels)."
+        )
+    out: dict[str, np.ndarray] = {}
+    n = None
+    for m in MMSA_MODALITIES:
+        x = np.asarray(split[m], dtype=np.float32)
+        if x.ndim == 2:  # [N, D]: one vector per utterance
+            x = x[:, None, :]
+        if x.ndim != 3:
+            raise ValueError(f"{source}: {name}/{m} must be [N, L, D] (or [N, D]), got shape {x.shape}.")
+        n = x.shape[0] if n is None else n
+        if x.shape[0] != n:
+            raise ValueError(f"{source}: {name}/{m} has {x.shape[0]} samples, {MMSA_MODALITIES[0]} has {n}.")
+        if not np.isfinite(x).all():
+            # MMSA's MOSEI release has a few -inf audio values; they would poison every statistic
+            x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        out[m] = x
+        lengths = split.get(f"{m}_lengths")
+        if lengths is None and m == "text":
+            lengths = _text_lengths_from_bert(split, n, x.shape[1])
+        lengths = np.full(n, x.shape[1]) if lengths is None else np.asarray(lengths).reshape(-1)
+        if lengths.shape[0] != n:
+            raise ValueError(f"{source}: {name}/{m}_lengths has {lengths.shape[0]} entries for {n} samples.")
+        # MMSA stores the original lengths, which can exceed the padded (truncated) length
+        out[f"{m}_lengths"] = np.clip(lengths.astype(np.int64), 0, x.shape[1])
+    for key in _LABEL_KEYS:
+        if key in split:
+            y = np.asarray(split[key]).reshape(-1)
+            if y.shape[0] != n:
+                raise ValueError(f"{source}: {name}/{key} has {y.shape[0]} entries for {n} samples.")
+            out[key] = y.astype(np.float32 if key == "regression_labels" else np.int64)
+    ids = split.get("id")
+    out["id"] = np.asarray([f"{name}_{i}" for i in range(n)] if ids is None else [str(i) for i in ids], dtype=str)
+    if "raw_text" in split:
+        out["raw_text"] = np.asarray([str(t) for t in split["raw_text"]], dtype=str)
+    return out
+
+
+def load_mmsa(path: str | os.PathLike, trust_pickle: bool | str = False) -> dict[str, dict[str, np.ndarray]]:
+    """Load MMSA features from a pickle or from a converted ``.npz``.
+
+    Args:
+        path: ``.pkl`` in the MMSA layout, or ``.npz`` written by :func:`convert_mmsa`.
+        trust_pickle: allow unpickling (it executes code from the file). Strings such as ``"true"``
+            are accepted so the value can come straight from the bundle command line.
+
+    Returns:
+        ``{split: {"text", "audio", "vision": float32 [N, L, D], "<m>_lengths": int64 [N],
+        "regression_labels": float32 [N] and/or "classification_labels": int64 [N], "id": str [N],
+        "raw_text": str [N] (if present)}}``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: a pickle without trust, or a file that is not in the MMSA layout.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"MMSA feature file {path} not found: pass --data_path to an MMSA .pkl or converted .npz.")
+    if path.suffix.lower() == ".npz":
+        return _load_npz(path)
+    if path.suffix.lower() not in _PICKLE_SUFFIXES:
+        raise ValueError(f"{path}: expected an MMSA pickle (.pkl) or a converted .npz, got {path.suffix or 'no suffix'!r}.")
+    if not as_bool(trust_pickle):
+        raise _refuse_pickle(path)
+    with open(path, "rb") as f:
+        raw = pickle.load(f)  # noqa: S301 - only with the caller's explicit trust_pickle
+    if not isinstance(raw, Mapping) or not raw:
+        raise ValueError(f"{path} holds a {type(raw).__name__}, not the MMSA layout {{split: {{text, audio, vision, ...}}}}.")
+    return {str(name): _normalise_split(str(name), split, path) for name, split in raw.items()}
+
+
+def _load_npz(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    with np.load(path, allow_pickle=False) as npz:
+        if "__format__" not in npz.files or str(npz["__format__"]) != NPZ_FORMAT:
+            raise ValueError(
+                f"{path} is not an MMSA .npz written by `python -m app convert-mmsa` (no {NPZ_FORMAT!r} marker): "
+                "convert the original MMSA pickle with that command."
+            )
+        splits: dict[str, dict[str, Any]] = {}
+        for key in npz.files:
+            if key == "__format__":
+                continue
+            split, _, field = key.partition("/")
+            splits.setdefault(split, {})[field] = npz[key]
+    return {name: _normalise_split(name, split, path) for name, split in splits.items()}
+
+
+def save_mmsa_npz(data: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """Write ``{split: {field: array}}`` as a pickle-free ``.npz`` (``split/field`` entries)."""
+    path = Path(path)
+    if path.suffix.lower() != ".npz":
+        raise ValueError(f"Output {path} must end in .npz.")
+    arrays: dict[str, np.ndarray] = {"__format__": np.asarray(NPZ_FORMAT)}
+    for split, fields in data.items():
+        for field, value in fields.items():
+            arr = np.asarray(value)
+            if arr.dtype.kind == "O":
+                arr = np.asarray([str(v) for v in arr.reshape(-1)], dtype=str).reshape(arr.shape)
+            arrays[f"{split}/{field}"] = arr
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def convert_mmsa(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Convert a *trusted* MMSA pickle to the safe ``.npz`` layout (this unpickles ``src`` once).
+
+    Only the fields the product reads are kept (features, lengths, labels, ids, raw text).
+    """
+    return save_mmsa_npz(load_mmsa(src, trust_pickle=True), dst)
+
+
+def mmsa_split(data: Mapping[str, Mapping[str, np.ndarray]], split: str, source: str | os.PathLike = "the data file"
+               ) -> dict[str, np.ndarray]:
+    """One split of :func:`load_mmsa`'s result, or a ``ValueError`` naming the available splits."""
+    if split not in data:
+        raise ValueError(
+            f"Split {split!r} is not in {source}: available splits are {sorted(data)}. "
+            f"Pass one of them (e.g. --eval_split {sorted(data)[-1]}) or a file that has a {split!r} split."
+        )
+    return dict(data[split])
+
+
+def feature_dims(data: Mapping[str, Mapping[str, np.ndarray]]) -> list[int]:
+    """Feature sizes ``[D_text, D_audio, D_vision]`` (from any split; all must agree)."""
+    dims = {name: [int(split[m].shape[-1]) for m in MMSA_MODALITIES] for name, split in data.items()}
+    distinct = {tuple(d) for d in dims.values()}
+    if len(distinct) != 1:
+        raise ValueError(f"Feature sizes differ between splits: {dims}.")
+    return list(distinct.pop())
+
+
+def feature_statistics(split: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-feature mean and standard deviation of each modality over the non-padded steps.
+
+    Meant for the training split; the model keeps them as buffers, so a checkpoint carries the
+    normalisation it was trained with.
+    """
+    stats = {}
+    for m in MMSA_MODALITIES:
+        x, lengths = split[m], split[f"{m}_lengths"]
+        valid = np.arange(x.shape[1])[None, :] < lengths[:, None]
+        steps = x[valid].astype(np.float64)
+        if steps.shape[0] == 0:
+            mean, std = np.zeros(x.shape[-1]), np.ones(x.shape[-1])
+        else:
+            mean, std = steps.mean(0), steps.std(0)
+        stats[m] = (mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32))
+    return stats
+
+
+# -- dataset ---------------------------------------------------------------------------------------
+class MMSADataset:
+    """Map-style dataset of one MMSA split, with dict samples for the subset-aware trainer.
+
+    Each sample is ``{"image": {"text": [L_t, D_t], "audio": ..., "vision": ..., "text_lengths":
+    int64 [], "audio_lengths": ..., "vision_lengths": ...}, "label": float32 [1] (regression) or
+    int64 [] (classification), "modality_mask": bool [3], "case": id}``; the default collate turns
+    them into batched dicts.
+
+    Args:
+        data: path of an MMSA ``.pkl``/``.npz``, or an MMSA dict (e.g. returned by :func:`load_mmsa`).
+        split: split name (``train``, ``valid``, ``test``).
+        trust_pickle: see :func:`load_mmsa` (only used when ``data`` is a path).
+        label_key: ``regression_labels`` or ``classification_labels``.
+        modalities: modalities to offer; the others are marked missing for every sample.
+    """
+
+    def __init__(
+        self,
+        data: str | os.PathLike | Mapping[str, Mapping[str, np.ndarray]],
+        split: str = "train",
+        trust_pickle: bool | str = False,
+        label_key: str = "regression_labels",
+        modalities: Sequence[str] = MMSA_MODALITIES,
+    ) -> None:
+        source = data if isinstance(data, (str, os.PathLike)) else "the MMSA data"
+        loaded = load_mmsa(data, trust_pickle) if isinstance(data, (str, os.PathLike)) else data
+        # a dict given directly may be raw MMSA (no lengths yet); normalising is idempotent
+        arrays = _normalise_split(split, mmsa_split(loaded, split, source), Path(str(source)))
+        if label_key not in arrays:
+            have = [k for k in _LABEL_KEYS if k in arrays]
+            raise ValueError(f"Split {split!r} of {source} has no {label_key!r} (it has {have}): set label_key to one of them.")
+        unknown = [m for m in modalities if m not in MMSA_MODALITIES]
+        if unknown:
+            raise ValueError(f"Unknown modalities {unknown}: choose from {list(MMSA_MODALITIES)}.")
+        self.split = split
+        self.label_key = label_key
+        self.arrays = arrays
+        offered = np.asarray([m in modalities for m in MMSA_MODALITIES])
+        lengths = np.stack([arrays[f"{m}_lengths"] for m in MMSA_MODALITIES], axis=1)
+        self.modality_mask = (lengths > 0) & offered[None, :]
+        if not self.modality_mask.any(axis=1).all():
+            bad = int((~self.modality_mask.any(axis=1)).sum())
+            raise ValueError(f"{bad} sample(s) of split {split!r} of {source} have no modality (all lengths 0).")
+
+    def __len__(self) -> int:
+        return int(self.arrays["id"].shape[0])
+
+    def statistics(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """:func:`feature_statistics` of this split."""
+        return feature_statistics(self.arrays)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import torch
+
+        a = self.arrays
+        image: dict[str, Any] = {}
+        for m in MMSA_MODALITIES:
+            image[m] = torch.from_numpy(np.ascontiguousarray(a[m][index]))
+            image[f"{m}_lengths"] = torch.tensor(int(a[f"{m}_lengths"][index]), dtype=torch.int64)
+        y = a[self.label_key][index]
+        label = (torch.tensor([float(y)], dtype=torch.float32) if self.label_key == "regression_labels"
+                 else torch.tensor(int(y), dtype=torch.int64))
+        return {"image": image, "label": label, "modality_mask": torch.from_numpy(self.modality_mask[index].copy()),
+                "case": str(a["id"][index])}
+
+
+# -- synthetic data --------------------------------------------------------------------------------
+def make_synthetic_mmsa(
+    splits: Mapping[str, int] | None = None,
+    layout: str = "utterance",
+    dims: Sequence[int] = (100, 73, 100),
+    seq_len: int = 8,
+    strengths: Sequence[float] = (2.0, 0.5, 0.8),
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Synthetic MMSA-layout data with a dominant text modality.
+
+    A latent sentiment ``z`` drives the label (``3 tanh(z)``, rounded to 0.2 as MOSI's averaged
+    annotations are); each modality sees ``z`` through a random projection scaled by its strength
+    plus unit noise, so text predicts best and audio worst. Audio and vision get large offsets and
+    scales, as openSMILE and CNN features have, to exercise the input normalisation.
+
+    Args:
+        splits: ``{split: number of samples}``; default train 64, valid 32, test 32.
+        layout: ``utterance`` (length 1), ``aligned`` (all modalities ``seq_len`` steps) or
+            ``unaligned`` (per-modality lengths stored as ``<m>_lengths``, zero padding after them).
+        dims: feature sizes of text, audio, vision.
+        seq_len: padded sequence length for the sequence layouts.
+        strengths: signal strength of each modality.
+        seed: random seed.
+
+    Returns:
+        The MMSA dict ``{split: {id, raw_text, text, audio, vision, regression_labels,
+        classification_labels[, audio_lengths, vision_lengths, text_lengths]}}`` with float32 features.
+    """
+    if layout not in ("utterance", "aligned", "unaligned"):
+        raise ValueError(f"layout must be utterance, aligned or unaligned, got {layout!r}.")
+    splits = {"train": 64, "valid": 32, "test": 32} if splits is None else dict(splits)
+    rng = np.random.default_rng(seed)
+    # unit-norm projections: a modality's total signal-to-noise ratio is its strength squared
+    projections = [rng.normal(size=d) / np.sqrt(d) for d in dims]
+    offsets = [0.0, 5.0, 2.0]
+    scales = [0.4, 20.0, 6.0]
+    length = 1 if layout == "utterance" else int(seq_len)
+    out: dict[str, dict[str, Any]] = {}
+    for split, n in splits.items():
+        z = rng.normal(size=n)
+        labels = np.clip(np.round(3.0 * np.tanh(z) * 5) / 5, -3.0, 3.0).astype(np.float32)
+        entry: dict[str, Any] = {
+            "id": [f"{split}vid{i // 4}_{i % 4}" for i in range(n)],
+            "raw_text": [f"synthetic utterance {i}" for i in range(n)],
+            "regression_labels": labels,
+            # IEMOCAP-style class ids derived from the same latent: negative / neutral / positive
+            "classification_labels": np.digitize(labels, [-0.5, 0.5]).astype(np.int64),
+        }
+        for m, (name, d) in enumerate(zip(MMSA_MODALITIES, dims)):
+            lengths = (np.full(n, length) if layout != "unaligned"
+                       else rng.integers(max(1, length // 2), length + 1, size=n))
+            signal = strengths[m] * z[:, None, None] * projections[m][None, None, :]
+            x = signal + rng.normal(size=(n, length, d))
+            x = (offsets[m] + scales[m] * x).astype(np.float32)
+            x[np.arange(length)[None, :] >= lengths[:, None]] = 0.0
+            entry[name] = x
+            if layout == "unaligned":
+                entry[f"{name}_lengths"] = lengths.astype(np.int64)
+        out[split] = entry
+    return out
+
+
+def write_synthetic_mmsa(path: str | os.PathLike, **kwargs: Any) -> Path:
+    """Write :func:`make_synthetic_mmsa` data as an MMSA pickle (``.pkl``) or a converted ``.npz``."""
+    path = Path(path)
+    data = make_synthetic_mmsa(**kwargs)
+    if path.suffix.lower() == ".npz":
+        return save_mmsa_npz({k: _normalise_split(k, v, path) for k, v in data.items()}, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump(data, f, protocol=4)
+    return path
+
+
+# -- command line ----------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """``convert-mmsa IN.pkl OUT.npz``: rewrite a trusted MMSA pickle as a pickle-free ``.npz``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m app convert-mmsa",
+        description="Convert an MMSA feature pickle to the safe .npz layout. This unpickles IN once: "
+        "run it only on a file whose source you trust; the .npz then loads without pickle.",
+    )
+    parser.add_argument("src", help="MMSA pickle (.pkl)")
+    parser.add_argument("dst", help="output .npz")
+    args = parser.parse_args(argv)
+    out = convert_mmsa(args.src, args.dst)
+    data = load_mmsa(out)
+    sizes = ", ".join(f"{k}: {len(v['id'])}" for k, v in data.items())
+    print(f"Wrote {out} ({sizes}; feature sizes {feature_dims(data)}).")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

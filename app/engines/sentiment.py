@@ -1,0 +1,128 @@
+"""Evaluation engine and report handler of the sentiment branch (CMU-MOSI / MOSEI, 7 subsets).
+
+:class:`SentimentSubsetEvaluator` runs the per-modality outputs of a batch once and fuses them
+for every modality subset, so evaluating all 7 subsets costs one forward pass.
+:class:`SentimentReportHandler` writes the metric's ``subset_metrics.{json,csv,md,png}``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+from monai.engines import SupervisedEvaluator
+from monai.engines.utils import IterationEvents
+from monai.utils import CommonKeys as Keys
+
+from app.engines.handlers import SubsetReportHandler
+from app.engines.trainer import autocast_context, to_device
+from app.subsets import subset_masks
+
+__all__ = ["SentimentSubsetEvaluator", "SentimentReportHandler", "subset_predictions"]
+
+
+def subset_predictions(network: Any, per_modality: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused predictions of every subset from one set of per-modality outputs.
+
+    Args:
+        network: the subset-aware model (its ``fuse`` is used, so any fusion rule works).
+        per_modality: ``[B, M, ...]`` output of ``network.per_modality``.
+        mask: ``[B, M]`` available modalities.
+
+    Returns:
+        ``preds [B, S, C]`` and ``valid [B, S]``; ``valid[b, j]`` says sample ``b`` has every modality
+        of subset ``j`` (where it does not, the entry is its prediction from all it has and should be
+        left out of that subset's metrics).
+    """
+    subsets = subset_masks(network.num_modalities, device=mask.device)
+    valid = (mask[:, None, :] | ~subsets[None]).all(dim=2)
+    preds = []
+    for j in range(subsets.shape[0]):
+        sub = torch.where(valid[:, j : j + 1], mask & subsets[j], mask)
+        preds.append(network.fuse(per_modality, sub))
+    return torch.stack(preds, dim=1), valid
+
+
+class SentimentSubsetEvaluator(SupervisedEvaluator):
+    """Evaluates every modality subset of each sample from one pass of the per-modality outputs.
+
+    The network must offer ``per_modality(inputs, mask)`` and ``fuse(per_modality, mask)`` (e.g.
+    :class:`app.networks.DSTransformer`); ``inputs`` may be a dict of tensors. The output holds
+    ``subset_preds [B, S, C]``, ``subset_valid [B, S]``, ``label``, ``case`` ids and ``pred`` (the
+    prediction from all available modalities), ready for :class:`app.metrics.SubsetSentimentScore`.
+
+    Args:
+        image_key, label_key, mask_key, case_key: batch keys.
+        amp: bf16 autocast on CUDA.
+        kwargs: everything else goes to ``SupervisedEvaluator`` (its inferer is not used: the
+            per-modality pass is a plain forward).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        image_key: str = Keys.IMAGE,
+        label_key: str = Keys.LABEL,
+        mask_key: str = "modality_mask",
+        case_key: str = "case",
+        amp: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("decollate", False)
+        super().__init__(*args, amp=False, **kwargs)
+        self.use_amp = bool(amp)
+        self.keys = (image_key, label_key, mask_key, case_key)
+
+    def _iteration(self, engine: SentimentSubsetEvaluator, batchdata: dict[str, Any]) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        image_key, label_key, mask_key, case_key = self.keys
+        device = engine.state.device
+        inputs = to_device(batchdata[image_key], device, engine.non_blocking)
+        targets = to_device(batchdata[label_key], device, engine.non_blocking)
+        mask = to_device(batchdata[mask_key], device, engine.non_blocking).bool()
+        with engine.mode(engine.network), torch.no_grad():
+            with autocast_context(device, self.use_amp):
+                per_mod = engine.network.per_modality(inputs, mask)
+            per_mod = per_mod.float()
+            preds, valid = subset_predictions(engine.network, per_mod, mask)
+            pred = engine.network.fuse(per_mod, mask)
+        engine.state.output = {
+            Keys.IMAGE: inputs, Keys.LABEL: targets, Keys.PRED: pred,
+            "subset_preds": preds, "subset_valid": valid,
+            "case": list(batchdata.get(case_key, [str(i) for i in range(mask.shape[0])])),
+        }
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+class SentimentReportHandler(SubsetReportHandler):
+    """:class:`~app.engines.SubsetReportHandler` with the sentiment metric columns.
+
+    Args:
+        metric: a metric with ``last_result`` (and optionally ``metrics``, the report columns), e.g.
+            :class:`app.metrics.SubsetSentimentScore`.
+        output_dir: where ``<stem>.{json,csv,md,png}`` go.
+        stem: file stem (default ``subset_metrics``).
+        metrics: report columns; default: the metric's own (``Acc2, Acc2_has0, F1, Acc7, MAE, Corr``).
+        print_table: also print the Markdown table.
+    """
+
+    def __init__(self, metric: Any, output_dir: str | os.PathLike, stem: str = "subset_metrics",
+                 metrics: Sequence[str] | None = None, print_table: bool = False) -> None:
+        super().__init__(metric, output_dir, stem=stem, print_table=print_table)
+        self.metrics = tuple(metrics) if metrics is not None else None
+
+    def __call__(self, engine: Any) -> None:
+        from app.metrics.sentiment import SENTIMENT_METRICS
+        from app.reports import format_table, write_subset_report
+
+        result = getattr(self.metric, "last_result", None)
+        if not result:
+            return
+        metrics = self.metrics or tuple(getattr(self.metric, "metrics", SENTIMENT_METRICS))
+        write_subset_report(result, self.output_dir, stem=self.stem, metrics=metrics)
+        if self.print_table:
+            print(format_table(result, metrics), flush=True)

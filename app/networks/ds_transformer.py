@@ -1,0 +1,316 @@
+"""Dynamic Sharing transformer for multimodal sentiment (text, audio, vision) with missing modalities.
+
+Each available modality is standardised, projected and encoded by its own transformer encoder
+(padding masked by the modality's lengths); the *shared* trunk, a transformer encoder followed by
+masked mean pooling over time and a small head, then processes every modality separately. The
+per-modality predictions are fused by a mean over the available modalities, so every subset's
+prediction is a cheap masked mean over one set of per-modality outputs.
+
+The head is the last layer of the trunk and runs inside :meth:`DSTransformer.per_modality`: every
+shared parameter is reached through the per-modality outputs and the fusion is parameter-free,
+which is what exact GMD needs (it computes shared-parameter gradients as vector-Jacobian products
+through the per-modality outputs). Its final layer is linear, so the mean of the per-modality
+outputs is also the linear map of the mean of the last hidden features.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from app.networks.ds_unet import masked_mean
+from app.subsets import MOSI_MODALITIES
+
+__all__ = ["SequenceEncoder", "SharedSequenceTrunk", "DSTransformer", "lengths_to_padding_mask"]
+
+
+def lengths_to_padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """``[B, max_len]`` bool, True at padding positions (``t >= length``), as ``src_key_padding_mask`` wants."""
+    steps = torch.arange(max_len, device=lengths.device)
+    return steps[None, :] >= lengths.reshape(-1, 1)
+
+
+def _sinusoid(length: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Fixed sinusoidal positions ``[length, dim]``: no maximum length, no parameters."""
+    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim, device=device)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return table.to(dtype)
+
+
+def _encoder(hidden: int, num_layers: int, num_heads: int, ff_mult: int, dropout: float) -> nn.Module:
+    if num_layers <= 0:
+        return nn.Identity()
+    layer = nn.TransformerEncoderLayer(
+        hidden, num_heads, dim_feedforward=ff_mult * hidden, dropout=dropout, activation="gelu",
+        batch_first=True, norm_first=True,
+    )
+    # nested tensors would make padded outputs depend on the fast path; padding is pooled away anyway
+    return nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+
+
+class SequenceEncoder(nn.Module):
+    """Encoder of one modality: standardisation, linear projection, positions, transformer layers.
+
+    The input mean and standard deviation are buffers (saved with the weights), set from the
+    training split by :meth:`DSTransformer.set_input_statistics`; standardised inputs are clipped
+    to ``[-clip, clip]`` so a few extreme openSMILE values cannot dominate.
+
+    Args:
+        in_features: feature size of the modality.
+        hidden: model width.
+        num_layers: transformer layers (0: projection only, enough for one vector per utterance).
+        num_heads: attention heads.
+        ff_mult: feed-forward width as a multiple of ``hidden``.
+        dropout: dropout inside the layers and after the projection.
+        input_dropout: dropout on the standardised input features.
+        clip: clipping of the standardised inputs (0: none).
+    """
+
+    def __init__(
+        self, in_features: int, hidden: int, num_layers: int = 1, num_heads: int = 4, ff_mult: int = 2,
+        dropout: float = 0.1, input_dropout: float = 0.0, clip: float = 5.0,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("input_mean", torch.zeros(in_features))
+        self.register_buffer("input_std", torch.ones(in_features))
+        self.clip = float(clip)
+        self.input_dropout = nn.Dropout(input_dropout)
+        self.proj = nn.Linear(in_features, hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.layers = _encoder(hidden, num_layers, num_heads, ff_mult, dropout)
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """``x [n, L, D]``, ``padding [n, L]`` (True = pad) -> ``[n, L, hidden]``."""
+        x = (x - self.input_mean) / self.input_std
+        if self.clip > 0:
+            x = x.clamp(-self.clip, self.clip)
+        h = self.proj(self.input_dropout(x))
+        if h.shape[1] > 1:
+            h = h + _sinusoid(h.shape[1], h.shape[2], h.device, h.dtype)
+        h = self.dropout(h)
+        if isinstance(self.layers, nn.TransformerEncoder):
+            h = self.layers(h, src_key_padding_mask=padding)
+        return h
+
+
+class SharedSequenceTrunk(nn.Module):
+    """The shared trunk: transformer layers, masked mean pooling over time, then the head.
+
+    The head is ``LayerNorm -> Dropout -> Linear`` (regression: one output; classification: one
+    logit per class), so it is linear in the pooled, normalised features.
+
+    Args:
+        hidden: model width.
+        out_channels: 1 for regression, the number of classes for classification.
+        num_layers, num_heads, ff_mult, dropout: transformer settings (``num_layers`` may be 0).
+        head_dropout: dropout before the output layer.
+    """
+
+    def __init__(
+        self, hidden: int, out_channels: int = 1, num_layers: int = 1, num_heads: int = 4, ff_mult: int = 2,
+        dropout: float = 0.1, head_dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.layers = _encoder(hidden, num_layers, num_heads, ff_mult, dropout)
+        self.norm = nn.LayerNorm(hidden)
+        self.head_dropout = nn.Dropout(head_dropout)
+        self.head = nn.Linear(hidden, out_channels)
+
+    def pooled(self, h: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """Trunk features ``[n, hidden]`` before the output layer."""
+        if isinstance(self.layers, nn.TransformerEncoder):
+            h = self.layers(h, src_key_padding_mask=padding)
+        keep = (~padding).to(h.dtype).unsqueeze(-1)
+        pooled = (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+        return self.norm(pooled)
+
+    def forward(self, h: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """``h [n, L, hidden]``, ``padding [n, L]`` -> ``[n, out_channels]``."""
+        return self.head(self.head_dropout(self.pooled(h, padding)))
+
+
+class DSTransformer(nn.Module):
+    """Dynamic Sharing network for sentiment regression or emotion classification with missing modalities.
+
+    ``inputs`` is a dict ``{"text": [B, L_t, D_t], "audio": [B, L_a, D_a], "vision": [B, L_v, D_v],
+    "<m>_lengths": [B]}`` as produced by :class:`app.data.MMSADataset` (missing lengths mean
+    "full length"); ``modality_mask [B, M]`` (bool) says which modalities each sample has. The
+    output is ``[B, out_channels]``: the sentiment score, or class logits.
+
+    Args:
+        in_features: feature size of each modality, in ``modalities`` order.
+        modalities: modality names (keys of ``inputs``).
+        hidden: model width.
+        out_channels: 1 for regression (``task="regression"``), the number of classes otherwise.
+        task: ``regression`` or ``classification`` (only documents and checks ``out_channels``).
+        encoder_layers: transformer layers per modality encoder.
+        trunk_layers: transformer layers of the shared trunk.
+        num_heads: attention heads (must divide ``hidden``).
+        ff_mult: feed-forward width multiple.
+        dropout: dropout in the transformer layers.
+        input_dropout: dropout on the standardised input features.
+        head_dropout: dropout before the output layer.
+        clip: clipping of the standardised inputs (0: none).
+    """
+
+    def __init__(
+        self,
+        in_features: Sequence[int] = (100, 73, 100),
+        modalities: Sequence[str] = MOSI_MODALITIES,
+        hidden: int = 64,
+        out_channels: int = 1,
+        task: str = "regression",
+        encoder_layers: int = 1,
+        trunk_layers: int = 1,
+        num_heads: int = 4,
+        ff_mult: int = 2,
+        dropout: float = 0.1,
+        input_dropout: float = 0.0,
+        head_dropout: float = 0.1,
+        clip: float = 5.0,
+        fusion: str = "mean",
+    ) -> None:
+        super().__init__()
+        self.modalities = tuple(modalities)
+        if fusion not in ("mean", "confidence"):
+            raise ValueError(f"fusion must be 'mean' or 'confidence', got {fusion!r}.")
+        self.fusion = fusion
+        if len(in_features) != len(self.modalities):
+            raise ValueError(f"in_features {list(in_features)} needs one size per modality {list(self.modalities)}.")
+        if task not in ("regression", "classification"):
+            raise ValueError(f"task must be 'regression' or 'classification', got {task!r}.")
+        if task == "regression" and out_channels != 1:
+            raise ValueError(f"A regression head has out_channels=1, got {out_channels}; use task='classification'.")
+        if task == "classification" and out_channels < 2:
+            raise ValueError(f"A classification head needs out_channels >= 2 classes, got {out_channels}.")
+        if hidden % num_heads:
+            raise ValueError(f"hidden ({hidden}) must be a multiple of num_heads ({num_heads}).")
+        self.task = task
+        self.in_features = tuple(int(d) for d in in_features)
+        self.out_channels = int(out_channels)
+        self.encoders = nn.ModuleList(
+            SequenceEncoder(d, hidden, encoder_layers, num_heads, ff_mult, dropout, input_dropout, clip)
+            for d in self.in_features
+        )
+        # with confidence fusion the head also emits each modality's confidence logit (last channel)
+        self.per_modality_channels = self.out_channels + (1 if fusion == "confidence" else 0)
+        self.trunk = SharedSequenceTrunk(
+            hidden, self.per_modality_channels, trunk_layers, num_heads, ff_mult, dropout, head_dropout
+        )
+
+    @property
+    def num_modalities(self) -> int:
+        return len(self.modalities)
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters shared by all modalities (trunk and head)."""
+        return self.trunk.parameters()
+
+    def modality_parameters(self) -> Iterator[nn.Parameter]:
+        """Modality-specific parameters (the encoders)."""
+        return self.encoders.parameters()
+
+    @torch.no_grad()
+    def set_input_statistics(self, stats: Mapping[str, tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]]
+                             ) -> DSTransformer:
+        """Set each encoder's input standardisation from ``{modality: (mean [D], std [D])}``
+        (e.g. :func:`app.data.feature_statistics` of the training split); returns ``self``."""
+        for name, encoder in zip(self.modalities, self.encoders):
+            if name not in stats:
+                raise ValueError(f"No input statistics for modality {name!r} (got {sorted(stats)}).")
+            mean, std = (torch.as_tensor(np.asarray(v), dtype=torch.float32) for v in stats[name])
+            if mean.shape != encoder.input_mean.shape or std.shape != encoder.input_std.shape:
+                raise ValueError(f"Statistics of {name!r} have {tuple(mean.shape)} features, the encoder "
+                                 f"expects {tuple(encoder.input_mean.shape)}.")
+            encoder.input_mean.copy_(mean)
+            encoder.input_std.copy_(std.clamp_min(1e-6))
+        return self
+
+    def _full_mask(self, inputs: Mapping[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+        if not isinstance(inputs, Mapping):
+            raise TypeError(f"DSTransformer expects a dict of modality tensors, got {type(inputs).__name__}.")
+        present = [m for m in self.modalities if m in inputs]
+        if not present:
+            raise ValueError(f"inputs has none of the modalities {list(self.modalities)} (keys: {sorted(inputs)}).")
+        first = inputs[present[0]]
+        if mask is None:
+            mask = torch.tensor([m in inputs for m in self.modalities], device=first.device)
+            return mask.unsqueeze(0).expand(first.shape[0], -1)
+        mask = mask.to(device=first.device, dtype=torch.bool)
+        absent = [m for i, m in enumerate(self.modalities) if m not in inputs and bool(mask[:, i].any())]
+        if absent:
+            raise ValueError(f"modality_mask marks {absent} as available but inputs has no such key.")
+        return mask
+
+    def per_modality(self, inputs: Mapping[str, torch.Tensor], modality_mask: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """Per-modality outputs ``[B, M, out_channels (+1 confidence logit)]``; absent modalities are zero.
+
+        Encoders run only on the samples that have their modality; the trunk then runs once on
+        all (sample, modality) sequences, padded to a common length and stacked along the batch.
+        """
+        mask = self._full_mask(inputs, modality_mask)
+        batch = mask.shape[0]
+        rows, modality_ids, hidden, paddings = [], [], [], []
+        for m, (name, encoder) in enumerate(zip(self.modalities, self.encoders)):
+            idx = torch.nonzero(mask[:, m], as_tuple=False).flatten()
+            if idx.numel() == 0:
+                continue
+            x = inputs[name][idx]
+            if x.ndim == 2:  # [n, D]: one vector per sample
+                x = x.unsqueeze(1)
+            if x.ndim != 3 or x.shape[-1] != self.in_features[m]:
+                raise ValueError(f"inputs[{name!r}] must be [B, L, {self.in_features[m]}], got {tuple(inputs[name].shape)}.")
+            lengths = inputs.get(f"{name}_lengths")
+            lengths = (torch.full((idx.numel(),), x.shape[1], device=x.device) if lengths is None
+                       else lengths.to(x.device).reshape(-1)[idx])
+            # a sample marked available always has at least one step (attention over nothing is NaN)
+            padding = lengths_to_padding_mask(lengths.clamp(1, x.shape[1]), x.shape[1])
+            hidden.append(encoder(x.float(), padding))
+            paddings.append(padding)
+            rows.append(idx)
+            modality_ids.append(torch.full_like(idx, m))
+        first = next(iter(inputs.values()))
+        out = torch.zeros(batch, self.num_modalities, self.per_modality_channels, device=mask.device,
+                          dtype=first.dtype if first.is_floating_point() else torch.float32)
+        if not rows:
+            return out
+        steps = max(h.shape[1] for h in hidden)
+        h = torch.cat([nn.functional.pad(h, (0, 0, 0, steps - h.shape[1])) for h in hidden], dim=0)
+        padding = torch.cat([nn.functional.pad(p, (0, steps - p.shape[1]), value=True) for p in paddings], dim=0)
+        pred = self.trunk(h, padding)
+        return out.index_put((torch.cat(rows), torch.cat(modality_ids)), pred.to(out.dtype))
+
+    def fuse(self, per_modality: torch.Tensor, modality_mask: torch.Tensor) -> torch.Tensor:
+        """Fused prediction ``[B, out_channels]`` over the modalities in ``modality_mask`` (parameter-free).
+
+        ``fusion="mean"``: the mean of the per-modality outputs. ``fusion="confidence"``: the mean
+        weighted by the softmax, over the available modalities only, of each modality's confidence
+        logit (the last channel of :meth:`per_modality`).
+        """
+        mask = modality_mask.to(per_modality.device, torch.bool)
+        if self.fusion == "mean":
+            return masked_mean(per_modality, mask)
+        if bool((mask.sum(dim=1) == 0).any()):
+            raise ValueError("Cannot fuse a sample with no available modality: every sample needs at least one.")
+        logits = per_modality[..., -1].float().masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(logits, dim=1).to(per_modality.dtype)
+        return (per_modality[..., :-1] * weights.unsqueeze(-1)).sum(dim=1)
+
+    def modality_weights(self, per_modality: torch.Tensor, modality_mask: torch.Tensor) -> torch.Tensor:
+        """Fusion weight of each modality ``[B, M]`` (0 for the absent ones): uniform for ``mean``."""
+        mask = modality_mask.to(per_modality.device, torch.bool)
+        if self.fusion == "mean":
+            return mask.to(per_modality.dtype) / mask.sum(dim=1, keepdim=True).clamp_min(1).to(per_modality.dtype)
+        return torch.softmax(per_modality[..., -1].float().masked_fill(~mask, float("-inf")), dim=1)
+
+    def forward(self, inputs: Mapping[str, torch.Tensor], modality_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = self._full_mask(inputs, modality_mask)
+        return self.fuse(self.per_modality(inputs, mask), mask)
