@@ -1,0 +1,25 @@
+"""Shared helpers of the bundle integration tests: run ``python -m monai.bundle`` in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_DATA = Path(os.environ.get("SHARED_DATA_DIR", REPO.parent / "shared" / "data"))
+BRATS = REPO / "bundles" / "brats_gmd"
+TRAIN = str(BRATS / "configs" / "train.yaml")
+EVALUATE = str(BRATS / "configs" / "evaluate.yaml")
+TINY = ["--patch_size", "[32,32,32]", "--features", "[8,16,32,64]", "--num_workers", "0"]
+
+
+def run_bundle(config_files: list[str], *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle run`` from the repository root; fail with its output on error."""
+    config = config_files[0] if len(config_files) == 1 else str(config_files)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", str(BRATS), *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc

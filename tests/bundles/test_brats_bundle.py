@@ -1,0 +1,110 @@
+"""Integration: the brats_gmd bundle trains with every strategy and evaluates on 32^3 phantoms."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from app.data.phantoms import write_phantoms
+from app.subsets import all_subsets
+from tests.bundles.helpers import BRATS, EVALUATE, REPO, TINY, TRAIN, run_bundle
+
+N_CASES = 5
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantoms")
+    write_phantoms(root, cases=N_CASES, size=32, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(phantoms, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train_plain")
+    run_bundle([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
+               "--strategy", "plain", *TINY)
+    return out
+
+
+def _check_training_outputs(out):
+    assert (out / "models" / "model.pt").is_file()
+    assert (out / "models" / "model_final.pt").is_file()
+    datalist = json.loads((out / "datalist.json").read_text())
+    assert len(datalist["training"]) + len(datalist["validation"]) == N_CASES
+    report = json.loads((out / "validation" / "subset_dice.json").read_text())
+    assert len(report["subsets"]) == 15
+
+
+def test_train_plain_writes_models_datalist_and_validation_report(trained):
+    _check_training_outputs(trained)
+
+
+@pytest.mark.parametrize("strategy", ["dropout", "gmd", "gmd_approx"])
+def test_train_other_strategies(strategy, phantoms, tmp_path):
+    # exact GMD runs one trunk VJP per subset: 4 sampled subsets and 2 iterations keep this test quick
+    extra = ["--gmd_subsets", "4", "--epoch_length", "2"] if strategy == "gmd" else []
+    run_bundle([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(tmp_path), "--max_epochs", "1",
+               "--strategy", strategy, "--diagnostics_interval", "1", *extra, *TINY)
+    _check_training_outputs(tmp_path)
+    diagnostics = tmp_path / "gmd_diagnostics.jsonl"
+    if strategy.startswith("gmd"):
+        rows = [json.loads(line) for line in diagnostics.read_text().splitlines()]
+        n_subsets = 4 if strategy == "gmd" else 15
+        assert rows and len(rows[0]["subsets"]) == n_subsets and rows[0]["strategy"] == strategy
+        plot = subprocess.run([sys.executable, "-m", "app", "plot-conflicts", str(tmp_path)], cwd=REPO,
+                              capture_output=True, text=True)
+        assert plot.returncode == 0, plot.stderr
+        for name in ("gmd_norms.png", "gmd_conflicts.png"):
+            assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    else:
+        assert not diagnostics.exists()
+
+
+def test_evaluate_every_labelled_case(trained, phantoms, tmp_path):
+    proc = run_bundle([TRAIN, EVALUATE], "--dataset_dir", str(phantoms), "--ckpt_path",
+                      str(trained / "models" / "model.pt"), "--output_dir", str(tmp_path), *TINY)
+    report = json.loads((tmp_path / "subset_dice.json").read_text())
+    names = list(report["subsets"])
+    assert names[0] == "flair" and names[-1] == "flair+t1+t1ce+t2" and len(names) == len(all_subsets(4))
+    assert all(row["n_cases"] == N_CASES for row in report["subsets"].values())
+    assert all(0.0 <= row[r] <= 1.0 for row in report["subsets"].values() for r in ("WT", "TC", "ET", "mean"))
+    assert report["worst_subset"]["name"] in names
+    assert len(report["per_case"]) == 15 * N_CASES
+    for ext in ("csv", "md", "png"):
+        assert (tmp_path / f"subset_dice.{ext}").is_file()
+    assert "mean_over_subsets" in proc.stdout
+
+
+def test_time_limit_stops_cleanly_and_still_writes_final_model(phantoms, tmp_path):
+    run_bundle([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(tmp_path), "--max_epochs", "50",
+               "--strategy", "plain", "--time_limit_minutes", "0.0001", *TINY)
+    assert (tmp_path / "models" / "model_final.pt").is_file()
+    assert (tmp_path / "models" / "model.pt").is_file()  # validation ran once before stopping
+
+
+def test_checkpoint_from_other_network_gets_clear_error(trained, phantoms, tmp_path):
+    with pytest.raises(AssertionError, match="different network configuration"):
+        run_bundle([TRAIN, EVALUATE], "--dataset_dir", str(phantoms), "--ckpt_path",
+                   str(trained / "models" / "model.pt"), "--output_dir", str(tmp_path),
+                   "--patch_size", "[32,32,32]", "--features", "[4,8,16,32]")
+    assert not (tmp_path / "subset_dice.json").exists()
+
+
+def test_bad_patch_size_names_the_fix(phantoms, tmp_path):
+    with pytest.raises(AssertionError, match="multiples of 8"):
+        run_bundle([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(tmp_path), "--max_epochs", "1",
+                   "--patch_size", "[30,32,32]", "--features", "[8,16,32,64]")
+
+
+def test_metadata_verifies_offline():
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file",
+         str(BRATS / "configs" / "metadata.json"), "--filepath", str(REPO / "bundles" / "meta_schema.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "verified with no error" in proc.stdout + proc.stderr
