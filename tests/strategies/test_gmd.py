@@ -187,3 +187,29 @@ def test_partial_masks_skip_absent_subsets():
     # encoders of absent modalities receive no gradient at all
     assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in model.encoders[1].parameters())
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.encoders[0].parameters())
+
+
+@pytest.mark.parametrize("name", ["gmd", "gmd_approx"])
+def test_few_gmd_iterations_on_a_phantom_reduce_the_loss(name):
+    from monai.losses import DiceCELoss
+
+    from app.data.labels import labels_to_regions
+    from app.data.phantoms import make_phantom
+
+    torch.manual_seed(0)
+    phantom = make_phantom(24, rng=0)
+    image = torch.stack([torch.as_tensor(phantom[m], dtype=torch.float32) for m in ("flair", "t1", "t1ce", "t2")])
+    image = (image - image.mean(dim=(1, 2, 3), keepdim=True)) / image.std(dim=(1, 2, 3), keepdim=True)
+    label = torch.as_tensor(labels_to_regions(phantom["seg"], "brats2018"))
+    x, y = image[None, :, :24, :24, :24], label[None, :, :24, :24, :24]
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    model = DSUNet(features=(4, 8, 16))
+    loss_fn = DiceCELoss(sigmoid=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    strategy = build_strategy(name, subsets=5, seed=0)
+    losses = []
+    for it in range(8):
+        optimizer.zero_grad()
+        losses.append(float(strategy.step(model, x, mask, y, loss_fn, iteration=it).loss))
+        optimizer.step()
+    assert losses[-1] < 0.9 * losses[0], losses
