@@ -1,0 +1,179 @@
+"""Batch inference: every case under a folder, each with whatever sequences it has.
+
+Used by the bundle (``bundles/brats_gmd/configs/inference.yaml``) and as the Docker entrypoint::
+
+    python -m app.inference.batch --input-dir /input --output-dir /output --ckpt /models/model.ts
+
+Cases are found by name in the BraTS 2018, BraTS 2023 and MSD/nnU-Net layouts
+(:func:`app.data.discover_cases`). Each case gets ``<case>.nii.gz`` (labels on its own grid) and
+``<case>.json`` (summary) in the output folder, and ``<case>_prob.nii.gz`` with ``--probabilities``.
+A case with bad input is reported and skipped; the others still run. ``inference_summary.json``
+lists every case with its status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+__all__ = ["BatchError", "build_parser", "main", "run_batch"]
+
+
+class BatchError(RuntimeError):
+    """Some cases of a batch could not be segmented; the message lists them (one line each)."""
+
+
+def run_batch(
+    segmenter: Any,
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    labels: str = "2018",
+    probabilities: bool = False,
+    resample_to: str | None = None,
+    raise_on_error: bool = True,
+) -> list[dict[str, Any]]:
+    """Segment every case under ``input_dir`` into ``output_dir``.
+
+    Args:
+        segmenter: a :class:`app.inference.Segmenter` (see :func:`app.inference.load_segmenter`).
+        input_dir: folder searched recursively for cases.
+        output_dir: where ``<case>.nii.gz``, ``<case>.json`` and ``inference_summary.json`` go.
+        labels: ``2018`` (1/2/4) or ``2023`` (1/2/3).
+        probabilities: also write ``<case>_prob.nii.gz``.
+        resample_to: sequence whose grid the others are resampled onto, in cases whose grids differ.
+            A case without that sequence uses its own first sequence as the reference.
+        raise_on_error: raise :class:`BatchError` after the last case when any case failed.
+
+    Returns:
+        One entry per case: ``{"case", "status": "ok" | "error", ...summary or "error"}``.
+    """
+    from app.data.discovery import discover_cases
+    from app.inference.io import sequence_name
+    from app.inference.pipeline import segment_case
+
+    out_dir = Path(output_dir)
+    cases = discover_cases(input_dir, require_label=False)
+    reference = sequence_name(resample_to) if resample_to else None
+    results: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    for rec in cases:
+        name = rec["case"]
+        paths = {s: rec["image4d"] for s in rec["channels"]} if rec["image4d"] else {}
+        paths |= dict(rec["images"])
+        try:
+            summary = segment_case(
+                segmenter,
+                paths,
+                out_dir / f"{name}.nii.gz",
+                labels=labels,
+                probabilities=out_dir / f"{name}_prob.nii.gz" if probabilities else None,
+                summary=out_dir / f"{name}.json",
+                resample_to=(reference if reference in paths else next(iter(paths))) if reference else None,
+                channels=rec["channels"] or None,
+                case=name,
+            )
+        except (ValueError, OSError) as err:  # CaseError is a ValueError; the case is skipped, the rest run
+            message = " ".join(str(err).split())
+            print(f"error: case {name}: {message}", file=sys.stderr)
+            results.append({"case": name, "status": "error", "error": message})
+            continue
+        vols = summary["volumes_ml"]
+        print(f"{name}: {'+'.join(summary['sequences_used'])} -> {summary['output']} (WT {vols['WT']:.1f} mL, "
+              f"TC {vols['TC']:.1f} mL, ET {vols['ET']:.1f} mL, {summary['timing_s']['total_s']:.1f} s)", flush=True)
+        results.append({"case": name, "status": "ok", **summary})
+    failed = [r for r in results if r["status"] != "ok"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {
+        "input_dir": os.path.abspath(os.fspath(input_dir)),
+        "output_dir": os.path.abspath(os.fspath(out_dir)),
+        "cases": len(results),
+        "failed": len(failed),
+        "seconds": round(time.perf_counter() - start, 3),
+        "results": [{"case": r["case"], "status": r["status"], "sequences_used": r.get("sequences_used"),
+                     "output": r.get("output"), "volumes_ml": r.get("volumes_ml"), "error": r.get("error")}
+                    for r in results],
+    }
+    tmp = out_dir / ".inference_summary.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / "inference_summary.json")
+    if failed and raise_on_error:
+        raise BatchError(f"{len(failed)} of {len(results)} case(s) failed: "
+                         + "; ".join(f"{r['case']}: {r['error']}" for r in failed))
+    return results
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}: run with --help for usage.\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of the batch / Docker entrypoint; defaults come from environment variables."""
+    env = os.environ.get
+    p = _OneLineParser(
+        prog="python -m app.inference.batch",
+        description="Segment every case under --input-dir (BraTS 2018/2023 or MSD layout, any subset of FLAIR, T1, "
+                    "T1ce, T2 per case) into --output-dir: <case>.nii.gz on the case's own grid, <case>.json and "
+                    "inference_summary.json. Defaults can be set with the BRATS_* environment variables.",
+        epilog="Exit status: 0 all cases segmented, 2 bad arguments or at least one case with bad input.",
+    )
+    p.add_argument("--input-dir", default=env("BRATS_INPUT", "/input"), help="cases to segment (default: /input)")
+    p.add_argument("--output-dir", default=env("BRATS_OUTPUT", "/output"), help="where to write (default: /output)")
+    p.add_argument("--ckpt", default=env("BRATS_CKPT", "/models/model.ts"),
+                   help="model.pt or exported model.ts (default: $BRATS_CKPT or /models/model.ts)")
+    p.add_argument("--bundle", default=env("BRATS_BUNDLE"),
+                   help="bundle folder for the defaults (default: $BRATS_BUNDLE or this repository's bundles/brats_gmd)")
+    p.add_argument("--labels", default=env("BRATS_LABELS", "2018"), choices=("2018", "2021", "2023"),
+                   help="label values: 2018 = 1/2/4 (default), 2023 = 1/2/3")
+    p.add_argument("--probabilities", action="store_true", help="also write <case>_prob.nii.gz")
+    p.add_argument("--resample-to", metavar="SEQ", help="resample each case's sequences onto SEQ's grid if they differ")
+    p.add_argument("--spacing", nargs="+", metavar="MM", help="working spacing in mm (default: native)")
+    p.add_argument("--features", nargs="+", metavar="N", help="network widths (default: from the checkpoint)")
+    p.add_argument("--patch-size", nargs="+", metavar="N", help="sliding-window size (default: the bundle's)")
+    p.add_argument("--overlap", type=float, help="sliding-window overlap (default: the bundle's)")
+    p.add_argument("--sw-batch-size", type=int, help="windows per network call (default: the bundle's)")
+    p.add_argument("--device", default=env("BRATS_DEVICE", "auto"), help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the batch; returns 0 when every case was segmented, 2 otherwise."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2, one line already printed)
+        return int(exit_.code or 0)
+    from app.inference.cli import parse_floats, parse_ints
+
+    try:
+        from app.inference.pipeline import load_segmenter
+
+        segmenter = load_segmenter(
+            args.ckpt,
+            bundle=args.bundle,
+            features=parse_ints(args.features, "--features") if args.features else None,
+            patch_size=parse_ints(args.patch_size, "--patch-size") if args.patch_size else None,
+            overlap=args.overlap,
+            sw_batch_size=args.sw_batch_size,
+            device=args.device,
+            amp=not args.no_amp,
+            spacing=parse_floats(args.spacing, "--spacing") if args.spacing else None,
+        )
+        run_batch(segmenter, args.input_dir, args.output_dir, labels=args.labels, probabilities=args.probabilities,
+                  resample_to=args.resample_to)
+    except BatchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Command line ``python -m app infer``: segment one patient from any subset of FLAIR, T1, T1ce, T2.
+
+Example::
+
+    python -m app infer --bundle bundles/brats_gmd --ckpt model.pt \\
+        --flair P/flair.nii.gz --t2 P/t2_dicom_folder/ --out P/seg.nii.gz --summary P/seg.json
+
+Every bad input prints one line naming the file and the fix to stderr and exits with status 2,
+leaving no output behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from typing import NoReturn, Sequence
+
+__all__ = ["build_parser", "main", "parse_ints", "parse_floats"]
+
+_SEQ_FLAGS = ("flair", "t1", "t1ce", "t2")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line (status 2) instead of usage + message."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = "run with --help for usage"
+        if "unrecognized arguments" in message:
+            hint = ("sequences are given with --flair, --t1, --t1ce, --t2 or --input NAME=FILE (NAME one of flair, t1, "
+                    "t1ce, t2 or an alias such as t2f, t1n, t1c, t2w); run with --help for usage")
+        self.exit(2, f"error: {message}: {hint}.\n")
+
+
+def parse_ints(text: Sequence[str] | str, what: str) -> list[int]:
+    """``["8", "16"]``, ``"8,16"`` or ``"[8, 16]"`` -> ``[8, 16]``; raises ``ValueError`` naming ``what``."""
+    joined = " ".join([text] if isinstance(text, str) else text)
+    tokens = [t for t in re.split(r"[\s,\[\]()]+", joined) if t]
+    try:
+        return [int(t) for t in tokens]
+    except ValueError as err:
+        raise ValueError(f"{what} takes integers, e.g. {what} 96 96 96; got {joined!r}.") from err
+
+
+def parse_floats(text: Sequence[str] | str, what: str) -> list[float]:
+    """Like :func:`parse_ints` for floats."""
+    joined = " ".join([text] if isinstance(text, str) else text)
+    tokens = [t for t in re.split(r"[\s,\[\]()]+", joined) if t]
+    try:
+        return [float(t) for t in tokens]
+    except ValueError as err:
+        raise ValueError(f"{what} takes numbers, e.g. {what} 1 1 1; got {joined!r}.") from err
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``infer`` argument parser (no heavy imports, so ``--help`` is instant)."""
+    p = _OneLineParser(
+        prog="python -m app infer",
+        description="Segment a brain tumour (WT/TC/ET) from any non-empty subset of FLAIR, T1, T1ce and T2. "
+                    "Each sequence is a NIfTI file or a folder holding one DICOM series. The label map is "
+                    "written on the exact grid of the input (same shape, affine and qform/sform codes).",
+        epilog="Bad input exits with status 2 and one line on stderr naming the file and the fix.",
+    )
+    seq = p.add_argument_group("input sequences (any non-empty subset)")
+    for name in _SEQ_FLAGS:
+        seq.add_argument(f"--{name}", metavar="FILE", help=f"{name.upper()} NIfTI file or DICOM series folder")
+    seq.add_argument("--input", metavar="NAME=FILE", action="append", default=[],
+                     help="a sequence by name or alias (t2f, t1n, t1c, t1gd, t2w, ...); repeatable")
+    seq.add_argument("--case-dir", metavar="DIR",
+                     help="folder of one case in the BraTS 2018 (<case>_flair.nii.gz), BraTS 2023 (<case>-t2f.nii.gz) "
+                          "or MSD/nnU-Net layout; its sequences are found by name")
+    p.add_argument("--bundle", help="bundle folder whose configs/train.yaml gives the defaults "
+                                   "(default: this repository's bundles/brats_gmd)")
+    p.add_argument("--ckpt", required=True, help="model.pt written by training, or a model.ts exported from it")
+    p.add_argument("--out", required=True, metavar="OUT.nii.gz", help="label map to write")
+    p.add_argument("--labels", default="2018", choices=("2018", "2021", "2023"),
+                   help="label values: 2018 = 1/2/4 (BraTS 2018-2021, default), 2023 = 1/2/3")
+    p.add_argument("--probabilities", metavar="PROB.nii.gz",
+                   help="also write WT/TC/ET probabilities (4D float32, same grid)")
+    p.add_argument("--summary", metavar="S.json",
+                   help="also write a JSON summary (sequences, region volumes in mL, timing)")
+    p.add_argument("--resample-to", metavar="SEQ",
+                   help="resample the other sequences onto SEQ's grid when the grids differ (default: error)")
+    p.add_argument("--spacing", nargs="+", metavar="MM",
+                   help="resample to this spacing (1 or 3 values, mm) for the network and back (default: native)")
+    p.add_argument("--features", nargs="+", metavar="N",
+                   help="network widths per level (default: read from the checkpoint)")
+    p.add_argument("--patch-size", nargs="+", metavar="N",
+                   help="sliding-window size, 3 multiples of the network divisor; 0 along an axis = the whole "
+                        "foreground crop (default: the bundle's patch_size)")
+    p.add_argument("--overlap", type=float, help="sliding-window overlap (default: the bundle's sw_overlap)")
+    p.add_argument("--sw-batch-size", type=int, help="windows per network call (default: the bundle's)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    return p
+
+
+def _sequence_paths(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, int] | None, str | None]:
+    """``({sequence: path}, channels, case name)`` from the sequence flags or ``--case-dir``."""
+    from app.data.discovery import discover_cases
+    from app.inference.io import sequence_name
+
+    paths: dict[str, str] = {}
+    for name in _SEQ_FLAGS:
+        if getattr(args, name):
+            paths[name] = getattr(args, name)
+    for item in args.input:
+        if "=" not in item:
+            raise ValueError(f"--input {item!r} must be NAME=FILE, e.g. --input t2w=scan_t2.nii.gz.")
+        name, path = item.split("=", 1)
+        seq = sequence_name(name)
+        if seq in paths:
+            raise ValueError(f"Sequence {seq!r} given twice ({paths[seq]} and {path}): pass one file per sequence.")
+        paths[seq] = path
+    if args.case_dir is None:
+        return paths, None, None
+    if paths:
+        raise ValueError("--case-dir cannot be combined with --flair/--t1/--t1ce/--t2/--input: give either the case "
+                         "folder or the files.")
+    cases = discover_cases(args.case_dir)
+    if len(cases) != 1:
+        names = ", ".join(c["case"] for c in cases[:5])
+        raise ValueError(f"--case-dir {args.case_dir} holds {len(cases)} cases ({names}{', ...' if len(cases) > 5 else ''}"
+                         "): pass the folder of one case, or run the batch bundle (configs/inference.yaml) on it.")
+    rec = cases[0]
+    if rec["image4d"]:
+        return {s: rec["image4d"] for s in rec["channels"]} | dict(rec["images"]), dict(rec["channels"]), rec["case"]
+    return dict(rec["images"]), None, rec["case"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``infer``; returns the exit status (0 ok, 2 bad input)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2, one line already printed)
+        return int(exit_.code or 0)
+    try:
+        # heavy imports after parsing: --help and usage errors stay fast
+        import torch
+
+        from app.inference.pipeline import load_segmenter, segment_case
+
+        paths, channels, case = _sequence_paths(args)
+        if not paths:
+            raise ValueError("No input sequence given: pass at least one of --flair, --t1, --t1ce, --t2 "
+                             "(or --input NAME=FILE, or --case-dir DIR).")
+        if args.threads:
+            torch.set_num_threads(int(args.threads))
+        start = time.perf_counter()
+        segmenter = load_segmenter(
+            args.ckpt,
+            bundle=args.bundle,
+            features=parse_ints(args.features, "--features") if args.features else None,
+            patch_size=parse_ints(args.patch_size, "--patch-size") if args.patch_size else None,
+            overlap=args.overlap,
+            sw_batch_size=args.sw_batch_size,
+            device=args.device,
+            amp=not args.no_amp,
+            spacing=parse_floats(args.spacing, "--spacing") if args.spacing else None,
+        )
+        result = segment_case(
+            segmenter, paths, args.out, labels=args.labels, probabilities=args.probabilities, summary=args.summary,
+            resample_to=args.resample_to, channels=channels, case=case,
+        )
+    except (ValueError, FileNotFoundError, OSError) as err:  # CaseError is a ValueError
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        vols = result["volumes_ml"]
+        print(f"Wrote {result['output']} from {'+'.join(result['sequences_used'])}: WT {vols['WT']:.1f} mL, "
+              f"TC {vols['TC']:.1f} mL, ET {vols['ET']:.1f} mL in {time.perf_counter() - start:.1f} s "
+              f"({segmenter.device}).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Export a trained DS U-Net checkpoint to TorchScript for deployment.
+
+Command line::
+
+    python -m app.inference.export --ckpt O/models/model.pt --out model.ts [--bundle bundles/brats_gmd]
+
+The model is *scripted*, not traced: which encoders run depends on the modality mask, so it is an
+input of the exported model (``model(image [B, 4, D, H, W], modality_mask [B, 4] bool)``) and every
+sequence subset works. Spatial sizes must be multiples of ``2 ** (len(features) - 1)``; ``infer``
+takes care of that. The export is checked against the eager model on a small random input for
+several masks before it is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import TYPE_CHECKING, NoReturn, Sequence
+
+if TYPE_CHECKING:  # torch is imported after argument parsing, so that --help stays instant
+    import torch
+
+__all__ = ["build_parser", "main", "verify_export"]
+
+
+def verify_export(eager: torch.nn.Module, scripted: torch.nn.Module, divisor: int, atol: float = 1e-4) -> float:
+    """Largest absolute logit difference between the two models over a few masks; raises if above ``atol``."""
+    import torch
+
+    from app.subsets import subset_masks
+
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 4, divisor * 2, divisor * 2, divisor * 2, generator=generator)
+    worst = 0.0
+    with torch.inference_mode():
+        for mask in subset_masks(4)[[0, 5, 14]]:  # one, two and all four sequences
+            diff = (eager(image, mask[None]) - scripted(image, mask[None])).abs().max().item()
+            worst = max(worst, diff)
+    if worst > atol:
+        raise ValueError(f"The exported model differs from the checkpoint by {worst:.3g} (> {atol}): do not deploy it; "
+                         "report the torch version.")
+    return worst
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}: run with --help for usage.\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(prog="python -m app.inference.export",
+                       description="Script a DS U-Net checkpoint (model.pt) into a TorchScript model (model.ts) that "
+                                   "takes (image, modality_mask) and serves every sequence subset.")
+    p.add_argument("--ckpt", required=True, help="model.pt written by training")
+    p.add_argument("--out", required=True, help="TorchScript file to write (e.g. model.ts)")
+    p.add_argument("--bundle", help="bundle folder for default features (default: this repository's)")
+    p.add_argument("--features", nargs="+", metavar="N", help="network widths (default: read from the checkpoint)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Export; returns 0, or 2 with one line on stderr for a bad checkpoint or path."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2, one line already printed)
+        return int(exit_.code or 0)
+    try:
+        import torch
+
+        from app.inference.cli import parse_ints
+        from app.inference.model import export_torchscript, is_torchscript, network_from_checkpoint
+
+        if is_torchscript(args.ckpt):
+            raise ValueError(f"{args.ckpt} is already a TorchScript model: pass the model.pt written by training.")
+        features = parse_ints(args.features, "--features") if args.features else None
+        network = network_from_checkpoint(args.ckpt, features, args.bundle)
+        path = export_torchscript(network, args.out)
+        try:
+            worst = verify_export(network, torch.jit.load(path), network.divisor)
+        except Exception:
+            os.remove(path)  # never leave a model behind that does not match its checkpoint
+            raise
+    except (ValueError, OSError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    print(f"Exported {args.ckpt} (features {network.features}) to {path}; max logit difference {worst:.2g}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""Read the sequences of one patient for inference, check them, and write results atomically.
+
+Each sequence is a NIfTI file or a folder holding one DICOM series (read with SimpleITK, imported
+only when a folder is given). Every problem with an input raises :class:`~app.data.CaseError` with
+one line that names the file and the fix. Outputs are written to a temporary file in the target
+folder and renamed into place, so a failed run never leaves a partial or stale-looking result.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from app.data.discovery import CHANNEL_ALIASES
+from app.data.errors import CaseError
+from app.data.transforms import AFFINE_TOLERANCE
+from app.subsets import BRATS_MODALITIES
+
+__all__ = [
+    "Volume",
+    "CaseInputs",
+    "AtomicOutputs",
+    "sequence_name",
+    "read_volume",
+    "read_case",
+    "resample_to_grid",
+    "voxel_volume_ml",
+]
+
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+@dataclass
+class Volume:
+    """One 3D sequence as read from disk.
+
+    Attributes:
+        name: sequence name from :data:`app.subsets.BRATS_MODALITIES`.
+        source: the file or DICOM folder it came from.
+        data: float32 voxels ``[X, Y, Z]`` in storage order.
+        affine: voxel-to-world (RAS+ mm) matrix, float64 ``[4, 4]``.
+        header: the NIfTI header (None for DICOM), copied into outputs so that qform/sform codes,
+            units and intent survive.
+    """
+
+    name: str
+    source: str
+    data: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.data.shape)  # type: ignore[return-value]
+
+
+@dataclass
+class CaseInputs:
+    """The sequences of one case, all on the grid of ``reference``.
+
+    Attributes:
+        volumes: ``{sequence: Volume}`` in :data:`BRATS_MODALITIES` order, all on one grid.
+        reference: the sequence whose grid (shape, affine, header) the outputs use.
+        resampled: sequences that were resampled onto the reference grid (``--resample-to``).
+    """
+
+    volumes: dict[str, Volume]
+    reference: str
+    resampled: list[str] = field(default_factory=list)
+
+    @property
+    def ref(self) -> Volume:
+        return self.volumes[self.reference]
+
+    @property
+    def sequences(self) -> list[str]:
+        return list(self.volumes)
+
+    @property
+    def modality_mask(self) -> torch.Tensor:
+        """bool ``[4]``: True for the sequences given, in :data:`BRATS_MODALITIES` order."""
+        return torch.tensor([s in self.volumes for s in BRATS_MODALITIES], dtype=torch.bool)
+
+
+def sequence_name(name: str) -> str:
+    """Map a user-given sequence name (``FLAIR``, ``t2w``, ``T1-Gd``, ...) to a BraTS sequence.
+
+    Raises:
+        CaseError: the name is not a known spelling of FLAIR, T1, T1ce or T2.
+    """
+    key = re.sub(r"[^a-z0-9]", "", str(name).lower())
+    for seq, aliases in CHANNEL_ALIASES.items():
+        if key == seq or key in aliases:
+            return seq
+    raise CaseError(
+        f"Unknown sequence name {name!r}: use one of {list(BRATS_MODALITIES)} "
+        f"(or an alias such as t2f, t1n, t1c/t1gd, t2w)."
+    )
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _read_nifti(path: str) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header | None]:
+    try:
+        img = nib.load(path)
+    except FileNotFoundError as err:
+        raise CaseError(f"{path} does not exist: check the path.") from err
+    except Exception as err:  # nibabel raises many types for bad headers; all mean the same to the user
+        raise CaseError(f"Cannot read {path} ({type(err).__name__}: {_one_line(err)}): the file is corrupt or not "
+                        "NIfTI; re-export it as .nii/.nii.gz or pass its DICOM series folder.") from err
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32)  # applies scl_slope/inter
+    except Exception as err:  # decompression errors only show up when the voxels are read
+        raise CaseError(f"Cannot read the voxels of {path} ({type(err).__name__}: {_one_line(err)}): the file is "
+                        "corrupt or truncated; re-export it.") from err
+    header = img.header.copy() if isinstance(img.header, nib.Nifti1Header) else None
+    return data, np.asarray(img.affine, dtype=np.float64), header
+
+
+def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        import SimpleITK as sitk  # only needed for DICOM input
+    except ImportError as err:  # pragma: no cover - SimpleITK is a pinned dependency
+        raise CaseError(f"{folder} is a folder (DICOM series) but SimpleITK is not installed: "
+                        "pip install SimpleITK, or convert the series to NIfTI.") from err
+    reader = sitk.ImageSeriesReader()
+    series = list(reader.GetGDCMSeriesIDs(folder))
+    if not series:
+        raise CaseError(f"{folder} holds no DICOM series: pass a folder of DICOM slices or a NIfTI file.")
+    if len(series) > 1:
+        raise CaseError(f"{folder} holds {len(series)} DICOM series ({', '.join(series)}): "
+                        "put each series in its own folder and pass the one of this sequence.")
+    try:
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(folder, series[0]))
+        image = reader.Execute()
+    except Exception as err:  # SimpleITK raises RuntimeError with multi-line text
+        raise CaseError(f"Cannot read the DICOM series in {folder} ({_one_line(err)[:200]}): "
+                        "re-export the series or convert it to NIfTI.") from err
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise CaseError(f"{folder} is a {image.GetNumberOfComponentsPerPixel()}-component (colour/vector) series: "
+                        "expected a grey-value MRI series.")
+    # SimpleITK arrays are [z, y, x] and its geometry is in LPS; NIfTI affines map [x, y, z] to RAS
+    data = np.ascontiguousarray(sitk.GetArrayFromImage(image).astype(np.float32).transpose())
+    ndim = image.GetDimension()
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(ndim, ndim)
+    affine = np.eye(4)
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])[:ndim, :ndim]
+    affine[:ndim, :ndim] = lps_to_ras @ direction @ np.diag(image.GetSpacing())
+    affine[:ndim, 3] = lps_to_ras @ np.asarray(image.GetOrigin(), dtype=np.float64)
+    return data, affine
+
+
+def read_volume(
+    path: str | os.PathLike, name: str, channel: int | None = None, cache: dict[str, Any] | None = None
+) -> Volume:
+    """Read and check one sequence: a NIfTI file, or a folder holding one DICOM series.
+
+    Args:
+        path: the file or DICOM folder.
+        name: the sequence it is (any accepted spelling, see :func:`sequence_name`).
+        channel: index of the sequence in a 4D ``X*Y*Z*C`` file (MSD Task01 layout); None for 3D files.
+        cache: dict reused across calls so that a 4D file holding several sequences is read once.
+
+    Raises:
+        CaseError: unreadable or corrupt file; not 3D (2D, a single slice, 4D with more than one
+            volume); empty, constant or NaN/Inf voxels.
+    """
+    seq = sequence_name(name)
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        data, affine = _read_dicom(path)
+        header = None
+    else:
+        if not os.path.exists(path):
+            raise CaseError(f"{path} ({seq}) does not exist: check the path.")
+        if not path.lower().endswith(_NIFTI_SUFFIXES):
+            raise CaseError(f"{path} ({seq}) is not a .nii/.nii.gz file: convert it to NIfTI, or pass the folder "
+                            "holding its DICOM series.")
+        if cache is None or path not in cache:
+            loaded = _read_nifti(path)
+            if cache is not None:
+                cache[path] = loaded
+        data, affine, header = cache[path] if cache is not None else loaded
+        header = header.copy() if header is not None else None
+    if channel is not None:
+        if data.ndim != 4 or not 0 <= int(channel) < data.shape[3]:
+            raise CaseError(f"{path} has shape {tuple(data.shape)} but {seq} is described as channel {channel} of a "
+                            "4D file: fix 'modality'/'channel_names' in dataset.json or re-export the 4D image.")
+        data = data[..., int(channel)]
+        if header is not None:
+            header.set_data_shape(data.shape)
+    shape = tuple(int(s) for s in data.shape)
+    # some writers store a 3D volume as X*Y*Z*1
+    if len(shape) > 3 and all(s == 1 for s in shape[3:]):
+        data = data.reshape(shape[:3])
+    if data.ndim < 3:
+        raise CaseError(f"{path} ({seq}) is {len(shape)}D with shape {shape}: expected a 3D volume; assemble the "
+                        "slices into one 3D file, or pass the DICOM series folder.")
+    if data.ndim > 3:
+        raise CaseError(f"{path} ({seq}) is {len(shape)}D with shape {shape}: expected one 3D volume per sequence; "
+                        "split it into one 3D file per sequence (or use an MSD dataset.json with --case-dir).")
+    if min(shape) < 2:
+        raise CaseError(f"{path} ({seq}) has shape {shape}, a single slice: expected a 3D volume; pass the whole "
+                        "3D series, not one slice.")
+    if not np.isfinite(data).all():
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        raise CaseError(f"{path} ({seq}) contains {bad} NaN/Inf voxel(s): replace them (e.g. with 0) or re-export "
+                        "the image.")
+    lo, hi = float(data.min()), float(data.max())
+    if lo == hi == 0.0:
+        raise CaseError(f"{path} ({seq}) is empty (every voxel is 0): pass the right file, or leave the sequence out.")
+    if lo == hi:
+        raise CaseError(f"{path} ({seq}) is constant (every voxel is {lo:g}) and holds no image: pass the right file, "
+                        "or leave the sequence out.")
+    if hi <= 0.0:
+        raise CaseError(f"{path} ({seq}) has no positive voxel (range {lo:g} to {hi:g}): the model expects "
+                        "skull-stripped MRI with positive brain intensities and 0 outside the brain.")
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise CaseError(f"{path} ({seq}) has a degenerate voxel-to-world matrix {affine[:3].tolist()}: fix the "
+                        "header (qform/sform) of the file.")
+    return Volume(seq, path, data, affine, header)
+
+
+def _same_grid(a: Volume, b: Volume) -> bool:
+    return a.shape == b.shape and float(np.abs(a.affine - b.affine).max()) <= AFFINE_TOLERANCE
+
+
+def _spacing(affine: np.ndarray) -> list[float]:
+    return np.round(np.linalg.norm(affine[:3, :3], axis=0), 4).tolist()
+
+
+def resample_to_grid(
+    data: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray, dst_shape: tuple[int, ...]
+) -> np.ndarray:
+    """Trilinear resampling of ``data`` from its grid onto another grid; outside the source is 0.
+
+    Args:
+        data: ``[X, Y, Z]`` voxels on the grid of ``src_affine``.
+        src_affine: voxel-to-world matrix of ``data``.
+        dst_affine: voxel-to-world matrix of the target grid.
+        dst_shape: spatial shape of the target grid.
+
+    Returns:
+        float32 ``[*dst_shape]``.
+    """
+    vox = torch.as_tensor(np.linalg.inv(src_affine) @ dst_affine, dtype=torch.float64)  # target -> source voxels
+    src_shape = torch.as_tensor(data.shape, dtype=torch.float64)
+    out = np.empty(dst_shape, dtype=np.float32)
+    source = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None, None]
+    ii, jj = torch.meshgrid(
+        torch.arange(dst_shape[0], dtype=torch.float64), torch.arange(dst_shape[1], dtype=torch.float64), indexing="ij"
+    )
+    for k in range(dst_shape[2]):  # one target slice at a time keeps the coordinate grid small
+        coords = torch.stack([ii, jj, torch.full_like(ii, float(k))], dim=-1) @ vox[:3, :3].T + vox[:3, 3]
+        # snap to voxel centres within 1e-3 voxel: grids that differ only by flips, permutations or
+        # whole-voxel shifts are then copied exactly, with no 1e-7 bleed into the zero background
+        # (which would move the foreground crop and the non-zero normalisation mask)
+        coords = torch.where((coords - coords.round()).abs() < 1e-3, coords.round(), coords)
+        if bool((coords == coords.round()).all()):  # exact copy: grid_sample's float32 weights would bleed
+            idx = coords.long()
+            inside = ((idx >= 0) & (idx < src_shape.long())).all(dim=-1)
+            idx = torch.where(inside[..., None], idx, torch.zeros_like(idx))
+            values = source[0, 0][idx[..., 0], idx[..., 1], idx[..., 2]]
+            out[:, :, k] = torch.where(inside, values, torch.zeros_like(values)).numpy()
+            continue
+        # grid_sample wants (W, H, D) = (z, y, x) order in [-1, 1], with corners at voxel centres
+        grid = (2.0 * coords / (src_shape - 1) - 1.0).flip(-1).to(torch.float32)
+        out[:, :, k] = F.grid_sample(source, grid[None, :, :, None], mode="bilinear", padding_mode="zeros",
+                                     align_corners=True)[0, 0, :, :, 0].numpy()
+    return out
+
+
+def read_case(
+    paths: Mapping[str, str | os.PathLike],
+    resample_to: str | None = None,
+    channels: Mapping[str, int] | None = None,
+) -> CaseInputs:
+    """Read the sequences of one case and make sure they share one grid.
+
+    Args:
+        paths: ``{sequence: file or DICOM folder}``; any non-empty subset of the four sequences,
+            under any accepted spelling (see :func:`sequence_name`).
+        resample_to: None to require one grid for all sequences (the default); a sequence name to
+            resample the other sequences onto its grid instead.
+
+    Raises:
+        CaseError: no sequence, an unknown or repeated sequence name, any problem of
+            :func:`read_volume`, sequences on different grids (without ``resample_to``), or a
+            ``resample_to`` sequence that was not given.
+
+    ``channels`` maps sequences stored in one 4D file (MSD layout) to their channel index.
+    """
+    if not paths:
+        raise CaseError("No input sequence given: pass at least one of --flair, --t1, --t1ce, --t2 "
+                        "(or --case-dir DIR).")
+    named: dict[str, str] = {}
+    for name, path in paths.items():
+        seq = sequence_name(name)
+        if seq in named:
+            raise CaseError(f"Sequence {seq!r} given twice ({named[seq]} and {os.fspath(path)}): pass one file per "
+                            "sequence.")
+        named[seq] = os.fspath(path)
+    reference = sequence_name(resample_to) if resample_to else None
+    if reference is not None and reference not in named:
+        raise CaseError(f"--resample-to {resample_to} names a sequence that was not given (given: {list(named)}): "
+                        "pass one of those.")
+    index = {sequence_name(k): int(v) for k, v in (channels or {}).items()}
+    cache: dict[str, Any] = {}
+    volumes = {
+        seq: read_volume(named[seq], seq, index.get(seq), cache) for seq in BRATS_MODALITIES if seq in named
+    }
+    reference = reference or next(iter(volumes))
+    ref = volumes[reference]
+    resampled = []
+    for seq, vol in volumes.items():
+        if seq == reference or _same_grid(vol, ref):
+            continue
+        if resample_to is None:
+            diff = float(np.abs(vol.affine - ref.affine).max()) if vol.shape == ref.shape else float("nan")
+            raise CaseError(
+                f"{vol.source} ({seq}) and {ref.source} ({reference}) are on different grids (shape {vol.shape} vs "
+                f"{ref.shape}, voxel size {_spacing(vol.affine)} vs {_spacing(ref.affine)} mm"
+                + (f", largest affine difference {diff:.3g}" if diff == diff else "")
+                + f"): register them onto one grid, or pass --resample-to {reference} to resample onto {reference}."
+            )
+        vol.data = resample_to_grid(vol.data, vol.affine, ref.affine, ref.shape)
+        vol.affine, vol.header = ref.affine.copy(), None
+        if not (vol.data > 0).any():
+            raise CaseError(f"{vol.source} ({seq}) does not overlap {ref.source} ({reference}) in space: check that "
+                            "both files belong to the same scan session.")
+        resampled.append(seq)
+    return CaseInputs(volumes, reference, resampled)
+
+
+def voxel_volume_ml(affine: np.ndarray) -> float:
+    """Volume of one voxel in millilitres (1 mL = 1000 mm^3) from a voxel-to-world matrix in mm."""
+    return float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+
+
+class AtomicOutputs:
+    """Write several output files so that either all of them appear or none does.
+
+    Use :meth:`temp` to get a temporary path in the destination folder (with the destination's
+    suffix, so that nibabel picks the same format), write to it, and leave the ``with`` block: on
+    success every temporary file is renamed over its destination (``os.replace`` is atomic within a
+    folder); on an exception every temporary file is removed and the destinations are untouched.
+
+    Example::
+
+        with AtomicOutputs() as out:
+            nib.save(img, out.temp("seg.nii.gz"))
+            write_json(summary, out.temp("seg.json"))
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[str, str]] = []
+
+    def temp(self, destination: str | os.PathLike) -> str:
+        """A temporary path next to ``destination``; folders are created as needed."""
+        dest = Path(destination).absolute()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        name = dest.name
+        suffix = next((s for s in (*_NIFTI_SUFFIXES, ".json") if name.lower().endswith(s)), "")
+        tmp = dest.with_name(f".{name[: len(name) - len(suffix)]}.{secrets.token_hex(4)}.tmp{suffix}")
+        self._pending.append((str(tmp), str(dest)))
+        return str(tmp)
+
+    def _cleanup(self) -> None:
+        for tmp, _ in self._pending:
+            try:
+                os.remove(tmp)
+            except FileNotFoundError:
+                pass
+        self._pending.clear()
+
+    def __enter__(self) -> "AtomicOutputs":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self._cleanup()
+            return
+        try:
+            for tmp, dest in self._pending:
+                os.replace(tmp, dest)
+        finally:
+            self._cleanup()
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(list(self._pending))

@@ -1,0 +1,266 @@
+"""The network for inference: settings, checkpoint loading (state dict or TorchScript) and export.
+
+:class:`FusedDSUNet` is the inference form of :class:`app.networks.DSUNet`. It shares the DS U-Net's
+modules and state-dict keys but runs one modality at a time and accumulates the fused mean, so
+peak memory does not grow with the number of sequences, and it is written in the TorchScript
+subset so that it can be scripted. Scripting (not tracing) matters: the modality mask decides at
+run time which encoders run, and a trace would freeze the mask used while tracing.
+
+Network settings are resolved in this order: explicit arguments (``--features``), then the
+checkpoint itself (the widths are read from the state-dict shapes, or from the attributes of an
+exported TorchScript model), then the bundle's ``configs/train.yaml`` defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, List, Sequence
+
+import torch
+import yaml
+from torch import nn
+
+from app.engines.utils import check_patch_size, load_weights
+from app.networks import DSUNet
+from app.subsets import BRATS_MODALITIES
+
+__all__ = [
+    "DEFAULT_BUNDLE",
+    "DEFAULT_SETTINGS",
+    "FusedDSUNet",
+    "bundle_defaults",
+    "checkpoint_features",
+    "export_torchscript",
+    "is_torchscript",
+    "load_network",
+    "network_from_checkpoint",
+]
+
+#: The bundle of this repository; used when no bundle is named.
+DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "brats_gmd"
+
+#: Used when neither the arguments, the checkpoint nor the bundle say otherwise (train.yaml values).
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "features": [16, 32, 64, 128, 256],
+    "patch_size": [96, 96, 96],
+    "sw_overlap": 0.5,
+    "sw_batch_size": 2,
+}
+
+
+class _Trunk(nn.Module):
+    """The DS U-Net's shared trunk with a scriptable forward (same submodules, same state-dict keys)."""
+
+    def __init__(self, trunk: nn.Module) -> None:
+        super().__init__()
+        self.ups = trunk.ups
+        self.head = trunk.head
+
+    def forward(self, skips: List[torch.Tensor]) -> torch.Tensor:
+        # SharedDecoder.forward zips over reversed(skips[:-1]), which TorchScript cannot compile
+        x = skips[-1]
+        n = len(skips)
+        i = 0
+        for up in self.ups:
+            x = up(x, skips[n - 2 - i])
+            i += 1
+        return self.head(x)
+
+
+class FusedDSUNet(nn.Module):
+    """Scriptable inference form of :class:`~app.networks.DSUNet` with the same weights.
+
+    ``forward(image [B, M, D, H, W], modality_mask [B, M])`` returns the fused logits
+    ``[B, C, D, H, W]``: for every modality present in any sample, its encoder runs on the samples
+    that have it and the shared trunk decodes them; the logits are summed and divided by the
+    number of present modalities, which equals :meth:`DSUNet.forward` (instance normalisation is
+    per sample, and the head is linear).
+
+    Args:
+        net: the DS U-Net whose ``encoders`` and ``trunk`` are shared (not copied).
+    """
+
+    def __init__(self, net: DSUNet) -> None:
+        super().__init__()
+        self.encoders = net.encoders
+        self.trunk = _Trunk(net.trunk)
+        # plain attributes survive scripting and describe the model to the loader
+        self.modalities: List[str] = list(net.modalities)
+        self.features: List[int] = [int(f) for f in net.features]
+        self.out_channels: int = int(net.out_channels)
+        self.divisor: int = int(net.divisor)
+
+    def forward(self, image: torch.Tensor, modality_mask: torch.Tensor) -> torch.Tensor:
+        if image.dim() != 5 or image.shape[1] != len(self.modalities):
+            raise ValueError("FusedDSUNet expects image [B, M, D, H, W] with one channel per modality.")
+        mask = modality_mask.to(device=image.device, dtype=torch.bool)
+        count = mask.sum(dim=1)
+        if bool((count == 0).any()):
+            raise ValueError("Every sample needs at least one modality in modality_mask.")
+        out = torch.zeros(
+            [image.shape[0], self.out_channels, image.shape[2], image.shape[3], image.shape[4]],
+            dtype=torch.float32,
+            device=image.device,
+        )
+        m = 0
+        for encoder in self.encoders:
+            idx = torch.nonzero(mask[:, m]).flatten()
+            if idx.numel() > 0:
+                logits = self.trunk(encoder(image[idx, m : m + 1]))
+                out.index_add_(0, idx, logits.to(torch.float32))
+            m += 1
+        return out / count.to(out.dtype).reshape(-1, 1, 1, 1, 1)
+
+
+def bundle_defaults(bundle: str | os.PathLike | None) -> dict[str, Any]:
+    """Network and sliding-window defaults from ``<bundle>/configs/train.yaml``.
+
+    Only literal values are read (the YAML is parsed, never executed); ids that are missing or hold
+    an expression fall back to :data:`DEFAULT_SETTINGS`. ``bundle=None`` uses :data:`DEFAULT_BUNDLE`
+    when it exists, else :data:`DEFAULT_SETTINGS`.
+
+    Raises:
+        FileNotFoundError: ``bundle`` is given but has no ``configs/train.yaml``.
+        ValueError: the file is not valid YAML.
+    """
+    out = {k: (list(v) if isinstance(v, list) else v) for k, v in DEFAULT_SETTINGS.items()}
+    if bundle is None:
+        if not (DEFAULT_BUNDLE / "configs" / "train.yaml").is_file():
+            return out
+        bundle = DEFAULT_BUNDLE
+    path = Path(bundle) / "configs" / "train.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: pass --bundle the bundle folder (e.g. bundles/brats_gmd).")
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"Cannot parse {path} ({type(err).__name__}): fix the YAML.") from err
+    for key in DEFAULT_SETTINGS:
+        value = config.get(key)
+        if isinstance(value, list) and all(isinstance(v, int) for v in value):
+            out[key] = list(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = value
+    return out
+
+
+def is_torchscript(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a TorchScript archive (``torch.jit.save``), False for ``torch.save`` files."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") or name == "constants.pkl" for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def checkpoint_features(path: str | os.PathLike) -> list[int] | None:
+    """Per-level widths of the DS U-Net saved in a state-dict checkpoint, or None if they cannot be read."""
+    try:
+        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - load_weights reports unreadable files with the full message
+        return None
+    if isinstance(state, dict):
+        for key in ("model", "network", "state_dict"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    widths = []
+    while f"encoders.0.levels.{len(widths)}.conv1.conv.weight" in state:
+        widths.append(int(state[f"encoders.0.levels.{len(widths)}.conv1.conv.weight"].shape[0]))
+    return widths or None
+
+
+def load_network(
+    ckpt: str | os.PathLike,
+    features: Sequence[int] | None = None,
+    bundle: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a checkpoint for inference.
+
+    Args:
+        ckpt: a state dict written by training (``model.pt``) or a TorchScript model written by
+            :func:`export_torchscript` / ``monai.bundle ckpt_export``.
+        features: network widths; None to read them from the checkpoint (or the bundle).
+        bundle: bundle folder for defaults when the checkpoint does not tell.
+        device: where the network runs.
+
+    Returns:
+        ``(network, settings)``: a module with ``forward(image, modality_mask)`` in eval mode on
+        ``device`` and ``{"modalities", "features", "divisor", "format"}``.
+
+    Raises:
+        FileNotFoundError: the checkpoint does not exist.
+        ValueError: it cannot be read, or does not match ``features``.
+    """
+    path = os.fspath(ckpt)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint {path} not found: pass --ckpt the model.pt written by training "
+                                "(<output_dir>/models/model.pt) or an exported model.ts.")
+    if is_torchscript(path):
+        try:
+            network = torch.jit.load(path, map_location=device)
+        except Exception as err:  # noqa: BLE001
+            raise ValueError(f"Cannot load TorchScript model {path} ({type(err).__name__}): re-export it with "
+                             "python -m app.inference.export.") from err
+        try:
+            ts_features = [int(f) for f in network.features]
+            modalities = [str(m) for m in network.modalities]
+        except AttributeError as err:
+            raise ValueError(f"{path} is a TorchScript model but not an exported DS U-Net (no 'features'/'modalities' "
+                             "attributes): export it with python -m app.inference.export.") from err
+        if features is not None and [int(f) for f in features] != ts_features:
+            raise ValueError(f"{path} was exported with features {ts_features}, not {list(features)}: drop --features "
+                             "or pass the matching value.")
+        if tuple(modalities) != BRATS_MODALITIES:
+            raise ValueError(f"{path} serves modalities {modalities}, not {list(BRATS_MODALITIES)}.")
+        network.eval()
+        return network, {"modalities": modalities, "features": ts_features, "divisor": 2 ** (len(ts_features) - 1),
+                         "format": "torchscript"}
+    network = network_from_checkpoint(path, features, bundle).to(device)
+    return network, {"modalities": list(network.modalities), "features": list(network.features),
+                     "divisor": network.divisor, "format": "state_dict"}
+
+
+def network_from_checkpoint(
+    ckpt: str | os.PathLike, features: Sequence[int] | None = None, bundle: str | os.PathLike | None = None
+) -> FusedDSUNet:
+    """A :class:`FusedDSUNet` with the widths of the state-dict checkpoint ``ckpt`` and its weights loaded.
+
+    Used by the bundle's ``export_network`` id, so that ``monai.bundle ckpt_export`` needs no ``--features``.
+    """
+    if features is None:
+        features = checkpoint_features(ckpt) or bundle_defaults(bundle)["features"]
+    net = DSUNet(modalities=BRATS_MODALITIES, out_channels=3, features=[int(f) for f in features])
+    load_weights(net, ckpt, map_location="cpu")
+    return FusedDSUNet(net).eval()
+
+
+def export_torchscript(network: DSUNet | FusedDSUNet, path: str | os.PathLike) -> str:
+    """Script ``network`` (as :class:`FusedDSUNet`) and save it atomically to ``path``.
+
+    The saved model takes ``(image [B, 4, D, H, W] float, modality_mask [B, 4] bool)`` and returns the
+    fused logits; spatial sizes must be multiples of ``2 ** (len(features) - 1)``.
+
+    Returns:
+        The path written.
+    """
+    fused = network if isinstance(network, FusedDSUNet) else FusedDSUNet(network)
+    scripted = torch.jit.script(fused.cpu().eval())
+    dest = Path(path).absolute()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    try:
+        torch.jit.save(scripted, str(tmp))
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return str(dest)
+
+
+def _check_patch(patch_size: Sequence[int], divisor: int) -> None:
+    """:func:`check_patch_size` for a bare divisor (TorchScript models have no DSUNet instance)."""
+    check_patch_size(patch_size, type("Net", (), {"divisor": divisor})())

@@ -1,0 +1,412 @@
+"""Segment one case with any subset of sequences and write the result on the patient's own grid.
+
+The steps mirror the training preprocessing of ``bundles/brats_gmd/configs/train.yaml`` and undo
+every geometric step afterwards, so the label map overlays the input exactly:
+
+1. reorient to RAS by axis permutation/flips only (exact and invertible, also for oblique scans);
+2. optionally resample to a given spacing (``--spacing``) with trilinear interpolation;
+3. crop to the foreground (voxels > 0 in any given sequence), as ``CropForegroundd`` did;
+4. normalise each given sequence on its non-zero voxels (``NormalizeIntensityd(nonzero, channel_wise)``);
+5. Gaussian-blended sliding-window inference over the crop, padded to the network divisor;
+6. sigmoid, un-crop, resample back, threshold at 0.5 (WT/TC/ET), convert to labels, reorient back.
+
+:func:`segment_case` adds reading, checking and atomic writing; the command line
+(:mod:`app.inference.cli`), the batch bundle and the Docker entrypoint all call it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+from monai.transforms import NormalizeIntensity
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+from app.data.errors import CaseError
+from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, regions_to_labels
+from app.inference.io import AtomicOutputs, CaseInputs, Volume, read_case, voxel_volume_ml
+from app.inference.model import _check_patch, bundle_defaults, load_network
+from app.subsets import BRATS_MODALITIES
+
+__all__ = [
+    "LABEL_CHOICES",
+    "Prediction",
+    "Segmenter",
+    "check_output_path",
+    "label_convention",
+    "load_segmenter",
+    "segment_case",
+]
+
+#: ``--labels`` values and the label convention each selects.
+LABEL_CHOICES: dict[str, str] = {"2018": "brats2018", "2021": "brats2018", "2023": "brats2023"}
+
+_RAS = axcodes2ornt("RAS")
+
+
+def label_convention(labels: str | int) -> str:
+    """Map ``--labels`` (``2018``, ``2023`` or a convention name) to a :data:`LABEL_CONVENTIONS` key."""
+    key = str(labels).strip().lower()
+    if key in LABEL_CONVENTIONS:
+        return key
+    if key not in LABEL_CHOICES:
+        raise ValueError(f"Unknown --labels {labels!r}: use 2018 (labels 1/2/4, BraTS 2018-2021) or 2023 (1/2/3).")
+    return LABEL_CHOICES[key]
+
+
+@dataclass
+class Prediction:
+    """The result of :meth:`Segmenter.predict`, on the grid of the case's reference sequence.
+
+    Attributes:
+        labels: uint8 label map ``[X, Y, Z]``.
+        probabilities: float32 ``[X, Y, Z, 3]`` WT/TC/ET probabilities, or None when not asked for.
+        timing: seconds spent per step.
+        details: crop box, working shape and window settings, for the summary.
+    """
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+    timing: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _seconds(start: float) -> float:
+    return round(time.perf_counter() - start, 4)
+
+
+class Segmenter:
+    """Runs a DS U-Net on one case of any sequence subset.
+
+    Args:
+        network: module with ``forward(image [B, 4, D, H, W], modality_mask [B, 4])`` returning fused
+            WT/TC/ET logits (see :func:`app.inference.model.load_network`).
+        divisor: spatial sizes the network accepts are multiples of this.
+        patch_size: sliding-window size; non-positive entries mean "the whole (padded) crop along
+            that axis". Each window is also capped at the padded crop, so small volumes run in one.
+        overlap: sliding-window overlap fraction.
+        sw_batch_size: windows per network call.
+        device: where the network runs.
+        amp: bf16 autocast on CUDA (ignored on CPU).
+        spacing: resample to this voxel size (mm, RAS axes) before the network and back after;
+            None keeps the native spacing.
+        settings: free-form description of the network, copied into the summary.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        divisor: int,
+        patch_size: Sequence[int] = (96, 96, 96),
+        overlap: float = 0.5,
+        sw_batch_size: int = 1,
+        device: torch.device | str = "cpu",
+        amp: bool = True,
+        spacing: Sequence[float] | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.network = network
+        self.divisor = int(divisor)
+        self.patch_size = [int(p) for p in patch_size]
+        if len(self.patch_size) != 3:
+            raise ValueError(f"patch_size needs 3 entries, got {list(patch_size)}.")
+        positive = [p for p in self.patch_size if p > 0]
+        if positive:
+            _check_patch([*positive, *([self.divisor] * (3 - len(positive)))], self.divisor)
+        if not 0.0 <= float(overlap) < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {overlap}.")
+        self.overlap = float(overlap)
+        if int(sw_batch_size) < 1:
+            raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}.")
+        self.sw_batch_size = int(sw_batch_size)
+        self.device = torch.device(device)
+        self.amp = bool(amp) and self.device.type == "cuda"
+        if spacing is not None:
+            spacing = [float(s) for s in spacing]
+            if len(spacing) == 1:
+                spacing = spacing * 3
+            if len(spacing) != 3 or min(spacing) <= 0:
+                raise ValueError(f"spacing needs 1 or 3 positive values (mm), got {spacing}.")
+        self.spacing = spacing
+        self.settings = dict(settings or {})
+        self._normalize = NormalizeIntensity(nonzero=True, channel_wise=True)
+
+    def _roi(self, shape: Sequence[int]) -> list[int]:
+        padded = [math.ceil(s / self.divisor) * self.divisor for s in shape]
+        return [pad if p <= 0 else min(p, pad) for p, pad in zip(self.patch_size, padded)]
+
+    @torch.inference_mode()
+    def predict(self, case: CaseInputs, labels: str = "brats2018", probabilities: bool = False) -> Prediction:
+        """Segment ``case``; the result lies on the grid of ``case.ref``.
+
+        Args:
+            case: sequences on one grid (see :func:`app.inference.io.read_case`).
+            labels: label convention name or ``--labels`` value.
+            probabilities: also return the WT/TC/ET probability maps.
+        """
+        convention = label_convention(labels)
+        timing: dict[str, float] = {}
+        start = time.perf_counter()
+        ref = case.ref
+        present = [BRATS_MODALITIES.index(s) for s in case.sequences]
+        mask = case.modality_mask.to(self.device)
+
+        # 1. RAS by permutation and flips only: exact, and exactly undone at the end
+        ornt = io_orientation(ref.affine)
+        ras_affine = ref.affine @ inv_ornt_aff(ornt, ref.shape)
+        ras_shape = tuple(int(s) for s in apply_orientation(np.empty(ref.shape, dtype=np.bool_), ornt).shape)
+        image = torch.zeros((len(BRATS_MODALITIES), *ras_shape), dtype=torch.float32, device=self.device)
+        for seq, vol in case.volumes.items():
+            ras = np.ascontiguousarray(apply_orientation(vol.data, ornt), dtype=np.float32)
+            image[BRATS_MODALITIES.index(seq)] = torch.from_numpy(ras).to(self.device)
+
+        # 2. optional resampling to the training spacing; align_corners=False keeps the field of view
+        native = np.linalg.norm(ras_affine[:3, :3], axis=0)
+        work_shape = ras_shape
+        if self.spacing is not None:
+            work_shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(ras_shape, native, self.spacing))
+            if work_shape != ras_shape:
+                image = F.interpolate(image[None], size=work_shape, mode="trilinear", align_corners=False)[0]
+
+        # 3. crop to the foreground of the given sequences (voxels > 0, like CropForegroundd)
+        foreground = (image[present] > 0).any(dim=0)
+        box = []
+        for axis in range(3):
+            hits = torch.nonzero(foreground.any(dim=tuple(a for a in range(3) if a != axis))).flatten()
+            if hits.numel() == 0:
+                raise CaseError(f"{ref.source}: no voxel above 0 remains after resampling to spacing {self.spacing}: "
+                                "use a finer --spacing or none.")
+            box.append((int(hits[0]), int(hits[-1]) + 1))
+        crop = image[:, box[0][0] : box[0][1], box[1][0] : box[1][1], box[2][0] : box[2][1]]
+        del image, foreground
+
+        # 4. per-sequence z-score on non-zero voxels; absent channels stay zero and are never read
+        crop = torch.as_tensor(self._normalize(crop), dtype=torch.float32)
+        timing["preprocess_s"] = _seconds(start)
+
+        # 5. Gaussian-blended sliding windows, each a multiple of the network divisor
+        start = time.perf_counter()
+        roi = self._roi(crop.shape[1:])
+
+        def predictor(x: torch.Tensor) -> torch.Tensor:
+            return self.network(x, mask[None].expand(x.shape[0], -1))
+
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+        with autocast:
+            logits = sliding_window_inference(
+                crop[None], roi, self.sw_batch_size, predictor, overlap=self.overlap, mode="gaussian",
+                sw_device=self.device, device=self.device,
+            )
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        timing["network_s"] = _seconds(start)
+
+        # 6. back to the input grid
+        start = time.perf_counter()
+        prob_crop = torch.sigmoid(torch.as_tensor(logits, dtype=torch.float32)[0])
+        del logits, crop
+        prob = torch.zeros((prob_crop.shape[0], *work_shape), dtype=torch.float32, device=self.device)
+        prob[:, box[0][0] : box[0][1], box[1][0] : box[1][1], box[2][0] : box[2][1]] = prob_crop
+        del prob_crop
+        if work_shape != ras_shape:
+            prob = F.interpolate(prob[None], size=ras_shape, mode="trilinear", align_corners=False)[0]
+        label_ras = regions_to_labels(prob > 0.5, convention)
+        back = ornt_transform(_RAS, ornt)
+        label_map = np.ascontiguousarray(apply_orientation(label_ras.cpu().numpy(), back), dtype=np.uint8)
+        prob_map = None
+        if probabilities:
+            prob_map = np.ascontiguousarray(apply_orientation(prob.permute(1, 2, 3, 0).cpu().numpy(), back))
+        timing["postprocess_s"] = _seconds(start)
+        details = {
+            "ras_shape": list(ras_shape),
+            "work_shape": list(work_shape),
+            "work_spacing_mm": [round(float(n * s / w), 4) for n, s, w in zip(native, ras_shape, work_shape)],
+            "crop_box": [list(b) for b in box],
+            "roi_size": roi,
+            "overlap": self.overlap,
+            "sw_batch_size": self.sw_batch_size,
+            "device": str(self.device),
+            "amp_bf16": self.amp,
+        }
+        return Prediction(label_map, prob_map, timing, details)
+
+
+def load_segmenter(
+    ckpt: str | os.PathLike,
+    bundle: str | os.PathLike | None = None,
+    features: Sequence[int] | None = None,
+    patch_size: Sequence[int] | None = None,
+    overlap: float | None = None,
+    sw_batch_size: int | None = None,
+    device: torch.device | str | None = None,
+    amp: bool = True,
+    spacing: Sequence[float] | None = None,
+) -> Segmenter:
+    """Build a :class:`Segmenter` from a checkpoint, with defaults from the bundle's ``train.yaml``.
+
+    Args:
+        ckpt: ``model.pt`` state dict or exported TorchScript model.
+        bundle: bundle folder (``bundles/brats_gmd``) whose ``configs/train.yaml`` gives the defaults
+            of ``features``, ``patch_size``, ``overlap`` (``sw_overlap``) and ``sw_batch_size``.
+        features: network widths; None reads them from the checkpoint.
+        patch_size: sliding-window size (see :class:`Segmenter`); None uses the bundle's.
+        overlap: window overlap; None uses the bundle's ``sw_overlap``.
+        sw_batch_size: windows per call; None uses the bundle's.
+        device: ``"cuda"``, ``"cpu"``, ...; None or ``"auto"`` picks CUDA when available.
+        amp: bf16 autocast on CUDA.
+        spacing: optional working spacing in mm.
+    """
+    defaults = bundle_defaults(bundle)
+    if device is None or str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available here: use --device cpu.")
+    network, settings = load_network(ckpt, features=features, bundle=bundle, device=device)
+    settings["checkpoint"] = os.path.abspath(os.fspath(ckpt))
+    return Segmenter(
+        network,
+        divisor=settings["divisor"],
+        patch_size=defaults["patch_size"] if patch_size is None else patch_size,
+        overlap=defaults["sw_overlap"] if overlap is None else overlap,
+        sw_batch_size=defaults["sw_batch_size"] if sw_batch_size is None else sw_batch_size,
+        device=device,
+        amp=amp,
+        spacing=spacing,
+        settings=settings,
+    )
+
+
+def check_output_path(path: str | os.PathLike, kind: str, suffixes: Sequence[str], inputs: Sequence[str] = ()) -> str:
+    """Validate an output path before any work is done; returns it as an absolute path.
+
+    Raises:
+        ValueError: wrong suffix, an existing folder, or the path of one of the inputs.
+    """
+    out = os.path.abspath(os.fspath(path))
+    if not out.lower().endswith(tuple(suffixes)):
+        raise ValueError(f"{kind} {path} must end with {' or '.join(suffixes)}: rename it.")
+    if os.path.isdir(out):
+        raise ValueError(f"{kind} {path} is a folder: give a file name ending with {suffixes[0]}.")
+    for inp in inputs:
+        if os.path.abspath(inp) == out:
+            raise ValueError(f"{kind} {path} is also an input: choose another output name so the input is kept.")
+    return out
+
+
+def _output_image(data: np.ndarray, ref: Volume, description: str) -> nib.Nifti1Image:
+    """NIfTI image on the reference grid: its affine, and its header's qform/sform codes, units, dims."""
+    if ref.header is not None:
+        header = ref.header.copy()
+        header.set_data_dtype(data.dtype)
+        header.set_slope_inter(None, None)  # the input's intensity scaling must not apply to labels
+        header["intent_code"] = 0
+        header["cal_min"], header["cal_max"] = 0.0, float(data.max()) if data.size else 0.0
+        header["descrip"] = description.encode()[:79]
+        # same affine as the header's best affine, so nibabel keeps qform/sform and their codes as they are
+        return nib.Nifti1Image(data, ref.affine, header=header)
+    img = nib.Nifti1Image(data, ref.affine)  # DICOM input: mark the geometry as scanner coordinates
+    img.set_qform(ref.affine, code=1)
+    img.set_sform(ref.affine, code=1)
+    img.header.set_xyzt_units("mm")
+    img.header["descrip"] = description.encode()[:79]
+    return img
+
+
+def _volumes_ml(labels: np.ndarray, convention: str, voxel_ml: float) -> dict[str, float]:
+    values = {p: int(LABEL_CONVENTIONS[convention][p][0]) for p in LABEL_PARTS}
+    counts = {p: int(np.count_nonzero(labels == v)) for p, v in values.items()}
+    regions = {"WT": counts["ncr"] + counts["ed"] + counts["et"], "TC": counts["ncr"] + counts["et"],
+               "ET": counts["et"], "NCR": counts["ncr"], "ED": counts["ed"]}
+    return {k: round(n * voxel_ml, 4) for k, n in regions.items()}
+
+
+def segment_case(
+    segmenter: Segmenter,
+    paths: Mapping[str, str | os.PathLike],
+    out: str | os.PathLike,
+    labels: str = "2018",
+    probabilities: str | os.PathLike | None = None,
+    summary: str | os.PathLike | None = None,
+    resample_to: str | None = None,
+    channels: Mapping[str, int] | None = None,
+    case: str | None = None,
+) -> dict[str, Any]:
+    """Read, check, segment and write one case; every output appears atomically or not at all.
+
+    Args:
+        segmenter: see :func:`load_segmenter`.
+        paths: ``{sequence: NIfTI file or DICOM folder}``, any non-empty subset.
+        out: label map path (``.nii.gz`` or ``.nii``).
+        labels: ``2018`` (1/2/4) or ``2023`` (1/2/3).
+        probabilities: optional path for the WT/TC/ET probability maps (4D float32 NIfTI).
+        summary: optional path for the JSON summary.
+        resample_to: sequence whose grid the others are resampled onto; None requires one grid.
+        channels: ``{sequence: index}`` for sequences stored in one 4D file (MSD layout).
+        case: case name for the summary.
+
+    Returns:
+        The summary (also written to ``summary`` when given).
+
+    Raises:
+        CaseError / ValueError / FileNotFoundError: bad input or output paths; nothing is written.
+    """
+    start = time.perf_counter()
+    convention = label_convention(labels)
+    inputs = [os.fspath(p) for p in paths.values()]
+    out = check_output_path(out, "--out", (".nii.gz", ".nii"), inputs)
+    prob_path = check_output_path(probabilities, "--probabilities", (".nii.gz", ".nii"), inputs) if probabilities else None
+    summary_path = check_output_path(summary, "--summary", (".json",), inputs) if summary else None
+    if len({p for p in (out, prob_path, summary_path) if p}) != len([p for p in (out, prob_path, summary_path) if p]):
+        raise ValueError("--out, --probabilities and --summary must be different files.")
+
+    case_inputs: CaseInputs = read_case(paths, resample_to=resample_to, channels=channels)
+    read_s = _seconds(start)
+    pred = segmenter.predict(case_inputs, convention, probabilities=prob_path is not None)
+    ref = case_inputs.ref
+    voxel_ml = voxel_volume_ml(ref.affine)
+    result: dict[str, Any] = {
+        "case": case,
+        "sequences_used": case_inputs.sequences,
+        "sequences_missing": [s for s in BRATS_MODALITIES if s not in case_inputs.volumes],
+        "inputs": {s: v.source for s, v in case_inputs.volumes.items()},
+        "reference_sequence": case_inputs.reference,
+        "resampled_to_reference": case_inputs.resampled,
+        "output": out,
+        "probabilities": prob_path,
+        "label_convention": convention,
+        "labels": dict(zip(LABEL_PARTS, (int(LABEL_CONVENTIONS[convention][p][0]) for p in LABEL_PARTS))),
+        "shape": list(ref.shape),
+        "voxel_size_mm": [round(float(z), 6) for z in np.linalg.norm(ref.affine[:3, :3], axis=0)],
+        "voxel_volume_ml": voxel_ml,
+        "volumes_ml": _volumes_ml(pred.labels, convention, voxel_ml),
+        "network": segmenter.settings,
+        "inference": pred.details | {"spacing_mm": segmenter.spacing},
+        "timing_s": {"read_s": read_s, **pred.timing},
+        "host": {"python": platform.python_version(), "torch": torch.__version__,
+                 "threads": torch.get_num_threads()},
+    }
+    write_start = time.perf_counter()
+    with AtomicOutputs() as writer:
+        nib.save(_output_image(pred.labels, ref, f"brats_gmd labels {convention}"), writer.temp(out))
+        if prob_path is not None:
+            nib.save(_output_image(pred.probabilities, ref, "brats_gmd WT,TC,ET probabilities"),
+                     writer.temp(prob_path))
+        result["timing_s"]["write_s"] = _seconds(write_start)
+        result["timing_s"]["total_s"] = _seconds(start)
+        if summary_path is not None:
+            with open(writer.temp(summary_path), "w", encoding="utf-8") as f:
+                json.dump(result, f, indent=2)
+                f.write("\n")
+    return result

@@ -1,0 +1,122 @@
+"""Fixtures for the inference tests: 32^3 phantom cases and tiny checkpoints (features [8, 16, 32, 64]).
+
+The random-weights checkpoint serves grid, orientation and I/O tests (its probabilities vary from
+voxel to voxel, which is what those tests compare). The "trained" checkpoint is the same network
+after a few optimiser steps on phantoms, trained in-process in a few seconds instead of through the
+bundle (which takes over a minute on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from app.__main__ import main as app_main
+from app.data.phantoms import write_phantoms
+from app.networks import DSUNet
+from app.subsets import BRATS_MODALITIES
+
+FEATURES = [8, 16, 32, 64]
+FEATURE_ARGS = ["--features", "8", "16", "32", "64"]
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO.parent / "shared" / "data"
+DEV = Path(os.environ["BRATS_DEV_DIR"]) if os.environ.get("BRATS_DEV_DIR") else SHARED / "brats18_dev"
+
+
+@pytest.fixture(scope="session")
+def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three 32^3 phantom cases (BraTS 2018 names, LPS-stored like the BraTS releases)."""
+    root = tmp_path_factory.mktemp("phantoms")
+    write_phantoms(root, cases=3, size=32, seed=7)
+    return root
+
+
+@pytest.fixture
+def case(phantom_root: Path, tmp_path: Path) -> dict[str, str]:
+    """A private copy of phantom case 0 (``{sequence: path}``), so tests may damage it."""
+    src = phantom_root / "Phantom_000"
+    dst = tmp_path / "Phantom_000"
+    shutil.copytree(src, dst)
+    return {seq: str(dst / f"Phantom_000_{seq}.nii.gz") for seq in BRATS_MODALITIES}
+
+
+@pytest.fixture(scope="session")
+def random_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """State dict of an untrained DS U-Net with features [8, 16, 32, 64]."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "random.pt"
+    torch.save(DSUNet(features=FEATURES).state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny DS U-Net trained for a few steps on 32^3 phantoms with random sequence subsets."""
+    from monai.losses import DiceCELoss
+    from monai.transforms import Compose, CropForegroundd, NormalizeIntensityd, Orientationd, SpatialPadd
+
+    from app.data import LoadCased, discover_cases
+    from app.subsets import subset_masks
+
+    root = tmp_path_factory.mktemp("train")
+    write_phantoms(root, cases=4, size=32, seed=0)
+    prep = Compose([
+        LoadCased(),
+        Orientationd(keys=["image", "label"], axcodes="RAS"),
+        CropForegroundd(keys=["image", "label"], source_key="image"),
+        NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
+        SpatialPadd(keys=["image", "label"], spatial_size=[32, 32, 32]),
+    ])
+    samples = [prep(rec) for rec in discover_cases(root, require_label=True)]
+    images = torch.stack([torch.as_tensor(s["image"])[:, :32, :32, :32] for s in samples])
+    labels = torch.stack([torch.as_tensor(s["label"])[:, :32, :32, :32] for s in samples])
+    torch.manual_seed(0)
+    net = DSUNet(features=FEATURES)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    loss_fn = DiceCELoss(sigmoid=True, smooth_dr=1e-5, smooth_nr=0.0, squared_pred=True)
+    masks = subset_masks(4)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        mask = masks[torch.randint(len(masks), (len(images),), generator=gen)]
+        loss = loss_fn(net(images, mask), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = root / "model.pt"
+    torch.save(net.state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture
+def infer(capsys: pytest.CaptureFixture) -> Callable[..., tuple[int, str, str]]:
+    """``infer(*argv) -> (exit status, stdout, stderr)`` of ``python -m app infer`` run in-process."""
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        rc = app_main(["infer", *[str(a) for a in argv]])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return run
+
+
+def load(path: str | os.PathLike) -> nib.Nifti1Image:
+    return nib.load(str(path))
+
+
+def assert_same_grid(out_path: str | os.PathLike, ref_path: str | os.PathLike) -> None:
+    """The output lies exactly on the reference grid: shape, affine, qform/sform matrices and codes."""
+    out, ref = load(out_path), load(ref_path)
+    assert out.shape[:3] == ref.shape[:3]
+    np.testing.assert_array_equal(out.affine, ref.affine)
+    for key in ("qform_code", "sform_code"):
+        assert int(out.header[key]) == int(ref.header[key]), key
+    np.testing.assert_array_equal(out.header.get_qform(), ref.header.get_qform())
+    np.testing.assert_array_equal(out.header.get_sform(), ref.header.get_sform())

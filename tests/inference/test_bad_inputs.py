@@ -1,0 +1,189 @@
+"""Bad input: one clear line on stderr naming the file and the fix, exit status 2, nothing written."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tests.inference.conftest import REPO, load
+
+
+def _save(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> str:
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
+    return str(path)
+
+
+def _like(case, seq: str, data: np.ndarray, tmp_path: Path, name: str) -> str:
+    return _save(tmp_path / name, data, load(case[seq]).affine)
+
+
+def _corrupt(case, tmp_path):
+    path = tmp_path / "corrupt_t2.nii.gz"
+    path.write_bytes(b"this is not a NIfTI file" * 20)
+    return ["--flair", case["flair"], "--t2", str(path)], "corrupt_t2.nii.gz"
+
+
+def _truncated(case, tmp_path):
+    raw = gzip.decompress(Path(case["t2"]).read_bytes())
+    path = tmp_path / "truncated_t2.nii.gz"
+    path.write_bytes(gzip.compress(raw[: len(raw) // 2]))  # valid header, half the voxels
+    return ["--flair", case["flair"], "--t2", str(path)], "truncated_t2.nii.gz"
+
+
+def _empty(case, tmp_path):
+    shape = load(case["t1"]).shape
+    return ["--flair", case["flair"], "--t1", _like(case, "t1", np.zeros(shape, np.int16), tmp_path, "empty_t1.nii.gz")], \
+        "empty_t1.nii.gz"
+
+
+def _constant(case, tmp_path):
+    shape = load(case["t1"]).shape
+    path = _like(case, "t1", np.full(shape, 7, np.int16), tmp_path, "const_t1.nii.gz")
+    return ["--t1", path], "const_t1.nii.gz"
+
+
+def _nan(case, tmp_path):
+    data = np.asarray(load(case["t1ce"]).dataobj, dtype=np.float32)
+    data[3, 4, 5] = np.nan
+    return ["--flair", case["flair"], "--t1ce", _like(case, "t1ce", data, tmp_path, "nan_t1ce.nii.gz")], "nan_t1ce.nii.gz"
+
+
+def _two_d(case, tmp_path):
+    return ["--flair", _save(tmp_path / "slice_flair.nii.gz", np.ones((32, 32), np.int16))], "slice_flair.nii.gz"
+
+
+def _single_slice(case, tmp_path):
+    data = np.asarray(load(case["flair"]).dataobj)[:, :, 16:17]
+    return ["--flair", _save(tmp_path / "one_flair.nii.gz", data)], "one_flair.nii.gz"
+
+
+def _four_d(case, tmp_path):
+    data = np.stack([np.asarray(load(case[s]).dataobj) for s in ("flair", "t2")], axis=-1)
+    return ["--flair", _like(case, "flair", data, tmp_path, "stack_flair.nii.gz")], "stack_flair.nii.gz"
+
+
+def _mismatched(case, tmp_path):
+    data = np.asarray(load(case["t2"]).dataobj)[:, :, :30]
+    return ["--flair", case["flair"], "--t2", _like(case, "t2", data, tmp_path, "short_t2.nii.gz")], "short_t2.nii.gz"
+
+
+def _missing(case, tmp_path):
+    return ["--flair", case["flair"], "--t1", str(tmp_path / "nowhere_t1.nii.gz")], "nowhere_t1.nii.gz"
+
+
+def _not_nifti(case, tmp_path):
+    path = tmp_path / "scan_t2.mha"
+    path.write_bytes(b"x")
+    return ["--t2", str(path)], "scan_t2.mha"
+
+
+def _no_sequence(case, tmp_path):
+    return [], "--flair"
+
+
+def _unknown_name(case, tmp_path):
+    return ["--input", f"dwi={case['flair']}"], "'dwi'"
+
+
+def _unknown_flag(case, tmp_path):
+    return ["--dwi", case["flair"]], "--dwi"
+
+
+def _resample_to_absent(case, tmp_path):
+    return ["--flair", case["flair"], "--resample-to", "t1ce"], "--resample-to t1ce"
+
+
+def _output_is_input(case, tmp_path):
+    return ["--flair", case["flair"], "--out", case["flair"]], "is also an input"
+
+
+def _bad_ckpt(case, tmp_path):
+    path = tmp_path / "broken.pt"
+    path.write_bytes(b"not a checkpoint")
+    return ["--flair", case["flair"], "--ckpt", str(path)], "broken.pt"
+
+
+def _wrong_features(case, tmp_path):
+    return ["--flair", case["flair"], "--features", "16", "32"], "different network configuration"
+
+
+def _case_dir_many(case, tmp_path):
+    return ["--case-dir", str(Path(case["flair"]).parents[1])], "holds"
+
+
+BAD = {f.__name__.lstrip("_"): f for f in (
+    _corrupt, _truncated, _empty, _constant, _nan, _two_d, _single_slice, _four_d, _mismatched, _missing, _not_nifti,
+    _no_sequence, _unknown_name, _unknown_flag, _resample_to_absent, _output_is_input, _bad_ckpt, _wrong_features,
+)}
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_input_exits_2_with_one_line_and_no_output(kind, case, random_ckpt, infer, tmp_path):
+    args, expected = BAD[kind](case, tmp_path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    argv = ["--ckpt", random_ckpt, "--out", str(out_dir / "seg.nii.gz"), "--summary", str(out_dir / "seg.json"),
+            "--probabilities", str(out_dir / "prob.nii.gz"), *args]
+    # later options win in argparse, so the case may override --ckpt / --out
+    before = _files(tmp_path)
+    rc, stdout, stderr = infer(*argv)
+    assert rc == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+    assert _files(out_dir) == set(), "no output or temporary file may be left behind"
+    assert _files(tmp_path) == before
+    assert stdout == ""
+
+
+def test_case_dir_with_several_cases_is_refused(phantom_root, random_ckpt, infer, tmp_path):
+    rc, _, err = infer("--ckpt", random_ckpt, "--case-dir", phantom_root, "--out", tmp_path / "seg.nii.gz")
+    assert rc == 2 and "holds 3 cases" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "seg.nii.gz").exists()
+
+
+def test_failure_while_writing_leaves_nothing(case, random_ckpt, infer, tmp_path, monkeypatch):
+    """An error after the label map was written (here: the probability map) removes the temporary files."""
+    import app.inference.pipeline as pipeline
+
+    real_save = nib.save
+    calls = []
+
+    def failing_save(img, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(f"No space left on device: {path}")
+        real_save(img, path)
+
+    monkeypatch.setattr(pipeline.nib, "save", failing_save)
+    out_dir = tmp_path / "out"
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--out", out_dir / "seg.nii.gz",
+                       "--probabilities", out_dir / "prob.nii.gz")
+    assert rc == 2 and "No space left" in err
+    assert len(calls) == 2 and Path(calls[0]).parent == out_dir and Path(calls[0]).name.startswith(".seg.")
+    assert list(out_dir.iterdir()) == []
+
+
+def test_process_exit_status_through_python_m_app(tmp_path, random_ckpt):
+    """The real command line: status 2 and one stderr line for a corrupt file (subprocess)."""
+    bad = tmp_path / "bad_flair.nii.gz"
+    bad.write_bytes(b"\x00" * 100)
+    proc = subprocess.run(
+        [sys.executable, "-m", "app", "infer", "--ckpt", random_ckpt, "--flair", str(bad), "--out",
+         str(tmp_path / "seg.nii.gz")],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "bad_flair.nii.gz" in proc.stderr
+    assert not (tmp_path / "seg.nii.gz").exists()

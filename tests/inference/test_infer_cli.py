@@ -1,0 +1,209 @@
+"""``python -m app infer``: outputs on the input grid, labels, probabilities, summary, subsets, layouts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.transforms import Compose, CropForegroundd, NormalizeIntensityd, Orientationd
+from monai.transforms.utils import generate_spatial_bounding_box
+from nibabel.orientations import apply_orientation, io_orientation
+
+from app.data import LoadCased
+from app.networks import DSUNet
+from app.subsets import BRATS_MODALITIES
+from tests.inference.conftest import FEATURES, assert_same_grid, load
+
+
+def test_all_sequences_on_input_grid_with_summary_and_probabilities(case, random_ckpt, infer, tmp_path):
+    out, prob, summary = tmp_path / "o" / "seg.nii.gz", tmp_path / "o" / "prob.nii.gz", tmp_path / "o" / "s.json"
+    rc, stdout, err = infer("--bundle", "bundles/brats_gmd", "--ckpt", random_ckpt, *[f"--{s}={case[s]}" for s in case],
+                            "--out", out, "--probabilities", prob, "--summary", summary, "--patch-size", "16", "16", "16")
+    assert rc == 0, err
+    assert "Wrote" in stdout
+    assert_same_grid(out, case["flair"])
+    assert_same_grid(prob, case["flair"])
+    img = load(out)
+    assert img.get_data_dtype() == np.uint8
+    labels = np.asarray(img.dataobj)
+    assert set(np.unique(labels)) <= {0, 1, 2, 4}
+    p = np.asarray(load(prob).dataobj)
+    assert p.shape == (*labels.shape, 3) and p.dtype == np.float32 and 0.0 <= p.min() and p.max() <= 1.0
+    # nested priority ET > TC > WT of the thresholded regions
+    np.testing.assert_array_equal(labels == 4, p[..., 2] > 0.5)
+    np.testing.assert_array_equal(labels == 1, (p[..., 1] > 0.5) & ~(p[..., 2] > 0.5))
+    np.testing.assert_array_equal(labels > 0, (p > 0.5).any(-1))
+    s = json.loads(summary.read_text())
+    assert s["sequences_used"] == list(BRATS_MODALITIES) and s["sequences_missing"] == []
+    voxel_ml = abs(np.linalg.det(img.affine[:3, :3])) / 1000
+    assert s["voxel_volume_ml"] == voxel_ml
+    assert s["volumes_ml"]["WT"] == round(np.count_nonzero(labels) * voxel_ml, 4)
+    assert s["volumes_ml"]["ET"] == round(np.count_nonzero(labels == 4) * voxel_ml, 4)
+    assert s["volumes_ml"]["TC"] == round(np.count_nonzero((labels == 1) | (labels == 4)) * voxel_ml, 4)
+    assert {"read_s", "preprocess_s", "network_s", "postprocess_s", "write_s", "total_s"} <= set(s["timing_s"])
+    assert s["network"]["features"] == FEATURES and s["inference"]["roi_size"] == [16, 16, 16]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["prob.nii.gz", "s.json", "seg.nii.gz"]  # no temp files
+
+
+def test_subset_matches_training_preprocessing_and_network(case, random_ckpt, infer, tmp_path):
+    """FLAIR + T2 only: the probabilities equal DSUNet.forward with mask [1, 0, 0, 1] on train.yaml's preprocessing."""
+    prob = tmp_path / "prob.nii.gz"
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t2", case["t2"], "--out", tmp_path / "s.nii.gz",
+                       "--probabilities", prob, "--summary", tmp_path / "s.json", "--patch-size", "32", "32", "32")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "s.json").read_text())["sequences_used"] == ["flair", "t2"]
+
+    record = {"case": "c", "images": {"flair": case["flair"], "t2": case["t2"]}}
+    data = Compose([
+        LoadCased(load_label=False),
+        Orientationd(keys="image", axcodes="RAS"),
+        CropForegroundd(keys="image", source_key="image"),
+        NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
+    ])(record)
+    image = torch.as_tensor(data["image"])
+    assert data["modality_mask"].tolist() == [True, False, False, True]
+    pads = [(0, 0)] + [((-(-s // 8) * 8 - s) // 2, -(-s // 8) * 8 - s - (-(-s // 8) * 8 - s) // 2) for s in image.shape[1:]]
+    padded = torch.nn.functional.pad(image, [p for pair in reversed(pads[1:]) for p in pair])
+    net = DSUNet(features=FEATURES)
+    net.load_state_dict(torch.load(random_ckpt, weights_only=True))
+    with torch.inference_mode():
+        expected = torch.sigmoid(net.eval()(padded[None], data["modality_mask"][None]))[0]
+    sl = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads[1:], image.shape[1:]))
+    expected = expected[(slice(None), *sl)].numpy()
+
+    ref = load(case["flair"])
+    got = np.asarray(load(prob).dataobj)
+    ornt = io_orientation(ref.affine)
+    got_ras = np.moveaxis(apply_orientation(got, ornt), -1, 0)  # [3, RAS...]
+    ras_flair = apply_orientation(np.asarray(ref.dataobj, dtype=np.float32), ornt)
+    ras_t2 = apply_orientation(np.asarray(load(case["t2"]).dataobj, dtype=np.float32), ornt)
+    start, end = generate_spatial_bounding_box(np.stack([ras_flair, ras_t2]))
+    got_crop = got_ras[:, start[0]:end[0], start[1]:end[1], start[2]:end[2]]
+    np.testing.assert_allclose(got_crop, expected, atol=2e-5)
+    outside = np.ones(got_ras.shape[1:], dtype=bool)
+    outside[start[0]:end[0], start[1]:end[1], start[2]:end[2]] = False
+    assert np.all(got_ras[:, outside] == 0)  # background outside the crop
+
+
+def test_labels_2023_and_input_aliases(case, random_ckpt, infer, tmp_path):
+    base, new = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
+    assert infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t1ce", case["t1ce"], "--out", base)[0] == 0
+    rc, _, err = infer("--ckpt", random_ckpt, "--input", f"T2F={case['flair']}", "--input", f"t1c={case['t1ce']}",
+                       "--out", new, "--labels", "2023")
+    assert rc == 0, err
+    a, b = np.asarray(load(base).dataobj), np.asarray(load(new).dataobj)
+    assert set(np.unique(b)) <= {0, 1, 2, 3}
+    expected = a.copy()
+    expected[a == 4] = 3
+    np.testing.assert_array_equal(b, expected)
+
+
+def test_case_dir_in_brats2018_and_brats2023_layouts(case, random_ckpt, infer, tmp_path):
+    explicit = tmp_path / "explicit.nii.gz"
+    assert infer("--ckpt", random_ckpt, *[f"--{s}={case[s]}" for s in ("flair", "t1ce")], "--out", explicit)[0] == 0
+    d18 = tmp_path / "c18"
+    d18.mkdir()
+    d23 = tmp_path / "c23"
+    d23.mkdir()
+    for seq, new in (("flair", "t2f"), ("t1ce", "t1c")):
+        shutil.copy(case[seq], d18 / f"X_{seq}.nii.gz")
+        shutil.copy(case[seq], d23 / f"X-{new}.nii.gz")
+    for folder in (d18, d23):
+        out = tmp_path / f"{folder.name}.nii.gz"
+        rc, _, err = infer("--ckpt", random_ckpt, "--case-dir", folder, "--out", out, "--summary", tmp_path / "s.json")
+        assert rc == 0, err
+        np.testing.assert_array_equal(np.asarray(load(out).dataobj), np.asarray(load(explicit).dataobj))
+        assert json.loads((tmp_path / "s.json").read_text())["sequences_used"] == ["flair", "t1ce"]
+
+
+def test_spacing_resamples_and_returns_to_input_grid(case, random_ckpt, infer, tmp_path):
+    out, summary = tmp_path / "seg.nii.gz", tmp_path / "s.json"
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--out", out, "--summary", summary,
+                       "--spacing", "2")
+    assert rc == 0, err
+    assert_same_grid(out, case["flair"])
+    s = json.loads(summary.read_text())
+    assert s["inference"]["work_shape"] == [16, 16, 16] and s["inference"]["work_spacing_mm"] == [2.0, 2.0, 2.0]
+
+
+def test_exported_torchscript_gives_the_same_result(case, random_ckpt, infer, tmp_path, capsys):
+    from app.inference.export import main as export_main
+
+    ts = tmp_path / "model.ts"
+    assert export_main(["--ckpt", random_ckpt, "--out", str(ts)]) == 0
+    results = {}
+    for name, ckpt in (("pt", random_ckpt), ("ts", ts)):
+        out, prob = tmp_path / f"{name}.nii.gz", tmp_path / f"{name}_prob.nii.gz"
+        rc, _, err = infer("--ckpt", ckpt, "--flair", case["flair"], "--t1", case["t1"], "--t2", case["t2"],
+                           "--out", out, "--probabilities", prob, "--patch-size", "16", "16", "16")
+        assert rc == 0, err
+        results[name] = (np.asarray(load(out).dataobj), np.asarray(load(prob).dataobj))
+    np.testing.assert_array_equal(results["pt"][0], results["ts"][0])
+    np.testing.assert_array_equal(results["pt"][1], results["ts"][1])
+    # a TorchScript model ignores nothing silently: wrong --features is an error
+    rc, _, err = infer("--ckpt", ts, "--flair", case["flair"], "--out", tmp_path / "x.nii.gz", "--features", "8", "16")
+    assert rc == 2 and "features" in err and not (tmp_path / "x.nii.gz").exists()
+
+
+def test_dicom_series_input(case, random_ckpt, infer, tmp_path):
+    """A folder holding a DICOM series reads onto the same grid as the NIfTI it was made from."""
+    import SimpleITK as sitk
+
+    def write_series(nifti: str, folder: Path) -> None:
+        folder.mkdir()
+        img = sitk.Cast(sitk.ReadImage(nifti), sitk.sitkInt16)
+        direction = img.GetDirection()
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        tags = {"0020|000d": "1.2.826.0.1.3680043.2.1125.1", "0020|000e": "1.2.826.0.1.3680043.2.1125.1.2",
+                "0008|0060": "MR", "0020|0037": "\\".join(f"{v:.10f}" for v in (*direction[0::3], *direction[1::3]))}
+        for k in range(img.GetDepth()):
+            sl = img[:, :, k]
+            for tag, value in tags.items():
+                sl.SetMetaData(tag, value)
+            sl.SetMetaData("0020|0032", "\\".join(f"{v:.10f}" for v in img.TransformIndexToPhysicalPoint((0, 0, k))))
+            sl.SetMetaData("0020|0013", str(k + 1))
+            writer.SetFileName(str(folder / f"slice_{k:03d}.dcm"))
+            writer.Execute(sl)
+
+    write_series(case["t2"], tmp_path / "t2_dicom")
+    ref_out, dcm_out = tmp_path / "nifti.nii.gz", tmp_path / "dicom.nii.gz"
+    assert infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t2", case["t2"], "--out", ref_out)[0] == 0
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t2", tmp_path / "t2_dicom", "--out", dcm_out)
+    assert rc == 0, err
+    np.testing.assert_array_equal(np.asarray(load(dcm_out).dataobj), np.asarray(load(ref_out).dataobj))
+
+    # DICOM as the reference grid: the output carries the series geometry as scanner coordinates
+    only = tmp_path / "only.nii.gz"
+    rc, _, err = infer("--ckpt", random_ckpt, "--t2", tmp_path / "t2_dicom", "--out", only)
+    assert rc == 0, err
+    out = load(only)
+    np.testing.assert_allclose(out.affine, load(case["t2"]).affine, atol=1e-5)
+    assert out.shape == load(case["t2"]).shape
+    assert int(out.header["qform_code"]) == 1 and int(out.header["sform_code"]) == 1
+
+
+def test_resample_to_aligns_other_grids(case, random_ckpt, infer, tmp_path):
+    """T2 stored on another grid: an error by default, resampled onto FLAIR with --resample-to flair."""
+    t2 = load(case["t2"])
+    flipped = tmp_path / "t2_flipped.nii.gz"  # same anatomy, stored with the first axis reversed
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1, t2.shape[0] - 1
+    nib.save(nib.Nifti1Image(np.asarray(t2.dataobj)[::-1].copy(), t2.affine @ flip), flipped)
+    base, out = tmp_path / "base_prob.nii.gz", tmp_path / "seg.nii.gz"
+    assert infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t2", case["t2"], "--out", tmp_path / "b.nii.gz",
+                 "--probabilities", base)[0] == 0
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t2", flipped, "--out", out)
+    assert rc == 2 and "different grids" in err and "--resample-to" in err and "t2_flipped.nii.gz" in err
+    assert not out.exists()
+    prob = tmp_path / "prob.nii.gz"
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t2", flipped, "--out", out,
+                       "--resample-to", "flair", "--probabilities", prob, "--summary", tmp_path / "s.json")
+    assert rc == 0, err
+    assert_same_grid(out, case["flair"])
+    np.testing.assert_allclose(np.asarray(load(prob).dataobj), np.asarray(load(base).dataobj), atol=1e-4)
+    assert json.loads((tmp_path / "s.json").read_text())["resampled_to_reference"] == ["t2"]
