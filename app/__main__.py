@@ -15,6 +15,7 @@ COMMANDS = {
     "phantoms": "app.data.phantoms",
     "convert-mmsa": "app.data.mmsa",
     "plot-conflicts": "app.reports.conflicts",
+    "infer": "app.inference.cli",
 }
 
 
