@@ -40,7 +40,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _grad_vector(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float()
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double()
                       for p in model.parameters()])
 
 

@@ -168,6 +168,28 @@ class DSUNet(nn.Module):
         decoded = self.trunk(stacked)
         return out.index_put((torch.cat(rows), torch.cat(modality_ids)), decoded.to(out.dtype))
 
+    def per_modality_parts(
+        self, image: torch.Tensor, modality_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+        """Like :meth:`per_modality`, but the trunk runs separately for each modality.
+
+        Returns the ``[B, M, C, ...]`` outputs and, per present modality, ``(m, rows, decoded)``
+        with ``decoded = per_modality[rows, m]`` holding its own autograd graph. Exact GMD uses the
+        parts to take each subset's vector-Jacobian product through the trunks of that subset's
+        modalities only, instead of through the whole batched trunk.
+        """
+        mask = self._full_mask(image, modality_mask)
+        out = image.new_zeros(image.shape[0], self.num_modalities, self.out_channels, *image.shape[2:])
+        parts = []
+        for m, encoder in enumerate(self.encoders):
+            idx = torch.nonzero(mask[:, m], as_tuple=False).flatten()
+            if idx.numel() == 0:
+                continue
+            decoded = self.trunk(encoder(image[idx, m : m + 1])).to(out.dtype)
+            out = out.index_put((idx, torch.full_like(idx, m)), decoded)
+            parts.append((m, idx, decoded))
+        return out, parts
+
     def fuse(self, per_modality: torch.Tensor, modality_mask: torch.Tensor) -> torch.Tensor:
         """Mean of the per-modality logits over the modalities in ``modality_mask``."""
         return masked_mean(per_modality, modality_mask.to(per_modality.device, torch.bool))

@@ -71,18 +71,18 @@ class GMDStrategy(GradientStrategy):
 
     # -- gradients ---------------------------------------------------------------------------
     def _shared_gradients(
-        self, per_mod: torch.Tensor, shared: list[torch.nn.Parameter], cotangents: list[torch.Tensor]
+        self, output: torch.Tensor, shared: list[torch.nn.Parameter], cotangents: list[torch.Tensor]
     ) -> torch.Tensor:
-        """``[k, P]`` flattened gradients of the shared parameters, one row per subset."""
+        """``[len(cotangents), P]`` flattened vector-Jacobian products of ``output`` w.r.t. ``shared``."""
         rows = []
         for start in range(0, len(cotangents), self.vjp_chunk):
             chunk = cotangents[start : start + self.vjp_chunk]
             if len(chunk) == 1:
-                grads = torch.autograd.grad(per_mod, shared, grad_outputs=chunk[0], retain_graph=True,
+                grads = torch.autograd.grad(output, shared, grad_outputs=chunk[0], retain_graph=True,
                                             allow_unused=True)
                 grads = [g.unsqueeze(0) if g is not None else None for g in grads]
             else:
-                grads = torch.autograd.grad(per_mod, shared, grad_outputs=torch.stack(chunk), retain_graph=True,
+                grads = torch.autograd.grad(output, shared, grad_outputs=torch.stack(chunk), retain_graph=True,
                                             allow_unused=True, is_grads_batched=True)
             n = len(chunk)
             rows.append(torch.cat([
@@ -91,11 +91,30 @@ class GMDStrategy(GradientStrategy):
             ], dim=1))
         return torch.cat(rows, dim=0)
 
-    def gram_matrix(self, model: Any, per_mod: torch.Tensor, losses: list[torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        """Gram matrix of the per-subset gradients (float64) and what the backward needs later."""
+    def gram_matrix(
+        self, model: Any, per_mod: torch.Tensor, losses: list[torch.Tensor], parts: list | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        """Gram matrix of the per-subset gradients (float64) and what the backward needs later.
+
+        With ``parts`` (see ``DSUNet.per_modality_parts``) each subset's gradient is the sum of
+        VJPs through the trunks of its own modalities, which skips the modalities a subset lacks.
+        """
         cotangents = [torch.autograd.grad(loss, per_mod, retain_graph=True)[0] for loss in losses]
         shared = [p for p in model.shared_parameters() if p.requires_grad]
-        grads = self._shared_gradients(per_mod, shared, cotangents).double()
+        if not parts:
+            grads = self._shared_gradients(per_mod, shared, cotangents)
+        else:
+            grads = None
+            for m, rows, decoded in parts:
+                cots = [c[rows, m] for c in cotangents]
+                members = [j for j, c in enumerate(cots) if bool(c.any())]
+                if not members:
+                    continue
+                part = self._shared_gradients(decoded, shared, [cots[j] for j in members])
+                if grads is None:
+                    grads = part.new_zeros(len(losses), part.shape[1])
+                grads[members] += part
+        grads = grads.double()
         return grads @ grads.T, (shared, grads)
 
     def apply_gradients(self, model: Any, losses: list[torch.Tensor], weights: torch.Tensor, cache: Any) -> None:
@@ -119,7 +138,11 @@ class GMDStrategy(GradientStrategy):
         self, model: Any, inputs: Any, modality_mask: torch.Tensor, targets: torch.Tensor,
         loss_function: Callable, iteration: int = 0,
     ) -> StepResult:
-        per_mod = model.per_modality(inputs, modality_mask)
+        parts = None
+        if not self.approximate and hasattr(model, "per_modality_parts"):
+            per_mod, parts = model.per_modality_parts(inputs, modality_mask)
+        else:
+            per_mod = model.per_modality(inputs, modality_mask)
         masks = subset_masks(model.num_modalities, device=modality_mask.device)
         losses, used = [], []
         for j in self.choose_subsets(masks.shape[0]):
@@ -129,7 +152,7 @@ class GMDStrategy(GradientStrategy):
                 used.append(j)
         if not losses:
             raise ValueError("No sample in the batch has any modality: check the modality masks of the data.")
-        gram, cache = self.gram_matrix(model, per_mod, losses)
+        gram, cache = self.gram_matrix(model, per_mod, losses, parts)
         coeffs = decouple_coefficients(gram, projection_orders(len(losses), self.generator))
         weights = coeffs.mean(0)
         self.apply_gradients(model, losses, weights, cache)
@@ -166,7 +189,7 @@ class GMDApproxStrategy(GMDStrategy):
     name = "gmd_approx"
     approximate = True
 
-    def gram_matrix(self, model, per_mod, losses):
+    def gram_matrix(self, model, per_mod, losses, parts=None):
         cotangents = torch.stack([torch.autograd.grad(loss, per_mod, retain_graph=True)[0] for loss in losses])
         flat = cotangents.reshape(len(losses), -1).double()
         return flat @ flat.T, None
