@@ -1,0 +1,126 @@
+"""Dedicated ridge-regression baselines for the 7 modality subsets of CMU-MOSI / MOSEI.
+
+One ridge model per subset, on the concatenated features of the subset's modalities (sequences
+are mean-pooled over their valid steps, then standardised with training statistics). The ridge
+penalty of each subset is chosen on the selection split (``valid``) by its MAE, the metric ridge
+regression optimises most directly, from a log grid; the intercept is not penalised. The reported
+metrics are those of the selection split, as for the DS model's best checkpoint, plus any
+``--eval_split`` scored with the chosen penalties.
+
+Usage::
+
+    python bench/mosi_baselines.py --data_path PKL --trust_pickle true --out_dir outputs/mosi_ridge
+
+writes ``<out_dir>/ridge_<split>.{json,csv,md,png}`` in the ``subset_metrics`` format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from app.data.mmsa import MMSA_MODALITIES, as_bool, load_mmsa, mmsa_split  # noqa: E402
+from app.metrics.sentiment import SENTIMENT_METRICS, SubsetSentimentAccumulator, sentiment_metrics  # noqa: E402
+from app.reports import format_table, write_subset_report  # noqa: E402
+from app.subsets import all_subsets, subset_name  # noqa: E402
+
+__all__ = ["LAMBDAS", "pooled_features", "fit_ridge", "ridge_baselines", "main"]
+
+#: Ridge penalties tried for every subset.
+LAMBDAS: tuple[float, ...] = tuple(float(x) for x in 10.0 ** np.arange(-2.0, 5.01, 0.25))
+
+
+def pooled_features(split: Mapping[str, np.ndarray], modality: str) -> np.ndarray:
+    """``[N, D]``: mean of the modality's features over each sample's valid steps (float64)."""
+    x, lengths = split[modality].astype(np.float64), split[f"{modality}_lengths"]
+    keep = (np.arange(x.shape[1])[None, :] < lengths[:, None]).astype(np.float64)[..., None]
+    return (x * keep).sum(1) / np.maximum(keep.sum(1), 1.0)
+
+
+def fit_ridge(x: np.ndarray, y: np.ndarray, lam: float) -> np.ndarray:
+    """Ridge weights ``[D + 1]`` (last: the unpenalised intercept) by the normal equations."""
+    a = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+    penalty = lam * np.eye(a.shape[1])
+    penalty[-1, -1] = 0.0
+    return np.linalg.solve(a.T @ a + penalty, a.T @ y)
+
+
+def _predict(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return x @ w[:-1] + w[-1]
+
+
+def ridge_baselines(
+    data: Mapping[str, Mapping[str, np.ndarray]],
+    train_split: str = "train",
+    select_split: str = "valid",
+    eval_splits: Sequence[str] = (),
+    lambdas: Sequence[float] = LAMBDAS,
+) -> dict[str, Any]:
+    """Fit the 7 dedicated ridge models and score them.
+
+    Returns:
+        ``{"lambdas": {subset: lam}, "results": {split: aggregate dict}}`` where each aggregate has the
+        ``{"subsets", "mean_over_subsets", "worst_subset"}`` layout of ``subset_metrics.json``.
+    """
+    train = mmsa_split(data, train_split)
+    splits = {name: mmsa_split(data, name) for name in (select_split, *eval_splits)}
+    feats = {name: {m: pooled_features(s, m) for m in MMSA_MODALITIES} for name, s in {train_split: train, **splits}.items()}
+    y_train = train["regression_labels"].astype(np.float64)
+    stats = {m: (feats[train_split][m].mean(0), feats[train_split][m].std(0)) for m in MMSA_MODALITIES}
+
+    def design(split: str, subset: Sequence[int]) -> np.ndarray:
+        cols = []
+        for i in subset:
+            m = MMSA_MODALITIES[i]
+            mean, std = stats[m]
+            cols.append((feats[split][m] - mean) / np.where(std > 1e-8, std, 1.0))
+        return np.concatenate(cols, axis=1)
+
+    accumulators = {name: SubsetSentimentAccumulator(MMSA_MODALITIES) for name in splits}
+    chosen = {}
+    for j, subset in enumerate(all_subsets(len(MMSA_MODALITIES))):
+        x_train = design(train_split, subset)
+        x_sel, y_sel = design(select_split, subset), splits[select_split]["regression_labels"]
+        best = None
+        for lam in lambdas:
+            w = fit_ridge(x_train, y_train, lam)
+            mae = sentiment_metrics(_predict(x_sel, w), y_sel)["MAE"]
+            if best is None or mae < best[0]:
+                best = (mae, lam, w)
+        _, lam, w = best
+        chosen[subset_name(subset, MMSA_MODALITIES)] = lam
+        for name, split in splits.items():
+            pred = _predict(design(name, subset), w)
+            accumulators[name].update([str(i) for i in split["id"]], j, pred, split["regression_labels"])
+    return {"lambdas": chosen, "results": {name: acc.aggregate() for name, acc in accumulators.items()}}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_path", required=True, help="MMSA .pkl or converted .npz")
+    parser.add_argument("--trust_pickle", default="false", help="true to allow loading a .pkl (runs code from it)")
+    parser.add_argument("--out_dir", default="outputs/mosi_ridge")
+    parser.add_argument("--select_split", default="valid", help="split that chooses each subset's penalty")
+    parser.add_argument("--eval_split", action="append", default=[], help="extra split(s) to score")
+    args = parser.parse_args(argv)
+    data = load_mmsa(args.data_path, trust_pickle=as_bool(args.trust_pickle))
+    out = ridge_baselines(data, select_split=args.select_split, eval_splits=args.eval_split)
+    out_dir = Path(args.out_dir)
+    for split, result in out["results"].items():
+        write_subset_report(result, out_dir, stem=f"ridge_{split}", metrics=SENTIMENT_METRICS,
+                            title=f"Dedicated ridge per subset, {split} split")
+        print(f"## ridge, {split}\n{format_table(result, SENTIMENT_METRICS)}\n")
+    (out_dir / "ridge_lambdas.json").write_text(json.dumps(out["lambdas"], indent=2) + "\n")
+    print("lambda per subset (chosen on %s by MAE): %s" % (args.select_split, out["lambdas"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""Compare training strategies of the mosi_gmd bundle with the dedicated ridge baselines.
+
+For each strategy, runs the bundle's two documented commands (train with model selection on
+``valid``, then evaluate the selected ``model.pt`` on ``--eval_split``, ``valid`` by default) and
+the ridge baselines of :mod:`bench.mosi_baselines` (penalty chosen on ``valid``), then writes a
+Markdown table of Acc-2 and MAE per subset, the mean over subsets and the worst subset, plus the
+checks of the sentiment issue (GMD vs ridge on every subset, GMD vs plain on the worst subset).
+
+Usage::
+
+    python bench/mosi_compare.py --data_path PKL --trust_pickle true --out_dir outputs/mosi_compare \
+        [--strategies plain dropout gmd] [--max_epochs 25] [-- extra bundle overrides]
+
+writes ``<out_dir>/compare.{md,json}`` and each run under ``<out_dir>/<strategy>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from app.data.mmsa import as_bool, load_mmsa  # noqa: E402
+from mosi_baselines import ridge_baselines  # noqa: E402
+
+__all__ = ["run_strategy", "comparison_table", "checks", "main"]
+
+TRAIN = "bundles/mosi_gmd/configs/train.yaml"
+EVALUATE = "bundles/mosi_gmd/configs/evaluate.yaml"
+
+
+def _bundle(configs: Sequence[str], args: Sequence[str], log: Path) -> float:
+    config = configs[0] if len(configs) == 1 else str(list(configs))
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", "bundles/mosi_gmd",
+           *args]
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}.")
+    return time.perf_counter() - start
+
+
+def run_strategy(strategy: str, data_args: Sequence[str], out_dir: Path, eval_split: str,
+                 extra: Sequence[str]) -> dict[str, Any]:
+    """Train with ``strategy`` and evaluate its best-on-valid checkpoint; returns the report and timings."""
+    run_dir = out_dir / strategy
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_s = _bundle([TRAIN], [*data_args, "--output_dir", str(run_dir / "train"), "--strategy", strategy, *extra],
+                      run_dir / "train.log")
+    _bundle([TRAIN, EVALUATE], [*data_args, "--ckpt_path", str(run_dir / "train" / "models" / "model.pt"),
+                                "--eval_split", eval_split, "--output_dir", str(run_dir / "eval"), *extra],
+            run_dir / "eval.log")
+    report = json.loads((run_dir / "eval" / "subset_metrics.json").read_text())
+    return {"report": report, "train_seconds": train_s}
+
+
+def _worst(report: Mapping[str, Any]) -> dict[str, Any]:
+    rows = report["subsets"]
+    acc_name = min(rows, key=lambda n: rows[n]["Acc2"])
+    mae_name = max(rows, key=lambda n: rows[n]["MAE"])
+    return {"Acc2": (acc_name, rows[acc_name]["Acc2"]), "MAE": (mae_name, rows[mae_name]["MAE"])}
+
+
+def comparison_table(reports: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown: one row per subset, then the mean and the worst subset; Acc-2 and MAE per method."""
+    methods = list(reports)
+    header = "| subset | " + " | ".join(f"{m} Acc2 | {m} MAE" for m in methods) + " |"
+    lines = [header, "|:---|" + "---:|" * (2 * len(methods))]
+    names = list(next(iter(reports.values()))["subsets"])
+    for name in names:
+        cells = []
+        for m in methods:
+            row = reports[m]["subsets"][name]
+            cells += [f"{row['Acc2']:.4f}", f"{row['MAE']:.4f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    cells = []
+    for m in methods:
+        mean = reports[m]["mean_over_subsets"]
+        cells += [f"**{mean['Acc2']:.4f}**", f"**{mean['MAE']:.4f}**"]
+    lines.append("| **mean** | " + " | ".join(cells) + " |")
+    cells = []
+    for m in methods:
+        worst = _worst(reports[m])
+        cells += [f"{worst['Acc2'][1]:.4f} ({worst['Acc2'][0]})", f"{worst['MAE'][1]:.4f} ({worst['MAE'][0]})"]
+    lines.append("| worst subset | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def checks(reports: Mapping[str, Mapping[str, Any]], model: str = "gmd") -> list[str]:
+    """The issue's acceptance checks, as lines of text with PASS/FAIL and the numbers."""
+    out = []
+    if model in reports and "ridge" in reports:
+        ours, ridge = reports[model]["subsets"], reports["ridge"]["subsets"]
+        for metric, better in (("Acc2", lambda a, b: a > b), ("MAE", lambda a, b: a < b)):
+            failed = [f"{n} ({ours[n][metric]:.4f} vs {ridge[n][metric]:.4f})" for n in ours
+                      if not better(ours[n][metric], ridge[n][metric])]
+            status = "PASS" if not failed else "FAIL: " + ", ".join(failed)
+            out.append(f"- {model} beats dedicated ridge in {metric} on every subset: {status}")
+    if model in reports and "plain" in reports:
+        ours, plain = _worst(reports[model]), _worst(reports["plain"])
+        acc_ok = ours["Acc2"][1] > plain["Acc2"][1]
+        mae_ok = ours["MAE"][1] < plain["MAE"][1]
+        out.append(f"- {model} beats plain on the worst subset: Acc2 {ours['Acc2'][1]:.4f} ({ours['Acc2'][0]}) vs "
+                   f"{plain['Acc2'][1]:.4f} ({plain['Acc2'][0]}): {'PASS' if acc_ok else 'FAIL'}; MAE "
+                   f"{ours['MAE'][1]:.4f} ({ours['MAE'][0]}) vs {plain['MAE'][1]:.4f} ({plain['MAE'][0]}): "
+                   f"{'PASS' if mae_ok else 'FAIL'}")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_path", required=True)
+    parser.add_argument("--trust_pickle", default="false")
+    parser.add_argument("--out_dir", default="outputs/mosi_compare")
+    parser.add_argument("--strategies", nargs="+", default=["plain", "dropout", "gmd"])
+    parser.add_argument("--eval_split", default="valid", help="split of the reported table (selection is on valid)")
+    parser.add_argument("--max_epochs", type=int, default=None, help="override the bundle's max_epochs")
+    args = parser.parse_args(argv)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_args = ["--data_path", str(Path(args.data_path).resolve()), "--trust_pickle", str(args.trust_pickle).lower()]
+    if args.max_epochs is not None:
+        extra = ["--max_epochs", str(args.max_epochs), *extra]
+
+    reports: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    for strategy in args.strategies:
+        result = run_strategy(strategy, data_args, out_dir, args.eval_split, extra)
+        reports[strategy], seconds[strategy] = result["report"], result["train_seconds"]
+        print(f"{strategy}: trained in {seconds[strategy]:.0f} s", flush=True)
+    data = load_mmsa(args.data_path, trust_pickle=as_bool(args.trust_pickle))
+    ridge = ridge_baselines(data, select_split="valid", eval_splits=[s for s in [args.eval_split] if s != "valid"])
+    reports["ridge"] = ridge["results"][args.eval_split]
+
+    table = comparison_table(reports)
+    lines = [f"# Sentiment subsets: {', '.join(reports)} on the {args.eval_split} split", "", table, "",
+             *checks(reports), "", "Training wall-clock (s, including validation each epoch): "
+             + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""]
+    (out_dir / "compare.md").write_text("\n".join(lines))
+    payload = {"reports": reports, "train_seconds": seconds, "ridge_lambdas": ridge["lambdas"],
+               "extra_overrides": extra, "eval_split": args.eval_split}
+    (out_dir / "compare.json").write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
+    print("\n".join(lines))
+    return 0 if all(math.isfinite(r["mean_over_subsets"]["MAE"]) for r in reports.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

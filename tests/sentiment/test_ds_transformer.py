@@ -1,0 +1,147 @@
+"""DS transformer: subset protocol, length masking, fusion rules, and every strategy unchanged on it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from app.data import MMSADataset, make_synthetic_mmsa
+from app.networks import DSTransformer, lengths_to_padding_mask
+from app.strategies import STRATEGIES, build_strategy
+from app.subsets import subset_masks
+
+DIMS = (6, 5, 4)
+
+
+def _batch(layout: str = "unaligned", n: int = 6, label_key: str = "regression_labels"):
+    data = make_synthetic_mmsa({"train": n}, layout=layout, dims=DIMS, seq_len=5, seed=2)
+    ds = MMSADataset(data, "train", label_key=label_key)
+    return ds, default_collate([ds[i] for i in range(n)])
+
+
+def _net(**kwargs) -> DSTransformer:
+    torch.manual_seed(0)
+    opts = {"in_features": DIMS, "hidden": 16, "num_heads": 2, "encoder_layers": 1, "trunk_layers": 1, **kwargs}
+    return DSTransformer(**opts).eval()
+
+
+def test_padding_mask():
+    mask = lengths_to_padding_mask(torch.tensor([1, 3]), 4)
+    assert mask.tolist() == [[False, True, True, True], [False, False, False, True]]
+
+
+@pytest.mark.parametrize("fusion", ["mean", "confidence"])
+def test_per_modality_and_subset_fusion(fusion):
+    ds, batch = _batch()
+    net = _net(fusion=fusion).set_input_statistics(ds.statistics())
+    mask = batch["modality_mask"].clone()
+    mask[0, 1] = False  # sample 0 has no audio
+    with torch.no_grad():
+        per_mod = net.per_modality(batch["image"], mask)
+        assert per_mod.shape == (6, 3, 1 if fusion == "mean" else 2)
+        assert torch.all(per_mod[0, 1] == 0)
+        for sub in subset_masks(3):
+            sub_mask = mask & sub
+            keep = sub_mask.any(1)
+            fused = net.fuse(per_mod[keep], sub_mask[keep])
+            # the subset prediction from the shared pass equals a forward with only those modalities
+            direct = net({k: v[keep] for k, v in batch["image"].items()}, sub_mask[keep])
+            torch.testing.assert_close(fused, direct, rtol=1e-5, atol=1e-5)
+            weights = net.modality_weights(per_mod[keep], sub_mask[keep])
+            torch.testing.assert_close(weights.sum(1), torch.ones(int(keep.sum())))
+            assert torch.all(weights[~sub_mask[keep]] == 0)
+        if fusion == "mean":
+            torch.testing.assert_close(net.fuse(per_mod, mask), (per_mod * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
+    with pytest.raises(ValueError, match="no available modality"):
+        net.fuse(per_mod, torch.zeros(6, 3, dtype=torch.bool))
+
+
+def test_padding_and_absent_modalities_are_never_read():
+    ds, batch = _batch()
+    net = _net()
+    image = batch["image"]
+    mask = batch["modality_mask"].clone()
+    mask[:, 2] = False
+    with torch.no_grad():
+        ref = net(image, mask)
+        poisoned = dict(image)
+        poisoned["vision"] = torch.full_like(image["vision"], float("nan"))  # absent: never read
+        audio = image["audio"].clone()
+        steps = torch.arange(audio.shape[1])[None, :] >= image["audio_lengths"][:, None]
+        audio[steps] = 1e6  # padding steps: masked out of attention and pooling
+        poisoned["audio"] = audio
+        torch.testing.assert_close(net(poisoned, mask), ref)
+        no_vision = {k: v for k, v in image.items() if not k.startswith("vision")}
+        torch.testing.assert_close(net(no_vision, mask), ref)
+        with pytest.raises(ValueError, match="no such key"):
+            net(no_vision, batch["modality_mask"])
+
+
+def test_input_statistics_are_buffers_saved_with_the_weights():
+    ds, _ = _batch("utterance")
+    net = _net().set_input_statistics(ds.statistics())
+    state = net.state_dict()
+    np.testing.assert_allclose(state["encoders.1.input_mean"].numpy(), ds.statistics()["audio"][0], rtol=1e-6)
+    fresh = _net()
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.encoders[1].input_std, net.encoders[1].input_std)
+    with pytest.raises(ValueError, match="features"):
+        net.set_input_statistics({m: (np.zeros(2), np.ones(2)) for m in ("text", "audio", "vision")})
+
+
+def test_constructor_checks():
+    with pytest.raises(ValueError, match="out_channels=1"):
+        DSTransformer(out_channels=3)
+    with pytest.raises(ValueError, match="classes"):
+        DSTransformer(task="classification", out_channels=1)
+    with pytest.raises(ValueError, match="fusion"):
+        DSTransformer(fusion="max")
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        DSTransformer(hidden=10, num_heads=4)
+
+
+@pytest.mark.parametrize("fusion", ["mean", "confidence"])
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_every_strategy_trains_every_parameter(strategy, fusion):
+    """The BraTS strategy objects work unchanged: every parameter, shared head included, gets a gradient."""
+    ds, batch = _batch()
+    net = _net(fusion=fusion).train()
+    result = build_strategy(strategy, subsets="all", seed=0, diagnostics_interval=1).step(
+        net, batch["image"], batch["modality_mask"], batch["label"], torch.nn.L1Loss(), iteration=0
+    )
+    assert result.pred.shape == (6, 1) and torch.isfinite(result.loss)
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    assert net.trunk.head.weight.grad.abs().sum() > 0
+    if strategy.startswith("gmd"):
+        assert len(result.diagnostics["subsets"]) == 7 and result.diagnostics["subsets"][-1] == "text+audio+vision"
+
+
+def test_exact_gmd_merged_gradient_matches_manual_weighted_sum():
+    """Exact GMD on the shared trunk: the update is sum_j w_j G_j of the per-subset gradients."""
+    ds, batch = _batch("utterance")
+    # no dropout anywhere, so the manual passes see the same function as the strategy
+    net = _net(fusion="confidence", encoder_layers=0, dropout=0.0, head_dropout=0.0).train()
+    strategy = build_strategy("gmd", subsets="all", seed=0, diagnostics_interval=1)
+    loss_fn = torch.nn.L1Loss()
+    result = strategy.step(net, batch["image"], batch["modality_mask"], batch["label"], loss_fn)
+    merged = torch.cat([p.grad.flatten() for p in net.shared_parameters()])
+    weights = torch.tensor(result.diagnostics["weights"], dtype=torch.float64)
+    shared = list(net.shared_parameters())
+    grads = []
+    for sub in subset_masks(3):
+        loss = loss_fn(net(batch["image"], batch["modality_mask"] & sub), batch["label"])
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared)]).double())
+    expected = weights @ torch.stack(grads)
+    torch.testing.assert_close(merged.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_classification_head_with_gmd():
+    ds, batch = _batch(label_key="classification_labels")
+    net = _net(task="classification", out_channels=3, fusion="confidence").train()
+    result = build_strategy("gmd").step(net, batch["image"], batch["modality_mask"], batch["label"],
+                                        torch.nn.CrossEntropyLoss())
+    assert result.pred.shape == (6, 3)
+    assert all(p.grad is not None for p in net.parameters())

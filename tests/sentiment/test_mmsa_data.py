@@ -1,0 +1,145 @@
+"""MMSA data layer: the three layouts round-trip through pickle and .npz, pickles need trust."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from app.__main__ import main as app_main
+from app.data import MMSADataset, convert_mmsa, feature_dims, feature_statistics, load_mmsa, make_synthetic_mmsa
+from app.data.mmsa import MMSA_MODALITIES, as_bool, save_mmsa_npz, write_synthetic_mmsa
+
+SPLITS = {"train": 12, "valid": 6, "test": 5}
+
+
+def _check_same(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for split in a:
+        assert sorted(a[split]) == sorted(b[split])
+        for key, value in a[split].items():
+            np.testing.assert_array_equal(value, b[split][key], err_msg=f"{split}/{key}")
+
+
+@pytest.mark.parametrize("layout", ["utterance", "aligned", "unaligned"])
+def test_layout_round_trip_pickle_and_npz(layout, tmp_path):
+    raw = make_synthetic_mmsa(SPLITS, layout=layout, dims=(6, 5, 4), seq_len=7, seed=3)
+    pkl = tmp_path / "f.pkl"
+    with open(pkl, "wb") as f:
+        pickle.dump(raw, f)
+    loaded = load_mmsa(pkl, trust_pickle=True)
+    npz = convert_mmsa(pkl, tmp_path / "f.npz")
+    _check_same(loaded, load_mmsa(npz))  # the .npz needs no trust
+    assert feature_dims(loaded) == [6, 5, 4]
+    length = 1 if layout == "utterance" else 7
+    for split, n in SPLITS.items():
+        s = loaded[split]
+        assert s["text"].shape == (n, length, 6) and s["text"].dtype == np.float32
+        np.testing.assert_array_equal(s["id"], raw[split]["id"])
+        np.testing.assert_allclose(s["regression_labels"], raw[split]["regression_labels"])
+        for m in MMSA_MODALITIES:
+            expected = raw[split][f"{m}_lengths"] if layout == "unaligned" else np.full(n, length)
+            np.testing.assert_array_equal(s[f"{m}_lengths"], expected)
+    if layout == "unaligned":
+        assert len({int(v) for v in loaded["train"]["audio_lengths"]}) > 1
+
+    ds = MMSADataset(npz, split="valid")
+    sample = ds[2]
+    assert sample["case"] == raw["valid"]["id"][2]
+    assert sample["label"].dtype == torch.float32 and sample["label"].shape == (1,)
+    assert sample["modality_mask"].dtype == torch.bool and sample["modality_mask"].tolist() == [True] * 3
+    assert sample["image"]["vision"].shape == (length, 4)
+    assert int(sample["image"]["audio_lengths"]) == int(loaded["valid"]["audio_lengths"][2])
+    batch = default_collate([ds[i] for i in range(4)])
+    assert batch["image"]["text"].shape == (4, length, 6) and batch["label"].shape == (4, 1)
+    assert batch["modality_mask"].shape == (4, 3) and len(batch["case"]) == 4
+
+
+def test_pickle_is_refused_without_trust_and_never_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"train": Payload()}, f)
+    for trust in (False, "false", "0"):
+        with pytest.raises(ValueError, match="unpickling runs") as err:
+            load_mmsa(path, trust_pickle=trust)
+        assert "convert-mmsa" in str(err.value) and "--trust_pickle true" in str(err.value)
+        with pytest.raises(ValueError, match="unpickling runs"):
+            MMSADataset(path, split="train", trust_pickle=trust)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="true or false"):
+        load_mmsa(path, trust_pickle="ture")  # a typo must not mean "trust"
+    assert as_bool("true") and as_bool(True) and not as_bool("False")
+
+
+def test_convert_command_line_and_bad_files(tmp_path, capsys):
+    pkl = write_synthetic_mmsa(tmp_path / "s.pkl", splits={"train": 4, "valid": 3})
+    assert app_main(["convert-mmsa", str(pkl), str(tmp_path / "s.npz")]) == 0
+    assert "train: 4, valid: 3" in capsys.readouterr().out
+    assert sorted(load_mmsa(tmp_path / "s.npz")) == ["train", "valid"]
+    # a plain npz without the converter's marker, a missing file, an unknown suffix
+    np.savez(tmp_path / "plain.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match="convert-mmsa"):
+        load_mmsa(tmp_path / "plain.npz")
+    with pytest.raises(FileNotFoundError, match="--data_path"):
+        load_mmsa(tmp_path / "missing.pkl", trust_pickle=True)
+    (tmp_path / "s.txt").write_text("x")
+    with pytest.raises(ValueError, match="MMSA pickle"):
+        load_mmsa(tmp_path / "s.txt")
+    assert app_main(["convert-mmsa", str(tmp_path / "missing.pkl"), str(tmp_path / "m.npz")]) == 2
+
+
+def test_missing_split_and_keys_give_clear_errors(tmp_path):
+    data = make_synthetic_mmsa({"train": 4, "valid": 4})
+    with pytest.raises(ValueError, match=r"available splits are \['train', 'valid'\]"):
+        MMSADataset(data, split="test")
+    del data["train"]["audio"]
+    with pytest.raises(ValueError, match="lacks \\['audio'\\]"):
+        MMSADataset(data, split="train")
+
+
+def test_mmsa_details_lengths_missing_modalities_and_classification(tmp_path):
+    data = make_synthetic_mmsa({"train": 6}, layout="aligned", dims=(4, 3, 2), seq_len=5)
+    split = data["train"]
+    # MMSA's BERT text: row 1 of text_bert is the attention mask
+    bert = np.zeros((6, 3, 5))
+    bert[:, 1, :3] = 1
+    split["text_bert"] = bert
+    # MMSA stores original lengths, which may exceed the padding; 0 means the modality is missing
+    split["audio_lengths"] = np.array([9, 5, 0, 2, 1, 5])
+    split["audio"][:, :, 0] = -np.inf  # MOSEI has a few -inf audio values
+    npz = save_mmsa_npz({"train": {k: v for k, v in split.items()}}, tmp_path / "x.npz")
+    loaded = load_mmsa(npz)["train"]
+    np.testing.assert_array_equal(loaded["text_lengths"], [3] * 6)
+    np.testing.assert_array_equal(loaded["audio_lengths"], [5, 5, 0, 2, 1, 5])
+    assert np.isfinite(loaded["audio"]).all()
+    ds = MMSADataset(npz, split="train", label_key="classification_labels")
+    assert ds[2]["modality_mask"].tolist() == [True, False, True]
+    assert ds[0]["label"].dtype == torch.int64 and ds[0]["label"].ndim == 0
+    only_text = MMSADataset(npz, split="train", modalities=("text",))
+    assert only_text[0]["modality_mask"].tolist() == [True, False, False]
+    stats = feature_statistics(loaded)
+    # statistics ignore padded steps: the text mean is over the first 3 steps only
+    np.testing.assert_allclose(stats["text"][0], loaded["text"][:, :3].reshape(-1, 4).mean(0), rtol=1e-5)
+    with pytest.raises(ValueError, match="label_key"):
+        MMSADataset({"train": {k: v for k, v in split.items() if k != "classification_labels"}}, "train",
+                    label_key="classification_labels")
+
+
+def test_synthetic_text_dominates():
+    data = make_synthetic_mmsa({"train": 400}, seed=0)["train"]
+    y = data["regression_labels"]
+    corr = {}
+    for m in MMSA_MODALITIES:
+        x = data[m][:, 0].astype(np.float64)
+        w, *_ = np.linalg.lstsq(np.c_[x, np.ones(len(x))], y, rcond=None)
+        corr[m] = np.corrcoef(np.c_[x, np.ones(len(x))] @ w, y)[0, 1]
+    assert corr["text"] > corr["vision"] > corr["audio"] > 0.2

@@ -1,0 +1,95 @@
+"""Integration: the mosi_gmd bundle's two documented commands on a tiny synthetic MMSA pickle, its
+errors (untrusted pickle, missing split) and its metadata."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+from monai.bundle import ConfigParser
+
+from app.data import convert_mmsa
+from tests.sentiment.helpers import EVALUATE, MOSI_BUNDLE, REPO, TRAIN, run_mosi_bundle
+
+NAMES = ["text", "audio", "vision", "text+audio", "text+vision", "audio+vision", "text+audio+vision"]
+METRICS = {"Acc2", "Acc2_has0", "F1", "Acc7", "MAE", "Corr", "n"}
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_pkl, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mosi_train")
+    # the exact training command of the issue
+    run_mosi_bundle([TRAIN], "--data_path", str(synthetic_pkl), "--trust_pickle", "true", "--output_dir", str(out),
+                    "--max_epochs", "1", "--strategy", "gmd")
+    return out
+
+
+def test_train_writes_best_and_final_models_and_validation_report(trained):
+    assert (trained / "models" / "model.pt").is_file()
+    assert (trained / "models" / "model_final.pt").is_file()
+    report = json.loads((trained / "validation" / "subset_metrics.json").read_text())
+    assert list(report["subsets"]) == NAMES
+    assert all(row["n"] == 24 for row in report["subsets"].values())  # the valid split
+
+
+def test_evaluate_test_split_writes_subset_metrics(trained, synthetic_pkl, tmp_path):
+    # the exact evaluation command of the issue
+    proc = run_mosi_bundle([TRAIN, EVALUATE], "--data_path", str(synthetic_pkl), "--trust_pickle", "true",
+                           "--ckpt_path", str(trained / "models" / "model.pt"), "--eval_split", "test",
+                           "--output_dir", str(tmp_path))
+    report = json.loads((tmp_path / "subset_metrics.json").read_text())
+    assert set(report) == {"subsets", "mean_over_subsets", "worst_subset"}
+    assert list(report["subsets"]) == NAMES
+    for row in report["subsets"].values():
+        assert set(row) == METRICS and row["n"] == 24 and 0.0 <= row["Acc2"] <= 1.0 and row["MAE"] >= 0.0
+    assert report["worst_subset"]["name"] in NAMES and set(report["mean_over_subsets"]) == METRICS - {"n"}
+    for ext in ("csv", "md", "png"):
+        assert (tmp_path / f"subset_metrics.{ext}").stat().st_size > 0
+    assert "mean_over_subsets" in proc.stdout
+
+
+def test_evaluate_missing_split_names_the_available_ones(trained, trainval_pkl, tmp_path):
+    # the same config evaluation as the command line, in-process (a subprocess costs seconds of imports)
+    parser = _parser(TRAIN, EVALUATE, data_path=str(trainval_pkl), trust_pickle="true", eval_split="test",
+                     ckpt_path=str(trained / "models" / "model.pt"), output_dir=str(tmp_path))
+    with pytest.raises(Exception) as err:
+        parser.get_parsed_content("initialize")
+    assert any("Split 'test' is not in" in text and "available splits are ['train', 'valid']" in text
+               for text in _messages(err.value))
+    assert not (tmp_path / "subset_metrics.json").exists()
+
+
+def _messages(exc: BaseException | None) -> list[str]:
+    """Messages of an exception and of its causes (the bundle parser wraps the original error)."""
+    out = []
+    while exc is not None:
+        out.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def _parser(*files: str, **overrides) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(list(files))
+    parser.update({"bundle_root": str(MOSI_BUNDLE), **overrides})
+    return parser
+
+
+def test_untrusted_pickle_is_refused_and_npz_needs_no_trust(synthetic_pkl, tmp_path):
+    parser = _parser(TRAIN, data_path=str(synthetic_pkl), output_dir=str(tmp_path))
+    with pytest.raises(Exception) as err:
+        parser.get_parsed_content("train#dataset")
+    assert any("unpickling runs" in text and "convert-mmsa" in text for text in _messages(err.value))
+
+    npz = convert_mmsa(synthetic_pkl, tmp_path / "synthetic.npz")
+    parser = _parser(TRAIN, data_path=str(npz), output_dir=str(tmp_path))
+    assert len(parser.get_parsed_content("train#dataset")) == 48
+    assert parser.get_parsed_content("network_def").in_features == (100, 73, 100)
+
+
+def test_metadata_matches_the_schema():
+    schema = json.loads((REPO / "bundles" / "meta_schema.json").read_text())
+    metadata = json.loads((MOSI_BUNDLE / "configs" / "metadata.json").read_text())
+    jsonschema.validate(metadata, schema)
+    assert (MOSI_BUNDLE / "LICENSE").is_file() and (MOSI_BUNDLE / "docs" / "README.md").is_file()

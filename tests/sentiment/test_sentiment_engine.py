@@ -1,0 +1,126 @@
+"""Sentiment evaluator, 7-subset key metric (hand-computed values) and the report handler."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from ignite.engine import Engine
+from torch.utils.data import DataLoader
+
+from app.data import MMSADataset, make_synthetic_mmsa
+from app.engines import SentimentReportHandler, SentimentSubsetEvaluator
+from app.metrics import SubsetClassificationAccumulator, SubsetSentimentScore
+from app.networks import DSTransformer
+from app.subsets import subset_masks
+
+NAMES = ["text", "audio", "vision", "text+audio", "text+vision", "audio+vision", "text+audio+vision"]
+
+
+def _output(preds_per_subset: list[list[float]], labels: list[float], valid=None) -> dict:
+    preds = torch.tensor(preds_per_subset, dtype=torch.float32).T.unsqueeze(-1)  # [B, 7, 1]
+    out = {"case": [f"c{i}" for i in range(len(labels))], "label": torch.tensor(labels)[:, None], "subset_preds": preds}
+    if valid is not None:
+        out["subset_valid"] = torch.tensor(valid)
+    return out
+
+
+def test_key_metric_by_hand():
+    labels = [2.0, -1.0, 0.0, 1.0]
+    # subset 0 (text) perfect, every other subset predicts 0.5 for all
+    preds = [labels] + [[0.5] * 4] * 6
+    metric = SubsetSentimentScore(key="MAE")
+    metric.update(_output(preds, labels))
+    value = metric.compute()
+    result = metric.last_result
+    assert list(result["subsets"]) == NAMES
+    text = result["subsets"]["text"]
+    assert text["MAE"] == 0.0 and text["Acc2"] == 1.0 and text["Acc7"] == 1.0 and text["n"] == 4
+    assert text["Corr"] == pytest.approx(1.0)
+    other = result["subsets"]["audio"]
+    # |2-.5| + |-1-.5| + |0-.5| + |1-.5| = 1.5 + 1.5 + .5 + .5 = 4 -> 1.0
+    assert other["MAE"] == pytest.approx(1.0)
+    # non-zero labels 2, -1, 1 -> predicted positive: 2 of 3 right; has0: 0 >= 0 right too -> 3 of 4
+    assert other["Acc2"] == pytest.approx(2 / 3) and other["Acc2_has0"] == pytest.approx(0.75)
+    # weighted F1 over {pos: support 2, F1 = 2*2/(2*2+1) = 0.8; neg: support 1, F1 = 0} -> 1.6 / 3
+    assert other["F1"] == pytest.approx(1.6 / 3)
+    # constant predictions: correlation defined as 0
+    assert other["Corr"] == 0.0
+    assert value == pytest.approx(-(0.0 + 6 * 1.0) / 7)
+    assert result["worst_subset"]["name"] == "audio"
+    metric.reset()
+    metric.update(_output(preds, labels))
+    assert SubsetSentimentScore(key="Acc2") is not None
+    acc = SubsetSentimentScore(key="Acc2")
+    acc.update(_output(preds, labels))
+    assert acc.compute() == pytest.approx((1.0 + 6 * 2 / 3) / 7)
+
+
+def test_key_metric_subset_valid_and_errors():
+    labels = [1.0, -1.0]
+    valid = [[True] * 7, [True, False, True, False, True, False, False]]
+    metric = SubsetSentimentScore()
+    metric.update(_output([[1.0, -1.0]] * 7, labels, valid))
+    metric.compute()
+    counts = {name: row["n"] for name, row in metric.last_result["subsets"].items()}
+    assert counts == {"text": 2, "audio": 1, "vision": 2, "text+audio": 1, "text+vision": 2, "audio+vision": 1,
+                      "text+audio+vision": 1}
+    with pytest.raises(ValueError, match="subset_preds"):
+        metric.update({"case": ["a"], "label": torch.zeros(1)})
+    with pytest.raises(ValueError, match="not a regression metric"):
+        SubsetSentimentScore(key="Dice")
+
+
+def test_classification_metric_by_hand():
+    logits = torch.zeros(4, 7, 3)
+    logits[:, :, 0] = 1.0  # every subset predicts class 0
+    logits[:, 0] = torch.eye(3)[[0, 1, 2, 2]]  # text predicts 0, 1, 2, 2
+    metric = SubsetSentimentScore(key="Acc", task="classification")
+    metric.update({"case": list("abcd"), "label": torch.tensor([0, 1, 2, 1]), "subset_preds": logits})
+    value = metric.compute()
+    text, audio = metric.last_result["subsets"]["text"], metric.last_result["subsets"]["audio"]
+    assert text["Acc"] == 0.75 and audio["Acc"] == 0.25
+    # text F1: class0 1.0 (w 1), class1 2/3 (w 2), class2 2/3 (w 1) -> (1 + 4/3 + 2/3) / 4 = 0.75
+    assert text["F1"] == pytest.approx(0.75)
+    assert value == pytest.approx((0.75 + 6 * 0.25) / 7)
+    assert isinstance(metric._accumulator, SubsetClassificationAccumulator)
+
+
+def test_evaluator_scores_all_subsets_from_one_pass_and_writes_report(tmp_path):
+    data = make_synthetic_mmsa({"valid": 10}, layout="unaligned", dims=(6, 5, 4), seq_len=4)
+    ds = MMSADataset(data, "valid")
+    torch.manual_seed(0)
+    net = DSTransformer(in_features=(6, 5, 4), hidden=16, num_heads=2, fusion="confidence")
+    net.set_input_statistics(ds.statistics())
+    metric = SubsetSentimentScore()
+    evaluator = SentimentSubsetEvaluator(device=torch.device("cpu"), val_data_loader=DataLoader(ds, batch_size=4),
+                                         network=net, key_val_metric={"val_score": metric})
+    SentimentReportHandler(metric, tmp_path, print_table=False).attach(evaluator)
+    evaluator.run()
+    out = evaluator.state.output
+    assert out["subset_preds"].shape == (2, 7, 1) and out["subset_valid"].all()
+    # every subset's predictions equal a direct forward with only that subset's modalities
+    batch = next(iter(DataLoader(ds, batch_size=10)))
+    net.eval()
+    report = json.loads((tmp_path / "subset_metrics.json").read_text())
+    with torch.no_grad():
+        for name, sub in zip(NAMES, subset_masks(3)):
+            pred = net(batch["image"], batch["modality_mask"] & sub)
+            mae = float((pred[:, 0] - batch["label"][:, 0]).abs().mean())
+            assert math.isclose(report["subsets"][name]["MAE"], mae, rel_tol=1e-5)
+            assert report["subsets"][name]["n"] == 10
+    assert set(report) == {"subsets", "mean_over_subsets", "worst_subset"}
+    assert evaluator.state.metrics["val_score"] == pytest.approx(-report["mean_over_subsets"]["MAE"])
+    for ext in ("csv", "md", "png"):
+        assert (tmp_path / f"subset_metrics.{ext}").stat().st_size > 0
+    assert "Acc2_has0" in (tmp_path / "subset_metrics.csv").read_text().splitlines()[0]
+
+
+def test_report_handler_ignores_missing_result(tmp_path):
+    class NoResult:
+        last_result = None
+
+    SentimentReportHandler(NoResult(), tmp_path)(Engine(lambda e, b: None))
+    assert not list(tmp_path.iterdir())
