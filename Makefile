@@ -8,7 +8,7 @@ DEMO   ?= outputs/demo
 DEMO_STRATEGY ?= gmd_approx
 DEMO_MINUTES  ?= 4
 DEMO_FEATURES ?= [8,16,32,64]
-DEMO_PATCH    ?= [48,48,48]
+DEMO_PATCH    ?= [32,32,32]
 
 .PHONY: install demo test bench clean
 
@@ -28,8 +28,8 @@ demo: install
 	$(BIN)/python -m monai.bundle run --config_file bundles/brats_gmd/configs/train.yaml \
 		--bundle_root bundles/brats_gmd --dataset_dir $(DEMO)/data/train --output_dir $(DEMO)/train \
 		--strategy $(DEMO_STRATEGY) --max_epochs 200 --time_limit_minutes $(DEMO_MINUTES) \
-		--patch_size "$(DEMO_PATCH)" --features "$(DEMO_FEATURES)" --batch_size 2 --num_samples 1 \
-		--val_interval 5 --diagnostics_interval 5
+		--patch_size "$(DEMO_PATCH)" --features "$(DEMO_FEATURES)" --batch_size 2 --num_samples 2 \
+		--learning_rate 0.003 --val_interval 4 --diagnostics_interval 5
 	$(BIN)/python -m monai.bundle run \
 		--config_file "['bundles/brats_gmd/configs/train.yaml','bundles/brats_gmd/configs/evaluate.yaml']" \
 		--bundle_root bundles/brats_gmd --dataset_dir $(DEMO)/data/test \
