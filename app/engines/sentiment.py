@@ -108,12 +108,15 @@ class SentimentReportHandler(SubsetReportHandler):
         stem: file stem (default ``subset_metrics``).
         metrics: report columns; default: the metric's own (``Acc2, Acc2_has0, F1, Acc7, MAE, Corr``).
         print_table: also print the Markdown table.
+        plot: also draw the PNG heatmap (about a second with matplotlib; training validations that
+            run every epoch may skip it).
     """
 
     def __init__(self, metric: Any, output_dir: str | os.PathLike, stem: str = "subset_metrics",
-                 metrics: Sequence[str] | None = None, print_table: bool = False) -> None:
+                 metrics: Sequence[str] | None = None, print_table: bool = False, plot: bool = True) -> None:
         super().__init__(metric, output_dir, stem=stem, print_table=print_table)
         self.metrics = tuple(metrics) if metrics is not None else None
+        self.plot = bool(plot)
 
     def __call__(self, engine: Any) -> None:
         from app.metrics.sentiment import SENTIMENT_METRICS
@@ -123,6 +126,6 @@ class SentimentReportHandler(SubsetReportHandler):
         if not result:
             return
         metrics = self.metrics or tuple(getattr(self.metric, "metrics", SENTIMENT_METRICS))
-        write_subset_report(result, self.output_dir, stem=self.stem, metrics=metrics)
+        write_subset_report(result, self.output_dir, stem=self.stem, metrics=metrics, plot=self.plot)
         if self.print_table:
             print(format_table(result, metrics), flush=True)

@@ -155,9 +155,12 @@ class DSTransformer(nn.Module):
         num_heads: attention heads (must divide ``hidden``).
         ff_mult: feed-forward width multiple.
         dropout: dropout in the transformer layers.
-        input_dropout: dropout on the standardised input features.
+        input_dropout: dropout on the standardised input features; one value, or one per modality
+            (a strong modality may need less than a weak, noisy one).
         head_dropout: dropout before the output layer.
         clip: clipping of the standardised inputs (0: none).
+        fusion: ``mean`` (the mean of the per-modality outputs) or ``confidence`` (their mean
+            weighted by a softmax, over the available modalities, of per-modality confidence logits).
     """
 
     def __init__(
@@ -172,7 +175,7 @@ class DSTransformer(nn.Module):
         num_heads: int = 4,
         ff_mult: int = 2,
         dropout: float = 0.1,
-        input_dropout: float = 0.0,
+        input_dropout: float | Sequence[float] = 0.0,
         head_dropout: float = 0.1,
         clip: float = 5.0,
         fusion: str = "mean",
@@ -195,9 +198,12 @@ class DSTransformer(nn.Module):
         self.task = task
         self.in_features = tuple(int(d) for d in in_features)
         self.out_channels = int(out_channels)
+        in_drop = [float(input_dropout)] * len(self.modalities) if np.isscalar(input_dropout) else list(input_dropout)
+        if len(in_drop) != len(self.modalities):
+            raise ValueError(f"input_dropout {input_dropout} needs one value or one per modality {list(self.modalities)}.")
         self.encoders = nn.ModuleList(
-            SequenceEncoder(d, hidden, encoder_layers, num_heads, ff_mult, dropout, input_dropout, clip)
-            for d in self.in_features
+            SequenceEncoder(d, hidden, encoder_layers, num_heads, ff_mult, dropout, p, clip)
+            for d, p in zip(self.in_features, in_drop)
         )
         # with confidence fusion the head also emits each modality's confidence logit (last channel)
         self.per_modality_channels = self.out_channels + (1 if fusion == "confidence" else 0)

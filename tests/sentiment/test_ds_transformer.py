@@ -100,6 +100,10 @@ def test_constructor_checks():
         DSTransformer(fusion="max")
     with pytest.raises(ValueError, match="multiple of num_heads"):
         DSTransformer(hidden=10, num_heads=4)
+    with pytest.raises(ValueError, match="one per modality"):
+        DSTransformer(input_dropout=[0.1, 0.2])
+    net = DSTransformer(input_dropout=[0.1, 0.5, 0.3])
+    assert [enc.input_dropout.p for enc in net.encoders] == [0.1, 0.5, 0.3]
 
 
 @pytest.mark.parametrize("fusion", ["mean", "confidence"])

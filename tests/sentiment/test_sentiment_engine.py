@@ -50,9 +50,6 @@ def test_key_metric_by_hand():
     assert other["Corr"] == 0.0
     assert value == pytest.approx(-(0.0 + 6 * 1.0) / 7)
     assert result["worst_subset"]["name"] == "audio"
-    metric.reset()
-    metric.update(_output(preds, labels))
-    assert SubsetSentimentScore(key="Acc2") is not None
     acc = SubsetSentimentScore(key="Acc2")
     acc.update(_output(preds, labels))
     assert acc.compute() == pytest.approx((1.0 + 6 * 2 / 3) / 7)
@@ -118,9 +115,15 @@ def test_evaluator_scores_all_subsets_from_one_pass_and_writes_report(tmp_path):
     assert "Acc2_has0" in (tmp_path / "subset_metrics.csv").read_text().splitlines()[0]
 
 
-def test_report_handler_ignores_missing_result(tmp_path):
-    class NoResult:
+def test_report_handler_ignores_missing_result_and_can_skip_the_plot(tmp_path):
+    class Result:
         last_result = None
 
-    SentimentReportHandler(NoResult(), tmp_path)(Engine(lambda e, b: None))
+    engine = Engine(lambda e, b: None)
+    SentimentReportHandler(Result(), tmp_path)(engine)
     assert not list(tmp_path.iterdir())
+    metric = SubsetSentimentScore()
+    metric.update(_output([[1.0, -1.0]] * 7, [1.0, -2.0]))
+    metric.compute()
+    SentimentReportHandler(metric, tmp_path, plot=False)(engine)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["subset_metrics.csv", "subset_metrics.json", "subset_metrics.md"]
