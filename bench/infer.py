@@ -7,6 +7,10 @@ the first real BraTS 2018 case in ``../shared/data/brats18_dev`` (or ``BRATS_DEV
 present, otherwise a phantom of that size. Without ``--ckpt`` an untrained network with the given
 ``--features`` is used: the timing does not depend on the weights.
 
+Besides wall-clock times, each line reports the process CPU time of the inference (``cpu_s``)
+and ``cpu_s / threads``: on a shared machine the wall time includes waiting for cores that
+other processes hold, and ``load_average`` says how busy the machine was.
+
 Usage (from the repository root)::
 
     python bench/infer.py --threads 2                      # CPU, plus CUDA when available
@@ -104,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
                     seg.predict(inputs)
                 runs = []
                 for _ in range(max(1, args.repeats)):
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), time.process_time()
                     pred = seg.predict(inputs)
-                    runs.append((time.perf_counter() - start, pred))
+                    runs.append((time.perf_counter() - start, pred, time.process_time() - cpu_start))
                 infer_s = statistics.median(r[0] for r in runs)
+                cpu_s = statistics.median(r[2] for r in runs)
                 pred = runs[0][1]
                 start = time.perf_counter()
                 nib.save(_output_image(pred.labels, inputs.ref, "bench"), str(tmp / "labels.nii.gz"))
@@ -120,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                     "features": seg.settings["features"], "roi_size": pred.details["roi_size"],
                     "overlap": seg.overlap, "crop_box": pred.details["crop_box"], "amp_bf16": seg.amp,
                     "infer_s": round(infer_s, 3), "runs_s": [round(r[0], 3) for r in runs],
+                    # process CPU time / threads: the wall time this run would take on idle cores
+                    "cpu_s": round(cpu_s, 3), "cpu_s_per_thread": round(cpu_s / torch.get_num_threads(), 3),
                     **{k: round(v, 3) for k, v in pred.timing.items()},
                     "read_s": round(read_s, 3), "write_s": round(write_s, 3),
                     "end_to_end_s": round(read_s + infer_s + write_s, 3),

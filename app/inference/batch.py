@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", default=env("BRATS_CKPT", "/models/model.ts"),
                    help="model.pt or exported model.ts (default: $BRATS_CKPT or /models/model.ts)")
     p.add_argument("--bundle", default=env("BRATS_BUNDLE"),
-                   help="bundle folder for the defaults (default: $BRATS_BUNDLE or this repository's bundles/brats_gmd)")
+                   help="bundle folder for the defaults (default: $BRATS_BUNDLE or this repository's "
+                        "bundles/brats_gmd)")
     p.add_argument("--labels", default=env("BRATS_LABELS", "2018"), choices=("2018", "2021", "2023"),
                    help="label values: 2018 = 1/2/4 (default), 2023 = 1/2/3")
     p.add_argument("--probabilities", action="store_true", help="also write <case>_prob.nii.gz")

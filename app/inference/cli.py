@@ -124,7 +124,8 @@ def _sequence_paths(args: argparse.Namespace) -> tuple[dict[str, str], dict[str,
     cases = discover_cases(args.case_dir)
     if len(cases) != 1:
         names = ", ".join(c["case"] for c in cases[:5])
-        raise ValueError(f"--case-dir {args.case_dir} holds {len(cases)} cases ({names}{', ...' if len(cases) > 5 else ''}"
+        more = ", ..." if len(cases) > 5 else ""
+        raise ValueError(f"--case-dir {args.case_dir} holds {len(cases)} cases ({names}{more}"
                          "): pass the folder of one case, or run the batch bundle (configs/inference.yaml) on it.")
     rec = cases[0]
     if rec["image4d"]:

@@ -366,9 +366,13 @@ def segment_case(
     convention = label_convention(labels)
     inputs = [os.fspath(p) for p in paths.values()]
     out = check_output_path(out, "--out", (".nii.gz", ".nii"), inputs)
-    prob_path = check_output_path(probabilities, "--probabilities", (".nii.gz", ".nii"), inputs) if probabilities else None
-    summary_path = check_output_path(summary, "--summary", (".json",), inputs) if summary else None
-    if len({p for p in (out, prob_path, summary_path) if p}) != len([p for p in (out, prob_path, summary_path) if p]):
+    prob_path = summary_path = None
+    if probabilities:
+        prob_path = check_output_path(probabilities, "--probabilities", (".nii.gz", ".nii"), inputs)
+    if summary:
+        summary_path = check_output_path(summary, "--summary", (".json",), inputs)
+    given = [p for p in (out, prob_path, summary_path) if p]
+    if len(set(given)) != len(given):
         raise ValueError("--out, --probabilities and --summary must be different files.")
 
     case_inputs: CaseInputs = read_case(paths, resample_to=resample_to, channels=channels)

@@ -39,8 +39,8 @@ def _truncated(case, tmp_path):
 
 def _empty(case, tmp_path):
     shape = load(case["t1"]).shape
-    return ["--flair", case["flair"], "--t1", _like(case, "t1", np.zeros(shape, np.int16), tmp_path, "empty_t1.nii.gz")], \
-        "empty_t1.nii.gz"
+    path = _like(case, "t1", np.zeros(shape, np.int16), tmp_path, "empty_t1.nii.gz")
+    return ["--flair", case["flair"], "--t1", path], "empty_t1.nii.gz"
 
 
 def _constant(case, tmp_path):
@@ -52,7 +52,8 @@ def _constant(case, tmp_path):
 def _nan(case, tmp_path):
     data = np.asarray(load(case["t1ce"]).dataobj, dtype=np.float32)
     data[3, 4, 5] = np.nan
-    return ["--flair", case["flair"], "--t1ce", _like(case, "t1ce", data, tmp_path, "nan_t1ce.nii.gz")], "nan_t1ce.nii.gz"
+    path = _like(case, "t1ce", data, tmp_path, "nan_t1ce.nii.gz")
+    return ["--flair", case["flair"], "--t1ce", path], "nan_t1ce.nii.gz"
 
 
 def _two_d(case, tmp_path):
@@ -182,7 +183,8 @@ def test_process_exit_status_through_python_m_app(tmp_path, random_ckpt):
     proc = subprocess.run(
         [sys.executable, "-m", "app", "infer", "--ckpt", random_ckpt, "--flair", str(bad), "--out",
          str(tmp_path / "seg.nii.gz")],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "bad_flair.nii.gz" in proc.stderr

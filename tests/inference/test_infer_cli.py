@@ -22,7 +22,8 @@ from tests.inference.conftest import FEATURES, assert_same_grid, load
 def test_all_sequences_on_input_grid_with_summary_and_probabilities(case, random_ckpt, infer, tmp_path):
     out, prob, summary = tmp_path / "o" / "seg.nii.gz", tmp_path / "o" / "prob.nii.gz", tmp_path / "o" / "s.json"
     rc, stdout, err = infer("--bundle", "bundles/brats_gmd", "--ckpt", random_ckpt, *[f"--{s}={case[s]}" for s in case],
-                            "--out", out, "--probabilities", prob, "--summary", summary, "--patch-size", "16", "16", "16")
+                            "--out", out, "--probabilities", prob, "--summary", summary,
+                            "--patch-size", "16", "16", "16")
     assert rc == 0, err
     assert "Wrote" in stdout
     assert_same_grid(out, case["flair"])
@@ -52,8 +53,9 @@ def test_all_sequences_on_input_grid_with_summary_and_probabilities(case, random
 def test_subset_matches_training_preprocessing_and_network(case, random_ckpt, infer, tmp_path):
     """FLAIR + T2 only: the probabilities equal DSUNet.forward with mask [1, 0, 0, 1] on train.yaml's preprocessing."""
     prob = tmp_path / "prob.nii.gz"
-    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t2", case["t2"], "--out", tmp_path / "s.nii.gz",
-                       "--probabilities", prob, "--summary", tmp_path / "s.json", "--patch-size", "32", "32", "32")
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t2", case["t2"],
+                       "--out", tmp_path / "s.nii.gz", "--probabilities", prob, "--summary", tmp_path / "s.json",
+                       "--patch-size", "32", "32", "32")
     assert rc == 0, err
     assert json.loads((tmp_path / "s.json").read_text())["sequences_used"] == ["flair", "t2"]
 
@@ -66,7 +68,9 @@ def test_subset_matches_training_preprocessing_and_network(case, random_ckpt, in
     ])(record)
     image = torch.as_tensor(data["image"])
     assert data["modality_mask"].tolist() == [True, False, False, True]
-    pads = [(0, 0)] + [((-(-s // 8) * 8 - s) // 2, -(-s // 8) * 8 - s - (-(-s // 8) * 8 - s) // 2) for s in image.shape[1:]]
+    # pad to multiples of the divisor (8) the way sliding_window_inference pads: half before, rest after
+    extra = [-(-s // 8) * 8 - s for s in image.shape[1:]]
+    pads = [(0, 0)] + [(e // 2, e - e // 2) for e in extra]
     padded = torch.nn.functional.pad(image, [p for pair in reversed(pads[1:]) for p in pair])
     net = DSUNet(features=FEATURES)
     net.load_state_dict(torch.load(random_ckpt, weights_only=True))

@@ -1,0 +1,103 @@
+"""Batch inference through the bundle (configs/inference.yaml), the Docker entrypoint module, and
+TorchScript export through ``monai.bundle ckpt_export``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from app.inference.batch import main as batch_main
+from tests.inference.conftest import REPO, assert_same_grid, load
+
+BUNDLE = REPO / "bundles" / "brats_gmd"
+
+
+def _bundle(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+
+
+def _mixed_cases(phantom_root: Path, root: Path) -> dict[str, list[str]]:
+    """Four cases in three layouts with different sequence subsets; returns {case: expected sequences}."""
+    shutil.copytree(phantom_root / "Phantom_000", root / "Phantom_000")  # all four + seg (ignored)
+    (root / "Phantom_001").mkdir(parents=True)
+    for seq in ("flair", "t2"):
+        shutil.copy(phantom_root / "Phantom_001" / f"Phantom_001_{seq}.nii.gz", root / "Phantom_001")
+    (root / "new" / "Y").mkdir(parents=True)  # BraTS 2023 names, T1ce only
+    shutil.copy(phantom_root / "Phantom_002" / "Phantom_002_t1ce.nii.gz", root / "new" / "Y" / "Y-t1c.nii.gz")
+    msd = root / "Task01"  # MSD: one 4D file per case, channels described by dataset.json
+    (msd / "imagesTs").mkdir(parents=True)
+    ref = load(phantom_root / "Phantom_002" / "Phantom_002_flair.nii.gz")
+    data = np.stack([np.asarray(load(phantom_root / "Phantom_002" / f"Phantom_002_{s}.nii.gz").dataobj)
+                     for s in ("flair", "t1", "t1ce", "t2")], axis=-1)
+    nib.save(nib.Nifti1Image(data, ref.affine), msd / "imagesTs" / "BRATS_900.nii.gz")
+    (msd / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+        "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+    }))
+    return {"Phantom_000": ["flair", "t1", "t1ce", "t2"], "Phantom_001": ["flair", "t2"], "Y": ["t1ce"],
+            "BRATS_900": ["flair", "t1", "t1ce", "t2"]}
+
+
+def test_bundle_batch_runs_every_case_with_its_sequences(phantom_root, random_ckpt, tmp_path):
+    expected = _mixed_cases(phantom_root, tmp_path / "in")
+    out = tmp_path / "out"
+    proc = _bundle("run", "--config_file", str(BUNDLE / "configs" / "inference.yaml"), "--bundle_root", str(BUNDLE),
+                   "--ckpt_path", random_ckpt, "--input_dir", str(tmp_path / "in"), "--output_dir", str(out),
+                   "--labels", "2023", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "inference_summary.json").read_text())
+    assert report["cases"] == 4 and report["failed"] == 0
+    for case, seqs in expected.items():
+        summary = json.loads((out / f"{case}.json").read_text())
+        assert summary["sequences_used"] == seqs, case
+        labels = np.asarray(load(out / f"{case}.nii.gz").dataobj)
+        assert set(np.unique(labels)) <= {0, 1, 2, 3}
+    assert_same_grid(out / "Phantom_001.nii.gz", phantom_root / "Phantom_001" / "Phantom_001_flair.nii.gz")
+    assert_same_grid(out / "Y.nii.gz", tmp_path / "in" / "new" / "Y" / "Y-t1c.nii.gz")
+    msd_out = load(out / "BRATS_900.nii.gz")
+    assert msd_out.shape == (32, 32, 32)
+    msd_in = load(tmp_path / "in" / "Task01" / "imagesTs" / "BRATS_900.nii.gz")
+    np.testing.assert_array_equal(msd_out.affine, msd_in.affine)
+
+
+def test_entrypoint_reports_a_bad_case_and_segments_the_others(phantom_root, random_ckpt, tmp_path, capsys):
+    root = tmp_path / "in"
+    shutil.copytree(phantom_root / "Phantom_000", root / "Good")
+    for f in (root / "Good").iterdir():
+        f.rename(f.with_name(f.name.replace("Phantom_000", "Good")))
+    (root / "Bad").mkdir()
+    (root / "Bad" / "Bad_flair.nii.gz").write_bytes(b"broken")
+    out = tmp_path / "out"
+    rc = batch_main(["--input-dir", str(root), "--output-dir", str(out), "--ckpt", random_ckpt, "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "case Bad:" in err and "Bad_flair.nii.gz" in err
+    assert (out / "Good.nii.gz").is_file() and (out / "Good.json").is_file()
+    assert not (out / "Bad.nii.gz").exists() and not (out / "Bad.json").exists()
+    report = json.loads((out / "inference_summary.json").read_text())
+    assert {r["case"]: r["status"] for r in report["results"]} == {"Bad": "error", "Good": "ok"}
+    assert sorted(p.name for p in out.iterdir()) == ["Good.json", "Good.nii.gz", "inference_summary.json"]
+
+
+def test_monai_ckpt_export_serves_infer_with_the_same_result(case, random_ckpt, infer, tmp_path):
+    ts = tmp_path / "model.ts"
+    proc = _bundle("ckpt_export", "--net_id", "export_network", "--config_file",
+                   str(BUNDLE / "configs" / "inference.yaml"), "--bundle_root", str(BUNDLE), "--ckpt_file", random_ckpt,
+                   "--ckpt_path", random_ckpt, "--filepath", str(ts))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outs = {}
+    for name, ckpt in (("pt", random_ckpt), ("ts", ts)):
+        prob = tmp_path / f"{name}.nii.gz"
+        rc, _, err = infer("--ckpt", ckpt, "--t1", case["t1"], "--t1ce", case["t1ce"],
+                           "--out", tmp_path / f"{name}_l.nii.gz", "--probabilities", prob)
+        assert rc == 0, err
+        outs[name] = np.asarray(load(prob).dataobj)
+    np.testing.assert_array_equal(outs["pt"], outs["ts"])
