@@ -97,11 +97,12 @@ def _normalise_split(name: str, split: Mapping[str, Any], source: Path) -> dict[
     if not isinstance(split, Mapping):
         raise ValueError(f"Split {name!r} of {source} is a {type(split).__name__}, not a dict of arrays (MMSA layout).")
     missing = [k for k in MMSA_MODALITIES if k not in split]
-    if missing or not any(k in split for k in _LABEL_KEYS):
+    if not any(k in split for k in _LABEL_KEYS):
+        missing.append("regression_labels")
+    if missing:
         raise ValueError(
-            f"Split {name!r} of {source} lacks {missing + ([] if any(k in split for k in _LABEL_KEYS) else ['regression_labels'])}"
-            f" (found keys {sorted(split)}): an MMSA split needs text, audio, vision and regression_labels "
-            "(or classification_labels)."
+            f"Split {name!r} of {source} lacks {missing} (found keys {sorted(split)}): an MMSA split needs "
+            "text, audio, vision and regression_labels (or classification_labels)."
         )
     out: dict[str, np.ndarray] = {}
     n = None
