@@ -1,6 +1,13 @@
 """Engines and handlers: the strategy-driven trainer, the subset evaluators (segmentation and
-sentiment) and their handlers."""
+sentiment), their handlers, crash-safe checkpoints and multi-process training."""
 
+from app.engines.checkpoint import (
+    ResumableCheckpoint, ResumableSampler, SeededDataset, atomic_save, load_training_checkpoint,
+)
+from app.engines.distributed import (
+    DistributedTimeLimitHandler, GradientSync, broadcast_module, check_shards, distributed_device, init_distributed,
+    is_distributed,
+)
 from app.engines.handlers import DiagnosticsHandler, SubsetReportHandler, TimeLimitHandler
 from app.engines.sentiment import SentimentReportHandler, SentimentSubsetEvaluator, subset_predictions
 from app.engines.trainer import SubsetEvaluator, SubsetTrainer, autocast_context, to_device
@@ -10,4 +17,7 @@ __all__ = [
     "SubsetTrainer", "SubsetEvaluator", "to_device", "autocast_context", "TimeLimitHandler", "DiagnosticsHandler",
     "SubsetReportHandler", "ProgressBarHandler", "check_patch_size", "fit_roi", "describe_state_dict", "load_weights",
     "SentimentSubsetEvaluator", "SentimentReportHandler", "subset_predictions",
+    "ResumableCheckpoint", "ResumableSampler", "SeededDataset", "atomic_save", "load_training_checkpoint",
+    "init_distributed", "distributed_device", "is_distributed", "broadcast_module", "check_shards", "GradientSync",
+    "DistributedTimeLimitHandler",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
@@ -51,6 +51,9 @@ class SubsetTrainer(SupervisedTrainer):
         strategy: the :class:`GradientStrategy` that computes the gradients of each iteration.
         image_key, label_key, mask_key: batch keys of the inputs, targets and modality masks.
         amp: bf16 autocast on CUDA.
+        grad_sync: optional ``grad_sync(network, strategy)`` run after the strategy's backward and
+            before ``BACKWARD_COMPLETED``, e.g. :class:`app.engines.GradientSync` to average the
+            gradients over the ranks of a multi-process run.
         kwargs: everything else goes to ``SupervisedTrainer``.
     """
 
@@ -62,12 +65,14 @@ class SubsetTrainer(SupervisedTrainer):
         label_key: str = Keys.LABEL,
         mask_key: str = "modality_mask",
         amp: bool = False,
+        grad_sync: Callable[[torch.nn.Module, GradientStrategy], None] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("decollate", False)
         super().__init__(*args, amp=False, **kwargs)
         self.strategy = strategy
         self.use_amp = bool(amp)
+        self.grad_sync = grad_sync
         self.keys = (image_key, label_key, mask_key)
 
     def _iteration(self, engine: SubsetTrainer, batchdata: dict[str, Any]) -> dict:
@@ -84,6 +89,8 @@ class SubsetTrainer(SupervisedTrainer):
             result = self.strategy.step(
                 engine.network, inputs, mask, targets, engine.loss_function, iteration=engine.state.iteration
             )
+        if self.grad_sync is not None:
+            self.grad_sync(engine.network, self.strategy)
         engine.state.output = {
             Keys.IMAGE: inputs, Keys.LABEL: targets, Keys.PRED: result.pred, Keys.LOSS: result.loss,
             "diagnostics": result.diagnostics,

@@ -1,0 +1,474 @@
+"""Crash-safe training: an atomic ``checkpoint_last.pt`` and a resume that continues bit for bit.
+
+:class:`ResumableCheckpoint` writes ``<save_dir>/checkpoint_last.pt`` at every epoch end (and every
+``interval`` iterations) through :func:`atomic_save`: a temporary file in the same folder, flushed and
+fsynced, then renamed over the old checkpoint, so a kill at any moment leaves either the old or the new
+checkpoint, never a partial one. The checkpoint holds only tensors and plain containers and is read
+with ``torch.load(weights_only=True)``.
+
+An uninterrupted run and a killed-then-resumed run see the same batches because the data order does
+not depend on process history: :class:`ResumableSampler` draws each pass over the data from
+``(seed, pass)`` and can start a pass part-way through, and :class:`SeededDataset` re-seeds the random
+transforms for every sample from a seed the sampler hands out with the index (so it does not matter
+how many samples, workers or processes came before).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+from monai.data.utils import set_rnd
+from torch.utils.data import Dataset, DistributedSampler
+
+from app.engines.utils import describe_state_dict
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "atomic_save",
+    "stale_temporaries",
+    "capture_rng_state",
+    "restore_rng_state",
+    "load_training_checkpoint",
+    "ResumableSampler",
+    "SeededDataset",
+    "ResumableCheckpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Value of the ``format`` entry of every checkpoint written by :class:`ResumableCheckpoint`.
+CHECKPOINT_FORMAT = "app.training_checkpoint/1"
+
+# mkstemp creates files readable by the owner only; give checkpoints the permissions of any new file
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # the rename is only durable once the directory entry is on disk (POSIX); not possible on Windows
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> str:
+    """``torch.save`` to ``path`` so that readers see the old file or the complete new one.
+
+    The data goes to a temporary file ``.<name>.<random>.tmp`` in the same folder (a rename is only
+    atomic within one file system), which is flushed and fsynced before ``os.replace`` moves it over
+    ``path``. On an error the temporary file is removed; after a kill it stays behind and
+    :func:`stale_temporaries` finds it.
+
+    Returns:
+        ``path`` as a string.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):  # POSIX only
+                os.fchmod(f.fileno(), 0o666 & ~_UMASK)
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(target.parent)
+    return str(target)
+
+
+def stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Temporary files :func:`atomic_save` left next to ``path`` when its process was killed mid-write."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        return []
+    return sorted(target.parent.glob(f".{target.name}.*.tmp"))
+
+
+# -- random number generators --------------------------------------------------------------------
+def capture_rng_state() -> dict[str, Any]:
+    """The states of Python's, NumPy's, torch's and (if used) CUDA's global generators, as tensors.
+
+    Only tensors, numbers, strings and None, so the result loads with ``weights_only=True``.
+    """
+    version, py_state, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python_version": int(version),
+        "python_state": torch.tensor(py_state, dtype=torch.int64),
+        "python_gauss": gauss,
+        "numpy_name": str(np_name),
+        "numpy_keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+        "numpy_pos": int(np_pos),
+        "numpy_has_gauss": int(np_has_gauss),
+        "numpy_gauss": float(np_gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    random.setstate((int(state["python_version"]), tuple(int(x) for x in state["python_state"].tolist()),
+                     state["python_gauss"]))
+    np.random.set_state((state["numpy_name"], state["numpy_keys"].numpy().astype(np.uint32), int(state["numpy_pos"]),
+                         int(state["numpy_has_gauss"]), float(state["numpy_gauss"])))
+    torch.set_rng_state(state["torch"].to(torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = list(state["cuda"])
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in cuda_states])
+        else:
+            logger.warning("The checkpoint holds CUDA generator states of %d device(s), this machine has %d: "
+                           "CUDA random numbers will differ from the interrupted run.",
+                           len(cuda_states), torch.cuda.device_count())
+
+
+def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :class:`ResumableCheckpoint` (``weights_only=True``).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is unreadable or is not such a checkpoint (e.g. a ``model.pt`` of weights).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No training checkpoint at {path} to resume from: check --output_dir, or drop "
+                                "--resume to start a new run.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every unreadable file gets the same advice
+        raise ValueError(f"Cannot read training checkpoint {path} ({type(err).__name__}): it is corrupt or not a "
+                         "checkpoint written by training; delete it and start again with --resume false.") from err
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a training checkpoint ({CHECKPOINT_FORMAT}); model.pt/model_final.pt hold "
+                         "only weights: evaluate them with --ckpt_path, or resume from models/checkpoint_last.pt.")
+    return state
+
+
+# -- data order ----------------------------------------------------------------------------------
+class ResumableSampler(DistributedSampler):
+    """A ``DistributedSampler`` whose order depends only on ``(seed, pass)`` and which can start mid-pass.
+
+    Each call of ``__iter__`` is one pass over the data (the ``DataLoader`` calls it once per pass). The
+    pass is a permutation drawn from ``seed + pass index``, padded and split between ``num_replicas``
+    ranks like ``DistributedSampler`` does. It yields ``(index, sample_seed)`` pairs: wrap the dataset
+    in :class:`SeededDataset`, which seeds the random transforms of each sample with ``sample_seed``.
+
+    The pass index is counted by the sampler rather than taken from ``set_epoch`` (which is ignored):
+    ignite keeps one data iterator across epochs when ``epoch_length`` is shorter than the loader,
+    so epochs and passes differ in general. :meth:`resume` puts the sampler at any batch position.
+
+    Args:
+        dataset: the map-style dataset.
+        shuffle: permute each pass; ``False`` keeps the dataset order.
+        seed: base seed of the permutations and the per-sample seeds.
+        num_replicas, rank: default to the world size and rank of ``torch.distributed`` when it is
+            initialised, else 1 and 0 (no process group needed).
+        drop_last: drop the tail instead of padding so every rank gets the same number of samples.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        initialised = dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if initialised else 1
+        if rank is None:
+            rank = dist.get_rank() if initialised else 0
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self.pass_index = 0
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Ignored: passes are counted by the sampler (see the class docstring)."""
+
+    def resume(self, batches_done: int, batches_per_pass: int, batch_size: int) -> None:
+        """Continue after ``batches_done`` batches of ``batch_size`` samples (``batches_per_pass`` per pass)."""
+        if batches_per_pass < 1:
+            raise ValueError(f"batches_per_pass must be >= 1, got {batches_per_pass}.")
+        self.pass_index = batches_done // batches_per_pass
+        self._skip = (batches_done % batches_per_pass) * batch_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(self.seed + self.pass_index)
+        n = len(self.dataset)  # type: ignore[arg-type]
+        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+        # one seed per dataset index and pass: the augmentation of a sample does not depend on its position
+        seeds = torch.randint(0, 2**31 - 1, (n,), generator=g).tolist()
+        if self.drop_last:
+            order = order[: self.total_size]
+        else:
+            pad = self.total_size - len(order)
+            order += (order * math.ceil(pad / max(n, 1)))[:pad]
+        shard = order[self.rank : self.total_size : self.num_replicas][self._skip :]
+        self._skip = 0
+        self.pass_index += 1
+        return iter([(i, seeds[i]) for i in shard])
+
+
+class SeededDataset(Dataset):
+    """Dataset wrapper that seeds the random transforms of each sample from the key it is given.
+
+    ``dataset[(index, seed)]`` seeds every ``Randomizable`` of ``dataset.transform`` (e.g. a MONAI
+    ``Compose``) with ``seed`` and returns ``dataset[index]``; a plain ``index`` passes through. Because
+    the augmentation of a sample depends only on its seed, it is the same with any number of workers
+    or after a resume (see :class:`ResumableSampler`).
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        if isinstance(key, tuple):
+            index, seed = key
+            transform = getattr(self.dataset, "transform", None)
+            if transform is not None:
+                set_rnd(transform, int(seed))
+            return self.dataset[index]
+        return self.dataset[key]
+
+
+# -- the handler ---------------------------------------------------------------------------------
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return getattr(module, "module", module)  # DistributedDataParallel / DataParallel keep the net in .module
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class ResumableCheckpoint:
+    """Writes ``<save_dir>/<filename>`` atomically during training and resumes from it.
+
+    Written at every ``EPOCH_COMPLETED`` (attach it after the LR-scheduler and validation handlers so
+    the checkpoint holds their updates), every ``interval`` iterations, and at ``TERMINATE`` when that
+    happens mid-epoch (e.g. the time limit). At an epoch end reached by ``terminate()`` the epoch-end
+    handlers did not run, so the previous checkpoint is kept rather than a misleading one.
+
+    The checkpoint holds the network, optimizer, LR scheduler, gradient scaler, strategy state, epoch,
+    iteration, ``epoch_length``, the validator's best metric and the key-metric saver's record (so
+    ``model.pt`` is only replaced by a better model after a resume), and the generator states of
+    every rank. With ``resume`` the handler restores all of it at ``STARTED``; ignite then continues
+    from the restored iteration, and a :class:`ResumableSampler` of the trainer's loader is moved to
+    the same batch.
+
+    In a distributed run every rank must attach the handler (the generator states are gathered);
+    only rank 0 writes. ``save_dir`` must be reachable by all ranks to resume.
+
+    Args:
+        save_dir: folder of the checkpoint (the bundle uses ``<output_dir>/models``).
+        network, optimizer: what training updates.
+        lr_scheduler: optional LR scheduler.
+        strategy: the gradient strategy; default: the trainer's ``strategy`` attribute.
+        validator: optional evaluator whose ``best_metric``/``best_metric_epoch`` are kept.
+        key_metric_saver: optional MONAI ``CheckpointSaver`` saving the best model; its record of the
+            best score is kept.
+        resume: ``True`` to continue from the checkpoint (error if there is none), ``"auto"`` to continue
+            if it exists, ``False`` to start a new run (an existing checkpoint is overwritten).
+        interval: also write every this many iterations (``0``: only at epoch ends).
+        filename: checkpoint file name.
+    """
+
+    def __init__(
+        self,
+        save_dir: str | os.PathLike,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any = None,
+        strategy: Any = None,
+        validator: Engine | None = None,
+        key_metric_saver: Any = None,
+        resume: bool | str = False,
+        interval: int = 0,
+        filename: str = "checkpoint_last.pt",
+    ) -> None:
+        self.path = Path(save_dir) / filename
+        self.network = network
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.strategy = strategy
+        self.validator = validator
+        self.key_metric_saver = key_metric_saver
+        mode = str(resume).strip().lower()
+        if mode not in ("true", "false", "auto", "1", "0"):
+            raise ValueError(f"resume must be true, false or auto, got {resume!r} (--resume true).")
+        self.resume = {"1": "true", "0": "false"}.get(mode, mode)
+        self.interval = max(0, int(interval or 0))
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._started)
+        if self.interval:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self._iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+        engine.add_event_handler(Events.TERMINATE, self._terminated)
+
+    # -- events -----------------------------------------------------------------------------------
+    def _epoch_end(self, engine: Engine) -> bool:
+        length = engine.state.epoch_length
+        return bool(length) and engine.state.iteration % length == 0
+
+    def _iteration_completed(self, engine: Engine) -> None:
+        if not self._epoch_end(engine):  # the EPOCH_COMPLETED save follows right after
+            self.save(engine)
+
+    def _terminated(self, engine: Engine) -> None:
+        if not self._epoch_end(engine):
+            self.save(engine)
+
+    def _started(self, engine: Engine) -> None:
+        _, rank = _world()
+        exists = self.path.is_file()
+        if self.resume == "true" or (self.resume == "auto" and exists):
+            self.restore(engine, load_training_checkpoint(self.path))
+        elif exists and rank == 0:
+            logger.warning("Starting a new run: %s will be overwritten (pass --resume true to continue it).", self.path)
+        if rank == 0:
+            for tmp in stale_temporaries(self.path):
+                logger.info("Removing %s, left by a run killed while writing a checkpoint.", tmp)
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+
+    # -- state ------------------------------------------------------------------------------------
+    def _strategy(self, engine: Engine) -> Any:
+        return self.strategy if self.strategy is not None else getattr(engine, "strategy", None)
+
+    def state_dict(self, engine: Engine) -> dict[str, Any]:
+        """Everything needed to continue ``engine``; the RNG entry is this rank's only."""
+        world, _ = _world()
+        state: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": int(engine.state.epoch),
+            "iteration": int(engine.state.iteration),
+            "epoch_length": int(engine.state.epoch_length or 0),
+            "max_epochs": int(engine.state.max_epochs or 0),
+            "world_size": world,
+            "network": _unwrap(self.network).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+        if self.lr_scheduler is not None:
+            state["lr_scheduler"] = self.lr_scheduler.state_dict()
+        scaler = getattr(engine, "scaler", None)
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        strategy = self._strategy(engine)
+        if strategy is not None and hasattr(strategy, "state_dict"):
+            state["strategy"] = strategy.state_dict()
+        if self.validator is not None:
+            vstate = self.validator.state
+            state["validator"] = {"best_metric": float(vstate.best_metric),
+                                  "best_metric_epoch": int(vstate.best_metric_epoch)}
+        # MONAI's CheckpointSaver exposes load_state_dict but no getter; its ignite Checkpoint has both
+        tracker = getattr(self.key_metric_saver, "_key_metric_checkpoint", None)
+        if tracker is not None:
+            state["key_metric_saver"] = {k: [(float(p), str(f)) for p, f in v] for k, v in tracker.state_dict().items()}
+        loader = getattr(engine, "data_loader", None)
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, ResumableSampler):
+            state["sampler"] = {"seed": int(sampler.seed), "num_replicas": int(sampler.num_replicas)}
+        return state
+
+    def save(self, engine: Engine) -> None:
+        """Write the checkpoint (rank 0) with the generator states of every rank."""
+        world, rank = _world()
+        rng = capture_rng_state()
+        if world > 1:
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, rng)
+        else:
+            gathered = [rng]
+        if rank != 0:
+            return
+        state = self.state_dict(engine)
+        state["rng"] = gathered
+        atomic_save(state, self.path)
+        logger.info("Wrote %s (epoch %d, iteration %d).", self.path, engine.state.epoch, engine.state.iteration)
+
+    def restore(self, engine: Engine, state: Mapping[str, Any]) -> None:
+        """Load ``state`` (from :func:`load_training_checkpoint`) into the objects and ``engine``."""
+        world, rank = _world()
+        net = _unwrap(self.network)
+        expected, saved = net.state_dict(), state["network"]
+        if set(expected) != set(saved) or any(tuple(saved[k].shape) != tuple(v.shape) for k, v in expected.items()):
+            raise ValueError(
+                f"{self.path} was written for a different network configuration ({describe_state_dict(saved)}) than "
+                f"the one configured ({describe_state_dict(expected)}): resume with the run's original settings "
+                "(e.g. --features), or start a new run in another --output_dir."
+            )
+        length = int(engine.state.epoch_length or 0)
+        if state["epoch_length"] and length and state["epoch_length"] != length:
+            raise ValueError(
+                f"{self.path} was written with {state['epoch_length']} iterations per epoch, this run has {length}: "
+                "resume with the original --epoch_length, --batch_size and data."
+            )
+        net.load_state_dict(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.lr_scheduler is not None and "lr_scheduler" in state:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        scaler = getattr(engine, "scaler", None)
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        strategy = self._strategy(engine)
+        if strategy is not None and "strategy" in state:
+            strategy.load_state_dict(state["strategy"])
+        if self.validator is not None and "validator" in state:
+            self.validator.state.best_metric = state["validator"]["best_metric"]
+            self.validator.state.best_metric_epoch = state["validator"]["best_metric_epoch"]
+        if self.key_metric_saver is not None and "key_metric_saver" in state:
+            self.key_metric_saver.load_state_dict(state["key_metric_saver"])
+
+        iteration = int(state["iteration"])
+        length = length or int(state["epoch_length"])
+        engine.state.iteration = iteration
+        # ignite counts completed epochs and restarts a partial one at iteration % epoch_length
+        engine.state.epoch = iteration // length if length else int(state["epoch"])
+        loader = getattr(engine, "data_loader", None)
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, ResumableSampler) and loader is not None:
+            sampler.resume(iteration, len(loader), int(loader.batch_size or 1))
+            if state.get("sampler", {}).get("seed", sampler.seed) != sampler.seed:
+                logger.warning("The sampler seed changed since %s was written: the data order differs.", self.path)
+        elif iteration and rank == 0:
+            logger.warning("The trainer's data loader has no ResumableSampler: after the resume the data order "
+                           "differs from an uninterrupted run.")
+        rng_states = list(state.get("rng") or [])
+        if rng_states:
+            if len(rng_states) != world and rank == 0:
+                logger.warning("%s was written by %d process(es), this run has %d: random numbers and the data split "
+                               "between ranks differ from an uninterrupted run.", self.path, len(rng_states), world)
+            restore_rng_state(rng_states[rank if rank < len(rng_states) else 0])
+        if rank == 0:
+            done = iteration - engine.state.epoch * length if length else 0
+            logger.info("Resumed from %s at iteration %d (epoch %d, %d of its %d iterations done).", self.path,
+                        iteration, engine.state.epoch + 1, done, length)

@@ -1,0 +1,198 @@
+"""Multi-process training (torchrun) without ``DistributedDataParallel``.
+
+DDP synchronises gradients from hooks on ``backward()``; the GMD strategies also take gradients with
+``torch.autograd.grad``, which those hooks do not see, and exact GMD writes the shared gradients
+itself. So the network is not wrapped: all ranks start from the same weights
+(:func:`broadcast_module`), each rank runs the strategy on its own batch, and :class:`GradientSync`
+then averages the gradients before the optimizer step. ``GMDStrategy(sync="global")`` instead
+all-reduces the per-subset gradients before the decoupling so that every rank uses the decoupling
+weights of the global batch (see ``docs/scale_out.md``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import timedelta
+from typing import Any, Iterable, Sized
+
+import torch
+import ignite.distributed as idist
+import torch.distributed as dist
+from ignite.engine import Engine
+
+from app.engines.handlers import TimeLimitHandler
+
+__all__ = [
+    "init_distributed",
+    "distributed_device",
+    "is_distributed",
+    "broadcast_module",
+    "check_shards",
+    "GradientSync",
+    "DistributedTimeLimitHandler",
+]
+
+logger = logging.getLogger(__name__)
+
+_BACKENDS = ("nccl", "gloo")
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _check_backend(backend: str) -> str:
+    name = str(backend).strip().lower()
+    if name not in _BACKENDS:
+        raise ValueError(f"dist_backend must be one of {list(_BACKENDS)}, got {backend!r}: nccl for GPUs, "
+                         "--dist_backend gloo for CPU.")
+    if name == "nccl" and not torch.cuda.is_available():
+        raise ValueError("dist_backend nccl needs CUDA GPUs and none is visible: pass --dist_backend gloo to train "
+                         "on CPU processes.")
+    return name
+
+
+def distributed_device(backend: str = "nccl") -> torch.device:
+    """The device of this rank: ``cuda:LOCAL_RANK`` for NCCL (made the current device), CPU for gloo."""
+    if _check_backend(backend) == "gloo":
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(backend: str = "nccl", timeout_minutes: float = 30.0) -> int:
+    """Join the process group that ``torchrun`` describes in the environment; returns this rank.
+
+    Does nothing if the group already exists.
+
+    Raises:
+        RuntimeError: not started by ``torchrun`` (no ``WORLD_SIZE``/``RANK`` in the environment).
+        ValueError: unknown backend, or NCCL without a GPU.
+    """
+    name = _check_backend(backend)
+    if dist.is_initialized():
+        return dist.get_rank()
+    missing = [k for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"The multi-GPU config needs the environment set by torchrun ({', '.join(missing)} missing): run "
+            "torchrun --standalone --nproc_per_node N -m monai.bundle run --config_file \"['.../train.yaml',"
+            "'.../multi_gpu_train.yaml']\" ..., or drop multi_gpu_train.yaml for one process."
+        )
+    if name == "nccl":
+        distributed_device(name)  # NCCL binds each rank to its GPU before the group forms
+    dist.init_process_group(backend=name, timeout=timedelta(minutes=float(timeout_minutes)))
+    # ignite discovers the group lazily with a collective the first time it asks for the rank (e.g. in a
+    # CheckpointSaver); a handler built on rank 0 only would then wait forever, so discover it now
+    idist.sync()
+    logger.info("Rank %d of %d joined the %s process group.", dist.get_rank(), dist.get_world_size(), name)
+    return dist.get_rank()
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> torch.nn.Module:
+    """Copy the parameters and buffers of rank ``src`` to every rank (no-op without a process group)."""
+    if is_distributed():
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor.data, src=src)
+    return module
+
+
+def check_shards(items: Sized, what: str = "validation cases", hint: str = "") -> None:
+    """Raise a clear error when ``items`` cannot give every rank at least one element.
+
+    A rank without validation data skips the evaluation, and the others then wait forever in the
+    metric's all-gather; this turns that hang into a message.
+    """
+    if is_distributed() and len(items) < dist.get_world_size():
+        raise ValueError(f"{len(items)} {what} for {dist.get_world_size()} processes: every rank needs at least one; "
+                         f"{hint + ', ' if hint else ''}add data, or start fewer processes (--nproc_per_node).")
+
+
+def _buckets(params: Iterable[torch.nn.Parameter], max_bytes: int) -> list[list[torch.nn.Parameter]]:
+    """Consecutive groups of one dtype and at most ``max_bytes`` of gradient (a larger tensor is alone)."""
+    out: list[list[torch.nn.Parameter]] = []
+    size = 0
+    for p in params:
+        nbytes = p.numel() * p.element_size()
+        if not out or out[-1][0].dtype != p.dtype or size + nbytes > max_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(p)
+        size += nbytes
+    return out
+
+
+class GradientSync:
+    """Averages the gradients over the ranks after the strategy's backward (``SubsetTrainer(grad_sync=...)``).
+
+    A parameter without gradient on some ranks (e.g. the encoder of a sequence absent from a rank's
+    batch) counts as a zero gradient there; one without gradient on every rank keeps ``None``, so
+    the optimizer skips it exactly as a single process would. Parameters the strategy already
+    synchronised (``strategy.synchronized_parameters(network)``, e.g. the shared trunk of exact GMD
+    with ``sync="global"``) are left alone. Without a process group it does nothing.
+
+    Args:
+        bucket_mb: gradients are flattened into buckets of about this size per all-reduce.
+    """
+
+    def __init__(self, bucket_mb: float = 25.0) -> None:
+        self.bucket_bytes = int(float(bucket_mb) * 2**20)
+
+    def __call__(self, network: torch.nn.Module, strategy: Any = None) -> None:
+        if not is_distributed():
+            return
+        world = dist.get_world_size()
+        done = getattr(strategy, "synchronized_parameters", None)
+        skip = {id(p) for p in done(network)} if callable(done) else set()
+        params = [p for p in network.parameters() if p.requires_grad and id(p) not in skip]
+        if not params:
+            return
+        has_grad = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+        dist.all_reduce(has_grad)
+        live = []
+        for p, count in zip(params, has_grad.tolist()):
+            if count > 0:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                live.append(p)
+        for bucket in _buckets(live, self.bucket_bytes):
+            flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+            dist.all_reduce(flat)
+            flat.div_(world)
+            offset = 0
+            for p in bucket:
+                n = p.numel()
+                p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+                offset += n
+
+
+class DistributedTimeLimitHandler(TimeLimitHandler):
+    """:class:`~app.engines.TimeLimitHandler` whose stop decision is taken jointly by all ranks.
+
+    Each rank measures its own clock; the ranks all-reduce (max) whether the budget is spent after
+    every iteration, so they stop at the same iteration instead of one rank waiting forever in the
+    next collective. Without a process group it behaves like the base class.
+    """
+
+    def _check(self, engine: Engine) -> None:
+        if self.expired:
+            return
+        spent = time.monotonic() - self.start >= self.seconds
+        if is_distributed():
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            flag = torch.tensor([float(spent)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            spent = bool(flag.item() > 0)
+        if not spent:
+            return
+        self.expired = True
+        logger.info("Time limit of %.1f min reached at epoch %d, iteration %d: stopping.",
+                    self.seconds / 60, engine.state.epoch, engine.state.iteration)
+        if self.validator is not None:
+            self.validator.run(engine.state.epoch)
+        engine.terminate()
