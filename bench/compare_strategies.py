@@ -98,11 +98,14 @@ def main(argv: list[str] | None = None) -> int:
                       "--max_epochs", "100000", "--time_limit_minutes", str(args.minutes), *extra]
         if k:
             train_args += ["--gmd_subsets", k]
-        _bundle([TRAIN], train_args, out / label / "train.log")
+        # a finished stage is reused, so an interrupted comparison can be re-run with the same command
+        if not (run_dir / "models" / "model_final.pt").is_file():
+            _bundle([TRAIN], train_args, out / label / "train.log")
         held_out = _held_out_dir(run_dir, out / "held_out")
-        _bundle([TRAIN, EVALUATE], ["--dataset_dir", str(held_out), "--ckpt_path",
-                                    str(run_dir / "models" / "model_final.pt"), "--output_dir", str(eval_dir),
-                                    *extra], out / label / "eval.log")
+        if not (eval_dir / "subset_dice.json").is_file():
+            _bundle([TRAIN, EVALUATE], ["--dataset_dir", str(held_out), "--ckpt_path",
+                                        str(run_dir / "models" / "model_final.pt"), "--output_dir", str(eval_dir),
+                                        *extra], out / label / "eval.log")
         rows[label] = summarise(json.loads((eval_dir / "subset_dice.json").read_text()))
         log = (out / label / "train.log").read_text()
         its = [int(line.split("iteration ")[1].split(":")[0]) for line in log.splitlines() if "Time limit" in line]
