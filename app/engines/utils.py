@@ -38,7 +38,7 @@ def describe_state_dict(state: dict[str, torch.Tensor]) -> str:
         level += 1
     n_mod = len({k.split(".")[1] for k in state if k.startswith("encoders.")})
     if not widths:
-        return f"{len(state)} tensors, not a DS U-Net"
+        return f"{len(state)} tensors"
     return f"{n_mod} modality encoders, features {widths}"
 
 
@@ -69,10 +69,15 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, map_location
     unexpected = sorted(set(state) - set(expected))
     mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or mismatched:
+        if mismatched:
+            key = mismatched[0]
+            example = f"{key} is {tuple(state[key].shape)} there, {tuple(expected[key].shape)} here"
+        else:
+            example = f"{(missing or unexpected)[0]} is {'missing from' if missing else 'unexpected in'} it"
         raise ValueError(
             f"Checkpoint {path} was trained with a different network configuration "
-            f"({describe_state_dict(state)}) than the one configured ({describe_state_dict(expected)}): "
-            "pass the training run's --features (and modalities) when loading it."
+            f"({describe_state_dict(state)}) than the one configured ({describe_state_dict(expected)}; "
+            f"e.g. {example}): pass the training run's network settings (e.g. --features) when loading it."
         )
     network.load_state_dict(state)
     return network
