@@ -11,6 +11,11 @@ and a single weighted backward then gives every parameter its GMD gradient:
 ``gmd`` builds the Gram matrix from the exact gradients of the shared parameters (trunk-only
 vector-Jacobian products). ``gmd_approx`` builds it from the gradients w.r.t. the per-modality
 trunk outputs, which costs about as much as a plain step.
+
+In a multi-process run (``torch.distributed`` initialised, see :mod:`app.engines.distributed`),
+``sync="local"`` decouples each rank's own batch and leaves the averaging of the merged gradients
+to the trainer; ``sync="global"`` all-reduces the per-subset gradients (exact GMD: ``k x P`` numbers;
+approximate GMD: the ``k x k`` Gram matrix) so every rank decouples the gradients of the global batch.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from app.strategies.base import GradientStrategy, StepResult, subset_loss
 from app.strategies.projection import decouple_coefficients, gmd_statistics, projection_orders
@@ -37,13 +43,16 @@ class GMDStrategy(GradientStrategy):
         diagnostics_interval: record conflict diagnostics every this many iterations (0: never).
         vjp_chunk: number of per-subset vector-Jacobian products batched together (``1``: a loop;
             larger values trade memory for speed on GPUs).
+        sync: in a multi-process run, ``"local"`` (decouple each rank's batch) or ``"global"``
+            (decouple the global batch; every rank must use the same ``seed``). Ignored otherwise.
     """
 
     name = "gmd"
     approximate = False
 
     def __init__(
-        self, subsets: str | int = "all", seed: int = 0, diagnostics_interval: int = 0, vjp_chunk: int = 1
+        self, subsets: str | int = "all", seed: int = 0, diagnostics_interval: int = 0, vjp_chunk: int = 1,
+        sync: str = "local",
     ) -> None:
         super().__init__(seed)
         if isinstance(subsets, str) and subsets.strip().lower() != "all":
@@ -53,7 +62,11 @@ class GMDStrategy(GradientStrategy):
         self.subsets = "all" if isinstance(subsets, str) else int(subsets)
         self.diagnostics_interval = int(diagnostics_interval)
         self.vjp_chunk = max(1, int(vjp_chunk))
+        self.sync = str(sync).strip().lower()
+        if self.sync not in ("local", "global"):
+            raise ValueError(f"gmd_sync must be 'local' or 'global', got {sync!r}.")
         self._deck: list[int] = []
+        self._world = 1  # ranks taking part in the current step's decoupling (1: this rank's batch only)
 
     # -- subset selection -------------------------------------------------------------------
     def choose_subsets(self, n_subsets: int) -> list[int]:
@@ -99,21 +112,36 @@ class GMDStrategy(GradientStrategy):
         With ``parts`` (see ``DSUNet.per_modality_parts``) each subset's gradient is the sum of
         VJPs through the trunks of its own modalities, which skips the modalities a subset lacks.
         """
-        cotangents = [torch.autograd.grad(loss, per_mod, retain_graph=True)[0] for loss in losses]
+        # a loss is None when this rank has no sample for the subset (global sync only): its row is zero
+        cotangents = [None if loss is None else torch.autograd.grad(loss, per_mod, retain_graph=True)[0]
+                      for loss in losses]
         shared = [p for p in model.shared_parameters() if p.requires_grad]
+        live = [j for j, c in enumerate(cotangents) if c is not None]
+        grads = None
         if not parts:
-            grads = self._shared_gradients(per_mod, shared, cotangents)
+            if len(live) == len(losses):
+                grads = self._shared_gradients(per_mod, shared, cotangents)
+            elif live:
+                rows = self._shared_gradients(per_mod, shared, [cotangents[j] for j in live])
+                grads = rows.new_zeros(len(losses), rows.shape[1])
+                grads[live] = rows
         else:
-            grads = None
             for m, rows, decoded in parts:
-                cots = [c[rows, m] for c in cotangents]
-                members = [j for j, c in enumerate(cots) if bool(c.any())]
+                cots = [None if c is None else c[rows, m] for c in cotangents]
+                members = [j for j, c in enumerate(cots) if c is not None and bool(c.any())]
                 if not members:
                     continue
                 part = self._shared_gradients(decoded, shared, [cots[j] for j in members])
                 if grads is None:
                     grads = part.new_zeros(len(losses), part.shape[1])
                 grads[members] += part
+        if grads is None:
+            grads = torch.zeros(len(losses), sum(p.numel() for p in shared), dtype=shared[0].dtype,
+                                device=shared[0].device)
+        if self._world > 1:
+            # the losses are already weighted by each rank's share of the subset's samples: the sum over
+            # ranks is the gradient of the global batch's subset loss
+            dist.all_reduce(grads)
         grads = grads.double()
         return grads @ grads.T, (shared, grads)
 
@@ -129,9 +157,52 @@ class GMDStrategy(GradientStrategy):
             p.grad = g if p.grad is None else p.grad + g
             offset += n
         specific = [p for p in model.modality_parameters() if p.requires_grad]
-        total = sum((k * weights[j]).to(losses[j].dtype) * losses[j] for j in range(k))
-        if specific:
+        total = self._weighted_total(losses, weights)
+        if specific and total is not None:
             total.backward(inputs=specific)
+
+    def _weighted_total(self, losses: list[torch.Tensor | None], weights: torch.Tensor) -> torch.Tensor | None:
+        """``sum_j k w_j L_j`` over this rank's losses; ``world`` times that under global sync, because
+        the trainer then averages the encoder gradients over the ranks."""
+        k = len(losses)
+        terms = [(k * self._world * weights[j]).to(loss.dtype) * loss for j, loss in enumerate(losses)
+                 if loss is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def synchronized_parameters(self, model: Any) -> list[torch.nn.Parameter]:
+        """Parameters whose gradients of the last step are already those of the global batch (the shared
+        ones of exact GMD under global sync); :class:`app.engines.GradientSync` leaves them alone."""
+        if self._world > 1 and not self.approximate:
+            return [p for p in model.shared_parameters() if p.requires_grad]
+        return []
+
+    def _sync_world(self) -> int:
+        if self.sync == "global" and dist.is_available() and dist.is_initialized():
+            return dist.get_world_size()
+        return 1
+
+    def _global_losses(
+        self, model: Any, per_mod: torch.Tensor, modality_mask: torch.Tensor, targets: torch.Tensor,
+        loss_function: Callable, masks: torch.Tensor, chosen: list[int],
+    ) -> tuple[list[torch.Tensor | None], list[int], list[float]]:
+        """This rank's subset losses weighted by its share ``n_j^r / N_j`` of each subset's samples.
+
+        Every rank gets the same subset list: a subset counts if any rank has a sample for it. Returns
+        ``(weighted losses or None, used subset indices, subset losses of the global batch)``.
+        """
+        local, counts = [], []
+        for j in chosen:
+            sub = modality_mask & masks[j]
+            loss, _ = subset_loss(model, per_mod, sub, targets, loss_function)
+            local.append(loss)
+            counts.append(float(sub.any(dim=1).sum()))
+        sums = [0.0 if loss is None else float(loss.detach()) * n for loss, n in zip(local, counts)]
+        stats = torch.tensor(counts + sums, dtype=torch.float64, device=per_mod.device)
+        dist.all_reduce(stats)
+        k = len(chosen)
+        keep = [i for i in range(k) if float(stats[i]) > 0]
+        losses = [None if local[i] is None else local[i] * (counts[i] / float(stats[i])) for i in keep]
+        return losses, [chosen[i] for i in keep], [float(stats[k + i] / stats[i]) for i in keep]
 
     # -- the step ----------------------------------------------------------------------------
     def step(
@@ -144,16 +215,27 @@ class GMDStrategy(GradientStrategy):
         else:
             per_mod = model.per_modality(inputs, modality_mask)
         masks = subset_masks(model.num_modalities, device=modality_mask.device)
-        losses, used = [], []
-        for j in self.choose_subsets(masks.shape[0]):
-            loss, _ = subset_loss(model, per_mod, modality_mask & masks[j], targets, loss_function)
-            if loss is not None:
-                losses.append(loss)
-                used.append(j)
+        self._world = self._sync_world()
+        losses: list[torch.Tensor | None] = []
+        used: list[int] = []
+        if self._world > 1:
+            losses, used, reported = self._global_losses(
+                model, per_mod, modality_mask, targets, loss_function, masks, self.choose_subsets(masks.shape[0])
+            )
+        else:
+            for j in self.choose_subsets(masks.shape[0]):
+                loss, _ = subset_loss(model, per_mod, modality_mask & masks[j], targets, loss_function)
+                if loss is not None:
+                    losses.append(loss)
+                    used.append(j)
         if not losses:
             raise ValueError("No sample in the batch has any modality: check the modality masks of the data.")
         gram, cache = self.gram_matrix(model, per_mod, losses, parts)
         coeffs = decouple_coefficients(gram, projection_orders(len(losses), self.generator))
+        if self._world > 1:
+            # the ranks computed the same Gram matrix with generators in the same state; rank 0's weights
+            # are broadcast anyway so that rounding differences can never split the ranks
+            dist.broadcast(coeffs, src=0)
         weights = coeffs.mean(0)
         self.apply_gradients(model, losses, weights, cache)
 
@@ -164,7 +246,8 @@ class GMDStrategy(GradientStrategy):
         if self.diagnostics_interval > 0 and iteration % self.diagnostics_interval == 0:
             subsets = all_subsets(model.num_modalities)
             names = [subset_name(subsets[j], model.modalities) for j in used]
-            diagnostics = {"strategy": self.name, "subsets": names, "subset_losses": [float(x.detach()) for x in losses],
+            subset_losses = reported if self._world > 1 else [float(x.detach()) for x in losses]
+            diagnostics = {"strategy": self.name, "subsets": names, "subset_losses": subset_losses,
                            **gmd_statistics(gram, coeffs)}
         return StepResult(loss=loss.detach(), pred=pred, diagnostics=diagnostics)
 
@@ -176,7 +259,7 @@ class GMDStrategy(GradientStrategy):
         self._deck = list(state.get("deck", []))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(subsets={self.subsets!r}, seed={self.seed})"
+        return f"{type(self).__name__}(subsets={self.subsets!r}, seed={self.seed}, sync={self.sync!r})"
 
 
 class GMDApproxStrategy(GMDStrategy):
@@ -190,14 +273,21 @@ class GMDApproxStrategy(GMDStrategy):
     approximate = True
 
     def gram_matrix(self, model, per_mod, losses, parts=None):
-        cotangents = torch.stack([torch.autograd.grad(loss, per_mod, retain_graph=True)[0] for loss in losses])
+        cotangents = torch.stack([torch.zeros_like(per_mod) if loss is None
+                                  else torch.autograd.grad(loss, per_mod, retain_graph=True)[0] for loss in losses])
         flat = cotangents.reshape(len(losses), -1).double()
-        return flat @ flat.T, None
+        gram = flat @ flat.T
+        if self._world > 1:
+            # the ranks' per-modality outputs are disjoint coordinates of the global batch's output, so
+            # its Gram matrix is the sum of the ranks' (losses already weighted by the sample shares)
+            dist.all_reduce(gram)
+        return gram, None
 
     def apply_gradients(self, model, losses, weights, cache):
         k = len(losses)
-        total = sum((k * weights[j]).to(losses[j].dtype) * losses[j] for j in range(k))
-        total.backward()
+        total = self._weighted_total(losses, weights)
+        if total is not None:
+            total.backward()
         for p in model.shared_parameters():
             if p.grad is not None:
                 p.grad.div_(k)

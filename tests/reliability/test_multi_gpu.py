@@ -1,0 +1,159 @@
+"""Multi-process training on CPU (gloo): the bundle override under torchrun, and GMD's two sync modes.
+
+``global`` sync must give every rank the GMD gradient of the global batch, i.e. exactly what one
+process computes on the concatenated batch; ``local`` sync must leave every rank with the average of
+the ranks' own GMD gradients. Both are checked in float64 on a batch whose ranks lack different
+sequences, so that some subsets exist on one rank only.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from monai.bundle import ConfigParser
+
+from app.data.mmsa import write_synthetic_mmsa
+from app.data.phantoms import write_phantoms
+from app.engines import GradientSync
+from app.networks import DSUNet
+from app.strategies import GMDApproxStrategy, GMDStrategy
+from tests.reliability.helpers import (
+    BRATS, MULTI_GPU, REPO, TINY, TRAIN, assert_same_tensors, cli_args, load, subprocess_env,
+)
+
+RANK_WEIGHTS = str(Path(__file__).with_name("configs") / "save_rank_weights.yaml")
+WORLD = 2
+# rank 0 holds samples 0-1, rank 1 samples 2-3; flair is absent on rank 1, so e.g. subset "flair" has
+# samples on rank 0 only and the flair encoder gets no gradient on rank 1
+MASK = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+
+
+def _loss(pred, target):
+    return torch.nn.functional.binary_cross_entropy_with_logits(pred, target, reduction="none")
+
+
+def _grads(model):
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
+
+
+def _sync_worker(rank: int, store: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        model = DSUNet(features=(4, 8), out_channels=2).double()
+        x = torch.randn(4, 4, 8, 8, 8, dtype=torch.float64)
+        y = (torch.rand(4, 2, 8, 8, 8) > 0.6).double()
+        shard = slice(2 * rank, 2 * rank + 2)
+        sync = GradientSync()
+        for cls in (GMDStrategy, GMDApproxStrategy):
+            model.zero_grad()
+            cls(seed=3).step(model, x, MASK, y, _loss)  # one process, whole batch (local: no collective)
+            reference = _grads(model)
+            model.zero_grad()
+            strategy = cls(seed=3, sync="global")
+            strategy.step(model, x[shard], MASK[shard], y[shard], _loss)
+            sync(model, strategy)
+            got = _grads(model)
+            err = float((got - reference).abs().max() / reference.abs().max())
+            assert err < 1e-10, f"{cls.name} global sync differs from the whole batch by {err:.3g}"
+
+        model.zero_grad()
+        strategy = GMDStrategy(seed=3, sync="local")
+        strategy.step(model, x[shard], MASK[shard], y[shard], _loss)
+        own = _grads(model)
+        sync(model, strategy)
+        got = _grads(model)
+        owns, gots = [torch.zeros_like(own) for _ in range(WORLD)], [torch.zeros_like(got) for _ in range(WORLD)]
+        dist.all_gather(owns, own)
+        dist.all_gather(gots, got)
+        assert all(torch.equal(g, gots[0]) for g in gots), "ranks differ after local sync"
+        assert torch.allclose(got, torch.stack(owns).mean(0), rtol=0, atol=1e-15)
+        assert not torch.allclose(owns[0], owns[1]), "the ranks' batches should give different gradients"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gmd_global_sync_is_exact_and_local_sync_averages(tmp_path):
+    # fork: the workers inherit the imported modules (spawn would spend most of the test re-importing);
+    # they set one torch thread before any parallel region, which keeps OpenMP safe after the fork
+    mp.start_processes(_sync_worker, args=(str(tmp_path / "store"),), nprocs=WORLD, join=True, start_method="fork")
+
+
+def test_two_gloo_processes_train_the_bundle_to_identical_weights(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_phantoms(data, cases=4, size=24, seed=0)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+        "-m", "monai.bundle", "run", "--config_file", str([TRAIN, MULTI_GPU, RANK_WEIGHTS]),
+        "--bundle_root", str(BRATS), "--dataset_dir", str(data), "--output_dir", str(out), "--dist_backend", "gloo",
+        "--strategy", "gmd", "--gmd_subsets", "4", "--gmd_sync", "global", "--max_epochs", "1", "--epoch_length", "2",
+        "--val_fraction", "0.5", *cli_args(TINY),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+    rank0, rank1 = load(out / "rank0.pt"), load(out / "rank1.pt")
+    assert_same_tensors(rank0, rank1, "rank 1 vs rank 0")
+    assert_same_tensors(rank0, load(out / "models" / "model_final.pt"), "model_final.pt")
+    ckpt = load(out / "models" / "checkpoint_last.pt")
+    assert (ckpt["iteration"], ckpt["world_size"], len(ckpt["rng"])) == (2, WORLD, WORLD)
+    assert all(int(s["step"]) == 2 for s in ckpt["optimizer"]["state"].values())
+    # files are written once, by rank 0
+    assert len(list((out / "tensorboard").iterdir())) == 1
+    assert (out / "validation" / "subset_dice.json").is_file() and (out / "models" / "model.pt").is_file()
+
+
+MOSI = REPO / "bundles" / "mosi_gmd" / "configs"
+FILE_WRITERS = {"StatsHandler", "TensorBoardStatsHandler", "DiagnosticsHandler", "CheckpointSaver", "ProgressBarHandler"}
+ALL_RANKS = ["LrScheduleHandler", "ValidationHandler", "DistributedTimeLimitHandler", "ResumableCheckpoint"]
+
+
+@pytest.fixture(scope="module")
+def bundle_inputs(tmp_path_factory):
+    """Settings of both bundles for resolving their multi-GPU configs without running them."""
+    root = tmp_path_factory.mktemp("inputs")
+    write_phantoms(root / "brats", cases=4, size=24, seed=0)
+    pkl = write_synthetic_mmsa(root / "mosi.pkl", splits={"train": 8, "valid": 4}, seed=0)
+    return {
+        "brats": ([TRAIN, MULTI_GPU], {"dataset_dir": str(root / "brats"), "val_fraction": 0.5, **TINY}),
+        "mosi": ([str(MOSI / "train.yaml"), str(MOSI / "multi_gpu_train.yaml")],
+                 {"data_path": str(pkl), "trust_pickle": True}),
+    }
+
+
+@pytest.mark.parametrize("bundle", ["brats", "mosi"])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_override_runs_file_writing_handlers_on_rank_0_only(bundle, rank, bundle_inputs, monkeypatch, tmp_path):
+    """The override disables handlers by their index in train.yaml: this catches an index gone stale."""
+    monkeypatch.setenv("RANK", str(rank))  # the config's rank before the process group exists
+    files, settings = bundle_inputs[bundle]
+    parser = ConfigParser()
+    parser.read_config(files)
+    parser.update({**settings, "output_dir": str(tmp_path), "dist_backend": "gloo",
+                   "train#sampler#num_replicas": 2, "train#sampler#rank": rank,
+                   "validate#sampler#num_replicas": 2, "validate#sampler#rank": rank})
+    trainer = parser.get_parsed_content("train#trainer")
+    names = [type(h).__name__ for h in parser.get_parsed_content("train#trainer#train_handlers")]
+    val_names = [type(h).__name__ for h in parser.get_parsed_content("validate#evaluator#val_handlers") or []]
+    checkpoint = next(h for h in parser.get_parsed_content("train#trainer#train_handlers")
+                      if type(h).__name__ == "ResumableCheckpoint")
+    assert isinstance(trainer.grad_sync, GradientSync) and trainer.strategy.sync == "local"
+    assert all(name in names for name in ALL_RANKS)
+    assert names.index("ResumableCheckpoint") > names.index("ValidationHandler") > names.index("LrScheduleHandler")
+    if rank == 0:
+        assert FILE_WRITERS <= set(names) and "CheckpointSaver" in val_names
+        assert type(checkpoint.key_metric_saver).__name__ == "CheckpointSaver"
+        assert parser.get_parsed_content("summary_writer") is not None
+    else:
+        assert sorted(names) == sorted(ALL_RANKS) and val_names == []
+        assert checkpoint.key_metric_saver is None and parser.get_parsed_content("summary_writer") is None
+    writer = parser.get_parsed_content("summary_writer")
+    if writer is not None:
+        writer.close()
