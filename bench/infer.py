@@ -15,7 +15,7 @@ Usage (from the repository root)::
 
     python bench/infer.py --threads 2                      # CPU, plus CUDA when available
     python bench/infer.py --devices cuda --repeats 5       # GPU only
-    python bench/infer.py --patch-size 96 96 96 --overlap 0.5   # the validation windowing
+    python bench/infer.py --patch-size 96 96 96 --overlap 0.5   # train.yaml's validation windowing
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", default=str(REPO / "bundles" / "brats_gmd"))
     p.add_argument("--devices", default="cpu,cuda", help="comma-separated; cuda is skipped when unavailable")
     p.add_argument("--subsets", default=",".join(SUBSETS))
-    p.add_argument("--patch-size", type=int, nargs=3, help="window size (default: the bundle's)")
+    p.add_argument("--patch-size", type=int, nargs=3,
+                   help="window size; 0 0 0 = whole crop (default: as infer, the whole crop as one window)")
     p.add_argument("--overlap", type=float, help="window overlap (default: the bundle's)")
     p.add_argument("--sw-batch-size", type=int)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                     platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads(), "sequences": seqs, "n_sequences": len(seqs),
                     "features": seg.settings["features"], "roi_size": pred.details["roi_size"],
-                    "overlap": seg.overlap, "crop_box": pred.details["crop_box"], "amp_bf16": seg.amp,
+                    "single_window": pred.details["single_window"], "overlap": seg.overlap, "crop_box": pred.details["crop_box"], "amp_bf16": seg.amp,
                     "infer_s": round(infer_s, 3), "runs_s": [round(r[0], 3) for r in runs],
                     # process CPU time / threads: the wall time this run would take on idle cores
                     "cpu_s": round(cpu_s, 3), "cpu_s_per_thread": round(cpu_s / torch.get_num_threads(), 3),

@@ -54,7 +54,9 @@ def run_batch(
     """
     from app.data.discovery import discover_cases
     from app.inference.io import sequence_name
-    from app.inference.pipeline import segment_case
+    from app.inference.pipeline import as_bool, segment_case
+
+    probabilities = as_bool(probabilities, "probabilities")
 
     out_dir = Path(output_dir)
     cases = discover_cases(input_dir, require_label=False)
@@ -135,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resample-to", metavar="SEQ", help="resample each case's sequences onto SEQ's grid if they differ")
     p.add_argument("--spacing", nargs="+", metavar="MM", help="working spacing in mm (default: native)")
     p.add_argument("--features", nargs="+", metavar="N", help="network widths (default: from the checkpoint)")
-    p.add_argument("--patch-size", nargs="+", metavar="N", help="sliding-window size (default: the bundle's)")
+    p.add_argument("--patch-size", nargs="+", metavar="N",
+                   help="sliding-window size (default: the whole foreground crop up to 256^3 voxels, else the "
+                        "bundle's patch_size)")
     p.add_argument("--overlap", type=float, help="sliding-window overlap (default: the bundle's)")
     p.add_argument("--sw-batch-size", type=int, help="windows per network call (default: the bundle's)")
     p.add_argument("--device", default=env("BRATS_DEVICE", "auto"), help="auto, cpu, cuda or cuda:N")

@@ -89,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network widths per level (default: read from the checkpoint)")
     p.add_argument("--patch-size", nargs="+", metavar="N",
                    help="sliding-window size, 3 multiples of the network divisor; 0 along an axis = the whole "
-                        "foreground crop (default: the bundle's patch_size)")
-    p.add_argument("--overlap", type=float, help="sliding-window overlap (default: the bundle's sw_overlap)")
+                        "foreground crop (default: the whole crop as one window up to 256^3 voxels, else windows "
+                        "of the bundle's patch_size)")
+    p.add_argument("--overlap", type=float,
+                   help="sliding-window overlap when there are several windows (default: the bundle's sw_overlap)")
     p.add_argument("--sw-batch-size", type=int, help="windows per network call (default: the bundle's)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")

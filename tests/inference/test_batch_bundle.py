@@ -51,7 +51,7 @@ def test_bundle_batch_runs_every_case_with_its_sequences(phantom_root, random_ck
     out = tmp_path / "out"
     proc = _bundle("run", "--config_file", str(BUNDLE / "configs" / "inference.yaml"), "--bundle_root", str(BUNDLE),
                    "--ckpt_path", random_ckpt, "--input_dir", str(tmp_path / "in"), "--output_dir", str(out),
-                   "--labels", "2023", "--device", "cpu")
+                   "--labels", "2023", "--device", "cpu", "--probabilities", "true")  # fire passes "true" as a string
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "inference_summary.json").read_text())
     assert report["cases"] == 4 and report["failed"] == 0
@@ -60,6 +60,7 @@ def test_bundle_batch_runs_every_case_with_its_sequences(phantom_root, random_ck
         assert summary["sequences_used"] == seqs, case
         labels = np.asarray(load(out / f"{case}.nii.gz").dataobj)
         assert set(np.unique(labels)) <= {0, 1, 2, 3}
+        assert load(out / f"{case}_prob.nii.gz").shape == (*labels.shape, 3)
     assert_same_grid(out / "Phantom_001.nii.gz", phantom_root / "Phantom_001" / "Phantom_001_flair.nii.gz")
     assert_same_grid(out / "Y.nii.gz", tmp_path / "in" / "new" / "Y" / "Y-t1c.nii.gz")
     msd_out = load(out / "BRATS_900.nii.gz")

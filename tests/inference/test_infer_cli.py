@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 from monai.transforms import Compose, CropForegroundd, NormalizeIntensityd, Orientationd
 from monai.transforms.utils import generate_spatial_bounding_box
@@ -211,3 +212,16 @@ def test_resample_to_aligns_other_grids(case, random_ckpt, infer, tmp_path):
     assert_same_grid(out, case["flair"])
     np.testing.assert_allclose(np.asarray(load(prob).dataobj), np.asarray(load(base).dataobj), atol=1e-4)
     assert json.loads((tmp_path / "s.json").read_text())["resampled_to_reference"] == ["t2"]
+
+
+def test_window_choice():
+    """Default: the whole crop as one window, unless larger than max_window_voxels; explicit sizes win."""
+    from app.inference.pipeline import Segmenter
+
+    crop = (127, 168, 147)  # foreground box of a BraTS 2018 case
+    assert Segmenter(torch.nn.Identity(), divisor=16).roi_size(crop) == [128, 176, 160]
+    assert Segmenter(torch.nn.Identity(), divisor=16, max_window_voxels=100**3).roi_size(crop) == [96, 96, 96]
+    assert Segmenter(torch.nn.Identity(), divisor=16, patch_size=(0, 96, 0)).roi_size(crop) == [128, 96, 160]
+    assert Segmenter(torch.nn.Identity(), divisor=16, patch_size=(96, 96, 96)).roi_size((20, 30, 40)) == [32, 32, 48]
+    with pytest.raises(ValueError, match="multiples of 16"):
+        Segmenter(torch.nn.Identity(), divisor=16, patch_size=(100, 96, 96))

@@ -1,8 +1,8 @@
 """Real BraTS 2018 case, FLAIR and T2 only, with a tiny trained checkpoint: the output lies exactly on
 the input grid. Skipped when ``../shared/data/brats18_dev`` (or ``BRATS_DEV_DIR``) is absent.
 
-One full-resolution (240x240x155) inference on CPU with features [8, 16, 32, 64], the whole
-foreground crop as one window.
+One full-resolution (240x240x155) inference on CPU with features [8, 16, 32, 64] and the default
+window (the whole foreground crop).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def test_real_case_flair_t2_on_input_grid(trained_ckpt, infer, tmp_path):
     flair, t2 = rec["images"]["flair"], rec["images"]["t2"]
     out, summary = tmp_path / "seg.nii.gz", tmp_path / "seg.json"
     rc, stdout, err = infer("--bundle", "bundles/brats_gmd", "--ckpt", trained_ckpt, "--flair", flair, "--t2", t2,
-                            "--out", out, "--summary", summary, "--patch-size", "0", "0", "0", "--device", "cpu")
+                            "--out", out, "--summary", summary, "--device", "cpu")
     assert rc == 0, err
     assert_same_grid(out, flair)
     img = load(out)
@@ -34,3 +34,4 @@ def test_real_case_flair_t2_on_input_grid(trained_ckpt, infer, tmp_path):
     s = json.loads(summary.read_text())
     assert s["sequences_used"] == ["flair", "t2"] and s["sequences_missing"] == ["t1", "t1ce"]
     assert s["voxel_volume_ml"] == pytest.approx(0.001)
+    assert s["inference"]["single_window"] is True
