@@ -1,9 +1,9 @@
 """The network for inference: settings, checkpoint loading (state dict or TorchScript) and export.
 
-:class:`FusedDSUNet` is the inference form of :class:`app.networks.DSUNet`. It shares the DS U-Net's
-modules and state-dict keys but runs one modality at a time and accumulates the fused mean, so
-peak memory does not grow with the number of sequences, and it is written in the TorchScript
-subset so that it can be scripted. Scripting (not tracing) matters: the modality mask decides at
+:class:`FusedDSUNet` is the inference form of :class:`app.networks.DSUNet`. It holds copies of the
+DS U-Net's modules under the same state-dict keys, runs one modality at a time and accumulates the
+fused mean, so peak memory does not grow with the number of sequences, and it is written in the
+TorchScript subset so that it can be scripted. Scripting (not tracing) matters: the modality mask decides at
 run time which encoders run, and a trace would freeze the mask used while tracing.
 
 Network settings are resolved in this order: explicit arguments (``--features``), then the
