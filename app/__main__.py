@@ -4,6 +4,7 @@ Commands:
     phantoms        write BraTS-named synthetic cases (the built-in demo data)
     plot-conflicts  plot GMD conflict diagnostics of a training run
     convert-mmsa    convert a trusted MMSA feature pickle to the safe .npz layout
+    infer           segment one case from any subset of FLAIR, T1, T1ce, T2
 """
 
 from __future__ import annotations
