@@ -11,13 +11,11 @@ import os
 from typing import Any, Sequence
 
 import torch
-from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
 from app.engines.handlers import SubsetReportHandler
-from app.engines.trainer import autocast_context, to_device
-from app.subsets import subset_masks
+from app.engines.trainer import SubsetEvaluator, autocast_context, subset_fusions, to_device
 
 __all__ = ["SentimentSubsetEvaluator", "SentimentReportHandler", "subset_predictions"]
 
@@ -35,16 +33,11 @@ def subset_predictions(network: Any, per_modality: torch.Tensor, mask: torch.Ten
         of subset ``j`` (where it does not, the entry is its prediction from all it has and should be
         left out of that subset's metrics).
     """
-    subsets = subset_masks(network.num_modalities, device=mask.device)
-    valid = (mask[:, None, :] | ~subsets[None]).all(dim=2)
-    preds = []
-    for j in range(subsets.shape[0]):
-        sub = torch.where(valid[:, j : j + 1], mask & subsets[j], mask)
-        preds.append(network.fuse(per_modality, sub))
-    return torch.stack(preds, dim=1), valid
+    valid, fused = subset_fusions(network.fuse, per_modality, mask)
+    return torch.stack(list(fused), dim=1), valid
 
 
-class SentimentSubsetEvaluator(SupervisedEvaluator):
+class SentimentSubsetEvaluator(SubsetEvaluator):
     """Evaluates every modality subset of each sample from one pass of the per-modality outputs.
 
     The network must offer ``per_modality(inputs, mask)`` and ``fuse(per_modality, mask)`` (e.g.
@@ -52,27 +45,9 @@ class SentimentSubsetEvaluator(SupervisedEvaluator):
     ``subset_preds [B, S, C]``, ``subset_valid [B, S]``, ``label``, ``case`` ids and ``pred`` (the
     prediction from all available modalities), ready for :class:`app.metrics.SubsetSentimentScore`.
 
-    Args:
-        image_key, label_key, mask_key, case_key: batch keys.
-        amp: bf16 autocast on CUDA.
-        kwargs: everything else goes to ``SupervisedEvaluator`` (its inferer is not used: the
-            per-modality pass is a plain forward).
+    Takes the arguments of :class:`~app.engines.SubsetEvaluator` (batch keys, ``amp``); its inferer
+    is not used: the per-modality pass is a plain forward.
     """
-
-    def __init__(
-        self,
-        *args: Any,
-        image_key: str = Keys.IMAGE,
-        label_key: str = Keys.LABEL,
-        mask_key: str = "modality_mask",
-        case_key: str = "case",
-        amp: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        kwargs.setdefault("decollate", False)
-        super().__init__(*args, amp=False, **kwargs)
-        self.use_amp = bool(amp)
-        self.keys = (image_key, label_key, mask_key, case_key)
 
     def _iteration(self, engine: SentimentSubsetEvaluator, batchdata: dict[str, Any]) -> dict:
         if batchdata is None:

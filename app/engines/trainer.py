@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
@@ -23,7 +23,7 @@ from app.networks.ds_unet import masked_mean
 from app.strategies.base import GradientStrategy
 from app.subsets import subset_masks
 
-__all__ = ["SubsetTrainer", "SubsetEvaluator", "to_device", "autocast_context"]
+__all__ = ["SubsetTrainer", "SubsetEvaluator", "to_device", "autocast_context", "subset_fusions"]
 
 
 def to_device(data: Any, device: torch.device, non_blocking: bool = False) -> Any:
@@ -35,6 +35,26 @@ def to_device(data: Any, device: torch.device, non_blocking: bool = False) -> An
     if isinstance(data, (list, tuple)):
         return type(data)(to_device(v, device, non_blocking) for v in data)
     return data
+
+
+def subset_fusions(
+    fuse: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], per_modality: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
+    """Every subset's fused prediction from one set of per-modality outputs.
+
+    Returns ``valid [B, S]`` (sample ``b`` has every modality of subset ``j``) and an iterator over
+    the ``S`` subsets (in :func:`app.subsets.all_subsets` order) of ``fuse(per_modality, mask_j)``.
+    Where a sample lacks part of subset ``j``, its entry is the fusion of all it has and must be
+    left out of that subset's metrics.
+    """
+    subsets = subset_masks(per_modality.shape[1], device=mask.device)
+    valid = (mask[:, None, :] | ~subsets[None]).all(dim=2)
+
+    def _fused() -> Iterator[torch.Tensor]:
+        for j in range(subsets.shape[0]):
+            yield fuse(per_modality, torch.where(valid[:, j : j + 1], mask & subsets[j], mask))
+
+    return valid, _fused()
 
 
 def autocast_context(device: torch.device, enabled: bool):
@@ -161,12 +181,8 @@ class SubsetEvaluator(SupervisedEvaluator):
         mask = to_device(batchdata[mask_key], device, engine.non_blocking).bool()
         with engine.mode(engine.network), torch.no_grad():
             per_mod = self.per_modality_outputs(inputs, mask)
-            subsets = subset_masks(engine.network.num_modalities, device=device)
-            valid = (mask[:, None, :] | ~subsets[None]).all(dim=2)  # [B, S]: case has the whole subset
-            dice = []
-            for j in range(subsets.shape[0]):
-                sub = torch.where(valid[:, j : j + 1], mask & subsets[j], mask)
-                dice.append(dice_from_logits(masked_mean(per_mod, sub), targets))
+            valid, fused = subset_fusions(masked_mean, per_mod, mask)
+            dice = [dice_from_logits(logits, targets) for logits in fused]
             pred = masked_mean(per_mod, mask)
         engine.state.output = {
             Keys.IMAGE: inputs, Keys.LABEL: targets, Keys.PRED: pred,
