@@ -29,7 +29,7 @@ demo: install
 		--bundle_root bundles/brats_gmd --dataset_dir $(DEMO)/data/train --output_dir $(DEMO)/train \
 		--strategy $(DEMO_STRATEGY) --max_epochs 200 --time_limit_minutes $(DEMO_MINUTES) \
 		--patch_size "$(DEMO_PATCH)" --features "$(DEMO_FEATURES)" --batch_size 2 --num_samples 2 \
-		--learning_rate 0.003 --val_interval 4 --diagnostics_interval 5
+		--learning_rate 0.003 --val_interval 4 --diagnostics_interval 5 --progress_bar true
 	$(BIN)/python -m monai.bundle run \
 		--config_file "['bundles/brats_gmd/configs/train.yaml','bundles/brats_gmd/configs/evaluate.yaml']" \
 		--bundle_root bundles/brats_gmd --dataset_dir $(DEMO)/data/test \
