@@ -13,6 +13,9 @@ from monai.bundle import ConfigParser
 
 from tests.bundles.helpers import BRATS, REPO, TRAIN
 
+__all__ = ["MULTI_GPU", "TINY", "TRAIN", "REPO", "BRATS", "cli_args", "subprocess_env", "start_bundle",
+           "run_in_process", "load", "assert_same_tensors"]
+
 MULTI_GPU = str(BRATS / "configs" / "multi_gpu_train.yaml")
 
 #: 16^3 patches and features [4, 8, 16]: a training iteration takes a fraction of a second on one core.
@@ -39,9 +42,11 @@ def start_bundle(args: list[str], driver: list[str] | None = None, env: dict[str
                  log: Path | None = None) -> subprocess.Popen:
     """Start ``python -m monai.bundle run ARGS`` (or ``python DRIVER run ARGS``) from the repository root."""
     cmd = [sys.executable, *(driver or ["-m", "monai.bundle"]), "run", "--bundle_root", str(BRATS), *args]
-    out = open(log, "w") if log is not None else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(cmd, cwd=REPO, env={**subprocess_env(), **(env or {})}, stdout=out,
-                            stderr=subprocess.STDOUT)
+    env = {**subprocess_env(), **(env or {})}
+    if log is None:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def run_in_process(config_files: list[str], before_run: Callable[[ConfigParser], None] | None = None,
@@ -79,7 +84,3 @@ def assert_same_tensors(a: Any, b: Any, where: str = "") -> None:
             assert_same_tensors(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} vs {b!r}"
-
-
-__all__ = ["MULTI_GPU", "TINY", "TRAIN", "REPO", "BRATS", "cli_args", "subprocess_env", "start_bundle",
-           "run_in_process", "load", "assert_same_tensors"]

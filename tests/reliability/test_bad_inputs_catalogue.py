@@ -10,8 +10,8 @@ fixed, so the marker and the catalogue entry get updated together.
 from __future__ import annotations
 
 import gzip
+import io
 import shutil
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -92,7 +92,7 @@ def _save_like(path, data, ref):
 def _rewrite_header(path, shape):
     """Keep the voxel bytes of ``path`` but make its header claim ``shape``."""
     raw = gzip.decompress(path.read_bytes())
-    header = nib.Nifti1Header.from_fileobj(__import__("io").BytesIO(raw))
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(raw))
     header.set_data_shape(shape)
     offset = int(header["vox_offset"])
     path.write_bytes(gzip.compress(header.binaryblock + raw[len(header.binaryblock):offset] + raw[offset:]))

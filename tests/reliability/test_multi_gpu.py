@@ -116,7 +116,9 @@ def test_two_gloo_processes_train_the_bundle_to_identical_weights(tmp_path):
 
 
 MOSI = REPO / "bundles" / "mosi_gmd" / "configs"
-FILE_WRITERS = {"StatsHandler", "TensorBoardStatsHandler", "DiagnosticsHandler", "CheckpointSaver", "ProgressBarHandler"}
+FILE_WRITERS = {
+    "StatsHandler", "TensorBoardStatsHandler", "DiagnosticsHandler", "CheckpointSaver", "ProgressBarHandler",
+}
 ALL_RANKS = ["LrScheduleHandler", "ValidationHandler", "DistributedTimeLimitHandler", "ResumableCheckpoint"]
 
 
