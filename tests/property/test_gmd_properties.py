@@ -17,7 +17,7 @@ other subsets. Each visit of ``j`` removes the component of the running ``g`` al
    :func:`test_what_does_not_hold_earlier_conflicts_and_three_subsets`).
 4. Projections never lengthen a gradient: ``|g~_i| <= |G_i|``.
 5. Without any conflict (``K >= 0`` off the diagonal) nothing changes: ``A = I``.
-6. The decoupling ignores the loss scale: ``A(4^p K) = A(K)`` bit for bit.
+6. The decoupling ignores the loss scale: ``A(4^p K) = A(K)`` bit for bit (without underflow).
 7. With two subsets the merged update ``m = (g~_1 + g~_2) / 2`` conflicts with neither:
    ``m . G_j >= 0`` (``g~_2 . G_1 = 0`` and ``g~_1 . G_1 = |G_1|^2 - (G_1.G_2)^2/|G_2|^2 >= 0`` by
    Cauchy-Schwarz, when they conflicted). With three or more subsets this can fail (same test).
@@ -40,10 +40,10 @@ _value = st.floats(min_value=-8.0, max_value=8.0, allow_nan=False, allow_infinit
 
 
 @st.composite
-def gradients_and_orders(draw, min_k: int = 1, max_k: int = 6):
+def gradients_and_orders(draw, min_k: int = 1, max_k: int = 6, value: st.SearchStrategy = _value):
     k = draw(st.integers(min_k, max_k))
     dim = draw(st.integers(1, 6))
-    rows = draw(st.lists(st.lists(_value, min_size=dim, max_size=dim), min_size=k, max_size=k))
+    rows = draw(st.lists(st.lists(value, min_size=dim, max_size=dim), min_size=k, max_size=k))
     grads = torch.tensor(rows, dtype=torch.float64)
     orders = [[j for j in draw(st.permutations(range(k))) if j != i] for i in range(k)]
     return grads, orders
@@ -115,12 +115,17 @@ def test_no_conflict_means_no_change(case):
     assert torch.equal(coeffs, torch.eye(grads.shape[0], dtype=torch.float64))
 
 
+# magnitudes that stay normal floats after scaling: with subnormals the scaling itself rounds
+_normal_value = st.one_of(st.just(0.0), st.floats(1e-3, 8.0), st.floats(-8.0, -1e-3))
+
+
 @settings(max_examples=100, deadline=None)
-@given(gradients_and_orders(), st.integers(-6, 6))
+@given(gradients_and_orders(value=_normal_value), st.integers(-6, 6))
 def test_decoupling_ignores_the_loss_scale(case, power):
     grads, orders = case
     gram = grads @ grads.T
-    # scaling the losses by 2^p scales K by 4^p, exactly representable: the ratios are bit-identical
+    # scaling the losses by 2^p scales K by 4^p; multiplying by a power of two is exact, so the
+    # ratios, signs and coefficients are bit-identical
     assert torch.equal(decouple_coefficients(gram * 4.0**power, orders), decouple_coefficients(gram, orders))
 
 
