@@ -8,6 +8,8 @@ dictionary transform around it. Every problem with the files raises :class:`Case
 
 from __future__ import annotations
 
+import gzip
+import zlib
 from typing import Any, Hashable, Mapping
 
 import nibabel as nib
@@ -30,14 +32,45 @@ AFFINE_TOLERANCE = 1e-3
 RECORD_KEYS: tuple[str, ...] = ("images", "image4d", "channels", "label_map", "modalities", "label_file")
 
 
+def check_nifti_stream(path: str, img: nib.spatialimages.SpatialImage) -> None:
+    """Read a single-file NIfTI's whole (decompressed) stream once.
+
+    nibabel reads only the bytes it needs, so a ``.nii.gz`` whose gzip CRC no longer matches (bit
+    rot) or a file holding more voxels than its header's dims would otherwise load silently.
+
+    Raises:
+        CaseError: naming the file, for a CRC/length mismatch, a cut stream or surplus data.
+    """
+    name = str(path).lower()
+    if not name.endswith((".nii", ".nii.gz")) or not hasattr(img.header, "get_data_dtype"):
+        return
+    size = 0
+    try:
+        with (gzip.open if name.endswith(".gz") else open)(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                size += len(chunk)
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise CaseError(f"{path} is corrupt or truncated ({type(err).__name__}: {err}): re-download or re-export it.") from err
+    header = img.header
+    offset = getattr(img.dataobj, "offset", None)  # the loaded header's vox_offset is reset; the proxy keeps it
+    if offset is None:
+        return
+    expected = int(offset) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    if size > expected:
+        raise CaseError(f"{path} holds {size - expected} bytes beyond the {header.get_data_shape()} voxels its header "
+                        "describes: the header's dimensions are wrong; re-export the image.")
+
+
 def _open(path: str) -> nib.spatialimages.SpatialImage:
     try:
-        return nib.load(path)
+        img = nib.load(path)
     except FileNotFoundError as err:
         raise CaseError(f"{path} does not exist: restore the file or re-run discovery.") from err
     except Exception as err:  # nibabel raises many types for bad headers; all mean the same to the user
         raise CaseError(f"Cannot read {path} ({type(err).__name__}: {err}): the file is corrupt or not NIfTI; "
                         "re-download or re-export it.") from err
+    check_nifti_stream(path, img)
+    return img
 
 
 def _read(img: nib.spatialimages.SpatialImage, path: str, dtype: type | None) -> np.ndarray:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from app.data.discovery import CHANNEL_ALIASES
 from app.data.errors import CaseError
-from app.data.transforms import AFFINE_TOLERANCE
+from app.data.transforms import AFFINE_TOLERANCE, check_nifti_stream
 from app.subsets import BRATS_MODALITIES
 
 __all__ = [
@@ -119,6 +119,7 @@ def _read_nifti(path: str) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header | N
     except Exception as err:  # nibabel raises many types for bad headers; all mean the same to the user
         raise CaseError(f"Cannot read {path} ({type(err).__name__}: {_one_line(err)}): the file is corrupt or not "
                         "NIfTI; re-export it as .nii/.nii.gz or pass its DICOM series folder.") from err
+    check_nifti_stream(path, img)
     try:
         data = np.asarray(img.dataobj, dtype=np.float32)  # applies scl_slope/inter
     except Exception as err:  # decompression errors only show up when the voxels are read
@@ -134,6 +135,7 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
     except ImportError as err:  # pragma: no cover - SimpleITK is a pinned dependency
         raise CaseError(f"{folder} is a folder (DICOM series) but SimpleITK is not installed: "
                         "pip install SimpleITK, or convert the series to NIfTI.") from err
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)  # ITK's multi-line warnings would break the one-line error
     reader = sitk.ImageSeriesReader()
     series = list(reader.GetGDCMSeriesIDs(folder))
     if not series:
