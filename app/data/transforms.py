@@ -122,6 +122,11 @@ def _check_finite(data: np.ndarray, path: str) -> None:
     if not np.isfinite(data).all():
         n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
         raise CaseError(f"{path} contains {n_bad} NaN/Inf voxel(s): replace them (e.g. with 0) or re-export the image.")
+    lo, hi = float(data.min()), float(data.max())
+    if lo == hi:
+        # a constant volume would count as a present sequence and train its subsets on an empty image
+        raise CaseError(f"{path} is constant (every voxel is {lo:g}) and holds no image: pass the right file, "
+                        "or remove it so the sequence counts as missing for this case.")
 
 
 def _meta_tensor(array: np.ndarray, affine: np.ndarray, path: str, case: str) -> MetaTensor:

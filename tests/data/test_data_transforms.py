@@ -82,11 +82,20 @@ def test_load_cased_options(tmp_path, make_case):
     assert rec["label"].endswith("_seg.nii.gz")  # the input record is not modified
 
 
+def _not_constant(shape) -> np.ndarray:
+    """An int16 volume of ones with one voxel of 2 (constant volumes are refused)."""
+    data = np.ones(shape, dtype=np.int16)
+    data.flat[0] = 2
+    return data
+
+
 def test_msd_4d_channels_follow_dataset_json(tmp_path, write_nii):
     desc = {"modality": {"0": "T2w", "1": "FLAIR", "2": "t1gd"},
             "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}}
     (tmp_path / "dataset.json").write_text(json.dumps(desc))
     data = np.stack([np.full(SHAPE, v, dtype=np.float32) for v in (40.0, 10.0, 30.0)], axis=-1)
+    data[0, 0, 0] += 1.0  # not constant (constant volumes are refused), same channel means
+    data[0, 0, 1] -= 1.0
     write_nii(tmp_path / "imagesTr" / "BRATS_001.nii.gz", data)
     lab = np.zeros(SHAPE, dtype=np.uint8)
     lab[2:4, 2:4, 2:4] = [[[1, 2], [3, 0]], [[0, 0], [0, 0]]]
@@ -107,17 +116,17 @@ def test_msd_4d_channels_follow_dataset_json(tmp_path, write_nii):
 def test_sequences_on_different_grids(tmp_path, make_case, write_nii):
     folder = make_case(tmp_path, "A_1")
     t2 = folder / "A_1_t2.nii.gz"
-    write_nii(t2, np.ones((16, 16, 13), dtype=np.int16))
+    write_nii(t2, _not_constant((16, 16, 13)))
     with pytest.raises(CaseError, match=r"A_1_t2\.nii\.gz and .*A_1_flair\.nii\.gz.*Resample/register"):
         load_case(only(discover_cases(tmp_path)))
     shifted = np.eye(4)
     shifted[0, 3] = 0.5
-    write_nii(t2, np.ones(SHAPE, dtype=np.int16), shifted)
+    write_nii(t2, _not_constant(SHAPE), shifted)
     with pytest.raises(CaseError, match=r"A_1_t2\.nii\.gz.*different grids"):
         load_case(only(discover_cases(tmp_path)))
     nearly = np.eye(4)
     nearly[0, 3] = 1e-5  # float noise between exports is tolerated
-    write_nii(t2, np.ones(SHAPE, dtype=np.int16), nearly)
+    write_nii(t2, _not_constant(SHAPE), nearly)
     assert load_case(only(discover_cases(tmp_path)))["image"].shape == (4, *SHAPE)
 
 
@@ -133,14 +142,14 @@ def test_label_on_different_grid(tmp_path, make_case, write_nii):
 @pytest.mark.parametrize("shape, match", [((16, 16), "2D"), ((16, 16, 12, 2), "4D")])
 def test_image_not_3d(tmp_path, make_case, write_nii, shape, match):
     folder = make_case(tmp_path, "A_1")
-    write_nii(folder / "A_1_t1.nii.gz", np.ones(shape, dtype=np.int16))
+    write_nii(folder / "A_1_t1.nii.gz", _not_constant(shape))
     with pytest.raises(CaseError, match=rf"A_1_t1\.nii\.gz is {match}"):
         load_case(only(discover_cases(tmp_path)))
 
 
 def test_trailing_singleton_dimension_is_accepted(tmp_path, make_case, write_nii):
     folder = make_case(tmp_path, "A_1")
-    write_nii(folder / "A_1_t1.nii.gz", np.ones((*SHAPE, 1), dtype=np.int16))
+    write_nii(folder / "A_1_t1.nii.gz", _not_constant((*SHAPE, 1)))
     assert load_case(only(discover_cases(tmp_path)))["image"].shape == (4, *SHAPE)
 
 
