@@ -153,22 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a usage error (2, one line already printed)
         return int(exit_.code or 0)
-    from app.inference.cli import parse_floats, parse_ints
+    from app.inference.cli import segmenter_from_args
 
     try:
-        from app.inference.pipeline import load_segmenter
-
-        segmenter = load_segmenter(
-            args.ckpt,
-            bundle=args.bundle,
-            features=parse_ints(args.features, "--features") if args.features else None,
-            patch_size=parse_ints(args.patch_size, "--patch-size") if args.patch_size else None,
-            overlap=args.overlap,
-            sw_batch_size=args.sw_batch_size,
-            device=args.device,
-            amp=not args.no_amp,
-            spacing=parse_floats(args.spacing, "--spacing") if args.spacing else None,
-        )
+        segmenter = segmenter_from_args(args)
         run_batch(segmenter, args.input_dir, args.output_dir, labels=args.labels, probabilities=args.probabilities,
                   resample_to=args.resample_to)
     except BatchError as err:

@@ -16,7 +16,7 @@ import os
 import re
 import sys
 import time
-from typing import NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
 __all__ = ["build_parser", "main", "parse_ints", "parse_floats"]
 
@@ -135,6 +135,23 @@ def _sequence_paths(args: argparse.Namespace) -> tuple[dict[str, str], dict[str,
     return dict(rec["images"]), None, rec["case"]
 
 
+
+def segmenter_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~app.inference.pipeline.Segmenter` for the network flags shared by ``infer`` and batch mode."""
+    from app.inference.pipeline import load_segmenter
+
+    return load_segmenter(
+        args.ckpt,
+        bundle=args.bundle,
+        features=parse_ints(args.features, "--features") if args.features else None,
+        patch_size=parse_ints(args.patch_size, "--patch-size") if args.patch_size else None,
+        overlap=args.overlap,
+        sw_batch_size=args.sw_batch_size,
+        device=args.device,
+        amp=not args.no_amp,
+        spacing=parse_floats(args.spacing, "--spacing") if args.spacing else None,
+    )
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``infer``; returns the exit status (0 ok, 2 bad input)."""
     try:
@@ -145,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # heavy imports after parsing: --help and usage errors stay fast
         import torch
 
-        from app.inference.pipeline import load_segmenter, segment_case
+        from app.inference.pipeline import segment_case
 
         paths, channels, case = _sequence_paths(args)
         if not paths:
@@ -154,17 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(int(args.threads))
         start = time.perf_counter()
-        segmenter = load_segmenter(
-            args.ckpt,
-            bundle=args.bundle,
-            features=parse_ints(args.features, "--features") if args.features else None,
-            patch_size=parse_ints(args.patch_size, "--patch-size") if args.patch_size else None,
-            overlap=args.overlap,
-            sw_batch_size=args.sw_batch_size,
-            device=args.device,
-            amp=not args.no_amp,
-            spacing=parse_floats(args.spacing, "--spacing") if args.spacing else None,
-        )
+        segmenter = segmenter_from_args(args)
         result = segment_case(
             segmenter, paths, args.out, labels=args.labels, probabilities=args.probabilities, summary=args.summary,
             resample_to=args.resample_to, channels=channels, case=case,
