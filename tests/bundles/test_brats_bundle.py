@@ -108,3 +108,14 @@ def test_metadata_verifies_offline():
     )
     assert proc.returncode == 0, proc.stderr
     assert "verified with no error" in proc.stdout + proc.stderr
+
+
+def test_demo_override_builds_the_demo_network():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([TRAIN, str(REPO / "configs" / "demo.yaml")])
+    assert parser["strategy"] == "gmd_approx" and parser["time_limit_minutes"] == 4
+    network = parser.get_parsed_content("network_def")
+    assert network.features == (8, 16, 32, 64)
+    assert all(s % network.divisor == 0 for s in parser["patch_size"])
