@@ -15,7 +15,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
 from app.engines.handlers import SubsetReportHandler
-from app.engines.trainer import SubsetEvaluator, autocast_context, subset_fusions, to_device
+from app.engines.trainer import SubsetEvaluator, autocast_context, subset_fusions
 
 __all__ = ["SentimentSubsetEvaluator", "SentimentReportHandler", "subset_predictions"]
 
@@ -50,15 +50,9 @@ class SentimentSubsetEvaluator(SubsetEvaluator):
     """
 
     def _iteration(self, engine: SentimentSubsetEvaluator, batchdata: dict[str, Any]) -> dict:
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
-        image_key, label_key, mask_key, case_key = self.keys
-        device = engine.state.device
-        inputs = to_device(batchdata[image_key], device, engine.non_blocking)
-        targets = to_device(batchdata[label_key], device, engine.non_blocking)
-        mask = to_device(batchdata[mask_key], device, engine.non_blocking).bool()
+        inputs, targets, mask, cases = engine.unpack(batchdata)
         with engine.mode(engine.network), torch.no_grad():
-            with autocast_context(device, self.use_amp):
+            with autocast_context(engine.state.device, self.use_amp):
                 per_mod = engine.network.per_modality(inputs, mask)
             per_mod = per_mod.float()
             preds, valid = subset_predictions(engine.network, per_mod, mask)
@@ -66,7 +60,7 @@ class SentimentSubsetEvaluator(SubsetEvaluator):
         engine.state.output = {
             Keys.IMAGE: inputs, Keys.LABEL: targets, Keys.PRED: pred,
             "subset_preds": preds, "subset_valid": valid,
-            "case": list(batchdata.get(case_key, [str(i) for i in range(mask.shape[0])])),
+            "case": cases,
         }
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)

@@ -171,14 +171,20 @@ class SubsetEvaluator(SupervisedEvaluator):
             flat = inferer(inputs, _flat)
         return flat.float().reshape(flat.shape[0], m, c, *flat.shape[2:])
 
-    def _iteration(self, engine: SubsetEvaluator, batchdata: dict[str, Any]) -> dict:
+    def unpack(self, batchdata: dict[str, Any] | None) -> tuple[Any, torch.Tensor, torch.Tensor, list[str]]:
+        """``(inputs, targets, modality_mask, case_ids)`` of a batch, on the engine's device."""
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         image_key, label_key, mask_key, case_key = self.keys
-        device = engine.state.device
-        inputs = to_device(batchdata[image_key], device, engine.non_blocking)
-        targets = to_device(batchdata[label_key], device, engine.non_blocking)
-        mask = to_device(batchdata[mask_key], device, engine.non_blocking).bool()
+        device = self.state.device
+        inputs = to_device(batchdata[image_key], device, self.non_blocking)
+        targets = to_device(batchdata[label_key], device, self.non_blocking)
+        mask = to_device(batchdata[mask_key], device, self.non_blocking).bool()
+        cases = list(batchdata.get(case_key, [str(i) for i in range(mask.shape[0])]))
+        return inputs, targets, mask, cases
+
+    def _iteration(self, engine: SubsetEvaluator, batchdata: dict[str, Any]) -> dict:
+        inputs, targets, mask, cases = engine.unpack(batchdata)
         with engine.mode(engine.network), torch.no_grad():
             per_mod = self.per_modality_outputs(inputs, mask)
             valid, fused = subset_fusions(masked_mean, per_mod, mask)
@@ -187,7 +193,7 @@ class SubsetEvaluator(SupervisedEvaluator):
         engine.state.output = {
             Keys.IMAGE: inputs, Keys.LABEL: targets, Keys.PRED: pred,
             "subset_dice": torch.stack(dice, dim=1), "subset_valid": valid,
-            "case": list(batchdata.get(case_key, [str(i) for i in range(inputs.shape[0])])),
+            "case": cases,
         }
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
