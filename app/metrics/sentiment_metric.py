@@ -14,16 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import ignite.distributed as idist
 import numpy as np
 import torch
-from ignite.engine import Engine
-from ignite.exceptions import NotComputableError
-from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced
 
 from app.metrics.sentiment import SENTIMENT_METRICS, SubsetSentimentAccumulator, weighted_f1
-from app.metrics.subset_metrics import SubsetAccumulator
+from app.metrics.subset_metrics import SubsetAccumulator, SubsetScalarMetric
 from app.subsets import MOSI_MODALITIES
 
 __all__ = ["CLASSIFICATION_METRICS", "LOWER_IS_BETTER", "SubsetClassificationAccumulator", "SubsetSentimentScore"]
@@ -61,7 +57,7 @@ class SubsetClassificationAccumulator(SubsetAccumulator):
         return {"Acc": float(np.mean(pred == label)), "F1": weighted_f1(label, pred)}
 
 
-class SubsetSentimentScore(Metric):
+class SubsetSentimentScore(SubsetScalarMetric):
     """Ignite metric: one metric averaged over all modality subsets (a scalar key metric).
 
     The (transformed) engine output must be a mapping with ``"case"`` (``B`` ids), ``"label"``
@@ -82,9 +78,6 @@ class SubsetSentimentScore(Metric):
         output_transform: applied to ``engine.state.output`` before :meth:`update`.
         device: kept for the ignite ``Metric`` signature (rows live on the CPU).
     """
-
-    # the output mapping is passed whole to update()
-    required_output_keys = None
 
     def __init__(
         self,
@@ -115,15 +108,6 @@ class SubsetSentimentScore(Metric):
             return SubsetSentimentAccumulator(self.modalities)
         return SubsetClassificationAccumulator(self.modalities)
 
-    @torch.no_grad()
-    def iteration_completed(self, engine: Engine) -> None:
-        # ignite's default would turn a mapping into a tuple of fixed required_output_keys
-        self.update(self._output_transform(engine.state.output))
-
-    @reinit__is_reduced
-    def reset(self) -> None:
-        self._accumulator.reset()
-
     @reinit__is_reduced
     def update(self, output: Mapping[str, Any]) -> None:
         if not isinstance(output, Mapping) or not {"case", "label", "subset_preds"} <= set(output):
@@ -147,15 +131,6 @@ class SubsetSentimentScore(Metric):
             else:
                 self._accumulator.update(ids, j, preds[keep, j].argmax(dim=-1), labels.reshape(-1)[keep])
 
-    def compute(self) -> float:
-        accumulator = self._accumulator
-        # every rank must take part in the gather, so check emptiness only after it
-        if idist.get_world_size() > 1:
-            accumulator = self._new_accumulator()
-            for state in idist.all_gather(self._accumulator.state_dict()):
-                accumulator.merge(state)
-        if len(accumulator) == 0:
-            raise NotComputableError(f"{type(self).__name__} must have at least one example before it can be computed.")
-        self.last_result = accumulator.aggregate()
-        value = float(self.last_result["mean_over_subsets"][self.key])
+    def scalar(self, result: dict[str, Any]) -> float:
+        value = float(result["mean_over_subsets"][self.key])
         return -value if self.key in LOWER_IS_BETTER else value

@@ -25,7 +25,7 @@ from ignite.metrics.metric import reinit__is_reduced
 from app.metrics.dice import dice_from_logits
 from app.subsets import BRATS_MODALITIES, all_subsets, subset_name
 
-__all__ = ["SubsetAccumulator", "SubsetDiceAccumulator", "SubsetMeanDice", "BRATS_REGIONS"]
+__all__ = ["SubsetAccumulator", "SubsetDiceAccumulator", "SubsetScalarMetric", "SubsetMeanDice", "BRATS_REGIONS"]
 
 BRATS_REGIONS: tuple[str, ...] = ("WT", "TC", "ET")
 
@@ -351,7 +351,53 @@ class SubsetDiceAccumulator(SubsetAccumulator):
         return result
 
 
-class SubsetMeanDice(Metric):
+class SubsetScalarMetric(Metric):
+    """Base of the scalar per-subset key metrics: rows go to a :class:`SubsetAccumulator`, and
+    :meth:`compute` aggregates the rows of every rank, keeps the whole result on
+    :attr:`last_result` and returns one number (:meth:`scalar`).
+
+    Subclasses set ``self._accumulator = self._new_accumulator()`` before ``Metric.__init__`` (which
+    calls :meth:`reset`) and implement :meth:`_new_accumulator`, ``update`` and :meth:`scalar`.
+    """
+
+    # the output mapping is passed whole to update()
+    required_output_keys = None
+
+    @property
+    def accumulator(self) -> SubsetAccumulator:
+        """The local (this rank's) accumulator."""
+        return self._accumulator
+
+    def _new_accumulator(self) -> SubsetAccumulator:
+        raise NotImplementedError
+
+    def scalar(self, result: dict[str, Any]) -> float:
+        """The key-metric value of an aggregate (higher is better)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def iteration_completed(self, engine: Engine) -> None:
+        # ignite's default would turn a mapping into a tuple of fixed required_output_keys
+        self.update(self._output_transform(engine.state.output))
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        self._accumulator.reset()
+
+    def compute(self) -> float:
+        accumulator = self._accumulator
+        # every rank must take part in the gather, so check emptiness only after it
+        if idist.get_world_size() > 1:
+            accumulator = self._new_accumulator()
+            for state in idist.all_gather(self._accumulator.state_dict()):
+                accumulator.merge(state)
+        if len(accumulator) == 0:
+            raise NotComputableError(f"{type(self).__name__} must have at least one example before it can be computed.")
+        self.last_result = accumulator.aggregate()
+        return self.scalar(self.last_result)
+
+
+class SubsetMeanDice(SubsetScalarMetric):
     """Ignite metric: hard Dice mean over regions and over all modality subsets (a scalar, so it can
     be the key metric of ``CheckpointSaver``/``ModelCheckpoint``; per-region values cannot).
 
@@ -382,9 +428,6 @@ class SubsetMeanDice(Metric):
         device: unused for the state (rows live on CPU); kept for the ignite ``Metric`` signature.
     """
 
-    # the output mapping has alternative keys, so it is passed whole to update()
-    required_output_keys = None
-
     def __init__(
         self,
         modalities: Sequence[str] = BRATS_MODALITIES,
@@ -399,19 +442,8 @@ class SubsetMeanDice(Metric):
         self.last_result: dict[str, Any] | None = None
         super().__init__(output_transform=output_transform, device=device, skip_unrolling=True)
 
-    @property
-    def accumulator(self) -> SubsetDiceAccumulator:
-        """The local (this rank's) accumulator."""
-        return self._accumulator
-
-    @torch.no_grad()
-    def iteration_completed(self, engine: Engine) -> None:
-        # ignite's default would turn a mapping into a tuple of fixed required_output_keys
-        self.update(self._output_transform(engine.state.output))
-
-    @reinit__is_reduced
-    def reset(self) -> None:
-        self._accumulator.reset()
+    def _new_accumulator(self) -> SubsetDiceAccumulator:
+        return SubsetDiceAccumulator(self._accumulator.modalities, self._accumulator.regions)
 
     @reinit__is_reduced
     def update(self, output: Mapping[str, Any]) -> None:
@@ -429,14 +461,5 @@ class SubsetMeanDice(Metric):
                 f"got keys {list(output)}."
             )
 
-    def compute(self) -> float:
-        accumulator = self._accumulator
-        # every rank must take part in the gather, so check emptiness only after it
-        if idist.get_world_size() > 1:
-            accumulator = SubsetDiceAccumulator(self._accumulator.modalities, self._accumulator.regions)
-            for state in idist.all_gather(self._accumulator.state_dict()):
-                accumulator.merge(state)
-        if len(accumulator) == 0:
-            raise NotComputableError("SubsetMeanDice must have at least one example before it can be computed.")
-        self.last_result = accumulator.aggregate()
-        return float(self.last_result["mean_over_subsets"]["mean"])
+    def scalar(self, result: dict[str, Any]) -> float:
+        return float(result["mean_over_subsets"]["mean"])
