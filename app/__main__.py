@@ -5,6 +5,7 @@ Commands:
     plot-conflicts  plot GMD conflict diagnostics of a training run
     convert-mmsa    convert a trusted MMSA feature pickle to the safe .npz layout
     infer           segment one case from any subset of FLAIR, T1, T1ce, T2
+    ablate          train a bundle with several strategies at the same seed and budget; tabulate
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ COMMANDS = {
     "convert-mmsa": "app.data.mmsa",
     "plot-conflicts": "app.reports.conflicts",
     "infer": "app.inference.cli",
+    "ablate": "app.ablation",
 }
 
 

@@ -26,7 +26,7 @@ __all__ = ["write_subset_report", "format_table", "atomic_write_bytes", "atomic_
 #: Name of the summary row appended after the per-subset rows.
 MEAN_ROW = "mean_over_subsets"
 #: Metrics for which a lower value is better (their heatmap colours are reversed).
-_LOWER_IS_BETTER = frozenset({"MAE"})
+LOWER_IS_BETTER = frozenset({"MAE"})
 _COUNT_KEYS = ("n_cases", "n")
 
 
@@ -170,7 +170,7 @@ def _heatmap_png(result: Mapping[str, Any], metrics: Sequence[str], title: str, 
     )
     finite = values[np.isfinite(values)]
     shared_scale = (
-        finite.size > 0 and finite.min() >= 0.0 and finite.max() <= 1.0 and not _LOWER_IS_BETTER & set(metrics)
+        finite.size > 0 and finite.min() >= 0.0 and finite.max() <= 1.0 and not LOWER_IS_BETTER & set(metrics)
     )
     if shared_scale:
         # Dice-like metrics in [0, 1]: one absolute scale, so colours compare across columns
@@ -183,7 +183,7 @@ def _heatmap_png(result: Mapping[str, Any], metrics: Sequence[str], title: str, 
             ok = np.isfinite(col)
             if ok.any() and np.ptp(col[ok]) > 0:
                 colours[ok, j] = (col[ok] - col[ok].min()) / np.ptp(col[ok])
-            if metric in _LOWER_IS_BETTER:
+            if metric in LOWER_IS_BETTER:
                 colours[:, j] = 1.0 - colours[:, j]
     colours = np.ma.masked_invalid(np.where(np.isfinite(values), colours, np.nan))
 

@@ -1,0 +1,266 @@
+"""Ablation runner: train one bundle with several gradient strategies at the same seed and budget.
+
+``python -m app ablate --bundle bundles/<name> --strategies plain,dropout,gmd,cggm --max_epochs E
+--output_dir O [--time_limit_minutes T] [bundle overrides ...]`` runs, for each strategy, the
+bundle's two documented commands: ``train.yaml`` (same seed, epochs and wall-clock limit for all)
+then ``train.yaml + evaluate.yaml`` on the held-out data:
+
+- a segmentation bundle (``dataset_dir``) is scored on the validation cases of the run's own
+  ``datalist.json`` (the split depends only on the seed, so every strategy holds out the same cases);
+- a sentiment bundle (``data_path``) is scored on ``--eval_split`` (default: its ``val_split``).
+
+Every argument the runner does not know (``--dataset_dir D``, ``--data_path P --trust_pickle
+true``, ``--features "[...]"``) goes to both commands unchanged. Each finished stage is kept, so an
+interrupted ablation resumes with the same command. Writes ``O/<strategy>/{train,eval}`` and
+``O/ablation.{json,md,png}`` (:mod:`app.reports.ablation`).
+
+A strategy may carry a GMD subset count, ``gmd:5``, which sets ``--gmd_subsets 5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from app.reports.ablation import ablation_table, format_ablation_markdown, write_ablation_report
+
+__all__ = ["BundleLayout", "bundle_layout", "parse_strategies", "run_ablation", "main"]
+
+
+@dataclass(frozen=True)
+class BundleLayout:
+    """What the runner needs to know of a bundle family.
+
+    Attributes:
+        kind: ``segmentation`` or ``sentiment``.
+        report: file name the evaluation writes into its output folder.
+        metrics: default table metrics; the first is the chart's headline metric.
+    """
+
+    kind: str
+    report: str
+    metrics: tuple[str, ...]
+
+
+SEGMENTATION = BundleLayout("segmentation", "subset_dice.json", ("mean", "WT", "TC", "ET"))
+SENTIMENT = BundleLayout("sentiment", "subset_metrics.json", ("Acc2", "MAE", "F1", "Acc7", "Corr"))
+
+
+def _configs(bundle: Path) -> tuple[Path, Path]:
+    train, evaluate = bundle / "configs" / "train.yaml", bundle / "configs" / "evaluate.yaml"
+    for path in (train, evaluate):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: --bundle must be a bundle folder with configs/train.yaml "
+                                    "and configs/evaluate.yaml (e.g. bundles/brats_gmd).")
+    return train, evaluate
+
+
+def _load_config(config_file: Path) -> dict:
+    with open(config_file) as f:
+        return yaml.safe_load(f) or {}
+
+
+def bundle_layout(bundle: str | os.PathLike) -> BundleLayout:
+    """The family of a bundle, from the data keys of its ``configs/train.yaml``."""
+    train, _ = _configs(Path(bundle))
+    config = _load_config(train)
+    if "dataset_dir" in config:
+        return SEGMENTATION
+    if "data_path" in config:
+        return SENTIMENT
+    raise ValueError(f"{train} has neither 'dataset_dir' (segmentation) nor 'data_path' (sentiment): "
+                     "the ablation runner cannot tell how to evaluate this bundle.")
+
+
+def parse_strategies(spec: str | Sequence[str]) -> list[tuple[str, str, str | None]]:
+    """``"plain,gmd:5"`` -> ``[("plain", "plain", None), ("gmd_k5", "gmd", "5")]`` (label, strategy, subsets)."""
+    items = spec.split(",") if isinstance(spec, str) else [s for part in spec for s in str(part).split(",")]
+    out, seen = [], set()
+    for item in (s.strip() for s in items):
+        if not item:
+            continue
+        name, _, k = item.partition(":")
+        label = f"{name}_k{k}" if k else name
+        if label in seen:
+            raise ValueError(f"Strategy {item!r} is listed twice in --strategies.")
+        seen.add(label)
+        out.append((label, name, k or None))
+    if not out:
+        raise ValueError("--strategies is empty: name at least one, e.g. --strategies plain,dropout,gmd,cggm.")
+    return out
+
+
+def _run_bundle(configs: Sequence[Path], bundle: Path, args: Sequence[str], log: Path) -> float:
+    config = str(configs[0]) if len(configs) == 1 else str([str(c) for c in configs])
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", str(bundle), *args]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        f.write(" ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}; its output is in {log}.")
+    return time.perf_counter() - start
+
+
+def _held_out_dir(run_dir: Path, target: Path) -> Path:
+    """A folder of links to the validation cases of a run's ``datalist.json``."""
+    datalist = json.loads((run_dir / "datalist.json").read_text())
+    if not datalist.get("validation"):
+        raise ValueError(f"{run_dir / 'datalist.json'} holds out no validation case: raise --val_fraction "
+                         "or add cases, so the ablation has data to score.")
+    target.mkdir(parents=True, exist_ok=True)
+    for record in datalist["validation"]:
+        folder = Path(record["label"]).resolve().parent
+        link = target / folder.name
+        if not link.exists():
+            os.symlink(folder, link)
+    return target
+
+
+def _option(args: Sequence[str], key: str) -> str | None:
+    """The value of ``--key value`` or ``--key=value`` in ``args`` (the last one wins)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == f"--{key}" and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(f"--{key}="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _without(args: Sequence[str], key: str) -> list[str]:
+    """``args`` less every ``--key value`` / ``--key=value`` pair."""
+    out, skip = [], False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+        elif arg == f"--{key}":
+            skip = i + 1 < len(args)
+        elif not arg.startswith(f"--{key}="):
+            out.append(arg)
+    return out
+
+
+def _iterations(log: Path) -> int | None:
+    """The iteration count of a time-limited run, from the time-limit handler's log line."""
+    hits = re.findall(r"[Tt]ime limit.*?iteration (\d+)", log.read_text(errors="replace")) if log.is_file() else []
+    return int(hits[-1]) if hits else None
+
+
+def run_ablation(
+    bundle: str | os.PathLike,
+    strategies: str | Sequence[str],
+    output_dir: str | os.PathLike,
+    max_epochs: int,
+    time_limit_minutes: float = 0.0,
+    seed: int = 0,
+    checkpoint: str = "final",
+    eval_split: str | None = None,
+    metrics: Sequence[str] | None = None,
+    bundle_args: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Train and evaluate every strategy, then write ``ablation.{json,md,png}`` into ``output_dir``.
+
+    Args:
+        bundle: bundle folder (``configs/train.yaml`` and ``configs/evaluate.yaml``).
+        strategies: ``"plain,dropout,gmd,cggm"`` or a list; ``gmd:K`` samples K subsets per iteration.
+        output_dir: where each strategy's runs and the tables go.
+        max_epochs: epochs per strategy (with ``time_limit_minutes`` also bounding the wall clock).
+        time_limit_minutes: equal wall-clock budget per strategy (0: none).
+        seed: the seed of every run (data split, initial weights, augmentation, strategy).
+        checkpoint: ``final`` (the model at the end of the budget) or ``best`` (the bundle's
+            key-metric checkpoint, selected on the validation data it is then scored on).
+        eval_split: sentiment bundles: the split to score (default: the bundle's ``val_split``).
+        metrics: table metrics (default: the bundle family's).
+        bundle_args: extra ``--key value`` overrides for both bundle commands.
+    """
+    bundle = Path(bundle)
+    layout = bundle_layout(bundle)
+    train, evaluate = _configs(bundle)
+    if checkpoint not in ("final", "best"):
+        raise ValueError(f"checkpoint must be 'final' or 'best', got {checkpoint!r}.")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_name = "model_final.pt" if checkpoint == "final" else "model.pt"
+    metrics = list(metrics or layout.metrics)
+    runs: dict[str, Any] = {}
+    reports: dict[str, Any] = {}
+    for label, name, subsets in parse_strategies(strategies):
+        run_dir, eval_dir = out / label / "train", out / label / "eval"
+        train_args = [*bundle_args, "--output_dir", str(run_dir), "--strategy", name, "--seed", str(seed),
+                      "--max_epochs", str(int(max_epochs)), "--time_limit_minutes", str(time_limit_minutes)]
+        if subsets:
+            train_args += ["--gmd_subsets", subsets]
+        ckpt = run_dir / "models" / ckpt_name
+        train_s = None
+        # finished stages are kept: an interrupted ablation resumes with the same command
+        if not ckpt.is_file():
+            train_s = _run_bundle([train], bundle, train_args, out / label / "train.log")
+            if not ckpt.is_file():
+                raise RuntimeError(f"Training {label!r} finished without writing {ckpt}; see {out / label / 'train.log'}.")
+        if layout is SEGMENTATION:
+            scored = ["--dataset_dir", str(_held_out_dir(run_dir, out / "held_out"))]
+        else:
+            scored = ["--eval_split", eval_split or _option(bundle_args, "val_split") or _load_config(train).get("val_split", "valid")]
+        eval_args = [*_without(bundle_args, scored[0][2:]), *scored, "--ckpt_path", str(ckpt),
+                     "--output_dir", str(eval_dir), "--seed", str(seed)]
+        report_path = eval_dir / layout.report
+        if not report_path.is_file():
+            _run_bundle([train, evaluate], bundle, eval_args, out / label / "eval.log")
+        reports[label] = json.loads(report_path.read_text())
+        runs[label] = {"strategy": name, "gmd_subsets": subsets, "train_seconds": train_s,
+                       "iterations": _iterations(out / label / "train.log"), "checkpoint": str(ckpt),
+                       "report": str(report_path)}
+        print(json.dumps({"strategy": label, **runs[label]}), flush=True)
+    table = ablation_table(reports, metrics)
+    table["runs"] = runs
+    table["settings"] = {"bundle": str(bundle), "seed": seed, "max_epochs": int(max_epochs),
+                         "time_limit_minutes": time_limit_minutes, "checkpoint": checkpoint,
+                         "bundle_args": list(bundle_args)}
+    budget = f"{max_epochs} epochs" + (f" or {time_limit_minutes:g} min" if time_limit_minutes else "")
+    title = f"Ablation of {bundle.name}: seed {seed}, {budget} per strategy, {checkpoint} model"
+    write_ablation_report(table, out, title)
+    print(format_ablation_markdown(table, title), flush=True)
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m app ablate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/brats_gmd")
+    parser.add_argument("--strategies", required=True, help="comma-separated, e.g. plain,dropout,gmd,cggm")
+    parser.add_argument("--max_epochs", type=int, required=True)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--time_limit_minutes", type=float, default=0.0, help="wall-clock budget per strategy")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint", choices=("final", "best"), default="final")
+    parser.add_argument("--eval_split", default=None, help="sentiment bundles: split to score (default: valid)")
+    parser.add_argument("--metrics", default=None, help="comma-separated table metrics (default: the bundle's)")
+    args, bundle_args = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    if bundle_args and bundle_args[0] == "--":
+        bundle_args = bundle_args[1:]
+    try:
+        run_ablation(
+            args.bundle, args.strategies, args.output_dir, args.max_epochs, args.time_limit_minutes, args.seed,
+            args.checkpoint, args.eval_split, args.metrics.split(",") if args.metrics else None, bundle_args,
+        )
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Ablation tables: one row per modality subset, one column per training strategy.
+
+:func:`ablation_table` collects the subset reports that each strategy's evaluation wrote
+(``subset_dice.json`` or ``subset_metrics.json``) into ``{metric: {strategy: {subset: value}}}``
+plus, per strategy, the mean over subsets and the worst subset (the lowest value, or the highest
+for an error such as MAE). :func:`write_ablation_report` writes it atomically as JSON, Markdown
+and a PNG bar chart of the headline metric. matplotlib is imported only to draw the chart.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from app.reports.subset_report import LOWER_IS_BETTER, atomic_write_bytes, atomic_write_text
+
+__all__ = ["LOWER_IS_BETTER", "ablation_table", "format_ablation_markdown", "write_ablation_report"]
+
+def _worst(values: Mapping[str, float], metric: str) -> tuple[str, float]:
+    finite = {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
+    if not finite:
+        return "", float("nan")
+    pick = max if metric in LOWER_IS_BETTER else min
+    name = pick(finite, key=finite.__getitem__)
+    return name, finite[name]
+
+
+def ablation_table(reports: Mapping[str, Mapping[str, Any]], metrics: Sequence[str]) -> dict[str, Any]:
+    """Gather per-strategy subset reports into per-metric tables.
+
+    Args:
+        reports: ``{strategy: report}`` where each report has ``subsets: {name: {metric: value}}``
+            (the layout of :func:`app.reports.write_subset_report`).
+        metrics: the metrics to tabulate; the first is the headline metric of the chart.
+
+    Returns:
+        ``{"metrics": [...], "subsets": [...], "strategies": [...], "tables": {metric: {strategy:
+        {"subsets": {name: value}, "mean": float, "worst": {"name": str, "value": float}}}}}``.
+
+    Raises:
+        ValueError: when a report lacks a metric or the strategies were evaluated on different subsets.
+    """
+    if not reports:
+        raise ValueError("No strategy reports to tabulate.")
+    subsets: list[str] | None = None
+    tables: dict[str, dict[str, Any]] = {m: {} for m in metrics}
+    for strategy, report in reports.items():
+        rows = report["subsets"]
+        if subsets is None:
+            subsets = list(rows)
+        elif list(rows) != subsets:
+            raise ValueError(f"Strategy {strategy!r} was evaluated on subsets {list(rows)}, the others on {subsets}.")
+        for metric in metrics:
+            missing = [name for name, row in rows.items() if metric not in row]
+            if missing:
+                raise ValueError(f"The report of {strategy!r} has no {metric!r} for {missing}: choose --metrics "
+                                 f"among {sorted(next(iter(rows.values())))}.")
+            values = {name: float(row[metric]) for name, row in rows.items()}
+            finite = [v for v in values.values() if math.isfinite(v)]
+            worst_name, worst_value = _worst(values, metric)
+            tables[metric][strategy] = {
+                "subsets": values,
+                "mean": sum(finite) / len(finite) if finite else float("nan"),
+                "worst": {"name": worst_name, "value": worst_value},
+            }
+    return {"metrics": list(metrics), "subsets": subsets or [], "strategies": list(reports), "tables": tables}
+
+
+def format_ablation_markdown(table: Mapping[str, Any], title: str = "", digits: int = 3) -> str:
+    """One Markdown table per metric: subsets x strategies, then the mean and the worst subset."""
+    strategies = table["strategies"]
+    lines = [f"# {title}", ""] if title else []
+    for metric in table["metrics"]:
+        per = table["tables"][metric]
+        better = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
+        lines += [f"## {metric} ({better})", "", "| subset | " + " | ".join(strategies) + " |",
+                  "|---|" + "---|" * len(strategies)]
+        for name in table["subsets"]:
+            lines.append(f"| {name} | " + " | ".join(f"{per[s]['subsets'][name]:.{digits}f}" for s in strategies) + " |")
+        lines.append("| **mean over subsets** | " + " | ".join(f"**{per[s]['mean']:.{digits}f}**" for s in strategies)
+                     + " |")
+        lines.append("| **worst subset** | " + " | ".join(
+            f"{per[s]['worst']['value']:.{digits}f} ({per[s]['worst']['name']})" for s in strategies) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _bar_chart_png(table: Mapping[str, Any], metric: str, title: str) -> bytes | None:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        warnings.warn("matplotlib is not installed: the ablation bar chart (PNG) is skipped.", stacklevel=3)
+        return None
+    strategies = table["strategies"]
+    groups = [*table["subsets"], "mean", "worst"]
+    per = table["tables"][metric]
+    width = 0.8 / max(len(strategies), 1)
+    fig = Figure(figsize=(max(8.0, 0.55 * len(groups) * max(len(strategies), 2) / 2), 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for i, strategy in enumerate(strategies):
+        values = [per[strategy]["subsets"][g] for g in table["subsets"]]
+        values += [per[strategy]["mean"], per[strategy]["worst"]["value"]]
+        ax.bar([g + (i - (len(strategies) - 1) / 2) * width for g in range(len(groups))], values, width, label=strategy)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric} per modality subset")
+    ax.legend(fontsize=8, ncol=min(len(strategies), 5))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def write_ablation_report(table: Mapping[str, Any], output_dir: str | Path, title: str = "",
+                          stem: str = "ablation") -> dict[str, Path]:
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` (headline metric) into ``output_dir``.
+
+    Returns the paths written; the PNG is skipped, with a warning, without matplotlib.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {
+        "json": atomic_write_text(out / f"{stem}.json", json.dumps(table, indent=2, allow_nan=True) + "\n"),
+        "md": atomic_write_text(out / f"{stem}.md", format_ablation_markdown(table, title)),
+    }
+    png = _bar_chart_png(table, table["metrics"][0], title)
+    if png is not None:
+        written["png"] = atomic_write_bytes(out / f"{stem}.png", png)
+    return written

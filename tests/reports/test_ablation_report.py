@@ -1,0 +1,68 @@
+"""Ablation tables: per-subset values, mean, worst subset (direction-aware), and the written files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from app.reports.ablation import ablation_table, format_ablation_markdown, write_ablation_report
+
+
+def _report(values: dict[str, dict[str, float]]) -> dict:
+    return {"subsets": values}
+
+
+REPORTS = {
+    "plain": _report({"text": {"Acc2": 0.8, "MAE": 0.9}, "audio": {"Acc2": 0.5, "MAE": 1.4},
+                      "text+audio": {"Acc2": 0.7, "MAE": 1.0}}),
+    "gmd": _report({"text": {"Acc2": 0.85, "MAE": 0.8}, "audio": {"Acc2": 0.6, "MAE": 1.3},
+                    "text+audio": {"Acc2": 0.9, "MAE": 0.7}}),
+}
+
+
+def test_mean_and_worst_by_hand():
+    table = ablation_table(REPORTS, ["Acc2", "MAE"])
+    assert table["subsets"] == ["text", "audio", "text+audio"]
+    assert table["strategies"] == ["plain", "gmd"]
+    plain_acc = table["tables"]["Acc2"]["plain"]
+    assert plain_acc["mean"] == pytest.approx((0.8 + 0.5 + 0.7) / 3)
+    assert plain_acc["worst"] == {"name": "audio", "value": 0.5}
+    # MAE: lower is better, so the worst subset is the largest error
+    gmd_mae = table["tables"]["MAE"]["gmd"]
+    assert gmd_mae["mean"] == pytest.approx((0.8 + 1.3 + 0.7) / 3)
+    assert gmd_mae["worst"] == {"name": "audio", "value": 1.3}
+
+
+def test_nan_subset_is_left_out_of_mean_and_worst():
+    reports = {"a": _report({"x": {"m": float("nan")}, "y": {"m": 0.4}, "z": {"m": 0.6}})}
+    entry = ablation_table(reports, ["m"])["tables"]["m"]["a"]
+    assert entry["mean"] == pytest.approx(0.5)
+    assert entry["worst"] == {"name": "y", "value": 0.4}
+
+
+def test_mismatched_subsets_and_missing_metric_are_refused():
+    with pytest.raises(ValueError, match="subsets"):
+        ablation_table({"a": _report({"x": {"m": 1.0}}), "b": _report({"y": {"m": 1.0}})}, ["m"])
+    with pytest.raises(ValueError, match="--metrics"):
+        ablation_table({"a": _report({"x": {"m": 1.0}})}, ["Dice"])
+    with pytest.raises(ValueError, match="No strategy"):
+        ablation_table({}, ["m"])
+
+
+def test_markdown_has_one_table_per_metric_with_mean_and_worst_rows():
+    md = format_ablation_markdown(ablation_table(REPORTS, ["Acc2", "MAE"]), title="t")
+    assert md.count("| subset | plain | gmd |") == 2
+    assert "## MAE (lower is better)" in md and "## Acc2 (higher is better)" in md
+    assert "| audio | 0.500 | 0.600 |" in md
+    assert "| **worst subset** | 0.500 (audio) | 0.600 (audio) |" in md
+
+
+def test_write_report_files(tmp_path):
+    pytest.importorskip("matplotlib")
+    written = write_ablation_report(ablation_table(REPORTS, ["Acc2", "MAE"]), tmp_path, "t")
+    assert set(written) == {"json", "md", "png"}
+    assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((tmp_path / "ablation.json").read_text())
+    assert math.isclose(data["tables"]["Acc2"]["gmd"]["mean"], (0.85 + 0.6 + 0.9) / 3)

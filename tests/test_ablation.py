@@ -1,0 +1,90 @@
+"""The ablation runner: every strategy of a bundle at one seed and budget, tabulated per subset.
+
+Runs ``python -m app ablate`` end to end on tiny phantoms (segmentation) and a tiny synthetic MMSA
+pickle (sentiment), checks the tables, the resume of finished stages and the error on a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from app.ablation import bundle_layout, parse_strategies
+from app.data.mmsa import write_synthetic_mmsa
+from app.data.phantoms import write_phantoms
+from app.subsets import BRATS_MODALITIES, MOSI_MODALITIES, all_subsets, subset_name
+from tests.bundles.helpers import REPO, TINY
+
+
+def _ablate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "app", "ablate", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_parse_strategies_and_layouts():
+    assert parse_strategies("plain, gmd:5,cggm") == [("plain", "plain", None), ("gmd_k5", "gmd", "5"),
+                                                     ("cggm", "cggm", None)]
+    with pytest.raises(ValueError, match="twice"):
+        parse_strategies("plain,plain")
+    with pytest.raises(ValueError, match="empty"):
+        parse_strategies(" , ")
+    assert bundle_layout(REPO / "bundles" / "brats_gmd").kind == "segmentation"
+    assert bundle_layout(REPO / "bundles" / "mosi_gmd").kind == "sentiment"
+    with pytest.raises(FileNotFoundError, match="configs/train.yaml"):
+        bundle_layout(REPO / "bundles")
+
+
+def _check_tables(out, strategies, modalities, headline):
+    table = json.loads((out / "ablation.json").read_text())
+    names = [subset_name(s, modalities) for s in all_subsets(len(modalities))]
+    assert table["subsets"] == names and table["strategies"] == strategies
+    for strategy in strategies:
+        entry = table["tables"][headline][strategy]
+        report = json.loads((out / strategy / "eval" / table["runs"][strategy]["report"].split("/")[-1]).read_text())
+        values = [report["subsets"][n][headline] for n in names]
+        assert entry["subsets"] == dict(zip(names, values))
+        assert entry["worst"]["value"] == min(values)
+    md = (out / "ablation.md").read_text()
+    assert md.count("| subset | " + " | ".join(strategies) + " |") == len(table["metrics"])
+    assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+    return table
+
+
+def test_segmentation_bundle_ablation_resumes_and_scores_held_out_cases(tmp_path):
+    data = tmp_path / "phantoms"
+    write_phantoms(data, cases=5, size=32, seed=0)
+    out = tmp_path / "ablation"
+    args = ["--bundle", "bundles/brats_gmd", "--strategies", "plain,gmd:2", "--max_epochs", "1",
+            "--output_dir", str(out), "--dataset_dir", str(data), "--epoch_length", "2", *TINY]
+    proc = _ablate(*args)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    table = _check_tables(out, ["plain", "gmd_k2"], BRATS_MODALITIES, "mean")
+    held_out = json.loads((out / "plain" / "train" / "datalist.json").read_text())["validation"]
+    report = json.loads((out / "plain" / "eval" / "subset_dice.json").read_text())
+    assert report["subsets"]["flair"]["n_cases"] == len(held_out) > 0
+    assert table["settings"]["seed"] == 0 and table["runs"]["gmd_k2"]["gmd_subsets"] == "2"
+    # a second run reuses the finished stages and gives the same table
+    logs = {p: p.stat().st_mtime_ns for p in out.glob("*/*.log")}
+    again = _ablate(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.log")} == logs
+    assert json.loads((out / "ablation.json").read_text())["tables"] == table["tables"]
+
+
+def test_sentiment_bundle_ablation_and_failure_names_the_log(tmp_path):
+    pkl = write_synthetic_mmsa(tmp_path / "syn.pkl", splits={"train": 48, "valid": 24}, seed=0)
+    out = tmp_path / "ablation"
+    proc = _ablate("--bundle", "bundles/mosi_gmd", "--strategies", "plain,dropout", "--max_epochs", "1",
+                   "--output_dir", str(out), "--data_path", str(pkl), "--trust_pickle", "true")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    table = _check_tables(out, ["plain", "dropout"], MOSI_MODALITIES, "Acc2")
+    assert table["tables"]["MAE"]["plain"]["worst"]["value"] == max(table["tables"]["MAE"]["plain"]["subsets"].values())
+    report = json.loads((out / "plain" / "eval" / "subset_metrics.json").read_text())
+    assert report["subsets"]["text"]["n"] == 24  # scored on the valid split
+    bad = _ablate("--bundle", "bundles/mosi_gmd", "--strategies", "nosuch", "--max_epochs", "1",
+                  "--output_dir", str(tmp_path / "bad"), "--data_path", str(pkl), "--trust_pickle", "true")
+    assert bad.returncode == 1 and "nosuch" in (tmp_path / "bad" / "nosuch" / "train.log").read_text()
+    assert "train.log" in bad.stderr and not (tmp_path / "bad" / "ablation.json").exists()
