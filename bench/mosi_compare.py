@@ -1,8 +1,9 @@
 """Compare training strategies of the mosi_gmd bundle with the dedicated ridge baselines.
 
-For each strategy, runs the bundle's two documented commands (train with model selection on
-``valid``, then evaluate the selected ``model.pt`` on ``--eval_split``, ``valid`` by default) and
-the ridge baselines of :mod:`bench.mosi_baselines` (penalty chosen on ``valid``), then writes a
+For each strategy, runs the bundle's two documented commands through the runner of ``python -m app
+ablate`` (train with model selection on ``valid``, then evaluate the selected ``model.pt`` on
+``--eval_split``, ``valid`` by default) and the ridge baselines of :mod:`bench.mosi_baselines`
+(penalty chosen on ``valid``), then writes a
 Markdown table of Acc-2 and MAE per subset, the mean over subsets and the worst subset, plus the
 checks of the sentiment issue (GMD vs ridge on every subset, GMD vs plain on the worst subset).
 
@@ -19,49 +20,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+import yaml
 from typing import Any, Mapping, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from app.ablation import run_ablation  # noqa: E402
 from app.data.mmsa import as_bool, load_mmsa  # noqa: E402
 from mosi_baselines import ridge_baselines  # noqa: E402
 
-__all__ = ["run_strategy", "comparison_table", "checks", "main"]
+__all__ = ["comparison_table", "checks", "main"]
 
-TRAIN = "bundles/mosi_gmd/configs/train.yaml"
-EVALUATE = "bundles/mosi_gmd/configs/evaluate.yaml"
-
-
-def _bundle(configs: Sequence[str], args: Sequence[str], log: Path) -> float:
-    config = configs[0] if len(configs) == 1 else str(list(configs))
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", "bundles/mosi_gmd",
-           *args]
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}.")
-    return time.perf_counter() - start
-
-
-def run_strategy(strategy: str, data_args: Sequence[str], out_dir: Path, eval_split: str,
-                 extra: Sequence[str]) -> dict[str, Any]:
-    """Train with ``strategy`` and evaluate its best-on-valid checkpoint; returns the report and timings."""
-    run_dir = out_dir / strategy
-    run_dir.mkdir(parents=True, exist_ok=True)
-    train_s = _bundle([TRAIN], [*data_args, "--output_dir", str(run_dir / "train"), "--strategy", strategy, *extra],
-                      run_dir / "train.log")
-    _bundle([TRAIN, EVALUATE], [*data_args, "--ckpt_path", str(run_dir / "train" / "models" / "model.pt"),
-                                "--eval_split", eval_split, "--output_dir", str(run_dir / "eval"), *extra],
-            run_dir / "eval.log")
-    report = json.loads((run_dir / "eval" / "subset_metrics.json").read_text())
-    return {"report": report, "train_seconds": train_s}
+BUNDLE = REPO / "bundles" / "mosi_gmd"
 
 
 def _worst(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -134,15 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data_args = ["--data_path", str(Path(args.data_path).resolve()), "--trust_pickle", str(args.trust_pickle).lower()]
-    if args.max_epochs is not None:
-        extra = ["--max_epochs", str(args.max_epochs), *extra]
+    max_epochs = args.max_epochs or int(yaml.safe_load((BUNDLE / "configs" / "train.yaml").read_text())["max_epochs"])
 
-    reports: dict[str, Any] = {}
-    seconds: dict[str, float] = {}
-    for strategy in args.strategies:
-        result = run_strategy(strategy, data_args, out_dir, args.eval_split, extra)
-        reports[strategy], seconds[strategy] = result["report"], result["train_seconds"]
-        print(f"{strategy}: trained in {seconds[strategy]:.0f} s", flush=True)
+    # each strategy: the bundle's train command (selection on valid), then its best checkpoint scored
+    ablation = run_ablation(BUNDLE, args.strategies, out_dir, max_epochs, checkpoint="best",
+                            eval_split=args.eval_split, bundle_args=[*data_args, *extra])
+    reports = {s: json.loads(Path(run["report"]).read_text()) for s, run in ablation["runs"].items()}
+    seconds = {s: run["train_seconds"] for s, run in ablation["runs"].items() if run["train_seconds"] is not None}
     data = load_mmsa(args.data_path, trust_pickle=as_bool(args.trust_pickle))
     ridge = ridge_baselines(data, select_split="valid", eval_splits=[s for s in [args.eval_split] if s != "valid"])
     reports["ridge"] = ridge["results"][args.eval_split]

@@ -71,10 +71,26 @@ def ablation_table(reports: Mapping[str, Mapping[str, Any]], metrics: Sequence[s
 
 
 def format_ablation_markdown(table: Mapping[str, Any], title: str = "", digits: int = 3) -> str:
-    """One Markdown table per metric: subsets x strategies, then the mean and the worst subset."""
+    """A summary (per strategy: the mean over subsets of each metric, the worst subset and the subset of
+    all modalities, the last one, of the headline metric), then one table per metric: subsets x
+    strategies with the mean and the worst subset."""
     strategies = table["strategies"]
     lines = [f"# {title}", ""] if title else []
-    for metric in table["metrics"]:
+    metrics, headline = table["metrics"], table["metrics"][0]
+    full = table["subsets"][-1] if table["subsets"] else ""
+    runs = table.get("runs", {})
+    lines += ["## Summary: mean over subsets", "",
+              "| strategy | " + " | ".join(metrics) + f" | worst subset ({headline}) | {full} ({headline}) | iterations |",
+              "|---|" + "---|" * (len(metrics) + 3)]
+    for s in strategies:
+        worst = table["tables"][headline][s]["worst"]
+        its = runs.get(s, {}).get("iterations")
+        lines.append(f"| {s} | " + " | ".join(f"{table['tables'][m][s]['mean']:.{digits}f}" for m in metrics)
+                     + f" | {worst['value']:.{digits}f} ({worst['name']}) | "
+                     f"{table['tables'][headline][s]['subsets'].get(full, float('nan')):.{digits}f} | "
+                     f"{'' if its is None else its} |")
+    lines.append("")
+    for metric in metrics:
         per = table["tables"][metric]
         better = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
         lines += [f"## {metric} ({better})", "", "| subset | " + " | ".join(strategies) + " |",
