@@ -1,4 +1,4 @@
-"""Ignite handlers of the training workflow: wall-clock budget, GMD diagnostics, subset reports."""
+"""Ignite handlers of the training workflow: wall-clock budget, strategy diagnostics, subset reports."""
 
 from __future__ import annotations
 
@@ -59,19 +59,34 @@ class TimeLimitHandler:
 class DiagnosticsHandler:
     """Writes the strategy's per-step diagnostics to a JSONL file and to TensorBoard.
 
+    GMD records (strategies ``gmd*``) go to ``gmd_diagnostics.jsonl``, which ``python -m app
+    plot-conflicts`` reads; any other strategy's to ``<strategy>_diagnostics.jsonl``. TensorBoard
+    gets GMD's conflict fractions and per-subset norms and weights; for other strategies, every
+    number of the record (``<strategy>/<key>``) and every per-modality list, given a
+    ``modalities`` entry (``<strategy>_<key>/<modality>``).
+
     Args:
-        output_dir: folder of ``gmd_diagnostics.jsonl``.
+        output_dir: folder of the JSONL files.
         summary_writer: optional TensorBoard ``SummaryWriter``.
         key: key of the diagnostics in the engine output.
     """
 
     def __init__(self, output_dir: str | os.PathLike, summary_writer: Any = None, key: str = "diagnostics") -> None:
-        self.path = Path(output_dir) / "gmd_diagnostics.jsonl"
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / "gmd_diagnostics.jsonl"
         self.writer = summary_writer
         self.key = key
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    @staticmethod
+    def _is_gmd(diag: dict) -> bool:
+        return str(diag.get("strategy", "gmd")).startswith("gmd")
+
+    def path_for(self, diag: dict) -> Path:
+        """JSONL file of a diagnostics record."""
+        return self.path if self._is_gmd(diag) else self.output_dir / f"{diag['strategy']}_diagnostics.jsonl"
 
     def __call__(self, engine: Engine) -> None:
         output = engine.state.output
@@ -79,18 +94,36 @@ class DiagnosticsHandler:
         if not diag:
             return
         record = {"iteration": engine.state.iteration, "epoch": engine.state.epoch, **diag}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
+        path = self.path_for(diag)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
-            it = engine.state.iteration
-            pairs = max(diag["pairs"], 1)
-            self.writer.add_scalar("gmd/conflict_fraction_before", diag["conflicts_before"] / pairs, it)
-            self.writer.add_scalar("gmd/conflict_fraction_after", diag["conflicts_after"] / pairs, it)
-            for name, norm, w in zip(diag["subsets"], diag["norms"], diag["weights"]):
-                self.writer.add_scalar(f"gmd_norm/{name}", norm, it)
-                self.writer.add_scalar(f"gmd_weight/{name}", w, it)
+            if self._is_gmd(diag):
+                self._write_gmd(diag, engine.state.iteration)
+            else:
+                self._write_generic(diag, engine.state.iteration)
             self.writer.flush()
+
+    def _write_gmd(self, diag: dict, it: int) -> None:
+        pairs = max(diag["pairs"], 1)
+        self.writer.add_scalar("gmd/conflict_fraction_before", diag["conflicts_before"] / pairs, it)
+        self.writer.add_scalar("gmd/conflict_fraction_after", diag["conflicts_after"] / pairs, it)
+        for name, norm, w in zip(diag["subsets"], diag["norms"], diag["weights"]):
+            self.writer.add_scalar(f"gmd_norm/{name}", norm, it)
+            self.writer.add_scalar(f"gmd_weight/{name}", w, it)
+
+    def _write_generic(self, diag: dict, it: int) -> None:
+        tag = diag["strategy"]
+        names = diag.get("modalities") or []
+        for key, value in diag.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{tag}/{key}", value, it)
+            elif isinstance(value, list) and names and len(value) == len(names) and key != "modalities":
+                for name, v in zip(names, value):
+                    # absent modalities have None; flags are not curves
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        self.writer.add_scalar(f"{tag}_{key}/{name}", v, it)
 
 
 class SubsetReportHandler:

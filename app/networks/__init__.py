@@ -2,8 +2,10 @@
 
 from app.networks.ds_transformer import DSTransformer, SequenceEncoder, SharedSequenceTrunk, lengths_to_padding_mask
 from app.networks.ds_unet import DSUNet, ModalityEncoder, SharedDecoder, masked_mean
+from app.networks.heads import SegmentationProbe, SequenceProbe
 
 __all__ = [
     "DSUNet", "ModalityEncoder", "SharedDecoder", "masked_mean",
     "DSTransformer", "SequenceEncoder", "SharedSequenceTrunk", "lengths_to_padding_mask",
+    "SequenceProbe", "SegmentationProbe",
 ]

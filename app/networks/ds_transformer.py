@@ -196,6 +196,7 @@ class DSTransformer(nn.Module):
         if hidden % num_heads:
             raise ValueError(f"hidden ({hidden}) must be a multiple of num_heads ({num_heads}).")
         self.task = task
+        self.hidden, self.num_heads, self.ff_mult = int(hidden), int(num_heads), int(ff_mult)
         self.in_features = tuple(int(d) for d in in_features)
         self.out_channels = int(out_channels)
         in_drop = [float(input_dropout)] * len(self.modalities) if np.isscalar(input_dropout) else list(input_dropout)
@@ -255,16 +256,17 @@ class DSTransformer(nn.Module):
             raise ValueError(f"modality_mask marks {absent} as available but inputs has no such key.")
         return mask
 
-    def per_modality(self, inputs: Mapping[str, torch.Tensor], modality_mask: torch.Tensor | None = None
-                     ) -> torch.Tensor:
-        """Per-modality outputs ``[B, M, out_channels (+1 confidence logit)]``; absent modalities are zero.
+    def encode(
+        self, inputs: Mapping[str, torch.Tensor], modality_mask: torch.Tensor | None = None
+    ) -> list[tuple[int, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+        """Run each modality's encoder on the samples that have it.
 
-        Encoders run only on the samples that have their modality; the trunk then runs once on
-        all (sample, modality) sequences, padded to a common length and stacked along the batch.
+        Returns, per present modality, ``(m, rows, (h, padding))``: the modality index, the batch
+        rows that have it, the encoded sequences ``h [n, L_m, hidden]`` and their padding mask
+        ``[n, L_m]`` (True = pad).
         """
         mask = self._full_mask(inputs, modality_mask)
-        batch = mask.shape[0]
-        rows, modality_ids, hidden, paddings = [], [], [], []
+        encoded = []
         for m, (name, encoder) in enumerate(zip(self.modalities, self.encoders)):
             idx = torch.nonzero(mask[:, m], as_tuple=False).flatten()
             if idx.numel() == 0:
@@ -279,20 +281,80 @@ class DSTransformer(nn.Module):
                        else lengths.to(x.device).reshape(-1)[idx])
             # a sample marked available always has at least one step (attention over nothing is NaN)
             padding = lengths_to_padding_mask(lengths.clamp(1, x.shape[1]), x.shape[1])
-            hidden.append(encoder(x.float(), padding))
-            paddings.append(padding)
-            rows.append(idx)
-            modality_ids.append(torch.full_like(idx, m))
-        first = next(iter(inputs.values()))
-        out = torch.zeros(batch, self.num_modalities, self.per_modality_channels, device=mask.device,
-                          dtype=first.dtype if first.is_floating_point() else torch.float32)
-        if not rows:
+            encoded.append((m, idx, (encoder(x.float(), padding), padding)))
+        return encoded
+
+    def decode(
+        self, encoded: list[tuple[int, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]], batch_size: int,
+        inputs: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Per-modality outputs ``[B, M, out_channels (+1 confidence logit)]`` from :meth:`encode`.
+
+        The trunk runs once on all (sample, modality) sequences, padded to a common length and
+        stacked along the batch; entries of absent modalities are zero.
+
+        Args:
+            encoded: output of :meth:`encode`.
+            batch_size: ``B``.
+            inputs: the inputs given to :meth:`encode`; the output takes the dtype (float32 for
+                integer inputs) and device of their first tensor (needed when ``encoded`` is empty).
+                Without it they come from the encoded sequences.
+
+        Raises:
+            ValueError: ``encoded`` is empty and ``inputs`` is not given.
+        """
+        if inputs is not None:
+            first = next(iter(inputs.values()))
+            dtype = first.dtype if first.is_floating_point() else torch.float32
+            device = first.device
+        elif encoded:
+            first = encoded[0][2][0]
+            dtype, device = torch.promote_types(first.dtype, torch.float32), first.device
+        else:
+            raise ValueError("Nothing to decode and no inputs to place the output: pass inputs=inputs.")
+        out = torch.zeros(batch_size, self.num_modalities, self.per_modality_channels, device=device, dtype=dtype)
+        if not encoded:
             return out
-        steps = max(h.shape[1] for h in hidden)
-        h = torch.cat([nn.functional.pad(h, (0, 0, 0, steps - h.shape[1])) for h in hidden], dim=0)
-        padding = torch.cat([nn.functional.pad(p, (0, steps - p.shape[1]), value=True) for p in paddings], dim=0)
+        steps = max(h.shape[1] for _, _, (h, _) in encoded)
+        h = torch.cat([nn.functional.pad(h, (0, 0, 0, steps - h.shape[1])) for _, _, (h, _) in encoded], dim=0)
+        padding = torch.cat([nn.functional.pad(p, (0, steps - p.shape[1]), value=True) for _, _, (_, p) in encoded],
+                            dim=0)
         pred = self.trunk(h, padding)
-        return out.index_put((torch.cat(rows), torch.cat(modality_ids)), pred.to(out.dtype))
+        rows = torch.cat([idx for _, idx, _ in encoded])
+        modality_ids = torch.cat([torch.full_like(idx, m) for m, idx, _ in encoded])
+        return out.index_put((rows, modality_ids), pred.to(out.dtype))
+
+    def per_modality(self, inputs: Mapping[str, torch.Tensor], modality_mask: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """Per-modality outputs ``[B, M, out_channels (+1 confidence logit)]``; absent modalities are zero.
+
+        Encoders run only on the samples that have their modality (:meth:`encode`); the trunk then
+        runs once on all (sample, modality) sequences (:meth:`decode`).
+        """
+        mask = self._full_mask(inputs, modality_mask)
+        return self.decode(self.encode(inputs, mask), mask.shape[0], inputs=inputs)
+
+    def fusion_head_weight(self) -> nn.Parameter:
+        """Weight ``[out_channels (+1), hidden]`` of the shared output layer (the fusion head).
+
+        With ``fusion="confidence"`` its last row is the confidence logit's; the first
+        ``out_channels`` rows map features to the prediction.
+        """
+        return self.trunk.head.weight
+
+    def make_modality_heads(self, num_layers: int = 1) -> nn.ModuleList:
+        """One light prediction head per modality (probes of the encoders, not part of the network).
+
+        Each head is ``num_layers`` self-attention layers over the encoder's sequence, masked mean
+        pooling, LayerNorm and a Linear whose weight has the shape of the first ``out_channels``
+        rows of :meth:`fusion_head_weight`.
+        """
+        from app.networks.heads import SequenceProbe  # heads build on this module's layers
+
+        return nn.ModuleList(
+            SequenceProbe(self.hidden, self.out_channels, num_layers, self.num_heads, self.ff_mult)
+            for _ in self.modalities
+        )
 
     def fuse(self, per_modality: torch.Tensor, modality_mask: torch.Tensor) -> torch.Tensor:
         """Fused prediction ``[B, out_channels]`` over the modalities in ``modality_mask`` (parameter-free).

@@ -97,9 +97,13 @@ class DSUNet(nn.Module):
             input size must be divisible by ``2 ** (len(features) - 1)``.
         norm_name: normalisation for the MONAI blocks.
 
+    ``task`` is ``"segmentation"``: per-channel sigmoid logits scored by hard Dice.
+
     ``forward(image, modality_mask)`` takes ``image [B, M, D, H, W]`` (one channel per modality)
     and ``modality_mask [B, M]`` (bool) and returns the fused logits ``[B, out_channels, D, H, W]``.
     """
+
+    task = "segmentation"
 
     def __init__(
         self,
@@ -144,29 +148,64 @@ class DSUNet(nn.Module):
             return torch.ones(image.shape[0], self.num_modalities, dtype=torch.bool, device=image.device)
         return mask.to(device=image.device, dtype=torch.bool)
 
-    def per_modality(self, image: torch.Tensor, modality_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-modality logits ``[B, M, C, D, H, W]``; entries of absent modalities are zero.
+    def encode(
+        self, image: torch.Tensor, modality_mask: torch.Tensor | None = None
+    ) -> list[tuple[int, torch.Tensor, list[torch.Tensor]]]:
+        """Run each modality's encoder on the samples that have it.
 
-        The encoders run only on the samples that have their modality; the shared trunk then runs
-        once on all (sample, modality) pairs stacked along the batch axis, which is exact because
-        instance normalisation is per sample.
+        Returns, per present modality, ``(m, rows, skips)``: the modality index, the batch rows that
+        have it and the encoder's skip features of every level (``skips[0]`` at full resolution).
         """
         mask = self._full_mask(image, modality_mask)
-        batch = image.shape[0]
-        rows, modality_ids, skip_lists = [], [], []
+        encoded = []
         for m, encoder in enumerate(self.encoders):
             idx = torch.nonzero(mask[:, m], as_tuple=False).flatten()
             if idx.numel() == 0:
                 continue
-            skip_lists.append(encoder(image[idx, m : m + 1]))
-            rows.append(idx)
-            modality_ids.append(torch.full_like(idx, m))
-        out = image.new_zeros(batch, self.num_modalities, self.out_channels, *image.shape[2:])
-        if not rows:
+            encoded.append((m, idx, encoder(image[idx, m : m + 1])))
+        return encoded
+
+    def decode(
+        self, encoded: list[tuple[int, torch.Tensor, list[torch.Tensor]]], batch_size: int,
+        inputs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-modality logits ``[B, M, C, D, H, W]`` from :meth:`encode`; absent entries are zero.
+
+        The shared trunk runs once on all (sample, modality) pairs stacked along the batch axis,
+        which is exact because instance normalisation is per sample.
+
+        Args:
+            encoded: output of :meth:`encode`.
+            batch_size: ``B``.
+            inputs: the image given to :meth:`encode`; the output takes its dtype, device and size
+                (needed when ``encoded`` is empty). Without it they come from the skip features.
+
+        Raises:
+            ValueError: ``encoded`` is empty and ``inputs`` is not given.
+        """
+        if inputs is not None:
+            dtype, device, spatial = inputs.dtype, inputs.device, inputs.shape[2:]
+        elif encoded:
+            first = encoded[0][2][0]
+            dtype, device, spatial = torch.promote_types(first.dtype, torch.float32), first.device, first.shape[2:]
+        else:
+            raise ValueError("Nothing to decode and no inputs to size the output: pass inputs=image.")
+        out = torch.zeros(batch_size, self.num_modalities, self.out_channels, *spatial, dtype=dtype, device=device)
+        if not encoded:
             return out
-        stacked = [torch.cat(level, dim=0) for level in zip(*skip_lists)]
+        stacked = [torch.cat(level, dim=0) for level in zip(*(skips for _, _, skips in encoded))]
         decoded = self.trunk(stacked)
-        return out.index_put((torch.cat(rows), torch.cat(modality_ids)), decoded.to(out.dtype))
+        rows = torch.cat([idx for _, idx, _ in encoded])
+        modality_ids = torch.cat([torch.full_like(idx, m) for m, idx, _ in encoded])
+        return out.index_put((rows, modality_ids), decoded.to(out.dtype))
+
+    def per_modality(self, image: torch.Tensor, modality_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-modality logits ``[B, M, C, D, H, W]``; entries of absent modalities are zero.
+
+        The encoders run only on the samples that have their modality (:meth:`encode`); the shared
+        trunk then runs once on all (sample, modality) pairs (:meth:`decode`).
+        """
+        return self.decode(self.encode(image, modality_mask), image.shape[0], inputs=image)
 
     def per_modality_parts(
         self, image: torch.Tensor, modality_mask: torch.Tensor | None = None
@@ -178,17 +217,26 @@ class DSUNet(nn.Module):
         parts to take each subset's vector-Jacobian product through the trunks of that subset's
         modalities only, instead of through the whole batched trunk.
         """
-        mask = self._full_mask(image, modality_mask)
         out = image.new_zeros(image.shape[0], self.num_modalities, self.out_channels, *image.shape[2:])
         parts = []
-        for m, encoder in enumerate(self.encoders):
-            idx = torch.nonzero(mask[:, m], as_tuple=False).flatten()
-            if idx.numel() == 0:
-                continue
-            decoded = self.trunk(encoder(image[idx, m : m + 1])).to(out.dtype)
+        for m, idx, skips in self.encode(image, modality_mask):
+            decoded = self.trunk(skips).to(out.dtype)
             out = out.index_put((idx, torch.full_like(idx, m)), decoded)
             parts.append((m, idx, decoded))
         return out, parts
+
+    def fusion_head_weight(self) -> nn.Parameter:
+        """Weight ``[C, features[0], 1, 1, 1]`` of the shared head's 1x1x1 convolution (the fusion head)."""
+        return self.trunk.head.conv.conv.weight
+
+    def make_modality_heads(self) -> nn.ModuleList:
+        """One light segmentation decoder per modality (probes of the encoders, not part of the network).
+
+        Each head's final 1x1x1 convolution has the shape of :meth:`fusion_head_weight`.
+        """
+        from app.networks.heads import SegmentationProbe  # heads build on both networks' modules
+
+        return nn.ModuleList(SegmentationProbe(self.features, self.out_channels) for _ in self.modalities)
 
     def fuse(self, per_modality: torch.Tensor, modality_mask: torch.Tensor) -> torch.Tensor:
         """Mean of the per-modality logits over the modalities in ``modality_mask``."""

@@ -6,15 +6,16 @@ import inspect
 
 from app.strategies.base import GradientStrategy, StepResult, random_submasks, subset_loss
 from app.strategies.basic import DropoutStrategy, PlainStrategy
+from app.strategies.cggm import CGGMStrategy
 from app.strategies.gmd import GMDApproxStrategy, GMDStrategy
 
 __all__ = [
     "GradientStrategy", "StepResult", "subset_loss", "random_submasks", "PlainStrategy", "DropoutStrategy",
-    "GMDStrategy", "GMDApproxStrategy", "STRATEGIES", "build_strategy",
+    "GMDStrategy", "GMDApproxStrategy", "CGGMStrategy", "STRATEGIES", "build_strategy",
 ]
 
 STRATEGIES: dict[str, type[GradientStrategy]] = {
-    cls.name: cls for cls in (PlainStrategy, DropoutStrategy, GMDStrategy, GMDApproxStrategy)
+    cls.name: cls for cls in (PlainStrategy, DropoutStrategy, GMDStrategy, GMDApproxStrategy, CGGMStrategy)
 }
 
 

@@ -71,3 +71,23 @@ def test_empty_mask_is_an_error(net):
         masked_mean(torch.zeros(1, 4, 3, 2, 2, 2), torch.zeros(1, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="Expected image"):
         net(torch.zeros(1, 3, 16, 16, 16))
+
+
+def test_encode_decode_is_per_modality_and_heads_match_the_fusion_head(net):
+    x = torch.randn(2, 4, 16, 16, 16)
+    mask = torch.tensor([[1, 0, 0, 1], [0, 0, 1, 1]], dtype=torch.bool)
+    encoded = net.encode(x, mask)
+    assert [(m, rows.tolist()) for m, rows, _ in encoded] == [(0, [0]), (2, [1]), (3, [0, 1])]
+    assert [s.shape[1:] for s in encoded[2][2]] == [(4, 16, 16, 16), (8, 8, 8, 8), (16, 4, 4, 4)]
+    assert torch.equal(net.decode(encoded, 2, inputs=x), net.per_modality(x, mask))
+    torch.testing.assert_close(net.decode(encoded, 2), net.per_modality(x, mask))
+    empty = net.decode([], 2, inputs=x)
+    assert empty.shape == (2, 4, 3, 16, 16, 16) and not empty.any()
+    with pytest.raises(ValueError, match="inputs=image"):
+        net.decode([], 2)
+
+    assert net.fusion_head_weight() is net.trunk.head.conv.conv.weight
+    heads = net.make_modality_heads()
+    assert len(heads) == 4 and not {id(p) for p in heads.parameters()} & {id(p) for p in net.parameters()}
+    assert heads[0].final_weight().shape == net.fusion_head_weight().shape == (3, 4, 1, 1, 1)
+    assert heads[3](encoded[2][2]).shape == (2, 3, 16, 16, 16)

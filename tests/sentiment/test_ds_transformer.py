@@ -149,3 +149,29 @@ def test_classification_head_with_gmd():
                                         torch.nn.CrossEntropyLoss())
     assert result.pred.shape == (6, 3)
     assert all(p.grad is not None for p in net.parameters())
+
+
+@pytest.mark.parametrize("fusion", ["mean", "confidence"])
+def test_encode_decode_is_per_modality_and_heads_match_the_fusion_head(fusion):
+    ds, batch = _batch()
+    net = _net(fusion=fusion)
+    mask = batch["modality_mask"].clone()
+    mask[:, 2] = False
+    mask[0, 1] = False
+    with torch.no_grad():  # both sides on the same (eval, no-grad) attention kernels
+        encoded = net.encode(batch["image"], mask)
+        assert torch.equal(net.decode(encoded, 6, inputs=batch["image"]), net.per_modality(batch["image"], mask))
+    assert [m for m, _, _ in encoded] == [0, 1]
+    assert encoded[1][1].tolist() == [i for i in range(6) if mask[i, 1]]
+    h, padding = encoded[1][2]
+    assert h.shape[::2] == (len(encoded[1][1]), 16) and padding.shape == h.shape[:2]
+    empty = net.decode([], 6, inputs=batch["image"])
+    assert empty.shape == (6, 3, net.per_modality_channels) and not empty.any()
+    with pytest.raises(ValueError, match="inputs=inputs"):
+        net.decode([], 6)
+
+    assert net.fusion_head_weight() is net.trunk.head.weight
+    heads = net.make_modality_heads()
+    assert len(heads) == 3 and not {id(p) for p in heads.parameters()} & {id(p) for p in net.parameters()}
+    assert heads[0].final_weight().shape == net.fusion_head_weight()[: net.out_channels].shape == (1, 16)
+    assert heads[1]((h, padding)).shape == (len(encoded[1][1]), 1)
