@@ -119,3 +119,15 @@ def test_demo_override_builds_the_demo_network():
     network = parser.get_parsed_content("network_def")
     assert network.features == (8, 16, 32, 64)
     assert all(s % network.divisor == 0 for s in parser["patch_size"])
+
+
+def test_train_cggm_two_iterations_writes_its_diagnostics(phantoms, tmp_path):
+    run_bundle([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(tmp_path), "--max_epochs", "1",
+               "--epoch_length", "2", "--strategy", "cggm", "--diagnostics_interval", "1", "--cggm_rho", "1.3",
+               *TINY)
+    _check_training_outputs(tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "cggm_diagnostics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2] and rows[0]["modalities"] == ["flair", "t1", "t1ce", "t2"]
+    assert all(0.0 <= e <= 1.0 for e in rows[0]["eps"]) and rows[0]["delta"] == rows[0]["eps"]  # Dice; eps(0) = 0
+    assert sum(rows[0]["B"]) == pytest.approx(1.3 * 3)  # sum_i B_i = rho (M - 1) whenever sum_k delta_k != 0
+    assert not (tmp_path / "gmd_diagnostics.jsonl").exists()

@@ -93,3 +93,15 @@ def test_metadata_matches_the_schema():
     metadata = json.loads((MOSI_BUNDLE / "configs" / "metadata.json").read_text())
     jsonschema.validate(metadata, schema)
     assert (MOSI_BUNDLE / "LICENSE").is_file() and (MOSI_BUNDLE / "docs" / "README.md").is_file()
+
+
+def test_train_cggm_writes_models_and_its_diagnostics(synthetic_pkl, tmp_path):
+    # 48 training samples in batches of 24: two iterations
+    run_mosi_bundle([TRAIN], "--data_path", str(synthetic_pkl), "--trust_pickle", "true", "--output_dir", str(tmp_path),
+                    "--max_epochs", "1", "--batch_size", "24", "--strategy", "cggm", "--diagnostics_interval", "1")
+    assert (tmp_path / "models" / "model.pt").is_file() and (tmp_path / "models" / "model_final.pt").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "cggm_diagnostics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2] and rows[0]["modalities"] == ["text", "audio", "vision"]
+    assert all(e <= 0.0 for e in rows[0]["eps"])  # minus MAE
+    assert all(-1.0 <= c <= 1.0 for r in rows for c in r["cos"] if c is not None)
+    assert not (tmp_path / "gmd_diagnostics.jsonl").exists()
