@@ -16,8 +16,9 @@ from monai.utils import CommonKeys as Keys
 
 from app.engines.handlers import SubsetReportHandler
 from app.engines.trainer import SubsetEvaluator, autocast_context, subset_fusions
+from app.subsets import subset_masks
 
-__all__ = ["SentimentSubsetEvaluator", "SentimentReportHandler", "subset_predictions"]
+__all__ = ["SentimentSubsetEvaluator", "SentimentReportHandler", "subset_predictions", "predicted_subset_predictions"]
 
 
 def subset_predictions(network: Any, per_modality: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,6 +38,23 @@ def subset_predictions(network: Any, per_modality: torch.Tensor, mask: torch.Ten
     return torch.stack(list(fused), dim=1), valid
 
 
+def predicted_subset_predictions(network: Any, inputs: Any, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`subset_predictions` for a network that predicts its absent modalities (``predicts_missing``).
+
+    One shared pass would hand each subset the real outputs of the modalities it lacks, so each
+    subset runs ``per_modality(inputs, subset_mask)`` (its absent modalities are predicted from
+    the present ones and never read) and fuses over ``network.completed_mask(subset_mask)``.
+    """
+    subsets = subset_masks(mask.shape[1], device=mask.device)
+    valid = (mask[:, None, :] | ~subsets[None]).all(dim=2)
+    fused = []
+    for j, subset in enumerate(subsets):
+        sub = torch.where(valid[:, j : j + 1], mask & subset, mask)
+        per_mod = network.per_modality(inputs, sub).float()
+        fused.append(network.fuse(per_mod, network.completed_mask(sub)))
+    return torch.stack(fused, dim=1), valid
+
+
 class SentimentSubsetEvaluator(SubsetEvaluator):
     """Evaluates every modality subset of each sample from one pass of the per-modality outputs.
 
@@ -44,6 +62,8 @@ class SentimentSubsetEvaluator(SubsetEvaluator):
     :class:`app.networks.DSTransformer`); ``inputs`` may be a dict of tensors. The output holds
     ``subset_preds [B, S, C]``, ``subset_valid [B, S]``, ``label``, ``case`` ids and ``pred`` (the
     prediction from all available modalities), ready for :class:`app.metrics.SubsetSentimentScore`.
+    A network with ``predicts_missing`` true (:class:`app.networks.PromptedDSTransformer` with
+    ``missing="predict"``) gets one pass per subset instead (:func:`predicted_subset_predictions`).
 
     Takes the arguments of :class:`~app.engines.SubsetEvaluator` (batch keys, ``amp``); its inferer
     is not used: the per-modality pass is a plain forward.
@@ -52,11 +72,17 @@ class SentimentSubsetEvaluator(SubsetEvaluator):
     def _iteration(self, engine: SentimentSubsetEvaluator, batchdata: dict[str, Any]) -> dict:
         inputs, targets, mask, cases = engine.unpack(batchdata)
         with engine.mode(engine.network), torch.no_grad():
-            with autocast_context(engine.state.device, self.use_amp):
-                per_mod = engine.network.per_modality(inputs, mask)
-            per_mod = per_mod.float()
-            preds, valid = subset_predictions(engine.network, per_mod, mask)
-            pred = engine.network.fuse(per_mod, mask)
+            if getattr(engine.network, "predicts_missing", False):
+                with autocast_context(engine.state.device, self.use_amp):
+                    preds, valid = predicted_subset_predictions(engine.network, inputs, mask)
+                # the last subset is every modality: the prediction from all a sample has
+                pred = preds[:, -1]
+            else:
+                with autocast_context(engine.state.device, self.use_amp):
+                    per_mod = engine.network.per_modality(inputs, mask)
+                per_mod = per_mod.float()
+                preds, valid = subset_predictions(engine.network, per_mod, mask)
+                pred = engine.network.fuse(per_mod, mask)
         engine.state.output = {
             Keys.IMAGE: inputs, Keys.LABEL: targets, Keys.PRED: pred,
             "subset_preds": preds, "subset_valid": valid,

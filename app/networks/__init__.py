@@ -3,9 +3,11 @@
 from app.networks.ds_transformer import DSTransformer, SequenceEncoder, SharedSequenceTrunk, lengths_to_padding_mask
 from app.networks.ds_unet import DSUNet, ModalityEncoder, SharedDecoder, masked_mean
 from app.networks.heads import SegmentationProbe, SequenceProbe
+from app.networks.prompted import PromptedDSTransformer, build_sentiment_network, load_pretrained
 
 __all__ = [
     "DSUNet", "ModalityEncoder", "SharedDecoder", "masked_mean",
     "DSTransformer", "SequenceEncoder", "SharedSequenceTrunk", "lengths_to_padding_mask",
     "SequenceProbe", "SegmentationProbe",
+    "PromptedDSTransformer", "build_sentiment_network", "load_pretrained",
 ]

@@ -8,14 +8,15 @@ from app.strategies.base import GradientStrategy, StepResult, random_submasks, s
 from app.strategies.basic import DropoutStrategy, PlainStrategy
 from app.strategies.cggm import CGGMStrategy
 from app.strategies.gmd import GMDApproxStrategy, GMDStrategy
+from app.strategies.predict import PredictStrategy
 
 __all__ = [
     "GradientStrategy", "StepResult", "subset_loss", "random_submasks", "PlainStrategy", "DropoutStrategy",
-    "GMDStrategy", "GMDApproxStrategy", "CGGMStrategy", "STRATEGIES", "build_strategy",
+    "GMDStrategy", "GMDApproxStrategy", "CGGMStrategy", "PredictStrategy", "STRATEGIES", "build_strategy",
 ]
 
 STRATEGIES: dict[str, type[GradientStrategy]] = {
-    cls.name: cls for cls in (PlainStrategy, DropoutStrategy, GMDStrategy, GMDApproxStrategy, CGGMStrategy)
+    cls.name: cls for cls in (PlainStrategy, DropoutStrategy, GMDStrategy, GMDApproxStrategy, CGGMStrategy, PredictStrategy)
 }
 
 

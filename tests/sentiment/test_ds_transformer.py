@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import default_collate
 
 from app.data import MMSADataset, make_synthetic_mmsa
-from app.networks import DSTransformer, lengths_to_padding_mask
+from app.networks import DSTransformer, PromptedDSTransformer, lengths_to_padding_mask
 from app.strategies import STRATEGIES, build_strategy
 from app.subsets import subset_masks
 
@@ -112,7 +112,10 @@ def test_every_strategy_trains_every_parameter(strategy, fusion):
     """The BraTS strategy objects work unchanged: every parameter, shared head included, gets a gradient."""
     ds, batch = _batch()
     net = _net(fusion=fusion).train()
-    result = build_strategy(strategy, subsets="all", seed=0, diagnostics_interval=1).step(
+    if strategy == "predict":  # needs its prompted network; during the warm-up every parameter trains
+        torch.manual_seed(0)
+        net = PromptedDSTransformer(in_features=DIMS, hidden=16, num_heads=2, fusion=fusion).train()
+    result = build_strategy(strategy, subsets="all", seed=0, diagnostics_interval=1, warmup_iterations=1).step(
         net, batch["image"], batch["modality_mask"], batch["label"], torch.nn.L1Loss(), iteration=0
     )
     assert result.pred.shape == (6, 1) and torch.isfinite(result.loss)
