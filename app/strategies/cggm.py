@@ -118,10 +118,11 @@ class CGGMStrategy(GradientStrategy):
 
     The network needs :meth:`encode`/:meth:`decode`, ``fusion_head_weight()``,
     ``make_modality_heads()``, ``encoders`` and ``task`` (``DSUNet`` and ``DSTransformer`` have them).
-    The heads are built on the first step (seeded by ``seed``, on the network's device) and belong
-    to the strategy: they are saved by :meth:`state_dict` with their optimizer, never with the
-    network. In a multi-process run the heads' gradients and the metric are averaged over the
-    ranks, so every rank keeps the same heads and balance terms.
+    The heads are built on the first step (seeded by ``seed``, on the network's device and in its
+    dtype) and belong to the strategy: they are saved by :meth:`state_dict` with their optimizer,
+    never with the network. In a multi-process run the heads' gradients are averaged over the ranks
+    and the metric is taken over the global batch, so every rank keeps the same heads and balance
+    terms.
 
     Args:
         rho: scale of the balance terms ``B_i`` (paper: 1.2 - 1.3).
@@ -164,13 +165,13 @@ class CGGMStrategy(GradientStrategy):
         if not hasattr(model, "make_modality_heads"):
             raise TypeError(f"{type(model).__name__} has no make_modality_heads(): CGGM needs a network with "
                             "per-modality heads (DSUNet or DSTransformer).")
-        device = model.fusion_head_weight().device
+        weight = model.fusion_head_weight()
         # a private seed: the heads are the same on every rank, and building them never moves the global
         # generator, so a resumed run (heads rebuilt, then loaded) draws the same numbers as an uninterrupted one
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             heads = model.make_modality_heads()
-        self.heads = heads.to(device).train()
+        self.heads = heads.to(device=weight.device, dtype=weight.dtype).train()
         self.head_optimizer = torch.optim.Adam(self.heads.parameters(), lr=self.head_lr)
         self.eps = [0.0] * model.num_modalities
         if self._pending is not None:
