@@ -94,8 +94,9 @@ class PredictStrategy(GradientStrategy):
         if lacking:
             raise TypeError(
                 f"Strategy 'predict' needs a network with read-only prompts and missing-modality predictors; "
-                f"{type(model).__name__} lacks {lacking}. Use network_def _target_: app.networks.PromptedDSTransformer "
-                "(the mosi_gmd bundle's app.networks.build_sentiment_network does with --strategy predict), or add "
+                f"{type(model).__name__} lacks {lacking}. It exists for the sentiment branch: use network_def "
+                "_target_: app.networks.PromptedDSTransformer (the mosi_gmd bundle's "
+                "app.networks.build_sentiment_network builds it for --strategy predict), or add "
                 "bundles/mosi_gmd/configs/predict.yaml to --config_file."
             )
 
