@@ -39,7 +39,7 @@ from app.subsets import MOSI_MODALITIES
 
 __all__ = [
     "PromptedFeatures", "PromptedDSTransformer", "read_only_update", "build_sentiment_network", "load_pretrained",
-    "is_prompted_checkpoint", "MISSING_MODES",
+    "MISSING_MODES",
 ]
 
 #: values of :attr:`PromptedDSTransformer.missing`
@@ -350,18 +350,6 @@ def _read_state(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str,
     if not isinstance(state, dict):
         raise ValueError(f"Checkpoint {path} holds no state dict: pass a model.pt written by training.")
     return state
-
-
-def is_prompted_checkpoint(path: str | os.PathLike | None) -> bool:
-    """Whether ``path`` is a readable checkpoint of a :class:`PromptedDSTransformer` (False when it
-    is missing or unreadable: the weight loader reports those)."""
-    if not path or not os.path.isfile(os.fspath(path)):
-        return False
-    try:
-        state = _read_state(path)
-    except ValueError:
-        return False
-    return "prompts" in state
 
 
 def build_sentiment_network(

@@ -16,7 +16,8 @@ Trains a :class:`app.networks.PromptedDSTransformer` as the paper trains its lat
 - with ``fusion="confidence"``, a fusion loss teaches the confidence logits how to weigh present
   and predicted modalities: the fused prediction over a random non-empty subset of each sample's
   modalities, completed with predictions, with the per-modality values (and the predicted
-  embeddings) detached, so it changes only the confidence weights.
+  embeddings) detached, so it acts only through the confidence logits, not on what each modality
+  predicts.
 """
 
 from __future__ import annotations
