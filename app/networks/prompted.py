@@ -18,8 +18,9 @@ head (same state-dict keys, so a plain checkpoint loads into it as a pretrained 
   embedding of a modality is the trunk's pooled, normalised feature that feeds the shared head.
 
 With ``missing="predict"`` an absent modality of a sample gets the head's output on its predicted
-embedding (the mean of the predictions from the sample's present modalities) and the fusion runs
-over present and predicted modalities (:meth:`PromptedDSTransformer.completed_mask`);
+embedding (the mean of the predictions from the sample's present modalities; with confidence
+fusion its confidence logit gets a learnt per-modality offset, ``predicted_confidence``) and the
+fusion runs over present and predicted modalities (:meth:`PromptedDSTransformer.completed_mask`);
 ``missing="skip"`` is exactly :class:`~app.networks.DSTransformer`. The ``predict`` strategy
 (:class:`app.strategies.PredictStrategy`) trains it.
 """
@@ -45,7 +46,7 @@ __all__ = [
 #: values of :attr:`PromptedDSTransformer.missing`
 MISSING_MODES = ("predict", "skip")
 #: state-dict prefixes of the parts a plain DSTransformer does not have
-PROMPT_KEYS = ("prompts", "prompt_readers.", "predictors.")
+PROMPT_KEYS = ("prompts", "prompt_readers.", "predictors.", "predicted_confidence")
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +171,10 @@ class PromptedDSTransformer(DSTransformer):
             nn.Sequential(nn.Linear(hidden, self.predictor_hidden), nn.GELU(), nn.Linear(self.predictor_hidden, hidden))
             for _ in self.pairs
         )
+        # confidence fusion: a learnt offset per modality added to the confidence logit of a
+        # *predicted* modality, so the fusion can trust a prediction less than the real modality
+        # (the head alone cannot tell a predicted embedding from a real one)
+        self.predicted_confidence = nn.Parameter(torch.zeros(m)) if fusion == "confidence" else None
 
     # -- configuration ---------------------------------------------------------------------------
     @property
@@ -303,6 +308,16 @@ class PromptedDSTransformer(DSTransformer):
         :meth:`SharedSequenceTrunk.forward` applies to its pooled features)."""
         return self.trunk.head(self.trunk.head_dropout(embeddings))
 
+    def predicted_outputs(self, predicted: torch.Tensor) -> torch.Tensor:
+        """Per-modality outputs ``[B, M, out_channels (+1)]`` of predicted embeddings ``[B, M, hidden]``:
+        the shared head, plus :attr:`predicted_confidence` on the confidence logit (confidence fusion)."""
+        out = self.embedding_outputs(predicted)
+        if self.predicted_confidence is None:
+            return out
+        offset = torch.zeros_like(out)
+        offset[..., -1] = self.predicted_confidence.to(out.dtype)
+        return out + offset
+
     # -- the subset protocol -------------------------------------------------------------------------
     def per_modality(self, inputs: Mapping[str, torch.Tensor], modality_mask: torch.Tensor | None = None
                      ) -> torch.Tensor:
@@ -321,7 +336,7 @@ class PromptedDSTransformer(DSTransformer):
         out = out.index_put((rows, modality_ids), self.embedding_outputs(feats.embeddings[rows, modality_ids]))
         fill = self.completed_mask(mask) & ~mask
         if bool(fill.any()):
-            predicted = self.embedding_outputs(self.predicted_embeddings(feats.prompt_summaries, mask))
+            predicted = self.predicted_outputs(self.predicted_embeddings(feats.prompt_summaries, mask))
             out = torch.where(fill.unsqueeze(-1), predicted, out)
         first = next(iter(inputs.values()))
         return out.to(first.dtype) if first.is_floating_point() else out

@@ -89,8 +89,8 @@ class PredictStrategy(GradientStrategy):
     @staticmethod
     def check_model(model: Any) -> None:
         """Raise a ``TypeError`` naming the fix when ``model`` cannot predict missing modalities."""
-        needed = ("features", "pairs", "pair_predictions", "predicted_embeddings", "embedding_outputs", "prediction_parameters",
-                  "completed_mask")
+        needed = ("features", "pairs", "pair_predictions", "predicted_embeddings", "embedding_outputs",
+                  "predicted_outputs", "prediction_parameters", "completed_mask")
         lacking = [n for n in needed if not hasattr(model, n)]
         if lacking:
             raise TypeError(
@@ -165,7 +165,7 @@ class PredictStrategy(GradientStrategy):
             completed = sub | sub.any(dim=1, keepdim=True)
             with torch.no_grad():
                 predicted = model.predicted_embeddings(feats.prompt_summaries, sub)
-            pred_out = model.embedding_outputs(predicted)
+            pred_out = model.predicted_outputs(predicted)
             per_mod = torch.where(sub.unsqueeze(-1), out, pred_out)
             # values detached, confidence logits live: only the weighting learns from this loss
             per_mod = torch.cat([per_mod[..., :channels].detach(), per_mod[..., channels:]], dim=-1)

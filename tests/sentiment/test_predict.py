@@ -41,7 +41,7 @@ def _plain_copy(net: PromptedDSTransformer, **kwargs) -> DSTransformer:
     opts = {"in_features": DIMS, "hidden": 16, "num_heads": 2, "encoder_layers": 1, "trunk_layers": 1, **kwargs}
     plain = DSTransformer(**opts)
     plain.load_state_dict({k: v for k, v in net.state_dict().items()
-                           if not k.startswith(("prompts", "prompt_readers", "predictors"))})
+                           if not k.startswith(("prompts", "prompt_readers", "predictors", "predicted_confidence"))})
     return plain
 
 
@@ -117,16 +117,22 @@ def test_skip_is_exactly_ds_transformer_and_predict_fills_absent_modalities(fusi
 
         net.missing = "predict"
         assert net.predicts_missing and bool(net.completed_mask(mask).all())
+        if fusion == "confidence":  # a predicted modality's confidence logit gets its learnt offset
+            net.predicted_confidence.copy_(torch.tensor([0.5, -0.7, 0.2]))
         filled = net.per_modality(batch["image"], mask)
         assert torch.equal(filled[mask], skipped[mask])  # present modalities untouched
         assert torch.all(skipped[~mask] == 0) and torch.all(filled[~mask] != 0)
         feats = net.features(batch["image"], mask)
         pairs = dict(zip(net.pairs, net.pair_predictions(feats.prompt_summaries)))
         # sample 0 lacks audio (1): the mean of the predictions from text (0) and vision (2)
+        offsets = torch.tensor([0.0, -0.7, 0.2]) if fusion == "confidence" else torch.zeros(3)
         expected = net.embedding_outputs((pairs[(0, 1)][0] + pairs[(2, 1)][0]) / 2)
+        expected[-1] += offsets[1]
         torch.testing.assert_close(filled[0, 1], expected)
         # sample 2 has text only: audio and vision both from text
-        torch.testing.assert_close(filled[2, 2], net.embedding_outputs(pairs[(0, 2)][2]))
+        expected = net.embedding_outputs(pairs[(0, 2)][2])
+        expected[-1] += offsets[2]
+        torch.testing.assert_close(filled[2, 2], expected)
         # forward fuses present and predicted modalities
         torch.testing.assert_close(net(batch["image"], mask), net.fuse(filled, torch.ones_like(mask)))
     with pytest.raises(ValueError, match="predict|skip"):
@@ -257,11 +263,13 @@ def test_confidence_loss_trains_the_confidence_weights_only_through_the_weightin
     strategy = PredictStrategy(seed=0, predicted_task_weight=0.0, prediction_weight=0.0)
     _step(net, strategy, batch)
     with_conf = net.trunk.head.weight.grad.clone()
+    assert net.predicted_confidence.grad.abs().sum() > 0  # how far to trust a predicted modality
     _step(net, PredictStrategy(seed=0, predicted_task_weight=0.0, prediction_weight=0.0, confidence_weight=0.0), batch)
     without = net.trunk.head.weight.grad.clone()
     # the value row's gradient is the task loss's alone; the confidence row learns only from the fusion loss
     torch.testing.assert_close(with_conf[0], without[0])
     assert not without[1].any() and with_conf[1].abs().sum() > 0
+    assert net.predicted_confidence.grad is None or not net.predicted_confidence.grad.any()
 
 
 def test_predict_refuses_a_network_without_prompts():
