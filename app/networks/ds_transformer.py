@@ -86,15 +86,20 @@ class SequenceEncoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.layers = _encoder(hidden, num_layers, num_heads, ff_mult, dropout)
 
-    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
-        """``x [n, L, D]``, ``padding [n, L]`` (True = pad) -> ``[n, L, hidden]``."""
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The token embeddings before the transformer layers: standardise, clip, project, add
+        positions, dropout. ``x [n, L, D]`` -> ``[n, L, hidden]``."""
         x = (x - self.input_mean) / self.input_std
         if self.clip > 0:
             x = x.clamp(-self.clip, self.clip)
         h = self.proj(self.input_dropout(x))
         if h.shape[1] > 1:
             h = h + _sinusoid(h.shape[1], h.shape[2], h.device, h.dtype)
-        h = self.dropout(h)
+        return self.dropout(h)
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """``x [n, L, D]``, ``padding [n, L]`` (True = pad) -> ``[n, L, hidden]``."""
+        h = self.embed(x)
         if isinstance(self.layers, nn.TransformerEncoder):
             h = self.layers(h, src_key_padding_mask=padding)
         return h

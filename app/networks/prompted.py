@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from app.networks.ds_transformer import DSTransformer, SequenceEncoder, _sinusoid, lengths_to_padding_mask
+from app.networks.ds_transformer import DSTransformer, lengths_to_padding_mask
 from app.subsets import MOSI_MODALITIES
 
 __all__ = [
@@ -79,18 +79,6 @@ def read_only_update(layer: nn.TransformerEncoderLayer, tokens: torch.Tensor, pr
     attn = layer.self_attn(prompts, kv, kv, key_padding_mask=key_padding, need_weights=False)[0]
     prompts = layer.norm1(prompts + layer.dropout1(attn))
     return layer.norm2(prompts + _ff(prompts))
-
-
-def _embed(encoder: SequenceEncoder, x: torch.Tensor) -> torch.Tensor:
-    """The steps of :meth:`SequenceEncoder.forward` before its transformer layers (standardise, clip,
-    project, positions, dropout); the tests check the composition against ``encoder(x, padding)``."""
-    x = (x - encoder.input_mean) / encoder.input_std
-    if encoder.clip > 0:
-        x = x.clamp(-encoder.clip, encoder.clip)
-    h = encoder.proj(encoder.input_dropout(x))
-    if h.shape[1] > 1:
-        h = h + _sinusoid(h.shape[1], h.shape[2], h.device, h.dtype)
-    return encoder.dropout(h)
 
 
 class PromptedFeatures(NamedTuple):
@@ -232,7 +220,7 @@ class PromptedDSTransformer(DSTransformer):
             ``self.encoders[m](x, padding)``.
         """
         encoder = self.encoders[m]
-        h = _embed(encoder, x)
+        h = encoder.embed(x)
         n = h.shape[0]
         prompts = self.prompts[m].to(h.dtype).expand(n, -1, -1)
         key_padding = torch.cat([padding, padding.new_zeros(n, self.num_prompts)], dim=1)
