@@ -1,12 +1,13 @@
-"""Workflow helpers used by the bundle configs: checks, weight loading and the progress bar."""
+"""Workflow helpers used by the bundle configs: checks, weight loading (from
+:mod:`app.networks.weights`) and the progress bar."""
 
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
-import torch
 from ignite.engine import Engine
+
+from app.networks.weights import describe_state_dict, load_weights
 
 __all__ = ["check_patch_size", "fit_roi", "load_weights", "describe_state_dict", "ProgressBarHandler"]
 
@@ -27,60 +28,6 @@ def fit_roi(roi_size: Sequence[int], spatial_shape: Sequence[int], divisor: int)
     """Sliding-window size for a volume: the training patch, shrunk to the volume (rounded up to
     ``divisor``) where the volume is smaller, so small volumes are not padded up to a whole patch."""
     return tuple(min(int(r), -(-int(s) // divisor) * divisor) for r, s in zip(roi_size, spatial_shape))
-
-
-def describe_state_dict(state: dict[str, torch.Tensor]) -> str:
-    """Short description of a DS U-Net state dict (modalities and per-level widths)."""
-    widths = []
-    level = 0
-    while f"encoders.0.levels.{level}.conv1.conv.weight" in state:
-        widths.append(int(state[f"encoders.0.levels.{level}.conv1.conv.weight"].shape[0]))
-        level += 1
-    n_mod = len({k.split(".")[1] for k in state if k.startswith("encoders.")})
-    if not widths:
-        return f"{len(state)} tensors"
-    return f"{n_mod} modality encoders, features {widths}"
-
-
-def load_weights(network: torch.nn.Module, path: str | os.PathLike, map_location: Any = "cpu") -> torch.nn.Module:
-    """Load a checkpoint into ``network`` safely (``weights_only=True``) with clear errors.
-
-    Accepts a plain state dict or a dict holding it under ``model``/``network``/``state_dict``.
-
-    Raises:
-        FileNotFoundError: the checkpoint does not exist.
-        ValueError: it cannot be read, or it was trained with another network configuration.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Checkpoint {path} not found: pass --ckpt_path to a model.pt written by training.")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ValueError(f"Cannot read checkpoint {path} ({type(err).__name__}): it is corrupt or not a "
-                         "PyTorch checkpoint; re-export it from training.") from err
-    if isinstance(state, dict):
-        for key in ("model", "network", "state_dict"):
-            if key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
-    expected = network.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or mismatched:
-        if mismatched:
-            key = mismatched[0]
-            example = f"{key} is {tuple(state[key].shape)} there, {tuple(expected[key].shape)} here"
-        else:
-            example = f"{(missing or unexpected)[0]} is {'missing from' if missing else 'unexpected in'} it"
-        raise ValueError(
-            f"Checkpoint {path} was trained with a different network configuration "
-            f"({describe_state_dict(state)}) than the one configured ({describe_state_dict(expected)}; "
-            f"e.g. {example}): pass the training run's network settings (e.g. --features) when loading it."
-        )
-    network.load_state_dict(state)
-    return network
 
 
 class ProgressBarHandler:

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from app.networks.ds_transformer import DSTransformer, lengths_to_padding_mask
+from app.networks.weights import load_weights, read_state_dict
 from app.subsets import MOSI_MODALITIES
 
 __all__ = [
@@ -335,26 +336,6 @@ class PromptedDSTransformer(DSTransformer):
 
 
 # -- checkpoints and the bundle's network factory -----------------------------------------------------
-def _read_state(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, torch.Tensor]:
-    """A checkpoint's state dict (``weights_only``), unwrapped from ``model``/``network``/``state_dict``."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Checkpoint {path} not found: pass the path of a model.pt written by training.")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ValueError(f"Cannot read checkpoint {path} ({type(err).__name__}): it is corrupt or not a "
-                         "PyTorch checkpoint; re-export it from training.") from err
-    if isinstance(state, dict):
-        for key in ("model", "network", "state_dict"):
-            if key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict):
-        raise ValueError(f"Checkpoint {path} holds no state dict: pass a model.pt written by training.")
-    return state
-
-
 def build_sentiment_network(
     strategy: str = "",
     checkpoint: str | os.PathLike | None = None,
@@ -377,7 +358,7 @@ def build_sentiment_network(
     prompted = str(strategy).strip().lower() == "predict"
     if checkpoint and os.path.isfile(os.fspath(checkpoint)):
         try:
-            state = _read_state(checkpoint)
+            state = read_state_dict(checkpoint)
         except ValueError:
             state = None  # the weight loader names the problem
         if state is not None:
@@ -406,24 +387,11 @@ def load_pretrained(network: nn.Module, path: str | os.PathLike | None, map_loca
     """
     if not path:
         return network
-    state = _read_state(path, map_location)
-    expected = network.state_dict()
-    optional = [k for k in expected if k.startswith(PROMPT_KEYS)]
-    missing = sorted(set(expected) - set(state) - set(optional))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or mismatched:
-        if mismatched:
-            key = mismatched[0]
-            example = f"{key} is {tuple(state[key].shape)} there, {tuple(expected[key].shape)} here"
-        else:
-            example = f"{(missing or unexpected)[0]} is {'missing from' if missing else 'unexpected in'} it"
-        raise ValueError(
-            f"Pretrained checkpoint {path} was trained with a different network configuration (e.g. {example}): "
-            "pass the pretraining run's network settings (--hidden, --encoder_layers, --trunk_layers, --fusion, "
-            "...) or pretrain with these."
-        )
-    network.load_state_dict(state, strict=False)
+    state = read_state_dict(path, map_location)
+    load_weights(network, path, map_location, optional_prefixes=PROMPT_KEYS,
+                 fix="pass the pretraining run's network settings (--hidden, --encoder_layers, --trunk_layers, "
+                 "--fusion, ...) or pretrain with these")
+    optional = [k for k in network.state_dict() if k.startswith(PROMPT_KEYS)]
     kept = sorted({k.split(".")[0] for k in optional if k not in state})
     logger.info("Loaded %d tensors from %s%s.", len(state), path,
                 f"; {', '.join(kept)} keep their initialisation" if kept else "")

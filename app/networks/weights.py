@@ -1,0 +1,91 @@
+"""Reading checkpoints into networks: safe loading (``weights_only``) with errors that name the fix."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["describe_state_dict", "read_state_dict", "load_weights"]
+
+
+def describe_state_dict(state: dict[str, torch.Tensor]) -> str:
+    """Short description of a DS U-Net state dict (modalities and per-level widths)."""
+    widths = []
+    level = 0
+    while f"encoders.0.levels.{level}.conv1.conv.weight" in state:
+        widths.append(int(state[f"encoders.0.levels.{level}.conv1.conv.weight"].shape[0]))
+        level += 1
+    n_mod = len({k.split(".")[1] for k in state if k.startswith("encoders.")})
+    if not widths:
+        return f"{len(state)} tensors"
+    return f"{n_mod} modality encoders, features {widths}"
+
+
+def read_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, torch.Tensor]:
+    """A checkpoint's state dict, read safely (``weights_only=True``): a plain state dict or one held
+    under ``model``/``network``/``state_dict``.
+
+    Raises:
+        FileNotFoundError: the checkpoint does not exist.
+        ValueError: it cannot be read or holds no state dict.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint {path} not found: pass --ckpt_path to a model.pt written by training.")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise ValueError(f"Cannot read checkpoint {path} ({type(err).__name__}): it is corrupt or not a "
+                         "PyTorch checkpoint; re-export it from training.") from err
+    if isinstance(state, dict):
+        for key in ("model", "network", "state_dict"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict):
+        raise ValueError(f"Checkpoint {path} holds no state dict: pass a model.pt written by training.")
+    return state
+
+
+def load_weights(
+    network: torch.nn.Module, path: str | os.PathLike, map_location: Any = "cpu",
+    optional_prefixes: Sequence[str] = (), fix: str = "pass the training run's network settings (e.g. --features) "
+    "when loading it",
+) -> torch.nn.Module:
+    """Load a checkpoint into ``network`` safely (``weights_only=True``) with clear errors.
+
+    Args:
+        network: the configured network.
+        path: the checkpoint (see :func:`read_state_dict`).
+        map_location: device of the loaded tensors.
+        optional_prefixes: tensors of ``network`` under these key prefixes may be absent from the
+            checkpoint and keep their initialisation (e.g. parts a pretrained network lacks);
+            every other tensor must be there with its shape.
+        fix: what the error message tells the user to do on a mismatch.
+
+    Raises:
+        FileNotFoundError: the checkpoint does not exist.
+        ValueError: it cannot be read, or it was trained with another network configuration.
+    """
+    path = os.fspath(path)
+    state = read_state_dict(path, map_location)
+    expected = network.state_dict()
+    optional = {k for k in expected if optional_prefixes and k.startswith(tuple(optional_prefixes)) and k not in state}
+    missing = sorted(set(expected) - set(state) - optional)
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or mismatched:
+        if mismatched:
+            key = mismatched[0]
+            example = f"{key} is {tuple(state[key].shape)} there, {tuple(expected[key].shape)} here"
+        else:
+            example = f"{(missing or unexpected)[0]} is {'missing from' if missing else 'unexpected in'} it"
+        raise ValueError(
+            f"Checkpoint {path} was trained with a different network configuration "
+            f"({describe_state_dict(state)}) than the one configured ({describe_state_dict(expected)}; "
+            f"e.g. {example}): {fix}."
+        )
+    network.load_state_dict(state, strict=not optional)
+    return network
