@@ -202,6 +202,7 @@ class DSTransformer(nn.Module):
             raise ValueError(f"hidden ({hidden}) must be a multiple of num_heads ({num_heads}).")
         self.task = task
         self.hidden, self.num_heads, self.ff_mult = int(hidden), int(num_heads), int(ff_mult)
+        self.encoder_layers, self.dropout_rate = int(encoder_layers), float(dropout)
         self.in_features = tuple(int(d) for d in in_features)
         self.out_channels = int(out_channels)
         in_drop = [float(input_dropout)] * len(self.modalities) if np.isscalar(input_dropout) else list(input_dropout)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -37,7 +37,6 @@ from torch import nn
 
 from app.networks.ds_transformer import DSTransformer, lengths_to_padding_mask
 from app.networks.weights import load_weights, read_state_dict
-from app.subsets import MOSI_MODALITIES
 
 __all__ = [
     "PromptedFeatures", "PromptedDSTransformer", "read_only_update", "build_sentiment_network", "load_pretrained",
@@ -110,29 +109,11 @@ class PromptedDSTransformer(DSTransformer):
     """
 
     def __init__(
-        self,
-        in_features: Sequence[int] = (100, 73, 100),
-        modalities: Sequence[str] = MOSI_MODALITIES,
-        hidden: int = 64,
-        out_channels: int = 1,
-        task: str = "regression",
-        encoder_layers: int = 1,
-        trunk_layers: int = 1,
-        num_heads: int = 4,
-        ff_mult: int = 2,
-        dropout: float = 0.1,
-        input_dropout: float | Sequence[float] = 0.0,
-        head_dropout: float = 0.1,
-        clip: float = 5.0,
-        fusion: str = "mean",
-        num_prompts: int = 4,
-        predictor_hidden: int | None = None,
-        missing: str = "predict",
+        self, *args: Any, num_prompts: int = 4, predictor_hidden: int | None = None, missing: str = "predict",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            in_features, modalities, hidden, out_channels, task, encoder_layers, trunk_layers, num_heads, ff_mult,
-            dropout, input_dropout, head_dropout, clip, fusion,
-        )
+        super().__init__(*args, **kwargs)
+        hidden, num_heads, ff_mult, dropout = self.hidden, self.num_heads, self.ff_mult, self.dropout_rate
         if int(num_prompts) < 1:
             raise ValueError(f"num_prompts must be >= 1, got {num_prompts}.")
         if self.num_modalities < 2:
@@ -144,7 +125,7 @@ class PromptedDSTransformer(DSTransformer):
         m = self.num_modalities
         # small random prompts: LayerNorm (norm_first layers) rescales them, the spread breaks symmetry
         self.prompts = nn.Parameter(0.02 * torch.randn(m, self.num_prompts, self.embedding_dim))
-        if int(encoder_layers) <= 0:
+        if self.encoder_layers <= 0:
             # projection-only encoders have no attention for the prompts to read through: one
             # read-only layer per modality, whose input-token outputs are discarded
             self.prompt_readers = nn.ModuleList(
@@ -163,7 +144,7 @@ class PromptedDSTransformer(DSTransformer):
         # confidence fusion: a learnt offset per modality added to the confidence logit of a
         # *predicted* modality, so the fusion can trust a prediction less than the real modality
         # (the head alone cannot tell a predicted embedding from a real one)
-        self.predicted_confidence = nn.Parameter(torch.zeros(m)) if fusion == "confidence" else None
+        self.predicted_confidence = nn.Parameter(torch.zeros(m)) if self.fusion == "confidence" else None
 
     # -- configuration ---------------------------------------------------------------------------
     @property
