@@ -271,9 +271,16 @@ class DSTransformer(nn.Module):
         rows that have it, the encoded sequences ``h [n, L_m, hidden]`` and their padding mask
         ``[n, L_m]`` (True = pad).
         """
+        return [(m, idx, (self.encoders[m](x, padding), padding))
+                for m, idx, x, padding in self.modality_inputs(inputs, modality_mask)]
+
+    def modality_inputs(
+        self, inputs: Mapping[str, torch.Tensor], modality_mask: torch.Tensor | None = None
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per present modality ``(m, rows, x [n, L_m, D_m] float, padding [n, L_m])``: the checked
+        inputs of the samples that have it and their padding mask (True = pad)."""
         mask = self._full_mask(inputs, modality_mask)
-        encoded = []
-        for m, (name, encoder) in enumerate(zip(self.modalities, self.encoders)):
+        for m, name in enumerate(self.modalities):
             idx = torch.nonzero(mask[:, m], as_tuple=False).flatten()
             if idx.numel() == 0:
                 continue
@@ -286,9 +293,7 @@ class DSTransformer(nn.Module):
             lengths = (torch.full((idx.numel(),), x.shape[1], device=x.device) if lengths is None
                        else lengths.to(x.device).reshape(-1)[idx])
             # a sample marked available always has at least one step (attention over nothing is NaN)
-            padding = lengths_to_padding_mask(lengths.clamp(1, x.shape[1]), x.shape[1])
-            encoded.append((m, idx, (encoder(x.float(), padding), padding)))
-        return encoded
+            yield m, idx, x.float(), lengths_to_padding_mask(lengths.clamp(1, x.shape[1]), x.shape[1])
 
     def decode(
         self, encoded: list[tuple[int, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]], batch_size: int,

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from app.networks.ds_transformer import DSTransformer, lengths_to_padding_mask
+from app.networks.ds_transformer import DSTransformer
 from app.networks.weights import load_weights, read_state_dict
 
 __all__ = [
@@ -222,21 +222,8 @@ class PromptedDSTransformer(DSTransformer):
         mask = self._full_mask(inputs, modality_mask)
         batch, m_count, dim = mask.shape[0], self.num_modalities, self.embedding_dim
         rows, modality_ids, tokens, paddings, summaries = [], [], [], [], []
-        for m, name in enumerate(self.modalities):
-            idx = torch.nonzero(mask[:, m], as_tuple=False).flatten()
-            if idx.numel() == 0:
-                continue
-            x = inputs[name][idx]
-            if x.ndim == 2:  # [n, D]: one vector per sample
-                x = x.unsqueeze(1)
-            if x.ndim != 3 or x.shape[-1] != self.in_features[m]:
-                raise ValueError(f"inputs[{name!r}] must be [B, L, {self.in_features[m]}], got {tuple(inputs[name].shape)}.")
-            lengths = inputs.get(f"{name}_lengths")
-            lengths = (torch.full((idx.numel(),), x.shape[1], device=x.device) if lengths is None
-                       else lengths.to(x.device).reshape(-1)[idx])
-            # a sample marked available always has at least one step (attention over nothing is NaN)
-            padding = lengths_to_padding_mask(lengths.clamp(1, x.shape[1]), x.shape[1])
-            h, prompt_out = self.encode_with_prompts(m, x.float(), padding)
+        for m, idx, x, padding in self.modality_inputs(inputs, mask):
+            h, prompt_out = self.encode_with_prompts(m, x, padding)
             tokens.append(h)
             paddings.append(padding)
             summaries.append(prompt_out.mean(dim=1))
