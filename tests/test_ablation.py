@@ -77,10 +77,10 @@ def test_segmentation_bundle_ablation_resumes_and_scores_held_out_cases(tmp_path
 def test_sentiment_bundle_ablation_and_failure_names_the_log(tmp_path):
     pkl = write_synthetic_mmsa(tmp_path / "syn.pkl", splits={"train": 48, "valid": 24}, seed=0)
     out = tmp_path / "ablation"
-    proc = _ablate("--bundle", "bundles/mosi_gmd", "--strategies", "plain,dropout", "--max_epochs", "1",
+    proc = _ablate("--bundle", "bundles/mosi_gmd", "--strategies", "plain,predict", "--max_epochs", "1",
                    "--output_dir", str(out), "--data_path", str(pkl), "--trust_pickle", "true")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    table = _check_tables(out, ["plain", "dropout"], MOSI_MODALITIES, "Acc2")
+    table = _check_tables(out, ["plain", "predict"], MOSI_MODALITIES, "Acc2")
     assert table["tables"]["MAE"]["plain"]["worst"]["value"] == max(table["tables"]["MAE"]["plain"]["subsets"].values())
     report = json.loads((out / "plain" / "eval" / "subset_metrics.json").read_text())
     assert report["subsets"]["text"]["n"] == 24  # scored on the valid split
