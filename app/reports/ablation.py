@@ -79,16 +79,19 @@ def format_ablation_markdown(table: Mapping[str, Any], title: str = "", digits: 
     metrics, headline = table["metrics"], table["metrics"][0]
     full = table["subsets"][-1] if table["subsets"] else ""
     runs = table.get("runs", {})
+    # iterations are known for time-limited runs only
+    its = {s: runs.get(s, {}).get("iterations") for s in strategies}
+    show_its = any(v is not None for v in its.values())
     lines += ["## Summary: mean over subsets", "",
-              "| strategy | " + " | ".join(metrics) + f" | worst subset ({headline}) | {full} ({headline}) | iterations |",
-              "|---|" + "---|" * (len(metrics) + 3)]
+              "| strategy | " + " | ".join(metrics) + f" | worst subset ({headline}) | {full} ({headline}) |"
+              + (" iterations |" if show_its else ""),
+              "|---|" + "---|" * (len(metrics) + 2 + show_its)]
     for s in strategies:
         worst = table["tables"][headline][s]["worst"]
-        its = runs.get(s, {}).get("iterations")
         lines.append(f"| {s} | " + " | ".join(f"{table['tables'][m][s]['mean']:.{digits}f}" for m in metrics)
                      + f" | {worst['value']:.{digits}f} ({worst['name']}) | "
-                     f"{table['tables'][headline][s]['subsets'].get(full, float('nan')):.{digits}f} | "
-                     f"{'' if its is None else its} |")
+                     f"{table['tables'][headline][s]['subsets'].get(full, float('nan')):.{digits}f} |"
+                     + (f" {'' if its[s] is None else its[s]} |" if show_its else ""))
     lines.append("")
     for metric in metrics:
         per = table["tables"][metric]

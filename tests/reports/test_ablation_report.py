@@ -55,7 +55,9 @@ def test_markdown_has_one_table_per_metric_with_mean_and_worst_rows():
     md = format_ablation_markdown(ablation_table(REPORTS, ["Acc2", "MAE"]), title="t")
     assert md.count("| subset | plain | gmd |") == 2
     # summary: means, worst subset and the all-modalities subset (the last) of the headline metric
-    assert "| gmd | 0.783 | 0.933 | 0.600 (audio) | 0.900 |  |" in md
+    assert "| gmd | 0.783 | 0.933 | 0.600 (audio) | 0.900 |\n" in md and "iterations" not in md
+    with_runs = {**ablation_table(REPORTS, ["Acc2"]), "runs": {"plain": {"iterations": 12}, "gmd": {}}}
+    assert "| plain | 0.667 | 0.500 (audio) | 0.700 | 12 |" in format_ablation_markdown(with_runs)
     assert "## MAE (lower is better)" in md and "## Acc2 (higher is better)" in md
     assert "| audio | 0.500 | 0.600 |" in md
     assert "| **worst subset** | 0.500 (audio) | 0.600 (audio) |" in md
