@@ -25,7 +25,8 @@ from app.networks import DSUNet  # noqa: E402
 from app.strategies import build_strategy  # noqa: E402
 
 CASES = [("plain", "plain", {}), ("dropout", "dropout", {}), ("gmd", "gmd", {"subsets": "all"}),
-         ("gmd_k5", "gmd", {"subsets": 5}), ("gmd_approx", "gmd_approx", {"subsets": "all"})]
+         ("gmd_k5", "gmd", {"subsets": 5}), ("gmd_approx", "gmd_approx", {"subsets": "all"}),
+         ("cggm", "cggm", {})]
 
 
 def _loss():
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     parser.add_argument("--vjp-chunk", type=int, default=1, help="per-subset VJPs batched together by exact GMD")
-    parser.add_argument("--only", nargs="*", default=None, help="subset of: plain dropout gmd gmd_k5 gmd_approx")
+    parser.add_argument("--only", nargs="*", default=None, help="subset of: plain dropout gmd gmd_k5 gmd_approx cggm")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
