@@ -1,4 +1,10 @@
-"""Plots of GMD conflict diagnostics (paper fig. 3): gradient norms per subset and conflict rates."""
+"""Plots of a training run's strategy diagnostics.
+
+- GMD (``gmd_diagnostics.jsonl``, paper fig. 3): gradient norms per subset and the fraction of
+  conflicting subset pairs before and after decoupling -> ``gmd_norms.png``, ``gmd_conflicts.png``.
+- CGGM (``cggm_diagnostics.jsonl``): the balance terms ``B_i`` and each modality probe's score and
+  gradient cosine -> ``cggm_balance.png``, ``cggm_probes.png``.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +13,23 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["load_diagnostics", "plot_conflicts", "main"]
+__all__ = ["load_diagnostics", "plot_conflicts", "plot_cggm", "main"]
 
 DIAGNOSTICS_FILE = "gmd_diagnostics.jsonl"
+CGGM_DIAGNOSTICS_FILE = "cggm_diagnostics.jsonl"
 
 
-def load_diagnostics(run_dir: str | os.PathLike) -> list[dict]:
-    """Read ``gmd_diagnostics.jsonl`` of a training run.
+def load_diagnostics(run_dir: str | os.PathLike, file_name: str = DIAGNOSTICS_FILE) -> list[dict]:
+    """Read a diagnostics file (default ``gmd_diagnostics.jsonl``) of a training run.
 
     Raises:
         FileNotFoundError: naming the file and how to produce it.
     """
-    path = Path(run_dir) / DIAGNOSTICS_FILE
+    path = Path(run_dir) / file_name
     if not path.is_file():
+        strategy = "cggm" if file_name == CGGM_DIAGNOSTICS_FILE else "gmd (or gmd_approx)"
         raise FileNotFoundError(
-            f"{path} not found: train with --strategy gmd (or gmd_approx) and --diagnostics_interval N > 0."
+            f"{path} not found: train with --strategy {strategy} and --diagnostics_interval N > 0."
         )
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not records:
@@ -74,11 +82,65 @@ def plot_conflicts(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     return [norms_png, conflicts_png]
 
 
+def plot_cggm(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Write ``cggm_balance.png`` (``B_i`` per modality) and ``cggm_probes.png`` (each probe's score
+    and the cosine between the fusion head's and its gradient) from ``cggm_diagnostics.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = load_diagnostics(run_dir, CGGM_DIAGNOSTICS_FILE)
+    out = Path(out_dir or run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = records[0]["modalities"]
+
+    def series(key: str, m: int) -> tuple[list[int], list[float]]:
+        pts = [(r["iteration"], r[key][m]) for r in records if r["present"][m] and r[key][m] is not None]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for m, name in enumerate(names):
+        ax.plot(*series("B", m), label=name, lw=1.2, marker=".")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("balance term B (encoder gradient scale)")
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_title("CGGM balance terms per modality")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    balance_png = out / "cggm_balance.png"
+    fig.savefig(balance_png, dpi=120)
+    plt.close(fig)
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for m, name in enumerate(names):
+        top.plot(*series("eps", m), label=name, lw=1.2)
+        bottom.plot(*series("cos", m), label=name, lw=1.2)
+    top.set_ylabel("probe score (accuracy, -MAE or Dice)")
+    top.set_title("CGGM modality probes")
+    top.legend(fontsize=8)
+    bottom.set_ylabel("cos(fusion head grad, probe grad)")
+    bottom.set_ylim(-1, 1)
+    bottom.set_xlabel("iteration")
+    fig.tight_layout()
+    probes_png = out / "cggm_probes.png"
+    fig.savefig(probes_png, dpi=120)
+    plt.close(fig)
+    return [balance_png, probes_png]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app plot-conflicts", description=__doc__)
-    parser.add_argument("run_dir", help="training output folder holding gmd_diagnostics.jsonl")
+    parser = argparse.ArgumentParser(prog="python -m app plot-conflicts", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="training output folder holding gmd_ or cggm_diagnostics.jsonl")
     parser.add_argument("--out", default=None, help="folder for the PNGs (default: run_dir)")
     args = parser.parse_args(argv)
-    for path in plot_conflicts(args.run_dir, args.out):
+    # a CGGM run has only CGGM diagnostics; anything else keeps the GMD plots and their errors
+    cggm = (Path(args.run_dir) / CGGM_DIAGNOSTICS_FILE).is_file()
+    gmd = (Path(args.run_dir) / DIAGNOSTICS_FILE).is_file()
+    paths = (plot_cggm(args.run_dir, args.out) if cggm else []) + (
+        plot_conflicts(args.run_dir, args.out) if gmd or not cggm else [])
+    for path in paths:
         print(path)
     return 0
