@@ -12,7 +12,6 @@ leaving no output behind.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 import time

@@ -19,6 +19,15 @@ DIAGNOSTICS_FILE = "gmd_diagnostics.jsonl"
 CGGM_DIAGNOSTICS_FILE = "cggm_diagnostics.jsonl"
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def load_diagnostics(run_dir: str | os.PathLike, file_name: str = DIAGNOSTICS_FILE) -> list[dict]:
     """Read a diagnostics file (default ``gmd_diagnostics.jsonl``) of a training run.
 
@@ -62,10 +71,7 @@ def plot_conflicts(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     ax.set_yscale("log")
     ax.set_title("Per-subset gradient norms")
     ax.legend(fontsize=6, ncol=3)
-    fig.tight_layout()
-    norms_png = out / "gmd_norms.png"
-    fig.savefig(norms_png, dpi=120)
-    plt.close(fig)
+    norms_png = _save(fig, out / "gmd_norms.png")
 
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.plot(iters, [r["conflicts_before"] / max(r["pairs"], 1) for r in records], label="before decoupling")
@@ -75,10 +81,7 @@ def plot_conflicts(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     ax.set_ylim(0, 1)
     ax.legend()
     ax.set_title("Gradient conflicts between modality subsets")
-    fig.tight_layout()
-    conflicts_png = out / "gmd_conflicts.png"
-    fig.savefig(conflicts_png, dpi=120)
-    plt.close(fig)
+    conflicts_png = _save(fig, out / "gmd_conflicts.png")
     return [norms_png, conflicts_png]
 
 
@@ -108,10 +111,7 @@ def plot_cggm(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = No
     ax.set_yscale("symlog", linthresh=1.0)
     ax.set_title("CGGM balance terms per modality")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    balance_png = out / "cggm_balance.png"
-    fig.savefig(balance_png, dpi=120)
-    plt.close(fig)
+    balance_png = _save(fig, out / "cggm_balance.png")
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     for m, name in enumerate(names):
@@ -123,10 +123,7 @@ def plot_cggm(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = No
     bottom.set_ylabel("cos(fusion head grad, probe grad)")
     bottom.set_ylim(-1, 1)
     bottom.set_xlabel("iteration")
-    fig.tight_layout()
-    probes_png = out / "cggm_probes.png"
-    fig.savefig(probes_png, dpi=120)
-    plt.close(fig)
+    probes_png = _save(fig, out / "cggm_probes.png")
     return [balance_png, probes_png]
 
 

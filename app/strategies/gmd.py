@@ -148,7 +148,6 @@ class GMDStrategy(GradientStrategy):
     def apply_gradients(self, model: Any, losses: list[torch.Tensor], weights: torch.Tensor, cache: Any) -> None:
         """Shared parameters take ``sum_j w_j G_j``; encoders take the backward of ``sum_j k w_j L_j``."""
         shared, grads = cache
-        k = len(losses)
         merged = weights.to(grads) @ grads
         offset = 0
         for p in shared:
