@@ -6,10 +6,11 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
+
+from app.atomic import atomic_write_text
 
 __all__ = ["prepare_datalist", "read_datalist", "split_cases", "write_datalist"]
 
@@ -62,22 +63,9 @@ def write_datalist(path: str | os.PathLike, train: Sequence[dict[str, Any]], val
     Returns:
         The path written, as a string.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     payload = {"training": list(train), "validation": list(val)}
     text = json.dumps(payload, indent=2)  # serialise first: a TypeError leaves no file behind
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return str(target)
+    return str(atomic_write_text(path, text + "\n"))
 
 
 def read_datalist(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

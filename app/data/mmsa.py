@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from app.atomic import atomic_write
+
 __all__ = [
     "MMSA_MODALITIES",
     "NPZ_FORMAT",
@@ -201,11 +203,8 @@ def save_mmsa_npz(data: Mapping[str, Mapping[str, Any]], path: str | os.PathLike
             if arr.dtype.kind == "O":
                 arr = np.asarray([str(v) for v in arr.reshape(-1)], dtype=str).reshape(arr.shape)
             arrays[f"{split}/{field}"] = arr
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
-    return path
+    # a file object: savez would append ".npz" to a temporary name that lacks it
+    return atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def convert_mmsa(src: str | os.PathLike, dst: str | os.PathLike) -> Path:

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -31,6 +30,7 @@ from ignite.engine import Engine, Events
 from monai.data.utils import set_rnd
 from torch.utils.data import Dataset, DistributedSampler
 
+from app.atomic import atomic_write, stale_temporaries
 from app.engines.utils import describe_state_dict
 
 __all__ = [
@@ -50,57 +50,15 @@ logger = logging.getLogger(__name__)
 #: Value of the ``format`` entry of every checkpoint written by :class:`ResumableCheckpoint`.
 CHECKPOINT_FORMAT = "app.training_checkpoint/1"
 
-# mkstemp creates files readable by the owner only; give checkpoints the permissions of any new file
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # the rename is only durable once the directory entry is on disk (POSIX); not possible on Windows
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def atomic_save(obj: Any, path: str | os.PathLike) -> str:
-    """``torch.save`` to ``path`` so that readers see the old file or the complete new one.
-
-    The data goes to a temporary file ``.<name>.<random>.tmp`` in the same folder (a rename is only
-    atomic within one file system), which is flushed and fsynced before ``os.replace`` moves it over
-    ``path``. On an error the temporary file is removed; after a kill it stays behind and
-    :func:`stale_temporaries` finds it.
+    """``torch.save`` to ``path`` so that readers see the old file or the complete new one
+    (:func:`app.atomic.atomic_write`, with the folder fsynced after the rename). After a kill the
+    temporary file stays behind and :func:`stale_temporaries` finds it.
 
     Returns:
         ``path`` as a string.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if hasattr(os, "fchmod"):  # POSIX only
-                os.fchmod(f.fileno(), 0o666 & ~_UMASK)
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(target.parent)
-    return str(target)
-
-
-def stale_temporaries(path: str | os.PathLike) -> list[Path]:
-    """Temporary files :func:`atomic_save` left next to ``path`` when its process was killed mid-write."""
-    target = Path(path)
-    if not target.parent.is_dir():
-        return []
-    return sorted(target.parent.glob(f".{target.name}.*.tmp"))
+    return str(atomic_write(path, lambda f: torch.save(obj, f), sync_dir=True))
 
 
 # -- random number generators --------------------------------------------------------------------

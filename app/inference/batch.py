@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
+from app.atomic import atomic_write_text
+
 __all__ = ["BatchError", "build_parser", "main", "run_batch"]
 
 
@@ -100,9 +102,7 @@ def run_batch(
                      "output": r.get("output"), "volumes_ml": r.get("volumes_ml"), "error": r.get("error")}
                     for r in results],
     }
-    tmp = out_dir / ".inference_summary.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / "inference_summary.json")
+    atomic_write_text(out_dir / "inference_summary.json", json.dumps(report, indent=2) + "\n")
     if failed and raise_on_error:
         raise BatchError(f"{len(failed)} of {len(results)} case(s) failed: "
                          + "; ".join(f"{r['case']}: {r['error']}" for r in failed))

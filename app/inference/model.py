@@ -23,6 +23,7 @@ import torch
 import yaml
 from torch import nn
 
+from app.atomic import atomic_write
 from app.engines.utils import check_patch_size, load_weights
 from app.networks import DSUNet
 from app.subsets import BRATS_MODALITIES
@@ -279,16 +280,7 @@ def export_torchscript(network: DSUNet | FusedDSUNet, path: str | os.PathLike) -
     """
     fused = network if isinstance(network, FusedDSUNet) else FusedDSUNet(network)
     scripted = torch.jit.script(fused.cpu().eval())
-    dest = Path(path).absolute()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    try:
-        torch.jit.save(scripted, str(tmp))
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return str(dest)
+    return str(atomic_write(Path(path).absolute(), lambda f: torch.jit.save(scripted, f)))
 
 
 def _check_patch(patch_size: Sequence[int], divisor: int) -> None:

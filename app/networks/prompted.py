@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from app.networks.ds_transformer import DSTransformer
-from app.networks.weights import load_weights, read_state_dict
+from app.networks.weights import apply_state_dict, read_state_dict
 
 __all__ = [
     "PromptedFeatures", "PromptedDSTransformer", "read_only_update", "build_sentiment_network", "load_pretrained",
@@ -356,7 +356,7 @@ def load_pretrained(network: nn.Module, path: str | os.PathLike | None, map_loca
     if not path:
         return network
     state = read_state_dict(path, map_location)
-    load_weights(network, path, map_location, optional_prefixes=PROMPT_KEYS,
+    apply_state_dict(network, state, path, optional_prefixes=PROMPT_KEYS,
                  fix="pass the pretraining run's network settings (--hidden, --encoder_layers, --trunk_layers, "
                  "--fusion, ...) or pretrain with these")
     optional = [k for k in network.state_dict() if k.startswith(PROMPT_KEYS)]

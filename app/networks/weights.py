@@ -7,7 +7,10 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["describe_state_dict", "read_state_dict", "load_weights"]
+#: what a mismatch error tells the user to do, unless the caller knows better
+RETRAINED_FIX = "pass the training run's network settings (e.g. --features) when loading it"
+
+__all__ = ["describe_state_dict", "read_state_dict", "apply_state_dict", "load_weights"]
 
 
 def describe_state_dict(state: dict[str, torch.Tensor]) -> str:
@@ -51,26 +54,37 @@ def read_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
 
 def load_weights(
     network: torch.nn.Module, path: str | os.PathLike, map_location: Any = "cpu",
-    optional_prefixes: Sequence[str] = (), fix: str = "pass the training run's network settings (e.g. --features) "
-    "when loading it",
+    optional_prefixes: Sequence[str] = (), fix: str = RETRAINED_FIX,
 ) -> torch.nn.Module:
-    """Load a checkpoint into ``network`` safely (``weights_only=True``) with clear errors.
+    """Load a checkpoint into ``network`` safely (``weights_only=True``) with clear errors:
+    :func:`read_state_dict` then :func:`apply_state_dict`.
+
+    Raises:
+        FileNotFoundError: the checkpoint does not exist.
+        ValueError: it cannot be read, or it was trained with another network configuration.
+    """
+    return apply_state_dict(network, read_state_dict(path, map_location), path, optional_prefixes, fix)
+
+
+def apply_state_dict(
+    network: torch.nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike,
+    optional_prefixes: Sequence[str] = (), fix: str = RETRAINED_FIX,
+) -> torch.nn.Module:
+    """Load ``state`` (read from ``path``) into ``network`` after checking that it fits.
 
     Args:
         network: the configured network.
-        path: the checkpoint (see :func:`read_state_dict`).
-        map_location: device of the loaded tensors.
+        state: the checkpoint's state dict (see :func:`read_state_dict`).
+        path: where ``state`` came from, for the error message.
         optional_prefixes: tensors of ``network`` under these key prefixes may be absent from the
             checkpoint and keep their initialisation (e.g. parts a pretrained network lacks);
             every other tensor must be there with its shape.
         fix: what the error message tells the user to do on a mismatch.
 
     Raises:
-        FileNotFoundError: the checkpoint does not exist.
-        ValueError: it cannot be read, or it was trained with another network configuration.
+        ValueError: ``state`` was trained with another network configuration.
     """
     path = os.fspath(path)
-    state = read_state_dict(path, map_location)
     expected = network.state_dict()
     optional = {k for k in expected if optional_prefixes and k.startswith(tuple(optional_prefixes)) and k not in state}
     missing = sorted(set(expected) - set(state) - optional)

@@ -1,25 +1,25 @@
 """Per-modality-subset report writers: JSON, CSV, Markdown and a PNG heatmap of an accumulator's
-``aggregate()`` dict (Dice or sentiment), plus atomic file writes so an interrupted run never
-leaves a truncated report behind.
+``aggregate()`` dict (Dice or sentiment), each written atomically (:mod:`app.atomic`) so an
+interrupted run never leaves a truncated report behind.
 
 matplotlib is imported only when the heatmap is drawn, so training and inference never need it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
 import os
-import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from app.atomic import atomic_write_bytes, atomic_write_text
 
 __all__ = ["write_subset_report", "format_table", "atomic_write_bytes", "atomic_write_text", "MEAN_ROW"]
 
@@ -28,35 +28,6 @@ MEAN_ROW = "mean_over_subsets"
 #: Metrics for which a lower value is better (their heatmap colours are reversed).
 LOWER_IS_BETTER = frozenset({"MAE"})
 _COUNT_KEYS = ("n_cases", "n")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``.
-
-    Readers see either the previous file or the complete new one, never a partial write. Parent
-    directories are created. The file gets the usual ``0o666 & ~umask`` permissions.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # same directory, so os.replace is an atomic rename on the same filesystem
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """UTF-8 text version of :func:`atomic_write_bytes`."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _json_safe(obj: Any) -> Any:

@@ -1,0 +1,80 @@
+"""Atomic file writes: readers see the previous file or the complete new one, never a partial write.
+
+Every writer of results, datalists, checkpoints and exported models goes through
+:func:`atomic_write`: the data goes to a temporary file ``.<name>.<pid>.<random>.tmp`` in the same
+folder (a rename is atomic only within one file system), is flushed and fsynced, then
+``os.replace`` moves it over the destination. On an error the temporary file is removed; after a
+kill it stays behind, and :func:`stale_temporaries` finds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "stale_temporaries"]
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Flush a folder's entries to disk, so a rename in it survives a power loss (POSIX; a no-op
+    where folders cannot be opened, e.g. on Windows)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], sync_dir: bool = False) -> Path:
+    """Write ``path`` atomically with ``write(binary_file)``.
+
+    Parent folders are created; the file gets the usual ``0o666 & ~umask`` permissions.
+
+    Args:
+        path: the destination.
+        write: writes the whole content into the open binary file it is given.
+        sync_dir: also fsync the folder after the rename (checkpoints: the new file survives a
+            power loss, not only a killed process).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    if sync_dir:
+        fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """:func:`atomic_write` of ``data``."""
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """UTF-8 text version of :func:`atomic_write_bytes`."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Temporary files :func:`atomic_write` left next to ``path`` when its process was killed mid-write."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        return []
+    return sorted(target.parent.glob(f".{target.name}.*.tmp"))
