@@ -2,16 +2,21 @@
 
 One ridge model per subset, on the concatenated features of the subset's modalities (sequences
 are mean-pooled over their valid steps, then standardised with training statistics). The ridge
-penalty of each subset is chosen on the selection split (``valid``) by its MAE, the metric ridge
-regression optimises most directly, from a log grid; the intercept is not penalised. The reported
-metrics are those of the selection split, as for the DS model's best checkpoint, plus any
-``--eval_split`` scored with the chosen penalties.
+penalty of each subset is chosen on the selection split (``valid``) by its MAE, the metric the DS
+model is selected on, from a log grid; the intercept is not penalised. The reported metrics are
+those of the selection split, as for the DS model's best checkpoint, plus any ``--eval_split``
+scored with the chosen penalties.
+
+Two diagnostics come with it: the *late-fusion* ridge (the single-modality ridges, mean-fused over
+each subset as the DS model fuses its per-modality outputs) and the selection-split Acc-2 and MAE
+of every penalty tried.
 
 Usage::
 
     python bench/mosi_baselines.py --data_path PKL --trust_pickle true --out_dir outputs/mosi_ridge
 
-writes ``<out_dir>/ridge_<split>.{json,csv,md,png}`` in the ``subset_metrics`` format.
+writes ``<out_dir>/ridge_<split>.{json,csv,md,png}`` and ``ridge_late_<split>.*`` in the
+``subset_metrics`` format, ``ridge_lambdas.json`` and ``ridge_profile_<select split>.json``.
 """
 
 from __future__ import annotations
@@ -63,11 +68,19 @@ def ridge_baselines(
     eval_splits: Sequence[str] = (),
     lambdas: Sequence[float] = LAMBDAS,
 ) -> dict[str, Any]:
-    """Fit the 7 dedicated ridge models and score them.
+    """Fit the 7 dedicated ridge models and score them, plus their late-fusion counterpart.
+
+    ``late`` applies the Dynamic Sharing fusion rule to linear models: each subset's prediction is
+    the mean of its modalities' single-modality ridge predictions (each with the penalty chosen for
+    that modality alone). It is the best that mean fusion of per-modality linear predictors reaches
+    without a subset-specific fit, so the gap between ``results`` and ``late`` on a subset measures
+    what a jointly fitted, dedicated model gains over the fusion rule of the DS model.
 
     Returns:
-        ``{"lambdas": {subset: lam}, "results": {split: aggregate dict}}`` where each aggregate has the
-        ``{"subsets", "mean_over_subsets", "worst_subset"}`` layout of ``subset_metrics.json``.
+        ``{"lambdas": {subset: lam}, "results": {split: aggregate}, "late": {split: aggregate},
+        "profile": {subset: [{"lambda", "Acc2", "MAE"}, ...]}}``. Each aggregate has the ``{"subsets",
+        "mean_over_subsets", "worst_subset"}`` layout of ``subset_metrics.json``; ``profile`` lists
+        the selection-split metrics of every penalty tried (how sharply Acc-2 depends on it).
     """
     train = mmsa_split(data, train_split)
     splits = {name: mmsa_split(data, name) for name in (select_split, *eval_splits)}
@@ -83,23 +96,37 @@ def ridge_baselines(
             cols.append((feats[split][m] - mean) / np.where(std > 1e-8, std, 1.0))
         return np.concatenate(cols, axis=1)
 
-    accumulators = {name: SubsetSentimentAccumulator(MMSA_MODALITIES) for name in splits}
-    chosen = {}
-    for j, subset in enumerate(all_subsets(len(MMSA_MODALITIES))):
-        x_train = design(train_split, subset)
-        x_sel, y_sel = design(select_split, subset), splits[select_split]["regression_labels"]
-        best = None
+    subsets = all_subsets(len(MMSA_MODALITIES))
+    y_sel = splits[select_split]["regression_labels"]
+    chosen, profile, preds = {}, {}, {}
+    for subset in subsets:
+        name = subset_name(subset, MMSA_MODALITIES)
+        x_train, x_sel = design(train_split, subset), design(select_split, subset)
+        best, profile[name] = None, []
         for lam in lambdas:
             w = fit_ridge(x_train, y_train, lam)
-            mae = sentiment_metrics(_predict(x_sel, w), y_sel)["MAE"]
-            if best is None or mae < best[0]:
-                best = (mae, lam, w)
-        _, lam, w = best
-        chosen[subset_name(subset, MMSA_MODALITIES)] = lam
-        for name, split in splits.items():
-            pred = _predict(design(name, subset), w)
-            accumulators[name].update([str(i) for i in split["id"]], j, pred, split["regression_labels"])
-    return {"lambdas": chosen, "results": {name: acc.aggregate() for name, acc in accumulators.items()}}
+            scores = sentiment_metrics(_predict(x_sel, w), y_sel)
+            profile[name].append({"lambda": float(lam), "Acc2": scores["Acc2"], "MAE": scores["MAE"]})
+            if best is None or scores["MAE"] < best[0]:
+                best = (scores["MAE"], lam, w)
+        _, chosen[name], w = best
+        preds[tuple(subset)] = {split: _predict(design(split, subset), w) for split in splits}
+
+    def score(predict: Any) -> dict[str, Any]:
+        out = {}
+        for split_name, split in splits.items():
+            acc = SubsetSentimentAccumulator(MMSA_MODALITIES)
+            for j, subset in enumerate(subsets):
+                acc.update([str(i) for i in split["id"]], j, predict(subset, split_name), split["regression_labels"])
+            out[split_name] = acc.aggregate()
+        return out
+
+    return {
+        "lambdas": chosen,
+        "results": score(lambda subset, split: preds[tuple(subset)][split]),
+        "late": score(lambda subset, split: np.mean([preds[(i,)][split] for i in subset], axis=0)),
+        "profile": profile,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,7 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_subset_report(result, out_dir, stem=f"ridge_{split}", metrics=SENTIMENT_METRICS,
                             title=f"Dedicated ridge per subset, {split} split")
         print(f"## ridge, {split}\n{format_table(result, SENTIMENT_METRICS)}\n")
+        late = out["late"][split]
+        write_subset_report(late, out_dir, stem=f"ridge_late_{split}", metrics=SENTIMENT_METRICS,
+                            title=f"Per-modality ridge, mean-fused over each subset, {split} split")
+        print(f"## ridge, late fusion (mean of the single-modality ridges), {split}\n"
+              f"{format_table(late, SENTIMENT_METRICS)}\n")
     (out_dir / "ridge_lambdas.json").write_text(json.dumps(out["lambdas"], indent=2) + "\n")
+    (out_dir / f"ridge_profile_{args.select_split}.json").write_text(json.dumps(out["profile"], indent=2) + "\n")
     print("lambda per subset (chosen on %s by MAE): %s" % (args.select_split, out["lambdas"]))
     return 0
 

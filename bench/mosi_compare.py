@@ -1,18 +1,20 @@
-"""Compare training strategies of the mosi_gmd bundle with the dedicated ridge baselines.
+"""Compare training strategies of the mosi_gmd bundle with the dedicated ridge baselines, over seeds.
 
-For each strategy, runs the bundle's two documented commands through the runner of ``python -m app
-ablate`` (train with model selection on ``valid``, then evaluate the selected ``model.pt`` on
-``--eval_split``, ``valid`` by default) and the ridge baselines of :mod:`bench.mosi_baselines`
-(penalty chosen on ``valid``), then writes a
-Markdown table of Acc-2 and MAE per subset, the mean over subsets and the worst subset, plus the
-checks of the sentiment issue (GMD vs ridge on every subset, GMD vs plain on the worst subset).
+For each seed and strategy, runs the bundle's two documented commands through the runner of
+``python -m app ablate`` (train with model selection on ``valid``, then evaluate the selected
+``model.pt`` on ``--eval_split``, ``valid`` by default); the ridge baselines of
+:mod:`bench.mosi_baselines` (penalty chosen on ``valid``) are deterministic. It writes, per seed, a
+Markdown table of Acc-2 and MAE per subset, the mean over subsets and the worst subset (with the
+late-fusion ridge as a reference row), plus the checks of the sentiment issue (GMD vs ridge on
+every subset, GMD vs plain on the worst subset); then a summary over the seeds: the mean and
+standard deviation of each cell, and on how many seeds GMD beats the ridge on each subset.
 
 Usage::
 
     python bench/mosi_compare.py --data_path PKL --trust_pickle true --out_dir outputs/mosi_compare \
-        [--strategies plain dropout gmd] [--max_epochs 25] [-- extra bundle overrides]
+        [--strategies plain dropout gmd] [--seeds 0 1 2] [--max_epochs 25] [-- extra bundle overrides]
 
-writes ``<out_dir>/compare.{md,json}`` and each run under ``<out_dir>/<strategy>/``.
+writes ``<out_dir>/compare.{md,json}`` and each run under ``<out_dir>/seed_<s>/<strategy>/``.
 """
 
 from __future__ import annotations
@@ -23,18 +25,21 @@ import math
 import sys
 from pathlib import Path
 
-import yaml
 from typing import Any, Mapping, Sequence
+
+import numpy as np
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from app.ablation import run_ablation  # noqa: E402
+from app.atomic import atomic_write_text  # noqa: E402
 from app.data.mmsa import as_bool, load_mmsa  # noqa: E402
 from mosi_baselines import ridge_baselines  # noqa: E402
 
-__all__ = ["comparison_table", "checks", "main"]
+__all__ = ["comparison_table", "checks", "seed_summary", "main"]
 
 BUNDLE = REPO / "bundles" / "mosi_gmd"
 
@@ -92,6 +97,40 @@ def checks(reports: Mapping[str, Mapping[str, Any]], model: str = "gmd") -> list
     return out
 
 
+def seed_summary(per_seed: Mapping[int, Mapping[str, Mapping[str, Any]]], model: str = "gmd",
+                 reference: str = "ridge") -> str:
+    """Markdown summary over seeds: per subset, the mean (and sample standard deviation, when there
+    are several seeds) of Acc-2 and MAE of every method, then the number of seeds on which
+    ``model`` beats ``reference`` strictly on that subset (Acc-2 higher, MAE lower)."""
+    seeds = list(per_seed)
+    first = per_seed[seeds[0]]
+    methods = list(first)
+    names = list(first[methods[0]]["subsets"])
+
+    def cell(method: str, name: str | None, metric: str) -> str:
+        rows = [per_seed[s][method] for s in seeds]
+        vals = np.array([r["subsets"][name][metric] if name else r["mean_over_subsets"][metric] for r in rows])
+        return f"{vals.mean():.4f} ± {vals.std(ddof=1):.4f}" if len(vals) > 1 else f"{vals.mean():.4f}"
+
+    header = "| subset | " + " | ".join(f"{m} Acc2 | {m} MAE" for m in methods)
+    has_check = model in methods and reference in methods
+    if has_check:
+        header += f" | {model} > {reference} Acc2 (seeds) | {model} < {reference} MAE (seeds)"
+    lines = [header + " |", "|:---|" + "---:|" * (2 * len(methods) + (2 if has_check else 0))]
+    for name in [*names, None]:
+        cells = [c for m in methods for c in (cell(m, name, "Acc2"), cell(m, name, "MAE"))]
+        if has_check and name is not None:
+            acc = sum(per_seed[s][model]["subsets"][name]["Acc2"] > per_seed[s][reference]["subsets"][name]["Acc2"]
+                      for s in seeds)
+            mae = sum(per_seed[s][model]["subsets"][name]["MAE"] < per_seed[s][reference]["subsets"][name]["MAE"]
+                      for s in seeds)
+            cells += [f"{acc}/{len(seeds)}", f"{mae}/{len(seeds)}"]
+        elif has_check:
+            cells += ["", ""]
+        lines.append(f"| {name or '**mean**'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
@@ -105,31 +144,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--strategies", nargs="+", default=["plain", "dropout", "gmd"])
     parser.add_argument("--eval_split", default="valid", help="split of the reported table (selection is on valid)")
     parser.add_argument("--max_epochs", type=int, default=None, help="override the bundle's max_epochs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (one run per seed and strategy)")
     args = parser.parse_args(argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data_args = ["--data_path", str(Path(args.data_path).resolve()), "--trust_pickle", str(args.trust_pickle).lower()]
     max_epochs = args.max_epochs or int(yaml.safe_load((BUNDLE / "configs" / "train.yaml").read_text())["max_epochs"])
 
-    # each strategy: the bundle's train command (selection on valid), then its best checkpoint scored
-    ablation = run_ablation(BUNDLE, args.strategies, out_dir, max_epochs, checkpoint="best",
-                            eval_split=args.eval_split, bundle_args=[*data_args, *extra])
-    reports = {s: json.loads(Path(run["report"]).read_text()) for s, run in ablation["runs"].items()}
-    seconds = {s: run["train_seconds"] for s, run in ablation["runs"].items() if run["train_seconds"] is not None}
     data = load_mmsa(args.data_path, trust_pickle=as_bool(args.trust_pickle))
     ridge = ridge_baselines(data, select_split="valid", eval_splits=[s for s in [args.eval_split] if s != "valid"])
-    reports["ridge"] = ridge["results"][args.eval_split]
 
-    table = comparison_table(reports)
-    lines = [f"# Sentiment subsets: {', '.join(reports)} on the {args.eval_split} split", "", table, "",
-             *checks(reports), "", "Training wall-clock (s, including validation each epoch): "
-             + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""]
-    (out_dir / "compare.md").write_text("\n".join(lines))
-    payload = {"reports": reports, "train_seconds": seconds, "ridge_lambdas": ridge["lambdas"],
-               "extra_overrides": extra, "eval_split": args.eval_split}
-    (out_dir / "compare.json").write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
+    per_seed: dict[int, dict[str, Any]] = {}
+    seconds: dict[int, dict[str, float]] = {}
+    lines = [f"# Sentiment subsets on the {args.eval_split} split, seeds {', '.join(map(str, args.seeds))}", ""]
+    for seed in args.seeds:
+        # each strategy: the bundle's train command (selection on valid), then its best checkpoint scored
+        ablation = run_ablation(BUNDLE, args.strategies, out_dir / f"seed_{seed}", max_epochs, seed=seed,
+                                checkpoint="best", eval_split=args.eval_split, bundle_args=[*data_args, *extra])
+        reports = {s: json.loads(Path(run["report"]).read_text()) for s, run in ablation["runs"].items()}
+        seconds[seed] = {s: run["train_seconds"] for s, run in ablation["runs"].items()
+                         if run["train_seconds"] is not None}
+        reports["ridge"] = ridge["results"][args.eval_split]
+        reports["ridge_late"] = ridge["late"][args.eval_split]
+        per_seed[seed] = reports
+        lines += [f"## Seed {seed}", "", comparison_table(reports), "", *checks(reports), "",
+                  "Training wall-clock (s, including validation each epoch): "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in seconds[seed].items()), ""]
+    if len(args.seeds) > 1:
+        lines += [f"## Over {len(args.seeds)} seeds (mean ± standard deviation)", "", seed_summary(per_seed), ""]
+    lines += ["ridge: one ridge per subset, penalty chosen on valid by MAE; ridge_late: the single-modality "
+              "ridges mean-fused over each subset (the DS fusion rule applied to linear models).", ""]
+    atomic_write_text(out_dir / "compare.md", "\n".join(lines))
+    payload = {"reports": {str(k): v for k, v in per_seed.items()}, "train_seconds": {str(k): v for k, v in seconds.items()},
+               "ridge_lambdas": ridge["lambdas"], "extra_overrides": extra, "eval_split": args.eval_split,
+               "seeds": args.seeds}
+    atomic_write_text(out_dir / "compare.json", json.dumps(payload, indent=2, allow_nan=True) + "\n")
     print("\n".join(lines))
-    return 0 if all(math.isfinite(r["mean_over_subsets"]["MAE"]) for r in reports.values()) else 1
+    finite = all(math.isfinite(r["mean_over_subsets"]["MAE"]) for reports in per_seed.values() for r in reports.values())
+    return 0 if finite else 1
 
 
 if __name__ == "__main__":
