@@ -15,6 +15,11 @@ interrupted ablation resumes with the same command. Writes ``O/<strategy>/{train
 ``O/ablation.{json,md,png}`` (:mod:`app.reports.ablation`).
 
 A strategy may carry a GMD subset count, ``gmd:5``, which sets ``--gmd_subsets 5``.
+
+``--seeds 0,1,2`` (instead of ``--seed``) repeats the whole ablation at each seed in
+``O/seed_<s>/`` and adds ``O/ablation_seeds.{json,md}``: every cell as the mean and sample
+standard deviation over the seeds, because one seed cannot separate strategies whose differences
+are within training noise.
 """
 
 from __future__ import annotations
@@ -32,9 +37,12 @@ from typing import Any, Sequence
 
 import yaml
 
-from app.reports.ablation import ablation_table, format_ablation_markdown, write_ablation_report
+from app.reports.ablation import (
+    ablation_table, format_ablation_markdown, format_seed_markdown, seed_table, write_ablation_report,
+    write_seed_report,
+)
 
-__all__ = ["BundleLayout", "bundle_layout", "parse_strategies", "run_ablation", "main"]
+__all__ = ["BundleLayout", "bundle_layout", "parse_strategies", "run_ablation", "run_ablation_seeds", "main"]
 
 
 @dataclass(frozen=True)
@@ -236,6 +244,42 @@ def run_ablation(
     return table
 
 
+def run_ablation_seeds(
+    bundle: str | os.PathLike,
+    strategies: str | Sequence[str],
+    output_dir: str | os.PathLike,
+    max_epochs: int,
+    seeds: Sequence[int],
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """:func:`run_ablation` at every seed (in ``output_dir/seed_<s>``), then the spread over seeds.
+
+    ``kwargs`` go to :func:`run_ablation` unchanged. Writes ``output_dir/ablation_seeds.{json,md}``
+    (:func:`app.reports.ablation.seed_table`) and returns that table, with each seed's table under
+    ``"per_seed"``.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and non-empty, got {seeds}.")
+    out = Path(output_dir)
+    per_seed = {s: run_ablation(bundle, strategies, out / f"seed_{s}", max_epochs, seed=s, **kwargs) for s in seeds}
+    table = seed_table(per_seed)
+    title = f"Ablation of {Path(bundle).name} over {len(seeds)} seeds: {max_epochs} epochs per strategy"
+    write_seed_report(table, out, title)
+    print(format_seed_markdown(table, title), flush=True)
+    return {**table, "per_seed": per_seed}
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers such as 0,1,2, got {text!r}.") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds needs distinct integers such as 0,1,2, got {text!r}.")
+    return seeds
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m app ablate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -245,18 +289,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--time_limit_minutes", type=float, default=0.0, help="wall-clock budget per strategy")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=_seed_list, default=None,
+                        help="comma-separated seeds: repeat the ablation at each (e.g. 0,1,2)")
     parser.add_argument("--checkpoint", choices=("final", "best"), default="final")
     parser.add_argument("--eval_split", default=None, help="sentiment bundles: split to score (default: valid)")
     parser.add_argument("--metrics", default=None, help="comma-separated table metrics (default: the bundle's)")
     args, bundle_args = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     if bundle_args and bundle_args[0] == "--":
         bundle_args = bundle_args[1:]
+    options = {"time_limit_minutes": args.time_limit_minutes, "checkpoint": args.checkpoint,
+               "eval_split": args.eval_split, "metrics": args.metrics.split(",") if args.metrics else None,
+               "bundle_args": bundle_args}
     try:
-        run_ablation(
-            args.bundle, args.strategies, args.output_dir, args.max_epochs, args.time_limit_minutes, args.seed,
-            args.checkpoint, args.eval_split, args.metrics.split(",") if args.metrics else None, bundle_args,
-        )
-    except RuntimeError as err:
+        if args.seeds:
+            run_ablation_seeds(args.bundle, args.strategies, args.output_dir, args.max_epochs, args.seeds, **options)
+        else:
+            run_ablation(args.bundle, args.strategies, args.output_dir, args.max_epochs, seed=args.seed, **options)
+    except (RuntimeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -7,7 +7,8 @@ For each seed and strategy, runs the bundle's two documented commands through th
 Markdown table of Acc-2 and MAE per subset, the mean over subsets and the worst subset (with the
 late-fusion ridge as a reference row), plus the checks of the sentiment issue (GMD vs ridge on
 every subset, GMD vs plain on the worst subset); then a summary over the seeds: the mean and
-standard deviation of each cell, and on how many seeds GMD beats the ridge on each subset.
+sample standard deviation of each cell (:func:`app.reports.ablation.seed_table`), and on how many
+seeds GMD beats the ridge on each subset.
 
 Usage::
 
@@ -27,7 +28,6 @@ from pathlib import Path
 
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,10 +36,11 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from app.ablation import run_ablation  # noqa: E402
 from app.atomic import atomic_write_text  # noqa: E402
+from app.reports.ablation import ablation_table, format_seed_markdown, seed_table  # noqa: E402
 from app.data.mmsa import as_bool, load_mmsa  # noqa: E402
 from mosi_baselines import ridge_baselines  # noqa: E402
 
-__all__ = ["comparison_table", "checks", "seed_summary", "main"]
+__all__ = ["comparison_table", "checks", "win_counts", "main"]
 
 BUNDLE = REPO / "bundles" / "mosi_gmd"
 
@@ -97,37 +98,18 @@ def checks(reports: Mapping[str, Mapping[str, Any]], model: str = "gmd") -> list
     return out
 
 
-def seed_summary(per_seed: Mapping[int, Mapping[str, Mapping[str, Any]]], model: str = "gmd",
-                 reference: str = "ridge") -> str:
-    """Markdown summary over seeds: per subset, the mean (and sample standard deviation, when there
-    are several seeds) of Acc-2 and MAE of every method, then the number of seeds on which
-    ``model`` beats ``reference`` strictly on that subset (Acc-2 higher, MAE lower)."""
+def win_counts(per_seed: Mapping[int, Mapping[str, Mapping[str, Any]]], model: str = "gmd",
+               reference: str = "ridge") -> str:
+    """Markdown: per subset, on how many seeds ``model`` beats ``reference`` strictly (Acc-2 higher,
+    MAE lower). ``per_seed`` is ``{seed: {method: report}}``."""
     seeds = list(per_seed)
-    first = per_seed[seeds[0]]
-    methods = list(first)
-    names = list(first[methods[0]]["subsets"])
-
-    def cell(method: str, name: str | None, metric: str) -> str:
-        rows = [per_seed[s][method] for s in seeds]
-        vals = np.array([r["subsets"][name][metric] if name else r["mean_over_subsets"][metric] for r in rows])
-        return f"{vals.mean():.4f} ± {vals.std(ddof=1):.4f}" if len(vals) > 1 else f"{vals.mean():.4f}"
-
-    header = "| subset | " + " | ".join(f"{m} Acc2 | {m} MAE" for m in methods)
-    has_check = model in methods and reference in methods
-    if has_check:
-        header += f" | {model} > {reference} Acc2 (seeds) | {model} < {reference} MAE (seeds)"
-    lines = [header + " |", "|:---|" + "---:|" * (2 * len(methods) + (2 if has_check else 0))]
-    for name in [*names, None]:
-        cells = [c for m in methods for c in (cell(m, name, "Acc2"), cell(m, name, "MAE"))]
-        if has_check and name is not None:
-            acc = sum(per_seed[s][model]["subsets"][name]["Acc2"] > per_seed[s][reference]["subsets"][name]["Acc2"]
-                      for s in seeds)
-            mae = sum(per_seed[s][model]["subsets"][name]["MAE"] < per_seed[s][reference]["subsets"][name]["MAE"]
-                      for s in seeds)
-            cells += [f"{acc}/{len(seeds)}", f"{mae}/{len(seeds)}"]
-        elif has_check:
-            cells += ["", ""]
-        lines.append(f"| {name or '**mean**'} | " + " | ".join(cells) + " |")
+    names = list(per_seed[seeds[0]][model]["subsets"])
+    lines = [f"| subset | {model} > {reference} Acc2 (seeds) | {model} < {reference} MAE (seeds) |", "|:---|---:|---:|"]
+    for name in names:
+        rows = [(per_seed[s][model]["subsets"][name], per_seed[s][reference]["subsets"][name]) for s in seeds]
+        acc = sum(ours["Acc2"] > ref["Acc2"] for ours, ref in rows)
+        mae = sum(ours["MAE"] < ref["MAE"] for ours, ref in rows)
+        lines.append(f"| {name} | {acc}/{len(seeds)} | {mae}/{len(seeds)} |")
     return "\n".join(lines)
 
 
@@ -171,7 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "Training wall-clock (s, including validation each epoch): "
                   + ", ".join(f"{k} {v:.0f}" for k, v in seconds[seed].items()), ""]
     if len(args.seeds) > 1:
-        lines += [f"## Over {len(args.seeds)} seeds (mean ± standard deviation)", "", seed_summary(per_seed), ""]
+        spread = seed_table({s: ablation_table(reports, ["Acc2", "MAE"]) for s, reports in per_seed.items()})
+        summary = format_seed_markdown(spread, digits=4).replace("## ", "### ")
+        lines += [f"## Over {len(args.seeds)} seeds", "", summary, "### Strict wins over the dedicated ridge", "",
+                  win_counts(per_seed), ""]
     lines += ["ridge: one ridge per subset, penalty chosen on valid by MAE; ridge_late: the single-modality "
               "ridges mean-fused over each subset (the DS fusion rule applied to linear models).", ""]
     atomic_write_text(out_dir / "compare.md", "\n".join(lines))

@@ -88,3 +88,24 @@ def test_sentiment_bundle_ablation_and_failure_names_the_log(tmp_path):
                   "--output_dir", str(tmp_path / "bad"), "--data_path", str(pkl), "--trust_pickle", "true")
     assert bad.returncode == 1 and "nosuch" in (tmp_path / "bad" / "nosuch" / "train.log").read_text()
     assert "train.log" in bad.stderr and not (tmp_path / "bad" / "ablation.json").exists()
+
+
+def test_sentiment_ablation_over_seeds(tmp_path):
+    pkl = write_synthetic_mmsa(tmp_path / "syn.pkl", splits={"train": 32, "valid": 16}, seed=2)
+    out = tmp_path / "seeds"
+    proc = _ablate("--bundle", "bundles/mosi_gmd", "--strategies", "plain", "--max_epochs", "1", "--seeds", "0,1",
+                   "--output_dir", str(out), "--data_path", str(pkl), "--trust_pickle", "true")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    combined = json.loads((out / "ablation_seeds.json").read_text())
+    assert combined["seeds"] == [0, 1]
+    per_seed = [json.loads((out / f"seed_{s}" / "ablation.json").read_text()) for s in (0, 1)]
+    assert [t["settings"]["seed"] for t in per_seed] == [0, 1]
+    for name in combined["subsets"]:
+        values = [t["tables"]["MAE"]["plain"]["subsets"][name] for t in per_seed]
+        spread = combined["tables"]["MAE"]["plain"]["subsets"][name]
+        assert spread["values"] == values and spread["mean"] == pytest.approx(sum(values) / 2)
+    assert "±" in (out / "ablation_seeds.md").read_text()
+    bad = _ablate("--bundle", "bundles/mosi_gmd", "--strategies", "plain", "--max_epochs", "1", "--seeds", "0,x",
+                  "--output_dir", str(tmp_path / "bad"), "--data_path", str(pkl), "--trust_pickle", "true")
+    assert bad.returncode == 2 and "--seeds takes comma-separated integers" in bad.stderr
+    assert not (tmp_path / "bad").exists()

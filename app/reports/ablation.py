@@ -5,6 +5,8 @@
 plus, per strategy, the mean over subsets and the worst subset (the lowest value, or the highest
 for an error such as MAE). :func:`write_ablation_report` writes it atomically as JSON, Markdown
 and a PNG bar chart of the headline metric. matplotlib is imported only to draw the chart.
+:func:`seed_table` combines the tables of the same ablation run at several seeds into means and
+sample standard deviations, which :func:`write_seed_report` writes as JSON and Markdown.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from typing import Any, Mapping, Sequence
 
 from app.reports.subset_report import LOWER_IS_BETTER, atomic_write_bytes, atomic_write_text
 
-__all__ = ["LOWER_IS_BETTER", "ablation_table", "format_ablation_markdown", "write_ablation_report"]
+__all__ = [
+    "LOWER_IS_BETTER", "ablation_table", "format_ablation_markdown", "write_ablation_report", "seed_table",
+    "format_seed_markdown", "write_seed_report",
+]
 
 def _worst(values: Mapping[str, float], metric: str) -> tuple[str, float]:
     finite = {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
@@ -154,3 +159,86 @@ def write_ablation_report(table: Mapping[str, Any], output_dir: str | Path, titl
     if png is not None:
         written["png"] = atomic_write_bytes(out / f"{stem}.png", png)
     return written
+
+
+def _spread(values: Sequence[float]) -> dict[str, Any]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    n = len(finite)
+    mean = sum(finite) / n if n else float("nan")
+    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (n - 1)) if n > 1 else float("nan")
+    return {"mean": mean, "std": std, "values": list(values)}
+
+
+def seed_table(tables: Mapping[Any, Mapping[str, Any]]) -> dict[str, Any]:
+    """Combine :func:`ablation_table` results of the same strategies at several seeds.
+
+    Args:
+        tables: ``{seed: ablation_table(...)}``, all with the same metrics, strategies and subsets.
+
+    Returns:
+        ``{"seeds": [...], "metrics", "subsets", "strategies", "tables": {metric: {strategy:
+        {"subsets": {name: spread}, "mean": spread, "worst": spread}}}}``, where a spread is
+        ``{"mean", "std" (sample standard deviation; NaN for one seed), "values" (one per seed)}``.
+        ``mean`` spreads the per-seed means over subsets and ``worst`` the per-seed worst-subset
+        values (the worst subset may differ between seeds).
+
+    Raises:
+        ValueError: when there is no table or the tables differ in metrics, strategies or subsets.
+    """
+    if not tables:
+        raise ValueError("No ablation tables to combine.")
+    seeds = list(tables)
+    first = tables[seeds[0]]
+    for seed in seeds[1:]:
+        for key in ("metrics", "strategies", "subsets"):
+            if list(tables[seed][key]) != list(first[key]):
+                raise ValueError(f"The table of seed {seed} has {key} {list(tables[seed][key])}, "
+                                 f"seed {seeds[0]} has {list(first[key])}: combine runs of the same ablation.")
+    out: dict[str, Any] = {m: {} for m in first["metrics"]}
+    for metric in first["metrics"]:
+        for strategy in first["strategies"]:
+            per = [tables[seed]["tables"][metric][strategy] for seed in seeds]
+            out[metric][strategy] = {
+                "subsets": {name: _spread([p["subsets"][name] for p in per]) for name in first["subsets"]},
+                "mean": _spread([p["mean"] for p in per]),
+                "worst": _spread([p["worst"]["value"] for p in per]),
+            }
+    return {"seeds": seeds, "metrics": list(first["metrics"]), "subsets": list(first["subsets"]),
+            "strategies": list(first["strategies"]), "tables": out}
+
+
+def _pm(spread: Mapping[str, Any], digits: int) -> str:
+    if len(spread["values"]) < 2 or not math.isfinite(spread["std"]):
+        return f"{spread['mean']:.{digits}f}"
+    return f"{spread['mean']:.{digits}f} ± {spread['std']:.{digits}f}"
+
+
+def format_seed_markdown(table: Mapping[str, Any], title: str = "", digits: int = 3) -> str:
+    """One table per metric: subsets x strategies, each cell ``mean ± sd`` over the seeds, then the
+    mean over subsets and the worst subset (both taken per seed, then spread)."""
+    strategies = table["strategies"]
+    lines = [f"# {title}", ""] if title else []
+    lines += [f"Mean ± sample standard deviation over seeds {', '.join(map(str, table['seeds']))}.", ""]
+    for metric in table["metrics"]:
+        per = table["tables"][metric]
+        better = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
+        lines += [f"## {metric} ({better})", "", "| subset | " + " | ".join(strategies) + " |",
+                  "|---|" + "---|" * len(strategies)]
+        for name in table["subsets"]:
+            lines.append(f"| {name} | " + " | ".join(_pm(per[s]["subsets"][name], digits) for s in strategies) + " |")
+        lines.append("| **mean over subsets** | " + " | ".join(f"**{_pm(per[s]['mean'], digits)}**" for s in strategies)
+                     + " |")
+        lines.append("| **worst subset** | " + " | ".join(_pm(per[s]["worst"], digits) for s in strategies) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_seed_report(table: Mapping[str, Any], output_dir: str | Path, title: str = "",
+                      stem: str = "ablation_seeds") -> dict[str, Path]:
+    """Write ``<stem>.json`` and ``<stem>.md`` (:func:`format_seed_markdown`) into ``output_dir``."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return {
+        "json": atomic_write_text(out / f"{stem}.json", json.dumps(table, indent=2, allow_nan=True) + "\n"),
+        "md": atomic_write_text(out / f"{stem}.md", format_seed_markdown(table, title)),
+    }

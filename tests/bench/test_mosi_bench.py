@@ -14,7 +14,7 @@ from app.metrics.sentiment import sentiment_metrics
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 from mosi_baselines import LAMBDAS, fit_ridge, pooled_features, ridge_baselines  # noqa: E402
-from mosi_compare import seed_summary  # noqa: E402
+from mosi_compare import win_counts  # noqa: E402
 
 
 def test_fit_ridge_by_hand():
@@ -63,24 +63,19 @@ def test_profile_lists_every_penalty_and_the_choice_has_the_lowest_mae(mmsa):
 
 
 def _report(acc2: dict, mae: dict) -> dict:
-    subsets = {n: {"Acc2": acc2[n], "MAE": mae[n]} for n in acc2}
-    return {"subsets": subsets, "mean_over_subsets": {"Acc2": float(np.mean(list(acc2.values()))),
-                                                      "MAE": float(np.mean(list(mae.values())))}}
+    return {"subsets": {n: {"Acc2": acc2[n], "MAE": mae[n]} for n in acc2}}
 
 
-def test_seed_summary_means_deviations_and_win_counts():
+def test_win_counts_are_strict():
     ridge = _report({"text": 0.9, "audio": 0.5}, {"text": 0.7, "audio": 1.4})
     per_seed = {
         0: {"gmd": _report({"text": 0.95, "audio": 0.5}, {"text": 0.6, "audio": 1.5}), "ridge": ridge},
-        1: {"gmd": _report({"text": 0.85, "audio": 0.6}, {"text": 0.8, "audio": 1.3}), "ridge": ridge},
+        1: {"gmd": _report({"text": 0.85, "audio": 0.6}, {"text": 0.7, "audio": 1.3}), "ridge": ridge},
     }
-    table = seed_summary(per_seed).splitlines()
-    text = next(line for line in table if line.startswith("| text |"))
-    # mean 0.9, sample sd sqrt(((0.05)^2 + (0.05)^2) / 1) = 0.0707; one win of two in Acc2 (0.95 > 0.9; 0.85 < 0.9)
-    assert "0.9000 ± 0.0707" in text and "0.7000 ± 0.1414" in text
-    assert text.rstrip(" |").endswith("1/2 | 1/2")
-    audio = next(line for line in table if line.startswith("| audio |"))
-    # 0.5 ties the ridge (not a win), 0.6 wins; MAE 1.5 loses, 1.3 wins
-    assert audio.rstrip(" |").endswith("1/2 | 1/2")
-    mean = next(line for line in table if line.startswith("| **mean** |"))
-    assert "0.7250 ± 0.0000" in mean  # the gmd mean over subsets is 0.725 on both seeds
+    table = win_counts(per_seed).splitlines()
+    # text: Acc2 0.95 wins, 0.85 loses; MAE 0.6 wins, 0.7 ties (not a win)
+    assert "| text | 1/2 | 1/2 |" in table
+    # audio: Acc2 0.5 ties, 0.6 wins; MAE 1.5 loses, 1.3 wins
+    assert "| audio | 1/2 | 1/2 |" in table
+    per_seed[1]["gmd"]["subsets"]["text"]["Acc2"] = 0.91
+    assert "| text | 2/2 | 1/2 |" in win_counts(per_seed).splitlines()

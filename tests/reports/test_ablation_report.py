@@ -7,7 +7,10 @@ import math
 
 import pytest
 
-from app.reports.ablation import ablation_table, format_ablation_markdown, write_ablation_report
+from app.reports.ablation import (
+    ablation_table, format_ablation_markdown, format_seed_markdown, seed_table, write_ablation_report,
+    write_seed_report,
+)
 
 
 def _report(values: dict[str, dict[str, float]]) -> dict:
@@ -70,3 +73,37 @@ def test_write_report_files(tmp_path):
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((tmp_path / "ablation.json").read_text())
     assert math.isclose(data["tables"]["Acc2"]["gmd"]["mean"], (0.85 + 0.6 + 0.9) / 3)
+
+
+def _shifted(delta: float) -> dict:
+    return {k: _report({n: {m: v + delta for m, v in row.items()} for n, row in r["subsets"].items()})
+            for k, r in REPORTS.items()}
+
+
+def test_seed_table_mean_and_sample_deviation_by_hand(tmp_path):
+    per_seed = {0: ablation_table(REPORTS, ["Acc2", "MAE"]), 1: ablation_table(_shifted(0.1), ["Acc2", "MAE"])}
+    table = seed_table(per_seed)
+    assert table["seeds"] == [0, 1] and table["subsets"] == ["text", "audio", "text+audio"]
+    text = table["tables"]["Acc2"]["plain"]["subsets"]["text"]
+    # values 0.8 and 0.9: mean 0.85, sample sd sqrt(2 * 0.05^2 / 1) = 0.0707
+    assert text["values"] == [0.8, pytest.approx(0.9)]
+    assert text["mean"] == pytest.approx(0.85) and text["std"] == pytest.approx(math.sqrt(2) * 0.05)
+    # the mean over subsets and the worst subset are taken per seed, then spread
+    assert table["tables"]["Acc2"]["gmd"]["mean"]["values"] == [pytest.approx(2.35 / 3), pytest.approx(2.65 / 3)]
+    assert table["tables"]["MAE"]["plain"]["worst"]["values"] == [1.4, pytest.approx(1.5)]
+    md = format_seed_markdown(table, "t")
+    assert "| text | 0.850 ± 0.071 | 0.900 ± 0.071 |" in md
+    assert "| **worst subset** | 0.550 ± 0.071 | 0.650 ± 0.071 |" in md
+    written = write_seed_report(table, tmp_path)
+    assert json.loads(written["json"].read_text())["tables"]["Acc2"]["plain"]["subsets"]["text"]["mean"] == \
+        pytest.approx(0.85)
+
+
+def test_seed_table_one_seed_has_no_deviation_and_mismatches_are_refused():
+    one = seed_table({3: ablation_table(REPORTS, ["Acc2"])})
+    assert math.isnan(one["tables"]["Acc2"]["gmd"]["subsets"]["audio"]["std"])
+    assert "| audio | 0.500 | 0.600 |" in format_seed_markdown(one)
+    with pytest.raises(ValueError, match="strategies"):
+        seed_table({0: ablation_table(REPORTS, ["Acc2"]), 1: ablation_table({"plain": REPORTS["plain"]}, ["Acc2"])})
+    with pytest.raises(ValueError, match="No ablation"):
+        seed_table({})
