@@ -129,6 +129,69 @@ def _read_nifti(path: str) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header | N
     return data, np.asarray(img.affine, dtype=np.float64), header
 
 
+#: Largest relative deviation of one slice step from the median step of a DICOM series. Rounded
+#: positions stay far inside it; a missing slice doubles a step.
+SLICE_STEP_TOLERANCE = 0.1
+
+
+def _is_dicom_file(path: str) -> bool:
+    """True for a file with the DICOM preamble (``DICM`` at byte 128), whatever its name."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def _check_all_dicom_files_read(folder: str, series_files: list[str]) -> None:
+    """Refuse a folder where DICOM files were left out of its one series.
+
+    GDCM silently skips a slice file it cannot parse (truncated, corrupt), and the volume would be
+    segmented with a slice missing. Files without the DICOM preamble (notes, thumbnails) are ignored.
+    """
+    taken = {os.path.realpath(f) for f in series_files}
+    left_out = sorted(
+        entry.path for entry in os.scandir(folder)
+        if entry.is_file() and os.path.realpath(entry.path) not in taken and _is_dicom_file(entry.path)
+    )
+    if left_out:
+        raise CaseError(f"{folder} has {len(left_out)} DICOM file(s) that could not be read as part of its series "
+                        f"(first: {os.path.basename(left_out[0])}; corrupt or truncated): re-export the complete "
+                        "series, or convert it to NIfTI.")
+
+
+def _check_uniform_slices(folder: str, reader: Any, files: list[str]) -> None:
+    """Refuse a series whose slice positions are not evenly spaced (a missing or duplicated slice).
+
+    Positions (``0020|0032``) are projected on the slice normal from the first slice's orientation
+    (``0020|0037``). Series without these tags, or with fewer than 3 slices, are not checked.
+    """
+    if len(files) < 3:
+        return
+    try:
+        orientation = np.array([float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")])
+        positions = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")]
+                              for i in range(len(files))])
+    except (RuntimeError, ValueError, IndexError):
+        return  # tags absent (e.g. a multi-frame file): SimpleITK's own geometry is all there is
+    if orientation.shape != (6,) or positions.shape != (len(files), 3):
+        return
+    normal = np.cross(orientation[:3], orientation[3:])
+    steps = np.diff(positions @ normal)
+    median = float(np.median(np.abs(steps)))
+    if median <= 0:
+        raise CaseError(f"{folder}: its DICOM slices share one position: re-export the series with one "
+                        "slice per position.")
+    bad = np.flatnonzero(np.abs(np.abs(steps) - median) > SLICE_STEP_TOLERANCE * median)
+    if bad.size:
+        k = int(bad[0])
+        raise CaseError(
+            f"{folder}: the DICOM slices are not evenly spaced ({abs(steps[k]):.3g} mm between "
+            f"{os.path.basename(files[k])} and {os.path.basename(files[k + 1])}, {median:.3g} mm elsewhere), so a "
+            "slice is missing or duplicated: re-export the complete series, or convert it to NIfTI.")
+
+
 def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         import SimpleITK as sitk  # only needed for DICOM input
@@ -143,12 +206,16 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
     if len(series) > 1:
         raise CaseError(f"{folder} holds {len(series)} DICOM series ({', '.join(series)}): "
                         "put each series in its own folder and pass the one of this sequence.")
+    files = list(reader.GetGDCMSeriesFileNames(folder, series[0]))
+    _check_all_dicom_files_read(folder, files)
     try:
-        reader.SetFileNames(reader.GetGDCMSeriesFileNames(folder, series[0]))
+        reader.SetFileNames(files)
+        reader.MetaDataDictionaryArrayUpdateOn()  # per-slice positions, for the spacing check
         image = reader.Execute()
     except Exception as err:  # SimpleITK raises RuntimeError with multi-line text
         raise CaseError(f"Cannot read the DICOM series in {folder} ({_one_line(err)[:200]}): "
                         "re-export the series or convert it to NIfTI.") from err
+    _check_uniform_slices(folder, reader, files)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise CaseError(f"{folder} is a {image.GetNumberOfComponentsPerPixel()}-component (colour/vector) series: "
                         "expected a grey-value MRI series.")

@@ -30,7 +30,6 @@ from app.networks import DSUNet
 from app.subsets import BRATS_MODALITIES
 
 FEATURES = [4, 8, 16]
-GAP = "not handled yet, see docs/bad_inputs.md"
 
 
 @pytest.fixture(scope="module")
@@ -236,13 +235,33 @@ def test_folder_with_two_dicom_series(case, infer, tmp_path):
     assert rc == 2 and "holds 2 DICOM series" in err[-1] and "own folder" in err[-1]
 
 
-@pytest.mark.xfail(strict=True, reason=f"a truncated slice is dropped and the rest segmented: {GAP}")
-def test_dicom_series_with_a_truncated_slice(case, infer, tmp_path):
+@pytest.mark.parametrize("with_other", [False, True])
+def test_dicom_series_with_a_truncated_slice(case, infer, tmp_path, with_other):
     folder = _write_series(case["t2"], tmp_path / "t2_dicom")
     broken = sorted(folder.iterdir())[10]
-    broken.write_bytes(broken.read_bytes()[:200])
+    broken.write_bytes(broken.read_bytes()[:200])  # GDCM would skip it and segment the other slices
+    args = ["--flair", case["flair"]] if with_other else []
+    rc, err = infer(*args, "--t2", folder)  # the fixture checks that nothing was written
+    assert rc == 2 and len(err) == 1
+    assert f"{folder} has 1 DICOM file(s) that could not be read" in err[-1] and broken.name in err[-1]
+    assert "re-export the complete series" in err[-1]
+
+
+def test_dicom_series_with_a_missing_slice(case, infer, tmp_path):
+    folder = _write_series(case["t2"], tmp_path / "t2_dicom")
+    files = sorted(folder.iterdir())
+    files[10].unlink()
     rc, err = infer("--t2", folder)
-    assert rc == 2 and str(folder) in err[-1]
+    assert rc == 2 and "not evenly spaced" in err[-1] and files[9].name in err[-1] and files[11].name in err[-1]
+
+
+def test_dicom_series_next_to_other_files_is_read(case, infer, tmp_path):
+    folder = _write_series(case["t2"], tmp_path / "t2_dicom")
+    (folder / "notes.txt").write_text("acquired on scanner 2")
+    (folder / "thumbnail.png").write_bytes(b"\x89PNG" + bytes(300))
+    rc, err = infer("--t2", folder)
+    assert rc == 0, err
+    assert nib.load(tmp_path / "out" / "seg.nii.gz").shape == nib.load(case["t2"]).shape
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
