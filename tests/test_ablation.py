@@ -104,7 +104,7 @@ def test_sentiment_ablation_over_seeds(tmp_path):
         values = [t["tables"]["MAE"]["plain"]["subsets"][name] for t in per_seed]
         spread = combined["tables"]["MAE"]["plain"]["subsets"][name]
         assert spread["values"] == values and spread["mean"] == pytest.approx(sum(values) / 2)
-    assert "±" in (out / "ablation_seeds.md").read_text()
+    assert "+/-" in (out / "ablation_seeds.md").read_text()
     bad = _ablate("--bundle", "bundles/mosi_gmd", "--strategies", "plain", "--max_epochs", "1", "--seeds", "0,x",
                   "--output_dir", str(tmp_path / "bad"), "--data_path", str(pkl), "--trust_pickle", "true")
     assert bad.returncode == 2 and "--seeds takes comma-separated integers" in bad.stderr

@@ -210,15 +210,15 @@ def seed_table(tables: Mapping[Any, Mapping[str, Any]]) -> dict[str, Any]:
 def _pm(spread: Mapping[str, Any], digits: int) -> str:
     if len(spread["values"]) < 2 or not math.isfinite(spread["std"]):
         return f"{spread['mean']:.{digits}f}"
-    return f"{spread['mean']:.{digits}f} ± {spread['std']:.{digits}f}"
+    return f"{spread['mean']:.{digits}f} +/- {spread['std']:.{digits}f}"
 
 
 def format_seed_markdown(table: Mapping[str, Any], title: str = "", digits: int = 3) -> str:
-    """One table per metric: subsets x strategies, each cell ``mean ± sd`` over the seeds, then the
+    """One table per metric: subsets x strategies, each cell ``mean +/- sd`` over the seeds, then the
     mean over subsets and the worst subset (both taken per seed, then spread)."""
     strategies = table["strategies"]
     lines = [f"# {title}", ""] if title else []
-    lines += [f"Mean ± sample standard deviation over seeds {', '.join(map(str, table['seeds']))}.", ""]
+    lines += [f"Mean +/- sample standard deviation over seeds {', '.join(map(str, table['seeds']))}.", ""]
     for metric in table["metrics"]:
         per = table["tables"][metric]
         better = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"

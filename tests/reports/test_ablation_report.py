@@ -92,8 +92,8 @@ def test_seed_table_mean_and_sample_deviation_by_hand(tmp_path):
     assert table["tables"]["Acc2"]["gmd"]["mean"]["values"] == [pytest.approx(2.35 / 3), pytest.approx(2.65 / 3)]
     assert table["tables"]["MAE"]["plain"]["worst"]["values"] == [1.4, pytest.approx(1.5)]
     md = format_seed_markdown(table, "t")
-    assert "| text | 0.850 ± 0.071 | 0.900 ± 0.071 |" in md
-    assert "| **worst subset** | 0.550 ± 0.071 | 0.650 ± 0.071 |" in md
+    assert "| text | 0.850 +/- 0.071 | 0.900 +/- 0.071 |" in md
+    assert "| **worst subset** | 0.550 +/- 0.071 | 0.650 +/- 0.071 |" in md
     written = write_seed_report(table, tmp_path)
     assert json.loads(written["json"].read_text())["tables"]["Acc2"]["plain"]["subsets"]["text"]["mean"] == \
         pytest.approx(0.85)
