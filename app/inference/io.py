@@ -144,16 +144,30 @@ def _is_dicom_file(path: str) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
-def _check_all_dicom_files_read(folder: str, series_files: list[str]) -> None:
+def _other_dicom_object(sitk: Any, path: str, series_uid: str) -> bool:
+    """True when ``path`` parses as a DICOM object of another series (a localizer, a report)."""
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(path)
+        reader.ReadImageInformation()
+        uid = reader.GetMetaData("0020|000e") if reader.HasMetaDataKey("0020|000e") else ""
+    except RuntimeError:
+        return False  # unreadable: a truncated or corrupt file
+    return uid.strip().rstrip("\x00") != series_uid.strip().rstrip("\x00")
+
+
+def _check_all_dicom_files_read(sitk: Any, folder: str, series_uid: str, series_files: list[str]) -> None:
     """Refuse a folder where DICOM files were left out of its one series.
 
     GDCM silently skips a slice file it cannot parse (truncated, corrupt), and the volume would be
-    segmented with a slice missing. Files without the DICOM preamble (notes, thumbnails) are ignored.
+    segmented with a slice missing. Files without the DICOM preamble (notes, thumbnails), a
+    ``DICOMDIR`` and readable DICOM objects of other series are ignored.
     """
     taken = {os.path.realpath(f) for f in series_files}
     left_out = sorted(
         entry.path for entry in os.scandir(folder)
-        if entry.is_file() and os.path.realpath(entry.path) not in taken and _is_dicom_file(entry.path)
+        if entry.is_file() and entry.name.upper() != "DICOMDIR" and os.path.realpath(entry.path) not in taken
+        and _is_dicom_file(entry.path) and not _other_dicom_object(sitk, entry.path, series_uid)
     )
     if left_out:
         raise CaseError(f"{folder} has {len(left_out)} DICOM file(s) that could not be read as part of its series "
@@ -207,7 +221,7 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
         raise CaseError(f"{folder} holds {len(series)} DICOM series ({', '.join(series)}): "
                         "put each series in its own folder and pass the one of this sequence.")
     files = list(reader.GetGDCMSeriesFileNames(folder, series[0]))
-    _check_all_dicom_files_read(folder, files)
+    _check_all_dicom_files_read(sitk, folder, series[0], files)
     try:
         reader.SetFileNames(files)
         reader.MetaDataDictionaryArrayUpdateOn()  # per-slice positions, for the spacing check

@@ -259,6 +259,7 @@ def test_dicom_series_next_to_other_files_is_read(case, infer, tmp_path):
     folder = _write_series(case["t2"], tmp_path / "t2_dicom")
     (folder / "notes.txt").write_text("acquired on scanner 2")
     (folder / "thumbnail.png").write_bytes(b"\x89PNG" + bytes(300))
+    (folder / "DICOMDIR").write_bytes(bytes(128) + b"DICM" + bytes(200))  # the index of a DICOM export
     rc, err = infer("--t2", folder)
     assert rc == 0, err
     assert nib.load(tmp_path / "out" / "seg.nii.gz").shape == nib.load(case["t2"]).shape
