@@ -264,7 +264,9 @@ def run_ablation_seeds(
     out = Path(output_dir)
     per_seed = {s: run_ablation(bundle, strategies, out / f"seed_{s}", max_epochs, seed=s, **kwargs) for s in seeds}
     table = seed_table(per_seed)
-    title = f"Ablation of {Path(bundle).name} over {len(seeds)} seeds: {max_epochs} epochs per strategy"
+    minutes = kwargs.get("time_limit_minutes") or 0
+    budget = f"{max_epochs} epochs" + (f" or {minutes:g} min" if minutes else "")
+    title = f"Ablation of {Path(bundle).name} over {len(seeds)} seeds: {budget} per strategy"
     write_seed_report(table, out, title)
     print(format_seed_markdown(table, title), flush=True)
     return {**table, "per_seed": per_seed}
@@ -288,9 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max_epochs", type=int, required=True)
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--time_limit_minutes", type=float, default=0.0, help="wall-clock budget per strategy")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seeds", type=_seed_list, default=None,
-                        help="comma-separated seeds: repeat the ablation at each (e.g. 0,1,2)")
+    seeding = parser.add_mutually_exclusive_group()
+    seeding.add_argument("--seed", type=int, default=0)
+    seeding.add_argument("--seeds", type=_seed_list, default=None,
+                         help="comma-separated seeds: repeat the ablation at each (e.g. 0,1,2)")
     parser.add_argument("--checkpoint", choices=("final", "best"), default="final")
     parser.add_argument("--eval_split", default=None, help="sentiment bundles: split to score (default: valid)")
     parser.add_argument("--metrics", default=None, help="comma-separated table metrics (default: the bundle's)")

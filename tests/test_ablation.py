@@ -108,4 +108,7 @@ def test_sentiment_ablation_over_seeds(tmp_path):
     bad = _ablate("--bundle", "bundles/mosi_gmd", "--strategies", "plain", "--max_epochs", "1", "--seeds", "0,x",
                   "--output_dir", str(tmp_path / "bad"), "--data_path", str(pkl), "--trust_pickle", "true")
     assert bad.returncode == 2 and "--seeds takes comma-separated integers" in bad.stderr
+    both = _ablate("--bundle", "bundles/mosi_gmd", "--strategies", "plain", "--max_epochs", "1", "--seeds", "0,1",
+                   "--seed", "3", "--output_dir", str(tmp_path / "bad"), "--data_path", str(pkl))
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
     assert not (tmp_path / "bad").exists()
