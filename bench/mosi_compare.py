@@ -128,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max_epochs", type=int, default=None, help="override the bundle's max_epochs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (one run per seed and strategy)")
     args = parser.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must be distinct, got {args.seeds}.")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data_args = ["--data_path", str(Path(args.data_path).resolve()), "--trust_pickle", str(args.trust_pickle).lower()]
