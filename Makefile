@@ -8,7 +8,7 @@ DEMO   ?= outputs/demo
 DEMO_STRATEGY ?= gmd_approx
 DEMO_MINUTES  ?= 4
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -38,6 +38,22 @@ test: install
 
 bench: install
 	$(BIN)/python bench/gmd_step.py --device cpu --patch 64 64 64 --batch 1 --features 8 16 32 64 --steps 3
+
+# The GPU figures of the README (GMD step at 128^3 in bf16, inference, the 6-minute equal-budget
+# comparison on real 2 mm BraTS), in an environment with the CUDA build of torch: PYTHON=path/to/python.
+DATA_2MM  ?= ../shared/data/brats18_dev_2mm
+BENCH_GPU ?= outputs/bench_gpu
+bench-gpu:
+	$(PYTHON) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'bench-gpu needs a GPU and the CUDA build of torch (pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128); set PYTHON to that environment')"
+	mkdir -p $(BENCH_GPU)
+	$(PYTHON) bench/gmd_step.py --device cuda --patch 128 128 128 --batch 1 --features 16 32 64 128 256 \
+		--steps 10 --amp > $(BENCH_GPU)/gmd_step.jsonl
+	cat $(BENCH_GPU)/gmd_step.jsonl
+	$(PYTHON) bench/infer.py --devices cuda > $(BENCH_GPU)/infer.txt
+	cat $(BENCH_GPU)/infer.txt
+	$(PYTHON) -m app ablate --bundle bundles/brats_gmd --strategies plain,dropout,gmd,gmd_approx \
+		--max_epochs 100000 --time_limit_minutes 6 --val_interval 1000 --output_dir $(BENCH_GPU)/ablation_brats_2mm \
+		--dataset_dir $(DATA_2MM)
 
 clean:
 	rm -rf outputs
