@@ -195,16 +195,19 @@ def test_one_sequence_given_twice_to_inference(case, infer):
 
 # -- DICOM -------------------------------------------------------------------------------------------
 def _write_series(nifti, folder, series_uid="1.2.826.0.1.3680043.2.1125.1.2"):
+    """One DICOM file per slice, with the volume's orientation and slice positions (oblique too)."""
     import SimpleITK as sitk
 
     folder.mkdir(exist_ok=True)
     img = sitk.Cast(sitk.ReadImage(str(nifti)), sitk.sitkInt16)
+    cosines = np.asarray(img.GetDirection()).reshape(3, 3)
+    orientation = "\\".join(f"{v:.6f}" for v in (*cosines[:, 0], *cosines[:, 1]))
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for k in range(img.GetDepth()):
-        sl = img[:, :, k]
+        sl = img[:, :, k:k + 1]  # a 3D slice keeps the full direction cosines
         for tag, value in {"0020|000d": "1.2.826.0.1.3680043.2.1125.1", "0020|000e": series_uid,
-                           "0008|0060": "MR", "0020|0013": str(k + 1)}.items():
+                           "0008|0060": "MR", "0020|0013": str(k + 1), "0020|0037": orientation}.items():
             sl.SetMetaData(tag, value)
         sl.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in img.TransformIndexToPhysicalPoint((0, 0, k))))
         writer.SetFileName(str(folder / f"{series_uid[-1]}_{k:03d}.dcm"))
@@ -253,6 +256,26 @@ def test_dicom_series_with_a_missing_slice(case, infer, tmp_path):
     files[10].unlink()
     rc, err = infer("--t2", folder)
     assert rc == 2 and "not evenly spaced" in err[-1] and files[9].name in err[-1] and files[11].name in err[-1]
+
+
+def test_oblique_dicom_series_keeps_its_geometry_and_a_missing_slice_is_caught(case, tmp_path):
+    from app.inference.io import read_volume
+
+    img = nib.load(case["t2"])
+    tilt = np.deg2rad(30)
+    rotation = np.array([[1, 0, 0], [0, np.cos(tilt), -np.sin(tilt)], [0, np.sin(tilt), np.cos(tilt)]])
+    affine = img.affine.copy()
+    affine[:3, :3] = rotation @ affine[:3, :3] @ np.diag([1.0, 1.0, 1.5])  # oblique, 1.5 mm slices
+    oblique = tmp_path / "oblique.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), oblique)
+    folder = _write_series(oblique, tmp_path / "t2_dicom")
+    volume = read_volume(folder, "t2")
+    np.testing.assert_allclose(volume.affine, affine, atol=1e-4)
+    np.testing.assert_array_equal(volume.data, np.asarray(img.dataobj).astype(np.int16))
+    files = sorted(folder.iterdir())
+    files[5].unlink()
+    with pytest.raises(CaseError, match=r"not evenly spaced \(3 mm between .*_004\.dcm and .*_006\.dcm, 1\.5 mm"):
+        read_volume(folder, "t2")
 
 
 def test_dicom_series_next_to_other_files_is_read(case, infer, tmp_path):
