@@ -15,8 +15,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
 from app.engines.handlers import SubsetReportHandler
-from app.engines.trainer import SubsetEvaluator, autocast_context, subset_fusions
-from app.subsets import subset_masks
+from app.engines.trainer import SubsetEvaluator, autocast_context, subset_fusions, subset_sample_masks
 
 __all__ = ["SentimentSubsetEvaluator", "SentimentReportHandler", "subset_predictions", "predicted_subset_predictions"]
 
@@ -45,13 +44,8 @@ def predicted_subset_predictions(network: Any, inputs: Any, mask: torch.Tensor) 
     subset runs ``per_modality(inputs, subset_mask)`` (its absent modalities are predicted from
     the present ones and never read) and fuses over ``network.completed_mask(subset_mask)``.
     """
-    subsets = subset_masks(mask.shape[1], device=mask.device)
-    valid = (mask[:, None, :] | ~subsets[None]).all(dim=2)
-    fused = []
-    for j, subset in enumerate(subsets):
-        sub = torch.where(valid[:, j : j + 1], mask & subset, mask)
-        per_mod = network.per_modality(inputs, sub).float()
-        fused.append(network.fuse(per_mod, network.completed_mask(sub)))
+    valid, masks = subset_sample_masks(mask)
+    fused = [network.fuse(network.per_modality(inputs, sub).float(), network.completed_mask(sub)) for sub in masks]
     return torch.stack(fused, dim=1), valid
 
 

@@ -23,7 +23,7 @@ from app.networks.ds_unet import masked_mean
 from app.strategies.base import GradientStrategy
 from app.subsets import subset_masks
 
-__all__ = ["SubsetTrainer", "SubsetEvaluator", "to_device", "autocast_context", "subset_fusions"]
+__all__ = ["SubsetTrainer", "SubsetEvaluator", "to_device", "autocast_context", "subset_fusions", "subset_sample_masks"]
 
 
 def to_device(data: Any, device: torch.device, non_blocking: bool = False) -> Any:
@@ -37,24 +37,30 @@ def to_device(data: Any, device: torch.device, non_blocking: bool = False) -> An
     return data
 
 
+def subset_sample_masks(mask: torch.Tensor) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
+    """Each sample's modality mask under every subset.
+
+    Returns ``valid [B, S]`` (sample ``b`` has every modality of subset ``j``, in
+    :func:`app.subsets.all_subsets` order) and an iterator over the ``S`` subsets of ``[B, M]``
+    masks: ``mask & subset_j`` where the sample has the whole subset, else the sample's own ``mask``
+    (that entry must be left out of subset ``j``'s metrics).
+    """
+    subsets = subset_masks(mask.shape[1], device=mask.device)
+    valid = (mask[:, None, :] | ~subsets[None]).all(dim=2)
+    return valid, (torch.where(valid[:, j : j + 1], mask & subsets[j], mask) for j in range(subsets.shape[0]))
+
+
 def subset_fusions(
     fuse: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], per_modality: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
     """Every subset's fused prediction from one set of per-modality outputs.
 
-    Returns ``valid [B, S]`` (sample ``b`` has every modality of subset ``j``) and an iterator over
-    the ``S`` subsets (in :func:`app.subsets.all_subsets` order) of ``fuse(per_modality, mask_j)``.
-    Where a sample lacks part of subset ``j``, its entry is the fusion of all it has and must be
-    left out of that subset's metrics.
+    Returns ``valid [B, S]`` and an iterator over the ``S`` subsets of ``fuse(per_modality,
+    mask_j)``, with the masks of :func:`subset_sample_masks`. Where a sample lacks part of subset
+    ``j``, its entry is the fusion of all it has and must be left out of that subset's metrics.
     """
-    subsets = subset_masks(per_modality.shape[1], device=mask.device)
-    valid = (mask[:, None, :] | ~subsets[None]).all(dim=2)
-
-    def _fused() -> Iterator[torch.Tensor]:
-        for j in range(subsets.shape[0]):
-            yield fuse(per_modality, torch.where(valid[:, j : j + 1], mask & subsets[j], mask))
-
-    return valid, _fused()
+    valid, masks = subset_sample_masks(mask)
+    return valid, (fuse(per_modality, sub) for sub in masks)
 
 
 def autocast_context(device: torch.device, enabled: bool):
