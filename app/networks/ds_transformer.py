@@ -22,16 +22,33 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.networks.ds_unet import masked_mean
+from app.networks.ds_unet import masked_mean, modality_index
 from app.subsets import MOSI_MODALITIES
 
-__all__ = ["SequenceEncoder", "SharedSequenceTrunk", "DSTransformer", "lengths_to_padding_mask"]
+__all__ = [
+    "SequenceEncoder", "SharedSequenceTrunk", "DSTransformer", "lengths_to_padding_mask", "masked_pool", "stack_sequences",
+]
 
 
 def lengths_to_padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """``[B, max_len]`` bool, True at padding positions (``t >= length``), as ``src_key_padding_mask`` wants."""
     steps = torch.arange(max_len, device=lengths.device)
     return steps[None, :] >= lengths.reshape(-1, 1)
+
+
+def masked_pool(h: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    """Mean over time of ``h [n, L, hidden]`` at the non-padding steps (``padding [n, L]``, True = pad)."""
+    keep = (~padding).to(h.dtype).unsqueeze(-1)
+    return (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+
+
+def stack_sequences(sequences: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[(h [n_i, L_i, hidden], padding [n_i, L_i]), ...]`` padded to the longest ``L_i`` and stacked
+    along the batch: ``(h [sum n_i, L, hidden], padding [sum n_i, L])``, the added steps marked as padding."""
+    steps = max(h.shape[1] for h, _ in sequences)
+    h = torch.cat([nn.functional.pad(h, (0, 0, 0, steps - h.shape[1])) for h, _ in sequences], dim=0)
+    padding = torch.cat([nn.functional.pad(p, (0, steps - p.shape[1]), value=True) for _, p in sequences], dim=0)
+    return h, padding
 
 
 def _sinusoid(length: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -132,9 +149,7 @@ class SharedSequenceTrunk(nn.Module):
         """Trunk features ``[n, hidden]`` before the output layer."""
         if isinstance(self.layers, nn.TransformerEncoder):
             h = self.layers(h, src_key_padding_mask=padding)
-        keep = (~padding).to(h.dtype).unsqueeze(-1)
-        pooled = (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)
-        return self.norm(pooled)
+        return self.norm(masked_pool(h, padding))
 
     def forward(self, h: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
         """``h [n, L, hidden]``, ``padding [n, L]`` -> ``[n, out_channels]``."""
@@ -326,14 +341,8 @@ class DSTransformer(nn.Module):
         out = torch.zeros(batch_size, self.num_modalities, self.per_modality_channels, device=device, dtype=dtype)
         if not encoded:
             return out
-        steps = max(h.shape[1] for _, _, (h, _) in encoded)
-        h = torch.cat([nn.functional.pad(h, (0, 0, 0, steps - h.shape[1])) for _, _, (h, _) in encoded], dim=0)
-        padding = torch.cat([nn.functional.pad(p, (0, steps - p.shape[1]), value=True) for _, _, (_, p) in encoded],
-                            dim=0)
-        pred = self.trunk(h, padding)
-        rows = torch.cat([idx for _, idx, _ in encoded])
-        modality_ids = torch.cat([torch.full_like(idx, m) for m, idx, _ in encoded])
-        return out.index_put((rows, modality_ids), pred.to(out.dtype))
+        pred = self.trunk(*stack_sequences([seq for _, _, seq in encoded]))
+        return out.index_put(modality_index(encoded), pred.to(out.dtype))
 
     def per_modality(self, inputs: Mapping[str, torch.Tensor], modality_mask: torch.Tensor | None = None
                      ) -> torch.Tensor:

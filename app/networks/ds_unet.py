@@ -17,7 +17,7 @@ from torch import nn
 
 from app.subsets import BRATS_MODALITIES
 
-__all__ = ["ModalityEncoder", "SharedDecoder", "DSUNet", "masked_mean"]
+__all__ = ["ModalityEncoder", "SharedDecoder", "DSUNet", "masked_mean", "modality_index"]
 
 
 def masked_mean(per_modality: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -36,6 +36,13 @@ def masked_mean(per_modality: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weights = mask.to(per_modality.dtype) / count.to(per_modality.dtype).unsqueeze(1)
     weights = weights.reshape(*weights.shape, *([1] * (per_modality.ndim - 2)))
     return (per_modality * weights).sum(dim=1)
+
+
+def modality_index(encoded: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, modality_ids)`` of the entries of an ``encode()`` list ``[(m, rows, ...), ...]``, in
+    order: where the trunk's outputs on the stacked encodings go in a ``[B, M, ...]`` tensor."""
+    return (torch.cat([idx for _, idx, *_ in encoded]),
+            torch.cat([torch.full_like(idx, m) for m, idx, *_ in encoded]))
 
 
 class ModalityEncoder(nn.Module):
@@ -195,9 +202,7 @@ class DSUNet(nn.Module):
             return out
         stacked = [torch.cat(level, dim=0) for level in zip(*(skips for _, _, skips in encoded))]
         decoded = self.trunk(stacked)
-        rows = torch.cat([idx for _, idx, _ in encoded])
-        modality_ids = torch.cat([torch.full_like(idx, m) for m, idx, _ in encoded])
-        return out.index_put((rows, modality_ids), decoded.to(out.dtype))
+        return out.index_put(modality_index(encoded), decoded.to(out.dtype))
 
     def per_modality(self, image: torch.Tensor, modality_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Per-modality logits ``[B, M, C, D, H, W]``; entries of absent modalities are zero.

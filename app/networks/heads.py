@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from app.networks.ds_transformer import _encoder
+from app.networks.ds_transformer import _encoder, masked_pool
 
 __all__ = ["SequenceProbe", "SegmentationProbe"]
 
@@ -51,9 +51,7 @@ class SequenceProbe(nn.Module):
         """``(h [n, L, hidden], padding [n, L])`` -> ``[n, out_channels]``."""
         h, padding = representation
         h = self.layers(h, src_key_padding_mask=padding)
-        keep = (~padding).to(h.dtype).unsqueeze(-1)
-        pooled = (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)
-        return self.head(self.norm(pooled))
+        return self.head(self.norm(masked_pool(h, padding)))
 
     def final_weight(self) -> nn.Parameter:
         """Weight ``[out_channels, hidden]`` of the output layer."""

@@ -35,7 +35,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from app.networks.ds_transformer import DSTransformer
+from app.networks.ds_transformer import DSTransformer, stack_sequences
+from app.networks.ds_unet import modality_index
 from app.networks.weights import apply_state_dict, read_state_dict
 
 __all__ = [
@@ -221,24 +222,18 @@ class PromptedDSTransformer(DSTransformer):
         """Embeddings ``C^m`` and prompt summaries of every present modality (one trunk pass)."""
         mask = self._full_mask(inputs, modality_mask)
         batch, m_count, dim = mask.shape[0], self.num_modalities, self.embedding_dim
-        rows, modality_ids, tokens, paddings, summaries = [], [], [], [], []
+        encoded, summaries = [], []
         for m, idx, x, padding in self.modality_inputs(inputs, mask):
             h, prompt_out = self.encode_with_prompts(m, x, padding)
-            tokens.append(h)
-            paddings.append(padding)
+            encoded.append((m, idx, (h, padding)))
             summaries.append(prompt_out.mean(dim=1))
-            rows.append(idx)
-            modality_ids.append(torch.full_like(idx, m))
         embeddings = torch.zeros(batch, m_count, dim, device=mask.device)
         prompt_summaries = torch.zeros(batch, m_count, dim, device=mask.device)
-        if not rows:
+        if not encoded:
             return PromptedFeatures(embeddings, prompt_summaries, mask)
         # the prompts are stripped before the trunk: C^m does not depend on them
-        steps = max(h.shape[1] for h in tokens)
-        h = torch.cat([nn.functional.pad(h, (0, 0, 0, steps - h.shape[1])) for h in tokens], dim=0)
-        padding = torch.cat([nn.functional.pad(p, (0, steps - p.shape[1]), value=True) for p in paddings], dim=0)
-        pooled = self.trunk.pooled(h, padding)
-        index = (torch.cat(rows), torch.cat(modality_ids))
+        pooled = self.trunk.pooled(*stack_sequences([seq for _, _, seq in encoded]))
+        index = modality_index(encoded)
         embeddings = embeddings.to(pooled.dtype).index_put(index, pooled)
         prompt_summaries = prompt_summaries.to(pooled.dtype).index_put(index, torch.cat(summaries).to(pooled.dtype))
         return PromptedFeatures(embeddings, prompt_summaries, mask)
