@@ -273,16 +273,19 @@ class CGGMStrategy(GradientStrategy):
         diagnostics = None
         if want_diag:
             names = list(model.modalities)
-            cos_all: list[float | None] = [None] * len(names)
-            for j, m in enumerate(present):
-                cos_all[m] = float(cos[j].detach())
+
+            def by_modality(values: list) -> list:  # entries of the present modalities; None elsewhere
+                out = [None] * len(names)
+                for j, m in enumerate(present):
+                    out[m] = values[j]
+                return out
+
             diagnostics = {
                 "strategy": self.name, "modalities": names, "present": [m in present for m in range(len(names))],
-                "B": terms.tolist(), "eps": self.eps, "delta": delta.tolist(), "cos": cos_all,
-                "L_gm": float(l_gm.detach()), "head_losses": [None] * len(names),
+                "B": terms.tolist(), "eps": self.eps, "delta": delta.tolist(),
+                "cos": by_modality(cos.detach().tolist()), "L_gm": float(l_gm.detach()),
+                "head_losses": by_modality(head_losses),
             }
-            for j, m in enumerate(present):
-                diagnostics["head_losses"][m] = head_losses[j]
         return StepResult(loss=loss.detach(), pred=pred.detach(), diagnostics=diagnostics)
 
     # -- state --------------------------------------------------------------------------------------
