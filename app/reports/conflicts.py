@@ -19,12 +19,20 @@ DIAGNOSTICS_FILE = "gmd_diagnostics.jsonl"
 CGGM_DIAGNOSTICS_FILE = "cggm_diagnostics.jsonl"
 
 
-def _save(fig, path: Path) -> Path:
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (imported here: only plotting needs it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
@@ -48,11 +56,7 @@ def load_diagnostics(run_dir: str | os.PathLike, file_name: str = DIAGNOSTICS_FI
 
 def plot_conflicts(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
     """Write ``gmd_norms.png`` and ``gmd_conflicts.png`` next to the diagnostics (or to ``out_dir``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     records = load_diagnostics(run_dir)
     out = Path(out_dir or run_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,11 +92,7 @@ def plot_conflicts(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None
 def plot_cggm(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
     """Write ``cggm_balance.png`` (``B_i`` per modality) and ``cggm_probes.png`` (each probe's score
     and the cosine between the fusion head's and its gradient) from ``cggm_diagnostics.jsonl``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     records = load_diagnostics(run_dir, CGGM_DIAGNOSTICS_FILE)
     out = Path(out_dir or run_dir)
     out.mkdir(parents=True, exist_ok=True)
