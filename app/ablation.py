@@ -203,6 +203,8 @@ def run_ablation(
     out.mkdir(parents=True, exist_ok=True)
     ckpt_name = "model_final.pt" if checkpoint == "final" else "model.pt"
     metrics = list(metrics or layout.metrics)
+    if layout is SENTIMENT:
+        eval_split = eval_split or _option(bundle_args, "val_split") or _load_config(train).get("val_split", "valid")
     runs: dict[str, Any] = {}
     reports: dict[str, Any] = {}
     for label, name, subsets in parse_strategies(strategies):
@@ -221,7 +223,7 @@ def run_ablation(
         if layout is SEGMENTATION:
             scored = ["--dataset_dir", str(_held_out_dir(run_dir, out / "held_out"))]
         else:
-            scored = ["--eval_split", eval_split or _option(bundle_args, "val_split") or _load_config(train).get("val_split", "valid")]
+            scored = ["--eval_split", eval_split]
         eval_args = [*_without(bundle_args, scored[0][2:]), *scored, "--ckpt_path", str(ckpt),
                      "--output_dir", str(eval_dir), "--seed", str(seed)]
         report_path = eval_dir / layout.report
