@@ -15,7 +15,8 @@ Usage::
     python bench/mosi_compare.py --data_path PKL --trust_pickle true --out_dir outputs/mosi_compare \
         [--strategies plain dropout gmd] [--seeds 0 1 2] [--max_epochs 25] [-- extra bundle overrides]
 
-writes ``<out_dir>/compare.{md,json}`` and each run under ``<out_dir>/seed_<s>/<strategy>/``.
+writes ``<out_dir>/compare.{md,json}``, each run under ``<out_dir>/seed_<s>/<strategy>/`` and the
+runner's own spread over seeds of the strategies (``<out_dir>/ablation_seeds.{json,md}``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from app.ablation import run_ablation  # noqa: E402
+from app.ablation import run_ablation_seeds  # noqa: E402
 from app.atomic import atomic_write_text  # noqa: E402
 from app.reports.ablation import ablation_table, format_seed_markdown, seed_table  # noqa: E402
 from app.data.mmsa import as_bool, load_mmsa  # noqa: E402
@@ -141,10 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     per_seed: dict[int, dict[str, Any]] = {}
     seconds: dict[int, dict[str, float]] = {}
     lines = [f"# Sentiment subsets on the {args.eval_split} split, seeds {', '.join(map(str, args.seeds))}", ""]
-    for seed in args.seeds:
-        # each strategy: the bundle's train command (selection on valid), then its best checkpoint scored
-        ablation = run_ablation(BUNDLE, args.strategies, out_dir / f"seed_{seed}", max_epochs, seed=seed,
-                                checkpoint="best", eval_split=args.eval_split, bundle_args=[*data_args, *extra])
+    # each seed and strategy: the bundle's train command (selection on valid), then its best checkpoint scored
+    ablations = run_ablation_seeds(BUNDLE, args.strategies, out_dir, max_epochs, args.seeds, checkpoint="best",
+                                   eval_split=args.eval_split, bundle_args=[*data_args, *extra])["per_seed"]
+    for seed, ablation in ablations.items():
         reports = {s: json.loads(Path(run["report"]).read_text()) for s, run in ablation["runs"].items()}
         seconds[seed] = {s: run["train_seconds"] for s, run in ablation["runs"].items()
                          if run["train_seconds"] is not None}
