@@ -11,7 +11,8 @@ then ``train.yaml + evaluate.yaml`` on the held-out data:
 
 Every argument the runner does not know (``--dataset_dir D``, ``--data_path P --trust_pickle
 true``, ``--features "[...]"``) goes to both commands unchanged. Each finished stage is kept, so an
-interrupted ablation resumes with the same command. Writes ``O/<strategy>/{train,eval}`` and
+interrupted ablation resumes with the same command; a stage finished with other settings (seed,
+budget, overrides, checkpoint) is an error rather than a silent mix of runs. Writes ``O/<strategy>/{train,eval}`` and
 ``O/ablation.{json,md,png}`` (:mod:`app.reports.ablation`).
 
 A strategy may carry a GMD subset count, ``gmd:5``, which sets ``--gmd_subsets 5``.
@@ -129,11 +130,14 @@ def _held_out_dir(run_dir: Path, target: Path) -> Path:
         raise ValueError(f"{run_dir / 'datalist.json'} holds out no validation case: raise --val_fraction "
                          "or add cases, so the ablation has data to score.")
     target.mkdir(parents=True, exist_ok=True)
-    for record in datalist["validation"]:
-        folder = Path(record["label"]).resolve().parent
-        link = target / folder.name
-        if not link.exists():
-            os.symlink(folder, link)
+    folders = {folder.name: folder for folder in (Path(r["label"]).resolve().parent for r in datalist["validation"])}
+    for entry in target.iterdir():
+        # a link left by another split (e.g. an earlier seed) would score training cases
+        if entry.is_symlink() and (entry.name not in folders or entry.resolve() != folders[entry.name]):
+            entry.unlink()
+    for name, folder in folders.items():
+        if not (target / name).exists():
+            os.symlink(folder, target / name)
     return target
 
 
@@ -159,6 +163,44 @@ def _without(args: Sequence[str], key: str) -> list[str]:
         elif not arg.startswith(f"--{key}="):
             out.append(arg)
     return out
+
+
+def _stage_settings(bundle: Path, args: Sequence[str], out: Path) -> dict[str, Any]:
+    """What decides a stage's result: the bundle and its arguments, with paths inside ``out`` made relative."""
+    root = str(out.resolve())
+
+    def relative(arg: str) -> str:
+        if os.sep not in arg or arg.startswith("-") or not Path(arg).exists():
+            return arg
+        resolved = str(Path(arg).resolve())
+        return "<output_dir>" + resolved[len(root):] if resolved.startswith(root + os.sep) else resolved
+
+    return {"bundle": str(bundle.resolve()), "args": [relative(a) for a in _without(args, "output_dir")]}
+
+
+def _reusable(result: Path, stamp: Path, settings: dict[str, Any]) -> bool:
+    """Whether a finished stage's ``result`` can stand for this run; records ``settings`` when it cannot.
+
+    Raises:
+        ValueError: ``result`` was produced with other settings, which a resumed ablation must not mix in.
+    """
+    recorded = json.loads(stamp.read_text()) if stamp.is_file() else None
+    if result.is_file():
+        if recorded is None:
+            print(f"note: {result} has no record of its settings (an earlier version wrote it); "
+                  "it is reused as if made by this command.", flush=True)
+        elif recorded != settings:
+            raise ValueError(
+                f"{result} was made with other settings than this command's (recorded in {stamp}: "
+                f"{' '.join(recorded.get('args', []))}). Use a new --output_dir, or delete {stamp.parent} "
+                "to run that strategy again.")
+        else:
+            return True
+        stamp.write_text(json.dumps(settings, indent=1))
+        return True
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(settings, indent=1))
+    return False
 
 
 def _iterations(log: Path) -> int | None:
@@ -215,8 +257,9 @@ def run_ablation(
             train_args += ["--gmd_subsets", subsets]
         ckpt = run_dir / "models" / ckpt_name
         train_s = None
-        # finished stages are kept: an interrupted ablation resumes with the same command
-        if not ckpt.is_file():
+        # finished stages are kept, so an interrupted ablation resumes with the same command; a
+        # different command (seed, budget, overrides) must not silently reuse them
+        if not _reusable(ckpt, out / label / "train_settings.json", _stage_settings(bundle, train_args, out)):
             train_s = _run_bundle([train], bundle, train_args, out / label / "train.log")
             if not ckpt.is_file():
                 raise RuntimeError(f"Training {label!r} finished without writing {ckpt}; see {out / label / 'train.log'}.")
@@ -227,7 +270,9 @@ def run_ablation(
         eval_args = [*_without(bundle_args, scored[0][2:]), *scored, "--ckpt_path", str(ckpt),
                      "--output_dir", str(eval_dir), "--seed", str(seed)]
         report_path = eval_dir / layout.report
-        if not report_path.is_file():
+        if train_s is not None and report_path.is_file():
+            report_path.unlink()  # it scored the model just replaced
+        if not _reusable(report_path, out / label / "eval_settings.json", _stage_settings(bundle, eval_args, out)):
             _run_bundle([train, evaluate], bundle, eval_args, out / label / "eval.log")
         reports[label] = json.loads(report_path.read_text())
         runs[label] = {"strategy": name, "gmd_subsets": subsets, "train_seconds": train_s,

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from app.ablation import bundle_layout, parse_strategies
+from app.ablation import _held_out_dir, _reusable, _stage_settings, bundle_layout, parse_strategies
 from app.data.mmsa import write_synthetic_mmsa
 from app.data.phantoms import write_phantoms
 from app.subsets import BRATS_MODALITIES, MOSI_MODALITIES, all_subsets, subset_name
@@ -72,6 +72,52 @@ def test_segmentation_bundle_ablation_resumes_and_scores_held_out_cases(tmp_path
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.log")} == logs
     assert json.loads((out / "ablation.json").read_text())["tables"] == table["tables"]
+    # another seed into the same folder is refused before anything is trained or overwritten
+    before = (out / "ablation.json").read_bytes()
+    other = _ablate(*args, "--seed", "1")
+    assert other.returncode == 1 and "other settings" in other.stderr and "--output_dir" in other.stderr
+    assert (out / "ablation.json").read_bytes() == before
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.log")} == logs
+
+
+def test_finished_stages_are_reused_only_with_their_own_settings(tmp_path, capsys):
+    out, bundle = tmp_path / "out", REPO / "bundles" / "brats_gmd"
+    result, stamp = out / "plain" / "train" / "models" / "model_final.pt", out / "plain" / "train_settings.json"
+    settings = _stage_settings(bundle, ["--seed", "0", "--output_dir", str(out / "plain" / "train")], out)
+    assert settings["args"] == ["--seed", "0"]  # where the run went does not decide its result
+    assert not _reusable(result, stamp, settings) and json.loads(stamp.read_text()) == settings
+    result.parent.mkdir(parents=True)
+    result.write_bytes(b"weights")
+    assert _reusable(result, stamp, settings)
+    with pytest.raises(ValueError, match="other settings.*--seed 0.*new --output_dir"):
+        _reusable(result, stamp, _stage_settings(bundle, ["--seed", "1"], out))
+    # paths inside the output folder are recorded relative to it, so a moved folder still resumes
+    moved = _stage_settings(bundle, ["--ckpt_path", str(result)], out)
+    assert moved["args"] == ["--ckpt_path", "<output_dir>/plain/train/models/model_final.pt"]
+    stamp.unlink()  # a stage finished by an earlier version, with no record: reused, with a note, and recorded
+    assert _reusable(result, stamp, settings) and "no record of its settings" in capsys.readouterr().out
+    assert json.loads(stamp.read_text()) == settings
+
+
+def test_held_out_links_follow_the_current_split(tmp_path):
+    cases = {name: tmp_path / "data" / name for name in ("a", "b", "c")}
+    for folder in cases.values():
+        folder.mkdir(parents=True)
+    run_dir, target = tmp_path / "run", tmp_path / "held_out"
+    run_dir.mkdir()
+
+    def split(*names):
+        records = [{"label": str(cases[n] / f"{n}_seg.nii.gz")} for n in names]
+        (run_dir / "datalist.json").write_text(json.dumps({"validation": records}))
+        return _held_out_dir(run_dir, target)
+
+    split("a", "b")
+    # an earlier seed held out a and b; this one holds out c, so a and b are training cases now
+    assert sorted(p.name for p in split("c").iterdir()) == ["c"]
+    assert (target / "c").resolve() == cases["c"].resolve()
+    (run_dir / "datalist.json").write_text(json.dumps({"validation": []}))
+    with pytest.raises(ValueError, match="--val_fraction"):
+        _held_out_dir(run_dir, target)
 
 
 def test_sentiment_bundle_ablation_and_failure_names_the_log(tmp_path):
