@@ -160,22 +160,31 @@ class SubsetEvaluator(SupervisedEvaluator):
         self.keys = (image_key, label_key, mask_key, case_key)
 
     def per_modality_outputs(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Run the inferer over the per-modality outputs; returns ``[B, M, C, ...]`` in float32."""
+        """Run the inferer over the per-modality outputs; returns ``[B, M, C, ...]`` in float32.
+
+        Each case goes through the inferer on its own: a sliding-window inferer batches
+        ``sw_batch_size`` windows of one case into a network call, so the case's modality mask is
+        repeated for every window of that call.
+        """
         network = self.network
         m, c = network.num_modalities, network.out_channels
-
-        def _flat(x: torch.Tensor) -> torch.Tensor:
-            return network.per_modality(x, mask).flatten(1, 2)
-
         inferer = self.inferer
         if isinstance(inferer, SlidingWindowInferer):
             roi = fit_roi(inferer.roi_size, inputs.shape[2:], network.divisor)
             if roi != tuple(inferer.roi_size):
                 inferer = copy.copy(inferer)
                 inferer.roi_size = roi
+        outputs = []
         with autocast_context(self.state.device, self.use_amp):
-            flat = inferer(inputs, _flat)
-        return flat.float().reshape(flat.shape[0], m, c, *flat.shape[2:])
+            for b in range(inputs.shape[0]):
+                case_mask = mask[b : b + 1]
+
+                def _flat(x: torch.Tensor, case_mask: torch.Tensor = case_mask) -> torch.Tensor:
+                    return network.per_modality(x, case_mask.expand(x.shape[0], -1)).flatten(1, 2)
+
+                outputs.append(inferer(inputs[b : b + 1], _flat).float())
+        flat = torch.cat(outputs)
+        return flat.reshape(flat.shape[0], m, c, *flat.shape[2:])
 
     def unpack(self, batchdata: dict[str, Any] | None) -> tuple[Any, torch.Tensor, torch.Tensor, list[str]]:
         """``(inputs, targets, modality_mask, case_ids)`` of a batch, on the engine's device."""

@@ -153,6 +153,10 @@ class DSUNet(nn.Module):
             )
         if mask is None:
             return torch.ones(image.shape[0], self.num_modalities, dtype=torch.bool, device=image.device)
+        if tuple(mask.shape) != (image.shape[0], self.num_modalities):
+            # a mask of other rows (e.g. one per case while windows are batched) would leave samples unencoded
+            raise ValueError(f"modality_mask must be [B, {self.num_modalities}] for image {tuple(image.shape)}, "
+                             f"got {tuple(mask.shape)}: give one row per image in the batch.")
         return mask.to(device=image.device, dtype=torch.bool)
 
     def encode(
