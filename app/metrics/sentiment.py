@@ -60,8 +60,9 @@ def sentiment_metrics(
 
     - ``Acc2``: binary accuracy on non-zero labels only, ``preds > 0`` vs ``labels > 0`` (MMSA
       ``Non0_acc_2``, the usually reported "Acc-2").
-    - ``Acc2_has0``: binary accuracy on all samples, 0 counted as non-negative: ``preds >= 0`` vs
-      ``labels >= 0`` (MMSA ``Has0_acc_2``).
+    - ``Acc2_has0``: binary accuracy on all samples with 0 counted as negative: ``preds > 0`` vs
+      ``labels > 0``. (MMSA's ``Has0_acc_2`` counts 0 as non-negative instead; this product follows
+      the negative convention of its method notes.)
     - ``F1``: support-weighted F1 on the non-zero variant (MMSA ``Non0_F1_score``).
     - ``Acc7``: both sides clipped to [-3, 3] and rounded with ``np.round`` (halves to even, as in
       MMSA), then compared.
@@ -93,7 +94,7 @@ def sentiment_metrics(
         f1 = weighted_f1(truth_nz, preds_nz)
     else:
         acc2 = f1 = float("nan")
-    acc2_has0 = float(np.mean((y >= 0) == (p >= 0)))
+    acc2_has0 = float(np.mean((y > 0) == (p > 0)))
     acc7 = float(np.mean(np.round(np.clip(p, -3.0, 3.0)) == np.round(np.clip(y, -3.0, 3.0))))
     mae = float(np.mean(np.abs(p - y)))
     if np.ptp(p) == 0 or np.ptp(y) == 0:

@@ -23,8 +23,8 @@ def test_sentiment_metrics_by_hand():
     # F1 on the same four: class T: TP 3, FP 1, FN 0 -> 6/7, support 3; class F: TP 0 -> 0, support 1
     # weighted: (3 * 6/7 + 1 * 0) / 4 = 9/14
     assert m["F1"] == pytest.approx(9 / 14)
-    # Acc2_has0 (all five, 0 is non-negative). truth >= 0: T T T F T; preds >= 0: T T T T F -> 3/5
-    assert m["Acc2_has0"] == pytest.approx(0.6)
+    # Acc2_has0 (all five, 0 is negative). truth > 0: T T T F F; preds > 0: T T T T F -> 4/5
+    assert m["Acc2_has0"] == pytest.approx(0.8)
     # Acc7: clip then round half to even. preds 3.8->3, 0.7->1, 1.6->2, 0.2->0, -0.3->0;
     # labels 3->3, 0.5->0 (half to even), 1->1, -2->-2, 0->0. Matches: first and last -> 2/5
     assert m["Acc7"] == pytest.approx(0.4)
@@ -48,7 +48,7 @@ def test_corr_is_zero_when_one_side_is_constant():
 def test_all_zero_labels_make_non_zero_metrics_nan():
     m = sentiment_metrics([0.3, -0.2], [0.0, 0.0])
     assert math.isnan(m["Acc2"]) and math.isnan(m["F1"])
-    assert m["Acc2_has0"] == 0.5  # 0.3 >= 0 matches, -0.2 does not
+    assert m["Acc2_has0"] == 0.5  # both labels negative: -0.2 matches, 0.3 does not
 
 
 def test_sentiment_metrics_validation():

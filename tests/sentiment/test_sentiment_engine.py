@@ -42,8 +42,9 @@ def test_key_metric_by_hand():
     other = result["subsets"]["audio"]
     # |2-.5| + |-1-.5| + |0-.5| + |1-.5| = 1.5 + 1.5 + .5 + .5 = 4 -> 1.0
     assert other["MAE"] == pytest.approx(1.0)
-    # non-zero labels 2, -1, 1 -> predicted positive: 2 of 3 right; has0: 0 >= 0 right too -> 3 of 4
-    assert other["Acc2"] == pytest.approx(2 / 3) and other["Acc2_has0"] == pytest.approx(0.75)
+    # non-zero labels 2, -1, 1 -> predicted positive: 2 of 3 right; has0: the 0 label is negative,
+    # so it is wrong too -> 2 of 4
+    assert other["Acc2"] == pytest.approx(2 / 3) and other["Acc2_has0"] == pytest.approx(0.5)
     # weighted F1 over {pos: support 2, F1 = 2*2/(2*2+1) = 0.8; neg: support 1, F1 = 0} -> 1.6 / 3
     assert other["F1"] == pytest.approx(1.6 / 3)
     # constant predictions: correlation defined as 0
