@@ -5,7 +5,8 @@ Three layouts are recognised anywhere below the root folder:
 * BraTS 2018-2021: ``<case>_{flair,t1,t1ce,t2,seg}.nii(.gz)`` (enhancing tumour = 4);
 * BraTS 2023+: ``<case>-{t2f,t1n,t1c,t2w,seg}.nii(.gz)`` (enhancing tumour = 3);
 * MSD Task01 (and nnU-Net v2): a folder with ``dataset.json``, images under ``imagesTr/`` and
-  ``imagesTs/``, labels under ``labelsTr/``; channel and label meanings come from ``dataset.json``.
+  ``imagesTs/``, labels under ``labelsTr/`` (and ``labelsTs/``); channel and label meanings come from
+  ``dataset.json``. When labels are required, test images (``imagesTs/``) without a label are left out.
 
 Discovery only looks at names; image contents are checked when loading (:mod:`app.data.transforms`).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -24,6 +26,8 @@ from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS
 from app.subsets import BRATS_MODALITIES
 
 __all__ = ["CaseError", "ACCEPTED_LAYOUTS", "CHANNEL_ALIASES", "discover_cases", "msd_channels", "msd_label_map"]
+
+logger = logging.getLogger(__name__)
 
 ACCEPTED_LAYOUTS = (
     "BraTS 2018-2021 '<case>_{flair,t1,t1ce,t2,seg}.nii.gz'; "
@@ -251,7 +255,9 @@ def discover_cases(root: str | os.PathLike, require_label: bool = False) -> list
 
     Args:
         root: folder to search recursively (symlinked folders are followed).
-        require_label: raise if any case has no segmentation (for training data).
+        require_label: raise if any case has no segmentation (for training and evaluation data).
+            MSD / nnU-Net v2 test images (``imagesTs/``) without a label in ``labelsTs/`` are left
+            out instead, and their number is logged: the downloads ship them unlabelled.
 
     Returns:
         Case records sorted by case id::
@@ -266,7 +272,8 @@ def discover_cases(root: str | os.PathLike, require_label: bool = False) -> list
     Raises:
         CaseError: missing/empty root, a case without image sequences, duplicate case ids or
             duplicate files of one sequence, unusable ``dataset.json``, or (with
-            ``require_label``) a case without label.
+            ``require_label``) a case without label other than an ``imagesTs/`` one, or no
+            labelled case at all.
     """
     root_path = Path(root).expanduser().absolute()
     if not root_path.is_dir():
@@ -334,6 +341,23 @@ def discover_cases(root: str | os.PathLike, require_label: bool = False) -> list
         where[rec["case"]] = location
 
     if require_label:
+        # MSD / nnU-Net test images have no labels by definition (a Task01 download has 266 of them):
+        # they are for inference, so leaving them out lets the download train as it comes
+        test_only = [item for item in found if item[0]["label"] is None and item[0]["layout"] == "msd"
+                     and Path(item[2]).parent.name == "labelsTs"]
+        if test_only:
+            folders = sorted({str(Path(expected).parent.with_name("imagesTs")) for _, _, expected in test_only})
+            left_out = {rec["case"] for rec, _, _ in test_only}  # ids are unique by now
+            found = [item for item in found if item[0]["case"] not in left_out]
+            if not found:
+                task = Path(folders[0]).parent
+                raise CaseError(
+                    f"No labelled case under {root_path}: only {len(test_only)} test image(s) in "
+                    f"{', '.join(folders)}, which have no labels. Add the training cases ({task / 'imagesTr'} + "
+                    f"{task / 'labelsTr'}), or the test images' labels in {task / 'labelsTs'}."
+                )
+            logger.info("Left out %d unlabelled test case(s) in %s: labels are required here.",
+                        len(test_only), ", ".join(folders))
         missing = [(rec["case"], expected) for rec, _, expected in found if rec["label"] is None]
         if missing:
             shown = "; ".join(f"case {c!r}: expected {e}" for c, e in missing[:5])

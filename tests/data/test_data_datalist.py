@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from app.data.datalist import read_datalist, split_cases, write_datalist
+from app.data.datalist import prepare_datalist, read_datalist, split_cases, write_datalist
 
 
 def records(n):
@@ -67,3 +67,20 @@ def test_failed_write_keeps_the_old_file(tmp_path):
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match="datalist.json"):
         read_datalist(path)
+
+
+def test_prepare_datalist_on_msd_task01_as_downloaded(tmp_path):
+    # imagesTs/ holds the unlabelled test images of the download; training uses imagesTr/ + labelsTr/
+    task = tmp_path / "Task01_BrainTumour"
+    task.mkdir()
+    (task / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+        "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+    }))
+    for folder, names in (("imagesTr", range(1, 6)), ("labelsTr", range(1, 6)), ("imagesTs", range(485, 488))):
+        (task / folder).mkdir()
+        for i in names:
+            (task / folder / f"BRATS_{i:03d}.nii.gz").write_bytes(b"")  # discovery only looks at names
+    out = prepare_datalist(tmp_path, tmp_path / "run", val_fraction=0.2, seed=0)
+    assert sorted(ids(out["training"]) + ids(out["validation"])) == [f"BRATS_{i:03d}" for i in range(1, 6)]
+    assert read_datalist(tmp_path / "run" / "datalist.json") == (out["training"], out["validation"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -110,8 +111,66 @@ def test_msd_task01_layout(tmp_path):
     assert c["label"] == str(task / "labelsTr" / "BRATS_001.nii.gz")
     assert c["label_map"] == {"ncr": [2], "ed": [1], "et": [3]}
     assert cases[2]["label"] is None
-    with pytest.raises(CaseError, match=r"BRATS_900.*labelsTs"):
+
+
+def _task01(root: Path, train=("BRATS_001", "BRATS_002"), test=("BRATS_485", "BRATS_486")) -> Path:
+    """An MSD Task01 folder as downloaded: labelled imagesTr/ cases and unlabelled imagesTs/ cases."""
+    task = root / "Task01_BrainTumour"
+    task.mkdir(parents=True)
+    (task / "dataset.json").write_text(json.dumps(MSD_DESC))
+    for case in train:
+        touch(task / "imagesTr" / f"{case}.nii.gz")
+        touch(task / "labelsTr" / f"{case}.nii.gz")
+    for case in test:
+        touch(task / "imagesTs" / f"{case}.nii.gz")
+    return task
+
+
+def test_msd_test_images_are_left_out_when_labels_are_required(tmp_path, caplog):
+    task = _task01(tmp_path)
+    with caplog.at_level(logging.INFO, logger="app.data.discovery"):
+        cases = discover_cases(tmp_path, require_label=True)
+    assert [c["case"] for c in cases] == ["BRATS_001", "BRATS_002"]
+    assert all(c["label"] for c in cases)
+    assert "2 unlabelled test case(s)" in caplog.text and str(task / "imagesTs") in caplog.text
+    # inference still sees the test images
+    assert [c["case"] for c in discover_cases(tmp_path)] == ["BRATS_001", "BRATS_002", "BRATS_485", "BRATS_486"]
+
+
+def test_msd_training_case_without_label_still_fails(tmp_path):
+    task = _task01(tmp_path)
+    touch(task / "imagesTr" / "BRATS_003.nii.gz")  # a training image whose label is missing
+    with pytest.raises(CaseError, match=r"1 case\(s\) have no label: case 'BRATS_003'.*labelsTr") as err:
         discover_cases(tmp_path, require_label=True)
+    assert "BRATS_485" not in str(err.value)
+
+
+def test_msd_labelled_test_images_are_kept(tmp_path):
+    # a test set with labelsTs/ is what evaluation runs on
+    task = _task01(tmp_path)
+    touch(task / "labelsTs" / "BRATS_485.nii.gz")
+    cases = {c["case"]: c for c in discover_cases(tmp_path, require_label=True)}
+    assert sorted(cases) == ["BRATS_001", "BRATS_002", "BRATS_485"]
+    assert cases["BRATS_485"]["label"] == str(task / "labelsTs" / "BRATS_485.nii.gz")
+
+
+def test_msd_folder_with_only_unlabelled_test_images(tmp_path):
+    task = _task01(tmp_path, train=())
+    with pytest.raises(CaseError, match=r"No labelled case.*2 test image\(s\) in .*imagesTs") as err:
+        discover_cases(tmp_path, require_label=True)
+    assert str(task / "labelsTr") in str(err.value)
+
+
+def test_nnunet_v2_test_images_are_left_out_when_labels_are_required(tmp_path):
+    desc = {"channel_names": {"0": "FLAIR", "1": "T1", "2": "T1ce", "3": "T2"},
+            "labels": {"background": 0, "edema": 1, "non-enhancing tumor": 2, "enhancing tumour": 3}}
+    (tmp_path / "dataset.json").write_text(json.dumps(desc))
+    for c in ("0000", "0001", "0002", "0003"):
+        touch(tmp_path / "imagesTr" / f"case_1_{c}.nii.gz")
+        touch(tmp_path / "imagesTs" / f"case_9_{c}.nii.gz")
+    touch(tmp_path / "labelsTr" / "case_1.nii.gz")
+    assert [c["case"] for c in discover_cases(tmp_path, require_label=True)] == ["case_1"]
+    assert [c["case"] for c in discover_cases(tmp_path)] == ["case_1", "case_9"]
 
 
 def test_msd_channel_aliases_and_order(tmp_path):
