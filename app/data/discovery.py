@@ -193,8 +193,20 @@ def _record(case: str, layout: str, images: dict[str, str], image4d: str | None,
     }
 
 
-def _msd_cases(folder: Path, desc: dict[str, Any]) -> list[tuple[dict[str, Any], str, str]]:
-    """Records of an MSD / nnU-Net v2 folder, each with its location and expected label file name."""
+def _case_problem(case_errors: dict[str, str] | None, case: str, message: str) -> None:
+    """Raise ``message``, or keep it as ``case``'s problem (its first one) when the caller collects them."""
+    if case_errors is None:
+        raise CaseError(message)
+    case_errors.setdefault(case, message)
+
+
+def _msd_cases(
+    folder: Path, desc: dict[str, Any], case_errors: dict[str, str] | None = None
+) -> list[tuple[dict[str, Any], str, str]]:
+    """Records of an MSD / nnU-Net v2 folder, each with its location and expected label file name.
+
+    Problems of one case go through :func:`_case_problem`; such a case is left out.
+    """
     source = folder / "dataset.json"
     channels = msd_channels(desc, source)
     label_map = msd_label_map(desc, source)
@@ -207,6 +219,7 @@ def _msd_cases(folder: Path, desc: dict[str, Any]) -> list[tuple[dict[str, Any],
             continue
         cases: dict[str, dict[str, str]] = {}
         four_d: dict[str, str] = {}
+        bad: set[str] = set()
         for fname in sorted(os.listdir(folder / img_dir)):
             if fname.startswith("."):  # MSD tarballs ship macOS '._*' resource files
                 continue
@@ -216,18 +229,23 @@ def _msd_cases(folder: Path, desc: dict[str, Any]) -> list[tuple[dict[str, Any],
                     four_d[m.group("case")] = path
                 continue
             if (m := _NNUNET_CHANNEL_RE.match(fname)) is None:
-                if _NIFTI_RE.match(fname):
-                    raise CaseError(
+                if (n := _NIFTI_RE.match(fname)) is not None:
+                    _case_problem(
+                        case_errors, n.group("case"),
                         f"{path}: nnU-Net v2 image files must be named <case>_XXXX.nii.gz (XXXX = channel index "
-                        f"from {source}); rename it, or describe 4D files with the MSD 'modality' key."
+                        f"from {source}); rename it, or describe 4D files with the MSD 'modality' key.",
                     )
+                    bad.add(n.group("case"))
                 continue
             idx = int(m.group("idx"))
             if idx not in idx_to_seq:
-                raise CaseError(f"{path}: channel {idx:04d} is not listed in {source} {sorted(idx_to_seq)}; "
-                                "add it to 'channel_names' or remove the file.")
+                _case_problem(case_errors, m.group("case"),
+                              f"{path}: channel {idx:04d} is not listed in {source} {sorted(idx_to_seq)}; "
+                              "add it to 'channel_names' or remove the file.")
+                bad.add(m.group("case"))
+                continue
             cases.setdefault(m.group("case"), {})[idx_to_seq[idx]] = path
-        for case in sorted(set(cases) | set(four_d)):
+        for case in sorted(set(cases) | set(four_d) | bad):
             label = None
             for ext in (".nii.gz", ".nii"):
                 candidate = folder / lbl_dir / f"{case}{ext}"
@@ -235,6 +253,8 @@ def _msd_cases(folder: Path, desc: dict[str, Any]) -> list[tuple[dict[str, Any],
                     label = str(candidate)
                     seen_labels.add(label)
                     break
+            if case in bad:  # reported above; its label is still its own, not one without image
+                continue
             # "channels" indexes into image4d; per-channel nnU-Net files need none
             rec = _record(case, "msd", cases.get(case, {}), four_d.get(case), {} if per_channel else channels,
                           label, label_map)
@@ -244,13 +264,16 @@ def _msd_cases(folder: Path, desc: dict[str, Any]) -> list[tuple[dict[str, Any],
         if (folder / lbl_dir).is_dir():
             for fname in sorted(os.listdir(folder / lbl_dir)):
                 path = str(folder / lbl_dir / fname)
-                if not fname.startswith(".") and _NIFTI_RE.match(fname) and path not in seen_labels:
-                    raise CaseError(f"{path} has no image in {folder / lbl_dir.replace('labels', 'images')}: "
-                                    "a case needs at least one image sequence; add the image or remove the label.")
+                if not fname.startswith(".") and (m := _NIFTI_RE.match(fname)) and path not in seen_labels:
+                    _case_problem(case_errors, m.group("case"),
+                                  f"{path} has no image in {folder / lbl_dir.replace('labels', 'images')}: a case "
+                                  "needs at least one image sequence; add the image or remove the label.")
     return out
 
 
-def discover_cases(root: str | os.PathLike, require_label: bool = False) -> list[dict[str, Any]]:
+def discover_cases(
+    root: str | os.PathLike, require_label: bool = False, case_errors: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
     """Find every case below ``root`` in the BraTS 2018, BraTS 2023 or MSD Task01 layout.
 
     Args:
@@ -258,6 +281,13 @@ def discover_cases(root: str | os.PathLike, require_label: bool = False) -> list
         require_label: raise if any case has no segmentation (for training and evaluation data).
             MSD / nnU-Net v2 test images (``imagesTs/``) without a label in ``labelsTs/`` are left
             out instead, and their number is logged: the downloads ship them unlabelled.
+
+        case_errors: when given, a problem of one case (two files of one sequence, a label without
+            image, an nnU-Net image file that is misnamed or not in ``dataset.json``, a case id used
+            twice) is stored here as ``{case: message}`` and that case is left out, instead of
+            raising; the other cases are returned (batch inference). Problems of the whole folder
+            (missing root, no case at all, unusable ``dataset.json``) and missing labels
+            (``require_label``) still raise.
 
     Returns:
         Case records sorted by case id::
@@ -295,7 +325,7 @@ def discover_cases(root: str | os.PathLike, require_label: bool = False) -> list
         if "dataset.json" in filenames:
             desc = _read_dataset_json(folder / "dataset.json")
             if "modality" in desc or "channel_names" in desc:
-                found.extend(_msd_cases(folder, desc))
+                found.extend(_msd_cases(folder, desc, case_errors))
                 dirnames[:] = []  # the MSD folder is fully described by dataset.json
                 continue
         for fname in sorted(filenames):
@@ -311,34 +341,47 @@ def discover_cases(root: str | os.PathLike, require_label: bool = False) -> list
             path = str(folder / fname)
             previous = group["label"] if seq == "seg" else group["images"].get(seq)
             if previous is not None:
-                raise CaseError(f"Case {m.group('case')!r} has two {seq!r} files: {previous} and {path}. Keep one.")
+                _case_problem(case_errors, m.group("case"),
+                              f"Case {m.group('case')!r} has two {seq!r} files: {previous} and {path}. Keep one.")
+                group["bad"] = True
+                continue
             if seq == "seg":
                 group["label"] = path
             else:
                 group["images"][seq] = path
 
     for (dirpath, layout, case), group in groups.items():
+        if group.get("bad"):
+            continue
         sep = "_" if layout == "brats2018" else "-"
         if not group["images"]:
             names = "{flair,t1,t1ce,t2}" if layout == "brats2018" else "{t2f,t1n,t1c,t2w}"
-            raise CaseError(
+            _case_problem(
+                case_errors, case,
                 f"Folder {dirpath}: case {case!r} has a label ({os.path.basename(group['label'])}) but no image "
-                f"sequence; expected at least one of {case}{sep}{names}.nii.gz. Add the images or remove the case."
+                f"sequence; expected at least one of {case}{sep}{names}.nii.gz. Add the images or remove the case.",
             )
+            continue
         rec = _record(case, layout, group["images"], None, {}, group["label"], LABEL_CONVENTIONS[layout])
         found.append((rec, next(iter(rec["images"].values())), str(Path(dirpath) / f"{case}{sep}seg.nii.gz")))
 
-    if not found:
+    if not found and not case_errors:
         raise CaseError(f"No cases found under {root_path}. Accepted layouts: {ACCEPTED_LAYOUTS}.")
 
     where: dict[str, str] = {}
     for rec, location, _ in found:
-        if rec["case"] in where:
-            raise CaseError(
-                f"Duplicate case id {rec['case']!r}: {where[rec['case']]} and {location}. "
-                "Remove or rename one copy, or point discovery at a folder holding only one."
+        case = rec["case"]
+        if case in where:
+            _case_problem(
+                case_errors, case,
+                f"Duplicate case id {case!r}: {where[case]} and {location}. "
+                "Remove or rename one copy, or point discovery at a folder holding only one.",
             )
-        where[rec["case"]] = location
+        elif case_errors and case in case_errors:  # a copy with a problem: the outputs would share one name
+            case_errors[case] += f" Case id {case!r} is also used at {location}, left out too: ids must be unique."
+        where.setdefault(case, location)
+    if case_errors:
+        found = [item for item in found if item[0]["case"] not in case_errors]
 
     if require_label:
         # MSD / nnU-Net test images have no labels by definition (a Task01 download has 266 of them):

@@ -278,3 +278,65 @@ def test_symlinked_case_folder(tmp_path):
     (tmp_path / "data" / "A_1").symlink_to(tmp_path / "store" / "A_1", target_is_directory=True)
     (c,) = discover_cases(tmp_path / "data", require_label=True)
     assert c["case"] == "A_1"
+
+
+def test_case_errors_collects_problems_of_single_cases(tmp_path):
+    brats18(tmp_path, "A_1")
+    brats18(tmp_path, "B_1", seqs=("flair", "t2"))
+    touch(tmp_path / "B_1" / "B_1_flair.nii")  # two flair files in one case
+    touch(tmp_path / "labels_only" / "C_2_seg.nii.gz")
+    brats18(tmp_path / "site_a", "D_1")
+    brats18(tmp_path / "site_b", "D_1")
+    errors: dict[str, str] = {}
+    cases = discover_cases(tmp_path, case_errors=errors)
+    assert [c["case"] for c in cases] == ["A_1"]
+    assert sorted(errors) == ["B_1", "C_2", "D_1"]
+    assert "two 'flair' files" in errors["B_1"] and "B_1_flair.nii " in errors["B_1"]
+    assert "no image sequence" in errors["C_2"] and str(tmp_path / "labels_only") in errors["C_2"]
+    assert "Duplicate case id 'D_1'" in errors["D_1"] and str(tmp_path / "site_b") in errors["D_1"]
+    with pytest.raises(CaseError, match="two 'flair' files"):  # without the dict nothing changes
+        discover_cases(tmp_path)
+
+
+def test_case_errors_leaves_out_every_copy_of_a_case_id_with_a_problem(tmp_path):
+    brats18(tmp_path / "site_a", "A_1", seqs=("flair", "t2"))
+    touch(tmp_path / "site_a" / "A_1" / "A_1_t2.nii")
+    brats18(tmp_path / "site_b", "A_1")  # fine on its own, but would write the same outputs
+    brats18(tmp_path, "B_1")
+    errors: dict[str, str] = {}
+    assert [c["case"] for c in discover_cases(tmp_path, case_errors=errors)] == ["B_1"]
+    assert list(errors) == ["A_1"] and "two 't2' files" in errors["A_1"] and str(tmp_path / "site_b") in errors["A_1"]
+
+
+def test_case_errors_in_msd_and_nnunet_folders(tmp_path):
+    desc = {"channel_names": {"0": "FLAIR", "1": "T2"},
+            "labels": {"background": 0, "edema": 1, "non-enhancing tumor": 2, "enhancing tumour": 3}}
+    (tmp_path / "dataset.json").write_text(json.dumps(desc))
+    for case in ("ok", "extra", "misnamed"):
+        for c in ("0000", "0001"):
+            touch(tmp_path / "imagesTr" / f"{case}_{c}.nii.gz")
+        touch(tmp_path / "labelsTr" / f"{case}.nii.gz")
+    touch(tmp_path / "imagesTr" / "extra_0002.nii.gz")  # channel 2 is not in dataset.json
+    touch(tmp_path / "imagesTr" / "misnamed.nii.gz")
+    touch(tmp_path / "labelsTr" / "orphan.nii.gz")
+    errors: dict[str, str] = {}
+    assert [c["case"] for c in discover_cases(tmp_path, case_errors=errors)] == ["ok"]
+    assert sorted(errors) == ["extra", "misnamed", "orphan"]  # the labels of bad cases are not orphans
+    assert "channel 0002 is not listed" in errors["extra"] and "extra_0002.nii.gz" in errors["extra"]
+    assert "must be named <case>_XXXX" in errors["misnamed"]
+    assert "orphan.nii.gz has no image" in errors["orphan"]
+
+
+def test_case_errors_still_raises_for_the_whole_folder(tmp_path):
+    with pytest.raises(CaseError, match="does not exist"):
+        discover_cases(tmp_path / "nope", case_errors={})
+    with pytest.raises(CaseError, match="No cases found"):
+        discover_cases(tmp_path, case_errors={})
+    (tmp_path / "dataset.json").write_text("{not json")
+    touch(tmp_path / "imagesTr" / "c1.nii.gz")
+    with pytest.raises(CaseError, match=r"dataset\.json"):
+        discover_cases(tmp_path, case_errors={})
+    (tmp_path / "dataset.json").unlink()
+    touch(tmp_path / "X_1" / "X_1_seg.nii.gz")  # only a bad case: reported, not "No cases found"
+    errors: dict[str, str] = {}
+    assert discover_cases(tmp_path, case_errors=errors) == [] and list(errors) == ["X_1"]
