@@ -7,8 +7,11 @@ Used by the bundle (``bundles/brats_gmd/configs/inference.yaml``) and as the Doc
 Cases are found by name in the BraTS 2018, BraTS 2023 and MSD/nnU-Net layouts
 (:func:`app.data.discover_cases`). Each case gets ``<case>.nii.gz`` (labels on its own grid) and
 ``<case>.json`` (summary) in the output folder, and ``<case>_prob.nii.gz`` with ``--probabilities``.
-A case with bad input is reported and skipped; the others still run. ``inference_summary.json``
-lists every case with its status.
+A case with bad input, including a problem found while discovering it (two files of one sequence, a
+label without image, ...), is reported and skipped; the others still run. ``inference_summary.json``
+lists every case with its status. A rerun into the same folder removes the outputs an earlier run
+wrote for a case that this run does not write again (the case now fails, or ``--probabilities`` was
+dropped), so the folder holds exactly this run's results.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Collection, Mapping, NoReturn, Sequence
 
 from app.atomic import atomic_write_text
 
@@ -28,6 +32,49 @@ __all__ = ["BatchError", "build_parser", "main", "run_batch"]
 
 class BatchError(RuntimeError):
     """Some cases of a batch could not be segmented; the message lists them (one line each)."""
+
+
+def _output_names(case: str, probabilities: bool = True) -> list[str]:
+    """File names the batch writes for ``case`` in the output folder (with ``probabilities``, also the map)."""
+    return [f"{case}.nii.gz", f"{case}.json"] + ([f"{case}_prob.nii.gz"] if probabilities else [])
+
+
+def _case_inputs(rec: Mapping[str, Any]) -> list[str]:
+    """Every file a discovered case is read from: its scans and its label."""
+    return [*rec["images"].values(), *(p for p in (rec["image4d"], rec["label"]) if p)]
+
+
+def _remove_stale_outputs(
+    out_dir: Path, case: str, keep: Collection[str], claimed: Mapping[str, str], inputs: Collection[str]
+) -> None:
+    """Remove what an earlier run wrote for ``case`` in ``out_dir`` and this run will not write again.
+
+    Only the batch's own names for the case are candidates (:func:`_output_names`, and the
+    temporaries of a write that was killed, ``.<name>.<8 hex>.tmp.nii.gz|json``); of those, a name in
+    ``keep`` (rewritten atomically by this run), a name another case of this run writes (``claimed``:
+    name -> case), a link, a folder, and any input scan (``inputs``: real paths; an output folder may
+    hold scans, e.g. an MSD ``imagesTs``) are left alone.
+
+    Raises:
+        OSError: a stale output could not be removed.
+    """
+    if not out_dir.is_dir():
+        return
+    names = set(_output_names(case))
+    temporary = re.compile(rf"\.{re.escape(case)}(?:_prob)?\.[0-9a-f]{{8}}\.tmp(?:\.nii\.gz|\.json)")
+    for entry in os.scandir(out_dir):
+        if entry.name in keep or claimed.get(entry.name, case) != case:
+            continue
+        if entry.name not in names and not temporary.fullmatch(entry.name):
+            continue
+        if entry.is_file(follow_symlinks=False) and os.path.realpath(entry.path) not in inputs:
+            try:
+                os.remove(entry.path)
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                raise OSError(f"Cannot remove {entry.path}, left by an earlier run ({err.strerror}): remove it or "
+                              "use an empty --output-dir.") from err
 
 
 def run_batch(
@@ -44,7 +91,8 @@ def run_batch(
     Args:
         segmenter: a :class:`app.inference.Segmenter` (see :func:`app.inference.load_segmenter`).
         input_dir: folder searched recursively for cases.
-        output_dir: where ``<case>.nii.gz``, ``<case>.json`` and ``inference_summary.json`` go.
+        output_dir: where ``<case>.nii.gz``, ``<case>.json`` and ``inference_summary.json`` go. Outputs of
+            an earlier run for a case of this run that this run does not write again are removed.
         labels: ``2018`` (1/2/4) or ``2023`` (1/2/3).
         probabilities: also write ``<case>_prob.nii.gz``.
         resample_to: sequence whose grid the others are resampled onto, in cases whose grids differ.
@@ -52,24 +100,36 @@ def run_batch(
         raise_on_error: raise :class:`BatchError` after the last case when any case failed.
 
     Returns:
-        One entry per case: ``{"case", "status": "ok" | "error", ...summary or "error"}``.
+        One entry per case, sorted by case: ``{"case", "status": "ok" | "error", ...summary or "error"}``.
+        A problem found while discovering a case (see ``case_errors`` of
+        :func:`app.data.discover_cases`) makes that case an error; only a missing or empty
+        ``input_dir`` or an unusable ``dataset.json`` raise before any case runs.
     """
-    from app.data.discovery import discover_cases
+    from app.data.discovery import CaseError, discover_cases
     from app.inference.io import sequence_name
     from app.inference.pipeline import as_bool, segment_case
 
     probabilities = as_bool(probabilities, "probabilities")
 
     out_dir = Path(output_dir)
-    cases = discover_cases(input_dir, require_label=False)
+    discovery_errors: dict[str, str] = {}
+    records = {rec["case"]: rec for rec in discover_cases(input_dir, require_label=False,
+                                                          case_errors=discovery_errors)}
     reference = sequence_name(resample_to) if resample_to else None
+    inputs = {os.path.realpath(p) for rec in records.values() for p in _case_inputs(rec)}
+    claimed = {f: c for c in (*records, *discovery_errors) for f in _output_names(c, probabilities)}
     results: list[dict[str, Any]] = []
     start = time.perf_counter()
-    for rec in cases:
-        name = rec["case"]
-        paths = {s: rec["image4d"] for s in rec["channels"]} if rec["image4d"] else {}
-        paths |= dict(rec["images"])
+    for name in sorted(records.keys() | discovery_errors.keys()):
+        rec = records.get(name)
+        written = _output_names(name, probabilities) if rec is not None else []
         try:
+            # outputs this run writes are replaced atomically; the others would be mistaken for its results
+            _remove_stale_outputs(out_dir, name, written, claimed, inputs)
+            if rec is None:
+                raise CaseError(discovery_errors[name])
+            paths = {s: rec["image4d"] for s in rec["channels"]} if rec["image4d"] else {}
+            paths |= dict(rec["images"])
             summary = segment_case(
                 segmenter,
                 paths,
@@ -83,6 +143,10 @@ def run_batch(
             )
         except (ValueError, OSError) as err:  # CaseError is a ValueError; the case is skipped, the rest run
             message = " ".join(str(err).split())
+            try:  # no result of an earlier run may stand in for a case that failed now
+                _remove_stale_outputs(out_dir, name, (), claimed, inputs)
+            except OSError as rm_err:
+                message += f" {' '.join(str(rm_err).split())}"
             print(f"error: case {name}: {message}", file=sys.stderr)
             results.append({"case": name, "status": "error", "error": message})
             continue

@@ -1,0 +1,125 @@
+"""Batch inference (``app.inference.batch``): a problem of one case, found while discovering or while
+reading it, fails that case only; a rerun leaves only its own results in the output folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from app.inference.batch import BatchError, run_batch
+from app.inference.batch import main as batch_main
+from app.inference.pipeline import load_segmenter
+from tests.inference.conftest import load
+
+
+@pytest.fixture(scope="module")
+def segmenter(random_ckpt):
+    return load_segmenter(random_ckpt, device="cpu")
+
+
+def _copy_case(phantom_root: Path, dst: Path, name: str, seqs=("flair", "t1", "t1ce", "t2")) -> Path:
+    """Phantom case 0 under another name, with the given sequences only."""
+    (dst / name).mkdir(parents=True)
+    for seq in seqs:
+        shutil.copy(phantom_root / "Phantom_000" / f"Phantom_000_{seq}.nii.gz", dst / name / f"{name}_{seq}.nii.gz")
+    return dst / name
+
+
+def _report(out: Path) -> dict[str, dict]:
+    report = json.loads((out / "inference_summary.json").read_text())
+    return {r["case"]: r for r in report["results"]}
+
+
+def test_discovery_problem_of_one_case_fails_that_case_only(phantom_root, random_ckpt, tmp_path, capsys):
+    root = tmp_path / "in"
+    _copy_case(phantom_root, root, "Good", seqs=("flair", "t2"))
+    dup = _copy_case(phantom_root, root, "Dup", seqs=("flair",))
+    shutil.copy(dup / "Dup_flair.nii.gz", dup / "Dup_flair.nii")  # two files of one sequence
+    (root / "Orphan").mkdir()
+    shutil.copy(phantom_root / "Phantom_000" / "Phantom_000_seg.nii.gz", root / "Orphan" / "Orphan_seg.nii.gz")
+    nnunet = root / "Dataset001"  # nnU-Net v2: one good case, one with a channel dataset.json does not list
+    (nnunet / "imagesTs").mkdir(parents=True)
+    (nnunet / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "FLAIR", "1": "T2"},
+        "labels": {"background": 0, "edema": 1, "non-enhancing tumor": 2, "enhancing tumour": 3},
+    }))
+    for case in ("nn_ok", "nn_extra"):
+        for idx, seq in enumerate(("flair", "t2")):
+            shutil.copy(phantom_root / "Phantom_001" / f"Phantom_001_{seq}.nii.gz",
+                        nnunet / "imagesTs" / f"{case}_{idx:04d}.nii.gz")
+    shutil.copy(nnunet / "imagesTs" / "nn_extra_0001.nii.gz", nnunet / "imagesTs" / "nn_extra_0002.nii.gz")
+    out = tmp_path / "out"
+
+    rc = batch_main(["--input-dir", str(root), "--output-dir", str(out), "--ckpt", random_ckpt, "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    report = _report(out)
+    assert {c: r["status"] for c, r in report.items()} == {
+        "Dup": "error", "Good": "ok", "Orphan": "error", "nn_extra": "error", "nn_ok": "ok"}
+    assert "two 'flair' files" in report["Dup"]["error"] and "case Dup: Case 'Dup' has two 'flair' files" in err
+    assert "no image sequence" in report["Orphan"]["error"] and "case Orphan:" in err
+    assert "channel 0002 is not listed" in report["nn_extra"]["error"] and "case nn_extra:" in err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "Good.json", "Good.nii.gz", "inference_summary.json", "nn_ok.json", "nn_ok.nii.gz"]
+
+
+def test_problems_of_the_whole_input_still_stop_the_batch(phantom_root, segmenter, tmp_path):
+    root = tmp_path / "in"
+    _copy_case(phantom_root, root, "Good", seqs=("flair",))
+    (root / "Task01").mkdir()
+    (root / "Task01" / "dataset.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"Task01/dataset\.json"):
+        run_batch(segmenter, root, tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="No cases found"):
+        run_batch(segmenter, tmp_path / "empty", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_rerun_removes_the_outputs_it_does_not_write_again(phantom_root, segmenter, tmp_path):
+    root = tmp_path / "in"
+    case = _copy_case(phantom_root, root, "P1", seqs=("flair", "t2"))
+    _copy_case(phantom_root, root, "P2", seqs=("t1",))
+    out = tmp_path / "out"
+    run_batch(segmenter, root, out, probabilities=True)
+    assert {p.name for p in out.iterdir()} >= {"P1.nii.gz", "P1.json", "P1_prob.nii.gz", "P2_prob.nii.gz"}
+    others = ["notes.txt", "P1_prob.nii", "P1_seg.nii.gz", "P3.nii.gz", "P1.nii.gz.bak", ".P1.xyz.tmp.json"]
+    for name in others:  # not this product's outputs of a case of this run: never touched
+        (out / name).write_text(name)
+    (out / ".P1_prob.0123abcd.tmp.nii.gz").write_bytes(b"left by a killed write")
+
+    run_batch(segmenter, root, out, probabilities=False)  # --probabilities dropped
+    names = {p.name for p in out.iterdir()}
+    assert names == {"P1.nii.gz", "P1.json", "P2.nii.gz", "P2.json", "inference_summary.json", *others}
+
+    (case / "P1_flair.nii.gz").write_bytes(b"garbage")  # the case now fails
+    with pytest.raises(BatchError, match="P1"):
+        run_batch(segmenter, root, out)
+    names = {p.name for p in out.iterdir()}
+    assert names == {"P2.nii.gz", "P2.json", "inference_summary.json", *others}
+    assert all((out / n).read_text() == n for n in others)
+    assert _report(out)["P1"]["status"] == "error"
+
+
+def test_stale_output_cleanup_never_removes_an_input(phantom_root, segmenter, tmp_path):
+    """An output folder that holds scans (here MSD imagesTs, <case>.nii.gz) keeps them when a case fails."""
+    task = tmp_path / "Task01"
+    (task / "imagesTs").mkdir(parents=True)
+    (task / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "FLAIR", "1": "T2"},
+        "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+    }))
+    ref = load(phantom_root / "Phantom_002" / "Phantom_002_flair.nii.gz")
+    data = np.stack([np.asarray(load(phantom_root / "Phantom_002" / f"Phantom_002_{s}.nii.gz").dataobj)
+                     for s in ("flair", "t2")], axis=-1)
+    scan = task / "imagesTs" / "BRATS_900.nii.gz"
+    nib.save(nib.Nifti1Image(data, ref.affine), scan)
+    before = scan.read_bytes()
+    results = run_batch(segmenter, task, task / "imagesTs", raise_on_error=False)
+    assert results[0]["status"] == "error" and "is also an input" in results[0]["error"]
+    assert scan.read_bytes() == before
