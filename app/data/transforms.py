@@ -2,7 +2,8 @@
 
 :func:`load_case` reads a case record (see :func:`app.data.discovery.discover_cases`) with nibabel and
 returns a 4-channel image in ``BRATS_MODALITIES`` order (absent sequences are zero channels, flagged
-by ``modality_mask``) and, optionally, the WT/TC/ET region label. :class:`LoadCased` is the MONAI
+by ``modality_mask``) and, optionally, the WT/TC/ET region label. A sequence is absent when the case
+has no file for it or, in an MSD 4D file, when its channel is all zero. :class:`LoadCased` is the MONAI
 dictionary transform around it. Every problem with the files raises :class:`CaseError` naming the file.
 """
 
@@ -118,15 +119,18 @@ def _check_grid(path: str, shape: tuple[int, ...], affine: np.ndarray, ref: _Gri
         )
 
 
-def _check_finite(data: np.ndarray, path: str) -> None:
+def _check_finite(data: np.ndarray, path: str, channel: bool = False) -> None:
+    """Refuse NaN/Inf voxels and constant volumes; ``channel``: ``data`` is one channel of a 4D file."""
     if not np.isfinite(data).all():
         n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
         raise CaseError(f"{path} contains {n_bad} NaN/Inf voxel(s): replace them (e.g. with 0) or re-export the image.")
     lo, hi = float(data.min()), float(data.max())
     if lo == hi:
         # a constant volume would count as a present sequence and train its subsets on an empty image
-        raise CaseError(f"{path} is constant (every voxel is {lo:g}) and holds no image: pass the right file, "
-                        "or remove it so the sequence counts as missing for this case.")
+        fix = ("re-export the 4D image with the right channel, or set the channel to 0 so the sequence counts as "
+               "missing for this case." if channel else
+               "pass the right file, or remove it so the sequence counts as missing for this case.")
+        raise CaseError(f"{path} is constant (every voxel is {lo:g}) and holds no image: {fix}")
 
 
 def _meta_tensor(array: np.ndarray, affine: np.ndarray, path: str, case: str) -> MetaTensor:
@@ -154,13 +158,16 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
 
         * ``"image"``: float32 :class:`~monai.data.MetaTensor` ``[4, X, Y, Z]`` in ``BRATS_MODALITIES``
           order, zeros for absent sequences, affine and meta of the first present sequence;
-        * ``"modality_mask"``: bool tensor ``[4]``, True where the sequence was read;
+        * ``"modality_mask"``: bool tensor ``[4]``, True where the sequence was read; False for a
+          sequence without a file and for an all-zero channel of an MSD 4D file;
+        * ``"modalities"``: the sequences of ``modality_mask``, in ``BRATS_MODALITIES`` order;
         * ``"label"``: float32 MetaTensor ``[3, X, Y, Z]`` with WT/TC/ET regions, only when loaded.
 
     Raises:
         CaseError: unreadable/corrupt file, image that is not 3D (MSD: not 4D), sequences or label on
-            different grids, NaN/Inf in an image, label values unknown to the record's label map,
-            4D file with fewer channels than ``dataset.json`` names.
+            different grids, NaN/Inf in an image, a constant image (an all-zero 3D file included; in
+            a 4D file a constant channel other than 0, or every channel 0), label values unknown to
+            the record's label map, 4D file with fewer channels than ``dataset.json`` names.
     """
     case = str(record.get("case", "<unnamed case>"))
     images = dict(record.get("images") or {})
@@ -186,10 +193,17 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
         data = _read(img, image4d, np.float32).reshape(shape)
         stacked = np.zeros((len(BRATS_MODALITIES), *shape[:3]), dtype=np.float32)
         for seq, idx in channels.items():
-            _check_finite(data[..., idx], f"{image4d} (channel {idx}, {seq})")
+            if not data[..., idx].any():
+                # a 4D file cannot leave a sequence out, so an all-zero channel is how it marks one
+                # missing: it stays a zero channel outside the mask, like a case without that file
+                continue
+            _check_finite(data[..., idx], f"{image4d} (channel {idx}, {seq})", channel=True)
             stacked[BRATS_MODALITIES.index(seq)] = data[..., idx]
             present.append(seq)
         del data
+        if not present and not images:
+            raise CaseError(f"{image4d}: every channel is 0, so the case holds no image: re-export the 4D image, "
+                            "or remove the case (and its label).")
     for c, seq in enumerate(BRATS_MODALITIES):
         if seq not in images:
             continue
@@ -210,6 +224,8 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
 
     out = {k: v for k, v in record.items() if k != "label"}
     out["label_file"] = record.get("label")
+    # discovery only sees file names, so it lists an all-zero 4D channel as present
+    out["modalities"] = [seq for seq in BRATS_MODALITIES if seq in present]
     out["image"] = _meta_tensor(stacked, np.asarray(ref_affine, dtype=np.float64), ref_path, case)
     out["modality_mask"] = torch.tensor([seq in present for seq in BRATS_MODALITIES], dtype=torch.bool)
 

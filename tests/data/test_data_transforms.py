@@ -113,6 +113,52 @@ def test_msd_4d_channels_follow_dataset_json(tmp_path, write_nii):
         load_case(only(discover_cases(tmp_path)))
 
 
+def _msd_4d(root, write_nii, channels):
+    """An MSD folder with one case whose 4D image holds ``channels`` (FLAIR, T1w, t1gd, T2w) and a label."""
+    desc = {"modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+            "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}}
+    (root / "dataset.json").write_text(json.dumps(desc))
+    write_nii(root / "imagesTr" / "BRATS_001.nii.gz", np.stack(channels, axis=-1).astype(np.float32))
+    lab = np.zeros(SHAPE, dtype=np.uint8)
+    lab[4:8, 4:8, 4:8] = 1
+    write_nii(root / "labelsTr" / "BRATS_001.nii.gz", lab)
+
+
+def test_msd_4d_all_zero_channel_is_a_missing_sequence(tmp_path, write_nii):
+    # in a 4D file a sequence that was not acquired can only be an all-zero channel
+    flair, t1ce, t2 = (_not_constant(SHAPE) * v for v in (1, 3, 4))
+    _msd_4d(tmp_path, write_nii, [flair, np.zeros(SHAPE), t1ce, t2])
+    records = discover_cases(tmp_path, require_label=True)
+    out = load_case(only(records))
+    assert out["modality_mask"].tolist() == [True, False, True, True]
+    assert out["modalities"] == ["flair", "t1ce", "t2"]  # as for a case without a t1 file
+    assert torch.count_nonzero(out["image"][1]) == 0
+    np.testing.assert_array_equal(out["image"][3].numpy(), t2)
+    assert out["label"].shape == (3, *SHAPE)
+    # the batched mask the trainer and the evaluator read
+    batch = next(iter(DataLoader(Dataset(records, LoadCased()), batch_size=1, num_workers=0)))
+    assert batch["modality_mask"].tolist() == [[True, False, True, True]]
+
+
+def test_msd_4d_constant_or_empty_channels_are_refused(tmp_path, write_nii):
+    flair = _not_constant(SHAPE)
+    _msd_4d(tmp_path, write_nii, [flair, np.full(SHAPE, 7.0), flair, flair])
+    with pytest.raises(CaseError, match=r"BRATS_001\.nii\.gz \(channel 1, t1\) is constant \(every voxel is 7\).*"
+                                        r"set the channel to 0"):
+        load_case(only(discover_cases(tmp_path)))
+    _msd_4d(tmp_path, write_nii, [np.zeros(SHAPE)] * 4)
+    with pytest.raises(CaseError, match=r"BRATS_001\.nii\.gz: every channel is 0.*holds no image"):
+        load_case(only(discover_cases(tmp_path)))
+
+
+def test_all_zero_3d_file_is_refused(tmp_path, make_case, write_nii):
+    # a 3D sequence is left out by removing its file, so an all-zero file is a mistake
+    folder = make_case(tmp_path, "A_1")
+    write_nii(folder / "A_1_t1.nii.gz", np.zeros(SHAPE, dtype=np.int16))
+    with pytest.raises(CaseError, match=r"A_1_t1\.nii\.gz is constant \(every voxel is 0\).*remove it"):
+        load_case(only(discover_cases(tmp_path)))
+
+
 def test_sequences_on_different_grids(tmp_path, make_case, write_nii):
     folder = make_case(tmp_path, "A_1")
     t2 = folder / "A_1_t2.nii.gz"
