@@ -331,16 +331,22 @@ def check_output_path(path: str | os.PathLike, kind: str, suffixes: Sequence[str
     """Validate an output path before any work is done; returns it as an absolute path.
 
     Raises:
-        ValueError: wrong suffix, an existing folder, or the path of one of the inputs.
+        ValueError: wrong suffix, an existing folder, or one of the inputs under any name (through a
+            symlinked file or folder, or a hard link).
     """
     out = os.path.abspath(os.fspath(path))
     if not out.lower().endswith(tuple(suffixes)):
         raise ValueError(f"{kind} {path} must end with {' or '.join(suffixes)}: rename it.")
     if os.path.isdir(out):
         raise ValueError(f"{kind} {path} is a folder: give a file name ending with {suffixes[0]}.")
+    real_out = os.path.realpath(out)
     for inp in inputs:
-        if os.path.abspath(inp) == out:
-            raise ValueError(f"{kind} {path} is also an input: choose another output name so the input is kept.")
+        same = os.path.realpath(inp) == real_out
+        if not same and os.path.exists(out) and os.path.exists(inp):
+            same = os.path.samefile(inp, out)  # a hard link has its own real path
+        if same:
+            raise ValueError(f"{kind} {path} is also an input ({inp}): choose another output name so the input "
+                             "is kept.")
     return out
 
 

@@ -105,6 +105,18 @@ def _output_is_input(case, tmp_path):
     return ["--flair", case["flair"], "--out", case["flair"]], "is also an input"
 
 
+def _output_is_input_through_symlink(case, tmp_path):
+    link = tmp_path / "linked"
+    link.symlink_to(Path(case["flair"]).parent, target_is_directory=True)
+    return ["--flair", case["flair"], "--out", str(link / Path(case["flair"]).name)], "is also an input"
+
+
+def _output_is_input_hard_link(case, tmp_path):
+    other = tmp_path / "flair_link.nii.gz"
+    os.link(case["flair"], other)
+    return ["--flair", case["flair"], "--out", str(other)], "is also an input"
+
+
 def _bad_ckpt(case, tmp_path):
     path = tmp_path / "broken.pt"
     path.write_bytes(b"not a checkpoint")
@@ -121,7 +133,8 @@ def _case_dir_many(case, tmp_path):
 
 BAD = {f.__name__.lstrip("_"): f for f in (
     _corrupt, _truncated, _empty, _constant, _nan, _two_d, _single_slice, _four_d, _mismatched, _missing, _not_nifti,
-    _no_sequence, _unknown_name, _unknown_flag, _resample_to_absent, _output_is_input, _bad_ckpt, _wrong_features,
+    _no_sequence, _unknown_name, _unknown_flag, _resample_to_absent, _output_is_input, _output_is_input_through_symlink,
+    _output_is_input_hard_link, _bad_ckpt, _wrong_features,
 )}
 
 
