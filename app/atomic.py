@@ -2,9 +2,10 @@
 
 Every writer of results, datalists, checkpoints and exported models goes through
 :func:`atomic_write`: the data goes to a temporary file ``.<name>.<pid>.<random>.tmp`` in the same
-folder (a rename is atomic only within one file system), is flushed and fsynced, then
-``os.replace`` moves it over the destination. On an error the temporary file is removed; after a
-kill it stays behind, and :func:`stale_temporaries` finds it.
+folder (a rename is atomic only within one file system), is flushed and fsynced, optionally
+checked, then ``os.replace`` moves it over the destination. On an error (or a failed check) the
+temporary file is removed and the destination is untouched; after a kill it stays behind, and
+:func:`stale_temporaries` finds it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ def fsync_dir(folder: str | os.PathLike) -> None:
             os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], sync_dir: bool = False) -> Path:
+def atomic_write(
+    path: str | os.PathLike,
+    write: Callable[[BinaryIO], None],
+    sync_dir: bool = False,
+    check: Callable[[Path], None] | None = None,
+) -> Path:
     """Write ``path`` atomically with ``write(binary_file)``.
 
     Parent folders are created; the file gets the usual ``0o666 & ~umask`` permissions.
@@ -39,6 +45,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], syn
         write: writes the whole content into the open binary file it is given.
         sync_dir: also fsync the folder after the rename (checkpoints: the new file survives a
             power loss, not only a killed process).
+        check: called with the path of the complete temporary file before it replaces ``path``
+            (e.g. reload and verify an exported model); whatever it raises is raised with ``path``
+            left as it was.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -52,6 +61,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], syn
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

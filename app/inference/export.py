@@ -7,15 +7,16 @@ Command line::
 The model is *scripted*, not traced: which encoders run depends on the modality mask, so it is an
 input of the exported model (``model(image [B, 4, D, H, W], modality_mask [B, 4] bool)``) and every
 sequence subset works. Spatial sizes must be multiples of ``2 ** (len(features) - 1)``; ``infer``
-takes care of that. The export is checked against the eager model on a small random input for
-several masks before it is kept.
+takes care of that. The export is written to a temporary file next to ``--out`` and checked against
+the eager model on a small random input for several masks; only a model that passes replaces
+``--out``, so a deployed model is never lost to a failed export.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, Sequence
 
 if TYPE_CHECKING:  # torch is imported after argument parsing, so that --help stays instant
@@ -75,12 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"{args.ckpt} is already a TorchScript model: pass the model.pt written by training.")
         features = parse_ints(args.features, "--features") if args.features else None
         network = network_from_checkpoint(args.ckpt, features, args.bundle)
-        path = export_torchscript(network, args.out)
-        try:
-            worst = verify_export(network, torch.jit.load(path), network.divisor)
-        except Exception:
-            os.remove(path)  # never leave a model behind that does not match its checkpoint
-            raise
+        differences: list[float] = []
+
+        def verify(tmp: Path) -> None:  # on the temporary file: a model that fails never replaces --out
+            differences.append(verify_export(network, torch.jit.load(str(tmp)), network.divisor))
+
+        path = export_torchscript(network, args.out, check=verify)
+        worst = differences[0]
     except (ValueError, OSError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

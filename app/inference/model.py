@@ -17,7 +17,7 @@ import copy
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, List, Sequence
+from typing import Any, Callable, List, Sequence
 
 import torch
 import yaml
@@ -269,18 +269,26 @@ def network_from_checkpoint(
     return FusedDSUNet(net).eval()
 
 
-def export_torchscript(network: DSUNet | FusedDSUNet, path: str | os.PathLike) -> str:
+def export_torchscript(
+    network: DSUNet | FusedDSUNet, path: str | os.PathLike, check: Callable[[Path], None] | None = None
+) -> str:
     """Script ``network`` (as :class:`FusedDSUNet`) and save it atomically to ``path``.
 
     The saved model takes ``(image [B, 4, D, H, W] float, modality_mask [B, 4] bool)`` and returns the
     fused logits; spatial sizes must be multiples of ``2 ** (len(features) - 1)``.
+
+    Args:
+        network: the trained network.
+        path: the TorchScript file; an existing one is replaced only by a complete, checked model.
+        check: called with the temporary file before it replaces ``path`` (see
+            :func:`app.atomic.atomic_write`); if it raises, ``path`` is left as it was.
 
     Returns:
         The path written.
     """
     fused = network if isinstance(network, FusedDSUNet) else FusedDSUNet(network)
     scripted = torch.jit.script(fused.cpu().eval())
-    return str(atomic_write(Path(path).absolute(), lambda f: torch.jit.save(scripted, f)))
+    return str(atomic_write(Path(path).absolute(), lambda f: torch.jit.save(scripted, f), check=check))
 
 
 def _check_patch(patch_size: Sequence[int], divisor: int) -> None:
