@@ -151,8 +151,10 @@ def run_batch(
             results.append({"case": name, "status": "error", "error": message})
             continue
         vols = summary["volumes_ml"]
+        empty = "".join(f", {s} channel all zero: missing" for s in summary["empty_channels"])
         print(f"{name}: {'+'.join(summary['sequences_used'])} -> {summary['output']} (WT {vols['WT']:.1f} mL, "
-              f"TC {vols['TC']:.1f} mL, ET {vols['ET']:.1f} mL, {summary['timing_s']['total_s']:.1f} s)", flush=True)
+              f"TC {vols['TC']:.1f} mL, ET {vols['ET']:.1f} mL, {summary['timing_s']['total_s']:.1f} s{empty})",
+              flush=True)
         results.append({"case": name, "status": "ok", **summary})
     failed = [r for r in results if r["status"] != "ok"]
     out_dir.mkdir(parents=True, exist_ok=True)

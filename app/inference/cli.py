@@ -180,9 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not args.quiet:
         vols = result["volumes_ml"]
+        empty = "".join(f"; {s} channel all zero: missing" for s in result["empty_channels"])
         print(f"Wrote {result['output']} from {'+'.join(result['sequences_used'])}: WT {vols['WT']:.1f} mL, "
               f"TC {vols['TC']:.1f} mL, ET {vols['ET']:.1f} mL in {time.perf_counter() - start:.1f} s "
-              f"({segmenter.device}).")
+              f"({segmenter.device}{empty}).")
     return 0
 
 

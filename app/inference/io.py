@@ -28,6 +28,7 @@ from app.subsets import BRATS_MODALITIES
 __all__ = [
     "Volume",
     "CaseInputs",
+    "EmptyChannelError",
     "AtomicOutputs",
     "sequence_name",
     "read_volume",
@@ -37,6 +38,13 @@ __all__ = [
 ]
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+class EmptyChannelError(CaseError):
+    """A channel of a 4D file is all zero: the MSD layout's only way to mark a sequence missing.
+
+    :func:`read_case` leaves such a sequence out, as if it had not been given.
+    """
 
 
 @dataclass
@@ -71,11 +79,14 @@ class CaseInputs:
         volumes: ``{sequence: Volume}`` in :data:`BRATS_MODALITIES` order, all on one grid.
         reference: the sequence whose grid (shape, affine, header) the outputs use.
         resampled: sequences that were resampled onto the reference grid (``--resample-to``).
+        empty_channels: sequences given as an all-zero channel of a 4D file, so missing (not in
+            ``volumes``, False in :attr:`modality_mask`).
     """
 
     volumes: dict[str, Volume]
     reference: str
     resampled: list[str] = field(default_factory=list)
+    empty_channels: list[str] = field(default_factory=list)
 
     @property
     def ref(self) -> Volume:
@@ -258,6 +269,7 @@ def read_volume(
     Raises:
         CaseError: unreadable or corrupt file; not 3D (2D, a single slice, 4D with more than one
             volume); empty, constant or NaN/Inf voxels.
+        EmptyChannelError: the ``channel`` of a 4D file is all zero, i.e. the sequence is missing.
     """
     seq = sequence_name(name)
     path = os.fspath(path)
@@ -301,8 +313,15 @@ def read_volume(
         raise CaseError(f"{path} ({seq}) contains {bad} NaN/Inf voxel(s): replace them (e.g. with 0) or re-export "
                         "the image.")
     lo, hi = float(data.min()), float(data.max())
+    if lo == hi == 0.0 and channel is not None:
+        raise EmptyChannelError(f"{path} (channel {channel}, {seq}) is all zero, which marks {seq} missing: leave "
+                                f"{seq} out of the case, or re-export the 4D image with the right channel.")
     if lo == hi == 0.0:
         raise CaseError(f"{path} ({seq}) is empty (every voxel is 0): pass the right file, or leave the sequence out.")
+    if lo == hi and channel is not None:
+        raise CaseError(f"{path} (channel {channel}, {seq}) is constant (every voxel is {lo:g}) and holds no image: "
+                        "re-export the 4D image with the right channel, or set the channel to 0 so the sequence "
+                        "counts as missing for this case.")
     if lo == hi:
         raise CaseError(f"{path} ({seq}) is constant (every voxel is {lo:g}) and holds no image: pass the right file, "
                         "or leave the sequence out.")
@@ -379,10 +398,13 @@ def read_case(
 
     Raises:
         CaseError: no sequence, an unknown or repeated sequence name, any problem of
-            :func:`read_volume`, sequences on different grids (without ``resample_to``), or a
-            ``resample_to`` sequence that was not given.
+            :func:`read_volume`, sequences on different grids (without ``resample_to``), a
+            ``resample_to`` sequence that was not given, or every sequence an all-zero channel.
 
-    ``channels`` maps sequences stored in one 4D file (MSD layout) to their channel index.
+    ``channels`` maps sequences stored in one 4D file (MSD layout) to their channel index. A 4D
+    file cannot leave a sequence out, so an all-zero channel marks it missing: the sequence is
+    listed in ``empty_channels`` instead of ``volumes``. A ``resample_to`` sequence that is such a
+    channel gives way to another sequence of the same file (same grid), else to the first one read.
     """
     if not paths:
         raise CaseError("No input sequence given: pass at least one of --flair, --t1, --t1ce, --t2 "
@@ -400,9 +422,19 @@ def read_case(
                         "pass one of those.")
     index = {sequence_name(k): int(v) for k, v in (channels or {}).items()}
     cache: dict[str, Any] = {}
-    volumes = {
-        seq: read_volume(named[seq], seq, index.get(seq), cache) for seq in BRATS_MODALITIES if seq in named
-    }
+    volumes: dict[str, Volume] = {}
+    empty_channels: list[str] = []
+    for seq in (s for s in BRATS_MODALITIES if s in named):
+        try:
+            volumes[seq] = read_volume(named[seq], seq, index.get(seq), cache)
+        except EmptyChannelError:
+            empty_channels.append(seq)
+    if not volumes:
+        files = ", ".join(sorted(set(named.values())))
+        raise CaseError(f"{files}: every channel is 0, so the case holds no image: re-export the 4D image, or remove "
+                        "the case.")
+    if reference in empty_channels:
+        reference = next((s for s, v in volumes.items() if v.source == named[reference]), None)
     reference = reference or next(iter(volumes))
     ref = volumes[reference]
     resampled = []
@@ -423,7 +455,7 @@ def read_case(
             raise CaseError(f"{vol.source} ({seq}) does not overlap {ref.source} ({reference}) in space: check that "
                             "both files belong to the same scan session.")
         resampled.append(seq)
-    return CaseInputs(volumes, reference, resampled)
+    return CaseInputs(volumes, reference, resampled, empty_channels)
 
 
 def voxel_volume_ml(affine: np.ndarray) -> float:

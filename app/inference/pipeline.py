@@ -429,6 +429,7 @@ def segment_case(
         "case": case,
         "sequences_used": case_inputs.sequences,
         "sequences_missing": [s for s in BRATS_MODALITIES if s not in case_inputs.volumes],
+        "empty_channels": case_inputs.empty_channels,
         "inputs": {s: v.source for s, v in case_inputs.volumes.items()},
         "reference_sequence": case_inputs.reference,
         "resampled_to_reference": case_inputs.resampled,

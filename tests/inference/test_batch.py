@@ -123,3 +123,25 @@ def test_stale_output_cleanup_never_removes_an_input(phantom_root, segmenter, tm
     results = run_batch(segmenter, task, task / "imagesTs", raise_on_error=False)
     assert results[0]["status"] == "error" and "is also an input" in results[0]["error"]
     assert scan.read_bytes() == before
+
+
+def test_all_zero_channel_of_a_4d_file_is_reported_missing(phantom_root, segmenter, tmp_path, capsys):
+    """MSD 4D files cannot leave a sequence out: a zero channel is a missing sequence, in the case's JSON."""
+    task = tmp_path / "Task01"
+    (task / "imagesTs").mkdir(parents=True)
+    (task / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+        "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+    }))
+    ref = load(phantom_root / "Phantom_002" / "Phantom_002_flair.nii.gz")
+    data = np.stack([np.asarray(load(phantom_root / "Phantom_002" / f"Phantom_002_{s}.nii.gz").dataobj)
+                     for s in ("flair", "t1", "t1ce", "t2")], axis=-1)
+    data[..., 1] = 0  # T1 not acquired
+    nib.save(nib.Nifti1Image(data, ref.affine), task / "imagesTs" / "BRATS_900.nii.gz")
+    out = tmp_path / "out"
+    (result,) = run_batch(segmenter, task, out)
+    summary = json.loads((out / "BRATS_900.json").read_text())
+    assert result["status"] == "ok"
+    assert summary["sequences_used"] == ["flair", "t1ce", "t2"] and summary["sequences_missing"] == ["t1"]
+    assert summary["empty_channels"] == ["t1"]
+    assert "t1 channel all zero: missing" in capsys.readouterr().out

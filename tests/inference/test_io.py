@@ -1,0 +1,65 @@
+"""Reading a case for inference (``app.inference.io``): an all-zero channel of a 4D (MSD) file is a
+missing sequence; an all-zero 3D file and a constant channel are still errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from app.data.errors import CaseError
+from app.inference.io import EmptyChannelError, read_case, read_volume
+from tests.inference.conftest import load
+
+CHANNELS = {"flair": 0, "t1": 1, "t1ce": 2, "t2": 3}
+
+
+def _four_d(phantom_root: Path, path: Path, fill: dict[str, float] | None = None) -> str:
+    """Phantom case 0 as one 4D MSD file; ``fill`` sets whole channels to a value."""
+    ref = load(phantom_root / "Phantom_000" / "Phantom_000_flair.nii.gz")
+    data = np.stack([np.asarray(load(phantom_root / "Phantom_000" / f"Phantom_000_{s}.nii.gz").dataobj,
+                                dtype=np.float32) for s in CHANNELS], axis=-1)
+    for seq, value in (fill or {}).items():
+        data[..., CHANNELS[seq]] = value
+    nib.save(nib.Nifti1Image(data, ref.affine), str(path))
+    return str(path)
+
+
+def test_all_zero_channel_of_a_4d_file_is_a_missing_sequence(phantom_root, tmp_path):
+    path = _four_d(phantom_root, tmp_path / "BRATS_001.nii.gz", {"flair": 0.0, "t1ce": 0.0})
+    case = read_case({s: path for s in CHANNELS}, channels=CHANNELS)
+    assert case.sequences == ["t1", "t2"] and case.empty_channels == ["flair", "t1ce"]
+    assert case.modality_mask.tolist() == [False, True, False, True]
+    assert case.reference == "t1"  # the first sequence read, as for a case without FLAIR
+
+
+def test_resample_to_an_all_zero_channel_uses_another_channel_of_the_file(phantom_root, tmp_path):
+    path = _four_d(phantom_root, tmp_path / "BRATS_001.nii.gz", {"t1ce": 0.0})
+    case = read_case({s: path for s in CHANNELS}, resample_to="t1ce", channels=CHANNELS)
+    assert case.reference == "flair" and case.empty_channels == ["t1ce"] and case.resampled == []
+
+
+def test_every_channel_zero_or_a_constant_channel_is_an_error(phantom_root, tmp_path):
+    path = _four_d(phantom_root, tmp_path / "zero.nii.gz", {s: 0.0 for s in CHANNELS})
+    with pytest.raises(CaseError, match=r"zero\.nii\.gz: every channel is 0"):
+        read_case({s: path for s in CHANNELS}, channels=CHANNELS)
+    path = _four_d(phantom_root, tmp_path / "const.nii.gz", {"t2": 7.0})
+    with pytest.raises(CaseError, match=r"const\.nii\.gz \(channel 3, t2\) is constant \(every voxel is 7\)"):
+        read_case({s: path for s in CHANNELS}, channels=CHANNELS)
+
+
+def test_all_zero_3d_file_is_still_an_error(phantom_root, tmp_path):
+    ref = load(phantom_root / "Phantom_000" / "Phantom_000_t1.nii.gz")
+    empty = tmp_path / "empty_t1.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(ref.shape, np.int16), ref.affine), str(empty))
+    with pytest.raises(CaseError, match="is empty") as err:
+        read_case({"flair": str(phantom_root / "Phantom_000" / "Phantom_000_flair.nii.gz"), "t1": str(empty)})
+    assert not isinstance(err.value, EmptyChannelError)
+
+
+def test_read_volume_reports_the_empty_channel(phantom_root, tmp_path):
+    path = _four_d(phantom_root, tmp_path / "BRATS_001.nii.gz", {"t1": 0.0})
+    with pytest.raises(EmptyChannelError, match=r"channel 1, t1\) is all zero"):
+        read_volume(path, "t1", channel=1)
