@@ -44,6 +44,23 @@ def _case_inputs(rec: Mapping[str, Any]) -> list[str]:
     return [*rec["images"].values(), *(p for p in (rec["image4d"], rec["label"]) if p)]
 
 
+def _written_by_batch(path: str, case: str) -> bool:
+    """Whether ``path`` is an output this product wrote for ``case``: a NIfTI image whose header
+    description is the one :func:`app.inference.pipeline.segment_case` sets, or that case's JSON summary."""
+    try:
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                summary = json.load(f)
+            return isinstance(summary, dict) and summary.get("case") == case and "output" in summary
+        import nibabel as nib
+
+        from app.inference.pipeline import OUTPUT_DESCRIPTION_PREFIX
+
+        return bytes(nib.load(path).header["descrip"]).startswith(OUTPUT_DESCRIPTION_PREFIX.encode())
+    except Exception:  # noqa: BLE001 - anything unreadable is not known to be ours, so it is kept
+        return False
+
+
 def _remove_stale_outputs(
     out_dir: Path, case: str, keep: Collection[str], claimed: Mapping[str, str], inputs: Collection[str]
 ) -> None:
@@ -54,6 +71,9 @@ def _remove_stale_outputs(
     ``keep`` (rewritten atomically by this run), a name another case of this run writes (``claimed``:
     name -> case), a link, a folder, and any input scan (``inputs``: real paths; an output folder may
     hold scans, e.g. an MSD ``imagesTs``) are left alone.
+
+    A file under one of the output names is removed only when it is recognisably this product's
+    (:func:`_written_by_batch`): a scan or note the user keeps under such a name stays.
 
     Raises:
         OSError: a stale output could not be removed.
@@ -67,7 +87,8 @@ def _remove_stale_outputs(
             continue
         if entry.name not in names and not temporary.fullmatch(entry.name):
             continue
-        if entry.is_file(follow_symlinks=False) and os.path.realpath(entry.path) not in inputs:
+        if (entry.is_file(follow_symlinks=False) and os.path.realpath(entry.path) not in inputs
+                and (entry.name not in names or _written_by_batch(entry.path, case))):
             try:
                 os.remove(entry.path)
             except FileNotFoundError:

@@ -52,6 +52,8 @@ __all__ = [
 
 #: ``--labels`` values and the label convention each selects.
 LABEL_CHOICES: dict[str, str] = {"2018": "brats2018", "2021": "brats2018", "2023": "brats2023"}
+#: Start of the NIfTI header description of every image inference writes (how a rerun recognises its outputs).
+OUTPUT_DESCRIPTION_PREFIX = "brats_gmd "
 
 _RAS = axcodes2ornt("RAS")
 
@@ -449,9 +451,9 @@ def segment_case(
     }
     write_start = time.perf_counter()
     with AtomicOutputs() as writer:
-        nib.save(_output_image(pred.labels, ref, f"brats_gmd labels {convention}"), writer.temp(out))
+        nib.save(_output_image(pred.labels, ref, f"{OUTPUT_DESCRIPTION_PREFIX}labels {convention}"), writer.temp(out))
         if prob_path is not None:
-            nib.save(_output_image(pred.probabilities, ref, "brats_gmd WT,TC,ET probabilities"),
+            nib.save(_output_image(pred.probabilities, ref, f"{OUTPUT_DESCRIPTION_PREFIX}WT,TC,ET probabilities"),
                      writer.temp(prob_path))
         result["timing_s"]["write_s"] = _seconds(write_start)
         result["timing_s"]["total_s"] = _seconds(start)

@@ -145,3 +145,21 @@ def test_all_zero_channel_of_a_4d_file_is_reported_missing(phantom_root, segment
     assert summary["sequences_used"] == ["flair", "t1ce", "t2"] and summary["sequences_missing"] == ["t1"]
     assert summary["empty_channels"] == ["t1"]
     assert "t1 channel all zero: missing" in capsys.readouterr().out
+
+
+def test_stale_output_cleanup_keeps_files_it_did_not_write(tmp_path):
+    """Only this product's own outputs under a case's output names are removed; a user's scan or note stays."""
+    from app.inference.batch import _remove_stale_outputs
+
+    affine, data = np.eye(4), np.zeros((4, 4, 4), np.uint8)
+    scan = nib.Nifti1Image(data, affine)
+    ours = nib.Nifti1Image(data, affine)
+    ours.header["descrip"] = b"brats_gmd WT,TC,ET probabilities"
+    nib.save(scan, tmp_path / "X.nii.gz")  # e.g. an MSD scan named <case>.nii.gz
+    nib.save(ours, tmp_path / "X_prob.nii.gz")
+    (tmp_path / "X.json").write_text(json.dumps({"note": "the user's"}))
+    (tmp_path / "Y.json").write_text(json.dumps({"case": "Y", "output": "Y.nii.gz"}))
+    (tmp_path / "Y.nii.gz").write_bytes(b"not a NIfTI image")
+    _remove_stale_outputs(tmp_path, "X", (), {}, set())
+    _remove_stale_outputs(tmp_path, "Y", (), {}, set())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["X.json", "X.nii.gz", "Y.nii.gz"]
