@@ -108,6 +108,7 @@ def _normalise_split(name: str, split: Mapping[str, Any], source: Path) -> dict[
         )
     out: dict[str, np.ndarray] = {}
     n = None
+    bert_lengths: np.ndarray | None = None
     for m in MMSA_MODALITIES:
         x = np.asarray(split[m], dtype=np.float32)
         if x.ndim == 2:  # [N, D]: one vector per utterance
@@ -124,6 +125,10 @@ def _normalise_split(name: str, split: Mapping[str, Any], source: Path) -> dict[
         lengths = split.get(f"{m}_lengths")
         if lengths is None and m == "text":
             lengths = _text_lengths_from_bert(split, n, x.shape[1])
+            bert_lengths = lengths
+        elif lengths is None and bert_lengths is not None and x.shape[1] == out["text"].shape[1]:
+            # word-aligned features (MMSA aligned_50) pad every modality where the text is padded
+            lengths = bert_lengths
         lengths = np.full(n, x.shape[1]) if lengths is None else np.asarray(lengths).reshape(-1)
         if lengths.shape[0] != n:
             raise ValueError(f"{source}: {name}/{m}_lengths has {lengths.shape[0]} entries for {n} samples.")
@@ -269,6 +274,8 @@ class MMSADataset:
         trust_pickle: see :func:`load_mmsa` (only used when ``data`` is a path).
         label_key: ``regression_labels`` or ``classification_labels``.
         modalities: modalities to offer; the others are marked missing for every sample.
+        task: ``regression`` or ``classification`` when known: the label key must be that task's
+            (a class id under an L1 loss would broadcast silently instead of failing).
     """
 
     def __init__(
@@ -278,7 +285,12 @@ class MMSADataset:
         trust_pickle: bool | str = False,
         label_key: str = "regression_labels",
         modalities: Sequence[str] = MMSA_MODALITIES,
+        task: str | None = None,
     ) -> None:
+        expected = {"regression": "regression_labels", "classification": "classification_labels"}
+        if task is not None and expected.get(task, label_key) != label_key:
+            raise ValueError(f"label_key {label_key!r} does not fit task {task!r}: set label_key to {expected[task]!r} "
+                             f"(or task to the one of {label_key!r}).")
         source = data if isinstance(data, (str, os.PathLike)) else "the MMSA data"
         loaded = load_mmsa(data, trust_pickle) if isinstance(data, (str, os.PathLike)) else data
         # a dict given directly may be raw MMSA (no lengths yet); normalising is idempotent

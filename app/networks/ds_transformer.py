@@ -269,8 +269,16 @@ class DSTransformer(nn.Module):
             raise ValueError(f"inputs has none of the modalities {list(self.modalities)} (keys: {sorted(inputs)}).")
         first = inputs[present[0]]
         if mask is None:
-            mask = torch.tensor([m in inputs for m in self.modalities], device=first.device)
-            return mask.unsqueeze(0).expand(first.shape[0], -1)
+            # available: given, and (where lengths are given) not of length 0, as the datasets mark it
+            batch, columns = first.shape[0], []
+            for m in self.modalities:
+                lengths = inputs.get(f"{m}_lengths") if m in inputs else None
+                columns.append(torch.full((batch,), m in inputs, device=first.device) if lengths is None
+                               else lengths.to(first.device).reshape(-1) > 0)
+            mask = torch.stack(columns, dim=1)
+            if not bool(mask.any(dim=1).all()):
+                raise ValueError("Some samples have no modality (every given length is 0): leave them out.")
+            return mask
         mask = mask.to(device=first.device, dtype=torch.bool)
         absent = [m for i, m in enumerate(self.modalities) if m not in inputs and bool(mask[:, i].any())]
         if absent:

@@ -77,6 +77,19 @@ def test_padding_and_absent_modalities_are_never_read():
         torch.testing.assert_close(net(no_vision, mask), ref)
         with pytest.raises(ValueError, match="no such key"):
             net(no_vision, batch["modality_mask"])
+        # without a mask, a modality of length 0 is absent, as the dataset marks it
+        lengths = dict(image, audio_lengths=image["audio_lengths"].clone())
+        lengths["audio_lengths"][0] = 0
+        row_mask = torch.ones_like(mask)
+        row_mask[0, 1] = False
+        torch.testing.assert_close(net(lengths), net(lengths, row_mask))
+        lengths["audio"] = image["audio"].clone()
+        lengths["audio"][0] = 100.0
+        torch.testing.assert_close(net(lengths), net(lengths, row_mask))
+        none_left = {m: image[m][:1] for m in ("text", "audio")}
+        none_left |= {"text_lengths": torch.zeros(1, dtype=torch.int64), "audio_lengths": torch.zeros(1, dtype=torch.int64)}
+        with pytest.raises(ValueError, match="no modality"):
+            net(none_left)
 
 
 def test_input_statistics_are_buffers_saved_with_the_weights():

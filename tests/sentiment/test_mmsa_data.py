@@ -120,6 +120,8 @@ def test_mmsa_details_lengths_missing_modalities_and_classification(tmp_path):
     loaded = load_mmsa(npz)["train"]
     np.testing.assert_array_equal(loaded["text_lengths"], [3] * 6)
     np.testing.assert_array_equal(loaded["audio_lengths"], [5, 5, 0, 2, 1, 5])
+    # word-aligned vision without its own lengths is padded where the text is
+    np.testing.assert_array_equal(loaded["vision_lengths"], [3] * 6)
     assert np.isfinite(loaded["audio"]).all()
     ds = MMSADataset(npz, split="train", label_key="classification_labels")
     assert ds[2]["modality_mask"].tolist() == [True, False, True]
@@ -132,6 +134,10 @@ def test_mmsa_details_lengths_missing_modalities_and_classification(tmp_path):
     with pytest.raises(ValueError, match="label_key"):
         MMSADataset({"train": {k: v for k, v in split.items() if k != "classification_labels"}}, "train",
                     label_key="classification_labels")
+    # class ids under the regression loss would broadcast instead of failing
+    with pytest.raises(ValueError, match="does not fit task 'regression'.*'regression_labels'"):
+        MMSADataset(npz, split="train", label_key="classification_labels", task="regression")
+    assert MMSADataset(npz, split="train", label_key="classification_labels", task="classification")[0]["label"].ndim == 0
 
 
 def test_synthetic_text_dominates():
