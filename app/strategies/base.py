@@ -58,9 +58,23 @@ def subset_loss(
     return loss_function(pred, targets[valid]).mean(), pred
 
 
-def random_submasks(mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A uniformly random non-empty subset of each sample's available modalities."""
+def random_submasks(
+    mask: torch.Tensor, generator: torch.Generator, rank: int | None = None, world_size: int | None = None
+) -> torch.Tensor:
+    """A uniformly random non-empty subset of each sample's available modalities.
+
+    With several processes (``torch.distributed``, or ``rank``/``world_size`` given) every rank
+    draws for the whole global batch from its copy of the shared generator and keeps its own rows,
+    so ranks get independent subsets, the generators stay in step, and the draws equal those of one
+    process on the concatenated batch (for equal per-rank batches).
+    """
+    if world_size is None:
+        initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+        world_size = torch.distributed.get_world_size() if initialised else 1
+        rank = torch.distributed.get_rank() if initialised else 0
+    rank = rank or 0
     batch, m = mask.shape
+    draws = torch.rand(world_size * batch, dtype=torch.float64, generator=generator)[rank * batch : (rank + 1) * batch]
     out = torch.zeros_like(mask)
     cpu_mask = mask.cpu()
     for b in range(batch):
@@ -68,7 +82,7 @@ def random_submasks(mask: torch.Tensor, generator: torch.Generator) -> torch.Ten
         if avail.numel() == 0:
             continue
         n_subsets = 2 ** avail.numel() - 1
-        code = int(torch.randint(1, n_subsets + 1, (1,), generator=generator))
+        code = 1 + min(int(draws[b] * n_subsets), n_subsets - 1)
         chosen = [int(avail[i]) for i in range(avail.numel()) if code >> i & 1]
         out[b, chosen] = True
     return out.to(mask.device)

@@ -213,3 +213,21 @@ def test_few_gmd_iterations_on_a_phantom_reduce_the_loss(name):
         losses.append(float(strategy.step(model, x, mask, y, loss_fn, iteration=it).loss))
         optimizer.step()
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_random_submasks_are_independent_between_ranks_and_match_one_process():
+    from app.strategies.base import random_submasks
+
+    full = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 0], [0, 1, 1, 1], [1, 1, 0, 1]] * 4, dtype=torch.bool)
+    one = random_submasks(full, torch.Generator().manual_seed(3), rank=0, world_size=1)
+    ranks = [random_submasks(full[r * 8 : (r + 1) * 8], torch.Generator().manual_seed(3), rank=r, world_size=2)
+             for r in range(2)]
+    # each rank keeps its own rows of the global draw: together they are the one-process draw
+    assert torch.equal(torch.cat(ranks), one)
+    assert not torch.equal(ranks[0], ranks[1])  # same masks on both ranks, different subsets
+    assert (one <= full).all() and one.any(dim=1).all()
+    # every non-empty subset of four modalities is drawn, about equally often
+    many = random_submasks(torch.ones(3000, 4, dtype=torch.bool), torch.Generator().manual_seed(0), 0, 1)
+    codes = (many.long() * torch.tensor([1, 2, 4, 8])).sum(1)
+    counts = torch.bincount(codes, minlength=16)
+    assert counts[0] == 0 and counts[1:].min() > 140 and counts[1:].max() < 260
