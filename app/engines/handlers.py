@@ -11,6 +11,8 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
+from app.atomic import atomic_write_text
+
 __all__ = ["TimeLimitHandler", "DiagnosticsHandler", "SubsetReportHandler"]
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ class DiagnosticsHandler:
         self.path = self.output_dir / "gmd_diagnostics.jsonl"
         self.writer = summary_writer
         self.key = key
+        self._started: set[Path] = set()
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
@@ -96,6 +99,9 @@ class DiagnosticsHandler:
         record = {"iteration": engine.state.iteration, "epoch": engine.state.epoch, **diag}
         path = self.path_for(diag)
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path not in self._started:
+            self._drop_records_from(path, engine.state.iteration)
+            self._started.add(path)
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
@@ -104,6 +110,24 @@ class DiagnosticsHandler:
             else:
                 self._write_generic(diag, engine.state.iteration)
             self.writer.flush()
+
+    @staticmethod
+    def _drop_records_from(path: Path, iteration: int) -> None:
+        """Keep only the records of ``path`` before ``iteration``, the first this run writes.
+
+        A new run starts at iteration 1, so an earlier run's records in the same folder go; a resumed
+        run keeps the records up to its checkpoint and drops those a killed run wrote after it.
+        """
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if int(json.loads(line)["iteration"]) < iteration:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a kill
+        atomic_write_text(path, "".join(kept))
 
     def _write_gmd(self, diag: dict, it: int) -> None:
         pairs = max(diag["pairs"], 1)

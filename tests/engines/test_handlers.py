@@ -1,0 +1,27 @@
+"""Training handlers: the strategy diagnostics file holds one run's records, also after a resume."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+from app.engines import DiagnosticsHandler
+
+
+def _run(folder, iterations, tag):
+    handler = DiagnosticsHandler(folder)
+    for it in iterations:
+        engine = SimpleNamespace(state=SimpleNamespace(
+            iteration=it, epoch=1, output={"diagnostics": {"strategy": "gmd", "run": tag}}))
+        handler(engine)
+    return [(r["iteration"], r["run"]) for r in map(json.loads, (folder / "gmd_diagnostics.jsonl").read_text().splitlines())]
+
+
+def test_a_new_run_starts_the_file_afresh_and_a_resume_drops_what_came_after_its_checkpoint(tmp_path):
+    assert _run(tmp_path, [20, 40, 60], "killed") == [(20, "killed"), (40, "killed"), (60, "killed")]
+    with open(tmp_path / "gmd_diagnostics.jsonl", "a") as f:
+        f.write('{"iteration": 8')  # a line cut short by the kill
+    # resumed from the checkpoint at iteration 40: its next record is 60
+    assert _run(tmp_path, [60, 80], "resumed") == [(20, "killed"), (40, "killed"), (60, "resumed"), (80, "resumed")]
+    # a new run (--resume false) in the same folder
+    assert _run(tmp_path, [20], "new") == [(20, "new")]
