@@ -76,9 +76,9 @@ def apply_state_dict(
         network: the configured network.
         state: the checkpoint's state dict (see :func:`read_state_dict`).
         path: where ``state`` came from, for the error message.
-        optional_prefixes: tensors of ``network`` under these key prefixes may be absent from the
-            checkpoint and keep their initialisation (e.g. parts a pretrained network lacks);
-            every other tensor must be there with its shape.
+        optional_prefixes: the tensors of ``network`` under one of these key prefixes may all be
+            absent from the checkpoint and keep their initialisation (e.g. parts a pretrained
+            network lacks); a group present in part is an error, as is any other missing tensor.
         fix: what the error message tells the user to do on a mismatch.
 
     Raises:
@@ -86,7 +86,11 @@ def apply_state_dict(
     """
     path = os.fspath(path)
     expected = network.state_dict()
-    optional = {k for k in expected if optional_prefixes and k.startswith(tuple(optional_prefixes)) and k not in state}
+    optional: set[str] = set()
+    for prefix in optional_prefixes:
+        group = {k for k in expected if k.startswith(prefix)}
+        if not group & set(state):  # absent as a whole; in part, the rest is reported missing
+            optional |= group
     missing = sorted(set(expected) - set(state) - optional)
     unexpected = sorted(set(state) - set(expected))
     mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]

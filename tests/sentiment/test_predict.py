@@ -308,6 +308,11 @@ def test_factory_and_pretrained_loading(tmp_path):
         load_pretrained(net, _saved(DSTransformer(**{**opts, "hidden": 8}), tmp_path / "small.pt"))
     with pytest.raises(FileNotFoundError):
         load_pretrained(net, tmp_path / "none.pt")
+    # a prompted checkpoint lacking part of a group (one predictor tensor) is refused, not half loaded
+    partial = {k: v for k, v in net.state_dict().items() if k != "predictors.0.0.weight"}
+    torch.save(partial, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="predictors.0.0.weight is missing"):
+        load_pretrained(net, tmp_path / "partial.pt")
 
 
 def _saved(module: nn.Module, path):
