@@ -85,8 +85,14 @@ def ridge_baselines(
     train = mmsa_split(data, train_split)
     splits = {name: mmsa_split(data, name) for name in (select_split, *eval_splits)}
     feats = {name: {m: pooled_features(s, m) for m in MMSA_MODALITIES} for name, s in {train_split: train, **splits}.items()}
+    # as the DS evaluator does: a subset is fitted and scored on the samples that have all its modalities
+    has = {name: {m: s[f"{m}_lengths"] > 0 for m in MMSA_MODALITIES} for name, s in {train_split: train, **splits}.items()}
     y_train = train["regression_labels"].astype(np.float64)
-    stats = {m: (feats[train_split][m].mean(0), feats[train_split][m].std(0)) for m in MMSA_MODALITIES}
+    stats = {m: (feats[train_split][m][has[train_split][m]].mean(0), feats[train_split][m][has[train_split][m]].std(0))
+             for m in MMSA_MODALITIES}
+
+    def rows(split: str, subset: Sequence[int]) -> np.ndarray:
+        return np.logical_and.reduce([has[split][MMSA_MODALITIES[i]] for i in subset])
 
     def design(split: str, subset: Sequence[int]) -> np.ndarray:
         cols = []
@@ -101,11 +107,15 @@ def ridge_baselines(
     chosen, profile, preds = {}, {}, {}
     for subset in subsets:
         name = subset_name(subset, MMSA_MODALITIES)
-        x_train, x_sel = design(train_split, subset), design(select_split, subset)
+        fit_rows, sel_rows = rows(train_split, subset), rows(select_split, subset)
+        if not fit_rows.any() or not sel_rows.any():
+            raise ValueError(f"No sample of split {train_split!r} or {select_split!r} has every modality of {name}: "
+                             "the ridge baseline cannot fit or select that subset.")
+        x_train, x_sel = design(train_split, subset)[fit_rows], design(select_split, subset)[sel_rows]
         best, profile[name] = None, []
         for lam in lambdas:
-            w = fit_ridge(x_train, y_train, lam)
-            scores = sentiment_metrics(_predict(x_sel, w), y_sel)
+            w = fit_ridge(x_train, y_train[fit_rows], lam)
+            scores = sentiment_metrics(_predict(x_sel, w), y_sel[sel_rows])
             profile[name].append({"lambda": float(lam), "Acc2": scores["Acc2"], "MAE": scores["MAE"]})
             if best is None or scores["MAE"] < best[0]:
                 best = (scores["MAE"], lam, w)
@@ -117,7 +127,9 @@ def ridge_baselines(
         for split_name, split in splits.items():
             acc = SubsetSentimentAccumulator(MMSA_MODALITIES)
             for j, subset in enumerate(subsets):
-                acc.update([str(i) for i in split["id"]], j, predict(subset, split_name), split["regression_labels"])
+                keep = rows(split_name, subset)
+                acc.update([str(i) for i in split["id"][keep]], j, predict(subset, split_name)[keep],
+                           split["regression_labels"][keep])
             out[split_name] = acc.aggregate()
         return out
 

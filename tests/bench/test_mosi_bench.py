@@ -52,6 +52,26 @@ def test_late_fusion_is_the_mean_of_the_single_modality_ridges(mmsa):
         assert late["text+vision"][key] == pytest.approx(expected[key], abs=1e-9)
 
 
+def test_samples_without_a_modality_are_left_out_of_its_subsets(mmsa):
+    import copy
+
+    data = copy.deepcopy(mmsa)
+    for split in ("train", "valid"):
+        lengths = data[split]["audio_lengths"].copy()
+        lengths[::3] = 0  # no audio for every third sample
+        data[split]["audio_lengths"] = lengths
+    clean = ridge_baselines(data)
+    for split in ("train", "valid"):  # what an absent modality holds must not matter
+        data[split]["audio"][data[split]["audio_lengths"] == 0] = 1e6
+    out = ridge_baselines(data)
+    n_audio = int((data["valid"]["audio_lengths"] > 0).sum())
+    subsets = out["results"]["valid"]["subsets"]
+    assert subsets["audio"]["n"] == subsets["text+audio"]["n"] == n_audio < subsets["text"]["n"] == 30
+    for name, metrics in subsets.items():
+        assert metrics == pytest.approx(clean["results"]["valid"]["subsets"][name]), name
+    assert out["late"]["valid"]["subsets"]["audio+vision"]["n"] == n_audio
+
+
 def test_profile_lists_every_penalty_and_the_choice_has_the_lowest_mae(mmsa):
     out = ridge_baselines(mmsa)
     assert set(out["profile"]) == set(out["lambdas"]) and len(out["profile"]) == 7
