@@ -200,6 +200,37 @@ def _case_problem(case_errors: dict[str, str] | None, case: str, message: str) -
     case_errors.setdefault(case, message)
 
 
+def _split_channels(folder: Path, desc: dict[str, Any], channels: dict[str, int]) -> bool:
+    """Whether the images are split into ``<case>_XXXX`` files, one per channel.
+
+    nnU-Net v2 says so with ``channel_names``. nnU-Net v1 keeps MSD's ``modality`` key, but its
+    ``training`` entries name ``imagesTr/<case>.nii.gz``, a file that does not exist beside
+    ``<case>_0000.nii.gz``. Without entries, every image file carrying a listed channel suffix (and
+    some case having two) tells the same.
+    """
+    if "channel_names" in desc:
+        return True
+    for entry in desc.get("training") or []:
+        image = entry.get("image") if isinstance(entry, dict) else None
+        if isinstance(image, str) and _NIFTI_RE.match(Path(image).name):
+            listed = folder / image
+            stem = _NIFTI_RE.match(listed.name).group("case")
+            return not listed.exists() and any(
+                (listed.parent / f"{stem}_0000{ext}").is_file() for ext in (".nii.gz", ".nii"))
+    found: dict[str, int] = {}
+    for img_dir in ("imagesTr", "imagesTs"):
+        if not (folder / img_dir).is_dir():
+            continue
+        for fname in os.listdir(folder / img_dir):
+            if fname.startswith(".") or not _NIFTI_RE.match(fname):
+                continue
+            m = _NNUNET_CHANNEL_RE.match(fname)
+            if m is None or int(m.group("idx")) not in channels.values():
+                return False
+            found[m.group("case")] = found.get(m.group("case"), 0) + 1
+    return bool(found) and max(found.values()) > 1
+
+
 def _msd_cases(
     folder: Path, desc: dict[str, Any], case_errors: dict[str, str] | None = None
 ) -> list[tuple[dict[str, Any], str, str]]:
@@ -210,7 +241,7 @@ def _msd_cases(
     source = folder / "dataset.json"
     channels = msd_channels(desc, source)
     label_map = msd_label_map(desc, source)
-    per_channel = "channel_names" in desc  # nnU-Net v2 splits channels into <case>_XXXX files
+    per_channel = _split_channels(folder, desc, channels)  # nnU-Net v1/v2: <case>_XXXX files
     idx_to_seq = {i: s for s, i in channels.items()}
     out = []
     seen_labels: set[str] = set()
@@ -241,7 +272,7 @@ def _msd_cases(
             if idx not in idx_to_seq:
                 _case_problem(case_errors, m.group("case"),
                               f"{path}: channel {idx:04d} is not listed in {source} {sorted(idx_to_seq)}; "
-                              "add it to 'channel_names' or remove the file.")
+                              "add it to 'channel_names' ('modality' for nnU-Net v1) or remove the file.")
                 bad.add(m.group("case"))
                 continue
             cases.setdefault(m.group("case"), {})[idx_to_seq[idx]] = path

@@ -340,3 +340,30 @@ def test_case_errors_still_raises_for_the_whole_folder(tmp_path):
     touch(tmp_path / "X_1" / "X_1_seg.nii.gz")  # only a bad case: reported, not "No cases found"
     errors: dict[str, str] = {}
     assert discover_cases(tmp_path, case_errors=errors) == [] and list(errors) == ["X_1"]
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_nnunet_v1_per_channel_files_with_the_modality_key(tmp_path, listed):
+    """nnU-Net v1 keeps MSD's dataset.json ('modality', 'training') but splits channels into files."""
+    desc = {"modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+            "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}}
+    if listed:
+        desc["training"] = [{"image": "./imagesTr/BRATS_001.nii.gz", "label": "./labelsTr/BRATS_001.nii.gz"}]
+    (tmp_path / "dataset.json").write_text(json.dumps(desc))
+    for idx in (0, 1, 3):
+        touch(tmp_path / "imagesTr" / f"BRATS_001_{idx:04d}.nii.gz")
+    touch(tmp_path / "labelsTr" / "BRATS_001.nii.gz")
+    (c,) = discover_cases(tmp_path, require_label=True)
+    assert c["case"] == "BRATS_001" and c["image4d"] is None and c["modalities"] == ["flair", "t1", "t2"]
+    assert c["images"]["t2"] == str(tmp_path / "imagesTr" / "BRATS_001_0003.nii.gz")
+
+
+def test_msd_4d_files_whose_ids_end_in_four_digits_stay_4d(tmp_path):
+    desc = {"modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+            "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+            "training": [{"image": "./imagesTr/pat_0001.nii.gz", "label": "./labelsTr/pat_0001.nii.gz"}]}
+    (tmp_path / "dataset.json").write_text(json.dumps(desc))
+    touch(tmp_path / "imagesTr" / "pat_0001.nii.gz")
+    touch(tmp_path / "labelsTr" / "pat_0001.nii.gz")
+    (c,) = discover_cases(tmp_path, require_label=True)
+    assert c["case"] == "pat_0001" and c["image4d"] == str(tmp_path / "imagesTr" / "pat_0001.nii.gz")
