@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 times.append(time.perf_counter() - start)
         record = {
             "strategy": label, "device": str(device), "patch": args.patch, "batch": args.batch,
-            "features": args.features, "amp": bool(args.amp), "step_s": round(statistics.median(times), 4),
+            "features": args.features, "amp": bool(args.amp) and device.type == "cuda", "step_s": round(statistics.median(times), 4),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
         }
         if label == "gmd":

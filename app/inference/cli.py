@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any, NoReturn, Sequence
 
-__all__ = ["build_parser", "main", "parse_ints", "parse_floats"]
+__all__ = ["build_parser", "main", "parse_ints", "parse_floats", "positive_int"]
 
 _SEQ_FLAGS = ("flair", "t1", "t1ce", "t2")
 
@@ -31,6 +31,17 @@ class _OneLineParser(argparse.ArgumentParser):
             hint = ("sequences are given with --flair, --t1, --t1ce, --t2 or --input NAME=FILE (NAME one of flair, t1, "
                     "t1ce, t2 or an alias such as t2f, t1n, t1c, t2w); run with --help for usage")
         self.exit(2, f"error: {message}: {hint}.\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def parse_ints(text: Sequence[str] | str, what: str) -> list[int]:
@@ -95,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sw-batch-size", type=int, help="windows per network call (default: the bundle's)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     return p
 

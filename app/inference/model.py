@@ -189,7 +189,10 @@ def is_torchscript(path: str | os.PathLike) -> bool:
 def checkpoint_features(path: str | os.PathLike) -> list[int] | None:
     """Per-level widths of the DS U-Net saved in a state-dict checkpoint, or None if they cannot be read."""
     try:
-        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # files of the legacy (non-zip) format cannot be memory-mapped
+            state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - load_weights reports unreadable files with the full message
         return None
     if isinstance(state, dict):

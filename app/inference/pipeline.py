@@ -309,9 +309,17 @@ def load_segmenter(
     defaults = bundle_defaults(bundle)
     if device is None or str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a device ({err}): use cpu, cuda, cuda:N or auto.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but CUDA is not available here: use --device cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s), "
+                         "cuda:0 to cuda:N-1.")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device} is not supported: use cpu, cuda, cuda:N or auto.")
     network, settings = load_network(ckpt, features=features, bundle=bundle, device=device)
     settings["checkpoint"] = os.path.abspath(os.fspath(ckpt))
     return Segmenter(

@@ -127,6 +127,14 @@ def _wrong_features(case, tmp_path):
     return ["--flair", case["flair"], "--features", "16", "32"], "different network configuration"
 
 
+def _bad_device(case, tmp_path):
+    return ["--flair", case["flair"], "--device", "gpu"], "--device 'gpu' is not a device"
+
+
+def _zero_threads(case, tmp_path):
+    return ["--flair", case["flair"], "--threads", "0"], "expected a positive integer"
+
+
 def _case_dir_many(case, tmp_path):
     return ["--case-dir", str(Path(case["flair"]).parents[1])], "holds"
 
@@ -134,7 +142,7 @@ def _case_dir_many(case, tmp_path):
 BAD = {f.__name__.lstrip("_"): f for f in (
     _corrupt, _truncated, _empty, _constant, _nan, _two_d, _single_slice, _four_d, _mismatched, _missing, _not_nifti,
     _no_sequence, _unknown_name, _unknown_flag, _resample_to_absent, _output_is_input, _output_is_input_through_symlink,
-    _output_is_input_hard_link, _bad_ckpt, _wrong_features,
+    _output_is_input_hard_link, _bad_ckpt, _wrong_features, _bad_device, _zero_threads,
 )}
 
 

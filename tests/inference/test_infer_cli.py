@@ -225,3 +225,12 @@ def test_window_choice():
     assert Segmenter(torch.nn.Identity(), divisor=16, patch_size=(96, 96, 96)).roi_size((20, 30, 40)) == [32, 32, 48]
     with pytest.raises(ValueError, match="multiples of 16"):
         Segmenter(torch.nn.Identity(), divisor=16, patch_size=(100, 96, 96))
+
+
+def test_network_widths_are_read_from_legacy_format_checkpoints(tmp_path):
+    from app.inference.model import checkpoint_features
+
+    net = DSUNet(features=(4, 8, 16))
+    for name, zipped in (("new.pt", True), ("legacy.pt", False)):
+        torch.save(net.state_dict(), tmp_path / name, _use_new_zipfile_serialization=zipped)
+        assert checkpoint_features(tmp_path / name) == [4, 8, 16], name
