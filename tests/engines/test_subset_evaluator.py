@@ -1,4 +1,5 @@
-"""The segmentation evaluator: sliding-window outputs per case, whatever the window batching."""
+"""The segmentation evaluator: sliding-window outputs per case, whatever the window batching, and the
+subsets each case is scored on."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from monai.inferers import SlidingWindowInferer
 
 from app.engines import SubsetEvaluator
+from app.metrics import SubsetMeanDice
 from app.networks import DSUNet
 
 
@@ -41,3 +43,26 @@ def test_windows_batched_together_all_see_their_case_mask(net):
 def test_mask_rows_must_match_the_batch(net):
     with pytest.raises(ValueError, match=r"one row per image"):
         net.per_modality(torch.randn(2, 4, 8, 8, 8), torch.ones(1, 4, dtype=torch.bool))
+
+
+def test_a_case_without_t1_is_left_out_of_every_subset_with_t1_only(net):
+    """n_cases of the validation report: N - 1 for the 8 subsets containing t1, N for the other 7."""
+    torch.manual_seed(2)
+    cases = ["a", "b", "no_t1"]
+    masks = [[1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 1, 1]]
+    data = [{"image": torch.randn(1, 4, 8, 8, 8), "label": (torch.rand(1, 3, 8, 8, 8) > 0.5).float(),
+             "modality_mask": torch.tensor([m], dtype=torch.bool), "case": [c]} for c, m in zip(cases, masks)]
+    metric = SubsetMeanDice()
+    inferer = SlidingWindowInferer(roi_size=(8, 8, 8), sw_batch_size=1)
+    evaluator = SubsetEvaluator(device=torch.device("cpu"), val_data_loader=data, network=net, inferer=inferer,
+                                key_val_metric={"val_mean_dice": metric})
+    evaluator.run()
+    subsets = metric.last_result["subsets"]
+    assert len(subsets) == 15
+    assert {name: row["n_cases"] for name, row in subsets.items()} == {
+        name: 2 if "t1" in name.split("+") else 3 for name in subsets
+    }
+    assert sum("t1" in name.split("+") for name in subsets) == 8
+    # the case is scored on every subset it has, and on none it lacks
+    scored = {row["subset"] for row in metric.last_result["per_case"] if row["case"] == "no_t1"}
+    assert scored == {name for name in subsets if "t1" not in name.split("+")}

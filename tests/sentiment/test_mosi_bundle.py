@@ -1,5 +1,6 @@
 """Integration: the mosi_gmd bundle's two documented commands on a tiny synthetic MMSA pickle, its
-errors (untrusted pickle, missing split) and its metadata."""
+model selection (the lowest validation MAE), its errors (untrusted pickle, missing split) and its
+metadata."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 
 import jsonschema
 import pytest
+import torch
+from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from app.data import convert_mmsa
@@ -105,3 +108,35 @@ def test_train_cggm_writes_models_and_its_diagnostics(synthetic_pkl, tmp_path):
     assert all(e <= 0.0 for e in rows[0]["eps"])  # minus MAE
     assert all(-1.0 <= c <= 1.0 for r in rows for c in r["cos"] if c is not None)
     assert not (tmp_path / "gmd_diagnostics.jsonl").exists()
+
+
+def test_model_pt_is_the_epoch_with_the_lowest_validation_mae_not_the_last(synthetic_pkl, tmp_path):
+    """The bundle's selection as configured (key metric MAE, lower is better): three epochs whose
+    validation sees constant predictions 6, 0 and 3, so the middle one has the lowest MAE."""
+    constants, maes = [6.0, 0.0, 3.0], []
+    parser = _parser(TRAIN, data_path=str(synthetic_pkl), trust_pickle="true", output_dir=str(tmp_path),
+                     max_epochs=len(constants), batch_size=24, strategy="plain", diagnostics_interval=0)
+    parser.get_parsed_content("initialize")
+    network, evaluator = parser.get_parsed_content("network"), parser.get_parsed_content("validate#evaluator")
+    metric = parser.get_parsed_content("validate#key_metric#val_score")
+    assert parser.get_parsed_content("key_metric") == "MAE"
+
+    @evaluator.on(Events.STARTED)
+    def _constant_prediction(engine):
+        head = network.trunk.head  # every modality and so every fusion predicts the bias
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias[0] = constants[len(maes)]
+
+    @evaluator.on(Events.COMPLETED)
+    def _record(engine):
+        maes.append(metric.last_result["mean_over_subsets"]["MAE"])
+
+    try:
+        parser.get_parsed_content("run")
+    finally:
+        parser.get_parsed_content("summary_writer").close()
+    assert len(maes) == 3 and maes[1] < maes[2] < maes[0]  # best in the middle, worst first
+    best = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert best["trunk.head.bias"][0].item() == 0.0 and not best["trunk.head.weight"].any()
+    assert evaluator.state.best_metric_epoch == 2 and evaluator.state.best_metric == pytest.approx(-maes[1])

@@ -1,0 +1,54 @@
+"""``--resume`` of :class:`app.engines.ResumableCheckpoint`: when a run continues and when it starts afresh."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ignite.engine import Engine
+
+from app.engines import ResumableCheckpoint, load_training_checkpoint
+
+DATA = [0, 1, 2]  # three iterations per epoch
+
+
+def _train(folder, resume, max_epochs=2):
+    """Run a tiny trainer with the handler; returns (iterations it ran, network)."""
+    net = torch.nn.Linear(2, 1)
+    torch.nn.init.zeros_(net.bias)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    seen = []
+
+    def step(engine, batch):
+        seen.append(engine.state.iteration)
+        with torch.no_grad():
+            net.bias += 1.0  # the bias counts the iterations the weights went through
+
+    engine = Engine(step)
+    ResumableCheckpoint(folder, net, optimizer, resume=resume).attach(engine)
+    engine.run(DATA, max_epochs=max_epochs)
+    return seen, net
+
+
+def test_auto_starts_afresh_in_an_empty_folder(tmp_path):
+    seen, net = _train(tmp_path, "auto")
+    assert seen == [1, 2, 3, 4, 5, 6] and net.bias.item() == 6.0
+    assert load_training_checkpoint(tmp_path / "checkpoint_last.pt")["iteration"] == 6
+
+
+@pytest.mark.parametrize("resume", ["auto", "true", True])
+def test_auto_and_true_continue_from_the_checkpoint(tmp_path, resume):
+    _train(tmp_path, False, max_epochs=1)
+    seen, net = _train(tmp_path, resume)
+    assert seen == [4, 5, 6]  # epoch 2 only, from the weights the checkpoint holds
+    assert net.bias.item() == 6.0
+    assert load_training_checkpoint(tmp_path / "checkpoint_last.pt")["iteration"] == 6
+
+
+@pytest.mark.parametrize("resume", ["false", False])
+def test_false_over_an_existing_checkpoint_starts_at_zero_and_overwrites_it(tmp_path, resume):
+    _train(tmp_path, False)  # a finished run of 6 iterations
+    seen, net = _train(tmp_path, resume, max_epochs=1)
+    assert seen == [1, 2, 3]  # from iteration 1 and the initial weights, not the checkpoint's
+    assert net.bias.item() == 3.0
+    state = load_training_checkpoint(tmp_path / "checkpoint_last.pt")
+    assert state["iteration"] == 3 and state["network"]["bias"].item() == 3.0
