@@ -2,9 +2,10 @@
 
 Training-side cases go through ``LoadCased`` (the first transform of the bundle's preprocessing, whose
 ``CaseError`` ends a bundle run with exit status 1); inference cases through ``python -m app infer``
-in-process (exit status 2, one stderr line, no output). Classes the product does not handle yet are
-``xfail(strict=True)`` tests that state the wanted behaviour: they fail the suite once the gap is
-fixed, so the marker and the catalogue entry get updated together.
+in-process (exit status 2, one stderr line, no output). No class of the catalogue is a known gap,
+so no test here is marked ``xfail``; a class found unhandled gets an ``xfail(strict=True)`` test stating
+the wanted behaviour (it fails the suite once the gap is fixed, so the marker and the catalogue entry
+are updated together).
 """
 
 from __future__ import annotations
