@@ -37,8 +37,10 @@ class GMDStrategy(GradientStrategy):
 
     Args:
         subsets: ``"all"`` for every non-empty subset each iteration, or an int ``k`` to use ``k``
-            subsets per iteration. Sampled subsets come from a shuffled deck, so every subset is
-            used at least once every ``ceil(n_subsets / k)`` iterations.
+            subsets per iteration. Sampled subsets are dealt from a deck reshuffled whenever it is
+            empty: when ``k`` divides ``n_subsets``, each block of ``n_subsets / k`` iterations uses
+            every subset exactly once; otherwise every subset is used in any
+            ``1 + (2 * n_subsets - 2) // k`` consecutive iterations.
         seed: seed for subset sampling and the projection order.
         diagnostics_interval: record conflict diagnostics every this many iterations (0: never).
         vjp_chunk: number of per-subset vector-Jacobian products batched together (``1``: a loop;

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from app.data.phantoms import write_phantoms
 from app.subsets import all_subsets
@@ -80,10 +81,18 @@ def test_evaluate_every_labelled_case(trained, phantoms, tmp_path):
 
 
 def test_time_limit_stops_cleanly_and_still_writes_final_model(phantoms, tmp_path):
-    run_bundle([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(tmp_path), "--max_epochs", "50",
-               "--strategy", "plain", "--time_limit_minutes", "0.0001", *TINY)
+    proc = run_bundle([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(tmp_path), "--max_epochs", "50",
+                      "--strategy", "plain", "--time_limit_minutes", "0.0001", *TINY)
+    # a 6 ms budget is spent by the first iteration: training stops there, mid-way through epoch 1 of 50
+    ckpt = torch.load(tmp_path / "models" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["max_epochs"] == 50 and ckpt["epoch_length"] > 1
+    assert (ckpt["epoch"], ckpt["iteration"]) == (1, 1)
+    assert "Time limit of 0.0 min reached at epoch 1, iteration 1: stopping." in proc.stdout + proc.stderr
     assert (tmp_path / "models" / "model_final.pt").is_file()
-    assert (tmp_path / "models" / "model.pt").is_file()  # validation ran once before stopping
+    # the handler validated the last weights before stopping: no epoch ended, so nothing else did
+    assert (tmp_path / "models" / "model.pt").is_file()
+    report = json.loads((tmp_path / "validation" / "subset_dice.json").read_text())
+    assert len(report["subsets"]) == 15
 
 
 def test_checkpoint_from_other_network_gets_clear_error(trained, phantoms, tmp_path):

@@ -71,14 +71,111 @@ def test_every_copied_path_exists(dockerfile):
             assert matches, f"{instr} source {src!r} does not exist in the repository (build context)"
 
 
-def test_copied_paths_are_not_dockerignored(dockerfile):
-    lines = (REPO / ".dockerignore").read_text().splitlines()
-    ignored = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+def dockerignore_patterns(text: str) -> list[tuple[bool, re.Pattern]]:
+    """``[(re-includes, regex)]`` of a .dockerignore, as Docker reads it.
+
+    Comment lines (``#``) and blank lines are skipped; ``!`` re-includes; a pattern is relative to the
+    context root (a leading ``/`` and a trailing ``/`` change nothing, the pattern is path-cleaned);
+    ``*`` is any run of characters but ``/``, ``?`` one such character, ``[...]`` a class, ``**`` any
+    number of folders (zero included) and ``\\`` escapes the next character.
+    """
+    out = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        include = line.startswith("!")
+        pattern = os.path.normpath(line[1:].strip() if include else line).lstrip("/") or "."
+        regex, i = "", 0
+        while i < len(pattern):
+            ch = pattern[i]
+            if pattern.startswith("**", i):
+                i += 2
+                if pattern.startswith("/", i):
+                    i += 1
+                regex += ".*" if i == len(pattern) else "(.*/)?"
+                continue
+            if ch == "*":
+                regex += "[^/]*"
+            elif ch == "?":
+                regex += "[^/]"
+            elif ch == "[":
+                end = pattern.find("]", i + 1)
+                regex += pattern[i : end + 1] if end > i else re.escape(ch)
+                i = end if end > i else i
+            elif ch == "\\" and i + 1 < len(pattern):
+                i += 1
+                regex += re.escape(pattern[i])
+            else:
+                regex += re.escape(ch)
+            i += 1
+        out.append((include, re.compile(f"^{regex}$")))
+    return out
+
+
+def is_dockerignored(path: str, patterns: list[tuple[bool, re.Pattern]]) -> bool:
+    """Whether the context path ``path`` (e.g. ``app/cli.py``) is left out of the build context.
+
+    A pattern matches a path when it matches the path or one of its parent folders; the last matching
+    pattern decides (a ``!`` pattern re-includes).
+    """
+    parts = os.path.normpath(path).lstrip("/").split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for include, regex in patterns:
+        if any(regex.match(c) for c in candidates):
+            excluded = not include
+    return excluded
+
+
+def copy_sources(dockerfile) -> list[str]:
+    """Context paths of the COPY/ADD sources (multi-stage copies left out)."""
+    sources = []
     for instr, rest in dockerfile:
-        if instr == "COPY":
-            for src in [p for p in args_of(rest) if not p.startswith("--")][:-1]:
-                top = src.rstrip("/").split("/")[0]
-                assert top not in ignored, f"{src} is excluded by .dockerignore"
+        args = args_of(rest)
+        if instr in ("COPY", "ADD") and not any(a.startswith("--from") for a in args):
+            sources += [p for p in args if not p.startswith("--")][:-1]
+    return sources
+
+
+def dockerignored_copies(dockerfile, patterns) -> list[str]:
+    """The copied paths, and the tracked files under copied folders, that ``patterns`` leave out."""
+    hits = []
+    for src in copy_sources(dockerfile):
+        files = [src]
+        if (REPO / src).is_dir():
+            tracked = subprocess.run(["git", "ls-files", "--", src], cwd=REPO, capture_output=True, text=True,
+                                     check=True).stdout.split()
+            assert tracked, f"no tracked file under the copied folder {src}"
+            files += tracked
+        hits += [f for f in files if is_dockerignored(f, patterns)]
+    return hits
+
+
+def test_dockerignore_matcher_follows_docker_rules():
+    def ignored(path, *lines):
+        return is_dockerignored(path, dockerignore_patterns("\n".join(lines)))
+
+    assert ignored("app/cli.py", "app/") and ignored("app/cli.py", "/app") and ignored("app", "app/")
+    assert not ignored("bundles/app/x.py", "app") and not ignored("apps/x.py", "app")  # relative to the root
+    assert ignored("docker/entrypoint.sh", "docker/*.sh") and not ignored("entrypoint.sh", "docker/*.sh")
+    assert not ignored("docker/entrypoint.sh", "entrypoint.sh") and not ignored("docker/a/b.sh", "docker/*.sh")
+    assert ignored("a/b/__pycache__/c.pyc", "**/__pycache__") and ignored("__pycache__/c.pyc", "**/__pycache__")
+    assert ignored("a/b/c.pyc", "**/*.pyc") and ignored("a/x/y/b", "a/**/b") and ignored("a/b", "a/**/b")
+    assert ignored("x.pt", "*.pt") and not ignored("models/x.pt", "*.pt")  # * stops at a folder
+    assert ignored("ab.txt", "a?.txt") and not ignored("a/.txt", "a?.txt") and ignored("b1", "b[0-9]")
+    assert not ignored("app/cli.py", "app", "!app/cli.py") and ignored("app/cli.py", "!app/cli.py", "app")
+    assert not ignored("app/cli.py", "# app", "") and not ignored("README.md", "app")
+
+
+def test_copied_paths_are_not_dockerignored(dockerfile):
+    text = (REPO / ".dockerignore").read_text()
+    assert copy_sources(dockerfile)
+    assert dockerignored_copies(dockerfile, dockerignore_patterns(text)) == []
+    # the check sees an exclusion anywhere in a copied folder, as Docker would apply it
+    for extra in ("app/", "docker/*.sh", "bundles/**/*.yaml", "requirements.txt", "app/*/__init__.py"):
+        assert dockerignored_copies(dockerfile, dockerignore_patterns(f"{text}\n{extra}\n")), extra
+    assert dockerignored_copies(dockerfile, dockerignore_patterns(f"{text}\napp/\n!app/\n")) == []
 
 
 def test_cuda_base_and_project_torch(dockerfile):

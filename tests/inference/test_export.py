@@ -2,8 +2,51 @@
 
 from __future__ import annotations
 
+import copy
+
+import pytest
+import torch
+
 import app.inference.export as export
-from app.inference.model import is_torchscript
+from app.inference.model import FusedDSUNet, is_torchscript
+from app.networks import DSUNet
+from tests.inference.conftest import FEATURE_ARGS, FEATURES
+
+
+def _change_one_weight(scripted: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """Shift one output bias of a scripted DS U-Net by 0.01: every logit of that channel moves by 0.01."""
+    with torch.no_grad():
+        dict(scripted.named_parameters())["trunk.head.conv.conv.bias"][0] += 0.01
+    return scripted
+
+
+def test_verify_export_refuses_a_model_with_one_weight_changed():
+    torch.manual_seed(0)
+    eager = DSUNet(features=FEATURES).eval()
+    scripted = torch.jit.script(FusedDSUNet(eager).eval())  # FusedDSUNet copies the weights
+    assert export.verify_export(eager, scripted, eager.divisor) <= 1e-4
+    with pytest.raises(ValueError, match=r"differs from the checkpoint by 0\.01 \(> 0\.0001\): do not deploy"):
+        export.verify_export(eager, _change_one_weight(scripted), eager.divisor)
+
+
+def test_export_that_scripts_a_different_model_exits_2_and_keeps_the_deployed_one(random_ckpt, tmp_path,
+                                                                                    monkeypatch, capsys):
+    out = tmp_path / "model.ts"
+    out.write_bytes(b"the deployed model")
+    script = torch.jit.script
+
+    def script_wrongly(obj, *args, **kwargs):
+        if not isinstance(obj, FusedDSUNet):
+            return script(obj, *args, **kwargs)
+        # a scripted module shares its parameters with the module scripted, which the CLI then compares against
+        return _change_one_weight(script(copy.deepcopy(obj), *args, **kwargs))
+
+    monkeypatch.setattr(torch.jit, "script", script_wrongly)
+    assert export.main(["--ckpt", random_ckpt, "--out", str(out), *FEATURE_ARGS]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: The exported model differs from the checkpoint by 0.01 ") and err.count("\n") == 1
+    assert out.read_bytes() == b"the deployed model"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.ts"]  # no temporary left
 
 
 def test_failed_verification_keeps_the_deployed_model(random_ckpt, tmp_path, monkeypatch, capsys):

@@ -123,17 +123,32 @@ def test_gmd_float32_close_to_reference():
     assert (fast - naive).norm() / naive.norm() < 1e-5
 
 
-def test_k_sampling_covers_every_subset():
-    strategy = GMDStrategy(subsets=5, seed=0)
-    seen = set()
-    for it in range(3):
-        chosen = strategy.choose_subsets(15)
-        assert len(chosen) == 5 and len(set(chosen)) == 5
-        seen.update(chosen)
-    assert seen == set(range(15))
-    for _ in range(50):
-        seen.update(strategy.choose_subsets(15))
-    assert len(all_subsets(4)) == 15
+def _draws(k: int, n: int, count: int) -> list[list[int]]:
+    strategy = GMDStrategy(subsets=k, seed=k)
+    draws = [strategy.choose_subsets(n) for _ in range(count)]
+    assert all(len(d) == k and d == sorted(set(d)) and set(d) <= set(range(n)) for d in draws)
+    return draws
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_k_dividing_the_subset_count_deals_every_subset_once_per_shuffled_deck(k):
+    n = len(all_subsets(4))
+    per_deck = n // k
+    draws = _draws(k, n, 40 * per_deck)
+    decks = [sum(draws[i : i + per_deck], []) for i in range(0, len(draws), per_deck)]
+    assert all(sorted(deck) == list(range(n)) for deck in decks)
+    assert len({tuple(deck) for deck in decks}) > 30  # each deck shuffled anew
+
+
+@pytest.mark.parametrize("k", [2, 4, 7])
+def test_k_not_dividing_the_subset_count_uses_every_subset_in_any_window(k):
+    # a deck straddling two iterations: the cards popped between the first iteration of one deck and
+    # the last of the next are at most 2 n - 2, at least k per iteration
+    n = len(all_subsets(4))
+    window = 1 + (2 * n - 2) // k
+    draws = _draws(k, n, 300)
+    for start in range(len(draws) - window + 1):
+        assert set().union(*draws[start : start + window]) == set(range(n)), (start, window)
 
 
 def test_strategy_state_round_trip_reproduces_draws():
