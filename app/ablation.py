@@ -167,15 +167,19 @@ def _without(args: Sequence[str], key: str) -> list[str]:
 
 def _stage_settings(bundle: Path, args: Sequence[str], out: Path) -> dict[str, Any]:
     """What decides a stage's result: the bundle and its arguments, with paths inside ``out`` made relative."""
-    root = str(out.resolve())
+    root = os.path.realpath(out)
 
     def relative(arg: str) -> str:
-        if os.sep not in arg or arg.startswith("-") or not Path(arg).exists():
+        # a path-like value is recorded absolute (existing or not), so its spelling does not matter
+        if arg.startswith("-") or (os.sep not in arg and not os.path.exists(arg)):
             return arg
-        resolved = str(Path(arg).resolve())
+        resolved = os.path.realpath(arg)
         return "<output_dir>" + resolved[len(root):] if resolved.startswith(root + os.sep) else resolved
 
-    return {"bundle": str(bundle.resolve()), "args": [relative(a) for a in _without(args, "output_dir")]}
+    split: list[str] = []
+    for arg in _without(args, "output_dir"):
+        split += arg.split("=", 1) if arg.startswith("--") and "=" in arg else [arg]
+    return {"bundle": str(bundle.resolve()), "args": [relative(a) for a in split]}
 
 
 def _reusable(result: Path, stamp: Path, settings: dict[str, Any]) -> bool:

@@ -47,9 +47,15 @@ BUNDLE = REPO / "bundles" / "mosi_gmd"
 
 
 def _worst(report: Mapping[str, Any]) -> dict[str, Any]:
+    """Worst subset per metric; a null (non-finite) value counts as the worst."""
     rows = report["subsets"]
-    acc_name = min(rows, key=lambda n: rows[n]["Acc2"])
-    mae_name = max(rows, key=lambda n: rows[n]["MAE"])
+
+    def value(name: str, key: str, bad: float) -> float:
+        v = rows[name][key]
+        return bad if v is None or not math.isfinite(v) else v
+
+    acc_name = min(rows, key=lambda n: value(n, "Acc2", -math.inf))
+    mae_name = max(rows, key=lambda n: value(n, "MAE", math.inf))
     return {"Acc2": (acc_name, rows[acc_name]["Acc2"]), "MAE": (mae_name, rows[mae_name]["MAE"])}
 
 
@@ -168,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                "seeds": args.seeds}
     atomic_write_text(out_dir / "compare.json", json.dumps(payload, indent=2, allow_nan=True) + "\n")
     print("\n".join(lines))
-    finite = all(math.isfinite(r["mean_over_subsets"]["MAE"]) for reports in per_seed.values() for r in reports.values())
+    finite = all(r["mean_over_subsets"]["MAE"] is not None and math.isfinite(r["mean_over_subsets"]["MAE"])
+                 for reports in per_seed.values() for r in reports.values())
     return 0 if finite else 1
 
 

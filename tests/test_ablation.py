@@ -94,6 +94,13 @@ def test_finished_stages_are_reused_only_with_their_own_settings(tmp_path, capsy
     # paths inside the output folder are recorded relative to it, so a moved folder still resumes
     moved = _stage_settings(bundle, ["--ckpt_path", str(result)], out)
     assert moved["args"] == ["--ckpt_path", "<output_dir>/plain/train/models/model_final.pt"]
+    # one folder however it is spelt, existing or not yet
+    (tmp_path / "data").mkdir()
+    spellings = [["--dataset_dir", str(tmp_path / "data")], [f"--dataset_dir={tmp_path}/./data"],
+                 ["--dataset_dir", f"{tmp_path}/out/../data/"]]
+    assert len({json.dumps(_stage_settings(bundle, s, out)) for s in spellings}) == 1
+    later = _stage_settings(bundle, ["--cache_dir", str(out / "cache")], out)
+    assert later["args"] == ["--cache_dir", "<output_dir>/cache"]
     stamp.unlink()  # a stage finished by an earlier version, with no record: reused, with a note, and recorded
     assert _reusable(result, stamp, settings) and "no record of its settings" in capsys.readouterr().out
     assert json.loads(stamp.read_text()) == settings

@@ -64,12 +64,13 @@ def ablation_table(reports: Mapping[str, Mapping[str, Any]], metrics: Sequence[s
             if missing:
                 raise ValueError(f"The report of {strategy!r} has no {metric!r} for {missing}: choose --metrics "
                                  f"among {sorted(next(iter(rows.values())))}.")
-            values = {name: float(row[metric]) for name, row in rows.items()}
-            finite = [v for v in values.values() if math.isfinite(v)]
+            # reports store a non-finite value as null
+            values = {name: float("nan") if row[metric] is None else float(row[metric]) for name, row in rows.items()}
             worst_name, worst_value = _worst(values, metric)
             tables[metric][strategy] = {
                 "subsets": values,
-                "mean": sum(finite) / len(finite) if finite else float("nan"),
+                # NaN when a subset is, as in the run's own mean_over_subsets
+                "mean": math.fsum(values.values()) / len(values) if values else float("nan"),
                 "worst": {"name": worst_name, "value": worst_value},
             }
     return {"metrics": list(metrics), "subsets": subsets or [], "strategies": list(reports), "tables": tables}

@@ -38,11 +38,13 @@ def test_mean_and_worst_by_hand():
     assert gmd_mae["worst"] == {"name": "audio", "value": 1.3}
 
 
-def test_nan_subset_is_left_out_of_mean_and_worst():
-    reports = {"a": _report({"x": {"m": float("nan")}, "y": {"m": 0.4}, "z": {"m": 0.6}})}
-    entry = ablation_table(reports, ["m"])["tables"]["m"]["a"]
-    assert entry["mean"] == pytest.approx(0.5)
-    assert entry["worst"] == {"name": "y", "value": 0.4}
+def test_nan_subset_makes_the_mean_nan_as_in_the_run_report_and_is_left_out_of_worst():
+    # a run's report stores a non-finite value as null
+    for nan in (float("nan"), None):
+        reports = {"a": _report({"x": {"m": nan}, "y": {"m": 0.4}, "z": {"m": 0.6}})}
+        entry = ablation_table(reports, ["m"])["tables"]["m"]["a"]
+        assert math.isnan(entry["mean"]) and math.isnan(entry["subsets"]["x"])
+        assert entry["worst"] == {"name": "y", "value": 0.4}
 
 
 def test_mismatched_subsets_and_missing_metric_are_refused():
