@@ -24,7 +24,7 @@ from app.data.errors import CaseError
 from app.data.labels import labels_to_regions
 from app.subsets import BRATS_MODALITIES
 
-__all__ = ["AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "load_case"]
+__all__ = ["AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "ZeroAbsentSequencesd", "load_case"]
 
 #: Largest absolute difference between affine entries still treated as the same grid.
 AFFINE_TOLERANCE = 1e-3
@@ -266,4 +266,35 @@ class LoadCased(MapTransform):
         if not self.keep_record:
             for key in RECORD_KEYS:
                 out.pop(key, None)
+        return out
+
+
+class ZeroAbsentSequencesd(MapTransform):
+    """Dictionary transform: set the channels of absent sequences (``modality_mask`` False) back to 0.
+
+    Intensity augmentations such as ``RandShiftIntensityd`` shift every channel, absent ones
+    included; this restores the rule that an absent sequence is a zero channel, so nothing
+    downstream (a zero-channel check, a network reading every channel) sees a made-up input.
+
+    Args:
+        keys: image keys, ``[C, ...]`` with one channel per entry of the mask.
+        mask_key: key of the boolean modality mask ``[C]``.
+    """
+
+    def __init__(self, keys: Any = "image", mask_key: str = "modality_mask") -> None:
+        super().__init__(keys)
+        self.mask_key = mask_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        present = torch.as_tensor(out[self.mask_key]).bool()
+        for key in self.key_iterator(out):
+            image = out[key]
+            if image.shape[0] != present.numel():
+                raise ValueError(f"{key!r} has {image.shape[0]} channels, {self.mask_key!r} {present.numel()} entries.")
+            absent = (~present).nonzero().flatten().tolist()
+            if absent:
+                image = image.clone() if isinstance(image, torch.Tensor) else np.array(image, copy=True)
+                image[absent] = 0
+                out[key] = image
         return out

@@ -231,3 +231,28 @@ def test_missing_file(tmp_path, make_case):
     os.unlink(rec["images"]["t2"])
     with pytest.raises(CaseError, match=r"A_1_t2\.nii\.gz does not exist"):
         load_case(rec)
+
+
+def test_absent_sequences_stay_zero_channels_through_the_bundle_augmentation(tmp_path, make_case):
+    """The bundle's intensity shift moves every channel; ZeroAbsentSequencesd puts absent ones back to 0."""
+    from monai.bundle import ConfigParser
+    from monai.utils import set_determinism
+
+    from app.data.transforms import ZeroAbsentSequencesd
+
+    make_case(tmp_path, "P1", seqs=("flair", "t1ce"))
+    (record,) = discover_cases(tmp_path, require_label=True)
+    parser = ConfigParser()
+    parser.read_config(os.path.join(os.path.dirname(__file__), "..", "..", "bundles", "brats_gmd", "configs", "train.yaml"))
+    parser["patch_size"] = [8, 8, 8]
+    train = parser.get_parsed_content("train#preprocessing")
+    assert any(isinstance(t, ZeroAbsentSequencesd) for t in train.transforms)
+    set_determinism(0)
+    for _ in range(6):
+        for sample in train(record):
+            mask = sample["modality_mask"]
+            assert mask.tolist() == [True, False, True, False]
+            assert (sample["image"][~mask] == 0).all() and (sample["image"][mask] != 0).any()
+    set_determinism(None)
+    with pytest.raises(ValueError, match="channels"):
+        ZeroAbsentSequencesd()({"image": torch.ones(3, 2, 2, 2), "modality_mask": torch.ones(4, dtype=torch.bool)})
