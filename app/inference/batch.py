@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -78,14 +77,15 @@ def _remove_stale_outputs(
     Raises:
         OSError: a stale output could not be removed.
     """
+    from app.inference.io import AtomicOutputs
+
     if not out_dir.is_dir():
         return
     names = set(_output_names(case))
-    temporary = re.compile(rf"\.{re.escape(case)}(?:_prob)?\.[0-9a-f]{{8}}\.tmp(?:\.nii\.gz|\.json)")
     for entry in os.scandir(out_dir):
         if entry.name in keep or claimed.get(entry.name, case) != case:
             continue
-        if entry.name not in names and not temporary.fullmatch(entry.name):
+        if entry.name not in names and not any(AtomicOutputs.is_temporary_of(entry.name, n) for n in names):
             continue
         if (entry.is_file(follow_symlinks=False) and os.path.realpath(entry.path) not in inputs
                 and (entry.name not in names or _written_by_batch(entry.path, case))):

@@ -481,13 +481,24 @@ class AtomicOutputs:
     def __init__(self) -> None:
         self._pending: list[tuple[str, str]] = []
 
+    @staticmethod
+    def _stem_suffix(name: str) -> tuple[str, str]:
+        suffix = next((s for s in (*_NIFTI_SUFFIXES, ".json") if name.lower().endswith(s)), "")
+        return name[: len(name) - len(suffix)], suffix
+
+    @staticmethod
+    def is_temporary_of(candidate: str, destination: str) -> bool:
+        """Whether file name ``candidate`` is a temporary :meth:`temp` made for file name ``destination``
+        (one a killed process left behind)."""
+        stem, suffix = AtomicOutputs._stem_suffix(destination)
+        return re.fullmatch(rf"\.{re.escape(stem)}\.[0-9a-f]{{8}}\.tmp{re.escape(suffix)}", candidate) is not None
+
     def temp(self, destination: str | os.PathLike) -> str:
         """A temporary path next to ``destination``; folders are created as needed."""
         dest = Path(destination).absolute()
         dest.parent.mkdir(parents=True, exist_ok=True)
-        name = dest.name
-        suffix = next((s for s in (*_NIFTI_SUFFIXES, ".json") if name.lower().endswith(s)), "")
-        tmp = dest.with_name(f".{name[: len(name) - len(suffix)]}.{secrets.token_hex(4)}.tmp{suffix}")
+        stem, suffix = self._stem_suffix(dest.name)
+        tmp = dest.with_name(f".{stem}.{secrets.token_hex(4)}.tmp{suffix}")
         self._pending.append((str(tmp), str(dest)))
         return str(tmp)
 
