@@ -189,22 +189,20 @@ def _reusable(result: Path, stamp: Path, settings: dict[str, Any]) -> bool:
         ValueError: ``result`` was produced with other settings, which a resumed ablation must not mix in.
     """
     recorded = json.loads(stamp.read_text()) if stamp.is_file() else None
-    if result.is_file():
-        if recorded is None:
-            print(f"note: {result} has no record of its settings (an earlier version wrote it); "
-                  "it is reused as if made by this command.", flush=True)
-        elif recorded != settings:
-            raise ValueError(
-                f"{result} was made with other settings than this command's (recorded in {stamp}: "
-                f"{' '.join(recorded.get('args', []))}). Use a new --output_dir, or delete {stamp.parent} "
-                "to run that strategy again.")
-        else:
-            return True
-        stamp.write_text(json.dumps(settings, indent=1))
+    finished = result.is_file()
+    if finished and recorded == settings:
         return True
+    if finished and recorded is not None:
+        raise ValueError(
+            f"{result} was made with other settings than this command's (recorded in {stamp}: "
+            f"{' '.join(recorded.get('args', []))}). Use a new --output_dir, or delete {stamp.parent} "
+            "to run that strategy again.")
+    if finished:
+        print(f"note: {result} has no record of its settings (an earlier version wrote it); "
+              "it is reused as if made by this command.", flush=True)
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(settings, indent=1))
-    return False
+    return finished
 
 
 def _iterations(log: Path) -> int | None:
