@@ -212,9 +212,8 @@ def _split_channels(folder: Path, desc: dict[str, Any], channels: dict[str, int]
         return True
     for entry in desc.get("training") or []:
         image = entry.get("image") if isinstance(entry, dict) else None
-        if isinstance(image, str) and _NIFTI_RE.match(Path(image).name):
-            listed = folder / image
-            stem = _NIFTI_RE.match(listed.name).group("case")
+        if isinstance(image, str) and (m := _NIFTI_RE.match(Path(image).name)) is not None:
+            listed, stem = folder / image, m.group("case")
             return not listed.exists() and any(
                 (listed.parent / f"{stem}_0000{ext}").is_file() for ext in (".nii.gz", ".nii"))
     found: dict[str, int] = {}
