@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import ignite.distributed as idist
 import torch
 
 __all__ = ["StepResult", "GradientStrategy", "subset_loss", "random_submasks"]
@@ -69,9 +70,7 @@ def random_submasks(
     process on the concatenated batch (for equal per-rank batches).
     """
     if world_size is None:
-        initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
-        world_size = torch.distributed.get_world_size() if initialised else 1
-        rank = torch.distributed.get_rank() if initialised else 0
+        world_size, rank = idist.get_world_size(), idist.get_rank()
     rank = rank or 0
     batch, m = mask.shape
     draws = torch.rand(world_size * batch, dtype=torch.float64, generator=generator)[rank * batch : (rank + 1) * batch]
