@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--no-cudnn-benchmark", action="store_true",
+                        help="CUDA: keep cuDNN's default kernels instead of autotuning them for the patch")
     parser.add_argument("--vjp-chunk", type=int, default=1, help="per-subset VJPs batched together by exact GMD")
     parser.add_argument("--only", nargs="*", default=None, help="subset of: plain dropout gmd gmd_k5 gmd_approx cggm")
     args = parser.parse_args(argv)
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but no CUDA device is available: use --device cpu.")
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not args.no_cudnn_benchmark
     torch.manual_seed(0)
     model = DSUNet(features=args.features).to(device)
     if any(s % model.divisor for s in args.patch):

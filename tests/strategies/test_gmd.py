@@ -88,7 +88,7 @@ def _naive_gmd(model, x, y, subsets_idx, orders):
 
 def _fast(strategy, model, x, y):
     model.zero_grad()
-    mask = torch.ones(x.shape[0], model.num_modalities, dtype=torch.bool)
+    mask = torch.ones(x.shape[0], model.num_modalities, dtype=torch.bool, device=x.device)
     strategy.step(model, x, mask, y, _loss)
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
 
@@ -121,6 +121,43 @@ def test_gmd_float32_close_to_reference():
     fast = _fast(GMDStrategy(seed=7), model, x, y).double()
     naive = _naive_gmd(model, x, y, list(range(15)), orders)
     assert (fast - naive).norm() / naive.norm() < 1e-5
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("subsets", ["all", 5])
+def test_gmd_matches_naive_reference_on_cuda(subsets):
+    torch.manual_seed(0)
+    model = DSUNet(features=(4, 8), out_channels=2).double().cuda()
+    x = torch.randn(2, 4, 8, 8, 8, dtype=torch.float64, device="cuda")
+    y = (torch.rand(2, 2, 8, 8, 8, device="cuda") > 0.6).double()
+    probe = GMDStrategy(subsets=subsets, seed=3)
+    chosen = probe.choose_subsets(15)
+    orders = projection_orders(len(chosen), probe.generator)
+    fast = _fast(GMDStrategy(subsets=subsets, seed=3, vjp_chunk=4), model, x, y)
+    naive = _naive_gmd(model, x, y, chosen, orders)
+    assert fast.is_cuda and (fast - naive).norm() / naive.norm() < 1e-5
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["gmd", "gmd_approx"])
+def test_cuda_step_matches_cpu_and_bf16_keeps_the_direction(name):
+    from app.engines.trainer import autocast_context
+
+    torch.manual_seed(5)
+    model = DSUNet(features=(4, 8, 16), out_channels=3)
+    x = torch.randn(2, 4, 16, 16, 16)
+    y = (torch.rand(2, 3, 16, 16, 16) > 0.5).float()
+    cpu = _fast(build_strategy(name, seed=1), model, x, y)
+    model.cuda()
+    cuda = _fast(build_strategy(name, seed=1), model, x.cuda(), y.cuda()).cpu()
+    assert (cuda - cpu).norm() / cpu.norm() < 1e-4
+    with autocast_context(torch.device("cuda"), True):
+        bf16 = _fast(build_strategy(name, seed=1), model, x.cuda(), y.cuda()).cpu()
+    assert torch.isfinite(bf16).all()
+    assert float(bf16 @ cpu / (bf16.norm() * cpu.norm())) > 0.95
 
 
 def _draws(k: int, n: int, count: int) -> list[list[int]]:
