@@ -11,11 +11,13 @@ from app.engines.distributed import (
 from app.engines.handlers import DiagnosticsHandler, SubsetReportHandler, TimeLimitHandler
 from app.engines.sentiment import SentimentReportHandler, SentimentSubsetEvaluator, subset_predictions
 from app.engines.trainer import SubsetEvaluator, SubsetTrainer, autocast_context, to_device
-from app.engines.utils import ProgressBarHandler, check_patch_size, describe_state_dict, fit_roi, load_weights
+from app.engines.utils import (
+    ProgressBarHandler, check_patch_size, describe_state_dict, fit_roi, load_weights, set_cudnn,
+)
 
 __all__ = [
     "SubsetTrainer", "SubsetEvaluator", "to_device", "autocast_context", "TimeLimitHandler", "DiagnosticsHandler",
-    "SubsetReportHandler", "ProgressBarHandler", "check_patch_size", "fit_roi", "describe_state_dict", "load_weights",
+    "SubsetReportHandler", "ProgressBarHandler", "check_patch_size", "set_cudnn", "fit_roi", "describe_state_dict", "load_weights",
     "SentimentSubsetEvaluator", "SentimentReportHandler", "subset_predictions",
     "ResumableCheckpoint", "ResumableSampler", "SeededDataset", "atomic_save", "load_training_checkpoint",
     "init_distributed", "distributed_device", "is_distributed", "broadcast_module", "check_shards", "GradientSync",

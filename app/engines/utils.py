@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
 from ignite.engine import Engine
 
 from app.networks.weights import describe_state_dict, load_weights
 
-__all__ = ["check_patch_size", "fit_roi", "load_weights", "describe_state_dict", "ProgressBarHandler"]
+__all__ = ["check_patch_size", "set_cudnn", "fit_roi", "load_weights", "describe_state_dict", "ProgressBarHandler"]
 
 
 def check_patch_size(patch_size: Sequence[int], network: Any) -> None:
@@ -22,6 +23,16 @@ def check_patch_size(patch_size: Sequence[int], network: Any) -> None:
             f"patch_size {list(patch_size)} must have 3 entries that are multiples of {divisor} "
             f"(2 ** (len(features) - 1)): use e.g. --patch_size \"{fixed}\"."
         )
+
+
+def set_cudnn(deterministic: bool | str) -> None:
+    """Deterministic cuDNN kernels (``true``), or autotuned ones (``false``: faster on GPU, not
+    bit-reproducible). Call after ``monai.utils.set_determinism``, which forces the deterministic ones."""
+    value = str(deterministic).strip().lower()
+    if value not in ("true", "false", "1", "0"):
+        raise ValueError(f"deterministic must be true or false, got {deterministic!r} (--deterministic false).")
+    torch.backends.cudnn.deterministic = value in ("true", "1")
+    torch.backends.cudnn.benchmark = not torch.backends.cudnn.deterministic
 
 
 def fit_roi(roi_size: Sequence[int], spatial_shape: Sequence[int], divisor: int) -> tuple[int, ...]:

@@ -15,6 +15,7 @@ import torch
 from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetOutBlock, UnetUpBlock
 from torch import nn
 
+from app.networks.norm import use_reduction_instance_norm
 from app.subsets import BRATS_MODALITIES
 
 __all__ = ["ModalityEncoder", "SharedDecoder", "DSUNet", "masked_mean", "modality_index"]
@@ -102,7 +103,8 @@ class DSUNet(nn.Module):
         out_channels: number of output region channels (WT, TC, ET).
         features: channel widths per level; the number of levels is ``len(features)`` and the
             input size must be divisible by ``2 ** (len(features) - 1)``.
-        norm_name: normalisation for the MONAI blocks.
+        norm_name: normalisation for the MONAI blocks; instance norms are computed from reductions
+            (:class:`app.networks.norm.InstanceNorm3d`, same results, faster on GPUs).
 
     ``task`` is ``"segmentation"``: per-channel sigmoid logits scored by hard Dice.
 
@@ -127,6 +129,7 @@ class DSUNet(nn.Module):
         self.out_channels = out_channels
         self.encoders = nn.ModuleList(ModalityEncoder(1, self.features, norm_name) for _ in self.modalities)
         self.trunk = SharedDecoder(self.features, out_channels, norm_name)
+        use_reduction_instance_norm(self)  # same maths, much faster on GPUs (app.networks.norm)
 
     @property
     def num_modalities(self) -> int:

@@ -67,7 +67,7 @@ def _naive_gmd(model, x, y, subsets_idx, orders):
     grads = []
     for j in subsets_idx:
         model.zero_grad()
-        m = masks[j].expand(x.shape[0], -1)
+        m = masks[j].to(x.device).expand(x.shape[0], -1)
         _loss(model(x, m), y).backward()
         grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]))
     grads = torch.stack(grads).double()
@@ -152,7 +152,12 @@ def test_cuda_step_matches_cpu_and_bf16_keeps_the_direction(name):
     y = (torch.rand(2, 3, 16, 16, 16) > 0.5).float()
     cpu = _fast(build_strategy(name, seed=1), model, x, y)
     model.cuda()
-    cuda = _fast(build_strategy(name, seed=1), model, x.cuda(), y.cuda()).cpu()
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # full fp32 to compare
+    try:
+        cuda = _fast(build_strategy(name, seed=1), model, x.cuda(), y.cuda()).cpu()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     assert (cuda - cpu).norm() / cpu.norm() < 1e-4
     with autocast_context(torch.device("cuda"), True):
         bf16 = _fast(build_strategy(name, seed=1), model, x.cuda(), y.cuda()).cpu()
