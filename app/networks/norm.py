@@ -11,6 +11,7 @@ whatever the input dtype, as the native kernels do.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["InstanceNorm3d", "use_reduction_instance_norm"]
@@ -19,7 +20,10 @@ __all__ = ["InstanceNorm3d", "use_reduction_instance_norm"]
 class InstanceNorm3d(nn.InstanceNorm3d):
     """``nn.InstanceNorm3d`` (same arguments and state dict) computed from ``var_mean``.
 
-    Running statistics are not supported (:func:`use_reduction_instance_norm` leaves such layers alone).
+    Inputs with at least ``native_from_rows`` rows (batch x channels, default 32) use the native
+    kernels, which are faster once they have that many thread blocks to fill the GPU (on an H100, in
+    bf16: 16 rows of 128^3 took 4x less time from reductions, 32 rows of 64^3 3x more). Running
+    statistics are not supported (:func:`use_reduction_instance_norm` leaves such layers alone).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
@@ -27,10 +31,13 @@ class InstanceNorm3d(nn.InstanceNorm3d):
         if track_running_stats:
             raise ValueError("InstanceNorm3d from reductions has no running statistics: use nn.InstanceNorm3d.")
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=False)
+        self.native_from_rows = 32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5:
             raise ValueError(f"InstanceNorm3d expects a [B, C, D, H, W] input, got {x.dim()} dimensions.")
+        if x.shape[0] * x.shape[1] >= self.native_from_rows:
+            return F.instance_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         xf = x.float() if x.dtype == torch.float16 or x.dtype == torch.bfloat16 else x
         var, mean = torch.var_mean(xf, dim=[2, 3, 4], correction=0, keepdim=True)
         y = (xf - mean) * torch.rsqrt(var + self.eps)

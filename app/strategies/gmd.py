@@ -107,25 +107,25 @@ class GMDStrategy(GradientStrategy):
         return torch.cat(rows, dim=0)
 
     def gram_matrix(
-        self, model: Any, per_mod: torch.Tensor, losses: list[torch.Tensor], parts: list | None = None
+        self, model: Any, per_mod: torch.Tensor, cotangents: list[torch.Tensor | None], parts: list | None = None
     ) -> tuple[torch.Tensor, Any]:
         """Gram matrix of the per-subset gradients (float64) and what the backward needs later.
 
-        With ``parts`` (see ``DSUNet.per_modality_parts``) each subset's gradient is the sum of
-        VJPs through the trunks of its own modalities, which skips the modalities a subset lacks.
+        ``cotangents[j]`` is ``dL_j / d per_mod``, or None when this rank has no sample for subset
+        ``j`` (global sync only): its row is zero. With ``parts`` (see ``DSUNet.per_modality_parts``)
+        each subset's gradient is the sum of VJPs through the trunks of its own modalities, which
+        skips the modalities a subset lacks.
         """
-        # a loss is None when this rank has no sample for the subset (global sync only): its row is zero
-        cotangents = [None if loss is None else torch.autograd.grad(loss, per_mod, retain_graph=True)[0]
-                      for loss in losses]
+        k = len(cotangents)
         shared = [p for p in model.shared_parameters() if p.requires_grad]
         live = [j for j, c in enumerate(cotangents) if c is not None]
         grads = None
         if not parts:
-            if len(live) == len(losses):
+            if len(live) == k:
                 grads = self._shared_gradients(per_mod, shared, cotangents)
             elif live:
                 rows = self._shared_gradients(per_mod, shared, [cotangents[j] for j in live])
-                grads = rows.new_zeros(len(losses), rows.shape[1])
+                grads = rows.new_zeros(k, rows.shape[1])
                 grads[live] = rows
         else:
             for m, rows, decoded in parts:
@@ -135,10 +135,10 @@ class GMDStrategy(GradientStrategy):
                     continue
                 part = self._shared_gradients(decoded, shared, [cots[j] for j in members])
                 if grads is None:
-                    grads = part.new_zeros(len(losses), part.shape[1])
+                    grads = part.new_zeros(k, part.shape[1])
                 grads[members] += part
         if grads is None:
-            grads = torch.zeros(len(losses), sum(p.numel() for p in shared), dtype=shared[0].dtype,
+            grads = torch.zeros(k, sum(p.numel() for p in shared), dtype=shared[0].dtype,
                                 device=shared[0].device)
         if self._world > 1:
             # the losses are already weighted by each rank's share of the subset's samples: the sum over
@@ -147,7 +147,10 @@ class GMDStrategy(GradientStrategy):
         grads = grads.double()
         return grads @ grads.T, (shared, grads)
 
-    def apply_gradients(self, model: Any, losses: list[torch.Tensor], weights: torch.Tensor, cache: Any) -> None:
+    def apply_gradients(
+        self, model: Any, per_mod: torch.Tensor, cotangents: list[torch.Tensor | None], weights: torch.Tensor,
+        cache: Any,
+    ) -> None:
         """Shared parameters take ``sum_j w_j G_j``; encoders take the backward of ``sum_j k w_j L_j``."""
         shared, grads = cache
         merged = weights.to(grads) @ grads
@@ -158,17 +161,21 @@ class GMDStrategy(GradientStrategy):
             p.grad = g if p.grad is None else p.grad + g
             offset += n
         specific = [p for p in model.modality_parameters() if p.requires_grad]
-        total = self._weighted_total(losses, weights)
+        total = self._weighted_cotangent(cotangents, weights)
         if specific and total is not None:
-            total.backward(inputs=specific)
+            per_mod.backward(total, inputs=specific)
 
-    def _weighted_total(self, losses: list[torch.Tensor | None], weights: torch.Tensor) -> torch.Tensor | None:
-        """``sum_j k w_j L_j`` over this rank's losses; ``world`` times that under global sync, because
-        the trainer then averages the encoder gradients over the ranks."""
-        k = len(losses)
-        terms = [(k * self._world * weights[j]).to(loss.dtype) * loss for j, loss in enumerate(losses)
-                 if loss is not None]
-        return sum(terms[1:], terms[0]) if terms else None
+    def _weighted_cotangent(self, cotangents: list[torch.Tensor | None], weights: torch.Tensor) -> torch.Tensor | None:
+        """``d(sum_j k w_j L_j) / d per_mod`` from this rank's cotangents (linearity: the subset losses'
+        graphs are not walked again); ``world`` times that under global sync, because the trainer then
+        averages the encoder gradients over the ranks."""
+        k = len(cotangents)
+        total = None
+        for j, c in enumerate(cotangents):
+            if c is not None:
+                term = c * (k * self._world * weights[j]).to(c.dtype)
+                total = term if total is None else total.add_(term)
+        return total
 
     def synchronized_parameters(self, model: Any) -> list[torch.nn.Parameter]:
         """Parameters whose gradients of the last step are already those of the global batch (the shared
@@ -231,14 +238,17 @@ class GMDStrategy(GradientStrategy):
                     used.append(j)
         if not losses:
             raise ValueError("No sample in the batch has any modality: check the modality masks of the data.")
-        gram, cache = self.gram_matrix(model, per_mod, losses, parts)
+        # every later gradient is linear in dL_j / d per_mod: the loss graphs are walked once, here
+        cotangents = [None if loss is None else torch.autograd.grad(loss, per_mod, retain_graph=True)[0]
+                      for loss in losses]
+        gram, cache = self.gram_matrix(model, per_mod, cotangents, parts)
         coeffs = decouple_coefficients(gram, projection_orders(len(losses), self.generator))
         if self._world > 1:
             # the ranks computed the same Gram matrix with generators in the same state; rank 0's weights
             # are broadcast anyway so that rounding differences can never split the ranks
             dist.broadcast(coeffs, src=0)
         weights = coeffs.mean(0)
-        self.apply_gradients(model, losses, weights, cache)
+        self.apply_gradients(model, per_mod, cotangents, weights, cache)
 
         with torch.no_grad():
             pred = model.fuse(per_mod.detach(), modality_mask)
@@ -273,22 +283,24 @@ class GMDApproxStrategy(GMDStrategy):
     name = "gmd_approx"
     approximate = True
 
-    def gram_matrix(self, model, per_mod, losses, parts=None):
-        cotangents = torch.stack([torch.zeros_like(per_mod) if loss is None
-                                  else torch.autograd.grad(loss, per_mod, retain_graph=True)[0] for loss in losses])
-        flat = cotangents.reshape(len(losses), -1).double()
-        gram = flat @ flat.T
+    def gram_matrix(self, model, per_mod, cotangents, parts=None):
+        k = len(cotangents)
+        gram = torch.zeros(k, k, dtype=torch.float64, device=per_mod.device)
+        live = [j for j, c in enumerate(cotangents) if c is not None]
+        if live:
+            flat = torch.stack([cotangents[j] for j in live]).flatten(1)
+            gram[torch.tensor(live, device=gram.device)[:, None], torch.tensor(live, device=gram.device)] = (
+                (flat @ flat.T).double() if flat.is_cuda else flat.double() @ flat.double().T)
         if self._world > 1:
             # the ranks' per-modality outputs are disjoint coordinates of the global batch's output, so
             # its Gram matrix is the sum of the ranks' (losses already weighted by the sample shares)
             dist.all_reduce(gram)
         return gram, None
 
-    def apply_gradients(self, model, losses, weights, cache):
-        k = len(losses)
-        total = self._weighted_total(losses, weights)
+    def apply_gradients(self, model, per_mod, cotangents, weights, cache):
+        total = self._weighted_cotangent(cotangents, weights)
         if total is not None:
-            total.backward()
+            per_mod.backward(total)
         for p in model.shared_parameters():
             if p.grad is not None:
-                p.grad.div_(k)
+                p.grad.div_(len(cotangents))

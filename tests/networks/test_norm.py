@@ -26,6 +26,16 @@ def test_matches_native_values_and_gradients(affine):
     assert torch.allclose(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0], atol=1e-12)
 
 
+def test_many_rows_use_the_native_kernels_with_the_same_result():
+    x = torch.randn(4, 8, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    norm = InstanceNorm3d(8).double()
+    assert x.shape[0] * x.shape[1] >= norm.native_from_rows
+    ref = F.instance_norm(x)
+    assert torch.allclose(norm(x), ref, atol=1e-12)
+    norm.native_from_rows = 10**9  # force the reductions
+    assert torch.allclose(norm(x), ref, atol=1e-12)
+
+
 def test_second_order_gradients_for_cggm():
     x = torch.randn(1, 2, 3, 3, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(InstanceNorm3d(2).double(), (x,))

@@ -63,7 +63,7 @@ def _naive_gmd(model, x, y, subsets_idx, orders):
     masks = subset_masks(model.num_modalities)
     params = list(model.parameters())
     shared_ids = {id(p) for p in model.shared_parameters()}
-    is_shared = torch.cat([torch.full((p.numel(),), id(p) in shared_ids) for p in params])
+    is_shared = torch.cat([torch.full((p.numel(),), id(p) in shared_ids, device=p.device) for p in params])
     grads = []
     for j in subsets_idx:
         model.zero_grad()
