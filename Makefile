@@ -51,9 +51,10 @@ bench-gpu:
 	cat $(BENCH_GPU)/gmd_step.jsonl
 	$(PYTHON) bench/infer.py --devices cuda > $(BENCH_GPU)/infer.txt
 	cat $(BENCH_GPU)/infer.txt
-	$(PYTHON) -m app ablate --bundle bundles/brats_gmd --strategies plain,dropout,gmd,gmd_approx \
+	$(PYTHON) -m app ablate --bundle bundles/brats_gmd --strategies plain,dropout,gmd:5,gmd \
 		--max_epochs 100000 --time_limit_minutes 6 --val_interval 1000 --output_dir $(BENCH_GPU)/ablation_brats_2mm \
-		--dataset_dir $(DATA_2MM)
+		--dataset_dir $(DATA_2MM) --seed 0 --patch_size "[96,96,64]" --batch_size 2 --num_samples 2 \
+		--learning_rate 0.001 --epoch_length 100 --num_workers 3 --deterministic false
 
 clean:
 	rm -rf outputs
