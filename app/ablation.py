@@ -136,8 +136,13 @@ def _held_out_dir(run_dir: Path, target: Path) -> Path:
         if entry.is_symlink() and (entry.name not in folders or entry.resolve() != folders[entry.name]):
             entry.unlink()
     for name, folder in folders.items():
-        if not (target / name).exists():
+        try:
             os.symlink(folder, target / name)
+        except FileExistsError:
+            # already there, e.g. made by an ablation of other strategies running into the same folder
+            if (target / name).resolve() != folder:
+                raise FileExistsError(f"{target / name} exists and is not a link to {folder}: remove it, or use "
+                                      "another --output_dir.") from None
     return target
 
 

@@ -122,6 +122,12 @@ def test_held_out_links_follow_the_current_split(tmp_path):
     # an earlier seed held out a and b; this one holds out c, so a and b are training cases now
     assert sorted(p.name for p in split("c").iterdir()) == ["c"]
     assert (target / "c").resolve() == cases["c"].resolve()
+    # a second ablation into the same folder (e.g. other strategies run side by side) finds the links made
+    assert sorted(p.name for p in split("c").iterdir()) == ["c"]
+    (target / "c").unlink()
+    (target / "c").mkdir()  # not a link: scoring it could score anything, so it is an error
+    with pytest.raises(FileExistsError, match="another --output_dir"):
+        split("c")
     (run_dir / "datalist.json").write_text(json.dumps({"validation": []}))
     with pytest.raises(ValueError, match="--val_fraction"):
         _held_out_dir(run_dir, target)
