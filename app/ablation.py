@@ -210,6 +210,26 @@ def _reusable(result: Path, stamp: Path, settings: dict[str, Any]) -> bool:
     return finished
 
 
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``, or None when there is none (a stage trained by an earlier version)."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _environment(bundle_args: Sequence[str]) -> dict[str, Any]:
+    """Where a training stage ran: versions, CPU count and the device the bundle uses (its ``--device``
+    override, else the first GPU when there is one, as ``train.yaml`` picks)."""
+    import platform
+
+    import monai
+    import torch
+
+    device = _option(bundle_args, "device")
+    if device is None:
+        device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
+    return {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
+            "device": device, "cpu_count": os.cpu_count()}
+
+
 def _iterations(log: Path) -> int | None:
     """The iteration count of a time-limited run, from the time-limit handler's log line."""
     hits = re.findall(r"[Tt]ime limit.*?iteration (\d+)", log.read_text(errors="replace")) if log.is_file() else []
@@ -270,6 +290,7 @@ def run_ablation(
             train_s = _run_bundle([train], bundle, train_args, out / label / "train.log")
             if not ckpt.is_file():
                 raise RuntimeError(f"Training {label!r} finished without writing {ckpt}; see {out / label / 'train.log'}.")
+            (out / label / "train_environment.json").write_text(json.dumps(_environment(bundle_args), indent=1))
         if layout is SEGMENTATION:
             scored = ["--dataset_dir", str(_held_out_dir(run_dir, out / "held_out"))]
         else:
@@ -284,7 +305,7 @@ def run_ablation(
         reports[label] = json.loads(report_path.read_text())
         runs[label] = {"strategy": name, "gmd_subsets": subsets, "train_seconds": train_s,
                        "iterations": _iterations(out / label / "train.log"), "checkpoint": str(ckpt),
-                       "report": str(report_path)}
+                       "report": str(report_path), "environment": _read_json(out / label / "train_environment.json")}
         print(json.dumps({"strategy": label, **runs[label]}), flush=True)
     table = ablation_table(reports, metrics)
     table["runs"] = runs

@@ -10,9 +10,11 @@ import json
 import subprocess
 import sys
 
+import monai
 import pytest
+import torch
 
-from app.ablation import _held_out_dir, _reusable, _stage_settings, bundle_layout, parse_strategies
+from app.ablation import _environment, _held_out_dir, _reusable, _stage_settings, bundle_layout, parse_strategies
 from app.data.mmsa import write_synthetic_mmsa
 from app.data.phantoms import write_phantoms
 from app.subsets import BRATS_MODALITIES, MOSI_MODALITIES, all_subsets, subset_name
@@ -66,6 +68,10 @@ def test_segmentation_bundle_ablation_resumes_and_scores_held_out_cases(tmp_path
     report = json.loads((out / "plain" / "eval" / "subset_dice.json").read_text())
     assert report["subsets"]["flair"]["n_cases"] == len(held_out) > 0
     assert table["settings"]["seed"] == 0 and table["runs"]["gmd_k2"]["gmd_subsets"] == "2"
+    env = table["runs"]["plain"]["environment"]  # where the stage trained
+    assert env["torch"] == torch.__version__ and env["monai"] == monai.__version__ and env["cpu_count"] >= 1
+    assert env["device"] == _environment([])["device"]
+    assert _environment(["--device", "cuda:1"])["device"] == "cuda:1"  # the bundle's override wins
     # a second run reuses the finished stages and gives the same table
     logs = {p: p.stat().st_mtime_ns for p in out.glob("*/*.log")}
     again = _ablate(*args)
