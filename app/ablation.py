@@ -187,13 +187,18 @@ def _stage_settings(bundle: Path, args: Sequence[str], out: Path) -> dict[str, A
     return {"bundle": str(bundle.resolve()), "args": [relative(a) for a in split]}
 
 
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``, or None when there is none (e.g. a stage run by an earlier version)."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _reusable(result: Path, stamp: Path, settings: dict[str, Any]) -> bool:
     """Whether a finished stage's ``result`` can stand for this run; records ``settings`` when it cannot.
 
     Raises:
         ValueError: ``result`` was produced with other settings, which a resumed ablation must not mix in.
     """
-    recorded = json.loads(stamp.read_text()) if stamp.is_file() else None
+    recorded = _read_json(stamp)
     finished = result.is_file()
     if finished and recorded == settings:
         return True
@@ -208,11 +213,6 @@ def _reusable(result: Path, stamp: Path, settings: dict[str, Any]) -> bool:
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(settings, indent=1))
     return finished
-
-
-def _read_json(path: Path) -> Any:
-    """The JSON in ``path``, or None when there is none (a stage trained by an earlier version)."""
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _environment(bundle_args: Sequence[str]) -> dict[str, Any]:

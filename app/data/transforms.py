@@ -288,11 +288,11 @@ class ZeroAbsentSequencesd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         out = dict(data)
         present = torch.as_tensor(out[self.mask_key]).bool()
+        absent = (~present).nonzero().flatten().tolist()
         for key in self.key_iterator(out):
             image = out[key]
             if image.shape[0] != present.numel():
                 raise ValueError(f"{key!r} has {image.shape[0]} channels, {self.mask_key!r} {present.numel()} entries.")
-            absent = (~present).nonzero().flatten().tolist()
             if absent:
                 image = image.clone() if isinstance(image, torch.Tensor) else np.array(image, copy=True)
                 image[absent] = 0

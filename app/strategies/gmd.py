@@ -289,8 +289,8 @@ class GMDApproxStrategy(GMDStrategy):
         live = [j for j, c in enumerate(cotangents) if c is not None]
         if live:
             flat = torch.stack([cotangents[j] for j in live]).flatten(1)
-            gram[torch.tensor(live, device=gram.device)[:, None], torch.tensor(live, device=gram.device)] = (
-                (flat @ flat.T).double() if flat.is_cuda else flat.double() @ flat.double().T)
+            idx = torch.tensor(live, device=gram.device)
+            gram[idx[:, None], idx] = (flat @ flat.T).double() if flat.is_cuda else flat.double() @ flat.double().T
         if self._world > 1:
             # the ranks' per-modality outputs are disjoint coordinates of the global batch's output, so
             # its Gram matrix is the sum of the ranks' (losses already weighted by the sample shares)
