@@ -4,8 +4,8 @@ PyTorch's ``instance_norm`` runs as a batch norm over ``B * C`` channels, whose 
 one thread block to each channel: with 16 channels of a 128^3 patch the GPU sits mostly idle, and in
 bf16 its backward was half of a GMD step on an H100. The same maths written as ``var_mean`` and
 elementwise ops uses PyTorch's split reductions, is differentiable to any order (CGGM's gradient
-loss needs the second order) and scripts for TorchScript export. Statistics are taken in float32
-whatever the input dtype, as the native kernels do.
+loss needs the second order) and scripts for TorchScript export. Statistics of half-precision
+inputs are taken in float32, as the native kernels do.
 """
 
 from __future__ import annotations
