@@ -47,7 +47,9 @@ __all__ = [
     "check_output_path",
     "label_convention",
     "load_segmenter",
+    "reorient",
     "segment_case",
+    "upload",
 ]
 
 #: ``--labels`` values and the label convention each selects.
@@ -68,6 +70,31 @@ def as_bool(value: Any, name: str = "flag") -> bool:
     if text in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(f"{name} must be true or false, got {value!r}.")
+
+
+def upload(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """``array`` as a float32 tensor on ``device``, copied in its storage order.
+
+    NIfTI voxels come in Fortran order. Making them C-contiguous on the host is a cache-unfriendly
+    transpose that took longer than the network on a GPU; uploading the memory as it lies and
+    permuting on the device is a plain copy. The result is a (possibly non-contiguous) view with
+    the axes of ``array``.
+    """
+    arr = np.asarray(array, dtype=np.float32)
+    order = sorted(range(arr.ndim), key=lambda a: (-abs(arr.strides[a]), a))  # outermost axis first
+    stored = arr.transpose(order)
+    if not stored.flags.c_contiguous:
+        stored = np.ascontiguousarray(stored)
+    return torch.from_numpy(stored).to(device).permute(*np.argsort(order).tolist())
+
+
+def reorient(tensor: torch.Tensor, ornt: np.ndarray) -> torch.Tensor:
+    """nibabel's ``apply_orientation`` on the last three dimensions of a tensor (a view: flips, then a permutation)."""
+    lead = tensor.ndim - 3
+    flips = [lead + axis for axis in range(3) if ornt[axis, 1] == -1]
+    if flips:
+        tensor = tensor.flip(flips)
+    return tensor.permute(*range(lead), *(lead + int(a) for a in np.argsort(ornt[:, 0])))
 
 
 def label_convention(labels: str | int) -> str:
@@ -201,8 +228,7 @@ class Segmenter:
         ras_shape = tuple(int(s) for s in apply_orientation(np.empty(ref.shape, dtype=np.bool_), ornt).shape)
         image = torch.zeros((len(BRATS_MODALITIES), *ras_shape), dtype=torch.float32, device=self.device)
         for seq, vol in case.volumes.items():
-            ras = np.ascontiguousarray(apply_orientation(vol.data, ornt), dtype=np.float32)
-            image[BRATS_MODALITIES.index(seq)] = torch.from_numpy(ras).to(self.device)
+            image[BRATS_MODALITIES.index(seq)] = reorient(upload(vol.data, self.device), ornt)
 
         # 2. optional resampling to the training spacing; align_corners=False keeps the field of view
         native = np.linalg.norm(ras_affine[:3, :3], axis=0)
@@ -257,10 +283,10 @@ class Segmenter:
             prob = F.interpolate(prob[None], size=ras_shape, mode="trilinear", align_corners=False)[0]
         label_ras = regions_to_labels(prob > 0.5, convention)
         back = ornt_transform(_RAS, ornt)
-        label_map = np.ascontiguousarray(apply_orientation(label_ras.cpu().numpy(), back), dtype=np.uint8)
+        label_map = reorient(label_ras, back).to(torch.uint8).contiguous().cpu().numpy()
         prob_map = None
         if probabilities:
-            prob_map = np.ascontiguousarray(apply_orientation(prob.permute(1, 2, 3, 0).cpu().numpy(), back))
+            prob_map = reorient(prob, back).permute(1, 2, 3, 0).contiguous().cpu().numpy()
         timing["postprocess_s"] = _seconds(start)
         details = {
             "ras_shape": list(ras_shape),

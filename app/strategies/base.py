@@ -44,19 +44,26 @@ def subset_loss(
     mask: torch.Tensor,
     targets: torch.Tensor,
     loss_function: Callable,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Loss of the prediction fused over ``mask``, on the samples that have any modality in it.
 
+    Args:
+        valid: ``mask.any(dim=1)`` as a CPU tensor, when the caller has it; otherwise it is read
+            from ``mask`` (a device sync on a GPU).
+
     Returns ``(None, None)`` when no sample has a modality of ``mask``.
     """
-    valid = mask.any(dim=1)
+    if valid is None:
+        valid = mask.any(dim=1).cpu()
     if not bool(valid.any()):
         return None, None
     if bool(valid.all()):
         pred = model.fuse(per_modality, mask)
         return loss_function(pred, targets).mean(), pred
-    pred = model.fuse(per_modality[valid], mask[valid])
-    return loss_function(pred, targets[valid]).mean(), pred
+    rows = torch.nonzero(valid).flatten().to(per_modality.device)
+    pred = model.fuse(per_modality[rows], mask[rows])
+    return loss_function(pred, targets[rows]).mean(), pred
 
 
 def random_submasks(

@@ -107,14 +107,16 @@ class GMDStrategy(GradientStrategy):
         return torch.cat(rows, dim=0)
 
     def gram_matrix(
-        self, model: Any, per_mod: torch.Tensor, cotangents: list[torch.Tensor | None], parts: list | None = None
+        self, model: Any, per_mod: torch.Tensor, cotangents: list[torch.Tensor | None], parts: list | None = None,
+        subsets: list[tuple[int, ...]] | None = None,
     ) -> tuple[torch.Tensor, Any]:
         """Gram matrix of the per-subset gradients (float64) and what the backward needs later.
 
         ``cotangents[j]`` is ``dL_j / d per_mod``, or None when this rank has no sample for subset
         ``j`` (global sync only): its row is zero. With ``parts`` (see ``DSUNet.per_modality_parts``)
-        each subset's gradient is the sum of VJPs through the trunks of its own modalities, which
-        skips the modalities a subset lacks.
+        each subset's gradient is the sum of VJPs through the trunks of its own modalities
+        (``subsets[j]``, the modality indices of subset ``j``), which skips the modalities a subset
+        lacks.
         """
         k = len(cotangents)
         shared = [p for p in model.shared_parameters() if p.requires_grad]
@@ -130,7 +132,8 @@ class GMDStrategy(GradientStrategy):
         else:
             for m, rows, decoded in parts:
                 cots = [None if c is None else c[rows, m] for c in cotangents]
-                members = [j for j, c in enumerate(cots) if c is not None and bool(c.any())]
+                # the cotangent of a subset without modality m is zero there: its VJP would add nothing
+                members = [j for j, c in enumerate(cots) if c is not None and m in subsets[j]]
                 if not members:
                     continue
                 part = self._shared_gradients(decoded, shared, [cots[j] for j in members])
@@ -199,11 +202,12 @@ class GMDStrategy(GradientStrategy):
         ``(weighted losses or None, used subset indices, subset losses of the global batch)``.
         """
         local, counts = [], []
+        host_mask, host_masks = modality_mask.cpu(), masks.cpu()
         for j in chosen:
-            sub = modality_mask & masks[j]
-            loss, _ = subset_loss(model, per_mod, sub, targets, loss_function)
+            valid = (host_mask & host_masks[j]).any(dim=1)
+            loss, _ = subset_loss(model, per_mod, modality_mask & masks[j], targets, loss_function, valid)
             local.append(loss)
-            counts.append(float(sub.any(dim=1).sum()))
+            counts.append(float(valid.sum()))
         sums = [0.0 if loss is None else float(loss.detach()) * n for loss, n in zip(local, counts)]
         stats = torch.tensor(counts + sums, dtype=torch.float64, device=per_mod.device)
         dist.all_reduce(stats)
@@ -222,7 +226,8 @@ class GMDStrategy(GradientStrategy):
             per_mod, parts = model.per_modality_parts(inputs, modality_mask)
         else:
             per_mod = model.per_modality(inputs, modality_mask)
-        masks = subset_masks(model.num_modalities, device=modality_mask.device)
+        host_masks = subset_masks(model.num_modalities)
+        masks = host_masks.to(modality_mask.device)
         self._world = self._sync_world()
         losses: list[torch.Tensor | None] = []
         used: list[int] = []
@@ -231,8 +236,11 @@ class GMDStrategy(GradientStrategy):
                 model, per_mod, modality_mask, targets, loss_function, masks, self.choose_subsets(masks.shape[0])
             )
         else:
+            # which samples each subset has, decided on the host: one device sync, not two per subset
+            host_mask = modality_mask.cpu()
             for j in self.choose_subsets(masks.shape[0]):
-                loss, _ = subset_loss(model, per_mod, modality_mask & masks[j], targets, loss_function)
+                valid = (host_mask & host_masks[j]).any(dim=1)
+                loss, _ = subset_loss(model, per_mod, modality_mask & masks[j], targets, loss_function, valid)
                 if loss is not None:
                     losses.append(loss)
                     used.append(j)
@@ -241,7 +249,8 @@ class GMDStrategy(GradientStrategy):
         # every later gradient is linear in dL_j / d per_mod: the loss graphs are walked once, here
         cotangents = [None if loss is None else torch.autograd.grad(loss, per_mod, retain_graph=True)[0]
                       for loss in losses]
-        gram, cache = self.gram_matrix(model, per_mod, cotangents, parts)
+        subsets = all_subsets(model.num_modalities)
+        gram, cache = self.gram_matrix(model, per_mod, cotangents, parts, [subsets[j] for j in used])
         coeffs = decouple_coefficients(gram, projection_orders(len(losses), self.generator))
         if self._world > 1:
             # the ranks computed the same Gram matrix with generators in the same state; rank 0's weights
@@ -255,7 +264,6 @@ class GMDStrategy(GradientStrategy):
             loss = loss_function(pred, targets).mean()
         diagnostics = None
         if self.diagnostics_interval > 0 and iteration % self.diagnostics_interval == 0:
-            subsets = all_subsets(model.num_modalities)
             names = [subset_name(subsets[j], model.modalities) for j in used]
             subset_losses = reported if self._world > 1 else [float(x.detach()) for x in losses]
             diagnostics = {"strategy": self.name, "subsets": names, "subset_losses": subset_losses,
@@ -283,7 +291,7 @@ class GMDApproxStrategy(GMDStrategy):
     name = "gmd_approx"
     approximate = True
 
-    def gram_matrix(self, model, per_mod, cotangents, parts=None):
+    def gram_matrix(self, model, per_mod, cotangents, parts=None, subsets=None):
         k = len(cotangents)
         gram = torch.zeros(k, k, dtype=torch.float64, device=per_mod.device)
         live = [j for j, c in enumerate(cotangents) if c is not None]

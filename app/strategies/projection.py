@@ -36,17 +36,19 @@ def decouple_coefficients(gram: torch.Tensor, orders: list[list[int]]) -> torch.
         orders: output of :func:`projection_orders`.
 
     Returns:
-        ``[k, k]`` matrix ``A`` in the dtype of ``gram``.
+        ``[k, k]`` matrix ``A`` in the dtype and on the device of ``gram`` (computed on the host).
     """
-    k = gram.shape[0]
-    coeffs = torch.eye(k, dtype=gram.dtype, device=gram.device)
+    # k^2 tiny steps with a branch each: on the host, not one device sync per branch
+    g = gram.detach().cpu()
+    k = g.shape[0]
+    coeffs = torch.eye(k, dtype=g.dtype)
     for i in range(k):
         for j in orders[i]:
-            dot = coeffs[i] @ gram[:, j]
-            norm_sq = gram[j, j]
+            dot = coeffs[i] @ g[:, j]
+            norm_sq = g[j, j]
             if dot < 0 and norm_sq > _EPS:
                 coeffs[i, j] -= dot / norm_sq
-    return coeffs
+    return coeffs.to(gram.device)
 
 
 def gram_cosine(gram: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,15 @@ array each time, so the probability maps must be the same anatomy, stored the wa
 
 from __future__ import annotations
 
+import itertools
+
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
+
+from app.inference.pipeline import reorient, upload
 
 from tests.inference.conftest import assert_same_grid, load
 
@@ -89,3 +95,32 @@ def test_oblique_affine_keeps_header_and_voxels(case, random_ckpt, infer, tmp_pa
     # the rotation is small, so the closest RAS axes and hence the network input are unchanged
     np.testing.assert_array_equal(labels, baseline[0])
     np.testing.assert_allclose(prob, baseline[1], atol=1e-6)
+
+
+_ORNTS = [np.array([[a, f0], [b, f1], [c, f2]], dtype=float)
+          for a, b, c in itertools.permutations(range(3)) for f0, f1, f2 in itertools.product((1, -1), repeat=3)]
+
+
+@pytest.mark.parametrize("layout", ["fortran", "c", "strided", "transposed"])
+def test_upload_and_reorient_match_nibabel(layout):
+    rng = np.random.default_rng(0)
+    data = rng.random((5, 6, 7), dtype=np.float32)
+    arr = {
+        "fortran": np.asfortranarray(data),  # NIfTI
+        "c": data,  # DICOM
+        "strided": rng.random((10, 6, 14), dtype=np.float32)[::2, :, ::2],
+        "transposed": np.ascontiguousarray(data.transpose(1, 2, 0)).transpose(2, 0, 1),
+    }[layout]
+    uploaded = upload(arr, "cpu")
+    np.testing.assert_array_equal(uploaded.numpy(), arr)  # the axes of the array, whatever its memory order
+    for ornt in _ORNTS:
+        np.testing.assert_array_equal(reorient(uploaded, ornt).numpy(), apply_orientation(arr, ornt))
+        back = ornt_transform(axcodes2ornt("RAS"), ornt)
+        np.testing.assert_array_equal(reorient(reorient(uploaded, ornt), back).numpy(), arr)
+
+
+def test_reorient_keeps_leading_channels():
+    prob = np.random.default_rng(1).random((3, 4, 5, 6), dtype=np.float32)
+    ornt = _ORNTS[17]
+    expected = apply_orientation(prob.transpose(1, 2, 3, 0), ornt)  # nibabel: channels last
+    np.testing.assert_array_equal(reorient(torch.from_numpy(prob), ornt).permute(1, 2, 3, 0).numpy(), expected)
