@@ -384,17 +384,18 @@ class DSTransformer(nn.Module):
             for _ in self.modalities
         )
 
-    def fuse(self, per_modality: torch.Tensor, modality_mask: torch.Tensor) -> torch.Tensor:
+    def fuse(self, per_modality: torch.Tensor, modality_mask: torch.Tensor, check: bool = True) -> torch.Tensor:
         """Fused prediction ``[B, out_channels]`` over the modalities in ``modality_mask`` (parameter-free).
 
         ``fusion="mean"``: the mean of the per-modality outputs. ``fusion="confidence"``: the mean
         weighted by the softmax, over the available modalities only, of each modality's confidence
-        logit (the last channel of :meth:`per_modality`).
+        logit (the last channel of :meth:`per_modality`). ``check``: raise on a sample without
+        modality (see :func:`app.networks.ds_unet.masked_mean`).
         """
         mask = modality_mask.to(per_modality.device, torch.bool)
         if self.fusion == "mean":
-            return masked_mean(per_modality, mask)
-        if bool((mask.sum(dim=1) == 0).any()):
+            return masked_mean(per_modality, mask, check)
+        if check and bool((mask.sum(dim=1) == 0).any()):
             raise ValueError("Cannot fuse a sample with no available modality: every sample needs at least one.")
         logits = per_modality[..., -1].float().masked_fill(~mask, float("-inf"))
         weights = torch.softmax(logits, dim=1).to(per_modality.dtype)

@@ -21,18 +21,20 @@ from app.subsets import BRATS_MODALITIES
 __all__ = ["ModalityEncoder", "SharedDecoder", "DSUNet", "masked_mean", "modality_index"]
 
 
-def masked_mean(per_modality: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean(per_modality: torch.Tensor, mask: torch.Tensor, check: bool = True) -> torch.Tensor:
     """Mean over the modality axis (dim 1) of ``per_modality`` restricted to ``mask``.
 
     Args:
         per_modality: ``[B, M, ...]`` per-modality outputs.
         mask: ``[B, M]`` bool; every row must have at least one ``True``.
+        check: raise on a row without modality. The check reads the mask, a device sync on a GPU:
+            callers that already know every row is non-empty (GMD's per-subset losses) pass False.
 
     Raises:
-        ValueError: when a sample has no modality to fuse.
+        ValueError: when a sample has no modality to fuse (with ``check``).
     """
     count = mask.sum(dim=1)
-    if bool((count == 0).any()):
+    if check and bool((count == 0).any()):
         raise ValueError("Cannot fuse a sample with no available modality: every sample needs at least one.")
     weights = mask.to(per_modality.dtype) / count.to(per_modality.dtype).unsqueeze(1)
     weights = weights.reshape(*weights.shape, *([1] * (per_modality.ndim - 2)))
@@ -250,9 +252,10 @@ class DSUNet(nn.Module):
 
         return nn.ModuleList(SegmentationProbe(self.features, self.out_channels) for _ in self.modalities)
 
-    def fuse(self, per_modality: torch.Tensor, modality_mask: torch.Tensor) -> torch.Tensor:
-        """Mean of the per-modality logits over the modalities in ``modality_mask``."""
-        return masked_mean(per_modality, modality_mask.to(per_modality.device, torch.bool))
+    def fuse(self, per_modality: torch.Tensor, modality_mask: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """Mean of the per-modality logits over the modalities in ``modality_mask`` (``check``: see
+        :func:`masked_mean`)."""
+        return masked_mean(per_modality, modality_mask.to(per_modality.device, torch.bool), check)
 
     def forward(self, image: torch.Tensor, modality_mask: torch.Tensor | None = None) -> torch.Tensor:
         mask = self._full_mask(image, modality_mask)

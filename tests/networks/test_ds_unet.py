@@ -73,6 +73,16 @@ def test_empty_mask_is_an_error(net):
         net(torch.zeros(1, 3, 16, 16, 16))
 
 
+def test_unchecked_fusion_is_the_same_mean():
+    x = torch.randn(3, 4, 3, 2, 2, 2)
+    mask = torch.tensor([[1, 0, 0, 1], [0, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    fused = masked_mean(x, mask, check=False)
+    assert torch.equal(fused, masked_mean(x, mask))
+    torch.testing.assert_close(fused[0], (x[0, 0] + x[0, 3]) / 2)
+    # without the check a sample without modality is not an error, and its fusion is not finite
+    assert not torch.isfinite(masked_mean(x[:1], torch.zeros(1, 4, dtype=torch.bool), check=False)).any()
+
+
 def test_encode_decode_is_per_modality_and_heads_match_the_fusion_head(net):
     x = torch.randn(2, 4, 16, 16, 16)
     mask = torch.tensor([[1, 0, 0, 1], [0, 0, 1, 1]], dtype=torch.bool)
