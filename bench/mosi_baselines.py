@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.data.mmsa import MMSA_MODALITIES, as_bool, load_mmsa, mmsa_split  # noqa: E402
+from app.data.mmsa import MMSA_MODALITIES, load_mmsa, mmsa_split  # noqa: E402
 from app.metrics.sentiment import SENTIMENT_METRICS, SubsetSentimentAccumulator, sentiment_metrics  # noqa: E402
 from app.reports import format_table, write_subset_report  # noqa: E402
 from app.subsets import all_subsets, subset_name  # noqa: E402
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--select_split", default="valid", help="split that chooses each subset's penalty")
     parser.add_argument("--eval_split", action="append", default=[], help="extra split(s) to score")
     args = parser.parse_args(argv)
-    data = load_mmsa(args.data_path, trust_pickle=as_bool(args.trust_pickle))
+    data = load_mmsa(args.data_path, trust_pickle=args.trust_pickle)
     out = ridge_baselines(data, select_split=args.select_split, eval_splits=args.eval_split)
     out_dir = Path(args.out_dir)
     for split, result in out["results"].items():

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from app.ablation import run_ablation_seeds  # noqa: E402
 from app.atomic import atomic_write_text  # noqa: E402
 from app.reports.ablation import ablation_table, format_seed_markdown, seed_table  # noqa: E402
-from app.data.mmsa import as_bool, load_mmsa  # noqa: E402
+from app.data.mmsa import load_mmsa  # noqa: E402
 from mosi_baselines import ridge_baselines  # noqa: E402
 
 __all__ = ["comparison_table", "checks", "win_counts", "main"]
@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_args = ["--data_path", str(Path(args.data_path).resolve()), "--trust_pickle", str(args.trust_pickle).lower()]
     max_epochs = args.max_epochs or int(yaml.safe_load((BUNDLE / "configs" / "train.yaml").read_text())["max_epochs"])
 
-    data = load_mmsa(args.data_path, trust_pickle=as_bool(args.trust_pickle))
+    data = load_mmsa(args.data_path, trust_pickle=args.trust_pickle)
     ridge = ridge_baselines(data, select_split="valid", eval_splits=[s for s in [args.eval_split] if s != "valid"])
 
     per_seed: dict[int, dict[str, Any]] = {}

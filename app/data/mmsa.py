@@ -34,12 +34,12 @@ from typing import Any
 import numpy as np
 
 from app.atomic import atomic_write
+from app.flags import parse_bool
 
 __all__ = [
     "MMSA_MODALITIES",
     "NPZ_FORMAT",
     "MMSADataset",
-    "as_bool",
     "convert_mmsa",
     "feature_dims",
     "feature_statistics",
@@ -56,21 +56,6 @@ MMSA_MODALITIES: tuple[str, ...] = ("text", "audio", "vision")
 NPZ_FORMAT = "mmsa-npz-1"
 _PICKLE_SUFFIXES = (".pkl", ".pickle", ".pk")
 _LABEL_KEYS = ("regression_labels", "classification_labels")
-
-
-def as_bool(value: Any) -> bool:
-    """Interpret a config/CLI flag: ``True``/``"true"``/``"1"``/``"yes"`` are true, the usual
-    spellings of false are false; anything else is an error (a typo must not mean "trust")."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, np.integer)) and value in (0, 1):
-        return bool(value)
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off", "none", ""):
-        return False
-    raise ValueError(f"Cannot read {value!r} as true/false: pass true or false.")
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -152,8 +137,9 @@ def load_mmsa(path: str | os.PathLike, trust_pickle: bool | str = False) -> dict
 
     Args:
         path: ``.pkl`` in the MMSA layout, or ``.npz`` written by :func:`convert_mmsa`.
-        trust_pickle: allow unpickling (it executes code from the file). Strings such as ``"true"``
-            are accepted so the value can come straight from the bundle command line.
+        trust_pickle: allow unpickling (it executes code from the file). ``"true"`` and ``"false"``
+            are accepted so the value can come straight from the bundle command line (see
+            :func:`app.flags.parse_bool`).
 
     Returns:
         ``{split: {"text", "audio", "vision": float32 [N, L, D], "<m>_lengths": int64 [N],
@@ -171,7 +157,7 @@ def load_mmsa(path: str | os.PathLike, trust_pickle: bool | str = False) -> dict
         return _load_npz(path)
     if path.suffix.lower() not in _PICKLE_SUFFIXES:
         raise ValueError(f"{path}: expected an MMSA pickle (.pkl) or a converted .npz, got {path.suffix or 'no suffix'!r}.")
-    if not as_bool(trust_pickle):
+    if not parse_bool(trust_pickle, "trust_pickle"):
         raise _refuse_pickle(path)
     with open(path, "rb") as f:
         raw = pickle.load(f)  # noqa: S301 - only with the caller's explicit trust_pickle

@@ -32,6 +32,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from app.atomic import atomic_write, stale_temporaries
 from app.engines.utils import describe_state_dict
+from app.flags import parse_bool
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -279,10 +280,13 @@ class ResumableCheckpoint:
         self.strategy = strategy
         self.validator = validator
         self.key_metric_saver = key_metric_saver
-        mode = str(resume).strip().lower()
-        if mode not in ("true", "false", "auto", "1", "0"):
-            raise ValueError(f"resume must be true, false or auto, got {resume!r} (--resume true).")
-        self.resume = {"1": "true", "0": "false"}.get(mode, mode)
+        if isinstance(resume, str) and resume.strip().lower() == "auto":
+            self.resume = "auto"
+        else:
+            try:
+                self.resume = "true" if parse_bool(resume, "resume") else "false"
+            except ValueError:
+                raise ValueError(f"--resume must be true, false or auto, got {resume!r}: pass --resume true.") from None
         self.interval = max(0, int(interval or 0))
 
     def attach(self, engine: Engine) -> None:

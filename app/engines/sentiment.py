@@ -16,6 +16,7 @@ from monai.utils import CommonKeys as Keys
 
 from app.engines.handlers import SubsetReportHandler
 from app.engines.trainer import SubsetEvaluator, autocast_context, subset_fusions, subset_sample_masks
+from app.flags import parse_bool
 
 __all__ = ["SentimentSubsetEvaluator", "SentimentReportHandler", "subset_predictions", "predicted_subset_predictions"]
 
@@ -105,7 +106,7 @@ class SentimentReportHandler(SubsetReportHandler):
                  metrics: Sequence[str] | None = None, print_table: bool = False, plot: bool = True) -> None:
         super().__init__(metric, output_dir, stem=stem, print_table=print_table)
         self.metrics = tuple(metrics) if metrics is not None else None
-        self.plot = bool(plot)
+        self.plot = parse_bool(plot, "plot")
 
     def __call__(self, engine: Any) -> None:
         from app.metrics.sentiment import SENTIMENT_METRICS

@@ -19,6 +19,7 @@ from monai.utils import CommonKeys as Keys
 
 from app.metrics.dice import dice_from_logits
 from app.engines.utils import fit_roi
+from app.flags import parse_bool
 from app.networks.ds_unet import masked_mean
 from app.strategies.base import GradientStrategy
 from app.subsets import subset_masks
@@ -97,7 +98,7 @@ class SubsetTrainer(SupervisedTrainer):
         kwargs.setdefault("decollate", False)
         super().__init__(*args, amp=False, **kwargs)
         self.strategy = strategy
-        self.use_amp = bool(amp)
+        self.use_amp = parse_bool(amp, "amp")
         self.grad_sync = grad_sync
         self.keys = (image_key, label_key, mask_key)
 
@@ -156,7 +157,7 @@ class SubsetEvaluator(SupervisedEvaluator):
     ) -> None:
         kwargs.setdefault("decollate", False)
         super().__init__(*args, amp=False, **kwargs)
-        self.use_amp = bool(amp)
+        self.use_amp = parse_bool(amp, "amp")
         self.keys = (image_key, label_key, mask_key, case_key)
 
     def per_modality_outputs(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import torch
 from ignite.engine import Engine
 
+from app.flags import parse_bool
 from app.networks.weights import describe_state_dict, load_weights
 
 __all__ = ["check_patch_size", "set_cudnn", "fit_roi", "load_weights", "describe_state_dict", "ProgressBarHandler"]
@@ -28,10 +29,7 @@ def check_patch_size(patch_size: Sequence[int], network: Any) -> None:
 def set_cudnn(deterministic: bool | str) -> None:
     """Deterministic cuDNN kernels (``true``), or autotuned ones (``false``: faster on GPU, not
     bit-reproducible). Call after ``monai.utils.set_determinism``, which forces the deterministic ones."""
-    value = str(deterministic).strip().lower()
-    if value not in ("true", "false", "1", "0"):
-        raise ValueError(f"deterministic must be true or false, got {deterministic!r} (--deterministic false).")
-    torch.backends.cudnn.deterministic = value in ("true", "1")
+    torch.backends.cudnn.deterministic = parse_bool(deterministic, "deterministic")
     torch.backends.cudnn.benchmark = not torch.backends.cudnn.deterministic
 
 
@@ -45,7 +43,7 @@ class ProgressBarHandler:
     """A tqdm progress bar over the iterations of each epoch, or nothing when disabled."""
 
     def __init__(self, enabled: bool = True) -> None:
-        self.enabled = bool(enabled)
+        self.enabled = parse_bool(enabled, "progress_bar")
 
     def attach(self, engine: Engine) -> None:
         if not self.enabled:

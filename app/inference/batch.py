@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Collection, Mapping, NoReturn, Sequence
 
 from app.atomic import atomic_write_text
+from app.flags import parse_bool
 
 __all__ = ["BatchError", "build_parser", "main", "run_batch"]
 
@@ -128,9 +129,9 @@ def run_batch(
     """
     from app.data.discovery import CaseError, discover_cases
     from app.inference.io import sequence_name
-    from app.inference.pipeline import as_bool, segment_case
+    from app.inference.pipeline import segment_case
 
-    probabilities = as_bool(probabilities, "probabilities")
+    probabilities = parse_bool(probabilities, "probabilities")
 
     out_dir = Path(output_dir)
     discovery_errors: dict[str, str] = {}

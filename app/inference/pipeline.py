@@ -35,6 +35,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 
 from app.data.errors import CaseError
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, regions_to_labels
+from app.flags import parse_bool
 from app.inference.io import AtomicOutputs, CaseInputs, Volume, read_case, voxel_volume_ml
 from app.inference.model import _check_patch, bundle_defaults, load_network
 from app.subsets import BRATS_MODALITIES
@@ -43,7 +44,6 @@ __all__ = [
     "LABEL_CHOICES",
     "Prediction",
     "Segmenter",
-    "as_bool",
     "check_output_path",
     "label_convention",
     "load_segmenter",
@@ -58,18 +58,6 @@ LABEL_CHOICES: dict[str, str] = {"2018": "brats2018", "2021": "brats2018", "2023
 OUTPUT_DESCRIPTION_PREFIX = "brats_gmd "
 
 _RAS = axcodes2ornt("RAS")
-
-
-def as_bool(value: Any, name: str = "flag") -> bool:
-    """``True``/``False`` from a bool or a command-line string (``monai.bundle`` passes ``--x false`` as "false")."""
-    if isinstance(value, bool) or value is None:
-        return bool(value)
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"{name} must be true or false, got {value!r}.")
 
 
 def upload(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
@@ -178,7 +166,7 @@ class Segmenter:
             raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}.")
         self.sw_batch_size = int(sw_batch_size)
         self.device = torch.device(device)
-        self.amp = as_bool(amp, "amp") and self.device.type == "cuda"
+        self.amp = parse_bool(amp, "amp") and self.device.type == "cuda"
         if spacing is not None:
             spacing = [float(s) for s in spacing]
             if len(spacing) == 1:

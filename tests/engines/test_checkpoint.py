@@ -52,3 +52,14 @@ def test_false_over_an_existing_checkpoint_starts_at_zero_and_overwrites_it(tmp_
     assert net.bias.item() == 3.0
     state = load_training_checkpoint(tmp_path / "checkpoint_last.pt")
     assert state["iteration"] == 3 and state["network"]["bias"].item() == 3.0
+
+
+@pytest.mark.parametrize("value, mode", [("auto", "auto"), (" AUTO ", "auto"), ("true", "true"), (False, "false"),
+                                         ("0", "false")])
+def test_resume_reads_true_false_or_auto(tmp_path, value, mode):
+    assert ResumableCheckpoint(tmp_path, network=torch.nn.Linear(1, 1), optimizer=None, resume=value).resume == mode
+
+
+def test_resume_names_the_fix_for_a_bad_value(tmp_path):
+    with pytest.raises(ValueError, match="--resume must be true, false or auto"):
+        ResumableCheckpoint(tmp_path, network=torch.nn.Linear(1, 1), optimizer=None, resume="yes")

@@ -11,7 +11,7 @@ from torch.utils.data import default_collate
 
 from app.__main__ import main as app_main
 from app.data import MMSADataset, convert_mmsa, feature_dims, feature_statistics, load_mmsa, make_synthetic_mmsa
-from app.data.mmsa import MMSA_MODALITIES, as_bool, save_mmsa_npz, write_synthetic_mmsa
+from app.data.mmsa import MMSA_MODALITIES, save_mmsa_npz, write_synthetic_mmsa
 
 SPLITS = {"train": 12, "valid": 6, "test": 5}
 
@@ -75,9 +75,10 @@ def test_pickle_is_refused_without_trust_and_never_unpickled(tmp_path):
         with pytest.raises(ValueError, match="unpickling runs"):
             MMSADataset(path, split="train", trust_pickle=trust)
     assert not marker.exists()
-    with pytest.raises(ValueError, match="true or false"):
-        load_mmsa(path, trust_pickle="ture")  # a typo must not mean "trust"
-    assert as_bool("true") and as_bool(True) and not as_bool("False")
+    for typo in ("ture", "yes", None):  # a typo must not mean "trust"
+        with pytest.raises(ValueError, match="--trust_pickle must be true or false"):
+            load_mmsa(path, trust_pickle=typo)
+    assert not marker.exists()
 
 
 def test_convert_command_line_and_bad_files(tmp_path, capsys):

@@ -1,0 +1,24 @@
+"""The one reading of true/false shared by every boolean knob."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from app.flags import parse_bool
+
+
+@pytest.mark.parametrize("value", [True, 1, np.bool_(True), np.int64(1), "true", "True", " TRUE ", "1"])
+def test_true_spellings(value):
+    assert parse_bool(value, "amp") is True
+
+
+@pytest.mark.parametrize("value", [False, 0, np.bool_(False), "false", "False", "0", " false\n"])
+def test_false_spellings(value):
+    assert parse_bool(value, "amp") is False
+
+
+@pytest.mark.parametrize("value", ["yes", "no", "on", "off", "", "ture", "none", None, 2, -1, 0.5, [True]])
+def test_anything_else_is_an_error_naming_the_flag(value):
+    with pytest.raises(ValueError, match=r"--amp must be true or false, got .*: pass --amp true or --amp false"):
+        parse_bool(value, "amp")
