@@ -5,7 +5,8 @@ postprocessing back onto the input grid) on a 240x240x155 case and prints one JS
 (device, sequence subset), plus the file reading and writing time measured separately. The case is
 the first real BraTS 2018 case in ``../shared/data/brats18_dev`` (or ``BRATS_DEV_DIR``) when
 present, otherwise a phantom of that size. Without ``--ckpt`` an untrained network with the given
-``--features`` is used: the timing does not depend on the weights.
+``--features`` (default 16 32 64 128 256) is used: the timing does not depend on the weights. With
+``--ckpt``, the widths come from the checkpoint, and ``--features`` must match them.
 
 Besides wall-clock times, each line reports the process CPU time of the inference (``cpu_s``)
 and ``cpu_s / threads``: on a shared machine the wall time includes waiting for cores that
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--case", help="case folder (default: first brats18_dev case, else a phantom)")
     p.add_argument("--ckpt", help="checkpoint (default: untrained network with --features)")
-    p.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    p.add_argument("--features", type=int, nargs="+",
+                   help="network widths (default without --ckpt: 16 32 64 128 256; with it: the checkpoint's)")
     p.add_argument("--bundle", default=str(REPO / "bundles" / "brats_gmd"))
     p.add_argument("--devices", default="cpu,cuda", help="comma-separated; cuda is skipped when unavailable")
     p.add_argument("--subsets", default=",".join(SUBSETS))
@@ -92,12 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         if ckpt is None:
             torch.manual_seed(0)
             ckpt = str(tmp / "untrained.pt")
-            torch.save(DSUNet(features=args.features).state_dict(), ckpt)
+            torch.save(DSUNet(features=args.features or [16, 32, 64, 128, 256]).state_dict(), ckpt)
         for device in [d.strip() for d in args.devices.split(",") if d.strip()]:
             if device.startswith("cuda") and not torch.cuda.is_available():
                 print(json.dumps({"device": device, "skipped": "CUDA not available"}), flush=True)
                 continue
-            seg = load_segmenter(ckpt, bundle=args.bundle, patch_size=args.patch_size, overlap=args.overlap,
+            seg = load_segmenter(ckpt, bundle=args.bundle, features=args.features, patch_size=args.patch_size,
+                                 overlap=args.overlap,
                                  sw_batch_size=args.sw_batch_size, device=device)
             warmup = args.warmup if args.warmup is not None else (1 if device.startswith("cuda") else 0)
             for subset in args.subsets.split(","):
