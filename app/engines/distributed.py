@@ -30,6 +30,7 @@ __all__ = [
     "is_distributed",
     "broadcast_module",
     "check_shards",
+    "mean_over_ranks",
     "GradientSync",
     "DistributedTimeLimitHandler",
 ]
@@ -100,6 +101,19 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> torch.nn.Module:
             for tensor in [*module.parameters(), *module.buffers()]:
                 dist.broadcast(tensor.data, src=src)
     return module
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """``value`` averaged over the ranks (a detached copy), or ``value`` itself in a single process.
+
+    The trainer logs the loss through it, so that the loss rank 0 reports is the global batch's,
+    like the gradients it steps with, not rank 0's share alone.
+    """
+    if not is_distributed():
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return total.div_(dist.get_world_size())
 
 
 def check_shards(items: Sized, what: str = "validation cases", hint: str = "") -> None:

@@ -18,6 +18,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.utils import CommonKeys as Keys
 
 from app.metrics.dice import dice_from_logits
+from app.engines.distributed import mean_over_ranks
 from app.engines.utils import fit_roi
 from app.flags import parse_bool
 from app.networks.ds_unet import masked_mean
@@ -116,10 +117,12 @@ class SubsetTrainer(SupervisedTrainer):
             result = self.strategy.step(
                 engine.network, inputs, mask, targets, engine.loss_function, iteration=engine.state.iteration
             )
+        loss = result.loss
         if self.grad_sync is not None:
             self.grad_sync(engine.network, self.strategy)
+            loss = mean_over_ranks(loss)
         engine.state.output = {
-            Keys.IMAGE: inputs, Keys.LABEL: targets, Keys.PRED: result.pred, Keys.LOSS: result.loss,
+            Keys.IMAGE: inputs, Keys.LABEL: targets, Keys.PRED: result.pred, Keys.LOSS: loss,
             "diagnostics": result.diagnostics,
         }
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)

@@ -20,7 +20,7 @@ from monai.bundle import ConfigParser
 
 from app.data.mmsa import write_synthetic_mmsa
 from app.data.phantoms import write_phantoms
-from app.engines import GradientSync, check_shards
+from app.engines import GradientSync, check_shards, mean_over_ranks
 from app.networks import DSUNet
 from app.strategies import GMDApproxStrategy, GMDStrategy
 from tests.reliability.helpers import (
@@ -76,6 +76,9 @@ def _sync_worker(rank: int, store: str) -> None:
         assert all(torch.equal(g, gots[0]) for g in gots), "ranks differ after local sync"
         assert torch.allclose(got, torch.stack(owns).mean(0), rtol=0, atol=1e-15)
         assert not torch.allclose(owns[0], owns[1]), "the ranks' batches should give different gradients"
+
+        # the logged loss is the global batch's: the same on every rank
+        assert float(mean_over_ranks(torch.tensor(1.0 + rank))) == 1.5
 
         # too few validation cases for the ranks: an error instead of a hang in the metric's gather
         check_shards(["case_a", "case_b"], "validation cases")
