@@ -58,8 +58,19 @@ def _loss(pred, target):
     return torch.nn.functional.binary_cross_entropy_with_logits(pred, target) + (pred.sigmoid() * target).mean()
 
 
-def _naive_gmd(model, x, y, subsets_idx, orders):
-    """One full backward per subset, projections on the flattened shared gradient, as published."""
+def _level(pred, target):
+    """Squared gap between the mean predicted and target logit per channel. With the target at the
+    all-sequence prediction, subsets predicting above and below it pull the shared head in opposite
+    directions: their gradients conflict, and the decoupling weights are far from uniform."""
+    return (pred.mean(dim=(0, 2, 3, 4)) - target.mean(dim=(0, 2, 3, 4))).pow(2).sum()
+
+
+def _naive_gmd(model, x, y, subsets_idx, orders, mask=None, loss=_loss):
+    """One full backward per subset, projections on the flattened shared gradient, as published.
+
+    With a batch ``mask``, subset ``j``'s loss is on the samples that have one of its modalities,
+    fused over those they have; every index in ``subsets_idx`` must have such a sample.
+    """
     masks = subset_masks(model.num_modalities)
     params = list(model.parameters())
     shared_ids = {id(p) for p in model.shared_parameters()}
@@ -68,7 +79,12 @@ def _naive_gmd(model, x, y, subsets_idx, orders):
     for j in subsets_idx:
         model.zero_grad()
         m = masks[j].to(x.device).expand(x.shape[0], -1)
-        _loss(model(x, m), y).backward()
+        if mask is None:
+            loss(model(x, m), y).backward()
+        else:
+            m = m & mask
+            rows = m.any(dim=1)
+            loss(model(x[rows], m[rows]), y[rows]).backward()
         grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]))
     grads = torch.stack(grads).double()
     k = len(grads)
@@ -86,29 +102,57 @@ def _naive_gmd(model, x, y, subsets_idx, orders):
     return merged
 
 
-def _fast(strategy, model, x, y):
+def _fast(strategy, model, x, y, loss=_loss):
     model.zero_grad()
     mask = torch.ones(x.shape[0], model.num_modalities, dtype=torch.bool, device=x.device)
-    strategy.step(model, x, mask, y, _loss)
+    result = strategy.step(model, x, mask, y, loss, iteration=1)
+    if strategy.diagnostics_interval and loss is _level:  # the projections must have had work to do
+        assert result.diagnostics["conflicts_before"] > 0
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
 
 
 @pytest.mark.parametrize("subsets", ["all", 5])
 @pytest.mark.parametrize("vjp_chunk", [1, 4])
-def test_gmd_matches_naive_reference(subsets, vjp_chunk):
+@pytest.mark.parametrize("loss", [_loss, _level], ids=["bce", "conflicting"])
+def test_gmd_matches_naive_reference(subsets, vjp_chunk, loss):
     torch.manual_seed(0)
     model = DSUNet(features=(4, 8), out_channels=2).double()
     x = torch.randn(2, 4, 8, 8, 8, dtype=torch.float64)
     y = (torch.rand(2, 2, 8, 8, 8) > 0.6).double()
-    strategy = GMDStrategy(subsets=subsets, seed=3, vjp_chunk=vjp_chunk)
+    if loss is _level:
+        with torch.no_grad():
+            y = model(x)
+    strategy = GMDStrategy(subsets=subsets, seed=3, vjp_chunk=vjp_chunk, diagnostics_interval=1)
     # replay the strategy's random draws to give the reference the same subsets and orders
     probe = GMDStrategy(subsets=subsets, seed=3)
     chosen = probe.choose_subsets(15)
     orders = projection_orders(len(chosen), probe.generator)
-    fast = _fast(strategy, model, x, y)
-    naive = _naive_gmd(model, x, y, chosen, orders)
+    fast = _fast(strategy, model, x, y, loss)
+    naive = _naive_gmd(model, x, y, chosen, orders, loss=loss)
     rel = (fast - naive).norm() / naive.norm()
     assert rel < 1e-5, float(rel)
+
+
+def test_missing_modalities_match_the_naive_reference():
+    """Samples lacking sequences: subsets without any of their modalities in the batch drop out, and a
+    subset's loss covers only the samples that have one of its modalities."""
+    torch.manual_seed(2)
+    model = DSUNet(features=(4, 8), out_channels=2).double()
+    x = torch.randn(3, 4, 8, 8, 8, dtype=torch.float64)
+    # nobody has t1; sample 1 has flair only, sample 2 t1ce and t2
+    mask = torch.tensor([[1, 0, 0, 1], [1, 0, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        y = model(x, mask)
+    used = [j for j, sub in enumerate(subset_masks(4)) if bool((sub & mask).any())]
+    assert 0 < len(used) < 15
+    model.zero_grad()
+    result = GMDStrategy(seed=5, diagnostics_interval=1).step(model, x, mask, y, _level, iteration=1)
+    assert result.diagnostics["conflicts_before"] > 0
+    fast = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
+    orders = projection_orders(len(used), GMDStrategy(seed=5).generator)
+    naive = _naive_gmd(model, x, y, used, orders, mask, loss=_level)
+    rel = float((fast - naive).norm() / naive.norm())
+    assert rel < 1e-5, rel
 
 
 def test_gmd_float32_close_to_reference():
@@ -132,12 +176,13 @@ def test_gmd_matches_naive_reference_on_cuda(subsets):
     torch.manual_seed(0)
     model = DSUNet(features=(4, 8), out_channels=2).double().cuda()
     x = torch.randn(2, 4, 8, 8, 8, dtype=torch.float64, device="cuda")
-    y = (torch.rand(2, 2, 8, 8, 8, device="cuda") > 0.6).double()
+    with torch.no_grad():
+        y = model(x)
     probe = GMDStrategy(subsets=subsets, seed=3)
     chosen = probe.choose_subsets(15)
     orders = projection_orders(len(chosen), probe.generator)
-    fast = _fast(GMDStrategy(subsets=subsets, seed=3, vjp_chunk=4), model, x, y)
-    naive = _naive_gmd(model, x, y, chosen, orders)
+    fast = _fast(GMDStrategy(subsets=subsets, seed=3, vjp_chunk=4, diagnostics_interval=1), model, x, y, _level)
+    naive = _naive_gmd(model, x, y, chosen, orders, loss=_level)
     assert fast.is_cuda and (fast - naive).norm() / naive.norm() < 1e-5
 
 
