@@ -150,6 +150,7 @@ def load_mmsa(path: str | os.PathLike, trust_pickle: bool | str = False) -> dict
         FileNotFoundError: ``path`` does not exist.
         ValueError: a pickle without trust, or a file that is not in the MMSA layout.
     """
+    trusted = parse_bool(trust_pickle, "trust_pickle")  # a bad value is an error for .npz files too
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"MMSA feature file {path} not found: pass --data_path to an MMSA .pkl or converted .npz.")
@@ -157,7 +158,7 @@ def load_mmsa(path: str | os.PathLike, trust_pickle: bool | str = False) -> dict
         return _load_npz(path)
     if path.suffix.lower() not in _PICKLE_SUFFIXES:
         raise ValueError(f"{path}: expected an MMSA pickle (.pkl) or a converted .npz, got {path.suffix or 'no suffix'!r}.")
-    if not parse_bool(trust_pickle, "trust_pickle"):
+    if not trusted:
         raise _refuse_pickle(path)
     with open(path, "rb") as f:
         raw = pickle.load(f)  # noqa: S301 - only with the caller's explicit trust_pickle

@@ -12,6 +12,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 
 from app.atomic import atomic_write_text
+from app.flags import parse_bool
 
 __all__ = ["TimeLimitHandler", "DiagnosticsHandler", "SubsetReportHandler"]
 
@@ -165,7 +166,7 @@ class SubsetReportHandler:
         self.metric = metric
         self.output_dir = Path(output_dir)
         self.stem = stem
-        self.print_table = print_table
+        self.print_table = parse_bool(print_table, "print_table")
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)

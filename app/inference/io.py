@@ -245,7 +245,7 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
         raise CaseError(f"{folder} is a {image.GetNumberOfComponentsPerPixel()}-component (colour/vector) series: "
                         "expected a grey-value MRI series.")
     # SimpleITK arrays are [z, y, x] and its geometry is in LPS; NIfTI affines map [x, y, z] to RAS
-    data = np.ascontiguousarray(sitk.GetArrayFromImage(image).astype(np.float32).transpose())
+    data = sitk.GetArrayFromImage(image).astype(np.float32).transpose()  # a Fortran-order view, as NIfTI's
     ndim = image.GetDimension()
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(ndim, ndim)
     affine = np.eye(4)

@@ -71,13 +71,14 @@ def upload(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
     arr = np.asarray(array, dtype=np.float32)
     order = sorted(range(arr.ndim), key=lambda a: (-abs(arr.strides[a]), a))  # outermost axis first
     stored = arr.transpose(order)
-    if not stored.flags.c_contiguous:
-        stored = np.ascontiguousarray(stored)
+    if not stored.flags.c_contiguous or min(stored.strides, default=0) < 0:  # numpy ignores size-1 axes' strides
+        stored = stored.copy(order="C")
     return torch.from_numpy(stored).to(device).permute(*np.argsort(order).tolist())
 
 
 def reorient(tensor: torch.Tensor, ornt: np.ndarray) -> torch.Tensor:
-    """nibabel's ``apply_orientation`` on the last three dimensions of a tensor (a view: flips, then a permutation)."""
+    """nibabel's ``apply_orientation`` on the last three dimensions of a tensor: flips (a copy on the
+    tensor's device, as torch has no negative strides), then a permutation (a view)."""
     lead = tensor.ndim - 3
     flips = [lead + axis for axis in range(3) if ornt[axis, 1] == -1]
     if flips:

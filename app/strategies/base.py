@@ -62,7 +62,9 @@ def subset_loss(
     if bool(valid.all()):
         pred = model.fuse(per_modality, mask, check=False)
         return loss_function(pred, targets).mean(), pred
-    rows = torch.nonzero(valid).flatten().to(per_modality.device)
+    rows = torch.nonzero(valid).flatten()
+    if per_modality.is_cuda:  # from pinned memory the copy does not wait for the queued GPU work
+        rows = rows.pin_memory().to(per_modality.device, non_blocking=True)
     pred = model.fuse(per_modality[rows], mask[rows], check=False)
     return loss_function(pred, targets[rows]).mean(), pred
 

@@ -115,8 +115,8 @@ class GMDStrategy(GradientStrategy):
         ``cotangents[j]`` is ``dL_j / d per_mod``, or None when this rank has no sample for subset
         ``j`` (global sync only): its row is zero. With ``parts`` (see ``DSUNet.per_modality_parts``)
         each subset's gradient is the sum of VJPs through the trunks of its own modalities
-        (``subsets[j]``, the modality indices of subset ``j``), which skips the modalities a subset
-        lacks.
+        (``subsets[j]``, the modality indices of subset ``j``; without it, read from the cotangents at
+        the cost of a device sync each), which skips the modalities a subset lacks.
         """
         k = len(cotangents)
         shared = [p for p in model.shared_parameters() if p.requires_grad]
@@ -133,7 +133,8 @@ class GMDStrategy(GradientStrategy):
             for m, rows, decoded in parts:
                 cots = [None if c is None else c[rows, m] for c in cotangents]
                 # the cotangent of a subset without modality m is zero there: its VJP would add nothing
-                members = [j for j, c in enumerate(cots) if c is not None and m in subsets[j]]
+                members = [j for j, c in enumerate(cots) if c is not None
+                           and (m in subsets[j] if subsets is not None else bool(c.any()))]
                 if not members:
                     continue
                 part = self._shared_gradients(decoded, shared, [cots[j] for j in members])
@@ -194,7 +195,7 @@ class GMDStrategy(GradientStrategy):
 
     def _global_losses(
         self, model: Any, per_mod: torch.Tensor, modality_mask: torch.Tensor, targets: torch.Tensor,
-        loss_function: Callable, masks: torch.Tensor, chosen: list[int],
+        loss_function: Callable, masks: torch.Tensor, host_masks: torch.Tensor, chosen: list[int],
     ) -> tuple[list[torch.Tensor | None], list[int], list[float]]:
         """This rank's subset losses weighted by its share ``n_j^r / N_j`` of each subset's samples.
 
@@ -202,7 +203,7 @@ class GMDStrategy(GradientStrategy):
         ``(weighted losses or None, used subset indices, subset losses of the global batch)``.
         """
         local, counts = [], []
-        host_mask, host_masks = modality_mask.cpu(), masks.cpu()
+        host_mask = modality_mask.cpu()
         for j in chosen:
             valid = (host_mask & host_masks[j]).any(dim=1)
             loss, _ = subset_loss(model, per_mod, modality_mask & masks[j], targets, loss_function, valid)
@@ -233,7 +234,8 @@ class GMDStrategy(GradientStrategy):
         used: list[int] = []
         if self._world > 1:
             losses, used, reported = self._global_losses(
-                model, per_mod, modality_mask, targets, loss_function, masks, self.choose_subsets(masks.shape[0])
+                model, per_mod, modality_mask, targets, loss_function, masks, host_masks,
+                self.choose_subsets(masks.shape[0])
             )
         else:
             # which samples each subset has, decided on the host: one device sync, not two per subset

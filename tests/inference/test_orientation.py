@@ -101,7 +101,7 @@ _ORNTS = [np.array([[a, f0], [b, f1], [c, f2]], dtype=float)
           for a, b, c in itertools.permutations(range(3)) for f0, f1, f2 in itertools.product((1, -1), repeat=3)]
 
 
-@pytest.mark.parametrize("layout", ["fortran", "c", "strided", "transposed"])
+@pytest.mark.parametrize("layout", ["fortran", "c", "strided", "transposed", "reversed", "reversed_single_slice"])
 def test_upload_and_reorient_match_nibabel(layout):
     rng = np.random.default_rng(0)
     data = rng.random((5, 6, 7), dtype=np.float32)
@@ -110,6 +110,9 @@ def test_upload_and_reorient_match_nibabel(layout):
         "c": data,  # DICOM
         "strided": rng.random((10, 6, 14), dtype=np.float32)[::2, :, ::2],
         "transposed": np.ascontiguousarray(data.transpose(1, 2, 0)).transpose(2, 0, 1),
+        "reversed": np.asfortranarray(data)[::-1, :, ::-1],  # negative strides
+        # numpy calls this C-contiguous (a size-1 axis's stride does not count), torch refuses its negative stride
+        "reversed_single_slice": rng.random((5, 1, 7), dtype=np.float32)[:, ::-1],
     }[layout]
     uploaded = upload(arr, "cpu")
     np.testing.assert_array_equal(uploaded.numpy(), arr)  # the axes of the array, whatever its memory order
