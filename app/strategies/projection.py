@@ -52,10 +52,18 @@ def decouple_coefficients(gram: torch.Tensor, orders: list[list[int]]) -> torch.
 
 
 def gram_cosine(gram: torch.Tensor) -> torch.Tensor:
-    """Pairwise cosine similarities from a Gram matrix (0 where a gradient is zero)."""
-    norms = gram.diagonal().clamp_min(0).sqrt()
+    """Pairwise cosine similarities from a Gram matrix.
+
+    0 where a gradient is (numerically) zero: a squared norm of at most ``1e-20``, the threshold
+    below which :func:`decouple_coefficients` does not project on it either. Such a gradient's
+    cosines are rounding noise and would otherwise be counted as conflicts.
+    """
+    sq = gram.diagonal()
+    live = sq > _EPS
+    norms = sq.clamp_min(0).sqrt()
     denom = norms[:, None] * norms[None, :]
-    return torch.where(denom > 0, gram / denom.clamp_min(_EPS), torch.zeros_like(gram))
+    keep = live[:, None] & live[None, :]
+    return torch.where(keep, gram / denom.clamp_min(_EPS), torch.zeros_like(gram))
 
 
 def count_conflicts(cosine: torch.Tensor, tol: float = 1e-9) -> int:

@@ -7,7 +7,9 @@ import torch
 
 from app.networks import DSUNet
 from app.strategies import GMDApproxStrategy, GMDStrategy, build_strategy
-from app.strategies.projection import decouple_coefficients, gmd_statistics, projection_orders
+from app.strategies.projection import (
+    count_conflicts, decouple_coefficients, gmd_statistics, gram_cosine, projection_orders,
+)
 from app.subsets import all_subsets, subset_masks
 
 
@@ -37,6 +39,19 @@ def test_no_conflict_no_change():
     coeffs = decouple_coefficients(gram, projection_orders(3, torch.Generator().manual_seed(0)))
     assert torch.equal(coeffs, torch.eye(3, dtype=torch.float64))
     assert torch.allclose(_merged(grads, [[1, 2], [0, 2], [0, 1]]), grads.mean(0))
+
+
+def test_a_numerically_zero_gradient_counts_as_no_conflict():
+    # the third subset's loss is at its minimum: its gradient is rounding noise, not a direction
+    g = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-3e-17, -1e-17]], dtype=torch.float64)
+    gram = g @ g.T
+    cos = gram_cosine(gram)
+    assert torch.equal(cos[2], torch.zeros(3, dtype=torch.float64)) and float(cos[0, 1]) == 0.0
+    assert count_conflicts(cos) == 0
+    stats = gmd_statistics(gram, decouple_coefficients(gram, [[1, 2], [0, 2], [0, 1]]))
+    assert stats["conflicts_before"] == 0 and stats["weights"] == pytest.approx([1 / 3] * 3)
+    # a real conflict still counts
+    assert count_conflicts(gram_cosine(torch.tensor([[1.0, -0.5], [-0.5, 1.0]], dtype=torch.float64))) == 1
 
 
 def test_three_gradients_sequential_projection_by_hand():
