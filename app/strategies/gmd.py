@@ -193,22 +193,34 @@ class GMDStrategy(GradientStrategy):
             return dist.get_world_size()
         return 1
 
+    @staticmethod
+    def _subset_losses(
+        model: Any, per_mod: torch.Tensor, modality_mask: torch.Tensor, targets: torch.Tensor,
+        loss_function: Callable, chosen: list[int],
+    ) -> tuple[list[torch.Tensor | None], list[float]]:
+        """Each chosen subset's loss (None without samples) and sample count on this rank's batch.
+
+        Which samples each subset has is decided on the host: one device sync, not two per subset.
+        """
+        host_masks = subset_masks(model.num_modalities)
+        masks, host_mask = host_masks.to(modality_mask.device), modality_mask.cpu()
+        losses, counts = [], []
+        for j in chosen:
+            valid = (host_mask & host_masks[j]).any(dim=1)
+            losses.append(subset_loss(model, per_mod, modality_mask & masks[j], targets, loss_function, valid)[0])
+            counts.append(float(valid.sum()))
+        return losses, counts
+
     def _global_losses(
         self, model: Any, per_mod: torch.Tensor, modality_mask: torch.Tensor, targets: torch.Tensor,
-        loss_function: Callable, masks: torch.Tensor, host_masks: torch.Tensor, chosen: list[int],
+        loss_function: Callable, chosen: list[int],
     ) -> tuple[list[torch.Tensor | None], list[int], list[float]]:
         """This rank's subset losses weighted by its share ``n_j^r / N_j`` of each subset's samples.
 
         Every rank gets the same subset list: a subset counts if any rank has a sample for it. Returns
         ``(weighted losses or None, used subset indices, subset losses of the global batch)``.
         """
-        local, counts = [], []
-        host_mask = modality_mask.cpu()
-        for j in chosen:
-            valid = (host_mask & host_masks[j]).any(dim=1)
-            loss, _ = subset_loss(model, per_mod, modality_mask & masks[j], targets, loss_function, valid)
-            local.append(loss)
-            counts.append(float(valid.sum()))
+        local, counts = self._subset_losses(model, per_mod, modality_mask, targets, loss_function, chosen)
         sums = [0.0 if loss is None else float(loss.detach()) * n for loss, n in zip(local, counts)]
         stats = torch.tensor(counts + sums, dtype=torch.float64, device=per_mod.device)
         dist.all_reduce(stats)
@@ -227,31 +239,20 @@ class GMDStrategy(GradientStrategy):
             per_mod, parts = model.per_modality_parts(inputs, modality_mask)
         else:
             per_mod = model.per_modality(inputs, modality_mask)
-        host_masks = subset_masks(model.num_modalities)
-        masks = host_masks.to(modality_mask.device)
+        subsets = all_subsets(model.num_modalities)
+        chosen = self.choose_subsets(len(subsets))
         self._world = self._sync_world()
-        losses: list[torch.Tensor | None] = []
-        used: list[int] = []
         if self._world > 1:
-            losses, used, reported = self._global_losses(
-                model, per_mod, modality_mask, targets, loss_function, masks, host_masks,
-                self.choose_subsets(masks.shape[0])
-            )
+            losses, used, reported = self._global_losses(model, per_mod, modality_mask, targets, loss_function, chosen)
         else:
-            # which samples each subset has, decided on the host: one device sync, not two per subset
-            host_mask = modality_mask.cpu()
-            for j in self.choose_subsets(masks.shape[0]):
-                valid = (host_mask & host_masks[j]).any(dim=1)
-                loss, _ = subset_loss(model, per_mod, modality_mask & masks[j], targets, loss_function, valid)
-                if loss is not None:
-                    losses.append(loss)
-                    used.append(j)
+            local, _ = self._subset_losses(model, per_mod, modality_mask, targets, loss_function, chosen)
+            used = [j for j, loss in zip(chosen, local) if loss is not None]
+            losses = [loss for loss in local if loss is not None]
         if not losses:
             raise ValueError("No sample in the batch has any modality: check the modality masks of the data.")
         # every later gradient is linear in dL_j / d per_mod: the loss graphs are walked once, here
         cotangents = [None if loss is None else torch.autograd.grad(loss, per_mod, retain_graph=True)[0]
                       for loss in losses]
-        subsets = all_subsets(model.num_modalities)
         gram, cache = self.gram_matrix(model, per_mod, cotangents, parts, [subsets[j] for j in used])
         coeffs = decouple_coefficients(gram, projection_orders(len(losses), self.generator))
         if self._world > 1:
