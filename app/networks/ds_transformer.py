@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.networks.ds_unet import masked_mean, modality_index
+from app.networks.ds_unet import check_fusable, masked_mean, modality_index
 from app.subsets import MOSI_MODALITIES
 
 __all__ = [
@@ -395,8 +395,8 @@ class DSTransformer(nn.Module):
         mask = modality_mask.to(per_modality.device, torch.bool)
         if self.fusion == "mean":
             return masked_mean(per_modality, mask, check)
-        if check and bool((mask.sum(dim=1) == 0).any()):
-            raise ValueError("Cannot fuse a sample with no available modality: every sample needs at least one.")
+        if check:
+            check_fusable(mask)
         logits = per_modality[..., -1].float().masked_fill(~mask, float("-inf"))
         weights = torch.softmax(logits, dim=1).to(per_modality.dtype)
         return (per_modality[..., :-1] * weights.unsqueeze(-1)).sum(dim=1)

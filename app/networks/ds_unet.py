@@ -18,7 +18,14 @@ from torch import nn
 from app.networks.norm import use_reduction_instance_norm
 from app.subsets import BRATS_MODALITIES
 
-__all__ = ["ModalityEncoder", "SharedDecoder", "DSUNet", "masked_mean", "modality_index"]
+__all__ = ["ModalityEncoder", "SharedDecoder", "DSUNet", "masked_mean", "check_fusable", "modality_index"]
+
+
+def check_fusable(mask: torch.Tensor) -> None:
+    """Raise unless every row of the ``[B, M]`` modality mask has a modality (reads the mask: a device
+    sync on a GPU)."""
+    if bool((mask.sum(dim=1) == 0).any()):
+        raise ValueError("Cannot fuse a sample with no available modality: every sample needs at least one.")
 
 
 def masked_mean(per_modality: torch.Tensor, mask: torch.Tensor, check: bool = True) -> torch.Tensor:
@@ -33,9 +40,9 @@ def masked_mean(per_modality: torch.Tensor, mask: torch.Tensor, check: bool = Tr
     Raises:
         ValueError: when a sample has no modality to fuse (with ``check``).
     """
+    if check:
+        check_fusable(mask)
     count = mask.sum(dim=1)
-    if check and bool((count == 0).any()):
-        raise ValueError("Cannot fuse a sample with no available modality: every sample needs at least one.")
     weights = mask.to(per_modality.dtype) / count.to(per_modality.dtype).unsqueeze(1)
     weights = weights.reshape(*weights.shape, *([1] * (per_modality.ndim - 2)))
     return (per_modality * weights).sum(dim=1)
