@@ -272,7 +272,7 @@ class Segmenter:
             prob = F.interpolate(prob[None], size=ras_shape, mode="trilinear", align_corners=False)[0]
         label_ras = regions_to_labels(prob > 0.5, convention)
         back = ornt_transform(_RAS, ornt)
-        label_map = reorient(label_ras, back).to(torch.uint8).contiguous().cpu().numpy()
+        label_map = reorient(label_ras, back).contiguous().cpu().numpy()  # uint8 from regions_to_labels
         prob_map = None
         if probabilities:
             prob_map = reorient(prob, back).permute(1, 2, 3, 0).contiguous().cpu().numpy()
