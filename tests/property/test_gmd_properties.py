@@ -28,7 +28,7 @@ Rounding: sign conditions are checked up to ``TOL * (1 + max |G_i|^2)``.
 from __future__ import annotations
 
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from app.strategies.projection import decouple_coefficients
@@ -64,8 +64,17 @@ def test_projection_only_adds_the_conflicting_gradients(case):
     assert bool((coeffs[off] >= 0).all())
 
 
+# The exact dot product at one visit is ~1e-323 here: the decoupling rounds it to 0 and a
+# recomputation to -1e-323. Only the sign up to rounding is defined, as for every check here.
+_UNDERFLOW = (
+    torch.tensor([[0.0], [1.5], [-3.0], [-2.2250738585072014e-308]], dtype=torch.float64),
+    [[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]],
+)
+
+
 @settings(max_examples=200, deadline=None)
 @given(gradients_and_orders())
+@example(_UNDERFLOW)
 def test_each_visit_leaves_no_conflict_with_the_visited_gradient(case):
     grads, orders = case
     gram = grads @ grads.T
@@ -79,9 +88,9 @@ def test_each_visit_leaves_no_conflict_with_the_visited_gradient(case):
             running[j] = coeffs[i, j]
             after = float(running @ gram[:, j])
             if coeffs[i, j] > 0:  # projected: there was a conflict, and it is gone exactly
-                assert before < 0 and abs(after) <= tol, (i, j, before, after)
+                assert before < tol and abs(after) <= tol, (i, j, before, after)
             else:  # not projected: there was no conflict, or nothing to project on
-                assert before >= 0 or float(gram[j, j]) <= _EPS, (i, j, before)
+                assert before >= -tol or float(gram[j, j]) <= _EPS, (i, j, before)
             assert after >= -tol
         assert torch.equal(running, coeffs[i])  # the prefixes rebuild the result
 
