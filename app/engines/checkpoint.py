@@ -25,6 +25,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
+import ignite.distributed as idist
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.data.utils import set_rnd
@@ -156,11 +157,10 @@ class ResumableSampler(DistributedSampler):
         rank: int | None = None,
         drop_last: bool = False,
     ) -> None:
-        initialised = dist.is_available() and dist.is_initialized()
         if num_replicas is None:
-            num_replicas = dist.get_world_size() if initialised else 1
+            num_replicas = idist.get_world_size()
         if rank is None:
-            rank = dist.get_rank() if initialised else 0
+            rank = idist.get_rank()
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.pass_index = 0
         self._skip = 0
@@ -223,9 +223,7 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
+    return idist.get_world_size(), idist.get_rank()
 
 
 class ResumableCheckpoint:

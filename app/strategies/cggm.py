@@ -25,6 +25,7 @@ import math
 from typing import Any, Callable
 
 import torch
+import ignite.distributed as idist
 import torch.distributed as dist
 from torch import nn
 
@@ -107,10 +108,6 @@ def head_metric(task: str, pred: torch.Tensor, targets: torch.Tensor) -> torch.T
         return dice_from_logits(pred, targets).mean(dim=1)
     raise ValueError(f"CGGM has no metric for task {task!r}: the network's task must be classification, "
                      "regression or segmentation.")
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class CGGMStrategy(GradientStrategy):
@@ -196,7 +193,7 @@ class CGGMStrategy(GradientStrategy):
         present head's final-weight gradient before the step, and its loss.
         """
         heads = self.build_heads(model)
-        world = _world_size()
+        world = idist.get_world_size()
         m_total = model.num_modalities
         sums = torch.zeros(2 * m_total, dtype=torch.float64, device=targets.device)
         head_losses: dict[int, torch.Tensor] = {}

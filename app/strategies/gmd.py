@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import ignite.distributed as idist
 import torch.distributed as dist
 
 from app.strategies.base import GradientStrategy, StepResult, subset_loss
@@ -189,9 +190,7 @@ class GMDStrategy(GradientStrategy):
         return []
 
     def _sync_world(self) -> int:
-        if self.sync == "global" and dist.is_available() and dist.is_initialized():
-            return dist.get_world_size()
-        return 1
+        return idist.get_world_size() if self.sync == "global" else 1
 
     @staticmethod
     def _subset_losses(
