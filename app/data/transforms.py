@@ -24,7 +24,7 @@ from app.data.errors import CaseError
 from app.data.labels import labels_to_regions
 from app.subsets import BRATS_MODALITIES
 
-__all__ = ["AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "ZeroAbsentSequencesd", "load_case"]
+__all__ = ["AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "ZeroAbsentSequencesd", "check_voxels", "load_case"]
 
 #: Largest absolute difference between affine entries still treated as the same grid.
 AFFINE_TOLERANCE = 1e-3
@@ -119,18 +119,33 @@ def _check_grid(path: str, shape: tuple[int, ...], affine: np.ndarray, ref: _Gri
         )
 
 
-def _check_finite(data: np.ndarray, path: str, channel: bool = False) -> None:
-    """Refuse NaN/Inf voxels and constant volumes; ``channel``: ``data`` is one channel of a 4D file."""
+def check_voxels(data: np.ndarray, what: str, channel: bool = False) -> tuple[float, float]:
+    """Refuse NaN/Inf voxels and constant volumes, for training and inference alike.
+
+    A constant volume would count as a present sequence: training would fit its subsets on an
+    empty image and inference would segment one.
+
+    Args:
+        data: one sequence's voxels.
+        what: the file (and channel, sequence) named in the error, e.g. ``"t1.nii.gz (t1)"``.
+        channel: ``data`` is one channel of a 4D file, whose fix is different.
+
+    Returns:
+        The smallest and largest voxel value.
+
+    Raises:
+        CaseError: naming ``what`` and the fix.
+    """
     if not np.isfinite(data).all():
         n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
-        raise CaseError(f"{path} contains {n_bad} NaN/Inf voxel(s): replace them (e.g. with 0) or re-export the image.")
+        raise CaseError(f"{what} contains {n_bad} NaN/Inf voxel(s): replace them (e.g. with 0) or re-export the image.")
     lo, hi = float(data.min()), float(data.max())
     if lo == hi:
-        # a constant volume would count as a present sequence and train its subsets on an empty image
         fix = ("re-export the 4D image with the right channel, or set the channel to 0 so the sequence counts as "
                "missing for this case." if channel else
                "pass the right file, or remove it so the sequence counts as missing for this case.")
-        raise CaseError(f"{path} is constant (every voxel is {lo:g}) and holds no image: {fix}")
+        raise CaseError(f"{what} is constant (every voxel is {lo:g}) and holds no image: {fix}")
+    return lo, hi
 
 
 def _meta_tensor(array: np.ndarray, affine: np.ndarray, path: str, case: str) -> MetaTensor:
@@ -197,7 +212,7 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
                 # a 4D file cannot leave a sequence out, so an all-zero channel is how it marks one
                 # missing: it stays a zero channel outside the mask, like a case without that file
                 continue
-            _check_finite(data[..., idx], f"{image4d} (channel {idx}, {seq})", channel=True)
+            check_voxels(data[..., idx], f"{image4d} (channel {idx}, {seq})", channel=True)
             stacked[BRATS_MODALITIES.index(seq)] = data[..., idx]
             present.append(seq)
         del data
@@ -216,7 +231,7 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
         else:
             _check_grid(path, shape, img.affine, ref)
         volume = _read(img, path, np.float32).reshape(shape)
-        _check_finite(volume, path)
+        check_voxels(volume, path)
         stacked[c] = volume  # type: ignore[index]
         present.append(seq)
     assert ref is not None and stacked is not None  # at least one of images/image4d was read above

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from app.data.discovery import CHANNEL_ALIASES
 from app.data.errors import CaseError
-from app.data.transforms import AFFINE_TOLERANCE, check_nifti_stream
+from app.data.transforms import AFFINE_TOLERANCE, check_nifti_stream, check_voxels
 from app.subsets import BRATS_MODALITIES
 
 __all__ = [
@@ -308,23 +308,12 @@ def read_volume(
     if min(shape) < 2:
         raise CaseError(f"{path} ({seq}) has shape {shape}, a single slice: expected a 3D volume; pass the whole "
                         "3D series, not one slice.")
-    if not np.isfinite(data).all():
-        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
-        raise CaseError(f"{path} ({seq}) contains {bad} NaN/Inf voxel(s): replace them (e.g. with 0) or re-export "
-                        "the image.")
-    lo, hi = float(data.min()), float(data.max())
-    if lo == hi == 0.0 and channel is not None:
+    if channel is not None and not data.any():
+        # a 4D file cannot leave a sequence out, so an all-zero channel is how it marks one missing
         raise EmptyChannelError(f"{path} (channel {channel}, {seq}) is all zero, which marks {seq} missing: leave "
                                 f"{seq} out of the case, or re-export the 4D image with the right channel.")
-    if lo == hi == 0.0:
-        raise CaseError(f"{path} ({seq}) is empty (every voxel is 0): pass the right file, or leave the sequence out.")
-    if lo == hi and channel is not None:
-        raise CaseError(f"{path} (channel {channel}, {seq}) is constant (every voxel is {lo:g}) and holds no image: "
-                        "re-export the 4D image with the right channel, or set the channel to 0 so the sequence "
-                        "counts as missing for this case.")
-    if lo == hi:
-        raise CaseError(f"{path} ({seq}) is constant (every voxel is {lo:g}) and holds no image: pass the right file, "
-                        "or leave the sequence out.")
+    what = f"{path} ({seq})" if channel is None else f"{path} (channel {channel}, {seq})"
+    lo, hi = check_voxels(data, what, channel=channel is not None)
     if hi <= 0.0:
         raise CaseError(f"{path} ({seq}) has no positive voxel (range {lo:g} to {hi:g}): the model expects "
                         "skull-stripped MRI with positive brain intensities and 0 outside the brain.")
