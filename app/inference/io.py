@@ -299,6 +299,9 @@ def read_volume(
     # some writers store a 3D volume as X*Y*Z*1
     if len(shape) > 3 and all(s == 1 for s in shape[3:]):
         data = data.reshape(shape[:3])
+        shape = shape[:3]
+        if header is not None:
+            header.set_data_shape(shape)
     if data.ndim < 3:
         raise CaseError(f"{path} ({seq}) is {len(shape)}D with shape {shape}: expected a 3D volume; assemble the "
                         "slices into one 3D file, or pass the DICOM series folder.")

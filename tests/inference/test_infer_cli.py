@@ -107,6 +107,24 @@ def test_labels_2023_and_input_aliases(case, random_ckpt, infer, tmp_path):
     np.testing.assert_array_equal(b, expected)
 
 
+def test_volumes_stored_as_xyz1_are_read_as_3d(case, random_ckpt, infer, tmp_path):
+    # some converters write a 3D volume as X*Y*Z*1; it is the same image
+    base, out = tmp_path / "base.nii.gz", tmp_path / "xyz1.nii.gz"
+    assert infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t2", case["t2"], "--out", base)[0] == 0
+    args = []
+    for seq in ("flair", "t2"):
+        img = load(case[seq])
+        path = tmp_path / f"{seq}_xyz1.nii.gz"
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[..., None], img.affine, img.header), str(path))
+        assert load(path).shape[3:] == (1,)
+        args += [f"--{seq}", path]
+    rc, _, err = infer("--ckpt", random_ckpt, *args, "--out", out)
+    assert rc == 0, err
+    assert load(out).shape == load(case["flair"]).shape  # written as 3D, like the image it was read as
+    assert_same_grid(out, case["flair"])
+    np.testing.assert_array_equal(np.asarray(load(out).dataobj), np.asarray(load(base).dataobj))
+
+
 def test_case_dir_in_brats2018_and_brats2023_layouts(case, random_ckpt, infer, tmp_path):
     explicit = tmp_path / "explicit.nii.gz"
     assert infer("--ckpt", random_ckpt, *[f"--{s}={case[s]}" for s in ("flair", "t1ce")], "--out", explicit)[0] == 0
