@@ -14,15 +14,27 @@ from app.networks.weights import describe_state_dict, load_weights
 __all__ = ["check_patch_size", "set_cudnn", "fit_roi", "load_weights", "describe_state_dict", "ProgressBarHandler"]
 
 
-def check_patch_size(patch_size: Sequence[int], network: Any) -> None:
-    """Raise a ``ValueError`` that names the fix when the patch does not fit the network depth."""
-    divisor = int(getattr(network, "divisor", 1))
-    bad = [int(s) for s in patch_size if int(s) % divisor]
-    if len(patch_size) != 3 or bad:
-        fixed = [max(divisor, int(round(int(s) / divisor)) * divisor) for s in patch_size]
+def check_patch_size(patch_size: Sequence[int], network: Any, whole_axis: bool = False, cli: bool = False) -> None:
+    """Raise a ``ValueError`` that names the fix when the patch does not fit the network depth.
+
+    Args:
+        patch_size: the three window sizes.
+        network: anything with a ``divisor`` attribute (a :class:`app.networks.DSUNet`), or the divisor.
+        whole_axis: a size of 0 or less means "the whole axis" and is accepted (inference windows).
+        cli: also show the fix in the ``--patch-size`` syntax of ``python -m app infer``.
+    """
+    divisor = int(network) if isinstance(network, int) else int(getattr(network, "divisor", 1))
+    sizes = [int(s) for s in patch_size]
+    bad = [s for s in sizes if (s <= 0 and not whole_axis) or (s > 0 and s % divisor)]
+    if len(sizes) != 3 or bad:
+        fixed = [s if s <= 0 and whole_axis else max(divisor, int(round(s / divisor)) * divisor) for s in sizes]
+        fixed = (fixed + [divisor] * 3)[:3]
+        usage = f"--patch_size \"{fixed}\""
+        if cli:
+            usage = f"--patch-size {' '.join(map(str, fixed))} (python -m app infer) or {usage} (bundles)"
         raise ValueError(
-            f"patch_size {list(patch_size)} must have 3 entries that are multiples of {divisor} "
-            f"(2 ** (len(features) - 1)): use e.g. --patch_size \"{fixed}\"."
+            f"patch_size {sizes} must have 3 entries that are multiples of {divisor} "
+            f"(2 ** (len(features) - 1)){' or 0 for the whole axis' if whole_axis else ''}: use e.g. {usage}."
         )
 
 

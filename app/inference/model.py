@@ -24,7 +24,7 @@ import yaml
 from torch import nn
 
 from app.atomic import atomic_write
-from app.engines.utils import check_patch_size, load_weights
+from app.engines.utils import load_weights
 from app.networks import DSUNet
 from app.subsets import BRATS_MODALITIES
 
@@ -292,8 +292,3 @@ def export_torchscript(
     fused = network if isinstance(network, FusedDSUNet) else FusedDSUNet(network)
     scripted = torch.jit.script(fused.cpu().eval())
     return str(atomic_write(Path(path).absolute(), lambda f: torch.jit.save(scripted, f), check=check))
-
-
-def _check_patch(patch_size: Sequence[int], divisor: int) -> None:
-    """:func:`check_patch_size` for a bare divisor (TorchScript models have no DSUNet instance)."""
-    check_patch_size(patch_size, type("Net", (), {"divisor": divisor})())

@@ -35,9 +35,10 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 
 from app.data.errors import CaseError
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, regions_to_labels
+from app.engines.utils import check_patch_size
 from app.flags import parse_bool
 from app.inference.io import AtomicOutputs, CaseInputs, Volume, read_case, voxel_volume_ml
-from app.inference.model import _check_patch, bundle_defaults, load_network
+from app.inference.model import bundle_defaults, load_network
 from app.subsets import BRATS_MODALITIES
 
 __all__ = [
@@ -179,13 +180,8 @@ class Segmenter:
         self._normalize = NormalizeIntensity(nonzero=True, channel_wise=True)
 
     def _checked(self, patch_size: Sequence[int]) -> list[int]:
-        patch = [int(p) for p in patch_size]
-        if len(patch) != 3:
-            raise ValueError(f"patch_size needs 3 entries, got {list(patch_size)}.")
-        positive = [p for p in patch if p > 0]
-        if positive:
-            _check_patch([*positive, *([self.divisor] * (3 - len(positive)))], self.divisor)
-        return patch
+        check_patch_size(patch_size, self.divisor, whole_axis=True, cli=True)
+        return [int(p) for p in patch_size]
 
     def roi_size(self, shape: Sequence[int]) -> list[int]:
         """Window size for a crop of spatial ``shape`` (see ``patch_size``)."""

@@ -243,6 +243,19 @@ def test_window_choice():
     assert Segmenter(torch.nn.Identity(), divisor=16, patch_size=(96, 96, 96)).roi_size((20, 30, 40)) == [32, 32, 48]
     with pytest.raises(ValueError, match="multiples of 16"):
         Segmenter(torch.nn.Identity(), divisor=16, patch_size=(100, 96, 96))
+    with pytest.raises(ValueError, match=r"--patch-size 0 96 0 \(python -m app infer\)"):
+        Segmenter(torch.nn.Identity(), divisor=16, patch_size=(0, 100, 0))
+    with pytest.raises(ValueError, match=r"--patch-size 96 96 16 "):
+        Segmenter(torch.nn.Identity(), divisor=16, patch_size=(96, 96))
+
+
+def test_bad_patch_size_error_gives_a_fix_that_runs(case, random_ckpt, infer, tmp_path):
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--patch-size", "20", "0", "0",
+                       "--out", tmp_path / "a.nii.gz")
+    assert rc == 2 and "--patch-size 16 0 0 (python -m app infer)" in err, err
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--patch-size", "16", "0", "0",
+                       "--out", tmp_path / "a.nii.gz")
+    assert rc == 0, err
 
 
 def test_network_widths_are_read_from_legacy_format_checkpoints(tmp_path):
