@@ -375,6 +375,21 @@ def resample_to_grid(
     return out
 
 
+def _check_distinct_files(named: Mapping[str, str]) -> None:
+    """Refuse one 3D file (or DICOM folder) given for two sequences: a mix-up, never a real scan."""
+    seen: dict[Any, str] = {}
+    for seq, path in named.items():
+        try:
+            st = os.stat(path)
+            key: Any = (st.st_dev, st.st_ino)  # catches hard links and symlinks too
+        except OSError:
+            key = os.path.realpath(path)  # read_volume reports a missing file
+        if key in seen:
+            raise CaseError(f"{path} is given as both {seen[key]} and {seq}: each sequence needs its own file; pass "
+                            f"the right file for each, or leave out the sequence you do not have.")
+        seen[key] = seq
+
+
 def read_case(
     paths: Mapping[str, str | os.PathLike],
     resample_to: str | None = None,
@@ -389,9 +404,10 @@ def read_case(
             resample the other sequences onto its grid instead.
 
     Raises:
-        CaseError: no sequence, an unknown or repeated sequence name, any problem of
-            :func:`read_volume`, sequences on different grids (without ``resample_to``), a
-            ``resample_to`` sequence that was not given, or every sequence an all-zero channel.
+        CaseError: no sequence, an unknown or repeated sequence name, one 3D file given for two
+            sequences, any problem of :func:`read_volume`, sequences on different grids (without
+            ``resample_to``), a ``resample_to`` sequence that was not given, or every sequence an
+            all-zero channel.
 
     ``channels`` maps sequences stored in one 4D file (MSD layout) to their channel index. A 4D
     file cannot leave a sequence out, so an all-zero channel marks it missing: the sequence is
@@ -408,11 +424,12 @@ def read_case(
             raise CaseError(f"Sequence {seq!r} given twice ({named[seq]} and {os.fspath(path)}): pass one file per "
                             "sequence.")
         named[seq] = os.fspath(path)
+    index = {sequence_name(k): int(v) for k, v in (channels or {}).items()}
+    _check_distinct_files({s: p for s, p in named.items() if s not in index})
     reference = sequence_name(resample_to) if resample_to else None
     if reference is not None and reference not in named:
         raise CaseError(f"--resample-to {resample_to} names a sequence that was not given (given: {list(named)}): "
                         "pass one of those.")
-    index = {sequence_name(k): int(v) for k, v in (channels or {}).items()}
     cache: dict[str, Any] = {}
     volumes: dict[str, Volume] = {}
     empty_channels: list[str] = []

@@ -63,3 +63,16 @@ def test_read_volume_reports_the_empty_channel(phantom_root, tmp_path):
     path = _four_d(phantom_root, tmp_path / "BRATS_001.nii.gz", {"t1": 0.0})
     with pytest.raises(EmptyChannelError, match=r"channel 1, t1\) is all zero"):
         read_volume(path, "t1", channel=1)
+
+
+def test_one_file_given_for_two_sequences_is_refused(phantom_root, tmp_path):
+    flair = phantom_root / "Phantom_000" / "Phantom_000_flair.nii.gz"
+    with pytest.raises(CaseError, match=r"Phantom_000_flair\.nii\.gz is given as both flair and t2: each sequence"):
+        read_case({"flair": str(flair), "t2": str(flair)})
+    link = tmp_path / "t2.nii.gz"
+    link.symlink_to(flair)
+    with pytest.raises(CaseError, match="is given as both flair and t2"):
+        read_case({"flair": str(flair), "t2": str(link)})
+    # the sequences of one 4D file share it by design
+    four_d = _four_d(phantom_root, tmp_path / "c.nii.gz")
+    assert set(read_case({s: four_d for s in CHANNELS}, channels=CHANNELS).volumes) == set(CHANNELS)
