@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sw-batch-size", type=int, help="windows per network call (default: the bundle's)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
+    p.add_argument("--no-head-mask", action="store_true",
+                   help="keep labels where every given sequence is 0 (default: background there, outside the "
+                        "skull-stripped head)")
     p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     return p
@@ -160,6 +163,7 @@ def segmenter_from_args(args: argparse.Namespace) -> Any:
         device=args.device,
         amp=not args.no_amp,
         spacing=parse_floats(args.spacing, "--spacing") if args.spacing else None,
+        head_mask=not args.no_head_mask,
     )
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,10 @@ every geometric step afterwards, so the label map overlays the input exactly:
 3. crop to the foreground (voxels > 0 in any given sequence), as ``CropForegroundd`` did;
 4. normalise each given sequence on its non-zero voxels (``NormalizeIntensityd(nonzero, channel_wise)``);
 5. Gaussian-blended sliding-window inference over the crop, padded to the network divisor;
-6. sigmoid, un-crop, resample back, threshold at 0.5 (WT/TC/ET), convert to labels, reorient back.
+6. sigmoid, un-crop, resample back, threshold at 0.5 (WT/TC/ET), convert to labels, reorient back;
+7. labels and probabilities are 0 outside the head (where every given sequence is 0): the scans are
+   skull-stripped, so tumour cannot lie there (``head_mask``; training and evaluation score the raw
+   network output).
 
 :func:`segment_case` adds reading, checking and atomic writing; the command line
 (:mod:`app.inference.cli`), the batch bundle and the Docker entrypoint all call it.
@@ -139,6 +142,8 @@ class Segmenter:
         amp: bf16 autocast on CUDA (ignored on CPU).
         spacing: resample to this voxel size (mm, RAS axes) before the network and back after;
             None keeps the native spacing.
+        head_mask: set labels and probabilities to 0 where every given sequence is 0 (outside the
+            skull-stripped head); the summary reports how much was removed.
         settings: free-form description of the network, copied into the summary.
     """
 
@@ -154,6 +159,7 @@ class Segmenter:
         device: torch.device | str = "cpu",
         amp: bool = True,
         spacing: Sequence[float] | None = None,
+        head_mask: bool = True,
         settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.network = network
@@ -176,6 +182,7 @@ class Segmenter:
             if len(spacing) != 3 or min(spacing) <= 0:
                 raise ValueError(f"spacing needs 1 or 3 positive values (mm), got {spacing}.")
         self.spacing = spacing
+        self.head_mask = parse_bool(head_mask, "head_mask")
         self.settings = dict(settings or {})
         self._normalize = NormalizeIntensity(nonzero=True, channel_wise=True)
 
@@ -214,6 +221,7 @@ class Segmenter:
         image = torch.zeros((len(BRATS_MODALITIES), *ras_shape), dtype=torch.float32, device=self.device)
         for seq, vol in case.volumes.items():
             image[BRATS_MODALITIES.index(seq)] = reorient(upload(vol.data, self.device), ornt)
+        head = (image[present] > 0).any(dim=0) if self.head_mask else None
 
         # 2. optional resampling to the training spacing; align_corners=False keeps the field of view
         native = np.linalg.norm(ras_affine[:3, :3], axis=0)
@@ -266,6 +274,12 @@ class Segmenter:
         del prob_crop
         if work_shape != ras_shape:
             prob = F.interpolate(prob[None], size=ras_shape, mode="trilinear", align_corners=False)[0]
+        outside_ml = None
+        if head is not None:
+            voxel_ml = abs(float(np.linalg.det(ref.affine[:3, :3]))) / 1000.0
+            outside_ml = round(int(((prob[0] > 0.5) & ~head).sum()) * voxel_ml, 3)
+            prob.mul_(head)
+        del head
         label_ras = regions_to_labels(prob > 0.5, convention)
         back = ornt_transform(_RAS, ornt)
         label_map = reorient(label_ras, back).contiguous().cpu().numpy()  # uint8 from regions_to_labels
@@ -284,6 +298,8 @@ class Segmenter:
             "sw_batch_size": self.sw_batch_size,
             "device": str(self.device),
             "amp_bf16": self.amp,
+            "head_mask": self.head_mask,
+            "wt_removed_outside_head_ml": outside_ml,
         }
         return Prediction(label_map, prob_map, timing, details)
 
@@ -299,6 +315,7 @@ def load_segmenter(
     amp: bool = True,
     spacing: Sequence[float] | None = None,
     max_window_voxels: int = 256**3,
+    head_mask: bool = True,
 ) -> Segmenter:
     """Build a :class:`Segmenter` from a checkpoint, with defaults from the bundle's ``train.yaml``.
 
@@ -316,6 +333,7 @@ def load_segmenter(
         device: ``"cuda"``, ``"cpu"``, ...; None or ``"auto"`` picks CUDA when available.
         amp: bf16 autocast on CUDA.
         spacing: optional working spacing in mm.
+        head_mask: see :class:`Segmenter`.
     """
     defaults = bundle_defaults(bundle)
     if device is None or str(device) == "auto":
@@ -344,6 +362,7 @@ def load_segmenter(
         device=device,
         amp=amp,
         spacing=spacing,
+        head_mask=head_mask,
         settings=settings,
     )
 

@@ -87,11 +87,26 @@ def test_subset_matches_training_preprocessing_and_network(case, random_ckpt, in
     ras_flair = apply_orientation(np.asarray(ref.dataobj, dtype=np.float32), ornt)
     ras_t2 = apply_orientation(np.asarray(load(case["t2"]).dataobj, dtype=np.float32), ornt)
     start, end = generate_spatial_bounding_box(np.stack([ras_flair, ras_t2]))
-    got_crop = got_ras[:, start[0]:end[0], start[1]:end[1], start[2]:end[2]]
-    np.testing.assert_allclose(got_crop, expected, atol=2e-5)
+    box = (slice(None), slice(start[0], end[0]), slice(start[1], end[1]), slice(start[2], end[2]))
+    head = ((ras_flair > 0) | (ras_t2 > 0))[box[1:]]
+    assert 0 < head.mean() < 1  # the phantom's head does not fill its crop
+    np.testing.assert_allclose(got_ras[box], expected * head, atol=2e-5)
     outside = np.ones(got_ras.shape[1:], dtype=bool)
-    outside[start[0]:end[0], start[1]:end[1], start[2]:end[2]] = False
+    outside[box[1:]] = False
     assert np.all(got_ras[:, outside] == 0)  # background outside the crop
+    summary = json.loads((tmp_path / "s.json").read_text())["inference"]
+    assert summary["head_mask"] is True
+    voxel_ml = abs(np.linalg.det(ref.affine[:3, :3])) / 1000
+    assert summary["wt_removed_outside_head_ml"] == pytest.approx(((expected[0] > 0.5) & ~head).sum() * voxel_ml,
+                                                                  abs=1e-3)
+
+    # --no-head-mask: the raw network output, outside the head too
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t2", case["t2"],
+                       "--out", tmp_path / "raw.nii.gz", "--probabilities", prob, "--patch-size", "32", "32", "32",
+                       "--no-head-mask")
+    assert rc == 0, err
+    raw = np.moveaxis(apply_orientation(np.asarray(load(prob).dataobj), ornt), -1, 0)
+    np.testing.assert_allclose(raw[box], expected, atol=2e-5)
 
 
 def test_labels_2023_and_input_aliases(case, random_ckpt, infer, tmp_path):
