@@ -123,29 +123,6 @@ def _run_bundle(configs: Sequence[Path], bundle: Path, args: Sequence[str], log:
     return time.perf_counter() - start
 
 
-def _held_out_dir(run_dir: Path, target: Path) -> Path:
-    """A folder of links to the validation cases of a run's ``datalist.json``."""
-    datalist = json.loads((run_dir / "datalist.json").read_text())
-    if not datalist.get("validation"):
-        raise ValueError(f"{run_dir / 'datalist.json'} holds out no validation case: raise --val_fraction "
-                         "or add cases, so the ablation has data to score.")
-    target.mkdir(parents=True, exist_ok=True)
-    folders = {folder.name: folder for folder in (Path(r["label"]).resolve().parent for r in datalist["validation"])}
-    for entry in target.iterdir():
-        # a link left by another split (e.g. an earlier seed) would score training cases
-        if entry.is_symlink() and (entry.name not in folders or entry.resolve() != folders[entry.name]):
-            entry.unlink()
-    for name, folder in folders.items():
-        try:
-            os.symlink(folder, target / name)
-        except FileExistsError:
-            # already there, e.g. made by an ablation of other strategies running into the same folder
-            if (target / name).resolve() != folder:
-                raise FileExistsError(f"{target / name} exists and is not a link to {folder}: remove it, or use "
-                                      "another --output_dir.") from None
-    return target
-
-
 def _option(args: Sequence[str], key: str) -> str | None:
     """The value of ``--key value`` or ``--key=value`` in ``args`` (the last one wins)."""
     value = None
@@ -292,7 +269,7 @@ def run_ablation(
                 raise RuntimeError(f"Training {label!r} finished without writing {ckpt}; see {out / label / 'train.log'}.")
             (out / label / "train_environment.json").write_text(json.dumps(_environment(bundle_args), indent=1))
         if layout is SEGMENTATION:
-            scored = ["--dataset_dir", str(_held_out_dir(run_dir, out / "held_out"))]
+            scored = ["--eval_datalist", str(run_dir / "datalist.json")]
         else:
             scored = ["--eval_split", eval_split]
         eval_args = [*_without(bundle_args, scored[0][2:]), *scored, "--ckpt_path", str(ckpt),

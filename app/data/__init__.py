@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
+    "evaluation_cases": "app.data.datalist",
     "prepare_datalist": "app.data.datalist",
     "read_datalist": "app.data.datalist",
     "split_cases": "app.data.datalist",
@@ -48,7 +49,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from app.data.datalist import prepare_datalist, read_datalist, split_cases, write_datalist
+    from app.data.datalist import evaluation_cases, prepare_datalist, read_datalist, split_cases, write_datalist
     from app.data.discovery import ACCEPTED_LAYOUTS, CHANNEL_ALIASES, discover_cases, msd_channels, msd_label_map
     from app.data.errors import CaseError
     from app.data.labels import (

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from app.atomic import atomic_write_text
 
-__all__ = ["prepare_datalist", "read_datalist", "split_cases", "write_datalist"]
+__all__ = ["evaluation_cases", "prepare_datalist", "read_datalist", "split_cases", "write_datalist"]
 
 
 def _rank(case: str, seed: int) -> str:
@@ -100,3 +100,33 @@ def prepare_datalist(
     train, val = split_cases(cases, val_fraction=val_fraction, seed=seed)
     write_datalist(Path(output_dir) / "datalist.json", train, val)
     return {"training": train, "validation": val}
+
+
+def evaluation_cases(
+    dataset_dir: str | os.PathLike, datalist: str | os.PathLike | None = None
+) -> list[dict[str, Any]]:
+    """The labelled cases an evaluation scores.
+
+    Args:
+        dataset_dir: without ``datalist``, every labelled case under it (any accepted layout).
+        datalist: a training run's ``datalist.json``: its validation cases only, as training split
+            them, whatever the layout (flat folders, nnU-Net and MSD folders included).
+
+    Raises:
+        ValueError: the datalist cannot be read, holds no validation case, or names files that no
+            longer exist.
+    """
+    if datalist is None or not str(datalist):
+        from app.data.discovery import discover_cases
+
+        return discover_cases(dataset_dir, require_label=True)
+    _, val = read_datalist(datalist)
+    if not val:
+        raise ValueError(f"{datalist} holds out no validation case: train with a larger --val_fraction or more "
+                         "cases, or evaluate every case under --dataset_dir instead.")
+    files = [f for r in val for f in (*dict(r.get("images") or {}).values(), r.get("image4d"), r.get("label")) if f]
+    missing = [f for f in files if not os.path.exists(f)]
+    if missing:
+        raise ValueError(f"{datalist} names {len(missing)} file(s) that do not exist, e.g. {missing[0]}: the data "
+                         "moved since training; evaluate the cases where they are now with --dataset_dir.")
+    return val

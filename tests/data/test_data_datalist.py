@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
-from app.data.datalist import prepare_datalist, read_datalist, split_cases, write_datalist
+from app.data.datalist import evaluation_cases, prepare_datalist, read_datalist, split_cases, write_datalist
 
 
 def records(n):
@@ -84,3 +85,26 @@ def test_prepare_datalist_on_msd_task01_as_downloaded(tmp_path):
     out = prepare_datalist(tmp_path, tmp_path / "run", val_fraction=0.2, seed=0)
     assert sorted(ids(out["training"]) + ids(out["validation"])) == [f"BRATS_{i:03d}" for i in range(1, 6)]
     assert read_datalist(tmp_path / "run" / "datalist.json") == (out["training"], out["validation"])
+
+
+def test_evaluation_cases_are_every_case_or_a_runs_validation_cases(tmp_path):
+    from app.data.phantoms import write_phantoms
+
+    data = tmp_path / "data"
+    write_phantoms(data, cases=4, size=16, seed=0)
+    for path in list(data.glob("*/*.nii.gz")):  # one flat folder: the case folders are not the split
+        path.rename(data / path.name)
+    everything = evaluation_cases(data)
+    assert len(everything) == 4
+    split = prepare_datalist(data, tmp_path / "run", val_fraction=0.25)
+    datalist = tmp_path / "run" / "datalist.json"
+    assert evaluation_cases(data, datalist) == split["validation"]
+    assert [r["case"] for r in evaluation_cases(data, None)] == [r["case"] for r in everything]
+    assert len(evaluation_cases(data, "")) == 4  # an empty override means none
+    # moved data and an empty validation split name the problem
+    Path(split["validation"][0]["label"]).unlink()
+    with pytest.raises(ValueError, match=r"names 1 file\(s\) that do not exist.*--dataset_dir"):
+        evaluation_cases(data, datalist)
+    write_datalist(datalist, split["training"], [])
+    with pytest.raises(ValueError, match="holds out no validation case"):
+        evaluation_cases(data, datalist)
