@@ -207,10 +207,21 @@ def _environment(bundle_args: Sequence[str]) -> dict[str, Any]:
             "device": device, "cpu_count": os.cpu_count()}
 
 
-def _iterations(log: Path) -> int | None:
-    """The iteration count of a time-limited run, from the time-limit handler's log line."""
+def _iterations(log: Path, checkpoint: Path) -> int | None:
+    """Iterations a training run did: from the time-limit handler's log line when the limit stopped it,
+    else from its last training checkpoint (None when neither is there)."""
     hits = re.findall(r"[Tt]ime limit.*?iteration (\d+)", log.read_text(errors="replace")) if log.is_file() else []
-    return int(hits[-1]) if hits else None
+    if hits:
+        return int(hits[-1])
+    if not checkpoint.is_file():
+        return None
+    import torch
+
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a count for the table, not worth failing the ablation over
+        return None
+    return int(state["iteration"]) if isinstance(state, dict) and "iteration" in state else None
 
 
 def run_ablation(
@@ -281,7 +292,7 @@ def run_ablation(
             _run_bundle([train, evaluate], bundle, eval_args, out / label / "eval.log")
         reports[label] = json.loads(report_path.read_text())
         runs[label] = {"strategy": name, "gmd_subsets": subsets, "train_seconds": train_s,
-                       "iterations": _iterations(out / label / "train.log"), "checkpoint": str(ckpt),
+                       "iterations": _iterations(out / label / "train.log", run_dir / "models" / "checkpoint_last.pt"), "checkpoint": str(ckpt),
                        "report": str(report_path), "environment": _read_json(out / label / "train_environment.json")}
         print(json.dumps({"strategy": label, **runs[label]}), flush=True)
     table = ablation_table(reports, metrics)

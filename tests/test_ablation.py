@@ -71,6 +71,7 @@ def test_segmentation_bundle_ablation_resumes_and_scores_held_out_cases(tmp_path
     assert report["subsets"]["flair"]["n_cases"] == len(held_out) > 0
     assert {r["case"] for r in report["per_case"]} == {r["case"] for r in held_out}
     assert table["settings"]["seed"] == 0 and table["runs"]["gmd_k2"]["gmd_subsets"] == "2"
+    assert table["runs"]["plain"]["iterations"] == 2  # 1 epoch of 2, no time limit: from the checkpoint
     env = table["runs"]["plain"]["environment"]  # where the stage trained
     assert env["torch"] == torch.__version__ and env["monai"] == monai.__version__ and env["cpu_count"] >= 1
     assert env["device"] == _environment([])["device"]

@@ -85,7 +85,7 @@ def format_ablation_markdown(table: Mapping[str, Any], title: str = "", digits: 
     metrics, headline = table["metrics"], table["metrics"][0]
     full = table["subsets"][-1] if table["subsets"] else ""
     runs = table.get("runs", {})
-    # iterations are known for time-limited runs only
+    # iterations are unknown for runs trained by an earlier version without a checkpoint_last.pt
     its = {s: runs.get(s, {}).get("iterations") for s in strategies}
     show_its = any(v is not None for v in its.values())
     lines += ["## Summary: mean over subsets", "",
