@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "evaluation_cases": "app.data.datalist",
+    "median_spacing": "app.data.datalist",
     "prepare_datalist": "app.data.datalist",
     "read_datalist": "app.data.datalist",
     "split_cases": "app.data.datalist",
@@ -49,7 +50,14 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from app.data.datalist import evaluation_cases, prepare_datalist, read_datalist, split_cases, write_datalist
+    from app.data.datalist import (
+        evaluation_cases,
+        median_spacing,
+        prepare_datalist,
+        read_datalist,
+        split_cases,
+        write_datalist,
+    )
     from app.data.discovery import ACCEPTED_LAYOUTS, CHANNEL_ALIASES, discover_cases, msd_channels, msd_label_map
     from app.data.errors import CaseError
     from app.data.labels import (

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from app.atomic import atomic_write_text
 
-__all__ = ["evaluation_cases", "prepare_datalist", "read_datalist", "split_cases", "write_datalist"]
+__all__ = ["evaluation_cases", "median_spacing", "prepare_datalist", "read_datalist", "split_cases", "write_datalist"]
 
 
 def _rank(case: str, seed: int) -> str:
@@ -130,3 +130,26 @@ def evaluation_cases(
         raise ValueError(f"{datalist} names {len(missing)} file(s) that do not exist, e.g. {missing[0]}: the data "
                          "moved since training; evaluate the cases where they are now with --dataset_dir.")
     return val
+
+
+def median_spacing(records: Sequence[dict[str, Any]]) -> list[float] | None:
+    """Median voxel size (mm, along the RAS axes) of the first image of each record.
+
+    Only headers are read. Training records it in the network (``DSUNet.set_training_spacing``) so
+    inference can tell a scan of another resolution. None when there is no record.
+    """
+    import nibabel as nib
+    import numpy as np
+    from nibabel.orientations import io_orientation
+
+    sizes = []
+    for record in records:
+        images = dict(record.get("images") or {})
+        path = record.get("image4d") or next(iter(images.values()), None)
+        if not path:
+            continue
+        affine = nib.load(path).affine
+        ras = np.empty(3)
+        ras[io_orientation(affine)[:, 0].astype(int)] = np.linalg.norm(affine[:3, :3], axis=0)
+        sizes.append(ras)
+    return [round(float(v), 4) for v in np.median(sizes, axis=0)] if sizes else None

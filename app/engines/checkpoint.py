@@ -32,7 +32,7 @@ from monai.data.utils import set_rnd
 from torch.utils.data import Dataset, DistributedSampler
 
 from app.atomic import atomic_write, stale_temporaries
-from app.engines.utils import describe_state_dict
+from app.networks.weights import describe_state_dict, optional_state_keys
 from app.flags import parse_bool
 
 __all__ = [
@@ -380,6 +380,8 @@ class ResumableCheckpoint:
         world, rank = _world()
         net = _unwrap(self.network)
         expected, saved = net.state_dict(), state["network"]
+        # tensors added to the network after the checkpoint was written keep their current value
+        saved = {**{k: expected[k] for k in optional_state_keys(net) if k in expected}, **saved}
         if set(expected) != set(saved) or any(tuple(saved[k].shape) != tuple(v.shape) for k, v in expected.items()):
             raise ValueError(
                 f"{self.path} was written for a different network configuration ({describe_state_dict(saved)}) than "

@@ -223,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label values: 2018 = 1/2/4 (default), 2023 = 1/2/3")
     p.add_argument("--probabilities", action="store_true", help="also write <case>_prob.nii.gz")
     p.add_argument("--resample-to", metavar="SEQ", help="resample each case's sequences onto SEQ's grid if they differ")
-    p.add_argument("--spacing", nargs="+", metavar="MM", help="working spacing in mm (default: native)")
+    p.add_argument("--spacing", nargs="+", metavar="MM", default=["auto"],
+                   help="working spacing in mm, or native, or auto (default: the model's training spacing for "
+                        "scans more than 10%% off it)")
     p.add_argument("--features", nargs="+", metavar="N", help="network widths (default: from the checkpoint)")
     p.add_argument("--patch-size", nargs="+", metavar="N",
                    help="sliding-window size (default: the whole foreground crop up to 256^3 voxels, else the "

@@ -64,6 +64,17 @@ def parse_floats(text: Sequence[str] | str, what: str) -> list[float]:
         raise ValueError(f"{what} takes numbers, e.g. {what} 1 1 1; got {joined!r}.") from err
 
 
+def parse_spacing(values: Sequence[str] | None) -> list[float] | str:
+    """``--spacing``: ``auto``, ``native`` or 1 or 3 numbers (mm)."""
+    if not values or (len(values) == 1 and values[0].strip().lower() in ("auto", "native")):
+        return values[0].strip().lower() if values else "auto"
+    try:
+        return parse_floats(values, "--spacing")
+    except ValueError:
+        raise ValueError(f"--spacing takes auto, native, or 1 or 3 numbers in mm (e.g. --spacing 1 1 1); got "
+                         f"{' '.join(values)!r}.") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``infer`` argument parser (no heavy imports, so ``--help`` is instant)."""
     p = _OneLineParser(
@@ -93,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a JSON summary (sequences, region volumes in mL, timing)")
     p.add_argument("--resample-to", metavar="SEQ",
                    help="resample the other sequences onto SEQ's grid when the grids differ (default: error)")
-    p.add_argument("--spacing", nargs="+", metavar="MM",
-                   help="resample to this spacing (1 or 3 values, mm) for the network and back (default: native)")
+    p.add_argument("--spacing", nargs="+", metavar="MM", default=["auto"],
+                   help="resample to this spacing (1 or 3 values, mm) for the network and back; native: never; "
+                        "auto (default): to the model's training spacing when the scan's differs by more than 10%%")
     p.add_argument("--features", nargs="+", metavar="N",
                    help="network widths per level (default: read from the checkpoint)")
     p.add_argument("--patch-size", nargs="+", metavar="N",
@@ -162,7 +174,7 @@ def segmenter_from_args(args: argparse.Namespace) -> Any:
         sw_batch_size=args.sw_batch_size,
         device=args.device,
         amp=not args.no_amp,
-        spacing=parse_floats(args.spacing, "--spacing") if args.spacing else None,
+        spacing=parse_spacing(args.spacing),
         head_mask=not args.no_head_mask,
     )
 

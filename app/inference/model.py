@@ -26,6 +26,7 @@ from torch import nn
 from app.atomic import atomic_write
 from app.engines.utils import load_weights
 from app.networks import DSUNet
+from app.networks.weights import allow_missing_optional_keys
 from app.subsets import BRATS_MODALITIES
 
 __all__ = [
@@ -112,6 +113,8 @@ class FusedDSUNet(nn.Module):
             :class:`OneDNNConv3d`), so ``net`` itself is left as it is.
     """
 
+    optional_state_keys = DSUNet.optional_state_keys
+
     def __init__(self, net: DSUNet) -> None:
         super().__init__()
         net = _use_onednn(copy.deepcopy(net))
@@ -122,6 +125,9 @@ class FusedDSUNet(nn.Module):
         self.features: List[int] = [int(f) for f in net.features]
         self.out_channels: int = int(net.out_channels)
         self.divisor: int = int(net.divisor)
+        # a buffer, as in DSUNet, so the same state dict loads into both
+        self.register_buffer("training_spacing", net.training_spacing.detach().clone())
+        self.register_load_state_dict_post_hook(allow_missing_optional_keys)
 
     def forward(self, image: torch.Tensor, modality_mask: torch.Tensor) -> torch.Tensor:
         if image.dim() != 5 or image.shape[1] != len(self.modalities):
@@ -223,7 +229,8 @@ def load_network(
 
     Returns:
         ``(network, settings)``: a module with ``forward(image, modality_mask)`` in eval mode on
-        ``device`` and ``{"modalities", "features", "divisor", "format"}``.
+        ``device`` and ``{"modalities", "features", "divisor", "format", "training_spacing"}``
+        (``training_spacing``: mm, RAS axes, or None when the model did not record it).
 
     Raises:
         FileNotFoundError: the checkpoint does not exist.
@@ -252,10 +259,18 @@ def load_network(
             raise ValueError(f"{path} serves modalities {modalities}, not {list(BRATS_MODALITIES)}.")
         network.eval()
         return network, {"modalities": modalities, "features": ts_features, "divisor": 2 ** (len(ts_features) - 1),
-                         "format": "torchscript"}
+                         "format": "torchscript", "training_spacing": _known_spacing(network)}
     network = network_from_checkpoint(path, features, bundle).to(device)
     return network, {"modalities": list(network.modalities), "features": list(network.features),
-                     "divisor": network.divisor, "format": "state_dict"}
+                     "divisor": network.divisor, "format": "state_dict",
+                     "training_spacing": _known_spacing(network)}
+
+
+def _known_spacing(network: nn.Module) -> list[float] | None:
+    """The network's training spacing (mm, RAS axes), or None when it was not recorded (older models)."""
+    value = getattr(network, "training_spacing", None)
+    spacing = [] if value is None else [float(s) for s in value]
+    return spacing if len(spacing) == 3 and min(spacing) > 0 else None
 
 
 def network_from_checkpoint(

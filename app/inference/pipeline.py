@@ -4,7 +4,8 @@ The steps mirror the training preprocessing of ``bundles/brats_gmd/configs/train
 every geometric step afterwards, so the label map overlays the input exactly:
 
 1. reorient to RAS by axis permutation/flips only (exact and invertible, also for oblique scans);
-2. optionally resample to a given spacing (``--spacing``) with trilinear interpolation;
+2. resample to the model's training spacing when the scan's differs by more than 10% (``--spacing
+   auto``, the default), or to a given spacing, with trilinear interpolation;
 3. crop to the foreground (voxels > 0 in any given sequence), as ``CropForegroundd`` did;
 4. normalise each given sequence on its non-zero voxels (``NormalizeIntensityd(nonzero, channel_wise)``);
 5. Gaussian-blended sliding-window inference over the crop, padded to the network divisor;
@@ -62,6 +63,18 @@ LABEL_CHOICES: dict[str, str] = {"2018": "brats2018", "2021": "brats2018", "2023
 OUTPUT_DESCRIPTION_PREFIX = "brats_gmd "
 
 _RAS = axcodes2ornt("RAS")
+#: ``spacing="auto"`` resamples when the scan's voxel size is off the training spacing by more than this
+#: fraction along an axis (0.9375 mm scans stay native for a 1 mm model; 2 mm or 5 mm slices do not).
+AUTO_SPACING_TOLERANCE = 0.1
+
+
+def _checked_spacing(spacing: Sequence[float], what: str) -> list[float]:
+    values = [float(s) for s in spacing]
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"{what} needs 1 or 3 positive values (mm), got {list(spacing)}.")
+    return values
 
 
 def upload(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
@@ -141,7 +154,10 @@ class Segmenter:
         device: where the network runs.
         amp: bf16 autocast on CUDA (ignored on CPU).
         spacing: resample to this voxel size (mm, RAS axes) before the network and back after;
-            None keeps the native spacing.
+            None or ``"native"`` keeps the native spacing; ``"auto"`` uses ``training_spacing``
+            when the scan's voxel size differs from it by more than 10% along an axis.
+        training_spacing: the voxel size the network was trained at (mm, RAS axes), or None when
+            unknown (then ``"auto"`` keeps the native spacing).
         head_mask: set labels and probabilities to 0 where every given sequence is 0 (outside the
             skull-stripped head); the summary reports how much was removed.
         settings: free-form description of the network, copied into the summary.
@@ -158,9 +174,10 @@ class Segmenter:
         sw_batch_size: int = 1,
         device: torch.device | str = "cpu",
         amp: bool = True,
-        spacing: Sequence[float] | None = None,
+        spacing: Sequence[float] | str | None = None,
         head_mask: bool = True,
         settings: Mapping[str, Any] | None = None,
+        training_spacing: Sequence[float] | None = None,
     ) -> None:
         self.network = network
         self.divisor = int(divisor)
@@ -175,13 +192,12 @@ class Segmenter:
         self.sw_batch_size = int(sw_batch_size)
         self.device = torch.device(device)
         self.amp = parse_bool(amp, "amp") and self.device.type == "cuda"
-        if spacing is not None:
-            spacing = [float(s) for s in spacing]
-            if len(spacing) == 1:
-                spacing = spacing * 3
-            if len(spacing) != 3 or min(spacing) <= 0:
-                raise ValueError(f"spacing needs 1 or 3 positive values (mm), got {spacing}.")
-        self.spacing = spacing
+        self.auto_spacing = isinstance(spacing, str) and spacing.strip().lower() == "auto"
+        if isinstance(spacing, str) and spacing.strip().lower() in ("auto", "native"):
+            spacing = None
+        self.spacing = None if spacing is None else _checked_spacing(spacing, "spacing")
+        self.training_spacing = None if training_spacing is None else _checked_spacing(training_spacing,
+                                                                                        "training_spacing")
         self.head_mask = parse_bool(head_mask, "head_mask")
         self.settings = dict(settings or {})
         self._normalize = NormalizeIntensity(nonzero=True, channel_wise=True)
@@ -225,9 +241,14 @@ class Segmenter:
 
         # 2. optional resampling to the training spacing; align_corners=False keeps the field of view
         native = np.linalg.norm(ras_affine[:3, :3], axis=0)
+        spacing = self.spacing
+        if self.auto_spacing and self.training_spacing is not None and any(
+            abs(n / t - 1.0) > AUTO_SPACING_TOLERANCE for n, t in zip(native, self.training_spacing)
+        ):
+            spacing = self.training_spacing
         work_shape = ras_shape
-        if self.spacing is not None:
-            work_shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(ras_shape, native, self.spacing))
+        if spacing is not None:
+            work_shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(ras_shape, native, spacing))
             if work_shape != ras_shape:
                 image = F.interpolate(image[None], size=work_shape, mode="trilinear", align_corners=False)[0]
 
@@ -237,7 +258,7 @@ class Segmenter:
         for axis in range(3):
             hits = torch.nonzero(foreground.any(dim=tuple(a for a in range(3) if a != axis))).flatten()
             if hits.numel() == 0:
-                raise CaseError(f"{ref.source}: no voxel above 0 remains after resampling to spacing {self.spacing}: "
+                raise CaseError(f"{ref.source}: no voxel above 0 remains after resampling to spacing {spacing}: "
                                 "use a finer --spacing or none.")
             box.append((int(hits[0]), int(hits[-1]) + 1))
         crop = image[:, box[0][0] : box[0][1], box[1][0] : box[1][1], box[2][0] : box[2][1]]
@@ -290,6 +311,8 @@ class Segmenter:
         details = {
             "ras_shape": list(ras_shape),
             "work_shape": list(work_shape),
+            "spacing": "auto" if self.auto_spacing else self.spacing or "native",
+            "training_spacing_mm": self.training_spacing,
             "work_spacing_mm": [round(float(n * s / w), 4) for n, s, w in zip(native, ras_shape, work_shape)],
             "crop_box": [list(b) for b in box],
             "roi_size": roi,
@@ -313,7 +336,7 @@ def load_segmenter(
     sw_batch_size: int | None = None,
     device: torch.device | str | None = None,
     amp: bool = True,
-    spacing: Sequence[float] | None = None,
+    spacing: Sequence[float] | str | None = "auto",
     max_window_voxels: int = 256**3,
     head_mask: bool = True,
 ) -> Segmenter:
@@ -332,7 +355,8 @@ def load_segmenter(
         sw_batch_size: windows per call; None uses the bundle's.
         device: ``"cuda"``, ``"cpu"``, ...; None or ``"auto"`` picks CUDA when available.
         amp: bf16 autocast on CUDA.
-        spacing: optional working spacing in mm.
+        spacing: ``"auto"`` (the model's training spacing for scans more than 10% off it, when the
+            model recorded it), ``"native"`` or None, or a working spacing in mm (see :class:`Segmenter`).
         head_mask: see :class:`Segmenter`.
     """
     defaults = bundle_defaults(bundle)
@@ -364,6 +388,7 @@ def load_segmenter(
         spacing=spacing,
         head_mask=head_mask,
         settings=settings,
+        training_spacing=settings.get("training_spacing"),
     )
 
 
@@ -482,7 +507,7 @@ def segment_case(
         "voxel_volume_ml": voxel_ml,
         "volumes_ml": _volumes_ml(pred.labels, convention, voxel_ml),
         "network": segmenter.settings,
-        "inference": pred.details | {"spacing_mm": segmenter.spacing},
+        "inference": pred.details,
         "timing_s": {"read_s": read_s, **pred.timing},
         "host": {"python": platform.python_version(), "torch": torch.__version__,
                  "threads": torch.get_num_threads()},

@@ -16,6 +16,7 @@ from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetOutBlock, Un
 from torch import nn
 
 from app.networks.norm import use_reduction_instance_norm
+from app.networks.weights import allow_missing_optional_keys
 from app.subsets import BRATS_MODALITIES
 
 __all__ = ["ModalityEncoder", "SharedDecoder", "DSUNet", "masked_mean", "check_fusable", "modality_index"]
@@ -119,9 +120,15 @@ class DSUNet(nn.Module):
 
     ``forward(image, modality_mask)`` takes ``image [B, M, D, H, W]`` (one channel per modality)
     and ``modality_mask [B, M]`` (bool) and returns the fused logits ``[B, out_channels, D, H, W]``.
+
+    The buffer ``training_spacing`` (mm, RAS axes; zeros when unknown) is the voxel size of the
+    training data, set by training (:meth:`set_training_spacing`) and saved with the weights, so
+    that inference can bring a scan of another resolution to the one the network learnt.
     """
 
     task = "segmentation"
+    #: state-dict keys a checkpoint may lack (written before they existed); they keep their default
+    optional_state_keys: tuple[str, ...] = ("training_spacing",)
 
     def __init__(
         self,
@@ -138,7 +145,16 @@ class DSUNet(nn.Module):
         self.out_channels = out_channels
         self.encoders = nn.ModuleList(ModalityEncoder(1, self.features, norm_name) for _ in self.modalities)
         self.trunk = SharedDecoder(self.features, out_channels, norm_name)
+        self.register_buffer("training_spacing", torch.zeros(3))
+        self.register_load_state_dict_post_hook(allow_missing_optional_keys)
         use_reduction_instance_norm(self)  # same maths, much faster on GPUs (app.networks.norm)
+
+    def set_training_spacing(self, spacing: Sequence[float] | None) -> None:
+        """Record the training data's voxel size (mm, RAS axes); None or zeros: unknown."""
+        values = torch.zeros(3) if spacing is None else torch.as_tensor([float(s) for s in spacing])
+        if values.shape != (3,) or bool((values < 0).any()) or not bool(torch.isfinite(values).all()):
+            raise ValueError(f"training spacing needs 3 non-negative values (mm), got {spacing}.")
+        self.training_spacing.copy_(values.to(self.training_spacing))
 
     @property
     def num_modalities(self) -> int:

@@ -10,7 +10,10 @@ import torch
 #: what a mismatch error tells the user to do, unless the caller knows better
 RETRAINED_FIX = "pass the training run's network settings (e.g. --features) when loading it"
 
-__all__ = ["describe_state_dict", "read_state_dict", "apply_state_dict", "load_weights"]
+__all__ = [
+    "allow_missing_optional_keys", "apply_state_dict", "describe_state_dict", "load_weights", "optional_state_keys",
+    "read_state_dict",
+]
 
 
 def describe_state_dict(state: dict[str, torch.Tensor]) -> str:
@@ -66,6 +69,22 @@ def load_weights(
     return apply_state_dict(network, read_state_dict(path, map_location), path, optional_prefixes, fix)
 
 
+def optional_state_keys(network: torch.nn.Module) -> list[str]:
+    """State-dict keys of ``network`` that older checkpoints lack (``optional_state_keys`` of its modules)."""
+    return [f"{name}.{key}" if name else key for name, module in network.named_modules()
+            for key in getattr(type(module), "optional_state_keys", ())]
+
+
+def allow_missing_optional_keys(module: torch.nn.Module, incompatible: Any) -> None:
+    """``load_state_dict`` post-hook: the module's ``optional_state_keys`` may be missing from a
+    checkpoint written before they existed (also for loaders outside this package, e.g. MONAI's
+    ``ckpt_export``). Register it with ``module.register_load_state_dict_post_hook``."""
+    names = getattr(type(module), "optional_state_keys", ())
+    for key in list(incompatible.missing_keys):
+        if any(key == n or key.endswith(f".{n}") for n in names):
+            incompatible.missing_keys.remove(key)
+
+
 def apply_state_dict(
     network: torch.nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike,
     optional_prefixes: Sequence[str] = (), fix: str = RETRAINED_FIX,
@@ -87,7 +106,7 @@ def apply_state_dict(
     path = os.fspath(path)
     expected = network.state_dict()
     optional: set[str] = set()
-    for prefix in optional_prefixes:
+    for prefix in (*optional_prefixes, *optional_state_keys(network)):
         group = {k for k in expected if k.startswith(prefix)}
         if not group & set(state):  # absent as a whole; in part, the rest is reported missing
             optional |= group

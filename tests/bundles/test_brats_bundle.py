@@ -40,8 +40,15 @@ def _check_training_outputs(out):
     assert len(report["subsets"]) == 15
 
 
-def test_train_plain_writes_models_datalist_and_validation_report(trained):
+def test_train_plain_writes_models_datalist_and_validation_report(trained, phantoms):
     _check_training_outputs(trained)
+    # the voxel size of the training data travels with the weights (inference's --spacing auto)
+    import nibabel as nib
+
+    zooms = nib.load(next(phantoms.glob("*/*_flair.nii.gz"))).header.get_zooms()[:3]
+    for name in ("model.pt", "model_final.pt"):
+        state = torch.load(trained / "models" / name, map_location="cpu", weights_only=True)
+        assert state["training_spacing"].tolist() == pytest.approx(list(zooms)), name
 
 
 @pytest.mark.parametrize("strategy", ["dropout", "gmd", "gmd_approx"])

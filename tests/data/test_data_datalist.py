@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.data.datalist import evaluation_cases, prepare_datalist, read_datalist, split_cases, write_datalist
+from app.data.datalist import evaluation_cases, median_spacing, prepare_datalist, read_datalist, split_cases, write_datalist
 
 
 def records(n):
@@ -108,3 +108,22 @@ def test_evaluation_cases_are_every_case_or_a_runs_validation_cases(tmp_path):
     write_datalist(datalist, split["training"], [])
     with pytest.raises(ValueError, match="holds out no validation case"):
         evaluation_cases(data, datalist)
+
+
+def test_median_spacing_is_per_ras_axis(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    def image(name, affine):
+        path = tmp_path / name
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), affine), str(path))
+        return str(path)
+
+    # storage axes (S, R, A) with voxel sizes (5, 1, 2): along R, A, S that is (1, 2, 5)
+    sra = np.array([[0, 1, 0, 0], [0, 0, 2, 0], [5, 0, 0, 0], [0, 0, 0, 1]], float)
+    records = [{"images": {"flair": image("a.nii.gz", sra)}},
+               {"images": {"t1": image("b.nii.gz", np.diag([1.0, 2.0, 5.0, 1.0]))}},
+               {"image4d": image("c.nii.gz", np.diag([-3.0, 3.0, 3.0, 1.0])), "images": {}}]
+    assert median_spacing(records) == [1.0, 2.0, 5.0]
+    assert median_spacing(records[2:]) == [3.0, 3.0, 3.0]
+    assert median_spacing([]) is None

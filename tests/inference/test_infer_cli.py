@@ -168,6 +168,52 @@ def test_spacing_resamples_and_returns_to_input_grid(case, random_ckpt, infer, t
     assert s["inference"]["work_shape"] == [16, 16, 16] and s["inference"]["work_spacing_mm"] == [2.0, 2.0, 2.0]
 
 
+def test_auto_spacing_uses_the_models_training_spacing(case, infer, tmp_path):
+    net = DSUNet(features=FEATURES)
+    runs = {}
+    for name, spacing, args in (("auto_2mm", [2, 2, 2], []), ("native", [2, 2, 2], ["--spacing", "native"]),
+                                ("explicit", [2, 2, 2], ["--spacing", "2"]), ("close", [1.05, 0.95, 1.0], []),
+                                ("unknown", None, [])):
+        net.set_training_spacing(spacing)
+        ckpt = tmp_path / f"{name}.pt"
+        torch.save(net.state_dict(), ckpt)
+        out, summary = tmp_path / f"{name}.nii.gz", tmp_path / f"{name}.json"
+        rc, _, err = infer("--ckpt", ckpt, "--flair", case["flair"], "--out", out, "--summary", summary, *args)
+        assert rc == 0, err
+        assert_same_grid(out, case["flair"])
+        runs[name] = (json.loads(summary.read_text())["inference"], np.asarray(load(out).dataobj))
+    # the phantom is 1 mm: a 2 mm model gets it at 2 mm, as if --spacing 2 had been given
+    assert runs["auto_2mm"][0]["spacing"] == "auto" and runs["auto_2mm"][0]["training_spacing_mm"] == [2.0] * 3
+    assert runs["auto_2mm"][0]["work_spacing_mm"] == runs["explicit"][0]["work_spacing_mm"] == [2.0] * 3
+    np.testing.assert_array_equal(runs["auto_2mm"][1], runs["explicit"][1])
+    # native, within 10% of the training spacing, or a model that did not record it: no resampling
+    for name in ("native", "close", "unknown"):
+        assert runs[name][0]["work_spacing_mm"] == [1.0] * 3, name
+    assert runs["unknown"][0]["training_spacing_mm"] is None
+    rc, _, err = infer("--ckpt", tmp_path / "native.pt", "--flair", case["flair"], "--out", tmp_path / "x.nii.gz",
+                       "--spacing", "fine")
+    assert rc == 2 and "--spacing takes auto, native, or 1 or 3 numbers" in err
+
+
+def test_training_spacing_survives_export_and_older_checkpoints_load(tmp_path):
+    from app.inference.model import export_torchscript, load_network
+
+    net = DSUNet(features=FEATURES)
+    net.set_training_spacing([2.0, 2.0, 3.0])
+    export_torchscript(net, tmp_path / "m.ts")
+    assert load_network(tmp_path / "m.ts")[1]["training_spacing"] == [2.0, 2.0, 3.0]
+    older = {k: v for k, v in net.state_dict().items() if k != "training_spacing"}  # written before it existed
+    torch.save(older, tmp_path / "old.pt")
+    network, settings = load_network(tmp_path / "old.pt")
+    assert settings["training_spacing"] is None
+    fresh = DSUNet(features=FEATURES)
+    fresh.load_state_dict(older)  # strict, through the network's own hook
+    assert fresh.training_spacing.tolist() == [0.0, 0.0, 0.0]
+    del older["trunk." + next(k for k in net.trunk.state_dict())]
+    with pytest.raises(RuntimeError, match="Missing key"):
+        fresh.load_state_dict(older)  # any other missing tensor is still an error
+
+
 def test_exported_torchscript_gives_the_same_result(case, random_ckpt, infer, tmp_path, capsys):
     from app.inference.export import main as export_main
 
