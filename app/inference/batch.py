@@ -129,7 +129,7 @@ def run_batch(
     """
     from app.data.discovery import CaseError, discover_cases
     from app.inference.io import sequence_name
-    from app.inference.pipeline import segment_case
+    from app.inference.pipeline import segment_case, summary_notes
 
     probabilities = parse_bool(probabilities, "probabilities")
 
@@ -173,9 +173,9 @@ def run_batch(
             results.append({"case": name, "status": "error", "error": message})
             continue
         vols = summary["volumes_ml"]
-        empty = "".join(f", {s} channel all zero: missing" for s in summary["empty_channels"])
+        notes = "".join(f", {n}" for n in summary_notes(summary))
         print(f"{name}: {'+'.join(summary['sequences_used'])} -> {summary['output']} (WT {vols['WT']:.1f} mL, "
-              f"TC {vols['TC']:.1f} mL, ET {vols['ET']:.1f} mL, {summary['timing_s']['total_s']:.1f} s{empty})",
+              f"TC {vols['TC']:.1f} mL, ET {vols['ET']:.1f} mL, {summary['timing_s']['total_s']:.1f} s{notes})",
               flush=True)
         results.append({"case": name, "status": "ok", **summary})
     failed = [r for r in results if r["status"] != "ok"]

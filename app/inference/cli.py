@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # heavy imports after parsing: --help and usage errors stay fast
         import torch
 
-        from app.inference.pipeline import segment_case
+        from app.inference.pipeline import segment_case, summary_notes
 
         paths, channels, case = _sequence_paths(args)
         if not paths:
@@ -207,10 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not args.quiet:
         vols = result["volumes_ml"]
-        empty = "".join(f"; {s} channel all zero: missing" for s in result["empty_channels"])
+        notes = "".join(f"; {n}" for n in summary_notes(result))
         print(f"Wrote {result['output']} from {'+'.join(result['sequences_used'])}: WT {vols['WT']:.1f} mL, "
               f"TC {vols['TC']:.1f} mL, ET {vols['ET']:.1f} mL in {time.perf_counter() - start:.1f} s "
-              f"({segmenter.device}{empty}).")
+              f"({segmenter.device}{notes}).")
     return 0
 
 

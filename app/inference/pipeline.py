@@ -54,6 +54,7 @@ __all__ = [
     "load_segmenter",
     "reorient",
     "segment_case",
+    "summary_notes",
     "upload",
 ]
 
@@ -525,3 +526,17 @@ def segment_case(
                 json.dump(result, f, indent=2)
                 f.write("\n")
     return result
+
+
+def summary_notes(summary: Mapping[str, Any]) -> list[str]:
+    """What a reader of the one-line result should know beyond the volumes (from :func:`segment_case`'s
+    summary): sequences missing as all-zero channels, resampling, and tumour removed outside the head."""
+    info = summary.get("inference", {})
+    notes = [f"{s} channel all zero: missing" for s in summary.get("empty_channels", [])]
+    if info.get("work_shape") != info.get("ras_shape"):
+        mm = "x".join(f"{v:g}" for v in info["work_spacing_mm"])
+        notes.append(f"run at {mm} mm" + (", the model's training spacing" if info.get("spacing") == "auto" else ""))
+    removed = info.get("wt_removed_outside_head_ml") or 0.0
+    if removed >= 0.05:
+        notes.append(f"{removed:.1f} mL outside the head set to background")
+    return notes

@@ -178,9 +178,10 @@ def test_auto_spacing_uses_the_models_training_spacing(case, infer, tmp_path):
         ckpt = tmp_path / f"{name}.pt"
         torch.save(net.state_dict(), ckpt)
         out, summary = tmp_path / f"{name}.nii.gz", tmp_path / f"{name}.json"
-        rc, _, err = infer("--ckpt", ckpt, "--flair", case["flair"], "--out", out, "--summary", summary, *args)
+        rc, stdout, err = infer("--ckpt", ckpt, "--flair", case["flair"], "--out", out, "--summary", summary, *args)
         assert rc == 0, err
         assert_same_grid(out, case["flair"])
+        assert ("run at 2x2x2 mm, the model's training spacing" in stdout) == (name == "auto_2mm"), stdout
         runs[name] = (json.loads(summary.read_text())["inference"], np.asarray(load(out).dataobj))
     # the phantom is 1 mm: a 2 mm model gets it at 2 mm, as if --spacing 2 had been given
     assert runs["auto_2mm"][0]["spacing"] == "auto" and runs["auto_2mm"][0]["training_spacing_mm"] == [2.0] * 3
