@@ -11,7 +11,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
+    "SPACING_TOLERANCE": "app.data.datalist",
     "evaluation_cases": "app.data.datalist",
+    "spacing_differs": "app.data.datalist",
     "median_spacing": "app.data.datalist",
     "prepare_datalist": "app.data.datalist",
     "read_datalist": "app.data.datalist",
@@ -51,7 +53,9 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from app.data.datalist import (
+        SPACING_TOLERANCE,
         evaluation_cases,
+        spacing_differs,
         median_spacing,
         prepare_datalist,
         read_datalist,

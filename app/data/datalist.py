@@ -12,7 +12,14 @@ from typing import Any, Sequence
 
 from app.atomic import atomic_write_text
 
-__all__ = ["evaluation_cases", "median_spacing", "prepare_datalist", "read_datalist", "split_cases", "write_datalist"]
+__all__ = [
+    "SPACING_TOLERANCE", "evaluation_cases", "median_spacing", "prepare_datalist", "read_datalist", "spacing_differs",
+    "split_cases", "write_datalist",
+]
+
+#: Voxel sizes that differ by more than this fraction along an axis count as another resolution
+#: (0.9375 mm scans match a 1 mm model; 2 mm or 5 mm slices do not).
+SPACING_TOLERANCE = 0.1
 
 
 def _rank(case: str, seed: int) -> str:
@@ -153,3 +160,8 @@ def median_spacing(records: Sequence[dict[str, Any]]) -> list[float] | None:
         ras[io_orientation(affine)[:, 0].astype(int)] = np.linalg.norm(affine[:3, :3], axis=0)
         sizes.append(ras)
     return [round(float(v), 4) for v in np.median(sizes, axis=0)] if sizes else None
+
+
+def spacing_differs(spacing: Sequence[float], reference: Sequence[float], tolerance: float = SPACING_TOLERANCE) -> bool:
+    """True when ``spacing`` is off ``reference`` by more than ``tolerance`` (a fraction) along any axis."""
+    return any(abs(float(s) / float(r) - 1.0) > tolerance for s, r in zip(spacing, reference))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import torch
@@ -11,7 +12,33 @@ from ignite.engine import Engine
 from app.flags import parse_bool
 from app.networks.weights import describe_state_dict, load_weights
 
-__all__ = ["check_patch_size", "set_cudnn", "fit_roi", "load_weights", "describe_state_dict", "ProgressBarHandler"]
+__all__ = [
+    "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "load_weights", "describe_state_dict",
+    "ProgressBarHandler",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def check_spacing(network: torch.nn.Module, records: Sequence[dict[str, Any]]) -> str | None:
+    """Warn when ``records`` are at another resolution than ``network`` was trained at.
+
+    Evaluation scores cases on their own grid, so a model trained on 2 mm data scores 1 mm cases
+    at a scale it never saw. Returns the warning (None when the spacings match or one is unknown).
+    """
+    from app.data.datalist import median_spacing, spacing_differs
+
+    trained = [float(s) for s in getattr(getattr(network, "module", network), "training_spacing", [])]
+    if len(trained) != 3 or min(trained) <= 0:
+        return None
+    spacing = median_spacing(records)
+    if spacing is None or not spacing_differs(spacing, trained):
+        return None
+    message = (f"These {len(records)} cases have a median voxel size of {spacing} mm, but the network was trained "
+               f"at {trained} mm: its Dice here measures it at a scale it never saw. Resample the cases to "
+               f"{trained} mm for a like-for-like score (clinical inference does this itself, --spacing auto).")
+    logger.warning(message)
+    return message
 
 
 def check_patch_size(patch_size: Sequence[int], network: Any, whole_axis: bool = False, cli: bool = False) -> None:

@@ -37,6 +37,7 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import NormalizeIntensity
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
+from app.data.datalist import spacing_differs
 from app.data.errors import CaseError
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, regions_to_labels
 from app.engines.utils import check_patch_size
@@ -64,9 +65,6 @@ LABEL_CHOICES: dict[str, str] = {"2018": "brats2018", "2021": "brats2018", "2023
 OUTPUT_DESCRIPTION_PREFIX = "brats_gmd "
 
 _RAS = axcodes2ornt("RAS")
-#: ``spacing="auto"`` resamples when the scan's voxel size is off the training spacing by more than this
-#: fraction along an axis (0.9375 mm scans stay native for a 1 mm model; 2 mm or 5 mm slices do not).
-AUTO_SPACING_TOLERANCE = 0.1
 
 
 def _checked_spacing(spacing: Sequence[float], what: str) -> list[float]:
@@ -156,7 +154,8 @@ class Segmenter:
         amp: bf16 autocast on CUDA (ignored on CPU).
         spacing: resample to this voxel size (mm, RAS axes) before the network and back after;
             None or ``"native"`` keeps the native spacing; ``"auto"`` uses ``training_spacing``
-            when the scan's voxel size differs from it by more than 10% along an axis.
+            when the scan's voxel size differs from it by more than 10% along an axis
+            (:data:`app.data.datalist.SPACING_TOLERANCE`).
         training_spacing: the voxel size the network was trained at (mm, RAS axes), or None when
             unknown (then ``"auto"`` keeps the native spacing).
         head_mask: set labels and probabilities to 0 where every given sequence is 0 (outside the
@@ -243,9 +242,7 @@ class Segmenter:
         # 2. optional resampling to the training spacing; align_corners=False keeps the field of view
         native = np.linalg.norm(ras_affine[:3, :3], axis=0)
         spacing = self.spacing
-        if self.auto_spacing and self.training_spacing is not None and any(
-            abs(n / t - 1.0) > AUTO_SPACING_TOLERANCE for n, t in zip(native, self.training_spacing)
-        ):
+        if self.auto_spacing and self.training_spacing is not None and spacing_differs(native, self.training_spacing):
             spacing = self.training_spacing
         work_shape = ras_shape
         if spacing is not None:

@@ -46,3 +46,22 @@ def test_boolean_knobs_read_the_command_line_strings():
     with pytest.raises(ValueError, match="--progress_bar must be true or false"):
         ProgressBarHandler(enabled="no")
 
+
+
+def test_check_spacing_warns_on_another_resolution(tmp_path, caplog):
+    from app.data.discovery import discover_cases
+    from app.data.phantoms import write_phantoms
+    from app.engines.utils import check_spacing
+    from app.networks import DSUNet
+
+    write_phantoms(tmp_path, cases=2, size=16, seed=0)  # 1 mm
+    records = discover_cases(tmp_path, require_label=True)
+    net = DSUNet(features=[4, 8])
+    assert check_spacing(net, records) is None  # the network did not record its spacing
+    net.set_training_spacing([1.05, 0.95, 1.0])
+    assert check_spacing(net, records) is None  # within 10%
+    net.set_training_spacing([2.0, 2.0, 2.0])
+    with caplog.at_level("WARNING"):
+        message = check_spacing(net, records)
+    assert message and "[1.0, 1.0, 1.0] mm" in message and "trained at [2.0, 2.0, 2.0] mm" in message
+    assert message in caplog.text
