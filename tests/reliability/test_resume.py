@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from ignite.engine import Events
 
 from app.data.phantoms import write_phantoms
@@ -108,6 +109,9 @@ def test_crash_after_an_epoch_resumes_from_the_epoch_end_checkpoint(phantoms, re
     assert "simulated crash" in str(err.value) + str(err.value.__cause__)
     last = load(out / "models" / "checkpoint_last.pt")
     assert (last["iteration"], last["epoch"]) == (3, 1)  # written after epoch 1's validation and LR step
+    # as written before the network recorded its training spacing: the resume takes it from the data
+    assert last["network"].pop("training_spacing").tolist() == [1.0, 1.0, 1.0]
+    torch.save(last, out / "models" / "checkpoint_last.pt")
 
     run_in_process([TRAIN], dataset_dir=str(phantoms), output_dir=str(out), resume=True, **SETTINGS)
     _assert_same_as_reference(reference(), out)
