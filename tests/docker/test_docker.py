@@ -193,6 +193,22 @@ def test_cuda_base_and_project_torch(dockerfile):
 def test_runs_as_non_root_user(dockerfile):
     users = [r for i, r in dockerfile if i == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
+    # Ubuntu 24.04 images have a user 'ubuntu' with uid 1000: useradd --uid 1000 fails unless it goes first
+    runs = " ".join(r for i, r in dockerfile if i == "RUN")
+    created = re.search(r"useradd [^&;]*--uid (\d+)", runs)
+    if created and created.group(1) == "1000":
+        assert re.search(r"userdel [^&;]*ubuntu", runs) and runs.index("userdel") < runs.index("useradd")
+    # its home is not writable under --user, and MONAI imports matplotlib, which wants a cache folder
+    env = " ".join(r for i, r in dockerfile if i == "ENV")
+    assert "MPLCONFIGDIR=/tmp/" in env
+
+
+def test_documented_commands_do_not_assign_bash_readonly_uid():
+    # "UID=$(id -u) docker compose ..." fails in bash (UID is read-only), so compose reads HOST_UID/HOST_GID
+    compose = (DOCKER / "compose.yaml").read_text()
+    assert "${HOST_UID:-1000}:${HOST_GID:-1000}" in compose and "${UID" not in compose
+    for path in (REPO / "README.md", REPO / "docs" / "inference.md", DOCKER / "compose.yaml", DOCKER / "Dockerfile"):
+        assert not re.search(r"(^|[\s#])UID=\$\(id -u\)", path.read_text()), path
 
 
 def test_entrypoint_module_imports_and_prints_help(dockerfile):
