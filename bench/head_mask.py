@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -18,8 +19,10 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from app.data.labels import labels_to_regions
-from app.inference.pipeline import load_segmenter, segment_case
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from app.data.labels import labels_to_regions  # noqa: E402
+from app.inference.pipeline import load_segmenter, segment_case  # noqa: E402
 
 REGIONS = ("WT", "TC", "ET")
 
