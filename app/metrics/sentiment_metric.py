@@ -72,7 +72,8 @@ class SubsetSentimentScore(SubsetScalarMetric):
 
     Args:
         key: metric averaged over subsets; ``MAE`` (lower is better) is returned negated so that
-            higher is always better for ``CheckpointSaver``.
+            higher is always better for ``CheckpointSaver``. ``auto``: ``MAE`` for regression,
+            ``Acc`` for classification.
         task: ``regression`` (MMSA metrics) or ``classification`` (accuracy, weighted F1).
         modalities: modality names.
         output_transform: applied to ``engine.state.output`` before :meth:`update`.
@@ -81,7 +82,7 @@ class SubsetSentimentScore(SubsetScalarMetric):
 
     def __init__(
         self,
-        key: str = "MAE",
+        key: str = "auto",
         task: str = "regression",
         modalities: Sequence[str] = MOSI_MODALITIES,
         output_transform: Callable = lambda x: x,
@@ -90,8 +91,10 @@ class SubsetSentimentScore(SubsetScalarMetric):
         if task not in ("regression", "classification"):
             raise ValueError(f"task must be 'regression' or 'classification', got {task!r}.")
         allowed = SENTIMENT_METRICS if task == "regression" else CLASSIFICATION_METRICS
+        if key == "auto":
+            key = "MAE" if task == "regression" else "Acc"
         if key not in allowed:
-            raise ValueError(f"key {key!r} is not a {task} metric: choose one of {list(allowed)}.")
+            raise ValueError(f"key {key!r} is not a {task} metric: choose one of {list(allowed)}, or auto.")
         self.key, self.task, self.modalities = key, task, tuple(modalities)
         # created before Metric.__init__, which calls reset()
         self._accumulator = self._new_accumulator()

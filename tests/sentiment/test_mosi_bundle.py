@@ -52,6 +52,18 @@ def test_evaluate_test_split_writes_subset_metrics(trained, synthetic_pkl, tmp_p
     assert "mean_over_subsets" in proc.stdout
 
 
+def test_classification_with_the_documented_settings_trains_and_evaluates(synthetic_pkl, tmp_path):
+    # docs/sentiment.md: task, label_key and out_channels are all it takes (the key metric follows the task)
+    settings = ["--data_path", str(synthetic_pkl), "--trust_pickle", "true", "--task", "classification",
+                "--label_key", "classification_labels", "--out_channels", "3"]
+    run_mosi_bundle([TRAIN], *settings, "--output_dir", str(tmp_path / "train"), "--max_epochs", "1")
+    run_mosi_bundle([TRAIN, EVALUATE], *settings, "--ckpt_path", str(tmp_path / "train" / "models" / "model.pt"),
+                    "--eval_split", "test", "--output_dir", str(tmp_path / "eval"))
+    report = json.loads((tmp_path / "eval" / "subset_metrics.json").read_text())
+    assert list(report["subsets"]) == NAMES
+    assert all(set(row) == {"Acc", "F1", "n"} and 0.0 <= row["Acc"] <= 1.0 for row in report["subsets"].values())
+
+
 def test_evaluate_missing_split_names_the_available_ones(trained, trainval_pkl, tmp_path):
     # the same config evaluation as the command line, in-process (a subprocess costs seconds of imports)
     parser = _parser(TRAIN, EVALUATE, data_path=str(trainval_pkl), trust_pickle="true", eval_split="test",

@@ -69,6 +69,7 @@ def test_key_metric_subset_valid_and_errors():
         metric.update({"case": ["a"], "label": torch.zeros(1)})
     with pytest.raises(ValueError, match="not a regression metric"):
         SubsetSentimentScore(key="Dice")
+    assert SubsetSentimentScore().key == "MAE" and SubsetSentimentScore(task="classification").key == "Acc"
 
 
 def test_classification_metric_by_hand():
