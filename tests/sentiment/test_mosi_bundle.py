@@ -131,7 +131,7 @@ def test_model_pt_is_the_epoch_with_the_lowest_validation_mae_not_the_last(synth
     parser.get_parsed_content("initialize")
     network, evaluator = parser.get_parsed_content("network"), parser.get_parsed_content("validate#evaluator")
     metric = parser.get_parsed_content("validate#key_metric#val_score")
-    assert parser.get_parsed_content("key_metric") == "MAE"
+    assert metric.key == "MAE"  # key_metric auto: MAE for the regression task
 
     @evaluator.on(Events.STARTED)
     def _constant_prediction(engine):
