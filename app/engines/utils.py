@@ -10,6 +10,7 @@ import torch
 from ignite.engine import Engine
 
 from app.flags import parse_bool
+from app.networks.ds_unet import recorded_spacing
 from app.networks.weights import describe_state_dict, load_weights
 
 __all__ = [
@@ -28,8 +29,8 @@ def check_spacing(network: torch.nn.Module, records: Sequence[dict[str, Any]]) -
     """
     from app.data.datalist import median_spacing, spacing_differs
 
-    trained = [float(s) for s in getattr(getattr(network, "module", network), "training_spacing", [])]
-    if len(trained) != 3 or min(trained) <= 0:
+    trained = recorded_spacing(network)
+    if trained is None:
         return None
     spacing = median_spacing(records)
     if spacing is None or not spacing_differs(spacing, trained):

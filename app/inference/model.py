@@ -26,6 +26,7 @@ from torch import nn
 from app.atomic import atomic_write
 from app.engines.utils import load_weights
 from app.networks import DSUNet
+from app.networks.ds_unet import recorded_spacing
 from app.networks.weights import allow_missing_optional_keys
 from app.subsets import BRATS_MODALITIES
 
@@ -259,18 +260,11 @@ def load_network(
             raise ValueError(f"{path} serves modalities {modalities}, not {list(BRATS_MODALITIES)}.")
         network.eval()
         return network, {"modalities": modalities, "features": ts_features, "divisor": 2 ** (len(ts_features) - 1),
-                         "format": "torchscript", "training_spacing": _known_spacing(network)}
+                         "format": "torchscript", "training_spacing": recorded_spacing(network)}
     network = network_from_checkpoint(path, features, bundle).to(device)
     return network, {"modalities": list(network.modalities), "features": list(network.features),
                      "divisor": network.divisor, "format": "state_dict",
-                     "training_spacing": _known_spacing(network)}
-
-
-def _known_spacing(network: nn.Module) -> list[float] | None:
-    """The network's training spacing (mm, RAS axes), or None when it was not recorded (older models)."""
-    value = getattr(network, "training_spacing", None)
-    spacing = [] if value is None else [float(s) for s in value]
-    return spacing if len(spacing) == 3 and min(spacing) > 0 else None
+                     "training_spacing": recorded_spacing(network)}
 
 
 def network_from_checkpoint(

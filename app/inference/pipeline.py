@@ -237,7 +237,9 @@ class Segmenter:
         image = torch.zeros((len(BRATS_MODALITIES), *ras_shape), dtype=torch.float32, device=self.device)
         for seq, vol in case.volumes.items():
             image[BRATS_MODALITIES.index(seq)] = reorient(upload(vol.data, self.device), ornt)
-        head = (image[present] > 0).any(dim=0) if self.head_mask else None
+        # the head: voxels > 0 in any given sequence (the foreground of step 3 on the native grid)
+        native_foreground = (image[present] > 0).any(dim=0)
+        head = native_foreground if self.head_mask else None
 
         # 2. optional resampling to the training spacing; align_corners=False keeps the field of view
         native = np.linalg.norm(ras_affine[:3, :3], axis=0)
@@ -251,7 +253,8 @@ class Segmenter:
                 image = F.interpolate(image[None], size=work_shape, mode="trilinear", align_corners=False)[0]
 
         # 3. crop to the foreground of the given sequences (voxels > 0, like CropForegroundd)
-        foreground = (image[present] > 0).any(dim=0)
+        foreground = native_foreground if work_shape == ras_shape else (image[present] > 0).any(dim=0)
+        del native_foreground
         box = []
         for axis in range(3):
             hits = torch.nonzero(foreground.any(dim=tuple(a for a in range(3) if a != axis))).flatten()
@@ -295,8 +298,7 @@ class Segmenter:
             prob = F.interpolate(prob[None], size=ras_shape, mode="trilinear", align_corners=False)[0]
         outside_ml = None
         if head is not None:
-            voxel_ml = abs(float(np.linalg.det(ref.affine[:3, :3]))) / 1000.0
-            outside_ml = round(int(((prob[0] > 0.5) & ~head).sum()) * voxel_ml, 3)
+            outside_ml = round(int(((prob[0] > 0.5) & ~head).sum()) * voxel_volume_ml(ref.affine), 3)
             prob.mul_(head)
         del head
         label_ras = regions_to_labels(prob > 0.5, convention)

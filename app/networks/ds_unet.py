@@ -19,7 +19,17 @@ from app.networks.norm import use_reduction_instance_norm
 from app.networks.weights import allow_missing_optional_keys
 from app.subsets import BRATS_MODALITIES
 
-__all__ = ["ModalityEncoder", "SharedDecoder", "DSUNet", "masked_mean", "check_fusable", "modality_index"]
+__all__ = [
+    "ModalityEncoder", "SharedDecoder", "DSUNet", "masked_mean", "check_fusable", "modality_index", "recorded_spacing",
+]
+
+
+def recorded_spacing(network: nn.Module) -> list[float] | None:
+    """The training spacing (mm, RAS axes) a network recorded, or None when it did not (older
+    checkpoints, other networks). Works for a :class:`DSUNet`, its DDP wrapper and its TorchScript export."""
+    value = getattr(getattr(network, "module", network), "training_spacing", None)
+    spacing = [] if value is None else [float(s) for s in value]
+    return spacing if len(spacing) == 3 and min(spacing) > 0 else None
 
 
 def check_fusable(mask: torch.Tensor) -> None:
