@@ -218,7 +218,8 @@ def _iterations(log: Path, checkpoint: Path) -> int | None:
     import torch
 
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        # memory-mapped: only the count is read, not the weights and optimizer state
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - a count for the table, not worth failing the ablation over
         return None
     return int(state["iteration"]) if isinstance(state, dict) and "iteration" in state else None
@@ -292,7 +293,8 @@ def run_ablation(
             _run_bundle([train, evaluate], bundle, eval_args, out / label / "eval.log")
         reports[label] = json.loads(report_path.read_text())
         runs[label] = {"strategy": name, "gmd_subsets": subsets, "train_seconds": train_s,
-                       "iterations": _iterations(out / label / "train.log", run_dir / "models" / "checkpoint_last.pt"), "checkpoint": str(ckpt),
+                       "iterations": _iterations(out / label / "train.log", run_dir / "models" / "checkpoint_last.pt"),
+                       "checkpoint": str(ckpt),
                        "report": str(report_path), "environment": _read_json(out / label / "train_environment.json")}
         print(json.dumps({"strategy": label, **runs[label]}), flush=True)
     table = ablation_table(reports, metrics)
