@@ -44,9 +44,15 @@ def test_one_training_iteration_then_evaluation(two_cases, tmp_path):
                "--patch_size", "[64,64,64]", "--strategy", "gmd_approx", *small)
     ckpt = train_out / "models" / "model_final.pt"
     assert ckpt.is_file()
+    # scoring only the run's held-out case keeps the full-resolution pass to one case
+    datalist = train_out / "datalist.json"
+    held_out = [c["case"] for c in json.loads(datalist.read_text())["validation"]]
+    assert len(held_out) == 1
     run_bundle([TRAIN, EVALUATE], "--dataset_dir", str(two_cases), "--ckpt_path", str(ckpt),
-               "--output_dir", str(eval_out), "--patch_size", "[128,128,128]", "--sw_overlap", "0.25", *small)
+               "--eval_datalist", str(datalist), "--output_dir", str(eval_out), "--patch_size", "[128,128,128]",
+               "--sw_overlap", "0.25", *small)
     report = json.loads((eval_out / "subset_dice.json").read_text())
     assert len(report["subsets"]) == 15
-    assert all(row["n_cases"] == 2 for row in report["subsets"].values())
+    assert all(row["n_cases"] == 1 for row in report["subsets"].values())
+    assert {row["case"] for row in report["per_case"]} == set(held_out)
     assert 0.0 <= report["mean_over_subsets"]["mean"] <= 1.0
