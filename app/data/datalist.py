@@ -90,16 +90,23 @@ def read_datalist(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[d
 
 
 def prepare_datalist(
-    dataset_dir: str | os.PathLike, output_dir: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0
+    dataset_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    label_convention: str | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Discover labelled cases under ``dataset_dir``, split them and write ``<output_dir>/datalist.json``.
+
+    ``label_convention`` is passed to :func:`app.data.discovery.discover_cases` (``auto``: by the file
+    names). Each record keeps its label map, so evaluating the datalist later reads labels the same way.
 
     Returns:
         ``{"training": [...], "validation": [...]}``.
     """
     from app.data.discovery import discover_cases
 
-    cases = discover_cases(dataset_dir, require_label=True)
+    cases = discover_cases(dataset_dir, require_label=True, label_convention=label_convention)
     if len(cases) < 2:
         raise ValueError(
             f"{dataset_dir} holds {len(cases)} labelled case(s): training needs at least 2 (one for validation)."
@@ -110,14 +117,17 @@ def prepare_datalist(
 
 
 def evaluation_cases(
-    dataset_dir: str | os.PathLike, datalist: str | os.PathLike | None = None
+    dataset_dir: str | os.PathLike, datalist: str | os.PathLike | None = None, label_convention: str | None = None
 ) -> list[dict[str, Any]]:
     """The labelled cases an evaluation scores.
 
     Args:
         dataset_dir: without ``datalist``, every labelled case under it (any accepted layout).
         datalist: a training run's ``datalist.json``: its validation cases only, as training split
-            them, whatever the layout (flat folders, nnU-Net and MSD folders included).
+            them, whatever the layout (flat folders, nnU-Net and MSD folders included), with the
+            label maps training gave them.
+        label_convention: for ``dataset_dir``: label values of BraTS-named cases (``auto``: by the
+            file names; see :func:`app.data.discovery.discover_cases`).
 
     Raises:
         ValueError: the datalist cannot be read, holds no validation case, or names files that no
@@ -126,7 +136,7 @@ def evaluation_cases(
     if datalist is None or not str(datalist):
         from app.data.discovery import discover_cases
 
-        return discover_cases(dataset_dir, require_label=True)
+        return discover_cases(dataset_dir, require_label=True, label_convention=label_convention)
     _, val = read_datalist(datalist)
     if not val:
         raise ValueError(f"{datalist} holds out no validation case: train with a larger --val_fraction or more "

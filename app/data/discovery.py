@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from app.data.errors import CaseError
-from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS
+from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, NON_TUMOUR_PART
 from app.subsets import BRATS_MODALITIES
 
 __all__ = ["CaseError", "ACCEPTED_LAYOUTS", "CHANNEL_ALIASES", "discover_cases", "msd_channels", "msd_label_map"]
@@ -61,10 +61,13 @@ def _norm(name: str) -> str:
 
 
 def _label_part(name: str) -> str | None:
-    """Map a label name from dataset.json to background / ncr / ed / et / wt / tc, or None if unknown."""
+    """Map a label name from dataset.json to background / ncr / ed / et / wt / tc / other, or None if unknown."""
     n = _norm(name)
     if n in ("background", "bg", "clear", "healthy", "normal", "none"):
         return "background"
+    # BraTS 2024's resection cavity: labelled, but part of no tumour region
+    if n in ("rc", "cavity") or "resection" in n:
+        return NON_TUMOUR_PART
     if n in ("wt", "wholetumor", "wholetumour"):
         return "wt"
     if n in ("tc", "tumorcore", "tumourcore"):
@@ -153,7 +156,8 @@ def msd_label_map(desc: dict[str, Any], source: str | os.PathLike = "dataset.jso
         if part is None:
             raise CaseError(
                 f"{source}: label {name!r} ({values}) is not a known tumour label. Rename it to one of 'background', "
-                "'edema', 'non-enhancing tumor'/'necrosis', 'enhancing tumor' (or regions 'whole tumor', 'tumor core')."
+                "'edema', 'non-enhancing tumor'/'necrosis', 'enhancing tumor' (or regions 'whole tumor', 'tumor core'), "
+                "or 'resection cavity' for a labelled structure outside the tumour regions."
             )
         if part != "background":
             found.setdefault(part, set()).update(values)
@@ -170,12 +174,14 @@ def msd_label_map(desc: dict[str, Any], source: str | os.PathLike = "dataset.jso
             f"{source}: labels {labels!r} give no value for {missing} (ncr = necrosis/non-enhancing core, "
             "ed = edema, et = enhancing tumour). Name each tumour label in 'labels'."
         )
-    for i, a in enumerate(LABEL_PARTS):
-        for b in LABEL_PARTS[i + 1:]:
+    named = (*LABEL_PARTS, NON_TUMOUR_PART)
+    parts[NON_TUMOUR_PART] = set(found.get(NON_TUMOUR_PART, set()))
+    for i, a in enumerate(named):
+        for b in named[i + 1:]:
             if parts[a] & parts[b]:
                 raise CaseError(f"{source}: label value(s) {sorted(parts[a] & parts[b])} are both {a!r} and {b!r}; "
                                 "give each value one meaning.")
-    return {p: sorted(parts[p]) for p in LABEL_PARTS}
+    return {p: sorted(parts[p]) for p in named if p in LABEL_PARTS or parts[p]}
 
 
 def _record(case: str, layout: str, images: dict[str, str], image4d: str | None, channels: dict[str, int],
@@ -302,7 +308,10 @@ def _msd_cases(
 
 
 def discover_cases(
-    root: str | os.PathLike, require_label: bool = False, case_errors: dict[str, str] | None = None
+    root: str | os.PathLike,
+    require_label: bool = False,
+    case_errors: dict[str, str] | None = None,
+    label_convention: str | None = None,
 ) -> list[dict[str, Any]]:
     """Find every case below ``root`` in the BraTS 2018, BraTS 2023 or MSD Task01 layout.
 
@@ -318,13 +327,18 @@ def discover_cases(
             raising; the other cases are returned (batch inference). Problems of the whole folder
             (missing root, no case at all, unusable ``dataset.json``) and missing labels
             (``require_label``) still raise.
+        label_convention: label values of BraTS-named cases: ``None`` or ``"auto"`` picks them by the
+            naming (``brats2018`` for ``<case>_seg``, ``brats2023`` for ``<case>-seg``); a name from
+            :data:`app.data.labels.LABEL_CONVENTIONS` applies to them all (``brats2024``: BraTS 2024
+            post-treatment glioma, whose files are named as BraTS 2023's). MSD and nnU-Net folders
+            name their labels in ``dataset.json``.
 
     Returns:
         Case records sorted by case id::
 
             {"case": str, "layout": "brats2018" | "brats2023" | "msd",
              "images": {seq: path}, "image4d": path | None, "channels": {seq: index},
-             "label": path | None, "label_map": {"ncr": [...], "ed": [...], "et": [...]},
+             "label": path | None, "label_map": {"ncr": [...], "ed": [...], "et": [...], ["other": [...]]},
              "modalities": [present sequences in BRATS_MODALITIES order]}
 
         Paths are absolute strings; the record is JSON-serialisable.
@@ -335,6 +349,10 @@ def discover_cases(
             ``require_label``) a case without label other than an ``imagesTs/`` one, or no
             labelled case at all.
     """
+    convention = None if label_convention in (None, "", "auto") else str(label_convention).lower()
+    if convention is not None and convention not in LABEL_CONVENTIONS:
+        raise ValueError(f"Unknown label_convention {label_convention!r}: use auto (by the file names) or one of "
+                         f"{sorted(LABEL_CONVENTIONS)}.")
     root_path = Path(root).expanduser().absolute()
     if not root_path.is_dir():
         raise CaseError(
@@ -392,7 +410,8 @@ def discover_cases(
                 f"sequence; expected at least one of {case}{sep}{names}.nii.gz. Add the images or remove the case.",
             )
             continue
-        rec = _record(case, layout, group["images"], None, {}, group["label"], LABEL_CONVENTIONS[layout])
+        rec = _record(case, layout, group["images"], None, {}, group["label"],
+                      LABEL_CONVENTIONS[convention or layout])
         found.append((rec, next(iter(rec["images"].values())), str(Path(dirpath) / f"{case}{sep}seg.nii.gz")))
 
     if not found and not case_errors:

@@ -1,8 +1,10 @@
 """Tumour label conventions and conversion between label maps and WT/TC/ET region channels.
 
-BraTS releases disagree on the value of the enhancing-tumour label (4 until 2021, 3 from 2023) and
-MSD Task01 uses yet another order, so every case record carries its own ``label_map``
-(``{"ncr": [...], "ed": [...], "et": [...]}``) and all conversions go through it.
+BraTS releases disagree on the value of the enhancing-tumour label (4 until 2021, 3 from 2023),
+BraTS 2024 adds a resection-cavity label that belongs to no tumour region, and MSD Task01 uses yet
+another order, so every case record carries its own ``label_map``
+(``{"ncr": [...], "ed": [...], "et": [...]}``, optionally ``"other": [...]``) and all conversions
+go through it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from app.data.errors import CaseError
 __all__ = [
     "LABEL_CONVENTIONS",
     "LABEL_PARTS",
+    "NON_TUMOUR_PART",
     "REGION_NAMES",
     "check_label_values",
     "label_map_values",
@@ -31,6 +34,10 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 #: Label parts of a tumour: necrotic/non-enhancing core, oedema, enhancing tumour.
 LABEL_PARTS: tuple[str, ...] = ("ncr", "ed", "et")
 
+#: Optional label-map entry for labelled structures outside WT/TC/ET (BraTS 2024's resection
+#: cavity): accepted in label files and counted as background by every region.
+NON_TUMOUR_PART = "other"
+
 #: Output channel order of :func:`labels_to_regions`: whole tumour, tumour core, enhancing tumour.
 REGION_NAMES: tuple[str, ...] = ("wt", "tc", "et")
 
@@ -38,6 +45,15 @@ REGION_NAMES: tuple[str, ...] = ("wt", "tc", "et")
 LABEL_CONVENTIONS: dict[str, dict[str, list[int]]] = {
     "brats2018": {"ncr": [1], "ed": [2], "et": [4]},
     "brats2023": {"ncr": [1], "ed": [2], "et": [3]},
+    # post-treatment glioma: 4 is the resection cavity, outside WT/TC/ET as BraTS 2024 scores them
+    "brats2024": {"ncr": [1], "ed": [2], "et": [3], NON_TUMOUR_PART: [4]},
+}
+
+#: How each convention is chosen for BraTS-named files (the naming picks brats2018 or brats2023).
+_CONVENTION_USE: dict[str, str] = {
+    "brats2018": "BraTS 2018-2021, <case>_seg.nii.gz, enhancing tumour 4",
+    "brats2023": "BraTS 2023, <case>-seg.nii.gz, enhancing tumour 3",
+    "brats2024": "BraTS 2024 post-treatment, enhancing tumour 3, resection cavity 4",
 }
 
 
@@ -58,6 +74,12 @@ def label_map_values(label_map: LabelMap | str) -> set[int]:
     """All tumour label values of ``label_map`` (a mapping or a name from :data:`LABEL_CONVENTIONS`)."""
     lm = _resolve(label_map)
     return {int(v) for p in LABEL_PARTS for v in lm[p]}
+
+
+def _known_values(label_map: LabelMap | str) -> set[int]:
+    """Background, tumour and non-tumour values: everything a label file may hold."""
+    lm = _resolve(label_map)
+    return label_map_values(lm) | {int(v) for v in lm.get(NON_TUMOUR_PART, ())} | {0}
 
 
 def _present_values(label: np.ndarray, source: str | None) -> np.ndarray:
@@ -87,7 +109,8 @@ def check_label_values(label: ArrayLike, label_map: LabelMap | str, source: str 
 
     Args:
         label: integer-valued label volume (numpy or torch).
-        label_map: ``{"ncr": [...], "ed": [...], "et": [...]}`` or a name from :data:`LABEL_CONVENTIONS`.
+        label_map: ``{"ncr": [...], "ed": [...], "et": [...]}`` (plus optional ``"other": [...]``,
+            values that are known but no tumour) or a name from :data:`LABEL_CONVENTIONS`.
         source: file the label came from, used in the error message.
 
     Returns:
@@ -95,17 +118,16 @@ def check_label_values(label: ArrayLike, label_map: LabelMap | str, source: str 
     """
     arr = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
     present = _present_values(arr, source).tolist()
-    known = label_map_values(label_map) | {0}
-    unknown = sorted(set(present) - known)
+    unknown = sorted(set(present) - _known_values(label_map))
     if unknown:
         hint = ""
-        fits = [name for name, conv in LABEL_CONVENTIONS.items() if set(present) <= label_map_values(conv) | {0}]
+        fits = [name for name, conv in LABEL_CONVENTIONS.items() if set(present) <= _known_values(conv)]
         if fits:
             hint = (
-                f" These values fit the {' / '.join(repr(f) for f in fits)} convention "
-                f"({', '.join(f'{n}: {LABEL_CONVENTIONS[n]}' for n in fits)}): name the files accordingly "
-                "(BraTS 2018-2021: <case>_seg.nii.gz, enhancing tumour = 4; BraTS 2023+: <case>-seg.nii.gz, "
-                "enhancing tumour = 3) or relabel the segmentation."
+                f" These values fit {' / '.join(f'{n!r} ({_CONVENTION_USE[n]}: {LABEL_CONVENTIONS[n]})' for n in fits)}."
+                " The file names pick 'brats2018' (<case>_seg.nii.gz) or 'brats2023' (<case>-seg.nii.gz): name "
+                "the files accordingly, or pass the one that describes your data as --label_convention NAME "
+                "(training and evaluation), or relabel the segmentation."
             )
         else:
             hint = " Relabel the segmentation to the known values or fix the label names in dataset.json."
@@ -120,8 +142,9 @@ def labels_to_regions(label: ArrayLike, label_map: LabelMap | str, source: str |
     """Convert a label volume into overlapping WT/TC/ET region channels.
 
     WT is every tumour label, TC is necrosis/non-enhancing core plus enhancing tumour, ET is
-    enhancing tumour alone. Unknown label values raise :class:`CaseError` rather than being treated
-    as background, because a mis-identified convention silently removes a whole region.
+    enhancing tumour alone; ``"other"`` values (BraTS 2024's resection cavity) are in no region.
+    Unknown label values raise :class:`CaseError` rather than being treated as background, because
+    a mis-identified convention silently removes a whole region.
 
     Args:
         label: integer-valued label volume of any spatial shape (numpy or torch), no channel dim.

@@ -219,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", default=env("BRATS_BUNDLE"),
                    help="bundle folder for the defaults (default: $BRATS_BUNDLE or this repository's "
                         "bundles/brats_gmd)")
-    p.add_argument("--labels", default=env("BRATS_LABELS", "2018"), choices=("2018", "2021", "2023"),
-                   help="label values: 2018 = 1/2/4 (default), 2023 = 1/2/3")
+    p.add_argument("--labels", default=env("BRATS_LABELS", "2018"), choices=("2018", "2021", "2023", "2024"),
+                   help="label values: 2018 = 1/2/4 (default), 2023 = 1/2/3 (also 2024; no resection cavity is predicted)")
     p.add_argument("--probabilities", action="store_true", help="also write <case>_prob.nii.gz")
     p.add_argument("--resample-to", metavar="SEQ", help="resample each case's sequences onto SEQ's grid if they differ")
     p.add_argument("--spacing", nargs="+", metavar="MM", default=["auto"],

@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 #: ``--labels`` values and the label convention each selects.
-LABEL_CHOICES: dict[str, str] = {"2018": "brats2018", "2021": "brats2018", "2023": "brats2023"}
+LABEL_CHOICES: dict[str, str] = {"2018": "brats2018", "2021": "brats2018", "2023": "brats2023", "2024": "brats2024"}
 #: Start of the NIfTI header description of every image inference writes (how a rerun recognises its outputs).
 OUTPUT_DESCRIPTION_PREFIX = "brats_gmd "
 
@@ -108,7 +108,8 @@ def label_convention(labels: str | int) -> str:
     if key in LABEL_CONVENTIONS:
         return key
     if key not in LABEL_CHOICES:
-        raise ValueError(f"Unknown --labels {labels!r}: use 2018 (labels 1/2/4, BraTS 2018-2021) or 2023 (1/2/3).")
+        raise ValueError(f"Unknown --labels {labels!r}: use 2018 (labels 1/2/4, BraTS 2018-2021) or 2023 (1/2/3; "
+                         "2024 writes the same values).")
     return LABEL_CHOICES[key]
 
 

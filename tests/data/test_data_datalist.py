@@ -127,3 +127,41 @@ def test_median_spacing_is_per_ras_axis(tmp_path):
     assert median_spacing(records) == [1.0, 2.0, 5.0]
     assert median_spacing(records[2:]) == [3.0, 3.0, 3.0]
     assert median_spacing([]) is None
+
+
+def test_bundle_label_convention_reads_brats2024_resection_cavity_as_background(tmp_path, make_case):
+    """BraTS 2024 cases are named as BraTS 2023's: the bundle's label_convention decides their label 4."""
+    import os
+
+    from monai.bundle import ConfigParser
+
+    from app.data.errors import CaseError
+
+    for case in ("BraTS-GLI-02000-000", "BraTS-GLI-02001-000"):  # outer oedema 2, middle cavity 4, inner ET 3
+        make_case(tmp_path / "data", case, layout="brats2023", label_values=(2, 4, 3))
+    bundle = os.path.join(os.path.dirname(__file__), "..", "..", "bundles", "brats_gmd", "configs")
+
+    def first_sample(convention, evaluate=False):
+        parser = ConfigParser()
+        parser.read_config([os.path.join(bundle, "train.yaml")] + ([os.path.join(bundle, "evaluate.yaml")] * evaluate))
+        parser.update({"dataset_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / convention),
+                       "label_convention": convention})
+        records = parser.get_parsed_content("validate#dataset#data" if evaluate else "datalist")
+        record = records[0] if evaluate else records["training"][0]
+        return record, parser.get_parsed_content("preprocessing", instantiate=True)
+
+    with pytest.raises(CaseError, match=r"\[4\] unknown.*'brats2024'.*--label_convention NAME"):
+        record, preprocessing = first_sample("auto")
+        for t in preprocessing:
+            record = t(record)
+    for evaluate in (False, True):
+        record, preprocessing = first_sample("brats2024", evaluate)
+        assert record["label_map"] == {"ncr": [1], "ed": [2], "et": [3], "other": [4]}
+        sample = record
+        for t in preprocessing:
+            sample = t(sample)
+        wt, tc, et = (sample["label"][i].bool() for i in range(3))
+        assert int(wt.sum()) == 10 * 10 * 8 - 6 * 6 * 4 + 2 * 2 * 2  # the cavity shell is in no region
+        assert bool((tc == et).all()) and int(et.sum()) == 2 * 2 * 2
+    saved = read_datalist(tmp_path / "brats2024" / "datalist.json")[0]
+    assert saved[0]["label_map"]["other"] == [4]

@@ -90,6 +90,19 @@ def test_brats2023_names(tmp_path):
         discover_cases(tmp_path, require_label=True)
 
 
+def test_label_convention_overrides_the_naming(tmp_path):
+    case = "BraTS-GLI-02000-000"  # BraTS 2024 post-treatment glioma: named as BraTS 2023
+    for s in ("t2f", "t1c", "seg"):
+        touch(tmp_path / case / f"{case}-{s}.nii.gz")
+    brats18(tmp_path, "Brats18_X_1", seqs=("flair", "seg"))
+    by_name = {c["case"]: c["label_map"] for c in discover_cases(tmp_path, label_convention="auto")}
+    assert by_name == {case: {"ncr": [1], "ed": [2], "et": [3]}, "Brats18_X_1": {"ncr": [1], "ed": [2], "et": [4]}}
+    forced = discover_cases(tmp_path, require_label=True, label_convention="brats2024")
+    assert all(c["label_map"] == {"ncr": [1], "ed": [2], "et": [3], "other": [4]} for c in forced)
+    with pytest.raises(ValueError, match=r"label_convention 'brats2025'.*auto.*'brats2024'"):
+        discover_cases(tmp_path, label_convention="brats2025")
+
+
 def test_msd_task01_layout(tmp_path):
     task = tmp_path / "Task01_BrainTumour"
     task.mkdir()
@@ -208,6 +221,9 @@ def test_nnunet_v2_per_channel_files_and_region_labels(tmp_path):
          {"ncr": [1], "ed": [2], "et": [4]}),
         ({"background": 0, "edema": 1, "non-enhancing tumor": 2, "enhancing tumour": 3},
          {"ncr": [2], "ed": [1], "et": [3]}),
+        ({"background": 0, "NETC": 1, "SNFH": 2, "ET": 3, "RC": 4}, {"ncr": [1], "ed": [2], "et": [3], "other": [4]}),
+        ({"0": "background", "1": "necrosis", "2": "edema", "3": "enhancing", "4": "Resection cavity"},
+         {"ncr": [1], "ed": [2], "et": [3], "other": [4]}),
     ],
 )
 def test_label_name_variants(labels, expected):

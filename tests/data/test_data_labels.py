@@ -18,6 +18,8 @@ MSD_MAP = {"ncr": [2], "ed": [1], "et": [3]}
         #            bg ncr ed et           WT          TC          ET
         ("brats2018", [0, 1, 2, 4], [0, 1, 1, 1], [0, 1, 0, 1], [0, 0, 0, 1]),
         ("brats2023", [0, 1, 2, 3], [0, 1, 1, 1], [0, 1, 0, 1], [0, 0, 0, 1]),
+        # BraTS 2024: the resection cavity (4) is in no region
+        ("brats2024", [0, 1, 4, 3], [0, 1, 0, 1], [0, 1, 0, 1], [0, 0, 0, 1]),
         (MSD_MAP, [0, 2, 1, 3], [0, 1, 1, 1], [0, 1, 0, 1], [0, 0, 0, 1]),
     ],
 )
@@ -48,6 +50,15 @@ def test_unknown_values_suggest_the_other_convention():
     assert "'brats2023'" in msg and "<case>-seg.nii.gz" in msg
     with pytest.raises(CaseError, match=r"BraTS-X-seg\.nii\.gz.*\[4\].*'brats2018'"):
         labels_to_regions(np.array([0, 4]), "brats2023", source="BraTS-X-seg.nii.gz")
+
+
+def test_resection_cavity_in_brats2023_names_points_to_brats2024():
+    with pytest.raises(CaseError) as err:
+        labels_to_regions(np.array([0, 1, 2, 3, 4]), "brats2023", source="BraTS-GLI-02000-000-seg.nii.gz")
+    msg = str(err.value)
+    assert "[4] unknown" in msg and "'brats2024' (BraTS 2024 post-treatment" in msg and "resection cavity 4" in msg
+    assert "--label_convention NAME" in msg and "'brats2018' (BraTS" not in msg  # 3 and 4 together fit no older release
+    assert check_label_values(np.array([0, 4, 3]), "brats2024") == [0, 3, 4]
 
 
 def test_unknown_values_without_fitting_convention():
