@@ -11,6 +11,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
+    "CACHE_MEMORY_FRACTION": "app.data.cache",
+    "available_memory": "app.data.cache",
+    "estimate_cache_bytes": "app.data.cache",
+    "resolve_cache_rate": "app.data.cache",
     "SPACING_TOLERANCE": "app.data.datalist",
     "evaluation_cases": "app.data.datalist",
     "spacing_differs": "app.data.datalist",
@@ -27,6 +31,7 @@ _EXPORTS = {
     "CaseError": "app.data.errors",
     "LABEL_CONVENTIONS": "app.data.labels",
     "LABEL_PARTS": "app.data.labels",
+    "NON_TUMOUR_PART": "app.data.labels",
     "REGION_NAMES": "app.data.labels",
     "check_label_values": "app.data.labels",
     "label_map_values": "app.data.labels",
@@ -52,6 +57,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from app.data.cache import CACHE_MEMORY_FRACTION, available_memory, estimate_cache_bytes, resolve_cache_rate
     from app.data.datalist import (
         SPACING_TOLERANCE,
         evaluation_cases,
@@ -67,6 +73,7 @@ if TYPE_CHECKING:
     from app.data.labels import (
         LABEL_CONVENTIONS,
         LABEL_PARTS,
+        NON_TUMOUR_PART,
         REGION_NAMES,
         check_label_values,
         label_map_values,

@@ -1,0 +1,187 @@
+"""How many cases the in-memory caches of training may hold.
+
+A cached full-resolution BraTS case (four sequences cropped to the head, float32, plus uint8
+regions) takes about 57 MiB, so a 1,251-case release needs some 70 GiB, on every process of a
+multi-GPU node. ``cache_rate: auto`` measures one preprocessed case, scales it by the other cases'
+grid sizes (read from their headers) and caches the share that fits in part of the memory this
+machine, or its container, still has.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["CACHE_MEMORY_FRACTION", "available_memory", "estimate_cache_bytes", "resolve_cache_rate"]
+
+logger = logging.getLogger(__name__)
+
+#: Share of the available memory that ``cache_rate: auto`` lets the caches of one machine take: the
+#: rest is for data-loader workers, augmentation, the network and the operating system.
+CACHE_MEMORY_FRACTION = 0.5
+
+MEMINFO = "/proc/meminfo"
+#: (limit, usage) files of cgroup v2 and v1: a container's limit, not the host's memory, is what counts.
+CGROUP_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+)
+_UNLIMITED = 1 << 60  # cgroup v1 writes a huge number instead of "max"
+
+
+
+def _size(n: float) -> str:
+    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate, or ``None`` when the system does not say.
+
+    The smaller of the kernel's ``MemAvailable`` and the room left under the cgroup (container)
+    memory limit, if there is one.
+    """
+    room: list[int] = []
+    try:
+        with open(MEMINFO, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    room.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, UnicodeDecodeError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in CGROUP_FILES:
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < _UNLIMITED:
+            room.append(max(0, limit - usage))
+            break
+    return min(room) if room else None
+
+
+def _header_voxels(record: Mapping[str, Any]) -> int:
+    """Voxels of a case's grid, from the header of its first image (no voxel data is read)."""
+    import nibabel as nib
+
+    path = record.get("image4d") or next(iter(dict(record.get("images") or {}).values()), None)
+    if path is None or os.path.isdir(path):  # DICOM series: no cheap header; count it as the measured case
+        return 0
+    return int(np.prod(nib.load(path).shape[:3]))
+
+
+def _nbytes(sample: Any) -> int:
+    if isinstance(sample, (list, tuple)):
+        return sum(_nbytes(s) for s in sample)
+    if isinstance(sample, Mapping):
+        return sum(_nbytes(v) for v in sample.values())
+    if isinstance(sample, torch.Tensor):
+        return sample.element_size() * sample.numel()
+    if isinstance(sample, np.ndarray):
+        return int(sample.nbytes)
+    return 0
+
+
+def estimate_cache_bytes(
+    records: Sequence[Mapping[str, Any]], preprocess: Callable[[Any], Any]
+) -> int:
+    """Bytes of the cached samples of ``records``: one case preprocessed, scaled by grid size.
+
+    Args:
+        records: case records (see :func:`app.data.discover_cases`); the first one is preprocessed.
+        preprocess: the deterministic transforms whose output the cache keeps.
+
+    Returns:
+        ``bytes(first) * sum(voxels) / voxels(first)``, voxels from the image headers (cases whose
+        size cannot be read from a header count as large as the first).
+    """
+    if not records:
+        return 0
+    measured = _nbytes(preprocess(dict(records[0])))
+    voxels = [_header_voxels(r) for r in records]
+    if voxels[0] <= 0:
+        return measured * len(records)
+    return int(measured * sum(v if v > 0 else voxels[0] for v in voxels) / voxels[0])
+
+
+def _local_processes() -> int:
+    import ignite.distributed as idist
+
+    if idist.get_world_size() > 1:
+        return max(1, int(idist.get_local_size()))
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def resolve_cache_rate(
+    cache_rate: float | str,
+    records: Sequence[Mapping[str, Any]],
+    preprocess: Callable[[Any], Any] | Sequence[Callable[[Any], Any]],
+    fraction: float = CACHE_MEMORY_FRACTION,
+    local_processes: int | None = None,
+) -> float:
+    """``cache_rate`` as a number for MONAI's ``CacheDataset``.
+
+    Args:
+        cache_rate: a share of the cases in ``[0, 1]``, returned as is, or ``"auto"``: every case when
+            their estimated size (:func:`estimate_cache_bytes`) fits in ``fraction`` of
+            :func:`available_memory`, divided by the processes on this machine (each caches its own
+            copy); otherwise the share that fits, rounded down to a hundredth. The choice is logged.
+        records: all the cases that will be cached (training and validation together).
+        preprocess: the cached transforms, one callable or a list applied in order.
+        fraction: share of the available memory the caches may take.
+        local_processes: processes on this machine; default: from the distributed context.
+
+    Raises:
+        ValueError: ``cache_rate`` is neither ``"auto"`` nor a number in ``[0, 1]``.
+    """
+    if isinstance(cache_rate, str) and cache_rate.strip().lower() == "auto":
+        pass
+    else:
+        try:
+            rate = float(cache_rate)
+        except (TypeError, ValueError):
+            rate = math.nan
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"cache_rate must be auto or a share of the cases in [0, 1], got {cache_rate!r}: "
+                             "pass --cache_rate auto, or e.g. --cache_rate 0.5.")
+        return rate
+    if not records:
+        return 1.0
+    if not callable(preprocess):
+        steps = list(preprocess)
+
+        def preprocess(sample: Any) -> Any:
+            for step in steps:
+                sample = step(sample)
+            return sample
+
+    room = available_memory()
+    if room is None:
+        logger.warning("cache_rate auto: this system does not report its free memory; caching every case. "
+                       "Pass --cache_rate to choose.")
+        return 1.0
+    procs = local_processes or _local_processes()
+    need = estimate_cache_bytes(records, preprocess)
+    budget = fraction * room / procs
+    rate = 1.0 if need <= budget else math.floor(100.0 * budget / need) / 100.0
+    kept = int(len(records) * rate)
+    message = (f"cache_rate auto: {len(records)} cases need about {_size(need)} in memory; "
+               f"{_size(room)} available, {procs} process(es) on this machine: caching {kept} of them "
+               f"(cache_rate {rate:g}).")
+    if rate < 1.0:
+        logger.warning("%s The others are read from disk every epoch. Pass --cache_rate to choose.", message)
+    else:
+        logger.info(message)
+    return rate

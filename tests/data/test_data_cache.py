@@ -1,0 +1,111 @@
+"""The memory budget of the training caches: available memory, size estimate and cache_rate auto."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import app.data.cache as cache
+from app.data.cache import available_memory, estimate_cache_bytes, resolve_cache_rate
+from app.data.discovery import discover_cases
+
+GIB = 1 << 30
+
+
+@pytest.fixture
+def memory_files(tmp_path, monkeypatch):
+    """Point the meminfo and cgroup readers at files the test writes: ``write(meminfo_kb, v2, v1)``."""
+
+    def write(meminfo_kb=None, v2=None, v1=None):
+        paths = {}
+        for name, content in (("meminfo", None if meminfo_kb is None else f"MemTotal: 1 kB\nMemAvailable: {meminfo_kb} kB\n"),
+                              ("v2.max", v2 and v2[0]), ("v2.current", v2 and v2[1]),
+                              ("v1.limit", v1 and v1[0]), ("v1.usage", v1 and v1[1])):
+            paths[name] = str(tmp_path / name)
+            (tmp_path / name).unlink(missing_ok=True)
+            if content is not None:
+                (tmp_path / name).write_text(f"{content}\n")
+        monkeypatch.setattr(cache, "MEMINFO", paths["meminfo"])
+        monkeypatch.setattr(cache, "CGROUP_FILES", ((paths["v2.max"], paths["v2.current"]),
+                                                    (paths["v1.limit"], paths["v1.usage"])))
+        return available_memory()
+
+    return write
+
+
+def test_available_memory_is_the_smaller_of_system_and_container_room(memory_files):
+    assert memory_files(meminfo_kb=8 * 1024 * 1024) == 8 * GIB
+    assert memory_files(meminfo_kb=8 * 1024 * 1024, v2=(4 * GIB, GIB)) == 3 * GIB  # container limit 4, 1 used
+    assert memory_files(meminfo_kb=2 * 1024 * 1024, v2=(4 * GIB, GIB)) == 2 * GIB
+    assert memory_files(meminfo_kb=8 * 1024 * 1024, v2=("max", GIB)) == 8 * GIB  # no container limit
+    assert memory_files(meminfo_kb=8 * 1024 * 1024, v1=(9223372036854771712, GIB)) == 8 * GIB  # v1 "unlimited"
+    assert memory_files(v1=(4 * GIB, 5 * GIB)) == 0  # over the limit already
+    assert memory_files() is None
+
+
+def test_estimate_scales_one_measured_case_by_header_voxels(tmp_path, make_case):
+    make_case(tmp_path, "A_1", shape=(16, 16, 12))
+    make_case(tmp_path, "B_1", shape=(32, 16, 12))  # twice the voxels
+    make_case(tmp_path, "C_1", shape=(16, 8, 12), seqs=("t2",))  # half, one sequence
+    records = discover_cases(tmp_path)
+    seen = []
+
+    def preprocess(record):
+        seen.append(record["case"])
+        return {"image": torch.zeros(250), "label": torch.zeros(10, dtype=torch.uint8), "case": record["case"]}
+
+    assert estimate_cache_bytes(records, preprocess) == int(1010 * (1 + 2 + 0.5))
+    assert seen == ["A_1"]  # only the first case is read
+    assert estimate_cache_bytes([], preprocess) == 0
+
+
+def test_numbers_pass_and_bad_values_name_the_option():
+    assert resolve_cache_rate(0, [], []) == 0.0
+    assert resolve_cache_rate("0.25", [], []) == 0.25
+    for bad in (1.5, -0.1, "most", None):
+        with pytest.raises(ValueError, match=r"cache_rate must be auto or a share.*--cache_rate auto"):
+            resolve_cache_rate(bad, [], [])
+
+
+def test_auto_caches_the_share_that_fits(tmp_path, make_case, monkeypatch, caplog):
+    for case in ("A_1", "B_1", "C_1", "D_1"):
+        make_case(tmp_path, case)
+    records = discover_cases(tmp_path)
+    steps = [lambda r: {**r, "image": torch.zeros(1000, dtype=torch.uint8)}, lambda r: {"image": r["image"][:500]}]
+    need = 4 * 500  # the list of transforms is applied in order: 500 bytes per case
+    monkeypatch.setattr(cache, "available_memory", lambda: 4 * need)
+    assert resolve_cache_rate("auto", records, steps, local_processes=2) == 1.0  # 0.5 * 8000 / 2 = 2000 fits
+    monkeypatch.setattr(cache, "available_memory", lambda: 3 * need)
+    with caplog.at_level(logging.WARNING, logger="app.data.cache"):
+        assert resolve_cache_rate("auto", records, steps, local_processes=2) == 0.75  # 1500 of 2000 bytes
+    assert "4 cases need about 0 MiB" in caplog.text and "caching 3 of them (cache_rate 0.75)" in caplog.text
+    assert "2 process(es)" in caplog.text and "--cache_rate" in caplog.text
+    monkeypatch.setattr(cache, "available_memory", lambda: None)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="app.data.cache"):
+        assert resolve_cache_rate("AUTO", records, steps) == 1.0
+    assert "does not report its free memory" in caplog.text
+    assert resolve_cache_rate("auto", [], steps) == 1.0
+
+
+def test_bundle_caches_uint8_regions_and_trains_on_float(tmp_path, make_case):
+    import os
+
+    from monai.bundle import ConfigParser
+
+    for case in ("A_1", "B_1", "C_1"):
+        make_case(tmp_path / "data", case)
+    parser = ConfigParser()
+    parser.read_config(os.path.join(os.path.dirname(__file__), "..", "..", "bundles", "brats_gmd", "configs", "train.yaml"))
+    parser.update({"dataset_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "out"),
+                   "patch_size": [8, 8, 8], "num_workers": 0})
+    assert parser.get_parsed_content("cache_rate_used") == 1.0  # three tiny cases fit
+    train = parser.get_parsed_content("train#dataset")
+    validate = parser.get_parsed_content("validate#dataset")
+    assert len(train._cache) == 2 and len(validate._cache) == 1
+    assert train._cache[0]["label"].dtype == torch.uint8 and validate._cache[0]["label"].dtype == torch.uint8
+    crops = train[0]
+    assert all(c["label"].dtype == torch.float32 and c["image"].dtype == torch.float32 for c in crops)
+    assert set(torch.unique(crops[0]["label"]).tolist()) <= {0.0, 1.0}
