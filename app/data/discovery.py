@@ -349,7 +349,8 @@ def discover_cases(
             ``require_label``) a case without label other than an ``imagesTs/`` one, or no
             labelled case at all.
     """
-    convention = None if label_convention in (None, "", "auto") else str(label_convention).lower()
+    convention = str(label_convention or "auto").strip().lower()
+    convention = None if convention == "auto" else convention
     if convention is not None and convention not in LABEL_CONVENTIONS:
         raise ValueError(f"Unknown label_convention {label_convention!r}: use auto (by the file names) or one of "
                          f"{sorted(LABEL_CONVENTIONS)}.")
@@ -410,6 +411,11 @@ def discover_cases(
                 f"sequence; expected at least one of {case}{sep}{names}.nii.gz. Add the images or remove the case.",
             )
             continue
+        if convention == "brats2024" and layout == "brats2018":
+            # BraTS 2024 ships with the 2023 names; under 2018 names, 4 is enhancing tumour, not a cavity
+            raise CaseError(f"Folder {dirpath}: case {case!r} has BraTS 2018-2021 names ({case}_*.nii.gz), whose "
+                            "label 4 is enhancing tumour; label_convention brats2024 would read it as resection "
+                            "cavity. Use --label_convention auto (or brats2018) for these cases.")
         rec = _record(case, layout, group["images"], None, {}, group["label"],
                       LABEL_CONVENTIONS[convention or layout])
         found.append((rec, next(iter(rec["images"].values())), str(Path(dirpath) / f"{case}{sep}seg.nii.gz")))

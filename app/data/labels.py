@@ -104,7 +104,17 @@ def _present_values(label: np.ndarray, source: str | None) -> np.ndarray:
     return np.unique(label)
 
 
-def check_label_values(label: ArrayLike, label_map: LabelMap | str, source: str | None = None) -> list[int]:
+def _fitting_conventions(present: set[int]) -> list[str]:
+    """Conventions that know every value in ``present``; one that reads a present value as no tumour
+    is left out when another reads it as tumour (a 2018 label's 4 is enhancing tumour, not a cavity)."""
+    fits = [name for name, conv in LABEL_CONVENTIONS.items() if present <= _known_values(conv)]
+    as_tumour = [n for n in fits if not present & set(LABEL_CONVENTIONS[n].get(NON_TUMOUR_PART, ()))]
+    return as_tumour or fits
+
+
+def check_label_values(
+    label: ArrayLike, label_map: LabelMap | str, source: str | None = None, layout: str | None = None
+) -> list[int]:
     """Raise :class:`CaseError` if ``label`` holds values that ``label_map`` does not know.
 
     Args:
@@ -112,6 +122,8 @@ def check_label_values(label: ArrayLike, label_map: LabelMap | str, source: str 
         label_map: ``{"ncr": [...], "ed": [...], "et": [...]}`` (plus optional ``"other": [...]``,
             values that are known but no tumour) or a name from :data:`LABEL_CONVENTIONS`.
         source: file the label came from, used in the error message.
+        layout: the case's layout (``"msd"`` when ``dataset.json`` names the labels), for the fix
+            the error message suggests.
 
     Returns:
         The distinct values present in ``label`` (sorted).
@@ -120,9 +132,12 @@ def check_label_values(label: ArrayLike, label_map: LabelMap | str, source: str 
     present = _present_values(arr, source).tolist()
     unknown = sorted(set(present) - _known_values(label_map))
     if unknown:
-        hint = ""
-        fits = [name for name, conv in LABEL_CONVENTIONS.items() if set(present) <= _known_values(conv)]
-        if fits:
+        fits = _fitting_conventions(set(present))
+        if layout == "msd":
+            hint = (" Name every value in the 'labels' entry of dataset.json (a labelled structure outside the "
+                    "tumour, such as BraTS 2024's resection cavity, as 'resection cavity'), or relabel the "
+                    "segmentation.")
+        elif fits:
             hint = (
                 f" These values fit {' / '.join(f'{n!r} ({_CONVENTION_USE[n]}: {LABEL_CONVENTIONS[n]})' for n in fits)}."
                 " The file names pick 'brats2018' (<case>_seg.nii.gz) or 'brats2023' (<case>-seg.nii.gz): name "
@@ -138,7 +153,9 @@ def check_label_values(label: ArrayLike, label_map: LabelMap | str, source: str 
     return present
 
 
-def labels_to_regions(label: ArrayLike, label_map: LabelMap | str, source: str | None = None) -> ArrayLike:
+def labels_to_regions(
+    label: ArrayLike, label_map: LabelMap | str, source: str | None = None, layout: str | None = None
+) -> ArrayLike:
     """Convert a label volume into overlapping WT/TC/ET region channels.
 
     WT is every tumour label, TC is necrosis/non-enhancing core plus enhancing tumour, ET is
@@ -150,6 +167,7 @@ def labels_to_regions(label: ArrayLike, label_map: LabelMap | str, source: str |
         label: integer-valued label volume of any spatial shape (numpy or torch), no channel dim.
         label_map: ``{"ncr": [...], "ed": [...], "et": [...]}`` or a name from :data:`LABEL_CONVENTIONS`.
         source: file the label came from, used in error messages.
+        layout: the case's layout, for the fix the error message suggests (see :func:`check_label_values`).
 
     Returns:
         float32 array of shape ``[3, *label.shape]`` (WT, TC, ET), numpy or torch like the input.
@@ -157,7 +175,7 @@ def labels_to_regions(label: ArrayLike, label_map: LabelMap | str, source: str |
     lm = _resolve(label_map)
     is_torch = isinstance(label, torch.Tensor)
     arr = label.detach().cpu().numpy() if is_torch else np.asarray(label)
-    check_label_values(arr, lm, source)
+    check_label_values(arr, lm, source, layout)
     if arr.dtype.kind == "f":
         arr = np.rint(arr).astype(np.int64)
 

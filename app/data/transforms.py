@@ -252,7 +252,7 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
         shape = _spatial_shape(tuple(img.shape), label_path, channels=False)
         _check_grid(label_path, shape, img.affine, ref)
         labels = _read(img, label_path, None).reshape(shape)
-        regions = labels_to_regions(labels, record["label_map"], source=label_path)
+        regions = labels_to_regions(labels, record["label_map"], source=label_path, layout=record.get("layout"))
         out["label"] = _meta_tensor(regions, np.asarray(ref_affine, dtype=np.float64), label_path, case)
     return out
 

@@ -5,8 +5,8 @@ from app.engines.checkpoint import (
     ResumableCheckpoint, ResumableSampler, SeededDataset, atomic_save, load_training_checkpoint,
 )
 from app.engines.distributed import (
-    DistributedTimeLimitHandler, GradientSync, broadcast_module, check_shards, distributed_device, init_distributed,
-    is_distributed, mean_over_ranks,
+    DistributedTimeLimitHandler, GradientSync, broadcast_module, check_shards, close_distributed, distributed_device,
+    init_distributed, is_distributed, mean_over_ranks,
 )
 from app.engines.handlers import DiagnosticsHandler, SubsetReportHandler, TimeLimitHandler
 from app.engines.sentiment import SentimentReportHandler, SentimentSubsetEvaluator, subset_predictions
@@ -20,6 +20,6 @@ __all__ = [
     "SubsetReportHandler", "ProgressBarHandler", "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "describe_state_dict", "load_weights",
     "SentimentSubsetEvaluator", "SentimentReportHandler", "subset_predictions",
     "ResumableCheckpoint", "ResumableSampler", "SeededDataset", "atomic_save", "load_training_checkpoint",
-    "init_distributed", "distributed_device", "is_distributed", "broadcast_module", "check_shards", "mean_over_ranks", "GradientSync",
+    "init_distributed", "close_distributed", "distributed_device", "is_distributed", "broadcast_module", "check_shards", "mean_over_ranks", "GradientSync",
     "DistributedTimeLimitHandler",
 ]

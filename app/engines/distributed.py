@@ -26,6 +26,7 @@ from app.engines.handlers import TimeLimitHandler
 
 __all__ = [
     "init_distributed",
+    "close_distributed",
     "distributed_device",
     "is_distributed",
     "broadcast_module",
@@ -38,6 +39,18 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _BACKENDS = ("nccl", "gloo")
+
+
+def close_distributed() -> None:
+    """Leave the process group (the multi-GPU bundles' ``finalize``).
+
+    ignite keeps the group it has seen; without the re-sync, world size and rank (read through
+    ``ignite.distributed`` by the sampler, the strategies and the metrics) would raise in this
+    process afterwards instead of reading 1 and 0.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    idist.sync()
 
 
 def is_distributed() -> bool:

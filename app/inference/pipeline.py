@@ -67,12 +67,16 @@ OUTPUT_DESCRIPTION_PREFIX = "brats_gmd "
 _RAS = axcodes2ornt("RAS")
 
 
-def _checked_spacing(spacing: Sequence[float], what: str) -> list[float]:
-    values = [float(s) for s in spacing]
+def _checked_spacing(spacing: Sequence[float | str], what: str) -> list[float]:
+    try:
+        values = [float(s) for s in spacing]
+    except (TypeError, ValueError):
+        values = []
     if len(values) == 1:
         values = values * 3
     if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
-        raise ValueError(f"{what} needs 1 or 3 positive values (mm), got {list(spacing)}.")
+        modes = "auto, native, or " if what == "spacing" else ""
+        raise ValueError(f"{what} takes {modes}1 or 3 positive numbers (mm), got {spacing!r}.")
     return values
 
 
@@ -153,8 +157,8 @@ class Segmenter:
         sw_batch_size: windows per network call.
         device: where the network runs.
         amp: bf16 autocast on CUDA (ignored on CPU).
-        spacing: resample to this voxel size (mm, RAS axes) before the network and back after;
-            None or ``"native"`` keeps the native spacing; ``"auto"`` uses ``training_spacing``
+        spacing: resample to this voxel size (mm, RAS axes; 1 or 3 numbers, or a string of them)
+            before the network and back after; None or ``"native"`` keeps the native spacing; ``"auto"`` uses ``training_spacing``
             when the scan's voxel size differs from it by more than 10% along an axis
             (:data:`app.data.datalist.SPACING_TOLERANCE`).
         training_spacing: the voxel size the network was trained at (mm, RAS axes), or None when
@@ -193,9 +197,14 @@ class Segmenter:
         self.sw_batch_size = int(sw_batch_size)
         self.device = torch.device(device)
         self.amp = parse_bool(amp, "amp") and self.device.type == "cuda"
-        self.auto_spacing = isinstance(spacing, str) and spacing.strip().lower() == "auto"
-        if isinstance(spacing, str) and spacing.strip().lower() in ("auto", "native"):
+        mode = spacing.strip().lower() if isinstance(spacing, str) else None
+        self.auto_spacing = mode == "auto"
+        if mode in ("auto", "native"):
             spacing = None
+        elif isinstance(spacing, str):  # a bundle override such as spacing: "1 1 3"
+            spacing = spacing.replace(",", " ").split()
+        elif isinstance(spacing, (int, float)):
+            spacing = [spacing]
         self.spacing = None if spacing is None else _checked_spacing(spacing, "spacing")
         self.training_spacing = None if training_spacing is None else _checked_spacing(training_spacing,
                                                                                         "training_spacing")
@@ -238,9 +247,10 @@ class Segmenter:
         image = torch.zeros((len(BRATS_MODALITIES), *ras_shape), dtype=torch.float32, device=self.device)
         for seq, vol in case.volumes.items():
             image[BRATS_MODALITIES.index(seq)] = reorient(upload(vol.data, self.device), ornt)
-        # the head: voxels > 0 in any given sequence (the foreground of step 3 on the native grid)
+        # the foreground of step 3 on the native grid: voxels > 0 in any given sequence, as training crops
         native_foreground = (image[present] > 0).any(dim=0)
-        head = native_foreground if self.head_mask else None
+        # the head: voxels not 0 in some given sequence (z-scored exports are negative inside the brain)
+        head = (image[present] != 0).any(dim=0) if self.head_mask else None
 
         # 2. optional resampling to the training spacing; align_corners=False keeps the field of view
         native = np.linalg.norm(ras_affine[:3, :3], axis=0)
@@ -260,8 +270,9 @@ class Segmenter:
         for axis in range(3):
             hits = torch.nonzero(foreground.any(dim=tuple(a for a in range(3) if a != axis))).flatten()
             if hits.numel() == 0:
-                raise CaseError(f"{ref.source}: no voxel above 0 remains after resampling to spacing {spacing}: "
-                                "use a finer --spacing or none.")
+                how = "--spacing" if self.spacing is not None else "the model's training spacing, --spacing auto"
+                raise CaseError(f"{ref.source}: no voxel above 0 remains after resampling to {spacing} mm ({how}): "
+                                "pass --spacing native, or a finer --spacing in mm.")
             box.append((int(hits[0]), int(hits[-1]) + 1))
         crop = image[:, box[0][0] : box[0][1], box[1][0] : box[1][1], box[2][0] : box[2][1]]
         del image, foreground

@@ -28,7 +28,8 @@ def recorded_spacing(network: nn.Module) -> list[float] | None:
     """The training spacing (mm, RAS axes) a network recorded, or None when it did not (older
     checkpoints, other networks). Works for a :class:`DSUNet`, its DDP wrapper and its TorchScript export."""
     value = getattr(getattr(network, "module", network), "training_spacing", None)
-    spacing = [] if value is None else [float(s) for s in value]
+    # the buffer is float32: 0.8594 mm would read back as 0.8593999743461609
+    spacing = [] if value is None else [round(float(s), 4) for s in value]
     return spacing if len(spacing) == 3 and min(spacing) > 0 else None
 
 

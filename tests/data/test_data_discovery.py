@@ -97,10 +97,14 @@ def test_label_convention_overrides_the_naming(tmp_path):
     brats18(tmp_path, "Brats18_X_1", seqs=("flair", "seg"))
     by_name = {c["case"]: c["label_map"] for c in discover_cases(tmp_path, label_convention="auto")}
     assert by_name == {case: {"ncr": [1], "ed": [2], "et": [3]}, "Brats18_X_1": {"ncr": [1], "ed": [2], "et": [4]}}
-    forced = discover_cases(tmp_path, require_label=True, label_convention="brats2024")
-    assert all(c["label_map"] == {"ncr": [1], "ed": [2], "et": [3], "other": [4]} for c in forced)
+    assert {c["case"]: c["label_map"] for c in discover_cases(tmp_path, label_convention=" AUTO ")} == by_name
     with pytest.raises(ValueError, match=r"label_convention 'brats2025'.*auto.*'brats2024'"):
         discover_cases(tmp_path, label_convention="brats2025")
+    # BraTS 2024 ships with the 2023 names: under 2018 names, 4 is enhancing tumour
+    with pytest.raises(CaseError, match=r"'Brats18_X_1' has BraTS 2018-2021 names.*enhancing tumour.*auto"):
+        discover_cases(tmp_path, label_convention="brats2024")
+    forced = discover_cases(tmp_path / case, require_label=True, label_convention="brats2024")
+    assert [c["label_map"] for c in forced] == [{"ncr": [1], "ed": [2], "et": [3], "other": [4]}]
 
 
 def test_msd_task01_layout(tmp_path):

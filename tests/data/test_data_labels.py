@@ -59,6 +59,17 @@ def test_resection_cavity_in_brats2023_names_points_to_brats2024():
     assert "[4] unknown" in msg and "'brats2024' (BraTS 2024 post-treatment" in msg and "resection cavity 4" in msg
     assert "--label_convention NAME" in msg and "'brats2018' (BraTS" not in msg  # 3 and 4 together fit no older release
     assert check_label_values(np.array([0, 4, 3]), "brats2024") == [0, 3, 4]
+    # a 2018 label under the 2023 names fits brats2024 too, which would read its enhancing tumour as cavity
+    with pytest.raises(CaseError) as err:
+        labels_to_regions(np.array([0, 1, 2, 4]), "brats2023", source="BraTS-X-seg.nii.gz")
+    assert "'brats2018' (BraTS 2018-2021" in str(err.value) and "'brats2024'" not in str(err.value)
+
+
+def test_dataset_json_cases_are_told_to_name_their_labels():
+    with pytest.raises(CaseError) as err:
+        labels_to_regions(np.array([0, 1, 2, 3, 4]), MSD_MAP, source="labelsTr/x.nii.gz", layout="msd")
+    msg = str(err.value)
+    assert "'labels' entry of dataset.json" in msg and "'resection cavity'" in msg and "--label_convention" not in msg
 
 
 def test_unknown_values_without_fitting_convention():

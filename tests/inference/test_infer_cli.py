@@ -88,7 +88,7 @@ def test_subset_matches_training_preprocessing_and_network(case, random_ckpt, in
     ras_t2 = apply_orientation(np.asarray(load(case["t2"]).dataobj, dtype=np.float32), ornt)
     start, end = generate_spatial_bounding_box(np.stack([ras_flair, ras_t2]))
     box = (slice(None), slice(start[0], end[0]), slice(start[1], end[1]), slice(start[2], end[2]))
-    head = ((ras_flair > 0) | (ras_t2 > 0))[box[1:]]
+    head = ((ras_flair != 0) | (ras_t2 != 0))[box[1:]]
     assert 0 < head.mean() < 1  # the phantom's head does not fill its crop
     np.testing.assert_allclose(got_ras[box], expected * head, atol=2e-5)
     outside = np.ones(got_ras.shape[1:], dtype=bool)
@@ -107,6 +107,27 @@ def test_subset_matches_training_preprocessing_and_network(case, random_ckpt, in
     assert rc == 0, err
     raw = np.moveaxis(apply_orientation(np.asarray(load(prob).dataobj), ornt), -1, 0)
     np.testing.assert_allclose(raw[box], expected, atol=2e-5)
+
+
+def test_head_mask_keeps_negative_voxels_inside_the_head(case, random_ckpt, infer, tmp_path):
+    # z-scored exports are negative inside the brain: only voxels 0 in every given sequence are outside
+    img = load(case["flair"])
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    c = [s // 2 for s in data.shape]
+    block = (slice(c[0] - 3, c[0] + 3), slice(c[1] - 3, c[1] + 3), slice(c[2] - 3, c[2] + 3))
+    data[block] = -5.0
+    flair = tmp_path / "flair_negative.nii.gz"
+    nib.save(nib.Nifti1Image(data, img.affine), str(flair))
+    probs = {}
+    for name, extra in (("masked", []), ("raw", ["--no-head-mask"])):
+        out, prob = tmp_path / f"{name}.nii.gz", tmp_path / f"{name}_prob.nii.gz"
+        rc, _, err = infer("--ckpt", random_ckpt, "--flair", flair, "--out", out, "--probabilities", prob,
+                           "--patch-size", "32", "32", "32", *extra)
+        assert rc == 0, err
+        probs[name] = np.asarray(load(prob).dataobj)
+    assert probs["raw"][block].min() > 0  # the network's sigmoid is never exactly 0
+    np.testing.assert_array_equal(probs["masked"][block], probs["raw"][block])
+    assert np.all(probs["masked"][data == 0] == 0)
 
 
 def test_labels_2023_and_input_aliases(case, random_ckpt, infer, tmp_path):
@@ -309,6 +330,30 @@ def test_window_choice():
         Segmenter(torch.nn.Identity(), divisor=16, patch_size=(0, 100, 0))
     with pytest.raises(ValueError, match=r"--patch-size 96 96 16 "):
         Segmenter(torch.nn.Identity(), divisor=16, patch_size=(96, 96))
+
+
+def test_spacing_setting_as_the_bundle_passes_it():
+    """Bundle overrides arrive as scalars or strings: read them as numbers, or name the setting."""
+    from app.inference.pipeline import Segmenter
+
+    for given, expected in ((1.5, [1.5] * 3), ("2", [2.0] * 3), ("1 1 3", [1.0, 1.0, 3.0]), ("1,1,3", [1.0, 1.0, 3.0]),
+                            ([2, 2, 4], [2.0, 2.0, 4.0]), ("Native", None), ("auto", None)):
+        assert Segmenter(torch.nn.Identity(), divisor=16, spacing=given).spacing == expected, given
+    for bad in ("fine", "1.5 2", 0, "-1", [1, 2]):
+        with pytest.raises(ValueError, match=r"spacing takes auto, native, or 1 or 3 positive numbers \(mm\)"):
+            Segmenter(torch.nn.Identity(), divisor=16, spacing=bad)
+
+
+def test_resampling_that_leaves_no_head_names_the_spacing_options(tmp_path, infer):
+    net = DSUNet(features=FEATURES)
+    net.set_training_spacing([8, 8, 8])
+    torch.save(net.state_dict(), tmp_path / "m.pt")
+    data = np.zeros((16, 16, 16), dtype=np.float32)
+    data[8, 8, 8] = 100.0  # one bright voxel: gone after trilinear resampling to 8 mm
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "flair.nii.gz"))
+    rc, _, err = infer("--ckpt", tmp_path / "m.pt", "--flair", tmp_path / "flair.nii.gz", "--out", tmp_path / "o.nii.gz")
+    assert rc == 2 and "flair.nii.gz" in err and "the model's training spacing, --spacing auto" in err, err
+    assert "pass --spacing native, or a finer --spacing in mm" in err and not (tmp_path / "o.nii.gz").exists()
 
 
 def test_bad_patch_size_error_gives_a_fix_that_runs(case, random_ckpt, infer, tmp_path):

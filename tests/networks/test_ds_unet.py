@@ -101,3 +101,13 @@ def test_encode_decode_is_per_modality_and_heads_match_the_fusion_head(net):
     assert len(heads) == 4 and not {id(p) for p in heads.parameters()} & {id(p) for p in net.parameters()}
     assert heads[0].final_weight().shape == net.fusion_head_weight().shape == (3, 4, 1, 1, 1)
     assert heads[3](encoded[2][2]).shape == (2, 3, 16, 16, 16)
+
+
+def test_recorded_spacing_reads_the_buffer_without_float32_noise():
+    from app.networks.ds_unet import recorded_spacing
+
+    net = DSUNet(features=[4, 8, 16, 32])
+    assert recorded_spacing(net) is None  # nothing recorded yet
+    net.set_training_spacing([0.8594, 0.8594, 3.3])
+    assert recorded_spacing(net) == [0.8594, 0.8594, 3.3]
+    assert recorded_spacing(torch.nn.Module()) is None
