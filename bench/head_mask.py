@@ -43,6 +43,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     run = Path(args.run)
     cases = json.loads((run / "datalist.json").read_text())["validation"]
+    four_d = [r["case"] for r in cases if r.get("image4d")]
+    if four_d:
+        raise SystemExit(f"{four_d[0]} and {len(four_d) - 1} other case(s) are 4D (MSD) images; this benchmark reads "
+                         "one file per sequence: convert them to nnU-Net layout (one file per channel) first.")
     scores: dict[tuple[bool, str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(args.out_dir or tmp)
@@ -53,6 +57,8 @@ def main() -> None:
             for record in cases:
                 truth = labels_to_regions(np.asarray(nib.load(record["label"]).dataobj), record["label_map"]) > 0
                 for subset in args.subsets:
+                    if not all(s in record["images"] for s in subset.split("+")):
+                        continue  # as in evaluation: a case counts for the subsets it has
                     out = out_dir / f"{record['case']}_{subset}_{'mask' if head_mask else 'raw'}.nii.gz"
                     segment_case(segmenter, {s: record["images"][s] for s in subset.split("+")}, out)
                     pred = labels_to_regions(np.asarray(nib.load(out).dataobj), "brats2018") > 0
@@ -60,9 +66,12 @@ def main() -> None:
                         scores.setdefault((head_mask, subset, region), []).append(dice(pred[c], truth[c]))
     print(f"{len(cases)} validation cases of {run}; mean Dice without -> with the head mask")
     for subset in args.subsets:
+        if (False, subset, REGIONS[0]) not in scores:
+            print(f"{subset}: no case has these sequences")
+            continue
         cells = [f"{r} {np.mean(scores[(False, subset, r)]):.4f} -> {np.mean(scores[(True, subset, r)]):.4f}"
                  for r in REGIONS]
-        print(f"{subset}: " + ", ".join(cells))
+        print(f"{subset} ({len(scores[(False, subset, REGIONS[0])])} cases): " + ", ".join(cells))
 
 
 if __name__ == "__main__":

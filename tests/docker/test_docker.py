@@ -195,8 +195,9 @@ def test_runs_as_non_root_user(dockerfile):
     assert users and users[-1].split(":")[0] not in ("root", "0")
     # Ubuntu 24.04 images have a user 'ubuntu' with uid 1000: useradd --uid 1000 fails unless it goes first
     runs = " ".join(r for i, r in dockerfile if i == "RUN")
-    created = re.search(r"useradd [^&;]*--uid (\d+)", runs)
-    if created and created.group(1) == "1000":
+    created = re.search(r"useradd [^&;]*(?:--uid[ =]|-u ?)(\d+)[^&;]* (\S+)\s*(?:&&|;|$)", runs)
+    assert created and created.group(2) == users[-1].split(":")[0], "the image creates the user it runs as"
+    if created.group(1) == "1000":
         assert re.search(r"userdel [^&;]*ubuntu", runs) and runs.index("userdel") < runs.index("useradd")
     # its home is not writable under --user, and MONAI imports matplotlib, which wants a cache folder
     env = " ".join(r for i, r in dockerfile if i == "ENV")
