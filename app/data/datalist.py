@@ -8,12 +8,16 @@ import math
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from app.atomic import atomic_write_text
 
+if TYPE_CHECKING:  # numpy is imported where it is used: discovery and splitting do not need it
+    import numpy as np
+
 __all__ = [
-    "SPACING_TOLERANCE", "evaluation_cases", "median_spacing", "prepare_datalist", "read_datalist", "spacing_differs",
+    "SPACING_TOLERANCE", "evaluation_cases", "median_spacing", "prepare_datalist", "ras_spacing", "read_datalist",
+    "spacing_differs",
     "split_cases", "write_datalist",
 ]
 
@@ -157,7 +161,6 @@ def median_spacing(records: Sequence[dict[str, Any]]) -> list[float] | None:
     """
     import nibabel as nib
     import numpy as np
-    from nibabel.orientations import io_orientation
 
     sizes = []
     for record in records:
@@ -165,11 +168,20 @@ def median_spacing(records: Sequence[dict[str, Any]]) -> list[float] | None:
         path = record.get("image4d") or next(iter(images.values()), None)
         if not path:
             continue
-        affine = nib.load(path).affine
-        ras = np.empty(3)
-        ras[io_orientation(affine)[:, 0].astype(int)] = np.linalg.norm(affine[:3, :3], axis=0)
-        sizes.append(ras)
+        sizes.append(ras_spacing(nib.load(path).affine))
     return [round(float(v), 4) for v in np.median(sizes, axis=0)] if sizes else None
+
+
+def ras_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel size (mm) along R, A and S: each voxel axis's length, put on the RAS axis nearest to it
+    (as reorienting to RAS does, oblique affines included)."""
+    import numpy as np
+    from nibabel.orientations import io_orientation
+
+    affine = np.asarray(affine, dtype=np.float64)
+    ras = np.empty(3)
+    ras[io_orientation(affine)[:, 0].astype(int)] = np.linalg.norm(affine[:3, :3], axis=0)
+    return ras
 
 
 def spacing_differs(spacing: Sequence[float], reference: Sequence[float], tolerance: float = SPACING_TOLERANCE) -> bool:

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.transforms import NormalizeIntensity
-from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
-from app.data.datalist import spacing_differs
+from app.data.datalist import ras_spacing, spacing_differs
 from app.data.errors import CaseError
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, regions_to_labels
 from app.engines.utils import check_patch_size
@@ -242,7 +242,6 @@ class Segmenter:
 
         # 1. RAS by permutation and flips only: exact, and exactly undone at the end
         ornt = io_orientation(ref.affine)
-        ras_affine = ref.affine @ inv_ornt_aff(ornt, ref.shape)
         ras_shape = tuple(int(s) for s in apply_orientation(np.empty(ref.shape, dtype=np.bool_), ornt).shape)
         image = torch.zeros((len(BRATS_MODALITIES), *ras_shape), dtype=torch.float32, device=self.device)
         for seq, vol in case.volumes.items():
@@ -253,7 +252,7 @@ class Segmenter:
         head = (image[present] != 0).any(dim=0) if self.head_mask else None
 
         # 2. optional resampling to the training spacing; align_corners=False keeps the field of view
-        native = np.linalg.norm(ras_affine[:3, :3], axis=0)
+        native = ras_spacing(ref.affine)
         spacing = self.spacing
         if self.auto_spacing and self.training_spacing is not None and spacing_differs(native, self.training_spacing):
             spacing = self.training_spacing
