@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "CACHE_MEMORY_FRACTION": "app.data.cache",
+    "CaseCacheDataset": "app.data.cache",
     "available_memory": "app.data.cache",
     "estimate_cache_bytes": "app.data.cache",
     "resolve_cache_rate": "app.data.cache",
@@ -58,7 +59,13 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from app.data.cache import CACHE_MEMORY_FRACTION, available_memory, estimate_cache_bytes, resolve_cache_rate
+    from app.data.cache import (
+        CACHE_MEMORY_FRACTION,
+        CaseCacheDataset,
+        available_memory,
+        estimate_cache_bytes,
+        resolve_cache_rate,
+    )
     from app.data.datalist import (
         SPACING_TOLERANCE,
         evaluation_cases,

@@ -13,12 +13,16 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
+from monai.data import CacheDataset
 
-__all__ = ["CACHE_MEMORY_FRACTION", "available_memory", "estimate_cache_bytes", "resolve_cache_rate"]
+__all__ = [
+    "CACHE_MEMORY_FRACTION", "CaseCacheDataset", "available_memory", "estimate_cache_bytes", "resolve_cache_rate",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -185,3 +189,27 @@ def resolve_cache_rate(
     else:
         logger.info(message)
     return rate
+
+
+class CaseCacheDataset(CacheDataset):
+    """MONAI's ``CacheDataset`` that stops cleanly at a bad case.
+
+    MONAI fills the cache from a thread pool and, when a case raises (a corrupt file, unknown label
+    values), leaves the pool's other threads running while the error ends the process: the C++
+    runtime then aborted it (exit 134) in about half of the runs, after the error message. Here the
+    cases not yet started are cancelled and the running ones finish before the error is raised, so
+    a bad case exits with the error alone. Arguments and results are ``CacheDataset``'s.
+    """
+
+    def _fill_cache(self, indices: Sequence[int] | None = None) -> list:
+        if self.cache_num <= 0:
+            return []
+        if indices is None:
+            indices = list(range(self.cache_num))
+        workers = self.num_workers or os.cpu_count() or 1
+        executor = ThreadPoolExecutor(max_workers=max(1, int(workers)))
+        try:
+            futures = [executor.submit(self._load_cache_item, i) for i in indices]
+            return [f.result() for f in futures]
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)

@@ -109,3 +109,35 @@ def test_bundle_caches_uint8_regions_and_trains_on_float(tmp_path, make_case):
     crops = train[0]
     assert all(c["label"].dtype == torch.float32 and c["image"].dtype == torch.float32 for c in crops)
     assert set(torch.unique(crops[0]["label"]).tolist()) <= {0.0, 1.0}
+
+
+def test_cache_stops_at_a_bad_case_with_no_thread_left_running():
+    """MONAI's pool left threads running after the error, and the process aborted (exit 134)."""
+    import threading
+    import time
+
+    from monai.transforms import Lambda
+
+    from app.data.cache import CaseCacheDataset
+    from app.data.errors import CaseError
+
+    started = []
+
+    def load(item):
+        started.append(item)
+        if item == 1:
+            raise CaseError("Label case_1_seg.nii.gz contains values [7]")
+        time.sleep(0.05)
+        return {"image": torch.full((2,), float(item))}
+
+    threads = threading.active_count()
+    with pytest.raises(RuntimeError) as err:  # MONAI names the transform, the case error is the cause
+        # a Transform, not a bare function: MONAI caches only up to the first non-Transform
+        CaseCacheDataset(data=list(range(40)), transform=Lambda(load), cache_rate=1.0, num_workers=2, progress=False)
+    assert isinstance(err.value.__cause__, CaseError) and "contains values [7]" in str(err.value.__cause__)
+    assert threading.active_count() == threads  # every worker finished before the error was raised
+    assert len(started) < 40  # the cases not yet started were cancelled
+    good = CaseCacheDataset(data=list(range(5)), transform=Lambda(lambda i: {"image": torch.full((2,), float(i))}),
+                            cache_rate=1.0, num_workers=2, progress=False)
+    assert [float(item["image"][0]) for item in good._cache] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert [float(good[i]["image"][0]) for i in range(5)] == [0.0, 1.0, 2.0, 3.0, 4.0]  # in order
