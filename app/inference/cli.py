@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     seq = p.add_argument_group("input sequences (any non-empty subset)")
     for name in _SEQ_FLAGS:
-        seq.add_argument(f"--{name}", metavar="FILE", help=f"{name.upper()} NIfTI file or DICOM series folder")
+        # append, so that a flag given twice is refused instead of the last file silently winning
+        seq.add_argument(f"--{name}", metavar="FILE", action="append",
+                         help=f"{name.upper()} NIfTI file or DICOM series folder")
     seq.add_argument("--input", metavar="NAME=FILE", action="append", default=[],
                      help="a sequence by name or alias (t2f, t1n, t1c, t1gd, t2w, ...); repeatable")
     seq.add_argument("--case-dir", metavar="DIR",
@@ -133,8 +135,12 @@ def _sequence_paths(args: argparse.Namespace) -> tuple[dict[str, str], dict[str,
 
     paths: dict[str, str] = {}
     for name in _SEQ_FLAGS:
-        if getattr(args, name):
-            paths[name] = getattr(args, name)
+        given = getattr(args, name) or []
+        if len(given) > 1:
+            raise ValueError(f"Sequence {name!r} given twice ({given[0]} and {given[1]}): pass one file per "
+                             "sequence.")
+        if given:
+            paths[name] = given[0]
     for item in args.input:
         if "=" not in item:
             raise ValueError(f"--input {item!r} must be NAME=FILE, e.g. --input t2w=scan_t2.nii.gz.")

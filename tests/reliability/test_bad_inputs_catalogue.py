@@ -192,6 +192,9 @@ def test_training_needs_two_cases(case, tmp_path):
 def test_one_sequence_given_twice_to_inference(case, infer):
     rc, err = infer("--flair", case["flair"], "--input", f"t2f={case['t1']}")
     assert rc == 2 and len(err) == 1 and "given twice" in err[0]
+    # the same flag twice: argparse alone would keep the last file (a T1 segmented as FLAIR)
+    rc, err = infer("--flair", case["flair"], "--flair", case["t1"])
+    assert rc == 2 and len(err) == 1 and "Sequence 'flair' given twice" in err[0] and str(case["t1"]) in err[0]
 
 
 # -- DICOM -------------------------------------------------------------------------------------------
