@@ -34,12 +34,13 @@ _EXPORTS = {
     "load_segmenter": "app.inference.pipeline",
     "segment_case": "app.inference.pipeline",
     "run_batch": "app.inference.batch",
+    "run_batch_or_exit": "app.inference.batch",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from app.inference.batch import run_batch
+    from app.inference.batch import run_batch, run_batch_or_exit
     from app.inference.io import (
         AtomicOutputs,
         CaseInputs,

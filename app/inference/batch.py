@@ -27,7 +27,7 @@ from typing import Any, Collection, Mapping, NoReturn, Sequence
 from app.atomic import atomic_write_text
 from app.flags import parse_bool
 
-__all__ = ["BatchError", "build_parser", "main", "run_batch"]
+__all__ = ["BatchError", "build_parser", "main", "run_batch", "run_batch_or_exit"]
 
 
 class BatchError(RuntimeError):
@@ -240,6 +240,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error_line(err: Exception) -> str:
+    """The one stderr line of a failed batch (a :class:`BatchError` keeps its line per case)."""
+    return f"error: {err}" if isinstance(err, BatchError) else f"error: {' '.join(str(err).split())}"
+
+
+def run_batch_or_exit(segmenter: Any, input_dir: str | os.PathLike, output_dir: str | os.PathLike,
+                      **kwargs: Any) -> list[dict[str, Any]]:
+    """:func:`run_batch` for the batch bundle's ``run`` step: bad cases or a bad input folder end
+    with the error lines and exit status 2, as ``python -m app.inference.batch`` does, instead of
+    MONAI's traceback and status 1."""
+    try:
+        return run_batch(segmenter, input_dir, output_dir, **kwargs)
+    except (BatchError, ValueError, OSError) as err:
+        print(_error_line(err), file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the batch; returns 0 when every case was segmented, 2 otherwise."""
     try:
@@ -252,11 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         segmenter = segmenter_from_args(args)
         run_batch(segmenter, args.input_dir, args.output_dir, labels=args.labels, probabilities=args.probabilities,
                   resample_to=args.resample_to)
-    except BatchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+    except (BatchError, ValueError, OSError) as err:
+        print(_error_line(err), file=sys.stderr)
         return 2
     return 0
 

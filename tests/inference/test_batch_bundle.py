@@ -102,3 +102,19 @@ def test_monai_ckpt_export_serves_infer_with_the_same_result(case, random_ckpt, 
         assert rc == 0, err
         outs[name] = np.asarray(load(prob).dataobj)
     np.testing.assert_array_equal(outs["pt"], outs["ts"])
+
+
+def test_bundle_batch_exits_2_with_one_line_per_bad_case(phantom_root, random_ckpt, tmp_path):
+    root = tmp_path / "in"
+    shutil.copytree(phantom_root / "Phantom_000", root / "Phantom_000")
+    (root / "Bad").mkdir()
+    (root / "Bad" / "Bad_flair.nii.gz").write_bytes(b"broken")
+    args = ["run", "--config_file", str(BUNDLE / "configs" / "inference.yaml"), "--bundle_root", str(BUNDLE),
+            "--ckpt_path", random_ckpt, "--device", "cpu", "--output_dir", str(tmp_path / "out")]
+    proc = _bundle(*args, "--input_dir", str(root))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "case Bad:" in proc.stderr and "Bad_flair.nii.gz" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "out" / "Phantom_000.nii.gz").is_file()  # the other cases are segmented
+    proc = _bundle(*args, "--input_dir", str(tmp_path / "missing"))
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "missing" in errors[0] and "Traceback" not in proc.stderr
