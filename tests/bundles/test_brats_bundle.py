@@ -116,6 +116,17 @@ def test_bad_patch_size_names_the_fix(phantoms, tmp_path):
                    "--patch_size", "[30,32,32]", "--features", "[8,16,32,64]")
 
 
+def test_metadata_has_no_key_that_monai_renames():
+    # MONAI 1.6 reads optional_packages_version as the deprecated name of required_packages_version,
+    # so the optional list replaced the required one
+    from monai.bundle import ConfigParser
+
+    for bundle in ("brats_gmd", "mosi_gmd"):
+        parser = ConfigParser()
+        parser.read_meta(str(REPO / "bundles" / bundle / "configs" / "metadata.json"))
+        assert {"pytorch-ignite", "fire"} <= set(parser.get("_meta_#required_packages_version")), bundle
+
+
 def test_metadata_verifies_offline():
     proc = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file",
