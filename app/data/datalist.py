@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from collections import Counter
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from app.atomic import atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # numpy is imported where it is used: discovery and splitting do not need it
     import numpy as np
@@ -85,7 +88,8 @@ def read_datalist(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[d
         with open(path, encoding="utf-8") as f:
             payload = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"Cannot read datalist {path}: {err}. Re-create it with write_datalist.") from err
+        raise ValueError(f"Cannot read datalist {path}: {err}. Pass the datalist.json that training wrote into its "
+                         "--output_dir, or evaluate every case under --dataset_dir instead.") from err
     if not isinstance(payload, dict) or "training" not in payload:
         raise ValueError(
             f"Datalist {path} has no 'training' list; expected {{'training': [...], 'validation': [...]}}."
@@ -141,6 +145,9 @@ def evaluation_cases(
         from app.data.discovery import discover_cases
 
         return discover_cases(dataset_dir, require_label=True, label_convention=label_convention)
+    if str(label_convention or "auto").strip().lower() != "auto":
+        logger.warning("label_convention %s is not used with a datalist: its cases keep the label values training "
+                       "read them with (their label_map).", label_convention)
     _, val = read_datalist(datalist)
     if not val:
         raise ValueError(f"{datalist} holds out no validation case: train with a larger --val_fraction or more "

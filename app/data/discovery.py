@@ -461,6 +461,6 @@ def discover_cases(
             shown = "; ".join(f"case {c!r}: expected {e}" for c, e in missing[:5])
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             raise CaseError(f"{len(missing)} case(s) have no label: {shown}{more}. Add the segmentation files, "
-                            "or discover without require_label for inference-only data.")
+                            "or segment unlabelled cases with inference (python -m app infer, or the batch bundle).")
 
     return sorted((rec for rec, _, _ in found), key=lambda r: r["case"])

@@ -87,7 +87,7 @@ def test_prepare_datalist_on_msd_task01_as_downloaded(tmp_path):
     assert read_datalist(tmp_path / "run" / "datalist.json") == (out["training"], out["validation"])
 
 
-def test_evaluation_cases_are_every_case_or_a_runs_validation_cases(tmp_path):
+def test_evaluation_cases_are_every_case_or_a_runs_validation_cases(caplog, tmp_path):
     from app.data.phantoms import write_phantoms
 
     data = tmp_path / "data"
@@ -99,8 +99,13 @@ def test_evaluation_cases_are_every_case_or_a_runs_validation_cases(tmp_path):
     split = prepare_datalist(data, tmp_path / "run", val_fraction=0.25)
     datalist = tmp_path / "run" / "datalist.json"
     assert evaluation_cases(data, datalist) == split["validation"]
+    assert "not used with a datalist" not in caplog.text
+    assert evaluation_cases(data, datalist, label_convention="brats2023") == split["validation"]
+    assert "label_convention brats2023 is not used with a datalist" in caplog.text  # said, not silently dropped
     assert [r["case"] for r in evaluation_cases(data, None)] == [r["case"] for r in everything]
     assert len(evaluation_cases(data, "")) == 4  # an empty override means none
+    with pytest.raises(ValueError, match=r"Cannot read datalist .*nope.*datalist.json that training wrote"):
+        evaluation_cases(data, tmp_path / "nope" / "datalist.json")
     # moved data and an empty validation split name the problem
     Path(split["validation"][0]["label"]).unlink()
     with pytest.raises(ValueError, match=r"names 1 file\(s\) that do not exist.*--dataset_dir"):
