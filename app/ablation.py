@@ -280,6 +280,7 @@ def run_ablation(
             if not ckpt.is_file():
                 raise RuntimeError(f"Training {label!r} finished without writing {ckpt}; see {out / label / 'train.log'}.")
             (out / label / "train_environment.json").write_text(json.dumps(_environment(bundle_args), indent=1))
+            (out / label / "train_seconds.json").write_text(json.dumps(train_s))
         if layout is SEGMENTATION:
             scored = ["--eval_datalist", str(run_dir / "datalist.json")]
         else:
@@ -292,6 +293,8 @@ def run_ablation(
         if not _reusable(report_path, out / label / "eval_settings.json", _stage_settings(bundle, eval_args, out)):
             _run_bundle([train, evaluate], bundle, eval_args, out / label / "eval.log")
         reports[label] = json.loads(report_path.read_text())
+        if train_s is None:  # a reused stage: its time was recorded when it trained
+            train_s = _read_json(out / label / "train_seconds.json")
         runs[label] = {"strategy": name, "gmd_subsets": subsets, "train_seconds": train_s,
                        "iterations": _iterations(out / label / "train.log", run_dir / "models" / "checkpoint_last.pt"),
                        "checkpoint": str(ckpt),

@@ -81,7 +81,10 @@ def test_segmentation_bundle_ablation_resumes_and_scores_held_out_cases(tmp_path
     again = _ablate(*args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.log")} == logs
-    assert json.loads((out / "ablation.json").read_text())["tables"] == table["tables"]
+    rerun = json.loads((out / "ablation.json").read_text())
+    assert rerun["tables"] == table["tables"]
+    seconds = {k: r["train_seconds"] for k, r in table["runs"].items()}
+    assert all(t > 0 for t in seconds.values()) and {k: r["train_seconds"] for k, r in rerun["runs"].items()} == seconds
     # another seed into the same folder is refused before anything is trained or overwritten
     before = (out / "ablation.json").read_bytes()
     other = _ablate(*args, "--seed", "1")
