@@ -124,7 +124,7 @@ def _local_processes() -> int:
     import ignite.distributed as idist
 
     if idist.get_world_size() > 1:
-        return max(1, int(idist.get_local_size()))
+        return max(1, int(idist.get_nproc_per_node()))
     return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
