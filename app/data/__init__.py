@@ -23,6 +23,7 @@ _EXPORTS = {
     "prepare_datalist": "app.data.datalist",
     "ras_spacing": "app.data.datalist",
     "read_datalist": "app.data.datalist",
+    "shard_cases": "app.data.datalist",
     "split_cases": "app.data.datalist",
     "write_datalist": "app.data.datalist",
     "ACCEPTED_LAYOUTS": "app.data.discovery",
@@ -74,6 +75,7 @@ if TYPE_CHECKING:
         prepare_datalist,
         ras_spacing,
         read_datalist,
+        shard_cases,
         split_cases,
         write_datalist,
     )

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # numpy is imported where it is used: discovery and splitting
 
 __all__ = [
     "SPACING_TOLERANCE", "evaluation_cases", "median_spacing", "prepare_datalist", "ras_spacing", "read_datalist",
-    "spacing_differs",
+    "shard_cases", "spacing_differs",
     "split_cases", "write_datalist",
 ]
 
@@ -66,6 +66,29 @@ def split_cases(
     train = [c for c in ordered if str(c["case"]) not in val_ids]
     val = [c for c in ordered if str(c["case"]) in val_ids]
     return train, val
+
+
+def shard_cases(cases: Sequence[dict[str, Any]], rank: int, world_size: int, seed: int = 0) -> list[dict[str, Any]]:
+    """One process's share of ``cases`` in multi-process training.
+
+    The cases are put in a seeded order that depends only on their ids (as in :func:`split_cases`)
+    and dealt out to the ranks in turn. The order is padded by repeating its start, so every rank
+    gets ``ceil(len(cases) / world_size)`` cases and all ranks run the same number of iterations.
+
+    Args:
+        cases: records with a ``"case"`` id.
+        rank: this process, ``0 <= rank < world_size``.
+        world_size: the number of processes.
+        seed: selects the order.
+    """
+    if not 0 <= int(rank) < int(world_size):
+        raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}.")
+    if not cases:
+        return []
+    order = sorted(sorted(cases, key=lambda c: str(c["case"])), key=lambda c: _rank(str(c["case"]), seed))
+    total = math.ceil(len(order) / world_size) * world_size
+    padded = (order * math.ceil(total / len(order)))[:total]
+    return padded[int(rank) : total : int(world_size)]
 
 
 def write_datalist(path: str | os.PathLike, train: Sequence[dict[str, Any]], val: Sequence[dict[str, Any]]) -> str:

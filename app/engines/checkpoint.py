@@ -419,7 +419,8 @@ class ResumableCheckpoint:
         sampler = getattr(loader, "sampler", None)
         if isinstance(sampler, ResumableSampler) and loader is not None:
             sampler.resume(iteration, len(loader), int(loader.batch_size or 1))
-            if state.get("sampler", {}).get("seed", sampler.seed) != sampler.seed:
+            # rank 0 wrote its own sampler's seed; the other ranks' may differ from it (seed + rank)
+            if rank == 0 and state.get("sampler", {}).get("seed", sampler.seed) != sampler.seed:
                 logger.warning("The sampler seed changed since %s was written: the data order differs.", self.path)
         elif iteration and rank == 0:
             logger.warning("The trainer's data loader has no ResumableSampler: after the resume the data order "

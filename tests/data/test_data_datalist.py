@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from app.data.datalist import evaluation_cases, median_spacing, prepare_datalist, read_datalist, split_cases, write_datalist
+from app.data.datalist import (
+    evaluation_cases, median_spacing, prepare_datalist, read_datalist, shard_cases, split_cases, write_datalist,
+)
 
 
 def records(n):
@@ -44,6 +46,22 @@ def test_split_rejects_bad_input():
         split_cases(records(4), val_fraction=1.0)
     with pytest.raises(ValueError, match="Duplicate case ids"):
         split_cases(records(3) + records(1), 0.2)
+
+
+def test_shards_cover_every_case_once_and_are_padded_to_one_length():
+    cases = records(10)
+    shards = [shard_cases(cases, r, 4, seed=2) for r in range(4)]
+    assert [len(s) for s in shards] == [3, 3, 3, 3]  # 12 slots: two cases are dealt twice
+    dealt = [c["case"] for s in shards for c in s]
+    assert set(dealt) == set(ids(cases)) and len(set(dealt)) == 10
+    shuffled = cases[::-1]
+    assert [shard_cases(shuffled, r, 4, seed=2) for r in range(4)] == shards  # by id, not input order
+    assert shard_cases(cases, 0, 4, seed=3) != shards[0]
+    assert shard_cases(cases, 0, 1) == sorted(cases, key=lambda c: shard_cases(cases, 0, 1).index(c))
+    assert len(shard_cases(cases, 0, 1)) == 10 and shard_cases([], 1, 2) == []
+    assert [len(shard_cases(cases[:1], r, 3)) for r in range(3)] == [1, 1, 1]  # fewer cases than ranks
+    with pytest.raises(ValueError, match=r"rank must be in \[0, world_size\)"):
+        shard_cases(cases, 4, 4)
 
 
 def test_write_and_read_datalist(tmp_path):

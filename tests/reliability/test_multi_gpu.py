@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from monai.bundle import ConfigParser
 
+from app.data.datalist import shard_cases
 from app.data.mmsa import write_synthetic_mmsa
 from app.data.phantoms import write_phantoms
 from app.engines import GradientSync, ResumableSampler, check_shards, close_distributed, mean_over_ranks
@@ -144,13 +145,15 @@ def bundle_inputs(tmp_path_factory):
 @pytest.mark.parametrize("rank", [0, 1])
 def test_override_runs_file_writing_handlers_on_rank_0_only(bundle, rank, bundle_inputs, monkeypatch, tmp_path):
     """The override disables handlers by their index in train.yaml: this catches an index gone stale."""
-    monkeypatch.setenv("RANK", str(rank))  # the config's rank before the process group exists
+    monkeypatch.setenv("RANK", str(rank))  # the config's rank and world size before the process group exists
+    monkeypatch.setenv("WORLD_SIZE", "2")
     files, settings = bundle_inputs[bundle]
     parser = ConfigParser()
     parser.read_config(files)
-    parser.update({**settings, "output_dir": str(tmp_path), "dist_backend": "gloo",
-                   "train#sampler#num_replicas": 2, "train#sampler#rank": rank,
-                   "validate#sampler#num_replicas": 2, "validate#sampler#rank": rank})
+    samplers = {} if bundle == "brats" else {  # the sentiment override keeps DistributedSamplers
+        "train#sampler#num_replicas": 2, "train#sampler#rank": rank,
+        "validate#sampler#num_replicas": 2, "validate#sampler#rank": rank}
+    parser.update({**settings, "output_dir": str(tmp_path), "dist_backend": "gloo", **samplers})
     trainer = parser.get_parsed_content("train#trainer")
     names = [type(h).__name__ for h in parser.get_parsed_content("train#trainer#train_handlers")]
     val_names = [type(h).__name__ for h in parser.get_parsed_content("validate#evaluator#val_handlers") or []]
@@ -166,6 +169,12 @@ def test_override_runs_file_writing_handlers_on_rank_0_only(bundle, rank, bundle
     else:
         assert sorted(names) == sorted(ALL_RANKS) and val_names == []
         assert checkpoint.key_metric_saver is None and parser.get_parsed_content("summary_writer") is None
+    if bundle == "brats":  # each rank caches its own share of the cases, not all of them
+        datalist = parser.get_parsed_content("datalist")
+        shards = [shard_cases(datalist["training"], r, 2, seed=0) for r in (0, 1)]
+        assert parser.get_parsed_content("train#dataset").data == shards[rank]
+        assert parser.get_parsed_content("validate#dataset").data == datalist["validation"][rank::2]
+        assert parser.get_parsed_content("train#sampler#seed") == rank and len(shards[0]) == len(shards[1])
     writer = parser.get_parsed_content("summary_writer")
     if writer is not None:
         writer.close()
