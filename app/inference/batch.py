@@ -129,11 +129,12 @@ def run_batch(
     """
     from app.data.discovery import CaseError, discover_cases
     from app.inference.io import sequence_name
-    from app.inference.pipeline import segment_case, summary_notes
+    from app.inference.pipeline import check_writable_folder, segment_case, summary_notes
 
     probabilities = parse_bool(probabilities, "probabilities")
 
     out_dir = Path(output_dir)
+    check_writable_folder(out_dir, f"--output-dir {output_dir}")  # before any case runs
     discovery_errors: dict[str, str] = {}
     records = {rec["case"]: rec for rec in discover_cases(input_dir, require_label=False,
                                                           case_errors=discovery_errors)}

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ __all__ = [
     "Prediction",
     "Segmenter",
     "check_output_path",
+    "check_writable_folder",
     "label_convention",
     "load_segmenter",
     "reorient",
@@ -309,7 +311,8 @@ class Segmenter:
             prob = F.interpolate(prob[None], size=ras_shape, mode="trilinear", align_corners=False)[0]
         outside_ml = None
         if head is not None:
-            outside_ml = round(int(((prob[0] > 0.5) & ~head).sum()) * voxel_volume_ml(ref.affine), 3)
+            # every voxel the labels would have called tumour: nested priority labels ET or TC even where WT <= 0.5
+            outside_ml = round(int(((prob > 0.5).any(dim=0) & ~head).sum()) * voxel_volume_ml(ref.affine), 3)
             prob.mul_(head)
         del head
         label_ras = regions_to_labels(prob > 0.5, convention)
@@ -423,7 +426,27 @@ def check_output_path(path: str | os.PathLike, kind: str, suffixes: Sequence[str
         if same:
             raise ValueError(f"{kind} {path} is also an input ({inp}): choose another output name so the input "
                              "is kept.")
+    check_writable_folder(os.path.dirname(out), f"{kind} {path}")
     return out
+
+
+def check_writable_folder(folder: str | os.PathLike, what: str) -> None:
+    """Raise ``ValueError`` unless files can be created in ``folder`` (or, when it does not exist yet,
+    in the folder it would be created in): checked before any work, so nothing runs for an output
+    that cannot be written. ``what`` names the option in the message."""
+    probe_dir = os.path.abspath(os.fspath(folder))
+    while not os.path.exists(probe_dir):
+        probe_dir = os.path.dirname(probe_dir)
+    if not os.path.isdir(probe_dir):
+        raise ValueError(f"{what}: {probe_dir} is a file, not a folder: choose another output folder.")
+    try:  # a real file: permissions, read-only mounts and immutable folders all show here
+        fd, probe = tempfile.mkstemp(prefix=".brats_gmd_write_test.", dir=probe_dir)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"{what}: cannot write in {probe_dir} ({err.strerror or err}): choose a folder you can "
+                         "write to (Docker: mount it writable for the user the container runs as, "
+                         "--user $(id -u):$(id -g)).") from None
 
 
 def _output_image(data: np.ndarray, ref: Volume, description: str) -> nib.Nifti1Image:
@@ -492,7 +515,7 @@ def segment_case(
         prob_path = check_output_path(probabilities, "--probabilities", (".nii.gz", ".nii"), inputs)
     if summary:
         summary_path = check_output_path(summary, "--summary", (".json",), inputs)
-    given = [p for p in (out, prob_path, summary_path) if p]
+    given = [os.path.realpath(p) for p in (out, prob_path, summary_path) if p]  # also through symlinked folders
     if len(set(given)) != len(given):
         raise ValueError("--out, --probabilities and --summary must be different files.")
 

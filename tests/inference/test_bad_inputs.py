@@ -197,6 +197,52 @@ def test_failure_while_writing_leaves_nothing(case, random_ckpt, infer, tmp_path
     assert list(out_dir.iterdir()) == []
 
 
+def test_unwritable_outputs_are_refused_before_the_network_runs(case, random_ckpt, infer, tmp_path, monkeypatch,
+                                                                capsys):
+    import tempfile
+
+    import app.inference.pipeline as pipeline
+    from app.inference.batch import main as batch_main
+
+    ran = []
+    monkeypatch.setattr(pipeline.Segmenter, "predict", lambda *a, **k: ran.append(1))
+    (tmp_path / "afile").write_text("x")
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--out", tmp_path / "afile" / "seg.nii.gz")
+    assert rc == 2 and "afile is a file, not a folder: choose another output folder" in err
+    # a folder that refuses new files (permissions, read-only mount, immutable): root passes chmod,
+    # so the refusal is simulated where the product probes
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == locked:
+            raise PermissionError(1, "Operation not permitted")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--out", tmp_path / "new" / "seg.nii.gz",
+                       "--summary", locked / "sub" / "seg.json")
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--summary {locked / 'sub' / 'seg.json'}: cannot write in {locked} (Operation not permitted)" in err
+    assert "--user $(id -u):$(id -g)" in err and not (tmp_path / "new").exists() and list(locked.iterdir()) == []
+    rc = batch_main(["--input-dir", str(Path(case["flair"]).parent), "--output-dir", str(locked),
+                     "--ckpt", str(random_ckpt), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"error: --output-dir {locked}: cannot write in {locked}" in err and "case " not in err
+    assert list(locked.iterdir()) == []
+    assert ran == []  # no case was segmented for outputs that could not be written
+
+
+def test_outputs_that_are_one_file_through_a_symlinked_folder(case, random_ckpt, infer, tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--out", tmp_path / "real" / "x.nii.gz",
+                       "--probabilities", tmp_path / "link" / "x.nii.gz")
+    assert rc == 2 and "--out, --probabilities and --summary must be different files" in err
+    assert list((tmp_path / "real").iterdir()) == []
+
+
 def test_process_exit_status_through_python_m_app(tmp_path, random_ckpt):
     """The real command line: status 2 and one stderr line for a corrupt file (subprocess)."""
     bad = tmp_path / "bad_flair.nii.gz"
