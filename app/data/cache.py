@@ -1,6 +1,6 @@
 """How many cases the in-memory caches of training may hold.
 
-A cached full-resolution BraTS case (four sequences cropped to the head, float32, plus uint8
+A cached full-resolution BraTS case (four sequences cropped to the head, float32, plus boolean
 regions) takes about 57 MiB, so a 1,251-case release needs some 70 GiB, on every process of a
 multi-GPU node. ``cache_rate: auto`` measures one preprocessed case, scales it by the other cases'
 grid sizes (read from their headers) and caches the share that fits in part of the memory this

@@ -90,7 +90,7 @@ def test_auto_caches_the_share_that_fits(tmp_path, make_case, monkeypatch, caplo
     assert resolve_cache_rate("auto", [], steps) == 1.0
 
 
-def test_bundle_caches_uint8_regions_and_trains_on_float(tmp_path, make_case):
+def test_bundle_caches_boolean_regions_and_trains_on_float(tmp_path, make_case):
     import os
 
     from monai.bundle import ConfigParser
@@ -105,7 +105,12 @@ def test_bundle_caches_uint8_regions_and_trains_on_float(tmp_path, make_case):
     train = parser.get_parsed_content("train#dataset")
     validate = parser.get_parsed_content("validate#dataset")
     assert len(train._cache) == 2 and len(validate._cache) == 1
-    assert train._cache[0]["label"].dtype == torch.uint8 and validate._cache[0]["label"].dtype == torch.uint8
+    assert train._cache[0]["label"].dtype == torch.bool and validate._cache[0]["label"].dtype == torch.bool
+    # the crop's background must exclude the tumour: with uint8 regions MONAI's ~label made every voxel background
+    from monai.transforms.utils import map_binary_to_indices
+
+    fg, bg = map_binary_to_indices(train._cache[0]["label"], None, 0.0)
+    assert len(fg) > 0 and len(fg) + len(bg) == train._cache[0]["label"][0].numel()
     crops = train[0]
     assert all(c["label"].dtype == torch.float32 and c["image"].dtype == torch.float32 for c in crops)
     assert set(torch.unique(crops[0]["label"]).tolist()) <= {0.0, 1.0}
