@@ -1,10 +1,10 @@
 """How many cases the in-memory caches of training may hold.
 
 A cached full-resolution BraTS case (four sequences cropped to the head, float32, plus boolean
-regions) takes about 57 MiB, so a 1,251-case release needs some 70 GiB, on every process of a
-multi-GPU node. ``cache_rate: auto`` measures one preprocessed case, scales it by the other cases'
-grid sizes (read from their headers) and caches the share that fits in part of the memory this
-machine, or its container, still has.
+regions) takes about 57 MiB, so a 1,251-case release needs some 70 GiB (on a multi-GPU node, each
+process caches its own share of the cases). ``cache_rate: auto`` measures one preprocessed case,
+scales it by the other cases' grid sizes (read from their headers) and caches the share that fits
+in part of the memory this machine, or its container or batch job, still has.
 """
 
 from __future__ import annotations
@@ -31,13 +31,12 @@ logger = logging.getLogger(__name__)
 CACHE_MEMORY_FRACTION = 0.5
 
 MEMINFO = "/proc/meminfo"
-#: (limit, usage) files of cgroup v2 and v1: a container's limit, not the host's memory, is what counts.
-CGROUP_FILES = (
-    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-)
+#: Where this process's cgroups are listed, and where the cgroup v2 and v1 (memory controller)
+#: hierarchies are mounted: a container's or a batch job's limit, not the host's memory, is what counts.
+PROC_CGROUP = "/proc/self/cgroup"
+CGROUP_V2_ROOT = "/sys/fs/cgroup"
+CGROUP_V1_ROOT = "/sys/fs/cgroup/memory"
 _UNLIMITED = 1 << 60  # cgroup v1 writes a huge number instead of "max"
-
 
 
 def _size(n: float) -> str:
@@ -53,11 +52,51 @@ def _read_int(path: str) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def _stat(path: str, key: str) -> int:
+    """A field of a cgroup ``memory.stat`` file (0 when absent)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == key and value.strip().isdigit():
+                    return int(value)
+    except (OSError, UnicodeDecodeError):
+        pass
+    return 0
+
+
+def _cgroup_folders() -> list[tuple[str, str, str, str]]:
+    """(folder, limit file, usage file, reclaimable-cache key) for this process's memory cgroup and
+    each of its parents, v2 and v1: a limit set on any of them applies."""
+    paths: dict[str, str] = {}
+    try:
+        with open(PROC_CGROUP, encoding="utf-8") as f:
+            for line in f:
+                parts = line.rstrip("\n").split(":", 2)
+                if len(parts) == 3 and parts[0] == "0" and parts[1] == "":
+                    paths.setdefault("v2", parts[2])
+                elif len(parts) == 3 and "memory" in parts[1].split(","):
+                    paths.setdefault("v1", parts[2])
+    except (OSError, UnicodeDecodeError):
+        pass
+    layouts = {"v2": (CGROUP_V2_ROOT, "memory.max", "memory.current", "inactive_file"),
+               "v1": (CGROUP_V1_ROOT, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+    folders = []
+    for version, (root, limit, usage, cache_key) in layouts.items():
+        rel = paths.get(version, "/").strip("/")
+        parts = rel.split("/") if rel else []
+        for depth in range(len(parts), -1, -1):  # own cgroup first, the hierarchy's root last
+            folder = os.path.join(root, *parts[:depth])
+            folders.append((folder, os.path.join(folder, limit), os.path.join(folder, usage), cache_key))
+    return folders
+
+
 def available_memory() -> int | None:
     """Bytes this process can still allocate, or ``None`` when the system does not say.
 
-    The smaller of the kernel's ``MemAvailable`` and the room left under the cgroup (container)
-    memory limit, if there is one.
+    The smallest of the kernel's ``MemAvailable`` and the room left under the memory limit of this
+    process's cgroup and of each of its parents (a container, a batch job). Usage counts without the
+    inactive file cache, which the kernel frees when memory runs short.
     """
     room: list[int] = []
     try:
@@ -68,11 +107,11 @@ def available_memory() -> int | None:
                     break
     except (OSError, UnicodeDecodeError, ValueError, IndexError):
         pass
-    for limit_file, usage_file in CGROUP_FILES:
+    for folder, limit_file, usage_file, cache_key in _cgroup_folders():
         limit, usage = _read_int(limit_file), _read_int(usage_file)
         if limit is not None and usage is not None and limit < _UNLIMITED:
-            room.append(max(0, limit - usage))
-            break
+            in_use = max(0, usage - _stat(os.path.join(folder, "memory.stat"), cache_key))
+            room.append(max(0, limit - in_use))
     return min(room) if room else None
 
 
@@ -83,7 +122,10 @@ def _header_voxels(record: Mapping[str, Any]) -> int:
     path = record.get("image4d") or next(iter(dict(record.get("images") or {}).values()), None)
     if path is None or os.path.isdir(path):  # DICOM series: no cheap header; count it as the measured case
         return 0
-    return int(np.prod(nib.load(path).shape[:3]))
+    try:
+        return int(np.prod(nib.load(path).shape[:3]))
+    except Exception:  # noqa: BLE001 - a bad file is reported, with its fix, by the loader that reads it
+        return 0
 
 
 def _nbytes(sample: Any) -> int:
@@ -140,8 +182,9 @@ def resolve_cache_rate(
     Args:
         cache_rate: a share of the cases in ``[0, 1]``, returned as is, or ``"auto"``: every case when
             their estimated size (:func:`estimate_cache_bytes`) fits in ``fraction`` of
-            :func:`available_memory`, divided by the processes on this machine (each caches its own
-            copy); otherwise the share that fits, rounded down to a hundredth. The choice is logged.
+            :func:`available_memory`, divided by the processes on this machine (each caches the cases
+            it is given); otherwise the share that fits, rounded down to a hundredth. The choice is
+            logged.
         records: all the cases that will be cached (training and validation together).
         preprocess: the cached transforms, one callable or a list applied in order.
         fraction: share of the available memory the caches may take.

@@ -198,7 +198,10 @@ def median_spacing(records: Sequence[dict[str, Any]]) -> list[float] | None:
         path = record.get("image4d") or next(iter(images.values()), None)
         if not path:
             continue
-        sizes.append(ras_spacing(nib.load(path).affine))
+        try:
+            sizes.append(ras_spacing(nib.load(path).affine))
+        except Exception:  # noqa: BLE001 - a bad file is reported, with its fix, by the loader that reads it
+            continue
     return [round(float(v), 4) for v in np.median(sizes, axis=0)] if sizes else None
 
 

@@ -436,7 +436,11 @@ def check_writable_folder(folder: str | os.PathLike, what: str) -> None:
     that cannot be written. ``what`` names the option in the message."""
     probe_dir = os.path.abspath(os.fspath(folder))
     while not os.path.exists(probe_dir):
-        probe_dir = os.path.dirname(probe_dir)
+        parent = os.path.dirname(probe_dir)
+        if parent == probe_dir:  # e.g. a drive or share that is not there
+            raise ValueError(f"{what}: no part of {os.path.abspath(os.fspath(folder))} exists: choose an output "
+                             "folder on a disk that is mounted.")
+        probe_dir = parent
     if not os.path.isdir(probe_dir):
         raise ValueError(f"{what}: {probe_dir} is a file, not a folder: choose another output folder.")
     try:  # a real file: permissions, read-only mounts and immutable folders all show here

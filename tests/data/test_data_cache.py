@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,32 +17,47 @@ GIB = 1 << 30
 
 @pytest.fixture
 def memory_files(tmp_path, monkeypatch):
-    """Point the meminfo and cgroup readers at files the test writes: ``write(meminfo_kb, v2, v1)``."""
+    """A fake /proc and cgroup tree: ``write(meminfo_kb, proc_cgroup, files={relative path: text})``."""
 
-    def write(meminfo_kb=None, v2=None, v1=None):
-        paths = {}
-        for name, content in (("meminfo", None if meminfo_kb is None else f"MemTotal: 1 kB\nMemAvailable: {meminfo_kb} kB\n"),
-                              ("v2.max", v2 and v2[0]), ("v2.current", v2 and v2[1]),
-                              ("v1.limit", v1 and v1[0]), ("v1.usage", v1 and v1[1])):
-            paths[name] = str(tmp_path / name)
-            (tmp_path / name).unlink(missing_ok=True)
-            if content is not None:
-                (tmp_path / name).write_text(f"{content}\n")
-        monkeypatch.setattr(cache, "MEMINFO", paths["meminfo"])
-        monkeypatch.setattr(cache, "CGROUP_FILES", ((paths["v2.max"], paths["v2.current"]),
-                                                    (paths["v1.limit"], paths["v1.usage"])))
+    def write(meminfo_kb=None, proc_cgroup="", files=None):
+        root = tmp_path / f"sys{len(list(tmp_path.iterdir()))}"
+        root.mkdir()
+        if meminfo_kb is not None:
+            (root / "meminfo").write_text(f"MemTotal: 1 kB\nMemAvailable: {meminfo_kb} kB\n")
+        (root / "cgroup").write_text(proc_cgroup)
+        for rel, text in (files or {}).items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(f"{text}\n")
+        monkeypatch.setattr(cache, "MEMINFO", str(root / "meminfo"))
+        monkeypatch.setattr(cache, "PROC_CGROUP", str(root / "cgroup"))
+        monkeypatch.setattr(cache, "CGROUP_V2_ROOT", str(root / "v2"))
+        monkeypatch.setattr(cache, "CGROUP_V1_ROOT", str(root / "v1"))
         return available_memory()
 
     return write
 
 
-def test_available_memory_is_the_smaller_of_system_and_container_room(memory_files):
-    assert memory_files(meminfo_kb=8 * 1024 * 1024) == 8 * GIB
-    assert memory_files(meminfo_kb=8 * 1024 * 1024, v2=(4 * GIB, GIB)) == 3 * GIB  # container limit 4, 1 used
-    assert memory_files(meminfo_kb=2 * 1024 * 1024, v2=(4 * GIB, GIB)) == 2 * GIB
-    assert memory_files(meminfo_kb=8 * 1024 * 1024, v2=("max", GIB)) == 8 * GIB  # no container limit
-    assert memory_files(meminfo_kb=8 * 1024 * 1024, v1=(9223372036854771712, GIB)) == 8 * GIB  # v1 "unlimited"
-    assert memory_files(v1=(4 * GIB, 5 * GIB)) == 0  # over the limit already
+def test_available_memory_is_the_smallest_room_of_system_and_cgroups(memory_files):
+    host = 8 * 1024 * 1024  # kB
+    assert memory_files(meminfo_kb=host) == 8 * GIB
+    # a container (cgroup v2 namespace: its own cgroup is the root): limit 4, 1 used
+    assert memory_files(host, "0::/\n", {"v2/memory.max": 4 * GIB, "v2/memory.current": GIB}) == 3 * GIB
+    assert memory_files(2 * 1024 * 1024, "0::/\n", {"v2/memory.max": 4 * GIB, "v2/memory.current": GIB}) == 2 * GIB
+    assert memory_files(host, "0::/\n", {"v2/memory.max": "max", "v2/memory.current": GIB}) == 8 * GIB
+    # the kernel frees inactive file cache: it is not counted as used
+    assert memory_files(host, "0::/\n", {"v2/memory.max": 4 * GIB, "v2/memory.current": 4 * GIB,
+                                          "v2/memory.stat": f"anon 1\ninactive_file {3 * GIB}\n"}) == 3 * GIB
+    # a batch job's limit on its own sub-cgroup, and a tighter one on a parent, both apply
+    job = {"v2/slurm/job_1/memory.max": 6 * GIB, "v2/slurm/job_1/memory.current": GIB,
+           "v2/slurm/memory.max": 5 * GIB, "v2/slurm/memory.current": 3 * GIB}
+    assert memory_files(host, "0::/slurm/job_1\n", job) == 2 * GIB
+    # cgroup v1, with the memory controller listed among others; "unlimited" is a huge number
+    v1 = {"v1/docker/abc/memory.limit_in_bytes": 4 * GIB, "v1/docker/abc/memory.usage_in_bytes": 2 * GIB,
+          "v1/docker/abc/memory.stat": f"total_inactive_file {GIB}\n",
+          "v1/memory.limit_in_bytes": 9223372036854771712, "v1/memory.usage_in_bytes": GIB}
+    assert memory_files(host, "12:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n", v1) == 3 * GIB
+    assert memory_files(None, "4:memory:/\n", {"v1/memory.limit_in_bytes": 4 * GIB,
+                                                 "v1/memory.usage_in_bytes": 5 * GIB}) == 0  # over the limit
     assert memory_files() is None
 
 
@@ -58,6 +74,12 @@ def test_estimate_scales_one_measured_case_by_header_voxels(tmp_path, make_case)
 
     assert estimate_cache_bytes(records, preprocess) == int(1010 * (1 + 2 + 0.5))
     assert seen == ["A_1"]  # only the first case is read
+    # a corrupt file is left to the loader, whose error names the fix: here it counts as large as the first
+    from app.data.datalist import median_spacing
+
+    Path(records[1]["images"]["flair"]).write_bytes(b"not a NIfTI file")
+    assert estimate_cache_bytes(records, preprocess) == int(1010 * (1 + 1 + 0.5))
+    assert median_spacing(records) == [1.0, 1.0, 1.0]
     assert estimate_cache_bytes([], preprocess) == 0
 
 

@@ -209,6 +209,13 @@ def test_unwritable_outputs_are_refused_before_the_network_runs(case, random_ckp
     (tmp_path / "afile").write_text("x")
     rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--out", tmp_path / "afile" / "seg.nii.gz")
     assert rc == 2 and "afile is a file, not a folder: choose another output folder" in err
+    from app.inference.pipeline import check_writable_folder
+
+    monkeypatch.setattr(pipeline.os.path, "exists", lambda path: False)  # a drive or share that is not there
+    with pytest.raises(ValueError, match=r"--out X: no part of .* exists: choose an output folder on a disk"):
+        check_writable_folder(tmp_path / "x", "--out X")
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline.Segmenter, "predict", lambda *a, **k: ran.append(1))
     # a folder that refuses new files (permissions, read-only mount, immutable): root passes chmod,
     # so the refusal is simulated where the product probes
     locked = tmp_path / "locked"

@@ -174,7 +174,7 @@ def test_override_runs_file_writing_handlers_on_rank_0_only(bundle, rank, bundle
         shards = [shard_cases(datalist["training"], r, 2, seed=0) for r in (0, 1)]
         assert parser.get_parsed_content("train#dataset").data == shards[rank]
         assert parser.get_parsed_content("validate#dataset").data == datalist["validation"][rank::2]
-        assert parser.get_parsed_content("train#sampler#seed") == rank and len(shards[0]) == len(shards[1])
+        assert parser.get_parsed_content("train#sampler#seed") == 1000003 * rank and len(shards[0]) == len(shards[1])
     writer = parser.get_parsed_content("summary_writer")
     if writer is not None:
         writer.close()
