@@ -18,6 +18,7 @@ _EXPORTS = {
     "resolve_cache_rate": "app.data.cache",
     "SPACING_TOLERANCE": "app.data.datalist",
     "evaluation_cases": "app.data.datalist",
+    "first_image_header": "app.data.datalist",
     "spacing_differs": "app.data.datalist",
     "median_spacing": "app.data.datalist",
     "prepare_datalist": "app.data.datalist",
@@ -70,6 +71,7 @@ if TYPE_CHECKING:
     from app.data.datalist import (
         SPACING_TOLERANCE,
         evaluation_cases,
+        first_image_header,
         spacing_differs,
         median_spacing,
         prepare_datalist,

@@ -116,16 +116,11 @@ def available_memory() -> int | None:
 
 
 def _header_voxels(record: Mapping[str, Any]) -> int:
-    """Voxels of a case's grid, from the header of its first image (no voxel data is read)."""
-    import nibabel as nib
+    """Voxels of a case's grid, from the header of its first image; 0 when no header can be read."""
+    from app.data.datalist import first_image_header
 
-    path = record.get("image4d") or next(iter(dict(record.get("images") or {}).values()), None)
-    if path is None or os.path.isdir(path):  # DICOM series: no cheap header; count it as the measured case
-        return 0
-    try:
-        return int(np.prod(nib.load(path).shape[:3]))
-    except Exception:  # noqa: BLE001 - a bad file is reported, with its fix, by the loader that reads it
-        return 0
+    img = first_image_header(dict(record))
+    return 0 if img is None else int(np.prod(img.shape[:3]))
 
 
 def _nbytes(sample: Any) -> int:

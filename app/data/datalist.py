@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # numpy is imported where it is used: discovery and splitting
     import numpy as np
 
 __all__ = [
-    "SPACING_TOLERANCE", "evaluation_cases", "median_spacing", "prepare_datalist", "ras_spacing", "read_datalist",
+    "SPACING_TOLERANCE", "evaluation_cases", "first_image_header", "median_spacing", "prepare_datalist", "ras_spacing", "read_datalist",
     "shard_cases", "spacing_differs",
     "split_cases", "write_datalist",
 ]
@@ -189,20 +189,25 @@ def median_spacing(records: Sequence[dict[str, Any]]) -> list[float] | None:
     Only headers are read. Training records it in the network (``DSUNet.set_training_spacing``) so
     inference can tell a scan of another resolution. None when there is no record.
     """
-    import nibabel as nib
     import numpy as np
 
-    sizes = []
-    for record in records:
-        images = dict(record.get("images") or {})
-        path = record.get("image4d") or next(iter(images.values()), None)
-        if not path:
-            continue
-        try:
-            sizes.append(ras_spacing(nib.load(path).affine))
-        except Exception:  # noqa: BLE001 - a bad file is reported, with its fix, by the loader that reads it
-            continue
+    sizes = [ras_spacing(img.affine) for img in map(first_image_header, records) if img is not None]
     return [round(float(v), 4) for v in np.median(sizes, axis=0)] if sizes else None
+
+
+def first_image_header(record: dict[str, Any]) -> Any | None:
+    """The nibabel image (header only, no voxels read) of a case's 4D file or first sequence, or None
+    when there is none or it cannot be read: a DICOM folder has no cheap header, and a bad file is
+    reported, with its fix, by the loader that reads it."""
+    import nibabel as nib
+
+    path = record.get("image4d") or next(iter(dict(record.get("images") or {}).values()), None)
+    if not path:
+        return None
+    try:
+        return nib.load(path)
+    except Exception:  # noqa: BLE001 - see above
+        return None
 
 
 def ras_spacing(affine: np.ndarray) -> np.ndarray:

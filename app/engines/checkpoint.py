@@ -419,7 +419,7 @@ class ResumableCheckpoint:
         sampler = getattr(loader, "sampler", None)
         if isinstance(sampler, ResumableSampler) and loader is not None:
             sampler.resume(iteration, len(loader), int(loader.batch_size or 1))
-            # rank 0 wrote its own sampler's seed; the other ranks' may differ from it (seed + rank)
+            # rank 0 wrote its own sampler's seed; the other ranks' may differ from it (a seed per rank)
             if rank == 0 and state.get("sampler", {}).get("seed", sampler.seed) != sampler.seed:
                 logger.warning("The sampler seed changed since %s was written: the data order differs.", self.path)
         elif iteration and rank == 0:

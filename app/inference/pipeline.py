@@ -160,9 +160,9 @@ class Segmenter:
         device: where the network runs.
         amp: bf16 autocast on CUDA (ignored on CPU).
         spacing: resample to this voxel size (mm, RAS axes; 1 or 3 numbers, or a string of them)
-            before the network and back after; None or ``"native"`` keeps the native spacing; ``"auto"`` uses ``training_spacing``
-            when the scan's voxel size differs from it by more than 10% along an axis
-            (:data:`app.data.datalist.SPACING_TOLERANCE`).
+            before the network and back after; None or ``"native"`` keeps the native spacing;
+            ``"auto"`` uses ``training_spacing`` when the scan's voxel size differs from it by more
+            than 10% along an axis (:data:`app.data.datalist.SPACING_TOLERANCE`).
         training_spacing: the voxel size the network was trained at (mm, RAS axes), or None when
             unknown (then ``"auto"`` keeps the native spacing).
         head_mask: set labels and probabilities to 0 where every given sequence is 0 (outside the
