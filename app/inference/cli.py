@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any, NoReturn, Sequence
 
-__all__ = ["build_parser", "main", "parse_ints", "parse_floats", "positive_int"]
+__all__ = ["build_parser", "main", "parse_ints", "positive_int"]
 
 _SEQ_FLAGS = ("flair", "t1", "t1ce", "t2")
 
@@ -52,27 +52,6 @@ def parse_ints(text: Sequence[str] | str, what: str) -> list[int]:
         return [int(t) for t in tokens]
     except ValueError as err:
         raise ValueError(f"{what} takes integers, e.g. {what} 96 96 96; got {joined!r}.") from err
-
-
-def parse_floats(text: Sequence[str] | str, what: str) -> list[float]:
-    """Like :func:`parse_ints` for floats."""
-    joined = " ".join([text] if isinstance(text, str) else text)
-    tokens = [t for t in re.split(r"[\s,\[\]()]+", joined) if t]
-    try:
-        return [float(t) for t in tokens]
-    except ValueError as err:
-        raise ValueError(f"{what} takes numbers, e.g. {what} 1 1 1; got {joined!r}.") from err
-
-
-def parse_spacing(values: Sequence[str] | None) -> list[float] | str:
-    """``--spacing``: ``auto``, ``native`` or 1 or 3 numbers (mm)."""
-    if not values or (len(values) == 1 and values[0].strip().lower() in ("auto", "native")):
-        return values[0].strip().lower() if values else "auto"
-    try:
-        return parse_floats(values, "--spacing")
-    except ValueError:
-        raise ValueError(f"--spacing takes auto, native, or 1 or 3 numbers in mm (e.g. --spacing 1 1 1); got "
-                         f"{' '.join(values)!r}.") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,7 +148,7 @@ def _sequence_paths(args: argparse.Namespace) -> tuple[dict[str, str], dict[str,
 
 def segmenter_from_args(args: argparse.Namespace) -> Any:
     """The :class:`~app.inference.pipeline.Segmenter` for the network flags shared by ``infer`` and batch mode."""
-    from app.inference.pipeline import load_segmenter
+    from app.inference.pipeline import load_segmenter, parse_spacing
 
     return load_segmenter(
         args.ckpt,
@@ -180,7 +159,7 @@ def segmenter_from_args(args: argparse.Namespace) -> Any:
         sw_batch_size=args.sw_batch_size,
         device=args.device,
         amp=not args.no_amp,
-        spacing=parse_spacing(args.spacing),
+        spacing=parse_spacing(args.spacing, "--spacing"),
         head_mask=not args.no_head_mask,
     )
 

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import re
 import tempfile
 import time
 from contextlib import nullcontext
@@ -55,6 +56,7 @@ __all__ = [
     "check_writable_folder",
     "label_convention",
     "load_segmenter",
+    "parse_spacing",
     "reorient",
     "segment_case",
     "summary_notes",
@@ -69,6 +71,33 @@ OUTPUT_DESCRIPTION_PREFIX = "brats_gmd "
 _RAS = axcodes2ornt("RAS")
 
 
+def parse_spacing(spacing: Sequence[float | str] | float | str | None, what: str = "spacing") -> list[float] | str:
+    """A working-spacing setting as ``"auto"``, ``"native"`` or 3 positive numbers (mm).
+
+    Accepts what the command line and bundle overrides pass: None (``"native"``), a mode name, one
+    number, a string of 1 or 3 numbers (``"1 1 3"``, ``"1,1,3"``) or a sequence of them.
+
+    Raises:
+        ValueError: naming ``what`` (``--spacing`` on the command line) and the accepted values.
+    """
+    if spacing is None:
+        return "native"
+    if isinstance(spacing, str):
+        if spacing.strip().lower() in ("auto", "native"):
+            return spacing.strip().lower()
+        spacing = [spacing]
+    elif isinstance(spacing, (int, float)):
+        spacing = [spacing]
+    tokens = [t for s in spacing for t in re.split(r"[\s,\[\]()]+", str(s)) if t]
+    if len(tokens) == 1 and tokens[0].lower() in ("auto", "native"):
+        return tokens[0].lower()
+    try:
+        return _checked_spacing(tokens, what)
+    except ValueError:
+        raise ValueError(f"{what} takes auto, native, or 1 or 3 positive numbers in mm (e.g. {what} 1 1 1); "
+                         f"got {' '.join(tokens)!r}.") from None
+
+
 def _checked_spacing(spacing: Sequence[float | str], what: str) -> list[float]:
     try:
         values = [float(s) for s in spacing]
@@ -77,8 +106,7 @@ def _checked_spacing(spacing: Sequence[float | str], what: str) -> list[float]:
     if len(values) == 1:
         values = values * 3
     if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
-        modes = "auto, native, or " if what == "spacing" else ""
-        raise ValueError(f"{what} takes {modes}1 or 3 positive numbers (mm), got {spacing!r}.")
+        raise ValueError(f"{what} takes 1 or 3 positive numbers (mm), got {spacing!r}.")
     return values
 
 
@@ -199,15 +227,9 @@ class Segmenter:
         self.sw_batch_size = int(sw_batch_size)
         self.device = torch.device(device)
         self.amp = parse_bool(amp, "amp") and self.device.type == "cuda"
-        mode = spacing.strip().lower() if isinstance(spacing, str) else None
-        self.auto_spacing = mode == "auto"
-        if mode in ("auto", "native"):
-            spacing = None
-        elif isinstance(spacing, str):  # a bundle override such as spacing: "1 1 3"
-            spacing = spacing.replace(",", " ").split()
-        elif isinstance(spacing, (int, float)):
-            spacing = [spacing]
-        self.spacing = None if spacing is None else _checked_spacing(spacing, "spacing")
+        spacing = parse_spacing(spacing)
+        self.auto_spacing = spacing == "auto"
+        self.spacing = None if isinstance(spacing, str) else spacing
         self.training_spacing = None if training_spacing is None else _checked_spacing(training_spacing,
                                                                                         "training_spacing")
         self.head_mask = parse_bool(head_mask, "head_mask")

@@ -217,7 +217,7 @@ def test_auto_spacing_uses_the_models_training_spacing(case, infer, tmp_path):
     assert runs["unknown"][0]["training_spacing_mm"] is None
     rc, _, err = infer("--ckpt", tmp_path / "native.pt", "--flair", case["flair"], "--out", tmp_path / "x.nii.gz",
                        "--spacing", "fine")
-    assert rc == 2 and "--spacing takes auto, native, or 1 or 3 numbers" in err
+    assert rc == 2 and "--spacing takes auto, native, or 1 or 3 positive numbers in mm (e.g. --spacing 1 1 1); got 'fine'" in err
 
 
 def test_training_spacing_survives_export_and_older_checkpoints_load(tmp_path):
@@ -343,7 +343,7 @@ def test_spacing_setting_as_the_bundle_passes_it():
                             ([2, 2, 4], [2.0, 2.0, 4.0]), ("Native", None), ("auto", None)):
         assert Segmenter(torch.nn.Identity(), divisor=16, spacing=given).spacing == expected, given
     for bad in ("fine", "1.5 2", 0, "-1", [1, 2]):
-        with pytest.raises(ValueError, match=r"spacing takes auto, native, or 1 or 3 positive numbers \(mm\)"):
+        with pytest.raises(ValueError, match=r"^spacing takes auto, native, or 1 or 3 positive numbers in mm \(e.g. spacing 1 1 1\)"):
             Segmenter(torch.nn.Identity(), divisor=16, spacing=bad)
 
 
