@@ -33,6 +33,7 @@ _EXPORTS = {
     "label_convention": "app.inference.pipeline",
     "load_segmenter": "app.inference.pipeline",
     "segment_case": "app.inference.pipeline",
+    "load_segmenter_or_exit": "app.inference.batch",
     "run_batch": "app.inference.batch",
     "run_batch_or_exit": "app.inference.batch",
 }

@@ -27,7 +27,7 @@ from typing import Any, Collection, Mapping, NoReturn, Sequence
 from app.atomic import atomic_write_text
 from app.flags import parse_bool
 
-__all__ = ["BatchError", "build_parser", "main", "run_batch", "run_batch_or_exit"]
+__all__ = ["BatchError", "build_parser", "load_segmenter_or_exit", "main", "run_batch", "run_batch_or_exit"]
 
 
 class BatchError(RuntimeError):
@@ -244,6 +244,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _error_line(err: Exception) -> str:
     """The one stderr line of a failed batch (a :class:`BatchError` keeps its line per case)."""
     return f"error: {err}" if isinstance(err, BatchError) else f"error: {' '.join(str(err).split())}"
+
+
+def load_segmenter_or_exit(ckpt: str | os.PathLike, **kwargs: Any) -> Any:
+    """:func:`~app.inference.pipeline.load_segmenter` for the batch bundle's ``segmenter``: a
+    missing or unreadable checkpoint, or a bad setting, ends with one error line and exit status 2
+    before any case is read, instead of MONAI's traceback and status 1."""
+    from app.inference.pipeline import load_segmenter
+
+    try:
+        return load_segmenter(ckpt, **kwargs)
+    except (ValueError, OSError) as err:
+        print(_error_line(err), file=sys.stderr)
+    raise SystemExit(2)
 
 
 def run_batch_or_exit(segmenter: Any, input_dir: str | os.PathLike, output_dir: str | os.PathLike,

@@ -239,8 +239,8 @@ def load_network(
     """
     path = os.fspath(ckpt)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Checkpoint {path} not found: pass --ckpt the model.pt written by training "
-                                "(<output_dir>/models/model.pt) or an exported model.ts.")
+        raise FileNotFoundError(f"Checkpoint {path} not found: give the model.pt written by training "
+                                "(<output_dir>/models/model.pt) or a model.ts exported from it.")
     if is_torchscript(path):
         try:
             network = torch.jit.load(path, map_location=device)

@@ -118,3 +118,12 @@ def test_bundle_batch_exits_2_with_one_line_per_bad_case(phantom_root, random_ck
     proc = _bundle(*args, "--input_dir", str(tmp_path / "missing"))
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "missing" in errors[0] and "Traceback" not in proc.stderr
+    # a corrupt checkpoint: one line naming it, before any case is read or written
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    args[args.index("--ckpt_path") + 1] = str(bad)
+    args[args.index("--output_dir") + 1] = str(tmp_path / "out_bad")
+    proc = _bundle(*args, "--input_dir", str(root))
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and str(bad) in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out_bad").exists()
