@@ -12,7 +12,8 @@ from app.engines.handlers import DiagnosticsHandler, SubsetReportHandler, TimeLi
 from app.engines.sentiment import SentimentReportHandler, SentimentSubsetEvaluator, subset_predictions
 from app.engines.trainer import SubsetEvaluator, SubsetTrainer, autocast_context, to_device
 from app.engines.utils import (
-    ProgressBarHandler, check_patch_size, check_spacing, describe_state_dict, fit_roi, load_weights, set_cudnn,
+    ProgressBarHandler, check_patch_size, check_spacing, describe_state_dict, fit_roi, load_weights,
+    report_input_errors, set_cudnn,
 )
 
 __all__ = [
@@ -21,5 +22,5 @@ __all__ = [
     "SentimentSubsetEvaluator", "SentimentReportHandler", "subset_predictions",
     "ResumableCheckpoint", "ResumableSampler", "SeededDataset", "atomic_save", "load_training_checkpoint",
     "init_distributed", "close_distributed", "distributed_device", "is_distributed", "broadcast_module", "check_shards", "mean_over_ranks", "GradientSync",
-    "DistributedTimeLimitHandler",
+    "DistributedTimeLimitHandler", "report_input_errors",
 ]

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
+from types import TracebackType
 from typing import Any, Sequence
 
 import torch
@@ -15,10 +18,52 @@ from app.networks.weights import describe_state_dict, load_weights
 
 __all__ = [
     "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "load_weights", "describe_state_dict",
-    "ProgressBarHandler",
+    "ProgressBarHandler", "report_input_errors",
 ]
 
 logger = logging.getLogger(__name__)
+
+_APP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _input_error(exc: BaseException | None) -> BaseException | None:
+    """The product's own bad-input error in ``exc``'s chain: a ``ValueError`` or ``OSError`` raised by
+    a ``raise`` in this package, whose message names the file and the fix. None for anything else."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if (isinstance(exc, (ValueError, OSError)) and tb is not None
+                and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_APP_DIR)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def report_input_errors() -> None:
+    """Make a bundle run end on bad input with one ``error:`` line, as the command-line tools do.
+
+    ``python -m monai.bundle run`` wraps every failure of a config expression in its own
+    ``RuntimeError`` and prints the whole chain, so the message that names the file and the fix sits
+    in the middle of a long traceback. This hook prints only that message when the chain holds one
+    (exit status stays 1); any other failure keeps the full traceback, and so does every failure
+    when the environment sets ``APP_TRACEBACK=1``.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "_reports_input_errors", False):
+        return
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        err = None if os.environ.get("APP_TRACEBACK") == "1" else _input_error(exc)
+        if err is None:
+            previous(exc_type, exc, tb)
+            return
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+
+    hook._reports_input_errors = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 def check_spacing(network: torch.nn.Module, records: Sequence[dict[str, Any]]) -> str | None:

@@ -7,7 +7,7 @@ import torch
 
 from monai.inferers import SimpleInferer
 
-from app.engines import ProgressBarHandler, SubsetEvaluator, SubsetTrainer, set_cudnn
+from app.engines import ProgressBarHandler, SubsetEvaluator, SubsetTrainer, report_input_errors, set_cudnn
 from app.networks import DSUNet
 from app.strategies import build_strategy
 
@@ -65,3 +65,44 @@ def test_check_spacing_warns_on_another_resolution(tmp_path, caplog):
         message = check_spacing(net, records)
     assert message and "[1.0, 1.0, 1.0] mm" in message and "trained at [2.0, 2.0, 2.0] mm" in message
     assert message in caplog.text
+
+
+def _raised(fn):
+    try:
+        fn()
+    except BaseException as err:  # noqa: BLE001
+        return err
+    raise AssertionError("expected an exception")
+
+
+def _wrapped(err: BaseException) -> BaseException:
+    """``err`` as MONAI's config evaluation re-raises it."""
+    def evaluate():
+        try:
+            raise err
+        except BaseException as inner:
+            raise RuntimeError("Failed to evaluate ConfigExpression") from inner
+    return _raised(evaluate)
+
+
+def test_report_input_errors_prints_only_the_products_own_message(monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr("sys.excepthook", lambda *exc: seen.append(exc[1]))
+    monkeypatch.delenv("APP_TRACEBACK", raising=False)
+    report_input_errors()
+    report_input_errors()  # idempotent: a second call does not stack hooks
+    import sys
+
+    from app.engines.utils import check_patch_size
+
+    ours = _wrapped(_raised(lambda: check_patch_size([30, 32, 32], DSUNet(features=(8, 16, 32, 64)))))
+    sys.excepthook(type(ours), ours, ours.__traceback__)
+    err = capsys.readouterr().err
+    assert err.startswith("error: patch_size") and err.count("\n") == 1 and not seen
+    # a ValueError raised outside the product (here by int()) is a bug to see whole: the previous hook gets it
+    other = _wrapped(_raised(lambda: int("x")))
+    sys.excepthook(type(other), other, other.__traceback__)
+    assert seen == [other] and capsys.readouterr().err == ""
+    monkeypatch.setenv("APP_TRACEBACK", "1")
+    sys.excepthook(type(ours), ours, ours.__traceback__)
+    assert seen == [other, ours]
