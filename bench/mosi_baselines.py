@@ -82,8 +82,13 @@ def ridge_baselines(
         "mean_over_subsets", "worst_subset"}`` layout of ``subset_metrics.json``; ``profile`` lists
         the selection-split metrics of every penalty tried (how sharply Acc-2 depends on it).
     """
-    train = mmsa_split(data, train_split)
-    splits = {name: mmsa_split(data, name) for name in (select_split, *eval_splits)}
+    source = getattr(data, "source", "the data file")
+    train = mmsa_split(data, train_split, source)
+    splits = {name: mmsa_split(data, name, source) for name in (select_split, *eval_splits)}
+    for name, split in {train_split: train, **splits}.items():
+        if "regression_labels" not in split:
+            raise ValueError(f"Split {name!r} of {source} has no regression_labels: the ridge baseline regresses the "
+                             "sentiment score and does not apply to classification-only data.")
     feats = {name: {m: pooled_features(s, m) for m in MMSA_MODALITIES} for name, s in {train_split: train, **splits}.items()}
     # as the DS evaluator does: a subset is fitted and scored on the samples that have all its modalities
     has = {name: {m: s[f"{m}_lengths"] > 0 for m in MMSA_MODALITIES} for name, s in {train_split: train, **splits}.items()}
@@ -149,8 +154,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--select_split", default="valid", help="split that chooses each subset's penalty")
     parser.add_argument("--eval_split", action="append", default=[], help="extra split(s) to score")
     args = parser.parse_args(argv)
-    data = load_mmsa(args.data_path, trust_pickle=args.trust_pickle)
-    out = ridge_baselines(data, select_split=args.select_split, eval_splits=args.eval_split)
+    try:
+        data = load_mmsa(args.data_path, trust_pickle=args.trust_pickle)
+        out = ridge_baselines(data, select_split=args.select_split, eval_splits=args.eval_split)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out_dir = Path(args.out_dir)
     for split, result in out["results"].items():
         write_subset_report(result, out_dir, stem=f"ridge_{split}", metrics=SENTIMENT_METRICS,

@@ -59,6 +59,19 @@ def _worst(report: Mapping[str, Any]) -> dict[str, Any]:
     return {"Acc2": (acc_name, rows[acc_name]["Acc2"]), "MAE": (mae_name, rows[mae_name]["MAE"])}
 
 
+def _num(value: float | None, bold: bool = False) -> str:
+    """A table cell: 4 decimals, or ``n/a`` for a null (non-finite) metric."""
+    text = "n/a" if value is None or not math.isfinite(value) else f"{value:.4f}"
+    return f"**{text}**" if bold else text
+
+
+def _beats(ours: float | None, ref: float | None, higher: bool) -> bool:
+    """``ours`` strictly better than ``ref``; a null on either side is no win."""
+    if ours is None or ref is None or not (math.isfinite(ours) and math.isfinite(ref)):
+        return False
+    return ours > ref if higher else ours < ref
+
+
 def comparison_table(reports: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown: one row per subset, then the mean and the worst subset; Acc-2 and MAE per method."""
     methods = list(reports)
@@ -69,17 +82,17 @@ def comparison_table(reports: Mapping[str, Mapping[str, Any]]) -> str:
         cells = []
         for m in methods:
             row = reports[m]["subsets"][name]
-            cells += [f"{row['Acc2']:.4f}", f"{row['MAE']:.4f}"]
+            cells += [_num(row["Acc2"]), _num(row["MAE"])]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     cells = []
     for m in methods:
         mean = reports[m]["mean_over_subsets"]
-        cells += [f"**{mean['Acc2']:.4f}**", f"**{mean['MAE']:.4f}**"]
+        cells += [_num(mean["Acc2"], bold=True), _num(mean["MAE"], bold=True)]
     lines.append("| **mean** | " + " | ".join(cells) + " |")
     cells = []
     for m in methods:
         worst = _worst(reports[m])
-        cells += [f"{worst['Acc2'][1]:.4f} ({worst['Acc2'][0]})", f"{worst['MAE'][1]:.4f} ({worst['MAE'][0]})"]
+        cells += [f"{_num(worst['Acc2'][1])} ({worst['Acc2'][0]})", f"{_num(worst['MAE'][1])} ({worst['MAE'][0]})"]
     lines.append("| worst subset | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -89,18 +102,18 @@ def checks(reports: Mapping[str, Mapping[str, Any]], model: str = "gmd") -> list
     out = []
     if model in reports and "ridge" in reports:
         ours, ridge = reports[model]["subsets"], reports["ridge"]["subsets"]
-        for metric, better in (("Acc2", lambda a, b: a > b), ("MAE", lambda a, b: a < b)):
-            failed = [f"{n} ({ours[n][metric]:.4f} vs {ridge[n][metric]:.4f})" for n in ours
-                      if not better(ours[n][metric], ridge[n][metric])]
+        for metric, higher in (("Acc2", True), ("MAE", False)):
+            failed = [f"{n} ({_num(ours[n][metric])} vs {_num(ridge[n][metric])})" for n in ours
+                      if not _beats(ours[n][metric], ridge[n][metric], higher)]
             status = "PASS" if not failed else "FAIL: " + ", ".join(failed)
             out.append(f"- {model} beats dedicated ridge in {metric} on every subset: {status}")
     if model in reports and "plain" in reports:
         ours, plain = _worst(reports[model]), _worst(reports["plain"])
-        acc_ok = ours["Acc2"][1] > plain["Acc2"][1]
-        mae_ok = ours["MAE"][1] < plain["MAE"][1]
-        out.append(f"- {model} beats plain on the worst subset: Acc2 {ours['Acc2'][1]:.4f} ({ours['Acc2'][0]}) vs "
-                   f"{plain['Acc2'][1]:.4f} ({plain['Acc2'][0]}): {'PASS' if acc_ok else 'FAIL'}; MAE "
-                   f"{ours['MAE'][1]:.4f} ({ours['MAE'][0]}) vs {plain['MAE'][1]:.4f} ({plain['MAE'][0]}): "
+        acc_ok = _beats(ours["Acc2"][1], plain["Acc2"][1], higher=True)
+        mae_ok = _beats(ours["MAE"][1], plain["MAE"][1], higher=False)
+        out.append(f"- {model} beats plain on the worst subset: Acc2 {_num(ours['Acc2'][1])} ({ours['Acc2'][0]}) vs "
+                   f"{_num(plain['Acc2'][1])} ({plain['Acc2'][0]}): {'PASS' if acc_ok else 'FAIL'}; MAE "
+                   f"{_num(ours['MAE'][1])} ({ours['MAE'][0]}) vs {_num(plain['MAE'][1])} ({plain['MAE'][0]}): "
                    f"{'PASS' if mae_ok else 'FAIL'}")
     return out
 
@@ -114,8 +127,8 @@ def win_counts(per_seed: Mapping[int, Mapping[str, Mapping[str, Any]]], model: s
     lines = [f"| subset | {model} > {reference} Acc2 (seeds) | {model} < {reference} MAE (seeds) |", "|:---|---:|---:|"]
     for name in names:
         rows = [(per_seed[s][model]["subsets"][name], per_seed[s][reference]["subsets"][name]) for s in seeds]
-        acc = sum(ours["Acc2"] > ref["Acc2"] for ours, ref in rows)
-        mae = sum(ours["MAE"] < ref["MAE"] for ours, ref in rows)
+        acc = sum(_beats(ours["Acc2"], ref["Acc2"], higher=True) for ours, ref in rows)
+        mae = sum(_beats(ours["MAE"], ref["MAE"], higher=False) for ours, ref in rows)
         lines.append(f"| {name} | {acc}/{len(seeds)} | {mae}/{len(seeds)} |")
     return "\n".join(lines)
 
@@ -138,12 +151,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must be distinct, got {args.seeds}.")
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     data_args = ["--data_path", str(Path(args.data_path).resolve()), "--trust_pickle", str(args.trust_pickle).lower()]
     max_epochs = args.max_epochs or int(yaml.safe_load((BUNDLE / "configs" / "train.yaml").read_text())["max_epochs"])
 
-    data = load_mmsa(args.data_path, trust_pickle=args.trust_pickle)
-    ridge = ridge_baselines(data, select_split="valid", eval_splits=[s for s in [args.eval_split] if s != "valid"])
+    try:
+        data = load_mmsa(args.data_path, trust_pickle=args.trust_pickle)
+        ridge = ridge_baselines(data, select_split="valid", eval_splits=[s for s in [args.eval_split] if s != "valid"])
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out_dir.mkdir(parents=True, exist_ok=True)  # after the data checks: a bad file or split leaves nothing behind
 
     per_seed: dict[int, dict[str, Any]] = {}
     seconds: dict[int, dict[str, float]] = {}

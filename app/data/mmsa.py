@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ from app.flags import parse_bool
 __all__ = [
     "MMSA_MODALITIES",
     "NPZ_FORMAT",
+    "MMSAData",
     "MMSADataset",
     "convert_mmsa",
     "feature_dims",
@@ -59,6 +62,14 @@ _LABEL_KEYS = ("regression_labels", "classification_labels")
 
 
 # -- loading ---------------------------------------------------------------------------------------
+class MMSAData(dict):
+    """:func:`load_mmsa`'s ``{split: arrays}``, remembering the file it came from for error messages."""
+
+    def __init__(self, splits: Mapping[str, dict[str, np.ndarray]], source: str | os.PathLike) -> None:
+        super().__init__(splits)
+        self.source = str(source)
+
+
 def _refuse_pickle(path: Path) -> ValueError:
     target = path.with_suffix(".npz")
     return ValueError(
@@ -117,19 +128,53 @@ def _normalise_split(name: str, split: Mapping[str, Any], source: Path) -> dict[
         lengths = np.full(n, x.shape[1]) if lengths is None else np.asarray(lengths).reshape(-1)
         if lengths.shape[0] != n:
             raise ValueError(f"{source}: {name}/{m}_lengths has {lengths.shape[0]} entries for {n} samples.")
+        if lengths.dtype.kind not in "iub" and not np.isfinite(lengths.astype(np.float64)).all():
+            bad = np.flatnonzero(~np.isfinite(lengths.astype(np.float64)))
+            raise ValueError(f"{source}: {name}/{m}_lengths has {bad.size} non-finite value(s) (first at sample "
+                             f"{bad[0]}): give each sample's number of {m} steps (0 for a missing {m}).")
         # MMSA stores the original lengths, which can exceed the padded (truncated) length
         out[f"{m}_lengths"] = np.clip(lengths.astype(np.int64), 0, x.shape[1])
     for key in _LABEL_KEYS:
         if key in split:
-            y = np.asarray(split[key]).reshape(-1)
-            if y.shape[0] != n:
-                raise ValueError(f"{source}: {name}/{key} has {y.shape[0]} entries for {n} samples.")
-            out[key] = y.astype(np.float32 if key == "regression_labels" else np.int64)
-    ids = split.get("id")
-    out["id"] = np.asarray([f"{name}_{i}" for i in range(n)] if ids is None else [str(i) for i in ids], dtype=str)
-    if "raw_text" in split:
-        out["raw_text"] = np.asarray([str(t) for t in split["raw_text"]], dtype=str)
+            out[key] = _checked_labels(np.asarray(split[key]), key, n, f"{source}: {name}/{key}")
+    for key in ("id", "raw_text"):
+        if key in split:
+            values = [_text(v) for v in np.asarray(split[key], dtype=object).reshape(-1)]
+            if len(values) != n:
+                raise ValueError(f"{source}: {name}/{key} has {len(values)} entries for {n} samples: every field "
+                                 "of a split needs one entry per sample; re-export the split.")
+            out[key] = np.asarray(values, dtype=str)
+    if "id" not in out:
+        out["id"] = np.asarray([f"{name}_{i}" for i in range(n)], dtype=str)
     return out
+
+
+def _text(value: Any) -> str:
+    """An id or transcript as text (MMSA pickles written under Python 2 hold bytes)."""
+    return value.decode("utf-8", errors="replace") if isinstance(value, (bytes, np.bytes_)) else str(value)
+
+
+def _checked_labels(y: np.ndarray, key: str, n: int, where: str) -> np.ndarray:
+    """``y`` as float32 sentiment scores or int64 class ids, refusing what would train on garbage."""
+    y = y.reshape(-1)
+    if y.shape[0] != n:
+        raise ValueError(f"{where} has {y.shape[0]} entries for {n} samples.")
+    try:
+        values = y.astype(np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} holds {y.dtype} values, not numbers.") from None
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        raise ValueError(f"{where} has {bad.size} missing or infinite label(s) (first at sample {bad[0]}): a NaN "
+                         "label trains on nothing and makes every score NaN; fix or drop those samples.")
+    if key == "regression_labels":
+        return values.astype(np.float32)
+    bad = np.flatnonzero((values != np.round(values)) | (values < 0))
+    if bad.size:
+        first = y[bad[0]].item() if hasattr(y[bad[0]], "item") else y[bad[0]]
+        raise ValueError(f"{where} has {bad.size} value(s) that are not class ids 0, 1, 2, ... (first: "
+                         f"{first!r} at sample {bad[0]}): classification labels must be non-negative integers.")
+    return values.astype(np.int64)
 
 
 def load_mmsa(path: str | os.PathLike, trust_pickle: bool | str = False) -> dict[str, dict[str, np.ndarray]]:
@@ -151,23 +196,43 @@ def load_mmsa(path: str | os.PathLike, trust_pickle: bool | str = False) -> dict
         ValueError: a pickle without trust, or a file that is not in the MMSA layout.
     """
     trusted = parse_bool(trust_pickle, "trust_pickle")  # a bad value is an error for .npz files too
+    if not str(path).strip():
+        raise ValueError("No MMSA feature file given: pass --data_path PATH, an MMSA .pkl (with --trust_pickle true) "
+                         "or a .npz converted from one.")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"MMSA feature file {path} not found: pass --data_path to an MMSA .pkl or converted .npz.")
+        raise FileNotFoundError(f"MMSA feature file {path} not found: check the path (an MMSA .pkl, or a .npz "
+                                "converted from one with python -m app convert-mmsa).")
     if path.suffix.lower() == ".npz":
         return _load_npz(path)
     if path.suffix.lower() not in _PICKLE_SUFFIXES:
         raise ValueError(f"{path}: expected an MMSA pickle (.pkl) or a converted .npz, got {path.suffix or 'no suffix'!r}.")
     if not trusted:
         raise _refuse_pickle(path)
-    with open(path, "rb") as f:
-        raw = pickle.load(f)  # noqa: S301 - only with the caller's explicit trust_pickle
+    try:
+        with open(path, "rb") as f:
+            raw = pickle.load(f)  # noqa: S301 - only with the caller's explicit trust_pickle
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file can fail in many ways
+        raise ValueError(f"{path} cannot be read as a pickle ({type(err).__name__}: {err}): it is truncated or not "
+                         "an MMSA feature file; download or export it again.") from err
     if not isinstance(raw, Mapping) or not raw:
         raise ValueError(f"{path} holds a {type(raw).__name__}, not the MMSA layout {{split: {{text, audio, vision, ...}}}}.")
-    return {str(name): _normalise_split(str(name), split, path) for name, split in raw.items()}
+    return MMSAData({str(name): _normalise_split(str(name), split, path) for name, split in raw.items()}, path)
 
 
 def _load_npz(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    fix = "convert the MMSA pickle again with python -m app convert-mmsa"
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a .npz archive (truncated, or another format): {fix}.")
+    try:
+        return _read_npz(path)
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err}): it is truncated or damaged; {fix}.") from err
+
+
+def _read_npz(path: Path) -> dict[str, dict[str, np.ndarray]]:
     with np.load(path, allow_pickle=False) as npz:
         if "__format__" not in npz.files or str(npz["__format__"]) != NPZ_FORMAT:
             raise ValueError(
@@ -180,7 +245,7 @@ def _load_npz(path: Path) -> dict[str, dict[str, np.ndarray]]:
                 continue
             split, _, field = key.partition("/")
             splits.setdefault(split, {})[field] = npz[key]
-    return {name: _normalise_split(name, split, path) for name, split in splits.items()}
+    return MMSAData({name: _normalise_split(name, split, path) for name, split in splits.items()}, path)
 
 
 def save_mmsa_npz(data: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> Path:
@@ -212,8 +277,8 @@ def mmsa_split(data: Mapping[str, Mapping[str, np.ndarray]], split: str, source:
     """One split of :func:`load_mmsa`'s result, or a ``ValueError`` naming the available splits."""
     if split not in data:
         raise ValueError(
-            f"Split {split!r} is not in {source}: available splits are {sorted(data)}. "
-            f"Pass one of them (e.g. --eval_split {sorted(data)[-1]}) or a file that has a {split!r} split."
+            f"Split {split!r} is not in {source}: available splits are {sorted(data)}. Pass one of them "
+            f"(the bundles' --train_split, --val_split and --eval_split) or a file that has a {split!r} split."
         )
     return dict(data[split])
 
@@ -263,6 +328,8 @@ class MMSADataset:
         modalities: modalities to offer; the others are marked missing for every sample.
         task: ``regression`` or ``classification`` when known: the label key must be that task's
             (a class id under an L1 loss would broadcast silently instead of failing).
+        num_classes: the network's number of classes; class ids must be below it (a larger id
+            fails deep in the loss in training and scores as a plain error in evaluation).
     """
 
     def __init__(
@@ -273,18 +340,26 @@ class MMSADataset:
         label_key: str = "regression_labels",
         modalities: Sequence[str] = MMSA_MODALITIES,
         task: str | None = None,
+        num_classes: int | None = None,
     ) -> None:
         expected = {"regression": "regression_labels", "classification": "classification_labels"}
         if task is not None and expected.get(task, label_key) != label_key:
             raise ValueError(f"label_key {label_key!r} does not fit task {task!r}: set label_key to {expected[task]!r} "
                              f"(or task to the one of {label_key!r}).")
-        source = data if isinstance(data, (str, os.PathLike)) else "the MMSA data"
+        source = data if isinstance(data, (str, os.PathLike)) else getattr(data, "source", "the MMSA data")
         loaded = load_mmsa(data, trust_pickle) if isinstance(data, (str, os.PathLike)) else data
         # a dict given directly may be raw MMSA (no lengths yet); normalising is idempotent
         arrays = _normalise_split(split, mmsa_split(loaded, split, source), Path(str(source)))
         if label_key not in arrays:
             have = [k for k in _LABEL_KEYS if k in arrays]
             raise ValueError(f"Split {split!r} of {source} has no {label_key!r} (it has {have}): set label_key to one of them.")
+        if arrays["id"].shape[0] == 0:
+            raise ValueError(f"Split {split!r} of {source} has no samples: pass a split that has some (the bundles' "
+                             "--train_split, --val_split, --eval_split) or a file whose split is not empty.")
+        if label_key == "classification_labels" and num_classes is not None and arrays[label_key].max() >= int(num_classes):
+            top = int(arrays[label_key].max())
+            raise ValueError(f"Split {split!r} of {source} has class id {top}, but the network has {int(num_classes)} "
+                             f"classes (ids 0 to {int(num_classes) - 1}): pass --out_channels {top + 1} or more.")
         unknown = [m for m in modalities if m not in MMSA_MODALITIES]
         if unknown:
             raise ValueError(f"Unknown modalities {unknown}: choose from {list(MMSA_MODALITIES)}.")

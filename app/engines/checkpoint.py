@@ -385,8 +385,9 @@ class ResumableCheckpoint:
         if set(expected) != set(saved) or any(tuple(saved[k].shape) != tuple(v.shape) for k, v in expected.items()):
             raise ValueError(
                 f"{self.path} was written for a different network configuration ({describe_state_dict(saved)}) than "
-                f"the one configured ({describe_state_dict(expected)}): resume with the run's original settings "
-                "(e.g. --features), or start a new run in another --output_dir."
+                f"the one configured ({describe_state_dict(expected)}): resume with the run's original network "
+                "settings (BraTS: --features; sentiment: --hidden and the layer counts), or start a new run in another "
+                "--output_dir."
             )
         length = int(engine.state.epoch_length or 0)
         if state["epoch_length"] and length and state["epoch_length"] != length:

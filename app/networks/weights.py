@@ -8,7 +8,8 @@ from typing import Any, Sequence
 import torch
 
 #: what a mismatch error tells the user to do, unless the caller knows better
-RETRAINED_FIX = "pass the training run's network settings (e.g. --features) when loading it"
+RETRAINED_FIX = ("pass the training run's network settings when loading it (BraTS: --features; sentiment: --hidden, "
+                 "--encoder_layers, --trunk_layers, --out_channels, and data with the same feature sizes)")
 
 __all__ = [
     "allow_missing_optional_keys", "apply_state_dict", "describe_state_dict", "load_weights", "optional_state_keys",
@@ -16,8 +17,22 @@ __all__ = [
 ]
 
 
+def _layer_count(state: dict[str, torch.Tensor], prefix: str) -> int:
+    return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+
+
 def describe_state_dict(state: dict[str, torch.Tensor]) -> str:
-    """Short description of a DS U-Net state dict (modalities and per-level widths)."""
+    """Short description of a DS U-Net state dict (modalities and per-level widths) or of a DS
+    transformer's (input feature sizes, width, layers, outputs)."""
+    if "encoders.0.proj.weight" in state:
+        n_mod = _layer_count(state, "encoders.")
+        sizes = [int(state[f"encoders.{i}.proj.weight"].shape[1]) for i in range(n_mod)
+                 if f"encoders.{i}.proj.weight" in state]
+        head = state.get("trunk.head.weight")
+        return (f"{n_mod} modality encoders, feature sizes {sizes}, hidden {int(state['encoders.0.proj.weight'].shape[0])}, "
+                f"{_layer_count(state, 'encoders.0.layers.layers.')} encoder and "
+                f"{_layer_count(state, 'trunk.layers.layers.')} trunk layer(s)"
+                + ("" if head is None else f", {int(head.shape[0])} output(s)"))
     widths = []
     level = 0
     while f"encoders.0.levels.{level}.conv1.conv.weight" in state:

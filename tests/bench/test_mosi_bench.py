@@ -14,7 +14,7 @@ from app.metrics.sentiment import sentiment_metrics
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 from mosi_baselines import LAMBDAS, fit_ridge, pooled_features, ridge_baselines  # noqa: E402
-from mosi_compare import win_counts  # noqa: E402
+from mosi_compare import checks, comparison_table, win_counts  # noqa: E402
 
 
 def test_fit_ridge_by_hand():
@@ -99,3 +99,16 @@ def test_win_counts_are_strict():
     assert "| audio | 1/2 | 1/2 |" in table
     per_seed[1]["gmd"]["subsets"]["text"]["Acc2"] = 0.91
     assert "| text | 2/2 | 1/2 |" in win_counts(per_seed).splitlines()
+
+
+def test_a_null_metric_is_no_win_and_prints_as_n_a():
+    """Reports write a non-finite metric as null; the comparison must still be written."""
+    ridge = _report({"text": 0.9, "audio": 0.5}, {"text": 0.7, "audio": 1.4})
+    gmd = _report({"text": None, "audio": 0.6}, {"text": None, "audio": 1.3})
+    for report, mean in ((ridge, (0.7, 1.05)), (gmd, (None, None))):
+        report["mean_over_subsets"] = {"Acc2": mean[0], "MAE": mean[1]}
+    table = comparison_table({"gmd": gmd, "ridge": ridge})
+    assert "| text | n/a | n/a | 0.9000 | 0.7000 |" in table and "| **mean** | **n/a** | **n/a** |" in table
+    lines = checks({"gmd": gmd, "ridge": ridge})
+    assert lines[0].endswith("FAIL: text (n/a vs 0.9000)") and lines[1].endswith("FAIL: text (n/a vs 0.7000)")
+    assert "| text | 0/1 | 0/1 |" in win_counts({0: {"gmd": gmd, "ridge": ridge}}).splitlines()

@@ -90,8 +90,23 @@ def test_convert_command_line_and_bad_files(tmp_path, capsys):
     np.savez(tmp_path / "plain.npz", x=np.zeros(3))
     with pytest.raises(ValueError, match="convert-mmsa"):
         load_mmsa(tmp_path / "plain.npz")
-    with pytest.raises(FileNotFoundError, match="--data_path"):
+    with pytest.raises(FileNotFoundError, match="missing.pkl not found: check the path"):
         load_mmsa(tmp_path / "missing.pkl", trust_pickle=True)
+    with pytest.raises(ValueError, match="No MMSA feature file given: pass --data_path"):
+        load_mmsa("", trust_pickle=True)  # the bundle's default data_path
+    # damaged files name themselves and the fix instead of a pickle or zip traceback
+    (tmp_path / "cut.pkl").write_bytes(pkl.read_bytes()[:200])
+    (tmp_path / "text.pkl").write_text("garbage\n")
+    for bad in ("cut.pkl", "text.pkl"):
+        with pytest.raises(ValueError, match=f"{bad} cannot be read as a pickle .*download or export it again"):
+            load_mmsa(tmp_path / bad, trust_pickle=True)
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "s.npz").read_bytes()[:300])
+    (tmp_path / "text.npz").write_text("garbage")
+    for bad in ("cut.npz", "text.npz"):
+        with pytest.raises(ValueError, match=f"{bad} (is not a .npz archive|cannot be read).*convert-mmsa"):
+            load_mmsa(tmp_path / bad)
+    assert app_main(["convert-mmsa", str(tmp_path / "cut.pkl"), str(tmp_path / "c.npz")]) == 2
+    assert "cut.pkl cannot be read as a pickle" in capsys.readouterr().err and not (tmp_path / "c.npz").exists()
     (tmp_path / "s.txt").write_text("x")
     with pytest.raises(ValueError, match="MMSA pickle"):
         load_mmsa(tmp_path / "s.txt")
@@ -100,8 +115,12 @@ def test_convert_command_line_and_bad_files(tmp_path, capsys):
 
 def test_missing_split_and_keys_give_clear_errors(tmp_path):
     data = make_synthetic_mmsa({"train": 4, "valid": 4})
-    with pytest.raises(ValueError, match=r"available splits are \['train', 'valid'\]"):
+    with pytest.raises(ValueError, match=r"available splits are \['train', 'valid'\]. .*--val_split"):
         MMSADataset(data, split="test")
+    # loaded from a file, the dataset names that file
+    npz = write_synthetic_mmsa(tmp_path / "two.npz", splits={"train": 4, "valid": 4})
+    with pytest.raises(ValueError, match=f"not in {npz}"):
+        MMSADataset(load_mmsa(npz), split="test")
     del data["train"]["audio"]
     with pytest.raises(ValueError, match="lacks \\['audio'\\]"):
         MMSADataset(data, split="train")
@@ -150,3 +169,45 @@ def test_synthetic_text_dominates():
         w, *_ = np.linalg.lstsq(np.c_[x, np.ones(len(x))], y, rcond=None)
         corr[m] = np.corrcoef(np.c_[x, np.ones(len(x))] @ w, y)[0, 1]
     assert corr["text"] > corr["vision"] > corr["audio"] > 0.2
+
+
+def _split_with(tmp_path, **changes):
+    """A synthetic train split with some fields replaced, as the bundle loads it."""
+    data = make_synthetic_mmsa({"train": 6, "valid": 0}, layout="unaligned", dims=(4, 3, 2), seq_len=4)
+    data["train"].update(changes)
+    return data
+
+
+def test_fields_with_the_wrong_count_are_refused(tmp_path):
+    ids = [f"v{i}" for i in range(6)]
+    for key, value in (("id", ids[:4]), ("raw_text", ["a"] * 7)):
+        with pytest.raises(ValueError, match=f"train/{key} has {len(value)} entries for 6 samples"):
+            MMSADataset(_split_with(tmp_path, **{key: value}), split="train")
+    # ids written under Python 2 are bytes: read as text, not "b'...'"
+    ds = MMSADataset(_split_with(tmp_path, id=[i.encode() for i in ids]), split="train")
+    assert ds[0]["case"] == "v0"
+
+
+def test_non_finite_or_non_class_labels_are_refused(tmp_path):
+    labels = np.linspace(-3, 3, 6).astype(np.float32)
+    labels[4] = np.nan
+    with pytest.raises(ValueError, match="train/regression_labels has 1 missing or infinite label.*sample 4"):
+        MMSADataset(_split_with(tmp_path, regression_labels=labels), split="train")
+    for classes, found in (([0, 1, 2, 1.9, 0, 1], "1.9"), ([0, 1, -1, 2, 0, 1], "-1")):
+        with pytest.raises(ValueError, match=f"not class ids .*first: {found}"):
+            MMSADataset(_split_with(tmp_path, classification_labels=np.asarray(classes)), split="train",
+                        label_key="classification_labels")
+    classes = np.asarray([0, 1, 2, 3, 0, 1])
+    with pytest.raises(ValueError, match="class id 3, but the network has 3 classes .*--out_channels 4"):
+        MMSADataset(_split_with(tmp_path, classification_labels=classes), split="train",
+                    label_key="classification_labels", num_classes=3)
+    assert len(MMSADataset(_split_with(tmp_path, classification_labels=classes), split="train",
+                           label_key="classification_labels", num_classes=4)) == 6
+    lengths = np.asarray([1.0, 2.0, np.nan, 1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="train/audio_lengths has 1 non-finite value.*sample 2"):
+        MMSADataset(_split_with(tmp_path, audio_lengths=lengths), split="train")
+
+
+def test_empty_split_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="Split 'valid' of the MMSA data has no samples"):
+        MMSADataset(_split_with(tmp_path), split="valid")
