@@ -1,9 +1,32 @@
-"""The error type of the data layer, kept in its own module so every data module can raise it."""
+"""The error type of the data layer, kept in its own module so every data module (and the model
+loaders) can raise it, and the check that tells a file this process may not read from a damaged one."""
 
 from __future__ import annotations
 
-__all__ = ["CaseError"]
+import os
+
+__all__ = ["CaseError", "check_readable", "unreadable"]
 
 
 class CaseError(ValueError):
     """A case on disk cannot be used as it is; the message names the file or folder and the fix."""
+
+
+def unreadable(path: str | os.PathLike) -> CaseError:
+    """The error for a file this process may not read: a permission problem, not a damaged file."""
+    who = f"user id {os.getuid()}" if hasattr(os, "getuid") else "this user"
+    return CaseError(f"{os.fspath(path)} is not readable by {who}: make it readable (e.g. chmod a+r), or run as a user "
+                     "who may read it (Docker: --user with the file owner's id).")
+
+
+def check_readable(path: str | os.PathLike) -> None:
+    """Raise :func:`unreadable` when ``path`` exists but may not be opened; other problems are left to
+    the loader. Readers such as nibabel report a refused open as an unreadable format, whose fix
+    (re-export the file) would be wrong."""
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise unreadable(path) from None
+    except OSError:
+        pass

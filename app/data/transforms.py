@@ -20,7 +20,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys
 
-from app.data.errors import CaseError
+from app.data.errors import CaseError, check_readable, unreadable
 from app.data.labels import labels_to_regions
 from app.subsets import BRATS_MODALITIES
 
@@ -50,6 +50,8 @@ def check_nifti_stream(path: str, img: nib.spatialimages.SpatialImage) -> None:
         with (gzip.open if name.endswith(".gz") else open)(path, "rb") as f:
             while chunk := f.read(1 << 24):
                 size += len(chunk)
+    except PermissionError:
+        raise unreadable(path) from None
     except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
         raise CaseError(f"{path} is corrupt or truncated ({type(err).__name__}: {err}): re-download or re-export it.") from err
     header = img.header
@@ -63,10 +65,13 @@ def check_nifti_stream(path: str, img: nib.spatialimages.SpatialImage) -> None:
 
 
 def _open(path: str) -> nib.spatialimages.SpatialImage:
+    check_readable(path)
     try:
         img = nib.load(path)
     except FileNotFoundError as err:
         raise CaseError(f"{path} does not exist: restore the file or re-run discovery.") from err
+    except PermissionError:
+        raise unreadable(path) from None
     except Exception as err:  # nibabel raises many types for bad headers; all mean the same to the user
         raise CaseError(f"Cannot read {path} ({type(err).__name__}: {err}): the file is corrupt or not NIfTI; "
                         "re-download or re-export it.") from err

@@ -27,7 +27,8 @@ from app.atomic import atomic_write
 from app.engines.utils import load_weights
 from app.networks import DSUNet
 from app.networks.ds_unet import recorded_spacing
-from app.networks.weights import allow_missing_optional_keys
+from app.data.errors import unreadable
+from app.networks.weights import allow_missing_optional_keys, check_archive, check_finite
 from app.subsets import BRATS_MODALITIES
 
 __all__ = [
@@ -202,11 +203,12 @@ def checkpoint_features(path: str | os.PathLike) -> list[int] | None:
             state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - load_weights reports unreadable files with the full message
         return None
-    if isinstance(state, dict):
-        for key in ("model", "network", "state_dict"):
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
+    if not isinstance(state, dict):
+        return None
+    for key in ("model", "network", "state_dict"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+            break
     widths = []
     while f"encoders.0.levels.{len(widths)}.conv1.conv.weight" in state:
         widths.append(int(state[f"encoders.0.levels.{len(widths)}.conv1.conv.weight"].shape[0]))
@@ -242,8 +244,11 @@ def load_network(
         raise FileNotFoundError(f"Checkpoint {path} not found: give the model.pt written by training "
                                 "(<output_dir>/models/model.pt) or a model.ts exported from it.")
     if is_torchscript(path):
+        check_archive(path)
         try:
             network = torch.jit.load(path, map_location=device)
+        except PermissionError:
+            raise unreadable(path) from None
         except Exception as err:  # noqa: BLE001
             raise ValueError(f"Cannot load TorchScript model {path} ({type(err).__name__}): re-export it with "
                              "python -m app.inference.export.") from err
@@ -258,6 +263,7 @@ def load_network(
                              "or pass the matching value.")
         if tuple(modalities) != BRATS_MODALITIES:
             raise ValueError(f"{path} serves modalities {modalities}, not {list(BRATS_MODALITIES)}.")
+        check_finite(network.state_dict().items(), path)
         network.eval()
         return network, {"modalities": modalities, "features": ts_features, "divisor": 2 ** (len(ts_features) - 1),
                          "format": "torchscript", "training_spacing": recorded_spacing(network)}

@@ -321,6 +321,12 @@ class Segmenter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         timing["network_s"] = _seconds(start)
+        # a NaN logit is "no tumour" after the threshold: refuse rather than write a silent negative
+        bad = int((~torch.isfinite(logits)).sum())
+        if bad:
+            raise CaseError(f"{ref.source}: the network gave {bad} NaN or infinite value(s) on this case, so no label "
+                            "map is written: check that the model file is intact (copy it again) and that the scan's "
+                            "intensities are plausible.")
 
         # 6. back to the input grid
         start = time.perf_counter()

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Any, Sequence
 
 import torch
+
+from app.data.errors import unreadable
 
 #: what a mismatch error tells the user to do, unless the caller knows better
 RETRAINED_FIX = ("pass the training run's network settings when loading it (BraTS: --features; sentiment: --hidden, "
                  "--encoder_layers, --trunk_layers, --out_channels, and data with the same feature sizes)")
 
 __all__ = [
-    "allow_missing_optional_keys", "apply_state_dict", "describe_state_dict", "load_weights", "optional_state_keys",
-    "read_state_dict",
+    "allow_missing_optional_keys", "apply_state_dict", "check_archive", "check_finite", "describe_state_dict",
+    "load_weights", "optional_state_keys", "read_state_dict",
 ]
 
 
@@ -55,8 +58,11 @@ def read_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Checkpoint {path} not found: pass --ckpt_path to a model.pt written by training.")
+    check_archive(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError:
+        raise unreadable(path) from None
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise ValueError(f"Cannot read checkpoint {path} ({type(err).__name__}): it is corrupt or not a "
                          "PyTorch checkpoint; re-export it from training.") from err
@@ -65,9 +71,44 @@ def read_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
             if key in state and isinstance(state[key], dict):
                 state = state[key]
                 break
-    if not isinstance(state, dict):
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise ValueError(f"Checkpoint {path} holds no state dict: pass a model.pt written by training.")
+    check_finite(state.items(), path)
     return state
+
+
+def check_archive(path: str | os.PathLike) -> None:
+    """Refuse a damaged checkpoint or TorchScript archive before it is loaded.
+
+    ``torch.load`` does not verify the zip checksums, so a flipped byte in a weight loads as a wrong
+    (possibly NaN) value, and the model then quietly segments nothing. Legacy (non-zip) files are
+    left to the loader.
+
+    Raises:
+        ValueError: an entry fails its checksum, or the archive is cut short.
+    """
+    path = os.fspath(path)
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except PermissionError:
+        raise unreadable(path) from None
+    except (OSError, EOFError, zipfile.BadZipFile, RuntimeError) as err:
+        bad = f"({type(err).__name__}: {err})"
+    if bad is not None:
+        raise ValueError(f"{path} is damaged: entry {bad} fails its checksum. Copy the model again from where it was "
+                         "trained or exported (or re-export it); it was changed after it was written.")
+
+
+def check_finite(tensors: Any, path: str | os.PathLike) -> None:
+    """Refuse weights with NaN or infinite values (a diverged run or a damaged file): a model with
+    them segments nothing, without any other sign. ``tensors`` yields ``(name, tensor)`` pairs."""
+    bad = [name for name, t in tensors if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{os.fspath(path)} holds NaN or infinite weights in {len(bad)} tensor(s) (e.g. {bad[0]}): "
+                         "the file is damaged or its training diverged; copy it again or use another checkpoint.")
 
 
 def load_weights(

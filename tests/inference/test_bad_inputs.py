@@ -123,6 +123,38 @@ def _bad_ckpt(case, tmp_path):
     return ["--flair", case["flair"], "--ckpt", str(path)], "broken.pt"
 
 
+def _flipped_byte_ckpt(case, tmp_path):
+    """A weight changed after the file was written: zip checksums catch what torch.load does not."""
+    import torch
+
+    from app.networks import DSUNet
+
+    path = tmp_path / "flipped.pt"
+    torch.save(DSUNet(features=(8, 16, 32, 64)).state_dict(), path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4] = b"\x00\x00\xc0\x7f"  # a float32 NaN inside some tensor
+    path.write_bytes(bytes(data))
+    return ["--flair", case["flair"], "--ckpt", str(path)], "flipped.pt is damaged: entry"
+
+
+def _nan_weights_ckpt(case, tmp_path):
+    import torch
+
+    from app.networks import DSUNet
+
+    state = DSUNet(features=(8, 16, 32, 64)).state_dict()
+    next(v for v in state.values() if v.is_floating_point())[0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    return ["--flair", case["flair"], "--ckpt", str(tmp_path / "nan.pt")], "nan.pt holds NaN or infinite weights"
+
+
+def _tensor_ckpt(case, tmp_path):
+    import torch
+
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    return ["--flair", case["flair"], "--ckpt", str(tmp_path / "tensor.pt")], "holds no state dict"
+
+
 def _wrong_features(case, tmp_path):
     return ["--flair", case["flair"], "--features", "16", "32"], "different network configuration"
 
@@ -142,7 +174,8 @@ def _case_dir_many(case, tmp_path):
 BAD = {f.__name__.lstrip("_"): f for f in (
     _corrupt, _truncated, _empty, _constant, _nan, _two_d, _single_slice, _four_d, _mismatched, _missing, _not_nifti,
     _no_sequence, _unknown_name, _unknown_flag, _resample_to_absent, _output_is_input, _output_is_input_through_symlink,
-    _output_is_input_hard_link, _bad_ckpt, _wrong_features, _bad_device, _zero_threads,
+    _output_is_input_hard_link, _bad_ckpt, _flipped_byte_ckpt, _nan_weights_ckpt, _tensor_ckpt, _wrong_features,
+    _bad_device, _zero_threads,
 )}
 
 
@@ -263,3 +296,52 @@ def test_process_exit_status_through_python_m_app(tmp_path, random_ckpt):
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "bad_flair.nii.gz" in proc.stderr
     assert not (tmp_path / "seg.nii.gz").exists()
+
+
+def test_non_finite_network_output_writes_nothing(case, tmp_path):
+    """A NaN logit thresholds to "no tumour": the case must fail instead of reporting 0 mL."""
+    import torch
+
+    from app.data.errors import CaseError
+    from app.inference.pipeline import Segmenter, segment_case
+
+    class NaNNet(torch.nn.Module):
+        def forward(self, image, mask):
+            out = torch.zeros(image.shape[0], 3, *image.shape[2:])
+            out[:, 0] = float("nan")  # WT everywhere: a damaged weight in the WT path
+            return out
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(CaseError, match=r"flair.nii.gz: the network gave \d+ NaN or infinite value"):
+        segment_case(Segmenter(NaNNet(), divisor=8, spacing="native"), {"flair": case["flair"]}, out / "seg.nii.gz",
+                     summary=out / "seg.json")
+    assert _files(out) == set()
+
+
+def test_unreadable_files_are_reported_as_permissions_not_damage(case, random_ckpt, infer, tmp_path, monkeypatch):
+    """A file the process may not read (e.g. Docker --user and a model written under umask 077) is a
+    permission problem with its own fix, not a corrupt file."""
+    import builtins
+    import gzip
+
+    import torch
+
+    locked = set()
+
+    def guard(opener):
+        def wrapped(file, *args, **kwargs):
+            if isinstance(file, (str, os.PathLike)) and str(Path(file).resolve()) in locked:
+                raise PermissionError(13, "Permission denied", str(file))
+            return opener(file, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(builtins, "open", guard(builtins.open))
+    monkeypatch.setattr(gzip, "open", guard(gzip.open))
+    monkeypatch.setattr(torch, "load", guard(torch.load))
+    for path in (case["t2"], random_ckpt):
+        locked.clear()
+        locked.add(str(Path(path).resolve()))
+        rc, _, err = infer("--ckpt", random_ckpt, "--out", str(tmp_path / "seg.nii.gz"), "--t2", case["t2"])
+        assert rc == 2 and f"{Path(path).name} is not readable by user id" in err and "chmod a+r" in err, err
+        assert "corrupt" not in err and not (tmp_path / "seg.nii.gz").exists()
