@@ -52,11 +52,9 @@ def _written_by_batch(path: str, case: str) -> bool:
             with open(path, encoding="utf-8") as f:
                 summary = json.load(f)
             return isinstance(summary, dict) and summary.get("case") == case and "output" in summary
-        import nibabel as nib
+        from app.inference.pipeline import written_by_product
 
-        from app.inference.pipeline import OUTPUT_DESCRIPTION_PREFIX
-
-        return bytes(nib.load(path).header["descrip"]).startswith(OUTPUT_DESCRIPTION_PREFIX.encode())
+        return written_by_product(path)
     except Exception:  # noqa: BLE001 - anything unreadable is not known to be ours, so it is kept
         return False
 

@@ -61,6 +61,7 @@ __all__ = [
     "segment_case",
     "summary_notes",
     "upload",
+    "written_by_product",
 ]
 
 #: ``--labels`` values and the label convention each selects.
@@ -438,8 +439,9 @@ def check_output_path(path: str | os.PathLike, kind: str, suffixes: Sequence[str
     """Validate an output path before any work is done; returns it as an absolute path.
 
     Raises:
-        ValueError: wrong suffix, an existing folder, or one of the inputs under any name (through a
-            symlinked file or folder, or a hard link).
+        ValueError: wrong suffix, an existing folder, one of the inputs under any name (through a
+            symlinked file or folder, or a hard link), or an existing image this product did not
+            write (e.g. the case's reference segmentation).
     """
     out = os.path.abspath(os.fspath(path))
     if not out.lower().endswith(tuple(suffixes)):
@@ -454,8 +456,20 @@ def check_output_path(path: str | os.PathLike, kind: str, suffixes: Sequence[str
         if same:
             raise ValueError(f"{kind} {path} is also an input ({inp}): choose another output name so the input "
                              "is kept.")
+    if out.lower().endswith((".nii", ".nii.gz")) and os.path.isfile(out) and not written_by_product(out):
+        raise ValueError(f"{kind} {path} already exists and was not written by this product (a reference "
+                         "segmentation or a scan?): choose another output name, or move that file away first.")
     check_writable_folder(os.path.dirname(out), f"{kind} {path}")
     return out
+
+
+def written_by_product(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a NIfTI image that :func:`segment_case` wrote (its header description),
+    i.e. one that a rerun may replace. Anything else, readable or not, is the user's to keep."""
+    try:
+        return bytes(nib.load(os.fspath(path)).header["descrip"]).startswith(OUTPUT_DESCRIPTION_PREFIX.encode())
+    except Exception:  # noqa: BLE001 - an unreadable file is not known to be ours
+        return False
 
 
 def check_writable_folder(folder: str | os.PathLike, what: str) -> None:

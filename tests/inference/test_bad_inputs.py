@@ -345,3 +345,36 @@ def test_unreadable_files_are_reported_as_permissions_not_damage(case, random_ck
         rc, _, err = infer("--ckpt", random_ckpt, "--out", str(tmp_path / "seg.nii.gz"), "--t2", case["t2"])
         assert rc == 2 and f"{Path(path).name} is not readable by user id" in err and "chmod a+r" in err, err
         assert "corrupt" not in err and not (tmp_path / "seg.nii.gz").exists()
+
+
+def test_reference_segmentation_is_never_overwritten(case, random_ckpt, infer, tmp_path):
+    """``<case>_seg.nii.gz`` is the natural name for a prediction, and also the name of BraTS's own
+    reference label: an existing image the product did not write is refused, in one case and in a batch."""
+    from app.inference.batch import main as batch_main
+
+    folder = Path(case["flair"]).parent
+    label = folder / "Phantom_000_seg.nii.gz"
+    before = label.read_bytes()
+    rc, _, err = infer("--ckpt", random_ckpt, "--case-dir", str(folder), "--out", str(label))
+    assert rc == 2 and "Phantom_000_seg.nii.gz already exists and was not written by this product" in err, err
+    assert label.read_bytes() == before
+    # its own earlier output is replaced as before
+    ours = tmp_path / "pred.nii.gz"
+    for _ in range(2):
+        rc, _, err = infer("--ckpt", random_ckpt, "--case-dir", str(folder), "--out", str(ours))
+        assert rc == 0, err
+    # MSD layout, batch written into labelsTr: every case fails, no label changes
+    msd = tmp_path / "Task01"
+    (msd / "imagesTr").mkdir(parents=True)
+    (msd / "labelsTr").mkdir()
+    image = nib.load(case["flair"])
+    data = np.stack([np.asarray(nib.load(case[s]).dataobj) for s in ("flair", "t1", "t1ce", "t2")], axis=-1)
+    nib.save(nib.Nifti1Image(data, image.affine), msd / "imagesTr" / "BRATS_001.nii.gz")
+    nib.save(nib.load(str(label)), msd / "labelsTr" / "BRATS_001.nii.gz")
+    (msd / "dataset.json").write_text('{"modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}, '
+                                      '"labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", '
+                                      '"3": "enhancing tumour"}}')
+    kept = (msd / "labelsTr" / "BRATS_001.nii.gz").read_bytes()
+    assert batch_main(["--ckpt", random_ckpt, "--input-dir", str(msd), "--output-dir", str(msd / "labelsTr"),
+                       "--device", "cpu"]) == 2
+    assert (msd / "labelsTr" / "BRATS_001.nii.gz").read_bytes() == kept
