@@ -71,7 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         from app.inference.cli import parse_ints
         from app.inference.model import export_torchscript, is_torchscript, network_from_checkpoint
+        from app.inference.pipeline import check_output_path
 
+        # before any work: a bad name, a folder, an unwritable place, or the checkpoint itself (whose
+        # weights would be lost to the export)
+        out = check_output_path(args.out, "--out", (".ts", ".pt", ".pth"), [args.ckpt])
         if is_torchscript(args.ckpt):
             raise ValueError(f"{args.ckpt} is already a TorchScript model: pass the model.pt written by training.")
         features = parse_ints(args.features, "--features") if args.features else None
@@ -81,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         def verify(tmp: Path) -> None:  # on the temporary file: a model that fails never replaces --out
             differences.append(verify_export(network, torch.jit.load(str(tmp)), network.divisor))
 
-        path = export_torchscript(network, args.out, check=verify)
+        path = export_torchscript(network, out, check=verify)
         worst = differences[0]
     except (ValueError, OSError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -79,3 +79,24 @@ def test_verified_model_replaces_the_old_one(random_ckpt, tmp_path, monkeypatch)
     assert seen == [b"the deployed model"]
     assert is_torchscript(out) and [p.name for p in tmp_path.iterdir()] == ["model.ts"]
 
+
+
+def test_bad_output_paths_are_refused_before_scripting(random_ckpt, tmp_path, monkeypatch, capsys):
+    """The checkpoint itself, a folder, another format, or a folder that cannot be written: one line,
+    exit 2, before any scripting, and the checkpoint is untouched."""
+    import shutil
+
+    ckpt = tmp_path / "model.pt"
+    shutil.copy(random_ckpt, ckpt)
+    before = ckpt.read_bytes()
+    scripted = []
+    monkeypatch.setattr(torch.jit, "script", lambda *a, **k: scripted.append(1))
+    (tmp_path / "folder.ts").mkdir()
+    (tmp_path / "blocked").write_text("a file where a folder should be")
+    for out, expected in ((ckpt, "is also an input"), (tmp_path / "folder.ts", "is a folder"),
+                          (tmp_path / "model.nii.gz", "must end with .ts or .pt or .pth"),
+                          (tmp_path / "blocked" / "m.ts", "is a file, not a folder")):
+        assert export.main(["--ckpt", str(ckpt), "--out", str(out)]) == 2, out
+        err = capsys.readouterr().err
+        assert err.startswith("error: --out") and expected in err and err.count("\n") == 1, err
+    assert ckpt.read_bytes() == before and not scripted
