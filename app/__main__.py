@@ -32,11 +32,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Unknown command {command!r}: choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command])
-    try:
-        return int(module.main(rest) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+    def work() -> int:
+        try:
+            return int(module.main(rest) or 0)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
+    from app.atomic import run_interruptible
+
+    return run_interruptible(work)
 
 
 if __name__ == "__main__":

@@ -5,18 +5,23 @@ Every writer of results, datalists, checkpoints and exported models goes through
 folder (a rename is atomic only within one file system), is flushed and fsynced, optionally
 checked, then ``os.replace`` moves it over the destination. On an error (or a failed check) the
 temporary file is removed and the destination is untouched; after a kill it stays behind, and
-:func:`stale_temporaries` finds it.
+:func:`stale_temporaries` finds it. :func:`run_interruptible` makes SIGTERM (``docker stop``, a
+scheduler's cancel) unwind like Ctrl-C, so the command-line tools remove their temporaries then too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "stale_temporaries"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "run_interruptible",
+           "stale_temporaries"]
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -89,3 +94,36 @@ def stale_temporaries(path: str | os.PathLike) -> list[Path]:
     if not target.parent.is_dir():
         return []
     return sorted(target.parent.glob(f".{target.name}.*.tmp"))
+
+
+class _Stopped(KeyboardInterrupt):
+    """A stop request by signal, raised in the main thread so that cleanup code runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def run_interruptible(work: Callable[[], int]) -> int:
+    """Run a command-line tool's ``work`` so that SIGTERM and Ctrl-C stop it cleanly.
+
+    Python ignores SIGTERM's default action only as PID 1 (a container's entrypoint), and otherwise
+    dies without unwinding, leaving temporaries behind. Here both signals raise in the main thread:
+    every write in progress removes its temporary file, and the tool ends with one line and status
+    128 + the signal number (130 for Ctrl-C, 143 for SIGTERM). Outputs finished before the stop stay.
+    """
+    def stop(signum: int, frame: object) -> None:
+        raise _Stopped(signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
+    try:
+        return work()
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"error: stopped by {signal.Signals(signum).name}: nothing partial was written; outputs finished "
+              "before the stop are kept.", file=sys.stderr)
+        return 128 + int(signum)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -378,3 +378,33 @@ def test_reference_segmentation_is_never_overwritten(case, random_ckpt, infer, t
     assert batch_main(["--ckpt", random_ckpt, "--input-dir", str(msd), "--output-dir", str(msd / "labelsTr"),
                        "--device", "cpu"]) == 2
     assert (msd / "labelsTr" / "BRATS_001.nii.gz").read_bytes() == kept
+
+
+@pytest.mark.parametrize("stage", ["network", "writing"])
+def test_sigterm_stops_cleanly_with_nothing_partial(stage, case, random_ckpt, tmp_path, monkeypatch, capsys):
+    """``docker stop`` or a scheduler's cancel sends SIGTERM: the run ends with one line and status 143,
+    and neither an output nor a temporary file is left, whether it stops in the network or mid-write."""
+    import signal
+
+    import app.inference.pipeline as pipeline
+    from app.atomic import run_interruptible
+    from app.inference.cli import main as infer_main
+
+    def terminate():  # the handler runs as soon as this returns, in the main thread
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if stage == "network":
+        real = pipeline.sliding_window_inference
+        monkeypatch.setattr(pipeline, "sliding_window_inference", lambda *a, **k: (terminate(), real(*a, **k))[1])
+    else:
+        real_save = pipeline.nib.save
+        monkeypatch.setattr(pipeline.nib, "save", lambda img, path: (real_save(img, path), terminate()))
+    out = tmp_path / "out"
+    out.mkdir()
+    previous = signal.getsignal(signal.SIGTERM)
+    rc = run_interruptible(lambda: infer_main(["--ckpt", random_ckpt, "--flair", case["flair"], "--out",
+                                               str(out / "seg.nii.gz"), "--probabilities", str(out / "p.nii.gz")]))
+    err = capsys.readouterr().err
+    assert rc == 143 and err.startswith("error: stopped by SIGTERM") and err.count("\n") == 1, err
+    assert _files(out) == set()
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handler is the tool's only while it runs
