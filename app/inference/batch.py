@@ -261,12 +261,23 @@ def run_batch_or_exit(segmenter: Any, input_dir: str | os.PathLike, output_dir: 
                       **kwargs: Any) -> list[dict[str, Any]]:
     """:func:`run_batch` for the batch bundle's ``run`` step: bad cases or a bad input folder end
     with the error lines and exit status 2, as ``python -m app.inference.batch`` does, instead of
-    MONAI's traceback and status 1."""
-    try:
-        return run_batch(segmenter, input_dir, output_dir, **kwargs)
-    except (BatchError, ValueError, OSError) as err:
-        print(_error_line(err), file=sys.stderr)
-    raise SystemExit(2)
+    MONAI's traceback and status 1; SIGTERM and Ctrl-C stop it as they stop that command."""
+    from app.atomic import run_interruptible
+
+    results: list[dict[str, Any]] = []
+
+    def work() -> int:
+        try:
+            results.extend(run_batch(segmenter, input_dir, output_dir, **kwargs))
+        except (BatchError, ValueError, OSError) as err:
+            print(_error_line(err), file=sys.stderr)
+            return 2
+        return 0
+
+    status = run_interruptible(work)  # docker stop / SIGTERM: no partial file, one line, status 143
+    if status:
+        raise SystemExit(status)
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,15 @@ def _layer_count(state: dict[str, torch.Tensor], prefix: str) -> int:
     return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
 
 
+def _kind(state: dict[str, torch.Tensor]) -> tuple[str, str] | None:
+    """``(what the model does, the bundle that trains it)`` of a state dict, when recognisable."""
+    if "encoders.0.levels.0.conv1.conv.weight" in state:
+        return "brain-tumour segmentation (DS U-Net)", "brats_gmd"
+    if "encoders.0.proj.weight" in state:
+        return "sentiment (DS transformer)", "mosi_gmd"
+    return None
+
+
 def describe_state_dict(state: dict[str, torch.Tensor]) -> str:
     """Short description of a DS U-Net state dict (modalities and per-level widths) or of a DS
     transformer's (input feature sizes, width, layers, outputs)."""
@@ -161,6 +170,10 @@ def apply_state_dict(
     """
     path = os.fspath(path)
     expected = network.state_dict()
+    kinds = _kind(state), _kind(expected)
+    if None not in kinds and kinds[0] != kinds[1]:
+        raise ValueError(f"Checkpoint {path} holds a {kinds[0][0]} model, but a {kinds[1][0]} model is configured: "
+                         f"pass a checkpoint written by the {kinds[1][1]} bundle.")
     optional: set[str] = set()
     for prefix in (*optional_prefixes, *optional_state_keys(network)):
         group = {k for k in expected if k.startswith(prefix)}

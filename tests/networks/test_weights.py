@@ -1,0 +1,29 @@
+"""Checkpoint reading (``app.networks.weights``): what each refusal says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.networks import DSTransformer, DSUNet
+from app.networks.weights import describe_state_dict, load_weights
+
+
+def test_a_checkpoint_of_the_other_model_kind_names_its_bundle(tmp_path):
+    torch.save(DSTransformer(in_features=[6, 5, 4]).state_dict(), tmp_path / "mosi.pt")
+    torch.save(DSUNet(features=(8, 16, 32, 64)).state_dict(), tmp_path / "brats.pt")
+    with pytest.raises(ValueError, match=r"mosi.pt holds a sentiment \(DS transformer\) model, but a brain-tumour "
+                                         r"segmentation \(DS U-Net\) model is configured: .* brats_gmd bundle"):
+        load_weights(DSUNet(features=(8, 16, 32, 64)), tmp_path / "mosi.pt")
+    with pytest.raises(ValueError, match="brats.pt holds a brain-tumour segmentation .* the mosi_gmd bundle"):
+        load_weights(DSTransformer(in_features=[6, 5, 4]), tmp_path / "brats.pt")
+
+
+def test_same_kind_other_settings_are_described_for_both_models(tmp_path):
+    torch.save(DSTransformer(in_features=[6, 5, 4], hidden=32).state_dict(), tmp_path / "h32.pt")
+    with pytest.raises(ValueError, match=r"\(3 modality encoders, feature sizes \[6, 5, 4\], hidden 32, 1 encoder and "
+                                         r"1 trunk layer\(s\), 1 output\(s\)\) than the one configured \(.*hidden 64.*"
+                                         r"sentiment: --hidden"):
+        load_weights(DSTransformer(in_features=[6, 5, 4], hidden=64), tmp_path / "h32.pt")
+    assert describe_state_dict(DSUNet(features=(8, 16, 32, 64)).state_dict()) == \
+        "4 modality encoders, features [8, 16, 32, 64]"
