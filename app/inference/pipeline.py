@@ -20,6 +20,7 @@ every geometric step afterwards, so the label map overlays the input exactly:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -308,6 +309,14 @@ class Segmenter:
         # 5. Gaussian-blended sliding windows, each a multiple of the network divisor
         start = time.perf_counter()
         work_crop = [int(c) for c in crop.shape[1:]]
+        if max(work_crop) <= self.divisor:  # the network's deepest level would hold a single voxel
+            if spacing is None:
+                at, fix = "at its native spacing", "check that it is a whole head scan"
+            else:
+                how = "--spacing" if self.spacing is not None else "the model's training spacing, --spacing auto"
+                at, fix = f"at {spacing} mm ({how})", "pass a finer --spacing in mm, or --spacing native"
+            raise CaseError(f"{ref.source}: {at} the head is only {'x'.join(map(str, work_crop))} voxels, too small "
+                            f"for the network (more than {self.divisor} along some axis needed): {fix}.")
         roi = self.roi_size(work_crop)
 
         def predictor(x: torch.Tensor) -> torch.Tensor:
@@ -418,6 +427,7 @@ def load_segmenter(
         raise ValueError(f"--device {device} is not supported: use cpu, cuda, cuda:N or auto.")
     network, settings = load_network(ckpt, features=features, bundle=bundle, device=device)
     settings["checkpoint"] = os.path.abspath(os.fspath(ckpt))
+    settings["checkpoint_sha256"] = _sha256(ckpt)  # which model made a label map, whatever the file is called later
     return Segmenter(
         network,
         divisor=settings["divisor"],
@@ -461,6 +471,14 @@ def check_output_path(path: str | os.PathLike, kind: str, suffixes: Sequence[str
                          "segmentation or a scan?): choose another output name, or move that file away first.")
     check_writable_folder(os.path.dirname(out), f"{kind} {path}")
     return out
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def written_by_product(path: str | os.PathLike) -> bool:
@@ -575,7 +593,7 @@ def segment_case(
         "sequences_used": case_inputs.sequences,
         "sequences_missing": [s for s in BRATS_MODALITIES if s not in case_inputs.volumes],
         "empty_channels": case_inputs.empty_channels,
-        "inputs": {s: v.source for s, v in case_inputs.volumes.items()},
+        "inputs": {s: os.path.abspath(v.source) for s, v in case_inputs.volumes.items()},
         "reference_sequence": case_inputs.reference,
         "resampled_to_reference": case_inputs.resampled,
         "output": out,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -48,6 +50,9 @@ def test_all_sequences_on_input_grid_with_summary_and_probabilities(case, random
     assert s["volumes_ml"]["TC"] == round(np.count_nonzero((labels == 1) | (labels == 4)) * voxel_ml, 4)
     assert {"read_s", "preprocess_s", "network_s", "postprocess_s", "write_s", "total_s"} <= set(s["timing_s"])
     assert s["network"]["features"] == FEATURES and s["inference"]["roi_size"] == [16, 16, 16]
+    # provenance: absolute inputs and the model's digest, whatever the files are called later
+    assert all(os.path.isabs(v) for v in s["inputs"].values()) and os.path.isabs(s["network"]["checkpoint"])
+    assert s["network"]["checkpoint_sha256"] == hashlib.sha256(Path(random_ckpt).read_bytes()).hexdigest()
     assert sorted(p.name for p in out.parent.iterdir()) == ["prob.nii.gz", "s.json", "seg.nii.gz"]  # no temp files
 
 
@@ -357,6 +362,14 @@ def test_resampling_that_leaves_no_head_names_the_spacing_options(tmp_path, infe
     rc, _, err = infer("--ckpt", tmp_path / "m.pt", "--flair", tmp_path / "flair.nii.gz", "--out", tmp_path / "o.nii.gz")
     assert rc == 2 and "flair.nii.gz" in err and "the model's training spacing, --spacing auto" in err, err
     assert "pass --spacing native, or a finer --spacing in mm" in err and not (tmp_path / "o.nii.gz").exists()
+
+
+def test_a_spacing_too_coarse_for_the_network_names_the_fix(case, random_ckpt, infer, tmp_path):
+    """At 100 mm a head is a few voxels: the network cannot run on it, and the error says why."""
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--out", tmp_path / "o.nii.gz",
+                       "--spacing", "100")
+    assert rc == 2 and "at [100.0, 100.0, 100.0] mm (--spacing) the head is only 1x1x1 voxels" in err, err
+    assert "pass a finer --spacing in mm, or --spacing native" in err and not (tmp_path / "o.nii.gz").exists()
 
 
 def test_bad_patch_size_error_gives_a_fix_that_runs(case, random_ckpt, infer, tmp_path):
