@@ -182,7 +182,8 @@ def _reusable(result: Path, stamp: Path, settings: dict[str, Any]) -> bool:
     if finished and recorded is not None:
         raise ValueError(
             f"{result} was made with other settings than this command's (recorded in {stamp}: "
-            f"{' '.join(recorded.get('args', []))}). Use a new --output_dir, or delete {stamp.parent} "
+            f"{' '.join(recorded.get('args', []))}). Use a new output folder (--output_dir; bench/mosi_compare.py: "
+            f"--out_dir), or delete {stamp.parent} "
             "to run that strategy again.")
     if finished:
         print(f"note: {result} has no record of its settings (an earlier version wrote it); "

@@ -102,7 +102,7 @@ def test_finished_stages_are_reused_only_with_their_own_settings(tmp_path, capsy
     result.parent.mkdir(parents=True)
     result.write_bytes(b"weights")
     assert _reusable(result, stamp, settings)
-    with pytest.raises(ValueError, match="other settings.*--seed 0.*new --output_dir"):
+    with pytest.raises(ValueError, match="other settings.*--seed 0.*new output folder \\(--output_dir; bench/mosi_compare.py: --out_dir\\)"):
         _reusable(result, stamp, _stage_settings(bundle, ["--seed", "1"], out))
     # paths inside the output folder are recorded relative to it, so a moved folder still resumes
     moved = _stage_settings(bundle, ["--ckpt_path", str(result)], out)
