@@ -18,9 +18,9 @@ import sys
 import threading
 import uuid
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, NoReturn
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "run_interruptible",
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "exit_with", "fsync_dir", "run_interruptible",
            "stale_temporaries"]
 
 
@@ -109,8 +109,9 @@ def run_interruptible(work: Callable[[], int]) -> int:
 
     Python ignores SIGTERM's default action only as PID 1 (a container's entrypoint), and otherwise
     dies without unwinding, leaving temporaries behind. Here both signals raise in the main thread:
-    every write in progress removes its temporary file, and the tool ends with one line and status
-    128 + the signal number (130 for Ctrl-C, 143 for SIGTERM). Outputs finished before the stop stay.
+    every write in progress removes its temporary file, and the tool prints one line and returns
+    128 + the signal number (130 for Ctrl-C, 143 for SIGTERM), which :func:`exit_with` turns back
+    into death by that signal. Outputs finished before the stop stay.
     """
     def stop(signum: int, frame: object) -> None:
         raise _Stopped(signum)
@@ -121,9 +122,23 @@ def run_interruptible(work: Callable[[], int]) -> int:
         return work()
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", signal.SIGINT)
-        print(f"error: stopped by {signal.Signals(signum).name}: nothing partial was written; outputs finished "
-              "before the stop are kept.", file=sys.stderr)
+        print(f"error: stopped by {signal.Signals(signum).name}: the file being written was removed; what was "
+              "finished before the stop is kept.", file=sys.stderr)
         return 128 + int(signum)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            # None: a handler installed outside Python, which cannot be put back; the default then
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def exit_with(status: int) -> NoReturn:
+    """End the process with ``status``; a :func:`run_interruptible` stop (130, 143) ends it by that
+    signal instead, so that a calling shell sees the signal (a loop over cases stops at Ctrl-C).
+    As PID 1 (a container) the signal's default action would be ignored, so the status is used."""
+    signum = status - 128
+    if signum in (signal.SIGINT, signal.SIGTERM) and os.getpid() != 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    sys.exit(status)

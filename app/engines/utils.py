@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import linecache
 import logging
 import os
 import sys
 from types import TracebackType
 from typing import Any, Sequence
 
+import monai
 import torch
 from ignite.engine import Engine
 
@@ -24,21 +26,35 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _APP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_MONAI_DIR = os.path.dirname(os.path.abspath(monai.__file__)) + os.sep
+
+
+def _raised_at(exc: BaseException) -> tuple[str, int]:
+    """File and line of the frame that raised ``exc`` (the innermost of its traceback)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return ("", 0) if tb is None else (os.path.abspath(tb.tb_frame.f_code.co_filename), tb.tb_lineno)
 
 
 def _input_error(exc: BaseException | None) -> BaseException | None:
-    """The product's own bad-input error in ``exc``'s chain: a ``ValueError`` or ``OSError`` raised by
-    a ``raise`` in this package, whose message names the file and the fix. None for anything else."""
+    """The product's own bad-input error behind ``exc``, or None.
+
+    Only MONAI's wrappers (``Failed to evaluate ...``, raised in MONAI ``from`` the real error) are
+    looked through. The error must be a ``ValueError`` or ``OSError`` raised by a ``raise``
+    statement of this package, whose messages name the file and the fix; one raised inside a
+    library or the interpreter (``int('x')``, a bad unpacking) is a bug, shown whole.
+    """
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        tb = exc.__traceback__
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        if (isinstance(exc, (ValueError, OSError)) and tb is not None
-                and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_APP_DIR)):
-            return exc
-        exc = exc.__cause__ or exc.__context__
+        filename, line = _raised_at(exc)
+        if filename.startswith(_APP_DIR):
+            ours = linecache.getline(filename, line).lstrip().startswith("raise")
+            return exc if ours and isinstance(exc, (ValueError, OSError)) else None
+        if not filename.startswith(_MONAI_DIR) or exc.__cause__ is None:
+            return None
+        exc = exc.__cause__
     return None
 
 

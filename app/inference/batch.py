@@ -262,7 +262,7 @@ def run_batch_or_exit(segmenter: Any, input_dir: str | os.PathLike, output_dir: 
     """:func:`run_batch` for the batch bundle's ``run`` step: bad cases or a bad input folder end
     with the error lines and exit status 2, as ``python -m app.inference.batch`` does, instead of
     MONAI's traceback and status 1; SIGTERM and Ctrl-C stop it as they stop that command."""
-    from app.atomic import run_interruptible
+    from app.atomic import exit_with, run_interruptible
 
     results: list[dict[str, Any]] = []
 
@@ -274,9 +274,9 @@ def run_batch_or_exit(segmenter: Any, input_dir: str | os.PathLike, output_dir: 
             return 2
         return 0
 
-    status = run_interruptible(work)  # docker stop / SIGTERM: no partial file, one line, status 143
+    status = run_interruptible(work)  # docker stop / SIGTERM: no partial file, one line
     if status:
-        raise SystemExit(status)
+        exit_with(status)
     return results
 
 
@@ -299,6 +299,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from app.atomic import run_interruptible
+    from app.atomic import exit_with, run_interruptible
 
-    sys.exit(run_interruptible(main))
+    exit_with(run_interruptible(main))

@@ -200,6 +200,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from app.atomic import run_interruptible
+    from app.atomic import exit_with, run_interruptible
 
-    sys.exit(run_interruptible(main))
+    exit_with(run_interruptible(main))

@@ -76,13 +76,14 @@ def _raised(fn):
 
 
 def _wrapped(err: BaseException) -> BaseException:
-    """``err`` as MONAI's config evaluation re-raises it."""
-    def evaluate():
-        try:
-            raise err
-        except BaseException as inner:
-            raise RuntimeError("Failed to evaluate ConfigExpression") from inner
-    return _raised(evaluate)
+    """``err`` as MONAI's config evaluation re-raises it (a RuntimeError raised in MONAI's code)."""
+    import monai.bundle.config_item as config_item
+
+    namespace: dict = {}
+    exec(compile("def evaluate(err):\n    try:\n        raise err\n    except BaseException as inner:\n"
+                 "        raise RuntimeError('Failed to evaluate ConfigExpression') from inner\n",
+                 config_item.__file__, "exec"), namespace)
+    return _raised(lambda: namespace["evaluate"](err))
 
 
 def test_report_input_errors_prints_only_the_products_own_message(monkeypatch, capsys):
@@ -103,6 +104,22 @@ def test_report_input_errors_prints_only_the_products_own_message(monkeypatch, c
     other = _wrapped(_raised(lambda: int("x")))
     sys.excepthook(type(other), other, other.__traceback__)
     assert seen == [other] and capsys.readouterr().err == ""
+    # so is one the interpreter raises on a line of the product that is not a raise statement
+    import app.engines.utils as utils
+
+    namespace: dict = {}
+    exec(compile("def unpack(c):\n    a, b = c\n", utils.__file__, "exec"), namespace)
+    bug = _wrapped(_raised(lambda: namespace["unpack"]([1, 2, 3])))
+    assert isinstance(bug.__cause__, ValueError) and utils._input_error(bug) is None
+    # and a bug raised while handling a product error: the product error is not what went wrong
+    def handle():
+        try:
+            check_patch_size([30, 32, 32], DSUNet(features=(8, 16, 32, 64)))
+        except ValueError:
+            return None + 1
+    masked = _wrapped(_raised(handle))
+    assert isinstance(masked.__cause__, TypeError) and utils._input_error(masked) is None
     monkeypatch.setenv("APP_TRACEBACK", "1")
     sys.excepthook(type(ours), ours, ours.__traceback__)
     assert seen == [other, ours]
+    assert getattr(sys.excepthook, "_reports_input_errors", False)
