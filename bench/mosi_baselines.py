@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.data.mmsa import MMSA_MODALITIES, load_mmsa, mmsa_split  # noqa: E402
+from app.data.mmsa import MMSA_MODALITIES, check_labels, load_mmsa, mmsa_split  # noqa: E402
 from app.metrics.sentiment import SENTIMENT_METRICS, SubsetSentimentAccumulator, sentiment_metrics  # noqa: E402
 from app.reports import format_table, write_subset_report  # noqa: E402
 from app.subsets import all_subsets, subset_name  # noqa: E402
@@ -89,6 +89,7 @@ def ridge_baselines(
         if "regression_labels" not in split:
             raise ValueError(f"Split {name!r} of {source} has no regression_labels: the ridge baseline regresses the "
                              "sentiment score and does not apply to classification-only data.")
+        check_labels(split["regression_labels"], "regression_labels", f"{source}: {name}/regression_labels")
     feats = {name: {m: pooled_features(s, m) for m in MMSA_MODALITIES} for name, s in {train_split: train, **splits}.items()}
     # as the DS evaluator does: a subset is fitted and scored on the samples that have all its modalities
     has = {name: {m: s[f"{m}_lengths"] > 0 for m in MMSA_MODALITIES} for name, s in {train_split: train, **splits}.items()}

@@ -43,6 +43,7 @@ __all__ = [
     "NPZ_FORMAT",
     "MMSAData",
     "MMSADataset",
+    "check_labels",
     "convert_mmsa",
     "feature_dims",
     "feature_statistics",
@@ -136,10 +137,10 @@ def _normalise_split(name: str, split: Mapping[str, Any], source: Path) -> dict[
         out[f"{m}_lengths"] = np.clip(lengths.astype(np.int64), 0, x.shape[1])
     for key in _LABEL_KEYS:
         if key in split:
-            out[key] = _checked_labels(np.asarray(split[key]), key, n, f"{source}: {name}/{key}")
+            out[key] = _label_array(np.asarray(split[key]), key, n, f"{source}: {name}/{key}")
     for key in ("id", "raw_text"):
         if key in split:
-            values = [_text(v) for v in np.asarray(split[key], dtype=object).reshape(-1)]
+            values = [_text(v) for v in split[key]]  # one entry per sample, whatever each entry is
             if len(values) != n:
                 raise ValueError(f"{source}: {name}/{key} has {len(values)} entries for {n} samples: every field "
                                  "of a split needs one entry per sample; re-export the split.")
@@ -154,27 +155,48 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, (bytes, np.bytes_)) else str(value)
 
 
-def _checked_labels(y: np.ndarray, key: str, n: int, where: str) -> np.ndarray:
-    """``y`` as float32 sentiment scores or int64 class ids, refusing what would train on garbage."""
-    y = y.reshape(-1)
-    if y.shape[0] != n:
-        raise ValueError(f"{where} has {y.shape[0]} entries for {n} samples.")
+def _label_array(y: np.ndarray, key: str, n: int, where: str) -> np.ndarray:
+    """``y`` as float32 sentiment scores, or as int64 class ids when they are all class ids.
+
+    Values are checked only where a split's labels are used (:func:`check_labels`): a held-out split
+    with hidden (NaN) labels, or a label key the run does not use, must not stop the others."""
+    y = y.reshape(y.shape[0], -1)[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y
+    if y.ndim != 1 or y.shape[0] != n:
+        raise ValueError(f"{where} has shape {y.shape}, not one value for each of the {n} samples.")
     try:
         values = y.astype(np.float64)
     except (TypeError, ValueError):
         raise ValueError(f"{where} holds {y.dtype} values, not numbers.") from None
+    if key == "regression_labels":
+        return values.astype(np.float32)
+    if np.isfinite(values).all() and (values == np.round(values)).all() and (values >= 0).all():
+        return values.astype(np.int64)
+    return values  # kept as given; check_labels names the bad values if this split is used
+
+
+def check_labels(y: np.ndarray, key: str, where: str, num_classes: int | None = None) -> None:
+    """Refuse labels that would train or score on garbage: NaN or infinite values, and class ids
+    that are not integers in ``[0, num_classes)``.
+
+    Raises:
+        ValueError: naming ``where`` (file and split), the first bad sample and the fix.
+    """
+    values = np.asarray(y, dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
         raise ValueError(f"{where} has {bad.size} missing or infinite label(s) (first at sample {bad[0]}): a NaN "
                          "label trains on nothing and makes every score NaN; fix or drop those samples.")
     if key == "regression_labels":
-        return values.astype(np.float32)
+        return
     bad = np.flatnonzero((values != np.round(values)) | (values < 0))
     if bad.size:
-        first = y[bad[0]].item() if hasattr(y[bad[0]], "item") else y[bad[0]]
         raise ValueError(f"{where} has {bad.size} value(s) that are not class ids 0, 1, 2, ... (first: "
-                         f"{first!r} at sample {bad[0]}): classification labels must be non-negative integers.")
-    return values.astype(np.int64)
+                         f"{values[bad[0]]:g} at sample {bad[0]}): classification labels must be non-negative "
+                         "integers.")
+    if num_classes is not None and values.size and values.max() >= int(num_classes):
+        top = int(values.max())
+        raise ValueError(f"{where} has class id {top}, but the network has {int(num_classes)} classes (ids 0 to "
+                         f"{int(num_classes) - 1}): pass --out_channels {top + 1} or more.")
 
 
 def load_mmsa(path: str | os.PathLike, trust_pickle: bool | str = False) -> dict[str, dict[str, np.ndarray]]:
@@ -214,6 +236,10 @@ def load_mmsa(path: str | os.PathLike, trust_pickle: bool | str = False) -> dict
             raw = pickle.load(f)  # noqa: S301 - only with the caller's explicit trust_pickle
     except OSError:
         raise
+    except (ImportError, AttributeError) as err:  # e.g. a pickle of numpy 2 arrays read with numpy 1
+        raise ValueError(f"{path} needs Python code this environment lacks to unpickle ({type(err).__name__}: "
+                         f"{err}): convert it to .npz with python -m app convert-mmsa where it was written (or with "
+                         "the package versions it names), then use the .npz here.") from err
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file can fail in many ways
         raise ValueError(f"{path} cannot be read as a pickle ({type(err).__name__}: {err}): it is truncated or not "
                          "an MMSA feature file; download or export it again.") from err
@@ -356,10 +382,8 @@ class MMSADataset:
         if arrays["id"].shape[0] == 0:
             raise ValueError(f"Split {split!r} of {source} has no samples: pass a split that has some (the bundles' "
                              "--train_split, --val_split, --eval_split) or a file whose split is not empty.")
-        if label_key == "classification_labels" and num_classes is not None and arrays[label_key].max() >= int(num_classes):
-            top = int(arrays[label_key].max())
-            raise ValueError(f"Split {split!r} of {source} has class id {top}, but the network has {int(num_classes)} "
-                             f"classes (ids 0 to {int(num_classes) - 1}): pass --out_channels {top + 1} or more.")
+        check_labels(arrays[label_key], label_key, f"{source}: {split}/{label_key}",
+                     num_classes if label_key == "classification_labels" else None)
         unknown = [m for m in modalities if m not in MMSA_MODALITIES]
         if unknown:
             raise ValueError(f"Unknown modalities {unknown}: choose from {list(MMSA_MODALITIES)}.")

@@ -106,6 +106,10 @@ def test_convert_command_line_and_bad_files(tmp_path, capsys):
         with pytest.raises(ValueError, match=f"{bad} (is not a .npz archive|cannot be read).*convert-mmsa"):
             load_mmsa(tmp_path / bad)
     assert app_main(["convert-mmsa", str(tmp_path / "cut.pkl"), str(tmp_path / "c.npz")]) == 2
+    # a pickle that names a module this environment lacks (e.g. numpy 2's numpy._core under numpy 1)
+    (tmp_path / "module.pkl").write_bytes(b"\x80\x04\x8c\x0bnosuchmodxx\x94\x8c\x03Foo\x94\x93\x94.")
+    with pytest.raises(ValueError, match="module.pkl needs Python code this environment lacks .*nosuchmodxx"):
+        load_mmsa(tmp_path / "module.pkl", trust_pickle=True)
     assert "cut.pkl cannot be read as a pickle" in capsys.readouterr().err and not (tmp_path / "c.npz").exists()
     (tmp_path / "s.txt").write_text("x")
     with pytest.raises(ValueError, match="MMSA pickle"):
@@ -206,6 +210,23 @@ def test_non_finite_or_non_class_labels_are_refused(tmp_path):
     lengths = np.asarray([1.0, 2.0, np.nan, 1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="train/audio_lengths has 1 non-finite value.*sample 2"):
         MMSADataset(_split_with(tmp_path, audio_lengths=lengths), split="train")
+
+
+def test_labels_are_checked_only_where_they_are_used(tmp_path):
+    """A test split with hidden (NaN) labels, or label ids in a key the run does not use (here sign
+    labels -1/0/1), must not stop training on the other splits or keys."""
+    data = make_synthetic_mmsa({"train": 6, "test": 4}, layout="unaligned", dims=(4, 3, 2), seq_len=4)
+    data["test"]["regression_labels"] = np.full(4, np.nan, dtype=np.float32)
+    data["train"]["classification_labels"] = np.sign(data["train"]["regression_labels"])
+    npz = save_mmsa_npz({k: v for k, v in data.items()}, tmp_path / "hidden.npz")
+    assert len(MMSADataset(npz, split="train")) == 6
+    with pytest.raises(ValueError, match="test/regression_labels has 4 missing or infinite"):
+        MMSADataset(npz, split="test")
+    with pytest.raises(ValueError, match="train/classification_labels has .* not class ids .*first: -1"):
+        MMSADataset(npz, split="train", label_key="classification_labels")
+    # ids given as rows (e.g. [video, segment]) are one entry per sample
+    data["train"]["id"] = [("vid", str(i)) for i in range(6)]
+    assert MMSADataset(data, split="train")[2]["case"] == "('vid', '2')"
 
 
 def test_empty_split_is_refused(tmp_path):
