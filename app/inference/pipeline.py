@@ -41,7 +41,7 @@ from monai.transforms import NormalizeIntensity
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
 from app.data.datalist import ras_spacing, spacing_differs
-from app.data.errors import CaseError
+from app.data.errors import CaseError, check_readable
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, regions_to_labels
 from app.engines.utils import check_patch_size
 from app.flags import parse_bool
@@ -84,19 +84,26 @@ def parse_spacing(spacing: Sequence[float | str] | float | str | None, what: str
     """
     if spacing is None:
         return "native"
+    if hasattr(spacing, "tolist"):  # numpy arrays and scalars, torch tensors
+        spacing = spacing.tolist()
     if isinstance(spacing, str):
         if spacing.strip().lower() in ("auto", "native"):
             return spacing.strip().lower()
         spacing = [spacing]
     elif isinstance(spacing, (int, float)):
         spacing = [spacing]
-    tokens = [t for s in spacing for t in re.split(r"[\s,\[\]()]+", str(s)) if t]
+    try:
+        items = [s.tolist() if hasattr(s, "tolist") else s for s in spacing]
+    except TypeError:  # not a sequence
+        items = [spacing]
+    tokens = [t for s in items for t in re.split(r"[\s,\[\]()]+", str(s)) if t]
     if len(tokens) == 1 and tokens[0].lower() in ("auto", "native"):
         return tokens[0].lower()
     try:
         return _checked_spacing(tokens, what)
     except ValueError:
-        raise ValueError(f"{what} takes auto, native, or 1 or 3 positive numbers in mm (e.g. {what} 1 1 1); "
+        example = f"{what} 1 1 1" if what.startswith("-") else f'--{what} "[1, 1, 1]" on the bundle command line'
+        raise ValueError(f"{what} takes auto, native, or 1 or 3 positive numbers in mm (e.g. {example}); "
                          f"got {' '.join(tokens)!r}.") from None
 
 
@@ -466,6 +473,8 @@ def check_output_path(path: str | os.PathLike, kind: str, suffixes: Sequence[str
         if same:
             raise ValueError(f"{kind} {path} is also an input ({inp}): choose another output name so the input "
                              "is kept.")
+    if out.lower().endswith((".nii", ".nii.gz")) and os.path.isfile(out):
+        check_readable(out)  # an earlier output of another user (Docker --user) is a permission problem
     if out.lower().endswith((".nii", ".nii.gz")) and os.path.isfile(out) and not written_by_product(out):
         raise ValueError(f"{kind} {path} already exists and was not written by this product (a reference "
                          "segmentation or a scan?): choose another output name, or move that file away first.")

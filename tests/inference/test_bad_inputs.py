@@ -134,7 +134,7 @@ def _flipped_byte_ckpt(case, tmp_path):
     data = bytearray(path.read_bytes())
     data[len(data) // 2 : len(data) // 2 + 4] = b"\x00\x00\xc0\x7f"  # a float32 NaN inside some tensor
     path.write_bytes(bytes(data))
-    return ["--flair", case["flair"], "--ckpt", str(path)], "flipped.pt is damaged: entry"
+    return ["--flair", case["flair"], "--ckpt", str(path)], "flipped.pt is damaged (entry "
 
 
 def _nan_weights_ckpt(case, tmp_path):
@@ -339,6 +339,12 @@ def test_unreadable_files_are_reported_as_permissions_not_damage(case, random_ck
     monkeypatch.setattr(builtins, "open", guard(builtins.open))
     monkeypatch.setattr(gzip, "open", guard(gzip.open))
     monkeypatch.setattr(torch, "load", guard(torch.load))
+    rc, _, err = infer("--ckpt", random_ckpt, "--out", str(tmp_path / "earlier.nii.gz"), "--t2", case["t2"])
+    assert rc == 0, err
+    # an earlier output another user wrote (e.g. another Docker --user): a permission problem, not someone's scan
+    locked.add(str((tmp_path / "earlier.nii.gz").resolve()))
+    rc, _, err = infer("--ckpt", random_ckpt, "--out", str(tmp_path / "earlier.nii.gz"), "--t2", case["t2"])
+    assert rc == 2 and "earlier.nii.gz is not readable by user id" in err and "not written by" not in err, err
     for path in (case["t2"], random_ckpt):
         locked.clear()
         locked.add(str(Path(path).resolve()))

@@ -345,10 +345,13 @@ def test_spacing_setting_as_the_bundle_passes_it():
     from app.inference.pipeline import Segmenter
 
     for given, expected in ((1.5, [1.5] * 3), ("2", [2.0] * 3), ("1 1 3", [1.0, 1.0, 3.0]), ("1,1,3", [1.0, 1.0, 3.0]),
-                            ([2, 2, 4], [2.0, 2.0, 4.0]), ("Native", None), ("auto", None)):
+                            ([2, 2, 4], [2.0, 2.0, 4.0]), ("Native", None), ("auto", None),
+                            (torch.tensor([1.0, 1.0, 3.0]), [1.0, 1.0, 3.0]), ([torch.tensor(2.0)] * 3, [2.0] * 3),
+                            (np.int64(2), [2.0] * 3), (np.array([1, 1, 3]), [1.0, 1.0, 3.0])):
         assert Segmenter(torch.nn.Identity(), divisor=16, spacing=given).spacing == expected, given
     for bad in ("fine", "1.5 2", 0, "-1", [1, 2]):
-        with pytest.raises(ValueError, match=r"^spacing takes auto, native, or 1 or 3 positive numbers in mm \(e.g. spacing 1 1 1\)"):
+        with pytest.raises(ValueError, match=r'^spacing takes auto, native, or 1 or 3 positive numbers in mm \(e.g. --spacing "\[1, 1, 1\]" on the bundle'
+                                             r" command line\)"):
             Segmenter(torch.nn.Identity(), divisor=16, spacing=bad)
 
 

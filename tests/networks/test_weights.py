@@ -27,3 +27,15 @@ def test_same_kind_other_settings_are_described_for_both_models(tmp_path):
         load_weights(DSTransformer(in_features=[6, 5, 4], hidden=64), tmp_path / "h32.pt")
     assert describe_state_dict(DSUNet(features=(8, 16, 32, 64)).state_dict()) == \
         "4 modality encoders, features [8, 16, 32, 64]"
+
+
+def test_a_checkpoint_saved_without_checksums_loads(tmp_path, monkeypatch):
+    """torch can skip the zip CRCs for speed (compute_crc32 = False): nothing to verify, not damage."""
+    import torch.utils.serialization as serialization
+
+    from app.networks.weights import read_state_dict
+
+    monkeypatch.setattr(serialization.config.save, "compute_crc32", False)
+    net = DSUNet(features=(8, 16, 32, 64))
+    torch.save(net.state_dict(), tmp_path / "nocrc.pt")
+    assert read_state_dict(tmp_path / "nocrc.pt").keys() == net.state_dict().keys()
