@@ -29,13 +29,21 @@ def test_same_kind_other_settings_are_described_for_both_models(tmp_path):
         "4 modality encoders, features [8, 16, 32, 64]"
 
 
-def test_a_checkpoint_saved_without_checksums_loads(tmp_path, monkeypatch):
+def test_a_checkpoint_saved_without_checksums_loads(tmp_path):
     """torch can skip the zip CRCs for speed (compute_crc32 = False): nothing to verify, not damage."""
+    import zipfile
+
     import torch.utils.serialization as serialization
 
     from app.networks.weights import read_state_dict
 
-    monkeypatch.setattr(serialization.config.save, "compute_crc32", False)
     net = DSUNet(features=(8, 16, 32, 64))
-    torch.save(net.state_dict(), tmp_path / "nocrc.pt")
+    # plain assignment and restore: torch's config module does not survive monkeypatch's undo
+    previous = serialization.config.save.compute_crc32
+    serialization.config.save.compute_crc32 = False
+    try:
+        torch.save(net.state_dict(), tmp_path / "nocrc.pt")
+    finally:
+        serialization.config.save.compute_crc32 = previous
+    assert {i.CRC for i in zipfile.ZipFile(tmp_path / "nocrc.pt").infolist()} == {0}
     assert read_state_dict(tmp_path / "nocrc.pt").keys() == net.state_dict().keys()
