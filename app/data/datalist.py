@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from app.atomic import atomic_write_text
+from app.flags import parse_bool
 
 logger = logging.getLogger(__name__)
 
@@ -126,11 +127,17 @@ def prepare_datalist(
     val_fraction: float = 0.2,
     seed: int = 0,
     label_convention: str | None = None,
+    resume: bool | str = False,
 ) -> dict[str, list[dict[str, Any]]]:
     """Discover labelled cases under ``dataset_dir``, split them and write ``<output_dir>/datalist.json``.
 
     ``label_convention`` is passed to :func:`app.data.discovery.discover_cases` (``auto``: by the file
     names). Each record keeps its label map, so evaluating the datalist later reads labels the same way.
+
+    ``resume`` is the bundle's ``--resume`` (true, false or auto: when ``models/checkpoint_last.pt``
+    exists). A resumed run must split exactly as the run it continues, or validation would score
+    cases the model trained on: a different split (other cases, ``--seed`` or ``--val_fraction``) is
+    an error, and the recorded ``datalist.json`` is left as it was.
 
     Returns:
         ``{"training": [...], "validation": [...]}``.
@@ -143,8 +150,36 @@ def prepare_datalist(
             f"{dataset_dir} holds {len(cases)} labelled case(s): training needs at least 2 (one for validation)."
         )
     train, val = split_cases(cases, val_fraction=val_fraction, seed=seed)
-    write_datalist(Path(output_dir) / "datalist.json", train, val)
+    path = Path(output_dir) / "datalist.json"
+    if _resuming(resume, Path(output_dir) / "models" / "checkpoint_last.pt") and path.is_file():
+        _check_same_split(path, train, val)
+    write_datalist(path, train, val)
     return {"training": train, "validation": val}
+
+
+def _resuming(resume: bool | str, checkpoint: Path) -> bool:
+    if str(resume).strip().lower() == "auto":
+        return checkpoint.is_file()
+    try:
+        return parse_bool(resume, "resume")
+    except ValueError:  # the checkpoint handler names the fix for a bad value
+        return False
+
+
+def _check_same_split(path: Path, train: Sequence[dict[str, Any]], val: Sequence[dict[str, Any]]) -> None:
+    old_train, old_val = read_datalist(path)
+    ids = [sorted(str(r["case"]) for r in records) for records in (old_train, old_val, train, val)]
+    if ids[:2] == ids[2:]:
+        return
+    changes = []
+    for what, before, now in (("training", ids[0], ids[2]), ("validation", ids[1], ids[3])):
+        added, dropped = sorted(set(now) - set(before)), sorted(set(before) - set(now))
+        if added or dropped:
+            changes.append(f"{what} {'+' + ', +'.join(added) if added else ''}"
+                           f"{' ' if added and dropped else ''}{'-' + ', -'.join(dropped) if dropped else ''}")
+    raise ValueError(f"This resumed run splits the cases differently from the run it continues ({'; '.join(changes)} "
+                     f"against {path}): validation would score cases the model trained on. Resume with the original "
+                     "--dataset_dir, --val_fraction and --seed, or start a new run in another --output_dir.")
 
 
 def evaluation_cases(

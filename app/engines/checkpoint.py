@@ -395,6 +395,15 @@ class ResumableCheckpoint:
                 f"{self.path} was written with {state['epoch_length']} iterations per epoch, this run has {length}: "
                 "resume with the original --epoch_length, --batch_size and data."
             )
+        planned = int(engine.state.max_epochs or 0)
+        if state.get("max_epochs") and planned and int(state["max_epochs"]) != planned and self.lr_scheduler is not None:
+            # the scheduler's horizon (e.g. cosine T_max) comes back from the checkpoint: the extra epochs of a
+            # longer run would train at the end of the old schedule (a learning rate near 0)
+            raise ValueError(
+                f"{self.path} was written by a run of {state['max_epochs']} epochs, this run asks for {planned}: the "
+                "learning-rate schedule was set for the original length, so resume with --max_epochs "
+                f"{state['max_epochs']}, or start a new run in another --output_dir to train for {planned}."
+            )
         net.load_state_dict(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and "lr_scheduler" in state:

@@ -188,3 +188,30 @@ def test_bundle_label_convention_reads_brats2024_resection_cavity_as_background(
         assert bool((tc == et).all()) and int(et.sum()) == 2 * 2 * 2
     saved = read_datalist(tmp_path / "brats2024" / "datalist.json")[0]
     assert saved[0]["label_map"]["other"] == [4]
+
+
+def test_a_resumed_run_keeps_its_split(tmp_path):
+    """A resume that would split differently (new cases, another seed or fraction) must not move a
+    case the model trained on into validation: refused, and the recorded split stays."""
+    from app.data.phantoms import write_phantoms
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    write_phantoms(data, cases=6, size=16, seed=0)
+    first = prepare_datalist(data, run, val_fraction=0.34, seed=0)
+    recorded = (run / "datalist.json").read_text()
+    (run / "models").mkdir()
+    (run / "models" / "checkpoint_last.pt").write_bytes(b"a checkpoint")
+    for resume in ("true", "auto", True):
+        assert prepare_datalist(data, run, val_fraction=0.34, seed=0, resume=resume) == first
+    for change in ({"seed": 5}, {"val_fraction": 0.5}):
+        settings = {"val_fraction": 0.34, "seed": 0, **change}
+        with pytest.raises(ValueError, match=r"splits the cases differently .*validation \+Phantom_\d+.*"
+                                             r"--dataset_dir, --val_fraction and --seed"):
+            prepare_datalist(data, run, resume="auto", **settings)
+        assert (run / "datalist.json").read_text() == recorded
+        # a new run into the folder (no resume) may split as it likes
+        prepare_datalist(data, run, resume=False, **settings)
+        write_datalist(run / "datalist.json", first["training"], first["validation"])
+    # auto without a checkpoint is a new run
+    (run / "models" / "checkpoint_last.pt").unlink()
+    assert prepare_datalist(data, run, val_fraction=0.5, seed=0, resume="auto")["validation"] != first["validation"]

@@ -63,3 +63,20 @@ def test_resume_reads_true_false_or_auto(tmp_path, value, mode):
 def test_resume_names_the_fix_for_a_bad_value(tmp_path):
     with pytest.raises(ValueError, match="--resume must be true, false or auto"):
         ResumableCheckpoint(tmp_path, network=torch.nn.Linear(1, 1), optimizer=None, resume="yes")
+
+
+def test_a_longer_run_with_a_learning_rate_schedule_is_refused(tmp_path):
+    """The scheduler's horizon comes back from the checkpoint: a resume with more epochs would train
+    the extra ones at the end of the old cosine (learning rate 0), so it is refused with the fix."""
+    def run(max_epochs):
+        net = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs)
+        engine = Engine(lambda e, b: None)
+        ResumableCheckpoint(tmp_path, net, optimizer, lr_scheduler=scheduler, resume="auto").attach(engine)
+        engine.run(DATA, max_epochs=max_epochs)
+
+    run(1)
+    with pytest.raises(ValueError, match="a run of 1 epochs, this run asks for 2: .*resume with --max_epochs 1"):
+        run(2)
+    run(1)  # the same length resumes (a finished run: nothing to do)
