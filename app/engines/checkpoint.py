@@ -286,6 +286,7 @@ class ResumableCheckpoint:
             except ValueError:
                 raise ValueError(f"--resume must be true, false or auto, got {resume!r}: pass --resume true.") from None
         self.interval = max(0, int(interval or 0))
+        self._saved_at: int | None = None  # iteration of the last save
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._started)
@@ -304,7 +305,8 @@ class ResumableCheckpoint:
             self.save(engine)
 
     def _terminated(self, engine: Engine) -> None:
-        if not self._epoch_end(engine):
+        # a stop at an epoch's last iteration fires no EPOCH_COMPLETED, so its save may not have happened
+        if self._saved_at != engine.state.iteration:
             self.save(engine)
 
     def _started(self, engine: Engine) -> None:
@@ -361,6 +363,7 @@ class ResumableCheckpoint:
 
     def save(self, engine: Engine) -> None:
         """Write the checkpoint (rank 0) with the generator states of every rank."""
+        self._saved_at = engine.state.iteration
         world, rank = _world()
         rng = capture_rng_state()
         if world > 1:

@@ -51,7 +51,7 @@ class TimeLimitHandler:
             return
         self.expired = True
         logger.info(
-            "Time limit of %.1f min reached at epoch %d, iteration %d: stopping.",
+            "Time limit of %g min reached at epoch %d, iteration %d: stopping.",
             self.seconds / 60, engine.state.epoch, engine.state.iteration,
         )
         if self.validator is not None:

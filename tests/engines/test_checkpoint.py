@@ -80,3 +80,17 @@ def test_a_longer_run_with_a_learning_rate_schedule_is_refused(tmp_path):
     with pytest.raises(ValueError, match="a run of 1 epochs, this run asks for 2: .*resume with --max_epochs 1"):
         run(2)
     run(1)  # the same length resumes (a finished run: nothing to do)
+
+
+def test_a_stop_at_an_epochs_last_iteration_is_saved(tmp_path):
+    """A time limit that stops the run exactly at an epoch end fires no EPOCH_COMPLETED: the
+    checkpoint must still hold that iteration, or a resume repeats the epoch."""
+    from ignite.engine import Events
+
+    net = torch.nn.Linear(2, 1)
+    engine = Engine(lambda e, b: None)
+    engine.add_event_handler(Events.ITERATION_COMPLETED(once=6), lambda e: e.terminate())
+    ResumableCheckpoint(tmp_path, net, torch.optim.SGD(net.parameters(), lr=0.1), resume=False).attach(engine)
+    engine.run(DATA, max_epochs=5)
+    assert engine.state.iteration == 6
+    assert load_training_checkpoint(tmp_path / "checkpoint_last.pt")["iteration"] == 6
