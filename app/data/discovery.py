@@ -362,6 +362,7 @@ def discover_cases(
 
     found: list[tuple[dict[str, Any], str, str]] = []  # (record, location for messages, expected label path)
     groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+    unmatched: dict[str, list[str]] = {}  # folder -> NIfTI files no layout names, for the warning below
     visited: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root_path, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -385,6 +386,8 @@ def discover_cases(
             elif (m := _BRATS2023_RE.match(fname)) is not None:
                 layout, seq = "brats2023", _BRATS2023_SEQ[m.group("seq").lower()]
             else:
+                if _NIFTI_RE.match(fname):
+                    unmatched.setdefault(dirpath, []).append(fname)
                 continue
             group = groups.setdefault((dirpath, layout, m.group("case")), {"images": {}, "label": None})
             path = str(folder / fname)
@@ -416,6 +419,13 @@ def discover_cases(
             raise CaseError(f"Folder {dirpath}: case {case!r} has BraTS 2018-2021 names ({case}_*.nii.gz), whose "
                             "label 4 is enhancing tumour; label_convention brats2024 would read it as resection "
                             "cavity. Use --label_convention auto (or brats2018) for these cases.")
+        absent = [q for q in BRATS_MODALITIES if q not in group["images"]]
+        strays = [f for f in unmatched.get(dirpath, ()) if f.startswith(f"{case}{sep}")]
+        if absent and strays:  # e.g. <case>_t1c.nii.gz under 2018 names: a misnamed sequence, not a missing one
+            logger.warning("Folder %s: case %r is used without %s, but %s %s no accepted sequence name (%s): rename "
+                           "the file if it holds one of them.", dirpath, case, "/".join(absent), ", ".join(strays),
+                           "has" if len(strays) == 1 else "have",
+                           "_flair, _t1, _t1ce, _t2" if layout == "brats2018" else "-t2f, -t1n, -t1c, -t2w")
         rec = _record(case, layout, group["images"], None, {}, group["label"],
                       LABEL_CONVENTIONS[convention or layout])
         found.append((rec, next(iter(rec["images"].values())), str(Path(dirpath) / f"{case}{sep}seg.nii.gz")))

@@ -49,6 +49,23 @@ def test_brats2018_layout_with_missing_sequence_and_label(tmp_path):
     assert discover_cases(tmp_path)[1]["label_map"]["et"] == [4]
 
 
+def test_a_misnamed_sequence_is_warned_about(tmp_path, caplog):
+    """``<case>_t1c.nii.gz`` under the 2018 names is not a sequence of that layout: the case is used
+    without T1ce (it may be a real missing sequence), with a warning naming the file."""
+    brats18(tmp_path, "CASEA_1", seqs=("flair", "t1", "t2", "seg"))
+    touch(tmp_path / "CASEA_1" / "CASEA_1_t1c.nii.gz")
+    brats18(tmp_path, "CASEB_1", seqs=("flair", "t1", "t2", "seg"))  # without t1ce, plus an extra file:
+    touch(tmp_path / "CASEB_1" / "CASEB_1_brainmask.nii.gz")  # the warning says "if", as it cannot know
+    brats18(tmp_path, "CASEC_1")  # complete: its extra file is nobody's concern
+    touch(tmp_path / "CASEC_1" / "CASEC_1_brainmask.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="app.data.discovery"):
+        cases = discover_cases(tmp_path)
+    assert [list(c["images"]) for c in cases] == [["flair", "t1", "t2"]] * 2 + [["flair", "t1", "t1ce", "t2"]]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and "case 'CASEA_1' is used without t1ce, but CASEA_1_t1c.nii.gz has no accepted" in \
+        warnings[0] and "CASEB_1_brainmask.nii.gz" in warnings[1]
+
+
 def test_uncompressed_and_flat_folder(tmp_path):
     brats18(tmp_path, "X_1", ext=".nii")
     for s in ("flair", "t2"):
