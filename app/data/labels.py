@@ -104,10 +104,13 @@ def _present_values(label: np.ndarray, source: str | None) -> np.ndarray:
     return np.unique(label)
 
 
-def _fitting_conventions(present: set[int]) -> list[str]:
-    """Conventions that know every value in ``present``; one that reads a present value as no tumour
-    is left out when another reads it as tumour (a 2018 label's 4 is enhancing tumour, not a cavity)."""
+def _fitting_conventions(present: set[int], layout: str | None = None) -> list[str]:
+    """Conventions that know every value in ``present``. Under BraTS 2018 names a convention that
+    reads a present value as no tumour is left out when another reads it as tumour (a 2018 label's 4
+    is enhancing tumour, not a cavity); under the 2023 names, which BraTS 2024 shares, both stay."""
     fits = [name for name, conv in LABEL_CONVENTIONS.items() if present <= _known_values(conv)]
+    if layout == "brats2023":
+        return fits
     as_tumour = [n for n in fits if not present & set(LABEL_CONVENTIONS[n].get(NON_TUMOUR_PART, ()))]
     return as_tumour or fits
 
@@ -132,7 +135,7 @@ def check_label_values(
     present = _present_values(arr, source).tolist()
     unknown = sorted(set(present) - _known_values(label_map))
     if unknown:
-        fits = _fitting_conventions(set(present))
+        fits = _fitting_conventions(set(present), layout)
         if layout == "msd":
             hint = (" Name every value in the 'labels' entry of dataset.json (a labelled structure outside the "
                     "tumour, such as BraTS 2024's resection cavity, as 'resection cavity'), or relabel the "
@@ -144,6 +147,12 @@ def check_label_values(
                 "the files accordingly, or pass the one that describes your data as --label_convention NAME "
                 "(training and evaluation), or relabel the segmentation."
             )
+            readings = {n: set(present) & set(LABEL_CONVENTIONS[n].get(NON_TUMOUR_PART, ())) for n in fits}
+            if len(fits) > 1 and any(readings.values()) and not all(readings.values()):
+                cavity = sorted(set().union(*readings.values()))
+                hint += (f" They disagree on {cavity}: tumour for {[n for n in fits if not readings[n]]}, a resection "
+                         f"cavity (no tumour) for {[n for n in fits if readings[n]]}; choose by what the value marks "
+                         "in your data (post-treatment cases have cavities).")
         else:
             hint = " Relabel the segmentation to the known values or fix the label names in dataset.json."
         raise CaseError(

@@ -59,10 +59,17 @@ def test_resection_cavity_in_brats2023_names_points_to_brats2024():
     assert "[4] unknown" in msg and "'brats2024' (BraTS 2024 post-treatment" in msg and "resection cavity 4" in msg
     assert "--label_convention NAME" in msg and "'brats2018' (BraTS" not in msg  # 3 and 4 together fit no older release
     assert check_label_values(np.array([0, 4, 3]), "brats2024") == [0, 3, 4]
-    # a 2018 label under the 2023 names fits brats2024 too, which would read its enhancing tumour as cavity
+    # {1, 2, 4} under the 2023 names is a 2018 label renamed, or a BraTS 2024 case with a cavity and no
+    # enhancing tumour: both are offered, with what each makes of 4
     with pytest.raises(CaseError) as err:
-        labels_to_regions(np.array([0, 1, 2, 4]), "brats2023", source="BraTS-X-seg.nii.gz")
-    assert "'brats2018' (BraTS 2018-2021" in str(err.value) and "'brats2024'" not in str(err.value)
+        labels_to_regions(np.array([0, 1, 2, 4]), "brats2023", source="BraTS-X-seg.nii.gz", layout="brats2023")
+    msg = str(err.value)
+    assert "'brats2018' (BraTS 2018-2021" in msg and "'brats2024' (BraTS 2024" in msg
+    assert "They disagree on [4]: tumour for ['brats2018'], a resection cavity (no tumour) for ['brats2024']" in msg
+    # under the 2018 names, 4 is enhancing tumour: brats2024 is not offered (it is refused for those names)
+    with pytest.raises(CaseError) as err:
+        labels_to_regions(np.array([0, 1, 2, 4, 3]), "brats2018", source="X_seg.nii.gz", layout="brats2018")
+    assert "'brats2024'" in str(err.value)  # 3 and 4 together: only the 2024 values know both
 
 
 def test_dataset_json_cases_are_told_to_name_their_labels():
