@@ -19,7 +19,7 @@ from app.networks.ds_unet import recorded_spacing
 from app.networks.weights import describe_state_dict, load_weights
 
 __all__ = [
-    "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "load_weights", "describe_state_dict",
+    "check_held_out", "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "load_weights", "describe_state_dict",
     "ProgressBarHandler", "report_input_errors",
 ]
 
@@ -64,8 +64,8 @@ def report_input_errors() -> None:
     ``python -m monai.bundle run`` wraps every failure of a config expression in its own
     ``RuntimeError`` and prints the whole chain, so the message that names the file and the fix sits
     in the middle of a long traceback. This hook prints only that message when the chain holds one
-    (exit status stays 1); any other failure keeps the full traceback, and so does every failure
-    when the environment sets ``APP_TRACEBACK=1``.
+    (exit status stays 1); any other failure keeps the full traceback (see :func:`_input_error`),
+    and so does every failure when the environment sets ``APP_TRACEBACK=1``.
     """
     previous = sys.excepthook
     if getattr(previous, "_reports_input_errors", False):
@@ -80,6 +80,31 @@ def report_input_errors() -> None:
 
     hook._reports_input_errors = True  # type: ignore[attr-defined]
     sys.excepthook = hook
+
+
+def check_held_out(ckpt_path: str | os.PathLike, records: Sequence[dict[str, Any]]) -> str | None:
+    """Warn when an evaluation scores cases the checkpoint was trained on.
+
+    A checkpoint at ``<run>/models/<name>.pt`` has its run's split beside it in ``<run>/datalist.json``
+    (a moved checkpoint has none, and nothing is said). Returns the warning, or None.
+    """
+    from app.data.datalist import read_datalist
+
+    datalist = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(os.fspath(ckpt_path)))), "datalist.json")
+    if not os.path.isfile(datalist):
+        return None
+    try:
+        trained = {str(r["case"]) for r in read_datalist(datalist)[0]}
+    except (ValueError, KeyError, TypeError):
+        return None
+    seen = sorted(str(r["case"]) for r in records if str(r["case"]) in trained)
+    if not seen:
+        return None
+    message = (f"{len(seen)} of the {len(records)} cases scored here are training cases of this checkpoint's run "
+               f"({datalist}; e.g. {', '.join(seen[:3])}): their Dice is optimistic. Pass --eval_datalist {datalist} "
+               "to score only its held-out cases, or --dataset_dir a folder of cases it never saw.")
+    logger.warning(message)
+    return message
 
 
 def check_spacing(network: torch.nn.Module, records: Sequence[dict[str, Any]]) -> str | None:

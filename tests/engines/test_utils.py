@@ -123,3 +123,18 @@ def test_report_input_errors_prints_only_the_products_own_message(monkeypatch, c
     sys.excepthook(type(ours), ours, ours.__traceback__)
     assert seen == [other, ours]
     assert getattr(sys.excepthook, "_reports_input_errors", False)
+
+
+def test_evaluating_training_cases_is_warned_about(tmp_path):
+    from app.data.datalist import write_datalist
+    from app.engines import check_held_out
+
+    run = tmp_path / "run"
+    train, val = [{"case": f"T{i}"} for i in range(4)], [{"case": "V0"}, {"case": "V1"}]
+    write_datalist(run / "datalist.json", train, val)
+    ckpt = run / "models" / "model.pt"
+    message = check_held_out(ckpt, train[:2] + val)
+    assert message.startswith("2 of the 4 cases scored here are training cases of this checkpoint's run")
+    assert f"--eval_datalist {run / 'datalist.json'}" in message and "e.g. T0, T1" in message
+    assert check_held_out(ckpt, val) is None  # the held-out cases only
+    assert check_held_out(tmp_path / "moved" / "model.pt", train) is None  # no split to compare with
