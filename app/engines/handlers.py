@@ -159,14 +159,18 @@ class SubsetReportHandler:
         output_dir: where the report files go.
         stem: file stem, e.g. ``subset_dice``.
         print_table: also log the Markdown table.
+        during_training: the evaluator validates a training run: the report records the epoch it
+            scored (``"epoch"``) and says that it describes the latest weights, not necessarily the
+            best (``models/model.pt``).
     """
 
     def __init__(self, metric: Any, output_dir: str | os.PathLike, stem: str = "subset_dice",
-                 print_table: bool = False) -> None:
+                 print_table: bool = False, during_training: bool = False) -> None:
         self.metric = metric
         self.output_dir = Path(output_dir)
         self.stem = stem
         self.print_table = parse_bool(print_table, "print_table")
+        self.during_training = parse_bool(during_training, "during_training")
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
@@ -177,6 +181,11 @@ class SubsetReportHandler:
         result = getattr(self.metric, "last_result", None)
         if not result:
             return
-        write_subset_report(result, self.output_dir, stem=self.stem)
+        title = None
+        if self.during_training:
+            epoch = int(engine.state.epoch)
+            result = {**result, "epoch": epoch}
+            title = f"Validation after epoch {epoch} (the latest weights; models/model.pt holds the best)"
+        write_subset_report(result, self.output_dir, stem=self.stem, title=title)
         if self.print_table:
             print(format_table(result), flush=True)

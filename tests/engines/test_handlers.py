@@ -25,3 +25,21 @@ def test_a_new_run_starts_the_file_afresh_and_a_resume_drops_what_came_after_its
     assert _run(tmp_path, [60, 80], "resumed") == [(20, "killed"), (40, "killed"), (60, "resumed"), (80, "resumed")]
     # a new run (--resume false) in the same folder
     assert _run(tmp_path, [20], "new") == [(20, "new")]
+
+
+def test_validation_report_of_a_training_run_names_its_epoch(tmp_path):
+    """validation/subset_dice.* is rewritten at each validation: it must say which epoch it scored,
+    since models/model.pt may be an earlier, better one."""
+    from app.engines import SubsetReportHandler
+
+    result = {"subsets": {"flair": {"WT": 0.5, "TC": 0.4, "ET": 0.3, "mean": 0.4, "n_cases": 1}},
+              "mean_over_subsets": {"WT": 0.5, "TC": 0.4, "ET": 0.3, "mean": 0.4},
+              "worst_subset": {"name": "flair", "mean": 0.4}}
+    metric = SimpleNamespace(last_result=result)
+    engine = SimpleNamespace(state=SimpleNamespace(epoch=7))
+    SubsetReportHandler(metric, tmp_path / "train", during_training="true")(engine)
+    assert json.loads((tmp_path / "train" / "subset_dice.json").read_text())["epoch"] == 7
+    assert "Validation after epoch 7 (the latest weights; models/model.pt holds the best)" in \
+        (tmp_path / "train" / "subset_dice.md").read_text()
+    SubsetReportHandler(metric, tmp_path / "eval")(engine)  # an evaluation of one checkpoint: no epoch
+    assert "epoch" not in json.loads((tmp_path / "eval" / "subset_dice.json").read_text())
