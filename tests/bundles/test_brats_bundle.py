@@ -94,7 +94,7 @@ def test_time_limit_stops_cleanly_and_still_writes_final_model(phantoms, tmp_pat
     ckpt = torch.load(tmp_path / "models" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert ckpt["max_epochs"] == 50 and ckpt["epoch_length"] > 1
     assert (ckpt["epoch"], ckpt["iteration"]) == (1, 1)
-    assert "Time limit of 0.0 min reached at epoch 1, iteration 1: stopping." in proc.stdout + proc.stderr
+    assert "Time limit of 0.0001 min reached at epoch 1, iteration 1: stopping." in proc.stdout + proc.stderr
     assert (tmp_path / "models" / "model_final.pt").is_file()
     # the handler validated the last weights before stopping: no epoch ended, so nothing else did
     assert (tmp_path / "models" / "model.pt").is_file()
