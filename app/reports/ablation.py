@@ -181,7 +181,7 @@ def seed_table(tables: Mapping[Any, Mapping[str, Any]]) -> dict[str, Any]:
         {"subsets": {name: spread}, "mean": spread, "worst": spread}}}}``, where a spread is
         ``{"mean", "std" (sample standard deviation; NaN for one seed), "values" (one per seed)}``.
         ``mean`` spreads the per-seed means over subsets and ``worst`` the per-seed worst-subset
-        values (the worst subset may differ between seeds).
+        values, with the subset of each seed under ``"names"`` (it may differ between seeds).
 
     Raises:
         ValueError: when there is no table or the tables differ in metrics, strategies or subsets.
@@ -202,7 +202,7 @@ def seed_table(tables: Mapping[Any, Mapping[str, Any]]) -> dict[str, Any]:
             out[metric][strategy] = {
                 "subsets": {name: _spread([p["subsets"][name] for p in per]) for name in first["subsets"]},
                 "mean": _spread([p["mean"] for p in per]),
-                "worst": _spread([p["worst"]["value"] for p in per]),
+                "worst": {**_spread([p["worst"]["value"] for p in per]), "names": [p["worst"]["name"] for p in per]},
             }
     return {"seeds": seeds, "metrics": list(first["metrics"]), "subsets": list(first["subsets"]),
             "strategies": list(first["strategies"]), "tables": out}
@@ -212,6 +212,13 @@ def _pm(spread: Mapping[str, Any], digits: int) -> str:
     if len(spread["values"]) < 2 or not math.isfinite(spread["std"]):
         return f"{spread['mean']:.{digits}f}"
     return f"{spread['mean']:.{digits}f} +/- {spread['std']:.{digits}f}"
+
+
+def _names(names: Sequence[str], seeds: Sequence[Any]) -> str:
+    """The worst subset over seeds: one name when every seed agrees, else each seed's."""
+    if len(set(names)) == 1:
+        return names[0]
+    return ", ".join(f"{n} on seed {seed}" for n, seed in zip(names, seeds))
 
 
 def format_seed_markdown(table: Mapping[str, Any], title: str = "", digits: int = 3) -> str:
@@ -229,7 +236,9 @@ def format_seed_markdown(table: Mapping[str, Any], title: str = "", digits: int 
             lines.append(f"| {name} | " + " | ".join(_pm(per[s]["subsets"][name], digits) for s in strategies) + " |")
         lines.append("| **mean over subsets** | " + " | ".join(f"**{_pm(per[s]['mean'], digits)}**" for s in strategies)
                      + " |")
-        lines.append("| **worst subset** | " + " | ".join(_pm(per[s]["worst"], digits) for s in strategies) + " |")
+        lines.append("| **worst subset** | " + " | ".join(
+            f"{_pm(per[s]['worst'], digits)} ({_names(per[s]['worst'].get('names', []), table['seeds'])})"
+            for s in strategies) + " |")
         lines.append("")
     return "\n".join(lines)
 

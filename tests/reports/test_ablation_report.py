@@ -95,7 +95,11 @@ def test_seed_table_mean_and_sample_deviation_by_hand(tmp_path):
     assert table["tables"]["MAE"]["plain"]["worst"]["values"] == [1.4, pytest.approx(1.5)]
     md = format_seed_markdown(table, "t")
     assert "| text | 0.850 +/- 0.071 | 0.900 +/- 0.071 |" in md
-    assert "| **worst subset** | 0.550 +/- 0.071 | 0.650 +/- 0.071 |" in md
+    assert "| **worst subset** | 0.550 +/- 0.071 (audio) | 0.650 +/- 0.071 (audio) |" in md
+    assert table["tables"]["MAE"]["plain"]["worst"]["names"] == ["audio", "audio"]
+    # seeds that disagree on the worst subset each name theirs
+    per_seed[1]["tables"]["Acc2"]["gmd"]["worst"]["name"] = "text"
+    assert "0.650 +/- 0.071 (audio on seed 0, text on seed 1)" in format_seed_markdown(seed_table(per_seed))
     written = write_seed_report(table, tmp_path)
     assert json.loads(written["json"].read_text())["tables"]["Acc2"]["plain"]["subsets"]["text"]["mean"] == \
         pytest.approx(0.85)
