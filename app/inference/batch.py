@@ -121,13 +121,15 @@ def run_batch(
 
     Returns:
         One entry per case, sorted by case: ``{"case", "status": "ok" | "error", ...summary or "error"}``.
+        A batch stopped by Ctrl-C or SIGTERM still writes ``inference_summary.json`` (``"stopped":
+        true``, the cases it did not reach with status ``stopped``) before the stop goes on.
         A problem found while discovering a case (see ``case_errors`` of
         :func:`app.data.discover_cases`) makes that case an error; only a missing or empty
         ``input_dir`` or an unusable ``dataset.json`` raise before any case runs.
     """
-    from app.data.discovery import CaseError, discover_cases
+    from app.data.discovery import discover_cases
     from app.inference.io import sequence_name
-    from app.inference.pipeline import check_writable_folder, segment_case, summary_notes
+    from app.inference.pipeline import check_writable_folder
 
     probabilities = parse_bool(probabilities, "probabilities")
 
@@ -141,7 +143,51 @@ def run_batch(
     claimed = {f: c for c in (*records, *discovery_errors) for f in _output_names(c, probabilities)}
     results: list[dict[str, Any]] = []
     start = time.perf_counter()
-    for name in sorted(records.keys() | discovery_errors.keys()):
+    names = sorted(records.keys() | discovery_errors.keys())
+    try:
+        _segment_cases(names, records, discovery_errors, results, segmenter, out_dir, claimed, inputs,
+                       labels=labels, probabilities=probabilities, reference=reference)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (run_interruptible): say which cases this run did not reach
+        done = {r["case"] for r in results}
+        results += [{"case": n, "status": "stopped", "error": "not segmented: the batch was stopped before it"}
+                    for n in names if n not in done]
+        _write_summary(out_dir, input_dir, results, start, stopped=True)
+        raise
+    failed = [r for r in results if r["status"] != "ok"]
+    _write_summary(out_dir, input_dir, results, start)
+    if failed and raise_on_error:
+        raise BatchError(f"{len(failed)} of {len(results)} case(s) failed: "
+                         + "; ".join(f"{r['case']}: {r['error']}" for r in failed))
+    return results
+
+
+def _write_summary(out_dir: Path, input_dir: str | os.PathLike, results: list[dict[str, Any]], start: float,
+                   stopped: bool = False) -> None:
+    """``inference_summary.json``: every case of the batch with its status (ok, error, or stopped when
+    the batch was stopped before reaching it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {
+        "input_dir": os.path.abspath(os.fspath(input_dir)),
+        "output_dir": os.path.abspath(os.fspath(out_dir)),
+        "cases": len(results),
+        "failed": sum(r["status"] == "error" for r in results),
+        "stopped": stopped,
+        "seconds": round(time.perf_counter() - start, 3),
+        "results": [{"case": r["case"], "status": r["status"], "sequences_used": r.get("sequences_used"),
+                     "output": r.get("output"), "volumes_ml": r.get("volumes_ml"), "error": r.get("error")}
+                    for r in results],
+    }
+    atomic_write_text(out_dir / "inference_summary.json", json.dumps(report, indent=2) + "\n")
+
+
+def _segment_cases(names: Sequence[str], records: Mapping[str, Any], discovery_errors: Mapping[str, str],
+                   results: list[dict[str, Any]], segmenter: Any, out_dir: Path, claimed: Mapping[str, str],
+                   inputs: Collection[str], labels: str, probabilities: bool, reference: str | None) -> None:
+    """Segment each case in turn, appending its result (ok or error) to ``results``."""
+    from app.data.discovery import CaseError
+    from app.inference.pipeline import segment_case, summary_notes
+
+    for name in names:
         rec = records.get(name)
         written = _output_names(name, probabilities) if rec is not None else []
         try:
@@ -177,23 +223,6 @@ def run_batch(
               f"TC {vols['TC']:.1f} mL, ET {vols['ET']:.1f} mL, {summary['timing_s']['total_s']:.1f} s{notes})",
               flush=True)
         results.append({"case": name, "status": "ok", **summary})
-    failed = [r for r in results if r["status"] != "ok"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report = {
-        "input_dir": os.path.abspath(os.fspath(input_dir)),
-        "output_dir": os.path.abspath(os.fspath(out_dir)),
-        "cases": len(results),
-        "failed": len(failed),
-        "seconds": round(time.perf_counter() - start, 3),
-        "results": [{"case": r["case"], "status": r["status"], "sequences_used": r.get("sequences_used"),
-                     "output": r.get("output"), "volumes_ml": r.get("volumes_ml"), "error": r.get("error")}
-                    for r in results],
-    }
-    atomic_write_text(out_dir / "inference_summary.json", json.dumps(report, indent=2) + "\n")
-    if failed and raise_on_error:
-        raise BatchError(f"{len(failed)} of {len(results)} case(s) failed: "
-                         + "; ".join(f"{r['case']}: {r['error']}" for r in failed))
-    return results
 
 
 class _OneLineParser(argparse.ArgumentParser):

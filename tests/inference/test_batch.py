@@ -163,3 +163,35 @@ def test_stale_output_cleanup_keeps_files_it_did_not_write(tmp_path):
     _remove_stale_outputs(tmp_path, "X", (), {}, set())
     _remove_stale_outputs(tmp_path, "Y", (), {}, set())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["X.json", "X.nii.gz", "Y.nii.gz"]
+
+
+def test_a_stopped_batch_says_which_cases_it_did_not_reach(phantom_root, random_ckpt, tmp_path, monkeypatch, capsys):
+    """SIGTERM during the second of three cases: the first is kept, no partial file is left, and
+    inference_summary.json lists the other two as stopped."""
+    import os
+    import signal
+
+    import app.inference.pipeline as pipeline
+    from app.atomic import run_interruptible
+
+    root = tmp_path / "in"
+    for case in ("Phantom_000", "Phantom_001", "Phantom_002"):
+        shutil.copytree(phantom_root / case, root / case)
+    real, calls = pipeline.sliding_window_inference, []
+
+    def network(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "sliding_window_inference", network)
+    out = tmp_path / "out"
+    rc = run_interruptible(lambda: batch_main(["--input-dir", str(root), "--output-dir", str(out), "--ckpt",
+                                               random_ckpt, "--device", "cpu"]))
+    assert rc == 143 and "stopped by SIGTERM" in capsys.readouterr().err
+    report = json.loads((out / "inference_summary.json").read_text())
+    assert report["stopped"] is True and report["failed"] == 0
+    assert [(r["case"], r["status"]) for r in report["results"]] == [
+        ("Phantom_000", "ok"), ("Phantom_001", "stopped"), ("Phantom_002", "stopped")]
+    assert sorted(p.name for p in out.iterdir()) == ["Phantom_000.json", "Phantom_000.nii.gz", "inference_summary.json"]
