@@ -169,7 +169,7 @@ def test_dockerignore_matcher_follows_docker_rules():
 
 
 def test_copied_paths_are_not_dockerignored(dockerfile):
-    text = (REPO / ".dockerignore").read_text()
+    text = (REPO / ".dockerignore").read_text(encoding="utf-8")
     assert copy_sources(dockerfile)
     assert dockerignored_copies(dockerfile, dockerignore_patterns(text)) == []
     # the check sees an exclusion anywhere in a copied folder, as Docker would apply it
@@ -183,7 +183,7 @@ def test_cuda_base_and_project_torch(dockerfile):
     base = next(r for i, r in dockerfile if i == "FROM")
     base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
     assert "nvidia/cuda" in base and "runtime" in base
-    pinned = re.search(r"^torch==(\S+)$", (REPO / "requirements.txt").read_text(), re.M).group(1)
+    pinned = re.search(r"^torch==(\S+)$", (REPO / "requirements.txt").read_text(encoding="utf-8"), re.M).group(1)
     assert args["TORCH_VERSION"] == pinned
     assert "download.pytorch.org/whl/cu" in args["TORCH_INDEX_URL"]
     runs = " ".join(r for i, r in dockerfile if i == "RUN")
@@ -206,10 +206,10 @@ def test_runs_as_non_root_user(dockerfile):
 
 def test_documented_commands_do_not_assign_bash_readonly_uid():
     # "UID=$(id -u) docker compose ..." fails in bash (UID is read-only), so compose reads HOST_UID/HOST_GID
-    compose = (DOCKER / "compose.yaml").read_text()
+    compose = (DOCKER / "compose.yaml").read_text(encoding="utf-8")
     assert "${HOST_UID:-1000}:${HOST_GID:-1000}" in compose and "${UID" not in compose
     for path in (REPO / "README.md", REPO / "docs" / "inference.md", DOCKER / "compose.yaml", DOCKER / "Dockerfile"):
-        assert not re.search(r"(^|[\s#])UID=\$\(id -u\)", path.read_text()), path
+        assert not re.search(r"(^|[\s#])UID=\$\(id -u\)", path.read_text(encoding="utf-8")), path
 
 
 def test_entrypoint_module_imports_and_prints_help(dockerfile):
@@ -217,7 +217,7 @@ def test_entrypoint_module_imports_and_prints_help(dockerfile):
     script = next(args_of(r)[-1] for i, r in dockerfile if i == "COPY" and args_of(r)[-1] == entry[0])
     source = next(args_of(r)[0] for i, r in dockerfile if i == "COPY" and args_of(r)[-1] == entry[0])
     assert script == entry[0]
-    text = (REPO / source).read_text()
+    text = (REPO / source).read_text(encoding="utf-8")
     module = re.search(r"exec python -m (\S+)", text).group(1)
     assert os.access(REPO / source, os.X_OK), f"{source} must be executable"
     proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
@@ -231,7 +231,7 @@ def test_entrypoint_module_imports_and_prints_help(dockerfile):
 
 
 def test_compose_reserves_a_gpu_and_mounts_input_output():
-    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text(encoding="utf-8"))
     service = next(iter(compose["services"].values()))
     build = service["build"]
     assert (DOCKER / build["context"] / build["dockerfile"]).resolve() == (DOCKER / "Dockerfile").resolve()
