@@ -70,8 +70,6 @@ def _open(path: str) -> nib.spatialimages.SpatialImage:
         img = nib.load(path)
     except FileNotFoundError as err:
         raise CaseError(f"{path} does not exist: restore the file or re-run discovery.") from err
-    except PermissionError:
-        raise unreadable(path) from None
     except Exception as err:  # nibabel raises many types for bad headers; all mean the same to the user
         raise CaseError(f"Cannot read {path} ({type(err).__name__}: {err}): the file is corrupt or not NIfTI; "
                         "re-download or re-export it.") from err

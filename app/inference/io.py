@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from app.data.discovery import CHANNEL_ALIASES
-from app.data.errors import CaseError, check_readable, unreadable
+from app.data.errors import CaseError, check_readable
 from app.data.transforms import AFFINE_TOLERANCE, check_nifti_stream, check_voxels
 from app.subsets import BRATS_MODALITIES
 
@@ -128,8 +128,6 @@ def _read_nifti(path: str) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header | N
         img = nib.load(path)
     except FileNotFoundError as err:
         raise CaseError(f"{path} does not exist: check the path.") from err
-    except PermissionError:
-        raise unreadable(path) from None
     except Exception as err:  # nibabel raises many types for bad headers; all mean the same to the user
         raise CaseError(f"Cannot read {path} ({type(err).__name__}: {_one_line(err)}): the file is corrupt or not "
                         "NIfTI; re-export it as .nii/.nii.gz or pass its DICOM series folder.") from err

@@ -27,7 +27,6 @@ from app.atomic import atomic_write
 from app.engines.utils import load_weights
 from app.networks import DSUNet
 from app.networks.ds_unet import recorded_spacing
-from app.data.errors import unreadable
 from app.networks.weights import allow_missing_optional_keys, check_archive, check_finite
 from app.subsets import BRATS_MODALITIES
 
@@ -247,8 +246,6 @@ def load_network(
         check_archive(path)
         try:
             network = torch.jit.load(path, map_location=device)
-        except PermissionError:
-            raise unreadable(path) from None
         except Exception as err:  # noqa: BLE001
             raise ValueError(f"Cannot load TorchScript model {path} ({type(err).__name__}): re-export it with "
                              "python -m app.inference.export.") from err

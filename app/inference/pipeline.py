@@ -475,9 +475,9 @@ def check_output_path(path: str | os.PathLike, kind: str, suffixes: Sequence[str
                              "is kept.")
     if out.lower().endswith((".nii", ".nii.gz")) and os.path.isfile(out):
         check_readable(out)  # an earlier output of another user (Docker --user) is a permission problem
-    if out.lower().endswith((".nii", ".nii.gz")) and os.path.isfile(out) and not written_by_product(out):
-        raise ValueError(f"{kind} {path} already exists and was not written by this product (a reference "
-                         "segmentation or a scan?): choose another output name, or move that file away first.")
+        if not written_by_product(out):
+            raise ValueError(f"{kind} {path} already exists and was not written by this product (a reference "
+                             "segmentation or a scan?): choose another output name, or move that file away first.")
     check_writable_folder(os.path.dirname(out), f"{kind} {path}")
     return out
 

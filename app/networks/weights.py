@@ -50,7 +50,7 @@ def describe_state_dict(state: dict[str, torch.Tensor]) -> str:
     while f"encoders.0.levels.{level}.conv1.conv.weight" in state:
         widths.append(int(state[f"encoders.0.levels.{level}.conv1.conv.weight"].shape[0]))
         level += 1
-    n_mod = len({k.split(".")[1] for k in state if k.startswith("encoders.")})
+    n_mod = _layer_count(state, "encoders.")
     if not widths:
         return f"{len(state)} tensors"
     return f"{n_mod} modality encoders, features {widths}"
