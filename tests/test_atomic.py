@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from app.atomic import atomic_write, atomic_write_text
+from tests.bundles.helpers import repo_env
 
 
 def test_check_sees_the_complete_temporary_file_before_the_rename(tmp_path):
@@ -36,13 +37,12 @@ def test_failed_check_keeps_the_old_file_and_no_temporary(tmp_path):
 @pytest.mark.parametrize("status, returncode", [(0, 0), (2, 2), (130, -2), (143, -15)])
 def test_a_stopped_tool_dies_by_its_signal_so_a_shell_loop_stops(status, returncode):
     """bash ends a loop over cases at Ctrl-C only when the child died by SIGINT, not on exit 130."""
-    import os
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", f"from app.atomic import exit_with; exit_with({status})"],
-                          cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, timeout=60)
+                          cwd=repo, env=repo_env(), timeout=60)
     assert proc.returncode == returncode
 
 

@@ -221,7 +221,7 @@ def _check_uniform_slices(folder: str, reader: Any, files: list[str]) -> None:
 def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         import SimpleITK as sitk  # only needed for DICOM input
-    except ImportError as err:  # pragma: no cover - SimpleITK is a pinned dependency
+    except ImportError as err:
         raise CaseError(f"{folder} is a folder (DICOM series) but SimpleITK is not installed: "
                         "pip install SimpleITK, or convert the series to NIfTI.") from err
     sitk.ProcessObject_SetGlobalWarningDisplay(False)  # ITK's multi-line warnings would break the one-line error

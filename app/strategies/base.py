@@ -17,10 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import ignite.distributed as idist
 import torch
+import torch.distributed as dist
 
-__all__ = ["StepResult", "GradientStrategy", "subset_loss", "random_submasks"]
+__all__ = ["StepResult", "GradientStrategy", "subset_loss", "random_submasks", "process_group"]
 
 
 @dataclass
@@ -69,6 +69,18 @@ def subset_loss(
     return loss_function(pred, targets[rows]).mean(), pred
 
 
+def process_group() -> tuple[int, int]:
+    """World size and rank of the initialised ``torch.distributed`` group; ``(1, 0)`` outside one.
+
+    Read from ``torch.distributed`` itself: ``ignite.distributed`` discovers a group it did not create with a
+    collective that also initialises CUDA, which a strategy step should not run on the side (and which fails
+    in a worker forked after CUDA was used).
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
 def random_submasks(
     mask: torch.Tensor, generator: torch.Generator, rank: int | None = None, world_size: int | None = None
 ) -> torch.Tensor:
@@ -80,7 +92,7 @@ def random_submasks(
     process on the concatenated batch (for equal per-rank batches).
     """
     if world_size is None:
-        world_size, rank = idist.get_world_size(), idist.get_rank()
+        world_size, rank = process_group()
     rank = rank or 0
     batch, m = mask.shape
     draws = torch.rand(world_size * batch, dtype=torch.float64, generator=generator)[rank * batch : (rank + 1) * batch]

@@ -25,12 +25,11 @@ import math
 from typing import Any, Callable
 
 import torch
-import ignite.distributed as idist
 import torch.distributed as dist
 from torch import nn
 
 from app.metrics.dice import dice_from_logits
-from app.strategies.base import GradientStrategy, StepResult, subset_loss
+from app.strategies.base import GradientStrategy, StepResult, process_group, subset_loss
 
 __all__ = ["CGGMStrategy", "balance_terms", "modulation_loss", "head_metric"]
 
@@ -193,7 +192,7 @@ class CGGMStrategy(GradientStrategy):
         present head's final-weight gradient before the step, and its loss.
         """
         heads = self.build_heads(model)
-        world = idist.get_world_size()
+        world = process_group()[0]
         m_total = model.num_modalities
         sums = torch.zeros(2 * m_total, dtype=torch.float64, device=targets.device)
         head_losses: dict[int, torch.Tensor] = {}

@@ -23,10 +23,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-import ignite.distributed as idist
 import torch.distributed as dist
 
-from app.strategies.base import GradientStrategy, StepResult, subset_loss
+from app.strategies.base import GradientStrategy, StepResult, process_group, subset_loss
 from app.strategies.projection import decouple_coefficients, gmd_statistics, projection_orders
 from app.subsets import all_subsets, subset_masks, subset_name
 
@@ -190,7 +189,7 @@ class GMDStrategy(GradientStrategy):
         return []
 
     def _sync_world(self) -> int:
-        return idist.get_world_size() if self.sync == "global" else 1
+        return process_group()[0] if self.sync == "global" else 1
 
     @staticmethod
     def _subset_losses(

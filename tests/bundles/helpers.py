@@ -15,6 +15,13 @@ EVALUATE = str(BRATS / "configs" / "evaluate.yaml")
 TINY = ["--patch_size", "[32,32,32]", "--features", "[8,16,32,64]", "--num_workers", "0"]
 
 
+def repo_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a subprocess, with the repository first on ``PYTHONPATH``; the entries
+    already there stay (dependencies installed into a target folder, say)."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def run_bundle(config_files: list[str], *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``python -m monai.bundle run`` from the repository root; fail with its output on error."""
     config = config_files[0] if len(config_files) == 1 else str(config_files)

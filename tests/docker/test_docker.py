@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.bundles.helpers import repo_env
+
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 
@@ -221,7 +223,7 @@ def test_entrypoint_module_imports_and_prints_help(dockerfile):
     module = re.search(r"exec python -m (\S+)", text).group(1)
     assert os.access(REPO / source, os.X_OK), f"{source} must be executable"
     proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+                          timeout=120, env=repo_env())
     assert proc.returncode == 0, proc.stderr
     assert "--input-dir" in proc.stdout and "--output-dir" in proc.stdout
     env = " ".join(r for i, r in dockerfile if i == "ENV")

@@ -8,6 +8,7 @@ bundle (which takes over a minute on 2 CPU cores).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -28,6 +29,9 @@ FEATURE_ARGS = ["--features", "8", "16", "32", "64"]
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "data"
 DEV = Path(os.environ["BRATS_DEV_DIR"]) if os.environ.get("BRATS_DEV_DIR") else SHARED / "brats18_dev"
+# DICOM input is optional (SimpleITK is imported only for a folder input), so are its tests
+needs_simpleitk = pytest.mark.skipif(importlib.util.find_spec("SimpleITK") is None,
+                                     reason="SimpleITK (DICOM input) is not installed: pip install SimpleITK")
 
 
 @pytest.fixture(autouse=True, scope="package")

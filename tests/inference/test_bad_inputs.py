@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.inference.conftest import REPO, load
+from tests.bundles.helpers import repo_env
 
 
 def _save(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> str:
@@ -291,7 +292,7 @@ def test_process_exit_status_through_python_m_app(tmp_path, random_ckpt):
         [sys.executable, "-m", "app", "infer", "--ckpt", random_ckpt, "--flair", str(bad), "--out",
          str(tmp_path / "seg.nii.gz")],
         cwd=REPO, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        env=repo_env(OMP_NUM_THREADS="1"),
     )
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "bad_flair.nii.gz" in proc.stderr

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from monai.bundle import ConfigParser
 
-from tests.bundles.helpers import BRATS, REPO, TRAIN
+from tests.bundles.helpers import BRATS, REPO, TRAIN, repo_env
 
 __all__ = ["MULTI_GPU", "TINY", "TRAIN", "REPO", "BRATS", "cli_args", "subprocess_env", "start_bundle",
            "run_in_process", "load", "assert_same_tensors"]
@@ -35,7 +35,7 @@ def cli_args(settings: dict[str, Any]) -> list[str]:
 def subprocess_env() -> dict[str, str]:
     """Environment for bundle subprocesses: the repository importable and the thread count of this process,
     so that their arithmetic matches in-process runs bit for bit."""
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return repo_env(OMP_NUM_THREADS=str(torch.get_num_threads()))
 
 
 def start_bundle(args: list[str], driver: list[str] | None = None, env: dict[str, str] | None = None,

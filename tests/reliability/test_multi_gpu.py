@@ -93,8 +93,10 @@ def _sync_worker(rank: int, store: str) -> None:
 
 def test_gmd_global_sync_is_exact_and_local_sync_averages(tmp_path):
     # fork: the workers inherit the imported modules (spawn would spend most of the test re-importing);
-    # they set one torch thread before any parallel region, which keeps OpenMP safe after the fork
-    mp.start_processes(_sync_worker, args=(str(tmp_path / "store"),), nprocs=WORLD, join=True, start_method="fork")
+    # they set one torch thread before any parallel region, which keeps OpenMP safe after the fork. Where CUDA
+    # is present, autograd's device threads may already run in this process, which fork cannot copy.
+    start = "spawn" if torch.cuda.is_available() else "fork"
+    mp.start_processes(_sync_worker, args=(str(tmp_path / "store"),), nprocs=WORLD, join=True, start_method=start)
 
 
 def test_two_gloo_processes_train_the_bundle_to_identical_weights(tmp_path):

@@ -356,5 +356,7 @@ def _sync_worker(rank: int, store: str) -> None:
 def test_ranks_share_heads_metric_and_balance_terms(tmp_path):
     import torch.multiprocessing as mp
 
-    # fork: the workers inherit the imported modules; one torch thread each keeps OpenMP safe after the fork
-    mp.start_processes(_sync_worker, args=(str(tmp_path / "store"),), nprocs=WORLD, join=True, start_method="fork")
+    # fork: the workers inherit the imported modules; one torch thread each keeps OpenMP safe after the fork.
+    # Where CUDA is present, autograd's device threads may already run in this process, which fork cannot copy.
+    start = "spawn" if torch.cuda.is_available() else "fork"
+    mp.start_processes(_sync_worker, args=(str(tmp_path / "store"),), nprocs=WORLD, join=True, start_method=start)
