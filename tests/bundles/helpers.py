@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+#: the read-only real data beside the repository (or SHARED_DATA_DIR); BRATS_DEV_DIR names other full-size cases
 SHARED_DATA = Path(os.environ.get("SHARED_DATA_DIR", REPO.parent / "shared" / "data"))
+BRATS_DEV = Path(os.environ.get("BRATS_DEV_DIR") or SHARED_DATA / "brats18_dev")
 BRATS = REPO / "bundles" / "brats_gmd"
 TRAIN = str(BRATS / "configs" / "train.yaml")
 EVALUATE = str(BRATS / "configs" / "evaluate.yaml")

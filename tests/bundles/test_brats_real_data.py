@@ -11,9 +11,9 @@ import os
 import pytest
 
 from app.data import discover_cases, load_case
-from tests.bundles.helpers import EVALUATE, SHARED_DATA, TRAIN, run_bundle
+from tests.bundles.helpers import BRATS_DEV, EVALUATE, TRAIN, run_bundle
 
-REAL = SHARED_DATA / "brats18_dev"
+REAL = BRATS_DEV
 pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f"real BraTS data not found at {REAL}")
 
 

@@ -6,7 +6,6 @@ location of ``brats18_dev``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -14,16 +13,16 @@ import torch
 
 from app.data.discovery import discover_cases
 from app.data.transforms import LoadCased
+from tests.bundles.helpers import BRATS_DEV, SHARED_DATA
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-DEV = Path(os.environ["BRATS_DEV_DIR"]) if os.environ.get("BRATS_DEV_DIR") else SHARED / "brats18_dev"
-DEV_2MM = SHARED / "brats18_dev_2mm"
+DEV = BRATS_DEV
+DEV_2MM = SHARED_DATA / "brats18_dev_2mm"
 
 
 def need(folder: Path) -> Path:
     if not folder.is_dir():
         pytest.skip(f"real BraTS data not found at {folder.resolve()}: place the shared data beside the repository "
-                    "(../shared/data) or set BRATS_DEV_DIR")
+                    "(../shared/data), or set SHARED_DATA_DIR (or BRATS_DEV_DIR for brats18_dev)")
     return folder
 
 

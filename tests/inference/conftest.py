@@ -23,12 +23,12 @@ from app.__main__ import main as app_main
 from app.data.phantoms import write_phantoms
 from app.networks import DSUNet
 from app.subsets import BRATS_MODALITIES
+from tests.bundles.helpers import BRATS_DEV
 
 FEATURES = [8, 16, 32, 64]
 FEATURE_ARGS = ["--features", "8", "16", "32", "64"]
 REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared" / "data"
-DEV = Path(os.environ["BRATS_DEV_DIR"]) if os.environ.get("BRATS_DEV_DIR") else SHARED / "brats18_dev"
+DEV = BRATS_DEV
 # DICOM input is optional (SimpleITK is imported only for a folder input), so are its tests
 needs_simpleitk = pytest.mark.skipif(importlib.util.find_spec("SimpleITK") is None,
                                      reason="SimpleITK (DICOM input) is not installed: pip install SimpleITK")

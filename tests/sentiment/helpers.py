@@ -7,16 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.bundles.helpers import repo_env
+from tests.bundles.helpers import SHARED_DATA, repo_env
 
 REPO = Path(__file__).resolve().parents[2]
 MOSI_BUNDLE = REPO / "bundles" / "mosi_gmd"
 TRAIN = str(MOSI_BUNDLE / "configs" / "train.yaml")
 EVALUATE = str(MOSI_BUNDLE / "configs" / "evaluate.yaml")
 #: the shared real features (read-only), or MOSI_PKL
-REAL_PKL = Path(
-    os.environ.get("MOSI_PKL", REPO.parent / "shared" / "data" / "mosi_utterance" / "mosi_utterance_trainval.pkl")
-)
+REAL_PKL = Path(os.environ.get("MOSI_PKL", SHARED_DATA / "mosi_utterance" / "mosi_utterance_trainval.pkl"))
 
 
 def run_mosi_bundle(config_files: list[str], *args: str, check: bool = True, timeout: int = 300
