@@ -8,7 +8,7 @@ DEMO   ?= outputs/demo
 DEMO_STRATEGY ?= gmd_approx
 DEMO_MINUTES  ?= 4
 
-.PHONY: install demo test bench bench-gpu clean
+.PHONY: install demo test test-gpu bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -35,6 +35,12 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# The whole suite where CUDA is visible, so that every test that picks CUDA when present runs on it and the
+# CUDA-only tests run too: PYTHON=path/to/python of an environment with the CUDA build of torch and requirements.txt.
+test-gpu:
+	$(PYTHON) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'test-gpu needs a visible GPU and the CUDA build of torch; set PYTHON to that environment')"
+	$(PYTHON) -m pytest -q -rs tests
 
 bench: install
 	$(BIN)/python bench/gmd_step.py --device cpu --patch 64 64 64 --batch 1 --features 8 16 32 64 --steps 3
