@@ -25,7 +25,6 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
-import ignite.distributed as idist
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.data.utils import set_rnd
@@ -34,6 +33,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from app.atomic import atomic_write, stale_temporaries
 from app.networks.weights import describe_state_dict, optional_state_keys
 from app.flags import parse_bool
+from app.strategies.base import process_group
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -157,10 +157,9 @@ class ResumableSampler(DistributedSampler):
         rank: int | None = None,
         drop_last: bool = False,
     ) -> None:
-        if num_replicas is None:
-            num_replicas = idist.get_world_size()
-        if rank is None:
-            rank = idist.get_rank()
+        world, this_rank = process_group()
+        num_replicas = world if num_replicas is None else num_replicas
+        rank = this_rank if rank is None else rank
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.pass_index = 0
         self._skip = 0
@@ -220,10 +219,6 @@ class SeededDataset(Dataset):
 # -- the handler ---------------------------------------------------------------------------------
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return getattr(module, "module", module)  # DistributedDataParallel / DataParallel keep the net in .module
-
-
-def _world() -> tuple[int, int]:
-    return idist.get_world_size(), idist.get_rank()
 
 
 class ResumableCheckpoint:
@@ -310,7 +305,7 @@ class ResumableCheckpoint:
             self.save(engine)
 
     def _started(self, engine: Engine) -> None:
-        _, rank = _world()
+        _, rank = process_group()
         exists = self.path.is_file()
         if self.resume == "true" or (self.resume == "auto" and exists):
             self.restore(engine, load_training_checkpoint(self.path))
@@ -328,7 +323,7 @@ class ResumableCheckpoint:
 
     def state_dict(self, engine: Engine) -> dict[str, Any]:
         """Everything needed to continue ``engine``; the RNG entry is this rank's only."""
-        world, _ = _world()
+        world, _ = process_group()
         state: dict[str, Any] = {
             "format": CHECKPOINT_FORMAT,
             "epoch": int(engine.state.epoch),
@@ -364,7 +359,7 @@ class ResumableCheckpoint:
     def save(self, engine: Engine) -> None:
         """Write the checkpoint (rank 0) with the generator states of every rank."""
         self._saved_at = engine.state.iteration
-        world, rank = _world()
+        world, rank = process_group()
         rng = capture_rng_state()
         if world > 1:
             gathered: list[Any] = [None] * world
@@ -380,7 +375,7 @@ class ResumableCheckpoint:
 
     def restore(self, engine: Engine, state: Mapping[str, Any]) -> None:
         """Load ``state`` (from :func:`load_training_checkpoint`) into the objects and ``engine``."""
-        world, rank = _world()
+        world, rank = process_group()
         net = _unwrap(self.network)
         expected, saved = net.state_dict(), state["network"]
         # tensors added to the network after the checkpoint was written keep their current value

@@ -72,9 +72,10 @@ def subset_loss(
 def process_group() -> tuple[int, int]:
     """World size and rank of the initialised ``torch.distributed`` group; ``(1, 0)`` outside one.
 
-    Read from ``torch.distributed`` itself: ``ignite.distributed`` discovers a group it did not create with a
-    collective that also initialises CUDA, which a strategy step should not run on the side (and which fails
-    in a worker forked after CUDA was used).
+    Read from ``torch.distributed`` itself (by the strategies and the resumable checkpoint and sampler):
+    ``ignite.distributed`` discovers a group it did not create with a collective that also initialises
+    CUDA, which a training step should not run on the side (and which fails in a worker forked after CUDA
+    was used).
     """
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
