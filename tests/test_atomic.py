@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from app.atomic import atomic_write, atomic_write_text
-from tests.bundles.helpers import repo_env
+from tests.bundles.helpers import REPO, repo_env
 
 
 def test_check_sees_the_complete_temporary_file_before_the_rename(tmp_path):
@@ -40,9 +40,8 @@ def test_a_stopped_tool_dies_by_its_signal_so_a_shell_loop_stops(status, returnc
     import subprocess
     import sys
 
-    repo = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", f"from app.atomic import exit_with; exit_with({status})"],
-                          cwd=repo, env=repo_env(), timeout=60)
+                          cwd=REPO, env=repo_env(), timeout=60)
     assert proc.returncode == returncode
 
 

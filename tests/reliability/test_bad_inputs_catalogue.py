@@ -221,19 +221,22 @@ def _write_series(nifti, folder, series_uid="1.2.826.0.1.3680043.2.1125.1.2"):
     return folder
 
 
-@needs_simpleitk
-def test_folder_without_dicom_series(case, infer, tmp_path):
+def _folder_without_dicom(tmp_path):
     folder = tmp_path / "t2_dicom"
     folder.mkdir()
     (folder / "IM0001.dcm").write_bytes(b"not a DICOM file" * 64)
+    return folder
+
+
+@needs_simpleitk
+def test_folder_without_dicom_series(case, infer, tmp_path):
+    folder = _folder_without_dicom(tmp_path)
     rc, err = infer("--flair", case["flair"], "--t2", folder)
     assert rc == 2 and f"{folder} holds no DICOM series" in err[-1]
 
 
 def test_dicom_folder_without_simpleitk_names_the_fix(case, infer, tmp_path, monkeypatch):
-    folder = tmp_path / "t2_dicom"
-    folder.mkdir()
-    (folder / "IM0001.dcm").write_bytes(b"not a DICOM file" * 64)
+    folder = _folder_without_dicom(tmp_path)
     monkeypatch.setitem(sys.modules, "SimpleITK", None)  # import SimpleITK now raises ImportError
     rc, err = infer("--flair", case["flair"], "--t2", folder)
     assert rc == 2 and len(err) == 1
@@ -241,9 +244,7 @@ def test_dicom_folder_without_simpleitk_names_the_fix(case, infer, tmp_path, mon
 
 
 def test_folder_without_dicom_series_prints_one_line(case, infer, tmp_path):
-    folder = tmp_path / "t2_dicom"
-    folder.mkdir()
-    (folder / "IM0001.dcm").write_bytes(b"not a DICOM file" * 64)
+    folder = _folder_without_dicom(tmp_path)
     rc, err = infer("--flair", case["flair"], "--t2", folder)
     assert rc == 2 and len(err) == 1
 
