@@ -10,6 +10,9 @@ DEMO_MINUTES  ?= 4
 
 .PHONY: install demo test test-gpu bench bench-gpu clean
 
+# $(call need_cuda,TARGET): stop with the fix unless PYTHON's torch sees a GPU
+need_cuda = $(PYTHON) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else '$(1) needs a visible GPU and the CUDA build of torch (pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128); set PYTHON to that environment')"
+
 install: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
@@ -39,7 +42,7 @@ test: install
 # The whole suite where CUDA is visible, so that every test that picks CUDA when present runs on it and the
 # CUDA-only tests run too: PYTHON=path/to/python of an environment with the CUDA build of torch and requirements.txt.
 test-gpu:
-	$(PYTHON) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'test-gpu needs a visible GPU and the CUDA build of torch; set PYTHON to that environment')"
+	$(call need_cuda,test-gpu)
 	$(PYTHON) -m pytest -q -rs tests
 
 bench: install
@@ -53,7 +56,7 @@ ABLATE_GPU = --bundle bundles/brats_gmd --max_epochs 100000 --time_limit_minutes
 	--output_dir $(BENCH_GPU)/ablation_brats_2mm --dataset_dir $(DATA_2MM) --seed 0 --patch_size "[96,96,64]" \
 	--batch_size 2 --num_samples 2 --learning_rate 0.001 --epoch_length 100 --num_workers 3 --deterministic false
 bench-gpu:
-	$(PYTHON) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'bench-gpu needs a GPU and the CUDA build of torch (pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128); set PYTHON to that environment')"
+	$(call need_cuda,bench-gpu)
 	mkdir -p $(BENCH_GPU)
 	$(PYTHON) bench/gmd_step.py --device cuda --patch 128 128 128 --batch 1 --features 16 32 64 128 256 \
 		--steps 10 --amp > $(BENCH_GPU)/gmd_step.jsonl
