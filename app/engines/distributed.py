@@ -23,6 +23,7 @@ import torch.distributed as dist
 from ignite.engine import Engine
 
 from app.engines.handlers import TimeLimitHandler
+from app.strategies.base import process_group
 
 __all__ = [
     "init_distributed",
@@ -55,7 +56,7 @@ def close_distributed() -> None:
 
 def is_distributed() -> bool:
     """True inside an initialised process group of more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return process_group()[0] > 1
 
 
 def _check_backend(backend: str) -> str:
