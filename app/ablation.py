@@ -42,6 +42,7 @@ from app.reports.ablation import (
     ablation_table, format_ablation_markdown, format_seed_markdown, seed_table, write_ablation_report,
     write_seed_report,
 )
+from app.strategies import STRATEGIES
 
 __all__ = ["BundleLayout", "bundle_layout", "parse_strategies", "run_ablation", "run_ablation_seeds", "main"]
 
@@ -99,6 +100,8 @@ def parse_strategies(spec: str | Sequence[str]) -> list[tuple[str, str, str | No
         if not item:
             continue
         name, _, k = item.partition(":")
+        if name.strip().lower() not in STRATEGIES:  # before any strategy trains, not when its turn comes
+            raise ValueError(f"Unknown strategy {name!r} in --strategies: choose from {sorted(STRATEGIES)}.")
         label = f"{name}_k{k}" if k else name
         if label in seen:
             raise ValueError(f"Strategy {item!r} is listed twice in --strategies.")
@@ -119,7 +122,9 @@ def _run_bundle(configs: Sequence[Path], bundle: Path, args: Sequence[str], log:
         f.flush()
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}; its output is in {log}.")
+        errors = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.startswith("error: ")]
+        reason = f": {errors[-1]}" if errors else ""
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}{reason} (its output is in {log}).")
     return time.perf_counter() - start
 
 

@@ -33,6 +33,8 @@ def test_parse_strategies_and_layouts():
         parse_strategies("plain,plain")
     with pytest.raises(ValueError, match="empty"):
         parse_strategies(" , ")
+    with pytest.raises(ValueError, match=r"Unknown strategy 'gmd-approx' in --strategies: choose from \[.*'gmd_approx'"):
+        parse_strategies("plain,gmd-approx")  # refused before plain trains
     assert bundle_layout(REPO / "bundles" / "brats_gmd").kind == "segmentation"
     assert bundle_layout(REPO / "bundles" / "mosi_gmd").kind == "sentiment"
     with pytest.raises(FileNotFoundError, match="configs/train.yaml"):
@@ -157,3 +159,13 @@ def test_sentiment_ablation_over_seeds(tmp_path):
                    "--seed", "3", "--output_dir", str(tmp_path / "bad"), "--data_path", str(pkl))
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_failed_bundle_run_reports_its_error_line(tmp_path):
+    from app.ablation import _run_bundle
+
+    bundle = REPO / "bundles" / "brats_gmd"
+    log = tmp_path / "train.log"
+    with pytest.raises(RuntimeError, match=r"exit code 1: error: --patch_sizes is not a setting .*\(its output is in"):
+        _run_bundle([bundle / "configs" / "train.yaml"], bundle, ["--patch_sizes", "[32,32,32]"], log)
+    assert "error: --patch_sizes" in log.read_text()
