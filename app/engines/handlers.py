@@ -26,6 +26,10 @@ class TimeLimitHandler:
     validator once more (so the best-model checkpoint sees the last weights) and terminates the
     trainer; ``COMPLETED`` handlers (e.g. the final-model ``CheckpointSaver``) still run.
 
+    With or without a budget, the validator also scores the last epoch when the validation interval
+    skipped it (``max_epochs`` not a multiple of ``val_interval``): otherwise the best-model
+    checkpoint would miss the final weights, or not be written at all.
+
     Args:
         minutes: budget in minutes; ``None`` or ``<= 0`` disables the limit.
         validator: optional evaluator to run before stopping.
@@ -38,10 +42,17 @@ class TimeLimitHandler:
         self.expired = False
 
     def attach(self, engine: Engine) -> None:
+        if self.validator is not None:
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._validate_last_epoch)
         if self.seconds is None:
             return
         engine.add_event_handler(Events.STARTED, self._started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._check)
+
+    def _validate_last_epoch(self, engine: Engine) -> None:
+        if engine.state.epoch == engine.state.max_epochs and self.validator.state.epoch != engine.state.epoch:
+            logger.info("Validating the last epoch (%d), which the validation interval skipped.", engine.state.epoch)
+            self.validator.run(engine.state.epoch)
 
     def _started(self, engine: Engine) -> None:
         self.start = time.monotonic()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
+
 from app.engines import DiagnosticsHandler
 
 
@@ -43,3 +45,24 @@ def test_validation_report_of_a_training_run_names_its_epoch(tmp_path):
         (tmp_path / "train" / "subset_dice.md").read_text()
     SubsetReportHandler(metric, tmp_path / "eval")(engine)  # an evaluation of one checkpoint: no epoch
     assert "epoch" not in json.loads((tmp_path / "eval" / "subset_dice.json").read_text())
+
+
+@pytest.mark.parametrize("val_interval,validated", [(2, [2, 4, 5]), (1, [1, 2, 3, 4, 5]), (5, [5])])
+def test_last_epoch_is_validated_when_the_interval_skips_it(val_interval, validated):
+    """max_epochs 5: interval 2 validates epochs 2 and 4, and the handler adds epoch 5 (once)."""
+    from ignite.engine import Engine, Events
+
+    from app.engines import TimeLimitHandler
+
+    scored = []
+
+    def run_validator(epoch: int) -> None:  # MONAI's Evaluator.run(global_epoch) leaves state.epoch == epoch
+        scored.append(epoch)
+        validator.state.epoch = epoch
+
+    validator = SimpleNamespace(state=SimpleNamespace(epoch=0), run=run_validator)
+    trainer = Engine(lambda e, b: None)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(every=val_interval), lambda e: validator.run(e.state.epoch))
+    TimeLimitHandler(minutes=0, validator=validator).attach(trainer)
+    trainer.run([0, 0], max_epochs=5)
+    assert scored == validated
