@@ -23,7 +23,7 @@ from app.networks.weights import describe_state_dict, load_weights
 
 __all__ = [
     "check_held_out", "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "load_weights", "describe_state_dict",
-    "ProgressBarHandler", "report_input_errors", "check_overrides",
+    "ProgressBarHandler", "report_input_errors", "check_overrides", "check_counts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -146,6 +146,20 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
         files = config_file if isinstance(config_file, str) else ", ".join(map(str, config_file))
         raise ValueError(f"--{key} is not a setting of {files}: {hint} The run would ignore it and use the default; "
                          "the settings are the top-level keys of those files.")
+
+
+def check_counts(**counts: Any) -> None:
+    """Raise a ``ValueError`` naming the setting when a count (``max_epochs=...``) is not a whole number >= 1.
+
+    Checked before the data split is written, so such a run leaves nothing behind.
+    """
+    for name, value in counts.items():
+        try:
+            ok = not isinstance(value, bool) and int(value) == float(value) and int(value) >= 1
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"--{name} {value!r} must be a whole number >= 1, e.g. --{name} 1.")
 
 
 def check_held_out(ckpt_path: str | os.PathLike, records: Sequence[dict[str, Any]]) -> str | None:

@@ -88,17 +88,16 @@ class PredictStrategy(GradientStrategy):
     # -- BitFit ----------------------------------------------------------------------------------
     @staticmethod
     def check_model(model: Any) -> None:
-        """Raise a ``TypeError`` naming the fix when ``model`` cannot predict missing modalities."""
+        """Raise a ``ValueError`` naming the fix when ``model`` cannot predict missing modalities."""
         needed = ("features", "pairs", "pair_predictions", "predicted_embeddings", "embedding_outputs",
                   "predicted_outputs", "prediction_parameters", "completed_mask")
         lacking = [n for n in needed if not hasattr(model, n)]
         if lacking:
-            raise TypeError(
-                f"Strategy 'predict' needs a network with read-only prompts and missing-modality predictors; "
-                f"{type(model).__name__} lacks {lacking}. It exists for the sentiment branch: use network_def "
-                "_target_: app.networks.PromptedDSTransformer (the mosi_gmd bundle's "
-                "app.networks.build_sentiment_network builds it for --strategy predict), or add "
-                "bundles/mosi_gmd/configs/predict.yaml to --config_file."
+            raise ValueError(
+                f"Strategy 'predict' needs a network with read-only prompts and missing-modality predictors, and "
+                f"{type(model).__name__} has none (it lacks {lacking}). The strategy is for the sentiment branch "
+                "only: in bundles/mosi_gmd, --strategy predict builds app.networks.PromptedDSTransformer. "
+                "For BraTS, choose --strategy plain, dropout, gmd, gmd_approx or cggm."
             )
 
     def apply_bitfit(self, model: Any) -> None:

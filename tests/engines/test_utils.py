@@ -165,3 +165,12 @@ def test_check_overrides_refuses_a_misspelt_key_and_names_the_setting(tmp_path):
         check_overrides([main, "run", "--args_file", str(args)])
     # another program's command line (an in-process monai.bundle.run) is not checked
     check_overrides(["pytest", "--patch_sizes", "1", "--config_file", train])
+
+
+def test_check_counts_accepts_whole_numbers_from_one():
+    from app.engines import check_counts
+
+    check_counts(max_epochs=1, val_interval="3", batch_size=2.0)
+    for bad in (0, -1, 1.5, "x", None, True):
+        with pytest.raises(ValueError, match=r"--max_epochs .* must be a whole number >= 1, e.g. --max_epochs 1\."):
+            check_counts(max_epochs=bad)

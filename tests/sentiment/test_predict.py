@@ -275,7 +275,7 @@ def test_confidence_loss_trains_the_confidence_weights_only_through_the_weightin
 def test_predict_refuses_a_network_without_prompts():
     ds, batch = _batch()
     plain = DSTransformer(in_features=DIMS, hidden=16, num_heads=2)
-    with pytest.raises(TypeError, match="PromptedDSTransformer"):
+    with pytest.raises(ValueError, match="PromptedDSTransformer"):
         PredictStrategy().step(plain, batch["image"], batch["modality_mask"], batch["label"], L1)
     with pytest.raises(ValueError, match=">= 0"):
         PredictStrategy(prediction_weight=-1)
