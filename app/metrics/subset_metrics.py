@@ -9,6 +9,7 @@ wraps it as a scalar ignite metric usable as a ``CheckpointSaver`` key metric.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +25,8 @@ from ignite.metrics.metric import reinit__is_reduced
 
 from app.metrics.dice import dice_from_logits
 from app.subsets import BRATS_MODALITIES, all_subsets, subset_name
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["SubsetAccumulator", "SubsetDiceAccumulator", "SubsetScalarMetric", "SubsetMeanDice", "BRATS_REGIONS"]
 
@@ -199,8 +202,8 @@ class SubsetAccumulator:
 
         Returns:
             ``{"subsets": {name: {*metric_keys: float, count_key: int}}, "mean_over_subsets":
-            {*metric_keys: float}, "worst_subset": {"name": str, primary_key: float}}``, subsets in
-            :func:`~app.subsets.all_subsets` order.
+            {*metric_keys: float}, "worst_subset": {"name": str, primary_key: float},
+            "subsets_without_cases": [name, ...]}``, subsets in :func:`~app.subsets.all_subsets` order.
 
         Raises:
             ValueError: if no row has been stored.
@@ -217,10 +220,16 @@ class SubsetAccumulator:
         ranked = [(m[self.primary_key], i, n) for i, (n, m) in enumerate(subsets.items())]
         finite = [r for r in ranked if not math.isnan(r[0])]
         worst_name = min(finite)[2] if finite else ranked[0][2]
+        missing = [name for name in self.subset_names if name not in subsets]
+        if missing:  # a mean over fewer subsets cannot be compared with a full table: say so where it is read
+            logger.warning("%d of the %d subsets have no case to score (%s): mean_over_subsets is over the other %d. "
+                           "Add cases that have those sequences for a full table.", len(missing),
+                           len(self.subset_names), ", ".join(missing), len(subsets))
         return {
             "subsets": subsets,
             "mean_over_subsets": mean_over,
             "worst_subset": {"name": worst_name, self.primary_key: subsets[worst_name][self.primary_key]},
+            "subsets_without_cases": missing,
         }
 
 

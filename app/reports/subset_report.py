@@ -95,7 +95,8 @@ def format_table(
     count_key: str | None = None,
     digits: int = 4,
 ) -> str:
-    """Markdown table of ``result``: one row per subset, then the bold ``mean_over_subsets`` row.
+    """Markdown table of ``result``: one row per subset, then the bold ``mean_over_subsets`` row, and
+    a note naming the subsets without a case when there are any.
 
     Args:
         result: ``aggregate()`` dict of a :class:`~app.metrics.SubsetAccumulator`.
@@ -118,6 +119,10 @@ def format_table(
         if row[0] == MEAN_ROW:
             cells = [f"**{c}**" if c else c for c in cells]
         lines.append("| " + " | ".join(cells) + " |")
+    missing = list(result.get("subsets_without_cases") or [])
+    if missing:
+        lines += ["", f"No case to score for {len(missing)} subset(s) ({', '.join(missing)}): "
+                      f"{MEAN_ROW} is over the {len(result['subsets'])} scored."]
     return "\n".join(lines)
 
 

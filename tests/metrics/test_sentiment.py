@@ -77,7 +77,7 @@ def test_subset_sentiment_accumulator():
     good[:, 1] = torch.tensor(PREDS, dtype=torch.float64)  # ...except audio
     acc.update_from_preds(ids, good, LABELS)
     result = acc.aggregate()
-    assert set(result) == {"subsets", "mean_over_subsets", "worst_subset"}
+    assert set(result) == {"subsets", "mean_over_subsets", "worst_subset", "subsets_without_cases"}
     assert list(result["subsets"]) == acc.subset_names
     assert result["subsets"]["audio"] == pytest.approx(sentiment_metrics(PREDS, LABELS))
     assert result["subsets"]["text"] == pytest.approx(sentiment_metrics(LABELS, LABELS))

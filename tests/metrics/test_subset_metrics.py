@@ -41,7 +41,7 @@ def test_subset_names_and_order_are_stable():
 
 def test_aggregate_by_hand():
     result = _two_by_two().aggregate()
-    assert set(result) == {"subsets", "mean_over_subsets", "worst_subset", "per_case"}
+    assert set(result) == {"subsets", "mean_over_subsets", "worst_subset", "per_case", "subsets_without_cases"}
     # subsets without cases are omitted; present ones keep all_subsets order
     assert list(result["subsets"]) == ["flair", "flair+t1+t1ce+t2"]
     flair = result["subsets"]["flair"]
@@ -155,6 +155,28 @@ def test_valid_mask_leaves_cases_out_of_subsets():
     from_logits = SubsetDiceAccumulator()
     from_logits.update_from_logits(["a", "b"], logits, label, valid=valid)
     assert from_logits.aggregate()["subsets"]["flair"]["n_cases"] == 1
+    assert result["subsets_without_cases"] == []
+
+
+def test_subsets_without_cases_are_named_in_the_result_and_the_table(caplog):
+    """No case has T1ce: the 8 subsets with t1ce are left out of the mean, and the result says which."""
+    from app.reports.subset_report import format_table
+    from app.subsets import BRATS_MODALITIES, all_subsets, subset_name
+
+    names = [subset_name(s, BRATS_MODALITIES) for s in all_subsets(4)]
+    dice = torch.rand(1, 15, 3, dtype=torch.float64)
+    valid = torch.tensor([["t1ce" not in n for n in names]])
+    acc = SubsetDiceAccumulator()
+    acc.update_from_subset_dice(["a"], dice, valid)
+    with caplog.at_level("WARNING"):
+        result = acc.aggregate()
+    missing = [n for n in names if "t1ce" in n]
+    assert result["subsets_without_cases"] == missing and len(missing) == 8 and len(result["subsets"]) == 7
+    expected = sum(dice[0, j, :].mean().item() for j, n in enumerate(names) if "t1ce" not in n) / 7
+    assert result["mean_over_subsets"]["mean"] == pytest.approx(expected)
+    assert "8 of the 15 subsets have no case to score" in caplog.text
+    assert format_table(result).splitlines()[-1] == (
+        f"No case to score for 8 subset(s) ({', '.join(missing)}): mean_over_subsets is over the 7 scored.")
 
 
 def _random_batch(seed: int, b: int = 2, s: int = 15):

@@ -110,7 +110,7 @@ def test_evaluator_scores_all_subsets_from_one_pass_and_writes_report(tmp_path):
             mae = float((pred[:, 0] - batch["label"][:, 0]).abs().mean())
             assert math.isclose(report["subsets"][name]["MAE"], mae, rel_tol=1e-5)
             assert report["subsets"][name]["n"] == 10
-    assert set(report) == {"subsets", "mean_over_subsets", "worst_subset"}
+    assert set(report) == {"subsets", "mean_over_subsets", "worst_subset", "subsets_without_cases"}
     assert evaluator.state.metrics["val_score"] == pytest.approx(-report["mean_over_subsets"]["MAE"])
     for ext in ("csv", "md", "png"):
         assert (tmp_path / f"subset_metrics.{ext}").stat().st_size > 0
