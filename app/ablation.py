@@ -263,6 +263,7 @@ def run_ablation(
     train, evaluate = _configs(bundle)
     if checkpoint not in ("final", "best"):
         raise ValueError(f"checkpoint must be 'final' or 'best', got {checkpoint!r}.")
+    planned = parse_strategies(strategies)  # a bad list is refused before any folder is made
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_name = "model_final.pt" if checkpoint == "final" else "model.pt"
@@ -271,7 +272,7 @@ def run_ablation(
         eval_split = eval_split or _option(bundle_args, "val_split") or _load_config(train).get("val_split", "valid")
     runs: dict[str, Any] = {}
     reports: dict[str, Any] = {}
-    for label, name, subsets in parse_strategies(strategies):
+    for label, name, subsets in planned:
         run_dir, eval_dir = out / label / "train", out / label / "eval"
         train_args = [*bundle_args, "--output_dir", str(run_dir), "--strategy", name, "--seed", str(seed),
                       "--max_epochs", str(int(max_epochs)), "--time_limit_minutes", str(time_limit_minutes)]
@@ -335,6 +336,7 @@ def run_ablation_seeds(
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and non-empty, got {seeds}.")
+    parse_strategies(strategies)  # refused before the first seed trains
     out = Path(output_dir)
     per_seed = {s: run_ablation(bundle, strategies, out / f"seed_{s}", max_epochs, seed=s, **kwargs) for s in seeds}
     table = seed_table(per_seed)

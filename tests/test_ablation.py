@@ -131,9 +131,15 @@ def test_sentiment_bundle_ablation_and_failure_names_the_log(tmp_path):
     assert table["tables"]["MAE"]["plain"]["worst"]["value"] == max(table["tables"]["MAE"]["plain"]["subsets"].values())
     report = json.loads((out / "plain" / "eval" / "subset_metrics.json").read_text())
     assert report["subsets"]["text"]["n"] == 24  # scored on the valid split
-    bad = _ablate("--bundle", "bundles/mosi_gmd", "--strategies", "nosuch", "--max_epochs", "1",
+    # an unknown strategy is refused before anything runs
+    bad = _ablate("--bundle", "bundles/mosi_gmd", "--strategies", "plain,nosuch", "--max_epochs", "1",
                   "--output_dir", str(tmp_path / "bad"), "--data_path", str(pkl), "--trust_pickle", "true")
-    assert bad.returncode == 1 and "nosuch" in (tmp_path / "bad" / "nosuch" / "train.log").read_text()
+    assert bad.returncode == 1 and "Unknown strategy 'nosuch'" in bad.stderr and not (tmp_path / "bad").exists()
+    # a failed run: its error line and its log are named
+    bad = _ablate("--bundle", "bundles/mosi_gmd", "--strategies", "plain", "--max_epochs", "1", "--output_dir",
+                  str(tmp_path / "bad"), "--data_path", str(pkl), "--trust_pickle", "true", "--hiden", "8")
+    assert bad.returncode == 1 and "error: --hiden is not a setting" in bad.stderr
+    assert "--hiden" in (tmp_path / "bad" / "plain" / "train.log").read_text()
     assert "train.log" in bad.stderr and not (tmp_path / "bad" / "ablation.json").exists()
 
 
