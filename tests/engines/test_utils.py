@@ -174,3 +174,11 @@ def test_check_counts_accepts_whole_numbers_from_one():
     for bad in (0, -1, 1.5, "x", None, True):
         with pytest.raises(ValueError, match=r"--max_epochs .* must be a whole number >= 1, e.g. --max_epochs 1\."):
             check_counts(max_epochs=bad)
+
+
+def test_a_strategy_that_cannot_train_the_network_is_refused_when_the_trainer_is_built():
+    net = DSUNet(features=[2, 4])
+    with pytest.raises(ValueError, match="Strategy 'predict' .* DSUNet has none .*For BraTS, choose"):
+        SubsetTrainer(max_epochs=1, train_data_loader=[], optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                      loss_function=torch.nn.L1Loss(), strategy=build_strategy("predict"), network=net,
+                      device=torch.device("cpu"))
