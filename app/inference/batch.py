@@ -126,19 +126,28 @@ def run_batch(
         A problem found while discovering a case (see ``case_errors`` of
         :func:`app.data.discover_cases`) makes that case an error; only a missing or empty
         ``input_dir`` or an unusable ``dataset.json`` raise before any case runs.
+
+    Raises:
+        ValueError: a bad setting (``labels``, ``probabilities``, ``resample_to``), an output folder
+            that cannot be written, or a problem of the whole input, before any case is read and
+            before any file in ``output_dir`` is touched.
+        BatchError: some cases failed (with ``raise_on_error``).
     """
     from app.data.discovery import discover_cases
     from app.inference.io import sequence_name
-    from app.inference.pipeline import check_writable_folder
+    from app.inference.pipeline import check_writable_folder, label_convention
 
+    # settings first: a bad one would fail every case, and each failed case's clean-up would then
+    # remove that case's outputs of an earlier run
     probabilities = parse_bool(probabilities, "probabilities")
+    labels = label_convention(labels)
+    reference = sequence_name(resample_to) if resample_to else None
 
     out_dir = Path(output_dir)
     check_writable_folder(out_dir, f"--output-dir {output_dir}")  # before any case runs
     discovery_errors: dict[str, str] = {}
     records = {rec["case"]: rec for rec in discover_cases(input_dir, require_label=False,
                                                           case_errors=discovery_errors)}
-    reference = sequence_name(resample_to) if resample_to else None
     inputs = {os.path.realpath(p) for rec in records.values() for p in _case_inputs(rec)}
     claimed = {f: c for c in (*records, *discovery_errors) for f in _output_names(c, probabilities)}
     results: list[dict[str, Any]] = []

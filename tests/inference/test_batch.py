@@ -81,6 +81,28 @@ def test_problems_of_the_whole_input_still_stop_the_batch(phantom_root, segmente
     assert not (tmp_path / "out").exists()
 
 
+def test_a_bad_setting_stops_the_batch_before_any_case(phantom_root, random_ckpt, tmp_path, monkeypatch, capsys):
+    """BRATS_LABELS=2022 (how the Docker image sets --labels; argparse does not check a default) ends
+    the batch at start-up with one line: checked per case, every case failed and its clean-up removed
+    the earlier run's outputs."""
+    root = tmp_path / "in"
+    _copy_case(phantom_root, root, "P1", seqs=("flair",))
+    out = tmp_path / "out"
+    argv = ["--input-dir", str(root), "--output-dir", str(out), "--ckpt", random_ckpt, "--device", "cpu"]
+    assert batch_main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    for setting, value in (("BRATS_LABELS", "2022"), ("BRATS_LABELS", "brats2019")):
+        monkeypatch.setenv(setting, value)
+        assert batch_main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and f"Unknown --labels '{value}'" in lines[0] and "case" not in lines[0], lines
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(ValueError, match="dwi"):  # the other settings, checked the same way
+        run_batch(None, root, out, resample_to="dwi")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_rerun_removes_the_outputs_it_does_not_write_again(phantom_root, segmenter, tmp_path):
     root = tmp_path / "in"
     case = _copy_case(phantom_root, root, "P1", seqs=("flair", "t2"))
