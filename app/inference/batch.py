@@ -40,8 +40,10 @@ def _output_names(case: str, probabilities: bool = True) -> list[str]:
 
 
 def _case_inputs(rec: Mapping[str, Any]) -> list[str]:
-    """Every file a discovered case is read from: its scans and its label."""
-    return [*rec["images"].values(), *(p for p in (rec["image4d"], rec["label"]) if p)]
+    """Every file of a discovered case that clean-up must keep: what it is read from, and its label."""
+    from app.data.discovery import case_sources
+
+    return [*case_sources(dict(rec)), *([rec["label"]] if rec["label"] else [])]
 
 
 def _written_by_batch(path: str, case: str) -> bool:
@@ -193,7 +195,7 @@ def _segment_cases(names: Sequence[str], records: Mapping[str, Any], discovery_e
                    results: list[dict[str, Any]], segmenter: Any, out_dir: Path, claimed: Mapping[str, str],
                    inputs: Collection[str], labels: str, probabilities: bool, reference: str | None) -> None:
     """Segment each case in turn, appending its result (ok or error) to ``results``."""
-    from app.data.discovery import CaseError
+    from app.data.discovery import CaseError, case_sources
     from app.inference.pipeline import segment_case, summary_notes
 
     for name in names:
@@ -216,6 +218,7 @@ def _segment_cases(names: Sequence[str], records: Mapping[str, Any], discovery_e
                 resample_to=(reference if reference in paths else next(iter(paths))) if reference else None,
                 channels=rec["channels"] or None,
                 case=name,
+                other_inputs=case_sources(rec),
             )
         except (ValueError, OSError) as err:  # CaseError is a ValueError; the case is skipped, the rest run
             message = " ".join(str(err).split())

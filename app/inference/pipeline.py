@@ -559,6 +559,7 @@ def segment_case(
     resample_to: str | None = None,
     channels: Mapping[str, int] | None = None,
     case: str | None = None,
+    other_inputs: Sequence[str | os.PathLike] = (),
 ) -> dict[str, Any]:
     """Read, check, segment and write one case; every output appears atomically or not at all.
 
@@ -572,6 +573,8 @@ def segment_case(
         resample_to: sequence whose grid the others are resampled onto; None requires one grid.
         channels: ``{sequence: index}`` for sequences stored in one 4D file (MSD layout).
         case: case name for the summary.
+        other_inputs: further files the case was read through (an MSD ``dataset.json``, see
+            :func:`app.data.discovery.case_sources`); like ``paths``, no output may replace them.
 
     Returns:
         The summary (also written to ``summary`` when given).
@@ -581,7 +584,7 @@ def segment_case(
     """
     start = time.perf_counter()
     convention = label_convention(labels)
-    inputs = [os.fspath(p) for p in paths.values()]
+    inputs = [os.fspath(p) for p in (*paths.values(), *other_inputs)]
     out = check_output_path(out, "--out", (".nii.gz", ".nii"), inputs)
     prob_path = summary_path = None
     if probabilities:

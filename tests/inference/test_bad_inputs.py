@@ -209,6 +209,37 @@ def test_case_dir_with_several_cases_is_refused(phantom_root, random_ckpt, infer
     assert not (tmp_path / "seg.nii.gz").exists()
 
 
+def _msd_task(case, folder: Path) -> Path:
+    """An MSD Task01 folder holding the case as one 4D test image, ``imagesTs/BRATS_001.nii.gz``."""
+    (folder / "imagesTs").mkdir(parents=True)
+    data = np.stack([np.asarray(load(case[s]).dataobj) for s in ("flair", "t1", "t1ce", "t2")], axis=-1)
+    _save(folder / "imagesTs" / "BRATS_001.nii.gz", data, load(case["flair"]).affine)
+    (folder / "dataset.json").write_text('{"modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}, '
+                                         '"labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", '
+                                         '"3": "enhancing tumour"}}')
+    return folder
+
+
+def test_outputs_never_replace_a_file_that_case_dir_reads(case, random_ckpt, infer, tmp_path):
+    """``--case-dir`` reads an MSD folder's dataset.json besides the 4D scan: no output may replace
+    either, also through a symlinked folder."""
+    msd = _msd_task(case, tmp_path / "Task01")
+    link = tmp_path / "linked"
+    link.symlink_to(msd, target_is_directory=True)
+    before = {p: p.read_bytes() for p in msd.rglob("*") if p.is_file()}
+    out = tmp_path / "out"
+    for flag, target in (("--summary", msd / "dataset.json"), ("--summary", link / "dataset.json"),
+                         ("--probabilities", msd / "imagesTs" / "BRATS_001.nii.gz")):
+        rc, _, err = infer("--ckpt", random_ckpt, "--case-dir", msd, "--out", out / "seg.nii.gz", flag, target)
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"{flag} {target} is also an input" in err, err
+        assert {p: p.read_bytes() for p in msd.rglob("*") if p.is_file()} == before
+        assert not out.exists()
+    rc, _, err = infer("--ckpt", random_ckpt, "--case-dir", msd, "--out", out / "seg.nii.gz", "--summary",
+                       out / "seg.json")
+    assert rc == 0, err
+
+
 def test_failure_while_writing_leaves_nothing(case, random_ckpt, infer, tmp_path, monkeypatch):
     """An error after the label map was written (here: the probability map) removes the temporary files."""
     import app.inference.pipeline as pipeline
