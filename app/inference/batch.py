@@ -219,6 +219,7 @@ def _segment_cases(names: Sequence[str], records: Mapping[str, Any], discovery_e
                 channels=rec["channels"] or None,
                 case=name,
                 other_inputs=case_sources(rec),
+                named_by_folder=True,
             )
         except (ValueError, OSError) as err:  # CaseError is a ValueError; the case is skipped, the rest run
             message = " ".join(str(err).split())

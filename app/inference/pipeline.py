@@ -452,8 +452,22 @@ def load_segmenter(
     )
 
 
-def check_output_path(path: str | os.PathLike, kind: str, suffixes: Sequence[str], inputs: Sequence[str] = ()) -> str:
+def check_output_path(
+    path: str | os.PathLike,
+    kind: str,
+    suffixes: Sequence[str],
+    inputs: Sequence[str] = (),
+    rename: str = "choose another output name",
+) -> str:
     """Validate an output path before any work is done; returns it as an absolute path.
+
+    Args:
+        path: the output file.
+        kind: what the messages call it (the option that named it, e.g. ``--out``).
+        suffixes: accepted endings, the first one suggested.
+        inputs: files the run reads; none of them may be the output.
+        rename: the fix the messages give for an output that must not be written (another name, or
+            in batch mode, whose names are fixed, another output folder).
 
     Raises:
         ValueError: wrong suffix, an existing folder, one of the inputs under any name (through a
@@ -471,13 +485,12 @@ def check_output_path(path: str | os.PathLike, kind: str, suffixes: Sequence[str
         if not same and os.path.exists(out) and os.path.exists(inp):
             same = os.path.samefile(inp, out)  # a hard link has its own real path
         if same:
-            raise ValueError(f"{kind} {path} is also an input ({inp}): choose another output name so the input "
-                             "is kept.")
+            raise ValueError(f"{kind} {path} is also an input ({inp}): {rename} so the input is kept.")
     if out.lower().endswith((".nii", ".nii.gz")) and os.path.isfile(out):
         check_readable(out)  # an earlier output of another user (Docker --user) is a permission problem
         if not written_by_product(out):
             raise ValueError(f"{kind} {path} already exists and was not written by this product (a reference "
-                             "segmentation or a scan?): choose another output name, or move that file away first.")
+                             f"segmentation or a scan?): {rename}, or move that file away first.")
     check_writable_folder(os.path.dirname(out), f"{kind} {path}")
     return out
 
@@ -560,6 +573,7 @@ def segment_case(
     channels: Mapping[str, int] | None = None,
     case: str | None = None,
     other_inputs: Sequence[str | os.PathLike] = (),
+    named_by_folder: bool = False,
 ) -> dict[str, Any]:
     """Read, check, segment and write one case; every output appears atomically or not at all.
 
@@ -575,6 +589,9 @@ def segment_case(
         case: case name for the summary.
         other_inputs: further files the case was read through (an MSD ``dataset.json``, see
             :func:`app.data.discovery.case_sources`); like ``paths``, no output may replace them.
+        named_by_folder: the caller names the outputs after the case in its output folder (batch
+            mode, which has no --out/--probabilities/--summary): a refused output's message then
+            says to choose another output folder.
 
     Returns:
         The summary (also written to ``summary`` when given).
@@ -585,12 +602,14 @@ def segment_case(
     start = time.perf_counter()
     convention = label_convention(labels)
     inputs = [os.fspath(p) for p in (*paths.values(), *other_inputs)]
-    out = check_output_path(out, "--out", (".nii.gz", ".nii"), inputs)
+    flags = ("Output",) * 3 if named_by_folder else ("--out", "--probabilities", "--summary")
+    rename = "choose another output folder" if named_by_folder else "choose another output name"
+    out = check_output_path(out, flags[0], (".nii.gz", ".nii"), inputs, rename)
     prob_path = summary_path = None
     if probabilities:
-        prob_path = check_output_path(probabilities, "--probabilities", (".nii.gz", ".nii"), inputs)
+        prob_path = check_output_path(probabilities, flags[1], (".nii.gz", ".nii"), inputs, rename)
     if summary:
-        summary_path = check_output_path(summary, "--summary", (".json",), inputs)
+        summary_path = check_output_path(summary, flags[2], (".json",), inputs, rename)
     given = [os.path.realpath(p) for p in (out, prob_path, summary_path) if p]  # also through symlinked folders
     if len(set(given)) != len(given):
         raise ValueError("--out, --probabilities and --summary must be different files.")

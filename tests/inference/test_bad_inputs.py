@@ -385,7 +385,7 @@ def test_unreadable_files_are_reported_as_permissions_not_damage(case, random_ck
         assert "corrupt" not in err and not (tmp_path / "seg.nii.gz").exists()
 
 
-def test_reference_segmentation_is_never_overwritten(case, random_ckpt, infer, tmp_path):
+def test_reference_segmentation_is_never_overwritten(case, random_ckpt, infer, tmp_path, capsys):
     """``<case>_seg.nii.gz`` is the natural name for a prediction, and also the name of BraTS's own
     reference label: an existing image the product did not write is refused, in one case and in a batch."""
     from app.inference.batch import main as batch_main
@@ -413,9 +413,14 @@ def test_reference_segmentation_is_never_overwritten(case, random_ckpt, infer, t
                                       '"labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", '
                                       '"3": "enhancing tumour"}}')
     kept = (msd / "labelsTr" / "BRATS_001.nii.gz").read_bytes()
+    capsys.readouterr()
     assert batch_main(["--ckpt", random_ckpt, "--input-dir", str(msd), "--output-dir", str(msd / "labelsTr"),
                        "--device", "cpu"]) == 2
     assert (msd / "labelsTr" / "BRATS_001.nii.gz").read_bytes() == kept
+    # batch mode has no --out: the hint names what the user can change there
+    err = capsys.readouterr().err
+    assert f"case BRATS_001: Output {msd / 'labelsTr' / 'BRATS_001.nii.gz'} already exists" in err, err
+    assert "choose another output folder, or move that file away first" in err and "--out" not in err, err
 
 
 @pytest.mark.parametrize("stage", ["network", "writing"])
