@@ -471,8 +471,9 @@ def check_output_path(
 
     Raises:
         ValueError: wrong suffix, an existing folder, one of the inputs under any name (through a
-            symlinked file or folder, or a hard link), or an existing image this product did not
-            write (e.g. the case's reference segmentation).
+            symlinked file or folder, or a hard link), or an existing file this product did not
+            write (e.g. the case's reference segmentation, or a user's notes under a JSON output's
+            name; see :func:`written_by_product`).
     """
     out = os.path.abspath(os.fspath(path))
     if not out.lower().endswith(tuple(suffixes)):
@@ -486,11 +487,13 @@ def check_output_path(
             same = os.path.samefile(inp, out)  # a hard link has its own real path
         if same:
             raise ValueError(f"{kind} {path} is also an input ({inp}): {rename} so the input is kept.")
-    if out.lower().endswith((".nii", ".nii.gz")) and os.path.isfile(out):
+    if out.lower().endswith((".nii", ".nii.gz", ".json")) and os.path.isfile(out):  # what written_by_product knows
         check_readable(out)  # an earlier output of another user (Docker --user) is a permission problem
         if not written_by_product(out):
-            raise ValueError(f"{kind} {path} already exists and was not written by this product (a reference "
-                             f"segmentation or a scan?): {rename}, or move that file away first.")
+            guess = "a note or a dataset description" if out.lower().endswith(".json") else \
+                "a reference segmentation or a scan"
+            raise ValueError(f"{kind} {path} already exists and was not written by this product ({guess}?): "
+                             f"{rename}, or move that file away first.")
     check_writable_folder(os.path.dirname(out), f"{kind} {path}")
     return out
 
@@ -503,11 +506,29 @@ def _sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def written_by_product(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a NIfTI image that :func:`segment_case` wrote (its header description),
-    i.e. one that a rerun may replace. Anything else, readable or not, is the user's to keep."""
+def written_by_product(path: str | os.PathLike, case: str | None = None) -> bool:
+    """Whether ``path`` is an output this product wrote, i.e. one that a rerun may replace.
+
+    Args:
+        path: a NIfTI image, recognised by the header description :func:`segment_case` gives it; or
+            a JSON file: a summary of :func:`segment_case` (an object with ``case`` and ``output``)
+            or batch mode's ``inference_summary.json`` (an object with ``output_dir`` and ``results``).
+        case: for a JSON file, accept only the summary of this case (batch clean-up, which must not
+            take another case's summary, nor the batch's, for this case's).
+
+    Anything else, readable or not, is the user's to keep.
+    """
+    path = os.fspath(path)
     try:
-        return bytes(nib.load(os.fspath(path)).header["descrip"]).startswith(OUTPUT_DESCRIPTION_PREFIX.encode())
+        if path.lower().endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                summary = json.load(f)
+            if not isinstance(summary, dict):
+                return False
+            if case is not None:
+                return summary.get("case") == case and "output" in summary
+            return {"case", "output"} <= summary.keys() or {"output_dir", "results"} <= summary.keys()
+        return bytes(nib.load(path).header["descrip"]).startswith(OUTPUT_DESCRIPTION_PREFIX.encode())
     except Exception:  # noqa: BLE001 - an unreadable file is not known to be ours
         return False
 

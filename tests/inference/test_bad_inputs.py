@@ -423,6 +423,29 @@ def test_reference_segmentation_is_never_overwritten(case, random_ckpt, infer, t
     assert "choose another output folder, or move that file away first" in err and "--out" not in err, err
 
 
+def test_json_summary_never_replaces_a_file_the_product_did_not_write(case, random_ckpt, infer, tmp_path):
+    """``--summary notes.json`` used to overwrite the user's file: like an image, an existing JSON file
+    is replaced only when it is one of the product's own summaries."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, text in (("notes.json", '{"mine": 1}\n'), ("list.json", "[1, 2]\n"), ("broken.json", "{not json")):
+        (out / name).write_text(text)
+        rc, stdout, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--out", out / "seg.nii.gz",
+                                "--summary", out / name)
+        assert rc == 2 and stdout == "" and len(err.strip().splitlines()) == 1, err
+        assert f"--summary {out / name} already exists and was not written by this product" in err, err
+        assert "choose another output name, or move that file away first" in err
+        assert (out / name).read_text() == text
+        assert all(p.suffix == ".json" for p in out.iterdir()), "no output or temporary file may be left behind"
+    for _ in range(2):  # its own summary, of this or another case, is replaced
+        rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--out", out / "seg.nii.gz",
+                           "--summary", out / "seg.json")
+        assert rc == 0, err
+    rc, _, err = infer("--ckpt", random_ckpt, "--case-dir", Path(case["flair"]).parent, "--out", out / "seg.nii.gz",
+                       "--summary", out / "seg.json")
+    assert rc == 0, err
+
+
 @pytest.mark.parametrize("stage", ["network", "writing"])
 def test_sigterm_stops_cleanly_with_nothing_partial(stage, case, random_ckpt, tmp_path, monkeypatch, capsys):
     """``docker stop`` or a scheduler's cancel sends SIGTERM: the run ends with one line and status 143,
