@@ -168,6 +168,11 @@ def _zero_threads(case, tmp_path):
     return ["--flair", case["flair"], "--threads", "0"], "expected a positive integer"
 
 
+def _label_map(case, tmp_path):
+    seg = Path(case["flair"]).parent / "Phantom_000_seg.nii.gz"  # the case's reference segmentation
+    return ["--flair", str(seg)], f"{seg} (flair) looks like a segmentation label map"
+
+
 def _case_dir_many(case, tmp_path):
     return ["--case-dir", str(Path(case["flair"]).parents[1])], "holds"
 
@@ -176,7 +181,7 @@ BAD = {f.__name__.lstrip("_"): f for f in (
     _corrupt, _truncated, _empty, _constant, _nan, _two_d, _single_slice, _four_d, _mismatched, _missing, _not_nifti,
     _no_sequence, _unknown_name, _unknown_flag, _resample_to_absent, _output_is_input, _output_is_input_through_symlink,
     _output_is_input_hard_link, _bad_ckpt, _flipped_byte_ckpt, _nan_weights_ckpt, _tensor_ckpt, _wrong_features,
-    _bad_device, _zero_threads,
+    _bad_device, _zero_threads, _label_map,
 )}
 
 
