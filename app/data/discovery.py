@@ -25,7 +25,8 @@ from app.data.errors import CaseError
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, NON_TUMOUR_PART
 from app.subsets import BRATS_MODALITIES
 
-__all__ = ["CaseError", "ACCEPTED_LAYOUTS", "CHANNEL_ALIASES", "discover_cases", "msd_channels", "msd_label_map"]
+__all__ = ["CaseError", "ACCEPTED_LAYOUTS", "CHANNEL_ALIASES", "case_sources", "discover_cases", "msd_channels",
+           "msd_label_map"]
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +198,18 @@ def _record(case: str, layout: str, images: dict[str, str], image4d: str | None,
         "label_map": copy.deepcopy(label_map),
         "modalities": [s for s in BRATS_MODALITIES if s in present],
     }
+
+
+def case_sources(record: dict[str, Any]) -> list[str]:
+    """Every file a case record's images are read through: its scans (3D files or the MSD 4D file)
+    and, for the MSD / nnU-Net layout, the ``dataset.json`` that names their channels.
+
+    Inference refuses an output path that is one of them, so a run never replaces its own input.
+    """
+    files = [*dict(record.get("images") or {}).values(), *([record["image4d"]] if record.get("image4d") else [])]
+    if record.get("layout") == "msd" and files:  # <folder>/imagesTr|imagesTs/<file>, see _msd_cases
+        files.append(str(Path(files[0]).parent.parent / "dataset.json"))
+    return files
 
 
 def _case_problem(case_errors: dict[str, str] | None, case: str, message: str) -> None:

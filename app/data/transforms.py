@@ -21,13 +21,16 @@ from monai.transforms import MapTransform
 from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys
 
 from app.data.errors import CaseError, check_readable, unreadable
-from app.data.labels import labels_to_regions
+from app.data.labels import LABEL_CONVENTIONS, labels_to_regions
 from app.subsets import BRATS_MODALITIES
 
 __all__ = ["AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "ZeroAbsentSequencesd", "check_voxels", "load_case"]
 
 #: Largest absolute difference between affine entries still treated as the same grid.
 AFFINE_TOLERANCE = 1e-3
+
+#: Largest value of a BraTS label map (4: enhancing tumour up to 2021, resection cavity in 2024).
+MAX_LABEL_VALUE = max(v for parts in LABEL_CONVENTIONS.values() for values in parts.values() for v in values)
 
 #: Keys of a discovery record that hold file locations rather than sample data.
 RECORD_KEYS: tuple[str, ...] = ("images", "image4d", "channels", "label_map", "modalities", "label_file")
@@ -123,10 +126,12 @@ def _check_grid(path: str, shape: tuple[int, ...], affine: np.ndarray, ref: _Gri
 
 
 def check_voxels(data: np.ndarray, what: str, channel: bool = False) -> tuple[float, float]:
-    """Refuse NaN/Inf voxels and constant volumes, for training and inference alike.
+    """Refuse NaN/Inf voxels, constant volumes and label maps, for training and inference alike.
 
     A constant volume would count as a present sequence: training would fit its subsets on an
-    empty image and inference would segment one.
+    empty image and inference would segment one. So would a segmentation given as a sequence
+    (``--flair <case>_seg.nii.gz``): every voxel an integer from 0 to :data:`MAX_LABEL_VALUE`,
+    which no MRI is (MRI intensities span hundreds or thousands of values, or are fractional).
 
     Args:
         data: one sequence's voxels.
@@ -148,6 +153,11 @@ def check_voxels(data: np.ndarray, what: str, channel: bool = False) -> tuple[fl
                "missing for this case." if channel else
                "pass the right file, or remove it so the sequence counts as missing for this case.")
         raise CaseError(f"{what} is constant (every voxel is {lo:g}) and holds no image: {fix}")
+    # the range first: it rules out real MRI without the cost of an integrality check
+    if lo >= 0.0 and hi <= MAX_LABEL_VALUE and np.array_equal(data, np.rint(data)):
+        values = ", ".join(f"{v:g}" for v in np.unique(data))
+        raise CaseError(f"{what} looks like a segmentation label map (every voxel is one of {values}), not an MRI "
+                        "sequence: pass the MRI sequence instead.")
     return lo, hi
 
 

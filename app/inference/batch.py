@@ -30,6 +30,10 @@ from app.flags import parse_bool
 __all__ = ["BatchError", "build_parser", "load_segmenter_or_exit", "main", "run_batch", "run_batch_or_exit"]
 
 
+#: The batch's report of every case, in the output folder.
+SUMMARY_NAME = "inference_summary.json"
+
+
 class BatchError(RuntimeError):
     """Some cases of a batch could not be segmented; the message lists them (one line each)."""
 
@@ -40,23 +44,10 @@ def _output_names(case: str, probabilities: bool = True) -> list[str]:
 
 
 def _case_inputs(rec: Mapping[str, Any]) -> list[str]:
-    """Every file a discovered case is read from: its scans and its label."""
-    return [*rec["images"].values(), *(p for p in (rec["image4d"], rec["label"]) if p)]
+    """Every file of a discovered case that clean-up must keep: what it is read from, and its label."""
+    from app.data.discovery import case_sources
 
-
-def _written_by_batch(path: str, case: str) -> bool:
-    """Whether ``path`` is an output this product wrote for ``case``: a NIfTI image whose header
-    description is the one :func:`app.inference.pipeline.segment_case` sets, or that case's JSON summary."""
-    try:
-        if path.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                summary = json.load(f)
-            return isinstance(summary, dict) and summary.get("case") == case and "output" in summary
-        from app.inference.pipeline import written_by_product
-
-        return written_by_product(path)
-    except Exception:  # noqa: BLE001 - anything unreadable is not known to be ours, so it is kept
-        return False
+    return [*case_sources(dict(rec)), *([rec["label"]] if rec["label"] else [])]
 
 
 def _remove_stale_outputs(
@@ -71,12 +62,14 @@ def _remove_stale_outputs(
     hold scans, e.g. an MSD ``imagesTs``) are left alone.
 
     A file under one of the output names is removed only when it is recognisably this product's
-    (:func:`_written_by_batch`): a scan or note the user keeps under such a name stays.
+    output for ``case`` (:func:`app.inference.pipeline.written_by_product`): a scan or note the user
+    keeps under such a name stays.
 
     Raises:
         OSError: a stale output could not be removed.
     """
     from app.inference.io import AtomicOutputs
+    from app.inference.pipeline import written_by_product
 
     if not out_dir.is_dir():
         return
@@ -87,7 +80,7 @@ def _remove_stale_outputs(
         if entry.name not in names and not any(AtomicOutputs.is_temporary_of(entry.name, n) for n in names):
             continue
         if (entry.is_file(follow_symlinks=False) and os.path.realpath(entry.path) not in inputs
-                and (entry.name not in names or _written_by_batch(entry.path, case))):
+                and (entry.name not in names or written_by_product(entry.path, case))):
             try:
                 os.remove(entry.path)
             except FileNotFoundError:
@@ -126,19 +119,30 @@ def run_batch(
         A problem found while discovering a case (see ``case_errors`` of
         :func:`app.data.discover_cases`) makes that case an error; only a missing or empty
         ``input_dir`` or an unusable ``dataset.json`` raise before any case runs.
+
+    Raises:
+        ValueError: a bad setting (``labels``, ``probabilities``, ``resample_to``), an output folder
+            that cannot be written, or a problem of the whole input, before any case is read and
+            before any file in ``output_dir`` is touched.
+        BatchError: some cases failed (with ``raise_on_error``).
     """
     from app.data.discovery import discover_cases
     from app.inference.io import sequence_name
-    from app.inference.pipeline import check_writable_folder
+    from app.inference.pipeline import check_output_path, check_writable_folder, label_convention
 
+    # settings first: a bad one would fail every case, and each failed case's clean-up would then
+    # remove that case's outputs of an earlier run
     probabilities = parse_bool(probabilities, "probabilities")
+    labels = label_convention(labels)
+    reference = sequence_name(resample_to) if resample_to else None
 
     out_dir = Path(output_dir)
     check_writable_folder(out_dir, f"--output-dir {output_dir}")  # before any case runs
+    # written after the last case: a file of the user's under its name must stop the batch before the first
+    check_output_path(out_dir / SUMMARY_NAME, "Output", (".json",), rename="choose another output folder")
     discovery_errors: dict[str, str] = {}
     records = {rec["case"]: rec for rec in discover_cases(input_dir, require_label=False,
                                                           case_errors=discovery_errors)}
-    reference = sequence_name(resample_to) if resample_to else None
     inputs = {os.path.realpath(p) for rec in records.values() for p in _case_inputs(rec)}
     claimed = {f: c for c in (*records, *discovery_errors) for f in _output_names(c, probabilities)}
     results: list[dict[str, Any]] = []
@@ -177,14 +181,14 @@ def _write_summary(out_dir: Path, input_dir: str | os.PathLike, results: list[di
                      "output": r.get("output"), "volumes_ml": r.get("volumes_ml"), "error": r.get("error")}
                     for r in results],
     }
-    atomic_write_text(out_dir / "inference_summary.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out_dir / SUMMARY_NAME, json.dumps(report, indent=2) + "\n")
 
 
 def _segment_cases(names: Sequence[str], records: Mapping[str, Any], discovery_errors: Mapping[str, str],
                    results: list[dict[str, Any]], segmenter: Any, out_dir: Path, claimed: Mapping[str, str],
                    inputs: Collection[str], labels: str, probabilities: bool, reference: str | None) -> None:
     """Segment each case in turn, appending its result (ok or error) to ``results``."""
-    from app.data.discovery import CaseError
+    from app.data.discovery import CaseError, case_sources
     from app.inference.pipeline import segment_case, summary_notes
 
     for name in names:
@@ -207,6 +211,8 @@ def _segment_cases(names: Sequence[str], records: Mapping[str, Any], discovery_e
                 resample_to=(reference if reference in paths else next(iter(paths))) if reference else None,
                 channels=rec["channels"] or None,
                 case=name,
+                other_inputs=case_sources(rec),
+                named_by_folder=True,
             )
         except (ValueError, OSError) as err:  # CaseError is a ValueError; the case is skipped, the rest run
             message = " ".join(str(err).split())

@@ -107,9 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sequence_paths(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, int] | None, str | None]:
-    """``({sequence: path}, channels, case name)`` from the sequence flags or ``--case-dir``."""
-    from app.data.discovery import discover_cases
+def _sequence_paths(
+    args: argparse.Namespace,
+) -> tuple[dict[str, str], dict[str, int] | None, str | None, list[str]]:
+    """``({sequence: path}, channels, case name, other inputs)`` from the sequence flags or ``--case-dir``;
+    the other inputs are the files besides the sequences that ``--case-dir`` reads (an MSD ``dataset.json``)."""
+    from app.data.discovery import case_sources, discover_cases
     from app.inference.io import sequence_name
 
     paths: dict[str, str] = {}
@@ -129,7 +132,7 @@ def _sequence_paths(args: argparse.Namespace) -> tuple[dict[str, str], dict[str,
             raise ValueError(f"Sequence {seq!r} given twice ({paths[seq]} and {path}): pass one file per sequence.")
         paths[seq] = path
     if args.case_dir is None:
-        return paths, None, None
+        return paths, None, None, []
     if paths:
         raise ValueError("--case-dir cannot be combined with --flair/--t1/--t1ce/--t2/--input: give either the case "
                          "folder or the files.")
@@ -141,8 +144,9 @@ def _sequence_paths(args: argparse.Namespace) -> tuple[dict[str, str], dict[str,
                          "): pass the folder of one case, or run the batch bundle (configs/inference.yaml) on it.")
     rec = cases[0]
     if rec["image4d"]:
-        return {s: rec["image4d"] for s in rec["channels"]} | dict(rec["images"]), dict(rec["channels"]), rec["case"]
-    return dict(rec["images"]), None, rec["case"]
+        return ({s: rec["image4d"] for s in rec["channels"]} | dict(rec["images"]), dict(rec["channels"]), rec["case"],
+                case_sources(rec))
+    return dict(rec["images"]), None, rec["case"], case_sources(rec)
 
 
 
@@ -175,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         from app.inference.pipeline import segment_case, summary_notes
 
-        paths, channels, case = _sequence_paths(args)
+        paths, channels, case, other_inputs = _sequence_paths(args)
         if not paths:
             raise ValueError("No input sequence given: pass at least one of --flair, --t1, --t1ce, --t2 "
                              "(or --input NAME=FILE, or --case-dir DIR).")
@@ -185,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         segmenter = segmenter_from_args(args)
         result = segment_case(
             segmenter, paths, args.out, labels=args.labels, probabilities=args.probabilities, summary=args.summary,
-            resample_to=args.resample_to, channels=channels, case=case,
+            resample_to=args.resample_to, channels=channels, case=case, other_inputs=other_inputs,
         )
     except (ValueError, FileNotFoundError, OSError) as err:  # CaseError is a ValueError
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)

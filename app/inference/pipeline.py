@@ -452,13 +452,28 @@ def load_segmenter(
     )
 
 
-def check_output_path(path: str | os.PathLike, kind: str, suffixes: Sequence[str], inputs: Sequence[str] = ()) -> str:
+def check_output_path(
+    path: str | os.PathLike,
+    kind: str,
+    suffixes: Sequence[str],
+    inputs: Sequence[str] = (),
+    rename: str = "choose another output name",
+) -> str:
     """Validate an output path before any work is done; returns it as an absolute path.
+
+    Args:
+        path: the output file.
+        kind: what the messages call it (the option that named it, e.g. ``--out``).
+        suffixes: accepted endings, the first one suggested.
+        inputs: files the run reads; none of them may be the output.
+        rename: the fix the messages give for an output that must not be written (another name, or
+            in batch mode, whose names are fixed, another output folder).
 
     Raises:
         ValueError: wrong suffix, an existing folder, one of the inputs under any name (through a
-            symlinked file or folder, or a hard link), or an existing image this product did not
-            write (e.g. the case's reference segmentation).
+            symlinked file or folder, or a hard link), or an existing file this product did not
+            write (e.g. the case's reference segmentation, or a user's notes under a JSON output's
+            name; see :func:`written_by_product`).
     """
     out = os.path.abspath(os.fspath(path))
     if not out.lower().endswith(tuple(suffixes)):
@@ -471,13 +486,14 @@ def check_output_path(path: str | os.PathLike, kind: str, suffixes: Sequence[str
         if not same and os.path.exists(out) and os.path.exists(inp):
             same = os.path.samefile(inp, out)  # a hard link has its own real path
         if same:
-            raise ValueError(f"{kind} {path} is also an input ({inp}): choose another output name so the input "
-                             "is kept.")
-    if out.lower().endswith((".nii", ".nii.gz")) and os.path.isfile(out):
+            raise ValueError(f"{kind} {path} is also an input ({inp}): {rename} so the input is kept.")
+    if out.lower().endswith((".nii", ".nii.gz", ".json")) and os.path.isfile(out):  # what written_by_product knows
         check_readable(out)  # an earlier output of another user (Docker --user) is a permission problem
         if not written_by_product(out):
-            raise ValueError(f"{kind} {path} already exists and was not written by this product (a reference "
-                             "segmentation or a scan?): choose another output name, or move that file away first.")
+            guess = "a note or a dataset description" if out.lower().endswith(".json") else \
+                "a reference segmentation or a scan"
+            raise ValueError(f"{kind} {path} already exists and was not written by this product ({guess}?): "
+                             f"{rename}, or move that file away first.")
     check_writable_folder(os.path.dirname(out), f"{kind} {path}")
     return out
 
@@ -490,11 +506,29 @@ def _sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def written_by_product(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a NIfTI image that :func:`segment_case` wrote (its header description),
-    i.e. one that a rerun may replace. Anything else, readable or not, is the user's to keep."""
+def written_by_product(path: str | os.PathLike, case: str | None = None) -> bool:
+    """Whether ``path`` is an output this product wrote, i.e. one that a rerun may replace.
+
+    Args:
+        path: a NIfTI image, recognised by the header description :func:`segment_case` gives it; or
+            a JSON file: a summary of :func:`segment_case` (an object with ``case`` and ``output``)
+            or batch mode's ``inference_summary.json`` (an object with ``output_dir`` and ``results``).
+        case: for a JSON file, accept only the summary of this case (batch clean-up, which must not
+            take another case's summary, nor the batch's, for this case's).
+
+    Anything else, readable or not, is the user's to keep.
+    """
+    path = os.fspath(path)
     try:
-        return bytes(nib.load(os.fspath(path)).header["descrip"]).startswith(OUTPUT_DESCRIPTION_PREFIX.encode())
+        if path.lower().endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                summary = json.load(f)
+            if not isinstance(summary, dict):
+                return False
+            if case is not None:
+                return summary.get("case") == case and "output" in summary
+            return {"case", "output"} <= summary.keys() or {"output_dir", "results"} <= summary.keys()
+        return bytes(nib.load(path).header["descrip"]).startswith(OUTPUT_DESCRIPTION_PREFIX.encode())
     except Exception:  # noqa: BLE001 - an unreadable file is not known to be ours
         return False
 
@@ -559,6 +593,8 @@ def segment_case(
     resample_to: str | None = None,
     channels: Mapping[str, int] | None = None,
     case: str | None = None,
+    other_inputs: Sequence[str | os.PathLike] = (),
+    named_by_folder: bool = False,
 ) -> dict[str, Any]:
     """Read, check, segment and write one case; every output appears atomically or not at all.
 
@@ -572,6 +608,11 @@ def segment_case(
         resample_to: sequence whose grid the others are resampled onto; None requires one grid.
         channels: ``{sequence: index}`` for sequences stored in one 4D file (MSD layout).
         case: case name for the summary.
+        other_inputs: further files the case was read through (an MSD ``dataset.json``, see
+            :func:`app.data.discovery.case_sources`); like ``paths``, no output may replace them.
+        named_by_folder: the caller names the outputs after the case in its output folder (batch
+            mode, which has no --out/--probabilities/--summary): a refused output's message then
+            says to choose another output folder.
 
     Returns:
         The summary (also written to ``summary`` when given).
@@ -581,13 +622,15 @@ def segment_case(
     """
     start = time.perf_counter()
     convention = label_convention(labels)
-    inputs = [os.fspath(p) for p in paths.values()]
-    out = check_output_path(out, "--out", (".nii.gz", ".nii"), inputs)
+    inputs = [os.fspath(p) for p in (*paths.values(), *other_inputs)]
+    flags = ("Output",) * 3 if named_by_folder else ("--out", "--probabilities", "--summary")
+    rename = "choose another output folder" if named_by_folder else "choose another output name"
+    out = check_output_path(out, flags[0], (".nii.gz", ".nii"), inputs, rename)
     prob_path = summary_path = None
     if probabilities:
-        prob_path = check_output_path(probabilities, "--probabilities", (".nii.gz", ".nii"), inputs)
+        prob_path = check_output_path(probabilities, flags[1], (".nii.gz", ".nii"), inputs, rename)
     if summary:
-        summary_path = check_output_path(summary, "--summary", (".json",), inputs)
+        summary_path = check_output_path(summary, flags[2], (".json",), inputs, rename)
     given = [os.path.realpath(p) for p in (out, prob_path, summary_path) if p]  # also through symlinked folders
     if len(set(given)) != len(given):
         raise ValueError("--out, --probabilities and --summary must be different files.")

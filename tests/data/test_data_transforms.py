@@ -83,9 +83,10 @@ def test_load_cased_options(tmp_path, make_case):
 
 
 def _not_constant(shape) -> np.ndarray:
-    """An int16 volume of ones with one voxel of 2 (constant volumes are refused)."""
-    data = np.ones(shape, dtype=np.int16)
-    data.flat[0] = 2
+    """An int16 volume of 100s with one voxel of 200 (constant volumes, and volumes of label values
+    only, are refused)."""
+    data = np.full(shape, 100, dtype=np.int16)
+    data.flat[0] = 200
     return data
 
 
@@ -157,6 +158,26 @@ def test_all_zero_3d_file_is_refused(tmp_path, make_case, write_nii):
     write_nii(folder / "A_1_t1.nii.gz", np.zeros(SHAPE, dtype=np.int16))
     with pytest.raises(CaseError, match=r"A_1_t1\.nii\.gz is constant \(every voxel is 0\).*remove it"):
         load_case(only(discover_cases(tmp_path)))
+
+
+def test_label_map_given_as_a_sequence_is_refused(tmp_path, make_case, write_nii):
+    """A segmentation under a sequence's name is refused by the check inference shares; MRI is not,
+    whatever its type: int16 or float, with a large range or fractional values."""
+    from app.data.transforms import check_voxels
+
+    folder = make_case(tmp_path, "A_1")
+    labels = np.zeros(SHAPE, dtype=np.uint8)
+    labels[2:6, 2:6, 2:6], labels[3:5, 3:5, 3:5] = 2, 4
+    for dtype in (np.uint8, np.float32):
+        write_nii(folder / "A_1_t2.nii.gz", labels.astype(dtype))
+        with pytest.raises(CaseError, match=r"A_1_t2\.nii\.gz looks like a segmentation label map \(every voxel "
+                                            r"is one of 0, 2, 4\).*pass the MRI sequence instead"):
+            load_case(only(discover_cases(tmp_path)))
+    rng = np.random.default_rng(0)
+    for mri in (rng.integers(0, 1500, SHAPE).astype(np.int16), rng.normal(300, 80, SHAPE).astype(np.float32),
+                rng.uniform(0, 4, SHAPE).astype(np.float32),  # rescaled to a small range: not integers
+                np.where(labels > 0, 7, labels).astype(np.int16)):  # integers, but beyond the label values
+        assert check_voxels(mri, "mri.nii.gz") == (float(mri.min()), float(mri.max()))
 
 
 def test_sequences_on_different_grids(tmp_path, make_case, write_nii):

@@ -168,6 +168,11 @@ def _zero_threads(case, tmp_path):
     return ["--flair", case["flair"], "--threads", "0"], "expected a positive integer"
 
 
+def _label_map(case, tmp_path):
+    seg = Path(case["flair"]).parent / "Phantom_000_seg.nii.gz"  # the case's reference segmentation
+    return ["--flair", str(seg)], f"{seg} (flair) looks like a segmentation label map"
+
+
 def _case_dir_many(case, tmp_path):
     return ["--case-dir", str(Path(case["flair"]).parents[1])], "holds"
 
@@ -176,7 +181,7 @@ BAD = {f.__name__.lstrip("_"): f for f in (
     _corrupt, _truncated, _empty, _constant, _nan, _two_d, _single_slice, _four_d, _mismatched, _missing, _not_nifti,
     _no_sequence, _unknown_name, _unknown_flag, _resample_to_absent, _output_is_input, _output_is_input_through_symlink,
     _output_is_input_hard_link, _bad_ckpt, _flipped_byte_ckpt, _nan_weights_ckpt, _tensor_ckpt, _wrong_features,
-    _bad_device, _zero_threads,
+    _bad_device, _zero_threads, _label_map,
 )}
 
 
@@ -207,6 +212,37 @@ def test_case_dir_with_several_cases_is_refused(phantom_root, random_ckpt, infer
     rc, _, err = infer("--ckpt", random_ckpt, "--case-dir", phantom_root, "--out", tmp_path / "seg.nii.gz")
     assert rc == 2 and "holds 3 cases" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "seg.nii.gz").exists()
+
+
+def _msd_task(case, folder: Path) -> Path:
+    """An MSD Task01 folder holding the case as one 4D test image, ``imagesTs/BRATS_001.nii.gz``."""
+    (folder / "imagesTs").mkdir(parents=True)
+    data = np.stack([np.asarray(load(case[s]).dataobj) for s in ("flair", "t1", "t1ce", "t2")], axis=-1)
+    _save(folder / "imagesTs" / "BRATS_001.nii.gz", data, load(case["flair"]).affine)
+    (folder / "dataset.json").write_text('{"modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}, '
+                                         '"labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", '
+                                         '"3": "enhancing tumour"}}')
+    return folder
+
+
+def test_outputs_never_replace_a_file_that_case_dir_reads(case, random_ckpt, infer, tmp_path):
+    """``--case-dir`` reads an MSD folder's dataset.json besides the 4D scan: no output may replace
+    either, also through a symlinked folder."""
+    msd = _msd_task(case, tmp_path / "Task01")
+    link = tmp_path / "linked"
+    link.symlink_to(msd, target_is_directory=True)
+    before = {p: p.read_bytes() for p in msd.rglob("*") if p.is_file()}
+    out = tmp_path / "out"
+    for flag, target in (("--summary", msd / "dataset.json"), ("--summary", link / "dataset.json"),
+                         ("--probabilities", msd / "imagesTs" / "BRATS_001.nii.gz")):
+        rc, _, err = infer("--ckpt", random_ckpt, "--case-dir", msd, "--out", out / "seg.nii.gz", flag, target)
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"{flag} {target} is also an input" in err, err
+        assert {p: p.read_bytes() for p in msd.rglob("*") if p.is_file()} == before
+        assert not out.exists()
+    rc, _, err = infer("--ckpt", random_ckpt, "--case-dir", msd, "--out", out / "seg.nii.gz", "--summary",
+                       out / "seg.json")
+    assert rc == 0, err
 
 
 def test_failure_while_writing_leaves_nothing(case, random_ckpt, infer, tmp_path, monkeypatch):
@@ -354,7 +390,7 @@ def test_unreadable_files_are_reported_as_permissions_not_damage(case, random_ck
         assert "corrupt" not in err and not (tmp_path / "seg.nii.gz").exists()
 
 
-def test_reference_segmentation_is_never_overwritten(case, random_ckpt, infer, tmp_path):
+def test_reference_segmentation_is_never_overwritten(case, random_ckpt, infer, tmp_path, capsys):
     """``<case>_seg.nii.gz`` is the natural name for a prediction, and also the name of BraTS's own
     reference label: an existing image the product did not write is refused, in one case and in a batch."""
     from app.inference.batch import main as batch_main
@@ -382,9 +418,37 @@ def test_reference_segmentation_is_never_overwritten(case, random_ckpt, infer, t
                                       '"labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", '
                                       '"3": "enhancing tumour"}}')
     kept = (msd / "labelsTr" / "BRATS_001.nii.gz").read_bytes()
+    capsys.readouterr()
     assert batch_main(["--ckpt", random_ckpt, "--input-dir", str(msd), "--output-dir", str(msd / "labelsTr"),
                        "--device", "cpu"]) == 2
     assert (msd / "labelsTr" / "BRATS_001.nii.gz").read_bytes() == kept
+    # batch mode has no --out: the hint names what the user can change there
+    err = capsys.readouterr().err
+    assert f"case BRATS_001: Output {msd / 'labelsTr' / 'BRATS_001.nii.gz'} already exists" in err, err
+    assert "choose another output folder, or move that file away first" in err and "--out" not in err, err
+
+
+def test_json_summary_never_replaces_a_file_the_product_did_not_write(case, random_ckpt, infer, tmp_path):
+    """``--summary notes.json`` used to overwrite the user's file: like an image, an existing JSON file
+    is replaced only when it is one of the product's own summaries."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, text in (("notes.json", '{"mine": 1}\n'), ("list.json", "[1, 2]\n"), ("broken.json", "{not json")):
+        (out / name).write_text(text)
+        rc, stdout, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--out", out / "seg.nii.gz",
+                                "--summary", out / name)
+        assert rc == 2 and stdout == "" and len(err.strip().splitlines()) == 1, err
+        assert f"--summary {out / name} already exists and was not written by this product" in err, err
+        assert "choose another output name, or move that file away first" in err
+        assert (out / name).read_text() == text
+        assert all(p.suffix == ".json" for p in out.iterdir()), "no output or temporary file may be left behind"
+    for _ in range(2):  # its own summary, of this or another case, is replaced
+        rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--out", out / "seg.nii.gz",
+                           "--summary", out / "seg.json")
+        assert rc == 0, err
+    rc, _, err = infer("--ckpt", random_ckpt, "--case-dir", Path(case["flair"]).parent, "--out", out / "seg.nii.gz",
+                       "--summary", out / "seg.json")
+    assert rc == 0, err
 
 
 @pytest.mark.parametrize("stage", ["network", "writing"])

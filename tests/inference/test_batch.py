@@ -81,6 +81,56 @@ def test_problems_of_the_whole_input_still_stop_the_batch(phantom_root, segmente
     assert not (tmp_path / "out").exists()
 
 
+def test_a_bad_setting_stops_the_batch_before_any_case(phantom_root, random_ckpt, tmp_path, monkeypatch, capsys):
+    """BRATS_LABELS=2022 (how the Docker image sets --labels; argparse does not check a default) ends
+    the batch at start-up with one line: checked per case, every case failed and its clean-up removed
+    the earlier run's outputs."""
+    root = tmp_path / "in"
+    _copy_case(phantom_root, root, "P1", seqs=("flair",))
+    out = tmp_path / "out"
+    argv = ["--input-dir", str(root), "--output-dir", str(out), "--ckpt", random_ckpt, "--device", "cpu"]
+    assert batch_main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    for setting, value in (("BRATS_LABELS", "2022"), ("BRATS_LABELS", "brats2019")):
+        monkeypatch.setenv(setting, value)
+        assert batch_main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and f"Unknown --labels '{value}'" in lines[0] and "case" not in lines[0], lines
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(ValueError, match="dwi"):  # the other settings, checked the same way
+        run_batch(None, root, out, resample_to="dwi")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_json_outputs_never_replace_a_file_the_product_did_not_write(phantom_root, random_ckpt, tmp_path, capsys):
+    """A user's file under a case's JSON name fails that case (as an image there does); one under
+    inference_summary.json, written after the last case, stops the batch before the first."""
+    root = tmp_path / "in"
+    for name in ("P1", "P2"):
+        _copy_case(phantom_root, root, name, seqs=("flair",))
+    out = tmp_path / "out"
+    argv = ["--input-dir", str(root), "--output-dir", str(out), "--ckpt", random_ckpt, "--device", "cpu"]
+    assert batch_main(argv) == 0
+    (out / "P1.json").write_text('{"note": "the user\'s"}\n')
+    capsys.readouterr()
+    assert batch_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"case P1: Output {out / 'P1.json'} already exists and was not written by this product" in err, err
+    assert (out / "P1.json").read_text() == '{"note": "the user\'s"}\n'
+    assert sorted(p.name for p in out.iterdir()) == ["P1.json", "P2.json", "P2.nii.gz", "inference_summary.json"]
+    assert _report(out)["P1"]["status"] == "error" and _report(out)["P2"]["status"] == "ok"
+
+    (out / "P1.json").unlink()
+    (out / "inference_summary.json").write_text('{"note": "the user\'s"}\n')
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert batch_main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "inference_summary.json already exists and was not written by this product" in lines[0]
+    assert "choose another output folder" in lines[0] and "case" not in lines[0], lines
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_rerun_removes_the_outputs_it_does_not_write_again(phantom_root, segmenter, tmp_path):
     root = tmp_path / "in"
     case = _copy_case(phantom_root, root, "P1", seqs=("flair", "t2"))

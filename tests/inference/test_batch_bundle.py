@@ -115,6 +115,13 @@ def test_bundle_batch_exits_2_with_one_line_per_bad_case(phantom_root, random_ck
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "case Bad:" in proc.stderr and "Bad_flair.nii.gz" in proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "out" / "Phantom_000.nii.gz").is_file()  # the other cases are segmented
+    # a bad setting stops the batch before any case, and the earlier run's outputs stay
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    proc = _bundle(*args, "--input_dir", str(root), "--labels", "2022")  # fire passes it as the number 2022
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Unknown --labels 2022" in errors[0], proc.stderr[-3000:]
+    assert "case " not in proc.stderr and "Traceback" not in proc.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
     proc = _bundle(*args, "--input_dir", str(tmp_path / "missing"))
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "missing" in errors[0] and "Traceback" not in proc.stderr
