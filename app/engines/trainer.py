@@ -99,9 +99,7 @@ class SubsetTrainer(SupervisedTrainer):
         kwargs.setdefault("decollate", False)
         super().__init__(*args, amp=False, **kwargs)
         self.strategy = strategy
-        check_model = getattr(strategy, "check_model", None)
-        if check_model is not None:  # a network the strategy cannot train fails here, before the first step
-            check_model(self.network)
+        strategy.check_model(self.network)  # a network the strategy cannot train fails here, before the first step
         self.use_amp = parse_bool(amp, "amp")
         self.grad_sync = grad_sync
         self.keys = (image_key, label_key, mask_key)

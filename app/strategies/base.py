@@ -126,6 +126,13 @@ class GradientStrategy:
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
+    def check_model(self, model: Any) -> None:
+        """Raise a ``ValueError`` naming the fix when this strategy cannot train ``model``.
+
+        :class:`app.engines.SubsetTrainer` calls it when it is built, so a mismatch stops the run
+        before the first step. Every network is accepted here.
+        """
+
     def step(
         self,
         model: Any,

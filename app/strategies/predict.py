@@ -86,8 +86,7 @@ class PredictStrategy(GradientStrategy):
         self.bitfit_applied = False
 
     # -- BitFit ----------------------------------------------------------------------------------
-    @staticmethod
-    def check_model(model: Any) -> None:
+    def check_model(self, model: Any) -> None:
         """Raise a ``ValueError`` naming the fix when ``model`` cannot predict missing modalities."""
         needed = ("features", "pairs", "pair_predictions", "predicted_embeddings", "embedding_outputs",
                   "predicted_outputs", "prediction_parameters", "completed_mask")
