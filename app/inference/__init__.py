@@ -33,6 +33,7 @@ _EXPORTS = {
     "label_convention": "app.inference.pipeline",
     "load_segmenter": "app.inference.pipeline",
     "segment_case": "app.inference.pipeline",
+    "check_overrides_or_exit": "app.inference.batch",
     "load_segmenter_or_exit": "app.inference.batch",
     "run_batch": "app.inference.batch",
     "run_batch_or_exit": "app.inference.batch",
@@ -41,7 +42,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from app.inference.batch import run_batch, run_batch_or_exit
+    from app.inference.batch import check_overrides_or_exit, load_segmenter_or_exit, run_batch, run_batch_or_exit
     from app.inference.io import (
         AtomicOutputs,
         CaseInputs,

@@ -27,7 +27,7 @@ from typing import Any, Collection, Mapping, NoReturn, Sequence
 from app.atomic import atomic_write_text
 from app.flags import parse_bool
 
-__all__ = ["BatchError", "build_parser", "load_segmenter_or_exit", "main", "run_batch", "run_batch_or_exit"]
+__all__ = ["BatchError", "build_parser", "check_overrides_or_exit", "load_segmenter_or_exit", "main", "run_batch", "run_batch_or_exit"]
 
 
 #: The batch's report of every case, in the output folder.
@@ -277,6 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _error_line(err: Exception) -> str:
     """The one stderr line of a failed batch (a :class:`BatchError` keeps its line per case)."""
     return f"error: {err}" if isinstance(err, BatchError) else f"error: {' '.join(str(err).split())}"
+
+
+def check_overrides_or_exit() -> None:
+    """:func:`~app.bundle_args.check_overrides` for the batch bundle's ``initialize`` step: a
+    misspelt ``--key`` (``--label 2023``, which would keep the default 2018 label values) ends with
+    one error line and exit status 2 before the checkpoint or any case is read."""
+    from app.bundle_args import check_overrides
+
+    try:
+        check_overrides()
+    except ValueError as err:
+        print(_error_line(err), file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def load_segmenter_or_exit(ckpt: str | os.PathLike, **kwargs: Any) -> Any:

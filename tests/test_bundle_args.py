@@ -1,0 +1,36 @@
+"""The ``python -m monai.bundle run`` command line checked against the bundle settings (app/bundle_args.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def test_check_overrides_refuses_a_misspelt_key_and_names_the_setting(tmp_path):
+    from app.bundle_args import _MONAI_DIR, check_overrides
+
+    main = os.path.join(_MONAI_DIR, "bundle", "__main__.py")
+    configs = os.path.join(os.path.dirname(__file__), "..", "bundles", "brats_gmd", "configs")
+    train = os.path.join(configs, "train.yaml")
+    both = str([train, os.path.join(configs, "evaluate.yaml")])
+    # known settings, nested ids, hyphenated keys, MONAI's own arguments: accepted
+    check_overrides([main, "run", "--config_file", train, "--patch_size", "[32,32,32]", "--max-epochs=1",
+                     "--validate#inferer#overlap", "0.3", "--bundle_root", "bundles/brats_gmd", "--run_id", "run"])
+    check_overrides([main, "run", "--config_file", both, "--eval_datalist", "O/datalist.json"])
+    with pytest.raises(ValueError, match=r"--patch_sizes is not a setting of .*did you mean --patch_size"):
+        check_overrides([main, "run", "--config_file", train, "--patch_sizes", "[32,32,32]"])
+    with pytest.raises(ValueError, match="--max_epoch is not a setting.*--max_epochs"):
+        check_overrides([main, "run", f"--config_file={train}", "--max_epoch=1"])
+    with pytest.raises(ValueError, match="--eval_datalist is not a setting"):  # evaluate.yaml's key, train.yaml alone
+        check_overrides([main, "run", "--config_file", train, "--eval_datalist", "d.json"])
+    args = tmp_path / "args.yaml"
+    args.write_text(f"config_file: {train}\nmax_epoch: 1\n")
+    with pytest.raises(ValueError, match="--max_epoch is not a setting"):  # overrides from an args_file too
+        check_overrides([main, "run", "--args_file", str(args)])
+    inference = os.path.join(configs, "inference.yaml")  # the batch inference bundle, standalone
+    check_overrides([main, "run", "--config_file", inference, "--labels", "2023", "--input_dir", "D"])
+    with pytest.raises(ValueError, match="--label is not a setting.*did you mean --labels"):
+        check_overrides([main, "run", "--config_file", inference, "--label", "2023"])
+    # another program's command line (an in-process monai.bundle.run) is not checked
+    check_overrides(["pytest", "--patch_sizes", "1", "--config_file", train])
