@@ -134,7 +134,7 @@ def run_batch(
     # remove that case's outputs of an earlier run
     probabilities = parse_bool(probabilities, "probabilities")
     labels = label_convention(labels)
-    reference = sequence_name(resample_to) if resample_to else None
+    reference = sequence_name(resample_to, "--resample-to") if resample_to else None
 
     out_dir = Path(output_dir)
     check_writable_folder(out_dir, f"--output-dir {output_dir}")  # before any case runs
@@ -236,6 +236,10 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}: run with --help for usage.\n")
 
 
+# pipeline.LABEL_CHOICES, spelt out so that --help does not import torch
+_LABELS = ("2018", "2021", "2023", "2024")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of the batch / Docker entrypoint; defaults come from environment variables."""
     env = os.environ.get
@@ -253,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", default=env("BRATS_BUNDLE"),
                    help="bundle folder for the defaults (default: $BRATS_BUNDLE or this repository's "
                         "bundles/brats_gmd)")
-    p.add_argument("--labels", default=env("BRATS_LABELS", "2018"), choices=("2018", "2021", "2023", "2024"),
+    p.add_argument("--labels", default=env("BRATS_LABELS", "2018"), choices=_LABELS,
                    help="label values: 2018 = 1/2/4 (default), 2023 = 1/2/3 (also 2024; no resection cavity is predicted)")
     p.add_argument("--probabilities", action="store_true", help="also write <case>_prob.nii.gz")
     p.add_argument("--resample-to", metavar="SEQ", help="resample each case's sequences onto SEQ's grid if they differ")
@@ -334,6 +338,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a usage error (2, one line already printed)
         return int(exit_.code or 0)
+    if args.labels not in _LABELS:  # from BRATS_LABELS: argparse does not check a default
+        from app.inference.pipeline import label_convention
+
+        try:
+            label_convention(args.labels, option="BRATS_LABELS")
+        except ValueError as err:
+            print(_error_line(err), file=sys.stderr)
+            return 2
     from app.inference.cli import segmenter_from_args
 
     try:

@@ -102,8 +102,12 @@ class CaseInputs:
         return torch.tensor([s in self.volumes for s in BRATS_MODALITIES], dtype=torch.bool)
 
 
-def sequence_name(name: str) -> str:
+def sequence_name(name: str, option: str | None = None) -> str:
     """Map a user-given sequence name (``FLAIR``, ``t2w``, ``T1-Gd``, ...) to a BraTS sequence.
+
+    Args:
+        name: the name as the user spelt it.
+        option: the setting it came from (``--resample-to``), named in the error.
 
     Raises:
         CaseError: the name is not a known spelling of FLAIR, T1, T1ce or T2.
@@ -112,10 +116,8 @@ def sequence_name(name: str) -> str:
     for seq, aliases in CHANNEL_ALIASES.items():
         if key == seq or key in aliases:
             return seq
-    raise CaseError(
-        f"Unknown sequence name {name!r}: use one of {list(BRATS_MODALITIES)} "
-        f"(or an alias such as t2f, t1n, t1c/t1gd, t2w)."
-    )
+    what = f"{option} {name!r} is not a sequence name" if option else f"Unknown sequence name {name!r}"
+    raise CaseError(f"{what}: use one of {list(BRATS_MODALITIES)} (or an alias such as t2f, t1n, t1c/t1gd, t2w).")
 
 
 def _one_line(text: object) -> str:
@@ -427,7 +429,7 @@ def read_case(
         named[seq] = os.fspath(path)
     index = {sequence_name(k): int(v) for k, v in (channels or {}).items()}
     _check_distinct_files({s: p for s, p in named.items() if s not in index})
-    reference = sequence_name(resample_to) if resample_to else None
+    reference = sequence_name(resample_to, "--resample-to") if resample_to else None
     if reference is not None and reference not in named:
         raise CaseError(f"--resample-to {resample_to} names a sequence that was not given (given: {list(named)}): "
                         "pass one of those.")

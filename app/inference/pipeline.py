@@ -145,14 +145,22 @@ def reorient(tensor: torch.Tensor, ornt: np.ndarray) -> torch.Tensor:
     return tensor.permute(*range(lead), *(lead + int(a) for a in np.argsort(ornt[:, 0])))
 
 
-def label_convention(labels: str | int) -> str:
-    """Map ``--labels`` (``2018``, ``2023`` or a convention name) to a :data:`LABEL_CONVENTIONS` key."""
+def label_convention(labels: str | int, option: str = "--labels") -> str:
+    """Map ``--labels`` (``2018``, ``2023`` or a convention name) to a :data:`LABEL_CONVENTIONS` key.
+
+    Args:
+        labels: the setting's value.
+        option: where the value came from (``--labels``, ``BRATS_LABELS``), named in the error.
+
+    Raises:
+        ValueError: not a label convention.
+    """
     key = str(labels).strip().lower()
     if key in LABEL_CONVENTIONS:
         return key
     if key not in LABEL_CHOICES:
-        raise ValueError(f"Unknown --labels {labels!r}: use 2018 (labels 1/2/4, BraTS 2018-2021) or 2023 (1/2/3; "
-                         "2024 writes the same values).")
+        raise ValueError(f"{option} {str(labels)!r} is not a label convention: use 2018 (labels 1/2/4, BraTS "
+                         "2018-2021) or 2023 (1/2/3; 2024 writes the same values).")
     return LABEL_CHOICES[key]
 
 

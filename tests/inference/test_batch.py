@@ -96,9 +96,9 @@ def test_a_bad_setting_stops_the_batch_before_any_case(phantom_root, random_ckpt
         monkeypatch.setenv(setting, value)
         assert batch_main(argv) == 2
         lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1 and f"Unknown --labels '{value}'" in lines[0] and "case" not in lines[0], lines
+        assert len(lines) == 1 and f"BRATS_LABELS '{value}' is not a label convention" in lines[0] and "case" not in lines[0], lines
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    with pytest.raises(ValueError, match="dwi"):  # the other settings, checked the same way
+    with pytest.raises(ValueError, match="--resample-to 'dwi' is not a sequence name"):  # checked the same way
         run_batch(None, root, out, resample_to="dwi")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 

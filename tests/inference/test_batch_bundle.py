@@ -119,7 +119,7 @@ def test_bundle_batch_exits_2_with_one_line_per_bad_case(phantom_root, random_ck
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     proc = _bundle(*args, "--input_dir", str(root), "--labels", "2022")  # fire passes it as the number 2022
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2 and len(errors) == 1 and "Unknown --labels 2022" in errors[0], proc.stderr[-3000:]
+    assert proc.returncode == 2 and len(errors) == 1 and "--labels '2022' is not a label convention" in errors[0], proc.stderr[-3000:]
     assert "case " not in proc.stderr and "Traceback" not in proc.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
     # a misspelt setting would keep the default (2018 label values): refused before the checkpoint is read
