@@ -49,6 +49,8 @@ _EXPORTS = {
     "load_mmsa": "app.data.mmsa",
     "make_synthetic_mmsa": "app.data.mmsa",
     "mmsa_split": "app.data.mmsa",
+    "read_mmsa_splits": "app.data.mmsa",
+    "write_mmsa_splits": "app.data.mmsa",
     "save_mmsa_npz": "app.data.mmsa",
     "write_synthetic_mmsa": "app.data.mmsa",
     "make_phantom": "app.data.phantoms",
@@ -102,7 +104,9 @@ if TYPE_CHECKING:
         load_mmsa,
         make_synthetic_mmsa,
         mmsa_split,
+        read_mmsa_splits,
         save_mmsa_npz,
+        write_mmsa_splits,
         write_synthetic_mmsa,
     )
     from app.data.phantoms import make_phantom, write_phantoms

@@ -25,6 +25,7 @@ Command line (dispatched by ``python -m app convert-mmsa``)::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import zipfile
@@ -35,12 +36,13 @@ from typing import Any
 
 import numpy as np
 
-from app.atomic import atomic_write
+from app.atomic import atomic_write, atomic_write_text
 from app.flags import parse_bool
 
 __all__ = [
     "MMSA_MODALITIES",
     "NPZ_FORMAT",
+    "SPLITS_NAME",
     "MMSAData",
     "MMSADataset",
     "check_labels",
@@ -52,12 +54,16 @@ __all__ = [
     "make_synthetic_mmsa",
     "mmsa_split",
     "save_mmsa_npz",
+    "read_mmsa_splits",
+    "write_mmsa_splits",
     "write_synthetic_mmsa",
 ]
 
 MMSA_MODALITIES: tuple[str, ...] = ("text", "audio", "vision")
 #: Value of the ``__format__`` entry of the converted ``.npz`` files.
 NPZ_FORMAT = "mmsa-npz-1"
+#: A training run's record of the utterances it trained and selected on, in its output folder.
+SPLITS_NAME = "splits.json"
 _PICKLE_SUFFIXES = (".pkl", ".pickle", ".pk")
 _LABEL_KEYS = ("regression_labels", "classification_labels")
 
@@ -307,6 +313,29 @@ def mmsa_split(data: Mapping[str, Mapping[str, np.ndarray]], split: str, source:
             f"(the bundles' --train_split, --val_split and --eval_split) or a file that has a {split!r} split."
         )
     return dict(data[split])
+
+
+def write_mmsa_splits(output_dir: str | os.PathLike, data: Mapping[str, Mapping[str, np.ndarray]],
+                      train_split: str, val_split: str, source: str | os.PathLike = "the data file") -> Path:
+    """Record in ``output_dir/splits.json`` the utterance ids a training run trains and selects on.
+
+    An evaluation of the run's checkpoint reads it back (:func:`read_mmsa_splits`) to say when the
+    scored utterances are not held out: the file may be converted or renamed, the ids stay.
+    """
+    record = {"train_split": train_split, "val_split": val_split,
+              "train_ids": [str(i) for i in mmsa_split(data, train_split, source)["id"]],
+              "val_ids": [str(i) for i in mmsa_split(data, val_split, source)["id"]]}
+    return atomic_write_text(Path(output_dir) / SPLITS_NAME, json.dumps(record) + "\n")
+
+
+def read_mmsa_splits(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The record :func:`write_mmsa_splits` wrote, or None when ``path`` holds no such record."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    keys = ("train_split", "val_split", "train_ids", "val_ids")
+    return record if isinstance(record, dict) and all(k in record for k in keys) else None
 
 
 def feature_dims(data: Mapping[str, Mapping[str, np.ndarray]]) -> list[int]:

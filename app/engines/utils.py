@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from types import TracebackType
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import monai
 import torch
@@ -20,7 +20,7 @@ from app.networks.ds_unet import recorded_spacing
 from app.networks.weights import describe_state_dict, load_weights
 
 __all__ = [
-    "check_held_out", "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "load_weights", "describe_state_dict",
+    "check_held_out", "check_held_out_split", "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "load_weights", "describe_state_dict",
     "ProgressBarHandler", "report_input_errors", "check_overrides", "check_counts",
 ]
 
@@ -118,6 +118,37 @@ def check_held_out(ckpt_path: str | os.PathLike, records: Sequence[dict[str, Any
     message = (f"{len(seen)} of the {len(records)} cases scored here are training cases of this checkpoint's run "
                f"({datalist}; e.g. {', '.join(seen[:3])}): their Dice is optimistic. Pass --eval_datalist {datalist} "
                "to score only its held-out cases, or --dataset_dir a folder of cases it never saw.")
+    logger.warning(message)
+    return message
+
+
+def check_held_out_split(ckpt_path: str | os.PathLike, data: Mapping[str, Mapping[str, Any]],
+                         eval_split: str) -> str | None:
+    """Warn when a sentiment evaluation scores utterances the checkpoint was trained or selected on.
+
+    A checkpoint at ``<run>/models/<name>.pt`` has its run's utterance ids beside it in
+    ``<run>/splits.json`` (:func:`app.data.write_mmsa_splits`; a moved checkpoint has none, and
+    nothing is said). Returns the warning, or None.
+    """
+    from app.data.mmsa import SPLITS_NAME, read_mmsa_splits
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(os.fspath(ckpt_path)))), SPLITS_NAME)
+    record = read_mmsa_splits(path)
+    if record is None or eval_split not in data:
+        return None
+    scored = [str(i) for i in data[eval_split]["id"]]
+    trained = set(record["train_ids"]) & set(scored)
+    selected = set(record["val_ids"]) & set(scored)
+    if trained:
+        message = (f"{len(trained)} of the {len(scored)} utterances of split {eval_split!r} trained this checkpoint "
+                   f"(its run's --train_split {record['train_split']!r}, {path}): these scores are not held out. "
+                   "Pass --eval_split a split it never saw.")
+    elif selected:
+        message = (f"{len(selected)} of the {len(scored)} utterances of split {eval_split!r} selected this checkpoint "
+                   f"(its run's --val_split {record['val_split']!r}, {path}): these scores are optimistic. Pass "
+                   "--eval_split a split it never saw (test) for unbiased ones.")
+    else:
+        return None
     logger.warning(message)
     return message
 

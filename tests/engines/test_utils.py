@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -140,6 +141,26 @@ def test_evaluating_training_cases_is_warned_about(tmp_path):
     assert f"--eval_datalist {run / 'datalist.json'}" in message and "e.g. T0, T1" in message
     assert check_held_out(ckpt, val) is None  # the held-out cases only
     assert check_held_out(tmp_path / "moved" / "model.pt", train) is None  # no split to compare with
+
+
+def test_evaluating_training_or_selection_utterances_is_warned_about(tmp_path):
+    from app.data import make_synthetic_mmsa, write_mmsa_splits
+    from app.engines import check_held_out_split
+
+    data = make_synthetic_mmsa({"train": 6, "valid": 4, "test": 4}, dims=(4, 3, 4))
+    run = tmp_path / "run"
+    run.mkdir()
+    write_mmsa_splits(run, data, "train", "valid")
+    ckpt = run / "models" / "model.pt"
+    assert check_held_out_split(ckpt, data, "train").startswith("6 of the 6 utterances of split 'train' trained")
+    assert check_held_out_split(ckpt, data, "valid").startswith("4 of the 4 utterances of split 'valid' selected")
+    assert check_held_out_split(ckpt, data, "test") is None  # held out
+    # the ids decide, not the split's name: a file whose 'test' split repeats two training utterances
+    mixed = {**data, "test": {**data["test"], "id": np.concatenate([data["train"]["id"][:2], data["test"]["id"][2:]])}}
+    assert check_held_out_split(ckpt, mixed, "test").startswith("2 of the 4 utterances of split 'test' trained")
+    assert check_held_out_split(tmp_path / "moved" / "model.pt", data, "train") is None  # no record beside it
+    with pytest.raises(ValueError, match="Split 'dev' is not in"):
+        write_mmsa_splits(run, data, "train", "dev")
 
 
 def test_check_counts_accepts_whole_numbers_from_one():

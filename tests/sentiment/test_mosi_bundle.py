@@ -50,6 +50,20 @@ def test_evaluate_test_split_writes_subset_metrics(trained, synthetic_pkl, tmp_p
     for ext in ("csv", "md", "png"):
         assert (tmp_path / f"subset_metrics.{ext}").stat().st_size > 0
     assert "mean_over_subsets" in proc.stdout
+    assert "this checkpoint" not in proc.stdout + proc.stderr  # the test split is held out: no warning
+
+
+def test_evaluating_on_the_training_or_selection_split_is_flagged(trained, synthetic_pkl, tmp_path):
+    """The run records its utterance ids (splits.json); scoring them again warns, and still scores."""
+    record = json.loads((trained / "splits.json").read_text())
+    assert (record["train_split"], record["val_split"]) == ("train", "valid") and len(record["val_ids"]) == 24
+    for split, expected in (("valid", "24 of the 24 utterances of split 'valid' selected this checkpoint"),
+                            ("train", "of split 'train' trained this checkpoint")):
+        proc = run_mosi_bundle([TRAIN, EVALUATE], "--data_path", str(synthetic_pkl), "--trust_pickle", "true",
+                               "--ckpt_path", str(trained / "models" / "model.pt"), "--eval_split", split,
+                               "--output_dir", str(tmp_path / split))
+        assert expected in proc.stdout + proc.stderr, proc.stdout[-3000:]
+        assert (tmp_path / split / "subset_metrics.json").is_file()
 
 
 def test_classification_with_the_documented_settings_trains_and_evaluates(synthetic_pkl, tmp_path):
