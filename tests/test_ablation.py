@@ -121,6 +121,44 @@ def test_finished_stages_are_reused_only_with_their_own_settings(tmp_path, capsy
     assert json.loads(stamp.read_text()) == settings
 
 
+def test_an_interrupted_training_stage_is_trained_again_not_reused(tmp_path):
+    # training writes model.pt at its first validation (and model_final.pt when it raises): a stage
+    # killed after that leaves the checkpoint of a partial run under its recorded settings
+    out, bundle = tmp_path / "out", REPO / "bundles" / "brats_gmd"
+    result, stamp = out / "plain" / "train" / "models" / "model.pt", out / "plain" / "train_settings.json"
+    done = out / "plain" / "train_seconds.json"
+    settings = _stage_settings(bundle, ["--seed", "0"], out)
+    assert not _reusable(result, stamp, settings, done)
+    result.parent.mkdir(parents=True)
+    result.write_bytes(b"weights of epoch 1 of 6")
+    assert not _reusable(result, stamp, settings, done)  # killed: trained again
+    assert not _reusable(result, stamp, _stage_settings(bundle, ["--seed", "1"], out), done)  # not "other settings"
+    assert not _reusable(result, stamp, settings, done)
+    done.write_text("12.5")
+    assert _reusable(result, stamp, settings, done)
+
+
+def test_a_killed_ablation_trains_the_unfinished_stage_again(tmp_path):
+    data = tmp_path / "phantoms"
+    write_phantoms(data, cases=4, size=32, seed=0)
+    out = tmp_path / "ablation"
+    args = ["--bundle", "bundles/brats_gmd", "--strategies", "plain", "--max_epochs", "1", "--checkpoint", "best",
+            "--output_dir", str(out), "--dataset_dir", str(data), "--epoch_length", "1", *TINY]
+    # what a run killed after its first validation leaves: the settings and a best-model checkpoint
+    stamp = _stage_settings(REPO / "bundles" / "brats_gmd",
+                            [*args[args.index("--dataset_dir"):], "--output_dir", str(out / "plain" / "train"),
+                             "--strategy", "plain", "--seed", "0", "--max_epochs", "1", "--time_limit_minutes", "0.0"],
+                            out)
+    (out / "plain" / "train" / "models").mkdir(parents=True)
+    (out / "plain" / "train_settings.json").write_text(json.dumps(stamp, indent=1))
+    (out / "plain" / "train" / "models" / "model.pt").write_bytes(b"partial")
+    proc = _ablate(*args)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert (out / "plain" / "train.log").is_file()  # it trained
+    table = json.loads((out / "ablation.json").read_text())
+    assert table["runs"]["plain"]["train_seconds"] > 0 and table["runs"]["plain"]["iterations"] == 1
+
+
 def test_sentiment_bundle_ablation_and_failure_names_the_log(tmp_path):
     pkl = write_synthetic_mmsa(tmp_path / "syn.pkl", splits={"train": 48, "valid": 24}, seed=0)
     out = tmp_path / "ablation"
