@@ -251,6 +251,8 @@ class ResumableCheckpoint:
             if it exists, ``False`` to start a new run (an existing checkpoint is overwritten).
         interval: also write every this many iterations (``0``: only at epoch ends).
         filename: checkpoint file name.
+        time_limit: optional :class:`~app.engines.TimeLimitHandler` of the trainer: the training time
+            spent is kept, so a resumed run continues its wall-clock budget instead of starting a new one.
     """
 
     def __init__(
@@ -265,8 +267,10 @@ class ResumableCheckpoint:
         resume: bool | str = False,
         interval: int = 0,
         filename: str = "checkpoint_last.pt",
+        time_limit: Any = None,
     ) -> None:
         self.path = Path(save_dir) / filename
+        self.time_limit = time_limit
         self.network = network
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -350,6 +354,8 @@ class ResumableCheckpoint:
         tracker = getattr(self.key_metric_saver, "_key_metric_checkpoint", None)
         if tracker is not None:
             state["key_metric_saver"] = {k: [(float(p), str(f)) for p, f in v] for k, v in tracker.state_dict().items()}
+        if self.time_limit is not None:
+            state["time_limit"] = self.time_limit.state_dict()
         loader = getattr(engine, "data_loader", None)
         sampler = getattr(loader, "sampler", None)
         if isinstance(sampler, ResumableSampler):
@@ -443,3 +449,6 @@ class ResumableCheckpoint:
             done = iteration - engine.state.epoch * length if length else 0
             logger.info("Resumed from %s at iteration %d (epoch %d, %d of its %d iterations done).", self.path,
                         iteration, engine.state.epoch + 1, done, length)
+        self._saved_at = iteration  # the file holds this state: a stop right away need not write it again
+        if self.time_limit is not None and "time_limit" in state:
+            self.time_limit.load_state_dict(state["time_limit"], engine)
