@@ -346,6 +346,9 @@ class ResumableCheckpoint:
         strategy = self._strategy(engine)
         if strategy is not None and hasattr(strategy, "state_dict"):
             state["strategy"] = strategy.state_dict()
+        if strategy is not None:
+            # the strategy and its settings (e.g. "GMDStrategy(subsets=5, seed=0, sync=None)"), checked by a resume
+            state["strategy_config"] = repr(strategy)
         if self.validator is not None:
             vstate = self.validator.state
             state["validator"] = {"best_metric": float(vstate.best_metric),
@@ -408,6 +411,15 @@ class ResumableCheckpoint:
                 "learning-rate schedule was set for the original length, so resume with --max_epochs "
                 f"{state['max_epochs']}, or start a new run in another --output_dir to train for {planned}."
             )
+        strategy = self._strategy(engine)
+        written_by = state.get("strategy_config")
+        if strategy is not None and written_by is not None and str(written_by) != repr(strategy):
+            # the strategy's state would load silently into another one and the run would mix two methods
+            raise ValueError(
+                f"{self.path} was written by a run training with {written_by}, this run trains with {strategy!r}: "
+                "resume with the original --strategy and its settings (--gmd_subsets, --seed, the cggm_* and "
+                "predict knobs), or start a new run in another --output_dir."
+            )
         net.load_state_dict(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and "lr_scheduler" in state:
@@ -415,7 +427,6 @@ class ResumableCheckpoint:
         scaler = getattr(engine, "scaler", None)
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
-        strategy = self._strategy(engine)
         if strategy is not None and "strategy" in state:
             strategy.load_state_dict(state["strategy"])
         if self.validator is not None and "validator" in state:

@@ -156,3 +156,26 @@ def test_the_bundles_keep_the_time_budget_in_their_checkpoints():
     handlers = parser.get("train#handlers")
     assert handlers[int(parser.get("train#checkpoint")["time_limit"].split("#")[-1])]["_target_"].endswith(
         "TimeLimitHandler")
+
+
+def test_a_resume_with_another_strategy_is_refused(tmp_path):
+    """The strategy's state loads into another strategy without complaint: the run would silently mix
+    two methods (e.g. plain epochs, then GMD epochs) under the second one's name."""
+    from app.strategies import build_strategy
+
+    def run(name, **settings):
+        net = torch.nn.Linear(2, 1)
+        engine = Engine(lambda e, b: None)
+        ResumableCheckpoint(tmp_path, net, torch.optim.SGD(net.parameters(), lr=0.1), resume="auto",
+                            strategy=build_strategy(name, **settings)).attach(engine)
+        engine.run(DATA, max_epochs=1)
+        return engine.state.iteration
+
+    assert run("plain") == 3
+    assert load_training_checkpoint(tmp_path / "checkpoint_last.pt")["strategy_config"] == "PlainStrategy(seed=0)"
+    with pytest.raises(ValueError, match=r"written by a run training with PlainStrategy\(seed=0\), this run trains with "
+                                         r"GMDStrategy\(subsets=5.*resume with the original --strategy"):
+        run("gmd", subsets=5)
+    assert run("plain") == 3  # the same strategy resumes (a finished run: nothing to do)
+    with pytest.raises(ValueError, match="original --strategy and its settings"):
+        run("plain", seed=1)
