@@ -41,6 +41,16 @@ def test_parse_strategies_and_layouts():
         bundle_layout(REPO / "bundles")
 
 
+def test_a_subset_count_is_refused_where_it_would_change_nothing_or_fail_later():
+    # cggm:5 used to train plain cggm under the column "cggm_k5"; gmd:x failed only when its turn came
+    with pytest.raises(ValueError, match="only GMD strategies take a subset count .* write cggm without ':5'"):
+        parse_strategies("plain,cggm:5")
+    for bad in ("gmd:0", "gmd:x", "gmd_approx:-1"):
+        with pytest.raises(ValueError, match="must be a positive integer, e.g. gmd:5"):
+            parse_strategies(f"plain,{bad}")
+    assert parse_strategies("gmd_approx: 3") == [("gmd_approx_k3", "gmd_approx", "3")]
+
+
 def _check_tables(out, strategies, modalities, headline):
     table = json.loads((out / "ablation.json").read_text())
     names = [subset_name(s, modalities) for s in all_subsets(len(modalities))]
