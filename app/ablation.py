@@ -26,6 +26,7 @@ are within training noise.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -100,8 +101,18 @@ def parse_strategies(spec: str | Sequence[str]) -> list[tuple[str, str, str | No
         if not item:
             continue
         name, _, k = item.partition(":")
+        name, k = name.strip(), k.strip()
         if name.strip().lower() not in STRATEGIES:  # before any strategy trains, not when its turn comes
             raise ValueError(f"Unknown strategy {name!r} in --strategies: choose from {sorted(STRATEGIES)}.")
+        if k:
+            # only the GMD strategies read --gmd_subsets: another would train unchanged under a "_k" label
+            takes_k = "subsets" in inspect.signature(STRATEGIES[name.strip().lower()].__init__).parameters
+            if not takes_k:
+                raise ValueError(f"Strategy {item!r} in --strategies: only GMD strategies take a subset count "
+                                 f"(e.g. gmd:5 or gmd_approx:5); write {name} without ':{k}'.")
+            if not k.strip().isdigit() or int(k) < 1:
+                raise ValueError(f"Strategy {item!r} in --strategies: the subset count must be a positive integer, "
+                                 "e.g. gmd:5.")
         label = f"{name}_k{k}" if k else name
         if label in seen:
             raise ValueError(f"Strategy {item!r} is listed twice in --strategies.")
@@ -174,14 +185,23 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _reusable(result: Path, stamp: Path, settings: dict[str, Any]) -> bool:
+def _reusable(result: Path, stamp: Path, settings: dict[str, Any], done: Path | None = None) -> bool:
     """Whether a finished stage's ``result`` can stand for this run; records ``settings`` when it cannot.
+
+    Args:
+        result: the file the stage makes (a checkpoint, a report).
+        stamp: where the settings of the stage are recorded, before it runs.
+        settings: this command's settings for the stage (:func:`_stage_settings`).
+        done: a file written only once the stage has succeeded. Training writes ``model.pt`` at its
+            first validation and MONAI's ``CheckpointSaver`` writes ``model_final.pt`` when training
+            raises, so an interrupted or failed training leaves ``result`` behind: with ``done``
+            given, a recorded stage counts as finished only when ``done`` exists too.
 
     Raises:
         ValueError: ``result`` was produced with other settings, which a resumed ablation must not mix in.
     """
     recorded = _read_json(stamp)
-    finished = result.is_file()
+    finished = result.is_file() and (done is None or recorded is None or done.is_file())
     if finished and recorded == settings:
         return True
     if finished and recorded is not None:
@@ -282,12 +302,15 @@ def run_ablation(
         train_s = None
         # finished stages are kept, so an interrupted ablation resumes with the same command; a
         # different command (seed, budget, overrides) must not silently reuse them
-        if not _reusable(ckpt, out / label / "train_settings.json", _stage_settings(bundle, train_args, out)):
+        # train_seconds.json is written last, so it marks a training stage that ran to its end
+        seconds = out / label / "train_seconds.json"
+        if not _reusable(ckpt, out / label / "train_settings.json", _stage_settings(bundle, train_args, out), seconds):
+            seconds.unlink(missing_ok=True)
             train_s = _run_bundle([train], bundle, train_args, out / label / "train.log")
             if not ckpt.is_file():
                 raise RuntimeError(f"Training {label!r} finished without writing {ckpt}; see {out / label / 'train.log'}.")
             (out / label / "train_environment.json").write_text(json.dumps(_environment(bundle_args), indent=1))
-            (out / label / "train_seconds.json").write_text(json.dumps(train_s))
+            seconds.write_text(json.dumps(train_s))
         if layout is SEGMENTATION:
             scored = ["--eval_datalist", str(run_dir / "datalist.json")]
         else:
@@ -301,7 +324,7 @@ def run_ablation(
             _run_bundle([train, evaluate], bundle, eval_args, out / label / "eval.log")
         reports[label] = json.loads(report_path.read_text())
         if train_s is None:  # a reused stage: its time was recorded when it trained
-            train_s = _read_json(out / label / "train_seconds.json")
+            train_s = _read_json(seconds)
         runs[label] = {"strategy": name, "gmd_subsets": subsets, "train_seconds": train_s,
                        "iterations": _iterations(out / label / "train.log", run_dir / "models" / "checkpoint_last.pt"),
                        "checkpoint": str(ckpt),

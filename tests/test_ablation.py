@@ -41,6 +41,16 @@ def test_parse_strategies_and_layouts():
         bundle_layout(REPO / "bundles")
 
 
+def test_a_subset_count_is_refused_where_it_would_change_nothing_or_fail_later():
+    # cggm:5 used to train plain cggm under the column "cggm_k5"; gmd:x failed only when its turn came
+    with pytest.raises(ValueError, match="only GMD strategies take a subset count .* write cggm without ':5'"):
+        parse_strategies("plain,cggm:5")
+    for bad in ("gmd:0", "gmd:x", "gmd_approx:-1"):
+        with pytest.raises(ValueError, match="must be a positive integer, e.g. gmd:5"):
+            parse_strategies(f"plain,{bad}")
+    assert parse_strategies("gmd_approx: 3") == [("gmd_approx_k3", "gmd_approx", "3")]
+
+
 def _check_tables(out, strategies, modalities, headline):
     table = json.loads((out / "ablation.json").read_text())
     names = [subset_name(s, modalities) for s in all_subsets(len(modalities))]
@@ -119,6 +129,44 @@ def test_finished_stages_are_reused_only_with_their_own_settings(tmp_path, capsy
     stamp.unlink()  # a stage finished by an earlier version, with no record: reused, with a note, and recorded
     assert _reusable(result, stamp, settings) and "no record of its settings" in capsys.readouterr().out
     assert json.loads(stamp.read_text()) == settings
+
+
+def test_an_interrupted_training_stage_is_trained_again_not_reused(tmp_path):
+    # training writes model.pt at its first validation (and model_final.pt when it raises): a stage
+    # killed after that leaves the checkpoint of a partial run under its recorded settings
+    out, bundle = tmp_path / "out", REPO / "bundles" / "brats_gmd"
+    result, stamp = out / "plain" / "train" / "models" / "model.pt", out / "plain" / "train_settings.json"
+    done = out / "plain" / "train_seconds.json"
+    settings = _stage_settings(bundle, ["--seed", "0"], out)
+    assert not _reusable(result, stamp, settings, done)
+    result.parent.mkdir(parents=True)
+    result.write_bytes(b"weights of epoch 1 of 6")
+    assert not _reusable(result, stamp, settings, done)  # killed: trained again
+    assert not _reusable(result, stamp, _stage_settings(bundle, ["--seed", "1"], out), done)  # not "other settings"
+    assert not _reusable(result, stamp, settings, done)
+    done.write_text("12.5")
+    assert _reusable(result, stamp, settings, done)
+
+
+def test_a_killed_ablation_trains_the_unfinished_stage_again(tmp_path):
+    data = tmp_path / "phantoms"
+    write_phantoms(data, cases=4, size=32, seed=0)
+    out = tmp_path / "ablation"
+    args = ["--bundle", "bundles/brats_gmd", "--strategies", "plain", "--max_epochs", "1", "--checkpoint", "best",
+            "--output_dir", str(out), "--dataset_dir", str(data), "--epoch_length", "1", *TINY]
+    # what a run killed after its first validation leaves: the settings and a best-model checkpoint
+    stamp = _stage_settings(REPO / "bundles" / "brats_gmd",
+                            [*args[args.index("--dataset_dir"):], "--output_dir", str(out / "plain" / "train"),
+                             "--strategy", "plain", "--seed", "0", "--max_epochs", "1", "--time_limit_minutes", "0.0"],
+                            out)
+    (out / "plain" / "train" / "models").mkdir(parents=True)
+    (out / "plain" / "train_settings.json").write_text(json.dumps(stamp, indent=1))
+    (out / "plain" / "train" / "models" / "model.pt").write_bytes(b"partial")
+    proc = _ablate(*args)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert (out / "plain" / "train.log").is_file()  # it trained
+    table = json.loads((out / "ablation.json").read_text())
+    assert table["runs"]["plain"]["train_seconds"] > 0 and table["runs"]["plain"]["iterations"] == 1
 
 
 def test_sentiment_bundle_ablation_and_failure_names_the_log(tmp_path):

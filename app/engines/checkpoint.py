@@ -251,6 +251,8 @@ class ResumableCheckpoint:
             if it exists, ``False`` to start a new run (an existing checkpoint is overwritten).
         interval: also write every this many iterations (``0``: only at epoch ends).
         filename: checkpoint file name.
+        time_limit: optional :class:`~app.engines.TimeLimitHandler` of the trainer: the training time
+            spent is kept, so a resumed run continues its wall-clock budget instead of starting a new one.
     """
 
     def __init__(
@@ -265,8 +267,10 @@ class ResumableCheckpoint:
         resume: bool | str = False,
         interval: int = 0,
         filename: str = "checkpoint_last.pt",
+        time_limit: Any = None,
     ) -> None:
         self.path = Path(save_dir) / filename
+        self.time_limit = time_limit
         self.network = network
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -342,6 +346,9 @@ class ResumableCheckpoint:
         strategy = self._strategy(engine)
         if strategy is not None and hasattr(strategy, "state_dict"):
             state["strategy"] = strategy.state_dict()
+        if strategy is not None:
+            # the strategy and its settings (e.g. "GMDStrategy(subsets=5, seed=0, sync=None)"), checked by a resume
+            state["strategy_config"] = repr(strategy)
         if self.validator is not None:
             vstate = self.validator.state
             state["validator"] = {"best_metric": float(vstate.best_metric),
@@ -350,6 +357,8 @@ class ResumableCheckpoint:
         tracker = getattr(self.key_metric_saver, "_key_metric_checkpoint", None)
         if tracker is not None:
             state["key_metric_saver"] = {k: [(float(p), str(f)) for p, f in v] for k, v in tracker.state_dict().items()}
+        if self.time_limit is not None:
+            state["time_limit"] = self.time_limit.state_dict()
         loader = getattr(engine, "data_loader", None)
         sampler = getattr(loader, "sampler", None)
         if isinstance(sampler, ResumableSampler):
@@ -402,6 +411,15 @@ class ResumableCheckpoint:
                 "learning-rate schedule was set for the original length, so resume with --max_epochs "
                 f"{state['max_epochs']}, or start a new run in another --output_dir to train for {planned}."
             )
+        strategy = self._strategy(engine)
+        written_by = state.get("strategy_config")
+        if strategy is not None and written_by is not None and str(written_by) != repr(strategy):
+            # the strategy's state would load silently into another one and the run would mix two methods
+            raise ValueError(
+                f"{self.path} was written by a run training with {written_by}, this run trains with {strategy!r}: "
+                "resume with the original --strategy and its settings (--gmd_subsets, --seed, the cggm_* and "
+                "predict knobs), or start a new run in another --output_dir."
+            )
         net.load_state_dict(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and "lr_scheduler" in state:
@@ -409,7 +427,6 @@ class ResumableCheckpoint:
         scaler = getattr(engine, "scaler", None)
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
-        strategy = self._strategy(engine)
         if strategy is not None and "strategy" in state:
             strategy.load_state_dict(state["strategy"])
         if self.validator is not None and "validator" in state:
@@ -443,3 +460,6 @@ class ResumableCheckpoint:
             done = iteration - engine.state.epoch * length if length else 0
             logger.info("Resumed from %s at iteration %d (epoch %d, %d of its %d iterations done).", self.path,
                         iteration, engine.state.epoch + 1, done, length)
+        self._saved_at = iteration  # the file holds this state: a stop right away need not write it again
+        if self.time_limit is not None and "time_limit" in state:
+            self.time_limit.load_state_dict(state["time_limit"], engine)

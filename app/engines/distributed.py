@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from datetime import timedelta
 from typing import Any, Iterable, Sized
 
@@ -210,7 +209,7 @@ class DistributedTimeLimitHandler(TimeLimitHandler):
     def _check(self, engine: Engine) -> None:
         if self.expired:
             return
-        spent = time.monotonic() - self.start >= self.seconds
+        spent = self.elapsed() >= self.seconds
         if is_distributed():
             device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
             flag = torch.tensor([float(spent)], device=device)

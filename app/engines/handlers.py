@@ -26,6 +26,12 @@ class TimeLimitHandler:
     validator once more (so the best-model checkpoint sees the last weights) and terminates the
     trainer; ``COMPLETED`` handlers (e.g. the final-model ``CheckpointSaver``) still run.
 
+    A resumed run continues the budget of the run it resumes: :class:`~app.engines.ResumableCheckpoint`
+    stores :meth:`state_dict` and gives it back through :meth:`load_state_dict`, so the time spent
+    before the interruption counts, and a run that had already stopped on its limit stops again
+    without training (otherwise every resume, e.g. of a requeued ``--resume auto`` job, would grant a
+    whole new budget and break equal-budget comparisons).
+
     With or without a budget, the validator also scores the last epoch when the validation interval
     skipped it (``max_epochs`` not a multiple of ``val_interval``): otherwise the best-model
     checkpoint would miss the final weights, or not be written at all.
@@ -40,14 +46,43 @@ class TimeLimitHandler:
         self.validator = validator
         self.start: float | None = None
         self.expired = False
+        self.spent_before = 0.0  # seconds used by the runs this one resumes
 
     def attach(self, engine: Engine) -> None:
         if self.validator is not None:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self._validate_last_epoch)
+        # the clock runs without a budget too: a run resumed with one counts the time already trained
+        engine.add_event_handler(Events.STARTED, self._started)
         if self.seconds is None:
             return
-        engine.add_event_handler(Events.STARTED, self._started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._check)
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, those of the resumed runs included."""
+        return self.spent_before + (0.0 if self.start is None else time.monotonic() - self.start)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume needs: ``{"elapsed_seconds": float, "expired": bool}``."""
+        return {"elapsed_seconds": self.elapsed(), "expired": bool(self.expired)}
+
+    def load_state_dict(self, state: dict[str, Any], engine: Engine | None = None) -> None:
+        """Continue the budget of a resumed run (at ``STARTED``, after the checkpoint is restored).
+
+        Args:
+            state: a :meth:`state_dict`.
+            engine: the trainer; terminated at once when the resumed run had spent the budget
+                (it validated and wrote its final model then).
+        """
+        self.spent_before = max(0.0, float(state.get("elapsed_seconds", 0.0)))
+        self.start = time.monotonic()
+        if self.seconds is None or self.spent_before < self.seconds:
+            return
+        self.expired = True
+        logger.info("The resumed run had already used its time limit of %g min (%.1f min trained): stopping "
+                    "without training. Pass a larger --time_limit_minutes to train on.",
+                    self.seconds / 60, self.spent_before / 60)
+        if engine is not None:
+            engine.terminate()
 
     def _validate_last_epoch(self, engine: Engine) -> None:
         if engine.state.epoch == engine.state.max_epochs and self.validator.state.epoch != engine.state.epoch:
@@ -58,7 +93,7 @@ class TimeLimitHandler:
         self.start = time.monotonic()
 
     def _check(self, engine: Engine) -> None:
-        if self.expired or time.monotonic() - self.start < self.seconds:
+        if self.expired or self.elapsed() < self.seconds:
             return
         self.expired = True
         logger.info(

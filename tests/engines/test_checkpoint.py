@@ -94,3 +94,88 @@ def test_a_stop_at_an_epochs_last_iteration_is_saved(tmp_path):
     engine.run(DATA, max_epochs=5)
     assert engine.state.iteration == 6
     assert load_training_checkpoint(tmp_path / "checkpoint_last.pt")["iteration"] == 6
+
+
+def _timed_run(folder, resume, minutes, clock, max_epochs=100):
+    """A trainer whose every iteration takes 10 s of ``clock``; returns the iterations it ran."""
+    from app.engines import TimeLimitHandler
+
+    net = torch.nn.Linear(2, 1)
+    seen = []
+
+    def step(engine, batch):
+        seen.append(engine.state.iteration)
+        clock[0] += 10.0
+
+    engine = Engine(step)
+    limit = TimeLimitHandler(minutes)
+    limit.attach(engine)
+    ResumableCheckpoint(folder, net, torch.optim.SGD(net.parameters(), lr=0.1), resume=resume,
+                        time_limit=limit).attach(engine)
+    engine.run(DATA, max_epochs=max_epochs)
+    return seen
+
+
+def test_a_resumed_run_continues_its_time_budget(tmp_path, monkeypatch):
+    """--time_limit_minutes is the budget of the whole run: a resume must not grant a new one."""
+    import app.engines.handlers as handlers
+
+    clock = [0.0]
+    monkeypatch.setattr(handlers.time, "monotonic", lambda: clock[0])
+    assert _timed_run(tmp_path, False, 1.0, clock) == [1, 2, 3, 4, 5, 6]  # 60 s: 6 iterations, then stopped
+    assert load_training_checkpoint(tmp_path / "checkpoint_last.pt")["time_limit"]["elapsed_seconds"] == 60.0
+    # the run had stopped on its limit: a resume (e.g. a requeued --resume auto job) trains no more
+    assert _timed_run(tmp_path, "auto", 1.0, clock) == []
+    assert load_training_checkpoint(tmp_path / "checkpoint_last.pt")["iteration"] == 6
+    # a larger budget continues from what was spent: 90 s in all
+    assert _timed_run(tmp_path, True, 1.5, clock) == [7, 8, 9]
+
+
+def test_a_run_killed_mid_budget_trains_only_what_is_left(tmp_path, monkeypatch):
+    import app.engines.handlers as handlers
+
+    clock = [0.0]
+    monkeypatch.setattr(handlers.time, "monotonic", lambda: clock[0])
+    assert _timed_run(tmp_path, False, 1.0, clock, max_epochs=1) == [1, 2, 3]  # "killed" after 30 s (epoch end)
+    clock[0] += 3600.0  # the time between the kill and the resume is not training
+    assert _timed_run(tmp_path, True, 1.0, clock) == [4, 5, 6]
+
+
+def test_the_bundles_keep_the_time_budget_in_their_checkpoints():
+    from monai.bundle import ConfigParser
+
+    from tests.bundles.helpers import REPO
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "brats_gmd" / "configs" / "train.yaml"))
+    handlers = parser.get("train#handlers")
+    checkpoint = next(h for h in handlers if h.get("_target_", "").endswith("ResumableCheckpoint"))
+    assert handlers[int(checkpoint["time_limit"].split("#")[-1])]["_target_"].endswith("TimeLimitHandler")
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "bundles" / "mosi_gmd" / "configs" / f) for f in ("train.yaml", "multi_gpu_train.yaml")])
+    handlers = parser.get("train#handlers")
+    assert handlers[int(parser.get("train#checkpoint")["time_limit"].split("#")[-1])]["_target_"].endswith(
+        "TimeLimitHandler")
+
+
+def test_a_resume_with_another_strategy_is_refused(tmp_path):
+    """The strategy's state loads into another strategy without complaint: the run would silently mix
+    two methods (e.g. plain epochs, then GMD epochs) under the second one's name."""
+    from app.strategies import build_strategy
+
+    def run(name, **settings):
+        net = torch.nn.Linear(2, 1)
+        engine = Engine(lambda e, b: None)
+        ResumableCheckpoint(tmp_path, net, torch.optim.SGD(net.parameters(), lr=0.1), resume="auto",
+                            strategy=build_strategy(name, **settings)).attach(engine)
+        engine.run(DATA, max_epochs=1)
+        return engine.state.iteration
+
+    assert run("plain") == 3
+    assert load_training_checkpoint(tmp_path / "checkpoint_last.pt")["strategy_config"] == "PlainStrategy(seed=0)"
+    with pytest.raises(ValueError, match=r"written by a run training with PlainStrategy\(seed=0\), this run trains with "
+                                         r"GMDStrategy\(subsets=5.*resume with the original --strategy"):
+        run("gmd", subsets=5)
+    assert run("plain") == 3  # the same strategy resumes (a finished run: nothing to do)
+    with pytest.raises(ValueError, match="original --strategy and its settings"):
+        run("plain", seed=1)
