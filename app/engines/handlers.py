@@ -208,18 +208,37 @@ class SubsetReportHandler:
         during_training: the evaluator validates a training run: the report records the epoch it
             scored (``"epoch"``) and says that it describes the latest weights, not necessarily the
             best (``models/model.pt``).
+        checkpoint: the checkpoint an evaluation scores: the report records its path and SHA-256
+            (``"checkpoint"``), so two reports can be told apart once the file is moved or replaced.
     """
 
     def __init__(self, metric: Any, output_dir: str | os.PathLike, stem: str = "subset_dice",
-                 print_table: bool = False, during_training: bool = False) -> None:
+                 print_table: bool = False, during_training: bool = False,
+                 checkpoint: str | os.PathLike | None = None) -> None:
         self.metric = metric
         self.output_dir = Path(output_dir)
         self.stem = stem
         self.print_table = parse_bool(print_table, "print_table")
         self.during_training = parse_bool(during_training, "during_training")
+        self.checkpoint = os.path.abspath(os.fspath(checkpoint)) if checkpoint else None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
+
+    def annotated(self, engine: Engine, result: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+        """``result`` with what it describes (the epoch, the checkpoint), and the report title (None: default)."""
+        title = None
+        if self.during_training:
+            epoch = int(engine.state.epoch)
+            result = {**result, "epoch": epoch}
+            title = f"Validation after epoch {epoch} (the latest weights; models/model.pt holds the best)"
+        if self.checkpoint is not None:
+            from app.networks.weights import checkpoint_sha256
+
+            sha = checkpoint_sha256(self.checkpoint)
+            result = {**result, "checkpoint": {"path": self.checkpoint, "sha256": sha}}
+            title = f"Per-subset results: {self.stem} of {os.path.basename(self.checkpoint)} (sha256 {sha[:12]})"
+        return result, title
 
     def __call__(self, engine: Engine) -> None:
         from app.reports import format_table, write_subset_report
@@ -227,11 +246,7 @@ class SubsetReportHandler:
         result = getattr(self.metric, "last_result", None)
         if not result:
             return
-        title = None
-        if self.during_training:
-            epoch = int(engine.state.epoch)
-            result = {**result, "epoch": epoch}
-            title = f"Validation after epoch {epoch} (the latest weights; models/model.pt holds the best)"
+        result, title = self.annotated(engine, result)
         write_subset_report(result, self.output_dir, stem=self.stem, title=title)
         if self.print_table:
             print(format_table(result), flush=True)

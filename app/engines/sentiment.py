@@ -100,11 +100,13 @@ class SentimentReportHandler(SubsetReportHandler):
         print_table: also print the Markdown table.
         plot: also draw the PNG heatmap (about a second with matplotlib; training validations that
             run every epoch may skip it).
+        checkpoint: the checkpoint an evaluation scores (recorded with its SHA-256, see the base class).
     """
 
     def __init__(self, metric: Any, output_dir: str | os.PathLike, stem: str = "subset_metrics",
-                 metrics: Sequence[str] | None = None, print_table: bool = False, plot: bool = True) -> None:
-        super().__init__(metric, output_dir, stem=stem, print_table=print_table)
+                 metrics: Sequence[str] | None = None, print_table: bool = False, plot: bool = True,
+                 checkpoint: str | os.PathLike | None = None) -> None:
+        super().__init__(metric, output_dir, stem=stem, print_table=print_table, checkpoint=checkpoint)
         self.metrics = tuple(metrics) if metrics is not None else None
         self.plot = parse_bool(plot, "plot")
 
@@ -116,6 +118,7 @@ class SentimentReportHandler(SubsetReportHandler):
         if not result:
             return
         metrics = self.metrics or tuple(getattr(self.metric, "metrics", SENTIMENT_METRICS))
-        write_subset_report(result, self.output_dir, stem=self.stem, metrics=metrics, plot=self.plot)
+        result, title = self.annotated(engine, result)
+        write_subset_report(result, self.output_dir, stem=self.stem, metrics=metrics, title=title, plot=self.plot)
         if self.print_table:
             print(format_table(result, metrics), flush=True)

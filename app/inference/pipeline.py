@@ -20,7 +20,6 @@ every geometric step afterwards, so the label map overlays the input exactly:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -47,6 +46,7 @@ from app.engines.utils import check_patch_size
 from app.flags import parse_bool
 from app.inference.io import AtomicOutputs, CaseInputs, Volume, read_case, voxel_volume_ml
 from app.inference.model import bundle_defaults, load_network
+from app.networks.weights import checkpoint_sha256
 from app.subsets import BRATS_MODALITIES
 
 __all__ = [
@@ -442,7 +442,7 @@ def load_segmenter(
         raise ValueError(f"--device {device} is not supported: use cpu, cuda, cuda:N or auto.")
     network, settings = load_network(ckpt, features=features, bundle=bundle, device=device)
     settings["checkpoint"] = os.path.abspath(os.fspath(ckpt))
-    settings["checkpoint_sha256"] = _sha256(ckpt)  # which model made a label map, whatever the file is called later
+    settings["checkpoint_sha256"] = checkpoint_sha256(ckpt)  # which model made a label map, whatever the file is called later
     return Segmenter(
         network,
         divisor=settings["divisor"],
@@ -504,14 +504,6 @@ def check_output_path(
                              f"{rename}, or move that file away first.")
     check_writable_folder(os.path.dirname(out), f"{kind} {path}")
     return out
-
-
-def _sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def written_by_product(path: str | os.PathLike, case: str | None = None) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zipfile
 from typing import Any, Sequence
@@ -15,9 +16,19 @@ RETRAINED_FIX = ("pass the training run's network settings when loading it (BraT
                  "--encoder_layers, --trunk_layers, --out_channels, and data with the same feature sizes)")
 
 __all__ = [
-    "allow_missing_optional_keys", "apply_state_dict", "check_archive", "check_finite", "describe_state_dict",
+    "allow_missing_optional_keys", "apply_state_dict", "check_archive", "check_finite", "checkpoint_sha256",
+    "describe_state_dict",
     "load_weights", "optional_state_keys", "read_state_dict",
 ]
+
+
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a checkpoint file: which model made a label map or a report, whatever the file is called later."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _layer_count(state: dict[str, torch.Tensor], prefix: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -85,6 +86,8 @@ def test_evaluate_every_labelled_case(trained, phantoms, tmp_path):
     for ext in ("csv", "md", "png"):
         assert (tmp_path / f"subset_dice.{ext}").is_file()
     assert "mean_over_subsets" in proc.stdout
+    ckpt = trained / "models" / "model.pt"  # the report names the model it scored
+    assert report["checkpoint"] == {"path": str(ckpt), "sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()}
 
 
 def test_time_limit_stops_cleanly_and_still_writes_final_model(phantoms, tmp_path):

@@ -4,6 +4,7 @@ metadata."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import jsonschema
@@ -42,7 +43,10 @@ def test_evaluate_test_split_writes_subset_metrics(trained, synthetic_pkl, tmp_p
                            "--ckpt_path", str(trained / "models" / "model.pt"), "--eval_split", "test",
                            "--output_dir", str(tmp_path))
     report = json.loads((tmp_path / "subset_metrics.json").read_text())
-    assert set(report) == {"subsets", "mean_over_subsets", "worst_subset", "subsets_without_cases"}
+    assert set(report) == {"subsets", "mean_over_subsets", "worst_subset", "subsets_without_cases", "checkpoint"}
+    ckpt = trained / "models" / "model.pt"  # the report names the model it scored
+    assert report["checkpoint"] == {"path": str(ckpt), "sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()}
+    assert f"of model.pt (sha256 {report['checkpoint']['sha256'][:12]})" in (tmp_path / "subset_metrics.md").read_text()
     assert list(report["subsets"]) == NAMES
     for row in report["subsets"].values():
         assert set(row) == METRICS and row["n"] == 24 and 0.0 <= row["Acc2"] <= 1.0 and row["MAE"] >= 0.0
