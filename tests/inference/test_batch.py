@@ -245,3 +245,29 @@ def test_a_stopped_batch_says_which_cases_it_did_not_reach(phantom_root, random_
     assert [(r["case"], r["status"]) for r in report["results"]] == [
         ("Phantom_000", "ok"), ("Phantom_001", "stopped"), ("Phantom_002", "stopped")]
     assert sorted(p.name for p in out.iterdir()) == ["Phantom_000.json", "Phantom_000.nii.gz", "inference_summary.json"]
+
+
+def test_cases_whose_outputs_share_a_name_both_fail(phantom_root, random_ckpt, tmp_path, capsys):
+    # with --probabilities, case P1 writes P1_prob.nii.gz, the label map of case P1_prob: neither may replace
+    # the other's file
+    root = tmp_path / "in"
+    _copy_case(phantom_root, root, "P1", seqs=("flair",))
+    _copy_case(phantom_root, root, "P1_prob", seqs=("t2",))
+    _copy_case(phantom_root, root, "Other", seqs=("flair",))
+    out = tmp_path / "out"
+
+    rc = batch_main(["--input-dir", str(root), "--output-dir", str(out), "--ckpt", random_ckpt, "--device", "cpu",
+                     "--probabilities"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    report = _report(out)
+    assert {c: r["status"] for c, r in report.items()} == {"Other": "ok", "P1": "error", "P1_prob": "error"}
+    assert "P1_prob.nii.gz would also be written for case 'P1_prob'" in report["P1"]["error"]
+    assert "case P1_prob:" in err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "Other.json", "Other.nii.gz", "Other_prob.nii.gz", "inference_summary.json"]
+
+    # without --probabilities the names differ, and both cases run
+    assert batch_main(["--input-dir", str(root), "--output-dir", str(out), "--ckpt", random_ckpt,
+                       "--device", "cpu"]) == 0
+    assert nib.load(out / "P1_prob.nii.gz").header["descrip"].tobytes().startswith(b"brats_gmd labels")
