@@ -41,6 +41,7 @@ from monai.transforms import NormalizeIntensity
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
 from app.data.datalist import ras_spacing, spacing_differs
+from app.data.discovery import OUTPUT_DESCRIPTION_PREFIX, is_inference_output
 from app.data.errors import CaseError, check_readable
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, regions_to_labels
 from app.engines.utils import check_patch_size
@@ -67,8 +68,6 @@ __all__ = [
 
 #: ``--labels`` values and the label convention each selects.
 LABEL_CHOICES: dict[str, str] = {"2018": "brats2018", "2021": "brats2018", "2023": "brats2023", "2024": "brats2024"}
-#: Start of the NIfTI header description of every image inference writes (how a rerun recognises its outputs).
-OUTPUT_DESCRIPTION_PREFIX = "brats_gmd "
 
 _RAS = axcodes2ornt("RAS")
 
@@ -536,7 +535,7 @@ def written_by_product(path: str | os.PathLike, case: str | None = None) -> bool
             if case is not None:
                 return summary.get("case") == case and "output" in summary
             return {"case", "output"} <= summary.keys() or {"output_dir", "results"} <= summary.keys()
-        return bytes(nib.load(path).header["descrip"]).startswith(OUTPUT_DESCRIPTION_PREFIX.encode())
+        return is_inference_output(path)
     except Exception:  # noqa: BLE001 - an unreadable file is not known to be ours
         return False
 

@@ -271,3 +271,21 @@ def test_cases_whose_outputs_share_a_name_both_fail(phantom_root, random_ckpt, t
     assert batch_main(["--input-dir", str(root), "--output-dir", str(out), "--ckpt", random_ckpt,
                        "--device", "cpu"]) == 0
     assert nib.load(out / "P1_prob.nii.gz").header["descrip"].tobytes().startswith(b"brats_gmd labels")
+
+
+def test_rerun_into_an_nnunet_images_folder_ignores_its_own_outputs(phantom_root, segmenter, tmp_path):
+    # the first run writes <case>.nii.gz beside <case>_0000.nii.gz; the rerun must not take it for a misnamed scan
+    images = tmp_path / "Dataset001" / "imagesTs"
+    images.mkdir(parents=True)
+    (images.parent / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "FLAIR", "1": "T2"},
+        "labels": {"background": 0, "edema": 1, "non-enhancing tumor": 2, "enhancing tumour": 3},
+    }))
+    for idx, seq in enumerate(("flair", "t2")):
+        shutil.copy(phantom_root / "Phantom_000" / f"Phantom_000_{seq}.nii.gz", images / f"pat1_{idx:04d}.nii.gz")
+    for _ in range(2):
+        results = run_batch(segmenter, tmp_path, images, probabilities=True)
+        assert [(r["case"], r["status"]) for r in results] == [("pat1", "ok")]
+    assert sorted(p.name for p in images.iterdir()) == [
+        "inference_summary.json", "pat1.json", "pat1.nii.gz", "pat1_0000.nii.gz", "pat1_0001.nii.gz",
+        "pat1_prob.nii.gz"]
