@@ -293,7 +293,7 @@ def _msd_cases(
                 continue
             path = str(folder / img_dir / fname)
             if not per_channel:
-                if (m := _NIFTI_RE.match(fname)) is not None:
+                if (m := _NIFTI_RE.match(fname)) is not None and not is_inference_output(path):
                     four_d[m.group("case")] = path
                 continue
             if (m := _NNUNET_CHANNEL_RE.match(fname)) is None:
