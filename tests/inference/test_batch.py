@@ -289,3 +289,23 @@ def test_rerun_into_an_nnunet_images_folder_ignores_its_own_outputs(phantom_root
     assert sorted(p.name for p in images.iterdir()) == [
         "inference_summary.json", "pat1.json", "pat1.nii.gz", "pat1_0000.nii.gz", "pat1_0001.nii.gz",
         "pat1_prob.nii.gz"]
+
+
+def test_an_output_corrected_by_hand_survives_reruns(phantom_root, segmenter, tmp_path):
+    # a label map corrected in a viewer keeps the product's header description: neither a rerun nor the
+    # clean-up after the case fails may replace or remove it
+    root = tmp_path / "in"
+    case = _copy_case(phantom_root, root, "P1", seqs=("flair",))
+    out = tmp_path / "out"
+    run_batch(segmenter, root, out)
+    img = load(out / "P1.nii.gz")
+    corrected = np.zeros(img.shape, dtype=np.uint8)
+    corrected[8:12, 8:12, 8:12] = 1
+    nib.save(nib.Nifti1Image(corrected, img.affine, header=img.header), out / "P1.nii.gz")
+
+    with pytest.raises(BatchError, match="not written by this product"):
+        run_batch(segmenter, root, out)
+    (case / "P1_flair.nii.gz").write_bytes(b"garbage")  # the case now fails
+    with pytest.raises(BatchError, match="P1"):
+        run_batch(segmenter, root, out)
+    np.testing.assert_array_equal(np.asarray(load(out / "P1.nii.gz").dataobj), corrected)
