@@ -25,10 +25,29 @@ from app.data.errors import CaseError
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, NON_TUMOUR_PART
 from app.subsets import BRATS_MODALITIES
 
-__all__ = ["CaseError", "ACCEPTED_LAYOUTS", "CHANNEL_ALIASES", "case_sources", "discover_cases", "msd_channels",
-           "msd_label_map"]
+__all__ = ["CaseError", "ACCEPTED_LAYOUTS", "CHANNEL_ALIASES", "OUTPUT_DESCRIPTION_PREFIX", "case_sources",
+           "discover_cases", "is_inference_output", "msd_channels", "msd_label_map"]
 
 logger = logging.getLogger(__name__)
+
+#: Start of the NIfTI header description of every image inference writes (``<case>.nii.gz``,
+#: ``<case>_prob.nii.gz``): how discovery and a rerun recognise the product's own outputs.
+OUTPUT_DESCRIPTION_PREFIX = "brats_gmd "
+
+
+def is_inference_output(path: str | os.PathLike) -> bool:
+    """Whether the NIfTI file at ``path`` is a label or probability map written by inference.
+
+    Batch inference may write into a folder that also holds scans (an nnU-Net ``imagesTs``); a rerun
+    must not take its own earlier outputs for misnamed scans. Only the header is read; a file that
+    cannot be read is not known to be an output.
+    """
+    import nibabel as nib  # discovery otherwise reads no file contents
+
+    try:
+        return bytes(nib.load(os.fspath(path)).header["descrip"]).startswith(OUTPUT_DESCRIPTION_PREFIX.encode())
+    except Exception:  # noqa: BLE001 - unreadable or not NIfTI: the caller's own checks report it
+        return False
 
 ACCEPTED_LAYOUTS = (
     "BraTS 2018-2021 '<case>_{flair,t1,t1ce,t2,seg}.nii.gz'; "
@@ -274,11 +293,11 @@ def _msd_cases(
                 continue
             path = str(folder / img_dir / fname)
             if not per_channel:
-                if (m := _NIFTI_RE.match(fname)) is not None:
+                if (m := _NIFTI_RE.match(fname)) is not None and not is_inference_output(path):
                     four_d[m.group("case")] = path
                 continue
             if (m := _NNUNET_CHANNEL_RE.match(fname)) is None:
-                if (n := _NIFTI_RE.match(fname)) is not None:
+                if (n := _NIFTI_RE.match(fname)) is not None and not is_inference_output(path):
                     _case_problem(
                         case_errors, n.group("case"),
                         f"{path}: nnU-Net v2 image files must be named <case>_XXXX.nii.gz (XXXX = channel index "
@@ -433,7 +452,8 @@ def discover_cases(
                             "label 4 is enhancing tumour; label_convention brats2024 would read it as resection "
                             "cavity. Use --label_convention auto (or brats2018) for these cases.")
         absent = [q for q in BRATS_MODALITIES if q not in group["images"]]
-        strays = [f for f in unmatched.get(dirpath, ()) if f.startswith(f"{case}{sep}")]
+        strays = [f for f in unmatched.get(dirpath, ()) if f.startswith(f"{case}{sep}")
+                  and not is_inference_output(os.path.join(dirpath, f))]
         if absent and strays:  # e.g. <case>_t1c.nii.gz under 2018 names: a misnamed sequence, not a missing one
             logger.warning("Folder %s: case %r is used without %s, but %s %s no accepted sequence name (%s): rename "
                            "the file if it holds one of them.", dirpath, case, "/".join(absent), ", ".join(strays),

@@ -43,6 +43,29 @@ def _output_names(case: str, probabilities: bool = True) -> list[str]:
     return [f"{case}.nii.gz", f"{case}.json"] + ([f"{case}_prob.nii.gz"] if probabilities else [])
 
 
+def _output_collisions(cases: Collection[str], probabilities: bool) -> dict[str, str]:
+    """``{case: message}`` for the cases one of whose output files is also an output of another case.
+
+    With ``--probabilities``, case ``P1`` writes ``P1_prob.nii.gz``, which is also the label map of
+    a case named ``P1_prob``: whichever ran second would replace the other's file, and ``P1.json``
+    would then point at another patient's labels. Both cases fail instead, before any case runs.
+    """
+    owners: dict[str, list[str]] = {}
+    for case in sorted(cases):
+        for name in _output_names(case, probabilities):
+            owners.setdefault(name, []).append(case)
+    errors: dict[str, str] = {}
+    for name, both in owners.items():
+        if len(both) < 2:
+            continue
+        for case in both:
+            others = ", ".join(repr(c) for c in both if c != case)
+            errors.setdefault(case, f"Its output {name} would also be written for case {others}, so one would replace "
+                                    "the other: rename the files of one of these cases, or run them into separate "
+                                    "output folders.")
+    return errors
+
+
 def _case_inputs(rec: Mapping[str, Any]) -> list[str]:
     """Every file of a discovered case that clean-up must keep: what it is read from, and its label."""
     from app.data.discovery import case_sources
@@ -143,6 +166,9 @@ def run_batch(
     discovery_errors: dict[str, str] = {}
     records = {rec["case"]: rec for rec in discover_cases(input_dir, require_label=False,
                                                           case_errors=discovery_errors)}
+    for name, message in _output_collisions(records.keys() | discovery_errors.keys(), probabilities).items():
+        records.pop(name, None)
+        discovery_errors.setdefault(name, message)
     inputs = {os.path.realpath(p) for rec in records.values() for p in _case_inputs(rec)}
     claimed = {f: c for c in (*records, *discovery_errors) for f in _output_names(c, probabilities)}
     results: list[dict[str, Any]] = []

@@ -27,6 +27,7 @@ import platform
 import re
 import tempfile
 import time
+import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -40,6 +41,7 @@ from monai.transforms import NormalizeIntensity
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
 from app.data.datalist import ras_spacing, spacing_differs
+from app.data.discovery import OUTPUT_DESCRIPTION_PREFIX, is_inference_output
 from app.data.errors import CaseError, check_readable
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, regions_to_labels
 from app.engines.utils import check_patch_size
@@ -67,8 +69,6 @@ __all__ = [
 
 #: ``--labels`` values and the label convention each selects.
 LABEL_CHOICES: dict[str, str] = {"2018": "brats2018", "2021": "brats2018", "2023": "brats2023", "2024": "brats2024"}
-#: Start of the NIfTI header description of every image inference writes (how a rerun recognises its outputs).
-OUTPUT_DESCRIPTION_PREFIX = "brats_gmd "
 
 _RAS = axcodes2ornt("RAS")
 
@@ -499,18 +499,32 @@ def check_output_path(
         check_readable(out)  # an earlier output of another user (Docker --user) is a permission problem
         if not written_by_product(out):
             guess = "a note or a dataset description" if out.lower().endswith(".json") else \
-                "a reference segmentation or a scan"
+                "a reference segmentation, a scan, or an output edited since it was written"
             raise ValueError(f"{kind} {path} already exists and was not written by this product ({guess}?): "
                              f"{rename}, or move that file away first.")
     check_writable_folder(os.path.dirname(out), f"{kind} {path}")
     return out
 
 
+#: How an output image's header description records the checksum of its voxels.
+_CRC_RE = re.compile(r" crc32=([0-9a-f]{8})\b")
+
+
+def _voxel_crc(data: np.ndarray) -> str:
+    """CRC-32 of an image's voxels (values in storage order, whatever their byte order on disk)."""
+    arr = np.asarray(data)
+    arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)
+    return f"{zlib.crc32(arr.tobytes(order='F')):08x}"
+
+
 def written_by_product(path: str | os.PathLike, case: str | None = None) -> bool:
     """Whether ``path`` is an output this product wrote, i.e. one that a rerun may replace.
 
     Args:
-        path: a NIfTI image, recognised by the header description :func:`segment_case` gives it; or
+        path: a NIfTI image, recognised by the header description :func:`segment_case` gives it
+            and, when the description records one, by the checksum of its voxels: viewers that save
+            an edited image keep its header (ITK-SNAP, 3D Slicer), and a label map corrected by hand
+            is the user's to keep; or
             a JSON file: a summary of :func:`segment_case` (an object with ``case`` and ``output``)
             or batch mode's ``inference_summary.json`` (an object with ``output_dir`` and ``results``).
         case: for a JSON file, accept only the summary of this case (batch clean-up, which must not
@@ -528,7 +542,12 @@ def written_by_product(path: str | os.PathLike, case: str | None = None) -> bool
             if case is not None:
                 return summary.get("case") == case and "output" in summary
             return {"case", "output"} <= summary.keys() or {"output_dir", "results"} <= summary.keys()
-        return bytes(nib.load(path).header["descrip"]).startswith(OUTPUT_DESCRIPTION_PREFIX.encode())
+        if not is_inference_output(path):
+            return False
+        img = nib.load(path)
+        crc = _CRC_RE.search(bytes(img.header["descrip"]).decode("ascii", "replace"))
+        # outputs of releases before the checksum carry none and stay replaceable
+        return crc is None or crc.group(1) == _voxel_crc(np.asarray(img.dataobj))
     except Exception:  # noqa: BLE001 - an unreadable file is not known to be ours
         return False
 
@@ -557,7 +576,12 @@ def check_writable_folder(folder: str | os.PathLike, what: str) -> None:
 
 
 def _output_image(data: np.ndarray, ref: Volume, description: str) -> nib.Nifti1Image:
-    """NIfTI image on the reference grid: its affine, and its header's qform/sform codes, units, dims."""
+    """NIfTI image on the reference grid: its affine, and its header's qform/sform codes, units, dims.
+
+    The header description is ``description`` and the checksum of the voxels, by which
+    :func:`written_by_product` tells this output from a later edit of it.
+    """
+    description = f"{description} crc32={_voxel_crc(data)}"
     if ref.header is not None:
         header = ref.header.copy()
         header.set_data_dtype(data.dtype)

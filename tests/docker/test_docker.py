@@ -242,3 +242,36 @@ def test_compose_reserves_a_gpu_and_mounts_input_output():
     targets = {re.sub(r"\$\{[^}]*\}", "HOST", v).split(":")[1] for v in service["volumes"]}
     assert {"/input", "/output"} <= targets
     assert not str(service.get("user", "")).startswith("0")
+
+
+def _entrypoint_checkpoint(tmp_path: Path, env: dict[str, str]) -> str:
+    """The ``BRATS_CKPT`` the entrypoint hands to the batch, through a stand-in ``python`` on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "python"
+    fake.write_text('#!/bin/sh\nprintf "%s" "$BRATS_CKPT"\n', encoding="utf-8")
+    fake.chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("BRATS_")}
+    proc = subprocess.run(["sh", str(DOCKER / "entrypoint.sh")], capture_output=True, text=True, timeout=30,
+                          env={**base, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **env})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_entrypoint_keeps_an_explicit_checkpoint_that_is_missing(tmp_path):
+    # a misspelt BRATS_CKPT must reach the batch (which refuses it), not be swapped for model.pt
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "model.pt").write_bytes(b"x")
+    wanted = str(models / "model_v2.ts")
+    assert _entrypoint_checkpoint(tmp_path, {"BRATS_CKPT": wanted, "BRATS_MODELS": str(models)}) == wanted
+
+
+def test_entrypoint_default_model_ts_else_model_pt(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "model.pt").write_bytes(b"x")
+    assert _entrypoint_checkpoint(tmp_path, {"BRATS_MODELS": str(models)}) == str(models / "model.pt")
+    (models / "model.ts").write_bytes(b"x")
+    assert _entrypoint_checkpoint(tmp_path, {"BRATS_MODELS": str(models)}) == str(models / "model.ts")
+    assert _entrypoint_checkpoint(tmp_path, {"BRATS_MODELS": str(tmp_path / "none")}) == str(tmp_path / "none/model.ts")

@@ -245,3 +245,67 @@ def test_a_stopped_batch_says_which_cases_it_did_not_reach(phantom_root, random_
     assert [(r["case"], r["status"]) for r in report["results"]] == [
         ("Phantom_000", "ok"), ("Phantom_001", "stopped"), ("Phantom_002", "stopped")]
     assert sorted(p.name for p in out.iterdir()) == ["Phantom_000.json", "Phantom_000.nii.gz", "inference_summary.json"]
+
+
+def test_cases_whose_outputs_share_a_name_both_fail(phantom_root, random_ckpt, tmp_path, capsys):
+    # with --probabilities, case P1 writes P1_prob.nii.gz, the label map of case P1_prob: neither may replace
+    # the other's file
+    root = tmp_path / "in"
+    _copy_case(phantom_root, root, "P1", seqs=("flair",))
+    _copy_case(phantom_root, root, "P1_prob", seqs=("t2",))
+    _copy_case(phantom_root, root, "Other", seqs=("flair",))
+    out = tmp_path / "out"
+
+    rc = batch_main(["--input-dir", str(root), "--output-dir", str(out), "--ckpt", random_ckpt, "--device", "cpu",
+                     "--probabilities"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    report = _report(out)
+    assert {c: r["status"] for c, r in report.items()} == {"Other": "ok", "P1": "error", "P1_prob": "error"}
+    assert "P1_prob.nii.gz would also be written for case 'P1_prob'" in report["P1"]["error"]
+    assert "case P1_prob:" in err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "Other.json", "Other.nii.gz", "Other_prob.nii.gz", "inference_summary.json"]
+
+    # without --probabilities the names differ, and both cases run
+    assert batch_main(["--input-dir", str(root), "--output-dir", str(out), "--ckpt", random_ckpt,
+                       "--device", "cpu"]) == 0
+    assert nib.load(out / "P1_prob.nii.gz").header["descrip"].tobytes().startswith(b"brats_gmd labels")
+
+
+def test_rerun_into_an_nnunet_images_folder_ignores_its_own_outputs(phantom_root, segmenter, tmp_path):
+    # the first run writes <case>.nii.gz beside <case>_0000.nii.gz; the rerun must not take it for a misnamed scan
+    images = tmp_path / "Dataset001" / "imagesTs"
+    images.mkdir(parents=True)
+    (images.parent / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "FLAIR", "1": "T2"},
+        "labels": {"background": 0, "edema": 1, "non-enhancing tumor": 2, "enhancing tumour": 3},
+    }))
+    for idx, seq in enumerate(("flair", "t2")):
+        shutil.copy(phantom_root / "Phantom_000" / f"Phantom_000_{seq}.nii.gz", images / f"pat1_{idx:04d}.nii.gz")
+    for _ in range(2):
+        results = run_batch(segmenter, tmp_path, images, probabilities=True)
+        assert [(r["case"], r["status"]) for r in results] == [("pat1", "ok")]
+    assert sorted(p.name for p in images.iterdir()) == [
+        "inference_summary.json", "pat1.json", "pat1.nii.gz", "pat1_0000.nii.gz", "pat1_0001.nii.gz",
+        "pat1_prob.nii.gz"]
+
+
+def test_an_output_corrected_by_hand_survives_reruns(phantom_root, segmenter, tmp_path):
+    # a label map corrected in a viewer keeps the product's header description: neither a rerun nor the
+    # clean-up after the case fails may replace or remove it
+    root = tmp_path / "in"
+    case = _copy_case(phantom_root, root, "P1", seqs=("flair",))
+    out = tmp_path / "out"
+    run_batch(segmenter, root, out)
+    img = load(out / "P1.nii.gz")
+    corrected = np.zeros(img.shape, dtype=np.uint8)
+    corrected[8:12, 8:12, 8:12] = 1
+    nib.save(nib.Nifti1Image(corrected, img.affine, header=img.header), out / "P1.nii.gz")
+
+    with pytest.raises(BatchError, match="not written by this product"):
+        run_batch(segmenter, root, out)
+    (case / "P1_flair.nii.gz").write_bytes(b"garbage")  # the case now fails
+    with pytest.raises(BatchError, match="P1"):
+        run_batch(segmenter, root, out)
+    np.testing.assert_array_equal(np.asarray(load(out / "P1.nii.gz").dataobj), corrected)

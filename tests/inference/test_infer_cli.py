@@ -392,3 +392,33 @@ def test_network_widths_are_read_from_legacy_format_checkpoints(tmp_path):
     for name, zipped in (("new.pt", True), ("legacy.pt", False)):
         torch.save(net.state_dict(), tmp_path / name, _use_new_zipfile_serialization=zipped)
         assert checkpoint_features(tmp_path / name) == [4, 8, 16], name
+
+
+def test_case_dir_rerun_with_its_output_beside_the_msd_scan(case, random_ckpt, infer, tmp_path):
+    # the label map written into imagesTs by the first run is not a second case on the rerun
+    from tests.inference.test_bad_inputs import _msd_task
+
+    msd = _msd_task(case, tmp_path / "Task01")
+    out = msd / "imagesTs" / "BRATS_001_pred.nii.gz"
+    for _ in range(2):
+        rc, _, err = infer("--ckpt", random_ckpt, "--case-dir", msd, "--out", out, "--probabilities",
+                           msd / "imagesTs" / "BRATS_001_prob.nii.gz")
+        assert rc == 0, err
+    assert sorted(p.name for p in (msd / "imagesTs").iterdir()) == [
+        "BRATS_001.nii.gz", "BRATS_001_pred.nii.gz", "BRATS_001_prob.nii.gz"]
+
+
+def test_an_output_edited_by_hand_is_never_replaced(case, random_ckpt, infer, tmp_path):
+    # a viewer that saves a corrected label map keeps its header, description included
+    out, prob = tmp_path / "seg.nii.gz", tmp_path / "prob.nii.gz"
+    args = ("--ckpt", random_ckpt, "--flair", case["flair"], "--out", out, "--probabilities", prob)
+    assert infer(*args)[0] == 0
+    assert infer(*args)[0] == 0  # its own unedited outputs are replaced
+    img = load(out)
+    edited = np.zeros(img.shape, dtype=np.uint8)
+    edited[10:14, 10:14, 10:14] = 2
+    nib.save(nib.Nifti1Image(edited, img.affine, header=img.header), out)
+    assert bytes(load(out).header["descrip"]).startswith(b"brats_gmd labels")
+    rc, _, err = infer(*args)
+    assert rc == 2 and "--out" in err and "not written by this product" in err
+    np.testing.assert_array_equal(np.asarray(load(out).dataobj), edited)
