@@ -26,6 +26,7 @@ _EXPORTS = {
     "checkpoint_features": "app.inference.model",
     "export_torchscript": "app.inference.model",
     "is_torchscript": "app.inference.model",
+    "is_weights_file": "app.inference.model",
     "load_network": "app.inference.model",
     "network_from_checkpoint": "app.inference.model",
     "Prediction": "app.inference.pipeline",
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
         checkpoint_features,
         export_torchscript,
         is_torchscript,
+        is_weights_file,
         load_network,
         network_from_checkpoint,
     )

@@ -70,12 +70,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         from app.inference.cli import parse_ints
-        from app.inference.model import export_torchscript, is_torchscript, network_from_checkpoint
+        from app.inference.model import export_torchscript, is_torchscript, is_weights_file, network_from_checkpoint
         from app.inference.pipeline import check_output_path
 
         # before any work: a bad name, a folder, an unwritable place, or the checkpoint itself (whose
         # weights would be lost to the export)
         out = check_output_path(args.out, "--out", (".ts", ".pt", ".pth"), [args.ckpt])
+        if is_weights_file(out):  # a model.pt of training: its weights would be lost; an earlier export may go
+            raise ValueError(f"--out {args.out} is a checkpoint written by training, not an exported model: its "
+                             "weights would be lost. Choose another name, e.g. model.ts.")
         if is_torchscript(args.ckpt):
             raise ValueError(f"{args.ckpt} is already a TorchScript model: pass the model.pt written by training.")
         features = parse_ints(args.features, "--features") if args.features else None

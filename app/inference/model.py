@@ -39,6 +39,7 @@ __all__ = [
     "checkpoint_features",
     "export_torchscript",
     "is_torchscript",
+    "is_weights_file",
     "load_network",
     "network_from_checkpoint",
 ]
@@ -191,6 +192,18 @@ def is_torchscript(path: str | os.PathLike) -> bool:
             return any(name.endswith("/constants.pkl") or name == "constants.pkl" for name in archive.namelist())
     except (zipfile.BadZipFile, OSError):
         return False
+
+
+def is_weights_file(path: str | os.PathLike) -> bool:
+    """True for a ``torch.save`` archive (a training checkpoint such as ``model.pt``), False for a
+    TorchScript model, another file or no file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.endswith("/data.pkl") or n == "data.pkl" for n in names) and not any(
+        n.endswith("/constants.pkl") or n == "constants.pkl" for n in names)
 
 
 def checkpoint_features(path: str | os.PathLike) -> list[int] | None:

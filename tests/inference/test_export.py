@@ -100,3 +100,23 @@ def test_bad_output_paths_are_refused_before_scripting(random_ckpt, tmp_path, mo
         err = capsys.readouterr().err
         assert err.startswith("error: --out") and expected in err and err.count("\n") == 1, err
     assert ckpt.read_bytes() == before and not scripted
+
+
+def test_export_never_replaces_a_training_checkpoint(random_ckpt, tmp_path, capsys):
+    """``--out O/models/model.pt`` from another checkpoint would replace trained weights with the
+    export; an earlier export under that name may be replaced."""
+    import shutil
+
+    weights = tmp_path / "model.pt"
+    shutil.copy(random_ckpt, weights)
+    before = weights.read_bytes()
+    final = tmp_path / "model_final.pt"
+    shutil.copy(random_ckpt, final)
+    assert export.main(["--ckpt", str(final), "--out", str(weights), *FEATURE_ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "is a checkpoint written by training, not an exported model" in err and err.count("\n") == 1
+    assert weights.read_bytes() == before
+    exported = tmp_path / "exported.pt"
+    assert export.main(["--ckpt", str(final), "--out", str(exported), *FEATURE_ARGS]) == 0
+    assert is_torchscript(exported)
+    assert export.main(["--ckpt", str(final), "--out", str(exported), *FEATURE_ARGS]) == 0  # a re-export
