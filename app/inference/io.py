@@ -276,6 +276,9 @@ def read_volume(
     """
     seq = sequence_name(name)
     path = os.fspath(path)
+    if not path.strip():  # an unset shell variable ("--flair $FLAIR") would otherwise name no file at all
+        raise CaseError(f"The {seq} path is empty: give the file (or DICOM folder) of the {seq} scan, or leave "
+                        "the sequence out.")
     if os.path.isdir(path):
         data, affine = _read_dicom(path)
         header = None

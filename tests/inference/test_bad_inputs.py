@@ -102,6 +102,10 @@ def _resample_to_absent(case, tmp_path):
     return ["--flair", case["flair"], "--resample-to", "t1ce"], "--resample-to t1ce"
 
 
+def _empty_path(case, tmp_path):
+    return ["--flair", case["flair"], "--t1", ""], "The t1 path is empty"
+
+
 def _resample_to_unknown(case, tmp_path):
     return ["--flair", case["flair"], "--resample-to", "dwi"], "--resample-to 'dwi' is not a sequence name"
 
@@ -183,7 +187,7 @@ def _case_dir_many(case, tmp_path):
 
 BAD = {f.__name__.lstrip("_"): f for f in (
     _corrupt, _truncated, _empty, _constant, _nan, _two_d, _single_slice, _four_d, _mismatched, _missing, _not_nifti,
-    _no_sequence, _unknown_name, _unknown_flag, _resample_to_absent, _resample_to_unknown,
+    _no_sequence, _unknown_name, _unknown_flag, _resample_to_absent, _resample_to_unknown, _empty_path,
     _output_is_input, _output_is_input_through_symlink,
     _output_is_input_hard_link, _bad_ckpt, _flipped_byte_ckpt, _nan_weights_ckpt, _tensor_ckpt, _wrong_features,
     _bad_device, _zero_threads, _label_map,
