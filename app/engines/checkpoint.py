@@ -226,8 +226,9 @@ class ResumableCheckpoint:
 
     Written at every ``EPOCH_COMPLETED`` (attach it after the LR-scheduler and validation handlers so
     the checkpoint holds their updates), every ``interval`` iterations, and at ``TERMINATE`` when that
-    happens mid-epoch (e.g. the time limit). At an epoch end reached by ``terminate()`` the epoch-end
-    handlers did not run, so the previous checkpoint is kept rather than a misleading one.
+    happens mid-epoch (e.g. the time limit). ``terminate()`` at an epoch's last iteration fires no
+    ``EPOCH_COMPLETED``, so that iteration is saved at ``TERMINATE`` (without the epoch-end updates:
+    :class:`~app.engines.TimeLimitHandler` therefore stops at ``EPOCH_COMPLETED`` instead).
 
     The checkpoint holds the network, optimizer, LR scheduler, gradient scaler, strategy state, epoch,
     iteration, ``epoch_length``, the validator's best metric and the key-metric saver's record (so

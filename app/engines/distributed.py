@@ -215,11 +215,5 @@ class DistributedTimeLimitHandler(TimeLimitHandler):
             flag = torch.tensor([float(spent)], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             spent = bool(flag.item() > 0)
-        if not spent:
-            return
-        self.expired = True
-        logger.info("Time limit of %.1f min reached at epoch %d, iteration %d: stopping.",
-                    self.seconds / 60, engine.state.epoch, engine.state.iteration)
-        if self.validator is not None:
-            self.validator.run(engine.state.epoch)
-        engine.terminate()
+        if spent:
+            self._stop(engine)

@@ -24,7 +24,10 @@ class TimeLimitHandler:
 
     The budget counts from the start of the run. When it runs out, the handler optionally runs the
     validator once more (so the best-model checkpoint sees the last weights) and terminates the
-    trainer; ``COMPLETED`` handlers (e.g. the final-model ``CheckpointSaver``) still run.
+    trainer; ``COMPLETED`` handlers (e.g. the final-model ``CheckpointSaver``) still run. A budget
+    spent at an epoch's last iteration stops the run at ``EPOCH_COMPLETED`` instead, after the
+    epoch-end handlers attached before this one (LR schedule, validation, whose score it reuses), so
+    a checkpoint written then holds a complete epoch.
 
     A resumed run continues the budget of the run it resumes: :class:`~app.engines.ResumableCheckpoint`
     stores :meth:`state_dict` and gives it back through :meth:`load_state_dict`, so the time spent
@@ -55,7 +58,11 @@ class TimeLimitHandler:
         engine.add_event_handler(Events.STARTED, self._started)
         if self.seconds is None:
             return
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._check)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._check_mid_epoch)
+        # a stop at an epoch's last iteration waits for EPOCH_COMPLETED: terminating before it would skip
+        # the epoch-end handlers attached before this one (LR schedule, validation), while the checkpoint
+        # would still count the epoch as done, so a resumed run would train on one scheduler step behind
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._check)
 
     def elapsed(self) -> float:
         """Seconds of training so far, those of the resumed runs included."""
@@ -92,17 +99,33 @@ class TimeLimitHandler:
     def _started(self, engine: Engine) -> None:
         self.start = time.monotonic()
 
+    def _check_mid_epoch(self, engine: Engine) -> None:
+        if not self._at_epoch_end(engine):  # an epoch's end is decided at EPOCH_COMPLETED
+            self._check(engine)
+
     def _check(self, engine: Engine) -> None:
         if self.expired or self.elapsed() < self.seconds:
             return
+        self._stop(engine)
+
+    def _stop(self, engine: Engine) -> None:
         self.expired = True
         logger.info(
             "Time limit of %g min reached at epoch %d, iteration %d: stopping.",
             self.seconds / 60, engine.state.epoch, engine.state.iteration,
         )
-        if self.validator is not None:
+        # at an epoch end the validation handler may already have scored these weights
+        if self.validator is not None and not (self._at_epoch_end(engine) and self._validated(engine)):
             self.validator.run(engine.state.epoch)
         engine.terminate()
+
+    @staticmethod
+    def _at_epoch_end(engine: Engine) -> bool:
+        length = engine.state.epoch_length
+        return bool(length) and engine.state.iteration % length == 0
+
+    def _validated(self, engine: Engine) -> bool:
+        return self.validator.state.epoch == engine.state.epoch
 
 
 class DiagnosticsHandler:

@@ -179,3 +179,44 @@ def test_a_resume_with_another_strategy_is_refused(tmp_path):
     assert run("plain") == 3  # the same strategy resumes (a finished run: nothing to do)
     with pytest.raises(ValueError, match="original --strategy and its settings"):
         run("plain", seed=1)
+
+
+def _scheduled_run(folder, resume, minutes, clock, limit_class):
+    """``_timed_run`` with an epoch-level LR schedule before the time limit, as in train.yaml.
+
+    Returns (iterations run, scheduler epochs stepped at the end)."""
+    from monai.handlers import LrScheduleHandler
+
+    net = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    seen = []
+
+    def step(engine, batch):
+        seen.append(engine.state.iteration)
+        clock[0] += 10.0
+
+    engine = Engine(step)
+    LrScheduleHandler(scheduler, print_lr=False).attach(engine)
+    limit = limit_class(minutes)
+    limit.attach(engine)
+    ResumableCheckpoint(folder, net, optimizer, lr_scheduler=scheduler, resume=resume, time_limit=limit).attach(engine)
+    engine.run(DATA, max_epochs=10)
+    return seen, scheduler.last_epoch
+
+
+@pytest.mark.parametrize("limit_name", ["TimeLimitHandler", "DistributedTimeLimitHandler"])
+def test_a_time_limit_at_an_epoch_end_keeps_the_schedule_of_an_uninterrupted_run(tmp_path, monkeypatch, limit_name):
+    """A budget spent at an epoch's last iteration must let the epoch-end handlers run: the checkpoint
+    counts the epoch as done, so a resume with a larger budget would otherwise train one LR step behind."""
+    import app.engines as engines
+    import app.engines.handlers as handlers
+
+    limit_class = getattr(engines, limit_name)
+    clock = [0.0]
+    monkeypatch.setattr(handlers.time, "monotonic", lambda: clock[0])
+    assert _scheduled_run(tmp_path / "whole", False, 1.5, clock, limit_class) == ([1, 2, 3, 4, 5, 6, 7, 8, 9], 3)
+    # stops at epoch 2's end
+    assert _scheduled_run(tmp_path / "split", False, 1.0, clock, limit_class) == ([1, 2, 3, 4, 5, 6], 2)
+    assert load_training_checkpoint(tmp_path / "split" / "checkpoint_last.pt")["lr_scheduler"]["last_epoch"] == 2
+    assert _scheduled_run(tmp_path / "split", True, 1.5, clock, limit_class) == ([7, 8, 9], 3)
