@@ -83,18 +83,19 @@ def report_input_errors() -> None:
     sys.excepthook = hook
 
 
-def check_counts(**counts: Any) -> None:
-    """Raise a ``ValueError`` naming the setting when a count (``max_epochs=...``) is not a whole number >= 1.
+def check_counts(at_least: int = 1, **counts: Any) -> None:
+    """Raise a ``ValueError`` naming the setting when a count (``max_epochs=...``) is not a whole number
+    >= ``at_least`` (0 for settings where 0 means off, such as ``checkpoint_interval``).
 
     Checked before the data split is written, so such a run leaves nothing behind.
     """
     for name, value in counts.items():
         try:
-            ok = not isinstance(value, bool) and int(value) == float(value) and int(value) >= 1
+            ok = not isinstance(value, bool) and int(value) == float(value) and int(value) >= at_least
         except (TypeError, ValueError):
             ok = False
         if not ok:
-            raise ValueError(f"--{name} {value!r} must be a whole number >= 1, e.g. --{name} 1.")
+            raise ValueError(f"--{name} {value!r} must be a whole number >= {at_least}, e.g. --{name} {max(at_least, 1)}.")
 
 
 def check_held_out(ckpt_path: str | os.PathLike, records: Sequence[dict[str, Any]]) -> str | None:

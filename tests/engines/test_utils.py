@@ -170,6 +170,11 @@ def test_check_counts_accepts_whole_numbers_from_one():
     for bad in (0, -1, 1.5, "x", None, True):
         with pytest.raises(ValueError, match=r"--max_epochs .* must be a whole number >= 1, e.g. --max_epochs 1\."):
             check_counts(max_epochs=bad)
+    check_counts(at_least=0, checkpoint_interval=0)  # 0: off
+    for bad in (-1, 0.5, "x"):  # used to turn periodic checkpoints off without a word
+        with pytest.raises(ValueError, match=r"--checkpoint_interval .* must be a whole number >= 0, e\.g\. "
+                                             r"--checkpoint_interval 1\."):
+            check_counts(at_least=0, checkpoint_interval=bad)
 
 
 def test_a_strategy_that_cannot_train_the_network_is_refused_when_the_trainer_is_built():
