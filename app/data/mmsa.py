@@ -285,6 +285,8 @@ def save_mmsa_npz(data: Mapping[str, Mapping[str, Any]], path: str | os.PathLike
     path = Path(path)
     if path.suffix.lower() != ".npz":
         raise ValueError(f"Output {path} must end in .npz.")
+    if path.is_dir():  # the final rename would fail with a traceback after the whole file is written
+        raise ValueError(f"Output {path} is a folder: pass a file name ending in .npz, e.g. {path / 'mmsa.npz'}.")
     arrays: dict[str, np.ndarray] = {"__format__": np.asarray(NPZ_FORMAT)}
     for split, fields in data.items():
         for field, value in fields.items():
@@ -292,8 +294,12 @@ def save_mmsa_npz(data: Mapping[str, Mapping[str, Any]], path: str | os.PathLike
             if arr.dtype.kind == "O":
                 arr = np.asarray([str(v) for v in arr.reshape(-1)], dtype=str).reshape(arr.shape)
             arrays[f"{split}/{field}"] = arr
-    # a file object: savez would append ".npz" to a temporary name that lacks it
-    return atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+    try:
+        # a file object: savez would append ".npz" to a temporary name that lacks it
+        return atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+    except OSError as err:  # the message would otherwise name the temporary file, not the output
+        raise ValueError(f"Cannot write {path} ({err.strerror or type(err).__name__}): pass an output path in a "
+                         "folder you can write to.") from err
 
 
 def convert_mmsa(src: str | os.PathLike, dst: str | os.PathLike) -> Path:

@@ -21,7 +21,7 @@ from app.networks.weights import describe_state_dict, load_weights
 
 __all__ = [
     "check_held_out", "check_held_out_split", "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "load_weights", "describe_state_dict",
-    "ProgressBarHandler", "report_input_errors", "check_overrides", "check_counts",
+    "ProgressBarHandler", "report_input_errors", "check_overrides", "check_counts", "UNSELECTED_CHECKPOINTS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -123,13 +123,19 @@ def check_held_out(ckpt_path: str | os.PathLike, records: Sequence[dict[str, Any
     return message
 
 
+#: checkpoints a training run writes without choosing them on its validation split (the last weights)
+UNSELECTED_CHECKPOINTS = ("model_final.pt", "checkpoint_last.pt")
+
+
 def check_held_out_split(ckpt_path: str | os.PathLike, data: Mapping[str, Mapping[str, Any]],
                          eval_split: str) -> str | None:
     """Warn when a sentiment evaluation scores utterances the checkpoint was trained or selected on.
 
     A checkpoint at ``<run>/models/<name>.pt`` has its run's utterance ids beside it in
     ``<run>/splits.json`` (:func:`app.data.write_mmsa_splits`; a moved checkpoint has none, and
-    nothing is said). Returns the warning, or None.
+    nothing is said). The selection split concerns only the checkpoint chosen on it (``model.pt``):
+    the last epoch's weights (``model_final.pt``, ``checkpoint_last.pt``) were never chosen on it, so
+    their scores there are held out. Returns the warning, or None.
     """
     from app.data.mmsa import SPLITS_NAME, read_mmsa_splits
 
@@ -144,7 +150,7 @@ def check_held_out_split(ckpt_path: str | os.PathLike, data: Mapping[str, Mappin
         message = (f"{len(trained)} of the {len(scored)} utterances of split {eval_split!r} trained this checkpoint "
                    f"(its run's --train_split {record['train_split']!r}, {path}): these scores are not held out. "
                    "Pass --eval_split a split it never saw.")
-    elif selected:
+    elif selected and os.path.basename(os.fspath(ckpt_path)) not in UNSELECTED_CHECKPOINTS:
         message = (f"{len(selected)} of the {len(scored)} utterances of split {eval_split!r} selected this checkpoint "
                    f"(its run's --val_split {record['val_split']!r}, {path}): these scores are optimistic. Pass "
                    "--eval_split a split it never saw (test) for unbiased ones.")

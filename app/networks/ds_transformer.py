@@ -213,8 +213,17 @@ class DSTransformer(nn.Module):
             raise ValueError(f"A regression head has out_channels=1, got {out_channels}; use task='classification'.")
         if task == "classification" and out_channels < 2:
             raise ValueError(f"A classification head needs out_channels >= 2 classes, got {out_channels}.")
+        for name, value, low in (("hidden", hidden, 1), ("num_heads", num_heads, 1), ("encoder_layers", encoder_layers, 0),
+                                 ("trunk_layers", trunk_layers, 0)):
+            # checked here, where the settings are named: torch would fail later on a modulo by zero or an empty layer
+            if int(value) != value or int(value) < low:
+                raise ValueError(f"--{name} {value!r} must be a whole number >= {low}.")
         if hidden % num_heads:
             raise ValueError(f"hidden ({hidden}) must be a multiple of num_heads ({num_heads}).")
+        for name, value in (("dropout", dropout), ("head_dropout", head_dropout), ("input_dropout", input_dropout)):
+            values = np.atleast_1d(np.asarray(value, dtype=float))
+            if not ((values >= 0.0) & (values <= 1.0)).all():
+                raise ValueError(f"--{name} {value!r} is not a dropout probability: use values from 0 to 1.")
         self.task = task
         self.hidden, self.num_heads, self.ff_mult = int(hidden), int(num_heads), int(ff_mult)
         self.encoder_layers, self.dropout_rate = int(encoder_layers), float(dropout)

@@ -13,7 +13,8 @@ from app.data.errors import unreadable
 
 #: what a mismatch error tells the user to do, unless the caller knows better
 RETRAINED_FIX = ("pass the training run's network settings when loading it (BraTS: --features; sentiment: --hidden, "
-                 "--encoder_layers, --trunk_layers, --out_channels, and data with the same feature sizes)")
+                 "--encoder_layers, --trunk_layers, --task, --out_channels, --fusion, and data with the same feature "
+                 "sizes)")
 
 __all__ = [
     "allow_missing_optional_keys", "apply_state_dict", "check_archive", "check_finite", "checkpoint_sha256",
@@ -44,6 +45,20 @@ def _kind(state: dict[str, torch.Tensor]) -> tuple[str, str] | None:
     return None
 
 
+def _head_settings(rows: int) -> str:
+    """The sentiment settings a DS transformer head of ``rows`` outputs can come from.
+
+    Confidence fusion adds one confidence logit to the ``out_channels`` outputs, so the row count
+    alone is ambiguous: naming the settings spares a regression user a hint towards ``--out_channels 2``.
+    """
+    mean = "regression with --fusion mean" if rows == 1 else f"--out_channels {rows} with --fusion mean"
+    if rows < 2:
+        return mean
+    confidence = ("regression with --fusion confidence" if rows == 2
+                  else f"--out_channels {rows - 1} with --fusion confidence")
+    return f"{confidence}, or {mean}"
+
+
 def describe_state_dict(state: dict[str, torch.Tensor]) -> str:
     """Short description of a DS U-Net state dict (modalities and per-level widths) or of a DS
     transformer's (input feature sizes, width, layers, outputs)."""
@@ -55,7 +70,7 @@ def describe_state_dict(state: dict[str, torch.Tensor]) -> str:
         return (f"{n_mod} modality encoders, feature sizes {sizes}, hidden {int(state['encoders.0.proj.weight'].shape[0])}, "
                 f"{_layer_count(state, 'encoders.0.layers.layers.')} encoder and "
                 f"{_layer_count(state, 'trunk.layers.layers.')} trunk layer(s)"
-                + ("" if head is None else f", {int(head.shape[0])} output(s)"))
+                + ("" if head is None else f", head of {int(head.shape[0])} output(s): {_head_settings(int(head.shape[0]))}"))
     widths = []
     level = 0
     while f"encoders.0.levels.{level}.conv1.conv.weight" in state:

@@ -112,3 +112,34 @@ def test_a_null_metric_is_no_win_and_prints_as_n_a():
     lines = checks({"gmd": gmd, "ridge": ridge})
     assert lines[0].endswith("FAIL: text (n/a vs 0.9000)") and lines[1].endswith("FAIL: text (n/a vs 0.7000)")
     assert "| text | 0/1 | 0/1 |" in win_counts({0: {"gmd": gmd, "ridge": ridge}}).splitlines()
+
+
+def test_compare_without_gmd_over_several_seeds_writes_its_tables(mmsa, tmp_path, monkeypatch):
+    """The strict-win table counts GMD's wins; comparing other strategies over seeds must not end in a
+    KeyError after every run has trained, with no compare.md written."""
+    import json
+
+    import mosi_compare
+
+    ridge = ridge_baselines(mmsa)["results"]["valid"]
+
+    def fake_runs(bundle, strategies, out_dir, max_epochs, seeds, **kwargs):
+        per_seed = {}
+        for seed in seeds:
+            runs = {}
+            for strategy in strategies:
+                path = Path(out_dir) / f"seed_{seed}" / strategy / "subset_metrics.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(ridge))
+                runs[strategy] = {"report": str(path), "train_seconds": 1.0}
+            per_seed[seed] = {"runs": runs}
+        return {"per_seed": per_seed}
+
+    monkeypatch.setattr(mosi_compare, "run_ablation_seeds", fake_runs)
+    out = tmp_path / "cmp"
+    code = mosi_compare.main(["--data_path", mmsa.source, "--trust_pickle", "true", "--out_dir", str(out), "--strategies", "plain", "dropout",
+                              "--seeds", "0", "1", "--max_epochs", "1"])
+    assert code == 0
+    text = (out / "compare.md").read_text()
+    assert "## Over 2 seeds" in text and "Strict wins" not in text
+    assert json.loads((out / "compare.json").read_text())["seeds"] == [0, 1]

@@ -159,6 +159,10 @@ def test_evaluating_training_or_selection_utterances_is_warned_about(tmp_path):
     mixed = {**data, "test": {**data["test"], "id": np.concatenate([data["train"]["id"][:2], data["test"]["id"][2:]])}}
     assert check_held_out_split(ckpt, mixed, "test").startswith("2 of the 4 utterances of split 'test' trained")
     assert check_held_out_split(tmp_path / "moved" / "model.pt", data, "train") is None  # no record beside it
+    # the last weights were never chosen on valid: their valid scores are held out, not optimistic
+    for name in ("model_final.pt", "checkpoint_last.pt"):
+        assert check_held_out_split(run / "models" / name, data, "valid") is None
+        assert check_held_out_split(run / "models" / name, data, "train").startswith("6 of the 6 utterances")
     with pytest.raises(ValueError, match="Split 'dev' is not in"):
         write_mmsa_splits(run, data, "train", "dev")
 

@@ -22,11 +22,28 @@ def test_a_checkpoint_of_the_other_model_kind_names_its_bundle(tmp_path):
 def test_same_kind_other_settings_are_described_for_both_models(tmp_path):
     torch.save(DSTransformer(in_features=[6, 5, 4], hidden=32).state_dict(), tmp_path / "h32.pt")
     with pytest.raises(ValueError, match=r"\(3 modality encoders, feature sizes \[6, 5, 4\], hidden 32, 1 encoder and "
-                                         r"1 trunk layer\(s\), 1 output\(s\)\) than the one configured \(.*hidden 64.*"
+                                         r"1 trunk layer\(s\), head of 1 output\(s\): regression with --fusion mean\) than the one configured \(.*hidden 64.*"
                                          r"sentiment: --hidden"):
         load_weights(DSTransformer(in_features=[6, 5, 4], hidden=64), tmp_path / "h32.pt")
     assert describe_state_dict(DSUNet(features=(8, 16, 32, 64)).state_dict()) == \
         "4 modality encoders, features [8, 16, 32, 64]"
+
+
+def test_a_fusion_mismatch_names_fusion_not_only_out_channels(tmp_path):
+    """Confidence fusion adds a confidence logit to the head: a regression checkpoint trained with
+    --fusion mean, loaded into the default (confidence) network, must point at --fusion; '1 output
+    vs 2 outputs' with only --out_channels in the hint sends the user to a setting regression refuses."""
+    torch.save(DSTransformer(in_features=[6, 5, 4], fusion="mean").state_dict(), tmp_path / "mean.pt")
+    with pytest.raises(ValueError) as err:
+        load_weights(DSTransformer(in_features=[6, 5, 4], fusion="confidence"), tmp_path / "mean.pt")
+    message = str(err.value)
+    assert "head of 1 output(s): regression with --fusion mean)" in message
+    assert ("head of 2 output(s): regression with --fusion confidence, or --out_channels 2 with --fusion mean;"
+            in message)
+    assert "--fusion, and data" in message
+    classes = DSTransformer(in_features=[6, 5, 4], task="classification", out_channels=3, fusion="confidence")
+    assert describe_state_dict(classes.state_dict()).endswith(
+        "head of 4 output(s): --out_channels 3 with --fusion confidence, or --out_channels 4 with --fusion mean")
 
 
 def test_a_checkpoint_saved_without_checksums_loads(tmp_path):

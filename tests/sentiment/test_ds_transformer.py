@@ -191,3 +191,25 @@ def test_encode_decode_is_per_modality_and_heads_match_the_fusion_head(fusion):
     assert len(heads) == 3 and not {id(p) for p in heads.parameters()} & {id(p) for p in net.parameters()}
     assert heads[0].final_weight().shape == net.fusion_head_weight()[: net.out_channels].shape == (1, 16)
     assert heads[1]((h, padding)).shape == (len(encoded[1][1]), 1)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"num_heads": 0}, r"--num_heads 0 must be a whole number >= 1"),
+        ({"hidden": 0}, r"--hidden 0 must be a whole number >= 1"),
+        ({"encoder_layers": -1}, r"--encoder_layers -1 must be a whole number >= 0"),
+        ({"trunk_layers": -1}, r"--trunk_layers -1 must be a whole number >= 0"),
+        ({"dropout": 1.5}, r"--dropout 1.5 is not a dropout probability"),
+        ({"head_dropout": -0.1}, r"--head_dropout -0.1 is not a dropout probability"),
+        ({"input_dropout": [0.1, 0.5, 1.5]}, r"--input_dropout \[0.1, 0.5, 1.5\] is not a dropout probability"),
+    ],
+)
+def test_an_impossible_setting_is_a_value_error_naming_it(settings, message):
+    # a ZeroDivisionError or torch's own ValueError would surface as a traceback of the bundle run
+    with pytest.raises(ValueError, match=message):
+        DSTransformer(in_features=[6, 5, 4], **settings)
+
+
+def test_boundary_settings_still_build():
+    DSTransformer(in_features=[6, 5, 4], encoder_layers=0, trunk_layers=0, dropout=0.0, input_dropout=[0.0, 1.0, 0.5])

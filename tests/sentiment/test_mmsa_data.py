@@ -81,6 +81,27 @@ def test_pickle_is_refused_without_trust_and_never_unpickled(tmp_path):
     assert not marker.exists()
 
 
+def test_convert_to_an_unwritable_output_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """An output that is a folder, or a folder that cannot be written, ends in one line naming the output
+    (exit 2), not an IsADirectoryError traceback or a message naming the temporary file."""
+    pkl = write_synthetic_mmsa(tmp_path / "s.pkl", splits={"train": 4, "valid": 3})
+    (tmp_path / "out.npz").mkdir()
+    assert app_main(["convert-mmsa", str(pkl), str(tmp_path / "out.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: Output {tmp_path / 'out.npz'} is a folder") and err.count("\n") == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+    import app.data.mmsa as mmsa
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".x.npz.1.tmp"))
+
+    monkeypatch.setattr(mmsa, "atomic_write", refuse)
+    assert app_main(["convert-mmsa", str(pkl), str(tmp_path / "x.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: Cannot write {tmp_path / 'x.npz'} (Permission denied)") and ".tmp" not in err
+
+
 def test_convert_command_line_and_bad_files(tmp_path, capsys):
     pkl = write_synthetic_mmsa(tmp_path / "s.pkl", splits={"train": 4, "valid": 3})
     assert app_main(["convert-mmsa", str(pkl), str(tmp_path / "s.npz")]) == 0

@@ -93,6 +93,17 @@ def test_evaluate_missing_split_names_the_available_ones(trained, trainval_pkl, 
     assert not (tmp_path / "subset_metrics.json").exists()
 
 
+def test_evaluate_refuses_a_misspelt_setting(trained, synthetic_pkl, tmp_path):
+    """evaluate.yaml replaces train.yaml's initialize: without its own check, --missng skip scored a predict
+    checkpoint with --missing predict, silently."""
+    proc = run_mosi_bundle([TRAIN, EVALUATE], "--data_path", str(synthetic_pkl), "--trust_pickle", "true",
+                           "--ckpt_path", str(trained / "models" / "model.pt"), "--output_dir", str(tmp_path),
+                           "--missng", "skip", check=False)
+    assert proc.returncode != 0
+    assert "error: --missng is not a setting of" in proc.stderr and "--missing" in proc.stderr
+    assert not (tmp_path / "subset_metrics.json").exists()
+
+
 def _messages(exc: BaseException | None) -> list[str]:
     """Messages of an exception and of its causes (the bundle parser wraps the original error)."""
     out = []
