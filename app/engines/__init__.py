@@ -13,7 +13,7 @@ from app.engines.sentiment import SentimentReportHandler, SentimentSubsetEvaluat
 from app.engines.trainer import SubsetEvaluator, SubsetTrainer, autocast_context, to_device
 from app.engines.utils import (
     ProgressBarHandler, check_held_out, check_held_out_split, check_patch_size, check_spacing, describe_state_dict, fit_roi, load_weights,
-    report_input_errors, set_cudnn, check_overrides, check_counts,
+    report_input_errors, set_cudnn, check_overrides, check_counts, check_positive,
 )
 
 __all__ = [
@@ -22,5 +22,5 @@ __all__ = [
     "SentimentSubsetEvaluator", "SentimentReportHandler", "subset_predictions",
     "ResumableCheckpoint", "ResumableSampler", "SeededDataset", "atomic_save", "load_training_checkpoint",
     "init_distributed", "close_distributed", "distributed_device", "is_distributed", "broadcast_module", "check_shards", "mean_over_ranks", "GradientSync",
-    "DistributedTimeLimitHandler", "report_input_errors", "check_overrides", "check_counts",
+    "DistributedTimeLimitHandler", "report_input_errors", "check_overrides", "check_counts", "check_positive",
 ]

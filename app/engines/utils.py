@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import linecache
 import logging
+import math
 import os
 import sys
 from types import TracebackType
@@ -21,7 +22,7 @@ from app.networks.weights import describe_state_dict, load_weights
 
 __all__ = [
     "check_held_out", "check_held_out_split", "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "load_weights", "describe_state_dict",
-    "ProgressBarHandler", "report_input_errors", "check_overrides", "check_counts", "UNSELECTED_CHECKPOINTS",
+    "ProgressBarHandler", "report_input_errors", "check_overrides", "check_counts", "check_positive", "UNSELECTED_CHECKPOINTS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,18 @@ def check_counts(at_least: int = 1, **counts: Any) -> None:
             ok = False
         if not ok:
             raise ValueError(f"--{name} {value!r} must be a whole number >= {at_least}, e.g. --{name} {max(at_least, 1)}.")
+
+
+def check_positive(**values: Any) -> None:
+    """Raise a ``ValueError`` naming the setting when a value (``learning_rate=...``) is not a finite
+    number > 0; checked with :func:`check_counts`, before the data split is written."""
+    for name, value in values.items():
+        try:
+            ok = not isinstance(value, bool) and math.isfinite(float(value)) and float(value) > 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"--{name} {value!r} must be a number > 0, e.g. --{name} 0.001.")
 
 
 def check_held_out(ckpt_path: str | os.PathLike, records: Sequence[dict[str, Any]]) -> str | None:

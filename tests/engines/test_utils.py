@@ -187,3 +187,13 @@ def test_a_strategy_that_cannot_train_the_network_is_refused_when_the_trainer_is
         SubsetTrainer(max_epochs=1, train_data_loader=[], optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
                       loss_function=torch.nn.L1Loss(), strategy=build_strategy("predict"), network=net,
                       device=torch.device("cpu"))
+
+
+def test_check_positive_refuses_a_rate_that_is_not_a_number_above_zero():
+    from app.engines import check_positive
+
+    check_positive(learning_rate=3e-4)
+    check_positive(learning_rate="0.001")  # as the command line gives it
+    for bad in (0, -1, "x", None, float("nan"), float("inf"), True):  # torch would fail with a traceback, or train
+        with pytest.raises(ValueError, match=r"--learning_rate .* must be a number > 0, e\.g\. --learning_rate 0\.001\."):
+            check_positive(learning_rate=bad)
