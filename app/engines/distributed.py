@@ -84,15 +84,15 @@ def init_distributed(backend: str = "nccl", timeout_minutes: float = 30.0) -> in
     Does nothing if the group already exists.
 
     Raises:
-        RuntimeError: not started by ``torchrun`` (no ``WORLD_SIZE``/``RANK`` in the environment).
-        ValueError: unknown backend, or NCCL without a GPU.
+        ValueError: not started by ``torchrun`` (no ``WORLD_SIZE``/``RANK`` in the environment; a bad
+            launch, so the bundle run ends with one error line), unknown backend, or NCCL without a GPU.
     """
     name = _check_backend(backend)
     if dist.is_initialized():
         return dist.get_rank()
     missing = [k for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise RuntimeError(
+        raise ValueError(
             f"The multi-GPU config needs the environment set by torchrun ({', '.join(missing)} missing): run "
             "torchrun --standalone --nproc_per_node N -m monai.bundle run --config_file \"['.../train.yaml',"
             "'.../multi_gpu_train.yaml']\" ..., or drop multi_gpu_train.yaml for one process."
