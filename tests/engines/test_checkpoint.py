@@ -194,6 +194,7 @@ def _scheduled_run(folder, resume, minutes, clock, limit_class):
 
     def step(engine, batch):
         seen.append(engine.state.iteration)
+        optimizer.step()  # (no gradients: the weights stay) the scheduler then steps after it, as in training
         clock[0] += 10.0
 
     engine = Engine(step)
