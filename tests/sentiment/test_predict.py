@@ -244,6 +244,38 @@ def test_gradients_by_hand_task_loss_to_the_model_prediction_loss_to_prompts_and
     assert torch.autograd.grad(prediction, bias, retain_graph=True)[0].abs().sum() > 0
 
 
+def test_gradients_by_hand_with_missing_modalities():
+    """Each modality's task loss covers the samples that have it; VICReg covers the complete samples only
+    (missingness is simulated on them); the head's loss on a prediction covers the samples with its source."""
+    ds, batch = _batch()
+    net = _net(dropout=0.0, head_dropout=0.0, fusion="mean").set_input_statistics(ds.statistics()).train()
+    mask = torch.ones(6, 3, dtype=torch.bool)
+    mask[2, 1] = mask[3, 2] = mask[4, 0] = mask[4, 1] = mask[5, 0] = False  # complete: samples 0 and 1
+    _step(net, PredictStrategy(seed=0, predicted_task_weight=0.5, prediction_weight=2.0), batch, mask=mask)
+    got = {n: p.grad for n, p in net.named_parameters()}
+
+    net.zero_grad(set_to_none=True)
+    feats = net.features(batch["image"], mask)
+    out = net.embedding_outputs(feats.embeddings)
+    y = batch["label"]
+    task = sum(L1(out[mask[:, m], m], y[mask[:, m]]) for m in range(3))
+    preds = dict(zip(net.pairs, net.pair_predictions(feats.prompt_summaries)))
+    vicreg = sum(vicreg_loss(preds[(i, j)][:2], feats.embeddings[:2, j].detach()) for i, j in net.pairs) / 6
+    predicted_task = sum(L1(net.embedding_outputs(preds[(i, j)][mask[:, i]]), y[mask[:, i]]) for i, j in net.pairs) / 2
+    prediction = 2.0 * vicreg + 0.5 * predicted_task
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    params = [p for n, p in net.named_parameters() if p.requires_grad]
+    is_pred = [n.startswith(("prompts", "predictors")) for n in names]
+    by_pred = torch.autograd.grad(prediction, params, retain_graph=True, allow_unused=True)
+    by_task = torch.autograd.grad(task, params, allow_unused=True)
+    for name, pred_param, g_pred, g_task in zip(names, is_pred, by_pred, by_task):
+        expected = g_pred if pred_param else g_task
+        if expected is None:
+            assert got[name] is None or not got[name].any(), name
+        else:
+            torch.testing.assert_close(got[name], expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_vicreg_needs_two_complete_samples():
     ds, batch = _batch()
     net = _net().set_input_statistics(ds.statistics()).train()

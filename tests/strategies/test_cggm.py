@@ -155,6 +155,38 @@ def test_encoder_gradients_are_b_times_the_task_gradients(kind):
     torch.testing.assert_close(result.loss, loss_fn(net(inputs, mask), y).detach())
 
 
+def test_balance_terms_follow_the_metric_improvement_over_iterations():
+    """delta_i = eps_i(t) - eps_i(t-1) with eps the heads' metric (minus MAE) before their update, recomputed
+    by hand over three steps of a training run; B_i and the encoder scaling follow from it."""
+    net, (inputs, mask, y), loss_fn = _seq_net(), _seq_batch(), torch.nn.L1Loss()
+    strategy = CGGMStrategy(rho=1.25, cggm_lambda=0.0, diagnostics_interval=1)
+    strategy.build_heads(net)
+    previous = [0.0, 0.0, 0.0]
+    for it in range(3):
+        heads, reference = copy.deepcopy(strategy.heads), copy.deepcopy(net)
+        eps = list(previous)
+        for m, rows, (h, padding) in reference.encode(inputs, mask):
+            eps[m] = -float((heads[m]((h.detach(), padding)).detach() - y[rows]).abs().mean())
+        delta = [e - p for e, p in zip(eps, previous)]
+        previous = eps
+        terms = [1.25 * (sum(delta) - d) / sum(delta) for d in delta]
+        reference.zero_grad()
+        loss_fn(reference(inputs, mask), y).backward()
+
+        net.zero_grad()
+        diag = strategy.step(net, inputs, mask, y, loss_fn, iteration=it).diagnostics
+        assert diag["eps"] == pytest.approx(eps, abs=1e-6)
+        assert diag["delta"] == pytest.approx(delta, abs=1e-6)
+        assert diag["B"] == pytest.approx(terms, rel=1e-4)
+        for (name, p), (_, q) in zip(net.named_parameters(), reference.named_parameters()):
+            scale = terms[int(name.split(".")[1])] if name.startswith("encoders.") else 1.0
+            torch.testing.assert_close(p.grad, scale * q.grad, rtol=1e-4, atol=1e-7, msg=name)
+        with torch.no_grad():  # the trainer's optimizer step, so the next metric differs
+            for p in net.parameters():
+                p -= 0.05 * p.grad
+    assert any(abs(d) > 1e-4 for d in delta) and previous != delta  # the last step had a history
+
+
 def test_gradients_with_the_direction_loss_match_a_manual_computation():
     net, (inputs, mask, y), loss_fn = _seq_net(), _seq_batch(), torch.nn.L1Loss()
     strategy = CGGMStrategy(rho=1.2, cggm_lambda=0.5, diagnostics_interval=1)

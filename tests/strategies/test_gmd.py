@@ -273,6 +273,57 @@ def test_gmd_approx_is_close_to_exact_direction():
     assert cos > 0.5, cos
 
 
+def _pcgrad_weights(gram: torch.Tensor, orders) -> torch.Tensor:
+    """Merge weights of eq. 8 applied PCGrad-style, written out on explicit vectors: each running
+    gradient is kept as coefficients over the originals, whose inner products the Gram matrix gives."""
+    k = gram.shape[0]
+    rows = []
+    for i in range(k):
+        coeff = [1.0 if l == i else 0.0 for l in range(k)]
+        for j in orders[i]:
+            dot = sum(coeff[l] * float(gram[l, j]) for l in range(k))
+            if dot < 0:
+                coeff[j] -= dot / float(gram[j, j])
+        rows.append(coeff)
+    return torch.tensor(rows, dtype=torch.float64).mean(0)
+
+
+@pytest.mark.parametrize("subsets", ["all", 5])
+def test_gmd_approx_matches_a_reference_in_output_space(subsets):
+    """gmd_approx: weights from the Gram matrix of dL_j / d(per-modality outputs); the shared parameters
+    take sum_j w_j G_j (the mean of the decoupled gradients), the encoders sum_j k w_j g_j (their sum)."""
+    torch.manual_seed(0)
+    model = DSUNet(features=(4, 8), out_channels=2).double()
+    x = torch.randn(2, 4, 8, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x)
+    probe = GMDApproxStrategy(subsets=subsets, seed=3)
+    chosen = probe.choose_subsets(15)
+    orders = projection_orders(len(chosen), probe.generator)
+    k = len(chosen)
+
+    masks = subset_masks(4)
+    params = list(model.parameters())
+    shared_ids = {id(p) for p in model.shared_parameters()}
+    cotangents, grads = [], []
+    for j in chosen:
+        model.zero_grad()
+        per_mod = model.per_modality(x)
+        per_mod.retain_grad()
+        _level(model.fuse(per_mod, masks[j].expand(2, -1)), y).backward()
+        cotangents.append(per_mod.grad.flatten())
+        grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]))
+    cotangents, grads = torch.stack(cotangents), torch.stack(grads)
+    weights = _pcgrad_weights(cotangents @ cotangents.T, orders)
+    assert float(weights.max() - weights.min()) > 1e-3  # the projections had work to do
+    scale = torch.cat([torch.full((p.numel(),), 1.0 if id(p) in shared_ids else float(k), dtype=torch.float64)
+                       for p in params])
+    expected = scale * (weights @ grads)
+
+    got = _fast(GMDApproxStrategy(subsets=subsets, seed=3, diagnostics_interval=1), model, x, y, _level)
+    assert (got - expected).norm() / expected.norm() < 1e-8
+
+
 def test_diagnostics_recorded_on_interval():
     torch.manual_seed(3)
     model = DSUNet(features=(4, 8), out_channels=3)
