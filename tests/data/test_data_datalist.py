@@ -229,3 +229,14 @@ def test_prepare_datalist_can_leave_the_writing_to_the_caller(tmp_path, make_cas
     assert not (tmp_path / "out" / "datalist.json").exists()
     write_datalist(tmp_path / "out" / "datalist.json", split["training"], split["validation"])
     assert read_datalist(tmp_path / "out" / "datalist.json") == (split["training"], split["validation"])
+
+
+def test_evaluation_of_a_folder_refuses_a_case_without_label(tmp_path, make_case):
+    """Evaluation scores every case under --dataset_dir: one without its label is named, not skipped."""
+    from app.data.datalist import evaluation_cases
+    from app.data.errors import CaseError
+
+    make_case(tmp_path, "case0")
+    make_case(tmp_path, "case1", label=False)
+    with pytest.raises(CaseError, match=r"case 'case1': expected .*case1_seg\.nii\.gz"):
+        evaluation_cases(tmp_path)
