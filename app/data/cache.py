@@ -230,24 +230,54 @@ def resolve_cache_rate(
 
 
 class CaseCacheDataset(CacheDataset):
-    """MONAI's ``CacheDataset`` that stops cleanly at a bad case.
+    """MONAI's ``CacheDataset`` that stops cleanly at a bad case, before the first iteration.
 
     MONAI fills the cache from a thread pool and, when a case raises (a corrupt file, unknown label
     values), leaves the pool's other threads running while the error ends the process: the C++
     runtime then aborted it (exit 134) in about half of the runs, after the error message. Here the
     cases not yet started are cancelled and the running ones finish before the error is raised, so
-    a bad case exits with the error alone. Arguments and results are ``CacheDataset``'s.
+    a bad case exits with the error alone.
+
+    With ``cache_rate < 1`` (chosen, or ``auto`` on a machine too small for every case) the cases
+    left out of the cache are preprocessed once too, and the result dropped: a bad one would
+    otherwise be read first during training, after epochs of work, and end the run mid-epoch with
+    a traceback. Other arguments and results are ``CacheDataset``'s.
+
+    Args:
+        check_uncached: preprocess the cases the cache leaves out once, to find bad files up front.
+        args: positional arguments of ``CacheDataset``.
+        kwargs: keyword arguments of ``CacheDataset``.
     """
+
+    def __init__(self, *args: Any, check_uncached: bool = True, **kwargs: Any) -> None:
+        # set before CacheDataset.__init__, which fills the cache through set_data
+        self.check_uncached = check_uncached
+        super().__init__(*args, **kwargs)
+
+    def set_data(self, data: Sequence) -> None:
+        super().set_data(data)
+        if self.check_uncached and not self.hash_as_key and self.cache_num < len(self.data):
+            unchecked = range(self.cache_num, len(self.data))
+            self._run_pool(unchecked, keep=False)
+            logger.info("Checked the %d case(s) not kept in memory: they are read from disk every epoch.",
+                        len(unchecked))
 
     def _fill_cache(self, indices: Sequence[int] | None = None) -> list:
         if self.cache_num <= 0:
             return []
-        if indices is None:
-            indices = list(range(self.cache_num))
+        return self._run_pool(list(range(self.cache_num)) if indices is None else indices, keep=True)
+
+    def _run_pool(self, indices: Sequence[int], keep: bool) -> list:
+        """Preprocess ``indices`` in a thread pool; the results when ``keep``, else none (only the check)."""
         workers = self.num_workers or os.cpu_count() or 1
         executor = ThreadPoolExecutor(max_workers=max(1, int(workers)))
+
+        def check(i: int) -> None:
+            self._load_cache_item(i)  # the result is dropped at once: only a bad case matters here
+
         try:
-            futures = [executor.submit(self._load_cache_item, i) for i in indices]
-            return [f.result() for f in futures]
+            futures = [executor.submit(self._load_cache_item if keep else check, i) for i in indices]
+            results = [f.result() for f in futures]
+            return results if keep else []
         finally:
             executor.shutdown(wait=True, cancel_futures=True)

@@ -128,6 +128,7 @@ def prepare_datalist(
     seed: int = 0,
     label_convention: str | None = None,
     resume: bool | str = False,
+    write: bool = True,
 ) -> dict[str, list[dict[str, Any]]]:
     """Discover labelled cases under ``dataset_dir``, split them and write ``<output_dir>/datalist.json``.
 
@@ -138,6 +139,9 @@ def prepare_datalist(
     exists). A resumed run must split exactly as the run it continues, or validation would score
     cases the model trained on: a different split (other cases, ``--seed`` or ``--val_fraction``) is
     an error, and the recorded ``datalist.json`` is left as it was.
+
+    ``write=False`` leaves writing to the caller (:func:`write_datalist`): the bundles write the split
+    once every case has been read, so a bad file leaves no ``datalist.json`` behind.
 
     Returns:
         ``{"training": [...], "validation": [...]}``.
@@ -153,7 +157,8 @@ def prepare_datalist(
     path = Path(output_dir) / "datalist.json"
     if _resuming(resume, Path(output_dir) / "models" / "checkpoint_last.pt") and path.is_file():
         _check_same_split(path, train, val)
-    write_datalist(path, train, val)
+    if write:
+        write_datalist(path, train, val)
     return {"training": train, "validation": val}
 
 

@@ -243,7 +243,7 @@ def _split_channels(folder: Path, desc: dict[str, Any], channels: dict[str, int]
 
     nnU-Net v2 says so with ``channel_names``. nnU-Net v1 keeps MSD's ``modality`` key, but its
     ``training`` entries name ``imagesTr/<case>.nii.gz``, a file that does not exist beside
-    ``<case>_0000.nii.gz``. Without entries, every image file carrying a listed channel suffix (and
+    ``<case>_XXXX.nii.gz`` (any listed channel). Without entries, every image file carrying a listed channel suffix (and
     some case having two) tells the same.
     """
     if "channel_names" in desc:
@@ -252,8 +252,13 @@ def _split_channels(folder: Path, desc: dict[str, Any], channels: dict[str, int]
         image = entry.get("image") if isinstance(entry, dict) else None
         if isinstance(image, str) and (m := _NIFTI_RE.match(Path(image).name)) is not None:
             listed, stem = folder / image, m.group("case")
-            return not listed.exists() and any(
-                (listed.parent / f"{stem}_0000{ext}").is_file() for ext in (".nii.gz", ".nii"))
+            if listed.exists():
+                return False
+            # any listed channel, not only _0000: a case may lack that sequence
+            if any((listed.parent / f"{stem}_{idx:04d}{ext}").is_file()
+                   for idx in channels.values() for ext in (".nii.gz", ".nii")):
+                return True
+            # neither file: a case without images (reported later) tells nothing; ask the next entry
     found: dict[str, int] = {}
     for img_dir in ("imagesTr", "imagesTs"):
         if not (folder / img_dir).is_dir():

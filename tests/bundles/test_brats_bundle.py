@@ -164,3 +164,50 @@ def test_train_cggm_two_iterations_writes_its_diagnostics(phantoms, tmp_path):
     assert all(0.0 <= e <= 1.0 for e in rows[0]["eps"]) and rows[0]["delta"] == rows[0]["eps"]  # Dice; eps(0) = 0
     assert sum(rows[0]["B"]) == pytest.approx(1.3 * 3)  # sum_i B_i = rho (M - 1) whenever sum_k delta_k != 0
     assert not (tmp_path / "gmd_diagnostics.jsonl").exists()
+
+
+def test_evaluate_stops_at_a_bad_case_before_scoring_with_one_line(trained, phantoms, tmp_path):
+    """A bad label among the cases was found mid-evaluation and printed four tracebacks before the error."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    data = tmp_path / "data"
+    shutil.copytree(phantoms, data)
+    seg = sorted(data.glob("*/*_seg.nii.gz"))[-1]  # the last case: read after the others are scored
+    img = nib.load(str(seg))
+    values = np.asarray(img.dataobj)
+    nib.save(nib.Nifti1Image(np.where(values == 4, 3, values).astype(np.uint8), img.affine), str(seg))
+    with pytest.raises(AssertionError) as failed:
+        run_bundle([TRAIN, EVALUATE], "--dataset_dir", str(data), "--ckpt_path", str(trained / "models" / "model.pt"),
+                   "--output_dir", str(tmp_path / "eval"), "--cache_rate", "0", *TINY)
+    stderr = str(failed.value).split("failed (1):", 1)[1]
+    assert "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith(f"error: Label {seg} contains values [3]"), stderr
+    assert not (tmp_path / "eval" / "subset_dice.json").exists()
+
+
+@pytest.mark.parametrize("cache_rate", ["auto", "0"])
+def test_training_on_a_bad_case_leaves_no_output(phantoms, tmp_path, cache_rate):
+    """The split was written before the cases were read: a bad file left a datalist.json behind (and with
+    cache_rate 0, a traceback mid-training)."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    data = tmp_path / "data"
+    shutil.copytree(phantoms, data)
+    seg = sorted(data.glob("*/*_seg.nii.gz"))[0]
+    img = nib.load(str(seg))
+    values = np.asarray(img.dataobj)
+    nib.save(nib.Nifti1Image(np.where(values == 4, 3, values).astype(np.uint8), img.affine), str(seg))
+    out = tmp_path / "out"
+    with pytest.raises(AssertionError) as failed:
+        run_bundle([TRAIN], "--dataset_dir", str(data), "--output_dir", str(out), "--max_epochs", "1",
+                   "--strategy", "plain", "--cache_rate", cache_rate, *TINY)
+    stderr = str(failed.value).split("failed (1):", 1)[1]
+    assert "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith(f"error: Label {seg} contains values [3]"), stderr
+    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))

@@ -168,3 +168,51 @@ def test_cache_stops_at_a_bad_case_with_no_thread_left_running():
                             cache_rate=1.0, num_workers=2, progress=False)
     assert [float(item["image"][0]) for item in good._cache] == [0.0, 1.0, 2.0, 3.0, 4.0]
     assert [float(good[i]["image"][0]) for i in range(5)] == [0.0, 1.0, 2.0, 3.0, 4.0]  # in order
+
+
+@pytest.mark.parametrize("cache_rate", [0.0, 0.5])
+def test_a_bad_case_left_out_of_the_cache_stops_before_training(cache_rate):
+    """With cache_rate < 1 a bad uncached case was first read during training, epochs later."""
+    from monai.transforms import Lambda
+
+    from app.data.cache import CaseCacheDataset
+    from app.data.errors import CaseError
+
+    def load(item):
+        if item == 3:  # the last case: outside the cache at either rate
+            raise CaseError("Label case_3_seg.nii.gz contains values [7]")
+        return {"image": torch.full((2,), float(item))}
+
+    with pytest.raises(RuntimeError) as err:
+        CaseCacheDataset(data=list(range(4)), transform=Lambda(load), cache_rate=cache_rate, num_workers=1,
+                         progress=False)
+    assert isinstance(err.value.__cause__, CaseError) and "case_3_seg" in str(err.value.__cause__)
+    good = CaseCacheDataset(data=list(range(3)), transform=Lambda(load), cache_rate=cache_rate, num_workers=1,
+                            progress=False)
+    assert len(good._cache) == int(3 * cache_rate)  # checked, not kept
+    assert [float(good[i]["image"][0]) for i in range(3)] == [0.0, 1.0, 2.0]
+    unchecked = CaseCacheDataset(data=list(range(4)), transform=Lambda(load), cache_rate=cache_rate, num_workers=1,
+                                 progress=False, check_uncached=False)
+    assert len(unchecked) == 4
+
+
+def test_uncached_case_with_unknown_label_values_fails_at_construction(tmp_path, make_case):
+    """The case loader as the bundle uses it: the file and its fix are known before any iteration."""
+    import nibabel as nib
+    import numpy as np
+
+    from app.data.cache import CaseCacheDataset
+    from app.data.datalist import prepare_datalist
+    from app.data.transforms import LoadCased
+
+    for i in range(3):
+        make_case(tmp_path / "data", f"case{i}")
+    seg = tmp_path / "data" / "case1" / "case1_seg.nii.gz"
+    img = nib.load(str(seg))
+    values = np.asarray(img.dataobj)
+    nib.save(nib.Nifti1Image(np.where(values == 4, 3, values).astype(np.uint8), img.affine), str(seg))
+    records = prepare_datalist(tmp_path / "data", tmp_path / "out")
+    with pytest.raises(RuntimeError) as err:
+        CaseCacheDataset(data=records["training"] + records["validation"], transform=LoadCased(), cache_rate=0.0,
+                         num_workers=0, progress=False)
+    assert "case1_seg.nii.gz" in str(err.value.__cause__) and "brats2023" in str(err.value.__cause__)

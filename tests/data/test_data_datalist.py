@@ -171,6 +171,8 @@ def test_bundle_label_convention_reads_brats2024_resection_cavity_as_background(
                        "label_convention": convention})
         records = parser.get_parsed_content("validate#dataset#data" if evaluate else "datalist")
         record = records[0] if evaluate else records["training"][0]
+        if not evaluate:  # the run's step that writes datalist.json (after the datasets are built)
+            parser.get_parsed_content("run#1")
         return record, parser.get_parsed_content("preprocessing", instantiate=True)
 
     with pytest.raises(CaseError, match=r"\[4\] unknown.*'brats2024'.*--label_convention NAME"):
@@ -215,3 +217,26 @@ def test_a_resumed_run_keeps_its_split(tmp_path):
     # auto without a checkpoint is a new run
     (run / "models" / "checkpoint_last.pt").unlink()
     assert prepare_datalist(data, run, val_fraction=0.5, seed=0, resume="auto")["validation"] != first["validation"]
+
+
+def test_prepare_datalist_can_leave_the_writing_to_the_caller(tmp_path, make_case):
+    """The bundles write the split only once every case has been read (no datalist.json after a bad file)."""
+    from app.data.datalist import prepare_datalist, read_datalist, write_datalist
+
+    for i in range(3):
+        make_case(tmp_path / "data", f"case{i}")
+    split = prepare_datalist(tmp_path / "data", tmp_path / "out", write=False)
+    assert not (tmp_path / "out" / "datalist.json").exists()
+    write_datalist(tmp_path / "out" / "datalist.json", split["training"], split["validation"])
+    assert read_datalist(tmp_path / "out" / "datalist.json") == (split["training"], split["validation"])
+
+
+def test_evaluation_of_a_folder_refuses_a_case_without_label(tmp_path, make_case):
+    """Evaluation scores every case under --dataset_dir: one without its label is named, not skipped."""
+    from app.data.datalist import evaluation_cases
+    from app.data.errors import CaseError
+
+    make_case(tmp_path, "case0")
+    make_case(tmp_path, "case1", label=False)
+    with pytest.raises(CaseError, match=r"case 'case1': expected .*case1_seg\.nii\.gz"):
+        evaluation_cases(tmp_path)

@@ -395,6 +395,22 @@ def test_nnunet_v1_per_channel_files_with_the_modality_key(tmp_path, listed):
     assert c["images"]["t2"] == str(tmp_path / "imagesTr" / "BRATS_001_0003.nii.gz")
 
 
+def test_nnunet_v1_first_listed_case_without_channel_0000_is_still_per_channel(tmp_path):
+    """A first listed case lacking FLAIR (_0000) made the folder read as MSD 4D: every channel file a case."""
+    desc = {"modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+            "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+            "training": [{"image": f"./imagesTr/BRATS_00{i}.nii.gz", "label": f"./labelsTr/BRATS_00{i}.nii.gz"}
+                         for i in (1, 2)]}
+    (tmp_path / "dataset.json").write_text(json.dumps(desc))
+    for case, channels in (("BRATS_001", (1, 2, 3)), ("BRATS_002", (0, 1, 2, 3))):
+        for idx in channels:
+            touch(tmp_path / "imagesTr" / f"{case}_{idx:04d}.nii.gz")
+        touch(tmp_path / "labelsTr" / f"{case}.nii.gz")
+    first, second = discover_cases(tmp_path, require_label=True)
+    assert (first["case"], first["image4d"], first["modalities"]) == ("BRATS_001", None, ["t1", "t1ce", "t2"])
+    assert (second["case"], second["modalities"]) == ("BRATS_002", ["flair", "t1", "t1ce", "t2"])
+
+
 def test_msd_4d_files_whose_ids_end_in_four_digits_stay_4d(tmp_path):
     desc = {"modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
             "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},

@@ -72,6 +72,25 @@ def test_resection_cavity_in_brats2023_names_points_to_brats2024():
     assert "'brats2024'" in str(err.value)  # 3 and 4 together: only the 2024 values know both
 
 
+def test_cavity_values_under_2018_names_say_to_rename_not_to_pass_the_refused_option(tmp_path):
+    """Under 2018 names, {1, 2, 3, 4} was told to pass --label_convention brats2024, which discovery then
+    refuses for those names (telling to use auto): the user went back and forth between two errors."""
+    from app.data.discovery import discover_cases
+
+    with pytest.raises(CaseError) as err:
+        labels_to_regions(np.array([0, 1, 2, 4, 3]), "brats2018", source="X_seg.nii.gz", layout="brats2018")
+    msg = str(err.value)
+    assert "rename the files to <case>-{t2f,t1n,t1c,t2w,seg}.nii.gz and pass --label_convention brats2024" in msg
+    assert "--label_convention NAME" not in msg
+    # the refusal it must not point to
+    import nibabel as nib
+
+    for name in ("X_flair.nii.gz", "X_seg.nii.gz"):
+        nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.uint8), np.eye(4)), str(tmp_path / name))
+    with pytest.raises(CaseError, match="label_convention brats2024 would read it as resection cavity"):
+        discover_cases(tmp_path, require_label=True, label_convention="brats2024")
+
+
 def test_dataset_json_cases_are_told_to_name_their_labels():
     with pytest.raises(CaseError) as err:
         labels_to_regions(np.array([0, 1, 2, 3, 4]), MSD_MAP, source="labelsTr/x.nii.gz", layout="msd")
