@@ -24,7 +24,10 @@ from app.data.errors import CaseError, check_readable, unreadable
 from app.data.labels import LABEL_CONVENTIONS, labels_to_regions
 from app.subsets import BRATS_MODALITIES
 
-__all__ = ["AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "ZeroAbsentSequencesd", "check_voxels", "load_case"]
+__all__ = [
+    "AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "ZeroAbsentSequencesd", "check_voxels", "grid_reordering", "load_case",
+    "reorder_voxels",
+]
 
 #: Largest absolute difference between affine entries still treated as the same grid.
 AFFINE_TOLERANCE = 1e-3
@@ -123,6 +126,49 @@ def _check_grid(path: str, shape: tuple[int, ...], affine: np.ndarray, ref: _Gri
             f"{ref_vox}, largest affine entry difference {diff:.4g} (tolerance {AFFINE_TOLERANCE}). Resample/register "
             "them onto one grid (e.g. resample every sequence and the label onto the first sequence) first."
         )
+
+
+def grid_reordering(shape: tuple[int, ...], affine: np.ndarray, ref_shape: tuple[int, ...],
+                    ref_affine: np.ndarray) -> np.ndarray | None:
+    """The axis permutation and flips that put a volume stored in another voxel order exactly onto a
+    reference grid, or None when no reordering does (or none is needed).
+
+    Converters differ in how they store one acquisition (dcm2niix writes RAS-like arrays, ITK tools
+    LPS), so a sequence can lie on the reference's grid with its axes permuted or flipped. Undoing
+    that is exact, unlike resampling.
+
+    Returns:
+        A nibabel orientation transform for :func:`reorder_voxels`.
+    """
+    if len(shape) != 3:
+        return None
+    ornt = nib.orientations.io_orientation(affine)
+    ref_ornt = nib.orientations.io_orientation(ref_affine)
+    if np.array_equal(ornt, ref_ornt):
+        return None
+    transform = nib.orientations.ornt_transform(ornt, ref_ornt)
+    new_shape = [0, 0, 0]
+    for axis, (to, _) in enumerate(transform):
+        new_shape[int(to)] = shape[axis]
+    new_affine = affine @ nib.orientations.inv_ornt_aff(transform, shape)
+    same = tuple(new_shape) == tuple(ref_shape) and float(np.abs(new_affine - ref_affine).max()) <= AFFINE_TOLERANCE
+    return transform if same else None
+
+
+def reorder_voxels(volume: np.ndarray, transform: np.ndarray | None) -> np.ndarray:
+    """``volume`` in the reference's voxel order (``transform`` from :func:`grid_reordering`; None: as is)."""
+    if transform is None:
+        return volume
+    return np.ascontiguousarray(nib.orientations.apply_orientation(volume, transform))
+
+
+def _onto_grid(path: str, shape: tuple[int, ...], affine: np.ndarray, ref: _Grid) -> np.ndarray | None:
+    """Refuse a volume off the reference grid; returns the reordering a volume on it in another voxel
+    order needs (:func:`grid_reordering`), or None."""
+    transform = grid_reordering(shape, affine, ref[1], ref[2])
+    if transform is None:
+        _check_grid(path, shape, affine, ref)
+    return transform
 
 
 def check_voxels(data: np.ndarray, what: str, channel: bool = False) -> tuple[float, float]:
@@ -238,12 +284,13 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
         path = images[seq]
         img = _open(path)
         shape = _spatial_shape(tuple(img.shape), path, channels=False)
+        transform = None
         if ref is None:
             ref = (path, shape, img.affine)
             stacked = np.zeros((len(BRATS_MODALITIES), *shape), dtype=np.float32)
         else:
-            _check_grid(path, shape, img.affine, ref)
-        volume = _read(img, path, np.float32).reshape(shape)
+            transform = _onto_grid(path, shape, img.affine, ref)
+        volume = reorder_voxels(_read(img, path, np.float32).reshape(shape), transform)
         check_voxels(volume, path)
         stacked[c] = volume  # type: ignore[index]
         present.append(seq)
@@ -263,8 +310,8 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
             raise CaseError(f"Case {case!r}: record has a label but no label_map; re-run discovery.")
         img = _open(label_path)
         shape = _spatial_shape(tuple(img.shape), label_path, channels=False)
-        _check_grid(label_path, shape, img.affine, ref)
-        labels = _read(img, label_path, None).reshape(shape)
+        transform = _onto_grid(label_path, shape, img.affine, ref)
+        labels = reorder_voxels(_read(img, label_path, None).reshape(shape), transform)
         regions = labels_to_regions(labels, record["label_map"], source=label_path, layout=record.get("layout"))
         out["label"] = _meta_tensor(regions, np.asarray(ref_affine, dtype=np.float64), label_path, case)
     return out

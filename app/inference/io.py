@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from app.data.discovery import CHANNEL_ALIASES
 from app.data.errors import CaseError, check_readable
-from app.data.transforms import AFFINE_TOLERANCE, check_nifti_stream, check_voxels
+from app.data.transforms import AFFINE_TOLERANCE, check_nifti_stream, check_voxels, grid_reordering, reorder_voxels
 from app.subsets import BRATS_MODALITIES
 
 __all__ = [
@@ -455,6 +455,11 @@ def read_case(
     resampled = []
     for seq, vol in volumes.items():
         if seq == reference or _same_grid(vol, ref):
+            continue
+        reordering = grid_reordering(vol.shape, vol.affine, ref.shape, ref.affine)
+        if reordering is not None:  # the same grid stored in another voxel order: exact, no resampling
+            vol.data = reorder_voxels(vol.data, reordering)
+            vol.affine, vol.header = ref.affine.copy(), None
             continue
         if resample_to is None:
             diff = float(np.abs(vol.affine - ref.affine).max()) if vol.shape == ref.shape else float("nan")

@@ -277,3 +277,35 @@ def test_absent_sequences_stay_zero_channels_through_the_bundle_augmentation(tmp
     set_determinism(None)
     with pytest.raises(ValueError, match="channels"):
         ZeroAbsentSequencesd()({"image": torch.ones(3, 2, 2, 2), "modality_mask": torch.ones(4, dtype=torch.bool)})
+
+
+def test_a_sequence_stored_in_another_voxel_order_is_put_on_the_reference_grid(tmp_path, make_case, write_nii):
+    """One acquisition stored LPS by one converter and RAS by another lies on the same grid: its
+    axes are flipped and permuted back (exact, no interpolation); a real difference is still refused."""
+    folder = make_case(tmp_path, "A_1")
+    ras = load_case(only(discover_cases(tmp_path)))
+    ref_affine = np.asarray(ras["image"].affine, dtype=np.float64)
+    t1 = np.asarray(nib.load(folder / "A_1_t1.nii.gz").dataobj)
+    seg = np.asarray(nib.load(folder / "A_1_seg.nii.gz").dataobj)
+
+    def stored_otherwise(volume):
+        """The same voxels flipped in x and y and with x/z swapped, and the affine that keeps them in place."""
+        img = nib.Nifti1Image(volume, ref_affine)
+        ornt = np.array([[2, -1], [1, -1], [0, 1]])  # input axis i -> output axis ornt[i, 0], flipped if -1
+        return img.as_reoriented(ornt)
+
+    other = stored_otherwise(t1)
+    assert other.shape != t1.shape and not np.allclose(other.affine, ref_affine)
+    write_nii(folder / "A_1_t1.nii.gz", np.asarray(other.dataobj), other.affine)
+    lab = stored_otherwise(seg)
+    write_nii(folder / "A_1_seg.nii.gz", np.asarray(lab.dataobj), lab.affine)
+    case = load_case(only(discover_cases(tmp_path)))
+    np.testing.assert_array_equal(np.asarray(case["image"]), np.asarray(ras["image"]))
+    np.testing.assert_array_equal(np.asarray(case["label"]), np.asarray(ras["label"]))
+    assert np.allclose(np.asarray(case["image"].affine), ref_affine)
+    # reordered and also shifted by half a voxel: a different grid
+    shifted = other.affine.copy()
+    shifted[0, 3] += 0.5
+    write_nii(folder / "A_1_t1.nii.gz", np.asarray(other.dataobj), shifted)
+    with pytest.raises(CaseError, match=r"A_1_t1\.nii\.gz and .*A_1_flair\.nii\.gz are on different grids"):
+        load_case(only(discover_cases(tmp_path)))

@@ -76,3 +76,23 @@ def test_one_file_given_for_two_sequences_is_refused(phantom_root, tmp_path):
     # the sequences of one 4D file share it by design
     four_d = _four_d(phantom_root, tmp_path / "c.nii.gz")
     assert set(read_case({s: four_d for s in CHANNELS}, channels=CHANNELS).volumes) == set(CHANNELS)
+
+
+def test_a_sequence_stored_in_another_voxel_order_needs_no_resampling(phantom_root, tmp_path):
+    """The same grid stored with its axes permuted and flipped (another converter) is reordered
+    exactly, without --resample-to; a grid that truly differs still needs it."""
+    case_dir = phantom_root / "Phantom_000"
+    flair = str(case_dir / "Phantom_000_flair.nii.gz")
+    t2 = load(case_dir / "Phantom_000_t2.nii.gz")
+    other = t2.as_reoriented(np.array([[2, -1], [1, -1], [0, 1]]))
+    assert not np.allclose(other.affine, t2.affine)
+    nib.save(other, str(tmp_path / "t2_lps.nii.gz"))
+    case = read_case({"flair": flair, "t2": str(tmp_path / "t2_lps.nii.gz")})
+    assert case.resampled == []
+    np.testing.assert_array_equal(case.volumes["t2"].data, np.asarray(t2.dataobj, dtype=np.float32))
+    np.testing.assert_allclose(case.volumes["t2"].affine, t2.affine)
+    moved = other.affine.copy()
+    moved[0, 3] += 0.5
+    nib.save(nib.Nifti1Image(np.asarray(other.dataobj), moved), str(tmp_path / "t2_moved.nii.gz"))
+    with pytest.raises(CaseError, match="different grids"):
+        read_case({"flair": flair, "t2": str(tmp_path / "t2_moved.nii.gz")})
