@@ -90,8 +90,14 @@ def test_dice_from_logits_thresholds_in_logit_space():
     half = torch.full((1, 1, 4), 0.5)
     assert dice_from_logits(half, target, threshold=0.6).item() == 1.0
     assert dice_from_logits(half, target, threshold=0.7).item() == 0.0
-    with pytest.raises(ValueError):
-        dice_from_logits(half, target, threshold=1.0)
+    # the threshold is strict: a logit of exactly 0 is probability 0.5, not above 0.5, so background
+    zero = torch.zeros(1, 1, 4)
+    assert dice_from_logits(zero, target).item() == 0.0
+    assert dice_from_logits(zero, torch.zeros(1, 1, 4)).item() == 1.0  # both empty
+    # match the product's message: math.log itself raises ValueError (domain error) at 0
+    for bad in (0.0, 1.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\)"):
+            dice_from_logits(half, target, threshold=bad)
 
 
 def test_dice_from_logits_matches_sigmoid_threshold():
