@@ -65,6 +65,19 @@ def test_aggregate_by_hand():
     json.dumps(result)  # plain JSON types only
 
 
+def test_mean_over_subsets_is_unweighted_by_case_count():
+    """Each subset counts once in mean_over_subsets, whatever its number of cases."""
+    # _two_by_two has two cases per subset, where a case-weighted mean gives the same number
+    acc = SubsetDiceAccumulator()
+    acc.update(["a", "b", "c"], FLAIR, [[0.0, 0.3, 0.6], [0.3, 0.3, 0.3], [0.6, 0.3, 0.0]])
+    acc.update_case("a", ALL, [0.9, 0.9, 0.9])
+    result = acc.aggregate()
+    # flair: WT 0.3, TC 0.3, ET 0.3, mean 0.3 (3 cases); all: 0.9 (1 case)
+    # unweighted (0.3 + 0.9) / 2 = 0.6; weighted by cases it would be (3 * 0.3 + 0.9) / 4 = 0.45
+    assert result["mean_over_subsets"] == pytest.approx({"WT": 0.6, "TC": 0.6, "ET": 0.6, "mean": 0.6})
+    assert result["subsets"]["flair"]["n_cases"] == 3 and result["subsets"]["flair+t1+t1ce+t2"]["n_cases"] == 1
+
+
 def test_aggregate_does_not_depend_on_update_order():
     acc = SubsetDiceAccumulator()
     acc.update_case("b", ALL, [1.0, 0.6, 0.9])
@@ -123,8 +136,11 @@ def test_merge_equals_single_accumulator():
 
 def test_input_validation():
     acc = SubsetDiceAccumulator()
-    with pytest.raises(IndexError):
-        acc.update_case("a", 15, [1.0, 1.0, 1.0])
+    # -1 must not wrap round to the last subset (all four sequences)
+    for bad in (15, -1):
+        with pytest.raises(IndexError, match="out of range for 15 subsets"):
+            acc.update_case("a", bad, [1.0, 1.0, 1.0])
+    assert len(acc) == 0
     with pytest.raises(ValueError, match=r"\[B, 3\]"):
         acc.update(["a"], 0, torch.ones(1, 2))
     with pytest.raises(ValueError, match="case ids"):
