@@ -64,9 +64,19 @@ def test_three_gradients_sequential_projection_by_hand():
     d = coeffs @ g
     expected = torch.tensor([[0.2, 0.0], [0.0, 0.0], [-0.4, -0.8]], dtype=torch.float64)
     assert torch.allclose(d, expected)
+    # coefficients over the originals, read off the steps above: rows g0 + 0.8 g1 + 0.4 g2,
+    # g1 + g0 + 0.5 g2, g2 + 0.4 g1; the merge weights are their column means
+    expected_coeffs = torch.tensor([[1.0, 0.8, 0.4], [1.0, 1.0, 0.5], [0.0, 0.4, 1.0]], dtype=torch.float64)
+    assert torch.allclose(coeffs, expected_coeffs)
     stats = gmd_statistics(g @ g.T, coeffs)
-    assert stats["conflicts_before"] == 2 and stats["pairs"] == 3
-    assert stats["weights"] == pytest.approx(coeffs.mean(0).tolist())
+    assert stats["conflicts_before"] == 2 and stats["pairs"] == 3  # (g0, g1) and (g1, g2)
+    assert stats["weights"] == pytest.approx([2 / 3, 2.2 / 3, 1.9 / 3])
+    # after: d0 = [0.2, 0], d1 = 0 (no direction: cosine 0), d2 = [-0.4, -0.8]; d0 . d2 < 0 is one conflict
+    assert stats["norms"] == pytest.approx([1.0, 1.25**0.5, 1.0])
+    assert stats["norms_after"] == pytest.approx([0.2, 0.0, 0.8**0.5], abs=1e-9)
+    assert stats["conflicts_after"] == 1
+    assert stats["cosine_after"][0][2] == pytest.approx(-0.08 / (0.2 * 0.8**0.5))
+    assert stats["cosine_before"][0][1] == pytest.approx(-1 / 1.25**0.5)
 
 
 def _loss(pred, target):
