@@ -51,6 +51,15 @@ def test_all_zero_labels_make_non_zero_metrics_nan():
     assert m["Acc2_has0"] == 0.5  # both labels negative: -0.2 matches, 0.3 does not
 
 
+def test_a_prediction_of_exactly_zero_is_negative():
+    """Both binary accuracies compare preds > 0 (not >= 0): PREDS and LABELS have no 0 prediction."""
+    m = sentiment_metrics([0.0, 0.0, 1.0], [-1.0, -2.0, 0.0])
+    # Acc2 on the two non-zero labels: truth F F, preds F F -> 1; with >= 0 it would be T T -> 0
+    assert m["Acc2"] == 1.0 and m["F1"] == 1.0
+    # Acc2_has0: truth F F F (0 is negative), preds F F T -> 2/3
+    assert m["Acc2_has0"] == pytest.approx(2 / 3)
+
+
 def test_sentiment_metrics_validation():
     with pytest.raises(ValueError, match="sizes differ"):
         sentiment_metrics([1.0, 2.0], [1.0])
