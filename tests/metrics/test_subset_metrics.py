@@ -278,3 +278,24 @@ def test_subset_mean_dice_direct_use():
     value = metric.compute()
     assert 0.0 <= value <= 1.0
     assert metric.last_result["mean_over_subsets"]["mean"] == value
+
+
+def test_subset_mean_dice_uses_its_threshold_and_the_validity_of_logits():
+    """SubsetMeanDice(threshold=0.8) on logits: the threshold and subset_valid reach the Dice."""
+    # logit 1.0 is probability 0.731: foreground at 0.5, background at 0.8; the target is all tumour
+    logits = torch.ones(1, 15, 3, 2)
+    logits[:, FLAIR] = 10.0  # foreground at any threshold: would score 1 if the invalid subset counted
+    label = torch.ones(1, 3, 2, dtype=torch.bool)
+    valid = torch.ones(1, 15, dtype=torch.bool)
+    valid[0, FLAIR] = False
+    metric = SubsetMeanDice(threshold=0.8)
+    metric.update({"subset_logits": logits, "label": label, "subset_valid": valid, "case": ["x"]})
+    # 14 valid subsets, each with an empty prediction against a full target: Dice 0 for every region
+    # (threshold ignored -> 1.0; validity ignored -> 1/15)
+    assert metric.compute() == 0.0
+    assert metric.last_result["subsets_without_cases"] == ["flair"]
+    assert len(metric.last_result["subsets"]) == 14
+    # and the default threshold 0.5 makes the same logits a perfect prediction
+    default = SubsetMeanDice()
+    default.update({"subset_logits": logits, "label": label, "subset_valid": valid, "case": ["x"]})
+    assert default.compute() == 1.0
