@@ -276,7 +276,10 @@ def test_subset_mean_dice_direct_use():
         metric.update({"subset_logits": logits, "case": ["x", "y"]})  # no label
     metric.update({"subset_logits": logits, "label": label, "case": ["x", "y"]})
     value = metric.compute()
-    assert 0.0 <= value <= 1.0
+    # every case in every subset: the mean of hard Dice over subsets, cases and regions, computed
+    # here without the accumulator (a range check would pass for any constant in [0, 1])
+    expected = torch.stack([hard_dice(logits[:, j] > 0, label) for j in range(15)]).mean().item()
+    assert value == pytest.approx(expected, abs=1e-12)
     assert metric.last_result["mean_over_subsets"]["mean"] == value
 
 
