@@ -48,6 +48,9 @@ def test_all_sequences_on_input_grid_with_summary_and_probabilities(case, random
     assert s["volumes_ml"]["WT"] == round(np.count_nonzero(labels) * voxel_ml, 4)
     assert s["volumes_ml"]["ET"] == round(np.count_nonzero(labels == 4) * voxel_ml, 4)
     assert s["volumes_ml"]["TC"] == round(np.count_nonzero((labels == 1) | (labels == 4)) * voxel_ml, 4)
+    # the sub-regions too (2018 values: 1 necrosis, 2 oedema); each is non-empty for this network
+    assert s["volumes_ml"]["NCR"] == round(np.count_nonzero(labels == 1) * voxel_ml, 4) > 0
+    assert s["volumes_ml"]["ED"] == round(np.count_nonzero(labels == 2) * voxel_ml, 4) > 0
     assert {"read_s", "preprocess_s", "network_s", "postprocess_s", "write_s", "total_s"} <= set(s["timing_s"])
     assert s["network"]["features"] == FEATURES and s["inference"]["roi_size"] == [16, 16, 16]
     # provenance: absolute inputs and the model's digest, whatever the files are called later
@@ -139,16 +142,22 @@ def test_head_mask_keeps_negative_voxels_inside_the_head(case, random_ckpt, infe
 
 
 def test_labels_2023_and_input_aliases(case, random_ckpt, infer, tmp_path):
+    """--labels 2023 writes ET as 3, the same segmentation otherwise, and reports the same volumes."""
     base, new = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
-    assert infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t1ce", case["t1ce"], "--out", base)[0] == 0
+    assert infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t1ce", case["t1ce"], "--out", base,
+                 "--summary", tmp_path / "a.json")[0] == 0
     rc, _, err = infer("--ckpt", random_ckpt, "--input", f"T2F={case['flair']}", "--input", f"t1c={case['t1ce']}",
-                       "--out", new, "--labels", "2023")
+                       "--out", new, "--labels", "2023", "--summary", tmp_path / "b.json")
     assert rc == 0, err
     a, b = np.asarray(load(base).dataobj), np.asarray(load(new).dataobj)
     assert set(np.unique(b)) <= {0, 1, 2, 3}
     expected = a.copy()
     expected[a == 4] = 3
     np.testing.assert_array_equal(b, expected)
+    # the volumes are of regions, not of label values: counting the 2018 values in a 2023 map loses ET
+    vols_a = json.loads((tmp_path / "a.json").read_text())["volumes_ml"]
+    vols_b = json.loads((tmp_path / "b.json").read_text())["volumes_ml"]
+    assert vols_b == vols_a and vols_a["ET"] > 0
 
 
 def test_volumes_stored_as_xyz1_are_read_as_3d(case, random_ckpt, infer, tmp_path):
