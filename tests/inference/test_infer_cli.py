@@ -314,18 +314,23 @@ def test_dicom_series_input(case, random_ckpt, infer, tmp_path):
 def test_resample_to_aligns_other_grids(case, random_ckpt, infer, tmp_path):
     """T2 stored on another grid: an error by default, resampled onto FLAIR with --resample-to flair."""
     t2 = load(case["t2"])
-    flipped = tmp_path / "t2_flipped.nii.gz"  # same anatomy, stored with the first axis reversed
-    flip = np.eye(4)
-    flip[0, 0], flip[0, 3] = -1, t2.shape[0] - 1
-    nib.save(nib.Nifti1Image(np.asarray(t2.dataobj)[::-1].copy(), t2.affine @ flip), flipped)
+    # same anatomy on a larger grid: one zero slice before the first axis, the origin moved back one
+    # voxel. (An axis-reversed copy is the same grid in another voxel order, reordered without
+    # --resample-to, so it no longer exercises this path.) The voxel centres of FLAIR's grid are
+    # voxel centres of this one, so resampling is exact.
+    padded_t2 = tmp_path / "t2_padded.nii.gz"
+    shift = np.eye(4)
+    shift[0, 3] = -1
+    padded = np.concatenate([np.zeros((1, *t2.shape[1:]), dtype=t2.get_data_dtype()), np.asarray(t2.dataobj)])
+    nib.save(nib.Nifti1Image(padded, t2.affine @ shift), padded_t2)
     base, out = tmp_path / "base_prob.nii.gz", tmp_path / "seg.nii.gz"
     assert infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t2", case["t2"], "--out", tmp_path / "b.nii.gz",
                  "--probabilities", base)[0] == 0
-    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t2", flipped, "--out", out)
-    assert rc == 2 and "different grids" in err and "--resample-to" in err and "t2_flipped.nii.gz" in err
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t2", padded_t2, "--out", out)
+    assert rc == 2 and "different grids" in err and "--resample-to" in err and "t2_padded.nii.gz" in err
     assert not out.exists()
     prob = tmp_path / "prob.nii.gz"
-    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t2", flipped, "--out", out,
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t2", padded_t2, "--out", out,
                        "--resample-to", "flair", "--probabilities", prob, "--summary", tmp_path / "s.json")
     assert rc == 0, err
     assert_same_grid(out, case["flair"])
