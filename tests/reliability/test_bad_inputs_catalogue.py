@@ -166,10 +166,18 @@ def test_constant_volume_training(case, value):
 
 # -- geometry ----------------------------------------------------------------------------------------
 def test_orientation_differs_between_sequences_training(case):
+    """An axis-reversed copy is the same grid and is reordered exactly; another grid is refused."""
     img = nib.load(case["t2"])
+    before = load_training_case(case["root"])["image"][3].numpy()
     flip = np.eye(4)
     flip[0, 0], flip[0, 3] = -1, img.shape[0] - 1  # same voxels in space, stored with the first axis reversed
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[::-1].copy(), img.affine @ flip), str(case["t2"]))
+    np.testing.assert_array_equal(load_training_case(case["root"])["image"][3].numpy(), before)
+    # one more slice before the first axis: the same anatomy on a larger grid, which training does not resample
+    shift = np.eye(4)
+    shift[0, 3] = -1
+    padded = np.concatenate([np.zeros((1, *img.shape[1:]), dtype=img.get_data_dtype()), np.asarray(img.dataobj)])
+    nib.save(nib.Nifti1Image(padded, img.affine @ shift), str(case["t2"]))
     with pytest.raises(CaseError, match=r"Phantom_000_t2\.nii\.gz and .*different grids.*Resample/register"):
         load_training_case(case["root"])
 
