@@ -88,6 +88,60 @@ def test_evaluate_every_labelled_case(trained, phantoms, tmp_path):
     assert "mean_over_subsets" in proc.stdout
     ckpt = trained / "models" / "model.pt"  # the report names the model it scored
     assert report["checkpoint"] == {"path": str(ckpt), "sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()}
+    # the scores themselves, recomputed without the evaluator: a range check would pass for any constant
+    # Dice, or for every subset scored with all four sequences
+    expected = _reference_dice(ckpt, phantoms, subsets=(0, 3, 14))
+    got = {(r["case"], r["subset"]): [r["WT"], r["TC"], r["ET"]] for r in report["per_case"]}
+    for key, dice in expected.items():
+        assert got[key] == pytest.approx(dice, abs=2e-3), key
+    assert len({tuple(got[(case, "flair")]) for case, _ in expected}) == N_CASES  # scores differ between cases
+    # the aggregates are the plain means of those rows
+    for name, row in report["subsets"].items():
+        rows = [v for (_, subset), v in got.items() if subset == name]
+        means = [sum(col) / len(rows) for col in zip(*rows)]
+        assert [row["WT"], row["TC"], row["ET"]] == pytest.approx(means, abs=1e-12)
+        assert row["mean"] == pytest.approx(sum(means) / 3, abs=1e-12)
+    assert report["mean_over_subsets"]["mean"] == pytest.approx(
+        sum(row["mean"] for row in report["subsets"].values()) / 15, abs=1e-12)
+    assert report["worst_subset"]["name"] == min(report["subsets"], key=lambda n: report["subsets"][n]["mean"])
+
+
+def _reference_dice(ckpt, root, subsets):
+    """``{(case, subset name): [WT, TC, ET]}``: train.yaml's preprocessing, the fused forward pass of
+    each subset through a Gaussian sliding window (patch 32 fitted to the crop, overlap 0.5), sigmoid > 0.5 and Dice
+    2|P & T| / (|P| + |T|) written out here."""
+    from monai.inferers import sliding_window_inference
+    from monai.transforms import Compose, CropForegroundd, NormalizeIntensityd, Orientationd
+
+    from app.data import LoadCased, discover_cases
+    from app.engines.utils import fit_roi
+    from app.networks import DSUNet
+    from app.subsets import BRATS_MODALITIES, subset_masks, subset_name
+
+    net = DSUNet(features=(8, 16, 32, 64))
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    net.load_state_dict({k: v for k, v in state.items() if k in net.state_dict()})
+    net.eval()
+    prep = Compose([LoadCased(), Orientationd(keys=["image", "label"], axcodes="RAS"),
+                    CropForegroundd(keys=["image", "label"], source_key="image"),
+                    NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)])
+    masks, out = subset_masks(4), {}
+    for record in discover_cases(root, require_label=True):
+        data = prep(record)
+        image, label = torch.as_tensor(data["image"])[None], torch.as_tensor(data["label"]).bool()
+        roi = fit_roi((32, 32, 32), image.shape[2:], net.divisor)  # the evaluator's window for a smaller crop
+        for j in subsets:
+            mask = masks[j][None]
+            with torch.no_grad():
+                logits = sliding_window_inference(image, roi, 2, lambda w: net(w, mask.expand(len(w), -1)),
+                                                  overlap=0.5, mode="gaussian")[0]
+            pred = logits > 0
+            dice = []
+            for p, t in zip(pred, label):
+                total = int(p.sum()) + int(t.sum())
+                dice.append(1.0 if total == 0 else 2 * int((p & t).sum()) / total)
+            out[(record["case"], subset_name(all_subsets(4)[j], BRATS_MODALITIES))] = dice
+    return out
 
 
 def test_time_limit_stops_cleanly_and_still_writes_final_model(phantoms, tmp_path):
