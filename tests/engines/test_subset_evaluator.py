@@ -66,3 +66,27 @@ def test_a_case_without_t1_is_left_out_of_every_subset_with_t1_only(net):
     # the case is scored on every subset it has, and on none it lacks
     scored = {row["subset"] for row in metric.last_result["per_case"] if row["case"] == "no_t1"}
     assert scored == {name for name in subsets if "t1" not in name.split("+")}
+
+
+def test_each_subset_is_scored_on_its_own_fused_prediction(net):
+    """subset_dice[:, j] is the hard Dice of net(image, subset j's mask) > 0, written out by hand here."""
+    from app.subsets import subset_masks
+
+    torch.manual_seed(3)
+    image = torch.randn(1, 4, 8, 8, 8)
+    label = torch.rand(1, 3, 8, 8, 8) > 0.5
+    data = [{"image": image, "label": label.float(), "modality_mask": torch.ones(1, 4, dtype=torch.bool),
+             "case": ["a"]}]
+    inferer = SlidingWindowInferer(roi_size=(8, 8, 8), sw_batch_size=1)  # one window: no blending
+    evaluator = SubsetEvaluator(device=torch.device("cpu"), val_data_loader=data, network=net, inferer=inferer)
+    evaluator.run()
+    got = evaluator.state.output["subset_dice"][0]
+    assert got.shape == (15, 3) and evaluator.state.output["subset_valid"].all()
+    expected = []
+    for mask in subset_masks(4):
+        with torch.no_grad():
+            pred = net(image, mask[None])[0] > 0
+        expected.append([2 * int((p & t).sum()) / (int(p.sum()) + int(t.sum())) for p, t in zip(pred, label[0])])
+    expected = torch.tensor(expected, dtype=torch.float64)
+    assert len({tuple(row) for row in expected.tolist()}) > 5  # the subsets' predictions differ
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-12)
