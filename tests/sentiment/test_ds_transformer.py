@@ -212,4 +212,20 @@ def test_an_impossible_setting_is_a_value_error_naming_it(settings, message):
 
 
 def test_boundary_settings_still_build():
-    DSTransformer(in_features=[6, 5, 4], encoder_layers=0, trunk_layers=0, dropout=0.0, input_dropout=[0.0, 1.0, 0.5])
+    """0 layers, no dropout and input dropout 1.0 are accepted and the network runs; while training, input
+    dropout 1.0 makes a modality's output independent of its input, and 0.0 does not."""
+    ds, batch = _batch()
+    torch.manual_seed(0)
+    net = DSTransformer(in_features=DIMS, hidden=16, num_heads=2, encoder_layers=0, trunk_layers=0, dropout=0.0,
+                        head_dropout=0.0, input_dropout=[0.0, 0.0, 1.0]).set_input_statistics(ds.statistics())
+    mask = batch["modality_mask"]
+    with torch.no_grad():
+        out = net.eval()(batch["image"], mask)
+        assert out.shape == (6, 1) and torch.isfinite(out).all()
+        net.train()
+        names = list(net.modalities)
+        for m, dropped in ((2, True), (0, False)):  # not symmetric: a reversed list would drop text
+            other = dict(batch["image"])
+            other[names[m]] = other[names[m]] * 3 + 1  # another input for modality m only
+            a, b = net.per_modality(batch["image"], mask)[:, m], net.per_modality(other, mask)[:, m]
+            assert torch.equal(a, b) is dropped, names[m]
