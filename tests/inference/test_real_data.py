@@ -35,3 +35,8 @@ def test_real_case_flair_t2_on_input_grid(trained_ckpt, infer, tmp_path):
     assert s["sequences_used"] == ["flair", "t2"] and s["sequences_missing"] == ["t1", "t1ce"]
     assert s["voxel_volume_ml"] == pytest.approx(0.001)
     assert s["inference"]["single_window"] is True
+    # the summary's volumes are the label map's voxels (1 mm^3 each), counted here independently
+    labels = np.asarray(img.dataobj)
+    ncr, ed, et = (int((labels == v).sum()) for v in (1, 2, 4))
+    expected = {"WT": ncr + ed + et, "TC": ncr + et, "ET": et, "NCR": ncr, "ED": ed}
+    assert s["volumes_ml"] == pytest.approx({k: n / 1000 for k, n in expected.items()}, abs=1e-4)
