@@ -80,6 +80,11 @@ def test_classification_with_the_documented_settings_trains_and_evaluates(synthe
     report = json.loads((tmp_path / "eval" / "subset_metrics.json").read_text())
     assert list(report["subsets"]) == NAMES
     assert all(set(row) == {"Acc", "F1", "n"} and 0.0 <= row["Acc"] <= 1.0 for row in report["subsets"].values())
+    assert all(row["n"] == 24 for row in report["subsets"].values())  # every utterance of the test split
+    # Acc is a whole number of utterances out of 24, and the mean is over the 7 subsets
+    assert all(abs(row["Acc"] * 24 - round(row["Acc"] * 24)) < 1e-6 for row in report["subsets"].values())
+    mean = sum(row["Acc"] for row in report["subsets"].values()) / 7
+    assert report["mean_over_subsets"]["Acc"] == pytest.approx(mean)
 
 
 def test_evaluate_missing_split_names_the_available_ones(trained, trainval_pkl, tmp_path):
