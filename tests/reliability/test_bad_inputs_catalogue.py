@@ -168,9 +168,12 @@ def test_constant_volume_training(case, value):
 def test_orientation_differs_between_sequences_training(case):
     img = nib.load(case["t2"])
     flip = np.eye(4)
-    flip[0, 0], flip[0, 3] = -1, img.shape[0] - 1  # same voxels in space, stored with the first axis reversed
+    flip[0, 0] = -1  # first axis reversed about the origin: the voxels now lie elsewhere in space
+    # (the same voxels stored in another order, flip[0, 3] = shape - 1, are reordered instead: see
+    # data/test_data_transforms.py::test_a_sequence_stored_in_another_voxel_order_is_put_on_the_reference_grid)
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[::-1].copy(), img.affine @ flip), str(case["t2"]))
-    with pytest.raises(CaseError, match=r"Phantom_000_t2\.nii\.gz and .*different grids.*Resample/register"):
+    with pytest.raises(CaseError, match=r"Phantom_000_t2\.nii\.gz and .*different grids.*"
+                                        r"largest affine entry difference 2 .*Resample/register"):
         load_training_case(case["root"])
 
 
