@@ -77,7 +77,7 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
         if key in _RUN_ARGS or top in known:
             continue
         close = difflib.get_close_matches(top, sorted(known), n=3, cutoff=0.6)
-        hint = f"did you mean {' or '.join('--' + c for c in close)}?" if close else "check its spelling"
+        hint = f"did you mean {' or '.join('--' + c for c in close)}?" if close else "check its spelling."
         files = config_file if isinstance(config_file, str) else ", ".join(map(str, config_file))
         raise ValueError(f"--{key} is not a setting of {files}: {hint} The run would ignore it and use the default; "
                          "the settings are the top-level keys of those files.")

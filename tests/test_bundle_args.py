@@ -34,3 +34,12 @@ def test_check_overrides_refuses_a_misspelt_key_and_names_the_setting(tmp_path):
         check_overrides([main, "run", "--config_file", inference, "--label", "2023"])
     # another program's command line (an in-process monai.bundle.run) is not checked
     check_overrides(["pytest", "--patch_sizes", "1", "--config_file", train])
+
+
+def test_a_key_with_no_close_setting_gets_a_sentence_of_its_own():
+    from app.bundle_args import _MONAI_DIR, check_overrides
+
+    main = os.path.join(_MONAI_DIR, "bundle", "__main__.py")
+    train = os.path.join(os.path.dirname(__file__), "..", "bundles", "mosi_gmd", "configs", "train.yaml")
+    with pytest.raises(ValueError, match=r"--zzzz is not a setting of .*: check its spelling\. The run would ignore"):
+        check_overrides([main, "run", "--config_file", train, "--zzzz", "1"])
