@@ -181,10 +181,6 @@ def _label_map(case, tmp_path):
     return ["--flair", str(seg)], f"{seg} (flair) looks like a segmentation label map"
 
 
-def _case_dir_many(case, tmp_path):
-    return ["--case-dir", str(Path(case["flair"]).parents[1])], "holds"
-
-
 BAD = {f.__name__.lstrip("_"): f for f in (
     _corrupt, _truncated, _empty, _constant, _nan, _two_d, _single_slice, _four_d, _mismatched, _missing, _not_nifti,
     _no_sequence, _unknown_name, _unknown_flag, _resample_to_absent, _resample_to_unknown, _empty_path,
