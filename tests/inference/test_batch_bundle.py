@@ -46,7 +46,7 @@ def _mixed_cases(phantom_root: Path, root: Path) -> dict[str, list[str]]:
             "BRATS_900": ["flair", "t1", "t1ce", "t2"]}
 
 
-def test_bundle_batch_runs_every_case_with_its_sequences(phantom_root, random_ckpt, tmp_path):
+def test_bundle_batch_runs_every_case_with_its_sequences(phantom_root, random_ckpt, infer, tmp_path):
     expected = _mixed_cases(phantom_root, tmp_path / "in")
     out = tmp_path / "out"
     proc = _bundle("run", "--config_file", str(BUNDLE / "configs" / "inference.yaml"), "--bundle_root", str(BUNDLE),
@@ -67,6 +67,18 @@ def test_bundle_batch_runs_every_case_with_its_sequences(phantom_root, random_ck
     assert msd_out.shape == (32, 32, 32)
     msd_in = load(tmp_path / "in" / "Task01" / "imagesTs" / "BRATS_900.nii.gz")
     np.testing.assert_array_equal(msd_out.affine, msd_in.affine)
+    # each case segmented as infer segments its files alone: the 4D MSD case (channels from dataset.json)
+    # as the four files it was built from, and the FLAIR+T2 case with those two sequences
+    for case, name, seqs in (("BRATS_900", "Phantom_002", ("flair", "t1", "t1ce", "t2")),
+                             ("Phantom_001", "Phantom_001", ("flair", "t2"))):
+        files = [a for seq in seqs for a in (f"--{seq}", phantom_root / name / f"{name}_{seq}.nii.gz")]
+        rc, _, err = infer("--ckpt", random_ckpt, *files, "--labels", "2023", "--device", "cpu",
+                           "--out", tmp_path / f"{case}_infer.nii.gz", "--probabilities", tmp_path / f"{case}_p.nii.gz")
+        assert rc == 0, err
+        np.testing.assert_array_equal(np.asarray(load(out / f"{case}.nii.gz").dataobj),
+                                      np.asarray(load(tmp_path / f"{case}_infer.nii.gz").dataobj))
+        np.testing.assert_allclose(np.asarray(load(out / f"{case}_prob.nii.gz").dataobj),
+                                   np.asarray(load(tmp_path / f"{case}_p.nii.gz").dataobj), atol=1e-6)
 
 
 def test_entrypoint_reports_a_bad_case_and_segments_the_others(phantom_root, random_ckpt, tmp_path, capsys):
