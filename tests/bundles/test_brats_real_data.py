@@ -55,4 +55,13 @@ def test_one_training_iteration_then_evaluation(two_cases, tmp_path):
     assert len(report["subsets"]) == 15
     assert all(row["n_cases"] == 1 for row in report["subsets"].values())
     assert {row["case"] for row in report["per_case"]} == set(held_out)
-    assert 0.0 <= report["mean_over_subsets"]["mean"] <= 1.0
+    # one case: each subset's row is that case's Dice, its mean the mean of WT/TC/ET, and the overall
+    # mean the unweighted mean over the 15 subsets
+    rows = {row["subset"]: row for row in report["per_case"]}
+    for name, row in report["subsets"].items():
+        assert 0.0 <= row["WT"] <= 1.0 and 0.0 <= row["TC"] <= 1.0 and 0.0 <= row["ET"] <= 1.0
+        assert [row[r] for r in ("WT", "TC", "ET")] == pytest.approx([rows[name][r] for r in ("WT", "TC", "ET")])
+        assert row["mean"] == pytest.approx((row["WT"] + row["TC"] + row["ET"]) / 3)
+    overall = sum(row["mean"] for row in report["subsets"].values()) / 15
+    assert report["mean_over_subsets"]["mean"] == pytest.approx(overall)
+    assert report["checkpoint"]["path"] == str(ckpt)
