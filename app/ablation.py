@@ -102,15 +102,15 @@ def parse_strategies(spec: str | Sequence[str]) -> list[tuple[str, str, str | No
             continue
         name, _, k = item.partition(":")
         name, k = name.strip(), k.strip()
-        if name.strip().lower() not in STRATEGIES:  # before any strategy trains, not when its turn comes
+        if name.lower() not in STRATEGIES:  # before any strategy trains, not when its turn comes
             raise ValueError(f"Unknown strategy {name!r} in --strategies: choose from {sorted(STRATEGIES)}.")
         if k:
             # only the GMD strategies read --gmd_subsets: another would train unchanged under a "_k" label
-            takes_k = "subsets" in inspect.signature(STRATEGIES[name.strip().lower()].__init__).parameters
+            takes_k = "subsets" in inspect.signature(STRATEGIES[name.lower()].__init__).parameters
             if not takes_k:
                 raise ValueError(f"Strategy {item!r} in --strategies: only GMD strategies take a subset count "
                                  f"(e.g. gmd:5 or gmd_approx:5); write {name} without ':{k}'.")
-            if not k.strip().isdigit() or int(k) < 1:
+            if not k.isdigit() or int(k) < 1:
                 raise ValueError(f"Strategy {item!r} in --strategies: the subset count must be a positive integer, "
                                  "e.g. gmd:5.")
         label = f"{name}_k{k}" if k else name

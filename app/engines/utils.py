@@ -9,13 +9,12 @@ import math
 import os
 import sys
 from types import TracebackType
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-import monai
 import torch
 from ignite.engine import Engine
 
-from app.bundle_args import check_overrides
+from app.bundle_args import _MONAI_DIR, check_overrides
 from app.flags import parse_bool
 from app.networks.ds_unet import recorded_spacing
 from app.networks.weights import describe_state_dict, load_weights
@@ -28,7 +27,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _APP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-_MONAI_DIR = os.path.dirname(os.path.abspath(monai.__file__)) + os.sep
 
 
 def _raised_at(exc: BaseException) -> tuple[str, int]:
@@ -84,31 +82,36 @@ def report_input_errors() -> None:
     sys.excepthook = hook
 
 
+def _check_each(values: Mapping[str, Any], ok: Callable[[Any], bool], requirement: str, example: Any) -> None:
+    """Raise a ``ValueError`` naming the first setting whose value fails ``ok`` (or is a bool)."""
+    for name, value in values.items():
+        try:
+            good = not isinstance(value, bool) and ok(value)
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            raise ValueError(f"--{name} {value!r} must be {requirement}, e.g. --{name} {example}.")
+
+
 def check_counts(at_least: int = 1, **counts: Any) -> None:
     """Raise a ``ValueError`` naming the setting when a count (``max_epochs=...``) is not a whole number
     >= ``at_least`` (0 for settings where 0 means off, such as ``checkpoint_interval``).
 
     Checked before the data split is written, so such a run leaves nothing behind.
     """
-    for name, value in counts.items():
-        try:
-            ok = not isinstance(value, bool) and int(value) == float(value) and int(value) >= at_least
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ValueError(f"--{name} {value!r} must be a whole number >= {at_least}, e.g. --{name} {max(at_least, 1)}.")
+    _check_each(counts, lambda v: int(v) == float(v) and int(v) >= at_least, f"a whole number >= {at_least}",
+                max(at_least, 1))
 
 
 def check_positive(**values: Any) -> None:
     """Raise a ``ValueError`` naming the setting when a value (``learning_rate=...``) is not a finite
     number > 0; checked with :func:`check_counts`, before the data split is written."""
-    for name, value in values.items():
-        try:
-            ok = not isinstance(value, bool) and math.isfinite(float(value)) and float(value) > 0
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ValueError(f"--{name} {value!r} must be a number > 0, e.g. --{name} 0.001.")
+    _check_each(values, lambda v: math.isfinite(float(v)) and float(v) > 0, "a number > 0", 0.001)
+
+
+def _run_folder(ckpt_path: str | os.PathLike) -> str:
+    """The training run a checkpoint at ``<run>/models/<name>.pt`` belongs to, where its split records lie."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(os.fspath(ckpt_path))))
 
 
 def check_held_out(ckpt_path: str | os.PathLike, records: Sequence[dict[str, Any]]) -> str | None:
@@ -119,7 +122,7 @@ def check_held_out(ckpt_path: str | os.PathLike, records: Sequence[dict[str, Any
     """
     from app.data.datalist import read_datalist
 
-    datalist = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(os.fspath(ckpt_path)))), "datalist.json")
+    datalist = os.path.join(_run_folder(ckpt_path), "datalist.json")
     if not os.path.isfile(datalist):
         return None
     try:
@@ -152,7 +155,7 @@ def check_held_out_split(ckpt_path: str | os.PathLike, data: Mapping[str, Mappin
     """
     from app.data.mmsa import SPLITS_NAME, read_mmsa_splits
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(os.fspath(ckpt_path)))), SPLITS_NAME)
+    path = os.path.join(_run_folder(ckpt_path), SPLITS_NAME)
     record = read_mmsa_splits(path)
     if record is None or eval_split not in data:
         return None

@@ -185,25 +185,26 @@ def bundle_defaults(bundle: str | os.PathLike | None) -> dict[str, Any]:
     return out
 
 
-def is_torchscript(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a TorchScript archive (``torch.jit.save``), False for ``torch.save`` files."""
+def _archive_records(path: str | os.PathLike) -> set[str]:
+    """Names of the records (``data.pkl``, ``constants.pkl``, ...) of a torch zip archive, whatever
+    folder it stores them under; empty for another file or no file."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return any(name.endswith("/constants.pkl") or name == "constants.pkl" for name in archive.namelist())
+            return {name.rsplit("/", 1)[-1] for name in archive.namelist()}
     except (zipfile.BadZipFile, OSError):
-        return False
+        return set()
+
+
+def is_torchscript(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a TorchScript archive (``torch.jit.save``), False for ``torch.save`` files."""
+    return "constants.pkl" in _archive_records(path)
 
 
 def is_weights_file(path: str | os.PathLike) -> bool:
     """True for a ``torch.save`` archive (a training checkpoint such as ``model.pt``), False for a
     TorchScript model, another file or no file."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
-    return any(n.endswith("/data.pkl") or n == "data.pkl" for n in names) and not any(
-        n.endswith("/constants.pkl") or n == "constants.pkl" for n in names)
+    records = _archive_records(path)
+    return "data.pkl" in records and "constants.pkl" not in records
 
 
 def checkpoint_features(path: str | os.PathLike) -> list[int] | None:
