@@ -50,6 +50,8 @@ _EXPORTS = {
     "make_synthetic_mmsa": "app.data.mmsa",
     "mmsa_split": "app.data.mmsa",
     "read_mmsa_splits": "app.data.mmsa",
+    "seen_utterances": "app.data.mmsa",
+    "utterance_digests": "app.data.mmsa",
     "write_mmsa_splits": "app.data.mmsa",
     "save_mmsa_npz": "app.data.mmsa",
     "write_synthetic_mmsa": "app.data.mmsa",
@@ -106,6 +108,8 @@ if TYPE_CHECKING:
         mmsa_split,
         read_mmsa_splits,
         save_mmsa_npz,
+        seen_utterances,
+        utterance_digests,
         write_mmsa_splits,
         write_synthetic_mmsa,
     )

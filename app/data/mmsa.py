@@ -25,6 +25,7 @@ Command line (dispatched by ``python -m app convert-mmsa``)::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import pickle
@@ -55,6 +56,8 @@ __all__ = [
     "mmsa_split",
     "save_mmsa_npz",
     "read_mmsa_splits",
+    "seen_utterances",
+    "utterance_digests",
     "write_mmsa_splits",
     "write_synthetic_mmsa",
 ]
@@ -321,16 +324,51 @@ def mmsa_split(data: Mapping[str, Mapping[str, np.ndarray]], split: str, source:
     return dict(data[split])
 
 
+def _generated_ids(split: Mapping[str, np.ndarray], name: str) -> bool:
+    """Whether the split's ids are the ``<split>_<index>`` ones the loader makes for a file without ids."""
+    return [str(i) for i in split["id"]] == [f"{name}_{i}" for i in range(len(split["id"]))]
+
+
+def utterance_digests(split: Mapping[str, np.ndarray]) -> list[str]:
+    """A digest of each utterance's features (the steps its lengths cover, never the padding).
+
+    Identifies utterances of a file without ids, whose ids are only their positions; the labels are
+    left out, so a copy with hidden labels is still recognised.
+    """
+    digests = []
+    for i in range(len(split["id"])):
+        h = hashlib.blake2b(digest_size=8)
+        for m in MMSA_MODALITIES:
+            n = int(split[f"{m}_lengths"][i])
+            h.update(np.int64(n).tobytes())
+            h.update(np.ascontiguousarray(split[m][i, :n], dtype=np.float32).tobytes())
+        digests.append(h.hexdigest())
+    return digests
+
+
+def _utterance_record(split: Mapping[str, np.ndarray], name: str) -> dict[str, Any]:
+    record: dict[str, Any] = {"ids": [str(i) for i in split["id"]]}
+    if _generated_ids(split, name):
+        record["digests"] = utterance_digests(split)
+    return record
+
+
 def write_mmsa_splits(output_dir: str | os.PathLike, data: Mapping[str, Mapping[str, np.ndarray]],
                       train_split: str, val_split: str, source: str | os.PathLike = "the data file") -> Path:
-    """Record in ``output_dir/splits.json`` the utterance ids a training run trains and selects on.
+    """Record in ``output_dir/splits.json`` the utterances a training run trains and selects on.
 
-    An evaluation of the run's checkpoint reads it back (:func:`read_mmsa_splits`) to say when the
-    scored utterances are not held out: the file may be converted or renamed, the ids stay.
+    An evaluation of the run's checkpoint reads it back (:func:`read_mmsa_splits`,
+    :func:`seen_utterances`) to say when the scored utterances are not held out. Utterances are
+    known by their ids, which stay when the file is converted or renamed; a file without ids has
+    only positions for ids, so its utterances are also recorded by their features' digests.
     """
-    record = {"train_split": train_split, "val_split": val_split,
-              "train_ids": [str(i) for i in mmsa_split(data, train_split, source)["id"]],
-              "val_ids": [str(i) for i in mmsa_split(data, val_split, source)["id"]]}
+    train = _utterance_record(mmsa_split(data, train_split, source), train_split)
+    val = _utterance_record(mmsa_split(data, val_split, source), val_split)
+    record: dict[str, Any] = {"train_split": train_split, "val_split": val_split,
+                              "train_ids": train["ids"], "val_ids": val["ids"]}
+    for role, split in (("train", train), ("val", val)):
+        if "digests" in split:
+            record[f"{role}_digests"] = split["digests"]
     return atomic_write_text(Path(output_dir) / SPLITS_NAME, json.dumps(record) + "\n")
 
 
@@ -342,6 +380,20 @@ def read_mmsa_splits(path: str | os.PathLike) -> dict[str, Any] | None:
         return None
     keys = ("train_split", "val_split", "train_ids", "val_ids")
     return record if isinstance(record, dict) and all(k in record for k in keys) else None
+
+
+def seen_utterances(record: Mapping[str, Any], split: Mapping[str, np.ndarray], name: str, role: str) -> int:
+    """How many utterances of ``split`` (called ``name``) the recorded run used for ``role``.
+
+    ``role`` is ``"train"`` or ``"val"``. Ids decide when both files have their own; when either
+    has only positional ids, the features' digests decide, so two id-less files are not mistaken
+    for each other.
+    """
+    if _generated_ids(split, name) or f"{role}_digests" in record:
+        if f"{role}_digests" not in record:
+            return 0  # the run's file had ids, this one has none: nothing to match on
+        return len(set(record[f"{role}_digests"]) & set(utterance_digests(split)))
+    return len(set(record[f"{role}_ids"]) & {str(i) for i in split["id"]})
 
 
 def feature_dims(data: Mapping[str, Mapping[str, np.ndarray]]) -> list[int]:

@@ -153,21 +153,21 @@ def check_held_out_split(ckpt_path: str | os.PathLike, data: Mapping[str, Mappin
     the last epoch's weights (``model_final.pt``, ``checkpoint_last.pt``) were never chosen on it, so
     their scores there are held out. Returns the warning, or None.
     """
-    from app.data.mmsa import SPLITS_NAME, read_mmsa_splits
+    from app.data.mmsa import SPLITS_NAME, read_mmsa_splits, seen_utterances
 
     path = os.path.join(_run_folder(ckpt_path), SPLITS_NAME)
     record = read_mmsa_splits(path)
     if record is None or eval_split not in data:
         return None
-    scored = [str(i) for i in data[eval_split]["id"]]
-    trained = set(record["train_ids"]) & set(scored)
-    selected = set(record["val_ids"]) & set(scored)
+    scored = data[eval_split]["id"]
+    trained = seen_utterances(record, data[eval_split], eval_split, "train")
+    selected = seen_utterances(record, data[eval_split], eval_split, "val")
     if trained:
-        message = (f"{len(trained)} of the {len(scored)} utterances of split {eval_split!r} trained this checkpoint "
+        message = (f"{trained} of the {len(scored)} utterances of split {eval_split!r} trained this checkpoint "
                    f"(its run's --train_split {record['train_split']!r}, {path}): these scores are not held out. "
                    "Pass --eval_split a split it never saw.")
     elif selected and os.path.basename(os.fspath(ckpt_path)) not in UNSELECTED_CHECKPOINTS:
-        message = (f"{len(selected)} of the {len(scored)} utterances of split {eval_split!r} selected this checkpoint "
+        message = (f"{selected} of the {len(scored)} utterances of split {eval_split!r} selected this checkpoint "
                    f"(its run's --val_split {record['val_split']!r}, {path}): these scores are optimistic. Pass "
                    "--eval_split a split it never saw (test) for unbiased ones.")
     else:

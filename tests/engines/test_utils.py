@@ -167,6 +167,38 @@ def test_evaluating_training_or_selection_utterances_is_warned_about(tmp_path):
         write_mmsa_splits(run, data, "train", "dev")
 
 
+def test_files_without_ids_are_told_apart_by_their_features(tmp_path):
+    from app.data import load_mmsa, make_synthetic_mmsa, save_mmsa_npz, write_mmsa_splits
+    from app.engines import check_held_out_split
+
+    def id_less(seed):
+        data = make_synthetic_mmsa({"train": 6, "valid": 4, "test": 4}, dims=(4, 3, 4), seed=seed)
+        return {name: {k: v for k, v in split.items() if k != "id"} for name, split in data.items()}
+
+    ours, other = id_less(0), id_less(1)
+    save_mmsa_npz(ours, tmp_path / "ours.npz")
+    save_mmsa_npz(other, tmp_path / "other.npz")
+    ours, other = load_mmsa(tmp_path / "ours.npz"), load_mmsa(tmp_path / "other.npz")
+    assert list(ours["train"]["id"]) == list(other["train"]["id"])  # both only positions: train_0, ...
+    run = tmp_path / "run"
+    run.mkdir()
+    write_mmsa_splits(run, ours, "train", "valid")
+    ckpt = run / "models" / "model.pt"
+    # another file's utterances share the positional ids but were never seen
+    assert check_held_out_split(ckpt, other, "train") is None
+    assert check_held_out_split(ckpt, other, "valid") is None
+    # the run's own file, converted again, is still recognised
+    save_mmsa_npz(ours, tmp_path / "again.npz")
+    again = load_mmsa(tmp_path / "again.npz")
+    assert check_held_out_split(ckpt, again, "train").startswith("6 of the 6 utterances of split 'train' trained")
+    assert check_held_out_split(ckpt, again, "valid").startswith("4 of the 4 utterances of split 'valid' selected")
+    # a training utterance copied into the test split is caught by its features, whatever its position
+    moved = {k: np.concatenate([v[3:4], again["test"][k][1:]]) if k != "id" else again["test"][k]
+             for k, v in again["train"].items()}
+    assert check_held_out_split(ckpt, {**again, "test": moved}, "test").startswith(
+        "1 of the 4 utterances of split 'test' trained")
+
+
 def test_check_counts_accepts_whole_numbers_from_one():
     from app.engines import check_counts
 
