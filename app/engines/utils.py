@@ -58,6 +58,21 @@ def _input_error(exc: BaseException | None) -> BaseException | None:
     return None
 
 
+class _InputErrorTracebacks(logging.Filter):
+    """Drop the traceback from a log record whose exception is the product's own bad-input error.
+
+    MONAI's ``StatsHandler`` logs every exception the engine raises with its traceback before the
+    exception ends the run, so an input error found during a run (a ``--resume`` that does not fit
+    the checkpoint) printed a traceback above its ``error:`` line. The message itself stays logged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and os.environ.get("APP_TRACEBACK") != "1" and _input_error(exc) is not None:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def report_input_errors() -> None:
     """Make a bundle run end on bad input with one ``error:`` line, as the command-line tools do.
 
@@ -65,8 +80,12 @@ def report_input_errors() -> None:
     ``RuntimeError`` and prints the whole chain, so the message that names the file and the fix sits
     in the middle of a long traceback. This hook prints only that message when the chain holds one
     (exit status stays 1); any other failure keeps the full traceback (see :func:`_input_error`),
-    and so does every failure when the environment sets ``APP_TRACEBACK=1``.
+    and so does every failure when the environment sets ``APP_TRACEBACK=1``. The log handlers set
+    up so far (the bundle's ``logging.conf``) leave out the traceback of such an error too.
     """
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _InputErrorTracebacks) for f in handler.filters):
+            handler.addFilter(_InputErrorTracebacks())
     previous = sys.excepthook
     if getattr(previous, "_reports_input_errors", False):
         return

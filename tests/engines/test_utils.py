@@ -89,6 +89,41 @@ def _wrapped(err: BaseException) -> BaseException:
     return _raised(lambda: namespace["evaluate"](err))
 
 
+def test_report_input_errors_keeps_tracebacks_out_of_the_log_for_input_errors_only(monkeypatch):
+    import io
+    import logging
+
+    from app.engines.utils import check_patch_size
+
+    monkeypatch.setattr("sys.excepthook", lambda *exc: None)
+    monkeypatch.delenv("APP_TRACEBACK", raising=False)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logging.getLogger().addHandler(handler)
+    log = logging.getLogger("test_report_input_errors")
+    try:
+        report_input_errors()
+        report_input_errors()  # one filter per handler, however often it is called
+        assert len(handler.filters) == 1
+        for error in (_raised(lambda: check_patch_size([30, 32, 32], DSUNet(features=(8, 16, 32, 64)))),
+                      _raised(lambda: int("x"))):
+            try:
+                raise error
+            except ValueError as err:
+                log.exception(f"Exception: {err}")  # as MONAI's StatsHandler logs what ends an engine run
+        ours, bug = stream.getvalue().split("Exception: ")[1:]
+        assert ours.startswith("patch_size") and ours.count("\n") == 1  # the message, no traceback
+        assert "Traceback" in bug and "int(\"x\")" in bug  # a bug keeps its traceback
+        monkeypatch.setenv("APP_TRACEBACK", "1")
+        try:
+            raise _raised(lambda: check_patch_size([30, 32, 32], DSUNet(features=(8, 16, 32, 64))))
+        except ValueError as err:
+            log.exception(f"Exception: {err}")
+        assert stream.getvalue().split("Exception: ")[-1].count("Traceback") == 1
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
 def test_report_input_errors_prints_only_the_products_own_message(monkeypatch, capsys):
     seen = []
     monkeypatch.setattr("sys.excepthook", lambda *exc: seen.append(exc[1]))

@@ -133,3 +133,18 @@ def test_resume_of_a_finished_run_changes_nothing(phantoms, reference, tmp_path)
     run_in_process([TRAIN], dataset_dir=str(phantoms), output_dir=str(out), resume=True, **SETTINGS)
     assert_same_tensors(before, load(out / "models" / "model_final.pt"))
     assert load(out / "models" / "checkpoint_last.pt")["iteration"] == 6
+
+
+def test_resume_that_does_not_fit_the_checkpoint_ends_with_the_error_alone(phantoms, reference, tmp_path):
+    """The refusal is found once the engine starts, where MONAI's StatsHandler logs every exception with
+    its traceback: the user sees the message (logged, then as the ``error:`` line) and no traceback."""
+    out = tmp_path / "run"
+    shutil.copytree(reference(), out)
+    log = tmp_path / "log.txt"
+    settings = {**SETTINGS, "epoch_length": 2}
+    proc = start_bundle(["--config_file", TRAIN, "--dataset_dir", str(phantoms), "--output_dir", str(out),
+                         "--resume", "true", *cli_args(settings)], log=log)
+    assert proc.wait(timeout=300) == 1
+    text = log.read_text()
+    assert "error: " in text and "written with 3 iterations per epoch, this run has 2" in text
+    assert "Traceback" not in text, text[-3000:]
