@@ -1,17 +1,20 @@
-"""One strict reading of true/false for every boolean knob of the bundles and command lines.
+"""One strict reading of the bundles' and command lines' knobs: booleans, counts and rates.
 
 ``python -m monai.bundle run ... --amp false`` hands the config the *string* ``"false"``, which
 Python's ``bool`` reads as True. Every boolean knob therefore goes through :func:`parse_bool`,
 which accepts only the spellings the documentation uses and names the flag when it refuses one.
+Counts (:func:`check_counts`) and rates (:func:`check_positive`) are checked where a run starts,
+and where a network is built from them, so a bad value is named before torch fails on it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
-__all__ = ["parse_bool"]
+__all__ = ["check_counts", "check_positive", "parse_bool"]
 
 _TRUE = ("true", "1")
 _FALSE = ("false", "0")
@@ -39,3 +42,30 @@ def parse_bool(value: Any, name: str) -> bool:
         if text in _FALSE:
             return False
     raise ValueError(f"--{name} must be true or false, got {value!r}: pass --{name} true or --{name} false.")
+
+
+def _check_each(values: Mapping[str, Any], ok: Callable[[Any], bool], requirement: str, example: Any) -> None:
+    """Raise a ``ValueError`` naming the first setting whose value fails ``ok`` (or is a bool)."""
+    for name, value in values.items():
+        try:
+            good = not isinstance(value, bool) and ok(value)
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            raise ValueError(f"--{name} {value!r} must be {requirement}, e.g. --{name} {example}.")
+
+
+def check_counts(at_least: int = 1, **counts: Any) -> None:
+    """Raise a ``ValueError`` naming the setting when a count (``max_epochs=...``) is not a whole number
+    >= ``at_least`` (0 for settings where 0 means off, such as ``checkpoint_interval``).
+
+    Checked before the data split is written, so such a run leaves nothing behind.
+    """
+    _check_each(counts, lambda v: int(v) == float(v) and int(v) >= at_least, f"a whole number >= {at_least}",
+                max(at_least, 1))
+
+
+def check_positive(**values: Any) -> None:
+    """Raise a ``ValueError`` naming the setting when a value (``learning_rate=...``) is not a finite
+    number > 0; checked with :func:`check_counts`, before the data split is written."""
+    _check_each(values, lambda v: math.isfinite(float(v)) and float(v) > 0, "a number > 0", 0.001)

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import linecache
 import logging
-import math
 import os
 import sys
 from types import TracebackType
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from ignite.engine import Engine
 
 from app.bundle_args import _MONAI_DIR, check_overrides
-from app.flags import parse_bool
+from app.flags import check_counts, check_positive, parse_bool
 from app.networks.ds_unet import recorded_spacing
 from app.networks.weights import describe_state_dict, load_weights
 
@@ -99,33 +98,6 @@ def report_input_errors() -> None:
 
     hook._reports_input_errors = True  # type: ignore[attr-defined]
     sys.excepthook = hook
-
-
-def _check_each(values: Mapping[str, Any], ok: Callable[[Any], bool], requirement: str, example: Any) -> None:
-    """Raise a ``ValueError`` naming the first setting whose value fails ``ok`` (or is a bool)."""
-    for name, value in values.items():
-        try:
-            good = not isinstance(value, bool) and ok(value)
-        except (TypeError, ValueError):
-            good = False
-        if not good:
-            raise ValueError(f"--{name} {value!r} must be {requirement}, e.g. --{name} {example}.")
-
-
-def check_counts(at_least: int = 1, **counts: Any) -> None:
-    """Raise a ``ValueError`` naming the setting when a count (``max_epochs=...``) is not a whole number
-    >= ``at_least`` (0 for settings where 0 means off, such as ``checkpoint_interval``).
-
-    Checked before the data split is written, so such a run leaves nothing behind.
-    """
-    _check_each(counts, lambda v: int(v) == float(v) and int(v) >= at_least, f"a whole number >= {at_least}",
-                max(at_least, 1))
-
-
-def check_positive(**values: Any) -> None:
-    """Raise a ``ValueError`` naming the setting when a value (``learning_rate=...``) is not a finite
-    number > 0; checked with :func:`check_counts`, before the data split is written."""
-    _check_each(values, lambda v: math.isfinite(float(v)) and float(v) > 0, "a number > 0", 0.001)
 
 
 def _run_folder(ckpt_path: str | os.PathLike) -> str:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from app.flags import check_counts
 from app.networks.ds_unet import check_fusable, masked_mean, modality_index
 from app.subsets import MOSI_MODALITIES
 
@@ -213,11 +214,9 @@ class DSTransformer(nn.Module):
             raise ValueError(f"A regression head has out_channels=1, got {out_channels}; use task='classification'.")
         if task == "classification" and out_channels < 2:
             raise ValueError(f"A classification head needs out_channels >= 2 classes, got {out_channels}.")
-        for name, value, low in (("hidden", hidden, 1), ("num_heads", num_heads, 1), ("encoder_layers", encoder_layers, 0),
-                                 ("trunk_layers", trunk_layers, 0)):
-            # checked here, where the settings are named: torch would fail later on a modulo by zero or an empty layer
-            if int(value) != value or int(value) < low:
-                raise ValueError(f"--{name} {value!r} must be a whole number >= {low}.")
+        # checked here, where the settings are named: torch would fail later on a modulo by zero or an empty layer
+        check_counts(hidden=hidden, num_heads=num_heads)
+        check_counts(at_least=0, encoder_layers=encoder_layers, trunk_layers=trunk_layers)
         if hidden % num_heads:
             raise ValueError(f"hidden ({hidden}) must be a multiple of num_heads ({num_heads}).")
         for name, value in (("dropout", dropout), ("head_dropout", head_dropout), ("input_dropout", input_dropout)):
