@@ -6,7 +6,7 @@ from app.engines.checkpoint import (
 )
 from app.engines.distributed import (
     DistributedTimeLimitHandler, GradientSync, broadcast_module, check_shards, close_distributed, distributed_device,
-    init_distributed, is_distributed, mean_over_ranks,
+    init_distributed, is_distributed, mean_over_ranks, wait_for_ranks,
 )
 from app.engines.handlers import DiagnosticsHandler, SubsetReportHandler, TimeLimitHandler
 from app.engines.sentiment import SentimentReportHandler, SentimentSubsetEvaluator, subset_predictions
@@ -21,6 +21,6 @@ __all__ = [
     "SubsetReportHandler", "ProgressBarHandler", "check_held_out", "check_held_out_split", "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "describe_state_dict", "load_weights",
     "SentimentSubsetEvaluator", "SentimentReportHandler", "subset_predictions",
     "ResumableCheckpoint", "ResumableSampler", "SeededDataset", "atomic_save", "load_training_checkpoint",
-    "init_distributed", "close_distributed", "distributed_device", "is_distributed", "broadcast_module", "check_shards", "mean_over_ranks", "GradientSync",
+    "init_distributed", "close_distributed", "distributed_device", "is_distributed", "broadcast_module", "check_shards", "mean_over_ranks", "wait_for_ranks", "GradientSync",
     "DistributedTimeLimitHandler", "report_input_errors", "check_overrides", "check_counts", "check_positive",
 ]

@@ -32,6 +32,7 @@ __all__ = [
     "broadcast_module",
     "check_shards",
     "mean_over_ranks",
+    "wait_for_ranks",
     "GradientSync",
     "DistributedTimeLimitHandler",
 ]
@@ -196,6 +197,23 @@ class GradientSync:
                 n = p.numel()
                 p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
                 offset += n
+
+
+def wait_for_ranks() -> None:
+    """Return once every rank has got here (at once in a single process).
+
+    Each rank reads only its own share of the cases, so a bad file stops one rank while the others
+    go on. Waiting here before the run's files are written means a rank that stops never arrives,
+    torchrun then ends the others, and a run that never trained leaves no ``datalist.json``.
+    """
+    if not is_distributed():
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    try:
+        dist.all_reduce(torch.zeros(1, device=device))
+    except RuntimeError:  # the connection to a rank that stopped closes (DistBackendError is one)
+        raise ValueError(f"Rank {dist.get_rank()} stops too: another process stopped before training (its error is "
+                         "printed above, with the file and the fix); nothing was written.") from None
 
 
 class DistributedTimeLimitHandler(TimeLimitHandler):

@@ -123,6 +123,44 @@ def test_two_gloo_processes_train_the_bundle_to_identical_weights(tmp_path):
     assert (out / "validation" / "subset_dice.json").is_file() and (out / "models" / "model.pt").is_file()
 
 
+def _torchrun(config_files: list[str], *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+           "-m", "monai.bundle", "run", "--config_file", str(config_files), *args]
+    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+
+
+def _rank_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("[rank")]
+
+
+def test_a_bad_case_on_one_rank_stops_every_rank_and_writes_nothing(tmp_path):
+    """Each rank reads only its share of the cases: the one holding a corrupt file stops, and the other
+    must not go on to write the run's datalist.json (nor hang, nor print a traceback)."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_phantoms(data, cases=6, size=24, seed=0)
+    (data / "Phantom_003" / "Phantom_003_t2.nii.gz").write_bytes(b"not a NIfTI file")
+    proc = _torchrun([TRAIN, MULTI_GPU], "--bundle_root", str(BRATS), "--dataset_dir", str(data), "--output_dir",
+                     str(out), "--dist_backend", "gloo", "--max_epochs", "1", "--val_fraction", "0.5", *cli_args(TINY))
+    assert proc.returncode != 0
+    lines = _rank_lines(proc)
+    assert any("error: Cannot read" in line and "Phantom_003_t2.nii.gz" in line for line in lines), lines
+    assert any("error: Rank" in line and "stops too: another process stopped before training" in line
+               for line in lines), lines
+    assert not any("Traceback" in line for line in lines), lines
+    assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
+
+
+def test_sentiment_run_refused_on_every_rank_writes_no_splits(tmp_path):
+    pkl = write_synthetic_mmsa(tmp_path / "mosi.pkl", splits={"train": 8, "valid": 1}, seed=0)
+    out = tmp_path / "out"
+    proc = _torchrun([str(MOSI / "train.yaml"), str(MOSI / "multi_gpu_train.yaml")], "--bundle_root",
+                     str(REPO / "bundles" / "mosi_gmd"), "--data_path", str(pkl), "--trust_pickle", "true",
+                     "--output_dir", str(out), "--dist_backend", "gloo", "--max_epochs", "1")
+    assert proc.returncode != 0
+    assert any("1 validation samples for 2 processes" in line for line in _rank_lines(proc)), _rank_lines(proc)
+    assert not (out / "splits.json").exists()
+
+
 MOSI = REPO / "bundles" / "mosi_gmd" / "configs"
 FILE_WRITERS = {
     "StatsHandler", "TensorBoardStatsHandler", "DiagnosticsHandler", "CheckpointSaver", "ProgressBarHandler",
