@@ -32,6 +32,17 @@ def test_labels_to_regions_by_hand(convention, label, wt, tc, et):
     np.testing.assert_array_equal(regions[2].ravel(), et)
 
 
+def test_labels_to_regions_reads_every_value_of_a_part():
+    # a label map may give several values per part (e.g. merged datasets): ncr {1, 5}, et {4, 6}
+    label_map = {"ncr": [1, 5], "ed": [2], "et": [4, 6]}
+    lab = np.array([0, 1, 5, 2, 4, 6], dtype=np.uint8)
+    regions = labels_to_regions(lab, label_map)
+    # WT: every tumour value; TC: ncr and et values; ET: et values
+    np.testing.assert_array_equal(regions[0], [0, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(regions[1], [0, 1, 1, 0, 1, 1])
+    np.testing.assert_array_equal(regions[2], [0, 0, 0, 0, 1, 1])
+
+
 def test_labels_to_regions_torch_and_float_input():
     lab = torch.tensor([[0.0, 4.0], [2.0, 1.0]])
     regions = labels_to_regions(lab, "brats2018")
@@ -121,6 +132,18 @@ def test_regions_to_labels_priority_by_hand():
     assert isinstance(out, torch.Tensor) and out.dtype == torch.uint8
     assert out.tolist() == [0, 2, 1, 4, 4, 1]
     assert regions_to_labels(regions, "brats2018").dtype == np.uint8
+
+
+def test_regions_to_labels_thresholds_probabilities_at_one_half():
+    # voxels: WT probability 0.3 (background), 0.7 (oedema); the third also has TC 0.4 (still oedema),
+    # the fourth TC 0.6 and ET 0.45 (necrosis), the fifth ET 0.51 (enhancing). 0.5 itself is not above.
+    wt = [0.3, 0.7, 0.7, 0.9, 0.9, 0.5]
+    tc = [0.0, 0.2, 0.4, 0.6, 0.8, 0.5]
+    et = [0.0, 0.1, 0.1, 0.45, 0.51, 0.5]
+    expected = [0, 2, 2, 1, 4, 0]
+    probs = np.array([wt, tc, et], dtype=np.float32)
+    np.testing.assert_array_equal(regions_to_labels(probs, "brats2018"), expected)
+    assert regions_to_labels(torch.from_numpy(probs), "brats2018").tolist() == expected
 
 
 @pytest.mark.parametrize("convention", [*LABEL_CONVENTIONS, "msd"])

@@ -72,6 +72,15 @@ def test_accepts_01_floats_and_ints_like_bools():
     assert torch.equal(hard_dice(p.to(torch.uint8), t.half()), ref)
 
 
+def test_any_non_zero_value_is_foreground_in_both_masks():
+    # pred [0, 0.25, 1, 0] and target [0, 4, 1, 1] read as {2nd, 3rd} and {2nd, 3rd, 4th}:
+    # Dice = 2 * 2 / (2 + 3) = 0.8 (a 0.5 threshold on pred would give 2 * 1 / (1 + 3) = 0.5)
+    pred = torch.tensor([0.0, 0.25, 1.0, 0.0]).reshape(1, 1, 4)
+    target = torch.tensor([0, 4, 1, 1]).reshape(1, 1, 4)
+    assert hard_dice(pred, target).item() == pytest.approx(0.8)
+    assert hard_dice(target, pred).item() == pytest.approx(0.8)
+
+
 def test_shape_validation():
     with pytest.raises(ValueError, match="shapes differ"):
         hard_dice(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 5))

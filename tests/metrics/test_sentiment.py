@@ -115,3 +115,15 @@ def test_subset_sentiment_accumulator_partial_and_mapping():
         acc.update(["a"], 0, [1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="subset_preds"):
         acc.update_from_preds(["a"], torch.zeros(1, 6), [1.0])
+
+
+def test_worst_subset_skips_a_subset_whose_acc2_is_undefined():
+    # text: both labels 0, Acc2 NaN; audio: labels +1, -1, preds both positive, Acc2 1/2;
+    # vision: both right, Acc2 1. The worst defined subset is audio, even though text comes first
+    acc = SubsetSentimentAccumulator()
+    acc.update(["a", "b"], 0, [1.0, -1.0], [0.0, 0.0])
+    acc.update(["a", "b"], 1, [1.0, 1.0], [1.0, -1.0])
+    acc.update(["a", "b"], 2, [1.0, -1.0], [1.0, -1.0])
+    result = acc.aggregate()
+    assert math.isnan(result["subsets"]["text"]["Acc2"])
+    assert result["worst_subset"] == {"name": "audio", "Acc2": 0.5}

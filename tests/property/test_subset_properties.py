@@ -41,6 +41,12 @@ def test_all_subsets_each_once_by_size_then_lexicographic(m):
     assert [tuple(torch.nonzero(row).flatten().tolist()) for row in masks] == subsets
 
 
+def test_subset_name_is_in_modality_order_whatever_the_subset_order():
+    # (2, 0) and (0, 2) are the same subset: both are named flair+t1ce, as reports key them
+    assert subset_name((2, 0), BRATS_MODALITIES) == subset_name((0, 2), BRATS_MODALITIES) == "flair+t1ce"
+    assert subset_name([3, 1, 0], BRATS_MODALITIES) == "flair+t1+t2"
+
+
 @settings(max_examples=200, deadline=None)
 @given(_names, st.data())
 def test_subset_names_round_trip(modalities, data):

@@ -9,6 +9,7 @@ from torch.utils.data import default_collate
 
 from app.data import MMSADataset, make_synthetic_mmsa
 from app.networks import DSTransformer, PromptedDSTransformer, lengths_to_padding_mask
+from app.networks.ds_transformer import masked_pool
 from app.strategies import STRATEGIES, build_strategy
 from app.subsets import subset_masks
 
@@ -30,6 +31,15 @@ def _net(**kwargs) -> DSTransformer:
 def test_padding_mask():
     mask = lengths_to_padding_mask(torch.tensor([1, 3]), 4)
     assert mask.tolist() == [[False, True, True, True], [False, False, False, True]]
+
+
+def test_masked_pool_averages_the_real_steps_only():
+    # sequence 0 has 2 real steps of 3: (1 + 3) / 2 = 2 and (2 + 4) / 2 = 3; the padded step (100) is
+    # neither summed nor counted (a mean over the padded length would give 104 / 3 and 106 / 3)
+    # sequence 1 has all 3: (1 + 2 + 6) / 3 = 3 and (0 + 0 + 3) / 3 = 1
+    h = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]], [[1.0, 0.0], [2.0, 0.0], [6.0, 3.0]]])
+    pooled = masked_pool(h, lengths_to_padding_mask(torch.tensor([2, 3]), 3))
+    assert pooled.tolist() == [[2.0, 3.0], [3.0, 1.0]]
 
 
 @pytest.mark.parametrize("fusion", ["mean", "confidence"])
@@ -83,6 +93,14 @@ def test_padding_and_absent_modalities_are_never_read():
         row_mask = torch.ones_like(mask)
         row_mask[0, 1] = False
         torch.testing.assert_close(net(lengths), net(lengths, row_mask))
+        # a modality the mask marks available with length 0 is read as one step (attention over no
+        # step at all would be NaN): the same output as length 1
+        one = dict(image, audio_lengths=lengths["audio_lengths"].clone())
+        one["audio_lengths"][0] = 1
+        full = torch.ones_like(mask)
+        zero_out = net(lengths, full)
+        assert torch.isfinite(zero_out).all()
+        torch.testing.assert_close(zero_out, net(one, full))
         lengths["audio"] = image["audio"].clone()
         lengths["audio"][0] = 100.0
         torch.testing.assert_close(net(lengths), net(lengths, row_mask))

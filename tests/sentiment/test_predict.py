@@ -15,6 +15,7 @@ from app.engines.sentiment import predicted_subset_predictions
 from app.networks import DSTransformer, PromptedDSTransformer, build_sentiment_network, load_pretrained
 from app.networks.prompted import read_only_update
 from app.strategies import PredictStrategy, build_strategy
+from app.strategies.base import random_submasks
 from app.strategies.vicreg import vicreg_loss
 from app.subsets import subset_masks
 from tests.sentiment.helpers import EVALUATE, MOSI_BUNDLE, TRAIN, run_mosi_bundle
@@ -302,6 +303,32 @@ def test_confidence_loss_trains_the_confidence_weights_only_through_the_weightin
     torch.testing.assert_close(with_conf[0], without[0])
     assert not without[1].any() and with_conf[1].abs().sum() > 0
     assert net.predicted_confidence.grad is None or not net.predicted_confidence.grad.any()
+
+
+def test_confidence_loss_by_hand_fuses_drawn_modalities_with_predictions_of_the_others():
+    """The fusion loss: per sample a random non-empty subset is kept, its modalities give their own
+    outputs, every other modality the head's output on its embedding predicted from the kept ones."""
+    ds, batch = _batch()
+    net = _net(fusion="confidence", dropout=0.0, head_dropout=0.0).set_input_statistics(ds.statistics()).train()
+    _step(net, PredictStrategy(seed=3, predicted_task_weight=0.0, prediction_weight=0.0), batch)
+    got = [net.predicted_confidence.grad.clone(), net.trunk.head.weight.grad[1].clone()]  # the confidence row
+
+    net.zero_grad(set_to_none=True)
+    mask = batch["modality_mask"]
+    feats = net.features(batch["image"], mask)
+    out = net.embedding_outputs(feats.embeddings)
+    sub = random_submasks(mask, torch.Generator().manual_seed(3))  # the strategy's draw under seed 3
+    assert sub.any() and not sub.all()  # kept and predicted modalities both occur
+    with torch.no_grad():
+        predicted = net.predicted_embeddings(feats.prompt_summaries, sub)
+    pred_out = net.predicted_outputs(predicted)
+    per_mod = torch.stack([out[b, m] if sub[b, m] else pred_out[b, m] for b in range(sub.shape[0])
+                           for m in range(3)]).reshape(out.shape)
+    per_mod = torch.cat([per_mod[..., :1].detach(), per_mod[..., 1:]], dim=-1)  # values fixed, weights live
+    fusion = L1(net.fuse(per_mod, torch.ones_like(sub)), batch["label"])  # every sample has a kept modality
+    expected = torch.autograd.grad(fusion, [net.predicted_confidence, net.trunk.head.weight])
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got[1], expected[1][1], rtol=1e-4, atol=1e-6)
 
 
 def test_predict_refuses_a_network_without_prompts():

@@ -75,6 +75,10 @@ def test_one_step_on_the_direction_loss_moves_cos_with_the_sign_of_b(b):
 def test_head_metrics_by_hand():
     logits = torch.tensor([[2.0, 0.1, -1.0], [0.0, 0.5, 0.2]])
     assert head_metric("classification", logits, torch.tensor([0, 2])).tolist() == [1.0, 0.0]
+    # arg-max per sample (over classes): 1, 2, 0; right, right, wrong. An arg-max over the batch axis
+    # (per class: rows 2, 0, 1) would score 0, 0, 0
+    three = torch.tensor([[0.1, 2.0, -1.0], [0.0, 0.5, 3.0], [1.0, 0.0, 0.0]])
+    assert head_metric("classification", three, torch.tensor([1, 2, 1])).tolist() == [1.0, 1.0, 0.0]
     assert head_metric("regression", torch.tensor([[1.0], [-0.5]]), torch.tensor([[0.5], [1.0]])).tolist() \
         == pytest.approx([-0.5, -1.5])
     # channel 0: prediction {0, 1} vs reference {0} -> 2*1/3; channel 1: both empty -> 1

@@ -263,6 +263,15 @@ def test_k_not_dividing_the_subset_count_uses_every_subset_in_any_window(k):
         assert set().union(*draws[start : start + window]) == set(range(n)), (start, window)
 
 
+@pytest.mark.parametrize("k", [15, 20])
+def test_k_at_least_the_subset_count_is_all_and_leaves_the_generator_alone(k):
+    # so gmd_subsets=15 decouples with the same projection orders as gmd_subsets=all under one seed
+    every, sampled = GMDStrategy(subsets="all", seed=6), GMDStrategy(subsets=k, seed=6)
+    assert sampled.choose_subsets(15) == every.choose_subsets(15) == list(range(15))
+    assert torch.equal(sampled.generator.get_state(), every.generator.get_state())
+    assert projection_orders(15, sampled.generator) == projection_orders(15, every.generator)
+
+
 def test_strategy_state_round_trip_reproduces_draws():
     a = GMDStrategy(subsets=4, seed=2)
     a.choose_subsets(15)
@@ -409,3 +418,16 @@ def test_random_submasks_are_independent_between_ranks_and_match_one_process():
     codes = (many.long() * torch.tensor([1, 2, 4, 8])).sum(1)
     counts = torch.bincount(codes, minlength=16)
     assert counts[0] == 0 and counts[1:].min() > 140 and counts[1:].max() < 260
+
+
+def test_projection_orders_visit_the_others_in_a_seeded_random_order():
+    # every order is a permutation of the other subsets: k = 3 gives orders over {1, 2}, {0, 2}, {0, 1}
+    orders = projection_orders(3, torch.Generator().manual_seed(0))
+    assert [sorted(o) for o in orders] == [[1, 2], [0, 2], [0, 1]]
+    # the same seed gives the same orders (a resumed or multi-rank run decouples identically)
+    assert projection_orders(5, torch.Generator().manual_seed(4)) == projection_orders(5, torch.Generator().manual_seed(4))
+    # the order is random, as in the reference code: over 200 draws subset 0 visits 1 first about half
+    # the time (a fixed ascending order would visit 1 first every time, giving 200)
+    gen = torch.Generator().manual_seed(1)
+    first = [projection_orders(3, gen)[0][0] for _ in range(200)]
+    assert 60 < first.count(1) < 140 and set(first) == {1, 2}
