@@ -484,3 +484,24 @@ def test_sigterm_stops_cleanly_with_nothing_partial(stage, case, random_ckpt, tm
     assert rc == 143 and err.startswith("error: stopped by SIGTERM") and err.count("\n") == 1, err
     assert _files(out) == set()
     assert signal.getsignal(signal.SIGTERM) is previous  # the handler is the tool's only while it runs
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError("Unable to allocate 1.2 GiB for an array with shape (4, 240, 240, 155)"),
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 210567168 bytes."),
+])
+def test_a_case_too_large_for_memory_is_one_line(error, case, random_ckpt, infer, tmp_path, monkeypatch):
+    """Running out of memory on a large scan gives one line naming the scan and the fix (smaller
+    windows), exit status 2 and no output, not a traceback."""
+    import app.inference.pipeline as pipeline
+
+    def network(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(pipeline, "sliding_window_inference", network)
+    out = tmp_path / "seg.nii.gz"
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t2", case["t2"], "--out", out,
+                       "--summary", tmp_path / "seg.json", "--device", "cpu")
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: {case['flair']}: not enough memory on cpu") and "--patch-size 96 96 96" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Phantom_000"]
