@@ -636,8 +636,11 @@ def _output_image(data: np.ndarray, ref: Volume, description: str) -> nib.Nifti1
         header["intent_code"] = 0
         header["cal_min"], header["cal_max"] = 0.0, float(data.max()) if data.size else 0.0
         header["descrip"] = description.encode()[:79]
-        # same affine as the header's best affine, so nibabel keeps qform/sform and their codes as they are
-        return nib.Nifti1Image(data, ref.affine, header=header)
+        # same affine as the header's best affine, so nibabel keeps qform/sform and their codes as they are;
+        # a NIfTI-2 reference gives a NIfTI-2 output (a NIfTI-1 image would convert the header, warning on
+        # stderr for every case)
+        image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+        return image_class(data, ref.affine, header=header)
     img = nib.Nifti1Image(data, ref.affine)  # DICOM input: mark the geometry as scanner coordinates
     img.set_qform(ref.affine, code=1)
     img.set_sform(ref.affine, code=1)
