@@ -505,3 +505,17 @@ def test_a_case_too_large_for_memory_is_one_line(error, case, random_ckpt, infer
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"error: {case['flair']}: not enough memory on cpu") and "--patch-size 96 96 96" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Phantom_000"]
+
+
+def test_a_scan_too_large_for_memory_is_not_called_corrupt(case, random_ckpt, infer, tmp_path, monkeypatch):
+    """An intact scan whose voxels do not fit in the memory left (a container's --memory limit) is named
+    as a memory problem, not as a corrupt or truncated file to re-export."""
+    def no_memory(self, *args, **kwargs):
+        raise MemoryError("Unable to allocate 400. MiB for an array with shape (512, 512, 400) and data type float32")
+
+    monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "__array__", no_memory)
+    out = tmp_path / "seg.nii.gz"
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--out", out)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: Not enough memory to read {case['flair']} (shape (32, 32, 32), 0 MiB in memory)")
+    assert "corrupt" not in err and "more free memory" in err and not out.exists()
