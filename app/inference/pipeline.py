@@ -195,7 +195,7 @@ def _allocation_failure(err: BaseException) -> str:
     text = _one_line(err)
     asked = re.search(r"tried to allocate ([0-9.]+) ?([kmgt]?i?b(?:ytes)?)", text, re.IGNORECASE)
     if asked is None:
-        return text[:120]
+        return f"{type(err).__name__}: {text[:120]}" if text else type(err).__name__
     amount, unit = float(asked.group(1)), asked.group(2)
     if unit.lower() == "bytes":
         amount, unit = amount / 2**20, "MiB"
