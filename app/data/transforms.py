@@ -20,7 +20,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys
 
-from app.data.errors import CaseError, check_readable, unreadable
+from app.data.errors import CaseError, check_readable, too_large_to_read, unreadable
 from app.data.labels import LABEL_CONVENTIONS, labels_to_regions
 from app.subsets import BRATS_MODALITIES
 
@@ -89,6 +89,8 @@ def _read(img: nib.spatialimages.SpatialImage, path: str, dtype: type | None) ->
         if dtype is None:
             return np.asanyarray(img.dataobj)
         return img.get_fdata(dtype=dtype)
+    except MemoryError:  # an intact file too large for the memory left: not a damaged file
+        raise too_large_to_read(path, img.shape, np.dtype(dtype or img.get_data_dtype()).itemsize) from None
     except Exception as err:
         raise CaseError(f"Cannot read the voxels of {path} ({type(err).__name__}: {err}): the file is corrupt or "
                         "truncated; re-download or re-export it.") from err

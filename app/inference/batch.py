@@ -137,8 +137,10 @@ def run_batch(
 
     Returns:
         One entry per case, sorted by case: ``{"case", "status": "ok" | "error", ...summary or "error"}``.
-        A batch stopped by Ctrl-C or SIGTERM still writes ``inference_summary.json`` (``"stopped":
-        true``, the cases it did not reach with status ``stopped``) before the stop goes on.
+        A batch stopped by Ctrl-C or SIGTERM, or by an unexpected error (which is then raised), still
+        writes ``inference_summary.json`` (``"stopped": true``, the case the error stopped it in with
+        status ``error``, the cases it did not reach with status ``stopped``) before the stop goes on.
+        A case that does not fit in the device's memory is an error of that case (the batch goes on).
         A problem found while discovering a case (see ``case_errors`` of
         :func:`app.data.discover_cases`) makes that case an error; only a missing or empty
         ``input_dir`` or an unusable ``dataset.json`` raise before any case runs.
@@ -177,10 +179,17 @@ def run_batch(
     try:
         _segment_cases(names, records, discovery_errors, results, segmenter, out_dir, claimed, inputs,
                        labels=labels, probabilities=probabilities, reference=reference)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (run_interruptible): say which cases this run did not reach
+    except (KeyboardInterrupt, Exception) as err:
+        # Ctrl-C or SIGTERM (run_interruptible), or an error no check of a case foresaw: the report
+        # says which case it stopped in and which it did not reach, instead of the previous run's
+        # inference_summary.json staying beside this run's outputs
         done = {r["case"] for r in results}
+        left = [n for n in names if n not in done]
+        if left and not isinstance(err, KeyboardInterrupt):
+            results.append({"case": left.pop(0), "status": "error",
+                            "error": f"{type(err).__name__}: {' '.join(str(err).split())}"})
         results += [{"case": n, "status": "stopped", "error": "not segmented: the batch was stopped before it"}
-                    for n in names if n not in done]
+                    for n in left]
         _write_summary(out_dir, input_dir, results, start, stopped=True)
         raise
     failed = [r for r in results if r["status"] != "ok"]

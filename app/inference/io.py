@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from app.data.discovery import CHANNEL_ALIASES
-from app.data.errors import CaseError, check_readable
+from app.data.errors import CaseError, check_readable, too_large_to_read
 from app.data.transforms import AFFINE_TOLERANCE, check_nifti_stream, check_voxels, grid_reordering, reorder_voxels
 from app.subsets import BRATS_MODALITIES
 
@@ -136,6 +136,8 @@ def _read_nifti(path: str) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header | N
     check_nifti_stream(path, img)
     try:
         data = np.asarray(img.dataobj, dtype=np.float32)  # applies scl_slope/inter
+    except MemoryError:  # an intact file too large for the memory left: not a damaged file
+        raise too_large_to_read(path, img.shape) from None
     except Exception as err:  # decompression errors only show up when the voxels are read
         raise CaseError(f"Cannot read the voxels of {path} ({type(err).__name__}: {_one_line(err)}): the file is "
                         "corrupt or truncated; re-export it.") from err

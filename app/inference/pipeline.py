@@ -185,6 +185,32 @@ def _seconds(start: float) -> float:
     return round(time.perf_counter() - start, 4)
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _allocation_failure(err: BaseException) -> str:
+    """A short account of a failed allocation (PyTorch's messages run over several lines and
+    sentences): the size asked for when the message says it."""
+    text = _one_line(err)
+    asked = re.search(r"tried to allocate ([0-9.]+) ?([kmgt]?i?b(?:ytes)?)", text, re.IGNORECASE)
+    if asked is None:
+        return f"{type(err).__name__}: {text[:120]}" if text else type(err).__name__
+    amount, unit = float(asked.group(1)), asked.group(2)
+    if unit.lower() == "bytes":
+        amount, unit = amount / 2**20, "MiB"
+    return f"{type(err).__name__}: allocating {amount:.1f} {unit} failed"
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says that an allocation failed: CUDA's ``OutOfMemoryError``, PyTorch's CPU
+    allocator (a ``RuntimeError``), or numpy's ``MemoryError``."""
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(err).lower()
+    return "can't allocate memory" in text or "out of memory" in text
+
+
 class Segmenter:
     """Runs a DS U-Net on one case of any sequence subset.
 
@@ -265,7 +291,6 @@ class Segmenter:
             patch = [0, 0, 0] if math.prod(padded) <= self.max_window_voxels else self.fallback_patch_size
         return [pad if p <= 0 else min(p, pad) for p, pad in zip(patch, padded)]
 
-    @torch.inference_mode()
     def predict(self, case: CaseInputs, labels: str = "brats2018", probabilities: bool = False) -> Prediction:
         """Segment ``case``; the result lies on the grid of ``case.ref``.
 
@@ -273,7 +298,29 @@ class Segmenter:
             case: sequences on one grid (see :func:`app.inference.io.read_case`).
             labels: label convention name or ``--labels`` value.
             probabilities: also return the WT/TC/ET probability maps.
+
+        Raises:
+            CaseError: bad input found while segmenting, or the case does not fit in the memory of
+                the device (a large scan, or a GPU shared with other jobs): a problem of this case,
+                so that a batch reports it and goes on with the next case.
         """
+        try:
+            return self._predict(case, labels, probabilities)
+        except (MemoryError, RuntimeError) as err:
+            if not _out_of_memory(err):
+                raise
+            message = _allocation_failure(err)
+        # outside the except block, so that the failed call's tensors (held by the traceback) are freed
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        fix = "pass --device cpu, " if self.device.type == "cuda" else ""
+        raise CaseError(
+            f"{case.ref.source}: not enough memory on {self.device} to segment this case ({message}): {fix}pass "
+            "smaller windows (--patch-size 96 96 96, batch bundle --patch_size \"[96,96,96]\"), or run it on a machine "
+            "with more free memory.")
+
+    @torch.inference_mode()
+    def _predict(self, case: CaseInputs, labels: str, probabilities: bool) -> Prediction:
         convention = label_convention(labels)
         timing: dict[str, float] = {}
         start = time.perf_counter()
@@ -589,8 +636,11 @@ def _output_image(data: np.ndarray, ref: Volume, description: str) -> nib.Nifti1
         header["intent_code"] = 0
         header["cal_min"], header["cal_max"] = 0.0, float(data.max()) if data.size else 0.0
         header["descrip"] = description.encode()[:79]
-        # same affine as the header's best affine, so nibabel keeps qform/sform and their codes as they are
-        return nib.Nifti1Image(data, ref.affine, header=header)
+        # same affine as the header's best affine, so nibabel keeps qform/sform and their codes as they are;
+        # a NIfTI-2 reference gives a NIfTI-2 output (a NIfTI-1 image would convert the header, warning on
+        # stderr for every case)
+        image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+        return image_class(data, ref.affine, header=header)
     img = nib.Nifti1Image(data, ref.affine)  # DICOM input: mark the geometry as scanner coordinates
     img.set_qform(ref.affine, code=1)
     img.set_sform(ref.affine, code=1)

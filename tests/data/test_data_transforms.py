@@ -246,6 +246,22 @@ def test_corrupt_file(tmp_path, make_case, damage):
         load_case(only(discover_cases(tmp_path)))
 
 
+def test_a_file_too_large_for_memory_is_not_called_corrupt(tmp_path, make_case, monkeypatch):
+    """An intact file whose voxels do not fit in the memory left (a container's limit) is named as
+    a memory problem, not as a corrupt file to re-export."""
+    folder = make_case(tmp_path, "A_1", shape=(24, 24, 24))
+
+    def no_memory(self, *args, **kwargs):
+        raise MemoryError("Unable to allocate 54.0 KiB for an array with shape (24, 24, 24) and data type float32")
+
+    monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "__array__", no_memory)
+    with pytest.raises(CaseError) as info:
+        load_case(only(discover_cases(tmp_path)))
+    message = str(info.value)
+    assert message.startswith(f"Not enough memory to read {folder / 'A_1_flair.nii.gz'} (shape (24, 24, 24), 0 MiB")
+    assert "not damaged" in message and "more free memory" in message and "corrupt" not in message
+
+
 def test_missing_file(tmp_path, make_case):
     make_case(tmp_path, "A_1")
     rec = only(discover_cases(tmp_path))

@@ -484,3 +484,38 @@ def test_sigterm_stops_cleanly_with_nothing_partial(stage, case, random_ckpt, tm
     assert rc == 143 and err.startswith("error: stopped by SIGTERM") and err.count("\n") == 1, err
     assert _files(out) == set()
     assert signal.getsignal(signal.SIGTERM) is previous  # the handler is the tool's only while it runs
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError("Unable to allocate 1.2 GiB for an array with shape (4, 240, 240, 155)"),
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 210567168 bytes."),
+])
+def test_a_case_too_large_for_memory_is_one_line(error, case, random_ckpt, infer, tmp_path, monkeypatch):
+    """Running out of memory on a large scan gives one line naming the scan and the fix (smaller
+    windows), exit status 2 and no output, not a traceback."""
+    import app.inference.pipeline as pipeline
+
+    def network(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(pipeline, "sliding_window_inference", network)
+    out = tmp_path / "seg.nii.gz"
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t2", case["t2"], "--out", out,
+                       "--summary", tmp_path / "seg.json", "--device", "cpu")
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: {case['flair']}: not enough memory on cpu") and "--patch-size 96 96 96" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Phantom_000"]
+
+
+def test_a_scan_too_large_for_memory_is_not_called_corrupt(case, random_ckpt, infer, tmp_path, monkeypatch):
+    """An intact scan whose voxels do not fit in the memory left (a container's --memory limit) is named
+    as a memory problem, not as a corrupt or truncated file to re-export."""
+    def no_memory(self, *args, **kwargs):
+        raise MemoryError("Unable to allocate 400. MiB for an array with shape (512, 512, 400) and data type float32")
+
+    monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "__array__", no_memory)
+    out = tmp_path / "seg.nii.gz"
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--out", out)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: Not enough memory to read {case['flair']} (shape (32, 32, 32), 0 MiB in memory)")
+    assert "corrupt" not in err and "more free memory" in err and not out.exists()

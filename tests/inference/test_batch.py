@@ -309,3 +309,63 @@ def test_an_output_corrected_by_hand_survives_reruns(phantom_root, segmenter, tm
     with pytest.raises(BatchError, match="P1"):
         run_batch(segmenter, root, out)
     np.testing.assert_array_equal(np.asarray(load(out / "P1.nii.gz").dataobj), corrected)
+
+
+def _fail_second_case(monkeypatch, error: BaseException) -> None:
+    """The network raises ``error`` on the second case of a batch (the first and third run)."""
+    import app.inference.pipeline as pipeline
+
+    real, calls = pipeline.sliding_window_inference, []
+
+    def network(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "sliding_window_inference", network)
+
+
+def test_a_case_that_runs_out_of_memory_fails_alone(phantom_root, random_ckpt, tmp_path, monkeypatch, capsys):
+    """A case too large for the device's memory (PyTorch's CPU allocator message) fails with one line
+    naming its file and the fix; the cases after it are still segmented, and an earlier run's label
+    map of that case does not stay behind as if it were this run's."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    for case in ("Phantom_000", "Phantom_001", "Phantom_002"):
+        shutil.copytree(phantom_root / case, root / case)
+    assert batch_main(["--input-dir", str(root), "--output-dir", str(out), "--ckpt", random_ckpt,
+                       "--device", "cpu"]) == 0
+    _fail_second_case(monkeypatch, RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+        "allocate 210567168 bytes. Error code 12 (Cannot allocate memory)"))
+    capsys.readouterr()
+    rc = batch_main(["--input-dir", str(root), "--output-dir", str(out), "--ckpt", random_ckpt, "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    line = next(x for x in err.splitlines() if x.startswith("error: case Phantom_001:"))
+    assert "Phantom_001_flair.nii.gz: not enough memory on cpu" in line and "allocating 200.8 MiB failed" in line
+    assert "--patch-size 96 96 96" in line
+    report = _report(out)
+    assert [report[c]["status"] for c in sorted(report)] == ["ok", "error", "ok"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "Phantom_000.json", "Phantom_000.nii.gz", "Phantom_002.json", "Phantom_002.nii.gz", "inference_summary.json"]
+
+
+def test_an_unexpected_error_still_reports_where_the_batch_stopped(phantom_root, segmenter, tmp_path, monkeypatch):
+    """An error no check foresaw (here a bug in the network call) stops the batch and is raised, but
+    inference_summary.json is rewritten: the case it stopped in is an error, the cases after it are
+    stopped, instead of the previous run's report (all ok) standing beside this run's outputs."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    for case in ("Phantom_000", "Phantom_001", "Phantom_002"):
+        shutil.copytree(phantom_root / case, root / case)
+    run_batch(segmenter, root, out)
+    assert {r["status"] for r in _report(out).values()} == {"ok"}
+    _fail_second_case(monkeypatch, RuntimeError("shape mismatch in the network"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_batch(segmenter, root, out)
+    report = json.loads((out / "inference_summary.json").read_text())
+    assert report["stopped"] is True and report["failed"] == 1
+    assert [(r["case"], r["status"]) for r in report["results"]] == [
+        ("Phantom_000", "ok"), ("Phantom_001", "error"), ("Phantom_002", "stopped")]
+    assert report["results"][1]["error"] == "RuntimeError: shape mismatch in the network"
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]

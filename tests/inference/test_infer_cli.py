@@ -178,6 +178,27 @@ def test_volumes_stored_as_xyz1_are_read_as_3d(case, random_ckpt, infer, tmp_pat
     np.testing.assert_array_equal(np.asarray(load(out).dataobj), np.asarray(load(base).dataobj))
 
 
+def test_nifti2_reference_gives_nifti2_outputs_on_its_grid(case, random_ckpt, infer, tmp_path):
+    """A NIfTI-2 scan (some converters write it) gets NIfTI-2 outputs with its header geometry,
+    and the same labels as the NIfTI-1 scan; converting to NIfTI-1 printed nibabel's
+    'sizeof_hdr should be 348' on stderr for every output of a successful run."""
+    base, out, prob = tmp_path / "base.nii.gz", tmp_path / "n2.nii.gz", tmp_path / "n2_prob.nii.gz"
+    assert infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t2", case["t2"], "--out", base)[0] == 0
+    img = load(case["flair"])
+    n2 = nib.Nifti2Image(np.asarray(img.dataobj), img.affine)
+    n2.header.set_qform(img.affine, code=1)
+    n2.header.set_sform(img.affine, code=2)
+    flair2 = tmp_path / "flair_nifti2.nii.gz"
+    nib.save(n2, str(flair2))
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", flair2, "--t2", case["t2"], "--out", out,
+                       "--probabilities", prob, "--quiet")
+    assert rc == 0 and err == "", err
+    for path in (out, prob):
+        assert isinstance(load(path), nib.Nifti2Image)
+        assert_same_grid(path, flair2)
+    np.testing.assert_array_equal(np.asarray(load(out).dataobj), np.asarray(load(base).dataobj))
+
+
 def test_case_dir_in_brats2018_and_brats2023_layouts(case, random_ckpt, infer, tmp_path):
     explicit = tmp_path / "explicit.nii.gz"
     assert infer("--ckpt", random_ckpt, *[f"--{s}={case[s]}" for s in ("flair", "t1ce")], "--out", explicit)[0] == 0
