@@ -25,8 +25,8 @@ from app.data.errors import CaseError
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, NON_TUMOUR_PART
 from app.subsets import BRATS_MODALITIES
 
-__all__ = ["CaseError", "ACCEPTED_LAYOUTS", "CHANNEL_ALIASES", "OUTPUT_DESCRIPTION_PREFIX", "case_sources",
-           "discover_cases", "is_inference_output", "msd_channels", "msd_label_map"]
+__all__ = ["CaseError", "ACCEPTED_LAYOUTS", "CHANNEL_ALIASES", "OUTPUT_DESCRIPTION_PREFIX", "brats2023_named",
+           "case_sources", "discover_cases", "is_inference_output", "msd_channels", "msd_label_map"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,16 @@ ACCEPTED_LAYOUTS = (
 _BRATS2018_RE = re.compile(r"^(?P<case>.+)_(?P<seq>flair|t1ce|t1|t2|seg)\.nii(?:\.gz)?$", re.IGNORECASE)
 _BRATS2023_RE = re.compile(r"^(?P<case>.+)-(?P<seq>t2f|t1n|t1c|t2w|seg)\.nii(?:\.gz)?$", re.IGNORECASE)
 _BRATS2023_SEQ = {"t2f": "flair", "t1n": "t1", "t1c": "t1ce", "t2w": "t2", "seg": "seg"}
+
+
+def brats2023_named(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a sequence named as BraTS 2023+ names them (``<case>-t2f.nii.gz``, ...).
+
+    Such names say the case comes with the 2023 label values (enhancing tumour 3), which training
+    reads from them (``label_convention auto``) and inference writes (``--labels auto``).
+    """
+    m = _BRATS2023_RE.match(os.path.basename(os.fspath(path).rstrip("/\\")))
+    return m is not None and m.group("seq").lower() != "seg"
 # nnU-Net v2 stores one file per channel: <case>_0000.nii.gz
 _NNUNET_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<idx>\d{4})\.nii(?:\.gz)?$")
 _NIFTI_RE = re.compile(r"^(?P<case>.+)\.nii(?:\.gz)?$")

@@ -117,7 +117,7 @@ def run_batch(
     segmenter: Any,
     input_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
-    labels: str = "2018",
+    labels: str = "auto",
     probabilities: bool = False,
     resample_to: str | None = None,
     raise_on_error: bool = True,
@@ -129,7 +129,8 @@ def run_batch(
         input_dir: folder searched recursively for cases.
         output_dir: where ``<case>.nii.gz``, ``<case>.json`` and ``inference_summary.json`` go. Outputs of
             an earlier run for a case of this run that this run does not write again are removed.
-        labels: ``2018`` (1/2/4) or ``2023`` (1/2/3).
+        labels: ``auto`` (each case by its file names: 1/2/3 for BraTS 2023 names, else 1/2/4), ``2018``
+            (1/2/4) or ``2023`` (1/2/3).
         probabilities: also write ``<case>_prob.nii.gz``.
         resample_to: sequence whose grid the others are resampled onto, in cases whose grids differ.
             A case without that sequence uses its own first sequence as the reference.
@@ -212,8 +213,10 @@ def _write_summary(out_dir: Path, input_dir: str | os.PathLike, results: list[di
         "failed": sum(r["status"] == "error" for r in results),
         "stopped": stopped,
         "seconds": round(time.perf_counter() - start, 3),
+        # the label values are per case: --labels auto follows each case's file names
         "results": [{"case": r["case"], "status": r["status"], "sequences_used": r.get("sequences_used"),
-                     "output": r.get("output"), "volumes_ml": r.get("volumes_ml"), "error": r.get("error")}
+                     "output": r.get("output"), "label_convention": r.get("label_convention"),
+                     "labels": r.get("labels"), "volumes_ml": r.get("volumes_ml"), "error": r.get("error")}
                     for r in results],
     }
     atomic_write_text(out_dir / SUMMARY_NAME, json.dumps(report, indent=2) + "\n")
@@ -271,8 +274,8 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}: run with --help for usage.\n")
 
 
-# pipeline.LABEL_CHOICES, spelt out so that --help does not import torch
-_LABELS = ("2018", "2021", "2023", "2024")
+# auto and pipeline.LABEL_CHOICES, spelt out so that --help does not import torch
+_LABELS = ("auto", "2018", "2021", "2023", "2024")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,8 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", default=env("BRATS_BUNDLE"),
                    help="bundle folder for the defaults (default: $BRATS_BUNDLE or this repository's "
                         "bundles/brats_gmd)")
-    p.add_argument("--labels", default=env("BRATS_LABELS", "2018"), choices=_LABELS,
-                   help="label values: 2018 = 1/2/4 (default), 2023 = 1/2/3 (also 2024; no resection cavity is predicted)")
+    p.add_argument("--labels", default=env("BRATS_LABELS", "auto"), choices=_LABELS,
+                   help="label values: auto (default) = 1/2/3 for cases named as BraTS 2023 names them "
+                        "(<case>-t2f.nii.gz), else 1/2/4; 2018 = 1/2/4; 2023 = 1/2/3 (also 2024; no resection "
+                        "cavity is predicted)")
     p.add_argument("--probabilities", action="store_true", help="also write <case>_prob.nii.gz")
     p.add_argument("--resample-to", metavar="SEQ", help="resample each case's sequences onto SEQ's grid if they differ")
     p.add_argument("--spacing", nargs="+", metavar="MM", default=["auto"],

@@ -77,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default: this repository's bundles/brats_gmd)")
     p.add_argument("--ckpt", required=True, help="model.pt written by training, or a model.ts exported from it")
     p.add_argument("--out", required=True, metavar="OUT.nii.gz", help="label map to write")
-    p.add_argument("--labels", default="2018", choices=("2018", "2021", "2023", "2024"),
-                   help="label values: 2018 = 1/2/4 (BraTS 2018-2021, default), 2023 = 1/2/3 (also 2024; no resection cavity is predicted)")
+    p.add_argument("--labels", default="auto", choices=("auto", "2018", "2021", "2023", "2024"),
+                   help="label values: auto (default) = 1/2/3 when every sequence file is named as BraTS 2023 names "
+                        "them (<case>-t2f.nii.gz), else 1/2/4; 2018 = 1/2/4 (BraTS 2018-2021); 2023 = 1/2/3 (also "
+                        "2024; no resection cavity is predicted)")
     p.add_argument("--probabilities", metavar="PROB.nii.gz",
                    help="also write WT/TC/ET probabilities (4D float32, same grid)")
     p.add_argument("--summary", metavar="S.json",

@@ -145,22 +145,35 @@ def reorient(tensor: torch.Tensor, ornt: np.ndarray) -> torch.Tensor:
     return tensor.permute(*range(lead), *(lead + int(a) for a in np.argsort(ornt[:, 0])))
 
 
-def label_convention(labels: str | int, option: str = "--labels") -> str:
-    """Map ``--labels`` (``2018``, ``2023`` or a convention name) to a :data:`LABEL_CONVENTIONS` key.
+def label_convention(labels: str | int, option: str = "--labels",
+                     sources: Sequence[str | os.PathLike] | None = None) -> str:
+    """Map ``--labels`` (``auto``, ``2018``, ``2023`` or a convention name) to a :data:`LABEL_CONVENTIONS` key.
 
     Args:
         labels: the setting's value.
         option: where the value came from (``--labels``, ``BRATS_LABELS``), named in the error.
+        sources: the case's sequence files, which ``auto`` reads: ``brats2023`` (1/2/3) when every
+            one is named as BraTS 2023+ names them (``<case>-t2f.nii.gz``), as training reads such
+            cases, else ``brats2018`` (1/2/4). Without them ``auto`` stays ``"auto"``, to be
+            resolved per case.
 
     Raises:
         ValueError: not a label convention.
     """
     key = str(labels).strip().lower()
+    if key == "auto":
+        if sources is None:
+            return "auto"
+        from app.data.discovery import brats2023_named
+
+        names = [os.fspath(s) for s in sources]
+        return "brats2023" if names and all(brats2023_named(n) for n in names) else "brats2018"
     if key in LABEL_CONVENTIONS:
         return key
     if key not in LABEL_CHOICES:
-        raise ValueError(f"{option} {str(labels)!r} is not a label convention: use 2018 (labels 1/2/4, BraTS "
-                         "2018-2021) or 2023 (1/2/3; 2024 writes the same values).")
+        raise ValueError(f"{option} {str(labels)!r} is not a label convention: use auto (1/2/3 for BraTS 2023-named "
+                         "files, else 1/2/4), 2018 (labels 1/2/4, BraTS 2018-2021) or 2023 (1/2/3; 2024 writes the "
+                         "same values).")
     return LABEL_CHOICES[key]
 
 
@@ -291,12 +304,12 @@ class Segmenter:
             patch = [0, 0, 0] if math.prod(padded) <= self.max_window_voxels else self.fallback_patch_size
         return [pad if p <= 0 else min(p, pad) for p, pad in zip(patch, padded)]
 
-    def predict(self, case: CaseInputs, labels: str = "brats2018", probabilities: bool = False) -> Prediction:
+    def predict(self, case: CaseInputs, labels: str = "auto", probabilities: bool = False) -> Prediction:
         """Segment ``case``; the result lies on the grid of ``case.ref``.
 
         Args:
             case: sequences on one grid (see :func:`app.inference.io.read_case`).
-            labels: label convention name or ``--labels`` value.
+            labels: label convention name or ``--labels`` value (``auto``: by the case's file names).
             probabilities: also return the WT/TC/ET probability maps.
 
         Raises:
@@ -321,7 +334,7 @@ class Segmenter:
 
     @torch.inference_mode()
     def _predict(self, case: CaseInputs, labels: str, probabilities: bool) -> Prediction:
-        convention = label_convention(labels)
+        convention = label_convention(labels, sources=[v.source for v in case.volumes.values()])
         timing: dict[str, float] = {}
         start = time.perf_counter()
         ref = case.ref
@@ -661,7 +674,7 @@ def segment_case(
     segmenter: Segmenter,
     paths: Mapping[str, str | os.PathLike],
     out: str | os.PathLike,
-    labels: str = "2018",
+    labels: str = "auto",
     probabilities: str | os.PathLike | None = None,
     summary: str | os.PathLike | None = None,
     resample_to: str | None = None,
@@ -676,7 +689,7 @@ def segment_case(
         segmenter: see :func:`load_segmenter`.
         paths: ``{sequence: NIfTI file or DICOM folder}``, any non-empty subset.
         out: label map path (``.nii.gz`` or ``.nii``).
-        labels: ``2018`` (1/2/4) or ``2023`` (1/2/3).
+        labels: ``auto`` (by the file names, see :func:`label_convention`), ``2018`` (1/2/4) or ``2023`` (1/2/3).
         probabilities: optional path for the WT/TC/ET probability maps (4D float32 NIfTI).
         summary: optional path for the JSON summary.
         resample_to: sequence whose grid the others are resampled onto; None requires one grid.
@@ -695,7 +708,7 @@ def segment_case(
         CaseError / ValueError / FileNotFoundError: bad input or output paths; nothing is written.
     """
     start = time.perf_counter()
-    convention = label_convention(labels)
+    convention = label_convention(labels, sources=list(paths.values()))
     inputs = [os.fspath(p) for p in (*paths.values(), *other_inputs)]
     flags = ("Output",) * 3 if named_by_folder else ("--out", "--probabilities", "--summary")
     rename = "choose another output folder" if named_by_folder else "choose another output name"
@@ -759,6 +772,8 @@ def summary_notes(summary: Mapping[str, Any]) -> list[str]:
     if info.get("work_shape") != info.get("ras_shape"):
         mm = "x".join(f"{v:g}" for v in info["work_spacing_mm"])
         notes.append(f"run at {mm} mm" + (", the model's training spacing" if info.get("spacing") == "auto" else ""))
+    if summary.get("label_convention") in ("brats2023", "brats2024"):
+        notes.append("enhancing tumour written as 3")
     removed = info.get("wt_removed_outside_head_ml") or 0.0
     if removed >= 0.05:
         notes.append(f"{removed:.1f} mL outside the head set to background")

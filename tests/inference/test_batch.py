@@ -369,3 +369,22 @@ def test_an_unexpected_error_still_reports_where_the_batch_stopped(phantom_root,
         ("Phantom_000", "ok"), ("Phantom_001", "error"), ("Phantom_002", "stopped")]
     assert report["results"][1]["error"] == "RuntimeError: shape mismatch in the network"
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_each_case_gets_the_label_values_its_file_names_come_with(phantom_root, segmenter, tmp_path):
+    """--labels auto (the default): a BraTS 2023-named case gets enhancing tumour 3, as its own labels
+    and training read it (BraTS 2024 keeps these names, and there 4 is resection cavity); a BraTS
+    2018-named case in the same batch gets 4. An explicit --labels sets every case."""
+    root = tmp_path / "in"
+    _copy_case(phantom_root, root, "Old", seqs=("flair", "t1ce"))
+    (root / "New").mkdir()
+    for seq, name in (("flair", "t2f"), ("t1ce", "t1c")):
+        shutil.copy(phantom_root / "Phantom_000" / f"Phantom_000_{seq}.nii.gz", root / "New" / f"New-{name}.nii.gz")
+    run_batch(segmenter, root, tmp_path / "auto")
+    old, new = (np.asarray(load(tmp_path / "auto" / f"{c}.nii.gz").dataobj) for c in ("Old", "New"))
+    assert 4 in old and 3 not in old
+    np.testing.assert_array_equal(new, np.where(old == 4, 3, old))
+    assert {c: r["label_convention"] for c, r in _report(tmp_path / "auto").items()} == {
+        "Old": "brats2018", "New": "brats2023"}
+    run_batch(segmenter, root, tmp_path / "fixed", labels="2018")
+    np.testing.assert_array_equal(np.asarray(load(tmp_path / "fixed" / "New.nii.gz").dataobj), old)

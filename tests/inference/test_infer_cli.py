@@ -209,12 +209,29 @@ def test_case_dir_in_brats2018_and_brats2023_layouts(case, random_ckpt, infer, t
     for seq, new in (("flair", "t2f"), ("t1ce", "t1c")):
         shutil.copy(case[seq], d18 / f"X_{seq}.nii.gz")
         shutil.copy(case[seq], d23 / f"X-{new}.nii.gz")
-    for folder in (d18, d23):
+    labels_2018 = np.asarray(load(explicit).dataobj)
+    assert 4 in labels_2018
+    labels_2023 = np.where(labels_2018 == 4, 3, labels_2018)
+    # --labels auto (the default) writes the values the files' naming comes with, as training reads them
+    for folder, expected, convention in ((d18, labels_2018, "brats2018"), (d23, labels_2023, "brats2023")):
         out = tmp_path / f"{folder.name}.nii.gz"
         rc, _, err = infer("--ckpt", random_ckpt, "--case-dir", folder, "--out", out, "--summary", tmp_path / "s.json")
         assert rc == 0, err
-        np.testing.assert_array_equal(np.asarray(load(out).dataobj), np.asarray(load(explicit).dataobj))
-        assert json.loads((tmp_path / "s.json").read_text())["sequences_used"] == ["flair", "t1ce"]
+        np.testing.assert_array_equal(np.asarray(load(out).dataobj), expected)
+        summary = json.loads((tmp_path / "s.json").read_text())
+        assert summary["sequences_used"] == ["flair", "t1ce"] and summary["label_convention"] == convention
+    # an explicit --labels wins over the names
+    out = tmp_path / "c23_2018.nii.gz"
+    assert infer("--ckpt", random_ckpt, "--case-dir", d23, "--out", out, "--labels", "2018")[0] == 0
+    np.testing.assert_array_equal(np.asarray(load(out).dataobj), labels_2018)
+    # files given one by one: 2023 values only when every file carries a 2023 name
+    out = tmp_path / "files.nii.gz"
+    assert infer("--ckpt", random_ckpt, "--flair", d23 / "X-t2f.nii.gz", "--t1ce", d23 / "X-t1c.nii.gz",
+                 "--out", out)[0] == 0
+    np.testing.assert_array_equal(np.asarray(load(out).dataobj), labels_2023)
+    assert infer("--ckpt", random_ckpt, "--flair", d23 / "X-t2f.nii.gz", "--t1ce", d18 / "X_t1ce.nii.gz",
+                 "--out", out)[0] == 0
+    np.testing.assert_array_equal(np.asarray(load(out).dataobj), labels_2018)
 
 
 def test_spacing_resamples_and_returns_to_input_grid(case, random_ckpt, infer, tmp_path):
