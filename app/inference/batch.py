@@ -129,8 +129,8 @@ def run_batch(
         input_dir: folder searched recursively for cases.
         output_dir: where ``<case>.nii.gz``, ``<case>.json`` and ``inference_summary.json`` go. Outputs of
             an earlier run for a case of this run that this run does not write again are removed.
-        labels: ``auto`` (each case by its file names: 1/2/3 for BraTS 2023 names, else 1/2/4), ``2018``
-            (1/2/4) or ``2023`` (1/2/3).
+        labels: ``auto`` (each case's own: its ``dataset.json``'s values for MSD / nnU-Net cases, 1/2/3
+            for BraTS 2023 names, else 1/2/4), ``2018`` (1/2/4) or ``2023`` (1/2/3).
         probabilities: also write ``<case>_prob.nii.gz``.
         resample_to: sequence whose grid the others are resampled onto, in cases whose grids differ.
             A case without that sequence uses its own first sequence as the reference.
@@ -251,6 +251,7 @@ def _segment_cases(names: Sequence[str], records: Mapping[str, Any], discovery_e
                 case=name,
                 other_inputs=case_sources(rec),
                 named_by_folder=True,
+                label_map=rec["label_map"] if rec["layout"] == "msd" else None,  # the dataset.json's values
             )
         except (ValueError, OSError) as err:  # CaseError is a ValueError; the case is skipped, the rest run
             message = " ".join(str(err).split())
@@ -296,8 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundle folder for the defaults (default: $BRATS_BUNDLE or this repository's "
                         "bundles/brats_gmd)")
     p.add_argument("--labels", default=env("BRATS_LABELS", "auto"), choices=_LABELS,
-                   help="label values: auto (default) = 1/2/3 for cases named as BraTS 2023 names them "
-                        "(<case>-t2f.nii.gz), else 1/2/4; 2018 = 1/2/4; 2023 = 1/2/3 (also 2024; no resection "
+                   help="label values: auto (default) = those of the dataset.json for MSD/nnU-Net cases, 1/2/3 "
+                        "for cases named as BraTS 2023 names them (<case>-t2f.nii.gz), else 1/2/4; 2018 = 1/2/4; 2023 = 1/2/3 (also 2024; no resection "
                         "cavity is predicted)")
     p.add_argument("--probabilities", action="store_true", help="also write <case>_prob.nii.gz")
     p.add_argument("--resample-to", metavar="SEQ", help="resample each case's sequences onto SEQ's grid if they differ")

@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="model.pt written by training, or a model.ts exported from it")
     p.add_argument("--out", required=True, metavar="OUT.nii.gz", help="label map to write")
     p.add_argument("--labels", default="auto", choices=("auto", "2018", "2021", "2023", "2024"),
-                   help="label values: auto (default) = 1/2/3 when every sequence file is named as BraTS 2023 names "
-                        "them (<case>-t2f.nii.gz), else 1/2/4; 2018 = 1/2/4 (BraTS 2018-2021); 2023 = 1/2/3 (also "
+                   help="label values: auto (default) = those of the --case-dir's dataset.json (MSD/nnU-Net), 1/2/3 "
+                        "when every sequence file is named as BraTS 2023 names them (<case>-t2f.nii.gz), else "
+                        "1/2/4; 2018 = 1/2/4 (BraTS 2018-2021); 2023 = 1/2/3 (also "
                         "2024; no resection cavity is predicted)")
     p.add_argument("--probabilities", metavar="PROB.nii.gz",
                    help="also write WT/TC/ET probabilities (4D float32, same grid)")
@@ -111,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _sequence_paths(
     args: argparse.Namespace,
-) -> tuple[dict[str, str], dict[str, int] | None, str | None, list[str]]:
-    """``({sequence: path}, channels, case name, other inputs)`` from the sequence flags or ``--case-dir``;
-    the other inputs are the files besides the sequences that ``--case-dir`` reads (an MSD ``dataset.json``)."""
+) -> tuple[dict[str, str], dict[str, int] | None, str | None, list[str], dict[str, list[int]] | None]:
+    """``({sequence: path}, channels, case name, other inputs, label map)`` from the sequence flags or
+    ``--case-dir``; the other inputs are the files besides the sequences that ``--case-dir`` reads (an MSD
+    ``dataset.json``), whose label values are the label map (None for other layouts)."""
     from app.data.discovery import case_sources, discover_cases
     from app.inference.io import sequence_name
 
@@ -134,7 +136,7 @@ def _sequence_paths(
             raise ValueError(f"Sequence {seq!r} given twice ({paths[seq]} and {path}): pass one file per sequence.")
         paths[seq] = path
     if args.case_dir is None:
-        return paths, None, None, []
+        return paths, None, None, [], None
     if paths:
         raise ValueError("--case-dir cannot be combined with --flair/--t1/--t1ce/--t2/--input: give either the case "
                          "folder or the files.")
@@ -145,10 +147,11 @@ def _sequence_paths(
         raise ValueError(f"--case-dir {args.case_dir} holds {len(cases)} cases ({names}{more}"
                          "): pass the folder of one case, or run the batch bundle (configs/inference.yaml) on it.")
     rec = cases[0]
+    label_map = rec["label_map"] if rec["layout"] == "msd" else None
     if rec["image4d"]:
         return ({s: rec["image4d"] for s in rec["channels"]} | dict(rec["images"]), dict(rec["channels"]), rec["case"],
-                case_sources(rec))
-    return dict(rec["images"]), None, rec["case"], case_sources(rec)
+                case_sources(rec), label_map)
+    return dict(rec["images"]), None, rec["case"], case_sources(rec), label_map
 
 
 
@@ -181,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         from app.inference.pipeline import segment_case, summary_notes
 
-        paths, channels, case, other_inputs = _sequence_paths(args)
+        paths, channels, case, other_inputs, label_map = _sequence_paths(args)
         if not paths:
             raise ValueError("No input sequence given: pass at least one of --flair, --t1, --t1ce, --t2 "
                              "(or --input NAME=FILE, or --case-dir DIR).")
@@ -192,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = segment_case(
             segmenter, paths, args.out, labels=args.labels, probabilities=args.probabilities, summary=args.summary,
             resample_to=args.resample_to, channels=channels, case=case, other_inputs=other_inputs,
+            label_map=label_map,
         )
     except (ValueError, FileNotFoundError, OSError) as err:  # CaseError is a ValueError
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)

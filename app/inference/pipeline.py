@@ -304,12 +304,14 @@ class Segmenter:
             patch = [0, 0, 0] if math.prod(padded) <= self.max_window_voxels else self.fallback_patch_size
         return [pad if p <= 0 else min(p, pad) for p, pad in zip(patch, padded)]
 
-    def predict(self, case: CaseInputs, labels: str = "auto", probabilities: bool = False) -> Prediction:
+    def predict(self, case: CaseInputs, labels: str | Mapping[str, Sequence[int]] = "auto",
+                probabilities: bool = False) -> Prediction:
         """Segment ``case``; the result lies on the grid of ``case.ref``.
 
         Args:
             case: sequences on one grid (see :func:`app.inference.io.read_case`).
-            labels: label convention name or ``--labels`` value (``auto``: by the case's file names).
+            labels: label convention name or ``--labels`` value (``auto``: by the case's file names), or
+                a label map ``{"ncr": [...], "ed": [...], "et": [...]}`` (a ``dataset.json``'s).
             probabilities: also return the WT/TC/ET probability maps.
 
         Raises:
@@ -333,8 +335,9 @@ class Segmenter:
             "with more free memory.")
 
     @torch.inference_mode()
-    def _predict(self, case: CaseInputs, labels: str, probabilities: bool) -> Prediction:
-        convention = label_convention(labels, sources=[v.source for v in case.volumes.values()])
+    def _predict(self, case: CaseInputs, labels: str | Mapping[str, Sequence[int]], probabilities: bool) -> Prediction:
+        convention = labels if isinstance(labels, Mapping) else label_convention(
+            labels, sources=[v.source for v in case.volumes.values()])
         timing: dict[str, float] = {}
         start = time.perf_counter()
         ref = case.ref
@@ -662,9 +665,14 @@ def _output_image(data: np.ndarray, ref: Volume, description: str) -> nib.Nifti1
     return img
 
 
-def _volumes_ml(labels: np.ndarray, convention: str, voxel_ml: float) -> dict[str, float]:
-    values = {p: int(LABEL_CONVENTIONS[convention][p][0]) for p in LABEL_PARTS}
-    counts = {p: int(np.count_nonzero(labels == v)) for p, v in values.items()}
+def _written_values(convention: str | Mapping[str, Sequence[int]]) -> dict[str, int]:
+    """The value written for each tumour part under a convention name or a ``dataset.json`` label map."""
+    parts = LABEL_CONVENTIONS[convention] if isinstance(convention, str) else convention
+    return {p: int(parts[p][0]) for p in LABEL_PARTS}
+
+
+def _volumes_ml(labels: np.ndarray, values: Mapping[str, int], voxel_ml: float) -> dict[str, float]:
+    counts = {p: int(np.count_nonzero(labels == values[p])) for p in LABEL_PARTS}
     regions = {"WT": counts["ncr"] + counts["ed"] + counts["et"], "TC": counts["ncr"] + counts["et"],
                "ET": counts["et"], "NCR": counts["ncr"], "ED": counts["ed"]}
     return {k: round(n * voxel_ml, 4) for k, n in regions.items()}
@@ -682,6 +690,7 @@ def segment_case(
     case: str | None = None,
     other_inputs: Sequence[str | os.PathLike] = (),
     named_by_folder: bool = False,
+    label_map: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """Read, check, segment and write one case; every output appears atomically or not at all.
 
@@ -700,6 +709,9 @@ def segment_case(
         named_by_folder: the caller names the outputs after the case in its output folder (batch
             mode, which has no --out/--probabilities/--summary): a refused output's message then
             says to choose another output folder.
+        label_map: the label values of the case's ``dataset.json`` (MSD / nnU-Net layout, see
+            :func:`app.data.discovery.msd_label_map`), which ``labels="auto"`` writes, so that the
+            output reads as the dataset's own labels (MSD Task01: 1 oedema, 2 non-enhancing, 3 enhancing).
 
     Returns:
         The summary (also written to ``summary`` when given).
@@ -708,7 +720,11 @@ def segment_case(
         CaseError / ValueError / FileNotFoundError: bad input or output paths; nothing is written.
     """
     start = time.perf_counter()
-    convention = label_convention(labels, sources=list(paths.values()))
+    convention: str | Mapping[str, Sequence[int]] = label_convention(labels, sources=list(paths.values()))
+    convention_name = convention
+    if str(labels).strip().lower() == "auto" and label_map is not None:
+        convention, convention_name = {p: list(label_map[p]) for p in LABEL_PARTS}, "dataset.json"
+    written = _written_values(convention)
     inputs = [os.fspath(p) for p in (*paths.values(), *other_inputs)]
     flags = ("Output",) * 3 if named_by_folder else ("--out", "--probabilities", "--summary")
     rename = "choose another output folder" if named_by_folder else "choose another output name"
@@ -737,12 +753,12 @@ def segment_case(
         "resampled_to_reference": case_inputs.resampled,
         "output": out,
         "probabilities": prob_path,
-        "label_convention": convention,
-        "labels": dict(zip(LABEL_PARTS, (int(LABEL_CONVENTIONS[convention][p][0]) for p in LABEL_PARTS))),
+        "label_convention": convention_name,
+        "labels": written,
         "shape": list(ref.shape),
         "voxel_size_mm": [round(float(z), 6) for z in np.linalg.norm(ref.affine[:3, :3], axis=0)],
         "voxel_volume_ml": voxel_ml,
-        "volumes_ml": _volumes_ml(pred.labels, convention, voxel_ml),
+        "volumes_ml": _volumes_ml(pred.labels, written, voxel_ml),
         "network": segmenter.settings,
         "inference": pred.details,
         "timing_s": {"read_s": read_s, **pred.timing},
@@ -751,7 +767,7 @@ def segment_case(
     }
     write_start = time.perf_counter()
     with AtomicOutputs() as writer:
-        nib.save(_output_image(pred.labels, ref, f"{OUTPUT_DESCRIPTION_PREFIX}labels {convention}"), writer.temp(out))
+        nib.save(_output_image(pred.labels, ref, f"{OUTPUT_DESCRIPTION_PREFIX}labels {convention_name}"), writer.temp(out))
         if prob_path is not None:
             nib.save(_output_image(pred.probabilities, ref, f"{OUTPUT_DESCRIPTION_PREFIX}WT,TC,ET probabilities"),
                      writer.temp(prob_path))
@@ -772,8 +788,11 @@ def summary_notes(summary: Mapping[str, Any]) -> list[str]:
     if info.get("work_shape") != info.get("ras_shape"):
         mm = "x".join(f"{v:g}" for v in info["work_spacing_mm"])
         notes.append(f"run at {mm} mm" + (", the model's training spacing" if info.get("spacing") == "auto" else ""))
-    if summary.get("label_convention") in ("brats2023", "brats2024"):
-        notes.append("enhancing tumour written as 3")
+    written = summary.get("labels") or {}
+    if summary.get("label_convention") == "dataset.json":
+        notes.append(f"labels of dataset.json: necrosis {written['ncr']}, oedema {written['ed']}, enhancing {written['et']}")
+    elif written.get("et", 4) != 4:
+        notes.append(f"enhancing tumour written as {written['et']}")
     removed = info.get("wt_removed_outside_head_ml") or 0.0
     if removed >= 0.05:
         notes.append(f"{removed:.1f} mL outside the head set to background")

@@ -194,6 +194,9 @@ def test_all_zero_channel_of_a_4d_file_is_reported_missing(phantom_root, segment
     assert result["status"] == "ok"
     assert summary["sequences_used"] == ["flair", "t1ce", "t2"] and summary["sequences_missing"] == ["t1"]
     assert summary["empty_channels"] == ["t1"]
+    # written with the dataset.json's label values (--labels auto), as its own labels would be
+    assert summary["label_convention"] == "dataset.json" and summary["labels"] == {"ncr": 2, "ed": 1, "et": 3}
+    assert set(np.unique(np.asarray(load(out / "BRATS_900.nii.gz").dataobj)).tolist()) <= {0, 1, 2, 3}
     assert "t1 channel all zero: missing" in capsys.readouterr().out
 
 

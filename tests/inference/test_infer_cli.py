@@ -474,3 +474,33 @@ def test_an_output_edited_by_hand_is_never_replaced(case, random_ckpt, infer, tm
     rc, _, err = infer(*args)
     assert rc == 2 and "--out" in err and "not written by this product" in err
     np.testing.assert_array_equal(np.asarray(load(out).dataobj), edited)
+
+
+def test_case_dir_of_an_msd_task_writes_the_label_values_of_its_dataset_json(case, random_ckpt, infer, tmp_path):
+    """MSD Task01 numbers its labels 1 oedema, 2 non-enhancing, 3 enhancing: --labels auto writes those, so
+    the output reads as the dataset's own labels; BraTS 2018 values (1 necrosis, 2 oedema, 4) would swap
+    necrosis and oedema for such a user."""
+    from tests.inference.test_bad_inputs import _msd_task
+
+    msd = _msd_task(case, tmp_path / "Task01")
+    brats = tmp_path / "brats.nii.gz"
+    assert infer("--ckpt", random_ckpt, *[f"--{s}={case[s]}" for s in ("flair", "t1", "t1ce", "t2")],
+                 "--out", brats)[0] == 0
+    labels_2018 = np.asarray(load(brats).dataobj)
+    assert {1, 2, 4} <= set(np.unique(labels_2018).tolist())
+    out, summary = tmp_path / "msd.nii.gz", tmp_path / "msd.json"
+    rc, stdout, err = infer("--ckpt", random_ckpt, "--case-dir", msd, "--out", out, "--summary", summary)
+    assert rc == 0, err
+    expected = np.select([labels_2018 == 1, labels_2018 == 2, labels_2018 == 4], [2, 1, 3], 0)
+    np.testing.assert_array_equal(np.asarray(load(out).dataobj), expected)
+    s = json.loads(summary.read_text())
+    assert s["label_convention"] == "dataset.json" and s["labels"] == {"ncr": 2, "ed": 1, "et": 3}
+    assert "labels of dataset.json: necrosis 2, oedema 1, enhancing 3" in stdout
+    # the volumes are of the regions, whatever values they are written with
+    brats_summary = tmp_path / "brats.json"
+    infer("--ckpt", random_ckpt, *[f"--{s}={case[s]}" for s in ("flair", "t1", "t1ce", "t2")],
+          "--out", brats, "--summary", brats_summary)
+    assert s["volumes_ml"] == json.loads(brats_summary.read_text())["volumes_ml"]
+    # an explicit --labels sets the values
+    assert infer("--ckpt", random_ckpt, "--case-dir", msd, "--out", out, "--labels", "2018")[0] == 0
+    np.testing.assert_array_equal(np.asarray(load(out).dataobj), labels_2018)
