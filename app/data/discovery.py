@@ -58,9 +58,10 @@ ACCEPTED_LAYOUTS = (
 _BRATS2018_RE = re.compile(r"^(?P<case>.+)_(?P<seq>flair|t1ce|t1|t2|seg)\.nii(?:\.gz)?$", re.IGNORECASE)
 _BRATS2023_RE = re.compile(r"^(?P<case>.+)-(?P<seq>t2f|t1n|t1c|t2w|seg)\.nii(?:\.gz)?$", re.IGNORECASE)
 _BRATS2023_SEQ = {"t2f": "flair", "t1n": "t1", "t1c": "t1ce", "t2w": "t2", "seg": "seg"}
-# nnU-Net v2 stores one file per channel: <case>_0000.nii.gz
-_NNUNET_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<idx>\d{4})\.nii(?:\.gz)?$")
-_NIFTI_RE = re.compile(r"^(?P<case>.+)\.nii(?:\.gz)?$")
+# nnU-Net v2 stores one file per channel: <case>_0000.nii.gz. Extensions are matched in any case
+# (.NII.GZ), as in the BraTS names above and as nibabel reads them
+_NNUNET_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<idx>\d{4})\.nii(?:\.gz)?$", re.IGNORECASE)
+_NIFTI_RE = re.compile(r"^(?P<case>.+)\.nii(?:\.gz)?$", re.IGNORECASE)
 
 #: Accepted spellings of each sequence in ``dataset.json``, compared after lower-casing and
 #: dropping everything but letters and digits ("T1-Gd" -> "t1gd").
@@ -238,13 +239,45 @@ def _case_problem(case_errors: dict[str, str] | None, case: str, message: str) -
     case_errors.setdefault(case, message)
 
 
+def _nifti_files(folder: Path) -> dict[str, str]:
+    """``{case id: path}`` of the NIfTI files in ``folder`` (none when it is missing), extensions in any case.
+
+    A case id with both a ``.nii.gz`` and a ``.nii`` file keeps the ``.nii.gz`` one; the other is then
+    nobody's file, which :func:`_msd_cases` reports for a label.
+    """
+    if not folder.is_dir():
+        return {}
+    files: dict[str, str] = {}
+    for fname in sorted(os.listdir(folder), key=lambda f: (not f.lower().endswith(".gz"), f)):
+        if not fname.startswith(".") and (m := _NIFTI_RE.match(fname)) is not None:
+            files.setdefault(m.group("case"), str(folder / fname))
+    return files
+
+
+def _is_3d(path: str) -> bool | None:
+    """Whether the NIfTI header at ``path`` describes one 3D volume (a 4th axis of length 1 included).
+
+    ``None`` when the header cannot be read: loading the file reports it, naming the file.
+    """
+    import nibabel as nib  # discovery otherwise reads no file contents
+
+    try:
+        shape = tuple(nib.load(path).shape)
+    except Exception:  # noqa: BLE001 - the loader's own checks report a corrupt file
+        return None
+    return len(shape) == 3 or (len(shape) > 3 and all(d == 1 for d in shape[3:]))
+
+
 def _split_channels(folder: Path, desc: dict[str, Any], channels: dict[str, int]) -> bool:
     """Whether the images are split into ``<case>_XXXX`` files, one per channel.
 
     nnU-Net v2 says so with ``channel_names``. nnU-Net v1 keeps MSD's ``modality`` key, but its
     ``training`` entries name ``imagesTr/<case>.nii.gz``, a file that does not exist beside
     ``<case>_XXXX.nii.gz`` (any listed channel). Without entries, every image file carrying a listed channel suffix (and
-    some case having two) tells the same.
+    some case having two) tells the same. But ``<case>_0000.nii.gz`` reads either way (a cohort with
+    one sequence per case, or MSD ids ending in four digits, ``pat_0001``), so the labels decide first:
+    ``labelsTr/<case>.nii.gz`` says per channel, a label named as an image says MSD 4D; then the
+    image header: a 3D volume is one channel, an MSD image holds its channels along a 4th axis.
     """
     if "channel_names" in desc:
         return True
@@ -252,25 +285,32 @@ def _split_channels(folder: Path, desc: dict[str, Any], channels: dict[str, int]
         image = entry.get("image") if isinstance(entry, dict) else None
         if isinstance(image, str) and (m := _NIFTI_RE.match(Path(image).name)) is not None:
             listed, stem = folder / image, m.group("case")
-            if listed.exists():
+            on_disk = _nifti_files(listed.parent)  # by case id: the extension's case may differ from the list's
+            if stem in on_disk:
                 return False
             # any listed channel, not only _0000: a case may lack that sequence
-            if any((listed.parent / f"{stem}_{idx:04d}{ext}").is_file()
-                   for idx in channels.values() for ext in (".nii.gz", ".nii")):
+            if any(f"{stem}_{idx:04d}" in on_disk for idx in channels.values()):
                 return True
             # neither file: a case without images (reported later) tells nothing; ask the next entry
-    found: dict[str, int] = {}
+    found: dict[str, list[str]] = {}
     for img_dir in ("imagesTr", "imagesTs"):
-        if not (folder / img_dir).is_dir():
-            continue
-        for fname in os.listdir(folder / img_dir):
-            if fname.startswith(".") or not _NIFTI_RE.match(fname):
-                continue
-            m = _NNUNET_CHANNEL_RE.match(fname)
+        for stem, path in _nifti_files(folder / img_dir).items():
+            m = _NNUNET_CHANNEL_RE.match(Path(path).name)
             if m is None or int(m.group("idx")) not in channels.values():
                 return False
-            found[m.group("case")] = found.get(m.group("case"), 0) + 1
-    return bool(found) and max(found.values()) > 1
+            found.setdefault(m.group("case"), []).append(stem)
+    if not found:
+        return False
+    labels = {stem for lbl_dir in ("labelsTr", "labelsTs") for stem in _nifti_files(folder / lbl_dir)}
+    if labels & set(found):
+        return True
+    if labels & {stem for stems in found.values() for stem in stems}:
+        return False
+    first = next(iter(_nifti_files(folder / "imagesTr").values()), None) or next(
+        iter(_nifti_files(folder / "imagesTs").values()))
+    if (three_d := _is_3d(first)) is not None:
+        return three_d
+    return max(len(stems) for stems in found.values()) > 1
 
 
 def _msd_cases(
@@ -318,14 +358,11 @@ def _msd_cases(
                 bad.add(m.group("case"))
                 continue
             cases.setdefault(m.group("case"), {})[idx_to_seq[idx]] = path
+        label_files = _nifti_files(folder / lbl_dir)
         for case in sorted(set(cases) | set(four_d) | bad):
-            label = None
-            for ext in (".nii.gz", ".nii"):
-                candidate = folder / lbl_dir / f"{case}{ext}"
-                if candidate.is_file():
-                    label = str(candidate)
-                    seen_labels.add(label)
-                    break
+            label = label_files.get(case)
+            if label is not None:
+                seen_labels.add(label)
             if case in bad:  # reported above; its label is still its own, not one without image
                 continue
             # "channels" indexes into image4d; per-channel nnU-Net files need none

@@ -420,3 +420,77 @@ def test_msd_4d_files_whose_ids_end_in_four_digits_stay_4d(tmp_path):
     touch(tmp_path / "labelsTr" / "pat_0001.nii.gz")
     (c,) = discover_cases(tmp_path, require_label=True)
     assert c["case"] == "pat_0001" and c["image4d"] == str(tmp_path / "imagesTr" / "pat_0001.nii.gz")
+
+
+V1_DESC = {"modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+           "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}}
+
+
+@pytest.mark.parametrize("layout", ["msd", "nnunet_v1", "nnunet_v2"])
+def test_msd_and_nnunet_files_with_upper_case_extensions_are_found(tmp_path, layout):
+    """``.NII.GZ`` files were silently skipped in MSD / nnU-Net folders (a case vanished from training
+    and evaluation) while BraTS-named ones with the same extension were used: both are read now."""
+    desc = dict(V1_DESC)
+    if layout == "nnunet_v2":
+        desc = {"channel_names": V1_DESC["modality"], "labels": {"background": 0, "edema": 1,
+                                                                  "non-enhancing tumor": 2, "enhancing tumour": 3}}
+    else:
+        desc["training"] = [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in ("A", "B")]
+    (tmp_path / "dataset.json").write_text(json.dumps(desc))
+    for case, ext in (("A", ".NII.GZ"), ("B", ".nii.gz")):
+        names = [f"{case}{ext}"] if layout == "msd" else [f"{case}_{i:04d}{ext}" for i in (0, 3)]
+        for name in names:
+            touch(tmp_path / "imagesTr" / name)
+        touch(tmp_path / "labelsTr" / f"{case}{ext}")
+    touch(tmp_path / "labelsTr" / "orphan.Nii")  # a label without image is reported in any case
+    with pytest.raises(CaseError, match="orphan.Nii has no image"):
+        discover_cases(tmp_path, require_label=True)
+    (tmp_path / "labelsTr" / "orphan.Nii").unlink()
+    a, b = discover_cases(tmp_path, require_label=True)
+    assert (a["case"], b["case"]) == ("A", "B")
+    assert a["label"] == str(tmp_path / "labelsTr" / "A.NII.GZ")
+    if layout == "msd":
+        assert a["image4d"] == str(tmp_path / "imagesTr" / "A.NII.GZ") and a["modalities"] == b["modalities"]
+    else:
+        assert a["image4d"] is None and a["images"] == {"flair": str(tmp_path / "imagesTr" / "A_0000.NII.GZ"),
+                                                        "t2": str(tmp_path / "imagesTr" / "A_0003.NII.GZ")}
+
+
+def _nifti(path: Path, shape: tuple[int, ...]) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.ones(shape, np.float32), np.eye(4)), str(path))
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_nnunet_v1_with_one_channel_file_per_case_and_no_training_list(tmp_path, labelled):
+    """nnU-Net v1 (MSD's 'modality' key) without a 'training' list, every case with one sequence:
+    ``<case>_0000.nii.gz`` was read as an MSD 4D case named ``<case>_0000``, so its label was an
+    orphan (training stopped) or, unlabelled, the outputs were named after the file, not the case."""
+    (tmp_path / "dataset.json").write_text(json.dumps(V1_DESC))
+    images = "imagesTr" if labelled else "imagesTs"
+    for case in ("BRATS_001", "BRATS_002"):
+        _nifti(tmp_path / images / f"{case}_0000.nii.gz", (4, 4, 4))
+        if labelled:
+            _nifti(tmp_path / "labelsTr" / f"{case}.nii.gz", (4, 4, 4))
+    first, second = discover_cases(tmp_path, require_label=labelled)
+    assert (first["case"], second["case"]) == ("BRATS_001", "BRATS_002")
+    assert first["image4d"] is None and first["modalities"] == ["flair"]
+    assert first["images"] == {"flair": str(tmp_path / images / "BRATS_001_0000.nii.gz")}
+
+
+def test_msd_4d_files_one_per_case_whose_ids_end_in_four_digits_stay_4d_without_training_list(tmp_path):
+    """The other reading of the same names: MSD 4D images named ``pat_0001.nii.gz``, labelled as such
+    or (unlabelled) holding their channels along a 4th axis, stay one case per file."""
+    (tmp_path / "dataset.json").write_text(json.dumps(V1_DESC))
+    _nifti(tmp_path / "imagesTr" / "pat_0001.nii.gz", (4, 4, 4, 4))
+    _nifti(tmp_path / "labelsTr" / "pat_0001.nii.gz", (4, 4, 4))
+    _nifti(tmp_path / "imagesTs" / "pat_0002.nii.gz", (4, 4, 4, 4))
+    assert [(c["case"], c["image4d"] is not None) for c in discover_cases(tmp_path)] == [
+        ("pat_0001", True), ("pat_0002", True)]
+    for p in (tmp_path / "labelsTr").iterdir():
+        p.unlink()
+    assert [(c["case"], c["image4d"] is not None) for c in discover_cases(tmp_path)] == [
+        ("pat_0001", True), ("pat_0002", True)]
