@@ -93,8 +93,14 @@ def bundle_layout(bundle: str | os.PathLike) -> BundleLayout:
                      "the ablation runner cannot tell how to evaluate this bundle.")
 
 
-def parse_strategies(spec: str | Sequence[str]) -> list[tuple[str, str, str | None]]:
-    """``"plain,gmd:5"`` -> ``[("plain", "plain", None), ("gmd_k5", "gmd", "5")]`` (label, strategy, subsets)."""
+def parse_strategies(spec: str | Sequence[str], kind: str | None = None) -> list[tuple[str, str, str | None]]:
+    """``"plain,gmd:5"`` -> ``[("plain", "plain", None), ("gmd_k5", "gmd", "5")]`` (label, strategy, subsets).
+
+    Args:
+        spec: the ``--strategies`` list.
+        kind: the bundle's branch (:attr:`BundleLayout.kind`); a strategy that branch's network cannot
+            train (``predict`` for segmentation) is refused. ``None`` checks names and counts only.
+    """
     items = spec.split(",") if isinstance(spec, str) else [s for part in spec for s in str(part).split(",")]
     out, seen = [], set()
     for item in (s.strip() for s in items):
@@ -104,6 +110,10 @@ def parse_strategies(spec: str | Sequence[str]) -> list[tuple[str, str, str | No
         name, k = name.strip(), k.strip()
         if name.lower() not in STRATEGIES:  # before any strategy trains, not when its turn comes
             raise ValueError(f"Unknown strategy {name!r} in --strategies: choose from {sorted(STRATEGIES)}.")
+        if kind is not None and kind not in STRATEGIES[name.lower()].branches:
+            usable = [n for n, cls in STRATEGIES.items() if kind in cls.branches]
+            raise ValueError(f"Strategy {name!r} in --strategies trains only {'/'.join(STRATEGIES[name.lower()].branches)} "
+                             f"networks, and this bundle is {kind}: remove it, or choose from {usable}.")
         if k:
             # only the GMD strategies read --gmd_subsets: another would train unchanged under a "_k" label
             takes_k = "subsets" in inspect.signature(STRATEGIES[name.lower()].__init__).parameters
@@ -283,7 +293,7 @@ def run_ablation(
     train, evaluate = _configs(bundle)
     if checkpoint not in ("final", "best"):
         raise ValueError(f"checkpoint must be 'final' or 'best', got {checkpoint!r}.")
-    planned = parse_strategies(strategies)  # a bad list is refused before any folder is made
+    planned = parse_strategies(strategies, layout.kind)  # a bad list is refused before any folder is made
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_name = "model_final.pt" if checkpoint == "final" else "model.pt"
@@ -359,7 +369,7 @@ def run_ablation_seeds(
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and non-empty, got {seeds}.")
-    parse_strategies(strategies)  # refused before the first seed trains
+    parse_strategies(strategies, bundle_layout(bundle).kind)  # refused before the first seed trains
     out = Path(output_dir)
     per_seed = {s: run_ablation(bundle, strategies, out / f"seed_{s}", max_epochs, seed=s, **kwargs) for s in seeds}
     table = seed_table(per_seed)

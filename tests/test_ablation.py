@@ -51,6 +51,22 @@ def test_a_subset_count_is_refused_where_it_would_change_nothing_or_fail_later()
     assert parse_strategies("gmd_approx: 3") == [("gmd_approx_k3", "gmd_approx", "3")]
 
 
+def test_a_strategy_the_bundle_network_cannot_train_is_refused_before_anything_trains(tmp_path):
+    """``--strategies plain,dropout,gmd,cggm,predict`` on the BraTS bundle trained and scored the four
+    others (hours at real budgets) and then failed at predict, which is sentiment only, with no table."""
+    with pytest.raises(ValueError, match=r"Strategy 'predict' in --strategies trains only sentiment networks, and "
+                                         r"this bundle is segmentation: remove it, or choose from \[.*'cggm'"):
+        parse_strategies("plain,predict", "segmentation")
+    assert [n for _, n, _ in parse_strategies("plain,predict", "sentiment")] == ["plain", "predict"]
+    for seeds in ([], ["--seeds", "0,1"]):
+        out = tmp_path / f"ablation{len(seeds)}"
+        proc = _ablate("--bundle", "bundles/brats_gmd", "--strategies", "plain,predict", "--max_epochs", "1",
+                       "--output_dir", str(out), "--dataset_dir", str(tmp_path), *seeds)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert "'predict' in --strategies trains only sentiment networks" in proc.stderr.strip().splitlines()[-1]
+        assert not out.exists()
+
+
 def _check_tables(out, strategies, modalities, headline):
     table = json.loads((out / "ablation.json").read_text())
     names = [subset_name(s, modalities) for s in all_subsets(len(modalities))]
