@@ -239,18 +239,18 @@ def _case_problem(case_errors: dict[str, str] | None, case: str, message: str) -
     case_errors.setdefault(case, message)
 
 
-def _nifti_files(folder: Path) -> dict[str, str]:
-    """``{case id: path}`` of the NIfTI files in ``folder`` (none when it is missing), extensions in any case.
+def _nifti_files(folder: Path) -> dict[str, list[str]]:
+    """``{case id: paths}`` of the NIfTI files in ``folder`` (none when it is missing), extensions in any case.
 
-    A case id with both a ``.nii.gz`` and a ``.nii`` file keeps the ``.nii.gz`` one; the other is then
-    nobody's file, which :func:`_msd_cases` reports for a label.
+    A case id has several paths when it has several files (``X.nii.gz`` and ``X.nii``), which
+    :func:`_msd_cases` refuses as BraTS-named cases refuse two files of one sequence.
     """
     if not folder.is_dir():
         return {}
-    files: dict[str, str] = {}
-    for fname in sorted(os.listdir(folder), key=lambda f: (not f.lower().endswith(".gz"), f)):
+    files: dict[str, list[str]] = {}
+    for fname in sorted(os.listdir(folder)):
         if not fname.startswith(".") and (m := _NIFTI_RE.match(fname)) is not None:
-            files.setdefault(m.group("case"), str(folder / fname))
+            files.setdefault(m.group("case"), []).append(str(folder / fname))
     return files
 
 
@@ -294,8 +294,8 @@ def _split_channels(folder: Path, desc: dict[str, Any], channels: dict[str, int]
             # neither file: a case without images (reported later) tells nothing; ask the next entry
     found: dict[str, list[str]] = {}
     for img_dir in ("imagesTr", "imagesTs"):
-        for stem, path in _nifti_files(folder / img_dir).items():
-            m = _NNUNET_CHANNEL_RE.match(Path(path).name)
+        for stem, paths in _nifti_files(folder / img_dir).items():
+            m = _NNUNET_CHANNEL_RE.match(Path(paths[0]).name)
             if m is None or int(m.group("idx")) not in channels.values():
                 return False
             found.setdefault(m.group("case"), []).append(stem)
@@ -308,7 +308,7 @@ def _split_channels(folder: Path, desc: dict[str, Any], channels: dict[str, int]
         return False
     first = next(iter(_nifti_files(folder / "imagesTr").values()), None) or next(
         iter(_nifti_files(folder / "imagesTs").values()))
-    if (three_d := _is_3d(first)) is not None:
+    if (three_d := _is_3d(first[0])) is not None:
         return three_d
     return max(len(stems) for stems in found.values()) > 1
 
@@ -339,7 +339,11 @@ def _msd_cases(
             path = str(folder / img_dir / fname)
             if not per_channel:
                 if (m := _NIFTI_RE.match(fname)) is not None and not is_inference_output(path):
-                    four_d[m.group("case")] = path
+                    if (case := m.group("case")) in four_d:  # X.nii and X.nii.gz: which one holds the scan?
+                        _case_problem(case_errors, case,
+                                      f"Case {case!r} has two image files: {four_d[case]} and {path}. Keep one.")
+                        bad.add(case)
+                    four_d.setdefault(case, path)
                 continue
             if (m := _NNUNET_CHANNEL_RE.match(fname)) is None:
                 if (n := _NIFTI_RE.match(fname)) is not None and not is_inference_output(path):
@@ -357,14 +361,24 @@ def _msd_cases(
                               "add it to 'channel_names' ('modality' for nnU-Net v1) or remove the file.")
                 bad.add(m.group("case"))
                 continue
-            cases.setdefault(m.group("case"), {})[idx_to_seq[idx]] = path
+            channel_files = cases.setdefault(m.group("case"), {})
+            if (seq := idx_to_seq[idx]) in channel_files:  # X_0000.nii and X_0000.nii.gz, as BraTS names refuse
+                _case_problem(case_errors, m.group("case"),
+                              f"Case {m.group('case')!r} has two {seq!r} files (channel {idx:04d}): "
+                              f"{channel_files[seq]} and {path}. Keep one.")
+                bad.add(m.group("case"))
+                continue
+            channel_files[seq] = path
         label_files = _nifti_files(folder / lbl_dir)
         for case in sorted(set(cases) | set(four_d) | bad):
-            label = label_files.get(case)
-            if label is not None:
-                seen_labels.add(label)
+            labels = label_files.get(case, [])
+            seen_labels.update(labels)
+            if len(labels) > 1 and case not in bad:
+                _case_problem(case_errors, case, f"Case {case!r} has two label files: {' and '.join(labels)}. Keep one.")
+                bad.add(case)
             if case in bad:  # reported above; its label is still its own, not one without image
                 continue
+            label = labels[0] if labels else None
             # "channels" indexes into image4d; per-channel nnU-Net files need none
             rec = _record(case, "msd", cases.get(case, {}), four_d.get(case), {} if per_channel else channels,
                           label, label_map)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -290,6 +291,30 @@ def test_duplicate_sequence_file(tmp_path):
     touch(tmp_path / "A_1" / "A_1_flair.nii")
     with pytest.raises(CaseError, match=r"two 'flair' files.*A_1_flair\.nii"):
         discover_cases(tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["msd", "nnunet_v2", "msd_label"])
+def test_duplicate_image_or_label_file_in_msd_and_nnunet_folders(tmp_path, layout):
+    """``X.nii`` beside ``X.nii.gz`` (or ``X_0000.NII``) was resolved silently, the listing order
+    picking which file was the scan: refused now, as two files of one BraTS-named sequence are."""
+    if layout == "nnunet_v2":
+        desc = {"channel_names": {"0": "FLAIR", "1": "T2"},
+                "labels": {"background": 0, "edema": 1, "non-enhancing tumor": 2, "enhancing tumour": 3}}
+        images = ["A_0000.nii.gz", "A_0000.NII", "A_0001.nii.gz", "B_0000.nii.gz"]
+    else:
+        desc = MSD_DESC
+        images = ["A.nii.gz", "B.nii.gz"] + (["A.nii"] if layout == "msd" else [])
+    (tmp_path / "dataset.json").write_text(json.dumps(desc))
+    for name in images:
+        touch(tmp_path / "imagesTr" / name)
+    for name in ["A.nii.gz", "B.nii.gz"] + (["A.Nii"] if layout == "msd_label" else []):
+        touch(tmp_path / "labelsTr" / name)
+    what = {"msd": "two image files", "nnunet_v2": "two 'flair' files (channel 0000)",
+            "msd_label": "two label files"}[layout]
+    with pytest.raises(CaseError, match=rf"Case 'A' has {re.escape(what)}: .*A.*A.*Keep one"):
+        discover_cases(tmp_path, require_label=True)
+    errors: dict[str, str] = {}
+    assert [c["case"] for c in discover_cases(tmp_path, case_errors=errors)] == ["B"] and list(errors) == ["A"]
 
 
 def test_case_with_zero_sequences_names_folder(tmp_path):
