@@ -228,6 +228,34 @@ def _reusable(result: Path, stamp: Path, settings: dict[str, Any], done: Path | 
     return finished
 
 
+def _split_cases(datalist: Path) -> dict[str, list[str]]:
+    """The case ids a segmentation run trained and validated on, from its ``datalist.json``."""
+    payload = _read_json(datalist) or {}
+    return {part: sorted(str(r.get("case")) for r in payload.get(part) or []) for part in ("training", "validation")}
+
+
+def _check_same_split(label: str, split: dict[str, list[str]], reference: tuple[str, dict[str, list[str]]],
+                      out: Path) -> None:
+    """Refuse a stage whose run split other cases than the stages before it (the data changed between them).
+
+    Raises:
+        ValueError: naming both stages, the cases that differ and the fix.
+    """
+    first, expected = reference
+    if split == expected:
+        return
+    changes = []
+    for part in ("training", "validation"):
+        added, removed = sorted(set(split[part]) - set(expected[part])), sorted(set(expected[part]) - set(split[part]))
+        if added or removed:
+            changes.append(f"{part}: {len(added)} case(s) only in {label!r} {added[:3]}, "
+                           f"{len(removed)} only in {first!r} {removed[:3]}")
+    raise ValueError(
+        f"Strategy {label!r} trained and is scored on other cases than {first!r} ({'; '.join(changes)}): the data "
+        f"changed after {first!r} trained, so the two would not compare. Delete {out / first} (and every other "
+        "stage trained before the change) to train it again on the current data, or use a new --output_dir.")
+
+
 def _environment(bundle_args: Sequence[str]) -> dict[str, Any]:
     """Where a training stage ran: versions, CPU count and the device the bundle uses (its ``--device``
     override, else the first GPU when there is one, as ``train.yaml`` picks)."""
@@ -302,6 +330,7 @@ def run_ablation(
         eval_split = eval_split or _option(bundle_args, "val_split") or _load_config(train).get("val_split", "valid")
     runs: dict[str, Any] = {}
     reports: dict[str, Any] = {}
+    first_split: tuple[str, dict[str, list[str]]] | None = None  # segmentation: every stage on the same cases
     for label, name, subsets in planned:
         run_dir, eval_dir = out / label / "train", out / label / "eval"
         train_args = [*bundle_args, "--output_dir", str(run_dir), "--strategy", name, "--seed", str(seed),
@@ -322,6 +351,12 @@ def run_ablation(
             (out / label / "train_environment.json").write_text(json.dumps(_environment(bundle_args), indent=1))
             seconds.write_text(json.dumps(train_s))
         if layout is SEGMENTATION:
+            # a resumed ablation reuses finished stages: if cases were added, removed or renamed since,
+            # the new stages split other cases and each strategy would be scored on its own held-out set
+            split = _split_cases(run_dir / "datalist.json")
+            if first_split is None:
+                first_split = (label, split)
+            _check_same_split(label, split, first_split, out)
             scored = ["--eval_datalist", str(run_dir / "datalist.json")]
         else:
             scored = ["--eval_split", eval_split]

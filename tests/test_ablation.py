@@ -121,6 +121,26 @@ def test_segmentation_bundle_ablation_resumes_and_scores_held_out_cases(tmp_path
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.log")} == logs
 
 
+def test_a_resumed_ablation_whose_data_changed_is_refused_instead_of_mixing_splits(tmp_path):
+    """Cases added to --dataset_dir between an interrupted ablation and its rerun: the finished stage
+    was reused and the next trained and was scored on another split, in one table, silently."""
+    data = tmp_path / "data"
+    write_phantoms(data, cases=5, size=32, seed=0)
+    out = tmp_path / "ablation"
+    args = ["--bundle", "bundles/brats_gmd", "--max_epochs", "1", "--output_dir", str(out), "--dataset_dir",
+            str(data), "--epoch_length", "1", *TINY]
+    first = _ablate("--strategies", "plain", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    write_phantoms(data, cases=10, size=32, seed=0)  # the same 5 cases and 5 more
+    again = _ablate("--strategies", "plain,dropout", *args)
+    assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr[-3000:]
+    line = again.stderr.strip().splitlines()[-1]
+    assert "Strategy 'dropout' trained and is scored on other cases than 'plain'" in line, line
+    assert f"Delete {out / 'plain'}" in line and "--output_dir" in line
+    assert not (out / "dropout" / "eval").exists()  # nothing of the mixed split was scored
+    assert json.loads((out / "ablation.json").read_text())["strategies"] == ["plain"]
+
+
 def test_finished_stages_are_reused_only_with_their_own_settings(tmp_path, capsys):
     out, bundle = tmp_path / "out", REPO / "bundles" / "brats_gmd"
     result, stamp = out / "plain" / "train" / "models" / "model_final.pt", out / "plain" / "train_settings.json"
