@@ -44,7 +44,9 @@ def ablation_table(reports: Mapping[str, Mapping[str, Any]], metrics: Sequence[s
 
     Returns:
         ``{"metrics": [...], "subsets": [...], "strategies": [...], "tables": {metric: {strategy:
-        {"subsets": {name: value}, "mean": float, "worst": {"name": str, "value": float}}}}}``.
+        {"subsets": {name: value}, "mean": float, "worst": {"name": str, "value": float}}}},
+        "subsets_without_cases": [...]}``; the last lists the subsets the reports could not score (no
+        held-out case has their sequences), which are in no table and no mean.
 
     Raises:
         ValueError: when a report lacks a metric or the strategies were evaluated on different subsets.
@@ -53,8 +55,10 @@ def ablation_table(reports: Mapping[str, Mapping[str, Any]], metrics: Sequence[s
         raise ValueError("No strategy reports to tabulate.")
     subsets: list[str] | None = None
     tables: dict[str, dict[str, Any]] = {m: {} for m in metrics}
+    unscored: list[str] = []
     for strategy, report in reports.items():
         rows = report["subsets"]
+        unscored += [name for name in report.get("subsets_without_cases") or [] if name not in unscored]
         if subsets is None:
             subsets = list(rows)
         elif list(rows) != subsets:
@@ -73,7 +77,8 @@ def ablation_table(reports: Mapping[str, Mapping[str, Any]], metrics: Sequence[s
                 "mean": math.fsum(values.values()) / len(values) if values else float("nan"),
                 "worst": {"name": worst_name, "value": worst_value},
             }
-    return {"metrics": list(metrics), "subsets": subsets or [], "strategies": list(reports), "tables": tables}
+    return {"metrics": list(metrics), "subsets": subsets or [], "strategies": list(reports), "tables": tables,
+            "subsets_without_cases": unscored}
 
 
 def format_ablation_markdown(table: Mapping[str, Any], title: str = "", digits: int = 3) -> str:
@@ -99,6 +104,11 @@ def format_ablation_markdown(table: Mapping[str, Any], title: str = "", digits: 
                      f"{table['tables'][headline][s]['subsets'].get(full, float('nan')):.{digits}f} |"
                      + (f" {'' if its[s] is None else its[s]} |" if show_its else ""))
     lines.append("")
+    if unscored := table.get("subsets_without_cases"):
+        # as under the run's own table: a mean over fewer subsets must not pass for one over all of them
+        lines += [f"No case to score for {len(unscored)} subset(s) ({', '.join(unscored)}): every mean over subsets "
+                  f"here is over the {len(table['subsets'])} scored, and the summary's last column is "
+                  f"{full}, not all modalities.", ""]
     for metric in metrics:
         per = table["tables"][metric]
         better = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"

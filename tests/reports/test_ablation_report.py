@@ -113,3 +113,16 @@ def test_seed_table_one_seed_has_no_deviation_and_mismatches_are_refused():
         seed_table({0: ablation_table(REPORTS, ["Acc2"]), 1: ablation_table({"plain": REPORTS["plain"]}, ["Acc2"])})
     with pytest.raises(ValueError, match="No ablation"):
         seed_table({})
+
+
+def test_subsets_that_no_case_could_score_are_named_under_the_summary():
+    """Held-out cases all lacking one sequence: the runs' reports name the subsets they could not score,
+    but ablation.md gave its means over the rest with no note, as if over every subset."""
+    reports = {s: {**r, "subsets_without_cases": ["video", "text+video"]} for s, r in REPORTS.items()}
+    table = ablation_table(reports, ["Acc2"])
+    assert table["subsets_without_cases"] == ["video", "text+video"]
+    md = format_ablation_markdown(table)
+    assert ("No case to score for 2 subset(s) (video, text+video): every mean over subsets here is over the 3 "
+            "scored, and the summary's last column is text+audio, not all modalities.") in md
+    assert "No case to score" not in format_ablation_markdown(ablation_table(REPORTS, ["Acc2"]))
+    assert ablation_table(REPORTS, ["Acc2"])["subsets_without_cases"] == []
