@@ -112,8 +112,9 @@ def parse_strategies(spec: str | Sequence[str], kind: str | None = None) -> list
             raise ValueError(f"Unknown strategy {name!r} in --strategies: choose from {sorted(STRATEGIES)}.")
         if kind is not None and kind not in STRATEGIES[name.lower()].branches:
             usable = [n for n, cls in STRATEGIES.items() if kind in cls.branches]
-            raise ValueError(f"Strategy {name!r} in --strategies trains only {'/'.join(STRATEGIES[name.lower()].branches)} "
-                             f"networks, and this bundle is {kind}: remove it, or choose from {usable}.")
+            branches = "/".join(STRATEGIES[name.lower()].branches)
+            raise ValueError(f"Strategy {name!r} in --strategies trains only {branches} networks, and this bundle "
+                             f"is {kind}: remove it, or choose from {usable}.")
         if k:
             # only the GMD strategies read --gmd_subsets: another would train unchanged under a "_k" label
             takes_k = "subsets" in inspect.signature(STRATEGIES[name.lower()].__init__).parameters

@@ -374,7 +374,8 @@ def _msd_cases(
             labels = label_files.get(case, [])
             seen_labels.update(labels)
             if len(labels) > 1 and case not in bad:
-                _case_problem(case_errors, case, f"Case {case!r} has two label files: {' and '.join(labels)}. Keep one.")
+                _case_problem(case_errors, case,
+                              f"Case {case!r} has two label files: {' and '.join(labels)}. Keep one.")
                 bad.add(case)
             if case in bad:  # reported above; its label is still its own, not one without image
                 continue
