@@ -313,6 +313,22 @@ def _split_channels(folder: Path, desc: dict[str, Any], channels: dict[str, int]
     return max(len(stems) for stems in found.values()) > 1
 
 
+def _unread_files(folder: Path, filenames: list[str], dirnames: list[str]) -> list[str]:
+    """NIfTI files in an MSD / nnU-Net ``folder`` outside the four folders its layout names.
+
+    Discovery reads such a folder through ``dataset.json`` alone, so cases kept beside it (a BraTS
+    case folder, a loose scan) would otherwise be left out without a word.
+    """
+    unread = [str(folder / f) for f in filenames if not f.startswith(".") and _NIFTI_RE.match(f)]
+    for d in dirnames:
+        if d in ("imagesTr", "imagesTs", "labelsTr", "labelsTs"):
+            continue
+        for sub, subdirs, files in os.walk(folder / d):  # links not followed: a loop must not hang discovery
+            subdirs[:] = [x for x in subdirs if not x.startswith(".")]
+            unread += [os.path.join(sub, f) for f in sorted(files) if not f.startswith(".") and _NIFTI_RE.match(f)]
+    return [f for f in unread if not is_inference_output(f)]  # a batch run's outputs kept there are no cases
+
+
 def _msd_cases(
     folder: Path, desc: dict[str, Any], case_errors: dict[str, str] | None = None
 ) -> list[tuple[dict[str, Any], str, str]]:
@@ -465,6 +481,11 @@ def discover_cases(
             desc = _read_dataset_json(folder / "dataset.json")
             if "modality" in desc or "channel_names" in desc:
                 found.extend(_msd_cases(folder, desc, case_errors))
+                if unread := _unread_files(folder, filenames, dirnames):
+                    logger.warning("%s makes %s an MSD / nnU-Net folder, read from imagesTr/, imagesTs/, labelsTr/ "
+                                   "and labelsTs/ only: %d other NIfTI file(s) in it are not read (e.g. %s). Move "
+                                   "them out of %s if they are cases.", folder / "dataset.json", folder, len(unread),
+                                   unread[0], folder)
                 dirnames[:] = []  # the MSD folder is fully described by dataset.json
                 continue
         for fname in sorted(filenames):

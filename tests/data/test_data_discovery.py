@@ -519,3 +519,22 @@ def test_msd_4d_files_one_per_case_whose_ids_end_in_four_digits_stay_4d_without_
         p.unlink()
     assert [(c["case"], c["image4d"] is not None) for c in discover_cases(tmp_path)] == [
         ("pat_0001", True), ("pat_0002", True)]
+
+
+def test_nifti_files_an_msd_folder_does_not_read_are_warned_about(tmp_path, caplog):
+    """A BraTS case folder or a loose scan kept in an nnU-Net folder was left out without a word:
+    dataset.json makes the folder readable through imagesTr/ ... labelsTs/ only."""
+    (tmp_path / "dataset.json").write_text(json.dumps(MSD_DESC))
+    touch(tmp_path / "imagesTr" / "A.nii.gz")
+    touch(tmp_path / "labelsTr" / "A.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="app.data.discovery"):
+        assert [c["case"] for c in discover_cases(tmp_path)] == ["A"]
+    assert not caplog.records  # a plain MSD folder: nothing to say
+    brats18(tmp_path / "extra", "B_1")
+    touch(tmp_path / "loose.NII.GZ")
+    touch(tmp_path / "notes" / "readme.txt")
+    with caplog.at_level(logging.WARNING, logger="app.data.discovery"):
+        assert [c["case"] for c in discover_cases(tmp_path)] == ["A"]
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "6 other NIfTI file(s) in it are not read" in warning and str(tmp_path / "loose.NII.GZ") in warning
+    assert f"Move them out of {tmp_path}" in warning
