@@ -93,8 +93,14 @@ def bundle_layout(bundle: str | os.PathLike) -> BundleLayout:
                      "the ablation runner cannot tell how to evaluate this bundle.")
 
 
-def parse_strategies(spec: str | Sequence[str]) -> list[tuple[str, str, str | None]]:
-    """``"plain,gmd:5"`` -> ``[("plain", "plain", None), ("gmd_k5", "gmd", "5")]`` (label, strategy, subsets)."""
+def parse_strategies(spec: str | Sequence[str], kind: str | None = None) -> list[tuple[str, str, str | None]]:
+    """``"plain,gmd:5"`` -> ``[("plain", "plain", None), ("gmd_k5", "gmd", "5")]`` (label, strategy, subsets).
+
+    Args:
+        spec: the ``--strategies`` list.
+        kind: the bundle's branch (:attr:`BundleLayout.kind`); a strategy that branch's network cannot
+            train (``predict`` for segmentation) is refused. ``None`` checks names and counts only.
+    """
     items = spec.split(",") if isinstance(spec, str) else [s for part in spec for s in str(part).split(",")]
     out, seen = [], set()
     for item in (s.strip() for s in items):
@@ -104,6 +110,11 @@ def parse_strategies(spec: str | Sequence[str]) -> list[tuple[str, str, str | No
         name, k = name.strip(), k.strip()
         if name.lower() not in STRATEGIES:  # before any strategy trains, not when its turn comes
             raise ValueError(f"Unknown strategy {name!r} in --strategies: choose from {sorted(STRATEGIES)}.")
+        if kind is not None and kind not in STRATEGIES[name.lower()].branches:
+            usable = [n for n, cls in STRATEGIES.items() if kind in cls.branches]
+            branches = "/".join(STRATEGIES[name.lower()].branches)
+            raise ValueError(f"Strategy {name!r} in --strategies trains only {branches} networks, and this bundle "
+                             f"is {kind}: remove it, or choose from {usable}.")
         if k:
             # only the GMD strategies read --gmd_subsets: another would train unchanged under a "_k" label
             takes_k = "subsets" in inspect.signature(STRATEGIES[name.lower()].__init__).parameters
@@ -218,6 +229,34 @@ def _reusable(result: Path, stamp: Path, settings: dict[str, Any], done: Path | 
     return finished
 
 
+def _split_cases(datalist: Path) -> dict[str, list[str]]:
+    """The case ids a segmentation run trained and validated on, from its ``datalist.json``."""
+    payload = _read_json(datalist) or {}
+    return {part: sorted(str(r.get("case")) for r in payload.get(part) or []) for part in ("training", "validation")}
+
+
+def _check_same_split(label: str, split: dict[str, list[str]], reference: tuple[str, dict[str, list[str]]],
+                      out: Path) -> None:
+    """Refuse a stage whose run split other cases than the stages before it (the data changed between them).
+
+    Raises:
+        ValueError: naming both stages, the cases that differ and the fix.
+    """
+    first, expected = reference
+    if split == expected:
+        return
+    changes = []
+    for part in ("training", "validation"):
+        added, removed = sorted(set(split[part]) - set(expected[part])), sorted(set(expected[part]) - set(split[part]))
+        if added or removed:
+            changes.append(f"{part}: {len(added)} case(s) only in {label!r} {added[:3]}, "
+                           f"{len(removed)} only in {first!r} {removed[:3]}")
+    raise ValueError(
+        f"Strategy {label!r} trained and is scored on other cases than {first!r} ({'; '.join(changes)}): the data "
+        f"changed after {first!r} trained, so the two would not compare. Delete {out / first} (and every other "
+        "stage trained before the change) to train it again on the current data, or use a new --output_dir.")
+
+
 def _environment(bundle_args: Sequence[str]) -> dict[str, Any]:
     """Where a training stage ran: versions, CPU count and the device the bundle uses (its ``--device``
     override, else the first GPU when there is one, as ``train.yaml`` picks)."""
@@ -283,7 +322,7 @@ def run_ablation(
     train, evaluate = _configs(bundle)
     if checkpoint not in ("final", "best"):
         raise ValueError(f"checkpoint must be 'final' or 'best', got {checkpoint!r}.")
-    planned = parse_strategies(strategies)  # a bad list is refused before any folder is made
+    planned = parse_strategies(strategies, layout.kind)  # a bad list is refused before any folder is made
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_name = "model_final.pt" if checkpoint == "final" else "model.pt"
@@ -292,6 +331,7 @@ def run_ablation(
         eval_split = eval_split or _option(bundle_args, "val_split") or _load_config(train).get("val_split", "valid")
     runs: dict[str, Any] = {}
     reports: dict[str, Any] = {}
+    first_split: tuple[str, dict[str, list[str]]] | None = None  # segmentation: every stage on the same cases
     for label, name, subsets in planned:
         run_dir, eval_dir = out / label / "train", out / label / "eval"
         train_args = [*bundle_args, "--output_dir", str(run_dir), "--strategy", name, "--seed", str(seed),
@@ -312,6 +352,12 @@ def run_ablation(
             (out / label / "train_environment.json").write_text(json.dumps(_environment(bundle_args), indent=1))
             seconds.write_text(json.dumps(train_s))
         if layout is SEGMENTATION:
+            # a resumed ablation reuses finished stages: if cases were added, removed or renamed since,
+            # the new stages split other cases and each strategy would be scored on its own held-out set
+            split = _split_cases(run_dir / "datalist.json")
+            if first_split is None:
+                first_split = (label, split)
+            _check_same_split(label, split, first_split, out)
             scored = ["--eval_datalist", str(run_dir / "datalist.json")]
         else:
             scored = ["--eval_split", eval_split]
@@ -359,7 +405,7 @@ def run_ablation_seeds(
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and non-empty, got {seeds}.")
-    parse_strategies(strategies)  # refused before the first seed trains
+    parse_strategies(strategies, bundle_layout(bundle).kind)  # refused before the first seed trains
     out = Path(output_dir)
     per_seed = {s: run_ablation(bundle, strategies, out / f"seed_{s}", max_epochs, seed=s, **kwargs) for s in seeds}
     table = seed_table(per_seed)

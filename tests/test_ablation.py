@@ -51,6 +51,22 @@ def test_a_subset_count_is_refused_where_it_would_change_nothing_or_fail_later()
     assert parse_strategies("gmd_approx: 3") == [("gmd_approx_k3", "gmd_approx", "3")]
 
 
+def test_a_strategy_the_bundle_network_cannot_train_is_refused_before_anything_trains(tmp_path):
+    """``--strategies plain,dropout,gmd,cggm,predict`` on the BraTS bundle trained and scored the four
+    others (hours at real budgets) and then failed at predict, which is sentiment only, with no table."""
+    with pytest.raises(ValueError, match=r"Strategy 'predict' in --strategies trains only sentiment networks, and "
+                                         r"this bundle is segmentation: remove it, or choose from \[.*'cggm'"):
+        parse_strategies("plain,predict", "segmentation")
+    assert [n for _, n, _ in parse_strategies("plain,predict", "sentiment")] == ["plain", "predict"]
+    for seeds in ([], ["--seeds", "0,1"]):
+        out = tmp_path / f"ablation{len(seeds)}"
+        proc = _ablate("--bundle", "bundles/brats_gmd", "--strategies", "plain,predict", "--max_epochs", "1",
+                       "--output_dir", str(out), "--dataset_dir", str(tmp_path), *seeds)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert "'predict' in --strategies trains only sentiment networks" in proc.stderr.strip().splitlines()[-1]
+        assert not out.exists()
+
+
 def _check_tables(out, strategies, modalities, headline):
     table = json.loads((out / "ablation.json").read_text())
     names = [subset_name(s, modalities) for s in all_subsets(len(modalities))]
@@ -103,6 +119,26 @@ def test_segmentation_bundle_ablation_resumes_and_scores_held_out_cases(tmp_path
     assert other.returncode == 1 and "other settings" in other.stderr and "--output_dir" in other.stderr
     assert (out / "ablation.json").read_bytes() == before
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.log")} == logs
+
+
+def test_a_resumed_ablation_whose_data_changed_is_refused_instead_of_mixing_splits(tmp_path):
+    """Cases added to --dataset_dir between an interrupted ablation and its rerun: the finished stage
+    was reused and the next trained and was scored on another split, in one table, silently."""
+    data = tmp_path / "data"
+    write_phantoms(data, cases=5, size=32, seed=0)
+    out = tmp_path / "ablation"
+    args = ["--bundle", "bundles/brats_gmd", "--max_epochs", "1", "--output_dir", str(out), "--dataset_dir",
+            str(data), "--epoch_length", "1", *TINY]
+    first = _ablate("--strategies", "plain", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    write_phantoms(data, cases=10, size=32, seed=0)  # the same 5 cases and 5 more
+    again = _ablate("--strategies", "plain,dropout", *args)
+    assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr[-3000:]
+    line = again.stderr.strip().splitlines()[-1]
+    assert "Strategy 'dropout' trained and is scored on other cases than 'plain'" in line, line
+    assert f"Delete {out / 'plain'}" in line and "--output_dir" in line
+    assert not (out / "dropout" / "eval").exists()  # nothing of the mixed split was scored
+    assert json.loads((out / "ablation.json").read_text())["strategies"] == ["plain"]
 
 
 def test_finished_stages_are_reused_only_with_their_own_settings(tmp_path, capsys):

@@ -58,6 +58,10 @@ ACCEPTED_LAYOUTS = (
 _BRATS2018_RE = re.compile(r"^(?P<case>.+)_(?P<seq>flair|t1ce|t1|t2|seg)\.nii(?:\.gz)?$", re.IGNORECASE)
 _BRATS2023_RE = re.compile(r"^(?P<case>.+)-(?P<seq>t2f|t1n|t1c|t2w|seg)\.nii(?:\.gz)?$", re.IGNORECASE)
 _BRATS2023_SEQ = {"t2f": "flair", "t1n": "t1", "t1c": "t1ce", "t2w": "t2", "seg": "seg"}
+# nnU-Net v2 stores one file per channel: <case>_0000.nii.gz. Extensions are matched in any case
+# (.NII.GZ), as in the BraTS names above and as nibabel reads them
+_NNUNET_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<idx>\d{4})\.nii(?:\.gz)?$", re.IGNORECASE)
+_NIFTI_RE = re.compile(r"^(?P<case>.+)\.nii(?:\.gz)?$", re.IGNORECASE)
 
 
 def brats2023_named(path: str | os.PathLike) -> bool:
@@ -68,9 +72,7 @@ def brats2023_named(path: str | os.PathLike) -> bool:
     """
     m = _BRATS2023_RE.match(os.path.basename(os.fspath(path).rstrip("/\\")))
     return m is not None and m.group("seq").lower() != "seg"
-# nnU-Net v2 stores one file per channel: <case>_0000.nii.gz
-_NNUNET_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<idx>\d{4})\.nii(?:\.gz)?$")
-_NIFTI_RE = re.compile(r"^(?P<case>.+)\.nii(?:\.gz)?$")
+
 
 #: Accepted spellings of each sequence in ``dataset.json``, compared after lower-casing and
 #: dropping everything but letters and digits ("T1-Gd" -> "t1gd").
@@ -248,13 +250,45 @@ def _case_problem(case_errors: dict[str, str] | None, case: str, message: str) -
     case_errors.setdefault(case, message)
 
 
+def _nifti_files(folder: Path) -> dict[str, list[str]]:
+    """``{case id: paths}`` of the NIfTI files in ``folder`` (none when it is missing), extensions in any case.
+
+    A case id has several paths when it has several files (``X.nii.gz`` and ``X.nii``), which
+    :func:`_msd_cases` refuses as BraTS-named cases refuse two files of one sequence.
+    """
+    if not folder.is_dir():
+        return {}
+    files: dict[str, list[str]] = {}
+    for fname in sorted(os.listdir(folder)):
+        if not fname.startswith(".") and (m := _NIFTI_RE.match(fname)) is not None:
+            files.setdefault(m.group("case"), []).append(str(folder / fname))
+    return files
+
+
+def _is_3d(path: str) -> bool | None:
+    """Whether the NIfTI header at ``path`` describes one 3D volume (a 4th axis of length 1 included).
+
+    ``None`` when the header cannot be read: loading the file reports it, naming the file.
+    """
+    import nibabel as nib  # discovery otherwise reads no file contents
+
+    try:
+        shape = tuple(nib.load(path).shape)
+    except Exception:  # noqa: BLE001 - the loader's own checks report a corrupt file
+        return None
+    return len(shape) == 3 or (len(shape) > 3 and all(d == 1 for d in shape[3:]))
+
+
 def _split_channels(folder: Path, desc: dict[str, Any], channels: dict[str, int]) -> bool:
     """Whether the images are split into ``<case>_XXXX`` files, one per channel.
 
     nnU-Net v2 says so with ``channel_names``. nnU-Net v1 keeps MSD's ``modality`` key, but its
     ``training`` entries name ``imagesTr/<case>.nii.gz``, a file that does not exist beside
     ``<case>_XXXX.nii.gz`` (any listed channel). Without entries, every image file carrying a listed channel suffix (and
-    some case having two) tells the same.
+    some case having two) tells the same. But ``<case>_0000.nii.gz`` reads either way (a cohort with
+    one sequence per case, or MSD ids ending in four digits, ``pat_0001``), so the labels decide first:
+    ``labelsTr/<case>.nii.gz`` says per channel, a label named as an image says MSD 4D; then the
+    image header: a 3D volume is one channel, an MSD image holds its channels along a 4th axis.
     """
     if "channel_names" in desc:
         return True
@@ -262,25 +296,48 @@ def _split_channels(folder: Path, desc: dict[str, Any], channels: dict[str, int]
         image = entry.get("image") if isinstance(entry, dict) else None
         if isinstance(image, str) and (m := _NIFTI_RE.match(Path(image).name)) is not None:
             listed, stem = folder / image, m.group("case")
-            if listed.exists():
+            on_disk = _nifti_files(listed.parent)  # by case id: the extension's case may differ from the list's
+            if stem in on_disk:
                 return False
             # any listed channel, not only _0000: a case may lack that sequence
-            if any((listed.parent / f"{stem}_{idx:04d}{ext}").is_file()
-                   for idx in channels.values() for ext in (".nii.gz", ".nii")):
+            if any(f"{stem}_{idx:04d}" in on_disk for idx in channels.values()):
                 return True
             # neither file: a case without images (reported later) tells nothing; ask the next entry
-    found: dict[str, int] = {}
+    found: dict[str, list[str]] = {}
     for img_dir in ("imagesTr", "imagesTs"):
-        if not (folder / img_dir).is_dir():
-            continue
-        for fname in os.listdir(folder / img_dir):
-            if fname.startswith(".") or not _NIFTI_RE.match(fname):
-                continue
-            m = _NNUNET_CHANNEL_RE.match(fname)
+        for stem, paths in _nifti_files(folder / img_dir).items():
+            m = _NNUNET_CHANNEL_RE.match(Path(paths[0]).name)
             if m is None or int(m.group("idx")) not in channels.values():
                 return False
-            found[m.group("case")] = found.get(m.group("case"), 0) + 1
-    return bool(found) and max(found.values()) > 1
+            found.setdefault(m.group("case"), []).append(stem)
+    if not found:
+        return False
+    labels = {stem for lbl_dir in ("labelsTr", "labelsTs") for stem in _nifti_files(folder / lbl_dir)}
+    if labels & set(found):
+        return True
+    if labels & {stem for stems in found.values() for stem in stems}:
+        return False
+    first = next(iter(_nifti_files(folder / "imagesTr").values()), None) or next(
+        iter(_nifti_files(folder / "imagesTs").values()))
+    if (three_d := _is_3d(first[0])) is not None:
+        return three_d
+    return max(len(stems) for stems in found.values()) > 1
+
+
+def _unread_files(folder: Path, filenames: list[str], dirnames: list[str]) -> list[str]:
+    """NIfTI files in an MSD / nnU-Net ``folder`` outside the four folders its layout names.
+
+    Discovery reads such a folder through ``dataset.json`` alone, so cases kept beside it (a BraTS
+    case folder, a loose scan) would otherwise be left out without a word.
+    """
+    unread = [str(folder / f) for f in filenames if not f.startswith(".") and _NIFTI_RE.match(f)]
+    for d in dirnames:
+        if d in ("imagesTr", "imagesTs", "labelsTr", "labelsTs"):
+            continue
+        for sub, subdirs, files in os.walk(folder / d):  # links not followed: a loop must not hang discovery
+            subdirs[:] = [x for x in subdirs if not x.startswith(".")]
+            unread += [os.path.join(sub, f) for f in sorted(files) if not f.startswith(".") and _NIFTI_RE.match(f)]
+    return [f for f in unread if not is_inference_output(f)]  # a batch run's outputs kept there are no cases
 
 
 def _msd_cases(
@@ -309,7 +366,11 @@ def _msd_cases(
             path = str(folder / img_dir / fname)
             if not per_channel:
                 if (m := _NIFTI_RE.match(fname)) is not None and not is_inference_output(path):
-                    four_d[m.group("case")] = path
+                    if (case := m.group("case")) in four_d:  # X.nii and X.nii.gz: which one holds the scan?
+                        _case_problem(case_errors, case,
+                                      f"Case {case!r} has two image files: {four_d[case]} and {path}. Keep one.")
+                        bad.add(case)
+                    four_d.setdefault(case, path)
                 continue
             if (m := _NNUNET_CHANNEL_RE.match(fname)) is None:
                 if (n := _NIFTI_RE.match(fname)) is not None and not is_inference_output(path):
@@ -327,17 +388,25 @@ def _msd_cases(
                               "add it to 'channel_names' ('modality' for nnU-Net v1) or remove the file.")
                 bad.add(m.group("case"))
                 continue
-            cases.setdefault(m.group("case"), {})[idx_to_seq[idx]] = path
+            channel_files = cases.setdefault(m.group("case"), {})
+            if (seq := idx_to_seq[idx]) in channel_files:  # X_0000.nii and X_0000.nii.gz, as BraTS names refuse
+                _case_problem(case_errors, m.group("case"),
+                              f"Case {m.group('case')!r} has two {seq!r} files (channel {idx:04d}): "
+                              f"{channel_files[seq]} and {path}. Keep one.")
+                bad.add(m.group("case"))
+                continue
+            channel_files[seq] = path
+        label_files = _nifti_files(folder / lbl_dir)
         for case in sorted(set(cases) | set(four_d) | bad):
-            label = None
-            for ext in (".nii.gz", ".nii"):
-                candidate = folder / lbl_dir / f"{case}{ext}"
-                if candidate.is_file():
-                    label = str(candidate)
-                    seen_labels.add(label)
-                    break
+            labels = label_files.get(case, [])
+            seen_labels.update(labels)
+            if len(labels) > 1 and case not in bad:
+                _case_problem(case_errors, case,
+                              f"Case {case!r} has two label files: {' and '.join(labels)}. Keep one.")
+                bad.add(case)
             if case in bad:  # reported above; its label is still its own, not one without image
                 continue
+            label = labels[0] if labels else None
             # "channels" indexes into image4d; per-channel nnU-Net files need none
             rec = _record(case, "msd", cases.get(case, {}), four_d.get(case), {} if per_channel else channels,
                           label, label_map)
@@ -423,6 +492,11 @@ def discover_cases(
             desc = _read_dataset_json(folder / "dataset.json")
             if "modality" in desc or "channel_names" in desc:
                 found.extend(_msd_cases(folder, desc, case_errors))
+                if unread := _unread_files(folder, filenames, dirnames):
+                    logger.warning("%s makes %s an MSD / nnU-Net folder, read from imagesTr/, imagesTs/, labelsTr/ "
+                                   "and labelsTs/ only: %d other NIfTI file(s) in it are not read (e.g. %s). Move "
+                                   "them out of %s if they are cases.", folder / "dataset.json", folder, len(unread),
+                                   unread[0], folder)
                 dirnames[:] = []  # the MSD folder is fully described by dataset.json
                 continue
         for fname in sorted(filenames):

@@ -44,7 +44,9 @@ def ablation_table(reports: Mapping[str, Mapping[str, Any]], metrics: Sequence[s
 
     Returns:
         ``{"metrics": [...], "subsets": [...], "strategies": [...], "tables": {metric: {strategy:
-        {"subsets": {name: value}, "mean": float, "worst": {"name": str, "value": float}}}}}``.
+        {"subsets": {name: value}, "mean": float, "worst": {"name": str, "value": float}}}},
+        "subsets_without_cases": [...]}``; the last lists the subsets the reports could not score (no
+        held-out case has their sequences), which are in no table and no mean.
 
     Raises:
         ValueError: when a report lacks a metric or the strategies were evaluated on different subsets.
@@ -53,8 +55,10 @@ def ablation_table(reports: Mapping[str, Mapping[str, Any]], metrics: Sequence[s
         raise ValueError("No strategy reports to tabulate.")
     subsets: list[str] | None = None
     tables: dict[str, dict[str, Any]] = {m: {} for m in metrics}
+    unscored: list[str] = []
     for strategy, report in reports.items():
         rows = report["subsets"]
+        unscored += [name for name in report.get("subsets_without_cases") or [] if name not in unscored]
         if subsets is None:
             subsets = list(rows)
         elif list(rows) != subsets:
@@ -73,7 +77,8 @@ def ablation_table(reports: Mapping[str, Mapping[str, Any]], metrics: Sequence[s
                 "mean": math.fsum(values.values()) / len(values) if values else float("nan"),
                 "worst": {"name": worst_name, "value": worst_value},
             }
-    return {"metrics": list(metrics), "subsets": subsets or [], "strategies": list(reports), "tables": tables}
+    return {"metrics": list(metrics), "subsets": subsets or [], "strategies": list(reports), "tables": tables,
+            "subsets_without_cases": unscored}
 
 
 def format_ablation_markdown(table: Mapping[str, Any], title: str = "", digits: int = 3) -> str:
@@ -99,6 +104,11 @@ def format_ablation_markdown(table: Mapping[str, Any], title: str = "", digits: 
                      f"{table['tables'][headline][s]['subsets'].get(full, float('nan')):.{digits}f} |"
                      + (f" {'' if its[s] is None else its[s]} |" if show_its else ""))
     lines.append("")
+    if unscored := table.get("subsets_without_cases"):
+        # as under the run's own table: a mean over fewer subsets must not pass for one over all of them
+        lines += [f"No case to score for {len(unscored)} subset(s) ({', '.join(unscored)}): every mean over subsets "
+                  f"here is over the {len(table['subsets'])} scored, and the summary's last column is "
+                  f"{full}, not all modalities.", ""]
     for metric in metrics:
         per = table["tables"][metric]
         better = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
@@ -174,38 +184,47 @@ def seed_table(tables: Mapping[Any, Mapping[str, Any]]) -> dict[str, Any]:
     """Combine :func:`ablation_table` results of the same strategies at several seeds.
 
     Args:
-        tables: ``{seed: ablation_table(...)}``, all with the same metrics, strategies and subsets.
+        tables: ``{seed: ablation_table(...)}``, all with the same metrics and strategies. Their subsets
+            may differ where a seed's held-out cases could not score some (``subsets_without_cases``).
 
     Returns:
         ``{"seeds": [...], "metrics", "subsets", "strategies", "tables": {metric: {strategy:
-        {"subsets": {name: spread}, "mean": spread, "worst": spread}}}}``, where a spread is
-        ``{"mean", "std" (sample standard deviation; NaN for one seed), "values" (one per seed)}``.
-        ``mean`` spreads the per-seed means over subsets and ``worst`` the per-seed worst-subset
-        values, with the subset of each seed under ``"names"`` (it may differ between seeds).
+        {"subsets": {name: spread}, "mean": spread, "worst": spread}}}, "subsets_without_cases":
+        {seed: [...]}}``, where a spread is ``{"mean", "std" (sample standard deviation; NaN for one
+        seed), "values" (one per seed, None where that seed scored no case of the subset)}`` over
+        the seeds that scored it. ``mean`` spreads the per-seed means over subsets and ``worst`` the
+        per-seed worst-subset values, with the subset of each seed under ``"names"`` (it may differ
+        between seeds).
 
     Raises:
-        ValueError: when there is no table or the tables differ in metrics, strategies or subsets.
+        ValueError: when there is no table or the tables differ in metrics or strategies.
     """
     if not tables:
         raise ValueError("No ablation tables to combine.")
     seeds = list(tables)
     first = tables[seeds[0]]
     for seed in seeds[1:]:
-        for key in ("metrics", "strategies", "subsets"):
+        for key in ("metrics", "strategies"):
             if list(tables[seed][key]) != list(first[key]):
                 raise ValueError(f"The table of seed {seed} has {key} {list(tables[seed][key])}, "
                                  f"seed {seeds[0]} has {list(first[key])}: combine runs of the same ablation.")
+    # each seed holds out other cases: where those all lack a sequence, that seed scores fewer subsets.
+    # The union keeps the order of the seed that scored the most (subsets come in one fixed order)
+    subsets = list(max((tables[seed]["subsets"] for seed in seeds), key=len))
+    subsets += [n for seed in seeds for n in tables[seed]["subsets"] if n not in subsets]
+    unscored = {seed: [n for n in subsets if n not in tables[seed]["subsets"]] for seed in seeds}
     out: dict[str, Any] = {m: {} for m in first["metrics"]}
     for metric in first["metrics"]:
         for strategy in first["strategies"]:
             per = [tables[seed]["tables"][metric][strategy] for seed in seeds]
             out[metric][strategy] = {
-                "subsets": {name: _spread([p["subsets"][name] for p in per]) for name in first["subsets"]},
+                "subsets": {name: _spread([p["subsets"].get(name) for p in per]) for name in subsets},
                 "mean": _spread([p["mean"] for p in per]),
                 "worst": {**_spread([p["worst"]["value"] for p in per]), "names": [p["worst"]["name"] for p in per]},
             }
-    return {"seeds": seeds, "metrics": list(first["metrics"]), "subsets": list(first["subsets"]),
-            "strategies": list(first["strategies"]), "tables": out}
+    return {"seeds": seeds, "metrics": list(first["metrics"]), "subsets": subsets,
+            "strategies": list(first["strategies"]), "tables": out,
+            "subsets_without_cases": {seed: names for seed, names in unscored.items() if names}}
 
 
 def _pm(spread: Mapping[str, Any], digits: int) -> str:
@@ -227,6 +246,10 @@ def format_seed_markdown(table: Mapping[str, Any], title: str = "", digits: int 
     strategies = table["strategies"]
     lines = [f"# {title}", ""] if title else []
     lines += [f"Mean +/- sample standard deviation over seeds {', '.join(map(str, table['seeds']))}.", ""]
+    if unscored := table.get("subsets_without_cases"):
+        lines += ["Not every seed's held-out cases could score every subset: " + "; ".join(
+            f"seed {seed}: no case for {', '.join(names)}" for seed, names in unscored.items())
+            + ". Those cells spread the other seeds, and those seeds' means over subsets are over fewer subsets.", ""]
     for metric in table["metrics"]:
         per = table["tables"][metric]
         better = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"

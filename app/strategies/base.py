@@ -121,6 +121,9 @@ class GradientStrategy:
     """
 
     name = "base"
+    #: the branches whose networks the strategy can train (``"segmentation"``, ``"sentiment"``), so that
+    #: ``python -m app ablate`` refuses a strategy that its bundle's network lacks before anything trains
+    branches: tuple[str, ...] = ("segmentation", "sentiment")
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed

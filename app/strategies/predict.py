@@ -57,6 +57,7 @@ class PredictStrategy(GradientStrategy):
     """
 
     name = "predict"
+    branches = ("sentiment",)  # the prompted DS transformer; DSUNet has no prompts or predictors
 
     def __init__(
         self,

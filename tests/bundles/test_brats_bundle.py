@@ -265,3 +265,17 @@ def test_training_on_a_bad_case_leaves_no_output(phantoms, tmp_path, cache_rate)
     assert "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1].startswith(f"error: Label {seg} contains values [3]"), stderr
     assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
+
+
+def test_a_strategy_the_network_cannot_train_stops_before_any_output(phantoms, tmp_path):
+    """``--strategy predict`` (sentiment only) was refused only once the trainer was built, after the
+    cases were read and datalist.json, models/ and tensorboard/ were written into the output folder."""
+    out = tmp_path / "out"
+    with pytest.raises(AssertionError) as failed:
+        run_bundle([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
+                   "--strategy", "predict", *TINY)
+    stderr = str(failed.value).split("failed (1):", 1)[1]
+    assert "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: Strategy 'predict' needs a network") and "For BraTS, choose" in last, last
+    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))

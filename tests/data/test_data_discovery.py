@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -292,6 +293,30 @@ def test_duplicate_sequence_file(tmp_path):
         discover_cases(tmp_path)
 
 
+@pytest.mark.parametrize("layout", ["msd", "nnunet_v2", "msd_label"])
+def test_duplicate_image_or_label_file_in_msd_and_nnunet_folders(tmp_path, layout):
+    """``X.nii`` beside ``X.nii.gz`` (or ``X_0000.NII``) was resolved silently, the listing order
+    picking which file was the scan: refused now, as two files of one BraTS-named sequence are."""
+    if layout == "nnunet_v2":
+        desc = {"channel_names": {"0": "FLAIR", "1": "T2"},
+                "labels": {"background": 0, "edema": 1, "non-enhancing tumor": 2, "enhancing tumour": 3}}
+        images = ["A_0000.nii.gz", "A_0000.NII", "A_0001.nii.gz", "B_0000.nii.gz"]
+    else:
+        desc = MSD_DESC
+        images = ["A.nii.gz", "B.nii.gz"] + (["A.nii"] if layout == "msd" else [])
+    (tmp_path / "dataset.json").write_text(json.dumps(desc))
+    for name in images:
+        touch(tmp_path / "imagesTr" / name)
+    for name in ["A.nii.gz", "B.nii.gz"] + (["A.Nii"] if layout == "msd_label" else []):
+        touch(tmp_path / "labelsTr" / name)
+    what = {"msd": "two image files", "nnunet_v2": "two 'flair' files (channel 0000)",
+            "msd_label": "two label files"}[layout]
+    with pytest.raises(CaseError, match=rf"Case 'A' has {re.escape(what)}: .*A.*A.*Keep one"):
+        discover_cases(tmp_path, require_label=True)
+    errors: dict[str, str] = {}
+    assert [c["case"] for c in discover_cases(tmp_path, case_errors=errors)] == ["B"] and list(errors) == ["A"]
+
+
 def test_case_with_zero_sequences_names_folder(tmp_path):
     brats18(tmp_path, "A_1")
     touch(tmp_path / "labels_only" / "B_2_seg.nii.gz")
@@ -420,3 +445,96 @@ def test_msd_4d_files_whose_ids_end_in_four_digits_stay_4d(tmp_path):
     touch(tmp_path / "labelsTr" / "pat_0001.nii.gz")
     (c,) = discover_cases(tmp_path, require_label=True)
     assert c["case"] == "pat_0001" and c["image4d"] == str(tmp_path / "imagesTr" / "pat_0001.nii.gz")
+
+
+V1_DESC = {"modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+           "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}}
+
+
+@pytest.mark.parametrize("layout", ["msd", "nnunet_v1", "nnunet_v2"])
+def test_msd_and_nnunet_files_with_upper_case_extensions_are_found(tmp_path, layout):
+    """``.NII.GZ`` files were silently skipped in MSD / nnU-Net folders (a case vanished from training
+    and evaluation) while BraTS-named ones with the same extension were used: both are read now."""
+    desc = dict(V1_DESC)
+    if layout == "nnunet_v2":
+        desc = {"channel_names": V1_DESC["modality"], "labels": {"background": 0, "edema": 1,
+                                                                  "non-enhancing tumor": 2, "enhancing tumour": 3}}
+    else:
+        desc["training"] = [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in ("A", "B")]
+    (tmp_path / "dataset.json").write_text(json.dumps(desc))
+    for case, ext in (("A", ".NII.GZ"), ("B", ".nii.gz")):
+        names = [f"{case}{ext}"] if layout == "msd" else [f"{case}_{i:04d}{ext}" for i in (0, 3)]
+        for name in names:
+            touch(tmp_path / "imagesTr" / name)
+        touch(tmp_path / "labelsTr" / f"{case}{ext}")
+    touch(tmp_path / "labelsTr" / "orphan.Nii")  # a label without image is reported in any case
+    with pytest.raises(CaseError, match="orphan.Nii has no image"):
+        discover_cases(tmp_path, require_label=True)
+    (tmp_path / "labelsTr" / "orphan.Nii").unlink()
+    a, b = discover_cases(tmp_path, require_label=True)
+    assert (a["case"], b["case"]) == ("A", "B")
+    assert a["label"] == str(tmp_path / "labelsTr" / "A.NII.GZ")
+    if layout == "msd":
+        assert a["image4d"] == str(tmp_path / "imagesTr" / "A.NII.GZ") and a["modalities"] == b["modalities"]
+    else:
+        assert a["image4d"] is None and a["images"] == {"flair": str(tmp_path / "imagesTr" / "A_0000.NII.GZ"),
+                                                        "t2": str(tmp_path / "imagesTr" / "A_0003.NII.GZ")}
+
+
+def _nifti(path: Path, shape: tuple[int, ...]) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.ones(shape, np.float32), np.eye(4)), str(path))
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_nnunet_v1_with_one_channel_file_per_case_and_no_training_list(tmp_path, labelled):
+    """nnU-Net v1 (MSD's 'modality' key) without a 'training' list, every case with one sequence:
+    ``<case>_0000.nii.gz`` was read as an MSD 4D case named ``<case>_0000``, so its label was an
+    orphan (training stopped) or, unlabelled, the outputs were named after the file, not the case."""
+    (tmp_path / "dataset.json").write_text(json.dumps(V1_DESC))
+    images = "imagesTr" if labelled else "imagesTs"
+    for case in ("BRATS_001", "BRATS_002"):
+        _nifti(tmp_path / images / f"{case}_0000.nii.gz", (4, 4, 4))
+        if labelled:
+            _nifti(tmp_path / "labelsTr" / f"{case}.nii.gz", (4, 4, 4))
+    first, second = discover_cases(tmp_path, require_label=labelled)
+    assert (first["case"], second["case"]) == ("BRATS_001", "BRATS_002")
+    assert first["image4d"] is None and first["modalities"] == ["flair"]
+    assert first["images"] == {"flair": str(tmp_path / images / "BRATS_001_0000.nii.gz")}
+
+
+def test_msd_4d_files_one_per_case_whose_ids_end_in_four_digits_stay_4d_without_training_list(tmp_path):
+    """The other reading of the same names: MSD 4D images named ``pat_0001.nii.gz``, labelled as such
+    or (unlabelled) holding their channels along a 4th axis, stay one case per file."""
+    (tmp_path / "dataset.json").write_text(json.dumps(V1_DESC))
+    _nifti(tmp_path / "imagesTr" / "pat_0001.nii.gz", (4, 4, 4, 4))
+    _nifti(tmp_path / "labelsTr" / "pat_0001.nii.gz", (4, 4, 4))
+    _nifti(tmp_path / "imagesTs" / "pat_0002.nii.gz", (4, 4, 4, 4))
+    assert [(c["case"], c["image4d"] is not None) for c in discover_cases(tmp_path)] == [
+        ("pat_0001", True), ("pat_0002", True)]
+    for p in (tmp_path / "labelsTr").iterdir():
+        p.unlink()
+    assert [(c["case"], c["image4d"] is not None) for c in discover_cases(tmp_path)] == [
+        ("pat_0001", True), ("pat_0002", True)]
+
+
+def test_nifti_files_an_msd_folder_does_not_read_are_warned_about(tmp_path, caplog):
+    """A BraTS case folder or a loose scan kept in an nnU-Net folder was left out without a word:
+    dataset.json makes the folder readable through imagesTr/ ... labelsTs/ only."""
+    (tmp_path / "dataset.json").write_text(json.dumps(MSD_DESC))
+    touch(tmp_path / "imagesTr" / "A.nii.gz")
+    touch(tmp_path / "labelsTr" / "A.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="app.data.discovery"):
+        assert [c["case"] for c in discover_cases(tmp_path)] == ["A"]
+    assert not caplog.records  # a plain MSD folder: nothing to say
+    brats18(tmp_path / "extra", "B_1")
+    touch(tmp_path / "loose.NII.GZ")
+    touch(tmp_path / "notes" / "readme.txt")
+    with caplog.at_level(logging.WARNING, logger="app.data.discovery"):
+        assert [c["case"] for c in discover_cases(tmp_path)] == ["A"]
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "6 other NIfTI file(s) in it are not read" in warning and str(tmp_path / "loose.NII.GZ") in warning
+    assert f"Move them out of {tmp_path}" in warning

@@ -113,3 +113,34 @@ def test_seed_table_one_seed_has_no_deviation_and_mismatches_are_refused():
         seed_table({0: ablation_table(REPORTS, ["Acc2"]), 1: ablation_table({"plain": REPORTS["plain"]}, ["Acc2"])})
     with pytest.raises(ValueError, match="No ablation"):
         seed_table({})
+
+
+def test_subsets_that_no_case_could_score_are_named_under_the_summary():
+    """Held-out cases all lacking one sequence: the runs' reports name the subsets they could not score,
+    but ablation.md gave its means over the rest with no note, as if over every subset."""
+    reports = {s: {**r, "subsets_without_cases": ["video", "text+video"]} for s, r in REPORTS.items()}
+    table = ablation_table(reports, ["Acc2"])
+    assert table["subsets_without_cases"] == ["video", "text+video"]
+    md = format_ablation_markdown(table)
+    assert ("No case to score for 2 subset(s) (video, text+video): every mean over subsets here is over the 3 "
+            "scored, and the summary's last column is text+audio, not all modalities.") in md
+    assert "No case to score" not in format_ablation_markdown(ablation_table(REPORTS, ["Acc2"]))
+    assert ablation_table(REPORTS, ["Acc2"])["subsets_without_cases"] == []
+
+
+def test_seeds_whose_held_out_cases_score_other_subsets_still_combine():
+    """Each seed holds out other cases; where one seed's all lack a sequence it scores fewer subsets, and
+    the multi-seed ablation, every seed trained, stopped at the end with 'combine runs of the same ablation'."""
+    fewer = {s: {"subsets": {k: v for k, v in r["subsets"].items() if k != "audio"},
+                 "subsets_without_cases": ["audio"]} for s, r in REPORTS.items()}
+    table = seed_table({0: ablation_table(REPORTS, ["Acc2"]), 1: ablation_table(fewer, ["Acc2"]),
+                        2: ablation_table(REPORTS, ["Acc2"])})
+    assert table["subsets"] == ["text", "audio", "text+audio"]
+    audio = table["tables"]["Acc2"]["gmd"]["subsets"]["audio"]
+    assert audio["values"] == [0.6, None, 0.6] and audio["mean"] == pytest.approx(0.6) and audio["std"] == 0.0
+    text = table["tables"]["Acc2"]["gmd"]["subsets"]["text"]
+    assert text["values"] == [0.85, 0.85, 0.85]
+    assert table["subsets_without_cases"] == {1: ["audio"]}
+    md = format_seed_markdown(table)
+    assert "seed 1: no case for audio" in md and "| audio | 0.500 +/- 0.000 | 0.600 +/- 0.000 |" in md
+    assert "subsets_without_cases" in json.dumps(table)
