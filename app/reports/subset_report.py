@@ -203,8 +203,9 @@ def write_subset_report(
     """Write ``result`` as ``<stem>.json``, ``<stem>.csv``, ``<stem>.md`` and ``<stem>.png`` in ``out_dir``.
 
     - JSON: the whole ``result`` (non-finite floats as ``null``).
-    - CSV: header ``subset, *metrics, <count_key>``; one row per subset then a ``mean_over_subsets``
-      row with an empty count; floats at full precision.
+    - CSV: header ``subset, *metrics, <count_key>``; one row per scored subset, one with empty
+      metrics and a count of 0 per subset without cases, then a ``mean_over_subsets`` row (over the
+      scored subsets) with an empty count; floats at full precision.
     - Markdown: a title, :func:`format_table` and a line naming the worst subset.
     - PNG: heatmap of subsets x metrics with annotated values and the mean row last. Colours share
       one [0, 1] scale when every value is in [0, 1] (Dice, accuracies), otherwise each column is
@@ -238,6 +239,10 @@ def write_subset_report(
     )
 
     header, rows = _rows(result, metrics, count_key)
+    # a subset no case could be scored on gets a row with empty metrics (and a count of 0), so that a
+    # reader of the CSV alone sees that the mean row is over fewer subsets
+    rows[-1:-1] = [[name, *([""] * len(metrics))] + ([0] if count_key else [])
+                   for name in result.get("subsets_without_cases") or []]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)

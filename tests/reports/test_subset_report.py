@@ -124,3 +124,17 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path):
     assert os.listdir(tmp_path) == ["report.json"]
     atomic_write_text(target, "new")
     assert target.read_text() == "new"
+
+
+def test_csv_lists_the_subsets_without_cases_with_empty_metrics(tmp_path: Path):
+    """The Markdown names them in a note; the CSV alone must show that the mean covers fewer subsets."""
+    result = _dice_result()
+    for name in ("t1ce", "flair+t1ce"):
+        del result["subsets"][name]
+    result["subsets_without_cases"] = ["t1ce", "flair+t1ce"]
+    paths = write_subset_report(result, tmp_path, plot=False)
+    with open(paths["csv"], newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    assert len(rows) == 13 + 2 + 1 and rows[-1][0] == MEAN_ROW
+    assert rows[13:15] == [["t1ce", "", "", "", "", "0"], ["flair+t1ce", "", "", "", "", "0"]]
+    assert "No case to score for 2 subset(s) (t1ce, flair+t1ce)" in paths["md"].read_text()
