@@ -436,3 +436,22 @@ def test_an_output_edited_by_hand_is_never_replaced(case, random_ckpt, infer, tm
     rc, _, err = infer(*args)
     assert rc == 2 and "--out" in err and "not written by this product" in err
     np.testing.assert_array_equal(np.asarray(load(out).dataobj), edited)
+
+
+def test_input_intensity_scaling_is_not_applied_to_the_labels(case, random_ckpt, infer, tmp_path):
+    """A scan stored as int16 with scl_slope/scl_inter (how many converters store float intensities):
+    the label map copies its header, but must not carry the scaling, or a viewer reads label 1 as 0.37."""
+    img = load(case["flair"])
+    scaled = nib.Nifti1Image(np.asarray(img.dataobj).astype(np.int16), img.affine)
+    scaled.header["scl_slope"], scaled.header["scl_inter"] = 0.37, 0.0  # background stays 0
+    flair = tmp_path / "flair_scaled.nii.gz"
+    nib.save(scaled, str(flair))
+    assert float(load(flair).dataobj.slope) == pytest.approx(0.37)  # the case this test is about
+    base, out = tmp_path / "base.nii.gz", tmp_path / "scaled.nii.gz"
+    for src, dst in ((case["flair"], base), (flair, out)):
+        rc, _, err = infer("--ckpt", random_ckpt, "--flair", src, "--out", dst, "--patch-size", "32", "32", "32")
+        assert rc == 0, err
+    seg = load(out)
+    labels = seg.get_fdata()
+    assert set(np.unique(labels)) == {0.0, 1.0, 2.0, 4.0}  # each label value, unscaled
+    np.testing.assert_array_equal(labels, load(base).get_fdata())  # z-scoring ignores the scaling
