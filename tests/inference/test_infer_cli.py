@@ -455,3 +455,21 @@ def test_input_intensity_scaling_is_not_applied_to_the_labels(case, random_ckpt,
     labels = seg.get_fdata()
     assert set(np.unique(labels)) == {0.0, 1.0, 2.0, 4.0}  # each label value, unscaled
     np.testing.assert_array_equal(labels, load(base).get_fdata())  # z-scoring ignores the scaling
+
+
+def test_negative_voxels_do_not_widen_the_foreground_crop(case, random_ckpt, infer, tmp_path):
+    """Training crops to voxels > 0 (CropForegroundd); a negative slab beyond the head (a z-scored
+    export's background) must not move inference's crop, or the windows see other context."""
+    img = load(case["flair"])
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    assert not data[0].any()  # the phantom's first slice is background
+    data[0] = -5.0
+    flair = tmp_path / "flair_negative_slab.nii.gz"
+    nib.save(nib.Nifti1Image(data, img.affine), str(flair))
+    boxes = []
+    for name, src in (("base", case["flair"]), ("slab", flair)):
+        rc, _, err = infer("--ckpt", random_ckpt, "--flair", src, "--out", tmp_path / f"{name}.nii.gz",
+                           "--summary", tmp_path / f"{name}.json", "--patch-size", "32", "32", "32")
+        assert rc == 0, err
+        boxes.append(json.loads((tmp_path / f"{name}.json").read_text())["inference"]["crop_box"])
+    assert boxes[1] == boxes[0] and boxes[0] != [[0, 32], [0, 32], [0, 32]]
