@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from monai.transforms import Compose, CropForegroundd, NormalizeIntensityd, Orientationd
 from monai.transforms.utils import generate_spatial_bounding_box
 from nibabel.orientations import apply_orientation, io_orientation
@@ -19,7 +20,7 @@ from nibabel.orientations import apply_orientation, io_orientation
 from app.data import LoadCased
 from app.networks import DSUNet
 from app.subsets import BRATS_MODALITIES
-from tests.inference.conftest import FEATURES, assert_same_grid, load, needs_simpleitk
+from tests.inference.conftest import FEATURES, REPO, assert_same_grid, load, needs_simpleitk
 
 
 def test_all_sequences_on_input_grid_with_summary_and_probabilities(case, random_ckpt, infer, tmp_path):
@@ -77,6 +78,13 @@ def test_subset_matches_training_preprocessing_and_network(case, random_ckpt, in
     ])(record)
     image = torch.as_tensor(data["image"])
     assert data["modality_mask"].tolist() == [True, False, False, True]
+    # the steps above are the bundle's own preprocessing (train.yaml), which the network was trained on
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "brats_gmd" / "configs" / "train.yaml"))
+    bundle_sample = record
+    for transform in parser.get_parsed_content("preprocessing", instantiate=True):
+        bundle_sample = transform(bundle_sample)
+    np.testing.assert_array_equal(np.asarray(bundle_sample["image"]), image.numpy())
     # pad to multiples of the divisor (8) the way sliding_window_inference pads: half before, rest after
     extra = [-(-s // 8) * 8 - s for s in image.shape[1:]]
     pads = [(0, 0)] + [(e // 2, e - e // 2) for e in extra]
