@@ -39,6 +39,8 @@ def test_split_sizes():
     train, val = split_cases(records(2), val_fraction=0.9)
     assert len(train) == 1 and len(val) == 1  # never an empty training set
     assert split_cases([], 0.2) == ([], [])
+    # rounded to the nearest whole case, halves up: 13 * 0.2 = 2.6 -> 3; 10 * 0.25 = 2.5 -> 3; 10 * 0.24 -> 2
+    assert [len(split_cases(records(n), f)[1]) for n, f in ((13, 0.2), (10, 0.25), (10, 0.24))] == [3, 3, 2]
 
 
 def test_split_rejects_bad_input():
@@ -214,6 +216,12 @@ def test_a_resumed_run_keeps_its_split(tmp_path):
         # a new run into the folder (no resume) may split as it likes
         prepare_datalist(data, run, resume=False, **settings)
         write_datalist(run / "datalist.json", first["training"], first["validation"])
+    # a case added to the dataset since that lands in training only (same validation) is refused too
+    first_train = first["training"]
+    write_datalist(run / "datalist.json", first_train[1:], first["validation"])
+    with pytest.raises(ValueError, match=rf"splits the cases differently from the run it continues \(training \+{first_train[0]['case']} against"):
+        prepare_datalist(data, run, val_fraction=0.34, seed=0, resume=True)
+    write_datalist(run / "datalist.json", first_train, first["validation"])
     # auto without a checkpoint is a new run
     (run / "models" / "checkpoint_last.pt").unlink()
     assert prepare_datalist(data, run, val_fraction=0.5, seed=0, resume="auto")["validation"] != first["validation"]

@@ -538,3 +538,63 @@ def test_nifti_files_an_msd_folder_does_not_read_are_warned_about(tmp_path, capl
     (warning,) = [r.getMessage() for r in caplog.records]
     assert "6 other NIfTI file(s) in it are not read" in warning and str(tmp_path / "loose.NII.GZ") in warning
     assert f"Move them out of {tmp_path}" in warning
+
+
+def _product_output(path: Path) -> Path:
+    """A NIfTI file as inference writes it: its header description starts with the product's prefix."""
+    import nibabel as nib
+    import numpy as np
+
+    from app.data.discovery import OUTPUT_DESCRIPTION_PREFIX
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(np.zeros((2, 2, 2), dtype=np.uint8), np.eye(4))
+    img.header["descrip"] = f"{OUTPUT_DESCRIPTION_PREFIX}labels".encode()
+    nib.save(img, str(path))
+    return path
+
+
+def test_product_outputs_beside_msd_4d_images_are_not_cases(tmp_path):
+    """Batch inference into an MSD imagesTs/ writes <case>_prob.nii.gz beside the 4D scans: a rerun
+    must not read it as a 4D scan of a case 'BRATS_485_prob'."""
+    task = _task01(tmp_path, test=("BRATS_485",))
+    _product_output(task / "imagesTs" / "BRATS_485_prob.nii.gz")
+    assert [c["case"] for c in discover_cases(tmp_path)] == ["BRATS_001", "BRATS_002", "BRATS_485"]
+
+
+def test_product_outputs_in_a_case_folder_are_not_warned_about(tmp_path, caplog):
+    brats18(tmp_path, "A_1", seqs=("flair", "t1ce", "seg"))
+    _product_output(tmp_path / "A_1" / "A_1_prob.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="app.data.discovery"):
+        (c,) = discover_cases(tmp_path)
+    assert c["modalities"] == ["flair", "t1ce"] and not caplog.records
+    touch(tmp_path / "A_1" / "A_1_t2w.nii.gz")  # a misnamed sequence beside it still is
+    with caplog.at_level(logging.WARNING, logger="app.data.discovery"):
+        discover_cases(tmp_path)
+    assert len(caplog.records) == 1 and "A_1_t2w.nii.gz has no accepted" in caplog.records[0].getMessage()
+
+
+def test_msd_4d_file_whose_id_ends_in_four_digits_without_training_entries_stays_4d(tmp_path):
+    """Without 'training' entries only a case with two channel files means per-channel files."""
+    (tmp_path / "dataset.json").write_text(json.dumps(MSD_DESC))
+    touch(tmp_path / "imagesTr" / "pat_0001.nii.gz")
+    touch(tmp_path / "labelsTr" / "pat_0001.nii.gz")
+    (c,) = discover_cases(tmp_path, require_label=True)
+    assert c["case"] == "pat_0001" and c["image4d"] == str(tmp_path / "imagesTr" / "pat_0001.nii.gz")
+
+
+def test_msd_uncompressed_label_is_found(tmp_path):
+    task = _task01(tmp_path, train=("BRATS_001",), test=())
+    touch(task / "imagesTr" / "BRATS_002.nii.gz")
+    touch(task / "labelsTr" / "BRATS_002.nii")
+    cases = discover_cases(tmp_path, require_label=True)
+    assert cases[1]["label"] == str(task / "labelsTr" / "BRATS_002.nii")
+
+
+def test_hidden_folders_and_symlink_loops_are_not_searched(tmp_path):
+    """A hidden copy (.ipynb_checkpoints, .Trash) and a link back to a parent would both show a case twice."""
+    brats18(tmp_path / "data", "A_1")
+    brats18(tmp_path / "data" / ".ipynb_checkpoints", "A_1")
+    (tmp_path / "data" / "again").symlink_to(tmp_path / "data", target_is_directory=True)
+    (c,) = discover_cases(tmp_path / "data", require_label=True)
+    assert c["images"]["flair"] == str(tmp_path / "data" / "A_1" / "A_1_flair.nii.gz")

@@ -104,6 +104,8 @@ def test_msd_4d_channels_follow_dataset_json(tmp_path, write_nii):
     out = load_case(only(discover_cases(tmp_path)))
     assert [float(out["image"][c].mean()) for c in range(4)] == [10.0, 0.0, 30.0, 40.0]
     assert out["modality_mask"].tolist() == [True, False, True, True]
+    # BRATS_MODALITIES order, not the order dataset.json lists the channels in (T2w, FLAIR, t1gd)
+    assert out["modalities"] == ["flair", "t1ce", "t2"]
     assert out["label"][:, 2, 2, 2].tolist() == [1.0, 0.0, 0.0]  # 1 = edema: WT only
     assert out["label"][:, 2, 2, 3].tolist() == [1.0, 1.0, 0.0]  # 2 = non-enhancing: WT + TC
     assert out["label"][:, 2, 3, 2].tolist() == [1.0, 1.0, 1.0]  # 3 = enhancing
@@ -291,6 +293,11 @@ def test_absent_sequences_stay_zero_channels_through_the_bundle_augmentation(tmp
             assert mask.tolist() == [True, False, True, False]
             assert (sample["image"][~mask] == 0).all() and (sample["image"][mask] != 0).any()
     set_determinism(None)
+    # the input sample is not changed in place (a cached sample is reused every epoch)
+    image = torch.ones(4, 2, 2, 2)
+    out = ZeroAbsentSequencesd()({"image": image, "modality_mask": torch.tensor([True, False, True, False])})
+    assert out["image"][:, 0, 0, 0].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert (image == 1).all()
     with pytest.raises(ValueError, match="channels"):
         ZeroAbsentSequencesd()({"image": torch.ones(3, 2, 2, 2), "modality_mask": torch.ones(4, dtype=torch.bool)})
 
@@ -319,9 +326,27 @@ def test_a_sequence_stored_in_another_voxel_order_is_put_on_the_reference_grid(t
     np.testing.assert_array_equal(np.asarray(case["image"]), np.asarray(ras["image"]))
     np.testing.assert_array_equal(np.asarray(case["label"]), np.asarray(ras["label"]))
     assert np.allclose(np.asarray(case["image"].affine), ref_affine)
+    assert np.allclose(np.asarray(case["label"].affine), ref_affine)  # the grid the label now lies on
     # reordered and also shifted by half a voxel: a different grid
     shifted = other.affine.copy()
     shifted[0, 3] += 0.5
     write_nii(folder / "A_1_t1.nii.gz", np.asarray(other.dataobj), shifted)
     with pytest.raises(CaseError, match=r"A_1_t1\.nii\.gz and .*A_1_flair\.nii\.gz are on different grids"):
         load_case(only(discover_cases(tmp_path)))
+
+
+def test_a_sequence_stored_with_its_axes_rotated_is_put_on_the_reference_grid(tmp_path, make_case, write_nii):
+    """A cyclic axis permutation (x->y, y->z, z->x, z flipped) is not its own inverse, unlike a swap:
+    the reordering must map stored axis i to the reference axis it came from, not the other way."""
+    folder = make_case(tmp_path, "A_1", shape=(10, 12, 14))  # three different lengths
+    ras = load_case(only(discover_cases(tmp_path)))
+    ref_affine = np.asarray(ras["image"].affine, dtype=np.float64)
+    ornt = np.array([[1, 1], [2, -1], [0, 1]])
+    for name in ("A_1_t2", "A_1_seg"):
+        img = nib.Nifti1Image(np.asarray(nib.load(folder / f"{name}.nii.gz").dataobj), ref_affine).as_reoriented(ornt)
+        assert img.shape == (14, 10, 12)  # stored axis 0 is reference z, 1 is x, 2 is y
+        write_nii(folder / f"{name}.nii.gz", np.asarray(img.dataobj), img.affine)
+    case = load_case(only(discover_cases(tmp_path)))
+    assert case["image"].shape == (4, 10, 12, 14)
+    np.testing.assert_array_equal(np.asarray(case["image"]), np.asarray(ras["image"]))
+    np.testing.assert_array_equal(np.asarray(case["label"]), np.asarray(ras["label"]))

@@ -221,3 +221,35 @@ def test_a_time_limit_at_an_epoch_end_keeps_the_schedule_of_an_uninterrupted_run
     assert _scheduled_run(tmp_path / "split", False, 1.0, clock, limit_class) == ([1, 2, 3, 4, 5, 6], 2)
     assert load_training_checkpoint(tmp_path / "split" / "checkpoint_last.pt")["lr_scheduler"]["last_epoch"] == 2
     assert _scheduled_run(tmp_path / "split", True, 1.5, clock, limit_class) == ([7, 8, 9], 3)
+
+
+def test_the_sampler_resumes_at_the_sample_after_the_last_batch_in_the_pass_it_was_in():
+    """6 samples, batches of 2 (3 per pass): each pass has its own order; a resume after 4 batches
+    continues pass 1 at its third sample (batch 2 of the pass), then pass 2 as an uninterrupted run."""
+    from app.engines import ResumableSampler
+
+    fresh = ResumableSampler(range(6), shuffle=True, seed=3, num_replicas=1, rank=0)
+    passes = [list(fresh) for _ in range(3)]
+    assert all(sorted(i for i, _ in p) == list(range(6)) for p in passes)
+    assert passes[0] != passes[1]  # a new order (and new augmentation seeds) in each pass
+    resumed = ResumableSampler(range(6), shuffle=True, seed=3, num_replicas=1, rank=0)
+    resumed.resume(batches_done=4, batches_per_pass=3, batch_size=2)
+    assert list(resumed) == passes[1][2:]
+    assert list(resumed) == passes[2]
+
+
+def test_a_resume_keeps_the_validators_best_score(tmp_path):
+    """Otherwise the first validation after a resume would replace a better models/model.pt."""
+    from types import SimpleNamespace
+
+    def run(validator, resume):
+        net = torch.nn.Linear(2, 1)
+        engine = Engine(lambda e, b: None)
+        ResumableCheckpoint(tmp_path, net, torch.optim.SGD(net.parameters(), lr=0.1), validator=validator,
+                            resume=resume).attach(engine)
+        engine.run(DATA, max_epochs=2 if resume else 1)
+
+    run(SimpleNamespace(state=SimpleNamespace(best_metric=0.8, best_metric_epoch=1)), resume=False)
+    resumed = SimpleNamespace(state=SimpleNamespace(best_metric=-1.0, best_metric_epoch=-1))
+    run(resumed, resume=True)
+    assert (resumed.state.best_metric, resumed.state.best_metric_epoch) == (0.8, 1)

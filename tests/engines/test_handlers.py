@@ -66,3 +66,66 @@ def test_last_epoch_is_validated_when_the_interval_skips_it(val_interval, valida
     TimeLimitHandler(minutes=0, validator=validator).attach(trainer)
     trainer.run([0, 0], max_epochs=5)
     assert scored == validated
+
+
+@pytest.mark.parametrize("expire_at_iteration,validated", [(6, [2, 3]), (8, [2, 4]), (5, [2, 3])])
+def test_a_time_limit_validates_the_weights_it_stops_with_once(expire_at_iteration, validated):
+    """2 iterations per epoch, validation every 2 epochs. The budget runs out at the end of epoch 3
+    (iteration 6, an epoch the interval skips: validated by the handler), at the end of epoch 4
+    (already validated: not again) or mid-epoch 3 (iteration 5: validated)."""
+    from ignite.engine import Engine, Events
+
+    from app.engines import TimeLimitHandler
+
+    scored = []
+
+    def run_validator(epoch: int) -> None:
+        scored.append(epoch)
+        validator.state.epoch = epoch
+
+    validator = SimpleNamespace(state=SimpleNamespace(epoch=0), run=run_validator)
+    trainer = Engine(lambda e, b: None)
+    limit = TimeLimitHandler(minutes=60, validator=validator)
+
+    def spend_the_budget(engine):
+        if engine.state.iteration == expire_at_iteration:
+            limit.spent_before = 2 * limit.seconds
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, spend_the_budget)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(every=2), lambda e: validator.run(e.state.epoch))
+    limit.attach(trainer)
+    trainer.run([0, 0], max_epochs=5)
+    assert scored == validated and limit.expired
+
+
+class _Writer:
+    def __init__(self):
+        self.scalars = {}
+
+    def add_scalar(self, tag, value, step):
+        self.scalars[tag] = (value, step)
+
+    def flush(self):
+        pass
+
+
+def test_tensorboard_gets_gmd_conflict_fractions_norms_and_weights(tmp_path):
+    writer = _Writer()
+    diag = {"strategy": "gmd", "pairs": 4, "conflicts_before": 3, "conflicts_after": 1,
+            "subsets": ["flair", "t1+t2"], "norms": [2.0, 0.5], "weights": [0.25, 0.75]}
+    DiagnosticsHandler(tmp_path, summary_writer=writer)(
+        SimpleNamespace(state=SimpleNamespace(iteration=9, epoch=1, output={"diagnostics": diag})))
+    assert writer.scalars == {
+        "gmd/conflict_fraction_before": (0.75, 9), "gmd/conflict_fraction_after": (0.25, 9),
+        "gmd_norm/flair": (2.0, 9), "gmd_norm/t1+t2": (0.5, 9),
+        "gmd_weight/flair": (0.25, 9), "gmd_weight/t1+t2": (0.75, 9),
+    }
+
+
+def test_tensorboard_gets_numbers_of_other_strategies_but_no_flags(tmp_path):
+    writer = _Writer()
+    diag = {"strategy": "vicreg", "loss": 1.5, "steps": 3, "skipped": True, "modalities": ["text", "audio"],
+            "var": [0.5, None], "present": [True, False]}
+    DiagnosticsHandler(tmp_path, summary_writer=writer)(
+        SimpleNamespace(state=SimpleNamespace(iteration=4, epoch=1, output={"diagnostics": diag})))
+    assert writer.scalars == {"vicreg/loss": (1.5, 4), "vicreg/steps": (3, 4), "vicreg_var/text": (0.5, 4)}

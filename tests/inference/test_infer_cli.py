@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from monai.transforms import Compose, CropForegroundd, NormalizeIntensityd, Orientationd
 from monai.transforms.utils import generate_spatial_bounding_box
 from nibabel.orientations import apply_orientation, io_orientation
@@ -19,7 +20,7 @@ from nibabel.orientations import apply_orientation, io_orientation
 from app.data import LoadCased
 from app.networks import DSUNet
 from app.subsets import BRATS_MODALITIES
-from tests.inference.conftest import FEATURES, assert_same_grid, load, needs_simpleitk
+from tests.inference.conftest import FEATURES, REPO, assert_same_grid, load, needs_simpleitk
 
 
 def test_all_sequences_on_input_grid_with_summary_and_probabilities(case, random_ckpt, infer, tmp_path):
@@ -77,6 +78,13 @@ def test_subset_matches_training_preprocessing_and_network(case, random_ckpt, in
     ])(record)
     image = torch.as_tensor(data["image"])
     assert data["modality_mask"].tolist() == [True, False, False, True]
+    # the steps above are the bundle's own preprocessing (train.yaml), which the network was trained on
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "brats_gmd" / "configs" / "train.yaml"))
+    bundle_sample = record
+    for transform in parser.get_parsed_content("preprocessing", instantiate=True):
+        bundle_sample = transform(bundle_sample)
+    np.testing.assert_array_equal(np.asarray(bundle_sample["image"]), image.numpy())
     # pad to multiples of the divisor (8) the way sliding_window_inference pads: half before, rest after
     extra = [-(-s // 8) * 8 - s for s in image.shape[1:]]
     pads = [(0, 0)] + [(e // 2, e - e // 2) for e in extra]
@@ -504,3 +512,40 @@ def test_case_dir_of_an_msd_task_writes_the_label_values_of_its_dataset_json(cas
     # an explicit --labels sets the values
     assert infer("--ckpt", random_ckpt, "--case-dir", msd, "--out", out, "--labels", "2018")[0] == 0
     np.testing.assert_array_equal(np.asarray(load(out).dataobj), labels_2018)
+
+
+def test_input_intensity_scaling_is_not_applied_to_the_labels(case, random_ckpt, infer, tmp_path):
+    """A scan stored as int16 with scl_slope/scl_inter (how many converters store float intensities):
+    the label map copies its header, but must not carry the scaling, or a viewer reads label 1 as 0.37."""
+    img = load(case["flair"])
+    scaled = nib.Nifti1Image(np.asarray(img.dataobj).astype(np.int16), img.affine)
+    scaled.header["scl_slope"], scaled.header["scl_inter"] = 0.37, 0.0  # background stays 0
+    flair = tmp_path / "flair_scaled.nii.gz"
+    nib.save(scaled, str(flair))
+    assert float(load(flair).dataobj.slope) == pytest.approx(0.37)  # the case this test is about
+    base, out = tmp_path / "base.nii.gz", tmp_path / "scaled.nii.gz"
+    for src, dst in ((case["flair"], base), (flair, out)):
+        rc, _, err = infer("--ckpt", random_ckpt, "--flair", src, "--out", dst, "--patch-size", "32", "32", "32")
+        assert rc == 0, err
+    seg = load(out)
+    labels = seg.get_fdata()
+    assert set(np.unique(labels)) == {0.0, 1.0, 2.0, 4.0}  # each label value, unscaled
+    np.testing.assert_array_equal(labels, load(base).get_fdata())  # z-scoring ignores the scaling
+
+
+def test_negative_voxels_do_not_widen_the_foreground_crop(case, random_ckpt, infer, tmp_path):
+    """Training crops to voxels > 0 (CropForegroundd); a negative slab beyond the head (a z-scored
+    export's background) must not move inference's crop, or the windows see other context."""
+    img = load(case["flair"])
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    assert not data[0].any()  # the phantom's first slice is background
+    data[0] = -5.0
+    flair = tmp_path / "flair_negative_slab.nii.gz"
+    nib.save(nib.Nifti1Image(data, img.affine), str(flair))
+    boxes = []
+    for name, src in (("base", case["flair"]), ("slab", flair)):
+        rc, _, err = infer("--ckpt", random_ckpt, "--flair", src, "--out", tmp_path / f"{name}.nii.gz",
+                           "--summary", tmp_path / f"{name}.json", "--patch-size", "32", "32", "32")
+        assert rc == 0, err
+        boxes.append(json.loads((tmp_path / f"{name}.json").read_text())["inference"]["crop_box"])
+    assert boxes[1] == boxes[0] and boxes[0] != [[0, 32], [0, 32], [0, 32]]

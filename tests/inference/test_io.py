@@ -96,3 +96,52 @@ def test_a_sequence_stored_in_another_voxel_order_needs_no_resampling(phantom_ro
     nib.save(nib.Nifti1Image(np.asarray(other.dataobj), moved), str(tmp_path / "t2_moved.nii.gz"))
     with pytest.raises(CaseError, match="different grids"):
         read_case({"flair": flair, "t2": str(tmp_path / "t2_moved.nii.gz")})
+
+
+def _ramp(shape=(3, 4, 5)) -> np.ndarray:
+    """100 * x + 10 * y + z + 1: every voxel different, and each axis tells itself apart."""
+    i, j, k = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    return (100.0 * i + 10.0 * j + k + 1.0).astype(np.float32)
+
+
+def test_resampling_by_whole_voxels_is_an_exact_copy_with_zeros_outside():
+    from app.inference.io import resample_to_grid
+
+    data, src = _ramp(), np.diag([2.0, 2.0, 2.0, 1.0])
+    dst = src.copy()
+    dst[0, 3] = 2.0 * (1 + 1e-5)  # one voxel along x, plus float noise an exporter leaves
+    out = resample_to_grid(data, src, dst, data.shape)
+    expected = np.zeros_like(data)
+    expected[:2] = data[1:]  # target x = 2 lies beyond the source: 0, with no bleed of the noise
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_resampling_by_half_a_voxel_interpolates_along_the_right_axis():
+    from app.inference.io import resample_to_grid
+
+    data, src = _ramp(), np.eye(4)
+    dst = src.copy()
+    dst[2, 3] = 0.5  # half a voxel along z only
+    out = resample_to_grid(data, src, dst, data.shape)
+    # trilinear between z = k and k + 1: the ramp's value plus 0.5 (z steps by 1)
+    np.testing.assert_allclose(out[:, :, :4], data[:, :, :4] + 0.5, rtol=0, atol=1e-4)
+    # the last target slice is halfway to outside the source, which counts as 0
+    np.testing.assert_allclose(out[:, :, 4], 0.5 * data[:, :, 4], rtol=0, atol=1e-4)
+
+
+def test_resample_to_names_the_grid_and_refuses_scans_that_do_not_overlap(tmp_path):
+    flair = np.zeros((6, 6, 6), dtype=np.float32)
+    flair[1:5, 1:5, 1:5] = _ramp((4, 4, 4))
+    nib.save(nib.Nifti1Image(flair, np.eye(4)), str(tmp_path / "flair.nii.gz"))
+    t2_affine = np.diag([2.0, 2.0, 2.0, 1.0])  # another grid: 2 mm voxels
+    nib.save(nib.Nifti1Image(np.pad(_ramp((2, 2, 2)), 1), t2_affine), str(tmp_path / "t2.nii.gz"))
+    paths = {"flair": str(tmp_path / "flair.nii.gz"), "t2": str(tmp_path / "t2.nii.gz")}
+    case = read_case(paths, resample_to="t2")
+    assert case.reference == "t2" and case.resampled == ["flair"]
+    assert case.volumes["flair"].data.shape == (4, 4, 4)
+    np.testing.assert_allclose(case.volumes["flair"].affine, t2_affine)
+    far = t2_affine.copy()
+    far[:3, 3] = 500.0  # a scan of another session, half a metre away
+    nib.save(nib.Nifti1Image(np.pad(_ramp((2, 2, 2)), 1), far), str(tmp_path / "t2.nii.gz"))
+    with pytest.raises(CaseError, match=r"flair\.nii\.gz \(flair\) does not overlap .*t2\.nii\.gz \(t2\) in space"):
+        read_case(paths, resample_to="t2")

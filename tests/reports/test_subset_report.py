@@ -138,3 +138,51 @@ def test_csv_lists_the_subsets_without_cases_with_empty_metrics(tmp_path: Path):
     assert len(rows) == 13 + 2 + 1 and rows[-1][0] == MEAN_ROW
     assert rows[13:15] == [["t1ce", "", "", "", "", "0"], ["flair+t1ce", "", "", "", "", "0"]]
     assert "No case to score for 2 subset(s) (t1ce, flair+t1ce)" in paths["md"].read_text()
+
+
+def _two_subsets(**values) -> dict:
+    """A result of subsets a and b whose metrics (and mean row) are ``values[metric] = (a, b, mean)``."""
+    return {"subsets": {name: {m: v[i] for m, v in values.items()} for i, name in enumerate(("a", "b"))},
+            "mean_over_subsets": {m: v[2] for m, v in values.items()}}
+
+
+def test_numpy_numbers_are_written_as_plain_json(tmp_path: Path):
+    """Metrics computed with numpy give np.float32 / np.int64, which the json module refuses."""
+    import numpy as np
+
+    result = _two_subsets(WT=(np.float32(0.5), np.float32(0.25), np.float64(0.375)), n_cases=(np.int64(2),) * 3)
+    paths = write_subset_report(result, tmp_path, metrics=("WT",), plot=False)
+    loaded = json.loads(paths["json"].read_text())
+    assert loaded["subsets"] == {"a": {"WT": 0.5, "n_cases": 2}, "b": {"WT": 0.25, "n_cases": 2}}
+    assert "| b | 0.2500 | 2 |" in paths["md"].read_text()
+
+
+def test_a_tiny_negative_value_prints_without_a_sign():
+    table = format_table(_two_subsets(Corr=(-1e-7, -0.25, 0.0)), ("Corr",))
+    assert "| a | 0.0000 |" in table and "| b | -0.2500 |" in table
+
+
+def test_a_metric_missing_from_one_subset_is_named():
+    result = _two_subsets(WT=(0.5, 0.25, 0.375))
+    del result["subsets"]["b"]["WT"]
+    with pytest.raises(ValueError, match=r"Metrics \['WT'\] are not in the result"):
+        format_table(result, ("WT",))
+
+
+def test_the_markdown_file_uses_the_digits_asked_for(tmp_path: Path):
+    paths = write_subset_report(_two_subsets(WT=(0.5, 0.25, 0.375)), tmp_path, metrics=("WT",), digits=2, plot=False)
+    assert "| b | 0.25 |" in paths["md"].read_text() and "| **mean_over_subsets** | **0.38** |" in paths["md"].read_text()
+
+
+def test_heatmap_colours_put_the_best_value_of_every_column_high(tmp_path: Path, monkeypatch):
+    """Per-column scaling (MAE is not in [0, 1]): best = 1, worst = 0; for MAE lower is better."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    shown = []
+    real = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda self, x, *a, **k: (shown.append(x), real(self, x, *a, **k))[1])
+    # b is better in both: Acc2 0.8 > 0.6, MAE 0.5 < 1.0; the mean row lies halfway
+    write_subset_report(_two_subsets(Acc2=(0.6, 0.8, 0.7), MAE=(1.0, 0.5, 0.75)), tmp_path, metrics=("Acc2", "MAE"))
+    (colours,) = shown
+    assert colours.ravel().tolist() == pytest.approx([0.0, 0.0, 1.0, 1.0, 0.5, 0.5])

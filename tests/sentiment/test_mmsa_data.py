@@ -253,3 +253,57 @@ def test_labels_are_checked_only_where_they_are_used(tmp_path):
 def test_empty_split_is_refused(tmp_path):
     with pytest.raises(ValueError, match="Split 'valid' of the MMSA data has no samples"):
         MMSADataset(_split_with(tmp_path), split="valid")
+
+
+def _split(text, text_lengths, audio_len=2, vision=None, n=2):
+    """A normalised-looking split from hand-made arrays (audio: zeros of length ``audio_len`` with no steps)."""
+    return {"text": np.asarray(text, dtype=np.float32), "text_lengths": np.asarray(text_lengths),
+            "audio": np.zeros((n, audio_len, 1), dtype=np.float32), "audio_lengths": np.zeros(n, dtype=np.int64),
+            "vision": np.asarray(vision, dtype=np.float32), "vision_lengths": np.ones(n, dtype=np.int64),
+            "regression_labels": np.zeros(n, dtype=np.float32)}
+
+
+def test_feature_statistics_by_hand():
+    """Text steps counted: (1, 5), (3, 5) of sample 0 and (5, 5) of sample 1, not the zero padding:
+    mean (3, 5); std of 1, 3, 5 is sqrt(8/3); the constant feature's std 0 becomes 1 (no division by
+    0). Audio has no step at all: mean 0, std 1."""
+    split = _split(text=[[[1, 5], [3, 5], [0, 0]], [[5, 5], [0, 0], [0, 0]]], text_lengths=[2, 1],
+                   vision=[[[2.0]], [[4.0]]])
+    stats = feature_statistics(split)
+    np.testing.assert_allclose(stats["text"][0], [3.0, 5.0], rtol=1e-6)
+    np.testing.assert_allclose(stats["text"][1], [np.sqrt(8 / 3), 1.0], rtol=1e-6)
+    assert stats["audio"][0].tolist() == [0.0] and stats["audio"][1].tolist() == [1.0]
+    np.testing.assert_allclose(stats["vision"][0], [3.0])
+    np.testing.assert_allclose(stats["vision"][1], [1.0])
+
+
+def test_bert_text_lengths_pad_only_modalities_of_the_texts_length(tmp_path):
+    """Word-aligned features share the text's padded length; a modality with its own length (here
+    vision, 4 steps against the text's 5) keeps all its steps."""
+    bert = np.zeros((2, 3, 5))
+    bert[:, 1, :3] = 1
+    raw = {"text": np.ones((2, 5, 2)), "audio": np.ones((2, 5, 1)), "vision": np.ones((2, 4, 1)),
+           "text_bert": bert, "regression_labels": np.zeros(2)}
+    npz = save_mmsa_npz({"train": raw}, tmp_path / "x.npz")
+    loaded = load_mmsa(npz)["train"]
+    assert loaded["text_lengths"].tolist() == [3, 3] and loaded["audio_lengths"].tolist() == [3, 3]
+    assert loaded["vision_lengths"].tolist() == [4, 4]
+
+
+def test_utterance_digests_ignore_the_padding():
+    """The same utterances padded to another length (a conversion with another maximum length) are
+    the same utterances; another feature value is not."""
+    from app.data.mmsa import utterance_digests
+
+    short = _split(text=[[[1, 5], [3, 5]], [[5, 5], [0, 0]]], text_lengths=[2, 1], vision=[[[2.0]], [[4.0]]])
+    short["id"] = np.asarray(["train_0", "train_1"])
+    longer = {**short, "text": np.concatenate([short["text"], np.zeros((2, 3, 2), dtype=np.float32)], axis=1),
+              "audio": np.zeros((2, 7, 1), dtype=np.float32)}
+    assert utterance_digests(longer) == utterance_digests(short)
+    changed = {**short, "vision": np.asarray([[[2.0]], [[4.5]]], dtype=np.float32)}
+    assert utterance_digests(changed)[0] == utterance_digests(short)[0]
+    assert utterance_digests(changed)[1] != utterance_digests(short)[1]
+    # the same values under another modality (vision 4.0 given as audio, vision missing) differ too
+    moved = {**short, "audio": np.asarray([[[0.0], [0.0]], [[4.0], [0.0]]], dtype=np.float32),
+             "audio_lengths": np.asarray([0, 1]), "vision_lengths": np.asarray([1, 0])}
+    assert utterance_digests(moved)[1] != utterance_digests(short)[1]
