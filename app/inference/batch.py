@@ -160,7 +160,7 @@ def run_batch(
     # current folder: every case under it segmented, or results written among the user's files
     for folder, option, variable, what in ((input_dir, "--input-dir", "BRATS_INPUT", "holding the cases"),
                                            (output_dir, "--output-dir", "BRATS_OUTPUT", "to write the results to")):
-        if not os.fspath(folder).strip():
+        if folder is None or not os.fspath(folder).strip():  # None: input_dir: null in a bundle override file
             raise ValueError(f"{option} is empty (an unset variable, or {variable} set to ''), which would mean the "
                              f"current folder: give the folder {what}.")
     # settings first: a bad one would fail every case, and each failed case's clean-up would then

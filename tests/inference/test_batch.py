@@ -413,3 +413,5 @@ def test_an_empty_folder_setting_is_refused_instead_of_meaning_the_current_folde
     assert len(lines) == 1 and f"{option} is empty" in lines[0] and f"{variable} set to ''" in lines[0], lines
     assert sorted(p.relative_to(cwd) for p in cwd.rglob("*")) == before
     assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="--input-dir is empty"):  # input_dir: null in a bundle override
+        run_batch(None, None, tmp_path / "out")
