@@ -121,6 +121,8 @@ def _other_scans(record: Mapping[str, Any], trained: Mapping[str, Any]) -> bool:
 
     mine, theirs = _scan_files(record), _scan_files(trained)
     for key in mine.keys() & theirs.keys():
+        if os.path.realpath(mine[key]) == os.path.realpath(theirs[key]):
+            continue  # the training file itself (evaluating the training folder): no need to read it
         try:
             if not filecmp.cmp(mine[key], theirs[key], shallow=False):
                 return True
