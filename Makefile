@@ -10,8 +10,9 @@ DEMO_MINUTES  ?= 4
 
 .PHONY: install demo test test-gpu bench bench-gpu clean
 
-# $(call need_cuda,TARGET): stop with the fix unless PYTHON's torch sees a GPU
-need_cuda = $(PYTHON) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else '$(1) needs a visible GPU and the CUDA build of torch (pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128); set PYTHON to that environment')"
+# $(call need_cuda,TARGET): stop with the fix unless PYTHON's torch sees a GPU (a PYTHON without torch, such as
+# the default python3, gets the same one line instead of a traceback)
+need_cuda = @$(PYTHON) -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('torch') and __import__('torch').cuda.is_available() else '$(1) needs a visible GPU and the CUDA build of torch (pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128, then pip install -r requirements.txt) in the environment of PYTHON=$(PYTHON); set PYTHON to that environment\'s python')"
 
 install: $(STAMP)
 

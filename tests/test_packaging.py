@@ -32,3 +32,20 @@ def test_declared_ranges_admit_the_pinned_versions():
         assert req.specifier.contains(pins[canonicalize_name(req.name)]), f"{req} excludes the pinned version"
     core = {canonicalize_name(Requirement(r).name) for r in project["dependencies"]}
     assert {"torch", "monai", "pytorch-ignite", "numpy", "nibabel", "pyyaml", "fire"} <= core
+
+
+def test_pyproject_builds_without_setuptools_deprecations(tmp_path, monkeypatch):
+    """``make install`` printed setuptools' warning that ``project.license`` as a TOML table is deprecated
+    (builds will stop being supported): the project metadata must apply without any such warning."""
+    import warnings
+
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    monkeypatch.chdir(REPO)  # license-files and readme are relative to the project root
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dist = apply_configuration(Distribution(), REPO / "pyproject.toml")
+    messages = [f"{w.category.__name__}: {w.message}" for w in caught]
+    assert not [m for m in messages if "eprecat" in m], messages
+    assert dist.metadata.get_name() == "brats-gmd" and "LICENSE" in (dist.metadata.license_files or [])

@@ -105,11 +105,39 @@ def _run_folder(ckpt_path: str | os.PathLike) -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(os.fspath(ckpt_path))))
 
 
+def _scan_files(record: Mapping[str, Any]) -> dict[str, str]:
+    """The image files of a case record, by sequence (``image4d`` for an MSD 4D image)."""
+    files = {str(k): os.fspath(v) for k, v in (record.get("images") or {}).items() if v}
+    if record.get("image4d"):
+        files["image4d"] = os.fspath(record["image4d"])
+    return files
+
+
+def _other_scans(record: Mapping[str, Any], trained: Mapping[str, Any]) -> bool:
+    """Whether a case shares its id with a training case but not its scans: a sequence file of both
+    exists and the two differ in content. Files that cannot be compared (moved, unreadable) count as
+    the same case, so that the warning errs on the side of being given."""
+    import filecmp
+
+    mine, theirs = _scan_files(record), _scan_files(trained)
+    for key in mine.keys() & theirs.keys():
+        if os.path.realpath(mine[key]) == os.path.realpath(theirs[key]):
+            continue  # the training file itself (evaluating the training folder): no need to read it
+        try:
+            if not filecmp.cmp(mine[key], theirs[key], shallow=False):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def check_held_out(ckpt_path: str | os.PathLike, records: Sequence[dict[str, Any]]) -> str | None:
     """Warn when an evaluation scores cases the checkpoint was trained on.
 
     A checkpoint at ``<run>/models/<name>.pt`` has its run's split beside it in ``<run>/datalist.json``
-    (a moved checkpoint has none, and nothing is said). Returns the warning, or None.
+    (a moved checkpoint has none, and nothing is said). A case counts as a training case when its id
+    is one and its scans are those files or copies of them: another folder's case of the same name with
+    other scans (the phantoms of another seed) is not one. Returns the warning, or None.
     """
     from app.data.datalist import read_datalist
 
@@ -117,10 +145,13 @@ def check_held_out(ckpt_path: str | os.PathLike, records: Sequence[dict[str, Any
     if not os.path.isfile(datalist):
         return None
     try:
-        trained = {str(r["case"]) for r in read_datalist(datalist)[0]}
+        trained = {str(r["case"]): r for r in read_datalist(datalist)[0]}
     except (ValueError, KeyError, TypeError):
         return None
-    seen = sorted(str(r["case"]) for r in records if str(r["case"]) in trained)
+    # a case id alone does not make a training case: another folder may reuse the names (phantoms of
+    # another seed, as in the demo's test set) for other scans; a copy of the training folder has the same bytes
+    seen = sorted(str(r["case"]) for r in records
+                  if str(r["case"]) in trained and not _other_scans(r, trained[str(r["case"])]))
     if not seen:
         return None
     message = (f"{len(seen)} of the {len(records)} cases scored here are training cases of this checkpoint's run "

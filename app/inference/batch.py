@@ -147,8 +147,8 @@ def run_batch(
         ``input_dir`` or an unusable ``dataset.json`` raise before any case runs.
 
     Raises:
-        ValueError: a bad setting (``labels``, ``probabilities``, ``resample_to``), an output folder
-            that cannot be written, or a problem of the whole input, before any case is read and
+        ValueError: a bad setting (``labels``, ``probabilities``, ``resample_to``), an empty
+            ``input_dir`` or ``output_dir`` path, an output folder that cannot be written, or a problem of the whole input, before any case is read and
             before any file in ``output_dir`` is touched.
         BatchError: some cases failed (with ``raise_on_error``).
     """
@@ -156,6 +156,13 @@ def run_batch(
     from app.inference.io import sequence_name
     from app.inference.pipeline import check_output_path, check_writable_folder, label_convention
 
+    # an empty path (an unset shell variable, BRATS_INPUT= or BRATS_OUTPUT= in Docker) would mean the
+    # current folder: every case under it segmented, or results written among the user's files
+    for folder, option, variable, what in ((input_dir, "--input-dir", "BRATS_INPUT", "holding the cases"),
+                                           (output_dir, "--output-dir", "BRATS_OUTPUT", "to write the results to")):
+        if folder is None or not os.fspath(folder).strip():  # None: input_dir: null in a bundle override file
+            raise ValueError(f"{option} is empty (an unset variable, or {variable} set to ''), which would mean the "
+                             f"current folder: give the folder {what}.")
     # settings first: a bad one would fail every case, and each failed case's clean-up would then
     # remove that case's outputs of an earlier run
     probabilities = parse_bool(probabilities, "probabilities")

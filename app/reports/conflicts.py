@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 __all__ = ["load_diagnostics", "plot_conflicts", "plot_cggm", "main"]
@@ -20,8 +21,16 @@ CGGM_DIAGNOSTICS_FILE = "cggm_diagnostics.jsonl"
 
 
 def _pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (imported here: only plotting needs it)."""
-    import matplotlib
+    """matplotlib's pyplot on the file-only Agg backend (imported here: only plotting needs it).
+
+    Raises:
+        ImportError: matplotlib is not installed (it is the optional ``plots`` extra), with the fix.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plot-conflicts needs matplotlib, which is not installed: pip install matplotlib "
+                          "(or brats-gmd[plots]).") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -133,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", help="training output folder holding gmd_ or cggm_diagnostics.jsonl")
     parser.add_argument("--out", default=None, help="folder for the PNGs (default: run_dir)")
     args = parser.parse_args(argv)
+    try:  # before any file is read or written: matplotlib is an optional extra
+        _pyplot()
+    except ImportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     # a CGGM run has only CGGM diagnostics; anything else keeps the GMD plots and their errors
     cggm = (Path(args.run_dir) / CGGM_DIAGNOSTICS_FILE).is_file()
     gmd = (Path(args.run_dir) / DIAGNOSTICS_FILE).is_file()

@@ -197,6 +197,22 @@ def test_metadata_verifies_offline():
     assert "verified with no error" in proc.stdout + proc.stderr
 
 
+def test_preprocessing_builds_without_deprecation_warnings():
+    """Orientationd without ``labels`` printed MONAI's FutureWarning about its changed default on every
+    training and evaluation run; the bundle's own transforms must not warn."""
+    import warnings
+
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parser.get_parsed_content("preprocessing")
+    deprecations = [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert not deprecations, deprecations
+
+
 def test_demo_override_builds_the_demo_network():
     from monai.bundle import ConfigParser
 

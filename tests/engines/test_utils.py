@@ -264,3 +264,29 @@ def test_check_positive_refuses_a_rate_that_is_not_a_number_above_zero():
     for bad in (0, -1, "x", None, float("nan"), float("inf"), True):  # torch would fail with a traceback, or train
         with pytest.raises(ValueError, match=r"--learning_rate .* must be a number > 0, e\.g\. --learning_rate 0\.001\."):
             check_positive(learning_rate=bad)
+
+
+def test_cases_that_only_share_a_training_case_name_are_not_called_training_cases(tmp_path):
+    """``make demo`` scores phantoms of another seed, named Phantom_000... as the training phantoms are:
+    evaluation warned that 5 of its 8 unseen cases were training cases. A copy of a training case (same
+    bytes in another folder) still is one."""
+    import shutil
+
+    from app.data.datalist import write_datalist
+    from app.data.discovery import discover_cases
+    from app.data.phantoms import write_phantoms
+    from app.engines import check_held_out
+
+    write_phantoms(tmp_path / "train", cases=3, size=24, seed=0)
+    write_phantoms(tmp_path / "test", cases=3, size=24, seed=1000)
+    train = discover_cases(tmp_path / "train")
+    run = tmp_path / "run"
+    write_datalist(run / "datalist.json", train[:2], train[2:])
+    ckpt = run / "models" / "model.pt"
+    test = discover_cases(tmp_path / "test")
+    assert [r["case"] for r in test] == [r["case"] for r in train]  # the same names, other scans
+    assert check_held_out(ckpt, test) is None
+    shutil.copytree(tmp_path / "train", tmp_path / "copy")
+    message = check_held_out(ckpt, discover_cases(tmp_path / "copy"))
+    assert message is not None and message.startswith("2 of the 3 cases scored here are training cases"), message
+    assert check_held_out(ckpt, train).startswith("2 of the 3 cases")

@@ -391,3 +391,27 @@ def test_each_case_gets_the_label_values_its_file_names_come_with(phantom_root, 
         "Old": "brats2018", "New": "brats2023"}
     run_batch(segmenter, root, tmp_path / "fixed", labels="2018")
     np.testing.assert_array_equal(np.asarray(load(tmp_path / "fixed" / "New.nii.gz").dataobj), old)
+
+
+@pytest.mark.parametrize("variable", ["BRATS_INPUT", "BRATS_OUTPUT"])
+def test_an_empty_folder_setting_is_refused_instead_of_meaning_the_current_folder(
+    phantom_root, random_ckpt, tmp_path, monkeypatch, capsys, variable
+):
+    """BRATS_INPUT= or BRATS_OUTPUT= (an unset shell variable passed on to Docker) used to be read as the
+    current folder: every case under it was segmented, or the results were written among its files."""
+    _copy_case(phantom_root, tmp_path / "in", "P1", seqs=("flair",))
+    cwd = tmp_path / "cwd"
+    _copy_case(phantom_root, cwd, "Other", seqs=("flair",))
+    before = sorted(p.relative_to(cwd) for p in cwd.rglob("*"))
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("BRATS_INPUT", str(tmp_path / "in"))
+    monkeypatch.setenv("BRATS_OUTPUT", str(tmp_path / "out"))
+    monkeypatch.setenv(variable, "")
+    assert batch_main(["--ckpt", random_ckpt, "--device", "cpu"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    option = "--input-dir" if variable == "BRATS_INPUT" else "--output-dir"
+    assert len(lines) == 1 and f"{option} is empty" in lines[0] and f"{variable} set to ''" in lines[0], lines
+    assert sorted(p.relative_to(cwd) for p in cwd.rglob("*")) == before
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="--input-dir is empty"):  # input_dir: null in a bundle override
+        run_batch(None, None, tmp_path / "out")

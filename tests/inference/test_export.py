@@ -120,3 +120,14 @@ def test_export_never_replaces_a_training_checkpoint(random_ckpt, tmp_path, caps
     assert export.main(["--ckpt", str(final), "--out", str(exported), *FEATURE_ARGS]) == 0
     assert is_torchscript(exported)
     assert export.main(["--ckpt", str(final), "--out", str(exported), *FEATURE_ARGS]) == 0  # a re-export
+
+
+def test_missing_or_empty_checkpoint_names_this_commands_option(tmp_path, capsys):
+    """The export's option is --ckpt: a missing checkpoint used to be answered with 'pass --ckpt_path', an
+    option the command refuses, and an empty one ('--ckpt $CKPT' unset) named no file at all."""
+    for ckpt, expected in ((str(tmp_path / "nope.pt"), f"Checkpoint {tmp_path / 'nope.pt'} not found: pass --ckpt "),
+                           ("", "--ckpt is empty")):
+        assert export.main(["--ckpt", ckpt, "--out", str(tmp_path / "model.ts")]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0] and "--ckpt_path" not in lines[0], lines
+    assert not list(tmp_path.iterdir())

@@ -40,3 +40,18 @@ def test_missing_and_empty_diagnostics_name_the_fix(tmp_path):
     (tmp_path / "cggm_diagnostics.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="empty"):
         load_diagnostics(tmp_path, "cggm_diagnostics.jsonl")
+
+
+def test_without_matplotlib_the_command_names_the_fix(tmp_path, monkeypatch, capsys):
+    """matplotlib is the optional ``plots`` extra: without it ``python -m app plot-conflicts`` ended in a
+    traceback; it now prints one line with the fix, exit status 2, and writes nothing."""
+    import sys
+
+    from app.__main__ import main as app_main
+
+    _write(tmp_path / "cggm_diagnostics.jsonl", _cggm_records())
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert app_main(["plot-conflicts", str(tmp_path), "--out", str(tmp_path / "plots")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "needs matplotlib" in lines[0] and "pip install matplotlib" in lines[0], lines
+    assert not (tmp_path / "plots").exists()
