@@ -442,7 +442,18 @@ def feature_dims(data: Mapping[str, Mapping[str, np.ndarray]]) -> list[int]:
     dims = {name: [int(split[m].shape[-1]) for m in MMSA_MODALITIES] for name, split in data.items()}
     distinct = {tuple(d) for d in dims.values()}
     if len(distinct) != 1:
-        raise ValueError(f"Feature sizes differ between splits: {dims}.")
+        # one network reads every split, so a split extracted with other features (GloVe text in
+        # one, BERT in another) cannot be scored by it; name the odd split(s) against the first's sizes
+        first = next(iter(dims))
+        odd = {name: d for name, d in dims.items() if d != dims[first]}
+        differ = "; ".join(
+            f"split {name!r}: " + ", ".join(f"{m} {d[i]}-d" for i, m in enumerate(MMSA_MODALITIES) if d[i] != dims[first][i])
+            for name, d in odd.items())
+        sizes = ", ".join(f"{m} {dims[first][i]}-d" for i, m in enumerate(MMSA_MODALITIES))
+        source = getattr(data, "source", "the MMSA data")
+        raise ValueError(f"Feature sizes differ between the splits of {source}: {first!r} has {sizes}, but {differ}. "
+                         "Every split needs the same features: extract them again with the same feature extractors, "
+                         "or write the odd split(s) to a file of their own.")
     return list(distinct.pop())
 
 

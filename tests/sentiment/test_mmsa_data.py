@@ -289,6 +289,15 @@ def test_labels_are_checked_only_where_they_are_used(tmp_path):
     assert MMSADataset(data, split="train")[2]["case"] == "('vid', '2')"
 
 
+def test_splits_with_other_feature_sizes_name_the_file_and_the_split(tmp_path):
+    data = make_synthetic_mmsa({"train": 4, "valid": 4, "test": 4}, dims=(6, 5, 4))
+    data["test"]["text"] = data["test"]["text"][..., :3]  # e.g. GloVe text in one split, BERT in the others
+    npz = save_mmsa_npz(data, tmp_path / "mixed.npz")
+    with pytest.raises(ValueError, match=rf"differ between the splits of {npz}: 'train' has text 6-d, audio 5-d, "
+                                         r"vision 4-d, but split 'test': text 3-d\. .*extract them again"):
+        feature_dims(load_mmsa(npz))
+
+
 def test_empty_split_is_refused(tmp_path):
     with pytest.raises(ValueError, match="Split 'valid' of the MMSA data has no samples"):
         MMSADataset(_split_with(tmp_path), split="valid")
