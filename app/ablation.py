@@ -65,6 +65,8 @@ class BundleLayout:
 
 SEGMENTATION = BundleLayout("segmentation", "subset_dice.json", ("mean", "WT", "TC", "ET"))
 SENTIMENT = BundleLayout("sentiment", "subset_metrics.json", ("Acc2", "MAE", "F1", "Acc7", "Corr"))
+#: The sentiment bundle's table metrics for ``--task classification`` (its report has Acc and F1).
+SENTIMENT_CLASSIFICATION_METRICS: tuple[str, ...] = ("Acc", "F1")
 
 
 def _configs(bundle: Path) -> tuple[Path, Path]:
@@ -314,7 +316,8 @@ def run_ablation(
         checkpoint: ``final`` (the model at the end of the budget) or ``best`` (the bundle's
             key-metric checkpoint, selected on the validation data it is then scored on).
         eval_split: sentiment bundles: the split to score (default: the bundle's ``val_split``).
-        metrics: table metrics (default: the bundle family's).
+        metrics: table metrics (default: the bundle family's; for a sentiment bundle run with
+            ``--task classification``, ``Acc`` and ``F1``).
         bundle_args: extra ``--key value`` overrides for both bundle commands.
     """
     bundle = Path(bundle)
@@ -326,7 +329,12 @@ def run_ablation(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_name = "model_final.pt" if checkpoint == "final" else "model.pt"
-    metrics = list(metrics or layout.metrics)
+    default_metrics = layout.metrics
+    if layout is SENTIMENT and (_option(bundle_args, "task") or _load_config(train).get("task")) == "classification":
+        # the classification report has accuracy and F1 only, so the regression columns would stop the
+        # ablation after every strategy has trained
+        default_metrics = SENTIMENT_CLASSIFICATION_METRICS
+    metrics = list(metrics or default_metrics)
     if layout is SENTIMENT:
         eval_split = eval_split or _option(bundle_args, "val_split") or _load_config(train).get("val_split", "valid")
     runs: dict[str, Any] = {}
@@ -441,7 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          help="comma-separated seeds: repeat the ablation at each (e.g. 0,1,2)")
     parser.add_argument("--checkpoint", choices=("final", "best"), default="final")
     parser.add_argument("--eval_split", default=None, help="sentiment bundles: split to score (default: valid)")
-    parser.add_argument("--metrics", default=None, help="comma-separated table metrics (default: the bundle's)")
+    parser.add_argument("--metrics", default=None, help="comma-separated table metrics (default: the bundle's; Acc,F1 "
+                        "for a sentiment --task classification)")
     args, bundle_args = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     if bundle_args and bundle_args[0] == "--":
         bundle_args = bundle_args[1:]

@@ -227,6 +227,22 @@ def test_sentiment_bundle_ablation_and_failure_names_the_log(tmp_path):
     assert "train.log" in bad.stderr and not (tmp_path / "bad" / "ablation.json").exists()
 
 
+def test_sentiment_classification_ablation_tabulates_accuracy_and_f1(tmp_path):
+    """The documented IEMOCAP-style settings: the default table columns follow --task, instead of the
+    regression ones stopping the ablation ('no Acc2 ... choose --metrics') after every run trained."""
+    pkl = write_synthetic_mmsa(tmp_path / "syn.pkl", splits={"train": 32, "valid": 16}, seed=3)
+    out = tmp_path / "cls"
+    proc = _ablate("--bundle", "bundles/mosi_gmd", "--strategies", "plain", "--max_epochs", "1",
+                   "--output_dir", str(out), "--data_path", str(pkl), "--trust_pickle", "true",
+                   "--task", "classification", "--out_channels", "3", "--label_key", "classification_labels")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    table = json.loads((out / "ablation.json").read_text())
+    assert table["metrics"] == ["Acc", "F1"]
+    report = json.loads((out / "plain" / "eval" / "subset_metrics.json").read_text())
+    assert table["tables"]["Acc"]["plain"]["subsets"]["text"] == report["subsets"]["text"]["Acc"]
+    assert "## F1 (higher is better)" in (out / "ablation.md").read_text()
+
+
 def test_sentiment_ablation_over_seeds(tmp_path):
     pkl = write_synthetic_mmsa(tmp_path / "syn.pkl", splits={"train": 32, "valid": 16}, seed=2)
     out = tmp_path / "seeds"

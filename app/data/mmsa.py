@@ -241,8 +241,7 @@ def load_mmsa(path: str | os.PathLike, trust_pickle: bool | str = False) -> dict
     if not trusted:
         raise _refuse_pickle(path)
     try:
-        with open(path, "rb") as f:
-            raw = pickle.load(f)  # noqa: S301 - only with the caller's explicit trust_pickle
+        raw = _unpickle(path)
     except OSError:
         raise
     except (ImportError, AttributeError) as err:  # e.g. a pickle of numpy 2 arrays read with numpy 1
@@ -255,6 +254,48 @@ def load_mmsa(path: str | os.PathLike, trust_pickle: bool | str = False) -> dict
     if not isinstance(raw, Mapping) or not raw:
         raise ValueError(f"{path} holds a {type(raw).__name__}, not the MMSA layout {{split: {{text, audio, vision, ...}}}}.")
     return MMSAData({str(name): _normalise_split(str(name), split, path) for name, split in raw.items()}, path)
+
+
+def _unpickle(path: Path) -> Any:
+    """Unpickle ``path``, also when Python 2 wrote it (the bc-LSTM and CMU-MultimodalSDK era files).
+
+    Python 2 stored its byte strings, numpy's array buffers among them, as ``str``, which Python 3
+    decodes as ASCII by default and fails on the first array. ``latin1`` maps each byte to one
+    character and back, which is how numpy reads such buffers; ids and transcripts read that way
+    are turned back into their bytes and decoded as UTF-8 (:func:`_py2_text`).
+    """
+    with open(path, "rb") as f:
+        try:
+            return pickle.load(f)  # noqa: S301 - only with the caller's explicit trust_pickle
+        except UnicodeDecodeError:
+            f.seek(0)
+            raw = pickle.load(f, encoding="latin1")  # noqa: S301 - as above
+    if isinstance(raw, dict):
+        for split in raw.values():
+            if isinstance(split, dict):
+                for key in ("id", "raw_text"):
+                    if key in split:
+                        split[key] = _py2_text(split[key])
+    return raw
+
+
+def _py2_text(values: Any) -> Any:
+    """Ids or transcripts of a Python 2 pickle read with ``latin1``: each string that is a latin1
+    reading of UTF-8 bytes is decoded as UTF-8 ("caf\u00c3\u00a9" becomes "caf\u00e9"); others stay."""
+
+    def fix(value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return value.encode("latin1").decode("utf-8")
+        except (UnicodeEncodeError, UnicodeDecodeError):  # a unicode object, or not UTF-8
+            return value
+
+    if isinstance(values, np.ndarray) and values.dtype.kind in "OU":
+        return np.asarray([fix(v) for v in values.reshape(-1)], dtype=values.dtype).reshape(values.shape)
+    if isinstance(values, (list, tuple)):
+        return type(values)(fix(v) for v in values)
+    return values
 
 
 def _load_npz(path: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -401,7 +442,18 @@ def feature_dims(data: Mapping[str, Mapping[str, np.ndarray]]) -> list[int]:
     dims = {name: [int(split[m].shape[-1]) for m in MMSA_MODALITIES] for name, split in data.items()}
     distinct = {tuple(d) for d in dims.values()}
     if len(distinct) != 1:
-        raise ValueError(f"Feature sizes differ between splits: {dims}.")
+        # one network reads every split, so a split extracted with other features (GloVe text in
+        # one, BERT in another) cannot be scored by it; name the odd split(s) against the first's sizes
+        first = next(iter(dims))
+        odd = {name: d for name, d in dims.items() if d != dims[first]}
+        differ = "; ".join(
+            f"split {name!r}: " + ", ".join(f"{m} {d[i]}-d" for i, m in enumerate(MMSA_MODALITIES) if d[i] != dims[first][i])
+            for name, d in odd.items())
+        sizes = ", ".join(f"{m} {dims[first][i]}-d" for i, m in enumerate(MMSA_MODALITIES))
+        source = getattr(data, "source", "the MMSA data")
+        raise ValueError(f"Feature sizes differ between the splits of {source}: {first!r} has {sizes}, but {differ}. "
+                         "Every split needs the same features: extract them again with the same feature extractors, "
+                         "or write the odd split(s) to a file of their own.")
     return list(distinct.pop())
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -213,6 +215,43 @@ def test_fields_with_the_wrong_count_are_refused(tmp_path):
     assert ds[0]["case"] == "v0"
 
 
+class _Python2Pickler(pickle._Pickler):
+    """Writes byte strings, and text, as Python 2 wrote its ``str``: (SHORT_)BINSTRING opcodes that
+    Python 3 decodes as ASCII unless told otherwise."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _py2_str(self, obj: bytes) -> None:
+        n = len(obj)
+        self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj if n < 256 else pickle.BINSTRING + struct.pack("<i", n) + obj)
+
+    dispatch[bytes] = _py2_str
+    dispatch[str] = lambda self, obj: self._py2_str(obj.encode("utf-8"))
+
+
+def test_python2_pickle_loads_with_its_ids_and_transcripts(tmp_path, capsys):
+    """A pickle written by Python 2 (bc-LSTM / CMU-MultimodalSDK era) holds its array buffers as
+    byte strings; it used to be refused as 'truncated or not an MMSA feature file'."""
+    raw = make_synthetic_mmsa({"train": 6, "valid": 4}, layout="unaligned", dims=(5, 4, 3), seq_len=6, seed=2)
+    for split in raw.values():
+        split["id"] = [i.encode() for i in split["id"]]
+        split["raw_text"] = [f"caf\u00e9 n\u00ba {i}".encode("utf-8") for i in range(len(split["id"]))]
+    buf = io.BytesIO()
+    _Python2Pickler(buf, protocol=2).dump(raw)
+    pkl = tmp_path / "py2.pkl"
+    pkl.write_bytes(buf.getvalue())
+    with pytest.raises(UnicodeDecodeError):  # what a plain pickle.load makes of it
+        pickle.loads(buf.getvalue())
+    loaded = load_mmsa(pkl, trust_pickle=True)
+    for name, split in raw.items():
+        np.testing.assert_array_equal(loaded[name]["text"], split["text"])
+        np.testing.assert_array_equal(loaded[name]["audio_lengths"], split["audio_lengths"])
+        assert loaded[name]["id"].tolist() == [i.decode() for i in split["id"]]
+        assert loaded[name]["raw_text"][1] == "caf\u00e9 n\u00ba 1"
+    assert app_main(["convert-mmsa", str(pkl), str(tmp_path / "py2.npz")]) == 0
+    assert load_mmsa(tmp_path / "py2.npz")["valid"]["id"][3] == "validvid0_3"
+
+
 def test_non_finite_or_non_class_labels_are_refused(tmp_path):
     labels = np.linspace(-3, 3, 6).astype(np.float32)
     labels[4] = np.nan
@@ -248,6 +287,15 @@ def test_labels_are_checked_only_where_they_are_used(tmp_path):
     # ids given as rows (e.g. [video, segment]) are one entry per sample
     data["train"]["id"] = [("vid", str(i)) for i in range(6)]
     assert MMSADataset(data, split="train")[2]["case"] == "('vid', '2')"
+
+
+def test_splits_with_other_feature_sizes_name_the_file_and_the_split(tmp_path):
+    data = make_synthetic_mmsa({"train": 4, "valid": 4, "test": 4}, dims=(6, 5, 4))
+    data["test"]["text"] = data["test"]["text"][..., :3]  # e.g. GloVe text in one split, BERT in the others
+    npz = save_mmsa_npz(data, tmp_path / "mixed.npz")
+    with pytest.raises(ValueError, match=rf"differ between the splits of {npz}: 'train' has text 6-d, audio 5-d, "
+                                         r"vision 4-d, but split 'test': text 3-d\. .*extract them again"):
+        feature_dims(load_mmsa(npz))
 
 
 def test_empty_split_is_refused(tmp_path):

@@ -137,6 +137,21 @@ def test_untrusted_pickle_is_refused_and_npz_needs_no_trust(synthetic_pkl, tmp_p
     assert parser.get_parsed_content("network_def").in_features == (100, 73, 100)
 
 
+def test_validation_batch_size_is_a_setting(synthetic_pkl, tmp_path):
+    """Validation and evaluation batches held 256 utterances whatever the sequence length: about 7 GB
+    for MOSEI-style 500-step sequences, with no documented setting to lower it."""
+    for files in ([TRAIN], [TRAIN, EVALUATE]):
+        parser = _parser(*files, data_path=str(synthetic_pkl), trust_pickle=True, output_dir=str(tmp_path),
+                         val_batch_size=8)
+        assert parser.get_parsed_content("validate#dataloader").batch_size == 8
+    assert _parser(TRAIN, data_path=str(synthetic_pkl), trust_pickle=True).get_parsed_content(
+        "validate#dataloader").batch_size == 256
+    proc = run_mosi_bundle([TRAIN], "--data_path", str(synthetic_pkl), "--trust_pickle", "true", "--output_dir",
+                           str(tmp_path / "bad"), "--val_batch_size", "0", check=False)
+    assert proc.returncode != 0 and "--val_batch_size 0 must be a whole number >= 1" in proc.stderr
+    assert not (tmp_path / "bad" / "splits.json").exists()
+
+
 def test_metadata_matches_the_schema():
     schema = json.loads((REPO / "bundles" / "meta_schema.json").read_text())
     metadata = json.loads((MOSI_BUNDLE / "configs" / "metadata.json").read_text())
