@@ -253,6 +253,9 @@ def load_network(
         ValueError: it cannot be read, or does not match ``features``.
     """
     path = os.fspath(ckpt)
+    if not path.strip():  # an unset variable (BRATS_CKPT=, --ckpt "$MODEL"): there is no file to name
+        raise ValueError("The checkpoint path is empty (an unset variable?): give the model.pt written by training "
+                         "(<output_dir>/models/model.pt) or a model.ts exported from it (--ckpt, BRATS_CKPT).")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Checkpoint {path} not found: give the model.pt written by training "
                                 "(<output_dir>/models/model.pt) or a model.ts exported from it.")

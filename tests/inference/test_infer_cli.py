@@ -549,3 +549,12 @@ def test_negative_voxels_do_not_widen_the_foreground_crop(case, random_ckpt, inf
         assert rc == 0, err
         boxes.append(json.loads((tmp_path / f"{name}.json").read_text())["inference"]["crop_box"])
     assert boxes[1] == boxes[0] and boxes[0] != [[0, 32], [0, 32], [0, 32]]
+
+
+def test_an_empty_checkpoint_path_says_so(case, infer, tmp_path):
+    """--ckpt "$MODEL" with MODEL unset used to print 'Checkpoint  not found', naming no file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    rc, _, err = infer("--ckpt", "", "--flair", case["flair"], "--out", out / "seg.nii.gz")
+    assert rc == 2 and err.count("\n") == 1 and "checkpoint path is empty" in err, err
+    assert not list(out.iterdir())
