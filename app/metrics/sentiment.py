@@ -120,6 +120,8 @@ class SubsetSentimentAccumulator(SubsetAccumulator):
         modalities: modality names in order; subset indices refer to ``all_subsets(len(modalities))``.
     """
 
+    sample_word, input_word = "utterance", "modalities"
+
     def __init__(self, modalities: Sequence[str] = MOSI_MODALITIES) -> None:
         super().__init__(
             modalities, row_fields=("pred", "label"), metric_keys=SENTIMENT_METRICS, primary_key="Acc2", count_key="n"

@@ -40,6 +40,8 @@ class SubsetClassificationAccumulator(SubsetAccumulator):
         modalities: modality names in order.
     """
 
+    sample_word, input_word = "utterance", "modalities"
+
     def __init__(self, modalities: Sequence[str] = MOSI_MODALITIES) -> None:
         super().__init__(modalities, row_fields=("pred", "label"), metric_keys=CLASSIFICATION_METRICS,
                          primary_key="Acc", count_key="n")

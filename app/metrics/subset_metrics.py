@@ -73,6 +73,10 @@ class SubsetAccumulator:
         count_key: key holding the number of rows of a subset in the per-subset results.
     """
 
+    #: what a row is and what its inputs are called, in messages (segmentation: cases and sequences)
+    sample_word = "case"
+    input_word = "sequences"
+
     def __init__(
         self,
         modalities: Sequence[str],
@@ -222,9 +226,9 @@ class SubsetAccumulator:
         worst_name = min(finite)[2] if finite else ranked[0][2]
         missing = [name for name in self.subset_names if name not in subsets]
         if missing:  # a mean over fewer subsets cannot be compared with a full table: say so where it is read
-            logger.warning("%d of the %d subsets have no case to score (%s): mean_over_subsets is over the other %d. "
-                           "Add cases that have those sequences for a full table.", len(missing),
-                           len(self.subset_names), ", ".join(missing), len(subsets))
+            logger.warning("%d of the %d subsets have no %s to score (%s): mean_over_subsets is over the other %d. "
+                           "Add %ss that have those %s for a full table.", len(missing), len(self.subset_names),
+                           self.sample_word, ", ".join(missing), len(subsets), self.sample_word, self.input_word)
         return {
             "subsets": subsets,
             "mean_over_subsets": mean_over,

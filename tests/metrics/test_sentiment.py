@@ -127,3 +127,15 @@ def test_worst_subset_skips_a_subset_whose_acc2_is_undefined():
     result = acc.aggregate()
     assert math.isnan(result["subsets"]["text"]["Acc2"])
     assert result["worst_subset"] == {"name": "audio", "Acc2": 0.5}
+
+
+def test_a_subset_without_samples_is_named_in_the_words_of_the_branch(caplog):
+    from app.metrics.sentiment import SubsetSentimentAccumulator
+
+    acc = SubsetSentimentAccumulator()
+    acc.update(["u0", "u1"], 0, [1.0, -1.0], [2.0, -2.0])  # text alone; no utterance scored on the other 6
+    with caplog.at_level("WARNING"):
+        result = acc.aggregate()
+    assert list(result["subsets"]) == ["text"] and len(result["subsets_without_cases"]) == 6
+    assert "6 of the 7 subsets have no utterance to score" in caplog.text
+    assert "Add utterances that have those modalities" in caplog.text
