@@ -60,3 +60,48 @@ def test_stop_by_signal_restores_the_previous_handler(capsys):
     assert run_interruptible(stopped) == 143 and run_interruptible(lambda: 0) == 0
     assert capsys.readouterr().err.startswith("error: stopped by SIGTERM")
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_interrupted_write_removes_its_temporary_and_keeps_the_old_file(tmp_path):
+    # Ctrl-C (KeyboardInterrupt, not an Exception) mid-write must not leave a temporary behind
+    from app.atomic import stale_temporaries
+
+    target = tmp_path / "model.bin"
+    atomic_write_text(target, "old")
+
+    def interrupted(f) -> None:
+        f.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, interrupted)
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"] and stale_temporaries(target) == []
+
+
+def test_stale_temporaries_lists_only_the_hidden_temporaries_of_that_file(tmp_path):
+    from app.atomic import stale_temporaries
+
+    target = tmp_path / "model.bin"
+    names = [".model.bin.123.abcdef01.tmp", "model.bin.123.abcdef01.tmp", ".other.bin.1.abcdef01.tmp", "model.bin"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    assert [p.name for p in stale_temporaries(target)] == [".model.bin.123.abcdef01.tmp"]
+    assert stale_temporaries(tmp_path / "missing" / "model.bin") == []
+
+
+def test_the_file_is_fsynced_before_the_rename_and_the_folder_only_when_asked(tmp_path, monkeypatch):
+    import os
+
+    import app.atomic as atomic
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    monkeypatch.setattr(atomic, "fsync_dir", lambda folder: events.append(f"dir {Path(folder).name}"))
+    atomic_write(tmp_path / "a.bin", lambda f: f.write(b"x"))
+    assert events == ["fsync", "replace"]
+    events.clear()
+    atomic_write(tmp_path / "b.bin", lambda f: f.write(b"x"), sync_dir=True)
+    assert events == ["fsync", "replace", f"dir {tmp_path.name}"]

@@ -216,3 +216,12 @@ def test_uncached_case_with_unknown_label_values_fails_at_construction(tmp_path,
         CaseCacheDataset(data=records["training"] + records["validation"], transform=LoadCased(), cache_rate=0.0,
                          num_workers=0, progress=False)
     assert "case1_seg.nii.gz" in str(err.value.__cause__) and "brats2023" in str(err.value.__cause__)
+
+
+def test_auto_rounds_the_share_down_to_a_hundredth(monkeypatch, caplog):
+    # 2000 bytes of budget (0.5 * 4000, one process) for 3000 bytes of cases: 0.666.. -> 0.66, never 0.67
+    monkeypatch.setattr(cache, "available_memory", lambda: 4000)
+    monkeypatch.setattr(cache, "estimate_cache_bytes", lambda records, preprocess: 3000)
+    with caplog.at_level(logging.WARNING, logger=cache.logger.name):
+        assert resolve_cache_rate("auto", [{}] * 100, lambda s: s, fraction=0.5, local_processes=1) == 0.66
+    assert "caching 66 of them" in caplog.text

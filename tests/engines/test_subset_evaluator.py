@@ -66,6 +66,11 @@ def test_a_case_without_t1_is_left_out_of_every_subset_with_t1_only(net):
     # the case is scored on every subset it has, and on none it lacks
     scored = {row["subset"] for row in metric.last_result["per_case"] if row["case"] == "no_t1"}
     assert scored == {name for name in subsets if "t1" not in name.split("+")}
+    # the reported prediction of the last case fuses the sequences it has, not the zeros standing for t1
+    net.eval()
+    with torch.no_grad():
+        expected = net(data[-1]["image"], data[-1]["modality_mask"])
+    assert torch.allclose(evaluator.state.output["pred"], expected, atol=1e-5)
 
 
 def test_each_subset_is_scored_on_its_own_fused_prediction(net):

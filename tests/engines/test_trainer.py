@@ -28,3 +28,50 @@ def test_a_case_counts_for_a_subset_only_if_it_has_all_of_its_sequences():
     assert by_name["flair+t2"].int().tolist() == [[1, 0, 0, 1], [1, 0, 0, 1], [0, 0, 0, 1]]
     assert by_name["t1"].int().tolist() == [[1, 0, 1, 1], [0, 1, 0, 0], [0, 0, 0, 1]]
     assert by_name["flair+t1+t1ce+t2"].int().tolist() == [[1, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]]
+
+
+class _Scaled(torch.nn.Module):
+    """per-modality outputs ``w * x``, fused by the mean over the available modalities; records train mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(1.0))
+        self.modes: list[bool] = []
+
+    def per_modality(self, x, mask):
+        self.modes.append(self.training)
+        return self.w * x.unsqueeze(2)  # [B, M, C=1, 1]
+
+    def fuse(self, per_modality, mask, check=True):
+        m = mask[:, :, None, None].to(per_modality.dtype)
+        return (per_modality * m).sum(1) / m.sum(1)
+
+
+def test_each_iteration_steps_with_that_iteration_gradient_only_after_sync_and_backward_completed():
+    from ignite.engine import Events
+    from monai.engines.utils import IterationEvents
+
+    from app.engines import SubsetTrainer
+    from app.strategies import build_strategy
+
+    net = _Scaled().eval()  # the trainer must switch it to training mode itself
+    batch = {"image": torch.tensor([[[1.0], [3.0]]]), "label": torch.zeros(1, 1, 1),
+             "modality_mask": torch.tensor([[True, True]])}
+    seen: list[tuple[str, float, float]] = []
+    trainer = SubsetTrainer(
+        max_epochs=1, train_data_loader=[batch, batch], network=net, device=torch.device("cpu"),
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=lambda p, t: (p - t) ** 2,
+        strategy=build_strategy("plain"),
+        grad_sync=lambda network, strategy: seen.append(("sync", float(network.w.detach()), float(network.w.grad))),
+    )
+    trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED,
+                              lambda e: seen.append(("backward", float(net.w.detach()), float(net.w.grad))))
+    losses: list[float] = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss"])))
+    trainer.run()
+    # fused prediction 2w, target 0: loss 4w^2, gradient 8w; SGD lr 0.1: w 1 -> 0.2 -> 0.04
+    # (an accumulated gradient would give 0.2 - 0.1 * (8 + 1.6) = -0.76)
+    expected = [("sync", 1.0, 8.0), ("backward", 1.0, 8.0), ("sync", 0.2, 1.6), ("backward", 0.2, 1.6)]
+    assert [(k, round(w, 6), round(g, 6)) for k, w, g in seen] == expected
+    assert round(float(net.w.detach()), 6) == 0.04 and [round(v, 6) for v in losses] == [4.0, 0.16]
+    assert net.modes == [True, True]

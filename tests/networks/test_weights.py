@@ -64,3 +64,19 @@ def test_a_checkpoint_saved_without_checksums_loads(tmp_path):
         serialization.config.save.compute_crc32 = previous
     assert {i.CRC for i in zipfile.ZipFile(tmp_path / "nocrc.pt").infolist()} == {0}
     assert read_state_dict(tmp_path / "nocrc.pt").keys() == net.state_dict().keys()
+
+
+def test_an_optional_group_may_be_absent_as_a_whole_but_not_in_part(tmp_path):
+    from app.networks.weights import apply_state_dict
+
+    state = DSUNet(features=(4, 8)).state_dict()
+    prefix = "trunk."
+    group = [k for k in state if k.startswith(prefix)]
+    assert 1 < len(group) < len(state)
+    whole = {k: v for k, v in state.items() if k not in group}
+    apply_state_dict(DSUNet(features=(4, 8)), whole, tmp_path / "m.pt", optional_prefixes=[prefix])  # loads
+    part = {k: v for k, v in state.items() if k != group[0]}
+    with pytest.raises(ValueError, match=rf"e\.g\. {group[0]} is missing from it\)"):
+        apply_state_dict(DSUNet(features=(4, 8)), part, tmp_path / "m.pt", optional_prefixes=[prefix])
+    with pytest.raises(ValueError, match=r"e\.g\. extra\.weight is unexpected in it\)"):
+        apply_state_dict(DSUNet(features=(4, 8)), {**state, "extra.weight": torch.zeros(1)}, tmp_path / "m.pt")

@@ -10,20 +10,25 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
 from app.data.datalist import shard_cases
 from app.data.mmsa import write_synthetic_mmsa
 from app.data.phantoms import write_phantoms
-from app.engines import GradientSync, ResumableSampler, check_shards, close_distributed, mean_over_ranks
+from app.engines import (
+    DistributedTimeLimitHandler, GradientSync, SubsetTrainer,
+    ResumableSampler, check_shards, close_distributed, mean_over_ranks,
+)
 from app.networks import DSUNet
-from app.strategies import GMDApproxStrategy, GMDStrategy
+from app.strategies import GMDApproxStrategy, GMDStrategy, build_strategy
 from tests.reliability.helpers import (
     BRATS, MULTI_GPU, REPO, TINY, TRAIN, assert_same_tensors, cli_args, load, subprocess_env,
 )
@@ -41,6 +46,22 @@ def _loss(pred, target):
 
 def _grads(model):
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
+
+
+class _Scaled(torch.nn.Module):
+    """per-modality outputs ``w * x``, fused by the mean over the available modalities."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(1.0))
+        self.unused = torch.nn.Parameter(torch.tensor(1.0))  # no gradient on any rank
+
+    def per_modality(self, x, mask):
+        return self.w * x.unsqueeze(2)
+
+    def fuse(self, per_modality, mask, check=True):
+        m = mask[:, :, None, None].to(per_modality.dtype)
+        return (per_modality * m).sum(1) / m.sum(1)
 
 
 def _sync_worker(rank: int, store: str) -> None:
@@ -80,6 +101,26 @@ def _sync_worker(rank: int, store: str) -> None:
 
         # the logged loss is the global batch's: the same on every rank
         assert float(mean_over_ranks(torch.tensor(1.0 + rank))) == 1.5
+
+        # a trainer with GradientSync steps with the global batch's gradient and logs its loss: per rank
+        # x = (rank + 1) * [1, 3], fused 2w(rank + 1), loss 4w^2(rank + 1)^2 = 4 | 16 -> 10, gradient 8 | 32 -> 20
+        net = _Scaled()
+        batch = {"image": torch.tensor([[[1.0], [3.0]]]) * (rank + 1), "label": torch.zeros(1, 1, 1),
+                 "modality_mask": torch.tensor([[True, True]])}
+        trainer = SubsetTrainer(max_epochs=1, train_data_loader=[batch], network=net, device=torch.device("cpu"),
+                                optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                                loss_function=lambda p, t: (p - t) ** 2, strategy=build_strategy("plain"),
+                                grad_sync=GradientSync())
+        trainer.run()
+        assert float(trainer.state.output["loss"]) == 10.0 and float(net.w.detach()) == -1.0  # 1 - 0.1 * 20
+        assert net.unused.grad is None  # as in one process: the optimizer skips it
+
+        # the time limit stops every rank when one has spent it (rank 1 here), at the same iteration
+        limit = DistributedTimeLimitHandler(1.0)
+        limit.spent_before, limit.start = (120.0 if rank == 1 else 0.0), time.monotonic()
+        engine = Engine(lambda e, b: None)
+        limit._check(engine)
+        assert limit.expired and engine.should_terminate, f"rank {rank} did not stop"
 
         # too few validation cases for the ranks: an error instead of a hang in the metric's gather
         check_shards(["case_a", "case_b"], "validation cases")

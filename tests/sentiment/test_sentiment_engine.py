@@ -110,6 +110,8 @@ def test_evaluator_scores_all_subsets_from_one_pass_and_writes_report(tmp_path):
             mae = float((pred[:, 0] - batch["label"][:, 0]).abs().mean())
             assert math.isclose(report["subsets"][name]["MAE"], mae, rel_tol=1e-5)
             assert report["subsets"][name]["n"] == 10
+        # the reported prediction (last batch: samples 8, 9) is the one from all of each sample's modalities
+        assert torch.allclose(out["pred"], net(batch["image"], batch["modality_mask"])[8:], atol=1e-6)
     assert set(report) == {"subsets", "mean_over_subsets", "worst_subset", "subsets_without_cases"}
     assert evaluator.state.metrics["val_score"] == pytest.approx(-report["mean_over_subsets"]["MAE"])
     for ext in ("csv", "md", "png"):

@@ -61,3 +61,26 @@ def test_dropout_trains_a_random_submask_and_reports_the_full_prediction():
     assert any(not torch.allclose(e, f) for e, f in zip(expected, full))  # dropping changed the gradient
     with torch.no_grad():
         torch.testing.assert_close(result.pred, model(x, mask), rtol=1e-10, atol=1e-12)
+
+
+def test_subset_loss_is_the_mean_over_the_samples_that_have_a_modality_of_the_mask():
+    from app.strategies.base import subset_loss
+
+    class Fuse:
+        def fuse(self, per_modality, mask, check=True):
+            return per_modality[:, 0]
+
+    per_mod = torch.tensor([[[1.0]], [[2.0]], [[4.0]]]).unsqueeze(-1)  # [B=3, M=1, C=1, 1]
+    targets = torch.zeros(3, 1, 1)
+    mask = torch.tensor([[True], [False], [True]])
+    loss, pred = subset_loss(Fuse(), per_mod, mask, targets, lambda p, t: (p - t).flatten(1) ** 2)
+    # samples 0 and 2 only: (1 + 16) / 2, not the sum 17 nor a mean over all three
+    assert float(loss) == 8.5 and pred.flatten().tolist() == [1.0, 4.0]
+
+
+def test_random_submasks_of_a_rank_are_its_rows_of_the_global_batch():
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    whole = random_submasks(mask, torch.Generator().manual_seed(3), rank=0, world_size=1)
+    halves = [random_submasks(mask[:2], torch.Generator().manual_seed(3), rank=r, world_size=2) for r in (0, 1)]
+    assert torch.equal(torch.cat(halves), whole)
+    assert not torch.equal(halves[0], halves[1])  # ranks draw different subsets
