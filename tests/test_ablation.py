@@ -198,11 +198,23 @@ def test_a_killed_ablation_trains_the_unfinished_stage_again(tmp_path):
     (out / "plain" / "train" / "models").mkdir(parents=True)
     (out / "plain" / "train_settings.json").write_text(json.dumps(stamp, indent=1))
     (out / "plain" / "train" / "models" / "model.pt").write_bytes(b"partial")
+    # and the evaluation of that partial model, under the very settings the new one is scored with: it
+    # scored the model the stage replaces, so it must not stand in for the new model's report
+    run_dir, eval_dir = out / "plain" / "train", out / "plain" / "eval"
+    eval_stamp = _stage_settings(REPO / "bundles" / "brats_gmd",
+                                 [*args[args.index("--dataset_dir"):], "--eval_datalist", str(run_dir / "datalist.json"),
+                                  "--ckpt_path", str(run_dir / "models" / "model.pt"), "--output_dir", str(eval_dir),
+                                  "--seed", "0"], out)
+    (out / "plain" / "eval_settings.json").write_text(json.dumps(eval_stamp, indent=1))
+    eval_dir.mkdir(parents=True)
+    (eval_dir / "subset_dice.json").write_text(json.dumps({"stale": True}))
     proc = _ablate(*args)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert (out / "plain" / "train.log").is_file()  # it trained
     table = json.loads((out / "ablation.json").read_text())
     assert table["runs"]["plain"]["train_seconds"] > 0 and table["runs"]["plain"]["iterations"] == 1
+    assert "stale" not in json.loads((eval_dir / "subset_dice.json").read_text())  # scored again
+    assert json.loads((out / "plain" / "eval_settings.json").read_text()) == eval_stamp
 
 
 def test_sentiment_bundle_ablation_and_failure_names_the_log(tmp_path):
