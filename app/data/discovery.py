@@ -304,8 +304,9 @@ def _split_channels(folder: Path, desc: dict[str, Any], channels: dict[str, int]
                 return True
             # neither file: a case without images (reported later) tells nothing; ask the next entry
     found: dict[str, list[str]] = {}
-    for img_dir in ("imagesTr", "imagesTs"):
-        for stem, paths in _nifti_files(folder / img_dir).items():
+    images = {img_dir: _nifti_files(folder / img_dir) for img_dir in ("imagesTr", "imagesTs")}
+    for listed_files in images.values():
+        for stem, paths in listed_files.items():
             m = _NNUNET_CHANNEL_RE.match(Path(paths[0]).name)
             if m is None or int(m.group("idx")) not in channels.values():
                 return False
@@ -317,8 +318,7 @@ def _split_channels(folder: Path, desc: dict[str, Any], channels: dict[str, int]
         return True
     if labels & {stem for stems in found.values() for stem in stems}:
         return False
-    first = next(iter(_nifti_files(folder / "imagesTr").values()), None) or next(
-        iter(_nifti_files(folder / "imagesTs").values()))
+    first = next(iter(images["imagesTr"].values()), None) or next(iter(images["imagesTs"].values()))
     if (three_d := _is_3d(first[0])) is not None:
         return three_d
     return max(len(stems) for stems in found.values()) > 1

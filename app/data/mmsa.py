@@ -423,18 +423,28 @@ def read_mmsa_splits(path: str | os.PathLike) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and all(k in record for k in keys) else None
 
 
-def seen_utterances(record: Mapping[str, Any], split: Mapping[str, np.ndarray], name: str, role: str) -> int:
-    """How many utterances of ``split`` (called ``name``) the recorded run used for ``role``.
+def seen_utterances(record: Mapping[str, Any], split: Mapping[str, np.ndarray], name: str) -> dict[str, int]:
+    """How many utterances of ``split`` (called ``name``) the recorded run used, by role:
+    ``{"train": n, "val": n}``.
 
-    ``role`` is ``"train"`` or ``"val"``. Ids decide when both files have their own; when either
-    has only positional ids, the features' digests decide, so two id-less files are not mistaken
-    for each other.
+    Ids decide when both files have their own; when either has only positional ids, the features'
+    digests decide, so two id-less files are not mistaken for each other. The split's digests are
+    computed at most once.
     """
-    if _generated_ids(split, name) or f"{role}_digests" in record:
-        if f"{role}_digests" not in record:
-            return 0  # the run's file had ids, this one has none: nothing to match on
-        return len(set(record[f"{role}_digests"]) & set(utterance_digests(split)))
-    return len(set(record[f"{role}_ids"]) & {str(i) for i in split["id"]})
+    generated = _generated_ids(split, name)
+    ids = {str(i) for i in split["id"]}
+    digests: set[str] | None = None
+    seen = {}
+    for role in ("train", "val"):
+        if generated or f"{role}_digests" in record:
+            if f"{role}_digests" not in record:
+                seen[role] = 0  # the run's file had ids, this one has none: nothing to match on
+                continue
+            digests = set(utterance_digests(split)) if digests is None else digests
+            seen[role] = len(set(record[f"{role}_digests"]) & digests)
+        else:
+            seen[role] = len(set(record[f"{role}_ids"]) & ids)
+    return seen
 
 
 def feature_dims(data: Mapping[str, Mapping[str, np.ndarray]]) -> list[int]:

@@ -182,8 +182,8 @@ def check_held_out_split(ckpt_path: str | os.PathLike, data: Mapping[str, Mappin
     if record is None or eval_split not in data:
         return None
     scored = data[eval_split]["id"]
-    trained = seen_utterances(record, data[eval_split], eval_split, "train")
-    selected = seen_utterances(record, data[eval_split], eval_split, "val")
+    seen = seen_utterances(record, data[eval_split], eval_split)
+    trained, selected = seen["train"], seen["val"]
     if trained:
         message = (f"{trained} of the {len(scored)} utterances of split {eval_split!r} trained this checkpoint "
                    f"(its run's --train_split {record['train_split']!r}, {path}): these scores are not held out. "

@@ -46,7 +46,7 @@ from app.data.errors import CaseError, check_readable
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, regions_to_labels
 from app.engines.utils import check_patch_size
 from app.flags import parse_bool
-from app.inference.io import AtomicOutputs, CaseInputs, Volume, read_case, voxel_volume_ml
+from app.inference.io import AtomicOutputs, CaseInputs, Volume, _one_line, read_case, voxel_volume_ml
 from app.inference.model import bundle_defaults, load_network
 from app.networks.weights import checkpoint_sha256
 from app.subsets import BRATS_MODALITIES
@@ -196,10 +196,6 @@ class Prediction:
 
 def _seconds(start: float) -> float:
     return round(time.perf_counter() - start, 4)
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 def _allocation_failure(err: BaseException) -> str:
