@@ -114,7 +114,9 @@ class SubsetSentimentAccumulator(SubsetAccumulator):
 
     :meth:`aggregate` returns ``{"subsets": {name: {"Acc2", "Acc2_has0", "F1", "Acc7", "MAE",
     "Corr": float, "n": int}}, "mean_over_subsets": {"Acc2", ..., "Corr": float},
-    "worst_subset": {"name": str, "Acc2": float}}``.
+    "worst_subset": {"name": str, "Acc2": float}, "subsets_without_cases": [name, ...], "per_case":
+    [{"case": id, "subset": name, "pred": float, "label": float}, ...]}``: ``per_case`` is every
+    utterance's prediction under every subset it was scored on, for paired comparisons of two models.
 
     Args:
         modalities: modality names in order; subset indices refer to ``all_subsets(len(modalities))``.

@@ -207,7 +207,9 @@ class SubsetAccumulator:
         Returns:
             ``{"subsets": {name: {*metric_keys: float, count_key: int}}, "mean_over_subsets":
             {*metric_keys: float}, "worst_subset": {"name": str, primary_key: float},
-            "subsets_without_cases": [name, ...]}``, subsets in :func:`~app.subsets.all_subsets` order.
+            "subsets_without_cases": [name, ...], "per_case": [{"case": str, "subset": name,
+            *row_fields: float}, ...]}``, subsets in :func:`~app.subsets.all_subsets` order;
+            ``per_case`` holds every stored row, sorted by subset then case id.
 
         Raises:
             ValueError: if no row has been stored.
@@ -234,6 +236,12 @@ class SubsetAccumulator:
             "mean_over_subsets": mean_over,
             "worst_subset": {"name": worst_name, self.primary_key: subsets[worst_name][self.primary_key]},
             "subsets_without_cases": missing,
+            # the rows themselves, so that a reader can recompute every figure or test differences per case
+            "per_case": [
+                {"case": case_id, "subset": name, **dict(zip(self.row_fields, row))}
+                for name, (case_ids, values) in zip(self.subset_names, self.rows_by_subset())
+                for case_id, row in zip(case_ids, values.tolist())
+            ],
         }
 
 
@@ -345,23 +353,6 @@ class SubsetDiceAccumulator(SubsetAccumulator):
         means = {r: math.fsum(values[:, i]) / values.shape[0] for i, r in enumerate(self.regions)}
         means["mean"] = math.fsum(means.values()) / len(self.regions)
         return means
-
-    def aggregate(self) -> dict[str, Any]:
-        """:meth:`SubsetAccumulator.aggregate` plus the raw rows.
-
-        Returns:
-            ``{"subsets": {name: {"WT", "TC", "ET", "mean": float, "n_cases": int}},
-            "mean_over_subsets": {"WT", "TC", "ET", "mean": float}, "worst_subset": {"name": str,
-            "mean": float}, "per_case": [{"case": str, "subset": name, "WT", "TC", "ET": float}, ...]}``;
-            ``per_case`` is sorted by subset (in :func:`~app.subsets.all_subsets` order) then case id.
-        """
-        result = super().aggregate()
-        result["per_case"] = [
-            {"case": case_id, "subset": name, **dict(zip(self.regions, row))}
-            for name, (case_ids, values) in zip(self.subset_names, self.rows_by_subset())
-            for case_id, row in zip(case_ids, values.tolist())
-        ]
-        return result
 
 
 class SubsetScalarMetric(Metric):

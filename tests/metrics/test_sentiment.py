@@ -86,8 +86,14 @@ def test_subset_sentiment_accumulator():
     good[:, 1] = torch.tensor(PREDS, dtype=torch.float64)  # ...except audio
     acc.update_from_preds(ids, good, LABELS)
     result = acc.aggregate()
-    assert set(result) == {"subsets", "mean_over_subsets", "worst_subset", "subsets_without_cases"}
+    assert set(result) == {"subsets", "mean_over_subsets", "worst_subset", "subsets_without_cases", "per_case"}
     assert list(result["subsets"]) == acc.subset_names
+    # every utterance's prediction under every subset, by subset then id
+    assert len(result["per_case"]) == 7 * 5
+    audio = [row for row in result["per_case"] if row["subset"] == "audio"]
+    assert audio == [{"case": f"s{i}", "subset": "audio", "pred": pytest.approx(PREDS[i]), "label": LABELS[i]}
+                     for i in range(5)]
+    assert [row["subset"] for row in result["per_case"]][::5] == acc.subset_names
     assert result["subsets"]["audio"] == pytest.approx(sentiment_metrics(PREDS, LABELS))
     assert result["subsets"]["text"] == pytest.approx(sentiment_metrics(LABELS, LABELS))
     assert result["subsets"]["text"]["Acc2"] == 1.0 and result["subsets"]["text"]["MAE"] == 0.0

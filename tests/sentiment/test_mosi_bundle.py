@@ -14,6 +14,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from app.data import convert_mmsa
+from app.metrics.sentiment import sentiment_metrics
 from tests.sentiment.helpers import EVALUATE, MOSI_BUNDLE, REPO, TRAIN, run_mosi_bundle
 
 NAMES = ["text", "audio", "vision", "text+audio", "text+vision", "audio+vision", "text+audio+vision"]
@@ -43,7 +44,14 @@ def test_evaluate_test_split_writes_subset_metrics(trained, synthetic_pkl, tmp_p
                            "--ckpt_path", str(trained / "models" / "model.pt"), "--eval_split", "test",
                            "--output_dir", str(tmp_path))
     report = json.loads((tmp_path / "subset_metrics.json").read_text())
-    assert set(report) == {"subsets", "mean_over_subsets", "worst_subset", "subsets_without_cases", "checkpoint"}
+    assert set(report) == {"subsets", "mean_over_subsets", "worst_subset", "subsets_without_cases", "checkpoint",
+                           "per_case"}
+    # every figure can be recomputed from the per-utterance predictions the report keeps
+    for name in NAMES:
+        rows = [r for r in report["per_case"] if r["subset"] == name]
+        assert len({r["case"] for r in rows}) == len(rows) == 24
+        recomputed = sentiment_metrics([r["pred"] for r in rows], [r["label"] for r in rows])
+        assert report["subsets"][name] == pytest.approx(recomputed)
     ckpt = trained / "models" / "model.pt"  # the report names the model it scored
     assert report["checkpoint"] == {"path": str(ckpt), "sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()}
     assert f"of model.pt (sha256 {report['checkpoint']['sha256'][:12]})" in (tmp_path / "subset_metrics.md").read_text()

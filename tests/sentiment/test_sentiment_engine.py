@@ -112,7 +112,7 @@ def test_evaluator_scores_all_subsets_from_one_pass_and_writes_report(tmp_path):
             assert report["subsets"][name]["n"] == 10
         # the reported prediction (last batch: samples 8, 9) is the one from all of each sample's modalities
         assert torch.allclose(out["pred"], net(batch["image"], batch["modality_mask"])[8:], atol=1e-6)
-    assert set(report) == {"subsets", "mean_over_subsets", "worst_subset", "subsets_without_cases"}
+    assert set(report) == {"subsets", "mean_over_subsets", "worst_subset", "subsets_without_cases", "per_case"}
     assert evaluator.state.metrics["val_score"] == pytest.approx(-report["mean_over_subsets"]["MAE"])
     for ext in ("csv", "md", "png"):
         assert (tmp_path / f"subset_metrics.{ext}").stat().st_size > 0
