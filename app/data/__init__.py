@@ -58,6 +58,7 @@ _EXPORTS = {
     "make_phantom": "app.data.phantoms",
     "write_phantoms": "app.data.phantoms",
     "LoadCased": "app.data.transforms",
+    "RegionVoxelsd": "app.data.transforms",
     "ZeroAbsentSequencesd": "app.data.transforms",
     "load_case": "app.data.transforms",
 }
@@ -114,7 +115,7 @@ if TYPE_CHECKING:
         write_synthetic_mmsa,
     )
     from app.data.phantoms import make_phantom, write_phantoms
-    from app.data.transforms import LoadCased, ZeroAbsentSequencesd, load_case
+    from app.data.transforms import LoadCased, RegionVoxelsd, ZeroAbsentSequencesd, load_case
 
 
 def __getattr__(name: str) -> Any:

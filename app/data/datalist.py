@@ -201,10 +201,15 @@ def evaluation_cases(
             file names; see :func:`app.data.discovery.discover_cases`).
 
     Raises:
-        ValueError: the datalist cannot be read, holds no validation case, or names files that no
-            longer exist.
+        ValueError: neither is given; the datalist cannot be read, holds no validation case, or names
+            files that no longer exist; or both are given and the datalist's cases do not lie under
+            ``dataset_dir`` (the user meant one of them, and a report on the other would pass for it).
     """
+    given_dir = dataset_dir is not None and bool(str(dataset_dir))
     if datalist is None or not str(datalist):
+        if not given_dir:
+            raise ValueError("No cases to score: pass --dataset_dir (every labelled case under it) or --eval_datalist "
+                             "(the held-out cases of a training run, from the datalist.json in its --output_dir).")
         from app.data.discovery import discover_cases
 
         return discover_cases(dataset_dir, require_label=True, label_convention=label_convention)
@@ -220,7 +225,25 @@ def evaluation_cases(
     if missing:
         raise ValueError(f"{datalist} names {len(missing)} file(s) that do not exist, e.g. {missing[0]}: the data "
                          "moved since training; evaluate the cases where they are now with --dataset_dir.")
+    # both given: the datalist decides, so a --dataset_dir of other cases (a test folder) would be ignored and
+    # the report on the run's held-out cases taken for one on that folder. The training folder itself (as
+    # `python -m app ablate` passes it) names the same cases.
+    outside = [f for f in files if given_dir and not _under(f, dataset_dir)]
+    if outside:
+        raise ValueError(f"--eval_datalist {datalist} scores the held-out cases of a training run, and they do not lie "
+                         f"under --dataset_dir {dataset_dir} (e.g. {outside[0]}): pass --eval_datalist alone to score "
+                         "that run's held-out cases, or --dataset_dir alone to score every case under that folder.")
     return val
+
+
+def _under(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether ``path`` lies in ``folder``, as written (a folder of symlinks to scans elsewhere) or resolved
+    (the same data reached through a symlinked path)."""
+    for norm in (os.path.abspath, os.path.realpath):
+        p, d = norm(os.fspath(path)), norm(os.fspath(folder))
+        if os.path.commonpath([p, d]) == d:
+            return True
+    return False
 
 
 def median_spacing(records: Sequence[dict[str, Any]]) -> list[float] | None:

@@ -25,8 +25,8 @@ from app.data.labels import LABEL_CONVENTIONS, labels_to_regions
 from app.subsets import BRATS_MODALITIES
 
 __all__ = [
-    "AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "ZeroAbsentSequencesd", "check_voxels", "grid_reordering", "load_case",
-    "reorder_voxels",
+    "AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "RegionVoxelsd", "ZeroAbsentSequencesd", "check_voxels",
+    "grid_reordering", "load_case", "reorder_voxels",
 ]
 
 #: Largest absolute difference between affine entries still treated as the same grid.
@@ -343,6 +343,34 @@ class LoadCased(MapTransform):
         if not self.keep_record:
             for key in RECORD_KEYS:
                 out.pop(key, None)
+        return out
+
+
+class RegionVoxelsd(MapTransform):
+    """Dictionary transform: record the voxel count of each label channel before the foreground crop.
+
+    ``CropForegroundd`` crops the label with the image, to the box where some sequence is above 0.
+    Reference tumour outside that box (where every sequence is 0) would then drop out of the Dice
+    silently, and the case would score higher than its label maps do: inference predicts nothing
+    there either. With the counts taken before the crop, the evaluator counts those voxels as missed.
+
+    Args:
+        keys: label keys, ``[C, ...]`` region channels.
+        count_key: the key the counts go to (``int64 [C]``); with several keys, ``<key>_voxels`` each.
+        allow_missing_keys: skip a sample without a label.
+    """
+
+    def __init__(self, keys: Any = "label", count_key: str = "label_voxels", allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.count_key = count_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        keys = list(self.key_iterator(out))
+        for key in keys:
+            label = torch.as_tensor(out[key])
+            counts = (label != 0).flatten(1).sum(dim=1, dtype=torch.int64)
+            out[self.count_key if len(keys) == 1 else f"{key}_voxels"] = counts
         return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import nullcontext
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
@@ -191,6 +191,21 @@ class SubsetEvaluator(SupervisedEvaluator):
         flat = torch.cat(outputs)
         return flat.reshape(flat.shape[0], m, c, *flat.shape[2:])
 
+    @staticmethod
+    def missed_voxels(batchdata: Mapping[str, Any], targets: torch.Tensor) -> torch.Tensor | None:
+        """Reference voxels per case and region ``[B, C]`` that the foreground crop removed, from the
+        ``label_voxels`` counts :class:`app.data.RegionVoxelsd` took before it (None without them).
+
+        The crop keeps the box where some sequence is above 0; tumour labelled outside it is tumour the
+        prediction missed (inference labels nothing there), not tumour to leave out of the Dice.
+        """
+        counts = batchdata.get("label_voxels") if isinstance(batchdata, Mapping) else None
+        if counts is None:
+            return None
+        counts = torch.as_tensor(counts, dtype=torch.int64).to(targets.device).reshape(targets.shape[:2])
+        kept = (targets != 0).flatten(2).sum(dim=2, dtype=torch.int64)
+        return (counts - kept).clamp_min(0)
+
     def unpack(self, batchdata: dict[str, Any] | None) -> tuple[Any, torch.Tensor, torch.Tensor, list[str]]:
         """``(inputs, targets, modality_mask, case_ids)`` of a batch, on the engine's device."""
         if batchdata is None:
@@ -208,7 +223,8 @@ class SubsetEvaluator(SupervisedEvaluator):
         with engine.mode(engine.network), torch.no_grad():
             per_mod = self.per_modality_outputs(inputs, mask)
             valid, fused = subset_fusions(masked_mean, per_mod, mask)
-            dice = [dice_from_logits(logits, targets) for logits in fused]
+            missed = self.missed_voxels(batchdata, targets)
+            dice = [dice_from_logits(logits, targets, missed=missed) for logits in fused]
             pred = masked_mean(per_mod, mask)
         engine.state.output = {
             Keys.IMAGE: inputs, Keys.LABEL: targets, Keys.PRED: pred,

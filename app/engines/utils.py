@@ -7,6 +7,7 @@ import linecache
 import logging
 import os
 import sys
+import tempfile
 from types import TracebackType
 from typing import Any, Mapping, Sequence
 
@@ -19,7 +20,7 @@ from app.networks.ds_unet import recorded_spacing
 from app.networks.weights import describe_state_dict, load_weights
 
 __all__ = [
-    "check_held_out", "check_held_out_split", "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "load_weights", "describe_state_dict",
+    "check_held_out", "check_held_out_split", "check_output_dir", "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "load_weights", "describe_state_dict",
     "ProgressBarHandler", "report_input_errors", "check_overrides", "check_counts", "check_positive", "UNSELECTED_CHECKPOINTS",
 ]
 
@@ -217,6 +218,38 @@ def check_spacing(network: torch.nn.Module, records: Sequence[dict[str, Any]]) -
                f"{trained} mm for a like-for-like score (clinical inference does this itself, --spacing auto).")
     logger.warning(message)
     return message
+
+
+def check_output_dir(output_dir: str | os.PathLike, option: str = "--output_dir") -> None:
+    """Raise a ``ValueError`` that names the fix unless the run can create its files in ``output_dir``.
+
+    Called first in a bundle's ``initialize``: an evaluation otherwise read and scored every case and
+    only then stopped with a traceback when it wrote the report, and training stopped with one when
+    it wrote ``datalist.json``. A folder that does not exist yet is not created here (a refused run
+    leaves nothing behind); the folder it would be created in is probed instead.
+
+    Args:
+        output_dir: the run's output folder.
+        option: the setting that gave it, named in the message.
+    """
+    wanted = os.path.abspath(os.fspath(output_dir))
+    probe_dir = wanted
+    while not os.path.exists(probe_dir):
+        parent = os.path.dirname(probe_dir)
+        if parent == probe_dir:  # nothing of the path exists, e.g. a share that is not mounted
+            raise ValueError(f"{option} {wanted}: no part of this path exists: choose an output folder on a mounted "
+                             "disk.")
+        probe_dir = parent
+    if not os.path.isdir(probe_dir):
+        raise ValueError(f"{option} {wanted}: {probe_dir} is a file, not a folder: pass another {option}, or move "
+                         "the file away.")
+    try:  # a real file: permissions, read-only mounts and immutable folders all show here
+        fd, probe = tempfile.mkstemp(prefix=".brats_gmd_write_test.", dir=probe_dir)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"{option} {wanted}: cannot write in {probe_dir} ({err.strerror or err}): pass an "
+                         f"{option} you can write to.") from None
 
 
 def check_patch_size(patch_size: Sequence[int], network: Any, whole_axis: bool = False, cli: bool = False) -> None:

@@ -15,7 +15,7 @@ import torch
 __all__ = ["hard_dice", "dice_from_logits"]
 
 
-def hard_dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def hard_dice(pred: torch.Tensor, target: torch.Tensor, missed: torch.Tensor | None = None) -> torch.Tensor:
     """Dice per case and per channel of binary masks, with the BraTS empty-mask rule.
 
     ``Dice = 2 |P ∩ T| / (|P| + |T|)``; when ``|P| + |T| == 0`` (both empty) the value is 1.0,
@@ -25,6 +25,8 @@ def hard_dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         pred: binary prediction ``[B, C, *spatial]``, ``bool`` or ``{0, 1}`` valued (any non-zero
             value counts as foreground).
         target: binary reference of the same shape as ``pred``.
+        missed: optional reference voxel counts ``[B, C]`` outside the arrays (cropped away with the
+            background), where the prediction is empty: they add to ``|T|`` only.
 
     Returns:
         ``float64`` tensor ``[B, C]`` on the inputs' device. Voxel counts are accumulated as
@@ -42,13 +44,18 @@ def hard_dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     dims = tuple(range(2, p.ndim))
     # int64 counts are exact for any realistic volume; float32 sums lose integers above 2**24.
     intersection = (p & t).sum(dim=dims, dtype=torch.int64).to(torch.float64)
-    denominator = (p.sum(dim=dims, dtype=torch.int64) + t.sum(dim=dims, dtype=torch.int64)).to(torch.float64)
+    denominator = p.sum(dim=dims, dtype=torch.int64) + t.sum(dim=dims, dtype=torch.int64)
+    if missed is not None:
+        denominator = denominator + torch.as_tensor(missed, dtype=torch.int64, device=denominator.device)
+    denominator = denominator.to(torch.float64)
     both_empty = denominator == 0
     dice = 2.0 * intersection / denominator.clamp_min(1.0)
     return torch.where(both_empty, torch.ones_like(dice), dice)
 
 
-def dice_from_logits(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+def dice_from_logits(
+    logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5, missed: torch.Tensor | None = None
+) -> torch.Tensor:
     """:func:`hard_dice` of ``sigmoid(logits) > threshold`` against ``target``.
 
     The comparison is done in logit space (``logits > log(t / (1 - t))``, i.e. ``logits > 0`` for
@@ -59,6 +66,7 @@ def dice_from_logits(logits: torch.Tensor, target: torch.Tensor, threshold: floa
         logits: raw network outputs ``[B, C, *spatial]`` (one independent sigmoid per channel).
         target: binary reference of the same shape.
         threshold: probability threshold in ``(0, 1)``.
+        missed: reference voxels outside the arrays, see :func:`hard_dice`.
 
     Returns:
         ``float64`` tensor ``[B, C]``.
@@ -66,4 +74,4 @@ def dice_from_logits(logits: torch.Tensor, target: torch.Tensor, threshold: floa
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}.")
     logit_threshold = math.log(threshold / (1.0 - threshold))
-    return hard_dice(logits > logit_threshold, target)
+    return hard_dice(logits > logit_threshold, target, missed)

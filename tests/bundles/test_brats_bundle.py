@@ -167,6 +167,26 @@ def test_checkpoint_from_other_network_gets_clear_error(trained, phantoms, tmp_p
     assert not (tmp_path / "subset_dice.json").exists()
 
 
+def test_an_output_dir_that_cannot_hold_the_report_is_refused_before_any_case_is_scored(phantoms, tmp_path):
+    """A file where the output folder should be: evaluation scored every case, then stopped with a
+    traceback when it wrote subset_dice.json (and training when it wrote datalist.json)."""
+    from app.networks import DSUNet
+
+    ckpt = tmp_path / "model.pt"
+    torch.save(DSUNet(features=(8, 16, 32, 64)).state_dict(), ckpt)
+    taken = tmp_path / "E"
+    taken.write_text("a file, not a folder")
+    runs = {"evaluation": ([TRAIN, EVALUATE], "--ckpt_path", str(ckpt)), "training": ([TRAIN], "--max_epochs", "1")}
+    for what, (configs, *extra) in runs.items():
+        with pytest.raises(AssertionError, match="failed") as failed:
+            run_bundle(configs, "--dataset_dir", str(phantoms), "--output_dir", str(taken / "sub"), *extra, *TINY)
+        output = str(failed.value).split("failed (1):", 1)[1]  # the run's stdout and stderr
+        assert "Traceback" not in output, what
+        assert f"error: --output_dir {taken / 'sub'}: {taken} is a file, not a folder" in output, what
+        assert "SubsetEvaluator" not in output and "cache_rate" not in output, what  # nothing was read or scored
+        assert taken.read_text() == "a file, not a folder"
+
+
 def test_bad_patch_size_names_the_fix(phantoms, tmp_path):
     with pytest.raises(AssertionError, match="multiples of 8") as failed:
         run_bundle([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(tmp_path), "--max_epochs", "1",

@@ -248,3 +248,26 @@ def test_evaluation_of_a_folder_refuses_a_case_without_label(tmp_path, make_case
     make_case(tmp_path, "case1", label=False)
     with pytest.raises(CaseError, match=r"case 'case1': expected .*case1_seg\.nii\.gz"):
         evaluation_cases(tmp_path)
+
+
+def test_a_test_folder_given_with_a_datalist_is_refused_rather_than_silently_ignored(tmp_path):
+    """--dataset_dir TEST --eval_datalist O/datalist.json scored the run's held-out cases and ignored TEST, so
+    the report on the validation cases passed for one on the test folder."""
+    from app.data.phantoms import write_phantoms
+
+    data, test = tmp_path / "data", tmp_path / "test"
+    write_phantoms(data, cases=4, size=16, seed=0)
+    write_phantoms(test, cases=2, size=16, seed=1)
+    split = prepare_datalist(data, tmp_path / "run", val_fraction=0.25)
+    datalist = tmp_path / "run" / "datalist.json"
+    with pytest.raises(ValueError, match=r"--eval_datalist .*datalist.json scores the held-out cases of a training "
+                                         r"run, and they do not lie under --dataset_dir .*test .*pass --eval_datalist "
+                                         r"alone .* or --dataset_dir alone"):
+        evaluation_cases(test, datalist)
+    # the training folder names the same cases (python -m app ablate passes it), also through a symlink
+    assert evaluation_cases(data, datalist) == split["validation"]
+    (tmp_path / "link").symlink_to(data, target_is_directory=True)
+    assert evaluation_cases(tmp_path / "link", datalist) == split["validation"]
+    assert evaluation_cases(None, datalist) == split["validation"]
+    with pytest.raises(ValueError, match=r"No cases to score: pass --dataset_dir .* or --eval_datalist"):
+        evaluation_cases(None, None)

@@ -95,3 +95,40 @@ def test_each_subset_is_scored_on_its_own_fused_prediction(net):
     expected = torch.tensor(expected, dtype=torch.float64)
     assert len({tuple(row) for row in expected.tolist()}) > 5  # the subsets' predictions differ
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-12)
+
+
+def test_tumour_the_foreground_crop_removed_counts_as_missed(net):
+    """Reference tumour where every sequence is 0 lies outside the crop of the evaluation preprocessing. It
+    dropped out of the Dice silently, so the case scored higher than the label maps inference writes (which
+    label nothing there); the counts RegionVoxelsd takes before the crop add it back as missed voxels."""
+    from monai.transforms import Compose, CropForegroundd
+
+    from app.data import RegionVoxelsd
+    from app.subsets import subset_masks
+
+    torch.manual_seed(4)
+    image = torch.zeros(4, 12, 12, 12)
+    image[:, 2:10, 2:10, 2:10] = torch.rand(4, 8, 8, 8) + 0.1  # the head
+    label = torch.zeros(3, 12, 12, 12)
+    label[:, 3:8, 3:8, 3:8] = (torch.rand(3, 5, 5, 5) > 0.3).float()
+    label[0, 0, 0, 0:3] = 1  # 3 WT voxels outside the head, where no sequence has signal
+    sample = Compose([RegionVoxelsd(keys="label"), CropForegroundd(keys=["image", "label"], source_key="image")])(
+        {"image": image, "label": label})
+    assert sample["label_voxels"].tolist() == label.flatten(1).sum(1).long().tolist()
+    assert int(sample["label"][0].sum()) == int(label[0].sum()) - 3
+    data = [{"image": sample["image"][None], "label": sample["label"][None],
+             "label_voxels": sample["label_voxels"][None], "modality_mask": torch.ones(1, 4, dtype=torch.bool),
+             "case": ["a"]}]
+    inferer = SlidingWindowInferer(roi_size=(8, 8, 8), sw_batch_size=1)
+    evaluator = SubsetEvaluator(device=torch.device("cpu"), val_data_loader=data, network=net, inferer=inferer)
+    evaluator.run()
+    got = evaluator.state.output["subset_dice"][0]
+    cropped = sample["label"].bool()
+    expected = []
+    for mask in subset_masks(4):
+        with torch.no_grad():
+            pred = net(sample["image"][None], mask[None])[0] > 0
+        # prediction and reference over the whole volume: the prediction is empty outside the crop
+        expected.append([2 * int((p & t).sum()) / (int(p.sum()) + int(full.sum()))
+                         for p, t, full in zip(pred, cropped, label.bool())])
+    torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)

@@ -290,3 +290,31 @@ def test_cases_that_only_share_a_training_case_name_are_not_called_training_case
     message = check_held_out(ckpt, discover_cases(tmp_path / "copy"))
     assert message is not None and message.startswith("2 of the 3 cases scored here are training cases"), message
     assert check_held_out(ckpt, train).startswith("2 of the 3 cases")
+
+
+def test_check_output_dir_refuses_a_file_in_its_place_and_creates_nothing(tmp_path):
+    from app.engines import check_output_dir
+
+    check_output_dir(tmp_path / "new" / "run")  # a folder the run would create is fine ...
+    assert not (tmp_path / "new").exists()  # ... and is not created by the check
+    assert os.listdir(tmp_path) == []  # nor is the write probe left behind
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for target in (notes, notes / "run"):
+        with pytest.raises(ValueError, match=r"--output_dir .*notes.txt is a file, not a folder: pass another"):
+            check_output_dir(target)
+    assert notes.read_text() == "mine"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_check_output_dir_refuses_a_folder_it_cannot_write(tmp_path):
+    from app.engines import check_output_dir
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        with pytest.raises(ValueError, match=r"cannot write in .*locked"):
+            check_output_dir(locked / "E", option="--output_dir")
+    finally:
+        locked.chmod(0o755)

@@ -152,3 +152,16 @@ def test_dice_properties(cases):
     assert torch.equal(d, hard_dice(target, pred))  # symmetric
     assert bool(((d >= 0) & (d <= 1)).all())  # bounded
     assert torch.equal(hard_dice(pred, pred), torch.ones_like(d))  # identity
+
+
+def test_missed_reference_voxels_add_to_the_reference_only():
+    from app.metrics.dice import hard_dice
+
+    pred = torch.zeros(1, 2, 4, 4, 4, dtype=torch.bool)
+    target = torch.zeros_like(pred)
+    pred[0, 0, :2] = True
+    target[0, 0, :1] = True
+    # channel 0: |P| 32, |T| 16 + 5 missed, overlap 16; channel 1: both empty but 2 reference voxels missed
+    dice = hard_dice(pred, target, missed=torch.tensor([[5, 2]]))
+    assert dice.tolist() == [[2 * 16 / (32 + 16 + 5), 0.0]]
+    assert hard_dice(pred, target).tolist() == [[2 * 16 / 48, 1.0]]

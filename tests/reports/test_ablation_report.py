@@ -144,3 +144,23 @@ def test_seeds_whose_held_out_cases_score_other_subsets_still_combine():
     md = format_seed_markdown(table)
     assert "seed 1: no case for audio" in md and "| audio | 0.500 +/- 0.000 | 0.600 +/- 0.000 |" in md
     assert "subsets_without_cases" in json.dumps(table)
+
+
+def _strict(text: str) -> dict:
+    """``json.loads`` that refuses NaN and Infinity, as jq, JavaScript and R's JSON readers do."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_written_tables_are_strict_json_with_null_for_what_is_not_a_number(tmp_path):
+    """One seed has no standard deviation and a subset with a NaN metric has a NaN mean: both files held
+    the bare token NaN, which readers outside Python refuse, while each run's own report writes null."""
+    one_seed = seed_table({0: ablation_table(REPORTS, ["Acc2"])})
+    data = _strict(write_seed_report(one_seed, tmp_path)["json"].read_text())
+    assert data["tables"]["Acc2"]["gmd"]["subsets"]["audio"] == {"mean": 0.6, "std": None, "values": [0.6]}
+    nan_subset = {"a": _report({"x": {"m": float("nan")}, "y": {"m": 0.4}})}
+    data = _strict(write_ablation_report(ablation_table(nan_subset, ["m"]), tmp_path / "abl")["json"].read_text())
+    assert data["tables"]["m"]["a"]["mean"] is None and data["tables"]["m"]["a"]["subsets"] == {"x": None, "y": 0.4}
+    assert data["tables"]["m"]["a"]["worst"] == {"name": "y", "value": 0.4}
