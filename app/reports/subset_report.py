@@ -13,7 +13,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,20 @@ def _rows(result: Mapping[str, Any], metrics: Sequence[str], count_key: str | No
     mean = result["mean_over_subsets"]
     rows.append([MEAN_ROW, *(mean[m] for m in metrics)] + ([""] if count_key else []))
     return header, rows
+
+
+def _subset_position(names: Iterable[str]) -> Callable[[str], int]:
+    """Sort key putting subset names in :func:`app.subsets.all_subsets` order (that of the JSON and
+    Markdown tables), for the branch whose subsets they are; names of no known branch keep their order."""
+    from app.subsets import BRATS_MODALITIES, MOSI_MODALITIES, all_subsets, subset_name
+
+    names = list(names)
+    for modalities in (BRATS_MODALITIES, MOSI_MODALITIES):
+        order = {subset_name(s, modalities): i for i, s in enumerate(all_subsets(len(modalities)))}
+        if all(name in order for name in names):
+            return order.__getitem__
+    keep = {name: i for i, name in enumerate(names)}
+    return keep.__getitem__
 
 
 def _worst_line(result: Mapping[str, Any], digits: int) -> str | None:
@@ -243,6 +257,8 @@ def write_subset_report(
     # reader of the CSV alone sees that the mean row is over fewer subsets
     rows[-1:-1] = [[name, *([""] * len(metrics))] + ([0] if count_key else [])
                    for name in result.get("subsets_without_cases") or []]
+    position = _subset_position(row[0] for row in rows[:-1])
+    rows[:-1] = sorted(rows[:-1], key=lambda row: position(row[0]))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)

@@ -136,7 +136,9 @@ def test_csv_lists_the_subsets_without_cases_with_empty_metrics(tmp_path: Path):
     with open(paths["csv"], newline="") as f:
         rows = list(csv.reader(f))[1:]
     assert len(rows) == 13 + 2 + 1 and rows[-1][0] == MEAN_ROW
-    assert rows[13:15] == [["t1ce", "", "", "", "", "0"], ["flair+t1ce", "", "", "", "", "0"]]
+    # in subset order, as in the JSON and the Markdown table, so that two sites' CSVs line up row by row
+    assert [row[0] for row in rows[:-1]] == list(_dice_result()["subsets"])
+    assert rows[2] == ["t1ce", "", "", "", "", "0"] and rows[5] == ["flair+t1ce", "", "", "", "", "0"]
     assert "No case to score for 2 subset(s) (t1ce, flair+t1ce)" in paths["md"].read_text()
 
 
@@ -186,3 +188,14 @@ def test_heatmap_colours_put_the_best_value_of_every_column_high(tmp_path: Path,
     write_subset_report(_two_subsets(Acc2=(0.6, 0.8, 0.7), MAE=(1.0, 0.5, 0.75)), tmp_path, metrics=("Acc2", "MAE"))
     (colours,) = shown
     assert colours.ravel().tolist() == pytest.approx([0.0, 0.0, 1.0, 1.0, 0.5, 0.5])
+
+
+def test_sentiment_csv_keeps_subset_order_with_a_subset_without_utterances(tmp_path: Path):
+    names = ["text", "audio", "vision", "text+audio", "text+vision", "audio+vision", "text+audio+vision"]
+    scored = [n for n in names if n != "audio"]
+    result = {"subsets": {n: {"MAE": 0.5, "n": 4} for n in scored}, "mean_over_subsets": {"MAE": 0.5},
+              "subsets_without_cases": ["audio"]}
+    paths = write_subset_report(result, tmp_path, metrics=["MAE"], plot=False)
+    with open(paths["csv"], newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    assert [row[0] for row in rows] == [*names, MEAN_ROW] and rows[1] == ["audio", "", "0"]
