@@ -1,8 +1,9 @@
 """The command line of ``python -m monai.bundle run``, checked against the bundle's settings.
 
 MONAI adds an unknown ``--key`` to the config as a new, unused entry, so a misspelt override is
-silently ignored and the run uses the default. Training, evaluation and batch inference alike call
-:func:`check_overrides` first. This module needs no engine: the inference image imports it too.
+silently ignored and the run uses the default; the same holds for a misspelt key of an override file
+passed after ``train.yaml`` (:func:`check_override_files`). Training, evaluation and batch inference
+alike call :func:`check_overrides` first. This module needs no engine: the inference image imports it too.
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ from typing import Any, Sequence
 
 import monai
 
-__all__ = ["check_overrides"]
+__all__ = ["check_overrides", "check_override_files"]
 
 _MONAI_DIR = os.path.dirname(os.path.abspath(monai.__file__)) + os.sep
 
 # the arguments of ``monai.bundle run`` itself; every other ``--key`` is a config override
 _RUN_ARGS = frozenset({"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking",
                        "args_file"})
+# ids that ``monai.bundle run`` reads itself: an override file may add them although no setting names them
+_WORKFLOW_IDS = frozenset({"imports", "initialize", "run", "finalize", "bundle_root", "_meta_", "_requires_"})
+# a reference to another id (``@id``, ``@id#key``, ``$@id.method()``) or a macro (``%id``): its top-level id
+_REFERENCE = re.compile(r"[@%]([A-Za-z_]\w*)")
 
 
 def _cli_options(args: Sequence[str]) -> dict[str, str | None]:
@@ -52,6 +57,8 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
     (``sys.argv``, also under ``torchrun``) is checked; an in-process ``monai.bundle.run(...)`` is
     not, since its keywords cannot be told apart from the config here.
 
+    The override files among ``--config_file`` are checked too (:func:`check_override_files`).
+
     Raises:
         ValueError: names the unknown key, the close settings and the config files.
     """
@@ -71,7 +78,9 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
             config_file = ast.literal_eval(config_file)
         except (ValueError, SyntaxError):
             return  # MONAI reports the malformed list itself
-    known = set(ConfigParser.load_config_files(config_file)) | {"_meta_"}
+    merged = ConfigParser.load_config_files(config_file)
+    check_override_files(config_file, merged)
+    known = set(merged) | {"_meta_"}
     for key in options:
         top = re.split(r"::|#", key, maxsplit=1)[0]
         if key in _RUN_ARGS or top in known:
@@ -81,3 +90,65 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
         files = config_file if isinstance(config_file, str) else ", ".join(map(str, config_file))
         raise ValueError(f"--{key} is not a setting of {files}: {hint} The run would ignore it and use the default; "
                          "the settings are the top-level keys of those files.")
+
+
+def _referenced_ids(config: Any, found: set[str] | None = None) -> set[str]:
+    """The top-level ids that the values of ``config`` refer to (``@id``, ``$...@id...``, ``%id``)."""
+    found = set() if found is None else found
+    if isinstance(config, dict):
+        for value in config.values():
+            _referenced_ids(value, found)
+    elif isinstance(config, (list, tuple)):
+        for value in config:
+            _referenced_ids(value, found)
+    elif isinstance(config, str):
+        found.update(_REFERENCE.findall(config))
+    return found
+
+
+def _config_files(config_file: Any) -> list[str]:
+    """The files of a ``--config_file`` value, read as MONAI reads it (a list, or paths joined by commas)."""
+    if isinstance(config_file, str):
+        if not os.path.isfile(config_file) and "," in config_file:
+            return [f.strip() for f in config_file.split(",")]
+        return [config_file]
+    return [str(f) for f in config_file]
+
+
+def check_override_files(config_file: Any, merged: dict | None = None) -> None:
+    """Refuse a top-level key of an override file that the files before it lack and nothing reads.
+
+    A recipe such as ``configs/demo.yaml`` changes settings of the ``train.yaml`` before it; MONAI adds a
+    key it does not know (``learning_rat: 0.01``) as a new, unused entry, so the run silently trains with
+    the default. An override file may still add a new id that something refers to (``gmd_sync`` in
+    ``multi_gpu_train.yaml``, read as ``@gmd_sync``; a ``_target_`` component referenced from another
+    setting), and the ids ``monai.bundle run`` reads itself (``initialize``, ``run``, ``finalize``, ...).
+
+    Args:
+        config_file: the ``--config_file`` value: one file, a list of files, or paths joined by commas.
+        merged: the files merged by ``ConfigParser.load_config_files``, when the caller has them.
+
+    Raises:
+        ValueError: naming the key, its file, the settings it resembles and the fix.
+    """
+    from monai.bundle import ConfigParser
+
+    files = _config_files(config_file)
+    if len(files) < 2:
+        return
+    merged = ConfigParser.load_config_files(files) if merged is None else merged
+    used = _referenced_ids(merged) | _WORKFLOW_IDS
+    earlier = set(ConfigParser.load_config_file(files[0]))
+    for position, path in enumerate(files[1:], start=1):
+        tops = [re.split(r"::|#", key, maxsplit=1)[0] for key in ConfigParser.load_config_file(path)]
+        for top in tops:
+            if top in earlier or top in used:
+                continue
+            close = difflib.get_close_matches(top, sorted(earlier), n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}?" if close else "check its spelling."
+            raise ValueError(
+                f"{top!r} in {path} is not a setting of {', '.join(files[:position])} and no setting refers to it: "
+                f"{hint} The run would ignore it and use the default. Fix the key in {path}, or refer to a new "
+                f"setting from the one that should use it (@{top})."
+            )
+        earlier.update(tops)

@@ -43,3 +43,32 @@ def test_a_key_with_no_close_setting_gets_a_sentence_of_its_own():
     train = os.path.join(os.path.dirname(__file__), "..", "bundles", "mosi_gmd", "configs", "train.yaml")
     with pytest.raises(ValueError, match=r"--zzzz is not a setting of .*: check its spelling\. The run would ignore"):
         check_overrides([main, "run", "--config_file", train, "--zzzz", "1"])
+
+
+def test_a_misspelt_key_in_an_override_file_is_refused(tmp_path):
+    """A recipe's keys were merged into train.yaml unchecked: ``learning_rat: 0.01`` trained at the default."""
+    from app.bundle_args import _MONAI_DIR, check_override_files, check_overrides
+
+    main = os.path.join(_MONAI_DIR, "bundle", "__main__.py")
+    repo = os.path.join(os.path.dirname(__file__), "..")
+    configs = os.path.join(repo, "bundles", "brats_gmd", "configs")
+    train = os.path.join(configs, "train.yaml")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("strategy: plain\nlearning_rat: 0.01\n")
+    with pytest.raises(ValueError, match=r"'learning_rat' in .*recipe.yaml is not a setting of .*train.yaml and no "
+                                         r"setting refers to it: did you mean learning_rate\? The run would ignore it"):
+        check_overrides([main, "run", "--config_file", str([train, str(recipe)]), "--max_epochs", "1"])
+    with pytest.raises(ValueError, match="'learning_rat' in"):  # paths joined by a comma, as MONAI also reads them
+        check_override_files(f"{train},{recipe}")
+    # a nested override of a known setting, and a new setting that another one refers to: accepted
+    recipe.write_text("strategy_def#subsets: 5\naux_weight: 0.5\nloss:\n  _target_: DiceFocalLoss\n"
+                      "  sigmoid: true\n  gamma: '@aux_weight'\n")
+    check_overrides([main, "run", "--config_file", str([train, str(recipe)])])
+    # the shipped override files, alone and stacked
+    for files in (["evaluate.yaml"], ["multi_gpu_train.yaml"], [os.path.join(repo, "configs", "demo.yaml"), "evaluate.yaml"]):
+        check_override_files([train, *(os.path.join(configs, f) for f in files)])
+    mosi = os.path.join(repo, "bundles", "mosi_gmd", "configs")
+    for files in (["evaluate.yaml"], ["multi_gpu_train.yaml"], ["predict.yaml", "evaluate.yaml"]):
+        check_override_files([os.path.join(mosi, f) for f in ("train.yaml", *files)])
+    tests_override = os.path.join(os.path.dirname(__file__), "reliability", "configs", "save_rank_weights.yaml")
+    check_override_files([train, os.path.join(configs, "multi_gpu_train.yaml"), tests_override])
