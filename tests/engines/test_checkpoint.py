@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
 from app.engines import ResumableCheckpoint, load_training_checkpoint
 
@@ -80,6 +80,34 @@ def test_a_longer_run_with_a_learning_rate_schedule_is_refused(tmp_path):
     with pytest.raises(ValueError, match="a run of 1 epochs, this run asks for 2: .*resume with --max_epochs 1"):
         run(2)
     run(1)  # the same length resumes (a finished run: nothing to do)
+
+
+def test_a_resume_with_another_learning_rate_or_weight_decay_is_refused(tmp_path):
+    """Loading the optimizer's state brings back its hyperparameters: --learning_rate 0.05 on a resume
+    trained on silently at the first run's rate (the scheduler's base rates come back too)."""
+    def run(lr, weight_decay=0.0, scheduled=True, resume="auto"):
+        net = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=2) if scheduled else None
+        engine = Engine(lambda e, b: optimizer.step())
+        if scheduler is not None:
+            engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: scheduler.step())
+        ResumableCheckpoint(tmp_path, net, optimizer, lr_scheduler=scheduler, resume=resume).attach(engine)
+        engine.run(DATA, max_epochs=2)
+        return optimizer
+
+    assert run(0.1, 0.01, resume="false").param_groups[0]["lr"] < 0.1  # the schedule has moved the learning rate
+    with pytest.raises(ValueError, match=r"other optimizer settings \(--learning_rate 0.1 there, 0.05 here\): a resume "
+                                         r"continues the saved optimizer.*Resume with the original settings "
+                                         r"\(--learning_rate 0.1\), or start a new run"):
+        run(0.05, 0.01)
+    with pytest.raises(ValueError, match=r"--weight_decay 0.01 there, 0.1 here.*\(--weight_decay 0.01\)"):
+        run(0.1, 0.1)
+    # the same settings resume, although the scheduled learning rate is no longer the configured one
+    assert run(0.1, 0.01).param_groups[0]["initial_lr"] == 0.1
+    run(0.1, 0.01, scheduled=False, resume="false")
+    with pytest.raises(ValueError, match="--learning_rate 0.1 there, 0.2 here"):  # no scheduler: lr itself
+        run(0.2, 0.01, scheduled=False)
 
 
 def test_a_stop_at_an_epochs_last_iteration_is_saved(tmp_path):
