@@ -14,6 +14,7 @@ both branches unchanged.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -154,4 +155,15 @@ class GradientStrategy:
         self.generator.set_state(state["generator"])
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(seed={self.seed})"
+        """The class and its settings: every constructor argument kept as an attribute of the same name.
+
+        A resume compares it with the one the checkpoint recorded (``strategy_config``), so a strategy of
+        one's own, given to the bundle as ``strategy_def: {_target_: my_module.MyStrategy, ...}``, has its
+        settings checked without writing a ``__repr__`` (``diagnostics_interval`` only decides what is
+        recorded, and may change).
+        """
+        params = list(inspect.signature(type(self).__init__).parameters.values())[1:]
+        settings = [f"{p.name}={getattr(self, p.name)!r}" for p in params
+                    if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "diagnostics_interval"
+                    and hasattr(self, p.name)]
+        return f"{type(self).__name__}({', '.join(settings)})"

@@ -209,6 +209,33 @@ def test_a_resume_with_another_strategy_is_refused(tmp_path):
         run("plain", seed=1)
 
 
+def test_a_resume_checks_the_settings_of_a_strategy_of_ones_own(tmp_path):
+    """A strategy written outside the package (given as strategy_def's _target_) recorded only its seed,
+    so a resume with another setting of its own mixed two methods without a word."""
+    from app.strategies import GradientStrategy
+
+    class WeightedPlain(GradientStrategy):
+        def __init__(self, seed: int = 0, aux_weight: float = 0.5, diagnostics_interval: int = 0) -> None:
+            super().__init__(seed)
+            self.aux_weight = aux_weight
+            self.diagnostics_interval = diagnostics_interval
+
+    def run(**settings):
+        net = torch.nn.Linear(2, 1)
+        engine = Engine(lambda e, b: None)
+        ResumableCheckpoint(tmp_path, net, torch.optim.SGD(net.parameters(), lr=0.1), resume="auto",
+                            strategy=WeightedPlain(**settings)).attach(engine)
+        engine.run(DATA, max_epochs=1)
+
+    run(aux_weight=0.5)
+    assert load_training_checkpoint(tmp_path / "checkpoint_last.pt")["strategy_config"] == \
+        "WeightedPlain(seed=0, aux_weight=0.5)"
+    with pytest.raises(ValueError, match=r"WeightedPlain\(seed=0, aux_weight=0.5\), this run trains with "
+                                         r"WeightedPlain\(seed=0, aux_weight=0.25\)"):
+        run(aux_weight=0.25)
+    run(aux_weight=0.5, diagnostics_interval=10)  # what is recorded may change
+
+
 def _scheduled_run(folder, resume, minutes, clock, limit_class):
     """``_timed_run`` with an epoch-level LR schedule before the time limit, as in train.yaml.
 

@@ -35,3 +35,36 @@ def test_every_knob_the_bundles_pass_is_an_option_of_some_strategy(bundle, extra
     passed = {k for k in config["strategy_def"] if not k.startswith("_") and k != "name"}
     passed |= {k.split("#", 1)[1] for k in config if k.startswith("strategy_def#")}
     assert passed and passed <= strategy_options()
+
+
+def test_a_strategy_of_ones_own_trains_through_an_override_file(tmp_path, monkeypatch):
+    """The README's recipe: an override file replaces strategy_def with a module outside the package."""
+    import torch
+
+    from app.networks import DSUNet
+
+    (tmp_path / "my_strategies.py").write_text(
+        "from app.strategies import GradientStrategy, StepResult, subset_loss\n\n"
+        "class UnimodalAux(GradientStrategy):\n"
+        "    def __init__(self, seed=0, aux_weight=0.5):\n"
+        "        super().__init__(seed)\n"
+        "        self.aux_weight = aux_weight\n\n"
+        "    def step(self, model, inputs, modality_mask, targets, loss_function, iteration=0):\n"
+        "        per_mod = model.per_modality(inputs, modality_mask)\n"
+        "        loss, pred = subset_loss(model, per_mod, modality_mask, targets, loss_function)\n"
+        "        (loss * (1 + self.aux_weight)).backward()\n"
+        "        return StepResult(loss=loss.detach(), pred=pred.detach())\n")
+    recipe = tmp_path / "my_recipe.yaml"
+    recipe.write_text("strategy: unimodal_aux\nstrategy_def:\n  _target_: my_strategies.UnimodalAux\n"
+                      "  seed: '@seed'\n  aux_weight: 0.5\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    files = [os.path.join(BUNDLES, "brats_gmd", "configs", "train.yaml"), str(recipe)]
+    parser = ConfigParser(ConfigParser.load_config_files(files))
+    parser["seed"] = 7
+    strategy = parser.get_parsed_content("strategy_def")
+    assert repr(strategy) == "UnimodalAux(seed=7, aux_weight=0.5)"
+    model = DSUNet(features=(4, 8), out_channels=3)
+    mask = torch.tensor([[True, False, True, True]])
+    result = strategy.step(model, torch.randn(1, 4, 8, 8, 8), mask, torch.rand(1, 3, 8, 8, 8),
+                           torch.nn.functional.mse_loss)
+    assert torch.isfinite(result.loss) and all(p.grad is not None for p in model.shared_parameters())
