@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import inspect
 import os
 import re
 import sys
@@ -57,7 +58,9 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
     (``sys.argv``, also under ``torchrun``) is checked; an in-process ``monai.bundle.run(...)`` is
     not, since its keywords cannot be told apart from the config here.
 
-    The override files among ``--config_file`` are checked too (:func:`check_override_files`).
+    The override files among ``--config_file`` are checked too (:func:`check_override_files`), and so is
+    every argument of a component (a ``_target_`` entry) that the command line or an override file sets:
+    the component's class or function must take it.
 
     Raises:
         ValueError: names the unknown key, the close settings and the config files.
@@ -90,6 +93,23 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
         files = config_file if isinstance(config_file, str) else ", ".join(map(str, config_file))
         raise ValueError(f"--{key} is not a setting of {files}: {hint} The run would ignore it and use the default; "
                          "the settings are the top-level keys of those files.")
+    # a component's arguments, set on the command line (--loss#lambda_ce 0.5) or by an override file
+    touched: list[tuple[str, str, str]] = []
+    for key in options:
+        if key not in _RUN_ARGS:
+            parent, _, name = key.rpartition("#") if "#" in key else key.rpartition("::")
+            if parent:
+                touched.append((parent, name, f"--{key}"))
+    for path in _config_files(config_file)[1:]:
+        for key, value in ConfigParser.load_config_file(path).items():
+            parent, _, name = key.rpartition("#") if "#" in key else key.rpartition("::")
+            if parent:
+                touched.append((parent, name, f"{key!r} in {path}"))
+            if isinstance(value, dict) and "_target_" in value:
+                touched += [(key, arg, f"{arg!r} under {key!r} in {path}") for arg in value]
+    cli_targets = {k.rpartition("#")[0]: v for k, v in options.items() if k.endswith("#_target_")}
+    for parent, name, where in touched:
+        _check_component_argument(merged, parent, name, where, cli_targets.get(parent))
 
 
 def _referenced_ids(config: Any, found: set[str] | None = None) -> set[str]:
@@ -152,3 +172,55 @@ def check_override_files(config_file: Any, merged: dict | None = None) -> None:
                 f"setting from the one that should use it (@{top})."
             )
         earlier.update(tops)
+
+
+# keys of a component that MONAI reads itself and never passes to it
+_NON_ARG_KEYS = frozenset({"_target_", "_disabled_", "_requires_", "_desc_", "_mode_"})
+
+
+def _config_at(config: Any, path: str) -> Any:
+    """The entry of ``config`` at an id such as ``train#handlers#2`` (``::`` too), or None."""
+    node = config
+    for part in re.split(r"::|#", path):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def _check_component_argument(config: dict, path: str, name: str, where: str, target: Any = None) -> None:
+    """Refuse ``name`` as an argument of the component at ``path`` when its class or function takes no such
+    argument (and no ``**kwargs``).
+
+    MONAI would stop only when it builds the component, with a traceback, often after every case has
+    been read and ``datalist.json`` written; a loss, optimizer or network variant set in an override
+    file or with ``--loss#lambda_ce`` is checked here instead, before any work.
+
+    Raises:
+        ValueError: naming where the argument was set, the component, the arguments it resembles and the fix.
+    """
+    from monai.bundle.config_item import ComponentLocator, ConfigComponent
+    from monai.utils.module import locate
+
+    component = _config_at(config, path)
+    if name in _NON_ARG_KEYS or not isinstance(component, dict):
+        return
+    target = component.get("_target_") if target is None else target
+    if not isinstance(target, str) or target.startswith(("$", "@", "%")):
+        return
+    try:
+        module_name = ConfigComponent({"_target_": target}, locator=ComponentLocator()).resolve_module_name()
+        callable_ = locate(module_name) if isinstance(module_name, str) else module_name
+        params = inspect.signature(callable_).parameters
+    except Exception:  # noqa: BLE001 - a target that cannot be found or read is for MONAI to report
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()) or name in params:
+        return
+    accepted = [p for p, v in params.items() if v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)]
+    close = difflib.get_close_matches(name, accepted, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"it takes {', '.join(accepted)}."
+    raise ValueError(f"{where}: {target} (the {path!r} setting) takes no argument {name!r}: {hint} Fix the key; the "
+                     "run would stop when it builds the component, after reading the data.")

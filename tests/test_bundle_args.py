@@ -72,3 +72,35 @@ def test_a_misspelt_key_in_an_override_file_is_refused(tmp_path):
         check_override_files([os.path.join(mosi, f) for f in ("train.yaml", *files)])
     tests_override = os.path.join(os.path.dirname(__file__), "reliability", "configs", "save_rank_weights.yaml")
     check_override_files([train, os.path.join(configs, "multi_gpu_train.yaml"), tests_override])
+
+
+def test_a_misspelt_argument_of_a_component_is_refused_before_any_work(tmp_path):
+    """--loss#lambda_dce (or a recipe's loss with 'gama') stopped the run only when the trainer was built: a
+    traceback, after every case had been read and datalist.json written."""
+    from app.bundle_args import _MONAI_DIR, check_overrides
+
+    main = os.path.join(_MONAI_DIR, "bundle", "__main__.py")
+    configs = os.path.join(os.path.dirname(__file__), "..", "bundles", "brats_gmd", "configs")
+    train = os.path.join(configs, "train.yaml")
+    with pytest.raises(ValueError, match=r"--loss#lambda_dce: DiceCELoss \(the 'loss' setting\) takes no argument "
+                                         r"'lambda_dce': did you mean lambda_dice or lambda_ce\? Fix the key"):
+        check_overrides([main, "run", "--config_file", train, "--loss#lambda_dce", "0.5"])
+    with pytest.raises(ValueError, match=r"--optimizer#weight_decy: torch.optim.AdamW .* did you mean weight_decay"):
+        check_overrides([main, "run", "--config_file", train, "--optimizer#weight_decy", "0.1"])
+    with pytest.raises(ValueError, match=r"--validate#inferer#overlp: SlidingWindowInferer \(the 'validate#inferer' "
+                                         r"setting\) takes no argument 'overlp': did you mean overlap"):
+        check_overrides([main, "run", "--config_file", train, "--validate#inferer#overlp", "0.3"])
+    recipe = tmp_path / "focal.yaml"
+    recipe.write_text("loss:\n  _target_: DiceFocalLoss\n  sigmoid: true\n  gama: 2.0\n")
+    with pytest.raises(ValueError, match=r"'gama' under 'loss' in .*focal.yaml: DiceFocalLoss .*did you mean gamma"):
+        check_overrides([main, "run", "--config_file", str([train, str(recipe)])])
+    recipe.write_text("network_def#featurs: [8, 16, 32, 64]\n")
+    with pytest.raises(ValueError, match=r"'network_def#featurs' in .*: app.networks.DSUNet .*did you mean features"):
+        check_overrides([main, "run", "--config_file", str([train, str(recipe)])])
+    # real arguments, a new target's arguments, and factories taking **kwargs (checked by the factory): accepted
+    recipe.write_text("loss:\n  _target_: DiceFocalLoss\n  sigmoid: true\n  gamma: 2.0\nnetwork_def#norm_name: batch\n")
+    check_overrides([main, "run", "--config_file", str([train, str(recipe)]), "--loss#lambda_focal", "0.5",
+                     "--strategy_def#rho", "2", "--train#handlers#0#print_lr", "true"])
+    check_overrides([main, "run", "--config_file", train, "--loss#_target_", "DiceFocalLoss", "--loss#gamma", "2"])
+    with pytest.raises(ValueError, match="DiceCELoss .* takes no argument 'gamma'"):
+        check_overrides([main, "run", "--config_file", train, "--loss#gamma", "2"])
