@@ -236,6 +236,30 @@ def test_a_resume_checks_the_settings_of_a_strategy_of_ones_own(tmp_path):
     run(aux_weight=0.5, diagnostics_interval=10)  # what is recorded may change
 
 
+def test_a_resume_checks_the_settings_of_a_variant_of_a_builtin_strategy(tmp_path):
+    """A small variant of GMD (a subclass with a knob of its own) recorded GMD's settings only."""
+    from app.strategies import GMDStrategy
+
+    class ScaledGMD(GMDStrategy):
+        def __init__(self, alpha: float = 1.0, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.alpha = alpha
+
+    def run(**settings):
+        net = torch.nn.Linear(2, 1)
+        engine = Engine(lambda e, b: None)
+        ResumableCheckpoint(tmp_path, net, torch.optim.SGD(net.parameters(), lr=0.1), resume="auto",
+                            strategy=ScaledGMD(**settings)).attach(engine)
+        engine.run(DATA, max_epochs=1)
+
+    run(alpha=0.5, subsets=3)
+    assert load_training_checkpoint(tmp_path / "checkpoint_last.pt")["strategy_config"] == \
+        "ScaledGMD(alpha=0.5, subsets=3, seed=0, sync='local')"
+    with pytest.raises(ValueError, match=r"ScaledGMD\(alpha=0.5, .*\), this run trains with ScaledGMD\(alpha=2.0, "):
+        run(alpha=2.0, subsets=3)
+    run(alpha=0.5, subsets=3, vjp_chunk=4, diagnostics_interval=5)  # batching and records may change
+
+
 def _scheduled_run(folder, resume, minutes, clock, limit_class):
     """``_timed_run`` with an epoch-level LR schedule before the time limit, as in train.yaml.
 
