@@ -94,21 +94,25 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
         raise ValueError(f"--{key} is not a setting of {files}: {hint} The run would ignore it and use the default; "
                          "the settings are the top-level keys of those files.")
     # a component's arguments, set on the command line (--loss#lambda_ce 0.5) or by an override file
-    touched: list[tuple[str, str, str]] = []
+    # (component id, argument, where it was set, whether a later file may have replaced it since)
+    touched: list[tuple[str, str, str, bool]] = []
     for key in options:
         if key not in _RUN_ARGS:
             parent, _, name = key.rpartition("#") if "#" in key else key.rpartition("::")
             if parent:
-                touched.append((parent, name, f"--{key}"))
+                touched.append((parent, name, f"--{key}", False))
     for path in _config_files(config_file)[1:]:
         for key, value in ConfigParser.load_config_file(path).items():
             parent, _, name = key.rpartition("#") if "#" in key else key.rpartition("::")
             if parent:
-                touched.append((parent, name, f"{key!r} in {path}"))
+                touched.append((parent, name, f"{key!r} in {path}", True))
             if isinstance(value, dict) and "_target_" in value:
-                touched += [(key, arg, f"{arg!r} under {key!r} in {path}") for arg in value]
+                touched += [(key, arg, f"{arg!r} under {key!r} in {path}", True) for arg in value]
     cli_targets = {k.rpartition("#")[0]: v for k, v in options.items() if k.endswith("#_target_")}
-    for parent, name, where in touched:
+    for parent, name, where, from_file in touched:
+        component = _config_at(merged, parent)
+        if from_file and not (isinstance(component, dict) and name in component):
+            continue  # a later file replaced the component: the argument is not used
         _check_component_argument(merged, parent, name, where, cli_targets.get(parent))
 
 
