@@ -31,7 +31,10 @@ class StepResult:
     Attributes:
         loss: detached scalar, the loss of the prediction fused over the available modalities.
         pred: detached fused prediction over the available modalities.
-        diagnostics: optional per-step diagnostics (GMD conflict statistics).
+        diagnostics: optional per-step diagnostics (GMD conflict statistics, CGGM balance terms): a dict
+            of numbers and lists, written by :class:`app.engines.DiagnosticsHandler` to
+            ``<output_dir>/<strategy>_diagnostics.jsonl`` (GMD: ``gmd_diagnostics.jsonl``) and TensorBoard;
+            its ``strategy`` entry names the file, the strategy's ``name`` when it has none.
     """
 
     loss: torch.Tensor
