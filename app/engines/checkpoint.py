@@ -221,6 +221,22 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return getattr(module, "module", module)  # DistributedDataParallel / DataParallel keep the net in .module
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as plain lists, numbers and strings, so that ``(32, 32, 32)`` equals ``[32, 32, 32]``."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _plain(value.tolist())
+    return value
+
+
+def _cli_value(value: Any) -> str:
+    """``value`` as it is written on the ``monai.bundle`` command line (``"[32,32,32]"``, ``auto``)."""
+    if isinstance(value, list):
+        return '"[' + ",".join(str(v) for v in value) + ']"'
+    return str(value)
+
+
 #: optimizer hyperparameters a resume compares, with the bundle setting that sets each (others: the optimizer's)
 _OPTIMIZER_SETTINGS = {"lr": "--learning_rate", "weight_decay": "--weight_decay", "betas": "betas", "eps": "eps",
                        "momentum": "momentum", "dampening": "dampening", "nesterov": "nesterov", "amsgrad": "amsgrad"}
@@ -291,6 +307,10 @@ class ResumableCheckpoint:
         filename: checkpoint file name.
         time_limit: optional :class:`~app.engines.TimeLimitHandler` of the trainer: the training time
             spent is kept, so a resumed run continues its wall-clock budget instead of starting a new one.
+        settings: named settings that a resumed run must keep (the bundles: ``patch_size``, ``batch_size``,
+            ``num_samples``, ``label_convention``), recorded in the checkpoint: with another value the run
+            would continue on other samples than the one it resumes, while the weights and the data order
+            carried on without a word.
     """
 
     def __init__(
@@ -306,9 +326,11 @@ class ResumableCheckpoint:
         interval: int = 0,
         filename: str = "checkpoint_last.pt",
         time_limit: Any = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.path = Path(save_dir) / filename
         self.time_limit = time_limit
+        self.settings = {str(k): _plain(v) for k, v in (settings or {}).items()}
         self.network = network
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -397,6 +419,8 @@ class ResumableCheckpoint:
             state["key_metric_saver"] = {k: [(float(p), str(f)) for p, f in v] for k, v in tracker.state_dict().items()}
         if self.time_limit is not None:
             state["time_limit"] = self.time_limit.state_dict()
+        if self.settings:
+            state["settings"] = dict(self.settings)
         loader = getattr(engine, "data_loader", None)
         sampler = getattr(loader, "sampler", None)
         if isinstance(sampler, ResumableSampler):
@@ -448,6 +472,16 @@ class ResumableCheckpoint:
                 f"{self.path} was written by a run of {state['max_epochs']} epochs, this run asks for {planned}: the "
                 "learning-rate schedule was set for the original length, so resume with --max_epochs "
                 f"{state['max_epochs']}, or start a new run in another --output_dir to train for {planned}."
+            )
+        recorded = state.get("settings") or {}
+        differ = [k for k in self.settings if k in recorded and _plain(recorded[k]) != self.settings[k]]
+        if differ:
+            # the weights, optimizer and data order would carry on, on other samples than the run it continues
+            listed = "; ".join(f"--{k} {recorded[k]!r} there, {self.settings[k]!r} here" for k in differ)
+            fix = " ".join(f"--{k} {_cli_value(recorded[k])}" for k in differ)
+            raise ValueError(
+                f"{self.path} was written by a run with other training settings ({listed}): resume with {fix}, or "
+                "start a new run in another --output_dir to train with the new ones."
             )
         changed = _optimizer_changes(self.optimizer.state_dict(), state["optimizer"], self.lr_scheduler is not None)
         if changed:

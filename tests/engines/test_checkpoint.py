@@ -7,6 +7,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from app.engines import ResumableCheckpoint, load_training_checkpoint
+from tests.bundles.helpers import REPO
 
 DATA = [0, 1, 2]  # three iterations per epoch
 
@@ -108,6 +109,35 @@ def test_a_resume_with_another_learning_rate_or_weight_decay_is_refused(tmp_path
     run(0.1, 0.01, scheduled=False, resume="false")
     with pytest.raises(ValueError, match="--learning_rate 0.1 there, 0.2 here"):  # no scheduler: lr itself
         run(0.2, 0.01, scheduled=False)
+
+
+def test_a_resume_with_other_training_settings_is_refused(tmp_path):
+    """A resume that forgot --patch_size "[32,32,32]" trained on at the default patch size, the weights, optimizer
+    and data order carrying on as if nothing had changed."""
+    def run(**settings):
+        net = torch.nn.Linear(2, 1)
+        engine = Engine(lambda e, b: None)
+        ResumableCheckpoint(tmp_path, net, torch.optim.SGD(net.parameters(), lr=0.1), resume="auto",
+                            settings=settings).attach(engine)
+        engine.run(DATA, max_epochs=1)
+
+    run(patch_size=(32, 32, 32), batch_size=2)
+    assert load_training_checkpoint(tmp_path / "checkpoint_last.pt")["settings"] == {"patch_size": [32, 32, 32],
+                                                                                      "batch_size": 2}
+    with pytest.raises(ValueError, match=r"other training settings \(--patch_size \[32, 32, 32\] there, \[96, 96, 96\] "
+                                         r"here\): resume with --patch_size \"\[32,32,32\]\", or start a new run"):
+        run(patch_size=[96, 96, 96], batch_size=2)
+    run(patch_size=[32, 32, 32], batch_size=2)  # the same settings, as a list: resumes
+    run()  # a checkpoint compared with a handler that records nothing (and the reverse, an earlier checkpoint)
+
+
+def test_the_segmentation_bundle_records_its_sample_settings():
+    from monai.bundle import ConfigParser
+
+    bundle = REPO / "bundles" / "brats_gmd" / "configs"
+    parser = ConfigParser(ConfigParser.load_config_files([str(bundle / "train.yaml")]))
+    handler = next(h for h in parser.get("train#handlers") if h["_target_"] == "app.engines.ResumableCheckpoint")
+    assert set(handler["settings"]) == {"patch_size", "batch_size", "num_samples", "label_convention"}
 
 
 def test_a_stop_at_an_epochs_last_iteration_is_saved(tmp_path):
