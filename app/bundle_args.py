@@ -226,5 +226,6 @@ def _check_component_argument(config: dict, path: str, name: str, where: str, ta
     accepted = [p for p, v in params.items() if v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)]
     close = difflib.get_close_matches(name, accepted, n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(close)}?" if close else f"it takes {', '.join(accepted)}."
-    raise ValueError(f"{where}: {target} (the {path!r} setting) takes no argument {name!r}: {hint} Fix the key; the "
-                     "run would stop when it builds the component, after reading the data.")
+    raise ValueError(f"{where}: {target} (the {path!r} setting) takes no argument {name!r}: {hint} Fix the key, or make "
+                     "a component of your own take it; the run would stop when it builds the component, after reading "
+                     "the data.")
