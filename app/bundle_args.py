@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import difflib
 import inspect
+import logging
 import os
 import re
 import sys
@@ -21,6 +22,8 @@ import monai
 __all__ = ["check_overrides", "check_override_files"]
 
 _MONAI_DIR = os.path.dirname(os.path.abspath(monai.__file__)) + os.sep
+
+logger = logging.getLogger(__name__)
 
 # the arguments of ``monai.bundle run`` itself; every other ``--key`` is a config override
 _RUN_ARGS = frozenset({"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking",
@@ -93,6 +96,15 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
         files = config_file if isinstance(config_file, str) else ", ".join(map(str, config_file))
         raise ValueError(f"--{key} is not a setting of {files}: {hint} The run would ignore it and use the default; "
                          "the settings are the top-level keys of those files.")
+    # a setting this command never reads (--ckpt_path in training: evaluate.yaml's; --eval_split in sentiment
+    # training): the run goes on as if it had not been given, so say so
+    used = _referenced_ids(merged) | _WORKFLOW_IDS
+    for key in options:
+        top = re.split(r"::|#", key, maxsplit=1)[0]
+        if key not in _RUN_ARGS and top not in used:
+            files = config_file if isinstance(config_file, str) else ", ".join(map(str, config_file))
+            logger.warning("--%s is a setting of %s that this command does not use (no setting refers to it): it has "
+                           "no effect here.", key, files)
     # a component's arguments, set on the command line (--loss#lambda_ce 0.5) or by an override file
     # (component id, argument, where it was set, whether a later file may have replaced it since)
     touched: list[tuple[str, str, str, bool]] = []

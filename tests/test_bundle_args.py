@@ -104,3 +104,26 @@ def test_a_misspelt_argument_of_a_component_is_refused_before_any_work(tmp_path)
     check_overrides([main, "run", "--config_file", train, "--loss#_target_", "DiceFocalLoss", "--loss#gamma", "2"])
     with pytest.raises(ValueError, match="DiceCELoss .* takes no argument 'gamma'"):
         check_overrides([main, "run", "--config_file", train, "--loss#gamma", "2"])
+
+
+def test_a_setting_the_command_does_not_use_gets_a_warning(caplog):
+    """--ckpt_path on a training command (evaluate.yaml reads it) was accepted without a word: training from
+    scratch while the user meant to start from those weights."""
+    from app.bundle_args import _MONAI_DIR, check_overrides
+
+    main = os.path.join(_MONAI_DIR, "bundle", "__main__.py")
+    repo = os.path.join(os.path.dirname(__file__), "..")
+    configs = os.path.join(repo, "bundles", "brats_gmd", "configs")
+    train, evaluate = os.path.join(configs, "train.yaml"), os.path.join(configs, "evaluate.yaml")
+    with caplog.at_level("WARNING", logger="app.bundle_args"):
+        check_overrides([main, "run", "--config_file", train, "--ckpt_path", "m.pt", "--max_epochs", "1"])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--ckpt_path is a setting of {train} that this command does not use (no setting refers to it): it has no "
+        "effect here."]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="app.bundle_args"):  # evaluation reads it, and the shared settings
+        check_overrides([main, "run", "--config_file", str([train, evaluate]), "--ckpt_path", "m.pt", "--seed", "1",
+                         "--patch_size", "[32,32,32]", "--bundle_root", "bundles/brats_gmd"])
+        mosi = os.path.join(repo, "bundles", "mosi_gmd", "configs", "train.yaml")
+        check_overrides([main, "run", "--config_file", mosi, "--eval_split", "test"])
+    assert [r.getMessage().split(" is a setting")[0] for r in caplog.records] == ["--eval_split"]
