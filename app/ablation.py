@@ -11,8 +11,8 @@ then ``train.yaml + evaluate.yaml`` on the held-out data:
 
 Every argument the runner does not know (``--dataset_dir D``, ``--data_path P --trust_pickle
 true``, ``--features "[...]"``) goes to both commands unchanged, except ``--config_file``: its override
-files (recipes such as ``configs/demo.yaml``) go after ``train.yaml`` in both commands. Each finished stage is kept, so an
-interrupted ablation resumes with the same command; a stage finished with other settings (seed,
+files (recipes such as ``configs/demo.yaml``) go after ``train.yaml`` in both commands. Each finished
+stage is kept, so an interrupted ablation resumes with the same command; a stage finished with other settings (seed,
 budget, overrides, checkpoint) is an error rather than a silent mix of runs. Writes ``O/<strategy>/{train,eval}`` and
 ``O/ablation.{json,md,png}`` (:mod:`app.reports.ablation`).
 
@@ -241,8 +241,8 @@ def _stage_settings(bundle: Path, args: Sequence[str], out: Path, overrides: Seq
         split += arg.split("=", 1) if arg.startswith("--") and "=" in arg else [arg]
     settings: dict[str, Any] = {"bundle": str(bundle.resolve()), "args": [relative(a) for a in split]}
     if overrides:  # only then: stages recorded without override files stay reusable
-        settings["overrides"] = [{"path": os.path.realpath(f), "sha256": hashlib.sha256(Path(f).read_bytes()).hexdigest()}
-                                 for f in overrides]
+        settings["overrides"] = [{"path": os.path.realpath(f),
+                                  "sha256": hashlib.sha256(Path(f).read_bytes()).hexdigest()} for f in overrides]
     return settings
 
 

@@ -286,9 +286,9 @@ class ResumableCheckpoint:
     iteration, ``epoch_length``, the validator's best metric and the key-metric saver's record (so
     ``model.pt`` is only replaced by a better model after a resume), and the generator states of
     every rank. With ``resume`` the handler restores all of it at ``STARTED`` (after refusing a run configured
-    with another network, epoch length, ``max_epochs``, learning rate, weight decay or strategy); ignite then continues
-    from the restored iteration, and a :class:`ResumableSampler` of the trainer's loader is moved to
-    the same batch.
+    with another network, epoch length, ``max_epochs``, ``settings``, learning rate, weight decay or strategy);
+    ignite then continues from the restored iteration, and a :class:`ResumableSampler` of the trainer's loader
+    is moved to the same batch.
 
     In a distributed run every rank must attach the handler (the generator states are gathered);
     only rank 0 writes. ``save_dir`` must be reachable by all ranks to resume.
