@@ -121,10 +121,18 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
             if isinstance(value, dict) and "_target_" in value:
                 touched += [(key, arg, f"{arg!r} under {key!r} in {path}", True) for arg in value]
     cli_targets = {k.rpartition("#")[0]: v for k, v in options.items() if k.endswith("#_target_")}
+    referenced = {r.replace("::", "#") for r in _referenced_paths(merged)}
     for parent, name, where, from_file in touched:
         component = _config_at(merged, parent)
         if from_file and not (isinstance(component, dict) and name in component):
             continue  # a later file replaced the component: the argument is not used
+        if (not from_file and isinstance(component, dict) and "_target_" not in component and name not in component
+                and not any(r == f"{parent}#{name}" or r.startswith(f"{parent}#{name}#") for r in referenced)):
+            # a new entry in a plain section (--train#dataloder): MONAI adds it, and nothing reads it
+            close = difflib.get_close_matches(name, [str(k) for k in component], n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(f'--{parent}#{c}' for c in close)}?" if close else "check its spelling."
+            raise ValueError(f"{where} is not a setting of {parent!r}: {hint} The run would ignore it and use the "
+                             "default.")
         _check_component_argument(merged, parent, name, where, cli_targets.get(parent))
 
 
@@ -139,6 +147,20 @@ def _referenced_ids(config: Any, found: set[str] | None = None) -> set[str]:
             _referenced_ids(value, found)
     elif isinstance(config, str):
         found.update(_REFERENCE.findall(config))
+    return found
+
+
+def _referenced_paths(config: Any, found: set[str] | None = None) -> set[str]:
+    """The full ids that the values of ``config`` refer to (``@train#checkpoint``, ``%id::key``)."""
+    found = set() if found is None else found
+    if isinstance(config, dict):
+        for value in config.values():
+            _referenced_paths(value, found)
+    elif isinstance(config, (list, tuple)):
+        for value in config:
+            _referenced_paths(value, found)
+    elif isinstance(config, str):
+        found.update(re.findall(r"[@%]([A-Za-z_][\w#:]*)", config))
     return found
 
 

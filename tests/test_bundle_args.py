@@ -127,3 +127,25 @@ def test_a_setting_the_command_does_not_use_gets_a_warning(caplog):
         mosi = os.path.join(repo, "bundles", "mosi_gmd", "configs", "train.yaml")
         check_overrides([main, "run", "--config_file", mosi, "--eval_split", "test"])
     assert [r.getMessage().split(" is a setting")[0] for r in caplog.records] == ["--eval_split"]
+
+
+def test_a_misspelt_entry_of_a_plain_section_is_refused():
+    """--train#dataloder 3 added a new, unread entry to the train section: the run ignored it without a word."""
+    from app.bundle_args import _MONAI_DIR, check_overrides
+
+    main = os.path.join(_MONAI_DIR, "bundle", "__main__.py")
+    repo = os.path.join(os.path.dirname(__file__), "..")
+    train = os.path.join(repo, "bundles", "brats_gmd", "configs", "train.yaml")
+    with pytest.raises(ValueError, match=r"--train#dataloder is not a setting of 'train': did you mean "
+                                         r"--train#dataloader or --train#dataset\? The run would ignore it"):
+        check_overrides([main, "run", "--config_file", train, "--train#dataloder", "3"])
+    with pytest.raises(ValueError, match=r"--validate#report_dirr is not a setting of 'validate': did you mean "
+                                         r"--validate#report_dir\?"):
+        check_overrides([main, "run", "--config_file", train, "--validate#report_dirr", "x"])
+    # existing entries, and a new one that a setting refers to (the sentiment multi-GPU override's train#checkpoint)
+    check_overrides([main, "run", "--config_file", train, "--validate#report_dir", "x", "--train#handlers#0#print_lr",
+                     "true"])
+    mosi = os.path.join(repo, "bundles", "mosi_gmd", "configs")
+    check_overrides([main, "run", "--config_file", str([os.path.join(mosi, "train.yaml"),
+                                                       os.path.join(mosi, "multi_gpu_train.yaml")]),
+                     "--train#checkpoint#interval", "2"])
