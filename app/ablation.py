@@ -10,8 +10,9 @@ then ``train.yaml + evaluate.yaml`` on the held-out data:
 - a sentiment bundle (``data_path``) is scored on ``--eval_split`` (default: its ``val_split``).
 
 Every argument the runner does not know (``--dataset_dir D``, ``--data_path P --trust_pickle
-true``, ``--features "[...]"``) goes to both commands unchanged. Each finished stage is kept, so an
-interrupted ablation resumes with the same command; a stage finished with other settings (seed,
+true``, ``--features "[...]"``) goes to both commands unchanged, except ``--config_file``: its override
+files (recipes such as ``configs/demo.yaml``) go after ``train.yaml`` in both commands. Each finished
+stage is kept, so an interrupted ablation resumes with the same command; a stage finished with other settings (seed,
 budget, overrides, checkpoint) is an error rather than a silent mix of runs. Writes ``O/<strategy>/{train,eval}`` and
 ``O/ablation.{json,md,png}`` (:mod:`app.reports.ablation`).
 
@@ -26,6 +27,8 @@ are within training noise.
 from __future__ import annotations
 
 import argparse
+import ast
+import hashlib
 import inspect
 import json
 import os
@@ -176,8 +179,54 @@ def _without(args: Sequence[str], key: str) -> list[str]:
     return out
 
 
-def _stage_settings(bundle: Path, args: Sequence[str], out: Path) -> dict[str, Any]:
-    """What decides a stage's result: the bundle and its arguments, with paths inside ``out`` made relative."""
+def _override_files(args: Sequence[str], train: Path, evaluate: Path) -> list[Path]:
+    """The override files (recipes) of a ``--config_file`` among the bundle arguments, in order.
+
+    Passed on unchanged, that ``--config_file`` would replace the runner's own: training would use the
+    recipe, but evaluation would lose ``evaluate.yaml`` and fail once the first strategy had trained. The
+    bundle's own ``train.yaml`` and ``evaluate.yaml`` in the list are left out: the runner places them.
+
+    Raises:
+        ValueError: a listed file does not exist.
+    """
+    value = _option(args, "config_file")
+    if value is None:
+        return []
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            files = [str(f) for f in ast.literal_eval(text)]
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--config_file {value!r} is not a list of files: write it as "
+                             "\"['bundles/brats_gmd/configs/train.yaml','my_recipe.yaml']\" or give one file.") from None
+    else:
+        files = [f.strip() for f in text.split(",")] if "," in text and not os.path.isfile(text) else [text]
+    own = {os.path.realpath(train), os.path.realpath(evaluate)}
+    out = []
+    for name in filter(None, files):
+        if not os.path.isfile(name):
+            raise ValueError(f"--config_file: {name} not found: give the override files (recipes) to train and evaluate "
+                             "every strategy with, e.g. --config_file configs/demo.yaml.")
+        if os.path.realpath(name) not in own:
+            out.append(Path(name))
+    for path in out:
+        config = _load_config(path)
+        whole = config.get("strategy_def")
+        replaced = isinstance(whole, dict) and (whole.get("_target_") != "app.strategies.build_strategy"
+                                                or whole.get("name") != "@strategy")
+        if replaced or any(k in config for k in ("strategy_def#_target_", "strategy_def::_target_", "strategy_def#name",
+                                                 "strategy_def::name")):
+            # the runner sets --strategy per stage; a recipe's own strategy_def would ignore it and train its
+            # strategy under every label of the table
+            raise ValueError(f"--config_file: {path} replaces strategy_def, so every strategy of the ablation would "
+                             "train the recipe's one: ablate compares the built-in strategies (--strategies); train "
+                             "a strategy of your own with python -m monai.bundle run and that recipe.")
+    return out
+
+
+def _stage_settings(bundle: Path, args: Sequence[str], out: Path, overrides: Sequence[Path] = ()) -> dict[str, Any]:
+    """What decides a stage's result: the bundle, its override files (path and SHA-256 of the contents, so an
+    edited recipe trains again) and its arguments, with paths inside ``out`` made relative."""
     root = os.path.realpath(out)
 
     def relative(arg: str) -> str:
@@ -190,7 +239,11 @@ def _stage_settings(bundle: Path, args: Sequence[str], out: Path) -> dict[str, A
     split: list[str] = []
     for arg in _without(args, "output_dir"):
         split += arg.split("=", 1) if arg.startswith("--") and "=" in arg else [arg]
-    return {"bundle": str(bundle.resolve()), "args": [relative(a) for a in split]}
+    settings: dict[str, Any] = {"bundle": str(bundle.resolve()), "args": [relative(a) for a in split]}
+    if overrides:  # only then: stages recorded without override files stay reusable
+        settings["overrides"] = [{"path": os.path.realpath(f),
+                                  "sha256": hashlib.sha256(Path(f).read_bytes()).hexdigest()} for f in overrides]
+    return settings
 
 
 def _read_json(path: Path) -> Any:
@@ -318,11 +371,14 @@ def run_ablation(
         eval_split: sentiment bundles: the split to score (default: the bundle's ``val_split``).
         metrics: table metrics (default: the bundle family's; for a sentiment bundle run with
             ``--task classification``, ``Acc`` and ``F1``).
-        bundle_args: extra ``--key value`` overrides for both bundle commands.
+        bundle_args: extra ``--key value`` overrides for both bundle commands; a ``--config_file`` among them
+            names override files (recipes), placed after ``train.yaml`` in both commands.
     """
     bundle = Path(bundle)
     layout = bundle_layout(bundle)
     train, evaluate = _configs(bundle)
+    overrides = _override_files(bundle_args, train, evaluate)
+    bundle_args = _without(bundle_args, "config_file")
     if checkpoint not in ("final", "best"):
         raise ValueError(f"checkpoint must be 'final' or 'best', got {checkpoint!r}.")
     planned = parse_strategies(strategies, layout.kind)  # a bad list is refused before any folder is made
@@ -330,13 +386,14 @@ def run_ablation(
     out.mkdir(parents=True, exist_ok=True)
     ckpt_name = "model_final.pt" if checkpoint == "final" else "model.pt"
     default_metrics = layout.metrics
-    if layout is SENTIMENT and (_option(bundle_args, "task") or _load_config(train).get("task")) == "classification":
+    config = {k: v for f in (train, *overrides) for k, v in _load_config(f).items()}  # the recipes' values win
+    if layout is SENTIMENT and (_option(bundle_args, "task") or config.get("task")) == "classification":
         # the classification report has accuracy and F1 only, so the regression columns would stop the
         # ablation after every strategy has trained
         default_metrics = SENTIMENT_CLASSIFICATION_METRICS
     metrics = list(metrics or default_metrics)
     if layout is SENTIMENT:
-        eval_split = eval_split or _option(bundle_args, "val_split") or _load_config(train).get("val_split", "valid")
+        eval_split = eval_split or _option(bundle_args, "val_split") or config.get("val_split", "valid")
     runs: dict[str, Any] = {}
     reports: dict[str, Any] = {}
     first_split: tuple[str, dict[str, list[str]]] | None = None  # segmentation: every stage on the same cases
@@ -352,9 +409,10 @@ def run_ablation(
         # different command (seed, budget, overrides) must not silently reuse them
         # train_seconds.json is written last, so it marks a training stage that ran to its end
         seconds = out / label / "train_seconds.json"
-        if not _reusable(ckpt, out / label / "train_settings.json", _stage_settings(bundle, train_args, out), seconds):
+        if not _reusable(ckpt, out / label / "train_settings.json", _stage_settings(bundle, train_args, out, overrides),
+                         seconds):
             seconds.unlink(missing_ok=True)
-            train_s = _run_bundle([train], bundle, train_args, out / label / "train.log")
+            train_s = _run_bundle([train, *overrides], bundle, train_args, out / label / "train.log")
             if not ckpt.is_file():
                 raise RuntimeError(f"Training {label!r} finished without writing {ckpt}; see {out / label / 'train.log'}.")
             (out / label / "train_environment.json").write_text(json.dumps(_environment(bundle_args), indent=1))
@@ -374,8 +432,9 @@ def run_ablation(
         report_path = eval_dir / layout.report
         if train_s is not None and report_path.is_file():
             report_path.unlink()  # it scored the model just replaced
-        if not _reusable(report_path, out / label / "eval_settings.json", _stage_settings(bundle, eval_args, out)):
-            _run_bundle([train, evaluate], bundle, eval_args, out / label / "eval.log")
+        if not _reusable(report_path, out / label / "eval_settings.json",
+                         _stage_settings(bundle, eval_args, out, overrides)):
+            _run_bundle([train, *overrides, evaluate], bundle, eval_args, out / label / "eval.log")
         reports[label] = json.loads(report_path.read_text())
         if train_s is None:  # a reused stage: its time was recorded when it trained
             train_s = _read_json(seconds)
@@ -388,7 +447,7 @@ def run_ablation(
     table["runs"] = runs
     table["settings"] = {"bundle": str(bundle), "seed": seed, "max_epochs": int(max_epochs),
                          "time_limit_minutes": time_limit_minutes, "checkpoint": checkpoint,
-                         "bundle_args": list(bundle_args)}
+                         "bundle_args": list(bundle_args), "config_files": [str(f) for f in overrides]}
     budget = f"{max_epochs} epochs" + (f" or {time_limit_minutes:g} min" if time_limit_minutes else "")
     title = f"Ablation of {bundle.name}: seed {seed}, {budget} per strategy, {checkpoint} model"
     write_ablation_report(table, out, title)

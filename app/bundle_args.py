@@ -1,14 +1,17 @@
 """The command line of ``python -m monai.bundle run``, checked against the bundle's settings.
 
 MONAI adds an unknown ``--key`` to the config as a new, unused entry, so a misspelt override is
-silently ignored and the run uses the default. Training, evaluation and batch inference alike call
-:func:`check_overrides` first. This module needs no engine: the inference image imports it too.
+silently ignored and the run uses the default; the same holds for a misspelt key of an override file
+passed after ``train.yaml`` (:func:`check_override_files`). Training, evaluation and batch inference
+alike call :func:`check_overrides` first. This module needs no engine: the inference image imports it too.
 """
 
 from __future__ import annotations
 
 import ast
 import difflib
+import inspect
+import logging
 import os
 import re
 import sys
@@ -16,13 +19,19 @@ from typing import Any, Sequence
 
 import monai
 
-__all__ = ["check_overrides"]
+__all__ = ["check_overrides", "check_override_files"]
 
 _MONAI_DIR = os.path.dirname(os.path.abspath(monai.__file__)) + os.sep
+
+logger = logging.getLogger(__name__)
 
 # the arguments of ``monai.bundle run`` itself; every other ``--key`` is a config override
 _RUN_ARGS = frozenset({"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking",
                        "args_file"})
+# ids that ``monai.bundle run`` reads itself: an override file may add them although no setting names them
+_WORKFLOW_IDS = frozenset({"imports", "initialize", "run", "finalize", "bundle_root", "_meta_", "_requires_"})
+# a reference to another id (``@id``, ``@id#key``, ``$@id.method()``) or a macro (``%id``): its top-level id
+_REFERENCE = re.compile(r"[@%]([A-Za-z_]\w*)")
 
 
 def _cli_options(args: Sequence[str]) -> dict[str, str | None]:
@@ -52,6 +61,10 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
     (``sys.argv``, also under ``torchrun``) is checked; an in-process ``monai.bundle.run(...)`` is
     not, since its keywords cannot be told apart from the config here.
 
+    The override files among ``--config_file`` are checked too (:func:`check_override_files`), and so is
+    every argument of a component (a ``_target_`` entry) that the command line or an override file sets:
+    the component's class or function must take it.
+
     Raises:
         ValueError: names the unknown key, the close settings and the config files.
     """
@@ -71,7 +84,9 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
             config_file = ast.literal_eval(config_file)
         except (ValueError, SyntaxError):
             return  # MONAI reports the malformed list itself
-    known = set(ConfigParser.load_config_files(config_file)) | {"_meta_"}
+    merged = ConfigParser.load_config_files(config_file)
+    check_override_files(config_file, merged)
+    known = set(merged) | {"_meta_"}
     for key in options:
         top = re.split(r"::|#", key, maxsplit=1)[0]
         if key in _RUN_ARGS or top in known:
@@ -81,3 +96,170 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
         files = config_file if isinstance(config_file, str) else ", ".join(map(str, config_file))
         raise ValueError(f"--{key} is not a setting of {files}: {hint} The run would ignore it and use the default; "
                          "the settings are the top-level keys of those files.")
+    # a setting this command never reads (--ckpt_path in training: evaluate.yaml's; --eval_split in sentiment
+    # training): the run goes on as if it had not been given, so say so
+    used = _referenced_ids(merged) | _WORKFLOW_IDS
+    for key in options:
+        top = re.split(r"::|#", key, maxsplit=1)[0]
+        if key not in _RUN_ARGS and top not in used:
+            files = config_file if isinstance(config_file, str) else ", ".join(map(str, config_file))
+            logger.warning("--%s is a setting of %s that this command does not use (no setting refers to it): it has "
+                           "no effect here.", key, files)
+    # a component's arguments, set on the command line (--loss#lambda_ce 0.5) or by an override file
+    # (component id, argument, where it was set, whether a later file may have replaced it since)
+    touched: list[tuple[str, str, str, bool]] = []
+    for key in options:
+        if key not in _RUN_ARGS:
+            parent, _, name = key.rpartition("#") if "#" in key else key.rpartition("::")
+            if parent:
+                touched.append((parent, name, f"--{key}", False))
+    for path in _config_files(config_file)[1:]:
+        for key, value in ConfigParser.load_config_file(path).items():
+            parent, _, name = key.rpartition("#") if "#" in key else key.rpartition("::")
+            if parent:
+                touched.append((parent, name, f"{key!r} in {path}", True))
+            if isinstance(value, dict) and "_target_" in value:
+                touched += [(key, arg, f"{arg!r} under {key!r} in {path}", True) for arg in value]
+    cli_targets = {k.rpartition("#")[0]: v for k, v in options.items() if k.endswith("#_target_")}
+    referenced = {r.replace("::", "#") for r in _referenced_paths(merged)}
+    for parent, name, where, from_file in touched:
+        component = _config_at(merged, parent)
+        if from_file and not (isinstance(component, dict) and name in component):
+            continue  # a later file replaced the component: the argument is not used
+        if (not from_file and isinstance(component, dict) and "_target_" not in component and name not in component
+                and not any(r == f"{parent}#{name}" or r.startswith(f"{parent}#{name}#") for r in referenced)):
+            # a new entry in a plain section (--train#dataloder): MONAI adds it, and nothing reads it
+            close = difflib.get_close_matches(name, [str(k) for k in component], n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(f'--{parent}#{c}' for c in close)}?" if close else "check its spelling."
+            raise ValueError(f"{where} is not a setting of {parent!r}: {hint} The run would ignore it and use the "
+                             "default.")
+        _check_component_argument(merged, parent, name, where, cli_targets.get(parent))
+
+
+def _referenced_ids(config: Any, found: set[str] | None = None) -> set[str]:
+    """The top-level ids that the values of ``config`` refer to (``@id``, ``$...@id...``, ``%id``)."""
+    found = set() if found is None else found
+    if isinstance(config, dict):
+        for value in config.values():
+            _referenced_ids(value, found)
+    elif isinstance(config, (list, tuple)):
+        for value in config:
+            _referenced_ids(value, found)
+    elif isinstance(config, str):
+        found.update(_REFERENCE.findall(config))
+    return found
+
+
+def _referenced_paths(config: Any, found: set[str] | None = None) -> set[str]:
+    """The full ids that the values of ``config`` refer to (``@train#checkpoint``, ``%id::key``)."""
+    found = set() if found is None else found
+    if isinstance(config, dict):
+        for value in config.values():
+            _referenced_paths(value, found)
+    elif isinstance(config, (list, tuple)):
+        for value in config:
+            _referenced_paths(value, found)
+    elif isinstance(config, str):
+        found.update(re.findall(r"[@%]([A-Za-z_][\w#:]*)", config))
+    return found
+
+
+def _config_files(config_file: Any) -> list[str]:
+    """The files of a ``--config_file`` value, read as MONAI reads it (a list, or paths joined by commas)."""
+    if isinstance(config_file, str):
+        if not os.path.isfile(config_file) and "," in config_file:
+            return [f.strip() for f in config_file.split(",")]
+        return [config_file]
+    return [str(f) for f in config_file]
+
+
+def check_override_files(config_file: Any, merged: dict | None = None) -> None:
+    """Refuse a top-level key of an override file that the files before it lack and nothing reads.
+
+    A recipe such as ``configs/demo.yaml`` changes settings of the ``train.yaml`` before it; MONAI adds a
+    key it does not know (``learning_rat: 0.01``) as a new, unused entry, so the run silently trains with
+    the default. An override file may still add a new id that something refers to (``gmd_sync`` in
+    ``multi_gpu_train.yaml``, read as ``@gmd_sync``; a ``_target_`` component referenced from another
+    setting), and the ids ``monai.bundle run`` reads itself (``initialize``, ``run``, ``finalize``, ...).
+
+    Args:
+        config_file: the ``--config_file`` value: one file, a list of files, or paths joined by commas.
+        merged: the files merged by ``ConfigParser.load_config_files``, when the caller has them.
+
+    Raises:
+        ValueError: naming the key, its file, the settings it resembles and the fix.
+    """
+    from monai.bundle import ConfigParser
+
+    files = _config_files(config_file)
+    if len(files) < 2:
+        return
+    merged = ConfigParser.load_config_files(files) if merged is None else merged
+    used = _referenced_ids(merged) | _WORKFLOW_IDS
+    earlier = set(ConfigParser.load_config_file(files[0]))
+    for position, path in enumerate(files[1:], start=1):
+        tops = [re.split(r"::|#", key, maxsplit=1)[0] for key in ConfigParser.load_config_file(path)]
+        for top in tops:
+            if top in earlier or top in used:
+                continue
+            close = difflib.get_close_matches(top, sorted(earlier), n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}?" if close else "check its spelling."
+            raise ValueError(
+                f"{top!r} in {path} is not a setting of {', '.join(files[:position])} and no setting refers to it: "
+                f"{hint} The run would ignore it and use the default. Fix the key in {path}, or refer to a new "
+                f"setting from the one that should use it (@{top})."
+            )
+        earlier.update(tops)
+
+
+# keys of a component that MONAI reads itself and never passes to it
+_NON_ARG_KEYS = frozenset({"_target_", "_disabled_", "_requires_", "_desc_", "_mode_"})
+
+
+def _config_at(config: Any, path: str) -> Any:
+    """The entry of ``config`` at an id such as ``train#handlers#2`` (``::`` too), or None."""
+    node = config
+    for part in re.split(r"::|#", path):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def _check_component_argument(config: dict, path: str, name: str, where: str, target: Any = None) -> None:
+    """Refuse ``name`` as an argument of the component at ``path`` when its class or function takes no such
+    argument (and no ``**kwargs``).
+
+    MONAI would stop only when it builds the component, with a traceback, often after every case has
+    been read and ``datalist.json`` written; a loss, optimizer or network variant set in an override
+    file or with ``--loss#lambda_ce`` is checked here instead, before any work.
+
+    Raises:
+        ValueError: naming where the argument was set, the component, the arguments it resembles and the fix.
+    """
+    from monai.bundle.config_item import ComponentLocator, ConfigComponent
+    from monai.utils.module import locate
+
+    component = _config_at(config, path)
+    if name in _NON_ARG_KEYS or not isinstance(component, dict):
+        return
+    target = component.get("_target_") if target is None else target
+    if not isinstance(target, str) or target.startswith(("$", "@", "%")):
+        return
+    try:
+        module_name = ConfigComponent({"_target_": target}, locator=ComponentLocator()).resolve_module_name()
+        callable_ = locate(module_name) if isinstance(module_name, str) else module_name
+        params = inspect.signature(callable_).parameters
+    except Exception:  # noqa: BLE001 - a target that cannot be found or read is for MONAI to report
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()) or name in params:
+        return
+    accepted = [p for p, v in params.items() if v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)]
+    close = difflib.get_close_matches(name, accepted, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"it takes {', '.join(accepted)}."
+    raise ValueError(f"{where}: {target} (the {path!r} setting) takes no argument {name!r}: {hint} Fix the key, or make "
+                     "a component of your own take it; the run would stop when it builds the component, after reading "
+                     "the data.")

@@ -121,6 +121,38 @@ def test_segmentation_bundle_ablation_resumes_and_scores_held_out_cases(tmp_path
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.log")} == logs
 
 
+def test_an_ablation_of_a_recipe_trains_and_scores_every_strategy_with_it(tmp_path):
+    """A recipe given as --config_file went to both bundle commands unchanged: it replaced the runner's own
+    config files, so training used it but evaluation lost evaluate.yaml and failed after the first
+    strategy had trained."""
+    data = tmp_path / "phantoms"
+    write_phantoms(data, cases=5, size=32, seed=0)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("patch_size: [32, 32, 32]\nfeatures: [4, 8, 16, 32]\nnum_workers: 0\n")
+    out = tmp_path / "ablation"
+    args = ["--bundle", "bundles/brats_gmd", "--strategies", "plain", "--max_epochs", "1", "--output_dir", str(out),
+            "--dataset_dir", str(data), "--epoch_length", "1",
+            "--config_file", str(["bundles/brats_gmd/configs/train.yaml", str(recipe)])]
+    proc = _ablate(*args)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    weights = torch.load(out / "plain" / "train" / "models" / "model_final.pt", weights_only=True)
+    assert weights["encoders.0.levels.0.conv1.conv.weight"].shape[0] == 4  # the recipe's network trained
+    assert (out / "plain" / "eval" / "subset_dice.json").is_file()
+    assert json.loads((out / "ablation.json").read_text())["settings"]["config_files"] == [str(recipe)]
+    # an edited recipe is another setting: the finished stage is not reused for it
+    recipe.write_text("patch_size: [32, 32, 32]\nfeatures: [8, 16, 32, 64]\nnum_workers: 0\n")
+    again = _ablate(*args)
+    assert again.returncode == 1 and "other settings" in again.stderr, again.stderr[-3000:]
+    missing = _ablate(*args[:-1], str(tmp_path / "nosuch.yaml"))
+    assert missing.returncode == 1 and f"--config_file: {tmp_path / 'nosuch.yaml'} not found" in missing.stderr
+    # a recipe with a strategy of its own would train it under every label: refused before anything runs
+    own = tmp_path / "own.yaml"
+    own.write_text("strategy_def:\n  _target_: my_strategies.Mine\n  seed: '@seed'\n")
+    mine = _ablate(*args[:-1], str(own), "--output_dir", str(tmp_path / "mine"))
+    assert mine.returncode == 1 and f"--config_file: {own} replaces strategy_def" in mine.stderr
+    assert not (tmp_path / "mine").exists()
+
+
 def test_a_resumed_ablation_whose_data_changed_is_refused_instead_of_mixing_splits(tmp_path):
     """Cases added to --dataset_dir between an interrupted ablation and its rerun: the finished stage
     was reused and the next trained and was scored on another split, in one table, silently."""

@@ -43,3 +43,109 @@ def test_a_key_with_no_close_setting_gets_a_sentence_of_its_own():
     train = os.path.join(os.path.dirname(__file__), "..", "bundles", "mosi_gmd", "configs", "train.yaml")
     with pytest.raises(ValueError, match=r"--zzzz is not a setting of .*: check its spelling\. The run would ignore"):
         check_overrides([main, "run", "--config_file", train, "--zzzz", "1"])
+
+
+def test_a_misspelt_key_in_an_override_file_is_refused(tmp_path):
+    """A recipe's keys were merged into train.yaml unchecked: ``learning_rat: 0.01`` trained at the default."""
+    from app.bundle_args import _MONAI_DIR, check_override_files, check_overrides
+
+    main = os.path.join(_MONAI_DIR, "bundle", "__main__.py")
+    repo = os.path.join(os.path.dirname(__file__), "..")
+    configs = os.path.join(repo, "bundles", "brats_gmd", "configs")
+    train = os.path.join(configs, "train.yaml")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("strategy: plain\nlearning_rat: 0.01\n")
+    with pytest.raises(ValueError, match=r"'learning_rat' in .*recipe.yaml is not a setting of .*train.yaml and no "
+                                         r"setting refers to it: did you mean learning_rate\? The run would ignore it"):
+        check_overrides([main, "run", "--config_file", str([train, str(recipe)]), "--max_epochs", "1"])
+    with pytest.raises(ValueError, match="'learning_rat' in"):  # paths joined by a comma, as MONAI also reads them
+        check_override_files(f"{train},{recipe}")
+    # a nested override of a known setting, and a new setting that another one refers to: accepted
+    recipe.write_text("strategy_def#subsets: 5\naux_weight: 0.5\nloss:\n  _target_: DiceFocalLoss\n"
+                      "  sigmoid: true\n  gamma: '@aux_weight'\n")
+    check_overrides([main, "run", "--config_file", str([train, str(recipe)])])
+    # the shipped override files, alone and stacked
+    for files in (["evaluate.yaml"], ["multi_gpu_train.yaml"], [os.path.join(repo, "configs", "demo.yaml"), "evaluate.yaml"]):
+        check_override_files([train, *(os.path.join(configs, f) for f in files)])
+    mosi = os.path.join(repo, "bundles", "mosi_gmd", "configs")
+    for files in (["evaluate.yaml"], ["multi_gpu_train.yaml"], ["predict.yaml", "evaluate.yaml"]):
+        check_override_files([os.path.join(mosi, f) for f in ("train.yaml", *files)])
+    tests_override = os.path.join(os.path.dirname(__file__), "reliability", "configs", "save_rank_weights.yaml")
+    check_override_files([train, os.path.join(configs, "multi_gpu_train.yaml"), tests_override])
+
+
+def test_a_misspelt_argument_of_a_component_is_refused_before_any_work(tmp_path):
+    """--loss#lambda_dce (or a recipe's loss with 'gama') stopped the run only when the trainer was built: a
+    traceback, after every case had been read and datalist.json written."""
+    from app.bundle_args import _MONAI_DIR, check_overrides
+
+    main = os.path.join(_MONAI_DIR, "bundle", "__main__.py")
+    configs = os.path.join(os.path.dirname(__file__), "..", "bundles", "brats_gmd", "configs")
+    train = os.path.join(configs, "train.yaml")
+    with pytest.raises(ValueError, match=r"--loss#lambda_dce: DiceCELoss \(the 'loss' setting\) takes no argument "
+                                         r"'lambda_dce': did you mean lambda_dice or lambda_ce\? Fix the key"):
+        check_overrides([main, "run", "--config_file", train, "--loss#lambda_dce", "0.5"])
+    with pytest.raises(ValueError, match=r"--optimizer#weight_decy: torch.optim.AdamW .* did you mean weight_decay"):
+        check_overrides([main, "run", "--config_file", train, "--optimizer#weight_decy", "0.1"])
+    with pytest.raises(ValueError, match=r"--validate#inferer#overlp: SlidingWindowInferer \(the 'validate#inferer' "
+                                         r"setting\) takes no argument 'overlp': did you mean overlap"):
+        check_overrides([main, "run", "--config_file", train, "--validate#inferer#overlp", "0.3"])
+    recipe = tmp_path / "focal.yaml"
+    recipe.write_text("loss:\n  _target_: DiceFocalLoss\n  sigmoid: true\n  gama: 2.0\n")
+    with pytest.raises(ValueError, match=r"'gama' under 'loss' in .*focal.yaml: DiceFocalLoss .*did you mean gamma"):
+        check_overrides([main, "run", "--config_file", str([train, str(recipe)])])
+    recipe.write_text("network_def#featurs: [8, 16, 32, 64]\n")
+    with pytest.raises(ValueError, match=r"'network_def#featurs' in .*: app.networks.DSUNet .*did you mean features"):
+        check_overrides([main, "run", "--config_file", str([train, str(recipe)])])
+    # real arguments, a new target's arguments, and factories taking **kwargs (checked by the factory): accepted
+    recipe.write_text("loss:\n  _target_: DiceFocalLoss\n  sigmoid: true\n  gamma: 2.0\nnetwork_def#norm_name: batch\n")
+    check_overrides([main, "run", "--config_file", str([train, str(recipe)]), "--loss#lambda_focal", "0.5",
+                     "--strategy_def#rho", "2", "--train#handlers#0#print_lr", "true"])
+    check_overrides([main, "run", "--config_file", train, "--loss#_target_", "DiceFocalLoss", "--loss#gamma", "2"])
+    with pytest.raises(ValueError, match="DiceCELoss .* takes no argument 'gamma'"):
+        check_overrides([main, "run", "--config_file", train, "--loss#gamma", "2"])
+
+
+def test_a_setting_the_command_does_not_use_gets_a_warning(caplog):
+    """--ckpt_path on a training command (evaluate.yaml reads it) was accepted without a word: training from
+    scratch while the user meant to start from those weights."""
+    from app.bundle_args import _MONAI_DIR, check_overrides
+
+    main = os.path.join(_MONAI_DIR, "bundle", "__main__.py")
+    repo = os.path.join(os.path.dirname(__file__), "..")
+    configs = os.path.join(repo, "bundles", "brats_gmd", "configs")
+    train, evaluate = os.path.join(configs, "train.yaml"), os.path.join(configs, "evaluate.yaml")
+    with caplog.at_level("WARNING", logger="app.bundle_args"):
+        check_overrides([main, "run", "--config_file", train, "--ckpt_path", "m.pt", "--max_epochs", "1"])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--ckpt_path is a setting of {train} that this command does not use (no setting refers to it): it has no "
+        "effect here."]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="app.bundle_args"):  # evaluation reads it, and the shared settings
+        check_overrides([main, "run", "--config_file", str([train, evaluate]), "--ckpt_path", "m.pt", "--seed", "1",
+                         "--patch_size", "[32,32,32]", "--bundle_root", "bundles/brats_gmd"])
+        mosi = os.path.join(repo, "bundles", "mosi_gmd", "configs", "train.yaml")
+        check_overrides([main, "run", "--config_file", mosi, "--eval_split", "test"])
+    assert [r.getMessage().split(" is a setting")[0] for r in caplog.records] == ["--eval_split"]
+
+
+def test_a_misspelt_entry_of_a_plain_section_is_refused():
+    """--train#dataloder 3 added a new, unread entry to the train section: the run ignored it without a word."""
+    from app.bundle_args import _MONAI_DIR, check_overrides
+
+    main = os.path.join(_MONAI_DIR, "bundle", "__main__.py")
+    repo = os.path.join(os.path.dirname(__file__), "..")
+    train = os.path.join(repo, "bundles", "brats_gmd", "configs", "train.yaml")
+    with pytest.raises(ValueError, match=r"--train#dataloder is not a setting of 'train': did you mean "
+                                         r"--train#dataloader or --train#dataset\? The run would ignore it"):
+        check_overrides([main, "run", "--config_file", train, "--train#dataloder", "3"])
+    with pytest.raises(ValueError, match=r"--validate#report_dirr is not a setting of 'validate': did you mean "
+                                         r"--validate#report_dir\?"):
+        check_overrides([main, "run", "--config_file", train, "--validate#report_dirr", "x"])
+    # existing entries, and a new one that a setting refers to (the sentiment multi-GPU override's train#checkpoint)
+    check_overrides([main, "run", "--config_file", train, "--validate#report_dir", "x", "--train#handlers#0#print_lr",
+                     "true"])
+    mosi = os.path.join(repo, "bundles", "mosi_gmd", "configs")
+    check_overrides([main, "run", "--config_file", str([os.path.join(mosi, "train.yaml"),
+                                                       os.path.join(mosi, "multi_gpu_train.yaml")]),
+                     "--train#checkpoint#interval", "2"])

@@ -221,6 +221,58 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return getattr(module, "module", module)  # DistributedDataParallel / DataParallel keep the net in .module
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as plain lists, numbers and strings, so that ``(32, 32, 32)`` equals ``[32, 32, 32]``."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _plain(value.tolist())
+    return value
+
+
+def _cli_value(value: Any) -> str:
+    """``value`` as it is written on the ``monai.bundle`` command line (``"[32,32,32]"``, ``auto``)."""
+    if isinstance(value, list):
+        return '"[' + ",".join(str(v) for v in value) + ']"'
+    return str(value)
+
+
+#: optimizer hyperparameters a resume compares, with the bundle setting that sets each (others: the optimizer's)
+_OPTIMIZER_SETTINGS = {"lr": "--learning_rate", "weight_decay": "--weight_decay", "betas": "betas", "eps": "eps",
+                       "momentum": "momentum", "dampening": "dampening", "nesterov": "nesterov", "amsgrad": "amsgrad"}
+#: those that a learning-rate scheduler may move during training (OneCycleLR cycles the momentum too)
+_SCHEDULED = frozenset({"lr", "betas", "momentum"})
+
+
+def _optimizer_changes(
+    configured: Mapping[str, Any], saved: Mapping[str, Any], scheduled: bool
+) -> list[tuple[str, Any, Any]]:
+    """``(setting, saved value, configured value)`` for each hyperparameter of the optimizer configured for
+    this run that differs from the one the checkpoint's optimizer was built with.
+
+    Args:
+        configured, saved: optimizer ``state_dict()`` of this run (before loading) and of the checkpoint.
+        scheduled: a learning-rate scheduler drives the optimizer. Its learning rate is then compared as
+            the scheduler recorded the starting value (``initial_lr``), and the values a scheduler may move
+            without recording where they started (``lr`` without ``initial_lr``, ``betas``, ``momentum``)
+            are not compared.
+    """
+    changes = []
+    for index, (now, then) in enumerate(zip(configured.get("param_groups", []), saved.get("param_groups", []))):
+        for key, setting in _OPTIMIZER_SETTINGS.items():
+            if key == "lr" and "initial_lr" in now and "initial_lr" in then:
+                key = "initial_lr"
+            elif scheduled and key in _SCHEDULED:
+                continue
+            if key not in now or key not in then:
+                continue
+            a, b = then[key], now[key]
+            same = list(a) == list(b) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else a == b
+            if not same:
+                changes.append((setting if index == 0 else f"{setting} (parameter group {index})", a, b))
+    return changes
+
+
 class ResumableCheckpoint:
     """Writes ``<save_dir>/<filename>`` atomically during training and resumes from it.
 
@@ -233,9 +285,10 @@ class ResumableCheckpoint:
     The checkpoint holds the network, optimizer, LR scheduler, gradient scaler, strategy state, epoch,
     iteration, ``epoch_length``, the validator's best metric and the key-metric saver's record (so
     ``model.pt`` is only replaced by a better model after a resume), and the generator states of
-    every rank. With ``resume`` the handler restores all of it at ``STARTED``; ignite then continues
-    from the restored iteration, and a :class:`ResumableSampler` of the trainer's loader is moved to
-    the same batch.
+    every rank. With ``resume`` the handler restores all of it at ``STARTED`` (after refusing a run configured
+    with another network, epoch length, ``max_epochs``, ``settings``, learning rate, weight decay or strategy);
+    ignite then continues from the restored iteration, and a :class:`ResumableSampler` of the trainer's loader
+    is moved to the same batch.
 
     In a distributed run every rank must attach the handler (the generator states are gathered);
     only rank 0 writes. ``save_dir`` must be reachable by all ranks to resume.
@@ -254,6 +307,10 @@ class ResumableCheckpoint:
         filename: checkpoint file name.
         time_limit: optional :class:`~app.engines.TimeLimitHandler` of the trainer: the training time
             spent is kept, so a resumed run continues its wall-clock budget instead of starting a new one.
+        settings: named settings that a resumed run must keep (the bundles: ``patch_size``, ``batch_size``,
+            ``num_samples``, ``label_convention``), recorded in the checkpoint: with another value the run
+            would continue on other samples than the one it resumes, while the weights and the data order
+            carried on without a word.
     """
 
     def __init__(
@@ -269,9 +326,11 @@ class ResumableCheckpoint:
         interval: int = 0,
         filename: str = "checkpoint_last.pt",
         time_limit: Any = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.path = Path(save_dir) / filename
         self.time_limit = time_limit
+        self.settings = {str(k): _plain(v) for k, v in (settings or {}).items()}
         self.network = network
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -360,6 +419,8 @@ class ResumableCheckpoint:
             state["key_metric_saver"] = {k: [(float(p), str(f)) for p, f in v] for k, v in tracker.state_dict().items()}
         if self.time_limit is not None:
             state["time_limit"] = self.time_limit.state_dict()
+        if self.settings:
+            state["settings"] = dict(self.settings)
         loader = getattr(engine, "data_loader", None)
         sampler = getattr(loader, "sampler", None)
         if isinstance(sampler, ResumableSampler):
@@ -411,6 +472,27 @@ class ResumableCheckpoint:
                 f"{self.path} was written by a run of {state['max_epochs']} epochs, this run asks for {planned}: the "
                 "learning-rate schedule was set for the original length, so resume with --max_epochs "
                 f"{state['max_epochs']}, or start a new run in another --output_dir to train for {planned}."
+            )
+        recorded = state.get("settings") or {}
+        differ = [k for k in self.settings if k in recorded and _plain(recorded[k]) != self.settings[k]]
+        if differ:
+            # the weights, optimizer and data order would carry on, on other samples than the run it continues
+            listed = "; ".join(f"--{k} {recorded[k]!r} there, {self.settings[k]!r} here" for k in differ)
+            fix = " ".join(f"--{k} {_cli_value(recorded[k])}" for k in differ)
+            raise ValueError(
+                f"{self.path} was written by a run with other training settings ({listed}): resume with {fix}, or "
+                "start a new run in another --output_dir to train with the new ones."
+            )
+        changed = _optimizer_changes(self.optimizer.state_dict(), state["optimizer"], self.lr_scheduler is not None)
+        if changed:
+            # loading the optimizer's state brings its hyperparameters back: the values asked for would be ignored
+            listed = "; ".join(f"{name} {old!r} there, {new!r} here" for name, old, new in changed)
+            fix = " ".join(f"{name} {old}" for name, old, _ in changed if name.startswith("--"))
+            raise ValueError(
+                f"{self.path} was written by a run with other optimizer settings ({listed}): a resume continues the "
+                f"saved optimizer, so the new values would be ignored. Resume with the original settings"
+                f"{' (' + fix + ')' if fix else ''}, or start a new run in another --output_dir to train with the new "
+                "ones."
             )
         strategy = self._strategy(engine)
         written_by = state.get("strategy_config")

@@ -128,11 +128,16 @@ class TimeLimitHandler:
         return self.validator.state.epoch == engine.state.epoch
 
 
+#: the entries of GMD's diagnostics that the TensorBoard curves and ``plot-conflicts`` read
+_GMD_KEYS = ("pairs", "conflicts_before", "conflicts_after", "subsets", "norms", "weights")
+
+
 class DiagnosticsHandler:
     """Writes the strategy's per-step diagnostics to a JSONL file and to TensorBoard.
 
     GMD records (strategies ``gmd*``) go to ``gmd_diagnostics.jsonl``, which ``python -m app
-    plot-conflicts`` reads; any other strategy's to ``<strategy>_diagnostics.jsonl``. TensorBoard
+    plot-conflicts`` reads; any other strategy's to ``<strategy>_diagnostics.jsonl``, ``<strategy>`` being the
+    record's ``strategy`` entry or, without one, the trainer's strategy's ``name``. TensorBoard
     gets GMD's conflict fractions and per-subset norms and weights; for other strategies, every
     number of the record (``<strategy>/<key>``) and every per-modality list, given a
     ``modalities`` entry (``<strategy>_<key>/<modality>``).
@@ -155,7 +160,9 @@ class DiagnosticsHandler:
 
     @staticmethod
     def _is_gmd(diag: dict) -> bool:
-        return str(diag.get("strategy", "gmd")).startswith("gmd")
+        # GMD's conflict statistics, which plot-conflicts reads; a strategy of one's own named gmd_* may record
+        # other numbers
+        return str(diag.get("strategy")).startswith("gmd") and all(k in diag for k in _GMD_KEYS)
 
     def path_for(self, diag: dict) -> Path:
         """JSONL file of a diagnostics record."""
@@ -166,6 +173,8 @@ class DiagnosticsHandler:
         diag = output.get(self.key) if isinstance(output, dict) else None
         if not diag:
             return
+        if "strategy" not in diag:  # a strategy of one's own may leave it out: its name tags the records
+            diag = {"strategy": str(getattr(getattr(engine, "strategy", None), "name", None) or "strategy"), **diag}
         record = {"iteration": engine.state.iteration, "epoch": engine.state.epoch, **diag}
         path = self.path_for(diag)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ both branches unchanged.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -30,7 +31,10 @@ class StepResult:
     Attributes:
         loss: detached scalar, the loss of the prediction fused over the available modalities.
         pred: detached fused prediction over the available modalities.
-        diagnostics: optional per-step diagnostics (GMD conflict statistics).
+        diagnostics: optional per-step diagnostics (GMD conflict statistics, CGGM balance terms): a dict
+            of numbers and lists, written by :class:`app.engines.DiagnosticsHandler` to
+            ``<output_dir>/<strategy>_diagnostics.jsonl`` (GMD: ``gmd_diagnostics.jsonl``) and TensorBoard;
+            its ``strategy`` entry names the file, the strategy's ``name`` when it has none.
     """
 
     loss: torch.Tensor
@@ -124,6 +128,9 @@ class GradientStrategy:
     #: the branches whose networks the strategy can train (``"segmentation"``, ``"sentiment"``), so that
     #: ``python -m app ablate`` refuses a strategy that its bundle's network lacks before anything trains
     branches: tuple[str, ...] = ("segmentation", "sentiment")
+    #: constructor arguments left out of the settings a resume compares (``repr``): they change what is
+    #: recorded or how the work is batched, not the gradients, so a resumed run may change them
+    unrecorded: tuple[str, ...] = ("diagnostics_interval",)
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -154,4 +161,21 @@ class GradientStrategy:
         self.generator.set_state(state["generator"])
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(seed={self.seed})"
+        """The class and its settings: every constructor argument kept as an attribute of the same name.
+
+        The constructors of the class and of its bases are read (a subclass taking ``**kwargs`` for its
+        base's arguments keeps them), leaving out :attr:`unrecorded`. A resume compares this text with the
+        one the checkpoint recorded (``strategy_config``), so a strategy of one's own, or a variant of a
+        built-in one, given to the bundle as ``strategy_def: {_target_: my_module.MyStrategy, ...}``, has
+        its settings checked without writing a ``__repr__``.
+        """
+        names: list[str] = []
+        for cls in type(self).__mro__:
+            init = cls.__dict__.get("__init__")
+            if init is None or cls is object:
+                continue
+            for p in list(inspect.signature(init).parameters.values())[1:]:
+                if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in names:
+                    names.append(p.name)
+        settings = [f"{n}={getattr(self, n)!r}" for n in names if n not in self.unrecorded and hasattr(self, n)]
+        return f"{type(self).__name__}({', '.join(settings)})"

@@ -304,9 +304,6 @@ class CGGMStrategy(GradientStrategy):
         else:
             self._load_heads(heads)
 
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(rho={self.rho}, cggm_lambda={self.cggm_lambda}, head_lr={self.head_lr}, "
-                f"b_clip={self.b_clip}, seed={self.seed})")
 
 
 def _detach(representation: Any) -> Any:

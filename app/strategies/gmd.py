@@ -51,6 +51,7 @@ class GMDStrategy(GradientStrategy):
 
     name = "gmd"
     approximate = False
+    unrecorded = ("diagnostics_interval", "vjp_chunk")
 
     def __init__(
         self, subsets: str | int = "all", seed: int = 0, diagnostics_interval: int = 0, vjp_chunk: int = 1,
@@ -277,9 +278,6 @@ class GMDStrategy(GradientStrategy):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self._deck = list(state.get("deck", []))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(subsets={self.subsets!r}, seed={self.seed}, sync={self.sync!r})"
 
 
 class GMDApproxStrategy(GMDStrategy):

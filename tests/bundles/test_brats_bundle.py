@@ -315,3 +315,22 @@ def test_a_strategy_the_network_cannot_train_stops_before_any_output(phantoms, t
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: Strategy 'predict' needs a network") and "For BraTS, choose" in last, last
     assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
+
+
+def test_evaluation_follows_deterministic_false_as_training_does():
+    """evaluate.yaml replaced train.yaml's initialize without its set_cudnn step: --deterministic false was
+    accepted and ignored, evaluation kept the deterministic cuDNN kernels set_determinism forces."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(ConfigParser.load_config_files([TRAIN, EVALUATE]))
+    parser["deterministic"] = False
+    steps = parser.get("initialize")
+    order = [i for i, step in enumerate(steps) if "set_determinism" in step or "set_cudnn(@deterministic)" in step]
+    assert len(order) == 2 and "set_determinism" in steps[order[0]]  # cuDNN settings after the seeding
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        for i in order:
+            parser.get_parsed_content(f"initialize#{i}")
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before

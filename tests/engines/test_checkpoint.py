@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
 from app.engines import ResumableCheckpoint, load_training_checkpoint
+from tests.bundles.helpers import REPO
 
 DATA = [0, 1, 2]  # three iterations per epoch
 
@@ -80,6 +81,63 @@ def test_a_longer_run_with_a_learning_rate_schedule_is_refused(tmp_path):
     with pytest.raises(ValueError, match="a run of 1 epochs, this run asks for 2: .*resume with --max_epochs 1"):
         run(2)
     run(1)  # the same length resumes (a finished run: nothing to do)
+
+
+def test_a_resume_with_another_learning_rate_or_weight_decay_is_refused(tmp_path):
+    """Loading the optimizer's state brings back its hyperparameters: --learning_rate 0.05 on a resume
+    trained on silently at the first run's rate (the scheduler's base rates come back too)."""
+    def run(lr, weight_decay=0.0, scheduled=True, resume="auto"):
+        net = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=2) if scheduled else None
+        engine = Engine(lambda e, b: optimizer.step())
+        if scheduler is not None:
+            engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: scheduler.step())
+        ResumableCheckpoint(tmp_path, net, optimizer, lr_scheduler=scheduler, resume=resume).attach(engine)
+        engine.run(DATA, max_epochs=2)
+        return optimizer
+
+    assert run(0.1, 0.01, resume="false").param_groups[0]["lr"] < 0.1  # the schedule has moved the learning rate
+    with pytest.raises(ValueError, match=r"other optimizer settings \(--learning_rate 0.1 there, 0.05 here\): a resume "
+                                         r"continues the saved optimizer.*Resume with the original settings "
+                                         r"\(--learning_rate 0.1\), or start a new run"):
+        run(0.05, 0.01)
+    with pytest.raises(ValueError, match=r"--weight_decay 0.01 there, 0.1 here.*\(--weight_decay 0.01\)"):
+        run(0.1, 0.1)
+    # the same settings resume, although the scheduled learning rate is no longer the configured one
+    assert run(0.1, 0.01).param_groups[0]["initial_lr"] == 0.1
+    run(0.1, 0.01, scheduled=False, resume="false")
+    with pytest.raises(ValueError, match="--learning_rate 0.1 there, 0.2 here"):  # no scheduler: lr itself
+        run(0.2, 0.01, scheduled=False)
+
+
+def test_a_resume_with_other_training_settings_is_refused(tmp_path):
+    """A resume that forgot --patch_size "[32,32,32]" trained on at the default patch size, the weights, optimizer
+    and data order carrying on as if nothing had changed."""
+    def run(**settings):
+        net = torch.nn.Linear(2, 1)
+        engine = Engine(lambda e, b: None)
+        ResumableCheckpoint(tmp_path, net, torch.optim.SGD(net.parameters(), lr=0.1), resume="auto",
+                            settings=settings).attach(engine)
+        engine.run(DATA, max_epochs=1)
+
+    run(patch_size=(32, 32, 32), batch_size=2)
+    assert load_training_checkpoint(tmp_path / "checkpoint_last.pt")["settings"] == {"patch_size": [32, 32, 32],
+                                                                                      "batch_size": 2}
+    with pytest.raises(ValueError, match=r"other training settings \(--patch_size \[32, 32, 32\] there, \[96, 96, 96\] "
+                                         r"here\): resume with --patch_size \"\[32,32,32\]\", or start a new run"):
+        run(patch_size=[96, 96, 96], batch_size=2)
+    run(patch_size=[32, 32, 32], batch_size=2)  # the same settings, as a list: resumes
+    run()  # a checkpoint compared with a handler that records nothing (and the reverse, an earlier checkpoint)
+
+
+def test_the_segmentation_bundle_records_its_sample_settings():
+    from monai.bundle import ConfigParser
+
+    bundle = REPO / "bundles" / "brats_gmd" / "configs"
+    parser = ConfigParser(ConfigParser.load_config_files([str(bundle / "train.yaml")]))
+    handler = next(h for h in parser.get("train#handlers") if h["_target_"] == "app.engines.ResumableCheckpoint")
+    assert set(handler["settings"]) == {"patch_size", "batch_size", "num_samples", "label_convention"}
 
 
 def test_a_stop_at_an_epochs_last_iteration_is_saved(tmp_path):
@@ -179,6 +237,57 @@ def test_a_resume_with_another_strategy_is_refused(tmp_path):
     assert run("plain") == 3  # the same strategy resumes (a finished run: nothing to do)
     with pytest.raises(ValueError, match="original --strategy and its settings"):
         run("plain", seed=1)
+
+
+def test_a_resume_checks_the_settings_of_a_strategy_of_ones_own(tmp_path):
+    """A strategy written outside the package (given as strategy_def's _target_) recorded only its seed,
+    so a resume with another setting of its own mixed two methods without a word."""
+    from app.strategies import GradientStrategy
+
+    class WeightedPlain(GradientStrategy):
+        def __init__(self, seed: int = 0, aux_weight: float = 0.5, diagnostics_interval: int = 0) -> None:
+            super().__init__(seed)
+            self.aux_weight = aux_weight
+            self.diagnostics_interval = diagnostics_interval
+
+    def run(**settings):
+        net = torch.nn.Linear(2, 1)
+        engine = Engine(lambda e, b: None)
+        ResumableCheckpoint(tmp_path, net, torch.optim.SGD(net.parameters(), lr=0.1), resume="auto",
+                            strategy=WeightedPlain(**settings)).attach(engine)
+        engine.run(DATA, max_epochs=1)
+
+    run(aux_weight=0.5)
+    assert load_training_checkpoint(tmp_path / "checkpoint_last.pt")["strategy_config"] == \
+        "WeightedPlain(seed=0, aux_weight=0.5)"
+    with pytest.raises(ValueError, match=r"WeightedPlain\(seed=0, aux_weight=0.5\), this run trains with "
+                                         r"WeightedPlain\(seed=0, aux_weight=0.25\)"):
+        run(aux_weight=0.25)
+    run(aux_weight=0.5, diagnostics_interval=10)  # what is recorded may change
+
+
+def test_a_resume_checks_the_settings_of_a_variant_of_a_builtin_strategy(tmp_path):
+    """A small variant of GMD (a subclass with a knob of its own) recorded GMD's settings only."""
+    from app.strategies import GMDStrategy
+
+    class ScaledGMD(GMDStrategy):
+        def __init__(self, alpha: float = 1.0, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.alpha = alpha
+
+    def run(**settings):
+        net = torch.nn.Linear(2, 1)
+        engine = Engine(lambda e, b: None)
+        ResumableCheckpoint(tmp_path, net, torch.optim.SGD(net.parameters(), lr=0.1), resume="auto",
+                            strategy=ScaledGMD(**settings)).attach(engine)
+        engine.run(DATA, max_epochs=1)
+
+    run(alpha=0.5, subsets=3)
+    assert load_training_checkpoint(tmp_path / "checkpoint_last.pt")["strategy_config"] == \
+        "ScaledGMD(alpha=0.5, subsets=3, seed=0, sync='local')"
+    with pytest.raises(ValueError, match=r"ScaledGMD\(alpha=0.5, .*\), this run trains with ScaledGMD\(alpha=2.0, "):
+        run(alpha=2.0, subsets=3)
+    run(alpha=0.5, subsets=3, vjp_chunk=4, diagnostics_interval=5)  # batching and records may change
 
 
 def _scheduled_run(folder, resume, minutes, clock, limit_class):

@@ -129,3 +129,20 @@ def test_tensorboard_gets_numbers_of_other_strategies_but_no_flags(tmp_path):
     DiagnosticsHandler(tmp_path, summary_writer=writer)(
         SimpleNamespace(state=SimpleNamespace(iteration=4, epoch=1, output={"diagnostics": diag})))
     assert writer.scalars == {"vicreg/loss": (1.5, 4), "vicreg/steps": (3, 4), "vicreg_var/text": (0.5, 4)}
+
+
+def test_records_of_a_strategy_of_ones_own_are_tagged_with_its_name(tmp_path):
+    """A record without a 'strategy' entry (or one named gmd_* with other numbers) was taken for GMD's
+    conflict statistics and stopped the run with a KeyError at its first diagnostics step."""
+    writer = _Writer()
+    handler = DiagnosticsHandler(tmp_path, summary_writer=writer)
+    engine = SimpleNamespace(strategy=SimpleNamespace(name="unimodal_aux"),
+                             state=SimpleNamespace(iteration=5, epoch=1, output={"diagnostics": {"aux_loss": 0.25}}))
+    handler(engine)
+    record = json.loads((tmp_path / "unimodal_aux_diagnostics.jsonl").read_text())
+    assert record == {"iteration": 5, "epoch": 1, "strategy": "unimodal_aux", "aux_loss": 0.25}
+    assert writer.scalars == {"unimodal_aux/aux_loss": (0.25, 5)}
+    engine.state.output = {"diagnostics": {"strategy": "gmd_scaled", "alpha": 0.5}}
+    handler(engine)
+    assert json.loads((tmp_path / "gmd_scaled_diagnostics.jsonl").read_text())["alpha"] == 0.5
+    assert not (tmp_path / "gmd_diagnostics.jsonl").exists() and writer.scalars["gmd_scaled/alpha"] == (0.5, 5)

@@ -160,6 +160,19 @@ def test_validation_batch_size_is_a_setting(synthetic_pkl, tmp_path):
     assert not (tmp_path / "bad" / "splits.json").exists()
 
 
+def test_an_unknown_strategy_or_strategy_option_writes_nothing(synthetic_pkl, tmp_path):
+    """The strategy was built only when training started, after splits.json was written, and a misspelt
+    strategy option (strategy_def#subset) was left out silently."""
+    for bad, line in ((["--strategy", "nosuch"], "Unknown strategy 'nosuch'"),
+                      (["--strategy_def#subset", "3"], "'subset' (strategy_def#subset in the bundle config) is an "
+                                                        "option of no strategy: did you mean 'subsets'?")):
+        out = tmp_path / bad[0].strip("-").replace("#", "_")
+        proc = run_mosi_bundle([TRAIN], "--data_path", str(synthetic_pkl), "--trust_pickle", "true", "--output_dir",
+                               str(out), "--max_epochs", "1", *bad, check=False)
+        assert proc.returncode == 1 and line in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and not out.exists()
+
+
 def test_metadata_matches_the_schema():
     schema = json.loads((REPO / "bundles" / "meta_schema.json").read_text())
     metadata = json.loads((MOSI_BUNDLE / "configs" / "metadata.json").read_text())

@@ -1,0 +1,70 @@
+"""The strategy factory the bundles call (app/strategies/__init__.py: build_strategy)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from monai.bundle import ConfigParser
+
+from app.strategies import GMDStrategy, PlainStrategy, build_strategy, strategy_options
+
+BUNDLES = os.path.join(os.path.dirname(__file__), "..", "..", "bundles")
+
+
+def test_an_option_of_another_strategy_is_left_out():
+    # the bundles pass every strategy's knobs to one factory: gmd ignores cggm's rho, plain ignores subsets
+    gmd = build_strategy("gmd", subsets=5, seed=3, rho=1.2, head_lr=1e-3)
+    assert isinstance(gmd, GMDStrategy) and gmd.subsets == 5 and gmd.seed == 3
+    assert isinstance(build_strategy("plain", subsets="all", seed=1), PlainStrategy)
+
+
+def test_a_misspelt_option_is_refused_with_the_option_it_resembles():
+    with pytest.raises(ValueError, match=r"'subset' \(strategy_def#subset .*\) is an option of no strategy: "
+                                         r"did you mean 'subsets'\?"):
+        build_strategy("gmd", subset=5)
+    with pytest.raises(ValueError, match=r"'zzzz' .* is an option of no strategy: the options are \["):
+        build_strategy("plain", zzzz=1)
+
+
+@pytest.mark.parametrize("bundle,extra", [("brats_gmd", ()), ("brats_gmd", ("multi_gpu_train.yaml",)),
+                                          ("mosi_gmd", ()), ("mosi_gmd", ("multi_gpu_train.yaml",))])
+def test_every_knob_the_bundles_pass_is_an_option_of_some_strategy(bundle, extra):
+    files = [os.path.join(BUNDLES, bundle, "configs", f) for f in ("train.yaml", *extra)]
+    config = ConfigParser.load_config_files(files)
+    passed = {k for k in config["strategy_def"] if not k.startswith("_") and k != "name"}
+    passed |= {k.split("#", 1)[1] for k in config if k.startswith("strategy_def#")}
+    assert passed and passed <= strategy_options()
+
+
+def test_a_strategy_of_ones_own_trains_through_an_override_file(tmp_path, monkeypatch):
+    """The README's recipe: an override file replaces strategy_def with a module outside the package."""
+    import torch
+
+    from app.networks import DSUNet
+
+    (tmp_path / "my_strategies.py").write_text(
+        "from app.strategies import GradientStrategy, StepResult, subset_loss\n\n"
+        "class UnimodalAux(GradientStrategy):\n"
+        "    def __init__(self, seed=0, aux_weight=0.5):\n"
+        "        super().__init__(seed)\n"
+        "        self.aux_weight = aux_weight\n\n"
+        "    def step(self, model, inputs, modality_mask, targets, loss_function, iteration=0):\n"
+        "        per_mod = model.per_modality(inputs, modality_mask)\n"
+        "        loss, pred = subset_loss(model, per_mod, modality_mask, targets, loss_function)\n"
+        "        (loss * (1 + self.aux_weight)).backward()\n"
+        "        return StepResult(loss=loss.detach(), pred=pred.detach())\n")
+    recipe = tmp_path / "my_recipe.yaml"
+    recipe.write_text("strategy: unimodal_aux\nstrategy_def:\n  _target_: my_strategies.UnimodalAux\n"
+                      "  seed: '@seed'\n  aux_weight: 0.5\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    files = [os.path.join(BUNDLES, "brats_gmd", "configs", "train.yaml"), str(recipe)]
+    parser = ConfigParser(ConfigParser.load_config_files(files))
+    parser["seed"] = 7
+    strategy = parser.get_parsed_content("strategy_def")
+    assert repr(strategy) == "UnimodalAux(seed=7, aux_weight=0.5)"
+    model = DSUNet(features=(4, 8), out_channels=3)
+    mask = torch.tensor([[True, False, True, True]])
+    result = strategy.step(model, torch.randn(1, 4, 8, 8, 8), mask, torch.rand(1, 3, 8, 8, 8),
+                           torch.nn.functional.mse_loss)
+    assert torch.isfinite(result.loss) and all(p.grad is not None for p in model.shared_parameters())
