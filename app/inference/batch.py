@@ -11,7 +11,8 @@ A case with bad input, including a problem found while discovering it (two files
 label without image, ...), is reported and skipped; the others still run. ``inference_summary.json``
 lists every case with its status. A rerun into the same folder removes the outputs an earlier run
 wrote for a case that this run does not write again (the case now fails, or ``--probabilities`` was
-dropped), so the folder holds exactly this run's results.
+dropped), so the folder holds exactly this run's results; a case that fails only because its outputs
+could not be written (a full disk) keeps the earlier run's.
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ def _segment_cases(names: Sequence[str], records: Mapping[str, Any], discovery_e
                    inputs: Collection[str], labels: str, probabilities: bool, reference: str | None) -> None:
     """Segment each case in turn, appending its result (ok or error) to ``results``."""
     from app.data.discovery import CaseError, case_sources
-    from app.inference.pipeline import segment_case, summary_notes
+    from app.inference.pipeline import OutputWriteError, segment_case, summary_notes
 
     for name in names:
         rec = records.get(name)
@@ -262,10 +263,15 @@ def _segment_cases(names: Sequence[str], records: Mapping[str, Any], discovery_e
             )
         except (ValueError, OSError) as err:  # CaseError is a ValueError; the case is skipped, the rest run
             message = " ".join(str(err).split())
-            try:  # no result of an earlier run may stand in for a case that failed now
-                _remove_stale_outputs(out_dir, name, (), claimed, inputs)
-            except OSError as rm_err:
-                message += f" {' '.join(str(rm_err).split())}"
+            if isinstance(err, OutputWriteError):
+                # the disk, not the case, failed (full, over quota): an earlier run's complete result for
+                # the case is still the best there is, and removing it would lose it for a rerun to redo
+                message += " The outputs an earlier run wrote for this case, if any, are kept."
+            else:
+                try:  # no result of an earlier run may stand in for a case that failed now
+                    _remove_stale_outputs(out_dir, name, (), claimed, inputs)
+                except OSError as rm_err:
+                    message += f" {' '.join(str(rm_err).split())}"
             print(f"error: case {name}: {message}", file=sys.stderr)
             results.append({"case": name, "status": "error", "error": message})
             continue

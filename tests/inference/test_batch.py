@@ -415,3 +415,36 @@ def test_an_empty_folder_setting_is_refused_instead_of_meaning_the_current_folde
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="--input-dir is empty"):  # input_dir: null in a bundle override
         run_batch(None, None, tmp_path / "out")
+
+
+def test_a_full_disk_keeps_the_earlier_results_and_names_the_file(phantom_root, random_ckpt, tmp_path, monkeypatch,
+                                                                  capsys):
+    """A rerun that finds the output disk full (here: adding --probabilities) fails each case with one
+    line naming the file it could not write and the fix, and keeps the label maps and summaries the
+    earlier run wrote: the disk failed, not the cases, and the earlier results were complete."""
+    import errno
+
+    import app.inference.pipeline as pipeline
+
+    root, out = tmp_path / "in", tmp_path / "out"
+    for case in ("Phantom_000", "Phantom_001"):
+        shutil.copytree(phantom_root / case, root / case)
+    args = ["--input-dir", str(root), "--output-dir", str(out), "--ckpt", random_ckpt, "--device", "cpu"]
+    assert batch_main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "inference_summary.json"}
+    real_save = nib.save
+
+    def full_disk(img, path):
+        if "_prob." in Path(path).name:  # the label map fits, the 4D probabilities do not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(img, path)
+
+    monkeypatch.setattr(pipeline.nib, "save", full_disk)
+    capsys.readouterr()
+    assert batch_main([*args, "--probabilities"]) == 2
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("error: case Phantom_000:"))
+    assert f"Cannot write {out / 'Phantom_000_prob.nii.gz'} (No space left on device): free space" in line
+    assert "[Errno" not in line and "earlier run wrote for this case, if any, are kept" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "inference_summary.json"} == before
+    assert {r["status"] for r in _report(out).values()} == {"error"}
