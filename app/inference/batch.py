@@ -18,12 +18,13 @@ could not be written (a full disk) keeps the earlier run's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Collection, Mapping, NoReturn, Sequence
+from typing import Any, Callable, Collection, Mapping, NoReturn, Sequence
 
 from app.atomic import atomic_write_text
 from app.flags import parse_bool
@@ -33,6 +34,9 @@ __all__ = ["BatchError", "build_parser", "check_overrides_or_exit", "load_segmen
 
 #: The batch's report of every case, in the output folder.
 SUMMARY_NAME = "inference_summary.json"
+
+#: The error entry of a case the batch did not reach (stopped, killed, or still running).
+_NOT_REACHED = "not segmented: the batch was stopped before it (or, while it runs, has not reached it yet)"
 
 
 class BatchError(RuntimeError):
@@ -185,21 +189,34 @@ def run_batch(
     results: list[dict[str, Any]] = []
     start = time.perf_counter()
     names = sorted(records.keys() | discovery_errors.keys())
+
+    def not_reached() -> list[dict[str, Any]]:
+        done = {r["case"] for r in results}
+        return [{"case": n, "status": "stopped", "error": _NOT_REACHED} for n in names if n not in done]
+
+    # the report as it stands, before the first case and after each one: a process the OOM killer or a
+    # scheduler ends with SIGKILL cannot write it at the end, and the previous run's report (all ok, not
+    # stopped) would then stand beside this run's outputs. A report that cannot be written at all (a
+    # full disk) stops the batch here, before any earlier output is touched.
+    _write_summary(out_dir, input_dir, not_reached(), start, stopped=True)
+
+    def progress() -> None:
+        with contextlib.suppress(OSError):  # the last report written still says the batch did not finish
+            _write_summary(out_dir, input_dir, results + not_reached(), start, stopped=True)
+
     try:
         _segment_cases(names, records, discovery_errors, results, segmenter, out_dir, claimed, inputs,
-                       labels=labels, probabilities=probabilities, reference=reference)
+                       labels=labels, probabilities=probabilities, reference=reference, progress=progress)
     except (KeyboardInterrupt, Exception) as err:
         # Ctrl-C or SIGTERM (run_interruptible), or an error no check of a case foresaw: the report
         # says which case it stopped in and which it did not reach, instead of the previous run's
         # inference_summary.json staying beside this run's outputs
-        done = {r["case"] for r in results}
-        left = [n for n in names if n not in done]
+        left = not_reached()
         if left and not isinstance(err, KeyboardInterrupt):
-            results.append({"case": left.pop(0), "status": "error",
+            results.append({"case": left.pop(0)["case"], "status": "error",
                             "error": f"{type(err).__name__}: {' '.join(str(err).split())}"})
-        results += [{"case": n, "status": "stopped", "error": "not segmented: the batch was stopped before it"}
-                    for n in left]
-        _write_summary(out_dir, input_dir, results, start, stopped=True)
+        with contextlib.suppress(OSError):  # the stop (its signal, its error) is what the caller must see
+            _write_summary(out_dir, input_dir, results + left, start, stopped=True)
         raise
     failed = [r for r in results if r["status"] != "ok"]
     _write_summary(out_dir, input_dir, results, start)
@@ -227,13 +244,22 @@ def _write_summary(out_dir: Path, input_dir: str | os.PathLike, results: list[di
                      "labels": r.get("labels"), "volumes_ml": r.get("volumes_ml"), "error": r.get("error")}
                     for r in results],
     }
-    atomic_write_text(out_dir / SUMMARY_NAME, json.dumps(report, indent=2) + "\n")
+    path = out_dir / SUMMARY_NAME
+    try:
+        atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+    except OSError as err:  # the disk's own "[Errno 28] No space left on device" names no file
+        error = OSError(f"Cannot write {path} ({err.strerror or err}): free space on that disk, or choose another "
+                        "--output-dir, and run the batch again.")
+        error.errno = err.errno  # after: OSError(errno, text) would print "[Errno 28]" first
+        raise error from err
 
 
 def _segment_cases(names: Sequence[str], records: Mapping[str, Any], discovery_errors: Mapping[str, str],
                    results: list[dict[str, Any]], segmenter: Any, out_dir: Path, claimed: Mapping[str, str],
-                   inputs: Collection[str], labels: str, probabilities: bool, reference: str | None) -> None:
-    """Segment each case in turn, appending its result (ok or error) to ``results``."""
+                   inputs: Collection[str], labels: str, probabilities: bool, reference: str | None,
+                   progress: Callable[[], None] = lambda: None) -> None:
+    """Segment each case in turn, appending its result (ok or error) to ``results`` and calling
+    ``progress`` after each."""
     from app.data.discovery import CaseError, case_sources
     from app.inference.pipeline import OutputWriteError, segment_case, summary_notes
 
@@ -274,6 +300,7 @@ def _segment_cases(names: Sequence[str], records: Mapping[str, Any], discovery_e
                     message += f" {' '.join(str(rm_err).split())}"
             print(f"error: case {name}: {message}", file=sys.stderr)
             results.append({"case": name, "status": "error", "error": message})
+            progress()
             continue
         vols = summary["volumes_ml"]
         notes = "".join(f", {n}" for n in summary_notes(summary))
@@ -281,6 +308,7 @@ def _segment_cases(names: Sequence[str], records: Mapping[str, Any], discovery_e
               f"TC {vols['TC']:.1f} mL, ET {vols['ET']:.1f} mL, {summary['timing_s']['total_s']:.1f} s{notes})",
               flush=True)
         results.append({"case": name, "status": "ok", **summary})
+        progress()
 
 
 class _OneLineParser(argparse.ArgumentParser):

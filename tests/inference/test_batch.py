@@ -448,3 +448,55 @@ def test_a_full_disk_keeps_the_earlier_results_and_names_the_file(phantom_root, 
     assert "[Errno" not in line and "earlier run wrote for this case, if any, are kept" in line
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "inference_summary.json"} == before
     assert {r["status"] for r in _report(out).values()} == {"error"}
+
+
+_KILLED_IN_SECOND_CASE = """
+import os, signal, sys
+import app.inference.pipeline as pipeline
+from app.inference.batch import main
+
+real, calls = pipeline.sliding_window_inference, []
+
+def network(*args, **kwargs):  # the OOM killer, or a scheduler's kill -9, in the second case
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+
+pipeline.sliding_window_inference = network
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_batch_leaves_a_report_that_says_so(phantom_root, random_ckpt, tmp_path):
+    """SIGKILL (no handler runs) in the second case of a rerun: inference_summary.json is this run's,
+    not the previous run's "all ok, not stopped"; the rerun after the kill finishes the job and its
+    report is complete again."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.bundles.helpers import repo_env
+    from tests.inference.conftest import REPO
+
+    root, out = tmp_path / "in", tmp_path / "out"
+    for case in ("Phantom_000", "Phantom_001", "Phantom_002"):
+        shutil.copytree(phantom_root / case, root / case)
+    args = ["--input-dir", str(root), "--output-dir", str(out), "--ckpt", random_ckpt, "--device", "cpu"]
+    assert batch_main(args) == 0
+    proc = subprocess.run([sys.executable, "-c", _KILLED_IN_SECOND_CASE, *args, "--probabilities"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=repo_env(OMP_NUM_THREADS="1"))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    report = json.loads((out / "inference_summary.json").read_text())
+    assert report["stopped"] is True and report["failed"] == 0
+    assert [(r["case"], r["status"]) for r in report["results"]] == [
+        ("Phantom_000", "ok"), ("Phantom_001", "stopped"), ("Phantom_002", "stopped")]
+    assert report["results"][0]["output"] == str(out / "Phantom_000.nii.gz")
+    assert (out / "Phantom_000_prob.nii.gz").is_file()
+
+    assert batch_main([*args, "--probabilities"]) == 0  # the rerun after the kill
+    report = json.loads((out / "inference_summary.json").read_text())
+    assert report["stopped"] is False and {r["status"] for r in report["results"]} == {"ok"}
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"Phantom_00{i}{s}" for i in range(3) for s in (".json", ".nii.gz", "_prob.nii.gz")]
+        + ["inference_summary.json"])
