@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Collection, Mapping, NoReturn, Sequence
+from typing import Any, Callable, Collection, Iterator, Mapping, NoReturn, Sequence
 
 from app.atomic import atomic_write_text
 from app.flags import parse_bool
@@ -154,7 +154,8 @@ def run_batch(
     Raises:
         ValueError: a bad setting (``labels``, ``probabilities``, ``resample_to``), an empty
             ``input_dir`` or ``output_dir`` path, an output folder that cannot be written, or a problem of the whole input, before any case is read and
-            before any file in ``output_dir`` is touched.
+            before any file in ``output_dir`` is touched; also an output folder another batch is
+            writing into (see :func:`_output_dir_lock`).
         BatchError: some cases failed (with ``raise_on_error``).
     """
     from app.data.discovery import discover_cases
@@ -186,6 +187,49 @@ def run_batch(
         discovery_errors.setdefault(name, message)
     inputs = {os.path.realpath(p) for rec in records.values() for p in _case_inputs(rec)}
     claimed = {f: c for c in (*records, *discovery_errors) for f in _output_names(c, probabilities)}
+    with _output_dir_lock(out_dir, output_dir):
+        return _run_cases(records, discovery_errors, segmenter, input_dir, out_dir, claimed, inputs, labels=labels,
+                          probabilities=probabilities, reference=reference, raise_on_error=raise_on_error)
+
+
+@contextlib.contextmanager
+def _output_dir_lock(out_dir: Path, option_value: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``out_dir`` (created if need be) while a batch writes into it.
+
+    Two batches started on one output folder (a scheduler that starts a job again while the first
+    still runs) would each remove the other's temporary files and the outputs of cases that failed
+    for it, and leave label maps, summaries and a report from different runs side by side. The
+    second batch stops instead, before it touches anything. The lock is the kernel's (``flock`` on
+    the folder itself), so no lock file is left behind and a killed batch holds it no longer; where
+    the file system cannot lock a folder (some network mounts), the batch runs unlocked.
+
+    Raises:
+        ValueError: another batch holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"--output-dir {option_value} is in use by another batch that is still running (a job "
+                             "started twice?): wait for it to finish, or choose another --output-dir.") from None
+        except OSError:  # a file system without folder locks: run as before
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _run_cases(records: Mapping[str, Any], discovery_errors: Mapping[str, str], segmenter: Any,
+               input_dir: str | os.PathLike, out_dir: Path, claimed: Mapping[str, str], inputs: Collection[str],
+               labels: str, probabilities: bool, reference: str | None, raise_on_error: bool) -> list[dict[str, Any]]:
+    """The cases of :func:`run_batch`, once its checks passed and it holds the output folder."""
     results: list[dict[str, Any]] = []
     start = time.perf_counter()
     names = sorted(records.keys() | discovery_errors.keys())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -474,7 +475,6 @@ def test_a_killed_batch_leaves_a_report_that_says_so(phantom_root, random_ckpt, 
     report is complete again."""
     import signal
     import subprocess
-    import sys
 
     from tests.bundles.helpers import repo_env
     from tests.inference.conftest import REPO
@@ -500,3 +500,32 @@ def test_a_killed_batch_leaves_a_report_that_says_so(phantom_root, random_ckpt, 
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [f"Phantom_00{i}{s}" for i in range(3) for s in (".json", ".nii.gz", "_prob.nii.gz")]
         + ["inference_summary.json"])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="folder locks (flock) are POSIX")
+def test_a_second_batch_on_the_same_output_folder_stops_before_touching_it(phantom_root, random_ckpt, tmp_path,
+                                                                          capsys):
+    """A job started twice on one output folder: while the first batch holds the folder, the second
+    stops with one line and exit status 2, and leaves the first's outputs and report as they were
+    (it used to run too, each removing the other's files and mixing the two runs' results)."""
+    import fcntl
+    import os
+
+    root, out = tmp_path / "in", tmp_path / "out"
+    for case in ("Phantom_000", "Phantom_001"):
+        shutil.copytree(phantom_root / case, root / case)
+    args = ["--input-dir", str(root), "--output-dir", str(out), "--ckpt", random_ckpt, "--device", "cpu"]
+    assert batch_main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    fd = os.open(out, os.O_RDONLY)  # what a running batch holds (released by the kernel when it dies)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert batch_main([*args, "--probabilities"]) == 2
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err
+    assert err == (f"error: --output-dir {out} is in use by another batch that is still running (a job started "
+                   "twice?): wait for it to finish, or choose another --output-dir.\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert batch_main([*args, "--probabilities"]) == 0  # the folder is free again once the first batch ended
