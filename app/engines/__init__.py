@@ -2,7 +2,7 @@
 sentiment), their handlers, crash-safe checkpoints and multi-process training."""
 
 from app.engines.checkpoint import (
-    ResumableCheckpoint, ResumableSampler, SeededDataset, atomic_save, load_training_checkpoint,
+    AtomicCheckpointSaver, ResumableCheckpoint, ResumableSampler, SeededDataset, atomic_save, load_training_checkpoint,
 )
 from app.engines.distributed import (
     DistributedTimeLimitHandler, GradientSync, broadcast_module, check_shards, close_distributed, distributed_device,
@@ -20,7 +20,7 @@ __all__ = [
     "SubsetTrainer", "SubsetEvaluator", "to_device", "autocast_context", "TimeLimitHandler", "DiagnosticsHandler",
     "SubsetReportHandler", "ProgressBarHandler", "check_held_out", "check_held_out_split", "check_output_dir", "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "describe_state_dict", "load_weights",
     "SentimentSubsetEvaluator", "SentimentReportHandler", "subset_predictions",
-    "ResumableCheckpoint", "ResumableSampler", "SeededDataset", "atomic_save", "load_training_checkpoint",
-    "init_distributed", "close_distributed", "distributed_device", "is_distributed", "broadcast_module", "check_shards", "mean_over_ranks", "wait_for_ranks", "GradientSync",
+    "AtomicCheckpointSaver", "ResumableCheckpoint", "ResumableSampler", "SeededDataset", "atomic_save",
+    "load_training_checkpoint", "init_distributed", "close_distributed", "distributed_device", "is_distributed", "broadcast_module", "check_shards", "mean_over_ranks", "wait_for_ranks", "GradientSync",
     "DistributedTimeLimitHandler", "report_input_errors", "check_overrides", "check_counts", "check_positive",
 ]
