@@ -20,7 +20,6 @@ every geometric step afterwards, so the label map overlays the input exactly:
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -41,6 +40,7 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import NormalizeIntensity
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
+from app.atomic import write_error
 from app.data.datalist import ras_spacing, spacing_differs
 from app.data.discovery import OUTPUT_DESCRIPTION_PREFIX, is_inference_output
 from app.data.errors import CaseError, check_readable
@@ -86,15 +86,8 @@ class OutputWriteError(OSError):
 def _write_error(err: OSError, path: str) -> OutputWriteError:
     """An :class:`OutputWriteError` naming ``path`` and the fix: ``nib.save`` and ``json.dump`` raise
     ``[Errno 28] No space left on device`` without the file or what to do about it."""
-    reason = err.strerror or " ".join(str(err).split()) or type(err).__name__
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "free space on that disk (or raise the quota), or write to another output folder"
-    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        fix = "make the folder writable, or write to another output folder"
-    else:
-        fix = "check that disk, or write to another output folder"
-    error = OutputWriteError(f"Cannot write {path} ({reason}): {fix}. Nothing was written for this case.")
-    error.errno = err.errno  # set after: OSError(errno, text) would put "[Errno 28]" before the text
+    error = write_error(err, path, OutputWriteError)
+    error.args = (f"{error} Nothing was written for this case.",)
     return error
 
 
