@@ -84,7 +84,7 @@ def _remove_stale_outputs(
     """Remove what an earlier run wrote for ``case`` in ``out_dir`` and this run will not write again.
 
     Only the batch's own names for the case are candidates (:func:`_output_names`, and the
-    temporaries of a write that was killed, ``.<name>.<8 hex>.tmp.nii.gz|json``); of those, a name in
+    temporaries of a write that was killed, ``.<name>.<8 hex>[-<pid>].tmp.nii.gz|json``); of those, a name in
     ``keep`` (rewritten atomically by this run), a name another case of this run writes (``claimed``:
     name -> case), a link, a folder, and any input scan (``inputs``: real paths; an output folder may
     hold scans, e.g. an MSD ``imagesTs``) are left alone.

@@ -753,6 +753,9 @@ def segment_case(
     given = [os.path.realpath(p) for p in (out, prob_path, summary_path) if p]  # also through symlinked folders
     if len(set(given)) != len(given):
         raise ValueError("--out, --probabilities and --summary must be different files.")
+    for path in (out, prob_path, summary_path):
+        if path:  # what a run killed while writing these outputs left behind
+            AtomicOutputs.remove_abandoned(path)
 
     case_inputs: CaseInputs = read_case(paths, resample_to=resample_to, channels=channels)
     read_s = _seconds(start)
