@@ -277,7 +277,10 @@ def lock_output_dir(output_dir: str | os.PathLike, option: str = "--output_dir")
     if path in _LOCKED:
         return
     os.makedirs(path, exist_ok=True)
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder that may be written but not listed (mode -wx): run unlocked
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

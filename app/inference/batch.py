@@ -212,7 +212,11 @@ def _output_dir_lock(out_dir: Path, option_value: str | os.PathLike) -> Iterator
         yield
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fd = os.open(out_dir, os.O_RDONLY)
+    except OSError:  # a folder that may be written but not listed (mode -wx): run unlocked
+        yield
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
