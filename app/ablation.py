@@ -38,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import yaml
 
@@ -139,6 +139,28 @@ def parse_strategies(spec: str | Sequence[str], kind: str | None = None) -> list
     return out
 
 
+def _die_with(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that ends the child with SIGTERM when ``parent`` dies (Linux; None elsewhere).
+
+    ``subprocess.run`` kills its child when the ablation is stopped by Ctrl-C or SIGTERM, but not when
+    the ablation is killed outright (SIGKILL, the OOM killer, ``timeout -s KILL``): the training went on
+    alone, and the ablation run again to resume trained a second model into the same folder at the
+    same time, both writing its checkpoints.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    def preexec() -> None:
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
 def _run_bundle(configs: Sequence[Path], bundle: Path, args: Sequence[str], log: Path) -> float:
     config = str(configs[0]) if len(configs) == 1 else str([str(c) for c in configs])
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", str(bundle), *args]
@@ -147,7 +169,7 @@ def _run_bundle(configs: Sequence[Path], bundle: Path, args: Sequence[str], log:
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, preexec_fn=_die_with(os.getpid()))
     if proc.returncode != 0:
         errors = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.startswith("error: ")]
         reason = f": {errors[-1]}" if errors else ""

@@ -12,6 +12,7 @@ scheduler's cancel) unwind like Ctrl-C, so the command-line tools remove their t
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, NoReturn
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "exit_with", "fsync_dir", "run_interruptible",
-           "stale_temporaries"]
+           "stale_temporaries", "write_error"]
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -33,6 +34,44 @@ def fsync_dir(folder: str | os.PathLike) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class _RecordingFile:
+    """A binary file whose ``write`` keeps the ``OSError`` it raised (``error``), for writers that
+    replace it with an error of their own; everything else is the file's."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.file, name)
+
+
+def write_error(err: OSError, path: str | os.PathLike, error_type: type[OSError] = OSError) -> OSError:
+    """An ``error_type`` for a failed write of ``path`` that names the file and the fix.
+
+    The disk's own errors (``[Errno 28] No space left on device``) name neither: a full disk at the
+    end of an evaluation or a training epoch used to end in a traceback with that line at its bottom.
+    The errno is kept.
+    """
+    reason = err.strerror or " ".join(str(err).split()) or type(err).__name__
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space on that disk (or raise the quota), or write to another folder"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "make the folder writable, or write to another folder"
+    else:
+        fix = "check that disk, or write to another folder"
+    error = error_type(f"Cannot write {os.fspath(path)} ({reason}): {fix}.")
+    error.errno = err.errno  # set after: error_type(errno, text) would print "[Errno 28]" before the text
+    return error
 
 
 def atomic_write(
@@ -56,19 +95,38 @@ def atomic_write(
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        OSError: the file could not be written (a full disk, a quota, a read-only folder); the message
+            names ``path`` and the fix (:func:`write_error`), and ``path`` is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as err:
+        raise write_error(err, path) from err
+    try:
+        out = _RecordingFile(os.fdopen(fd, "wb"))
+        try:
+            with out.file:
+                write(out)  # type: ignore[arg-type]
+                out.file.flush()
+                os.fsync(out.file.fileno())
+        except OSError as err:  # a full disk, a quota: name the file and the fix
+            raise write_error(err, path) from err
+        except Exception as err:
+            if out.error is None:
+                raise
+            # torch.save turns the disk's error into "RuntimeError: ... unexpected pos 704 vs 598"
+            raise write_error(out.error, path) from err
         if check is not None:
-            check(tmp)
-        os.replace(tmp, path)
+            check(tmp)  # what it raises is its own message
+        try:
+            os.replace(tmp, path)
+        except OSError as err:
+            raise write_error(err, path) from err
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

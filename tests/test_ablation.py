@@ -319,3 +319,59 @@ def test_a_failed_bundle_run_reports_its_error_line(tmp_path):
     with pytest.raises(RuntimeError, match=r"exit code 1: error: --patch_sizes is not a setting .*\(its output is in"):
         _run_bundle([bundle / "configs" / "train.yaml"], bundle, ["--patch_sizes", "[32,32,32]"], log)
     assert "error: --patch_sizes" in log.read_text()
+
+
+_PARENT = """
+import sys
+from pathlib import Path
+from app.ablation import _run_bundle
+_run_bundle([Path(sys.argv[1])], Path(sys.argv[2]), [], Path(sys.argv[3]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_bundle_run_ends_when_the_ablation_is_killed(tmp_path):
+    """An ablation killed outright (SIGKILL: the OOM killer, timeout -s KILL) used to leave its
+    training running on its own, and the ablation run again to resume then trained a second model
+    into the same stage folder at the same time."""
+    import os
+    import signal
+    import time
+
+    from tests.bundles.helpers import repo_env
+
+    pid_file = tmp_path / "child.pid"
+    config = tmp_path / "stage.yaml"  # a stage that records its process id, then trains for a minute
+    config.write_text(f"run:\n  - \"$open({str(pid_file)!r}, 'w').write(str(__import__('os').getpid()))\"\n"
+                      "  - \"$__import__('time').sleep(60)\"\n")
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(config), str(tmp_path), str(tmp_path / "stage.log")],
+                              cwd=REPO, env=repo_env(OMP_NUM_THREADS="1"))
+    child = None
+    try:
+        deadline = time.monotonic() + 120
+        while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+            assert parent.poll() is None, (tmp_path / "stage.log").read_text()
+            time.sleep(0.2)
+        child = int(pid_file.read_text())
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+                with open(f"/proc/{child}/stat") as f:  # a zombie: ended, waiting for a reaper
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        break
+            except (ProcessLookupError, FileNotFoundError):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"the bundle run {child} kept running after the ablation was killed")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if child is not None:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -105,3 +105,61 @@ def test_the_file_is_fsynced_before_the_rename_and_the_folder_only_when_asked(tm
     events.clear()
     atomic_write(tmp_path / "b.bin", lambda f: f.write(b"x"), sync_dir=True)
     assert events == ["fsync", "replace", f"dir {tmp_path.name}"]
+
+
+class _FullDisk:
+    """An open file on a disk that fills up after ``room`` bytes."""
+
+    def __init__(self, file, room: int) -> None:
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        import errno
+
+        self.room -= len(data)
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+@pytest.mark.parametrize("writer", ["bytes", "torch.save"])
+def test_a_full_disk_names_the_file_and_the_fix_and_keeps_the_old_file(writer, tmp_path, monkeypatch, capsys):
+    """The disk's own error named no file (``[Errno 28] No space left on device``), and torch.save
+    turned it into ``RuntimeError: ... unexpected pos``: a training or evaluation that filled the disk
+    ended in a traceback. The error now names the file and the fix, as one ``error:`` line of a bundle
+    run, and the old file stays."""
+    import errno
+    import os
+    import sys
+
+    import torch
+
+    import app.atomic as atomic
+    from app.engines.utils import report_input_errors
+
+    target = tmp_path / "model.pt"
+    atomic_write_text(target, "old")
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(atomic.os, "fdopen", lambda fd, mode: _FullDisk(real_fdopen(fd, mode), room=10))
+    write = (lambda f: f.write(b"x" * 100)) if writer == "bytes" else (lambda f: torch.save(torch.zeros(1000), f))
+    with pytest.raises(OSError) as raised:
+        atomic_write(target, write)
+    monkeypatch.undo()
+    err = raised.value
+    assert str(err) == (f"Cannot write {target} (No space left on device): free space on that disk (or raise the "
+                        "quota), or write to another folder.") and err.errno == errno.ENOSPC
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+    monkeypatch.setattr(sys, "excepthook", lambda *a: print("traceback", file=sys.stderr))
+    report_input_errors()  # what a bundle run installs first: the product's own errors as one line
+    sys.excepthook(type(err), err, err.__traceback__)
+    assert capsys.readouterr().err == f"error: {err}\n"

@@ -2,7 +2,7 @@
 sentiment), their handlers, crash-safe checkpoints and multi-process training."""
 
 from app.engines.checkpoint import (
-    ResumableCheckpoint, ResumableSampler, SeededDataset, atomic_save, load_training_checkpoint,
+    AtomicCheckpointSaver, ResumableCheckpoint, ResumableSampler, SeededDataset, atomic_save, load_training_checkpoint,
 )
 from app.engines.distributed import (
     DistributedTimeLimitHandler, GradientSync, broadcast_module, check_shards, close_distributed, distributed_device,
@@ -13,14 +13,15 @@ from app.engines.sentiment import SentimentReportHandler, SentimentSubsetEvaluat
 from app.engines.trainer import SubsetEvaluator, SubsetTrainer, autocast_context, to_device
 from app.engines.utils import (
     ProgressBarHandler, check_held_out, check_held_out_split, check_output_dir, check_patch_size, check_spacing, describe_state_dict, fit_roi, load_weights,
-    report_input_errors, set_cudnn, check_overrides, check_counts, check_positive,
+    report_input_errors, set_cudnn, check_overrides, check_counts, check_positive, lock_output_dir,
 )
 
 __all__ = [
     "SubsetTrainer", "SubsetEvaluator", "to_device", "autocast_context", "TimeLimitHandler", "DiagnosticsHandler",
     "SubsetReportHandler", "ProgressBarHandler", "check_held_out", "check_held_out_split", "check_output_dir", "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "describe_state_dict", "load_weights",
     "SentimentSubsetEvaluator", "SentimentReportHandler", "subset_predictions",
-    "ResumableCheckpoint", "ResumableSampler", "SeededDataset", "atomic_save", "load_training_checkpoint",
-    "init_distributed", "close_distributed", "distributed_device", "is_distributed", "broadcast_module", "check_shards", "mean_over_ranks", "wait_for_ranks", "GradientSync",
+    "AtomicCheckpointSaver", "ResumableCheckpoint", "ResumableSampler", "SeededDataset", "atomic_save",
+    "load_training_checkpoint", "init_distributed", "close_distributed", "distributed_device", "is_distributed", "broadcast_module", "check_shards", "mean_over_ranks", "wait_for_ranks", "GradientSync",
     "DistributedTimeLimitHandler", "report_input_errors", "check_overrides", "check_counts", "check_positive",
+    "lock_output_dir",
 ]

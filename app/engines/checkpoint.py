@@ -23,10 +23,13 @@ import random
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
+from ignite.handlers.checkpoint import BaseSaveHandler
+from monai.handlers import CheckpointSaver
 from monai.data.utils import set_rnd
 from torch.utils.data import Dataset, DistributedSampler
 
@@ -37,6 +40,7 @@ from app.strategies.base import process_group
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "AtomicCheckpointSaver",
     "atomic_save",
     "stale_temporaries",
     "capture_rng_state",
@@ -61,6 +65,49 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> str:
         ``path`` as a string.
     """
     return str(atomic_write(path, lambda f: torch.save(obj, f), sync_dir=True))
+
+
+class _AtomicDiskSaver(BaseSaveHandler):
+    """ignite's save handler for :class:`AtomicCheckpointSaver`: every file through :func:`atomic_save`.
+
+    ``filename`` fixes the file name (``model.pt``), as MONAI's own handler does. ignite removes the
+    file it replaces *before* writing its successor; under a fixed name the successor replaces it
+    atomically anyway, so that removal is skipped: the best model never disappears in between.
+    """
+
+    def __init__(self, dirname: str | os.PathLike, filename: str | None = None, save_on_rank: int = 0) -> None:
+        self.dirname = Path(dirname)
+        self.filename = filename
+        self.save_on_rank = save_on_rank
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        if idist.get_rank() == self.save_on_rank:
+            atomic_save(checkpoint, self.dirname / (self.filename or filename))
+
+    def remove(self, filename: str) -> None:
+        if self.filename is None and idist.get_rank() == self.save_on_rank:
+            with contextlib.suppress(FileNotFoundError):
+                (self.dirname / filename).unlink()
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` (same arguments) writing each file atomically.
+
+    MONAI's saver removes the previous ``model.pt`` and then ``torch.save``\ s the new one in place,
+    so a run killed in between (SIGKILL, the OOM killer, a scheduler's time limit) left no
+    ``model.pt``, or a truncated one that no evaluation can read, in place of the best model so far;
+    ``model_final.pt`` likewise. Here readers see the old file or the complete new one
+    (:func:`atomic_save`), and a kill leaves at most a hidden temporary file, which the next run's
+    :class:`ResumableCheckpoint` (where the config has one) removes.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                old = checkpoint.save_handler
+                checkpoint.save_handler = _AtomicDiskSaver(old.dirname, getattr(old, "filename", None),
+                                                           getattr(old, "save_on_rank", 0))
 
 
 # -- random number generators --------------------------------------------------------------------
@@ -376,7 +423,8 @@ class ResumableCheckpoint:
         elif exists and rank == 0:
             logger.warning("Starting a new run: %s will be overwritten (pass --resume true to continue it).", self.path)
         if rank == 0:
-            for tmp in stale_temporaries(self.path):
+            # checkpoint_last.pt's, and model.pt's and model_final.pt's (AtomicCheckpointSaver)
+            for tmp in sorted(self.path.parent.glob(".*.pt.*.tmp")):
                 logger.info("Removing %s, left by a run killed while writing a checkpoint.", tmp)
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()

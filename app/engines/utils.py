@@ -252,6 +252,47 @@ def check_output_dir(output_dir: str | os.PathLike, option: str = "--output_dir"
                          f"{option} you can write to.") from None
 
 
+#: Output folders this process holds (:func:`lock_output_dir`): path -> open descriptor holding the lock.
+_LOCKED: dict[str, int] = {}
+
+
+def lock_output_dir(output_dir: str | os.PathLike, option: str = "--output_dir") -> None:
+    """Hold an exclusive lock on ``output_dir`` (created if need be) until this process ends.
+
+    Two trainings started on one output folder (a job started twice, or run again while the first one
+    still trains) both wrote ``datalist.json``, ``checkpoint_last.pt`` and ``model.pt`` there, so the
+    folder held a mix of two runs and a resume continued from either. The second run stops instead,
+    before it writes anything. The lock is the kernel's (``flock`` on the folder itself): no lock file
+    is left, and a killed run releases it. Where the file system cannot lock a folder (some network
+    mounts) the run goes on unlocked.
+
+    Raises:
+        ValueError: another process holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        return
+    path = os.path.abspath(os.fspath(output_dir))
+    if path in _LOCKED:
+        return
+    os.makedirs(path, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder that may be written but not listed (mode -wx): run unlocked
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"{option} {path} is in use by another run that is still writing into it (a job started "
+                         f"twice?): wait for it to end, or pass another {option}.") from None
+    except OSError:  # a file system without folder locks
+        os.close(fd)
+        return
+    _LOCKED[path] = fd  # kept open: the lock lasts as long as the process
+
+
 def check_patch_size(patch_size: Sequence[int], network: Any, whole_axis: bool = False, cli: bool = False) -> None:
     """Raise a ``ValueError`` that names the fix when the patch does not fit the network depth.
 

@@ -11,18 +11,20 @@ A case with bad input, including a problem found while discovering it (two files
 label without image, ...), is reported and skipped; the others still run. ``inference_summary.json``
 lists every case with its status. A rerun into the same folder removes the outputs an earlier run
 wrote for a case that this run does not write again (the case now fails, or ``--probabilities`` was
-dropped), so the folder holds exactly this run's results.
+dropped), so the folder holds exactly this run's results; a case that fails only because its outputs
+could not be written (a full disk) keeps the earlier run's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Collection, Mapping, NoReturn, Sequence
+from typing import Any, Callable, Collection, Iterator, Mapping, NoReturn, Sequence
 
 from app.atomic import atomic_write_text
 from app.flags import parse_bool
@@ -32,6 +34,9 @@ __all__ = ["BatchError", "build_parser", "check_overrides_or_exit", "load_segmen
 
 #: The batch's report of every case, in the output folder.
 SUMMARY_NAME = "inference_summary.json"
+
+#: The error entry of a case the batch did not reach (stopped, killed, or still running).
+_NOT_REACHED = "not segmented: the batch was stopped before it (or, while it runs, has not reached it yet)"
 
 
 class BatchError(RuntimeError):
@@ -79,7 +84,7 @@ def _remove_stale_outputs(
     """Remove what an earlier run wrote for ``case`` in ``out_dir`` and this run will not write again.
 
     Only the batch's own names for the case are candidates (:func:`_output_names`, and the
-    temporaries of a write that was killed, ``.<name>.<8 hex>.tmp.nii.gz|json``); of those, a name in
+    temporaries of a write that was killed, ``.<name>.<8 hex>[-<pid>].tmp.nii.gz|json``); of those, a name in
     ``keep`` (rewritten atomically by this run), a name another case of this run writes (``claimed``:
     name -> case), a link, a folder, and any input scan (``inputs``: real paths; an output folder may
     hold scans, e.g. an MSD ``imagesTs``) are left alone.
@@ -149,7 +154,8 @@ def run_batch(
     Raises:
         ValueError: a bad setting (``labels``, ``probabilities``, ``resample_to``), an empty
             ``input_dir`` or ``output_dir`` path, an output folder that cannot be written, or a problem of the whole input, before any case is read and
-            before any file in ``output_dir`` is touched.
+            before any file in ``output_dir`` is touched; also an output folder another batch is
+            writing into (see :func:`_output_dir_lock`).
         BatchError: some cases failed (with ``raise_on_error``).
     """
     from app.data.discovery import discover_cases
@@ -181,24 +187,84 @@ def run_batch(
         discovery_errors.setdefault(name, message)
     inputs = {os.path.realpath(p) for rec in records.values() for p in _case_inputs(rec)}
     claimed = {f: c for c in (*records, *discovery_errors) for f in _output_names(c, probabilities)}
+    with _output_dir_lock(out_dir, output_dir):
+        return _run_cases(records, discovery_errors, segmenter, input_dir, out_dir, claimed, inputs, labels=labels,
+                          probabilities=probabilities, reference=reference, raise_on_error=raise_on_error)
+
+
+@contextlib.contextmanager
+def _output_dir_lock(out_dir: Path, option_value: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``out_dir`` (created if need be) while a batch writes into it.
+
+    Two batches started on one output folder (a scheduler that starts a job again while the first
+    still runs) would each remove the other's temporary files and the outputs of cases that failed
+    for it, and leave label maps, summaries and a report from different runs side by side. The
+    second batch stops instead, before it touches anything. The lock is the kernel's (``flock`` on
+    the folder itself), so no lock file is left behind and a killed batch holds it no longer; where
+    the file system cannot lock a folder (some network mounts), the batch runs unlocked.
+
+    Raises:
+        ValueError: another batch holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(out_dir, os.O_RDONLY)
+    except OSError:  # a folder that may be written but not listed (mode -wx): run unlocked
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"--output-dir {option_value} is in use by another batch that is still running (a job "
+                             "started twice?): wait for it to finish, or choose another --output-dir.") from None
+        except OSError:  # a file system without folder locks: run as before
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _run_cases(records: Mapping[str, Any], discovery_errors: Mapping[str, str], segmenter: Any,
+               input_dir: str | os.PathLike, out_dir: Path, claimed: Mapping[str, str], inputs: Collection[str],
+               labels: str, probabilities: bool, reference: str | None, raise_on_error: bool) -> list[dict[str, Any]]:
+    """The cases of :func:`run_batch`, once its checks passed and it holds the output folder."""
     results: list[dict[str, Any]] = []
     start = time.perf_counter()
     names = sorted(records.keys() | discovery_errors.keys())
+
+    def not_reached() -> list[dict[str, Any]]:
+        done = {r["case"] for r in results}
+        return [{"case": n, "status": "stopped", "error": _NOT_REACHED} for n in names if n not in done]
+
+    # the report as it stands, before the first case and after each one: a process the OOM killer or a
+    # scheduler ends with SIGKILL cannot write it at the end, and the previous run's report (all ok, not
+    # stopped) would then stand beside this run's outputs. A report that cannot be written at all (a
+    # full disk) stops the batch here, before any earlier output is touched.
+    _write_summary(out_dir, input_dir, not_reached(), start, stopped=True)
+
+    def progress() -> None:
+        with contextlib.suppress(OSError):  # the last report written still says the batch did not finish
+            _write_summary(out_dir, input_dir, results + not_reached(), start, stopped=True)
+
     try:
         _segment_cases(names, records, discovery_errors, results, segmenter, out_dir, claimed, inputs,
-                       labels=labels, probabilities=probabilities, reference=reference)
+                       labels=labels, probabilities=probabilities, reference=reference, progress=progress)
     except (KeyboardInterrupt, Exception) as err:
         # Ctrl-C or SIGTERM (run_interruptible), or an error no check of a case foresaw: the report
         # says which case it stopped in and which it did not reach, instead of the previous run's
         # inference_summary.json staying beside this run's outputs
-        done = {r["case"] for r in results}
-        left = [n for n in names if n not in done]
+        left = not_reached()
         if left and not isinstance(err, KeyboardInterrupt):
-            results.append({"case": left.pop(0), "status": "error",
+            results.append({"case": left.pop(0)["case"], "status": "error",
                             "error": f"{type(err).__name__}: {' '.join(str(err).split())}"})
-        results += [{"case": n, "status": "stopped", "error": "not segmented: the batch was stopped before it"}
-                    for n in left]
-        _write_summary(out_dir, input_dir, results, start, stopped=True)
+        with contextlib.suppress(OSError):  # the stop (its signal, its error) is what the caller must see
+            _write_summary(out_dir, input_dir, results + left, start, stopped=True)
         raise
     failed = [r for r in results if r["status"] != "ok"]
     _write_summary(out_dir, input_dir, results, start)
@@ -226,15 +292,17 @@ def _write_summary(out_dir: Path, input_dir: str | os.PathLike, results: list[di
                      "labels": r.get("labels"), "volumes_ml": r.get("volumes_ml"), "error": r.get("error")}
                     for r in results],
     }
-    atomic_write_text(out_dir / SUMMARY_NAME, json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out_dir / SUMMARY_NAME, json.dumps(report, indent=2) + "\n")  # a full disk: names the file
 
 
 def _segment_cases(names: Sequence[str], records: Mapping[str, Any], discovery_errors: Mapping[str, str],
                    results: list[dict[str, Any]], segmenter: Any, out_dir: Path, claimed: Mapping[str, str],
-                   inputs: Collection[str], labels: str, probabilities: bool, reference: str | None) -> None:
-    """Segment each case in turn, appending its result (ok or error) to ``results``."""
+                   inputs: Collection[str], labels: str, probabilities: bool, reference: str | None,
+                   progress: Callable[[], None] = lambda: None) -> None:
+    """Segment each case in turn, appending its result (ok or error) to ``results`` and calling
+    ``progress`` after each."""
     from app.data.discovery import CaseError, case_sources
-    from app.inference.pipeline import segment_case, summary_notes
+    from app.inference.pipeline import OutputWriteError, segment_case, summary_notes
 
     for name in names:
         rec = records.get(name)
@@ -262,12 +330,18 @@ def _segment_cases(names: Sequence[str], records: Mapping[str, Any], discovery_e
             )
         except (ValueError, OSError) as err:  # CaseError is a ValueError; the case is skipped, the rest run
             message = " ".join(str(err).split())
-            try:  # no result of an earlier run may stand in for a case that failed now
-                _remove_stale_outputs(out_dir, name, (), claimed, inputs)
-            except OSError as rm_err:
-                message += f" {' '.join(str(rm_err).split())}"
+            if isinstance(err, OutputWriteError):
+                # the disk, not the case, failed (full, over quota): an earlier run's complete result for
+                # the case is still the best there is, and removing it would lose it for a rerun to redo
+                message += " The outputs an earlier run wrote for this case, if any, are kept."
+            else:
+                try:  # no result of an earlier run may stand in for a case that failed now
+                    _remove_stale_outputs(out_dir, name, (), claimed, inputs)
+                except OSError as rm_err:
+                    message += f" {' '.join(str(rm_err).split())}"
             print(f"error: case {name}: {message}", file=sys.stderr)
             results.append({"case": name, "status": "error", "error": message})
+            progress()
             continue
         vols = summary["volumes_ml"]
         notes = "".join(f", {n}" for n in summary_notes(summary))
@@ -275,6 +349,7 @@ def _segment_cases(names: Sequence[str], records: Mapping[str, Any], discovery_e
               f"TC {vols['TC']:.1f} mL, ET {vols['ET']:.1f} mL, {summary['timing_s']['total_s']:.1f} s{notes})",
               flush=True)
         results.append({"case": name, "status": "ok", **summary})
+        progress()
 
 
 class _OneLineParser(argparse.ArgumentParser):

@@ -509,18 +509,51 @@ class AtomicOutputs:
         return name[: len(name) - len(suffix)], suffix
 
     @staticmethod
+    def _temporary_match(candidate: str, destination: str) -> re.Match | None:
+        stem, suffix = AtomicOutputs._stem_suffix(destination)
+        return re.fullmatch(rf"\.{re.escape(stem)}\.[0-9a-f]{{8}}(?:-(\d+))?\.tmp{re.escape(suffix)}", candidate)
+
+    @staticmethod
     def is_temporary_of(candidate: str, destination: str) -> bool:
         """Whether file name ``candidate`` is a temporary :meth:`temp` made for file name ``destination``
         (one a killed process left behind)."""
-        stem, suffix = AtomicOutputs._stem_suffix(destination)
-        return re.fullmatch(rf"\.{re.escape(stem)}\.[0-9a-f]{{8}}\.tmp{re.escape(suffix)}", candidate) is not None
+        return AtomicOutputs._temporary_match(candidate, destination) is not None
+
+    @staticmethod
+    def remove_abandoned(destination: str | os.PathLike) -> None:
+        """Remove the temporaries of ``destination`` whose writer is gone (killed by SIGKILL or the OOM
+        killer, so it could not remove them), as named by the process id :meth:`temp` records.
+
+        A rerun of ``infer`` for the same output used to leave them, a hidden file of up to the size of
+        a probability map per kill. The temporaries of a process still running (another job writing the
+        same output) stay, and so do those of releases that recorded no process id.
+        """
+        dest = Path(destination).absolute()
+        if not dest.parent.is_dir():
+            return
+        for entry in os.scandir(dest.parent):
+            match = AtomicOutputs._temporary_match(entry.name, dest.name)
+            if match is None or match.group(1) is None or not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                os.kill(int(match.group(1)), 0)  # signal 0: only asks whether the process exists
+                continue
+            except ProcessLookupError:
+                pass
+            except OSError:  # it exists (another user's, EPERM)
+                continue
+            try:
+                os.remove(entry.path)
+            except FileNotFoundError:
+                pass
 
     def temp(self, destination: str | os.PathLike) -> str:
-        """A temporary path next to ``destination``; folders are created as needed."""
+        """A temporary path next to ``destination``, named with this process's id (see
+        :meth:`remove_abandoned`); folders are created as needed."""
         dest = Path(destination).absolute()
         dest.parent.mkdir(parents=True, exist_ok=True)
         stem, suffix = self._stem_suffix(dest.name)
-        tmp = dest.with_name(f".{stem}.{secrets.token_hex(4)}.tmp{suffix}")
+        tmp = dest.with_name(f".{stem}.{secrets.token_hex(4)}-{os.getpid()}.tmp{suffix}")
         self._pending.append((str(tmp), str(dest)))
         return str(tmp)
 

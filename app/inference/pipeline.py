@@ -40,6 +40,7 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import NormalizeIntensity
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
+from app.atomic import write_error
 from app.data.datalist import ras_spacing, spacing_differs
 from app.data.discovery import OUTPUT_DESCRIPTION_PREFIX, is_inference_output
 from app.data.errors import CaseError, check_readable
@@ -53,6 +54,7 @@ from app.subsets import BRATS_MODALITIES
 
 __all__ = [
     "LABEL_CHOICES",
+    "OutputWriteError",
     "Prediction",
     "Segmenter",
     "check_output_path",
@@ -71,6 +73,22 @@ __all__ = [
 LABEL_CHOICES: dict[str, str] = {"2018": "brats2018", "2021": "brats2018", "2023": "brats2023", "2024": "brats2024"}
 
 _RAS = axcodes2ornt("RAS")
+
+
+class OutputWriteError(OSError):
+    """The outputs of a case could not be written (a full disk, a quota, a folder made read-only).
+
+    The case's input is fine and nothing was written for it; batch mode keeps what an earlier run
+    wrote for the case instead of removing it as the result of a case that now fails.
+    """
+
+
+def _write_error(err: OSError, path: str) -> OutputWriteError:
+    """An :class:`OutputWriteError` naming ``path`` and the fix: ``nib.save`` and ``json.dump`` raise
+    ``[Errno 28] No space left on device`` without the file or what to do about it."""
+    error = write_error(err, path, OutputWriteError)
+    error.args = (f"{error} Nothing was written for this case.",)
+    return error
 
 
 def parse_spacing(spacing: Sequence[float | str] | float | str | None, what: str = "spacing") -> list[float] | str:
@@ -714,6 +732,8 @@ def segment_case(
 
     Raises:
         CaseError / ValueError / FileNotFoundError: bad input or output paths; nothing is written.
+        OutputWriteError: an output could not be written (e.g. the disk is full); the message names
+            it and the fix, and nothing is written (earlier files at the output paths are untouched).
     """
     start = time.perf_counter()
     convention: str | Mapping[str, Sequence[int]] = label_convention(labels, sources=list(paths.values()))
@@ -733,6 +753,9 @@ def segment_case(
     given = [os.path.realpath(p) for p in (out, prob_path, summary_path) if p]  # also through symlinked folders
     if len(set(given)) != len(given):
         raise ValueError("--out, --probabilities and --summary must be different files.")
+    for path in (out, prob_path, summary_path):
+        if path:  # what a run killed while writing these outputs left behind
+            AtomicOutputs.remove_abandoned(path)
 
     case_inputs: CaseInputs = read_case(paths, resample_to=resample_to, channels=channels)
     read_s = _seconds(start)
@@ -762,17 +785,25 @@ def segment_case(
                  "threads": torch.get_num_threads()},
     }
     write_start = time.perf_counter()
-    with AtomicOutputs() as writer:
-        nib.save(_output_image(pred.labels, ref, f"{OUTPUT_DESCRIPTION_PREFIX}labels {convention_name}"), writer.temp(out))
-        if prob_path is not None:
-            nib.save(_output_image(pred.probabilities, ref, f"{OUTPUT_DESCRIPTION_PREFIX}WT,TC,ET probabilities"),
-                     writer.temp(prob_path))
-        result["timing_s"]["write_s"] = _seconds(write_start)
-        result["timing_s"]["total_s"] = _seconds(start)
-        if summary_path is not None:
-            with open(writer.temp(summary_path), "w", encoding="utf-8") as f:
-                json.dump(result, f, indent=2)
-                f.write("\n")
+    writing = out  # the output being written, named when the disk refuses it
+    try:
+        with AtomicOutputs() as writer:
+            nib.save(_output_image(pred.labels, ref, f"{OUTPUT_DESCRIPTION_PREFIX}labels {convention_name}"),
+                     writer.temp(out))
+            if prob_path is not None:
+                writing = prob_path
+                nib.save(_output_image(pred.probabilities, ref, f"{OUTPUT_DESCRIPTION_PREFIX}WT,TC,ET probabilities"),
+                         writer.temp(prob_path))
+            result["timing_s"]["write_s"] = _seconds(write_start)
+            result["timing_s"]["total_s"] = _seconds(start)
+            if summary_path is not None:
+                writing = summary_path
+                with open(writer.temp(summary_path), "w", encoding="utf-8") as f:
+                    json.dump(result, f, indent=2)
+                    f.write("\n")
+            writing = out  # the renames into place
+    except OSError as err:
+        raise _write_error(err, writing) from err
     return result
 
 

@@ -170,11 +170,12 @@ def write_ablation_report(table: Mapping[str, Any], output_dir: str | Path, titl
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # drawn first (matplotlib is the slow part): a stop while drawing leaves the earlier report whole
+    png = _bar_chart_png(table, table["metrics"][0], title)
     written = {
         "json": atomic_write_text(out / f"{stem}.json", _strict_json(table)),
         "md": atomic_write_text(out / f"{stem}.md", format_ablation_markdown(table, title)),
     }
-    png = _bar_chart_png(table, table["metrics"][0], title)
     if png is not None:
         written["png"] = atomic_write_bytes(out / f"{stem}.png", png)
     return written

@@ -247,6 +247,9 @@ def write_subset_report(
     title = title if title is not None else f"Per-subset results: {stem}"
     count_key = _count_key(result, count_key)
     paths: dict[str, Path] = {}
+    # the heatmap takes longest (matplotlib): drawn before any file is written, so that a run stopped
+    # while drawing it leaves the earlier report whole instead of new tables beside the old picture
+    png = _heatmap_png(result, metrics, title, digits) if plot else None
 
     paths["json"] = atomic_write_text(
         out_dir / f"{stem}.json", json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n"
@@ -271,8 +274,6 @@ def write_subset_report(
         md += [worst, ""]
     paths["md"] = atomic_write_text(out_dir / f"{stem}.md", "\n".join(md))
 
-    if plot:
-        png = _heatmap_png(result, metrics, title, digits)
-        if png is not None:
-            paths["png"] = atomic_write_bytes(out_dir / f"{stem}.png", png)
+    if png is not None:
+        paths["png"] = atomic_write_bytes(out_dir / f"{stem}.png", png)
     return paths

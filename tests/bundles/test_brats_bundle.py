@@ -334,3 +334,32 @@ def test_evaluation_follows_deterministic_false_as_training_does():
         assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="folder locks (flock) are POSIX")
+def test_a_second_training_on_the_same_output_dir_stops_before_writing(phantoms, tmp_path):
+    """A job started twice on one output folder: while the first training holds it, the second stops
+    with one line and leaves the first's files as they were (both used to train, writing one
+    datalist.json, checkpoint_last.pt and model.pt in turn)."""
+    import fcntl
+    import os
+
+    out = tmp_path / "out"
+    (out / "models").mkdir(parents=True)
+    (out / "datalist.json").write_text('{"training": [], "validation": []}\n')  # the first run's files
+    (out / "models" / "checkpoint_last.pt").write_bytes(b"first run")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    fd = os.open(out, os.O_RDONLY)  # what the running training holds (the kernel releases it when it dies)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(AssertionError) as failed:
+            run_bundle([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
+                       "--strategy", "plain", "--cache_rate", "0", *TINY)
+    finally:
+        os.close(fd)
+    stderr = str(failed.value).split("failed (1):", 1)[1]
+    assert "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: --output_dir {out} is in use by another run that is still writing into it (a job started twice?): "
+        "wait for it to end, or pass another --output_dir.")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -362,3 +362,70 @@ def test_a_resume_keeps_the_validators_best_score(tmp_path):
     resumed = SimpleNamespace(state=SimpleNamespace(best_metric=-1.0, best_metric_epoch=-1))
     run(resumed, resume=True)
     assert (resumed.state.best_metric, resumed.state.best_metric_epoch) == (0.8, 1)
+
+
+def _bundle_model_savers():
+    """The bundles' handlers that write models/model.pt and model_final.pt, as their configs name them."""
+    from monai.bundle import ConfigParser
+
+    from tests.bundles.helpers import REPO
+
+    for bundle in ("brats_gmd", "mosi_gmd"):
+        parser = ConfigParser()
+        parser.read_config(str(REPO / "bundles" / bundle / "configs" / "train.yaml"))
+        for section in ("train#handlers", "validate#handlers"):
+            for entry in parser.get(section):
+                if "key_metric_filename" in entry or "final_filename" in entry:
+                    yield pytest.param(entry, id=f"{bundle}-{entry.get('key_metric_filename') or entry['final_filename']}")
+
+
+@pytest.mark.parametrize("entry", list(_bundle_model_savers()))
+def test_a_run_killed_while_saving_a_model_keeps_the_earlier_file(entry, tmp_path, monkeypatch):
+    """A kill while model.pt (a better model) or model_final.pt is written leaves the earlier file
+    whole: MONAI's saver removed the old model.pt and wrote the new one in place, so a kill in
+    between left no model, or a truncated one that no evaluation can read."""
+    from ignite.engine import Events
+    from monai.bundle.config_item import ConfigComponent
+
+    net = torch.nn.Linear(1, 1)
+    name = entry.get("key_metric_filename") or entry["final_filename"]
+    real_save, saves = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        saves.append(1)
+        if len(saves) > 1:  # killed while writing the second model: only part of it reached the file
+            if hasattr(f, "truncate"):
+                f.truncate(100)
+            else:
+                with open(f, "r+b") as g:
+                    g.truncate(100)
+            raise KeyboardInterrupt  # SIGTERM/Ctrl-C unwinds like this; SIGKILL stops at the same point
+
+    def run(epochs: int) -> None:
+        """Epoch e trains weight e and scores e / 10: each validation finds a better model."""
+        config = {**entry, "save_dir": str(tmp_path), "save_dict": {"model": net}}
+        if "key_metric_filename" in entry:
+            config["key_metric_name"] = "score"
+        saver = ConfigComponent(config=config).instantiate()
+        engine = Engine(lambda e, b: None)
+
+        @engine.on(Events.EPOCH_STARTED)
+        def train(e):
+            torch.nn.init.constant_(net.weight, float(e.state.epoch))
+            e.state.metrics = {"score": e.state.epoch / 10}
+
+        saver.attach(engine)
+        engine.run(DATA, max_epochs=epochs)
+
+    monkeypatch.setattr(torch, "save", save)
+    if "key_metric_filename" in entry:
+        with pytest.raises(KeyboardInterrupt):
+            run(epochs=2)  # model.pt of epoch 1, then a better one killed mid-write
+    else:
+        run(epochs=1)  # an earlier run's model_final.pt
+        with pytest.raises(KeyboardInterrupt):
+            run(epochs=2)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / name, weights_only=True)["weight"].item() == 1.0  # one model: its state dict
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]

@@ -519,3 +519,38 @@ def test_a_scan_too_large_for_memory_is_not_called_corrupt(case, random_ckpt, in
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"error: Not enough memory to read {case['flair']} (shape (32, 32, 32), 0 MiB in memory)")
     assert "corrupt" not in err and "more free memory" in err and not out.exists()
+
+
+def test_a_full_disk_names_the_output_and_the_fix(case, random_ckpt, infer, tmp_path, monkeypatch):
+    """The disk's own error (``[Errno 28] No space left on device``) names neither file nor fix."""
+    import errno
+
+    import app.inference.pipeline as pipeline
+
+    def full_disk(img, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline.nib, "save", full_disk)
+    out_dir = tmp_path / "out"
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--out", out_dir / "seg.nii.gz")
+    assert rc == 2 and err.count("\n") == 1 and "[Errno" not in err
+    assert f"error: Cannot write {out_dir / 'seg.nii.gz'} (No space left on device): free space on that disk" in err
+    assert not out_dir.exists() or list(out_dir.iterdir()) == []
+
+
+def test_a_rerun_removes_what_a_killed_run_was_writing(case, random_ckpt, infer, tmp_path):
+    """``infer`` killed while writing (SIGKILL, the OOM killer: nothing can clean up) left a hidden
+    temporary file beside ``--out``, and every rerun kept it. The rerun removes those whose process
+    is gone; one of a process still writing the same output stays."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    abandoned = [out_dir / f".seg.0123abcd-{dead_pid}.tmp.nii.gz", out_dir / f".prob.89abcdef-{dead_pid}.tmp.nii.gz"]
+    running = out_dir / f".seg.fedcba98-{os.getpid()}.tmp.nii.gz"  # this process is alive
+    for path in (*abandoned, running):
+        path.write_bytes(b"half a label map")
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--out", out_dir / "seg.nii.gz",
+                       "--probabilities", out_dir / "prob.nii.gz")
+    assert rc == 0, err
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(["prob.nii.gz", "seg.nii.gz", running.name])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -415,3 +416,116 @@ def test_an_empty_folder_setting_is_refused_instead_of_meaning_the_current_folde
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="--input-dir is empty"):  # input_dir: null in a bundle override
         run_batch(None, None, tmp_path / "out")
+
+
+def test_a_full_disk_keeps_the_earlier_results_and_names_the_file(phantom_root, random_ckpt, tmp_path, monkeypatch,
+                                                                  capsys):
+    """A rerun that finds the output disk full (here: adding --probabilities) fails each case with one
+    line naming the file it could not write and the fix, and keeps the label maps and summaries the
+    earlier run wrote: the disk failed, not the cases, and the earlier results were complete."""
+    import errno
+
+    import app.inference.pipeline as pipeline
+
+    root, out = tmp_path / "in", tmp_path / "out"
+    for case in ("Phantom_000", "Phantom_001"):
+        shutil.copytree(phantom_root / case, root / case)
+    args = ["--input-dir", str(root), "--output-dir", str(out), "--ckpt", random_ckpt, "--device", "cpu"]
+    assert batch_main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "inference_summary.json"}
+    real_save = nib.save
+
+    def full_disk(img, path):
+        if "_prob." in Path(path).name:  # the label map fits, the 4D probabilities do not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(img, path)
+
+    monkeypatch.setattr(pipeline.nib, "save", full_disk)
+    capsys.readouterr()
+    assert batch_main([*args, "--probabilities"]) == 2
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("error: case Phantom_000:"))
+    assert f"Cannot write {out / 'Phantom_000_prob.nii.gz'} (No space left on device): free space" in line
+    assert "[Errno" not in line and "earlier run wrote for this case, if any, are kept" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "inference_summary.json"} == before
+    assert {r["status"] for r in _report(out).values()} == {"error"}
+
+
+_KILLED_IN_SECOND_CASE = """
+import os, signal, sys
+import app.inference.pipeline as pipeline
+from app.inference.batch import main
+
+real, calls = pipeline.sliding_window_inference, []
+
+def network(*args, **kwargs):  # the OOM killer, or a scheduler's kill -9, in the second case
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+
+pipeline.sliding_window_inference = network
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_batch_leaves_a_report_that_says_so(phantom_root, random_ckpt, tmp_path):
+    """SIGKILL (no handler runs) in the second case of a rerun: inference_summary.json is this run's,
+    not the previous run's "all ok, not stopped"; the rerun after the kill finishes the job and its
+    report is complete again."""
+    import signal
+    import subprocess
+
+    from tests.bundles.helpers import repo_env
+    from tests.inference.conftest import REPO
+
+    root, out = tmp_path / "in", tmp_path / "out"
+    for case in ("Phantom_000", "Phantom_001", "Phantom_002"):
+        shutil.copytree(phantom_root / case, root / case)
+    args = ["--input-dir", str(root), "--output-dir", str(out), "--ckpt", random_ckpt, "--device", "cpu"]
+    assert batch_main(args) == 0
+    proc = subprocess.run([sys.executable, "-c", _KILLED_IN_SECOND_CASE, *args, "--probabilities"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=repo_env(OMP_NUM_THREADS="1"))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    report = json.loads((out / "inference_summary.json").read_text())
+    assert report["stopped"] is True and report["failed"] == 0
+    assert [(r["case"], r["status"]) for r in report["results"]] == [
+        ("Phantom_000", "ok"), ("Phantom_001", "stopped"), ("Phantom_002", "stopped")]
+    assert report["results"][0]["output"] == str(out / "Phantom_000.nii.gz")
+    assert (out / "Phantom_000_prob.nii.gz").is_file()
+
+    assert batch_main([*args, "--probabilities"]) == 0  # the rerun after the kill
+    report = json.loads((out / "inference_summary.json").read_text())
+    assert report["stopped"] is False and {r["status"] for r in report["results"]} == {"ok"}
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"Phantom_00{i}{s}" for i in range(3) for s in (".json", ".nii.gz", "_prob.nii.gz")]
+        + ["inference_summary.json"])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="folder locks (flock) are POSIX")
+def test_a_second_batch_on_the_same_output_folder_stops_before_touching_it(phantom_root, random_ckpt, tmp_path,
+                                                                          capsys):
+    """A job started twice on one output folder: while the first batch holds the folder, the second
+    stops with one line and exit status 2, and leaves the first's outputs and report as they were
+    (it used to run too, each removing the other's files and mixing the two runs' results)."""
+    import fcntl
+    import os
+
+    root, out = tmp_path / "in", tmp_path / "out"
+    for case in ("Phantom_000", "Phantom_001"):
+        shutil.copytree(phantom_root / case, root / case)
+    args = ["--input-dir", str(root), "--output-dir", str(out), "--ckpt", random_ckpt, "--device", "cpu"]
+    assert batch_main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    fd = os.open(out, os.O_RDONLY)  # what a running batch holds (released by the kernel when it dies)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert batch_main([*args, "--probabilities"]) == 2
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err
+    assert err == (f"error: --output-dir {out} is in use by another batch that is still running (a job started "
+                   "twice?): wait for it to finish, or choose another --output-dir.\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert batch_main([*args, "--probabilities"]) == 0  # the folder is free again once the first batch ended

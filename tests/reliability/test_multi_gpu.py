@@ -204,7 +204,7 @@ def test_sentiment_run_refused_on_every_rank_writes_no_splits(tmp_path):
 
 MOSI = REPO / "bundles" / "mosi_gmd" / "configs"
 FILE_WRITERS = {
-    "StatsHandler", "TensorBoardStatsHandler", "DiagnosticsHandler", "CheckpointSaver", "ProgressBarHandler",
+    "StatsHandler", "TensorBoardStatsHandler", "DiagnosticsHandler", "AtomicCheckpointSaver", "ProgressBarHandler",
 }
 ALL_RANKS = ["LrScheduleHandler", "ValidationHandler", "DistributedTimeLimitHandler", "ResumableCheckpoint"]
 
@@ -244,8 +244,8 @@ def test_override_runs_file_writing_handlers_on_rank_0_only(bundle, rank, bundle
     assert all(name in names for name in ALL_RANKS)
     assert names.index("ResumableCheckpoint") > names.index("ValidationHandler") > names.index("LrScheduleHandler")
     if rank == 0:
-        assert FILE_WRITERS <= set(names) and "CheckpointSaver" in val_names
-        assert type(checkpoint.key_metric_saver).__name__ == "CheckpointSaver"
+        assert FILE_WRITERS <= set(names) and "AtomicCheckpointSaver" in val_names
+        assert type(checkpoint.key_metric_saver).__name__ == "AtomicCheckpointSaver"
         assert parser.get_parsed_content("summary_writer") is not None
     else:
         assert sorted(names) == sorted(ALL_RANKS) and val_names == []

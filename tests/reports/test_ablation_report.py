@@ -164,3 +164,20 @@ def test_written_tables_are_strict_json_with_null_for_what_is_not_a_number(tmp_p
     data = _strict(write_ablation_report(ablation_table(nan_subset, ["m"]), tmp_path / "abl")["json"].read_text())
     assert data["tables"]["m"]["a"]["mean"] is None and data["tables"]["m"]["a"]["subsets"] == {"x": None, "y": 0.4}
     assert data["tables"]["m"]["a"]["worst"] == {"name": "y", "value": 0.4}
+
+
+def test_a_run_stopped_while_drawing_the_chart_keeps_the_earlier_report_whole(tmp_path, monkeypatch):
+    """The bar chart (matplotlib) was drawn after the JSON and Markdown were replaced: a stop while
+    drawing it left the new tables beside the earlier ablation's chart."""
+    import app.reports.ablation as ablation
+
+    write_ablation_report(ablation_table(REPORTS, ["Acc2", "MAE"]), tmp_path, "first")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ablation, "_bar_chart_png", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        write_ablation_report(ablation_table(_shifted(0.01), ["Acc2", "MAE"]), tmp_path, "second")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

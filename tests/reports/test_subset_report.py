@@ -199,3 +199,23 @@ def test_sentiment_csv_keeps_subset_order_with_a_subset_without_utterances(tmp_p
     with open(paths["csv"], newline="") as f:
         rows = list(csv.reader(f))[1:]
     assert [row[0] for row in rows] == [*names, MEAN_ROW] and rows[1] == ["audio", "", "0"]
+
+
+def test_a_run_stopped_while_drawing_the_heatmap_keeps_the_earlier_report_whole(tmp_path: Path, monkeypatch):
+    """The heatmap (matplotlib) takes longest: drawn after the tables, a stop (SIGTERM, Ctrl-C) or kill
+    while drawing it left the new JSON, CSV and Markdown beside the earlier report's picture."""
+    import app.reports.subset_report as subset_report
+
+    out = tmp_path / "reports"
+    write_subset_report(_dice_result(), out, title="Checkpoint A")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    newer = _dice_result()
+    newer["subsets"]["t1"]["WT"] = 0.9
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subset_report, "_heatmap_png", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        write_subset_report(newer, out, title="Checkpoint B")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
