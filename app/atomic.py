@@ -16,13 +16,14 @@ import errno
 import os
 import signal
 import sys
+import tempfile
 import threading
 import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable, NoReturn
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "exit_with", "fsync_dir", "run_interruptible",
-           "stale_temporaries", "write_error"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_writable_folder", "exit_with", "fsync_dir",
+           "lock_folder", "run_interruptible", "stale_temporaries", "write_error"]
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -53,6 +54,74 @@ class _RecordingFile:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.file, name)
+
+
+#: the fix named when an output folder cannot take new files (inference; the bundles name their option)
+_WRITE_FIX = ("choose a folder you can write to (Docker: mount it writable for the user the container runs as, "
+              "--user $(id -u):$(id -g))")
+
+
+def check_writable_folder(folder: str | os.PathLike, what: str, file_fix: str = "choose another output folder",
+                          write_fix: str = _WRITE_FIX) -> None:
+    """Raise ``ValueError`` unless files can be created in ``folder`` (or, when it does not exist yet,
+    in the folder it would be created in): checked before any work, so nothing runs for an output
+    that cannot be written, and nothing is created for a refused run.
+
+    Args:
+        folder: the output folder.
+        what: the option and value that gave it, named first in the message.
+        file_fix: the fix when a file stands where a folder of the path should be.
+        write_fix: the fix when the folder cannot be written.
+    """
+    wanted = os.path.abspath(os.fspath(folder))
+    probe_dir = wanted
+    while not os.path.exists(probe_dir):
+        parent = os.path.dirname(probe_dir)
+        if parent == probe_dir:  # e.g. a drive or share that is not there
+            raise ValueError(f"{what}: no part of {wanted} exists: choose an output folder on a disk that is mounted.")
+        probe_dir = parent
+    if not os.path.isdir(probe_dir):
+        raise ValueError(f"{what}: {probe_dir} is a file, not a folder: {file_fix}.")
+    try:  # a real file: permissions, read-only mounts and immutable folders all show here
+        fd, probe = tempfile.mkstemp(prefix=".brats_gmd_write_test.", dir=probe_dir)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"{what}: cannot write in {probe_dir} ({err.strerror or err}): {write_fix}.") from None
+
+
+def lock_folder(folder: str | os.PathLike) -> int | None:
+    """Take the kernel's exclusive lock (``flock``) on ``folder`` itself (created if need be), without waiting.
+
+    No lock file is left behind, and the kernel releases the lock of a killed process, so a crashed run
+    never blocks the next one.
+
+    Returns:
+        The descriptor holding the lock (closing it releases the lock), or ``None`` where the folder
+        cannot be locked: Windows, a folder that may be written but not listed (mode ``-wx``), a file
+        system without folder locks (some network mounts). The caller then runs unlocked.
+
+    Raises:
+        BlockingIOError: another process holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        return None
+    os.makedirs(folder, exist_ok=True)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def write_error(err: OSError, path: str | os.PathLike, error_type: type[OSError] = OSError) -> OSError:

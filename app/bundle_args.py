@@ -30,8 +30,8 @@ _RUN_ARGS = frozenset({"run_id", "init_id", "final_id", "meta_file", "config_fil
                        "args_file"})
 # ids that ``monai.bundle run`` reads itself: an override file may add them although no setting names them
 _WORKFLOW_IDS = frozenset({"imports", "initialize", "run", "finalize", "bundle_root", "_meta_", "_requires_"})
-# a reference to another id (``@id``, ``@id#key``, ``$@id.method()``) or a macro (``%id``): its top-level id
-_REFERENCE = re.compile(r"[@%]([A-Za-z_]\w*)")
+# a reference to another id (``@id``, ``@id#key``, ``$@id.method()``) or a macro (``%id``): the id it names
+_REFERENCE = re.compile(r"[@%]([A-Za-z_][\w#:]*)")
 
 
 def _cli_options(args: Sequence[str]) -> dict[str, str | None]:
@@ -136,32 +136,23 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
         _check_component_argument(merged, parent, name, where, cli_targets.get(parent))
 
 
-def _referenced_ids(config: Any, found: set[str] | None = None) -> set[str]:
-    """The top-level ids that the values of ``config`` refer to (``@id``, ``$...@id...``, ``%id``)."""
+def _referenced_paths(config: Any, found: set[str] | None = None) -> set[str]:
+    """The full ids that the values of ``config`` refer to (``@train#checkpoint``, ``$...@id...``, ``%id::key``)."""
     found = set() if found is None else found
     if isinstance(config, dict):
         for value in config.values():
-            _referenced_ids(value, found)
+            _referenced_paths(value, found)
     elif isinstance(config, (list, tuple)):
         for value in config:
-            _referenced_ids(value, found)
+            _referenced_paths(value, found)
     elif isinstance(config, str):
         found.update(_REFERENCE.findall(config))
     return found
 
 
-def _referenced_paths(config: Any, found: set[str] | None = None) -> set[str]:
-    """The full ids that the values of ``config`` refer to (``@train#checkpoint``, ``%id::key``)."""
-    found = set() if found is None else found
-    if isinstance(config, dict):
-        for value in config.values():
-            _referenced_paths(value, found)
-    elif isinstance(config, (list, tuple)):
-        for value in config:
-            _referenced_paths(value, found)
-    elif isinstance(config, str):
-        found.update(re.findall(r"[@%]([A-Za-z_][\w#:]*)", config))
-    return found
+def _referenced_ids(config: Any) -> set[str]:
+    """The top-level ids that the values of ``config`` refer to."""
+    return {re.match(r"\w*", path).group(0) for path in _referenced_paths(config)}
 
 
 def _config_files(config_file: Any) -> list[str]:

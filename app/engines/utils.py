@@ -7,13 +7,13 @@ import linecache
 import logging
 import os
 import sys
-import tempfile
 from types import TracebackType
 from typing import Any, Mapping, Sequence
 
 import torch
 from ignite.engine import Engine
 
+from app.atomic import check_writable_folder, lock_folder
 from app.bundle_args import _MONAI_DIR, check_overrides
 from app.flags import check_counts, check_positive, parse_bool
 from app.networks.ds_unet import recorded_spacing
@@ -232,24 +232,9 @@ def check_output_dir(output_dir: str | os.PathLike, option: str = "--output_dir"
         output_dir: the run's output folder.
         option: the setting that gave it, named in the message.
     """
-    wanted = os.path.abspath(os.fspath(output_dir))
-    probe_dir = wanted
-    while not os.path.exists(probe_dir):
-        parent = os.path.dirname(probe_dir)
-        if parent == probe_dir:  # nothing of the path exists, e.g. a share that is not mounted
-            raise ValueError(f"{option} {wanted}: no part of this path exists: choose an output folder on a mounted "
-                             "disk.")
-        probe_dir = parent
-    if not os.path.isdir(probe_dir):
-        raise ValueError(f"{option} {wanted}: {probe_dir} is a file, not a folder: pass another {option}, or move "
-                         "the file away.")
-    try:  # a real file: permissions, read-only mounts and immutable folders all show here
-        fd, probe = tempfile.mkstemp(prefix=".brats_gmd_write_test.", dir=probe_dir)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as err:
-        raise ValueError(f"{option} {wanted}: cannot write in {probe_dir} ({err.strerror or err}): pass an "
-                         f"{option} you can write to.") from None
+    check_writable_folder(output_dir, f"{option} {os.path.abspath(os.fspath(output_dir))}",
+                          file_fix=f"pass another {option}, or move the file away",
+                          write_fix=f"pass an {option} you can write to")
 
 
 #: Output folders this process holds (:func:`lock_output_dir`): path -> open descriptor holding the lock.
@@ -269,26 +254,15 @@ def lock_output_dir(output_dir: str | os.PathLike, option: str = "--output_dir")
     Raises:
         ValueError: another process holds the lock.
     """
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock
-        return
     path = os.path.abspath(os.fspath(output_dir))
     if path in _LOCKED:
         return
-    os.makedirs(path, exist_ok=True)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # a folder that may be written but not listed (mode -wx): run unlocked
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = lock_folder(path)
     except BlockingIOError:
-        os.close(fd)
         raise ValueError(f"{option} {path} is in use by another run that is still writing into it (a job started "
                          f"twice?): wait for it to end, or pass another {option}.") from None
-    except OSError:  # a file system without folder locks
-        os.close(fd)
+    if fd is None:  # a folder that cannot be locked: run unlocked
         return
     _LOCKED[path] = fd  # kept open: the lock lasts as long as the process
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Mapping, NoReturn, Sequence
 
-from app.atomic import atomic_write_text
+from app.atomic import atomic_write_text, check_writable_folder, lock_folder
 from app.flags import parse_bool
 
 __all__ = ["BatchError", "build_parser", "check_overrides_or_exit", "load_segmenter_or_exit", "main", "run_batch", "run_batch_or_exit"]
@@ -160,7 +160,7 @@ def run_batch(
     """
     from app.data.discovery import discover_cases
     from app.inference.io import sequence_name
-    from app.inference.pipeline import check_output_path, check_writable_folder, label_convention
+    from app.inference.pipeline import check_output_path, label_convention
 
     # an empty path (an unset shell variable, BRATS_INPUT= or BRATS_OUTPUT= in Docker) would mean the
     # current folder: every case under it segmented, or results written among the user's files
@@ -207,27 +207,15 @@ def _output_dir_lock(out_dir: Path, option_value: str | os.PathLike) -> Iterator
         ValueError: another batch holds the lock.
     """
     try:
-        import fcntl
-    except ImportError:  # Windows: no flock
-        yield
-        return
-    out_dir.mkdir(parents=True, exist_ok=True)
+        fd = lock_folder(out_dir)
+    except BlockingIOError:
+        raise ValueError(f"--output-dir {option_value} is in use by another batch that is still running (a job "
+                         "started twice?): wait for it to finish, or choose another --output-dir.") from None
     try:
-        fd = os.open(out_dir, os.O_RDONLY)
-    except OSError:  # a folder that may be written but not listed (mode -wx): run unlocked
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"--output-dir {option_value} is in use by another batch that is still running (a job "
-                             "started twice?): wait for it to finish, or choose another --output-dir.") from None
-        except OSError:  # a file system without folder locks: run as before
-            pass
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def _run_cases(records: Mapping[str, Any], discovery_errors: Mapping[str, str], segmenter: Any,

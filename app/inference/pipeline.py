@@ -25,7 +25,6 @@ import math
 import os
 import platform
 import re
-import tempfile
 import time
 import zlib
 from contextlib import nullcontext
@@ -40,7 +39,7 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import NormalizeIntensity
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
-from app.atomic import write_error
+from app.atomic import check_writable_folder, write_error
 from app.data.datalist import ras_spacing, spacing_differs
 from app.data.discovery import OUTPUT_DESCRIPTION_PREFIX, is_inference_output
 from app.data.errors import CaseError, check_readable
@@ -627,29 +626,6 @@ def written_by_product(path: str | os.PathLike, case: str | None = None) -> bool
         return crc is None or crc.group(1) == _voxel_crc(np.asarray(img.dataobj))
     except Exception:  # noqa: BLE001 - an unreadable file is not known to be ours
         return False
-
-
-def check_writable_folder(folder: str | os.PathLike, what: str) -> None:
-    """Raise ``ValueError`` unless files can be created in ``folder`` (or, when it does not exist yet,
-    in the folder it would be created in): checked before any work, so nothing runs for an output
-    that cannot be written. ``what`` names the option in the message."""
-    probe_dir = os.path.abspath(os.fspath(folder))
-    while not os.path.exists(probe_dir):
-        parent = os.path.dirname(probe_dir)
-        if parent == probe_dir:  # e.g. a drive or share that is not there
-            raise ValueError(f"{what}: no part of {os.path.abspath(os.fspath(folder))} exists: choose an output "
-                             "folder on a disk that is mounted.")
-        probe_dir = parent
-    if not os.path.isdir(probe_dir):
-        raise ValueError(f"{what}: {probe_dir} is a file, not a folder: choose another output folder.")
-    try:  # a real file: permissions, read-only mounts and immutable folders all show here
-        fd, probe = tempfile.mkstemp(prefix=".brats_gmd_write_test.", dir=probe_dir)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as err:
-        raise ValueError(f"{what}: cannot write in {probe_dir} ({err.strerror or err}): choose a folder you can "
-                         "write to (Docker: mount it writable for the user the container runs as, "
-                         "--user $(id -u):$(id -g)).") from None
 
 
 def _output_image(data: np.ndarray, ref: Volume, description: str) -> nib.Nifti1Image:

@@ -239,6 +239,15 @@ def test_a_resume_with_another_strategy_is_refused(tmp_path):
         run("plain", seed=1)
 
 
+def _train_one_epoch(folder, strategy) -> None:
+    """One (empty) epoch of a resumable run in ``folder`` with ``strategy``: it records the strategy's settings."""
+    net = torch.nn.Linear(2, 1)
+    engine = Engine(lambda e, b: None)
+    ResumableCheckpoint(folder, net, torch.optim.SGD(net.parameters(), lr=0.1), resume="auto",
+                        strategy=strategy).attach(engine)
+    engine.run(DATA, max_epochs=1)
+
+
 def test_a_resume_checks_the_settings_of_a_strategy_of_ones_own(tmp_path):
     """A strategy written outside the package (given as strategy_def's _target_) recorded only its seed,
     so a resume with another setting of its own mixed two methods without a word."""
@@ -251,11 +260,7 @@ def test_a_resume_checks_the_settings_of_a_strategy_of_ones_own(tmp_path):
             self.diagnostics_interval = diagnostics_interval
 
     def run(**settings):
-        net = torch.nn.Linear(2, 1)
-        engine = Engine(lambda e, b: None)
-        ResumableCheckpoint(tmp_path, net, torch.optim.SGD(net.parameters(), lr=0.1), resume="auto",
-                            strategy=WeightedPlain(**settings)).attach(engine)
-        engine.run(DATA, max_epochs=1)
+        _train_one_epoch(tmp_path, WeightedPlain(**settings))
 
     run(aux_weight=0.5)
     assert load_training_checkpoint(tmp_path / "checkpoint_last.pt")["strategy_config"] == \
@@ -276,11 +281,7 @@ def test_a_resume_checks_the_settings_of_a_variant_of_a_builtin_strategy(tmp_pat
             self.alpha = alpha
 
     def run(**settings):
-        net = torch.nn.Linear(2, 1)
-        engine = Engine(lambda e, b: None)
-        ResumableCheckpoint(tmp_path, net, torch.optim.SGD(net.parameters(), lr=0.1), resume="auto",
-                            strategy=ScaledGMD(**settings)).attach(engine)
-        engine.run(DATA, max_epochs=1)
+        _train_one_epoch(tmp_path, ScaledGMD(**settings))
 
     run(alpha=0.5, subsets=3)
     assert load_training_checkpoint(tmp_path / "checkpoint_last.pt")["strategy_config"] == \
