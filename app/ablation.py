@@ -42,6 +42,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from app.atomic import atomic_write_text
 from app.reports.ablation import (
     ablation_table, format_ablation_markdown, format_seed_markdown, seed_table, write_ablation_report,
     write_seed_report,
@@ -273,6 +274,18 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _unreadable(path: Path | None) -> bool:
+    """Whether ``path`` exists but holds no complete JSON: an earlier version wrote the ablation's records
+    in place, and a run killed during such a write left the file empty or cut short."""
+    if path is None or not path.is_file():
+        return False
+    try:
+        json.loads(path.read_text())
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return True
+    return False
+
+
 def _reusable(result: Path, stamp: Path, settings: dict[str, Any], done: Path | None = None) -> bool:
     """Whether a finished stage's ``result`` can stand for this run; records ``settings`` when it cannot.
 
@@ -285,11 +298,22 @@ def _reusable(result: Path, stamp: Path, settings: dict[str, Any], done: Path | 
             raises, so an interrupted or failed training leaves ``result`` behind: with ``done``
             given, a recorded stage counts as finished only when ``done`` exists too.
 
+    A ``stamp`` or ``done`` that cannot be read (cut short by a kill while an earlier version wrote it in
+    place) says nothing about how ``result`` was made, nor that the stage ended: the stage runs again,
+    with a note, instead of the ablation stopping at ``Expecting value: line 1 column 1`` on every resume.
+    The records are now written atomically, so a kill leaves the previous record or the new one.
+
     Raises:
         ValueError: ``result`` was produced with other settings, which a resumed ablation must not mix in.
     """
-    recorded = _read_json(stamp)
-    finished = result.is_file() and (done is None or recorded is None or done.is_file())
+    damaged = [str(p) for p in (stamp, done) if _unreadable(p)]
+    if damaged:
+        print(f"note: {' and '.join(damaged)} cannot be read (a run was stopped while writing it): the stage runs "
+              "again.", flush=True)
+        recorded, finished = None, False
+    else:
+        recorded = _read_json(stamp)
+        finished = result.is_file() and (done is None or recorded is None or done.is_file())
     if finished and recorded == settings:
         return True
     if finished and recorded is not None:
@@ -301,8 +325,7 @@ def _reusable(result: Path, stamp: Path, settings: dict[str, Any], done: Path | 
     if finished:
         print(f"note: {result} has no record of its settings (an earlier version wrote it); "
               "it is reused as if made by this command.", flush=True)
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(settings, indent=1))
+    atomic_write_text(stamp, json.dumps(settings, indent=1))  # a kill leaves the previous record or this one
     return finished
 
 
@@ -437,8 +460,8 @@ def run_ablation(
             train_s = _run_bundle([train, *overrides], bundle, train_args, out / label / "train.log")
             if not ckpt.is_file():
                 raise RuntimeError(f"Training {label!r} finished without writing {ckpt}; see {out / label / 'train.log'}.")
-            (out / label / "train_environment.json").write_text(json.dumps(_environment(bundle_args), indent=1))
-            seconds.write_text(json.dumps(train_s))
+            atomic_write_text(out / label / "train_environment.json", json.dumps(_environment(bundle_args), indent=1))
+            atomic_write_text(seconds, json.dumps(train_s))  # the stage's end: complete or absent, never cut short
         if layout is SEGMENTATION:
             # a resumed ablation reuses finished stages: if cases were added, removed or renamed since,
             # the new stages split other cases and each strategy would be scored on its own held-out set
