@@ -264,6 +264,30 @@ def test_a_write_cut_off_half_way_leaves_the_previous_record_whole(tmp_path):
     assert [p.name for p in stamp.parent.iterdir()] == [stamp.name]  # no temporary file left either
 
 
+@pytest.mark.parametrize("seeds", [[], ["--seeds", "0,1"]])
+def test_a_second_ablation_on_a_busy_output_dir_stops_before_writing(seeds, tmp_path):
+    """A job started twice: while one ablation runs in --output_dir, a second one stops with one line and
+    writes nothing (it used to record its own settings over the first's and train and score beside it)."""
+    import fcntl
+    import os
+
+    data, out = tmp_path / "phantoms", tmp_path / "ablation"
+    write_phantoms(data, cases=4, size=32, seed=0)
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)  # what the running ablation holds (the kernel releases it when it dies)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = _ablate("--bundle", "bundles/brats_gmd", "--strategies", "plain", "--max_epochs", "1", "--output_dir",
+                       str(out), "--dataset_dir", str(data), "--epoch_length", "1", *seeds, *TINY)
+    finally:
+        os.close(fd)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --output_dir {out} is in use by another run that is still writing into it (a job started twice?): "
+        "wait for it to end, or pass another --output_dir."]
+    assert list(out.iterdir()) == []
+
+
 def test_a_killed_ablation_trains_the_unfinished_stage_again(tmp_path):
     data = tmp_path / "phantoms"
     write_phantoms(data, cases=4, size=32, seed=0)
