@@ -409,7 +409,8 @@ def _locked_output_dir(out: Path) -> Iterator[None]:
         fd = lock_folder(out)
     except BlockingIOError:
         raise ValueError(f"--output_dir {os.path.abspath(out)} is in use by another run that is still writing "
-                         "into it (a job started twice?): wait for it to end, or pass another --output_dir.") from None
+                         "into it (a job started twice?): wait for it to end, or pass another --output_dir "
+                         "(bench/mosi_compare.py: --out_dir).") from None
     try:
         yield
     finally:

@@ -284,7 +284,7 @@ def test_a_second_ablation_on_a_busy_output_dir_stops_before_writing(seeds, tmp_
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines() == [
         f"error: --output_dir {out} is in use by another run that is still writing into it (a job started twice?): "
-        "wait for it to end, or pass another --output_dir."]
+        "wait for it to end, or pass another --output_dir (bench/mosi_compare.py: --out_dir)."]
     assert list(out.iterdir()) == []
 
 
