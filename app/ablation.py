@@ -13,7 +13,8 @@ Every argument the runner does not know (``--dataset_dir D``, ``--data_path P --
 true``, ``--features "[...]"``) goes to both commands unchanged, except ``--config_file``: its override
 files (recipes such as ``configs/demo.yaml``) go after ``train.yaml`` in both commands. Each finished
 stage is kept, so an interrupted ablation resumes with the same command; a stage finished with other settings (seed,
-budget, overrides, checkpoint) is an error rather than a silent mix of runs. Writes ``O/<strategy>/{train,eval}`` and
+budget, overrides, checkpoint) is an error rather than a silent mix of runs, and a second ablation started on the
+same output folder while one runs is refused. Writes ``O/<strategy>/{train,eval}`` and
 ``O/ablation.{json,md,png}`` (:mod:`app.reports.ablation`).
 
 A strategy may carry a GMD subset count, ``gmd:5``, which sets ``--gmd_subsets 5``.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import hashlib
 import inspect
 import json
@@ -38,10 +40,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import yaml
 
+from app.atomic import atomic_write_text, lock_folder
 from app.reports.ablation import (
     ablation_table, format_ablation_markdown, format_seed_markdown, seed_table, write_ablation_report,
     write_seed_report,
@@ -273,6 +276,18 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _unreadable(path: Path | None) -> bool:
+    """Whether ``path`` exists but holds no complete JSON: an earlier version wrote the ablation's records
+    in place, and a run killed during such a write left the file empty or cut short."""
+    if path is None or not path.is_file():
+        return False
+    try:
+        json.loads(path.read_text())
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return True
+    return False
+
+
 def _reusable(result: Path, stamp: Path, settings: dict[str, Any], done: Path | None = None) -> bool:
     """Whether a finished stage's ``result`` can stand for this run; records ``settings`` when it cannot.
 
@@ -285,11 +300,22 @@ def _reusable(result: Path, stamp: Path, settings: dict[str, Any], done: Path | 
             raises, so an interrupted or failed training leaves ``result`` behind: with ``done``
             given, a recorded stage counts as finished only when ``done`` exists too.
 
+    A ``stamp`` or ``done`` that cannot be read (cut short by a kill while an earlier version wrote it in
+    place) says nothing about how ``result`` was made, nor that the stage ended: the stage runs again,
+    with a note, instead of the ablation stopping at ``Expecting value: line 1 column 1`` on every resume.
+    The records are now written atomically, so a kill leaves the previous record or the new one.
+
     Raises:
         ValueError: ``result`` was produced with other settings, which a resumed ablation must not mix in.
     """
-    recorded = _read_json(stamp)
-    finished = result.is_file() and (done is None or recorded is None or done.is_file())
+    damaged = [str(p) for p in (stamp, done) if _unreadable(p)]
+    if damaged:
+        print(f"note: {' and '.join(damaged)} cannot be read (a run was stopped while writing it): the stage runs "
+              "again.", flush=True)
+        recorded, finished = None, False
+    else:
+        recorded = _read_json(stamp)
+        finished = result.is_file() and (done is None or recorded is None or done.is_file())
     if finished and recorded == settings:
         return True
     if finished and recorded is not None:
@@ -301,8 +327,7 @@ def _reusable(result: Path, stamp: Path, settings: dict[str, Any], done: Path | 
     if finished:
         print(f"note: {result} has no record of its settings (an earlier version wrote it); "
               "it is reused as if made by this command.", flush=True)
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(settings, indent=1))
+    atomic_write_text(stamp, json.dumps(settings, indent=1))  # a kill leaves the previous record or this one
     return finished
 
 
@@ -367,6 +392,32 @@ def _iterations(log: Path, checkpoint: Path) -> int | None:
     return int(state["iteration"]) if isinstance(state, dict) and "iteration" in state else None
 
 
+@contextlib.contextmanager
+def _locked_output_dir(out: Path) -> Iterator[None]:
+    """Hold the kernel's lock on ``out`` (created if need be) while the ablation writes into it.
+
+    Two ablations started on one folder (a job started twice) each recorded their own settings for the
+    stages and evaluated, trained and tabulated into the same files, so a stage could be recorded with
+    the other run's settings and later reused as such. The second one stops instead, before it writes.
+    As for training, the lock is ``flock`` on the folder itself: no lock file, released when the process
+    dies; where the folder cannot be locked the ablation runs unlocked.
+
+    Raises:
+        ValueError: another process holds the lock.
+    """
+    try:
+        fd = lock_folder(out)
+    except BlockingIOError:
+        raise ValueError(f"--output_dir {os.path.abspath(out)} is in use by another run that is still writing "
+                         "into it (a job started twice?): wait for it to end, or pass another --output_dir "
+                         "(bench/mosi_compare.py: --out_dir).") from None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def run_ablation(
     bundle: str | os.PathLike,
     strategies: str | Sequence[str],
@@ -405,76 +456,76 @@ def run_ablation(
         raise ValueError(f"checkpoint must be 'final' or 'best', got {checkpoint!r}.")
     planned = parse_strategies(strategies, layout.kind)  # a bad list is refused before any folder is made
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_name = "model_final.pt" if checkpoint == "final" else "model.pt"
-    default_metrics = layout.metrics
-    config = {k: v for f in (train, *overrides) for k, v in _load_config(f).items()}  # the recipes' values win
-    if layout is SENTIMENT and (_option(bundle_args, "task") or config.get("task")) == "classification":
-        # the classification report has accuracy and F1 only, so the regression columns would stop the
-        # ablation after every strategy has trained
-        default_metrics = SENTIMENT_CLASSIFICATION_METRICS
-    metrics = list(metrics or default_metrics)
-    if layout is SENTIMENT:
-        eval_split = eval_split or _option(bundle_args, "val_split") or config.get("val_split", "valid")
-    runs: dict[str, Any] = {}
-    reports: dict[str, Any] = {}
-    first_split: tuple[str, dict[str, list[str]]] | None = None  # segmentation: every stage on the same cases
-    for label, name, subsets in planned:
-        run_dir, eval_dir = out / label / "train", out / label / "eval"
-        train_args = [*bundle_args, "--output_dir", str(run_dir), "--strategy", name, "--seed", str(seed),
-                      "--max_epochs", str(int(max_epochs)), "--time_limit_minutes", str(time_limit_minutes)]
-        if subsets:
-            train_args += ["--gmd_subsets", subsets]
-        ckpt = run_dir / "models" / ckpt_name
-        train_s = None
-        # finished stages are kept, so an interrupted ablation resumes with the same command; a
-        # different command (seed, budget, overrides) must not silently reuse them
-        # train_seconds.json is written last, so it marks a training stage that ran to its end
-        seconds = out / label / "train_seconds.json"
-        if not _reusable(ckpt, out / label / "train_settings.json", _stage_settings(bundle, train_args, out, overrides),
-                         seconds):
-            seconds.unlink(missing_ok=True)
-            train_s = _run_bundle([train, *overrides], bundle, train_args, out / label / "train.log")
-            if not ckpt.is_file():
-                raise RuntimeError(f"Training {label!r} finished without writing {ckpt}; see {out / label / 'train.log'}.")
-            (out / label / "train_environment.json").write_text(json.dumps(_environment(bundle_args), indent=1))
-            seconds.write_text(json.dumps(train_s))
-        if layout is SEGMENTATION:
-            # a resumed ablation reuses finished stages: if cases were added, removed or renamed since,
-            # the new stages split other cases and each strategy would be scored on its own held-out set
-            split = _split_cases(run_dir / "datalist.json")
-            if first_split is None:
-                first_split = (label, split)
-            _check_same_split(label, split, first_split, out)
-            scored = ["--eval_datalist", str(run_dir / "datalist.json")]
-        else:
-            scored = ["--eval_split", eval_split]
-        eval_args = [*_without(bundle_args, scored[0][2:]), *scored, "--ckpt_path", str(ckpt),
-                     "--output_dir", str(eval_dir), "--seed", str(seed)]
-        report_path = eval_dir / layout.report
-        if train_s is not None and report_path.is_file():
-            report_path.unlink()  # it scored the model just replaced
-        if not _reusable(report_path, out / label / "eval_settings.json",
-                         _stage_settings(bundle, eval_args, out, overrides)):
-            _run_bundle([train, *overrides, evaluate], bundle, eval_args, out / label / "eval.log")
-        reports[label] = json.loads(report_path.read_text())
-        if train_s is None:  # a reused stage: its time was recorded when it trained
-            train_s = _read_json(seconds)
-        runs[label] = {"strategy": name, "gmd_subsets": subsets, "train_seconds": train_s,
-                       "iterations": _iterations(out / label / "train.log", run_dir / "models" / "checkpoint_last.pt"),
-                       "checkpoint": str(ckpt),
-                       "report": str(report_path), "environment": _read_json(out / label / "train_environment.json")}
-        print(json.dumps({"strategy": label, **runs[label]}), flush=True)
-    table = ablation_table(reports, metrics)
-    table["runs"] = runs
-    table["settings"] = {"bundle": str(bundle), "seed": seed, "max_epochs": int(max_epochs),
-                         "time_limit_minutes": time_limit_minutes, "checkpoint": checkpoint,
-                         "bundle_args": list(bundle_args), "config_files": [str(f) for f in overrides]}
-    budget = f"{max_epochs} epochs" + (f" or {time_limit_minutes:g} min" if time_limit_minutes else "")
-    title = f"Ablation of {bundle.name}: seed {seed}, {budget} per strategy, {checkpoint} model"
-    write_ablation_report(table, out, title)
-    print(format_ablation_markdown(table, title), flush=True)
-    return table
+    with _locked_output_dir(out):  # created here; one ablation at a time in it
+        ckpt_name = "model_final.pt" if checkpoint == "final" else "model.pt"
+        default_metrics = layout.metrics
+        config = {k: v for f in (train, *overrides) for k, v in _load_config(f).items()}  # the recipes' values win
+        if layout is SENTIMENT and (_option(bundle_args, "task") or config.get("task")) == "classification":
+            # the classification report has accuracy and F1 only, so the regression columns would stop the
+            # ablation after every strategy has trained
+            default_metrics = SENTIMENT_CLASSIFICATION_METRICS
+        metrics = list(metrics or default_metrics)
+        if layout is SENTIMENT:
+            eval_split = eval_split or _option(bundle_args, "val_split") or config.get("val_split", "valid")
+        runs: dict[str, Any] = {}
+        reports: dict[str, Any] = {}
+        first_split: tuple[str, dict[str, list[str]]] | None = None  # segmentation: every stage on the same cases
+        for label, name, subsets in planned:
+            run_dir, eval_dir = out / label / "train", out / label / "eval"
+            train_args = [*bundle_args, "--output_dir", str(run_dir), "--strategy", name, "--seed", str(seed),
+                          "--max_epochs", str(int(max_epochs)), "--time_limit_minutes", str(time_limit_minutes)]
+            if subsets:
+                train_args += ["--gmd_subsets", subsets]
+            ckpt = run_dir / "models" / ckpt_name
+            train_s = None
+            # finished stages are kept, so an interrupted ablation resumes with the same command; a
+            # different command (seed, budget, overrides) must not silently reuse them
+            # train_seconds.json is written last, so it marks a training stage that ran to its end
+            seconds = out / label / "train_seconds.json"
+            if not _reusable(ckpt, out / label / "train_settings.json", _stage_settings(bundle, train_args, out, overrides),
+                             seconds):
+                seconds.unlink(missing_ok=True)
+                train_s = _run_bundle([train, *overrides], bundle, train_args, out / label / "train.log")
+                if not ckpt.is_file():
+                    raise RuntimeError(f"Training {label!r} finished without writing {ckpt}; see {out / label / 'train.log'}.")
+                atomic_write_text(out / label / "train_environment.json", json.dumps(_environment(bundle_args), indent=1))
+                atomic_write_text(seconds, json.dumps(train_s))  # the stage's end: complete or absent, never cut short
+            if layout is SEGMENTATION:
+                # a resumed ablation reuses finished stages: if cases were added, removed or renamed since,
+                # the new stages split other cases and each strategy would be scored on its own held-out set
+                split = _split_cases(run_dir / "datalist.json")
+                if first_split is None:
+                    first_split = (label, split)
+                _check_same_split(label, split, first_split, out)
+                scored = ["--eval_datalist", str(run_dir / "datalist.json")]
+            else:
+                scored = ["--eval_split", eval_split]
+            eval_args = [*_without(bundle_args, scored[0][2:]), *scored, "--ckpt_path", str(ckpt),
+                         "--output_dir", str(eval_dir), "--seed", str(seed)]
+            report_path = eval_dir / layout.report
+            if train_s is not None and report_path.is_file():
+                report_path.unlink()  # it scored the model just replaced
+            if not _reusable(report_path, out / label / "eval_settings.json",
+                             _stage_settings(bundle, eval_args, out, overrides)):
+                _run_bundle([train, *overrides, evaluate], bundle, eval_args, out / label / "eval.log")
+            reports[label] = json.loads(report_path.read_text())
+            if train_s is None:  # a reused stage: its time was recorded when it trained
+                train_s = _read_json(seconds)
+            runs[label] = {"strategy": name, "gmd_subsets": subsets, "train_seconds": train_s,
+                           "iterations": _iterations(out / label / "train.log", run_dir / "models" / "checkpoint_last.pt"),
+                           "checkpoint": str(ckpt),
+                           "report": str(report_path), "environment": _read_json(out / label / "train_environment.json")}
+            print(json.dumps({"strategy": label, **runs[label]}), flush=True)
+        table = ablation_table(reports, metrics)
+        table["runs"] = runs
+        table["settings"] = {"bundle": str(bundle), "seed": seed, "max_epochs": int(max_epochs),
+                             "time_limit_minutes": time_limit_minutes, "checkpoint": checkpoint,
+                             "bundle_args": list(bundle_args), "config_files": [str(f) for f in overrides]}
+        budget = f"{max_epochs} epochs" + (f" or {time_limit_minutes:g} min" if time_limit_minutes else "")
+        title = f"Ablation of {bundle.name}: seed {seed}, {budget} per strategy, {checkpoint} model"
+        write_ablation_report(table, out, title)
+        print(format_ablation_markdown(table, title), flush=True)
+        return table
 
 
 def run_ablation_seeds(
@@ -496,14 +547,15 @@ def run_ablation_seeds(
         raise ValueError(f"seeds must be distinct and non-empty, got {seeds}.")
     parse_strategies(strategies, bundle_layout(bundle).kind)  # refused before the first seed trains
     out = Path(output_dir)
-    per_seed = {s: run_ablation(bundle, strategies, out / f"seed_{s}", max_epochs, seed=s, **kwargs) for s in seeds}
-    table = seed_table(per_seed)
-    minutes = kwargs.get("time_limit_minutes") or 0
-    budget = f"{max_epochs} epochs" + (f" or {minutes:g} min" if minutes else "")
-    title = f"Ablation of {Path(bundle).name} over {len(seeds)} seeds: {budget} per strategy"
-    write_seed_report(table, out, title)
-    print(format_seed_markdown(table, title), flush=True)
-    return {**table, "per_seed": per_seed}
+    with _locked_output_dir(out):  # each seed's run_ablation locks its own seed_<s> folder too
+        per_seed = {s: run_ablation(bundle, strategies, out / f"seed_{s}", max_epochs, seed=s, **kwargs) for s in seeds}
+        table = seed_table(per_seed)
+        minutes = kwargs.get("time_limit_minutes") or 0
+        budget = f"{max_epochs} epochs" + (f" or {minutes:g} min" if minutes else "")
+        title = f"Ablation of {Path(bundle).name} over {len(seeds)} seeds: {budget} per strategy"
+        write_seed_report(table, out, title)
+        print(format_seed_markdown(table, title), flush=True)
+        return {**table, "per_seed": per_seed}
 
 
 def _seed_list(text: str) -> list[int]:

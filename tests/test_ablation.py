@@ -216,6 +216,78 @@ def test_an_interrupted_training_stage_is_trained_again_not_reused(tmp_path):
     assert _reusable(result, stamp, settings, done)
 
 
+def test_a_record_cut_short_by_a_kill_runs_its_stage_again(tmp_path, capsys):
+    """The settings record and the end marker of a stage used to be written in place: a kill during the
+    write left them empty or cut short, and every resume then stopped at 'Expecting value: line 1 column 1'."""
+    out, bundle = tmp_path / "out", REPO / "bundles" / "brats_gmd"
+    result, stamp = out / "plain" / "train" / "models" / "model.pt", out / "plain" / "train_settings.json"
+    done = out / "plain" / "train_seconds.json"
+    settings = _stage_settings(bundle, ["--seed", "0"], out)
+    result.parent.mkdir(parents=True)
+    result.write_bytes(b"weights")
+    stamp.write_text('{\n "args": [\n  "--se')  # killed while the stage's settings were written
+    done.write_text("12.5")
+    assert not _reusable(result, stamp, settings, done)
+    assert f"{stamp} cannot be read (a run was stopped while writing it): the stage runs again" in capsys.readouterr().out
+    assert json.loads(stamp.read_text()) == settings
+    stamp.write_text("")  # the same for an evaluation stage, which has no end marker
+    assert not _reusable(result, stamp, settings) and json.loads(stamp.read_text()) == settings
+    done.write_text("")  # killed while the end of the training was recorded
+    assert not _reusable(result, stamp, settings, done) and f"{done} cannot be read" in capsys.readouterr().out
+    done.write_text("12.5")
+    assert _reusable(result, stamp, settings, done)
+
+
+def test_a_write_cut_off_half_way_leaves_the_previous_record_whole(tmp_path):
+    """A record written in place was cut short by whatever stopped its write; now the previous one stays.
+
+    The stop is a file-size limit of 16 bytes (a write beyond it fails), which cuts every write off at
+    the same point whatever the writer, like a kill or a full disk does."""
+    out, bundle = tmp_path / "out", REPO / "bundles" / "brats_gmd"
+    stamp = out / "plain" / "train_settings.json"
+    assert not _reusable(out / "model.pt", stamp, _stage_settings(bundle, ["--seed", "0"], out))
+    before = stamp.read_bytes()
+    code = (
+        "import resource, signal, sys\n"
+        "from pathlib import Path\n"
+        "from app.ablation import _reusable, _stage_settings\n"
+        "out = Path(sys.argv[1])\n"
+        "settings = _stage_settings(Path(sys.argv[2]), ['--seed', '1'], out)\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write beyond the limit fails instead of killing\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+        "_reusable(out / 'model.pt', out / 'plain' / 'train_settings.json', settings)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(out), str(bundle)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "File too large" in proc.stderr, proc.stderr[-2000:]
+    assert stamp.read_bytes() == before
+    assert [p.name for p in stamp.parent.iterdir()] == [stamp.name]  # no temporary file left either
+
+
+@pytest.mark.parametrize("seeds", [[], ["--seeds", "0,1"]])
+def test_a_second_ablation_on_a_busy_output_dir_stops_before_writing(seeds, tmp_path):
+    """A job started twice: while one ablation runs in --output_dir, a second one stops with one line and
+    writes nothing (it used to record its own settings over the first's and train and score beside it)."""
+    import fcntl
+    import os
+
+    data, out = tmp_path / "phantoms", tmp_path / "ablation"
+    write_phantoms(data, cases=4, size=32, seed=0)
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)  # what the running ablation holds (the kernel releases it when it dies)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = _ablate("--bundle", "bundles/brats_gmd", "--strategies", "plain", "--max_epochs", "1", "--output_dir",
+                       str(out), "--dataset_dir", str(data), "--epoch_length", "1", *seeds, *TINY)
+    finally:
+        os.close(fd)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --output_dir {out} is in use by another run that is still writing into it (a job started twice?): "
+        "wait for it to end, or pass another --output_dir (bench/mosi_compare.py: --out_dir)."]
+    assert list(out.iterdir()) == []
+
+
 def test_a_killed_ablation_trains_the_unfinished_stage_again(tmp_path):
     data = tmp_path / "phantoms"
     write_phantoms(data, cases=4, size=32, seed=0)

@@ -265,9 +265,10 @@ class SubsetReportHandler:
             result = {**result, "epoch": epoch}
             title = f"Validation after epoch {epoch} (the latest weights; models/model.pt holds the best)"
         if self.checkpoint is not None:
-            from app.networks.weights import checkpoint_sha256
+            from app.networks.weights import checkpoint_sha256, loaded_sha256
 
-            sha = checkpoint_sha256(self.checkpoint)
+            # the model loaded before scoring, not what the file holds now (a running training replaces model.pt)
+            sha = loaded_sha256(self.checkpoint) or checkpoint_sha256(self.checkpoint)
             result = {**result, "checkpoint": {"path": self.checkpoint, "sha256": sha}}
             title = f"Per-subset results: {self.stem} of {os.path.basename(self.checkpoint)} (sha256 {sha[:12]})"
         return result, title

@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Any, Mapping, Sequence
 
 import torch
+import torch.distributed
 from ignite.engine import Engine
 
 from app.atomic import check_writable_folder, lock_folder
@@ -251,20 +252,59 @@ def lock_output_dir(output_dir: str | os.PathLike, option: str = "--output_dir")
     is left, and a killed run releases it. Where the file system cannot lock a folder (some network
     mounts) the run goes on unlocked.
 
+    Under ``torchrun`` (an initialised process group of more than one rank) every rank must call it:
+    rank 0 alone takes the lock, so one lock stands for the whole run and a single-process training
+    on the same folder is refused too, and rank 0 tells the others whether it got it. A second
+    multi-process run then stops on every rank, each with the same one line, before any rank writes;
+    the ranks used to skip the lock altogether and both runs trained into the folder.
+
     Raises:
-        ValueError: another process holds the lock.
+        ValueError: another process holds the lock (on every rank of a multi-process run).
     """
     path = os.path.abspath(os.fspath(output_dir))
+    message = (f"{option} {path} is in use by another run that is still writing into it (a job started twice?): "
+               f"wait for it to end, or pass another {option}.")
+    group = _process_group()
+    busy = False
+    if group is None or group.get_rank() == 0:
+        busy = not _lock_here(path)
+    if group is not None:
+        busy = _any_rank(group, busy)
+    if busy:
+        raise ValueError(message)
+
+
+def _lock_here(path: str) -> bool:
+    """Take the lock on ``path`` in this process; False when another process holds it."""
     if path in _LOCKED:
-        return
+        return True
     try:
         fd = lock_folder(path)
     except BlockingIOError:
-        raise ValueError(f"{option} {path} is in use by another run that is still writing into it (a job started "
-                         f"twice?): wait for it to end, or pass another {option}.") from None
-    if fd is None:  # a folder that cannot be locked: run unlocked
-        return
-    _LOCKED[path] = fd  # kept open: the lock lasts as long as the process
+        return False
+    if fd is not None:  # None: a folder that cannot be locked, which runs unlocked
+        _LOCKED[path] = fd  # kept open: the lock lasts as long as the process
+    return True
+
+
+def _process_group() -> Any:
+    """``torch.distributed`` when this process is one rank of several (torchrun), else None."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
+
+
+def _any_rank(dist: Any, flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank: every rank of the group must call it."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([float(flag)], device=device)
+    try:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    except RuntimeError:  # the connection to a rank that stopped closes (DistBackendError is one)
+        raise ValueError(f"Rank {dist.get_rank()} stops too: another process stopped before training (its error is "
+                         "printed above, with the file and the fix); nothing was written.") from None
+    return bool(value.item() > 0)
 
 
 def check_patch_size(patch_size: Sequence[int], network: Any, whole_axis: bool = False, cli: bool = False) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import zipfile
 from typing import Any, Sequence
@@ -19,8 +20,21 @@ RETRAINED_FIX = ("pass the training run's network settings when loading it (BraT
 __all__ = [
     "allow_missing_optional_keys", "apply_state_dict", "check_archive", "check_finite", "checkpoint_sha256",
     "describe_state_dict",
-    "load_weights", "optional_state_keys", "read_state_dict",
+    "load_weights", "loaded_sha256", "optional_state_keys", "read_state_dict",
 ]
+
+#: SHA-256 of the bytes :func:`read_state_dict` last loaded, by absolute path.
+_LOADED_SHA256: dict[str, str] = {}
+
+
+def loaded_sha256(path: str | os.PathLike) -> str | None:
+    """SHA-256 of the checkpoint this process last loaded from ``path`` (None: none loaded from it).
+
+    A report names the model it scored by this, not by hashing ``path`` when it is written: a running
+    training replaces ``models/model.pt`` at each better validation, so an evaluation of that file used to
+    name the model found there once scoring ended, not the one it had loaded and scored.
+    """
+    return _LOADED_SHA256.get(os.path.abspath(os.fspath(path)))
 
 
 def checkpoint_sha256(path: str | os.PathLike) -> str:
@@ -95,7 +109,9 @@ def read_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         raise FileNotFoundError(f"Checkpoint {path} not found: pass --ckpt_path to a model.pt written by training.")
     check_archive(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with open(path, "rb") as f:  # read once: the bytes loaded are the bytes hashed (loaded_sha256)
+            data = f.read()
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except PermissionError:
         raise unreadable(path) from None
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
@@ -109,6 +125,7 @@ def read_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise ValueError(f"Checkpoint {path} holds no state dict: pass a model.pt written by training.")
     check_finite(state.items(), path)
+    _LOADED_SHA256[os.path.abspath(path)] = hashlib.sha256(data).hexdigest()
     return state
 
 

@@ -106,6 +106,32 @@ def test_evaluate_every_labelled_case(trained, phantoms, tmp_path):
     assert report["worst_subset"]["name"] == min(report["subsets"], key=lambda n: report["subsets"][n]["mean"])
 
 
+def test_an_evaluation_names_the_model_it_loaded_when_training_replaces_the_file(trained, phantoms, tmp_path):
+    """Evaluating a running training's models/model.pt: training replaces the file at each better
+    validation, and the report used to hash the file once scoring had ended, naming a model it never scored."""
+    import os
+
+    from tests.reliability.helpers import run_in_process
+
+    ckpt = tmp_path / "models" / "model.pt"
+    ckpt.parent.mkdir()
+    scored = (trained / "models" / "model.pt").read_bytes()
+    ckpt.write_bytes(scored)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    newer = tmp_path / "newer.pt"
+    torch.save({k: v + 1.0 if v.is_floating_point() else v for k, v in state.items()}, newer)
+
+    def training_saves_a_better_model(parser):  # after the weights are loaded, before the report
+        os.replace(newer, ckpt)
+
+    out = tmp_path / "eval"
+    run_in_process([TRAIN, EVALUATE], training_saves_a_better_model, dataset_dir=str(phantoms), ckpt_path=str(ckpt),
+                   output_dir=str(out), patch_size=[32, 32, 32], features=[8, 16, 32, 64], num_workers=0)
+    report = json.loads((out / "subset_dice.json").read_text())
+    assert report["checkpoint"] == {"path": str(ckpt), "sha256": hashlib.sha256(scored).hexdigest()}
+    assert hashlib.sha256(scored).hexdigest()[:12] in (out / "subset_dice.md").read_text()
+
+
 def _reference_dice(ckpt, root, subsets):
     """``{(case, subset name): [WT, TC, ET]}``: train.yaml's preprocessing, the fused forward pass of
     each subset through a Gaussian sliding window (patch 32 fitted to the crop, overlap 0.5), sigmoid > 0.5 and Dice

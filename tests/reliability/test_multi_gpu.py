@@ -8,6 +8,8 @@ sequences, so that some subsets exist on one rank only.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import subprocess
 import sys
 import time
@@ -23,9 +25,10 @@ from monai.bundle import ConfigParser
 from app.data.datalist import shard_cases
 from app.data.mmsa import write_synthetic_mmsa
 from app.data.phantoms import write_phantoms
+from app.atomic import lock_folder
 from app.engines import (
     DistributedTimeLimitHandler, GradientSync, SubsetTrainer,
-    ResumableSampler, check_shards, close_distributed, mean_over_ranks,
+    ResumableSampler, check_shards, close_distributed, lock_output_dir, mean_over_ranks,
 )
 from app.networks import DSUNet
 from app.strategies import GMDApproxStrategy, GMDStrategy, build_strategy
@@ -200,6 +203,75 @@ def test_sentiment_run_refused_on_every_rank_writes_no_splits(tmp_path):
     assert proc.returncode != 0
     assert any("1 validation samples for 2 processes" in line for line in _rank_lines(proc)), _rank_lines(proc)
     assert not (out / "splits.json").exists()
+
+
+def _hold_lock(folder: Path) -> int:
+    """What a training running on ``folder`` holds (the kernel's lock on the folder itself)."""
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+@pytest.mark.parametrize("bundle", ["brats", "mosi"])
+def test_a_second_multi_process_training_on_a_busy_output_dir_stops_every_rank(bundle, tmp_path):
+    """A job started twice: while another training holds --output_dir, every rank of a torchrun training
+    stops with the one error line and nothing in the folder changes (the ranks used to take no lock and
+    trained into the first run's folder)."""
+    out = tmp_path / "out"
+    (out / "models").mkdir(parents=True)
+    (out / "models" / "checkpoint_last.pt").write_bytes(b"first run")  # the running training's files
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    if bundle == "brats":
+        data = tmp_path / "data"
+        write_phantoms(data, cases=4, size=24, seed=0)
+        configs = [TRAIN, MULTI_GPU]
+        args = ["--bundle_root", str(BRATS), "--dataset_dir", str(data), "--val_fraction", "0.5", *cli_args(TINY)]
+    else:
+        pkl = write_synthetic_mmsa(tmp_path / "mosi.pkl", splits={"train": 8, "valid": 4}, seed=0)
+        configs = [str(MOSI / "train.yaml"), str(MOSI / "multi_gpu_train.yaml")]
+        args = ["--bundle_root", str(REPO / "bundles" / "mosi_gmd"), "--data_path", str(pkl), "--trust_pickle", "true"]
+    fd = _hold_lock(out)
+    try:
+        proc = _torchrun(configs, *args, "--output_dir", str(out), "--dist_backend", "gloo", "--max_epochs", "1")
+    finally:
+        os.close(fd)
+    assert proc.returncode != 0
+    lines = _rank_lines(proc)
+    expected = (f"error: --output_dir {out} is in use by another run that is still writing into it (a job started "
+                "twice?): wait for it to end, or pass another --output_dir.")
+    for rank in range(WORLD):
+        errors = [line for line in lines if line.startswith(f"[rank{rank}]") and "error:" in line]
+        assert len(errors) == 1 and errors[0].endswith(expected), lines
+    assert not any("Traceback" in line for line in lines), lines
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def _lock_worker(rank: int, store: str, folder: str, results: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        lock_output_dir(folder)
+        dist.barrier()
+        if rank == 1:  # a single-process training started meanwhile: what train.yaml runs, in a process of its own
+            proc = subprocess.run([sys.executable, "-c", f"from app.engines import lock_output_dir; "
+                                   f"lock_output_dir({folder!r})"], cwd=REPO, env=subprocess_env(),
+                                  capture_output=True, text=True, timeout=120)
+            Path(results).write_text(proc.stderr)
+        dist.barrier()
+    finally:
+        close_distributed()
+
+
+def test_a_multi_process_training_holds_its_output_dir_against_single_process_runs(tmp_path):
+    """Rank 0 takes the lock for the whole run: a single-process training on the folder is refused meanwhile,
+    and the lock is released when the run ends."""
+    folder, results = tmp_path / "out", tmp_path / "single.txt"
+    mp.start_processes(_lock_worker, args=(str(tmp_path / "store"), str(folder), str(results)), nprocs=WORLD,
+                       join=True, start_method="spawn")
+    assert "is in use by another run that is still writing into it" in results.read_text(), results.read_text()
+    fd = lock_folder(folder)
+    assert fd is not None
+    os.close(fd)
 
 
 MOSI = REPO / "bundles" / "mosi_gmd" / "configs"
