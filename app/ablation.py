@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import yaml
 
-from app.atomic import atomic_write_text, lock_folder
+from app.atomic import atomic_write_text, locked_folder
 from app.reports.ablation import (
     ablation_table, format_ablation_markdown, format_seed_markdown, seed_table, write_ablation_report,
     write_seed_report,
@@ -405,17 +405,10 @@ def _locked_output_dir(out: Path) -> Iterator[None]:
     Raises:
         ValueError: another process holds the lock.
     """
-    try:
-        fd = lock_folder(out)
-    except BlockingIOError:
-        raise ValueError(f"--output_dir {os.path.abspath(out)} is in use by another run that is still writing "
-                         "into it (a job started twice?): wait for it to end, or pass another --output_dir "
-                         "(bench/mosi_compare.py: --out_dir).") from None
-    try:
+    with locked_folder(out, f"--output_dir {os.path.abspath(out)} is in use by another run that is still writing "
+                            "into it (a job started twice?): wait for it to end, or pass another --output_dir "
+                            "(bench/mosi_compare.py: --out_dir)."):
         yield
-    finally:
-        if fd is not None:
-            os.close(fd)
 
 
 def run_ablation(

@@ -20,10 +20,10 @@ import tempfile
 import threading
 import uuid
 from pathlib import Path
-from typing import BinaryIO, Callable, NoReturn
+from typing import BinaryIO, Callable, Iterator, NoReturn
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_writable_folder", "exit_with", "fsync_dir",
-           "lock_folder", "run_interruptible", "stale_temporaries", "write_error"]
+           "lock_folder", "locked_folder", "run_interruptible", "stale_temporaries", "write_error"]
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -122,6 +122,28 @@ def lock_folder(folder: str | os.PathLike) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+@contextlib.contextmanager
+def locked_folder(folder: str | os.PathLike, busy: str) -> Iterator[None]:
+    """Hold :func:`lock_folder` on ``folder`` for the ``with`` block (unlocked where it cannot be locked).
+
+    Args:
+        folder: the output folder, created if need be.
+        busy: the error message when another process holds it (name the folder and the fix).
+
+    Raises:
+        ValueError: ``busy``, when another process holds the lock.
+    """
+    try:
+        fd = lock_folder(folder)
+    except BlockingIOError:
+        raise ValueError(busy) from None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def write_error(err: OSError, path: str | os.PathLike, error_type: type[OSError] = OSError) -> OSError:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Mapping, NoReturn, Sequence
 
-from app.atomic import atomic_write_text, check_writable_folder, lock_folder
+from app.atomic import atomic_write_text, check_writable_folder, locked_folder
 from app.flags import parse_bool
 
 __all__ = ["BatchError", "build_parser", "check_overrides_or_exit", "load_segmenter_or_exit", "main", "run_batch", "run_batch_or_exit"]
@@ -206,16 +206,9 @@ def _output_dir_lock(out_dir: Path, option_value: str | os.PathLike) -> Iterator
     Raises:
         ValueError: another batch holds the lock.
     """
-    try:
-        fd = lock_folder(out_dir)
-    except BlockingIOError:
-        raise ValueError(f"--output-dir {option_value} is in use by another batch that is still running (a job "
-                         "started twice?): wait for it to finish, or choose another --output-dir.") from None
-    try:
+    with locked_folder(out_dir, f"--output-dir {option_value} is in use by another batch that is still running (a "
+                                "job started twice?): wait for it to finish, or choose another --output-dir."):
         yield
-    finally:
-        if fd is not None:
-            os.close(fd)  # releases the lock
 
 
 def _run_cases(records: Mapping[str, Any], discovery_errors: Mapping[str, str], segmenter: Any,
