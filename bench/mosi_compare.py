@@ -166,8 +166,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds: dict[int, dict[str, float]] = {}
     lines = [f"# Sentiment subsets on the {args.eval_split} split, seeds {', '.join(map(str, args.seeds))}", ""]
     # each seed and strategy: the bundle's train command (selection on valid), then its best checkpoint scored
-    ablations = run_ablation_seeds(BUNDLE, args.strategies, out_dir, max_epochs, args.seeds, checkpoint="best",
-                                   eval_split=args.eval_split, bundle_args=[*data_args, *extra])["per_seed"]
+    try:
+        ablations = run_ablation_seeds(BUNDLE, args.strategies, out_dir, max_epochs, args.seeds, checkpoint="best",
+                                       eval_split=args.eval_split, bundle_args=[*data_args, *extra])["per_seed"]
+    except (RuntimeError, ValueError) as err:
+        # the runner's refusals (an unknown strategy, a folder trained with other settings) and a failed
+        # run already name the file and the fix: one line, as `python -m app ablate` prints them
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for seed, ablation in ablations.items():
         reports = {s: json.loads(Path(run["report"]).read_text()) for s, run in ablation["runs"].items()}
         seconds[seed] = {s: run["train_seconds"] for s, run in ablation["runs"].items()
