@@ -387,11 +387,21 @@ def utterance_digests(split: Mapping[str, np.ndarray]) -> list[str]:
     return digests
 
 
-def _utterance_record(split: Mapping[str, np.ndarray], name: str) -> dict[str, Any]:
+def _utterance_record(split: Mapping[str, np.ndarray], name: str, ids_identify: bool = True) -> dict[str, Any]:
     record: dict[str, Any] = {"ids": [str(i) for i in split["id"]]}
-    if _generated_ids(split, name):
+    if not ids_identify or _generated_ids(split, name):
         record["digests"] = utterance_digests(split)
     return record
+
+
+def _ids_identify(data: Mapping[str, Mapping[str, np.ndarray]]) -> bool:
+    """Whether every id of the file names one utterance: no id repeats within or across its splits.
+
+    Files that number each split's utterances from 0 reuse the same ids in train and test; there the
+    ids cannot tell a training utterance from a test one, and the features' digests must.
+    """
+    ids = [str(i) for split in data.values() if isinstance(split, Mapping) and "id" in split for i in split["id"]]
+    return len(set(ids)) == len(ids)
 
 
 def write_mmsa_splits(output_dir: str | os.PathLike, data: Mapping[str, Mapping[str, np.ndarray]],
@@ -401,10 +411,12 @@ def write_mmsa_splits(output_dir: str | os.PathLike, data: Mapping[str, Mapping[
     An evaluation of the run's checkpoint reads it back (:func:`read_mmsa_splits`,
     :func:`seen_utterances`) to say when the scored utterances are not held out. Utterances are
     known by their ids, which stay when the file is converted or renamed; a file without ids has
-    only positions for ids, so its utterances are also recorded by their features' digests.
+    only positions for ids, and a file whose ids repeat (within or across its splits) has ids that do
+    not name one utterance each, so their utterances are also recorded by their features' digests.
     """
-    train = _utterance_record(mmsa_split(data, train_split, source), train_split)
-    val = _utterance_record(mmsa_split(data, val_split, source), val_split)
+    ids_identify = _ids_identify(data)
+    train = _utterance_record(mmsa_split(data, train_split, source), train_split, ids_identify)
+    val = _utterance_record(mmsa_split(data, val_split, source), val_split, ids_identify)
     record: dict[str, Any] = {"train_split": train_split, "val_split": val_split,
                               "train_ids": train["ids"], "val_ids": val["ids"]}
     for role, split in (("train", train), ("val", val)):
@@ -427,9 +439,10 @@ def seen_utterances(record: Mapping[str, Any], split: Mapping[str, np.ndarray], 
     """How many utterances of ``split`` (called ``name``) the recorded run used, by role:
     ``{"train": n, "val": n}``.
 
-    Ids decide when both files have their own; when either has only positional ids, the features'
-    digests decide, so two id-less files are not mistaken for each other. The split's digests are
-    computed at most once.
+    Ids decide when both files have their own; when either has only positional ids, or the run's file
+    repeated ids, the features' digests decide, so two id-less files are not mistaken for each other
+    and a test utterance that only shares a training utterance's id is not called seen. The split's
+    digests are computed at most once.
     """
     generated = _generated_ids(split, name)
     ids = {str(i) for i in split["id"]}
