@@ -556,8 +556,12 @@ class MMSADataset:
         lengths = np.stack([arrays[f"{m}_lengths"] for m in MMSA_MODALITIES], axis=1)
         self.modality_mask = (lengths > 0) & offered[None, :]
         if not self.modality_mask.any(axis=1).all():
-            bad = int((~self.modality_mask.any(axis=1)).sum())
-            raise ValueError(f"{bad} sample(s) of split {split!r} of {source} have no modality (all lengths 0).")
+            empty = np.flatnonzero(~self.modality_mask.any(axis=1))
+            offered_note = "" if offered.all() else f" among the offered modalities {list(modalities)}"
+            raise ValueError(f"{empty.size} sample(s) of split {split!r} of {source} have no modality{offered_note} "
+                             f"(all lengths 0; first: sample {empty[0]}, id {str(arrays['id'][empty[0]])!r}): nothing "
+                             "can be predicted from them; drop them from the file or give each at least one "
+                             "modality's features.")
 
     def __len__(self) -> int:
         return int(self.arrays["id"].shape[0])

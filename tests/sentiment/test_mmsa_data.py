@@ -355,3 +355,17 @@ def test_utterance_digests_ignore_the_padding():
     moved = {**short, "audio": np.asarray([[[0.0], [0.0]], [[4.0], [0.0]]], dtype=np.float32),
              "audio_lengths": np.asarray([0, 1]), "vision_lengths": np.asarray([1, 0])}
     assert utterance_digests(moved)[1] != utterance_digests(short)[1]
+
+
+def test_a_sample_without_any_modality_is_refused_naming_it_and_the_fix():
+    data = make_synthetic_mmsa({"train": 6}, layout="unaligned", dims=(4, 3, 4), seq_len=4)
+    for m in MMSA_MODALITIES:
+        data["train"][f"{m}_lengths"][2] = 0
+    with pytest.raises(ValueError, match=r"1 sample\(s\) of split 'train' .* first: sample 2, id 'trainvid0_2'.*"
+                                         r"drop them from the file or give each at least one modality"):
+        MMSADataset(data, "train")
+    # offering only the audio, which one sample lacks, names the offered modalities
+    data = make_synthetic_mmsa({"train": 6}, layout="unaligned", dims=(4, 3, 4), seq_len=4)
+    data["train"]["audio_lengths"][4] = 0
+    with pytest.raises(ValueError, match=r"no modality among the offered modalities \['audio'\].*sample 4"):
+        MMSADataset(data, "train", modalities=["audio"])
