@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import pickle
 import zipfile
@@ -61,6 +62,8 @@ __all__ = [
     "write_mmsa_splits",
     "write_synthetic_mmsa",
 ]
+
+logger = logging.getLogger(__name__)
 
 MMSA_MODALITIES: tuple[str, ...] = ("text", "audio", "vision")
 #: Value of the ``__format__`` entry of the converted ``.npz`` files.
@@ -125,7 +128,12 @@ def _normalise_split(name: str, split: Mapping[str, Any], source: Path) -> dict[
         if x.shape[0] != n:
             raise ValueError(f"{source}: {name}/{m} has {x.shape[0]} samples, {MMSA_MODALITIES[0]} has {n}.")
         if not np.isfinite(x).all():
-            # MMSA's MOSEI release has a few -inf audio values; they would poison every statistic
+            # MMSA's MOSEI release has a few -inf audio values; they would poison every statistic. Said
+            # aloud: a failed feature extraction (whole NaN utterances) would otherwise train as zeros
+            bad = np.flatnonzero(~np.isfinite(x).reshape(n, -1).all(axis=1))
+            logger.warning(f"{source}: {name}/{m} has {int((~np.isfinite(x)).sum())} NaN or infinite value(s) in "
+                           f"{bad.size} sample(s) (first: sample {bad[0]}); they are read as 0. If the extraction "
+                           f"failed for those samples, set their {m}_lengths to 0 to mark {m} missing instead.")
             x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
         out[m] = x
         lengths = split.get(f"{m}_lengths")

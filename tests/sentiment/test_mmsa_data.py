@@ -369,3 +369,20 @@ def test_a_sample_without_any_modality_is_refused_naming_it_and_the_fix():
     data["train"]["audio_lengths"][4] = 0
     with pytest.raises(ValueError, match=r"no modality among the offered modalities \['audio'\].*sample 4"):
         MMSADataset(data, "train", modalities=["audio"])
+
+
+def test_non_finite_features_are_read_as_zero_and_said(tmp_path, caplog):
+    """NaN features (a failed extraction) used to become zeros without a word; the load says which
+    split and modality, how many, and how to mark the modality missing instead."""
+    data = make_synthetic_mmsa({"train": 6, "valid": 4}, dims=(4, 3, 4))
+    data["train"]["vision"][3, 0, 1] = np.nan
+    data["train"]["vision"][5, 0, :] = np.inf
+    with open(tmp_path / "nan.pkl", "wb") as f:
+        pickle.dump(data, f)
+    with caplog.at_level("WARNING", logger="app.data.mmsa"):
+        loaded = load_mmsa(tmp_path / "nan.pkl", trust_pickle=True)
+    assert np.isfinite(loaded["train"]["vision"]).all() and loaded["train"]["vision"][5].max() == 0
+    warned = [r.getMessage() for r in caplog.records if "NaN or infinite" in r.getMessage()]
+    assert len(warned) == 1
+    assert warned[0].startswith(f"{tmp_path / 'nan.pkl'}: train/vision has 5 NaN or infinite value(s) in 2 sample(s) "
+                                "(first: sample 3); they are read as 0.") and "vision_lengths to 0" in warned[0]
