@@ -193,7 +193,9 @@ def _label_array(y: np.ndarray, key: str, n: int, where: str) -> np.ndarray:
 
 def check_labels(y: np.ndarray, key: str, where: str, num_classes: int | None = None) -> None:
     """Refuse labels that would train or score on garbage: NaN or infinite values, and class ids
-    that are not integers in ``[0, num_classes)``.
+    that are not integers in ``[0, num_classes)``. Sentiment scores outside ``[-3, 3]`` are warned
+    about: they are valid numbers, but usually another scale (a 1-7 rating) that the MOSI metrics
+    misread.
 
     Raises:
         ValueError: naming ``where`` (file and split), the first bad sample and the fix.
@@ -204,6 +206,13 @@ def check_labels(y: np.ndarray, key: str, where: str, num_classes: int | None = 
         raise ValueError(f"{where} has {bad.size} missing or infinite label(s) (first at sample {bad[0]}): a NaN "
                          "label trains on nothing and makes every score NaN; fix or drop those samples.")
     if key == "regression_labels":
+        # Acc-2 splits at 0 and Acc-7 clips the labels to [-3, 3]: a 1-7 rating scores every utterance
+        # positive and every label above 3 as 3, silently
+        outside = np.flatnonzero(np.abs(values) > 3.0)
+        if outside.size:
+            logger.warning(f"{where} has {outside.size} label(s) outside the sentiment range [-3, 3] (first: "
+                           f"{values[outside[0]]:g} at sample {outside[0]}): Acc-2 splits at 0 and Acc-7 clips labels "
+                           "to [-3, 3], so the scores misread another scale; rescale the labels to [-3, 3].")
         return
     bad = np.flatnonzero((values != np.round(values)) | (values < 0))
     if bad.size:

@@ -386,3 +386,19 @@ def test_non_finite_features_are_read_as_zero_and_said(tmp_path, caplog):
     assert len(warned) == 1
     assert warned[0].startswith(f"{tmp_path / 'nan.pkl'}: train/vision has 5 NaN or infinite value(s) in 2 sample(s) "
                                 "(first: sample 3); they are read as 0.") and "vision_lengths to 0" in warned[0]
+
+
+def test_sentiment_labels_outside_the_mosi_range_are_warned_about(caplog):
+    """A split rated on another scale (1-7) trained and scored without a word; Acc-2 then calls every
+    utterance positive and Acc-7 clips every label above 3."""
+    data = make_synthetic_mmsa({"train": 6, "valid": 4}, dims=(4, 3, 4))
+    with caplog.at_level("WARNING", logger="app.data.mmsa"):
+        MMSADataset(data, "train")
+    assert not [r for r in caplog.records if "outside the sentiment range" in r.getMessage()]
+    data["valid"]["regression_labels"] = np.asarray([1.0, 7.0, 3.0, -3.4], dtype=np.float32)
+    with caplog.at_level("WARNING", logger="app.data.mmsa"):
+        MMSADataset(data, "valid")
+    warned = [r.getMessage() for r in caplog.records if "outside the sentiment range" in r.getMessage()]
+    assert len(warned) == 1
+    assert "valid/regression_labels has 2 label(s) outside the sentiment range [-3, 3] (first: 7 at sample 1)" in warned[0]
+    assert warned[0].endswith("rescale the labels to [-3, 3].")
