@@ -160,7 +160,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out_dir.mkdir(parents=True, exist_ok=True)  # after the data checks: a bad file or split leaves nothing behind
 
     per_seed: dict[int, dict[str, Any]] = {}
     seconds: dict[int, dict[str, float]] = {}
@@ -174,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # run already name the file and the fix: one line, as `python -m app ablate` prints them
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # the runner makes the folder once its checks pass: a bad file, split or strategy leaves nothing behind
+    out_dir.mkdir(parents=True, exist_ok=True)
     for seed, ablation in ablations.items():
         reports = {s: json.loads(Path(run["report"]).read_text()) for s, run in ablation["runs"].items()}
         seconds[seed] = {s: run["train_seconds"] for s, run in ablation["runs"].items()

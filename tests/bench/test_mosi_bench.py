@@ -161,3 +161,15 @@ def test_compare_refusal_of_the_runner_is_one_line_not_a_traceback(mmsa, tmp_pat
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "other settings" in err
     assert not (out / "compare.md").exists()
+
+
+def test_compare_with_an_unknown_strategy_writes_nothing(mmsa, tmp_path, capsys):
+    """The output folder was made before the runner checked --strategies, so a misspelt strategy left an
+    empty folder behind its error."""
+    import mosi_compare
+
+    out = tmp_path / "cmp"
+    code = mosi_compare.main(["--data_path", mmsa.source, "--trust_pickle", "true", "--out_dir", str(out),
+                              "--strategies", "gmdd", "--seeds", "0", "--max_epochs", "1"])
+    assert code == 2 and "Unknown strategy 'gmdd'" in capsys.readouterr().err
+    assert not out.exists()
