@@ -180,6 +180,23 @@ def _run_bundle(configs: Sequence[Path], bundle: Path, args: Sequence[str], log:
     return time.perf_counter() - start
 
 
+def _check_eval_split(data_path: Any, trust_pickle: Any, eval_split: str) -> None:
+    """Refuse a sentiment ``eval_split`` the data file lacks before any strategy trains: the split is
+    otherwise read only by the first evaluation, after that strategy's whole training.
+
+    A file that cannot be read is left to the training command, whose error names it and the fix.
+    """
+    from app.data.mmsa import load_mmsa, mmsa_split
+
+    if not isinstance(data_path, (str, os.PathLike)) or not Path(data_path).is_file():
+        return
+    try:
+        data = load_mmsa(data_path, trust_pickle)
+    except ValueError:
+        return
+    mmsa_split(data, eval_split, data_path)  # names the splits the file has
+
+
 def _option(args: Sequence[str], key: str) -> str | None:
     """The value of ``--key value`` or ``--key=value`` in ``args`` (the last one wins)."""
     value = None
@@ -448,18 +465,20 @@ def run_ablation(
     if checkpoint not in ("final", "best"):
         raise ValueError(f"checkpoint must be 'final' or 'best', got {checkpoint!r}.")
     planned = parse_strategies(strategies, layout.kind)  # a bad list is refused before any folder is made
+    config = {k: v for f in (train, *overrides) for k, v in _load_config(f).items()}  # the recipes' values win
+    if layout is SENTIMENT:
+        eval_split = eval_split or _option(bundle_args, "val_split") or config.get("val_split", "valid")
+        _check_eval_split(_option(bundle_args, "data_path") or config.get("data_path"),
+                          _option(bundle_args, "trust_pickle") or config.get("trust_pickle", False), eval_split)
     out = Path(output_dir)
     with _locked_output_dir(out):  # created here; one ablation at a time in it
         ckpt_name = "model_final.pt" if checkpoint == "final" else "model.pt"
         default_metrics = layout.metrics
-        config = {k: v for f in (train, *overrides) for k, v in _load_config(f).items()}  # the recipes' values win
         if layout is SENTIMENT and (_option(bundle_args, "task") or config.get("task")) == "classification":
             # the classification report has accuracy and F1 only, so the regression columns would stop the
             # ablation after every strategy has trained
             default_metrics = SENTIMENT_CLASSIFICATION_METRICS
         metrics = list(metrics or default_metrics)
-        if layout is SENTIMENT:
-            eval_split = eval_split or _option(bundle_args, "val_split") or config.get("val_split", "valid")
         runs: dict[str, Any] = {}
         reports: dict[str, Any] = {}
         first_split: tuple[str, dict[str, list[str]]] | None = None  # segmentation: every stage on the same cases

@@ -160,14 +160,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out_dir.mkdir(parents=True, exist_ok=True)  # after the data checks: a bad file or split leaves nothing behind
 
     per_seed: dict[int, dict[str, Any]] = {}
     seconds: dict[int, dict[str, float]] = {}
     lines = [f"# Sentiment subsets on the {args.eval_split} split, seeds {', '.join(map(str, args.seeds))}", ""]
     # each seed and strategy: the bundle's train command (selection on valid), then its best checkpoint scored
-    ablations = run_ablation_seeds(BUNDLE, args.strategies, out_dir, max_epochs, args.seeds, checkpoint="best",
-                                   eval_split=args.eval_split, bundle_args=[*data_args, *extra])["per_seed"]
+    try:
+        ablations = run_ablation_seeds(BUNDLE, args.strategies, out_dir, max_epochs, args.seeds, checkpoint="best",
+                                       eval_split=args.eval_split, bundle_args=[*data_args, *extra])["per_seed"]
+    except (RuntimeError, ValueError) as err:
+        # the runner's refusals (an unknown strategy, a folder trained with other settings) and a failed
+        # run already name the file and the fix: one line, as `python -m app ablate` prints them
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # the runner makes the folder once its checks pass: a bad file, split or strategy leaves nothing behind
+    out_dir.mkdir(parents=True, exist_ok=True)
     for seed, ablation in ablations.items():
         reports = {s: json.loads(Path(run["report"]).read_text()) for s, run in ablation["runs"].items()}
         seconds[seed] = {s: run["train_seconds"] for s, run in ablation["runs"].items()

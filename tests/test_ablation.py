@@ -447,3 +447,16 @@ def test_a_bundle_run_ends_when_the_ablation_is_killed(tmp_path):
                 os.kill(child, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_sentiment_eval_split_the_file_lacks_is_refused_before_any_strategy_trains(tmp_path):
+    """A misspelt --eval_split was read only by the first evaluation, after that strategy had trained."""
+    npz = write_synthetic_mmsa(tmp_path / "syn.npz", splits={"train": 8, "valid": 4, "test": 4}, dims=(4, 3, 4))
+    out = tmp_path / "ablation"
+    bad = _ablate("--bundle", "bundles/mosi_gmd", "--strategies", "plain,gmd", "--max_epochs", "1",
+                  "--output_dir", str(out), "--data_path", str(npz), "--eval_split", "tset")
+    assert bad.returncode == 1, bad.stderr[-2000:]
+    assert bad.stderr.strip().splitlines() == [
+        f"error: Split 'tset' is not in {npz}: available splits are ['test', 'train', 'valid']. Pass one of them "
+        "(the bundles' --train_split, --val_split and --eval_split) or a file that has a 'tset' split."]
+    assert not out.exists()

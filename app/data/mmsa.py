@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import pickle
 import zipfile
@@ -61,6 +62,8 @@ __all__ = [
     "write_mmsa_splits",
     "write_synthetic_mmsa",
 ]
+
+logger = logging.getLogger(__name__)
 
 MMSA_MODALITIES: tuple[str, ...] = ("text", "audio", "vision")
 #: Value of the ``__format__`` entry of the converted ``.npz`` files.
@@ -125,7 +128,12 @@ def _normalise_split(name: str, split: Mapping[str, Any], source: Path) -> dict[
         if x.shape[0] != n:
             raise ValueError(f"{source}: {name}/{m} has {x.shape[0]} samples, {MMSA_MODALITIES[0]} has {n}.")
         if not np.isfinite(x).all():
-            # MMSA's MOSEI release has a few -inf audio values; they would poison every statistic
+            # MMSA's MOSEI release has a few -inf audio values; they would poison every statistic. Said
+            # aloud: a failed feature extraction (whole NaN utterances) would otherwise train as zeros
+            bad = np.flatnonzero(~np.isfinite(x).reshape(n, -1).all(axis=1))
+            logger.warning(f"{source}: {name}/{m} has {int((~np.isfinite(x)).sum())} NaN or infinite value(s) in "
+                           f"{bad.size} sample(s) (first: sample {bad[0]}); they are read as 0. If the extraction "
+                           f"failed for those samples, set their {m}_lengths to 0 to mark {m} missing instead.")
             x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
         out[m] = x
         lengths = split.get(f"{m}_lengths")
@@ -185,7 +193,9 @@ def _label_array(y: np.ndarray, key: str, n: int, where: str) -> np.ndarray:
 
 def check_labels(y: np.ndarray, key: str, where: str, num_classes: int | None = None) -> None:
     """Refuse labels that would train or score on garbage: NaN or infinite values, and class ids
-    that are not integers in ``[0, num_classes)``.
+    that are not integers in ``[0, num_classes)``. Sentiment scores outside ``[-3, 3]`` are warned
+    about: they are valid numbers, but usually another scale (a 1-7 rating) that the MOSI metrics
+    misread.
 
     Raises:
         ValueError: naming ``where`` (file and split), the first bad sample and the fix.
@@ -196,6 +206,13 @@ def check_labels(y: np.ndarray, key: str, where: str, num_classes: int | None = 
         raise ValueError(f"{where} has {bad.size} missing or infinite label(s) (first at sample {bad[0]}): a NaN "
                          "label trains on nothing and makes every score NaN; fix or drop those samples.")
     if key == "regression_labels":
+        # Acc-2 splits at 0 and Acc-7 clips the labels to [-3, 3]: a 1-7 rating scores every utterance
+        # positive and every label above 3 as 3, silently
+        outside = np.flatnonzero(np.abs(values) > 3.0)
+        if outside.size:
+            logger.warning(f"{where} has {outside.size} label(s) outside the sentiment range [-3, 3] (first: "
+                           f"{values[outside[0]]:g} at sample {outside[0]}): Acc-2 splits at 0 and Acc-7 clips labels "
+                           "to [-3, 3], so the scores misread another scale; rescale the labels to [-3, 3].")
         return
     bad = np.flatnonzero((values != np.round(values)) | (values < 0))
     if bad.size:
@@ -387,11 +404,21 @@ def utterance_digests(split: Mapping[str, np.ndarray]) -> list[str]:
     return digests
 
 
-def _utterance_record(split: Mapping[str, np.ndarray], name: str) -> dict[str, Any]:
+def _utterance_record(split: Mapping[str, np.ndarray], name: str, ids_identify: bool = True) -> dict[str, Any]:
     record: dict[str, Any] = {"ids": [str(i) for i in split["id"]]}
-    if _generated_ids(split, name):
+    if not ids_identify or _generated_ids(split, name):
         record["digests"] = utterance_digests(split)
     return record
+
+
+def _ids_identify(data: Mapping[str, Mapping[str, np.ndarray]]) -> bool:
+    """Whether every id of the file names one utterance: no id repeats within or across its splits.
+
+    Files that number each split's utterances from 0 reuse the same ids in train and test; there the
+    ids cannot tell a training utterance from a test one, and the features' digests must.
+    """
+    ids = [str(i) for split in data.values() if isinstance(split, Mapping) and "id" in split for i in split["id"]]
+    return len(set(ids)) == len(ids)
 
 
 def write_mmsa_splits(output_dir: str | os.PathLike, data: Mapping[str, Mapping[str, np.ndarray]],
@@ -401,10 +428,12 @@ def write_mmsa_splits(output_dir: str | os.PathLike, data: Mapping[str, Mapping[
     An evaluation of the run's checkpoint reads it back (:func:`read_mmsa_splits`,
     :func:`seen_utterances`) to say when the scored utterances are not held out. Utterances are
     known by their ids, which stay when the file is converted or renamed; a file without ids has
-    only positions for ids, so its utterances are also recorded by their features' digests.
+    only positions for ids, and a file whose ids repeat (within or across its splits) has ids that do
+    not name one utterance each, so their utterances are also recorded by their features' digests.
     """
-    train = _utterance_record(mmsa_split(data, train_split, source), train_split)
-    val = _utterance_record(mmsa_split(data, val_split, source), val_split)
+    ids_identify = _ids_identify(data)
+    train = _utterance_record(mmsa_split(data, train_split, source), train_split, ids_identify)
+    val = _utterance_record(mmsa_split(data, val_split, source), val_split, ids_identify)
     record: dict[str, Any] = {"train_split": train_split, "val_split": val_split,
                               "train_ids": train["ids"], "val_ids": val["ids"]}
     for role, split in (("train", train), ("val", val)):
@@ -427,9 +456,10 @@ def seen_utterances(record: Mapping[str, Any], split: Mapping[str, np.ndarray], 
     """How many utterances of ``split`` (called ``name``) the recorded run used, by role:
     ``{"train": n, "val": n}``.
 
-    Ids decide when both files have their own; when either has only positional ids, the features'
-    digests decide, so two id-less files are not mistaken for each other. The split's digests are
-    computed at most once.
+    Ids decide when both files have their own; when either has only positional ids, or the run's file
+    repeated ids, the features' digests decide, so two id-less files are not mistaken for each other
+    and a test utterance that only shares a training utterance's id is not called seen. The split's
+    digests are computed at most once.
     """
     generated = _generated_ids(split, name)
     ids = {str(i) for i in split["id"]}
@@ -543,8 +573,12 @@ class MMSADataset:
         lengths = np.stack([arrays[f"{m}_lengths"] for m in MMSA_MODALITIES], axis=1)
         self.modality_mask = (lengths > 0) & offered[None, :]
         if not self.modality_mask.any(axis=1).all():
-            bad = int((~self.modality_mask.any(axis=1)).sum())
-            raise ValueError(f"{bad} sample(s) of split {split!r} of {source} have no modality (all lengths 0).")
+            empty = np.flatnonzero(~self.modality_mask.any(axis=1))
+            offered_note = "" if offered.all() else f" among the offered modalities {list(modalities)}"
+            raise ValueError(f"{empty.size} sample(s) of split {split!r} of {source} have no modality{offered_note} "
+                             f"(all lengths 0; first: sample {empty[0]}, id {str(arrays['id'][empty[0]])!r}): nothing "
+                             "can be predicted from them; drop them from the file or give each at least one "
+                             "modality's features.")
 
     def __len__(self) -> int:
         return int(self.arrays["id"].shape[0])

@@ -143,3 +143,33 @@ def test_compare_without_gmd_over_several_seeds_writes_its_tables(mmsa, tmp_path
     text = (out / "compare.md").read_text()
     assert "## Over 2 seeds" in text and "Strict wins" not in text
     assert json.loads((out / "compare.json").read_text())["seeds"] == [0, 1]
+
+
+def test_compare_refusal_of_the_runner_is_one_line_not_a_traceback(mmsa, tmp_path, capsys):
+    """A folder trained with other settings (here another --max_epochs) is refused by the runner; the
+    compare script must print that refusal as one ``error:`` line and exit 2, as ``app ablate`` does."""
+    import mosi_compare
+
+    out = tmp_path / "cmp"
+    (out / "seed_0" / "plain" / "train" / "models").mkdir(parents=True)
+    (out / "seed_0" / "plain" / "train" / "models" / "model.pt").write_bytes(b"x")
+    (out / "seed_0" / "plain" / "train_settings.json").write_text('{"args": ["--max_epochs", "7"]}')
+    (out / "seed_0" / "plain" / "train_seconds.json").write_text("{}")  # that training ran to its end
+    code = mosi_compare.main(["--data_path", mmsa.source, "--trust_pickle", "true", "--out_dir", str(out),
+                              "--strategies", "plain", "--seeds", "0", "--max_epochs", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "other settings" in err
+    assert not (out / "compare.md").exists()
+
+
+def test_compare_with_an_unknown_strategy_writes_nothing(mmsa, tmp_path, capsys):
+    """The output folder was made before the runner checked --strategies, so a misspelt strategy left an
+    empty folder behind its error."""
+    import mosi_compare
+
+    out = tmp_path / "cmp"
+    code = mosi_compare.main(["--data_path", mmsa.source, "--trust_pickle", "true", "--out_dir", str(out),
+                              "--strategies", "gmdd", "--seeds", "0", "--max_epochs", "1"])
+    assert code == 2 and "Unknown strategy 'gmdd'" in capsys.readouterr().err
+    assert not out.exists()

@@ -318,3 +318,27 @@ def test_check_output_dir_refuses_a_folder_it_cannot_write(tmp_path):
             check_output_dir(locked / "E", option="--output_dir")
     finally:
         locked.chmod(0o755)
+
+
+def test_ids_repeated_across_splits_do_not_call_test_utterances_seen(tmp_path):
+    """A file that numbers each split's utterances from 0 gives train and test the same ids; those test
+    utterances were never trained on, so their scores must not be called 'not held out'."""
+    from app.data import load_mmsa, make_synthetic_mmsa, save_mmsa_npz, write_mmsa_splits
+    from app.engines import check_held_out_split
+
+    data = make_synthetic_mmsa({"train": 6, "valid": 4, "test": 4}, dims=(4, 3, 4))
+    for split in data.values():
+        split["id"] = [str(i) for i in range(len(split["id"]))]
+    save_mmsa_npz(data, tmp_path / "numbered.npz")
+    data = load_mmsa(tmp_path / "numbered.npz")
+    run = tmp_path / "run"
+    run.mkdir()
+    write_mmsa_splits(run, data, "train", "valid")
+    ckpt = run / "models" / "model.pt"
+    assert check_held_out_split(ckpt, data, "test") is None
+    assert check_held_out_split(ckpt, data, "train").startswith("6 of the 6 utterances of split 'train' trained")
+    assert check_held_out_split(ckpt, data, "valid").startswith("4 of the 4 utterances of split 'valid' selected")
+    # a training utterance really copied into the test split is still caught, by its features
+    copied = {k: v if k == "id" else np.concatenate([data["train"][k][:1], v[1:]]) for k, v in data["test"].items()}
+    assert check_held_out_split(ckpt, {**data, "test": copied}, "test").startswith(
+        "1 of the 4 utterances of split 'test' trained")

@@ -355,3 +355,50 @@ def test_utterance_digests_ignore_the_padding():
     moved = {**short, "audio": np.asarray([[[0.0], [0.0]], [[4.0], [0.0]]], dtype=np.float32),
              "audio_lengths": np.asarray([0, 1]), "vision_lengths": np.asarray([1, 0])}
     assert utterance_digests(moved)[1] != utterance_digests(short)[1]
+
+
+def test_a_sample_without_any_modality_is_refused_naming_it_and_the_fix():
+    data = make_synthetic_mmsa({"train": 6}, layout="unaligned", dims=(4, 3, 4), seq_len=4)
+    for m in MMSA_MODALITIES:
+        data["train"][f"{m}_lengths"][2] = 0
+    with pytest.raises(ValueError, match=r"1 sample\(s\) of split 'train' .* first: sample 2, id 'trainvid0_2'.*"
+                                         r"drop them from the file or give each at least one modality"):
+        MMSADataset(data, "train")
+    # offering only the audio, which one sample lacks, names the offered modalities
+    data = make_synthetic_mmsa({"train": 6}, layout="unaligned", dims=(4, 3, 4), seq_len=4)
+    data["train"]["audio_lengths"][4] = 0
+    with pytest.raises(ValueError, match=r"no modality among the offered modalities \['audio'\].*sample 4"):
+        MMSADataset(data, "train", modalities=["audio"])
+
+
+def test_non_finite_features_are_read_as_zero_and_said(tmp_path, caplog):
+    """NaN features (a failed extraction) used to become zeros without a word; the load says which
+    split and modality, how many, and how to mark the modality missing instead."""
+    data = make_synthetic_mmsa({"train": 6, "valid": 4}, dims=(4, 3, 4))
+    data["train"]["vision"][3, 0, 1] = np.nan
+    data["train"]["vision"][5, 0, :] = np.inf
+    with open(tmp_path / "nan.pkl", "wb") as f:
+        pickle.dump(data, f)
+    with caplog.at_level("WARNING", logger="app.data.mmsa"):
+        loaded = load_mmsa(tmp_path / "nan.pkl", trust_pickle=True)
+    assert np.isfinite(loaded["train"]["vision"]).all() and loaded["train"]["vision"][5].max() == 0
+    warned = [r.getMessage() for r in caplog.records if "NaN or infinite" in r.getMessage()]
+    assert len(warned) == 1
+    assert warned[0].startswith(f"{tmp_path / 'nan.pkl'}: train/vision has 5 NaN or infinite value(s) in 2 sample(s) "
+                                "(first: sample 3); they are read as 0.") and "vision_lengths to 0" in warned[0]
+
+
+def test_sentiment_labels_outside_the_mosi_range_are_warned_about(caplog):
+    """A split rated on another scale (1-7) trained and scored without a word; Acc-2 then calls every
+    utterance positive and Acc-7 clips every label above 3."""
+    data = make_synthetic_mmsa({"train": 6, "valid": 4}, dims=(4, 3, 4))
+    with caplog.at_level("WARNING", logger="app.data.mmsa"):
+        MMSADataset(data, "train")
+    assert not [r for r in caplog.records if "outside the sentiment range" in r.getMessage()]
+    data["valid"]["regression_labels"] = np.asarray([1.0, 7.0, 3.0, -3.4], dtype=np.float32)
+    with caplog.at_level("WARNING", logger="app.data.mmsa"):
+        MMSADataset(data, "valid")
+    warned = [r.getMessage() for r in caplog.records if "outside the sentiment range" in r.getMessage()]
+    assert len(warned) == 1
+    assert "valid/regression_labels has 2 label(s) outside the sentiment range [-3, 3] (first: 7 at sample 1)" in warned[0]
+    assert warned[0].endswith("rescale the labels to [-3, 3].")

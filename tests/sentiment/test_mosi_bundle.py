@@ -173,6 +173,24 @@ def test_an_unknown_strategy_or_strategy_option_writes_nothing(synthetic_pkl, tm
         assert "Traceback" not in proc.stderr and not out.exists()
 
 
+def test_a_bad_validation_split_is_refused_before_anything_is_written(tmp_path):
+    """The validation split was read only at the first validation: a --val_split the file lacks left an
+    empty output folder, and one with a NaN label a splits.json, behind its one-line error."""
+    import numpy as np
+
+    from app.data import make_synthetic_mmsa, save_mmsa_npz
+
+    data = make_synthetic_mmsa({"train": 8, "valid": 4, "bad": 4}, dims=(4, 3, 4))
+    data["bad"]["regression_labels"][1] = np.nan
+    npz = save_mmsa_npz(data, tmp_path / "data.npz")
+    for split, line in (("nosuch", "Split 'nosuch' is not in"), ("bad", "bad/regression_labels has 1 missing")):
+        out = tmp_path / f"run_{split}"
+        proc = run_mosi_bundle([TRAIN], "--data_path", str(npz), "--output_dir", str(out), "--max_epochs", "1",
+                               "--val_split", split, check=False)
+        assert proc.returncode == 1 and line in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and not out.exists()
+
+
 def test_metadata_matches_the_schema():
     schema = json.loads((REPO / "bundles" / "meta_schema.json").read_text())
     metadata = json.loads((MOSI_BUNDLE / "configs" / "metadata.json").read_text())
