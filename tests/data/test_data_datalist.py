@@ -174,7 +174,8 @@ def test_bundle_label_convention_reads_brats2024_resection_cavity_as_background(
         records = parser.get_parsed_content("validate#dataset#data" if evaluate else "datalist")
         record = records[0] if evaluate else records["training"][0]
         if not evaluate:  # the run's step that writes datalist.json (after the datasets are built)
-            parser.get_parsed_content("run#1")
+            step = next(i for i, s in enumerate(parser.get("run")) if "write_datalist" in s)
+            parser.get_parsed_content(f"run#{step}")
         return record, parser.get_parsed_content("preprocessing", instantiate=True)
 
     with pytest.raises(CaseError, match=r"\[4\] unknown.*'brats2024'.*--label_convention NAME"):
