@@ -33,6 +33,7 @@ __all__ = [
     "check_shards",
     "mean_over_ranks",
     "wait_for_ranks",
+    "any_rank",
     "GradientSync",
     "DistributedTimeLimitHandler",
 ]
@@ -199,6 +200,23 @@ class GradientSync:
                 offset += n
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (``flag`` itself in a single process); every rank must call it.
+
+    Raises:
+        ValueError: another rank stopped (its own error is printed), so this one stops too, with one line.
+    """
+    if not is_distributed():
+        return bool(flag)
+    value = torch.tensor([float(flag)], device=_rank_device())
+    try:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    except RuntimeError:  # the connection to a rank that stopped closes (DistBackendError is one)
+        raise ValueError(f"Rank {dist.get_rank()} stops too: another process stopped before training (its error is "
+                         "printed above, with the file and the fix); nothing was written.") from None
+    return bool(value.item() > 0)
+
+
 def wait_for_ranks() -> None:
     """Return once every rank has got here (at once in a single process).
 
@@ -206,14 +224,12 @@ def wait_for_ranks() -> None:
     go on. Waiting here before the run's files are written means a rank that stops never arrives,
     torchrun then ends the others, and a run that never trained leaves no ``datalist.json``.
     """
-    if not is_distributed():
-        return
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    try:
-        dist.all_reduce(torch.zeros(1, device=device))
-    except RuntimeError:  # the connection to a rank that stopped closes (DistBackendError is one)
-        raise ValueError(f"Rank {dist.get_rank()} stops too: another process stopped before training (its error is "
-                         "printed above, with the file and the fix); nothing was written.") from None
+    any_rank(False)
+
+
+def _rank_device() -> torch.device | str:
+    """Where this rank's collectives run: its current GPU under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
 
 
 class DistributedTimeLimitHandler(TimeLimitHandler):
@@ -229,8 +245,7 @@ class DistributedTimeLimitHandler(TimeLimitHandler):
             return
         spent = self.elapsed() >= self.seconds
         if is_distributed():
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            flag = torch.tensor([float(spent)], device=device)
+            flag = torch.tensor([float(spent)], device=_rank_device())
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             spent = bool(flag.item() > 0)
         if spent:

@@ -11,7 +11,6 @@ from types import TracebackType
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.distributed
 from ignite.engine import Engine
 
 from app.atomic import check_writable_folder, lock_folder
@@ -264,13 +263,10 @@ def lock_output_dir(output_dir: str | os.PathLike, option: str = "--output_dir")
     path = os.path.abspath(os.fspath(output_dir))
     message = (f"{option} {path} is in use by another run that is still writing into it (a job started twice?): "
                f"wait for it to end, or pass another {option}.")
-    group = _process_group()
-    busy = False
-    if group is None or group.get_rank() == 0:
-        busy = not _lock_here(path)
-    if group is not None:
-        busy = _any_rank(group, busy)
-    if busy:
+    from app.engines.distributed import any_rank
+    from app.strategies.base import process_group
+
+    if any_rank(process_group()[1] == 0 and not _lock_here(path)):
         raise ValueError(message)
 
 
@@ -285,26 +281,6 @@ def _lock_here(path: str) -> bool:
     if fd is not None:  # None: a folder that cannot be locked, which runs unlocked
         _LOCKED[path] = fd  # kept open: the lock lasts as long as the process
     return True
-
-
-def _process_group() -> Any:
-    """``torch.distributed`` when this process is one rank of several (torchrun), else None."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist
-    return None
-
-
-def _any_rank(dist: Any, flag: bool) -> bool:
-    """Whether ``flag`` is set on any rank: every rank of the group must call it."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    value = torch.tensor([float(flag)], device=device)
-    try:
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    except RuntimeError:  # the connection to a rank that stopped closes (DistBackendError is one)
-        raise ValueError(f"Rank {dist.get_rank()} stops too: another process stopped before training (its error is "
-                         "printed above, with the file and the fix); nothing was written.") from None
-    return bool(value.item() > 0)
 
 
 def check_patch_size(patch_size: Sequence[int], network: Any, whole_axis: bool = False, cli: bool = False) -> None:
