@@ -28,7 +28,6 @@ are within training noise.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import hashlib
 import inspect
@@ -231,18 +230,16 @@ def _override_files(args: Sequence[str], train: Path, evaluate: Path) -> list[Pa
     Raises:
         ValueError: a listed file does not exist.
     """
+    from app.bundle_args import config_files  # imports monai: only for a command that has a --config_file
+
     value = _option(args, "config_file")
     if value is None:
         return []
-    text = value.strip()
-    if text.startswith("["):
-        try:
-            files = [str(f) for f in ast.literal_eval(text)]
-        except (ValueError, SyntaxError):
-            raise ValueError(f"--config_file {value!r} is not a list of files: write it as "
-                             "\"['bundles/brats_gmd/configs/train.yaml','my_recipe.yaml']\" or give one file.") from None
-    else:
-        files = [f.strip() for f in text.split(",")] if "," in text and not os.path.isfile(text) else [text]
+    try:
+        files = config_files(value.strip())
+    except ValueError:
+        raise ValueError(f"--config_file {value!r} is not a list of files: write it as "
+                         "\"['bundles/brats_gmd/configs/train.yaml','my_recipe.yaml']\" or give one file.") from None
     own = {os.path.realpath(train), os.path.realpath(evaluate)}
     out = []
     for name in filter(None, files):

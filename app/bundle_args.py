@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import monai
 
-__all__ = ["check_overrides", "check_override_files"]
+__all__ = ["check_overrides", "check_override_files", "config_files"]
 
 _MONAI_DIR = os.path.dirname(os.path.abspath(monai.__file__)) + os.sep
 
@@ -81,8 +81,8 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
         return
     if isinstance(config_file, str) and config_file.lstrip().startswith("["):
         try:
-            config_file = ast.literal_eval(config_file)
-        except (ValueError, SyntaxError):
+            config_file = config_files(config_file)
+        except ValueError:
             return  # MONAI reports the malformed list itself
     merged = ConfigParser.load_config_files(config_file)
     check_override_files(config_file, merged)
@@ -113,7 +113,7 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
             parent, _, name = key.rpartition("#") if "#" in key else key.rpartition("::")
             if parent:
                 touched.append((parent, name, f"--{key}", False))
-    for path in _config_files(config_file)[1:]:
+    for path in config_files(config_file)[1:]:
         for key, value in ConfigParser.load_config_file(path).items():
             parent, _, name = key.rpartition("#") if "#" in key else key.rpartition("::")
             if parent:
@@ -155,12 +155,24 @@ def _referenced_ids(config: Any) -> set[str]:
     return {re.match(r"\w*", path).group(0) for path in _referenced_paths(config)}
 
 
-def _config_files(config_file: Any) -> list[str]:
-    """The files of a ``--config_file`` value, read as MONAI reads it (a list, or paths joined by commas)."""
+def config_files(config_file: Any) -> list[str]:
+    """The files of a ``--config_file`` value, read as MONAI reads it: a list (or its text,
+    ``"['train.yaml','recipe.yaml']"``), one file, or paths joined by commas.
+
+    Raises:
+        ValueError: the text of a list is not one (``ast.literal_eval`` cannot read it).
+    """
     if isinstance(config_file, str):
-        if not os.path.isfile(config_file) and "," in config_file:
-            return [f.strip() for f in config_file.split(",")]
-        return [config_file]
+        text = config_file.strip()
+        if text.startswith("["):
+            try:
+                config_file = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                raise ValueError(f"--config_file {config_file!r} is not a list of files.") from None
+        elif not os.path.isfile(text) and "," in text:
+            return [f.strip() for f in text.split(",")]
+        else:
+            return [config_file]
     return [str(f) for f in config_file]
 
 
@@ -182,7 +194,7 @@ def check_override_files(config_file: Any, merged: dict | None = None) -> None:
     """
     from monai.bundle import ConfigParser
 
-    files = _config_files(config_file)
+    files = config_files(config_file)
     if len(files) < 2:
         return
     merged = ConfigParser.load_config_files(files) if merged is None else merged
