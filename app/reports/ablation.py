@@ -12,25 +12,17 @@ sample standard deviations, which :func:`write_seed_report` writes as JSON and M
 from __future__ import annotations
 
 import io
-import json
 import math
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from app.reports.subset_report import LOWER_IS_BETTER, _json_safe, atomic_write_bytes, atomic_write_text
+from app.reports.subset_report import LOWER_IS_BETTER, atomic_write_bytes, atomic_write_text, strict_json
 
 __all__ = [
     "LOWER_IS_BETTER", "ablation_table", "format_ablation_markdown", "write_ablation_report", "seed_table",
     "format_seed_markdown", "write_seed_report",
 ]
-
-
-def _strict_json(table: Mapping[str, Any]) -> str:
-    """``table`` as strict JSON, as the runs' own reports are: a value that is not a number (the standard
-    deviation of one seed, the mean of a subset with a NaN metric) is ``null``. Python writes ``NaN``
-    otherwise, which jq, JavaScript and most JSON readers outside Python refuse."""
-    return json.dumps(_json_safe(table), indent=2, allow_nan=False) + "\n"
 
 
 def _worst(values: Mapping[str, float], metric: str) -> tuple[str, float]:
@@ -173,7 +165,7 @@ def write_ablation_report(table: Mapping[str, Any], output_dir: str | Path, titl
     # drawn first (matplotlib is the slow part): a stop while drawing leaves the earlier report whole
     png = _bar_chart_png(table, table["metrics"][0], title)
     written = {
-        "json": atomic_write_text(out / f"{stem}.json", _strict_json(table)),
+        "json": atomic_write_text(out / f"{stem}.json", strict_json(table)),
         "md": atomic_write_text(out / f"{stem}.md", format_ablation_markdown(table, title)),
     }
     if png is not None:
@@ -281,6 +273,6 @@ def write_seed_report(table: Mapping[str, Any], output_dir: str | Path, title: s
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     return {
-        "json": atomic_write_text(out / f"{stem}.json", _strict_json(table)),
+        "json": atomic_write_text(out / f"{stem}.json", strict_json(table)),
         "md": atomic_write_text(out / f"{stem}.md", format_seed_markdown(table, title)),
     }

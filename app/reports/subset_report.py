@@ -21,7 +21,7 @@ import numpy as np
 
 from app.atomic import atomic_write_bytes, atomic_write_text
 
-__all__ = ["write_subset_report", "format_table", "atomic_write_bytes", "atomic_write_text", "MEAN_ROW"]
+__all__ = ["write_subset_report", "format_table", "strict_json", "atomic_write_bytes", "atomic_write_text", "MEAN_ROW"]
 
 #: Name of the summary row appended after the per-subset rows.
 MEAN_ROW = "mean_over_subsets"
@@ -41,6 +41,12 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+def strict_json(obj: Any) -> str:
+    """``obj`` as strict JSON text (indented, with a final newline): a value that is not a number is
+    ``null``, since jq, JavaScript and most JSON readers outside Python refuse ``NaN``."""
+    return json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n"
 
 
 def _count_key(result: Mapping[str, Any], count_key: str | None) -> str | None:
@@ -251,9 +257,7 @@ def write_subset_report(
     # while drawing it leaves the earlier report whole instead of new tables beside the old picture
     png = _heatmap_png(result, metrics, title, digits) if plot else None
 
-    paths["json"] = atomic_write_text(
-        out_dir / f"{stem}.json", json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n"
-    )
+    paths["json"] = atomic_write_text(out_dir / f"{stem}.json", strict_json(result))
 
     header, rows = _rows(result, metrics, count_key)
     # a subset no case could be scored on gets a row with empty metrics (and a count of 0), so that a
