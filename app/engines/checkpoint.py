@@ -423,8 +423,8 @@ class ResumableCheckpoint:
         elif exists and rank == 0:
             logger.warning("Starting a new run: %s will be overwritten (pass --resume true to continue it).", self.path)
         if rank == 0:
-            # checkpoint_last.pt's, and model.pt's and model_final.pt's (AtomicCheckpointSaver)
-            for tmp in sorted(self.path.parent.glob(".*.pt.*.tmp")):
+            # checkpoint_last.pt's, and model.pt's and model_final.pt's (AtomicCheckpointSaver): every *.pt's
+            for tmp in stale_temporaries(self.path.with_name("*.pt")):
                 logger.info("Removing %s, left by a run killed while writing a checkpoint.", tmp)
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
