@@ -52,6 +52,8 @@ class GMDStrategy(GradientStrategy):
     name = "gmd"
     approximate = False
     unrecorded = ("diagnostics_interval", "vjp_chunk")
+    #: what the Gram matrix, and so the diagnostics' norms, cosines and conflicts, are taken of
+    gradient_space = "shared parameters"
 
     def __init__(
         self, subsets: str | int = "all", seed: int = 0, diagnostics_interval: int = 0, vjp_chunk: int = 1,
@@ -268,8 +270,8 @@ class GMDStrategy(GradientStrategy):
         if self.diagnostics_interval > 0 and iteration % self.diagnostics_interval == 0:
             names = [subset_name(subsets[j], model.modalities) for j in used]
             subset_losses = reported if self._world > 1 else [float(x.detach()) for x in losses]
-            diagnostics = {"strategy": self.name, "subsets": names, "subset_losses": subset_losses,
-                           **gmd_statistics(gram, coeffs)}
+            diagnostics = {"strategy": self.name, "gradient_space": self.gradient_space, "subsets": names,
+                           "subset_losses": subset_losses, **gmd_statistics(gram, coeffs)}
         return StepResult(loss=loss.detach(), pred=pred, diagnostics=diagnostics)
 
     def state_dict(self) -> dict:
@@ -289,6 +291,8 @@ class GMDApproxStrategy(GMDStrategy):
 
     name = "gmd_approx"
     approximate = True
+    # its norms and conflicts are of dL_j / d(per-modality outputs): not comparable with exact GMD's
+    gradient_space = "per-sequence trunk outputs"
 
     def gram_matrix(self, model, per_mod, cotangents, parts=None, subsets=None):
         k = len(cotangents)

@@ -55,3 +55,45 @@ def test_without_matplotlib_the_command_names_the_fix(tmp_path, monkeypatch, cap
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "needs matplotlib" in lines[0] and "pip install matplotlib" in lines[0], lines
     assert not (tmp_path / "plots").exists()
+
+
+def _gmd_records(strategy: str, n: int = 3) -> list[dict]:
+    return [{"strategy": strategy, "iteration": 10 * (i + 1), "subsets": ["flair", "t1+t2"], "norms": [2.0, 0.5],
+             "weights": [0.25, 0.75], "pairs": 1, "conflicts_before": i % 2, "conflicts_after": 0}
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("name", ["gmd", "gmd_approx"])
+def test_gmd_plots_name_the_space_their_gradients_live_in(name, tmp_path, monkeypatch):
+    """gmd_approx decouples dL_j / d(per-sequence trunk outputs), not the shared parameters' gradients the
+    paper's fig. 3 shows: its plots were labelled "gradient norm of the shared parameters" all the same, so
+    its conflict counts read as those of exact GMD. The strategy now records its space and the plots name it."""
+    from app.networks import DSUNet
+    from app.reports import conflicts
+    from app.strategies import build_strategy
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = DSUNet(features=(4, 8), out_channels=2)
+    x, y = torch.randn(1, 4, 8, 8, 8), (torch.rand(1, 2, 8, 8, 8) > 0.5).float()
+    diag = build_strategy(name, diagnostics_interval=1).step(
+        model, x, torch.ones(1, 4, dtype=torch.bool), y, torch.nn.functional.binary_cross_entropy_with_logits,
+        iteration=1).diagnostics
+    space = "per-sequence trunk outputs" if name == "gmd_approx" else "shared parameters"
+    assert diag["gradient_space"] == space
+
+    labels = []
+
+    def _labels(fig, path):
+        labels.append((fig.axes[0].get_ylabel(), fig.axes[0].get_title()))
+        return path
+
+    monkeypatch.setattr(conflicts, "_save", _labels)
+    # records written before the entry existed: the strategy's name decides
+    for records in ([{**r, "gradient_space": space} for r in _gmd_records(name)], _gmd_records(name)):
+        labels.clear()
+        _write(tmp_path / "gmd_diagnostics.jsonl", records)
+        conflicts.plot_conflicts(tmp_path)
+        (norm_label, norm_title), (_, conflict_title) = labels
+        assert norm_label == f"gradient norm w.r.t. the {space}"
+        assert space in norm_title and space in conflict_title
