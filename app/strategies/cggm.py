@@ -7,7 +7,7 @@ so they measure each modality's progress without training the encoders themselve
 1. ``eps_i``: the batch metric of head ``i`` (accuracy, minus MAE, or hard Dice) on the samples that
    have modality ``i``; ``delta_i = eps_i(t) - eps_i(t-1)`` with ``eps(0) = 0``.
 2. Balance terms ``B_i = rho * sum_{k != i} delta_k / sum_k delta_k``: a modality that improves
-   less than the others gets a larger ``B_i``.
+   less than the others gets a larger ``B_i`` (1 when the batch has a single modality: nothing to balance).
 3. Direction: ``L_gm = (1/M) sum_i (|B_i| - B_i cos(g_F, g_i))`` over the ``M`` modalities present
    in the batch, with ``g_F`` the gradient of the task loss w.r.t. the fusion head's final weight
    (kept differentiable, so ``L_gm`` trains the network through it) and ``g_i`` the gradient of head
@@ -22,7 +22,7 @@ and skips the magnitude scaling for segmentation).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -37,23 +37,29 @@ __all__ = ["CGGMStrategy", "balance_terms", "modulation_loss", "head_metric"]
 DELTA_EPS = 1e-12
 
 
-def balance_terms(delta: torch.Tensor, rho: float, b_clip: float | None = None) -> torch.Tensor:
+def balance_terms(
+    delta: torch.Tensor, rho: float, b_clip: float | None = None, present: Sequence[int] | None = None
+) -> torch.Tensor:
     """``B_i = rho * sum_{k != i} delta_k / sum_k delta_k`` (eq. 7 of the paper).
 
     When ``|sum_k delta_k| < 1e-12`` or it is not finite (e.g. no head changed its metric), the
-    ratio is undefined and every ``B_i`` is 1: the step is not modulated.
+    ratio is undefined and every ``B_i`` is 1: the step is not modulated. So it is when fewer than two
+    modalities are ``present``: eq. 7 balances modalities against each other, and with one alone
+    (a batch of cases that share a single sequence) it would give ``B = 0`` and freeze that encoder.
 
     Args:
-        delta: ``[M]`` metric improvements of the heads.
+        delta: ``[M]`` metric improvements of the heads (0 for a modality absent from the batch).
         rho: scaling hyper-parameter.
         b_clip: if given, ``B`` is clamped to ``[-b_clip, b_clip]`` (the paper does not clip).
+        present: indices of the modalities in the batch; ``None``: all ``M``.
 
     Returns:
         ``[M]`` float64 balance terms.
     """
     delta = delta.double()
     total = delta.sum()
-    if not bool(torch.isfinite(total)) or abs(float(total)) < DELTA_EPS:
+    alone = present is not None and len(present) < 2
+    if alone or not bool(torch.isfinite(total)) or abs(float(total)) < DELTA_EPS:
         terms = torch.ones_like(delta)
     else:
         terms = rho * (total - delta) / total
@@ -244,7 +250,7 @@ class CGGMStrategy(GradientStrategy):
         eps_now = eps_prev.clone()
         eps_now[present] = metric[present]
         delta = eps_now - eps_prev  # an absent modality keeps its eps: delta 0
-        terms = balance_terms(delta, self.rho, self.b_clip)
+        terms = balance_terms(delta, self.rho, self.b_clip, present)
         self.eps = eps_now.tolist()
 
         want_diag = self.diagnostics_interval > 0 and iteration % self.diagnostics_interval == 0

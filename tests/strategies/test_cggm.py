@@ -32,6 +32,43 @@ def test_balance_terms_without_progress_are_one():
         assert balance_terms(torch.tensor(delta, dtype=torch.float64), rho=1.3).tolist() == [1.0, 1.0, 1.0]
 
 
+def test_balance_terms_of_a_single_present_modality_are_one():
+    """Eq. 7 weighs modalities against each other; with one modality in the batch (absent ones have delta 0)
+    it gave B = rho * 0 / delta_i = 0, which multiplied that encoder's gradient by 0."""
+    delta = torch.tensor([0.38, 0.0, 0.0, 0.0])
+    assert balance_terms(delta, rho=1.2).tolist() == pytest.approx([0.0, 1.2, 1.2, 1.2])  # eq. 7 as such
+    assert balance_terms(delta, rho=1.2, present=[0]).tolist() == [1.0] * 4
+    # two present modalities are balanced as before, a zero delta included
+    assert balance_terms(torch.tensor([0.3, 0.0, 0.1, 0.0]), rho=1.2, present=[0, 2]).tolist() == \
+        pytest.approx([0.3, 1.2, 0.9, 1.2])
+    assert balance_terms(torch.tensor([0.3, 0.0, 0.0]), rho=1.2, present=[0, 1]).tolist() == pytest.approx([0, 1.2, 1.2])
+    assert balance_terms(delta, rho=1.2, b_clip=0.5, present=[0]).tolist() == [0.5] * 4  # clipped as any B
+
+
+@pytest.mark.parametrize("kind", ["sequence", "segmentation"])
+def test_a_batch_with_one_modality_trains_its_encoder_unmodulated(kind):
+    """A batch whose cases share a single sequence (legal: cases may lack sequences) has nothing to balance:
+    its encoder takes the task gradient (B = 1) instead of none (B = 0 from eq. 7)."""
+    if kind == "sequence":
+        net, (inputs, _, y), loss_fn = _seq_net(), _seq_batch(), torch.nn.L1Loss()
+        mask = torch.tensor([[0, 1, 0]] * 5, dtype=torch.bool)
+        only = 1
+    else:
+        net, (inputs, _, y), loss_fn = _seg_net(), _seg_batch(), _seg_loss
+        mask = torch.tensor([[1, 0, 0, 0]] * 2, dtype=torch.bool)
+        only = 0
+    plain = _plain_grads(net, inputs, mask, y, loss_fn)
+    result = build_strategy("cggm", rho=1.2, cggm_lambda=0.0, diagnostics_interval=1).step(
+        net, inputs, mask, y, loss_fn, iteration=0)
+    assert result.diagnostics["present"] == [m == only for m in range(mask.shape[1])]
+    assert result.diagnostics["delta"][only] != 0.0  # eps(0) = 0: eq. 7 would have given B = 0
+    assert result.diagnostics["B"][only] == 1.0
+    grads = _grads(net)
+    assert set(grads) == set(plain) and any(n.startswith(f"encoders.{only}.") for n in grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, plain[name], rtol=1e-4, atol=1e-7)
+
+
 def test_balance_terms_clip():
     # sum 0.1: B = 1.2 * (-0.2) / 0.1 = -2.4 and 1.2 * 0.3 / 0.1 = 3.6
     assert balance_terms(torch.tensor([0.3, -0.2]), rho=1.2).tolist() == pytest.approx([-2.4, 3.6])
