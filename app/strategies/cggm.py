@@ -284,7 +284,8 @@ class CGGMStrategy(GradientStrategy):
 
             diagnostics = {
                 "strategy": self.name, "modalities": names, "present": [m in present for m in range(len(names))],
-                "B": terms.tolist(), "eps": self.eps, "delta": delta.tolist(),
+                # an absent modality's B scaled no gradient (its encoder did not run): no curve point for it
+                "B": by_modality(terms[present].tolist()), "eps": self.eps, "delta": delta.tolist(),
                 "cos": by_modality(cos.detach().tolist()), "L_gm": float(l_gm.detach()),
                 "head_losses": by_modality(head_losses),
             }

@@ -281,8 +281,11 @@ def test_absent_modality_keeps_its_metric_and_gets_no_gradient():
     second = strategy.step(net, sub_inputs, no_audio[keep], y[keep], loss_fn, iteration=1).diagnostics
     assert second["present"] == [True, False, True]
     assert second["eps"][1] == first["eps"][1] and second["delta"][1] == 0.0 and second["cos"][1] is None
+    # audio's encoder did not run: no balance term is reported for it (eq. 7 would give rho, which no
+    # gradient was scaled by, yet became a TensorBoard point), as no cosine is
+    assert second["B"][1] is None and None not in (second["B"][0], second["B"][2])
     assert all(p.grad is None for p in net.encoders[1].parameters())
-    b = torch.tensor(second["B"])[[0, 2]]
+    b = torch.tensor([second["B"][0], second["B"][2]])
     cos = torch.tensor([second["cos"][0], second["cos"][2]])
     assert second["L_gm"] == pytest.approx(float((b.abs() - b * cos).mean()), abs=1e-6)  # M = 2
 
