@@ -10,14 +10,14 @@ from app.engines.distributed import (
 )
 from app.engines.handlers import DiagnosticsHandler, SubsetReportHandler, TimeLimitHandler
 from app.engines.sentiment import SentimentReportHandler, SentimentSubsetEvaluator, subset_predictions
-from app.engines.trainer import SubsetEvaluator, SubsetTrainer, autocast_context, to_device
+from app.engines.trainer import NonFiniteLossError, SubsetEvaluator, SubsetTrainer, autocast_context, to_device
 from app.engines.utils import (
     ProgressBarHandler, check_held_out, check_held_out_split, check_output_dir, check_patch_size, check_spacing, describe_state_dict, fit_roi, load_weights,
     report_input_errors, set_cudnn, check_overrides, check_counts, check_positive, lock_output_dir,
 )
 
 __all__ = [
-    "SubsetTrainer", "SubsetEvaluator", "to_device", "autocast_context", "TimeLimitHandler", "DiagnosticsHandler",
+    "NonFiniteLossError", "SubsetTrainer", "SubsetEvaluator", "to_device", "autocast_context", "TimeLimitHandler", "DiagnosticsHandler",
     "SubsetReportHandler", "ProgressBarHandler", "check_held_out", "check_held_out_split", "check_output_dir", "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "describe_state_dict", "load_weights",
     "SentimentSubsetEvaluator", "SentimentReportHandler", "subset_predictions",
     "AtomicCheckpointSaver", "ResumableCheckpoint", "ResumableSampler", "SeededDataset", "atomic_save",

@@ -25,7 +25,7 @@ from app.networks.ds_unet import masked_mean
 from app.strategies.base import GradientStrategy
 from app.subsets import subset_masks
 
-__all__ = ["SubsetTrainer", "SubsetEvaluator", "to_device", "autocast_context", "subset_fusions", "subset_sample_masks"]
+__all__ = ["NonFiniteLossError", "SubsetTrainer", "SubsetEvaluator", "to_device", "autocast_context", "subset_fusions", "subset_sample_masks"]
 
 
 def to_device(data: Any, device: torch.device, non_blocking: bool = False) -> Any:
@@ -72,6 +72,10 @@ def autocast_context(device: torch.device, enabled: bool):
     return nullcontext()
 
 
+class NonFiniteLossError(ValueError):
+    """The training loss or its gradient became NaN or infinite; raised before the optimizer step."""
+
+
 class SubsetTrainer(SupervisedTrainer):
     """Supervised trainer whose gradients come from a gradient strategy.
 
@@ -104,6 +108,32 @@ class SubsetTrainer(SupervisedTrainer):
         self.grad_sync = grad_sync
         self.keys = (image_key, label_key, mask_key)
 
+    @staticmethod
+    def check_finite(engine: SubsetTrainer, loss: torch.Tensor) -> None:
+        """Stop training before a step that would write NaN or inf into the weights.
+
+        One such step spoils every later one (and AdamW's moments with it), while the run would go on
+        for hours and save a model that predicts nothing. Checked after the gradients are synchronised,
+        so every rank of a multi-process run sees the same values and stops together.
+
+        Raises:
+            NonFiniteLossError: the loss or a gradient is NaN or infinite.
+        """
+        grads = [p.grad for p in engine.network.parameters() if p.grad is not None]
+        finite = torch.isfinite(loss.detach()).all()
+        if grads:
+            finite = finite & torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        if bool(finite):
+            return
+        what = "training loss" if not bool(torch.isfinite(loss.detach()).all()) else "gradient of the training loss"
+        raise NonFiniteLossError(
+            f"The {what} is not finite (loss {float(loss.detach().float().mean())}) at epoch "
+            f"{engine.state.epoch}, iteration {engine.state.iteration}: training stopped before this step, "
+            "so no NaN reached the weights or the saved models. Start again "
+            "with a lower --learning_rate (or --amp false), and check the training images for NaN or "
+            "infinite voxels."
+        )
+
     def _iteration(self, engine: SubsetTrainer, batchdata: dict[str, Any]) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
@@ -122,6 +152,7 @@ class SubsetTrainer(SupervisedTrainer):
         if self.grad_sync is not None:
             self.grad_sync(engine.network, self.strategy)
             loss = mean_over_ranks(loss)
+        self.check_finite(engine, loss)
         engine.state.output = {
             Keys.IMAGE: inputs, Keys.LABEL: targets, Keys.PRED: result.pred, Keys.LOSS: loss,
             "diagnostics": result.diagnostics,

@@ -75,3 +75,50 @@ def test_each_iteration_steps_with_that_iteration_gradient_only_after_sync_and_b
     assert [(k, round(w, 6), round(g, 6)) for k, w, g in seen] == expected
     assert round(float(net.w.detach()), 6) == 0.04 and [round(v, 6) for v in losses] == [4.0, 0.16]
     assert net.modes == [True, True]
+
+
+def _trainer(net: torch.nn.Module, loss_function, batches: int = 3):
+    from app.engines import SubsetTrainer
+    from app.strategies import build_strategy
+
+    batch = {"image": torch.tensor([[[1.0], [3.0]]]), "label": torch.zeros(1, 1, 1),
+             "modality_mask": torch.tensor([[True, True]])}
+    return SubsetTrainer(
+        max_epochs=1, train_data_loader=[batch] * batches, network=net, device=torch.device("cpu"),
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=loss_function,
+        strategy=build_strategy("plain"),
+    )
+
+
+def test_a_nan_loss_stops_training_before_the_step_with_a_one_line_error():
+    import pytest
+
+    from app.engines import NonFiniteLossError
+    from app.engines.utils import _input_error
+
+    net = _Scaled()
+    calls = []
+
+    def loss_function(p, t):
+        calls.append(1)
+        return (p - t) ** 2 * (float("nan") if len(calls) == 2 else 1.0)
+
+    trainer = _trainer(net, loss_function)
+    with pytest.raises(NonFiniteLossError, match=r"not finite \(loss nan\) at epoch 1, iteration 2: .*--learning_rate") as err:
+        trainer.run()
+    # the first step (w 1 -> 0.2) happened, the NaN step did not, and the third iteration never ran
+    assert round(float(net.w.detach()), 6) == 0.2 and len(calls) == 2
+    assert _input_error(err.value) is err.value  # printed as one error: line by the bundle's hook
+
+
+def test_an_infinite_gradient_under_a_finite_loss_stops_training_too():
+    import pytest
+
+    from app.engines import NonFiniteLossError
+
+    net = _Scaled()
+    # sqrt at 0: loss 0, gradient infinite
+    trainer = _trainer(net, lambda p, t: torch.sqrt((p - 2 * net.w) ** 2 + 0 * t))
+    with pytest.raises(NonFiniteLossError, match=r"gradient of the training loss is not finite \(loss 0.0\) at epoch 1, iteration 1"):
+        trainer.run()
+    assert float(net.w.detach()) == 1.0
