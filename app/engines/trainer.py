@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import nullcontext
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
@@ -249,10 +249,32 @@ class SubsetEvaluator(SupervisedEvaluator):
         cases = list(batchdata.get(case_key, [str(i) for i in range(mask.shape[0])]))
         return inputs, targets, mask, cases
 
+    @staticmethod
+    def check_finite_outputs(per_mod: torch.Tensor, mask: torch.Tensor, cases: Sequence[str]) -> None:
+        """Refuse to score NaN or infinite outputs of the sequences a case has.
+
+        A NaN logit thresholds to "no tumour", so it would be scored as an empty prediction (Dice 1
+        where the reference region is empty too) instead of being seen, as inference refuses to write
+        such a label map.
+
+        Raises:
+            ValueError: names the first case with non-finite outputs and how many it has.
+        """
+        bad = (~torch.isfinite(per_mod)).flatten(2).sum(dim=2) * mask  # [B, M]: present sequences only
+        if not bool(bad.any()):
+            return
+        b = int(torch.nonzero(bad.sum(dim=1))[0, 0])
+        raise ValueError(
+            f"Case {cases[b]}: the network gave {int(bad[b].sum())} NaN or infinite value(s), so it cannot be "
+            "scored (a NaN logit would count as no tumour): check that the model file is intact and that its "
+            "training did not diverge, and that the case's scans have plausible intensities."
+        )
+
     def _iteration(self, engine: SubsetEvaluator, batchdata: dict[str, Any]) -> dict:
         inputs, targets, mask, cases = engine.unpack(batchdata)
         with engine.mode(engine.network), torch.no_grad():
             per_mod = self.per_modality_outputs(inputs, mask)
+            self.check_finite_outputs(per_mod, mask, cases)
             valid, fused = subset_fusions(masked_mean, per_mod, mask)
             missed = self.missed_voxels(batchdata, targets)
             dice = [dice_from_logits(logits, targets, missed=missed) for logits in fused]

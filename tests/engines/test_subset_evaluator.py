@@ -132,3 +132,26 @@ def test_tumour_the_foreground_crop_removed_counts_as_missed(net):
         expected.append([2 * int((p & t).sum()) / (int(p.sum()) + int(full.sum()))
                          for p, t, full in zip(pred, cropped, label.bool())])
     torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_nan_outputs_of_a_present_sequence_are_refused_naming_the_case(net):
+    """A NaN logit thresholds to "no tumour": scored, it would pass for an empty prediction."""
+    import copy
+
+    broken = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in broken.encoders[1].parameters():  # t1's encoder only
+            p.fill_(float("nan"))
+    torch.manual_seed(4)
+    data = [{"image": torch.randn(1, 4, 8, 8, 8), "label": torch.zeros(1, 3, 8, 8, 8),
+             "modality_mask": torch.tensor([m], dtype=torch.bool), "case": [c]}
+            for c, m in (("no_t1", [1, 0, 1, 1]), ("with_t1", [1, 1, 1, 1]))]
+    inferer = SlidingWindowInferer(roi_size=(8, 8, 8), sw_batch_size=1)
+    evaluator = SubsetEvaluator(device=torch.device("cpu"), val_data_loader=data[:1], network=broken,
+                                inferer=inferer, key_val_metric={"val_mean_dice": SubsetMeanDice()})
+    evaluator.run()  # the broken encoder is not run for a case without t1
+    assert evaluator.state.output["subset_valid"].sum() == 7
+    evaluator = SubsetEvaluator(device=torch.device("cpu"), val_data_loader=data, network=broken,
+                                inferer=inferer, key_val_metric={"val_mean_dice": SubsetMeanDice()})
+    with pytest.raises(ValueError, match=r"^Case with_t1: the network gave 1536 NaN or infinite value\(s\)"):
+        evaluator.run()
