@@ -324,11 +324,12 @@ class _Summary:
     def write(self, results: Sequence[Mapping[str, Any]], stopped: bool = False) -> None:
         """Write the report of ``results``; with ``stopped``, the cases without a result are listed as
         not reached (status ``stopped``)."""
-        left = self.not_reached(results) if stopped else []
+        left = self.not_reached(results)  # also encodes the results new since the last write
+        if not stopped:
+            left = []
         for name in left:
             if name not in self._stopped_text:
                 self._stopped_text[name] = self._entry_text({"case": name, "status": "stopped", "error": _NOT_REACHED})
-        self.not_reached(results)  # the entries of every result, also when none is left out
         entries = [*self._done, *(self._stopped_text[n] for n in left)]
         head = json.dumps({"input_dir": self.input_dir, "output_dir": self.output_dir, "cases": len(entries),
                            "failed": self._failed, "stopped": stopped,
