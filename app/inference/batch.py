@@ -54,12 +54,18 @@ def _output_collisions(cases: Collection[str], probabilities: bool) -> dict[str,
     With ``--probabilities``, case ``P1`` writes ``P1_prob.nii.gz``, which is also the label map of
     a case named ``P1_prob``: whichever ran second would replace the other's file, and ``P1.json``
     would then point at another patient's labels. Both cases fail instead, before any case runs.
+    So does a case named ``inference_summary``, whose summary would be replaced by the batch's
+    report of every case (:data:`SUMMARY_NAME`) after the case ran.
     """
     owners: dict[str, list[str]] = {}
     for case in sorted(cases):
         for name in _output_names(case, probabilities):
             owners.setdefault(name, []).append(case)
-    errors: dict[str, str] = {}
+    errors: dict[str, str] = {
+        case: f"Its summary {SUMMARY_NAME} would be replaced by the batch's report of every case, which has that "
+              "name: rename the files of this case."
+        for case in owners.get(SUMMARY_NAME, ())
+    }
     for name, both in owners.items():
         if len(both) < 2:
             continue

@@ -590,3 +590,20 @@ def test_temporary_names_map_back_to_their_output(destination, tmp_path):
     assert AtomicOutputs.temporary_destination(temp) == destination
     assert AtomicOutputs.temporary_destination(destination) is None
     assert AtomicOutputs.temporary_destination(f".{destination}.xyz.tmp.json") is None
+
+
+def test_a_case_named_as_the_batch_report_fails_instead_of_losing_its_summary(phantom_root, random_ckpt, tmp_path,
+                                                                              capsys):
+    """A case named ``inference_summary`` wrote its summary to inference_summary.json, which the batch's
+    report of every case then replaced: the case was reported ok without its summary."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    _copy_case(phantom_root, root, "inference_summary", seqs=("flair",))
+    _copy_case(phantom_root, root, "P1", seqs=("flair",))
+    rc = batch_main(["--input-dir", str(root), "--output-dir", str(out), "--ckpt", random_ckpt, "--device", "cpu"])
+    assert rc == 2
+    assert "case inference_summary: Its summary inference_summary.json would be replaced by the batch's report" \
+        in capsys.readouterr().err
+    report = json.loads((out / "inference_summary.json").read_text())
+    assert report["output_dir"] == str(out)
+    assert {r["case"]: r["status"] for r in report["results"]} == {"P1": "ok", "inference_summary": "error"}
+    assert sorted(p.name for p in out.iterdir()) == ["P1.json", "P1.nii.gz", "inference_summary.json"]
