@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Mapping, NoReturn, Sequence
 
 from app.atomic import atomic_write_text, check_writable_folder, locked_folder
-from app.flags import parse_bool
+from app.flags import check_paths, parse_bool
 
 __all__ = ["BatchError", "build_parser", "check_overrides_or_exit", "load_segmenter_or_exit", "main", "run_batch", "run_batch_or_exit"]
 
@@ -195,6 +195,7 @@ def run_batch(
 
     # an empty path (an unset shell variable, BRATS_INPUT= or BRATS_OUTPUT= in Docker) would mean the
     # current folder: every case under it segmented, or results written among the user's files
+    check_paths(input_dir=input_dir, output_dir=output_dir)  # the bundle's --input_dir 2021: a number
     for folder, option, variable, what in ((input_dir, "--input-dir", "BRATS_INPUT", "holding the cases"),
                                            (output_dir, "--output-dir", "BRATS_OUTPUT", "to write the results to")):
         if folder is None or not os.fspath(folder).strip():  # None: input_dir: null in a bundle override file
