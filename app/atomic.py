@@ -158,6 +158,10 @@ def write_error(err: OSError, path: str | os.PathLike, error_type: type[OSError]
         fix = "free space on that disk (or raise the quota), or write to another folder"
     elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         fix = "make the folder writable, or write to another folder"
+    elif err.errno == errno.ENAMETOOLONG:
+        # the name may fit, and the hidden temporary written first (some 30 characters longer) not
+        fix = (f"use a shorter name ({len(os.fsencode(os.path.basename(os.fspath(path))))} bytes; file systems allow "
+               "255 per name, and the temporary file written first adds about 30); in a batch, shorten the case's name")
     else:
         fix = "check that disk, or write to another folder"
     error = error_type(f"Cannot write {os.fspath(path)} ({reason}): {fix}.")

@@ -4,7 +4,8 @@
 Python's ``bool`` reads as True. Every boolean knob therefore goes through :func:`parse_bool`,
 which accepts only the spellings the documentation uses and names the flag when it refuses one.
 Counts (:func:`check_counts`) and rates (:func:`check_positive`) are checked where a run starts,
-and where a network is built from them, so a bad value is named before torch fails on it.
+and where a network is built from them, so a bad value is named before torch fails on it. Folder
+settings go through :func:`check_paths`: the command line reads a folder named ``2021`` as a number.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-__all__ = ["check_counts", "check_positive", "parse_bool"]
+__all__ = ["check_counts", "check_paths", "check_positive", "parse_bool"]
 
 _TRUE = ("true", "1")
 _FALSE = ("false", "0")
@@ -69,3 +70,19 @@ def check_positive(**values: Any) -> None:
     """Raise a ``ValueError`` naming the setting when a value (``learning_rate=...``) is not a finite
     number > 0; checked with :func:`check_counts`, before the data split is written."""
     _check_each(values, lambda v: math.isfinite(float(v)) and float(v) > 0, "a number > 0", 0.001)
+
+
+def check_paths(**paths: Any) -> None:
+    """Raise a ``ValueError`` naming the setting when a path (``dataset_dir=...``) is a number or a bool.
+
+    ``python -m monai.bundle run`` reads its values as Python literals (python-fire), so
+    ``--dataset_dir 2021``, a folder named after a BraTS release, reaches the config as the number
+    2021 (and ``3.10`` as 3.1): the run then stopped with ``TypeError: expected str, bytes or
+    os.PathLike object, not int`` at the bottom of a traceback. ``None`` (not given) passes.
+    """
+    for name, value in paths.items():
+        if isinstance(value, (bool, int, float, np.bool_, np.number)):
+            example = f"./{value}" if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else "./NAME"
+            raise ValueError(f"--{name} {value} was read as a number, not as a folder or file (the command line "
+                             f"reads a bare name such as 2021 as one): write it as a path, e.g. --{name} {example}, "
+                             "or give its absolute path.")

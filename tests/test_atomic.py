@@ -163,3 +163,14 @@ def test_a_full_disk_names_the_file_and_the_fix_and_keeps_the_old_file(writer, t
     report_input_errors()  # what a bundle run installs first: the product's own errors as one line
     sys.excepthook(type(err), err, err.__traceback__)
     assert capsys.readouterr().err == f"error: {err}\n"
+
+
+def test_a_name_too_long_for_the_temporary_names_the_fix(tmp_path):
+    """A case id of 240 characters gives an output name the file system takes, but not the hidden
+    temporary written first: the error said "check that disk" instead of naming the name's length."""
+    from app.atomic import atomic_write_text
+
+    path = tmp_path / ("L" * 240 + ".json")
+    with pytest.raises(OSError, match=r"Cannot write .*L\.json \(File name too long\): use a shorter name \(245 bytes"):
+        atomic_write_text(path, "{}\n")
+    assert list(tmp_path.iterdir()) == []

@@ -22,3 +22,18 @@ def test_false_spellings(value):
 def test_anything_else_is_an_error_naming_the_flag(value):
     with pytest.raises(ValueError, match=r"--amp must be true or false, got .*: pass --amp true or --amp false"):
         parse_bool(value, "amp")
+
+
+@pytest.mark.parametrize("value, example", [(2021, "./2021"), (3.1, "./NAME"), (np.int64(7), "./7"), (True, "./NAME")])
+def test_a_path_read_as_a_number_names_the_setting_and_the_fix(value, example):
+    from app.flags import check_paths
+
+    with pytest.raises(ValueError, match=rf"--dataset_dir {value} was read as a number, not as a folder or file "
+                                         rf".*e\.g\. --dataset_dir {example}, or give its absolute path"):
+        check_paths(dataset_dir=value)
+
+
+def test_paths_and_unset_paths_pass(tmp_path):
+    from app.flags import check_paths
+
+    check_paths(dataset_dir="2021", output_dir=tmp_path, eval_datalist=None)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from app.atomic import atomic_write_text
-from app.flags import parse_bool
+from app.flags import check_paths, parse_bool
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ def prepare_datalist(
     """
     from app.data.discovery import discover_cases
 
+    check_paths(dataset_dir=dataset_dir, output_dir=output_dir)
     cases = discover_cases(dataset_dir, require_label=True, label_convention=label_convention)
     if len(cases) < 2:
         raise ValueError(
@@ -205,6 +206,7 @@ def evaluation_cases(
             files that no longer exist; or both are given and the datalist's cases do not lie under
             ``dataset_dir`` (the user meant one of them, and a report on the other would pass for it).
     """
+    check_paths(dataset_dir=dataset_dir, eval_datalist=datalist)
     given_dir = dataset_dir is not None and bool(str(dataset_dir))
     if datalist is None or not str(datalist):
         if not given_dir:

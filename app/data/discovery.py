@@ -19,7 +19,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from app.data.errors import CaseError
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, NON_TUMOUR_PART
@@ -263,6 +263,21 @@ def _nifti_files(folder: Path) -> dict[str, list[str]]:
         if not fname.startswith(".") and (m := _NIFTI_RE.match(fname)) is not None:
             files.setdefault(m.group("case"), []).append(str(folder / fname))
     return files
+
+
+def _by_prefix(fnames: Sequence[str], sep: str) -> dict[str, list[str]]:
+    """``{prefix: names}``: each name under every prefix that ends before one of its ``sep`` characters
+    (``A_1_mask.nii.gz`` under ``A`` and ``A_1`` for ``_``), in the given order.
+
+    A case ``C`` looks up the files named ``C<sep>...`` here instead of testing every file of its
+    folder, which in a flat folder of thousands of cases took a time growing with their square.
+    """
+    index: dict[str, list[str]] = {}
+    for fname in fnames:
+        for i, char in enumerate(fname):
+            if char == sep:
+                index.setdefault(fname[:i], []).append(fname)
+    return index
 
 
 def _is_3d(path: str) -> bool | None:
@@ -523,6 +538,7 @@ def discover_cases(
             else:
                 group["images"][seq] = path
 
+    stray_index: dict[tuple[str, str], dict[str, list[str]]] = {}  # (folder, separator) -> _by_prefix
     for (dirpath, layout, case), group in groups.items():
         if group.get("bad"):
             continue
@@ -541,8 +557,12 @@ def discover_cases(
                             "label 4 is enhancing tumour; label_convention brats2024 would read it as resection "
                             "cavity. Use --label_convention auto (or brats2018) for these cases.")
         absent = [q for q in BRATS_MODALITIES if q not in group["images"]]
-        strays = [f for f in unmatched.get(dirpath, ()) if f.startswith(f"{case}{sep}")
-                  and not is_inference_output(os.path.join(dirpath, f))]
+        # only a case lacking a sequence is checked: a complete case's other files (a brain mask, a
+        # prediction beside each case of a flat folder) are not read
+        if absent and (dirpath, sep) not in stray_index:
+            stray_index[dirpath, sep] = _by_prefix(unmatched.get(dirpath, ()), sep)
+        strays = [f for f in stray_index[dirpath, sep].get(case, ())
+                  if not is_inference_output(os.path.join(dirpath, f))] if absent else []
         if absent and strays:  # e.g. <case>_t1c.nii.gz under 2018 names: a misnamed sequence, not a missing one
             logger.warning("Folder %s: case %r is used without %s, but %s %s no accepted sequence name (%s): rename "
                            "the file if it holds one of them.", dirpath, case, "/".join(absent), ", ".join(strays),

@@ -15,7 +15,7 @@ from ignite.engine import Engine
 
 from app.atomic import check_writable_folder, lock_folder
 from app.bundle_args import _MONAI_DIR, check_overrides
-from app.flags import check_counts, check_positive, parse_bool
+from app.flags import check_counts, check_paths, check_positive, parse_bool
 from app.networks.ds_unet import recorded_spacing
 from app.networks.weights import describe_state_dict, load_weights
 
@@ -232,6 +232,7 @@ def check_output_dir(output_dir: str | os.PathLike, option: str = "--output_dir"
         output_dir: the run's output folder.
         option: the setting that gave it, named in the message.
     """
+    check_paths(**{option.lstrip("-"): output_dir})
     check_writable_folder(output_dir, f"{option} {os.path.abspath(os.fspath(output_dir))}",
                           file_fix=f"pass another {option}, or move the file away",
                           write_fix=f"pass an {option} you can write to")

@@ -38,6 +38,9 @@ __all__ = [
 ]
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# any temporary name of AtomicOutputs.temp: ".<stem>.<8 hex>[-<pid>].tmp<suffix>", the suffix one of
+# _NIFTI_SUFFIXES or .json, as _stem_suffix gives it (lower case), or none
+_ANY_TEMPORARY_RE = re.compile(r"\.(?P<stem>.+)\.[0-9a-f]{8}(?:-\d+)?\.tmp(?P<suffix>\.nii\.gz|\.nii|\.json|)")
 
 
 class EmptyChannelError(CaseError):
@@ -518,6 +521,21 @@ class AtomicOutputs:
         """Whether file name ``candidate`` is a temporary :meth:`temp` made for file name ``destination``
         (one a killed process left behind)."""
         return AtomicOutputs._temporary_match(candidate, destination) is not None
+
+    @staticmethod
+    def temporary_destination(candidate: str) -> str | None:
+        """The file name whose temporary :meth:`temp` file name ``candidate`` is, or None when it is none.
+
+        The name's suffix is given as :meth:`temp` writes it, in lower case (``X.NII.GZ``'s temporaries
+        give ``X.nii.gz``). A folder listed once can then be looked up by output name: matching every
+        file of a batch's output folder against every output name made each case's clean-up cost grow
+        with the cases segmented before it.
+        """
+        match = _ANY_TEMPORARY_RE.fullmatch(candidate)
+        if match is None:
+            return None
+        destination = match.group("stem") + match.group("suffix")
+        return destination if AtomicOutputs.is_temporary_of(candidate, destination) else None
 
     @staticmethod
     def remove_abandoned(destination: str | os.PathLike) -> None:

@@ -681,6 +681,7 @@ def segment_case(
     other_inputs: Sequence[str | os.PathLike] = (),
     named_by_folder: bool = False,
     label_map: Mapping[str, Sequence[int]] | None = None,
+    remove_abandoned: bool = True,
 ) -> dict[str, Any]:
     """Read, check, segment and write one case; every output appears atomically or not at all.
 
@@ -702,6 +703,9 @@ def segment_case(
         label_map: the label values of the case's ``dataset.json`` (MSD / nnU-Net layout, see
             :func:`app.data.discovery.msd_label_map`), which ``labels="auto"`` writes, so that the
             output reads as the dataset's own labels (MSD Task01: 1 oedema, 2 non-enhancing, 3 enhancing).
+        remove_abandoned: first remove the temporaries of these outputs that a killed run left
+            (:meth:`~app.inference.io.AtomicOutputs.remove_abandoned`, which lists their folder). Batch
+            mode removes them itself, from the one listing of its output folder it takes.
 
     Returns:
         The summary (also written to ``summary`` when given).
@@ -729,7 +733,7 @@ def segment_case(
     given = [os.path.realpath(p) for p in (out, prob_path, summary_path) if p]  # also through symlinked folders
     if len(set(given)) != len(given):
         raise ValueError("--out, --probabilities and --summary must be different files.")
-    for path in (out, prob_path, summary_path):
+    for path in (out, prob_path, summary_path) if remove_abandoned else ():
         if path:  # what a run killed while writing these outputs left behind
             AtomicOutputs.remove_abandoned(path)
 

@@ -272,3 +272,26 @@ def test_a_test_folder_given_with_a_datalist_is_refused_rather_than_silently_ign
     assert evaluation_cases(None, datalist) == split["validation"]
     with pytest.raises(ValueError, match=r"No cases to score: pass --dataset_dir .* or --eval_datalist"):
         evaluation_cases(None, None)
+
+
+def test_a_folder_the_command_line_read_as_a_number_is_refused_with_the_fix(tmp_path, monkeypatch):
+    """``--dataset_dir 2021`` (a folder named after the release) reaches the bundle as the number 2021:
+    training and evaluation stopped with ``TypeError: expected str, bytes or os.PathLike object, not
+    int`` in a traceback, and ``--output_dir 2021`` would have failed the same way."""
+    from app.data.datalist import evaluation_cases, prepare_datalist
+    from app.engines import check_output_dir
+    from app.inference.batch import run_batch
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "2021").mkdir()
+    with pytest.raises(ValueError, match=r"--dataset_dir 2021 was read as a number.*--dataset_dir \./2021"):
+        prepare_datalist(2021, tmp_path / "out")
+    with pytest.raises(ValueError, match=r"--output_dir 2021 was read as a number.*--output_dir \./2021"):
+        prepare_datalist(tmp_path, 2021)
+    with pytest.raises(ValueError, match=r"--dataset_dir 2021 was read as a number"):
+        evaluation_cases(2021)
+    with pytest.raises(ValueError, match=r"--output_dir 2022 was read as a number"):
+        check_output_dir(2022)
+    with pytest.raises(ValueError, match=r"--input_dir 2021 was read as a number"):
+        run_batch(None, 2021, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2021"]  # nothing written

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -598,3 +599,21 @@ def test_hidden_folders_and_symlink_loops_are_not_searched(tmp_path):
     (tmp_path / "data" / "again").symlink_to(tmp_path / "data", target_is_directory=True)
     (c,) = discover_cases(tmp_path / "data", require_label=True)
     assert c["images"]["flair"] == str(tmp_path / "data" / "A_1" / "A_1_flair.nii.gz")
+
+
+def test_other_files_of_complete_cases_are_not_read(tmp_path, monkeypatch):
+    """A flat folder of thousands of cases, each with a brain mask beside its sequences: the header of
+    every such file was read, and every file of the folder matched against every case, though only
+    a case lacking a sequence is warned about its other files."""
+    import app.data.discovery as discovery
+
+    read = []
+    monkeypatch.setattr(discovery, "is_inference_output", lambda path: read.append(os.path.basename(path)) or False)
+    for case in ("A", "A_1", "B.2", "3"):  # "A" is a prefix of "A_1"'s names too
+        for s in ("flair", "t1", "t1ce", "t2", "seg", "brainmask"):
+            touch(tmp_path / f"{case}_{s}.nii.gz")
+    touch(tmp_path / "C_flair.nii.gz")  # lacks three sequences: its other files are looked at
+    touch(tmp_path / "C_t1c.nii.gz")
+    cases = discover_cases(tmp_path)
+    assert [c["case"] for c in cases] == ["3", "A", "A_1", "B.2", "C"]
+    assert read == ["C_t1c.nii.gz"]

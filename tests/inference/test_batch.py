@@ -529,3 +529,81 @@ def test_a_second_batch_on_the_same_output_folder_stops_before_touching_it(phant
                    "twice?): wait for it to finish, or choose another --output-dir.\n")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert batch_main([*args, "--probabilities"]) == 0  # the folder is free again once the first batch ended
+
+
+def test_batch_bookkeeping_does_not_grow_with_the_cases_before_each_case(phantom_root, segmenter, tmp_path,
+                                                                        monkeypatch):
+    """A PACS export of thousands of cases: each case's clean-up listed the whole output folder (which
+    grows by two or three files per case) four times, and each rewrite of inference_summary.json
+    encoded every case's entry again, so the batch's own bookkeeping grew with the square of its
+    cases. The folder is now listed once per batch and each entry encoded once; the report is the
+    same text as before."""
+    import os
+
+    import app.inference.batch as batch
+
+    root, out = tmp_path / "in", tmp_path / "out"
+    cases = ["P 1", "P.2", "3", "Pä_4", "P5"]  # a space, a dot, numeric-only and unicode ids too
+    for name in cases:
+        _copy_case(phantom_root, root, name, seqs=("flair",))
+    out.mkdir()
+    (out / ".P5.0123abcd-999999999.tmp.nii.gz").write_bytes(b"left by a killed write")
+    (out / ".P5.json.bak").write_text("the user's")
+
+    listed, encoded = [], []
+    real_scandir, real_dumps = os.scandir, json.dumps
+
+    def scandir(path="."):
+        if Path(path).resolve() == out.resolve():
+            listed.append(path)
+        return real_scandir(path)
+
+    def dumps(obj, *args, **kwargs):  # the case entries one call encodes
+        if isinstance(obj, dict):
+            encoded.extend(r["case"] for r in obj.get("results", [obj] if "case" in obj else []))
+        return real_dumps(obj, *args, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(batch.json, "dumps", dumps)
+    results = run_batch(segmenter, root, out, probabilities=True)
+    monkeypatch.undo()
+
+    assert [r["status"] for r in results] == ["ok"] * len(cases)
+    assert len(listed) == 1, listed
+    # once as not reached yet, once with its result
+    assert sorted(encoded) == sorted(cases * 2), encoded
+    text = (out / "inference_summary.json").read_text()
+    assert text == json.dumps(json.loads(text), indent=2) + "\n"
+    report = json.loads(text)
+    assert [r["case"] for r in report["results"]] == sorted(cases) and report["cases"] == len(cases)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [".P5.json.bak", "inference_summary.json"]
+        + [f"{c}{s}" for c in cases for s in (".json", ".nii.gz", "_prob.nii.gz")])
+
+
+@pytest.mark.parametrize("destination", ["P1.nii.gz", "P1.nii", "P1.json", "P 1.x_prob.nii.gz", "3.nii.gz", "notes"])
+def test_temporary_names_map_back_to_their_output(destination, tmp_path):
+    from app.inference.io import AtomicOutputs
+
+    temp = Path(AtomicOutputs().temp(tmp_path / destination)).name
+    assert AtomicOutputs.is_temporary_of(temp, destination)
+    assert AtomicOutputs.temporary_destination(temp) == destination
+    assert AtomicOutputs.temporary_destination(destination) is None
+    assert AtomicOutputs.temporary_destination(f".{destination}.xyz.tmp.json") is None
+
+
+def test_a_case_named_as_the_batch_report_fails_instead_of_losing_its_summary(phantom_root, random_ckpt, tmp_path,
+                                                                              capsys):
+    """A case named ``inference_summary`` wrote its summary to inference_summary.json, which the batch's
+    report of every case then replaced: the case was reported ok without its summary."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    _copy_case(phantom_root, root, "inference_summary", seqs=("flair",))
+    _copy_case(phantom_root, root, "P1", seqs=("flair",))
+    rc = batch_main(["--input-dir", str(root), "--output-dir", str(out), "--ckpt", random_ckpt, "--device", "cpu"])
+    assert rc == 2
+    assert "case inference_summary: Its summary inference_summary.json would be replaced by the batch's report" \
+        in capsys.readouterr().err
+    report = json.loads((out / "inference_summary.json").read_text())
+    assert report["output_dir"] == str(out)
+    assert {r["case"]: r["status"] for r in report["results"]} == {"P1": "ok", "inference_summary": "error"}
+    assert sorted(p.name for p in out.iterdir()) == ["P1.json", "P1.nii.gz", "inference_summary.json"]
