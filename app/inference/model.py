@@ -104,8 +104,8 @@ class _Trunk(nn.Module):
 class FusedDSUNet(nn.Module):
     """Scriptable inference form of :class:`~app.networks.DSUNet` with the same weights.
 
-    ``forward(image [B, M, D, H, W], modality_mask [B, M])`` returns the fused logits
-    ``[B, C, D, H, W]``: for every modality present in any sample, its encoder runs on the samples
+    ``forward(image [B, M, D, H, W], modality_mask [B, M])`` (``D, H, W`` multiples of
+    :attr:`divisor`, else a ``ValueError``) returns the fused logits ``[B, C, D, H, W]``: for every modality present in any sample, its encoder runs on the samples
     that have it and the shared trunk decodes them; the logits are summed and divided by the
     number of present modalities, which equals :meth:`DSUNet.forward` (instance normalisation is
     per sample, and the head is linear) up to float rounding.
@@ -134,6 +134,12 @@ class FusedDSUNet(nn.Module):
     def forward(self, image: torch.Tensor, modality_mask: torch.Tensor) -> torch.Tensor:
         if image.dim() != 5 or image.shape[1] != len(self.modalities):
             raise ValueError("FusedDSUNet expects image [B, M, D, H, W] with one channel per modality.")
+        for size in image.shape[2:]:
+            if size % self.divisor != 0:
+                # the trunk would fail deep inside on a skip of another size; say what to change instead
+                raise ValueError(f"FusedDSUNet expects spatial sizes that are multiples of {self.divisor}, got "
+                                 f"{list(image.shape[2:])}: pad or crop the image, or run it through a sliding "
+                                 "window whose roi_size is.")
         mask = modality_mask.to(device=image.device, dtype=torch.bool)
         count = mask.sum(dim=1)
         if bool((count == 0).any()):

@@ -129,8 +129,10 @@ class DSUNet(nn.Module):
 
     ``task`` is ``"segmentation"``: per-channel sigmoid logits scored by hard Dice.
 
-    ``forward(image, modality_mask)`` takes ``image [B, M, D, H, W]`` (one channel per modality)
-    and ``modality_mask [B, M]`` (bool) and returns the fused logits ``[B, out_channels, D, H, W]``.
+    ``forward(image, modality_mask)`` takes ``image [B, M, D, H, W]`` (one channel per modality,
+    ``D, H, W`` multiples of :attr:`divisor`) and ``modality_mask [B, M]`` (bool; None: every
+    modality) and returns the fused logits ``[B, out_channels, D, H, W]``. Inputs of another shape
+    raise a ``ValueError`` naming the fix.
 
     The buffer ``training_spacing`` (mm, RAS axes; zeros when unknown) is the voxel size of the
     training data, set by training (:meth:`set_training_spacing`) and saved with the weights, so
@@ -189,6 +191,13 @@ class DSUNet(nn.Module):
             raise ValueError(
                 f"Expected image [B, {self.num_modalities}, D, H, W] for modalities {list(self.modalities)}, "
                 f"got {tuple(image.shape)}."
+            )
+        if any(int(size) % self.divisor for size in image.shape[2:]):
+            # the decoder would fail deep inside on a skip of another size; say what to change instead
+            raise ValueError(
+                f"Spatial size {tuple(image.shape[2:])} is not a multiple of {self.divisor} (2 ** (len(features) - 1) "
+                f"for features {list(self.features)}): pad or crop the image to multiples of {self.divisor}, or run "
+                f"it through a sliding window whose roi_size is."
             )
         if mask is None:
             return torch.ones(image.shape[0], self.num_modalities, dtype=torch.bool, device=image.device)

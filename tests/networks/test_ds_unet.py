@@ -111,3 +111,17 @@ def test_recorded_spacing_reads_the_buffer_without_float32_noise():
     net.set_training_spacing([0.8594, 0.8594, 3.3])
     assert recorded_spacing(net) == [0.8594, 0.8594, 3.3]
     assert recorded_spacing(torch.nn.Module()) is None
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_spatial_size_off_the_divisor_is_refused_with_the_fix(net, fused):
+    # features (4, 8, 16): sizes must be multiples of 4; 18 fails inside the decoder without the check
+    from app.inference.model import FusedDSUNet
+
+    model = torch.jit.script(FusedDSUNet(net).eval()) if fused else net
+    x = torch.randn(1, 4, 16, 18, 16)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    with pytest.raises(Exception, match=r"multiples of 4") as info:
+        model(x, mask)
+    assert "pad or crop" in str(info.value)
+    assert model(torch.randn(1, 4, 16, 20, 16), mask).shape == (1, 3, 16, 20, 16)
