@@ -162,8 +162,9 @@ class DSTransformer(nn.Module):
 
     ``inputs`` is a dict ``{"text": [B, L_t, D_t], "audio": [B, L_a, D_a], "vision": [B, L_v, D_v],
     "<m>_lengths": [B]}`` as produced by :class:`app.data.MMSADataset` (missing lengths mean
-    "full length"); ``modality_mask [B, M]`` (bool) says which modalities each sample has. The
-    output is ``[B, out_channels]``: the sentiment score, or class logits.
+    "full length"); ``modality_mask [B, M]`` (bool; None: the modalities given, of non-zero length)
+    says which modalities each sample has, one row per sample (another shape raises a ``ValueError``).
+    The output is ``[B, out_channels]``: the sentiment score, or class logits.
 
     Args:
         in_features: feature size of each modality, in ``modalities`` order.
@@ -287,6 +288,10 @@ class DSTransformer(nn.Module):
             if not bool(mask.any(dim=1).all()):
                 raise ValueError("Some samples have no modality (every given length is 0): leave them out.")
             return mask
+        if tuple(mask.shape) != (first.shape[0], self.num_modalities):
+            # a mask of other rows would score only its first rows (or index past the batch) without a word
+            raise ValueError(f"modality_mask must be [B, {self.num_modalities}] for inputs[{present[0]!r}] "
+                             f"{tuple(first.shape)}, got {tuple(mask.shape)}: give one row per sample in the batch.")
         mask = mask.to(device=first.device, dtype=torch.bool)
         absent = [m for i, m in enumerate(self.modalities) if m not in inputs and bool(mask[:, i].any())]
         if absent:

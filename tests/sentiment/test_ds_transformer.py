@@ -304,3 +304,14 @@ def test_boundary_settings_still_build():
             other[names[m]] = other[names[m]] * 3 + 1  # another input for modality m only
             a, b = net.per_modality(batch["image"], mask)[:, m], net.per_modality(other, mask)[:, m]
             assert torch.equal(a, b) is dropped, names[m]
+
+
+@pytest.mark.parametrize("rows", [2, 8])
+def test_modality_mask_of_other_rows_is_refused(rows):
+    # 6 samples: a 2-row mask used to score the first 2 samples only, returning [2, 1] without a word
+    ds, batch = _batch()
+    net = _net().set_input_statistics(ds.statistics())
+    mask = torch.ones(rows, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"modality_mask must be \[B, 3\] .* give one row per sample"):
+        net(batch["image"], mask)
+    assert net(batch["image"], batch["modality_mask"]).shape == (6, 1)
