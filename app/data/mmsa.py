@@ -502,7 +502,19 @@ def feature_statistics(split: Mapping[str, np.ndarray]) -> dict[str, tuple[np.nd
 
     Meant for the training split; the model keeps them as buffers, so a checkpoint carries the
     normalisation it was trained with.
+
+    Args:
+        split: one split, as :func:`load_mmsa` returns it or raw (MMSA's pickles, or
+            :func:`make_synthetic_mmsa` output, where ``<m>_lengths`` may be absent): a raw split is
+            read as :class:`MMSADataset` reads it (lengths from ``text_bert``, else the full length).
+
+    Returns:
+        ``{modality: (mean [D], std [D])}``, float32; a standard deviation under 1e-6 becomes 1.
     """
+    if any(f"{m}_lengths" not in split for m in MMSA_MODALITIES):
+        # the statistics are those of the steps the dataset will feed the network, so read the split as it does
+        labels = {} if any(k in split for k in _LABEL_KEYS) else {"regression_labels": np.zeros(len(split["text"]))}
+        split = _normalise_split("given", {**split, **labels}, Path("the split given to feature_statistics"))
     stats = {}
     for m in MMSA_MODALITIES:
         x, lengths = split[m], split[f"{m}_lengths"]

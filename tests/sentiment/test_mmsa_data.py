@@ -402,3 +402,15 @@ def test_sentiment_labels_outside_the_mosi_range_are_warned_about(caplog):
     assert len(warned) == 1
     assert "valid/regression_labels has 2 label(s) outside the sentiment range [-3, 3] (first: 7 at sample 1)" in warned[0]
     assert warned[0].endswith("rescale the labels to [-3, 3].")
+
+
+@pytest.mark.parametrize("layout", ["utterance", "aligned"])
+def test_feature_statistics_of_a_raw_split_match_the_datasets(layout):
+    # raw MMSA splits carry no <m>_lengths: the statistics used to fail with KeyError 'text_lengths'
+    data = make_synthetic_mmsa({"train": 12}, layout=layout, dims=(4, 3, 2), seq_len=3, seed=1)
+    assert "text_lengths" not in data["train"]
+    stats = feature_statistics(data["train"])
+    expected = MMSADataset(data, "train").statistics()
+    for m in ("text", "audio", "vision"):
+        np.testing.assert_array_equal(stats[m][0], expected[m][0])
+        np.testing.assert_array_equal(stats[m][1], expected[m][1])
