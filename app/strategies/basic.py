@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import torch
 
+from app.networks.ds_unet import check_fusable
 from app.strategies.base import GradientStrategy, StepResult, random_submasks, subset_loss
 
 __all__ = ["PlainStrategy", "DropoutStrategy"]
@@ -17,8 +18,16 @@ class PlainStrategy(GradientStrategy):
     name = "plain"
 
     def step(self, model, inputs, modality_mask, targets, loss_function, iteration=0) -> StepResult:
+        """One loss on the fused prediction of every sample.
+
+        Raises:
+            ValueError: a sample has no modality (as every strategy raises; the loss would otherwise
+                leave it out and ``pred`` would have fewer rows than the batch).
+        """
+        check_fusable(modality_mask)
         per_mod = model.per_modality(inputs, modality_mask)
-        loss, pred = subset_loss(model, per_mod, modality_mask, targets, loss_function)
+        every_row = torch.ones(modality_mask.shape[0], dtype=torch.bool)  # checked above: no second read of the mask
+        loss, pred = subset_loss(model, per_mod, modality_mask, targets, loss_function, valid=every_row)
         loss.backward()
         return StepResult(loss=loss.detach(), pred=pred.detach())
 
@@ -36,6 +45,12 @@ class DropoutStrategy(GradientStrategy):
         self, model: Any, inputs: Any, modality_mask: torch.Tensor, targets: torch.Tensor,
         loss_function: Callable, iteration: int = 0,
     ) -> StepResult:
+        """One loss on each sample's random subset (see the class).
+
+        Raises:
+            ValueError: a sample has no modality.
+        """
+        check_fusable(modality_mask)
         per_mod = model.per_modality(inputs, modality_mask)
         sub = random_submasks(modality_mask, self.generator)
         loss, _ = subset_loss(model, per_mod, sub, targets, loss_function)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from app.networks import DSUNet
@@ -84,3 +85,16 @@ def test_random_submasks_of_a_rank_are_its_rows_of_the_global_batch():
     halves = [random_submasks(mask[:2], torch.Generator().manual_seed(3), rank=r, world_size=2) for r in (0, 1)]
     assert torch.equal(torch.cat(halves), whole)
     assert not torch.equal(halves[0], halves[1])  # ranks draw different subsets
+
+
+@pytest.mark.parametrize("name", ["plain", "dropout"])
+@pytest.mark.parametrize("empty_rows", [[2], [0, 1, 2]])
+def test_a_sample_without_modality_is_refused_as_every_strategy_refuses_it(name, empty_rows):
+    # plain used to leave such a sample out (pred with fewer rows than the batch) or, with every
+    # sample empty, to fail with AttributeError on a None loss; dropout failed the same way
+    model, x, y, mask = _setup()
+    mask[empty_rows] = False
+    model.zero_grad()
+    with pytest.raises(ValueError, match="no available modality"):
+        build_strategy(name).step(model, x, mask, y, _loss)
+    assert all(p.grad is None for p in model.parameters())  # refused before any gradient
