@@ -33,7 +33,7 @@ def hard_dice(pred: torch.Tensor, target: torch.Tensor, missed: torch.Tensor | N
         integers and divided in float64, so the result is exact up to the final division.
 
     Raises:
-        ValueError: if the shapes differ or there is no spatial dimension.
+        ValueError: if the shapes differ, there is no spatial dimension, or ``missed`` is not ``[B, C]``.
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}.")
@@ -46,7 +46,12 @@ def hard_dice(pred: torch.Tensor, target: torch.Tensor, missed: torch.Tensor | N
     intersection = (p & t).sum(dim=dims, dtype=torch.int64).to(torch.float64)
     denominator = p.sum(dim=dims, dtype=torch.int64) + t.sum(dim=dims, dtype=torch.int64)
     if missed is not None:
-        denominator = denominator + torch.as_tensor(missed, dtype=torch.int64, device=denominator.device)
+        missed = torch.as_tensor(missed, dtype=torch.int64, device=denominator.device)
+        if missed.shape != denominator.shape:
+            # broadcasting would add a per-case count [B] to every case's channels instead, or the reverse
+            raise ValueError(f"missed must hold one count per case and channel, [B, C] = {tuple(denominator.shape)}, "
+                             f"got {tuple(missed.shape)}.")
+        denominator = denominator + missed
     denominator = denominator.to(torch.float64)
     both_empty = denominator == 0
     dice = 2.0 * intersection / denominator.clamp_min(1.0)
@@ -70,6 +75,9 @@ def dice_from_logits(
 
     Returns:
         ``float64`` tensor ``[B, C]``.
+
+    Raises:
+        ValueError: ``threshold`` is not in ``(0, 1)``, or as :func:`hard_dice`.
     """
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}.")

@@ -165,3 +165,14 @@ def test_missed_reference_voxels_add_to_the_reference_only():
     dice = hard_dice(pred, target, missed=torch.tensor([[5, 2]]))
     assert dice.tolist() == [[2 * 16 / (32 + 16 + 5), 0.0]]
     assert hard_dice(pred, target).tolist() == [[2 * 16 / 48, 1.0]]
+
+
+@pytest.mark.parametrize("shape", [(3,), (3, 1), (1, 3)])
+def test_missed_counts_of_another_shape_are_refused(shape):
+    # 3 cases x 3 regions: a count per case [3] used to broadcast onto the regions (case 2's count
+    # lowering every case's ET Dice), and [3, 1] / [1, 3] spread one count over a row or column
+    pred = torch.zeros(3, 3, 4, 4, 4, dtype=torch.bool)
+    pred[..., 0, 0, 0] = True
+    with pytest.raises(ValueError, match=r"missed must hold one count per case and channel, \[B, C\] = \(3, 3\)"):
+        hard_dice(pred, pred.clone(), missed=torch.full(shape, 2))
+    assert hard_dice(pred, pred.clone(), missed=torch.zeros(3, 3, dtype=torch.int64)).eq(1).all()
