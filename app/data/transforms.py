@@ -25,8 +25,8 @@ from app.data.labels import LABEL_CONVENTIONS, labels_to_regions
 from app.subsets import BRATS_MODALITIES
 
 __all__ = [
-    "AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "RegionVoxelsd", "ZeroAbsentSequencesd", "check_voxels",
-    "grid_reordering", "load_case", "reorder_voxels",
+    "AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "RegionVoxelsd", "ZeroAbsentSequencesd", "check_nifti_stream",
+    "check_voxels", "grid_reordering", "load_case", "reorder_voxels",
 ]
 
 #: Largest absolute difference between affine entries still treated as the same grid.

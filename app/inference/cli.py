@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any, NoReturn, Sequence
 
-__all__ = ["build_parser", "main", "parse_ints", "positive_int"]
+__all__ = ["build_parser", "main", "parse_ints", "positive_int", "segmenter_from_args"]
 
 _SEQ_FLAGS = ("flair", "t1", "t1ce", "t2")
 
