@@ -384,17 +384,29 @@ class ZeroAbsentSequencesd(MapTransform):
     Args:
         keys: image keys, ``[C, ...]`` with one channel per entry of the mask.
         mask_key: key of the boolean modality mask ``[C]``.
+        allow_missing_keys: skip the keys a sample lacks instead of raising ``KeyError``, as with
+            MONAI's dictionary transforms (the mask is then read only when some key is present).
+
+    Raises:
+        KeyError: a key or the mask is missing (without ``allow_missing_keys``).
+        ValueError: an image's channels do not match the mask's entries.
     """
 
-    def __init__(self, keys: Any = "image", mask_key: str = "modality_mask") -> None:
-        super().__init__(keys)
+    def __init__(self, keys: Any = "image", mask_key: str = "modality_mask", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
         self.mask_key = mask_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         out = dict(data)
+        keys = list(self.key_iterator(out))
+        if not keys:
+            return out
+        if self.mask_key not in out:
+            raise KeyError(f"{self.mask_key!r} (the modality mask) is not in the sample (keys: "
+                           f"{sorted(map(str, out))}): load the case with LoadCased, or pass mask_key.")
         present = torch.as_tensor(out[self.mask_key]).bool()
         absent = (~present).nonzero().flatten().tolist()
-        for key in self.key_iterator(out):
+        for key in keys:
             image = out[key]
             if image.shape[0] != present.numel():
                 raise ValueError(f"{key!r} has {image.shape[0]} channels, {self.mask_key!r} {present.numel()} entries.")

@@ -302,6 +302,20 @@ def test_absent_sequences_stay_zero_channels_through_the_bundle_augmentation(tmp
         ZeroAbsentSequencesd()({"image": torch.ones(3, 2, 2, 2), "modality_mask": torch.ones(4, dtype=torch.bool)})
 
 
+def test_zero_absent_sequences_takes_allow_missing_keys_as_monai_dictionary_transforms_do():
+    from app.data.transforms import ZeroAbsentSequencesd
+
+    mask = torch.tensor([True, False, True, False])
+    zero = ZeroAbsentSequencesd(keys=("image", "aux"), allow_missing_keys=True)
+    out = zero({"image": torch.ones(4, 2, 2, 2), "modality_mask": mask})
+    assert out["image"][:, 0, 0, 0].tolist() == [1.0, 0.0, 1.0, 0.0] and "aux" not in out
+    assert zero({"label": torch.ones(3, 2, 2, 2)}).keys() == {"label"}  # no image key: the mask is not needed
+    with pytest.raises(KeyError, match="aux"):
+        ZeroAbsentSequencesd(keys=("image", "aux"))({"image": torch.ones(4, 2, 2, 2), "modality_mask": mask})
+    with pytest.raises(KeyError, match="'modality_mask' \\(the modality mask\\) is not in the sample"):
+        ZeroAbsentSequencesd()({"image": torch.ones(4, 2, 2, 2)})
+
+
 def test_a_sequence_stored_in_another_voxel_order_is_put_on_the_reference_grid(tmp_path, make_case, write_nii):
     """One acquisition stored LPS by one converter and RAS by another lies on the same grid: its
     axes are flipped and permuted back (exact, no interpolation); a real difference is still refused."""
