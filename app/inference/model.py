@@ -105,7 +105,8 @@ class FusedDSUNet(nn.Module):
     """Scriptable inference form of :class:`~app.networks.DSUNet` with the same weights.
 
     ``forward(image [B, M, D, H, W], modality_mask [B, M])`` (``D, H, W`` multiples of
-    :attr:`divisor`, else a ``ValueError``) returns the fused logits ``[B, C, D, H, W]``: for every modality present in any sample, its encoder runs on the samples
+    :attr:`divisor`, one mask row per image, else a ``ValueError``) returns the fused logits
+    ``[B, C, D, H, W]``: for every modality present in any sample, its encoder runs on the samples
     that have it and the shared trunk decodes them; the logits are summed and divided by the
     number of present modalities, which equals :meth:`DSUNet.forward` (instance normalisation is
     per sample, and the head is linear) up to float rounding.
@@ -140,6 +141,10 @@ class FusedDSUNet(nn.Module):
                 raise ValueError(f"FusedDSUNet expects spatial sizes that are multiples of {self.divisor}, got "
                                  f"{list(image.shape[2:])}: pad or crop the image, or run it through a sliding "
                                  "window whose roi_size is.")
+        if modality_mask.dim() != 2 or modality_mask.shape[0] != image.shape[0] \
+                or modality_mask.shape[1] != len(self.modalities):
+            # a mask of other rows would leave the other images unencoded: logits 0, no tumour, without a word
+            raise ValueError("FusedDSUNet expects modality_mask [B, M] with one row per image in the batch.")
         mask = modality_mask.to(device=image.device, dtype=torch.bool)
         count = mask.sum(dim=1)
         if bool((count == 0).any()):

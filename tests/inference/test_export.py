@@ -131,3 +131,14 @@ def test_missing_or_empty_checkpoint_names_this_commands_option(tmp_path, capsys
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0] and "--ckpt_path" not in lines[0], lines
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_fused_network_refuses_a_mask_of_other_rows(rows):
+    # 2 images and a 1-row mask used to encode image 0 only and return all-zero logits for image 1
+    torch.manual_seed(0)
+    scripted = torch.jit.script(FusedDSUNet(DSUNet(features=FEATURES)).eval())
+    image = torch.randn(2, 4, 16, 16, 16)
+    with pytest.raises(Exception, match=r"modality_mask \[B, M\] with one row per image"):
+        scripted(image, torch.ones(rows, 4, dtype=torch.bool))
+    assert scripted(image, torch.ones(2, 4, dtype=torch.bool)).shape == (2, 3, 16, 16, 16)
