@@ -52,6 +52,9 @@ def split_cases(
 
     Returns:
         ``(train, val)``, each sorted by case id.
+
+    Raises:
+        ValueError: ``val_fraction`` is not in ``(0, 1)``, or two records share a case id.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")

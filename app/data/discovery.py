@@ -479,6 +479,7 @@ def discover_cases(
             duplicate files of one sequence, unusable ``dataset.json``, or (with
             ``require_label``) a case without label other than an ``imagesTs/`` one, or no
             labelled case at all.
+        ValueError: ``label_convention`` is neither ``auto`` nor a name from ``LABEL_CONVENTIONS``.
     """
     convention = str(label_convention or "auto").strip().lower()
     convention = None if convention == "auto" else convention
