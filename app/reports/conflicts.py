@@ -50,8 +50,12 @@ def _save(fig, path: Path) -> Path:
 def load_diagnostics(run_dir: str | os.PathLike, file_name: str = DIAGNOSTICS_FILE) -> list[dict]:
     """Read a diagnostics file (default ``gmd_diagnostics.jsonl``) of a training run.
 
+    A last record without its line end is left out: the training is still writing it (plotting a run
+    in progress), or was killed while writing it, as :class:`app.engines.DiagnosticsHandler` expects.
+
     Raises:
         FileNotFoundError: naming the file and how to produce it.
+        ValueError: the file holds no record, or a complete line that is not a JSON record.
     """
     path = Path(run_dir) / file_name
     if not path.is_file():
@@ -59,7 +63,19 @@ def load_diagnostics(run_dir: str | os.PathLike, file_name: str = DIAGNOSTICS_FI
         raise FileNotFoundError(
             f"{path} not found: train with --strategy {strategy} and --diagnostics_interval N > 0."
         )
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()  # cut short: being written, or its writer was killed
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as err:
+            raise ValueError(f"{path} line {number} is not a JSON record ({err}): the file is damaged; delete that "
+                             "line, or train again with --diagnostics_interval N > 0.") from None
     if not records:
         raise ValueError(f"{path} is empty: train for at least diagnostics_interval iterations.")
     return records

@@ -97,3 +97,16 @@ def test_gmd_plots_name_the_space_their_gradients_live_in(name, tmp_path, monkey
         (norm_label, norm_title), (_, conflict_title) = labels
         assert norm_label == f"gradient norm w.r.t. the {space}"
         assert space in norm_title and space in conflict_title
+
+
+def test_a_record_still_being_written_is_left_out_and_a_damaged_line_is_named(tmp_path):
+    # a run in progress (or killed mid-write) ends in a record without its line end: plotting it used
+    # to fail with a bare JSONDecodeError ("error: Unterminated string ..." from the command)
+    records = _cggm_records(3)
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    (tmp_path / "cggm_diagnostics.jsonl").write_text(text + json.dumps(records[0])[:25])
+    assert [r["iteration"] for r in load_diagnostics(tmp_path, "cggm_diagnostics.jsonl")] == [10, 20, 30]
+    assert len(plot_cggm(tmp_path)) == 2
+    (tmp_path / "cggm_diagnostics.jsonl").write_text(json.dumps(records[0])[:25] + "\n" + text)
+    with pytest.raises(ValueError, match=r"cggm_diagnostics.jsonl line 1 is not a JSON record .*delete that line"):
+        load_diagnostics(tmp_path, "cggm_diagnostics.jsonl")
