@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from app.metrics.dice import dice_from_logits
+from app.networks.ds_unet import check_fusable
 from app.strategies.base import GradientStrategy, StepResult, process_group, subset_loss
 
 __all__ = ["CGGMStrategy", "balance_terms", "modulation_loss", "head_metric"]
@@ -239,9 +240,14 @@ class CGGMStrategy(GradientStrategy):
         self, model: Any, inputs: Any, modality_mask: torch.Tensor, targets: torch.Tensor,
         loss_function: Callable, iteration: int = 0,
     ) -> StepResult:
+        """One CGGM step (see the class).
+
+        Raises:
+            ValueError: a sample has no modality (the loss would leave it out and ``pred`` would have
+                fewer rows than the batch).
+        """
+        check_fusable(modality_mask)
         encoded = model.encode(inputs, modality_mask)
-        if not encoded:
-            raise ValueError("No sample in the batch has any modality: check the modality masks of the data.")
         per_mod = model.decode(encoded, modality_mask.shape[0], inputs=inputs)
         loss, pred = subset_loss(model, per_mod, modality_mask, targets, loss_function)
 

@@ -87,11 +87,11 @@ def test_random_submasks_of_a_rank_are_its_rows_of_the_global_batch():
     assert not torch.equal(halves[0], halves[1])  # ranks draw different subsets
 
 
-@pytest.mark.parametrize("name", ["plain", "dropout"])
+@pytest.mark.parametrize("name", ["plain", "dropout", "cggm"])
 @pytest.mark.parametrize("empty_rows", [[2], [0, 1, 2]])
 def test_a_sample_without_modality_is_refused_as_every_strategy_refuses_it(name, empty_rows):
-    # plain used to leave such a sample out (pred with fewer rows than the batch) or, with every
-    # sample empty, to fail with AttributeError on a None loss; dropout failed the same way
+    # plain and cggm used to leave such a sample out (pred with fewer rows than the batch); with every
+    # sample empty, plain and dropout failed with AttributeError on a None loss
     model, x, y, mask = _setup()
     mask[empty_rows] = False
     model.zero_grad()
