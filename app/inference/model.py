@@ -321,7 +321,8 @@ def export_torchscript(
     fused logits; spatial sizes must be multiples of ``2 ** (len(features) - 1)``.
 
     Args:
-        network: the trained network.
+        network: the trained network; left as it is (a copy is moved to the CPU and scripted, so a
+            network served on a GPU stays there, in the mode it was in).
         path: the TorchScript file; an existing one is replaced only by a complete, checked model.
         check: called with the temporary file before it replaces ``path`` (see
             :func:`app.atomic.atomic_write`); if it raises, ``path`` is left as it was.
@@ -329,6 +330,7 @@ def export_torchscript(
     Returns:
         The path written.
     """
-    fused = network if isinstance(network, FusedDSUNet) else FusedDSUNet(network)
+    # FusedDSUNet(network) copies the modules; a FusedDSUNet given is copied here, as .cpu() and .eval() act in place
+    fused = copy.deepcopy(network) if isinstance(network, FusedDSUNet) else FusedDSUNet(network)
     scripted = torch.jit.script(fused.cpu().eval())
     return str(atomic_write(Path(path).absolute(), lambda f: torch.jit.save(scripted, f), check=check))

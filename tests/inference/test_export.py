@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import app.inference.export as export
-from app.inference.model import FusedDSUNet, is_torchscript
+from app.inference.model import FusedDSUNet, export_torchscript, is_torchscript
 from app.networks import DSUNet
 from tests.inference.conftest import FEATURE_ARGS, FEATURES
 
@@ -142,3 +142,15 @@ def test_fused_network_refuses_a_mask_of_other_rows(rows):
     with pytest.raises(Exception, match=r"modality_mask \[B, M\] with one row per image"):
         scripted(image, torch.ones(rows, 4, dtype=torch.bool))
     assert scripted(image, torch.ones(2, 4, dtype=torch.bool)).shape == (2, 3, 16, 16, 16)
+
+
+def test_export_leaves_the_given_network_as_it_was(tmp_path):
+    # export moved a FusedDSUNet to the CPU and into eval mode in place: a model served on a GPU (load_network
+    # with device="cuda") then failed on the next GPU batch
+    torch.manual_seed(0)
+    fused = FusedDSUNet(DSUNet(features=FEATURES)).train()
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    export_torchscript(fused, tmp_path / "model.ts")
+    assert fused.training and all(m.training for m in fused.modules())
+    assert all(torch.equal(before[k], v) for k, v in fused.state_dict().items())
+    assert is_torchscript(tmp_path / "model.ts")
