@@ -1,4 +1,5 @@
 """Missing-modality segmentation and sentiment models: Dynamic Sharing networks trained with
-gradient strategies (plain, modality dropout, GMD, CGGM) and evaluated on every modality subset."""
+gradient strategies (plain, modality dropout, GMD, CGGM, missing-modality prediction) and evaluated
+on every modality subset."""
 
 __version__ = "0.1.0"

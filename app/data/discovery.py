@@ -4,11 +4,13 @@ Three layouts are recognised anywhere below the root folder:
 
 * BraTS 2018-2021: ``<case>_{flair,t1,t1ce,t2,seg}.nii(.gz)`` (enhancing tumour = 4);
 * BraTS 2023+: ``<case>-{t2f,t1n,t1c,t2w,seg}.nii(.gz)`` (enhancing tumour = 3);
-* MSD Task01 (and nnU-Net v2): a folder with ``dataset.json``, images under ``imagesTr/`` and
-  ``imagesTs/``, labels under ``labelsTr/`` (and ``labelsTs/``); channel and label meanings come from
-  ``dataset.json``. When labels are required, test images (``imagesTs/``) without a label are left out.
+* MSD Task01 and nnU-Net v1/v2 raw folders: a folder with ``dataset.json``, images under ``imagesTr/``
+  and ``imagesTs/`` (one 4D file per case, or one ``<case>_XXXX`` file per channel), labels under
+  ``labelsTr/`` (and ``labelsTs/``); channel and label meanings come from ``dataset.json``. When labels
+  are required, test images (``imagesTs/``) without a label are left out.
 
-Discovery only looks at names; image contents are checked when loading (:mod:`app.data.transforms`).
+Discovery looks at names, plus one image header where an nnU-Net v1 folder's names leave open
+whether its images are per channel; image contents are checked when loading (:mod:`app.data.transforms`).
 """
 
 from __future__ import annotations
@@ -444,7 +446,7 @@ def discover_cases(
     case_errors: dict[str, str] | None = None,
     label_convention: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Find every case below ``root`` in the BraTS 2018, BraTS 2023 or MSD Task01 layout.
+    """Find every case below ``root`` in the BraTS 2018, BraTS 2023, MSD Task01 or nnU-Net layout.
 
     Args:
         root: folder to search recursively (symlinked folders are followed).
