@@ -642,9 +642,16 @@ def make_synthetic_mmsa(
     Returns:
         The MMSA dict ``{split: {id, raw_text, text, audio, vision, regression_labels,
         classification_labels[, audio_lengths, vision_lengths, text_lengths]}}`` with float32 features.
+
+    Raises:
+        ValueError: an unknown ``layout``, or ``dims``/``strengths`` without one value per modality.
     """
     if layout not in ("utterance", "aligned", "unaligned"):
         raise ValueError(f"layout must be utterance, aligned or unaligned, got {layout!r}.")
+    for name, values in (("dims", dims), ("strengths", strengths)):
+        if len(values) != len(MMSA_MODALITIES):
+            # zip() below would drop the modalities without a value, and the data would lack them
+            raise ValueError(f"{name} needs one value per modality {list(MMSA_MODALITIES)}, got {list(values)}.")
     splits = {"train": 64, "valid": 32, "test": 32} if splits is None else dict(splits)
     rng = np.random.default_rng(seed)
     # unit-norm projections: a modality's total signal-to-noise ratio is its strength squared

@@ -414,3 +414,10 @@ def test_feature_statistics_of_a_raw_split_match_the_datasets(layout):
     for m in ("text", "audio", "vision"):
         np.testing.assert_array_equal(stats[m][0], expected[m][0])
         np.testing.assert_array_equal(stats[m][1], expected[m][1])
+
+
+@pytest.mark.parametrize("option", [{"dims": (4, 3)}, {"strengths": (2.0, 0.5)}, {"dims": (4, 3, 2, 1)}])
+def test_synthetic_data_needs_one_size_and_strength_per_modality(option):
+    # two sizes used to give data without vision, which failed later as a split lacking 'vision'
+    with pytest.raises(ValueError, match="one value per modality"):
+        make_synthetic_mmsa({"train": 4}, **option)
