@@ -501,6 +501,11 @@ def load_segmenter(
         spacing: ``"auto"`` (the model's training spacing for scans more than 10% off it, when the
             model recorded it), ``"native"`` or None, or a working spacing in mm (see :class:`Segmenter`).
         head_mask: see :class:`Segmenter`.
+
+    Raises:
+        FileNotFoundError: the checkpoint does not exist.
+        ValueError: the checkpoint cannot be read or does not match ``features``, a device this
+            machine lacks, or a bad window, overlap or spacing setting.
     """
     defaults = bundle_defaults(bundle)
     if device is None or str(device) == "auto":
