@@ -193,16 +193,24 @@ def write_phantoms(out_dir: str | os.PathLike, cases: int, size: int | Sequence[
 
     Returns:
         The case folders written, in order.
+
+    Raises:
+        ValueError: ``cases`` < 1, a bad ``size``, or an ``out_dir`` that is a file or cannot be
+            written (checked before any case is made).
     """
+    from app.atomic import check_writable_folder
+
     if cases < 1:
         raise ValueError(f"cases must be >= 1, got {cases}.")
     root = Path(out_dir)
+    check_writable_folder(root, f"phantom folder {out_dir}",
+                          file_fix="pass a folder for the cases (created if missing)")
     folders = []
     for i in range(cases):
         case = f"Phantom_{i:03d}"
         folder = root / case
+        volumes = make_phantom(size, np.random.default_rng([seed, i]))  # a bad size fails before any folder
         folder.mkdir(parents=True, exist_ok=True)
-        volumes = make_phantom(size, np.random.default_rng([seed, i]))
         affine = _affine(volumes["seg"].shape)
         for name in (*BRATS_MODALITIES, "seg"):
             img = nib.Nifti1Image(volumes[name], affine)

@@ -89,3 +89,23 @@ def test_command_line(tmp_path, capsys):
         main(["--out", str(tmp_path), "--size", "8"])
     with pytest.raises(SystemExit):
         main(["--cases", "2"])
+
+
+def test_an_output_path_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
+    # `python -m app phantoms --out FILE` ended in a NotADirectoryError traceback
+    from app.__main__ import main as app_main
+
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    with pytest.raises(ValueError, match=r"notes.txt is a file, not a folder: pass a folder for the cases"):
+        write_phantoms(taken, cases=1, size=16)
+    assert app_main(["phantoms", "--out", str(taken / "sub"), "--cases", "1", "--size", "16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: phantom folder ") and err.count("\n") == 1
+    assert taken.read_text() == "mine"
+
+
+def test_a_bad_size_leaves_no_case_folder(tmp_path):
+    with pytest.raises(ValueError, match="Phantom size"):
+        write_phantoms(tmp_path / "out", cases=2, size=8)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
