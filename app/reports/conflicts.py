@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from app.atomic import check_writable_folder
+
 __all__ = ["load_diagnostics", "gradient_space", "plot_conflicts", "plot_cggm", "main"]
 
 DIAGNOSTICS_FILE = "gmd_diagnostics.jsonl"
@@ -45,6 +47,15 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     _pyplot().close(fig)
     return path
+
+
+def _out_folder(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None) -> Path:
+    """The folder the plots go to, created; a file in its place or a folder that cannot be written is
+    a ``ValueError`` naming it (``mkdir`` would end in a bare ``FileExistsError``)."""
+    out = Path(out_dir or run_dir)
+    check_writable_folder(out, f"plot folder {out}", file_fix="pass --out a folder for the plots")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def load_diagnostics(run_dir: str | os.PathLike, file_name: str = DIAGNOSTICS_FILE) -> list[dict]:
@@ -91,11 +102,15 @@ def gradient_space(records: list[dict]) -> str:
 
 
 def plot_conflicts(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Write ``gmd_norms.png`` and ``gmd_conflicts.png`` next to the diagnostics (or to ``out_dir``)."""
+    """Write ``gmd_norms.png`` and ``gmd_conflicts.png`` next to the diagnostics (or to ``out_dir``).
+
+    Raises:
+        FileNotFoundError / ValueError: as :func:`load_diagnostics`; ``ValueError`` also for an
+            ``out_dir`` that is a file or cannot be written.
+    """
     plt = _pyplot()
     records = load_diagnostics(run_dir)
-    out = Path(out_dir or run_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _out_folder(run_dir, out_dir)
     iters = [r["iteration"] for r in records]
     space = gradient_space(records)
 
@@ -131,8 +146,7 @@ def plot_cggm(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = No
     and the cosine between the fusion head's and its gradient) from ``cggm_diagnostics.jsonl``."""
     plt = _pyplot()
     records = load_diagnostics(run_dir, CGGM_DIAGNOSTICS_FILE)
-    out = Path(out_dir or run_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _out_folder(run_dir, out_dir)
     names = records[0]["modalities"]
 
     def series(key: str, m: int) -> tuple[list[int], list[float]]:

@@ -110,3 +110,18 @@ def test_a_record_still_being_written_is_left_out_and_a_damaged_line_is_named(tm
     (tmp_path / "cggm_diagnostics.jsonl").write_text(json.dumps(records[0])[:25] + "\n" + text)
     with pytest.raises(ValueError, match=r"cggm_diagnostics.jsonl line 1 is not a JSON record .*delete that line"):
         load_diagnostics(tmp_path, "cggm_diagnostics.jsonl")
+
+
+def test_a_plot_folder_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
+    # plot-conflicts --out FILE ended in a FileExistsError traceback
+    from app.__main__ import main as app_main
+
+    _write(tmp_path / "cggm_diagnostics.jsonl", _cggm_records())
+    taken = tmp_path / "plots.png"
+    taken.write_bytes(b"mine")
+    with pytest.raises(ValueError, match=r"plots.png is a file, not a folder: pass --out a folder for the plots"):
+        plot_cggm(tmp_path, taken)
+    assert app_main(["plot-conflicts", str(tmp_path), "--out", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: plot folder ") and err.count("\n") == 1
+    assert taken.read_bytes() == b"mine"
