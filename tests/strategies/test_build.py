@@ -68,3 +68,12 @@ def test_a_strategy_of_ones_own_trains_through_an_override_file(tmp_path, monkey
     result = strategy.step(model, torch.randn(1, 4, 8, 8, 8), mask, torch.rand(1, 3, 8, 8, 8),
                            torch.nn.functional.mse_loss)
     assert torch.isfinite(result.loss) and all(p.grad is not None for p in model.shared_parameters())
+
+
+def test_listing_the_strategies_does_not_import_monai():
+    # `python -m app ablate` reads the strategy names at start-up; MONAI is imported only when a step runs
+    import subprocess
+    import sys
+
+    code = "import sys, app.ablation, app.strategies; sys.exit('monai' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=os.path.join(BUNDLES, "..")).returncode == 0
