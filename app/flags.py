@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-__all__ = ["check_counts", "check_positive", "parse_bool"]
+__all__ = ["check_bools", "check_counts", "check_positive", "parse_bool"]
 
 _TRUE = ("true", "1")
 _FALSE = ("false", "0")
@@ -42,6 +42,17 @@ def parse_bool(value: Any, name: str) -> bool:
         if text in _FALSE:
             return False
     raise ValueError(f"--{name} must be true or false, got {value!r}: pass --{name} true or --{name} false.")
+
+
+def check_bools(**values: Any) -> None:
+    """Raise :func:`parse_bool`'s ``ValueError`` naming the first knob (``amp=...``) that is not true or false.
+
+    Checked where a run starts, with :func:`check_counts`: knobs read only when the trainer is built
+    (``amp``, ``progress_bar``) were otherwise refused after the data split, ``models/`` and
+    ``tensorboard/`` had been written into the output folder.
+    """
+    for name, value in values.items():
+        parse_bool(value, name)
 
 
 def _check_each(values: Mapping[str, Any], ok: Callable[[Any], bool], requirement: str, example: Any) -> None:

@@ -343,6 +343,27 @@ def test_a_strategy_the_network_cannot_train_stops_before_any_output(phantoms, t
     assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--amp", "yes", "error: --amp must be true or false, got 'yes'"),
+    ("--progress_bar", "on", "error: --progress_bar must be true or false, got 'on'"),
+    ("--resume", "yes", "error: --resume must be true, false or auto, got 'yes'"),
+    ("--resume", "true", "error: No training checkpoint at "),
+])
+def test_a_bad_flag_or_a_resume_without_checkpoint_stops_before_any_output(phantoms, tmp_path, flag, value, message):
+    """``--amp``, ``--progress_bar`` and ``--resume`` were read only when the trainer was built, and
+    ``--resume true`` found no checkpoint only when it started: each was refused after every case had been
+    read and datalist.json, models/ and tensorboard/ written into a folder that held no run."""
+    out = tmp_path / "out"
+    with pytest.raises(AssertionError) as failed:
+        run_bundle([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
+                   "--strategy", "plain", flag, value, *TINY)
+    stderr = str(failed.value).split("failed (1):", 1)[1]
+    assert "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(message), last
+    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
+
+
 def test_evaluation_follows_deterministic_false_as_training_does():
     """evaluate.yaml replaced train.yaml's initialize without its set_cudnn step: --deterministic false was
     accepted and ignored, evaluation kept the deterministic cuDNN kernels set_determinism forces."""
