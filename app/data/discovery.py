@@ -527,6 +527,10 @@ def discover_cases(
         if group.get("bad"):
             continue
         sep = "_" if layout == "brats2018" else "-"
+        if not group["images"] and is_inference_output(group["label"]):
+            # a label map this product wrote beside the scans under a name that ends as a BraTS label does
+            # (infer --out <case>_pred_seg.nii.gz): an output, not a case, so a rerun finds only the scans' case
+            continue
         if not group["images"]:
             names = "{flair,t1,t1ce,t2}" if layout == "brats2018" else "{t2f,t1n,t1c,t2w}"
             _case_problem(
