@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from app.data.errors import CaseError
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, NON_TUMOUR_PART
 from app.subsets import BRATS_MODALITIES
 
-__all__ = ["CaseError", "ACCEPTED_LAYOUTS", "CHANNEL_ALIASES", "OUTPUT_DESCRIPTION_PREFIX", "brats2023_named",
+__all__ = ["CaseError", "ACCEPTED_LAYOUTS", "CHANNEL_ALIASES", "OUTPUT_DESCRIPTION_PREFIX", "OUTPUT_CRC_RE",
+           "brats2023_named", "is_unedited_label_output", "voxel_crc",
            "case_sources", "discover_cases", "is_inference_output", "msd_channels", "msd_label_map"]
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,36 @@ def is_inference_output(path: str | os.PathLike) -> bool:
         return bytes(nib.load(os.fspath(path)).header["descrip"]).startswith(OUTPUT_DESCRIPTION_PREFIX.encode())
     except Exception:  # noqa: BLE001 - unreadable or not NIfTI: the caller's own checks report it
         return False
+
+
+#: How an output image's header description records the checksum of its voxels.
+OUTPUT_CRC_RE = re.compile(r" crc32=([0-9a-f]{8})\b")
+
+
+def voxel_crc(data: Any) -> str:
+    """CRC-32 of an image's voxels (values in storage order, whatever their byte order on disk)."""
+    import numpy as np
+
+    arr = np.asarray(data)
+    arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)
+    return f"{zlib.crc32(arr.tobytes(order='F')):08x}"
+
+
+def is_unedited_label_output(img: Any) -> bool:
+    """Whether the nibabel image ``img`` is a label map written by inference and not edited since.
+
+    Its header description names it (``brats_gmd labels …``) and records the checksum of the voxels
+    written; a label map corrected by hand keeps the header in most viewers but not the checksum, and
+    an output of a release before the checksum cannot be told from an edit, so both count as edited.
+    """
+    import numpy as np
+
+    description = bytes(img.header["descrip"]).decode("ascii", "replace")
+    if not description.startswith(f"{OUTPUT_DESCRIPTION_PREFIX}labels"):
+        return False
+    crc = OUTPUT_CRC_RE.search(description)
+    return crc is not None and crc.group(1) == voxel_crc(np.asarray(img.dataobj))
+
 
 ACCEPTED_LAYOUTS = (
     "BraTS 2018-2021 '<case>_{flair,t1,t1ce,t2,seg}.nii.gz'; "

@@ -26,7 +26,6 @@ import os
 import platform
 import re
 import time
-import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -41,7 +40,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 
 from app.atomic import check_writable_folder, write_error
 from app.data.datalist import ras_spacing, spacing_differs
-from app.data.discovery import OUTPUT_DESCRIPTION_PREFIX, is_inference_output
+from app.data.discovery import OUTPUT_CRC_RE, OUTPUT_DESCRIPTION_PREFIX, is_inference_output, voxel_crc
 from app.data.errors import CaseError, check_readable
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, regions_to_labels
 from app.engines.utils import check_patch_size
@@ -582,15 +581,9 @@ def check_output_path(
     return out
 
 
-#: How an output image's header description records the checksum of its voxels.
-_CRC_RE = re.compile(r" crc32=([0-9a-f]{8})\b")
-
-
-def _voxel_crc(data: np.ndarray) -> str:
-    """CRC-32 of an image's voxels (values in storage order, whatever their byte order on disk)."""
-    arr = np.asarray(data)
-    arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)
-    return f"{zlib.crc32(arr.tobytes(order='F')):08x}"
+# one checksum for the outputs written here and for discovery, which tells an unedited one from a reference label
+_CRC_RE = OUTPUT_CRC_RE
+_voxel_crc = voxel_crc
 
 
 def written_by_product(path: str | os.PathLike, case: str | None = None) -> bool:
