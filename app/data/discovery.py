@@ -27,7 +27,7 @@ from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, NON_TUMOUR_PART
 from app.subsets import BRATS_MODALITIES
 
 __all__ = ["CaseError", "ACCEPTED_LAYOUTS", "CHANNEL_ALIASES", "OUTPUT_DESCRIPTION_PREFIX", "OUTPUT_CRC_RE",
-           "brats2023_named", "is_unedited_label_output", "voxel_crc",
+           "brats2023_named", "is_unedited_label_output", "load_nifti", "voxel_crc",
            "case_sources", "discover_cases", "is_inference_output", "msd_channels", "msd_label_map"]
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,35 @@ logger = logging.getLogger(__name__)
 OUTPUT_DESCRIPTION_PREFIX = "brats_gmd "
 
 
+def load_nifti(path: str | os.PathLike) -> Any:
+    """``nibabel.load`` of a NIfTI file whatever the case of its extension (``.nii.gz``, ``.NII.GZ``, ``.Nii.gz``).
+
+    nibabel rebuilds the file name from its extension in lower or upper case, so a file whose extension mixes
+    both (``.Nii.gz``, which discovery accepts as every spelling) was looked up under another, missing name and
+    refused as a file that does not exist. Such a file is opened under its own name instead.
+
+    Raises:
+        FileNotFoundError: there is no file at ``path``.
+        Exception: nibabel's own errors for a file it cannot read.
+    """
+    import nibabel as nib
+
+    path = os.fspath(path)
+    try:
+        return nib.load(path)
+    except FileNotFoundError:
+        if not os.path.isfile(path):
+            raise
+    holder = nib.FileHolder(filename=path)
+    try:
+        return nib.Nifti1Image.from_file_map({"header": holder, "image": holder})
+    except Exception as err:  # noqa: BLE001 - a NIfTI-2 header, or nibabel's error for a damaged file
+        try:
+            return nib.Nifti2Image.from_file_map({"header": holder, "image": holder})
+        except Exception:  # noqa: BLE001 - the NIfTI-1 reading's error says more about a damaged file
+            raise err from None
+
+
 def is_inference_output(path: str | os.PathLike) -> bool:
     """Whether the NIfTI file at ``path`` is a label or probability map written by inference.
 
@@ -44,10 +73,8 @@ def is_inference_output(path: str | os.PathLike) -> bool:
     must not take its own earlier outputs for misnamed scans. Only the header is read; a file that
     cannot be read is not known to be an output.
     """
-    import nibabel as nib  # discovery otherwise reads no file contents
-
     try:
-        return bytes(nib.load(os.fspath(path)).header["descrip"]).startswith(OUTPUT_DESCRIPTION_PREFIX.encode())
+        return bytes(load_nifti(path).header["descrip"]).startswith(OUTPUT_DESCRIPTION_PREFIX.encode())
     except Exception:  # noqa: BLE001 - unreadable or not NIfTI: the caller's own checks report it
         return False
 
@@ -302,10 +329,8 @@ def _is_3d(path: str) -> bool | None:
 
     ``None`` when the header cannot be read: loading the file reports it, naming the file.
     """
-    import nibabel as nib  # discovery otherwise reads no file contents
-
     try:
-        shape = tuple(nib.load(path).shape)
+        shape = tuple(load_nifti(path).shape)
     except Exception:  # noqa: BLE001 - the loader's own checks report a corrupt file
         return None
     return len(shape) == 3 or (len(shape) > 3 and all(d == 1 for d in shape[3:]))

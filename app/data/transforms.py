@@ -20,7 +20,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys
 
-from app.data.discovery import is_unedited_label_output
+from app.data.discovery import is_unedited_label_output, load_nifti
 from app.data.errors import CaseError, check_readable, too_large_to_read, unreadable
 from app.data.labels import LABEL_CONVENTIONS, labels_to_regions
 from app.subsets import BRATS_MODALITIES
@@ -74,7 +74,7 @@ def check_nifti_stream(path: str, img: nib.spatialimages.SpatialImage) -> None:
 def _open(path: str) -> nib.spatialimages.SpatialImage:
     check_readable(path)
     try:
-        img = nib.load(path)
+        img = load_nifti(path)
     except FileNotFoundError as err:
         raise CaseError(f"{path} does not exist: restore the file or re-run discovery.") from err
     except Exception as err:  # nibabel raises many types for bad headers; all mean the same to the user

@@ -40,7 +40,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 
 from app.atomic import check_writable_folder, write_error
 from app.data.datalist import ras_spacing, spacing_differs
-from app.data.discovery import OUTPUT_CRC_RE, OUTPUT_DESCRIPTION_PREFIX, is_inference_output, voxel_crc
+from app.data.discovery import OUTPUT_CRC_RE, OUTPUT_DESCRIPTION_PREFIX, is_inference_output, load_nifti, voxel_crc
 from app.data.errors import CaseError, check_readable
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, regions_to_labels
 from app.engines.utils import check_patch_size
@@ -613,7 +613,7 @@ def written_by_product(path: str | os.PathLike, case: str | None = None) -> bool
             return {"case", "output"} <= summary.keys() or {"output_dir", "results"} <= summary.keys()
         if not is_inference_output(path):
             return False
-        img = nib.load(path)
+        img = load_nifti(path)
         crc = _CRC_RE.search(bytes(img.header["descrip"]).decode("ascii", "replace"))
         # outputs of releases before the checksum carry none and stay replaceable
         return crc is None or crc.group(1) == _voxel_crc(np.asarray(img.dataobj))

@@ -381,3 +381,26 @@ def test_an_unedited_inference_output_in_the_label_slot_is_not_read_as_the_refer
     nib.save(nib.Nifti1Image(edited, img.affine, header=img.header), str(out))
     assert bytes(nib.load(str(out)).header["descrip"]).startswith(b"brats_gmd labels")
     assert load_case(rec)["label"].shape[0] == 3
+
+
+@pytest.mark.parametrize("extension", [".Nii.gz", ".nII.GZ", ".Nii"])
+def test_a_mixed_case_extension_is_read_as_discovery_finds_it(tmp_path, make_case, extension):
+    """Discovery matches extensions in any case, but nibabel looked a mixed-case one (``.Nii.gz``) up under its
+    own spelling (``.nii.gz``): loading said the file did not exist, and the training spacing went unrecorded."""
+    import gzip
+
+    from app.data.datalist import median_spacing
+
+    folder = make_case(tmp_path, "A_1")
+    for path in sorted(folder.glob("*.nii.gz")):
+        target = path.with_name(path.name[: -len(".nii.gz")] + extension)
+        if extension.lower() == ".nii":
+            target.write_bytes(gzip.decompress(path.read_bytes()))
+            path.unlink()
+        else:
+            path.rename(target)
+    rec = only(discover_cases(tmp_path, require_label=True))
+    assert rec["images"]["flair"].endswith(extension)
+    out = load_case(rec)
+    assert tuple(out["image"].shape) == (4, *SHAPE) and out["label"].shape[0] == 3
+    assert median_spacing([rec]) is not None

@@ -575,3 +575,13 @@ def test_an_empty_checkpoint_path_says_so(case, infer, tmp_path):
     rc, _, err = infer("--ckpt", "", "--flair", case["flair"], "--out", out / "seg.nii.gz")
     assert rc == 2 and err.count("\n") == 1 and "checkpoint path is empty" in err, err
     assert not list(out.iterdir())
+
+
+def test_a_scan_with_a_mixed_case_extension_is_read(case, random_ckpt, infer, tmp_path):
+    """``--flair scan.Nii.gz`` was refused as 'does not exist: check the path': nibabel looked for scan.nii.gz."""
+    flair = Path(case["flair"])
+    mixed = flair.with_name(flair.name.replace(".nii.gz", ".Nii.Gz"))
+    flair.rename(mixed)
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", mixed, "--out", tmp_path / "seg.nii.gz")
+    assert rc == 0, err
+    assert load(tmp_path / "seg.nii.gz").shape == load(case["t1"]).shape
