@@ -21,7 +21,7 @@ from app.networks.weights import describe_state_dict, load_weights
 
 __all__ = [
     "check_held_out", "check_held_out_split", "check_output_dir", "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "load_weights", "describe_state_dict",
-    "ProgressBarHandler", "report_input_errors", "check_overrides", "check_bools", "check_counts", "check_positive", "UNSELECTED_CHECKPOINTS",
+    "ProgressBarHandler", "report_input_errors", "check_overrides", "check_bools", "check_counts", "resolve_device", "check_positive", "UNSELECTED_CHECKPOINTS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -305,6 +305,41 @@ def check_patch_size(patch_size: Sequence[int], network: Any, whole_axis: bool =
             f"patch_size {sizes} must have 3 entries that are multiples of {divisor} "
             f"(2 ** (len(features) - 1)){' or 0 for the whole axis' if whole_axis else ''}: use e.g. {usage}."
         )
+
+
+def resolve_device(device: Any, auto: bool = True) -> torch.device:
+    """``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``, a ``torch.device``) as a device this machine has.
+
+    The bundles call it first in ``initialize`` for ``--device``, which they otherwise met only when the
+    network was moved there: a machine without CUDA, or a typo (``--device gpu``), ended in a torch traceback
+    after ``datalist.json`` was written. Inference resolves its ``--device`` with it too.
+
+    Args:
+        device: the setting; ``None`` or ``"auto"`` picks CUDA when available, where ``auto`` is allowed.
+        auto: whether ``auto`` is a value of the setting (inference); the training configs choose CUDA when
+            available by leaving ``--device`` out.
+
+    Raises:
+        ValueError: naming the setting and the fix, for a value that is no device, or a GPU this machine lacks.
+    """
+    choices = "cpu, cuda, cuda:N or auto" if auto else "cpu, cuda or cuda:N"
+    if device is None or str(device).strip().lower() == "auto":
+        if not auto:
+            raise ValueError("--device auto is not a setting of this config: leave --device out to train on CUDA "
+                             "when it is available, or pass --device cpu, cuda or cuda:N.")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device {str(device)!r} is not a device ({err}): use {choices}.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available here: use --device cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s), "
+                         "cuda:0 to cuda:N-1.")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device} is not supported: use {choices}.")
+    return device
 
 
 def set_cudnn(deterministic: bool | str) -> None:

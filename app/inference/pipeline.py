@@ -43,7 +43,7 @@ from app.data.datalist import ras_spacing, spacing_differs
 from app.data.discovery import OUTPUT_CRC_RE, OUTPUT_DESCRIPTION_PREFIX, is_inference_output, load_nifti, voxel_crc
 from app.data.errors import CaseError, check_readable
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, regions_to_labels
-from app.engines.utils import check_patch_size
+from app.engines.utils import check_patch_size, resolve_device
 from app.flags import parse_bool
 from app.inference.io import AtomicOutputs, CaseInputs, Volume, _one_line, read_case, voxel_volume_ml
 from app.inference.model import bundle_defaults, load_network
@@ -502,19 +502,7 @@ def load_segmenter(
         head_mask: see :class:`Segmenter`.
     """
     defaults = bundle_defaults(bundle)
-    if device is None or str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"--device {device!r} is not a device ({err}): use cpu, cuda, cuda:N or auto.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available here: use --device cpu.")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s), "
-                         "cuda:0 to cuda:N-1.")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device} is not supported: use cpu, cuda, cuda:N or auto.")
+    device = resolve_device(device)
     network, settings = load_network(ckpt, features=features, bundle=bundle, device=device)
     settings["checkpoint"] = os.path.abspath(os.fspath(ckpt))
     settings["checkpoint_sha256"] = checkpoint_sha256(ckpt)  # which model made a label map, whatever the file is called later

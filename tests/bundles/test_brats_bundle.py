@@ -364,6 +364,24 @@ def test_a_bad_flag_or_a_resume_without_checkpoint_stops_before_any_output(phant
     assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
 
 
+@pytest.mark.parametrize("configs", [[TRAIN], [TRAIN, EVALUATE]], ids=["train", "evaluate"])
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "error: --device 'gpu' is not a device ("),
+    ("auto", "error: --device auto is not a setting of this config"),
+] + ([] if torch.cuda.is_available() else [("cuda", "error: --device cuda was asked for but CUDA is not available")]))
+def test_a_device_the_machine_lacks_is_one_line_before_any_output(phantoms, trained, tmp_path, configs, device, message):
+    """``--device cuda`` on a machine without CUDA, or a typo (``--device gpu``), ended in a torch traceback
+    when the network was moved there, after training had written datalist.json."""
+    out = tmp_path / "out"
+    with pytest.raises(AssertionError) as failed:
+        run_bundle(configs, "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
+                   "--ckpt_path", str(trained / "models" / "model.pt"), "--device", device, *TINY)
+    stderr = str(failed.value).split("failed (1):", 1)[1]
+    assert "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith(message), stderr
+    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
+
+
 def test_evaluation_follows_deterministic_false_as_training_does():
     """evaluate.yaml replaced train.yaml's initialize without its set_cudnn step: --deterministic false was
     accepted and ignored, evaluation kept the deterministic cuDNN kernels set_determinism forces."""
