@@ -293,11 +293,15 @@ def check_patch_size(patch_size: Sequence[int], network: Any, whole_axis: bool =
         cli: also show the fix in the ``--patch-size`` syntax of ``python -m app infer``.
     """
     divisor = int(network) if isinstance(network, int) else int(getattr(network, "divisor", 1))
-    sizes = [int(s) for s in patch_size]
+    try:  # a single number (--patch_size 96, as infer's --patch-size 96 96 96 reads) is no list: name the fix
+        sizes = [int(s) for s in ([patch_size] if isinstance(patch_size, (int, float)) else patch_size)]
+    except (TypeError, ValueError):
+        raise ValueError(f"patch_size {patch_size!r} must be 3 whole numbers, multiples of {divisor}: use e.g. "
+                         f"--patch_size \"{[max(divisor, 96 // divisor * divisor)] * 3}\".") from None
     bad = [s for s in sizes if (s <= 0 and not whole_axis) or (s > 0 and s % divisor)]
     if len(sizes) != 3 or bad:
         fixed = [s if s <= 0 and whole_axis else max(divisor, int(round(s / divisor)) * divisor) for s in sizes]
-        fixed = (fixed + [divisor] * 3)[:3]
+        fixed = fixed * 3 if len(fixed) == 1 else (fixed + [divisor] * 3)[:3]
         usage = f"--patch_size \"{fixed}\""
         if cli:
             usage = f"--patch-size {' '.join(map(str, fixed))} (python -m app infer) or {usage} (bundles)"

@@ -382,6 +382,24 @@ def test_a_device_the_machine_lacks_is_one_line_before_any_output(phantoms, trai
     assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--patch_size", "32", "--features", "[8,16,32,64]"],
+     'error: patch_size [32] must have 3 entries that are multiples of 8 (2 ** (len(features) - 1)): use e.g. '
+     '--patch_size "[32, 32, 32]".'),
+    (["--patch_size", "[32,32,32]", "--features", "16"], "error: --features 16 must list two or more positive widths"),
+])
+def test_a_single_number_for_a_list_setting_names_the_fix(phantoms, tmp_path, args, message):
+    """``--patch_size 32`` (as infer's ``--patch-size 32 32 32`` reads) and ``--features 16`` ended in a
+    TypeError traceback ('int' object is not iterable) instead of the line that gives the list syntax."""
+    out = tmp_path / "out"
+    with pytest.raises(AssertionError) as failed:
+        run_bundle([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1", *args)
+    stderr = str(failed.value).split("failed (1):", 1)[1]
+    assert "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith(message), stderr
+    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
+
+
 def test_evaluation_follows_deterministic_false_as_training_does():
     """evaluate.yaml replaced train.yaml's initialize without its set_cudnn step: --deterministic false was
     accepted and ignored, evaluation kept the deterministic cuDNN kernels set_determinism forces."""
