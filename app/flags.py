@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-__all__ = ["check_bools", "check_counts", "check_positive", "parse_bool"]
+__all__ = ["check_bools", "check_counts", "check_positive", "check_share", "parse_bool"]
 
 _TRUE = ("true", "1")
 _FALSE = ("false", "0")
@@ -80,3 +80,10 @@ def check_positive(**values: Any) -> None:
     """Raise a ``ValueError`` naming the setting when a value (``learning_rate=...``) is not a finite
     number > 0; checked with :func:`check_counts`, before the data split is written."""
     _check_each(values, lambda v: math.isfinite(float(v)) and float(v) > 0, "a number > 0", 0.001)
+
+
+def check_share(**values: Any) -> None:
+    """Raise a ``ValueError`` naming the setting when a value (``sw_overlap=...``) is not a number >= 0 and
+    < 1; checked with :func:`check_counts`, before the data split is written (MONAI's sliding window refused
+    ``--sw_overlap 1`` only at the first validation, with a traceback)."""
+    _check_each(values, lambda v: 0 <= float(v) < 1, "a number >= 0 and < 1", 0.5)

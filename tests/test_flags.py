@@ -22,3 +22,12 @@ def test_false_spellings(value):
 def test_anything_else_is_an_error_naming_the_flag(value):
     with pytest.raises(ValueError, match=r"--amp must be true or false, got .*: pass --amp true or --amp false"):
         parse_bool(value, "amp")
+
+
+def test_check_share_takes_numbers_from_zero_up_to_one():
+    from app.flags import check_share
+
+    check_share(sw_overlap=0, other=0.5, third="0.99")
+    for bad in (1, -0.1, "half", None, True):
+        with pytest.raises(ValueError, match="must be a number >= 0 and < 1, e.g. --sw_overlap 0.5"):
+            check_share(sw_overlap=bad)

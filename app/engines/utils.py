@@ -15,13 +15,13 @@ from ignite.engine import Engine
 
 from app.atomic import check_writable_folder, lock_folder
 from app.bundle_args import _MONAI_DIR, check_overrides
-from app.flags import check_bools, check_counts, check_positive, parse_bool
+from app.flags import check_bools, check_counts, check_positive, check_share, parse_bool
 from app.networks.ds_unet import recorded_spacing
 from app.networks.weights import describe_state_dict, load_weights
 
 __all__ = [
     "check_held_out", "check_held_out_split", "check_output_dir", "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "load_weights", "describe_state_dict",
-    "ProgressBarHandler", "report_input_errors", "check_overrides", "check_bools", "check_counts", "resolve_device", "check_positive", "UNSELECTED_CHECKPOINTS",
+    "ProgressBarHandler", "report_input_errors", "check_overrides", "check_bools", "check_counts", "check_share", "resolve_device", "check_positive", "UNSELECTED_CHECKPOINTS",
 ]
 
 logger = logging.getLogger(__name__)

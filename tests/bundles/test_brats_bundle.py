@@ -400,6 +400,26 @@ def test_a_single_number_for_a_list_setting_names_the_fix(phantoms, tmp_path, ar
     assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--epoch_length", "0", "error: --epoch_length 0 must be a whole number >= 1, e.g. --epoch_length 1."),
+    ("--num_samples", "0", "error: --num_samples 0 must be a whole number >= 1, e.g. --num_samples 1."),
+    ("--sw_overlap", "1", "error: --sw_overlap 1 must be a number >= 0 and < 1, e.g. --sw_overlap 0.5."),
+    ("--seed", "abc", "error: --seed 'abc' must be a whole number >= 0, e.g. --seed 1."),
+])
+def test_an_impossible_count_or_overlap_stops_before_any_output(phantoms, tmp_path, flag, value, message):
+    """``--epoch_length 0`` ended the run at once with exit status 0 and no model.pt; ``--num_samples 0`` and
+    ``--sw_overlap 1`` ended in a traceback once training ran, after datalist.json, models/ and tensorboard/
+    were written; ``--seed abc`` in a traceback."""
+    out = tmp_path / "out"
+    with pytest.raises(AssertionError) as failed:
+        run_bundle([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
+                   "--strategy", "plain", flag, value, *TINY)
+    stderr = str(failed.value).split("failed (1):", 1)[1]
+    assert "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == message, stderr
+    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
+
+
 def test_evaluation_follows_deterministic_false_as_training_does():
     """evaluate.yaml replaced train.yaml's initialize without its set_cudnn step: --deterministic false was
     accepted and ignored, evaluation kept the deterministic cuDNN kernels set_determinism forces."""
