@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-__all__ = ["check_counts", "check_paths", "check_positive", "parse_bool"]
+__all__ = ["check_bools", "check_counts", "check_paths", "check_positive", "check_share", "parse_bool"]
 
 _TRUE = ("true", "1")
 _FALSE = ("false", "0")
@@ -43,6 +43,17 @@ def parse_bool(value: Any, name: str) -> bool:
         if text in _FALSE:
             return False
     raise ValueError(f"--{name} must be true or false, got {value!r}: pass --{name} true or --{name} false.")
+
+
+def check_bools(**values: Any) -> None:
+    """Raise :func:`parse_bool`'s ``ValueError`` naming the first knob (``amp=...``) that is not true or false.
+
+    Checked where a run starts, with :func:`check_counts`: knobs read only when the trainer is built
+    (``amp``, ``progress_bar``) were otherwise refused after the data split, ``models/`` and
+    ``tensorboard/`` had been written into the output folder.
+    """
+    for name, value in values.items():
+        parse_bool(value, name)
 
 
 def _check_each(values: Mapping[str, Any], ok: Callable[[Any], bool], requirement: str, example: Any) -> None:
@@ -86,3 +97,10 @@ def check_paths(**paths: Any) -> None:
             raise ValueError(f"--{name} {value} was read as a number, not as a folder or file (the command line "
                              f"reads a bare name such as 2021 as one): write it as a path, e.g. --{name} {example}, "
                              "or give its absolute path.")
+
+
+def check_share(**values: Any) -> None:
+    """Raise a ``ValueError`` naming the setting when a value (``sw_overlap=...``) is not a number >= 0 and
+    < 1; checked with :func:`check_counts`, before the data split is written (MONAI's sliding window refused
+    ``--sw_overlap 1`` only at the first validation, with a traceback)."""
+    _check_each(values, lambda v: 0 <= float(v) < 1, "a number >= 0 and < 1", 0.5)

@@ -37,3 +37,12 @@ def test_paths_and_unset_paths_pass(tmp_path):
     from app.flags import check_paths
 
     check_paths(dataset_dir="2021", output_dir=tmp_path, eval_datalist=None)
+
+
+def test_check_share_takes_numbers_from_zero_up_to_one():
+    from app.flags import check_share
+
+    check_share(sw_overlap=0, other=0.5, third="0.99")
+    for bad in (1, -0.1, "half", None, True):
+        with pytest.raises(ValueError, match="must be a number >= 0 and < 1, e.g. --sw_overlap 0.5"):
+            check_share(sw_overlap=bad)

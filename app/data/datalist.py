@@ -267,13 +267,13 @@ def first_image_header(record: dict[str, Any]) -> Any | None:
     """The nibabel image (header only, no voxels read) of a case's 4D file or first sequence, or None
     when there is none or it cannot be read: a DICOM folder has no cheap header, and a bad file is
     reported, with its fix, by the loader that reads it."""
-    import nibabel as nib
+    from app.data.discovery import load_nifti
 
     path = record.get("image4d") or next(iter(dict(record.get("images") or {}).values()), None)
     if not path:
         return None
     try:
-        return nib.load(path)
+        return load_nifti(path)
     except Exception:  # noqa: BLE001 - see above
         return None
 

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,7 +28,8 @@ from app.data.errors import CaseError
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, NON_TUMOUR_PART
 from app.subsets import BRATS_MODALITIES
 
-__all__ = ["CaseError", "ACCEPTED_LAYOUTS", "CHANNEL_ALIASES", "OUTPUT_DESCRIPTION_PREFIX", "brats2023_named",
+__all__ = ["CaseError", "ACCEPTED_LAYOUTS", "CHANNEL_ALIASES", "OUTPUT_DESCRIPTION_PREFIX", "OUTPUT_CRC_RE",
+           "brats2023_named", "is_unedited_label_output", "load_nifti", "voxel_crc",
            "case_sources", "discover_cases", "is_inference_output", "msd_channels", "msd_label_map"]
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,35 @@ logger = logging.getLogger(__name__)
 OUTPUT_DESCRIPTION_PREFIX = "brats_gmd "
 
 
+def load_nifti(path: str | os.PathLike) -> Any:
+    """``nibabel.load`` of a NIfTI file whatever the case of its extension (``.nii.gz``, ``.NII.GZ``, ``.Nii.gz``).
+
+    nibabel rebuilds the file name from its extension in lower or upper case, so a file whose extension mixes
+    both (``.Nii.gz``, which discovery accepts as every spelling) was looked up under another, missing name and
+    refused as a file that does not exist. Such a file is opened under its own name instead.
+
+    Raises:
+        FileNotFoundError: there is no file at ``path``.
+        Exception: nibabel's own errors for a file it cannot read.
+    """
+    import nibabel as nib
+
+    path = os.fspath(path)
+    try:
+        return nib.load(path)
+    except FileNotFoundError:
+        if not os.path.isfile(path):
+            raise
+    holder = nib.FileHolder(filename=path)
+    try:
+        return nib.Nifti1Image.from_file_map({"header": holder, "image": holder})
+    except Exception as err:  # noqa: BLE001 - a NIfTI-2 header, or nibabel's error for a damaged file
+        try:
+            return nib.Nifti2Image.from_file_map({"header": holder, "image": holder})
+        except Exception:  # noqa: BLE001 - the NIfTI-1 reading's error says more about a damaged file
+            raise err from None
+
+
 def is_inference_output(path: str | os.PathLike) -> bool:
     """Whether the NIfTI file at ``path`` is a label or probability map written by inference.
 
@@ -44,12 +75,40 @@ def is_inference_output(path: str | os.PathLike) -> bool:
     must not take its own earlier outputs for misnamed scans. Only the header is read; a file that
     cannot be read is not known to be an output.
     """
-    import nibabel as nib  # discovery otherwise reads no file contents
-
     try:
-        return bytes(nib.load(os.fspath(path)).header["descrip"]).startswith(OUTPUT_DESCRIPTION_PREFIX.encode())
+        return bytes(load_nifti(path).header["descrip"]).startswith(OUTPUT_DESCRIPTION_PREFIX.encode())
     except Exception:  # noqa: BLE001 - unreadable or not NIfTI: the caller's own checks report it
         return False
+
+
+#: How an output image's header description records the checksum of its voxels.
+OUTPUT_CRC_RE = re.compile(r" crc32=([0-9a-f]{8})\b")
+
+
+def voxel_crc(data: Any) -> str:
+    """CRC-32 of an image's voxels (values in storage order, whatever their byte order on disk)."""
+    import numpy as np
+
+    arr = np.asarray(data)
+    arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)
+    return f"{zlib.crc32(arr.tobytes(order='F')):08x}"
+
+
+def is_unedited_label_output(img: Any) -> bool:
+    """Whether the nibabel image ``img`` is a label map written by inference and not edited since.
+
+    Its header description names it (``brats_gmd labels …``) and records the checksum of the voxels
+    written; a label map corrected by hand keeps the header in most viewers but not the checksum, and
+    an output of a release before the checksum cannot be told from an edit, so both count as edited.
+    """
+    import numpy as np
+
+    description = bytes(img.header["descrip"]).decode("ascii", "replace")
+    if not description.startswith(f"{OUTPUT_DESCRIPTION_PREFIX}labels"):
+        return False
+    crc = OUTPUT_CRC_RE.search(description)
+    return crc is not None and crc.group(1) == voxel_crc(np.asarray(img.dataobj))
+
 
 ACCEPTED_LAYOUTS = (
     "BraTS 2018-2021 '<case>_{flair,t1,t1ce,t2,seg}.nii.gz'; "
@@ -287,10 +346,8 @@ def _is_3d(path: str) -> bool | None:
 
     ``None`` when the header cannot be read: loading the file reports it, naming the file.
     """
-    import nibabel as nib  # discovery otherwise reads no file contents
-
     try:
-        shape = tuple(nib.load(path).shape)
+        shape = tuple(load_nifti(path).shape)
     except Exception:  # noqa: BLE001 - the loader's own checks report a corrupt file
         return None
     return len(shape) == 3 or (len(shape) > 3 and all(d == 1 for d in shape[3:]))
@@ -546,6 +603,10 @@ def discover_cases(
         if group.get("bad"):
             continue
         sep = "_" if layout == "brats2018" else "-"
+        if not group["images"] and is_inference_output(group["label"]):
+            # a label map this product wrote beside the scans under a name that ends as a BraTS label does
+            # (infer --out <case>_pred_seg.nii.gz): an output, not a case, so a rerun finds only the scans' case
+            continue
         if not group["images"]:
             names = "{flair,t1,t1ce,t2}" if layout == "brats2018" else "{t2f,t1n,t1c,t2w}"
             _case_problem(

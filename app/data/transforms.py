@@ -20,6 +20,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys
 
+from app.data.discovery import is_unedited_label_output, load_nifti
 from app.data.errors import CaseError, check_readable, too_large_to_read, unreadable
 from app.data.labels import LABEL_CONVENTIONS, labels_to_regions
 from app.subsets import BRATS_MODALITIES
@@ -73,7 +74,7 @@ def check_nifti_stream(path: str, img: nib.spatialimages.SpatialImage) -> None:
 def _open(path: str) -> nib.spatialimages.SpatialImage:
     check_readable(path)
     try:
-        img = nib.load(path)
+        img = load_nifti(path)
     except FileNotFoundError as err:
         raise CaseError(f"{path} does not exist: restore the file or re-run discovery.") from err
     except Exception as err:  # nibabel raises many types for bad headers; all mean the same to the user
@@ -311,6 +312,13 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
         if "label_map" not in record:
             raise CaseError(f"Case {case!r}: record has a label but no label_map; re-run discovery.")
         img = _open(label_path)
+        if is_unedited_label_output(img):
+            # infer --out <case>_seg.nii.gz on an unlabelled case: as the case's label, it would score the model
+            # against its own output (Dice near 1) and train on it, without a word
+            raise CaseError(f"{label_path} is a label map written by this product's inference, unedited since, not a "
+                            "reference segmentation: scoring or training against it would measure the model against "
+                            "its own output. Move it out of the data folder (write inference outputs elsewhere), or "
+                            "put the reference segmentation in its place.")
         shape = _spatial_shape(tuple(img.shape), label_path, channels=False)
         transform = _onto_grid(label_path, shape, img.affine, ref)
         labels = reorder_voxels(_read(img, label_path, None).reshape(shape), transform)

@@ -2,7 +2,8 @@
 sentiment), their handlers, crash-safe checkpoints and multi-process training."""
 
 from app.engines.checkpoint import (
-    AtomicCheckpointSaver, ResumableCheckpoint, ResumableSampler, SeededDataset, atomic_save, load_training_checkpoint,
+    AtomicCheckpointSaver, ResumableCheckpoint, ResumableSampler, SeededDataset, atomic_save, check_resume,
+    load_training_checkpoint,
 )
 from app.engines.distributed import (
     DistributedTimeLimitHandler, GradientSync, broadcast_module, check_shards, close_distributed, distributed_device,
@@ -13,7 +14,7 @@ from app.engines.sentiment import SentimentReportHandler, SentimentSubsetEvaluat
 from app.engines.trainer import NonFiniteLossError, SubsetEvaluator, SubsetTrainer, autocast_context, to_device
 from app.engines.utils import (
     ProgressBarHandler, check_held_out, check_held_out_split, check_output_dir, check_patch_size, check_spacing, describe_state_dict, fit_roi, load_weights,
-    report_input_errors, set_cudnn, check_overrides, check_counts, check_positive, lock_output_dir,
+    report_input_errors, resolve_device, set_cudnn, check_overrides, check_bools, check_counts, check_positive, check_share, lock_output_dir,
 )
 
 __all__ = [
@@ -22,6 +23,6 @@ __all__ = [
     "SentimentSubsetEvaluator", "SentimentReportHandler", "subset_predictions",
     "AtomicCheckpointSaver", "ResumableCheckpoint", "ResumableSampler", "SeededDataset", "atomic_save",
     "load_training_checkpoint", "init_distributed", "close_distributed", "distributed_device", "is_distributed", "broadcast_module", "check_shards", "mean_over_ranks", "wait_for_ranks", "GradientSync",
-    "DistributedTimeLimitHandler", "report_input_errors", "check_overrides", "check_counts", "check_positive",
-    "lock_output_dir",
+    "DistributedTimeLimitHandler", "report_input_errors", "check_overrides", "check_bools", "check_counts", "check_positive",
+    "lock_output_dir", "check_resume", "resolve_device", "check_share",
 ]

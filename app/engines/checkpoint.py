@@ -40,6 +40,7 @@ from app.strategies.base import process_group
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "check_resume",
     "AtomicCheckpointSaver",
     "atomic_save",
     "stale_temporaries",
@@ -149,6 +150,34 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
             logger.warning("The checkpoint holds CUDA generator states of %d device(s), this machine has %d: "
                            "CUDA random numbers will differ from the interrupted run.",
                            len(cuda_states), torch.cuda.device_count())
+
+
+def _resume_mode(resume: bool | str) -> str:
+    """``"true"``, ``"false"`` or ``"auto"`` for the bundles' ``--resume`` value; ``ValueError`` naming the fix otherwise."""
+    if isinstance(resume, str) and resume.strip().lower() == "auto":
+        return "auto"
+    try:
+        return "true" if parse_bool(resume, "resume") else "false"
+    except ValueError:
+        raise ValueError(f"--resume must be true, false or auto, got {resume!r}: pass --resume true.") from None
+
+
+def check_resume(resume: bool | str, output_dir: str | os.PathLike, filename: str = "checkpoint_last.pt") -> None:
+    """Refuse a bad ``--resume`` value, or ``--resume true`` without ``<output_dir>/models/<filename>``.
+
+    Called in the training configs' ``initialize``: :class:`ResumableCheckpoint` finds both only when the
+    trainer starts, after the cases were read and ``datalist.json``, ``models/`` and ``tensorboard/`` were
+    written into an output folder that held no run to resume.
+
+    Raises:
+        ValueError: ``resume`` is not true, false or auto.
+        FileNotFoundError: ``resume`` is true and there is no checkpoint to resume from.
+    """
+    if _resume_mode(resume) == "true":
+        path = Path(output_dir) / "models" / filename
+        if not path.is_file():
+            raise FileNotFoundError(f"No training checkpoint at {path} to resume from: check --output_dir, or drop "
+                                    "--resume to start a new run.")
 
 
 def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -384,13 +413,7 @@ class ResumableCheckpoint:
         self.strategy = strategy
         self.validator = validator
         self.key_metric_saver = key_metric_saver
-        if isinstance(resume, str) and resume.strip().lower() == "auto":
-            self.resume = "auto"
-        else:
-            try:
-                self.resume = "true" if parse_bool(resume, "resume") else "false"
-            except ValueError:
-                raise ValueError(f"--resume must be true, false or auto, got {resume!r}: pass --resume true.") from None
+        self.resume = _resume_mode(resume)
         self.interval = max(0, int(interval or 0))
         self._saved_at: int | None = None  # iteration of the last save
 

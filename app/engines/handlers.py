@@ -154,9 +154,26 @@ class DiagnosticsHandler:
         self.writer = summary_writer
         self.key = key
         self._started: set[Path] = set()
+        self._cleaned = False
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _drop_stale_files(self, iteration: int) -> None:
+        """Drop every diagnostics file's records from ``iteration``, the first this run trained (all of them for
+        a new run), and a file left with none.
+
+        A file is otherwise started afresh only when this run writes to it, so a plain run (or one without
+        diagnostics) after a gmd run in the same folder left that run's ``gmd_diagnostics.jsonl`` beside its own
+        model, and ``plot-conflicts`` drew it as this run's. Done at the first iteration, when a resume has
+        restored the iteration it continues from whatever the order of the handlers.
+        """
+        if not self.output_dir.is_dir():
+            return
+        for path in sorted(self.output_dir.glob("*_diagnostics.jsonl")):
+            self._drop_records_from(path, iteration)
+            if path.is_file() and not path.read_text().strip():
+                path.unlink()
 
     @staticmethod
     def _is_gmd(diag: dict) -> bool:
@@ -169,6 +186,10 @@ class DiagnosticsHandler:
         return self.path if self._is_gmd(diag) else self.output_dir / f"{diag['strategy']}_diagnostics.jsonl"
 
     def __call__(self, engine: Engine) -> None:
+        if not self._cleaned:
+            self._cleaned = True
+            self._drop_stale_files(engine.state.iteration)
+            self._started.update(self.output_dir.glob("*_diagnostics.jsonl"))  # kept records are before this run's
         output = engine.state.output
         diag = output.get(self.key) if isinstance(output, dict) else None
         if not diag:

@@ -15,13 +15,13 @@ from ignite.engine import Engine
 
 from app.atomic import check_writable_folder, lock_folder
 from app.bundle_args import _MONAI_DIR, check_overrides
-from app.flags import check_counts, check_paths, check_positive, parse_bool
+from app.flags import check_bools, check_counts, check_paths, check_positive, check_share, parse_bool
 from app.networks.ds_unet import recorded_spacing
 from app.networks.weights import describe_state_dict, load_weights
 
 __all__ = [
     "check_held_out", "check_held_out_split", "check_output_dir", "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "load_weights", "describe_state_dict",
-    "ProgressBarHandler", "report_input_errors", "check_overrides", "check_counts", "check_positive", "lock_output_dir", "UNSELECTED_CHECKPOINTS",
+    "ProgressBarHandler", "report_input_errors", "check_overrides", "check_bools", "check_counts", "check_share", "resolve_device", "check_positive", "lock_output_dir", "UNSELECTED_CHECKPOINTS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -294,11 +294,15 @@ def check_patch_size(patch_size: Sequence[int], network: Any, whole_axis: bool =
         cli: also show the fix in the ``--patch-size`` syntax of ``python -m app infer``.
     """
     divisor = int(network) if isinstance(network, int) else int(getattr(network, "divisor", 1))
-    sizes = [int(s) for s in patch_size]
+    try:  # a single number (--patch_size 96, as infer's --patch-size 96 96 96 reads) is no list: name the fix
+        sizes = [int(s) for s in ([patch_size] if isinstance(patch_size, (int, float)) else patch_size)]
+    except (TypeError, ValueError):
+        raise ValueError(f"patch_size {patch_size!r} must be 3 whole numbers, multiples of {divisor}: use e.g. "
+                         f"--patch_size \"{[max(divisor, 96 // divisor * divisor)] * 3}\".") from None
     bad = [s for s in sizes if (s <= 0 and not whole_axis) or (s > 0 and s % divisor)]
     if len(sizes) != 3 or bad:
         fixed = [s if s <= 0 and whole_axis else max(divisor, int(round(s / divisor)) * divisor) for s in sizes]
-        fixed = (fixed + [divisor] * 3)[:3]
+        fixed = fixed * 3 if len(fixed) == 1 else (fixed + [divisor] * 3)[:3]
         usage = f"--patch_size \"{fixed}\""
         if cli:
             usage = f"--patch-size {' '.join(map(str, fixed))} (python -m app infer) or {usage} (bundles)"
@@ -306,6 +310,41 @@ def check_patch_size(patch_size: Sequence[int], network: Any, whole_axis: bool =
             f"patch_size {sizes} must have 3 entries that are multiples of {divisor} "
             f"(2 ** (len(features) - 1)){' or 0 for the whole axis' if whole_axis else ''}: use e.g. {usage}."
         )
+
+
+def resolve_device(device: Any, auto: bool = True) -> torch.device:
+    """``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``, a ``torch.device``) as a device this machine has.
+
+    The bundles call it first in ``initialize`` for ``--device``, which they otherwise met only when the
+    network was moved there: a machine without CUDA, or a typo (``--device gpu``), ended in a torch traceback
+    after ``datalist.json`` was written. Inference resolves its ``--device`` with it too.
+
+    Args:
+        device: the setting; ``None`` or ``"auto"`` picks CUDA when available, where ``auto`` is allowed.
+        auto: whether ``auto`` is a value of the setting (inference); the training configs choose CUDA when
+            available by leaving ``--device`` out.
+
+    Raises:
+        ValueError: naming the setting and the fix, for a value that is no device, or a GPU this machine lacks.
+    """
+    choices = "cpu, cuda, cuda:N or auto" if auto else "cpu, cuda or cuda:N"
+    if device is None or str(device).strip().lower() == "auto":
+        if not auto:
+            raise ValueError("--device auto is not a setting of this config: leave --device out to train on CUDA "
+                             "when it is available, or pass --device cpu, cuda or cuda:N.")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device {str(device)!r} is not a device ({err}): use {choices}.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available here: use --device cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s), "
+                         "cuda:0 to cuda:N-1.")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device} is not supported: use {choices}.")
+    return device
 
 
 def set_cudnn(deterministic: bool | str) -> None:

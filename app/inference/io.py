@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from app.data.discovery import CHANNEL_ALIASES
+from app.data.discovery import CHANNEL_ALIASES, load_nifti
 from app.data.errors import CaseError, check_readable, too_large_to_read
 from app.data.transforms import AFFINE_TOLERANCE, check_nifti_stream, check_voxels, grid_reordering, reorder_voxels
 from app.subsets import BRATS_MODALITIES
@@ -130,7 +130,7 @@ def _one_line(text: object) -> str:
 def _read_nifti(path: str) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header | None]:
     check_readable(path)
     try:
-        img = nib.load(path)
+        img = load_nifti(path)
     except FileNotFoundError as err:
         raise CaseError(f"{path} does not exist: check the path.") from err
     except Exception as err:  # nibabel raises many types for bad headers; all mean the same to the user

@@ -26,7 +26,6 @@ import os
 import platform
 import re
 import time
-import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -41,10 +40,10 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 
 from app.atomic import check_writable_folder, write_error
 from app.data.datalist import ras_spacing, spacing_differs
-from app.data.discovery import OUTPUT_DESCRIPTION_PREFIX, is_inference_output
+from app.data.discovery import OUTPUT_CRC_RE, OUTPUT_DESCRIPTION_PREFIX, is_inference_output, load_nifti, voxel_crc
 from app.data.errors import CaseError, check_readable
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, regions_to_labels
-from app.engines.utils import check_patch_size
+from app.engines.utils import check_patch_size, resolve_device
 from app.flags import parse_bool
 from app.inference.io import AtomicOutputs, CaseInputs, Volume, _one_line, read_case, voxel_volume_ml
 from app.inference.model import bundle_defaults, load_network
@@ -508,19 +507,7 @@ def load_segmenter(
             machine lacks, or a bad window, overlap or spacing setting.
     """
     defaults = bundle_defaults(bundle)
-    if device is None or str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"--device {device!r} is not a device ({err}): use cpu, cuda, cuda:N or auto.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available here: use --device cpu.")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s), "
-                         "cuda:0 to cuda:N-1.")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device} is not supported: use cpu, cuda, cuda:N or auto.")
+    device = resolve_device(device)
     network, settings = load_network(ckpt, features=features, bundle=bundle, device=device)
     settings["checkpoint"] = os.path.abspath(os.fspath(ckpt))
     settings["checkpoint_sha256"] = checkpoint_sha256(ckpt)  # which model made a label map, whatever the file is called later
@@ -587,15 +574,9 @@ def check_output_path(
     return out
 
 
-#: How an output image's header description records the checksum of its voxels.
-_CRC_RE = re.compile(r" crc32=([0-9a-f]{8})\b")
-
-
-def _voxel_crc(data: np.ndarray) -> str:
-    """CRC-32 of an image's voxels (values in storage order, whatever their byte order on disk)."""
-    arr = np.asarray(data)
-    arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)
-    return f"{zlib.crc32(arr.tobytes(order='F')):08x}"
+# one checksum for the outputs written here and for discovery, which tells an unedited one from a reference label
+_CRC_RE = OUTPUT_CRC_RE
+_voxel_crc = voxel_crc
 
 
 def written_by_product(path: str | os.PathLike, case: str | None = None) -> bool:
@@ -625,7 +606,7 @@ def written_by_product(path: str | os.PathLike, case: str | None = None) -> bool
             return {"case", "output"} <= summary.keys() or {"output_dir", "results"} <= summary.keys()
         if not is_inference_output(path):
             return False
-        img = nib.load(path)
+        img = load_nifti(path)
         crc = _CRC_RE.search(bytes(img.header["descrip"]).decode("ascii", "replace"))
         # outputs of releases before the checksum carry none and stay replaceable
         return crc is None or crc.group(1) == _voxel_crc(np.asarray(img.dataobj))

@@ -151,10 +151,15 @@ class DSUNet(nn.Module):
         norm_name: str | tuple = "instance",
     ) -> None:
         super().__init__()
-        if len(features) < 2:
-            raise ValueError(f"features needs at least two levels, got {list(features)}.")
+        try:  # a single number (--features 16) or a string is no list of widths: name the fix, not a TypeError
+            widths = None if isinstance(features, (str, bytes)) else [int(f) for f in features]
+        except (TypeError, ValueError):
+            widths = None
+        if widths is None or len(widths) < 2 or min(widths) < 1:
+            raise ValueError(f"--features {features!r} must list two or more positive widths, one per level: use e.g. "
+                             "--features \"[16, 32, 64, 128, 256]\" (the default) or \"[8, 16, 32, 64]\".")
         self.modalities = tuple(modalities)
-        self.features = tuple(int(f) for f in features)
+        self.features = tuple(widths)
         self.out_channels = out_channels
         self.encoders = nn.ModuleList(ModalityEncoder(1, self.features, norm_name) for _ in self.modalities)
         self.trunk = SharedDecoder(self.features, out_channels, norm_name)

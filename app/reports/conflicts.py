@@ -72,7 +72,9 @@ def load_diagnostics(run_dir: str | os.PathLike, file_name: str = DIAGNOSTICS_FI
     if not path.is_file():
         strategy = "cggm" if file_name == CGGM_DIAGNOSTICS_FILE else "gmd (or gmd_approx)"
         raise FileNotFoundError(
-            f"{path} not found: train with --strategy {strategy} and --diagnostics_interval N > 0."
+            f"{path} not found: train with --strategy {strategy} and --diagnostics_interval N > 0, for at least N "
+            "iterations (the first record is written at iteration N; a shorter run, such as one epoch of a few cases, "
+            "writes none)."
         )
     text = path.read_text()
     lines = text.splitlines()

@@ -343,6 +343,83 @@ def test_a_strategy_the_network_cannot_train_stops_before_any_output(phantoms, t
     assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--amp", "yes", "error: --amp must be true or false, got 'yes'"),
+    ("--progress_bar", "on", "error: --progress_bar must be true or false, got 'on'"),
+    ("--resume", "yes", "error: --resume must be true, false or auto, got 'yes'"),
+    ("--resume", "true", "error: No training checkpoint at "),
+])
+def test_a_bad_flag_or_a_resume_without_checkpoint_stops_before_any_output(phantoms, tmp_path, flag, value, message):
+    """``--amp``, ``--progress_bar`` and ``--resume`` were read only when the trainer was built, and
+    ``--resume true`` found no checkpoint only when it started: each was refused after every case had been
+    read and datalist.json, models/ and tensorboard/ written into a folder that held no run."""
+    out = tmp_path / "out"
+    with pytest.raises(AssertionError) as failed:
+        run_bundle([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
+                   "--strategy", "plain", flag, value, *TINY)
+    stderr = str(failed.value).split("failed (1):", 1)[1]
+    assert "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(message), last
+    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
+
+
+@pytest.mark.parametrize("configs", [[TRAIN], [TRAIN, EVALUATE]], ids=["train", "evaluate"])
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "error: --device 'gpu' is not a device ("),
+    ("auto", "error: --device auto is not a setting of this config"),
+] + ([] if torch.cuda.is_available() else [("cuda", "error: --device cuda was asked for but CUDA is not available")]))
+def test_a_device_the_machine_lacks_is_one_line_before_any_output(phantoms, trained, tmp_path, configs, device, message):
+    """``--device cuda`` on a machine without CUDA, or a typo (``--device gpu``), ended in a torch traceback
+    when the network was moved there, after training had written datalist.json."""
+    out = tmp_path / "out"
+    with pytest.raises(AssertionError) as failed:
+        run_bundle(configs, "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
+                   "--ckpt_path", str(trained / "models" / "model.pt"), "--device", device, *TINY)
+    stderr = str(failed.value).split("failed (1):", 1)[1]
+    assert "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith(message), stderr
+    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--patch_size", "32", "--features", "[8,16,32,64]"],
+     'error: patch_size [32] must have 3 entries that are multiples of 8 (2 ** (len(features) - 1)): use e.g. '
+     '--patch_size "[32, 32, 32]".'),
+    (["--patch_size", "[32,32,32]", "--features", "16"], "error: --features 16 must list two or more positive widths"),
+])
+def test_a_single_number_for_a_list_setting_names_the_fix(phantoms, tmp_path, args, message):
+    """``--patch_size 32`` (as infer's ``--patch-size 32 32 32`` reads) and ``--features 16`` ended in a
+    TypeError traceback ('int' object is not iterable) instead of the line that gives the list syntax."""
+    out = tmp_path / "out"
+    with pytest.raises(AssertionError) as failed:
+        run_bundle([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1", *args)
+    stderr = str(failed.value).split("failed (1):", 1)[1]
+    assert "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith(message), stderr
+    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--epoch_length", "0", "error: --epoch_length 0 must be a whole number >= 1, e.g. --epoch_length 1."),
+    ("--num_samples", "0", "error: --num_samples 0 must be a whole number >= 1, e.g. --num_samples 1."),
+    ("--sw_overlap", "1", "error: --sw_overlap 1 must be a number >= 0 and < 1, e.g. --sw_overlap 0.5."),
+    ("--seed", "abc", "error: --seed 'abc' must be a whole number >= 0, e.g. --seed 1."),
+])
+def test_an_impossible_count_or_overlap_stops_before_any_output(phantoms, tmp_path, flag, value, message):
+    """``--epoch_length 0`` ended the run at once with exit status 0 and no model.pt; ``--num_samples 0`` and
+    ``--sw_overlap 1`` ended in a traceback once training ran, after datalist.json, models/ and tensorboard/
+    were written; ``--seed abc`` in a traceback."""
+    out = tmp_path / "out"
+    with pytest.raises(AssertionError) as failed:
+        run_bundle([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
+                   "--strategy", "plain", flag, value, *TINY)
+    stderr = str(failed.value).split("failed (1):", 1)[1]
+    assert "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == message, stderr
+    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
+
+
 def test_evaluation_follows_deterministic_false_as_training_does():
     """evaluate.yaml replaced train.yaml's initialize without its set_cudnn step: --deterministic false was
     accepted and ignored, evaluation kept the deterministic cuDNN kernels set_determinism forces."""

@@ -364,3 +364,57 @@ def test_a_sequence_stored_with_its_axes_rotated_is_put_on_the_reference_grid(tm
     assert case["image"].shape == (4, 10, 12, 14)
     np.testing.assert_array_equal(np.asarray(case["image"]), np.asarray(ras["image"]))
     np.testing.assert_array_equal(np.asarray(case["label"]), np.asarray(ras["label"]))
+
+
+def test_an_unedited_inference_output_in_the_label_slot_is_not_read_as_the_reference(tmp_path, make_case, capsys):
+    """``infer --case-dir P --out P/<case>_seg.nii.gz`` on an unlabelled case puts the model's own label map
+    where discovery looks for the reference: training and evaluation read it as one, and an evaluation
+    scored the model against its own output. A map corrected by hand since (the viewer keeps the header,
+    not the checksum) is the user's reference and is read."""
+    import nibabel as nib
+    import torch
+
+    from app.__main__ import main as app_main
+    from app.networks import DSUNet
+
+    folder = make_case(tmp_path / "data", "P1", label=False)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "model.pt"
+    torch.save(DSUNet(features=(8, 16, 32, 64)).state_dict(), ckpt)
+    out = folder / "P1_seg.nii.gz"
+    assert app_main(["infer", "--ckpt", str(ckpt), "--case-dir", str(folder), "--out", str(out), "--quiet",
+                     "--no-head-mask", "--device", "cpu"]) == 0, capsys.readouterr().err
+    rec = only(discover_cases(tmp_path / "data", require_label=True))
+    assert rec["label"] == str(out)
+    with pytest.raises(CaseError, match=r"P1_seg\.nii\.gz is a label map written by this product's inference"):
+        load_case(rec)
+    # corrected by hand and saved with the same header: the user's reference now
+    img = nib.load(str(out))
+    edited = np.asarray(img.dataobj).copy()
+    edited[2:6, 2:6, 2:6] = 2
+    nib.save(nib.Nifti1Image(edited, img.affine, header=img.header), str(out))
+    assert bytes(nib.load(str(out)).header["descrip"]).startswith(b"brats_gmd labels")
+    assert load_case(rec)["label"].shape[0] == 3
+
+
+@pytest.mark.parametrize("extension", [".Nii.gz", ".nII.GZ", ".Nii"])
+def test_a_mixed_case_extension_is_read_as_discovery_finds_it(tmp_path, make_case, extension):
+    """Discovery matches extensions in any case, but nibabel looked a mixed-case one (``.Nii.gz``) up under its
+    own spelling (``.nii.gz``): loading said the file did not exist, and the training spacing went unrecorded."""
+    import gzip
+
+    from app.data.datalist import median_spacing
+
+    folder = make_case(tmp_path, "A_1")
+    for path in sorted(folder.glob("*.nii.gz")):
+        target = path.with_name(path.name[: -len(".nii.gz")] + extension)
+        if extension.lower() == ".nii":
+            target.write_bytes(gzip.decompress(path.read_bytes()))
+            path.unlink()
+        else:
+            path.rename(target)
+    rec = only(discover_cases(tmp_path, require_label=True))
+    assert rec["images"]["flair"].endswith(extension)
+    out = load_case(rec)
+    assert tuple(out["image"].shape) == (4, *SHAPE) and out["label"].shape[0] == 3
+    assert median_spacing([rec]) is not None

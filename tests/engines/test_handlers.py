@@ -29,6 +29,22 @@ def test_a_new_run_starts_the_file_afresh_and_a_resume_drops_what_came_after_its
     assert _run(tmp_path, [20], "new") == [(20, "new")]
 
 
+def test_a_run_that_writes_no_diagnostics_removes_an_earlier_runs_file(tmp_path):
+    """A plain run (or one without diagnostics) after a gmd run in the same folder left the gmd run's
+    gmd_diagnostics.jsonl beside the new model, and plot-conflicts drew it as this run's."""
+    _run(tmp_path, [20, 40], "gmd run")
+    handler = DiagnosticsHandler(tmp_path)  # a new plain run: its steps carry no diagnostics
+    for it in (1, 2, 3):
+        handler(SimpleNamespace(state=SimpleNamespace(iteration=it, epoch=1, output={"loss": 1.0})))
+    assert not (tmp_path / "gmd_diagnostics.jsonl").exists()
+    # a resume from iteration 40 of a gmd run keeps the records before it, even before its next record
+    _run(tmp_path, [20, 40, 60], "killed")
+    handler = DiagnosticsHandler(tmp_path)
+    handler(SimpleNamespace(state=SimpleNamespace(iteration=41, epoch=3, output={"loss": 1.0})))
+    assert [json.loads(line)["iteration"] for line in (tmp_path / "gmd_diagnostics.jsonl").read_text().splitlines()] \
+        == [20, 40]
+
+
 def test_validation_report_of_a_training_run_names_its_epoch(tmp_path):
     """validation/subset_dice.* is rewritten at each validation: it must say which epoch it scored,
     since models/model.pt may be an earlier, better one."""

@@ -468,6 +468,23 @@ def test_case_dir_rerun_with_its_output_beside_the_msd_scan(case, random_ckpt, i
         "BRATS_001.nii.gz", "BRATS_001_pred.nii.gz", "BRATS_001_prob.nii.gz"]
 
 
+@pytest.mark.parametrize("name", ["Phantom_000_pred_seg.nii.gz", "Phantom_000_pred-seg.nii.gz"])
+def test_case_dir_rerun_with_a_label_map_named_as_a_brats_label_beside_the_scans(case, random_ckpt, infer, tmp_path,
+                                                                                  name):
+    """A label map written beside BraTS scans under a name that ends as a BraTS label does
+    (``<case>_pred_seg.nii.gz``) was read on the rerun as the label of a case 'Phantom_000_pred' without
+    images, and the rerun stopped with 'has a label … but no image sequence'."""
+    folder = Path(case["flair"]).parent
+    out = folder / name
+    for _ in range(2):
+        rc, _, err = infer("--ckpt", random_ckpt, "--case-dir", folder, "--out", out)
+        assert rc == 0, err
+    # training and batch discovery of the folder see the one case, too
+    from app.data import discover_cases
+
+    assert [rec["case"] for rec in discover_cases(folder.parent)] == ["Phantom_000"]
+
+
 def test_an_output_edited_by_hand_is_never_replaced(case, random_ckpt, infer, tmp_path):
     # a viewer that saves a corrected label map keeps its header, description included
     out, prob = tmp_path / "seg.nii.gz", tmp_path / "prob.nii.gz"
@@ -558,3 +575,13 @@ def test_an_empty_checkpoint_path_says_so(case, infer, tmp_path):
     rc, _, err = infer("--ckpt", "", "--flair", case["flair"], "--out", out / "seg.nii.gz")
     assert rc == 2 and err.count("\n") == 1 and "checkpoint path is empty" in err, err
     assert not list(out.iterdir())
+
+
+def test_a_scan_with_a_mixed_case_extension_is_read(case, random_ckpt, infer, tmp_path):
+    """``--flair scan.Nii.gz`` was refused as 'does not exist: check the path': nibabel looked for scan.nii.gz."""
+    flair = Path(case["flair"])
+    mixed = flair.with_name(flair.name.replace(".nii.gz", ".Nii.Gz"))
+    flair.rename(mixed)
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", mixed, "--out", tmp_path / "seg.nii.gz")
+    assert rc == 0, err
+    assert load(tmp_path / "seg.nii.gz").shape == load(case["t1"]).shape
