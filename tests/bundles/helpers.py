@@ -32,3 +32,16 @@ def run_bundle(config_files: list[str], *args: str, timeout: int = 600) -> subpr
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def refused_line(config_files: list[str], *args: str, output_dir: Path | None = None) -> str:
+    """Run a bundle that must refuse its input: exit status 1 with no traceback, nothing written under
+    ``output_dir`` (when given); returns the run's last stderr line, its ``error:`` line."""
+    config = config_files[0] if len(config_files) == 1 else str(config_files)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", str(BRATS), *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-6000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    if output_dir is not None:
+        assert not output_dir.exists() or not any(output_dir.rglob("*")), sorted(output_dir.rglob("*"))
+    return proc.stderr.strip().splitlines()[-1]
