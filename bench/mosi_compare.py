@@ -15,6 +15,10 @@ Usage::
     python bench/mosi_compare.py --data_path PKL --trust_pickle true --out_dir outputs/mosi_compare \
         [--strategies plain dropout gmd] [--seeds 0 1 2] [--max_epochs 25] [-- extra bundle overrides]
 
+Regression only (the ridge regresses the sentiment score): bundle overrides asking for ``--task
+classification`` are refused before anything trains; ``python -m app ablate --checkpoint best`` compares
+classification runs.
+
 writes ``<out_dir>/compare.{md,json}``, each run under ``<out_dir>/seed_<s>/<strategy>/`` and the
 runner's own spread over seeds of the strategies (``<out_dir>/ablation_seeds.{json,md}``).
 """
@@ -44,6 +48,17 @@ from mosi_baselines import ridge_baselines  # noqa: E402
 __all__ = ["comparison_table", "checks", "win_counts", "main"]
 
 BUNDLE = REPO / "bundles" / "mosi_gmd"
+
+
+def _override(args: Sequence[str], key: str) -> str | None:
+    """The value of a bundle override ``--key VALUE`` or ``--key=VALUE`` in ``args`` (the last one wins)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == f"--{key}" and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(f"--{key}="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 def _worst(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -152,6 +167,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--seeds must be distinct, got {args.seeds}.")
     out_dir = Path(args.out_dir)
     data_args = ["--data_path", str(Path(args.data_path).resolve()), "--trust_pickle", str(args.trust_pickle).lower()]
+    task = _override(extra, "task")
+    if task is not None and task.strip("'\"") != "regression":
+        # the ridge regresses the sentiment score and the tables are Acc-2 and MAE: a classification run
+        # would train every strategy and seed, then stop on its Acc/F1 report with a KeyError
+        print(f"error: bench/mosi_compare.py compares regression models with the ridge on Acc-2 and MAE, but the "
+              f"bundle overrides ask for --task {task}. For classification, compare the strategies with "
+              "`python -m app ablate --bundle bundles/mosi_gmd --checkpoint best --task classification ...` "
+              "(Acc and F1 per subset).", file=sys.stderr)
+        return 2
     max_epochs = args.max_epochs or int(yaml.safe_load((BUNDLE / "configs" / "train.yaml").read_text())["max_epochs"])
 
     try:
