@@ -222,7 +222,9 @@ def check_labels(y: np.ndarray, key: str, where: str, num_classes: int | None = 
     if num_classes is not None and values.size and values.max() >= int(num_classes):
         top = int(values.max())
         raise ValueError(f"{where} has class id {top}, but the network has {int(num_classes)} classes (ids 0 to "
-                         f"{int(num_classes) - 1}): pass --out_channels {top + 1} or more.")
+                         f"{int(num_classes) - 1}): train with --out_channels {top + 1} or more. A checkpoint "
+                         f"trained with {int(num_classes)} classes cannot score this split: evaluate it on data "
+                         "labelled with its classes.")
 
 
 def load_mmsa(path: str | os.PathLike, trust_pickle: bool | str = False) -> dict[str, dict[str, np.ndarray]]:

@@ -272,6 +272,17 @@ def test_non_finite_or_non_class_labels_are_refused(tmp_path):
         MMSADataset(_split_with(tmp_path, audio_lengths=lengths), split="train")
 
 
+def test_a_class_id_beyond_the_classes_names_the_evaluation_fix_too(tmp_path):
+    """Evaluation builds the network with the checkpoint's classes: the error told an evaluating user to
+    pass --out_channels 4, which then fails to load the 3-class checkpoint; it must say that the split
+    does not fit such a checkpoint, besides the training fix."""
+    classes = np.asarray([0, 1, 2, 3, 0, 1])
+    with pytest.raises(ValueError, match="train with --out_channels 4 or more") as err:
+        MMSADataset(_split_with(tmp_path, classification_labels=classes), split="train",
+                    label_key="classification_labels", num_classes=3)
+    assert "checkpoint trained with 3 classes cannot score this split" in str(err.value)
+
+
 def test_labels_are_checked_only_where_they_are_used(tmp_path):
     """A test split with hidden (NaN) labels, or label ids in a key the run does not use (here sign
     labels -1/0/1), must not stop training on the other splits or keys."""
