@@ -176,10 +176,14 @@ def _label_array(y: np.ndarray, key: str, n: int, where: str) -> np.ndarray:
     """``y`` as float32 sentiment scores, or as int64 class ids when they are all class ids.
 
     Values are checked only where a split's labels are used (:func:`check_labels`): a held-out split
-    with hidden (NaN) labels, or a label key the run does not use, must not stop the others."""
+    with hidden (NaN) labels, or a label key the run does not use, must not stop the others. So are
+    labels with several values per sample (one-hot class rows): kept as given, and refused by
+    :func:`check_labels` only for a run that reads them."""
     y = y.reshape(y.shape[0], -1)[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y
-    if y.ndim != 1 or y.shape[0] != n:
+    if y.ndim == 0 or y.shape[0] != n:
         raise ValueError(f"{where} has shape {y.shape}, not one value for each of the {n} samples.")
+    if y.ndim != 1:
+        return y
     try:
         values = y.astype(np.float64)
     except (TypeError, ValueError):
@@ -200,6 +204,13 @@ def check_labels(y: np.ndarray, key: str, where: str, num_classes: int | None = 
     Raises:
         ValueError: naming ``where`` (file and split), the first bad sample and the fix.
     """
+    shape = np.shape(y)
+    if len(shape) != 1:
+        what = "sentiment score" if key == "regression_labels" else "class id"
+        fix = ("" if key == "regression_labels" else
+               " For one-hot or per-class rows [N, C], store each row's class id instead (labels.argmax(axis=1)).")
+        raise ValueError(f"{where} has shape {tuple(shape)}, not one {what} per sample: give one value for each of "
+                         f"the {shape[0] if shape else 0} samples.{fix}")
     values = np.asarray(y, dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:

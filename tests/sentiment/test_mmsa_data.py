@@ -300,6 +300,25 @@ def test_labels_are_checked_only_where_they_are_used(tmp_path):
     assert MMSADataset(data, split="train")[2]["case"] == "('vid', '2')"
 
 
+def test_one_hot_class_rows_stop_only_the_runs_that_read_them(tmp_path):
+    """IEMOCAP-style one-hot class rows [N, C] beside the sentiment scores refused the whole file, so a
+    regression run that never reads them could not train; a classification run gets the fix (class ids)."""
+    data = make_synthetic_mmsa({"train": 6, "valid": 4}, layout="unaligned", dims=(4, 3, 2), seq_len=4)
+    for split in data.values():
+        split["classification_labels"] = np.eye(3)[split["classification_labels"]]
+    npz = save_mmsa_npz(data, tmp_path / "one_hot.npz")
+    for source in (data, npz):
+        assert len(MMSADataset(source, split="train", task="regression")) == 6
+        with pytest.raises(ValueError, match=r"train/classification_labels has shape \(6, 3\), not one class id per "
+                                             r"sample.*labels\.argmax\(axis=1\)"):
+            MMSADataset(source, split="train", label_key="classification_labels", task="classification",
+                        num_classes=3)
+    # a label count that is not the sample count is a broken split, whatever the run reads
+    data["valid"]["regression_labels"] = data["valid"]["regression_labels"][:3]
+    with pytest.raises(ValueError, match="valid/regression_labels has shape"):
+        load_mmsa(save_mmsa_npz(data, tmp_path / "short.npz"))
+
+
 def test_splits_with_other_feature_sizes_name_the_file_and_the_split(tmp_path):
     data = make_synthetic_mmsa({"train": 4, "valid": 4, "test": 4}, dims=(6, 5, 4))
     data["test"]["text"] = data["test"]["text"][..., :3]  # e.g. GloVe text in one split, BERT in the others
