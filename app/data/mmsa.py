@@ -177,8 +177,8 @@ def _label_array(y: np.ndarray, key: str, n: int, where: str) -> np.ndarray:
 
     Values are checked only where a split's labels are used (:func:`check_labels`): a held-out split
     with hidden (NaN) labels, or a label key the run does not use, must not stop the others. So are
-    labels with several values per sample (one-hot class rows): kept as given, and refused by
-    :func:`check_labels` only for a run that reads them."""
+    labels with several values per sample (one-hot class rows) or that are not numbers (emotion names):
+    kept as given, and refused by :func:`check_labels` only for a run that reads them."""
     y = y.reshape(y.shape[0], -1)[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y
     if y.ndim == 0 or y.shape[0] != n:
         raise ValueError(f"{where} has shape {y.shape}, not one value for each of the {n} samples.")
@@ -187,7 +187,7 @@ def _label_array(y: np.ndarray, key: str, n: int, where: str) -> np.ndarray:
     try:
         values = y.astype(np.float64)
     except (TypeError, ValueError):
-        raise ValueError(f"{where} holds {y.dtype} values, not numbers.") from None
+        return y
     if key == "regression_labels":
         return values.astype(np.float32)
     if np.isfinite(values).all() and (values == np.round(values)).all() and (values >= 0).all():
@@ -211,7 +211,13 @@ def check_labels(y: np.ndarray, key: str, where: str, num_classes: int | None = 
                " For one-hot or per-class rows [N, C], store each row's class id instead (labels.argmax(axis=1)).")
         raise ValueError(f"{where} has shape {tuple(shape)}, not one {what} per sample: give one value for each of "
                          f"the {shape[0] if shape else 0} samples.{fix}")
-    values = np.asarray(y, dtype=np.float64)
+    try:
+        values = np.asarray(y, dtype=np.float64)
+    except (TypeError, ValueError):
+        first = next((_text(v) for v in np.asarray(y).reshape(-1) if not _is_number(v)), None)
+        fix = (" For named classes (e.g. emotions), store each one's class id 0, 1, 2, ... instead."
+               if key == "classification_labels" else "")
+        raise ValueError(f"{where} holds values that are not numbers (first: {first!r}).{fix}") from None
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
         raise ValueError(f"{where} has {bad.size} missing or infinite label(s) (first at sample {bad[0]}): a NaN "
@@ -236,6 +242,14 @@ def check_labels(y: np.ndarray, key: str, where: str, num_classes: int | None = 
                          f"{int(num_classes) - 1}): train with --out_channels {top + 1} or more. A checkpoint "
                          f"trained with {int(num_classes)} classes cannot score this split: evaluate it on data "
                          "labelled with its classes.")
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def load_mmsa(path: str | os.PathLike, trust_pickle: bool | str = False) -> dict[str, dict[str, np.ndarray]]:

@@ -319,6 +319,21 @@ def test_one_hot_class_rows_stop_only_the_runs_that_read_them(tmp_path):
         load_mmsa(save_mmsa_npz(data, tmp_path / "short.npz"))
 
 
+def test_named_classes_stop_only_the_runs_that_read_them(tmp_path):
+    """Emotion names as classification labels refused the whole file with "holds <U3 values, not numbers",
+    also for a regression run that never reads them; a classification run gets the fix (class ids)."""
+    data = make_synthetic_mmsa({"train": 6, "valid": 4}, layout="unaligned", dims=(4, 3, 2), seq_len=4)
+    for split in data.values():
+        split["classification_labels"] = np.asarray(["neu", "hap", "ang"])[split["classification_labels"]]
+    npz = save_mmsa_npz(data, tmp_path / "named.npz")
+    for source in (data, npz):
+        assert len(MMSADataset(source, split="train", task="regression")) == 6
+        with pytest.raises(ValueError, match=r"train/classification_labels holds values that are not numbers "
+                                             r"\(first: '(neu|hap|ang)'\)\. .*class id 0, 1, 2"):
+            MMSADataset(source, split="train", label_key="classification_labels", task="classification",
+                        num_classes=3)
+
+
 def test_splits_with_other_feature_sizes_name_the_file_and_the_split(tmp_path):
     data = make_synthetic_mmsa({"train": 4, "valid": 4, "test": 4}, dims=(6, 5, 4))
     data["test"]["text"] = data["test"]["text"][..., :3]  # e.g. GloVe text in one split, BERT in the others
