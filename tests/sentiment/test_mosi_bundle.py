@@ -185,6 +185,17 @@ def test_a_key_metric_the_task_lacks_writes_nothing(synthetic_pkl, tmp_path):
     assert "Traceback" not in proc.stderr and not out.exists()
 
 
+def test_a_negative_weight_decay_writes_nothing(synthetic_pkl, tmp_path):
+    """AdamW refused --weight_decay -1 only when the trainer was built: a traceback, with splits.json left in
+    the output folder."""
+    out = tmp_path / "run"
+    proc = run_mosi_bundle([TRAIN], "--data_path", str(synthetic_pkl), "--trust_pickle", "true", "--output_dir",
+                           str(out), "--max_epochs", "1", "--weight_decay", "-1", check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "error: --weight_decay -1 must be a number >= 0, e.g. --weight_decay 0.01." in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
 def test_a_bad_validation_split_is_refused_before_anything_is_written(tmp_path):
     """The validation split was read only at the first validation: a --val_split the file lacks left an
     empty output folder, and one with a NaN label a splits.json, behind its one-line error."""
