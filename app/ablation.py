@@ -72,6 +72,11 @@ SEGMENTATION = BundleLayout("segmentation", "subset_dice.json", ("mean", "WT", "
 SENTIMENT = BundleLayout("sentiment", "subset_metrics.json", ("Acc2", "MAE", "F1", "Acc7", "Corr"))
 #: The sentiment bundle's table metrics for ``--task classification`` (its report has Acc and F1).
 SENTIMENT_CLASSIFICATION_METRICS: tuple[str, ...] = ("Acc", "F1")
+#: Every metric of each bundle family's report (sentiment: regression), which ``--metrics`` may choose.
+REPORT_METRICS: dict[str, tuple[str, ...]] = {
+    "segmentation": ("mean", "WT", "TC", "ET"),
+    "sentiment": ("Acc2", "Acc2_has0", "F1", "Acc7", "MAE", "Corr"),
+}
 
 
 def _configs(bundle: Path) -> tuple[Path, Path]:
@@ -496,15 +501,19 @@ def run_ablation(
         _check_eval_split(_option(bundle_args, "data_path") or config.get("data_path"),
                           _option(bundle_args, "trust_pickle") or config.get("trust_pickle", False), eval_split,
                           _label_settings(bundle_args, config))
+    default_metrics, known = layout.metrics, REPORT_METRICS[layout.kind]
+    if layout is SENTIMENT and (_option(bundle_args, "task") or config.get("task")) == "classification":
+        # the classification report has accuracy and F1 only, so the regression columns would stop the
+        # ablation after every strategy has trained
+        default_metrics = known = SENTIMENT_CLASSIFICATION_METRICS
+    metrics = list(metrics or default_metrics)
+    unknown = [m for m in metrics if m not in known]
+    if unknown:  # the tables are made after every strategy has trained: refused before any does
+        raise ValueError(f"--metrics {','.join(metrics)}: the reports of these runs have no {unknown}; choose among "
+                         f"{','.join(known)}.")
     out = Path(output_dir)
     with _locked_output_dir(out):  # created here; one ablation at a time in it
         ckpt_name = "model_final.pt" if checkpoint == "final" else "model.pt"
-        default_metrics = layout.metrics
-        if layout is SENTIMENT and (_option(bundle_args, "task") or config.get("task")) == "classification":
-            # the classification report has accuracy and F1 only, so the regression columns would stop the
-            # ablation after every strategy has trained
-            default_metrics = SENTIMENT_CLASSIFICATION_METRICS
-        metrics = list(metrics or default_metrics)
         runs: dict[str, Any] = {}
         reports: dict[str, Any] = {}
         first_split: tuple[str, dict[str, list[str]]] | None = None  # segmentation: every stage on the same cases

@@ -493,3 +493,24 @@ def test_a_sentiment_eval_split_whose_labels_cannot_be_scored_is_refused_before_
                 "beyond": "class id 5, but the network has 3 classes"}[label]
     assert expected in lines[0]
     assert not out.exists()
+
+
+def test_table_metrics_the_reports_lack_are_refused_before_any_strategy_trains(tmp_path):
+    """--metrics MAE for a classification ablation (whose reports have Acc and F1) was found missing only when
+    the tables were made, after every strategy had trained."""
+    from app.ablation import REPORT_METRICS, SENTIMENT_CLASSIFICATION_METRICS
+    from app.metrics.sentiment import SENTIMENT_METRICS
+    from app.metrics.sentiment_metric import CLASSIFICATION_METRICS
+
+    # the choices are the reports' own columns
+    assert REPORT_METRICS["sentiment"] == SENTIMENT_METRICS
+    assert SENTIMENT_CLASSIFICATION_METRICS == CLASSIFICATION_METRICS
+    npz = write_synthetic_mmsa(tmp_path / "syn.npz", splits={"train": 8, "valid": 4}, dims=(4, 3, 4))
+    out = tmp_path / "ablation"
+    bad = _ablate("--bundle", "bundles/mosi_gmd", "--strategies", "plain,gmd", "--max_epochs", "1",
+                  "--output_dir", str(out), "--data_path", str(npz), "--task", "classification", "--out_channels", "3",
+                  "--label_key", "classification_labels", "--metrics", "Acc,MAE")
+    assert bad.returncode == 1, bad.stderr[-2000:]
+    assert bad.stderr.strip().splitlines() == [
+        "error: --metrics Acc,MAE: the reports of these runs have no ['MAE']; choose among Acc,F1."]
+    assert not out.exists()
