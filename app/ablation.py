@@ -39,7 +39,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import yaml
 
@@ -72,6 +72,11 @@ SEGMENTATION = BundleLayout("segmentation", "subset_dice.json", ("mean", "WT", "
 SENTIMENT = BundleLayout("sentiment", "subset_metrics.json", ("Acc2", "MAE", "F1", "Acc7", "Corr"))
 #: The sentiment bundle's table metrics for ``--task classification`` (its report has Acc and F1).
 SENTIMENT_CLASSIFICATION_METRICS: tuple[str, ...] = ("Acc", "F1")
+#: Every metric of each bundle family's report (sentiment: regression), which ``--metrics`` may choose.
+REPORT_METRICS: dict[str, tuple[str, ...]] = {
+    "segmentation": ("mean", "WT", "TC", "ET"),
+    "sentiment": ("Acc2", "Acc2_has0", "F1", "Acc7", "MAE", "Corr"),
+}
 
 
 def _configs(bundle: Path) -> tuple[Path, Path]:
@@ -179,13 +184,23 @@ def _run_bundle(configs: Sequence[Path], bundle: Path, args: Sequence[str], log:
     return time.perf_counter() - start
 
 
-def _check_eval_split(data_path: Any, trust_pickle: Any, eval_split: str) -> None:
-    """Refuse a sentiment ``eval_split`` the data file lacks before any strategy trains: the split is
-    otherwise read only by the first evaluation, after that strategy's whole training.
+def _check_eval_split(data_path: Any, trust_pickle: Any, eval_split: str,
+                      labels: Mapping[str, Any] | None = None) -> None:
+    """Refuse a sentiment ``eval_split`` that the evaluations cannot score before any strategy trains: a
+    split the data file lacks, or one whose labels the runs cannot use (no ``label_key`` labels, hidden
+    (NaN) labels, class ids beyond ``out_channels``, an utterance with no modality). The split is otherwise
+    read only by the first evaluation, after that strategy's whole training.
 
     A file that cannot be read is left to the training command, whose error names it and the fix.
+
+    Args:
+        data_path: the MMSA file of the runs.
+        trust_pickle: as the runs get it.
+        eval_split: the split every evaluation scores.
+        labels: ``{"label_key", "task", "num_classes"}`` of the runs (:func:`_label_settings`); ``None``
+            checks only that the split exists.
     """
-    from app.data.mmsa import load_mmsa, mmsa_split
+    from app.data.mmsa import MMSADataset, load_mmsa, mmsa_split
 
     if not isinstance(data_path, (str, os.PathLike)) or not Path(data_path).is_file():
         return
@@ -194,6 +209,24 @@ def _check_eval_split(data_path: Any, trust_pickle: Any, eval_split: str) -> Non
     except ValueError:
         return
     mmsa_split(data, eval_split, data_path)  # names the splits the file has
+    if labels is not None:
+        # the dataset evaluate.yaml builds: its errors name the file, the split and the fix
+        MMSADataset(data, eval_split, **labels)
+
+
+def _label_settings(bundle_args: Sequence[str], config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``label_key``, ``task`` and number of classes the sentiment runs read their labels with (the
+    command line's, else the configs'), or ``None`` when one is not a plain value (a ``@reference`` or
+    ``$expression`` of a recipe, or a malformed number): the runs' own checks see those."""
+    values = {key: _option(bundle_args, key) or config.get(key) for key in ("label_key", "task", "out_channels")}
+    if any(not isinstance(v, (str, int)) or isinstance(v, bool) or str(v).startswith(("@", "$"))
+           for v in values.values()):
+        return None
+    try:
+        classes = int(values["out_channels"])
+    except ValueError:
+        return None
+    return {"label_key": str(values["label_key"]), "task": str(values["task"]), "num_classes": classes}
 
 
 def _option(args: Sequence[str], key: str) -> str | None:
@@ -466,16 +499,21 @@ def run_ablation(
     if layout is SENTIMENT:
         eval_split = eval_split or _option(bundle_args, "val_split") or config.get("val_split", "valid")
         _check_eval_split(_option(bundle_args, "data_path") or config.get("data_path"),
-                          _option(bundle_args, "trust_pickle") or config.get("trust_pickle", False), eval_split)
+                          _option(bundle_args, "trust_pickle") or config.get("trust_pickle", False), eval_split,
+                          _label_settings(bundle_args, config))
+    default_metrics, known = layout.metrics, REPORT_METRICS[layout.kind]
+    if layout is SENTIMENT and (_option(bundle_args, "task") or config.get("task")) == "classification":
+        # the classification report has accuracy and F1 only, so the regression columns would stop the
+        # ablation after every strategy has trained
+        default_metrics = known = SENTIMENT_CLASSIFICATION_METRICS
+    metrics = list(metrics or default_metrics)
+    unknown = [m for m in metrics if m not in known]
+    if unknown:  # the tables are made after every strategy has trained: refused before any does
+        raise ValueError(f"--metrics {','.join(metrics)}: the reports of these runs have no {unknown}; choose among "
+                         f"{','.join(known)}.")
     out = Path(output_dir)
     with _locked_output_dir(out):  # created here; one ablation at a time in it
         ckpt_name = "model_final.pt" if checkpoint == "final" else "model.pt"
-        default_metrics = layout.metrics
-        if layout is SENTIMENT and (_option(bundle_args, "task") or config.get("task")) == "classification":
-            # the classification report has accuracy and F1 only, so the regression columns would stop the
-            # ablation after every strategy has trained
-            default_metrics = SENTIMENT_CLASSIFICATION_METRICS
-        metrics = list(metrics or default_metrics)
         runs: dict[str, Any] = {}
         reports: dict[str, Any] = {}
         first_split: tuple[str, dict[str, list[str]]] | None = None  # segmentation: every stage on the same cases

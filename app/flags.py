@@ -77,10 +77,15 @@ def check_counts(at_least: int = 1, **counts: Any) -> None:
                 max(at_least, 1))
 
 
-def check_positive(**values: Any) -> None:
+def check_positive(allow_zero: bool = False, **values: Any) -> None:
     """Raise a ``ValueError`` naming the setting when a value (``learning_rate=...``) is not a finite
-    number > 0; checked with :func:`check_counts`, before the data split is written."""
-    _check_each(values, lambda v: math.isfinite(float(v)) and float(v) > 0, "a number > 0", 0.001)
+    number > 0 (>= 0 with ``allow_zero``, e.g. ``weight_decay``, which the optimizer refuses below 0 only
+    when the trainer is built, with a traceback); checked with :func:`check_counts`, before the data split
+    is written."""
+    if allow_zero:
+        _check_each(values, lambda v: math.isfinite(float(v)) and float(v) >= 0, "a number >= 0", 0.01)
+    else:
+        _check_each(values, lambda v: math.isfinite(float(v)) and float(v) > 0, "a number > 0", 0.001)
 
 
 def check_paths(**paths: Any) -> None:

@@ -15,6 +15,10 @@ Usage::
     python bench/mosi_compare.py --data_path PKL --trust_pickle true --out_dir outputs/mosi_compare \
         [--strategies plain dropout gmd] [--seeds 0 1 2] [--max_epochs 25] [-- extra bundle overrides]
 
+Regression only (the ridge regresses the sentiment score): bundle overrides (or a recipe) asking for ``--task
+classification`` are refused before anything trains; ``python -m app ablate --checkpoint best`` compares
+classification runs.
+
 writes ``<out_dir>/compare.{md,json}``, each run under ``<out_dir>/seed_<s>/<strategy>/`` and the
 runner's own spread over seeds of the strategies (``<out_dir>/ablation_seeds.{json,md}``).
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +49,30 @@ from mosi_baselines import ridge_baselines  # noqa: E402
 __all__ = ["comparison_table", "checks", "win_counts", "main"]
 
 BUNDLE = REPO / "bundles" / "mosi_gmd"
+
+
+def _task(args: Sequence[str]) -> str:
+    """The ``task`` the bundle runs with: a ``--task VALUE`` / ``--task=VALUE`` override among ``args`` (the
+    last wins), else the last override file of a ``--config_file`` that sets it (a recipe), else the bundle's."""
+    task, recipes = None, None
+    for i, arg in enumerate(args):
+        for key in ("task", "config_file"):
+            if arg == f"--{key}" and i + 1 < len(args):
+                value = args[i + 1]
+            elif arg.startswith(f"--{key}="):
+                value = arg.split("=", 1)[1]
+            else:
+                continue
+            task, recipes = (value, recipes) if key == "task" else (task, value)
+    if task is None and recipes is not None:
+        from app.bundle_args import config_files  # imports monai: only for a command that has a --config_file
+
+        for name in config_files(recipes.strip()):
+            if os.path.isfile(name):
+                config = yaml.safe_load(Path(name).read_text()) or {}
+                task = config.get("task", task) if isinstance(config, dict) else task
+    train = yaml.safe_load((BUNDLE / "configs" / "train.yaml").read_text())
+    return str(task if task is not None else train["task"]).strip("'\"")
 
 
 def _worst(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -152,6 +181,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--seeds must be distinct, got {args.seeds}.")
     out_dir = Path(args.out_dir)
     data_args = ["--data_path", str(Path(args.data_path).resolve()), "--trust_pickle", str(args.trust_pickle).lower()]
+    try:
+        task = _task(extra)
+    except ValueError as err:  # a --config_file value that is not a list of files
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if task != "regression":
+        # the ridge regresses the sentiment score and the tables are Acc-2 and MAE: a classification run
+        # would train every strategy and seed, then stop on its Acc/F1 report with a KeyError
+        print(f"error: bench/mosi_compare.py compares regression models with the ridge on Acc-2 and MAE, but the "
+              f"bundle overrides (or a --config_file recipe) ask for --task {task}. For classification, compare the "
+              "strategies with `python -m app ablate --bundle bundles/mosi_gmd --checkpoint best --task classification ...` "
+              "(Acc and F1 per subset).", file=sys.stderr)
+        return 2
     max_epochs = args.max_epochs or int(yaml.safe_load((BUNDLE / "configs" / "train.yaml").read_text())["max_epochs"])
 
     try:

@@ -460,3 +460,57 @@ def test_a_sentiment_eval_split_the_file_lacks_is_refused_before_any_strategy_tr
         f"error: Split 'tset' is not in {npz}: available splits are ['test', 'train', 'valid']. Pass one of them "
         "(the bundles' --train_split, --val_split and --eval_split) or a file that has a 'tset' split."]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("label", ["absent", "hidden", "beyond"])
+def test_a_sentiment_eval_split_whose_labels_cannot_be_scored_is_refused_before_any_strategy_trains(tmp_path, label):
+    """Only a missing split was checked up front: a test split without the run's classification labels, with
+    hidden (NaN) labels or with a class id beyond --out_channels stopped the ablation at the first evaluation,
+    after that strategy had trained, leaving its folder behind."""
+    import pickle
+
+    import numpy as np
+
+    from app.data.mmsa import make_synthetic_mmsa
+
+    data = make_synthetic_mmsa(splits={"train": 8, "valid": 4, "test": 4}, dims=(4, 3, 4))
+    classes = np.asarray(data["test"]["classification_labels"], dtype=np.float64)
+    if label == "absent":
+        del data["test"]["classification_labels"]
+    else:
+        classes[1] = np.nan if label == "hidden" else 5
+        data["test"]["classification_labels"] = classes
+    pkl = tmp_path / "iemocap.pkl"
+    pkl.write_bytes(pickle.dumps(data))
+    out = tmp_path / "ablation"
+    bad = _ablate("--bundle", "bundles/mosi_gmd", "--strategies", "plain,gmd", "--max_epochs", "1",
+                  "--output_dir", str(out), "--data_path", str(pkl), "--trust_pickle", "true", "--eval_split", "test",
+                  "--task", "classification", "--out_channels", "3", "--label_key", "classification_labels")
+    assert bad.returncode == 1, bad.stderr[-2000:]
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "test" in lines[0] and str(pkl) in lines[0]
+    expected = {"absent": "has no 'classification_labels'", "hidden": "missing or infinite label",
+                "beyond": "class id 5, but the network has 3 classes"}[label]
+    assert expected in lines[0]
+    assert not out.exists()
+
+
+def test_table_metrics_the_reports_lack_are_refused_before_any_strategy_trains(tmp_path):
+    """--metrics MAE for a classification ablation (whose reports have Acc and F1) was found missing only when
+    the tables were made, after every strategy had trained."""
+    from app.ablation import REPORT_METRICS, SENTIMENT_CLASSIFICATION_METRICS
+    from app.metrics.sentiment import SENTIMENT_METRICS
+    from app.metrics.sentiment_metric import CLASSIFICATION_METRICS
+
+    # the choices are the reports' own columns
+    assert REPORT_METRICS["sentiment"] == SENTIMENT_METRICS
+    assert SENTIMENT_CLASSIFICATION_METRICS == CLASSIFICATION_METRICS
+    npz = write_synthetic_mmsa(tmp_path / "syn.npz", splits={"train": 8, "valid": 4}, dims=(4, 3, 4))
+    out = tmp_path / "ablation"
+    bad = _ablate("--bundle", "bundles/mosi_gmd", "--strategies", "plain,gmd", "--max_epochs", "1",
+                  "--output_dir", str(out), "--data_path", str(npz), "--task", "classification", "--out_channels", "3",
+                  "--label_key", "classification_labels", "--metrics", "Acc,MAE")
+    assert bad.returncode == 1, bad.stderr[-2000:]
+    assert bad.stderr.strip().splitlines() == [
+        "error: --metrics Acc,MAE: the reports of these runs have no ['MAE']; choose among Acc,F1."]
+    assert not out.exists()

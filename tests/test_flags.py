@@ -46,3 +46,15 @@ def test_check_share_takes_numbers_from_zero_up_to_one():
     for bad in (1, -0.1, "half", None, True):
         with pytest.raises(ValueError, match="must be a number >= 0 and < 1, e.g. --sw_overlap 0.5"):
             check_share(sw_overlap=bad)
+
+
+def test_check_positive_with_zero_allowed_refuses_only_negative_or_non_finite_values():
+    from app.flags import check_positive
+
+    check_positive(allow_zero=True, weight_decay=0)
+    check_positive(allow_zero=True, weight_decay=0.1)
+    for bad in (-1, -1e-9, float("nan"), float("inf"), "abc", True):
+        with pytest.raises(ValueError, match=r"--weight_decay .* must be a number >= 0, e.g. --weight_decay 0.01\."):
+            check_positive(allow_zero=True, weight_decay=bad)
+    with pytest.raises(ValueError, match="must be a number > 0"):
+        check_positive(learning_rate=0)

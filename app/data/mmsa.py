@@ -176,14 +176,18 @@ def _label_array(y: np.ndarray, key: str, n: int, where: str) -> np.ndarray:
     """``y`` as float32 sentiment scores, or as int64 class ids when they are all class ids.
 
     Values are checked only where a split's labels are used (:func:`check_labels`): a held-out split
-    with hidden (NaN) labels, or a label key the run does not use, must not stop the others."""
+    with hidden (NaN) labels, or a label key the run does not use, must not stop the others. So are
+    labels with several values per sample (one-hot class rows) or that are not numbers (emotion names):
+    kept as given, and refused by :func:`check_labels` only for a run that reads them."""
     y = y.reshape(y.shape[0], -1)[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y
-    if y.ndim != 1 or y.shape[0] != n:
+    if y.ndim == 0 or y.shape[0] != n:
         raise ValueError(f"{where} has shape {y.shape}, not one value for each of the {n} samples.")
+    if y.ndim != 1:
+        return y
     try:
         values = y.astype(np.float64)
     except (TypeError, ValueError):
-        raise ValueError(f"{where} holds {y.dtype} values, not numbers.") from None
+        return y
     if key == "regression_labels":
         return values.astype(np.float32)
     if np.isfinite(values).all() and (values == np.round(values)).all() and (values >= 0).all():
@@ -200,7 +204,20 @@ def check_labels(y: np.ndarray, key: str, where: str, num_classes: int | None = 
     Raises:
         ValueError: naming ``where`` (file and split), the first bad sample and the fix.
     """
-    values = np.asarray(y, dtype=np.float64)
+    shape = np.shape(y)
+    if len(shape) != 1:
+        what = "sentiment score" if key == "regression_labels" else "class id"
+        fix = ("" if key == "regression_labels" else
+               " For one-hot or per-class rows [N, C], store each row's class id instead (labels.argmax(axis=1)).")
+        raise ValueError(f"{where} has shape {tuple(shape)}, not one {what} per sample: give one value for each of "
+                         f"the {shape[0] if shape else 0} samples.{fix}")
+    try:
+        values = np.asarray(y, dtype=np.float64)
+    except (TypeError, ValueError):
+        first = next((_text(v) for v in np.asarray(y).reshape(-1) if not _is_number(v)), None)
+        fix = (" For named classes (e.g. emotions), store each one's class id 0, 1, 2, ... instead."
+               if key == "classification_labels" else "")
+        raise ValueError(f"{where} holds values that are not numbers (first: {first!r}).{fix}") from None
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
         raise ValueError(f"{where} has {bad.size} missing or infinite label(s) (first at sample {bad[0]}): a NaN "
@@ -222,7 +239,17 @@ def check_labels(y: np.ndarray, key: str, where: str, num_classes: int | None = 
     if num_classes is not None and values.size and values.max() >= int(num_classes):
         top = int(values.max())
         raise ValueError(f"{where} has class id {top}, but the network has {int(num_classes)} classes (ids 0 to "
-                         f"{int(num_classes) - 1}): pass --out_channels {top + 1} or more.")
+                         f"{int(num_classes) - 1}): train with --out_channels {top + 1} or more. A checkpoint "
+                         f"trained with {int(num_classes)} classes cannot score this split: evaluate it on data "
+                         "labelled with its classes.")
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def load_mmsa(path: str | os.PathLike, trust_pickle: bool | str = False) -> dict[str, dict[str, np.ndarray]]:

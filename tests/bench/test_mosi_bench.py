@@ -173,3 +173,29 @@ def test_compare_with_an_unknown_strategy_writes_nothing(mmsa, tmp_path, capsys)
                               "--strategies", "gmdd", "--seeds", "0", "--max_epochs", "1"])
     assert code == 2 and "Unknown strategy 'gmdd'" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("overrides", [["--task", "classification"], ["--task=classification", "--out_channels", "3"],
+                                       ["--config_file", "RECIPE"]])
+def test_compare_refuses_classification_before_training(mmsa, tmp_path, capsys, monkeypatch, overrides):
+    """The comparison is on Acc-2 and MAE against a ridge regression; a classification run (asked for on the
+    command line or by a recipe) trained every strategy and seed, then stopped on its Acc/F1 reports with
+    ``KeyError: 'Acc2'``."""
+    import mosi_compare
+
+    recipe = tmp_path / "iemocap.yaml"
+    recipe.write_text("task: classification\nout_channels: 3\n")
+    overrides = [str(recipe) if arg == "RECIPE" else arg for arg in overrides]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("nothing may train for a comparison that cannot be made")
+
+    monkeypatch.setattr(mosi_compare, "run_ablation_seeds", no_training)
+    out = tmp_path / "cmp"
+    code = mosi_compare.main(["--data_path", mmsa.source, "--trust_pickle", "true", "--out_dir", str(out),
+                              "--strategies", "plain", "--max_epochs", "1", "--", *overrides,
+                              "--label_key", "classification_labels"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert "--task classification" in err and "python -m app ablate" in err and "ridge" in err
+    assert not out.exists()

@@ -272,6 +272,17 @@ def test_non_finite_or_non_class_labels_are_refused(tmp_path):
         MMSADataset(_split_with(tmp_path, audio_lengths=lengths), split="train")
 
 
+def test_a_class_id_beyond_the_classes_names_the_evaluation_fix_too(tmp_path):
+    """Evaluation builds the network with the checkpoint's classes: the error told an evaluating user to
+    pass --out_channels 4, which then fails to load the 3-class checkpoint; it must say that the split
+    does not fit such a checkpoint, besides the training fix."""
+    classes = np.asarray([0, 1, 2, 3, 0, 1])
+    with pytest.raises(ValueError, match="train with --out_channels 4 or more") as err:
+        MMSADataset(_split_with(tmp_path, classification_labels=classes), split="train",
+                    label_key="classification_labels", num_classes=3)
+    assert "checkpoint trained with 3 classes cannot score this split" in str(err.value)
+
+
 def test_labels_are_checked_only_where_they_are_used(tmp_path):
     """A test split with hidden (NaN) labels, or label ids in a key the run does not use (here sign
     labels -1/0/1), must not stop training on the other splits or keys."""
@@ -287,6 +298,40 @@ def test_labels_are_checked_only_where_they_are_used(tmp_path):
     # ids given as rows (e.g. [video, segment]) are one entry per sample
     data["train"]["id"] = [("vid", str(i)) for i in range(6)]
     assert MMSADataset(data, split="train")[2]["case"] == "('vid', '2')"
+
+
+def test_one_hot_class_rows_stop_only_the_runs_that_read_them(tmp_path):
+    """IEMOCAP-style one-hot class rows [N, C] beside the sentiment scores refused the whole file, so a
+    regression run that never reads them could not train; a classification run gets the fix (class ids)."""
+    data = make_synthetic_mmsa({"train": 6, "valid": 4}, layout="unaligned", dims=(4, 3, 2), seq_len=4)
+    for split in data.values():
+        split["classification_labels"] = np.eye(3)[split["classification_labels"]]
+    npz = save_mmsa_npz(data, tmp_path / "one_hot.npz")
+    for source in (data, npz):
+        assert len(MMSADataset(source, split="train", task="regression")) == 6
+        with pytest.raises(ValueError, match=r"train/classification_labels has shape \(6, 3\), not one class id per "
+                                             r"sample.*labels\.argmax\(axis=1\)"):
+            MMSADataset(source, split="train", label_key="classification_labels", task="classification",
+                        num_classes=3)
+    # a label count that is not the sample count is a broken split, whatever the run reads
+    data["valid"]["regression_labels"] = data["valid"]["regression_labels"][:3]
+    with pytest.raises(ValueError, match="valid/regression_labels has shape"):
+        load_mmsa(save_mmsa_npz(data, tmp_path / "short.npz"))
+
+
+def test_named_classes_stop_only_the_runs_that_read_them(tmp_path):
+    """Emotion names as classification labels refused the whole file with "holds <U3 values, not numbers",
+    also for a regression run that never reads them; a classification run gets the fix (class ids)."""
+    data = make_synthetic_mmsa({"train": 6, "valid": 4}, layout="unaligned", dims=(4, 3, 2), seq_len=4)
+    for split in data.values():
+        split["classification_labels"] = np.asarray(["neu", "hap", "ang"])[split["classification_labels"]]
+    npz = save_mmsa_npz(data, tmp_path / "named.npz")
+    for source in (data, npz):
+        assert len(MMSADataset(source, split="train", task="regression")) == 6
+        with pytest.raises(ValueError, match=r"train/classification_labels holds values that are not numbers "
+                                             r"\(first: '(neu|hap|ang)'\)\. .*class id 0, 1, 2"):
+            MMSADataset(source, split="train", label_key="classification_labels", task="classification",
+                        num_classes=3)
 
 
 def test_splits_with_other_feature_sizes_name_the_file_and_the_split(tmp_path):

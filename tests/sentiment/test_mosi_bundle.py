@@ -173,6 +173,29 @@ def test_an_unknown_strategy_or_strategy_option_writes_nothing(synthetic_pkl, tm
         assert "Traceback" not in proc.stderr and not out.exists()
 
 
+def test_a_key_metric_the_task_lacks_writes_nothing(synthetic_pkl, tmp_path):
+    """The selection metric was built with the evaluator, when training started: --key_metric MAE for a
+    classification run stopped with its one-line error after splits.json was written."""
+    out = tmp_path / "run"
+    proc = run_mosi_bundle([TRAIN], "--data_path", str(synthetic_pkl), "--trust_pickle", "true", "--output_dir",
+                           str(out), "--max_epochs", "1", "--task", "classification", "--out_channels", "3",
+                           "--label_key", "classification_labels", "--key_metric", "MAE", check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "key 'MAE' is not a classification metric: choose one of ['Acc', 'F1'], or auto." in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_a_negative_weight_decay_writes_nothing(synthetic_pkl, tmp_path):
+    """AdamW refused --weight_decay -1 only when the trainer was built: a traceback, with splits.json left in
+    the output folder."""
+    out = tmp_path / "run"
+    proc = run_mosi_bundle([TRAIN], "--data_path", str(synthetic_pkl), "--trust_pickle", "true", "--output_dir",
+                           str(out), "--max_epochs", "1", "--weight_decay", "-1", check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "error: --weight_decay -1 must be a number >= 0, e.g. --weight_decay 0.01." in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
 def test_a_bad_validation_split_is_refused_before_anything_is_written(tmp_path):
     """The validation split was read only at the first validation: a --val_split the file lacks left an
     empty output folder, and one with a NaN label a splits.json, behind its one-line error."""
