@@ -388,6 +388,7 @@ def test_a_single_number_for_a_list_setting_names_the_fix(phantoms, tmp_path, ar
     ("--num_samples", "0", "error: --num_samples 0 must be a whole number >= 1, e.g. --num_samples 1."),
     ("--sw_overlap", "1", "error: --sw_overlap 1 must be a number >= 0 and < 1, e.g. --sw_overlap 0.5."),
     ("--seed", "abc", "error: --seed 'abc' must be a whole number >= 0, e.g. --seed 1."),
+    ("--weight_decay", "-1", "error: --weight_decay -1 must be a number >= 0, e.g. --weight_decay 0.01."),
 ])
 def test_an_impossible_count_or_overlap_stops_before_any_output(phantoms, tmp_path, flag, value, message):
     """``--epoch_length 0`` ended the run at once with exit status 0 and no model.pt; ``--num_samples 0`` and
