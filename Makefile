@@ -37,8 +37,11 @@ demo: install
 	$(BIN)/python -m app plot-conflicts $(DEMO)/train --out $(DEMO)
 	@echo "Report: $(DEMO)/subset_dice.{md,json,csv,png}; GMD diagnostics: $(DEMO)/gmd_*.png"
 
+# TEST_WORKERS test processes (pytest-xdist); --dist loadfile keeps each test file, and its trained fixtures, in one
+# process. TEST_WORKERS=0 runs the suite in this process only.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # The whole suite where CUDA is visible, so that every test that picks CUDA when present runs on it and the
 # CUDA-only tests run too: PYTHON=path/to/python of an environment with the CUDA build of torch and requirements.txt.
