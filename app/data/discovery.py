@@ -113,7 +113,7 @@ def is_unedited_label_output(img: Any) -> bool:
 ACCEPTED_LAYOUTS = (
     "BraTS 2018-2021 '<case>_{flair,t1,t1ce,t2,seg}.nii.gz'; "
     "BraTS 2023+ '<case>-{t2f,t1n,t1c,t2w,seg}.nii.gz'; "
-    "MSD Task01 / nnU-Net v2 folder with dataset.json, imagesTr/ (imagesTs/) and labelsTr/"
+    "MSD Task01 / nnU-Net (v1 or v2) folder with dataset.json, imagesTr/ (imagesTs/) and labelsTr/"
 )
 
 _BRATS2018_RE = re.compile(r"^(?P<case>.+)_(?P<seq>flair|t1ce|t1|t2|seg)\.nii(?:\.gz)?$", re.IGNORECASE)
