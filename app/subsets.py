@@ -15,6 +15,7 @@ __all__ = [
     "BRATS_MODALITIES",
     "MOSI_MODALITIES",
     "all_subsets",
+    "check_fusable",
     "subset_name",
     "subset_from_name",
     "subset_masks",
@@ -52,3 +53,10 @@ def subset_masks(num_modalities: int, device: torch.device | str | None = None) 
     for j, s in enumerate(subsets):
         masks[j, list(s)] = True
     return masks
+
+
+def check_fusable(mask: torch.Tensor) -> None:
+    """Raise unless every row of the ``[B, M]`` modality mask has a modality (reads the mask: a device
+    sync on a GPU)."""
+    if bool((mask.sum(dim=1) == 0).any()):
+        raise ValueError("Cannot fuse a sample with no available modality: every sample needs at least one.")

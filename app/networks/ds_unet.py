@@ -17,7 +17,7 @@ from torch import nn
 
 from app.networks.norm import use_reduction_instance_norm
 from app.networks.weights import allow_missing_optional_keys
-from app.subsets import BRATS_MODALITIES
+from app.subsets import BRATS_MODALITIES, check_fusable
 
 __all__ = [
     "ModalityEncoder", "SharedDecoder", "DSUNet", "masked_mean", "check_fusable", "modality_index", "recorded_spacing",
@@ -31,13 +31,6 @@ def recorded_spacing(network: nn.Module) -> list[float] | None:
     # the buffer is float32: 0.8594 mm would read back as 0.8593999743461609
     spacing = [] if value is None else [round(float(s), 4) for s in value]
     return spacing if len(spacing) == 3 and min(spacing) > 0 else None
-
-
-def check_fusable(mask: torch.Tensor) -> None:
-    """Raise unless every row of the ``[B, M]`` modality mask has a modality (reads the mask: a device
-    sync on a GPU)."""
-    if bool((mask.sum(dim=1) == 0).any()):
-        raise ValueError("Cannot fuse a sample with no available modality: every sample needs at least one.")
 
 
 def masked_mean(per_modality: torch.Tensor, mask: torch.Tensor, check: bool = True) -> torch.Tensor:

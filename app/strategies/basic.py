@@ -7,6 +7,7 @@ from typing import Any, Callable
 import torch
 
 from app.strategies.base import GradientStrategy, StepResult, random_submasks, subset_loss
+from app.subsets import check_fusable
 
 __all__ = ["PlainStrategy", "DropoutStrategy"]
 
@@ -23,8 +24,6 @@ class PlainStrategy(GradientStrategy):
             ValueError: a sample has no modality (as every strategy raises; the loss would otherwise
                 leave it out and ``pred`` would have fewer rows than the batch).
         """
-        from app.networks.ds_unet import check_fusable  # here: listing the strategies needs no MONAI
-
         check_fusable(modality_mask)
         per_mod = model.per_modality(inputs, modality_mask)
         every_row = torch.ones(modality_mask.shape[0], dtype=torch.bool)  # checked above: no second read of the mask
@@ -51,8 +50,6 @@ class DropoutStrategy(GradientStrategy):
         Raises:
             ValueError: a sample has no modality.
         """
-        from app.networks.ds_unet import check_fusable  # here: listing the strategies needs no MONAI
-
         check_fusable(modality_mask)
         per_mod = model.per_modality(inputs, modality_mask)
         sub = random_submasks(modality_mask, self.generator)

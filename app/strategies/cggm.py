@@ -30,6 +30,7 @@ from torch import nn
 
 from app.metrics.dice import dice_from_logits
 from app.strategies.base import GradientStrategy, StepResult, process_group, subset_loss
+from app.subsets import check_fusable
 
 __all__ = ["CGGMStrategy", "balance_terms", "modulation_loss", "head_metric"]
 
@@ -245,8 +246,6 @@ class CGGMStrategy(GradientStrategy):
             ValueError: a sample has no modality (the loss would leave it out and ``pred`` would have
                 fewer rows than the batch).
         """
-        from app.networks.ds_unet import check_fusable  # here: listing the strategies needs no MONAI
-
         check_fusable(modality_mask)
         encoded = model.encode(inputs, modality_mask)
         per_mod = model.decode(encoded, modality_mask.shape[0], inputs=inputs)
