@@ -29,7 +29,7 @@ from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, NON_TUMOUR_PART
 from app.subsets import BRATS_MODALITIES
 
 __all__ = ["CaseError", "ACCEPTED_LAYOUTS", "CHANNEL_ALIASES", "OUTPUT_DESCRIPTION_PREFIX", "OUTPUT_CRC_RE",
-           "brats2023_named", "is_unedited_label_output", "load_nifti", "voxel_crc",
+           "brats2023_named", "is_unedited_label_output", "load_nifti", "recorded_crc_matches", "voxel_crc",
            "case_sources", "discover_cases", "is_inference_output", "msd_channels", "msd_label_map"]
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,16 @@ def voxel_crc(data: Any) -> str:
     return f"{zlib.crc32(arr.tobytes(order='F')):08x}"
 
 
+def recorded_crc_matches(img: Any) -> bool | None:
+    """Whether the voxels of the nibabel image ``img`` still have the checksum its header description
+    records (:data:`OUTPUT_CRC_RE`); None when it records none (not an output, or one of a release before
+    the checksum). A map corrected by hand keeps the header in most viewers, but not the checksum."""
+    import numpy as np
+
+    crc = OUTPUT_CRC_RE.search(bytes(img.header["descrip"]).decode("ascii", "replace"))
+    return None if crc is None else crc.group(1) == voxel_crc(np.asarray(img.dataobj))
+
+
 def is_unedited_label_output(img: Any) -> bool:
     """Whether the nibabel image ``img`` is a label map written by inference and not edited since.
 
@@ -101,13 +111,9 @@ def is_unedited_label_output(img: Any) -> bool:
     written; a label map corrected by hand keeps the header in most viewers but not the checksum, and
     an output of a release before the checksum cannot be told from an edit, so both count as edited.
     """
-    import numpy as np
-
-    description = bytes(img.header["descrip"]).decode("ascii", "replace")
-    if not description.startswith(f"{OUTPUT_DESCRIPTION_PREFIX}labels"):
+    if not bytes(img.header["descrip"]).startswith(f"{OUTPUT_DESCRIPTION_PREFIX}labels".encode()):
         return False
-    crc = OUTPUT_CRC_RE.search(description)
-    return crc is not None and crc.group(1) == voxel_crc(np.asarray(img.dataobj))
+    return recorded_crc_matches(img) is True
 
 
 ACCEPTED_LAYOUTS = (

@@ -40,7 +40,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 
 from app.atomic import check_writable_folder, write_error
 from app.data.datalist import ras_spacing, spacing_differs
-from app.data.discovery import OUTPUT_CRC_RE, OUTPUT_DESCRIPTION_PREFIX, is_inference_output, load_nifti, voxel_crc
+from app.data.discovery import OUTPUT_DESCRIPTION_PREFIX, load_nifti, recorded_crc_matches, voxel_crc
 from app.data.errors import CaseError, check_readable
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, regions_to_labels
 from app.engines.utils import check_patch_size, resolve_device
@@ -574,11 +574,6 @@ def check_output_path(
     return out
 
 
-# one checksum for the outputs written here and for discovery, which tells an unedited one from a reference label
-_CRC_RE = OUTPUT_CRC_RE
-_voxel_crc = voxel_crc
-
-
 def written_by_product(path: str | os.PathLike, case: str | None = None) -> bool:
     """Whether ``path`` is an output this product wrote, i.e. one that a rerun may replace.
 
@@ -604,12 +599,11 @@ def written_by_product(path: str | os.PathLike, case: str | None = None) -> bool
             if case is not None:
                 return summary.get("case") == case and "output" in summary
             return {"case", "output"} <= summary.keys() or {"output_dir", "results"} <= summary.keys()
-        if not is_inference_output(path):
+        img = load_nifti(path)  # read once: the description, then the checksum it records
+        if not bytes(img.header["descrip"]).startswith(OUTPUT_DESCRIPTION_PREFIX.encode()):
             return False
-        img = load_nifti(path)
-        crc = _CRC_RE.search(bytes(img.header["descrip"]).decode("ascii", "replace"))
         # outputs of releases before the checksum carry none and stay replaceable
-        return crc is None or crc.group(1) == _voxel_crc(np.asarray(img.dataobj))
+        return recorded_crc_matches(img) is not False
     except Exception:  # noqa: BLE001 - an unreadable file is not known to be ours
         return False
 
@@ -620,7 +614,7 @@ def _output_image(data: np.ndarray, ref: Volume, description: str) -> nib.Nifti1
     The header description is ``description`` and the checksum of the voxels, by which
     :func:`written_by_product` tells this output from a later edit of it.
     """
-    description = f"{description} crc32={_voxel_crc(data)}"
+    description = f"{description} crc32={voxel_crc(data)}"
     if ref.header is not None:
         header = ref.header.copy()
         header.set_data_dtype(data.dtype)
