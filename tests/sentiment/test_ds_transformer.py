@@ -12,6 +12,7 @@ from app.networks import DSTransformer, PromptedDSTransformer, lengths_to_paddin
 from app.networks.ds_transformer import masked_pool
 from app.strategies import STRATEGIES, build_strategy
 from app.subsets import subset_masks
+from tests.strategies.gmd_reference import decoupled_merge, flat_gradient, shared_flags
 
 DIMS = (6, 5, 4)
 
@@ -204,32 +205,20 @@ def test_exact_gmd_matches_a_naive_pcgrad_reference_with_missing_modalities(subs
     probe = GMDStrategy(subsets=subsets, seed=3)
     chosen = probe.choose_subsets(7)
     params = list(net.parameters())
-    shared_ids = {id(p) for p in net.shared_parameters()}
-    is_shared = torch.cat([torch.full((p.numel(),), id(p) in shared_ids) for p in params])
+    is_shared = shared_flags(net, params)
     grads = []
     for j in chosen:  # every subset has a sample here, fused over the modalities of it the sample has
         net.zero_grad()
         sub = subset_masks(3)[j].expand(n, -1) & mask
         rows = sub.any(dim=1)
         _level(net({k: v[rows] for k, v in inputs.items()}, sub[rows]), y[rows]).backward()
-        grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]))
-    grads = torch.stack(grads)
-    orders = projection_orders(len(chosen), probe.generator)
-    decoupled = []
-    for i in range(len(chosen)):
-        gi = grads[i].clone()
-        for j in orders[i]:
-            dot = gi[is_shared] @ grads[j][is_shared]
-            if dot < 0:
-                gi = gi - dot / (grads[j][is_shared] @ grads[j][is_shared]) * grads[j]
-        decoupled.append(gi)
-    decoupled = torch.stack(decoupled)
-    expected = torch.where(is_shared, decoupled.mean(0), decoupled.sum(0))
+        grads.append(flat_gradient(params))
+    expected = decoupled_merge(torch.stack(grads), projection_orders(len(chosen), probe.generator), is_shared)
 
     net.zero_grad()
     result = GMDStrategy(subsets=subsets, seed=3, diagnostics_interval=1).step(net, inputs, mask, y, _level, iteration=1)
     assert result.diagnostics["conflicts_before"] > 0  # the projections had work to do
-    got = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    got = flat_gradient(params)
     assert float((got - expected).norm() / expected.norm()) < 1e-10
 
 

@@ -11,6 +11,7 @@ from app.strategies.projection import (
     count_conflicts, decouple_coefficients, gmd_statistics, gram_cosine, projection_orders,
 )
 from app.subsets import all_subsets, subset_masks
+from tests.strategies.gmd_reference import decoupled_merge, flat_gradient, shared_flags
 
 
 def _merged(grads: torch.Tensor, orders) -> torch.Tensor:
@@ -98,8 +99,7 @@ def _naive_gmd(model, x, y, subsets_idx, orders, mask=None, loss=_loss):
     """
     masks = subset_masks(model.num_modalities)
     params = list(model.parameters())
-    shared_ids = {id(p) for p in model.shared_parameters()}
-    is_shared = torch.cat([torch.full((p.numel(),), id(p) in shared_ids, device=p.device) for p in params])
+    is_shared = shared_flags(model, params)
     grads = []
     for j in subsets_idx:
         model.zero_grad()
@@ -110,19 +110,8 @@ def _naive_gmd(model, x, y, subsets_idx, orders, mask=None, loss=_loss):
             m = m & mask
             rows = m.any(dim=1)
             loss(model(x[rows], m[rows]), y[rows]).backward()
-        grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]))
-    grads = torch.stack(grads).double()
-    k = len(grads)
-    decoupled = []
-    for i in range(k):
-        g = grads[i].clone()
-        for j in orders[i]:
-            dot = g[is_shared] @ grads[j][is_shared]
-            if dot < 0:
-                g = g - dot / (grads[j][is_shared] @ grads[j][is_shared]) * grads[j]
-        decoupled.append(g)
-    decoupled = torch.stack(decoupled)
-    merged = torch.where(is_shared, decoupled.mean(0), decoupled.sum(0))
+        grads.append(flat_gradient(params))
+    merged = decoupled_merge(torch.stack(grads).double(), orders, is_shared)
     model.zero_grad()
     return merged
 
@@ -133,7 +122,7 @@ def _fast(strategy, model, x, y, loss=_loss):
     result = strategy.step(model, x, mask, y, loss, iteration=1)
     if strategy.diagnostics_interval and loss is _level:  # the projections must have had work to do
         assert result.diagnostics["conflicts_before"] > 0
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
+    return flat_gradient(list(model.parameters()))
 
 
 @pytest.mark.parametrize("subsets", ["all", 5])
@@ -173,7 +162,7 @@ def test_missing_modalities_match_the_naive_reference():
     model.zero_grad()
     result = GMDStrategy(seed=5, diagnostics_interval=1).step(model, x, mask, y, _level, iteration=1)
     assert result.diagnostics["conflicts_before"] > 0
-    fast = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
+    fast = flat_gradient(list(model.parameters()))
     orders = projection_orders(len(used), GMDStrategy(seed=5).generator)
     naive = _naive_gmd(model, x, y, used, orders, mask, loss=_level)
     rel = float((fast - naive).norm() / naive.norm())
@@ -331,7 +320,7 @@ def test_gmd_approx_matches_a_reference_in_output_space(subsets):
         per_mod.retain_grad()
         _level(model.fuse(per_mod, masks[j].expand(2, -1)), y).backward()
         cotangents.append(per_mod.grad.flatten())
-        grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]))
+        grads.append(flat_gradient(params))
     cotangents, grads = torch.stack(cotangents), torch.stack(grads)
     weights = _pcgrad_weights(cotangents @ cotangents.T, orders)
     assert float(weights.max() - weights.min()) > 1e-3  # the projections had work to do
