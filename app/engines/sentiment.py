@@ -17,8 +17,15 @@ from monai.utils import CommonKeys as Keys
 from app.engines.handlers import SubsetReportHandler
 from app.engines.trainer import SubsetEvaluator, autocast_context, subset_fusions, subset_sample_masks
 from app.flags import parse_bool
+from app.subsets import all_subsets, subset_name
 
-__all__ = ["SentimentSubsetEvaluator", "SentimentReportHandler", "subset_predictions", "predicted_subset_predictions"]
+__all__ = [
+    "SentimentSubsetEvaluator",
+    "SentimentReportHandler",
+    "subset_predictions",
+    "predicted_subset_predictions",
+    "check_finite_predictions",
+]
 
 
 def subset_predictions(network: Any, per_modality: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +57,36 @@ def predicted_subset_predictions(network: Any, inputs: Any, mask: torch.Tensor) 
     return torch.stack(fused, dim=1), valid
 
 
+def check_finite_predictions(values: torch.Tensor, present: torch.Tensor, cases: Sequence[str],
+                             names: Sequence[str]) -> None:
+    """Refuse to score NaN or infinite outputs that a sample's predictions are made from.
+
+    A NaN prediction would not be seen in the report: it counts as negative in Acc-2 and F1 and
+    turns MAE and the correlation into NaN, so one broken sample would hide in a table of numbers.
+    One non-finite modality output spoils every subset of its sample (the mean fusion weighs it by
+    0, and 0 x NaN is NaN), so the whole sample is refused.
+
+    Args:
+        values: ``[B, K, ...]`` per-modality outputs, or per-subset predictions.
+        present: ``[B, K]`` which of the K a sample has (the others are not read).
+        cases: the samples' ids, for the error.
+        names: the K modality or subset names, for the error.
+
+    Raises:
+        ValueError: names the first sample with non-finite outputs and which of the K they are.
+    """
+    bad = (~torch.isfinite(values)).flatten(2).any(dim=2) & present.to(torch.bool)  # [B, K]
+    if not bool(bad.any()):
+        return
+    b = int(torch.nonzero(bad.any(dim=1))[0, 0])
+    which = ", ".join(name for name, flag in zip(names, bad[b].tolist()) if flag)
+    raise ValueError(
+        f"Sample {cases[b]}: the network gave NaN or infinite outputs for {which}, so it cannot be scored "
+        "(a NaN would count as negative in Acc-2 and make MAE NaN): check that the model file is intact and "
+        "that its training did not diverge."
+    )
+
+
 class SentimentSubsetEvaluator(SubsetEvaluator):
     """Evaluates every modality subset of each sample from one pass of the per-modality outputs.
 
@@ -59,6 +96,7 @@ class SentimentSubsetEvaluator(SubsetEvaluator):
     prediction from all available modalities), ready for :class:`app.metrics.SubsetSentimentScore`.
     A network with ``predicts_missing`` true (:class:`app.networks.PromptedDSTransformer` with
     ``missing="predict"``) gets one pass per subset instead (:func:`predicted_subset_predictions`).
+    Non-finite predictions stop the evaluation with the sample's id (:func:`check_finite_predictions`).
 
     Takes the arguments of :class:`~app.engines.SubsetEvaluator` (batch keys, ``amp``); its inferer
     is not used: the per-modality pass is a plain forward.
@@ -72,10 +110,14 @@ class SentimentSubsetEvaluator(SubsetEvaluator):
                     preds, valid = predicted_subset_predictions(engine.network, inputs, mask)
                 # the last subset is every modality: the prediction from all a sample has
                 pred = preds[:, -1]
+                modalities = engine.network.modalities
+                check_finite_predictions(preds, valid, cases,
+                                         [subset_name(s, modalities) for s in all_subsets(len(modalities))])
             else:
                 with autocast_context(engine.state.device, self.use_amp):
                     per_mod = engine.network.per_modality(inputs, mask)
                 per_mod = per_mod.float()
+                check_finite_predictions(per_mod, mask, cases, engine.network.modalities)
                 preds, valid = subset_predictions(engine.network, per_mod, mask)
                 pred = engine.network.fuse(per_mod, mask)
         engine.state.output = {

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
 from ignite.engine import Engine
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from app.data import MMSADataset, make_synthetic_mmsa
 from app.engines import SentimentReportHandler, SentimentSubsetEvaluator
 from app.metrics import SubsetClassificationAccumulator, SubsetSentimentScore
-from app.networks import DSTransformer
+from app.networks import DSTransformer, PromptedDSTransformer
 from app.subsets import subset_masks
 
 NAMES = ["text", "audio", "vision", "text+audio", "text+vision", "audio+vision", "text+audio+vision"]
@@ -131,3 +132,34 @@ def test_report_handler_ignores_missing_result_and_can_skip_the_plot(tmp_path):
     metric.compute()
     SentimentReportHandler(metric, tmp_path, plot=False)(engine)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["subset_metrics.csv", "subset_metrics.json", "subset_metrics.md"]
+
+
+@pytest.mark.parametrize("predicts_missing", [False, True])
+def test_evaluator_refuses_non_finite_outputs_of_a_sample_and_names_it(predicts_missing):
+    """A NaN would count as a negative prediction in Acc-2 and hide in the table."""
+    data = make_synthetic_mmsa({"valid": 6}, layout="unaligned", dims=(6, 5, 4), seq_len=4)
+    data["valid"]["vision_lengths"][:2] = 0  # samples 0 and 1 lack vision
+    ds = MMSADataset(data, "valid")
+    torch.manual_seed(0)
+    cls = PromptedDSTransformer if predicts_missing else DSTransformer
+    net = cls(in_features=(6, 5, 4), hidden=16, num_heads=2)
+    net.set_input_statistics(ds.statistics())
+
+    def evaluate(samples: list[int]) -> SubsetSentimentScore:
+        metric = SubsetSentimentScore()
+        loader = DataLoader(Subset(ds, samples), batch_size=len(samples))
+        SentimentSubsetEvaluator(device=torch.device("cpu"), val_data_loader=loader, network=net,
+                                 key_val_metric={"val_score": metric}).run()
+        return metric
+
+    healthy = evaluate([0, 1]).last_result["subsets"]
+    with torch.no_grad():
+        net.encoders[2].proj.weight[0, 0] = float("nan")  # a broken vision encoder
+    if not predicts_missing:
+        # the samples without vision are still scored on their subsets: the broken encoder is not read for them
+        result = evaluate([0, 1]).last_result["subsets"]
+        assert result["text+audio"]["n"] == 2 and result["text+audio"]["MAE"] == healthy["text+audio"]["MAE"]
+    which = "vision, text+vision, audio+vision, text+audio+vision" if predicts_missing else "vision"
+    with pytest.raises(ValueError, match=rf"^Sample validvid0_2: the network gave NaN or infinite outputs for "
+                                         rf"{re.escape(which)}, so it cannot be scored"):
+        evaluate(list(range(6)))
