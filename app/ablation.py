@@ -17,7 +17,9 @@ budget, overrides, checkpoint) is an error rather than a silent mix of runs, and
 same output folder while one runs is refused. Writes ``O/<strategy>/{train,eval}`` and
 ``O/ablation.{json,md,png}`` (:mod:`app.reports.ablation`).
 
-A strategy may carry a GMD subset count, ``gmd:5``, which sets ``--gmd_subsets 5``.
+A strategy may carry a GMD subset count, ``gmd:5``, which sets ``--gmd_subsets 5``; a count given
+elsewhere (``--gmd_subsets``, a recipe's ``gmd_subsets``) is refused, as ``gmd`` would train with it
+under the name of the all-subset method.
 
 ``--seeds 0,1,2`` (instead of ``--seed``) repeats the whole ablation at each seed in
 ``O/seed_<s>/`` and adds ``O/ablation_seeds.{json,md}``: every cell as the mean and sample
@@ -296,6 +298,35 @@ def _override_files(args: Sequence[str], train: Path, evaluate: Path) -> list[Pa
     return out
 
 
+def _check_subset_count(args: Sequence[str], overrides: Sequence[Path], planned: Sequence[tuple[str, str, str | None]]) -> None:
+    """Refuse a GMD subset count given outside ``--strategies`` (``--gmd_subsets K`` or a recipe's ``gmd_subsets``).
+
+    Every stage's command carries the bundle arguments and recipes, so such a count trained each ``gmd`` and
+    ``gmd_approx`` stage without a count of its own on ``K`` subsets, under the label, and with the
+    ``gmd_subsets`` record (null), of the all-subset method: the table compared another method than it named.
+
+    Raises:
+        ValueError: naming where the count was given and the ``--strategies`` spelling that gives it.
+    """
+    where, count = None, _option(args, "gmd_subsets")
+    if count is not None:
+        where = f"--gmd_subsets {count}"
+    else:
+        for path in overrides:
+            value = _load_config(path).get("gmd_subsets")
+            if value is not None:
+                where, count = f"gmd_subsets: {value} in --config_file {path}", value
+    if where is None or str(count).strip().lower() == "all":
+        return
+    gmd = [label for label, name, k in planned if k is None and name.lower() in ("gmd", "gmd_approx")]
+    if not gmd:
+        return  # no stage would read it: each GMD stage has its own count (gmd:K overrides it)
+    spelled = ",".join(f"{STRATEGIES[label.lower()].name}:{str(count).strip()}" for label in gmd)
+    raise ValueError(f"{where} would train the {', '.join(gmd)} stage(s) of --strategies on {str(count).strip()} "
+                     f"subsets per iteration under the name of the all-subset method: give the count in --strategies "
+                     f"instead ({spelled}) and leave gmd_subsets out.")
+
+
 def _stage_settings(bundle: Path, args: Sequence[str], out: Path, overrides: Sequence[Path] = ()) -> dict[str, Any]:
     """What decides a stage's result: the bundle, its override files (path and SHA-256 of the contents, so an
     edited recipe trains again) and its arguments, with paths inside ``out`` made relative."""
@@ -495,6 +526,7 @@ def run_ablation(
     if checkpoint not in ("final", "best"):
         raise ValueError(f"checkpoint must be 'final' or 'best', got {checkpoint!r}.")
     planned = parse_strategies(strategies, layout.kind)  # a bad list is refused before any folder is made
+    _check_subset_count(bundle_args, overrides, planned)
     config = {k: v for f in (train, *overrides) for k, v in _load_config(f).items()}  # the recipes' values win
     if layout is SENTIMENT:
         eval_split = eval_split or _option(bundle_args, "val_split") or config.get("val_split", "valid")
@@ -592,7 +624,9 @@ def run_ablation_seeds(
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and non-empty, got {seeds}.")
-    parse_strategies(strategies, bundle_layout(bundle).kind)  # refused before the first seed trains
+    planned = parse_strategies(strategies, bundle_layout(bundle).kind)  # refused before the first seed trains
+    args = kwargs.get("bundle_args", ())
+    _check_subset_count(args, _override_files(args, *_configs(Path(bundle))), planned)  # and before out is made
     out = Path(output_dir)
     with _locked_output_dir(out):  # each seed's run_ablation locks its own seed_<s> folder too
         per_seed = {s: run_ablation(bundle, strategies, out / f"seed_{s}", max_epochs, seed=s, **kwargs) for s in seeds}

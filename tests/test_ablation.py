@@ -514,3 +514,24 @@ def test_table_metrics_the_reports_lack_are_refused_before_any_strategy_trains(t
     assert bad.stderr.strip().splitlines() == [
         "error: --metrics Acc,MAE: the reports of these runs have no ['MAE']; choose among Acc,F1."]
     assert not out.exists()
+
+
+def test_a_subset_count_outside_strategies_is_refused_before_anything_trains(tmp_path):
+    """``--strategies gmd --gmd_subsets 3`` trained the gmd stage on 3 subsets per iteration, tabulated as
+    ``gmd`` with ``gmd_subsets: null`` in ablation.json, i.e. as the all-subset method."""
+    out = tmp_path / "ablation"
+    base = ["--bundle", "bundles/brats_gmd", "--max_epochs", "1", "--output_dir", str(out), "--dataset_dir",
+            str(tmp_path)]
+    proc = _ablate(*base, "--strategies", "plain,gmd,gmd_approx:5", "--gmd_subsets", "3")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "error: --gmd_subsets 3 would train the gmd stage(s) of --strategies on 3 subsets per iteration under the "
+        "name of the all-subset method: give the count in --strategies instead (gmd:3) and leave gmd_subsets out."]
+    assert not out.exists()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("gmd_subsets: 4\n")
+    proc = _ablate(*base, "--strategies", "gmd_approx", "--config_file", str(recipe), "--seeds", "0,1")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: gmd_subsets: 4 in --config_file {recipe} would train the gmd_approx stage(s)")
+    assert "(gmd_approx:4)" in proc.stderr and not out.exists()
