@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import random
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -313,6 +314,23 @@ def _cli_value(value: Any) -> str:
     return str(value)
 
 
+def _class_name(obj: Any) -> str:
+    """``obj``'s class as ``--optimizer#_target_`` names it: ``torch.optim.AdamW`` (the public module where
+    the class is exported from it), else ``module.Class``."""
+    cls = type(obj)
+    module = cls.__module__
+    parent = module.rsplit(".", 1)[0]
+    if "." in module and getattr(sys.modules.get(parent), cls.__name__, None) is cls:
+        module = parent
+    return f"{module}.{cls.__qualname__}"
+
+
+def _group_keys(optimizer_state: Mapping[str, Any]) -> list[frozenset]:
+    """The hyperparameter names of each parameter group of an optimizer ``state_dict()`` (its class's
+    fingerprint: SGD has ``momentum``, Adam ``betas``), without those a scheduler adds."""
+    return [frozenset(g) - {"params", "initial_lr"} for g in optimizer_state.get("param_groups", [])]
+
+
 #: optimizer hyperparameters a resume compares, with the bundle setting that sets each (others: the optimizer's)
 _OPTIMIZER_SETTINGS = {"lr": "--learning_rate", "weight_decay": "--weight_decay", "betas": "betas", "eps": "eps",
                        "momentum": "momentum", "dampening": "dampening", "nesterov": "nesterov", "amsgrad": "amsgrad"}
@@ -468,6 +486,7 @@ class ResumableCheckpoint:
             "world_size": world,
             "network": _unwrap(self.network).state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "optimizer_class": _class_name(self.optimizer),
         }
         if self.lr_scheduler is not None:
             state["lr_scheduler"] = self.lr_scheduler.state_dict()
@@ -553,6 +572,17 @@ class ResumableCheckpoint:
             raise ValueError(
                 f"{self.path} was written by a run with other training settings ({listed}): resume with {fix}, or "
                 "start a new run in another --output_dir to train with the new ones."
+            )
+        kind, saved_kind = _class_name(self.optimizer), state.get("optimizer_class")
+        if saved_kind is None and _group_keys(state["optimizer"]) != _group_keys(self.optimizer.state_dict()):
+            saved_kind = "another optimizer"  # a checkpoint written before the class was recorded
+        if saved_kind is not None and saved_kind != kind:
+            # the saved state (AdamW's moments and hyperparameters) loaded into SGD failed at the first step with
+            # KeyError 'momentum'; into Adam it went on silently as AdamW, with decoupled weight decay
+            raise ValueError(
+                f"{self.path} was written by a run training with {saved_kind}, this run is configured with {kind} "
+                "(--optimizer#_target_): a resume continues the saved optimizer, so resume with the original "
+                "--optimizer#_target_, or start a new run in another --output_dir to train with the new one."
             )
         changed = _optimizer_changes(self.optimizer.state_dict(), state["optimizer"], self.lr_scheduler is not None)
         if changed:
