@@ -19,6 +19,32 @@ def test_an_option_of_another_strategy_is_left_out():
     assert isinstance(build_strategy("plain", subsets="all", seed=1), PlainStrategy)
 
 
+def test_an_option_of_another_strategy_set_away_from_its_default_is_named_in_a_warning(caplog):
+    """``--strategy plain --gmd_subsets 3``, or the predict recipe's warmup_iterations under ``--strategy gmd``,
+    trained as if the option had not been given, without a word in the log."""
+    with caplog.at_level("WARNING", logger="app.strategies"):
+        build_strategy("plain", subsets=3, seed=0, diagnostics_interval=20, rho=1.2)
+        build_strategy("gmd", subsets="all", warmup_iterations=200, rho="1.3", head_lr=1e-3, b_clip=None)
+    assert [r.getMessage() for r in caplog.records] == [
+        "gmd_subsets=3 (strategy_def#subsets) is an option of gmd, gmd_approx: strategy 'plain' does not use it, so "
+        "it has no effect here.",
+        "warmup_iterations=200 (strategy_def#warmup_iterations) is an option of predict: strategy 'gmd' does not use "
+        "it, so it has no effect here.",
+        "cggm_rho=1.3 (strategy_def#rho) is an option of cggm: strategy 'gmd' does not use it, so it has no effect "
+        "here.",
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="app.strategies"):  # the bundles' defaults, as they spell them
+        for bundle in ("brats_gmd", "mosi_gmd"):
+            parser = ConfigParser()
+            parser.read_config(os.path.join(BUNDLES, bundle, "configs", "train.yaml"))
+            options = {k: parser.get_parsed_content(f"strategy_def#{k}") for k in parser["strategy_def"]
+                       if k not in ("_target_", "name")}
+            for name in ("plain", "dropout", "gmd", "gmd_approx", "cggm", "predict"):
+                build_strategy(name, **options)
+    assert not caplog.records
+
+
 def test_a_misspelt_option_is_refused_with_the_option_it_resembles():
     with pytest.raises(ValueError, match=r"'subset' \(strategy_def#subset .*\) is an option of no strategy: "
                                          r"did you mean 'subsets'\?"):
