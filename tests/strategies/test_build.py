@@ -103,3 +103,28 @@ def test_listing_the_strategies_does_not_import_monai():
 
     code = "import sys, app.ablation, app.strategies; sys.exit('monai' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=os.path.join(BUNDLES, "..")).returncode == 0
+
+
+@pytest.mark.parametrize("name,option,value,message", [
+    ("gmd", "subsets", "x", "--gmd_subsets 'x' must be all or a whole number >= 1 (subsets per iteration), e.g. "
+                            "--gmd_subsets 5."),
+    ("gmd_approx", "subsets", 2.5, "--gmd_subsets 2.5 must be all or a whole number >= 1"),
+    ("gmd", "vjp_chunk", 0, "--vjp_chunk 0 must be a whole number >= 1, e.g. --vjp_chunk 1."),
+    ("gmd", "vjp_chunk", "abc", "--vjp_chunk 'abc' must be a whole number >= 1"),
+    ("gmd", "diagnostics_interval", -1, "--diagnostics_interval -1 must be a whole number >= 0"),
+    ("cggm", "rho", "abc", "--cggm_rho 'abc' must be a finite number, e.g. --cggm_rho 1.2."),
+    ("cggm", "cggm_lambda", "x", "--cggm_lambda 'x' must be a number >= 0"),
+    ("cggm", "head_lr", 0, "--cggm_head_lr 0 must be a number > 0"),
+    ("cggm", "b_clip", "none", "--cggm_b_clip 'none' must be a number > 0"),
+    ("predict", "warmup_iterations", "x", "--warmup_iterations 'x' must be a whole number >= 0"),
+    ("predict", "vicreg_variance", float("nan"), "--vicreg_variance nan must be a number >= 0"),
+])
+def test_a_strategy_option_that_is_not_a_valid_number_is_named_with_its_fix(name, option, value, message):
+    """--vjp_chunk abc or --cggm_rho abc stopped the run with int()'s or float()'s bare traceback, which the
+    bundle cannot report as one line; --vjp_chunk 0 ran with 1 and --gmd_subsets 2.5 with 2 subsets."""
+    with pytest.raises(ValueError) as err:
+        build_strategy(name, **{option: value})
+    assert str(err.value).startswith(message)
+    # raised by a raise statement of the package: the bundle prints it as one error line, without a traceback
+    from app.engines.utils import _input_error
+    assert _input_error(err.value) is err.value
