@@ -354,6 +354,15 @@ def test_a_bad_flag_or_a_resume_without_checkpoint_stops_before_any_output(phant
     assert last.startswith(message), last
 
 
+def test_an_evaluation_with_a_seed_that_is_no_whole_number_is_one_line(trained, tmp_path):
+    """--seed abc reached set_determinism, which stopped the evaluation with a traceback (training refused it)."""
+    out = tmp_path / "eval"
+    last = refused_line([TRAIN, EVALUATE], "--eval_datalist", str(trained / "datalist.json"), "--ckpt_path",
+                        str(trained / "models" / "model.pt"), "--output_dir", str(out), "--seed", "abc", *TINY,
+                        output_dir=out)
+    assert last == "error: --seed 'abc' must be a whole number >= 0, e.g. --seed 1."
+
+
 @pytest.mark.parametrize("modalities", ["['flair','t1ce']", "['t1','flair','t1ce','t2']"])
 @pytest.mark.parametrize("configs", [[TRAIN], [TRAIN, str(BRATS / "configs" / "multi_gpu_train.yaml")]],
                          ids=["train", "multi_gpu"])
