@@ -490,6 +490,7 @@ class ResumableCheckpoint:
         }
         if self.lr_scheduler is not None:
             state["lr_scheduler"] = self.lr_scheduler.state_dict()
+            state["lr_scheduler_class"] = _class_name(self.lr_scheduler)
         scaler = getattr(engine, "scaler", None)
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
@@ -584,6 +585,18 @@ class ResumableCheckpoint:
                 "(--optimizer#_target_): a resume continues the saved optimizer, so resume with the original "
                 "--optimizer#_target_, or start a new run in another --output_dir to train with the new one."
             )
+        if self.lr_scheduler is not None and "lr_scheduler" in state:
+            kind, saved_kind = _class_name(self.lr_scheduler), state.get("lr_scheduler_class")
+            if saved_kind is None and set(state["lr_scheduler"]) != set(self.lr_scheduler.state_dict()):
+                saved_kind = "another learning-rate scheduler"  # a checkpoint written before the class was recorded
+            if saved_kind is not None and saved_kind != kind:
+                # loading the saved state into another scheduler went on silently: the run switched schedules
+                # half-way (e.g. from the cosine one to StepLR), carrying the old one's attributes along
+                raise ValueError(
+                    f"{self.path} was written by a run scheduled by {saved_kind}, this run is configured with {kind} "
+                    "(lr_scheduler): a resume continues the saved schedule, so resume with the original lr_scheduler, "
+                    "or start a new run in another --output_dir to train with the new one."
+                )
         changed = _optimizer_changes(self.optimizer.state_dict(), state["optimizer"], self.lr_scheduler is not None)
         if changed:
             # loading the optimizer's state brings its hyperparameters back: the values asked for would be ignored

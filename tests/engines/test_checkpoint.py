@@ -142,6 +142,42 @@ def test_a_resume_with_another_optimizer_is_refused(tmp_path):
     run(torch.optim.AdamW)
 
 
+def test_a_resume_with_another_learning_rate_scheduler_is_refused(tmp_path):
+    """A recipe replacing the cosine lr_scheduler by StepLR on a resume loaded the cosine state into StepLR and
+    trained on silently: the run switched schedules half-way."""
+    def run(make, resume="auto"):
+        net = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=0.1)
+        scheduler = make(optimizer)
+        engine = Engine(lambda e, b: optimizer.step())
+        engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: scheduler.step())
+        ResumableCheckpoint(tmp_path, net, optimizer, lr_scheduler=scheduler, resume=resume).attach(engine)
+        engine.run(DATA, max_epochs=2)
+        return scheduler
+
+    def cosine(o):
+        return torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=2)
+
+    def step(o):
+        return torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5)
+
+    run(cosine, resume="false")
+    path = tmp_path / "checkpoint_last.pt"
+    with pytest.raises(ValueError, match=rf"{path} was written by a run scheduled by "
+                                         r"torch.optim.lr_scheduler.CosineAnnealingLR, this run is configured with "
+                                         r"torch.optim.lr_scheduler.StepLR \(lr_scheduler\): a resume continues the "
+                                         r"saved schedule"):
+        run(step)
+    assert isinstance(run(cosine), torch.optim.lr_scheduler.CosineAnnealingLR)
+    state = torch.load(path, weights_only=False)  # written before the class was recorded: told by its entries
+    del state["lr_scheduler_class"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"scheduled by another learning-rate scheduler, this run is configured with "
+                                         r"torch.optim.lr_scheduler.StepLR"):
+        run(step)
+    run(cosine)
+
+
 def test_a_resume_with_other_training_settings_is_refused(tmp_path):
     """A resume that forgot --patch_size "[32,32,32]" trained on at the default patch size, the weights, optimizer
     and data order carrying on as if nothing had changed."""
