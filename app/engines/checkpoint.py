@@ -331,6 +331,9 @@ def _group_keys(optimizer_state: Mapping[str, Any]) -> list[frozenset]:
     return [frozenset(g) - {"params", "initial_lr"} for g in optimizer_state.get("param_groups", [])]
 
 
+#: entries of a learning-rate scheduler's state that record its progress, not its settings
+_SCHEDULE_PROGRESS = frozenset({"last_epoch", "base_lrs", "verbose"})
+
 #: optimizer hyperparameters a resume compares, with the bundle setting that sets each (others: the optimizer's)
 _OPTIMIZER_SETTINGS = {"lr": "--learning_rate", "weight_decay": "--weight_decay", "betas": "betas", "eps": "eps",
                        "momentum": "momentum", "dampening": "dampening", "nesterov": "nesterov", "amsgrad": "amsgrad"}
@@ -596,6 +599,20 @@ class ResumableCheckpoint:
                     f"{self.path} was written by a run scheduled by {saved_kind}, this run is configured with {kind} "
                     "(lr_scheduler): a resume continues the saved schedule, so resume with the original lr_scheduler, "
                     "or start a new run in another --output_dir to train with the new one."
+                )
+            # the saved state brings the scheduler's settings back too (--lr_scheduler#eta_min would be ignored)
+            configured, saved_schedule = self.lr_scheduler.state_dict(), state["lr_scheduler"]
+            moved = [(k, saved_schedule[k], configured[k]) for k in sorted(set(configured) & set(saved_schedule))
+                     if not k.startswith("_") and k not in _SCHEDULE_PROGRESS
+                     and isinstance(configured[k], (int, float, str, bool, list, tuple, type(None)))
+                     and _plain(saved_schedule[k]) != _plain(configured[k])]
+            if moved:
+                listed = "; ".join(f"{k} {old!r} there, {new!r} here" for k, old, new in moved)
+                fix = " ".join(f"--lr_scheduler#{k} {_cli_value(_plain(old))}" for k, old, _ in moved)
+                raise ValueError(
+                    f"{self.path} was written by a run with other learning-rate scheduler settings ({listed}): a resume "
+                    f"continues the saved schedule, so the new values would be ignored. Resume with the original "
+                    f"settings ({fix}), or start a new run in another --output_dir to train with the new ones."
                 )
         changed = _optimizer_changes(self.optimizer.state_dict(), state["optimizer"], self.lr_scheduler is not None)
         if changed:

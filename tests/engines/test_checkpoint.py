@@ -144,7 +144,7 @@ def test_a_resume_with_another_optimizer_is_refused(tmp_path):
 
 def test_a_resume_with_another_learning_rate_scheduler_is_refused(tmp_path):
     """A recipe replacing the cosine lr_scheduler by StepLR on a resume loaded the cosine state into StepLR and
-    trained on silently: the run switched schedules half-way."""
+    trained on silently: the run switched schedules half-way (and --lr_scheduler#eta_min was ignored)."""
     def run(make, resume="auto"):
         net = torch.nn.Linear(2, 1)
         optimizer = torch.optim.AdamW(net.parameters(), lr=0.1)
@@ -176,6 +176,10 @@ def test_a_resume_with_another_learning_rate_scheduler_is_refused(tmp_path):
                                          r"torch.optim.lr_scheduler.StepLR"):
         run(step)
     run(cosine)
+    # its settings come back with the saved state, so a new value would be ignored
+    with pytest.raises(ValueError, match=r"other learning-rate scheduler settings \(eta_min 0.0 there, 0.001 here\): a "
+                                         r"resume continues the saved schedule.*\(--lr_scheduler#eta_min 0.0\)"):
+        run(lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=2, eta_min=1e-3))
 
 
 def test_a_resume_with_other_training_settings_is_refused(tmp_path):
