@@ -17,7 +17,9 @@ budget, overrides, checkpoint) is an error rather than a silent mix of runs, and
 same output folder while one runs is refused. Writes ``O/<strategy>/{train,eval}`` and
 ``O/ablation.{json,md,png}`` (:mod:`app.reports.ablation`).
 
-A strategy may carry a GMD subset count, ``gmd:5``, which sets ``--gmd_subsets 5``.
+A strategy may carry a GMD subset count, ``gmd:5``, which sets ``--gmd_subsets 5``; a count given
+elsewhere (``--gmd_subsets``, a recipe's ``gmd_subsets``) is refused, as ``gmd`` would train with it
+under the name of the all-subset method.
 
 ``--seeds 0,1,2`` (instead of ``--seed``) repeats the whole ablation at each seed in
 ``O/seed_<s>/`` and adds ``O/ablation_seeds.{json,md}``: every cell as the mean and sample
@@ -296,6 +298,59 @@ def _override_files(args: Sequence[str], train: Path, evaluate: Path) -> list[Pa
     return out
 
 
+def _budget_and_seed(
+    config: Mapping[str, Any], overrides: Sequence[Path], time_limit_minutes: float | None, seed: int | None
+) -> tuple[float, int]:
+    """The time limit and seed of every stage: those given, else the recipes' (merged into ``config``), else
+    ``train.yaml``'s.
+
+    Raises:
+        ValueError: a recipe's value is not a number (the runner passes it on the command line).
+    """
+    def read(key: str, cast: Callable[[Any], Any]) -> Any:
+        value = config.get(key, 0)
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            return cast(value)
+        except (TypeError, ValueError):
+            where = " or ".join(str(p) for p in overrides) or "train.yaml"
+            raise ValueError(f"{key}: {value!r} in {where} is not a number: give --{key} to the ablation, or a number "
+                             "in the recipe.") from None
+
+    minutes = read("time_limit_minutes", float) if time_limit_minutes is None else float(time_limit_minutes)
+    return minutes, (read("seed", int) if seed is None else int(seed))
+
+
+def _check_subset_count(args: Sequence[str], overrides: Sequence[Path], planned: Sequence[tuple[str, str, str | None]]) -> None:
+    """Refuse a GMD subset count given outside ``--strategies`` (``--gmd_subsets K`` or a recipe's ``gmd_subsets``).
+
+    Every stage's command carries the bundle arguments and recipes, so such a count trained each ``gmd`` and
+    ``gmd_approx`` stage without a count of its own on ``K`` subsets, under the label, and with the
+    ``gmd_subsets`` record (null), of the all-subset method: the table compared another method than it named.
+
+    Raises:
+        ValueError: naming where the count was given and the ``--strategies`` spelling that gives it.
+    """
+    where, count = None, _option(args, "gmd_subsets")
+    if count is not None:
+        where = f"--gmd_subsets {count}"
+    else:
+        for path in overrides:
+            value = _load_config(path).get("gmd_subsets")
+            if value is not None:
+                where, count = f"gmd_subsets: {value} in --config_file {path}", value
+    if where is None or str(count).strip().lower() == "all":
+        return
+    gmd = [label for label, name, k in planned if k is None and name.lower() in ("gmd", "gmd_approx")]
+    if not gmd:
+        return  # no stage would read it: each GMD stage has its own count (gmd:K overrides it)
+    spelled = ",".join(f"{STRATEGIES[label.lower()].name}:{str(count).strip()}" for label in gmd)
+    raise ValueError(f"{where} would train the {', '.join(gmd)} stage(s) of --strategies on {str(count).strip()} "
+                     f"subsets per iteration under the name of the all-subset method: give the count in --strategies "
+                     f"instead ({spelled}) and leave gmd_subsets out.")
+
+
 def _stage_settings(bundle: Path, args: Sequence[str], out: Path, overrides: Sequence[Path] = ()) -> dict[str, Any]:
     """What decides a stage's result: the bundle, its override files (path and SHA-256 of the contents, so an
     edited recipe trains again) and its arguments, with paths inside ``out`` made relative."""
@@ -463,8 +518,8 @@ def run_ablation(
     strategies: str | Sequence[str],
     output_dir: str | os.PathLike,
     max_epochs: int,
-    time_limit_minutes: float = 0.0,
-    seed: int = 0,
+    time_limit_minutes: float | None = None,
+    seed: int | None = None,
     checkpoint: str = "final",
     eval_split: str | None = None,
     metrics: Sequence[str] | None = None,
@@ -477,8 +532,10 @@ def run_ablation(
         strategies: ``"plain,dropout,gmd,cggm"`` or a list; ``gmd:K`` samples K subsets per iteration.
         output_dir: where each strategy's runs and the tables go.
         max_epochs: epochs per strategy (with ``time_limit_minutes`` also bounding the wall clock).
-        time_limit_minutes: equal wall-clock budget per strategy (0: none).
-        seed: the seed of every run (data split, initial weights, augmentation, strategy).
+        time_limit_minutes: equal wall-clock budget per strategy (0: none); ``None``: the recipes' (``--config_file``)
+            ``time_limit_minutes``, else none.
+        seed: the seed of every run (data split, initial weights, augmentation, strategy); ``None``: the recipes'
+            ``seed``, else 0.
         checkpoint: ``final`` (the model at the end of the budget) or ``best`` (the bundle's
             key-metric checkpoint, selected on the validation data it is then scored on).
         eval_split: sentiment bundles: the split to score (default: the bundle's ``val_split``).
@@ -495,7 +552,11 @@ def run_ablation(
     if checkpoint not in ("final", "best"):
         raise ValueError(f"checkpoint must be 'final' or 'best', got {checkpoint!r}.")
     planned = parse_strategies(strategies, layout.kind)  # a bad list is refused before any folder is made
+    _check_subset_count(bundle_args, overrides, planned)
     config = {k: v for f in (train, *overrides) for k, v in _load_config(f).items()}  # the recipes' values win
+    # every stage's command sets both, so a recipe's own (configs/demo.yaml's 4-minute budget) was replaced by the
+    # runner's defaults (no limit, seed 0) without a word: they are the defaults here
+    time_limit_minutes, seed = _budget_and_seed(config, overrides, time_limit_minutes, seed)
     if layout is SENTIMENT:
         eval_split = eval_split or _option(bundle_args, "val_split") or config.get("val_split", "valid")
         _check_eval_split(_option(bundle_args, "data_path") or config.get("data_path"),
@@ -592,12 +653,14 @@ def run_ablation_seeds(
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and non-empty, got {seeds}.")
-    parse_strategies(strategies, bundle_layout(bundle).kind)  # refused before the first seed trains
+    planned = parse_strategies(strategies, bundle_layout(bundle).kind)  # refused before the first seed trains
+    args = kwargs.get("bundle_args", ())
+    _check_subset_count(args, _override_files(args, *_configs(Path(bundle))), planned)  # and before out is made
     out = Path(output_dir)
     with _locked_output_dir(out):  # each seed's run_ablation locks its own seed_<s> folder too
         per_seed = {s: run_ablation(bundle, strategies, out / f"seed_{s}", max_epochs, seed=s, **kwargs) for s in seeds}
         table = seed_table(per_seed)
-        minutes = kwargs.get("time_limit_minutes") or 0
+        minutes = per_seed[seeds[0]]["settings"]["time_limit_minutes"] or 0  # given, or the recipes'
         budget = f"{max_epochs} epochs" + (f" or {minutes:g} min" if minutes else "")
         title = f"Ablation of {Path(bundle).name} over {len(seeds)} seeds: {budget} per strategy"
         write_seed_report(table, out, title)
@@ -622,9 +685,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--strategies", required=True, help="comma-separated, e.g. plain,dropout,gmd,cggm")
     parser.add_argument("--max_epochs", type=int, required=True)
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--time_limit_minutes", type=float, default=0.0, help="wall-clock budget per strategy")
+    parser.add_argument("--time_limit_minutes", type=float, default=None,
+                        help="wall-clock budget per strategy (default: a recipe's time_limit_minutes, else none)")
     seeding = parser.add_mutually_exclusive_group()
-    seeding.add_argument("--seed", type=int, default=0)
+    seeding.add_argument("--seed", type=int, default=None, help="default: a recipe's seed, else 0")
     seeding.add_argument("--seeds", type=_seed_list, default=None,
                          help="comma-separated seeds: repeat the ablation at each (e.g. 0,1,2)")
     parser.add_argument("--checkpoint", choices=("final", "best"), default="final")

@@ -514,3 +514,50 @@ def test_table_metrics_the_reports_lack_are_refused_before_any_strategy_trains(t
     assert bad.stderr.strip().splitlines() == [
         "error: --metrics Acc,MAE: the reports of these runs have no ['MAE']; choose among Acc,F1."]
     assert not out.exists()
+
+
+def test_a_subset_count_outside_strategies_is_refused_before_anything_trains(tmp_path):
+    """``--strategies gmd --gmd_subsets 3`` trained the gmd stage on 3 subsets per iteration, tabulated as
+    ``gmd`` with ``gmd_subsets: null`` in ablation.json, i.e. as the all-subset method."""
+    out = tmp_path / "ablation"
+    base = ["--bundle", "bundles/brats_gmd", "--max_epochs", "1", "--output_dir", str(out), "--dataset_dir",
+            str(tmp_path)]
+    proc = _ablate(*base, "--strategies", "plain,gmd,gmd_approx:5", "--gmd_subsets", "3")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "error: --gmd_subsets 3 would train the gmd stage(s) of --strategies on 3 subsets per iteration under the "
+        "name of the all-subset method: give the count in --strategies instead (gmd:3) and leave gmd_subsets out."]
+    assert not out.exists()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("gmd_subsets: 4\n")
+    proc = _ablate(*base, "--strategies", "gmd_approx", "--config_file", str(recipe), "--seeds", "0,1")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: gmd_subsets: 4 in --config_file {recipe} would train the gmd_approx stage(s)")
+    assert "(gmd_approx:4)" in proc.stderr and not out.exists()
+
+
+def test_a_recipes_time_limit_and_seed_are_the_ablations_defaults(tmp_path):
+    """Every stage's command sets --time_limit_minutes and --seed, so the budget of a recipe (configs/demo.yaml's
+    4 minutes, the README's example recipe for ablate) and its seed were replaced by the runner's defaults, no
+    limit and seed 0, without a word."""
+    data = tmp_path / "phantoms"
+    write_phantoms(data, cases=5, size=32, seed=0)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("patch_size: [32, 32, 32]\nfeatures: [4, 8, 16, 32]\nnum_workers: 0\ntime_limit_minutes: 0.5\n"
+                      "seed: 3\n")
+    out = tmp_path / "ablation"
+    args = ["--bundle", "bundles/brats_gmd", "--strategies", "plain", "--max_epochs", "1", "--epoch_length", "1",
+            "--dataset_dir", str(data), "--config_file", str(recipe)]
+    proc = _ablate(*args, "--output_dir", str(out))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    settings = json.loads((out / "ablation.json").read_text())["settings"]
+    assert (settings["time_limit_minutes"], settings["seed"]) == (0.5, 3)
+    assert "seed 3, 1 epochs or 0.5 min per strategy" in (out / "ablation.md").read_text()
+    log = (out / "plain" / "train.log").read_text()
+    assert "time_limit_minutes: 0.5" in log and "seed: 3" in log
+    # given on the command line, they win over the recipe
+    given = _ablate(*args, "--output_dir", str(tmp_path / "given"), "--time_limit_minutes", "0", "--seed", "1")
+    assert given.returncode == 0, given.stderr[-4000:]
+    settings = json.loads((tmp_path / "given" / "ablation.json").read_text())["settings"]
+    assert (settings["time_limit_minutes"], settings["seed"]) == (0.0, 1)

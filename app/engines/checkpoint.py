@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import random
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -313,6 +314,26 @@ def _cli_value(value: Any) -> str:
     return str(value)
 
 
+def _class_name(obj: Any) -> str:
+    """``obj``'s class as ``--optimizer#_target_`` names it: ``torch.optim.AdamW`` (the public module where
+    the class is exported from it), else ``module.Class``."""
+    cls = type(obj)
+    module = cls.__module__
+    parent = module.rsplit(".", 1)[0]
+    if "." in module and getattr(sys.modules.get(parent), cls.__name__, None) is cls:
+        module = parent
+    return f"{module}.{cls.__qualname__}"
+
+
+def _group_keys(optimizer_state: Mapping[str, Any]) -> list[frozenset]:
+    """The hyperparameter names of each parameter group of an optimizer ``state_dict()`` (its class's
+    fingerprint: SGD has ``momentum``, Adam ``betas``), without those a scheduler adds."""
+    return [frozenset(g) - {"params", "initial_lr"} for g in optimizer_state.get("param_groups", [])]
+
+
+#: entries of a learning-rate scheduler's state that record its progress, not its settings
+_SCHEDULE_PROGRESS = frozenset({"last_epoch", "base_lrs", "verbose"})
+
 #: optimizer hyperparameters a resume compares, with the bundle setting that sets each (others: the optimizer's)
 _OPTIMIZER_SETTINGS = {"lr": "--learning_rate", "weight_decay": "--weight_decay", "betas": "betas", "eps": "eps",
                        "momentum": "momentum", "dampening": "dampening", "nesterov": "nesterov", "amsgrad": "amsgrad"}
@@ -468,9 +489,11 @@ class ResumableCheckpoint:
             "world_size": world,
             "network": _unwrap(self.network).state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "optimizer_class": _class_name(self.optimizer),
         }
         if self.lr_scheduler is not None:
             state["lr_scheduler"] = self.lr_scheduler.state_dict()
+            state["lr_scheduler_class"] = _class_name(self.lr_scheduler)
         scaler = getattr(engine, "scaler", None)
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
@@ -554,6 +577,43 @@ class ResumableCheckpoint:
                 f"{self.path} was written by a run with other training settings ({listed}): resume with {fix}, or "
                 "start a new run in another --output_dir to train with the new ones."
             )
+        kind, saved_kind = _class_name(self.optimizer), state.get("optimizer_class")
+        if saved_kind is None and _group_keys(state["optimizer"]) != _group_keys(self.optimizer.state_dict()):
+            saved_kind = "another optimizer"  # a checkpoint written before the class was recorded
+        if saved_kind is not None and saved_kind != kind:
+            # the saved state (AdamW's moments and hyperparameters) loaded into SGD failed at the first step with
+            # KeyError 'momentum'; into Adam it went on silently as AdamW, with decoupled weight decay
+            raise ValueError(
+                f"{self.path} was written by a run training with {saved_kind}, this run is configured with {kind} "
+                "(--optimizer#_target_): a resume continues the saved optimizer, so resume with the original "
+                "--optimizer#_target_, or start a new run in another --output_dir to train with the new one."
+            )
+        if self.lr_scheduler is not None and "lr_scheduler" in state:
+            kind, saved_kind = _class_name(self.lr_scheduler), state.get("lr_scheduler_class")
+            if saved_kind is None and set(state["lr_scheduler"]) != set(self.lr_scheduler.state_dict()):
+                saved_kind = "another learning-rate scheduler"  # a checkpoint written before the class was recorded
+            if saved_kind is not None and saved_kind != kind:
+                # loading the saved state into another scheduler went on silently: the run switched schedules
+                # half-way (e.g. from the cosine one to StepLR), carrying the old one's attributes along
+                raise ValueError(
+                    f"{self.path} was written by a run scheduled by {saved_kind}, this run is configured with {kind} "
+                    "(lr_scheduler): a resume continues the saved schedule, so resume with the original lr_scheduler, "
+                    "or start a new run in another --output_dir to train with the new one."
+                )
+            # the saved state brings the scheduler's settings back too (--lr_scheduler#eta_min would be ignored)
+            configured, saved_schedule = self.lr_scheduler.state_dict(), state["lr_scheduler"]
+            moved = [(k, saved_schedule[k], configured[k]) for k in sorted(set(configured) & set(saved_schedule))
+                     if not k.startswith("_") and k not in _SCHEDULE_PROGRESS
+                     and isinstance(configured[k], (int, float, str, bool, list, tuple, type(None)))
+                     and _plain(saved_schedule[k]) != _plain(configured[k])]
+            if moved:
+                listed = "; ".join(f"{k} {old!r} there, {new!r} here" for k, old, new in moved)
+                fix = " ".join(f"--lr_scheduler#{k} {_cli_value(_plain(old))}" for k, old, _ in moved)
+                raise ValueError(
+                    f"{self.path} was written by a run with other learning-rate scheduler settings ({listed}): a resume "
+                    f"continues the saved schedule, so the new values would be ignored. Resume with the original "
+                    f"settings ({fix}), or start a new run in another --output_dir to train with the new ones."
+                )
         changed = _optimizer_changes(self.optimizer.state_dict(), state["optimizer"], self.lr_scheduler is not None)
         if changed:
             # loading the optimizer's state brings its hyperparameters back: the values asked for would be ignored

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from ignite.engine import Engine, Events
 
 from app.atomic import atomic_write_text
@@ -116,7 +117,11 @@ class TimeLimitHandler:
         )
         # at an epoch end the validation handler may already have scored these weights
         if self.validator is not None and not (self._at_epoch_end(engine) and self._validated(engine)):
-            self.validator.run(engine.state.epoch)
+            # a validation an uninterrupted run does not do here: its data loader draws its base seed from the
+            # global generator, which the checkpoint written at this stop records, so a run resumed from it with a
+            # larger budget drew other dropout masks (sentiment) than the uninterrupted run from here on
+            with torch.random.fork_rng(devices=[]):
+                self.validator.run(engine.state.epoch)
         engine.terminate()
 
     @staticmethod

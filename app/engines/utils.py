@@ -20,7 +20,7 @@ from app.networks.ds_unet import recorded_spacing
 from app.networks.weights import describe_state_dict, load_weights
 
 __all__ = [
-    "check_held_out", "check_held_out_split", "check_output_dir", "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "load_weights", "describe_state_dict",
+    "check_held_out", "check_held_out_split", "check_output_dir", "check_modalities", "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "load_weights", "describe_state_dict",
     "ProgressBarHandler", "report_input_errors", "check_overrides", "check_bools", "check_counts", "check_share", "resolve_device", "check_positive", "lock_output_dir", "UNSELECTED_CHECKPOINTS",
 ]
 
@@ -282,6 +282,28 @@ def _lock_here(path: str) -> bool:
     if fd is not None:  # None: a folder that cannot be locked, which runs unlocked
         _LOCKED[path] = fd  # kept open: the lock lasts as long as the process
     return True
+
+
+def check_modalities(network: Any, modalities: Sequence[str]) -> None:
+    """Raise a ``ValueError`` naming the fix when the network's sequences are not the data's, in the data's order.
+
+    The BraTS loader gives every case the four sequences as image channels in one order (an absent one as a
+    zero channel with its mask off), and each encoder reads the channel at its position. An override such as
+    ``--network_def#modalities "['flair','t1ce']"`` stopped the run at the first step, after ``datalist.json``
+    and ``models/`` were written, and the four names in another order trained silently with each encoder on
+    another sequence than its name, which inference then feeds it.
+
+    Args:
+        network: anything with a ``modalities`` attribute (a :class:`app.networks.DSUNet`).
+        modalities: the sequences the data loader gives, in channel order.
+    """
+    have = [str(m) for m in getattr(network, "modalities", modalities)]
+    if have != [str(m) for m in modalities]:
+        raise ValueError(
+            f"network_def#modalities {have} must be the sequences the cases are loaded with, in their order: "
+            f"{list(modalities)}. Leave --network_def#modalities out; to train without a sequence, leave its files "
+            "out of the cases (a case may lack sequences)."
+        )
 
 
 def check_patch_size(patch_size: Sequence[int], network: Any, whole_axis: bool = False, cli: bool = False) -> None:

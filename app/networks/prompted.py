@@ -117,6 +117,9 @@ class PromptedDSTransformer(DSTransformer):
         hidden, num_heads, ff_mult, dropout = self.hidden, self.num_heads, self.ff_mult, self.dropout_rate
         if int(num_prompts) < 1:
             raise ValueError(f"num_prompts must be >= 1, got {num_prompts}.")
+        if predictor_hidden is not None and int(predictor_hidden) < 0:  # torch's tensor-size traceback otherwise
+            raise ValueError(f"predictor_hidden must be >= 0 (0: 2 * hidden), got {predictor_hidden} "
+                             "(--predictor_hidden 0).")
         if self.num_modalities < 2:
             raise ValueError(f"Missing-modality prediction needs at least 2 modalities, got {list(self.modalities)}.")
         self.missing = missing

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
+import math
 
 from app.strategies.base import GradientStrategy, StepResult, random_submasks, subset_loss
 from app.strategies.basic import DropoutStrategy, PlainStrategy
@@ -16,6 +18,14 @@ __all__ = [
     "GMDStrategy", "GMDApproxStrategy", "CGGMStrategy", "PredictStrategy", "STRATEGIES", "build_strategy",
     "strategy_options",
 ]
+
+logger = logging.getLogger(__name__)
+
+#: the bundles' setting of each strategy option whose name differs from it (``strategy_def#subsets: '@gmd_subsets'``)
+BUNDLE_SETTINGS = {"subsets": "gmd_subsets", "rho": "cggm_rho", "head_lr": "cggm_head_lr", "b_clip": "cggm_b_clip",
+                   "sync": "gmd_sync"}
+#: options that only decide what is recorded: the bundles set them for every strategy
+_RECORDING = frozenset({"diagnostics_interval"})
 
 STRATEGIES: dict[str, type[GradientStrategy]] = {
     cls.name: cls for cls in (PlainStrategy, DropoutStrategy, GMDStrategy, GMDApproxStrategy, CGGMStrategy, PredictStrategy)
@@ -36,7 +46,8 @@ def build_strategy(name: str, **kwargs) -> GradientStrategy:
     """Instantiate a strategy by name, passing only the options it accepts.
 
     The bundles hand every strategy's knobs to this one factory (``strategy_def``), so an option of
-    another strategy (``rho`` when training ``gmd``) is left out without a word. An option that no
+    another strategy (``rho`` when training ``gmd``) is left out; a warning names it when it is set away from
+    its default (``--gmd_subsets 3`` with ``--strategy plain``), since it then has no effect. An option that no
     strategy takes is refused: it is a misspelling (``--strategy_def#subset 5``) that would otherwise
     train with the default and leave no trace.
 
@@ -56,4 +67,34 @@ def build_strategy(name: str, **kwargs) -> GradientStrategy:
                          "the default.")
     cls = STRATEGIES[key]
     params = inspect.signature(cls.__init__).parameters
+    _warn_unused(cls, {k: v for k, v in kwargs.items() if k not in params and k not in _RECORDING})
     return cls(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def _same(value: object, default: object) -> bool:
+    """Whether an option's value is its default, as the command line or a YAML file may spell it."""
+    if isinstance(value, str) or isinstance(default, str):
+        return str(value).strip().lower() == str(default).strip().lower()
+    if value is None or default is None:
+        return value is default
+    try:
+        return math.isclose(float(value), float(default), rel_tol=1e-12, abs_tol=0.0)
+    except (TypeError, ValueError):
+        return value == default
+
+
+def _warn_unused(cls: type[GradientStrategy], others: dict[str, object]) -> None:
+    """Log each option set away from its default that belongs to other strategies than ``cls``.
+
+    The bundles pass every strategy's options to :func:`build_strategy`, so ``--gmd_subsets 3`` with
+    ``--strategy plain``, or a recipe's ``warmup_iterations`` (``predict``) under ``--strategy gmd``, trained
+    as if it had not been given: the log says so, as it does for a setting the command does not use.
+    """
+    for option, value in others.items():
+        owners = [(name, inspect.signature(c.__init__).parameters.get(option)) for name, c in STRATEGIES.items()]
+        owners = [(name, p) for name, p in owners if p is not None]
+        if not owners or all(p.default is not p.empty and _same(value, p.default) for _, p in owners):
+            continue
+        setting = BUNDLE_SETTINGS.get(option, option)
+        logger.warning("%s=%s (strategy_def#%s) is an option of %s: strategy %r does not use it, so it has no "
+                       "effect here.", setting, value, option, ", ".join(name for name, _ in owners), cls.name)

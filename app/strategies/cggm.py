@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from app.flags import check_counts, check_positive
 from app.metrics.dice import dice_from_logits
 from app.strategies.base import GradientStrategy, StepResult, process_group, subset_loss
 from app.subsets import check_fusable
@@ -144,15 +145,21 @@ class CGGMStrategy(GradientStrategy):
         seed: int = 0, diagnostics_interval: int = 0,
     ) -> None:
         super().__init__(seed)
+        # checked here, not by float(): --cggm_rho x stopped the run with a bare traceback
+        try:
+            finite = not isinstance(rho, bool) and math.isfinite(float(rho))
+        except (TypeError, ValueError):
+            finite = False
+        if not finite:
+            raise ValueError(f"--cggm_rho {rho!r} must be a finite number, e.g. --cggm_rho 1.2.")
+        check_positive(allow_zero=True, cggm_lambda=cggm_lambda)
+        check_positive(cggm_head_lr=head_lr)
+        if b_clip is not None:
+            check_positive(cggm_b_clip=b_clip)
+        check_counts(at_least=0, diagnostics_interval=diagnostics_interval)
         self.rho = float(rho)
         self.cggm_lambda = float(cggm_lambda)
         self.head_lr = float(head_lr)
-        if not (math.isfinite(self.rho) and math.isfinite(self.cggm_lambda) and self.cggm_lambda >= 0):
-            raise ValueError(f"cggm_rho must be finite and cggm_lambda finite and >= 0, got {rho!r}, {cggm_lambda!r}.")
-        if not self.head_lr > 0:
-            raise ValueError(f"cggm_head_lr must be > 0, got {head_lr!r}.")
-        if b_clip is not None and not float(b_clip) > 0:
-            raise ValueError(f"cggm_b_clip must be > 0 or null (no clipping), got {b_clip!r}.")
         self.b_clip = None if b_clip is None else float(b_clip)
         self.diagnostics_interval = int(diagnostics_interval)
         self.heads: nn.ModuleList | None = None

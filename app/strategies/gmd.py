@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from app.flags import check_counts
 from app.strategies.base import GradientStrategy, StepResult, process_group, subset_loss
 from app.strategies.projection import decouple_coefficients, gmd_statistics, projection_orders
 from app.subsets import all_subsets, subset_masks, subset_name
@@ -60,13 +61,17 @@ class GMDStrategy(GradientStrategy):
         sync: str = "local",
     ) -> None:
         super().__init__(seed)
-        if isinstance(subsets, str) and subsets.strip().lower() != "all":
-            subsets = int(subsets)
-        if not isinstance(subsets, str) and int(subsets) < 1:
-            raise ValueError(f"gmd_subsets must be 'all' or a positive integer, got {subsets!r}.")
-        self.subsets = "all" if isinstance(subsets, str) else int(subsets)
+        if not (isinstance(subsets, str) and subsets.strip().lower() == "all"):
+            try:  # not int(): "x" stopped the run with a bare traceback, 2.5 trained on 2 subsets and 0 vjp_chunk on 1
+                check_counts(gmd_subsets=subsets)
+            except ValueError:
+                raise ValueError(f"--gmd_subsets {subsets!r} must be all or a whole number >= 1 (subsets per "
+                                 "iteration), e.g. --gmd_subsets 5.") from None
+        check_counts(vjp_chunk=vjp_chunk)
+        check_counts(at_least=0, diagnostics_interval=diagnostics_interval)
+        self.subsets = "all" if isinstance(subsets, str) and subsets.strip().lower() == "all" else int(subsets)
         self.diagnostics_interval = int(diagnostics_interval)
-        self.vjp_chunk = max(1, int(vjp_chunk))
+        self.vjp_chunk = int(vjp_chunk)
         self.sync = str(sync).strip().lower()
         if self.sync not in ("local", "global"):
             raise ValueError(f"gmd_sync must be 'local' or 'global', got {sync!r}.")

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from app.flags import check_counts, check_positive
 from app.strategies.base import GradientStrategy, StepResult, random_submasks
 from app.strategies.vicreg import vicreg_terms
 
@@ -71,14 +72,11 @@ class PredictStrategy(GradientStrategy):
         confidence_weight: float = 1.0,
     ) -> None:
         super().__init__(seed)
-        if int(warmup_iterations) < 0:
-            raise ValueError(f"warmup_iterations must be >= 0, got {warmup_iterations}.")
-        weights = {"vicreg_invariance": vicreg_invariance, "vicreg_variance": vicreg_variance,
-                   "vicreg_covariance": vicreg_covariance, "prediction_weight": prediction_weight,
-                   "predicted_task_weight": predicted_task_weight, "confidence_weight": confidence_weight}
-        negative = {k: v for k, v in weights.items() if float(v) < 0}
-        if negative:
-            raise ValueError(f"Loss weights must be >= 0, got {negative}.")
+        # checked here, not by int()/float(): --warmup_iterations x stopped the run with a bare traceback
+        check_counts(at_least=0, warmup_iterations=warmup_iterations)
+        check_positive(allow_zero=True, vicreg_invariance=vicreg_invariance, vicreg_variance=vicreg_variance,
+                       vicreg_covariance=vicreg_covariance, prediction_weight=prediction_weight,
+                       predicted_task_weight=predicted_task_weight, confidence_weight=confidence_weight)
         self.warmup_iterations = int(warmup_iterations)
         self.vicreg_weights = (float(vicreg_invariance), float(vicreg_variance), float(vicreg_covariance))
         self.prediction_weight = float(prediction_weight)

@@ -354,6 +354,42 @@ def test_a_bad_flag_or_a_resume_without_checkpoint_stops_before_any_output(phant
     assert last.startswith(message), last
 
 
+def test_an_evaluation_with_a_seed_that_is_no_whole_number_is_one_line(trained, tmp_path):
+    """--seed abc reached set_determinism, which stopped the evaluation with a traceback (training refused it)."""
+    out = tmp_path / "eval"
+    last = refused_line([TRAIN, EVALUATE], "--eval_datalist", str(trained / "datalist.json"), "--ckpt_path",
+                        str(trained / "models" / "model.pt"), "--output_dir", str(out), "--seed", "abc", *TINY,
+                        output_dir=out)
+    assert last == "error: --seed 'abc' must be a whole number >= 0, e.g. --seed 1."
+
+
+@pytest.mark.parametrize("modalities", ["['flair','t1ce']", "['t1','flair','t1ce','t2']"])
+@pytest.mark.parametrize("configs", [[TRAIN], [TRAIN, str(BRATS / "configs" / "multi_gpu_train.yaml")]],
+                         ids=["train", "multi_gpu"])
+def test_a_network_of_other_sequences_than_the_data_is_refused_before_any_output(phantoms, tmp_path, configs, modalities,
+                                                                                 monkeypatch):
+    """--network_def#modalities "['flair','t1ce']" stopped at the first step (image [B, 4, ...] for 2 encoders)
+    after datalist.json and models/ were written; the four names in another order trained silently, each
+    encoder on the channel of another sequence than its name."""
+    out = tmp_path / "out"
+    gloo = ["--dist_backend", "gloo"] if len(configs) > 1 else []
+    if gloo:  # one process, as torchrun --nproc_per_node 1 starts it
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        for key, value in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+            monkeypatch.setenv(key, value)
+    last = refused_line(configs, "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
+                        "--strategy", "plain", "--network_def#modalities", modalities, *gloo, *TINY, output_dir=out)
+    names = modalities.strip("[]").replace(",", ", ")
+    assert last.removeprefix("[rank0]: ") == (f"error: network_def#modalities [{names}] must be the sequences the cases are loaded with, in "
+                    "their order: ['flair', 't1', 't1ce', 't2']. Leave --network_def#modalities out; to train without "
+                    "a sequence, leave its files out of the cases (a case may lack sequences).")
+
+
 @pytest.mark.parametrize("configs", [[TRAIN], [TRAIN, EVALUATE]], ids=["train", "evaluate"])
 @pytest.mark.parametrize("device, message", [
     ("gpu", "error: --device 'gpu' is not a device ("),

@@ -111,6 +111,77 @@ def test_a_resume_with_another_learning_rate_or_weight_decay_is_refused(tmp_path
         run(0.2, 0.01, scheduled=False)
 
 
+def test_a_resume_with_another_optimizer_is_refused(tmp_path):
+    """--optimizer#_target_ torch.optim.SGD (the README's CGGM setting) on a resume of an AdamW run loaded
+    AdamW's state into SGD and stopped at the first step with KeyError: 'momentum'; into Adam it trained on
+    silently with AdamW's decoupled weight decay."""
+    def run(cls, resume="auto", **kwargs):
+        net = torch.nn.Linear(2, 1)
+        optimizer = cls(net.parameters(), lr=0.1, weight_decay=0.01, **kwargs)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=2)
+        engine = Engine(lambda e, b: (net(torch.ones(1, 2)).sum().backward(), optimizer.step()))
+        engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: scheduler.step())
+        ResumableCheckpoint(tmp_path, net, optimizer, lr_scheduler=scheduler, resume=resume).attach(engine)
+        engine.run(DATA, max_epochs=2)
+        return optimizer
+
+    run(torch.optim.AdamW, resume="false")
+    path = tmp_path / "checkpoint_last.pt"
+    for cls, name, extra in ((torch.optim.SGD, "torch.optim.SGD", {"momentum": 0.9}), (torch.optim.Adam, "torch.optim.Adam", {})):
+        with pytest.raises(ValueError, match=rf"{path} was written by a run training with torch.optim.AdamW, this run is "
+                                             rf"configured with {name} \(--optimizer#_target_\): a resume continues the "
+                                             r"saved optimizer, so resume with the original --optimizer#_target_"):
+            run(cls, **extra)
+    assert isinstance(run(torch.optim.AdamW), torch.optim.AdamW)  # the same optimizer resumes
+    # a checkpoint written before the class was recorded: told apart by its hyperparameters' names
+    state = torch.load(path, weights_only=False)
+    del state["optimizer_class"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"training with another optimizer, this run is configured with torch.optim.SGD"):
+        run(torch.optim.SGD, momentum=0.9)
+    run(torch.optim.AdamW)
+
+
+def test_a_resume_with_another_learning_rate_scheduler_is_refused(tmp_path):
+    """A recipe replacing the cosine lr_scheduler by StepLR on a resume loaded the cosine state into StepLR and
+    trained on silently: the run switched schedules half-way (and --lr_scheduler#eta_min was ignored)."""
+    def run(make, resume="auto"):
+        net = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=0.1)
+        scheduler = make(optimizer)
+        engine = Engine(lambda e, b: optimizer.step())
+        engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: scheduler.step())
+        ResumableCheckpoint(tmp_path, net, optimizer, lr_scheduler=scheduler, resume=resume).attach(engine)
+        engine.run(DATA, max_epochs=2)
+        return scheduler
+
+    def cosine(o):
+        return torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=2)
+
+    def step(o):
+        return torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5)
+
+    run(cosine, resume="false")
+    path = tmp_path / "checkpoint_last.pt"
+    with pytest.raises(ValueError, match=rf"{path} was written by a run scheduled by "
+                                         r"torch.optim.lr_scheduler.CosineAnnealingLR, this run is configured with "
+                                         r"torch.optim.lr_scheduler.StepLR \(lr_scheduler\): a resume continues the "
+                                         r"saved schedule"):
+        run(step)
+    assert isinstance(run(cosine), torch.optim.lr_scheduler.CosineAnnealingLR)
+    state = torch.load(path, weights_only=False)  # written before the class was recorded: told by its entries
+    del state["lr_scheduler_class"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"scheduled by another learning-rate scheduler, this run is configured with "
+                                         r"torch.optim.lr_scheduler.StepLR"):
+        run(step)
+    run(cosine)
+    # its settings come back with the saved state, so a new value would be ignored
+    with pytest.raises(ValueError, match=r"other learning-rate scheduler settings \(eta_min 0.0 there, 0.001 here\): a "
+                                         r"resume continues the saved schedule.*\(--lr_scheduler#eta_min 0.0\)"):
+        run(lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=2, eta_min=1e-3))
+
+
 def test_a_resume_with_other_training_settings_is_refused(tmp_path):
     """A resume that forgot --patch_size "[32,32,32]" trained on at the default patch size, the weights, optimizer
     and data order carrying on as if nothing had changed."""

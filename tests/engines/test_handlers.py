@@ -114,6 +114,41 @@ def test_a_time_limit_validates_the_weights_it_stops_with_once(expire_at_iterati
     assert scored == validated and limit.expired
 
 
+def test_the_validation_of_a_time_limit_stop_leaves_the_global_generator_as_it_was():
+    """The validation run when the budget stops training mid-epoch draws its data loader's base seed from
+    the global generator, and the checkpoint written at that stop recorded the state after that draw: a run
+    resumed from it with a larger budget drew other dropout masks than the uninterrupted run, which does
+    not validate there (sentiment training, multi_gpu_train.yaml)."""
+    import torch
+    from ignite.engine import Engine, Events
+    from torch.utils.data import DataLoader
+
+    from app.engines import TimeLimitHandler
+
+    def run_validator(epoch: int) -> None:
+        for _ in DataLoader(list(range(2))):
+            pass
+        validator.state.epoch = epoch
+
+    validator = SimpleNamespace(state=SimpleNamespace(epoch=0), run=run_validator)
+    trainer = Engine(lambda e, b: None)
+    limit = TimeLimitHandler(minutes=60, validator=validator)
+    states = {}
+
+    def spend_the_budget(engine):
+        if engine.state.iteration == 3:
+            limit.spent_before = 2 * limit.seconds
+            states["stop"] = torch.get_rng_state()
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, spend_the_budget)
+    limit.attach(trainer)
+    trainer.add_event_handler(Events.TERMINATE, lambda e: states.setdefault("saved", torch.get_rng_state()))
+    torch.manual_seed(0)
+    trainer.run([0, 0], max_epochs=5)
+    assert validator.state.epoch == 2 and limit.expired  # stopped mid-epoch 2, and validated
+    assert torch.equal(states["stop"], states["saved"])
+
+
 class _Writer:
     def __init__(self):
         self.scalars = {}

@@ -196,6 +196,19 @@ def test_a_negative_weight_decay_writes_nothing(synthetic_pkl, tmp_path):
     assert "Traceback" not in proc.stderr and not out.exists()
 
 
+@pytest.mark.parametrize("configs", ["train", "evaluate"])
+def test_a_seed_that_is_no_whole_number_writes_nothing(trained, synthetic_pkl, tmp_path, configs):
+    """--seed abc reached set_determinism, which stopped training and evaluation with a traceback."""
+    out = tmp_path / "run"
+    files = [TRAIN] if configs == "train" else [TRAIN, EVALUATE]
+    extra = [] if configs == "train" else ["--ckpt_path", str(trained / "models" / "model.pt")]
+    proc = run_mosi_bundle(files, "--data_path", str(synthetic_pkl), "--trust_pickle", "true", "--output_dir",
+                           str(out), "--max_epochs", "1", "--seed", "abc", *extra, check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == "error: --seed 'abc' must be a whole number >= 0, e.g. --seed 1."
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
 def test_a_bad_validation_split_is_refused_before_anything_is_written(tmp_path):
     """The validation split was read only at the first validation: a --val_split the file lacks left an
     empty output folder, and one with a NaN label a splits.json, behind its one-line error."""

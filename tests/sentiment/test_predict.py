@@ -341,6 +341,20 @@ def test_predict_refuses_a_network_without_prompts():
 
 
 # -- network factory and pretrained weights ----------------------------------------------------------
+def test_a_negative_predictor_width_is_refused_naming_the_setting(synthetic_pkl, tmp_path):
+    """--predictor_hidden -3 stopped the run with torch's 'negative dimension' traceback (0 means 2 * hidden)."""
+    with pytest.raises(ValueError, match=r"predictor_hidden must be >= 0 \(0: 2 \* hidden\), got -3"):
+        _net(predictor_hidden=-3)
+    assert _net(predictor_hidden=0).predictor_hidden == 32
+    out = tmp_path / "run"
+    proc = run_mosi_bundle([TRAIN], "--data_path", str(synthetic_pkl), "--trust_pickle", "true", "--output_dir",
+                           str(out), "--max_epochs", "1", "--strategy", "predict", "--predictor_hidden", "-3",
+                           check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: predictor_hidden must be >= 0")
+    assert not out.exists()
+
+
 def test_factory_and_pretrained_loading(tmp_path):
     opts = {"in_features": DIMS, "hidden": 16, "num_heads": 2, "encoder_layers": 1}
     assert type(build_sentiment_network("gmd", **opts)) is DSTransformer

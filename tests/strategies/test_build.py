@@ -19,6 +19,32 @@ def test_an_option_of_another_strategy_is_left_out():
     assert isinstance(build_strategy("plain", subsets="all", seed=1), PlainStrategy)
 
 
+def test_an_option_of_another_strategy_set_away_from_its_default_is_named_in_a_warning(caplog):
+    """``--strategy plain --gmd_subsets 3``, or the predict recipe's warmup_iterations under ``--strategy gmd``,
+    trained as if the option had not been given, without a word in the log."""
+    with caplog.at_level("WARNING", logger="app.strategies"):
+        build_strategy("plain", subsets=3, seed=0, diagnostics_interval=20, rho=1.2)
+        build_strategy("gmd", subsets="all", warmup_iterations=200, rho="1.3", head_lr=1e-3, b_clip=None)
+    assert [r.getMessage() for r in caplog.records] == [
+        "gmd_subsets=3 (strategy_def#subsets) is an option of gmd, gmd_approx: strategy 'plain' does not use it, so "
+        "it has no effect here.",
+        "warmup_iterations=200 (strategy_def#warmup_iterations) is an option of predict: strategy 'gmd' does not use "
+        "it, so it has no effect here.",
+        "cggm_rho=1.3 (strategy_def#rho) is an option of cggm: strategy 'gmd' does not use it, so it has no effect "
+        "here.",
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="app.strategies"):  # the bundles' defaults, as they spell them
+        for bundle in ("brats_gmd", "mosi_gmd"):
+            parser = ConfigParser()
+            parser.read_config(os.path.join(BUNDLES, bundle, "configs", "train.yaml"))
+            options = {k: parser.get_parsed_content(f"strategy_def#{k}") for k in parser["strategy_def"]
+                       if k not in ("_target_", "name")}
+            for name in ("plain", "dropout", "gmd", "gmd_approx", "cggm", "predict"):
+                build_strategy(name, **options)
+    assert not caplog.records
+
+
 def test_a_misspelt_option_is_refused_with_the_option_it_resembles():
     with pytest.raises(ValueError, match=r"'subset' \(strategy_def#subset .*\) is an option of no strategy: "
                                          r"did you mean 'subsets'\?"):
@@ -77,3 +103,28 @@ def test_listing_the_strategies_does_not_import_monai():
 
     code = "import sys, app.ablation, app.strategies; sys.exit('monai' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=os.path.join(BUNDLES, "..")).returncode == 0
+
+
+@pytest.mark.parametrize("name,option,value,message", [
+    ("gmd", "subsets", "x", "--gmd_subsets 'x' must be all or a whole number >= 1 (subsets per iteration), e.g. "
+                            "--gmd_subsets 5."),
+    ("gmd_approx", "subsets", 2.5, "--gmd_subsets 2.5 must be all or a whole number >= 1"),
+    ("gmd", "vjp_chunk", 0, "--vjp_chunk 0 must be a whole number >= 1, e.g. --vjp_chunk 1."),
+    ("gmd", "vjp_chunk", "abc", "--vjp_chunk 'abc' must be a whole number >= 1"),
+    ("gmd", "diagnostics_interval", -1, "--diagnostics_interval -1 must be a whole number >= 0"),
+    ("cggm", "rho", "abc", "--cggm_rho 'abc' must be a finite number, e.g. --cggm_rho 1.2."),
+    ("cggm", "cggm_lambda", "x", "--cggm_lambda 'x' must be a number >= 0"),
+    ("cggm", "head_lr", 0, "--cggm_head_lr 0 must be a number > 0"),
+    ("cggm", "b_clip", "none", "--cggm_b_clip 'none' must be a number > 0"),
+    ("predict", "warmup_iterations", "x", "--warmup_iterations 'x' must be a whole number >= 0"),
+    ("predict", "vicreg_variance", float("nan"), "--vicreg_variance nan must be a number >= 0"),
+])
+def test_a_strategy_option_that_is_not_a_valid_number_is_named_with_its_fix(name, option, value, message):
+    """--vjp_chunk abc or --cggm_rho abc stopped the run with int()'s or float()'s bare traceback, which the
+    bundle cannot report as one line; --vjp_chunk 0 ran with 1 and --gmd_subsets 2.5 with 2 subsets."""
+    with pytest.raises(ValueError) as err:
+        build_strategy(name, **{option: value})
+    assert str(err.value).startswith(message)
+    # raised by a raise statement of the package: the bundle prints it as one error line, without a traceback
+    from app.engines.utils import _input_error
+    assert _input_error(err.value) is err.value
