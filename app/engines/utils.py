@@ -15,6 +15,7 @@ from ignite.engine import Engine
 
 from app.atomic import check_writable_folder, lock_folder
 from app.bundle_args import _MONAI_DIR, check_overrides
+from app.data.errors import WorkerCaseError
 from app.flags import check_bools, check_counts, check_paths, check_positive, check_share, parse_bool
 from app.networks.ds_unet import recorded_spacing
 from app.networks.weights import describe_state_dict, load_weights
@@ -43,11 +44,15 @@ def _input_error(exc: BaseException | None) -> BaseException | None:
     Only MONAI's wrappers (``Failed to evaluate ...``, raised in MONAI ``from`` the real error) are
     looked through. The error must be a ``ValueError`` or ``OSError`` raised by a ``raise``
     statement of this package, whose messages name the file and the fix; one raised inside a
-    library or the interpreter (``int('x')``, a bad unpacking) is a bug, shown whole.
+    library or the interpreter (``int('x')``, a bad unpacking) is a bug, shown whole. A
+    :class:`~app.data.errors.WorkerCaseError` is such an error found in a data-loader worker, which
+    PyTorch raises again in the main process.
     """
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        if isinstance(exc, WorkerCaseError):  # raised by PyTorch's data loader, for bad input a worker found
+            return exc
         filename, line = _raised_at(exc)
         if filename.startswith(_APP_DIR):
             ours = linecache.getline(filename, line).lstrip().startswith("raise")
