@@ -19,6 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import CacheDataset
+from torch.utils.data import get_worker_info
+
+from app.data.errors import WorkerCaseError
 
 __all__ = [
     "CACHE_MEMORY_FRACTION", "CaseCacheDataset", "available_memory", "estimate_cache_bytes", "resolve_cache_rate",
@@ -261,6 +264,26 @@ class CaseCacheDataset(CacheDataset):
             self._run_pool(unchecked, keep=False)
             logger.info("Checked the %d case(s) not kept in memory: they are read from disk every epoch.",
                         len(unchecked))
+
+    def _transform(self, index: int) -> Any:
+        """``CacheDataset``'s, with bad input found in a data-loader worker raised as :class:`WorkerCaseError`.
+
+        A case read from disk during an epoch (one the cache left out, or a file replaced since the
+        start) is read in a worker process when ``num_workers > 0``; PyTorch hands its error to the
+        main process as the text of the worker's traceback, so the run ended with that traceback
+        instead of the one-line error it gives with ``num_workers 0``.
+        """
+        try:
+            return super()._transform(index)
+        except Exception as err:
+            if get_worker_info() is None:  # the main process: the error's chain reaches the reporter intact
+                raise
+            from app.engines.utils import _input_error
+
+            found = _input_error(err)
+            if found is None:  # a bug, not bad input: the whole traceback is what helps
+                raise
+            raise WorkerCaseError(" ".join(str(found).split())) from err
 
     def _fill_cache(self, indices: Sequence[int] | None = None) -> list:
         if self.cache_num <= 0:

@@ -5,11 +5,34 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["CaseError", "check_readable", "too_large_to_read", "unreadable"]
+__all__ = ["CaseError", "WorkerCaseError", "check_readable", "too_large_to_read", "unreadable"]
 
 
 class CaseError(ValueError):
     """A case on disk cannot be used as it is; the message names the file or folder and the fix."""
+
+
+class WorkerCaseError(CaseError):
+    """A :class:`CaseError` found in a data-loader worker process, as the main process receives it.
+
+    PyTorch passes a worker's exception to the main process as its type and the text of its whole
+    traceback, and raises ``type(text)`` there: the message that names the file and the fix would end
+    a long traceback (``--num_workers 2``, the default) instead of being the one line it is with
+    ``--num_workers 0``. Built from that text, this error keeps only the message, which the worker
+    raised last; with ``APP_TRACEBACK=1`` the worker's traceback is kept as a note.
+
+    Args:
+        message: the message, or PyTorch's ``Caught ... Original Traceback ...`` text ending with it.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        full = str(message)
+        marker = f"{WorkerCaseError.__module__}.{WorkerCaseError.__qualname__}: "
+        if "Traceback" in full and marker in full:  # PyTorch's re-raise: the worker's traceback, then the message
+            message = full.rpartition(marker)[2].strip()
+        super().__init__(message)
+        if full != message and os.environ.get("APP_TRACEBACK") == "1":
+            self.add_note(full)
 
 
 def unreadable(path: str | os.PathLike) -> CaseError:

@@ -15,6 +15,7 @@ from ignite.engine import Engine
 
 from app.atomic import check_writable_folder, lock_folder
 from app.bundle_args import _MONAI_DIR, check_overrides
+from app.data.errors import WorkerCaseError
 from app.flags import check_bools, check_counts, check_paths, check_positive, check_share, parse_bool
 from app.networks.ds_unet import recorded_spacing
 from app.networks.weights import describe_state_dict, load_weights
@@ -37,17 +38,46 @@ def _raised_at(exc: BaseException) -> tuple[str, int]:
     return ("", 0) if tb is None else (os.path.abspath(tb.tb_frame.f_code.co_filename), tb.tb_lineno)
 
 
+#: where PyTorch's data loader raises the error of a worker process that died (killed by a signal, or exited)
+_TORCH_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(torch.utils.data.__file__)), "")
+
+
+def _worker_died(exc: BaseException) -> RuntimeError | None:
+    """PyTorch's error for a data-loader worker process that died, as a one-line error naming the fix, or None.
+
+    On a shared server the out-of-memory killer often picks a worker (``DataLoader worker (pid N) is killed by
+    signal: Killed.``), and a container without enough shared memory kills one with a bus error; the run ended
+    with a traceback whose last line named neither the cause nor the settings that avoid it.
+    """
+    text = " ".join(str(exc).split())
+    if not (isinstance(exc, RuntimeError) and text.startswith("DataLoader worker (pid")
+            and _raised_at(exc)[0].startswith(_TORCH_DATA_DIR)):
+        return None
+    return RuntimeError(
+        f"{text.rstrip('.')}. A data-loader worker process (--num_workers) was ended from outside, on a shared "
+        "machine most often by the out-of-memory killer (see dmesg) or for want of shared memory (Docker: "
+        "--shm-size): pass a lower --num_workers (0 loads the cases in the main process) or a lower --cache_rate, "
+        "or run where more memory is free.")
+
+
 def _input_error(exc: BaseException | None) -> BaseException | None:
     """The product's own bad-input error behind ``exc``, or None.
 
     Only MONAI's wrappers (``Failed to evaluate ...``, raised in MONAI ``from`` the real error) are
     looked through. The error must be a ``ValueError`` or ``OSError`` raised by a ``raise``
     statement of this package, whose messages name the file and the fix; one raised inside a
-    library or the interpreter (``int('x')``, a bad unpacking) is a bug, shown whole.
+    library or the interpreter (``int('x')``, a bad unpacking) is a bug, shown whole. A
+    :class:`~app.data.errors.WorkerCaseError` is such an error found in a data-loader worker, which
+    PyTorch raises again in the main process. A data-loader worker that died (:func:`_worker_died`) is reported
+    as an error naming the settings that avoid it.
     """
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        if isinstance(exc, WorkerCaseError):  # raised by PyTorch's data loader, for bad input a worker found
+            return exc
+        if (died := _worker_died(exc)) is not None:
+            return died
         filename, line = _raised_at(exc)
         if filename.startswith(_APP_DIR):
             ours = linecache.getline(filename, line).lstrip().startswith("raise")

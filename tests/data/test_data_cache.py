@@ -225,3 +225,52 @@ def test_auto_rounds_the_share_down_to_a_hundredth(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger=cache.logger.name):
         assert resolve_cache_rate("auto", [{}] * 100, lambda s: s, fraction=0.5, local_processes=1) == 0.66
     assert "caching 66 of them" in caplog.text
+
+
+def test_a_bad_case_read_by_a_data_loader_worker_is_one_error_line(tmp_path, make_case, monkeypatch):
+    """A case read from disk during an epoch (cache_rate < 1, or a file replaced since the start) in a worker
+    process (--num_workers 2, the default) ended the run with the worker's whole traceback, where --num_workers 0
+    gives the one-line error naming the file and the fix."""
+    from torch.utils.data import DataLoader
+
+    import app.engines.utils as utils
+    from app.data.cache import CaseCacheDataset
+    from app.data.datalist import prepare_datalist
+    from app.data.errors import CaseError
+    from app.data.transforms import LoadCased
+
+    for i in range(3):
+        make_case(tmp_path / "data", f"case{i}")
+    records = prepare_datalist(tmp_path / "data", tmp_path / "out")
+    data = records["training"] + records["validation"]
+    dataset = CaseCacheDataset(data=data, transform=LoadCased(), cache_rate=0.0, num_workers=0, progress=False)
+    bad = data[0]["images"]["flair"]
+    Path(bad).write_bytes(Path(bad).read_bytes()[:300])  # truncated after the run started
+    with pytest.raises(CaseError) as err:
+        next(iter(DataLoader(dataset, batch_size=1, num_workers=1)))
+    message = str(err.value)
+    from app.data.errors import WorkerCaseError
+
+    assert isinstance(err.value, WorkerCaseError)
+    assert bad in message and message.endswith("re-download or re-export it.")
+    assert "Traceback" not in message and "\n" not in message
+    # as MONAI's bundle runner raises it again: the run ends with 'error: <message>' alone
+    import monai.bundle.config_item as config_item
+
+    namespace: dict = {}
+    exec(compile("def evaluate(err):\n    try:\n        raise err\n    except BaseException as inner:\n"
+                 "        raise RuntimeError('Failed to evaluate ConfigExpression') from inner\n",
+                 config_item.__file__, "exec"), namespace)
+    with pytest.raises(RuntimeError) as wrapped:
+        namespace["evaluate"](err.value)
+    assert utils._input_error(wrapped.value) is err.value
+    # in the main process (--num_workers 0) the error is the loader's own, as before
+    with pytest.raises(RuntimeError) as main:
+        next(iter(DataLoader(dataset, batch_size=1, num_workers=0)))
+    assert type(main.value.__cause__) is CaseError and str(main.value.__cause__) == message
+    # APP_TRACEBACK=1 keeps the worker's traceback
+    text = f"Caught WorkerCaseError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n" \
+           f"  File \"x.py\", line 1, in f\napp.data.errors.WorkerCaseError: {message}\n"
+    monkeypatch.setenv("APP_TRACEBACK", "1")
+    noted = WorkerCaseError(text)
+    assert str(noted) == message and noted.__notes__ == [text]

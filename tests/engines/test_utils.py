@@ -342,3 +342,39 @@ def test_ids_repeated_across_splits_do_not_call_test_utterances_seen(tmp_path):
     copied = {k: v if k == "id" else np.concatenate([data["train"][k][:1], v[1:]]) for k, v in data["test"].items()}
     assert check_held_out_split(ckpt, {**data, "test": copied}, "test").startswith(
         "1 of the 4 utterances of split 'test' trained")
+
+
+class _KilledInWorker(torch.utils.data.Dataset):
+    """A dataset whose worker process is killed while it loads, as the out-of-memory killer does."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        import signal
+
+        if torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.zeros(1)
+
+
+def test_a_data_loader_worker_killed_from_outside_is_one_line_naming_the_settings(monkeypatch, capsys):
+    """The OOM killer ending a worker (--num_workers 2, the default) ended training with a traceback whose last
+    line named neither the likely cause nor the settings that avoid it."""
+    import sys
+
+    monkeypatch.setattr("sys.excepthook", lambda *exc: None)
+    monkeypatch.delenv("APP_TRACEBACK", raising=False)
+    report_input_errors()
+    killed = _raised(lambda: next(iter(torch.utils.data.DataLoader(_KilledInWorker(), num_workers=1))))
+    assert isinstance(killed, RuntimeError) and "DataLoader worker (pid" in str(killed)
+    err = _wrapped(killed)
+    sys.excepthook(type(err), err, err.__traceback__)
+    line = capsys.readouterr().err
+    assert line.startswith("error: DataLoader worker (pid") and line.count("\n") == 1
+    assert "out-of-memory killer" in line and "--num_workers" in line and "--cache_rate" in line
+    # the same words from elsewhere are not the data loader's
+    other = _wrapped(_raised(lambda: (_ for _ in ()).throw(RuntimeError("DataLoader worker (pid 1) is killed"))))
+    import app.engines.utils as utils
+
+    assert utils._input_error(other) is None
