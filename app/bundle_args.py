@@ -94,6 +94,10 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
         close = difflib.get_close_matches(top, sorted(known), n=3, cutoff=0.6)
         hint = f"did you mean {' or '.join('--' + c for c in close)}?" if close else "check its spelling."
         files = config_file if isinstance(config_file, str) else ", ".join(map(str, config_file))
+        elsewhere = _sibling_configs_with(top, config_files(config_file))
+        if elsewhere:  # the exact key in another file of the bundle beats a close spelling
+            hint = (f"it is a setting of {' and '.join(elsewhere)} in the same folder, not of the files given: add "
+                    "that file to --config_file or use it instead.")
         raise ValueError(f"--{key} is not a setting of {files}: {hint} The run would ignore it and use the default; "
                          "the settings are the top-level keys of those files.")
     # a setting this command never reads (--ckpt_path in training: evaluate.yaml's; --eval_split in sentiment
@@ -153,6 +157,30 @@ def _referenced_paths(config: Any, found: set[str] | None = None) -> set[str]:
 def _referenced_ids(config: Any) -> set[str]:
     """The top-level ids that the values of ``config`` refer to."""
     return {re.match(r"\w*", path).group(0) for path in _referenced_paths(config)}
+
+
+def _sibling_configs_with(key: str, files: Sequence[str]) -> list[str]:
+    """Names of the other config files beside the first of ``files`` that define ``key`` at the top.
+
+    A setting of one command is often tried on another (``--resume`` of the sentiment bundle's
+    ``multi_gpu_train.yaml`` on its ``train.yaml``): "check its spelling" would send the user the wrong way.
+    """
+    from monai.bundle import ConfigParser
+
+    folder = os.path.dirname(os.path.abspath(files[0]))
+    given = {os.path.abspath(f) for f in files}
+    found = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        path = os.path.join(folder, name)
+        if path in given or name == "metadata.json" or not name.endswith((".yaml", ".yml", ".json")):
+            continue
+        try:
+            content = ConfigParser.load_config_file(path)
+        except Exception:  # not a config this check can read: it cannot name the setting either
+            continue
+        if isinstance(content, dict) and key in content:
+            found.append(name)
+    return found
 
 
 def config_files(config_file: Any) -> list[str]:

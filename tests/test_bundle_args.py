@@ -45,6 +45,21 @@ def test_a_key_with_no_close_setting_gets_a_sentence_of_its_own():
         check_overrides([main, "run", "--config_file", train, "--zzzz", "1"])
 
 
+
+def test_a_setting_of_another_config_of_the_bundle_names_that_file():
+    """--resume is a setting of the sentiment bundle's multi_gpu_train.yaml: "check its spelling" misled."""
+    from app.bundle_args import _MONAI_DIR, check_overrides
+
+    main = os.path.join(_MONAI_DIR, "bundle", "__main__.py")
+    bundles = os.path.join(os.path.dirname(__file__), "..", "bundles")
+    mosi_train = os.path.join(bundles, "mosi_gmd", "configs", "train.yaml")
+    with pytest.raises(ValueError, match=r"--resume is not a setting of .*: it is a setting of multi_gpu_train\.yaml "
+                                         r"in the same folder, not of the files given: add that file"):
+        check_overrides([main, "run", "--config_file", mosi_train, "--resume", "true"])
+    brats_train = os.path.join(bundles, "brats_gmd", "configs", "train.yaml")
+    with pytest.raises(ValueError, match=r"--eval_datalist is not a setting of .*: it is a setting of evaluate\.yaml"):
+        check_overrides([main, "run", "--config_file", brats_train, "--eval_datalist", "d.json"])
+
 def test_a_misspelt_key_in_an_override_file_is_refused(tmp_path):
     """A recipe's keys were merged into train.yaml unchecked: ``learning_rat: 0.01`` trained at the default."""
     from app.bundle_args import _MONAI_DIR, check_override_files, check_overrides
