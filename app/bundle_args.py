@@ -103,6 +103,7 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
     for key, value in options.items():
         if key not in _RUN_ARGS and value is not None and re.split(r"::|#", key, maxsplit=1)[0] in read:
             _check_hash(_literal(value), f"--{key} {value}")
+            _check_shell_text(_literal(value), f"--{key}", merged)
     for key in options:
         top = re.split(r"::|#", key, maxsplit=1)[0]
         if key not in _RUN_ARGS and top not in used:
@@ -254,6 +255,37 @@ def _check_hash(value: Any, where: str) -> None:
                          f"turns {value!r} into {value.replace('#', '::')!r}, so the run would read or write another "
                          "path than the one given. Rename the folder or file without '#', or give a symbolic link "
                          "to it whose path has none (ln -s).")
+
+
+# a value that starts as a shell variable would ($HOME/runs, ${SCRATCH}/x): MONAI evaluates it as Python
+_SHELL_VARIABLE = re.compile(r"\$\{?([A-Za-z_]\w*)\}?(?=/|$)")
+
+
+def _check_shell_text(value: Any, option: str, config: dict) -> None:
+    """Refuse a command-line value that the shell left unexpanded and MONAI would read as its own syntax.
+
+    A job script that quotes ``'$HOME/runs/x'`` (single quotes), or a scheduler that passes the text as
+    it is, handed MONAI a value starting with ``$``, which it evaluates as Python: the run stopped with
+    ``NameError: name 'HOME' is not defined`` at the bottom of a traceback. A relative path that starts
+    with ``@`` and is nothing more (``@site``) is read as a reference to a setting, and stopped with
+    MONAI's traceback too.
+
+    Raises:
+        ValueError: naming the option, what MONAI would make of the value and the fix.
+    """
+    if not isinstance(value, str):
+        return
+    text = value.strip()
+    match = _SHELL_VARIABLE.match(text)
+    if match and match.group(1) in os.environ:
+        raise ValueError(f"{option} {value}: the shell did not expand ${match.group(1)} (single quotes, or a value "
+                         "passed on as text), and MONAI evaluates a value starting with '$' as Python. Let the shell "
+                         f"expand it (double quotes: {option} \"${match.group(1)}{text[match.end():]}\"), or give "
+                         f"the path itself ({os.environ[match.group(1)]}{text[match.end():]}).")
+    if re.fullmatch(r"@[\w#:]+", text) and _config_at(config, text[1:]) is None:
+        raise ValueError(f"{option} {value}: MONAI reads a value that is '@' and a name as a reference to another "
+                         f"setting, and there is no setting {text[1:]!r}. For a file or folder named {text}, write "
+                         f"{option} ./{text}.")
 
 
 # keys of a component that MONAI reads itself and never passes to it

@@ -174,3 +174,23 @@ def test_a_path_holding_a_hash_is_refused_instead_of_becoming_another_path(tmp_p
     check_overrides([main, "run", "--config_file", train, "--dataset_dir", "/data/@site/a$b", "--output_dir", "O",
                      "--bundle_root", "/opt/x#2/brats_gmd", "--strategy_def#_target_", "app.strategies.build_strategy",
                      "--ckpt_path", "$@output_dir + '/models/model.pt'", "--patch_size", "[32,32,32]"])
+
+
+def test_an_unexpanded_shell_variable_or_a_bare_at_name_is_refused_in_one_line(monkeypatch):
+    """'$HOME/runs' (single quotes in a job script) was evaluated as Python and '@site' read as a reference:
+    both stopped with MONAI's traceback (NameError, 'the referring item @site is not defined')."""
+    from app.bundle_args import _MONAI_DIR, check_overrides
+
+    monkeypatch.setenv("SCRATCH", "/scratch/me")
+    main = os.path.join(_MONAI_DIR, "bundle", "__main__.py")
+    train = os.path.join(os.path.dirname(__file__), "..", "bundles", "brats_gmd", "configs", "train.yaml")
+    with pytest.raises(ValueError, match=r"--output_dir \$SCRATCH/runs: the shell did not expand \$SCRATCH .*"
+                                         r"\"\$SCRATCH/runs\"\), or give the path itself \(/scratch/me/runs\)"):
+        check_overrides([main, "run", "--config_file", train, "--output_dir", "$SCRATCH/runs"])
+    with pytest.raises(ValueError, match=r"--dataset_dir \$\{SCRATCH\}: the shell did not expand"):
+        check_overrides([main, "run", "--config_file", train, "--dataset_dir", "${SCRATCH}"])
+    with pytest.raises(ValueError, match=r"--dataset_dir @site: .*no setting 'site'.*--dataset_dir ./@site\."):
+        check_overrides([main, "run", "--config_file", train, "--dataset_dir", "@site"])
+    # expressions and references of MONAI's own: accepted
+    check_overrides([main, "run", "--config_file", train, "--device", "$torch.device('cpu')", "--dataset_dir",
+                     "./@site", "--output_dir", "@dataset_dir", "--learning_rate", "$1e-3 * 2"])
