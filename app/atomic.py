@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, NoReturn
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_writable_folder", "exit_with", "fsync_dir",
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_expanded", "check_writable_folder", "exit_with", "fsync_dir",
            "lock_folder", "locked_folder", "run_interruptible", "stale_temporaries", "write_error"]
 
 
@@ -61,11 +61,30 @@ _WRITE_FIX = ("choose a folder you can write to (Docker: mount it writable for t
               "--user $(id -u):$(id -g))")
 
 
+def check_expanded(path: str | os.PathLike, what: str) -> None:
+    """Raise ``ValueError`` for an output path that starts with a ``~`` the shell left unexpanded.
+
+    Only the shell expands ``~``, and not in quotes or after ``=`` (``--out=~/x``, ``--output_dir=~/runs``).
+    Unexpanded, the output went into a folder named ``~`` under the current one, while the inputs came from
+    the home folder (case discovery expands ``~``), and a bundle training split its files between the two
+    (ignite's checkpoint saver expands ``~``, the other writers do not).
+
+    Args:
+        path: the output file or folder, as given.
+        what: the option and value that gave it, named first in the message.
+    """
+    text = os.fspath(path)
+    if text.startswith("~") and os.path.expanduser(text) != text:
+        raise ValueError(f"{what}: '~' is not expanded here (the shell expands it only unquoted and not after "
+                         f"'='): give {os.path.expanduser(text)} instead of a folder named '~' in {os.getcwd()}.")
+
+
 def check_writable_folder(folder: str | os.PathLike, what: str, file_fix: str = "choose another output folder",
                           write_fix: str = _WRITE_FIX) -> None:
     """Raise ``ValueError`` unless files can be created in ``folder`` (or, when it does not exist yet,
     in the folder it would be created in): checked before any work, so nothing runs for an output
-    that cannot be written, and nothing is created for a refused run.
+    that cannot be written, and nothing is created for a refused run. A path starting with ``~`` that the
+    shell left unexpanded (quoted, or after ``--out=``) is refused with the path it stands for.
 
     Args:
         folder: the output folder.
@@ -73,6 +92,7 @@ def check_writable_folder(folder: str | os.PathLike, what: str, file_fix: str = 
         file_fix: the fix when a file stands where a folder of the path should be.
         write_fix: the fix when the folder cannot be written.
     """
+    check_expanded(folder, what)
     wanted = os.path.abspath(os.fspath(folder))
     probe_dir = wanted
     while not os.path.exists(probe_dir):

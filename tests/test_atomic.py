@@ -174,3 +174,23 @@ def test_a_name_too_long_for_the_temporary_names_the_fix(tmp_path):
     with pytest.raises(OSError, match=r"Cannot write .*L\.json \(File name too long\): use a shorter name \(245 bytes"):
         atomic_write_text(path, "{}\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_under_an_unexpanded_home_folder_is_refused(tmp_path, monkeypatch):
+    """'~' quoted or after '=' (--out=~/seg.nii.gz) reached the tools as it is: inference, export, batch inference
+    and the phantoms wrote into a folder named '~' where the job ran (the phantoms failed half-way: nibabel
+    expands '~' and the case folder was made under ./~), while the inputs came from the home folder."""
+    import os
+
+    from app.atomic import check_writable_folder
+    from app.inference.pipeline import check_output_path
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=rf"^--output-dir ~/inf: '~' is not expanded here .*: give {tmp_path}/home/inf "
+                                         rf"instead of a folder named '~' in {tmp_path}\.$"):
+        check_writable_folder("~/inf", "--output-dir ~/inf")
+    with pytest.raises(ValueError, match=rf"^--out ~/seg.nii.gz: .*give {tmp_path}/home/seg.nii.gz instead"):
+        check_output_path("~/seg.nii.gz", "--out", (".nii.gz",))
+    check_output_path("~seg.nii.gz", "--out", (".nii.gz",))  # a name starting with '~': no home folder meant
+    assert os.listdir(tmp_path) == []
