@@ -110,7 +110,14 @@ def write_datalist(path: str | os.PathLike, train: Sequence[dict[str, Any]], val
 
 
 def read_datalist(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Read a datalist written by :func:`write_datalist`; returns ``(train, val)``."""
+    """Read a datalist written by :func:`write_datalist`; returns ``(train, val)``.
+
+    Training writes absolute paths. A relative path in a datalist written or edited by hand (``images``,
+    ``image4d``, ``label``) is taken relative to the datalist's own folder, as MONAI's
+    ``load_decathlon_datalist`` takes it, and returned absolute: it used to be read relative to the
+    folder the command ran from, so the same evaluation found its cases or not depending on where a
+    scheduler started it.
+    """
     try:
         with open(path, encoding="utf-8") as f:
             payload = json.load(f)
@@ -121,7 +128,28 @@ def read_datalist(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[d
         raise ValueError(
             f"Datalist {path} has no 'training' list; expected {{'training': [...], 'validation': [...]}}."
         )
-    return list(payload["training"]), list(payload.get("validation", []))
+    base = Path(path).absolute().parent
+    return ([_absolute_record(r, base) for r in payload["training"]],
+            [_absolute_record(r, base) for r in payload.get("validation", [])])
+
+
+def _absolute_record(record: Any, base: Path) -> Any:
+    """``record`` with its relative file paths joined to ``base`` (the datalist's folder)."""
+    if not isinstance(record, dict):
+        return record  # not a case record: the reader that uses it names the problem
+
+    def absolute(value: Any) -> Any:
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            return os.path.normpath(base / value)  # '../data/x' as discovery writes it: /abs/data/x
+        return value
+
+    out = dict(record)
+    if isinstance(out.get("images"), dict):
+        out["images"] = {seq: absolute(f) for seq, f in out["images"].items()}
+    for key in ("image4d", "label"):
+        if key in out:
+            out[key] = absolute(out[key])
+    return out
 
 
 def prepare_datalist(
