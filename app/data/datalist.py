@@ -272,8 +272,9 @@ def evaluation_cases(
 def _under(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
     """Whether ``path`` lies in ``folder``, as written (a folder of symlinks to scans elsewhere) or resolved
     (the same data reached through a symlinked path)."""
+    folder = os.path.expanduser(os.fspath(folder))  # as discovery reads --dataset_dir ~/data
     for norm in (os.path.abspath, os.path.realpath):
-        p, d = norm(os.fspath(path)), norm(os.fspath(folder))
+        p, d = norm(os.fspath(path)), norm(folder)
         if os.path.commonpath([p, d]) == d:
             return True
     return False

@@ -321,3 +321,6 @@ def test_relative_paths_of_a_datalist_are_read_from_its_own_folder(tmp_path, mon
     assert evaluation_cases(None, datalist) == split["validation"]  # the absolute paths training would write
     assert evaluation_cases(data, os.path.relpath(datalist, elsewhere)) == split["validation"]
     assert read_datalist(datalist)[1] == split["validation"]
+    # --dataset_dir=~/data (a '~' the shell left alone) names the folder discovery reads: the same cases
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert evaluation_cases("~/data", datalist) == split["validation"]
