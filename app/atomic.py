@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, NoReturn
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_expanded", "check_writable_folder", "exit_with", "fsync_dir",
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_expanded", "check_writable_folder", "home_hint", "exit_with", "fsync_dir",
            "lock_folder", "locked_folder", "run_interruptible", "stale_temporaries", "write_error"]
 
 
@@ -77,6 +77,19 @@ def check_expanded(path: str | os.PathLike, what: str) -> None:
     if text.startswith("~") and os.path.expanduser(text) != text:
         raise ValueError(f"{what}: '~' is not expanded here (the shell expands it only unquoted and not after "
                          f"'='): give {os.path.expanduser(text)} instead of a folder named '~' in {os.getcwd()}.")
+
+
+def home_hint(path: str | os.PathLike) -> str:
+    """For the message of an input that was not found: the path an unexpanded ``~`` stands for, or ``""``.
+
+    ``--ckpt_path=~/runs/model.pt`` (a ``~`` the shell leaves alone after ``=`` or in quotes) was reported as
+    not found although the file exists: the message names the path to give instead.
+    """
+    text = os.fspath(path)
+    if text.startswith("~") and os.path.expanduser(text) != text:
+        return (f" ('~' is not expanded here: the shell expands it only unquoted and not after '='; give "
+                f"{os.path.expanduser(text)})")
+    return ""
 
 
 def check_writable_folder(folder: str | os.PathLike, what: str, file_fix: str = "choose another output folder",

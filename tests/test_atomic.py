@@ -194,3 +194,25 @@ def test_an_output_under_an_unexpanded_home_folder_is_refused(tmp_path, monkeypa
         check_output_path("~/seg.nii.gz", "--out", (".nii.gz",))
     check_output_path("~seg.nii.gz", "--out", (".nii.gz",))  # a name starting with '~': no home folder meant
     assert os.listdir(tmp_path) == []
+
+
+def test_an_input_under_an_unexpanded_home_folder_names_the_path_to_give(tmp_path, monkeypatch):
+    """--ckpt_path=~/runs/model.pt (a '~' the shell leaves alone) was 'not found' although the file exists: the
+    checkpoint, MMSA, datalist and scan readers now name the path the '~' stands for."""
+    from app.data.datalist import read_datalist
+    from app.data.mmsa import load_mmsa
+    from app.inference.io import read_volume
+    from app.inference.model import load_network
+    from app.networks.weights import read_state_dict
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    hint = rf"\('~' is not expanded here: .*; give {tmp_path}/runs/x\.[\w.]+\)"
+    for read, name in ((read_state_dict, "x.pt"), (load_network, "x.pt"), (load_mmsa, "x.pkl"),
+                       (read_datalist, "x.json"), (lambda p: read_volume(p, "flair"), "x.nii.gz")):
+        with pytest.raises((ValueError, OSError), match=rf"^(Checkpoint |MMSA feature file |Cannot read datalist )?"
+                                                       rf"~/runs/{name}( \(flair\) does not exist| not found)? ?{hint}"):
+            read(f"~/runs/{name}")
+    with pytest.raises(FileNotFoundError) as missing:
+        read_state_dict(tmp_path / "runs" / "x.pt")  # a path without '~' gets no hint
+    assert "expanded" not in str(missing.value)
