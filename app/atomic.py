@@ -97,7 +97,8 @@ def check_writable_folder(folder: str | os.PathLike, what: str, file_fix: str = 
     """Raise ``ValueError`` unless files can be created in ``folder`` (or, when it does not exist yet,
     in the folder it would be created in): checked before any work, so nothing runs for an output
     that cannot be written, and nothing is created for a refused run. A path starting with ``~`` that the
-    shell left unexpanded (quoted, or after ``--out=``) is refused with the path it stands for.
+    shell left unexpanded (quoted, or after ``--out=``) is refused with the path it stands for, and so is a
+    symbolic link on the path whose target does not exist.
 
     Args:
         folder: the output folder.
@@ -109,6 +110,12 @@ def check_writable_folder(folder: str | os.PathLike, what: str, file_fix: str = 
     wanted = os.path.abspath(os.fspath(folder))
     probe_dir = wanted
     while not os.path.exists(probe_dir):
+        if os.path.islink(probe_dir):
+            # a link to a disk that is not mounted (or a moved folder): the folder cannot be made in its place,
+            # and the run stopped with FileExistsError when it made it, after the work in single-case inference
+            raise ValueError(f"{what}: {probe_dir} is a symbolic link to {os.readlink(probe_dir)}, which does not "
+                             "exist (a disk that is not mounted, or a moved folder): mount or create its target, or "
+                             "choose another output folder.")
         parent = os.path.dirname(probe_dir)
         if parent == probe_dir:  # e.g. a drive or share that is not there
             raise ValueError(f"{what}: no part of {wanted} exists: choose an output folder on a disk that is mounted.")

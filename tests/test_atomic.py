@@ -216,3 +216,26 @@ def test_an_input_under_an_unexpanded_home_folder_names_the_path_to_give(tmp_pat
     with pytest.raises(FileNotFoundError) as missing:
         read_state_dict(tmp_path / "runs" / "x.pt")  # a path without '~' gets no hint
     assert "expanded" not in str(missing.value)
+
+
+def test_an_output_folder_behind_a_dangling_link_is_refused_before_any_work(tmp_path):
+    """A link to a disk that is not mounted passed the check (the folder it would be made in could be written):
+    training then stopped with a FileExistsError traceback, batch inference with '[Errno 17] File exists', and
+    single-case inference only after it had segmented the case."""
+    import os
+
+    from app.atomic import check_writable_folder
+    from app.inference.pipeline import check_output_path
+
+    link = tmp_path / "scratch"
+    link.symlink_to(tmp_path / "not_mounted" / "runs")
+    for folder in (link, link / "run1" / "models"):
+        with pytest.raises(ValueError, match=rf"^--output_dir {folder}: {link} is a symbolic link to "
+                                             rf"{tmp_path}/not_mounted/runs, which does not exist \(a disk that is not "
+                                             r"mounted, or a moved folder\): mount or create its target"):
+            check_writable_folder(folder, f"--output_dir {folder}")
+    with pytest.raises(ValueError, match=rf"^--out {link}/seg.nii.gz: {link} is a symbolic link"):
+        check_output_path(link / "seg.nii.gz", "--out", (".nii.gz",))
+    (tmp_path / "not_mounted" / "runs").mkdir(parents=True)  # mounted: the link is a folder like another
+    check_writable_folder(link / "run1", "--output_dir")
+    assert sorted(os.listdir(tmp_path)) == ["not_mounted", "scratch"] and os.listdir(link) == []
