@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, NoReturn
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_expanded", "check_writable_folder", "home_hint", "exit_with", "fsync_dir",
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_expanded", "check_writable_folder", "missing_hint", "exit_with", "fsync_dir",
            "lock_folder", "locked_folder", "run_interruptible", "stale_temporaries", "write_error"]
 
 
@@ -79,16 +79,19 @@ def check_expanded(path: str | os.PathLike, what: str) -> None:
                          f"'='): give {os.path.expanduser(text)} instead of a folder named '~' in {os.getcwd()}.")
 
 
-def home_hint(path: str | os.PathLike) -> str:
-    """For the message of an input that was not found: the path an unexpanded ``~`` stands for, or ``""``.
+def missing_hint(path: str | os.PathLike) -> str:
+    """For the message of an input that was not found: why a path that looks right is not there, or ``""``.
 
     ``--ckpt_path=~/runs/model.pt`` (a ``~`` the shell leaves alone after ``=`` or in quotes) was reported as
-    not found although the file exists: the message names the path to give instead.
+    not found although the file exists: the message names the path to give instead. A scan that ``ls`` lists
+    but that is a symbolic link to a moved or unmounted file gets the link's target named.
     """
     text = os.fspath(path)
     if text.startswith("~") and os.path.expanduser(text) != text:
         return (f" ('~' is not expanded here: the shell expands it only unquoted and not after '='; give "
                 f"{os.path.expanduser(text)})")
+    if os.path.islink(text) and not os.path.exists(text):
+        return f" (it is a symbolic link to {os.readlink(text)}, which does not exist: a moved or unmounted file)"
     return ""
 
 

@@ -239,3 +239,24 @@ def test_an_output_folder_behind_a_dangling_link_is_refused_before_any_work(tmp_
     (tmp_path / "not_mounted" / "runs").mkdir(parents=True)  # mounted: the link is a folder like another
     check_writable_folder(link / "run1", "--output_dir")
     assert sorted(os.listdir(tmp_path)) == ["not_mounted", "scratch"] and os.listdir(link) == []
+
+
+def test_an_input_that_is_a_dangling_link_names_its_target(tmp_path):
+    """A scan or checkpoint that ls lists but whose link points to a moved or unmounted file was reported as
+    'does not exist', which the user could not reconcile with the listing."""
+    from app.data.transforms import LoadCased
+    from app.inference.io import read_volume
+    from app.networks.weights import read_state_dict
+
+    scan, ckpt = tmp_path / "Case_flair.nii.gz", tmp_path / "model.pt"
+    scan.symlink_to(tmp_path / "archive" / "Case_flair.nii.gz")
+    ckpt.symlink_to(tmp_path / "archive" / "model.pt")
+    hint = rf"\(it is a symbolic link to {tmp_path}/archive/%s, which does not exist: a moved or unmounted file\)"
+    with pytest.raises(ValueError, match=rf"^{scan} \(flair\) does not exist {hint % 'Case_flair.nii.gz'}"):
+        read_volume(scan, "flair")
+    with pytest.raises(FileNotFoundError, match=rf"^Checkpoint {ckpt} not found {hint % 'model.pt'}"):
+        read_state_dict(ckpt)
+    record = {"case": "Case", "images": {"flair": str(scan)}, "image4d": None, "channels": {}, "label": None,
+              "modalities": ["flair"]}
+    with pytest.raises(ValueError, match=rf"^{scan} does not exist {hint % 'Case_flair.nii.gz'}: restore the file"):
+        LoadCased()(record)

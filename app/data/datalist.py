@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from app.atomic import atomic_write_text, home_hint
+from app.atomic import atomic_write_text, missing_hint
 from app.flags import check_paths, parse_bool
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def read_datalist(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[d
         with open(path, encoding="utf-8") as f:
             payload = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"Cannot read datalist {path}{home_hint(path)}: {err}. Pass the datalist.json that training "
+        raise ValueError(f"Cannot read datalist {path}{missing_hint(path)}: {err}. Pass the datalist.json that training "
                          "wrote into its "
                          "--output_dir, or evaluate every case under --dataset_dir instead.") from err
     if not isinstance(payload, dict) or "training" not in payload:

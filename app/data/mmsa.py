@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from app.atomic import atomic_write, atomic_write_text, home_hint
+from app.atomic import atomic_write, atomic_write_text, missing_hint
 from app.flags import parse_bool
 
 __all__ = [
@@ -276,7 +276,7 @@ def load_mmsa(path: str | os.PathLike, trust_pickle: bool | str = False) -> dict
                          "or a .npz converted from one.")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"MMSA feature file {path} not found{home_hint(path)}: check the path (an MMSA .pkl, "
+        raise FileNotFoundError(f"MMSA feature file {path} not found{missing_hint(path)}: check the path (an MMSA .pkl, "
                                 "or a .npz "
                                 "converted from one with python -m app convert-mmsa).")
     if path.suffix.lower() == ".npz":

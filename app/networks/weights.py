@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import torch
 
-from app.atomic import home_hint
+from app.atomic import missing_hint
 from app.data.errors import unreadable
 
 #: what a mismatch error tells the user to do, unless the caller knows better
@@ -107,7 +107,7 @@ def read_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Checkpoint {path} not found{home_hint(path)}: pass --ckpt_path to a model.pt written "
+        raise FileNotFoundError(f"Checkpoint {path} not found{missing_hint(path)}: pass --ckpt_path to a model.pt written "
                                 "by training.")
     check_archive(path)
     try:
