@@ -22,8 +22,9 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, NoReturn
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_expanded", "check_writable_folder", "missing_hint", "exit_with", "fsync_dir",
-           "lock_folder", "locked_folder", "run_interruptible", "stale_temporaries", "write_error"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_expanded", "check_writable_folder",
+           "exit_with", "fsync_dir", "lock_folder", "locked_folder", "missing_hint", "run_interruptible",
+           "stale_temporaries", "write_error"]
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

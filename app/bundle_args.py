@@ -98,8 +98,8 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
                          "the settings are the top-level keys of those files.")
     # a setting this command never reads (--ckpt_path in training: evaluate.yaml's; --eval_split in sentiment
     # training): the run goes on as if it had not been given, so say so
-    used = _referenced_ids(merged) | _WORKFLOW_IDS
     read = _referenced_ids(merged)  # a value no setting reads (train.yaml's bundle_root) may keep its '#'
+    used = read | _WORKFLOW_IDS
     for key, value in options.items():
         if key not in _RUN_ARGS and value is not None and re.split(r"::|#", key, maxsplit=1)[0] in read:
             _check_hash(_literal(value), f"--{key} {value}")

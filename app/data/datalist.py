@@ -122,9 +122,9 @@ def read_datalist(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[d
         with open(path, encoding="utf-8") as f:
             payload = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"Cannot read datalist {path}{missing_hint(path)}: {err}. Pass the datalist.json that training "
-                         "wrote into its "
-                         "--output_dir, or evaluate every case under --dataset_dir instead.") from err
+        raise ValueError(f"Cannot read datalist {path}{missing_hint(path)}: {err}. Pass the datalist.json that "
+                         "training wrote into its --output_dir, or evaluate every case under --dataset_dir "
+                         "instead.") from err
     if not isinstance(payload, dict) or "training" not in payload:
         raise ValueError(
             f"Datalist {path} has no 'training' list; expected {{'training': [...], 'validation': [...]}}."

@@ -276,9 +276,8 @@ def load_mmsa(path: str | os.PathLike, trust_pickle: bool | str = False) -> dict
                          "or a .npz converted from one.")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"MMSA feature file {path} not found{missing_hint(path)}: check the path (an MMSA .pkl, "
-                                "or a .npz "
-                                "converted from one with python -m app convert-mmsa).")
+        raise FileNotFoundError(f"MMSA feature file {path} not found{missing_hint(path)}: check the path (an MMSA "
+                                ".pkl, or a .npz converted from one with python -m app convert-mmsa).")
     if path.suffix.lower() == ".npz":
         return _load_npz(path)
     if path.suffix.lower() not in _PICKLE_SUFFIXES:

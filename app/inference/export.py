@@ -79,8 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--ckpt is empty (an unset variable?): pass the model.pt written by training "
                              "(<output_dir>/models/model.pt).")
         if not Path(args.ckpt).is_file():
-            raise FileNotFoundError(f"Checkpoint {args.ckpt} not found{missing_hint(args.ckpt)}: pass --ckpt the model.pt "
-                                    "written by training (<output_dir>/models/model.pt).")
+            raise FileNotFoundError(f"Checkpoint {args.ckpt} not found{missing_hint(args.ckpt)}: pass --ckpt the "
+                                    "model.pt written by training (<output_dir>/models/model.pt).")
         # before any work: a bad name, a folder, an unwritable place, or the checkpoint itself (whose
         # weights would be lost to the export)
         out = check_output_path(args.out, "--out", (".ts", ".pt", ".pth"), [args.ckpt])
