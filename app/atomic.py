@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -22,7 +23,7 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, NoReturn
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_expanded", "check_writable_folder",
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_path_text", "check_writable_folder",
            "exit_with", "fsync_dir", "lock_folder", "locked_folder", "missing_hint", "run_interruptible",
            "stale_temporaries", "write_error"]
 
@@ -62,19 +63,38 @@ _WRITE_FIX = ("choose a folder you can write to (Docker: mount it writable for t
               "--user $(id -u):$(id -g))")
 
 
-def check_expanded(path: str | os.PathLike, what: str) -> None:
-    """Raise ``ValueError`` for an output path that starts with a ``~`` the shell left unexpanded.
+# a control character in a path: a carriage return from a job script saved with Windows line endings, a tab
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
-    Only the shell expands ``~``, and not in quotes or after ``=`` (``--out=~/x``, ``--output_dir=~/runs``).
-    Unexpanded, the output went into a folder named ``~`` under the current one, while the inputs came from
-    the home folder (case discovery expands ``~``), and a bundle training split its files between the two
-    (ignite's checkpoint saver expands ``~``, the other writers do not).
+
+def _printable(text: str) -> str:
+    """``text`` with its control characters written as escapes (``\\r``): printed as they are, a carriage
+    return sends the rest of the message over its start."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def check_path_text(path: str | os.PathLike, what: str) -> None:
+    """Raise ``ValueError`` for an output path as the shell should not have left it.
+
+    - A ``~`` the shell left unexpanded: only the shell expands ``~``, and not in quotes or after ``=``
+      (``--out=~/x``, ``--output_dir=~/runs``). Unexpanded, the output went into a folder named ``~`` under
+      the current one, while the inputs came from the home folder (case discovery expands ``~``), and a
+      bundle training split its files between the two (ignite's checkpoint saver expands ``~``, the other
+      writers do not).
+    - A control character, mostly the carriage return that ends every line of a job script saved with
+      Windows line endings: the last argument of a line (``--output_dir /data/out``) carries it, and the run
+      wrote into a folder named ``out\\r``, which every message showed as ``out``.
 
     Args:
         path: the output file or folder, as given.
         what: the option and value that gave it, named first in the message.
     """
     text = os.fspath(path)
+    if _CONTROL.search(text):
+        cause = ("ends with a carriage return (\\r): the job script has Windows line endings; convert it with "
+                 "dos2unix SCRIPT (or sed -i 's/\\r$//' SCRIPT)") if text.endswith("\r") else \
+            "holds a control character: retype the path"
+        raise ValueError(f"{_printable(what)}: the path {text!r} {cause}.")
     if text.startswith("~") and os.path.expanduser(text) != text:
         raise ValueError(f"{what}: '~' is not expanded here (the shell expands it only unquoted and not after "
                          f"'='): give {os.path.expanduser(text)} instead of a folder named '~' in {os.getcwd()}.")
@@ -85,9 +105,13 @@ def missing_hint(path: str | os.PathLike) -> str:
 
     ``--ckpt_path=~/runs/model.pt`` (a ``~`` the shell leaves alone after ``=`` or in quotes) was reported as
     not found although the file exists: the message names the path to give instead. A scan that ``ls`` lists
-    but that is a symbolic link to a moved or unmounted file gets the link's target named.
+    but that is a symbolic link to a moved or unmounted file gets the link's target named, and a path that
+    ends with the carriage return of a job script with Windows line endings gets that said.
     """
     text = os.fspath(path)
+    if text.endswith("\r"):
+        return (" (the path ends with a carriage return, \\r: the job script has Windows line endings; convert it "
+                "with dos2unix SCRIPT)")
     if text.startswith("~") and os.path.expanduser(text) != text:
         return (f" ('~' is not expanded here: the shell expands it only unquoted and not after '='; give "
                 f"{os.path.expanduser(text)})")
@@ -110,7 +134,7 @@ def check_writable_folder(folder: str | os.PathLike, what: str, file_fix: str = 
         file_fix: the fix when a file stands where a folder of the path should be.
         write_fix: the fix when the folder cannot be written.
     """
-    check_expanded(folder, what)
+    check_path_text(folder, what)
     wanted = os.path.abspath(os.fspath(folder))
     probe_dir = wanted
     while not os.path.exists(probe_dir):

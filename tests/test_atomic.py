@@ -260,3 +260,31 @@ def test_an_input_that_is_a_dangling_link_names_its_target(tmp_path):
               "modalities": ["flair"]}
     with pytest.raises(ValueError, match=rf"^{scan} does not exist {hint % 'Case_flair.nii.gz'}: restore the file"):
         LoadCased()(record)
+
+
+def test_a_path_ending_with_the_carriage_return_of_a_windows_job_script_is_named(tmp_path):
+    """A job script saved with Windows line endings gives the last argument of each line a carriage return:
+    --output_dir /data/out wrote into a folder named 'out\\r' that every message showed as 'out', and
+    infer refused --out seg.nii.gz as not ending with .nii.gz."""
+    import os
+
+    from app.atomic import check_writable_folder
+    from app.data.discovery import discover_cases
+    from app.inference.pipeline import check_output_path
+    from app.networks.weights import read_state_dict
+
+    out = f"{tmp_path}/out\r"
+    windows = r"ends with a carriage return \(\\r\): the job script has Windows line endings; convert it with dos2unix"
+    with pytest.raises(ValueError, match=rf"^--output_dir {tmp_path}/out\\r: the path '{tmp_path}/out\\r' {windows}"):
+        check_writable_folder(out, f"--output_dir {out}")
+    with pytest.raises(ValueError, match=rf"^--out {tmp_path}/seg.nii.gz\\r: the path .* {windows}"):
+        check_output_path(f"{tmp_path}/seg.nii.gz\r", "--out", (".nii.gz",))
+    with pytest.raises(ValueError, match=r"^--out x\\ty.nii.gz: the path 'x\\ty.nii.gz' holds a control character"):
+        check_output_path("x\ty.nii.gz", "--out", (".nii.gz",))
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "model.pt").write_bytes(b"")  # the file the path means is there
+    hint = r"\(the path ends with a carriage return, \\r: the job script has Windows line endings"
+    with pytest.raises(FileNotFoundError, match=rf"^Checkpoint {tmp_path}/model.pt\r not found {hint}"):
+        read_state_dict(f"{tmp_path}/model.pt\r")
+    with pytest.raises(ValueError, match=rf"^Data folder {tmp_path}\r does not exist or is not a folder {hint}"):
+        discover_cases(f"{tmp_path}\r")

@@ -393,10 +393,10 @@ def _check_npz_path(path: str | os.PathLike) -> Path:
     Raises:
         ValueError: naming the output and the fix.
     """
-    from app.atomic import check_expanded, check_writable_folder
+    from app.atomic import check_path_text, check_writable_folder
 
     text = os.fspath(path)
-    check_expanded(text, f"Output {text}")  # the file, not only its folder, in the message
+    check_path_text(text, f"Output {text}")  # the file, not only its folder, in the message
     path = Path(text)
     if path.suffix.lower() != ".npz":
         raise ValueError(f"Output {path} must end in .npz.")
