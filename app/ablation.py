@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import yaml
 
-from app.atomic import atomic_write_text, locked_folder
+from app.atomic import atomic_write_text, check_writable_folder, locked_folder
 from app.reports.ablation import (
     ablation_table, format_ablation_markdown, format_seed_markdown, seed_table, write_ablation_report,
     write_seed_report,
@@ -504,9 +504,14 @@ def _locked_output_dir(out: Path) -> Iterator[None]:
     As for training, the lock is ``flock`` on the folder itself: no lock file, released when the process
     dies; where the folder cannot be locked the ablation runs unlocked.
 
+    The folder is checked first (:func:`app.atomic.check_writable_folder`): a read-only place stopped the
+    ablation with a ``PermissionError`` traceback, and an unexpanded ``~`` (``--output_dir=~/runs``) made a
+    folder named ``~`` here, whose first bundle run then refused it.
+
     Raises:
-        ValueError: another process holds the lock.
+        ValueError: ``out`` cannot be written, or another process holds the lock.
     """
+    check_writable_folder(out, f"--output_dir {out}", write_fix="pass an --output_dir you can write to")
     with locked_folder(out, f"--output_dir {os.path.abspath(out)} is in use by another run that is still writing "
                             "into it (a job started twice?): wait for it to end, or pass another --output_dir "
                             "(bench/mosi_compare.py: --out_dir)."):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -22,8 +23,9 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, NoReturn
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_writable_folder", "exit_with", "fsync_dir",
-           "lock_folder", "locked_folder", "run_interruptible", "stale_temporaries", "write_error"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_path_text", "check_writable_folder",
+           "exit_with", "fsync_dir", "lock_folder", "locked_folder", "missing_hint", "run_interruptible",
+           "stale_temporaries", "write_error"]
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -61,11 +63,70 @@ _WRITE_FIX = ("choose a folder you can write to (Docker: mount it writable for t
               "--user $(id -u):$(id -g))")
 
 
+# a control character in a path: a carriage return from a job script saved with Windows line endings, a tab
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _printable(text: str) -> str:
+    """``text`` with its control characters written as escapes (``\\r``): printed as they are, a carriage
+    return sends the rest of the message over its start."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def check_path_text(path: str | os.PathLike, what: str) -> None:
+    """Raise ``ValueError`` for an output path as the shell should not have left it.
+
+    - A ``~`` the shell left unexpanded: only the shell expands ``~``, and not in quotes or after ``=``
+      (``--out=~/x``, ``--output_dir=~/runs``). Unexpanded, the output went into a folder named ``~`` under
+      the current one, while the inputs came from the home folder (case discovery expands ``~``), and a
+      bundle training split its files between the two (ignite's checkpoint saver expands ``~``, the other
+      writers do not).
+    - A control character, mostly the carriage return that ends every line of a job script saved with
+      Windows line endings: the last argument of a line (``--output_dir /data/out``) carries it, and the run
+      wrote into a folder named ``out\\r``, which every message showed as ``out``.
+
+    Args:
+        path: the output file or folder, as given.
+        what: the option and value that gave it, named first in the message.
+    """
+    text = os.fspath(path)
+    if _CONTROL.search(text):
+        cause = ("ends with a carriage return (\\r): the job script has Windows line endings; convert it with "
+                 "dos2unix SCRIPT (or sed -i 's/\\r$//' SCRIPT)") if text.endswith("\r") else \
+            "holds a control character: retype the path"
+        raise ValueError(f"{_printable(what)}: the path {text!r} {cause}.")
+    if text.startswith("~") and os.path.expanduser(text) != text:
+        raise ValueError(f"{what}: '~' is not expanded here (the shell expands it only unquoted and not after "
+                         f"'='): give {os.path.expanduser(text)} instead of a folder named '~' in {os.getcwd()}.")
+
+
+def missing_hint(path: str | os.PathLike) -> str:
+    """For the message of an input that was not found: why a path that looks right is not there, or ``""``.
+
+    ``--ckpt_path=~/runs/model.pt`` (a ``~`` the shell leaves alone after ``=`` or in quotes) was reported as
+    not found although the file exists: the message names the path to give instead. A scan that ``ls`` lists
+    but that is a symbolic link to a moved or unmounted file gets the link's target named, and a path that
+    ends with the carriage return of a job script with Windows line endings gets that said.
+    """
+    text = os.fspath(path)
+    if text.endswith("\r"):
+        return (" (the path ends with a carriage return, \\r: the job script has Windows line endings; convert it "
+                "with dos2unix SCRIPT)")
+    if text.startswith("~") and os.path.expanduser(text) != text:
+        return (f" ('~' is not expanded here: the shell expands it only unquoted and not after '='; give "
+                f"{os.path.expanduser(text)})")
+    if os.path.islink(text) and not os.path.exists(text):
+        return f" (it is a symbolic link to {os.readlink(text)}, which does not exist: a moved or unmounted file)"
+    return ""
+
+
 def check_writable_folder(folder: str | os.PathLike, what: str, file_fix: str = "choose another output folder",
                           write_fix: str = _WRITE_FIX) -> None:
     """Raise ``ValueError`` unless files can be created in ``folder`` (or, when it does not exist yet,
     in the folder it would be created in): checked before any work, so nothing runs for an output
-    that cannot be written, and nothing is created for a refused run.
+    that cannot be written, and nothing is created for a refused run. A path starting with ``~`` that the
+    shell left unexpanded (quoted, or after ``--out=``) is refused with the path it stands for, and so is a
+    symbolic link on the path whose target does not exist.
 
     Args:
         folder: the output folder.
@@ -73,9 +134,16 @@ def check_writable_folder(folder: str | os.PathLike, what: str, file_fix: str = 
         file_fix: the fix when a file stands where a folder of the path should be.
         write_fix: the fix when the folder cannot be written.
     """
+    check_path_text(folder, what)
     wanted = os.path.abspath(os.fspath(folder))
     probe_dir = wanted
     while not os.path.exists(probe_dir):
+        if os.path.islink(probe_dir):
+            # a link to a disk that is not mounted (or a moved folder): the folder cannot be made in its place,
+            # and the run stopped with FileExistsError when it made it, after the work in single-case inference
+            raise ValueError(f"{what}: {probe_dir} is a symbolic link to {os.readlink(probe_dir)}, which does not "
+                             "exist (a disk that is not mounted, or a moved folder): mount or create its target, or "
+                             "choose another output folder.")
         parent = os.path.dirname(probe_dir)
         if parent == probe_dir:  # e.g. a drive or share that is not there
             raise ValueError(f"{what}: no part of {wanted} exists: choose an output folder on a disk that is mounted.")

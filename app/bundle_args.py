@@ -102,7 +102,12 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
                          "the settings are the top-level keys of those files.")
     # a setting this command never reads (--ckpt_path in training: evaluate.yaml's; --eval_split in sentiment
     # training): the run goes on as if it had not been given, so say so
-    used = _referenced_ids(merged) | _WORKFLOW_IDS
+    read = _referenced_ids(merged)  # a value no setting reads (train.yaml's bundle_root) may keep its '#'
+    used = read | _WORKFLOW_IDS
+    for key, value in options.items():
+        if key not in _RUN_ARGS and value is not None and re.split(r"::|#", key, maxsplit=1)[0] in read:
+            _check_hash(_literal(value), f"--{key} {value}")
+            _check_shell_text(_literal(value), f"--{key}", merged)
     for key in options:
         top = re.split(r"::|#", key, maxsplit=1)[0]
         if key not in _RUN_ARGS and top not in used:
@@ -229,7 +234,10 @@ def check_override_files(config_file: Any, merged: dict | None = None) -> None:
     used = _referenced_ids(merged) | _WORKFLOW_IDS
     earlier = set(ConfigParser.load_config_file(files[0]))
     for position, path in enumerate(files[1:], start=1):
-        tops = [re.split(r"::|#", key, maxsplit=1)[0] for key in ConfigParser.load_config_file(path)]
+        content = ConfigParser.load_config_file(path)
+        for key, value in content.items():
+            _check_hash(value, f"{key!r} in {path}")
+        tops = [re.split(r"::|#", key, maxsplit=1)[0] for key in content]
         for top in tops:
             if top in earlier or top in used:
                 continue
@@ -241,6 +249,71 @@ def check_override_files(config_file: Any, merged: dict | None = None) -> None:
                 f"setting from the one that should use it (@{top})."
             )
         earlier.update(tops)
+
+
+def _literal(text: str) -> Any:
+    """A command-line value as python-fire hands it to the config: a Python literal when it is one
+    (``"[32,32,32]"``, ``"['a','b']"``), else the text itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
+def _check_hash(value: Any, where: str) -> None:
+    """Refuse a plain text value (a path, a name) that holds ``#``.
+
+    MONAI reads ``#`` as its old id separator everywhere in a config, values included, and replaces it
+    with ``::`` in every text value it resolves: ``--output_dir /data/site#1/out`` wrote the whole run into
+    ``/data/site::1/out`` without a word, and ``--dataset_dir /data/case#1`` was reported missing as
+    ``/data/case::1``. References (``@id#key``), expressions (``$...``) and macros (``%...``) use ``#``
+    as MONAI means it and are left alone.
+
+    Raises:
+        ValueError: naming where the value was set, the path MONAI would use instead and the fix.
+    """
+    if isinstance(value, dict):
+        for item in value.values():
+            _check_hash(item, where)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_hash(item, where)
+    elif isinstance(value, str) and "#" in value and not value.lstrip().startswith(("$", "@", "%")):
+        raise ValueError(f"{where}: MONAI's config syntax reads '#' in a setting's value as an id separator and "
+                         f"turns {value!r} into {value.replace('#', '::')!r}, so the run would read or write another "
+                         "path than the one given. Rename the folder or file without '#', or give a symbolic link "
+                         "to it whose path has none (ln -s).")
+
+
+# a value that starts as a shell variable would ($HOME/runs, ${SCRATCH}/x): MONAI evaluates it as Python
+_SHELL_VARIABLE = re.compile(r"\$\{?([A-Za-z_]\w*)\}?(?=/|$)")
+
+
+def _check_shell_text(value: Any, option: str, config: dict) -> None:
+    """Refuse a command-line value that the shell left unexpanded and MONAI would read as its own syntax.
+
+    A job script that quotes ``'$HOME/runs/x'`` (single quotes), or a scheduler that passes the text as
+    it is, handed MONAI a value starting with ``$``, which it evaluates as Python: the run stopped with
+    ``NameError: name 'HOME' is not defined`` at the bottom of a traceback. A relative path that starts
+    with ``@`` and is nothing more (``@site``) is read as a reference to a setting, and stopped with
+    MONAI's traceback too.
+
+    Raises:
+        ValueError: naming the option, what MONAI would make of the value and the fix.
+    """
+    if not isinstance(value, str):
+        return
+    text = value.strip()
+    match = _SHELL_VARIABLE.match(text)
+    if match and match.group(1) in os.environ:
+        raise ValueError(f"{option} {value}: the shell did not expand ${match.group(1)} (single quotes, or a value "
+                         "passed on as text), and MONAI evaluates a value starting with '$' as Python. Let the shell "
+                         f"expand it (double quotes: {option} \"${match.group(1)}{text[match.end():]}\"), or give "
+                         f"the path itself ({os.environ[match.group(1)]}{text[match.end():]}).")
+    if re.fullmatch(r"@[\w#:]+", text) and _config_at(config, text[1:]) is None:
+        raise ValueError(f"{option} {value}: MONAI reads a value that is '@' and a name as a reference to another "
+                         f"setting, and there is no setting {text[1:]!r}. For a file or folder named {text}, write "
+                         f"{option} ./{text}.")
 
 
 # keys of a component that MONAI reads itself and never passes to it

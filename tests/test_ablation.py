@@ -561,3 +561,29 @@ def test_a_recipes_time_limit_and_seed_are_the_ablations_defaults(tmp_path):
     assert given.returncode == 0, given.stderr[-4000:]
     settings = json.loads((tmp_path / "given" / "ablation.json").read_text())["settings"]
     assert (settings["time_limit_minutes"], settings["seed"]) == (0.0, 1)
+
+
+@pytest.mark.parametrize("seeds", [None, [0, 1]])
+def test_an_output_dir_that_cannot_be_made_is_refused_before_any_stage(seeds, tmp_path, monkeypatch):
+    """A read-only place stopped the ablation with a PermissionError traceback; --output_dir=~/runs (a '~' the
+    shell leaves alone after '=') made a folder named '~' where the job ran, which the first training refused."""
+    import os
+
+    from app.ablation import run_ablation, run_ablation_seeds
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    bundle = REPO / "bundles" / "brats_gmd"
+
+    def ablate(out):
+        if seeds:
+            return run_ablation_seeds(bundle, "plain", out, 1, seeds, bundle_args=["--dataset_dir", str(tmp_path)])
+        return run_ablation(bundle, "plain", out, 1, bundle_args=["--dataset_dir", str(tmp_path)])
+
+    with pytest.raises(ValueError, match=r"^--output_dir ~/runs: '~' is not expanded here .*: give "
+                                         f"{tmp_path / 'home' / 'runs'} instead"):
+        ablate("~/runs")
+    assert os.listdir(tmp_path) == []  # no folder named '~' here, nor the home folder
+    if sys.platform.startswith("linux"):  # /proc takes no new files, whoever runs the test (root included)
+        with pytest.raises(ValueError, match=r"^--output_dir /proc/brats_gmd_ablation: cannot write in /proc"):
+            ablate("/proc/brats_gmd_ablation")

@@ -174,3 +174,117 @@ def test_a_name_too_long_for_the_temporary_names_the_fix(tmp_path):
     with pytest.raises(OSError, match=r"Cannot write .*L\.json \(File name too long\): use a shorter name \(245 bytes"):
         atomic_write_text(path, "{}\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_under_an_unexpanded_home_folder_is_refused(tmp_path, monkeypatch):
+    """'~' quoted or after '=' (--out=~/seg.nii.gz) reached the tools as it is: inference, export, batch inference
+    and the phantoms wrote into a folder named '~' where the job ran (the phantoms failed half-way: nibabel
+    expands '~' and the case folder was made under ./~), while the inputs came from the home folder."""
+    import os
+
+    from app.atomic import check_writable_folder
+    from app.inference.pipeline import check_output_path
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=rf"^--output-dir ~/inf: '~' is not expanded here .*: give {tmp_path}/home/inf "
+                                         rf"instead of a folder named '~' in {tmp_path}\.$"):
+        check_writable_folder("~/inf", "--output-dir ~/inf")
+    with pytest.raises(ValueError, match=rf"^--out ~/seg.nii.gz: .*give {tmp_path}/home/seg.nii.gz instead"):
+        check_output_path("~/seg.nii.gz", "--out", (".nii.gz",))
+    check_output_path("~seg.nii.gz", "--out", (".nii.gz",))  # a name starting with '~': no home folder meant
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_input_under_an_unexpanded_home_folder_names_the_path_to_give(tmp_path, monkeypatch):
+    """--ckpt_path=~/runs/model.pt (a '~' the shell leaves alone) was 'not found' although the file exists: the
+    checkpoint, MMSA, datalist and scan readers now name the path the '~' stands for."""
+    from app.data.datalist import read_datalist
+    from app.data.mmsa import load_mmsa
+    from app.inference.io import read_volume
+    from app.inference.model import load_network
+    from app.networks.weights import read_state_dict
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    hint = rf"\('~' is not expanded here: .*; give {tmp_path}/runs/x\.[\w.]+\)"
+    for read, name in ((read_state_dict, "x.pt"), (load_network, "x.pt"), (load_mmsa, "x.pkl"),
+                       (read_datalist, "x.json"), (lambda p: read_volume(p, "flair"), "x.nii.gz")):
+        with pytest.raises((ValueError, OSError), match=rf"^(Checkpoint |MMSA feature file |Cannot read datalist )?"
+                                                       rf"~/runs/{name}( \(flair\) does not exist| not found)? ?{hint}"):
+            read(f"~/runs/{name}")
+    with pytest.raises(FileNotFoundError) as missing:
+        read_state_dict(tmp_path / "runs" / "x.pt")  # a path without '~' gets no hint
+    assert "expanded" not in str(missing.value)
+
+
+def test_an_output_folder_behind_a_dangling_link_is_refused_before_any_work(tmp_path):
+    """A link to a disk that is not mounted passed the check (the folder it would be made in could be written):
+    training then stopped with a FileExistsError traceback, batch inference with '[Errno 17] File exists', and
+    single-case inference only after it had segmented the case."""
+    import os
+
+    from app.atomic import check_writable_folder
+    from app.inference.pipeline import check_output_path
+
+    link = tmp_path / "scratch"
+    link.symlink_to(tmp_path / "not_mounted" / "runs")
+    for folder in (link, link / "run1" / "models"):
+        with pytest.raises(ValueError, match=rf"^--output_dir {folder}: {link} is a symbolic link to "
+                                             rf"{tmp_path}/not_mounted/runs, which does not exist \(a disk that is not "
+                                             r"mounted, or a moved folder\): mount or create its target"):
+            check_writable_folder(folder, f"--output_dir {folder}")
+    with pytest.raises(ValueError, match=rf"^--out {link}/seg.nii.gz: {link} is a symbolic link"):
+        check_output_path(link / "seg.nii.gz", "--out", (".nii.gz",))
+    (tmp_path / "not_mounted" / "runs").mkdir(parents=True)  # mounted: the link is a folder like another
+    check_writable_folder(link / "run1", "--output_dir")
+    assert sorted(os.listdir(tmp_path)) == ["not_mounted", "scratch"] and os.listdir(link) == []
+
+
+def test_an_input_that_is_a_dangling_link_names_its_target(tmp_path):
+    """A scan or checkpoint that ls lists but whose link points to a moved or unmounted file was reported as
+    'does not exist', which the user could not reconcile with the listing."""
+    from app.data.transforms import LoadCased
+    from app.inference.io import read_volume
+    from app.networks.weights import read_state_dict
+
+    scan, ckpt = tmp_path / "Case_flair.nii.gz", tmp_path / "model.pt"
+    scan.symlink_to(tmp_path / "archive" / "Case_flair.nii.gz")
+    ckpt.symlink_to(tmp_path / "archive" / "model.pt")
+    hint = rf"\(it is a symbolic link to {tmp_path}/archive/%s, which does not exist: a moved or unmounted file\)"
+    with pytest.raises(ValueError, match=rf"^{scan} \(flair\) does not exist {hint % 'Case_flair.nii.gz'}"):
+        read_volume(scan, "flair")
+    with pytest.raises(FileNotFoundError, match=rf"^Checkpoint {ckpt} not found {hint % 'model.pt'}"):
+        read_state_dict(ckpt)
+    record = {"case": "Case", "images": {"flair": str(scan)}, "image4d": None, "channels": {}, "label": None,
+              "modalities": ["flair"]}
+    with pytest.raises(ValueError, match=rf"^{scan} does not exist {hint % 'Case_flair.nii.gz'}: restore the file"):
+        LoadCased()(record)
+
+
+def test_a_path_ending_with_the_carriage_return_of_a_windows_job_script_is_named(tmp_path):
+    """A job script saved with Windows line endings gives the last argument of each line a carriage return:
+    --output_dir /data/out wrote into a folder named 'out\\r' that every message showed as 'out', and
+    infer refused --out seg.nii.gz as not ending with .nii.gz."""
+    import os
+
+    from app.atomic import check_writable_folder
+    from app.data.discovery import discover_cases
+    from app.inference.pipeline import check_output_path
+    from app.networks.weights import read_state_dict
+
+    out = f"{tmp_path}/out\r"
+    windows = r"ends with a carriage return \(\\r\): the job script has Windows line endings; convert it with dos2unix"
+    with pytest.raises(ValueError, match=rf"^--output_dir {tmp_path}/out\\r: the path '{tmp_path}/out\\r' {windows}"):
+        check_writable_folder(out, f"--output_dir {out}")
+    with pytest.raises(ValueError, match=rf"^--out {tmp_path}/seg.nii.gz\\r: the path .* {windows}"):
+        check_output_path(f"{tmp_path}/seg.nii.gz\r", "--out", (".nii.gz",))
+    with pytest.raises(ValueError, match=r"^--out x\\ty.nii.gz: the path 'x\\ty.nii.gz' holds a control character"):
+        check_output_path("x\ty.nii.gz", "--out", (".nii.gz",))
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "model.pt").write_bytes(b"")  # the file the path means is there
+    hint = r"\(the path ends with a carriage return, \\r: the job script has Windows line endings"
+    with pytest.raises(FileNotFoundError, match=rf"^Checkpoint {tmp_path}/model.pt\r not found {hint}"):
+        read_state_dict(f"{tmp_path}/model.pt\r")
+    with pytest.raises(ValueError, match=rf"^Data folder {tmp_path}\r does not exist or is not a folder {hint}"):
+        discover_cases(f"{tmp_path}\r")

@@ -164,3 +164,48 @@ def test_a_misspelt_entry_of_a_plain_section_is_refused():
     check_overrides([main, "run", "--config_file", str([os.path.join(mosi, "train.yaml"),
                                                        os.path.join(mosi, "multi_gpu_train.yaml")]),
                      "--train#checkpoint#interval", "2"])
+
+
+def test_a_path_holding_a_hash_is_refused_instead_of_becoming_another_path(tmp_path):
+    """MONAI turns '#' in every text value into '::': --output_dir /data/site#1/out trained into /data/site::1/out
+    without a word. References, expressions and a value nothing reads (train.yaml's bundle_root) keep theirs."""
+    from app.bundle_args import _MONAI_DIR, check_overrides
+
+    main = os.path.join(_MONAI_DIR, "bundle", "__main__.py")
+    configs = os.path.join(os.path.dirname(__file__), "..", "bundles", "brats_gmd", "configs")
+    train = os.path.join(configs, "train.yaml")
+    with pytest.raises(ValueError, match=r"--output_dir /data/site#1/out: .*'/data/site::1/out'.*without '#'"):
+        check_overrides([main, "run", "--config_file", train, "--output_dir", "/data/site#1/out"])
+    with pytest.raises(ValueError, match=r"--dataset_dir /data/case#1: .*'/data/case::1'"):
+        check_overrides([main, "run", "--config_file", train, "--dataset_dir=/data/case#1"])
+    inference = os.path.join(configs, "inference.yaml")  # the batch bundle reads bundle_root
+    with pytest.raises(ValueError, match=r"--bundle_root /opt/x#2/brats_gmd: "):
+        check_overrides([main, "run", "--config_file", inference, "--bundle_root", "/opt/x#2/brats_gmd"])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("dataset_dir: /data/site#1\n")
+    with pytest.raises(ValueError, match=r"'dataset_dir' in .*recipe.yaml: .*'/data/site::1'"):
+        check_overrides([main, "run", "--config_file", str([train, str(recipe)])])
+    # '@' and '$' inside a path, MONAI's own syntax, and an unread bundle_root: accepted
+    check_overrides([main, "run", "--config_file", train, "--dataset_dir", "/data/@site/a$b", "--output_dir", "O",
+                     "--bundle_root", "/opt/x#2/brats_gmd", "--strategy_def#_target_", "app.strategies.build_strategy",
+                     "--ckpt_path", "$@output_dir + '/models/model.pt'", "--patch_size", "[32,32,32]"])
+
+
+def test_an_unexpanded_shell_variable_or_a_bare_at_name_is_refused_in_one_line(monkeypatch):
+    """'$HOME/runs' (single quotes in a job script) was evaluated as Python and '@site' read as a reference:
+    both stopped with MONAI's traceback (NameError, 'the referring item @site is not defined')."""
+    from app.bundle_args import _MONAI_DIR, check_overrides
+
+    monkeypatch.setenv("SCRATCH", "/scratch/me")
+    main = os.path.join(_MONAI_DIR, "bundle", "__main__.py")
+    train = os.path.join(os.path.dirname(__file__), "..", "bundles", "brats_gmd", "configs", "train.yaml")
+    with pytest.raises(ValueError, match=r"--output_dir \$SCRATCH/runs: the shell did not expand \$SCRATCH .*"
+                                         r"\"\$SCRATCH/runs\"\), or give the path itself \(/scratch/me/runs\)"):
+        check_overrides([main, "run", "--config_file", train, "--output_dir", "$SCRATCH/runs"])
+    with pytest.raises(ValueError, match=r"--dataset_dir \$\{SCRATCH\}: the shell did not expand"):
+        check_overrides([main, "run", "--config_file", train, "--dataset_dir", "${SCRATCH}"])
+    with pytest.raises(ValueError, match=r"--dataset_dir @site: .*no setting 'site'.*--dataset_dir ./@site\."):
+        check_overrides([main, "run", "--config_file", train, "--dataset_dir", "@site"])
+    # expressions and references of MONAI's own: accepted
+    check_overrides([main, "run", "--config_file", train, "--device", "$torch.device('cpu')", "--dataset_dir",
+                     "./@site", "--output_dir", "@dataset_dir", "--learning_rate", "$1e-3 * 2"])

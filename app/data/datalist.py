@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from app.atomic import atomic_write_text
+from app.atomic import atomic_write_text, missing_hint
 from app.flags import check_paths, parse_bool
 
 logger = logging.getLogger(__name__)
@@ -110,18 +110,47 @@ def write_datalist(path: str | os.PathLike, train: Sequence[dict[str, Any]], val
 
 
 def read_datalist(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Read a datalist written by :func:`write_datalist`; returns ``(train, val)``."""
+    """Read a datalist written by :func:`write_datalist`; returns ``(train, val)``.
+
+    Training writes absolute paths. A relative path in a datalist written or edited by hand (``images``,
+    ``image4d``, ``label``) is taken relative to the datalist's own folder, as MONAI's
+    ``load_decathlon_datalist`` takes it, and returned absolute: it used to be read relative to the
+    folder the command ran from, so the same evaluation found its cases or not depending on where a
+    scheduler started it.
+    """
     try:
         with open(path, encoding="utf-8") as f:
             payload = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"Cannot read datalist {path}: {err}. Pass the datalist.json that training wrote into its "
-                         "--output_dir, or evaluate every case under --dataset_dir instead.") from err
+        raise ValueError(f"Cannot read datalist {path}{missing_hint(path)}: {err}. Pass the datalist.json that "
+                         "training wrote into its --output_dir, or evaluate every case under --dataset_dir "
+                         "instead.") from err
     if not isinstance(payload, dict) or "training" not in payload:
         raise ValueError(
             f"Datalist {path} has no 'training' list; expected {{'training': [...], 'validation': [...]}}."
         )
-    return list(payload["training"]), list(payload.get("validation", []))
+    base = Path(path).absolute().parent
+    return ([_absolute_record(r, base) for r in payload["training"]],
+            [_absolute_record(r, base) for r in payload.get("validation", [])])
+
+
+def _absolute_record(record: Any, base: Path) -> Any:
+    """``record`` with its relative file paths joined to ``base`` (the datalist's folder)."""
+    if not isinstance(record, dict):
+        return record  # not a case record: the reader that uses it names the problem
+
+    def absolute(value: Any) -> Any:
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            return os.path.normpath(base / value)  # '../data/x' as discovery writes it: /abs/data/x
+        return value
+
+    out = dict(record)
+    if isinstance(out.get("images"), dict):
+        out["images"] = {seq: absolute(f) for seq, f in out["images"].items()}
+    for key in ("image4d", "label"):
+        if key in out:
+            out[key] = absolute(out[key])
+    return out
 
 
 def prepare_datalist(
@@ -244,8 +273,9 @@ def evaluation_cases(
 def _under(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
     """Whether ``path`` lies in ``folder``, as written (a folder of symlinks to scans elsewhere) or resolved
     (the same data reached through a symlinked path)."""
+    folder = os.path.expanduser(os.fspath(folder))  # as discovery reads --dataset_dir ~/data
     for norm in (os.path.abspath, os.path.realpath):
-        p, d = norm(os.fspath(path)), norm(os.fspath(folder))
+        p, d = norm(os.fspath(path)), norm(folder)
         if os.path.commonpath([p, d]) == d:
             return True
     return False

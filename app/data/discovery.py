@@ -24,6 +24,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
+from app.atomic import missing_hint
 from app.data.errors import CaseError
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, NON_TUMOUR_PART
 from app.subsets import BRATS_MODALITIES
@@ -554,7 +555,8 @@ def discover_cases(
     root_path = Path(root).expanduser().absolute()
     if not root_path.is_dir():
         raise CaseError(
-            f"Data folder {root_path} does not exist or is not a folder: pass the folder holding the cases."
+            f"Data folder {root_path} does not exist or is not a folder{missing_hint(root_path)}: pass the folder holding "
+            "the cases."
         )
 
     found: list[tuple[dict[str, Any], str, str]] = []  # (record, location for messages, expected label path)

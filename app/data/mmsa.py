@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from app.atomic import atomic_write, atomic_write_text
+from app.atomic import atomic_write, atomic_write_text, missing_hint
 from app.flags import parse_bool
 
 __all__ = [
@@ -276,8 +276,8 @@ def load_mmsa(path: str | os.PathLike, trust_pickle: bool | str = False) -> dict
                          "or a .npz converted from one.")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"MMSA feature file {path} not found: check the path (an MMSA .pkl, or a .npz "
-                                "converted from one with python -m app convert-mmsa).")
+        raise FileNotFoundError(f"MMSA feature file {path} not found{missing_hint(path)}: check the path (an MMSA "
+                                ".pkl, or a .npz converted from one with python -m app convert-mmsa).")
     if path.suffix.lower() == ".npz":
         return _load_npz(path)
     if path.suffix.lower() not in _PICKLE_SUFFIXES:
@@ -370,11 +370,7 @@ def _read_npz(path: Path) -> dict[str, dict[str, np.ndarray]]:
 
 def save_mmsa_npz(data: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> Path:
     """Write ``{split: {field: array}}`` as a pickle-free ``.npz`` (``split/field`` entries)."""
-    path = Path(path)
-    if path.suffix.lower() != ".npz":
-        raise ValueError(f"Output {path} must end in .npz.")
-    if path.is_dir():  # the final rename would fail with a traceback after the whole file is written
-        raise ValueError(f"Output {path} is a folder: pass a file name ending in .npz, e.g. {path / 'mmsa.npz'}.")
+    path = _check_npz_path(path)
     arrays: dict[str, np.ndarray] = {"__format__": np.asarray(NPZ_FORMAT)}
     for split, fields in data.items():
         for field, value in fields.items():
@@ -390,11 +386,36 @@ def save_mmsa_npz(data: Mapping[str, Mapping[str, Any]], path: str | os.PathLike
                          "folder you can write to.") from err
 
 
+def _check_npz_path(path: str | os.PathLike) -> Path:
+    """``path`` as the ``.npz`` output it must be: a name ending in ``.npz``, not a folder, in a folder that can
+    be written (:func:`app.atomic.check_writable_folder`, which also refuses an unexpanded ``~``).
+
+    Raises:
+        ValueError: naming the output and the fix.
+    """
+    from app.atomic import check_path_text, check_writable_folder
+
+    text = os.fspath(path)
+    check_path_text(text, f"Output {text}")  # the file, not only its folder, in the message
+    path = Path(text)
+    if path.suffix.lower() != ".npz":
+        raise ValueError(f"Output {path} must end in .npz.")
+    if path.is_dir():  # the final rename would fail with a traceback after the whole file is written
+        raise ValueError(f"Output {path} is a folder: pass a file name ending in .npz, e.g. {path / 'mmsa.npz'}.")
+    check_writable_folder(os.path.dirname(text) or os.curdir, f"Output {text}",
+                          file_fix="pass an output path in a folder", write_fix="pass an output path in a folder you "
+                          "can write to")
+    return path
+
+
 def convert_mmsa(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Convert a *trusted* MMSA pickle to the safe ``.npz`` layout (this unpickles ``src`` once).
 
-    Only the fields the product reads are kept (features, lengths, labels, ids, raw text).
+    Only the fields the product reads are kept (features, lengths, labels, ids, raw text). The output is
+    checked before the pickle is read: a MOSEI pickle takes minutes to load, and a read-only or mistyped
+    output (``~`` left unexpanded) was found only then, or not at all.
     """
+    _check_npz_path(dst)
     return save_mmsa_npz(load_mmsa(src, trust_pickle=True), dst)
 
 

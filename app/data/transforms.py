@@ -20,6 +20,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys
 
+from app.atomic import missing_hint
 from app.data.discovery import is_unedited_label_output, load_nifti
 from app.data.errors import CaseError, check_readable, too_large_to_read, unreadable
 from app.data.labels import LABEL_CONVENTIONS, labels_to_regions
@@ -76,7 +77,7 @@ def _open(path: str) -> nib.spatialimages.SpatialImage:
     try:
         img = load_nifti(path)
     except FileNotFoundError as err:
-        raise CaseError(f"{path} does not exist: restore the file or re-run discovery.") from err
+        raise CaseError(f"{path} does not exist{missing_hint(path)}: restore the file or re-run discovery.") from err
     except Exception as err:  # nibabel raises many types for bad headers; all mean the same to the user
         raise CaseError(f"Cannot read {path} ({type(err).__name__}: {err}): the file is corrupt or not NIfTI; "
                         "re-download or re-export it.") from err

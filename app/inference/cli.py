@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder of one case in the BraTS 2018 (<case>_flair.nii.gz), BraTS 2023 (<case>-t2f.nii.gz) "
                           "or MSD/nnU-Net layout; its sequences are found by name")
     p.add_argument("--bundle", help="bundle folder whose configs/train.yaml gives the defaults "
-                                   "(default: this repository's bundles/brats_gmd)")
+                                   "(default: bundles/brats_gmd of the checkout the package runs from; a package "
+                                   "installed without it has the shipped train.yaml's values built in)")
     p.add_argument("--ckpt", required=True, help="model.pt written by training, or a model.ts exported from it")
     p.add_argument("--out", required=True, metavar="OUT.nii.gz", help="label map to write")
     p.add_argument("--labels", default="auto", choices=("auto", "2018", "2021", "2023", "2024"),

@@ -69,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import torch
 
+        from app.atomic import missing_hint
         from app.inference.cli import parse_ints
         from app.inference.model import export_torchscript, is_torchscript, is_weights_file, network_from_checkpoint
         from app.inference.pipeline import check_output_path
@@ -78,8 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--ckpt is empty (an unset variable?): pass the model.pt written by training "
                              "(<output_dir>/models/model.pt).")
         if not Path(args.ckpt).is_file():
-            raise FileNotFoundError(f"Checkpoint {args.ckpt} not found: pass --ckpt the model.pt written by training "
-                                    "(<output_dir>/models/model.pt).")
+            raise FileNotFoundError(f"Checkpoint {args.ckpt} not found{missing_hint(args.ckpt)}: pass --ckpt the "
+                                    "model.pt written by training (<output_dir>/models/model.pt).")
         # before any work: a bad name, a folder, an unwritable place, or the checkpoint itself (whose
         # weights would be lost to the export)
         out = check_output_path(args.out, "--out", (".ts", ".pt", ".pth"), [args.ckpt])

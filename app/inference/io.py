@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from app.atomic import missing_hint
 from app.data.discovery import CHANNEL_ALIASES, load_nifti
 from app.data.errors import CaseError, check_readable, too_large_to_read
 from app.data.transforms import AFFINE_TOLERANCE, check_nifti_stream, check_voxels, grid_reordering, reorder_voxels
@@ -132,7 +133,7 @@ def _read_nifti(path: str) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header | N
     try:
         img = load_nifti(path)
     except FileNotFoundError as err:
-        raise CaseError(f"{path} does not exist: check the path.") from err
+        raise CaseError(f"{path} does not exist{missing_hint(path)}: check the path.") from err
     except Exception as err:  # nibabel raises many types for bad headers; all mean the same to the user
         raise CaseError(f"Cannot read {path} ({type(err).__name__}: {_one_line(err)}): the file is corrupt or not "
                         "NIfTI; re-export it as .nii/.nii.gz or pass its DICOM series folder.") from err
@@ -289,7 +290,7 @@ def read_volume(
         header = None
     else:
         if not os.path.exists(path):
-            raise CaseError(f"{path} ({seq}) does not exist: check the path.")
+            raise CaseError(f"{path} ({seq}) does not exist{missing_hint(path)}: check the path.")
         if not path.lower().endswith(_NIFTI_SUFFIXES):
             raise CaseError(f"{path} ({seq}) is not a .nii/.nii.gz file: convert it to NIfTI, or pass the folder "
                             "holding its DICOM series.")

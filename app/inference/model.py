@@ -23,7 +23,7 @@ import torch
 import yaml
 from torch import nn
 
-from app.atomic import atomic_write
+from app.atomic import atomic_write, missing_hint
 from app.engines.utils import load_weights
 from app.networks import DSUNet
 from app.networks.ds_unet import recorded_spacing
@@ -268,8 +268,8 @@ def load_network(
         raise ValueError("The checkpoint path is empty (an unset variable?): give the model.pt written by training "
                          "(<output_dir>/models/model.pt) or a model.ts exported from it (--ckpt, BRATS_CKPT).")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Checkpoint {path} not found: give the model.pt written by training "
-                                "(<output_dir>/models/model.pt) or a model.ts exported from it.")
+        raise FileNotFoundError(f"Checkpoint {path} not found{missing_hint(path)}: give the model.pt written by "
+                                "training (<output_dir>/models/model.pt) or a model.ts exported from it.")
     if is_torchscript(path):
         check_archive(path)
         try:

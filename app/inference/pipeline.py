@@ -38,7 +38,7 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import NormalizeIntensity
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
-from app.atomic import check_writable_folder, write_error
+from app.atomic import check_path_text, check_writable_folder, write_error
 from app.data.datalist import ras_spacing, spacing_differs
 from app.data.discovery import OUTPUT_DESCRIPTION_PREFIX, load_nifti, recorded_crc_matches, voxel_crc
 from app.data.errors import CaseError, check_readable
@@ -551,6 +551,7 @@ def check_output_path(
             write (e.g. the case's reference segmentation, or a user's notes under a JSON output's
             name; see :func:`written_by_product`).
     """
+    check_path_text(path, f"{kind} {path}")  # before abspath, which would keep a folder named '~'
     out = os.path.abspath(os.fspath(path))
     if not out.lower().endswith(tuple(suffixes)):
         raise ValueError(f"{kind} {path} must end with {' or '.join(suffixes)}: rename it.")

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import torch
 
+from app.atomic import missing_hint
 from app.data.errors import unreadable
 
 #: what a mismatch error tells the user to do, unless the caller knows better
@@ -106,7 +107,8 @@ def read_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Checkpoint {path} not found: pass --ckpt_path to a model.pt written by training.")
+        raise FileNotFoundError(f"Checkpoint {path} not found{missing_hint(path)}: pass --ckpt_path to a model.pt "
+                                "written by training.")
     check_archive(path)
     try:
         with open(path, "rb") as f:  # read once: the bytes loaded are the bytes hashed (loaded_sha256)

@@ -295,3 +295,32 @@ def test_a_folder_the_command_line_read_as_a_number_is_refused_with_the_fix(tmp_
     with pytest.raises(ValueError, match=r"--input_dir 2021 was read as a number"):
         run_batch(None, 2021, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["2021"]  # nothing written
+
+
+def test_relative_paths_of_a_datalist_are_read_from_its_own_folder(tmp_path, monkeypatch):
+    """A datalist written by hand with paths relative to itself (as MONAI's load_decathlon_datalist reads them)
+    was read relative to the folder the command ran from: the evaluation found its cases only when a scheduler
+    happened to start it beside the datalist, and called them moved otherwise."""
+    import os
+
+    from app.data.phantoms import write_phantoms
+
+    data = tmp_path / "data"
+    write_phantoms(data, cases=3, size=16, seed=0)
+    split = prepare_datalist(data, tmp_path / "run", val_fraction=0.34)
+    home = tmp_path / "lists"
+    home.mkdir()
+    relative = [{**r, "images": {q: os.path.relpath(f, home) for q, f in r["images"].items()},
+                 "label": os.path.relpath(r["label"], home)} for r in split["validation"]]
+    assert relative[0]["label"].startswith("../data/")
+    datalist = home / "datalist.json"
+    write_datalist(datalist, [], relative)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert evaluation_cases(None, datalist) == split["validation"]  # the absolute paths training would write
+    assert evaluation_cases(data, os.path.relpath(datalist, elsewhere)) == split["validation"]
+    assert read_datalist(datalist)[1] == split["validation"]
+    # --dataset_dir=~/data (a '~' the shell left alone) names the folder discovery reads: the same cases
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert evaluation_cases("~/data", datalist) == split["validation"]

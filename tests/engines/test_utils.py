@@ -378,3 +378,18 @@ def test_a_data_loader_worker_killed_from_outside_is_one_line_naming_the_setting
     import app.engines.utils as utils
 
     assert utils._input_error(other) is None
+
+
+def test_check_output_dir_refuses_an_unexpanded_home_folder(tmp_path, monkeypatch):
+    """--output_dir=~/runs (the shell expands '~' neither in quotes nor after '=') wrote datalist.json,
+    checkpoint_last.pt and the reports under ./~/runs, and model.pt and model_final.pt under the home folder."""
+    from app.engines import check_output_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=rf"^--output_dir ~/runs: .*part of its files under {tmp_path}/~/runs and "
+                                         rf"part under {tmp_path}/home/runs: give --output_dir {tmp_path}/home/runs\.$"):
+        check_output_dir("~/runs")
+    check_output_dir("~runs")  # a folder whose name starts with '~' (no user of that name): a folder like another
+    check_output_dir(tmp_path / "home" / "~")
+    assert os.listdir(tmp_path) == []

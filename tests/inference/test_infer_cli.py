@@ -585,3 +585,14 @@ def test_a_scan_with_a_mixed_case_extension_is_read(case, random_ckpt, infer, tm
     rc, _, err = infer("--ckpt", random_ckpt, "--flair", mixed, "--out", tmp_path / "seg.nii.gz")
     assert rc == 0, err
     assert load(tmp_path / "seg.nii.gz").shape == load(case["t1"]).shape
+
+
+def test_an_installed_package_without_the_bundle_uses_the_shipped_train_yaml_values(monkeypatch, tmp_path):
+    """A package installed with pip install --no-deps . (or from a wheel) holds no bundles/: inference and export
+    without --bundle then take the values built into the package, which must be those of the shipped train.yaml,
+    or an installed copy would segment with other windows than the checkout."""
+    import app.inference.model as model
+
+    shipped = model.bundle_defaults(REPO / "bundles" / "brats_gmd")
+    monkeypatch.setattr(model, "DEFAULT_BUNDLE", tmp_path / "site-packages" / "bundles" / "brats_gmd")
+    assert model.bundle_defaults(None) == shipped == model.DEFAULT_SETTINGS

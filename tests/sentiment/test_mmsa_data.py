@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import pickle
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -102,6 +103,26 @@ def test_convert_to_an_unwritable_output_is_one_error_line(tmp_path, capsys, mon
     assert app_main(["convert-mmsa", str(pkl), str(tmp_path / "x.npz")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: Cannot write {tmp_path / 'x.npz'} (Permission denied)") and ".tmp" not in err
+
+
+def test_convert_checks_its_output_before_reading_the_pickle(tmp_path, capsys, monkeypatch):
+    """A read-only output (a MOSEI pickle takes minutes to load) was refused only after the pickle had been read,
+    and '~' the shell left unexpanded ('~/mosi.npz' quoted) wrote the file into a folder named '~' here."""
+    import app.data.mmsa as mmsa
+
+    pkl = write_synthetic_mmsa(tmp_path / "s.pkl", splits={"train": 4, "valid": 3})
+    reads = []
+    monkeypatch.setattr(mmsa, "load_mmsa", lambda *a, **k: reads.append(a) or pytest.fail("the pickle was read"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert app_main(["convert-mmsa", str(pkl), "~/mosi.npz"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: Output ~/mosi.npz: '~' is not expanded here (the shell expands it only unquoted and not "
+                   f"after '='): give {tmp_path / 'home' / 'mosi.npz'} instead of a folder named '~' in {tmp_path}.\n")
+    if sys.platform.startswith("linux"):  # /proc takes no new files, whoever runs the test (root included)
+        assert app_main(["convert-mmsa", str(pkl), "/proc/mosi.npz"]) == 2
+        assert capsys.readouterr().err.startswith("error: Output /proc/mosi.npz: cannot write in /proc")
+    assert not reads and sorted(p.name for p in tmp_path.iterdir()) == ["s.pkl"]
 
 
 def test_convert_command_line_and_bad_files(tmp_path, capsys):
