@@ -20,6 +20,7 @@ approximate GMD: the ``k x k`` Gram matrix) so every rank decouples the gradient
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import torch
@@ -29,6 +30,8 @@ from app.flags import check_counts
 from app.strategies.base import GradientStrategy, StepResult, process_group, subset_loss
 from app.strategies.projection import decouple_coefficients, gmd_statistics, projection_orders
 from app.subsets import all_subsets, subset_masks, subset_name
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["GMDStrategy", "GMDApproxStrategy"]
 
@@ -70,6 +73,11 @@ class GMDStrategy(GradientStrategy):
         check_counts(vjp_chunk=vjp_chunk)
         check_counts(at_least=0, diagnostics_interval=diagnostics_interval)
         self.subsets = "all" if isinstance(subsets, str) and subsets.strip().lower() == "all" else int(subsets)
+        if self.subsets == 1:
+            # eq. 8 acts between pairs of subset gradients: one subset per step has none to decouple
+            logger.warning("--gmd_subsets 1 trains one sampled subset per step: with no pair of subset gradients "
+                           "there is nothing to decouple, so this is subset sampling, not gradient-guided "
+                           "decoupling. Use --gmd_subsets 2 or more (or all).")
         self.diagnostics_interval = int(diagnostics_interval)
         self.vjp_chunk = int(vjp_chunk)
         self.sync = str(sync).strip().lower()

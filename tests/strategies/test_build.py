@@ -128,3 +128,15 @@ def test_a_strategy_option_that_is_not_a_valid_number_is_named_with_its_fix(name
     # raised by a raise statement of the package: the bundle prints it as one error line, without a traceback
     from app.engines.utils import _input_error
     assert _input_error(err.value) is err.value
+
+
+@pytest.mark.parametrize("name", ["gmd", "gmd_approx"])
+def test_one_subset_per_step_is_named_as_no_decoupling(name, caplog):
+    """With --gmd_subsets 1 no pair of subset gradients exists, so the run decouples nothing."""
+    with caplog.at_level("WARNING", logger="app.strategies"):
+        build_strategy(name, subsets=2)
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="app.strategies"):
+        build_strategy(name, subsets=1)
+    assert [r.getMessage()[:48] for r in caplog.records] == ["--gmd_subsets 1 trains one sampled subset per st"]
+    assert "nothing to decouple" in caplog.records[0].getMessage()
