@@ -538,6 +538,27 @@ class ResumableCheckpoint:
         atomic_save(state, self.path)
         logger.info("Wrote %s (epoch %d, iteration %d).", self.path, engine.state.epoch, engine.state.iteration)
 
+    def _check_same_class(self, configured: Any, saved_kind: str | None, unknown: str, keys_differ: bool,
+                          verb: str, option: str, what: str) -> None:
+        """Refuse a resume whose optimizer or scheduler is of another class than the saved one.
+
+        Args:
+            configured: this run's optimizer or scheduler.
+            saved_kind: the class the checkpoint records (None: written before the class was recorded).
+            unknown: what to call the saved one when only its state's keys tell it apart.
+            keys_differ: whether the saved state's keys differ from the configured one's.
+            verb, option, what: the error's wording ("training with", "--optimizer#_target_", "optimizer").
+        """
+        kind = _class_name(configured)
+        if saved_kind is None and keys_differ:
+            saved_kind = unknown
+        if saved_kind is not None and saved_kind != kind:
+            raise ValueError(
+                f"{self.path} was written by a run {verb} {saved_kind}, this run is configured with {kind} "
+                f"({option}): a resume continues the saved {what}, so resume with the original {option}, or start "
+                "a new run in another --output_dir to train with the new one."
+            )
+
     def restore(self, engine: Engine, state: Mapping[str, Any]) -> None:
         """Load ``state`` (from :func:`load_training_checkpoint`) into the objects and ``engine``."""
         world, rank = process_group()
@@ -577,29 +598,18 @@ class ResumableCheckpoint:
                 f"{self.path} was written by a run with other training settings ({listed}): resume with {fix}, or "
                 "start a new run in another --output_dir to train with the new ones."
             )
-        kind, saved_kind = _class_name(self.optimizer), state.get("optimizer_class")
-        if saved_kind is None and _group_keys(state["optimizer"]) != _group_keys(self.optimizer.state_dict()):
-            saved_kind = "another optimizer"  # a checkpoint written before the class was recorded
-        if saved_kind is not None and saved_kind != kind:
-            # the saved state (AdamW's moments and hyperparameters) loaded into SGD failed at the first step with
-            # KeyError 'momentum'; into Adam it went on silently as AdamW, with decoupled weight decay
-            raise ValueError(
-                f"{self.path} was written by a run training with {saved_kind}, this run is configured with {kind} "
-                "(--optimizer#_target_): a resume continues the saved optimizer, so resume with the original "
-                "--optimizer#_target_, or start a new run in another --output_dir to train with the new one."
-            )
+        # the saved state (AdamW's moments and hyperparameters) loaded into SGD failed at the first step with
+        # KeyError 'momentum'; into Adam it went on silently as AdamW, with decoupled weight decay
+        self._check_same_class(self.optimizer, state.get("optimizer_class"), "another optimizer",
+                               _group_keys(state["optimizer"]) != _group_keys(self.optimizer.state_dict()),
+                               "training with", "--optimizer#_target_", "optimizer")
         if self.lr_scheduler is not None and "lr_scheduler" in state:
-            kind, saved_kind = _class_name(self.lr_scheduler), state.get("lr_scheduler_class")
-            if saved_kind is None and set(state["lr_scheduler"]) != set(self.lr_scheduler.state_dict()):
-                saved_kind = "another learning-rate scheduler"  # a checkpoint written before the class was recorded
-            if saved_kind is not None and saved_kind != kind:
-                # loading the saved state into another scheduler went on silently: the run switched schedules
-                # half-way (e.g. from the cosine one to StepLR), carrying the old one's attributes along
-                raise ValueError(
-                    f"{self.path} was written by a run scheduled by {saved_kind}, this run is configured with {kind} "
-                    "(lr_scheduler): a resume continues the saved schedule, so resume with the original lr_scheduler, "
-                    "or start a new run in another --output_dir to train with the new one."
-                )
+            # loading the saved state into another scheduler went on silently: the run switched schedules
+            # half-way (e.g. from the cosine one to StepLR), carrying the old one's attributes along
+            self._check_same_class(self.lr_scheduler, state.get("lr_scheduler_class"),
+                                   "another learning-rate scheduler",
+                                   set(state["lr_scheduler"]) != set(self.lr_scheduler.state_dict()),
+                                   "scheduled by", "lr_scheduler", "schedule")
             # the saved state brings the scheduler's settings back too (--lr_scheduler#eta_min would be ignored)
             configured, saved_schedule = self.lr_scheduler.state_dict(), state["lr_scheduler"]
             moved = [(k, saved_schedule[k], configured[k]) for k in sorted(set(configured) & set(saved_schedule))
