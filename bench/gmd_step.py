@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.engines.trainer import autocast_context  # noqa: E402
+from app.engines.utils import amp_dtype  # noqa: E402
 from app.networks import DSUNet  # noqa: E402
 from app.strategies import build_strategy  # noqa: E402
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             _sync(device)
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            with autocast_context(device, args.amp):
+            with autocast_context(device, args.amp, training=True):
                 strategy.step(model, x, mask, y, loss_fn, iteration=i + 1)
             optimizer.step()
             _sync(device)
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 times.append(time.perf_counter() - start)
         record = {
             "strategy": label, "device": str(device), "patch": args.patch, "batch": args.batch,
-            "features": args.features, "amp": bool(args.amp) and device.type == "cuda", "step_s": round(statistics.median(times), 4),
+            "features": args.features, "amp": amp_dtype(device, args.amp, training=True) is not None, "step_s": round(statistics.median(times), 4),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
         }
         if label == "gmd":
@@ -102,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         if label == "gmd_approx":
             if exact_grad is None:  # fidelity needs the exact gradient of the same batch
                 optimizer.zero_grad(set_to_none=True)
-                with autocast_context(device, args.amp):
+                with autocast_context(device, args.amp, training=True):
                     build_strategy("gmd", seed=0, vjp_chunk=args.vjp_chunk).step(model, x, mask, y, loss_fn)
                 exact_grad = _grad_vector(model)
                 optimizer.zero_grad(set_to_none=True)
-                with autocast_context(device, args.amp):
+                with autocast_context(device, args.amp, training=True):
                     build_strategy("gmd_approx", seed=0).step(model, x, mask, y, loss_fn)
             approx = _grad_vector(model)
             record["fidelity"] = round(float(approx @ exact_grad / (approx.norm() * exact_grad.norm() + 1e-30)), 4)

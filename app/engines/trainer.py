@@ -19,7 +19,7 @@ from monai.utils import CommonKeys as Keys
 
 from app.metrics.dice import dice_from_logits
 from app.engines.distributed import mean_over_ranks
-from app.engines.utils import fit_roi
+from app.engines.utils import amp_dtype, fit_roi
 from app.flags import parse_bool
 from app.networks.ds_unet import masked_mean
 from app.strategies.base import GradientStrategy
@@ -65,11 +65,11 @@ def subset_fusions(
     return valid, (fuse(per_modality, sub) for sub in masks)
 
 
-def autocast_context(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA when enabled (bf16 needs no gradient scaler); a no-op elsewhere."""
-    if enabled and torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+def autocast_context(device: torch.device, enabled: bool, training: bool = False):
+    """Autocast to :func:`~app.engines.utils.amp_dtype` when enabled: bf16 on GPUs that compute it
+    natively (bf16 needs no gradient scaler); a no-op on CPU, and in training on older GPUs."""
+    dtype = amp_dtype(device, enabled, training)
+    return nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
 
 
 class NonFiniteLossError(ValueError):
@@ -144,7 +144,7 @@ class SubsetTrainer(SupervisedTrainer):
         mask = to_device(batchdata[mask_key], device, engine.non_blocking).bool()
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with autocast_context(device, self.use_amp):
+        with autocast_context(device, self.use_amp, training=True):
             result = self.strategy.step(
                 engine.network, inputs, mask, targets, engine.loss_function, iteration=engine.state.iteration
             )

@@ -22,7 +22,7 @@ from app.networks.weights import describe_state_dict, load_weights
 
 __all__ = [
     "check_held_out", "check_held_out_split", "check_output_dir", "check_modalities", "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "load_weights", "describe_state_dict",
-    "ProgressBarHandler", "report_input_errors", "check_overrides", "check_bools", "check_counts", "check_share", "resolve_device", "check_positive", "lock_output_dir", "UNSELECTED_CHECKPOINTS",
+    "ProgressBarHandler", "report_input_errors", "check_overrides", "check_bools", "check_counts", "check_share", "resolve_device", "amp_dtype", "check_positive", "lock_output_dir", "UNSELECTED_CHECKPOINTS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -405,6 +405,38 @@ def resolve_device(device: Any, auto: bool = True) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {device} is not supported: use {choices}.")
     return device
+
+
+#: GPUs whose bf16 autocast was already said to fall back (one log line per device and use, not per step)
+_AMP_FALLBACK_SAID: set[tuple[str, bool]] = set()
+
+
+def amp_dtype(device: Any, enabled: bool, training: bool = False) -> torch.dtype | None:
+    """The autocast dtype of ``--amp`` on ``device``, or None for full precision.
+
+    bf16 where the GPU computes it natively (compute capability 8.0 and later: A100, H100, L4, RTX 30xx
+    and later). Older GPUs (V100, T4) only emulate bf16, slower than fp32, so there evaluation and
+    inference autocast to fp16 instead (no gradients: nothing to underflow), and training runs in fp32:
+    fp16 gradients would need loss scaling, which the per-subset gradients of GMD and CGGM do not take.
+    CPUs run in full precision.
+
+    Args:
+        device: where the network runs.
+        enabled: the ``--amp`` setting.
+        training: whether gradients are taken under the autocast.
+    """
+    device = torch.device(device)
+    if not enabled or device.type != "cuda":
+        return None
+    if torch.cuda.get_device_capability(device)[0] >= 8:
+        return torch.bfloat16
+    key = (str(device), training)
+    if key not in _AMP_FALLBACK_SAID:
+        _AMP_FALLBACK_SAID.add(key)
+        logger.warning("--amp: %s (%s) has no native bf16; %s.", device, torch.cuda.get_device_name(device),
+                       "training runs in fp32 (fp16 gradients would need loss scaling)" if training
+                       else "evaluation and inference use fp16 autocast")
+    return None if training else torch.float16
 
 
 def set_cudnn(deterministic: bool | str) -> None:

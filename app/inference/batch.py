@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, help="sliding-window overlap (default: the bundle's)")
     p.add_argument("--sw-batch-size", type=int, help="windows per network call (default: the bundle's)")
     p.add_argument("--device", default=env("BRATS_DEVICE", "auto"), help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
+    p.add_argument("--no-amp", action="store_true", help="disable autocast on CUDA (bf16, or fp16 on GPUs without native bf16)")
     p.add_argument("--no-head-mask", action="store_true",
                    help="keep labels where every given sequence is 0 (default: background there, outside the "
                         "skull-stripped head)")

@@ -43,7 +43,7 @@ from app.data.datalist import ras_spacing, spacing_differs
 from app.data.discovery import OUTPUT_DESCRIPTION_PREFIX, load_nifti, recorded_crc_matches, voxel_crc
 from app.data.errors import CaseError, check_readable
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, regions_to_labels
-from app.engines.utils import check_patch_size, resolve_device
+from app.engines.utils import amp_dtype, check_patch_size, resolve_device
 from app.flags import parse_bool
 from app.inference.io import AtomicOutputs, CaseInputs, Volume, _one_line, read_case, voxel_volume_ml
 from app.inference.model import bundle_defaults, load_network
@@ -254,7 +254,7 @@ class Segmenter:
         overlap: sliding-window overlap fraction.
         sw_batch_size: windows per network call.
         device: where the network runs.
-        amp: bf16 autocast on CUDA (ignored on CPU).
+        amp: autocast on CUDA (ignored on CPU): bf16, or fp16 on GPUs without native bf16 (:func:`~app.engines.utils.amp_dtype`).
         spacing: resample to this voxel size (mm, RAS axes; 1 or 3 numbers, or a string of them)
             before the network and back after; None or ``"native"`` keeps the native spacing;
             ``"auto"`` uses ``training_spacing`` when the scan's voxel size differs from it by more
@@ -412,7 +412,8 @@ class Segmenter:
         def predictor(x: torch.Tensor) -> torch.Tensor:
             return self.network(x, mask[None].expand(x.shape[0], -1))
 
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+        dtype = amp_dtype(self.device, self.amp)
+        autocast = nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
         with autocast:
             logits = sliding_window_inference(
                 crop[None], roi, self.sw_batch_size, predictor, overlap=self.overlap, mode="gaussian",
@@ -462,7 +463,8 @@ class Segmenter:
             "overlap": self.overlap,
             "sw_batch_size": self.sw_batch_size,
             "device": str(self.device),
-            "amp_bf16": self.amp,
+            "amp_bf16": amp_dtype(self.device, self.amp) == torch.bfloat16,
+            "amp_dtype": str(amp_dtype(self.device, self.amp) or "").replace("torch.", "") or None,
             "head_mask": self.head_mask,
             "wt_removed_outside_head_ml": outside_ml,
         }

@@ -393,3 +393,31 @@ def test_check_output_dir_refuses_an_unexpanded_home_folder(tmp_path, monkeypatc
     check_output_dir("~runs")  # a folder whose name starts with '~' (no user of that name): a folder like another
     check_output_dir(tmp_path / "home" / "~")
     assert os.listdir(tmp_path) == []
+
+
+def test_amp_uses_bf16_only_on_gpus_that_compute_it_natively(monkeypatch, caplog):
+    """V100 and T4 emulate bf16, more slowly than fp32: evaluation and inference take fp16 there, training fp32."""
+    from contextlib import nullcontext
+
+    from app.engines import autocast_context
+    from app.engines import utils
+
+    monkeypatch.setattr(utils, "_AMP_FALLBACK_SAID", set())
+    cuda = torch.device("cuda:0")
+    assert utils.amp_dtype("cpu", True) is None and utils.amp_dtype("cpu", True, training=True) is None
+    assert utils.amp_dtype(cuda, False) is None
+    capability = {"value": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    with caplog.at_level("WARNING", logger="app.engines.utils"):
+        assert utils.amp_dtype(cuda, True) is torch.bfloat16 and utils.amp_dtype(cuda, True, True) is torch.bfloat16
+        assert not caplog.records
+        capability["value"] = (7, 5)
+        for _ in range(3):  # said once per device and use, not at every step
+            assert utils.amp_dtype(cuda, True) is torch.float16
+            assert utils.amp_dtype(cuda, True, training=True) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "--amp: cuda:0 (Some GPU) has no native bf16; evaluation and inference use fp16 autocast.",
+        "--amp: cuda:0 (Some GPU) has no native bf16; training runs in fp32 (fp16 gradients would need loss scaling).",
+    ]
+    assert isinstance(autocast_context(cuda, True, training=True), nullcontext)
