@@ -243,6 +243,10 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
     _check_all_dicom_files_read(sitk, folder, series[0], files)
     try:
         reader.SetFileNames(files)
+        # Float output: each slice's rescale slope/intercept is applied as that file is read, into a
+        # buffer of the first slice's pixel type. With the default type (int16 when the first slice is
+        # not rescaled) the other slices' fractional values are truncated and large ones wrap around.
+        reader.SetOutputPixelType(sitk.sitkFloat32)
         reader.MetaDataDictionaryArrayUpdateOn()  # per-slice positions, for the spacing check
         image = reader.Execute()
     except Exception as err:  # SimpleITK raises RuntimeError with multi-line text
