@@ -194,11 +194,18 @@ def _check_all_dicom_files_read(sitk: Any, folder: str, series_uid: str, series_
                         "series, or convert it to NIfTI.")
 
 
-def _check_uniform_slices(folder: str, reader: Any, files: list[str]) -> None:
-    """Refuse a series whose slice positions are not evenly spaced (a missing or duplicated slice).
+def _check_uniform_slices(folder: str, reader: Any, files: list[str], pixel_spacing: float) -> None:
+    """Refuse a series whose slice positions are not evenly spaced (a missing or duplicated slice), or
+    do not lie along the slice normal (a gantry-tilted acquisition).
 
     Positions (``0020|0032``) are projected on the slice normal from the first slice's orientation
     (``0020|0037``). Series without these tags, or with fewer than 3 slices, are not checked.
+
+    Args:
+        folder: the series folder, named in the errors.
+        reader: the executed ``SimpleITK.ImageSeriesReader`` holding the per-slice tags.
+        files: the slice files in the order read.
+        pixel_spacing: the smallest in-plane voxel size (mm).
     """
     if len(files) < 3:
         return
@@ -211,6 +218,17 @@ def _check_uniform_slices(folder: str, reader: Any, files: list[str]) -> None:
     if orientation.shape != (6,) or positions.shape != (len(files), 3):
         return
     normal = np.cross(orientation[:3], orientation[3:])
+    # A tilted gantry moves each slice within its plane as well: the stack is sheared. SimpleITK
+    # builds an orthogonal grid from the first two positions anyway, so the volume (and the label
+    # map on its grid) would be displaced by up to the whole drift, tens of mm at the top of a head.
+    offsets = positions - positions[0]
+    drift = np.linalg.norm(offsets - np.outer(offsets @ normal, normal), axis=1)
+    if drift.max() > SLICE_STEP_TOLERANCE * pixel_spacing:
+        k = int(np.argmax(drift))
+        raise CaseError(
+            f"{folder}: the DICOM slices are not stacked along the slice normal ({os.path.basename(files[k])} lies "
+            f"{drift[k]:.3g} mm off it in its plane; a gantry-tilted acquisition): convert the series to NIfTI with "
+            "a converter that corrects gantry tilt (dcm2niix), or re-export it resampled to an orthogonal grid.")
     steps = np.diff(positions @ normal)
     median = float(np.median(np.abs(steps)))
     if median <= 0:
@@ -252,7 +270,7 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
     except Exception as err:  # SimpleITK raises RuntimeError with multi-line text
         raise CaseError(f"Cannot read the DICOM series in {folder} ({_one_line(err)[:200]}): "
                         "re-export the series or convert it to NIfTI.") from err
-    _check_uniform_slices(folder, reader, files)
+    _check_uniform_slices(folder, reader, files, min(image.GetSpacing()[:2]))
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise CaseError(f"{folder} is a {image.GetNumberOfComponentsPerPixel()}-component (colour/vector) series: "
                         "expected a grey-value MRI series.")

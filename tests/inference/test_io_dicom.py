@@ -66,3 +66,41 @@ def test_per_slice_rescale_slopes_keep_their_fractional_values(tmp_path):
     _write_series(tmp_path / "flair", scaled, slopes=slopes)
     volume = read_volume(tmp_path / "flair", "flair")
     np.testing.assert_allclose(volume.data, scaled.transpose(), atol=1e-3)
+
+
+def _oblique_direction() -> tuple[float, ...]:
+    """Direction cosines (columns: row, column and slice directions) of a double-oblique acquisition."""
+    a, b = np.deg2rad(17.0), np.deg2rad(-11.0)
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    rz = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
+    return tuple((rz @ rx).ravel())
+
+
+def test_gantry_tilted_series_is_refused(tmp_path):
+    """Slices that move within their plane from one to the next (a tilted gantry) are a sheared stack;
+    it was read as an orthogonal grid, displacing the top of the volume by the whole drift (here 11 x
+    0.8 mm), so the label map would be shifted against the scan in any viewer."""
+    _write_series(tmp_path / "flair", _volume(), in_plane_drift=0.8)
+    with pytest.raises(CaseError, match=r"flair: the DICOM slices are not stacked along the slice normal \(IM0011.dcm "
+                                        r"lies 8.8 mm off it .*gantry-tilted.*dcm2niix"):
+        read_volume(tmp_path / "flair", "flair")
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1),  # axial
+                                       (0, 0, 1, 1, 0, 0, 0, 1, 0),  # sagittal
+                                       (1, 0, 0, 0, 0, 1, 0, -1, 0),  # coronal
+                                       _oblique_direction()], ids=["axial", "sagittal", "coronal", "oblique"])
+def test_voxels_map_to_the_world_points_of_the_series(tmp_path, direction):
+    """Every voxel's RAS point (the affine) is the LPS point of the same DICOM voxel, for any
+    acquisition plane, and the untilted oblique series passes the tilt check."""
+    import SimpleITK as sitk
+
+    data = _volume()
+    _write_series(tmp_path / "flair", np.round(data), direction=direction)
+    volume = read_volume(tmp_path / "flair", "flair")
+    reference = sitk.ReadImage(sorted(str(p) for p in (tmp_path / "flair").iterdir()), sitk.sitkFloat32)
+    for ijk in [(0, 0, 0), (7, 9, 11), (3, 5, 2), (7, 0, 11)]:
+        ras = volume.affine @ np.array([*ijk, 1.0])
+        lps = (-ras[0], -ras[1], ras[2])
+        np.testing.assert_allclose(reference.TransformPhysicalPointToContinuousIndex(lps), ijk, atol=1e-4)
+        assert volume.data[ijk] == np.round(data)[ijk[::-1]]
