@@ -266,7 +266,10 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
         # not rescaled) the other slices' fractional values are truncated and large ones wrap around.
         reader.SetOutputPixelType(sitk.sitkFloat32)
         reader.MetaDataDictionaryArrayUpdateOn()  # per-slice positions, for the spacing check
-        image = reader.Execute()
+        # A series of one file is a multi-frame (enhanced) object holding the whole volume, or a single
+        # slice. The series reader would stack it as a 4D image with one volume; the file reader gives
+        # its 3D (or 2D) geometry from the frames' positions.
+        image = reader.Execute() if len(files) > 1 else sitk.ReadImage(files[0], sitk.sitkFloat32)
     except Exception as err:  # SimpleITK raises RuntimeError with multi-line text
         raise CaseError(f"Cannot read the DICOM series in {folder} ({_one_line(err)[:200]}): "
                         "re-export the series or convert it to NIfTI.") from err

@@ -104,3 +104,34 @@ def test_voxels_map_to_the_world_points_of_the_series(tmp_path, direction):
         lps = (-ras[0], -ras[1], ras[2])
         np.testing.assert_allclose(reference.TransformPhysicalPointToContinuousIndex(lps), ijk, atol=1e-4)
         assert volume.data[ijk] == np.round(data)[ijk[::-1]]
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (0, 0, 1, 1, 0, 0, 0, 1, 0)],
+                         ids=["axial", "sagittal"])
+def test_multi_frame_file_is_read_as_its_volume(tmp_path, direction):
+    """A PACS exporting an MR volume as one multi-frame DICOM file: the series reader stacked it as a
+    4D image with one volume and the command stopped with 'error: matmul: Input operand 1 has a
+    mismatch in its core dimension 0 …', naming neither the folder nor a fix."""
+    import SimpleITK as sitk
+
+    data = np.round(_volume())
+    image = sitk.Cast(sitk.GetImageFromArray(data), sitk.sitkInt16)
+    image.SetSpacing((1.5, 1.2, 3.0))
+    image.SetOrigin((-10.0, 20.0, 5.0))
+    image.SetDirection(direction)
+    for tag, value in {"0020|000d": "1.2.826.0.1.3680043.2.1125.8", "0020|000e": "1.2.826.0.1.3680043.2.1125.8.1",
+                       "0008|0060": "MR"}.items():
+        image.SetMetaData(tag, value)
+    (tmp_path / "flair").mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(tmp_path / "flair" / "volume.dcm"))
+    writer.Execute(image)
+
+    volume = read_volume(tmp_path / "flair", "flair")
+    assert volume.data.shape == data.shape[::-1]
+    np.testing.assert_array_equal(volume.data, data.transpose())
+    for ijk in [(0, 0, 0), (7, 9, 11), (3, 5, 2)]:
+        ras = volume.affine @ np.array([*ijk, 1.0])
+        np.testing.assert_allclose(image.TransformPhysicalPointToContinuousIndex((-ras[0], -ras[1], ras[2])), ijk,
+                                   atol=1e-4)
