@@ -217,6 +217,18 @@ def _check_uniform_slices(folder: str, reader: Any, files: list[str], pixel_spac
         return  # tags absent (e.g. a multi-frame file): SimpleITK's own geometry is all there is
     if orientation.shape != (6,) or positions.shape != (len(files), 3):
         return
+    try:
+        orientations = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0037").split("\\")]
+                                 for i in range(len(files))])
+    except (RuntimeError, ValueError, IndexError):
+        orientations = orientation[None]
+    if orientations.shape[1:] == (6,):
+        turned = np.flatnonzero(np.abs(orientations - orientation).max(axis=1) > 1e-3)
+        if turned.size:  # e.g. a three-plane localizer filed under the series' UID
+            raise CaseError(
+                f"{folder}: its DICOM slices have different orientations ({os.path.basename(files[int(turned[0])])} "
+                f"is not parallel to {os.path.basename(files[0])}), so another acquisition (a localizer, a "
+                "reformat) shares the series: move its files out of the folder, or re-export the series alone.")
     normal = np.cross(orientation[:3], orientation[3:])
     # A tilted gantry moves each slice within its plane as well: the stack is sheared. SimpleITK
     # builds an orthogonal grid from the first two positions anyway, so the volume (and the label
@@ -241,6 +253,28 @@ def _check_uniform_slices(folder: str, reader: Any, files: list[str], pixel_spac
             f"{folder}: the DICOM slices are not evenly spaced ({abs(steps[k]):.3g} mm between "
             f"{os.path.basename(files[k])} and {os.path.basename(files[k + 1])}, {median:.3g} mm elsewhere), so a "
             "slice is missing or duplicated: re-export the complete series, or convert it to NIfTI.")
+
+
+def _check_same_slice_size(sitk: Any, folder: str, files: list[str]) -> None:
+    """Name slices of another size in one series, which ITK reports only as an IO region or size mismatch.
+
+    Run only once reading the series failed, so that a good series does not read every header twice.
+    """
+    sizes = {}
+    for path in files:
+        try:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(path)
+            reader.ReadImageInformation()
+        except RuntimeError:
+            continue  # an unreadable file: the caller's error covers it
+        sizes.setdefault(tuple(reader.GetSize()[:2]), path)
+    if len(sizes) > 1:
+        (first, a), (other, b) = list(sizes.items())[:2]
+        raise CaseError(
+            f"{folder}: its DICOM slices have different sizes ({os.path.basename(a)} is {first[0]}x{first[1]}, "
+            f"{os.path.basename(b)} is {other[0]}x{other[1]}), so another acquisition (a localizer, a reformat) "
+            "shares the series: move its files out of the folder, or re-export the series alone.")
 
 
 def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
@@ -271,6 +305,7 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
         # its 3D (or 2D) geometry from the frames' positions.
         image = reader.Execute() if len(files) > 1 else sitk.ReadImage(files[0], sitk.sitkFloat32)
     except Exception as err:  # SimpleITK raises RuntimeError with multi-line text
+        _check_same_slice_size(sitk, folder, files)
         raise CaseError(f"Cannot read the DICOM series in {folder} ({_one_line(err)[:200]}): "
                         "re-export the series or convert it to NIfTI.") from err
     _check_uniform_slices(folder, reader, files, min(image.GetSpacing()[:2]))

@@ -23,17 +23,18 @@ def _volume(shape=(12, 10, 8), seed=0) -> np.ndarray:
 
 def _write_series(folder: Path, data: np.ndarray, spacing=(1.5, 1.2, 3.0), origin=(-10.0, 20.0, 5.0),
                   direction: Sequence[float] = (1, 0, 0, 0, 1, 0, 0, 0, 1), slopes: Sequence[float] | None = None,
-                  in_plane_drift: float = 0.0) -> None:
+                  in_plane_drift: float = 0.0, prefix: str = "IM") -> None:
     """Write ``data`` ([z, y, x]) as one DICOM file per slice, as a PACS exports an MR series.
 
     Args:
         slopes: per-slice rescale slope (the stored integers times the slope are the values).
+        prefix: start of the file names (another acquisition written into the same folder).
         in_plane_drift: mm by which each slice's position moves along the column direction from the
             previous one (a gantry-tilted acquisition: the slice stack is sheared).
     """
     import SimpleITK as sitk
 
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     rows, cols = np.asarray(direction, dtype=float).reshape(3, 3)[:, 0], np.asarray(direction, dtype=float).reshape(3, 3)[:, 1]
     normal = np.asarray(direction, dtype=float).reshape(3, 3)[:, 2]
     writer = sitk.ImageFileWriter()
@@ -51,7 +52,7 @@ def _write_series(folder: Path, data: np.ndarray, spacing=(1.5, 1.2, 3.0), origi
                            "0028|0100": "16", "0028|0101": "16", "0028|0102": "15", "0028|0103": "1"}.items():
             img.SetMetaData(tag, value)
         img.SetSpacing((spacing[0], spacing[1], spacing[2]))
-        writer.SetFileName(str(folder / f"IM{k:04d}.dcm"))
+        writer.SetFileName(str(folder / f"{prefix}{k:04d}.dcm"))
         writer.Execute(img)
 
 
@@ -135,3 +136,21 @@ def test_multi_frame_file_is_read_as_its_volume(tmp_path, direction):
         ras = volume.affine @ np.array([*ijk, 1.0])
         np.testing.assert_allclose(image.TransformPhysicalPointToContinuousIndex((-ras[0], -ras[1], ras[2])), ijk,
                                    atol=1e-4)
+
+
+def test_localizer_filed_under_the_series_uid_is_named(tmp_path):
+    """Three localizer slices sharing the series' UID: with the same matrix they were reported as a
+    gantry tilt, with another matrix as ITK's 'ImageIO returns IO region that does not fully contain
+    the requested', cut off mid-sentence. Both now say that another acquisition shares the series."""
+    _write_series(tmp_path / "flair", _volume())
+    _write_series(tmp_path / "flair", _volume(shape=(3, 10, 8)), direction=(0, 0, 1, 1, 0, 0, 0, 1, 0),
+                  origin=(0.0, 0.0, 0.0), prefix="LOC")
+    with pytest.raises(CaseError, match=r"flair: its DICOM slices have different orientations \(LOC0000.dcm is not "
+                                        r"parallel to IM0000.dcm\), so another acquisition \(a localizer"):
+        read_volume(tmp_path / "flair", "flair")
+
+    _write_series(tmp_path / "t2", _volume())
+    _write_series(tmp_path / "t2", _volume(shape=(3, 9, 8)), origin=(0.0, 0.0, 100.0), prefix="LOC")
+    with pytest.raises(CaseError, match=r"t2: its DICOM slices have different sizes \(IM0000.dcm is 8x10, LOC0000.dcm "
+                                        r"is 8x9\), so another acquisition .*move its files out of the folder"):
+        read_volume(tmp_path / "t2", "t2")
