@@ -308,6 +308,9 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
         _check_same_slice_size(sitk, folder, files)
         raise CaseError(f"Cannot read the DICOM series in {folder} ({_one_line(err)[:200]}): "
                         "re-export the series or convert it to NIfTI.") from err
+    if image.GetDimension() > 3:  # the series reader stacks files that each hold a volume
+        raise CaseError(f"{folder} holds {len(files)} multi-frame DICOM files of one series, each a volume, read as "
+                        f"a {image.GetDimension()}D image: put the file of this sequence in a folder of its own.")
     _check_uniform_slices(folder, reader, files, min(image.GetSpacing()[:2]))
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise CaseError(f"{folder} is a {image.GetNumberOfComponentsPerPixel()}-component (colour/vector) series: "

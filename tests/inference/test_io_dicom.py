@@ -154,3 +154,24 @@ def test_localizer_filed_under_the_series_uid_is_named(tmp_path):
     with pytest.raises(CaseError, match=r"t2: its DICOM slices have different sizes \(IM0000.dcm is 8x10, LOC0000.dcm "
                                         r"is 8x9\), so another acquisition .*move its files out of the folder"):
         read_volume(tmp_path / "t2", "t2")
+
+
+def test_several_multi_frame_files_of_one_series_are_named(tmp_path):
+    """Two multi-frame files of one series in one folder were stacked as a 4D image, and the command
+    stopped with numpy's 'matmul: Input operand 1 has a mismatch in its core dimension 0'."""
+    import SimpleITK as sitk
+
+    (tmp_path / "flair").mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(2):
+        image = sitk.Cast(sitk.GetImageFromArray(np.round(_volume(seed=k))), sitk.sitkInt16)
+        image.SetOrigin((0.0, 0.0, 100.0 * k))
+        for tag, value in {"0020|000d": "1.2.826.0.1.3680043.2.1125.9", "0020|000e": "1.2.826.0.1.3680043.2.1125.9.1",
+                           "0008|0060": "MR"}.items():
+            image.SetMetaData(tag, value)
+        writer.SetFileName(str(tmp_path / "flair" / f"volume{k}.dcm"))
+        writer.Execute(image)
+    with pytest.raises(CaseError, match=r"flair holds 2 multi-frame DICOM files of one series, each a volume, read as "
+                                        r"a 4D image: put the file of this sequence in a folder of its own"):
+        read_volume(tmp_path / "flair", "flair")
