@@ -154,19 +154,22 @@ SLICE_STEP_TOLERANCE = 0.1
 
 
 def _is_dicom_file(path: str) -> bool:
-    """True for a file with the DICOM preamble (``DICM`` at byte 128), whatever its name."""
+    """True for a file with the DICOM preamble (``DICM`` at byte 128), whatever its name, or for a
+    preamble-less DICOM file (older exports), which starts with a little-endian tag of group 0x0002
+    (file meta) or 0x0008 (identification)."""
     try:
         with open(path, "rb") as f:
             head = f.read(132)
     except OSError:
         return False
-    return len(head) == 132 and head[128:] == b"DICM"
+    return (len(head) == 132 and head[128:] == b"DICM") or head[:2] in (b"\x02\x00", b"\x08\x00")
 
 
 def _other_dicom_object(sitk: Any, path: str, series_uid: str) -> bool:
     """True when ``path`` parses as a DICOM object of another series (a localizer, a report)."""
     try:
         reader = sitk.ImageFileReader()
+        reader.SetImageIO("GDCMImageIO")  # also reads files without the preamble
         reader.SetFileName(path)
         reader.ReadImageInformation()
         uid = reader.GetMetaData("0020|000e") if reader.HasMetaDataKey("0020|000e") else ""
@@ -264,6 +267,7 @@ def _check_same_slice_size(sitk: Any, folder: str, files: list[str]) -> None:
     for path in files:
         try:
             reader = sitk.ImageFileReader()
+            reader.SetImageIO("GDCMImageIO")  # also reads files without the preamble
             reader.SetFileName(path)
             reader.ReadImageInformation()
         except RuntimeError:
@@ -295,6 +299,9 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
     _check_all_dicom_files_read(sitk, folder, series[0], files)
     try:
         reader.SetFileNames(files)
+        # GDCM found the series; read it with GDCM too: SimpleITK's own format detection wants the
+        # 128-byte preamble and refuses files exported without it, which GDCM reads.
+        reader.SetImageIO("GDCMImageIO")
         # Float output: each slice's rescale slope/intercept is applied as that file is read, into a
         # buffer of the first slice's pixel type. With the default type (int16 when the first slice is
         # not rescaled) the other slices' fractional values are truncated and large ones wrap around.
@@ -303,7 +310,7 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
         # A series of one file is a multi-frame (enhanced) object holding the whole volume, or a single
         # slice. The series reader would stack it as a 4D image with one volume; the file reader gives
         # its 3D (or 2D) geometry from the frames' positions.
-        image = reader.Execute() if len(files) > 1 else sitk.ReadImage(files[0], sitk.sitkFloat32)
+        image = reader.Execute() if len(files) > 1 else sitk.ReadImage(files[0], sitk.sitkFloat32, imageIO="GDCMImageIO")
     except Exception as err:  # SimpleITK raises RuntimeError with multi-line text
         _check_same_slice_size(sitk, folder, files)
         raise CaseError(f"Cannot read the DICOM series in {folder} ({_one_line(err)[:200]}): "

@@ -175,3 +175,23 @@ def test_several_multi_frame_files_of_one_series_are_named(tmp_path):
     with pytest.raises(CaseError, match=r"flair holds 2 multi-frame DICOM files of one series, each a volume, read as "
                                         r"a 4D image: put the file of this sequence in a folder of its own"):
         read_volume(tmp_path / "flair", "flair")
+
+
+def test_series_exported_without_the_preamble_is_read_and_checked(tmp_path):
+    """DICOM files without the 128-byte preamble and ``DICM`` (older PACS exports): GDCM found the
+    series, then SimpleITK refused every file ('Unable to determine ImageIO reader'). Such a file cut
+    short must still be an error, not a slice silently left out."""
+    data = np.round(_volume())
+    _write_series(tmp_path / "flair", data)
+    files = sorted((tmp_path / "flair").iterdir())
+    for path in files:
+        path.write_bytes(path.read_bytes()[132:])
+        path.rename(path.with_suffix(""))  # as such exports name them: IM0000, no extension
+    volume = read_volume(tmp_path / "flair", "flair")
+    np.testing.assert_array_equal(volume.data, data.transpose())
+
+    last = files[-1].with_suffix("")
+    last.write_bytes(last.read_bytes()[:300])
+    with pytest.raises(CaseError, match=r"flair has 1 DICOM file\(s\) that could not be read as part of its series "
+                                        r"\(first: IM0011; corrupt or truncated\)"):
+        read_volume(tmp_path / "flair", "flair")
