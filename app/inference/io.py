@@ -232,6 +232,22 @@ def _check_uniform_slices(folder: str, reader: Any, files: list[str], pixel_spac
                 f"{folder}: its DICOM slices have different orientations ({os.path.basename(files[int(turned[0])])} "
                 f"is not parallel to {os.path.basename(files[0])}), so another acquisition (a localizer, a "
                 "reformat) shares the series: move its files out of the folder, or re-export the series alone.")
+    try:
+        pixel_spacings = np.array([[float(v) for v in reader.GetMetaData(i, "0028|0030").split("\\")]
+                                   for i in range(len(files))])
+    except (RuntimeError, ValueError, IndexError):
+        pixel_spacings = np.ones((1, 2))
+    if pixel_spacings.shape[1:] == (2,):
+        # ITK takes the first slice's pixel size for all: slices of another field of view would be
+        # read at the wrong scale
+        other = np.flatnonzero(np.abs(pixel_spacings - pixel_spacings[0]).max(axis=1) > 1e-3 * pixel_spacings[0].min())
+        if other.size:
+            k = int(other[0])
+            raise CaseError(
+                f"{folder}: its DICOM slices have different pixel sizes ({os.path.basename(files[k])}: "
+                f"{' x '.join(f'{v:g}' for v in pixel_spacings[k])} mm, {os.path.basename(files[0])}: "
+                f"{' x '.join(f'{v:g}' for v in pixel_spacings[0])} mm), so another acquisition (a localizer, a "
+                "reformat) shares the series: move its files out of the folder, or re-export the series alone.")
     normal = np.cross(orientation[:3], orientation[3:])
     # A tilted gantry moves each slice within its plane as well: the stack is sheared. SimpleITK
     # builds an orthogonal grid from the first two positions anyway, so the volume (and the label

@@ -195,3 +195,14 @@ def test_series_exported_without_the_preamble_is_read_and_checked(tmp_path):
     with pytest.raises(CaseError, match=r"flair has 1 DICOM file\(s\) that could not be read as part of its series "
                                         r"\(first: IM0011; corrupt or truncated\)"):
         read_volume(tmp_path / "flair", "flair")
+
+
+def test_slices_of_another_pixel_size_in_the_series_are_refused(tmp_path):
+    """Slices of the same matrix and orientation but another field of view under the series' UID:
+    ITK took the first slice's pixel size for all, so the upper half was read at half its size."""
+    _write_series(tmp_path / "flair", _volume(shape=(6, 10, 8)))
+    _write_series(tmp_path / "flair", _volume(shape=(6, 10, 8)), spacing=(3.0, 2.4, 3.0),
+                  origin=(-10.0, 20.0, 23.0), prefix="FOV")
+    with pytest.raises(CaseError, match=r"flair: its DICOM slices have different pixel sizes \(FOV0000.dcm: 2.4 x 3 mm, "
+                                        r"IM0000.dcm: 1.2 x 1.5 mm\), so another acquisition"):
+        read_volume(tmp_path / "flair", "flair")
