@@ -297,6 +297,23 @@ def _check_same_slice_size(sitk: Any, folder: str, files: list[str]) -> None:
             "shares the series: move its files out of the folder, or re-export the series alone.")
 
 
+def _describe_series(sitk: Any, reader: Any, folder: str, uid: str) -> str:
+    """``'AX FLAIR' (155 files, UID)``: the series description (``0008|103e``) of one series, its file
+    count and UID, by which a user tells the series of a folder apart."""
+    files = reader.GetGDCMSeriesFileNames(folder, uid)
+    description = ""
+    try:
+        info = sitk.ImageFileReader()
+        info.SetImageIO("GDCMImageIO")
+        info.SetFileName(files[0])
+        info.ReadImageInformation()
+        if info.HasMetaDataKey("0008|103e"):
+            description = info.GetMetaData("0008|103e").strip().rstrip("\x00").strip()
+    except (RuntimeError, IndexError):
+        pass  # the UID and count still tell the series apart
+    return f"{repr(description) + ' ' if description else ''}{len(files)} file(s), {uid}"
+
+
 def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         import SimpleITK as sitk  # only needed for DICOM input
@@ -309,7 +326,9 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
     if not series:
         raise CaseError(f"{folder} holds no DICOM series: pass a folder of DICOM slices or a NIfTI file.")
     if len(series) > 1:
-        raise CaseError(f"{folder} holds {len(series)} DICOM series ({', '.join(series)}): "
+        # UIDs alone do not tell a reader which series is which: name each by its description and size
+        raise CaseError(f"{folder} holds {len(series)} DICOM series "
+                        f"({'; '.join(_describe_series(sitk, reader, folder, uid) for uid in series)}): "
                         "put each series in its own folder and pass the one of this sequence.")
     files = list(reader.GetGDCMSeriesFileNames(folder, series[0]))
     _check_all_dicom_files_read(sitk, folder, series[0], files)

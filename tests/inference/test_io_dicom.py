@@ -23,11 +23,13 @@ def _volume(shape=(12, 10, 8), seed=0) -> np.ndarray:
 
 def _write_series(folder: Path, data: np.ndarray, spacing=(1.5, 1.2, 3.0), origin=(-10.0, 20.0, 5.0),
                   direction: Sequence[float] = (1, 0, 0, 0, 1, 0, 0, 0, 1), slopes: Sequence[float] | None = None,
-                  in_plane_drift: float = 0.0, prefix: str = "IM") -> None:
+                  in_plane_drift: float = 0.0, prefix: str = "IM", uid: str = "1.2.826.0.1.3680043.2.1125.7.1",
+                  description: str = "AX FLAIR") -> None:
     """Write ``data`` ([z, y, x]) as one DICOM file per slice, as a PACS exports an MR series.
 
     Args:
         slopes: per-slice rescale slope (the stored integers times the slope are the values).
+        uid: the series instance UID; description: the series description.
         prefix: start of the file names (another acquisition written into the same folder).
         in_plane_drift: mm by which each slice's position moves along the column direction from the
             previous one (a gantry-tilted acquisition: the slice stack is sheared).
@@ -43,8 +45,8 @@ def _write_series(folder: Path, data: np.ndarray, spacing=(1.5, 1.2, 3.0), origi
         slope = 1.0 if slopes is None else slopes[k]
         img = sitk.GetImageFromArray(plane.astype(np.float32)[None])  # float: GDCM stores it with the rescale tags
         position = np.asarray(origin) + k * spacing[2] * normal + k * in_plane_drift * cols
-        for tag, value in {"0020|000d": "1.2.826.0.1.3680043.2.1125.7", "0020|000e": "1.2.826.0.1.3680043.2.1125.7.1",
-                           "0008|0060": "MR", "0020|0013": str(k + 1),
+        for tag, value in {"0020|000d": "1.2.826.0.1.3680043.2.1125.7", "0020|000e": uid,
+                           "0008|0060": "MR", "0008|103e": description, "0020|0013": str(k + 1),
                            "0020|0037": "\\".join(f"{v:.10f}" for v in (*rows, *cols)),
                            "0020|0032": "\\".join(f"{v:.10f}" for v in position),
                            "0028|0030": f"{spacing[1]}\\{spacing[0]}", "0018|0050": str(spacing[2]),
@@ -205,4 +207,16 @@ def test_slices_of_another_pixel_size_in_the_series_are_refused(tmp_path):
                   origin=(-10.0, 20.0, 23.0), prefix="FOV")
     with pytest.raises(CaseError, match=r"flair: its DICOM slices have different pixel sizes \(FOV0000.dcm: 2.4 x 3 mm, "
                                         r"IM0000.dcm: 1.2 x 1.5 mm\), so another acquisition"):
+        read_volume(tmp_path / "flair", "flair")
+
+
+def test_two_series_in_one_folder_are_named_by_description_and_size(tmp_path):
+    """A FLAIR and its localizer exported into one folder: the error listed only the two UIDs, which do
+    not tell the user which files to move."""
+    _write_series(tmp_path / "flair", _volume(), uid="1.2.826.0.1.3680043.2.1125.7.1")
+    _write_series(tmp_path / "flair", _volume(shape=(3, 10, 8)), uid="1.2.826.0.1.3680043.2.1125.7.2",
+                  description="LOCALIZER", origin=(0.0, 0.0, 100.0), prefix="LOC")
+    with pytest.raises(CaseError, match=r"flair holds 2 DICOM series \('AX FLAIR' 12 file\(s\), 1.2.826.0.1.3680043.2.1125.7.1; "
+                                        r"'LOCALIZER' 3 file\(s\), 1.2.826.0.1.3680043.2.1125.7.2\): put each series in its "
+                                        r"own folder"):
         read_volume(tmp_path / "flair", "flair")
