@@ -174,16 +174,51 @@ def _other_dicom_object(sitk: Any, path: str, series_uid: str) -> bool:
         reader.ReadImageInformation()
         uid = reader.GetMetaData("0020|000e") if reader.HasMetaDataKey("0020|000e") else ""
     except RuntimeError:
-        return False  # unreadable: a truncated or corrupt file
+        # ITK reads images only: a key object selection, a structured report or a presentation state
+        # (no pixel data) fails like a truncated slice, and PACS exports put them beside the images
+        return _non_image_object_of_another_series(path, series_uid)
     return uid.strip().rstrip("\x00") != series_uid.strip().rstrip("\x00")
+
+
+#: Tags looked for in the raw bytes (little endian, as nearly every export writes them).
+_SERIES_UID_TAG = b"\x20\x00\x0e\x00"  # (0020,000E) Series Instance UID
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) Pixel Data
+
+
+def _non_image_object_of_another_series(path: str, series_uid: str) -> bool:
+    """True for a DICOM file without pixel data that names a series other than ``series_uid``.
+
+    Such an object (a report, a key object selection) may reference the images' series inside a
+    sequence, so any other series UID in it is enough. A slice of the series cut short carries only
+    that series' UID, or pixel data, or neither, and is never taken for another object.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError:
+        return False
+    if _PIXEL_DATA_TAG in raw:
+        return False
+    wanted = series_uid.strip().rstrip("\x00").encode()
+    start = raw.find(_SERIES_UID_TAG)
+    while start >= 0:
+        if raw[start + 4:start + 6] == b"UI":  # explicit VR: 2-byte length
+            length, value_at = int.from_bytes(raw[start + 6:start + 8], "little"), start + 8
+        else:  # implicit VR: 4-byte length
+            length, value_at = int.from_bytes(raw[start + 4:start + 8], "little"), start + 8
+        value = raw[value_at:value_at + length].rstrip(b"\x00 ")
+        if 0 < length <= 64 and value_at + length <= len(raw) and re.fullmatch(rb"[0-9.]+", value) and value != wanted:
+            return True
+        start = raw.find(_SERIES_UID_TAG, start + 4)
+    return False
 
 
 def _check_all_dicom_files_read(sitk: Any, folder: str, series_uid: str, series_files: list[str]) -> None:
     """Refuse a folder where DICOM files were left out of its one series.
 
     GDCM silently skips a slice file it cannot parse (truncated, corrupt), and the volume would be
-    segmented with a slice missing. Files without the DICOM preamble (notes, thumbnails), a
-    ``DICOMDIR`` and readable DICOM objects of other series are ignored.
+    segmented with a slice missing. Files that are not DICOM (notes, thumbnails), a
+    ``DICOMDIR`` and DICOM objects of other series (images, or reports without pixel data) are ignored.
     """
     taken = {os.path.realpath(f) for f in series_files}
     left_out = sorted(

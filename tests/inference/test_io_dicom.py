@@ -3,6 +3,7 @@ geometry must be those of the series as a PACS exports it."""
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import Sequence
 
@@ -219,4 +220,43 @@ def test_two_series_in_one_folder_are_named_by_description_and_size(tmp_path):
     with pytest.raises(CaseError, match=r"flair holds 2 DICOM series \('AX FLAIR' 12 file\(s\), 1.2.826.0.1.3680043.2.1125.7.1; "
                                         r"'LOCALIZER' 3 file\(s\), 1.2.826.0.1.3680043.2.1125.7.2\): put each series in its "
                                         r"own folder"):
+        read_volume(tmp_path / "flair", "flair")
+
+
+def _element(group: int, element: int, vr: str, value: bytes) -> bytes:
+    """One explicit-VR little-endian data element."""
+    if len(value) % 2:
+        value += b"\0" if vr == "UI" else b" "
+    if vr in ("OB", "SQ"):
+        return struct.pack("<HH", group, element) + vr.encode() + b"\0\0" + struct.pack("<I", len(value)) + value
+    return struct.pack("<HH", group, element) + vr.encode() + struct.pack("<H", len(value)) + value
+
+
+def _write_key_object(path: Path, series_uid: bytes, referenced_series_uid: bytes) -> None:
+    """A Key Object Selection document (no pixel data) of its own series, referencing the images' series
+    first (its Referenced Series Sequence comes before its own Series Instance UID in the file)."""
+    sop_class, sop_instance = b"1.2.840.10008.5.1.4.1.1.88.59", series_uid + b".1"
+    meta = (_element(2, 1, "OB", b"\0\1") + _element(2, 2, "UI", sop_class) + _element(2, 3, "UI", sop_instance)
+            + _element(2, 0x10, "UI", b"1.2.840.10008.1.2.1"))
+    meta = struct.pack("<HH", 2, 0) + b"UL" + struct.pack("<HI", 4, len(meta)) + meta
+    item = _element(0x20, 0x0E, "UI", referenced_series_uid)
+    body = (_element(8, 0x16, "UI", sop_class) + _element(8, 0x18, "UI", sop_instance) + _element(8, 0x60, "CS", b"KO")
+            + _element(8, 0x1115, "SQ", struct.pack("<HHI", 0xFFFE, 0xE000, len(item)) + item)
+            + _element(0x20, 0x0D, "UI", b"1.2.826.0.1.3680043.2.1125.7") + _element(0x20, 0x0E, "UI", series_uid))
+    path.write_bytes(b"\0" * 128 + b"DICM" + meta + body)
+
+
+def test_key_object_or_report_beside_the_slices_is_ignored(tmp_path):
+    """A PACS export with a key object selection (or a report) beside the slices: ITK cannot read an
+    object without pixel data, so it was taken for a truncated slice and the series refused as
+    'corrupt or truncated', although other series' objects are documented as ignored."""
+    data = np.round(_volume())
+    _write_series(tmp_path / "flair", data)
+    _write_key_object(tmp_path / "flair" / "KO000001", b"1.2.826.0.1.3680043.2.1125.7.50",
+                      b"1.2.826.0.1.3680043.2.1125.7.1")
+    np.testing.assert_array_equal(read_volume(tmp_path / "flair", "flair").data, data.transpose())
+    # a slice cut short is still an error, also next to the key object
+    last = tmp_path / "flair" / "IM0011.dcm"
+    last.write_bytes(last.read_bytes()[:600])
+    with pytest.raises(CaseError, match=r"flair has 1 DICOM file\(s\) that could not be read .*first: IM0011.dcm"):
         read_volume(tmp_path / "flair", "flair")
