@@ -349,6 +349,23 @@ def _describe_series(sitk: Any, reader: Any, folder: str, uid: str) -> str:
     return f"{repr(description) + ' ' if description else ''}{len(files)} file(s), {uid}"
 
 
+#: Most folders looked into below a folder without a series, so that pointing at a whole archive stays quick.
+_MAX_FOLDERS_SEARCHED = 500
+
+
+def _subfolders_with_dicom(folder: str) -> list[str]:
+    """Subfolders (at any depth, sorted) holding DICOM files, judged by the first file of each one."""
+    found = []
+    for k, (root, dirs, files) in enumerate(os.walk(folder)):
+        dirs.sort()
+        if k >= _MAX_FOLDERS_SEARCHED:
+            break
+        names = sorted(f for f in files if f.upper() != "DICOMDIR")
+        if root != folder and names and _is_dicom_file(os.path.join(root, names[0])):
+            found.append(root)
+    return found
+
+
 def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         import SimpleITK as sitk  # only needed for DICOM input
@@ -359,6 +376,11 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
     reader = sitk.ImageSeriesReader()
     series = list(reader.GetGDCMSeriesIDs(folder))
     if not series:
+        nested = _subfolders_with_dicom(folder)
+        if nested:  # a PACS export: DICOMDIR at the top, one folder per series below it
+            shown = ", ".join(os.path.relpath(d, folder) for d in nested[:3]) + (", ..." if len(nested) > 3 else "")
+            raise CaseError(f"{folder} holds no DICOM series itself, but {len(nested)} of its subfolders hold DICOM "
+                            f"files ({shown}): pass the subfolder of this sequence's series.")
         raise CaseError(f"{folder} holds no DICOM series: pass a folder of DICOM slices or a NIfTI file.")
     if len(series) > 1:
         # UIDs alone do not tell a reader which series is which: name each by its description and size

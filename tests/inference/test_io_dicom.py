@@ -37,7 +37,7 @@ def _write_series(folder: Path, data: np.ndarray, spacing=(1.5, 1.2, 3.0), origi
     """
     import SimpleITK as sitk
 
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     rows, cols = np.asarray(direction, dtype=float).reshape(3, 3)[:, 0], np.asarray(direction, dtype=float).reshape(3, 3)[:, 1]
     normal = np.asarray(direction, dtype=float).reshape(3, 3)[:, 2]
     writer = sitk.ImageFileWriter()
@@ -260,3 +260,16 @@ def test_key_object_or_report_beside_the_slices_is_ignored(tmp_path):
     last.write_bytes(last.read_bytes()[:600])
     with pytest.raises(CaseError, match=r"flair has 1 DICOM file\(s\) that could not be read .*first: IM0011.dcm"):
         read_volume(tmp_path / "flair", "flair")
+
+
+def test_pacs_export_root_names_the_series_subfolders(tmp_path):
+    """A PACS export (DICOMDIR at the top, a folder per series below) given as the folder: the error said
+    only 'holds no DICOM series', although the series are right there in its subfolders."""
+    export = tmp_path / "export"
+    _write_series(export / "DICOM" / "ST000001" / "SE000001", _volume(), uid="1.2.826.0.1.3680043.2.1125.7.1")
+    _write_series(export / "DICOM" / "ST000001" / "SE000002", _volume(), uid="1.2.826.0.1.3680043.2.1125.7.2")
+    (export / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")
+    with pytest.raises(CaseError, match=r"export holds no DICOM series itself, but 2 of its subfolders hold DICOM files "
+                                        r"\(DICOM/ST000001/SE000001, DICOM/ST000001/SE000002\): pass the subfolder of "
+                                        r"this sequence's series\.$"):
+        read_volume(export, "flair")
