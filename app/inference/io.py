@@ -384,8 +384,10 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
         raise CaseError(f"{folder} holds no DICOM series: pass a folder of DICOM slices or a NIfTI file.")
     if len(series) > 1:
         # UIDs alone do not tell a reader which series is which: name each by its description and size
-        raise CaseError(f"{folder} holds {len(series)} DICOM series "
-                        f"({'; '.join(_describe_series(sitk, reader, folder, uid) for uid in series)}): "
+        # (each description rescans the folder: a whole study's folder names its first few series only)
+        named = [_describe_series(sitk, reader, folder, uid) for uid in series[:5]]
+        more = f"; and {len(series) - 5} more" if len(series) > 5 else ""
+        raise CaseError(f"{folder} holds {len(series)} DICOM series ({'; '.join(named)}{more}): "
                         "put each series in its own folder and pass the one of this sequence.")
     files = list(reader.GetGDCMSeriesFileNames(folder, series[0]))
     _check_all_dicom_files_read(sitk, folder, series[0], files)
