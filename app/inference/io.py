@@ -333,20 +333,24 @@ def _check_same_slice_size(sitk: Any, folder: str, files: list[str]) -> None:
 
 
 def _describe_series(sitk: Any, reader: Any, folder: str, uid: str) -> str:
-    """``'AX FLAIR' (155 files, UID)``: the series description (``0008|103e``) of one series, its file
-    count and UID, by which a user tells the series of a folder apart."""
+    """``series 3 'AX FLAIR' 155 file(s), UID``: the series number (``0020|0011``) and description
+    (``0008|103e``) of one series, its file count and UID, by which a user tells the series of a
+    folder apart (a repeated acquisition has the same description and another number)."""
     files = reader.GetGDCMSeriesFileNames(folder, uid)
-    description = ""
+    tags = {}
     try:
         info = sitk.ImageFileReader()
         info.SetImageIO("GDCMImageIO")
         info.SetFileName(files[0])
         info.ReadImageInformation()
-        if info.HasMetaDataKey("0008|103e"):
-            description = info.GetMetaData("0008|103e").strip().rstrip("\x00").strip()
+        for tag in ("0020|0011", "0008|103e"):
+            if info.HasMetaDataKey(tag):
+                tags[tag] = info.GetMetaData(tag).strip().rstrip("\x00").strip()
     except (RuntimeError, IndexError):
         pass  # the UID and count still tell the series apart
-    return f"{repr(description) + ' ' if description else ''}{len(files)} file(s), {uid}"
+    number = f"series {tags['0020|0011']} " if tags.get("0020|0011") else ""
+    description = f"{tags['0008|103e']!r} " if tags.get("0008|103e") else ""
+    return f"{number}{description}{len(files)} file(s), {uid}"
 
 
 #: Most folders looked into below a folder without a series, so that pointing at a whole archive stays quick.

@@ -25,12 +25,12 @@ def _volume(shape=(12, 10, 8), seed=0) -> np.ndarray:
 def _write_series(folder: Path, data: np.ndarray, spacing=(1.5, 1.2, 3.0), origin=(-10.0, 20.0, 5.0),
                   direction: Sequence[float] = (1, 0, 0, 0, 1, 0, 0, 0, 1), slopes: Sequence[float] | None = None,
                   in_plane_drift: float = 0.0, prefix: str = "IM", uid: str = "1.2.826.0.1.3680043.2.1125.7.1",
-                  description: str = "AX FLAIR") -> None:
+                  description: str = "AX FLAIR", series_number: int = 3) -> None:
     """Write ``data`` ([z, y, x]) as one DICOM file per slice, as a PACS exports an MR series.
 
     Args:
         slopes: per-slice rescale slope (the stored integers times the slope are the values).
-        uid: the series instance UID; description: the series description.
+        uid, description, series_number: the series instance UID, description and number.
         prefix: start of the file names (another acquisition written into the same folder).
         in_plane_drift: mm by which each slice's position moves along the column direction from the
             previous one (a gantry-tilted acquisition: the slice stack is sheared).
@@ -47,7 +47,7 @@ def _write_series(folder: Path, data: np.ndarray, spacing=(1.5, 1.2, 3.0), origi
         img = sitk.GetImageFromArray(plane.astype(np.float32)[None])  # float: GDCM stores it with the rescale tags
         position = np.asarray(origin) + k * spacing[2] * normal + k * in_plane_drift * cols
         for tag, value in {"0020|000d": "1.2.826.0.1.3680043.2.1125.7", "0020|000e": uid,
-                           "0008|0060": "MR", "0008|103e": description, "0020|0013": str(k + 1),
+                           "0008|0060": "MR", "0008|103e": description, "0020|0011": str(series_number), "0020|0013": str(k + 1),
                            "0020|0037": "\\".join(f"{v:.10f}" for v in (*rows, *cols)),
                            "0020|0032": "\\".join(f"{v:.10f}" for v in position),
                            "0028|0030": f"{spacing[1]}\\{spacing[0]}", "0018|0050": str(spacing[2]),
@@ -212,15 +212,21 @@ def test_slices_of_another_pixel_size_in_the_series_are_refused(tmp_path):
 
 
 def test_two_series_in_one_folder_are_named_by_description_and_size(tmp_path):
-    """A FLAIR and its localizer exported into one folder: the error listed only the two UIDs, which do
-    not tell the user which files to move."""
+    """A FLAIR and its localizer, or a repeated FLAIR, exported into one folder: the error listed only
+    the UIDs, which do not tell the user which files to move."""
     _write_series(tmp_path / "flair", _volume(), uid="1.2.826.0.1.3680043.2.1125.7.1")
     _write_series(tmp_path / "flair", _volume(shape=(3, 10, 8)), uid="1.2.826.0.1.3680043.2.1125.7.2",
-                  description="LOCALIZER", origin=(0.0, 0.0, 100.0), prefix="LOC")
-    with pytest.raises(CaseError, match=r"flair holds 2 DICOM series \('AX FLAIR' 12 file\(s\), 1.2.826.0.1.3680043.2.1125.7.1; "
-                                        r"'LOCALIZER' 3 file\(s\), 1.2.826.0.1.3680043.2.1125.7.2\): put each series in its "
-                                        r"own folder"):
+                  description="LOCALIZER", series_number=1, origin=(0.0, 0.0, 100.0), prefix="LOC")
+    with pytest.raises(CaseError, match=r"flair holds 2 DICOM series \(series 3 'AX FLAIR' 12 file\(s\), "
+                                        r"1.2.826.0.1.3680043.2.1125.7.1; series 1 'LOCALIZER' 3 file\(s\), "
+                                        r"1.2.826.0.1.3680043.2.1125.7.2\): put each series in its own folder"):
         read_volume(tmp_path / "flair", "flair")
+    _write_series(tmp_path / "t2", _volume(), uid="1.2.826.0.1.3680043.2.1125.7.1", description="AX T2")
+    _write_series(tmp_path / "t2", _volume(), uid="1.2.826.0.1.3680043.2.1125.7.3", description="AX T2",
+                  series_number=9, prefix="REP")
+    with pytest.raises(CaseError, match=r"t2 holds 2 DICOM series \(series 3 'AX T2' 12 file\(s\), .*; series 9 "
+                                        r"'AX T2' 12 file\(s\), 1.2.826.0.1.3680043.2.1125.7.3\)"):
+        read_volume(tmp_path / "t2", "t2")
 
 
 def _element(group: int, element: int, vr: str, value: bytes) -> bytes:
