@@ -221,11 +221,13 @@ def _check_all_dicom_files_read(sitk: Any, folder: str, series_uid: str, series_
     ``DICOMDIR`` and DICOM objects of other series (images, or reports without pixel data) are ignored.
     """
     taken = {os.path.realpath(f) for f in series_files}
-    left_out = sorted(
-        entry.path for entry in os.scandir(folder)
-        if entry.is_file() and entry.name.upper() != "DICOMDIR" and os.path.realpath(entry.path) not in taken
-        and _is_dicom_file(entry.path) and not _other_dicom_object(sitk, entry.path, series_uid)
-    )
+    others = sorted(entry.path for entry in os.scandir(folder)
+                    if entry.is_file() and entry.name.upper() != "DICOMDIR" and os.path.realpath(entry.path) not in taken)
+    for path in others:
+        # GDCM skips a slice it may not open, as it does a damaged one; the fix is the permission
+        check_readable(path)
+    left_out = [path for path in others
+                if _is_dicom_file(path) and not _other_dicom_object(sitk, path, series_uid)]
     if left_out:
         raise CaseError(f"{folder} has {len(left_out)} DICOM file(s) that could not be read as part of its series "
                         f"(first: {os.path.basename(left_out[0])}; corrupt or truncated): re-export the complete "

@@ -279,3 +279,28 @@ def test_pacs_export_root_names_the_series_subfolders(tmp_path):
                                         r"\(DICOM/ST000001/SE000001, DICOM/ST000001/SE000002\): pass the subfolder of "
                                         r"this sequence's series\.$"):
         read_volume(export, "flair")
+
+
+def test_slice_the_user_may_not_read_is_named_as_a_permission_problem(tmp_path, monkeypatch):
+    """A slice file without read permission (a PACS export copied as another user): GDCM skips it as it
+    skips a damaged file, and the check of the left-out files took it for a non-DICOM file, so the
+    volume was read one slice short (first or last slice) without a word."""
+    import builtins
+
+    import SimpleITK as sitk
+
+    _write_series(tmp_path / "flair", _volume())
+    locked = str(tmp_path / "flair" / "IM0011.dcm")
+    real_open, real_files = builtins.open, sitk.ImageSeriesReader.GetGDCMSeriesFileNames
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file) == locked:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    # as root (CI), GDCM still opens the file: leave it out of the series as GDCM does for other users
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    monkeypatch.setattr(sitk.ImageSeriesReader, "GetGDCMSeriesFileNames",
+                        staticmethod(lambda *a, **k: tuple(f for f in real_files(*a, **k) if f != locked)))
+    with pytest.raises(CaseError, match=r"IM0011.dcm is not readable by .*chmod a\+r"):
+        read_volume(tmp_path / "flair", "flair")
