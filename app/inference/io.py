@@ -221,8 +221,8 @@ def _check_all_dicom_files_read(sitk: Any, folder: str, series_uid: str, series_
     ``DICOMDIR`` and DICOM objects of other series (images, or reports without pixel data) are ignored.
     """
     taken = {os.path.realpath(f) for f in series_files}
-    others = sorted(entry.path for entry in os.scandir(folder)
-                    if entry.is_file() and entry.name.upper() != "DICOMDIR" and os.path.realpath(entry.path) not in taken)
+    others = sorted(entry.path for entry in os.scandir(folder) if entry.is_file()
+                    and entry.name.upper() != "DICOMDIR" and os.path.realpath(entry.path) not in taken)
     for path in others:
         # GDCM skips a slice it may not open, as it does a damaged one; the fix is the permission
         check_readable(path)
@@ -287,7 +287,7 @@ def _check_uniform_slices(folder: str, reader: Any, files: list[str], pixel_spac
                 "reformat) shares the series: move its files out of the folder, or re-export the series alone.")
     normal = np.cross(orientation[:3], orientation[3:])
     # A tilted gantry moves each slice within its plane as well: the stack is sheared. SimpleITK
-    # builds an orthogonal grid from the first two positions anyway, so the volume (and the label
+    # builds an orthogonal grid from the positions anyway, so the volume (and the label
     # map on its grid) would be displaced by up to the whole drift, tens of mm at the top of a head.
     offsets = positions - positions[0]
     drift = np.linalg.norm(offsets - np.outer(offsets @ normal, normal), axis=1)
@@ -410,7 +410,10 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
         # A series of one file is a multi-frame (enhanced) object holding the whole volume, or a single
         # slice. The series reader would stack it as a 4D image with one volume; the file reader gives
         # its 3D (or 2D) geometry from the frames' positions.
-        image = reader.Execute() if len(files) > 1 else sitk.ReadImage(files[0], sitk.sitkFloat32, imageIO="GDCMImageIO")
+        if len(files) > 1:
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(files[0], sitk.sitkFloat32, imageIO="GDCMImageIO")
     except Exception as err:  # SimpleITK raises RuntimeError with multi-line text
         _check_same_slice_size(sitk, folder, files)
         raise CaseError(f"Cannot read the DICOM series in {folder} ({_one_line(err)[:200]}): "

@@ -38,8 +38,7 @@ def _write_series(folder: Path, data: np.ndarray, spacing=(1.5, 1.2, 3.0), origi
     import SimpleITK as sitk
 
     folder.mkdir(parents=True, exist_ok=True)
-    rows, cols = np.asarray(direction, dtype=float).reshape(3, 3)[:, 0], np.asarray(direction, dtype=float).reshape(3, 3)[:, 1]
-    normal = np.asarray(direction, dtype=float).reshape(3, 3)[:, 2]
+    rows, cols, normal = np.asarray(direction, dtype=float).reshape(3, 3).T
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for k, plane in enumerate(data):
@@ -47,7 +46,8 @@ def _write_series(folder: Path, data: np.ndarray, spacing=(1.5, 1.2, 3.0), origi
         img = sitk.GetImageFromArray(plane.astype(np.float32)[None])  # float: GDCM stores it with the rescale tags
         position = np.asarray(origin) + k * spacing[2] * normal + k * in_plane_drift * cols
         for tag, value in {"0020|000d": "1.2.826.0.1.3680043.2.1125.7", "0020|000e": uid,
-                           "0008|0060": "MR", "0008|103e": description, "0020|0011": str(series_number), "0020|0013": str(k + 1),
+                           "0008|0060": "MR", "0008|103e": description, "0020|0011": str(series_number),
+                           "0020|0013": str(k + 1),
                            "0020|0037": "\\".join(f"{v:.10f}" for v in (*rows, *cols)),
                            "0020|0032": "\\".join(f"{v:.10f}" for v in position),
                            "0028|0030": f"{spacing[1]}\\{spacing[0]}", "0018|0050": str(spacing[2]),
