@@ -155,51 +155,98 @@ SLICE_STEP_TOLERANCE = 0.1
 
 
 def _is_dicom_file(path: str) -> bool:
-    """True for a file with the DICOM preamble (``DICM`` at byte 128), whatever its name."""
+    """True for a file with the DICOM preamble (``DICM`` at byte 128), whatever its name, or for a
+    preamble-less DICOM file (older exports), which starts with a little-endian tag of group 0x0002
+    (file meta) or 0x0008 (identification)."""
     try:
         with open(path, "rb") as f:
             head = f.read(132)
     except OSError:
         return False
-    return len(head) == 132 and head[128:] == b"DICM"
+    return (len(head) == 132 and head[128:] == b"DICM") or head[:2] in (b"\x02\x00", b"\x08\x00")
 
 
 def _other_dicom_object(sitk: Any, path: str, series_uid: str) -> bool:
     """True when ``path`` parses as a DICOM object of another series (a localizer, a report)."""
     try:
         reader = sitk.ImageFileReader()
+        reader.SetImageIO("GDCMImageIO")  # also reads files without the preamble
         reader.SetFileName(path)
         reader.ReadImageInformation()
         uid = reader.GetMetaData("0020|000e") if reader.HasMetaDataKey("0020|000e") else ""
     except RuntimeError:
-        return False  # unreadable: a truncated or corrupt file
+        # ITK reads images only: a key object selection, a structured report or a presentation state
+        # (no pixel data) fails like a truncated slice, and PACS exports put them beside the images
+        return _non_image_object_of_another_series(path, series_uid)
     return uid.strip().rstrip("\x00") != series_uid.strip().rstrip("\x00")
+
+
+#: Tags looked for in the raw bytes (little endian, as nearly every export writes them).
+_SERIES_UID_TAG = b"\x20\x00\x0e\x00"  # (0020,000E) Series Instance UID
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) Pixel Data
+
+
+def _non_image_object_of_another_series(path: str, series_uid: str) -> bool:
+    """True for a DICOM file without pixel data that names a series other than ``series_uid``.
+
+    Such an object (a report, a key object selection) may reference the images' series inside a
+    sequence, so any other series UID in it is enough. A slice of the series cut short carries only
+    that series' UID, or pixel data, or neither, and is never taken for another object.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError:
+        return False
+    if _PIXEL_DATA_TAG in raw:
+        return False
+    wanted = series_uid.strip().rstrip("\x00").encode()
+    start = raw.find(_SERIES_UID_TAG)
+    while start >= 0:
+        if raw[start + 4:start + 6] == b"UI":  # explicit VR: 2-byte length
+            length, value_at = int.from_bytes(raw[start + 6:start + 8], "little"), start + 8
+        else:  # implicit VR: 4-byte length
+            length, value_at = int.from_bytes(raw[start + 4:start + 8], "little"), start + 8
+        value = raw[value_at:value_at + length].rstrip(b"\x00 ")
+        if 0 < length <= 64 and value_at + length <= len(raw) and re.fullmatch(rb"[0-9.]+", value) and value != wanted:
+            return True
+        start = raw.find(_SERIES_UID_TAG, start + 4)
+    return False
 
 
 def _check_all_dicom_files_read(sitk: Any, folder: str, series_uid: str, series_files: list[str]) -> None:
     """Refuse a folder where DICOM files were left out of its one series.
 
     GDCM silently skips a slice file it cannot parse (truncated, corrupt), and the volume would be
-    segmented with a slice missing. Files without the DICOM preamble (notes, thumbnails), a
-    ``DICOMDIR`` and readable DICOM objects of other series are ignored.
+    segmented with a slice missing. Files that are not DICOM (notes, thumbnails), a
+    ``DICOMDIR`` and DICOM objects of other series (images, or reports without pixel data) are ignored.
     """
     taken = {os.path.realpath(f) for f in series_files}
-    left_out = sorted(
-        entry.path for entry in os.scandir(folder)
-        if entry.is_file() and entry.name.upper() != "DICOMDIR" and os.path.realpath(entry.path) not in taken
-        and _is_dicom_file(entry.path) and not _other_dicom_object(sitk, entry.path, series_uid)
-    )
+    others = sorted(entry.path for entry in os.scandir(folder) if entry.is_file()
+                    and entry.name.upper() != "DICOMDIR" and os.path.realpath(entry.path) not in taken)
+    for path in others:
+        # GDCM skips a slice it may not open, as it does a damaged one; the fix is the permission
+        check_readable(path)
+    left_out = [path for path in others
+                if _is_dicom_file(path) and not _other_dicom_object(sitk, path, series_uid)]
     if left_out:
         raise CaseError(f"{folder} has {len(left_out)} DICOM file(s) that could not be read as part of its series "
                         f"(first: {os.path.basename(left_out[0])}; corrupt or truncated): re-export the complete "
                         "series, or convert it to NIfTI.")
 
 
-def _check_uniform_slices(folder: str, reader: Any, files: list[str]) -> None:
-    """Refuse a series whose slice positions are not evenly spaced (a missing or duplicated slice).
+def _check_uniform_slices(folder: str, reader: Any, files: list[str], pixel_spacing: float) -> None:
+    """Refuse a series whose slice positions are not evenly spaced (a missing or duplicated slice), or
+    do not lie along the slice normal (a gantry-tilted acquisition).
 
     Positions (``0020|0032``) are projected on the slice normal from the first slice's orientation
     (``0020|0037``). Series without these tags, or with fewer than 3 slices, are not checked.
+
+    Args:
+        folder: the series folder, named in the errors.
+        reader: the executed ``SimpleITK.ImageSeriesReader`` holding the per-slice tags.
+        files: the slice files in the order read.
+        pixel_spacing: the smallest in-plane voxel size (mm).
     """
     if len(files) < 3:
         return
@@ -211,7 +258,46 @@ def _check_uniform_slices(folder: str, reader: Any, files: list[str]) -> None:
         return  # tags absent (e.g. a multi-frame file): SimpleITK's own geometry is all there is
     if orientation.shape != (6,) or positions.shape != (len(files), 3):
         return
+    try:
+        orientations = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0037").split("\\")]
+                                 for i in range(len(files))])
+    except (RuntimeError, ValueError, IndexError):
+        orientations = orientation[None]
+    if orientations.shape[1:] == (6,):
+        turned = np.flatnonzero(np.abs(orientations - orientation).max(axis=1) > 1e-3)
+        if turned.size:  # e.g. a three-plane localizer filed under the series' UID
+            raise CaseError(
+                f"{folder}: its DICOM slices have different orientations ({os.path.basename(files[int(turned[0])])} "
+                f"is not parallel to {os.path.basename(files[0])}), so another acquisition (a localizer, a "
+                "reformat) shares the series: move its files out of the folder, or re-export the series alone.")
+    try:
+        pixel_spacings = np.array([[float(v) for v in reader.GetMetaData(i, "0028|0030").split("\\")]
+                                   for i in range(len(files))])
+    except (RuntimeError, ValueError, IndexError):
+        pixel_spacings = np.ones((1, 2))
+    if pixel_spacings.shape[1:] == (2,):
+        # ITK takes the first slice's pixel size for all: slices of another field of view would be
+        # read at the wrong scale
+        other = np.flatnonzero(np.abs(pixel_spacings - pixel_spacings[0]).max(axis=1) > 1e-3 * pixel_spacings[0].min())
+        if other.size:
+            k = int(other[0])
+            raise CaseError(
+                f"{folder}: its DICOM slices have different pixel sizes ({os.path.basename(files[k])}: "
+                f"{' x '.join(f'{v:g}' for v in pixel_spacings[k])} mm, {os.path.basename(files[0])}: "
+                f"{' x '.join(f'{v:g}' for v in pixel_spacings[0])} mm), so another acquisition (a localizer, a "
+                "reformat) shares the series: move its files out of the folder, or re-export the series alone.")
     normal = np.cross(orientation[:3], orientation[3:])
+    # A tilted gantry moves each slice within its plane as well: the stack is sheared. SimpleITK
+    # builds an orthogonal grid from the positions anyway, so the volume (and the label
+    # map on its grid) would be displaced by up to the whole drift, tens of mm at the top of a head.
+    offsets = positions - positions[0]
+    drift = np.linalg.norm(offsets - np.outer(offsets @ normal, normal), axis=1)
+    if drift.max() > SLICE_STEP_TOLERANCE * pixel_spacing:
+        k = int(np.argmax(drift))
+        raise CaseError(
+            f"{folder}: the DICOM slices are not stacked along the slice normal ({os.path.basename(files[k])} lies "
+            f"{drift[k]:.3g} mm off it in its plane; a gantry-tilted acquisition): convert the series to NIfTI with "
+            "a converter that corrects gantry tilt (dcm2niix), or re-export it resampled to an orthogonal grid.")
     steps = np.diff(positions @ normal)
     median = float(np.median(np.abs(steps)))
     if median <= 0:
@@ -226,6 +312,67 @@ def _check_uniform_slices(folder: str, reader: Any, files: list[str]) -> None:
             "slice is missing or duplicated: re-export the complete series, or convert it to NIfTI.")
 
 
+def _check_same_slice_size(sitk: Any, folder: str, files: list[str]) -> None:
+    """Name slices of another size in one series, which ITK reports only as an IO region or size mismatch.
+
+    Run only once reading the series failed, so that a good series does not read every header twice.
+    """
+    sizes = {}
+    for path in files:
+        try:
+            reader = sitk.ImageFileReader()
+            reader.SetImageIO("GDCMImageIO")  # also reads files without the preamble
+            reader.SetFileName(path)
+            reader.ReadImageInformation()
+        except RuntimeError:
+            continue  # an unreadable file: the caller's error covers it
+        sizes.setdefault(tuple(reader.GetSize()[:2]), path)
+    if len(sizes) > 1:
+        (first, a), (other, b) = list(sizes.items())[:2]
+        raise CaseError(
+            f"{folder}: its DICOM slices have different sizes ({os.path.basename(a)} is {first[0]}x{first[1]}, "
+            f"{os.path.basename(b)} is {other[0]}x{other[1]}), so another acquisition (a localizer, a reformat) "
+            "shares the series: move its files out of the folder, or re-export the series alone.")
+
+
+def _describe_series(sitk: Any, reader: Any, folder: str, uid: str) -> str:
+    """``series 3 'AX FLAIR' 155 file(s), UID``: the series number (``0020|0011``) and description
+    (``0008|103e``) of one series, its file count and UID, by which a user tells the series of a
+    folder apart (a repeated acquisition has the same description and another number)."""
+    files = reader.GetGDCMSeriesFileNames(folder, uid)
+    tags = {}
+    try:
+        info = sitk.ImageFileReader()
+        info.SetImageIO("GDCMImageIO")
+        info.SetFileName(files[0])
+        info.ReadImageInformation()
+        for tag in ("0020|0011", "0008|103e"):
+            if info.HasMetaDataKey(tag):
+                tags[tag] = info.GetMetaData(tag).strip().rstrip("\x00").strip()
+    except (RuntimeError, IndexError):
+        pass  # the UID and count still tell the series apart
+    number = f"series {tags['0020|0011']} " if tags.get("0020|0011") else ""
+    description = f"{tags['0008|103e']!r} " if tags.get("0008|103e") else ""
+    return f"{number}{description}{len(files)} file(s), {uid}"
+
+
+#: Most folders looked into below a folder without a series, so that pointing at a whole archive stays quick.
+_MAX_FOLDERS_SEARCHED = 500
+
+
+def _subfolders_with_dicom(folder: str) -> list[str]:
+    """Subfolders (at any depth, sorted) holding DICOM files, judged by the first file of each one."""
+    found = []
+    for k, (root, dirs, files) in enumerate(os.walk(folder)):
+        dirs.sort()
+        if k >= _MAX_FOLDERS_SEARCHED:
+            break
+        names = sorted(f for f in files if f.upper() != "DICOMDIR")
+        if root != folder and names and _is_dicom_file(os.path.join(root, names[0])):
+            found.append(root)
+    return found
+
+
 def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         import SimpleITK as sitk  # only needed for DICOM input
@@ -236,20 +383,46 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
     reader = sitk.ImageSeriesReader()
     series = list(reader.GetGDCMSeriesIDs(folder))
     if not series:
+        nested = _subfolders_with_dicom(folder)
+        if nested:  # a PACS export: DICOMDIR at the top, one folder per series below it
+            shown = ", ".join(os.path.relpath(d, folder) for d in nested[:3]) + (", ..." if len(nested) > 3 else "")
+            raise CaseError(f"{folder} holds no DICOM series itself, but {len(nested)} of its subfolders hold DICOM "
+                            f"files ({shown}): pass the subfolder of this sequence's series.")
         raise CaseError(f"{folder} holds no DICOM series: pass a folder of DICOM slices or a NIfTI file.")
     if len(series) > 1:
-        raise CaseError(f"{folder} holds {len(series)} DICOM series ({', '.join(series)}): "
+        # UIDs alone do not tell a reader which series is which: name each by its description and size
+        # (each description rescans the folder: a whole study's folder names its first few series only)
+        named = [_describe_series(sitk, reader, folder, uid) for uid in series[:5]]
+        more = f"; and {len(series) - 5} more" if len(series) > 5 else ""
+        raise CaseError(f"{folder} holds {len(series)} DICOM series ({'; '.join(named)}{more}): "
                         "put each series in its own folder and pass the one of this sequence.")
     files = list(reader.GetGDCMSeriesFileNames(folder, series[0]))
     _check_all_dicom_files_read(sitk, folder, series[0], files)
     try:
         reader.SetFileNames(files)
+        # GDCM found the series; read it with GDCM too: SimpleITK's own format detection wants the
+        # 128-byte preamble and refuses files exported without it, which GDCM reads.
+        reader.SetImageIO("GDCMImageIO")
+        # Float output: each slice's rescale slope/intercept is applied as that file is read, into a
+        # buffer of the first slice's pixel type. With the default type (int16 when the first slice is
+        # not rescaled) the other slices' fractional values are truncated and large ones wrap around.
+        reader.SetOutputPixelType(sitk.sitkFloat32)
         reader.MetaDataDictionaryArrayUpdateOn()  # per-slice positions, for the spacing check
-        image = reader.Execute()
+        # A series of one file is a multi-frame (enhanced) object holding the whole volume, or a single
+        # slice. The series reader would stack it as a 4D image with one volume; the file reader gives
+        # its 3D (or 2D) geometry from the frames' positions.
+        if len(files) > 1:
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(files[0], sitk.sitkFloat32, imageIO="GDCMImageIO")
     except Exception as err:  # SimpleITK raises RuntimeError with multi-line text
+        _check_same_slice_size(sitk, folder, files)
         raise CaseError(f"Cannot read the DICOM series in {folder} ({_one_line(err)[:200]}): "
                         "re-export the series or convert it to NIfTI.") from err
-    _check_uniform_slices(folder, reader, files)
+    if image.GetDimension() > 3:  # the series reader stacks files that each hold a volume
+        raise CaseError(f"{folder} holds {len(files)} multi-frame DICOM files of one series, each a volume, read as "
+                        f"a {image.GetDimension()}D image: put the file of this sequence in a folder of its own.")
+    _check_uniform_slices(folder, reader, files, min(image.GetSpacing()[:2]))
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise CaseError(f"{folder} is a {image.GetNumberOfComponentsPerPixel()}-component (colour/vector) series: "
                         "expected a grey-value MRI series.")

@@ -1,0 +1,306 @@
+"""Reading a DICOM series folder for inference (``app.inference.io``): the voxel values and the world
+geometry must be those of the series as a PACS exports it."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pytest
+
+from app.data.errors import CaseError
+from app.inference.io import read_volume
+from tests.inference.conftest import needs_simpleitk
+
+pytestmark = needs_simpleitk
+
+
+def _volume(shape=(12, 10, 8), seed=0) -> np.ndarray:
+    """A [z, y, x] volume of head-like values (no constant slice)."""
+    return np.random.default_rng(seed).uniform(50, 1000, size=shape).astype(np.float32)
+
+
+def _write_series(folder: Path, data: np.ndarray, spacing=(1.5, 1.2, 3.0), origin=(-10.0, 20.0, 5.0),
+                  direction: Sequence[float] = (1, 0, 0, 0, 1, 0, 0, 0, 1), slopes: Sequence[float] | None = None,
+                  in_plane_drift: float = 0.0, prefix: str = "IM", uid: str = "1.2.826.0.1.3680043.2.1125.7.1",
+                  description: str = "AX FLAIR", series_number: int = 3) -> None:
+    """Write ``data`` ([z, y, x]) as one DICOM file per slice, as a PACS exports an MR series.
+
+    Args:
+        slopes: per-slice rescale slope (the stored integers times the slope are the values).
+        uid, description, series_number: the series instance UID, description and number.
+        prefix: start of the file names (another acquisition written into the same folder).
+        in_plane_drift: mm by which each slice's position moves along the column direction from the
+            previous one (a gantry-tilted acquisition: the slice stack is sheared).
+    """
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, cols, normal = np.asarray(direction, dtype=float).reshape(3, 3).T
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k, plane in enumerate(data):
+        slope = 1.0 if slopes is None else slopes[k]
+        img = sitk.GetImageFromArray(plane.astype(np.float32)[None])  # float: GDCM stores it with the rescale tags
+        position = np.asarray(origin) + k * spacing[2] * normal + k * in_plane_drift * cols
+        for tag, value in {"0020|000d": "1.2.826.0.1.3680043.2.1125.7", "0020|000e": uid,
+                           "0008|0060": "MR", "0008|103e": description, "0020|0011": str(series_number),
+                           "0020|0013": str(k + 1),
+                           "0020|0037": "\\".join(f"{v:.10f}" for v in (*rows, *cols)),
+                           "0020|0032": "\\".join(f"{v:.10f}" for v in position),
+                           "0028|0030": f"{spacing[1]}\\{spacing[0]}", "0018|0050": str(spacing[2]),
+                           "0028|1053": repr(slope), "0028|1052": "0",
+                           "0028|0100": "16", "0028|0101": "16", "0028|0102": "15", "0028|0103": "1"}.items():
+            img.SetMetaData(tag, value)
+        img.SetSpacing((spacing[0], spacing[1], spacing[2]))
+        writer.SetFileName(str(folder / f"{prefix}{k:04d}.dcm"))
+        writer.Execute(img)
+
+
+def test_per_slice_rescale_slopes_keep_their_fractional_values(tmp_path):
+    """A series whose first slice is not rescaled but later ones are (slope 0.01): the later slices
+    were read into the first slice's int16 buffer, so 4.27 became 4 and the volume lost its contrast."""
+    data = _volume()
+    slopes = [1.0] * 6 + [0.01] * 6
+    scaled = data.copy()
+    scaled[6:] = np.round(data[6:]) * 0.01  # values 0.5 .. 10: the stored integers times 0.01
+    scaled[:6] = np.round(data[:6])
+    _write_series(tmp_path / "flair", scaled, slopes=slopes)
+    volume = read_volume(tmp_path / "flair", "flair")
+    np.testing.assert_allclose(volume.data, scaled.transpose(), atol=1e-3)
+
+
+def _oblique_direction() -> tuple[float, ...]:
+    """Direction cosines (columns: row, column and slice directions) of a double-oblique acquisition."""
+    a, b = np.deg2rad(17.0), np.deg2rad(-11.0)
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    rz = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
+    return tuple((rz @ rx).ravel())
+
+
+def test_gantry_tilted_series_is_refused(tmp_path):
+    """Slices that move within their plane from one to the next (a tilted gantry) are a sheared stack;
+    it was read as an orthogonal grid, displacing the top of the volume by the whole drift (here 11 x
+    0.8 mm), so the label map would be shifted against the scan in any viewer."""
+    _write_series(tmp_path / "flair", _volume(), in_plane_drift=0.8)
+    with pytest.raises(CaseError, match=r"flair: the DICOM slices are not stacked along the slice normal \(IM0011.dcm "
+                                        r"lies 8.8 mm off it .*gantry-tilted.*dcm2niix"):
+        read_volume(tmp_path / "flair", "flair")
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1),  # axial
+                                       (0, 0, 1, 1, 0, 0, 0, 1, 0),  # sagittal
+                                       (1, 0, 0, 0, 0, 1, 0, -1, 0),  # coronal
+                                       _oblique_direction()], ids=["axial", "sagittal", "coronal", "oblique"])
+def test_voxels_map_to_the_world_points_of_the_series(tmp_path, direction):
+    """Every voxel's RAS point (the affine) is the LPS point of the same DICOM voxel, for any
+    acquisition plane, and the untilted oblique series passes the tilt check."""
+    import SimpleITK as sitk
+
+    data = _volume()
+    _write_series(tmp_path / "flair", np.round(data), direction=direction)
+    volume = read_volume(tmp_path / "flair", "flair")
+    reference = sitk.ReadImage(sorted(str(p) for p in (tmp_path / "flair").iterdir()), sitk.sitkFloat32)
+    for ijk in [(0, 0, 0), (7, 9, 11), (3, 5, 2), (7, 0, 11)]:
+        ras = volume.affine @ np.array([*ijk, 1.0])
+        lps = (-ras[0], -ras[1], ras[2])
+        np.testing.assert_allclose(reference.TransformPhysicalPointToContinuousIndex(lps), ijk, atol=1e-4)
+        assert volume.data[ijk] == np.round(data)[ijk[::-1]]
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (0, 0, 1, 1, 0, 0, 0, 1, 0)],
+                         ids=["axial", "sagittal"])
+def test_multi_frame_file_is_read_as_its_volume(tmp_path, direction):
+    """A PACS exporting an MR volume as one multi-frame DICOM file: the series reader stacked it as a
+    4D image with one volume and the command stopped with 'error: matmul: Input operand 1 has a
+    mismatch in its core dimension 0 …', naming neither the folder nor a fix."""
+    import SimpleITK as sitk
+
+    data = np.round(_volume())
+    image = sitk.Cast(sitk.GetImageFromArray(data), sitk.sitkInt16)
+    image.SetSpacing((1.5, 1.2, 3.0))
+    image.SetOrigin((-10.0, 20.0, 5.0))
+    image.SetDirection(direction)
+    for tag, value in {"0020|000d": "1.2.826.0.1.3680043.2.1125.8", "0020|000e": "1.2.826.0.1.3680043.2.1125.8.1",
+                       "0008|0060": "MR"}.items():
+        image.SetMetaData(tag, value)
+    (tmp_path / "flair").mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(tmp_path / "flair" / "volume.dcm"))
+    writer.Execute(image)
+
+    volume = read_volume(tmp_path / "flair", "flair")
+    assert volume.data.shape == data.shape[::-1]
+    np.testing.assert_array_equal(volume.data, data.transpose())
+    for ijk in [(0, 0, 0), (7, 9, 11), (3, 5, 2)]:
+        ras = volume.affine @ np.array([*ijk, 1.0])
+        np.testing.assert_allclose(image.TransformPhysicalPointToContinuousIndex((-ras[0], -ras[1], ras[2])), ijk,
+                                   atol=1e-4)
+
+
+def test_localizer_filed_under_the_series_uid_is_named(tmp_path):
+    """Three localizer slices sharing the series' UID: with the same matrix they were reported as a
+    gantry tilt, with another matrix as ITK's 'ImageIO returns IO region that does not fully contain
+    the requested', cut off mid-sentence. Both now say that another acquisition shares the series."""
+    _write_series(tmp_path / "flair", _volume())
+    _write_series(tmp_path / "flair", _volume(shape=(3, 10, 8)), direction=(0, 0, 1, 1, 0, 0, 0, 1, 0),
+                  origin=(0.0, 0.0, 0.0), prefix="LOC")
+    with pytest.raises(CaseError, match=r"flair: its DICOM slices have different orientations \(LOC0000.dcm is not "
+                                        r"parallel to IM0000.dcm\), so another acquisition \(a localizer"):
+        read_volume(tmp_path / "flair", "flair")
+
+    _write_series(tmp_path / "t2", _volume())
+    _write_series(tmp_path / "t2", _volume(shape=(3, 9, 8)), origin=(0.0, 0.0, 100.0), prefix="LOC")
+    with pytest.raises(CaseError, match=r"t2: its DICOM slices have different sizes \(IM0000.dcm is 8x10, LOC0000.dcm "
+                                        r"is 8x9\), so another acquisition .*move its files out of the folder"):
+        read_volume(tmp_path / "t2", "t2")
+
+
+def test_several_multi_frame_files_of_one_series_are_named(tmp_path):
+    """Two multi-frame files of one series in one folder were stacked as a 4D image, and the command
+    stopped with numpy's 'matmul: Input operand 1 has a mismatch in its core dimension 0'."""
+    import SimpleITK as sitk
+
+    (tmp_path / "flair").mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(2):
+        image = sitk.Cast(sitk.GetImageFromArray(np.round(_volume(seed=k))), sitk.sitkInt16)
+        image.SetOrigin((0.0, 0.0, 100.0 * k))
+        for tag, value in {"0020|000d": "1.2.826.0.1.3680043.2.1125.9", "0020|000e": "1.2.826.0.1.3680043.2.1125.9.1",
+                           "0008|0060": "MR"}.items():
+            image.SetMetaData(tag, value)
+        writer.SetFileName(str(tmp_path / "flair" / f"volume{k}.dcm"))
+        writer.Execute(image)
+    with pytest.raises(CaseError, match=r"flair holds 2 multi-frame DICOM files of one series, each a volume, read as "
+                                        r"a 4D image: put the file of this sequence in a folder of its own"):
+        read_volume(tmp_path / "flair", "flair")
+
+
+def test_series_exported_without_the_preamble_is_read_and_checked(tmp_path):
+    """DICOM files without the 128-byte preamble and ``DICM`` (older PACS exports): GDCM found the
+    series, then SimpleITK refused every file ('Unable to determine ImageIO reader'). Such a file cut
+    short must still be an error, not a slice silently left out."""
+    data = np.round(_volume())
+    _write_series(tmp_path / "flair", data)
+    files = sorted((tmp_path / "flair").iterdir())
+    for path in files:
+        path.write_bytes(path.read_bytes()[132:])
+        path.rename(path.with_suffix(""))  # as such exports name them: IM0000, no extension
+    volume = read_volume(tmp_path / "flair", "flair")
+    np.testing.assert_array_equal(volume.data, data.transpose())
+
+    last = files[-1].with_suffix("")
+    last.write_bytes(last.read_bytes()[:300])
+    with pytest.raises(CaseError, match=r"flair has 1 DICOM file\(s\) that could not be read as part of its series "
+                                        r"\(first: IM0011; corrupt or truncated\)"):
+        read_volume(tmp_path / "flair", "flair")
+
+
+def test_slices_of_another_pixel_size_in_the_series_are_refused(tmp_path):
+    """Slices of the same matrix and orientation but another field of view under the series' UID:
+    ITK took the first slice's pixel size for all, so the upper half was read at half its size."""
+    _write_series(tmp_path / "flair", _volume(shape=(6, 10, 8)))
+    _write_series(tmp_path / "flair", _volume(shape=(6, 10, 8)), spacing=(3.0, 2.4, 3.0),
+                  origin=(-10.0, 20.0, 23.0), prefix="FOV")
+    with pytest.raises(CaseError, match=r"flair: its DICOM slices have different pixel sizes \(FOV0000.dcm: 2.4 x 3 mm, "
+                                        r"IM0000.dcm: 1.2 x 1.5 mm\), so another acquisition"):
+        read_volume(tmp_path / "flair", "flair")
+
+
+def test_two_series_in_one_folder_are_named_by_description_and_size(tmp_path):
+    """A FLAIR and its localizer, or a repeated FLAIR, exported into one folder: the error listed only
+    the UIDs, which do not tell the user which files to move."""
+    _write_series(tmp_path / "flair", _volume(), uid="1.2.826.0.1.3680043.2.1125.7.1")
+    _write_series(tmp_path / "flair", _volume(shape=(3, 10, 8)), uid="1.2.826.0.1.3680043.2.1125.7.2",
+                  description="LOCALIZER", series_number=1, origin=(0.0, 0.0, 100.0), prefix="LOC")
+    with pytest.raises(CaseError, match=r"flair holds 2 DICOM series \(series 3 'AX FLAIR' 12 file\(s\), "
+                                        r"1.2.826.0.1.3680043.2.1125.7.1; series 1 'LOCALIZER' 3 file\(s\), "
+                                        r"1.2.826.0.1.3680043.2.1125.7.2\): put each series in its own folder"):
+        read_volume(tmp_path / "flair", "flair")
+    _write_series(tmp_path / "t2", _volume(), uid="1.2.826.0.1.3680043.2.1125.7.1", description="AX T2")
+    _write_series(tmp_path / "t2", _volume(), uid="1.2.826.0.1.3680043.2.1125.7.3", description="AX T2",
+                  series_number=9, prefix="REP")
+    with pytest.raises(CaseError, match=r"t2 holds 2 DICOM series \(series 3 'AX T2' 12 file\(s\), .*; series 9 "
+                                        r"'AX T2' 12 file\(s\), 1.2.826.0.1.3680043.2.1125.7.3\)"):
+        read_volume(tmp_path / "t2", "t2")
+
+
+def _element(group: int, element: int, vr: str, value: bytes) -> bytes:
+    """One explicit-VR little-endian data element."""
+    if len(value) % 2:
+        value += b"\0" if vr == "UI" else b" "
+    if vr in ("OB", "SQ"):
+        return struct.pack("<HH", group, element) + vr.encode() + b"\0\0" + struct.pack("<I", len(value)) + value
+    return struct.pack("<HH", group, element) + vr.encode() + struct.pack("<H", len(value)) + value
+
+
+def _write_key_object(path: Path, series_uid: bytes, referenced_series_uid: bytes) -> None:
+    """A Key Object Selection document (no pixel data) of its own series, referencing the images' series
+    first (its Referenced Series Sequence comes before its own Series Instance UID in the file)."""
+    sop_class, sop_instance = b"1.2.840.10008.5.1.4.1.1.88.59", series_uid + b".1"
+    meta = (_element(2, 1, "OB", b"\0\1") + _element(2, 2, "UI", sop_class) + _element(2, 3, "UI", sop_instance)
+            + _element(2, 0x10, "UI", b"1.2.840.10008.1.2.1"))
+    meta = struct.pack("<HH", 2, 0) + b"UL" + struct.pack("<HI", 4, len(meta)) + meta
+    item = _element(0x20, 0x0E, "UI", referenced_series_uid)
+    body = (_element(8, 0x16, "UI", sop_class) + _element(8, 0x18, "UI", sop_instance) + _element(8, 0x60, "CS", b"KO")
+            + _element(8, 0x1115, "SQ", struct.pack("<HHI", 0xFFFE, 0xE000, len(item)) + item)
+            + _element(0x20, 0x0D, "UI", b"1.2.826.0.1.3680043.2.1125.7") + _element(0x20, 0x0E, "UI", series_uid))
+    path.write_bytes(b"\0" * 128 + b"DICM" + meta + body)
+
+
+def test_key_object_or_report_beside_the_slices_is_ignored(tmp_path):
+    """A PACS export with a key object selection (or a report) beside the slices: ITK cannot read an
+    object without pixel data, so it was taken for a truncated slice and the series refused as
+    'corrupt or truncated', although other series' objects are documented as ignored."""
+    data = np.round(_volume())
+    _write_series(tmp_path / "flair", data)
+    _write_key_object(tmp_path / "flair" / "KO000001", b"1.2.826.0.1.3680043.2.1125.7.50",
+                      b"1.2.826.0.1.3680043.2.1125.7.1")
+    np.testing.assert_array_equal(read_volume(tmp_path / "flair", "flair").data, data.transpose())
+    # a slice cut short is still an error, also next to the key object
+    last = tmp_path / "flair" / "IM0011.dcm"
+    last.write_bytes(last.read_bytes()[:600])
+    with pytest.raises(CaseError, match=r"flair has 1 DICOM file\(s\) that could not be read .*first: IM0011.dcm"):
+        read_volume(tmp_path / "flair", "flair")
+
+
+def test_pacs_export_root_names_the_series_subfolders(tmp_path):
+    """A PACS export (DICOMDIR at the top, a folder per series below) given as the folder: the error said
+    only 'holds no DICOM series', although the series are right there in its subfolders."""
+    export = tmp_path / "export"
+    _write_series(export / "DICOM" / "ST000001" / "SE000001", _volume(), uid="1.2.826.0.1.3680043.2.1125.7.1")
+    _write_series(export / "DICOM" / "ST000001" / "SE000002", _volume(), uid="1.2.826.0.1.3680043.2.1125.7.2")
+    (export / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")
+    with pytest.raises(CaseError, match=r"export holds no DICOM series itself, but 2 of its subfolders hold DICOM files "
+                                        r"\(DICOM/ST000001/SE000001, DICOM/ST000001/SE000002\): pass the subfolder of "
+                                        r"this sequence's series\.$"):
+        read_volume(export, "flair")
+
+
+def test_slice_the_user_may_not_read_is_named_as_a_permission_problem(tmp_path, monkeypatch):
+    """A slice file without read permission (a PACS export copied as another user): GDCM skips it as it
+    skips a damaged file, and the check of the left-out files took it for a non-DICOM file, so the
+    volume was read one slice short (first or last slice) without a word."""
+    import builtins
+
+    import SimpleITK as sitk
+
+    _write_series(tmp_path / "flair", _volume())
+    locked = str(tmp_path / "flair" / "IM0011.dcm")
+    real_open, real_files = builtins.open, sitk.ImageSeriesReader.GetGDCMSeriesFileNames
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file) == locked:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    # as root (CI), GDCM still opens the file: leave it out of the series as GDCM does for other users
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    monkeypatch.setattr(sitk.ImageSeriesReader, "GetGDCMSeriesFileNames",
+                        staticmethod(lambda *a, **k: tuple(f for f in real_files(*a, **k) if f != locked)))
+    with pytest.raises(CaseError, match=r"IM0011.dcm is not readable by .*chmod a\+r"):
+        read_volume(tmp_path / "flair", "flair")
