@@ -55,6 +55,7 @@ __all__ = [
     "OutputWriteError",
     "Prediction",
     "Segmenter",
+    "border_nonzero_fraction",
     "check_output_path",
     "check_writable_folder",
     "label_convention",
@@ -366,6 +367,7 @@ class Segmenter:
         native_foreground = (image[present] > 0).any(dim=0)
         # the head: voxels not 0 in some given sequence (z-scored exports are negative inside the brain)
         head = (image[present] != 0).any(dim=0) if self.head_mask else None
+        border = {seq: border_nonzero_fraction(image[BRATS_MODALITIES.index(seq)]) for seq in case.sequences}
 
         # 2. optional resampling to the training spacing; align_corners=False keeps the field of view
         native = ras_spacing(ref.affine)
@@ -467,6 +469,7 @@ class Segmenter:
             "amp_dtype": str(amp_dtype(self.device, self.amp) or "").replace("torch.", "") or None,
             "head_mask": self.head_mask,
             "wt_removed_outside_head_ml": outside_ml,
+            "border_nonzero_fraction": border,
         }
         return Prediction(label_map, prob_map, timing, details)
 
@@ -770,11 +773,34 @@ def segment_case(
     return result
 
 
+#: share of a volume's outer faces that may be non-zero before the scan is said not to be skull-stripped
+BORDER_NONZERO_LIMIT = 0.5
+
+
+def border_nonzero_fraction(volume: torch.Tensor) -> float:
+    """Share of the voxels on the six outer faces of a 3D volume that are not 0 (an edge voxel counts
+    once per face it lies on).
+
+    A skull-stripped scan (BraTS, and what the model was trained on) is 0 outside the brain, so its
+    faces are 0 but where the brain touches a tight crop. A raw scan has noise or tissue there, and its
+    whole background enters the normalisation and the head mask, so the model sees data unlike any it
+    was trained on.
+    """
+    faces = [volume[0], volume[-1], volume[:, 0], volume[:, -1], volume[:, :, 0], volume[:, :, -1]]
+    total = sum(f.numel() for f in faces)
+    return round(sum(int(torch.count_nonzero(f)) for f in faces) / max(total, 1), 4)
+
+
 def summary_notes(summary: Mapping[str, Any]) -> list[str]:
     """What a reader of the one-line result should know beyond the volumes (from :func:`segment_case`'s
-    summary): sequences missing as all-zero channels, resampling, and tumour removed outside the head."""
+    summary): sequences missing as all-zero channels, a scan that does not look skull-stripped, resampling,
+    and tumour removed outside the head."""
     info = summary.get("inference", {})
     notes = [f"{s} channel all zero: missing" for s in summary.get("empty_channels", [])]
+    raw = [s for s, share in (info.get("border_nonzero_fraction") or {}).items() if share > BORDER_NONZERO_LIMIT]
+    if raw:
+        notes.append(f"WARNING: {', '.join(raw)} not 0 on most of the volume's border: the scan does not look "
+                     "skull-stripped, which the model needs, so expect a wrong label map")
     if info.get("work_shape") != info.get("ras_shape"):
         mm = "x".join(f"{v:g}" for v in info["work_spacing_mm"])
         notes.append(f"run at {mm} mm" + (", the model's training spacing" if info.get("spacing") == "auto" else ""))

@@ -596,3 +596,42 @@ def test_an_installed_package_without_the_bundle_uses_the_shipped_train_yaml_val
     shipped = model.bundle_defaults(REPO / "bundles" / "brats_gmd")
     monkeypatch.setattr(model, "DEFAULT_BUNDLE", tmp_path / "site-packages" / "bundles" / "brats_gmd")
     assert model.bundle_defaults(None) == shipped == model.DEFAULT_SETTINGS
+
+
+def test_a_scan_that_does_not_look_skull_stripped_is_said(case, random_ckpt, infer, tmp_path):
+    """A raw scan (noise or tissue around the brain) is out of the model's domain: its whole background
+    enters the normalisation and the head mask. The label map is still written, with a warning."""
+    import json
+
+    rc, stdout, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t2", case["t2"],
+                            "--out", tmp_path / "clean.nii.gz", "--summary", tmp_path / "clean.json",
+                            "--patch-size", "32", "32", "32")
+    assert rc == 0, err
+    assert "skull-stripped" not in stdout
+    clean = json.loads((tmp_path / "clean.json").read_text())["inference"]["border_nonzero_fraction"]
+    assert set(clean) == {"flair", "t2"} and max(clean.values()) <= 0.5
+    img = load(case["t2"])
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    noisy = data + np.random.default_rng(0).uniform(1.0, 20.0, data.shape).astype(np.float32)  # scanner noise
+    t2 = tmp_path / "t2_raw.nii.gz"
+    nib.save(nib.Nifti1Image(noisy, img.affine), str(t2))
+    rc, stdout, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t2", t2,
+                            "--out", tmp_path / "raw.nii.gz", "--summary", tmp_path / "raw.json",
+                            "--patch-size", "32", "32", "32")
+    assert rc == 0, err
+    assert "WARNING: t2 not 0 on most of the volume's border: the scan does not look skull-stripped" in stdout
+    raw = json.loads((tmp_path / "raw.json").read_text())["inference"]["border_nonzero_fraction"]
+    assert raw["t2"] == 1.0 and raw["flair"] == clean["flair"]
+    assert (tmp_path / "raw.nii.gz").is_file()
+
+
+def test_border_nonzero_fraction_by_hand():
+    from app.inference.pipeline import border_nonzero_fraction
+
+    volume = torch.zeros(4, 5, 6)
+    assert border_nonzero_fraction(volume) == 0.0
+    volume[0] = 1.0  # one face of 5 x 6 = 30 voxels; the border holds 4*5*6 - 2*3*4 = 96 voxels
+    # the faces overlap at edges; count over the six face slices as taken: 2*30 + 2*24 + 2*20 = 148 entries, of
+    # which face x=0 (30), and the x=0 rows of the four other faces (6 + 6 + 5 + 5) are 1
+    assert border_nonzero_fraction(volume) == round(52 / 148, 4)
+    assert border_nonzero_fraction(torch.ones(3, 3, 3)) == 1.0
