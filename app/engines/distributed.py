@@ -36,6 +36,7 @@ __all__ = [
     "any_rank",
     "GradientSync",
     "DistributedTimeLimitHandler",
+    "StopOnSignal",
 ]
 
 logger = logging.getLogger(__name__)
@@ -250,3 +251,104 @@ class DistributedTimeLimitHandler(TimeLimitHandler):
             spent = bool(flag.item() > 0)
         if spent:
             self._stop(engine)
+
+
+class StopOnSignal:
+    """Ends training cleanly on SIGTERM: the resumable checkpoint is written, then the process ends by the signal.
+
+    A job scheduler (SLURM at a time limit or a preemption, Kubernetes, ``docker stop``) sends SIGTERM
+    and, some seconds later, SIGKILL. Without a handler the process died at once and lost the
+    iterations since the last ``checkpoint_last.pt``. With it, the iteration in progress is finished
+    (a validation in progress too), training is terminated without the ``COMPLETED`` handlers, so no
+    ``model_final.pt`` claims the run finished, :class:`~app.engines.ResumableCheckpoint` writes the
+    checkpoint at ``TERMINATE``, and the signal is then delivered again with its default action: the
+    exit status says the run was stopped (143), and ``--resume true`` (or ``auto``) continues it
+    exactly. A second SIGTERM ends the process at once. The ranks of a multi-process run all-reduce
+    the decision after every iteration, so they stop at the same one.
+
+    Signal handlers can only be installed from the main thread; elsewhere (a notebook's worker thread)
+    the handler does nothing.
+
+    Args:
+        signals: the signals to handle (default SIGTERM).
+    """
+
+    def __init__(self, signals: Iterable[int] | None = None) -> None:
+        import signal
+
+        self.signals = tuple(signals) if signals is not None else (signal.SIGTERM,)
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self._install)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._check)
+        engine.add_event_handler(Events.COMPLETED, self._uninstall)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._uninstall_and_raise)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        if os.getpid() != self._pid:  # a data-loader worker forked with this handler: die as asked
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signum
+        signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+
+    def _install(self, engine: Engine) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._pid = os.getpid()
+        for signum in self.signals:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _uninstall(self, engine: Engine | None = None) -> None:
+        import signal
+
+        for signum, previous in self._previous.items():
+            if signal.getsignal(signum) == self._handle:
+                signal.signal(signum, previous)
+        self._previous.clear()
+
+    def _uninstall_and_raise(self, engine: Engine, err: BaseException) -> None:
+        self._uninstall(engine)
+        raise err
+
+    def _check(self, engine: Engine) -> None:
+        stop = self.received is not None
+        if is_distributed():
+            flag = torch.tensor([float(stop)], device=_rank_device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item() > 0)
+        if not stop:
+            return
+        import signal
+
+        signum = self.received if self.received is not None else signal.SIGTERM
+        logger.warning("%s received: stopping after iteration %d and writing the resumable checkpoint; run the "
+                       "same command with --resume true to continue.", signal.Signals(signum).name,
+                       engine.state.iteration)
+        from ignite.engine import Events
+
+        # registered now, so it runs after every TERMINATE handler attached before (the checkpoint's)
+        engine.add_event_handler(Events.TERMINATE, self._end_process, signum)
+        engine.terminate(skip_completed=True)
+
+    def _end_process(self, engine: Engine, signum: int) -> None:
+        import signal
+        import sys
+
+        self._uninstall(engine)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)

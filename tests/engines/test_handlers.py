@@ -197,3 +197,53 @@ def test_records_of_a_strategy_of_ones_own_are_tagged_with_its_name(tmp_path):
     handler(engine)
     assert json.loads((tmp_path / "gmd_scaled_diagnostics.jsonl").read_text())["alpha"] == 0.5
     assert not (tmp_path / "gmd_diagnostics.jsonl").exists() and writer.scalars["gmd_scaled/alpha"] == (0.5, 5)
+
+
+def test_stop_on_signal_finishes_the_iteration_runs_terminate_handlers_then_ends_by_the_signal(monkeypatch):
+    """SIGTERM mid-iteration: the iteration completes, COMPLETED (model_final.pt) is skipped, the TERMINATE
+    handlers (the resumable checkpoint) run, and only then is the process ended by the signal."""
+    import signal
+
+    from ignite.engine import Engine, Events
+
+    from app.engines import StopOnSignal
+    from app.engines import distributed
+
+    events: list[str] = []
+    ended: list[tuple[int, int]] = []
+    monkeypatch.setattr(distributed.os, "kill", lambda pid, signum: ended.append((pid, signum)))
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def step(engine, batch):
+        events.append(f"iteration {engine.state.iteration}")
+        if engine.state.iteration == 3:
+            signal.raise_signal(signal.SIGTERM)  # as a scheduler's would arrive, inside the step
+            events.append("step 3 finished")
+
+    engine = Engine(step)
+    engine.add_event_handler(Events.TERMINATE, lambda e: events.append("checkpoint written"))
+    engine.add_event_handler(Events.COMPLETED, lambda e: events.append("model_final.pt written"))
+    StopOnSignal().attach(engine)
+    try:
+        engine.run(range(10), max_epochs=1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert events == ["iteration 1", "iteration 2", "iteration 3", "step 3 finished", "checkpoint written"]
+    assert ended == [(distributed.os.getpid(), signal.SIGTERM)]
+    assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_stop_on_signal_changes_nothing_without_a_signal():
+    import signal
+
+    from ignite.engine import Engine, Events
+
+    from app.engines import StopOnSignal
+
+    previous = signal.getsignal(signal.SIGTERM)
+    done = []
+    engine = Engine(lambda e, b: None)
+    engine.add_event_handler(Events.COMPLETED, lambda e: done.append(e.state.iteration))
+    StopOnSignal().attach(engine)
+    engine.run(range(4), max_epochs=2)
+    assert done == [8] and signal.getsignal(signal.SIGTERM) == previous  # uninstalled at the end

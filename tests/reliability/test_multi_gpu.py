@@ -278,7 +278,9 @@ MOSI = REPO / "bundles" / "mosi_gmd" / "configs"
 FILE_WRITERS = {
     "StatsHandler", "TensorBoardStatsHandler", "DiagnosticsHandler", "AtomicCheckpointSaver", "ProgressBarHandler",
 }
-ALL_RANKS = ["LrScheduleHandler", "ValidationHandler", "DistributedTimeLimitHandler", "ResumableCheckpoint"]
+# StopOnSignal on every rank: the ranks agree on a SIGTERM stop with one all-reduce per iteration
+ALL_RANKS = ["LrScheduleHandler", "ValidationHandler", "DistributedTimeLimitHandler", "ResumableCheckpoint",
+             "StopOnSignal"]
 
 
 @pytest.fixture(scope="module")

@@ -148,3 +148,27 @@ def test_resume_that_does_not_fit_the_checkpoint_ends_with_the_error_alone(phant
     text = log.read_text()
     assert "error: " in text and "written with 3 iterations per epoch, this run has 2" in text
     assert "Traceback" not in text, text[-3000:]
+
+
+def test_sigterm_writes_the_checkpoint_and_the_resume_matches_the_uninterrupted_run(phantoms, reference, tmp_path):
+    """A scheduler's SIGTERM (time limit, preemption) used to kill the run at once, losing the iterations since
+    the last checkpoint; now the iteration finishes, checkpoint_last.pt is written and the process ends by the
+    signal, with no model_final.pt claiming the run finished."""
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    # iteration 5: mid epoch 2, between the interval checkpoints of iterations 4 and 6
+    proc = start_bundle(["--config_file", TRAIN, "--dataset_dir", str(phantoms), "--output_dir", str(out),
+                         *cli_args(SETTINGS)], driver=[str(Path(__file__).with_name("signal_driver.py"))],
+                        env={"SIGTERM_AT_ITERATION": "5"}, log=log)
+    reference()  # computed while the subprocess runs
+    assert proc.wait(timeout=300) == -signal.SIGTERM, log.read_text()[-4000:]
+    text = log.read_text()
+    assert "SIGTERM received: stopping after iteration 5 and writing the resumable checkpoint" in text, text[-4000:]
+    assert "Traceback" not in text, text[-4000:]
+    models = out / "models"
+    last = load(models / "checkpoint_last.pt")
+    assert (last["iteration"], last["epoch"]) == (5, 2)
+    assert not (models / "model_final.pt").exists()
+    assert not list(models.glob(".*.tmp"))
+
+    run_in_process([TRAIN], dataset_dir=str(phantoms), output_dir=str(out), resume=True, **SETTINGS)
+    _assert_same_as_reference(reference(), out)
