@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import sys
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import monai
 
@@ -143,6 +143,50 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
             raise ValueError(f"{where} is not a setting of {parent!r}: {hint} The run would ignore it and use the "
                              "default.")
         _check_component_argument(merged, parent, name, where, cli_targets.get(parent))
+    _check_recipe_keeps_references(config_files(config_file), options)
+
+
+def _check_recipe_keeps_references(files: Sequence[str], options: Mapping[str, Any]) -> None:
+    """Refuse a ``--key`` that an override file has cut off from the entry that reads it.
+
+    ``train.yaml`` wires each top-level setting into its components (``strategy_def: {subsets:
+    '@gmd_subsets'}``). An override file that sets the component's entry itself (``strategy_def#subsets:
+    3``, or a whole new ``strategy_def``) drops that reference, so ``--gmd_subsets 5`` on the command line
+    (or ``ablate``'s ``gmd:5``) was silently ignored and the run used the file's value.
+
+    Raises:
+        ValueError: naming the setting, the file and the entry that replaced it, and the fix.
+    """
+    from monai.bundle import ConfigParser
+
+    given = {re.split(r"::|#", key, maxsplit=1)[0] for key in options if key not in _RUN_ARGS}
+    if len(files) < 2 or not given:
+        return
+    earlier = ConfigParser.load_config_file(files[0])
+    shipped = os.path.dirname(os.path.abspath(files[0]))
+    for path in files[1:]:
+        content = ConfigParser.load_config_file(path)
+        # the bundle's own override files (evaluate.yaml, multi_gpu_train.yaml) replace entries by design;
+        # a setting they stop reading gets the "does not use" warning instead
+        recipe = os.path.dirname(os.path.abspath(path)) != shipped
+        for key, value in content.items() if recipe else ():
+            replaced = _config_at(earlier, key)
+            if replaced is None:
+                continue
+            lost = _direct_references(replaced) - {re.split(r"::|#", ref)[0] for ref in _referenced_paths(value)}
+            for top in sorted(lost & given):
+                raise ValueError(
+                    f"--{top} would be ignored: {path} sets {key!r} itself, which {files[0]} fills from '@{top}', so "
+                    f"the run would use the file's value. Set '{top}' in {path} instead of {key!r}, or leave --{top} "
+                    "out.")
+        earlier = ConfigParser.load_config_files([files[0], *files[1:files.index(path) + 1]])
+
+
+def _direct_references(entry: Any) -> set[str]:
+    """Top-level settings an entry is wired to: ``'@name'`` itself, or a component's ``arg: '@name'``
+    (expressions and lists, such as ``initialize``, are not a setting's wiring and are left out)."""
+    values = entry.values() if isinstance(entry, dict) else [entry]
+    return {m.group(1) for v in values if isinstance(v, str) and (m := re.fullmatch(r"\s*@(\w+)\s*", v))}
 
 
 def _referenced_paths(config: Any, found: set[str] | None = None) -> set[str]:

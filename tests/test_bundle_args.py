@@ -209,3 +209,29 @@ def test_an_unexpanded_shell_variable_or_a_bare_at_name_is_refused_in_one_line(m
     # expressions and references of MONAI's own: accepted
     check_overrides([main, "run", "--config_file", train, "--device", "$torch.device('cpu')", "--dataset_dir",
                      "./@site", "--output_dir", "@dataset_dir", "--learning_rate", "$1e-3 * 2"])
+
+
+def test_a_command_line_setting_a_recipe_cut_off_is_refused(tmp_path):
+    """A recipe with ``strategy_def#subsets: 3`` replaced train.yaml's '@gmd_subsets' there, so --gmd_subsets 5
+    (and ablate's gmd:5) trained on 3 subsets without a word."""
+    from app.bundle_args import _MONAI_DIR, check_overrides
+
+    main = os.path.join(_MONAI_DIR, "bundle", "__main__.py")
+    configs = os.path.join(os.path.dirname(__file__), "..", "bundles", "brats_gmd", "configs")
+    train = os.path.join(configs, "train.yaml")
+    entry, component = tmp_path / "entry.yaml", tmp_path / "component.yaml"
+    entry.write_text("strategy_def#subsets: 3\n")
+    component.write_text("strategy_def:\n  _target_: app.strategies.build_strategy\n  name: gmd\n  subsets: 2\n")
+    for recipe, key in ((entry, "strategy_def#subsets"), (component, "strategy_def")):
+        with pytest.raises(ValueError, match=rf"^--gmd_subsets would be ignored: {recipe} sets '{key}' itself, which "
+                                             rf".*train\.yaml fills from '@gmd_subsets'.*Set 'gmd_subsets' in {recipe}"):
+            check_overrides([main, "run", "--config_file", str([train, str(recipe)]), "--gmd_subsets", "5"])
+        check_overrides([main, "run", "--config_file", str([train, str(recipe)]), "--max_epochs", "2"])  # not given
+    # an expression that still reads the setting, and the bundle's own override files, are fine
+    expression = tmp_path / "expression.yaml"
+    expression.write_text("strategy_def#subsets: '$@gmd_subsets + 1'\n")
+    check_overrides([main, "run", "--config_file", str([train, str(expression)]), "--gmd_subsets", "3"])
+    multi = os.path.join(configs, "multi_gpu_train.yaml")  # replaces train#sampler#seed with an expression of @seed
+    check_overrides([main, "run", "--config_file", str([train, multi]), "--seed", "3"])
+    demo = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
+    check_overrides([main, "run", "--config_file", str([train, demo]), "--gmd_subsets", "5", "--strategy", "gmd"])
