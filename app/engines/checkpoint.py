@@ -35,7 +35,7 @@ from monai.data.utils import set_rnd
 from torch.utils.data import Dataset, DistributedSampler
 
 from app.atomic import atomic_write, stale_temporaries
-from app.networks.weights import describe_state_dict, optional_state_keys
+from app.networks.weights import check_archive, check_finite, describe_state_dict, optional_state_keys
 from app.flags import parse_bool
 from app.strategies.base import process_group
 
@@ -184,14 +184,20 @@ def check_resume(resume: bool | str, output_dir: str | os.PathLike, filename: st
 def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint written by :class:`ResumableCheckpoint` (``weights_only=True``).
 
+    The file is checked as a model file is: its zip checksums (``torch.load`` does not verify them, so a
+    byte changed after the write resumed with a wrong weight, without a word) and its network weights (no
+    NaN or infinite value).
+
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is unreadable or is not such a checkpoint (e.g. a ``model.pt`` of weights).
+        ValueError: the file is unreadable, damaged or is not such a checkpoint (e.g. a ``model.pt`` of weights).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No training checkpoint at {path} to resume from: check --output_dir, or drop "
                                 "--resume to start a new run.")
+    fix = "it cannot be resumed: delete it and start again with --resume false."
+    check_archive(path, fix=fix[0].upper() + fix[1:])
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - every unreadable file gets the same advice
@@ -200,6 +206,8 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a training checkpoint ({CHECKPOINT_FORMAT}); model.pt/model_final.pt hold "
                          "only weights: evaluate them with --ckpt_path, or resume from models/checkpoint_last.pt.")
+    if isinstance(state.get("network"), Mapping):
+        check_finite(state["network"].items(), path, fix=fix)
     return state
 
 

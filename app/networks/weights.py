@@ -131,12 +131,19 @@ def read_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     return state
 
 
-def check_archive(path: str | os.PathLike) -> None:
+_ARCHIVE_FIX = "Copy the model again from where it was trained or exported, or re-export it."
+
+
+def check_archive(path: str | os.PathLike, fix: str = _ARCHIVE_FIX) -> None:
     """Refuse a damaged checkpoint or TorchScript archive before it is loaded.
 
     ``torch.load`` does not verify the zip checksums, so a flipped byte in a weight loads as a wrong
     (possibly NaN) value, and the model then quietly segments nothing. Legacy (non-zip) files are
     left to the loader.
+
+    Args:
+        path: the file.
+        fix: what the message tells the user to do (a training checkpoint is not copied or re-exported).
 
     Raises:
         ValueError: an entry fails its checksum, or the archive is cut short.
@@ -158,17 +165,18 @@ def check_archive(path: str | os.PathLike) -> None:
         raise unreadable(path) from None
     except (OSError, EOFError, zipfile.BadZipFile, RuntimeError) as err:
         where = f"entry {entry}" if entry else "its index"
-        raise ValueError(f"{path} is damaged ({where}: {type(err).__name__}: {err}). Copy the model again from where "
-                         "it was trained or exported, or re-export it.") from None
+        raise ValueError(f"{path} is damaged ({where}: {type(err).__name__}: {err}). {fix}") from None
 
 
-def check_finite(tensors: Any, path: str | os.PathLike) -> None:
+def check_finite(tensors: Any, path: str | os.PathLike,
+                 fix: str = "copy it again or use another checkpoint.") -> None:
     """Refuse weights with NaN or infinite values (a diverged run or a damaged file): a model with
-    them segments nothing, without any other sign. ``tensors`` yields ``(name, tensor)`` pairs."""
+    them segments nothing, without any other sign. ``tensors`` yields ``(name, tensor)`` pairs; ``fix``
+    ends the message."""
     bad = [name for name, t in tensors if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise ValueError(f"{os.fspath(path)} holds NaN or infinite weights in {len(bad)} tensor(s) (e.g. {bad[0]}): "
-                         "the file is damaged or its training diverged; copy it again or use another checkpoint.")
+                         f"the file is damaged or its training diverged; {fix}")
 
 
 def load_weights(

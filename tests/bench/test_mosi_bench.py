@@ -199,3 +199,19 @@ def test_compare_refuses_classification_before_training(mmsa, tmp_path, capsys, 
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
     assert "--task classification" in err and "python -m app ablate" in err and "ridge" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("script", ["mosi_baselines", "mosi_compare"])
+def test_a_damaged_feature_file_is_one_error_line_and_writes_nothing(script, tmp_path, capsys):
+    """The bench scripts answer a damaged MMSA file as convert-mmsa does: exit 2, one line, nothing written."""
+    import importlib
+
+    bad = tmp_path / "text.pkl"
+    bad.write_text("garbage\n")
+    out = tmp_path / "out"
+    code = importlib.import_module(script).main(["--data_path", str(bad), "--trust_pickle", "true",
+                                                 "--out_dir", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {bad} cannot be read as a pickle") and "download or export it again" in err
+    assert not out.exists()

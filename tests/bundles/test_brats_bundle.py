@@ -108,7 +108,9 @@ def test_evaluate_every_labelled_case(trained, phantoms, tmp_path):
 
 def test_an_evaluation_names_the_model_it_loaded_when_training_replaces_the_file(trained, phantoms, tmp_path):
     """Evaluating a running training's models/model.pt: training replaces the file at each better
-    validation, and the report used to hash the file once scoring had ended, naming a model it never scored."""
+    validation, and the report used to hash the file once scoring had ended, naming a model it never scored.
+    The evaluation writes into the training's --output_dir while the training holds its lock: it takes none."""
+    import fcntl
     import os
 
     from tests.reliability.helpers import run_in_process
@@ -124,9 +126,15 @@ def test_an_evaluation_names_the_model_it_loaded_when_training_replaces_the_file
     def training_saves_a_better_model(parser):  # after the weights are loaded, before the report
         os.replace(newer, ckpt)
 
-    out = tmp_path / "eval"
-    run_in_process([TRAIN, EVALUATE], training_saves_a_better_model, dataset_dir=str(phantoms), ckpt_path=str(ckpt),
-                   output_dir=str(out), patch_size=[32, 32, 32], features=[8, 16, 32, 64], num_workers=0)
+    out = tmp_path  # the running training's --output_dir, whose lock it holds
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        run_in_process([TRAIN, EVALUATE], training_saves_a_better_model, dataset_dir=str(phantoms),
+                       ckpt_path=str(ckpt), output_dir=str(out), patch_size=[32, 32, 32], features=[8, 16, 32, 64],
+                       num_workers=0)
+    finally:
+        os.close(fd)
     report = json.loads((out / "subset_dice.json").read_text())
     assert report["checkpoint"] == {"path": str(ckpt), "sha256": hashlib.sha256(scored).hexdigest()}
     assert hashlib.sha256(scored).hexdigest()[:12] in (out / "subset_dice.md").read_text()

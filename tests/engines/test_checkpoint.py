@@ -55,6 +55,28 @@ def test_false_over_an_existing_checkpoint_starts_at_zero_and_overwrites_it(tmp_
     assert state["iteration"] == 3 and state["network"]["bias"].item() == 3.0
 
 
+def test_a_damaged_checkpoint_is_refused_instead_of_resumed(tmp_path):
+    """A model.pt with a byte changed since it was written is refused (its zip checksums); the training
+    checkpoint was read with torch.load alone, which does not check them: the run resumed from a wrong weight."""
+    _train(tmp_path, False, max_epochs=1)
+    path = tmp_path / "checkpoint_last.pt"
+    state = load_training_checkpoint(path)
+    data = bytearray(path.read_bytes())
+    at = data.index(state["network"]["weight"].numpy().tobytes())  # the weight's bytes, stored as they are
+    data[at] ^= 0x40
+    path.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(path, weights_only=True)["network"]["weight"], state["network"]["weight"])
+    with pytest.raises(ValueError, match=r"checkpoint_last\.pt is damaged \(entry .*CRC.*--resume false"):
+        load_training_checkpoint(path)
+    with pytest.raises(ValueError, match=r"checkpoint_last\.pt is damaged"):
+        _train(tmp_path, True)
+    # NaN weights (written before training stopped at a NaN step) are refused too
+    state["network"]["weight"][0, 0] = float("nan")
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"checkpoint_last\.pt holds NaN or infinite weights.*--resume false"):
+        load_training_checkpoint(path)
+
+
 @pytest.mark.parametrize("value, mode", [("auto", "auto"), (" AUTO ", "auto"), ("true", "true"), (False, "false"),
                                          ("0", "false")])
 def test_resume_reads_true_false_or_auto(tmp_path, value, mode):

@@ -80,3 +80,11 @@ def test_an_optional_group_may_be_absent_as_a_whole_but_not_in_part(tmp_path):
         apply_state_dict(DSUNet(features=(4, 8)), part, tmp_path / "m.pt", optional_prefixes=[prefix])
     with pytest.raises(ValueError, match=r"e\.g\. extra\.weight is unexpected in it\)"):
         apply_state_dict(DSUNet(features=(4, 8)), {**state, "extra.weight": torch.zeros(1)}, tmp_path / "m.pt")
+
+
+def test_a_missing_checkpoint_names_the_file_and_the_setting(tmp_path):
+    """What an evaluation answers for a --ckpt_path that does not exist (bad-input catalogue)."""
+    missing = tmp_path / "models" / "model.pt"
+    with pytest.raises(FileNotFoundError, match=rf"^Checkpoint {missing} not found: pass --ckpt_path to a model\.pt "
+                                                r"written by training\.$"):
+        load_weights(DSUNet(features=(8, 16, 32, 64)), missing)
