@@ -399,3 +399,14 @@ def test_implicit_vr_key_object_beside_the_slices_is_ignored(tmp_path):
             + implicit(0x20, 0x0D, b"1.2.826.0.1.3680043.2.1125.7") + implicit(0x20, 0x0E, series_uid))
     (tmp_path / "flair" / "KO000002").write_bytes(b"\0" * 128 + b"DICM" + meta + body)
     np.testing.assert_array_equal(read_volume(tmp_path / "flair", "flair").data, data.transpose())
+
+
+def test_a_folder_with_only_a_report_names_its_series_subfolder_alone(tmp_path):
+    """An export folder holding a key object (no image series) beside a series subfolder: the folder itself is
+    not one of 'its subfolders'."""
+    export = tmp_path / "export"
+    _write_series(export / "SE000001", _volume())
+    _write_key_object(export / "KO000001", b"1.2.826.0.1.3680043.2.1125.7.50", b"1.2.826.0.1.3680043.2.1125.7.1")
+    with pytest.raises(CaseError, match=r"export holds no DICOM series itself, but 1 of its subfolders hold DICOM files "
+                                        r"\(SE000001\): pass the subfolder"):
+        read_volume(export, "flair")
