@@ -410,3 +410,18 @@ def test_a_folder_with_only_a_report_names_its_series_subfolder_alone(tmp_path):
     with pytest.raises(CaseError, match=r"export holds no DICOM series itself, but 1 of its subfolders hold DICOM files "
                                         r"\(SE000001\): pass the subfolder"):
         read_volume(export, "flair")
+
+
+def test_a_folder_of_many_series_names_the_first_ones_and_counts_the_rest(tmp_path):
+    """A whole study's folder: five series are described and the others counted; of many series subfolders,
+    three are named and the rest marked."""
+    for k in range(6):
+        _write_series(tmp_path / "study", _volume(shape=(3, 10, 8)), uid=f"1.2.826.0.1.3680043.2.1125.7.{k + 1}",
+                      series_number=k + 1, prefix=f"S{k}_", origin=(0.0, 0.0, 100.0 * k))
+    with pytest.raises(CaseError, match=r"study holds 6 DICOM series \(series 1 .*; series 5 'AX FLAIR' 3 file\(s\), "
+                                        r"1.2.826.0.1.3680043.2.1125.7.5; and 1 more\): put each series"):
+        read_volume(tmp_path / "study", "flair")
+    for k in range(4):
+        _write_series(tmp_path / "export" / f"SE{k}", _volume(shape=(3, 10, 8)))
+    with pytest.raises(CaseError, match=r"but 4 of its subfolders hold DICOM files \(SE0, SE1, SE2, \.\.\.\): pass"):
+        read_volume(tmp_path / "export", "flair")
