@@ -596,3 +596,31 @@ def test_an_installed_package_without_the_bundle_uses_the_shipped_train_yaml_val
     shipped = model.bundle_defaults(REPO / "bundles" / "brats_gmd")
     monkeypatch.setattr(model, "DEFAULT_BUNDLE", tmp_path / "site-packages" / "bundles" / "brats_gmd")
     assert model.bundle_defaults(None) == shipped == model.DEFAULT_SETTINGS
+
+
+def test_the_summary_records_the_autocast_dtype(case, random_ckpt, infer, tmp_path, monkeypatch):
+    """amp_dtype says what --amp ran in: null on CPU, float16 on a GPU without native bf16, where amp_bf16 is false
+    (it read true on a V100, which ran fp16)."""
+    import app.inference.pipeline as pipeline
+
+    def summary(name: str) -> dict:
+        rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--out", tmp_path / f"{name}.nii.gz",
+                           "--summary", tmp_path / f"{name}.json")
+        assert rc == 0, err
+        return json.loads((tmp_path / f"{name}.json").read_text())["inference"]
+
+    cpu = summary("cpu")
+    assert (cpu["amp_dtype"], cpu["amp_bf16"]) == (None, False)
+    # as amp_dtype answers for a V100 (the CPU run ignores the autocast)
+    from contextlib import nullcontext
+
+    autocasts = []
+    monkeypatch.setattr(torch, "autocast", lambda device_type, dtype: autocasts.append((device_type, dtype))
+                        or nullcontext())
+    monkeypatch.setattr(pipeline, "amp_dtype", lambda device, enabled, training=False: torch.float16)
+    v100 = summary("v100")
+    assert (v100["amp_dtype"], v100["amp_bf16"]) == ("float16", False)
+    assert autocasts and set(autocasts) == {("cuda", torch.float16)}  # the network ran under that autocast
+    monkeypatch.setattr(pipeline, "amp_dtype", lambda device, enabled, training=False: torch.bfloat16)
+    a100 = summary("a100")
+    assert (a100["amp_dtype"], a100["amp_bf16"]) == ("bfloat16", True)
