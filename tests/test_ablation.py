@@ -587,3 +587,37 @@ def test_an_output_dir_that_cannot_be_made_is_refused_before_any_stage(seeds, tm
     if sys.platform.startswith("linux"):  # /proc takes no new files, whoever runs the test (root included)
         with pytest.raises(ValueError, match=r"^--output_dir /proc/brats_gmd_ablation: cannot write in /proc"):
             ablate("/proc/brats_gmd_ablation")
+
+
+def test_check_subset_count_names_only_the_gmd_stages_without_their_own_count(tmp_path):
+    """The count outside --strategies is refused only where a gmd or gmd_approx stage would read it: 'all' is
+    the method's own value, and a stage given as gmd:K keeps its K."""
+    from app.ablation import _check_subset_count
+
+    planned = parse_strategies("plain,gmd,gmd_approx:5,cggm")
+    with pytest.raises(ValueError, match=r"^--gmd_subsets 3 would train the gmd stage\(s\) .*\(gmd:3\) and leave"):
+        _check_subset_count(["--gmd_subsets", "3"], [], planned)
+    with pytest.raises(ValueError, match=r"^--gmd_subsets 2 would train the gmd, gmd_approx stage\(s\) .*"
+                                         r"\(gmd:2,gmd_approx:2\)"):
+        _check_subset_count(["--gmd_subsets=2"], [], parse_strategies("gmd,gmd_approx"))
+    _check_subset_count(["--gmd_subsets", " All "], [], planned)
+    _check_subset_count(["--gmd_subsets", "3"], [], parse_strategies("plain,gmd:5,gmd_approx:4,cggm"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("gmd_subsets: all\n")
+    _check_subset_count([], [recipe], planned)
+    recipe.write_text("gmd_subsets: 4\n")
+    with pytest.raises(ValueError, match=rf"^gmd_subsets: 4 in --config_file {recipe} would train the gmd stage"):
+        _check_subset_count([], [recipe], planned)
+
+
+def test_budget_and_seed_take_the_given_values_then_the_recipes(tmp_path):
+    from app.ablation import _budget_and_seed
+
+    recipe = tmp_path / "recipe.yaml"
+    assert _budget_and_seed({}, [], None, None) == (0.0, 0)
+    assert _budget_and_seed({"time_limit_minutes": 4, "seed": 3}, [recipe], None, None) == (4.0, 3)
+    assert _budget_and_seed({"time_limit_minutes": 4, "seed": 3}, [recipe], 0, 1) == (0.0, 1)
+    assert _budget_and_seed({"time_limit_minutes": 4, "seed": 3}, [recipe], None, 0) == (4.0, 0)  # --seed 0 given
+    for bad in (True, "x", None):
+        with pytest.raises(ValueError, match=rf"^seed: {bad!r} in {recipe} is not a number: give --seed"):
+            _budget_and_seed({"seed": bad}, [recipe], 2.0, None)

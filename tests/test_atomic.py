@@ -288,3 +288,20 @@ def test_a_path_ending_with_the_carriage_return_of_a_windows_job_script_is_named
         read_state_dict(f"{tmp_path}/model.pt\r")
     with pytest.raises(ValueError, match=rf"^Data folder {tmp_path}\r does not exist or is not a folder {hint}"):
         discover_cases(f"{tmp_path}\r")
+
+
+def test_a_bare_home_folder_is_read_as_home(tmp_path, monkeypatch):
+    """--output_dir=~ (no slash after it) is the home folder as much as ~/runs: the output went into a folder
+    named '~' where the job ran, and an input --dataset_dir=~ was 'not found' without the path meant."""
+    from app.atomic import check_path_text, missing_hint
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=rf"^--output_dir ~: '~' is not expanded here .*: give {tmp_path}/home "
+                                         r"instead of a folder named '~'"):
+        check_path_text("~", "--output_dir ~")
+    assert missing_hint("~") == (" ('~' is not expanded here: the shell expands it only unquoted and not after '='; "
+                                 f"give {tmp_path}/home)")
+    live = tmp_path / "link"
+    live.symlink_to(tmp_path)
+    assert missing_hint(live) == ""  # a link to an existing file or folder is no cause of a missing input

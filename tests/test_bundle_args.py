@@ -189,6 +189,15 @@ def test_a_path_holding_a_hash_is_refused_instead_of_becoming_another_path(tmp_p
     check_overrides([main, "run", "--config_file", train, "--dataset_dir", "/data/@site/a$b", "--output_dir", "O",
                      "--bundle_root", "/opt/x#2/brats_gmd", "--strategy_def#_target_", "app.strategies.build_strategy",
                      "--ckpt_path", "$@output_dir + '/models/model.pt'", "--patch_size", "[32,32,32]"])
+    # a macro names another file's setting with '#' as MONAI means it
+    check_overrides([main, "run", "--config_file", train, "--network_def", f"%{train}#network_def"])
+    # a path inside a list or a mapping (a recipe's list of folders) is turned as well
+    recipe.write_text("dataset_dir: [/data/a, /data/site#1]\n")
+    with pytest.raises(ValueError, match=r"'dataset_dir' in .*recipe.yaml: .*'/data/site#1' into '/data/site::1'"):
+        check_overrides([main, "run", "--config_file", str([train, str(recipe)])])
+    recipe.write_text("network_def:\n  _target_: app.networks.build\n  weights: /data/site#1/w.pt\n")
+    with pytest.raises(ValueError, match=r"'network_def' in .*recipe.yaml: .*'/data/site::1/w.pt'"):
+        check_overrides([main, "run", "--config_file", str([train, str(recipe)])])
 
 
 def test_an_unexpanded_shell_variable_or_a_bare_at_name_is_refused_in_one_line(monkeypatch):
@@ -235,3 +244,8 @@ def test_a_command_line_setting_a_recipe_cut_off_is_refused(tmp_path):
     check_overrides([main, "run", "--config_file", str([train, multi]), "--seed", "3"])
     demo = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
     check_overrides([main, "run", "--config_file", str([train, demo]), "--gmd_subsets", "5", "--strategy", "gmd"])
+
+
+    # '$' and a Python name that is no environment variable: an expression, not an unexpanded variable
+    monkeypatch.delenv("False", raising=False)
+    check_overrides([main, "run", "--config_file", train, "--amp", "$False"])

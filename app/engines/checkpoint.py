@@ -21,6 +21,7 @@ import math
 import os
 import random
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -312,6 +313,8 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, torch.Tensor):
         return _plain(value.tolist())
+    if isinstance(value, Counter):  # MultiStepLR's milestones, as --lr_scheduler#milestones gives them
+        return sorted(value.elements())
     return value
 
 
@@ -622,10 +625,10 @@ class ResumableCheckpoint:
             configured, saved_schedule = self.lr_scheduler.state_dict(), state["lr_scheduler"]
             moved = [(k, saved_schedule[k], configured[k]) for k in sorted(set(configured) & set(saved_schedule))
                      if not k.startswith("_") and k not in _SCHEDULE_PROGRESS
-                     and isinstance(configured[k], (int, float, str, bool, list, tuple, type(None)))
+                     and isinstance(configured[k], (int, float, str, bool, list, tuple, Counter, type(None)))
                      and _plain(saved_schedule[k]) != _plain(configured[k])]
             if moved:
-                listed = "; ".join(f"{k} {old!r} there, {new!r} here" for k, old, new in moved)
+                listed = "; ".join(f"{k} {_plain(old)!r} there, {_plain(new)!r} here" for k, old, new in moved)
                 fix = " ".join(f"--lr_scheduler#{k} {_cli_value(_plain(old))}" for k, old, _ in moved)
                 raise ValueError(
                     f"{self.path} was written by a run with other learning-rate scheduler settings ({listed}): a resume "

@@ -274,3 +274,30 @@ def test_a_bad_case_read_by_a_data_loader_worker_is_one_error_line(tmp_path, mak
     monkeypatch.setenv("APP_TRACEBACK", "1")
     noted = WorkerCaseError(text)
     assert str(noted) == message and noted.__notes__ == [text]
+
+
+def _divide_by_zero(record):
+    return 1 / 0
+
+
+def test_a_worker_error_that_is_no_bad_input_keeps_its_traceback_and_bad_input_is_one_line(monkeypatch):
+    """A bug in a data-loader worker (here a ZeroDivisionError) is shown whole, as with --num_workers 0, not as a
+    one-line input error; a bad-input message spread over lines is one line, as the run's last line is."""
+    from torch.utils.data import DataLoader
+
+    import app.engines.utils as utils
+    from app.data.cache import CaseCacheDataset
+    from app.data.errors import CaseError, WorkerCaseError
+
+    dataset = CaseCacheDataset(data=[{"case": "x"}], transform=_divide_by_zero, cache_rate=0.0, num_workers=0,
+                               progress=False)
+    with pytest.raises(RuntimeError, match=r"(?s)Original Traceback.*ZeroDivisionError: division by zero") as err:
+        next(iter(DataLoader(dataset, batch_size=1, num_workers=1)))
+    assert not isinstance(err.value, CaseError)
+    monkeypatch.setattr(utils, "_input_error", lambda err: CaseError("case x: the file is cut short,\n  re-export it."))
+    with pytest.raises(WorkerCaseError) as bad:
+        next(iter(DataLoader(dataset, batch_size=1, num_workers=1)))
+    assert str(bad.value) == "case x: the file is cut short, re-export it."
+    # built from its message alone (not PyTorch's traceback text), it gets no note repeating that message
+    monkeypatch.setenv("APP_TRACEBACK", "1")
+    assert not getattr(WorkerCaseError("case x: the file is cut short."), "__notes__", None)

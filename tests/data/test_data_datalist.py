@@ -308,11 +308,11 @@ def test_relative_paths_of_a_datalist_are_read_from_its_own_folder(tmp_path, mon
     data = tmp_path / "data"
     write_phantoms(data, cases=3, size=16, seed=0)
     split = prepare_datalist(data, tmp_path / "run", val_fraction=0.34)
-    home = tmp_path / "lists"
-    home.mkdir()
+    home = tmp_path / "lists" / "eval"  # not as deep as the folder the command runs from
+    home.mkdir(parents=True)
     relative = [{**r, "images": {q: os.path.relpath(f, home) for q, f in r["images"].items()},
                  "label": os.path.relpath(r["label"], home)} for r in split["validation"]]
-    assert relative[0]["label"].startswith("../data/")
+    assert relative[0]["label"].startswith("../../data/")
     datalist = home / "datalist.json"
     write_datalist(datalist, [], relative)
     elsewhere = tmp_path / "elsewhere"
@@ -324,3 +324,15 @@ def test_relative_paths_of_a_datalist_are_read_from_its_own_folder(tmp_path, mon
     # --dataset_dir=~/data (a '~' the shell left alone) names the folder discovery reads: the same cases
     monkeypatch.setenv("HOME", str(tmp_path))
     assert evaluation_cases("~/data", datalist) == split["validation"]
+
+
+def test_relative_4d_image_of_a_datalist_is_read_from_its_own_folder_and_empty_values_are_kept(tmp_path):
+    """A case given as one 4D file (image4d) is joined to the datalist's folder like separate sequences; an
+    empty or null value (no label) stays as it is rather than becoming the datalist's folder."""
+    datalist = tmp_path / "lists" / "datalist.json"
+    datalist.parent.mkdir()
+    write_datalist(datalist, [{"case": "a", "image4d": "../data/a.nii.gz", "label": ""}],
+                   [{"case": "b", "images": {"flair": "b_flair.nii.gz"}, "label": None}])
+    train, val = read_datalist(datalist)
+    assert train == [{"case": "a", "image4d": str(tmp_path / "data" / "a.nii.gz"), "label": ""}]
+    assert val == [{"case": "b", "images": {"flair": str(tmp_path / "lists" / "b_flair.nii.gz")}, "label": None}]

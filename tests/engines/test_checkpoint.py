@@ -523,3 +523,45 @@ def test_a_run_killed_while_saving_a_model_keeps_the_earlier_file(entry, tmp_pat
     monkeypatch.undo()
     assert torch.load(tmp_path / name, weights_only=True)["weight"].item() == 1.0  # one model: its state dict
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_a_checkpoint_without_its_optimizer_class_resumes_under_an_added_schedule(tmp_path):
+    """A checkpoint written before the optimizer class was recorded is told apart by its hyperparameters'
+    names; ``initial_lr``, which a learning-rate scheduler adds to them, names no other optimizer."""
+    def run(scheduled, resume="auto"):
+        net = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=2) if scheduled else None
+        engine = Engine(lambda e, b: optimizer.step())
+        if scheduled:
+            engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: scheduler.step())
+        ResumableCheckpoint(tmp_path, net, optimizer, lr_scheduler=scheduler, resume=resume).attach(engine)
+        engine.run(DATA, max_epochs=2)
+        return optimizer
+
+    run(False, resume="false")
+    path = tmp_path / "checkpoint_last.pt"
+    state = torch.load(path, weights_only=False)
+    del state["optimizer_class"]
+    torch.save(state, path)
+    assert isinstance(run(True), torch.optim.AdamW)
+
+
+def test_a_resume_with_other_milestones_is_refused(tmp_path):
+    """MultiStepLR keeps its milestones as a Counter, not a list: a resume with other --lr_scheduler#milestones
+    continued the saved ones without a word."""
+    def run(milestones, resume="auto"):
+        net = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.5)
+        engine = Engine(lambda e, b: optimizer.step())
+        engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: scheduler.step())
+        ResumableCheckpoint(tmp_path, net, optimizer, lr_scheduler=scheduler, resume=resume).attach(engine)
+        engine.run(DATA, max_epochs=2)
+        return scheduler
+
+    run([1, 5], resume="false")
+    with pytest.raises(ValueError, match=r"other learning-rate scheduler settings \(milestones \[1, 5\] there, \[1, 3\] "
+                                         r"here\).*\(--lr_scheduler#milestones \"\[1,5\]\"\)"):
+        run([1, 3])
+    assert run([5, 1]).milestones == {1: 1, 5: 1}  # the same milestones in another order resume

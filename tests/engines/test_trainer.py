@@ -122,3 +122,17 @@ def test_an_infinite_gradient_under_a_finite_loss_stops_training_too():
     with pytest.raises(NonFiniteLossError, match=r"gradient of the training loss is not finite \(loss 0.0\) at epoch 1, iteration 1"):
         trainer.run()
     assert float(net.w.detach()) == 1.0
+
+
+def test_the_training_step_asks_for_the_training_autocast(monkeypatch):
+    """--amp on a GPU without native bf16 must train in fp32: fp16 gradients would need loss scaling, which the
+    per-subset gradients of GMD and CGGM do not take. The step asks amp_dtype for the training dtype."""
+    import app.engines.trainer as trainer_module
+
+    asked = []
+    monkeypatch.setattr(trainer_module, "amp_dtype",
+                        lambda device, enabled, training=False: asked.append((enabled, training)))
+    trainer = _trainer(_Scaled(), lambda p, t: (p - t) ** 2, batches=2)
+    trainer.use_amp = True
+    trainer.run()
+    assert asked == [(True, True), (True, True)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -412,6 +413,9 @@ def test_amp_uses_bf16_only_on_gpus_that_compute_it_natively(monkeypatch, caplog
     with caplog.at_level("WARNING", logger="app.engines.utils"):
         assert utils.amp_dtype(cuda, True) is torch.bfloat16 and utils.amp_dtype(cuda, True, True) is torch.bfloat16
         assert not caplog.records
+        capability["value"] = (8, 0)  # A100: the first with native bf16
+        assert utils.amp_dtype(cuda, True) is torch.bfloat16 and utils.amp_dtype(cuda, True, True) is torch.bfloat16
+        assert not caplog.records
         capability["value"] = (7, 5)
         for _ in range(3):  # said once per device and use, not at every step
             assert utils.amp_dtype(cuda, True) is torch.float16
@@ -421,3 +425,30 @@ def test_amp_uses_bf16_only_on_gpus_that_compute_it_natively(monkeypatch, caplog
         "--amp: cuda:0 (Some GPU) has no native bf16; training runs in fp32 (fp16 gradients would need loss scaling).",
     ]
     assert isinstance(autocast_context(cuda, True, training=True), nullcontext)
+
+
+def test_check_modalities_refuses_other_sequences_or_another_order():
+    """Two sequences stopped at the first step; the four in another order trained each encoder on another sequence
+    than its name, which inference then feeds it."""
+    from types import SimpleNamespace
+
+    from app.engines import check_modalities
+
+    order = ["flair", "t1", "t1ce", "t2"]
+    check_modalities(SimpleNamespace(modalities=list(order)), order)
+    check_modalities(object(), order)  # a network without named sequences
+    for modalities in (["flair", "t1ce"], ["t1", "flair", "t1ce", "t2"]):
+        with pytest.raises(ValueError, match=re.escape(f"network_def#modalities {modalities} must be the sequences the "
+                                                       f"cases are loaded with, in their order: {order}. Leave")):
+            check_modalities(SimpleNamespace(modalities=modalities), order)
+
+
+def test_check_output_dir_reads_a_bare_tilde_as_the_home_folder(tmp_path, monkeypatch):
+    """--output_dir=~ wrote part of a run into a folder named '~' where the job ran and part into the home folder."""
+    from app.engines import check_output_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=rf"'~' is not expanded here .*: give --output_dir {tmp_path}/home\.$"):
+        check_output_dir("~")
+    assert not (tmp_path / "~").exists()

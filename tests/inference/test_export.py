@@ -133,6 +133,15 @@ def test_missing_or_empty_checkpoint_names_this_commands_option(tmp_path, capsys
     assert not list(tmp_path.iterdir())
 
 
+def test_a_checkpoint_under_an_unexpanded_home_folder_names_the_path_to_give(tmp_path, capsys, monkeypatch):
+    """export --ckpt=~/runs/model.pt (a '~' the shell leaves alone after '=') was 'not found' without the path."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert export.main(["--ckpt=~/runs/model.pt", "--out", str(tmp_path / "model.ts")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"Checkpoint ~/runs/model.pt not found ('~' is not expanded here" in lines[0], lines
+    assert f"give {tmp_path}/runs/model.pt)" in lines[0], lines
+
+
 @pytest.mark.parametrize("rows", [1, 3])
 def test_fused_network_refuses_a_mask_of_other_rows(rows):
     # 2 images and a 1-row mask used to encode image 0 only and return all-zero logits for image 1

@@ -635,3 +635,31 @@ def test_border_nonzero_fraction_by_hand():
     # which face x=0 (30), and the x=0 rows of the four other faces (6 + 6 + 5 + 5) are 1
     assert border_nonzero_fraction(volume) == round(52 / 148, 4)
     assert border_nonzero_fraction(torch.ones(3, 3, 3)) == 1.0
+
+
+def test_the_summary_records_the_autocast_dtype(case, random_ckpt, infer, tmp_path, monkeypatch):
+    """amp_dtype says what --amp ran in: null on CPU, float16 on a GPU without native bf16, where amp_bf16 is false
+    (it read true on a V100, which ran fp16)."""
+    import app.inference.pipeline as pipeline
+
+    def summary(name: str) -> dict:
+        rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--out", tmp_path / f"{name}.nii.gz",
+                           "--summary", tmp_path / f"{name}.json")
+        assert rc == 0, err
+        return json.loads((tmp_path / f"{name}.json").read_text())["inference"]
+
+    cpu = summary("cpu")
+    assert (cpu["amp_dtype"], cpu["amp_bf16"]) == (None, False)
+    # as amp_dtype answers for a V100 (the CPU run ignores the autocast)
+    from contextlib import nullcontext
+
+    autocasts = []
+    monkeypatch.setattr(torch, "autocast", lambda device_type, dtype: autocasts.append((device_type, dtype))
+                        or nullcontext())
+    monkeypatch.setattr(pipeline, "amp_dtype", lambda device, enabled, training=False: torch.float16)
+    v100 = summary("v100")
+    assert (v100["amp_dtype"], v100["amp_bf16"]) == ("float16", False)
+    assert autocasts and set(autocasts) == {("cuda", torch.float16)}  # the network ran under that autocast
+    monkeypatch.setattr(pipeline, "amp_dtype", lambda device, enabled, training=False: torch.bfloat16)
+    a100 = summary("a100")
+    assert (a100["amp_dtype"], a100["amp_bf16"]) == ("bfloat16", True)

@@ -304,3 +304,124 @@ def test_slice_the_user_may_not_read_is_named_as_a_permission_problem(tmp_path, 
                         staticmethod(lambda *a, **k: tuple(f for f in real_files(*a, **k) if f != locked)))
     with pytest.raises(CaseError, match=r"IM0011.dcm is not readable by .*chmod a\+r"):
         read_volume(tmp_path / "flair", "flair")
+
+
+def _replace_slice(folder: Path, k: int, direction: Sequence[float] = (1, 0, 0, 0, 1, 0, 0, 0, 1),
+                   spacing=(1.5, 1.2, 3.0), origin=(-10.0, 20.0, 5.0)) -> None:
+    """Rewrite slice ``k`` of a series written by ``_write_series`` (default geometry) at the same
+    position, with the orientation or pixel size given (as ``IM{k:04d}_0000.dcm``)."""
+    (folder / f"IM{k:04d}.dcm").unlink()
+    position = np.asarray(origin, dtype=float) + k * 3.0 * np.array([0.0, 0.0, 1.0])
+    _write_series(folder, _volume(shape=(1, 10, 8), seed=k), spacing=spacing, origin=tuple(position),
+                  direction=direction, prefix=f"IM{k:04d}_")
+
+
+@pytest.mark.parametrize("departure", ["tilt", "turn", "pixel_size"])
+def test_small_departures_of_one_acquisition_are_refused(tmp_path, departure):
+    """Departures too small to see in a viewer still misplace or rescale voxels: a tilt drift of 0.22 mm
+    over the stack (tolerance: 0.1 of the 1.2 mm pixel), one slice turned by 1 degree in its plane, one
+    slice whose pixels are 2.5 % larger. ITK reads each as the first slice's grid without a word."""
+    folder = tmp_path / "flair"
+    if departure == "tilt":
+        _write_series(folder, _volume(), in_plane_drift=0.02)
+        match = r"not stacked along the slice normal \(IM0011.dcm lies 0.22 mm off it"
+    else:
+        _write_series(folder, _volume())
+        if departure == "turn":
+            c, s = np.cos(np.deg2rad(1.0)), np.sin(np.deg2rad(1.0))
+            _replace_slice(folder, 5, direction=(c, -s, 0, s, c, 0, 0, 0, 1))
+            match = r"different orientations \(IM0005_0000.dcm is not parallel to IM0000.dcm\)"
+        else:
+            _replace_slice(folder, 5, spacing=(1.5375, 1.23, 3.0))
+            match = r"different pixel sizes \(IM0005_0000.dcm: 1.23 x 1.5375 mm, IM0000.dcm: 1.2 x 1.5 mm\)"
+    with pytest.raises(CaseError, match=match):
+        read_volume(folder, "flair")
+
+
+def test_drift_within_the_tolerance_is_read(tmp_path):
+    """Positions rounded by the scanner (0.005 mm per slice, 0.055 mm over the stack) are no tilt."""
+    data = np.round(_volume())
+    _write_series(tmp_path / "flair", data, in_plane_drift=0.005)
+    np.testing.assert_array_equal(read_volume(tmp_path / "flair", "flair").data, data.transpose())
+
+
+def _strip_file_meta(path: Path) -> None:
+    """Rewrite a DICOM file as the oldest exports wrote it: no preamble, no ``DICM``, no file meta
+    group, so that the file starts with a group 0x0008 element."""
+    raw = path.read_bytes()[132:]
+    assert raw[:4] == b"\x02\x00\x00\x00" and raw[4:6] == b"UL"  # (0002,0000) group length
+    body = raw[12 + struct.unpack("<I", raw[8:12])[0]:]
+    assert body[:2] == b"\x08\x00"
+    path.write_bytes(body)
+
+
+def test_truncated_slice_without_file_meta_is_refused(tmp_path):
+    """A slice cut short in a series exported without the file meta group (it starts with a group 8
+    element): it was taken for a non-DICOM file, so the series was read one slice short without a word."""
+    _write_series(tmp_path / "flair", np.round(_volume()))
+    files = sorted((tmp_path / "flair").iterdir())
+    for path in files:
+        _strip_file_meta(path)
+    last = files[-1]
+    last.write_bytes(last.read_bytes()[:300])
+    with pytest.raises(CaseError, match=r"flair has 1 DICOM file\(s\) that could not be read .*first: IM0011.dcm"):
+        read_volume(tmp_path / "flair", "flair")
+
+
+def test_slice_cut_short_after_its_series_uid_is_refused(tmp_path):
+    """A slice cut short between its Series Instance UID and its pixel data has no pixel data, as a key
+    object has; it names the series itself, so it is a damaged slice and not another series' object."""
+    _write_series(tmp_path / "flair", np.round(_volume()))
+    last = tmp_path / "flair" / "IM0011.dcm"
+    raw = last.read_bytes()
+    uid_at = raw.find(b"\x20\x00\x0e\x00")  # implicit VR, as the slices are written: a 4-byte length
+    assert 0 < uid_at < raw.find(b"\xe0\x7f\x10\x00")
+    last.write_bytes(raw[:uid_at + 8 + struct.unpack("<I", raw[uid_at + 4:uid_at + 8])[0] + 16])
+    with pytest.raises(CaseError, match=r"flair has 1 DICOM file\(s\) that could not be read .*first: IM0011.dcm"):
+        read_volume(tmp_path / "flair", "flair")
+
+
+def test_implicit_vr_key_object_beside_the_slices_is_ignored(tmp_path):
+    """A key object written in implicit VR little endian (the DICOM default transfer syntax): its
+    series UID has a 4-byte length and no VR, and must still be read as another series'."""
+    data = np.round(_volume())
+    _write_series(tmp_path / "flair", data)
+
+    def implicit(group: int, element: int, value: bytes) -> bytes:
+        value += b"\0" * (len(value) % 2)
+        return struct.pack("<HHI", group, element, len(value)) + value
+
+    sop_class, series_uid = b"1.2.840.10008.5.1.4.1.1.88.59", b"1.2.826.0.1.3680043.2.1125.7.60"
+    meta = (_element(2, 1, "OB", b"\0\1") + _element(2, 2, "UI", sop_class) + _element(2, 3, "UI", series_uid + b".1")
+            + _element(2, 0x10, "UI", b"1.2.840.10008.1.2"))
+    meta = struct.pack("<HH", 2, 0) + b"UL" + struct.pack("<HI", 4, len(meta)) + meta
+    body = (implicit(8, 0x16, sop_class) + implicit(8, 0x18, series_uid + b".1") + implicit(8, 0x60, b"KO")
+            + implicit(0x20, 0x0D, b"1.2.826.0.1.3680043.2.1125.7") + implicit(0x20, 0x0E, series_uid))
+    (tmp_path / "flair" / "KO000002").write_bytes(b"\0" * 128 + b"DICM" + meta + body)
+    np.testing.assert_array_equal(read_volume(tmp_path / "flair", "flair").data, data.transpose())
+
+
+def test_a_folder_with_only_a_report_names_its_series_subfolder_alone(tmp_path):
+    """An export folder holding a key object (no image series) beside a series subfolder: the folder itself is
+    not one of 'its subfolders'."""
+    export = tmp_path / "export"
+    _write_series(export / "SE000001", _volume())
+    _write_key_object(export / "KO000001", b"1.2.826.0.1.3680043.2.1125.7.50", b"1.2.826.0.1.3680043.2.1125.7.1")
+    with pytest.raises(CaseError, match=r"export holds no DICOM series itself, but 1 of its subfolders hold DICOM files "
+                                        r"\(SE000001\): pass the subfolder"):
+        read_volume(export, "flair")
+
+
+def test_a_folder_of_many_series_names_the_first_ones_and_counts_the_rest(tmp_path):
+    """A whole study's folder: five series are described and the others counted; of many series subfolders,
+    three are named and the rest marked."""
+    for k in range(6):
+        _write_series(tmp_path / "study", _volume(shape=(3, 10, 8)), uid=f"1.2.826.0.1.3680043.2.1125.7.{k + 1}",
+                      series_number=k + 1, prefix=f"S{k}_", origin=(0.0, 0.0, 100.0 * k))
+    with pytest.raises(CaseError, match=r"study holds 6 DICOM series \(series 1 .*; series 5 'AX FLAIR' 3 file\(s\), "
+                                        r"1.2.826.0.1.3680043.2.1125.7.5; and 1 more\): put each series"):
+        read_volume(tmp_path / "study", "flair")
+    for k in range(4):
+        _write_series(tmp_path / "export" / f"SE{k}", _volume(shape=(3, 10, 8)))
+    with pytest.raises(CaseError, match=r"but 4 of its subfolders hold DICOM files \(SE0, SE1, SE2, \.\.\.\): pass"):
+        read_volume(tmp_path / "export", "flair")

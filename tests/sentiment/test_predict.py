@@ -343,8 +343,9 @@ def test_predict_refuses_a_network_without_prompts():
 # -- network factory and pretrained weights ----------------------------------------------------------
 def test_a_negative_predictor_width_is_refused_naming_the_setting(synthetic_pkl, tmp_path):
     """--predictor_hidden -3 stopped the run with torch's 'negative dimension' traceback (0 means 2 * hidden)."""
-    with pytest.raises(ValueError, match=r"predictor_hidden must be >= 0 \(0: 2 \* hidden\), got -3"):
-        _net(predictor_hidden=-3)
+    for width in (-3, -1):
+        with pytest.raises(ValueError, match=rf"predictor_hidden must be >= 0 \(0: 2 \* hidden\), got {width}"):
+            _net(predictor_hidden=width)
     assert _net(predictor_hidden=0).predictor_hidden == 32
     out = tmp_path / "run"
     proc = run_mosi_bundle([TRAIN], "--data_path", str(synthetic_pkl), "--trust_pickle", "true", "--output_dir",

@@ -163,3 +163,19 @@ def test_evaluator_refuses_non_finite_outputs_of_a_sample_and_names_it(predicts_
     with pytest.raises(ValueError, match=rf"^Sample validvid0_2: the network gave NaN or infinite outputs for "
                                          rf"{re.escape(which)}, so it cannot be scored"):
         evaluate(list(range(6)))
+
+
+def test_check_finite_predictions_reads_only_present_outputs_and_any_non_finite_value():
+    """An absent modality's output is never read (it may be anything, e.g. the NaN mean of an empty sequence);
+    an infinite value, or one NaN among a present output's classes, spoils the sample as a NaN does."""
+    from app.engines.sentiment import check_finite_predictions
+
+    values = torch.zeros(3, 2, 2)  # [B, K, C]
+    present = torch.tensor([[1, 0], [1, 1], [1, 1]])
+    values[0, 1] = float("nan")  # absent: not read
+    check_finite_predictions(values, present, ["a", "b", "c"], ["text", "audio"])
+    for value in (float("inf"), float("-inf"), float("nan")):
+        spoiled = values.clone()
+        spoiled[2, 1, 1] = value  # one class of a present output
+        with pytest.raises(ValueError, match=r"^Sample c: the network gave NaN or infinite outputs for audio, so"):
+            check_finite_predictions(spoiled, present, ["a", "b", "c"], ["text", "audio"])

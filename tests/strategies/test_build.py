@@ -34,6 +34,15 @@ def test_an_option_of_another_strategy_set_away_from_its_default_is_named_in_a_w
         "here.",
     ]
     caplog.clear()
+    with caplog.at_level("WARNING", logger="app.strategies"):  # near a default is not the default
+        build_strategy("gmd", rho=1.205)
+    assert [r.getMessage() for r in caplog.records] == [
+        "cggm_rho=1.205 (strategy_def#rho) is an option of cggm: strategy 'gmd' does not use it, so it has no effect "
+        "here."]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="app.strategies"):  # a default as a command line may spell it
+        build_strategy("plain", subsets=" All ", b_clip=None)
+    assert not caplog.records
     with caplog.at_level("WARNING", logger="app.strategies"):  # the bundles' defaults, as they spell them
         for bundle in ("brats_gmd", "mosi_gmd"):
             parser = ConfigParser()
@@ -118,6 +127,9 @@ def test_listing_the_strategies_does_not_import_monai():
     ("cggm", "b_clip", "none", "--cggm_b_clip 'none' must be a number > 0"),
     ("predict", "warmup_iterations", "x", "--warmup_iterations 'x' must be a whole number >= 0"),
     ("predict", "vicreg_variance", float("nan"), "--vicreg_variance nan must be a number >= 0"),
+    ("predict", "confidence_weight", -1, "--confidence_weight -1 must be a number >= 0"),
+    ("cggm", "rho", True, "--cggm_rho True must be a finite number"),  # YAML's true, not a number
+    ("cggm", "rho", "inf", "--cggm_rho 'inf' must be a finite number"),
 ])
 def test_a_strategy_option_that_is_not_a_valid_number_is_named_with_its_fix(name, option, value, message):
     """--vjp_chunk abc or --cggm_rho abc stopped the run with int()'s or float()'s bare traceback, which the
