@@ -218,6 +218,9 @@ def test_an_unexpanded_shell_variable_or_a_bare_at_name_is_refused_in_one_line(m
     # expressions and references of MONAI's own: accepted
     check_overrides([main, "run", "--config_file", train, "--device", "$torch.device('cpu')", "--dataset_dir",
                      "./@site", "--output_dir", "@dataset_dir", "--learning_rate", "$1e-3 * 2"])
+    # '$' and a Python name that is no environment variable: an expression, not an unexpanded variable
+    monkeypatch.delenv("False", raising=False)
+    check_overrides([main, "run", "--config_file", train, "--amp", "$False"])
 
 
 def test_a_command_line_setting_a_recipe_cut_off_is_refused(tmp_path):
@@ -244,8 +247,3 @@ def test_a_command_line_setting_a_recipe_cut_off_is_refused(tmp_path):
     check_overrides([main, "run", "--config_file", str([train, multi]), "--seed", "3"])
     demo = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
     check_overrides([main, "run", "--config_file", str([train, demo]), "--gmd_subsets", "5", "--strategy", "gmd"])
-
-
-    # '$' and a Python name that is no environment variable: an expression, not an unexpanded variable
-    monkeypatch.delenv("False", raising=False)
-    check_overrides([main, "run", "--config_file", train, "--amp", "$False"])
