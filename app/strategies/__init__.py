@@ -73,6 +73,11 @@ def build_strategy(name: str, **kwargs) -> GradientStrategy:
 
 def _same(value: object, default: object) -> bool:
     """Whether an option's value is its default, as the command line or a YAML file may spell it."""
+    if isinstance(value, str) and not isinstance(default, str):
+        try:  # a number given as text ("1.20" from a YAML string) is compared as the number it is
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(value, str) or isinstance(default, str):
         return str(value).strip().lower() == str(default).strip().lower()
     if value is None or default is None:

@@ -152,3 +152,13 @@ def test_one_subset_per_step_is_named_as_no_decoupling(name, caplog):
         build_strategy(name, subsets=1)
     assert [r.getMessage()[:48] for r in caplog.records] == ["--gmd_subsets 1 trains one sampled subset per st"]
     assert "nothing to decouple" in caplog.records[0].getMessage()
+
+
+def test_a_default_given_as_text_is_no_change(caplog):
+    """A YAML string such as rho: "1.20" is the default 1.2: no "has no effect" warning."""
+    with caplog.at_level("WARNING", logger="app.strategies"):
+        build_strategy("gmd", rho="1.20", head_lr=" 1e-3 ", b_clip="None")
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="app.strategies"):
+        build_strategy("gmd", rho="1.3")
+    assert [r.getMessage()[:14] for r in caplog.records] == ["cggm_rho=1.3 ("]
