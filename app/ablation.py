@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import yaml
 
 from app.atomic import atomic_write_text, check_writable_folder, locked_folder
+from app.flags import check_counts
 from app.reports.ablation import (
     ablation_table, format_ablation_markdown, format_seed_markdown, seed_table, write_ablation_report,
     write_seed_report,
@@ -345,6 +346,11 @@ def _check_subset_count(args: Sequence[str], overrides: Sequence[Path], planned:
     gmd = [label for label, name, k in planned if k is None and name.lower() in ("gmd", "gmd_approx")]
     if not gmd:
         return  # no stage would read it: each GMD stage has its own count (gmd:K overrides it)
+    try:
+        check_counts(gmd_subsets=count)
+    except ValueError:  # gmd:0 is no spelling to suggest
+        raise ValueError(f"{where} is no subset count: the GMD stages take a whole number >= 1 of subsets per "
+                         "iteration, given in --strategies (e.g. gmd:5), or all subsets (plain gmd).") from None
     spelled = ",".join(f"{STRATEGIES[label.lower()].name}:{str(count).strip()}" for label in gmd)
     raise ValueError(f"{where} would train the {', '.join(gmd)} stage(s) of --strategies on {str(count).strip()} "
                      f"subsets per iteration under the name of the all-subset method: give the count in --strategies "

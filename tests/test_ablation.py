@@ -608,6 +608,12 @@ def test_check_subset_count_names_only_the_gmd_stages_without_their_own_count(tm
     recipe.write_text("gmd_subsets: 4\n")
     with pytest.raises(ValueError, match=rf"^gmd_subsets: 4 in --config_file {recipe} would train the gmd stage"):
         _check_subset_count([], [recipe], planned)
+    recipe.write_text("gmd_subsets: 0\n")  # no count at all: not to be spelt gmd:0
+    with pytest.raises(ValueError, match=rf"^gmd_subsets: 0 in --config_file {recipe} is no subset count: .*"
+                                         r"\(e\.g\. gmd:5\)"):
+        _check_subset_count([], [recipe], planned)
+    with pytest.raises(ValueError, match=r"^--gmd_subsets x is no subset count"):
+        _check_subset_count(["--gmd_subsets", "x"], [], planned)
 
 
 def test_budget_and_seed_take_the_given_values_then_the_recipes(tmp_path):
