@@ -25,7 +25,7 @@ from typing import BinaryIO, Callable, Iterator, NoReturn
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_path_text", "check_writable_folder",
            "exit_with", "fsync_dir", "lock_folder", "locked_folder", "missing_hint", "run_interruptible",
-           "stale_temporaries", "write_error"]
+           "remove_abandoned_temporaries", "stale_temporaries", "write_error"]
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -307,6 +307,40 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """UTF-8 text version of :func:`atomic_write_bytes`."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+#: the name :func:`atomic_write` gives its temporary file: ``.<name>.<process id>.<8 hex digits>.tmp``
+_TEMPORARY_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
+
+
+def remove_abandoned_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files :func:`atomic_write` left in ``folder`` when its process was killed.
+
+    A kill mid-write (SIGKILL, the out-of-memory killer) leaves a hidden ``.<name>.<pid>.<hex>.tmp``.
+    Those whose writer is gone are removed; those of a process still running (an evaluation writing
+    into the same folder) stay.
+
+    Returns:
+        The files removed.
+    """
+    removed: list[Path] = []
+    if not os.path.isdir(folder):
+        return removed
+    for entry in os.scandir(folder):
+        match = _TEMPORARY_NAME.fullmatch(entry.name)
+        if match is None or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            os.kill(int(match.group("pid")), 0)  # signal 0: only asks whether the process exists
+            continue
+        except ProcessLookupError:
+            pass
+        except OSError:  # it exists (another user's process)
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(entry.path)
+            removed.append(Path(entry.path))
+    return sorted(removed)
 
 
 def stale_temporaries(path: str | os.PathLike) -> list[Path]:

@@ -305,3 +305,23 @@ def test_a_bare_home_folder_is_read_as_home(tmp_path, monkeypatch):
     live = tmp_path / "link"
     live.symlink_to(tmp_path)
     assert missing_hint(live) == ""  # a link to an existing file or folder is no cause of a missing input
+
+
+def test_remove_abandoned_temporaries_removes_only_those_of_dead_writers(tmp_path):
+    """A kill mid-write leaves a hidden temporary; it goes once its writer is gone, never while it writes."""
+    import os
+    import subprocess
+    import sys
+
+    from app.atomic import remove_abandoned_temporaries
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    abandoned = tmp_path / f".subset_dice.json.{dead_pid}.0123abcd.tmp"
+    live = tmp_path / f".subset_dice.md.{os.getpid()}.89abcdef.tmp"
+    other = tmp_path / ".notes.tmp"  # not a name atomic_write gives
+    for path in (abandoned, live, other):
+        path.write_text("x")
+    assert remove_abandoned_temporaries(tmp_path) == [abandoned]
+    assert not abandoned.exists() and live.exists() and other.exists()
+    assert remove_abandoned_temporaries(tmp_path / "missing") == []

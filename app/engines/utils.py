@@ -307,6 +307,14 @@ def lock_output_dir(output_dir: str | os.PathLike, option: str = "--output_dir")
 
     if any_rank(process_group()[1] == 0 and not _lock_here(path)):
         raise ValueError(message)
+    if process_group()[1] == 0 and path in _LOCKED:
+        # the run owns the folder now (a folder that cannot be locked may be shared with another machine,
+        # whose process ids mean nothing here): what a killed run's writes left goes (checkpoints: ResumableCheckpoint)
+        from app.atomic import remove_abandoned_temporaries
+
+        for folder in (path, os.path.join(path, "validation")):
+            for tmp in remove_abandoned_temporaries(folder):
+                logger.info("Removed %s, left by a run killed while writing it.", tmp)
 
 
 def _lock_here(path: str) -> bool:

@@ -452,3 +452,25 @@ def test_check_output_dir_reads_a_bare_tilde_as_the_home_folder(tmp_path, monkey
     with pytest.raises(ValueError, match=rf"'~' is not expanded here .*: give --output_dir {tmp_path}/home\.$"):
         check_output_dir("~")
     assert not (tmp_path / "~").exists()
+
+
+def test_taking_the_output_folder_removes_what_a_killed_run_left(tmp_path, caplog):
+    """A run killed while writing datalist.json or a validation report left a hidden temporary there for good
+    (only models/ was cleaned); the next run that takes the folder removes those of dead writers."""
+    import subprocess
+    import sys
+
+    from app.engines import lock_output_dir
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    (tmp_path / "validation").mkdir()
+    left = [tmp_path / f".datalist.json.{dead}.0123abcd.tmp",
+            tmp_path / "validation" / f".subset_dice.csv.{dead}.89abcdef.tmp"]
+    kept = tmp_path / "validation" / f".subset_dice.md.{os.getpid()}.00112233.tmp"  # a live writer's
+    for path in (*left, kept):
+        path.write_text("x")
+    with caplog.at_level("INFO", logger="app.engines.utils"):
+        lock_output_dir(tmp_path)
+    assert not any(p.exists() for p in left) and kept.exists()
+    assert sum("left by a run killed while writing it" in r.getMessage() for r in caplog.records) == 2
