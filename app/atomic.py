@@ -25,7 +25,7 @@ from typing import BinaryIO, Callable, Iterator, NoReturn
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_path_text", "check_writable_folder",
            "exit_with", "fsync_dir", "lock_folder", "locked_folder", "missing_hint", "run_interruptible",
-           "remove_abandoned_temporaries", "stale_temporaries", "write_error"]
+           "remove_abandoned_temporaries", "stale_temporaries", "unexpanded_home", "write_error"]
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -73,6 +73,13 @@ def _printable(text: str) -> str:
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
+def unexpanded_home(path: str | os.PathLike) -> str | None:
+    """The path a leading ``~`` stands for, when the shell left it unexpanded (quoted, or after ``=``); else None."""
+    text = os.fspath(path)
+    expanded = os.path.expanduser(text)
+    return expanded if text.startswith("~") and expanded != text else None
+
+
 def check_path_text(path: str | os.PathLike, what: str) -> None:
     """Raise ``ValueError`` for an output path as the shell should not have left it.
 
@@ -95,9 +102,10 @@ def check_path_text(path: str | os.PathLike, what: str) -> None:
                  "dos2unix SCRIPT (or sed -i 's/\\r$//' SCRIPT)") if text.endswith("\r") else \
             "holds a control character: retype the path"
         raise ValueError(f"{_printable(what)}: the path {text!r} {cause}.")
-    if text.startswith("~") and os.path.expanduser(text) != text:
+    home = unexpanded_home(text)
+    if home is not None:
         raise ValueError(f"{what}: '~' is not expanded here (the shell expands it only unquoted and not after "
-                         f"'='): give {os.path.expanduser(text)} instead of a folder named '~' in {os.getcwd()}.")
+                         f"'='): give {home} instead of a folder named '~' in {os.getcwd()}.")
 
 
 def missing_hint(path: str | os.PathLike) -> str:
@@ -112,9 +120,9 @@ def missing_hint(path: str | os.PathLike) -> str:
     if text.endswith("\r"):
         return (" (the path ends with a carriage return, \\r: the job script has Windows line endings; convert it "
                 "with dos2unix SCRIPT)")
-    if text.startswith("~") and os.path.expanduser(text) != text:
-        return (f" ('~' is not expanded here: the shell expands it only unquoted and not after '='; give "
-                f"{os.path.expanduser(text)})")
+    home = unexpanded_home(text)
+    if home is not None:
+        return f" ('~' is not expanded here: the shell expands it only unquoted and not after '='; give {home})"
     if os.path.islink(text) and not os.path.exists(text):
         return f" (it is a symbolic link to {os.readlink(text)}, which does not exist: a moved or unmounted file)"
     return ""

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from ignite.engine import Engine
 
-from app.atomic import check_writable_folder, lock_folder
+from app.atomic import check_writable_folder, lock_folder, unexpanded_home
 from app.bundle_args import _MONAI_DIR, check_overrides
 from app.data.errors import WorkerCaseError
 from app.flags import check_bools, check_counts, check_paths, check_positive, check_share, parse_bool
@@ -264,13 +264,14 @@ def check_output_dir(output_dir: str | os.PathLike, option: str = "--output_dir"
     """
     check_paths(**{option.lstrip("-"): output_dir})
     text = os.fspath(output_dir)
-    if text.startswith("~") and os.path.expanduser(text) != text:
+    home = unexpanded_home(text)
+    if home is not None:
         # the shell expands ~ only unquoted and not after '=' (--output_dir=~/runs): unexpanded, the run wrote
         # datalist.json, checkpoint_last.pt and the reports under ./~/runs but model.pt and model_final.pt
         # (ignite's saver expands ~) under the home folder
         raise ValueError(f"{option} {text}: '~' is not expanded here (the shell expands it only unquoted and not "
                          f"after '='), and the run would write part of its files under {os.path.abspath(text)} and "
-                         f"part under {os.path.expanduser(text)}: give {option} {os.path.expanduser(text)}.")
+                         f"part under {home}: give {option} {home}.")
     check_writable_folder(output_dir, f"{option} {os.path.abspath(os.fspath(output_dir))}",
                           file_fix=f"pass another {option}, or move the file away",
                           write_fix=f"pass an {option} you can write to")
