@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
+import threading
 from datetime import timedelta
 from typing import Any, Iterable, Sized
 
 import torch
 import ignite.distributed as idist
 import torch.distributed as dist
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
 from app.engines.handlers import TimeLimitHandler
 from app.strategies.base import process_group
@@ -209,12 +212,17 @@ def any_rank(flag: bool) -> bool:
     """
     if not is_distributed():
         return bool(flag)
-    value = torch.tensor([float(flag)], device=_rank_device())
     try:
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return _set_on_any_rank(flag)
     except RuntimeError:  # the connection to a rank that stopped closes (DistBackendError is one)
         raise ValueError(f"Rank {dist.get_rank()} stops too: another process stopped before training (its error is "
                          "printed above, with the file and the fix); nothing was written.") from None
+
+
+def _set_on_any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank of the process group (one all-reduce; every rank must call it)."""
+    value = torch.tensor([float(flag)], device=_rank_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
 
 
@@ -246,9 +254,7 @@ class DistributedTimeLimitHandler(TimeLimitHandler):
             return
         spent = self.elapsed() >= self.seconds
         if is_distributed():
-            flag = torch.tensor([float(spent)], device=_rank_device())
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            spent = bool(flag.item() > 0)
+            spent = _set_on_any_rank(spent)
         if spent:
             self._stop(engine)
 
@@ -274,24 +280,18 @@ class StopOnSignal:
     """
 
     def __init__(self, signals: Iterable[int] | None = None) -> None:
-        import signal
-
         self.signals = tuple(signals) if signals is not None else (signal.SIGTERM,)
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
         self._pid = os.getpid()
 
     def attach(self, engine: Engine) -> None:
-        from ignite.engine import Events
-
         engine.add_event_handler(Events.STARTED, self._install)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._check)
         engine.add_event_handler(Events.COMPLETED, self._uninstall)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self._uninstall_and_raise)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        import signal
-
         if os.getpid() != self._pid:  # a data-loader worker forked with this handler: die as asked
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
@@ -300,9 +300,6 @@ class StopOnSignal:
         signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
 
     def _install(self, engine: Engine) -> None:
-        import signal
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             return
         self._pid = os.getpid()
@@ -310,8 +307,6 @@ class StopOnSignal:
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def _uninstall(self, engine: Engine | None = None) -> None:
-        import signal
-
         for signum, previous in self._previous.items():
             if signal.getsignal(signum) == self._handle:
                 signal.signal(signum, previous)
@@ -324,27 +319,18 @@ class StopOnSignal:
     def _check(self, engine: Engine) -> None:
         stop = self.received is not None
         if is_distributed():
-            flag = torch.tensor([float(stop)], device=_rank_device())
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item() > 0)
+            stop = _set_on_any_rank(stop)
         if not stop:
             return
-        import signal
-
         signum = self.received if self.received is not None else signal.SIGTERM
         logger.warning("%s received: stopping after iteration %d and writing the resumable checkpoint; run the "
                        "same command with --resume true to continue.", signal.Signals(signum).name,
                        engine.state.iteration)
-        from ignite.engine import Events
-
         # registered now, so it runs after every TERMINATE handler attached before (the checkpoint's)
         engine.add_event_handler(Events.TERMINATE, self._end_process, signum)
         engine.terminate(skip_completed=True)
 
     def _end_process(self, engine: Engine, signum: int) -> None:
-        import signal
-        import sys
-
         self._uninstall(engine)
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
