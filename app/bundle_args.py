@@ -164,7 +164,7 @@ def _check_recipe_keeps_references(files: Sequence[str], options: Mapping[str, A
         return
     earlier = ConfigParser.load_config_file(files[0])
     shipped = os.path.dirname(os.path.abspath(files[0]))
-    for path in files[1:]:
+    for position, path in enumerate(files[1:], start=1):
         content = ConfigParser.load_config_file(path)
         # the bundle's own override files (evaluate.yaml, multi_gpu_train.yaml) replace entries by design;
         # a setting they stop reading gets the "does not use" warning instead
@@ -179,7 +179,7 @@ def _check_recipe_keeps_references(files: Sequence[str], options: Mapping[str, A
                     f"--{top} would be ignored: {path} sets {key!r} itself, which {files[0]} fills from '@{top}', so "
                     f"the run would use the file's value. Set '{top}' in {path} instead of {key!r}, or leave --{top} "
                     "out.")
-        earlier = ConfigParser.load_config_files([files[0], *files[1:files.index(path) + 1]])
+        earlier = ConfigParser.load_config_files(list(files[:position + 1]))
 
 
 def _direct_references(entry: Any) -> set[str]:

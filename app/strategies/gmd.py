@@ -64,7 +64,8 @@ class GMDStrategy(GradientStrategy):
         sync: str = "local",
     ) -> None:
         super().__init__(seed)
-        if not (isinstance(subsets, str) and subsets.strip().lower() == "all"):
+        every = isinstance(subsets, str) and subsets.strip().lower() == "all"
+        if not every:
             try:  # not int(): "x" stopped the run with a bare traceback, 2.5 trained on 2 subsets and 0 vjp_chunk on 1
                 check_counts(gmd_subsets=subsets)
             except ValueError:
@@ -72,7 +73,7 @@ class GMDStrategy(GradientStrategy):
                                  "iteration), e.g. --gmd_subsets 5.") from None
         check_counts(vjp_chunk=vjp_chunk)
         check_counts(at_least=0, diagnostics_interval=diagnostics_interval)
-        self.subsets = "all" if isinstance(subsets, str) and subsets.strip().lower() == "all" else int(subsets)
+        self.subsets = "all" if every else int(subsets)
         if self.subsets == 1:
             # eq. 8 acts between pairs of subset gradients: one subset per step has none to decouple
             logger.warning("--gmd_subsets 1 trains one sampled subset per step: with no pair of subset gradients "
