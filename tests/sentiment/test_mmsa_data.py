@@ -321,38 +321,34 @@ def test_labels_are_checked_only_where_they_are_used(tmp_path):
     assert MMSADataset(data, split="train")[2]["case"] == "('vid', '2')"
 
 
-def test_one_hot_class_rows_stop_only_the_runs_that_read_them(tmp_path):
-    """IEMOCAP-style one-hot class rows [N, C] beside the sentiment scores refused the whole file, so a
-    regression run that never reads them could not train; a classification run gets the fix (class ids)."""
+@pytest.mark.parametrize("labels,message", [
+    # IEMOCAP-style one-hot class rows [N, C] beside the sentiment scores
+    (lambda ids: np.eye(3)[ids],
+     r"train/classification_labels has shape \(6, 3\), not one class id per sample.*labels\.argmax\(axis=1\)"),
+    # emotion names, which refused the file with "holds <U3 values, not numbers"
+    (lambda ids: np.asarray(["neu", "hap", "ang"])[ids],
+     r"train/classification_labels holds values that are not numbers \(first: '(neu|hap|ang)'\)\. .*class id 0, 1, 2"),
+], ids=["one_hot", "named"])
+def test_class_labels_that_are_no_class_ids_stop_only_the_runs_that_read_them(labels, message, tmp_path):
+    """Such labels beside the sentiment scores refused the whole file, so a regression run that never reads
+    them could not train; a classification run gets the fix (class ids)."""
     data = make_synthetic_mmsa({"train": 6, "valid": 4}, layout="unaligned", dims=(4, 3, 2), seq_len=4)
     for split in data.values():
-        split["classification_labels"] = np.eye(3)[split["classification_labels"]]
-    npz = save_mmsa_npz(data, tmp_path / "one_hot.npz")
+        split["classification_labels"] = labels(split["classification_labels"])
+    npz = save_mmsa_npz(data, tmp_path / "labels.npz")
     for source in (data, npz):
         assert len(MMSADataset(source, split="train", task="regression")) == 6
-        with pytest.raises(ValueError, match=r"train/classification_labels has shape \(6, 3\), not one class id per "
-                                             r"sample.*labels\.argmax\(axis=1\)"):
+        with pytest.raises(ValueError, match=message):
             MMSADataset(source, split="train", label_key="classification_labels", task="classification",
                         num_classes=3)
-    # a label count that is not the sample count is a broken split, whatever the run reads
+
+
+def test_a_label_count_that_is_not_the_sample_count_is_a_broken_split(tmp_path):
+    """Whatever the run reads."""
+    data = make_synthetic_mmsa({"train": 6, "valid": 4}, layout="unaligned", dims=(4, 3, 2), seq_len=4)
     data["valid"]["regression_labels"] = data["valid"]["regression_labels"][:3]
     with pytest.raises(ValueError, match="valid/regression_labels has shape"):
         load_mmsa(save_mmsa_npz(data, tmp_path / "short.npz"))
-
-
-def test_named_classes_stop_only_the_runs_that_read_them(tmp_path):
-    """Emotion names as classification labels refused the whole file with "holds <U3 values, not numbers",
-    also for a regression run that never reads them; a classification run gets the fix (class ids)."""
-    data = make_synthetic_mmsa({"train": 6, "valid": 4}, layout="unaligned", dims=(4, 3, 2), seq_len=4)
-    for split in data.values():
-        split["classification_labels"] = np.asarray(["neu", "hap", "ang"])[split["classification_labels"]]
-    npz = save_mmsa_npz(data, tmp_path / "named.npz")
-    for source in (data, npz):
-        assert len(MMSADataset(source, split="train", task="regression")) == 6
-        with pytest.raises(ValueError, match=r"train/classification_labels holds values that are not numbers "
-                                             r"\(first: '(neu|hap|ang)'\)\. .*class id 0, 1, 2"):
-            MMSADataset(source, split="train", label_key="classification_labels", task="classification",
-                        num_classes=3)
 
 
 def test_splits_with_other_feature_sizes_name_the_file_and_the_split(tmp_path):
