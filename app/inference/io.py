@@ -166,13 +166,24 @@ def _is_dicom_file(path: str) -> bool:
     return (len(head) == 132 and head[128:] == b"DICM") or head[:2] in (b"\x02\x00", b"\x08\x00")
 
 
+def _dicom_header(sitk: Any, path: str) -> Any:
+    """A ``SimpleITK.ImageFileReader`` holding the header of one DICOM file (no pixels read), through GDCM,
+    which also reads files without the preamble.
+
+    Raises:
+        RuntimeError: ITK cannot read the file as an image.
+    """
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    return reader
+
+
 def _other_dicom_object(sitk: Any, path: str, series_uid: str) -> bool:
     """True when ``path`` parses as a DICOM object of another series (a localizer, a report)."""
     try:
-        reader = sitk.ImageFileReader()
-        reader.SetImageIO("GDCMImageIO")  # also reads files without the preamble
-        reader.SetFileName(path)
-        reader.ReadImageInformation()
+        reader = _dicom_header(sitk, path)
         uid = reader.GetMetaData("0020|000e") if reader.HasMetaDataKey("0020|000e") else ""
     except RuntimeError:
         # ITK reads images only: a key object selection, a structured report or a presentation state
@@ -320,10 +331,7 @@ def _check_same_slice_size(sitk: Any, folder: str, files: list[str]) -> None:
     sizes = {}
     for path in files:
         try:
-            reader = sitk.ImageFileReader()
-            reader.SetImageIO("GDCMImageIO")  # also reads files without the preamble
-            reader.SetFileName(path)
-            reader.ReadImageInformation()
+            reader = _dicom_header(sitk, path)
         except RuntimeError:
             continue  # an unreadable file: the caller's error covers it
         sizes.setdefault(tuple(reader.GetSize()[:2]), path)
@@ -342,10 +350,7 @@ def _describe_series(sitk: Any, reader: Any, folder: str, uid: str) -> str:
     files = reader.GetGDCMSeriesFileNames(folder, uid)
     tags = {}
     try:
-        info = sitk.ImageFileReader()
-        info.SetImageIO("GDCMImageIO")
-        info.SetFileName(files[0])
-        info.ReadImageInformation()
+        info = _dicom_header(sitk, files[0])
         for tag in ("0020|0011", "0008|103e"):
             if info.HasMetaDataKey(tag):
                 tags[tag] = info.GetMetaData(tag).strip().rstrip("\x00").strip()
