@@ -129,7 +129,7 @@ class CGGMStrategy(GradientStrategy):
     terms.
 
     Args:
-        rho: scale of the balance terms ``B_i`` (paper: 1.2 - 1.3).
+        rho: scale of the balance terms ``B_i`` (paper: 1.2 - 1.3); must be > 0.
         cggm_lambda: weight of the direction loss ``L_gm`` (paper: 0.1 - 0.2; 0 turns it off).
         head_lr: learning rate of the heads' Adam optimizer.
         b_clip: clamp ``B`` to ``[-b_clip, b_clip]``; ``None`` (default) does not clip, as the paper.
@@ -145,13 +145,16 @@ class CGGMStrategy(GradientStrategy):
         seed: int = 0, diagnostics_interval: int = 0,
     ) -> None:
         super().__init__(seed)
-        # checked here, not by float(): --cggm_rho x stopped the run with a bare traceback
+        # checked here, not by float(): --cggm_rho x stopped the run with a bare traceback. rho scales every
+        # balance term B_i, so rho = 0 zeroed every encoder's gradient and a negative rho reversed it (gradient
+        # ascent) without a word; eq. 7 needs a positive scale
         try:
-            finite = not isinstance(rho, bool) and math.isfinite(float(rho))
+            valid = not isinstance(rho, bool) and math.isfinite(float(rho)) and float(rho) > 0
         except (TypeError, ValueError):
-            finite = False
-        if not finite:
-            raise ValueError(f"--cggm_rho {rho!r} must be a finite number, e.g. --cggm_rho 1.2.")
+            valid = False
+        if not valid:
+            raise ValueError(f"--cggm_rho {rho!r} must be a finite number > 0 (it scales every balance term B_i: 0 "
+                             "would zero the encoders' gradients, a negative value reverse them), e.g. --cggm_rho 1.2.")
         check_positive(allow_zero=True, cggm_lambda=cggm_lambda)
         check_positive(cggm_head_lr=head_lr)
         if b_clip is not None:

@@ -121,7 +121,11 @@ def test_listing_the_strategies_does_not_import_monai():
     ("gmd", "vjp_chunk", 0, "--vjp_chunk 0 must be a whole number >= 1, e.g. --vjp_chunk 1."),
     ("gmd", "vjp_chunk", "abc", "--vjp_chunk 'abc' must be a whole number >= 1"),
     ("gmd", "diagnostics_interval", -1, "--diagnostics_interval -1 must be a whole number >= 0"),
-    ("cggm", "rho", "abc", "--cggm_rho 'abc' must be a finite number, e.g. --cggm_rho 1.2."),
+    ("cggm", "rho", "abc", "--cggm_rho 'abc' must be a finite number > 0 (it scales every balance term B_i: 0 "
+                           "would zero the encoders' gradients, a negative value reverse them), e.g. --cggm_rho 1.2."),
+    # 0 zeroed every encoder's gradient, -1.2 turned it into gradient ascent, both without a word
+    ("cggm", "rho", 0, "--cggm_rho 0 must be a finite number > 0"),
+    ("cggm", "rho", -1.2, "--cggm_rho -1.2 must be a finite number > 0"),
     ("cggm", "cggm_lambda", "x", "--cggm_lambda 'x' must be a number >= 0"),
     ("cggm", "head_lr", 0, "--cggm_head_lr 0 must be a number > 0"),
     ("cggm", "b_clip", "none", "--cggm_b_clip 'none' must be a number > 0"),
