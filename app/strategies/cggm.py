@@ -6,13 +6,14 @@ so they measure each modality's progress without training the encoders themselve
 
 1. ``eps_i``: the batch metric of head ``i`` (accuracy, minus MAE, or hard Dice) on the samples that
    have modality ``i``; ``delta_i = eps_i(t) - eps_i(t-1)`` with ``eps(0) = 0``.
-2. Balance terms ``B_i = rho * sum_{k != i} delta_k / sum_k delta_k``: a modality that improves
-   less than the others gets a larger ``B_i`` (1 when the batch has a single modality: nothing to balance).
+2. Balance terms ``B_i = rho * sum_{k != i} delta_k / sum_k delta_k``: while ``sum_k delta_k > 0``, a
+   modality that improves less than the others gets a larger ``B_i`` (when the sum is negative, eq. 7
+   as published reverses that order); 1 when the batch has a single modality (nothing to balance).
 3. Direction: ``L_gm = (1/M) sum_i (|B_i| - B_i cos(g_F, g_i))`` over the ``M`` modalities present
-   in the batch, with ``g_F`` the gradient of the task loss w.r.t. the fusion head's final weight
-   (kept differentiable, so ``L_gm`` trains the network through it) and ``g_i`` the gradient of head
-   ``i``'s loss w.r.t. its own final weight (a fixed target direction). One backward of
-   ``L_task + lambda L_gm``.
+   in the batch (0 when ``M = 1``, as eq. 7's ``B = 0`` makes it in the paper), with ``g_F`` the
+   gradient of the task loss w.r.t. the fusion head's final weight (kept differentiable, so ``L_gm``
+   trains the network through it) and ``g_i`` the gradient of head ``i``'s loss w.r.t. its own final
+   weight (a fixed target direction). One backward of ``L_task + lambda L_gm``.
 4. Magnitude: the gradients of encoder ``i`` are multiplied by ``B_i``.
 
 This follows the paper, not the published code (which compares weight tensors instead of gradients
@@ -272,13 +273,19 @@ class CGGMStrategy(GradientStrategy):
         want_diag = self.diagnostics_interval > 0 and iteration % self.diagnostics_interval == 0
         total = loss
         l_gm, cos = None, None
-        if self.cggm_lambda > 0 or want_diag:
+        # with a single modality eq. 7 gives B = 0, so eq. 12's direction loss is 0: there is no other modality to
+        # turn the fusion towards. Only the magnitude deviates from the paper there (B = 1, see balance_terms); a
+        # direction loss with that B = 1 pulled the fused gradient towards the lone probe's, which the paper never does
+        balanced = len(present) >= 2
+        if (self.cggm_lambda > 0 and balanced) or want_diag:
             weight = model.fusion_head_weight()
-            train_direction = self.cggm_lambda > 0
+            train_direction = self.cggm_lambda > 0 and balanced
             fusion_grad = torch.autograd.grad(loss, weight, create_graph=train_direction, retain_graph=True)[0]
             if not train_direction:
                 fusion_grad = fusion_grad.detach()
             l_gm, cos = modulation_loss(terms[present], fusion_grad, head_grads)
+            if not balanced:
+                l_gm = torch.zeros_like(l_gm)
             if train_direction:
                 total = loss + self.cggm_lambda * l_gm.to(loss.dtype)
         total.backward()

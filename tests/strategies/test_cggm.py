@@ -69,6 +69,30 @@ def test_a_batch_with_one_modality_trains_its_encoder_unmodulated(kind):
         torch.testing.assert_close(g, plain[name], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("kind", ["sequence", "segmentation"])
+def test_a_batch_with_one_modality_has_no_direction_loss(kind):
+    """Eq. 7 gives B = 0 to a lone modality, so eq. 12's L_gm = |B| - B cos is 0: the direction loss has nothing
+    to balance. Only the magnitude leaves the paper there (B = 1 instead of a frozen encoder); the direction loss
+    used that B = 1 too, and trained the network to turn the fused gradient towards the lone probe's."""
+    if kind == "sequence":
+        net, (inputs, _, y), loss_fn = _seq_net(), _seq_batch(), torch.nn.L1Loss()
+        mask = torch.tensor([[0, 1, 0]] * 5, dtype=torch.bool)
+    else:
+        net, (inputs, _, y), loss_fn = _seg_net(), _seg_batch(), _seg_loss
+        mask = torch.tensor([[1, 0, 0, 0]] * 2, dtype=torch.bool)
+    plain = _plain_grads(net, inputs, mask, y, loss_fn)
+    result = build_strategy("cggm", rho=1.2, cggm_lambda=0.5, diagnostics_interval=1).step(
+        net, inputs, mask, y, loss_fn, iteration=0)
+    only = result.diagnostics["present"].index(True)
+    cos = result.diagnostics["cos"][only]
+    assert cos is not None and abs(cos) < 0.999  # with B = 1, L_gm would have been 1 - cos > 0
+    assert result.diagnostics["L_gm"] == 0.0
+    grads = _grads(net)
+    assert set(grads) == set(plain)
+    for name, g in grads.items():  # the task gradient alone, unscaled
+        torch.testing.assert_close(g, plain[name], rtol=1e-4, atol=1e-7)
+
+
 def test_balance_terms_clip():
     # sum 0.1: B = 1.2 * (-0.2) / 0.1 = -2.4 and 1.2 * 0.3 / 0.1 = 3.6
     assert balance_terms(torch.tensor([0.3, -0.2]), rho=1.2).tolist() == pytest.approx([-2.4, 3.6])
