@@ -345,7 +345,8 @@ def load_pretrained(network: nn.Module, path: str | os.PathLike | None, map_loca
     Loads non-strictly in one way only: the prompts, prompt readers and predictors, which a plain
     checkpoint lacks, keep their initialisation; every other tensor must be in the checkpoint with
     its shape. The input standardisation buffers come from the checkpoint, so run it after
-    ``set_input_statistics`` to keep the statistics the encoders were trained with.
+    ``set_input_statistics`` to keep the statistics the encoders were trained with. The path is kept as
+    ``network.pretrained_path``.
 
     Raises:
         FileNotFoundError: the checkpoint does not exist.
@@ -357,6 +358,8 @@ def load_pretrained(network: nn.Module, path: str | os.PathLike | None, map_loca
     apply_state_dict(network, state, path, optional_prefixes=PROMPT_KEYS,
                  fix="pass the pretraining run's network settings (--hidden, --encoder_layers, --trunk_layers, "
                  "--fusion, ...) or pretrain with these")
+    # the predict strategy reads it: BitFit from the first step is meant for encoders initialised here
+    network.pretrained_path = os.fspath(path)
     optional = [k for k in network.state_dict() if k.startswith(PROMPT_KEYS)]
     kept = sorted({k.split(".")[0] for k in optional if k not in state})
     logger.info("Loaded %d tensors from %s%s.", len(state), path,

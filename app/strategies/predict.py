@@ -22,6 +22,7 @@ Trains a :class:`app.networks.PromptedDSTransformer` as the paper trains its lat
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import torch
@@ -32,6 +33,8 @@ from app.strategies.vicreg import vicreg_terms
 
 __all__ = ["PredictStrategy"]
 
+logger = logging.getLogger(__name__)
+
 
 class PredictStrategy(GradientStrategy):
     """Late fusion of unimodal predictors, BitFit, and a VICReg-trained missing-modality predictor.
@@ -39,7 +42,8 @@ class PredictStrategy(GradientStrategy):
     Args:
         seed: seed of the strategy's random generator (subsets of the fusion loss).
         warmup_iterations: the first N iterations (the trainer counts from 1) train every parameter;
-            BitFit after (0: BitFit from the first step).
+            BitFit after (0: BitFit from the first step, meant for encoders that
+            :func:`app.networks.load_pretrained` initialised; a warning is logged when none did).
         vicreg_invariance, vicreg_variance, vicreg_covariance: VICReg's lambda, mu, nu (the VICReg
             paper's 25, 25, 1).
         prediction_weight: weight of the VICReg loss. It reaches only the prediction parameters,
@@ -117,6 +121,16 @@ class PredictStrategy(GradientStrategy):
     ) -> StepResult:
         self.check_model(model)
         if self.bitfit_applied or self.warmup_iterations == 0 or iteration > self.warmup_iterations:
+            if not self.bitfit_applied and iteration <= 1 and not getattr(model, "pretrained_path", ""):
+                # BitFit from the first step of a new run on encoders that no checkpoint initialised: their
+                # random weights stay as they are and only the biases train, which is not the method
+                # (BitFit tunes pretrained encoders), and nothing in the run's outputs would show it
+                logger.warning(
+                    "Strategy 'predict' freezes the encoders' weights from the first step (BitFit, "
+                    "--warmup_iterations 0) and no --pretrained checkpoint initialised them: only the bias terms "
+                    "of randomly initialised encoders will train. Pass --pretrained PATH (a plain or dropout "
+                    "model.pt with the same network options) or --warmup_iterations N (configs/predict.yaml: 200)."
+                )
             self.apply_bitfit(model)
         feats = model.features(inputs, modality_mask)
         mask = feats.mask

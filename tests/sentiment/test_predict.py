@@ -210,6 +210,29 @@ def test_warmup_trains_everything_then_bitfit_and_resume_keeps_bitfit():
     assert torch.equal(resumed.generator.get_state(), strategy.generator.get_state())
 
 
+def test_bitfit_on_encoders_no_checkpoint_initialised_is_warned(tmp_path, caplog):
+    """--strategy predict with the defaults (no --pretrained, --warmup_iterations 0) froze randomly initialised
+    encoder weights from the first step, so only their biases trained, without a word in the log."""
+    ds, batch = _batch()
+    message = "Strategy 'predict' freezes the encoders' weights from the first step"
+    with caplog.at_level("WARNING", logger="app.strategies"):
+        strategy = PredictStrategy(seed=0)
+        net = _net().set_input_statistics(ds.statistics()).train()
+        _step(net, strategy, batch, iteration=1)
+        _step(net, strategy, batch, iteration=2)  # once per run
+    assert [r.getMessage()[: len(message)] for r in caplog.records] == [message]
+    assert "--pretrained PATH" in caplog.records[0].getMessage()
+    assert "--warmup_iterations N" in caplog.records[0].getMessage()
+    # a warm-up, or encoders a checkpoint initialised: nothing to say
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="app.strategies"):
+        warm = PredictStrategy(seed=0, warmup_iterations=1)
+        _step(_net().set_input_statistics(ds.statistics()).train(), warm, batch, iteration=1)
+        pretrained = load_pretrained(_net(), _saved(_plain_copy(_net()), tmp_path / "plain.pt"))
+        _step(pretrained.set_input_statistics(ds.statistics()).train(), PredictStrategy(seed=0), batch, iteration=1)
+    assert not caplog.records and pretrained.pretrained_path == str(tmp_path / "plain.pt")
+
+
 def test_gradients_by_hand_task_loss_to_the_model_prediction_loss_to_prompts_and_predictors():
     ds, batch = _batch()
     net = _net(dropout=0.0, head_dropout=0.0, fusion="mean").set_input_statistics(ds.statistics()).train()
