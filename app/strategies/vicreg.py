@@ -4,14 +4,17 @@ Used by the ``predict`` strategy to train the missing-modality predictor (Kim & 
 with the three terms of Bardes et al. (ICLR 2022):
 
 - invariance ``s(Z, Z')``: mean squared error between the two batches (averaged over samples and
-  dimensions, as the reference implementation's ``F.mse_loss``);
+  dimensions, as the reference implementation's ``F.mse_loss``; the papers' equation sums over the
+  ``d`` dimensions, so relative to it the invariance weight is ``invariance_weight / d``);
 - variance ``v(Z) = mean_j max(0, gamma - sqrt(Var(Z[:, j]) + eps))``, a hinge on the standard
   deviation of each dimension over the batch (unbiased variance);
 - covariance ``c(Z) = sum_{i != j} Cov(Z)[i, j]^2 / d``, the squared off-diagonal entries of the
   (unbiased) covariance matrix, which decorrelates the dimensions.
 
 ``L = invariance_weight * s + variance_weight * [v(Z) + v(Z')] + covariance_weight * [c(Z) + c(Z')]``,
-as in the equations of both papers (the VICReg reference code halves the variance term; the papers do not).
+the form of both papers' equation, with the reference code's ``s`` (the reference code also halves the
+variance term, which the papers and this module do not). So ``invariance_weight = 25 * d`` gives the
+papers' equation with lambda = 25, and ``variance_weight = 12.5`` the reference code (docs/methods.md).
 """
 
 from __future__ import annotations

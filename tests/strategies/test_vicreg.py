@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,3 +67,26 @@ def test_one_sample_is_refused():
         vicreg_variance(Z[:1])
     with pytest.raises(ValueError, match=r"\[n, d\]"):
         vicreg_covariance(Z.flatten())
+
+
+def test_normalisation_against_the_papers_equation_and_the_reference_code():
+    """docs/methods.md: the invariance is a mean over dimensions (the papers' s sums them) and the variance is
+    not halved (the reference code halves it): weights 25 * d and 12.5 give the one and the other, by numpy."""
+    rng = np.random.default_rng(1)
+    n, d = 9, 64
+    z, z_prime = 0.5 * rng.normal(size=(n, d)), rng.normal(size=(n, d))
+
+    def v(a):
+        return np.mean(np.maximum(0.0, 1.0 - np.sqrt(a.var(axis=0, ddof=1) + 1e-4)))
+
+    def c(a):
+        cov = np.cov(a, rowvar=False)
+        return (np.sum(cov ** 2) - np.sum(np.diag(cov) ** 2)) / a.shape[1]
+
+    equation = 25 * np.mean(np.sum((z - z_prime) ** 2, axis=1)) + 25 * (v(z) + v(z_prime)) + c(z) + c(z_prime)
+    reference = 25 * np.mean((z - z_prime) ** 2) + 25 * (v(z) + v(z_prime)) / 2 + c(z) + c(z_prime)
+    ours = 25 * np.mean((z - z_prime) ** 2) + 25 * (v(z) + v(z_prime)) + c(z) + c(z_prime)
+    z_t, z_prime_t = torch.tensor(z), torch.tensor(z_prime)
+    assert float(vicreg_loss(z_t, z_prime_t)) == pytest.approx(ours, rel=1e-12)
+    assert float(vicreg_loss(z_t, z_prime_t, invariance_weight=25 * d)) == pytest.approx(equation, rel=1e-12)
+    assert float(vicreg_loss(z_t, z_prime_t, variance_weight=12.5)) == pytest.approx(reference, rel=1e-12)
