@@ -45,7 +45,8 @@ class PredictStrategy(GradientStrategy):
             BitFit after (0: BitFit from the first step, meant for encoders that
             :func:`app.networks.load_pretrained` initialised; a warning is logged when none did).
         vicreg_invariance, vicreg_variance, vicreg_covariance: VICReg's lambda, mu, nu (the VICReg
-            paper's 25, 25, 1).
+            paper's 25, 25, 1; the invariance is a mean over the embedding's dimensions, see
+            :mod:`app.strategies.vicreg`).
         prediction_weight: weight of the VICReg loss. It reaches only the prediction parameters,
             which no other term trains but ``predicted_task_weight``'s, and Adam is invariant to a
             loss scale, so 1.0 keeps the VICReg paper's balance and only the ratio to
