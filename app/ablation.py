@@ -34,6 +34,7 @@ import contextlib
 import hashlib
 import inspect
 import json
+import logging
 import os
 import re
 import subprocess
@@ -357,6 +358,45 @@ def _check_subset_count(args: Sequence[str], overrides: Sequence[Path], planned:
                      f"instead ({spelled}) and leave gmd_subsets out.")
 
 
+def _check_strategy_settings(configs: Sequence[Path], args: Sequence[str],
+                             planned: Sequence[tuple[str, str, str | None]]) -> None:
+    """Build each stage's strategy from the merged configuration before any stage trains.
+
+    A strategy checks its settings when it is built (``--cggm_rho 0``, ``--gmd_sync x``), which each stage
+    does only when its turn comes: ``plain,gmd,cggm --cggm_rho 0`` trained plain and gmd for their whole
+    budgets before the cggm stage stopped.
+
+    Raises:
+        ValueError: the stage's label and the strategy's own message, which names the setting and its fix.
+    """
+    from monai.bundle import ConfigParser
+
+    from app.bundle_args import _cli_options, _literal
+
+    parser = ConfigParser()
+    parser.read_config([str(c) for c in configs])
+    for key, value in _cli_options(args).items():
+        if value is not None:
+            parser[key] = _literal(value)
+    gmd_subsets = parser.get("gmd_subsets")
+    quiet = logging.getLogger("app.strategies")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # an option meant for another stage is no news here; each stage's log says so
+    try:
+        for label, name, subsets in planned:
+            parser["strategy"], parser["gmd_subsets"] = name, _literal(subsets) if subsets else gmd_subsets
+            try:
+                parser.get_parsed_content("strategy_def", lazy=False)
+            except Exception as err:  # noqa: BLE001 - MONAI wraps the strategy's own error in a RuntimeError
+                cause: BaseException | None = err
+                while cause is not None and not isinstance(cause, ValueError):
+                    cause = cause.__cause__
+                if cause is not None:  # anything else (an expression the stage evaluates differently) is its own to report
+                    raise ValueError(f"stage {label} of --strategies: {cause}") from None
+    finally:
+        quiet.setLevel(level)
+
+
 def _stage_settings(bundle: Path, args: Sequence[str], out: Path, overrides: Sequence[Path] = ()) -> dict[str, Any]:
     """What decides a stage's result: the bundle, its override files (path and SHA-256 of the contents, so an
     edited recipe trains again) and its arguments, with paths inside ``out`` made relative."""
@@ -564,6 +604,7 @@ def run_ablation(
         raise ValueError(f"checkpoint must be 'final' or 'best', got {checkpoint!r}.")
     planned = parse_strategies(strategies, layout.kind)  # a bad list is refused before any folder is made
     _check_subset_count(bundle_args, overrides, planned)
+    _check_strategy_settings([train, *overrides], bundle_args, planned)
     config = {k: v for f in (train, *overrides) for k, v in _load_config(f).items()}  # the recipes' values win
     # every stage's command sets both, so a recipe's own (configs/demo.yaml's 4-minute budget) was replaced by the
     # runner's defaults (no limit, seed 0) without a word: they are the defaults here

@@ -627,3 +627,31 @@ def test_budget_and_seed_take_the_given_values_then_the_recipes(tmp_path):
     for bad in (True, "x", None):
         with pytest.raises(ValueError, match=rf"^seed: {bad!r} in {recipe} is not a number: give --seed"):
             _budget_and_seed({"seed": bad}, [recipe], 2.0, None)
+
+
+@pytest.mark.parametrize("bundle, strategies, setting, message", [
+    ("bundles/brats_gmd", "plain,gmd,cggm", ["--cggm_rho", "0"], "stage cggm of --strategies: --cggm_rho 0 must be"),
+    ("bundles/mosi_gmd", "plain,predict", ["--vicreg_variance", "-1"],
+     "stage predict of --strategies: --vicreg_variance -1 must be"),
+])
+def test_a_stage_setting_its_strategy_refuses_stops_the_ablation_before_any_stage_trains(
+        tmp_path, bundle, strategies, setting, message):
+    """``plain,gmd,cggm --cggm_rho 0`` trained plain and gmd for their whole budgets before the cggm stage
+    stopped on its setting: each stage's strategy is now built, and its settings checked, up front."""
+    out = tmp_path / "ablation"
+    proc = _ablate("--bundle", bundle, "--strategies", strategies, "--max_epochs", "1", "--output_dir", str(out),
+                   "--dataset_dir", str(tmp_path), "--data_path", str(tmp_path / "none.pkl"), *setting)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), proc.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_the_up_front_strategy_check_builds_each_stage_with_its_own_count_and_passes_good_settings():
+    from app.ablation import _check_strategy_settings, _configs
+
+    train, _ = _configs(REPO / "bundles/brats_gmd")
+    planned = parse_strategies("plain,gmd:5,gmd_approx,cggm", "segmentation")
+    _check_strategy_settings([train], ["--cggm_rho", "2.5", "--gmd_sync", "global"], planned)  # nothing refused
+    with pytest.raises(ValueError, match=r"^stage gmd:0 of --strategies: --gmd_subsets 0 must be"):
+        _check_strategy_settings([train], [], [("gmd:0", "gmd", "0")])
