@@ -65,6 +65,7 @@ __all__ = [
     "segment_case",
     "summary_notes",
     "upload",
+    "work_size",
     "written_by_product",
 ]
 
@@ -134,6 +135,17 @@ def _checked_spacing(spacing: Sequence[float | str], what: str) -> list[float]:
     if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
         raise ValueError(f"{what} takes 1 or 3 positive numbers (mm), got {spacing!r}.")
     return values
+
+
+def work_size(size: int, spacing: float, work_spacing: float) -> int:
+    """Voxels along one axis of ``size`` voxels of ``spacing`` mm once resampled to ``work_spacing`` mm.
+
+    The extent is rounded half up after snapping to 1e-4 voxel. Plain ``round`` broke a tie such as a
+    155-slice 1 mm scan at 2 mm (77.5) by the header's float noise: a spacing stored as 0.99999994 (a
+    qform's float32 quaternion, an oblique affine) gave 77 slices and an exact 1.0 gave 78, so one scan
+    exported by two converters was segmented on two grids, with different labels and volumes.
+    """
+    return max(1, math.floor(round(int(size) * float(spacing) / float(work_spacing), 4) + 0.5))
 
 
 def upload(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
@@ -376,7 +388,7 @@ class Segmenter:
             spacing = self.training_spacing
         work_shape = ras_shape
         if spacing is not None:
-            work_shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(ras_shape, native, spacing))
+            work_shape = tuple(work_size(n, s, t) for n, s, t in zip(ras_shape, native, spacing))
             if work_shape != ras_shape:
                 image = F.interpolate(image[None], size=work_shape, mode="trilinear", align_corners=False)[0]
 

@@ -252,6 +252,30 @@ def test_spacing_resamples_and_returns_to_input_grid(case, random_ckpt, infer, t
     assert s["inference"]["work_shape"] == [16, 16, 16] and s["inference"]["work_spacing_mm"] == [2.0, 2.0, 2.0]
 
 
+class _ZeroLogits(torch.nn.Module):
+    """Three channels of zero logits for any input: the working grid is all these tests look at."""
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return image[:, :3] * 0.0
+
+
+@pytest.mark.parametrize("stored_spacing", [1.0 - 6e-8, 1.0 + 6e-8])
+def test_working_grid_does_not_depend_on_header_float_noise(stored_spacing):
+    from app.inference.io import CaseInputs, Volume
+    from app.inference.pipeline import Segmenter
+
+    # 31 slices of 1 mm at 2 mm is 15.5 slices: a tie that float noise in the header used to break
+    # either way, so one scan stored by two converters was segmented on two grids
+    data = np.zeros((32, 32, 31), dtype=np.float32)
+    data[4:28, 4:28, 3:28] = 1.0
+    segmenter = Segmenter(_ZeroLogits(), divisor=8, spacing=2.0)
+    shapes = []
+    for spacing in (1.0, stored_spacing):
+        volume = Volume("flair", "flair.nii.gz", data, np.diag([1.0, 1.0, spacing, 1.0]))
+        shapes.append(segmenter.predict(CaseInputs({"flair": volume}, "flair")).details["work_shape"])
+    assert shapes[0] == shapes[1] == [16, 16, 16]
+
+
 def test_auto_spacing_uses_the_models_training_spacing(case, infer, tmp_path):
     net = DSUNet(features=FEATURES)
     runs = {}
