@@ -30,6 +30,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+import monai
 import nibabel as nib
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import NormalizeIntensity
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
+from app import __version__
 from app.atomic import check_path_text, check_writable_folder, write_error
 from app.data.datalist import ras_spacing, spacing_differs
 from app.data.discovery import OUTPUT_DESCRIPTION_PREFIX, load_nifti, recorded_crc_matches, voxel_crc
@@ -46,7 +48,7 @@ from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, regions_to_labels
 from app.engines.utils import amp_dtype, check_patch_size, resolve_device
 from app.flags import parse_bool
 from app.inference.io import AtomicOutputs, CaseInputs, Volume, _one_line, read_case, voxel_volume_ml
-from app.inference.model import bundle_defaults, load_network
+from app.inference.model import bundle_defaults, bundle_version, load_network
 from app.networks.weights import checkpoint_sha256
 from app.subsets import BRATS_MODALITIES
 
@@ -528,6 +530,7 @@ def load_segmenter(
     network, settings = load_network(ckpt, features=features, bundle=bundle, device=device)
     settings["checkpoint"] = os.path.abspath(os.fspath(ckpt))
     settings["checkpoint_sha256"] = checkpoint_sha256(ckpt)  # which model made a label map, whatever the file is called later
+    settings["bundle_version"] = bundle_version(bundle)  # and which release segmented with it
     return Segmenter(
         network,
         divisor=settings["divisor"],
@@ -759,18 +762,24 @@ def segment_case(
         "network": segmenter.settings,
         "inference": pred.details,
         "timing_s": {"read_s": read_s, **pred.timing},
-        "host": {"python": platform.python_version(), "torch": torch.__version__,
-                 "threads": torch.get_num_threads()},
+        "host": {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
+                 "brats_gmd": __version__, "threads": torch.get_num_threads()},
     }
+    # the one-line result's notes (missing sequences, warnings), kept with the volumes they qualify: in batch
+    # mode the printed line goes to a log only
+    result["notes"] = summary_notes(result)
     write_start = time.perf_counter()
     writing = out  # the output being written, named when the disk refuses it
     try:
         with AtomicOutputs() as writer:
-            nib.save(_output_image(pred.labels, ref, f"{OUTPUT_DESCRIPTION_PREFIX}labels {convention_name}"),
+            # the sequences used, in the header a viewer shows: a label map from FLAIR alone is not one from all four
+            used = "+".join(case_inputs.sequences)
+            nib.save(_output_image(pred.labels, ref, f"{OUTPUT_DESCRIPTION_PREFIX}labels {convention_name} {used}"),
                      writer.temp(out))
             if prob_path is not None:
                 writing = prob_path
-                nib.save(_output_image(pred.probabilities, ref, f"{OUTPUT_DESCRIPTION_PREFIX}WT,TC,ET probabilities"),
+                nib.save(_output_image(pred.probabilities, ref,
+                                       f"{OUTPUT_DESCRIPTION_PREFIX}WT,TC,ET probabilities {used}"),
                          writer.temp(prob_path))
             result["timing_s"]["write_s"] = _seconds(write_start)
             result["timing_s"]["total_s"] = _seconds(start)
@@ -805,10 +814,19 @@ def border_nonzero_fraction(volume: torch.Tensor) -> float:
 
 def summary_notes(summary: Mapping[str, Any]) -> list[str]:
     """What a reader of the one-line result should know beyond the volumes (from :func:`segment_case`'s
-    summary): sequences missing as all-zero channels, a scan that does not look skull-stripped, resampling,
-    and tumour removed outside the head."""
+    summary, which records them as ``notes``): missing sequences (given as all-zero channels or not given,
+    and enhancing tumour estimated without T1ce), a scan that does not look skull-stripped, resampling, and
+    tumour removed outside the head."""
     info = summary.get("inference", {})
-    notes = [f"{s} channel all zero: missing" for s in summary.get("empty_channels", [])]
+    empty = summary.get("empty_channels", [])
+    missing = summary.get("sequences_missing", [])
+    notes = [f"{s} channel all zero: missing" for s in empty]
+    # the volumes read the same whatever the sequences: a result from one sequence must say so
+    not_given = [s for s in missing if s not in empty]
+    if not_given:
+        notes.append(f"{', '.join(not_given)} not given")
+    if "t1ce" in missing:
+        notes.append("without t1ce: enhancing tumour (ET) and tumour core (TC) estimated without a contrast scan")
     raw = [s for s, share in (info.get("border_nonzero_fraction") or {}).items() if share > BORDER_NONZERO_LIMIT]
     if raw:
         notes.append(f"WARNING: {', '.join(raw)} not 0 on most of the volume's border: the scan does not look "

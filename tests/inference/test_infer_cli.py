@@ -649,6 +649,34 @@ def test_a_scan_that_does_not_look_skull_stripped_is_said(case, random_ckpt, inf
     assert (tmp_path / "raw.nii.gz").is_file()
 
 
+def test_a_result_from_fewer_sequences_says_so_in_every_output(case, random_ckpt, infer, tmp_path):
+    """A label map from FLAIR alone reads like one from all four sequences (same values, volumes in mL): the
+    printed line, the summary and the label map's own header name the sequences used and missing, and the
+    summary records the releases that made it."""
+    from app import __version__
+
+    out, prob, summary = tmp_path / "seg.nii.gz", tmp_path / "prob.nii.gz", tmp_path / "s.json"
+    rc, stdout, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--out", out, "--probabilities", prob,
+                            "--summary", summary, "--patch-size", "32", "32", "32")
+    assert rc == 0, err
+    s = json.loads(summary.read_text())
+    missing = "t1, t1ce, t2 not given"
+    contrast = "without t1ce: enhancing tumour (ET) and tumour core (TC) estimated without a contrast scan"
+    assert s["notes"][:2] == [missing, contrast]
+    assert f"; {missing}; {contrast}" in stdout
+    assert bytes(load(out).header["descrip"]).startswith(b"brats_gmd labels brats2018 flair crc32=")
+    assert bytes(load(prob).header["descrip"]).startswith(b"brats_gmd WT,TC,ET probabilities flair crc32=")
+    metadata = json.loads((REPO / "bundles" / "brats_gmd" / "configs" / "metadata.json").read_text())
+    assert s["network"]["bundle_version"] == metadata["version"] and s["host"]["brats_gmd"] == __version__
+    # with T1ce the contrast note goes; the summary lists what is missing, and no note does when nothing is
+    rc, stdout, err = infer("--ckpt", random_ckpt, *[f"--{q}={case[q]}" for q in case], "--out", out,
+                            "--summary", summary, "--patch-size", "32", "32", "32")
+    assert rc == 0, err
+    s = json.loads(summary.read_text())
+    assert not any("not given" in n or "t1ce" in n for n in s["notes"]) and "not given" not in stdout
+    assert bytes(load(out).header["descrip"]).startswith(b"brats_gmd labels brats2018 flair+t1+t1ce+t2 crc32=")
+
+
 def test_border_nonzero_fraction_by_hand():
     from app.inference.pipeline import border_nonzero_fraction
 
