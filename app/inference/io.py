@@ -74,6 +74,14 @@ class Volume:
     def shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.data.shape)  # type: ignore[return-value]
 
+    @property
+    def oriented(self) -> bool:
+        """False for a NIfTI file whose qform_code and sform_code are both 0: its header places it nowhere, and
+        its ``affine`` is nibabel's guess from the voxel sizes (centred, x flipped), not where the scan lay."""
+        if self.header is None:  # DICOM: the position and orientation of every slice
+            return True
+        return int(self.header["qform_code"]) > 0 or int(self.header["sform_code"]) > 0
+
 
 @dataclass
 class CaseInputs:
@@ -640,6 +648,17 @@ def read_case(
     for seq, vol in volumes.items():
         if seq == reference or _same_grid(vol, ref):
             continue
+        unplaced = next((v for v in (vol, ref) if not v.oriented), None)
+        if unplaced is not None:
+            # reordering or resampling by a guessed affine would move the scan (nibabel's guess is centred with x
+            # flipped: a BraTS scan came out flipped front to back and 120 mm off), and the result would be written
+            other = ref if unplaced is vol else vol
+            raise CaseError(
+                f"{unplaced.source} ({unplaced.name}) has no orientation in its header (qform_code and sform_code are "
+                f"0), so where it lies relative to {other.source} ({other.name}) is unknown and it cannot be put on "
+                f"the same grid: if both were stored on one grid (shape {unplaced.shape} vs {other.shape}), copy the "
+                f"geometry into it (fslcpgeom {other.source} {unplaced.source}), else re-export it from the scanner's "
+                "images.")
         reordering = grid_reordering(vol.shape, vol.affine, ref.shape, ref.affine)
         if reordering is not None:  # the same grid stored in another voxel order: exact, no resampling
             vol.data = reorder_voxels(vol.data, reordering)

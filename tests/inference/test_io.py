@@ -145,3 +145,30 @@ def test_resample_to_names_the_grid_and_refuses_scans_that_do_not_overlap(tmp_pa
     nib.save(nib.Nifti1Image(np.pad(_ramp((2, 2, 2)), 1), far), str(tmp_path / "t2.nii.gz"))
     with pytest.raises(CaseError, match=r"flair\.nii\.gz \(flair\) does not overlap .*t2\.nii\.gz \(t2\) in space"):
         read_case(paths, resample_to="t2")
+
+
+def _without_orientation(src: Path, dst: Path) -> str:
+    """``src`` with qform_code and sform_code 0, as a tool that drops the orientation writes it."""
+    img = load(src)
+    out = nib.Nifti1Image(np.asarray(img.dataobj), None, img.header.copy())
+    out.header.set_qform(None, code=0)
+    out.header.set_sform(None, code=0)
+    nib.save(out, str(dst))
+    return str(dst)
+
+
+def test_a_scan_without_orientation_is_never_resampled_by_a_guessed_position(phantom_root, tmp_path):
+    """A T2 whose header lost its orientation got nibabel's guessed affine (centred, x flipped): its grid then
+    differed from FLAIR's, the error suggested --resample-to, and that moved the T2 by the guess and wrote a
+    result from it."""
+    case = phantom_root / "Phantom_000"
+    flair, t2 = str(case / "Phantom_000_flair.nii.gz"), _without_orientation(case / "Phantom_000_t2.nii.gz",
+                                                                            tmp_path / "t2.nii.gz")
+    for resample_to in (None, "flair", "t2"):
+        with pytest.raises(CaseError, match=r"t2\.nii\.gz \(t2\) has no orientation in its header \(qform_code and "
+                                            r"sform_code are 0\).*fslcpgeom .*flair\.nii\.gz .*t2\.nii\.gz"):
+            read_case({"flair": flair, "t2": t2}, resample_to=resample_to)
+    # alone, or with sequences stored on its own grid the same way, it is segmented where it is
+    flair = _without_orientation(case / "Phantom_000_flair.nii.gz", tmp_path / "flair.nii.gz")
+    read_case({"t2": t2})
+    read_case({"flair": flair, "t2": t2})
