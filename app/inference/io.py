@@ -13,7 +13,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -35,6 +35,7 @@ __all__ = [
     "read_volume",
     "read_case",
     "resample_to_grid",
+    "head_outside_share",
     "voxel_volume_ml",
 ]
 
@@ -93,12 +94,17 @@ class CaseInputs:
         resampled: sequences that were resampled onto the reference grid (``--resample-to``).
         empty_channels: sequences given as an all-zero channel of a 4D file, so missing (not in
             ``volumes``, False in :attr:`modality_mask`).
+        coverage: for each resampled sequence, ``reference_head_outside``: the share of the reference's
+            head (voxels not 0) outside the sequence's field of view, where it reads 0; and
+            ``head_outside_reference``: the share of its own head outside the reference grid, which no
+            output covers (see :func:`head_outside_share`).
     """
 
     volumes: dict[str, Volume]
     reference: str
     resampled: list[str] = field(default_factory=list)
     empty_channels: list[str] = field(default_factory=list)
+    coverage: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def ref(self) -> Volume:
@@ -629,6 +635,7 @@ def read_case(
         raise CaseError(f"--resample-to {resample_to} names a sequence that was not given (given: {list(named)}): "
                         "pass one of those.")
     cache: dict[str, Any] = {}
+    coverage: dict[str, dict[str, float]] = {}
     volumes: dict[str, Volume] = {}
     empty_channels: list[str] = []
     for seq in (s for s in BRATS_MODALITIES if s in named):
@@ -672,13 +679,35 @@ def read_case(
                 + (f", largest affine difference {diff:.3g}" if diff == diff else "")
                 + f"): register them onto one grid, or pass --resample-to {reference} to resample onto {reference}."
             )
+        # fields of view that cover different parts of the head (a FLAIR slab beside a whole-brain T1ce): the
+        # reference grid leaves out tumour outside it, and the sequence reads 0 beyond its own field of view
+        coverage[seq] = {
+            "reference_head_outside": head_outside_share(ref.data != 0, ref.affine, vol.shape, vol.affine),
+            "head_outside_reference": head_outside_share(vol.data != 0, vol.affine, ref.shape, ref.affine),
+        }
         vol.data = resample_to_grid(vol.data, vol.affine, ref.affine, ref.shape)
         vol.affine, vol.header = ref.affine.copy(), None
         if not (vol.data > 0).any():
             raise CaseError(f"{vol.source} ({seq}) does not overlap {ref.source} ({reference}) in space: check that "
                             "both files belong to the same scan session.")
         resampled.append(seq)
-    return CaseInputs(volumes, reference, resampled, empty_channels)
+    return CaseInputs(volumes, reference, resampled, empty_channels, coverage)
+
+
+def head_outside_share(head: np.ndarray, affine: np.ndarray, shape: Sequence[int], other_affine: np.ndarray) -> float:
+    """Share of the voxels of ``head`` (a mask on the grid of ``affine``) whose centres lie outside the grid of
+    ``shape`` and ``other_affine`` (beyond half a voxel from its outer voxel centres), rounded to 4 decimals; 0
+    for an empty mask."""
+    voxels = np.argwhere(head)
+    if voxels.size == 0:
+        return 0.0
+    to_other = np.linalg.inv(np.asarray(other_affine, dtype=np.float64)) @ np.asarray(affine, dtype=np.float64)
+    inside = np.ones(len(voxels), dtype=bool)
+    for start in range(0, len(voxels), 1 << 20):  # in blocks: a whole head is millions of voxels
+        block = voxels[start:start + (1 << 20)].astype(np.float64)
+        coords = block @ to_other[:3, :3].T + to_other[:3, 3]
+        inside[start:start + len(block)] = ((coords >= -0.5) & (coords <= np.asarray(shape[:3]) - 0.5)).all(axis=1)
+    return round(float(1.0 - inside.mean()), 4)
 
 
 def voxel_volume_ml(affine: np.ndarray) -> float:

@@ -751,6 +751,7 @@ def segment_case(
         "inputs": {s: os.path.abspath(v.source) for s, v in case_inputs.volumes.items()},
         "reference_sequence": case_inputs.reference,
         "resampled_to_reference": case_inputs.resampled,
+        "resampling_coverage": case_inputs.coverage,
         "output": out,
         "probabilities": prob_path,
         "label_convention": convention_name,
@@ -797,6 +798,9 @@ def segment_case(
 #: share of a volume's outer faces that may be non-zero before the scan is said not to be skull-stripped
 BORDER_NONZERO_LIMIT = 0.5
 
+#: share of a head that may lie outside another sequence's field of view before ``--resample-to`` warns
+COVERAGE_LIMIT = 0.01
+
 
 def border_nonzero_fraction(volume: torch.Tensor) -> float:
     """Share of the voxels on the six outer faces of a 3D volume that are not 0 (an edge voxel counts
@@ -815,8 +819,9 @@ def border_nonzero_fraction(volume: torch.Tensor) -> float:
 def summary_notes(summary: Mapping[str, Any]) -> list[str]:
     """What a reader of the one-line result should know beyond the volumes (from :func:`segment_case`'s
     summary, which records them as ``notes``): missing sequences (given as all-zero channels or not given,
-    and enhancing tumour estimated without T1ce), a scan that does not look skull-stripped, resampling, and
-    tumour removed outside the head."""
+    and enhancing tumour estimated without T1ce), sequences resampled onto a grid whose field of view covers
+    another part of the head, a scan that does not look skull-stripped, resampling, and tumour removed outside
+    the head."""
     info = summary.get("inference", {})
     empty = summary.get("empty_channels", [])
     missing = summary.get("sequences_missing", [])
@@ -827,6 +832,15 @@ def summary_notes(summary: Mapping[str, Any]) -> list[str]:
         notes.append(f"{', '.join(not_given)} not given")
     if "t1ce" in missing:
         notes.append("without t1ce: enhancing tumour (ET) and tumour core (TC) estimated without a contrast scan")
+    reference = summary.get("reference_sequence")
+    for seq, share in (summary.get("resampling_coverage") or {}).items():
+        # --resample-to onto a grid whose field of view differs: the volumes miss tumour outside the reference grid
+        if share["head_outside_reference"] > COVERAGE_LIMIT:
+            notes.append(f"WARNING: {share['head_outside_reference']:.0%} of {seq}'s head lies outside the {reference} "
+                         "grid, which the label map and the volumes do not cover")
+        if share["reference_head_outside"] > COVERAGE_LIMIT:
+            notes.append(f"WARNING: {seq} covers {1.0 - share['reference_head_outside']:.0%} of the head on the "
+                         f"{reference} grid and reads 0 elsewhere")
     raw = [s for s, share in (info.get("border_nonzero_fraction") or {}).items() if share > BORDER_NONZERO_LIMIT]
     if raw:
         notes.append(f"WARNING: {', '.join(raw)} not 0 on most of the volume's border: the scan does not look "

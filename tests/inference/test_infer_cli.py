@@ -408,6 +408,47 @@ def test_resample_to_aligns_other_grids(case, random_ckpt, infer, tmp_path):
     assert json.loads((tmp_path / "s.json").read_text())["resampled_to_reference"] == ["t2"]
 
 
+def test_resample_to_says_when_the_fields_of_view_cover_different_parts_of_the_head(case, random_ckpt, infer, tmp_path):
+    """A FLAIR slab beside a whole-head T1ce: on the slab's grid the label map and the volumes leave out the
+    tumour beyond it, and on the T1ce's grid FLAIR reads 0 outside the slab. Both went unsaid."""
+    flair = load(case["flair"])
+    slab = tmp_path / "flair_slab.nii.gz"
+    shift = np.eye(4)
+    shift[2, 3] = 12  # slices 12 to 19 of 32: a quarter of the volume
+    nib.save(nib.Nifti1Image(np.asarray(flair.dataobj)[:, :, 12:20], flair.affine @ shift), slab)
+    notes = {}
+    for reference in ("flair", "t1ce"):
+        summary = tmp_path / f"{reference}.json"
+        rc, stdout, err = infer("--ckpt", random_ckpt, "--flair", slab, "--t1ce", case["t1ce"], "--resample-to",
+                                reference, "--out", tmp_path / f"{reference}.nii.gz", "--summary", summary)
+        assert rc == 0, err
+        s = json.loads(summary.read_text())
+        notes[reference] = [n for n in s["notes"] if n.startswith("WARNING")]
+        assert all(f"; {n}" in stdout for n in notes[reference])
+        (seq, coverage), = s["resampling_coverage"].items()
+        assert seq == ({"flair", "t1ce"} - {reference}).pop()
+        outside, uncovered = coverage["head_outside_reference"], coverage["reference_head_outside"]
+        if reference == "flair":  # the T1ce's head beyond the slab is in no output
+            assert outside > 0.5 and uncovered == 0.0
+            assert notes[reference] == [f"WARNING: {outside:.0%} of t1ce's head lies outside the flair grid, which the "
+                                        "label map and the volumes do not cover"]
+        else:  # the slab lies inside the T1ce's grid, and covers part of its head
+            assert outside == 0.0 and uncovered > 0.5
+            assert notes[reference] == [f"WARNING: flair covers {1 - uncovered:.0%} of the head on the t1ce grid and "
+                                        "reads 0 elsewhere"]
+    # grids that cover the same head say nothing: the T1ce on a grid one (empty) slice larger
+    t1ce = load(case["t1ce"])
+    larger = tmp_path / "t1ce_larger.nii.gz"
+    shift = np.eye(4)
+    shift[0, 3] = -1
+    nib.save(nib.Nifti1Image(np.pad(np.asarray(t1ce.dataobj), ((1, 0), (0, 0), (0, 0))), t1ce.affine @ shift), larger)
+    rc, stdout, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t1ce", larger, "--resample-to", "t1ce",
+                            "--out", tmp_path / "whole.nii.gz", "--summary", tmp_path / "whole.json")
+    assert rc == 0 and "WARNING" not in stdout, err
+    coverage = json.loads((tmp_path / "whole.json").read_text())["resampling_coverage"]
+    assert coverage == {"flair": {"reference_head_outside": 0.0, "head_outside_reference": 0.0}}
+
+
 def test_window_choice():
     """Default: the whole crop as one window, unless larger than max_window_voxels; explicit sizes win."""
     from app.inference.pipeline import Segmenter
