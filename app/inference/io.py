@@ -45,6 +45,10 @@ _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _ANY_TEMPORARY_RE = re.compile(r"\.(?P<stem>.+)\.[0-9a-f]{8}(?:-\d+)?\.tmp(?P<suffix>\.nii\.gz|\.nii|\.json|)")
 
 
+#: The space each NIfTI xform code names; only voxels placed in one space can be put on one grid.
+_XFORM_SPACES = {1: "scanner", 2: "scanner", 3: "Talairach", 4: "MNI 152", 5: "template"}
+
+
 class EmptyChannelError(CaseError):
     """A channel of a 4D file is all zero: the MSD layout's only way to mark a sequence missing.
 
@@ -82,6 +86,16 @@ class Volume:
         if self.header is None:  # DICOM: the position and orientation of every slice
             return True
         return int(self.header["qform_code"]) > 0 or int(self.header["sform_code"]) > 0
+
+    @property
+    def space(self) -> str:
+        """The space its ``affine`` maps to, by the NIfTI code of the matrix nibabel takes (the sform's when set,
+        else the qform's): ``scanner`` for scanner and aligned anatomy (codes 1 and 2, which converters use for
+        the same coordinates: ITK writes 1, nibabel 2) and for DICOM, else the template (Talairach, MNI 152)."""
+        if self.header is None:
+            return "scanner"
+        code = int(self.header["sform_code"]) or int(self.header["qform_code"])
+        return _XFORM_SPACES.get(code, f"xform code {code}")
 
 
 @dataclass
@@ -671,6 +685,13 @@ def read_case(
             vol.data = reorder_voxels(vol.data, reordering)
             vol.affine, vol.header = ref.affine.copy(), None
             continue
+        if vol.space != ref.space:
+            # world coordinates of a template (a FLAIR registered to MNI 152) and of the scanner are not comparable:
+            # resampling by them would put the other sequence somewhere in the head, and the result would be written
+            raise CaseError(
+                f"{vol.source} ({seq}) and {ref.source} ({reference}) lie on different grids in different spaces "
+                f"({vol.space} and {ref.space} coordinates, by their headers' sform/qform codes), so neither can be "
+                "resampled onto the other: register them into one space (or resample them onto one grid) first.")
         if resample_to is None:
             diff = float(np.abs(vol.affine - ref.affine).max()) if vol.shape == ref.shape else float("nan")
             raise CaseError(

@@ -172,3 +172,27 @@ def test_a_scan_without_orientation_is_never_resampled_by_a_guessed_position(pha
     flair = _without_orientation(case / "Phantom_000_flair.nii.gz", tmp_path / "flair.nii.gz")
     read_case({"t2": t2})
     read_case({"flair": flair, "t2": t2})
+
+
+def test_sequences_placed_in_different_spaces_are_not_resampled_onto_each_other(phantom_root, tmp_path):
+    """A FLAIR registered to MNI 152 (sform code 4) beside a T2 in scanner coordinates: resampling by world
+    coordinates of two spaces put the T2 anywhere and wrote the result. Scanner and aligned coordinates (codes 1
+    and 2: ITK writes one, nibabel the other for the same space) still resample."""
+    case = phantom_root / "Phantom_000"
+    flair, t2 = str(case / "Phantom_000_flair.nii.gz"), load(case / "Phantom_000_t2.nii.gz")
+    shifted = t2.affine.copy()
+    shifted[:3, 3] += 0.5  # co-registered, on a grid half a voxel away
+    for code, space in ((4, "MNI 152"), (3, "Talairach"), (1, None)):
+        image = nib.Nifti1Image(np.asarray(t2.dataobj), shifted)
+        image.set_sform(shifted, code=code)
+        image.set_qform(shifted, code=code)
+        nib.save(image, str(tmp_path / f"t2_{code}.nii.gz"))
+        paths = {"flair": flair, "t2": str(tmp_path / f"t2_{code}.nii.gz")}
+        if space is None:
+            assert read_case(paths, resample_to="flair").resampled == ["t2"]
+            continue
+        for resample_to in (None, "flair", "t2"):
+            with pytest.raises(CaseError, match=rf"lie on different grids in different spaces \((scanner and {space}|"
+                                                rf"{space} and scanner) coordinates, by their headers' sform/qform "
+                                                r"codes\).*register them into one space"):
+                read_case(paths, resample_to=resample_to)
