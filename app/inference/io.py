@@ -88,6 +88,28 @@ class Volume:
         return int(self.header["qform_code"]) > 0 or int(self.header["sform_code"]) > 0
 
     @property
+    def header_conflict(self) -> str | None:
+        """How the NIfTI header contradicts itself where readers differ, or None: an sform and a qform (both set)
+        that place the voxels differently, or an sform whose voxel size is not the header's pixdim.
+
+        This product reads the sform, as nibabel and FSL do; ITK (ITK-SNAP, 3D Slicer) reads the qform and takes
+        the voxel size from pixdim, so such a scan, and the label map that copies its header, lie elsewhere or
+        measure other volumes there."""
+        if self.header is None or int(self.header["sform_code"]) <= 0:
+            return None
+        sform = np.asarray(self.header.get_sform(), dtype=np.float64)
+        if int(self.header["qform_code"]) > 0:
+            diff = float(np.abs(np.asarray(self.header.get_qform(), dtype=np.float64) - sform).max())
+            if diff > AFFINE_TOLERANCE:
+                return f"its sform and qform disagree (by up to {diff:.3g} in the matrix)"
+        zooms = np.linalg.norm(sform[:3, :3], axis=0)
+        pixdim = np.abs(np.asarray(self.header["pixdim"][1:4], dtype=np.float64))
+        if np.any(np.abs(zooms - pixdim) > 1e-3 * np.maximum(pixdim, 1e-6)):
+            return (f"its sform's voxel size ({'x'.join(f'{z:.4g}' for z in zooms)} mm) is not its pixdim "
+                    f"({'x'.join(f'{z:.4g}' for z in pixdim)} mm)")
+        return None
+
+    @property
     def space(self) -> str:
         """The space its ``affine`` maps to, by the NIfTI code of the matrix nibabel takes (the sform's when set,
         else the qform's): ``scanner`` for scanner and aligned anatomy (codes 1 and 2, which converters use for
@@ -108,6 +130,8 @@ class CaseInputs:
         resampled: sequences that were resampled onto the reference grid (``--resample-to``).
         empty_channels: sequences given as an all-zero channel of a 4D file, so missing (not in
             ``volumes``, False in :attr:`modality_mask`).
+        header_conflicts: ``{sequence: description}`` of the NIfTI headers that contradict themselves where
+            readers differ (:attr:`Volume.header_conflict`).
         coverage: for each resampled sequence, ``reference_head_outside``: the share of the reference's
             head (voxels not 0) outside the sequence's field of view, where it reads 0; and
             ``head_outside_reference``: the share of its own head outside the reference grid, which no
@@ -119,6 +143,7 @@ class CaseInputs:
     resampled: list[str] = field(default_factory=list)
     empty_channels: list[str] = field(default_factory=list)
     coverage: dict[str, dict[str, float]] = field(default_factory=dict)
+    header_conflicts: dict[str, str] = field(default_factory=dict)
 
     @property
     def ref(self) -> Volume:
@@ -665,6 +690,8 @@ def read_case(
         reference = next((s for s, v in volumes.items() if v.source == named[reference]), None)
     reference = reference or next(iter(volumes))
     ref = volumes[reference]
+    # before reordering or resampling drops the headers
+    conflicts = {seq: vol.header_conflict for seq, vol in volumes.items() if vol.header_conflict}
     resampled = []
     for seq, vol in volumes.items():
         if seq == reference or _same_grid(vol, ref):
@@ -712,7 +739,7 @@ def read_case(
             raise CaseError(f"{vol.source} ({seq}) does not overlap {ref.source} ({reference}) in space: check that "
                             "both files belong to the same scan session.")
         resampled.append(seq)
-    return CaseInputs(volumes, reference, resampled, empty_channels, coverage)
+    return CaseInputs(volumes, reference, resampled, empty_channels, coverage, conflicts)
 
 
 def head_outside_share(head: np.ndarray, affine: np.ndarray, shape: Sequence[int], other_affine: np.ndarray) -> float:

@@ -752,6 +752,7 @@ def segment_case(
         "reference_sequence": case_inputs.reference,
         "resampled_to_reference": case_inputs.resampled,
         "resampling_coverage": case_inputs.coverage,
+        "header_conflicts": case_inputs.header_conflicts,
         "output": out,
         "probabilities": prob_path,
         "label_convention": convention_name,
@@ -832,6 +833,12 @@ def summary_notes(summary: Mapping[str, Any]) -> list[str]:
         notes.append(f"{', '.join(not_given)} not given")
     if "t1ce" in missing:
         notes.append("without t1ce: enhancing tumour (ET) and tumour core (TC) estimated without a contrast scan")
+    conflicts: dict[str, list[str]] = {}
+    for seq, conflict in (summary.get("header_conflicts") or {}).items():
+        conflicts.setdefault(conflict, []).append(seq)  # the sequences of one 4D file, or of one writer: once
+    for conflict, seqs in conflicts.items():
+        notes.append(f"WARNING: {', '.join(seqs)}: {conflict}; positions and volumes here follow the sform (as nibabel "
+                     "and FSL read it), ITK-SNAP and 3D Slicer read the qform (when set) and pixdim")
     reference = summary.get("reference_sequence")
     for seq, share in (summary.get("resampling_coverage") or {}).items():
         # --resample-to onto a grid whose field of view differs: the volumes miss tumour outside the reference grid

@@ -196,3 +196,35 @@ def test_sequences_placed_in_different_spaces_are_not_resampled_onto_each_other(
                                                 rf"{space} and scanner) coordinates, by their headers' sform/qform "
                                                 r"codes\).*register them into one space"):
                 read_case(paths, resample_to=resample_to)
+
+
+def test_a_header_that_contradicts_itself_is_said(phantom_root, tmp_path):
+    """nibabel (and so this product) reads the sform; ITK (ITK-SNAP, 3D Slicer) reads the qform and takes the
+    voxel size from pixdim. A scan whose sform and qform disagree, or whose sform's voxel size is not its pixdim,
+    lay elsewhere or measured other volumes there than in the summary, and nothing said so."""
+    from app.inference.pipeline import summary_notes
+
+    flair = load(phantom_root / "Phantom_000" / "Phantom_000_flair.nii.gz")
+    data, affine = np.asarray(flair.dataobj), flair.affine
+    turned = affine.copy()
+    turned[:3, :3] = affine[:3, :3] @ np.array([[1, 0, 0], [0, np.cos(0.1), -np.sin(0.1)], [0, np.sin(0.1), np.cos(0.1)]])
+    disagree = nib.Nifti1Image(data, turned)
+    disagree.set_sform(turned, code=1)
+    disagree.set_qform(affine, code=1)  # e.g. a registration that rewrote the sform only
+    nib.save(disagree, str(tmp_path / "disagree.nii.gz"))
+    stretched = affine @ np.diag([1.0, 1.0, 3.0, 1.0])
+    pixdim = nib.Nifti1Image(data, stretched)
+    pixdim.set_qform(None, code=0)
+    pixdim.header["pixdim"][1:4] = 1.0  # a writer that set the sform but left pixdim
+    nib.save(pixdim, str(tmp_path / "pixdim.nii.gz"))
+    case = read_case({"flair": str(tmp_path / "disagree.nii.gz"), "t2": str(tmp_path / "pixdim.nii.gz")},
+                     resample_to="flair")
+    assert case.header_conflicts["flair"].startswith("its sform and qform disagree (by up to ")
+    assert case.header_conflicts["t2"] == "its sform's voxel size (1x1x3 mm) is not its pixdim (1x1x1 mm)"
+    notes = summary_notes({"header_conflicts": {**case.header_conflicts, "t1": case.header_conflicts["t2"]},
+                           "inference": {}})
+    assert len(notes) == 2 and notes[1] == ("WARNING: t2, t1: its sform's voxel size (1x1x3 mm) is not its pixdim (1x1x1 mm); positions and "
+                        "volumes here follow the sform (as nibabel and FSL read it), ITK-SNAP and 3D Slicer read the "
+                        "qform (when set) and pixdim")
+    # a consistent header (the phantoms: the sform only, as nibabel writes it) says nothing
+    assert read_case({"flair": str(phantom_root / "Phantom_000" / "Phantom_000_flair.nii.gz")}).header_conflicts == {}
