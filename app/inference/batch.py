@@ -315,9 +315,12 @@ class _Summary:
     @staticmethod
     def _entry_text(result: Mapping[str, Any]) -> str:
         # the label values are per case: --labels auto follows each case's file names
+        # the missing sequences and the notes (warnings) qualify the volumes: a reader of this report alone must
+        # not take a result from one sequence for one from all four
         entry = {"case": result["case"], "status": result["status"], "sequences_used": result.get("sequences_used"),
-                 "output": result.get("output"), "label_convention": result.get("label_convention"),
-                 "labels": result.get("labels"), "volumes_ml": result.get("volumes_ml"), "error": result.get("error")}
+                 "sequences_missing": result.get("sequences_missing"), "output": result.get("output"),
+                 "label_convention": result.get("label_convention"), "labels": result.get("labels"),
+                 "volumes_ml": result.get("volumes_ml"), "notes": result.get("notes"), "error": result.get("error")}
         # as an item of the report's "results" list, two levels deeper than on its own
         return json.dumps(entry, indent=2).replace("\n", "\n    ")
 

@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resample-to", metavar="SEQ",
                    help="resample the other sequences onto SEQ's grid when the grids differ (default: error)")
     p.add_argument("--spacing", nargs="+", metavar="MM", default=["auto"],
-                   help="resample to this spacing (1 or 3 values, mm) for the network and back; native: never; "
+                   help="resample to this spacing (1 or 3 values, mm; 3 are along R, A and S, not the file's voxel "
+                        "axes) for the network and back; native: never; "
                         "auto (default): to the model's training spacing when the scan's differs by more than 10%%")
     p.add_argument("--features", nargs="+", metavar="N",
                    help="network widths per level (default: read from the checkpoint)")

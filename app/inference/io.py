@@ -13,7 +13,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -35,6 +35,7 @@ __all__ = [
     "read_volume",
     "read_case",
     "resample_to_grid",
+    "head_outside_share",
     "voxel_volume_ml",
 ]
 
@@ -42,6 +43,10 @@ _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # any temporary name of AtomicOutputs.temp: ".<stem>.<8 hex>[-<pid>].tmp<suffix>", the suffix one of
 # _NIFTI_SUFFIXES or .json, as _stem_suffix gives it (lower case), or none
 _ANY_TEMPORARY_RE = re.compile(r"\.(?P<stem>.+)\.[0-9a-f]{8}(?:-\d+)?\.tmp(?P<suffix>\.nii\.gz|\.nii|\.json|)")
+
+
+#: The space each NIfTI xform code names; only voxels placed in one space can be put on one grid.
+_XFORM_SPACES = {1: "scanner", 2: "scanner", 3: "Talairach", 4: "MNI 152", 5: "template"}
 
 
 class EmptyChannelError(CaseError):
@@ -74,6 +79,46 @@ class Volume:
     def shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.data.shape)  # type: ignore[return-value]
 
+    @property
+    def oriented(self) -> bool:
+        """False for a NIfTI file whose qform_code and sform_code are both 0: its header places it nowhere, and
+        its ``affine`` is nibabel's guess from the voxel sizes (centred, x flipped), not where the scan lay."""
+        if self.header is None:  # DICOM: the position and orientation of every slice
+            return True
+        return int(self.header["qform_code"]) > 0 or int(self.header["sform_code"]) > 0
+
+    @property
+    def header_conflict(self) -> str | None:
+        """How the NIfTI header contradicts itself where readers differ, or None: an sform and a qform (both set)
+        that place the voxels differently, or an sform whose voxel size is not the header's pixdim.
+
+        This product reads the sform, as nibabel and FSL do; ITK (ITK-SNAP, 3D Slicer) reads the qform and takes
+        the voxel size from pixdim, so such a scan, and the label map that copies its header, lie elsewhere or
+        measure other volumes there."""
+        if self.header is None or int(self.header["sform_code"]) <= 0:
+            return None
+        sform = np.asarray(self.header.get_sform(), dtype=np.float64)
+        if int(self.header["qform_code"]) > 0:
+            diff = float(np.abs(np.asarray(self.header.get_qform(), dtype=np.float64) - sform).max())
+            if diff > AFFINE_TOLERANCE:
+                return f"its sform and qform disagree (by up to {diff:.3g} in the matrix)"
+        zooms = np.linalg.norm(sform[:3, :3], axis=0)
+        pixdim = np.abs(np.asarray(self.header["pixdim"][1:4], dtype=np.float64))
+        if np.any(np.abs(zooms - pixdim) > 1e-3 * np.maximum(pixdim, 1e-6)):
+            return (f"its sform's voxel size ({'x'.join(f'{z:.4g}' for z in zooms)} mm) is not its pixdim "
+                    f"({'x'.join(f'{z:.4g}' for z in pixdim)} mm)")
+        return None
+
+    @property
+    def space(self) -> str:
+        """The space its ``affine`` maps to, by the NIfTI code of the matrix nibabel takes (the sform's when set,
+        else the qform's): ``scanner`` for scanner and aligned anatomy (codes 1 and 2, which converters use for
+        the same coordinates: ITK writes 1, nibabel 2) and for DICOM, else the template (Talairach, MNI 152)."""
+        if self.header is None:
+            return "scanner"
+        code = int(self.header["sform_code"]) or int(self.header["qform_code"])
+        return _XFORM_SPACES.get(code, f"xform code {code}")
+
 
 @dataclass
 class CaseInputs:
@@ -85,12 +130,20 @@ class CaseInputs:
         resampled: sequences that were resampled onto the reference grid (``--resample-to``).
         empty_channels: sequences given as an all-zero channel of a 4D file, so missing (not in
             ``volumes``, False in :attr:`modality_mask`).
+        header_conflicts: ``{sequence: description}`` of the NIfTI headers that contradict themselves where
+            readers differ (:attr:`Volume.header_conflict`).
+        coverage: for each resampled sequence, ``reference_head_outside``: the share of the reference's
+            head (voxels not 0) outside the sequence's field of view, where it reads 0; and
+            ``head_outside_reference``: the share of its own head outside the reference grid, which no
+            output covers (see :func:`head_outside_share`).
     """
 
     volumes: dict[str, Volume]
     reference: str
     resampled: list[str] = field(default_factory=list)
     empty_channels: list[str] = field(default_factory=list)
+    coverage: dict[str, dict[str, float]] = field(default_factory=dict)
+    header_conflicts: dict[str, str] = field(default_factory=dict)
 
     @property
     def ref(self) -> Volume:
@@ -621,6 +674,7 @@ def read_case(
         raise CaseError(f"--resample-to {resample_to} names a sequence that was not given (given: {list(named)}): "
                         "pass one of those.")
     cache: dict[str, Any] = {}
+    coverage: dict[str, dict[str, float]] = {}
     volumes: dict[str, Volume] = {}
     empty_channels: list[str] = []
     for seq in (s for s in BRATS_MODALITIES if s in named):
@@ -636,15 +690,35 @@ def read_case(
         reference = next((s for s, v in volumes.items() if v.source == named[reference]), None)
     reference = reference or next(iter(volumes))
     ref = volumes[reference]
+    # before reordering or resampling drops the headers
+    conflicts = {seq: vol.header_conflict for seq, vol in volumes.items() if vol.header_conflict}
     resampled = []
     for seq, vol in volumes.items():
         if seq == reference or _same_grid(vol, ref):
             continue
+        unplaced = next((v for v in (vol, ref) if not v.oriented), None)
+        if unplaced is not None:
+            # reordering or resampling by a guessed affine would move the scan (nibabel's guess is centred with x
+            # flipped: a BraTS scan came out flipped front to back and 120 mm off), and the result would be written
+            other = ref if unplaced is vol else vol
+            raise CaseError(
+                f"{unplaced.source} ({unplaced.name}) has no orientation in its header (qform_code and sform_code are "
+                f"0), so where it lies relative to {other.source} ({other.name}) is unknown and it cannot be put on "
+                f"the same grid: if both were stored on one grid (shape {unplaced.shape} vs {other.shape}), copy the "
+                f"geometry into it (fslcpgeom {other.source} {unplaced.source}), else re-export it from the scanner's "
+                "images.")
         reordering = grid_reordering(vol.shape, vol.affine, ref.shape, ref.affine)
         if reordering is not None:  # the same grid stored in another voxel order: exact, no resampling
             vol.data = reorder_voxels(vol.data, reordering)
             vol.affine, vol.header = ref.affine.copy(), None
             continue
+        if vol.space != ref.space:
+            # world coordinates of a template (a FLAIR registered to MNI 152) and of the scanner are not comparable:
+            # resampling by them would put the other sequence somewhere in the head, and the result would be written
+            raise CaseError(
+                f"{vol.source} ({seq}) and {ref.source} ({reference}) lie on different grids in different spaces "
+                f"({vol.space} and {ref.space} coordinates, by their headers' sform/qform codes), so neither can be "
+                "resampled onto the other: register them into one space (or resample them onto one grid) first.")
         if resample_to is None:
             diff = float(np.abs(vol.affine - ref.affine).max()) if vol.shape == ref.shape else float("nan")
             raise CaseError(
@@ -653,13 +727,35 @@ def read_case(
                 + (f", largest affine difference {diff:.3g}" if diff == diff else "")
                 + f"): register them onto one grid, or pass --resample-to {reference} to resample onto {reference}."
             )
+        # fields of view that cover different parts of the head (a FLAIR slab beside a whole-brain T1ce): the
+        # reference grid leaves out tumour outside it, and the sequence reads 0 beyond its own field of view
+        coverage[seq] = {
+            "reference_head_outside": head_outside_share(ref.data != 0, ref.affine, vol.shape, vol.affine),
+            "head_outside_reference": head_outside_share(vol.data != 0, vol.affine, ref.shape, ref.affine),
+        }
         vol.data = resample_to_grid(vol.data, vol.affine, ref.affine, ref.shape)
         vol.affine, vol.header = ref.affine.copy(), None
         if not (vol.data > 0).any():
             raise CaseError(f"{vol.source} ({seq}) does not overlap {ref.source} ({reference}) in space: check that "
                             "both files belong to the same scan session.")
         resampled.append(seq)
-    return CaseInputs(volumes, reference, resampled, empty_channels)
+    return CaseInputs(volumes, reference, resampled, empty_channels, coverage, conflicts)
+
+
+def head_outside_share(head: np.ndarray, affine: np.ndarray, shape: Sequence[int], other_affine: np.ndarray) -> float:
+    """Share of the voxels of ``head`` (a mask on the grid of ``affine``) whose centres lie outside the grid of
+    ``shape`` and ``other_affine`` (beyond half a voxel from its outer voxel centres), rounded to 4 decimals; 0
+    for an empty mask."""
+    voxels = np.argwhere(head)
+    if voxels.size == 0:
+        return 0.0
+    to_other = np.linalg.inv(np.asarray(other_affine, dtype=np.float64)) @ np.asarray(affine, dtype=np.float64)
+    inside = np.ones(len(voxels), dtype=bool)
+    for start in range(0, len(voxels), 1 << 20):  # in blocks: a whole head is millions of voxels
+        block = voxels[start:start + (1 << 20)].astype(np.float64)
+        coords = block @ to_other[:3, :3].T + to_other[:3, 3]
+        inside[start:start + len(block)] = ((coords >= -0.5) & (coords <= np.asarray(shape[:3]) - 0.5)).all(axis=1)
+    return round(float(1.0 - inside.mean()), 4)
 
 
 def voxel_volume_ml(affine: np.ndarray) -> float:

@@ -14,6 +14,7 @@ exported TorchScript model), then the bundle's ``configs/train.yaml`` defaults.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -36,6 +37,7 @@ __all__ = [
     "FusedDSUNet",
     "OneDNNConv3d",
     "bundle_defaults",
+    "bundle_version",
     "checkpoint_features",
     "export_torchscript",
     "is_torchscript",
@@ -194,6 +196,18 @@ def bundle_defaults(bundle: str | os.PathLike | None) -> dict[str, Any]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out[key] = value
     return out
+
+
+def bundle_version(bundle: str | os.PathLike | None) -> str | None:
+    """The release of the bundle (``version`` in ``<bundle>/configs/metadata.json``), recorded in every
+    inference summary beside the checkpoint's SHA-256; ``bundle=None`` reads :data:`DEFAULT_BUNDLE`. None
+    when the bundle has no readable metadata (a package installed without its bundles)."""
+    path = Path(DEFAULT_BUNDLE if bundle is None else bundle) / "configs" / "metadata.json"
+    try:
+        version = json.loads(path.read_text(encoding="utf-8")).get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(version) if version is not None else None
 
 
 def _archive_records(path: str | os.PathLike) -> set[str]:

@@ -30,6 +30,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+import monai
 import nibabel as nib
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import NormalizeIntensity
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
+from app import __version__
 from app.atomic import check_path_text, check_writable_folder, write_error
 from app.data.datalist import ras_spacing, spacing_differs
 from app.data.discovery import OUTPUT_DESCRIPTION_PREFIX, load_nifti, recorded_crc_matches, voxel_crc
@@ -46,7 +48,7 @@ from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, regions_to_labels
 from app.engines.utils import amp_dtype, check_patch_size, resolve_device
 from app.flags import parse_bool
 from app.inference.io import AtomicOutputs, CaseInputs, Volume, _one_line, read_case, voxel_volume_ml
-from app.inference.model import bundle_defaults, load_network
+from app.inference.model import bundle_defaults, bundle_version, load_network
 from app.networks.weights import checkpoint_sha256
 from app.subsets import BRATS_MODALITIES
 
@@ -65,6 +67,7 @@ __all__ = [
     "segment_case",
     "summary_notes",
     "upload",
+    "work_size",
     "written_by_product",
 ]
 
@@ -134,6 +137,17 @@ def _checked_spacing(spacing: Sequence[float | str], what: str) -> list[float]:
     if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
         raise ValueError(f"{what} takes 1 or 3 positive numbers (mm), got {spacing!r}.")
     return values
+
+
+def work_size(size: int, spacing: float, work_spacing: float) -> int:
+    """Voxels along one axis of ``size`` voxels of ``spacing`` mm once resampled to ``work_spacing`` mm.
+
+    The extent is rounded half up after snapping to 1e-4 voxel. Plain ``round`` broke a tie such as a
+    155-slice 1 mm scan at 2 mm (77.5) by the header's float noise: a spacing stored as 0.99999994 (a
+    qform's float32 quaternion, an oblique affine) gave 77 slices and an exact 1.0 gave 78, so one scan
+    exported by two converters was segmented on two grids, with different labels and volumes.
+    """
+    return max(1, math.floor(round(int(size) * float(spacing) / float(work_spacing), 4) + 0.5))
 
 
 def upload(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
@@ -376,7 +390,7 @@ class Segmenter:
             spacing = self.training_spacing
         work_shape = ras_shape
         if spacing is not None:
-            work_shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(ras_shape, native, spacing))
+            work_shape = tuple(work_size(n, s, t) for n, s, t in zip(ras_shape, native, spacing))
             if work_shape != ras_shape:
                 image = F.interpolate(image[None], size=work_shape, mode="trilinear", align_corners=False)[0]
 
@@ -516,6 +530,7 @@ def load_segmenter(
     network, settings = load_network(ckpt, features=features, bundle=bundle, device=device)
     settings["checkpoint"] = os.path.abspath(os.fspath(ckpt))
     settings["checkpoint_sha256"] = checkpoint_sha256(ckpt)  # which model made a label map, whatever the file is called later
+    settings["bundle_version"] = bundle_version(bundle)  # and which release segmented with it
     return Segmenter(
         network,
         divisor=settings["divisor"],
@@ -736,6 +751,8 @@ def segment_case(
         "inputs": {s: os.path.abspath(v.source) for s, v in case_inputs.volumes.items()},
         "reference_sequence": case_inputs.reference,
         "resampled_to_reference": case_inputs.resampled,
+        "resampling_coverage": case_inputs.coverage,
+        "header_conflicts": case_inputs.header_conflicts,
         "output": out,
         "probabilities": prob_path,
         "label_convention": convention_name,
@@ -747,18 +764,24 @@ def segment_case(
         "network": segmenter.settings,
         "inference": pred.details,
         "timing_s": {"read_s": read_s, **pred.timing},
-        "host": {"python": platform.python_version(), "torch": torch.__version__,
-                 "threads": torch.get_num_threads()},
+        "host": {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
+                 "brats_gmd": __version__, "threads": torch.get_num_threads()},
     }
+    # the one-line result's notes (missing sequences, warnings), kept with the volumes they qualify: in batch
+    # mode the printed line goes to a log only
+    result["notes"] = summary_notes(result)
     write_start = time.perf_counter()
     writing = out  # the output being written, named when the disk refuses it
     try:
         with AtomicOutputs() as writer:
-            nib.save(_output_image(pred.labels, ref, f"{OUTPUT_DESCRIPTION_PREFIX}labels {convention_name}"),
+            # the sequences used, in the header a viewer shows: a label map from FLAIR alone is not one from all four
+            used = "+".join(case_inputs.sequences)
+            nib.save(_output_image(pred.labels, ref, f"{OUTPUT_DESCRIPTION_PREFIX}labels {convention_name} {used}"),
                      writer.temp(out))
             if prob_path is not None:
                 writing = prob_path
-                nib.save(_output_image(pred.probabilities, ref, f"{OUTPUT_DESCRIPTION_PREFIX}WT,TC,ET probabilities"),
+                nib.save(_output_image(pred.probabilities, ref,
+                                       f"{OUTPUT_DESCRIPTION_PREFIX}WT,TC,ET probabilities {used}"),
                          writer.temp(prob_path))
             result["timing_s"]["write_s"] = _seconds(write_start)
             result["timing_s"]["total_s"] = _seconds(start)
@@ -775,6 +798,9 @@ def segment_case(
 
 #: share of a volume's outer faces that may be non-zero before the scan is said not to be skull-stripped
 BORDER_NONZERO_LIMIT = 0.5
+
+#: share of a head that may lie outside another sequence's field of view before ``--resample-to`` warns
+COVERAGE_LIMIT = 0.01
 
 
 def border_nonzero_fraction(volume: torch.Tensor) -> float:
@@ -793,10 +819,35 @@ def border_nonzero_fraction(volume: torch.Tensor) -> float:
 
 def summary_notes(summary: Mapping[str, Any]) -> list[str]:
     """What a reader of the one-line result should know beyond the volumes (from :func:`segment_case`'s
-    summary): sequences missing as all-zero channels, a scan that does not look skull-stripped, resampling,
-    and tumour removed outside the head."""
+    summary, which records them as ``notes``): missing sequences (given as all-zero channels or not given,
+    and enhancing tumour estimated without T1ce), sequences resampled onto a grid whose field of view covers
+    another part of the head, a scan that does not look skull-stripped, resampling, and tumour removed outside
+    the head."""
     info = summary.get("inference", {})
-    notes = [f"{s} channel all zero: missing" for s in summary.get("empty_channels", [])]
+    empty = summary.get("empty_channels", [])
+    missing = summary.get("sequences_missing", [])
+    notes = [f"{s} channel all zero: missing" for s in empty]
+    # the volumes read the same whatever the sequences: a result from one sequence must say so
+    not_given = [s for s in missing if s not in empty]
+    if not_given:
+        notes.append(f"{', '.join(not_given)} not given")
+    if "t1ce" in missing:
+        notes.append("without t1ce: enhancing tumour (ET) and tumour core (TC) estimated without a contrast scan")
+    conflicts: dict[str, list[str]] = {}
+    for seq, conflict in (summary.get("header_conflicts") or {}).items():
+        conflicts.setdefault(conflict, []).append(seq)  # the sequences of one 4D file, or of one writer: once
+    for conflict, seqs in conflicts.items():
+        notes.append(f"WARNING: {', '.join(seqs)}: {conflict}; positions and volumes here follow the sform (as nibabel "
+                     "and FSL read it), ITK-SNAP and 3D Slicer read the qform (when set) and pixdim")
+    reference = summary.get("reference_sequence")
+    for seq, share in (summary.get("resampling_coverage") or {}).items():
+        # --resample-to onto a grid whose field of view differs: the volumes miss tumour outside the reference grid
+        if share["head_outside_reference"] > COVERAGE_LIMIT:
+            notes.append(f"WARNING: {share['head_outside_reference']:.0%} of {seq}'s head lies outside the {reference} "
+                         "grid, which the label map and the volumes do not cover")
+        if share["reference_head_outside"] > COVERAGE_LIMIT:
+            notes.append(f"WARNING: {seq} covers {1.0 - share['reference_head_outside']:.0%} of the head on the "
+                         f"{reference} grid and reads 0 elsewhere")
     raw = [s for s, share in (info.get("border_nonzero_fraction") or {}).items() if share > BORDER_NONZERO_LIMIT]
     if raw:
         notes.append(f"WARNING: {', '.join(raw)} not 0 on most of the volume's border: the scan does not look "

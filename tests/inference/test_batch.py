@@ -201,6 +201,22 @@ def test_all_zero_channel_of_a_4d_file_is_reported_missing(phantom_root, segment
     assert "t1 channel all zero: missing" in capsys.readouterr().out
 
 
+def test_the_batch_report_says_which_sequences_each_result_lacks(phantom_root, segmenter, tmp_path):
+    """inference_summary.json is what a reader of a whole batch opens: a case segmented from FLAIR alone lists
+    its missing sequences and the notes its printed line gave, which went to a log only."""
+    cases = tmp_path / "cases"
+    _copy_case(phantom_root, cases, "P1", seqs=("flair",))
+    _copy_case(phantom_root, cases, "P2")
+    out = tmp_path / "out"
+    run_batch(segmenter, cases, out)
+    report = _report(out)
+    assert report["P1"]["sequences_missing"] == ["t1", "t1ce", "t2"]
+    assert report["P1"]["notes"][:2] == ["t1, t1ce, t2 not given", "without t1ce: enhancing tumour (ET) and tumour "
+                                         "core (TC) estimated without a contrast scan"]
+    assert report["P1"]["notes"] == json.loads((out / "P1.json").read_text())["notes"]
+    assert report["P2"]["sequences_missing"] == [] and not any("t1ce" in n for n in report["P2"]["notes"])
+
+
 def test_stale_output_cleanup_keeps_files_it_did_not_write(tmp_path):
     """Only this product's own outputs under a case's output names are removed; a user's scan or note stays."""
     from app.inference.batch import _remove_stale_outputs

@@ -252,6 +252,30 @@ def test_spacing_resamples_and_returns_to_input_grid(case, random_ckpt, infer, t
     assert s["inference"]["work_shape"] == [16, 16, 16] and s["inference"]["work_spacing_mm"] == [2.0, 2.0, 2.0]
 
 
+class _ZeroLogits(torch.nn.Module):
+    """Three channels of zero logits for any input: the working grid is all these tests look at."""
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return image[:, :3] * 0.0
+
+
+@pytest.mark.parametrize("stored_spacing", [1.0 - 6e-8, 1.0 + 6e-8])
+def test_working_grid_does_not_depend_on_header_float_noise(stored_spacing):
+    from app.inference.io import CaseInputs, Volume
+    from app.inference.pipeline import Segmenter
+
+    # 31 slices of 1 mm at 2 mm is 15.5 slices: a tie that float noise in the header used to break
+    # either way, so one scan stored by two converters was segmented on two grids
+    data = np.zeros((32, 32, 31), dtype=np.float32)
+    data[4:28, 4:28, 3:28] = 1.0
+    segmenter = Segmenter(_ZeroLogits(), divisor=8, spacing=2.0)
+    shapes = []
+    for spacing in (1.0, stored_spacing):
+        volume = Volume("flair", "flair.nii.gz", data, np.diag([1.0, 1.0, spacing, 1.0]))
+        shapes.append(segmenter.predict(CaseInputs({"flair": volume}, "flair")).details["work_shape"])
+    assert shapes[0] == shapes[1] == [16, 16, 16]
+
+
 def test_auto_spacing_uses_the_models_training_spacing(case, infer, tmp_path):
     net = DSUNet(features=FEATURES)
     runs = {}
@@ -382,6 +406,47 @@ def test_resample_to_aligns_other_grids(case, random_ckpt, infer, tmp_path):
     assert_same_grid(out, case["flair"])
     np.testing.assert_allclose(np.asarray(load(prob).dataobj), np.asarray(load(base).dataobj), atol=1e-4)
     assert json.loads((tmp_path / "s.json").read_text())["resampled_to_reference"] == ["t2"]
+
+
+def test_resample_to_says_when_the_fields_of_view_cover_different_parts_of_the_head(case, random_ckpt, infer, tmp_path):
+    """A FLAIR slab beside a whole-head T1ce: on the slab's grid the label map and the volumes leave out the
+    tumour beyond it, and on the T1ce's grid FLAIR reads 0 outside the slab. Both went unsaid."""
+    flair = load(case["flair"])
+    slab = tmp_path / "flair_slab.nii.gz"
+    shift = np.eye(4)
+    shift[2, 3] = 12  # slices 12 to 19 of 32: a quarter of the volume
+    nib.save(nib.Nifti1Image(np.asarray(flair.dataobj)[:, :, 12:20], flair.affine @ shift), slab)
+    notes = {}
+    for reference in ("flair", "t1ce"):
+        summary = tmp_path / f"{reference}.json"
+        rc, stdout, err = infer("--ckpt", random_ckpt, "--flair", slab, "--t1ce", case["t1ce"], "--resample-to",
+                                reference, "--out", tmp_path / f"{reference}.nii.gz", "--summary", summary)
+        assert rc == 0, err
+        s = json.loads(summary.read_text())
+        notes[reference] = [n for n in s["notes"] if n.startswith("WARNING")]
+        assert all(f"; {n}" in stdout for n in notes[reference])
+        (seq, coverage), = s["resampling_coverage"].items()
+        assert seq == ({"flair", "t1ce"} - {reference}).pop()
+        outside, uncovered = coverage["head_outside_reference"], coverage["reference_head_outside"]
+        if reference == "flair":  # the T1ce's head beyond the slab is in no output
+            assert outside > 0.5 and uncovered == 0.0
+            assert notes[reference] == [f"WARNING: {outside:.0%} of t1ce's head lies outside the flair grid, which the "
+                                        "label map and the volumes do not cover"]
+        else:  # the slab lies inside the T1ce's grid, and covers part of its head
+            assert outside == 0.0 and uncovered > 0.5
+            assert notes[reference] == [f"WARNING: flair covers {1 - uncovered:.0%} of the head on the t1ce grid and "
+                                        "reads 0 elsewhere"]
+    # grids that cover the same head say nothing: the T1ce on a grid one (empty) slice larger
+    t1ce = load(case["t1ce"])
+    larger = tmp_path / "t1ce_larger.nii.gz"
+    shift = np.eye(4)
+    shift[0, 3] = -1
+    nib.save(nib.Nifti1Image(np.pad(np.asarray(t1ce.dataobj), ((1, 0), (0, 0), (0, 0))), t1ce.affine @ shift), larger)
+    rc, stdout, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--t1ce", larger, "--resample-to", "t1ce",
+                            "--out", tmp_path / "whole.nii.gz", "--summary", tmp_path / "whole.json")
+    assert rc == 0 and "WARNING" not in stdout, err
+    coverage = json.loads((tmp_path / "whole.json").read_text())["resampling_coverage"]
+    assert coverage == {"flair": {"reference_head_outside": 0.0, "head_outside_reference": 0.0}}
 
 
 def test_window_choice():
@@ -623,6 +688,34 @@ def test_a_scan_that_does_not_look_skull_stripped_is_said(case, random_ckpt, inf
     raw = json.loads((tmp_path / "raw.json").read_text())["inference"]["border_nonzero_fraction"]
     assert raw["t2"] == 1.0 and raw["flair"] == clean["flair"]
     assert (tmp_path / "raw.nii.gz").is_file()
+
+
+def test_a_result_from_fewer_sequences_says_so_in_every_output(case, random_ckpt, infer, tmp_path):
+    """A label map from FLAIR alone reads like one from all four sequences (same values, volumes in mL): the
+    printed line, the summary and the label map's own header name the sequences used and missing, and the
+    summary records the releases that made it."""
+    from app import __version__
+
+    out, prob, summary = tmp_path / "seg.nii.gz", tmp_path / "prob.nii.gz", tmp_path / "s.json"
+    rc, stdout, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--out", out, "--probabilities", prob,
+                            "--summary", summary, "--patch-size", "32", "32", "32")
+    assert rc == 0, err
+    s = json.loads(summary.read_text())
+    missing = "t1, t1ce, t2 not given"
+    contrast = "without t1ce: enhancing tumour (ET) and tumour core (TC) estimated without a contrast scan"
+    assert s["notes"][:2] == [missing, contrast]
+    assert f"; {missing}; {contrast}" in stdout
+    assert bytes(load(out).header["descrip"]).startswith(b"brats_gmd labels brats2018 flair crc32=")
+    assert bytes(load(prob).header["descrip"]).startswith(b"brats_gmd WT,TC,ET probabilities flair crc32=")
+    metadata = json.loads((REPO / "bundles" / "brats_gmd" / "configs" / "metadata.json").read_text())
+    assert s["network"]["bundle_version"] == metadata["version"] and s["host"]["brats_gmd"] == __version__
+    # with T1ce the contrast note goes; the summary lists what is missing, and no note does when nothing is
+    rc, stdout, err = infer("--ckpt", random_ckpt, *[f"--{q}={case[q]}" for q in case], "--out", out,
+                            "--summary", summary, "--patch-size", "32", "32", "32")
+    assert rc == 0, err
+    s = json.loads(summary.read_text())
+    assert not any("not given" in n or "t1ce" in n for n in s["notes"]) and "not given" not in stdout
+    assert bytes(load(out).header["descrip"]).startswith(b"brats_gmd labels brats2018 flair+t1+t1ce+t2 crc32=")
 
 
 def test_border_nonzero_fraction_by_hand():

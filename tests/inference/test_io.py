@@ -145,3 +145,86 @@ def test_resample_to_names_the_grid_and_refuses_scans_that_do_not_overlap(tmp_pa
     nib.save(nib.Nifti1Image(np.pad(_ramp((2, 2, 2)), 1), far), str(tmp_path / "t2.nii.gz"))
     with pytest.raises(CaseError, match=r"flair\.nii\.gz \(flair\) does not overlap .*t2\.nii\.gz \(t2\) in space"):
         read_case(paths, resample_to="t2")
+
+
+def _without_orientation(src: Path, dst: Path) -> str:
+    """``src`` with qform_code and sform_code 0, as a tool that drops the orientation writes it."""
+    img = load(src)
+    out = nib.Nifti1Image(np.asarray(img.dataobj), None, img.header.copy())
+    out.header.set_qform(None, code=0)
+    out.header.set_sform(None, code=0)
+    nib.save(out, str(dst))
+    return str(dst)
+
+
+def test_a_scan_without_orientation_is_never_resampled_by_a_guessed_position(phantom_root, tmp_path):
+    """A T2 whose header lost its orientation got nibabel's guessed affine (centred, x flipped): its grid then
+    differed from FLAIR's, the error suggested --resample-to, and that moved the T2 by the guess and wrote a
+    result from it."""
+    case = phantom_root / "Phantom_000"
+    flair, t2 = str(case / "Phantom_000_flair.nii.gz"), _without_orientation(case / "Phantom_000_t2.nii.gz",
+                                                                            tmp_path / "t2.nii.gz")
+    for resample_to in (None, "flair", "t2"):
+        with pytest.raises(CaseError, match=r"t2\.nii\.gz \(t2\) has no orientation in its header \(qform_code and "
+                                            r"sform_code are 0\).*fslcpgeom .*flair\.nii\.gz .*t2\.nii\.gz"):
+            read_case({"flair": flair, "t2": t2}, resample_to=resample_to)
+    # alone, or with sequences stored on its own grid the same way, it is segmented where it is
+    flair = _without_orientation(case / "Phantom_000_flair.nii.gz", tmp_path / "flair.nii.gz")
+    read_case({"t2": t2})
+    read_case({"flair": flair, "t2": t2})
+
+
+def test_sequences_placed_in_different_spaces_are_not_resampled_onto_each_other(phantom_root, tmp_path):
+    """A FLAIR registered to MNI 152 (sform code 4) beside a T2 in scanner coordinates: resampling by world
+    coordinates of two spaces put the T2 anywhere and wrote the result. Scanner and aligned coordinates (codes 1
+    and 2: ITK writes one, nibabel the other for the same space) still resample."""
+    case = phantom_root / "Phantom_000"
+    flair, t2 = str(case / "Phantom_000_flair.nii.gz"), load(case / "Phantom_000_t2.nii.gz")
+    shifted = t2.affine.copy()
+    shifted[:3, 3] += 0.5  # co-registered, on a grid half a voxel away
+    for code, space in ((4, "MNI 152"), (3, "Talairach"), (1, None)):
+        image = nib.Nifti1Image(np.asarray(t2.dataobj), shifted)
+        image.set_sform(shifted, code=code)
+        image.set_qform(shifted, code=code)
+        nib.save(image, str(tmp_path / f"t2_{code}.nii.gz"))
+        paths = {"flair": flair, "t2": str(tmp_path / f"t2_{code}.nii.gz")}
+        if space is None:
+            assert read_case(paths, resample_to="flair").resampled == ["t2"]
+            continue
+        for resample_to in (None, "flair", "t2"):
+            with pytest.raises(CaseError, match=rf"lie on different grids in different spaces \((scanner and {space}|"
+                                                rf"{space} and scanner) coordinates, by their headers' sform/qform "
+                                                r"codes\).*register them into one space"):
+                read_case(paths, resample_to=resample_to)
+
+
+def test_a_header_that_contradicts_itself_is_said(phantom_root, tmp_path):
+    """nibabel (and so this product) reads the sform; ITK (ITK-SNAP, 3D Slicer) reads the qform and takes the
+    voxel size from pixdim. A scan whose sform and qform disagree, or whose sform's voxel size is not its pixdim,
+    lay elsewhere or measured other volumes there than in the summary, and nothing said so."""
+    from app.inference.pipeline import summary_notes
+
+    flair = load(phantom_root / "Phantom_000" / "Phantom_000_flair.nii.gz")
+    data, affine = np.asarray(flair.dataobj), flair.affine
+    turned = affine.copy()
+    turned[:3, :3] = affine[:3, :3] @ np.array([[1, 0, 0], [0, np.cos(0.1), -np.sin(0.1)], [0, np.sin(0.1), np.cos(0.1)]])
+    disagree = nib.Nifti1Image(data, turned)
+    disagree.set_sform(turned, code=1)
+    disagree.set_qform(affine, code=1)  # e.g. a registration that rewrote the sform only
+    nib.save(disagree, str(tmp_path / "disagree.nii.gz"))
+    stretched = affine @ np.diag([1.0, 1.0, 3.0, 1.0])
+    pixdim = nib.Nifti1Image(data, stretched)
+    pixdim.set_qform(None, code=0)
+    pixdim.header["pixdim"][1:4] = 1.0  # a writer that set the sform but left pixdim
+    nib.save(pixdim, str(tmp_path / "pixdim.nii.gz"))
+    case = read_case({"flair": str(tmp_path / "disagree.nii.gz"), "t2": str(tmp_path / "pixdim.nii.gz")},
+                     resample_to="flair")
+    assert case.header_conflicts["flair"].startswith("its sform and qform disagree (by up to ")
+    assert case.header_conflicts["t2"] == "its sform's voxel size (1x1x3 mm) is not its pixdim (1x1x1 mm)"
+    notes = summary_notes({"header_conflicts": {**case.header_conflicts, "t1": case.header_conflicts["t2"]},
+                           "inference": {}})
+    assert len(notes) == 2 and notes[1] == ("WARNING: t2, t1: its sform's voxel size (1x1x3 mm) is not its pixdim (1x1x1 mm); positions and "
+                        "volumes here follow the sform (as nibabel and FSL read it), ITK-SNAP and 3D Slicer read the "
+                        "qform (when set) and pixdim")
+    # a consistent header (the phantoms: the sform only, as nibabel writes it) says nothing
+    assert read_case({"flair": str(phantom_root / "Phantom_000" / "Phantom_000_flair.nii.gz")}).header_conflicts == {}
