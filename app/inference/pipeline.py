@@ -614,11 +614,20 @@ def written_by_product(path: str | os.PathLike, case: str | None = None) -> bool
         return False
 
 
+#: Free-text fields of a NIfTI-1/-2 header, where converters and anonymisation-unaware tools store identifiers
+#: (a patient name in ``descrip`` or ``aux_file``, an accession number in ``db_name``); outputs leave them empty.
+_FREE_TEXT_FIELDS = ("data_type", "db_name", "aux_file", "intent_name", "unused_str")
+
+
 def _output_image(data: np.ndarray, ref: Volume, description: str) -> nib.Nifti1Image:
     """NIfTI image on the reference grid: its affine, and its header's qform/sform codes, units, dims.
 
     The header description is ``description`` and the checksum of the voxels, by which
-    :func:`written_by_product` tells this output from a later edit of it.
+    :func:`written_by_product` tells this output from a later edit of it. Nothing else of the
+    reference header's content is copied: its free-text fields (:data:`_FREE_TEXT_FIELDS`), its
+    intent and its extensions (where ``dcmstack`` and other DICOM converters keep the DICOM header,
+    patient name and ID included) are left out, so an output carries the geometry and no more of
+    the patient's identity than its file name.
     """
     description = f"{description} crc32={voxel_crc(data)}"
     if ref.header is not None:
@@ -626,6 +635,11 @@ def _output_image(data: np.ndarray, ref: Volume, description: str) -> nib.Nifti1
         header.set_data_dtype(data.dtype)
         header.set_slope_inter(None, None)  # the input's intensity scaling must not apply to labels
         header["intent_code"] = 0
+        header["intent_p1"] = header["intent_p2"] = header["intent_p3"] = 0.0
+        for name in _FREE_TEXT_FIELDS:
+            if name in header:  # NIfTI-2 has no data_type or db_name, NIfTI-1 no unused_str
+                header[name] = b""
+        header.extensions.clear()
         header["cal_min"], header["cal_max"] = 0.0, float(data.max()) if data.size else 0.0
         header["descrip"] = description.encode()[:79]
         # same affine as the header's best affine, so nibabel keeps qform/sform and their codes as they are;

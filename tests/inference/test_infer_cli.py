@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -548,6 +549,36 @@ def test_input_intensity_scaling_is_not_applied_to_the_labels(case, random_ckpt,
     labels = seg.get_fdata()
     assert set(np.unique(labels)) == {0.0, 1.0, 2.0, 4.0}  # each label value, unscaled
     np.testing.assert_array_equal(labels, load(base).get_fdata())  # z-scoring ignores the scaling
+
+
+@pytest.mark.parametrize("image_class", [nib.Nifti1Image, nib.Nifti2Image])
+def test_outputs_carry_no_identifying_field_of_the_scan_header(case, random_ckpt, infer, tmp_path, image_class):
+    """A scan converted from DICOM may carry the patient's identity in its header's free-text fields and in
+    an extension (dcmstack keeps the whole DICOM header there). The label and probability maps copy the
+    scan's geometry, and used to copy these too."""
+    img = load(case["flair"])
+    scan = image_class(np.asarray(img.dataobj), img.affine)
+    identity = {"aux_file": b"MRN-12345678", "intent_name": b"DOE^JOHN", "descrip": b"DOE^JOHN 19700101"}
+    if "db_name" in scan.header:  # NIfTI-1 only
+        identity["db_name"] = b"ACC-987654"
+    for key, value in identity.items():
+        scan.header[key] = value
+    scan.header.extensions.append(nib.nifti1.Nifti1Extension(0, b'{"PatientName": "DOE^JOHN", "PatientID": "MRN-12345678"}'))
+    flair = tmp_path / "flair_from_dicom.nii.gz"
+    nib.save(scan, str(flair))
+    assert load(flair).header.extensions  # the case this test is about
+    out, prob = tmp_path / "seg.nii.gz", tmp_path / "prob.nii.gz"
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", flair, "--out", out, "--probabilities", prob,
+                       "--patch-size", "32", "32", "32")
+    assert rc == 0, err
+    for path in (out, prob):
+        raw = nib.load(str(path))
+        assert isinstance(raw, image_class) and not raw.header.extensions
+        assert all(bytes(raw.header[key]).strip(b"\0") == b"" for key in identity if key != "descrip")
+        assert bytes(raw.header["descrip"]).startswith(b"brats_gmd ")
+        content = gzip.decompress(path.read_bytes())  # nowhere in the file, whatever field or extension it hid in
+        assert b"DOE^JOHN" not in content and b"MRN-12345678" not in content and b"ACC-987654" not in content
+    assert_same_grid(out, flair)
 
 
 def test_negative_voxels_do_not_widen_the_foreground_crop(case, random_ckpt, infer, tmp_path):
