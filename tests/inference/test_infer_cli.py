@@ -319,6 +319,27 @@ def test_exported_torchscript_gives_the_same_result(case, random_ckpt, infer, tm
     assert rc == 2 and "features" in err and not (tmp_path / "x.nii.gz").exists()
 
 
+def test_a_torchscript_model_under_another_name_than_ts_is_never_run(case, random_ckpt, infer, tmp_path, monkeypatch):
+    """A checkpoint (``model.pt``) is data, loaded with ``weights_only=True``; a TorchScript model is a program.
+    A TorchScript archive a collaborator sends as ``model.pt`` used to be run because of what it held: it is
+    refused before it is loaded, and runs only once renamed to ``.ts``."""
+    from app.inference.export import main as export_main
+
+    ts = tmp_path / "model.ts"
+    assert export_main(["--ckpt", random_ckpt, "--out", str(ts)]) == 0
+    disguised = tmp_path / "model.pt"
+    shutil.copy(ts, disguised)
+    loaded = []
+    real_load = torch.jit.load
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: loaded.append(a) or real_load(*a, **k))
+    out = tmp_path / "seg.nii.gz"
+    rc, _, err = infer("--ckpt", disguised, "--flair", case["flair"], "--out", out)
+    assert rc == 2 and err.count("\n") == 1 and not out.exists() and loaded == []
+    assert f"{disguised} is a TorchScript model" in err and "rename it to end in .ts" in err
+    rc, _, err = infer("--ckpt", ts, "--flair", case["flair"], "--out", out, "--patch-size", "32", "32", "32")
+    assert rc == 0 and out.exists() and len(loaded) == 1, err
+
+
 @needs_simpleitk
 def test_dicom_series_input(case, random_ckpt, infer, tmp_path):
     """A folder holding a DICOM series reads onto the same grid as the NIfTI it was made from."""
