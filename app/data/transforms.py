@@ -42,34 +42,47 @@ RECORD_KEYS: tuple[str, ...] = ("images", "image4d", "channels", "label_map", "m
 
 
 def check_nifti_stream(path: str, img: nib.spatialimages.SpatialImage) -> None:
-    """Read a single-file NIfTI's whole (decompressed) stream once.
+    """Read a single-file NIfTI's whole (decompressed) stream once, before any voxel is read.
 
     nibabel reads only the bytes it needs, so a ``.nii.gz`` whose gzip CRC no longer matches (bit
-    rot) or a file holding more voxels than its header's dims would otherwise load silently.
+    rot) or a file holding more voxels than its header's dims would otherwise load silently. The
+    stream's length is also what makes reading safe against a file from elsewhere: a header that
+    claims far more voxels than the file holds (a few kilobytes claiming gigabytes) is refused here,
+    before nibabel allocates the memory the header asks for; and a stream that decompresses to more
+    than the header describes (a gzip bomb) is refused as soon as it does, without decompressing
+    the rest.
 
     Raises:
-        CaseError: naming the file, for a CRC/length mismatch, a cut stream or surplus data.
+        CaseError: naming the file, for a CRC/length mismatch, a cut stream, surplus data, or voxel data
+            shorter than the header's dimensions.
     """
     name = str(path).lower()
     if not name.endswith((".nii", ".nii.gz")) or not hasattr(img.header, "get_data_dtype"):
         return
+    header = img.header
+    offset = getattr(img.dataobj, "offset", None)  # the loaded header's vox_offset is reset; the proxy keeps it
+    expected = None if offset is None else \
+        int(offset) + int(np.prod(header.get_data_shape(), dtype=object)) * header.get_data_dtype().itemsize
     size = 0
     try:
         with (gzip.open if name.endswith(".gz") else open)(path, "rb") as f:
             while chunk := f.read(1 << 24):
                 size += len(chunk)
+                if expected is not None and size > expected:
+                    break  # surplus: the rest of a (possibly endless) stream need not be decompressed
     except PermissionError:
         raise unreadable(path) from None
     except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
         raise CaseError(f"{path} is corrupt or truncated ({type(err).__name__}: {err}): re-download or re-export it.") from err
-    header = img.header
-    offset = getattr(img.dataobj, "offset", None)  # the loaded header's vox_offset is reset; the proxy keeps it
-    if offset is None:
+    if expected is None:
         return
-    expected = int(offset) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
     if size > expected:
-        raise CaseError(f"{path} holds {size - expected} bytes beyond the {header.get_data_shape()} voxels its header "
-                        "describes: the header's dimensions are wrong; re-export the image.")
+        raise CaseError(f"{path} holds at least {size - expected} bytes beyond the {header.get_data_shape()} voxels its "
+                        "header describes: the header's dimensions are wrong; re-export the image.")
+    if size < expected:
+        raise CaseError(f"{path} holds {max(size - int(offset), 0)} bytes of voxels, but its header describes "
+                        f"{header.get_data_shape()} {header.get_data_dtype()} voxels ({expected - int(offset)} bytes): "
+                        "the file is truncated or its header's dimensions are wrong; re-download or re-export it.")
 
 
 def _open(path: str) -> nib.spatialimages.SpatialImage:
