@@ -316,6 +316,19 @@ def test_a_stream_longer_than_its_header_describes_is_not_decompressed_to_its_en
     assert sum(decompressed) < 40 << 20  # the stream holds 64 MiB more; the check reads 16 MiB at a time
 
 
+def test_a_volume_larger_than_the_memory_left_is_refused_before_it_is_read(tmp_path, make_case, monkeypatch):
+    """Linux hands out memory as it is filled, so a volume too large for what is left was read until the kernel's
+    out-of-memory killer ended this run, or another process on a shared server. It is refused from its header."""
+    folder = make_case(tmp_path, "A_1", shape=(24, 24, 24))
+    monkeypatch.setattr("app.data.transforms.available_memory", lambda: 24 * 24 * 24 * 4 - 1, raising=False)
+    read = []
+    monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "__array__", lambda self, *a, **k: read.append(1))
+    with pytest.raises(CaseError) as info:
+        load_case(only(discover_cases(tmp_path)))
+    assert str(info.value).startswith(f"Not enough memory to read {folder / 'A_1_flair.nii.gz'} (shape (24, 24, 24)")
+    assert read == []
+
+
 def test_missing_file(tmp_path, make_case):
     make_case(tmp_path, "A_1")
     rec = only(discover_cases(tmp_path))
