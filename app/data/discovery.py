@@ -504,6 +504,29 @@ def _msd_cases(
     return out
 
 
+def _link_above(dirpath: str, name: str, real_root: str) -> bool:
+    """Whether ``dirpath/name`` is a symbolic link to the data folder or to a folder that holds it (``..``, ``/``),
+    which is then not followed, with a warning.
+
+    Linked folders are followed (a cohort assembled from links to scans elsewhere), but a link above the data
+    folder only widens the search to everything beside it: another site's or study's cases, or with a link
+    to ``/`` every case on the machine, which training, evaluation and batch inference then read as this
+    folder's. Visiting each real folder once did not stop it, as the folders beside the data folder were new.
+    """
+    path = os.path.join(dirpath, name)
+    if not os.path.islink(path):
+        return False
+    target = os.path.realpath(path)
+    if os.path.commonpath([target, real_root]) != target:
+        return False
+    if target == real_root:  # a link back to the data folder itself widens nothing: skipped quietly
+        return True
+    logger.warning("%s is a symbolic link to %s, which holds the data folder %s: it is not followed, so no case "
+                   "outside the data folder is read through it. Remove the link, or pass the folder you mean as the "
+                   "data folder.", path, target, real_root)
+    return True
+
+
 def discover_cases(
     root: str | os.PathLike,
     require_label: bool = False,
@@ -563,13 +586,14 @@ def discover_cases(
     groups: dict[tuple[str, str, str], dict[str, Any]] = {}
     unmatched: dict[str, list[str]] = {}  # folder -> NIfTI files no layout names, for the warning below
     visited: set[str] = set()
+    real_root = os.path.realpath(root_path)
     for dirpath, dirnames, filenames in os.walk(root_path, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in visited:  # symlink loop or two links to one folder
             dirnames[:] = []
             continue
         visited.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not _link_above(dirpath, d, real_root))
         folder = Path(dirpath)
         if "dataset.json" in filenames:
             desc = _read_dataset_json(folder / "dataset.json")

@@ -601,6 +601,25 @@ def test_hidden_folders_and_symlink_loops_are_not_searched(tmp_path):
     assert c["images"]["flair"] == str(tmp_path / "data" / "A_1" / "A_1_flair.nii.gz")
 
 
+def test_a_link_above_the_data_folder_is_not_followed(tmp_path, caplog):
+    """Linked case folders are followed, but a link to a folder holding the data folder (``..``, ``/``, a data
+    folder unpacked from a collaborator's archive) made discovery read every case beside it: another study's
+    cases were trained on, scored or segmented as this folder's."""
+    brats18(tmp_path / "site1", "A_1")
+    brats18(tmp_path / "site2", "B_1")  # another study on the same server
+    (tmp_path / "site1" / "A_1" / "all").symlink_to(tmp_path, target_is_directory=True)
+    (tmp_path / "site1" / "root").symlink_to("/", target_is_directory=True)
+    brats18(tmp_path / "store", "C_1")
+    (tmp_path / "site1" / "C_1").symlink_to(tmp_path / "store" / "C_1", target_is_directory=True)  # still followed
+    with caplog.at_level(logging.WARNING, logger="app.data.discovery"):
+        cases = discover_cases(tmp_path / "site1", require_label=True)
+    assert [c["case"] for c in cases] == ["A_1", "C_1"]
+    warned = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(f"{tmp_path / 'site1' / 'A_1' / 'all'} is a symbolic link to {tmp_path}, which holds the "
+                            "data folder") for m in warned), warned
+    assert any(m.startswith(f"{tmp_path / 'site1' / 'root'} is a symbolic link to /,") for m in warned), warned
+
+
 def test_other_files_of_complete_cases_are_not_read(tmp_path, monkeypatch):
     """A flat folder of thousands of cases, each with a brain mask beside its sequences: the header of
     every such file was read, and every file of the folder matched against every case, though only
