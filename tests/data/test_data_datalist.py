@@ -326,6 +326,30 @@ def test_relative_paths_of_a_datalist_are_read_from_its_own_folder(tmp_path, mon
     assert evaluation_cases("~/data", datalist) == split["validation"]
 
 
+def test_a_datalist_from_elsewhere_is_confined_to_the_dataset_dir_given_with_it(tmp_path):
+    """The path policy the Security section of the README states: a datalist names the files it reads (absolute,
+    or relative to its folder, ``..`` included), so one from elsewhere may name any scan the user can read; given
+    with --dataset_dir, every file it names must lie under that folder, so a ``..`` out of it is refused."""
+    import os
+
+    from app.data.phantoms import write_phantoms
+
+    data, other = tmp_path / "data", tmp_path / "other_study"
+    write_phantoms(data, cases=2, size=16, seed=0)
+    write_phantoms(other, cases=2, size=16, seed=1)
+    split = prepare_datalist(other, tmp_path / "run", val_fraction=0.5)
+    home = data / "lists"
+    home.mkdir()
+    escaping = [{**r, "images": {q: os.path.relpath(f, home) for q, f in r["images"].items()},
+                 "label": os.path.relpath(r["label"], home)} for r in split["validation"]]
+    assert escaping[0]["label"].startswith("../../other_study/")
+    datalist = home / "datalist.json"
+    write_datalist(datalist, [], escaping)
+    assert evaluation_cases(None, datalist) == split["validation"]  # alone: read as given
+    with pytest.raises(ValueError, match=r"do not lie under --dataset_dir .*data \(e\.g\. .*other_study"):
+        evaluation_cases(data, datalist)
+
+
 def test_relative_4d_image_of_a_datalist_is_read_from_its_own_folder_and_empty_values_are_kept(tmp_path):
     """A case given as one 4D file (image4d) is joined to the datalist's folder like separate sequences; an
     empty or null value (no label) stays as it is rather than becoming the datalist's folder."""
