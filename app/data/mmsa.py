@@ -364,7 +364,16 @@ def _read_npz(path: Path) -> dict[str, dict[str, np.ndarray]]:
             if key == "__format__":
                 continue
             split, _, field = key.partition("/")
-            splits.setdefault(split, {})[field] = npz[key]
+            try:
+                value = npz[key]
+            except ValueError as err:
+                if "allow_pickle" not in str(err):
+                    raise
+                # numpy stores an object array as a pickle, and unpickling runs code: the entry is refused
+                raise ValueError(f"{path}: entry {key!r} is an array of Python objects, which loads only by unpickling "
+                                 "(refused: a pickle runs code from the file). Convert the MMSA pickle with python -m "
+                                 "app convert-mmsa, which writes plain arrays.") from None
+            splits.setdefault(split, {})[field] = value
     return MMSAData({name: _normalise_split(name, split, path) for name, split in splits.items()}, path)
 
 

@@ -84,6 +84,28 @@ def test_pickle_is_refused_without_trust_and_never_unpickled(tmp_path):
     assert not marker.exists()
 
 
+def test_an_npz_entry_of_python_objects_is_refused_naming_the_file_and_never_unpickled(tmp_path):
+    """numpy stores an array of Python objects as a pickle inside the .npz. It was refused (allow_pickle=False),
+    but with numpy's own error, which names neither the file nor the fix, in a traceback."""
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    good = write_synthetic_mmsa(tmp_path / "good.npz")
+    with np.load(good) as npz:
+        entries = {key: npz[key] for key in npz.files}
+    entries["train/id"] = np.array([Payload()] * len(entries["train/id"]), dtype=object)
+    path = tmp_path / "objects.npz"
+    np.savez(path, **entries)
+    with pytest.raises(ValueError) as err:
+        load_mmsa(path)
+    assert str(err.value).startswith(f"{path}: entry 'train/id' is an array of Python objects, which loads only by "
+                                     "unpickling") and "python -m app convert-mmsa" in str(err.value)
+    assert not marker.exists()
+
+
 def test_convert_to_an_unwritable_output_is_one_error_line(tmp_path, capsys, monkeypatch):
     """An output that is a folder, or a folder that cannot be written, ends in one line naming the output
     (exit 2), not an IsADirectoryError traceback or a message naming the temporary file."""
