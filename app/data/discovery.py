@@ -16,10 +16,13 @@ whether its images are per channel; image contents are checked when loading (:mo
 from __future__ import annotations
 
 import copy
+import gzip
 import json
 import logging
+import math
 import os
 import re
+import struct
 import zlib
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,9 +32,9 @@ from app.data.errors import CaseError
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, NON_TUMOUR_PART
 from app.subsets import BRATS_MODALITIES
 
-__all__ = ["CaseError", "ACCEPTED_LAYOUTS", "CHANNEL_ALIASES", "OUTPUT_DESCRIPTION_PREFIX", "OUTPUT_CRC_RE",
-           "brats2023_named", "is_unedited_label_output", "load_nifti", "recorded_crc_matches", "voxel_crc",
-           "case_sources", "discover_cases", "is_inference_output", "msd_channels", "msd_label_map"]
+__all__ = ["CaseError", "ACCEPTED_LAYOUTS", "CHANNEL_ALIASES", "MAX_NIFTI_EXTENSION_BYTES", "OUTPUT_DESCRIPTION_PREFIX",
+           "OUTPUT_CRC_RE", "brats2023_named", "is_unedited_label_output", "load_nifti", "recorded_crc_matches",
+           "voxel_crc", "case_sources", "discover_cases", "is_inference_output", "msd_channels", "msd_label_map"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,20 +43,60 @@ logger = logging.getLogger(__name__)
 OUTPUT_DESCRIPTION_PREFIX = "brats_gmd "
 
 
+#: Most bytes of header extensions a NIfTI file may hold before its voxels. nibabel reads the extensions into
+#: memory when it opens the header; a DICOM header kept in one takes kilobytes, dcmstack's JSON a few MiB.
+MAX_NIFTI_EXTENSION_BYTES = 64 * 2**20
+
+
+def _check_extension_size(path: str) -> None:
+    """Refuse a single-file NIfTI whose header extensions (what lies between the header and ``vox_offset``)
+    exceed :data:`MAX_NIFTI_EXTENSION_BYTES`, from its first bytes alone.
+
+    nibabel reads every extension into memory as it opens the header, up to ``vox_offset``, which the file sets:
+    a few megabytes of compressed zeros made it take gigabytes, in discovery (which opens every NIfTI header
+    of a folder) before any other check ran. Files that cannot be read are left to nibabel.
+
+    Raises:
+        ValueError: the extensions' size, for the caller to name the file.
+    """
+    lower = path.lower()
+    if not lower.endswith((".nii", ".nii.gz")):
+        return
+    try:
+        with (gzip.open if lower.endswith(".gz") else open)(path, "rb") as f:
+            head = f.read(540)
+    except (OSError, EOFError, zlib.error):
+        return
+    for header_size, offset_at, kind in ((348, 108, "f"), (540, 168, "q")):  # NIfTI-1: float32; NIfTI-2: int64
+        for order in "<>":
+            if len(head) >= header_size and struct.unpack(f"{order}i", head[:4])[0] == header_size:
+                vox_offset = struct.unpack_from(f"{order}{kind}", head, offset_at)[0]
+                extensions = vox_offset - header_size - 4  # the 4 bytes of the extension flag
+                if math.isfinite(vox_offset) and extensions <= MAX_NIFTI_EXTENSION_BYTES:
+                    return
+                raise ValueError(f"its header puts the voxels {vox_offset:.0f} bytes into the file, behind "
+                                 f"{extensions / 2**20:.0f} MiB of header extensions (at most "
+                                 f"{MAX_NIFTI_EXTENSION_BYTES // 2**20} MiB are read): the header is damaged, or the "
+                                 "file was made to exhaust memory")
+
+
 def load_nifti(path: str | os.PathLike) -> Any:
     """``nibabel.load`` of a NIfTI file whatever the case of its extension (``.nii.gz``, ``.NII.GZ``, ``.Nii.gz``).
 
     nibabel rebuilds the file name from its extension in lower or upper case, so a file whose extension mixes
     both (``.Nii.gz``, which discovery accepts as every spelling) was looked up under another, missing name and
-    refused as a file that does not exist. Such a file is opened under its own name instead.
+    refused as a file that does not exist. Such a file is opened under its own name instead. A file with more
+    header extensions than a scan holds is refused before nibabel reads them (:func:`_check_extension_size`).
 
     Raises:
         FileNotFoundError: there is no file at ``path``.
+        ValueError: header extensions beyond :data:`MAX_NIFTI_EXTENSION_BYTES`.
         Exception: nibabel's own errors for a file it cannot read.
     """
     import nibabel as nib
 
     path = os.fspath(path)
+    _check_extension_size(path)
     try:
         return nib.load(path)
     except FileNotFoundError:

@@ -316,6 +316,36 @@ def test_a_stream_longer_than_its_header_describes_is_not_decompressed_to_its_en
     assert sum(decompressed) < 40 << 20  # the stream holds 64 MiB more; the check reads 16 MiB at a time
 
 
+def test_header_extensions_larger_than_a_scan_holds_are_refused_before_they_are_read(tmp_path, make_case):
+    """nibabel reads a NIfTI's header extensions into memory when it opens the header, up to the voxel offset the
+    file sets: 80 MiB of zeros in an extension (80 kB compressed) were read, and a few megabytes of them take
+    gigabytes, in discovery (which opens every header of a folder) before any other check."""
+    import struct
+
+    folder = make_case(tmp_path, "A_1", shape=(24, 24, 24))
+    path = folder / "A_1_flair.nii.gz"
+    img = nib.load(str(path))
+    header, voxels = img.header.copy(), np.asarray(img.dataobj).astype(img.get_data_dtype()).tobytes(order="F")
+    size = 80 << 20  # beyond the 64 MiB a scan's extensions may take
+    header["vox_offset"] = 352 + size
+    with gzip.open(path, "wb", compresslevel=1) as f:  # a valid file: nibabel reads it whole
+        f.write(header.binaryblock + b"\x01\0\0\0" + struct.pack("<ii", size, 0))
+        for _ in range((size - 8) // (1 << 20)):
+            f.write(bytes(1 << 20))
+        f.write(bytes((size - 8) % (1 << 20)) + voxels)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CaseError) as info:
+            load_case(only(discover_cases(tmp_path)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    message = str(info.value)
+    assert message.startswith(f"Cannot read {path} (ValueError: its header puts the voxels {352 + size} bytes into "
+                              "the file, behind 80 MiB of header extensions (at most 64 MiB are read)")
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB allocated"
+
+
 def test_a_volume_larger_than_the_memory_left_is_refused_before_it_is_read(tmp_path, make_case, monkeypatch):
     """Linux hands out memory as it is filled, so a volume too large for what is left was read until the kernel's
     out-of-memory killer ended this run, or another process on a shared server. It is refused from its header."""
