@@ -350,6 +350,24 @@ def test_a_datalist_from_elsewhere_is_confined_to_the_dataset_dir_given_with_it(
         evaluation_cases(data, datalist)
 
 
+def test_a_datalist_repeating_a_case_is_refused_instead_of_weighing_it_more(tmp_path):
+    """A datalist edited by hand, or sent from elsewhere, that lists one validation case many times: each entry
+    was scored, and the case weighed that much more in every subset's mean, with only a warning per subset."""
+    from app.data.phantoms import write_phantoms
+
+    data = tmp_path / "data"
+    write_phantoms(data, cases=3, size=16, seed=0)
+    split = prepare_datalist(data, tmp_path / "run", val_fraction=0.67)
+    first, second = split["validation"][:2]
+    datalist = tmp_path / "edited.json"
+    write_datalist(datalist, [], [first, *[second] * 1000, first])
+    with pytest.raises(ValueError, match=rf"edited\.json lists case '{second['case']}' 1000 times in its validation "
+                                         r"cases \(and 1 other case\(s\) more than once\): .*Remove the repeated"):
+        evaluation_cases(None, datalist)
+    with pytest.raises(ValueError, match="1000 times"):
+        evaluation_cases(data, datalist)
+
+
 def test_relative_4d_image_of_a_datalist_is_read_from_its_own_folder_and_empty_values_are_kept(tmp_path):
     """A case given as one 4D file (image4d) is joined to the datalist's folder like separate sequences; an
     empty or null value (no label) stays as it is rather than becoming the datalist's folder."""
