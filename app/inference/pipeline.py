@@ -721,6 +721,10 @@ def segment_case(
     if str(labels).strip().lower() == "auto" and label_map is not None:
         convention, convention_name = {p: list(label_map[p]) for p in LABEL_PARTS}, "dataset.json"
     written = _written_values(convention)
+    if any(not 0 <= v <= 255 for v in written.values()):  # a dataset.json's labels: the map is uint8
+        source = next((os.fspath(f) for f in other_inputs if os.fspath(f).lower().endswith(".json")), "dataset.json")
+        raise CaseError(f"{source} gives the tumour parts the label values {written}, but a label map holds 0 to 255: "
+                        "fix its 'labels' entry, or pass --labels 2018 to write BraTS values.")
     inputs = [os.fspath(p) for p in (*paths.values(), *other_inputs)]
     flags = ("Output",) * 3 if named_by_folder else ("--out", "--probabilities", "--summary")
     rename = "choose another output folder" if named_by_folder else "choose another output name"

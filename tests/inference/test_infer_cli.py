@@ -553,6 +553,24 @@ def test_case_dir_of_an_msd_task_writes_the_label_values_of_its_dataset_json(cas
     np.testing.assert_array_equal(np.asarray(load(out).dataobj), labels_2018)
 
 
+def test_dataset_json_label_values_beyond_a_label_map_are_refused_before_the_network_runs(case, random_ckpt, infer,
+                                                                                          tmp_path, monkeypatch):
+    """A dataset.json (from elsewhere) numbering a tumour part 300: the case was segmented, and only writing the
+    uint8 map stopped with 'Label values [2, 1, 300] do not fit uint8.', naming neither the file nor the fix."""
+    from app.inference.pipeline import Segmenter
+    from tests.inference.test_bad_inputs import _msd_task
+
+    msd = _msd_task(case, tmp_path / "Task01")
+    (msd / "dataset.json").write_text((msd / "dataset.json").read_text().replace('"3": "enhancing', '"300": "enhancing'))
+    ran = []
+    monkeypatch.setattr(Segmenter, "predict", lambda *a, **k: ran.append(1))
+    out = tmp_path / "seg.nii.gz"
+    rc, _, err = infer("--ckpt", random_ckpt, "--case-dir", msd, "--out", out)
+    assert rc == 2 and err.count("\n") == 1 and not out.exists() and ran == []
+    assert err.startswith(f"error: {msd / 'dataset.json'} gives the tumour parts the label values ") and "300" in err
+    assert "pass --labels 2018" in err
+
+
 def test_input_intensity_scaling_is_not_applied_to_the_labels(case, random_ckpt, infer, tmp_path):
     """A scan stored as int16 with scl_slope/scl_inter (how many converters store float intensities):
     the label map copies its header, but must not carry the scaling, or a viewer reads label 1 as 0.37."""
