@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from app.atomic import missing_hint
-from app.data.errors import CaseError
+from app.data.errors import CaseError, check_regular_file
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, NON_TUMOUR_PART
 from app.subsets import BRATS_MODALITIES
 
@@ -90,12 +90,14 @@ def load_nifti(path: str | os.PathLike) -> Any:
 
     Raises:
         FileNotFoundError: there is no file at ``path``.
+        CaseError: a named pipe, device or socket.
         ValueError: header extensions beyond :data:`MAX_NIFTI_EXTENSION_BYTES`.
         Exception: nibabel's own errors for a file it cannot read.
     """
     import nibabel as nib
 
     path = os.fspath(path)
+    check_regular_file(path)  # a named pipe under a scan's name: nibabel would wait on it forever
     _check_extension_size(path)
     try:
         return nib.load(path)

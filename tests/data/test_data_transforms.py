@@ -359,6 +359,35 @@ def test_a_volume_larger_than_the_memory_left_is_refused_before_it_is_read(tmp_p
     assert read == []
 
 
+def test_a_named_pipe_under_a_scans_name_is_refused_instead_of_waited_on(tmp_path, make_case):
+    """A data folder unpacked from an archive may hold a named pipe under a scan's name: opening it waited for a
+    writer forever, so training, evaluation and inference hung instead of stopping with a message."""
+    import threading
+
+    folder = make_case(tmp_path, "A_1", shape=(24, 24, 24))
+    pipe = folder / "A_1_t2.nii.gz"
+    pipe.unlink()
+    os.mkfifo(pipe)
+    record = only(discover_cases(tmp_path))
+    outcome = []
+
+    def load() -> None:
+        try:
+            load_case(record)
+        except CaseError as err:
+            outcome.append(str(err))
+
+    reader = threading.Thread(target=load, daemon=True)
+    reader.start()
+    reader.join(timeout=20)
+    if reader.is_alive():  # release the reader stuck on the pipe
+        os.close(os.open(pipe, os.O_WRONLY))
+        reader.join(timeout=20)
+        pytest.fail("reading the case waited on the named pipe")
+    assert outcome == [f"{pipe} is a named pipe, not a file: it is not read (reading it would wait or run forever). "
+                       "Replace it with the scan's file, or remove it."]
+
+
 def test_missing_file(tmp_path, make_case):
     make_case(tmp_path, "A_1")
     rec = only(discover_cases(tmp_path))
