@@ -229,6 +229,7 @@ def _label_part(name: str) -> str | None:
 
 
 def _read_dataset_json(path: Path) -> dict[str, Any]:
+    check_regular_file(path)  # a named pipe in a folder from an archive: open() would wait forever
     try:
         with open(path, encoding="utf-8") as f:
             desc = json.load(f)

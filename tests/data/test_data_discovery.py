@@ -620,6 +620,32 @@ def test_a_link_above_the_data_folder_is_not_followed(tmp_path, caplog):
     assert any(m.startswith(f"{tmp_path / 'site1' / 'root'} is a symbolic link to /,") for m in warned), warned
 
 
+def test_a_dataset_json_that_is_a_named_pipe_is_refused_instead_of_waited_on(tmp_path):
+    """Discovery opened every dataset.json it met; a named pipe under that name (a folder unpacked from an
+    archive) made it wait for a writer forever."""
+    import threading
+
+    (tmp_path / "Task01" / "imagesTr").mkdir(parents=True)
+    pipe = tmp_path / "Task01" / "dataset.json"
+    os.mkfifo(pipe)
+    outcome = []
+
+    def discover() -> None:
+        try:
+            discover_cases(tmp_path)
+        except CaseError as err:
+            outcome.append(str(err))
+
+    finder = threading.Thread(target=discover, daemon=True)
+    finder.start()
+    finder.join(timeout=20)
+    if finder.is_alive():
+        os.close(os.open(pipe, os.O_WRONLY))  # release it
+        finder.join(timeout=20)
+        pytest.fail("discovery waited on the named pipe")
+    assert outcome and outcome[0].startswith(f"{pipe} is a named pipe, not a file")
+
+
 def test_other_files_of_complete_cases_are_not_read(tmp_path, monkeypatch):
     """A flat folder of thousands of cases, each with a brain mask beside its sequences: the header of
     every such file was read, and every file of the folder matched against every case, though only
