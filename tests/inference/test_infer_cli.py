@@ -450,6 +450,28 @@ def test_resampling_that_leaves_no_head_names_the_spacing_options(tmp_path, infe
     assert "pass --spacing native, or a finer --spacing in mm" in err and not (tmp_path / "o.nii.gz").exists()
 
 
+def test_a_training_spacing_that_would_not_fit_in_memory_is_refused_before_resampling(case, infer, tmp_path,
+                                                                                      monkeypatch):
+    """The training spacing comes from the checkpoint, a file from elsewhere: one recording 0.25 mm makes this
+    1 mm scan 64 times larger (0.05 mm: 8000 times). The run resampled it and took memory until an allocation
+    failed, then advised smaller windows; it is refused first, naming the spacing and the fix."""
+    net = DSUNet(features=FEATURES)
+    net.training_spacing.copy_(torch.tensor([0.25, 0.25, 0.25]))
+    ckpt = tmp_path / "fine.pt"
+    torch.save(net.state_dict(), ckpt)
+    monkeypatch.setattr("app.inference.pipeline.available_memory", lambda: 50 * 2**20, raising=False)
+    resampled = []
+    real_interpolate = torch.nn.functional.interpolate
+    monkeypatch.setattr(torch.nn.functional, "interpolate", lambda *a, **k: resampled.append(k.get("size")) or
+                        real_interpolate(*a, **k))
+    out = tmp_path / "seg.nii.gz"
+    rc, _, err = infer("--ckpt", ckpt, "--flair", case["flair"], "--out", out)
+    assert rc == 2 and err.count("\n") == 1 and not out.exists() and resampled == [], err
+    assert err.startswith(f"error: {case['flair']}: resampling to [0.25, 0.25, 0.25] mm (the model's training spacing, "
+                          "--spacing auto) would make this scan 128x128x128 voxels (about 0.1 GiB to segment)")
+    assert "pass --spacing native" in err
+
+
 def test_a_spacing_too_coarse_for_the_network_names_the_fix(case, random_ckpt, infer, tmp_path):
     """At 100 mm a head is a few voxels: the network cannot run on it, and the error says why."""
     rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--out", tmp_path / "o.nii.gz",
