@@ -176,6 +176,8 @@ def _run_bundle(configs: Sequence[Path], bundle: Path, args: Sequence[str], log:
     config = str(configs[0]) if len(configs) == 1 else str([str(c) for c in configs])
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", str(bundle), *args]
     log.parent.mkdir(parents=True, exist_ok=True)
+    if log.is_symlink():  # open(log, "w") would write (and truncate) the file a link under the log's name points to
+        log.unlink()
     start = time.perf_counter()
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n")

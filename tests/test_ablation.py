@@ -393,6 +393,24 @@ def test_a_failed_bundle_run_reports_its_error_line(tmp_path):
     assert "error: --patch_sizes" in log.read_text()
 
 
+def test_a_bundle_log_replaces_a_link_under_its_name_instead_of_writing_through_it(tmp_path, monkeypatch):
+    """open(log, "w") follows a symbolic link: a link planted under a stage's log name (a shared output folder)
+    had the ablation truncate and overwrite the file it named with the training's output."""
+    from app.ablation import _run_bundle
+
+    victim = tmp_path / "notes.txt"
+    victim.write_text("someone else's file")
+    log = tmp_path / "plain" / "train.log"
+    log.parent.mkdir()
+    log.symlink_to(victim)
+    monkeypatch.setattr(subprocess, "run", lambda cmd, stdout, **kw: stdout.write("trained\n") and
+                        subprocess.CompletedProcess(cmd, 0))
+    bundle = REPO / "bundles" / "brats_gmd"
+    _run_bundle([bundle / "configs" / "train.yaml"], bundle, [], log)
+    assert victim.read_text() == "someone else's file"
+    assert not log.is_symlink() and log.read_text().endswith("trained\n")
+
+
 _PARENT = """
 import sys
 from pathlib import Path

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -305,6 +307,27 @@ def test_a_bare_home_folder_is_read_as_home(tmp_path, monkeypatch):
     live = tmp_path / "link"
     live.symlink_to(tmp_path)
     assert missing_hint(live) == ""  # a link to an existing file or folder is no cause of a missing input
+
+
+def test_outputs_take_the_umask_and_replace_a_link_under_their_name(tmp_path):
+    """The permissions and link handling the Security section of the README states for every atomic output
+    (reports, datalists, checkpoints, exports): the process's umask decides who may read them (nothing is
+    ever made wider), and a symbolic link at the output's name is replaced, never written through."""
+    victim = tmp_path / "notes.txt"
+    victim.write_text("someone else's file")
+    out = tmp_path / "run" / "subset_dice.json"
+    out.parent.mkdir()
+    out.symlink_to(victim)
+    previous = os.umask(0o027)
+    try:
+        atomic_write_text(out, "{}")
+        atomic_write_text(tmp_path / "run" / "models" / "model.pt", "weights")
+    finally:
+        os.umask(previous)
+    assert victim.read_text() == "someone else's file" and not out.is_symlink() and out.read_text() == "{}"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "run" / "models").stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "run" / "models" / "model.pt").stat().st_mode) == 0o640
 
 
 def test_remove_abandoned_temporaries_removes_only_those_of_dead_writers(tmp_path):

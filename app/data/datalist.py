@@ -254,6 +254,15 @@ def evaluation_cases(
     if not val:
         raise ValueError(f"{datalist} holds out no validation case: train with a larger --val_fraction or more "
                          "cases, or evaluate every case under --dataset_dir instead.")
+    # training writes each case once; a datalist edited by hand or sent from elsewhere may repeat one, which
+    # was scored once per entry and weighed that much more in every mean (with a warning per subset only)
+    counts = Counter(str(r.get("case")) for r in val if isinstance(r, dict))
+    repeated = [(case, n) for case, n in counts.most_common() if n > 1]
+    if repeated:
+        case, n = repeated[0]
+        others = f" (and {len(repeated) - 1} other case(s) more than once)" if len(repeated) > 1 else ""
+        raise ValueError(f"{datalist} lists case {case!r} {n} times in its validation cases{others}: each entry would "
+                         "be scored and weigh in the means as another case. Remove the repeated entries.")
     files = [f for r in val for f in (*dict(r.get("images") or {}).values(), r.get("image4d"), r.get("label")) if f]
     missing = [f for f in files if not os.path.exists(f)]
     if missing:

@@ -16,22 +16,25 @@ whether its images are per channel; image contents are checked when loading (:mo
 from __future__ import annotations
 
 import copy
+import gzip
 import json
 import logging
+import math
 import os
 import re
+import struct
 import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
 from app.atomic import missing_hint
-from app.data.errors import CaseError
+from app.data.errors import CaseError, check_regular_file
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, NON_TUMOUR_PART
 from app.subsets import BRATS_MODALITIES
 
-__all__ = ["CaseError", "ACCEPTED_LAYOUTS", "CHANNEL_ALIASES", "OUTPUT_DESCRIPTION_PREFIX", "OUTPUT_CRC_RE",
-           "brats2023_named", "is_unedited_label_output", "load_nifti", "recorded_crc_matches", "voxel_crc",
-           "case_sources", "discover_cases", "is_inference_output", "msd_channels", "msd_label_map"]
+__all__ = ["CaseError", "ACCEPTED_LAYOUTS", "CHANNEL_ALIASES", "MAX_NIFTI_EXTENSION_BYTES", "OUTPUT_DESCRIPTION_PREFIX",
+           "OUTPUT_CRC_RE", "brats2023_named", "is_unedited_label_output", "load_nifti", "recorded_crc_matches",
+           "voxel_crc", "case_sources", "discover_cases", "is_inference_output", "msd_channels", "msd_label_map"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,20 +43,62 @@ logger = logging.getLogger(__name__)
 OUTPUT_DESCRIPTION_PREFIX = "brats_gmd "
 
 
+#: Most bytes of header extensions a NIfTI file may hold before its voxels. nibabel reads the extensions into
+#: memory when it opens the header; a DICOM header kept in one takes kilobytes, dcmstack's JSON a few MiB.
+MAX_NIFTI_EXTENSION_BYTES = 64 * 2**20
+
+
+def _check_extension_size(path: str) -> None:
+    """Refuse a single-file NIfTI whose header extensions (what lies between the header and ``vox_offset``)
+    exceed :data:`MAX_NIFTI_EXTENSION_BYTES`, from its first bytes alone.
+
+    nibabel reads every extension into memory as it opens the header, up to ``vox_offset``, which the file sets:
+    a few megabytes of compressed zeros made it take gigabytes, in discovery (which opens every NIfTI header
+    of a folder) before any other check ran. Files that cannot be read are left to nibabel.
+
+    Raises:
+        ValueError: the extensions' size, for the caller to name the file.
+    """
+    lower = path.lower()
+    if not lower.endswith((".nii", ".nii.gz")):
+        return
+    try:
+        with (gzip.open if lower.endswith(".gz") else open)(path, "rb") as f:
+            head = f.read(540)
+    except (OSError, EOFError, zlib.error):
+        return
+    for header_size, offset_at, kind in ((348, 108, "f"), (540, 168, "q")):  # NIfTI-1: float32; NIfTI-2: int64
+        for order in "<>":
+            if len(head) >= header_size and struct.unpack(f"{order}i", head[:4])[0] == header_size:
+                vox_offset = struct.unpack_from(f"{order}{kind}", head, offset_at)[0]
+                extensions = vox_offset - header_size - 4  # the 4 bytes of the extension flag
+                if math.isfinite(vox_offset) and extensions <= MAX_NIFTI_EXTENSION_BYTES:
+                    return
+                raise ValueError(f"its header puts the voxels {vox_offset:.0f} bytes into the file, behind "
+                                 f"{extensions / 2**20:.0f} MiB of header extensions (at most "
+                                 f"{MAX_NIFTI_EXTENSION_BYTES // 2**20} MiB are read): the header is damaged, or the "
+                                 "file was made to exhaust memory")
+
+
 def load_nifti(path: str | os.PathLike) -> Any:
     """``nibabel.load`` of a NIfTI file whatever the case of its extension (``.nii.gz``, ``.NII.GZ``, ``.Nii.gz``).
 
     nibabel rebuilds the file name from its extension in lower or upper case, so a file whose extension mixes
     both (``.Nii.gz``, which discovery accepts as every spelling) was looked up under another, missing name and
-    refused as a file that does not exist. Such a file is opened under its own name instead.
+    refused as a file that does not exist. Such a file is opened under its own name instead. A file with more
+    header extensions than a scan holds is refused before nibabel reads them (:func:`_check_extension_size`).
 
     Raises:
         FileNotFoundError: there is no file at ``path``.
+        CaseError: a named pipe, device or socket.
+        ValueError: header extensions beyond :data:`MAX_NIFTI_EXTENSION_BYTES`.
         Exception: nibabel's own errors for a file it cannot read.
     """
     import nibabel as nib
 
     path = os.fspath(path)
+    check_regular_file(path)  # a named pipe under a scan's name: nibabel would wait on it forever
+    _check_extension_size(path)
     try:
         return nib.load(path)
     except FileNotFoundError:
@@ -184,6 +229,7 @@ def _label_part(name: str) -> str | None:
 
 
 def _read_dataset_json(path: Path) -> dict[str, Any]:
+    check_regular_file(path)  # a named pipe in a folder from an archive: open() would wait forever
     try:
         with open(path, encoding="utf-8") as f:
             desc = json.load(f)
@@ -504,6 +550,29 @@ def _msd_cases(
     return out
 
 
+def _link_above(dirpath: str, name: str, real_root: str) -> bool:
+    """Whether ``dirpath/name`` is a symbolic link to the data folder or to a folder that holds it (``..``, ``/``),
+    which is then not followed, with a warning.
+
+    Linked folders are followed (a cohort assembled from links to scans elsewhere), but a link above the data
+    folder only widens the search to everything beside it: another site's or study's cases, or with a link
+    to ``/`` every case on the machine, which training, evaluation and batch inference then read as this
+    folder's. Visiting each real folder once did not stop it, as the folders beside the data folder were new.
+    """
+    path = os.path.join(dirpath, name)
+    if not os.path.islink(path):
+        return False
+    target = os.path.realpath(path)
+    if os.path.commonpath([target, real_root]) != target:
+        return False
+    if target == real_root:  # a link back to the data folder itself widens nothing: skipped quietly
+        return True
+    logger.warning("%s is a symbolic link to %s, which holds the data folder %s: it is not followed, so no case "
+                   "outside the data folder is read through it. Remove the link, or pass the folder you mean as the "
+                   "data folder.", path, target, real_root)
+    return True
+
+
 def discover_cases(
     root: str | os.PathLike,
     require_label: bool = False,
@@ -563,13 +632,14 @@ def discover_cases(
     groups: dict[tuple[str, str, str], dict[str, Any]] = {}
     unmatched: dict[str, list[str]] = {}  # folder -> NIfTI files no layout names, for the warning below
     visited: set[str] = set()
+    real_root = os.path.realpath(root_path)
     for dirpath, dirnames, filenames in os.walk(root_path, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in visited:  # symlink loop or two links to one folder
             dirnames[:] = []
             continue
         visited.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not _link_above(dirpath, d, real_root))
         folder = Path(dirpath)
         if "dataset.json" in filenames:
             desc = _read_dataset_json(folder / "dataset.json")

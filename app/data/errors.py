@@ -4,8 +4,10 @@ loaders) can raise it, and the check that tells a file this process may not read
 from __future__ import annotations
 
 import os
+import stat
 
-__all__ = ["CaseError", "WorkerCaseError", "check_readable", "too_large_to_read", "unreadable"]
+__all__ = ["CaseError", "WorkerCaseError", "check_readable", "check_regular_file", "special_file_kind",
+           "too_large_to_read", "unreadable"]
 
 
 class CaseError(ValueError):
@@ -52,10 +54,42 @@ def too_large_to_read(path: str | os.PathLike, shape: tuple[int, ...], itemsize:
                      "in memory): the file is not damaged; run on a machine (or container) with more free memory.")
 
 
+def special_file_kind(path: str | os.PathLike) -> str | None:
+    """What ``path`` is when it exists but is neither a regular file nor a folder (after following links):
+    ``"named pipe"``, ``"device"`` or ``"socket"``; else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "named pipe"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return None
+
+
+def check_regular_file(path: str | os.PathLike) -> None:
+    """Refuse a path that is a named pipe, a device or a socket (a data folder from an archive may hold one,
+    under a scan's name): opening a pipe waits for a writer forever, and a device never ends, so training,
+    evaluation and inference hung on such a "scan" instead of stopping.
+
+    Raises:
+        CaseError: naming the path, what it is and the fix.
+    """
+    kind = special_file_kind(path)
+    if kind is not None:
+        raise CaseError(f"{os.fspath(path)} is a {kind}, not a file: it is not read (reading it would wait or run "
+                        "forever). Replace it with the scan's file, or remove it.")
+
+
 def check_readable(path: str | os.PathLike) -> None:
     """Raise :func:`unreadable` when ``path`` exists but may not be opened; other problems are left to
     the loader. Readers such as nibabel report a refused open as an unreadable format, whose fix
-    (re-export the file) would be wrong."""
+    (re-export the file) would be wrong. A named pipe, device or socket is refused first
+    (:func:`check_regular_file`): opening a pipe would wait forever."""
+    check_regular_file(path)
     try:
         with open(path, "rb"):
             pass

@@ -352,6 +352,47 @@ def _load_npz(path: Path) -> dict[str, dict[str, np.ndarray]]:
         raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err}): it is truncated or damaged; {fix}.") from err
 
 
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _check_npz_sizes(npz: Any, path: Path) -> None:
+    """Refuse an ``.npz`` whose arrays claim more bytes than their entries hold, or more than the memory left,
+    from the entries' ``.npy`` headers alone.
+
+    numpy allocates what an array's header claims before it reads the data: a few bytes claiming billions of
+    values ended in a ``MemoryError`` traceback (or, below what the machine can hand out, in numpy's ``EOF``
+    error), and an entry of zeros compressed a thousandfold (a zip bomb) took memory until the machine ran out.
+    """
+    from app.data.cache import available_memory
+
+    total = 0
+    for name in npz.zip.namelist():
+        info = npz.zip.getinfo(name)
+        with npz.zip.open(info) as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                reader = _NPY_HEADER_READERS.get(version)
+                if reader is None:
+                    continue  # a newer format: numpy's own reading decides
+                shape, _, dtype = reader(f)
+            except ValueError:
+                continue  # not an array numpy can read: numpy's own reading names it
+            if dtype.hasobject:
+                continue  # refused when it is read (it would be unpickled)
+            nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            held = info.file_size - f.tell()
+        key = name[:-4] if name.endswith(".npy") else name
+        if nbytes > held:
+            raise ValueError(f"{path}: entry {key!r} claims {tuple(shape)} {dtype} values ({nbytes} bytes), but holds "
+                             f"{held} bytes: the file is damaged, or was made to exhaust memory. Convert the MMSA "
+                             "pickle again with python -m app convert-mmsa.")
+        total += nbytes
+    room = available_memory()
+    if room is not None and total > room:
+        raise ValueError(f"{path}: its arrays take {total / 2**30:.1f} GiB, more than the {room / 2**30:.1f} GiB of "
+                         "memory left: run on a machine (or container) with more free memory.")
+
+
 def _read_npz(path: Path) -> dict[str, dict[str, np.ndarray]]:
     with np.load(path, allow_pickle=False) as npz:
         if "__format__" not in npz.files or str(npz["__format__"]) != NPZ_FORMAT:
@@ -359,12 +400,22 @@ def _read_npz(path: Path) -> dict[str, dict[str, np.ndarray]]:
                 f"{path} is not an MMSA .npz written by `python -m app convert-mmsa` (no {NPZ_FORMAT!r} marker): "
                 "convert the original MMSA pickle with that command."
             )
+        _check_npz_sizes(npz, path)
         splits: dict[str, dict[str, Any]] = {}
         for key in npz.files:
             if key == "__format__":
                 continue
             split, _, field = key.partition("/")
-            splits.setdefault(split, {})[field] = npz[key]
+            try:
+                value = npz[key]
+            except ValueError as err:
+                if "allow_pickle" not in str(err):
+                    raise
+                # numpy stores an object array as a pickle, and unpickling runs code: the entry is refused
+                raise ValueError(f"{path}: entry {key!r} is an array of Python objects, which loads only by unpickling "
+                                 "(refused: a pickle runs code from the file). Convert the MMSA pickle with python -m "
+                                 "app convert-mmsa, which writes plain arrays.") from None
+            splits.setdefault(split, {})[field] = value
     return MMSAData({name: _normalise_split(name, split, path) for name, split in splits.items()}, path)
 
 

@@ -10,6 +10,7 @@ dictionary transform around it. Every problem with the files raises :class:`Case
 from __future__ import annotations
 
 import gzip
+import os
 import zlib
 from typing import Any, Hashable, Mapping
 
@@ -21,14 +22,15 @@ from monai.transforms import MapTransform
 from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys
 
 from app.atomic import missing_hint
+from app.data.cache import available_memory
 from app.data.discovery import is_unedited_label_output, load_nifti
 from app.data.errors import CaseError, check_readable, too_large_to_read, unreadable
 from app.data.labels import LABEL_CONVENTIONS, labels_to_regions
 from app.subsets import BRATS_MODALITIES
 
 __all__ = [
-    "AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "RegionVoxelsd", "ZeroAbsentSequencesd", "check_nifti_stream",
-    "check_voxels", "grid_reordering", "load_case", "reorder_voxels",
+    "AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "RegionVoxelsd", "ZeroAbsentSequencesd", "check_fits_in_memory",
+    "check_nifti_stream", "check_voxels", "grid_reordering", "load_case", "reorder_voxels",
 ]
 
 #: Largest absolute difference between affine entries still treated as the same grid.
@@ -41,35 +43,67 @@ MAX_LABEL_VALUE = max(v for parts in LABEL_CONVENTIONS.values() for values in pa
 RECORD_KEYS: tuple[str, ...] = ("images", "image4d", "channels", "label_map", "modalities", "label_file")
 
 
-def check_nifti_stream(path: str, img: nib.spatialimages.SpatialImage) -> None:
-    """Read a single-file NIfTI's whole (decompressed) stream once.
+def check_fits_in_memory(path: str | os.PathLike, shape: tuple[int, ...], itemsize: int = 4) -> None:
+    """Refuse a volume whose voxels (``itemsize`` bytes each, float32 as read) exceed the memory this process can
+    still take (:func:`app.data.cache.available_memory`), before it is read.
 
-    nibabel reads only the bytes it needs, so a ``.nii.gz`` whose gzip CRC no longer matches (bit
-    rot) or a file holding more voxels than its header's dims would otherwise load silently.
+    Allocating more than that does not fail at once on Linux: the pages are taken as they are filled, until the
+    kernel's out-of-memory killer ends this process or another one on the machine (a shared clinical server).
+    Without this check a scan too large for the machine was read until then.
 
     Raises:
-        CaseError: naming the file, for a CRC/length mismatch, a cut stream or surplus data.
+        CaseError: :func:`app.data.errors.too_large_to_read`, naming the file, its shape and the memory it needs.
+    """
+    room = available_memory()
+    need = itemsize * int(np.prod([int(n) for n in shape], dtype=object))
+    if room is not None and need > room:
+        raise too_large_to_read(path, tuple(shape), itemsize)
+
+
+def check_nifti_stream(path: str, img: nib.spatialimages.SpatialImage) -> None:
+    """Read a single-file NIfTI's whole (decompressed) stream once, before any voxel is read.
+
+    nibabel reads only the bytes it needs, so a ``.nii.gz`` whose gzip CRC no longer matches (bit
+    rot) or a file holding more voxels than its header's dims would otherwise load silently. The
+    stream's length is also what makes reading safe against a file from elsewhere: a header that
+    claims far more voxels than the file holds (a few kilobytes claiming gigabytes) is refused here,
+    before nibabel allocates the memory the header asks for; and a stream that decompresses to more
+    than the header describes (a gzip bomb) is refused as soon as it does, without decompressing
+    the rest. An intact volume too large for the memory left is then refused (:func:`check_fits_in_memory`)
+    before its voxels are read.
+
+    Raises:
+        CaseError: naming the file, for a CRC/length mismatch, a cut stream, surplus data, voxel data
+            shorter than the header's dimensions, or voxels that do not fit in the memory left.
     """
     name = str(path).lower()
     if not name.endswith((".nii", ".nii.gz")) or not hasattr(img.header, "get_data_dtype"):
         return
+    header = img.header
+    offset = getattr(img.dataobj, "offset", None)  # the loaded header's vox_offset is reset; the proxy keeps it
+    expected = None if offset is None else \
+        int(offset) + int(np.prod(header.get_data_shape(), dtype=object)) * header.get_data_dtype().itemsize
     size = 0
     try:
         with (gzip.open if name.endswith(".gz") else open)(path, "rb") as f:
             while chunk := f.read(1 << 24):
                 size += len(chunk)
+                if expected is not None and size > expected:
+                    break  # surplus: the rest of a (possibly endless) stream need not be decompressed
     except PermissionError:
         raise unreadable(path) from None
     except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
         raise CaseError(f"{path} is corrupt or truncated ({type(err).__name__}: {err}): re-download or re-export it.") from err
-    header = img.header
-    offset = getattr(img.dataobj, "offset", None)  # the loaded header's vox_offset is reset; the proxy keeps it
-    if offset is None:
+    if expected is None:
         return
-    expected = int(offset) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
     if size > expected:
-        raise CaseError(f"{path} holds {size - expected} bytes beyond the {header.get_data_shape()} voxels its header "
-                        "describes: the header's dimensions are wrong; re-export the image.")
+        raise CaseError(f"{path} holds at least {size - expected} bytes beyond the {header.get_data_shape()} voxels its "
+                        "header describes: the header's dimensions are wrong; re-export the image.")
+    if size < expected:
+        raise CaseError(f"{path} holds {max(size - int(offset), 0)} bytes of voxels, but its header describes "
+                        f"{header.get_data_shape()} {header.get_data_dtype()} voxels ({expected - int(offset)} bytes): "
+                        "the file is truncated or its header's dimensions are wrong; re-download or re-export it.")
+    check_fits_in_memory(path, header.get_data_shape())
 
 
 def _open(path: str) -> nib.spatialimages.SpatialImage:

@@ -223,6 +223,11 @@ class DiagnosticsHandler:
         A new run starts at iteration 1, so an earlier run's records in the same folder go; a resumed
         run keeps the records up to its checkpoint and drops those a killed run wrote after it.
         """
+        if path.is_symlink():
+            # records are appended to a file of the run's own: through a link (planted in a shared folder, or
+            # dangling) each record went into the file it names, or created that file
+            path.unlink()
+            return
         if not path.is_file():
             return
         kept = []

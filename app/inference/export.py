@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Script a DS U-Net checkpoint (model.pt) into a TorchScript model (model.ts) that "
                                    "takes (image, modality_mask) and serves every sequence subset.")
     p.add_argument("--ckpt", required=True, help="model.pt written by training")
-    p.add_argument("--out", required=True, help="TorchScript file to write (e.g. model.ts)")
+    p.add_argument("--out", required=True, help="TorchScript file to write, ending in .ts (e.g. model.ts)")
     p.add_argument("--bundle", help="bundle folder for default features (default: this repository's)")
     p.add_argument("--features", nargs="+", metavar="N", help="network widths (default: read from the checkpoint)")
     return p
@@ -71,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         from app.atomic import missing_hint
         from app.inference.cli import parse_ints
-        from app.inference.model import export_torchscript, is_torchscript, is_weights_file, network_from_checkpoint
+        from app.inference.model import (TORCHSCRIPT_SUFFIX, export_torchscript, is_torchscript, is_weights_file,
+                                         network_from_checkpoint)
         from app.inference.pipeline import check_output_path
 
         # the option of this command, not the bundle's --ckpt_path that the loader names
@@ -83,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     "model.pt written by training (<output_dir>/models/model.pt).")
         # before any work: a bad name, a folder, an unwritable place, or the checkpoint itself (whose
         # weights would be lost to the export)
-        out = check_output_path(args.out, "--out", (".ts", ".pt", ".pth"), [args.ckpt])
+        # .ts only: inference runs a TorchScript model (a program) only from a file named so
+        out = check_output_path(args.out, "--out", (TORCHSCRIPT_SUFFIX,), [args.ckpt])
         if is_weights_file(out):  # a model.pt of training: its weights would be lost; an earlier export may go
             raise ValueError(f"--out {args.out} is a checkpoint written by training, not an exported model: its "
                              "weights would be lost. Choose another name, e.g. model.ts.")

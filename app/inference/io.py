@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 from app.atomic import missing_hint
 from app.data.discovery import CHANNEL_ALIASES, load_nifti
-from app.data.errors import CaseError, check_readable, too_large_to_read
-from app.data.transforms import AFFINE_TOLERANCE, check_nifti_stream, check_voxels, grid_reordering, reorder_voxels
+from app.data.errors import CaseError, check_readable, special_file_kind, too_large_to_read
+from app.data.transforms import (AFFINE_TOLERANCE, check_fits_in_memory, check_nifti_stream, check_voxels, grid_reordering,
+                                 reorder_voxels)
 from app.subsets import BRATS_MODALITIES
 
 __all__ = [
@@ -438,6 +439,13 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
         raise CaseError(f"{folder} is a folder (DICOM series) but SimpleITK is not installed: "
                         "pip install SimpleITK, or convert the series to NIfTI.") from err
     sitk.ProcessObject_SetGlobalWarningDisplay(False)  # ITK's multi-line warnings would break the one-line error
+    # GDCM finds no series at all in a folder holding a named pipe (or device, socket) beside the slices
+    special = [(e.name, kind) for e in sorted(os.scandir(folder), key=lambda e: e.name)
+               if (kind := special_file_kind(e.path)) is not None]
+    if special:
+        name, kind = special[0]
+        raise CaseError(f"{folder} holds {len(special)} entry(ies) that are not files (first: {name}, a {kind}), which "
+                        "are not read: remove them from the series folder.")
     reader = sitk.ImageSeriesReader()
     series = list(reader.GetGDCMSeriesIDs(folder))
     if not series:
@@ -456,6 +464,12 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
                         "put each series in its own folder and pass the one of this sequence.")
     files = list(reader.GetGDCMSeriesFileNames(folder, series[0]))
     _check_all_dicom_files_read(sitk, folder, series[0], files)
+    try:  # a series of thousands of slices (or frames) that the memory left cannot hold: refused before it is read
+        size = tuple(_dicom_header(sitk, files[0]).GetSize())
+    except RuntimeError:
+        size = ()  # an unreadable first slice: reading the series names it
+    if size:
+        check_fits_in_memory(folder, size[:2] + ((len(files),) if len(files) > 1 else size[2:3]))
     try:
         reader.SetFileNames(files)
         # GDCM found the series; read it with GDCM too: SimpleITK's own format detection wants the

@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_SETTINGS",
     "FusedDSUNet",
     "OneDNNConv3d",
+    "TORCHSCRIPT_SUFFIX",
     "bundle_defaults",
     "bundle_version",
     "checkpoint_features",
@@ -220,6 +221,10 @@ def _archive_records(path: str | os.PathLike) -> set[str]:
         return set()
 
 
+#: The ending of a file that inference may run as TorchScript (:func:`load_network`), and that export writes.
+TORCHSCRIPT_SUFFIX = ".ts"
+
+
 def is_torchscript(path: str | os.PathLike) -> bool:
     """True when ``path`` is a TorchScript archive (``torch.jit.save``), False for ``torch.save`` files."""
     return "constants.pkl" in _archive_records(path)
@@ -285,6 +290,13 @@ def load_network(
         raise FileNotFoundError(f"Checkpoint {path} not found{missing_hint(path)}: give the model.pt written by "
                                 "training (<output_dir>/models/model.pt) or a model.ts exported from it.")
     if is_torchscript(path):
+        # a TorchScript archive is a program that runs when loaded, unlike a state dict (torch.load with
+        # weights_only=True): it is run only from a file named as one, so a model.pt from elsewhere stays data
+        if not path.lower().endswith(TORCHSCRIPT_SUFFIX):
+            raise ValueError(f"{path} is a TorchScript model, which is a program that runs when it is loaded, not a "
+                             f"weights file: only a file ending in {TORCHSCRIPT_SUFFIX} is run as TorchScript. If you "
+                             f"exported it yourself or trust its source, rename it to end in {TORCHSCRIPT_SUFFIX}; "
+                             "otherwise ask for the model.pt written by training.")
         check_archive(path)
         try:
             network = torch.jit.load(path, map_location=device)

@@ -41,6 +41,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 
 from app import __version__
 from app.atomic import check_path_text, check_writable_folder, write_error
+from app.data.cache import available_memory
 from app.data.datalist import ras_spacing, spacing_differs
 from app.data.discovery import OUTPUT_DESCRIPTION_PREFIX, load_nifti, recorded_crc_matches, voxel_crc
 from app.data.errors import CaseError, check_readable
@@ -361,6 +362,32 @@ class Segmenter:
             "smaller windows (--patch-size 96 96 96, batch bundle --patch_size \"[96,96,96]\"), or run it on a machine "
             "with more free memory.")
 
+    def _check_resampled_fits(self, source: str, spacing: Sequence[float], work_shape: tuple[int, ...]) -> None:
+        """Refuse a resampling whose result exceeds the memory left on the device: three copies of the resampled
+        image (four float32 channels), as the resampling, the crop and the blended network output take about that
+        (measured: 3.0 to 3.4 times on CPU for 134 million resampled voxels).
+
+        The spacing may come from the checkpoint (``training_spacing``, a file from elsewhere): a model recording
+        0.05 mm made a 1 mm scan 8000 times larger, and the run took memory until an allocation failed (or the
+        machine's out-of-memory killer ended it, or another process), then advised smaller windows.
+
+        Raises:
+            CaseError: naming the scan, the spacing, the resampled size and the fix.
+        """
+        need = 3 * 4 * len(BRATS_MODALITIES) * math.prod(work_shape)
+        if self.device.type == "cuda":
+            room: int | None = int(torch.cuda.mem_get_info(self.device)[0])
+        else:
+            room = available_memory()
+        if room is None or need <= room:
+            return
+        how = "--spacing" if self.spacing is not None else "the model's training spacing, --spacing auto"
+        raise CaseError(f"{source}: resampling to {[round(float(v), 4) for v in spacing]} mm ({how}) would make this "
+                        f"scan {'x'.join(str(n) for n in work_shape)} voxels (about {need / 2**30:.1f} GiB to segment), "
+                        "more than the "
+                        f"memory left on {self.device}: pass --spacing native, or a coarser --spacing in mm (a model "
+                        "that records so fine a training spacing may be damaged).")
+
     @torch.inference_mode()
     def _predict(self, case: CaseInputs, labels: str | Mapping[str, Sequence[int]], probabilities: bool) -> Prediction:
         convention = labels if isinstance(labels, Mapping) else label_convention(
@@ -392,6 +419,7 @@ class Segmenter:
         if spacing is not None:
             work_shape = tuple(work_size(n, s, t) for n, s, t in zip(ras_shape, native, spacing))
             if work_shape != ras_shape:
+                self._check_resampled_fits(ref.source, spacing, work_shape)
                 image = F.interpolate(image[None], size=work_shape, mode="trilinear", align_corners=False)[0]
 
         # 3. crop to the foreground of the given sequences (voxels > 0, like CropForegroundd)
@@ -629,11 +657,20 @@ def written_by_product(path: str | os.PathLike, case: str | None = None) -> bool
         return False
 
 
+#: Free-text fields of a NIfTI-1/-2 header, where converters and anonymisation-unaware tools store identifiers
+#: (a patient name in ``descrip`` or ``aux_file``, an accession number in ``db_name``); outputs leave them empty.
+_FREE_TEXT_FIELDS = ("data_type", "db_name", "aux_file", "intent_name", "unused_str")
+
+
 def _output_image(data: np.ndarray, ref: Volume, description: str) -> nib.Nifti1Image:
     """NIfTI image on the reference grid: its affine, and its header's qform/sform codes, units, dims.
 
     The header description is ``description`` and the checksum of the voxels, by which
-    :func:`written_by_product` tells this output from a later edit of it.
+    :func:`written_by_product` tells this output from a later edit of it. Nothing else of the
+    reference header's content is copied: its free-text fields (:data:`_FREE_TEXT_FIELDS`), its
+    intent and its extensions (where ``dcmstack`` and other DICOM converters keep the DICOM header,
+    patient name and ID included) are left out, so an output carries the geometry and no more of
+    the patient's identity than its file name.
     """
     description = f"{description} crc32={voxel_crc(data)}"
     if ref.header is not None:
@@ -641,6 +678,11 @@ def _output_image(data: np.ndarray, ref: Volume, description: str) -> nib.Nifti1
         header.set_data_dtype(data.dtype)
         header.set_slope_inter(None, None)  # the input's intensity scaling must not apply to labels
         header["intent_code"] = 0
+        header["intent_p1"] = header["intent_p2"] = header["intent_p3"] = 0.0
+        for name in _FREE_TEXT_FIELDS:
+            if name in header:  # NIfTI-2 has no data_type or db_name, NIfTI-1 no unused_str
+                header[name] = b""
+        header.extensions.clear()
         header["cal_min"], header["cal_max"] = 0.0, float(data.max()) if data.size else 0.0
         header["descrip"] = description.encode()[:79]
         # same affine as the header's best affine, so nibabel keeps qform/sform and their codes as they are;
@@ -722,6 +764,10 @@ def segment_case(
     if str(labels).strip().lower() == "auto" and label_map is not None:
         convention, convention_name = {p: list(label_map[p]) for p in LABEL_PARTS}, "dataset.json"
     written = _written_values(convention)
+    if any(not 0 <= v <= 255 for v in written.values()):  # a dataset.json's labels: the map is uint8
+        source = next((os.fspath(f) for f in other_inputs if os.fspath(f).lower().endswith(".json")), "dataset.json")
+        raise CaseError(f"{source} gives the tumour parts the label values {written}, but a label map holds 0 to 255: "
+                        "fix its 'labels' entry, or pass --labels 2018 to write BraTS values.")
     inputs = [os.fspath(p) for p in (*paths.values(), *other_inputs)]
     flags = ("Output",) * 3 if named_by_folder else ("--out", "--probabilities", "--summary")
     rename = "choose another output folder" if named_by_folder else "choose another output name"

@@ -11,12 +11,13 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
 from pathlib import Path
 
-from app.atomic import check_writable_folder
+from app.atomic import atomic_write_bytes, check_writable_folder
 
 __all__ = ["load_diagnostics", "gradient_space", "plot_conflicts", "plot_cggm", "main"]
 
@@ -43,9 +44,14 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
+    """Render ``fig`` as PNG and write it atomically (:func:`app.atomic.atomic_write_bytes`), as every other
+    report: ``savefig(path)`` wrote through a symbolic link planted under the plot's name in a shared
+    folder (into the file it names), and left a cut file when the run was killed mid-write."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     _pyplot().close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 

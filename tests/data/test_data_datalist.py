@@ -326,6 +326,48 @@ def test_relative_paths_of_a_datalist_are_read_from_its_own_folder(tmp_path, mon
     assert evaluation_cases("~/data", datalist) == split["validation"]
 
 
+def test_a_datalist_from_elsewhere_is_confined_to_the_dataset_dir_given_with_it(tmp_path):
+    """The path policy the Security section of the README states: a datalist names the files it reads (absolute,
+    or relative to its folder, ``..`` included), so one from elsewhere may name any scan the user can read; given
+    with --dataset_dir, every file it names must lie under that folder, so a ``..`` out of it is refused."""
+    import os
+
+    from app.data.phantoms import write_phantoms
+
+    data, other = tmp_path / "data", tmp_path / "other_study"
+    write_phantoms(data, cases=2, size=16, seed=0)
+    write_phantoms(other, cases=2, size=16, seed=1)
+    split = prepare_datalist(other, tmp_path / "run", val_fraction=0.5)
+    home = data / "lists"
+    home.mkdir()
+    escaping = [{**r, "images": {q: os.path.relpath(f, home) for q, f in r["images"].items()},
+                 "label": os.path.relpath(r["label"], home)} for r in split["validation"]]
+    assert escaping[0]["label"].startswith("../../other_study/")
+    datalist = home / "datalist.json"
+    write_datalist(datalist, [], escaping)
+    assert evaluation_cases(None, datalist) == split["validation"]  # alone: read as given
+    with pytest.raises(ValueError, match=r"do not lie under --dataset_dir .*data \(e\.g\. .*other_study"):
+        evaluation_cases(data, datalist)
+
+
+def test_a_datalist_repeating_a_case_is_refused_instead_of_weighing_it_more(tmp_path):
+    """A datalist edited by hand, or sent from elsewhere, that lists one validation case many times: each entry
+    was scored, and the case weighed that much more in every subset's mean, with only a warning per subset."""
+    from app.data.phantoms import write_phantoms
+
+    data = tmp_path / "data"
+    write_phantoms(data, cases=3, size=16, seed=0)
+    split = prepare_datalist(data, tmp_path / "run", val_fraction=0.67)
+    first, second = split["validation"][:2]
+    datalist = tmp_path / "edited.json"
+    write_datalist(datalist, [], [first, *[second] * 1000, first])
+    with pytest.raises(ValueError, match=rf"edited\.json lists case '{second['case']}' 1000 times in its validation "
+                                         r"cases \(and 1 other case\(s\) more than once\): .*Remove the repeated"):
+        evaluation_cases(None, datalist)
+    with pytest.raises(ValueError, match="1000 times"):
+        evaluation_cases(data, datalist)
+
+
 def test_relative_4d_image_of_a_datalist_is_read_from_its_own_folder_and_empty_values_are_kept(tmp_path):
     """A case given as one 4D file (image4d) is joined to the datalist's folder like separate sequences; an
     empty or null value (no label) stays as it is rather than becoming the datalist's folder."""

@@ -601,6 +601,51 @@ def test_hidden_folders_and_symlink_loops_are_not_searched(tmp_path):
     assert c["images"]["flair"] == str(tmp_path / "data" / "A_1" / "A_1_flair.nii.gz")
 
 
+def test_a_link_above_the_data_folder_is_not_followed(tmp_path, caplog):
+    """Linked case folders are followed, but a link to a folder holding the data folder (``..``, ``/``, a data
+    folder unpacked from a collaborator's archive) made discovery read every case beside it: another study's
+    cases were trained on, scored or segmented as this folder's."""
+    brats18(tmp_path / "site1", "A_1")
+    brats18(tmp_path / "site2", "B_1")  # another study on the same server
+    (tmp_path / "site1" / "A_1" / "all").symlink_to(tmp_path, target_is_directory=True)
+    (tmp_path / "site1" / "root").symlink_to("/", target_is_directory=True)
+    brats18(tmp_path / "store", "C_1")
+    (tmp_path / "site1" / "C_1").symlink_to(tmp_path / "store" / "C_1", target_is_directory=True)  # still followed
+    with caplog.at_level(logging.WARNING, logger="app.data.discovery"):
+        cases = discover_cases(tmp_path / "site1", require_label=True)
+    assert [c["case"] for c in cases] == ["A_1", "C_1"]
+    warned = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(f"{tmp_path / 'site1' / 'A_1' / 'all'} is a symbolic link to {tmp_path}, which holds the "
+                            "data folder") for m in warned), warned
+    assert any(m.startswith(f"{tmp_path / 'site1' / 'root'} is a symbolic link to /,") for m in warned), warned
+
+
+def test_a_dataset_json_that_is_a_named_pipe_is_refused_instead_of_waited_on(tmp_path):
+    """Discovery opened every dataset.json it met; a named pipe under that name (a folder unpacked from an
+    archive) made it wait for a writer forever."""
+    import threading
+
+    (tmp_path / "Task01" / "imagesTr").mkdir(parents=True)
+    pipe = tmp_path / "Task01" / "dataset.json"
+    os.mkfifo(pipe)
+    outcome = []
+
+    def discover() -> None:
+        try:
+            discover_cases(tmp_path)
+        except CaseError as err:
+            outcome.append(str(err))
+
+    finder = threading.Thread(target=discover, daemon=True)
+    finder.start()
+    finder.join(timeout=20)
+    if finder.is_alive():
+        os.close(os.open(pipe, os.O_WRONLY))  # release it
+        finder.join(timeout=20)
+        pytest.fail("discovery waited on the named pipe")
+    assert outcome and outcome[0].startswith(f"{pipe} is a named pipe, not a file")
+
+
 def test_other_files_of_complete_cases_are_not_read(tmp_path, monkeypatch):
     """A flat folder of thousands of cases, each with a brain mask beside its sequences: the header of
     every such file was read, and every file of the folder matched against every case, though only

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import tracemalloc
 
 import nibabel as nib
 import numpy as np
@@ -262,6 +264,128 @@ def test_a_file_too_large_for_memory_is_not_called_corrupt(tmp_path, make_case, 
     message = str(info.value)
     assert message.startswith(f"Not enough memory to read {folder / 'A_1_flair.nii.gz'} (shape (24, 24, 24), 0 MiB")
     assert "not damaged" in message and "more free memory" in message and "corrupt" not in message
+
+
+def _rewrite_nifti_gz(path, shape=None, surplus=0):
+    """Rewrite ``path`` (.nii.gz) with its header claiming ``shape`` and ``surplus`` zero bytes after its voxels."""
+    img = nib.load(str(path))
+    header = img.header.copy()
+    if shape is not None:
+        header.set_data_shape(shape)
+    raw = gzip.decompress(path.read_bytes())
+    with gzip.open(path, "wb") as f:
+        f.write(header.binaryblock + raw[len(header.binaryblock):])
+        for _ in range(surplus // (1 << 20)):
+            f.write(bytes(1 << 20))
+
+
+def test_a_header_claiming_gigabytes_in_a_small_file_is_refused_before_the_memory_is_taken(tmp_path, make_case):
+    """A file from elsewhere whose header claims a huge volume (here 400 MB of int16 voxels in a few kilobytes)
+    made the reader allocate what the header asked for, and then called the file intact but too large for
+    the machine's memory; a larger claim exhausts a shared server's memory. The stream's length shows it first."""
+    folder = make_case(tmp_path, "A_1", shape=(24, 24, 24))
+    path = folder / "A_1_flair.nii.gz"
+    _rewrite_nifti_gz(path, shape=(1000, 1000, 200))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CaseError) as info:
+            load_case(only(discover_cases(tmp_path)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    message = str(info.value)
+    assert message.startswith(f"{path} holds ") and "(1000, 1000, 200) int16 voxels (400000000 bytes)" in message
+    assert "truncated or its header's dimensions are wrong" in message and "not damaged" not in message
+    assert peak < 50 * 2**20, f"{peak / 2**20:.0f} MiB allocated for a file of {path.stat().st_size} bytes"
+
+
+def test_a_stream_longer_than_its_header_describes_is_not_decompressed_to_its_end(tmp_path, make_case, monkeypatch):
+    """A gzip bomb: a header for a small volume followed by gigabytes of zeros that compress to almost nothing.
+    The check used to decompress the whole stream before comparing its length with the header's; it stops at
+    the first read past what the header describes."""
+    folder = make_case(tmp_path, "A_1", shape=(24, 24, 24))
+    path = folder / "A_1_flair.nii.gz"
+    _rewrite_nifti_gz(path, surplus=64 << 20)
+    decompressed = []
+    real_read = gzip.GzipFile.read
+    monkeypatch.setattr(gzip.GzipFile, "read", lambda self, *a: decompressed.append(len(chunk := real_read(self, *a)))
+                        or chunk)
+    with pytest.raises(CaseError, match=r"A_1_flair\.nii\.gz holds at least \d+ bytes beyond the \(24, 24, 24\) "
+                                        r"voxels its header describes"):
+        load_case(only(discover_cases(tmp_path)))
+    assert sum(decompressed) < 40 << 20  # the stream holds 64 MiB more; the check reads 16 MiB at a time
+
+
+def test_header_extensions_larger_than_a_scan_holds_are_refused_before_they_are_read(tmp_path, make_case):
+    """nibabel reads a NIfTI's header extensions into memory when it opens the header, up to the voxel offset the
+    file sets: 80 MiB of zeros in an extension (80 kB compressed) were read, and a few megabytes of them take
+    gigabytes, in discovery (which opens every header of a folder) before any other check."""
+    import struct
+
+    folder = make_case(tmp_path, "A_1", shape=(24, 24, 24))
+    path = folder / "A_1_flair.nii.gz"
+    img = nib.load(str(path))
+    header, voxels = img.header.copy(), np.asarray(img.dataobj).astype(img.get_data_dtype()).tobytes(order="F")
+    size = 80 << 20  # beyond the 64 MiB a scan's extensions may take
+    header["vox_offset"] = 352 + size
+    with gzip.open(path, "wb", compresslevel=1) as f:  # a valid file: nibabel reads it whole
+        f.write(header.binaryblock + b"\x01\0\0\0" + struct.pack("<ii", size, 0))
+        for _ in range((size - 8) // (1 << 20)):
+            f.write(bytes(1 << 20))
+        f.write(bytes((size - 8) % (1 << 20)) + voxels)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CaseError) as info:
+            load_case(only(discover_cases(tmp_path)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    message = str(info.value)
+    assert message.startswith(f"Cannot read {path} (ValueError: its header puts the voxels {352 + size} bytes into "
+                              "the file, behind 80 MiB of header extensions (at most 64 MiB are read)")
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB allocated"
+
+
+def test_a_volume_larger_than_the_memory_left_is_refused_before_it_is_read(tmp_path, make_case, monkeypatch):
+    """Linux hands out memory as it is filled, so a volume too large for what is left was read until the kernel's
+    out-of-memory killer ended this run, or another process on a shared server. It is refused from its header."""
+    folder = make_case(tmp_path, "A_1", shape=(24, 24, 24))
+    monkeypatch.setattr("app.data.transforms.available_memory", lambda: 24 * 24 * 24 * 4 - 1, raising=False)
+    read = []
+    monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "__array__", lambda self, *a, **k: read.append(1))
+    with pytest.raises(CaseError) as info:
+        load_case(only(discover_cases(tmp_path)))
+    assert str(info.value).startswith(f"Not enough memory to read {folder / 'A_1_flair.nii.gz'} (shape (24, 24, 24)")
+    assert read == []
+
+
+def test_a_named_pipe_under_a_scans_name_is_refused_instead_of_waited_on(tmp_path, make_case):
+    """A data folder unpacked from an archive may hold a named pipe under a scan's name: opening it waited for a
+    writer forever, so training, evaluation and inference hung instead of stopping with a message."""
+    import threading
+
+    folder = make_case(tmp_path, "A_1", shape=(24, 24, 24))
+    pipe = folder / "A_1_t2.nii.gz"
+    pipe.unlink()
+    os.mkfifo(pipe)
+    record = only(discover_cases(tmp_path))
+    outcome = []
+
+    def load() -> None:
+        try:
+            load_case(record)
+        except CaseError as err:
+            outcome.append(str(err))
+
+    reader = threading.Thread(target=load, daemon=True)
+    reader.start()
+    reader.join(timeout=20)
+    if reader.is_alive():  # release the reader stuck on the pipe
+        os.close(os.open(pipe, os.O_WRONLY))
+        reader.join(timeout=20)
+        pytest.fail("reading the case waited on the named pipe")
+    assert outcome == [f"{pipe} is a named pipe, not a file: it is not read (reading it would wait or run forever). "
+                       "Replace it with the scan's file, or remove it."]
 
 
 def test_missing_file(tmp_path, make_case):

@@ -45,6 +45,22 @@ def test_a_run_that_writes_no_diagnostics_removes_an_earlier_runs_file(tmp_path)
         == [20, 40]
 
 
+@pytest.mark.parametrize("target", ["existing", "dangling"])
+def test_records_are_never_appended_through_a_link_under_the_files_name(tmp_path, target):
+    """A link planted under gmd_diagnostics.jsonl in a shared output folder: appending followed it, so the
+    records went into the file it named, or created that file where the link pointed."""
+    victim = tmp_path / "elsewhere" / "notes.txt"
+    victim.parent.mkdir()
+    if target == "existing":
+        victim.write_text("someone else's file\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "gmd_diagnostics.jsonl").symlink_to(victim)
+    assert _run(run, [20, 40], "new") == [(20, "new"), (40, "new")]
+    assert not (run / "gmd_diagnostics.jsonl").is_symlink()
+    assert (victim.read_text() == "someone else's file\n") if target == "existing" else not victim.exists()
+
+
 def test_validation_report_of_a_training_run_names_its_epoch(tmp_path):
     """validation/subset_dice.* is rewritten at each validation: it must say which epoch it scored,
     since models/model.pt may be an earlier, better one."""

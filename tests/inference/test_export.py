@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -93,8 +94,10 @@ def test_bad_output_paths_are_refused_before_scripting(random_ckpt, tmp_path, mo
     monkeypatch.setattr(torch.jit, "script", lambda *a, **k: scripted.append(1))
     (tmp_path / "folder.ts").mkdir()
     (tmp_path / "blocked").write_text("a file where a folder should be")
-    for out, expected in ((ckpt, "is also an input"), (tmp_path / "folder.ts", "is a folder"),
-                          (tmp_path / "model.nii.gz", "must end with .ts or .pt or .pth"),
+    os.link(ckpt, tmp_path / "same.ts")  # the checkpoint under an export's name
+    for out, expected in ((tmp_path / "same.ts", "is also an input"), (ckpt, "must end with .ts: rename it"),
+                          (tmp_path / "folder.ts", "is a folder"),
+                          (tmp_path / "model.nii.gz", "must end with .ts: rename it"),
                           (tmp_path / "blocked" / "m.ts", "is a file, not a folder")):
         assert export.main(["--ckpt", str(ckpt), "--out", str(out)]) == 2, out
         err = capsys.readouterr().err
@@ -114,9 +117,14 @@ def test_export_never_replaces_a_training_checkpoint(random_ckpt, tmp_path, caps
     shutil.copy(random_ckpt, final)
     assert export.main(["--ckpt", str(final), "--out", str(weights), *FEATURE_ARGS]) == 2
     err = capsys.readouterr().err
-    assert "is a checkpoint written by training, not an exported model" in err and err.count("\n") == 1
+    assert "must end with .ts" in err and err.count("\n") == 1  # inference runs TorchScript only from .ts files
     assert weights.read_bytes() == before
-    exported = tmp_path / "exported.pt"
+    named_ts = tmp_path / "weights.ts"
+    shutil.copy(random_ckpt, named_ts)
+    assert export.main(["--ckpt", str(final), "--out", str(named_ts), *FEATURE_ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "is a checkpoint written by training, not an exported model" in err and err.count("\n") == 1
+    exported = tmp_path / "exported.ts"
     assert export.main(["--ckpt", str(final), "--out", str(exported), *FEATURE_ARGS]) == 0
     assert is_torchscript(exported)
     assert export.main(["--ckpt", str(final), "--out", str(exported), *FEATURE_ARGS]) == 0  # a re-export

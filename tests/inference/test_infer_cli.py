@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -342,6 +343,27 @@ def test_exported_torchscript_gives_the_same_result(case, random_ckpt, infer, tm
     assert rc == 2 and "features" in err and not (tmp_path / "x.nii.gz").exists()
 
 
+def test_a_torchscript_model_under_another_name_than_ts_is_never_run(case, random_ckpt, infer, tmp_path, monkeypatch):
+    """A checkpoint (``model.pt``) is data, loaded with ``weights_only=True``; a TorchScript model is a program.
+    A TorchScript archive a collaborator sends as ``model.pt`` used to be run because of what it held: it is
+    refused before it is loaded, and runs only once renamed to ``.ts``."""
+    from app.inference.export import main as export_main
+
+    ts = tmp_path / "model.ts"
+    assert export_main(["--ckpt", random_ckpt, "--out", str(ts)]) == 0
+    disguised = tmp_path / "model.pt"
+    shutil.copy(ts, disguised)
+    loaded = []
+    real_load = torch.jit.load
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: loaded.append(a) or real_load(*a, **k))
+    out = tmp_path / "seg.nii.gz"
+    rc, _, err = infer("--ckpt", disguised, "--flair", case["flair"], "--out", out)
+    assert rc == 2 and err.count("\n") == 1 and not out.exists() and loaded == []
+    assert f"{disguised} is a TorchScript model" in err and "rename it to end in .ts" in err
+    rc, _, err = infer("--ckpt", ts, "--flair", case["flair"], "--out", out, "--patch-size", "32", "32", "32")
+    assert rc == 0 and out.exists() and len(loaded) == 1, err
+
+
 @needs_simpleitk
 def test_dicom_series_input(case, random_ckpt, infer, tmp_path):
     """A folder holding a DICOM series reads onto the same grid as the NIfTI it was made from."""
@@ -493,6 +515,28 @@ def test_resampling_that_leaves_no_head_names_the_spacing_options(tmp_path, infe
     assert "pass --spacing native, or a finer --spacing in mm" in err and not (tmp_path / "o.nii.gz").exists()
 
 
+def test_a_training_spacing_that_would_not_fit_in_memory_is_refused_before_resampling(case, infer, tmp_path,
+                                                                                      monkeypatch):
+    """The training spacing comes from the checkpoint, a file from elsewhere: one recording 0.25 mm makes this
+    1 mm scan 64 times larger (0.05 mm: 8000 times). The run resampled it and took memory until an allocation
+    failed, then advised smaller windows; it is refused first, naming the spacing and the fix."""
+    net = DSUNet(features=FEATURES)
+    net.training_spacing.copy_(torch.tensor([0.25, 0.25, 0.25]))
+    ckpt = tmp_path / "fine.pt"
+    torch.save(net.state_dict(), ckpt)
+    monkeypatch.setattr("app.inference.pipeline.available_memory", lambda: 50 * 2**20, raising=False)
+    resampled = []
+    real_interpolate = torch.nn.functional.interpolate
+    monkeypatch.setattr(torch.nn.functional, "interpolate", lambda *a, **k: resampled.append(k.get("size")) or
+                        real_interpolate(*a, **k))
+    out = tmp_path / "seg.nii.gz"
+    rc, _, err = infer("--ckpt", ckpt, "--flair", case["flair"], "--out", out)
+    assert rc == 2 and err.count("\n") == 1 and not out.exists() and resampled == [], err
+    assert err.startswith(f"error: {case['flair']}: resampling to [0.25, 0.25, 0.25] mm (the model's training spacing, "
+                          "--spacing auto) would make this scan 128x128x128 voxels (about 0.1 GiB to segment)")
+    assert "pass --spacing native" in err
+
+
 def test_a_spacing_too_coarse_for_the_network_names_the_fix(case, random_ckpt, infer, tmp_path):
     """At 100 mm a head is a few voxels: the network cannot run on it, and the error says why."""
     rc, _, err = infer("--ckpt", random_ckpt, "--flair", case["flair"], "--out", tmp_path / "o.nii.gz",
@@ -596,6 +640,24 @@ def test_case_dir_of_an_msd_task_writes_the_label_values_of_its_dataset_json(cas
     np.testing.assert_array_equal(np.asarray(load(out).dataobj), labels_2018)
 
 
+def test_dataset_json_label_values_beyond_a_label_map_are_refused_before_the_network_runs(case, random_ckpt, infer,
+                                                                                          tmp_path, monkeypatch):
+    """A dataset.json (from elsewhere) numbering a tumour part 300: the case was segmented, and only writing the
+    uint8 map stopped with 'Label values [2, 1, 300] do not fit uint8.', naming neither the file nor the fix."""
+    from app.inference.pipeline import Segmenter
+    from tests.inference.test_bad_inputs import _msd_task
+
+    msd = _msd_task(case, tmp_path / "Task01")
+    (msd / "dataset.json").write_text((msd / "dataset.json").read_text().replace('"3": "enhancing', '"300": "enhancing'))
+    ran = []
+    monkeypatch.setattr(Segmenter, "predict", lambda *a, **k: ran.append(1))
+    out = tmp_path / "seg.nii.gz"
+    rc, _, err = infer("--ckpt", random_ckpt, "--case-dir", msd, "--out", out)
+    assert rc == 2 and err.count("\n") == 1 and not out.exists() and ran == []
+    assert err.startswith(f"error: {msd / 'dataset.json'} gives the tumour parts the label values ") and "300" in err
+    assert "pass --labels 2018" in err
+
+
 def test_input_intensity_scaling_is_not_applied_to_the_labels(case, random_ckpt, infer, tmp_path):
     """A scan stored as int16 with scl_slope/scl_inter (how many converters store float intensities):
     the label map copies its header, but must not carry the scaling, or a viewer reads label 1 as 0.37."""
@@ -613,6 +675,36 @@ def test_input_intensity_scaling_is_not_applied_to_the_labels(case, random_ckpt,
     labels = seg.get_fdata()
     assert set(np.unique(labels)) == {0.0, 1.0, 2.0, 4.0}  # each label value, unscaled
     np.testing.assert_array_equal(labels, load(base).get_fdata())  # z-scoring ignores the scaling
+
+
+@pytest.mark.parametrize("image_class", [nib.Nifti1Image, nib.Nifti2Image])
+def test_outputs_carry_no_identifying_field_of_the_scan_header(case, random_ckpt, infer, tmp_path, image_class):
+    """A scan converted from DICOM may carry the patient's identity in its header's free-text fields and in
+    an extension (dcmstack keeps the whole DICOM header there). The label and probability maps copy the
+    scan's geometry, and used to copy these too."""
+    img = load(case["flair"])
+    scan = image_class(np.asarray(img.dataobj), img.affine)
+    identity = {"aux_file": b"MRN-12345678", "intent_name": b"DOE^JOHN", "descrip": b"DOE^JOHN 19700101"}
+    if "db_name" in scan.header:  # NIfTI-1 only
+        identity["db_name"] = b"ACC-987654"
+    for key, value in identity.items():
+        scan.header[key] = value
+    scan.header.extensions.append(nib.nifti1.Nifti1Extension(0, b'{"PatientName": "DOE^JOHN", "PatientID": "MRN-12345678"}'))
+    flair = tmp_path / "flair_from_dicom.nii.gz"
+    nib.save(scan, str(flair))
+    assert load(flair).header.extensions  # the case this test is about
+    out, prob = tmp_path / "seg.nii.gz", tmp_path / "prob.nii.gz"
+    rc, _, err = infer("--ckpt", random_ckpt, "--flair", flair, "--out", out, "--probabilities", prob,
+                       "--patch-size", "32", "32", "32")
+    assert rc == 0, err
+    for path in (out, prob):
+        raw = nib.load(str(path))
+        assert isinstance(raw, image_class) and not raw.header.extensions
+        assert all(bytes(raw.header[key]).strip(b"\0") == b"" for key in identity if key != "descrip")
+        assert bytes(raw.header["descrip"]).startswith(b"brats_gmd ")
+        content = gzip.decompress(path.read_bytes())  # nowhere in the file, whatever field or extension it hid in
+        assert b"DOE^JOHN" not in content and b"MRN-12345678" not in content and b"ACC-987654" not in content
+    assert_same_grid(out, flair)
 
 
 def test_negative_voxels_do_not_widen_the_foreground_crop(case, random_ckpt, infer, tmp_path):

@@ -72,6 +72,34 @@ def test_per_slice_rescale_slopes_keep_their_fractional_values(tmp_path):
     np.testing.assert_allclose(volume.data, scaled.transpose(), atol=1e-3)
 
 
+def test_a_series_larger_than_the_memory_left_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """A series of thousands of slices that the memory left cannot hold was read until the out-of-memory killer
+    ended the run (or another process on the server); its size is known from one header and the file count."""
+    import SimpleITK as sitk
+
+    _write_series(tmp_path / "flair", _volume())  # 12 slices of 8 x 10
+    monkeypatch.setattr("app.data.transforms.available_memory", lambda: 8 * 10 * 12 * 4 - 1, raising=False)
+    executed = []
+    monkeypatch.setattr(sitk.ImageSeriesReader, "Execute", lambda self, *a: executed.append(1))
+    with pytest.raises(CaseError) as info:
+        read_volume(tmp_path / "flair", "flair")
+    assert str(info.value).startswith(f"Not enough memory to read {tmp_path / 'flair'} (shape (8, 10, 12)")
+    assert executed == []
+
+
+def test_a_named_pipe_in_the_series_folder_is_named(tmp_path):
+    """GDCM found no series at all in a folder holding a named pipe beside the slices, and the message said the
+    folder held no DICOM series."""
+    import os
+
+    _write_series(tmp_path / "flair", _volume())
+    os.mkfifo(tmp_path / "flair" / "IM9999.dcm")
+    with pytest.raises(CaseError) as info:
+        read_volume(tmp_path / "flair", "flair")
+    assert str(info.value) == (f"{tmp_path / 'flair'} holds 1 entry(ies) that are not files (first: IM9999.dcm, a "
+                               "named pipe), which are not read: remove them from the series folder.")
+
+
 def _oblique_direction() -> tuple[float, ...]:
     """Direction cosines (columns: row, column and slice directions) of a double-oblique acquisition."""
     a, b = np.deg2rad(17.0), np.deg2rad(-11.0)

@@ -130,21 +130,23 @@ def test_corrupt_gzip_inference(case, infer):
 def test_truncated_nifti_training(case):
     raw = gzip.decompress(case["t1"].read_bytes())
     case["t1"].write_bytes(gzip.compress(raw[: len(raw) // 2]))  # a valid gzip holding half the voxels
-    with pytest.raises(CaseError, match=r"(?s)Cannot read the voxels of .*Phantom_000_t1\.nii\.gz.*truncated"):
+    with pytest.raises(CaseError, match=r"Phantom_000_t1\.nii\.gz holds \d+ bytes of voxels, but its header describes "
+                                        r".*truncated"):
         load_training_case(case["root"])
 
 
 def test_header_claims_more_voxels_than_the_file_holds(case, infer):
     _rewrite_header(case["flair"], (24, 24, 30))
-    with pytest.raises(CaseError, match=r"Cannot read the voxels of .*Phantom_000_flair\.nii\.gz"):
+    with pytest.raises(CaseError, match=r"Phantom_000_flair\.nii\.gz holds \d+ bytes of voxels, but its header "
+                                        r"describes \(24, 24, 30\)"):
         load_training_case(case["root"])
     rc, err = infer("--flair", case["flair"])
-    assert rc == 2 and len(err) == 1 and "Cannot read the voxels" in err[0] and "Phantom_000_flair" in err[0]
+    assert rc == 2 and len(err) == 1 and "header describes (24, 24, 30)" in err[0] and "Phantom_000_flair" in err[0]
 
 
 def test_header_claims_fewer_voxels_next_to_other_sequences(case, infer):
     _rewrite_header(case["t2"], (24, 24, 20))  # the file holds 24 slices
-    with pytest.raises(CaseError, match=r"Phantom_000_t2\.nii\.gz holds \d+ bytes beyond .*header's dimensions"):
+    with pytest.raises(CaseError, match=r"Phantom_000_t2\.nii\.gz holds at least \d+ bytes beyond .*header's dimensions"):
         load_training_case(case["root"])
     rc, err = infer("--flair", case["flair"], "--t2", case["t2"])
     assert rc == 2 and len(err) == 1 and "Phantom_000_t2.nii.gz" in err[0] and "header's dimensions" in err[0]

@@ -32,6 +32,21 @@ def test_cggm_run_gets_balance_and_probe_plots(tmp_path, capsys):
     assert not (tmp_path / "plots" / "gmd_norms.png").exists()
 
 
+def test_plots_replace_a_link_in_the_plot_folder_instead_of_writing_through_it(tmp_path, capsys):
+    """In a folder others may write to, a symbolic link under a plot's name pointed the plot at another file
+    (savefig follows links), which was overwritten; the plot now replaces the link, as the reports do."""
+    _write(tmp_path / "cggm_diagnostics.jsonl", _cggm_records())
+    victim = tmp_path / "notes.txt"
+    victim.write_text("someone else's file")
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "cggm_balance.png").symlink_to(victim)
+    assert main([str(tmp_path), "--out", str(tmp_path / "plots")]) == 0
+    assert victim.read_text() == "someone else's file"
+    plot = tmp_path / "plots" / "cggm_balance.png"
+    assert not plot.is_symlink() and plot.read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["cggm_balance.png", "cggm_probes.png"]
+
+
 def test_missing_and_empty_diagnostics_name_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="--strategy cggm and --diagnostics_interval"):
         plot_cggm(tmp_path)

@@ -84,6 +84,56 @@ def test_pickle_is_refused_without_trust_and_never_unpickled(tmp_path):
     assert not marker.exists()
 
 
+def test_an_npz_entry_of_python_objects_is_refused_naming_the_file_and_never_unpickled(tmp_path):
+    """numpy stores an array of Python objects as a pickle inside the .npz. It was refused (allow_pickle=False),
+    but with numpy's own error, which names neither the file nor the fix, in a traceback."""
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    good = write_synthetic_mmsa(tmp_path / "good.npz")
+    with np.load(good) as npz:
+        entries = {key: npz[key] for key in npz.files}
+    entries["train/id"] = np.array([Payload()] * len(entries["train/id"]), dtype=object)
+    path = tmp_path / "objects.npz"
+    np.savez(path, **entries)
+    with pytest.raises(ValueError) as err:
+        load_mmsa(path)
+    assert str(err.value).startswith(f"{path}: entry 'train/id' is an array of Python objects, which loads only by "
+                                     "unpickling") and "python -m app convert-mmsa" in str(err.value)
+    assert not marker.exists()
+
+
+def test_an_npz_array_claiming_more_than_its_entry_holds_is_refused_before_the_memory_is_taken(tmp_path,
+                                                                                               monkeypatch):
+    """numpy allocates what an array's header claims before reading it: an entry of a few kilobytes claiming
+    80 GB of features ended in a MemoryError traceback; a consistent entry of compressed zeros (a zip bomb)
+    took the memory. Both are decided from the .npy headers before any array is read."""
+    import zipfile
+
+    good = write_synthetic_mmsa(tmp_path / "good.npz")
+    liar = tmp_path / "liar.npz"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(liar, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename == "train/audio.npy":
+                arr = np.load(io.BytesIO(data))
+                header = io.BytesIO()
+                np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(arr.dtype),
+                                                              "fortran_order": False, "shape": (2000000, 1, 10000)})
+                data = header.getvalue() + arr.tobytes()
+            zout.writestr(info.filename, data)
+    with pytest.raises(ValueError) as err:
+        load_mmsa(liar)
+    assert str(err.value).startswith(f"{liar}: entry 'train/audio' claims (2000000, 1, 10000) float32 values "
+                                     "(80000000000 bytes), but holds ")
+    monkeypatch.setattr("app.data.cache.available_memory", lambda: 1000)
+    with pytest.raises(ValueError, match=r"good\.npz: its arrays take 0\.0 GiB, more than the 0\.0 GiB of memory left"):
+        load_mmsa(good)
+
+
 def test_convert_to_an_unwritable_output_is_one_error_line(tmp_path, capsys, monkeypatch):
     """An output that is a folder, or a folder that cannot be written, ends in one line naming the output
     (exit 2), not an IsADirectoryError traceback or a message naming the temporary file."""
