@@ -230,22 +230,31 @@ def check_held_out_split(ckpt_path: str | os.PathLike, data: Mapping[str, Mappin
 
 
 def check_spacing(network: torch.nn.Module, records: Sequence[dict[str, Any]]) -> str | None:
-    """Warn when ``records`` are at another resolution than ``network`` was trained at.
+    """Warn when some of ``records`` are at another resolution than ``network`` was trained at.
 
     Evaluation scores cases on their own grid, so a model trained on 2 mm data scores 1 mm cases
-    at a scale it never saw. Returns the warning (None when the spacings match or one is unknown).
+    at a scale it never saw. Each case is compared, not the cases' median: a test folder gathered from
+    several sites, most at the training resolution, would otherwise score the others without a word.
+    Only headers are read. Returns the warning (None when every spacing matches or one is unknown).
     """
-    from app.data.datalist import median_spacing, spacing_differs
+    from app.data.datalist import SPACING_TOLERANCE, first_image_header, ras_spacing, spacing_differs
 
     trained = recorded_spacing(network)
     if trained is None:
         return None
-    spacing = median_spacing(records)
-    if spacing is None or not spacing_differs(spacing, trained):
+    off = []
+    for record in records:
+        img = first_image_header(record)
+        if img is not None and spacing_differs(spacing := ras_spacing(img.affine), trained):
+            off.append((str(record.get("case")), [round(float(v), 4) for v in spacing]))
+    if not off:
         return None
-    message = (f"These {len(records)} cases have a median voxel size of {spacing} mm, but the network was trained "
-               f"at {trained} mm: its Dice here measures it at a scale it never saw. Resample the cases to "
-               f"{trained} mm for a like-for-like score (clinical inference does this itself, --spacing auto).")
+    shown = ", ".join(f"{case} at {spacing} mm" for case, spacing in off[:3])
+    more = f" and {len(off) - 3} more" if len(off) > 3 else ""
+    message = (f"{len(off)} of the {len(records)} cases scored here ({shown}{more}) have a voxel size more than "
+               f"{SPACING_TOLERANCE:.0%} off the one the network was trained at {trained} mm: its Dice on them measures "
+               f"it at a scale it never saw. Resample those cases to {trained} mm for a like-for-like score (clinical "
+               "inference does this itself, --spacing auto).")
     logger.warning(message)
     return message
 

@@ -71,6 +71,33 @@ def test_check_spacing_warns_on_another_resolution(tmp_path, caplog):
     assert message in caplog.text
 
 
+def test_check_spacing_names_the_cases_of_another_resolution_among_many_at_the_training_one(tmp_path, caplog):
+    """A test folder gathered from several sites: most cases at the training resolution, one at another.
+    The cases' median matches the training spacing, but that case is still scored at a scale the network
+    never saw, and the warning names it."""
+    import nibabel as nib
+
+    from app.data.discovery import discover_cases
+    from app.data.phantoms import write_phantoms
+    from app.engines.utils import check_spacing
+    from app.networks import DSUNet
+
+    write_phantoms(tmp_path, cases=3, size=16, seed=0)  # 1 mm
+    records = discover_cases(tmp_path, require_label=True)
+    odd = records[1]
+    for path in [*odd["images"].values(), odd["label"]]:  # the same volumes stored at 2 mm by another site
+        img = nib.load(path)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), np.diag([2.0, 2.0, 2.0, 1.0])), path)
+    net = DSUNet(features=[4, 8])
+    net.set_training_spacing([1.0, 1.0, 1.0])
+    with caplog.at_level("WARNING"):
+        message = check_spacing(net, records)
+    assert message and message in caplog.text
+    assert message.startswith("1 of the 3 cases scored here")
+    assert f"{odd['case']} at [2.0, 2.0, 2.0] mm" in message and "trained at [1.0, 1.0, 1.0] mm" in message
+    assert not any(f"{r['case']} at" in message for r in records if r is not odd)
+
+
 def _raised(fn):
     try:
         fn()
