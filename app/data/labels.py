@@ -160,6 +160,11 @@ def check_label_values(
                 hint += (f" They disagree on {cavity}: tumour for {[n for n in fits if not readings[n]]}, a resection "
                          f"cavity (no tumour) for {[n for n in fits if readings[n]]}; choose by what the value marks "
                          "in your data (post-treatment cases have cavities).")
+        elif layout in ("brats2018", "brats2023"):
+            # a BraTS-named case has no dataset.json: its values are a convention's, and none knows these
+            conventions = "; ".join(f"{n}: {values}" for n, values in LABEL_CONVENTIONS.items())
+            hint = (f" No BraTS label convention knows {unknown} ({conventions}): relabel the segmentation to the "
+                    "values of its convention, or remove the case.")
         else:
             hint = " Relabel the segmentation to the known values or fix the label names in dataset.json."
         raise CaseError(

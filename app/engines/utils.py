@@ -252,8 +252,8 @@ def check_spacing(network: torch.nn.Module, records: Sequence[dict[str, Any]]) -
     shown = ", ".join(f"{case} at {spacing} mm" for case, spacing in off[:3])
     more = f" and {len(off) - 3} more" if len(off) > 3 else ""
     message = (f"{len(off)} of the {len(records)} cases scored here ({shown}{more}) have a voxel size more than "
-               f"{SPACING_TOLERANCE:.0%} off the one the network was trained at {trained} mm: its Dice on them measures "
-               f"it at a scale it never saw. Resample those cases to {trained} mm for a like-for-like score (clinical "
+               f"{SPACING_TOLERANCE:.0%} off the one the network was trained at {trained} mm: its Dice on them "
+               f"measures it at a scale it never saw. Resample those cases to {trained} mm for a like-for-like score (clinical "
                "inference does this itself, --spacing auto).")
     logger.warning(message)
     return message

@@ -119,6 +119,16 @@ def test_unknown_values_without_fitting_convention():
         check_label_values(np.array([-1, 0, 1]), "brats2018")
 
 
+@pytest.mark.parametrize("layout, convention", [("brats2018", "brats2018"), ("brats2023", "brats2023")])
+def test_a_value_no_convention_knows_in_a_brats_named_case_does_not_point_to_a_dataset_json(layout, convention):
+    """A BraTS-named case (label 5 from a site's own protocol) has no dataset.json to fix."""
+    with pytest.raises(CaseError) as err:
+        labels_to_regions(np.array([0, 1, 2, 5]), convention, source="A/A_seg.nii.gz", layout=layout)
+    msg = str(err.value)
+    assert "A/A_seg.nii.gz" in msg and "[5]" in msg and "No BraTS label convention knows [5]" in msg
+    assert "dataset.json" not in msg and "relabel the segmentation" in msg
+
+
 def test_regions_to_labels_priority_by_hand():
     # voxels: bg, WT only, WT+TC, WT+TC+ET, ET only (inconsistent), TC only (inconsistent)
     wt = [0, 1, 1, 1, 0, 0]
