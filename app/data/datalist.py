@@ -254,6 +254,7 @@ def evaluation_cases(
     if not val:
         raise ValueError(f"{datalist} holds out no validation case: train with a larger --val_fraction or more "
                          "cases, or evaluate every case under --dataset_dir instead.")
+    _check_scored_records(datalist, val)
     files = [f for r in val for f in (*dict(r.get("images") or {}).values(), r.get("image4d"), r.get("label")) if f]
     missing = [f for f in files if not os.path.exists(f)]
     if missing:
@@ -268,6 +269,57 @@ def evaluation_cases(
                          f"under --dataset_dir {dataset_dir} (e.g. {outside[0]}): pass --eval_datalist alone to score "
                          "that run's held-out cases, or --dataset_dir alone to score every case under that folder.")
     return val
+
+
+def _check_scored_records(datalist: str | os.PathLike, records: Sequence[Any]) -> None:
+    """Refuse validation entries of ``datalist`` that evaluation cannot score, naming the entry and the fix.
+
+    Evaluation reads the case records training writes. A datalist assembled by hand from several sites, or
+    one in MONAI's own form (``{"image": [...], "label": ...}``, which does not say which file is which
+    sequence), stopped with a ``KeyError`` traceback, or, without ``label_map``, with a message about
+    re-running discovery that named neither the datalist nor the key to add.
+
+    Raises:
+        ValueError: an entry is no case record, or lacks its images, their sequence names, its label or
+            the label values of its segmentation.
+    """
+    from app.data.labels import LABEL_PARTS
+    from app.subsets import BRATS_MODALITIES
+
+    record_form = ("{'case': id, 'images': {'flair': path, 't1': ..., 't1ce': ..., 't2': ...} (or an MSD 'image4d' "
+                   "with its 'channels'), 'label': path, 'label_map': {'ncr': [1], 'ed': [2], 'et': [4]}}")
+    folder_fix = ("or evaluate the cases' folder with --dataset_dir, which reads all this from the files (and "
+                  "dataset.json)")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or not record.get("case"):
+            what = f"keys {sorted(map(str, record))}" if isinstance(record, dict) else type(record).__name__
+            raise ValueError(f"{datalist}: validation entry {i} ({what}) is not a case record: evaluation reads "
+                             f"records as training writes them into its datalist.json, {record_form}. Pass that "
+                             f"datalist.json, write the entries in that form, {folder_fix}.")
+        case, images = record["case"], record.get("images")
+        if images is not None and not isinstance(images, dict):
+            raise ValueError(f"{datalist}: case {case!r} gives 'images' as {type(images).__name__}, which does not say "
+                             f"which file is which sequence: give {{sequence: path}} with sequences from "
+                             f"{list(BRATS_MODALITIES)}, {folder_fix}.")
+        unknown = sorted(str(q) for q in (images or {}) if q not in BRATS_MODALITIES)
+        if unknown:
+            raise ValueError(f"{datalist}: case {case!r} names sequence(s) {unknown} in 'images': use "
+                             f"{list(BRATS_MODALITIES)} (the MRI sequences the network reads), {folder_fix}.")
+        if not images and not record.get("image4d"):
+            raise ValueError(f"{datalist}: case {case!r} names no image: give 'images' ({{sequence: path}}) or an MSD "
+                             f"'image4d' with its 'channels', {folder_fix}.")
+        if record.get("image4d") and not isinstance(record.get("channels"), dict):
+            raise ValueError(f"{datalist}: case {case!r} has a 4D image but no 'channels' ({{sequence: index}} as "
+                             f"its dataset.json names them, e.g. {{'flair': 0, 't1': 1, 't1ce': 2, 't2': 3}}), "
+                             f"{folder_fix}.")
+        if not record.get("label"):
+            raise ValueError(f"{datalist}: case {case!r} has no 'label': evaluation scores each case against its "
+                             "segmentation; add the path of its segmentation, or leave the case out.")
+        label_map = record.get("label_map")
+        if not isinstance(label_map, dict) or any(p not in label_map for p in LABEL_PARTS):
+            raise ValueError(f"{datalist}: case {case!r} has no 'label_map' with {list(LABEL_PARTS)}, the label "
+                             "values of its segmentation: add e.g. {'ncr': [1], 'ed': [2], 'et': [4]} (BraTS "
+                             f"2018-2021; 'et': [3] for BraTS 2023+), {folder_fix}.")
 
 
 def _under(path: str | os.PathLike, folder: str | os.PathLike) -> bool:

@@ -336,3 +336,38 @@ def test_relative_4d_image_of_a_datalist_is_read_from_its_own_folder_and_empty_v
     train, val = read_datalist(datalist)
     assert train == [{"case": "a", "image4d": str(tmp_path / "data" / "a.nii.gz"), "label": ""}]
     assert val == [{"case": "b", "images": {"flair": str(tmp_path / "lists" / "b_flair.nii.gz")}, "label": None}]
+
+
+def test_a_datalist_written_by_hand_is_checked_entry_by_entry_naming_the_datalist_and_the_key(tmp_path):
+    """A datalist assembled by hand from several sites stopped with a KeyError traceback (MONAI's own
+    {'image': [...], 'label': ...} form) or with 'record has a label but no label_map; re-run discovery',
+    which named neither the datalist nor the key to add."""
+    from app.data.phantoms import write_phantoms
+
+    data = tmp_path / "data"
+    write_phantoms(data, cases=3, size=16, seed=0)
+    split = prepare_datalist(data, tmp_path / "run", val_fraction=0.34)
+    good = split["validation"][0]
+    datalist = tmp_path / "hand.json"
+
+    def refused(entry, match):
+        write_datalist(datalist, [], [good, entry])
+        with pytest.raises(ValueError, match=match) as err:
+            evaluation_cases(None, datalist)
+        assert str(err.value).startswith(f"{datalist}: ")  # the file to fix, first
+
+    files = [*good["images"].values()]
+    refused({"image": files, "label": good["label"]},
+            r"validation entry 1 \(keys \['image', 'label'\]\) is not a case record.*'label_map'")
+    refused(files, r"validation entry 1 \(list\) is not a case record")
+    refused({**good, "images": files}, r"gives 'images' as list, which does not say which file is which sequence")
+    refused({**good, "images": {"FLAIR": files[0]}}, r"names sequence\(s\) \['FLAIR'\] in 'images'")
+    refused({**good, "images": {}}, r"names no image")
+    refused({**good, "images": {}, "image4d": files[0], "channels": None}, r"has a 4D image but no 'channels'")
+    refused({**good, "label": None}, r"has no 'label': evaluation scores each case against its segmentation")
+    refused({k: v for k, v in good.items() if k not in ("label_map", "layout")},
+            r"case '.*' has no 'label_map' with \['ncr', 'ed', 'et'\].*'et': \[3\] for BraTS 2023\+")
+    # the form training writes, with each site's own label values, is read as it is
+    other_site = {**split["training"][0], "case": "site_b_001", "label_map": {"ncr": [1], "ed": [2], "et": [3]}}
+    write_datalist(datalist, [], [good, other_site])
+    assert evaluation_cases(None, datalist) == [good, other_site]
