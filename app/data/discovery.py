@@ -526,9 +526,11 @@ def discover_cases(
             (``require_label``) still raise.
         label_convention: label values of BraTS-named cases: ``None`` or ``"auto"`` picks them by the
             naming (``brats2018`` for ``<case>_seg``, ``brats2023`` for ``<case>-seg``); a name from
-            :data:`app.data.labels.LABEL_CONVENTIONS` applies to them all (``brats2024``: BraTS 2024
-            post-treatment glioma, whose files are named as BraTS 2023's). MSD and nnU-Net folders
-            name their labels in ``dataset.json``.
+            :data:`app.data.labels.LABEL_CONVENTIONS` applies to them all, except that ``brats2024``
+            (BraTS 2024 post-treatment glioma, whose files are named as BraTS 2023's) applies to the
+            cases with those names: cases with BraTS 2018-2021 names keep ``brats2018``, whose 4 is
+            enhancing tumour, so one option reads a union of releases. MSD and nnU-Net folders name
+            their labels in ``dataset.json``.
 
     Returns:
         Case records sorted by case id::
@@ -607,6 +609,7 @@ def discover_cases(
                 group["images"][seq] = path
 
     stray_index: dict[tuple[str, str], dict[str, list[str]]] = {}  # (folder, separator) -> _by_prefix
+    kept_2018: list[str] = []  # BraTS 2018-named cases that label_convention brats2024 leaves on brats2018
     for (dirpath, layout, case), group in groups.items():
         if group.get("bad"):
             continue
@@ -623,11 +626,14 @@ def discover_cases(
                 f"sequence; expected at least one of {case}{sep}{names}.nii.gz. Add the images or remove the case.",
             )
             continue
+        case_convention = convention or layout
         if convention == "brats2024" and layout == "brats2018":
-            # BraTS 2024 ships with the 2023 names; under 2018 names, 4 is enhancing tumour, not a cavity
-            raise CaseError(f"Folder {dirpath}: case {case!r} has BraTS 2018-2021 names ({case}_*.nii.gz), whose "
-                            "label 4 is enhancing tumour; label_convention brats2024 would read it as resection "
-                            "cavity. Use --label_convention auto (or brats2018) for these cases.")
+            # BraTS 2024 ships with the 2023 names; under 2018 names, 4 is enhancing tumour, not a cavity. Such a
+            # case keeps its own values, so a union of releases (BraTS 2020 beside BraTS 2024 post-treatment)
+            # trains with this one option: refusing it left the user between two errors (auto: "pass brats2024"
+            # for the 2024 cases; brats2024: "use auto" for the 2020 ones)
+            case_convention = "brats2018"
+            kept_2018.append(case)
         absent = [q for q in BRATS_MODALITIES if q not in group["images"]]
         # only a case lacking a sequence is checked: a complete case's other files (a brain mask, a
         # prediction beside each case of a flat folder) are not read
@@ -640,12 +646,18 @@ def discover_cases(
                            "the file if it holds one of them.", dirpath, case, "/".join(absent), ", ".join(strays),
                            "has" if len(strays) == 1 else "have",
                            "_flair, _t1, _t1ce, _t2" if layout == "brats2018" else "-t2f, -t1n, -t1c, -t2w")
-        rec = _record(case, layout, group["images"], None, {}, group["label"],
-                      LABEL_CONVENTIONS[convention or layout])
+        rec = _record(case, layout, group["images"], None, {}, group["label"], LABEL_CONVENTIONS[case_convention])
         found.append((rec, next(iter(rec["images"].values())), str(Path(dirpath) / f"{case}{sep}seg.nii.gz")))
 
     if not found and not case_errors:
         raise CaseError(f"No cases found under {root_path}. Accepted layouts: {ACCEPTED_LAYOUTS}.")
+    if kept_2018:
+        named_2023 = sum(rec["layout"] == "brats2023" for rec, _, _ in found)
+        (logger.info if named_2023 else logger.warning)(
+            "label_convention brats2024 reads the %d case(s) with BraTS 2023 names; the %d with BraTS 2018-2021 names "
+            "(e.g. %s) keep brats2018, whose 4 is enhancing tumour, not a resection cavity.%s", named_2023,
+            len(kept_2018), kept_2018[0], "" if named_2023 else " No case has BraTS 2023 names: the option changes "
+            "nothing here.")
 
     where: dict[str, str] = {}
     for rec, location, _ in found:
