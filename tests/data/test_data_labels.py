@@ -52,6 +52,20 @@ def test_labels_to_regions_torch_and_float_input():
         labels_to_regions(np.array([0.0, 0.5, 1.0]), "brats2018", source="case_seg.nii.gz")
 
 
+def test_whole_labels_stored_with_rounding_error_are_not_called_interpolated():
+    """A float label whose values are whole numbers up to rounding error (3.9999 for 4) was called resampled with
+    linear interpolation and told to resample with nearest-neighbour, which it never was; a boundary voxel an
+    interpolation blended (1.5, 3.2) still is."""
+    label = np.array([0.0, 1.0, 2.0, 3.9999, 3.9999], dtype=np.float32)
+    with pytest.raises(CaseError) as err:
+        labels_to_regions(label, "brats2018", source="X_seg.nii.gz")
+    msg = str(err.value)
+    assert "X_seg.nii.gz holds whole label values stored with rounding error (e.g. [3.999" in msg
+    assert "integer voxels" in msg and "interpolation" not in msg
+    with pytest.raises(CaseError, match=r"non-integer values \(e\.g\. \[1\.5, 3\.99.*nearest-neighbour"):
+        labels_to_regions(np.array([0.0, 1.5, 3.9999], dtype=np.float32), "brats2018", source="X_seg.nii.gz")
+
+
 def test_unknown_values_suggest_the_other_convention():
     lab = np.array([0, 1, 2, 3], dtype=np.uint8)
     with pytest.raises(CaseError) as err:
