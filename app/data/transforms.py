@@ -98,8 +98,11 @@ def _read(img: nib.spatialimages.SpatialImage, path: str, dtype: type | None) ->
                         "truncated; re-download or re-export it.") from err
 
 
-def _spatial_shape(shape: tuple[int, ...], path: str, channels: bool) -> tuple[int, ...]:
-    """Shape with singleton dims beyond the third removed (some writers store 3D volumes as X*Y*Z*1)."""
+def _spatial_shape(shape: tuple[int, ...], path: str, channels: bool, label: bool = False) -> tuple[int, ...]:
+    """Shape with singleton dims beyond the third removed (some writers store 3D volumes as X*Y*Z*1).
+
+    ``label``: ``path`` is the case's segmentation, whose fix for extra dimensions is not a sequence's.
+    """
     extra = tuple(d for d in shape[3:] if d != 1)
     if len(shape) < 3:
         raise CaseError(f"{path} is {len(shape)}D (shape {shape}); expected a 3D volume. Assemble the slices into "
@@ -110,6 +113,12 @@ def _spatial_shape(shape: tuple[int, ...], path: str, channels: bool) -> tuple[i
                 f"{path} has shape {shape}; expected a 4D X*Y*Z*channels file as described by dataset.json."
             )
         return tuple(shape[:3]) + (extra or (1,))
+    if extra and label:
+        # a segmentation exported one channel per region or label (one-hot), as some pipelines save them
+        raise CaseError(f"{path} is {len(shape)}D (shape {shape}); a segmentation is one 3D label map. Merge its "
+                        "channels (one per region or label) into one map of the case's label values (e.g. 1 necrotic "
+                        "core, 2 oedema, 4 enhancing under BraTS 2018-2021 names, 3 under BraTS 2023+ names) and save "
+                        "it as a 3D file.")
     if extra:
         raise CaseError(f"{path} is {len(shape)}D (shape {shape}); expected one 3D volume per sequence. Split it "
                         "into one file per sequence, or describe it with an MSD dataset.json (imagesTr/ + 'modality').")
@@ -320,7 +329,7 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
                             "reference segmentation: scoring or training against it would measure the model against "
                             "its own output. Move it out of the data folder (write inference outputs elsewhere), or "
                             "put the reference segmentation in its place.")
-        shape = _spatial_shape(tuple(img.shape), label_path, channels=False)
+        shape = _spatial_shape(tuple(img.shape), label_path, channels=False, label=True)
         transform = _onto_grid(label_path, shape, img.affine, ref)
         labels = reorder_voxels(_read(img, label_path, None).reshape(shape), transform)
         regions = labels_to_regions(labels, record["label_map"], source=label_path, layout=record.get("layout"))

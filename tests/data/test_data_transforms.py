@@ -216,6 +216,20 @@ def test_image_not_3d(tmp_path, make_case, write_nii, shape, match):
         load_case(only(discover_cases(tmp_path)))
 
 
+def test_a_one_hot_4d_label_is_told_to_be_merged_into_one_label_map(tmp_path, make_case, write_nii):
+    """A segmentation exported one channel per region (WT/TC/ET one-hot) was told to be split 'into one file
+    per sequence' or described with an MSD dataset.json, fixes for an image that do not apply to a label."""
+    folder = make_case(tmp_path, "A_1")
+    regions = np.zeros((*SHAPE, 3), dtype=np.uint8)
+    regions[4:8, 4:8, 4:8, 0] = 1
+    write_nii(folder / "A_1_seg.nii.gz", regions)
+    with pytest.raises(CaseError) as err:
+        load_case(only(discover_cases(tmp_path)))
+    msg = str(err.value)
+    assert "A_1_seg.nii.gz is 4D (shape (16, 16, 12, 3)); a segmentation is one 3D label map" in msg
+    assert "Merge its channels" in msg and "per sequence" not in msg and "dataset.json" not in msg
+
+
 def test_trailing_singleton_dimension_is_accepted(tmp_path, make_case, write_nii):
     folder = make_case(tmp_path, "A_1")
     write_nii(folder / "A_1_t1.nii.gz", _not_constant((*SHAPE, 1)))
