@@ -25,6 +25,7 @@ _EXPORTS = {
     "ras_spacing": "app.data.datalist",
     "read_datalist": "app.data.datalist",
     "shard_cases": "app.data.datalist",
+    "shared_scans": "app.data.datalist",
     "split_cases": "app.data.datalist",
     "write_datalist": "app.data.datalist",
     "ACCEPTED_LAYOUTS": "app.data.discovery",
@@ -83,6 +84,7 @@ if TYPE_CHECKING:
         ras_spacing,
         read_datalist,
         shard_cases,
+        shared_scans,
         split_cases,
         write_datalist,
     )

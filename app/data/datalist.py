@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # numpy is imported where it is used: discovery and splitting
 
 __all__ = [
     "SPACING_TOLERANCE", "evaluation_cases", "first_image_header", "median_spacing", "prepare_datalist", "ras_spacing", "read_datalist",
-    "shard_cases", "spacing_differs",
+    "shard_cases", "shared_scans", "spacing_differs",
     "split_cases", "write_datalist",
 ]
 
@@ -153,6 +153,67 @@ def _absolute_record(record: Any, base: Path) -> Any:
     return out
 
 
+#: A scan file is sketched by this many bytes read at each of this many evenly spaced offsets (and its size):
+#: files with different sketches differ, and only files with one sketch are compared in full.
+_SKETCH_CHUNK = 4096
+_SKETCH_POINTS = 16
+
+
+def _scan_sketch(path: str) -> tuple[int, str] | None:
+    """``(size, digest of sampled bytes)`` of the file at ``path``; None when it cannot be read (the loader
+    reports such a file, naming it)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            parts = []
+            for k in range(_SKETCH_POINTS):
+                f.seek(size * k // _SKETCH_POINTS)
+                parts.append(f.read(_SKETCH_CHUNK))
+    except OSError:
+        return None
+    return size, hashlib.sha256(b"".join(parts)).hexdigest()
+
+
+def shared_scans(records: Sequence[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """Cases of different ids that hold the same scan: one file reached under two names (symbolic or hard
+    links) or byte-identical copies, as when two sites' folders, or two BraTS releases, both hold a case.
+
+    A case id is unique per folder tree, but the same scan under two ids is one case counted twice, and a
+    split by id can put one copy in training and the other in validation. Files are told apart by their size
+    and a few sampled bytes; only files that agree on those are compared in full, so the check reads little
+    beyond the files' headers. Copies stored differently (recompressed, relabelled) are not found.
+
+    Args:
+        records: case records (``images``, ``image4d``) as :func:`app.data.discovery.discover_cases` gives them.
+
+    Returns:
+        ``(case_a, case_b, file_a, file_b)`` for each case that shares a scan with an earlier one, in input order.
+    """
+    import filecmp
+
+    by_sketch: dict[tuple[int, str], tuple[str, str]] = {}  # sketch -> the first (case, file) with it
+    shared: list[tuple[str, str, str, str]] = []
+    reported: set[str] = set()
+    for record in records:
+        case = str(record.get("case"))
+        files = [*dict(record.get("images") or {}).values(), *([record["image4d"]] if record.get("image4d") else [])]
+        for path in map(os.fspath, files):
+            sketch = _scan_sketch(path)
+            if sketch is None or sketch[0] == 0:  # no scan (the loader names such a file): nothing to share
+                continue
+            first = by_sketch.setdefault(sketch, (case, path))
+            if first[0] == case or case in reported:
+                continue
+            try:
+                same = os.path.samefile(first[1], path) or filecmp.cmp(first[1], path, shallow=False)
+            except OSError:
+                continue
+            if same:
+                shared.append((first[0], case, first[1], path))
+                reported.add(case)
+    return shared
+
+
 def prepare_datalist(
     dataset_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -175,6 +236,9 @@ def prepare_datalist(
     ``write=False`` leaves writing to the caller (:func:`write_datalist`): the bundles write the split
     once every case has been read, so a bad file leaves no ``datalist.json`` behind.
 
+    Two case ids holding the same scan (:func:`shared_scans`) are refused: the split would treat one case
+    as two, and could score in validation a copy of a case the model trained on.
+
     Returns:
         ``{"training": [...], "validation": [...]}``.
     """
@@ -182,6 +246,16 @@ def prepare_datalist(
 
     check_paths(dataset_dir=dataset_dir, output_dir=output_dir)
     cases = discover_cases(dataset_dir, require_label=True, label_convention=label_convention)
+    if shared := shared_scans(cases):
+        from app.data.errors import CaseError
+
+        first, other, first_file, other_file = shared[0]
+        more = f" ({len(shared) - 1} more case(s) share a scan with another the same way)" if len(shared) > 1 else ""
+        raise CaseError(f"Cases {first!r} and {other!r} hold the same scan ({first_file} and {other_file} are one file "
+                        f"or copies){more}: one case under two ids, as when two sites' folders or two BraTS releases "
+                        "both hold it. The split could put one copy in training and the other in validation, which "
+                        "would then score a case the model trained on. Keep one copy: remove the other case from "
+                        f"{dataset_dir}.")
     if len(cases) < 2:
         raise ValueError(
             f"{dataset_dir} holds {len(cases)} labelled case(s): training needs at least 2 (one for validation)."

@@ -371,3 +371,35 @@ def test_a_datalist_written_by_hand_is_checked_entry_by_entry_naming_the_datalis
     other_site = {**split["training"][0], "case": "site_b_001", "label_map": {"ncr": [1], "ed": [2], "et": [3]}}
     write_datalist(datalist, [], [good, other_site])
     assert evaluation_cases(None, datalist) == [good, other_site]
+
+
+@pytest.mark.parametrize("how", ["symlink", "copy", "hard_link"])
+def test_one_scan_under_two_case_ids_is_refused_before_the_split(tmp_path, how):
+    """A folder assembled from several sites or BraTS releases can hold one case under two ids (BraTS 2020's
+    BraTS20_Training_003 is also in BraTS 2021 under another name): the split by id put one copy in training
+    and the other in validation without a word, and validation scored a case the model trained on."""
+    import os
+    import shutil
+
+    from app.data.datalist import shared_scans
+    from app.data.discovery import CaseError, discover_cases
+    from app.data.phantoms import write_phantoms
+
+    data = tmp_path / "data"
+    write_phantoms(data / "site_a", cases=4, size=16, seed=0)
+    assert shared_scans(discover_cases(data, require_label=True)) == []  # other scans: nothing shared
+    source = data / "site_a" / "Phantom_002"
+    again = data / "site_b" / "BraTS2021_00002"
+    again.mkdir(parents=True)
+    for seq in ("flair", "t1", "t1ce", "t2", "seg"):
+        src, dst = source / f"Phantom_002_{seq}.nii.gz", again / f"BraTS2021_00002_{seq}.nii.gz"
+        {"symlink": lambda: dst.symlink_to(src), "copy": lambda: shutil.copy(src, dst),
+         "hard_link": lambda: os.link(src, dst)}[how]()
+    pairs = shared_scans(discover_cases(data, require_label=True))
+    assert [(a, b) for a, b, _, _ in pairs] == [("BraTS2021_00002", "Phantom_002")]
+    with pytest.raises(CaseError) as err:
+        prepare_datalist(data, tmp_path / "run", val_fraction=0.4)
+    msg = str(err.value)
+    assert "Cases 'BraTS2021_00002' and 'Phantom_002' hold the same scan" in msg
+    assert str(again / "BraTS2021_00002_flair.nii.gz") in msg and "Keep one copy" in msg
+    assert not (tmp_path / "run").exists()  # refused before anything is written

@@ -320,6 +320,37 @@ def test_cases_that_only_share_a_training_case_name_are_not_called_training_case
     assert check_held_out(ckpt, train).startswith("2 of the 3 cases")
 
 
+def test_check_held_out_finds_a_training_case_that_another_folder_names_its_own_way(tmp_path, caplog):
+    """A test folder of another site or BraTS release can hold a training case under its own id (BraTS 2020's
+    BraTS20_Training_003 is in BraTS 2021 under another name): it was scored as held out without a word."""
+    import shutil
+
+    from app.data.datalist import write_datalist
+    from app.data.discovery import discover_cases
+    from app.data.phantoms import write_phantoms
+    from app.engines import check_held_out
+
+    write_phantoms(tmp_path / "train", cases=3, size=16, seed=0)
+    train = discover_cases(tmp_path / "train")
+    run = tmp_path / "run"
+    write_datalist(run / "datalist.json", train[:2], train[2:])
+    write_phantoms(tmp_path / "test", cases=2, size=16, seed=1000)  # other scans
+    renamed = tmp_path / "test" / "BraTS2021_00001"
+    renamed.mkdir()
+    for seq in ("flair", "t1", "t1ce", "t2", "seg"):  # training case Phantom_001, named by another release
+        shutil.copy(tmp_path / "train" / "Phantom_001" / f"Phantom_001_{seq}.nii.gz",
+                    renamed / f"BraTS2021_00001_{seq}.nii.gz")
+    held_out = renamed.with_name("BraTS2021_00002")
+    shutil.copytree(tmp_path / "train" / "Phantom_002", held_out)  # the validation case: not trained on
+    for path in held_out.iterdir():
+        path.rename(held_out / path.name.replace("Phantom_002", "BraTS2021_00002"))
+    with caplog.at_level("WARNING"):
+        message = check_held_out(run / "models" / "model.pt", discover_cases(tmp_path / "test"))
+    assert message is not None and message in caplog.text
+    assert message.startswith("1 of the 4 cases scored here are training cases") and "Phantom_000" not in message
+    assert "under another id: BraTS2021_00001 is Phantom_001" in message and "BraTS2021_00002" not in message
+
+
 def test_check_output_dir_refuses_a_file_in_its_place_and_creates_nothing(tmp_path):
     from app.engines import check_output_dir
 
