@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -694,7 +695,25 @@ def discover_cases(
                         len(test_only), ", ".join(folders))
         missing = [(rec["case"], expected) for rec, _, expected in found if rec["label"] is None]
         if missing:
-            shown = "; ".join(f"case {c!r}: expected {e}" for c, e in missing[:5])
+            cases_in = Counter(dirpath for dirpath, _, _ in groups)
+
+            def hint(case: str, expected: str) -> str:
+                # a segmentation under another name (BraTS 2020's case 355 ships W39_1998.09.19_Segm.nii): the
+                # NIfTI files no layout names in the case's own folder, or named after the case in a shared one
+                folder = os.path.dirname(expected)
+                sep = "-" if expected.endswith(("-seg.nii.gz", "-seg.nii")) else "_"
+                strays = [f for f in unmatched.get(folder, ())
+                          if (cases_in[folder] == 1 or f.startswith(f"{case}{sep}"))
+                          and not is_inference_output(os.path.join(folder, f))]
+                if not strays:
+                    return ""
+                stem = os.path.basename(expected).rsplit(".nii", 1)[0]  # <case>_seg, named with its own extension
+                target = (f"{stem}{'.nii.gz' if strays[0].lower().endswith('.gz') else '.nii'}" if len(strays) == 1
+                          else f"{stem}.nii.gz (.nii if it is not compressed)")
+                return (f" (its folder holds {', '.join(strays[:3])}, which no accepted name matches: if "
+                        f"{'it is' if len(strays) == 1 else 'one is'} the segmentation, rename it to {target})")
+
+            shown = "; ".join(f"case {c!r}: expected {e}{hint(c, e)}" for c, e in missing[:5])
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             raise CaseError(f"{len(missing)} case(s) have no label: {shown}{more}. Add the segmentation files, "
                             "or segment unlabelled cases with inference (python -m app infer, or the batch bundle).")

@@ -90,6 +90,30 @@ def test_require_label_names_case_and_expected_file(tmp_path):
     assert "Brats18_B_1" not in str(err.value)
 
 
+def test_a_missing_label_names_the_misnamed_segmentation_beside_it(tmp_path):
+    """BraTS 2020's case 355 ships its segmentation as W39_1998.09.19_Segm.nii: training stopped on a missing
+    label and told to add it, with the file it needed lying, under another name, in the case's folder."""
+    case = "BraTS20_Training_355"
+    brats18(tmp_path, case, seqs=("flair", "t1", "t1ce", "t2"))
+    touch(tmp_path / case / "W39_1998.09.19_Segm.nii")
+    brats18(tmp_path, "BraTS20_Training_001")
+    with pytest.raises(CaseError) as err:
+        discover_cases(tmp_path, require_label=True)
+    msg = str(err.value)
+    assert f"expected {tmp_path / case / (case + '_seg.nii.gz')} (its folder holds W39_1998.09.19_Segm.nii" in msg
+    assert f"rename it to {case}_seg.nii)" in msg  # its own extension: a .nii named .nii.gz would not read
+    # in a folder of several cases, only files named after the case are offered
+    flat = tmp_path / "flat"
+    for name in ("A-t2f.nii.gz", "A-t1c.nii.gz", "A-segmentation.nii.gz", "B-t2f.nii.gz", "B-seg.nii.gz",
+                 "atlas.nii.gz"):
+        touch(flat / name)
+    with pytest.raises(CaseError) as err:
+        discover_cases(flat, require_label=True)
+    msg = str(err.value)
+    assert "(its folder holds A-segmentation.nii.gz, which no accepted name matches" in msg and "atlas" not in msg
+    assert "rename it to A-seg.nii.gz)" in msg
+
+
 def test_brats2023_names(tmp_path):
     case = "BraTS-GLI-00001-000"
     for s in ("t2f", "t1n", "t1c", "t2w", "seg"):
