@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # numpy is imported where it is used: discovery and splitting
 
 __all__ = [
     "SPACING_TOLERANCE", "evaluation_cases", "first_image_header", "median_spacing", "prepare_datalist", "ras_spacing", "read_datalist",
-    "shard_cases", "shared_scans", "spacing_differs",
+    "shard_cases", "shared_scans", "spacing_differs", "spacing_outliers",
     "split_cases", "write_datalist",
 ]
 
@@ -261,6 +261,7 @@ def prepare_datalist(
             f"{dataset_dir} holds {len(cases)} labelled case(s): training needs at least 2 (one for validation)."
         )
     train, val = split_cases(cases, val_fraction=val_fraction, seed=seed)
+    _warn_mixed_spacing(train)
     path = Path(output_dir) / "datalist.json"
     if _resuming(resume, Path(output_dir) / "models" / "checkpoint_last.pt") and path.is_file():
         _check_same_split(path, train, val)
@@ -417,6 +418,40 @@ def median_spacing(records: Sequence[dict[str, Any]]) -> list[float] | None:
 
     sizes = [ras_spacing(img.affine) for img in map(first_image_header, records) if img is not None]
     return [round(float(v), 4) for v in np.median(sizes, axis=0)] if sizes else None
+
+
+def spacing_outliers(records: Sequence[dict[str, Any]], reference: Sequence[float],
+                     tolerance: float = SPACING_TOLERANCE) -> list[tuple[str, list[float]]]:
+    """``(case, voxel size in mm along RAS)`` of each record whose first image is more than ``tolerance`` off
+    ``reference`` along some axis (:func:`spacing_differs`), in input order. Only headers are read."""
+    off = []
+    for record in records:
+        img = first_image_header(record)
+        if img is not None and spacing_differs(spacing := ras_spacing(img.affine), reference, tolerance):
+            off.append((str(record.get("case")), [round(float(v), 4) for v in spacing]))
+    return off
+
+
+def _warn_mixed_spacing(train: Sequence[dict[str, Any]]) -> str | None:
+    """Warn when some training cases are at another voxel size than the others.
+
+    Cases are trained on their own grid and the network records the median voxel size
+    (:func:`median_spacing`), to which inference resamples scans of another voxel size: cases of a site
+    at another resolution teach the tumours at a scale the model is not used at, without a word.
+    Returns the warning.
+    """
+    median = median_spacing(train)
+    off = spacing_outliers(train, median) if median is not None else []
+    if not off:
+        return None
+    shown = ", ".join(f"{case} at {spacing} mm" for case, spacing in off[:3])
+    more = f" and {len(off) - 3} more" if len(off) > 3 else ""
+    message = (f"{len(off)} of the {len(train)} training cases ({shown}{more}) have a voxel size more than "
+               f"{SPACING_TOLERANCE:.0%} off the training cases' median, {median} mm, which the model records and "
+               "inference resamples scans of another voxel size to: they teach it the tumours at another scale. "
+               f"Resample them to {median} mm for one scale.")
+    logger.warning(message)
+    return message
 
 
 def first_image_header(record: dict[str, Any]) -> Any | None:

@@ -249,16 +249,12 @@ def check_spacing(network: torch.nn.Module, records: Sequence[dict[str, Any]]) -
     several sites, most at the training resolution, would otherwise score the others without a word.
     Only headers are read. Returns the warning (None when every spacing matches or one is unknown).
     """
-    from app.data.datalist import SPACING_TOLERANCE, first_image_header, ras_spacing, spacing_differs
+    from app.data.datalist import SPACING_TOLERANCE, spacing_outliers
 
     trained = recorded_spacing(network)
     if trained is None:
         return None
-    off = []
-    for record in records:
-        img = first_image_header(record)
-        if img is not None and spacing_differs(spacing := ras_spacing(img.affine), trained):
-            off.append((str(record.get("case")), [round(float(v), 4) for v in spacing]))
+    off = spacing_outliers(records, trained)
     if not off:
         return None
     shown = ", ".join(f"{case} at {spacing} mm" for case, spacing in off[:3])

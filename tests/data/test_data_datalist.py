@@ -403,3 +403,29 @@ def test_one_scan_under_two_case_ids_is_refused_before_the_split(tmp_path, how):
     assert "Cases 'BraTS2021_00002' and 'Phantom_002' hold the same scan" in msg
     assert str(again / "BraTS2021_00002_flair.nii.gz") in msg and "Keep one copy" in msg
     assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_training_cases_at_another_voxel_size_than_the_others_are_named(tmp_path, caplog):
+    """A site's cases at 2 mm among 1 mm ones trained at their own scale without a word, while the model records
+    the median voxel size, to which inference resamples every scan."""
+    import nibabel as nib
+    import numpy as np
+
+    from app.data.phantoms import write_phantoms
+
+    data = tmp_path / "data"
+    write_phantoms(data, cases=5, size=16, seed=0)  # 1 mm
+    with caplog.at_level("WARNING", logger="app.data.datalist"):
+        prepare_datalist(data, tmp_path / "run", val_fraction=0.2)
+    assert "voxel size" not in caplog.text  # one scale: nothing to say
+    split = prepare_datalist(data, tmp_path / "run", val_fraction=0.2)
+    odd = split["training"][1]
+    for path in [*odd["images"].values(), odd["label"]]:  # the same volumes as another site stores them, at 2 mm
+        img = nib.load(path)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), np.diag([2.0, 2.0, 2.0, 1.0])), path)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="app.data.datalist"):
+        prepare_datalist(data, tmp_path / "run2", val_fraction=0.2)
+    assert f"1 of the 4 training cases ({odd['case']} at [2.0, 2.0, 2.0] mm) have a voxel size more than 10% off" \
+        in caplog.text
+    assert "median, [1.0, 1.0, 1.0] mm" in caplog.text and "Resample them to [1.0, 1.0, 1.0] mm" in caplog.text
