@@ -220,6 +220,29 @@ def check_voxels(data: np.ndarray, what: str, channel: bool = False) -> tuple[fl
     return lo, hi
 
 
+def _check_distinct_sequences(stacked: np.ndarray, present: list[str], images: Mapping[str, str],
+                              image4d: str | None, channels: Mapping[str, int]) -> None:
+    """Refuse a case in which two sequences hold the same voxels.
+
+    Some pipelines fill a missing sequence with a copy of another (T1 saved as T1ce, so that every case has
+    four files): the network would then learn and be scored on T1 as if it were T1ce, without a word. A case
+    may lack sequences, so the copy is to be left out. A few sampled voxels rule out almost every pair before
+    a full comparison.
+    """
+    def source(seq: str) -> str:
+        return images[seq] if seq in images else f"{image4d} (channel {channels[seq]})"
+
+    order = [s for s in BRATS_MODALITIES if s in present]
+    for i, a in enumerate(order):
+        va = stacked[BRATS_MODALITIES.index(a)]
+        for b in order[i + 1:]:
+            vb = stacked[BRATS_MODALITIES.index(b)]
+            if np.array_equal(va.ravel()[::997], vb.ravel()[::997]) and np.array_equal(va, vb):
+                raise CaseError(f"{source(b)} ({b}) holds the same voxels as {source(a)} ({a}): a copy standing in "
+                                f"for a missing sequence would be read as {b}. Remove it so that the case counts as "
+                                f"lacking {b} (a case may lack sequences), or put the real {b} scan in its place.")
+
+
 def _meta_tensor(array: np.ndarray, affine: np.ndarray, path: str, case: str) -> MetaTensor:
     # the keys MONAI's LoadImage would set, so Orientationd/Spacingd/SaveImage treat it like a loaded image
     meta = {
@@ -309,6 +332,7 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
         present.append(seq)
     assert ref is not None and stacked is not None  # at least one of images/image4d was read above
     ref_path, _, ref_affine = ref
+    _check_distinct_sequences(stacked, present, images, image4d, channels)
 
     out = {k: v for k, v in record.items() if k != "label"}
     out["label_file"] = record.get("label")

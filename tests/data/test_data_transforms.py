@@ -230,6 +230,30 @@ def test_a_one_hot_4d_label_is_told_to_be_merged_into_one_label_map(tmp_path, ma
     assert "Merge its channels" in msg and "per sequence" not in msg and "dataset.json" not in msg
 
 
+def test_a_sequence_that_is_a_copy_of_another_is_refused(tmp_path, make_case, write_nii):
+    """A site that fills a missing sequence with a copy of another (T1 saved as T1ce, so every case has four
+    files) trained and scored T1 as T1ce without a word; a case may lack a sequence instead."""
+    import shutil
+
+    folder = make_case(tmp_path / "brats", "A_1")
+    shutil.copy(folder / "A_1_t1.nii.gz", folder / "A_1_t1ce.nii.gz")
+    with pytest.raises(CaseError) as err:
+        load_case(only(discover_cases(tmp_path / "brats")))
+    msg = str(err.value)
+    assert msg.startswith(f"{folder / 'A_1_t1ce.nii.gz'} (t1ce) holds the same voxels as {folder / 'A_1_t1.nii.gz'}")
+    assert "counts as lacking t1ce" in msg
+    (folder / "A_1_t1ce.nii.gz").unlink()  # left out: the case lacks T1ce
+    assert load_case(only(discover_cases(tmp_path / "brats")))["modalities"] == ["flair", "t1", "t2"]
+    # in an MSD 4D image, a channel copied from another
+    rng = np.random.default_rng(0)
+    flair, t1 = (rng.normal(100, 10, SHAPE) for _ in range(2))
+    (tmp_path / "msd").mkdir()
+    _msd_4d(tmp_path / "msd", write_nii, [flair, t1, t1, rng.normal(100, 10, SHAPE)])
+    with pytest.raises(CaseError, match=r"BRATS_001\.nii\.gz \(channel 2\) \(t1ce\) holds the same voxels as "
+                                        r".*BRATS_001\.nii\.gz \(channel 1\) \(t1\)"):
+        load_case(only(discover_cases(tmp_path / "msd")))
+
+
 def test_trailing_singleton_dimension_is_accepted(tmp_path, make_case, write_nii):
     folder = make_case(tmp_path, "A_1")
     write_nii(folder / "A_1_t1.nii.gz", _not_constant((*SHAPE, 1)))
