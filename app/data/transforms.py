@@ -299,6 +299,12 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
         if need == 0 or shape[3] < need:
             raise CaseError(f"{image4d} has {shape[3]} channel(s) but dataset.json names {need} ({channels}); "
                             "fix 'modality' in dataset.json or re-export the 4D image.")
+        if len(img.shape) == 4 and shape[3] > need and img.shape[0] == need:
+            # a channel-first array ((C, X, Y, Z), as PyTorch and MONAI hold it) saved as it is: its "channels"
+            # would be slices, refused later only as a label on "another grid", whose fix (resample) is wrong
+            raise CaseError(f"{image4d} has shape {tuple(img.shape)}: its {need} channels lie along the first axis, "
+                            f"where MSD images hold them along the fourth, so its 'channels' would be slices. Save the "
+                            f"array channel-last, as shape {(*img.shape[1:], need)} (numpy.moveaxis(data, 0, -1)).")
         ref = (image4d, shape[:3], img.affine)
         data = _read(img, image4d, np.float32).reshape(shape)
         stacked = np.zeros((len(BRATS_MODALITIES), *shape[:3]), dtype=np.float32)

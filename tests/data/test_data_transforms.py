@@ -116,6 +116,21 @@ def test_msd_4d_channels_follow_dataset_json(tmp_path, write_nii):
         load_case(only(discover_cases(tmp_path)))
 
 
+def test_a_channel_first_msd_image_is_told_to_be_saved_channel_last(tmp_path, write_nii):
+    """A 4D image saved from a channel-first array ((4, X, Y, Z), as PyTorch and MONAI hold it) read its first
+    slices as the sequences, and was refused only as a label on 'different grids', to be resampled."""
+    rng = np.random.default_rng(0)
+    _msd_4d(tmp_path, write_nii, [rng.normal(100, 10, SHAPE) for _ in range(4)])
+    channel_last = nib.load(str(tmp_path / "imagesTr" / "BRATS_001.nii.gz"))
+    write_nii(tmp_path / "imagesTr" / "BRATS_001.nii.gz", np.moveaxis(np.asarray(channel_last.dataobj), -1, 0))
+    for load_label in (True, False):  # without the label (no grid to compare), it was read as it came
+        with pytest.raises(CaseError) as err:
+            load_case(only(discover_cases(tmp_path)), load_label=load_label)
+        msg = str(err.value)
+        assert "BRATS_001.nii.gz has shape (4, 16, 16, 12): its 4 channels lie along the first axis" in msg
+        assert "as shape (16, 16, 12, 4)" in msg and "different grids" not in msg
+
+
 def _msd_4d(root, write_nii, channels):
     """An MSD folder with one case whose 4D image holds ``channels`` (FLAIR, T1w, t1gd, T2w) and a label."""
     desc = {"modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
