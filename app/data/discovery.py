@@ -131,6 +131,8 @@ _BRATS2023_SEQ = {"t2f": "flair", "t1n": "t1", "t1c": "t1ce", "t2w": "t2", "seg"
 # (.NII.GZ), as in the BraTS names above and as nibabel reads them
 _NNUNET_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<idx>\d{4})\.nii(?:\.gz)?$", re.IGNORECASE)
 _NIFTI_RE = re.compile(r"^(?P<case>.+)\.nii(?:\.gz)?$", re.IGNORECASE)
+# how the releases are downloaded (a .tar of BraTS 2021 or MSD, a .zip of BraTS 2023); a .nii.gz is no archive
+_ARCHIVE_RE = re.compile(r"\.(?:zip|tar|tgz|tar\.gz|tar\.bz2|tar\.xz|7z)$", re.IGNORECASE)
 
 
 def brats2023_named(path: str | os.PathLike) -> bool:
@@ -565,6 +567,7 @@ def discover_cases(
     found: list[tuple[dict[str, Any], str, str]] = []  # (record, location for messages, expected label path)
     groups: dict[tuple[str, str, str], dict[str, Any]] = {}
     unmatched: dict[str, list[str]] = {}  # folder -> NIfTI files no layout names, for the warning below
+    archives: list[str] = []  # archives of cases not yet extracted, named when no case is found
     visited: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root_path, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -587,6 +590,9 @@ def discover_cases(
                 continue
         for fname in sorted(filenames):
             if fname.startswith("."):
+                continue
+            if _ARCHIVE_RE.search(fname):
+                archives.append(os.path.relpath(folder / fname, root_path))
                 continue
             if (m := _BRATS2018_RE.match(fname)) is not None:
                 layout, seq = "brats2018", m.group("seq").lower()
@@ -651,7 +657,11 @@ def discover_cases(
         found.append((rec, next(iter(rec["images"].values())), str(Path(dirpath) / f"{case}{sep}seg.nii.gz")))
 
     if not found and not case_errors:
-        raise CaseError(f"No cases found under {root_path}. Accepted layouts: {ACCEPTED_LAYOUTS}.")
+        # a release as downloaded (BraTS2021_Training_Data.tar, a BraTS 2023 .zip, Task01_BrainTumour.tar) holds
+        # its cases in an archive, which discovery does not open
+        fix = (f" {root_path} holds {len(archives)} archive(s) ({', '.join(archives[:3])}), whose cases are not read "
+               "from inside them: extract them there first (tar -xf / unzip)." if archives else "")
+        raise CaseError(f"No cases found under {root_path}. Accepted layouts: {ACCEPTED_LAYOUTS}.{fix}")
     if kept_2018:
         named_2023 = sum(rec["layout"] == "brats2023" for rec, _, _ in found)
         (logger.info if named_2023 else logger.warning)(

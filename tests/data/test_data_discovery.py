@@ -114,6 +114,26 @@ def test_a_missing_label_names_the_misnamed_segmentation_beside_it(tmp_path):
     assert "rename it to A-seg.nii.gz)" in msg
 
 
+def test_a_folder_of_downloaded_archives_says_to_extract_them(tmp_path):
+    """A release as downloaded (BraTS2021_Training_Data.tar, a BraTS 2023 .zip) holds its cases in an archive:
+    the folder gave 'No cases found' and the accepted layouts, which its cases, once extracted, already follow."""
+    touch(tmp_path / "downloads" / "BraTS2021_Training_Data.tar")
+    touch(tmp_path / "downloads" / "ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData.ZIP")
+    touch(tmp_path / "downloads" / "notes.txt")
+    with pytest.raises(CaseError) as err:
+        discover_cases(tmp_path, require_label=True)
+    msg = str(err.value)
+    assert msg.startswith(f"No cases found under {tmp_path}.")
+    assert (f"{tmp_path} holds 2 archive(s) (downloads/ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData.ZIP, "
+            "downloads/BraTS2021_Training_Data.tar), whose cases are not read from inside them: extract them") in msg
+    brats18(tmp_path / "extracted", "BraTS2021_00000")  # once a case is there, the archives are no concern
+    assert [r["case"] for r in discover_cases(tmp_path, require_label=True)] == ["BraTS2021_00000"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CaseError) as err:  # a folder without archives: the layouts alone
+        discover_cases(tmp_path / "empty", require_label=True)
+    assert "archive" not in str(err.value)
+
+
 def test_brats2023_names(tmp_path):
     case = "BraTS-GLI-00001-000"
     for s in ("t2f", "t1n", "t1c", "t2w", "seg"):
