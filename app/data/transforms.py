@@ -277,7 +277,9 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
         CaseError: unreadable/corrupt file, image that is not 3D (MSD: not 4D), sequences or label on
             different grids, NaN/Inf in an image, a constant image (an all-zero 3D file included; in
             a 4D file a constant channel other than 0, or every channel 0), label values unknown to
-            the record's label map, 4D file with fewer channels than ``dataset.json`` names.
+            the record's label map, 4D file with fewer channels than ``dataset.json`` names or with its
+            channels along the first axis, two sequences holding the same voxels (a copy standing in for a
+            missing one), a label with more than three dimensions.
     """
     case = str(record.get("case", "<unnamed case>"))
     images = dict(record.get("images") or {})
