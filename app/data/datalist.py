@@ -236,8 +236,8 @@ def prepare_datalist(
     ``write=False`` leaves writing to the caller (:func:`write_datalist`): the bundles write the split
     once every case has been read, so a bad file leaves no ``datalist.json`` behind.
 
-    Two case ids holding the same scan (:func:`shared_scans`) are refused: the split would treat one case
-    as two, and could score in validation a copy of a case the model trained on.
+    Cases of different ids holding the same scan (:func:`shared_scans`) are kept on one side of the split,
+    with a warning: split by id as two cases, validation could score a copy of a case the model trained on.
 
     Returns:
         ``{"training": [...], "validation": [...]}``.
@@ -246,21 +246,12 @@ def prepare_datalist(
 
     check_paths(dataset_dir=dataset_dir, output_dir=output_dir)
     cases = discover_cases(dataset_dir, require_label=True, label_convention=label_convention)
-    if shared := shared_scans(cases):
-        from app.data.errors import CaseError
-
-        first, other, first_file, other_file = shared[0]
-        more = f" ({len(shared) - 1} more case(s) share a scan with another the same way)" if len(shared) > 1 else ""
-        raise CaseError(f"Cases {first!r} and {other!r} hold the same scan ({first_file} and {other_file} are one file "
-                        f"or copies){more}: one case under two ids, as when two sites' folders or two BraTS releases "
-                        "both hold it. The split could put one copy in training and the other in validation, which "
-                        "would then score a case the model trained on. Keep one copy: remove the other case from "
-                        f"{dataset_dir}.")
     if len(cases) < 2:
         raise ValueError(
             f"{dataset_dir} holds {len(cases)} labelled case(s): training needs at least 2 (one for validation)."
         )
     train, val = split_cases(cases, val_fraction=val_fraction, seed=seed)
+    train, val = _copies_on_one_side(train, val, shared_scans(cases), dataset_dir)
     _warn_mixed_spacing(train)
     path = Path(output_dir) / "datalist.json"
     if _resuming(resume, Path(output_dir) / "models" / "checkpoint_last.pt") and path.is_file():
@@ -268,6 +259,50 @@ def prepare_datalist(
     if write:
         write_datalist(path, train, val)
     return {"training": train, "validation": val}
+
+
+def _copies_on_one_side(train: list[dict[str, Any]], val: list[dict[str, Any]],
+                        shared: Sequence[tuple[str, str, str, str]], dataset_dir: str | os.PathLike,
+                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Move to training the validation cases that hold the scan of a training case (:func:`shared_scans`).
+
+    One case under two ids (two sites' folders or two BraTS releases both hold it) was split by id like two
+    cases, so validation could score a copy of a case the model trained on, without a word. The copies stay
+    together on the training side, the split is otherwise the one asked for, and a warning names them (the
+    case still counts twice in training until one copy is removed).
+
+    Raises:
+        ValueError: every validation case is such a copy, so none would be left to validate on.
+    """
+    if not shared:
+        return train, val
+    group: dict[str, str] = {}  # case -> a representative of the cases holding one scan
+
+    def root(case: str) -> str:
+        while group.get(case, case) != case:
+            case = group[case]
+        return case
+
+    for first, other, _, _ in shared:
+        group[root(other)] = root(first)
+    trained = {root(str(r["case"])) for r in train}
+    moved = [r for r in val if root(str(r["case"])) in trained]
+    first, other, first_file, other_file = shared[0]
+    more = f" ({len(shared) - 1} more case(s) share a scan with another the same way)" if len(shared) > 1 else ""
+    names = ", ".join(str(r["case"]) for r in moved[:3])
+    done = (f"{len(moved)} validation case(s) holding a training case's scan ({names}) train instead, so that "
+            "validation scores no case the model trained on." if moved else "The copies are on one side of the split.")
+    logger.warning("Cases %r and %r hold the same scan (%s and %s are one file or copies)%s: one case under two ids, "
+                   "as when two sites' folders or two BraTS releases both hold it. %s Keep one copy (remove the other "
+                   "case from %s) to count the case once.", first, other, first_file, other_file, more, done,
+                   dataset_dir)
+    if len(moved) == len(val):
+        raise ValueError(f"Every validation case holds the scan of a training case under another id (e.g. {first!r} "
+                         f"and {other!r}: {first_file} and {other_file}), so none would be left to validate on: "
+                         f"remove the copies from {dataset_dir}, or train with a larger --val_fraction.")
+    ids = {str(r["case"]) for r in moved}
+    return (sorted([*train, *moved], key=lambda r: str(r["case"])),
+            [r for r in val if str(r["case"]) not in ids])
 
 
 def _resuming(resume: bool | str, checkpoint: Path) -> bool:

@@ -374,7 +374,7 @@ def test_a_datalist_written_by_hand_is_checked_entry_by_entry_naming_the_datalis
 
 
 @pytest.mark.parametrize("how", ["symlink", "copy", "hard_link"])
-def test_one_scan_under_two_case_ids_is_refused_before_the_split(tmp_path, how):
+def test_one_scan_under_two_case_ids_stays_on_the_training_side_of_the_split(tmp_path, caplog, how):
     """A folder assembled from several sites or BraTS releases can hold one case under two ids (BraTS 2020's
     BraTS20_Training_003 is also in BraTS 2021 under another name): the split by id put one copy in training
     and the other in validation without a word, and validation scored a case the model trained on."""
@@ -382,7 +382,7 @@ def test_one_scan_under_two_case_ids_is_refused_before_the_split(tmp_path, how):
     import shutil
 
     from app.data.datalist import shared_scans
-    from app.data.discovery import CaseError, discover_cases
+    from app.data.discovery import discover_cases
     from app.data.phantoms import write_phantoms
 
     data = tmp_path / "data"
@@ -395,14 +395,27 @@ def test_one_scan_under_two_case_ids_is_refused_before_the_split(tmp_path, how):
         src, dst = source / f"Phantom_002_{seq}.nii.gz", again / f"BraTS2021_00002_{seq}.nii.gz"
         {"symlink": lambda: dst.symlink_to(src), "copy": lambda: shutil.copy(src, dst),
          "hard_link": lambda: os.link(src, dst)}[how]()
-    pairs = shared_scans(discover_cases(data, require_label=True))
-    assert [(a, b) for a, b, _, _ in pairs] == [("BraTS2021_00002", "Phantom_002")]
-    with pytest.raises(CaseError) as err:
-        prepare_datalist(data, tmp_path / "run", val_fraction=0.4)
-    msg = str(err.value)
-    assert "Cases 'BraTS2021_00002' and 'Phantom_002' hold the same scan" in msg
-    assert str(again / "BraTS2021_00002_flair.nii.gz") in msg and "Keep one copy" in msg
-    assert not (tmp_path / "run").exists()  # refused before anything is written
+    cases = discover_cases(data, require_label=True)
+    assert [(a, b) for a, b, _, _ in shared_scans(cases)] == [("BraTS2021_00002", "Phantom_002")]
+    copies = {"BraTS2021_00002", "Phantom_002"}
+    # a seed whose split by id puts the two copies on either side
+    seed = next(k for k in range(100) if len({c["case"] for c in split_cases(cases, 0.4, k)[1]} & copies) == 1)
+    with caplog.at_level("WARNING", logger="app.data.datalist"):
+        out = prepare_datalist(data, tmp_path / "run", val_fraction=0.4, seed=seed)
+    assert copies <= set(ids(out["training"])) and not copies & set(ids(out["validation"]))
+    assert len(out["validation"]) == 1 and ids(out["training"]) == sorted(ids(out["training"]))
+    assert "Cases 'BraTS2021_00002' and 'Phantom_002' hold the same scan" in caplog.text
+    assert str(again / "BraTS2021_00002_flair.nii.gz") in caplog.text and "train instead" in caplog.text
+    assert read_datalist(tmp_path / "run" / "datalist.json") == (out["training"], out["validation"])
+    # a case and its copy alone: nothing would be left to validate on
+    pair = tmp_path / "pair"
+    shutil.copytree(source, pair / "Phantom_002")
+    shutil.copytree(source, pair / "Phantom_002_again")
+    for path in (pair / "Phantom_002_again").iterdir():
+        path.rename(path.with_name(path.name.replace("Phantom_002", "Phantom_002_again")))
+    with pytest.raises(ValueError, match=r"Every validation case holds the scan of a training case.*--val_fraction"):
+        prepare_datalist(pair, tmp_path / "run_pair")
+    assert not (tmp_path / "run_pair").exists()
 
 
 def test_training_cases_at_another_voxel_size_than_the_others_are_named(tmp_path, caplog):
