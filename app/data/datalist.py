@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # numpy is imported where it is used: discovery and splitting
 
 __all__ = [
     "SPACING_TOLERANCE", "evaluation_cases", "first_image_header", "median_spacing", "prepare_datalist", "ras_spacing", "read_datalist",
-    "shard_cases", "spacing_differs",
+    "shard_cases", "shared_scans", "spacing_differs", "spacing_outliers",
     "split_cases", "write_datalist",
 ]
 
@@ -153,6 +153,67 @@ def _absolute_record(record: Any, base: Path) -> Any:
     return out
 
 
+#: A scan file is sketched by this many bytes read at each of this many evenly spaced offsets (and its size):
+#: files with different sketches differ, and only files with one sketch are compared in full.
+_SKETCH_CHUNK = 4096
+_SKETCH_POINTS = 16
+
+
+def _scan_sketch(path: str) -> tuple[int, str] | None:
+    """``(size, digest of sampled bytes)`` of the file at ``path``; None when it cannot be read (the loader
+    reports such a file, naming it)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            parts = []
+            for k in range(_SKETCH_POINTS):
+                f.seek(size * k // _SKETCH_POINTS)
+                parts.append(f.read(_SKETCH_CHUNK))
+    except OSError:
+        return None
+    return size, hashlib.sha256(b"".join(parts)).hexdigest()
+
+
+def shared_scans(records: Sequence[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """Cases of different ids that hold the same scan: one file reached under two names (symbolic or hard
+    links) or byte-identical copies, as when two sites' folders, or two BraTS releases, both hold a case.
+
+    A case id is unique per folder tree, but the same scan under two ids is one case counted twice, and a
+    split by id can put one copy in training and the other in validation. Files are told apart by their size
+    and a few sampled bytes; only files that agree on those are compared in full, so the check reads little
+    beyond the files' headers. Copies stored differently (recompressed, relabelled) are not found.
+
+    Args:
+        records: case records (``images``, ``image4d``) as :func:`app.data.discovery.discover_cases` gives them.
+
+    Returns:
+        ``(case_a, case_b, file_a, file_b)`` for each case that shares a scan with an earlier one, in input order.
+    """
+    import filecmp
+
+    by_sketch: dict[tuple[int, str], tuple[str, str]] = {}  # sketch -> the first (case, file) with it
+    shared: list[tuple[str, str, str, str]] = []
+    reported: set[str] = set()
+    for record in records:
+        case = str(record.get("case"))
+        files = [*dict(record.get("images") or {}).values(), *([record["image4d"]] if record.get("image4d") else [])]
+        for path in map(os.fspath, files):
+            sketch = _scan_sketch(path)
+            if sketch is None or sketch[0] == 0:  # no scan (the loader names such a file): nothing to share
+                continue
+            first = by_sketch.setdefault(sketch, (case, path))
+            if first[0] == case or case in reported:
+                continue
+            try:
+                same = os.path.samefile(first[1], path) or filecmp.cmp(first[1], path, shallow=False)
+            except OSError:
+                continue
+            if same:
+                shared.append((first[0], case, first[1], path))
+                reported.add(case)
+    return shared
+
+
 def prepare_datalist(
     dataset_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -175,6 +236,9 @@ def prepare_datalist(
     ``write=False`` leaves writing to the caller (:func:`write_datalist`): the bundles write the split
     once every case has been read, so a bad file leaves no ``datalist.json`` behind.
 
+    Cases of different ids holding the same scan (:func:`shared_scans`) are kept on one side of the split,
+    with a warning: split by id as two cases, validation could score a copy of a case the model trained on.
+
     Returns:
         ``{"training": [...], "validation": [...]}``.
     """
@@ -187,12 +251,58 @@ def prepare_datalist(
             f"{dataset_dir} holds {len(cases)} labelled case(s): training needs at least 2 (one for validation)."
         )
     train, val = split_cases(cases, val_fraction=val_fraction, seed=seed)
+    train, val = _copies_on_one_side(train, val, shared_scans(cases), dataset_dir)
+    _warn_mixed_spacing(train)
     path = Path(output_dir) / "datalist.json"
     if _resuming(resume, Path(output_dir) / "models" / "checkpoint_last.pt") and path.is_file():
         _check_same_split(path, train, val)
     if write:
         write_datalist(path, train, val)
     return {"training": train, "validation": val}
+
+
+def _copies_on_one_side(train: list[dict[str, Any]], val: list[dict[str, Any]],
+                        shared: Sequence[tuple[str, str, str, str]], dataset_dir: str | os.PathLike,
+                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Move to training the validation cases that hold the scan of a training case (:func:`shared_scans`).
+
+    One case under two ids (two sites' folders or two BraTS releases both hold it) was split by id like two
+    cases, so validation could score a copy of a case the model trained on, without a word. The copies stay
+    together on the training side, the split is otherwise the one asked for, and a warning names them (the
+    case still counts twice in training until one copy is removed).
+
+    Raises:
+        ValueError: every validation case is such a copy, so none would be left to validate on.
+    """
+    if not shared:
+        return train, val
+    group: dict[str, str] = {}  # case -> a representative of the cases holding one scan
+
+    def root(case: str) -> str:
+        while group.get(case, case) != case:
+            case = group[case]
+        return case
+
+    for first, other, _, _ in shared:
+        group[root(other)] = root(first)
+    trained = {root(str(r["case"])) for r in train}
+    moved = [r for r in val if root(str(r["case"])) in trained]
+    first, other, first_file, other_file = shared[0]
+    more = f" ({len(shared) - 1} more case(s) share a scan with another the same way)" if len(shared) > 1 else ""
+    names = ", ".join(str(r["case"]) for r in moved[:3])
+    done = (f"{len(moved)} validation case(s) holding a training case's scan ({names}) train instead, so that "
+            "validation scores no case the model trained on." if moved else "The copies are on one side of the split.")
+    logger.warning("Cases %r and %r hold the same scan (%s and %s are one file or copies)%s: one case under two ids, "
+                   "as when two sites' folders or two BraTS releases both hold it. %s Keep one copy (remove the other "
+                   "case from %s) to count the case once.", first, other, first_file, other_file, more, done,
+                   dataset_dir)
+    if len(moved) == len(val):
+        raise ValueError(f"Every validation case holds the scan of a training case under another id (e.g. {first!r} "
+                         f"and {other!r}: {first_file} and {other_file}), so none would be left to validate on: "
+                         f"remove the copies from {dataset_dir}, or train with a larger --val_fraction.")
+    ids = {str(r["case"]) for r in moved}
+    return (sorted([*train, *moved], key=lambda r: str(r["case"])),
+            [r for r in val if str(r["case"]) not in ids])
 
 
 def _resuming(resume: bool | str, checkpoint: Path) -> bool:
@@ -254,6 +364,7 @@ def evaluation_cases(
     if not val:
         raise ValueError(f"{datalist} holds out no validation case: train with a larger --val_fraction or more "
                          "cases, or evaluate every case under --dataset_dir instead.")
+    _check_scored_records(datalist, val)
     # training writes each case once; a datalist edited by hand or sent from elsewhere may repeat one, which
     # was scored once per entry and weighed that much more in every mean (with a warning per subset only)
     counts = Counter(str(r.get("case")) for r in val if isinstance(r, dict))
@@ -279,6 +390,57 @@ def evaluation_cases(
     return val
 
 
+def _check_scored_records(datalist: str | os.PathLike, records: Sequence[Any]) -> None:
+    """Refuse validation entries of ``datalist`` that evaluation cannot score, naming the entry and the fix.
+
+    Evaluation reads the case records training writes. A datalist assembled by hand from several sites, or
+    one in MONAI's own form (``{"image": [...], "label": ...}``, which does not say which file is which
+    sequence), stopped with a ``KeyError`` traceback, or, without ``label_map``, with a message about
+    re-running discovery that named neither the datalist nor the key to add.
+
+    Raises:
+        ValueError: an entry is no case record, or lacks its images, their sequence names, its label or
+            the label values of its segmentation.
+    """
+    from app.data.labels import LABEL_PARTS
+    from app.subsets import BRATS_MODALITIES
+
+    record_form = ("{'case': id, 'images': {'flair': path, 't1': ..., 't1ce': ..., 't2': ...} (or an MSD 'image4d' "
+                   "with its 'channels'), 'label': path, 'label_map': {'ncr': [1], 'ed': [2], 'et': [4]}}")
+    folder_fix = ("or evaluate the cases' folder with --dataset_dir, which reads all this from the files (and "
+                  "dataset.json)")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or not record.get("case"):
+            what = f"keys {sorted(map(str, record))}" if isinstance(record, dict) else type(record).__name__
+            raise ValueError(f"{datalist}: validation entry {i} ({what}) is not a case record: evaluation reads "
+                             f"records as training writes them into its datalist.json, {record_form}. Pass that "
+                             f"datalist.json, write the entries in that form, {folder_fix}.")
+        case, images = record["case"], record.get("images")
+        if images is not None and not isinstance(images, dict):
+            raise ValueError(f"{datalist}: case {case!r} gives 'images' as {type(images).__name__}, which does not say "
+                             f"which file is which sequence: give {{sequence: path}} with sequences from "
+                             f"{list(BRATS_MODALITIES)}, {folder_fix}.")
+        unknown = sorted(str(q) for q in (images or {}) if q not in BRATS_MODALITIES)
+        if unknown:
+            raise ValueError(f"{datalist}: case {case!r} names sequence(s) {unknown} in 'images': use "
+                             f"{list(BRATS_MODALITIES)} (the MRI sequences the network reads), {folder_fix}.")
+        if not images and not record.get("image4d"):
+            raise ValueError(f"{datalist}: case {case!r} names no image: give 'images' ({{sequence: path}}) or an MSD "
+                             f"'image4d' with its 'channels', {folder_fix}.")
+        if record.get("image4d") and not isinstance(record.get("channels"), dict):
+            raise ValueError(f"{datalist}: case {case!r} has a 4D image but no 'channels' ({{sequence: index}} as "
+                             f"its dataset.json names them, e.g. {{'flair': 0, 't1': 1, 't1ce': 2, 't2': 3}}), "
+                             f"{folder_fix}.")
+        if not record.get("label"):
+            raise ValueError(f"{datalist}: case {case!r} has no 'label': evaluation scores each case against its "
+                             "segmentation; add the path of its segmentation, or leave the case out.")
+        label_map = record.get("label_map")
+        if not isinstance(label_map, dict) or any(p not in label_map for p in LABEL_PARTS):
+            raise ValueError(f"{datalist}: case {case!r} has no 'label_map' with {list(LABEL_PARTS)}, the label "
+                             "values of its segmentation: add e.g. {'ncr': [1], 'ed': [2], 'et': [4]} (BraTS "
+                             f"2018-2021; 'et': [3] for BraTS 2023+), {folder_fix}.")
+
+
 def _under(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
     """Whether ``path`` lies in ``folder``, as written (a folder of symlinks to scans elsewhere) or resolved
     (the same data reached through a symlinked path)."""
@@ -300,6 +462,40 @@ def median_spacing(records: Sequence[dict[str, Any]]) -> list[float] | None:
 
     sizes = [ras_spacing(img.affine) for img in map(first_image_header, records) if img is not None]
     return [round(float(v), 4) for v in np.median(sizes, axis=0)] if sizes else None
+
+
+def spacing_outliers(records: Sequence[dict[str, Any]], reference: Sequence[float],
+                     tolerance: float = SPACING_TOLERANCE) -> list[tuple[str, list[float]]]:
+    """``(case, voxel size in mm along RAS)`` of each record whose first image is more than ``tolerance`` off
+    ``reference`` along some axis (:func:`spacing_differs`), in input order. Only headers are read."""
+    off = []
+    for record in records:
+        img = first_image_header(record)
+        if img is not None and spacing_differs(spacing := ras_spacing(img.affine), reference, tolerance):
+            off.append((str(record.get("case")), [round(float(v), 4) for v in spacing]))
+    return off
+
+
+def _warn_mixed_spacing(train: Sequence[dict[str, Any]]) -> str | None:
+    """Warn when some training cases are at another voxel size than the others.
+
+    Cases are trained on their own grid and the network records the median voxel size
+    (:func:`median_spacing`), to which inference resamples scans of another voxel size: cases of a site
+    at another resolution teach the tumours at a scale the model is not used at, without a word.
+    Returns the warning.
+    """
+    median = median_spacing(train)
+    off = spacing_outliers(train, median) if median is not None else []
+    if not off:
+        return None
+    shown = ", ".join(f"{case} at {spacing} mm" for case, spacing in off[:3])
+    more = f" and {len(off) - 3} more" if len(off) > 3 else ""
+    message = (f"{len(off)} of the {len(train)} training cases ({shown}{more}) have a voxel size more than "
+               f"{SPACING_TOLERANCE:.0%} off the training cases' median, {median} mm, which the model records and "
+               "inference resamples scans of another voxel size to: they teach it the tumours at another scale. "
+               f"Resample them to {median} mm for one scale.")
+    logger.warning(message)
+    return message
 
 
 def first_image_header(record: dict[str, Any]) -> Any | None:

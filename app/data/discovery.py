@@ -24,6 +24,7 @@ import os
 import re
 import struct
 import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -175,6 +176,8 @@ _BRATS2023_SEQ = {"t2f": "flair", "t1n": "t1", "t1c": "t1ce", "t2w": "t2", "seg"
 # (.NII.GZ), as in the BraTS names above and as nibabel reads them
 _NNUNET_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<idx>\d{4})\.nii(?:\.gz)?$", re.IGNORECASE)
 _NIFTI_RE = re.compile(r"^(?P<case>.+)\.nii(?:\.gz)?$", re.IGNORECASE)
+# how the releases are downloaded (a .tar of BraTS 2021 or MSD, a .zip of BraTS 2023); a .nii.gz is no archive
+_ARCHIVE_RE = re.compile(r"\.(?:zip|tar|tgz|tar\.gz|tar\.bz2|tar\.xz|7z)$", re.IGNORECASE)
 
 
 def brats2023_named(path: str | os.PathLike) -> bool:
@@ -595,9 +598,11 @@ def discover_cases(
             (``require_label``) still raise.
         label_convention: label values of BraTS-named cases: ``None`` or ``"auto"`` picks them by the
             naming (``brats2018`` for ``<case>_seg``, ``brats2023`` for ``<case>-seg``); a name from
-            :data:`app.data.labels.LABEL_CONVENTIONS` applies to them all (``brats2024``: BraTS 2024
-            post-treatment glioma, whose files are named as BraTS 2023's). MSD and nnU-Net folders
-            name their labels in ``dataset.json``.
+            :data:`app.data.labels.LABEL_CONVENTIONS` applies to them all, except that ``brats2024``
+            (BraTS 2024 post-treatment glioma, whose files are named as BraTS 2023's) applies to the
+            cases with those names: cases with BraTS 2018-2021 names keep ``brats2018``, whose 4 is
+            enhancing tumour, so one option reads a union of releases. MSD and nnU-Net folders name
+            their labels in ``dataset.json``.
 
     Returns:
         Case records sorted by case id::
@@ -631,6 +636,7 @@ def discover_cases(
     found: list[tuple[dict[str, Any], str, str]] = []  # (record, location for messages, expected label path)
     groups: dict[tuple[str, str, str], dict[str, Any]] = {}
     unmatched: dict[str, list[str]] = {}  # folder -> NIfTI files no layout names, for the warning below
+    archives: list[str] = []  # archives of cases not yet extracted, named when no case is found
     visited: set[str] = set()
     real_root = os.path.realpath(root_path)
     for dirpath, dirnames, filenames in os.walk(root_path, followlinks=True):
@@ -655,6 +661,9 @@ def discover_cases(
         for fname in sorted(filenames):
             if fname.startswith("."):
                 continue
+            if _ARCHIVE_RE.search(fname):
+                archives.append(os.path.relpath(folder / fname, root_path))
+                continue
             if (m := _BRATS2018_RE.match(fname)) is not None:
                 layout, seq = "brats2018", m.group("seq").lower()
             elif (m := _BRATS2023_RE.match(fname)) is not None:
@@ -677,6 +686,7 @@ def discover_cases(
                 group["images"][seq] = path
 
     stray_index: dict[tuple[str, str], dict[str, list[str]]] = {}  # (folder, separator) -> _by_prefix
+    kept_2018: list[str] = []  # BraTS 2018-named cases that label_convention brats2024 leaves on brats2018
     for (dirpath, layout, case), group in groups.items():
         if group.get("bad"):
             continue
@@ -693,11 +703,14 @@ def discover_cases(
                 f"sequence; expected at least one of {case}{sep}{names}.nii.gz. Add the images or remove the case.",
             )
             continue
+        case_convention = convention or layout
         if convention == "brats2024" and layout == "brats2018":
-            # BraTS 2024 ships with the 2023 names; under 2018 names, 4 is enhancing tumour, not a cavity
-            raise CaseError(f"Folder {dirpath}: case {case!r} has BraTS 2018-2021 names ({case}_*.nii.gz), whose "
-                            "label 4 is enhancing tumour; label_convention brats2024 would read it as resection "
-                            "cavity. Use --label_convention auto (or brats2018) for these cases.")
+            # BraTS 2024 ships with the 2023 names; under 2018 names, 4 is enhancing tumour, not a cavity. Such a
+            # case keeps its own values, so a union of releases (BraTS 2020 beside BraTS 2024 post-treatment)
+            # trains with this one option: refusing it left the user between two errors (auto: "pass brats2024"
+            # for the 2024 cases; brats2024: "use auto" for the 2020 ones)
+            case_convention = "brats2018"
+            kept_2018.append(case)
         absent = [q for q in BRATS_MODALITIES if q not in group["images"]]
         # only a case lacking a sequence is checked: a complete case's other files (a brain mask, a
         # prediction beside each case of a flat folder) are not read
@@ -710,12 +723,22 @@ def discover_cases(
                            "the file if it holds one of them.", dirpath, case, "/".join(absent), ", ".join(strays),
                            "has" if len(strays) == 1 else "have",
                            "_flair, _t1, _t1ce, _t2" if layout == "brats2018" else "-t2f, -t1n, -t1c, -t2w")
-        rec = _record(case, layout, group["images"], None, {}, group["label"],
-                      LABEL_CONVENTIONS[convention or layout])
+        rec = _record(case, layout, group["images"], None, {}, group["label"], LABEL_CONVENTIONS[case_convention])
         found.append((rec, next(iter(rec["images"].values())), str(Path(dirpath) / f"{case}{sep}seg.nii.gz")))
 
     if not found and not case_errors:
-        raise CaseError(f"No cases found under {root_path}. Accepted layouts: {ACCEPTED_LAYOUTS}.")
+        # a release as downloaded (BraTS2021_Training_Data.tar, a BraTS 2023 .zip, Task01_BrainTumour.tar) holds
+        # its cases in an archive, which discovery does not open
+        fix = (f" {root_path} holds {len(archives)} archive(s) ({', '.join(archives[:3])}), whose cases are not read "
+               "from inside them: extract them there first (tar -xf / unzip)." if archives else "")
+        raise CaseError(f"No cases found under {root_path}. Accepted layouts: {ACCEPTED_LAYOUTS}.{fix}")
+    if kept_2018:
+        named_2023 = sum(rec["layout"] == "brats2023" for rec, _, _ in found)
+        (logger.info if named_2023 else logger.warning)(
+            "label_convention brats2024 reads the %d case(s) with BraTS 2023 names; the %d with BraTS 2018-2021 names "
+            "(e.g. %s) keep brats2018, whose 4 is enhancing tumour, not a resection cavity.%s", named_2023,
+            len(kept_2018), kept_2018[0], "" if named_2023 else " No case has BraTS 2023 names: the option changes "
+            "nothing here.")
 
     where: dict[str, str] = {}
     for rec, location, _ in found:
@@ -752,7 +775,25 @@ def discover_cases(
                         len(test_only), ", ".join(folders))
         missing = [(rec["case"], expected) for rec, _, expected in found if rec["label"] is None]
         if missing:
-            shown = "; ".join(f"case {c!r}: expected {e}" for c, e in missing[:5])
+            cases_in = Counter(dirpath for dirpath, _, _ in groups)
+
+            def hint(case: str, expected: str) -> str:
+                # a segmentation under another name (BraTS 2020's case 355 ships W39_1998.09.19_Segm.nii): the
+                # NIfTI files no layout names in the case's own folder, or named after the case in a shared one
+                folder = os.path.dirname(expected)
+                sep = "-" if expected.endswith(("-seg.nii.gz", "-seg.nii")) else "_"
+                strays = [f for f in unmatched.get(folder, ())
+                          if (cases_in[folder] == 1 or f.startswith(f"{case}{sep}"))
+                          and not is_inference_output(os.path.join(folder, f))]
+                if not strays:
+                    return ""
+                stem = os.path.basename(expected).rsplit(".nii", 1)[0]  # <case>_seg, named with its own extension
+                target = (f"{stem}{'.nii.gz' if strays[0].lower().endswith('.gz') else '.nii'}" if len(strays) == 1
+                          else f"{stem}.nii.gz (.nii if it is not compressed)")
+                return (f" (its folder holds {', '.join(strays[:3])}, which no accepted name matches: if "
+                        f"{'it is' if len(strays) == 1 else 'one is'} the segmentation, rename it to {target})")
+
+            shown = "; ".join(f"case {c!r}: expected {e}{hint(c, e)}" for c, e in missing[:5])
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             raise CaseError(f"{len(missing)} case(s) have no label: {shown}{more}. Add the segmentation files, "
                             "or segment unlabelled cases with inference (python -m app infer, or the batch bundle).")

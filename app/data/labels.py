@@ -82,6 +82,11 @@ def _known_values(label_map: LabelMap | str) -> set[int]:
     return label_map_values(lm) | {int(v) for v in lm.get(NON_TUMOUR_PART, ())} | {0}
 
 
+#: Largest distance from a whole number of a float label value taken for a whole label stored with
+#: rounding error (3.9999) rather than one interpolated between two labels (a resampled boundary).
+_ROUNDING_ERROR = 1e-3
+
+
 def _present_values(label: np.ndarray, source: str | None) -> np.ndarray:
     """Sorted distinct values of an integer-valued label array; non-integer values are an error."""
     if label.dtype.kind == "f":
@@ -89,7 +94,16 @@ def _present_values(label: np.ndarray, source: str | None) -> np.ndarray:
             raise CaseError(f"Label {source or '<array>'} contains NaN/Inf: re-export the segmentation as integers.")
         rounded = np.rint(label)
         if not np.array_equal(rounded, label):
-            bad = np.unique(label[rounded != label])[:5]
+            off = rounded != label
+            bad = np.unique(label[off])[:5]
+            if float(np.abs(label[off] - rounded[off]).max()) <= _ROUNDING_ERROR:
+                # 3.9999 is a 4 stored through a float scaling, not an interpolated boundary: a tool that truncates
+                # reads it as 3, so which label was meant is not for this product to guess
+                raise CaseError(
+                    f"Label {source or '<array>'} holds whole label values stored with rounding error (e.g. "
+                    f"{bad.tolist()}): re-export the segmentation with integer voxels (round each value to the "
+                    "nearest whole number, then save as uint8 or int16)."
+                )
             raise CaseError(
                 f"Label {source or '<array>'} has non-integer values (e.g. {bad.tolist()}); it was probably resampled "
                 "with linear interpolation: resample segmentations with nearest-neighbour instead."
@@ -160,6 +174,11 @@ def check_label_values(
                 hint += (f" They disagree on {cavity}: tumour for {[n for n in fits if not readings[n]]}, a resection "
                          f"cavity (no tumour) for {[n for n in fits if readings[n]]}; choose by what the value marks "
                          "in your data (post-treatment cases have cavities).")
+        elif layout in ("brats2018", "brats2023"):
+            # a BraTS-named case has no dataset.json: its values are a convention's, and none knows these
+            conventions = "; ".join(f"{n}: {values}" for n, values in LABEL_CONVENTIONS.items())
+            hint = (f" No BraTS label convention knows {unknown} ({conventions}): relabel the segmentation to the "
+                    "values of its convention, or remove the case.")
         else:
             hint = " Relabel the segmentation to the known values or fix the label names in dataset.json."
         raise CaseError(

@@ -132,8 +132,11 @@ def _read(img: nib.spatialimages.SpatialImage, path: str, dtype: type | None) ->
                         "truncated; re-download or re-export it.") from err
 
 
-def _spatial_shape(shape: tuple[int, ...], path: str, channels: bool) -> tuple[int, ...]:
-    """Shape with singleton dims beyond the third removed (some writers store 3D volumes as X*Y*Z*1)."""
+def _spatial_shape(shape: tuple[int, ...], path: str, channels: bool, label: bool = False) -> tuple[int, ...]:
+    """Shape with singleton dims beyond the third removed (some writers store 3D volumes as X*Y*Z*1).
+
+    ``label``: ``path`` is the case's segmentation, whose fix for extra dimensions is not a sequence's.
+    """
     extra = tuple(d for d in shape[3:] if d != 1)
     if len(shape) < 3:
         raise CaseError(f"{path} is {len(shape)}D (shape {shape}); expected a 3D volume. Assemble the slices into "
@@ -144,6 +147,12 @@ def _spatial_shape(shape: tuple[int, ...], path: str, channels: bool) -> tuple[i
                 f"{path} has shape {shape}; expected a 4D X*Y*Z*channels file as described by dataset.json."
             )
         return tuple(shape[:3]) + (extra or (1,))
+    if extra and label:
+        # a segmentation exported one channel per region or label (one-hot), as some pipelines save them
+        raise CaseError(f"{path} is {len(shape)}D (shape {shape}); a segmentation is one 3D label map. Merge its "
+                        "channels (one per region or label) into one map of the case's label values (e.g. 1 necrotic "
+                        "core, 2 oedema, 4 enhancing under BraTS 2018-2021 names, 3 under BraTS 2023+ names) and save "
+                        "it as a 3D file.")
     if extra:
         raise CaseError(f"{path} is {len(shape)}D (shape {shape}); expected one 3D volume per sequence. Split it "
                         "into one file per sequence, or describe it with an MSD dataset.json (imagesTr/ + 'modality').")
@@ -245,6 +254,29 @@ def check_voxels(data: np.ndarray, what: str, channel: bool = False) -> tuple[fl
     return lo, hi
 
 
+def _check_distinct_sequences(stacked: np.ndarray, present: list[str], images: Mapping[str, str],
+                              image4d: str | None, channels: Mapping[str, int]) -> None:
+    """Refuse a case in which two sequences hold the same voxels.
+
+    Some pipelines fill a missing sequence with a copy of another (T1 saved as T1ce, so that every case has
+    four files): the network would then learn and be scored on T1 as if it were T1ce, without a word. A case
+    may lack sequences, so the copy is to be left out. A few sampled voxels rule out almost every pair before
+    a full comparison.
+    """
+    def source(seq: str) -> str:
+        return images[seq] if seq in images else f"{image4d} (channel {channels[seq]})"
+
+    order = [s for s in BRATS_MODALITIES if s in present]
+    for i, a in enumerate(order):
+        va = stacked[BRATS_MODALITIES.index(a)]
+        for b in order[i + 1:]:
+            vb = stacked[BRATS_MODALITIES.index(b)]
+            if np.array_equal(va.ravel()[::997], vb.ravel()[::997]) and np.array_equal(va, vb):
+                raise CaseError(f"{source(b)} ({b}) holds the same voxels as {source(a)} ({a}): a copy standing in "
+                                f"for a missing sequence would be read as {b}. Remove it so that the case counts as "
+                                f"lacking {b} (a case may lack sequences), or put the real {b} scan in its place.")
+
+
 def _meta_tensor(array: np.ndarray, affine: np.ndarray, path: str, case: str) -> MetaTensor:
     # the keys MONAI's LoadImage would set, so Orientationd/Spacingd/SaveImage treat it like a loaded image
     meta = {
@@ -279,7 +311,9 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
         CaseError: unreadable/corrupt file, image that is not 3D (MSD: not 4D), sequences or label on
             different grids, NaN/Inf in an image, a constant image (an all-zero 3D file included; in
             a 4D file a constant channel other than 0, or every channel 0), label values unknown to
-            the record's label map, 4D file with fewer channels than ``dataset.json`` names.
+            the record's label map, 4D file with fewer channels than ``dataset.json`` names or with its
+            channels along the first axis, two sequences holding the same voxels (a copy standing in for a
+            missing one), a label with more than three dimensions.
     """
     case = str(record.get("case", "<unnamed case>"))
     images = dict(record.get("images") or {})
@@ -301,6 +335,12 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
         if need == 0 or shape[3] < need:
             raise CaseError(f"{image4d} has {shape[3]} channel(s) but dataset.json names {need} ({channels}); "
                             "fix 'modality' in dataset.json or re-export the 4D image.")
+        if len(img.shape) == 4 and shape[3] > need and img.shape[0] == need:
+            # a channel-first array ((C, X, Y, Z), as PyTorch and MONAI hold it) saved as it is: its "channels"
+            # would be slices, refused later only as a label on "another grid", whose fix (resample) is wrong
+            raise CaseError(f"{image4d} has shape {tuple(img.shape)}: its {need} channels lie along the first axis, "
+                            f"where MSD images hold them along the fourth, so its 'channels' would be slices. Save the "
+                            f"array channel-last, as shape {(*img.shape[1:], need)} (numpy.moveaxis(data, 0, -1)).")
         ref = (image4d, shape[:3], img.affine)
         data = _read(img, image4d, np.float32).reshape(shape)
         stacked = np.zeros((len(BRATS_MODALITIES), *shape[:3]), dtype=np.float32)
@@ -334,6 +374,7 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
         present.append(seq)
     assert ref is not None and stacked is not None  # at least one of images/image4d was read above
     ref_path, _, ref_affine = ref
+    _check_distinct_sequences(stacked, present, images, image4d, channels)
 
     out = {k: v for k, v in record.items() if k != "label"}
     out["label_file"] = record.get("label")
@@ -354,7 +395,7 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
                             "reference segmentation: scoring or training against it would measure the model against "
                             "its own output. Move it out of the data folder (write inference outputs elsewhere), or "
                             "put the reference segmentation in its place.")
-        shape = _spatial_shape(tuple(img.shape), label_path, channels=False)
+        shape = _spatial_shape(tuple(img.shape), label_path, channels=False, label=True)
         transform = _onto_grid(label_path, shape, img.affine, ref)
         labels = reorder_voxels(_read(img, label_path, None).reshape(shape), transform)
         regions = labels_to_regions(labels, record["label_map"], source=label_path, layout=record.get("layout"))

@@ -168,9 +168,11 @@ def check_held_out(ckpt_path: str | os.PathLike, records: Sequence[dict[str, Any
     A checkpoint at ``<run>/models/<name>.pt`` has its run's split beside it in ``<run>/datalist.json``
     (a moved checkpoint has none, and nothing is said). A case counts as a training case when its id
     is one and its scans are those files or copies of them: another folder's case of the same name with
-    other scans (the phantoms of another seed) is not one. Returns the warning, or None.
+    other scans (the phantoms of another seed) is not one. So does a case of another id holding a
+    training case's scan (:func:`app.data.datalist.shared_scans`: a link or byte copy, as when another
+    site's folder or BraTS release names the case its own way). Returns the warning, or None.
     """
-    from app.data.datalist import read_datalist
+    from app.data.datalist import read_datalist, shared_scans
 
     datalist = os.path.join(_run_folder(ckpt_path), "datalist.json")
     if not os.path.isfile(datalist):
@@ -183,11 +185,21 @@ def check_held_out(ckpt_path: str | os.PathLike, records: Sequence[dict[str, Any
     # another seed, as in the demo's test set) for other scans; a copy of the training folder has the same bytes
     seen = sorted(str(r["case"]) for r in records
                   if str(r["case"]) in trained and not _other_scans(r, trained[str(r["case"])]))
-    if not seen:
+    # nor does another id make a held-out case: a test folder of another site or BraTS release may hold a
+    # training case's scans under its own name
+    scored = {str(r["case"]) for r in records}
+    renamed = sorted((other, first) for first, other, _, _ in shared_scans([*trained.values(), *records])
+                     if first in trained and other in scored and other not in seen)
+    if not seen and not renamed:
         return None
-    message = (f"{len(seen)} of the {len(records)} cases scored here are training cases of this checkpoint's run "
-               f"({datalist}; e.g. {', '.join(seen[:3])}): their Dice is optimistic. Pass --eval_datalist {datalist} "
-               "to score only its held-out cases, or --dataset_dir a folder of cases it never saw.")
+    parts = []
+    if seen:
+        parts.append(f"e.g. {', '.join(seen[:3])}")
+    if renamed:
+        parts.append(f"under another id: {', '.join(f'{o} is {t}' for o, t in renamed[:3])}")
+    message = (f"{len(seen) + len(renamed)} of the {len(records)} cases scored here are training cases of this "
+               f"checkpoint's run ({datalist}; {'; '.join(parts)}): their Dice is optimistic. Pass --eval_datalist "
+               f"{datalist} to score only its held-out cases, or --dataset_dir a folder of cases it never saw.")
     logger.warning(message)
     return message
 
@@ -230,22 +242,27 @@ def check_held_out_split(ckpt_path: str | os.PathLike, data: Mapping[str, Mappin
 
 
 def check_spacing(network: torch.nn.Module, records: Sequence[dict[str, Any]]) -> str | None:
-    """Warn when ``records`` are at another resolution than ``network`` was trained at.
+    """Warn when some of ``records`` are at another resolution than ``network`` was trained at.
 
     Evaluation scores cases on their own grid, so a model trained on 2 mm data scores 1 mm cases
-    at a scale it never saw. Returns the warning (None when the spacings match or one is unknown).
+    at a scale it never saw. Each case is compared, not the cases' median: a test folder gathered from
+    several sites, most at the training resolution, would otherwise score the others without a word.
+    Only headers are read. Returns the warning (None when every spacing matches or one is unknown).
     """
-    from app.data.datalist import median_spacing, spacing_differs
+    from app.data.datalist import SPACING_TOLERANCE, spacing_outliers
 
     trained = recorded_spacing(network)
     if trained is None:
         return None
-    spacing = median_spacing(records)
-    if spacing is None or not spacing_differs(spacing, trained):
+    off = spacing_outliers(records, trained)
+    if not off:
         return None
-    message = (f"These {len(records)} cases have a median voxel size of {spacing} mm, but the network was trained "
-               f"at {trained} mm: its Dice here measures it at a scale it never saw. Resample the cases to "
-               f"{trained} mm for a like-for-like score (clinical inference does this itself, --spacing auto).")
+    shown = ", ".join(f"{case} at {spacing} mm" for case, spacing in off[:3])
+    more = f" and {len(off) - 3} more" if len(off) > 3 else ""
+    message = (f"{len(off)} of the {len(records)} cases scored here ({shown}{more}) have a voxel size more than "
+               f"{SPACING_TOLERANCE:.0%} off the one the network was trained at {trained} mm: its Dice on them "
+               f"measures it at a scale it never saw. Resample those cases to {trained} mm for a like-for-like score "
+               "(clinical inference does this itself, --spacing auto).")
     logger.warning(message)
     return message
 

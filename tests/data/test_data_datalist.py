@@ -378,3 +378,109 @@ def test_relative_4d_image_of_a_datalist_is_read_from_its_own_folder_and_empty_v
     train, val = read_datalist(datalist)
     assert train == [{"case": "a", "image4d": str(tmp_path / "data" / "a.nii.gz"), "label": ""}]
     assert val == [{"case": "b", "images": {"flair": str(tmp_path / "lists" / "b_flair.nii.gz")}, "label": None}]
+
+
+def test_a_datalist_written_by_hand_is_checked_entry_by_entry_naming_the_datalist_and_the_key(tmp_path):
+    """A datalist assembled by hand from several sites stopped with a KeyError traceback (MONAI's own
+    {'image': [...], 'label': ...} form) or with 'record has a label but no label_map; re-run discovery',
+    which named neither the datalist nor the key to add."""
+    from app.data.phantoms import write_phantoms
+
+    data = tmp_path / "data"
+    write_phantoms(data, cases=3, size=16, seed=0)
+    split = prepare_datalist(data, tmp_path / "run", val_fraction=0.34)
+    good = split["validation"][0]
+    datalist = tmp_path / "hand.json"
+
+    def refused(entry, match):
+        write_datalist(datalist, [], [good, entry])
+        with pytest.raises(ValueError, match=match) as err:
+            evaluation_cases(None, datalist)
+        assert str(err.value).startswith(f"{datalist}: ")  # the file to fix, first
+
+    files = [*good["images"].values()]
+    refused({"image": files, "label": good["label"]},
+            r"validation entry 1 \(keys \['image', 'label'\]\) is not a case record.*'label_map'")
+    refused(files, r"validation entry 1 \(list\) is not a case record")
+    refused({**good, "images": files}, r"gives 'images' as list, which does not say which file is which sequence")
+    refused({**good, "images": {"FLAIR": files[0]}}, r"names sequence\(s\) \['FLAIR'\] in 'images'")
+    refused({**good, "images": {}}, r"names no image")
+    refused({**good, "images": {}, "image4d": files[0], "channels": None}, r"has a 4D image but no 'channels'")
+    refused({**good, "label": None}, r"has no 'label': evaluation scores each case against its segmentation")
+    refused({k: v for k, v in good.items() if k not in ("label_map", "layout")},
+            r"case '.*' has no 'label_map' with \['ncr', 'ed', 'et'\].*'et': \[3\] for BraTS 2023\+")
+    # the form training writes, with each site's own label values, is read as it is
+    other_site = {**split["training"][0], "case": "site_b_001", "label_map": {"ncr": [1], "ed": [2], "et": [3]}}
+    write_datalist(datalist, [], [good, other_site])
+    assert evaluation_cases(None, datalist) == [good, other_site]
+
+
+@pytest.mark.parametrize("how", ["symlink", "copy", "hard_link"])
+def test_one_scan_under_two_case_ids_stays_on_the_training_side_of_the_split(tmp_path, caplog, how):
+    """A folder assembled from several sites or BraTS releases can hold one case under two ids (BraTS 2020's
+    BraTS20_Training_003 is also in BraTS 2021 under another name): the split by id put one copy in training
+    and the other in validation without a word, and validation scored a case the model trained on."""
+    import os
+    import shutil
+
+    from app.data.datalist import shared_scans
+    from app.data.discovery import discover_cases
+    from app.data.phantoms import write_phantoms
+
+    data = tmp_path / "data"
+    write_phantoms(data / "site_a", cases=4, size=16, seed=0)
+    assert shared_scans(discover_cases(data, require_label=True)) == []  # other scans: nothing shared
+    source = data / "site_a" / "Phantom_002"
+    again = data / "site_b" / "BraTS2021_00002"
+    again.mkdir(parents=True)
+    for seq in ("flair", "t1", "t1ce", "t2", "seg"):
+        src, dst = source / f"Phantom_002_{seq}.nii.gz", again / f"BraTS2021_00002_{seq}.nii.gz"
+        {"symlink": lambda: dst.symlink_to(src), "copy": lambda: shutil.copy(src, dst),
+         "hard_link": lambda: os.link(src, dst)}[how]()
+    cases = discover_cases(data, require_label=True)
+    assert [(a, b) for a, b, _, _ in shared_scans(cases)] == [("BraTS2021_00002", "Phantom_002")]
+    copies = {"BraTS2021_00002", "Phantom_002"}
+    # a seed whose split by id puts the two copies on either side
+    seed = next(k for k in range(100) if len({c["case"] for c in split_cases(cases, 0.4, k)[1]} & copies) == 1)
+    with caplog.at_level("WARNING", logger="app.data.datalist"):
+        out = prepare_datalist(data, tmp_path / "run", val_fraction=0.4, seed=seed)
+    assert copies <= set(ids(out["training"])) and not copies & set(ids(out["validation"]))
+    assert len(out["validation"]) == 1 and ids(out["training"]) == sorted(ids(out["training"]))
+    assert "Cases 'BraTS2021_00002' and 'Phantom_002' hold the same scan" in caplog.text
+    assert str(again / "BraTS2021_00002_flair.nii.gz") in caplog.text and "train instead" in caplog.text
+    assert read_datalist(tmp_path / "run" / "datalist.json") == (out["training"], out["validation"])
+    # a case and its copy alone: nothing would be left to validate on
+    pair = tmp_path / "pair"
+    shutil.copytree(source, pair / "Phantom_002")
+    shutil.copytree(source, pair / "Phantom_002_again")
+    for path in (pair / "Phantom_002_again").iterdir():
+        path.rename(path.with_name(path.name.replace("Phantom_002", "Phantom_002_again")))
+    with pytest.raises(ValueError, match=r"Every validation case holds the scan of a training case.*--val_fraction"):
+        prepare_datalist(pair, tmp_path / "run_pair")
+    assert not (tmp_path / "run_pair").exists()
+
+
+def test_training_cases_at_another_voxel_size_than_the_others_are_named(tmp_path, caplog):
+    """A site's cases at 2 mm among 1 mm ones trained at their own scale without a word, while the model records
+    the median voxel size, to which inference resamples every scan."""
+    import nibabel as nib
+    import numpy as np
+
+    from app.data.phantoms import write_phantoms
+
+    data = tmp_path / "data"
+    write_phantoms(data, cases=5, size=16, seed=0)  # 1 mm
+    with caplog.at_level("WARNING", logger="app.data.datalist"):
+        prepare_datalist(data, tmp_path / "run", val_fraction=0.2)
+    assert "voxel size" not in caplog.text  # one scale: nothing to say
+    split = prepare_datalist(data, tmp_path / "run", val_fraction=0.2)
+    odd = split["training"][1]
+    for path in [*odd["images"].values(), odd["label"]]:  # the same volumes as another site stores them, at 2 mm
+        img = nib.load(path)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), np.diag([2.0, 2.0, 2.0, 1.0])), path)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="app.data.datalist"):
+        prepare_datalist(data, tmp_path / "run2", val_fraction=0.2)
+    assert f"1 of the 4 training cases ({odd['case']} at [2.0, 2.0, 2.0] mm) have a voxel size more than 10% off" \
+        in caplog.text
+    assert "median, [1.0, 1.0, 1.0] mm" in caplog.text and "Resample them to [1.0, 1.0, 1.0] mm" in caplog.text

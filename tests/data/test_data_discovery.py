@@ -8,6 +8,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from app.data.discovery import CaseError, discover_cases, msd_label_map
@@ -89,6 +90,50 @@ def test_require_label_names_case_and_expected_file(tmp_path):
     assert "Brats18_B_1" not in str(err.value)
 
 
+def test_a_missing_label_names_the_misnamed_segmentation_beside_it(tmp_path):
+    """BraTS 2020's case 355 ships its segmentation as W39_1998.09.19_Segm.nii: training stopped on a missing
+    label and told to add it, with the file it needed lying, under another name, in the case's folder."""
+    case = "BraTS20_Training_355"
+    brats18(tmp_path, case, seqs=("flair", "t1", "t1ce", "t2"))
+    touch(tmp_path / case / "W39_1998.09.19_Segm.nii")
+    brats18(tmp_path, "BraTS20_Training_001")
+    with pytest.raises(CaseError) as err:
+        discover_cases(tmp_path, require_label=True)
+    msg = str(err.value)
+    assert f"expected {tmp_path / case / (case + '_seg.nii.gz')} (its folder holds W39_1998.09.19_Segm.nii" in msg
+    assert f"rename it to {case}_seg.nii)" in msg  # its own extension: a .nii named .nii.gz would not read
+    # in a folder of several cases, only files named after the case are offered
+    flat = tmp_path / "flat"
+    for name in ("A-t2f.nii.gz", "A-t1c.nii.gz", "A-segmentation.nii.gz", "B-t2f.nii.gz", "B-seg.nii.gz",
+                 "atlas.nii.gz"):
+        touch(flat / name)
+    with pytest.raises(CaseError) as err:
+        discover_cases(flat, require_label=True)
+    msg = str(err.value)
+    assert "(its folder holds A-segmentation.nii.gz, which no accepted name matches" in msg and "atlas" not in msg
+    assert "rename it to A-seg.nii.gz)" in msg
+
+
+def test_a_folder_of_downloaded_archives_says_to_extract_them(tmp_path):
+    """A release as downloaded (BraTS2021_Training_Data.tar, a BraTS 2023 .zip) holds its cases in an archive:
+    the folder gave 'No cases found' and the accepted layouts, which its cases, once extracted, already follow."""
+    touch(tmp_path / "downloads" / "BraTS2021_Training_Data.tar")
+    touch(tmp_path / "downloads" / "ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData.ZIP")
+    touch(tmp_path / "downloads" / "notes.txt")
+    with pytest.raises(CaseError) as err:
+        discover_cases(tmp_path, require_label=True)
+    msg = str(err.value)
+    assert msg.startswith(f"No cases found under {tmp_path}.")
+    assert (f"{tmp_path} holds 2 archive(s) (downloads/ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData.ZIP, "
+            "downloads/BraTS2021_Training_Data.tar), whose cases are not read from inside them: extract them") in msg
+    brats18(tmp_path / "extracted", "BraTS2021_00000")  # once a case is there, the archives are no concern
+    assert [r["case"] for r in discover_cases(tmp_path, require_label=True)] == ["BraTS2021_00000"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CaseError) as err:  # a folder without archives: the layouts alone
+        discover_cases(tmp_path / "empty", require_label=True)
+    assert "archive" not in str(err.value)
+
+
 def test_brats2023_names(tmp_path):
     case = "BraTS-GLI-00001-000"
     for s in ("t2f", "t1n", "t1c", "t2w", "seg"):
@@ -119,11 +164,41 @@ def test_label_convention_overrides_the_naming(tmp_path):
     assert {c["case"]: c["label_map"] for c in discover_cases(tmp_path, label_convention=" AUTO ")} == by_name
     with pytest.raises(ValueError, match=r"label_convention 'brats2025'.*auto.*'brats2024'"):
         discover_cases(tmp_path, label_convention="brats2025")
-    # BraTS 2024 ships with the 2023 names: under 2018 names, 4 is enhancing tumour
-    with pytest.raises(CaseError, match=r"'Brats18_X_1' has BraTS 2018-2021 names.*enhancing tumour.*auto"):
-        discover_cases(tmp_path, label_convention="brats2024")
+    # BraTS 2024 ships with the 2023 names: under 2018 names, 4 is enhancing tumour, which such a case keeps
+    mixed = {c["case"]: c["label_map"] for c in discover_cases(tmp_path, label_convention="brats2024")}
+    assert mixed == {case: {"ncr": [1], "ed": [2], "et": [3], "other": [4]}, "Brats18_X_1": by_name["Brats18_X_1"]}
     forced = discover_cases(tmp_path / case, require_label=True, label_convention="brats2024")
     assert [c["label_map"] for c in forced] == [{"ncr": [1], "ed": [2], "et": [3], "other": [4]}]
+
+
+def test_brats2024_convention_reads_a_union_of_releases_each_case_by_its_names(tmp_path, caplog):
+    """A consortium's folder holding BraTS 2020 cases (2018 names, 4 = enhancing tumour) beside BraTS 2024
+    post-treatment cases (2023 names, 4 = resection cavity) could not be trained: auto stopped at the 2024
+    cases' 4 and told to pass --label_convention brats2024, which was refused for the 2020 cases' names,
+    telling to use auto. brats2024 now reads the 2023-named cases and leaves the others on brats2018."""
+    import nibabel as nib
+
+    from app.data.transforms import load_case
+
+    rng = np.random.default_rng(0)
+    seg = np.zeros((6, 6, 6), np.uint8)
+    seg[1, 1, 1], seg[2, 2, 2], seg[3, 3, 3], seg[4, 4, 4] = 1, 2, 3, 4
+    for case, sep, seqs in (("BraTS20_Training_001", "_", ("flair", "t1ce")),
+                            ("BraTS-GLI-02073-100", "-", ("t2f", "t1c"))):
+        (tmp_path / case).mkdir()
+        for s in seqs:
+            nib.save(nib.Nifti1Image(rng.normal(100, 20, seg.shape).astype(np.float32), np.eye(4)),
+                     str(tmp_path / case / f"{case}{sep}{s}.nii.gz"))
+        values = seg if sep == "-" else np.where(seg == 3, 0, seg).astype(np.uint8)  # 2018 values: no 3
+        nib.save(nib.Nifti1Image(values, np.eye(4)), str(tmp_path / case / f"{case}{sep}seg.nii.gz"))
+    with caplog.at_level("INFO", logger="app.data.discovery"):
+        records = {r["case"]: r for r in discover_cases(tmp_path, require_label=True, label_convention="brats2024")}
+    assert "the 1 with BraTS 2018-2021 names (e.g. BraTS20_Training_001) keep brats2018" in caplog.text
+    et_2020 = load_case(records["BraTS20_Training_001"])["label"][2].numpy()
+    et_2024 = load_case(records["BraTS-GLI-02073-100"])["label"][2].numpy()
+    assert et_2020[4, 4, 4] == 1 and et_2020.sum() == 1  # 4 is enhancing tumour under the 2018 names
+    assert et_2024[3, 3, 3] == 1 and et_2024.sum() == 1  # 3 is, under the 2023 names; 4 is a cavity there
+    assert load_case(records["BraTS-GLI-02073-100"])["label"][0].numpy()[4, 4, 4] == 0  # in no tumour region
 
 
 def test_msd_task01_layout(tmp_path):

@@ -52,6 +52,20 @@ def test_labels_to_regions_torch_and_float_input():
         labels_to_regions(np.array([0.0, 0.5, 1.0]), "brats2018", source="case_seg.nii.gz")
 
 
+def test_whole_labels_stored_with_rounding_error_are_not_called_interpolated():
+    """A float label whose values are whole numbers up to rounding error (3.9999 for 4) was called resampled with
+    linear interpolation and told to resample with nearest-neighbour, which it never was; a boundary voxel an
+    interpolation blended (1.5, 3.2) still is."""
+    label = np.array([0.0, 1.0, 2.0, 3.9999, 3.9999], dtype=np.float32)
+    with pytest.raises(CaseError) as err:
+        labels_to_regions(label, "brats2018", source="X_seg.nii.gz")
+    msg = str(err.value)
+    assert "X_seg.nii.gz holds whole label values stored with rounding error (e.g. [3.999" in msg
+    assert "integer voxels" in msg and "interpolation" not in msg
+    with pytest.raises(CaseError, match=r"non-integer values \(e\.g\. \[1\.5, 3\.99.*nearest-neighbour"):
+        labels_to_regions(np.array([0.0, 1.5, 3.9999], dtype=np.float32), "brats2018", source="X_seg.nii.gz")
+
+
 def test_unknown_values_suggest_the_other_convention():
     lab = np.array([0, 1, 2, 3], dtype=np.uint8)
     with pytest.raises(CaseError) as err:
@@ -93,13 +107,13 @@ def test_cavity_values_under_2018_names_say_to_rename_not_to_pass_the_refused_op
     msg = str(err.value)
     assert "rename the files to <case>-{t2f,t1n,t1c,t2w,seg}.nii.gz and pass --label_convention brats2024" in msg
     assert "--label_convention NAME" not in msg
-    # the refusal it must not point to
+    # brats2024 leaves cases with 2018 names on brats2018: passing it would not read their 3 either
     import nibabel as nib
 
     for name in ("X_flair.nii.gz", "X_seg.nii.gz"):
         nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.uint8), np.eye(4)), str(tmp_path / name))
-    with pytest.raises(CaseError, match="label_convention brats2024 would read it as resection cavity"):
-        discover_cases(tmp_path, require_label=True, label_convention="brats2024")
+    assert [r["label_map"] for r in discover_cases(tmp_path, require_label=True, label_convention="brats2024")] == [
+        LABEL_CONVENTIONS["brats2018"]]
 
 
 def test_dataset_json_cases_are_told_to_name_their_labels():
@@ -117,6 +131,16 @@ def test_unknown_values_without_fitting_convention():
     assert check_label_values(np.zeros((2, 2), dtype=np.int16), "brats2018") == [0]
     with pytest.raises(CaseError, match=r"\[-1\]"):
         check_label_values(np.array([-1, 0, 1]), "brats2018")
+
+
+@pytest.mark.parametrize("layout, convention", [("brats2018", "brats2018"), ("brats2023", "brats2023")])
+def test_a_value_no_convention_knows_in_a_brats_named_case_does_not_point_to_a_dataset_json(layout, convention):
+    """A BraTS-named case (label 5 from a site's own protocol) has no dataset.json to fix."""
+    with pytest.raises(CaseError) as err:
+        labels_to_regions(np.array([0, 1, 2, 5]), convention, source="A/A_seg.nii.gz", layout=layout)
+    msg = str(err.value)
+    assert "A/A_seg.nii.gz" in msg and "[5]" in msg and "No BraTS label convention knows [5]" in msg
+    assert "dataset.json" not in msg and "relabel the segmentation" in msg
 
 
 def test_regions_to_labels_priority_by_hand():

@@ -118,6 +118,21 @@ def test_msd_4d_channels_follow_dataset_json(tmp_path, write_nii):
         load_case(only(discover_cases(tmp_path)))
 
 
+def test_a_channel_first_msd_image_is_told_to_be_saved_channel_last(tmp_path, write_nii):
+    """A 4D image saved from a channel-first array ((4, X, Y, Z), as PyTorch and MONAI hold it) read its first
+    slices as the sequences, and was refused only as a label on 'different grids', to be resampled."""
+    rng = np.random.default_rng(0)
+    _msd_4d(tmp_path, write_nii, [rng.normal(100, 10, SHAPE) for _ in range(4)])
+    channel_last = nib.load(str(tmp_path / "imagesTr" / "BRATS_001.nii.gz"))
+    write_nii(tmp_path / "imagesTr" / "BRATS_001.nii.gz", np.moveaxis(np.asarray(channel_last.dataobj), -1, 0))
+    for load_label in (True, False):  # without the label (no grid to compare), it was read as it came
+        with pytest.raises(CaseError) as err:
+            load_case(only(discover_cases(tmp_path)), load_label=load_label)
+        msg = str(err.value)
+        assert "BRATS_001.nii.gz has shape (4, 16, 16, 12): its 4 channels lie along the first axis" in msg
+        assert "as shape (16, 16, 12, 4)" in msg and "different grids" not in msg
+
+
 def _msd_4d(root, write_nii, channels):
     """An MSD folder with one case whose 4D image holds ``channels`` (FLAIR, T1w, t1gd, T2w) and a label."""
     desc = {"modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
@@ -216,6 +231,44 @@ def test_image_not_3d(tmp_path, make_case, write_nii, shape, match):
     write_nii(folder / "A_1_t1.nii.gz", _not_constant(shape))
     with pytest.raises(CaseError, match=rf"A_1_t1\.nii\.gz is {match}"):
         load_case(only(discover_cases(tmp_path)))
+
+
+def test_a_one_hot_4d_label_is_told_to_be_merged_into_one_label_map(tmp_path, make_case, write_nii):
+    """A segmentation exported one channel per region (WT/TC/ET one-hot) was told to be split 'into one file
+    per sequence' or described with an MSD dataset.json, fixes for an image that do not apply to a label."""
+    folder = make_case(tmp_path, "A_1")
+    regions = np.zeros((*SHAPE, 3), dtype=np.uint8)
+    regions[4:8, 4:8, 4:8, 0] = 1
+    write_nii(folder / "A_1_seg.nii.gz", regions)
+    with pytest.raises(CaseError) as err:
+        load_case(only(discover_cases(tmp_path)))
+    msg = str(err.value)
+    assert "A_1_seg.nii.gz is 4D (shape (16, 16, 12, 3)); a segmentation is one 3D label map" in msg
+    assert "Merge its channels" in msg and "per sequence" not in msg and "dataset.json" not in msg
+
+
+def test_a_sequence_that_is_a_copy_of_another_is_refused(tmp_path, make_case, write_nii):
+    """A site that fills a missing sequence with a copy of another (T1 saved as T1ce, so every case has four
+    files) trained and scored T1 as T1ce without a word; a case may lack a sequence instead."""
+    import shutil
+
+    folder = make_case(tmp_path / "brats", "A_1")
+    shutil.copy(folder / "A_1_t1.nii.gz", folder / "A_1_t1ce.nii.gz")
+    with pytest.raises(CaseError) as err:
+        load_case(only(discover_cases(tmp_path / "brats")))
+    msg = str(err.value)
+    assert msg.startswith(f"{folder / 'A_1_t1ce.nii.gz'} (t1ce) holds the same voxels as {folder / 'A_1_t1.nii.gz'}")
+    assert "counts as lacking t1ce" in msg
+    (folder / "A_1_t1ce.nii.gz").unlink()  # left out: the case lacks T1ce
+    assert load_case(only(discover_cases(tmp_path / "brats")))["modalities"] == ["flair", "t1", "t2"]
+    # in an MSD 4D image, a channel copied from another
+    rng = np.random.default_rng(0)
+    flair, t1 = (rng.normal(100, 10, SHAPE) for _ in range(2))
+    (tmp_path / "msd").mkdir()
+    _msd_4d(tmp_path / "msd", write_nii, [flair, t1, t1, rng.normal(100, 10, SHAPE)])
+    with pytest.raises(CaseError, match=r"BRATS_001\.nii\.gz \(channel 2\) \(t1ce\) holds the same voxels as "
+                                        r".*BRATS_001\.nii\.gz \(channel 1\) \(t1\)"):
+        load_case(only(discover_cases(tmp_path / "msd")))
 
 
 def test_trailing_singleton_dimension_is_accepted(tmp_path, make_case, write_nii):

@@ -71,6 +71,33 @@ def test_check_spacing_warns_on_another_resolution(tmp_path, caplog):
     assert message in caplog.text
 
 
+def test_check_spacing_names_the_cases_of_another_resolution_among_many_at_the_training_one(tmp_path, caplog):
+    """A test folder gathered from several sites: most cases at the training resolution, one at another.
+    The cases' median matches the training spacing, but that case is still scored at a scale the network
+    never saw, and the warning names it."""
+    import nibabel as nib
+
+    from app.data.discovery import discover_cases
+    from app.data.phantoms import write_phantoms
+    from app.engines.utils import check_spacing
+    from app.networks import DSUNet
+
+    write_phantoms(tmp_path, cases=3, size=16, seed=0)  # 1 mm
+    records = discover_cases(tmp_path, require_label=True)
+    odd = records[1]
+    for path in [*odd["images"].values(), odd["label"]]:  # the same volumes stored at 2 mm by another site
+        img = nib.load(path)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), np.diag([2.0, 2.0, 2.0, 1.0])), path)
+    net = DSUNet(features=[4, 8])
+    net.set_training_spacing([1.0, 1.0, 1.0])
+    with caplog.at_level("WARNING"):
+        message = check_spacing(net, records)
+    assert message and message in caplog.text
+    assert message.startswith("1 of the 3 cases scored here")
+    assert f"{odd['case']} at [2.0, 2.0, 2.0] mm" in message and "trained at [1.0, 1.0, 1.0] mm" in message
+    assert not any(f"{r['case']} at" in message for r in records if r is not odd)
+
+
 def _raised(fn):
     try:
         fn()
@@ -291,6 +318,37 @@ def test_cases_that_only_share_a_training_case_name_are_not_called_training_case
     message = check_held_out(ckpt, discover_cases(tmp_path / "copy"))
     assert message is not None and message.startswith("2 of the 3 cases scored here are training cases"), message
     assert check_held_out(ckpt, train).startswith("2 of the 3 cases")
+
+
+def test_check_held_out_finds_a_training_case_that_another_folder_names_its_own_way(tmp_path, caplog):
+    """A test folder of another site or BraTS release can hold a training case under its own id (BraTS 2020's
+    BraTS20_Training_003 is in BraTS 2021 under another name): it was scored as held out without a word."""
+    import shutil
+
+    from app.data.datalist import write_datalist
+    from app.data.discovery import discover_cases
+    from app.data.phantoms import write_phantoms
+    from app.engines import check_held_out
+
+    write_phantoms(tmp_path / "train", cases=3, size=16, seed=0)
+    train = discover_cases(tmp_path / "train")
+    run = tmp_path / "run"
+    write_datalist(run / "datalist.json", train[:2], train[2:])
+    write_phantoms(tmp_path / "test", cases=2, size=16, seed=1000)  # other scans
+    renamed = tmp_path / "test" / "BraTS2021_00001"
+    renamed.mkdir()
+    for seq in ("flair", "t1", "t1ce", "t2", "seg"):  # training case Phantom_001, named by another release
+        shutil.copy(tmp_path / "train" / "Phantom_001" / f"Phantom_001_{seq}.nii.gz",
+                    renamed / f"BraTS2021_00001_{seq}.nii.gz")
+    held_out = renamed.with_name("BraTS2021_00002")
+    shutil.copytree(tmp_path / "train" / "Phantom_002", held_out)  # the validation case: not trained on
+    for path in held_out.iterdir():
+        path.rename(held_out / path.name.replace("Phantom_002", "BraTS2021_00002"))
+    with caplog.at_level("WARNING"):
+        message = check_held_out(run / "models" / "model.pt", discover_cases(tmp_path / "test"))
+    assert message is not None and message in caplog.text
+    assert message.startswith("1 of the 4 cases scored here are training cases") and "Phantom_000" not in message
+    assert "under another id: BraTS2021_00001 is Phantom_001" in message and "BraTS2021_00002" not in message
 
 
 def test_check_output_dir_refuses_a_file_in_its_place_and_creates_nothing(tmp_path):
