@@ -332,6 +332,26 @@ def test_gmd_approx_matches_a_reference_in_output_space(subsets):
     assert (got - expected).norm() / expected.norm() < 1e-8
 
 
+def test_gmd_approx_gram_matrix_on_cpu_is_the_float64_product_with_one_float64_copy():
+    """The Gram matrix of the cotangents is the product of their float64 copies, bit for bit, and the
+    only large allocation is one float64 matrix: a float32 stack and a float64 copy of it for each side
+    of the product took a fifth of a 32^3 step, with 2.5x the memory."""
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    per_mod = torch.randn(2, 4, 3, 16, 16, 16)
+    cotangents = [torch.randn_like(per_mod) if j % 3 else None for j in range(7)]  # subsets without samples
+    live = [j for j, c in enumerate(cotangents) if c is not None]
+    with profile(profile_memory=True) as prof:
+        gram, _ = GMDApproxStrategy().gram_matrix(None, per_mod, cotangents)
+    flat = torch.stack([cotangents[j] for j in live]).flatten(1)
+    expected = torch.zeros(7, 7, dtype=torch.float64)
+    expected[torch.tensor(live)[:, None], torch.tensor(live)] = flat.double() @ flat.double().T
+    assert torch.equal(gram, expected)
+    allocated = sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+    assert allocated < 1.1 * 8 * flat.numel()
+
+
 def test_diagnostics_recorded_on_interval():
     torch.manual_seed(3)
     model = DSUNet(features=(4, 8), out_channels=3)
