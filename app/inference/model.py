@@ -27,6 +27,7 @@ from torch import nn
 from app.atomic import atomic_write, missing_hint
 from app.engines.utils import load_weights
 from app.networks import DSUNet
+from app.networks.conv import OneDNNConv3d, use_onednn_conv
 from app.networks.ds_unet import recorded_spacing
 from app.networks.weights import allow_missing_optional_keys, check_archive, check_finite
 from app.subsets import BRATS_MODALITIES
@@ -57,32 +58,6 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "sw_overlap": 0.5,
     "sw_batch_size": 2,
 }
-
-
-class OneDNNConv3d(nn.Conv3d):
-    """``nn.Conv3d`` that takes oneDNN (MKL-DNN) for every float32 CPU inference call.
-
-    PyTorch sends batch-1 CPU convolutions whose ``N*C*D*H`` is at most 20480 to its im2col
-    ("slow_conv3d") path, which is up to 8x slower than oneDNN for the deeper levels of a sliding
-    window and for small volumes. Training (grad enabled) and other devices use the normal path.
-    Same parameters and state-dict keys as ``nn.Conv3d``.
-    """
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.device.type == "cpu" and input.dtype == torch.float32 and not torch.is_grad_enabled():
-            return torch.mkldnn_convolution(
-                input, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups
-            )
-        return self._conv_forward(input, self.weight, self.bias)
-
-
-def _use_onednn(module: nn.Module) -> nn.Module:
-    """Switch every plain zero-padded ``nn.Conv3d`` in ``module`` to :class:`OneDNNConv3d`, in place."""
-    if torch.backends.mkldnn.is_available():
-        for sub in module.modules():
-            if type(sub) is nn.Conv3d and sub.padding_mode == "zeros" and not isinstance(sub.padding, str):
-                sub.__class__ = OneDNNConv3d
-    return module
 
 
 class _Trunk(nn.Module):
@@ -123,7 +98,7 @@ class FusedDSUNet(nn.Module):
 
     def __init__(self, net: DSUNet) -> None:
         super().__init__()
-        net = _use_onednn(copy.deepcopy(net))
+        net = use_onednn_conv(copy.deepcopy(net))
         self.encoders = net.encoders
         self.trunk = _Trunk(net.trunk)
         # plain attributes survive scripting and describe the model to the loader

@@ -313,14 +313,43 @@ class GMDApproxStrategy(GMDStrategy):
         gram = torch.zeros(k, k, dtype=torch.float64, device=per_mod.device)
         live = [j for j, c in enumerate(cotangents) if c is not None]
         if live:
-            flat = torch.stack([cotangents[j] for j in live]).flatten(1)
             idx = torch.tensor(live, device=gram.device)
-            gram[idx[:, None], idx] = (flat @ flat.T).double() if flat.is_cuda else flat.double() @ flat.double().T
+            if per_mod.is_cuda:
+                flat = torch.stack([cotangents[j] for j in live]).flatten(1)
+                gram[idx[:, None], idx] = (flat @ flat.T).double()
+            else:
+                gram[idx[:, None], idx] = self._float64_gram([cotangents[j] for j in live],
+                                                             None if subsets is None else [subsets[j] for j in live])
         if self._world > 1:
             # the ranks' per-modality outputs are disjoint coordinates of the global batch's output, so
             # its Gram matrix is the sum of the ranks' (losses already weighted by the sample shares)
             dist.all_reduce(gram)
         return gram, None
+
+    @staticmethod
+    def _float64_gram(cotangents: list[torch.Tensor], subsets: list[tuple[int, ...]] | None) -> torch.Tensor:
+        """Gram matrix of ``[B, M, ...]`` cotangents in float64, one modality's block at a time.
+
+        A subset's cotangent is zero on the outputs of the modalities it lacks (the fusion reads only the
+        subset's), so the product is the sum over modalities ``m`` of the products of the blocks ``[:, m]``
+        of the subsets that hold ``m`` (``subsets[j]``; None: every subset, no block skipped). With all 15
+        subsets of 4 modalities that converts 8 blocks of a quarter of a cotangent per modality instead of 15
+        whole cotangents, with 3.5x fewer multiply-adds: a float32 stack of the cotangents and a float64 copy
+        of it for each side of the product took a fifth of a 32^3 CPU step. Equal to that product up to
+        float64 rounding (another summation order).
+        """
+        first = cotangents[0]
+        gram = torch.zeros(len(cotangents), len(cotangents), dtype=torch.float64, device=first.device)
+        for m in range(first.shape[1]):
+            rows = [r for r in range(len(cotangents)) if subsets is None or m in subsets[r]]
+            if not rows:
+                continue
+            block = torch.empty(len(rows), first[:, m].numel(), dtype=torch.float64, device=first.device)
+            for row, r in zip(block, rows):
+                row.view(first[:, m].shape).copy_(cotangents[r][:, m])
+            at = torch.tensor(rows, device=first.device)
+            gram[at[:, None], at] += block @ block.T
+        return gram
 
     def apply_gradients(self, model, per_mod, cotangents, weights, cache):
         total = self._weighted_cotangent(cotangents, weights)

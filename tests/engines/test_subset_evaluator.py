@@ -97,6 +97,30 @@ def test_each_subset_is_scored_on_its_own_fused_prediction(net):
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-12)
 
 
+def test_all_15_subsets_come_from_one_run_of_each_encoder_and_of_the_trunk(net):
+    """Each sequence's encoder sees only its own sequence and fusion is a mean of the per-sequence outputs,
+    so the 15 subsets' predictions are masked means of one set of outputs: validation runs every encoder,
+    and the shared trunk, once per window batch, not once per subset that holds its sequence (8 of 15)."""
+    calls = {"trunk": 0, **{m: 0 for m in range(4)}}
+
+    def counter(key):
+        return lambda *_: calls.__setitem__(key, calls[key] + 1)
+
+    hooks = [enc.register_forward_hook(counter(m)) for m, enc in enumerate(net.encoders)]
+    hooks.append(net.trunk.register_forward_hook(counter("trunk")))
+    data = [{"image": torch.randn(1, 4, 16, 16, 12), "label": (torch.rand(1, 3, 16, 16, 12) > 0.5).float(),
+             "modality_mask": torch.ones(1, 4, dtype=torch.bool), "case": ["a"]}]
+    inferer = SlidingWindowInferer(roi_size=(8, 8, 8), sw_batch_size=27)  # 27 windows, one network call
+    evaluator = SubsetEvaluator(device=torch.device("cpu"), val_data_loader=data, network=net, inferer=inferer)
+    try:
+        evaluator.run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert evaluator.state.output["subset_dice"].shape == (1, 15, 3)
+    assert calls == {"trunk": 1, 0: 1, 1: 1, 2: 1, 3: 1}
+
+
 def test_tumour_the_foreground_crop_removed_counts_as_missed(net):
     """Reference tumour where every sequence is 0 lies outside the crop of the evaluation preprocessing. It
     dropped out of the Dice silently, so the case scored higher than the label maps inference writes (which

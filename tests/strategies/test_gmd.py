@@ -332,6 +332,39 @@ def test_gmd_approx_matches_a_reference_in_output_space(subsets):
     assert (got - expected).norm() / expected.norm() < 1e-8
 
 
+def _allocated_bytes(run) -> int:
+    from torch.profiler import profile
+
+    with profile(profile_memory=True) as prof:
+        run()
+    return sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+
+
+@pytest.mark.parametrize("known_subsets", [False, True])
+def test_gmd_approx_gram_matrix_on_cpu_is_the_float64_product_of_the_cotangents(known_subsets):
+    """The Gram matrix is the product of the cotangents' float64 copies (up to float64 rounding), taken one
+    modality's block at a time: a subset's cotangent is zero on the modalities it lacks, so with the subsets
+    known only their blocks are copied. A float32 stack and a float64 copy of it for each side of the product
+    took a fifth of a 32^3 step."""
+    torch.manual_seed(0)
+    per_mod = torch.randn(2, 4, 3, 16, 16, 16)
+    subsets = all_subsets(4)
+    masks = subset_masks(4).view(15, 1, 4, 1, 1, 1, 1)
+    # the cotangent of a subset without samples is None (global sync); the others vanish off their subset
+    cotangents = [torch.randn_like(per_mod) * masks[j] if j % 3 else None for j in range(15)]
+    live = [j for j, c in enumerate(cotangents) if c is not None]
+    strategy = GMDApproxStrategy()
+    out = {}
+    allocated = _allocated_bytes(lambda: out.update(gram=strategy.gram_matrix(
+        None, per_mod, cotangents, subsets=subsets if known_subsets else None)[0]))
+    flat = torch.stack([cotangents[j] for j in live]).flatten(1)
+    expected = torch.zeros(15, 15, dtype=torch.float64)
+    expected[torch.tensor(live)[:, None], torch.tensor(live)] = flat.double() @ flat.double().T
+    torch.testing.assert_close(out["gram"], expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
+    float64_copy = 8 * flat.numel()
+    assert allocated < (0.7 if known_subsets else 1.1) * float64_copy
+
+
 def test_diagnostics_recorded_on_interval():
     torch.manual_seed(3)
     model = DSUNet(features=(4, 8), out_channels=3)
