@@ -27,6 +27,7 @@ fusion runs over present and predicted modalities (:meth:`PromptedDSTransformer.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -334,6 +335,14 @@ def build_sentiment_network(
                 if "predictors.0.0.weight" in state:
                     predictor_hidden = int(state["predictors.0.0.weight"].shape[0])
     if not prompted:
+        # the bundles pass these to every network, so --num_prompts 8 with --strategy gmd built the plain network
+        # and left no trace; a default (predictor_hidden 0 or None: twice the width) is no news
+        given = {"num_prompts": num_prompts, "predictor_hidden": predictor_hidden or None, "missing": missing}
+        defaults = {k: inspect.signature(build_sentiment_network).parameters[k].default for k in given}
+        for option in (k for k in given if str(given[k]).strip().lower() != str(defaults[k]).lower()):
+            logger.warning("%s=%s is an option of the predict strategy's network: the %s network has no prompts or "
+                           "predictors, so it has no effect here.", option, given[option],
+                           "checkpoint's" if checkpoint else f"{strategy or 'plain'} strategy's")
         return DSTransformer(**kwargs)
     return PromptedDSTransformer(num_prompts=num_prompts, predictor_hidden=predictor_hidden, missing=missing, **kwargs)
 

@@ -4,6 +4,7 @@ routing, subset evaluation that never reads an absent modality, and the bundle c
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -461,3 +462,22 @@ def test_bundle_train_predict_and_evaluate_predict_and_skip(synthetic_pkl, tmp_p
     # complete samples: the full subset needs no prediction; a single modality is completed only in predict mode
     assert predict["text+audio+vision"] == skip["text+audio+vision"]
     assert any(predict[n]["MAE"] != skip[n]["MAE"] for n in NAMES[:3])
+
+
+@pytest.mark.parametrize("option, value", [("num_prompts", 8), ("predictor_hidden", 16), ("missing", "skip")])
+def test_a_prompt_option_given_to_another_strategys_network_is_warned(caplog, option, value):
+    """The bundles pass the prompt options to every network: ``--num_prompts 8 --strategy gmd`` built the plain
+    DSTransformer and left no trace of the option."""
+
+    with caplog.at_level(logging.WARNING, logger="app.networks.prompted"):
+        net = build_sentiment_network(strategy="gmd", in_features=DIMS, hidden=8, **{option: value})
+    assert type(net) is DSTransformer
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{option}={value} is an option of the predict strategy's network: the gmd strategy's network has no prompts "
+        "or predictors, so it has no effect here."]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="app.networks.prompted"):  # the bundle's defaults say nothing
+        build_sentiment_network(strategy="plain", in_features=DIMS, hidden=8, num_prompts=4, predictor_hidden=0,
+                                missing="predict")
+        build_sentiment_network(strategy="predict", in_features=DIMS, hidden=8, **{option: value})
+    assert not caplog.records
