@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 
 from app.atomic import missing_hint
-from app.data.errors import unreadable
+from app.data.errors import special_file_kind, unreadable
 
 #: what a mismatch error tells the user to do, unless the caller knows better
 RETRAINED_FIX = ("pass the training run's network settings when loading it (BraTS: --features; sentiment: --hidden, "
@@ -19,7 +19,8 @@ RETRAINED_FIX = ("pass the training run's network settings when loading it (BraT
                  "sizes)")
 
 __all__ = [
-    "allow_missing_optional_keys", "apply_state_dict", "check_archive", "check_finite", "checkpoint_sha256",
+    "allow_missing_optional_keys", "apply_state_dict", "check_archive", "check_finite", "checkpoint_missing",
+    "checkpoint_sha256",
     "describe_state_dict",
     "load_weights", "loaded_sha256", "optional_state_keys", "read_state_dict",
 ]
@@ -97,6 +98,26 @@ def describe_state_dict(state: dict[str, torch.Tensor]) -> str:
     return f"{n_mod} modality encoders, features {widths}"
 
 
+def checkpoint_missing(path: str | os.PathLike, fix: str) -> FileNotFoundError:
+    """The error for a checkpoint path that is no file, saying what is there instead.
+
+    A folder (``--ckpt O/models``) or a named pipe, device or socket under the checkpoint's name was
+    reported as "not found" although ``ls`` lists it; only a path where nothing is gets that wording.
+
+    Args:
+        path: the checkpoint path given.
+        fix: what to pass instead (the setting and the file), ending the message.
+    """
+    text = os.fspath(path)
+    if os.path.isdir(text):
+        return FileNotFoundError(f"Checkpoint {text} is a folder, not a model file: {fix}")
+    kind = special_file_kind(text)
+    if kind is not None:
+        return FileNotFoundError(f"Checkpoint {text} is a {kind}, not a model file (it is not read: reading it would "
+                                 f"wait or run forever): {fix}")
+    return FileNotFoundError(f"Checkpoint {text} not found{missing_hint(text)}: {fix}")
+
+
 def read_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, torch.Tensor]:
     """A checkpoint's state dict, read safely (``weights_only=True``): a plain state dict or one held
     under ``model``/``network``/``state_dict``.
@@ -107,8 +128,7 @@ def read_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Checkpoint {path} not found{missing_hint(path)}: pass --ckpt_path to a model.pt "
-                                "written by training.")
+        raise checkpoint_missing(path, "pass --ckpt_path to a model.pt written by training.")
     check_archive(path)
     try:
         with open(path, "rb") as f:  # read once: the bytes loaded are the bytes hashed (loaded_sha256)

@@ -734,6 +734,23 @@ def test_an_empty_checkpoint_path_says_so(case, infer, tmp_path):
     assert not list(out.iterdir())
 
 
+def test_a_checkpoint_folder_or_pipe_is_named_as_such_not_as_missing(case, infer, tmp_path):
+    """``--ckpt O/models`` (the folder) or a named pipe under the model's name: 'Checkpoint F not found' named a
+    path that exists; the line now says what is there."""
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    models = tmp_path / "models"
+    models.mkdir()
+    rc, _, err = infer("--ckpt", models, "--flair", case["flair"], "--out", out / "seg.nii.gz")
+    assert rc == 2 and err.count("\n") == 1 and f"Checkpoint {models} is a folder, not a model file: give" in err, err
+    os.mkfifo(models / "model.pt")
+    rc, _, err = infer("--ckpt", models / "model.pt", "--flair", case["flair"], "--out", out / "seg.nii.gz")
+    assert rc == 2 and err.count("\n") == 1 and "is a named pipe, not a model file" in err, err
+    assert not list(out.iterdir())
+
+
 def test_a_scan_with_a_mixed_case_extension_is_read(case, random_ckpt, infer, tmp_path):
     """``--flair scan.Nii.gz`` was refused as 'does not exist: check the path': nibabel looked for scan.nii.gz."""
     flair = Path(case["flair"])

@@ -88,3 +88,19 @@ def test_a_missing_checkpoint_names_the_file_and_the_setting(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"^Checkpoint {missing} not found: pass --ckpt_path to a model\.pt "
                                                 r"written by training\.$"):
         load_weights(DSUNet(features=(8, 16, 32, 64)), missing)
+
+
+def test_a_checkpoint_path_naming_a_folder_or_a_named_pipe_says_what_is_there(tmp_path):
+    """--ckpt_path O/models (the folder) or a named pipe under the checkpoint's name was reported as 'not found'
+    although the path exists; a pipe must not be opened either (the read would wait for a writer forever)."""
+    import os
+
+    net = DSUNet(features=(8, 16, 32, 64))
+    with pytest.raises(FileNotFoundError, match=rf"^Checkpoint {tmp_path} is a folder, not a model file: pass "
+                                                r"--ckpt_path to a model\.pt written by training\.$"):
+        load_weights(net, tmp_path)
+    pipe = tmp_path / "model.pt"
+    os.mkfifo(pipe)
+    with pytest.raises(FileNotFoundError, match=rf"^Checkpoint {pipe} is a named pipe, not a model file \(it is not "
+                                                r"read.*\): pass --ckpt_path"):
+        load_weights(net, pipe)
