@@ -124,12 +124,16 @@ def read_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
 
     Raises:
         FileNotFoundError: the checkpoint does not exist.
-        ValueError: it cannot be read or holds no state dict.
+        ValueError: it cannot be read, is a TorchScript model, or holds no state dict.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise checkpoint_missing(path, "pass --ckpt_path to a model.pt written by training.")
     check_archive(path)
+    if _is_torchscript_archive(path):
+        # torch.load(weights_only=True) refuses it with a RuntimeError, which read as a corrupt file to re-export
+        raise ValueError(f"{path} is a TorchScript model (an export for python -m app infer), not a training "
+                         "checkpoint: pass the model.pt written by training (<output_dir>/models/model.pt) instead.")
     try:
         with open(path, "rb") as f:  # read once: the bytes loaded are the bytes hashed (loaded_sha256)
             data = f.read()
@@ -149,6 +153,16 @@ def read_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     check_finite(state.items(), path)
     _LOADED_SHA256[os.path.abspath(path)] = hashlib.sha256(data).hexdigest()
     return state
+
+
+def _is_torchscript_archive(path: str) -> bool:
+    """Whether ``path`` is a TorchScript archive (``torch.jit.save``: a ``constants.pkl`` record), not a
+    ``torch.save`` checkpoint."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 _ARCHIVE_FIX = "Copy the model again from where it was trained or exported, or re-export it."

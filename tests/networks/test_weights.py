@@ -104,3 +104,13 @@ def test_a_checkpoint_path_naming_a_folder_or_a_named_pipe_says_what_is_there(tm
     with pytest.raises(FileNotFoundError, match=rf"^Checkpoint {pipe} is a named pipe, not a model file \(it is not "
                                                 r"read.*\): pass --ckpt_path"):
         load_weights(net, pipe)
+
+
+def test_a_torchscript_model_given_as_the_checkpoint_is_named_as_one(tmp_path):
+    """Evaluating the exported model.ts (or a TorchScript archive under a .pt name) said the file was 'corrupt or
+    not a PyTorch checkpoint; re-export it from training': it is intact, and the fix is the training checkpoint."""
+    exported = tmp_path / "model.ts"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(exported))
+    with pytest.raises(ValueError, match=rf"^{exported} is a TorchScript model \(an export for python -m app infer\), "
+                                         r"not a training checkpoint: pass the model\.pt written by training"):
+        load_weights(DSUNet(features=(8, 16, 32, 64)), exported)
