@@ -534,7 +534,12 @@ def test_a_training_spacing_that_would_not_fit_in_memory_is_refused_before_resam
     assert rc == 2 and err.count("\n") == 1 and not out.exists() and resampled == [], err
     assert err.startswith(f"error: {case['flair']}: resampling to [0.25, 0.25, 0.25] mm (the model's training spacing, "
                           "--spacing auto) would make this scan 128x128x128 voxels (about 0.1 GiB to segment)")
-    assert "pass --spacing native" in err
+    assert "pass --spacing native" in err and err.rstrip().endswith("may be damaged).")
+    # a spacing the user gave says nothing about the model: the message does not suspect it
+    rc, _, err = infer("--ckpt", ckpt, "--flair", case["flair"], "--out", out, "--spacing", "0.25")
+    assert rc == 2 and err.count("\n") == 1 and not out.exists() and resampled == [], err
+    assert "(--spacing) would make this scan 128x128x128 voxels" in err and "damaged" not in err, err
+    assert err.rstrip().endswith("pass --spacing native, or a coarser --spacing in mm."), err
 
 
 def test_a_spacing_too_coarse_for_the_network_names_the_fix(case, random_ckpt, infer, tmp_path):
