@@ -268,8 +268,9 @@ def _copies_on_one_side(train: list[dict[str, Any]], val: list[dict[str, Any]],
 
     One case under two ids (two sites' folders or two BraTS releases both hold it) was split by id like two
     cases, so validation could score a copy of a case the model trained on, without a word. The copies stay
-    together on the training side, the split is otherwise the one asked for, and a warning names them (the
-    case still counts twice in training until one copy is removed).
+    together on one side: with a training case's, on the training side; copies that the split put in
+    validation only stay there. The split is otherwise the one asked for, and a warning names them (the case
+    still counts twice, in training or in validation, until one copy is removed).
 
     Raises:
         ValueError: every validation case is such a copy, so none would be left to validate on.
@@ -289,7 +290,8 @@ def _copies_on_one_side(train: list[dict[str, Any]], val: list[dict[str, Any]],
     moved = [r for r in val if root(str(r["case"])) in trained]
     first, other, first_file, other_file = shared[0]
     more = f" ({len(shared) - 1} more case(s) share a scan with another the same way)" if len(shared) > 1 else ""
-    names = ", ".join(str(r["case"]) for r in moved[:3])
+    # the first three, and an ellipsis when there are more: the count before them says how many moved
+    names = ", ".join(str(r["case"]) for r in moved[:3]) + (", ..." if len(moved) > 3 else "")
     done = (f"{len(moved)} validation case(s) holding a training case's scan ({names}) train instead, so that "
             "validation scores no case the model trained on." if moved else "The copies are on one side of the split.")
     logger.warning("Cases %r and %r hold the same scan (%s and %s are one file or copies)%s: one case under two ids, "

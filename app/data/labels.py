@@ -155,8 +155,8 @@ def check_label_values(
                     "tumour, such as BraTS 2024's resection cavity, as 'resection cavity'), or relabel the "
                     "segmentation.")
         elif layout == "brats2018" and fits == ["brats2024"]:
-            # discovery refuses brats2024 under 2018 names (their 4 is enhancing tumour): suggesting the
-            # option alone would send the user back and forth between two errors
+            # brats2024 reads 2018-named cases as brats2018 (their 4 is enhancing tumour): suggesting the
+            # option alone would not change how this case is read
             hint = (f" These values fit only 'brats2024' ({_CONVENTION_USE['brats2024']}: "
                     f"{LABEL_CONVENTIONS['brats2024']}), which is read under BraTS 2023 names only. If these are "
                     "post-treatment cases, rename the files to <case>-{t2f,t1n,t1c,t2w,seg}.nii.gz and pass "

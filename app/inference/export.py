@@ -69,19 +69,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import torch
 
-        from app.atomic import missing_hint
         from app.inference.cli import parse_ints
         from app.inference.model import (TORCHSCRIPT_SUFFIX, export_torchscript, is_torchscript, is_weights_file,
                                          network_from_checkpoint)
         from app.inference.pipeline import check_output_path
+        from app.networks.weights import checkpoint_missing
 
         # the option of this command, not the bundle's --ckpt_path that the loader names
         if not args.ckpt.strip():
             raise ValueError("--ckpt is empty (an unset variable?): pass the model.pt written by training "
                              "(<output_dir>/models/model.pt).")
         if not Path(args.ckpt).is_file():
-            raise FileNotFoundError(f"Checkpoint {args.ckpt} not found{missing_hint(args.ckpt)}: pass --ckpt the "
-                                    "model.pt written by training (<output_dir>/models/model.pt).")
+            raise checkpoint_missing(args.ckpt, "pass --ckpt the model.pt written by training "
+                                     "(<output_dir>/models/model.pt).")
         # before any work: a bad name, a folder, an unwritable place, or the checkpoint itself (whose
         # weights would be lost to the export)
         # .ts only: inference runs a TorchScript model (a program) only from a file named so

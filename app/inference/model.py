@@ -24,12 +24,12 @@ import torch
 import yaml
 from torch import nn
 
-from app.atomic import atomic_write, missing_hint
+from app.atomic import atomic_write
 from app.engines.utils import load_weights
 from app.networks import DSUNet
 from app.networks.conv import OneDNNConv3d, use_onednn_conv
 from app.networks.ds_unet import recorded_spacing
-from app.networks.weights import allow_missing_optional_keys, check_archive, check_finite
+from app.networks.weights import allow_missing_optional_keys, check_archive, check_finite, checkpoint_missing
 from app.subsets import BRATS_MODALITIES
 
 __all__ = [
@@ -262,8 +262,8 @@ def load_network(
         raise ValueError("The checkpoint path is empty (an unset variable?): give the model.pt written by training "
                          "(<output_dir>/models/model.pt) or a model.ts exported from it (--ckpt, BRATS_CKPT).")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Checkpoint {path} not found{missing_hint(path)}: give the model.pt written by "
-                                "training (<output_dir>/models/model.pt) or a model.ts exported from it.")
+        raise checkpoint_missing(path, "give the model.pt written by training (<output_dir>/models/model.pt) or a "
+                                 "model.ts exported from it.")
     if is_torchscript(path):
         # a TorchScript archive is a program that runs when loaded, unlike a state dict (torch.load with
         # weights_only=True): it is run only from a file named as one, so a model.pt from elsewhere stays data

@@ -382,11 +382,13 @@ class Segmenter:
         if room is None or need <= room:
             return
         how = "--spacing" if self.spacing is not None else "the model's training spacing, --spacing auto"
+        # only a spacing read from the checkpoint says something about the model; one the user gave does not
+        damaged = ("" if self.spacing is not None
+                   else " (a model that records so fine a training spacing may be damaged)")
         raise CaseError(f"{source}: resampling to {[round(float(v), 4) for v in spacing]} mm ({how}) would make this "
                         f"scan {'x'.join(str(n) for n in work_shape)} voxels (about {need / 2**30:.1f} GiB to segment), "
-                        "more than the "
-                        f"memory left on {self.device}: pass --spacing native, or a coarser --spacing in mm (a model "
-                        "that records so fine a training spacing may be damaged).")
+                        f"more than the memory left on {self.device}: pass --spacing native, or a coarser --spacing in "
+                        f"mm{damaged}.")
 
     @torch.inference_mode()
     def _predict(self, case: CaseInputs, labels: str | Mapping[str, Sequence[int]], probabilities: bool) -> Prediction:

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 
 from app.atomic import missing_hint
-from app.data.errors import unreadable
+from app.data.errors import special_file_kind, unreadable
 
 #: what a mismatch error tells the user to do, unless the caller knows better
 RETRAINED_FIX = ("pass the training run's network settings when loading it (BraTS: --features; sentiment: --hidden, "
@@ -19,7 +19,8 @@ RETRAINED_FIX = ("pass the training run's network settings when loading it (BraT
                  "sizes)")
 
 __all__ = [
-    "allow_missing_optional_keys", "apply_state_dict", "check_archive", "check_finite", "checkpoint_sha256",
+    "allow_missing_optional_keys", "apply_state_dict", "check_archive", "check_finite", "checkpoint_missing",
+    "checkpoint_sha256",
     "describe_state_dict",
     "load_weights", "loaded_sha256", "optional_state_keys", "read_state_dict",
 ]
@@ -97,19 +98,42 @@ def describe_state_dict(state: dict[str, torch.Tensor]) -> str:
     return f"{n_mod} modality encoders, features {widths}"
 
 
+def checkpoint_missing(path: str | os.PathLike, fix: str) -> FileNotFoundError:
+    """The error for a checkpoint path that is no file, saying what is there instead.
+
+    A folder (``--ckpt O/models``) or a named pipe, device or socket under the checkpoint's name was
+    reported as "not found" although ``ls`` lists it; only a path where nothing is gets that wording.
+
+    Args:
+        path: the checkpoint path given.
+        fix: what to pass instead (the setting and the file), ending the message.
+    """
+    text = os.fspath(path)
+    if os.path.isdir(text):
+        return FileNotFoundError(f"Checkpoint {text} is a folder, not a model file: {fix}")
+    kind = special_file_kind(text)
+    if kind is not None:
+        return FileNotFoundError(f"Checkpoint {text} is a {kind}, not a model file (it is not read: reading it would "
+                                 f"wait or run forever): {fix}")
+    return FileNotFoundError(f"Checkpoint {text} not found{missing_hint(text)}: {fix}")
+
+
 def read_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, torch.Tensor]:
     """A checkpoint's state dict, read safely (``weights_only=True``): a plain state dict or one held
     under ``model``/``network``/``state_dict``.
 
     Raises:
         FileNotFoundError: the checkpoint does not exist.
-        ValueError: it cannot be read or holds no state dict.
+        ValueError: it cannot be read, is a TorchScript model, or holds no state dict.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Checkpoint {path} not found{missing_hint(path)}: pass --ckpt_path to a model.pt "
-                                "written by training.")
+        raise checkpoint_missing(path, "pass --ckpt_path to a model.pt written by training.")
     check_archive(path)
+    if _is_torchscript_archive(path):
+        # torch.load(weights_only=True) refuses it with a RuntimeError, which read as a corrupt file to re-export
+        raise ValueError(f"{path} is a TorchScript model (an export for python -m app infer), not a training "
+                         "checkpoint: pass the model.pt written by training (<output_dir>/models/model.pt) instead.")
     try:
         with open(path, "rb") as f:  # read once: the bytes loaded are the bytes hashed (loaded_sha256)
             data = f.read()
@@ -129,6 +153,16 @@ def read_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     check_finite(state.items(), path)
     _LOADED_SHA256[os.path.abspath(path)] = hashlib.sha256(data).hexdigest()
     return state
+
+
+def _is_torchscript_archive(path: str) -> bool:
+    """Whether ``path`` is a TorchScript archive (``torch.jit.save``: a ``constants.pkl`` record), not a
+    ``torch.save`` checkpoint."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 _ARCHIVE_FIX = "Copy the model again from where it was trained or exported, or re-export it."

@@ -460,6 +460,45 @@ def test_one_scan_under_two_case_ids_stays_on_the_training_side_of_the_split(tmp
     assert not (tmp_path / "run_pair").exists()
 
 
+def test_copies_stay_together_on_either_side_and_the_warning_says_when_it_names_only_some(tmp_path, caplog):
+    """Every case of a folder held twice (two sites' folders of one cohort): the copies of a training case train,
+    the copies the split put in validation alone stay there together, and the warning's count matches the
+    names it gives (it listed three of four moved cases as if they were all)."""
+    import os
+
+    from app.data.datalist import shared_scans
+    from app.data.discovery import discover_cases
+    from app.data.phantoms import write_phantoms
+
+    data = tmp_path / "data"
+    write_phantoms(data / "site_a", cases=6, size=16, seed=0)
+    for case in sorted((data / "site_a").iterdir()):
+        again = data / "site_b" / f"Copy{case.name}"
+        again.mkdir(parents=True)
+        for f in case.iterdir():
+            os.link(f, again / f.name.replace(case.name, again.name))
+    cases = discover_cases(data, require_label=True)
+    assert len(shared_scans(cases)) == 6
+
+    def scan(case_id):  # one id per scan: a copy's id without its prefix
+        return case_id.removeprefix("Copy")
+
+    # a seed whose split by id moves more than three validation cases and leaves a pair in validation
+    def moved_and_pairs(seed):
+        train, val = split_cases(cases, 0.5, seed)
+        trained = {scan(r["case"]) for r in train}
+        moved = [r for r in val if scan(r["case"]) in trained]
+        return len(moved), len(val) - len(moved)
+    seed = next(k for k in range(200) if moved_and_pairs(k)[0] > 3 and moved_and_pairs(k)[1] >= 2)
+    n_moved, _ = moved_and_pairs(seed)
+    with caplog.at_level("WARNING", logger="app.data.datalist"):
+        out = prepare_datalist(data, tmp_path / "run", val_fraction=0.5, seed=seed, write=False)
+    train, val = {scan(c) for c in ids(out["training"])}, [scan(c) for c in ids(out["validation"])]
+    assert not train & set(val) and val and all(val.count(s) == 2 for s in val)  # pairs, on one side each
+    assert f"{n_moved} validation case(s) holding a training case's scan (" in caplog.text
+    assert ", ...) train instead" in caplog.text
+
+
 def test_training_cases_at_another_voxel_size_than_the_others_are_named(tmp_path, caplog):
     """A site's cases at 2 mm among 1 mm ones trained at their own scale without a word, while the model records
     the median voxel size, to which inference resamples every scan."""

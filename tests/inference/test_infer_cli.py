@@ -534,7 +534,12 @@ def test_a_training_spacing_that_would_not_fit_in_memory_is_refused_before_resam
     assert rc == 2 and err.count("\n") == 1 and not out.exists() and resampled == [], err
     assert err.startswith(f"error: {case['flair']}: resampling to [0.25, 0.25, 0.25] mm (the model's training spacing, "
                           "--spacing auto) would make this scan 128x128x128 voxels (about 0.1 GiB to segment)")
-    assert "pass --spacing native" in err
+    assert "pass --spacing native" in err and err.rstrip().endswith("may be damaged).")
+    # a spacing the user gave says nothing about the model: the message does not suspect it
+    rc, _, err = infer("--ckpt", ckpt, "--flair", case["flair"], "--out", out, "--spacing", "0.25")
+    assert rc == 2 and err.count("\n") == 1 and not out.exists() and resampled == [], err
+    assert "(--spacing) would make this scan 128x128x128 voxels" in err and "damaged" not in err, err
+    assert err.rstrip().endswith("pass --spacing native, or a coarser --spacing in mm."), err
 
 
 def test_a_spacing_too_coarse_for_the_network_names_the_fix(case, random_ckpt, infer, tmp_path):
@@ -731,6 +736,23 @@ def test_an_empty_checkpoint_path_says_so(case, infer, tmp_path):
     out.mkdir()
     rc, _, err = infer("--ckpt", "", "--flair", case["flair"], "--out", out / "seg.nii.gz")
     assert rc == 2 and err.count("\n") == 1 and "checkpoint path is empty" in err, err
+    assert not list(out.iterdir())
+
+
+def test_a_checkpoint_folder_or_pipe_is_named_as_such_not_as_missing(case, infer, tmp_path):
+    """``--ckpt O/models`` (the folder) or a named pipe under the model's name: 'Checkpoint F not found' named a
+    path that exists; the line now says what is there."""
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    models = tmp_path / "models"
+    models.mkdir()
+    rc, _, err = infer("--ckpt", models, "--flair", case["flair"], "--out", out / "seg.nii.gz")
+    assert rc == 2 and err.count("\n") == 1 and f"Checkpoint {models} is a folder, not a model file: give" in err, err
+    os.mkfifo(models / "model.pt")
+    rc, _, err = infer("--ckpt", models / "model.pt", "--flair", case["flair"], "--out", out / "seg.nii.gz")
+    assert rc == 2 and err.count("\n") == 1 and "is a named pipe, not a model file" in err, err
     assert not list(out.iterdir())
 
 

@@ -88,3 +88,29 @@ def test_a_missing_checkpoint_names_the_file_and_the_setting(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"^Checkpoint {missing} not found: pass --ckpt_path to a model\.pt "
                                                 r"written by training\.$"):
         load_weights(DSUNet(features=(8, 16, 32, 64)), missing)
+
+
+def test_a_checkpoint_path_naming_a_folder_or_a_named_pipe_says_what_is_there(tmp_path):
+    """--ckpt_path O/models (the folder) or a named pipe under the checkpoint's name was reported as 'not found'
+    although the path exists; a pipe must not be opened either (the read would wait for a writer forever)."""
+    import os
+
+    net = DSUNet(features=(8, 16, 32, 64))
+    with pytest.raises(FileNotFoundError, match=rf"^Checkpoint {tmp_path} is a folder, not a model file: pass "
+                                                r"--ckpt_path to a model\.pt written by training\.$"):
+        load_weights(net, tmp_path)
+    pipe = tmp_path / "model.pt"
+    os.mkfifo(pipe)
+    with pytest.raises(FileNotFoundError, match=rf"^Checkpoint {pipe} is a named pipe, not a model file \(it is not "
+                                                r"read.*\): pass --ckpt_path"):
+        load_weights(net, pipe)
+
+
+def test_a_torchscript_model_given_as_the_checkpoint_is_named_as_one(tmp_path):
+    """Evaluating the exported model.ts (or a TorchScript archive under a .pt name) said the file was 'corrupt or
+    not a PyTorch checkpoint; re-export it from training': it is intact, and the fix is the training checkpoint."""
+    exported = tmp_path / "model.ts"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(exported))
+    with pytest.raises(ValueError, match=rf"^{exported} is a TorchScript model \(an export for python -m app infer\), "
+                                         r"not a training checkpoint: pass the model\.pt written by training"):
+        load_weights(DSUNet(features=(8, 16, 32, 64)), exported)
