@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import atexit
 import linecache
 import logging
 import os
@@ -339,13 +340,42 @@ def _lock_here(path: str) -> bool:
     """Take the lock on ``path`` in this process; False when another process holds it."""
     if path in _LOCKED:
         return True
+    created = _first_missing(path)
     try:
         fd = lock_folder(path)
     except BlockingIOError:
         return False
+    if created is not None:
+        # the run stops on a bad case after the lock (reading every case comes next): what it made for itself
+        # and left empty is no output of it
+        atexit.register(_remove_if_empty, path, created)
     if fd is not None:  # None: a folder that cannot be locked, which runs unlocked
         _LOCKED[path] = fd  # kept open: the lock lasts as long as the process
     return True
+
+
+def _first_missing(path: str) -> str | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet, or None."""
+    missing = None
+    while not os.path.lexists(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def _remove_if_empty(path: str, created: str) -> None:
+    """Remove ``path`` and its parents up to ``created`` while they are empty (at the end of a run that wrote
+    nothing there)."""
+    while True:
+        try:
+            os.rmdir(path)
+        except OSError:  # not empty (the run wrote its outputs), or gone
+            return
+        if path == created:
+            return
+        path = os.path.dirname(path)
 
 
 def check_modalities(network: Any, modalities: Sequence[str]) -> None:

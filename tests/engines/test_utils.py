@@ -14,6 +14,7 @@ from monai.inferers import SimpleInferer
 from app.engines import ProgressBarHandler, SubsetEvaluator, SubsetTrainer, report_input_errors, set_cudnn
 from app.networks import DSUNet
 from app.strategies import build_strategy
+from tests.bundles.helpers import REPO
 
 
 @pytest.fixture
@@ -532,3 +533,22 @@ def test_taking_the_output_folder_removes_what_a_killed_run_left(tmp_path, caplo
         lock_output_dir(tmp_path)
     assert not any(p.exists() for p in left) and kept.exists()
     assert sum("left by a run killed while writing it" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_an_output_folder_the_run_made_and_left_empty_is_removed_at_exit(tmp_path):
+    """A training that stops on a bad case after taking its output folder left that folder (and its new
+    parents) behind, empty; a folder that was there before, or that holds an output, stays."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from app.engines import lock_output_dir; lock_output_dir(sys.argv[1]); "
+            "open(sys.argv[1] + '/datalist.json', 'w').close() if len(sys.argv) > 2 else None; sys.exit(1)")
+    new = tmp_path / "runs" / "site" / "out"
+    subprocess.run([sys.executable, "-c", code, str(new)], cwd=REPO, check=False)
+    assert not (tmp_path / "runs").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    subprocess.run([sys.executable, "-c", code, str(existing / "out")], cwd=REPO, check=False)
+    assert existing.is_dir() and not (existing / "out").exists()
+    subprocess.run([sys.executable, "-c", code, str(new), "write"], cwd=REPO, check=False)
+    assert (new / "datalist.json").is_file()
