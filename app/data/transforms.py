@@ -29,8 +29,8 @@ from app.data.labels import LABEL_CONVENTIONS, labels_to_regions
 from app.subsets import BRATS_MODALITIES
 
 __all__ = [
-    "AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "RegionVoxelsd", "ZeroAbsentSequencesd", "check_fits_in_memory",
-    "check_nifti_stream", "check_voxels", "grid_reordering", "load_case", "reorder_voxels",
+    "AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "RegionVoxelsd", "ZeroAbsentSequencesd", "check_distinct_sequences",
+    "check_fits_in_memory", "check_nifti_stream", "check_voxels", "grid_reordering", "load_case", "reorder_voxels",
 ]
 
 #: Largest absolute difference between affine entries still treated as the same grid.
@@ -254,25 +254,28 @@ def check_voxels(data: np.ndarray, what: str, channel: bool = False) -> tuple[fl
     return lo, hi
 
 
-def _check_distinct_sequences(stacked: np.ndarray, present: list[str], images: Mapping[str, str],
-                              image4d: str | None, channels: Mapping[str, int]) -> None:
-    """Refuse a case in which two sequences hold the same voxels.
+def check_distinct_sequences(volumes: Mapping[str, np.ndarray], sources: Mapping[str, str]) -> None:
+    """Refuse a case in which two sequences hold the same voxels, for training and inference alike.
 
     Some pipelines fill a missing sequence with a copy of another (T1 saved as T1ce, so that every case has
-    four files): the network would then learn and be scored on T1 as if it were T1ce, without a word. A case
-    may lack sequences, so the copy is to be left out. A few sampled voxels rule out almost every pair before
-    a full comparison.
-    """
-    def source(seq: str) -> str:
-        return images[seq] if seq in images else f"{image4d} (channel {channels[seq]})"
+    four files): the network would then learn, be scored on, or segment T1 as if it were T1ce, without a word.
+    A case may lack sequences, so the copy is to be left out. A few sampled voxels rule out almost every pair
+    before a full comparison.
 
-    order = [s for s in BRATS_MODALITIES if s in present]
+    Args:
+        volumes: ``{sequence: voxels}`` of the sequences a case has, all on one grid (in one voxel order).
+        sources: ``{sequence: file}`` named in the error, e.g. ``"t1ce.nii.gz"`` or ``"img.nii.gz (channel 2)"``.
+
+    Raises:
+        CaseError: naming both files and the fix.
+    """
+    order = [s for s in BRATS_MODALITIES if s in volumes]
     for i, a in enumerate(order):
-        va = stacked[BRATS_MODALITIES.index(a)]
+        va = volumes[a]
         for b in order[i + 1:]:
-            vb = stacked[BRATS_MODALITIES.index(b)]
-            if np.array_equal(va.ravel()[::997], vb.ravel()[::997]) and np.array_equal(va, vb):
-                raise CaseError(f"{source(b)} ({b}) holds the same voxels as {source(a)} ({a}): a copy standing in "
+            vb = volumes[b]
+            if va.shape == vb.shape and np.array_equal(va.ravel()[::997], vb.ravel()[::997]) and np.array_equal(va, vb):
+                raise CaseError(f"{sources[b]} ({b}) holds the same voxels as {sources[a]} ({a}): a copy standing in "
                                 f"for a missing sequence would be read as {b}. Remove it so that the case counts as "
                                 f"lacking {b} (a case may lack sequences), or put the real {b} scan in its place.")
 
@@ -374,7 +377,9 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
         present.append(seq)
     assert ref is not None and stacked is not None  # at least one of images/image4d was read above
     ref_path, _, ref_affine = ref
-    _check_distinct_sequences(stacked, present, images, image4d, channels)
+    check_distinct_sequences({seq: stacked[BRATS_MODALITIES.index(seq)] for seq in present},
+                             {seq: images[seq] if seq in images else f"{image4d} (channel {channels[seq]})"
+                              for seq in present})
 
     out = {k: v for k, v in record.items() if k != "label"}
     out["label_file"] = record.get("label")

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from app.atomic import missing_hint
 from app.data.discovery import CHANNEL_ALIASES, load_nifti
 from app.data.errors import CaseError, check_readable, special_file_kind, too_large_to_read
-from app.data.transforms import (AFFINE_TOLERANCE, check_fits_in_memory, check_nifti_stream, check_voxels, grid_reordering,
-                                 reorder_voxels)
+from app.data.transforms import (AFFINE_TOLERANCE, check_distinct_sequences, check_fits_in_memory, check_nifti_stream,
+                                 check_voxels, grid_reordering, reorder_voxels)
 from app.subsets import BRATS_MODALITIES
 
 __all__ = [
@@ -662,9 +662,10 @@ def read_case(
 
     Raises:
         CaseError: no sequence, an unknown or repeated sequence name, one 3D file given for two
-            sequences, any problem of :func:`read_volume`, sequences on different grids (without
-            ``resample_to``), a ``resample_to`` sequence that was not given, or every sequence an
-            all-zero channel.
+            sequences, two sequences holding the same voxels (a copy standing in for a missing one, see
+            :func:`app.data.transforms.check_distinct_sequences`), any problem of :func:`read_volume`,
+            sequences on different grids (without ``resample_to``), a ``resample_to`` sequence that was not
+            given, or every sequence an all-zero channel.
 
     ``channels`` maps sequences stored in one 4D file (MSD layout) to their channel index. A 4D
     file cannot leave a sequence out, so an all-zero channel marks it missing: the sequence is
@@ -753,6 +754,11 @@ def read_case(
             raise CaseError(f"{vol.source} ({seq}) does not overlap {ref.source} ({reference}) in space: check that "
                             "both files belong to the same scan session.")
         resampled.append(seq)
+    # a copy of one scan given as another sequence (T1 saved as T1ce, a series folder copied), which training refuses
+    # too: the network would segment T1 as a contrast scan. Same-file mix-ups were refused above; this finds copies.
+    check_distinct_sequences({seq: vol.data for seq, vol in volumes.items()},
+                             {seq: vol.source if seq not in index else f"{vol.source} (channel {index[seq]})"
+                              for seq, vol in volumes.items()})
     return CaseInputs(volumes, reference, resampled, empty_channels, coverage, conflicts)
 
 
