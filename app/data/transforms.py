@@ -29,7 +29,8 @@ from app.data.labels import LABEL_CONVENTIONS, labels_to_regions
 from app.subsets import BRATS_MODALITIES
 
 __all__ = [
-    "AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "RegionVoxelsd", "ZeroAbsentSequencesd", "check_distinct_sequences",
+    "AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "RegionVoxelsd", "ZeroAbsentSequencesd", "check_channels_last",
+    "check_distinct_sequences",
     "check_fits_in_memory", "check_nifti_stream", "check_voxels", "grid_reordering", "load_case", "reorder_voxels",
 ]
 
@@ -218,6 +219,28 @@ def _onto_grid(path: str, shape: tuple[int, ...], affine: np.ndarray, ref: _Grid
     return transform
 
 
+def check_channels_last(path: str, shape: tuple[int, ...], channels: int) -> None:
+    """Refuse an MSD 4D image saved from a channel-first array, for training and inference alike.
+
+    A ``(C, X, Y, Z)`` array (as PyTorch and MONAI hold it) saved as it is puts the channels along the first axis,
+    where MSD images hold them along the fourth: its "channels" would then be slices of every sequence, which
+    training refused only as a label on "another grid" (whose fix, resampling, is wrong) and inference read as
+    thin volumes (and refused as a head too small, or segmented).
+
+    Args:
+        path: the 4D file, named in the error.
+        shape: its shape as stored.
+        channels: the number of channels ``dataset.json`` names.
+
+    Raises:
+        CaseError: naming the file and the shape to save it in.
+    """
+    if len(shape) == 4 and shape[3] > channels and shape[0] == channels:
+        raise CaseError(f"{path} has shape {tuple(shape)}: its {channels} channels lie along the first axis, "
+                        f"where MSD images hold them along the fourth, so its 'channels' would be slices. Save the "
+                        f"array channel-last, as shape {(*shape[1:], channels)} (numpy.moveaxis(data, 0, -1)).")
+
+
 def check_voxels(data: np.ndarray, what: str, channel: bool = False) -> tuple[float, float]:
     """Refuse NaN/Inf voxels, constant volumes and label maps, for training and inference alike.
 
@@ -338,12 +361,7 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
         if need == 0 or shape[3] < need:
             raise CaseError(f"{image4d} has {shape[3]} channel(s) but dataset.json names {need} ({channels}); "
                             "fix 'modality' in dataset.json or re-export the 4D image.")
-        if len(img.shape) == 4 and shape[3] > need and img.shape[0] == need:
-            # a channel-first array ((C, X, Y, Z), as PyTorch and MONAI hold it) saved as it is: its "channels"
-            # would be slices, refused later only as a label on "another grid", whose fix (resample) is wrong
-            raise CaseError(f"{image4d} has shape {tuple(img.shape)}: its {need} channels lie along the first axis, "
-                            f"where MSD images hold them along the fourth, so its 'channels' would be slices. Save the "
-                            f"array channel-last, as shape {(*img.shape[1:], need)} (numpy.moveaxis(data, 0, -1)).")
+        check_channels_last(image4d, tuple(img.shape), need)
         ref = (image4d, shape[:3], img.affine)
         data = _read(img, image4d, np.float32).reshape(shape)
         stacked = np.zeros((len(BRATS_MODALITIES), *shape[:3]), dtype=np.float32)

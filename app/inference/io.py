@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from app.atomic import missing_hint
 from app.data.discovery import CHANNEL_ALIASES, load_nifti
 from app.data.errors import CaseError, check_readable, special_file_kind, too_large_to_read
-from app.data.transforms import (AFFINE_TOLERANCE, check_distinct_sequences, check_fits_in_memory, check_nifti_stream,
-                                 check_voxels, grid_reordering, reorder_voxels)
+from app.data.transforms import (AFFINE_TOLERANCE, check_channels_last, check_distinct_sequences, check_fits_in_memory,
+                                 check_nifti_stream, check_voxels, grid_reordering, reorder_voxels)
 from app.subsets import BRATS_MODALITIES
 
 __all__ = [
@@ -510,7 +510,8 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_volume(
-    path: str | os.PathLike, name: str, channel: int | None = None, cache: dict[str, Any] | None = None
+    path: str | os.PathLike, name: str, channel: int | None = None, cache: dict[str, Any] | None = None,
+    n_channels: int | None = None,
 ) -> Volume:
     """Read and check one sequence: a NIfTI file, or a folder holding one DICOM series.
 
@@ -519,10 +520,12 @@ def read_volume(
         name: the sequence it is (any accepted spelling, see :func:`sequence_name`).
         channel: index of the sequence in a 4D ``X*Y*Z*C`` file (MSD Task01 layout); None for 3D files.
         cache: dict reused across calls so that a 4D file holding several sequences is read once.
+        n_channels: how many channels the 4D file's ``dataset.json`` names (default ``channel + 1``), by which a
+            file saved channel-first is told apart.
 
     Raises:
         CaseError: unreadable or corrupt file; not 3D (2D, a single slice, 4D with more than one
-            volume); empty, constant or NaN/Inf voxels.
+            volume); a 4D file saved channel-first; empty, constant or NaN/Inf voxels.
         EmptyChannelError: the ``channel`` of a 4D file is all zero, i.e. the sequence is missing.
     """
     seq = sequence_name(name)
@@ -546,6 +549,7 @@ def read_volume(
         data, affine, header = cache[path] if cache is not None else loaded
         header = header.copy() if header is not None else None
     if channel is not None:
+        check_channels_last(path, tuple(data.shape), n_channels or int(channel) + 1)
         if data.ndim != 4 or not 0 <= int(channel) < data.shape[3]:
             raise CaseError(f"{path} has shape {tuple(data.shape)} but {seq} is described as channel {channel} of a "
                             "4D file: fix 'modality'/'channel_names' in dataset.json or re-export the 4D image.")
@@ -694,7 +698,8 @@ def read_case(
     empty_channels: list[str] = []
     for seq in (s for s in BRATS_MODALITIES if s in named):
         try:
-            volumes[seq] = read_volume(named[seq], seq, index.get(seq), cache)
+            volumes[seq] = read_volume(named[seq], seq, index.get(seq), cache,
+                                       n_channels=max(index.values()) + 1 if seq in index else None)
         except EmptyChannelError:
             empty_channels.append(seq)
     if not volumes:
