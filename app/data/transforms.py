@@ -30,8 +30,8 @@ from app.subsets import BRATS_MODALITIES
 
 __all__ = [
     "AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "RegionVoxelsd", "ZeroAbsentSequencesd", "check_channels_last",
-    "check_distinct_sequences",
-    "check_fits_in_memory", "check_nifti_stream", "check_voxels", "grid_reordering", "load_case", "reorder_voxels",
+    "check_distinct_sequences", "check_fits_in_memory", "check_nifti_stream", "check_not_a_slice", "check_voxels",
+    "grid_reordering", "load_case", "reorder_voxels",
 ]
 
 #: Largest absolute difference between affine entries still treated as the same grid.
@@ -241,6 +241,24 @@ def check_channels_last(path: str, shape: tuple[int, ...], channels: int) -> Non
                         f"array channel-last, as shape {(*shape[1:], channels)} (numpy.moveaxis(data, 0, -1)).")
 
 
+def check_not_a_slice(what: str, shape: tuple[int, ...]) -> None:
+    """Refuse a volume one voxel thick along some axis, for training and inference alike.
+
+    One slice of a series saved as a 3D file (``X*Y*1``, a 2D export) reads as a volume: training padded it to
+    the patch size and trained on it, and evaluation scored it, without a word; inference refused it.
+
+    Args:
+        what: the file (and sequence) named in the error, e.g. ``"flair.nii.gz (flair)"``.
+        shape: its spatial shape (the first three dimensions are checked).
+
+    Raises:
+        CaseError: naming ``what`` and the fix.
+    """
+    if len(shape) >= 3 and min(int(n) for n in shape[:3]) < 2:
+        raise CaseError(f"{what} has shape {tuple(int(n) for n in shape)}, a single slice: expected a 3D volume; pass "
+                        "the whole 3D series, not one slice.")
+
+
 def check_voxels(data: np.ndarray, what: str, channel: bool = False) -> tuple[float, float]:
     """Refuse NaN/Inf voxels, constant volumes and label maps, for training and inference alike.
 
@@ -336,8 +354,8 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
     Raises:
         CaseError: unreadable/corrupt file, image that is not 3D (MSD: not 4D), sequences or label on
             different grids, NaN/Inf in an image, a constant image (an all-zero 3D file included; in
-            a 4D file a constant channel other than 0, or every channel 0), label values unknown to
-            the record's label map, 4D file with fewer channels than ``dataset.json`` names or with its
+            a 4D file a constant channel other than 0, or every channel 0), an image a single slice thick,
+            label values unknown to the record's label map, 4D file with fewer channels than ``dataset.json`` names or with its
             channels along the first axis, two sequences holding the same voxels (a copy standing in for a
             missing one), a label with more than three dimensions.
     """
@@ -362,6 +380,7 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
             raise CaseError(f"{image4d} has {shape[3]} channel(s) but dataset.json names {need} ({channels}); "
                             "fix 'modality' in dataset.json or re-export the 4D image.")
         check_channels_last(image4d, tuple(img.shape), need)
+        check_not_a_slice(image4d, shape)
         ref = (image4d, shape[:3], img.affine)
         data = _read(img, image4d, np.float32).reshape(shape)
         stacked = np.zeros((len(BRATS_MODALITIES), *shape[:3]), dtype=np.float32)
@@ -383,6 +402,7 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
         path = images[seq]
         img = _open(path)
         shape = _spatial_shape(tuple(img.shape), path, channels=False)
+        check_not_a_slice(path, shape)
         transform = None
         if ref is None:
             ref = (path, shape, img.affine)

@@ -24,7 +24,7 @@ from app.atomic import missing_hint
 from app.data.discovery import CHANNEL_ALIASES, load_nifti
 from app.data.errors import CaseError, check_readable, special_file_kind, too_large_to_read
 from app.data.transforms import (AFFINE_TOLERANCE, check_channels_last, check_distinct_sequences, check_fits_in_memory,
-                                 check_nifti_stream, check_voxels, grid_reordering, reorder_voxels)
+                                 check_nifti_stream, check_not_a_slice, check_voxels, grid_reordering, reorder_voxels)
 from app.subsets import BRATS_MODALITIES
 
 __all__ = [
@@ -569,9 +569,7 @@ def read_volume(
     if data.ndim > 3:
         raise CaseError(f"{path} ({seq}) is {len(shape)}D with shape {shape}: expected one 3D volume per sequence; "
                         "split it into one 3D file per sequence (or use an MSD dataset.json with --case-dir).")
-    if min(shape) < 2:
-        raise CaseError(f"{path} ({seq}) has shape {shape}, a single slice: expected a 3D volume; pass the whole "
-                        "3D series, not one slice.")
+    check_not_a_slice(f"{path} ({seq})", shape)
     if channel is not None and not data.any():
         # a 4D file cannot leave a sequence out, so an all-zero channel is how it marks one missing
         raise EmptyChannelError(f"{path} (channel {channel}, {seq}) is all zero, which marks {seq} missing: leave "

@@ -233,6 +233,20 @@ def test_image_not_3d(tmp_path, make_case, write_nii, shape, match):
         load_case(only(discover_cases(tmp_path)))
 
 
+def test_a_single_slice_is_refused_as_inference_refuses_it(tmp_path, make_case, write_nii):
+    """One slice of a series saved as a 3D file (X*Y*1, a 2D export) was padded to the patch size and trained on
+    (and scored) without a word, while inference refused it; both now share the check and its message."""
+    folder = make_case(tmp_path / "brats", "A_1", shape=(16, 16, 1))
+    with pytest.raises(CaseError, match=r"A_1_flair\.nii\.gz has shape \(16, 16, 1\), a single slice: expected a "
+                                        r"3D volume; pass the whole 3D series"):
+        load_case(only(discover_cases(tmp_path / "brats")), load_label=False)
+    # an MSD 4D image of single slices
+    (tmp_path / "msd").mkdir()
+    _msd_4d(tmp_path / "msd", write_nii, [_not_constant((16, 1, 12)) * (k + 1) for k in range(4)])
+    with pytest.raises(CaseError, match=r"BRATS_001\.nii\.gz has shape \(16, 1, 12, 4\), a single slice"):
+        load_case(only(discover_cases(tmp_path / "msd")), load_label=False)
+
+
 def test_a_one_hot_4d_label_is_told_to_be_merged_into_one_label_map(tmp_path, make_case, write_nii):
     """A segmentation exported one channel per region (WT/TC/ET one-hot) was told to be split 'into one file
     per sequence' or described with an MSD dataset.json, fixes for an image that do not apply to a label."""
