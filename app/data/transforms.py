@@ -260,12 +260,15 @@ def check_not_a_slice(what: str, shape: tuple[int, ...]) -> None:
 
 
 def check_voxels(data: np.ndarray, what: str, channel: bool = False) -> tuple[float, float]:
-    """Refuse NaN/Inf voxels, constant volumes and label maps, for training and inference alike.
+    """Refuse NaN/Inf voxels, constant volumes, label maps and volumes without a positive voxel, for training and
+    inference alike.
 
     A constant volume would count as a present sequence: training would fit its subsets on an
     empty image and inference would segment one. So would a segmentation given as a sequence
     (``--flair <case>_seg.nii.gz``): every voxel an integer from 0 to :data:`MAX_LABEL_VALUE`,
     which no MRI is (MRI intensities span hundreds or thousands of values, or are fractional).
+    The foreground crop keeps the voxels above 0, so a volume with none (intensities shifted below 0 by an
+    export) holds no head for the network: inference refused it, training used to train on it.
 
     Args:
         data: one sequence's voxels.
@@ -292,6 +295,10 @@ def check_voxels(data: np.ndarray, what: str, channel: bool = False) -> tuple[fl
         values = ", ".join(f"{v:g}" for v in np.unique(data))
         raise CaseError(f"{what} looks like a segmentation label map (every voxel is one of {values}), not an MRI "
                         "sequence: pass the MRI sequence instead.")
+    if hi <= 0.0:
+        raise CaseError(f"{what} has no positive voxel (range {lo:g} to {hi:g}): the model expects skull-stripped MRI "
+                        "with positive brain intensities and 0 outside the brain; re-export the scan with its "
+                        "original intensities.")
     return lo, hi
 
 

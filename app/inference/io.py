@@ -575,10 +575,7 @@ def read_volume(
         raise EmptyChannelError(f"{path} (channel {channel}, {seq}) is all zero, which marks {seq} missing: leave "
                                 f"{seq} out of the case, or re-export the 4D image with the right channel.")
     what = f"{path} ({seq})" if channel is None else f"{path} (channel {channel}, {seq})"
-    lo, hi = check_voxels(data, what, channel=channel is not None)
-    if hi <= 0.0:
-        raise CaseError(f"{path} ({seq}) has no positive voxel (range {lo:g} to {hi:g}): the model expects "
-                        "skull-stripped MRI with positive brain intensities and 0 outside the brain.")
+    check_voxels(data, what, channel=channel is not None)
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise CaseError(f"{path} ({seq}) has a degenerate voxel-to-world matrix {affine[:3].tolist()}: fix the "
                         "header (qform/sform) of the file.")

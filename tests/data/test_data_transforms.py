@@ -247,6 +247,21 @@ def test_a_single_slice_is_refused_as_inference_refuses_it(tmp_path, make_case, 
         load_case(only(discover_cases(tmp_path / "msd")), load_label=False)
 
 
+def test_a_sequence_without_a_positive_voxel_is_refused_as_inference_refuses_it(tmp_path, make_case, write_nii):
+    """A sequence whose intensities an export shifted below 0 holds no head for the foreground crop (voxels above
+    0): inference refused it, training trained on it without a word. Both now share the check and its message."""
+    from app.inference.io import read_case
+
+    folder = make_case(tmp_path, "A_1")
+    write_nii(folder / "A_1_t2.nii.gz", _not_constant(SHAPE) - 1000)
+    rec = only(discover_cases(tmp_path))
+    expected = r"A_1_t2\.nii\.gz( \(t2\))? has no positive voxel \(range -900 to -800\): the model expects"
+    with pytest.raises(CaseError, match=expected):
+        load_case(rec)
+    with pytest.raises(CaseError, match=expected):
+        read_case(rec["images"])
+
+
 def test_a_one_hot_4d_label_is_told_to_be_merged_into_one_label_map(tmp_path, make_case, write_nii):
     """A segmentation exported one channel per region (WT/TC/ET one-hot) was told to be split 'into one file
     per sequence' or described with an MSD dataset.json, fixes for an image that do not apply to a label."""
