@@ -31,7 +31,7 @@ from app.subsets import BRATS_MODALITIES
 __all__ = [
     "AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "RegionVoxelsd", "ZeroAbsentSequencesd", "check_channels_last",
     "check_distinct_sequences", "check_fits_in_memory", "check_nifti_stream", "check_not_a_slice", "check_voxels",
-    "grid_reordering", "load_case", "reorder_voxels",
+    "grid_reordering", "has_orientation", "load_case", "no_orientation_error", "reorder_voxels",
 ]
 
 #: Largest absolute difference between affine entries still treated as the same grid.
@@ -160,11 +160,41 @@ def _spatial_shape(shape: tuple[int, ...], path: str, channels: bool, label: boo
     return tuple(shape[:3])
 
 
-_Grid = tuple[str, tuple[int, ...], np.ndarray]  # (file, spatial shape, affine) of the reference image
+# (file, spatial shape, affine, whether its header places it) of the reference image
+_Grid = tuple[str, tuple[int, ...], np.ndarray, bool]
+
+
+def has_orientation(header: Any) -> bool:
+    """False for a NIfTI header whose qform_code and sform_code are both 0: it places the voxels nowhere, and the
+    affine nibabel gives it is a guess from the voxel sizes (centred, x flipped), not where the scan lay."""
+    try:
+        return int(header["qform_code"]) > 0 or int(header["sform_code"]) > 0
+    except (KeyError, ValueError, TypeError):  # a format without the codes: its affine is all there is
+        return True
+
+
+def no_orientation_error(what: str, path: str, other_what: str, other_path: str, shape: tuple[int, ...],
+                         other_shape: tuple[int, ...]) -> CaseError:
+    """The error for an image without orientation (:func:`has_orientation`) whose grid differs from another's of
+    its case, for training and inference alike.
+
+    Reordering or resampling it by nibabel's guessed affine would move it (a BraTS scan came out flipped front to
+    back and 120 mm off), so the fix is to copy the geometry of the image it was stored beside.
+
+    Args:
+        what, other_what: the two images as named in the error (file, and sequence where known).
+        path, other_path: their files, for the ``fslcpgeom`` command in the fix.
+        shape, other_shape: their spatial shapes.
+    """
+    return CaseError(
+        f"{what} has no orientation in its header (qform_code and sform_code are 0), so where it lies relative to "
+        f"{other_what} is unknown and it cannot be put on the same grid: if both were stored on one grid (shape "
+        f"{tuple(shape)} vs {tuple(other_shape)}), copy the geometry into it (fslcpgeom {other_path} {path}), else "
+        "re-export it from the scanner's images.")
 
 
 def _check_grid(path: str, shape: tuple[int, ...], affine: np.ndarray, ref: _Grid) -> None:
-    ref_path, ref_shape, ref_affine = ref
+    ref_path, ref_shape, ref_affine, _ = ref
     diff = float(np.abs(affine - ref_affine).max())
     if shape != ref_shape or diff > AFFINE_TOLERANCE:
         vox = np.round(np.linalg.norm(affine[:3, :3], axis=0), 4).tolist()
@@ -210,9 +240,16 @@ def reorder_voxels(volume: np.ndarray, transform: np.ndarray | None) -> np.ndarr
     return np.ascontiguousarray(nib.orientations.apply_orientation(volume, transform))
 
 
-def _onto_grid(path: str, shape: tuple[int, ...], affine: np.ndarray, ref: _Grid) -> np.ndarray | None:
+def _onto_grid(path: str, shape: tuple[int, ...], affine: np.ndarray, ref: _Grid,
+               oriented: bool = True) -> np.ndarray | None:
     """Refuse a volume off the reference grid; returns the reordering a volume on it in another voxel
-    order needs (:func:`grid_reordering`), or None."""
+    order needs (:func:`grid_reordering`), or None. ``oriented``: :func:`has_orientation` of its header."""
+    if not (oriented and ref[3]) and not (
+            tuple(shape) == tuple(ref[1]) and float(np.abs(affine - ref[2]).max()) <= AFFINE_TOLERANCE):
+        # by a guessed affine the grids differ, and "resample them onto one grid" would move the scan by the guess
+        if not oriented:
+            raise no_orientation_error(path, path, ref[0], ref[0], shape, ref[1])
+        raise no_orientation_error(ref[0], ref[0], path, path, ref[1], shape)
     transform = grid_reordering(shape, affine, ref[1], ref[2])
     if transform is None:
         _check_grid(path, shape, affine, ref)
@@ -360,11 +397,12 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
 
     Raises:
         CaseError: unreadable/corrupt file, image that is not 3D (MSD: not 4D), sequences or label on
-            different grids, NaN/Inf in an image, a constant image (an all-zero 3D file included; in
-            a 4D file a constant channel other than 0, or every channel 0), an image a single slice thick,
-            label values unknown to the record's label map, 4D file with fewer channels than ``dataset.json`` names or with its
-            channels along the first axis, two sequences holding the same voxels (a copy standing in for a
-            missing one), a label with more than three dimensions.
+            different grids (or on another grid and without orientation in its header), NaN/Inf in an image, a
+            constant image (an all-zero 3D file included; in a 4D file a constant channel other than 0, or every
+            channel 0), an image a single slice thick, label values unknown to the record's label map, 4D file
+            with fewer channels than ``dataset.json`` names or with its channels along the first axis, two
+            sequences holding the same voxels (a copy standing in for a missing one), a label with more than
+            three dimensions.
     """
     case = str(record.get("case", "<unnamed case>"))
     images = dict(record.get("images") or {})
@@ -388,7 +426,7 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
                             "fix 'modality' in dataset.json or re-export the 4D image.")
         check_channels_last(image4d, tuple(img.shape), need)
         check_not_a_slice(image4d, shape)
-        ref = (image4d, shape[:3], img.affine)
+        ref = (image4d, shape[:3], img.affine, has_orientation(img.header))
         data = _read(img, image4d, np.float32).reshape(shape)
         stacked = np.zeros((len(BRATS_MODALITIES), *shape[:3]), dtype=np.float32)
         for seq, idx in channels.items():
@@ -412,16 +450,16 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
         check_not_a_slice(path, shape)
         transform = None
         if ref is None:
-            ref = (path, shape, img.affine)
+            ref = (path, shape, img.affine, has_orientation(img.header))
             stacked = np.zeros((len(BRATS_MODALITIES), *shape), dtype=np.float32)
         else:
-            transform = _onto_grid(path, shape, img.affine, ref)
+            transform = _onto_grid(path, shape, img.affine, ref, has_orientation(img.header))
         volume = reorder_voxels(_read(img, path, np.float32).reshape(shape), transform)
         check_voxels(volume, path)
         stacked[c] = volume  # type: ignore[index]
         present.append(seq)
     assert ref is not None and stacked is not None  # at least one of images/image4d was read above
-    ref_path, _, ref_affine = ref
+    ref_path, _, ref_affine, _ = ref
     check_distinct_sequences({seq: stacked[BRATS_MODALITIES.index(seq)] for seq in present},
                              {seq: images[seq] if seq in images else f"{image4d} (channel {channels[seq]})"
                               for seq in present})
@@ -446,7 +484,7 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
                             "its own output. Move it out of the data folder (write inference outputs elsewhere), or "
                             "put the reference segmentation in its place.")
         shape = _spatial_shape(tuple(img.shape), label_path, channels=False, label=True)
-        transform = _onto_grid(label_path, shape, img.affine, ref)
+        transform = _onto_grid(label_path, shape, img.affine, ref, has_orientation(img.header))
         labels = reorder_voxels(_read(img, label_path, None).reshape(shape), transform)
         regions = labels_to_regions(labels, record["label_map"], source=label_path, layout=record.get("layout"))
         out["label"] = _meta_tensor(regions, np.asarray(ref_affine, dtype=np.float64), label_path, case)

@@ -24,7 +24,8 @@ from app.atomic import missing_hint
 from app.data.discovery import CHANNEL_ALIASES, load_nifti
 from app.data.errors import CaseError, check_readable, special_file_kind, too_large_to_read
 from app.data.transforms import (AFFINE_TOLERANCE, check_channels_last, check_distinct_sequences, check_fits_in_memory,
-                                 check_nifti_stream, check_not_a_slice, check_voxels, grid_reordering, reorder_voxels)
+                                 check_nifti_stream, check_not_a_slice, check_voxels, grid_reordering, has_orientation,
+                                 no_orientation_error, reorder_voxels)
 from app.subsets import BRATS_MODALITIES
 
 __all__ = [
@@ -84,9 +85,8 @@ class Volume:
     def oriented(self) -> bool:
         """False for a NIfTI file whose qform_code and sform_code are both 0: its header places it nowhere, and
         its ``affine`` is nibabel's guess from the voxel sizes (centred, x flipped), not where the scan lay."""
-        if self.header is None:  # DICOM: the position and orientation of every slice
-            return True
-        return int(self.header["qform_code"]) > 0 or int(self.header["sform_code"]) > 0
+        # DICOM (no header): the position and orientation of every slice
+        return self.header is None or has_orientation(self.header)
 
     @property
     def header_conflict(self) -> str | None:
@@ -716,12 +716,8 @@ def read_case(
             # reordering or resampling by a guessed affine would move the scan (nibabel's guess is centred with x
             # flipped: a BraTS scan came out flipped front to back and 120 mm off), and the result would be written
             other = ref if unplaced is vol else vol
-            raise CaseError(
-                f"{unplaced.source} ({unplaced.name}) has no orientation in its header (qform_code and sform_code are "
-                f"0), so where it lies relative to {other.source} ({other.name}) is unknown and it cannot be put on "
-                f"the same grid: if both were stored on one grid (shape {unplaced.shape} vs {other.shape}), copy the "
-                f"geometry into it (fslcpgeom {other.source} {unplaced.source}), else re-export it from the scanner's "
-                "images.")
+            raise no_orientation_error(f"{unplaced.source} ({unplaced.name})", unplaced.source,
+                                       f"{other.source} ({other.name})", other.source, unplaced.shape, other.shape)
         reordering = grid_reordering(vol.shape, vol.affine, ref.shape, ref.affine)
         if reordering is not None:  # the same grid stored in another voxel order: exact, no resampling
             vol.data = reorder_voxels(vol.data, reordering)

@@ -262,6 +262,42 @@ def test_a_sequence_without_a_positive_voxel_is_refused_as_inference_refuses_it(
         read_case(rec["images"])
 
 
+def _without_orientation(path):
+    """Re-save ``path`` with qform_code and sform_code 0, as a tool that drops the orientation writes it."""
+    img = nib.load(str(path))
+    out = nib.Nifti1Image(np.asarray(img.dataobj), None, img.header.copy())
+    out.header.set_qform(None, code=0)
+    out.header.set_sform(None, code=0)
+    nib.save(out, str(path))
+
+
+def test_an_image_without_orientation_on_another_grid_is_told_to_copy_the_geometry(tmp_path, make_case):
+    """A T2 (or a segmentation) whose header lost its orientation gets nibabel's guessed affine, so training called
+    it 'on different grids' and said to resample, which would move it by the guess; inference already said to copy
+    the geometry. Both now give the same message."""
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    affine[:3, 3] = [0.0, 15.0, 0.0]  # stored as BraTS stores its cases
+    folder = make_case(tmp_path, "A_1")
+    for f in folder.iterdir():
+        img = nib.load(str(f))
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), str(f))
+    _without_orientation(folder / "A_1_t2.nii.gz")
+    with pytest.raises(CaseError) as err:
+        load_case(only(discover_cases(tmp_path)))
+    msg = str(err.value)
+    assert msg.startswith(f"{folder / 'A_1_t2.nii.gz'} has no orientation in its header (qform_code and sform_code "
+                          f"are 0), so where it lies relative to {folder / 'A_1_flair.nii.gz'} is unknown")
+    assert f"fslcpgeom {folder / 'A_1_flair.nii.gz'} {folder / 'A_1_t2.nii.gz'}" in msg and "Resample" not in msg
+    for f in folder.iterdir():  # every file without orientation: one (guessed) grid, read as it is
+        _without_orientation(f)
+    load_case(only(discover_cases(tmp_path)))
+    for f in folder.iterdir():
+        if "_seg" not in f.name:
+            nib.save(nib.Nifti1Image(np.asarray(nib.load(str(f)).dataobj), affine), str(f))
+    with pytest.raises(CaseError, match=r"A_1_seg\.nii\.gz has no orientation in its header .*fslcpgeom"):
+        load_case(only(discover_cases(tmp_path)))
+
+
 def test_a_one_hot_4d_label_is_told_to_be_merged_into_one_label_map(tmp_path, make_case, write_nii):
     """A segmentation exported one channel per region (WT/TC/ET one-hot) was told to be split 'into one file
     per sequence' or described with an MSD dataset.json, fixes for an image that do not apply to a label."""
