@@ -345,7 +345,8 @@ def check_distinct_sequences(volumes: Mapping[str, np.ndarray], sources: Mapping
     Some pipelines fill a missing sequence with a copy of another (T1 saved as T1ce, so that every case has
     four files): the network would then learn, be scored on, or segment T1 as if it were T1ce, without a word.
     A case may lack sequences, so the copy is to be left out. A few sampled voxels rule out almost every pair
-    before a full comparison.
+    before a full comparison; they are taken by strided views, which copy nothing whatever the arrays' memory order
+    (inference reads NIfTI voxels in Fortran order, and flattening those copied every volume).
 
     Args:
         volumes: ``{sequence: voxels}`` of the sequences a case has, all on one grid (in one voxel order).
@@ -357,9 +358,10 @@ def check_distinct_sequences(volumes: Mapping[str, np.ndarray], sources: Mapping
     order = [s for s in BRATS_MODALITIES if s in volumes]
     for i, a in enumerate(order):
         va = volumes[a]
+        sample = (slice(None, None, 7),) * va.ndim
         for b in order[i + 1:]:
             vb = volumes[b]
-            if va.shape == vb.shape and np.array_equal(va.ravel()[::997], vb.ravel()[::997]) and np.array_equal(va, vb):
+            if va.shape == vb.shape and np.array_equal(va[sample], vb[sample]) and np.array_equal(va, vb):
                 raise CaseError(f"{sources[b]} ({b}) holds the same voxels as {sources[a]} ({a}): a copy standing in "
                                 f"for a missing sequence would be read as {b}. Remove it so that the case counts as "
                                 f"lacking {b} (a case may lack sequences), or put the real {b} scan in its place.")
