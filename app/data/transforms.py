@@ -29,8 +29,9 @@ from app.data.labels import LABEL_CONVENTIONS, labels_to_regions
 from app.subsets import BRATS_MODALITIES
 
 __all__ = [
-    "AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "RegionVoxelsd", "ZeroAbsentSequencesd", "check_fits_in_memory",
-    "check_nifti_stream", "check_voxels", "grid_reordering", "load_case", "reorder_voxels",
+    "AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "RegionVoxelsd", "ZeroAbsentSequencesd", "check_channels_last",
+    "check_distinct_sequences", "check_fits_in_memory", "check_nifti_stream", "check_not_a_slice", "check_voxels",
+    "grid_reordering", "has_orientation", "load_case", "no_orientation_error", "reorder_voxels",
 ]
 
 #: Largest absolute difference between affine entries still treated as the same grid.
@@ -159,11 +160,41 @@ def _spatial_shape(shape: tuple[int, ...], path: str, channels: bool, label: boo
     return tuple(shape[:3])
 
 
-_Grid = tuple[str, tuple[int, ...], np.ndarray]  # (file, spatial shape, affine) of the reference image
+# (file, spatial shape, affine, whether its header places it) of the reference image
+_Grid = tuple[str, tuple[int, ...], np.ndarray, bool]
+
+
+def has_orientation(header: Any) -> bool:
+    """False for a NIfTI header whose qform_code and sform_code are both 0: it places the voxels nowhere, and the
+    affine nibabel gives it is a guess from the voxel sizes (centred, x flipped), not where the scan lay."""
+    try:
+        return int(header["qform_code"]) > 0 or int(header["sform_code"]) > 0
+    except (KeyError, ValueError, TypeError):  # a format without the codes: its affine is all there is
+        return True
+
+
+def no_orientation_error(what: str, path: str, other_what: str, other_path: str, shape: tuple[int, ...],
+                         other_shape: tuple[int, ...]) -> CaseError:
+    """The error for an image without orientation (:func:`has_orientation`) whose grid differs from another's of
+    its case, for training and inference alike.
+
+    Reordering or resampling it by nibabel's guessed affine would move it (a BraTS scan came out flipped front to
+    back and 120 mm off), so the fix is to copy the geometry of the image it was stored beside.
+
+    Args:
+        what, other_what: the two images as named in the error (file, and sequence where known).
+        path, other_path: their files, for the ``fslcpgeom`` command in the fix.
+        shape, other_shape: their spatial shapes.
+    """
+    return CaseError(
+        f"{what} has no orientation in its header (qform_code and sform_code are 0), so where it lies relative to "
+        f"{other_what} is unknown and it cannot be put on the same grid: if both were stored on one grid (shape "
+        f"{tuple(shape)} vs {tuple(other_shape)}), copy the geometry into it (fslcpgeom {other_path} {path}), else "
+        "re-export it from the scanner's images.")
 
 
 def _check_grid(path: str, shape: tuple[int, ...], affine: np.ndarray, ref: _Grid) -> None:
-    ref_path, ref_shape, ref_affine = ref
+    ref_path, ref_shape, ref_affine, _ = ref
     diff = float(np.abs(affine - ref_affine).max())
     if shape != ref_shape or diff > AFFINE_TOLERANCE:
         vox = np.round(np.linalg.norm(affine[:3, :3], axis=0), 4).tolist()
@@ -209,22 +240,72 @@ def reorder_voxels(volume: np.ndarray, transform: np.ndarray | None) -> np.ndarr
     return np.ascontiguousarray(nib.orientations.apply_orientation(volume, transform))
 
 
-def _onto_grid(path: str, shape: tuple[int, ...], affine: np.ndarray, ref: _Grid) -> np.ndarray | None:
+def _onto_grid(path: str, shape: tuple[int, ...], affine: np.ndarray, ref: _Grid,
+               oriented: bool = True) -> np.ndarray | None:
     """Refuse a volume off the reference grid; returns the reordering a volume on it in another voxel
-    order needs (:func:`grid_reordering`), or None."""
+    order needs (:func:`grid_reordering`), or None. ``oriented``: :func:`has_orientation` of its header."""
+    if not (oriented and ref[3]) and not (
+            tuple(shape) == tuple(ref[1]) and float(np.abs(affine - ref[2]).max()) <= AFFINE_TOLERANCE):
+        # by a guessed affine the grids differ, and "resample them onto one grid" would move the scan by the guess
+        if not oriented:
+            raise no_orientation_error(path, path, ref[0], ref[0], shape, ref[1])
+        raise no_orientation_error(ref[0], ref[0], path, path, ref[1], shape)
     transform = grid_reordering(shape, affine, ref[1], ref[2])
     if transform is None:
         _check_grid(path, shape, affine, ref)
     return transform
 
 
+def check_channels_last(path: str, shape: tuple[int, ...], channels: int) -> None:
+    """Refuse an MSD 4D image saved from a channel-first array, for training and inference alike.
+
+    A ``(C, X, Y, Z)`` array (as PyTorch and MONAI hold it) saved as it is puts the channels along the first axis,
+    where MSD images hold them along the fourth: its "channels" would then be slices of every sequence, which
+    training refused only as a label on "another grid" (whose fix, resampling, is wrong) and inference read as
+    thin volumes (and refused as a head too small, or segmented).
+
+    Args:
+        path: the 4D file, named in the error.
+        shape: its shape as stored.
+        channels: the number of channels ``dataset.json`` names.
+
+    Raises:
+        CaseError: naming the file and the shape to save it in.
+    """
+    if len(shape) == 4 and shape[3] > channels and shape[0] == channels:
+        raise CaseError(f"{path} has shape {tuple(shape)}: its {channels} channels lie along the first axis, "
+                        f"where MSD images hold them along the fourth, so its 'channels' would be slices. Save the "
+                        f"array channel-last, as shape {(*shape[1:], channels)} (numpy.moveaxis(data, 0, -1)).")
+
+
+def check_not_a_slice(what: str, shape: tuple[int, ...]) -> None:
+    """Refuse a volume one voxel thick along some axis, for training and inference alike.
+
+    One slice of a series saved as a 3D file (``X*Y*1``, a 2D export) reads as a volume: training padded it to
+    the patch size and trained on it, and evaluation scored it, without a word; inference refused it.
+
+    Args:
+        what: the file (and sequence) named in the error, e.g. ``"flair.nii.gz (flair)"``.
+        shape: its spatial shape (the first three dimensions are checked).
+
+    Raises:
+        CaseError: naming ``what`` and the fix.
+    """
+    if len(shape) >= 3 and min(int(n) for n in shape[:3]) < 2:
+        raise CaseError(f"{what} has shape {tuple(int(n) for n in shape)}, a single slice: expected a 3D volume; pass "
+                        "the whole 3D series, not one slice.")
+
+
 def check_voxels(data: np.ndarray, what: str, channel: bool = False) -> tuple[float, float]:
-    """Refuse NaN/Inf voxels, constant volumes and label maps, for training and inference alike.
+    """Refuse NaN/Inf voxels, constant volumes, label maps and volumes without a positive voxel, for training and
+    inference alike.
 
     A constant volume would count as a present sequence: training would fit its subsets on an
     empty image and inference would segment one. So would a segmentation given as a sequence
     (``--flair <case>_seg.nii.gz``): every voxel an integer from 0 to :data:`MAX_LABEL_VALUE`,
     which no MRI is (MRI intensities span hundreds or thousands of values, or are fractional).
+    The foreground crop keeps the voxels above 0, so a volume with none (intensities shifted below 0 by an
+    export) holds no head for the network: inference refused it, training used to train on it.
 
     Args:
         data: one sequence's voxels.
@@ -251,28 +332,37 @@ def check_voxels(data: np.ndarray, what: str, channel: bool = False) -> tuple[fl
         values = ", ".join(f"{v:g}" for v in np.unique(data))
         raise CaseError(f"{what} looks like a segmentation label map (every voxel is one of {values}), not an MRI "
                         "sequence: pass the MRI sequence instead.")
+    if hi <= 0.0:
+        raise CaseError(f"{what} has no positive voxel (range {lo:g} to {hi:g}): the model expects skull-stripped MRI "
+                        "with positive brain intensities and 0 outside the brain; re-export the scan with its "
+                        "original intensities.")
     return lo, hi
 
 
-def _check_distinct_sequences(stacked: np.ndarray, present: list[str], images: Mapping[str, str],
-                              image4d: str | None, channels: Mapping[str, int]) -> None:
-    """Refuse a case in which two sequences hold the same voxels.
+def check_distinct_sequences(volumes: Mapping[str, np.ndarray], sources: Mapping[str, str]) -> None:
+    """Refuse a case in which two sequences hold the same voxels, for training and inference alike.
 
     Some pipelines fill a missing sequence with a copy of another (T1 saved as T1ce, so that every case has
-    four files): the network would then learn and be scored on T1 as if it were T1ce, without a word. A case
-    may lack sequences, so the copy is to be left out. A few sampled voxels rule out almost every pair before
-    a full comparison.
-    """
-    def source(seq: str) -> str:
-        return images[seq] if seq in images else f"{image4d} (channel {channels[seq]})"
+    four files): the network would then learn, be scored on, or segment T1 as if it were T1ce, without a word.
+    A case may lack sequences, so the copy is to be left out. A few sampled voxels rule out almost every pair
+    before a full comparison; they are taken by strided views, which copy nothing whatever the arrays' memory order
+    (inference reads NIfTI voxels in Fortran order, and flattening those copied every volume).
 
-    order = [s for s in BRATS_MODALITIES if s in present]
+    Args:
+        volumes: ``{sequence: voxels}`` of the sequences a case has, all on one grid (in one voxel order).
+        sources: ``{sequence: file}`` named in the error, e.g. ``"t1ce.nii.gz"`` or ``"img.nii.gz (channel 2)"``.
+
+    Raises:
+        CaseError: naming both files and the fix.
+    """
+    order = [s for s in BRATS_MODALITIES if s in volumes]
     for i, a in enumerate(order):
-        va = stacked[BRATS_MODALITIES.index(a)]
+        va = volumes[a]
+        sample = (slice(None, None, 7),) * va.ndim
         for b in order[i + 1:]:
-            vb = stacked[BRATS_MODALITIES.index(b)]
-            if np.array_equal(va.ravel()[::997], vb.ravel()[::997]) and np.array_equal(va, vb):
-                raise CaseError(f"{source(b)} ({b}) holds the same voxels as {source(a)} ({a}): a copy standing in "
+            vb = volumes[b]
+            if va.shape == vb.shape and np.array_equal(va[sample], vb[sample]) and np.array_equal(va, vb):
+                raise CaseError(f"{sources[b]} ({b}) holds the same voxels as {sources[a]} ({a}): a copy standing in "
                                 f"for a missing sequence would be read as {b}. Remove it so that the case counts as "
                                 f"lacking {b} (a case may lack sequences), or put the real {b} scan in its place.")
 
@@ -309,11 +399,12 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
 
     Raises:
         CaseError: unreadable/corrupt file, image that is not 3D (MSD: not 4D), sequences or label on
-            different grids, NaN/Inf in an image, a constant image (an all-zero 3D file included; in
-            a 4D file a constant channel other than 0, or every channel 0), label values unknown to
-            the record's label map, 4D file with fewer channels than ``dataset.json`` names or with its
-            channels along the first axis, two sequences holding the same voxels (a copy standing in for a
-            missing one), a label with more than three dimensions.
+            different grids (or on another grid and without orientation in its header), NaN/Inf in an image, a
+            constant image (an all-zero 3D file included; in a 4D file a constant channel other than 0, or every
+            channel 0), an image a single slice thick, label values unknown to the record's label map, 4D file
+            with fewer channels than ``dataset.json`` names or with its channels along the first axis, two
+            sequences holding the same voxels (a copy standing in for a missing one), a label with more than
+            three dimensions.
     """
     case = str(record.get("case", "<unnamed case>"))
     images = dict(record.get("images") or {})
@@ -335,13 +426,9 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
         if need == 0 or shape[3] < need:
             raise CaseError(f"{image4d} has {shape[3]} channel(s) but dataset.json names {need} ({channels}); "
                             "fix 'modality' in dataset.json or re-export the 4D image.")
-        if len(img.shape) == 4 and shape[3] > need and img.shape[0] == need:
-            # a channel-first array ((C, X, Y, Z), as PyTorch and MONAI hold it) saved as it is: its "channels"
-            # would be slices, refused later only as a label on "another grid", whose fix (resample) is wrong
-            raise CaseError(f"{image4d} has shape {tuple(img.shape)}: its {need} channels lie along the first axis, "
-                            f"where MSD images hold them along the fourth, so its 'channels' would be slices. Save the "
-                            f"array channel-last, as shape {(*img.shape[1:], need)} (numpy.moveaxis(data, 0, -1)).")
-        ref = (image4d, shape[:3], img.affine)
+        check_channels_last(image4d, tuple(img.shape), need)
+        check_not_a_slice(image4d, shape)
+        ref = (image4d, shape[:3], img.affine, has_orientation(img.header))
         data = _read(img, image4d, np.float32).reshape(shape)
         stacked = np.zeros((len(BRATS_MODALITIES), *shape[:3]), dtype=np.float32)
         for seq, idx in channels.items():
@@ -362,19 +449,22 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
         path = images[seq]
         img = _open(path)
         shape = _spatial_shape(tuple(img.shape), path, channels=False)
+        check_not_a_slice(path, shape)
         transform = None
         if ref is None:
-            ref = (path, shape, img.affine)
+            ref = (path, shape, img.affine, has_orientation(img.header))
             stacked = np.zeros((len(BRATS_MODALITIES), *shape), dtype=np.float32)
         else:
-            transform = _onto_grid(path, shape, img.affine, ref)
+            transform = _onto_grid(path, shape, img.affine, ref, has_orientation(img.header))
         volume = reorder_voxels(_read(img, path, np.float32).reshape(shape), transform)
         check_voxels(volume, path)
         stacked[c] = volume  # type: ignore[index]
         present.append(seq)
     assert ref is not None and stacked is not None  # at least one of images/image4d was read above
-    ref_path, _, ref_affine = ref
-    _check_distinct_sequences(stacked, present, images, image4d, channels)
+    ref_path, _, ref_affine, _ = ref
+    check_distinct_sequences({seq: stacked[BRATS_MODALITIES.index(seq)] for seq in present},
+                             {seq: images[seq] if seq in images else f"{image4d} (channel {channels[seq]})"
+                              for seq in present})
 
     out = {k: v for k, v in record.items() if k != "label"}
     out["label_file"] = record.get("label")
@@ -396,7 +486,7 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
                             "its own output. Move it out of the data folder (write inference outputs elsewhere), or "
                             "put the reference segmentation in its place.")
         shape = _spatial_shape(tuple(img.shape), label_path, channels=False, label=True)
-        transform = _onto_grid(label_path, shape, img.affine, ref)
+        transform = _onto_grid(label_path, shape, img.affine, ref, has_orientation(img.header))
         labels = reorder_voxels(_read(img, label_path, None).reshape(shape), transform)
         regions = labels_to_regions(labels, record["label_map"], source=label_path, layout=record.get("layout"))
         out["label"] = _meta_tensor(regions, np.asarray(ref_affine, dtype=np.float64), label_path, case)

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from app.atomic import missing_hint
 from app.data.discovery import CHANNEL_ALIASES, load_nifti
 from app.data.errors import CaseError, check_readable, special_file_kind, too_large_to_read
-from app.data.transforms import (AFFINE_TOLERANCE, check_fits_in_memory, check_nifti_stream, check_voxels, grid_reordering,
-                                 reorder_voxels)
+from app.data.transforms import (AFFINE_TOLERANCE, check_channels_last, check_distinct_sequences, check_fits_in_memory,
+                                 check_nifti_stream, check_not_a_slice, check_voxels, grid_reordering, has_orientation,
+                                 no_orientation_error, reorder_voxels)
 from app.subsets import BRATS_MODALITIES
 
 __all__ = [
@@ -84,9 +85,8 @@ class Volume:
     def oriented(self) -> bool:
         """False for a NIfTI file whose qform_code and sform_code are both 0: its header places it nowhere, and
         its ``affine`` is nibabel's guess from the voxel sizes (centred, x flipped), not where the scan lay."""
-        if self.header is None:  # DICOM: the position and orientation of every slice
-            return True
-        return int(self.header["qform_code"]) > 0 or int(self.header["sform_code"]) > 0
+        # DICOM (no header): the position and orientation of every slice
+        return self.header is None or has_orientation(self.header)
 
     @property
     def header_conflict(self) -> str | None:
@@ -510,7 +510,8 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_volume(
-    path: str | os.PathLike, name: str, channel: int | None = None, cache: dict[str, Any] | None = None
+    path: str | os.PathLike, name: str, channel: int | None = None, cache: dict[str, Any] | None = None,
+    n_channels: int | None = None,
 ) -> Volume:
     """Read and check one sequence: a NIfTI file, or a folder holding one DICOM series.
 
@@ -519,10 +520,12 @@ def read_volume(
         name: the sequence it is (any accepted spelling, see :func:`sequence_name`).
         channel: index of the sequence in a 4D ``X*Y*Z*C`` file (MSD Task01 layout); None for 3D files.
         cache: dict reused across calls so that a 4D file holding several sequences is read once.
+        n_channels: how many channels the 4D file's ``dataset.json`` names (default ``channel + 1``), by which a
+            file saved channel-first is told apart.
 
     Raises:
         CaseError: unreadable or corrupt file; not 3D (2D, a single slice, 4D with more than one
-            volume); empty, constant or NaN/Inf voxels.
+            volume); a 4D file saved channel-first; empty, constant or NaN/Inf voxels.
         EmptyChannelError: the ``channel`` of a 4D file is all zero, i.e. the sequence is missing.
     """
     seq = sequence_name(name)
@@ -546,6 +549,7 @@ def read_volume(
         data, affine, header = cache[path] if cache is not None else loaded
         header = header.copy() if header is not None else None
     if channel is not None:
+        check_channels_last(path, tuple(data.shape), n_channels or int(channel) + 1)
         if data.ndim != 4 or not 0 <= int(channel) < data.shape[3]:
             raise CaseError(f"{path} has shape {tuple(data.shape)} but {seq} is described as channel {channel} of a "
                             "4D file: fix 'modality'/'channel_names' in dataset.json or re-export the 4D image.")
@@ -565,18 +569,13 @@ def read_volume(
     if data.ndim > 3:
         raise CaseError(f"{path} ({seq}) is {len(shape)}D with shape {shape}: expected one 3D volume per sequence; "
                         "split it into one 3D file per sequence (or use an MSD dataset.json with --case-dir).")
-    if min(shape) < 2:
-        raise CaseError(f"{path} ({seq}) has shape {shape}, a single slice: expected a 3D volume; pass the whole "
-                        "3D series, not one slice.")
+    check_not_a_slice(f"{path} ({seq})", shape)
     if channel is not None and not data.any():
         # a 4D file cannot leave a sequence out, so an all-zero channel is how it marks one missing
         raise EmptyChannelError(f"{path} (channel {channel}, {seq}) is all zero, which marks {seq} missing: leave "
                                 f"{seq} out of the case, or re-export the 4D image with the right channel.")
     what = f"{path} ({seq})" if channel is None else f"{path} (channel {channel}, {seq})"
-    lo, hi = check_voxels(data, what, channel=channel is not None)
-    if hi <= 0.0:
-        raise CaseError(f"{path} ({seq}) has no positive voxel (range {lo:g} to {hi:g}): the model expects "
-                        "skull-stripped MRI with positive brain intensities and 0 outside the brain.")
+    check_voxels(data, what, channel=channel is not None)
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise CaseError(f"{path} ({seq}) has a degenerate voxel-to-world matrix {affine[:3].tolist()}: fix the "
                         "header (qform/sform) of the file.")
@@ -662,9 +661,10 @@ def read_case(
 
     Raises:
         CaseError: no sequence, an unknown or repeated sequence name, one 3D file given for two
-            sequences, any problem of :func:`read_volume`, sequences on different grids (without
-            ``resample_to``), a ``resample_to`` sequence that was not given, or every sequence an
-            all-zero channel.
+            sequences, two sequences holding the same voxels (a copy standing in for a missing one, see
+            :func:`app.data.transforms.check_distinct_sequences`), any problem of :func:`read_volume`,
+            sequences on different grids (without ``resample_to``), a ``resample_to`` sequence that was not
+            given, or every sequence an all-zero channel.
 
     ``channels`` maps sequences stored in one 4D file (MSD layout) to their channel index. A 4D
     file cannot leave a sequence out, so an all-zero channel marks it missing: the sequence is
@@ -693,7 +693,8 @@ def read_case(
     empty_channels: list[str] = []
     for seq in (s for s in BRATS_MODALITIES if s in named):
         try:
-            volumes[seq] = read_volume(named[seq], seq, index.get(seq), cache)
+            volumes[seq] = read_volume(named[seq], seq, index.get(seq), cache,
+                                       n_channels=max(index.values()) + 1 if seq in index else None)
         except EmptyChannelError:
             empty_channels.append(seq)
     if not volumes:
@@ -715,12 +716,8 @@ def read_case(
             # reordering or resampling by a guessed affine would move the scan (nibabel's guess is centred with x
             # flipped: a BraTS scan came out flipped front to back and 120 mm off), and the result would be written
             other = ref if unplaced is vol else vol
-            raise CaseError(
-                f"{unplaced.source} ({unplaced.name}) has no orientation in its header (qform_code and sform_code are "
-                f"0), so where it lies relative to {other.source} ({other.name}) is unknown and it cannot be put on "
-                f"the same grid: if both were stored on one grid (shape {unplaced.shape} vs {other.shape}), copy the "
-                f"geometry into it (fslcpgeom {other.source} {unplaced.source}), else re-export it from the scanner's "
-                "images.")
+            raise no_orientation_error(f"{unplaced.source} ({unplaced.name})", unplaced.source,
+                                       f"{other.source} ({other.name})", other.source, unplaced.shape, other.shape)
         reordering = grid_reordering(vol.shape, vol.affine, ref.shape, ref.affine)
         if reordering is not None:  # the same grid stored in another voxel order: exact, no resampling
             vol.data = reorder_voxels(vol.data, reordering)
@@ -753,6 +750,11 @@ def read_case(
             raise CaseError(f"{vol.source} ({seq}) does not overlap {ref.source} ({reference}) in space: check that "
                             "both files belong to the same scan session.")
         resampled.append(seq)
+    # a copy of one scan given as another sequence (T1 saved as T1ce, a series folder copied), which training refuses
+    # too: the network would segment T1 as a contrast scan. Same-file mix-ups were refused above; this finds copies.
+    check_distinct_sequences({seq: vol.data for seq, vol in volumes.items()},
+                             {seq: vol.source if seq not in index else f"{vol.source} (channel {index[seq]})"
+                              for seq, vol in volumes.items()})
     return CaseInputs(volumes, reference, resampled, empty_channels, coverage, conflicts)
 
 

@@ -233,6 +233,71 @@ def test_image_not_3d(tmp_path, make_case, write_nii, shape, match):
         load_case(only(discover_cases(tmp_path)))
 
 
+def test_a_single_slice_is_refused_as_inference_refuses_it(tmp_path, make_case, write_nii):
+    """One slice of a series saved as a 3D file (X*Y*1, a 2D export) was padded to the patch size and trained on
+    (and scored) without a word, while inference refused it; both now share the check and its message."""
+    folder = make_case(tmp_path / "brats", "A_1", shape=(16, 16, 1))
+    with pytest.raises(CaseError, match=r"A_1_flair\.nii\.gz has shape \(16, 16, 1\), a single slice: expected a "
+                                        r"3D volume; pass the whole 3D series"):
+        load_case(only(discover_cases(tmp_path / "brats")), load_label=False)
+    # an MSD 4D image of single slices
+    (tmp_path / "msd").mkdir()
+    _msd_4d(tmp_path / "msd", write_nii, [_not_constant((16, 1, 12)) * (k + 1) for k in range(4)])
+    with pytest.raises(CaseError, match=r"BRATS_001\.nii\.gz has shape \(16, 1, 12, 4\), a single slice"):
+        load_case(only(discover_cases(tmp_path / "msd")), load_label=False)
+
+
+def test_a_sequence_without_a_positive_voxel_is_refused_as_inference_refuses_it(tmp_path, make_case, write_nii):
+    """A sequence whose intensities an export shifted below 0 holds no head for the foreground crop (voxels above
+    0): inference refused it, training trained on it without a word. Both now share the check and its message."""
+    from app.inference.io import read_case
+
+    folder = make_case(tmp_path, "A_1")
+    write_nii(folder / "A_1_t2.nii.gz", _not_constant(SHAPE) - 1000)
+    rec = only(discover_cases(tmp_path))
+    expected = r"A_1_t2\.nii\.gz( \(t2\))? has no positive voxel \(range -900 to -800\): the model expects"
+    with pytest.raises(CaseError, match=expected):
+        load_case(rec)
+    with pytest.raises(CaseError, match=expected):
+        read_case(rec["images"])
+
+
+def _without_orientation(path):
+    """Re-save ``path`` with qform_code and sform_code 0, as a tool that drops the orientation writes it."""
+    img = nib.load(str(path))
+    out = nib.Nifti1Image(np.asarray(img.dataobj), None, img.header.copy())
+    out.header.set_qform(None, code=0)
+    out.header.set_sform(None, code=0)
+    nib.save(out, str(path))
+
+
+def test_an_image_without_orientation_on_another_grid_is_told_to_copy_the_geometry(tmp_path, make_case):
+    """A T2 (or a segmentation) whose header lost its orientation gets nibabel's guessed affine, so training called
+    it 'on different grids' and said to resample, which would move it by the guess; inference already said to copy
+    the geometry. Both now give the same message."""
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    affine[:3, 3] = [0.0, 15.0, 0.0]  # stored as BraTS stores its cases
+    folder = make_case(tmp_path, "A_1")
+    for f in folder.iterdir():
+        img = nib.load(str(f))
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), str(f))
+    _without_orientation(folder / "A_1_t2.nii.gz")
+    with pytest.raises(CaseError) as err:
+        load_case(only(discover_cases(tmp_path)))
+    msg = str(err.value)
+    assert msg.startswith(f"{folder / 'A_1_t2.nii.gz'} has no orientation in its header (qform_code and sform_code "
+                          f"are 0), so where it lies relative to {folder / 'A_1_flair.nii.gz'} is unknown")
+    assert f"fslcpgeom {folder / 'A_1_flair.nii.gz'} {folder / 'A_1_t2.nii.gz'}" in msg and "Resample" not in msg
+    for f in folder.iterdir():  # every file without orientation: one (guessed) grid, read as it is
+        _without_orientation(f)
+    load_case(only(discover_cases(tmp_path)))
+    for f in folder.iterdir():
+        if "_seg" not in f.name:
+            nib.save(nib.Nifti1Image(np.asarray(nib.load(str(f)).dataobj), affine), str(f))
+    with pytest.raises(CaseError, match=r"A_1_seg\.nii\.gz has no orientation in its header .*fslcpgeom"):
+        load_case(only(discover_cases(tmp_path)))
+
+
 def test_a_one_hot_4d_label_is_told_to_be_merged_into_one_label_map(tmp_path, make_case, write_nii):
     """A segmentation exported one channel per region (WT/TC/ET one-hot) was told to be split 'into one file
     per sequence' or described with an MSD dataset.json, fixes for an image that do not apply to a label."""
@@ -595,3 +660,22 @@ def test_a_mixed_case_extension_is_read_as_discovery_finds_it(tmp_path, make_cas
     out = load_case(rec)
     assert tuple(out["image"].shape) == (4, *SHAPE) and out["label"].shape[0] == 3
     assert median_spacing([rec]) is not None
+
+
+def test_the_copy_check_takes_no_copy_of_volumes_read_in_fortran_order():
+    """Inference reads NIfTI voxels in Fortran order; sampling them through a flattened view copied each volume for
+    every pair compared (0.4 s per full-resolution BraTS case). The sample is now a strided view."""
+    from app.data.transforms import check_distinct_sequences
+
+    rng = np.random.default_rng(0)
+    volumes = {s: np.asfortranarray(rng.normal(100, 10, (64, 64, 64)).astype(np.float32)) for s in ("flair", "t1")}
+    tracemalloc.start()
+    try:
+        check_distinct_sequences(volumes, {s: f"{s}.nii.gz" for s in volumes})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < volumes["flair"].nbytes // 8, peak
+    volumes["t1"] = volumes["flair"].copy(order="C")  # the same voxels in another memory order: still a copy
+    with pytest.raises(CaseError, match=r"t1\.nii\.gz \(t1\) holds the same voxels as flair\.nii\.gz \(flair\)"):
+        check_distinct_sequences(volumes, {s: f"{s}.nii.gz" for s in volumes})

@@ -181,12 +181,49 @@ def _label_map(case, tmp_path):
     return ["--flair", str(seg)], f"{seg} (flair) looks like a segmentation label map"
 
 
+def _copied_sequence(case, tmp_path):
+    # T1 saved as T1ce so that the case "has" four files: training refuses it, and the network would read T1 as T1ce
+    import shutil
+
+    copy = shutil.copy(case["t1"], tmp_path / "t1ce_copy.nii.gz")
+    return (["--flair", case["flair"], "--t1", case["t1"], "--t1ce", str(copy)],
+            f"{copy} (t1ce) holds the same voxels as {case['t1']} (t1)")
+
+
+def _copied_sequence_in_case_dir(case, tmp_path):
+    import shutil
+
+    folder = Path(case["t1"]).parent
+    shutil.copy(case["t1"], case["t1ce"])
+    return ["--case-dir", str(folder)], f"{case['t1ce']} (t1ce) holds the same voxels as {case['t1']} (t1)"
+
+
+def _copied_channel(case, tmp_path):
+    msd = _msd_task(case, tmp_path / "Task01")
+    image = msd / "imagesTs" / "BRATS_001.nii.gz"
+    data = np.asarray(load(image).dataobj).copy()
+    data[..., 2] = data[..., 1]  # the t1gd channel filled with T1
+    _save(image, data, load(image).affine)
+    return ["--case-dir", str(msd)], f"{image} (channel 2) (t1ce) holds the same voxels as {image} (channel 1) (t1)"
+
+
+def _channel_first(case, tmp_path):
+    # a (4, X, Y, Z) array saved as it is: its "channels" were read as 4-voxel-thick slabs
+    msd = _msd_task(case, tmp_path / "Task01")
+    image = msd / "imagesTs" / "BRATS_001.nii.gz"
+    data = np.asarray(load(image).dataobj)
+    _save(image, np.ascontiguousarray(np.moveaxis(data, -1, 0)), load(image).affine)
+    shape = ", ".join(map(str, data.shape[:3]))
+    return ["--case-dir", str(msd)], f"{image} has shape (4, {shape}): its 4 channels lie along the first axis"
+
+
 BAD = {f.__name__.lstrip("_"): f for f in (
     _corrupt, _truncated, _empty, _constant, _nan, _two_d, _single_slice, _four_d, _mismatched, _missing, _not_nifti,
     _no_sequence, _unknown_name, _unknown_flag, _resample_to_absent, _resample_to_unknown, _empty_path,
     _output_is_input, _output_is_input_through_symlink,
     _output_is_input_hard_link, _bad_ckpt, _flipped_byte_ckpt, _nan_weights_ckpt, _tensor_ckpt, _wrong_features,
-    _bad_device, _zero_threads, _label_map,
+    _bad_device, _zero_threads, _label_map, _copied_sequence, _copied_sequence_in_case_dir, _copied_channel,
+    _channel_first,
 )}
 
 

@@ -623,3 +623,19 @@ def test_a_case_named_as_the_batch_report_fails_instead_of_losing_its_summary(ph
     assert report["output_dir"] == str(out)
     assert {r["case"]: r["status"] for r in report["results"]} == {"P1": "ok", "inference_summary": "error"}
     assert sorted(p.name for p in out.iterdir()) == ["P1.json", "P1.nii.gz", "inference_summary.json"]
+
+
+def test_a_case_with_a_sequence_copied_from_another_fails_alone(phantom_root, segmenter, tmp_path):
+    """A case whose T1ce file is a copy of its T1 (so that it "has" four files) was segmented as if it held a
+    contrast scan; it now fails with training's message, and the other cases run."""
+    root = tmp_path / "in"
+    _copy_case(phantom_root, root, "Good")
+    copied = _copy_case(phantom_root, root, "Copied")
+    shutil.copy(copied / "Copied_t1.nii.gz", copied / "Copied_t1ce.nii.gz")
+    out = tmp_path / "out"
+    with pytest.raises(BatchError, match="1 of 2 case"):
+        run_batch(segmenter, root, out)
+    report = _report(out)
+    assert {c: r["status"] for c, r in report.items()} == {"Copied": "error", "Good": "ok"}
+    assert report["Copied"]["error"].startswith(f"{copied / 'Copied_t1ce.nii.gz'} (t1ce) holds the same voxels as ")
+    assert not (out / "Copied.nii.gz").exists() and (out / "Good.nii.gz").exists()

@@ -228,3 +228,18 @@ def test_a_header_that_contradicts_itself_is_said(phantom_root, tmp_path):
                         "qform (when set) and pixdim")
     # a consistent header (the phantoms: the sform only, as nibabel writes it) says nothing
     assert read_case({"flair": str(phantom_root / "Phantom_000" / "Phantom_000_flair.nii.gz")}).header_conflicts == {}
+
+
+def test_a_sequence_that_is_a_copy_of_another_is_refused_as_in_training(phantom_root, tmp_path):
+    """T1 saved as T1ce (also in another voxel order, as another converter stores it) was segmented as a contrast
+    scan, while training refused the case; the shared check (app.data.transforms) now refuses it in both."""
+    case_dir = phantom_root / "Phantom_000"
+    t1 = load(case_dir / "Phantom_000_t1.nii.gz")
+    nib.save(t1.as_reoriented(np.array([[2, -1], [1, -1], [0, 1]])), str(tmp_path / "t1ce_lps.nii.gz"))
+    paths = {"flair": str(case_dir / "Phantom_000_flair.nii.gz"), "t1": str(case_dir / "Phantom_000_t1.nii.gz"),
+             "t1ce": str(tmp_path / "t1ce_lps.nii.gz")}
+    with pytest.raises(CaseError, match=r"t1ce_lps\.nii\.gz \(t1ce\) holds the same voxels as "
+                                        r".*Phantom_000_t1\.nii\.gz \(t1\).*counts as lacking t1ce"):
+        read_case(paths)
+    del paths["t1ce"]  # left out: the case lacks T1ce
+    assert read_case(paths).sequences == ["flair", "t1"]

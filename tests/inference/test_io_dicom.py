@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from app.data.errors import CaseError
-from app.inference.io import read_volume
+from app.inference.io import read_case, read_volume
 from tests.inference.conftest import needs_simpleitk
 
 pytestmark = needs_simpleitk
@@ -453,3 +453,17 @@ def test_a_folder_of_many_series_names_the_first_ones_and_counts_the_rest(tmp_pa
         _write_series(tmp_path / "export" / f"SE{k}", _volume(shape=(3, 10, 8)))
     with pytest.raises(CaseError, match=r"but 4 of its subfolders hold DICOM files \(SE0, SE1, SE2, \.\.\.\): pass"):
         read_volume(tmp_path / "export", "flair")
+
+
+def test_a_series_folder_copied_as_another_sequence_is_refused(tmp_path):
+    """A T1 series folder copied and given as T1ce (so that a case "has" a contrast scan) was segmented as one;
+    only the same folder given twice was refused. Training refuses such a copy, and so does inference now."""
+    import shutil
+
+    _write_series(tmp_path / "t1", _volume(seed=1), description="AX T1")
+    shutil.copytree(tmp_path / "t1", tmp_path / "t1ce")
+    _write_series(tmp_path / "flair", _volume(seed=2))
+    with pytest.raises(CaseError, match=rf"{tmp_path / 't1ce'} \(t1ce\) holds the same voxels as "
+                                        rf"{tmp_path / 't1'} \(t1\)"):
+        read_case({"flair": tmp_path / "flair", "t1": tmp_path / "t1", "t1ce": tmp_path / "t1ce"})
+    assert read_case({"flair": tmp_path / "flair", "t1": tmp_path / "t1"}).sequences == ["flair", "t1"]
