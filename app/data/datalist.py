@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # numpy is imported where it is used: discovery and splitting
     import numpy as np
 
 __all__ = [
-    "SPACING_TOLERANCE", "evaluation_cases", "first_image_header", "median_spacing", "prepare_datalist", "ras_spacing", "read_datalist",
+    "SPACING_TOLERANCE", "evaluation_cases", "first_image_header", "median_spacing", "name_outliers", "prepare_datalist", "ras_spacing", "read_datalist",
     "shard_cases", "shared_scans", "spacing_differs", "spacing_outliers",
     "split_cases", "write_datalist",
 ]
@@ -466,6 +466,12 @@ def median_spacing(records: Sequence[dict[str, Any]]) -> list[float] | None:
     return [round(float(v), 4) for v in np.median(sizes, axis=0)] if sizes else None
 
 
+def name_outliers(off: Sequence[tuple[str, Sequence[float]]], shown: int = 3) -> str:
+    """``A at [2.0, 2.0, 2.0] mm, B at … and N more``: the first ``shown`` of :func:`spacing_outliers`'s cases."""
+    named = ", ".join(f"{case} at {spacing} mm" for case, spacing in off[:shown])
+    return named + (f" and {len(off) - shown} more" if len(off) > shown else "")
+
+
 def spacing_outliers(records: Sequence[dict[str, Any]], reference: Sequence[float],
                      tolerance: float = SPACING_TOLERANCE) -> list[tuple[str, list[float]]]:
     """``(case, voxel size in mm along RAS)`` of each record whose first image is more than ``tolerance`` off
@@ -490,9 +496,7 @@ def _warn_mixed_spacing(train: Sequence[dict[str, Any]]) -> str | None:
     off = spacing_outliers(train, median) if median is not None else []
     if not off:
         return None
-    shown = ", ".join(f"{case} at {spacing} mm" for case, spacing in off[:3])
-    more = f" and {len(off) - 3} more" if len(off) > 3 else ""
-    message = (f"{len(off)} of the {len(train)} training cases ({shown}{more}) have a voxel size more than "
+    message = (f"{len(off)} of the {len(train)} training cases ({name_outliers(off)}) have a voxel size more than "
                f"{SPACING_TOLERANCE:.0%} off the training cases' median, {median} mm, which the model records and "
                "inference resamples scans of another voxel size to: they teach it the tumours at another scale. "
                f"Resample them to {median} mm for one scale.")

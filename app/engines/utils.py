@@ -250,7 +250,7 @@ def check_spacing(network: torch.nn.Module, records: Sequence[dict[str, Any]]) -
     several sites, most at the training resolution, would otherwise score the others without a word.
     Only headers are read. Returns the warning (None when every spacing matches or one is unknown).
     """
-    from app.data.datalist import SPACING_TOLERANCE, spacing_outliers
+    from app.data.datalist import SPACING_TOLERANCE, name_outliers, spacing_outliers
 
     trained = recorded_spacing(network)
     if trained is None:
@@ -258,9 +258,7 @@ def check_spacing(network: torch.nn.Module, records: Sequence[dict[str, Any]]) -
     off = spacing_outliers(records, trained)
     if not off:
         return None
-    shown = ", ".join(f"{case} at {spacing} mm" for case, spacing in off[:3])
-    more = f" and {len(off) - 3} more" if len(off) > 3 else ""
-    message = (f"{len(off)} of the {len(records)} cases scored here ({shown}{more}) have a voxel size more than "
+    message = (f"{len(off)} of the {len(records)} cases scored here ({name_outliers(off)}) have a voxel size more than "
                f"{SPACING_TOLERANCE:.0%} off the one the network was trained at {trained} mm: its Dice on them "
                f"measures it at a scale it never saw. Resample those cases to {trained} mm for a like-for-like score "
                "(clinical inference does this itself, --spacing auto).")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from app.data.discovery import CaseError, discover_cases, msd_label_map
+from tests.data.helpers import errors_of_call_on_pipe
 
 MSD_DESC = {
     "name": "BRATS",
@@ -698,26 +699,10 @@ def test_a_link_above_the_data_folder_is_not_followed(tmp_path, caplog):
 def test_a_dataset_json_that_is_a_named_pipe_is_refused_instead_of_waited_on(tmp_path):
     """Discovery opened every dataset.json it met; a named pipe under that name (a folder unpacked from an
     archive) made it wait for a writer forever."""
-    import threading
-
     (tmp_path / "Task01" / "imagesTr").mkdir(parents=True)
     pipe = tmp_path / "Task01" / "dataset.json"
     os.mkfifo(pipe)
-    outcome = []
-
-    def discover() -> None:
-        try:
-            discover_cases(tmp_path)
-        except CaseError as err:
-            outcome.append(str(err))
-
-    finder = threading.Thread(target=discover, daemon=True)
-    finder.start()
-    finder.join(timeout=20)
-    if finder.is_alive():
-        os.close(os.open(pipe, os.O_WRONLY))  # release it
-        finder.join(timeout=20)
-        pytest.fail("discovery waited on the named pipe")
+    outcome = errors_of_call_on_pipe(lambda: discover_cases(tmp_path), pipe, "discovery")
     assert outcome and outcome[0].startswith(f"{pipe} is a named pipe, not a file")
 
 

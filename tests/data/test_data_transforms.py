@@ -18,6 +18,7 @@ from app.data.discovery import discover_cases
 from app.data.errors import CaseError
 from app.data.labels import labels_to_regions
 from app.data.transforms import RECORD_KEYS, LoadCased, load_case
+from tests.data.helpers import case_error_and_peak, errors_of_call_on_pipe
 
 SHAPE = (16, 16, 12)  # the default shape written by the make_case fixture
 
@@ -404,14 +405,7 @@ def test_a_header_claiming_gigabytes_in_a_small_file_is_refused_before_the_memor
     folder = make_case(tmp_path, "A_1", shape=(24, 24, 24))
     path = folder / "A_1_flair.nii.gz"
     _rewrite_nifti_gz(path, shape=(1000, 1000, 200))
-    tracemalloc.start()
-    try:
-        with pytest.raises(CaseError) as info:
-            load_case(only(discover_cases(tmp_path)))
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    message = str(info.value)
+    message, peak = case_error_and_peak(lambda: load_case(only(discover_cases(tmp_path))))
     assert message.startswith(f"{path} holds ") and "(1000, 1000, 200) int16 voxels (400000000 bytes)" in message
     assert "truncated or its header's dimensions are wrong" in message and "not damaged" not in message
     assert peak < 50 * 2**20, f"{peak / 2**20:.0f} MiB allocated for a file of {path.stat().st_size} bytes"
@@ -451,14 +445,7 @@ def test_header_extensions_larger_than_a_scan_holds_are_refused_before_they_are_
         for _ in range((size - 8) // (1 << 20)):
             f.write(bytes(1 << 20))
         f.write(bytes((size - 8) % (1 << 20)) + voxels)
-    tracemalloc.start()
-    try:
-        with pytest.raises(CaseError) as info:
-            load_case(only(discover_cases(tmp_path)))
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    message = str(info.value)
+    message, peak = case_error_and_peak(lambda: load_case(only(discover_cases(tmp_path))))
     assert message.startswith(f"Cannot read {path} (ValueError: its header puts the voxels {352 + size} bytes into "
                               "the file, behind 80 MiB of header extensions (at most 64 MiB are read)")
     assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB allocated"
@@ -480,28 +467,12 @@ def test_a_volume_larger_than_the_memory_left_is_refused_before_it_is_read(tmp_p
 def test_a_named_pipe_under_a_scans_name_is_refused_instead_of_waited_on(tmp_path, make_case):
     """A data folder unpacked from an archive may hold a named pipe under a scan's name: opening it waited for a
     writer forever, so training, evaluation and inference hung instead of stopping with a message."""
-    import threading
-
     folder = make_case(tmp_path, "A_1", shape=(24, 24, 24))
     pipe = folder / "A_1_t2.nii.gz"
     pipe.unlink()
     os.mkfifo(pipe)
     record = only(discover_cases(tmp_path))
-    outcome = []
-
-    def load() -> None:
-        try:
-            load_case(record)
-        except CaseError as err:
-            outcome.append(str(err))
-
-    reader = threading.Thread(target=load, daemon=True)
-    reader.start()
-    reader.join(timeout=20)
-    if reader.is_alive():  # release the reader stuck on the pipe
-        os.close(os.open(pipe, os.O_WRONLY))
-        reader.join(timeout=20)
-        pytest.fail("reading the case waited on the named pipe")
+    outcome = errors_of_call_on_pipe(lambda: load_case(record), pipe, "reading the case")
     assert outcome == [f"{pipe} is a named pipe, not a file: it is not read (reading it would wait or run forever). "
                        "Replace it with the scan's file, or remove it."]
 
