@@ -721,6 +721,26 @@ def test_a_dataset_json_that_is_a_named_pipe_is_refused_instead_of_waited_on(tmp
     assert outcome and outcome[0].startswith(f"{pipe} is a named pipe, not a file")
 
 
+def test_a_named_pipe_beside_a_case_lacking_a_sequence_is_not_waited_on(tmp_path):
+    """Discovery opens the header of each unnamed file beside a case that lacks a sequence (to warn about a
+    misnamed one); a named pipe there made it wait for a writer forever instead of listing the file."""
+    import threading
+
+    brats18(tmp_path, "A_1", seqs=("flair", "t1", "t1ce", "seg"))
+    pipe = tmp_path / "A_1" / "A_1_t2w.nii.gz"
+    os.mkfifo(pipe)
+    outcome = []
+    finder = threading.Thread(target=lambda: outcome.append(discover_cases(tmp_path)), daemon=True)
+    finder.start()
+    finder.join(timeout=20)
+    if finder.is_alive():
+        os.close(os.open(pipe, os.O_WRONLY))  # release it
+        finder.join(timeout=20)
+        pytest.fail("discovery waited on the named pipe")
+    assert [c["case"] for c in outcome[0]] == ["A_1"]
+    assert sorted(outcome[0][0]["images"]) == ["flair", "t1", "t1ce"]
+
+
 def test_other_files_of_complete_cases_are_not_read(tmp_path, monkeypatch):
     """A flat folder of thousands of cases, each with a brain mask beside its sequences: the header of
     every such file was read, and every file of the folder matched against every case, though only
