@@ -194,6 +194,14 @@ def test_brats2024_convention_reads_a_union_of_releases_each_case_by_its_names(t
     with caplog.at_level("INFO", logger="app.data.discovery"):
         records = {r["case"]: r for r in discover_cases(tmp_path, require_label=True, label_convention="brats2024")}
     assert "the 1 with BraTS 2018-2021 names (e.g. BraTS20_Training_001) keep brats2018" in caplog.text
+    # a union is what the option is for: said, not warned about; with no 2023-named case it changes nothing
+    said = [r.levelname for r in caplog.records if "keep brats2018" in r.getMessage()]
+    assert said == ["INFO"], said
+    caplog.clear()
+    with caplog.at_level("INFO", logger="app.data.discovery"):
+        discover_cases(tmp_path / "BraTS20_Training_001", require_label=True, label_convention="brats2024")
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "keep brats2018" in r.getMessage()]
+    assert [level for level, _ in said] == ["WARNING"] and said[0][1].endswith("the option changes nothing here."), said
     et_2020 = load_case(records["BraTS20_Training_001"])["label"][2].numpy()
     et_2024 = load_case(records["BraTS-GLI-02073-100"])["label"][2].numpy()
     assert et_2020[4, 4, 4] == 1 and et_2020.sum() == 1  # 4 is enhancing tumour under the 2018 names
@@ -686,6 +694,7 @@ def test_a_link_above_the_data_folder_is_not_followed(tmp_path, caplog):
     (tmp_path / "site1" / "root").symlink_to("/", target_is_directory=True)
     brats18(tmp_path / "store", "C_1")
     (tmp_path / "site1" / "C_1").symlink_to(tmp_path / "store" / "C_1", target_is_directory=True)  # still followed
+    (tmp_path / "site1" / "C_1" / "back").symlink_to(tmp_path / "site1", target_is_directory=True)  # skipped quietly
     with caplog.at_level(logging.WARNING, logger="app.data.discovery"):
         cases = discover_cases(tmp_path / "site1", require_label=True)
     assert [c["case"] for c in cases] == ["A_1", "C_1"]
@@ -693,6 +702,7 @@ def test_a_link_above_the_data_folder_is_not_followed(tmp_path, caplog):
     assert any(m.startswith(f"{tmp_path / 'site1' / 'A_1' / 'all'} is a symbolic link to {tmp_path}, which holds the "
                             "data folder") for m in warned), warned
     assert any(m.startswith(f"{tmp_path / 'site1' / 'root'} is a symbolic link to /,") for m in warned), warned
+    assert not any("back is a symbolic link" in m for m in warned), warned  # a link to the data folder widens nothing
 
 
 def test_a_dataset_json_that_is_a_named_pipe_is_refused_instead_of_waited_on(tmp_path):
