@@ -182,12 +182,14 @@ def test_sequences_placed_in_different_spaces_are_not_resampled_onto_each_other(
     flair, t2 = str(case / "Phantom_000_flair.nii.gz"), load(case / "Phantom_000_t2.nii.gz")
     shifted = t2.affine.copy()
     shifted[:3, 3] += 0.5  # co-registered, on a grid half a voxel away
-    for code, space in ((4, "MNI 152"), (3, "Talairach"), (1, None)):
+    # the space is the one of the matrix nibabel reads, the sform's when set: a registration to MNI 152 that
+    # rewrote the sform only (the qform still in scanner coordinates) is in MNI 152
+    for code, qform_code, space in ((4, 4, "MNI 152"), (3, 3, "Talairach"), (4, 1, "MNI 152"), (1, 1, None)):
         image = nib.Nifti1Image(np.asarray(t2.dataobj), shifted)
         image.set_sform(shifted, code=code)
-        image.set_qform(shifted, code=code)
-        nib.save(image, str(tmp_path / f"t2_{code}.nii.gz"))
-        paths = {"flair": flair, "t2": str(tmp_path / f"t2_{code}.nii.gz")}
+        image.set_qform(shifted, code=qform_code)
+        nib.save(image, str(tmp_path / f"t2_{code}_{qform_code}.nii.gz"))
+        paths = {"flair": flair, "t2": str(tmp_path / f"t2_{code}_{qform_code}.nii.gz")}
         if space is None:
             assert read_case(paths, resample_to="flair").resampled == ["t2"]
             continue
