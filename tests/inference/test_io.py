@@ -230,3 +230,19 @@ def test_a_header_that_contradicts_itself_is_said(phantom_root, tmp_path):
                         "qform (when set) and pixdim")
     # a consistent header (the phantoms: the sform only, as nibabel writes it) says nothing
     assert read_case({"flair": str(phantom_root / "Phantom_000" / "Phantom_000_flair.nii.gz")}).header_conflicts == {}
+
+
+def test_head_outside_share_counts_a_voxel_outside_only_beyond_half_a_voxel_from_the_other_grid():
+    """A voxel centre within half a voxel of the other grid's outer centres lies in that grid's outer voxel, so it
+    is covered: a co-registered grid shifted by less than a voxel (a whole head from edge to edge) is covered
+    whole, and --resample-to must not warn that part of the head lies outside it."""
+    from app.inference.io import head_outside_share
+
+    head = np.ones((10, 10, 10), dtype=bool)
+    shifted = np.eye(4)
+    shifted[:3, 3] = 0.4  # the other grid's voxel 0 is centred 0.4 mm from this one's
+    assert head_outside_share(head, np.eye(4), (10, 10, 10), shifted) == 0.0
+    assert head_outside_share(head, shifted, (10, 10, 10), np.eye(4)) == 0.0
+    shifted[:3, 3] = [0.6, 0.0, 0.0]  # beyond half a voxel along x: this grid's first slice is outside
+    assert head_outside_share(head, np.eye(4), (10, 10, 10), shifted) == 0.1
+    assert head_outside_share(np.zeros_like(head), np.eye(4), (10, 10, 10), shifted) == 0.0
