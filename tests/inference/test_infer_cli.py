@@ -690,6 +690,8 @@ def test_outputs_carry_no_identifying_field_of_the_scan_header(case, random_ckpt
     for key, value in identity.items():
         scan.header[key] = value
     scan.header.extensions.append(nib.nifti1.Nifti1Extension(0, b'{"PatientName": "DOE^JOHN", "PatientID": "MRN-12345678"}'))
+    # a statistic's intent and its parameters: meaningless for a label map, and not the scan's to pass on
+    scan.header["intent_code"], scan.header["intent_p1"], scan.header["intent_p3"] = 3, 12345678.0, 19700101.0
     flair = tmp_path / "flair_from_dicom.nii.gz"
     nib.save(scan, str(flair))
     assert load(flair).header.extensions  # the case this test is about
@@ -702,6 +704,8 @@ def test_outputs_carry_no_identifying_field_of_the_scan_header(case, random_ckpt
         assert isinstance(raw, image_class) and not raw.header.extensions
         assert all(bytes(raw.header[key]).strip(b"\0") == b"" for key in identity if key != "descrip")
         assert bytes(raw.header["descrip"]).startswith(b"brats_gmd ")
+        assert int(raw.header["intent_code"]) == 0
+        assert [float(raw.header[f"intent_p{i}"]) for i in (1, 2, 3)] == [0.0, 0.0, 0.0]
         content = gzip.decompress(path.read_bytes())  # nowhere in the file, whatever field or extension it hid in
         assert b"DOE^JOHN" not in content and b"MRN-12345678" not in content and b"ACC-987654" not in content
     assert_same_grid(out, flair)
