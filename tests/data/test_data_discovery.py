@@ -112,6 +112,18 @@ def test_a_missing_label_names_the_misnamed_segmentation_beside_it(tmp_path):
     msg = str(err.value)
     assert "(its folder holds A-segmentation.nii.gz, which no accepted name matches" in msg and "atlas" not in msg
     assert "rename it to A-seg.nii.gz)" in msg
+    # a label map that inference wrote beside a case is the model's own output: never offered as its reference
+    import nibabel as nib
+
+    out_case = "BraTS20_Training_356"
+    brats18(tmp_path / "outs", out_case, seqs=("flair", "t1", "t1ce", "t2"))
+    pred = nib.Nifti1Image(np.zeros((2, 2, 2), np.uint8), np.eye(4))
+    pred.header["descrip"] = b"brats_gmd labels brats2018 flair+t1+t1ce+t2"
+    nib.save(pred, str(tmp_path / "outs" / out_case / f"{out_case}_prediction.nii.gz"))
+    with pytest.raises(CaseError) as err:
+        discover_cases(tmp_path / "outs", require_label=True)
+    assert f"expected {tmp_path / 'outs' / out_case / (out_case + '_seg.nii.gz')}." in str(err.value)
+    assert "prediction" not in str(err.value)
 
 
 def test_a_folder_of_downloaded_archives_says_to_extract_them(tmp_path):
