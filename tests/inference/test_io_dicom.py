@@ -138,6 +138,25 @@ def test_voxels_map_to_the_world_points_of_the_series(tmp_path, direction):
         assert volume.data[ijk] == np.round(data)[ijk[::-1]]
 
 
+def test_a_dicom_series_and_a_nifti_on_another_grid_resample_onto_each_other(tmp_path):
+    """A DICOM series places every slice in scanner coordinates, so it resamples with a NIfTI scan of the same
+    session on another grid (--resample-to), either way; only a NIfTI header placing its scan nowhere is
+    refused."""
+    import nibabel as nib
+
+    from app.inference.io import read_case
+
+    _write_series(tmp_path / "flair", np.round(_volume()))
+    flair = read_volume(tmp_path / "flair", "flair")
+    assert flair.oriented and flair.space == "scanner"
+    shifted = flair.affine.copy()
+    shifted[:3, 3] += 0.5  # the same session, on a grid half a voxel away
+    nib.save(nib.Nifti1Image(flair.data, shifted), str(tmp_path / "t2.nii.gz"))
+    paths = {"flair": tmp_path / "flair", "t2": tmp_path / "t2.nii.gz"}
+    assert read_case(paths, resample_to="flair").resampled == ["t2"]
+    assert read_case(paths, resample_to="t2").resampled == ["flair"]
+
+
 @pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (0, 0, 1, 1, 0, 0, 0, 1, 0)],
                          ids=["axial", "sagittal"])
 def test_multi_frame_file_is_read_as_its_volume(tmp_path, direction):
