@@ -246,3 +246,13 @@ def test_head_outside_share_counts_a_voxel_outside_only_beyond_half_a_voxel_from
     shifted[:3, 3] = [0.6, 0.0, 0.0]  # beyond half a voxel along x: this grid's first slice is outside
     assert head_outside_share(head, np.eye(4), (10, 10, 10), shifted) == 0.1
     assert head_outside_share(np.zeros_like(head), np.eye(4), (10, 10, 10), shifted) == 0.0
+
+
+def test_a_sequence_given_as_an_empty_channel_is_not_said_to_be_not_given():
+    """A sequence missing as an all-zero channel of a 4D file was given: its note says so, once, and only the
+    sequences no file or channel gave are "not given"."""
+    from app.inference.pipeline import summary_notes
+
+    notes = summary_notes({"empty_channels": ["t1"], "sequences_missing": ["t1", "t2"]})
+    assert notes[:2] == ["t1 channel all zero: missing", "t2 not given"]
+    assert not any(note.startswith("t1, ") or note.startswith("t1 not given") for note in notes), notes
