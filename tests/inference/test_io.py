@@ -256,3 +256,17 @@ def test_a_sequence_given_as_an_empty_channel_is_not_said_to_be_not_given():
     notes = summary_notes({"empty_channels": ["t1"], "sequences_missing": ["t1", "t2"]})
     assert notes[:2] == ["t1 channel all zero: missing", "t2 not given"]
     assert not any(note.startswith("t1, ") or note.startswith("t1 not given") for note in notes), notes
+
+
+def test_a_header_placed_by_its_qform_alone_has_no_conflict(phantom_root, tmp_path):
+    """A converter that sets only the qform (sform_code 0) leaves the sform's rows unused, often zero: nibabel,
+    FSL and ITK all read the qform then, so there is nothing to warn about."""
+    t2 = load(phantom_root / "Phantom_000" / "Phantom_000_t2.nii.gz")
+    image = nib.Nifti1Image(np.asarray(t2.dataobj), t2.affine)
+    image.set_qform(t2.affine, code=1)
+    image.set_sform(None, code=0)
+    for row in ("srow_x", "srow_y", "srow_z"):
+        image.header[row] = 0.0
+    nib.save(image, str(tmp_path / "t2.nii.gz"))
+    volume = read_volume(tmp_path / "t2.nii.gz", "t2")
+    assert volume.oriented and volume.header_conflict is None
