@@ -640,21 +640,23 @@ def test_case_dir_of_an_msd_task_writes_the_label_values_of_its_dataset_json(cas
     np.testing.assert_array_equal(np.asarray(load(out).dataobj), labels_2018)
 
 
+@pytest.mark.parametrize("value", ["300", "-3"])
 def test_dataset_json_label_values_beyond_a_label_map_are_refused_before_the_network_runs(case, random_ckpt, infer,
-                                                                                          tmp_path, monkeypatch):
+                                                                                          tmp_path, monkeypatch, value):
     """A dataset.json (from elsewhere) numbering a tumour part 300: the case was segmented, and only writing the
-    uint8 map stopped with 'Label values [2, 1, 300] do not fit uint8.', naming neither the file nor the fix."""
+    uint8 map stopped with 'Label values [2, 1, 300] do not fit uint8.', naming neither the file nor the fix. A
+    negative value does not fit either (it would wrap to another label)."""
     from app.inference.pipeline import Segmenter
     from tests.inference.test_bad_inputs import _msd_task
 
     msd = _msd_task(case, tmp_path / "Task01")
-    (msd / "dataset.json").write_text((msd / "dataset.json").read_text().replace('"3": "enhancing', '"300": "enhancing'))
+    (msd / "dataset.json").write_text((msd / "dataset.json").read_text().replace('"3": "enhancing', f'"{value}": "enhancing'))
     ran = []
     monkeypatch.setattr(Segmenter, "predict", lambda *a, **k: ran.append(1))
     out = tmp_path / "seg.nii.gz"
     rc, _, err = infer("--ckpt", random_ckpt, "--case-dir", msd, "--out", out)
     assert rc == 2 and err.count("\n") == 1 and not out.exists() and ran == []
-    assert err.startswith(f"error: {msd / 'dataset.json'} gives the tumour parts the label values ") and "300" in err
+    assert err.startswith(f"error: {msd / 'dataset.json'} gives the tumour parts the label values ") and value in err
     assert "pass --labels 2018" in err
 
 
