@@ -259,6 +259,12 @@ def test_a_sequence_that_is_a_copy_of_another_is_refused(tmp_path, make_case, wr
     msg = str(err.value)
     assert msg.startswith(f"{folder / 'A_1_t1ce.nii.gz'} (t1ce) holds the same voxels as {folder / 'A_1_t1.nii.gz'}")
     assert "counts as lacking t1ce" in msg
+    # a real scan that agrees with another on the sampled voxels (every 997th), but not everywhere, is no copy
+    t1 = nib.load(str(folder / "A_1_t1.nii.gz"))
+    near = np.asarray(t1.dataobj).copy()
+    near[0, 0, 1] += 1
+    write_nii(folder / "A_1_t1ce.nii.gz", near, t1.affine)
+    assert load_case(only(discover_cases(tmp_path / "brats")))["modalities"] == ["flair", "t1", "t1ce", "t2"]
     (folder / "A_1_t1ce.nii.gz").unlink()  # left out: the case lacks T1ce
     assert load_case(only(discover_cases(tmp_path / "brats")))["modalities"] == ["flair", "t1", "t2"]
     # in an MSD 4D image, a channel copied from another
