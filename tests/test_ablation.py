@@ -665,11 +665,28 @@ def test_a_stage_setting_its_strategy_refuses_stops_the_ablation_before_any_stag
     assert not out.exists()
 
 
-def test_the_up_front_strategy_check_builds_each_stage_with_its_own_count_and_passes_good_settings():
+def test_the_up_front_strategy_check_builds_each_stage_with_its_own_count_and_passes_good_settings(caplog,
+                                                                                                  monkeypatch):
     from app.ablation import _check_strategy_settings, _configs
 
     train, _ = _configs(REPO / "bundles/brats_gmd")
     planned = parse_strategies("plain,gmd:5,gmd_approx,cggm", "segmentation")
-    _check_strategy_settings([train], ["--cggm_rho", "2.5", "--gmd_sync", "global"], planned)  # nothing refused
+    with caplog.at_level("INFO"):
+        _check_strategy_settings([train], ["--cggm_rho", "2.5", "--gmd_sync", "global"], planned)  # nothing refused
+    # an option meant for another stage is each stage's own log's to say, once, as the stage trains
+    assert not [r for r in caplog.records if r.name.startswith("app.strategies") and r.levelno >= 30], caplog.text
     with pytest.raises(ValueError, match=r"^stage gmd:0 of --strategies: --gmd_subsets 0 must be"):
         _check_strategy_settings([train], [], [("gmd:0", "gmd", "0")])
+    # an error that is no refused setting (a strategy that builds only with what its stage provides) is the
+    # stage's own to report as it trains: the check does not stop the ablation on it
+    import app.strategies
+
+    build = app.strategies.build_strategy
+
+    def build_or_fail(name, *args, **kwargs):
+        if name == "cggm":
+            raise RuntimeError("built only by its stage")
+        return build(name, *args, **kwargs)
+
+    monkeypatch.setattr(app.strategies, "build_strategy", build_or_fail)
+    _check_strategy_settings([train], [], planned)

@@ -409,6 +409,8 @@ def test_a_datalist_written_by_hand_is_checked_entry_by_entry_naming_the_datalis
     refused({**good, "label": None}, r"has no 'label': evaluation scores each case against its segmentation")
     refused({k: v for k, v in good.items() if k not in ("label_map", "layout")},
             r"case '.*' has no 'label_map' with \['ncr', 'ed', 'et'\].*'et': \[3\] for BraTS 2023\+")
+    # a label map lacking one part (a site without enhancing tumour values) scores no ET: refused the same way
+    refused({**good, "label_map": {"ncr": [1], "ed": [2]}}, r"case '.*' has no 'label_map' with \['ncr', 'ed', 'et'\]")
     # the form training writes, with each site's own label values, is read as it is
     other_site = {**split["training"][0], "case": "site_b_001", "label_map": {"ncr": [1], "ed": [2], "et": [3]}}
     write_datalist(datalist, [], [good, other_site])

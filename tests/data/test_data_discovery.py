@@ -113,6 +113,18 @@ def test_a_missing_label_names_the_misnamed_segmentation_beside_it(tmp_path):
     msg = str(err.value)
     assert "(its folder holds A-segmentation.nii.gz, which no accepted name matches" in msg and "atlas" not in msg
     assert "rename it to A-seg.nii.gz)" in msg
+    # a label map that inference wrote beside a case is the model's own output: never offered as its reference
+    import nibabel as nib
+
+    out_case = "BraTS20_Training_356"
+    brats18(tmp_path / "outs", out_case, seqs=("flair", "t1", "t1ce", "t2"))
+    pred = nib.Nifti1Image(np.zeros((2, 2, 2), np.uint8), np.eye(4))
+    pred.header["descrip"] = b"brats_gmd labels brats2018 flair+t1+t1ce+t2"
+    nib.save(pred, str(tmp_path / "outs" / out_case / f"{out_case}_prediction.nii.gz"))
+    with pytest.raises(CaseError) as err:
+        discover_cases(tmp_path / "outs", require_label=True)
+    assert f"expected {tmp_path / 'outs' / out_case / (out_case + '_seg.nii.gz')}." in str(err.value)
+    assert "prediction" not in str(err.value)
 
 
 def test_a_folder_of_downloaded_archives_says_to_extract_them(tmp_path):
@@ -195,6 +207,14 @@ def test_brats2024_convention_reads_a_union_of_releases_each_case_by_its_names(t
     with caplog.at_level("INFO", logger="app.data.discovery"):
         records = {r["case"]: r for r in discover_cases(tmp_path, require_label=True, label_convention="brats2024")}
     assert "the 1 with BraTS 2018-2021 names (e.g. BraTS20_Training_001) keep brats2018" in caplog.text
+    # a union is what the option is for: said, not warned about; with no 2023-named case it changes nothing
+    said = [r.levelname for r in caplog.records if "keep brats2018" in r.getMessage()]
+    assert said == ["INFO"], said
+    caplog.clear()
+    with caplog.at_level("INFO", logger="app.data.discovery"):
+        discover_cases(tmp_path / "BraTS20_Training_001", require_label=True, label_convention="brats2024")
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "keep brats2018" in r.getMessage()]
+    assert [level for level, _ in said] == ["WARNING"] and said[0][1].endswith("the option changes nothing here."), said
     et_2020 = load_case(records["BraTS20_Training_001"])["label"][2].numpy()
     et_2024 = load_case(records["BraTS-GLI-02073-100"])["label"][2].numpy()
     assert et_2020[4, 4, 4] == 1 and et_2020.sum() == 1  # 4 is enhancing tumour under the 2018 names
@@ -687,6 +707,7 @@ def test_a_link_above_the_data_folder_is_not_followed(tmp_path, caplog):
     (tmp_path / "site1" / "root").symlink_to("/", target_is_directory=True)
     brats18(tmp_path / "store", "C_1")
     (tmp_path / "site1" / "C_1").symlink_to(tmp_path / "store" / "C_1", target_is_directory=True)  # still followed
+    (tmp_path / "site1" / "C_1" / "back").symlink_to(tmp_path / "site1", target_is_directory=True)  # skipped quietly
     with caplog.at_level(logging.WARNING, logger="app.data.discovery"):
         cases = discover_cases(tmp_path / "site1", require_label=True)
     assert [c["case"] for c in cases] == ["A_1", "C_1"]
@@ -694,6 +715,7 @@ def test_a_link_above_the_data_folder_is_not_followed(tmp_path, caplog):
     assert any(m.startswith(f"{tmp_path / 'site1' / 'A_1' / 'all'} is a symbolic link to {tmp_path}, which holds the "
                             "data folder") for m in warned), warned
     assert any(m.startswith(f"{tmp_path / 'site1' / 'root'} is a symbolic link to /,") for m in warned), warned
+    assert not any("back is a symbolic link" in m for m in warned), warned  # a link to the data folder widens nothing
 
 
 def test_a_dataset_json_that_is_a_named_pipe_is_refused_instead_of_waited_on(tmp_path):
@@ -704,6 +726,26 @@ def test_a_dataset_json_that_is_a_named_pipe_is_refused_instead_of_waited_on(tmp
     os.mkfifo(pipe)
     outcome = errors_of_call_on_pipe(lambda: discover_cases(tmp_path), pipe, "discovery")
     assert outcome and outcome[0].startswith(f"{pipe} is a named pipe, not a file")
+
+
+def test_a_named_pipe_beside_a_case_lacking_a_sequence_is_not_waited_on(tmp_path):
+    """Discovery opens the header of each unnamed file beside a case that lacks a sequence (to warn about a
+    misnamed one); a named pipe there made it wait for a writer forever instead of listing the file."""
+    import threading
+
+    brats18(tmp_path, "A_1", seqs=("flair", "t1", "t1ce", "seg"))
+    pipe = tmp_path / "A_1" / "A_1_t2w.nii.gz"
+    os.mkfifo(pipe)
+    outcome = []
+    finder = threading.Thread(target=lambda: outcome.append(discover_cases(tmp_path)), daemon=True)
+    finder.start()
+    finder.join(timeout=20)
+    if finder.is_alive():
+        os.close(os.open(pipe, os.O_WRONLY))  # release it
+        finder.join(timeout=20)
+        pytest.fail("discovery waited on the named pipe")
+    assert [c["case"] for c in outcome[0]] == ["A_1"]
+    assert sorted(outcome[0][0]["images"]) == ["flair", "t1", "t1ce"]
 
 
 def test_other_files_of_complete_cases_are_not_read(tmp_path, monkeypatch):

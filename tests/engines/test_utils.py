@@ -352,6 +352,32 @@ def test_check_held_out_finds_a_training_case_that_another_folder_names_its_own_
     assert "under another id: BraTS2021_00001 is Phantom_001" in message and "BraTS2021_00002" not in message
 
 
+def test_check_held_out_counts_once_a_scored_case_whose_copy_also_trained(tmp_path, caplog):
+    """The split keeps the copies of one scan together on the training side, so a run can train on a case under
+    two ids; scoring those training cases named each twice (as itself and as the other's copy), and counted
+    more training cases than cases scored."""
+    import shutil
+
+    from app.data.datalist import write_datalist
+    from app.data.discovery import discover_cases
+    from app.data.phantoms import write_phantoms
+    from app.engines import check_held_out
+
+    write_phantoms(tmp_path / "train", cases=2, size=16, seed=0)
+    again = tmp_path / "train" / "BraTS2021_00001"
+    again.mkdir()
+    for seq in ("flair", "t1", "t1ce", "t2", "seg"):  # Phantom_001 under another release's id
+        shutil.copy(tmp_path / "train" / "Phantom_001" / f"Phantom_001_{seq}.nii.gz",
+                    again / f"BraTS2021_00001_{seq}.nii.gz")
+    cases = {c["case"]: c for c in discover_cases(tmp_path / "train")}
+    run = tmp_path / "run"
+    write_datalist(run / "datalist.json", [cases["BraTS2021_00001"], cases["Phantom_001"]], [cases["Phantom_000"]])
+    with caplog.at_level("WARNING"):
+        message = check_held_out(run / "models" / "model.pt", [cases["BraTS2021_00001"], cases["Phantom_001"]])
+    assert message is not None and message.startswith("2 of the 2 cases scored here are training cases"), message
+    assert "under another id" not in message
+
+
 def test_check_output_dir_refuses_a_file_in_its_place_and_creates_nothing(tmp_path):
     from app.engines import check_output_dir
 

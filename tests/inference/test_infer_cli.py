@@ -645,21 +645,23 @@ def test_case_dir_of_an_msd_task_writes_the_label_values_of_its_dataset_json(cas
     np.testing.assert_array_equal(np.asarray(load(out).dataobj), labels_2018)
 
 
+@pytest.mark.parametrize("value", ["300", "-3"])
 def test_dataset_json_label_values_beyond_a_label_map_are_refused_before_the_network_runs(case, random_ckpt, infer,
-                                                                                          tmp_path, monkeypatch):
+                                                                                          tmp_path, monkeypatch, value):
     """A dataset.json (from elsewhere) numbering a tumour part 300: the case was segmented, and only writing the
-    uint8 map stopped with 'Label values [2, 1, 300] do not fit uint8.', naming neither the file nor the fix."""
+    uint8 map stopped with 'Label values [2, 1, 300] do not fit uint8.', naming neither the file nor the fix. A
+    negative value does not fit either (it would wrap to another label)."""
     from app.inference.pipeline import Segmenter
     from tests.inference.test_bad_inputs import _msd_task
 
     msd = _msd_task(case, tmp_path / "Task01")
-    (msd / "dataset.json").write_text((msd / "dataset.json").read_text().replace('"3": "enhancing', '"300": "enhancing'))
+    (msd / "dataset.json").write_text((msd / "dataset.json").read_text().replace('"3": "enhancing', f'"{value}": "enhancing'))
     ran = []
     monkeypatch.setattr(Segmenter, "predict", lambda *a, **k: ran.append(1))
     out = tmp_path / "seg.nii.gz"
     rc, _, err = infer("--ckpt", random_ckpt, "--case-dir", msd, "--out", out)
     assert rc == 2 and err.count("\n") == 1 and not out.exists() and ran == []
-    assert err.startswith(f"error: {msd / 'dataset.json'} gives the tumour parts the label values ") and "300" in err
+    assert err.startswith(f"error: {msd / 'dataset.json'} gives the tumour parts the label values ") and value in err
     assert "pass --labels 2018" in err
 
 
@@ -695,6 +697,8 @@ def test_outputs_carry_no_identifying_field_of_the_scan_header(case, random_ckpt
     for key, value in identity.items():
         scan.header[key] = value
     scan.header.extensions.append(nib.nifti1.Nifti1Extension(0, b'{"PatientName": "DOE^JOHN", "PatientID": "MRN-12345678"}'))
+    # a statistic's intent and its parameters: meaningless for a label map, and not the scan's to pass on
+    scan.header["intent_code"], scan.header["intent_p1"], scan.header["intent_p3"] = 3, 12345678.0, 19700101.0
     flair = tmp_path / "flair_from_dicom.nii.gz"
     nib.save(scan, str(flair))
     assert load(flair).header.extensions  # the case this test is about
@@ -707,6 +711,8 @@ def test_outputs_carry_no_identifying_field_of_the_scan_header(case, random_ckpt
         assert isinstance(raw, image_class) and not raw.header.extensions
         assert all(bytes(raw.header[key]).strip(b"\0") == b"" for key in identity if key != "descrip")
         assert bytes(raw.header["descrip"]).startswith(b"brats_gmd ")
+        assert int(raw.header["intent_code"]) == 0
+        assert [float(raw.header[f"intent_p{i}"]) for i in (1, 2, 3)] == [0.0, 0.0, 0.0]
         content = gzip.decompress(path.read_bytes())  # nowhere in the file, whatever field or extension it hid in
         assert b"DOE^JOHN" not in content and b"MRN-12345678" not in content and b"ACC-987654" not in content
     assert_same_grid(out, flair)

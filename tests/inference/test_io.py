@@ -182,12 +182,14 @@ def test_sequences_placed_in_different_spaces_are_not_resampled_onto_each_other(
     flair, t2 = str(case / "Phantom_000_flair.nii.gz"), load(case / "Phantom_000_t2.nii.gz")
     shifted = t2.affine.copy()
     shifted[:3, 3] += 0.5  # co-registered, on a grid half a voxel away
-    for code, space in ((4, "MNI 152"), (3, "Talairach"), (1, None)):
+    # the space is the one of the matrix nibabel reads, the sform's when set: a registration to MNI 152 that
+    # rewrote the sform only (the qform still in scanner coordinates) is in MNI 152
+    for code, qform_code, space in ((4, 4, "MNI 152"), (3, 3, "Talairach"), (4, 1, "MNI 152"), (1, 1, None)):
         image = nib.Nifti1Image(np.asarray(t2.dataobj), shifted)
         image.set_sform(shifted, code=code)
-        image.set_qform(shifted, code=code)
-        nib.save(image, str(tmp_path / f"t2_{code}.nii.gz"))
-        paths = {"flair": flair, "t2": str(tmp_path / f"t2_{code}.nii.gz")}
+        image.set_qform(shifted, code=qform_code)
+        nib.save(image, str(tmp_path / f"t2_{code}_{qform_code}.nii.gz"))
+        paths = {"flair": flair, "t2": str(tmp_path / f"t2_{code}_{qform_code}.nii.gz")}
         if space is None:
             assert read_case(paths, resample_to="flair").resampled == ["t2"]
             continue
@@ -243,3 +245,43 @@ def test_a_sequence_that_is_a_copy_of_another_is_refused_as_in_training(phantom_
         read_case(paths)
     del paths["t1ce"]  # left out: the case lacks T1ce
     assert read_case(paths).sequences == ["flair", "t1"]
+
+
+def test_head_outside_share_counts_a_voxel_outside_only_beyond_half_a_voxel_from_the_other_grid():
+    """A voxel centre within half a voxel of the other grid's outer centres lies in that grid's outer voxel, so it
+    is covered: a co-registered grid shifted by less than a voxel (a whole head from edge to edge) is covered
+    whole, and --resample-to must not warn that part of the head lies outside it."""
+    from app.inference.io import head_outside_share
+
+    head = np.ones((10, 10, 10), dtype=bool)
+    shifted = np.eye(4)
+    shifted[:3, 3] = 0.4  # the other grid's voxel 0 is centred 0.4 mm from this one's
+    assert head_outside_share(head, np.eye(4), (10, 10, 10), shifted) == 0.0
+    assert head_outside_share(head, shifted, (10, 10, 10), np.eye(4)) == 0.0
+    shifted[:3, 3] = [0.6, 0.0, 0.0]  # beyond half a voxel along x: this grid's first slice is outside
+    assert head_outside_share(head, np.eye(4), (10, 10, 10), shifted) == 0.1
+    assert head_outside_share(np.zeros_like(head), np.eye(4), (10, 10, 10), shifted) == 0.0
+
+
+def test_a_sequence_given_as_an_empty_channel_is_not_said_to_be_not_given():
+    """A sequence missing as an all-zero channel of a 4D file was given: its note says so, once, and only the
+    sequences no file or channel gave are "not given"."""
+    from app.inference.pipeline import summary_notes
+
+    notes = summary_notes({"empty_channels": ["t1"], "sequences_missing": ["t1", "t2"]})
+    assert notes[:2] == ["t1 channel all zero: missing", "t2 not given"]
+    assert not any(note.startswith("t1, ") or note.startswith("t1 not given") for note in notes), notes
+
+
+def test_a_header_placed_by_its_qform_alone_has_no_conflict(phantom_root, tmp_path):
+    """A converter that sets only the qform (sform_code 0) leaves the sform's rows unused, often zero: nibabel,
+    FSL and ITK all read the qform then, so there is nothing to warn about."""
+    t2 = load(phantom_root / "Phantom_000" / "Phantom_000_t2.nii.gz")
+    image = nib.Nifti1Image(np.asarray(t2.dataobj), t2.affine)
+    image.set_qform(t2.affine, code=1)
+    image.set_sform(None, code=0)
+    for row in ("srow_x", "srow_y", "srow_z"):
+        image.header[row] = 0.0
+    nib.save(image, str(tmp_path / "t2.nii.gz"))
+    volume = read_volume(tmp_path / "t2.nii.gz", "t2")
+    assert volume.oriented and volume.header_conflict is None

@@ -87,6 +87,28 @@ def test_a_series_larger_than_the_memory_left_is_refused_before_it_is_read(tmp_p
     assert executed == []
 
 
+def test_a_multi_frame_file_larger_than_the_memory_left_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """One multi-frame DICOM file holds the whole volume: its size is its header's frames, not the file count."""
+    import SimpleITK as sitk
+
+    image = sitk.Cast(sitk.GetImageFromArray(np.round(_volume())), sitk.sitkInt16)  # 12 frames of 8 x 10
+    for tag, value in {"0020|000d": "1.2.826.0.1.3680043.2.1125.8", "0020|000e": "1.2.826.0.1.3680043.2.1125.8.1",
+                       "0008|0060": "MR"}.items():
+        image.SetMetaData(tag, value)
+    (tmp_path / "flair").mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(tmp_path / "flair" / "volume.dcm"))
+    writer.Execute(image)
+    monkeypatch.setattr("app.data.transforms.available_memory", lambda: 8 * 10 * 12 * 4 - 1, raising=False)
+    executed = []
+    monkeypatch.setattr(sitk.ImageSeriesReader, "Execute", lambda self, *a: executed.append(1))
+    with pytest.raises(CaseError) as info:
+        read_volume(tmp_path / "flair", "flair")
+    assert str(info.value).startswith(f"Not enough memory to read {tmp_path / 'flair'} (shape (8, 10, 12)")
+    assert executed == []
+
+
 def test_a_named_pipe_in_the_series_folder_is_named(tmp_path):
     """GDCM found no series at all in a folder holding a named pipe beside the slices, and the message said the
     folder held no DICOM series."""
@@ -136,6 +158,25 @@ def test_voxels_map_to_the_world_points_of_the_series(tmp_path, direction):
         lps = (-ras[0], -ras[1], ras[2])
         np.testing.assert_allclose(reference.TransformPhysicalPointToContinuousIndex(lps), ijk, atol=1e-4)
         assert volume.data[ijk] == np.round(data)[ijk[::-1]]
+
+
+def test_a_dicom_series_and_a_nifti_on_another_grid_resample_onto_each_other(tmp_path):
+    """A DICOM series places every slice in scanner coordinates, so it resamples with a NIfTI scan of the same
+    session on another grid (--resample-to), either way; only a NIfTI header placing its scan nowhere is
+    refused."""
+    import nibabel as nib
+
+    from app.inference.io import read_case
+
+    _write_series(tmp_path / "flair", np.round(_volume()))
+    flair = read_volume(tmp_path / "flair", "flair")
+    assert flair.oriented and flair.space == "scanner"
+    shifted = flair.affine.copy()
+    shifted[:3, 3] += 0.5  # the same session, on a grid half a voxel away
+    nib.save(nib.Nifti1Image(flair.data, shifted), str(tmp_path / "t2.nii.gz"))
+    paths = {"flair": tmp_path / "flair", "t2": tmp_path / "t2.nii.gz"}
+    assert read_case(paths, resample_to="flair").resampled == ["t2"]
+    assert read_case(paths, resample_to="t2").resampled == ["flair"]
 
 
 @pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (0, 0, 1, 1, 0, 0, 0, 1, 0)],

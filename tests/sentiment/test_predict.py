@@ -227,8 +227,10 @@ def test_bitfit_on_encoders_no_checkpoint_initialised_is_warned(tmp_path, caplog
     # a warm-up, or encoders a checkpoint initialised: nothing to say
     caplog.clear()
     with caplog.at_level("WARNING", logger="app.strategies"):
-        warm = PredictStrategy(seed=0, warmup_iterations=1)
-        _step(_net().set_input_statistics(ds.statistics()).train(), warm, batch, iteration=1)
+        warm, warmed = PredictStrategy(seed=0, warmup_iterations=1), _net().set_input_statistics(ds.statistics()).train()
+        _step(warmed, warm, batch, iteration=1)
+        _step(warmed, warm, batch, iteration=2)  # BitFit after the warm-up: the encoders trained, nothing to say
+        assert warm.bitfit_applied
         pretrained = load_pretrained(_net(), _saved(_plain_copy(_net()), tmp_path / "plain.pt"))
         _step(pretrained.set_input_statistics(ds.statistics()).train(), PredictStrategy(seed=0), batch, iteration=1)
     assert not caplog.records and pretrained.pretrained_path == str(tmp_path / "plain.pt")
