@@ -304,10 +304,12 @@ def lock_output_dir(output_dir: str | os.PathLike, option: str = "--output_dir")
 
     Two trainings started on one output folder (a job started twice, or run again while the first one
     still trains) both wrote ``datalist.json``, ``checkpoint_last.pt`` and ``model.pt`` there, so the
-    folder held a mix of two runs and a resume continued from either. The second run stops instead,
-    before it writes anything. The lock is the kernel's (``flock`` on the folder itself): no lock file
-    is left, and a killed run releases it. Where the file system cannot lock a folder (some network
-    mounts) the run goes on unlocked.
+    folder held a mix of two runs and a resume continued from either; two evaluations both wrote the
+    report files, so the folder could hold the JSON of one beside the CSV and PNG of the other. The
+    second run (training or evaluation: they exclude each other) stops instead, before it writes anything.
+    A folder made here that the run leaves empty (it stopped on a bad case) is removed when it ends. The
+    lock is the kernel's (``flock`` on the folder itself): no lock file is left, and a killed run releases
+    it. Where the file system cannot lock a folder (some network mounts) the run goes on unlocked.
 
     Under ``torchrun`` (an initialised process group of more than one rank) every rank must call it:
     rank 0 alone takes the lock, so one lock stands for the whole run and a single-process training
