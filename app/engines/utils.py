@@ -7,7 +7,9 @@ import atexit
 import linecache
 import logging
 import os
+import signal
 import sys
+import threading
 from types import TracebackType
 from typing import Any, Mapping, Sequence
 
@@ -351,6 +353,7 @@ def _lock_here(path: str) -> bool:
         # the run stops on a bad case after the lock (reading every case comes next): what it made for itself
         # and left empty is no output of it
         atexit.register(_remove_if_empty, path, created)
+        _remove_if_empty_on_sigterm(path, created)
     if fd is not None:  # None: a folder that cannot be locked, which runs unlocked
         _LOCKED[path] = fd  # kept open: the lock lasts as long as the process
     return True
@@ -378,6 +381,39 @@ def _remove_if_empty(path: str, created: str) -> None:
         if path == created:
             return
         path = os.path.dirname(path)
+
+
+#: Output folders this process made when it took them, and the outermost folder it made for each:
+#: removed when they are still empty at a SIGTERM (:func:`_remove_if_empty_on_sigterm`).
+_MADE: list[tuple[str, str]] = []
+
+
+def _remove_if_empty_on_sigterm(path: str, created: str) -> None:
+    """Have SIGTERM remove ``path`` and its parents up to ``created`` while they are empty, as the run's end does.
+
+    A scheduler cancels a job, or ends it at its time limit, with SIGTERM, whose default action ends Python
+    without running ``atexit``: an evaluation cancelled while it read or scored its cases left the output folder it
+    had made (taking its lock) behind, empty. The process still ends by the signal, at once, as before (the
+    status a job script sees is unchanged). Installed only where SIGTERM has its default action (not over a handler
+    of the caller's), in the main thread; a forked data-loader worker that gets the signal leaves the folder alone.
+    """
+    _MADE.append((path, created))
+    if threading.current_thread() is not threading.main_thread():
+        return
+    current = signal.getsignal(signal.SIGTERM)
+    if getattr(current, "_removes_made_folders", False) or current is not signal.SIG_DFL:
+        return
+    owner = os.getpid()
+
+    def stop(signum: int, frame: Any) -> None:
+        if os.getpid() == owner:
+            for made, outermost in reversed(_MADE):
+                _remove_if_empty(made, outermost)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    stop._removes_made_folders = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGTERM, stop)
 
 
 def check_modalities(network: Any, modalities: Sequence[str]) -> None:
