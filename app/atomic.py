@@ -21,11 +21,11 @@ import tempfile
 import threading
 import uuid
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, NoReturn
+from typing import BinaryIO, Callable, Iterator, Mapping, NoReturn
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_path_text", "check_writable_folder",
            "exit_with", "fsync_dir", "lock_folder", "locked_folder", "missing_hint", "run_interruptible",
-           "remove_abandoned_temporaries", "stale_temporaries", "unexpanded_home", "write_error"]
+           "remove_abandoned_temporaries", "replace_file_set", "stale_temporaries", "unexpanded_home", "write_error"]
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -245,6 +245,37 @@ def write_error(err: OSError, path: str | os.PathLike, error_type: type[OSError]
     return error
 
 
+def _write_temporary(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write a complete, fsynced temporary file beside ``path`` with ``write(binary_file)`` (parent folders
+    created) and return its path; on an error nothing is left. Named as :data:`_TEMPORARY_NAME` says, so
+    that :func:`remove_abandoned_temporaries` finds one a kill left."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as err:
+        raise write_error(err, path) from err
+    try:
+        out = _RecordingFile(os.fdopen(fd, "wb"))
+        try:
+            with out.file:
+                write(out)  # type: ignore[arg-type]
+                out.file.flush()
+                os.fsync(out.file.fileno())
+        except OSError as err:  # a full disk, a quota: name the file and the fix
+            raise write_error(err, path) from err
+        except Exception as err:
+            if out.error is None:
+                raise
+            # torch.save turns the disk's error into "RuntimeError: ... unexpected pos 704 vs 598"
+            raise write_error(out.error, path) from err
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
 def atomic_write(
     path: str | os.PathLike,
     write: Callable[[BinaryIO], None],
@@ -272,26 +303,8 @@ def atomic_write(
             names ``path`` and the fix (:func:`write_error`), and ``path`` is left as it was.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = _write_temporary(path, write)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as err:
-        raise write_error(err, path) from err
-    try:
-        out = _RecordingFile(os.fdopen(fd, "wb"))
-        try:
-            with out.file:
-                write(out)  # type: ignore[arg-type]
-                out.file.flush()
-                os.fsync(out.file.fileno())
-        except OSError as err:  # a full disk, a quota: name the file and the fix
-            raise write_error(err, path) from err
-        except Exception as err:
-            if out.error is None:
-                raise
-            # torch.save turns the disk's error into "RuntimeError: ... unexpected pos 704 vs 598"
-            raise write_error(out.error, path) from err
         if check is not None:
             check(tmp)  # what it raises is its own message
         try:
@@ -305,6 +318,60 @@ def atomic_write(
     if sync_dir:
         fsync_dir(path.parent)
     return path
+
+
+def replace_file_set(files: Mapping[str | os.PathLike, bytes | None], last: str | os.PathLike) -> list[Path]:
+    """Replace a set of files that describe one result together, so that no reader takes files of two
+    runs for one set.
+
+    Each file written one by one (atomically) left, after a kill or a full disk between two of them, a
+    new file beside its predecessor's siblings, and nothing told them apart. Here every new file is
+    written to a temporary first (a full disk or any error stops the call with the previous set as it
+    was); then ``last``, the file that marks a whole set, is removed, then the other old files, then the
+    new ones are renamed into place and ``last`` comes last. Renames and removals take no space and
+    a moment, and at every instant the folder holds either a whole set, with ``last``, or part of one
+    run's set without ``last``: never a file beside a sibling of another run.
+
+    Args:
+        files: every file of the set (the same folder), with its new bytes, or ``None`` for a file that has
+            no part in the new set (a picture that is not drawn): an old one is removed.
+        last: the file among ``files`` whose presence says that the set is whole (written last, removed first).
+
+    Returns:
+        The files written, ``last`` last.
+
+    Raises:
+        OSError: a file could not be written (:func:`write_error`); the previous set is left as it was.
+    """
+    paths = {Path(p): data for p, data in files.items()}
+    last = Path(last)
+    if paths.get(last) is None:
+        raise ValueError(f"{last} must be one of the files to write, with its bytes.")
+    order = [p for p in paths if p != last] + [last]
+    staged: dict[Path, Path] = {}
+    try:
+        for path in order:
+            data = paths[path]
+            if data is not None:
+                staged[path] = _write_temporary(path, lambda f, data=data: f.write(data))
+        # from here on nothing needs space: the old set goes (its marker first), then the new one comes
+        for path in (last, *order[:-1]):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        for path in order:
+            if path in staged:
+                try:
+                    os.replace(staged[path], path)
+                except OSError as err:
+                    raise write_error(err, path) from err
+                del staged[path]
+    except BaseException:
+        for tmp in staged.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+    fsync_dir(last.parent)
+    return [p for p in order if paths[p] is not None]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

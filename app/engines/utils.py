@@ -7,7 +7,9 @@ import atexit
 import linecache
 import logging
 import os
+import signal
 import sys
+import threading
 from types import TracebackType
 from typing import Any, Mapping, Sequence
 
@@ -302,10 +304,12 @@ def lock_output_dir(output_dir: str | os.PathLike, option: str = "--output_dir")
 
     Two trainings started on one output folder (a job started twice, or run again while the first one
     still trains) both wrote ``datalist.json``, ``checkpoint_last.pt`` and ``model.pt`` there, so the
-    folder held a mix of two runs and a resume continued from either. The second run stops instead,
-    before it writes anything. The lock is the kernel's (``flock`` on the folder itself): no lock file
-    is left, and a killed run releases it. Where the file system cannot lock a folder (some network
-    mounts) the run goes on unlocked.
+    folder held a mix of two runs and a resume continued from either; two evaluations both wrote the
+    report files, so the folder could hold the JSON of one beside the CSV and PNG of the other. The
+    second run (training or evaluation: they exclude each other) stops instead, before it writes anything.
+    A folder made here that the run leaves empty (it stopped on a bad case) is removed when it ends. The
+    lock is the kernel's (``flock`` on the folder itself): no lock file is left, and a killed run releases
+    it. Where the file system cannot lock a folder (some network mounts) the run goes on unlocked.
 
     Under ``torchrun`` (an initialised process group of more than one rank) every rank must call it:
     rank 0 alone takes the lock, so one lock stands for the whole run and a single-process training
@@ -347,6 +351,7 @@ def _lock_here(path: str) -> bool:
         # the run stops on a bad case after the lock (reading every case comes next): what it made for itself
         # and left empty is no output of it
         atexit.register(_remove_if_empty, path, created)
+        _remove_if_empty_on_sigterm(path, created)
     if fd is not None:  # None: a folder that cannot be locked, which runs unlocked
         _LOCKED[path] = fd  # kept open: the lock lasts as long as the process
     return True
@@ -374,6 +379,39 @@ def _remove_if_empty(path: str, created: str) -> None:
         if path == created:
             return
         path = os.path.dirname(path)
+
+
+#: Output folders this process made when it took them, and the outermost folder it made for each:
+#: removed when they are still empty at a SIGTERM (:func:`_remove_if_empty_on_sigterm`).
+_MADE: list[tuple[str, str]] = []
+
+
+def _remove_if_empty_on_sigterm(path: str, created: str) -> None:
+    """Have SIGTERM remove ``path`` and its parents up to ``created`` while they are empty, as the run's end does.
+
+    A scheduler cancels a job, or ends it at its time limit, with SIGTERM, whose default action ends Python
+    without running ``atexit``: an evaluation cancelled while it read or scored its cases left the output folder it
+    had made (taking its lock) behind, empty. The process still ends by the signal, at once, as before (the
+    status a job script sees is unchanged). Installed only where SIGTERM has its default action (not over a handler
+    of the caller's), in the main thread; a forked data-loader worker that gets the signal leaves the folder alone.
+    """
+    _MADE.append((path, created))
+    if threading.current_thread() is not threading.main_thread():
+        return
+    current = signal.getsignal(signal.SIGTERM)
+    if getattr(current, "_removes_made_folders", False) or current is not signal.SIG_DFL:
+        return
+    owner = os.getpid()
+
+    def stop(signum: int, frame: Any) -> None:
+        if os.getpid() == owner:
+            for made, outermost in reversed(_MADE):
+                _remove_if_empty(made, outermost)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    stop._removes_made_folders = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGTERM, stop)
 
 
 def check_modalities(network: Any, modalities: Sequence[str]) -> None:

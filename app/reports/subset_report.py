@@ -1,6 +1,8 @@
 """Per-modality-subset report writers: JSON, CSV, Markdown and a PNG heatmap of an accumulator's
-``aggregate()`` dict (Dice or sentiment), each written atomically (:mod:`app.atomic`) so an
-interrupted run never leaves a truncated report behind.
+``aggregate()`` dict (Dice or sentiment). The four files are one set: they replace the previous set
+together (:func:`app.atomic.replace_file_set`), the JSON last, so an interrupted run never leaves a
+truncated file, nor a new file beside an older sibling: where ``<stem>.json`` is, the files beside it are
+its own.
 
 matplotlib is imported only when the heatmap is drawn, so training and inference never need it.
 """
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from app.atomic import atomic_write_bytes, atomic_write_text
+from app.atomic import atomic_write_bytes, atomic_write_text, replace_file_set
 
 __all__ = ["write_subset_report", "format_table", "strict_json", "atomic_write_bytes", "atomic_write_text", "MEAN_ROW"]
 
@@ -232,8 +234,14 @@ def write_subset_report(
       scaled on its own with lower-is-better metrics (MAE) reversed. Skipped when ``plot`` is False,
       and with a warning when matplotlib is not installed.
 
-    Each file is written atomically (:func:`atomic_write_bytes`). Works for the sentiment results
-    too: ``metrics=SENTIMENT_METRICS`` with the count key ``"n"`` found automatically.
+    The files replace those of an earlier report in ``out_dir`` as one set
+    (:func:`app.atomic.replace_file_set`): all are written to temporary files first, so an error (a full
+    disk) leaves the earlier set as it was; then the earlier set is removed, its JSON first, and the new
+    files are renamed into place, the JSON last. A run killed in between leaves the files of one report
+    without its JSON, never a JSON beside a CSV, Markdown or PNG of another run: a reader that finds
+    ``<stem>.json`` finds its own siblings, and a set without it is incomplete. An earlier PNG goes too
+    when none is drawn (``plot`` False, or no matplotlib). Works for the sentiment results too:
+    ``metrics=SENTIMENT_METRICS`` with the count key ``"n"`` found automatically.
 
     Args:
         result: ``aggregate()`` dict of a :class:`~app.metrics.SubsetAccumulator`.
@@ -247,17 +255,17 @@ def write_subset_report(
 
     Returns:
         ``{"json": path, "csv": path, "md": path[, "png": path]}``.
+
+    Raises:
+        OSError: a file could not be written (naming it and the fix); the earlier report is left whole.
     """
     _check_metrics(result, metrics)
     out_dir = Path(out_dir)
     title = title if title is not None else f"Per-subset results: {stem}"
     count_key = _count_key(result, count_key)
-    paths: dict[str, Path] = {}
-    # the heatmap takes longest (matplotlib): drawn before any file is written, so that a run stopped
-    # while drawing it leaves the earlier report whole instead of new tables beside the old picture
+    # every file is made before any is written, so that an error (or a stop) while drawing the heatmap,
+    # which takes longest, leaves the earlier report whole
     png = _heatmap_png(result, metrics, title, digits) if plot else None
-
-    paths["json"] = atomic_write_text(out_dir / f"{stem}.json", strict_json(result))
 
     header, rows = _rows(result, metrics, count_key)
     # a subset no case could be scored on gets a row with empty metrics (and a count of 0), so that a
@@ -270,14 +278,18 @@ def write_subset_report(
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    paths["csv"] = atomic_write_text(out_dir / f"{stem}.csv", buffer.getvalue())
 
     md = [f"# {title}", "", format_table(result, metrics, count_key, digits), ""]
     worst = _worst_line(result, digits)
     if worst:
         md += [worst, ""]
-    paths["md"] = atomic_write_text(out_dir / f"{stem}.md", "\n".join(md))
 
-    if png is not None:
-        paths["png"] = atomic_write_bytes(out_dir / f"{stem}.png", png)
-    return paths
+    files = {
+        "json": strict_json(result).encode("utf-8"),
+        "csv": buffer.getvalue().encode("utf-8"),
+        "md": "\n".join(md).encode("utf-8"),
+        "png": png,  # None: an earlier report's picture goes, it would show other values
+    }
+    # the JSON marks a whole set: it is removed first and written last
+    replace_file_set({out_dir / f"{stem}.{ext}": data for ext, data in files.items()}, last=out_dir / f"{stem}.json")
+    return {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "csv", "md", "png") if files[ext] is not None}

@@ -108,9 +108,7 @@ def test_evaluate_every_labelled_case(trained, phantoms, tmp_path):
 
 def test_an_evaluation_names_the_model_it_loaded_when_training_replaces_the_file(trained, phantoms, tmp_path):
     """Evaluating a running training's models/model.pt: training replaces the file at each better
-    validation, and the report used to hash the file once scoring had ended, naming a model it never scored.
-    The evaluation writes into the training's --output_dir while the training holds its lock: it takes none."""
-    import fcntl
+    validation, and the report used to hash the file once scoring had ended, naming a model it never scored."""
     import os
 
     from tests.reliability.helpers import run_in_process
@@ -126,15 +124,9 @@ def test_an_evaluation_names_the_model_it_loaded_when_training_replaces_the_file
     def training_saves_a_better_model(parser):  # after the weights are loaded, before the report
         os.replace(newer, ckpt)
 
-    out = tmp_path  # the running training's --output_dir, whose lock it holds
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        run_in_process([TRAIN, EVALUATE], training_saves_a_better_model, dataset_dir=str(phantoms),
-                       ckpt_path=str(ckpt), output_dir=str(out), patch_size=[32, 32, 32], features=[8, 16, 32, 64],
-                       num_workers=0)
-    finally:
-        os.close(fd)
+    out = tmp_path / "eval"
+    run_in_process([TRAIN, EVALUATE], training_saves_a_better_model, dataset_dir=str(phantoms), ckpt_path=str(ckpt),
+                   output_dir=str(out), patch_size=[32, 32, 32], features=[8, 16, 32, 64], num_workers=0)
     report = json.loads((out / "subset_dice.json").read_text())
     assert report["checkpoint"] == {"path": str(ckpt), "sha256": hashlib.sha256(scored).hexdigest()}
     assert hashlib.sha256(scored).hexdigest()[:12] in (out / "subset_dice.md").read_text()
@@ -309,7 +301,7 @@ def test_evaluate_stops_at_a_bad_case_before_scoring_with_one_line(trained, phan
     stderr = str(failed.value).split("failed (1):", 1)[1]
     assert "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1].startswith(f"error: Label {seg} contains values [3]"), stderr
-    assert not (tmp_path / "eval" / "subset_dice.json").exists()
+    assert not (tmp_path / "eval").exists()  # the folder it made (taking its lock) and left empty is removed
 
 
 @pytest.mark.parametrize("cache_rate", ["auto", "0"])
@@ -491,3 +483,43 @@ def test_a_second_training_on_the_same_output_dir_stops_before_writing(phantoms,
         f"error: --output_dir {out} is in use by another run that is still writing into it (a job started twice?): "
         "wait for it to end, or pass another --output_dir.")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="folder locks (flock) are POSIX")
+def test_a_second_evaluation_into_the_same_output_dir_stops_before_reading_a_case(trained, phantoms, tmp_path):
+    """A job started twice, or two checkpoints scored into one folder by mistake: both evaluations wrote
+    subset_dice.*, so the folder could hold the JSON of one beside the CSV and PNG of the other. While the
+    first holds the folder, the second stops with one line, before it reads a case (the bad label below is
+    never reached), and leaves the first's files as they were; the folder is free again once it ends."""
+    import fcntl
+    import os
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    data = tmp_path / "data"
+    shutil.copytree(phantoms, data)
+    seg = sorted(data.glob("*/*_seg.nii.gz"))[0]
+    img = nib.load(str(seg))
+    values = np.asarray(img.dataobj)
+    nib.save(nib.Nifti1Image(np.where(values == 4, 3, values).astype(np.uint8), img.affine), str(seg))
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "subset_dice.json").write_text("{}\n")  # the first evaluation's report
+    args = ["--ckpt_path", str(trained / "models" / "model.pt"), "--output_dir", str(out), "--cache_rate", "0", *TINY]
+    fd = os.open(out, os.O_RDONLY)  # what the running evaluation holds (the kernel releases it when it dies)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(AssertionError) as failed:
+            run_bundle([TRAIN, EVALUATE], "--dataset_dir", str(data), *args)
+    finally:
+        os.close(fd)
+    stderr = str(failed.value).split("failed (1):", 1)[1]
+    assert "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: --output_dir {out} is in use by another run that is still writing into it (a job started twice?): "
+        "wait for it to end, or pass another --output_dir.")
+    assert [p.name for p in out.iterdir()] == ["subset_dice.json"] and (out / "subset_dice.json").read_text() == "{}\n"
+    run_bundle([TRAIN, EVALUATE], "--dataset_dir", str(phantoms), *args)  # once the first has ended
+    assert sorted(p.name for p in out.iterdir()) == [f"subset_dice.{ext}" for ext in ("csv", "json", "md", "png")]

@@ -561,6 +561,40 @@ def test_taking_the_output_folder_removes_what_a_killed_run_left(tmp_path, caplo
     assert sum("left by a run killed while writing it" in r.getMessage() for r in caplog.records) == 2
 
 
+@pytest.mark.skipif(os.name != "posix", reason="SIGTERM ends a Windows process without a handler")
+def test_an_output_folder_the_run_made_and_left_empty_is_removed_when_a_scheduler_stops_the_run(tmp_path):
+    """A job cancelled or ended at its time limit gets SIGTERM, which ends Python without running atexit: an
+    evaluation stopped while it read or scored its cases left the output folder it made (taking its lock), empty.
+    The run still ends by the signal; a folder holding an output, or one that was there before, stays."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from app.engines import lock_output_dir; lock_output_dir(sys.argv[1]); "
+            "open(sys.argv[1] + '/subset_dice.json', 'w').close() if len(sys.argv) > 2 else None; "
+            "print('locked', flush=True); time.sleep(60)")
+
+    def stopped(out, *extra):
+        proc = subprocess.Popen([sys.executable, "-c", code, str(out), *extra], cwd=REPO, stdout=subprocess.PIPE,
+                                text=True)
+        try:
+            assert proc.stdout.readline().strip() == "locked"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == -signal.SIGTERM  # the job script still sees the signal
+        finally:
+            proc.kill()
+            proc.stdout.close()
+
+    stopped(tmp_path / "runs" / "site" / "eval")
+    assert list(tmp_path.iterdir()) == []
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    stopped(existing)
+    assert existing.is_dir()
+    stopped(tmp_path / "eval", "write")
+    assert (tmp_path / "eval" / "subset_dice.json").is_file()
+
+
 def test_an_output_folder_the_run_made_and_left_empty_is_removed_at_exit(tmp_path):
     """A training that stops on a bad case after taking its output folder left that folder (and its new
     parents) behind, empty; a folder that was there before, or that holds an output, stays."""

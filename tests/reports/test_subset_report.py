@@ -219,3 +219,75 @@ def test_a_run_stopped_while_drawing_the_heatmap_keeps_the_earlier_report_whole(
     with pytest.raises(KeyboardInterrupt):
         write_subset_report(newer, out, title="Checkpoint B")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def _written(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("killed_at", [1, 2, 3, 4])
+def test_a_run_killed_between_its_files_leaves_no_json_beside_another_runs_files(tmp_path: Path, monkeypatch,
+                                                                                  killed_at: int):
+    """The files were replaced one by one, the JSON first: a run killed after it (a job's time limit, Ctrl-C)
+    left the new JSON beside the CSV, Markdown and PNG of the evaluation before it, and a reader trusting the
+    JSON read another checkpoint's table and picture. Where the JSON is, its siblings must be its own."""
+    import app.atomic
+
+    newer = _dice_result()
+    newer["subsets"]["t1"]["WT"] = 0.9
+    expected = _written(write_subset_report(newer, tmp_path / "whole", title="Checkpoint B")["json"].parent)
+    out = tmp_path / "reports"
+    write_subset_report(_dice_result(), out, title="Checkpoint A")
+    renames = []
+    real_replace = os.replace
+
+    def killed(src, dst):
+        renames.append(dst)
+        if len(renames) == killed_at:
+            raise KeyboardInterrupt  # the stop lands between two files of the set
+        real_replace(src, dst)
+
+    monkeypatch.setattr(app.atomic.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_subset_report(newer, out, title="Checkpoint B")
+    monkeypatch.setattr(app.atomic.os, "replace", real_replace)
+    left = _written(out)
+    assert "subset_dice.json" not in left, sorted(left)  # visibly incomplete
+    assert all(data == expected[name] for name, data in left.items()), sorted(left)  # and of one run only
+    write_subset_report(newer, out, title="Checkpoint B")  # the next run writes the whole set
+    assert _written(out) == expected
+
+
+def test_a_full_disk_while_writing_the_set_keeps_the_earlier_report_whole(tmp_path: Path, monkeypatch):
+    """A full disk at the third file left the new JSON and CSV beside the earlier Markdown and PNG."""
+    import errno
+
+    import app.atomic
+
+    out = tmp_path / "reports"
+    write_subset_report(_dice_result(), out, title="Checkpoint A")
+    before = _written(out)
+    newer = _dice_result()
+    newer["subsets"]["t1"]["WT"] = 0.9
+    writes = []
+    real_write = app.atomic._RecordingFile.write
+
+    def full_disk(self, data):
+        writes.append(len(data))
+        if len(writes) == 3:
+            self.error = OSError(errno.ENOSPC, "No space left on device")
+            raise self.error
+        return real_write(self, data)
+
+    monkeypatch.setattr(app.atomic._RecordingFile, "write", full_disk)
+    with pytest.raises(OSError, match="No space left on device.*free space"):
+        write_subset_report(newer, out, title="Checkpoint B")
+    assert _written(out) == before  # no temporary left either
+
+
+def test_a_report_without_a_picture_removes_the_earlier_picture(tmp_path: Path):
+    """Without a heatmap (plot off, or no matplotlib) the earlier report's PNG stayed beside the new tables."""
+    write_subset_report(_dice_result(), tmp_path, title="Checkpoint A")
+    paths = write_subset_report(_dice_result(), tmp_path, title="Checkpoint B", plot=False)
+    assert set(paths) == {"json", "csv", "md"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["subset_dice.csv", "subset_dice.json", "subset_dice.md"]

@@ -95,6 +95,34 @@ def test_classification_with_the_documented_settings_trains_and_evaluates(synthe
     assert report["mean_over_subsets"]["Acc"] == pytest.approx(mean)
 
 
+def test_a_second_evaluation_into_the_same_output_dir_stops_before_scoring(trained, synthetic_pkl, tmp_path):
+    """Two evaluations started into one folder (a job started twice) both wrote subset_metrics.*: the second
+    now stops with one line while the first holds the folder, and leaves the first's files as they were."""
+    import fcntl
+    import os
+    import sys
+
+    if sys.platform == "win32":
+        pytest.skip("folder locks (flock) are POSIX")
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "subset_metrics.json").write_text("{}\n")  # the first evaluation's report
+    fd = os.open(out, os.O_RDONLY)  # what the running evaluation holds
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = run_mosi_bundle([TRAIN, EVALUATE], "--data_path", str(synthetic_pkl), "--trust_pickle", "true",
+                               "--ckpt_path", str(trained / "models" / "model.pt"), "--output_dir", str(out),
+                               check=False)
+    finally:
+        os.close(fd)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: --output_dir {out} is in use by another run that is still writing into it (a job started twice?): "
+        "wait for it to end, or pass another --output_dir.")
+    assert [p.name for p in out.iterdir()] == ["subset_metrics.json"]
+    assert (out / "subset_metrics.json").read_text() == "{}\n"
+
+
 def test_evaluate_missing_split_names_the_available_ones(trained, trainval_pkl, tmp_path):
     # the same config evaluation as the command line, in-process (a subprocess costs seconds of imports)
     parser = _parser(TRAIN, EVALUATE, data_path=str(trainval_pkl), trust_pickle="true", eval_split="test",
