@@ -31,7 +31,8 @@ from app.subsets import BRATS_MODALITIES
 __all__ = [
     "AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "RegionVoxelsd", "ZeroAbsentSequencesd", "check_affine",
     "check_channels_last", "check_distinct_sequences", "check_fits_in_memory", "check_nifti_stream",
-    "check_not_a_slice", "check_voxels", "different_spaces_error", "grid_reordering", "has_orientation", "load_case",
+    "check_not_a_slice", "check_voxels", "different_spaces_error", "grid_reordering", "has_orientation", "header_conflict",
+    "load_case",
     "no_orientation_error", "reorder_voxels", "xform_space",
 ]
 
@@ -167,6 +168,36 @@ _Grid = tuple[str, tuple[int, ...], np.ndarray, bool, str]
 #: Spaces by NIfTI xform code. Codes 1 (scanner) and 2 (aligned anatomy) are the same coordinates as converters use
 #: them (ITK writes 1, nibabel 2).
 _XFORM_SPACES = {1: "scanner", 2: "scanner", 3: "Talairach", 4: "MNI 152", 5: "template"}
+
+
+def header_conflict(header: Any) -> str | None:
+    """How a NIfTI header contradicts itself where readers differ, or None, for training and inference alike: an
+    sform and a qform (both set) that place the voxels differently, or an sform whose voxel size is not the header's
+    pixdim.
+
+    This product reads the sform, as nibabel and FSL do; ITK (ITK-SNAP, 3D Slicer) reads the qform and takes the
+    voxel size from pixdim, so such a scan, and the label map that copies its header, lie elsewhere or measure other
+    volumes there. Only the header is read.
+
+    Args:
+        header: a nibabel NIfTI header; None (DICOM) or a header without an sform gives None.
+    """
+    try:
+        if header is None or int(header["sform_code"]) <= 0:
+            return None
+    except (KeyError, ValueError, TypeError):  # a format without the codes: one matrix, nothing to contradict
+        return None
+    sform = np.asarray(header.get_sform(), dtype=np.float64)
+    if int(header["qform_code"]) > 0:
+        diff = float(np.abs(np.asarray(header.get_qform(), dtype=np.float64) - sform).max())
+        if diff > AFFINE_TOLERANCE:
+            return f"its sform and qform disagree (by up to {diff:.3g} in the matrix)"
+    zooms = np.linalg.norm(sform[:3, :3], axis=0)
+    pixdim = np.abs(np.asarray(header["pixdim"][1:4], dtype=np.float64))
+    if np.any(np.abs(zooms - pixdim) > 1e-3 * np.maximum(pixdim, 1e-6)):
+        return (f"its sform's voxel size ({'x'.join(f'{z:.4g}' for z in zooms)} mm) is not its pixdim "
+                f"({'x'.join(f'{z:.4g}' for z in pixdim)} mm)")
+    return None
 
 
 def xform_space(header: Any) -> str:

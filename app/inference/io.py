@@ -25,8 +25,8 @@ from app.data.discovery import CHANNEL_ALIASES, load_nifti
 from app.data.errors import CaseError, check_readable, special_file_kind, too_large_to_read
 from app.data.transforms import (AFFINE_TOLERANCE, check_affine, check_channels_last, check_distinct_sequences,
                                  check_fits_in_memory, check_nifti_stream, check_not_a_slice, check_voxels,
-                                 different_spaces_error, grid_reordering, has_orientation, no_orientation_error,
-                                 reorder_voxels, xform_space)
+                                 different_spaces_error, grid_reordering, has_orientation, header_conflict,
+                                 no_orientation_error, reorder_voxels, xform_space)
 from app.subsets import BRATS_MODALITIES
 
 __all__ = [
@@ -87,25 +87,9 @@ class Volume:
 
     @property
     def header_conflict(self) -> str | None:
-        """How the NIfTI header contradicts itself where readers differ, or None: an sform and a qform (both set)
-        that place the voxels differently, or an sform whose voxel size is not the header's pixdim.
-
-        This product reads the sform, as nibabel and FSL do; ITK (ITK-SNAP, 3D Slicer) reads the qform and takes
-        the voxel size from pixdim, so such a scan, and the label map that copies its header, lie elsewhere or
-        measure other volumes there."""
-        if self.header is None or int(self.header["sform_code"]) <= 0:
-            return None
-        sform = np.asarray(self.header.get_sform(), dtype=np.float64)
-        if int(self.header["qform_code"]) > 0:
-            diff = float(np.abs(np.asarray(self.header.get_qform(), dtype=np.float64) - sform).max())
-            if diff > AFFINE_TOLERANCE:
-                return f"its sform and qform disagree (by up to {diff:.3g} in the matrix)"
-        zooms = np.linalg.norm(sform[:3, :3], axis=0)
-        pixdim = np.abs(np.asarray(self.header["pixdim"][1:4], dtype=np.float64))
-        if np.any(np.abs(zooms - pixdim) > 1e-3 * np.maximum(pixdim, 1e-6)):
-            return (f"its sform's voxel size ({'x'.join(f'{z:.4g}' for z in zooms)} mm) is not its pixdim "
-                    f"({'x'.join(f'{z:.4g}' for z in pixdim)} mm)")
-        return None
+        """How the NIfTI header contradicts itself where readers differ, or None (see
+        :func:`app.data.transforms.header_conflict`, which training and evaluation warn by too)."""
+        return header_conflict(self.header)
 
     @property
     def space(self) -> str:
