@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # numpy is imported where it is used: discovery and splitting
 __all__ = [
     "SPACING_TOLERANCE", "evaluation_cases", "first_image_header", "median_spacing", "name_outliers", "prepare_datalist", "ras_spacing", "read_datalist",
     "shard_cases", "shared_scans", "spacing_differs", "spacing_outliers",
-    "split_cases", "write_datalist",
+    "split_cases", "warn_header_conflicts", "write_datalist",
 ]
 
 #: Voxel sizes that differ by more than this fraction along an axis count as another resolution
@@ -253,6 +253,7 @@ def prepare_datalist(
     train, val = split_cases(cases, val_fraction=val_fraction, seed=seed)
     train, val = _copies_on_one_side(train, val, shared_scans(cases), dataset_dir)
     _warn_mixed_spacing(train)
+    warn_header_conflicts(cases)
     path = Path(output_dir) / "datalist.json"
     if _resuming(resume, Path(output_dir) / "models" / "checkpoint_last.pt") and path.is_file():
         _check_same_split(path, train, val)
@@ -358,7 +359,9 @@ def evaluation_cases(
                              "(the held-out cases of a training run, from the datalist.json in its --output_dir).")
         from app.data.discovery import discover_cases
 
-        return discover_cases(dataset_dir, require_label=True, label_convention=label_convention)
+        cases = discover_cases(dataset_dir, require_label=True, label_convention=label_convention)
+        warn_header_conflicts(cases)
+        return cases
     if str(label_convention or "auto").strip().lower() != "auto":
         logger.warning("label_convention %s is not used with a datalist: its cases keep the label values training "
                        "read them with (their label_map).", label_convention)
@@ -389,6 +392,7 @@ def evaluation_cases(
         raise ValueError(f"--eval_datalist {datalist} scores the held-out cases of a training run, and they do not lie "
                          f"under --dataset_dir {dataset_dir} (e.g. {outside[0]}): pass --eval_datalist alone to score "
                          "that run's held-out cases, or --dataset_dir alone to score every case under that folder.")
+    warn_header_conflicts(val)
     return val
 
 
@@ -502,6 +506,51 @@ def _warn_mixed_spacing(train: Sequence[dict[str, Any]]) -> str | None:
                f"Resample them to {median} mm for one scale.")
     logger.warning(message)
     return message
+
+
+#: Cases named one warning each by :func:`warn_header_conflicts`; the others are counted in one more.
+HEADER_CONFLICT_WARNINGS = 5
+
+
+def warn_header_conflicts(records: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """Warn, once per case, of the NIfTI files whose headers contradict themselves where readers differ
+    (:func:`app.data.transforms.header_conflict`, the check inference records as ``header_conflicts``).
+
+    Training and evaluation read every file by its sform, so their results are not affected; but a researcher who
+    views such a case in ITK-SNAP or 3D Slicer (which read the qform and pixdim) sees the scan, and its label,
+    elsewhere or at another size. Only headers are read; a file that cannot be read is left to the loader, which
+    names it with its fix.
+
+    Args:
+        records: case records (``images``, ``image4d``, ``label``) as :func:`app.data.discovery.discover_cases`
+            gives them.
+
+    Returns:
+        ``(case, file, conflict)`` for the first conflicting file of each such case, in input order.
+    """
+    from app.data.discovery import load_nifti
+    from app.data.transforms import header_conflict
+
+    found: list[tuple[str, str, str]] = []
+    for record in records:
+        files = [*dict(record.get("images") or {}).values(), record.get("image4d"), record.get("label")]
+        for path in (os.fspath(f) for f in files if f):
+            try:
+                conflict = header_conflict(load_nifti(path).header)
+            except Exception:  # noqa: BLE001 - see above
+                continue
+            if conflict:
+                found.append((str(record.get("case")), path, conflict))
+                break  # one warning per case: its files mostly share one writer
+    for case, path, conflict in found[:HEADER_CONFLICT_WARNINGS]:
+        logger.warning("Case %r: %s: %s. Training and evaluation read the sform (as nibabel and FSL do), so results "
+                       "are not affected, but ITK-SNAP and 3D Slicer read the qform (when set) and pixdim, and show "
+                       "the case elsewhere or at another size: rewrite the header so both agree (e.g. "
+                       "nibabel: img.set_qform(img.get_sform()); fslorient -copysform2qform).", case, path, conflict)
+    if len(found) > HEADER_CONFLICT_WARNINGS:
+        logger.warning("%d more case(s) have such a NIfTI header (e.g. %r).", len(found) - HEADER_CONFLICT_WARNINGS,
+                       found[HEADER_CONFLICT_WARNINGS][0])
+    return found
 
 
 def first_image_header(record: dict[str, Any]) -> Any | None:

@@ -23,6 +23,7 @@ import math
 import os
 import re
 import struct
+import unicodedata
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -169,13 +170,14 @@ ACCEPTED_LAYOUTS = (
     "MSD Task01 / nnU-Net (v1 or v2) folder with dataset.json, imagesTr/ (imagesTs/) and labelsTr/"
 )
 
-_BRATS2018_RE = re.compile(r"^(?P<case>.+)_(?P<seq>flair|t1ce|t1|t2|seg)\.nii(?:\.gz)?$", re.IGNORECASE)
-_BRATS2023_RE = re.compile(r"^(?P<case>.+)-(?P<seq>t2f|t1n|t1c|t2w|seg)\.nii(?:\.gz)?$", re.IGNORECASE)
+# DOTALL: a case id holding a newline is found, and refused by _unsafe_case_id, rather than silently not found
+_BRATS2018_RE = re.compile(r"^(?P<case>.+)_(?P<seq>flair|t1ce|t1|t2|seg)\.nii(?:\.gz)?$", re.IGNORECASE | re.DOTALL)
+_BRATS2023_RE = re.compile(r"^(?P<case>.+)-(?P<seq>t2f|t1n|t1c|t2w|seg)\.nii(?:\.gz)?$", re.IGNORECASE | re.DOTALL)
 _BRATS2023_SEQ = {"t2f": "flair", "t1n": "t1", "t1c": "t1ce", "t2w": "t2", "seg": "seg"}
 # nnU-Net v2 stores one file per channel: <case>_0000.nii.gz. Extensions are matched in any case
 # (.NII.GZ), as in the BraTS names above and as nibabel reads them
-_NNUNET_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<idx>\d{4})\.nii(?:\.gz)?$", re.IGNORECASE)
-_NIFTI_RE = re.compile(r"^(?P<case>.+)\.nii(?:\.gz)?$", re.IGNORECASE)
+_NNUNET_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<idx>\d{4})\.nii(?:\.gz)?$", re.IGNORECASE | re.DOTALL)
+_NIFTI_RE = re.compile(r"^(?P<case>.+)\.nii(?:\.gz)?$", re.IGNORECASE | re.DOTALL)
 # how the releases are downloaded (a .tar of BraTS 2021 or MSD, a .zip of BraTS 2023); a .nii.gz is no archive
 _ARCHIVE_RE = re.compile(r"\.(?:zip|tar|tgz|tar\.gz|tar\.bz2|tar\.xz|7z)$", re.IGNORECASE)
 
@@ -358,6 +360,23 @@ def case_sources(record: dict[str, Any]) -> list[str]:
     if record.get("layout") == "msd" and files:  # <folder>/imagesTr|imagesTs/<file>, see _msd_cases
         files.append(str(Path(files[0]).parent.parent / "dataset.json"))
     return files
+
+
+#: Unicode categories of the characters a case id may not hold: control characters (C0 and C1: a newline splits a
+#: one-line message or a report row, a carriage return or an escape sequence rewrites a terminal line), format
+#: characters (bidi overrides, zero-width spaces: the id reads as another), line and paragraph separators, and the
+#: surrogates Python gives the bytes of a file name that are not UTF-8 (printing them fails).
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def _unsafe_case_id(case: str) -> bool:
+    return any(unicodedata.category(c) in _UNSAFE_CATEGORIES for c in case)
+
+
+def _escaped_case_id(case: str) -> str:
+    """``case`` with each character of :data:`_UNSAFE_CATEGORIES` written as its escape (``\\n``, ``\\x1b``), so
+    that it prints on one line and as it is spelt."""
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) in _UNSAFE_CATEGORIES else c for c in case)
 
 
 def _case_problem(case_errors: dict[str, str] | None, case: str, message: str) -> None:
@@ -592,7 +611,8 @@ def discover_cases(
 
         case_errors: when given, a problem of one case (two files of one sequence, a label without
             image, an nnU-Net image file that is misnamed or not in ``dataset.json``, a case id used
-            twice) is stored here as ``{case: message}`` and that case is left out, instead of
+            twice, a case id holding a control or invisible character, keyed by its escaped form) is
+            stored here as ``{case: message}`` and that case is left out, instead of
             raising; the other cases are returned (batch inference). Problems of the whole folder
             (missing root, no case at all, unusable ``dataset.json``) and missing labels
             (``require_label``) still raise.
@@ -616,7 +636,8 @@ def discover_cases(
 
     Raises:
         CaseError: missing/empty root, a case without image sequences, duplicate case ids or
-            duplicate files of one sequence, unusable ``dataset.json``, or (with
+            duplicate files of one sequence, a case id holding a control or invisible character (with
+            ``case_errors``: stored under the id with those characters escaped), unusable ``dataset.json``, or (with
             ``require_label``) a case without label other than an ``imagesTs/`` one, or no
             labelled case at all.
         ValueError: ``label_convention`` is neither ``auto`` nor a name from ``LABEL_CONVENTIONS``.
@@ -741,8 +762,20 @@ def discover_cases(
             "nothing here.")
 
     where: dict[str, str] = {}
+    unsafe: set[str] = set()
     for rec, location, _ in found:
         case = rec["case"]
+        if _unsafe_case_id(case):
+            # the id names the case in one-line errors, logs, report rows, datalist.json and output file names;
+            # refused here, once for every layout and entry point, and shown only through its escaped form
+            unsafe.add(case)
+            _case_problem(
+                case_errors, _escaped_case_id(case),
+                f"Case id {case!r} (from {location!r}) holds a control or invisible character, which would split or "
+                "rewrite the messages, logs and report rows that name the case: rename its files with printable "
+                "characters only.",
+            )
+            continue
         if case in where:
             _case_problem(
                 case_errors, case,
@@ -752,8 +785,8 @@ def discover_cases(
         elif case_errors and case in case_errors:  # a copy with a problem: the outputs would share one name
             case_errors[case] += f" Case id {case!r} is also used at {location}, left out too: ids must be unique."
         where.setdefault(case, location)
-    if case_errors:
-        found = [item for item in found if item[0]["case"] not in case_errors]
+    if case_errors or unsafe:
+        found = [item for item in found if item[0]["case"] not in (case_errors or {}) and item[0]["case"] not in unsafe]
 
     if require_label:
         # MSD / nnU-Net test images have no labels by definition (a Task01 download has 266 of them):

@@ -29,9 +29,11 @@ from app.data.labels import LABEL_CONVENTIONS, labels_to_regions
 from app.subsets import BRATS_MODALITIES
 
 __all__ = [
-    "AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "RegionVoxelsd", "ZeroAbsentSequencesd", "check_channels_last",
-    "check_distinct_sequences", "check_fits_in_memory", "check_nifti_stream", "check_not_a_slice", "check_voxels",
-    "grid_reordering", "has_orientation", "load_case", "no_orientation_error", "reorder_voxels",
+    "AFFINE_TOLERANCE", "RECORD_KEYS", "LoadCased", "RegionVoxelsd", "ZeroAbsentSequencesd", "check_affine",
+    "check_channels_last", "check_distinct_sequences", "check_fits_in_memory", "check_nifti_stream",
+    "check_not_a_slice", "check_voxels", "different_spaces_error", "grid_reordering", "has_orientation", "header_conflict",
+    "load_case",
+    "no_orientation_error", "reorder_voxels", "xform_space",
 ]
 
 #: Largest absolute difference between affine entries still treated as the same grid.
@@ -160,8 +162,82 @@ def _spatial_shape(shape: tuple[int, ...], path: str, channels: bool, label: boo
     return tuple(shape[:3])
 
 
-# (file, spatial shape, affine, whether its header places it) of the reference image
-_Grid = tuple[str, tuple[int, ...], np.ndarray, bool]
+# (file, spatial shape, affine, whether its header places it, its space by xform_space) of the reference image
+_Grid = tuple[str, tuple[int, ...], np.ndarray, bool, str]
+
+#: Spaces by NIfTI xform code. Codes 1 (scanner) and 2 (aligned anatomy) are the same coordinates as converters use
+#: them (ITK writes 1, nibabel 2).
+_XFORM_SPACES = {1: "scanner", 2: "scanner", 3: "Talairach", 4: "MNI 152", 5: "template"}
+
+
+def header_conflict(header: Any) -> str | None:
+    """How a NIfTI header contradicts itself where readers differ, or None, for training and inference alike: an
+    sform and a qform (both set) that place the voxels differently, or an sform whose voxel size is not the header's
+    pixdim.
+
+    This product reads the sform, as nibabel and FSL do; ITK (ITK-SNAP, 3D Slicer) reads the qform and takes the
+    voxel size from pixdim, so such a scan, and the label map that copies its header, lie elsewhere or measure other
+    volumes there. Only the header is read.
+
+    Args:
+        header: a nibabel NIfTI header; None (DICOM) or a header without an sform gives None.
+    """
+    try:
+        if header is None or int(header["sform_code"]) <= 0:
+            return None
+    except (KeyError, ValueError, TypeError):  # a format without the codes: one matrix, nothing to contradict
+        return None
+    sform = np.asarray(header.get_sform(), dtype=np.float64)
+    if int(header["qform_code"]) > 0:
+        diff = float(np.abs(np.asarray(header.get_qform(), dtype=np.float64) - sform).max())
+        if diff > AFFINE_TOLERANCE:
+            return f"its sform and qform disagree (by up to {diff:.3g} in the matrix)"
+    zooms = np.linalg.norm(sform[:3, :3], axis=0)
+    pixdim = np.abs(np.asarray(header["pixdim"][1:4], dtype=np.float64))
+    if np.any(np.abs(zooms - pixdim) > 1e-3 * np.maximum(pixdim, 1e-6)):
+        return (f"its sform's voxel size ({'x'.join(f'{z:.4g}' for z in zooms)} mm) is not its pixdim "
+                f"({'x'.join(f'{z:.4g}' for z in pixdim)} mm)")
+    return None
+
+
+def xform_space(header: Any) -> str:
+    """The space the affine nibabel takes from ``header`` maps to, by the NIfTI code of that matrix (the sform's
+    when set, else the qform's): ``scanner`` for codes 1 and 2 and for a header without codes (DICOM: None), else
+    the template (Talairach, MNI 152), for training and inference alike."""
+    try:
+        code = int(header["sform_code"]) or int(header["qform_code"])
+    except (KeyError, ValueError, TypeError):  # no header, or a format without the codes
+        return "scanner"
+    return _XFORM_SPACES.get(code, f"xform code {code}") if code else "scanner"
+
+
+def different_spaces_error(what: str, other_what: str, space: str, other_space: str) -> CaseError:
+    """The error for two images of one case on different grids whose headers place them in different spaces
+    (:func:`xform_space`), for training and inference alike: world coordinates of a template (a FLAIR registered
+    to MNI 152) and of the scanner are not comparable, so resampling by them would put one scan somewhere in the
+    other's head; the fix is registration, not resampling."""
+    return CaseError(
+        f"{what} and {other_what} lie on different grids in different spaces ({space} and {other_space} "
+        "coordinates, by their headers' sform/qform codes), so neither can be resampled onto the other: register "
+        "them into one space (or resample them onto one grid) first.")
+
+
+def check_affine(what: str, affine: np.ndarray) -> None:
+    """Refuse a degenerate voxel-to-world matrix (NaN/Inf, or singular: an sform row of zeros, pixdim 0 on an axis,
+    as some converters write), for training and inference alike: it places the voxels nowhere, and grid
+    comparisons and reorderings by it fail or mislead.
+
+    Args:
+        what: the image as named in the error (file, and sequence where known).
+        affine: its voxel-to-world matrix.
+
+    Raises:
+        CaseError: naming ``what`` and the fix.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise CaseError(f"{what} has a degenerate voxel-to-world matrix {affine[:3].tolist()}: fix the header "
+                        "(qform/sform) of the file.")
 
 
 def has_orientation(header: Any) -> bool:
@@ -194,7 +270,7 @@ def no_orientation_error(what: str, path: str, other_what: str, other_path: str,
 
 
 def _check_grid(path: str, shape: tuple[int, ...], affine: np.ndarray, ref: _Grid) -> None:
-    ref_path, ref_shape, ref_affine, _ = ref
+    ref_path, ref_shape, ref_affine, _, _ = ref
     diff = float(np.abs(affine - ref_affine).max())
     if shape != ref_shape or diff > AFFINE_TOLERANCE:
         vox = np.round(np.linalg.norm(affine[:3, :3], axis=0), 4).tolist()
@@ -241,9 +317,10 @@ def reorder_voxels(volume: np.ndarray, transform: np.ndarray | None) -> np.ndarr
 
 
 def _onto_grid(path: str, shape: tuple[int, ...], affine: np.ndarray, ref: _Grid,
-               oriented: bool = True) -> np.ndarray | None:
+               oriented: bool = True, space: str = "scanner") -> np.ndarray | None:
     """Refuse a volume off the reference grid; returns the reordering a volume on it in another voxel
-    order needs (:func:`grid_reordering`), or None. ``oriented``: :func:`has_orientation` of its header."""
+    order needs (:func:`grid_reordering`), or None. ``oriented``: :func:`has_orientation` of its header; ``space``:
+    its :func:`xform_space`."""
     if not (oriented and ref[3]) and not (
             tuple(shape) == tuple(ref[1]) and float(np.abs(affine - ref[2]).max()) <= AFFINE_TOLERANCE):
         # by a guessed affine the grids differ, and "resample them onto one grid" would move the scan by the guess
@@ -251,6 +328,10 @@ def _onto_grid(path: str, shape: tuple[int, ...], affine: np.ndarray, ref: _Grid
             raise no_orientation_error(path, path, ref[0], ref[0], shape, ref[1])
         raise no_orientation_error(ref[0], ref[0], path, path, ref[1], shape)
     transform = grid_reordering(shape, affine, ref[1], ref[2])
+    if transform is None and space != ref[4] and not (
+            tuple(shape) == tuple(ref[1]) and float(np.abs(affine - ref[2]).max()) <= AFFINE_TOLERANCE):
+        # "resample them onto one grid" would resample by the coordinates of two spaces
+        raise different_spaces_error(path, ref[0], space, ref[4])
     if transform is None:
         _check_grid(path, shape, affine, ref)
     return transform
@@ -428,7 +509,8 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
                             "fix 'modality' in dataset.json or re-export the 4D image.")
         check_channels_last(image4d, tuple(img.shape), need)
         check_not_a_slice(image4d, shape)
-        ref = (image4d, shape[:3], img.affine, has_orientation(img.header))
+        check_affine(image4d, img.affine)
+        ref = (image4d, shape[:3], img.affine, has_orientation(img.header), xform_space(img.header))
         data = _read(img, image4d, np.float32).reshape(shape)
         stacked = np.zeros((len(BRATS_MODALITIES), *shape[:3]), dtype=np.float32)
         for seq, idx in channels.items():
@@ -450,18 +532,19 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
         img = _open(path)
         shape = _spatial_shape(tuple(img.shape), path, channels=False)
         check_not_a_slice(path, shape)
+        check_affine(path, img.affine)
         transform = None
         if ref is None:
-            ref = (path, shape, img.affine, has_orientation(img.header))
+            ref = (path, shape, img.affine, has_orientation(img.header), xform_space(img.header))
             stacked = np.zeros((len(BRATS_MODALITIES), *shape), dtype=np.float32)
         else:
-            transform = _onto_grid(path, shape, img.affine, ref, has_orientation(img.header))
+            transform = _onto_grid(path, shape, img.affine, ref, has_orientation(img.header), xform_space(img.header))
         volume = reorder_voxels(_read(img, path, np.float32).reshape(shape), transform)
         check_voxels(volume, path)
         stacked[c] = volume  # type: ignore[index]
         present.append(seq)
     assert ref is not None and stacked is not None  # at least one of images/image4d was read above
-    ref_path, _, ref_affine, _ = ref
+    ref_path, _, ref_affine, _, _ = ref
     check_distinct_sequences({seq: stacked[BRATS_MODALITIES.index(seq)] for seq in present},
                              {seq: images[seq] if seq in images else f"{image4d} (channel {channels[seq]})"
                               for seq in present})
@@ -486,7 +569,9 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
                             "its own output. Move it out of the data folder (write inference outputs elsewhere), or "
                             "put the reference segmentation in its place.")
         shape = _spatial_shape(tuple(img.shape), label_path, channels=False, label=True)
-        transform = _onto_grid(label_path, shape, img.affine, ref, has_orientation(img.header))
+        check_affine(label_path, img.affine)
+        transform = _onto_grid(label_path, shape, img.affine, ref, has_orientation(img.header),
+                               xform_space(img.header))
         labels = reorder_voxels(_read(img, label_path, None).reshape(shape), transform)
         regions = labels_to_regions(labels, record["label_map"], source=label_path, layout=record.get("layout"))
         out["label"] = _meta_tensor(regions, np.asarray(ref_affine, dtype=np.float64), label_path, case)

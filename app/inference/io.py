@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from app.atomic import missing_hint
 from app.data.discovery import CHANNEL_ALIASES, load_nifti
 from app.data.errors import CaseError, check_readable, special_file_kind, too_large_to_read
-from app.data.transforms import (AFFINE_TOLERANCE, check_channels_last, check_distinct_sequences, check_fits_in_memory,
-                                 check_nifti_stream, check_not_a_slice, check_voxels, grid_reordering, has_orientation,
-                                 no_orientation_error, reorder_voxels)
+from app.data.transforms import (AFFINE_TOLERANCE, check_affine, check_channels_last, check_distinct_sequences,
+                                 check_fits_in_memory, check_nifti_stream, check_not_a_slice, check_voxels,
+                                 different_spaces_error, grid_reordering, has_orientation, header_conflict,
+                                 no_orientation_error, reorder_voxels, xform_space)
 from app.subsets import BRATS_MODALITIES
 
 __all__ = [
@@ -45,10 +46,6 @@ _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # any temporary name of AtomicOutputs.temp: ".<stem>.<8 hex>[-<pid>].tmp<suffix>", the suffix one of
 # _NIFTI_SUFFIXES or .json, as _stem_suffix gives it (lower case), or none
 _ANY_TEMPORARY_RE = re.compile(r"\.(?P<stem>.+)\.[0-9a-f]{8}(?:-\d+)?\.tmp(?P<suffix>\.nii\.gz|\.nii|\.json|)")
-
-
-#: The space each NIfTI xform code names; only voxels placed in one space can be put on one grid.
-_XFORM_SPACES = {1: "scanner", 2: "scanner", 3: "Talairach", 4: "MNI 152", 5: "template"}
 
 
 class EmptyChannelError(CaseError):
@@ -90,35 +87,16 @@ class Volume:
 
     @property
     def header_conflict(self) -> str | None:
-        """How the NIfTI header contradicts itself where readers differ, or None: an sform and a qform (both set)
-        that place the voxels differently, or an sform whose voxel size is not the header's pixdim.
-
-        This product reads the sform, as nibabel and FSL do; ITK (ITK-SNAP, 3D Slicer) reads the qform and takes
-        the voxel size from pixdim, so such a scan, and the label map that copies its header, lie elsewhere or
-        measure other volumes there."""
-        if self.header is None or int(self.header["sform_code"]) <= 0:
-            return None
-        sform = np.asarray(self.header.get_sform(), dtype=np.float64)
-        if int(self.header["qform_code"]) > 0:
-            diff = float(np.abs(np.asarray(self.header.get_qform(), dtype=np.float64) - sform).max())
-            if diff > AFFINE_TOLERANCE:
-                return f"its sform and qform disagree (by up to {diff:.3g} in the matrix)"
-        zooms = np.linalg.norm(sform[:3, :3], axis=0)
-        pixdim = np.abs(np.asarray(self.header["pixdim"][1:4], dtype=np.float64))
-        if np.any(np.abs(zooms - pixdim) > 1e-3 * np.maximum(pixdim, 1e-6)):
-            return (f"its sform's voxel size ({'x'.join(f'{z:.4g}' for z in zooms)} mm) is not its pixdim "
-                    f"({'x'.join(f'{z:.4g}' for z in pixdim)} mm)")
-        return None
+        """How the NIfTI header contradicts itself where readers differ, or None (see
+        :func:`app.data.transforms.header_conflict`, which training and evaluation warn by too)."""
+        return header_conflict(self.header)
 
     @property
     def space(self) -> str:
         """The space its ``affine`` maps to, by the NIfTI code of the matrix nibabel takes (the sform's when set,
         else the qform's): ``scanner`` for scanner and aligned anatomy (codes 1 and 2, which converters use for
         the same coordinates: ITK writes 1, nibabel 2) and for DICOM, else the template (Talairach, MNI 152)."""
-        if self.header is None:
-            return "scanner"
-        code = int(self.header["sform_code"]) or int(self.header["qform_code"])
-        return _XFORM_SPACES.get(code, f"xform code {code}")
+        return xform_space(self.header)
 
 
 @dataclass
@@ -576,9 +554,7 @@ def read_volume(
                                 f"{seq} out of the case, or re-export the 4D image with the right channel.")
     what = f"{path} ({seq})" if channel is None else f"{path} (channel {channel}, {seq})"
     check_voxels(data, what, channel=channel is not None)
-    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise CaseError(f"{path} ({seq}) has a degenerate voxel-to-world matrix {affine[:3].tolist()}: fix the "
-                        "header (qform/sform) of the file.")
+    check_affine(f"{path} ({seq})", affine)
     return Volume(seq, path, data, affine, header)
 
 
@@ -726,10 +702,7 @@ def read_case(
         if vol.space != ref.space:
             # world coordinates of a template (a FLAIR registered to MNI 152) and of the scanner are not comparable:
             # resampling by them would put the other sequence somewhere in the head, and the result would be written
-            raise CaseError(
-                f"{vol.source} ({seq}) and {ref.source} ({reference}) lie on different grids in different spaces "
-                f"({vol.space} and {ref.space} coordinates, by their headers' sform/qform codes), so neither can be "
-                "resampled onto the other: register them into one space (or resample them onto one grid) first.")
+            raise different_spaces_error(f"{vol.source} ({seq})", f"{ref.source} ({reference})", vol.space, ref.space)
         if resample_to is None:
             diff = float(np.abs(vol.affine - ref.affine).max()) if vol.shape == ref.shape else float("nan")
             raise CaseError(

@@ -525,3 +525,45 @@ def test_training_cases_at_another_voxel_size_than_the_others_are_named(tmp_path
     assert f"1 of the 4 training cases ({odd['case']} at [2.0, 2.0, 2.0] mm) have a voxel size more than 10% off" \
         in caplog.text
     assert "median, [1.0, 1.0, 1.0] mm" in caplog.text and "Resample them to [1.0, 1.0, 1.0] mm" in caplog.text
+
+
+def test_a_header_that_contradicts_itself_is_warned_once_per_case_in_training_and_evaluation(tmp_path, make_case,
+                                                                                          caplog):
+    """Inference recorded sform/qform and sform/pixdim disagreements as header_conflicts; training and evaluation
+    said nothing, though a researcher viewing such a case in ITK-SNAP sees it elsewhere. They now warn once per case
+    by the same check (headers only)."""
+    import logging
+
+    import nibabel as nib
+    import numpy as np
+
+    from app.data.datalist import evaluation_cases, prepare_datalist
+    from app.inference.io import read_case
+
+    data = tmp_path / "data"
+    for i in range(3):
+        make_case(data, f"case{i}")
+    turned = np.eye(4)
+    turned[:3, :3] = [[1, 0, 0], [0, np.cos(0.1), -np.sin(0.1)], [0, np.sin(0.1), np.cos(0.1)]]
+    for f in sorted((data / "case1").iterdir()):  # every file of the case: still one warning
+        img = nib.load(str(f))
+        out = nib.Nifti1Image(np.asarray(img.dataobj), turned)
+        out.set_sform(turned, code=1)
+        out.set_qform(np.eye(4), code=1)  # e.g. a registration that rewrote the sform only
+        nib.save(out, str(f))
+    with caplog.at_level(logging.WARNING, logger="app.data.datalist"):
+        split = prepare_datalist(data, tmp_path / "run", val_fraction=0.34)
+    warnings = [r.getMessage() for r in caplog.records if "ITK-SNAP" in r.getMessage()]
+    conflict = read_case(dict(next(r for r in split["training"] + split["validation"]
+                                   if r["case"] == "case1")["images"])).header_conflicts["flair"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"Case 'case1': {data / 'case1' / 'case1_flair.nii.gz'}: "
+                                                         f"{conflict}. Training and evaluation read the sform")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="app.data.datalist"):
+        evaluation_cases(data)
+    assert [r.getMessage() for r in caplog.records if "ITK-SNAP" in r.getMessage()] == warnings
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="app.data.datalist"):
+        evaluation_cases(data, tmp_path / "run" / "datalist.json")
+    said = [r.getMessage() for r in caplog.records if "ITK-SNAP" in r.getMessage()]
+    assert said == (warnings if "case1" in [r["case"] for r in split["validation"]] else [])

@@ -764,3 +764,28 @@ def test_other_files_of_complete_cases_are_not_read(tmp_path, monkeypatch):
     cases = discover_cases(tmp_path)
     assert [c["case"] for c in cases] == ["3", "A", "A_1", "B.2", "C"]
     assert read == ["C_t1c.nii.gz"]
+
+
+@pytest.mark.parametrize("case", ["A\n1", "A\r1", "A\x1b[2K1", "A\x9b2K1", "A\u202e1", "A\u20281"])
+def test_a_case_id_with_a_control_or_invisible_character_is_refused_as_written(tmp_path, case):
+    """A case id comes from a file name, and lands in one-line errors (``error: case NAME: ...``), logs, report rows
+    and datalist.json: a newline split them, a carriage return or an escape sequence rewrote a terminal line, a bidi
+    override made the id read as another. A newline even hid the case (no file name pattern matched it), so the
+    folder trained or was segmented without it and without a word. Such an id is refused, shown escaped."""
+    brats18(tmp_path / "good", "Good")
+    brats18(tmp_path / "bad", case)
+    with pytest.raises(CaseError) as err:
+        discover_cases(tmp_path, require_label=True)
+    msg = str(err.value)
+    assert msg.startswith(f"Case id {case!r} (from ") and "rename its files with printable characters only" in msg
+    assert msg.isprintable()
+    # batch inference: the case is an error under its escaped id, the others run
+    errors: dict[str, str] = {}
+    assert [r["case"] for r in discover_cases(tmp_path, case_errors=errors)] == ["Good"]
+    (key,) = errors
+    assert key == repr(case)[1:-1] and key.isprintable() and errors[key] == msg
+
+
+def test_a_case_id_with_accents_or_spaces_is_still_accepted(tmp_path):
+    brats18(tmp_path, "Größe Fall\u00a01")
+    assert [r["case"] for r in discover_cases(tmp_path)] == ["Größe Fall\u00a01"]

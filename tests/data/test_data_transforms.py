@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import struct
 import tracemalloc
 
 import nibabel as nib
@@ -297,6 +298,76 @@ def test_an_image_without_orientation_on_another_grid_is_told_to_copy_the_geomet
             nib.save(nib.Nifti1Image(np.asarray(nib.load(str(f)).dataobj), affine), str(f))
     with pytest.raises(CaseError, match=r"A_1_seg\.nii\.gz has no orientation in its header .*fslcpgeom"):
         load_case(only(discover_cases(tmp_path)))
+
+
+def _placed_in(path, code, shape=None):
+    """Re-save ``path`` with sform and qform code ``code`` (1 scanner, 4 MNI 152), cropped to ``shape`` if given."""
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj)
+    if shape is not None:
+        data = data[tuple(slice(0, n) for n in shape)]
+    out = nib.Nifti1Image(data, img.affine)
+    out.set_sform(img.affine, code=code)
+    out.set_qform(img.affine, code=code)
+    nib.save(out, str(path))
+
+
+def test_sequences_on_different_grids_in_different_spaces_are_told_to_register_as_inference_tells(tmp_path,
+                                                                                                   make_case):
+    """A FLAIR registered to MNI 152 (sform code 4) beside a T1 in scanner coordinates (code 1), on another grid:
+    training said to resample onto one grid, which would resample by the coordinates of two spaces, while inference
+    said to register them into one space. Both now give the shared message."""
+    from app.inference.io import read_case
+
+    folder = make_case(tmp_path, "A_1", seqs=("flair", "t1"))
+    _placed_in(folder / "A_1_flair.nii.gz", 4)
+    _placed_in(folder / "A_1_t1.nii.gz", 1, shape=(16, 16, 11))
+    rec = only(discover_cases(tmp_path))
+    expected = (r"A_1_t1\.nii\.gz( \(t1\))? and .*A_1_flair\.nii\.gz( \(flair\))? lie on different grids in "
+                r"different spaces \(scanner and MNI 152 coordinates, by their headers' sform/qform codes\).*register "
+                r"them into one space")
+    with pytest.raises(CaseError, match=expected) as err:
+        load_case(rec)
+    assert "Resample/register" not in str(err.value)
+    with pytest.raises(CaseError, match=expected):
+        read_case(rec["images"])
+    # one grid in two spaces' codes: read as it is (the grid is the same, nothing is resampled)
+    make_case(tmp_path, "A_1", seqs=("t1",), label=False)
+    _placed_in(folder / "A_1_t1.nii.gz", 1)
+    assert load_case(only(discover_cases(tmp_path)))["modalities"] == ["flair", "t1"]
+    # codes 1 and 2 are one space: the grid message, with its resampling fix
+    _placed_in(folder / "A_1_flair.nii.gz", 2)
+    _placed_in(folder / "A_1_t1.nii.gz", 1, shape=(16, 16, 11))
+    with pytest.raises(CaseError, match=r"are on different grids.*Resample/register"):
+        load_case(only(discover_cases(tmp_path)))
+
+
+def _with_singular_sform(path):
+    """Rewrite the header bytes of ``path`` (nibabel will not save it) with qform_code 0 and an sform whose z row is
+    0, as a converter writing pixdim 0 on an axis leaves it: a singular voxel-to-world matrix."""
+    raw = bytearray(gzip.decompress(open(path, "rb").read()))
+    struct.pack_into("<h", raw, 252, 0)  # qform_code
+    struct.pack_into("<h", raw, 254, 1)  # sform_code: scanner
+    struct.pack_into("<4f", raw, 312, 0.0, 0.0, 0.0, 0.0)  # srow_z
+    open(path, "wb").write(gzip.compress(bytes(raw)))
+
+
+@pytest.mark.parametrize("which", ["A_1_flair", "A_1_t2", "A_1_seg"])
+def test_a_degenerate_voxel_to_world_matrix_is_refused_as_inference_refuses_it(tmp_path, make_case, which):
+    """A singular affine (a zero sform row, pixdim 0) crashed training with nibabel's 'Unable to find out axis nan'
+    (the grid comparison) or, in every file of a case, trained on it without a word, while inference refused it.
+    Both now share the check and its message, which names the file."""
+    from app.inference.io import read_case
+
+    folder = make_case(tmp_path, "A_1")
+    _with_singular_sform(folder / f"{which}.nii.gz")
+    rec = only(discover_cases(tmp_path))
+    expected = rf"{which}\.nii\.gz( \(\w+\))? has a degenerate voxel-to-world matrix .*: fix the header \(qform/sform\)"
+    with pytest.raises(CaseError, match=expected):
+        load_case(rec)
+    if which != "A_1_seg":
+        with pytest.raises(CaseError, match=expected):
+            read_case(rec["images"])
 
 
 def test_a_one_hot_4d_label_is_told_to_be_merged_into_one_label_map(tmp_path, make_case, write_nii):
