@@ -96,7 +96,7 @@ class _AtomicDiskSaver(BaseSaveHandler):
 class AtomicCheckpointSaver(CheckpointSaver):
     """MONAI's ``CheckpointSaver`` (same arguments) writing each file atomically.
 
-    MONAI's saver removes the previous ``model.pt`` and then ``torch.save``\ s the new one in place,
+    MONAI's saver removes the previous ``model.pt`` and then writes the new one in place (``torch.save``),
     so a run killed in between (SIGKILL, the OOM killer, a scheduler's time limit) left no
     ``model.pt``, or a truncated one that no evaluation can read, in place of the best model so far;
     ``model_final.pt`` likewise. Here readers see the old file or the complete new one

@@ -284,17 +284,8 @@ def test_train_cggm_two_iterations_writes_its_diagnostics(phantoms, tmp_path):
 
 def test_evaluate_stops_at_a_bad_case_before_scoring_with_one_line(trained, phantoms, tmp_path):
     """A bad label among the cases was found mid-evaluation and printed four tracebacks before the error."""
-    import shutil
-
-    import nibabel as nib
-    import numpy as np
-
-    data = tmp_path / "data"
-    shutil.copytree(phantoms, data)
-    seg = sorted(data.glob("*/*_seg.nii.gz"))[-1]  # the last case: read after the others are scored
-    img = nib.load(str(seg))
-    values = np.asarray(img.dataobj)
-    nib.save(nib.Nifti1Image(np.where(values == 4, 3, values).astype(np.uint8), img.affine), str(seg))
+    # the last case: read after the others are scored
+    data, seg = tmp_path / "data", _copy_with_et_as_3(phantoms, tmp_path / "data", -1)
     with pytest.raises(AssertionError) as failed:
         run_bundle([TRAIN, EVALUATE], "--dataset_dir", str(data), "--ckpt_path", str(trained / "models" / "model.pt"),
                    "--output_dir", str(tmp_path / "eval"), "--cache_rate", "0", *TINY)
@@ -309,17 +300,7 @@ def test_training_on_a_bad_case_leaves_no_output(phantoms, tmp_path, cache_rate)
     """The split was written before the cases were read: a bad file left a datalist.json behind (and with
     cache_rate 0, a traceback mid-training). The output folder the run made for itself (taking its lock) is
     removed with its new parents; it used to stay behind, empty."""
-    import shutil
-
-    import nibabel as nib
-    import numpy as np
-
-    data = tmp_path / "data"
-    shutil.copytree(phantoms, data)
-    seg = sorted(data.glob("*/*_seg.nii.gz"))[0]
-    img = nib.load(str(seg))
-    values = np.asarray(img.dataobj)
-    nib.save(nib.Nifti1Image(np.where(values == 4, 3, values).astype(np.uint8), img.affine), str(seg))
+    data, seg = tmp_path / "data", _copy_with_et_as_3(phantoms, tmp_path / "data", 0)
     out = tmp_path / "runs" / "out"
     with pytest.raises(AssertionError) as failed:
         run_bundle([TRAIN], "--dataset_dir", str(data), "--output_dir", str(out), "--max_epochs", "1",
@@ -456,28 +437,51 @@ def test_evaluation_follows_deterministic_false_as_training_does():
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
 
 
+def _copy_with_et_as_3(phantoms, data, index: int):
+    """Copy the phantoms to ``data`` and give case ``index``'s label 3 for enhancing tumour (a BraTS 2023 value
+    under 2018 names, which the brats2018 convention refuses); return that label's path."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    shutil.copytree(phantoms, data)
+    seg = sorted(data.glob("*/*_seg.nii.gz"))[index]
+    img = nib.load(str(seg))
+    values = np.asarray(img.dataobj)
+    nib.save(nib.Nifti1Image(np.where(values == 4, 3, values).astype(np.uint8), img.affine), str(seg))
+    return seg
+
+
+def _stderr_while_held(out, configs, *args: str) -> str:
+    """The stderr of a bundle run that fails while another process (this test) holds ``out``'s folder lock, as a
+    running training or evaluation does (the kernel releases it when that process dies)."""
+    import fcntl
+    import os
+
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(AssertionError) as failed:
+            run_bundle(configs, *args)
+    finally:
+        os.close(fd)
+    return str(failed.value).split("failed (1):", 1)[1]
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="folder locks (flock) are POSIX")
 def test_a_second_training_on_the_same_output_dir_stops_before_writing(phantoms, tmp_path):
     """A job started twice on one output folder: while the first training holds it, the second stops
     with one line and leaves the first's files as they were (both used to train, writing one
     datalist.json, checkpoint_last.pt and model.pt in turn)."""
-    import fcntl
-    import os
 
     out = tmp_path / "out"
     (out / "models").mkdir(parents=True)
     (out / "datalist.json").write_text('{"training": [], "validation": []}\n')  # the first run's files
     (out / "models" / "checkpoint_last.pt").write_bytes(b"first run")
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    fd = os.open(out, os.O_RDONLY)  # what the running training holds (the kernel releases it when it dies)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(AssertionError) as failed:
-            run_bundle([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
-                       "--strategy", "plain", "--cache_rate", "0", *TINY)
-    finally:
-        os.close(fd)
-    stderr = str(failed.value).split("failed (1):", 1)[1]
+    stderr = _stderr_while_held(out, [TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(out),
+                                "--max_epochs", "1", "--strategy", "plain", "--cache_rate", "0", *TINY)
     assert "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == (
         f"error: --output_dir {out} is in use by another run that is still writing into it (a job started twice?): "
@@ -491,31 +495,12 @@ def test_a_second_evaluation_into_the_same_output_dir_stops_before_reading_a_cas
     subset_dice.*, so the folder could hold the JSON of one beside the CSV and PNG of the other. While the
     first holds the folder, the second stops with one line, before it reads a case (the bad label below is
     never reached), and leaves the first's files as they were; the folder is free again once it ends."""
-    import fcntl
-    import os
-    import shutil
-
-    import nibabel as nib
-    import numpy as np
-
-    data = tmp_path / "data"
-    shutil.copytree(phantoms, data)
-    seg = sorted(data.glob("*/*_seg.nii.gz"))[0]
-    img = nib.load(str(seg))
-    values = np.asarray(img.dataobj)
-    nib.save(nib.Nifti1Image(np.where(values == 4, 3, values).astype(np.uint8), img.affine), str(seg))
+    data, seg = tmp_path / "data", _copy_with_et_as_3(phantoms, tmp_path / "data", 0)
     out = tmp_path / "eval"
     out.mkdir()
     (out / "subset_dice.json").write_text("{}\n")  # the first evaluation's report
     args = ["--ckpt_path", str(trained / "models" / "model.pt"), "--output_dir", str(out), "--cache_rate", "0", *TINY]
-    fd = os.open(out, os.O_RDONLY)  # what the running evaluation holds (the kernel releases it when it dies)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(AssertionError) as failed:
-            run_bundle([TRAIN, EVALUATE], "--dataset_dir", str(data), *args)
-    finally:
-        os.close(fd)
-    stderr = str(failed.value).split("failed (1):", 1)[1]
+    stderr = _stderr_while_held(out, [TRAIN, EVALUATE], "--dataset_dir", str(data), *args)
     assert "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == (
         f"error: --output_dir {out} is in use by another run that is still writing into it (a job started twice?): "

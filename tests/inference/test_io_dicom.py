@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pytest
@@ -72,34 +72,32 @@ def test_per_slice_rescale_slopes_keep_their_fractional_values(tmp_path):
     np.testing.assert_allclose(volume.data, scaled.transpose(), atol=1e-3)
 
 
-def test_a_series_larger_than_the_memory_left_is_refused_before_it_is_read(tmp_path, monkeypatch):
-    """A series of thousands of slices that the memory left cannot hold was read until the out-of-memory killer
-    ended the run (or another process on the server); its size is known from one header and the file count."""
+def _write_multi_frame(image: Any, path: Path) -> None:
+    """Write a SimpleITK volume as one multi-frame MR file of a fixed series (folders created)."""
     import SimpleITK as sitk
 
-    _write_series(tmp_path / "flair", _volume())  # 12 slices of 8 x 10
-    monkeypatch.setattr("app.data.transforms.available_memory", lambda: 8 * 10 * 12 * 4 - 1, raising=False)
-    executed = []
-    monkeypatch.setattr(sitk.ImageSeriesReader, "Execute", lambda self, *a: executed.append(1))
-    with pytest.raises(CaseError) as info:
-        read_volume(tmp_path / "flair", "flair")
-    assert str(info.value).startswith(f"Not enough memory to read {tmp_path / 'flair'} (shape (8, 10, 12)")
-    assert executed == []
-
-
-def test_a_multi_frame_file_larger_than_the_memory_left_is_refused_before_it_is_read(tmp_path, monkeypatch):
-    """One multi-frame DICOM file holds the whole volume: its size is its header's frames, not the file count."""
-    import SimpleITK as sitk
-
-    image = sitk.Cast(sitk.GetImageFromArray(np.round(_volume())), sitk.sitkInt16)  # 12 frames of 8 x 10
     for tag, value in {"0020|000d": "1.2.826.0.1.3680043.2.1125.8", "0020|000e": "1.2.826.0.1.3680043.2.1125.8.1",
                        "0008|0060": "MR"}.items():
         image.SetMetaData(tag, value)
-    (tmp_path / "flair").mkdir()
+    path.parent.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    writer.SetFileName(str(tmp_path / "flair" / "volume.dcm"))
+    writer.SetFileName(str(path))
     writer.Execute(image)
+
+
+@pytest.mark.parametrize("layout", ["slices", "multi_frame"])
+def test_a_series_larger_than_the_memory_left_is_refused_before_it_is_read(tmp_path, monkeypatch, layout):
+    """A series of thousands of slices that the memory left cannot hold was read until the out-of-memory killer
+    ended the run (or another process on the server); its size is known from one header and the file count. One
+    multi-frame DICOM file holds the whole volume: its size is its header's frames, not the file count."""
+    import SimpleITK as sitk
+
+    if layout == "slices":
+        _write_series(tmp_path / "flair", _volume())  # 12 slices of 8 x 10
+    else:
+        image = sitk.Cast(sitk.GetImageFromArray(np.round(_volume())), sitk.sitkInt16)  # 12 frames of 8 x 10
+        _write_multi_frame(image, tmp_path / "flair" / "volume.dcm")
     monkeypatch.setattr("app.data.transforms.available_memory", lambda: 8 * 10 * 12 * 4 - 1, raising=False)
     executed = []
     monkeypatch.setattr(sitk.ImageSeriesReader, "Execute", lambda self, *a: executed.append(1))
@@ -192,14 +190,7 @@ def test_multi_frame_file_is_read_as_its_volume(tmp_path, direction):
     image.SetSpacing((1.5, 1.2, 3.0))
     image.SetOrigin((-10.0, 20.0, 5.0))
     image.SetDirection(direction)
-    for tag, value in {"0020|000d": "1.2.826.0.1.3680043.2.1125.8", "0020|000e": "1.2.826.0.1.3680043.2.1125.8.1",
-                       "0008|0060": "MR"}.items():
-        image.SetMetaData(tag, value)
-    (tmp_path / "flair").mkdir()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    writer.SetFileName(str(tmp_path / "flair" / "volume.dcm"))
-    writer.Execute(image)
+    _write_multi_frame(image, tmp_path / "flair" / "volume.dcm")
 
     volume = read_volume(tmp_path / "flair", "flair")
     assert volume.data.shape == data.shape[::-1]
