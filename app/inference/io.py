@@ -410,6 +410,50 @@ def _subfolders_with_dicom(folder: str) -> list[str]:
     return found
 
 
+def _tag_number(reader: Any, tag: str, index: int | None = None) -> float | None:
+    """The first number of DICOM ``tag`` (``"0028|0120"``) in a header reader, or of slice ``index`` of an
+    executed series reader; None when the tag is absent or not a number."""
+    try:
+        if index is None:
+            text = reader.GetMetaData(tag) if reader.HasMetaDataKey(tag) else ""
+        else:
+            text = reader.GetMetaData(index, tag) if reader.HasMetaDataKey(index, tag) else ""
+        return float(text.strip().rstrip("\x00").split("\\")[0])
+    except (RuntimeError, ValueError, IndexError):
+        return None
+
+
+def _zero_pixel_padding(array: np.ndarray, header: Any, reader: Any | None) -> np.ndarray:
+    """Set the voxels a series marks as padding to 0 (background), in place; ``array`` is ``[z, y, x]``.
+
+    Pixel Padding Value (0028,0120), with Pixel Padding Range Limit (0028,0121) for a range, marks the area an MR
+    export fills outside the reconstructed field of view. It is given in stored values, before the rescale slope and
+    intercept that the read applied per slice. A positive padding value (or one the rescale makes positive) would
+    count as head: the crop keeps voxels > 0 and normalisation uses every voxel not 0. Without the tag nothing
+    changes.
+
+    Args:
+        array: the rescaled voxels, one ``[y, x]`` plane per slice file (or per frame of one file).
+        header: a header reader of the first file, for a multi-frame file's tags.
+        reader: the executed series reader holding each slice's tags, or None for one (multi-frame) file.
+    """
+    for k in range(array.shape[0]):
+        tags, index = (reader, k) if reader is not None else (header, None)
+        padding = _tag_number(tags, "0028|0120", index)
+        if padding is None:
+            continue
+        limit = _tag_number(tags, "0028|0121", index)
+        slope = _tag_number(tags, "0028|1053", index) or 1.0
+        intercept = _tag_number(tags, "0028|1052", index) or 0.0
+        stored = np.array([padding, padding if limit is None else limit])
+        lo, hi = np.sort(stored * slope + intercept)
+        # stored values are integers: half a rescaled step absorbs float32 rounding of the rescaled value
+        tolerance = 0.5 * abs(slope)
+        plane = array[k]
+        plane[(plane >= lo - tolerance) & (plane <= hi + tolerance)] = 0.0
+    return array
+
+
 def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         import SimpleITK as sitk  # only needed for DICOM input
@@ -477,7 +521,11 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
         raise CaseError(f"{folder} is a {image.GetNumberOfComponentsPerPixel()}-component (colour/vector) series: "
                         "expected a grey-value MRI series.")
     # SimpleITK arrays are [z, y, x] and its geometry is in LPS; NIfTI affines map [x, y, z] to RAS
-    data = sitk.GetArrayFromImage(image).astype(np.float32).transpose()  # a Fortran-order view, as NIfTI's
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    if array.ndim == 3:  # padding outside the field of view is background, as in a skull-stripped scan
+        array = _zero_pixel_padding(array, _dicom_header(sitk, files[0]) if len(files) == 1 else None,
+                                    reader if len(files) > 1 else None)
+    data = array.transpose()  # a Fortran-order view, as NIfTI's
     ndim = image.GetDimension()
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(ndim, ndim)
     affine = np.eye(4)

@@ -25,7 +25,8 @@ def _volume(shape=(12, 10, 8), seed=0) -> np.ndarray:
 def _write_series(folder: Path, data: np.ndarray, spacing=(1.5, 1.2, 3.0), origin=(-10.0, 20.0, 5.0),
                   direction: Sequence[float] = (1, 0, 0, 0, 1, 0, 0, 0, 1), slopes: Sequence[float] | None = None,
                   in_plane_drift: float = 0.0, prefix: str = "IM", uid: str = "1.2.826.0.1.3680043.2.1125.7.1",
-                  description: str = "AX FLAIR", series_number: int = 3) -> None:
+                  description: str = "AX FLAIR", series_number: int = 3, tags: dict[str, str] | None = None,
+                  intercept: float = 0.0, stored_int16: bool = False) -> None:
     """Write ``data`` ([z, y, x]) as one DICOM file per slice, as a PACS exports an MR series.
 
     Args:
@@ -34,6 +35,10 @@ def _write_series(folder: Path, data: np.ndarray, spacing=(1.5, 1.2, 3.0), origi
         prefix: start of the file names (another acquisition written into the same folder).
         in_plane_drift: mm by which each slice's position moves along the column direction from the
             previous one (a gantry-tilted acquisition: the slice stack is sheared).
+        tags: further tags written into every slice (e.g. the pixel padding value).
+        intercept: rescale intercept written into every slice.
+        stored_int16: write ``data`` (integer values) as int16 pixels: GDCM stores ``(value - intercept) / slope``
+            and the rescale tags as given, instead of choosing its own rescale for float values.
     """
     import SimpleITK as sitk
 
@@ -43,7 +48,8 @@ def _write_series(folder: Path, data: np.ndarray, spacing=(1.5, 1.2, 3.0), origi
     writer.KeepOriginalImageUIDOn()
     for k, plane in enumerate(data):
         slope = 1.0 if slopes is None else slopes[k]
-        img = sitk.GetImageFromArray(plane.astype(np.float32)[None])  # float: GDCM stores it with the rescale tags
+        img = sitk.GetImageFromArray(plane.astype(np.int16 if stored_int16 else np.float32)[None])  # float: GDCM
+        # stores it with the rescale tags
         position = np.asarray(origin) + k * spacing[2] * normal + k * in_plane_drift * cols
         for tag, value in {"0020|000d": "1.2.826.0.1.3680043.2.1125.7", "0020|000e": uid,
                            "0008|0060": "MR", "0008|103e": description, "0020|0011": str(series_number),
@@ -51,8 +57,9 @@ def _write_series(folder: Path, data: np.ndarray, spacing=(1.5, 1.2, 3.0), origi
                            "0020|0037": "\\".join(f"{v:.10f}" for v in (*rows, *cols)),
                            "0020|0032": "\\".join(f"{v:.10f}" for v in position),
                            "0028|0030": f"{spacing[1]}\\{spacing[0]}", "0018|0050": str(spacing[2]),
-                           "0028|1053": repr(slope), "0028|1052": "0",
-                           "0028|0100": "16", "0028|0101": "16", "0028|0102": "15", "0028|0103": "1"}.items():
+                           "0028|1053": repr(slope), "0028|1052": repr(intercept),
+                           "0028|0100": "16", "0028|0101": "16", "0028|0102": "15", "0028|0103": "1",
+                           **(tags or {})}.items():
             img.SetMetaData(tag, value)
         img.SetSpacing((spacing[0], spacing[1], spacing[2]))
         writer.SetFileName(str(folder / f"{prefix}{k:04d}.dcm"))
@@ -499,3 +506,24 @@ def test_a_series_folder_copied_as_another_sequence_is_refused(tmp_path):
                                         rf"{tmp_path / 't1'} \(t1\)"):
         read_case({"flair": tmp_path / "flair", "t1": tmp_path / "t1", "t1ce": tmp_path / "t1ce"})
     assert read_case({"flair": tmp_path / "flair", "t1": tmp_path / "t1"}).sequences == ["flair", "t1"]
+
+
+@pytest.mark.parametrize("padding, limit, intercept", [(30000, None, 0.0), (0, None, 100.0), (30000, 30050, 0.0)],
+                         ids=["positive", "positive_after_rescale", "range"])
+def test_pixel_padding_outside_the_field_of_view_is_background(tmp_path, padding, limit, intercept):
+    """An MR export filling the area outside the reconstructed field of view with Pixel Padding Value (0028,0120):
+    a padding value that is positive, or that the rescale intercept makes positive, was read as head tissue, so it
+    entered the foreground crop and the z-score over voxels not 0. Padded voxels are now 0; with Pixel Padding Range
+    Limit (0028,0121) every stored value of the range is padding."""
+    stored = np.round(_volume())  # 50 .. 1000
+    padded = np.zeros(stored.shape, dtype=bool)
+    padded[:, :2, :] = padded[:, :, -1:] = True
+    stored[padded] = padding if limit is None else np.resize(np.arange(padding, limit + 1), stored[padded].shape)
+    tags = {"0028|0120": str(padding), **({} if limit is None else {"0028|0121": str(limit)})}
+    _write_series(tmp_path / "flair", stored + intercept, tags=tags, intercept=intercept, stored_int16=True)
+    volume = read_volume(tmp_path / "flair", "flair")
+    np.testing.assert_array_equal(volume.data, np.where(padded, 0.0, stored + intercept).transpose())
+
+    # without the tag the same values are the scan's own, read unchanged
+    _write_series(tmp_path / "t2", stored + intercept, intercept=intercept, stored_int16=True)
+    np.testing.assert_array_equal(read_volume(tmp_path / "t2", "t2").data, (stored + intercept).transpose())
