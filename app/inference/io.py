@@ -487,9 +487,17 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
     files = list(reader.GetGDCMSeriesFileNames(folder, series[0]))
     _check_all_dicom_files_read(sitk, folder, series[0], files)
     try:  # a series of thousands of slices (or frames) that the memory left cannot hold: refused before it is read
-        size = tuple(_dicom_header(sitk, files[0]).GetSize())
+        first = _dicom_header(sitk, files[0])
+        size = tuple(first.GetSize())
+        photometric = first.GetMetaData("0028|0004") if first.HasMetaDataKey("0028|0004") else ""
     except RuntimeError:
-        size = ()  # an unreadable first slice: reading the series names it
+        size, photometric = (), ""  # an unreadable first slice: reading the series names it
+    if photometric.strip().rstrip("\x00").strip().upper() == "MONOCHROME1":
+        # inverted grey values (high values dark): GDCM inverts the stored values on read (an int16 slice's x reads
+        # as -x-1), so the head would come out negative, or bright background around dark tissue, never as scanned
+        raise CaseError(f"{folder} is stored as MONOCHROME1 (Photometric Interpretation (0028,0004): inverted grey "
+                        "values, high values dark), which is not read as an MR scan: re-export the series as "
+                        "MONOCHROME2, the usual MR setting.")
     if size:
         check_fits_in_memory(folder, size[:2] + ((len(files),) if len(files) > 1 else size[2:3]))
     try:

@@ -527,3 +527,17 @@ def test_pixel_padding_outside_the_field_of_view_is_background(tmp_path, padding
     # without the tag the same values are the scan's own, read unchanged
     _write_series(tmp_path / "t2", stored + intercept, intercept=intercept, stored_int16=True)
     np.testing.assert_array_equal(read_volume(tmp_path / "t2", "t2").data, (stored + intercept).transpose())
+
+
+def test_monochrome1_series_is_refused(tmp_path):
+    """A series stored as MONOCHROME1 (inverted grey values): GDCM inverts its stored values on read (x reads as
+    -x-1), so the series was refused as 'has no positive voxel', with the advice to re-export it with its original
+    intensities, which it has. It is now named as MONOCHROME1, with the fix."""
+    _write_series(tmp_path / "flair", np.round(_volume()), stored_int16=True)
+    for path in (tmp_path / "flair").iterdir():
+        raw = path.read_bytes()
+        assert raw.count(b"MONOCHROME2") == 1  # GDCM writes MONOCHROME2 whatever the tag says: set it in the file
+        path.write_bytes(raw.replace(b"MONOCHROME2", b"MONOCHROME1"))
+    with pytest.raises(CaseError, match=r"flair is stored as MONOCHROME1 \(Photometric Interpretation \(0028,0004\): "
+                                        r"inverted grey values, .*: re-export the series as MONOCHROME2"):
+        read_volume(tmp_path / "flair", "flair")
