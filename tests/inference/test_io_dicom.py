@@ -508,13 +508,15 @@ def test_a_series_folder_copied_as_another_sequence_is_refused(tmp_path):
     assert read_case({"flair": tmp_path / "flair", "t1": tmp_path / "t1"}).sequences == ["flair", "t1"]
 
 
-@pytest.mark.parametrize("padding, limit, intercept", [(30000, None, 0.0), (0, None, 100.0), (30000, 30050, 0.0)],
-                         ids=["positive", "positive_after_rescale", "range"])
+@pytest.mark.parametrize("padding, limit, intercept",
+                         [(30000, None, 0.0), (0, None, 100.0), (30000, 30050, 0.0), (-32768, None, 0.0)],
+                         ids=["positive", "positive_after_rescale", "range", "type_minimum"])
 def test_pixel_padding_outside_the_field_of_view_is_background(tmp_path, padding, limit, intercept):
     """An MR export filling the area outside the reconstructed field of view with Pixel Padding Value (0028,0120):
     a padding value that is positive, or that the rescale intercept makes positive, was read as head tissue, so it
     entered the foreground crop and the z-score over voxels not 0. Padded voxels are now 0; with Pixel Padding Range
-    Limit (0028,0121) every stored value of the range is padding."""
+    Limit (0028,0121) every stored value of the range is padding. The type's minimum (-32768), outside the crop,
+    still entered the normalisation over voxels not 0."""
     stored = np.round(_volume())  # 50 .. 1000
     padded = np.zeros(stored.shape, dtype=bool)
     padded[:, :2, :] = padded[:, :, -1:] = True
