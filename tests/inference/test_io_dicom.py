@@ -48,8 +48,8 @@ def _write_series(folder: Path, data: np.ndarray, spacing=(1.5, 1.2, 3.0), origi
     writer.KeepOriginalImageUIDOn()
     for k, plane in enumerate(data):
         slope = 1.0 if slopes is None else slopes[k]
-        img = sitk.GetImageFromArray(plane.astype(np.int16 if stored_int16 else np.float32)[None])  # float: GDCM
-        # stores it with the rescale tags
+        # float: GDCM stores it with the rescale tags
+        img = sitk.GetImageFromArray(plane.astype(np.int16 if stored_int16 else np.float32)[None])
         position = np.asarray(origin) + k * spacing[2] * normal + k * in_plane_drift * cols
         for tag, value in {"0020|000d": "1.2.826.0.1.3680043.2.1125.7", "0020|000e": uid,
                            "0008|0060": "MR", "0008|103e": description, "0020|0011": str(series_number),
