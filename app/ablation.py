@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import yaml
 
 from app.atomic import atomic_write_text, check_writable_folder, locked_folder
+from app.data.errors import check_regular_file
 from app.flags import check_counts
 from app.reports.ablation import (
     ablation_table, format_ablation_markdown, format_seed_markdown, seed_table, write_ablation_report,
@@ -267,7 +268,7 @@ def _override_files(args: Sequence[str], train: Path, evaluate: Path) -> list[Pa
     bundle's own ``train.yaml`` and ``evaluate.yaml`` in the list are left out: the runner places them.
 
     Raises:
-        ValueError: a listed file does not exist.
+        ValueError: a listed file does not exist, or is a named pipe, device or socket.
     """
     from app.bundle_args import config_files  # imports monai: only for a command that has a --config_file
 
@@ -282,6 +283,8 @@ def _override_files(args: Sequence[str], train: Path, evaluate: Path) -> list[Pa
     own = {os.path.realpath(train), os.path.realpath(evaluate)}
     out = []
     for name in filter(None, files):
+        # a named pipe was called "not found", although ls lists it
+        check_regular_file(name, "Pass a YAML or JSON file as --config_file.")
         if not os.path.isfile(name):
             raise ValueError(f"--config_file: {name} not found: give the override files (recipes) to train and evaluate "
                              "every strategy with, e.g. --config_file configs/demo.yaml.")

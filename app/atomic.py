@@ -19,13 +19,15 @@ import signal
 import sys
 import tempfile
 import threading
+import unicodedata
 import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Mapping, NoReturn
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_path_text", "check_writable_folder",
-           "exit_with", "fsync_dir", "lock_folder", "locked_folder", "missing_hint", "run_interruptible",
-           "remove_abandoned_temporaries", "replace_file_set", "stale_temporaries", "unexpanded_home", "write_error"]
+           "escape_unsafe", "exit_with", "fsync_dir", "lock_folder", "locked_folder", "missing_hint",
+           "run_interruptible", "remove_abandoned_temporaries", "replace_file_set", "stale_temporaries",
+           "unexpanded_home", "unsafe_character", "write_error"]
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -63,14 +65,26 @@ _WRITE_FIX = ("choose a folder you can write to (Docker: mount it writable for t
               "--user $(id -u):$(id -g))")
 
 
-# a control character in a path: a carriage return from a job script saved with Windows line endings, a tab
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: Unicode categories of the characters a path or a case id may not hold: control characters (C0 and C1: a
+#: carriage return from a job script saved with Windows line endings, a tab, a newline that splits a one-line message
+#: or a report row, an escape sequence that rewrites a terminal line), format characters (bidi overrides, zero-width
+#: spaces: the name reads as another), line and paragraph separators, and the surrogates Python gives the bytes of a
+#: file name that are not UTF-8 (printing them fails).
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
-def _printable(text: str) -> str:
-    """``text`` with its control characters written as escapes (``\\r``): printed as they are, a carriage
-    return sends the rest of the message over its start."""
-    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+def unsafe_character(char: str) -> bool:
+    """Whether ``char`` is one a path or a case id must not hold: a control or invisible character (see
+    :data:`_UNSAFE_CATEGORIES`). Output paths (:func:`check_path_text`) and case discovery both ask here, so
+    that a name refused as a case id is refused as an output path too."""
+    return unicodedata.category(char) in _UNSAFE_CATEGORIES
+
+
+def escape_unsafe(text: str) -> str:
+    """``text`` with each character :func:`unsafe_character` refuses written as its escape (``\\r``, ``\\u202e``),
+    so that it prints on one line and as it is spelt: printed as it is, a carriage return sends the rest of the
+    message over its start, and a bidi override reverses it."""
+    return "".join(repr(c)[1:-1] if unsafe_character(c) else c for c in text)
 
 
 def unexpanded_home(path: str | os.PathLike) -> str | None:
@@ -88,20 +102,22 @@ def check_path_text(path: str | os.PathLike, what: str) -> None:
       the current one, while the inputs came from the home folder (case discovery expands ``~``), and a
       bundle training split its files between the two (ignite's checkpoint saver expands ``~``, the other
       writers do not).
-    - A control character, mostly the carriage return that ends every line of a job script saved with
-      Windows line endings: the last argument of a line (``--output_dir /data/out``) carries it, and the run
-      wrote into a folder named ``out\\r``, which every message showed as ``out``.
+    - A control or invisible character (:func:`unsafe_character`, the characters a case id may not hold
+      either), mostly the carriage return that ends every line of a job script saved with Windows line
+      endings: the last argument of a line (``--output_dir /data/out``) carries it, and the run wrote into a
+      folder named ``out\\r``, which every message showed as ``out``. A bidi override or a C1 control made the
+      path print as another, and was written as it was.
 
     Args:
         path: the output file or folder, as given.
         what: the option and value that gave it, named first in the message.
     """
     text = os.fspath(path)
-    if _CONTROL.search(text):
+    if any(unsafe_character(c) for c in text):
         cause = ("ends with a carriage return (\\r): the job script has Windows line endings; convert it with "
                  "dos2unix SCRIPT (or sed -i 's/\\r$//' SCRIPT)") if text.endswith("\r") else \
-            "holds a control character: retype the path"
-        raise ValueError(f"{_printable(what)}: the path {text!r} {cause}.")
+            "holds a control or invisible character: retype the path"
+        raise ValueError(f"{escape_unsafe(what)}: the path {text!r} {cause}.")
     home = unexpanded_home(text)
     if home is not None:
         raise ValueError(f"{what}: '~' is not expanded here (the shell expands it only unquoted and not after "

@@ -19,6 +19,8 @@ from typing import Any, Mapping, Sequence
 
 import monai
 
+from app.data.errors import check_regular_file
+
 __all__ = ["check_overrides", "check_override_files", "config_files"]
 
 _MONAI_DIR = os.path.dirname(os.path.abspath(monai.__file__)) + os.sep
@@ -52,6 +54,16 @@ def _cli_options(args: Sequence[str]) -> dict[str, str | None]:
     return options
 
 
+def _check_recipe_file(path: Any, setting: str) -> None:
+    """Refuse a named pipe, device or socket given as ``setting`` (a recipe or ``--args_file``) before MONAI
+    opens it: reading a pipe waits for a writer forever, so the run hung without a word.
+
+    Raises:
+        CaseError: a ``ValueError`` naming the path, what it is and the fix.
+    """
+    check_regular_file(str(path), f"Pass a YAML or JSON file as {setting}.")
+
+
 def check_overrides(argv: Sequence[str] | None = None) -> None:
     """Refuse a ``--key`` of ``python -m monai.bundle run`` that names no setting of the config files.
 
@@ -75,6 +87,7 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
         return
     options: dict[str, Any] = _cli_options(argv[1:])
     if options.get("args_file"):  # defaults and overrides from a file, the command line wins
+        _check_recipe_file(options["args_file"], "--args_file")
         options = {**ConfigParser.load_config_file(options["args_file"]), **options}
     config_file: Any = options.get("config_file")
     if not config_file:
@@ -84,6 +97,8 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
             config_file = config_files(config_file)
         except ValueError:
             return  # MONAI reports the malformed list itself
+    for path in config_files(config_file):
+        _check_recipe_file(path, "--config_file")
     merged = ConfigParser.load_config_files(config_file)
     check_override_files(config_file, merged)
     known = set(merged) | {"_meta_"}

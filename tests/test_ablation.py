@@ -7,8 +7,10 @@ pickle (sentiment), checks the tables, the resume of finished stages and the err
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import monai
 import pytest
@@ -690,3 +692,17 @@ def test_the_up_front_strategy_check_builds_each_stage_with_its_own_count_and_pa
 
     monkeypatch.setattr(app.strategies, "build_strategy", build_or_fail)
     _check_strategy_settings([train], [], planned)
+
+
+def test_an_ablation_recipe_that_is_a_named_pipe_is_named_as_one(tmp_path):
+    """``ablate --config_file PIPE`` said the recipe was not found, although ``ls`` lists it; it is refused as
+    what it is, before it is opened (a read would wait for a writer forever)."""
+    from app.ablation import _override_files
+
+    pipe = tmp_path / "recipe.yaml"
+    os.mkfifo(pipe)
+    train, evaluate = Path("bundles/brats_gmd/configs/train.yaml"), Path("bundles/brats_gmd/configs/evaluate.yaml")
+    with pytest.raises(ValueError) as err:
+        _override_files(["--config_file", str(pipe)], train, evaluate)
+    assert str(err.value) == (f"{pipe} is a named pipe, not a file: it is not read (reading it would wait or run "
+                              "forever). Pass a YAML or JSON file as --config_file.")

@@ -281,7 +281,8 @@ def test_a_path_ending_with_the_carriage_return_of_a_windows_job_script_is_named
         check_writable_folder(out, f"--output_dir {out}")
     with pytest.raises(ValueError, match=rf"^--out {tmp_path}/seg.nii.gz\\r: the path .* {windows}"):
         check_output_path(f"{tmp_path}/seg.nii.gz\r", "--out", (".nii.gz",))
-    with pytest.raises(ValueError, match=r"^--out x\\ty.nii.gz: the path 'x\\ty.nii.gz' holds a control character"):
+    with pytest.raises(ValueError, match=r"^--out x\\ty.nii.gz: the path 'x\\ty.nii.gz' holds a control or "
+                                         r"invisible character"):
         check_output_path("x\ty.nii.gz", "--out", (".nii.gz",))
     assert os.listdir(tmp_path) == []
     (tmp_path / "model.pt").write_bytes(b"")  # the file the path means is there
@@ -348,3 +349,26 @@ def test_remove_abandoned_temporaries_removes_only_those_of_dead_writers(tmp_pat
     assert remove_abandoned_temporaries(tmp_path) == [abandoned]
     assert not abandoned.exists() and live.exists() and other.exists()
     assert remove_abandoned_temporaries(tmp_path / "missing") == []
+
+
+@pytest.mark.parametrize("char", ["\t", "\x1b", "\x9b", "\u202e", "\u200b", "\u2028", "\udcff"])
+def test_an_output_path_is_refused_for_each_character_a_case_id_is_refused_for(tmp_path, char):
+    """Output paths were refused for C0 controls and DEL only, while case ids (the same names, in the same messages
+    and report rows) were refused for C1 controls, bidi overrides, zero-width characters, line separators and the
+    bytes of a name that are not UTF-8 too: such an output folder was created, and printed as another name. One
+    definition now serves both, and the message shows the path escaped."""
+    import os
+
+    from app.atomic import check_path_text, check_writable_folder
+    from app.inference.pipeline import check_output_path
+
+    out = f"{tmp_path}/out{char}1"
+    shown = repr(out)[1:-1]  # the character as its escape: printable, and spelt as it is
+    message = f"--output_dir {shown}: the path {out!r} holds a control or invisible character: retype the path."
+    with pytest.raises(ValueError) as err:
+        check_writable_folder(out, f"--output_dir {out}")
+    assert str(err.value) == message and str(err.value).isprintable()
+    with pytest.raises(ValueError, match="holds a control or invisible character"):
+        check_output_path(f"{tmp_path}/seg{char}.nii.gz", "--out", (".nii.gz",))
+    assert os.listdir(tmp_path) == []
+    check_path_text(f"{tmp_path}/Größe Fall\u00a01", "--output_dir")  # accents and spaces stay accepted

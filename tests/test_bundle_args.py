@@ -247,3 +247,21 @@ def test_a_command_line_setting_a_recipe_cut_off_is_refused(tmp_path):
     check_overrides([main, "run", "--config_file", str([train, multi]), "--seed", "3"])
     demo = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
     check_overrides([main, "run", "--config_file", str([train, demo]), "--gmd_subsets", "5", "--strategy", "gmd"])
+
+
+@pytest.mark.parametrize("setting", ["--args_file", "--config_file"])
+def test_a_recipe_that_is_a_named_pipe_is_refused_instead_of_waited_on(tmp_path, setting):
+    """A named pipe given as ``--args_file`` or among ``--config_file`` made the run wait for a writer forever
+    before it started, without a word."""
+    from app.bundle_args import _MONAI_DIR, check_overrides
+    from tests.data.helpers import errors_of_call_on_pipe
+
+    main = os.path.join(_MONAI_DIR, "bundle", "__main__.py")
+    train = os.path.join(os.path.dirname(__file__), "..", "bundles", "brats_gmd", "configs", "train.yaml")
+    pipe = tmp_path / "recipe.yaml"
+    os.mkfifo(pipe)
+    argv = [main, "run", "--args_file", str(pipe)] if setting == "--args_file" else \
+        [main, "run", "--config_file", str([train, str(pipe)])]
+    assert errors_of_call_on_pipe(lambda: check_overrides(argv), pipe, setting) == [
+        f"{pipe} is a named pipe, not a file: it is not read (reading it would wait or run forever). Pass a YAML or "
+        f"JSON file as {setting}."]

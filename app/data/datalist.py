@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from app.atomic import atomic_write_text, missing_hint
+from app.data.errors import check_regular_file
 from app.flags import check_paths, parse_bool
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,8 @@ def read_datalist(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[d
     folder the command ran from, so the same evaluation found its cases or not depending on where a
     scheduler started it.
     """
+    # a named pipe given as --eval_datalist: open() would wait for a writer forever
+    check_regular_file(path, "Pass the datalist.json that training wrote into its --output_dir.")
     try:
         with open(path, encoding="utf-8") as f:
             payload = json.load(f)

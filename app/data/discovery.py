@@ -23,13 +23,12 @@ import math
 import os
 import re
 import struct
-import unicodedata
 import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from app.atomic import missing_hint
+from app.atomic import escape_unsafe, missing_hint, unsafe_character
 from app.data.errors import CaseError, check_regular_file
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, NON_TUMOUR_PART
 from app.subsets import BRATS_MODALITIES
@@ -170,7 +169,7 @@ ACCEPTED_LAYOUTS = (
     "MSD Task01 / nnU-Net (v1 or v2) folder with dataset.json, imagesTr/ (imagesTs/) and labelsTr/"
 )
 
-# DOTALL: a case id holding a newline is found, and refused by _unsafe_case_id, rather than silently not found
+# DOTALL: a case id holding a newline is found, and refused (app.atomic.unsafe_character), rather than not found
 _BRATS2018_RE = re.compile(r"^(?P<case>.+)_(?P<seq>flair|t1ce|t1|t2|seg)\.nii(?:\.gz)?$", re.IGNORECASE | re.DOTALL)
 _BRATS2023_RE = re.compile(r"^(?P<case>.+)-(?P<seq>t2f|t1n|t1c|t2w|seg)\.nii(?:\.gz)?$", re.IGNORECASE | re.DOTALL)
 _BRATS2023_SEQ = {"t2f": "flair", "t1n": "t1", "t1c": "t1ce", "t2w": "t2", "seg": "seg"}
@@ -360,23 +359,6 @@ def case_sources(record: dict[str, Any]) -> list[str]:
     if record.get("layout") == "msd" and files:  # <folder>/imagesTr|imagesTs/<file>, see _msd_cases
         files.append(str(Path(files[0]).parent.parent / "dataset.json"))
     return files
-
-
-#: Unicode categories of the characters a case id may not hold: control characters (C0 and C1: a newline splits a
-#: one-line message or a report row, a carriage return or an escape sequence rewrites a terminal line), format
-#: characters (bidi overrides, zero-width spaces: the id reads as another), line and paragraph separators, and the
-#: surrogates Python gives the bytes of a file name that are not UTF-8 (printing them fails).
-_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
-
-
-def _unsafe_case_id(case: str) -> bool:
-    return any(unicodedata.category(c) in _UNSAFE_CATEGORIES for c in case)
-
-
-def _escaped_case_id(case: str) -> str:
-    """``case`` with each character of :data:`_UNSAFE_CATEGORIES` written as its escape (``\\n``, ``\\x1b``), so
-    that it prints on one line and as it is spelt."""
-    return "".join(repr(c)[1:-1] if unicodedata.category(c) in _UNSAFE_CATEGORIES else c for c in case)
 
 
 def _case_problem(case_errors: dict[str, str] | None, case: str, message: str) -> None:
@@ -765,12 +747,12 @@ def discover_cases(
     unsafe: set[str] = set()
     for rec, location, _ in found:
         case = rec["case"]
-        if _unsafe_case_id(case):
+        if any(unsafe_character(c) for c in case):
             # the id names the case in one-line errors, logs, report rows, datalist.json and output file names;
             # refused here, once for every layout and entry point, and shown only through its escaped form
             unsafe.add(case)
             _case_problem(
-                case_errors, _escaped_case_id(case),
+                case_errors, escape_unsafe(case),
                 f"Case id {case!r} (from {location!r}) holds a control or invisible character, which would split or "
                 "rewrite the messages, logs and report rows that name the case: rename its files with printable "
                 "characters only.",

@@ -70,10 +70,15 @@ def special_file_kind(path: str | os.PathLike) -> str | None:
     return None
 
 
-def check_regular_file(path: str | os.PathLike) -> None:
+def check_regular_file(path: str | os.PathLike, fix: str = "Replace it with the scan's file, or remove it.") -> None:
     """Refuse a path that is a named pipe, a device or a socket (a data folder from an archive may hold one,
     under a scan's name): opening a pipe waits for a writer forever, and a device never ends, so training,
-    evaluation and inference hung on such a "scan" instead of stopping.
+    evaluation and inference hung on such a "scan" instead of stopping. Files given directly (a datalist,
+    an MMSA feature file, a recipe) are checked here too, each with its own fix.
+
+    Args:
+        path: the file about to be opened.
+        fix: the sentence that ends the message (a scan's by default).
 
     Raises:
         CaseError: naming the path, what it is and the fix.
@@ -81,7 +86,7 @@ def check_regular_file(path: str | os.PathLike) -> None:
     kind = special_file_kind(path)
     if kind is not None:
         raise CaseError(f"{os.fspath(path)} is a {kind}, not a file: it is not read (reading it would wait or run "
-                        "forever). Replace it with the scan's file, or remove it.")
+                        f"forever). {fix}")
 
 
 def check_readable(path: str | os.PathLike) -> None:

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from app.atomic import atomic_write, atomic_write_text, missing_hint
+from app.data.errors import check_regular_file
 from app.flags import parse_bool
 
 __all__ = [
@@ -275,6 +276,8 @@ def load_mmsa(path: str | os.PathLike, trust_pickle: bool | str = False) -> dict
         raise ValueError("No MMSA feature file given: pass --data_path PATH, an MMSA .pkl (with --trust_pickle true) "
                          "or a .npz converted from one.")
     path = Path(path)
+    # a named pipe (--data_path, convert-mmsa's input) was called "not found", although ls lists it
+    check_regular_file(path, "Pass the MMSA .pkl, or a .npz converted from one with python -m app convert-mmsa.")
     if not path.is_file():
         raise FileNotFoundError(f"MMSA feature file {path} not found{missing_hint(path)}: check the path (an MMSA "
                                 ".pkl, or a .npz converted from one with python -m app convert-mmsa).")

@@ -38,7 +38,7 @@ from torch import nn
 
 from app.networks.ds_transformer import DSTransformer, stack_sequences
 from app.networks.ds_unet import modality_index
-from app.networks.weights import apply_state_dict, read_state_dict
+from app.networks.weights import apply_state_dict, checkpoint_missing, read_state_dict
 
 __all__ = [
     "PromptedFeatures", "PromptedDSTransformer", "read_only_update", "build_sentiment_network", "load_pretrained",
@@ -363,6 +363,9 @@ def load_pretrained(network: nn.Module, path: str | os.PathLike | None, map_loca
     """
     if not path:
         return network
+    if not os.path.isfile(path):  # read_state_dict's fix names --ckpt_path, a setting this run does not have
+        raise checkpoint_missing(path, "pass --pretrained a model.pt written by an earlier sentiment training run "
+                                 "(<output_dir>/models/model.pt), or leave it empty.")
     state = read_state_dict(path, map_location)
     apply_state_dict(network, state, path, optional_prefixes=PROMPT_KEYS,
                  fix="pass the pretraining run's network settings (--hidden, --encoder_layers, --trunk_layers, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from app.data.datalist import (
     evaluation_cases, median_spacing, prepare_datalist, read_datalist, shard_cases, split_cases, write_datalist,
 )
+from tests.data.helpers import errors_of_call_on_pipe
 
 
 def records(n):
@@ -567,3 +569,12 @@ def test_a_header_that_contradicts_itself_is_warned_once_per_case_in_training_an
         evaluation_cases(data, tmp_path / "run" / "datalist.json")
     said = [r.getMessage() for r in caplog.records if "ITK-SNAP" in r.getMessage()]
     assert said == (warnings if "case1" in [r["case"] for r in split["validation"]] else [])
+
+
+def test_an_eval_datalist_that_is_a_named_pipe_is_refused_instead_of_waited_on(tmp_path):
+    """``--eval_datalist`` naming a named pipe made evaluation wait for a writer forever, without a word."""
+    pipe = tmp_path / "datalist.json"
+    os.mkfifo(pipe)
+    outcome = errors_of_call_on_pipe(lambda: evaluation_cases(None, pipe), pipe, "evaluation")
+    assert outcome == [f"{pipe} is a named pipe, not a file: it is not read (reading it would wait or run forever). "
+                       "Pass the datalist.json that training wrote into its --output_dir."]

@@ -766,7 +766,8 @@ def test_other_files_of_complete_cases_are_not_read(tmp_path, monkeypatch):
     assert read == ["C_t1c.nii.gz"]
 
 
-@pytest.mark.parametrize("case", ["A\n1", "A\r1", "A\x1b[2K1", "A\x9b2K1", "A\u202e1", "A\u20281"])
+@pytest.mark.parametrize("case", ["A\n1", "A\r1", "A\x1b[2K1", "A\x9b2K1", "A\u202e1", "A\u20281", "A\u200b1",
+                                  "A\udcff1"])
 def test_a_case_id_with_a_control_or_invisible_character_is_refused_as_written(tmp_path, case):
     """A case id comes from a file name, and lands in one-line errors (``error: case NAME: ...``), logs, report rows
     and datalist.json: a newline split them, a carriage return or an escape sequence rewrote a terminal line, a bidi

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import struct
 import sys
@@ -15,6 +16,7 @@ from torch.utils.data import default_collate
 from app.__main__ import main as app_main
 from app.data import MMSADataset, convert_mmsa, feature_dims, feature_statistics, load_mmsa, make_synthetic_mmsa
 from app.data.mmsa import MMSA_MODALITIES, save_mmsa_npz, write_synthetic_mmsa
+from tests.data.helpers import errors_of_call_on_pipe
 
 SPLITS = {"train": 12, "valid": 6, "test": 5}
 
@@ -533,3 +535,22 @@ def test_synthetic_data_needs_one_size_and_strength_per_modality(option):
     # two sizes used to give data without vision, which failed later as a split lacking 'vision'
     with pytest.raises(ValueError, match="one value per modality"):
         make_synthetic_mmsa({"train": 4}, **option)
+
+
+@pytest.mark.parametrize("name", ["mosi.pkl", "mosi.npz"])
+def test_an_mmsa_file_that_is_a_named_pipe_is_refused_as_one(tmp_path, capsys, name):
+    """A named pipe given as ``--data_path`` (or to convert-mmsa) was called "not found", although ``ls`` lists it:
+    it is refused as what it is, before it is opened (a read would wait for a writer forever)."""
+    pipe = tmp_path / name
+    os.mkfifo(pipe)
+    expected = (f"{pipe} is a named pipe, not a file: it is not read (reading it would wait or run forever). Pass "
+                "the MMSA .pkl, or a .npz converted from one with python -m app convert-mmsa.")
+    assert errors_of_call_on_pipe(lambda: load_mmsa(pipe, trust_pickle=True), pipe, "load_mmsa") == [expected]
+    if name.endswith(".pkl"):
+        codes = []
+        assert errors_of_call_on_pipe(lambda: codes.append(app_main(["convert-mmsa", str(pipe),
+                                                                     str(tmp_path / "out.npz")])),
+                                      pipe, "convert-mmsa") == []
+        assert codes == [2]
+        assert capsys.readouterr().err == f"error: {expected}\n"
+        assert not (tmp_path / "out.npz").exists()

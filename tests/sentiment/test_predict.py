@@ -483,3 +483,19 @@ def test_a_prompt_option_given_to_another_strategys_network_is_warned(caplog, op
                                 missing="predict")
         build_sentiment_network(strategy="predict", in_features=DIMS, hidden=8, **{option: value})
     assert not caplog.records
+
+
+def test_a_pretrained_path_that_is_no_model_file_names_the_setting_to_fix(tmp_path):
+    """A missing file, a folder or a named pipe given as ``--pretrained`` was refused with "pass --ckpt_path ...",
+    a setting sentiment training does not have; the pipe is refused without being opened."""
+    import os
+
+    pipe = tmp_path / "model.pt"
+    os.mkfifo(pipe)
+    fix = r": pass --pretrained a model\.pt written by an earlier sentiment training run"
+    with pytest.raises(FileNotFoundError, match=rf"^Checkpoint {pipe} is a named pipe, not a model file .*{fix}"):
+        load_pretrained(_net(), pipe)
+    with pytest.raises(FileNotFoundError, match=rf"^Checkpoint {tmp_path} is a folder, not a model file{fix}"):
+        load_pretrained(_net(), tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"^Checkpoint {tmp_path / 'none.pt'} not found.*{fix}"):
+        load_pretrained(_net(), tmp_path / "none.pt")
