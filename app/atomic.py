@@ -71,13 +71,16 @@ _WRITE_FIX = ("choose a folder you can write to (Docker: mount it writable for t
 #: spaces: the name reads as another), line and paragraph separators, and the surrogates Python gives the bytes of a
 #: file name that are not UTF-8 (printing them fails).
 _UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+#: Format characters that are part of how words are written in some scripts (the zero-width non-joiner and joiner
+#: of Persian and Indic names), not a way to hide or reorder text: accepted.
+_WRITING_JOINERS = frozenset({"\u200c", "\u200d"})
 
 
 def unsafe_character(char: str) -> bool:
     """Whether ``char`` is one a path or a case id must not hold: a control or invisible character (see
     :data:`_UNSAFE_CATEGORIES`). Output paths (:func:`check_path_text`) and case discovery both ask here, so
     that a name refused as a case id is refused as an output path too."""
-    return unicodedata.category(char) in _UNSAFE_CATEGORIES
+    return unicodedata.category(char) in _UNSAFE_CATEGORIES and char not in _WRITING_JOINERS
 
 
 def escape_unsafe(text: str) -> str:

@@ -372,3 +372,5 @@ def test_an_output_path_is_refused_for_each_character_a_case_id_is_refused_for(t
         check_output_path(f"{tmp_path}/seg{char}.nii.gz", "--out", (".nii.gz",))
     assert os.listdir(tmp_path) == []
     check_path_text(f"{tmp_path}/Größe Fall\u00a01", "--output_dir")  # accents and spaces stay accepted
+    check_path_text(f"{tmp_path}/\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "--output_dir")  # a Persian ZWNJ
+    check_path_text(f"{tmp_path}/\u0915\u094d\u200d\u0937", "--output_dir")  # a Devanagari ZWJ
