@@ -491,7 +491,7 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
         size = tuple(first.GetSize())
         photometric = first.GetMetaData("0028|0004") if first.HasMetaDataKey("0028|0004") else ""
     except RuntimeError:
-        size, photometric = (), ""  # an unreadable first slice: reading the series names it
+        first, size, photometric = None, (), ""  # an unreadable first slice: reading the series names it
     if photometric.strip().rstrip("\x00").strip().upper() == "MONOCHROME1":
         # inverted grey values (high values dark): GDCM inverts the stored values on read (an int16 slice's x reads
         # as -x-1), so the head would come out negative, or bright background around dark tissue, never as scanned
@@ -531,8 +531,9 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
     # SimpleITK arrays are [z, y, x] and its geometry is in LPS; NIfTI affines map [x, y, z] to RAS
     array = sitk.GetArrayFromImage(image).astype(np.float32)
     if array.ndim == 3:  # padding outside the field of view is background, as in a skull-stripped scan
-        array = _zero_pixel_padding(array, _dicom_header(sitk, files[0]) if len(files) == 1 else None,
-                                    reader if len(files) > 1 else None)
+        # one multi-frame file: its tags are the first header's, read above
+        header = None if len(files) > 1 else first if first is not None else _dicom_header(sitk, files[0])
+        array = _zero_pixel_padding(array, header, reader if len(files) > 1 else None)
     data = array.transpose()  # a Fortran-order view, as NIfTI's
     ndim = image.GetDimension()
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(ndim, ndim)
