@@ -12,7 +12,7 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
-from typing import Any, Hashable, Mapping
+from typing import Any, Hashable, Mapping, NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -162,8 +162,20 @@ def _spatial_shape(shape: tuple[int, ...], path: str, channels: bool, label: boo
     return tuple(shape[:3])
 
 
-# (file, spatial shape, affine, whether its header places it, its space by xform_space) of the reference image
-_Grid = tuple[str, tuple[int, ...], np.ndarray, bool, str]
+class _Grid(NamedTuple):
+    """Where an image of a case lies: its file, spatial shape and affine, whether its header places it
+    (:func:`has_orientation`) and the space it is placed in (:func:`xform_space`)."""
+
+    path: str
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    oriented: bool
+    space: str
+
+
+def _grid(path: str, shape: tuple[int, ...], img: Any) -> _Grid:
+    """The :class:`_Grid` of ``img`` (a nibabel image) read from ``path`` with spatial ``shape``."""
+    return _Grid(path, tuple(shape), img.affine, has_orientation(img.header), xform_space(img.header))
 
 #: Spaces by NIfTI xform code. Codes 1 (scanner) and 2 (aligned anatomy) are the same coordinates as converters use
 #: them (ITK writes 1, nibabel 2).
@@ -270,7 +282,7 @@ def no_orientation_error(what: str, path: str, other_what: str, other_path: str,
 
 
 def _check_grid(path: str, shape: tuple[int, ...], affine: np.ndarray, ref: _Grid) -> None:
-    ref_path, ref_shape, ref_affine, _, _ = ref
+    ref_path, ref_shape, ref_affine = ref.path, ref.shape, ref.affine
     diff = float(np.abs(affine - ref_affine).max())
     if shape != ref_shape or diff > AFFINE_TOLERANCE:
         vox = np.round(np.linalg.norm(affine[:3, :3], axis=0), 4).tolist()
@@ -316,24 +328,20 @@ def reorder_voxels(volume: np.ndarray, transform: np.ndarray | None) -> np.ndarr
     return np.ascontiguousarray(nib.orientations.apply_orientation(volume, transform))
 
 
-def _onto_grid(path: str, shape: tuple[int, ...], affine: np.ndarray, ref: _Grid,
-               oriented: bool = True, space: str = "scanner") -> np.ndarray | None:
-    """Refuse a volume off the reference grid; returns the reordering a volume on it in another voxel
-    order needs (:func:`grid_reordering`), or None. ``oriented``: :func:`has_orientation` of its header; ``space``:
-    its :func:`xform_space`."""
-    if not (oriented and ref[3]) and not (
-            tuple(shape) == tuple(ref[1]) and float(np.abs(affine - ref[2]).max()) <= AFFINE_TOLERANCE):
+def _onto_grid(grid: _Grid, ref: _Grid) -> np.ndarray | None:
+    """Refuse a volume (``grid``) off the reference grid; returns the reordering a volume on it in another voxel
+    order needs (:func:`grid_reordering`), or None."""
+    same = grid.shape == ref.shape and float(np.abs(grid.affine - ref.affine).max()) <= AFFINE_TOLERANCE
+    if not (grid.oriented and ref.oriented) and not same:
         # by a guessed affine the grids differ, and "resample them onto one grid" would move the scan by the guess
-        if not oriented:
-            raise no_orientation_error(path, path, ref[0], ref[0], shape, ref[1])
-        raise no_orientation_error(ref[0], ref[0], path, path, ref[1], shape)
-    transform = grid_reordering(shape, affine, ref[1], ref[2])
-    if transform is None and space != ref[4] and not (
-            tuple(shape) == tuple(ref[1]) and float(np.abs(affine - ref[2]).max()) <= AFFINE_TOLERANCE):
+        unplaced, other = (grid, ref) if not grid.oriented else (ref, grid)
+        raise no_orientation_error(unplaced.path, unplaced.path, other.path, other.path, unplaced.shape, other.shape)
+    transform = grid_reordering(grid.shape, grid.affine, ref.shape, ref.affine)
+    if transform is None and grid.space != ref.space and not same:
         # "resample them onto one grid" would resample by the coordinates of two spaces
-        raise different_spaces_error(path, ref[0], space, ref[4])
+        raise different_spaces_error(grid.path, ref.path, grid.space, ref.space)
     if transform is None:
-        _check_grid(path, shape, affine, ref)
+        _check_grid(grid.path, grid.shape, grid.affine, ref)
     return transform
 
 
@@ -510,7 +518,7 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
         check_channels_last(image4d, tuple(img.shape), need)
         check_not_a_slice(image4d, shape)
         check_affine(image4d, img.affine)
-        ref = (image4d, shape[:3], img.affine, has_orientation(img.header), xform_space(img.header))
+        ref = _grid(image4d, shape[:3], img)
         data = _read(img, image4d, np.float32).reshape(shape)
         stacked = np.zeros((len(BRATS_MODALITIES), *shape[:3]), dtype=np.float32)
         for seq, idx in channels.items():
@@ -535,16 +543,16 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
         check_affine(path, img.affine)
         transform = None
         if ref is None:
-            ref = (path, shape, img.affine, has_orientation(img.header), xform_space(img.header))
+            ref = _grid(path, shape, img)
             stacked = np.zeros((len(BRATS_MODALITIES), *shape), dtype=np.float32)
         else:
-            transform = _onto_grid(path, shape, img.affine, ref, has_orientation(img.header), xform_space(img.header))
+            transform = _onto_grid(_grid(path, shape, img), ref)
         volume = reorder_voxels(_read(img, path, np.float32).reshape(shape), transform)
         check_voxels(volume, path)
         stacked[c] = volume  # type: ignore[index]
         present.append(seq)
     assert ref is not None and stacked is not None  # at least one of images/image4d was read above
-    ref_path, _, ref_affine, _, _ = ref
+    ref_path, ref_affine = ref.path, ref.affine
     check_distinct_sequences({seq: stacked[BRATS_MODALITIES.index(seq)] for seq in present},
                              {seq: images[seq] if seq in images else f"{image4d} (channel {channels[seq]})"
                               for seq in present})
@@ -570,8 +578,7 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
                             "put the reference segmentation in its place.")
         shape = _spatial_shape(tuple(img.shape), label_path, channels=False, label=True)
         check_affine(label_path, img.affine)
-        transform = _onto_grid(label_path, shape, img.affine, ref, has_orientation(img.header),
-                               xform_space(img.header))
+        transform = _onto_grid(_grid(label_path, shape, img), ref)
         labels = reorder_voxels(_read(img, label_path, None).reshape(shape), transform)
         regions = labels_to_regions(labels, record["label_map"], source=label_path, layout=record.get("layout"))
         out["label"] = _meta_tensor(regions, np.asarray(ref_affine, dtype=np.float64), label_path, case)
