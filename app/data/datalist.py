@@ -194,13 +194,14 @@ def shared_scans(records: Sequence[dict[str, Any]]) -> list[tuple[str, str, str,
     """
     import filecmp
 
+    from app.data.discovery import record_files
+
     by_sketch: dict[tuple[int, str], tuple[str, str]] = {}  # sketch -> the first (case, file) with it
     shared: list[tuple[str, str, str, str]] = []
     reported: set[str] = set()
     for record in records:
         case = str(record.get("case"))
-        files = [*dict(record.get("images") or {}).values(), *([record["image4d"]] if record.get("image4d") else [])]
-        for path in map(os.fspath, files):
+        for path in record_files(record):
             sketch = _scan_sketch(path)
             if sketch is None or sketch[0] == 0:  # no scan (the loader names such a file): nothing to share
                 continue
@@ -382,7 +383,9 @@ def evaluation_cases(
         others = f" (and {len(repeated) - 1} other case(s) more than once)" if len(repeated) > 1 else ""
         raise ValueError(f"{datalist} lists case {case!r} {n} times in its validation cases{others}: each entry would "
                          "be scored and weigh in the means as another case. Remove the repeated entries.")
-    files = [f for r in val for f in (*dict(r.get("images") or {}).values(), r.get("image4d"), r.get("label")) if f]
+    from app.data.discovery import record_files
+
+    files = [f for r in val for f in record_files(r, label=True)]
     missing = [f for f in files if not os.path.exists(f)]
     if missing:
         raise ValueError(f"{datalist} names {len(missing)} file(s) that do not exist, e.g. {missing[0]}: the data "
@@ -531,13 +534,12 @@ def warn_header_conflicts(records: Sequence[dict[str, Any]]) -> list[tuple[str, 
     Returns:
         ``(case, file, conflict)`` for the first conflicting file of each such case, in input order.
     """
-    from app.data.discovery import load_nifti
+    from app.data.discovery import load_nifti, record_files
     from app.data.transforms import header_conflict
 
     found: list[tuple[str, str, str]] = []
     for record in records:
-        files = [*dict(record.get("images") or {}).values(), record.get("image4d"), record.get("label")]
-        for path in (os.fspath(f) for f in files if f):
+        for path in record_files(record, label=True):
             try:
                 conflict = header_conflict(load_nifti(path).header)
             except Exception:  # noqa: BLE001 - see above

@@ -26,7 +26,7 @@ import struct
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from app.atomic import escape_unsafe, missing_hint, unsafe_character
 from app.data.errors import CaseError, check_regular_file
@@ -35,7 +35,7 @@ from app.subsets import BRATS_MODALITIES
 
 __all__ = ["CaseError", "ACCEPTED_LAYOUTS", "CHANNEL_ALIASES", "MAX_NIFTI_EXTENSION_BYTES", "OUTPUT_DESCRIPTION_PREFIX",
            "OUTPUT_CRC_RE", "brats2023_named", "is_unedited_label_output", "load_nifti", "recorded_crc_matches",
-           "voxel_crc", "case_sources", "discover_cases", "is_inference_output", "msd_channels", "msd_label_map"]
+           "voxel_crc", "case_sources", "discover_cases", "record_files", "is_inference_output", "msd_channels", "msd_label_map"]
 
 logger = logging.getLogger(__name__)
 
@@ -349,13 +349,20 @@ def _record(case: str, layout: str, images: dict[str, str], image4d: str | None,
     }
 
 
+def record_files(record: Mapping[str, Any], label: bool = False) -> list[str]:
+    """The image files of a case record (its 3D sequences, or its MSD 4D file), and its segmentation with
+    ``label``, as paths; entries left empty are skipped."""
+    files = [*dict(record.get("images") or {}).values(), record.get("image4d"), *([record.get("label")] if label else [])]
+    return [os.fspath(f) for f in files if f]
+
+
 def case_sources(record: dict[str, Any]) -> list[str]:
     """Every file a case record's images are read through: its scans (3D files or the MSD 4D file)
     and, for the MSD / nnU-Net layout, the ``dataset.json`` that names their channels.
 
     Inference refuses an output path that is one of them, so a run never replaces its own input.
     """
-    files = [*dict(record.get("images") or {}).values(), *([record["image4d"]] if record.get("image4d") else [])]
+    files = record_files(record)
     if record.get("layout") == "msd" and files:  # <folder>/imagesTr|imagesTs/<file>, see _msd_cases
         files.append(str(Path(files[0]).parent.parent / "dataset.json"))
     return files
