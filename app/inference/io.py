@@ -739,7 +739,7 @@ def read_case(
     reference = reference or next(iter(volumes))
     ref = volumes[reference]
     # before reordering or resampling drops the headers
-    conflicts = {seq: vol.header_conflict for seq, vol in volumes.items() if vol.header_conflict}
+    conflicts = {seq: conflict for seq, vol in volumes.items() if (conflict := vol.header_conflict)}
     resampled = []
     for seq, vol in volumes.items():
         if seq == reference or _same_grid(vol, ref):
