@@ -350,8 +350,7 @@ def _lock_here(path: str) -> bool:
     if created is not None:
         # the run stops on a bad case after the lock (reading every case comes next): what it made for itself
         # and left empty is no output of it
-        atexit.register(_remove_if_empty, path, created)
-        _remove_if_empty_on_sigterm(path, created)
+        _remove_if_left_empty(path, created)
     if fd is not None:  # None: a folder that cannot be locked, which runs unlocked
         _LOCKED[path] = fd  # kept open: the lock lasts as long as the process
     return True
@@ -382,19 +381,30 @@ def _remove_if_empty(path: str, created: str) -> None:
 
 
 #: Output folders this process made when it took them, and the outermost folder it made for each:
-#: removed when they are still empty at a SIGTERM (:func:`_remove_if_empty_on_sigterm`).
+#: removed when they are still empty at the run's end or at a SIGTERM (:func:`_remove_if_left_empty`).
 _MADE: list[tuple[str, str]] = []
 
 
-def _remove_if_empty_on_sigterm(path: str, created: str) -> None:
-    """Have SIGTERM remove ``path`` and its parents up to ``created`` while they are empty, as the run's end does.
+def _remove_made_folders() -> None:
+    """Remove the output folders this process made (latest first), and the parents it made for them, while
+    they are empty."""
+    for made, outermost in reversed(_MADE):
+        _remove_if_empty(made, outermost)
+
+
+def _remove_if_left_empty(path: str, created: str) -> None:
+    """Have the end of the run, or a SIGTERM, remove ``path`` and its parents up to ``created`` while they are
+    empty.
 
     A scheduler cancels a job, or ends it at its time limit, with SIGTERM, whose default action ends Python
     without running ``atexit``: an evaluation cancelled while it read or scored its cases left the output folder it
     had made (taking its lock) behind, empty. The process still ends by the signal, at once, as before (the
-    status a job script sees is unchanged). Installed only where SIGTERM has its default action (not over a handler
-    of the caller's), in the main thread; a forked data-loader worker that gets the signal leaves the folder alone.
+    status a job script sees is unchanged). The SIGTERM handler is installed only where SIGTERM has its default
+    action (not over a handler of the caller's), in the main thread; a forked data-loader worker that gets the
+    signal leaves the folder alone.
     """
+    if not _MADE:
+        atexit.register(_remove_made_folders)
     _MADE.append((path, created))
     if threading.current_thread() is not threading.main_thread():
         return
@@ -405,8 +415,7 @@ def _remove_if_empty_on_sigterm(path: str, created: str) -> None:
 
     def stop(signum: int, frame: Any) -> None:
         if os.getpid() == owner:
-            for made, outermost in reversed(_MADE):
-                _remove_if_empty(made, outermost)
+            _remove_made_folders()
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 
