@@ -23,6 +23,8 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``<command> ...`` (default: ``sys.argv[1:]``); returns its exit status, 2 with one line on stderr
+    for an unknown command or a ``ValueError``/``FileNotFoundError`` of the command."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())

@@ -736,6 +736,8 @@ def _seed_list(text: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``python -m app ablate``; options it does not know go to both bundle commands. Returns 0, or 1
+    with one line on stderr."""
     parser = argparse.ArgumentParser(
         prog="python -m app ablate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/brats_gmd")

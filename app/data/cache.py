@@ -258,6 +258,7 @@ class CaseCacheDataset(CacheDataset):
         super().__init__(*args, **kwargs)
 
     def set_data(self, data: Sequence) -> None:
+        """Fill the cache as ``CacheDataset`` does, then check the cases left out of it (``check_uncached``)."""
         super().set_data(data)
         if self.check_uncached and not self.hash_as_key and self.cache_num < len(self.data):
             unchecked = range(self.cache_num, len(self.data))

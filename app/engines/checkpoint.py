@@ -450,6 +450,11 @@ class ResumableCheckpoint:
         self._saved_at: int | None = None  # iteration of the last save
 
     def attach(self, engine: Engine) -> None:
+        """Resume at ``STARTED``; save every ``interval`` iterations, at each epoch end and at ``TERMINATE``.
+
+        Args:
+            engine: the trainer.
+        """
         engine.add_event_handler(Events.STARTED, self._started)
         if self.interval:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self._iteration_completed)

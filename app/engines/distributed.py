@@ -286,6 +286,12 @@ class StopOnSignal:
         self._pid = os.getpid()
 
     def attach(self, engine: Engine) -> None:
+        """Install the signal handlers when ``engine`` starts, check for a signal after each iteration, and
+        restore the previous handlers when it completes or raises.
+
+        Args:
+            engine: the trainer.
+        """
         engine.add_event_handler(Events.STARTED, self._install)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._check)
         engine.add_event_handler(Events.COMPLETED, self._uninstall)

@@ -53,6 +53,12 @@ class TimeLimitHandler:
         self.spent_before = 0.0  # seconds used by the runs this one resumes
 
     def attach(self, engine: Engine) -> None:
+        """Start the clock with ``engine``, check the budget after each iteration and epoch, and validate a
+        last epoch that the validation interval skipped.
+
+        Args:
+            engine: the trainer.
+        """
         if self.validator is not None:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self._validate_last_epoch)
         # the clock runs without a budget too: a run resumed with one counts the time already trained
@@ -162,6 +168,11 @@ class DiagnosticsHandler:
         self._cleaned = False
 
     def attach(self, engine: Engine) -> None:
+        """Write the diagnostics of every iteration that has some.
+
+        Args:
+            engine: the trainer.
+        """
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def _drop_stale_files(self, iteration: int) -> None:
@@ -286,6 +297,11 @@ class SubsetReportHandler:
         self.checkpoint = os.path.abspath(os.fspath(checkpoint)) if checkpoint else None
 
     def attach(self, engine: Engine) -> None:
+        """Write the report each time ``engine`` completes.
+
+        Args:
+            engine: the evaluator.
+        """
         engine.add_event_handler(Events.COMPLETED, self)
 
     def annotated(self, engine: Engine, result: dict[str, Any]) -> tuple[dict[str, Any], str | None]:

@@ -8,7 +8,7 @@ subset of each case from one sliding-window pass of the per-modality outputs.
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -65,7 +65,7 @@ def subset_fusions(
     return valid, (fuse(per_modality, sub) for sub in masks)
 
 
-def autocast_context(device: torch.device, enabled: bool, training: bool = False):
+def autocast_context(device: torch.device, enabled: bool, training: bool = False) -> AbstractContextManager:
     """Autocast to :func:`~app.engines.utils.amp_dtype` when enabled: bf16 on GPUs that compute it
     natively (bf16 needs no gradient scaler); a no-op on CPU, and in training on older GPUs."""
     dtype = amp_dtype(device, enabled, training)
@@ -175,6 +175,7 @@ class SubsetEvaluator(SupervisedEvaluator):
     [B, S]`` and ``case`` ids, so no full-resolution subset volumes are kept.
 
     Args:
+        image_key, label_key, mask_key: batch keys of the inputs, labels and modality masks.
         case_key: batch key of the case identifiers.
         amp: bf16 autocast on CUDA.
         kwargs: everything else goes to ``SupervisedEvaluator``.

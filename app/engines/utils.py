@@ -560,6 +560,11 @@ class ProgressBarHandler:
         self.enabled = parse_bool(enabled, "progress_bar")
 
     def attach(self, engine: Engine) -> None:
+        """Attach an ignite ``ProgressBar`` showing the loss (nothing when disabled).
+
+        Args:
+            engine: the trainer.
+        """
         if not self.enabled:
             return
         from ignite.handlers import ProgressBar

@@ -174,6 +174,7 @@ def segmenter_from_args(args: argparse.Namespace) -> Any:
         head_mask=not args.no_head_mask,
     )
 
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``infer``; returns the exit status (0 ok, 2 bad input)."""
     try:

@@ -50,6 +50,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m app.inference.export``; a usage error is one line."""
     p = _OneLineParser(prog="python -m app.inference.export",
                        description="Script a DS U-Net checkpoint (model.pt) into a TorchScript model (model.ts) that "
                                    "takes (image, modality_mask) and serves every sequence subset.")

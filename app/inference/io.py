@@ -76,6 +76,7 @@ class Volume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        """The voxel grid's size ``(X, Y, Z)``."""
         return tuple(int(s) for s in self.data.shape)  # type: ignore[return-value]
 
     @property
@@ -126,10 +127,12 @@ class CaseInputs:
 
     @property
     def ref(self) -> Volume:
+        """The :class:`Volume` of the reference sequence."""
         return self.volumes[self.reference]
 
     @property
     def sequences(self) -> list[str]:
+        """The sequences read (without the all-zero channels), in :data:`BRATS_MODALITIES` order."""
         return list(self.volumes)
 
     @property
@@ -690,7 +693,12 @@ def read_case(
         paths: ``{sequence: file or DICOM folder}``; any non-empty subset of the four sequences,
             under any accepted spelling (see :func:`sequence_name`).
         resample_to: None to require one grid for all sequences (the default); a sequence name to
-            resample the other sequences onto its grid instead.
+            resample the other sequences onto its grid instead. A ``resample_to`` sequence that is an
+            all-zero channel of a 4D file gives way to another sequence of the same file (same grid),
+            else to the first one read.
+        channels: ``{sequence: channel index}`` of the sequences stored in one 4D file (MSD layout).
+            A 4D file cannot leave a sequence out, so an all-zero channel marks it missing: the
+            sequence is listed in ``empty_channels`` instead of ``volumes``.
 
     Raises:
         CaseError: no sequence, an unknown or repeated sequence name, one 3D file given for two
@@ -698,11 +706,6 @@ def read_case(
             :func:`app.data.transforms.check_distinct_sequences`), any problem of :func:`read_volume`,
             sequences on different grids (without ``resample_to``), a ``resample_to`` sequence that was not
             given, or every sequence an all-zero channel.
-
-    ``channels`` maps sequences stored in one 4D file (MSD layout) to their channel index. A 4D
-    file cannot leave a sequence out, so an all-zero channel marks it missing: the sequence is
-    listed in ``empty_channels`` instead of ``volumes``. A ``resample_to`` sequence that is such a
-    channel gives way to another sequence of the same file (same grid), else to the first one read.
     """
     if not paths:
         raise CaseError("No input sequence given: pass at least one of --flair, --t1, --t1ce, --t2 "

@@ -111,6 +111,12 @@ class FusedDSUNet(nn.Module):
         self.register_load_state_dict_post_hook(allow_missing_optional_keys)
 
     def forward(self, image: torch.Tensor, modality_mask: torch.Tensor) -> torch.Tensor:
+        """Fused logits ``[B, C, D, H, W]`` (see the class).
+
+        Raises:
+            ValueError: an image that is not ``[B, M, D, H, W]`` with sizes multiples of :attr:`divisor`, a
+                mask that is not ``[B, M]``, or a sample without any modality.
+        """
         if image.dim() != 5 or image.shape[1] != len(self.modalities):
             raise ValueError("FusedDSUNet expects image [B, M, D, H, W] with one channel per modality.")
         for size in image.shape[2:]:

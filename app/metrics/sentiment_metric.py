@@ -115,6 +115,11 @@ class SubsetSentimentScore(SubsetScalarMetric):
 
     @reinit__is_reduced
     def update(self, output: Mapping[str, Any]) -> None:
+        """Add a batch: ``case``, ``label``, ``subset_preds [B, S, C]`` and optionally ``subset_valid [B, S]``.
+
+        Raises:
+            ValueError: an entry is missing, or ``subset_preds`` has another shape.
+        """
         if not isinstance(output, Mapping) or not {"case", "label", "subset_preds"} <= set(output):
             keys = list(output) if isinstance(output, Mapping) else type(output).__name__
             raise ValueError(f"{type(self).__name__} needs 'case', 'label' and 'subset_preds' in the output, got {keys}.")
@@ -137,5 +142,6 @@ class SubsetSentimentScore(SubsetScalarMetric):
                 self._accumulator.update(ids, j, preds[keep, j].argmax(dim=-1), labels.reshape(-1)[keep])
 
     def scalar(self, result: dict[str, Any]) -> float:
+        """The key metric's mean over the subsets, negated for the metrics where lower is better."""
         value = float(result["mean_over_subsets"][self.key])
         return -value if self.key in LOWER_IS_BETTER else value

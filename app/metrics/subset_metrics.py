@@ -381,14 +381,21 @@ class SubsetScalarMetric(Metric):
 
     @torch.no_grad()
     def iteration_completed(self, engine: Engine) -> None:
+        """Pass the transformed engine output to ``update`` as it is."""
         # ignite's default would turn a mapping into a tuple of fixed required_output_keys
         self.update(self._output_transform(engine.state.output))
 
     @reinit__is_reduced
     def reset(self) -> None:
+        """Drop the rows of this rank's accumulator."""
         self._accumulator.reset()
 
     def compute(self) -> float:
+        """Aggregate the rows of every rank into :attr:`last_result` and return its :meth:`scalar`.
+
+        Raises:
+            NotComputableError: no row on any rank.
+        """
         accumulator = self._accumulator
         # every rank must take part in the gather, so check emptiness only after it
         if idist.get_world_size() > 1:
@@ -451,6 +458,12 @@ class SubsetMeanDice(SubsetScalarMetric):
 
     @reinit__is_reduced
     def update(self, output: Mapping[str, Any]) -> None:
+        """Add a batch: ``case`` with ``subset_dice``, or with ``subset_logits`` and ``label`` (see the class).
+
+        Raises:
+            TypeError: ``output`` is not a mapping with a ``case`` entry.
+            ValueError: it has neither ``subset_dice`` nor ``subset_logits`` and ``label``.
+        """
         if not isinstance(output, Mapping) or "case" not in output:
             raise TypeError(f"{type(self).__name__} expects a mapping with a 'case' entry, got {type(output)}.")
         case_ids, valid = list(output["case"]), output.get("subset_valid")
@@ -466,4 +479,5 @@ class SubsetMeanDice(SubsetScalarMetric):
             )
 
     def scalar(self, result: dict[str, Any]) -> float:
+        """The mean Dice over the subsets and regions."""
         return float(result["mean_over_subsets"]["mean"])

@@ -39,6 +39,7 @@ class OneDNNConv3d(nn.Conv3d):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """``nn.Conv3d.forward``, through oneDNN where the class says."""
         # PyTorch's use_mkldnn: float32 CPU calls with batch 1, groups 1, a kernel not larger than 3 in both
         # last axes and N*C*D*H <= 20480 go to im2col ("for some case, native is faster": not for these).
         # 1x1 kernels stay with PyTorch, which picks im2col for them on one thread because it is faster there

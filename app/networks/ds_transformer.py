@@ -244,6 +244,7 @@ class DSTransformer(nn.Module):
 
     @property
     def num_modalities(self) -> int:
+        """Number of modalities, ``M``."""
         return len(self.modalities)
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
@@ -422,5 +423,6 @@ class DSTransformer(nn.Module):
         return torch.softmax(per_modality[..., -1].float().masked_fill(~mask, float("-inf")), dim=1)
 
     def forward(self, inputs: Mapping[str, torch.Tensor], modality_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Prediction fused over ``modality_mask [B, M]`` (None: the modalities given, of non-zero length)."""
         mask = self._full_mask(inputs, modality_mask)
         return self.fuse(self.per_modality(inputs, mask), mask)

@@ -75,6 +75,7 @@ class ModalityEncoder(nn.Module):
         self.levels = nn.ModuleList(blocks)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The features of every level of ``x [B, in_channels, D, H, W]``, shallowest first."""
         skips = []
         for block in self.levels:
             x = block(x)
@@ -104,6 +105,7 @@ class SharedDecoder(nn.Module):
         self.head = UnetOutBlock(3, features[0], out_channels)
 
     def forward(self, skips: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Logits decoded from one encoder's skip features, shallowest first (:class:`ModalityEncoder`'s output)."""
         x = skips[-1]
         for up, skip in zip(self.ups, reversed(skips[:-1])):
             x = up(x, skip)
@@ -173,6 +175,7 @@ class DSUNet(nn.Module):
 
     @property
     def num_modalities(self) -> int:
+        """Number of modalities, ``M``."""
         return len(self.modalities)
 
     @property
@@ -303,5 +306,11 @@ class DSUNet(nn.Module):
         return masked_mean(per_modality, modality_mask.to(per_modality.device, torch.bool), check)
 
     def forward(self, image: torch.Tensor, modality_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Fused logits ``[B, C, D, H, W]`` of ``image [B, M, D, H, W]`` over ``modality_mask [B, M]`` (None: all).
+
+        Raises:
+            ValueError: an image of another shape, spatial sizes not multiples of :attr:`divisor`, a mask
+                that is not one row per image, or a sample without any modality.
+        """
         mask = self._full_mask(image, modality_mask)
         return self.fuse(self.per_modality(image, mask), mask)

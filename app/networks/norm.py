@@ -37,6 +37,11 @@ class InstanceNorm3d(nn.InstanceNorm3d):
         self.native_from_rows = 32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise ``x [B, C, D, H, W]`` (see the class for which path it takes).
+
+        Raises:
+            ValueError: ``x`` is not 5D.
+        """
         if x.dim() != 5:
             raise ValueError(f"InstanceNorm3d expects a [B, C, D, H, W] input, got {x.dim()} dimensions.")
         if not x.is_cuda or x.shape[0] * x.shape[1] >= self.native_from_rows:

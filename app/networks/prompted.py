@@ -159,6 +159,11 @@ class PromptedDSTransformer(DSTransformer):
 
     @missing.setter
     def missing(self, value: str) -> None:
+        """Set the mode (any case).
+
+        Raises:
+            ValueError: neither ``predict`` nor ``skip``.
+        """
         value = str(value).strip().lower()
         if value not in MISSING_MODES:
             raise ValueError(f"missing must be one of {list(MISSING_MODES)}, got {value!r} (--missing predict|skip).")
@@ -298,6 +303,8 @@ class PromptedDSTransformer(DSTransformer):
         return out.to(first.dtype) if first.is_floating_point() else out
 
     def forward(self, inputs: Mapping[str, torch.Tensor], modality_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Prediction fused over ``modality_mask [B, M]`` (None: the modalities given), completed with the
+        predicted modalities when :attr:`predicts_missing`."""
         mask = self._full_mask(inputs, modality_mask)
         return self.fuse(self.per_modality(inputs, mask), self.completed_mask(mask))
 

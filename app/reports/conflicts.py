@@ -187,6 +187,7 @@ def plot_cggm(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``python -m app plot-conflicts``: print the PNGs written; returns 0, or 2 without matplotlib."""
     parser = argparse.ArgumentParser(prog="python -m app plot-conflicts", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="training output folder holding gmd_ or cggm_diagnostics.jsonl")

@@ -23,11 +23,15 @@ import numpy as np
 
 from app.atomic import atomic_write_bytes, atomic_write_text, replace_file_set
 
-__all__ = ["write_subset_report", "format_table", "strict_json", "atomic_write_bytes", "atomic_write_text", "MEAN_ROW"]
+__all__ = [
+    "write_subset_report", "format_table", "strict_json", "atomic_write_bytes", "atomic_write_text", "MEAN_ROW",
+    "LOWER_IS_BETTER",
+]
 
 #: Name of the summary row appended after the per-subset rows.
 MEAN_ROW = "mean_over_subsets"
 #: Metrics for which a lower value is better (their heatmap colours are reversed).
+# the same set as app.metrics.sentiment_metric.LOWER_IS_BETTER, not imported from there: the reports import no torch
 LOWER_IS_BETTER = frozenset({"MAE"})
 _COUNT_KEYS = ("n_cases", "n")
 

@@ -6,6 +6,7 @@ import difflib
 import inspect
 import logging
 import math
+from typing import Any
 
 from app.strategies.base import GradientStrategy, StepResult, random_submasks, subset_loss
 from app.strategies.basic import DropoutStrategy, PlainStrategy
@@ -42,7 +43,7 @@ def strategy_options() -> set[str]:
     return options
 
 
-def build_strategy(name: str, **kwargs) -> GradientStrategy:
+def build_strategy(name: str, **kwargs: Any) -> GradientStrategy:
     """Instantiate a strategy by name, passing only the options it accepts.
 
     The bundles hand every strategy's knobs to this one factory (``strategy_def``), so an option of

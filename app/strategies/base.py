@@ -53,10 +53,17 @@ def subset_loss(
     """Loss of the prediction fused over ``mask``, on the samples that have any modality in it.
 
     Args:
+        model: a subset-aware network (its ``fuse(per_modality, mask)``).
+        per_modality: the per-modality outputs ``[B, M, ...]``.
+        mask: ``[B, M]`` modalities to fuse for each sample.
+        targets: ``[B, ...]`` targets of the fused prediction.
+        loss_function: loss of ``(prediction, targets)``; its mean is taken.
         valid: ``mask.any(dim=1)`` as a CPU tensor, when the caller has it; otherwise it is read
             from ``mask`` (a device sync on a GPU).
 
-    Returns ``(None, None)`` when no sample has a modality of ``mask``.
+    Returns:
+        ``(loss, prediction)`` over the samples that have a modality of ``mask``, or ``(None, None)``
+        when none has.
     """
     if valid is None:
         valid = mask.any(dim=1).cpu()
@@ -152,12 +159,31 @@ class GradientStrategy:
         loss_function: Callable,
         iteration: int = 0,
     ) -> StepResult:
+        """Compute this iteration's gradients into the parameters' ``.grad`` (the trainer has zeroed them).
+
+        Args:
+            model: the subset-aware network (see the module docstring).
+            inputs: the batch's inputs, as ``model.per_modality`` takes them.
+            modality_mask: ``[B, M]`` bool, the modalities each sample has.
+            targets: the batch's targets.
+            loss_function: loss of ``(prediction, targets)``.
+            iteration: the trainer's iteration count (1 for the first), for schedules and diagnostics.
+
+        Returns:
+            The detached loss and prediction fused over each sample's available modalities, with
+            optional diagnostics.
+
+        Raises:
+            NotImplementedError: always; subclasses implement it.
+        """
         raise NotImplementedError
 
     def state_dict(self) -> dict:
+        """The strategy's own state for a resumable checkpoint: its random generator, plus what subclasses add."""
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the state of :meth:`state_dict`, so that a resumed run continues identically."""
         self.generator.set_state(state["generator"])
 
     def __repr__(self) -> str:

@@ -17,7 +17,10 @@ class PlainStrategy(GradientStrategy):
 
     name = "plain"
 
-    def step(self, model, inputs, modality_mask, targets, loss_function, iteration=0) -> StepResult:
+    def step(
+        self, model: Any, inputs: Any, modality_mask: torch.Tensor, targets: torch.Tensor,
+        loss_function: Callable, iteration: int = 0,
+    ) -> StepResult:
         """One loss on the fused prediction of every sample.
 
         Raises:

@@ -316,6 +316,7 @@ class CGGMStrategy(GradientStrategy):
 
     # -- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The base state plus the probe heads, their optimizer and the balance terms ``eps``."""
         state = super().state_dict()
         if self.heads is not None:
             state.update(heads=self.heads.state_dict(), head_optimizer=self.head_optimizer.state_dict(),
@@ -325,6 +326,7 @@ class CGGMStrategy(GradientStrategy):
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; heads not built yet are loaded when the first step builds them."""
         super().load_state_dict(state)
         if "heads" not in state:
             return

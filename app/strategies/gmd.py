@@ -249,6 +249,11 @@ class GMDStrategy(GradientStrategy):
         self, model: Any, inputs: Any, modality_mask: torch.Tensor, targets: torch.Tensor,
         loss_function: Callable, iteration: int = 0,
     ) -> StepResult:
+        """One GMD step: per-subset losses, their Gram matrix, the decoupling weights, one weighted backward.
+
+        Raises:
+            ValueError: no sample in the batch has any modality.
+        """
         parts = None
         if not self.approximate and hasattr(model, "per_modality_parts"):
             per_mod, parts = model.per_modality_parts(inputs, modality_mask)
@@ -289,9 +294,11 @@ class GMDStrategy(GradientStrategy):
         return StepResult(loss=loss.detach(), pred=pred, diagnostics=diagnostics)
 
     def state_dict(self) -> dict:
+        """The base state plus the subsets left in the deck, so a resumed run deals the same subsets."""
         return {**super().state_dict(), "deck": list(self._deck)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (a checkpoint without a deck starts a new one)."""
         super().load_state_dict(state)
         self._deck = list(state.get("deck", []))
 
@@ -308,7 +315,12 @@ class GMDApproxStrategy(GMDStrategy):
     # its norms and conflicts are of dL_j / d(per-modality outputs): not comparable with exact GMD's
     gradient_space = "per-sequence trunk outputs"
 
-    def gram_matrix(self, model, per_mod, cotangents, parts=None, subsets=None):
+    def gram_matrix(
+        self, model: Any, per_mod: torch.Tensor, cotangents: list[torch.Tensor | None], parts: list | None = None,
+        subsets: list[tuple[int, ...]] | None = None,
+    ) -> tuple[torch.Tensor, Any]:
+        """Gram matrix (float64) of the cotangents ``dL_j / d per_mod`` themselves; nothing is kept for the
+        backward. ``parts`` is not used; ``subsets`` lets the CPU product skip the blocks a subset lacks."""
         k = len(cotangents)
         gram = torch.zeros(k, k, dtype=torch.float64, device=per_mod.device)
         live = [j for j, c in enumerate(cotangents) if c is not None]
@@ -351,7 +363,11 @@ class GMDApproxStrategy(GMDStrategy):
             gram[at[:, None], at] += block @ block.T
         return gram
 
-    def apply_gradients(self, model, per_mod, cotangents, weights, cache):
+    def apply_gradients(
+        self, model: Any, per_mod: torch.Tensor, cotangents: list[torch.Tensor | None], weights: torch.Tensor,
+        cache: Any,
+    ) -> None:
+        """One backward of ``sum_j k w_j L_j``; the shared parameters' gradients are then divided by ``k``."""
         total = self._weighted_cotangent(cotangents, weights)
         if total is not None:
             per_mod.backward(total)

@@ -120,6 +120,11 @@ class PredictStrategy(GradientStrategy):
         self, model: Any, inputs: Any, modality_mask: torch.Tensor, targets: torch.Tensor,
         loss_function: Callable, iteration: int = 0,
     ) -> StepResult:
+        """Task, prediction and fusion losses of one iteration (see the module); BitFit once warm-up is over.
+
+        Raises:
+            ValueError: ``model`` is not a prompted network (see :meth:`check_model`).
+        """
         self.check_model(model)
         if self.bitfit_applied or self.warmup_iterations == 0 or iteration > self.warmup_iterations:
             if not self.bitfit_applied and iteration <= 1 and not getattr(model, "pretrained_path", ""):
@@ -202,9 +207,11 @@ class PredictStrategy(GradientStrategy):
 
     # -- resume ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The base state plus whether the encoders are already frozen to their biases (BitFit)."""
         return {**super().state_dict(), "bitfit_applied": self.bitfit_applied}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
         super().load_state_dict(state)
         self.bitfit_applied = bool(state.get("bitfit_applied", False))
 

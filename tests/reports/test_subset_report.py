@@ -190,6 +190,14 @@ def test_heatmap_colours_put_the_best_value_of_every_column_high(tmp_path: Path,
     assert colours.ravel().tolist() == pytest.approx([0.0, 0.0, 1.0, 1.0, 0.5, 0.5])
 
 
+def test_the_reports_and_the_key_metric_agree_on_which_metrics_are_better_lower():
+    """The reports keep their own copy (they import no torch): it must not drift from the key metric's."""
+    from app.metrics.sentiment_metric import LOWER_IS_BETTER as key_metric
+    from app.reports.subset_report import LOWER_IS_BETTER as reports
+
+    assert reports == key_metric
+
+
 def test_sentiment_csv_keeps_subset_order_with_a_subset_without_utterances(tmp_path: Path):
     names = ["text", "audio", "vision", "text+audio", "text+vision", "audio+vision", "text+audio+vision"]
     scored = [n for n in names if n != "audio"]
