@@ -99,7 +99,11 @@ def _load_config(config_file: Path) -> dict:
 
 
 def bundle_layout(bundle: str | os.PathLike) -> BundleLayout:
-    """The family of a bundle, from the data keys of its ``configs/train.yaml``."""
+    """The family of a bundle, from the data keys of its ``configs/train.yaml``.
+
+    Raises:
+        ValueError: ``configs/train.yaml`` has neither ``dataset_dir`` (segmentation) nor ``data_path`` (sentiment).
+    """
     train, _ = _configs(Path(bundle))
     config = _load_config(train)
     if "dataset_dir" in config:
@@ -117,6 +121,10 @@ def parse_strategies(spec: str | Sequence[str], kind: str | None = None) -> list
         spec: the ``--strategies`` list.
         kind: the bundle's branch (:attr:`BundleLayout.kind`); a strategy that branch's network cannot
             train (``predict`` for segmentation) is refused. ``None`` checks names and counts only.
+
+    Raises:
+        ValueError: an empty list, an unknown or repeated strategy, one the branch cannot train, or a subset
+            count on a strategy other than GMD or not a positive integer.
     """
     items = spec.split(",") if isinstance(spec, str) else [s for part in spec for s in str(part).split(",")]
     out, seen = [], set()
@@ -599,6 +607,11 @@ def run_ablation(
             ``--task classification``, ``Acc`` and ``F1``).
         bundle_args: extra ``--key value`` overrides for both bundle commands; a ``--config_file`` among them
             names override files (recipes), placed after ``train.yaml`` in both commands.
+
+    Raises:
+        ValueError: a bad strategy list, setting, ``checkpoint`` or ``metrics`` (named in the message), before any
+            run starts.
+        RuntimeError: a training ended without writing the checkpoint to evaluate.
     """
     bundle = Path(bundle)
     layout = bundle_layout(bundle)
@@ -706,6 +719,9 @@ def run_ablation_seeds(
     ``kwargs`` go to :func:`run_ablation` unchanged. Writes ``output_dir/ablation_seeds.{json,md}``
     (:func:`app.reports.ablation.seed_table`) and returns that table, with each seed's table under
     ``"per_seed"``.
+
+    Raises:
+        ValueError: ``seeds`` is empty or repeats a seed, and as :func:`run_ablation`.
     """
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):

@@ -26,7 +26,11 @@ MOSI_MODALITIES: tuple[str, ...] = ("text", "audio", "vision")
 
 
 def all_subsets(num_modalities: int) -> list[tuple[int, ...]]:
-    """Every non-empty subset of ``range(num_modalities)``, by size then lexicographically."""
+    """Every non-empty subset of ``range(num_modalities)``, by size then lexicographically.
+
+    Raises:
+        ValueError: ``num_modalities`` is below 1.
+    """
     if num_modalities < 1:
         raise ValueError(f"num_modalities must be >= 1, got {num_modalities}.")
     return [c for k in range(1, num_modalities + 1) for c in combinations(range(num_modalities), k)]
@@ -57,6 +61,10 @@ def subset_masks(num_modalities: int, device: torch.device | str | None = None) 
 
 def check_fusable(mask: torch.Tensor) -> None:
     """Raise unless every row of the ``[B, M]`` modality mask has a modality (reads the mask: a device
-    sync on a GPU)."""
+    sync on a GPU).
+
+    Raises:
+        ValueError: a row of the mask is all False.
+    """
     if bool((mask.sum(dim=1) == 0).any()):
         raise ValueError("Cannot fuse a sample with no available modality: every sample needs at least one.")

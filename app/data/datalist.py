@@ -85,6 +85,9 @@ def shard_cases(cases: Sequence[dict[str, Any]], rank: int, world_size: int, see
         rank: this process, ``0 <= rank < world_size``.
         world_size: the number of processes.
         seed: selects the order.
+
+    Raises:
+        ValueError: ``rank`` is not in ``[0, world_size)``.
     """
     if not 0 <= int(rank) < int(world_size):
         raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}.")
@@ -118,6 +121,9 @@ def read_datalist(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[d
     ``load_decathlon_datalist`` takes it, and returned absolute: it used to be read relative to the
     folder the command ran from, so the same evaluation found its cases or not depending on where a
     scheduler started it.
+
+    Raises:
+        ValueError: the file cannot be read, is not JSON, or has no ``training`` list.
     """
     # a named pipe given as --eval_datalist: open() would wait for a writer forever
     check_regular_file(path, "Pass the datalist.json that training wrote into its --output_dir.")
@@ -245,6 +251,10 @@ def prepare_datalist(
 
     Returns:
         ``{"training": [...], "validation": [...]}``.
+
+    Raises:
+        ValueError: fewer than two labelled cases, or a resumed run whose split differs from the recorded
+            one (and any problem of discovery).
     """
     from app.data.discovery import discover_cases
 

@@ -255,6 +255,10 @@ def msd_channels(desc: dict[str, Any], source: str | os.PathLike = "dataset.json
 
     Returns:
         ``{seq: channel index}`` with ``seq`` from :data:`app.subsets.BRATS_MODALITIES`.
+
+    Raises:
+        CaseError: no channel mapping, a channel that is no BraTS sequence, two channels for one sequence,
+            or a channel key that is not an integer.
     """
     names = desc.get("channel_names", desc.get("modality"))
     if not isinstance(names, dict) or not names:
@@ -285,6 +289,10 @@ def msd_label_map(desc: dict[str, Any], source: str | os.PathLike = "dataset.jso
     Accepts MSD style (``{"1": "edema", ...}``), nnU-Net v2 style (``{"edema": 1, ...}``) and nnU-Net v2
     region style (``{"whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3}``), from which
     the parts are derived as NCR = TC \\ ET and ED = WT \\ TC.
+
+    Raises:
+        CaseError: no ``labels`` mapping, non-integer values, regions without an enhancing-tumour label,
+            or a value given to two parts.
     """
     labels = desc.get("labels")
     if not isinstance(labels, dict) or not labels:

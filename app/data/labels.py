@@ -239,6 +239,9 @@ def regions_to_labels(regions: ArrayLike, convention: LabelMap | str = "brats201
     Returns:
         uint8 label volume of shape ``regions.shape[1:]``: numpy for numpy input, otherwise a plain
         torch tensor on the input's device.
+
+    Raises:
+        ValueError: ``regions`` has no 3 channels first, or the label map's values do not fit uint8.
     """
     lm = _resolve(convention)
     if regions.shape[0] != len(REGION_NAMES):

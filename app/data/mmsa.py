@@ -423,7 +423,11 @@ def _read_npz(path: Path) -> dict[str, dict[str, np.ndarray]]:
 
 
 def save_mmsa_npz(data: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    """Write ``{split: {field: array}}`` as a pickle-free ``.npz`` (``split/field`` entries)."""
+    """Write ``{split: {field: array}}`` as a pickle-free ``.npz`` (``split/field`` entries).
+
+    Raises:
+        ValueError: ``path`` cannot be written.
+    """
     path = _check_npz_path(path)
     arrays: dict[str, np.ndarray] = {"__format__": np.asarray(NPZ_FORMAT)}
     for split, fields in data.items():
@@ -580,7 +584,11 @@ def seen_utterances(record: Mapping[str, Any], split: Mapping[str, np.ndarray], 
 
 
 def feature_dims(data: Mapping[str, Mapping[str, np.ndarray]]) -> list[int]:
-    """Feature sizes ``[D_text, D_audio, D_vision]`` (from any split; all must agree)."""
+    """Feature sizes ``[D_text, D_audio, D_vision]`` (from any split; all must agree).
+
+    Raises:
+        ValueError: the splits' feature sizes differ.
+    """
     dims = {name: [int(split[m].shape[-1]) for m in MMSA_MODALITIES] for name, split in data.items()}
     distinct = {tuple(d) for d in dims.values()}
     if len(distinct) != 1:
@@ -649,6 +657,10 @@ class MMSADataset:
             (a class id under an L1 loss would broadcast silently instead of failing).
         num_classes: the network's number of classes; class ids must be below it (a larger id
             fails deep in the loss in training and scores as a plain error in evaluation).
+
+    Raises:
+        ValueError: a ``label_key`` of another task, a split without that label, without samples, or with
+            a sample that has no offered modality; an unknown modality; and bad labels (:func:`check_labels`).
     """
 
     def __init__(

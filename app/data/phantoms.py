@@ -91,6 +91,10 @@ def make_phantom(size: int | Sequence[int], rng: np.random.Generator | int | Non
         ``"brain"``: bool mask of normal brain parenchyma (grey/white matter outside the tumour, for
         contrast checks; not written to disk). All of shape ``size``; every phantom contains all
         three tumour labels.
+
+    Raises:
+        ValueError: ``size`` is not an int or three ints, each at least 16.
+        RuntimeError: no tumour with all three labels fits the grid.
     """
     shape = (int(size),) * 3 if np.isscalar(size) else tuple(int(s) for s in size)  # type: ignore[arg-type]
     if len(shape) != 3 or min(shape) < _MIN_SIZE:

@@ -254,7 +254,11 @@ class ResumableSampler(DistributedSampler):
         """Ignored: passes are counted by the sampler (see the class docstring)."""
 
     def resume(self, batches_done: int, batches_per_pass: int, batch_size: int) -> None:
-        """Continue after ``batches_done`` batches of ``batch_size`` samples (``batches_per_pass`` per pass)."""
+        """Continue after ``batches_done`` batches of ``batch_size`` samples (``batches_per_pass`` per pass).
+
+        Raises:
+            ValueError: ``batches_per_pass`` is below 1.
+        """
         if batches_per_pass < 1:
             raise ValueError(f"batches_per_pass must be >= 1, got {batches_per_pass}.")
         self.pass_index = batches_done // batches_per_pass
@@ -576,7 +580,12 @@ class ResumableCheckpoint:
             )
 
     def restore(self, engine: Engine, state: Mapping[str, Any]) -> None:
-        """Load ``state`` (from :func:`load_training_checkpoint`) into the objects and ``engine``."""
+        """Load ``state`` (from :func:`load_training_checkpoint`) into the objects and ``engine``.
+
+        Raises:
+            ValueError: the checkpoint was written for another network, epoch length, number of epochs,
+                recorded setting, scheduler or optimizer setting, or strategy: the message names the resume that fits.
+        """
         world, rank = process_group()
         net = _unwrap(self.network)
         expected, saved = net.state_dict(), state["network"]

@@ -140,6 +140,9 @@ def check_shards(items: Sized, what: str = "validation cases", hint: str = "") -
 
     A rank without validation data skips the evaluation, and the others then wait forever in the
     metric's all-gather; this turns that hang into a message.
+
+    Raises:
+        ValueError: ``items`` has fewer elements than there are processes.
     """
     if is_distributed() and len(items) < dist.get_world_size():
         raise ValueError(f"{len(items)} {what} for {dist.get_world_size()} processes: every rank needs at least one; "

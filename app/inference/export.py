@@ -26,7 +26,11 @@ __all__ = ["build_parser", "main", "verify_export"]
 
 
 def verify_export(eager: torch.nn.Module, scripted: torch.nn.Module, divisor: int, atol: float = 1e-4) -> float:
-    """Largest absolute logit difference between the two models over a few masks; raises if above ``atol``."""
+    """Largest absolute logit difference between the two models over a few masks; raises if above ``atol``.
+
+    Raises:
+        ValueError: the largest difference exceeds ``atol``.
+    """
     import torch
 
     from app.subsets import subset_masks

@@ -280,6 +280,10 @@ class Segmenter:
         head_mask: set labels and probabilities to 0 where every given sequence is 0 (outside the
             skull-stripped head); the summary reports how much was removed.
         settings: free-form description of the network, copied into the summary.
+
+    Raises:
+        ValueError: a patch size that does not fit ``divisor``, an overlap outside ``[0, 1)``, ``sw_batch_size``
+            below 1, or a bad spacing or flag.
     """
 
     def __init__(

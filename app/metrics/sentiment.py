@@ -34,6 +34,9 @@ def weighted_f1(truth: np.ndarray, preds: np.ndarray) -> float:
 
     Per class ``F1 = 2 TP / (2 TP + FP + FN)``, weighted by the class's count in ``truth``; a class
     that only occurs in ``preds`` has weight 0. Returns NaN for empty inputs.
+
+    Raises:
+        ValueError: ``truth`` and ``preds`` have different sizes.
     """
     truth = np.asarray(truth).reshape(-1)
     preds = np.asarray(preds).reshape(-1)
@@ -79,6 +82,9 @@ def sentiment_metrics(
 
     Returns:
         dict with float values for :data:`SENTIMENT_METRICS` and int ``"n"``.
+
+    Raises:
+        ValueError: ``preds`` and ``labels`` have different sizes, or no element.
     """
     p = _flat_float64(preds)
     y = _flat_float64(labels)
@@ -136,7 +142,11 @@ class SubsetSentimentAccumulator(SubsetAccumulator):
         preds: torch.Tensor | np.ndarray | Sequence[float],
         labels: torch.Tensor | np.ndarray | Sequence[float],
     ) -> None:
-        """Record predictions ``[B]`` (or ``[B, 1]``) and labels ``[B]`` of ``case_ids`` under a subset."""
+        """Record predictions ``[B]`` (or ``[B, 1]``) and labels ``[B]`` of ``case_ids`` under a subset.
+
+        Raises:
+            ValueError: ``preds`` and ``labels`` have different sizes.
+        """
         p, y = _flat_float64(preds), _flat_float64(labels)
         if p.shape != y.shape:
             raise ValueError(f"preds and labels sizes differ: {p.size} vs {y.size}.")
@@ -159,6 +169,9 @@ class SubsetSentimentAccumulator(SubsetAccumulator):
             subset_preds: ``{subset_index: preds [B] or [B, 1]}``, or a tensor ``[B, S]`` / ``[B, S, 1]``
                 holding all ``S = len(all_subsets)`` subsets in order.
             labels: ``B`` labels.
+
+        Raises:
+            ValueError: a ``subset_preds`` tensor is not ``[B, S]`` or ``[B, S, 1]``, or as :meth:`update`.
         """
         if isinstance(subset_preds, torch.Tensor):
             if subset_preds.ndim not in (2, 3) or subset_preds.shape[1] != len(self.subsets):

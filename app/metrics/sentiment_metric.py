@@ -47,7 +47,11 @@ class SubsetClassificationAccumulator(SubsetAccumulator):
                          primary_key="Acc", count_key="n")
 
     def update(self, case_ids: Sequence[str], subset_index: int, preds: Any, labels: Any, valid: Any = None) -> None:
-        """Record class ids ``[B]`` predicted under subset ``subset_index`` and the labels ``[B]``."""
+        """Record class ids ``[B]`` predicted under subset ``subset_index`` and the labels ``[B]``.
+
+        Raises:
+            ValueError: ``preds`` and ``labels`` have different sizes.
+        """
         p = np.asarray(torch.as_tensor(preds).detach().cpu(), dtype=np.float64).reshape(-1)
         y = np.asarray(torch.as_tensor(labels).detach().cpu(), dtype=np.float64).reshape(-1)
         if p.shape != y.shape:
@@ -80,6 +84,9 @@ class SubsetSentimentScore(SubsetScalarMetric):
         modalities: modality names.
         output_transform: applied to ``engine.state.output`` before :meth:`update`.
         device: kept for the ignite ``Metric`` signature (rows live on the CPU).
+
+    Raises:
+        ValueError: an unknown ``task``, or a ``key`` that is no metric of it.
     """
 
     def __init__(

@@ -71,6 +71,9 @@ class SubsetAccumulator:
         metric_keys: per-subset metrics, averaged over subsets in ``mean_over_subsets``.
         primary_key: metric of ``metric_keys`` used to pick the worst (lowest) subset.
         count_key: key holding the number of rows of a subset in the per-subset results.
+
+    Raises:
+        ValueError: ``primary_key`` is not in ``metric_keys``.
     """
 
     #: what a row is and what its inputs are called, in messages (segmentation: cases and sequences)
@@ -264,6 +267,9 @@ class SubsetDiceAccumulator(SubsetAccumulator):
     Args:
         modalities: modality names in order; subset indices refer to ``all_subsets(len(modalities))``.
         regions: channel names of the Dice rows (and of the label/logit channels).
+
+    Raises:
+        ValueError: ``regions`` is empty, repeats a name, or names one ``mean``.
     """
 
     def __init__(self, modalities: Sequence[str] = BRATS_MODALITIES, regions: Sequence[str] = BRATS_REGIONS) -> None:
@@ -308,6 +314,9 @@ class SubsetDiceAccumulator(SubsetAccumulator):
             subset_dice: ``[B, S, len(regions)]`` with ``S = len(all_subsets)`` in order (e.g. from
                 :func:`~app.metrics.dice.dice_from_logits` per subset, stacked on dim 1).
             valid: optional boolean ``[B, S]``; ``valid[b, j] == False`` leaves case ``b`` out of subset ``j``.
+
+        Raises:
+            ValueError: ``subset_dice`` or ``valid`` has another shape.
         """
         s = len(self.subsets)
         if subset_dice.ndim != 3 or subset_dice.shape[1] != s:
@@ -334,6 +343,9 @@ class SubsetDiceAccumulator(SubsetAccumulator):
             target: binary label ``[B, R, *spatial]`` with one channel per region.
             threshold: sigmoid probability threshold, see :func:`~app.metrics.dice.dice_from_logits`.
             valid: optional boolean ``[B, S]`` indexed by subset index, as in :meth:`update_from_subset_dice`.
+
+        Raises:
+            ValueError: a ``subset_logits`` tensor is not ``[B, S, R, *spatial]``.
         """
         if isinstance(subset_logits, torch.Tensor):
             if subset_logits.ndim < 4 or subset_logits.shape[1] != len(self.subsets):

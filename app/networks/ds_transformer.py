@@ -183,6 +183,11 @@ class DSTransformer(nn.Module):
         clip: clipping of the standardised inputs (0: none).
         fusion: ``mean`` (the mean of the per-modality outputs) or ``confidence`` (their mean
             weighted by a softmax, over the available modalities, of per-modality confidence logits).
+
+    Raises:
+        ValueError: an unknown ``fusion`` or ``task``, ``out_channels`` that do not fit the task, ``hidden`` not
+            a multiple of ``num_heads``, ``in_features`` or ``input_dropout`` not one per modality, or a
+            dropout outside [0, 1].
     """
 
     def __init__(
@@ -259,7 +264,11 @@ class DSTransformer(nn.Module):
     def set_input_statistics(self, stats: Mapping[str, tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]]
                              ) -> DSTransformer:
         """Set each encoder's input standardisation from ``{modality: (mean [D], std [D])}``
-        (e.g. :func:`app.data.feature_statistics` of the training split); returns ``self``."""
+        (e.g. :func:`app.data.feature_statistics` of the training split); returns ``self``.
+
+        Raises:
+            ValueError: a modality has no statistics, or statistics of another feature size.
+        """
         for name, encoder in zip(self.modalities, self.encoders):
             if name not in stats:
                 raise ValueError(f"No input statistics for modality {name!r} (got {sorted(stats)}).")
@@ -315,7 +324,11 @@ class DSTransformer(nn.Module):
         self, inputs: Mapping[str, torch.Tensor], modality_mask: torch.Tensor | None = None
     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per present modality ``(m, rows, x [n, L_m, D_m] float, padding [n, L_m])``: the checked
-        inputs of the samples that have it and their padding mask (True = pad)."""
+        inputs of the samples that have it and their padding mask (True = pad).
+
+        Raises:
+            ValueError: an input is not ``[B, L, D_m]``.
+        """
         mask = self._full_mask(inputs, modality_mask)
         for m, name in enumerate(self.modalities):
             idx = torch.nonzero(mask[:, m], as_tuple=False).flatten()

@@ -135,6 +135,9 @@ class DSUNet(nn.Module):
     The buffer ``training_spacing`` (mm, RAS axes; zeros when unknown) is the voxel size of the
     training data, set by training (:meth:`set_training_spacing`) and saved with the weights, so
     that inference can bring a scan of another resolution to the one the network learnt.
+
+    Raises:
+        ValueError: ``features`` is not two or more positive widths.
     """
 
     task = "segmentation"
@@ -167,7 +170,11 @@ class DSUNet(nn.Module):
         use_onednn_conv(self)  # same maths, batch-1 CPU convolutions 4-8x faster (app.networks.conv)
 
     def set_training_spacing(self, spacing: Sequence[float] | None) -> None:
-        """Record the training data's voxel size (mm, RAS axes); None or zeros: unknown."""
+        """Record the training data's voxel size (mm, RAS axes); None or zeros: unknown.
+
+        Raises:
+            ValueError: ``spacing`` is not 3 non-negative values.
+        """
         values = torch.zeros(3) if spacing is None else torch.as_tensor([float(s) for s in spacing])
         if values.shape != (3,) or bool((values < 0).any()) or not bool(torch.isfinite(values).all()):
             raise ValueError(f"training spacing needs 3 non-negative values (mm), got {spacing}.")

@@ -34,6 +34,9 @@ class SequenceProbe(nn.Module):
         num_heads: attention heads (must divide ``hidden``).
         ff_mult: feed-forward width as a multiple of ``hidden``.
         dropout: dropout inside the attention layers.
+
+    Raises:
+        ValueError: ``num_layers`` is below 1.
     """
 
     def __init__(

@@ -27,6 +27,9 @@ class InstanceNorm3d(nn.InstanceNorm3d):
     blocks to fill the GPU (on an H100, in bf16: 16 rows of 128^3 took 4x less time from reductions,
     32 rows of 64^3 3x more) and on CPU (2-4x faster there, forward and backward). Running
     statistics are not supported (:func:`use_reduction_instance_norm` leaves such layers alone).
+
+    Raises:
+        ValueError: ``track_running_stats`` is set.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,

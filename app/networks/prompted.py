@@ -108,6 +108,10 @@ class PromptedDSTransformer(DSTransformer):
         missing: ``predict`` (absent modalities get the prediction from their predicted embedding
             and take part in the fusion) or ``skip`` (fuse the present modalities only, as
             :class:`~app.networks.DSTransformer`). An attribute: switch it at evaluation.
+
+    Raises:
+        ValueError: ``num_prompts`` below 1, a negative ``predictor_hidden``, fewer than 2 modalities, or an
+            unknown ``missing`` (and as :class:`~app.networks.DSTransformer`).
     """
 
     def __init__(

@@ -206,7 +206,11 @@ def check_finite(tensors: Any, path: str | os.PathLike,
                  fix: str = "copy it again or use another checkpoint.") -> None:
     """Refuse weights with NaN or infinite values (a diverged run or a damaged file): a model with
     them segments nothing, without any other sign. ``tensors`` yields ``(name, tensor)`` pairs; ``fix``
-    ends the message."""
+    ends the message.
+
+    Raises:
+        ValueError: a tensor holds NaN or infinite values, naming ``path`` and the tensors.
+    """
     bad = [name for name, t in tensors if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise ValueError(f"{os.fspath(path)} holds NaN or infinite weights in {len(bad)} tensor(s) (e.g. {bad[0]}): "

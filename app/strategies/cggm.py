@@ -87,6 +87,9 @@ def modulation_loss(
 
     Returns:
         ``(L_gm, cos [M])``; ``L_gm`` carries the graph of ``fusion_grad``.
+
+    Raises:
+        ValueError: ``head_grads`` is empty.
     """
     if not head_grads:
         raise ValueError("modulation_loss needs at least one modality head gradient.")
@@ -105,6 +108,9 @@ def head_metric(task: str, pred: torch.Tensor, targets: torch.Tensor) -> torch.T
 
     ``classification``: 1 where the arg-max class is right; ``regression``: minus the absolute
     error (mean over outputs); ``segmentation``: hard Dice of ``sigmoid > 0.5``, mean over channels.
+
+    Raises:
+        ValueError: ``task`` is none of the three.
     """
     pred = pred.detach().float()
     n = pred.shape[0]
@@ -137,6 +143,9 @@ class CGGMStrategy(GradientStrategy):
         seed: seed of the strategy's generator and of the heads' initialisation.
         diagnostics_interval: record ``B``, ``eps``, ``delta``, ``cos`` and ``L_gm`` every this many
             iterations (0: never).
+
+    Raises:
+        ValueError: ``rho`` is not a finite number above 0, or another setting is out of range (naming its flag).
     """
 
     name = "cggm"
@@ -173,7 +182,11 @@ class CGGMStrategy(GradientStrategy):
 
     # -- heads ------------------------------------------------------------------------------------
     def build_heads(self, model: Any) -> nn.ModuleList:
-        """The heads of ``model`` (built on the first call) and their optimizer."""
+        """The heads of ``model`` (built on the first call) and their optimizer.
+
+        Raises:
+            TypeError: ``model`` has no ``make_modality_heads()``.
+        """
         if self.heads is not None:
             return self.heads
         if not hasattr(model, "make_modality_heads"):

@@ -51,6 +51,10 @@ class GMDStrategy(GradientStrategy):
             larger values trade memory for speed on GPUs).
         sync: in a multi-process run, ``"local"`` (decouple each rank's batch) or ``"global"``
             (decouple the global batch; every rank must use the same ``seed``). Ignored otherwise.
+
+    Raises:
+        ValueError: ``subsets`` is neither ``all`` nor a whole number >= 1, ``sync`` is neither ``local`` nor
+            ``global``, or a count is out of range.
     """
 
     name = "gmd"

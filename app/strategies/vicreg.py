@@ -44,7 +44,11 @@ def _check(z: torch.Tensor) -> None:
 
 
 def vicreg_invariance(z: torch.Tensor, z_prime: torch.Tensor) -> torch.Tensor:
-    """``s(Z, Z')``: mean over samples and dimensions of the squared differences."""
+    """``s(Z, Z')``: mean over samples and dimensions of the squared differences.
+
+    Raises:
+        ValueError: the embeddings' shapes differ.
+    """
     if z.shape != z_prime.shape:
         raise ValueError(f"Embeddings must have the same shape, got {tuple(z.shape)} and {tuple(z_prime.shape)}.")
     return F.mse_loss(z, z_prime)
