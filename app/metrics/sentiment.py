@@ -13,19 +13,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.metrics.subset_metrics import SubsetAccumulator
+from app.metrics.subset_metrics import SubsetAccumulator, _as_1d
 from app.subsets import MOSI_MODALITIES
 
 __all__ = ["SENTIMENT_METRICS", "sentiment_metrics", "weighted_f1", "SubsetSentimentAccumulator"]
 
 #: Metric keys of :func:`sentiment_metrics` (besides the count ``"n"``), in report order.
 SENTIMENT_METRICS: tuple[str, ...] = ("Acc2", "Acc2_has0", "F1", "Acc7", "MAE", "Corr")
-
-
-def _flat_float64(values: torch.Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        values = values.detach().to("cpu", torch.float64).numpy()
-    return np.asarray(values, dtype=np.float64).reshape(-1)
 
 
 def weighted_f1(truth: np.ndarray, preds: np.ndarray) -> float:
@@ -86,8 +80,8 @@ def sentiment_metrics(
     Raises:
         ValueError: ``preds`` and ``labels`` have different sizes, or no element.
     """
-    p = _flat_float64(preds)
-    y = _flat_float64(labels)
+    p = _as_1d(preds)
+    y = _as_1d(labels)
     if p.shape != y.shape:
         raise ValueError(f"preds and labels sizes differ: {p.size} vs {y.size}.")
     if p.size == 0:
@@ -147,7 +141,7 @@ class SubsetSentimentAccumulator(SubsetAccumulator):
         Raises:
             ValueError: ``preds`` and ``labels`` have different sizes.
         """
-        p, y = _flat_float64(preds), _flat_float64(labels)
+        p, y = _as_1d(preds), _as_1d(labels)
         if p.shape != y.shape:
             raise ValueError(f"preds and labels sizes differ: {p.size} vs {y.size}.")
         self._add_rows(case_ids, subset_index, np.stack([p, y], axis=1), name="preds/labels")

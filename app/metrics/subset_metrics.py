@@ -46,6 +46,7 @@ def _as_2d_float64(values: torch.Tensor | np.ndarray | Sequence, n_fields: int, 
 
 
 def _as_1d(values: torch.Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
+    """``values`` flattened to a float64 numpy vector (a tensor is detached and copied to the CPU first)."""
     if isinstance(values, torch.Tensor):
         values = values.detach().to("cpu", torch.float64).numpy()
     return np.asarray(values, dtype=np.float64).reshape(-1)

@@ -302,3 +302,17 @@ def test_subset_mean_dice_uses_its_threshold_and_the_validity_of_logits():
     default = SubsetMeanDice()
     default.update({"subset_logits": logits, "label": label, "subset_valid": valid, "case": ["x"]})
     assert default.compute() == 1.0
+
+
+def test_rows_of_every_metric_are_read_as_flat_float64_vectors():
+    """The one reader of metric inputs (Dice rows, validity flags, sentiment predictions and labels)."""
+    import numpy as np
+
+    from app.metrics.subset_metrics import _as_1d
+
+    grad = torch.tensor([[0.25], [0.5]], dtype=torch.float32, requires_grad=True)
+    for values in (grad, np.array([[0.25], [0.5]], dtype=np.float16), [0.25, 0.5], (True, False)):
+        out = _as_1d(values)
+        assert isinstance(out, np.ndarray) and out.dtype == np.float64 and out.shape == (2,)
+    assert _as_1d(grad).tolist() == [0.25, 0.5]
+    assert _as_1d((True, False)).tolist() == [1.0, 0.0]
