@@ -15,7 +15,7 @@ import io
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from app.reports.subset_report import LOWER_IS_BETTER, atomic_write_bytes, atomic_write_text, strict_json
 
@@ -109,19 +109,28 @@ def format_ablation_markdown(table: Mapping[str, Any], title: str = "", digits: 
         lines += [f"No case to score for {len(unscored)} subset(s) ({', '.join(unscored)}): every mean over subsets "
                   f"here is over the {len(table['subsets'])} scored, and the summary's last column is "
                   f"{full}, not all modalities.", ""]
-    for metric in metrics:
+    lines += _metric_tables(table, lambda value: f"{value:.{digits}f}",
+                            lambda worst: f"{worst['value']:.{digits}f} ({worst['name']})")
+    return "\n".join(lines)
+
+
+def _metric_tables(table: Mapping[str, Any], cell: Callable[[Any], str], worst: Callable[[Any], str]) -> list[str]:
+    """The Markdown lines of one table per metric: subsets x strategies, then the mean over subsets and the
+    worst subset. ``cell`` writes a subset's or the mean's entry, ``worst`` the worst subset's."""
+    strategies = table["strategies"]
+    lines: list[str] = []
+    for metric in table["metrics"]:
         per = table["tables"][metric]
         better = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
         lines += [f"## {metric} ({better})", "", "| subset | " + " | ".join(strategies) + " |",
                   "|---|" + "---|" * len(strategies)]
         for name in table["subsets"]:
-            lines.append(f"| {name} | " + " | ".join(f"{per[s]['subsets'][name]:.{digits}f}" for s in strategies) + " |")
-        lines.append("| **mean over subsets** | " + " | ".join(f"**{per[s]['mean']:.{digits}f}**" for s in strategies)
+            lines.append(f"| {name} | " + " | ".join(cell(per[s]["subsets"][name]) for s in strategies) + " |")
+        lines.append("| **mean over subsets** | " + " | ".join(f"**{cell(per[s]['mean'])}**" for s in strategies)
                      + " |")
-        lines.append("| **worst subset** | " + " | ".join(
-            f"{per[s]['worst']['value']:.{digits}f} ({per[s]['worst']['name']})" for s in strategies) + " |")
+        lines.append("| **worst subset** | " + " | ".join(worst(per[s]["worst"]) for s in strategies) + " |")
         lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def _bar_chart_png(table: Mapping[str, Any], metric: str, title: str) -> bytes | None:
@@ -244,26 +253,14 @@ def _names(names: Sequence[str], seeds: Sequence[Any]) -> str:
 def format_seed_markdown(table: Mapping[str, Any], title: str = "", digits: int = 3) -> str:
     """One table per metric: subsets x strategies, each cell ``mean +/- sd`` over the seeds, then the
     mean over subsets and the worst subset (both taken per seed, then spread)."""
-    strategies = table["strategies"]
     lines = [f"# {title}", ""] if title else []
     lines += [f"Mean +/- sample standard deviation over seeds {', '.join(map(str, table['seeds']))}.", ""]
     if unscored := table.get("subsets_without_cases"):
         lines += ["Not every seed's held-out cases could score every subset: " + "; ".join(
             f"seed {seed}: no case for {', '.join(names)}" for seed, names in unscored.items())
             + ". Those cells spread the other seeds, and those seeds' means over subsets are over fewer subsets.", ""]
-    for metric in table["metrics"]:
-        per = table["tables"][metric]
-        better = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
-        lines += [f"## {metric} ({better})", "", "| subset | " + " | ".join(strategies) + " |",
-                  "|---|" + "---|" * len(strategies)]
-        for name in table["subsets"]:
-            lines.append(f"| {name} | " + " | ".join(_pm(per[s]["subsets"][name], digits) for s in strategies) + " |")
-        lines.append("| **mean over subsets** | " + " | ".join(f"**{_pm(per[s]['mean'], digits)}**" for s in strategies)
-                     + " |")
-        lines.append("| **worst subset** | " + " | ".join(
-            f"{_pm(per[s]['worst'], digits)} ({_names(per[s]['worst'].get('names', []), table['seeds'])})"
-            for s in strategies) + " |")
-        lines.append("")
+    lines += _metric_tables(table, lambda spread: _pm(spread, digits),
+                            lambda worst: f"{_pm(worst, digits)} ({_names(worst.get('names', []), table['seeds'])})")
     return "\n".join(lines)
 
 
