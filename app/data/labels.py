@@ -253,15 +253,12 @@ def regions_to_labels(regions: ArrayLike, convention: LabelMap | str = "brats201
         raise ValueError(f"Label values {values} do not fit uint8.")
     ncr_v, ed_v, et_v = values
     if isinstance(regions, torch.Tensor):  # stay on the tensor's device (GPU inference)
-        binary_t = regions if regions.dtype == torch.bool else regions > 0.5
-        out_t = torch.zeros(tuple(regions.shape[1:]), dtype=torch.uint8, device=regions.device)
-        out_t[binary_t[0]] = ed_v
-        out_t[binary_t[1]] = ncr_v
-        out_t[binary_t[2]] = et_v
-        return out_t
-    arr = np.asarray(regions)
-    binary = arr if arr.dtype == np.bool_ else arr > 0.5
-    out = np.zeros(arr.shape[1:], dtype=np.uint8)
+        binary = regions if regions.dtype == torch.bool else regions > 0.5
+        out = torch.zeros(tuple(regions.shape[1:]), dtype=torch.uint8, device=regions.device)
+    else:
+        arr = np.asarray(regions)
+        binary = arr if arr.dtype == np.bool_ else arr > 0.5
+        out = np.zeros(arr.shape[1:], dtype=np.uint8)
     out[binary[0]] = ed_v
     out[binary[1]] = ncr_v
     out[binary[2]] = et_v
