@@ -24,10 +24,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterator, Mapping, NoReturn, Sequence
+from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 
 from app.atomic import atomic_write_text, check_writable_folder, locked_folder
 from app.flags import check_paths, parse_bool
+from app.inference.cli import _OneLineParser
 
 __all__ = ["BatchError", "build_parser", "check_overrides_or_exit", "load_segmenter_or_exit", "main", "run_batch", "run_batch_or_exit"]
 
@@ -409,11 +410,6 @@ def _segment_cases(names: Sequence[str], records: Mapping[str, Any], discovery_e
               flush=True)
         results.append({"case": name, "status": "ok", **summary})
         progress()
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message}: run with --help for usage.\n")
 
 
 # auto and pipeline.LABEL_CHOICES, spelt out so that --help does not import torch

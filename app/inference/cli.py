@@ -23,13 +23,22 @@ _SEQ_FLAGS = ("flair", "t1", "t1ce", "t2")
 
 
 class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one line (status 2) instead of usage + message."""
+    """argparse that reports usage errors as one line (status 2) instead of usage + message; the parser of
+    every inference command (``infer``, ``app.inference.export``, ``app.inference.batch``).
+
+    Args:
+        unrecognized_hint: said before ``run with --help for usage`` when an argument is not recognised.
+        args, kwargs: ``argparse.ArgumentParser``'s.
+    """
+
+    def __init__(self, *args: Any, unrecognized_hint: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unrecognized_hint = unrecognized_hint
 
     def error(self, message: str) -> NoReturn:
         hint = "run with --help for usage"
-        if "unrecognized arguments" in message:
-            hint = ("sequences are given with --flair, --t1, --t1ce, --t2 or --input NAME=FILE (NAME one of flair, t1, "
-                    "t1ce, t2 or an alias such as t2f, t1n, t1c, t2w); run with --help for usage")
+        if self.unrecognized_hint and "unrecognized arguments" in message:
+            hint = f"{self.unrecognized_hint}; {hint}"
         self.exit(2, f"error: {message}: {hint}.\n")
 
 
@@ -62,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Each sequence is a NIfTI file or a folder holding one DICOM series. The label map is "
                     "written on the exact grid of the input (same shape, affine and qform/sform codes).",
         epilog="Bad input exits with status 2 and one line on stderr naming the file and the fix.",
+        unrecognized_hint="sequences are given with --flair, --t1, --t1ce, --t2 or --input NAME=FILE (NAME one of "
+                          "flair, t1, t1ce, t2 or an alias such as t2f, t1n, t1c, t2w)",
     )
     seq = p.add_argument_group("input sequences (any non-empty subset)")
     for name in _SEQ_FLAGS:

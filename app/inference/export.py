@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, Sequence
+from typing import TYPE_CHECKING, Sequence
+
+from app.inference.cli import _OneLineParser
 
 if TYPE_CHECKING:  # torch is imported after argument parsing, so that --help stays instant
     import torch
@@ -46,11 +48,6 @@ def verify_export(eager: torch.nn.Module, scripted: torch.nn.Module, divisor: in
         raise ValueError(f"The exported model differs from the checkpoint by {worst:.3g} (> {atol}): do not deploy it; "
                          "report the torch version.")
     return worst
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message}: run with --help for usage.\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

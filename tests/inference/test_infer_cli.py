@@ -876,3 +876,19 @@ def test_the_summary_records_the_autocast_dtype(case, random_ckpt, infer, tmp_pa
     monkeypatch.setattr(pipeline, "amp_dtype", lambda device, enabled, training=False: torch.bfloat16)
     a100 = summary("a100")
     assert (a100["amp_dtype"], a100["amp_bf16"]) == ("bfloat16", True)
+
+
+@pytest.mark.parametrize("command, argv, hint", [
+    ("app.inference.cli", ["--ckpt", "m.pt", "--out", "o", "--flair-file", "f.nii.gz"], "sequences are given with --flair"),
+    ("app.inference.cli", ["--out", "o"], None),
+    ("app.inference.export", ["--ckpt"], None),
+    ("app.inference.batch", ["--bogus", "x"], None),
+])
+def test_a_usage_error_of_an_inference_command_is_one_line_with_the_fix(command, argv, hint, capsys):
+    import importlib
+
+    assert importlib.import_module(command).main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and captured.err.startswith("error: ")
+    assert captured.err.endswith("run with --help for usage.\n")
+    assert (hint in captured.err) if hint else "sequences are given" not in captured.err
