@@ -55,6 +55,24 @@ def test_a_numerically_zero_gradient_counts_as_no_conflict():
     assert count_conflicts(gram_cosine(torch.tensor([[1.0, -0.5], [-0.5, 1.0]], dtype=torch.float64))) == 1
 
 
+@pytest.mark.parametrize("scale", [1e-6, 1e-11, 1e-14])
+def test_small_gradients_are_decoupled_as_their_scaled_up_copies(scale):
+    # eq. 8 is invariant to the gradients' common scale: a trained model on background-only patches has subset
+    # gradients with norms under 1e-10, which an absolute floor on |G_j|^2 treated as zero (no projection, and
+    # no conflict in the diagnostics)
+    g = torch.tensor([[1.0, 0.0], [-1.0, 0.5], [0.0, -1.0]], dtype=torch.float64)
+    orders = [[1, 2], [2, 0], [0, 1]]
+    gram, small = g @ g.T, (scale * g) @ (scale * g).T
+    assert torch.allclose(decouple_coefficients(small, orders), decouple_coefficients(gram, orders))
+    stats, small_stats = (gmd_statistics(k, decouple_coefficients(k, orders)) for k in (gram, small))
+    assert small_stats["conflicts_before"] == stats["conflicts_before"] == 2
+    assert small_stats["conflicts_after"] == stats["conflicts_after"] == 1
+    assert small_stats["weights"] == pytest.approx(stats["weights"])
+    assert torch.allclose(gram_cosine(small), gram_cosine(gram))
+    # the decoupled g1 is 0 up to rounding: it has no direction at any scale
+    assert small_stats["cosine_after"][1] == [0.0, 0.0, 0.0]
+
+
 def test_three_gradients_sequential_projection_by_hand():
     g = torch.tensor([[1.0, 0.0], [-1.0, 0.5], [0.0, -1.0]], dtype=torch.float64)
     orders = [[1, 2], [2, 0], [0, 1]]
