@@ -191,12 +191,17 @@ class GMDStrategy(GradientStrategy):
         graphs are not walked again); ``world`` times that under global sync, because the trainer then
         averages the encoder gradients over the ranks."""
         k = len(cotangents)
-        total = None
+        total, dtype = None, None
         for j, c in enumerate(cotangents):
             if c is not None:
-                term = c * (k * self._world * weights[j]).to(c.dtype)
+                # half-precision cotangents (bf16 autocast): the weights k w_j differ from 1 by the decoupling's
+                # corrections, which bf16 rounds to a quarter or a half (1.0122 -> 1.0156, 0.9878 -> 0.9883), and
+                # conflicting subsets cancel on a voxel: weigh and sum in float32, and round once at the end
+                dtype = c.dtype
+                wide = c.float() if c.dtype in (torch.float16, torch.bfloat16) else c
+                term = wide * float(k * self._world * weights[j])
                 total = term if total is None else total.add_(term)
-        return total
+        return None if total is None else total.to(dtype)
 
     def synchronized_parameters(self, model: Any) -> list[torch.nn.Parameter]:
         """Parameters whose gradients of the last step are already those of the global batch (the shared

@@ -471,3 +471,35 @@ def test_projection_orders_visit_the_others_in_a_seeded_random_order():
     gen = torch.Generator().manual_seed(1)
     first = [projection_orders(3, gen)[0][0] for _ in range(200)]
     assert 60 < first.count(1) < 140 and set(first) == {1, 2}
+
+
+class _OneEncoder(torch.nn.Module):
+    """An encoder weight and no shared parameter: its gradient is the weighted cotangent itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(4))
+
+    def modality_parameters(self):
+        return [self.weight]
+
+    def shared_parameters(self):
+        return []
+
+
+@pytest.mark.parametrize("name", ["gmd", "gmd_approx"])
+def test_half_precision_cotangents_keep_the_decoupling_weights(name):
+    # under bf16 autocast the cotangents are bf16: the weights k w_j (1 +- the decoupling's correction) were cast to
+    # bf16 before weighing, 1.0122 -> 1.015625 and 0.9878 -> 0.98828125, and where two conflicting subsets cancel
+    # the encoders' gradient came out 12% off (0.02734 for 0.0244)
+    model = _OneEncoder()
+    per_mod = (model.weight * 1.0).to(torch.bfloat16)
+    ones = torch.ones(4, dtype=torch.bfloat16)
+    weights = torch.tensor([0.5061, 0.4939], dtype=torch.float64)
+    strategy = build_strategy(name)
+    cache = ([], torch.zeros(2, 0, dtype=torch.float64))
+    strategy.apply_gradients(model, per_mod, [ones, -ones], weights, cache)
+    exact = 2 * (0.5061 - 0.4939)
+    assert model.weight.grad.dtype == torch.float32
+    # one bf16 rounding of the sum (8 bits: 0.4%) is all that is left
+    torch.testing.assert_close(model.weight.grad, torch.full((4,), exact, dtype=torch.float32), rtol=4e-3, atol=0)
