@@ -503,3 +503,19 @@ def test_half_precision_cotangents_keep_the_decoupling_weights(name):
     assert model.weight.grad.dtype == torch.float32
     # one bf16 rounding of the sum (8 bits: 0.4%) is all that is left
     torch.testing.assert_close(model.weight.grad, torch.full((4,), exact, dtype=torch.float32), rtol=4e-3, atol=0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_approximate_gram_matrix_is_float64_under_the_trainers_autocast(device):
+    # the trainer runs each step inside bf16 autocast on CUDA: a float32 product of the stacked cotangents taken there
+    # ran in bf16 and rounded every entry of the Gram matrix to 8 bits (the CPU path was float64 already)
+    torch.manual_seed(0)
+    per_mod = torch.randn(2, 4, 3, 8, 8, 8, device=device)
+    masks = subset_masks(4).view(15, 1, 4, 1, 1, 1, 1).to(device)
+    cotangents = [torch.randn_like(per_mod) * masks[j] for j in range(15)]
+    flat = torch.stack(cotangents).flatten(1).double()
+    expected = flat @ flat.T
+    with torch.autocast(device, dtype=torch.bfloat16):
+        gram, _ = GMDApproxStrategy().gram_matrix(None, per_mod, cotangents, subsets=all_subsets(4))
+    assert gram.dtype == torch.float64
+    torch.testing.assert_close(gram, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
