@@ -31,7 +31,7 @@ CASES = [("plain", "plain", {}), ("dropout", "dropout", {}), ("gmd", "gmd", {"su
 
 
 def _loss():
-    from monai.losses import DiceCELoss
+    from app.losses import DiceCELoss  # the bundle's loss: a binary cross-entropy per region channel
 
     return DiceCELoss(sigmoid=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-5)
 

@@ -97,7 +97,7 @@ def test_a_misspelt_argument_of_a_component_is_refused_before_any_work(tmp_path)
     main = os.path.join(_MONAI_DIR, "bundle", "__main__.py")
     configs = os.path.join(os.path.dirname(__file__), "..", "bundles", "brats_gmd", "configs")
     train = os.path.join(configs, "train.yaml")
-    with pytest.raises(ValueError, match=r"--loss#lambda_dce: DiceCELoss \(the 'loss' setting\) takes no argument "
+    with pytest.raises(ValueError, match=r"--loss#lambda_dce: app.losses.DiceCELoss \(the 'loss' setting\) takes no argument "
                                          r"'lambda_dce': did you mean lambda_dice or lambda_ce\? Fix the key"):
         check_overrides([main, "run", "--config_file", train, "--loss#lambda_dce", "0.5"])
     with pytest.raises(ValueError, match=r"--optimizer#weight_decy: torch.optim.AdamW .* did you mean weight_decay"):

@@ -386,8 +386,8 @@ def check_not_a_slice(what: str, shape: tuple[int, ...]) -> None:
 
 
 def check_voxels(data: np.ndarray, what: str, channel: bool = False) -> tuple[float, float]:
-    """Refuse NaN/Inf voxels, constant volumes, label maps and volumes without a positive voxel, for training and
-    inference alike.
+    """Refuse NaN/Inf voxels, constant volumes, label maps, masks (0 and one other value) and volumes without a
+    positive voxel, for training and inference alike.
 
     A constant volume would count as a present sequence: training would fit its subsets on an
     empty image and inference would segment one. So would a segmentation given as a sequence
@@ -395,6 +395,8 @@ def check_voxels(data: np.ndarray, what: str, channel: bool = False) -> tuple[fl
     which no MRI is (MRI intensities span hundreds or thousands of values, or are fractional).
     The foreground crop keeps the voxels above 0, so a volume with none (intensities shifted below 0 by an
     export) holds no head for the network: inference refused it, training used to train on it.
+    A mask (0 and one value: a brain mask saved as 0/255 under a sequence's name) has a standard deviation of 0
+    on its voxels that are not 0, so the z-score the network reads would be 0 everywhere.
 
     Args:
         data: one sequence's voxels.
@@ -425,7 +427,22 @@ def check_voxels(data: np.ndarray, what: str, channel: bool = False) -> tuple[fl
         raise CaseError(f"{what} has no positive voxel (range {lo:g} to {hi:g}): the model expects skull-stripped MRI "
                         "with positive brain intensities and 0 outside the brain; re-export the scan with its "
                         "original intensities.")
+    # every voxel 0 or one value (a brain mask saved as 0/255): its z-score on the voxels not 0 has a standard
+    # deviation of 0, which the normalisation replaces by 1, so the network would read a present sequence of zeros.
+    # Only lo == 0 < hi can hold a single other value; a strided sample rules out real MRI without a full pass
+    if lo == 0.0 and _zero_or(data[(slice(None, None, 7),) * data.ndim], hi) and _zero_or(data, hi):
+        fix = ("re-export the 4D image with the right channel, or set the channel to 0 so the sequence counts as "
+               "missing for this case." if channel else
+               "pass the MRI sequence instead, or remove it so the sequence counts as missing for this case.")
+        raise CaseError(f"{what} holds a single value ({hi:g}) on every voxel that is not 0: a mask, not an MRI "
+                        "sequence (normalised on those voxels, as every sequence is, it would be 0 everywhere): "
+                        f"{fix}")
     return lo, hi
+
+
+def _zero_or(data: np.ndarray, value: float) -> bool:
+    """Whether every voxel of ``data`` is 0 or ``value``."""
+    return not bool(np.any((data != 0) & (data != value)))
 
 
 def check_distinct_sequences(volumes: Mapping[str, np.ndarray], sources: Mapping[str, str]) -> None:

@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
+from ignite.engine import Events
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.inferers import SlidingWindowInferer
@@ -104,9 +105,15 @@ class SubsetTrainer(SupervisedTrainer):
         super().__init__(*args, amp=False, **kwargs)
         self.strategy = strategy
         strategy.check_model(self.network)  # a network the strategy cannot train fails here, before the first step
+        # the run's length is known once it starts (epoch_length from the data loader when not set)
+        self.add_event_handler(Events.STARTED, self._check_run_length)
         self.use_amp = parse_bool(amp, "amp")
         self.grad_sync = grad_sync
         self.keys = (image_key, label_key, mask_key)
+
+    def _check_run_length(self, engine: SubsetTrainer) -> None:
+        if engine.state.max_epochs and engine.state.epoch_length:
+            self.strategy.check_run_length(int(engine.state.max_epochs) * int(engine.state.epoch_length))
 
     @staticmethod
     def check_finite(engine: SubsetTrainer, loss: torch.Tensor) -> None:

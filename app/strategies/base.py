@@ -150,6 +150,14 @@ class GradientStrategy:
         before the first step. Every network is accepted here.
         """
 
+    def check_run_length(self, iterations: int) -> None:
+        """Log a warning about a setting of this strategy that a run of ``iterations`` iterations leaves
+        without effect.
+
+        :class:`app.engines.SubsetTrainer` calls it when a run starts (or resumes), with the iterations its
+        ``max_epochs`` and ``epoch_length`` make in all. Nothing depends on the run's length here.
+        """
+
     def step(
         self,
         model: Any,

@@ -195,12 +195,17 @@ class GMDStrategy(GradientStrategy):
         graphs are not walked again); ``world`` times that under global sync, because the trainer then
         averages the encoder gradients over the ranks."""
         k = len(cotangents)
-        total = None
+        total, dtype = None, None
         for j, c in enumerate(cotangents):
             if c is not None:
-                term = c * (k * self._world * weights[j]).to(c.dtype)
+                # half-precision cotangents (bf16 autocast): the weights k w_j differ from 1 by the decoupling's
+                # corrections, which bf16 rounds to a quarter or a half (1.0122 -> 1.0156, 0.9878 -> 0.9883), and
+                # conflicting subsets cancel on a voxel: weigh and sum in float32, and round once at the end
+                dtype = c.dtype
+                wide = c.float() if c.dtype in (torch.float16, torch.bfloat16) else c
+                term = wide * float(k * self._world * weights[j])
                 total = term if total is None else total.add_(term)
-        return total
+        return None if total is None else total.to(dtype)
 
     def synchronized_parameters(self, model: Any) -> list[torch.nn.Parameter]:
         """Parameters whose gradients of the last step are already those of the global batch (the shared
@@ -330,12 +335,10 @@ class GMDApproxStrategy(GMDStrategy):
         live = [j for j, c in enumerate(cotangents) if c is not None]
         if live:
             idx = torch.tensor(live, device=gram.device)
-            if per_mod.is_cuda:
-                flat = torch.stack([cotangents[j] for j in live]).flatten(1)
-                gram[idx[:, None], idx] = (flat @ flat.T).double()
-            else:
-                gram[idx[:, None], idx] = self._float64_gram([cotangents[j] for j in live],
-                                                             None if subsets is None else [subsets[j] for j in live])
+            # float64 on every device: on CUDA a float32 product taken inside the trainer's bf16 autocast ran in
+            # bf16 and rounded every entry to 8 bits, which the projections' differences then amplified
+            gram[idx[:, None], idx] = self._float64_gram([cotangents[j] for j in live],
+                                                         None if subsets is None else [subsets[j] for j in live])
         if self._world > 1:
             # the ranks' per-modality outputs are disjoint coordinates of the global batch's output, so
             # its Gram matrix is the sum of the ranks' (losses already weighted by the sample shares)
@@ -352,7 +355,8 @@ class GMDApproxStrategy(GMDStrategy):
         subsets of 4 modalities that converts 8 blocks of a quarter of a cotangent per modality instead of 15
         whole cotangents, with 3.5x fewer multiply-adds: a float32 stack of the cotangents and a float64 copy
         of it for each side of the product took a fifth of a 32^3 CPU step. Equal to that product up to
-        float64 rounding (another summation order).
+        float64 rounding (another summation order). float64 products are left alone by autocast, so the
+        matrix is float64 whatever autocast the step runs under.
         """
         first = cotangents[0]
         gram = torch.zeros(len(cotangents), len(cotangents), dtype=torch.float64, device=first.device)

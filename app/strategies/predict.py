@@ -115,6 +115,20 @@ class PredictStrategy(GradientStrategy):
                 param.grad = None
         self.bitfit_applied = True
 
+    def check_run_length(self, iterations: int) -> None:
+        """Warn when the warm-up lasts the whole run: BitFit, and so the method, never starts.
+
+        The encoders freeze after iteration ``warmup_iterations``; a run of that many iterations or fewer
+        (``configs/predict.yaml``'s 200 with ``--max_epochs 1`` on CMU-MOSI's 40 iterations per epoch) trains
+        every parameter to its end and saves a model that no step of the method trained, without a word.
+        """
+        if self.warmup_iterations and not self.bitfit_applied and self.warmup_iterations >= iterations:
+            logger.warning(
+                "--warmup_iterations %d is not below the %d iteration(s) this run trains (--max_epochs times the "
+                "iterations per epoch): the encoders' weights never freeze (BitFit never starts), so every parameter "
+                "trains to the end and the model is not trained as the method trains it. Lower --warmup_iterations "
+                "below %d, or raise --max_epochs.", self.warmup_iterations, iterations, iterations)
+
     # -- the step ----------------------------------------------------------------------------------
     def step(
         self, model: Any, inputs: Any, modality_mask: torch.Tensor, targets: torch.Tensor,

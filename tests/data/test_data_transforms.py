@@ -197,8 +197,35 @@ def test_label_map_given_as_a_sequence_is_refused(tmp_path, make_case, write_nii
     rng = np.random.default_rng(0)
     for mri in (rng.integers(0, 1500, SHAPE).astype(np.int16), rng.normal(300, 80, SHAPE).astype(np.float32),
                 rng.uniform(0, 4, SHAPE).astype(np.float32),  # rescaled to a small range: not integers
-                np.where(labels > 0, 7, labels).astype(np.int16)):  # integers, but beyond the label values
+                np.where(labels > 0, 5 + labels, labels).astype(np.int16)):  # integers, but beyond the label values
         assert check_voxels(mri, "mri.nii.gz") == (float(mri.min()), float(mri.max()))
+
+
+def test_a_mask_given_as_a_sequence_is_refused_as_inference_refuses_it(tmp_path, make_case, write_nii):
+    """A brain mask saved as 0/255 under a sequence's name passed every check: normalised on its voxels that are not
+    0 (standard deviation 0, replaced by 1) it became a present sequence of zeros, trained and segmented without a
+    word. A 0/1 mask was already refused as a label map."""
+    from app.data.transforms import check_voxels
+    from app.inference.io import read_case
+
+    folder = make_case(tmp_path, "A_1")
+    mask = np.zeros(SHAPE, dtype=np.uint8)
+    mask[1:7, 2:6, 1:5] = 255
+    write_nii(folder / "A_1_t2.nii.gz", mask)
+    rec = only(discover_cases(tmp_path))
+    expected = (r"A_1_t2\.nii\.gz( \(t2\))? holds a single value \(255\) on every voxel that is not 0: a mask, not an MRI "
+                r"sequence .* pass the MRI sequence instead, or remove it")
+    with pytest.raises(CaseError, match=expected):
+        load_case(rec)
+    with pytest.raises(CaseError, match=expected):
+        read_case(rec["images"])
+    with pytest.raises(CaseError, match=r"\(channel 3, t2\) holds a single value \(1000\).*set the channel to 0"):
+        check_voxels(mask.astype(np.float32) * (1000 / 255), "img.nii.gz (channel 3, t2)", channel=True)
+    # a head with one other intensity anywhere, or a volume without 0 (no mask), is an image
+    two = mask.astype(np.float32)
+    two[3, 3, 3] = 254.5
+    assert check_voxels(two, "t2.nii.gz") == (0.0, 255.0)
+    assert check_voxels(np.where(mask > 0, 255, 40).astype(np.int16), "t2.nii.gz") == (40.0, 255.0)
 
 
 def test_sequences_on_different_grids(tmp_path, make_case, write_nii):

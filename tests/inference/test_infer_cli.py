@@ -508,7 +508,7 @@ def test_resampling_that_leaves_no_head_names_the_spacing_options(tmp_path, infe
     net.set_training_spacing([8, 8, 8])
     torch.save(net.state_dict(), tmp_path / "m.pt")
     data = np.zeros((16, 16, 16), dtype=np.float32)
-    data[8, 8, 8] = 100.0  # one bright voxel: gone after trilinear resampling to 8 mm
+    data[8, 8, 8], data[8, 8, 9] = 100.0, 90.0  # two bright voxels: gone after trilinear resampling to 8 mm
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "flair.nii.gz"))
     rc, _, err = infer("--ckpt", tmp_path / "m.pt", "--flair", tmp_path / "flair.nii.gz", "--out", tmp_path / "o.nii.gz")
     assert rc == 2 and "flair.nii.gz" in err and "the model's training spacing, --spacing auto" in err, err

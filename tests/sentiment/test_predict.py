@@ -236,6 +236,23 @@ def test_bitfit_on_encoders_no_checkpoint_initialised_is_warned(tmp_path, caplog
     assert not caplog.records and pretrained.pretrained_path == str(tmp_path / "plain.pt")
 
 
+def test_a_warmup_as_long_as_the_run_is_warned(synthetic_pkl, tmp_path, caplog):
+    """configs/predict.yaml's 200 warm-up iterations with --max_epochs 1 (40 iterations on CMU-MOSI) trained every
+    parameter to the end, BitFit never started, and nothing in the log said so."""
+    message = "--warmup_iterations 2 is not below the 2 iteration(s) this run trains"
+    with caplog.at_level("WARNING", logger="app.strategies"):
+        PredictStrategy(seed=0, warmup_iterations=2).check_run_length(3)  # BitFit from iteration 3: the method
+        PredictStrategy(seed=0).check_run_length(1)
+        PredictStrategy(seed=0, warmup_iterations=2).check_run_length(2)
+    assert [r.getMessage()[: len(message)] for r in caplog.records] == [message]
+    assert "Lower --warmup_iterations below 2, or raise --max_epochs" in caplog.records[0].getMessage()
+    # the trainer passes the run's length: 48 training samples / 24 = 2 iterations
+    proc = run_mosi_bundle([TRAIN], "--data_path", str(synthetic_pkl), "--trust_pickle", "true", "--output_dir",
+                           str(tmp_path / "run"), "--max_epochs", "1", "--batch_size", "24", "--strategy", "predict",
+                           "--warmup_iterations", "2")
+    assert message in proc.stderr + proc.stdout
+
+
 def test_gradients_by_hand_task_loss_to_the_model_prediction_loss_to_prompts_and_predictors():
     ds, batch = _batch()
     net = _net(dropout=0.0, head_dropout=0.0, fusion="mean").set_input_statistics(ds.statistics()).train()

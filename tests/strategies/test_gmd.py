@@ -55,6 +55,24 @@ def test_a_numerically_zero_gradient_counts_as_no_conflict():
     assert count_conflicts(gram_cosine(torch.tensor([[1.0, -0.5], [-0.5, 1.0]], dtype=torch.float64))) == 1
 
 
+@pytest.mark.parametrize("scale", [1e-6, 1e-11, 1e-14])
+def test_small_gradients_are_decoupled_as_their_scaled_up_copies(scale):
+    # eq. 8 is invariant to the gradients' common scale: a trained model on background-only patches has subset
+    # gradients with norms under 1e-10, which an absolute floor on |G_j|^2 treated as zero (no projection, and
+    # no conflict in the diagnostics)
+    g = torch.tensor([[1.0, 0.0], [-1.0, 0.5], [0.0, -1.0]], dtype=torch.float64)
+    orders = [[1, 2], [2, 0], [0, 1]]
+    gram, small = g @ g.T, (scale * g) @ (scale * g).T
+    assert torch.allclose(decouple_coefficients(small, orders), decouple_coefficients(gram, orders))
+    stats, small_stats = (gmd_statistics(k, decouple_coefficients(k, orders)) for k in (gram, small))
+    assert small_stats["conflicts_before"] == stats["conflicts_before"] == 2
+    assert small_stats["conflicts_after"] == stats["conflicts_after"] == 1
+    assert small_stats["weights"] == pytest.approx(stats["weights"])
+    assert torch.allclose(gram_cosine(small), gram_cosine(gram))
+    # the decoupled g1 is 0 up to rounding: it has no direction at any scale
+    assert small_stats["cosine_after"][1] == [0.0, 0.0, 0.0]
+
+
 def test_three_gradients_sequential_projection_by_hand():
     g = torch.tensor([[1.0, 0.0], [-1.0, 0.5], [0.0, -1.0]], dtype=torch.float64)
     orders = [[1, 2], [2, 0], [0, 1]]
@@ -453,3 +471,51 @@ def test_projection_orders_visit_the_others_in_a_seeded_random_order():
     gen = torch.Generator().manual_seed(1)
     first = [projection_orders(3, gen)[0][0] for _ in range(200)]
     assert 60 < first.count(1) < 140 and set(first) == {1, 2}
+
+
+class _OneEncoder(torch.nn.Module):
+    """An encoder weight and no shared parameter: its gradient is the weighted cotangent itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(4))
+
+    def modality_parameters(self):
+        return [self.weight]
+
+    def shared_parameters(self):
+        return []
+
+
+@pytest.mark.parametrize("name", ["gmd", "gmd_approx"])
+def test_half_precision_cotangents_keep_the_decoupling_weights(name):
+    # under bf16 autocast the cotangents are bf16: the weights k w_j (1 +- the decoupling's correction) were cast to
+    # bf16 before weighing, 1.0122 -> 1.015625 and 0.9878 -> 0.98828125, and where two conflicting subsets cancel
+    # the encoders' gradient came out 12% off (0.02734 for 0.0244)
+    model = _OneEncoder()
+    per_mod = (model.weight * 1.0).to(torch.bfloat16)
+    ones = torch.ones(4, dtype=torch.bfloat16)
+    weights = torch.tensor([0.5061, 0.4939], dtype=torch.float64)
+    strategy = build_strategy(name)
+    cache = ([], torch.zeros(2, 0, dtype=torch.float64))
+    strategy.apply_gradients(model, per_mod, [ones, -ones], weights, cache)
+    exact = 2 * (0.5061 - 0.4939)
+    assert model.weight.grad.dtype == torch.float32
+    # one bf16 rounding of the sum (8 bits: 0.4%) is all that is left
+    torch.testing.assert_close(model.weight.grad, torch.full((4,), exact, dtype=torch.float32), rtol=4e-3, atol=0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_approximate_gram_matrix_is_float64_under_the_trainers_autocast(device):
+    # the trainer runs each step inside bf16 autocast on CUDA: a float32 product of the stacked cotangents taken there
+    # ran in bf16 and rounded every entry of the Gram matrix to 8 bits (the CPU path was float64 already)
+    torch.manual_seed(0)
+    per_mod = torch.randn(2, 4, 3, 8, 8, 8, device=device)
+    masks = subset_masks(4).view(15, 1, 4, 1, 1, 1, 1).to(device)
+    cotangents = [torch.randn_like(per_mod) * masks[j] for j in range(15)]
+    flat = torch.stack(cotangents).flatten(1).double()
+    expected = flat @ flat.T
+    with torch.autocast(device, dtype=torch.bfloat16):
+        gram, _ = GMDApproxStrategy().gram_matrix(None, per_mod, cotangents, subsets=all_subsets(4))
+    assert gram.dtype == torch.float64
+    torch.testing.assert_close(gram, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
