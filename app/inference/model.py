@@ -18,7 +18,7 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import yaml
@@ -83,7 +83,9 @@ class FusedDSUNet(nn.Module):
     """Scriptable inference form of :class:`~app.networks.DSUNet` with the same weights.
 
     ``forward(image [B, M, D, H, W], modality_mask [B, M])`` (``D, H, W`` multiples of
-    :attr:`divisor`, one mask row per image, else a ``ValueError``) returns the fused logits
+    :attr:`divisor`, one mask row per image, else a ``ValueError``; no mask: every modality present,
+    as :meth:`DSUNet.forward` and the bundle metadata's ``network_data_format`` take it, so that
+    ``monai.bundle verify_net_in_out``, which passes the image alone, runs on it) returns the fused logits
     ``[B, C, D, H, W]``: for every modality present in any sample, its encoder runs on the samples
     that have it and the shared trunk decodes them; the logits are summed and divided by the
     number of present modalities, which equals :meth:`DSUNet.forward` (instance normalisation is
@@ -110,7 +112,7 @@ class FusedDSUNet(nn.Module):
         self.register_buffer("training_spacing", net.training_spacing.detach().clone())
         self.register_load_state_dict_post_hook(allow_missing_optional_keys)
 
-    def forward(self, image: torch.Tensor, modality_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, modality_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if image.dim() != 5 or image.shape[1] != len(self.modalities):
             raise ValueError("FusedDSUNet expects image [B, M, D, H, W] with one channel per modality.")
         for size in image.shape[2:]:
@@ -119,6 +121,8 @@ class FusedDSUNet(nn.Module):
                 raise ValueError(f"FusedDSUNet expects spatial sizes that are multiples of {self.divisor}, got "
                                  f"{list(image.shape[2:])}: pad or crop the image, or run it through a sliding "
                                  "window whose roi_size is.")
+        if modality_mask is None:
+            modality_mask = torch.ones([image.shape[0], len(self.modalities)], dtype=torch.bool, device=image.device)
         if modality_mask.dim() != 2 or modality_mask.shape[0] != image.shape[0] \
                 or modality_mask.shape[1] != len(self.modalities):
             # a mask of other rows would leave the other images unencoded: logits 0, no tumour, without a word
@@ -318,8 +322,9 @@ def export_torchscript(
 ) -> str:
     """Script ``network`` (as :class:`FusedDSUNet`) and save it atomically to ``path``.
 
-    The saved model takes ``(image [B, 4, D, H, W] float, modality_mask [B, 4] bool)`` and returns the
-    fused logits; spatial sizes must be multiples of ``2 ** (len(features) - 1)``.
+    The saved model takes ``(image [B, 4, D, H, W] float, modality_mask [B, 4] bool)`` (without the mask:
+    every sequence present) and returns the fused logits; spatial sizes must be multiples of
+    ``2 ** (len(features) - 1)``.
 
     Args:
         network: the trained network; left as it is (a copy is moved to the CPU and scripted, so a
