@@ -83,7 +83,7 @@ class FusedDSUNet(nn.Module):
     """Scriptable inference form of :class:`~app.networks.DSUNet` with the same weights.
 
     ``forward(image [B, M, D, H, W], modality_mask [B, M])`` (``D, H, W`` multiples of
-    :attr:`divisor`, one mask row per image, else a ``ValueError``; no mask: every modality present,
+    :attr:`divisor`, at least one of them larger than it, one mask row per image, else a ``ValueError``; no mask: every modality present,
     as :meth:`DSUNet.forward` and the bundle metadata's ``network_data_format`` take it, so that
     ``monai.bundle verify_net_in_out``, which passes the image alone, runs on it) returns the fused logits
     ``[B, C, D, H, W]``: for every modality present in any sample, its encoder runs on the samples
@@ -108,6 +108,7 @@ class FusedDSUNet(nn.Module):
         self.features: List[int] = [int(f) for f in net.features]
         self.out_channels: int = int(net.out_channels)
         self.divisor: int = int(net.divisor)
+        self.single_voxel_refused: bool = bool(net.single_voxel_refused)
         # a buffer, as in DSUNet, so the same state dict loads into both
         self.register_buffer("training_spacing", net.training_spacing.detach().clone())
         self.register_load_state_dict_post_hook(allow_missing_optional_keys)
@@ -121,6 +122,14 @@ class FusedDSUNet(nn.Module):
                 raise ValueError(f"FusedDSUNet expects spatial sizes that are multiples of {self.divisor}, got "
                                  f"{list(image.shape[2:])}: pad or crop the image, or run it through a sliding "
                                  "window whose roi_size is.")
+        largest = 0
+        for size in image.shape[2:]:
+            largest = max(largest, int(size))
+        if self.single_voxel_refused and largest <= self.divisor:
+            # the deepest level would hold a single voxel, which instance normalisation refuses deep inside
+            raise ValueError(f"FusedDSUNet needs more than {self.divisor} voxels along at least one axis, got "
+                             f"{list(image.shape[2:])}: the deepest level would hold a single voxel. Pad the image to "
+                             f"{2 * self.divisor} along one axis, or use a larger roi_size.")
         if modality_mask is None:
             modality_mask = torch.ones([image.shape[0], len(self.modalities)], dtype=torch.bool, device=image.device)
         if modality_mask.dim() != 2 or modality_mask.shape[0] != image.shape[0] \
