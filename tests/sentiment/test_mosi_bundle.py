@@ -262,6 +262,25 @@ def test_metadata_matches_the_schema():
     assert (MOSI_BUNDLE / "LICENSE").is_file() and (MOSI_BUNDLE / "docs" / "README.md").is_file()
 
 
+def test_metadata_declares_no_bound_the_network_output_does_not_keep():
+    """The prediction's value_range was declared [-3, 3], the labels' scale; the head is linear and nothing
+    clips its output, so a consumer trusting the metadata met scores beyond it."""
+    from app.networks import DSTransformer
+
+    metadata = json.loads((MOSI_BUNDLE / "configs" / "metadata.json").read_text())
+    pred = metadata["network_data_format"]["outputs"]["pred"]
+    fmt = metadata["network_data_format"]["inputs"]
+    torch.manual_seed(0)
+    net = DSTransformer(in_features=[fmt[m]["num_channels"] for m in ("text", "audio", "vision")]).eval()
+    with torch.no_grad():
+        net.trunk.head.bias.fill_(4.0)  # a score the linear head can give, as a trained one may
+        out = net({m: torch.randn(2, 1, fmt[m]["num_channels"]) for m in ("text", "audio", "vision")})
+    assert out.shape == (2, pred["num_channels"]) and float(out.max()) > 3
+    if pred["value_range"]:
+        low, high = pred["value_range"]
+        assert low <= float(out.min()) and float(out.max()) <= high, pred["value_range"]
+
+
 def test_train_cggm_writes_models_and_its_diagnostics(synthetic_pkl, tmp_path):
     # 48 training samples in batches of 24: two iterations
     run_mosi_bundle([TRAIN], "--data_path", str(synthetic_pkl), "--trust_pickle", "true", "--output_dir", str(tmp_path),
