@@ -262,6 +262,26 @@ def test_metadata_matches_the_schema():
     assert (MOSI_BUNDLE / "LICENSE").is_file() and (MOSI_BUNDLE / "docs" / "README.md").is_file()
 
 
+def test_metadata_input_shapes_are_in_the_bundle_grammar_and_feed_the_network():
+    """The feature sequences' lengths were declared as "L_t", "L_a", "L_v", which MONAI's shape grammar (n, p, *)
+    refuses: a tool deriving inputs from the metadata stopped with "Only variables `p` and `n`"."""
+    from monai.bundle.scripts import _get_fake_spatial_shape
+
+    from app.networks import DSTransformer
+
+    fmt = json.loads((MOSI_BUNDLE / "configs" / "metadata.json").read_text())["network_data_format"]
+    modalities = ("text", "audio", "vision")
+    torch.manual_seed(0)
+    net = DSTransformer(in_features=[fmt["inputs"][m]["num_channels"] for m in modalities]).eval()
+    for length in (1, 3):
+        inputs = {m: torch.randn(2, *_get_fake_spatial_shape(fmt["inputs"][m]["spatial_shape"], any=length),
+                                 fmt["inputs"][m]["num_channels"]) for m in modalities}
+        assert all(x.shape[1] == length for x in inputs.values())
+        with torch.no_grad():
+            out = net(inputs)
+        assert tuple(out.shape) == (2, fmt["outputs"]["pred"]["num_channels"])
+
+
 def test_metadata_declares_no_bound_the_network_output_does_not_keep():
     """The prediction's value_range was declared [-3, 3], the labels' scale; the head is linear and nothing
     clips its output, so a consumer trusting the metadata met scores beyond it."""
