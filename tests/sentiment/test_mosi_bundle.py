@@ -262,6 +262,20 @@ def test_metadata_matches_the_schema():
     assert (MOSI_BUNDLE / "LICENSE").is_file() and (MOSI_BUNDLE / "docs" / "README.md").is_file()
 
 
+@pytest.mark.parametrize("shape, valid", [(["*"], True), (["32*n", "16*n+16", "2**p"], True), ([96], True),
+                                          (["L_t"], False), (["any"], False), ([0], False)])
+def test_the_shipped_schema_holds_shapes_to_monais_grammar(shape, valid):
+    """verify_metadata accepted "L_t" as a spatial shape, which MONAI's bundle tools then refuse."""
+    schema = json.loads((REPO / "bundles" / "meta_schema.json").read_text())
+    metadata = json.loads((MOSI_BUNDLE / "configs" / "metadata.json").read_text())
+    metadata["network_data_format"]["inputs"]["text"]["spatial_shape"] = shape
+    if valid:
+        jsonschema.validate(metadata, schema)
+    else:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(metadata, schema)
+
+
 def test_metadata_input_shapes_are_in_the_bundle_grammar_and_feed_the_network():
     """The feature sequences' lengths were declared as "L_t", "L_a", "L_v", which MONAI's shape grammar (n, p, *)
     refuses: a tool deriving inputs from the metadata stopped with "Only variables `p` and `n`"."""
