@@ -21,7 +21,7 @@ import monai
 
 from app.data.errors import check_regular_file
 
-__all__ = ["check_overrides", "check_override_files", "config_files"]
+__all__ = ["check_overrides", "check_override_files", "ckpt_export_file", "config_files"]
 
 _MONAI_DIR = os.path.dirname(os.path.abspath(monai.__file__)) + os.sep
 
@@ -52,6 +52,34 @@ def _cli_options(args: Sequence[str]) -> dict[str, str | None]:
             i += 1
         options[key.replace("-", "_")] = value if (eq or value) else None
     return options
+
+
+def ckpt_export_file(argv: Sequence[str] | None = None) -> str | None:
+    """The ``--ckpt_file`` of a running ``python -m monai.bundle ckpt_export`` command, else None.
+
+    MONAI's exporter builds the network from the config first and loads ``--ckpt_file`` into it afterwards,
+    without passing that path to the config. A network whose widths come from a checkpoint (the brats bundle's
+    ``export_network``) then read them from its own ``ckpt_path`` setting: ``ckpt_export --ckpt_file F`` alone,
+    as MONAI documents it, stopped with a traceback when ``<bundle_root>/models/model.pt`` did not exist, and
+    failed to load ``F`` when that file had other widths. Only the command line is seen (``sys.argv``, and an
+    ``--args_file`` it names); an in-process ``monai.bundle.ckpt_export(...)`` call is not.
+
+    Args:
+        argv: the command line; None for ``sys.argv``.
+    """
+    from monai.bundle import ConfigParser
+
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] != "ckpt_export":
+        return None
+    if not os.path.abspath(argv[0]).startswith(os.path.join(_MONAI_DIR, "bundle") + os.sep):
+        return None
+    options: dict[str, Any] = _cli_options(argv[2:])
+    if options.get("args_file"):  # defaults from a file, the command line wins
+        _check_recipe_file(options["args_file"], "--args_file")
+        options = {**ConfigParser.load_config_file(options["args_file"]), **options}
+    value = options.get("ckpt_file")
+    return None if value is None else str(value)
 
 
 def _check_recipe_file(path: Any, setting: str) -> None:

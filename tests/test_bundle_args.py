@@ -265,3 +265,20 @@ def test_a_recipe_that_is_a_named_pipe_is_refused_instead_of_waited_on(tmp_path,
     assert errors_of_call_on_pipe(lambda: check_overrides(argv), pipe, setting) == [
         f"{pipe} is a named pipe, not a file: it is not read (reading it would wait or run forever). Pass a YAML or "
         f"JSON file as {setting}."]
+
+
+def test_ckpt_export_file_is_the_exporters_ckpt_file_only(tmp_path):
+    """MONAI's ckpt_export loads --ckpt_file into the network it builds from the config without passing the
+    path on: the brats bundle's export network reads its widths from this."""
+    from app.bundle_args import _MONAI_DIR, ckpt_export_file
+
+    main = os.path.join(_MONAI_DIR, "bundle", "__main__.py")
+    assert ckpt_export_file([main, "ckpt_export", "--net_id", "export_network", "--ckpt_file", "a/m.pt"]) == "a/m.pt"
+    assert ckpt_export_file([main, "ckpt_export", "export_network", "--ckpt-file=b.pt", "--filepath", "m.ts"]) == "b.pt"
+    args = tmp_path / "args.yaml"
+    args.write_text("ckpt_file: c.pt\n")
+    assert ckpt_export_file([main, "ckpt_export", "--args_file", str(args)]) == "c.pt"
+    assert ckpt_export_file([main, "ckpt_export", "--args_file", str(args), "--ckpt_file", "d.pt"]) == "d.pt"
+    assert ckpt_export_file([main, "ckpt_export", "--filepath", "m.ts"]) is None  # MONAI's default: bundle_root's
+    assert ckpt_export_file([main, "run", "--ckpt_file", "a.pt"]) is None
+    assert ckpt_export_file(["other.py", "ckpt_export", "--ckpt_file", "a.pt"]) is None

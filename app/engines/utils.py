@@ -446,7 +446,9 @@ def check_modalities(network: Any, modalities: Sequence[str]) -> None:
 
 
 def check_patch_size(patch_size: Sequence[int], network: Any, whole_axis: bool = False, cli: bool = False) -> None:
-    """Raise a ``ValueError`` that names the fix when the patch does not fit the network depth.
+    """Raise a ``ValueError`` that names the fix when the patch does not fit the network depth: each size a
+    multiple of the network's divisor, and one of them larger than it (a window of the divisor along every axis
+    is a single voxel at the deepest level).
 
     Args:
         patch_size: the three window sizes.
@@ -461,12 +463,23 @@ def check_patch_size(patch_size: Sequence[int], network: Any, whole_axis: bool =
         raise ValueError(f"patch_size {patch_size!r} must be 3 whole numbers, multiples of {divisor}: use e.g. "
                          f"--patch_size \"{[max(divisor, 96 // divisor * divisor)] * 3}\".") from None
     bad = [s for s in sizes if (s <= 0 and not whole_axis) or (s > 0 and s % divisor)]
-    if len(sizes) != 3 or bad:
+    # a window of the divisor along every axis reaches the deepest level as a single voxel, which instance
+    # normalisation refuses: a torch traceback at the first step, after training had written into output_dir
+    single_voxel = len(sizes) == 3 and not bad and all(s > 0 for s in sizes) and max(sizes) <= divisor
+    if len(sizes) != 3 or bad or single_voxel:
         fixed = [s if s <= 0 and whole_axis else max(divisor, int(round(s / divisor)) * divisor) for s in sizes]
         fixed = fixed * 3 if len(fixed) == 1 else (fixed + [divisor] * 3)[:3]
+        if all(s > 0 for s in fixed) and max(fixed) <= divisor:
+            fixed = [2 * divisor] * 3
         usage = f"--patch_size \"{fixed}\""
         if cli:
             usage = f"--patch-size {' '.join(map(str, fixed))} (python -m app infer) or {usage} (bundles)"
+        if single_voxel:
+            raise ValueError(
+                f"patch_size {sizes} leaves a single voxel at the network's deepest level ({divisor} = 2 ** "
+                f"(len(features) - 1) along every axis), which instance normalisation cannot normalise: make at "
+                f"least one entry {2 * divisor} or more: use e.g. {usage}."
+            )
         raise ValueError(
             f"patch_size {sizes} must have 3 entries that are multiples of {divisor} "
             f"(2 ** (len(features) - 1)){' or 0 for the whole axis' if whole_axis else ''}: use e.g. {usage}."

@@ -18,7 +18,7 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import yaml
@@ -83,7 +83,9 @@ class FusedDSUNet(nn.Module):
     """Scriptable inference form of :class:`~app.networks.DSUNet` with the same weights.
 
     ``forward(image [B, M, D, H, W], modality_mask [B, M])`` (``D, H, W`` multiples of
-    :attr:`divisor`, one mask row per image, else a ``ValueError``) returns the fused logits
+    :attr:`divisor`, at least one of them larger than it, one mask row per image, else a ``ValueError``; no mask: every modality present,
+    as :meth:`DSUNet.forward` and the bundle metadata's ``network_data_format`` take it, so that
+    ``monai.bundle verify_net_in_out``, which passes the image alone, runs on it) returns the fused logits
     ``[B, C, D, H, W]``: for every modality present in any sample, its encoder runs on the samples
     that have it and the shared trunk decodes them; the logits are summed and divided by the
     number of present modalities, which equals :meth:`DSUNet.forward` (instance normalisation is
@@ -106,16 +108,18 @@ class FusedDSUNet(nn.Module):
         self.features: List[int] = [int(f) for f in net.features]
         self.out_channels: int = int(net.out_channels)
         self.divisor: int = int(net.divisor)
+        self.single_voxel_refused: bool = bool(net.single_voxel_refused)
         # a buffer, as in DSUNet, so the same state dict loads into both
         self.register_buffer("training_spacing", net.training_spacing.detach().clone())
         self.register_load_state_dict_post_hook(allow_missing_optional_keys)
 
-    def forward(self, image: torch.Tensor, modality_mask: torch.Tensor) -> torch.Tensor:
-        """Fused logits ``[B, C, D, H, W]`` (see the class).
+    def forward(self, image: torch.Tensor, modality_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Fused logits ``[B, C, D, H, W]`` (see the class); without a mask every sequence is present.
 
         Raises:
-            ValueError: an image that is not ``[B, M, D, H, W]`` with sizes multiples of :attr:`divisor`, a
-                mask that is not ``[B, M]``, or a sample without any modality.
+            ValueError: an image that is not ``[B, M, D, H, W]`` with sizes multiples of :attr:`divisor` (and
+                more than one voxel at the deepest level), a mask that is not ``[B, M]``, or a sample without any
+                modality.
         """
         if image.dim() != 5 or image.shape[1] != len(self.modalities):
             raise ValueError("FusedDSUNet expects image [B, M, D, H, W] with one channel per modality.")
@@ -125,6 +129,16 @@ class FusedDSUNet(nn.Module):
                 raise ValueError(f"FusedDSUNet expects spatial sizes that are multiples of {self.divisor}, got "
                                  f"{list(image.shape[2:])}: pad or crop the image, or run it through a sliding "
                                  "window whose roi_size is.")
+        largest = 0
+        for size in image.shape[2:]:
+            largest = max(largest, int(size))
+        if self.single_voxel_refused and largest <= self.divisor:
+            # the deepest level would hold a single voxel, which instance normalisation refuses deep inside
+            raise ValueError(f"FusedDSUNet needs more than {self.divisor} voxels along at least one axis, got "
+                             f"{list(image.shape[2:])}: the deepest level would hold a single voxel. Pad the image to "
+                             f"{2 * self.divisor} along one axis, or use a larger roi_size.")
+        if modality_mask is None:
+            modality_mask = torch.ones([image.shape[0], len(self.modalities)], dtype=torch.bool, device=image.device)
         if modality_mask.dim() != 2 or modality_mask.shape[0] != image.shape[0] \
                 or modality_mask.shape[1] != len(self.modalities):
             # a mask of other rows would leave the other images unencoded: logits 0, no tumour, without a word
@@ -324,8 +338,9 @@ def export_torchscript(
 ) -> str:
     """Script ``network`` (as :class:`FusedDSUNet`) and save it atomically to ``path``.
 
-    The saved model takes ``(image [B, 4, D, H, W] float, modality_mask [B, 4] bool)`` and returns the
-    fused logits; spatial sizes must be multiples of ``2 ** (len(features) - 1)``.
+    The saved model takes ``(image [B, 4, D, H, W] float, modality_mask [B, 4] bool)`` (without the mask:
+    every sequence present) and returns the fused logits; spatial sizes must be multiples of
+    ``2 ** (len(features) - 1)``.
 
     Args:
         network: the trained network; left as it is (a copy is moved to the CPU and scripted, so a

@@ -128,7 +128,7 @@ class DSUNet(nn.Module):
     ``task`` is ``"segmentation"``: per-channel sigmoid logits scored by hard Dice.
 
     ``forward(image, modality_mask)`` takes ``image [B, M, D, H, W]`` (one channel per modality,
-    ``D, H, W`` multiples of :attr:`divisor`) and ``modality_mask [B, M]`` (bool; None: every
+    ``D, H, W`` multiples of :attr:`divisor`, at least one of them larger than it) and ``modality_mask [B, M]`` (bool; None: every
     modality) and returns the fused logits ``[B, out_channels, D, H, W]``. Inputs of another shape
     raise a ``ValueError`` naming the fix.
 
@@ -168,6 +168,8 @@ class DSUNet(nn.Module):
         self.register_load_state_dict_post_hook(allow_missing_optional_keys)
         use_reduction_instance_norm(self)  # same maths, much faster on GPUs (app.networks.norm)
         use_onednn_conv(self)  # same maths, batch-1 CPU convolutions 4-8x faster (app.networks.conv)
+        # instance normalisation cannot normalise a single voxel: the deepest level needs two or more
+        self.single_voxel_refused = any(isinstance(m, nn.InstanceNorm3d) for m in self.modules())
 
     def set_training_spacing(self, spacing: Sequence[float] | None) -> None:
         """Record the training data's voxel size (mm, RAS axes); None or zeros: unknown.
@@ -210,6 +212,13 @@ class DSUNet(nn.Module):
                 f"Spatial size {tuple(image.shape[2:])} is not a multiple of {self.divisor} (2 ** (len(features) - 1) "
                 f"for features {list(self.features)}): pad or crop the image to multiples of {self.divisor}, or run "
                 f"it through a sliding window whose roi_size is."
+            )
+        if self.single_voxel_refused and max(int(size) for size in image.shape[2:]) <= self.divisor:
+            # the deepest level would hold a single voxel, which instance normalisation refuses deep inside
+            raise ValueError(
+                f"Spatial size {tuple(image.shape[2:])} leaves a single voxel at the deepest level (features "
+                f"{list(self.features)}): give at least {2 * self.divisor} along one axis (pad the image, or use a "
+                f"larger patch or roi_size)."
             )
         if mask is None:
             return torch.ones(image.shape[0], self.num_modalities, dtype=torch.bool, device=image.device)

@@ -222,6 +222,17 @@ def test_bad_patch_size_names_the_fix(phantoms, tmp_path):
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("error: patch_size"), stderr
 
 
+def test_a_patch_of_one_voxel_at_the_deepest_level_is_refused_before_any_output(phantoms, tmp_path):
+    """--patch_size "[8,8,8]" with features [8,16,32,64] is a multiple of the divisor, so it passed the check,
+    and training ended in a torch traceback at its first step, after datalist.json, models/ and tensorboard/
+    were written: the deepest level held one voxel, which instance normalisation refuses."""
+    out = tmp_path / "out"
+    last = refused_line([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
+                        "--strategy", "plain", *TINY, "--patch_size", "[8,8,8]", output_dir=out)
+    assert last.startswith("error: patch_size [8, 8, 8] leaves a single voxel at the network's deepest level"), last
+    assert last.endswith('use e.g. --patch_size "[16, 16, 16]".'), last
+
+
 def test_metadata_has_no_key_that_monai_renames():
     # MONAI 1.6 reads optional_packages_version as the deprecated name of required_packages_version,
     # so the optional list replaced the required one
@@ -241,6 +252,32 @@ def test_metadata_verifies_offline():
     )
     assert proc.returncode == 0, proc.stderr
     assert "verified with no error" in proc.stdout + proc.stderr
+
+
+def test_metadata_declares_sizes_the_network_takes():
+    """network_data_format declared one fixed 96^3 shape, while the network (and its TorchScript export, which
+    inference runs on whole foreground crops) takes multiples of 2 ** (len(features) - 1) larger than it along one
+    axis: the shapes a consumer derives from the metadata, as monai.bundle verify_net_in_out does, are such
+    multiples from the smallest one the network takes, and the network takes each of them."""
+    from monai.bundle import ConfigParser
+    from monai.bundle.scripts import _get_fake_spatial_shape
+
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.read_meta(str(BRATS / "configs" / "metadata.json"))
+    net = parser.get_parsed_content("network_def").eval()
+    fmt = "_meta_#network_data_format"
+    for key in (f"{fmt}#inputs#image#spatial_shape", f"{fmt}#outputs#pred#spatial_shape"):
+        declared = parser.get(key)
+        assert [_get_fake_spatial_shape(declared, n=n) for n in (1, 2, 3)] == [(2 * net.divisor * n,) * 3
+                                                                               for n in (1, 2, 3)]
+    shape = _get_fake_spatial_shape(parser.get(f"{fmt}#inputs#image#spatial_shape"), n=1)
+    channels = parser.get(f"{fmt}#inputs#image#num_channels")
+    with torch.no_grad():
+        out = net(torch.rand(1, channels, *shape))
+        assert tuple(out.shape) == (1, parser.get(f"{fmt}#outputs#pred#num_channels"), *shape)
+        with pytest.raises(ValueError, match="single voxel at the deepest level"):  # one size smaller
+            net(torch.rand(1, channels, *[net.divisor] * 3))
 
 
 def test_preprocessing_builds_without_deprecation_warnings():

@@ -612,3 +612,17 @@ def test_an_output_folder_the_run_made_and_left_empty_is_removed_at_exit(tmp_pat
     assert existing.is_dir() and not (existing / "out").exists()
     subprocess.run([sys.executable, "-c", code, str(new), "write"], cwd=REPO, check=False)
     assert (new / "datalist.json").is_file()
+
+
+def test_a_patch_size_fix_never_suggests_a_single_voxel_at_the_deepest_level():
+    """[4, 4, 4] for a divisor of 8 suggested [8, 8, 8], which leaves one voxel at the deepest level and stopped
+    training with a torch traceback; [8, 8, 8] itself was accepted. A whole axis (0, inference windows) may
+    hold the rest of the volume, so [8, 0, 0] stays accepted there."""
+    from app.engines.utils import check_patch_size
+
+    with pytest.raises(ValueError, match=r'must have 3 entries that are multiples of 8 .*use e\.g\. --patch_size "\[16, 16, 16\]"'):
+        check_patch_size([4, 4, 4], 8)
+    with pytest.raises(ValueError, match=r"patch_size \[8, 8, 8\] leaves a single voxel at the network's deepest level"):
+        check_patch_size([8, 8, 8], 8)
+    check_patch_size([8, 16, 8], 8)
+    check_patch_size([8, 0, 0], 8, whole_axis=True)

@@ -116,6 +116,33 @@ def test_monai_ckpt_export_serves_infer_with_the_same_result(case, random_ckpt, 
     np.testing.assert_array_equal(outs["pt"], outs["ts"])
 
 
+def test_monai_ckpt_export_with_its_ckpt_file_alone_exports_that_checkpoint(random_ckpt, tmp_path):
+    # MONAI's ckpt_export does not pass --ckpt_file to the config: the export network read its widths from
+    # ckpt_path (<bundle_root>/models/model.pt), so the documented MONAI command stopped with a traceback
+    ts = tmp_path / "model.ts"
+    proc = _bundle("ckpt_export", "--net_id", "export_network", "--config_file",
+                   str(BUNDLE / "configs" / "inference.yaml"), "--bundle_root", str(BUNDLE), "--ckpt_file", random_ckpt,
+                   "--filepath", str(ts))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import torch
+
+    model = torch.jit.load(str(ts))
+    state = torch.load(random_ckpt, weights_only=True)
+    assert list(model.features) == [8, 16, 32, 64]
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+
+
+def test_monai_verify_net_in_out_runs_on_the_network_that_ckpt_export_exports(random_ckpt):
+    # the model zoo checks one (net_id, config) pair with both verify_net_in_out and ckpt_export: train.yaml's
+    # network_def cannot be scripted, and the export network required a modality mask that verify_net_in_out,
+    # which passes the metadata's image alone, does not give
+    proc = _bundle("verify_net_in_out", "export_network", "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
+                   "--config_file", str(BUNDLE / "configs" / "inference.yaml"), "--bundle_root", str(BUNDLE),
+                   "--ckpt_path", random_ckpt, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data shape of network is verified with no error" in proc.stderr + proc.stdout
+
+
 def test_bundle_batch_exits_2_with_one_line_per_bad_case(phantom_root, random_ckpt, tmp_path):
     root = tmp_path / "in"
     shutil.copytree(phantom_root / "Phantom_000", root / "Phantom_000")

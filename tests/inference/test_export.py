@@ -161,6 +161,19 @@ def test_fused_network_refuses_a_mask_of_other_rows(rows):
     assert scripted(image, torch.ones(2, 4, dtype=torch.bool)).shape == (2, 3, 16, 16, 16)
 
 
+def test_an_exported_network_without_a_mask_fuses_every_sequence():
+    # the bundle metadata declares the mask a second input that DSUNet.forward may go without; the exported model
+    # required it, so monai.bundle verify_net_in_out (which passes the image alone) stopped with a TypeError
+    torch.manual_seed(0)
+    eager = DSUNet(features=FEATURES).eval()
+    scripted = torch.jit.script(FusedDSUNet(eager).eval())
+    image = torch.randn(2, 4, 16, 16, 16)
+    with torch.no_grad():
+        unmasked = scripted(image)
+        torch.testing.assert_close(unmasked, scripted(image, torch.ones(2, 4, dtype=torch.bool)), rtol=0, atol=0)
+        torch.testing.assert_close(unmasked, eager(image), rtol=1e-4, atol=1e-4)
+
+
 def test_export_leaves_the_given_network_as_it_was(tmp_path):
     # export moved a FusedDSUNet to the CPU and into eval mode in place: a model served on a GPU (load_network
     # with device="cuda") then failed on the next GPU batch

@@ -114,6 +114,20 @@ def test_recorded_spacing_reads_the_buffer_without_float32_noise():
 
 
 @pytest.mark.parametrize("fused", [False, True])
+def test_a_size_of_one_voxel_at_the_deepest_level_is_refused_with_the_fix(net, fused):
+    # features (4, 8, 16): 4^3 is a multiple of the divisor but the deepest level holds one voxel, which
+    # instance normalisation refused with torch's "Expected more than 1 spatial element" deep inside
+    from app.inference.model import FusedDSUNet
+
+    model = torch.jit.script(FusedDSUNet(net).eval()) if fused else net
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    with pytest.raises(Exception, match=r"single voxel") as info:
+        model(torch.randn(1, 4, 4, 4, 4), mask)
+    assert "8 along one axis" in str(info.value)
+    assert model(torch.randn(1, 4, 4, 8, 4), mask).shape == (1, 3, 4, 8, 4)
+
+
+@pytest.mark.parametrize("fused", [False, True])
 def test_spatial_size_off_the_divisor_is_refused_with_the_fix(net, fused):
     # features (4, 8, 16): sizes must be multiples of 4; 18 fails inside the decoder without the check
     from app.inference.model import FusedDSUNet

@@ -262,6 +262,59 @@ def test_metadata_matches_the_schema():
     assert (MOSI_BUNDLE / "LICENSE").is_file() and (MOSI_BUNDLE / "docs" / "README.md").is_file()
 
 
+@pytest.mark.parametrize("shape, valid", [(["*"], True), (["32*n", "16*n+16", "2**p"], True), ([96], True),
+                                          (["L_t"], False), (["any"], False), ([0], False)])
+def test_the_shipped_schema_holds_shapes_to_monais_grammar(shape, valid):
+    """verify_metadata accepted "L_t" as a spatial shape, which MONAI's bundle tools then refuse."""
+    schema = json.loads((REPO / "bundles" / "meta_schema.json").read_text())
+    metadata = json.loads((MOSI_BUNDLE / "configs" / "metadata.json").read_text())
+    metadata["network_data_format"]["inputs"]["text"]["spatial_shape"] = shape
+    if valid:
+        jsonschema.validate(metadata, schema)
+    else:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(metadata, schema)
+
+
+def test_metadata_input_shapes_are_in_the_bundle_grammar_and_feed_the_network():
+    """The feature sequences' lengths were declared as "L_t", "L_a", "L_v", which MONAI's shape grammar (n, p, *)
+    refuses: a tool deriving inputs from the metadata stopped with "Only variables `p` and `n`"."""
+    from monai.bundle.scripts import _get_fake_spatial_shape
+
+    from app.networks import DSTransformer
+
+    fmt = json.loads((MOSI_BUNDLE / "configs" / "metadata.json").read_text())["network_data_format"]
+    modalities = ("text", "audio", "vision")
+    torch.manual_seed(0)
+    net = DSTransformer(in_features=[fmt["inputs"][m]["num_channels"] for m in modalities]).eval()
+    for length in (1, 3):
+        inputs = {m: torch.randn(2, *_get_fake_spatial_shape(fmt["inputs"][m]["spatial_shape"], any=length),
+                                 fmt["inputs"][m]["num_channels"]) for m in modalities}
+        assert all(x.shape[1] == length for x in inputs.values())
+        with torch.no_grad():
+            out = net(inputs)
+        assert tuple(out.shape) == (2, fmt["outputs"]["pred"]["num_channels"])
+
+
+def test_metadata_declares_no_bound_the_network_output_does_not_keep():
+    """The prediction's value_range was declared [-3, 3], the labels' scale; the head is linear and nothing
+    clips its output, so a consumer trusting the metadata met scores beyond it."""
+    from app.networks import DSTransformer
+
+    metadata = json.loads((MOSI_BUNDLE / "configs" / "metadata.json").read_text())
+    pred = metadata["network_data_format"]["outputs"]["pred"]
+    fmt = metadata["network_data_format"]["inputs"]
+    torch.manual_seed(0)
+    net = DSTransformer(in_features=[fmt[m]["num_channels"] for m in ("text", "audio", "vision")]).eval()
+    with torch.no_grad():
+        net.trunk.head.bias.fill_(4.0)  # a score the linear head can give, as a trained one may
+        out = net({m: torch.randn(2, 1, fmt[m]["num_channels"]) for m in ("text", "audio", "vision")})
+    assert out.shape == (2, pred["num_channels"]) and float(out.max()) > 3
+    if pred["value_range"]:
+        low, high = pred["value_range"]
+        assert low <= float(out.min()) and float(out.max()) <= high, pred["value_range"]
+
+
 def test_train_cggm_writes_models_and_its_diagnostics(synthetic_pkl, tmp_path):
     # 48 training samples in batches of 24: two iterations
     run_mosi_bundle([TRAIN], "--data_path", str(synthetic_pkl), "--trust_pickle", "true", "--output_dir", str(tmp_path),
