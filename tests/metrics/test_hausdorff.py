@@ -183,3 +183,14 @@ def test_the_key_metric_gathers_hd95_rows_and_stays_the_mean_dice():
     metric.update({"case": ["c1"], "subset_logits": {0: logits}, "label": label, "spacing": [[2.0, 1.0, 1.0]]})
     metric.compute()
     assert metric.last_result["subsets"]["flair"]["HD95_WT"] == pytest.approx(10.0, abs=1e-5)
+
+
+def test_hd95_without_scipy_is_refused_naming_the_fix(monkeypatch):
+    # MONAI imports scipy only at the first distance: the evaluation would stop there, after reading every case
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real(name, *a))
+    with pytest.raises(ValueError, match=r"--hd95 true needs scipy.*pip install scipy.*leave --hd95 false"):
+        check_hd95("true")
+    assert check_hd95("false") is False  # off: nothing to compute, nothing needed
