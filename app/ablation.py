@@ -11,7 +11,9 @@ then ``train.yaml + evaluate.yaml`` on the held-out data:
 
 Every argument the runner does not know (``--dataset_dir D``, ``--data_path P --trust_pickle
 true``, ``--features "[...]"``) goes to both commands unchanged, except ``--config_file``: its override
-files (recipes such as ``configs/demo.yaml``) go after ``train.yaml`` in both commands. Each finished
+files (recipes such as ``configs/demo.yaml``) go after ``train.yaml`` in both commands; and ``--hd95 true``
+(segmentation), which goes to the evaluations only and adds the HD95 tables (``HD95_WT``, ``HD95_TC``,
+``HD95_ET``, mm, lower is better) after the Dice ones. Each finished
 stage is kept, so an interrupted ablation resumes with the same command; a stage finished with other settings (seed,
 budget, overrides, checkpoint) is an error rather than a silent mix of runs, and a second ablation started on the
 same output folder while one runs is refused. Writes ``O/<strategy>/{train,eval}`` and
@@ -55,7 +57,7 @@ from app.reports.ablation import (
 )
 from app.strategies import STRATEGIES
 
-__all__ = ["BundleLayout", "bundle_layout", "parse_strategies", "run_ablation", "run_ablation_seeds", "main"]
+__all__ = ["HD95_METRICS", "BundleLayout", "bundle_layout", "parse_strategies", "run_ablation", "run_ablation_seeds", "main"]
 
 
 @dataclass(frozen=True)
@@ -79,9 +81,11 @@ SENTIMENT = BundleLayout("sentiment", "subset_metrics.json", ("Acc2", "MAE", "F1
 SENTIMENT_CLASSIFICATION_METRICS: tuple[str, ...] = ("Acc", "F1")
 #: Every metric of each bundle family's report (sentiment: regression), which ``--metrics`` may choose.
 REPORT_METRICS: dict[str, tuple[str, ...]] = {
-    "segmentation": ("mean", "WT", "TC", "ET"),
+    "segmentation": ("mean", "WT", "TC", "ET", "HD95_WT", "HD95_TC", "HD95_ET"),
     "sentiment": ("Acc2", "Acc2_has0", "F1", "Acc7", "MAE", "Corr"),
 }
+#: The segmentation report's HD95 columns, there only when the evaluations ran with ``--hd95 true``.
+HD95_METRICS: tuple[str, ...] = ("HD95_WT", "HD95_TC", "HD95_ET")
 
 
 def _configs(bundle: Path) -> tuple[Path, Path]:
@@ -266,6 +270,28 @@ def _without(args: Sequence[str], key: str) -> list[str]:
         elif not arg.startswith(f"--{key}="):
             out.append(arg)
     return out
+
+
+def _hd95_option(args: Sequence[str], layout: BundleLayout) -> bool:
+    """Whether the evaluations score HD95 (``--hd95`` among the bundle arguments).
+
+    ``--hd95`` is a setting of ``evaluate.yaml`` only: passed to the training commands too, as the other
+    bundle arguments are, it stopped every stage (training refuses a setting it does not have), and it would
+    have changed finished training stages' records although it changes nothing they trained.
+
+    Raises:
+        ValueError: the value is not true or false, it is true and scipy is missing, or the bundle is not a
+            segmentation bundle (sentiment reports have no distances).
+    """
+    value = _option(args, "hd95")
+    if value is None:
+        return False
+    if layout is not SEGMENTATION:
+        raise ValueError(f"--hd95 {value}: HD95 is a distance between segmentations; this bundle is {layout.kind}. "
+                         "Leave --hd95 out.")
+    from app.metrics.hausdorff import check_hd95  # imports monai: only for a command that asks for HD95
+
+    return check_hd95(value)
 
 
 def _override_files(args: Sequence[str], train: Path, evaluate: Path) -> list[Path]:
@@ -492,6 +518,16 @@ def _reusable(result: Path, stamp: Path, settings: dict[str, Any], done: Path | 
     return finished
 
 
+def _only_hd95_differs(stamp: Path, settings: dict[str, Any]) -> bool:
+    """Whether the evaluation recorded in ``stamp`` differs from ``settings`` in ``--hd95`` alone: the same model
+    on the same cases, with or without the HD95 columns, which an evaluation adds without changing the Dice."""
+    recorded = None if _unreadable(stamp) else _read_json(stamp)
+    if not isinstance(recorded, dict) or recorded == settings:
+        return False
+    plain = [{**s, "args": _without(s.get("args", []), "hd95")} for s in (recorded, settings)]
+    return plain[0] == plain[1]
+
+
 def _split_cases(datalist: Path) -> dict[str, list[str]]:
     """The case ids a segmentation run trained and validated on, from its ``datalist.json``."""
     payload = _read_json(datalist) or {}
@@ -617,7 +653,8 @@ def run_ablation(
     layout = bundle_layout(bundle)
     train, evaluate = _configs(bundle)
     overrides = _override_files(bundle_args, train, evaluate)
-    bundle_args = _without(bundle_args, "config_file")
+    hd95 = _hd95_option(bundle_args, layout)
+    bundle_args = _without(_without(bundle_args, "config_file"), "hd95")
     if checkpoint not in ("final", "best"):
         raise ValueError(f"checkpoint must be 'final' or 'best', got {checkpoint!r}.")
     planned = parse_strategies(strategies, layout.kind)  # a bad list is refused before any folder is made
@@ -637,11 +674,16 @@ def run_ablation(
         # the classification report has accuracy and F1 only, so the regression columns would stop the
         # ablation after every strategy has trained
         default_metrics = known = SENTIMENT_CLASSIFICATION_METRICS
+    if hd95:
+        default_metrics = (*default_metrics, *HD95_METRICS)
+    else:
+        known = tuple(m for m in known if m not in HD95_METRICS)
     metrics = list(metrics or default_metrics)
     unknown = [m for m in metrics if m not in known]
     if unknown:  # the tables are made after every strategy has trained: refused before any does
+        needs = " (the HD95 columns need --hd95 true)" if set(unknown) & set(HD95_METRICS) else ""
         raise ValueError(f"--metrics {','.join(metrics)}: the reports of these runs have no {unknown}; choose among "
-                         f"{','.join(known)}.")
+                         f"{','.join(known)}{needs}.")
     out = Path(output_dir)
     with _locked_output_dir(out):  # created here; one ablation at a time in it
         ckpt_name = "model_final.pt" if checkpoint == "final" else "model.pt"
@@ -680,9 +722,15 @@ def run_ablation(
                 scored = ["--eval_split", eval_split]
             eval_args = [*_without(bundle_args, scored[0][2:]), *scored, "--ckpt_path", str(ckpt),
                          "--output_dir", str(eval_dir), "--seed", str(seed)]
+            if hd95:  # only then: the records of evaluations without it stay as they were, and are reused
+                eval_args += ["--hd95", "true"]
             report_path = eval_dir / layout.report
             if train_s is not None and report_path.is_file():
                 report_path.unlink()  # it scored the model just replaced
+            elif _only_hd95_differs(out / label / "eval_settings.json",
+                                    _stage_settings(bundle, eval_args, out, overrides)) and report_path.is_file():
+                # the same model scored with(out) HD95: scored again, not refused as another run would be
+                report_path.unlink()
             if not _reusable(report_path, out / label / "eval_settings.json",
                              _stage_settings(bundle, eval_args, out, overrides)):
                 _run_bundle([train, *overrides, evaluate], bundle, eval_args, out / label / "eval.log")
@@ -698,7 +746,8 @@ def run_ablation(
         table["runs"] = runs
         table["settings"] = {"bundle": str(bundle), "seed": seed, "max_epochs": int(max_epochs),
                              "time_limit_minutes": time_limit_minutes, "checkpoint": checkpoint,
-                             "bundle_args": list(bundle_args), "config_files": [str(f) for f in overrides]}
+                             "bundle_args": list(bundle_args), "config_files": [str(f) for f in overrides],
+                             "hd95": hd95}
         budget = f"{max_epochs} epochs" + (f" or {time_limit_minutes:g} min" if time_limit_minutes else "")
         title = f"Ablation of {bundle.name}: seed {seed}, {budget} per strategy, {checkpoint} model"
         write_ablation_report(table, out, title)

@@ -706,3 +706,44 @@ def test_an_ablation_recipe_that_is_a_named_pipe_is_named_as_one(tmp_path):
         _override_files(["--config_file", str(pipe)], train, evaluate)
     assert str(err.value) == (f"{pipe} is a named pipe, not a file: it is not read (reading it would wait or run "
                               "forever). Pass a YAML or JSON file as --config_file.")
+
+
+def test_hd95_goes_to_the_evaluations_only_and_adds_its_tables(tmp_path):
+    """``--hd95 true`` went to the training commands too, which refuse it (a setting of evaluate.yaml only), so an
+    ablation could not report HD95; an ablation already trained is scored again with it, not trained again."""
+    data = tmp_path / "phantoms"
+    write_phantoms(data, cases=4, size=32, seed=0)
+    out = tmp_path / "ablation"
+    args = ["--bundle", "bundles/brats_gmd", "--strategies", "plain", "--max_epochs", "1", "--output_dir", str(out),
+            "--dataset_dir", str(data), "--epoch_length", "1", *TINY]
+    first = _ablate(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = json.loads((out / "ablation.json").read_text())
+    assert before["metrics"] == ["mean", "WT", "TC", "ET"] and before["settings"]["hd95"] is False
+    trained = {p: p.stat().st_mtime_ns for p in (out / "plain" / "train").rglob("*") if p.is_file()}
+    # the HD95 tables without --hd95 would be found missing after training: refused first
+    bad = _ablate(*args, "--metrics", "mean,HD95_WT")
+    assert bad.returncode == 1 and "the HD95 columns need --hd95 true" in bad.stderr, bad.stderr[-2000:]
+    proc = _ablate(*args, "--hd95", "true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in (out / "plain" / "train").rglob("*") if p.is_file()} == trained
+    table = json.loads((out / "ablation.json").read_text())
+    assert table["metrics"] == ["mean", "WT", "TC", "ET", "HD95_WT", "HD95_TC", "HD95_ET"]
+    assert table["settings"]["hd95"] is True and "--hd95" not in table["settings"]["bundle_args"]
+    assert table["tables"]["mean"] == before["tables"]["mean"]  # the same model, the same Dice
+    report = json.loads((out / "plain" / "eval" / "subset_dice.json").read_text())
+    hd = table["tables"]["HD95_ET"]["plain"]
+    assert hd["subsets"] == {name: row["HD95_ET"] for name, row in report["subsets"].items()}
+    assert hd["worst"]["value"] == max(hd["subsets"].values())  # a distance: the worst subset is the largest
+    assert "## HD95_WT (lower is better)" in (out / "ablation.md").read_text()
+    assert "--hd95" not in (out / "plain" / "train.log").read_text().splitlines()[0]
+    assert "--hd95 true" in (out / "plain" / "eval.log").read_text().splitlines()[0]
+
+
+def test_hd95_is_refused_for_a_sentiment_bundle_before_anything_trains(tmp_path):
+    npz = write_synthetic_mmsa(tmp_path / "syn.npz", splits={"train": 8, "valid": 4}, dims=(4, 3, 4))
+    out = tmp_path / "ablation"
+    bad = _ablate("--bundle", "bundles/mosi_gmd", "--strategies", "plain", "--max_epochs", "1",
+                  "--output_dir", str(out), "--data_path", str(npz), "--hd95", "true")
+    assert bad.returncode == 1 and "HD95 is a distance between segmentations" in bad.stderr, bad.stderr[-2000:]
+    assert not out.exists()

@@ -10,6 +10,7 @@ from app.engines.distributed import (
     init_distributed, is_distributed, mean_over_ranks, wait_for_ranks,
 )
 from app.engines.handlers import DiagnosticsHandler, SubsetReportHandler, TimeLimitHandler
+from app.metrics.hausdorff import check_hd95
 from app.engines.sentiment import SentimentReportHandler, SentimentSubsetEvaluator, subset_predictions
 from app.engines.trainer import NonFiniteLossError, SubsetEvaluator, SubsetTrainer, autocast_context, to_device
 from app.engines.utils import (
@@ -24,5 +25,5 @@ __all__ = [
     "AtomicCheckpointSaver", "ResumableCheckpoint", "ResumableSampler", "SeededDataset", "atomic_save",
     "load_training_checkpoint", "init_distributed", "close_distributed", "distributed_device", "is_distributed", "broadcast_module", "check_shards", "mean_over_ranks", "wait_for_ranks", "GradientSync",
     "DistributedTimeLimitHandler", "StopOnSignal", "report_input_errors", "check_overrides", "check_bools", "check_counts", "check_positive",
-    "lock_output_dir", "check_resume", "resolve_device", "check_share",
+    "lock_output_dir", "check_resume", "resolve_device", "check_share", "check_hd95",
 ]

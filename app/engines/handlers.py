@@ -327,6 +327,8 @@ class SubsetReportHandler:
         if not result:
             return
         result, title = self.annotated(engine, result)
-        write_subset_report(result, self.output_dir, stem=self.stem, title=title)
+        # the Dice columns as ever; the HD95 ones after them when the metric recorded HD95 (--hd95 true)
+        metrics = ("WT", "TC", "ET", "mean", *(k for k in result["mean_over_subsets"] if k.startswith("HD95_")))
+        write_subset_report(result, self.output_dir, stem=self.stem, title=title, metrics=metrics)
         if self.print_table:
-            print(format_table(result), flush=True)
+            print(format_table(result, metrics), flush=True)

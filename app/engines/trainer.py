@@ -19,6 +19,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.utils import CommonKeys as Keys
 
 from app.metrics.dice import dice_from_logits
+from app.metrics.hausdorff import affine_spacing, hd95_from_logits
 from app.engines.distributed import mean_over_ranks
 from app.engines.utils import amp_dtype, fit_roi
 from app.flags import parse_bool
@@ -179,12 +180,16 @@ class SubsetEvaluator(SupervisedEvaluator):
     Gaussian ``SlidingWindowInferer``) runs on it once, and each subset's prediction is a masked
     mean of those outputs. A case is scored on a subset only if it has every sequence of that
     subset. The output holds ``subset_dice [B, S, C]`` (hard Dice, sigmoid > 0.5), ``subset_valid
-    [B, S]`` and ``case`` ids, so no full-resolution subset volumes are kept.
+    [B, S]`` and ``case`` ids, so no full-resolution subset volumes are kept; with ``hd95`` also
+    ``subset_hd95 [B, S, C]``, the HD95 in mm of the same masks on the evaluated grid
+    (:func:`app.metrics.hausdorff.hd95`), its voxel size read from the label's affine.
 
     Args:
         image_key, label_key, mask_key: batch keys of the inputs, labels and modality masks.
         case_key: batch key of the case identifiers.
         amp: bf16 autocast on CUDA.
+        hd95: also compute each region's HD95 for every subset (a surface-distance search per case,
+            subset and region: CPU time, so off by default).
         kwargs: everything else goes to ``SupervisedEvaluator``.
     """
 
@@ -196,11 +201,13 @@ class SubsetEvaluator(SupervisedEvaluator):
         mask_key: str = "modality_mask",
         case_key: str = "case",
         amp: bool = False,
+        hd95: bool = False,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("decollate", False)
         super().__init__(*args, amp=False, **kwargs)
         self.use_amp = parse_bool(amp, "amp")
+        self.hd95 = parse_bool(hd95, "hd95")
         self.keys = (image_key, label_key, mask_key, case_key)
 
     def per_modality_outputs(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -245,6 +252,23 @@ class SubsetEvaluator(SupervisedEvaluator):
         kept = (targets != 0).flatten(2).sum(dim=2, dtype=torch.int64)
         return (counts - kept).clamp_min(0)
 
+    @staticmethod
+    def voxel_spacing(targets: torch.Tensor, cases: Sequence[str]) -> torch.Tensor:
+        """Voxel size in mm of each case's evaluated grid, ``[B, 3]``, from the label's affine (after the
+        reorientation and crop of the preprocessing: the grid the masks are on).
+
+        Raises:
+            ValueError: the label carries no affine (a plain tensor): HD95 in voxels would pass for mm.
+        """
+        affine = getattr(targets, "affine", None)
+        if affine is None:
+            raise ValueError(f"Case {cases[0]}: the label has no affine, so HD95 cannot be measured in mm: load the "
+                             "cases with the bundle's preprocessing (LoadCased keeps each file's header).")
+        affine = torch.as_tensor(affine.as_subclass(torch.Tensor) if isinstance(affine, torch.Tensor) else affine)
+        if affine.ndim == 2:  # one affine for the whole batch
+            affine = affine.expand(targets.shape[0], 4, 4)
+        return affine_spacing(affine)
+
     def unpack(self, batchdata: dict[str, Any] | None) -> tuple[Any, torch.Tensor, torch.Tensor, list[str]]:
         """``(inputs, targets, modality_mask, case_ids)`` of a batch, on the engine's device."""
         if batchdata is None:
@@ -285,13 +309,23 @@ class SubsetEvaluator(SupervisedEvaluator):
             self.check_finite_outputs(per_mod, mask, cases)
             valid, fused = subset_fusions(masked_mean, per_mod, mask)
             missed = self.missed_voxels(batchdata, targets)
-            dice = [dice_from_logits(logits, targets, missed=missed) for logits in fused]
+            spacing = self.voxel_spacing(targets, cases) if self.hd95 else None
+            dice, hd95 = [], []
+            for j, logits in enumerate(fused):
+                dice.append(dice_from_logits(logits, targets, missed=missed))
+                if spacing is not None:
+                    # a subset no case of the batch has is left out of the report: no distances to search
+                    scored = bool(valid[:, j].any())
+                    hd95.append(hd95_from_logits(logits, targets, spacing, missed=missed) if scored
+                                else torch.zeros_like(dice[-1]))
             pred = masked_mean(per_mod, mask)
         engine.state.output = {
             Keys.IMAGE: inputs, Keys.LABEL: targets, Keys.PRED: pred,
             "subset_dice": torch.stack(dice, dim=1), "subset_valid": valid,
             "case": cases,
         }
+        if hd95:
+            engine.state.output["subset_hd95"] = torch.stack(hd95, dim=1)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output

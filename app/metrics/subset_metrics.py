@@ -23,14 +23,23 @@ from ignite.exceptions import NotComputableError
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced
 
+from app.flags import parse_bool
 from app.metrics.dice import dice_from_logits
+from app.metrics.hausdorff import BRATS_HD95_PENALTY, HD95_PERCENTILE, hd95_from_logits
 from app.subsets import BRATS_MODALITIES, all_subsets, subset_name
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SubsetAccumulator", "SubsetDiceAccumulator", "SubsetScalarMetric", "SubsetMeanDice", "BRATS_REGIONS"]
+__all__ = [
+    "SubsetAccumulator", "SubsetDiceAccumulator", "SubsetScalarMetric", "SubsetMeanDice", "BRATS_REGIONS", "hd95_key",
+]
 
 BRATS_REGIONS: tuple[str, ...] = ("WT", "TC", "ET")
+
+
+def hd95_key(region: str) -> str:
+    """The report key of a region's HD95 (``"HD95_WT"``), beside its Dice key (``"WT"``)."""
+    return f"HD95_{region}"
 
 
 def _as_2d_float64(values: torch.Tensor | np.ndarray | Sequence, n_fields: int, name: str) -> np.ndarray:
@@ -265,22 +274,43 @@ class SubsetDiceAccumulator(SubsetAccumulator):
         result = acc.aggregate()
         result["subsets"]["flair+t1ce"]["ET"], result["worst_subset"]["name"]
 
+    With ``hd95=True`` every row also holds each region's HD95 in mm (:func:`app.metrics.hausdorff.hd95`,
+    BraTS empty-mask rule), reported as ``HD95_<region>`` (:func:`hd95_key`) per case, per subset (mean over
+    the subset's cases) and in ``mean_over_subsets``, and the aggregate gains ``"hd95"``, the convention
+    used. The Dice keys, ``"mean"`` (of the region Dice) and the worst subset do not change.
+
     Args:
         modalities: modality names in order; subset indices refer to ``all_subsets(len(modalities))``.
         regions: channel names of the Dice rows (and of the label/logit channels).
+        hd95: also record and report each region's HD95; every update must then give it.
 
     Raises:
         ValueError: ``regions`` is empty, repeats a name, or names one ``mean``.
     """
 
-    def __init__(self, modalities: Sequence[str] = BRATS_MODALITIES, regions: Sequence[str] = BRATS_REGIONS) -> None:
+    def __init__(self, modalities: Sequence[str] = BRATS_MODALITIES, regions: Sequence[str] = BRATS_REGIONS,
+                 hd95: bool = False) -> None:
         regions = tuple(regions)
         if "mean" in regions or len(set(regions)) != len(regions) or not regions:
             raise ValueError(f"regions must be non-empty, unique and must not be named 'mean', got {regions}.")
         self.regions = regions
+        self.hd95 = bool(hd95)
+        self.hd95_keys: tuple[str, ...] = tuple(hd95_key(r) for r in regions) if self.hd95 else ()
         super().__init__(
-            modalities, row_fields=regions, metric_keys=(*regions, "mean"), primary_key="mean", count_key="n_cases"
+            modalities, row_fields=(*regions, *self.hd95_keys), metric_keys=(*regions, "mean", *self.hd95_keys),
+            primary_key="mean", count_key="n_cases",
         )
+
+    def _with_hd95(self, dice: Any, hd95: Any, shape: str) -> Any:
+        """The Dice values, with the HD95 values beside them when this accumulator records HD95."""
+        if self.hd95 != (hd95 is not None):
+            raise ValueError(f"{type(self).__name__}(hd95={self.hd95}) " + (
+                f"needs the HD95 {shape} of every update." if self.hd95 else
+                "was given HD95 values it does not record: build it with hd95=True."))
+        if hd95 is None:
+            return dice
+        n = len(self.regions)
+        return np.concatenate([_as_2d_float64(dice, n, "dice"), _as_2d_float64(hd95, n, "hd95")], axis=1)
 
     def update(
         self,
@@ -288,33 +318,39 @@ class SubsetDiceAccumulator(SubsetAccumulator):
         subset_index: int,
         dice: torch.Tensor | np.ndarray | Sequence[Sequence[float]],
         valid: torch.Tensor | np.ndarray | Sequence[bool] | None = None,
+        hd95: torch.Tensor | np.ndarray | Sequence[Sequence[float]] | None = None,
     ) -> None:
-        """Record the Dice ``[B, len(regions)]`` of cases ``case_ids`` under subset ``subset_index``.
+        """Record the Dice ``[B, len(regions)]`` (and, with ``hd95=True``, the HD95 ``[B, len(regions)]``)
+        of cases ``case_ids`` under subset ``subset_index``.
 
         Cases where the boolean ``valid`` ``[B]`` is False (e.g. a case lacking one of the subset's
         sequences) are not recorded.
         """
-        self._add_rows(case_ids, subset_index, dice, valid, name="dice")
+        self._add_rows(case_ids, subset_index, self._with_hd95(dice, hd95, "[B, R]"), valid, name="dice")
 
     def update_case(
-        self, case_id: str, subset_index: int, dice_row: torch.Tensor | np.ndarray | Sequence[float]
+        self, case_id: str, subset_index: int, dice_row: torch.Tensor | np.ndarray | Sequence[float],
+        hd95_row: torch.Tensor | np.ndarray | Sequence[float] | None = None,
     ) -> None:
-        """Record the Dice ``[len(regions)]`` of one case under subset ``subset_index``."""
-        self._add_rows([case_id], subset_index, _as_1d(dice_row)[None], name="dice_row")
+        """Record the Dice ``[len(regions)]`` (and HD95 ``[len(regions)]``) of one case under subset ``subset_index``."""
+        hd95 = None if hd95_row is None else _as_1d(hd95_row)[None]
+        self._add_rows([case_id], subset_index, self._with_hd95(_as_1d(dice_row)[None], hd95, "row"), name="dice_row")
 
     def update_from_subset_dice(
         self,
         case_ids: Sequence[str],
         subset_dice: torch.Tensor | np.ndarray,
         valid: torch.Tensor | np.ndarray | None = None,
+        subset_hd95: torch.Tensor | np.ndarray | None = None,
     ) -> None:
-        """Record precomputed Dice of every subset at once.
+        """Record precomputed Dice (and HD95) of every subset at once.
 
         Args:
             case_ids: ``B`` case ids.
             subset_dice: ``[B, S, len(regions)]`` with ``S = len(all_subsets)`` in order (e.g. from
                 :func:`~app.metrics.dice.dice_from_logits` per subset, stacked on dim 1).
             valid: optional boolean ``[B, S]``; ``valid[b, j] == False`` leaves case ``b`` out of subset ``j``.
+            subset_hd95: ``[B, S, len(regions)]`` HD95 in mm, with ``hd95=True`` only.
 
         Raises:
             ValueError: ``subset_dice`` or ``valid`` has another shape.
@@ -324,8 +360,12 @@ class SubsetDiceAccumulator(SubsetAccumulator):
             raise ValueError(f"subset_dice must be [B, {s}, {len(self.regions)}], got {tuple(subset_dice.shape)}.")
         if valid is not None and tuple(valid.shape) != tuple(subset_dice.shape[:2]):
             raise ValueError(f"valid must be [B, {s}], got {tuple(valid.shape)}.")
+        if subset_hd95 is not None and tuple(subset_hd95.shape) != tuple(subset_dice.shape):
+            raise ValueError(f"subset_hd95 must be shaped as subset_dice, {tuple(subset_dice.shape)}, "
+                             f"got {tuple(subset_hd95.shape)}.")
         for j in range(s):
-            self.update(case_ids, j, subset_dice[:, j], None if valid is None else valid[:, j])
+            self.update(case_ids, j, subset_dice[:, j], None if valid is None else valid[:, j],
+                        None if subset_hd95 is None else subset_hd95[:, j])
 
     def update_from_logits(
         self,
@@ -334,8 +374,9 @@ class SubsetDiceAccumulator(SubsetAccumulator):
         target: torch.Tensor,
         threshold: float = 0.5,
         valid: torch.Tensor | np.ndarray | None = None,
+        spacing: torch.Tensor | np.ndarray | Sequence | None = None,
     ) -> None:
-        """Threshold the logits of each subset and record their hard Dice against ``target``.
+        """Threshold the logits of each subset and record their hard Dice (and HD95) against ``target``.
 
         Args:
             case_ids: ``B`` case ids.
@@ -344,10 +385,15 @@ class SubsetDiceAccumulator(SubsetAccumulator):
             target: binary label ``[B, R, *spatial]`` with one channel per region.
             threshold: sigmoid probability threshold, see :func:`~app.metrics.dice.dice_from_logits`.
             valid: optional boolean ``[B, S]`` indexed by subset index, as in :meth:`update_from_subset_dice`.
+            spacing: voxel size in mm, ``[ndim]`` or ``[B, ndim]``: needed with ``hd95=True``, for the HD95.
 
         Raises:
+            ValueError: ``hd95=True`` without ``spacing``: the distances would be in voxels, not mm.
             ValueError: a ``subset_logits`` tensor is not ``[B, S, R, *spatial]``.
         """
+        if self.hd95 and spacing is None:
+            raise ValueError("HD95 is in millimetres: pass the evaluated grid's voxel size as spacing "
+                             "(app.metrics.hausdorff.affine_spacing of the label's affine).")
         if isinstance(subset_logits, torch.Tensor):
             if subset_logits.ndim < 4 or subset_logits.shape[1] != len(self.subsets):
                 raise ValueError(
@@ -359,13 +405,23 @@ class SubsetDiceAccumulator(SubsetAccumulator):
             items = list(subset_logits.items())
         for j, logits in items:
             dice = dice_from_logits(logits, target, threshold)
-            self.update(case_ids, j, dice, None if valid is None else valid[:, j])
+            hd95 = hd95_from_logits(logits, target, spacing, threshold) if self.hd95 else None
+            self.update(case_ids, j, dice, None if valid is None else valid[:, j], hd95)
 
     def _subset_metrics(self, values: np.ndarray) -> dict[str, float]:
         # math.fsum keeps the means exact to rounding whatever the number of cases.
-        means = {r: math.fsum(values[:, i]) / values.shape[0] for i, r in enumerate(self.regions)}
-        means["mean"] = math.fsum(means.values()) / len(self.regions)
+        means = {r: math.fsum(values[:, i]) / values.shape[0] for i, r in enumerate(self.row_fields)}
+        means["mean"] = math.fsum(means[r] for r in self.regions) / len(self.regions)
         return means
+
+    def aggregate(self) -> dict[str, Any]:
+        """:meth:`SubsetAccumulator.aggregate`; with ``hd95=True`` also ``"hd95"``: the HD95 convention
+        (percentile, unit, the values of empty masks), so that a table built from the report can state it."""
+        result = super().aggregate()
+        if self.hd95:
+            result["hd95"] = {"percentile": HD95_PERCENTILE, "unit": "mm", "both_empty": 0.0,
+                              "one_empty": BRATS_HD95_PENALTY, "keys": dict(zip(self.regions, self.hd95_keys))}
+        return result
 
 
 class SubsetScalarMetric(Metric):
@@ -438,7 +494,9 @@ class SubsetMeanDice(SubsetScalarMetric):
       ``"label"``: binary ``[B, R, *spatial]``, thresholded here,
 
     and optionally ``"subset_valid"``: boolean ``[B, S]``; a case is left out of the subsets where it
-    is False (e.g. it lacks one of their sequences). With MONAI engines use ``decollate=False`` or
+    is False (e.g. it lacks one of their sequences). With ``hd95=True`` the output must also hold
+    ``"subset_hd95"`` ``[B, S, R]`` (mm) beside ``"subset_dice"``, or ``"spacing"`` (``[B, ndim]`` mm) beside
+    ``"subset_logits"``; the HD95 goes into the report only, the scalar stays the mean Dice. With MONAI engines use ``decollate=False`` or
     an ``output_transform`` that yields these batched entries.
 
     In distributed runs :meth:`compute` gathers the raw rows of all ranks, so every rank returns the
@@ -450,6 +508,7 @@ class SubsetMeanDice(SubsetScalarMetric):
         threshold: sigmoid probability threshold for ``"subset_logits"``.
         output_transform: applied to ``engine.state.output`` before :meth:`update`.
         device: unused for the state (rows live on CPU); kept for the ignite ``Metric`` signature.
+        hd95: also report each region's HD95 (see :class:`SubsetDiceAccumulator`).
     """
 
     def __init__(
@@ -459,15 +518,17 @@ class SubsetMeanDice(SubsetScalarMetric):
         threshold: float = 0.5,
         output_transform: Callable = lambda x: x,
         device: str | torch.device = torch.device("cpu"),
+        hd95: bool | str = False,
     ) -> None:
         # created before Metric.__init__, which calls reset()
-        self._accumulator = SubsetDiceAccumulator(modalities, regions)
+        self._accumulator = SubsetDiceAccumulator(modalities, regions, hd95=parse_bool(hd95, "hd95"))
         self.threshold = threshold
         self.last_result: dict[str, Any] | None = None
         super().__init__(output_transform=output_transform, device=device, skip_unrolling=True)
 
     def _new_accumulator(self) -> SubsetDiceAccumulator:
-        return SubsetDiceAccumulator(self._accumulator.modalities, self._accumulator.regions)
+        acc = self._accumulator
+        return SubsetDiceAccumulator(acc.modalities, acc.regions, hd95=acc.hd95)
 
     @reinit__is_reduced
     def update(self, output: Mapping[str, Any]) -> None:
@@ -480,11 +541,17 @@ class SubsetMeanDice(SubsetScalarMetric):
         if not isinstance(output, Mapping) or "case" not in output:
             raise TypeError(f"{type(self).__name__} expects a mapping with a 'case' entry, got {type(output)}.")
         case_ids, valid = list(output["case"]), output.get("subset_valid")
+        hd95 = self._accumulator.hd95
         if "subset_dice" in output:
-            self._accumulator.update_from_subset_dice(case_ids, output["subset_dice"], valid)
+            if hd95 and "subset_hd95" not in output:
+                raise ValueError(f"{type(self).__name__}(hd95=True) needs 'subset_hd95' beside 'subset_dice' in the "
+                                 "output: build the evaluator with hd95=True as well (the bundle's --hd95 sets both).")
+            self._accumulator.update_from_subset_dice(
+                case_ids, output["subset_dice"], valid, output["subset_hd95"] if hd95 else None)
         elif "subset_logits" in output and "label" in output:
             logits, label = output["subset_logits"], output["label"]
-            self._accumulator.update_from_logits(case_ids, logits, label, self.threshold, valid)
+            self._accumulator.update_from_logits(case_ids, logits, label, self.threshold, valid,
+                                                 output.get("spacing") if hd95 else None)
         else:
             raise ValueError(
                 f"{type(self).__name__} needs 'subset_dice', or 'subset_logits' and 'label', in the output; "

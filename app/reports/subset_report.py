@@ -30,9 +30,9 @@ __all__ = [
 
 #: Name of the summary row appended after the per-subset rows.
 MEAN_ROW = "mean_over_subsets"
-#: Metrics for which a lower value is better (their heatmap colours are reversed).
-# the same set as app.metrics.sentiment_metric.LOWER_IS_BETTER, not imported from there: the reports import no torch
-LOWER_IS_BETTER = frozenset({"MAE"})
+#: Metrics for which a lower value is better (their heatmap colours are reversed): errors and distances.
+# a superset of app.metrics.sentiment_metric.LOWER_IS_BETTER, not imported from there: the reports import no torch
+LOWER_IS_BETTER = frozenset({"MAE", "HD95_WT", "HD95_TC", "HD95_ET"})
 _COUNT_KEYS = ("n_cases", "n")
 
 
@@ -287,6 +287,10 @@ def write_subset_report(
     worst = _worst_line(result, digits)
     if worst:
         md += [worst, ""]
+    if hd95 := result.get("hd95"):  # the convention, where the table is read (a paper's reader asks for it)
+        md += [f"HD95: {_fmt(float(hd95['percentile']), 0)}th percentile Hausdorff distance in {hd95['unit']} on each "
+               f"case's grid; {_fmt(float(hd95['both_empty']), 2)} when prediction and reference are both empty, "
+               f"{_fmt(float(hd95['one_empty']), 2)} (the BraTS penalty) when exactly one is; lower is better.", ""]
 
     files = {
         "json": strict_json(result).encode("utf-8"),

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,10 +134,19 @@ def test_an_evaluation_names_the_model_it_loaded_when_training_replaces_the_file
     assert hashlib.sha256(scored).hexdigest()[:12] in (out / "subset_dice.md").read_text()
 
 
-def _reference_dice(ckpt, root, subsets):
+def _dice(pred, label, spacing):
+    """Dice 2|P & T| / (|P| + |T|) per region, written out here."""
+    dice = []
+    for p, t in zip(pred, label):
+        total = int(p.sum()) + int(t.sum())
+        dice.append(1.0 if total == 0 else 2 * int((p & t).sum()) / total)
+    return dice
+
+
+def _reference_dice(ckpt, root, subsets, score=_dice):
     """``{(case, subset name): [WT, TC, ET]}``: train.yaml's preprocessing, the fused forward pass of
-    each subset through a Gaussian sliding window (patch 32 fitted to the crop, overlap 0.5), sigmoid > 0.5 and Dice
-    2|P & T| / (|P| + |T|) written out here."""
+    each subset through a Gaussian sliding window (patch 32 fitted to the crop, overlap 0.5), sigmoid > 0.5 and
+    ``score(pred, label, spacing)`` of the masks (default: Dice), ``spacing`` the crop's voxel size."""
     from monai.inferers import sliding_window_inference
     from monai.transforms import Compose, CropForegroundd, NormalizeIntensityd, Orientationd
 
@@ -161,13 +172,83 @@ def _reference_dice(ckpt, root, subsets):
             with torch.no_grad():
                 logits = sliding_window_inference(image, roi, 2, lambda w: net(w, mask.expand(len(w), -1)),
                                                   overlap=0.5, mode="gaussian")[0]
-            pred = logits > 0
-            dice = []
-            for p, t in zip(pred, label):
-                total = int(p.sum()) + int(t.sum())
-                dice.append(1.0 if total == 0 else 2 * int((p & t).sum()) / total)
-            out[(record["case"], subset_name(all_subsets(4)[j], BRATS_MODALITIES))] = dice
+            spacing = [float(v) for v in torch.linalg.vector_norm(torch.as_tensor(data["label"].affine)[:3, :3], dim=0)]
+            out[(record["case"], subset_name(all_subsets(4)[j], BRATS_MODALITIES))] = score(logits > 0, label, spacing)
     return out
+
+
+def _brats_hd95(pred, label, spacing):
+    """HD95 per region from MONAI's own function, with the BraTS rule for empty masks (0 mm both, 373.13 mm one)."""
+    from monai.metrics import compute_hausdorff_distance
+
+    out = []
+    for p, t in zip(pred, label):
+        if p.any() and t.any():
+            out.append(float(compute_hausdorff_distance(p[None, None], t[None, None], include_background=True,
+                                                        percentile=95, spacing=spacing)))
+        else:
+            out.append(373.13 if p.any() or t.any() else 0.0)
+    return out
+
+
+def test_evaluate_with_hd95_adds_it_in_mm_beside_the_same_dice(trained, phantoms, tmp_path):
+    """--hd95 true: HD95_WT/TC/ET in mm on each case's anisotropic grid, per case, per subset and over subsets,
+    in the JSON, CSV and Markdown; the Dice, the existing keys and the worst subset as without it."""
+    import nibabel as nib
+
+    zooms = (1.5, 1.0, 2.0)  # the phantoms' 1 mm grid stretched, so that an axis read as another would show
+    data = tmp_path / "anisotropic"
+    for src in phantoms.rglob("*.nii.gz"):
+        img = nib.load(src)
+        affine = img.affine.copy()
+        affine[:3, :3] *= np.asarray(zooms)
+        dst = data / src.relative_to(phantoms)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), dst)
+    ckpt = str(trained / "models" / "model.pt")
+    run_bundle([TRAIN, EVALUATE], "--dataset_dir", str(data), "--ckpt_path", ckpt, "--output_dir",
+               str(tmp_path / "off"), *TINY)
+    proc = run_bundle([TRAIN, EVALUATE], "--dataset_dir", str(data), "--ckpt_path", ckpt, "--output_dir",
+                      str(tmp_path / "on"), "--hd95", "true", *TINY)
+    off = json.loads((tmp_path / "off" / "subset_dice.json").read_text())
+    on = json.loads((tmp_path / "on" / "subset_dice.json").read_text())
+    keys = ("HD95_WT", "HD95_TC", "HD95_ET")
+    assert "hd95" not in off and not any(k in row for row in off["subsets"].values() for k in keys)
+    assert on["hd95"] == {"percentile": 95.0, "unit": "mm", "both_empty": 0.0, "one_empty": 373.13,
+                          "keys": dict(zip(("WT", "TC", "ET"), keys))}
+    for name, row in off["subsets"].items():  # every existing value unchanged, the HD95 added
+        assert {k: on["subsets"][name][k] for k in row} == row
+        assert all(0.0 <= on["subsets"][name][k] <= 373.13 for k in keys)
+    assert {k: on["mean_over_subsets"][k] for k in off["mean_over_subsets"]} == off["mean_over_subsets"]
+    assert on["worst_subset"] == off["worst_subset"]
+    assert [{k: r[k] for k in ("case", "subset", "WT", "TC", "ET")} for r in on["per_case"]] == off["per_case"]
+    # the distances themselves, recomputed from the masks and the 1.5 x 1 x 2 mm grid
+    got = {(r["case"], r["subset"]): [r[k] for k in keys] for r in on["per_case"]}
+    expected = _reference_dice(trained / "models" / "model.pt", data, subsets=(0, 14), score=_brats_hd95)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-3), key
+    for name, row in on["subsets"].items():
+        rows = [v for (_, subset), v in got.items() if subset == name]
+        assert [row[k] for k in keys] == pytest.approx([sum(col) / len(rows) for col in zip(*rows)], abs=1e-9)
+    assert on["mean_over_subsets"]["HD95_WT"] == pytest.approx(
+        sum(row["HD95_WT"] for row in on["subsets"].values()) / 15, abs=1e-9)
+    header = (tmp_path / "on" / "subset_dice.csv").read_text().splitlines()[0]
+    assert header == "subset,WT,TC,ET,mean,HD95_WT,HD95_TC,HD95_ET,n_cases"
+    assert (tmp_path / "off" / "subset_dice.csv").read_text().splitlines()[0] == "subset,WT,TC,ET,mean,n_cases"
+    markdown = (tmp_path / "on" / "subset_dice.md").read_text()
+    assert "| HD95_WT | HD95_TC | HD95_ET |" in markdown and "373.13 (the BraTS penalty)" in markdown
+    assert "HD95_ET" in proc.stdout  # the printed table too
+
+
+@pytest.mark.parametrize("configs, value, message", [
+    ([TRAIN, EVALUATE], "maybe", "hd95"),
+    ([TRAIN], "true", "is a setting of .*evaluate.yaml"),  # training's validation reports Dice only
+], ids=["not-a-bool", "training"])
+def test_a_bad_hd95_flag_is_one_line_before_any_case_is_read(trained, phantoms, tmp_path, configs, value, message):
+    out = tmp_path / "out"
+    line = refused_line(configs, "--dataset_dir", str(phantoms), "--ckpt_path", str(trained / "models" / "model.pt"),
+                        "--output_dir", str(out), "--hd95", value, *TINY, output_dir=out)
+    assert line.startswith("error: ") and re.search(message, line), line
 
 
 def test_time_limit_stops_cleanly_and_still_writes_final_model(phantoms, tmp_path):

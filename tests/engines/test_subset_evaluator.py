@@ -179,3 +179,44 @@ def test_nan_outputs_of_a_present_sequence_are_refused_naming_the_case(net):
                                 inferer=inferer, key_val_metric={"val_mean_dice": SubsetMeanDice()})
     with pytest.raises(ValueError, match=r"^Case with_t1: the network gave 1536 NaN or infinite value\(s\)"):
         evaluator.run()
+
+
+def test_hd95_of_each_subset_is_in_mm_on_the_label_grid_and_only_when_asked(net):
+    """With hd95=True the evaluator adds subset_hd95: each subset's masks (those of its Dice) measured by MONAI's
+    95th-percentile Hausdorff distance on the 2 x 1 x 3 mm grid of the label's affine, BraTS rule when empty."""
+    from monai.data import MetaTensor
+    from monai.metrics import compute_hausdorff_distance
+
+    from app.subsets import subset_masks
+
+    torch.manual_seed(5)
+    image = torch.randn(1, 4, 8, 8, 8)
+    label = torch.zeros(1, 3, 8, 8, 8)
+    label[0, 0, 2:6, 2:6, 2:6] = 1
+    label[0, 1, 3:5, 3:5, 3:5] = 1  # ET (channel 2) empty
+    affine = torch.diag(torch.tensor([-2.0, 1.0, 3.0, 1.0]))[None]
+    data = [{"image": image, "label": MetaTensor(label, affine=affine),
+             "modality_mask": torch.ones(1, 4, dtype=torch.bool), "case": ["a"]}]
+    inferer = SlidingWindowInferer(roi_size=(8, 8, 8), sw_batch_size=1)
+    plain = SubsetEvaluator(device=torch.device("cpu"), val_data_loader=data, network=net, inferer=inferer)
+    plain.run()
+    assert "subset_hd95" not in plain.state.output
+    evaluator = SubsetEvaluator(device=torch.device("cpu"), val_data_loader=data, network=net, inferer=inferer,
+                                hd95="true")
+    evaluator.run()
+    got = evaluator.state.output["subset_hd95"][0]
+    torch.testing.assert_close(evaluator.state.output["subset_dice"], plain.state.output["subset_dice"])
+    expected = []
+    for mask in subset_masks(4):
+        with torch.no_grad():
+            pred = net(image, mask[None])[0] > 0
+        row = []
+        for p, t in zip(pred, label[0].bool()):
+            if p.any() and t.any():
+                row.append(float(compute_hausdorff_distance(p[None, None], t[None, None], include_background=True,
+                                                            percentile=95, spacing=[2.0, 1.0, 3.0])))
+            else:
+                row.append(373.13 if p.any() or t.any() else 0.0)
+        expected.append(row)
+    assert len({v for row in expected for v in row}) > 3  # distances, not only the empty-mask values
+    torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-5)

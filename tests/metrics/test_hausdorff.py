@@ -1,0 +1,196 @@
+"""HD95 in mm with the BraTS empty-mask rule: hand-computed distances on tiny volumes, spacing, the
+per-subset accumulator and the evaluator's voxel size."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.metrics import compute_hausdorff_distance
+
+from app.engines import SubsetEvaluator
+from app.metrics import (
+    BRATS_HD95_PENALTY, SubsetDiceAccumulator, SubsetMeanDice, affine_spacing, check_hd95, hd95, hd95_from_logits,
+)
+
+
+def _cube(shape, start, side=3) -> torch.Tensor:
+    """[1, 1, *shape] mask holding one solid cube of ``side`` voxels with its first voxel at ``start``."""
+    m = torch.zeros(1, 1, *shape, dtype=torch.bool)
+    m[(0, 0, *(slice(s, s + side) for s in start))] = True
+    return m
+
+
+@pytest.mark.parametrize("axis, expected", [(0, 10.0), (1, 5.0), (2, 15.0)])
+def test_two_cubes_offset_along_one_axis_are_the_offset_in_mm_of_that_axis(axis, expected):
+    # 3-voxel cubes 5 voxels apart: each surface voxel's nearest surface voxel of the other cube lies straight
+    # across, 3, 4 or 5 voxels away (9, 8 and 9 of the 26 surface voxels); the 95th percentile (position
+    # 0.95 * 25 = 23.75 of the sorted 26) falls among the 5-voxel ones, in both directions: 5 voxels, in mm
+    # the voxel size of the offset axis (2 x 1 x 3 mm), so an axis read as another would give 5, 10 or 15
+    start_b = [1, 1, 1]
+    start_b[axis] += 5
+    a, b = _cube((10, 10, 10), (1, 1, 1)), _cube((10, 10, 10), start_b)
+    value = hd95(a, b, [2.0, 1.0, 3.0])
+    assert value.dtype == torch.float64 and value.shape == (1, 1)
+    assert value.item() == pytest.approx(expected, abs=1e-5)
+    assert hd95(b, a, [2.0, 1.0, 3.0]).item() == pytest.approx(expected, abs=1e-5)  # symmetric
+    assert hd95(a, b, [1.0, 1.0, 1.0]).item() == pytest.approx(5.0, abs=1e-5)  # voxels at 1 mm
+
+
+def test_the_95th_percentile_interpolates_between_surface_distances():
+    # reference: a one-voxel-thick 10 x 10 plate at x = 0 (every voxel is surface); prediction: the plate plus a
+    # line of 20 voxels at x = 2..21 above its middle. Reference -> prediction: 100 zeros. Prediction ->
+    # reference: 100 zeros and x * 2 mm for x = 2..21; of the 120 sorted values the 95th percentile is at
+    # position 0.95 * 119 = 113.05, between the 14th and 15th line voxels (x = 15 and 16): 30 + 0.05 * 2 mm.
+    ref = torch.zeros(1, 1, 24, 10, 10, dtype=torch.bool)
+    ref[0, 0, 0] = True
+    pred = ref.clone()
+    pred[0, 0, 2:22, 5, 5] = True
+    assert hd95(pred, ref, [2.0, 1.0, 1.0]).item() == pytest.approx(30.1, abs=1e-4)
+    # the full Hausdorff distance is the farthest line voxel, 21 * 2 mm: the 95th percentile is not the maximum
+    full = compute_hausdorff_distance(pred, ref, include_background=True, spacing=[2.0, 1.0, 1.0])
+    assert full.item() == pytest.approx(42.0)
+
+
+def test_both_empty_is_zero_and_exactly_one_empty_is_the_brats_penalty():
+    empty = torch.zeros(1, 1, 6, 6, 6, dtype=torch.bool)
+    cube = _cube((6, 6, 6), (1, 1, 1))
+    assert hd95(empty, empty, [1.0, 1.0, 1.0]).item() == 0.0
+    assert hd95(cube, empty, [1.0, 1.0, 1.0]).item() == BRATS_HD95_PENALTY == 373.13
+    assert hd95(empty, cube, [1.0, 1.0, 1.0]).item() == 373.13
+    assert hd95(empty, cube, [1.0, 1.0, 1.0], empty_penalty=100.0).item() == 100.0
+    # the BraTS value is the diagonal of its 240 x 240 x 155 grid at 1 mm
+    assert BRATS_HD95_PENALTY == pytest.approx(math.sqrt(240**2 + 240**2 + 155**2), abs=0.005)
+    # MONAI alone gives NaN there, which its mean would leave out: a missed region must count instead
+    with pytest.warns(UserWarning, match="all 0"):
+        assert math.isnan(compute_hausdorff_distance(empty, cube, include_background=True, percentile=95).item())
+
+
+def test_every_case_and_channel_follows_its_own_rule_and_spacing():
+    empty = torch.zeros(1, 1, 12, 12, 12, dtype=torch.bool)
+    a, b = _cube((12, 12, 12), (1, 1, 1)), _cube((12, 12, 12), (6, 1, 1))
+    pred = torch.cat([torch.cat([a, a, empty], dim=1), torch.cat([a, empty, a], dim=1)])  # [2, 3, ...]
+    target = torch.cat([torch.cat([b, b, empty], dim=1), torch.cat([b, empty, empty], dim=1)])
+    got = hd95(pred, target, [[2.0, 1.0, 1.0], [0.5, 1.0, 1.0]])
+    assert got.flatten().tolist() == pytest.approx([10.0, 10.0, 0.0, 2.5, 0.0, 373.13], abs=1e-5)
+    assert torch.isfinite(got).all()
+
+
+def test_reference_outside_the_crop_makes_the_region_non_empty():
+    empty = torch.zeros(1, 2, 6, 6, 6, dtype=torch.bool)
+    cube = _cube((6, 6, 6), (1, 1, 1)).expand(1, 2, 6, 6, 6)
+    missed = torch.tensor([[4, 0]])
+    # an empty prediction missed that tumour; a prediction beside a reference left empty by the crop cannot be
+    # measured against it: both score the penalty, where without the count they would be 0 and the penalty
+    assert hd95(empty, empty, [1, 1, 1], missed=missed).tolist() == [[373.13, 0.0]]
+    assert hd95(cube, empty, [1, 1, 1], missed=missed).tolist() == [[373.13, 373.13]]
+    assert hd95(cube, cube, [1, 1, 1], missed=missed).tolist() == [[0.0, 0.0]]
+
+
+def test_from_logits_scores_the_dice_masks():
+    a, b = _cube((10, 10, 10), (1, 1, 1)), _cube((10, 10, 10), (1, 1, 6))
+    logits = torch.where(a, 2.0, -2.0)
+    assert hd95_from_logits(logits, b, [1.0, 1.0, 3.0]).item() == pytest.approx(15.0, abs=1e-5)
+    with pytest.raises(ValueError, match="threshold"):
+        hd95_from_logits(logits, b, [1.0, 1.0, 1.0], threshold=1.0)
+
+
+@pytest.mark.parametrize("spacing, message", [([1.0, 1.0], r"\[3\] or \[B, 3\]"), ([1.0, 0.0, 1.0], "positive"),
+                                              ([1.0, float("nan"), 1.0], "positive")])
+def test_a_spacing_that_does_not_fit_is_refused(spacing, message):
+    cube = _cube((6, 6, 6), (1, 1, 1))
+    with pytest.raises(ValueError, match=message):
+        hd95(cube, cube, spacing)
+
+
+def test_affine_spacing_is_the_column_length_of_a_rotated_anisotropic_affine():
+    # array axis 0 runs along world y at 2 mm (flipped), axis 1 along z at 1.5 mm, axis 2 along x at 3 mm
+    affine = np.array([[0, 0, 3, 10], [-2, 0, 0, 5], [0, 1.5, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+    assert affine_spacing(affine).tolist() == pytest.approx([2.0, 1.5, 3.0])
+    assert affine_spacing(torch.as_tensor(affine)[None].repeat(2, 1, 1)).shape == (2, 3)
+
+
+def test_the_evaluator_reads_each_case_s_voxel_size_from_the_label_affine():
+    affine = torch.stack([torch.diag(torch.tensor([1.0, 1.0, 3.0, 1.0])), torch.diag(torch.tensor([-2.0, 2, 2, 1]))])
+    label = MetaTensor(torch.zeros(2, 3, 4, 4, 4), affine=affine)
+    assert SubsetEvaluator.voxel_spacing(label, ["a", "b"]).tolist() == [[1.0, 1.0, 3.0], [2.0, 2.0, 2.0]]
+    with pytest.raises(ValueError, match="Case a: the label has no affine"):
+        SubsetEvaluator.voxel_spacing(torch.zeros(2, 3, 4, 4, 4), ["a", "b"])
+
+
+def test_check_hd95_reads_the_flag():
+    assert check_hd95("true") is True and check_hd95(False) is False
+    with pytest.raises(ValueError, match="hd95"):
+        check_hd95("maybe")
+
+
+def _accumulator_rows() -> SubsetDiceAccumulator:
+    acc = SubsetDiceAccumulator(hd95=True)
+    acc.update(["c1", "c2"], 0, [[1.0, 0.5, 0.0], [0.5, 0.5, 1.0]], hd95=[[2.0, 4.0, 373.13], [6.0, 8.0, 0.0]])
+    acc.update_case("c1", 14, [0.8, 0.6, 0.4], hd95_row=[1.0, 2.0, 3.0])
+    return acc
+
+
+def test_the_accumulator_reports_hd95_beside_the_unchanged_dice():
+    result = _accumulator_rows().aggregate()
+    flair = result["subsets"]["flair"]
+    assert flair["WT"] == 0.75 and flair["mean"] == pytest.approx((0.75 + 0.5 + 0.5) / 3)  # Dice only
+    assert (flair["HD95_WT"], flair["HD95_TC"], flair["HD95_ET"]) == (4.0, 6.0, pytest.approx(186.565))
+    assert flair["n_cases"] == 2
+    assert result["mean_over_subsets"]["HD95_WT"] == pytest.approx((4.0 + 1.0) / 2)
+    assert result["mean_over_subsets"]["mean"] == pytest.approx((flair["mean"] + 0.6) / 2)
+    assert result["per_case"][0] == {"case": "c1", "subset": "flair", "WT": 1.0, "TC": 0.5, "ET": 0.0,
+                                     "HD95_WT": 2.0, "HD95_TC": 4.0, "HD95_ET": 373.13}
+    assert result["hd95"]["one_empty"] == 373.13 and result["hd95"]["both_empty"] == 0.0
+    assert result["worst_subset"] == {"name": "flair", "mean": flair["mean"]}
+    # without HD95 the report is as it was: no new key anywhere
+    plain = SubsetDiceAccumulator()
+    plain.update(["c1"], 0, [[1.0, 0.5, 0.0]])
+    off = plain.aggregate()
+    assert set(off["subsets"]["flair"]) == {"WT", "TC", "ET", "mean", "n_cases"} and "hd95" not in off
+    assert set(off["per_case"][0]) == {"case", "subset", "WT", "TC", "ET"}
+
+
+def test_the_accumulator_needs_hd95_exactly_when_it_records_it():
+    with pytest.raises(ValueError, match="needs the HD95"):
+        SubsetDiceAccumulator(hd95=True).update(["c1"], 0, [[1.0, 1.0, 1.0]])
+    with pytest.raises(ValueError, match="build it with hd95=True"):
+        SubsetDiceAccumulator().update(["c1"], 0, [[1.0, 1.0, 1.0]], hd95=[[0.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match="spacing"):
+        SubsetDiceAccumulator(hd95=True).update_from_logits(["c1"], {0: torch.zeros(1, 3, 4, 4, 4)},
+                                                            torch.zeros(1, 3, 4, 4, 4))
+
+
+def test_the_key_metric_gathers_hd95_rows_and_stays_the_mean_dice():
+    metric = SubsetMeanDice(hd95="true")
+    dice = torch.full((1, 15, 3), 0.5, dtype=torch.float64)
+    hd = torch.full((1, 15, 3), 7.0, dtype=torch.float64)
+    metric.update({"case": ["c1"], "subset_dice": dice, "subset_hd95": hd})
+    assert metric.compute() == 0.5
+    assert metric.last_result["mean_over_subsets"]["HD95_ET"] == 7.0
+    merged = metric._new_accumulator()
+    merged.merge(metric.accumulator.state_dict())  # the rows every rank gathers keep their HD95
+    assert merged.aggregate()["subsets"]["t2"]["HD95_TC"] == 7.0
+    with pytest.raises(ValueError, match="subset_hd95"):
+        SubsetMeanDice(hd95=True).update({"case": ["c1"], "subset_dice": dice})
+    # from logits, with the voxel size in the output
+    logits = torch.where(_cube((10, 10, 10), (1, 1, 1)), 3.0, -3.0).expand(1, 3, 10, 10, 10)
+    label = _cube((10, 10, 10), (6, 1, 1)).expand(1, 3, 10, 10, 10).float()
+    metric = SubsetMeanDice(hd95=True)
+    metric.update({"case": ["c1"], "subset_logits": {0: logits}, "label": label, "spacing": [[2.0, 1.0, 1.0]]})
+    metric.compute()
+    assert metric.last_result["subsets"]["flair"]["HD95_WT"] == pytest.approx(10.0, abs=1e-5)
+
+
+def test_hd95_without_scipy_is_refused_naming_the_fix(monkeypatch):
+    # MONAI imports scipy only at the first distance: the evaluation would stop there, after reading every case
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real(name, *a))
+    with pytest.raises(ValueError, match=r"--hd95 true needs scipy.*pip install scipy.*leave --hd95 false"):
+        check_hd95("true")
+    assert check_hd95("false") is False  # off: nothing to compute, nothing needed
