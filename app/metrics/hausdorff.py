@@ -22,7 +22,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.metrics import compute_hausdorff_distance
 
 __all__ = ["BRATS_HD95_PENALTY", "HD95_PERCENTILE", "affine_spacing", "check_hd95", "hd95", "hd95_from_logits"]
 
@@ -125,6 +124,9 @@ def hd95(
             raise ValueError(f"missed must hold one count per case and channel, [B, C] = {(batch, channels)}, "
                              f"got {tuple(missed.shape)}.")
         ref_elsewhere = missed > 0
+    # imported here: the strategies and the ablation runner import app.metrics and must not load MONAI to list names
+    from monai.metrics import compute_hausdorff_distance
+
     out = torch.empty((batch, channels), dtype=torch.float64)
     for b in range(batch):
         for c in range(channels):
