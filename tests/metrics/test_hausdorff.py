@@ -98,6 +98,26 @@ def test_from_logits_scores_the_dice_masks():
         hd95_from_logits(logits, b, [1.0, 1.0, 1.0], threshold=1.0)
 
 
+def test_from_logits_thresholds_as_the_dice_does():
+    # the masks are sigmoid(logits) > threshold, compared in logit space as dice_from_logits does: a voxel at
+    # exactly 0.5 is not foreground, and a higher threshold drops the voxels below it
+    from app.metrics.dice import dice_from_logits
+
+    a, b = _cube((10, 10, 10), (1, 1, 1)), _cube((10, 10, 10), (6, 1, 1))
+    logits = torch.where(a, 1.0, -4.0)  # sigmoid(1) = 0.73
+    logits[0, 0, 1:4, 7:10, 7:10] = 0.0  # a second cube at exactly 0.5, which would move the HD95 to 9.27 mm
+    assert hd95_from_logits(logits, b, [1.0, 1.0, 1.0]).item() == pytest.approx(5.0, abs=1e-5)
+    # above 0.73 nothing is predicted: the penalty, where the Dice is 0
+    assert hd95_from_logits(logits, b, [1.0, 1.0, 1.0], threshold=0.8).item() == 373.13
+    assert dice_from_logits(logits, b, threshold=0.8).item() == 0.0
+    # the key metric passes its threshold on
+    metric = SubsetMeanDice(hd95=True, threshold=0.8)
+    metric.update({"case": ["c1"], "subset_logits": {0: logits.expand(1, 3, 10, 10, 10)},
+                   "label": b.expand(1, 3, 10, 10, 10).float(), "spacing": [[1.0, 1.0, 1.0]]})
+    metric.compute()
+    assert metric.last_result["subsets"]["flair"]["HD95_WT"] == 373.13
+
+
 @pytest.mark.parametrize("spacing, message", [([1.0, 1.0], r"\[3\] or \[B, 3\]"), ([1.0, 0.0, 1.0], "positive"),
                                               ([1.0, float("nan"), 1.0], "positive")])
 def test_a_spacing_that_does_not_fit_is_refused(spacing, message):
