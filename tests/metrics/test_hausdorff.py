@@ -179,7 +179,7 @@ def test_the_accumulator_needs_hd95_exactly_when_it_records_it():
         SubsetDiceAccumulator(hd95=True).update(["c1"], 0, [[1.0, 1.0, 1.0]])
     with pytest.raises(ValueError, match="build it with hd95=True"):
         SubsetDiceAccumulator().update(["c1"], 0, [[1.0, 1.0, 1.0]], hd95=[[0.0, 0.0, 0.0]])
-    with pytest.raises(ValueError, match="spacing"):
+    with pytest.raises(ValueError, match=r"HD95 is in millimetres: pass the evaluated grid.s voxel size as spacing"):
         SubsetDiceAccumulator(hd95=True).update_from_logits(["c1"], {0: torch.zeros(1, 3, 4, 4, 4)},
                                                             torch.zeros(1, 3, 4, 4, 4))
 
