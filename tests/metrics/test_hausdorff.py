@@ -214,3 +214,55 @@ def test_hd95_without_scipy_is_refused_naming_the_fix(monkeypatch):
     with pytest.raises(ValueError, match=r"--hd95 true needs scipy.*pip install scipy.*leave --hd95 false"):
         check_hd95("true")
     assert check_hd95("false") is False  # off: nothing to compute, nothing needed
+
+
+def _write_case(root, seg, affine) -> None:
+    """A BraTS 2018-named case on ``affine``'s grid: four distinct sequences positive on a box (0 around it, so
+    the foreground crop removes a margin) and the label map ``seg``."""
+    import nibabel as nib
+
+    folder = root / "Case_001"
+    folder.mkdir(parents=True)
+    head = np.zeros(seg.shape, np.float32)
+    head[3:27, 4:36, 2:22] = np.random.default_rng(0).random((24, 32, 20), dtype=np.float32) + 1.0
+    for i, name in enumerate(("flair", "t1", "t1ce", "t2", "seg")):
+        data = seg if name == "seg" else head * (1.0 + 0.1 * i)
+        img = nib.Nifti1Image(data, affine)
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+        nib.save(img, str(folder / f"Case_001_{name}.nii.gz"))
+
+
+def test_the_evaluated_grid_measures_as_the_file_grid_after_reorientation_and_crop(tmp_path):
+    # a file whose array axes run along world z (2.5 mm, flipped), x (0.8 mm) and y (1.7 mm, flipped): the bundle's
+    # preprocessing reorders them to RAS and crops the margin; the HD95 on that grid, with the voxel size the
+    # evaluator reads from the label, is MONAI's distance of the same masks on the file's own grid
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    from app.data import discover_cases
+    from tests.bundles.helpers import TRAIN
+
+    affine = np.zeros((4, 4))
+    affine[2, 0], affine[0, 1], affine[1, 2], affine[3, 3] = -2.5, 0.8, -1.7, 1.0
+    affine[:3, 3] = [5.0, 7.0, 9.0]
+    ref, pred = np.zeros((30, 40, 24), np.uint8), np.zeros((30, 40, 24), np.uint8)
+    ref[8:16, 10:20, 6:12], ref[10:14, 12:18, 7:10], ref[11:13, 13:16, 8:9] = 2, 4, 1
+    pred[10:19, 8:22, 5:14], pred[12:15, 13:19, 8:12], pred[12:14, 14:16, 9:10] = 2, 4, 1
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    prep = Compose(parser.get_parsed_content("preprocessing"))
+    labels = []
+    for name, seg in (("ref", ref), ("pred", pred)):
+        _write_case(tmp_path / name, seg, affine)
+        labels.append(prep(discover_cases(tmp_path / name)[0])["label"][None])
+    label, predicted = labels
+    assert label.shape[2:] == (32, 20, 24)  # reoriented (x, y, z) and cropped
+    spacing = SubsetEvaluator.voxel_spacing(label, ["Case_001"])
+    assert spacing.tolist() == [pytest.approx([0.8, 1.7, 2.5])]
+    expected = []
+    for p, t in zip(*(np.stack([s > 0, (s == 1) | (s == 4), s == 4]) for s in (pred, ref))):
+        expected.append(compute_hausdorff_distance(torch.from_numpy(p)[None, None], torch.from_numpy(t)[None, None],
+                                                   include_background=True, percentile=95, spacing=[2.5, 0.8, 1.7]))
+    assert len({round(float(v), 3) for v in expected}) > 1
+    assert hd95(predicted, label, spacing)[0].tolist() == pytest.approx([float(v) for v in expected], abs=1e-4)
