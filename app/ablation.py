@@ -260,13 +260,14 @@ def _option(args: Sequence[str], key: str) -> str | None:
 
 
 def _without(args: Sequence[str], key: str) -> list[str]:
-    """``args`` less every ``--key value`` / ``--key=value`` pair."""
+    """``args`` less every ``--key value`` / ``--key=value`` pair, and a bare ``--key`` (a flag: the next
+    argument is another option, or there is none), whose next option is kept."""
     out, skip = [], False
     for i, arg in enumerate(args):
         if skip:
             skip = False
         elif arg == f"--{key}":
-            skip = i + 1 < len(args)
+            skip = i + 1 < len(args) and not args[i + 1].startswith("--")
         elif not arg.startswith(f"--{key}="):
             out.append(arg)
     return out
@@ -284,6 +285,11 @@ def _hd95_option(args: Sequence[str], layout: BundleLayout) -> bool:
             segmentation bundle (sentiment reports have no distances).
     """
     value = _option(args, "hd95")
+    # a bare --hd95 (last, or before another option) is true on the bundle's command line (MONAI reads a flag
+    # without a value as true): it scores HD95 here too, instead of being dropped with the evaluations left without
+    last = max((i for i, arg in enumerate(args) if arg == "--hd95" or arg.startswith("--hd95=")), default=None)
+    if last is not None and args[last] == "--hd95" and (last + 1 == len(args) or args[last + 1].startswith("--")):
+        value = "true"
     if value is None:
         return False
     if layout is not SEGMENTATION:

@@ -747,3 +747,22 @@ def test_hd95_is_refused_for_a_sentiment_bundle_before_anything_trains(tmp_path)
                   "--output_dir", str(out), "--data_path", str(npz), "--hd95", "true")
     assert bad.returncode == 1 and "HD95 is a distance between segmentations" in bad.stderr, bad.stderr[-2000:]
     assert not out.exists()
+
+
+
+@pytest.mark.parametrize("args, hd95, passed_on", [
+    (["--dataset_dir", "d", "--hd95"], True, ["--dataset_dir", "d"]),  # a bare flag, last
+    (["--hd95", "--num_workers", "0"], True, ["--num_workers", "0"]),  # a bare flag before another option
+    (["--hd95", "true", "--num_workers", "0"], True, ["--num_workers", "0"]),
+    (["--hd95=false"], False, []),
+    (["--hd95", "true", "--hd95", "false"], False, []),  # the last one wins, as on the bundle's command line
+    (["--hd95", "false", "--hd95"], True, []),
+    (["--num_workers", "0"], False, ["--num_workers", "0"]),
+])
+def test_a_bare_hd95_flag_scores_hd95_as_the_bundle_reads_it(args, hd95, passed_on):
+    # monai.bundle run reads a flag without a value as true: the evaluation scores HD95 with a bare --hd95, which
+    # the ablation dropped from both commands, its evaluations then scored without HD95 and no word said
+    from app.ablation import SEGMENTATION, _hd95_option, _without
+
+    assert _hd95_option(args, SEGMENTATION) is hd95
+    assert _without(args, "hd95") == passed_on  # to the bundle commands: every --hd95 gone, the other options kept

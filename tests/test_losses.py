@@ -68,3 +68,16 @@ def test_without_sigmoid_the_loss_is_monais():
     target = torch.randint(0, 3, (2, 1, 4, 4, 4))
     ours = DiceCELoss(softmax=True, to_onehot_y=True)(logits, target)
     assert float(ours) == pytest.approx(float(MonaiDiceCELoss(softmax=True, to_onehot_y=True)(logits, target)))
+
+
+def test_the_reduction_and_a_boolean_label_are_honoured():
+    # reduction="sum" sums the cross-entropy as MONAI's single-channel BCE does; the region masks the bundle caches as
+    # bool give the loss of their float values
+    torch.manual_seed(2)
+    logits = torch.randn(2, 3, 4, 3, 2)
+    target = torch.rand(2, 3, 4, 3, 2) > 0.5
+    summed = DiceCELoss(sigmoid=True, reduction="sum", lambda_dice=0.5)
+    dice = DiceLoss(sigmoid=True, reduction="sum")(logits, target.float())
+    expected = 0.5 * float(dice) + float(F.binary_cross_entropy_with_logits(logits, target.float(), reduction="sum"))
+    assert float(summed(logits, target.float())) == pytest.approx(expected, rel=1e-6)
+    assert float(summed(logits, target)) == pytest.approx(expected, rel=1e-6)

@@ -3,6 +3,8 @@ subsets each case is scored on."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from monai.inferers import SlidingWindowInferer
@@ -220,3 +222,30 @@ def test_hd95_of_each_subset_is_in_mm_on_the_label_grid_and_only_when_asked(net)
         expected.append(row)
     assert len({v for row in expected for v in row}) > 3  # distances, not only the empty-mask values
     torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-5)
+
+
+def test_hd95_counts_reference_tumour_the_foreground_crop_removed(net):
+    """A region whose reference lies outside the crop (``label_voxels`` above the voxels kept) is not empty: its HD95
+    is the BraTS penalty whatever the subset predicts, as its Dice is that of a missed region, never the 0 mm of two
+    empty masks."""
+    from monai.data import MetaTensor
+
+    torch.manual_seed(5)
+    image = torch.randn(1, 4, 8, 8, 8)
+    label = torch.zeros(1, 3, 8, 8, 8)
+    label[0, 0, 2:6, 2:6, 2:6] = 1
+    label[0, 1, 3:5, 3:5, 3:5] = 1  # ET (channel 2): no voxel inside the crop, 5 outside it
+    kept = label.flatten(2).sum(2).long()
+    data = [{"image": image, "label": MetaTensor(label, affine=torch.eye(4)[None]),
+             "label_voxels": kept + torch.tensor([[0, 0, 5]]), "modality_mask": torch.ones(1, 4, dtype=torch.bool),
+             "case": ["a"]}]
+    inferer = SlidingWindowInferer(roi_size=(8, 8, 8), sw_batch_size=1)
+    with torch.no_grad():  # the ET logits pushed down: every subset predicts no ET, as a model that missed it
+        net_without_et = copy.deepcopy(net)
+        last = [m for m in net_without_et.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+        last.bias[2] = -1e4
+    evaluator = SubsetEvaluator(device=torch.device("cpu"), val_data_loader=data, network=net_without_et,
+                                inferer=inferer, hd95=True)
+    evaluator.run()
+    assert (evaluator.state.output["subset_dice"][0, :, 2] == 0).all()  # missed: Dice 0, not the 1 of empty masks
+    assert evaluator.state.output["subset_hd95"][0, :, 2].tolist() == [373.13] * 15

@@ -98,6 +98,26 @@ def test_from_logits_scores_the_dice_masks():
         hd95_from_logits(logits, b, [1.0, 1.0, 1.0], threshold=1.0)
 
 
+def test_from_logits_thresholds_as_the_dice_does():
+    # the masks are sigmoid(logits) > threshold, compared in logit space as dice_from_logits does: a voxel at
+    # exactly 0.5 is not foreground, and a higher threshold drops the voxels below it
+    from app.metrics.dice import dice_from_logits
+
+    a, b = _cube((10, 10, 10), (1, 1, 1)), _cube((10, 10, 10), (6, 1, 1))
+    logits = torch.where(a, 1.0, -4.0)  # sigmoid(1) = 0.73
+    logits[0, 0, 1:4, 7:10, 7:10] = 0.0  # a second cube at exactly 0.5, which would move the HD95 to 9.27 mm
+    assert hd95_from_logits(logits, b, [1.0, 1.0, 1.0]).item() == pytest.approx(5.0, abs=1e-5)
+    # above 0.73 nothing is predicted: the penalty, where the Dice is 0
+    assert hd95_from_logits(logits, b, [1.0, 1.0, 1.0], threshold=0.8).item() == 373.13
+    assert dice_from_logits(logits, b, threshold=0.8).item() == 0.0
+    # the key metric passes its threshold on
+    metric = SubsetMeanDice(hd95=True, threshold=0.8)
+    metric.update({"case": ["c1"], "subset_logits": {0: logits.expand(1, 3, 10, 10, 10)},
+                   "label": b.expand(1, 3, 10, 10, 10).float(), "spacing": [[1.0, 1.0, 1.0]]})
+    metric.compute()
+    assert metric.last_result["subsets"]["flair"]["HD95_WT"] == 373.13
+
+
 @pytest.mark.parametrize("spacing, message", [([1.0, 1.0], r"\[3\] or \[B, 3\]"), ([1.0, 0.0, 1.0], "positive"),
                                               ([1.0, float("nan"), 1.0], "positive")])
 def test_a_spacing_that_does_not_fit_is_refused(spacing, message):
@@ -159,7 +179,7 @@ def test_the_accumulator_needs_hd95_exactly_when_it_records_it():
         SubsetDiceAccumulator(hd95=True).update(["c1"], 0, [[1.0, 1.0, 1.0]])
     with pytest.raises(ValueError, match="build it with hd95=True"):
         SubsetDiceAccumulator().update(["c1"], 0, [[1.0, 1.0, 1.0]], hd95=[[0.0, 0.0, 0.0]])
-    with pytest.raises(ValueError, match="spacing"):
+    with pytest.raises(ValueError, match=r"HD95 is in millimetres: pass the evaluated grid.s voxel size as spacing"):
         SubsetDiceAccumulator(hd95=True).update_from_logits(["c1"], {0: torch.zeros(1, 3, 4, 4, 4)},
                                                             torch.zeros(1, 3, 4, 4, 4))
 
@@ -194,3 +214,55 @@ def test_hd95_without_scipy_is_refused_naming_the_fix(monkeypatch):
     with pytest.raises(ValueError, match=r"--hd95 true needs scipy.*pip install scipy.*leave --hd95 false"):
         check_hd95("true")
     assert check_hd95("false") is False  # off: nothing to compute, nothing needed
+
+
+def _write_case(root, seg, affine) -> None:
+    """A BraTS 2018-named case on ``affine``'s grid: four distinct sequences positive on a box (0 around it, so
+    the foreground crop removes a margin) and the label map ``seg``."""
+    import nibabel as nib
+
+    folder = root / "Case_001"
+    folder.mkdir(parents=True)
+    head = np.zeros(seg.shape, np.float32)
+    head[3:27, 4:36, 2:22] = np.random.default_rng(0).random((24, 32, 20), dtype=np.float32) + 1.0
+    for i, name in enumerate(("flair", "t1", "t1ce", "t2", "seg")):
+        data = seg if name == "seg" else head * (1.0 + 0.1 * i)
+        img = nib.Nifti1Image(data, affine)
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+        nib.save(img, str(folder / f"Case_001_{name}.nii.gz"))
+
+
+def test_the_evaluated_grid_measures_as_the_file_grid_after_reorientation_and_crop(tmp_path):
+    # a file whose array axes run along world z (2.5 mm, flipped), x (0.8 mm) and y (1.7 mm, flipped): the bundle's
+    # preprocessing reorders them to RAS and crops the margin; the HD95 on that grid, with the voxel size the
+    # evaluator reads from the label, is MONAI's distance of the same masks on the file's own grid
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    from app.data import discover_cases
+    from tests.bundles.helpers import TRAIN
+
+    affine = np.zeros((4, 4))
+    affine[2, 0], affine[0, 1], affine[1, 2], affine[3, 3] = -2.5, 0.8, -1.7, 1.0
+    affine[:3, 3] = [5.0, 7.0, 9.0]
+    ref, pred = np.zeros((30, 40, 24), np.uint8), np.zeros((30, 40, 24), np.uint8)
+    ref[8:16, 10:20, 6:12], ref[10:14, 12:18, 7:10], ref[11:13, 13:16, 8:9] = 2, 4, 1
+    pred[10:19, 8:22, 5:14], pred[12:15, 13:19, 8:12], pred[12:14, 14:16, 9:10] = 2, 4, 1
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    prep = Compose(parser.get_parsed_content("preprocessing"))
+    labels = []
+    for name, seg in (("ref", ref), ("pred", pred)):
+        _write_case(tmp_path / name, seg, affine)
+        labels.append(prep(discover_cases(tmp_path / name)[0])["label"][None])
+    label, predicted = labels
+    assert label.shape[2:] == (32, 20, 24)  # reoriented (x, y, z) and cropped
+    spacing = SubsetEvaluator.voxel_spacing(label, ["Case_001"])
+    assert spacing.tolist() == [pytest.approx([0.8, 1.7, 2.5])]
+    expected = []
+    for p, t in zip(*(np.stack([s > 0, (s == 1) | (s == 4), s == 4]) for s in (pred, ref))):
+        expected.append(compute_hausdorff_distance(torch.from_numpy(p)[None, None], torch.from_numpy(t)[None, None],
+                                                   include_background=True, percentile=95, spacing=[2.5, 0.8, 1.7]))
+    assert len({round(float(v), 3) for v in expected}) > 1
+    assert hd95(predicted, label, spacing)[0].tolist() == pytest.approx([float(v) for v in expected], abs=1e-4)

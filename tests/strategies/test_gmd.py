@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -53,6 +55,28 @@ def test_a_numerically_zero_gradient_counts_as_no_conflict():
     assert stats["conflicts_before"] == 0 and stats["weights"] == pytest.approx([1 / 3] * 3)
     # a real conflict still counts
     assert count_conflicts(gram_cosine(torch.tensor([[1.0, -0.5], [-0.5, 1.0]], dtype=torch.float64))) == 1
+
+
+
+@pytest.mark.parametrize("ratio, live", [(1e-18, True), (1e-22, False)])
+def test_a_gradient_is_zero_at_1e_20_of_the_largest_squared_norm(ratio, live):
+    # the documented floor: |G_j|^2 at most 1e-20 |G_max|^2 has no direction (not projected on, cosines 0); above it
+    # the projection of eq. 8 is exact however small G_j is: G_0 = (1, 0) loses its component along G_1 ~ (-1, 1)
+    t = math.sqrt(ratio / 2)
+    g = torch.tensor([[1.0, 0.0], [-t, t]], dtype=torch.float64)
+    gram = g @ g.T
+    decoupled = decouple_coefficients(gram, [[1], [0]])[0] @ g
+    assert decoupled.tolist() == pytest.approx([0.5, 0.5] if live else [1.0, 0.0], rel=1e-9)
+    assert float(gram_cosine(gram)[0, 1]) == pytest.approx(-math.sqrt(0.5) if live else 0.0, rel=1e-9)
+
+
+@pytest.mark.parametrize("ratio, conflicts", [(1e-9, 1), (1e-14, 0)])
+def test_a_decoupled_gradient_is_zero_at_1e_12_of_the_largest_original_one(ratio, conflicts):
+    # after decoupling the floor is 1e-12 |G_max|^2 (float64 rounding of A K A^T): a decoupled gradient above it
+    # still has a direction, and its conflict is recorded
+    a = math.sqrt(ratio / 2)
+    stats = gmd_statistics(torch.eye(2, dtype=torch.float64), torch.tensor([[1.0, 0.0], [-a, a]], dtype=torch.float64))
+    assert stats["conflicts_after"] == conflicts
 
 
 @pytest.mark.parametrize("scale", [1e-6, 1e-11, 1e-14])
