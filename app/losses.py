@@ -20,7 +20,9 @@ __all__ = ["DiceCELoss"]
 
 class DiceCELoss(_MonaiDiceCELoss):
     """MONAI's ``DiceCELoss`` (same arguments), whose cross-entropy term with ``sigmoid=True`` is the mean
-    binary cross-entropy of each channel's sigmoid, whatever the number of channels.
+    binary cross-entropy of each channel's sigmoid, whatever the number of channels, for a target of the
+    logits' shape (one mask per channel, as the bundles give). A class-index target (``to_onehot_y=True``) gets
+    MONAI's loss unchanged.
 
     With ``sigmoid=True`` the loss is ``lambda_dice * Dice + lambda_ce * mean(BCE(sigmoid(x_c), y_c))``, the
     mean taken over samples, channels and voxels; ``weight`` (one value per channel) is then the positive
