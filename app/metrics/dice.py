@@ -12,7 +12,7 @@ import math
 
 import torch
 
-__all__ = ["hard_dice", "dice_from_logits"]
+__all__ = ["hard_dice", "dice_from_logits", "logit_masks"]
 
 
 def hard_dice(pred: torch.Tensor, target: torch.Tensor, missed: torch.Tensor | None = None) -> torch.Tensor:
@@ -58,14 +58,24 @@ def hard_dice(pred: torch.Tensor, target: torch.Tensor, missed: torch.Tensor | N
     return torch.where(both_empty, torch.ones_like(dice), dice)
 
 
+def logit_masks(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """The boolean masks ``sigmoid(logits) > threshold``, compared in logit space.
+
+    ``logits > log(t / (1 - t))`` (``logits > 0`` for the default 0.5) is mathematically identical but immune
+    to ``sigmoid`` rounding small logits to exactly 0.5 in float32/float16.
+
+    Raises:
+        ValueError: ``threshold`` is not in ``(0, 1)``.
+    """
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}.")
+    return logits > math.log(threshold / (1.0 - threshold))
+
+
 def dice_from_logits(
     logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5, missed: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """:func:`hard_dice` of ``sigmoid(logits) > threshold`` against ``target``.
-
-    The comparison is done in logit space (``logits > log(t / (1 - t))``, i.e. ``logits > 0`` for
-    the default 0.5), which is mathematically identical but immune to ``sigmoid`` rounding small
-    logits to exactly 0.5 in float32/float16.
+    """:func:`hard_dice` of ``sigmoid(logits) > threshold`` against ``target`` (masks from :func:`logit_masks`).
 
     Args:
         logits: raw network outputs ``[B, C, *spatial]`` (one independent sigmoid per channel).
@@ -79,7 +89,4 @@ def dice_from_logits(
     Raises:
         ValueError: ``threshold`` is not in ``(0, 1)``, or as :func:`hard_dice`.
     """
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}.")
-    logit_threshold = math.log(threshold / (1.0 - threshold))
-    return hard_dice(logits > logit_threshold, target, missed)
+    return hard_dice(logit_masks(logits, threshold), target, missed)

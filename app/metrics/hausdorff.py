@@ -23,6 +23,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from app.metrics.dice import logit_masks
+
 __all__ = ["BRATS_HD95_PENALTY", "HD95_PERCENTILE", "affine_spacing", "check_hd95", "hd95", "hd95_from_logits"]
 
 #: HD95 (mm) of a region that is empty in exactly one of prediction and reference: the diagonal of the
@@ -158,7 +160,9 @@ def hd95_from_logits(
     missed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`hd95` of ``sigmoid(logits) > threshold``: the masks :func:`~app.metrics.dice.dice_from_logits`
-    scores (compared in logit space, as there)."""
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}.")
-    return hd95(logits > math.log(threshold / (1.0 - threshold)), target, spacing, empty_penalty, missed)
+    scores (:func:`~app.metrics.dice.logit_masks`).
+
+    Raises:
+        ValueError: ``threshold`` is not in ``(0, 1)``, or as :func:`hd95`.
+    """
+    return hd95(logit_masks(logits, threshold), target, spacing, empty_penalty, missed)
