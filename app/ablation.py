@@ -51,10 +51,12 @@ import yaml
 from app.atomic import atomic_write_text, check_writable_folder, locked_folder
 from app.data.errors import check_regular_file
 from app.flags import check_counts
+from app.metrics.hausdorff import check_hd95
 from app.reports.ablation import (
     ablation_table, format_ablation_markdown, format_seed_markdown, seed_table, write_ablation_report,
     write_seed_report,
 )
+from app.reports.subset_report import HD95_METRICS
 from app.strategies import STRATEGIES
 
 __all__ = ["HD95_METRICS", "BundleLayout", "bundle_layout", "parse_strategies", "run_ablation", "run_ablation_seeds", "main"]
@@ -81,11 +83,9 @@ SENTIMENT = BundleLayout("sentiment", "subset_metrics.json", ("Acc2", "MAE", "F1
 SENTIMENT_CLASSIFICATION_METRICS: tuple[str, ...] = ("Acc", "F1")
 #: Every metric of each bundle family's report (sentiment: regression), which ``--metrics`` may choose.
 REPORT_METRICS: dict[str, tuple[str, ...]] = {
-    "segmentation": ("mean", "WT", "TC", "ET", "HD95_WT", "HD95_TC", "HD95_ET"),
+    "segmentation": ("mean", "WT", "TC", "ET", *HD95_METRICS),
     "sentiment": ("Acc2", "Acc2_has0", "F1", "Acc7", "MAE", "Corr"),
 }
-#: The segmentation report's HD95 columns, there only when the evaluations ran with ``--hd95 true``.
-HD95_METRICS: tuple[str, ...] = ("HD95_WT", "HD95_TC", "HD95_ET")
 
 
 def _configs(bundle: Path) -> tuple[Path, Path]:
@@ -295,8 +295,6 @@ def _hd95_option(args: Sequence[str], layout: BundleLayout) -> bool:
     if layout is not SEGMENTATION:
         raise ValueError(f"--hd95 {value}: HD95 is a distance between segmentations; this bundle is {layout.kind}. "
                          "Leave --hd95 out.")
-    from app.metrics.hausdorff import check_hd95  # imports monai: only for a command that asks for HD95
-
     return check_hd95(value)
 
 

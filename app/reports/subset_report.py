@@ -25,14 +25,17 @@ from app.atomic import atomic_write_bytes, atomic_write_text, replace_file_set
 
 __all__ = [
     "write_subset_report", "format_table", "strict_json", "atomic_write_bytes", "atomic_write_text", "MEAN_ROW",
-    "LOWER_IS_BETTER",
+    "LOWER_IS_BETTER", "HD95_METRICS",
 ]
 
 #: Name of the summary row appended after the per-subset rows.
 MEAN_ROW = "mean_over_subsets"
+#: The segmentation report's HD95 columns (``app.metrics.hd95_key`` of WT, TC and ET), there only when the
+#: evaluation ran with ``--hd95 true``.
+HD95_METRICS: tuple[str, ...] = ("HD95_WT", "HD95_TC", "HD95_ET")
 #: Metrics for which a lower value is better (their heatmap colours are reversed): errors and distances.
 # a superset of app.metrics.sentiment_metric.LOWER_IS_BETTER, not imported from there: the reports import no torch
-LOWER_IS_BETTER = frozenset({"MAE", "HD95_WT", "HD95_TC", "HD95_ET"})
+LOWER_IS_BETTER = frozenset({"MAE", *HD95_METRICS})
 _COUNT_KEYS = ("n_cases", "n")
 
 
