@@ -264,10 +264,8 @@ class SubsetEvaluator(SupervisedEvaluator):
         if affine is None:
             raise ValueError(f"Case {cases[0]}: the label has no affine, so HD95 cannot be measured in mm: load the "
                              "cases with the bundle's preprocessing (LoadCased keeps each file's header).")
-        affine = torch.as_tensor(affine.as_subclass(torch.Tensor) if isinstance(affine, torch.Tensor) else affine)
-        if affine.ndim == 2:  # one affine for the whole batch
-            affine = affine.expand(targets.shape[0], 4, 4)
-        return affine_spacing(affine)
+        spacing = affine_spacing(affine)
+        return spacing.expand(targets.shape[0], 3) if spacing.ndim == 1 else spacing  # one affine for the batch
 
     def unpack(self, batchdata: dict[str, Any] | None) -> tuple[Any, torch.Tensor, torch.Tensor, list[str]]:
         """``(inputs, targets, modality_mask, case_ids)`` of a batch, on the engine's device."""
