@@ -156,7 +156,30 @@ def format_table(
 
 
 def _heatmap_png(result: Mapping[str, Any], metrics: Sequence[str], title: str, digits: int) -> bytes | None:
-    """PNG bytes of a subsets x metrics heatmap, or ``None`` when matplotlib is unavailable."""
+    """PNG bytes of :func:`_heatmap_figure`, or ``None`` when matplotlib is unavailable."""
+    fig = _heatmap_figure(result, metrics, title, digits)
+    if fig is None:
+        return None
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _column_label(result: Mapping[str, Any], metric: str) -> str:
+    """A heatmap column's heading: the metric, with its unit for a distance (the PNG has no note that says it)."""
+    if metric in HD95_METRICS:
+        return f"{metric}\n({(result.get('hd95') or {}).get('unit', 'mm')})"
+    return metric
+
+
+def _heatmap_figure(result: Mapping[str, Any], metrics: Sequence[str], title: str, digits: int) -> Any:
+    """A matplotlib ``Figure`` of the subsets x metrics heatmap, or ``None`` when matplotlib is unavailable.
+
+    Rows are the subsets in :func:`app.subsets.all_subsets` order, those without a case included (grey,
+    marked ``no case``, as the CSV lists them), then the mean row. A column of a higher-is-better score whose
+    values all lie in [0, 1] (Dice, accuracies) is coloured on that absolute scale, shown by the colour bar;
+    any other column (HD95, MAE, a negative correlation) is scaled on its own, best = high colour.
+    """
     # optional dependency, imported only here (the optional_import pattern, without importing monai,
     # so that summarising a JSON result needs neither torch nor matplotlib)
     try:
@@ -164,32 +187,34 @@ def _heatmap_png(result: Mapping[str, Any], metrics: Sequence[str], title: str, 
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        warnings.warn("matplotlib is not installed: the subset report heatmap (PNG) is skipped.", stacklevel=3)
+        warnings.warn("matplotlib is not installed: the subset report heatmap (PNG) is skipped.", stacklevel=4)
         return None
 
-    row_names = [*result["subsets"], MEAN_ROW]
+    unscored = [name for name in result.get("subsets_without_cases") or [] if name not in result["subsets"]]
+    position = _subset_position([*result["subsets"], *unscored])
+    subsets = sorted([*result["subsets"], *unscored], key=position)
+    row_names = [*subsets, MEAN_ROW]
+    nan_row = [math.nan] * len(metrics)
     values = np.array(
-        [[float(result["subsets"][n][m]) for m in metrics] for n in result["subsets"]]
+        [[float(result["subsets"][n][m]) for m in metrics] if n in result["subsets"] else nan_row for n in subsets]
         + [[float(result["mean_over_subsets"][m]) for m in metrics]],
         dtype=np.float64,
     )
-    finite = values[np.isfinite(values)]
-    shared_scale = (
-        finite.size > 0 and finite.min() >= 0.0 and finite.max() <= 1.0 and not LOWER_IS_BETTER & set(metrics)
-    )
-    if shared_scale:
-        # Dice-like metrics in [0, 1]: one absolute scale, so colours compare across columns
-        colours = values
-    else:
-        # mixed ranges (e.g. MAE, Corr): scale each column on its own, best = high colour
-        colours = np.full_like(values, 0.5)
-        for j, metric in enumerate(metrics):
-            col = values[:, j]
-            ok = np.isfinite(col)
-            if ok.any() and np.ptp(col[ok]) > 0:
-                colours[ok, j] = (col[ok] - col[ok].min()) / np.ptp(col[ok])
-            if metric in LOWER_IS_BETTER:
-                colours[:, j] = 1.0 - colours[:, j]
+    colours = np.full_like(values, 0.5)
+    per_column = []
+    for j, metric in enumerate(metrics):
+        col = values[:, j]
+        ok = np.isfinite(col)
+        if metric not in LOWER_IS_BETTER and ok.any() and col[ok].min() >= 0.0 and col[ok].max() <= 1.0:
+            # a score in [0, 1]: one absolute scale, so that a Dice of 0.06 is not coloured as good because
+            # the other subsets' are 0.05 (the HD95 columns beside it used to put every column on its own scale)
+            colours[:, j] = col
+            continue
+        per_column.append(metric)
+        if ok.any() and np.ptp(col[ok]) > 0:
+            colours[ok, j] = (col[ok] - col[ok].min()) / np.ptp(col[ok])
+        if metric in LOWER_IS_BETTER:
+            colours[:, j] = 1.0 - colours[:, j]
     colours = np.ma.masked_invalid(np.where(np.isfinite(values), colours, np.nan))
 
     # figure is created through the Agg canvas directly (not pyplot), so no global backend state
@@ -204,19 +229,21 @@ def _heatmap_png(result: Mapping[str, Any], metrics: Sequence[str], title: str, 
             # white text on the dark ends of the colour map, black elsewhere
             dark = not np.ma.is_masked(colours[i, j]) and not 0.15 <= colours[i, j] <= 0.85
             color = "white" if dark else "black"
-            label = _fmt(values[i, j], digits)
+            label = "no case" if row_names[i] in unscored else _fmt(values[i, j], digits)
             ax.text(j, i, label, ha="center", va="center", fontsize=8, fontweight=weight, color=color)
     ax.axhline(len(row_names) - 1.5, color="black", linewidth=1.5)
-    ax.set_xticks(range(len(metrics)), labels=list(metrics))
+    ax.set_xticks(range(len(metrics)), labels=[_column_label(result, m) for m in metrics])
     ax.set_yticks(range(len(row_names)), labels=row_names, fontsize=8)
     ax.xaxis.tick_top()
-    ax.set_title(title if shared_scale else f"{title}\n(colours scaled per column)", fontsize=10)
-    if shared_scale:
+    if len(per_column) == len(metrics):
+        title = f"{title}\n(colours scaled per column)"
+    elif per_column:
+        title = f"{title}\n(colours of {', '.join(per_column)} scaled per column, green = better)"
+    ax.set_title(title, fontsize=10)
+    if len(per_column) < len(metrics):
         fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return fig
 
 
 def write_subset_report(
@@ -236,10 +263,11 @@ def write_subset_report(
       metrics and a count of 0 per subset without cases, then a ``mean_over_subsets`` row (over the
       scored subsets) with an empty count; floats at full precision.
     - Markdown: a title, :func:`format_table` and a line naming the worst subset.
-    - PNG: heatmap of subsets x metrics with annotated values and the mean row last. Colours share
-      one [0, 1] scale when every value is in [0, 1] (Dice, accuracies), otherwise each column is
-      scaled on its own with lower-is-better metrics (MAE) reversed. Skipped when ``plot`` is False,
-      and with a warning when matplotlib is not installed.
+    - PNG: heatmap of subsets x metrics with annotated values, a grey ``no case`` row per subset without
+      cases and the mean row last. A higher-is-better column whose values are all in [0, 1] (Dice,
+      accuracies) is coloured on that absolute scale (the colour bar); any other column (HD95, headed with
+      its unit, or MAE) is scaled on its own, lower-is-better metrics reversed, and the title names those
+      columns. Skipped when ``plot`` is False, and with a warning when matplotlib is not installed.
 
     The files replace those of an earlier report in ``out_dir`` as one set
     (:func:`app.atomic.replace_file_set`): all are written to temporary files first, so an error (a full

@@ -177,17 +177,64 @@ def test_the_markdown_file_uses_the_digits_asked_for(tmp_path: Path):
 
 
 def test_heatmap_colours_put_the_best_value_of_every_column_high(tmp_path: Path, monkeypatch):
-    """Per-column scaling (MAE is not in [0, 1]): best = 1, worst = 0; for MAE lower is better."""
+    """Per-column scaling (Corr is negative, MAE lower is better): best = 1, worst = 0."""
     pytest.importorskip("matplotlib")
     from matplotlib.axes import Axes
 
     shown = []
     real = Axes.imshow
     monkeypatch.setattr(Axes, "imshow", lambda self, x, *a, **k: (shown.append(x), real(self, x, *a, **k))[1])
-    # b is better in both: Acc2 0.8 > 0.6, MAE 0.5 < 1.0; the mean row lies halfway
-    write_subset_report(_two_subsets(Acc2=(0.6, 0.8, 0.7), MAE=(1.0, 0.5, 0.75)), tmp_path, metrics=("Acc2", "MAE"))
+    # b is better in both: Corr 0.4 > -0.2, MAE 0.5 < 1.0; the mean row lies halfway
+    write_subset_report(_two_subsets(Corr=(-0.2, 0.4, 0.1), MAE=(1.0, 0.5, 0.75)), tmp_path, metrics=("Corr", "MAE"))
     (colours,) = shown
     assert colours.ravel().tolist() == pytest.approx([0.0, 0.0, 1.0, 1.0, 0.5, 0.5])
+
+
+def _drawn_figures(monkeypatch) -> list:
+    """The figures the report saves, kept for their axes and texts."""
+    from matplotlib.figure import Figure
+
+    figures = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figures.append(self), real(self, *a, **k))[1])
+    return figures
+
+
+def test_heatmap_keeps_the_dice_on_its_absolute_scale_beside_hd95_and_names_the_unit(tmp_path: Path, monkeypatch):
+    """With --hd95 true every column was scaled on its own, so a Dice of 0.06 among Dice of 0.05 was dark
+    green, as good as the PNG can show; and the HD95 columns gave no unit (the Markdown's note is not in the
+    PNG). The Dice columns keep the absolute [0, 1] scale (with its colour bar), the HD95 ones say mm."""
+    pytest.importorskip("matplotlib")
+    result = _two_subsets(WT=(0.05, 0.06, 0.055), HD95_WT=(90.0, 100.0, 95.0))
+    result["hd95"] = {"percentile": 95, "unit": "mm", "both_empty": 0.0, "one_empty": 373.13}
+    figures = _drawn_figures(monkeypatch)
+    write_subset_report(result, tmp_path, metrics=("WT", "HD95_WT"))
+    (fig,) = figures
+    ax = fig.axes[0]
+    colours = ax.get_images()[0].get_array()
+    assert colours[:, 0].tolist() == pytest.approx([0.05, 0.06, 0.055])  # the Dice as it is, not 0 / 1 / 0.5
+    assert colours[:, 1].tolist() == pytest.approx([1.0, 0.0, 0.5])  # HD95: lower is better, on its own scale
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["WT", "HD95_WT\n(mm)"]
+    assert "HD95_WT scaled per column" in ax.get_title() and len(fig.axes) == 2  # the colour bar of the Dice
+
+
+def test_heatmap_shows_the_subsets_without_cases_as_such(tmp_path: Path, monkeypatch):
+    """A run whose cases all lack T1ce drew 7 rows and a mean row, nothing saying that 8 subsets are not in
+    that mean: the PNG, read alone (a figure in a paper), passed for the whole report. They are rows now, in
+    subset order as in the CSV, grey and marked "no case", not 0."""
+    pytest.importorskip("matplotlib")
+    result = _dice_result()
+    missing = [name for name in result["subsets"] if "t1ce" in name]
+    for name in missing:
+        del result["subsets"][name]
+    result["subsets_without_cases"] = missing
+    figures = _drawn_figures(monkeypatch)
+    write_subset_report(result, tmp_path)
+    ax = figures[0].axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [*_dice_result()["subsets"], MEAN_ROW]
+    row = [t.get_text() for t in ax.texts if t.get_position()[1] == 2]  # t1ce, the third row
+    assert row == ["no case"] * 4
+    assert all(bool(m) for m in ax.get_images()[0].get_array().mask[2])  # grey (masked), not a colour of 0
 
 
 def test_the_reports_and_the_key_metric_agree_on_which_metrics_are_better_lower():
