@@ -109,6 +109,30 @@ def gradient_space(records: list[dict]) -> str:
     return "per-sequence trunk outputs" if first.get("strategy") == "gmd_approx" else "shared parameters"
 
 
+def _integer_ticks(ax) -> None:
+    """Ticks at whole iterations only: a run of a few records was labelled 1.5, 2.5, ... iterations."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _subset_styles(names: list[str]) -> list[tuple[str, str]]:
+    """A (colour, line style) per subset, no two alike: the line style says how many sequences the subset has
+    (solid 1, dashed 2, dash-dot 3, dotted 4), the colour which subset of that size it is. matplotlib's
+    default cycle has 10 colours, so 15 subsets drew ``flair`` and ``flair+t1+t1ce`` in the same blue and the
+    legend could not tell them apart."""
+    styles = ("-", "--", "-.", ":")
+    seen: dict[int, int] = {}
+    out = []
+    for name in names:
+        size = name.count("+")
+        rank = seen.get(size, 0)
+        seen[size] = rank + 1
+        # at most 6 subsets of one size with 4 sequences (10 with 5): the 10 colours suffice
+        out.append((f"C{rank % 10}", styles[size % len(styles)]))
+    return out
+
+
 def plot_conflicts(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
     """Write ``gmd_norms.png`` and ``gmd_conflicts.png`` next to the diagnostics (or to ``out_dir``).
 
@@ -126,11 +150,12 @@ def plot_conflicts(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     for r in records:
         names.extend(n for n in r["subsets"] if n not in names)
     fig, ax = plt.subplots(figsize=(9, 5))
-    for name in names:
+    for name, (colour, style) in zip(names, _subset_styles(names)):
         xs = [r["iteration"] for r in records if name in r["subsets"]]
         ys = [r["norms"][r["subsets"].index(name)] for r in records if name in r["subsets"]]
-        ax.plot(xs, ys, label=name, lw=1.2)
+        ax.plot(xs, ys, label=name, lw=1.2, color=colour, linestyle=style)
     ax.set_xlabel("iteration")
+    _integer_ticks(ax)
     ax.set_ylabel(f"gradient norm w.r.t. the {space}")
     ax.set_yscale("log")
     ax.set_title(f"Per-subset gradient norms ({space})")
@@ -141,6 +166,7 @@ def plot_conflicts(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     ax.plot(iters, [r["conflicts_before"] / max(r["pairs"], 1) for r in records], label="before decoupling")
     ax.plot(iters, [r["conflicts_after"] / max(r["pairs"], 1) for r in records], label="after decoupling")
     ax.set_xlabel("iteration")
+    _integer_ticks(ax)
     ax.set_ylabel("fraction of conflicting subset pairs")
     ax.set_ylim(0, 1)
     ax.legend()
@@ -166,6 +192,7 @@ def plot_cggm(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = No
         ax.plot(*series("B", m), label=name, lw=1.2, marker=".")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("iteration")
+    _integer_ticks(ax)
     ax.set_ylabel("balance term B (encoder gradient scale)")
     ax.set_yscale("symlog", linthresh=1.0)
     ax.set_title("CGGM balance terms per modality")
@@ -182,6 +209,7 @@ def plot_cggm(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = No
     bottom.set_ylabel("cos(fusion head grad, probe grad)")
     bottom.set_ylim(-1, 1)
     bottom.set_xlabel("iteration")
+    _integer_ticks(bottom)
     probes_png = _save(fig, out / "cggm_probes.png")
     return [balance_png, probes_png]
 

@@ -141,3 +141,27 @@ def test_a_plot_folder_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: plot folder ") and err.count("\n") == 1
     assert taken.read_bytes() == b"mine"
+
+
+def test_the_norm_plot_gives_each_of_the_15_subsets_its_own_line_and_whole_iterations(tmp_path, monkeypatch):
+    """matplotlib's default cycle has 10 colours: with all 15 subsets, ``flair`` and ``flair+t1+t1ce`` (and four
+    other pairs) were drawn alike, so the legend could not say which line was which. And a run of a few records
+    had its iteration axis ticked at 1.5, 2.5, ..."""
+    from app.reports import conflicts
+    from app.subsets import BRATS_MODALITIES, all_subsets, subset_name
+
+    names = [subset_name(s, BRATS_MODALITIES) for s in all_subsets(4)]
+    records = [{"strategy": "gmd", "iteration": i + 1, "subsets": names, "norms": [1.0 + j for j in range(15)],
+                "pairs": 105, "conflicts_before": 3, "conflicts_after": 0} for i in range(3)]
+    _write(tmp_path / "gmd_diagnostics.jsonl", records)
+    figures = []
+    monkeypatch.setattr(conflicts, "_save", lambda fig, path: figures.append(fig) or path)
+    conflicts.plot_conflicts(tmp_path)
+    norms = figures[0].axes[0]
+    legend = norms.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == names
+    looks = [(line.get_color(), line.get_linestyle()) for line in norms.get_lines()]
+    assert len(set(looks)) == 15, looks
+    for fig in figures:
+        ticks = [t for t in fig.axes[0].get_xticks() if 1 <= t <= 3]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
