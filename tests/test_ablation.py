@@ -735,7 +735,7 @@ def test_hd95_goes_to_the_evaluations_only_and_adds_its_tables(tmp_path):
     hd = table["tables"]["HD95_ET"]["plain"]
     assert hd["subsets"] == {name: row["HD95_ET"] for name, row in report["subsets"].items()}
     assert hd["worst"]["value"] == max(hd["subsets"].values())  # a distance: the worst subset is the largest
-    assert "## HD95_WT (lower is better)" in (out / "ablation.md").read_text()
+    assert "## HD95_WT (mm, lower is better)" in (out / "ablation.md").read_text()
     assert "--hd95" not in (out / "plain" / "train.log").read_text().splitlines()[0]
     assert "--hd95 true" in (out / "plain" / "eval.log").read_text().splitlines()[0]
 

@@ -17,7 +17,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from app.reports.subset_report import LOWER_IS_BETTER, atomic_write_bytes, atomic_write_text, strict_json
+from app.reports.subset_report import (
+    HD95_METRICS,
+    LOWER_IS_BETTER,
+    _subset_position,
+    atomic_write_bytes,
+    atomic_write_text,
+    strict_json,
+)
 
 __all__ = [
     "LOWER_IS_BETTER", "ablation_table", "format_ablation_markdown", "write_ablation_report", "seed_table",
@@ -121,8 +128,7 @@ def _metric_tables(table: Mapping[str, Any], cell: Callable[[Any], str], worst: 
     lines: list[str] = []
     for metric in table["metrics"]:
         per = table["tables"][metric]
-        better = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
-        lines += [f"## {metric} ({better})", "", "| subset | " + " | ".join(strategies) + " |",
+        lines += [f"## {_axis_label(metric)}", "", "| subset | " + " | ".join(strategies) + " |",
                   "|---|" + "---|" * len(strategies)]
         for name in table["subsets"]:
             lines.append(f"| {name} | " + " | ".join(cell(per[s]["subsets"][name]) for s in strategies) + " |")
@@ -133,34 +139,65 @@ def _metric_tables(table: Mapping[str, Any], cell: Callable[[Any], str], worst: 
     return lines
 
 
+def _axis_label(metric: str) -> str:
+    """The chart's value axis: the metric, its unit where it has one, and which way is better."""
+    better = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
+    return f"{metric} (mm, {better})" if metric in HD95_METRICS else f"{metric} ({better})"
+
+
 def _bar_chart_png(table: Mapping[str, Any], metric: str, title: str) -> bytes | None:
+    fig = _bar_chart_figure(table, metric, title)
+    if fig is None:
+        return None
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def _bar_chart_figure(table: Mapping[str, Any], metric: str, title: str) -> Any:
+    """Bars of ``metric`` per subset and strategy, then each strategy's mean over subsets and worst subset (named
+    in the legend); ``None`` without matplotlib. The subsets no held-out case could score stay on the axis,
+    marked ``no case`` (the chart alone must not pass a mean over fewer subsets for one over all), and so does a
+    value that is not a number (``n/a``), where an empty slot would read as 0."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        warnings.warn("matplotlib is not installed: the ablation bar chart (PNG) is skipped.", stacklevel=3)
+        warnings.warn("matplotlib is not installed: the ablation bar chart (PNG) is skipped.", stacklevel=4)
         return None
     strategies = table["strategies"]
-    groups = [*table["subsets"], "mean", "worst"]
+    unscored = [n for n in table.get("subsets_without_cases") or [] if n not in table["subsets"]]
+    position = _subset_position([*table["subsets"], *unscored])
+    subsets = sorted([*table["subsets"], *unscored], key=position)
+    groups = [*subsets, "mean", "worst"]
     per = table["tables"][metric]
     width = 0.8 / max(len(strategies), 1)
     fig = Figure(figsize=(max(8.0, 0.55 * len(groups) * max(len(strategies), 2) / 2), 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     for i, strategy in enumerate(strategies):
-        values = [per[strategy]["subsets"][g] for g in table["subsets"]]
+        values = [per[strategy]["subsets"].get(g, math.nan) for g in subsets]
         values += [per[strategy]["mean"], per[strategy]["worst"]["value"]]
-        ax.bar([g + (i - (len(strategies) - 1) / 2) * width for g in range(len(groups))], values, width, label=strategy)
+        values = [math.nan if v is None else float(v) for v in values]
+        xs = [g + (i - (len(strategies) - 1) / 2) * width for g in range(len(groups))]
+        worst = per[strategy]["worst"]["name"]
+        ax.bar(xs, values, width, label=f"{strategy} (worst: {worst})" if worst else strategy)
+        for x, v, group in zip(xs, values, groups):
+            if not math.isfinite(v) and group not in unscored:
+                ax.text(x, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="dimgrey")
+    for g, name in enumerate(groups):
+        if name in unscored:
+            ax.axvspan(g - 0.45, g + 0.45, color="lightgrey", alpha=0.5, lw=0)
+            ax.text(g, 0, "no case", rotation=90, ha="center", va="bottom", fontsize=7, color="dimgrey")
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel(metric)
+    ax.set_ylabel(_axis_label(metric))
     ax.set_title(title or f"{metric} per modality subset")
-    ax.legend(fontsize=8, ncol=min(len(strategies), 5))
+    # beside the axes: inside them it covered the last subsets' bars
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return buf.getvalue()
+    return fig
 
 
 def write_ablation_report(table: Mapping[str, Any], output_dir: str | Path, title: str = "",

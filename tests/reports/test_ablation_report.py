@@ -181,3 +181,38 @@ def test_a_run_stopped_while_drawing_the_chart_keeps_the_earlier_report_whole(tm
     with pytest.raises(KeyboardInterrupt):
         write_ablation_report(ablation_table(_shifted(0.01), ["Acc2", "MAE"]), tmp_path, "second")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def _drawn_figures(monkeypatch) -> list:
+    """The figures the report saves, kept for their axes and texts."""
+    from matplotlib.figure import Figure
+
+    figures = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figures.append(self), real(self, *a, **k))[1])
+    return figures
+
+
+def test_the_chart_keeps_unscored_subsets_and_missing_values_visible_and_says_which_way_is_better(tmp_path,
+                                                                                                   monkeypatch):
+    """The bar chart left out the subsets no held-out case could score (its mean bar passed for one over all
+    subsets), drew a value that is not a number as an empty slot (read as 0), labelled its axis with the bare
+    metric (an HD95 chart gave neither mm nor that lower is better) and put the legend over the last bars."""
+    pytest.importorskip("matplotlib")
+    hd95 = {"flair": {"HD95_WT": 9.0}, "t1": {"HD95_WT": float("nan")}, "flair+t1": {"HD95_WT": 4.0}}
+    report = {"subsets": hd95, "subsets_without_cases": ["t1ce", "flair+t1ce"]}
+    table = ablation_table({"plain": report, "gmd": report}, ["HD95_WT"])
+    figures = _drawn_figures(monkeypatch)
+    write_ablation_report(table, tmp_path)
+    (fig,) = figures
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["flair", "t1", "t1ce", "flair+t1", "flair+t1ce", "mean", "worst"]
+    texts = [(round(t.get_position()[0]), t.get_text()) for t in ax.texts]
+    assert texts.count((2, "no case")) == 1 and texts.count((4, "no case")) == 1
+    # t1, and the mean over subsets that holds it (NaN, as in the run's report), for each strategy
+    assert sorted(x for x, text in texts if text == "n/a") == [1, 1, 5, 5]
+    assert ax.get_ylabel() == "HD95_WT (mm, lower is better)"
+    assert "## HD95_WT (mm, lower is better)" in (tmp_path / "ablation.md").read_text()  # as the README says
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["plain (worst: flair)", "gmd (worst: flair)"]
+    legend_box = ax.get_legend().get_window_extent(fig.canvas.get_renderer())
+    assert legend_box.x0 >= ax.get_window_extent(fig.canvas.get_renderer()).x1  # beside the bars, not over them
