@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -163,8 +164,15 @@ def plot_conflicts(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     norms_png = _save(fig, out / "gmd_norms.png")
 
     fig, ax = plt.subplots(figsize=(9, 4))
-    ax.plot(iters, [r["conflicts_before"] / max(r["pairs"], 1) for r in records], label="before decoupling")
-    ax.plot(iters, [r["conflicts_after"] / max(r["pairs"], 1) for r in records], label="after decoupling")
+    # a record of a single subset (--gmd_subsets 1) has no pair: its fraction is undefined, left as a gap
+    # rather than drawn as "no conflict"
+    ax.plot(iters, [r["conflicts_before"] / r["pairs"] if r["pairs"] else math.nan for r in records],
+            label="before decoupling")
+    ax.plot(iters, [r["conflicts_after"] / r["pairs"] if r["pairs"] else math.nan for r in records],
+            label="after decoupling")
+    if not any(r["pairs"] for r in records):
+        ax.text(0.5, 0.5, "no pair of subsets in any record (one subset per iteration): nothing to decouple",
+                transform=ax.transAxes, ha="center", va="center", color="dimgrey")
     ax.set_xlabel("iteration")
     _integer_ticks(ax)
     ax.set_ylabel("fraction of conflicting subset pairs")

@@ -165,3 +165,21 @@ def test_the_norm_plot_gives_each_of_the_15_subsets_its_own_line_and_whole_itera
     for fig in figures:
         ticks = [t for t in fig.axes[0].get_xticks() if 1 <= t <= 3]
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_records_without_a_pair_of_subsets_are_not_drawn_as_no_conflict(tmp_path, monkeypatch):
+    """With one subset per iteration (``--gmd_subsets 1``) a record has 0 pairs: its conflict fraction was drawn
+    as 0 (``max(pairs, 1)``), a line of "no conflict" where there is nothing to compare."""
+    from app.reports import conflicts
+
+    records = [{"strategy": "gmd", "iteration": i + 1, "subsets": ["flair"], "norms": [1.0], "pairs": 0,
+                "conflicts_before": 0, "conflicts_after": 0} for i in range(3)]
+    records.append({**records[0], "iteration": 4, "subsets": ["flair", "t1"], "norms": [1.0, 2.0], "pairs": 1,
+                    "conflicts_before": 1})
+    _write(tmp_path / "gmd_diagnostics.jsonl", records)
+    figures = []
+    monkeypatch.setattr(conflicts, "_save", lambda fig, path: figures.append(fig) or path)
+    conflicts.plot_conflicts(tmp_path)
+    before, after = figures[1].axes[0].get_lines()
+    assert [str(v) for v in before.get_ydata()] == ["nan", "nan", "nan", "1.0"]
+    assert [str(v) for v in after.get_ydata()] == ["nan", "nan", "nan", "0.0"]
