@@ -169,7 +169,7 @@ def _bar_chart_figure(table: Mapping[str, Any], metric: str, title: str) -> Any:
     unscored = [n for n in table.get("subsets_without_cases") or [] if n not in table["subsets"]]
     position = _subset_position([*table["subsets"], *unscored])
     subsets = sorted([*table["subsets"], *unscored], key=position)
-    groups = [*subsets, "mean", "worst"]
+    groups = [*subsets, "mean over subsets", "worst subset"]  # the names of the Markdown rows
     per = table["tables"][metric]
     width = 0.8 / max(len(strategies), 1)
     fig = Figure(figsize=(max(8.0, 0.55 * len(groups) * max(len(strategies), 2) / 2), 4.5))

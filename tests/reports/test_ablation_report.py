@@ -206,7 +206,8 @@ def test_the_chart_keeps_unscored_subsets_and_missing_values_visible_and_says_wh
     write_ablation_report(table, tmp_path)
     (fig,) = figures
     ax = fig.axes[0]
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["flair", "t1", "t1ce", "flair+t1", "flair+t1ce", "mean", "worst"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["flair", "t1", "t1ce", "flair+t1", "flair+t1ce", "mean over subsets",
+                                                      "worst subset"]
     texts = [(round(t.get_position()[0]), t.get_text()) for t in ax.texts]
     assert texts.count((2, "no case")) == 1 and texts.count((4, "no case")) == 1
     # t1, and the mean over subsets that holds it (NaN, as in the run's report), for each strategy
