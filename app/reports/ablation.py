@@ -106,8 +106,9 @@ def format_ablation_markdown(table: Mapping[str, Any], title: str = "", digits: 
               "|---|" + "---|" * (len(metrics) + 2 + show_its)]
     for s in strategies:
         worst = table["tables"][headline][s]["worst"]
+        worst_cell = _named(f"{worst['value']:.{digits}f}", worst["name"])
         lines.append(f"| {s} | " + " | ".join(f"{table['tables'][m][s]['mean']:.{digits}f}" for m in metrics)
-                     + f" | {worst['value']:.{digits}f} ({worst['name']}) | "
+                     + f" | {worst_cell} | "
                      f"{table['tables'][headline][s]['subsets'].get(full, float('nan')):.{digits}f} |"
                      + (f" {'' if its[s] is None else its[s]} |" if show_its else ""))
     lines.append("")
@@ -117,8 +118,14 @@ def format_ablation_markdown(table: Mapping[str, Any], title: str = "", digits: 
                   f"here is over the {len(table['subsets'])} scored, and the summary's last column is "
                   f"{full}, not all modalities.", ""]
     lines += _metric_tables(table, lambda value: f"{value:.{digits}f}",
-                            lambda worst: f"{worst['value']:.{digits}f} ({worst['name']})")
+                            lambda worst: _named(f"{worst['value']:.{digits}f}", worst["name"]))
     return "\n".join(lines)
+
+
+def _named(value: str, name: str) -> str:
+    """A worst-subset cell: the value and, where there is one, its subset (none when every value is NaN, as
+    the correlation of a model that predicts one constant, which printed an empty ``nan ()``)."""
+    return f"{value} ({name})" if name else value
 
 
 def _metric_tables(table: Mapping[str, Any], cell: Callable[[Any], str], worst: Callable[[Any], str]) -> list[str]:
@@ -275,16 +282,24 @@ def seed_table(tables: Mapping[Any, Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def _pm(spread: Mapping[str, Any], digits: int) -> str:
-    if len(spread["values"]) < 2 or not math.isfinite(spread["std"]):
-        return f"{spread['mean']:.{digits}f}"
-    return f"{spread['mean']:.{digits}f} +/- {spread['std']:.{digits}f}"
+    """``mean +/- sd``, and how many seeds it is over when some seeds have no value there (a subset their
+    held-out cases could not score, or a NaN such as a constant model's correlation): a cell of one seed
+    printed as a bare mean, like one where every seed agreed to the digit, and hid that a seed's NaN was left out."""
+    values = spread["values"]
+    n = sum(v is not None and math.isfinite(v) for v in values)
+    if len(values) < 2 or not math.isfinite(spread["std"]):
+        text = f"{spread['mean']:.{digits}f}"
+    else:
+        text = f"{spread['mean']:.{digits}f} +/- {spread['std']:.{digits}f}"
+    return f"{text} ({n} of {len(values)} seeds)" if 0 < n < len(values) else text
 
 
 def _names(names: Sequence[str], seeds: Sequence[Any]) -> str:
-    """The worst subset over seeds: one name when every seed agrees, else each seed's."""
+    """The worst subset over seeds: one name when every seed agrees, else each seed's (a seed with none, every
+    value NaN, is left out)."""
     if len(set(names)) == 1:
         return names[0]
-    return ", ".join(f"{n} on seed {seed}" for n, seed in zip(names, seeds))
+    return ", ".join(f"{n} on seed {seed}" for n, seed in zip(names, seeds) if n)
 
 
 def format_seed_markdown(table: Mapping[str, Any], title: str = "", digits: int = 3) -> str:
@@ -297,7 +312,7 @@ def format_seed_markdown(table: Mapping[str, Any], title: str = "", digits: int 
             f"seed {seed}: no case for {', '.join(names)}" for seed, names in unscored.items())
             + ". Those cells spread the other seeds, and those seeds' means over subsets are over fewer subsets.", ""]
     lines += _metric_tables(table, lambda spread: _pm(spread, digits),
-                            lambda worst: f"{_pm(worst, digits)} ({_names(worst.get('names', []), table['seeds'])})")
+                            lambda worst: _named(_pm(worst, digits), _names(worst.get("names", []), table["seeds"])))
     return "\n".join(lines)
 
 

@@ -142,7 +142,7 @@ def test_seeds_whose_held_out_cases_score_other_subsets_still_combine():
     assert text["values"] == [0.85, 0.85, 0.85]
     assert table["subsets_without_cases"] == {1: ["audio"]}
     md = format_seed_markdown(table)
-    assert "seed 1: no case for audio" in md and "| audio | 0.500 +/- 0.000 | 0.600 +/- 0.000 |" in md
+    assert "seed 1: no case for audio" in md and "| audio | 0.500 +/- 0.000 (2 of 3 seeds) | 0.600 +/- 0.000 (2 of 3 seeds) |" in md
     assert "subsets_without_cases" in json.dumps(table)
 
 
@@ -217,3 +217,20 @@ def test_the_chart_keeps_unscored_subsets_and_missing_values_visible_and_says_wh
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["plain (worst: flair)", "gmd (worst: flair)"]
     legend_box = ax.get_legend().get_window_extent(fig.canvas.get_renderer())
     assert legend_box.x0 >= ax.get_window_extent(fig.canvas.get_renderer()).x1  # beside the bars, not over them
+
+
+def test_a_value_that_is_not_a_number_is_shown_as_such_in_the_markdown_tables():
+    """A sentiment model that predicts one constant has a NaN correlation in every subset: its worst-subset cell
+    read ``nan ()``; and across seeds, a cell where one seed's NaN was left out printed as a bare mean of the
+    other seed, as if every seed agreed."""
+    nan = float("nan")
+    collapsed = {"plain": _report({"text": {"Corr": nan}, "audio": {"Corr": nan}}),
+                 "gmd": _report({"text": {"Corr": 0.5}, "audio": {"Corr": 0.2}})}
+    trained = {"plain": _report({"text": {"Corr": 0.1}, "audio": {"Corr": 0.3}}),
+               "gmd": _report({"text": {"Corr": 0.5}, "audio": {"Corr": 0.2}})}
+    md = format_ablation_markdown(ablation_table(collapsed, ["Corr"]))
+    assert "| plain | nan | nan | nan |" in md and "| **worst subset** | nan | 0.200 (audio) |" in md
+    seeds = format_seed_markdown(seed_table({0: ablation_table(collapsed, ["Corr"]),
+                                             1: ablation_table(trained, ["Corr"])}))
+    assert "| text | 0.100 (1 of 2 seeds) | 0.500 +/- 0.000 |" in seeds
+    assert "| **worst subset** | 0.100 (1 of 2 seeds) (text on seed 1) | 0.200 +/- 0.000 (audio) |" in seeds
