@@ -239,11 +239,31 @@ def _heatmap_figure(result: Mapping[str, Any], metrics: Sequence[str], title: st
         title = f"{title}\n(colours scaled per column)"
     elif per_column:
         title = f"{title}\n(colours of {', '.join(per_column)} scaled per column, green = better)"
-    ax.set_title(title, fontsize=10)
     if len(per_column) < len(metrics):
         fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03)
-    fig.tight_layout()
+    _fit_title(fig, ax, title, fontsize=10)
     return fig
+
+
+def _fit_title(fig: Any, ax: Any, title: str, fontsize: float) -> None:
+    """Set ``title`` over ``ax``, wrapped until it lies within the figure, and lay the figure out.
+
+    The title is centred over the heatmap, not the figure, and a figure is only as wide as its columns: the
+    title of a checkpoint with a long file name ran past both edges, cutting off its SHA-256, which names the
+    model that was scored.
+    """
+    import textwrap
+
+    renderer = fig.canvas.get_renderer()
+    width = max(len(line) for line in title.splitlines())
+    while True:
+        text = "\n".join(textwrap.fill(line, width) for line in title.splitlines())
+        artist = ax.set_title(text, fontsize=fontsize)
+        fig.tight_layout()
+        box = artist.get_window_extent(renderer)
+        if (fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1) or width <= 16:
+            return
+        width = int(width * 0.85)
 
 
 def write_subset_report(

@@ -237,6 +237,21 @@ def test_heatmap_shows_the_subsets_without_cases_as_such(tmp_path: Path, monkeyp
     assert all(bool(m) for m in ax.get_images()[0].get_array().mask[2])  # grey (masked), not a colour of 0
 
 
+def test_a_long_heatmap_title_is_wrapped_inside_the_picture(tmp_path: Path, monkeypatch):
+    """The title names the scored checkpoint and its SHA-256; with a long file name it ran past both edges of the
+    four-column figure, and the SHA-256 was cut off. It is wrapped, every word kept, within the figure."""
+    pytest.importorskip("matplotlib")
+    title = "Per-subset results: subset_dice of brats_gmd_site2_seed0_epoch100_model_final.pt (sha256 17a246eb73eb)"
+    figures = _drawn_figures(monkeypatch)
+    write_subset_report(_dice_result(), tmp_path, title=title)
+    (fig,) = figures
+    text = fig.axes[0].title
+    box = text.get_window_extent(fig.canvas.get_renderer())
+    assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1, (box, fig.bbox)
+    assert text.get_text().split() == title.split()
+    assert f"# {title}" in (tmp_path / "subset_dice.md").read_text()  # the Markdown keeps it on one line
+
+
 def test_the_reports_and_the_key_metric_agree_on_which_metrics_are_better_lower():
     """The reports keep their own copy (they import no torch): it must not drift from the key metric's, and its
     only other entries are the segmentation report's distances."""
