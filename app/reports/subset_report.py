@@ -155,9 +155,10 @@ def format_table(
     return "\n".join(lines)
 
 
-def _heatmap_png(result: Mapping[str, Any], metrics: Sequence[str], title: str, digits: int) -> bytes | None:
+def _heatmap_png(result: Mapping[str, Any], metrics: Sequence[str], title: str, digits: int,
+                 count_key: str | None = None) -> bytes | None:
     """PNG bytes of :func:`_heatmap_figure`, or ``None`` when matplotlib is unavailable."""
-    fig = _heatmap_figure(result, metrics, title, digits)
+    fig = _heatmap_figure(result, metrics, title, digits, count_key)
     if fig is None:
         return None
     buffer = io.BytesIO()
@@ -172,13 +173,16 @@ def _column_label(result: Mapping[str, Any], metric: str) -> str:
     return metric
 
 
-def _heatmap_figure(result: Mapping[str, Any], metrics: Sequence[str], title: str, digits: int) -> Any:
+def _heatmap_figure(result: Mapping[str, Any], metrics: Sequence[str], title: str, digits: int,
+                    count_key: str | None = None) -> Any:
     """A matplotlib ``Figure`` of the subsets x metrics heatmap, or ``None`` when matplotlib is unavailable.
 
     Rows are the subsets in :func:`app.subsets.all_subsets` order, those without a case included (grey,
     marked ``no case``, as the CSV lists them), then the mean row. A column of a higher-is-better score whose
     values all lie in [0, 1] (Dice, accuracies) is coloured on that absolute scale, shown by the colour bar;
-    any other column (HD95, MAE, a negative correlation) is scaled on its own, best = high colour.
+    any other column (HD95, MAE, a negative correlation) is scaled on its own, best = high colour. When the
+    subsets were scored on different numbers of cases (``count_key``: some cases lack a sequence), each row
+    label gives its count, as the tables' ``n_cases`` column does.
     """
     # optional dependency, imported only here (the optional_import pattern, without importing monai,
     # so that summarising a JSON result needs neither torch nor matplotlib)
@@ -233,7 +237,13 @@ def _heatmap_figure(result: Mapping[str, Any], metrics: Sequence[str], title: st
             ax.text(j, i, label, ha="center", va="center", fontsize=8, fontweight=weight, color=color)
     ax.axhline(len(row_names) - 1.5, color="black", linewidth=1.5)
     ax.set_xticks(range(len(metrics)), labels=[_column_label(result, m) for m in metrics])
-    ax.set_yticks(range(len(row_names)), labels=row_names, fontsize=8)
+    counts = {n: result["subsets"][n].get(count_key) for n in result["subsets"]} if count_key else {}
+    # a subset's mean over 2 cases beside others over 20 reads as equally sure: say so where the counts differ
+    if len(set(counts.values())) > 1:
+        labels = [f"{n} (n={counts[n]})" if n in counts else n for n in row_names]
+    else:
+        labels = row_names
+    ax.set_yticks(range(len(row_names)), labels=labels, fontsize=8)
     ax.xaxis.tick_top()
     if len(per_column) == len(metrics):
         title = f"{title}\n(colours scaled per column)"
@@ -287,7 +297,8 @@ def write_subset_report(
       cases and the mean row last. A higher-is-better column whose values are all in [0, 1] (Dice,
       accuracies) is coloured on that absolute scale (the colour bar); any other column (HD95, headed with
       its unit, or MAE) is scaled on its own, lower-is-better metrics reversed, and the title names those
-      columns. Skipped when ``plot`` is False, and with a warning when matplotlib is not installed.
+      columns; where the subsets' case counts differ, each row label gives its count (``flair (n=4)``).
+      Skipped when ``plot`` is False, and with a warning when matplotlib is not installed.
 
     The files replace those of an earlier report in ``out_dir`` as one set
     (:func:`app.atomic.replace_file_set`): all are written to temporary files first, so an error (a full
@@ -320,7 +331,7 @@ def write_subset_report(
     count_key = _count_key(result, count_key)
     # every file is made before any is written, so that an error (or a stop) while drawing the heatmap,
     # which takes longest, leaves the earlier report whole
-    png = _heatmap_png(result, metrics, title, digits) if plot else None
+    png = _heatmap_png(result, metrics, title, digits, count_key) if plot else None
 
     header, rows = _rows(result, metrics, count_key)
     # a subset no case could be scored on gets a row with empty metrics (and a count of 0), so that a

@@ -252,6 +252,21 @@ def test_a_long_heatmap_title_is_wrapped_inside_the_picture(tmp_path: Path, monk
     assert f"# {title}" in (tmp_path / "subset_dice.md").read_text()  # the Markdown keeps it on one line
 
 
+def test_heatmap_rows_give_their_case_counts_where_they_differ(tmp_path: Path, monkeypatch):
+    """Half the cases lack T1ce: its subsets' means are over 2 cases, the others' over 4, which the tables' n_cases
+    column shows and the PNG did not. Its row labels give the counts then, and only then."""
+    pytest.importorskip("matplotlib")
+    result = _dice_result()
+    for name, row in result["subsets"].items():
+        row["n_cases"] = 2 if "t1ce" in name else 4
+    figures = _drawn_figures(monkeypatch)
+    write_subset_report(result, tmp_path)
+    labels = [t.get_text() for t in figures[0].axes[0].get_yticklabels()]
+    assert labels[:4] == ["flair (n=4)", "t1 (n=4)", "t1ce (n=2)", "t2 (n=4)"] and labels[-1] == MEAN_ROW
+    write_subset_report(_dice_result(), tmp_path)  # 3 cases everywhere: the names alone
+    assert [t.get_text() for t in figures[1].axes[0].get_yticklabels()] == [*_dice_result()["subsets"], MEAN_ROW]
+
+
 def test_the_reports_and_the_key_metric_agree_on_which_metrics_are_better_lower():
     """The reports keep their own copy (they import no torch): it must not drift from the key metric's, and its
     only other entries are the segmentation report's distances."""
