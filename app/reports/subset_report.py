@@ -250,7 +250,9 @@ def _heatmap_figure(result: Mapping[str, Any], metrics: Sequence[str], title: st
     elif per_column:
         title = f"{title}\n(colours of {', '.join(per_column)} scaled per column, green = better)"
     if len(per_column) < len(metrics):
-        fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03)
+        # the bar holds for the absolute-scale columns only: name them, as the per-column ones are named in the title
+        absolute = ", ".join(m for m in metrics if m not in per_column)
+        fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03, label=f"{absolute} (absolute 0-1 scale)")
     _fit_title(fig, ax, title, fontsize=10)
     return fig
 

@@ -216,6 +216,7 @@ def test_heatmap_keeps_the_dice_on_its_absolute_scale_beside_hd95_and_names_the_
     assert colours[:, 1].tolist() == pytest.approx([1.0, 0.0, 0.5])  # HD95: lower is better, on its own scale
     assert [t.get_text() for t in ax.get_xticklabels()] == ["WT", "HD95_WT\n(mm)"]
     assert "HD95_WT scaled per column" in ax.get_title() and len(fig.axes) == 2  # the colour bar of the Dice
+    assert fig.axes[1].get_ylabel() == "WT (absolute 0-1 scale)"  # the bar says which columns it holds for
 
 
 def test_heatmap_shows_the_subsets_without_cases_as_such(tmp_path: Path, monkeypatch):
