@@ -13,7 +13,8 @@ Every argument the runner does not know (``--dataset_dir D``, ``--data_path P --
 true``, ``--features "[...]"``) goes to both commands unchanged, except ``--config_file``: its override
 files (recipes such as ``configs/demo.yaml``) go after ``train.yaml`` in both commands; and ``--hd95 true``
 (segmentation), which goes to the evaluations only and adds the HD95 tables (``HD95_WT``, ``HD95_TC``,
-``HD95_ET``, mm, lower is better) after the Dice ones. Each finished
+``HD95_ET``, mm, lower is better) after the Dice ones, as does ``--hd95_workers N`` (threads for those distances;
+it changes no value, so a finished evaluation is kept whatever it was). Each finished
 stage is kept, so an interrupted ablation resumes with the same command; a stage finished with other settings (seed,
 budget, overrides, checkpoint) is an error rather than a silent mix of runs, and a second ablation started on the
 same output folder while one runs is refused. Writes ``O/<strategy>/{train,eval}`` and
@@ -51,7 +52,7 @@ import yaml
 from app.atomic import atomic_write_text, check_writable_folder, locked_folder
 from app.data.errors import check_regular_file
 from app.flags import check_counts
-from app.metrics.hausdorff import check_hd95
+from app.metrics.hausdorff import check_hd95, check_hd95_workers
 from app.reports.ablation import (
     ablation_table, format_ablation_markdown, format_seed_markdown, seed_table, write_ablation_report,
     write_seed_report,
@@ -658,7 +659,12 @@ def run_ablation(
     train, evaluate = _configs(bundle)
     overrides = _override_files(bundle_args, train, evaluate)
     hd95 = _hd95_option(bundle_args, layout)
-    bundle_args = _without(_without(bundle_args, "config_file"), "hd95")
+    # threads for the evaluations' HD95 searches: passed to them only (training has no such setting) and left out
+    # of their records, as it changes no value: a finished evaluation is kept whatever it was
+    hd95_workers = _option(bundle_args, "hd95_workers")
+    if hd95_workers is not None:
+        check_hd95_workers(hd95_workers)
+    bundle_args = _without(_without(_without(bundle_args, "config_file"), "hd95"), "hd95_workers")
     if checkpoint not in ("final", "best"):
         raise ValueError(f"checkpoint must be 'final' or 'best', got {checkpoint!r}.")
     planned = parse_strategies(strategies, layout.kind)  # a bad list is refused before any folder is made
@@ -737,7 +743,8 @@ def run_ablation(
                 report_path.unlink()
             if not _reusable(report_path, out / label / "eval_settings.json",
                              _stage_settings(bundle, eval_args, out, overrides)):
-                _run_bundle([train, *overrides, evaluate], bundle, eval_args, out / label / "eval.log")
+                threads = ["--hd95_workers", hd95_workers] if hd95 and hd95_workers is not None else []
+                _run_bundle([train, *overrides, evaluate], bundle, [*eval_args, *threads], out / label / "eval.log")
             reports[label] = json.loads(report_path.read_text())
             if train_s is None:  # a reused stage: its time was recorded when it trained
                 train_s = _read_json(seconds)

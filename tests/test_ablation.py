@@ -724,7 +724,7 @@ def test_hd95_goes_to_the_evaluations_only_and_adds_its_tables(tmp_path):
     # the HD95 tables without --hd95 would be found missing after training: refused first
     bad = _ablate(*args, "--metrics", "mean,HD95_WT")
     assert bad.returncode == 1 and "the HD95 columns need --hd95 true" in bad.stderr, bad.stderr[-2000:]
-    proc = _ablate(*args, "--hd95", "true")
+    proc = _ablate(*args, "--hd95", "true", "--hd95_workers", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in (out / "plain" / "train").rglob("*") if p.is_file()} == trained
     table = json.loads((out / "ablation.json").read_text())
@@ -738,6 +738,14 @@ def test_hd95_goes_to_the_evaluations_only_and_adds_its_tables(tmp_path):
     assert "## HD95_WT (mm, lower is better)" in (out / "ablation.md").read_text()
     assert "--hd95" not in (out / "plain" / "train.log").read_text().splitlines()[0]
     assert "--hd95 true" in (out / "plain" / "eval.log").read_text().splitlines()[0]
+    assert "--hd95_workers 2" in (out / "plain" / "eval.log").read_text().splitlines()[0]
+    # the threads change no value: another count keeps the finished evaluation instead of refusing or redoing it
+    scored = (out / "plain" / "eval" / "subset_dice.json").stat().st_mtime_ns
+    again = _ablate(*args, "--hd95", "true", "--hd95_workers", "1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "plain" / "eval" / "subset_dice.json").stat().st_mtime_ns == scored
+    bad = _ablate(*args, "--hd95", "true", "--hd95_workers", "0")
+    assert bad.returncode == 1 and "--hd95_workers '0' must be a whole number >= 1" in bad.stderr, bad.stderr[-2000:]
 
 
 def test_hd95_is_refused_for_a_sentiment_bundle_before_anything_trains(tmp_path):

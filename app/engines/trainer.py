@@ -18,8 +18,8 @@ from monai.engines.utils import IterationEvents
 from monai.inferers import SlidingWindowInferer
 from monai.utils import CommonKeys as Keys
 
-from app.metrics.dice import dice_from_logits
-from app.metrics.hausdorff import affine_spacing, hd95_from_logits
+from app.metrics.dice import dice_from_logits, logit_masks
+from app.metrics.hausdorff import HD95Scorer, affine_spacing, check_hd95_workers
 from app.engines.distributed import mean_over_ranks
 from app.engines.utils import amp_dtype, fit_roi
 from app.flags import parse_bool
@@ -190,6 +190,9 @@ class SubsetEvaluator(SupervisedEvaluator):
         amp: bf16 autocast on CUDA.
         hd95: also compute each region's HD95 for every subset (a surface-distance search per case,
             subset and region: CPU time, so off by default).
+        hd95_workers: threads searching a case's HD95 distances at once (:class:`app.metrics.HD95Scorer`:
+            the 45 of a case are independent); None: ``DEFAULT_HD95_WORKERS``, at most the usable CPU cores.
+            The values do not depend on it.
         kwargs: everything else goes to ``SupervisedEvaluator``.
     """
 
@@ -202,12 +205,15 @@ class SubsetEvaluator(SupervisedEvaluator):
         case_key: str = "case",
         amp: bool = False,
         hd95: bool = False,
+        hd95_workers: int | None = None,
         **kwargs: Any,
     ) -> None:
+        workers = check_hd95_workers(hd95_workers)
         kwargs.setdefault("decollate", False)
         super().__init__(*args, amp=False, **kwargs)
         self.use_amp = parse_bool(amp, "amp")
         self.hd95 = parse_bool(hd95, "hd95")
+        self.hd95_workers = workers
         self.keys = (image_key, label_key, mask_key, case_key)
 
     def per_modality_outputs(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -307,15 +313,19 @@ class SubsetEvaluator(SupervisedEvaluator):
             self.check_finite_outputs(per_mod, mask, cases)
             valid, fused = subset_fusions(masked_mean, per_mod, mask)
             missed = self.missed_voxels(batchdata, targets)
-            spacing = self.voxel_spacing(targets, cases) if self.hd95 else None
-            dice, hd95 = [], []
+            # every subset's masks against the same reference: searched together, repeats once, on a few threads
+            scorer = HD95Scorer(targets, self.voxel_spacing(targets, cases), missed=missed,
+                                workers=self.hd95_workers) if self.hd95 else None
+            dice, slots = [], []
             for j, logits in enumerate(fused):
                 dice.append(dice_from_logits(logits, targets, missed=missed))
-                if spacing is not None:
+                if scorer is not None:
                     # a subset no case of the batch has is left out of the report: no distances to search
-                    scored = bool(valid[:, j].any())
-                    hd95.append(hd95_from_logits(logits, targets, spacing, missed=missed) if scored
-                                else torch.zeros_like(dice[-1]))
+                    slots.append(scorer.add(logit_masks(logits)) if bool(valid[:, j].any()) else None)
+            hd95 = []
+            if scorer is not None:
+                values = scorer.compute()
+                hd95 = [torch.zeros_like(d) if s is None else values[s] for d, s in zip(dice, slots)]
             pred = masked_mean(per_mod, mask)
         engine.state.output = {
             Keys.IMAGE: inputs, Keys.LABEL: targets, Keys.PRED: pred,

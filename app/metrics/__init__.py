@@ -2,7 +2,10 @@
 accumulators (plus a scalar ignite metric for checkpoint selection)."""
 
 from app.metrics.dice import dice_from_logits, hard_dice
-from app.metrics.hausdorff import BRATS_HD95_PENALTY, affine_spacing, check_hd95, hd95, hd95_from_logits
+from app.metrics.hausdorff import (
+    BRATS_HD95_PENALTY, DEFAULT_HD95_WORKERS, HD95Scorer, affine_spacing, check_hd95, check_hd95_workers, hd95,
+    hd95_from_logits,
+)
 from app.metrics.sentiment import SENTIMENT_METRICS, SubsetSentimentAccumulator, sentiment_metrics, weighted_f1
 from app.metrics.sentiment_metric import (
     CLASSIFICATION_METRICS,
@@ -17,6 +20,8 @@ __all__ = [
     "BRATS_HD95_PENALTY",
     "BRATS_REGIONS",
     "CLASSIFICATION_METRICS",
+    "DEFAULT_HD95_WORKERS",
+    "HD95Scorer",
     "SENTIMENT_METRICS",
     "SubsetAccumulator",
     "SubsetDiceAccumulator",
@@ -26,6 +31,7 @@ __all__ = [
     "SubsetSentimentScore",
     "affine_spacing",
     "check_hd95",
+    "check_hd95_workers",
     "dice_from_logits",
     "hard_dice",
     "hd95",

@@ -251,6 +251,15 @@ def test_a_bad_hd95_flag_is_one_line_before_any_case_is_read(trained, phantoms, 
     assert line.startswith("error: ") and re.search(message, line), line
 
 
+def test_a_bad_hd95_workers_count_is_one_line_before_any_case_is_read(trained, phantoms, tmp_path):
+    out = tmp_path / "out"
+    line = refused_line([TRAIN, EVALUATE], "--dataset_dir", str(phantoms), "--ckpt_path",
+                        str(trained / "models" / "model.pt"), "--output_dir", str(out), "--hd95", "true",
+                        "--hd95_workers", "0", *TINY, output_dir=out)
+    assert line == ("error: --hd95_workers 0 must be a whole number >= 1 (threads searching HD95 distances at once; "
+                    "the values do not depend on it), e.g. --hd95_workers 4."), line
+
+
 def test_time_limit_stops_cleanly_and_still_writes_final_model(phantoms, tmp_path):
     proc = run_bundle([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(tmp_path), "--max_epochs", "50",
                       "--strategy", "plain", "--time_limit_minutes", "0.0001", *TINY)

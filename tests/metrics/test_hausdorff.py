@@ -4,6 +4,7 @@ per-subset accumulator and the evaluator's voxel size."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -13,8 +14,10 @@ from monai.metrics import compute_hausdorff_distance
 
 from app.engines import SubsetEvaluator
 from app.metrics import (
-    BRATS_HD95_PENALTY, SubsetDiceAccumulator, SubsetMeanDice, affine_spacing, check_hd95, hd95, hd95_from_logits,
+    BRATS_HD95_PENALTY, DEFAULT_HD95_WORKERS, HD95Scorer, SubsetDiceAccumulator, SubsetMeanDice, affine_spacing,
+    check_hd95, check_hd95_workers, hd95, hd95_from_logits,
 )
+from tests.bundles.helpers import BRATS_DEV
 
 
 def _cube(shape, start, side=3) -> torch.Tensor:
@@ -266,3 +269,137 @@ def test_the_evaluated_grid_measures_as_the_file_grid_after_reorientation_and_cr
                                                    include_background=True, percentile=95, spacing=[2.5, 0.8, 1.7]))
     assert len({round(float(v), 3) for v in expected}) > 1
     assert hd95(predicted, label, spacing)[0].tolist() == pytest.approx([float(v) for v in expected], abs=1e-4)
+
+
+def _monai_hd95(pred: torch.Tensor, target: torch.Tensor, spacing) -> float:
+    """MONAI's HD95 of one pair of whole (uncropped) non-empty masks ``[*spatial]``: the value the evaluation
+    must reproduce to the last bit."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # monai 1.6.1's own deprecated argument
+        value = compute_hausdorff_distance(pred[None, None], target[None, None], include_background=True,
+                                           percentile=95, spacing=[float(v) for v in spacing])
+    return float(value.reshape(-1)[0])
+
+
+def _expected(preds: torch.Tensor, target: torch.Tensor, spacing: torch.Tensor, missed=None) -> torch.Tensor:
+    """The BraTS rule around MONAI on the whole volumes, one case and channel at a time (the old evaluation)."""
+    out = torch.empty(target.shape[:2], dtype=torch.float64)
+    for b in range(target.shape[0]):
+        for c in range(target.shape[1]):
+            p, t = preds[b, c].bool(), target[b, c].bool()
+            if p.any() and t.any():
+                out[b, c] = _monai_hd95(p, t, spacing[b])
+            elif p.any() or t.any() or (missed is not None and missed[b, c] > 0):
+                out[b, c] = BRATS_HD95_PENALTY
+            else:
+                out[b, c] = 0.0
+    return out
+
+
+def _blobs(generator: torch.Generator, shape, batch=2, channels=3) -> torch.Tensor:
+    """Random ragged masks: some fill the array to its edges, some are sparse specks, a few are empty."""
+    density = torch.rand((batch, channels, 1, 1, 1), generator=generator)
+    masks = torch.rand((batch, channels, *shape), generator=generator) < density
+    masks[0, 1] = False
+    return masks
+
+
+def test_the_scorer_equals_monai_on_the_whole_volumes_to_the_last_bit():
+    # the scorer hands MONAI the masks cut to their union's box; MONAI crops the whole volume to that box itself,
+    # so the two must agree exactly, on masks touching the array's faces (the crop's margin is then padding) and
+    # on anisotropic, non-integer voxel sizes (where measuring in another frame would round differently)
+    g = torch.Generator().manual_seed(7)
+    for trial in range(40):
+        shape = tuple(int(n) for n in torch.randint(2, 12, (3,), generator=g))
+        target, pred = _blobs(g, shape), _blobs(g, shape)
+        spacing = torch.rand((2, 3), generator=g, dtype=torch.float64) * 2.5 + 0.3
+        missed = torch.tensor([[0, 3, 0], [1, 0, 0]])
+        expected = _expected(pred, target, spacing, missed)
+        got = hd95(pred, target, spacing, missed=missed, workers=1 + trial % 3)
+        assert torch.equal(got, expected), (trial, shape, got.tolist(), expected.tolist())
+
+
+def test_a_box_touching_the_array_s_faces_scores_as_monai_does():
+    # one voxel wide masks along every face and corner: a crop without MONAI's one-voxel margin of background
+    # would make every voxel of them a surface voxel of another shape
+    target = torch.zeros(1, 1, 7, 6, 5, dtype=torch.bool)
+    target[0, 0, :, :2, :] = True
+    pred = torch.zeros_like(target)
+    pred[0, 0, 3:, :, 3:] = True
+    spacing = [0.9375, 0.9375, 3.3]
+    assert hd95(pred, target, spacing).item() == _monai_hd95(pred[0, 0], target[0, 0], spacing)
+
+
+def test_identical_masks_are_searched_once_and_every_prediction_keeps_its_values_in_order():
+    g = torch.Generator().manual_seed(3)
+    target = _blobs(g, (9, 8, 7))
+    first, second = _blobs(g, (9, 8, 7)), _blobs(g, (9, 8, 7))
+    spacing = torch.tensor([[1.0, 1.0, 3.0], [0.7, 1.3, 2.2]], dtype=torch.float64)
+    scorer = HD95Scorer(target, spacing, workers=3)
+    # the second subset repeats the first: its searches are the first's; an empty prediction is not a search
+    positions = [scorer.add(p) for p in (first, second, first.clone(), torch.zeros_like(first))]
+    assert positions == [0, 1, 2, 3]
+    both = (first.flatten(2).any(2) & target.flatten(2).any(2)).sum() + (second.flatten(2).any(2)
+                                                                         & target.flatten(2).any(2)).sum()
+    assert scorer.searches == int(both)
+    values = scorer.compute()
+    assert torch.equal(values[0], _expected(first, target, spacing)) and torch.equal(values[0], values[2])
+    assert torch.equal(values[1], _expected(second, target, spacing))
+    assert torch.equal(values[3], _expected(torch.zeros_like(first), target, spacing))
+
+
+def test_the_number_of_workers_does_not_change_a_value():
+    g = torch.Generator().manual_seed(11)
+    target = _blobs(g, (10, 9, 8), batch=1)
+    preds = [_blobs(g, (10, 9, 8), batch=1) for _ in range(15)]
+    results = []
+    for workers in (1, 2, 4, 16):
+        scorer = HD95Scorer(target, [1.2, 0.8, 2.5], workers=workers)
+        for p in preds:
+            scorer.add(p)
+        results.append(scorer.compute())
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    assert torch.equal(results[0][5], _expected(preds[5], target, torch.tensor([[1.2, 0.8, 2.5]])))
+
+
+@pytest.mark.skipif(not BRATS_DEV.is_dir(), reason=f"real BraTS data not found at {BRATS_DEV}")
+def test_a_real_case_scores_as_monai_on_the_whole_volume():
+    nib = pytest.importorskip("nibabel")
+    case = sorted(p for p in BRATS_DEV.iterdir() if p.is_dir())[0]
+    img = nib.load(next(case.glob("*_seg.nii*")))
+    seg = torch.from_numpy(np.asarray(img.dataobj).astype(np.int16))
+    target = torch.stack([seg > 0, (seg == 1) | (seg == 4), seg == 4])[None]
+    # near misses of the case's own tumour, on its 1 mm grid and on an anisotropic one
+    preds = [torch.roll(target, shifts=s, dims=(2, 3, 4)) for s in ((2, 2, 2), (1, -3, 2))]
+    for spacing in (affine_spacing(img.affine)[None], torch.tensor([[0.9375, 0.9375, 3.3]], dtype=torch.float64)):
+        scorer = HD95Scorer(target, spacing, workers=2)
+        for p in preds:
+            scorer.add(p)
+        for p, got in zip(preds, scorer.compute()):
+            assert torch.equal(got, _expected(p, target, spacing))
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "many", True, "2.5"])
+def test_hd95_workers_must_be_a_whole_number_of_threads(value):
+    with pytest.raises(ValueError, match=r"--hd95_workers .* must be a whole number >= 1.*--hd95_workers 4"):
+        check_hd95_workers(value)
+    with pytest.raises(ValueError, match="--hd95_workers"):
+        check_hd95(True, value)  # checked with --hd95, before any case is read
+    with pytest.raises(ValueError, match="--hd95_workers"):
+        SubsetEvaluator(hd95=True, hd95_workers=value)  # refused before anything else is built
+
+
+def test_hd95_workers_defaults_to_a_few_threads_within_the_usable_cores():
+    assert check_hd95_workers(3) == 3 and check_hd95_workers("8") == 8 and check_hd95_workers(2.0) == 2
+    assert 1 <= check_hd95_workers(None) <= DEFAULT_HD95_WORKERS
+
+
+def test_the_same_masks_on_two_grids_are_two_searches():
+    # two cases of a batch with the same masks but different voxel sizes: a repeat only if the grid repeats too
+    a, b = _cube((10, 10, 10), (1, 1, 1)), _cube((10, 10, 10), (1, 1, 6))
+    spacing = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 3.0]], dtype=torch.float64)
+    scorer = HD95Scorer(torch.cat([b, b]), spacing)
+    scorer.add(torch.cat([a, a]))
+    assert scorer.searches == 2
+    assert scorer.compute()[0].tolist() == [[5.0], [15.0]]
