@@ -164,17 +164,23 @@ def _box(mask: np.ndarray) -> tuple[tuple[int, int], ...] | None:
     return tuple(box)
 
 
-def _surface_hd95(job: tuple[tuple[float, ...], np.ndarray, np.ndarray]) -> float:
+#: One surface search: the grid's voxel size, the cut masks' shape and the two masks packed 8 voxels a byte (the
+#: key that finds a repeat, and what is kept until the searches run: 1/8 of the cut masks' size).
+_Search = tuple[tuple[float, ...], tuple[int, ...], bytes, bytes]
+
+
+def _surface_hd95(search: _Search) -> float:
     """MONAI's HD95 of one pair of non-empty masks cut to their union's box, on a grid of ``spacing`` mm (see
     :class:`HD95Scorer` for why the cut changes no value)."""
     # imported here: the strategies and the ablation runner import app.metrics and must not load MONAI to list names
     from monai.metrics import compute_hausdorff_distance
 
-    spacing, pred, target = job
-    value = compute_hausdorff_distance(
-        torch.from_numpy(pred)[None, None], torch.from_numpy(target)[None, None], include_background=True,
-        percentile=HD95_PERCENTILE, spacing=list(spacing),
-    )
+    spacing, shape, pred, target = search
+    count = math.prod(shape)
+    masks = [torch.from_numpy(np.unpackbits(np.frombuffer(m, dtype=np.uint8), count=count).astype(bool).reshape(shape))
+             for m in (pred, target)]
+    value = compute_hausdorff_distance(masks[0][None, None], masks[1][None, None], include_background=True,
+                                       percentile=HD95_PERCENTILE, spacing=list(spacing))
     return float(value.reshape(-1)[0])
 
 
@@ -184,10 +190,10 @@ class HD95Scorer:
     The evaluation scores 15 subsets x 3 regions per case. Searching the distances themselves is the small part
     of each HD95: MONAI's ``compute_hausdorff_distance`` first converts the whole volume to float and finds the
     masks' bounding box in it (about 85% of its time on a 240 x 240 x 155 case), then searches the surfaces
-    inside that box. Here each pair of masks reaches MONAI already cut to that box (their union's, one voxel
-    wider on every side where the array has it), the reference's boxes found once per case instead of once
-    per subset; a pair identical to one already added (two subsets with the same thresholded mask) is searched
-    once; and the distinct searches run on ``workers`` threads (scipy's KD-tree query releases the GIL), their
+    inside that box. Here each pair of masks reaches MONAI already cut to their union's box, the reference's
+    boxes found once per case instead of once per subset; a pair identical to one already added (two subsets
+    with the same thresholded mask) is searched once; the pairs wait for :meth:`compute` packed 8 voxels a byte;
+    and the distinct searches run on ``workers`` threads (scipy's KD-tree and erosion release the GIL), their
     values put back in the order the pairs were added.
 
     None of this changes a value, to the last bit: MONAI crops the masks to their union's box with a margin
@@ -236,8 +242,8 @@ class HD95Scorer:
             self._ref_elsewhere = (missed > 0).numpy()
         # per added prediction: its device and one entry per case and channel, a value or the index of a search
         self._added: list[tuple[torch.device, list[list[float | int]]]] = []
-        self._jobs: list[tuple[tuple[float, ...], np.ndarray, np.ndarray]] = []
-        self._job_index: dict[tuple, int] = {}
+        self._jobs: list[_Search] = []
+        self._job_index: dict[_Search, int] = {}
 
     def add(self, pred: torch.Tensor) -> int:
         """Add a binary prediction ``[B, C, *spatial]`` of the reference's shape; returns its position in
@@ -261,14 +267,13 @@ class HD95Scorer:
                 # the union's box: every voxel outside it is background in both masks, so MONAI crops this
                 # and the whole volume to the same voxels (see the class docstring)
                 crop = tuple(slice(min(pb[0], tb[0]), max(pb[1], tb[1])) for pb, tb in zip(p_box, t_box))
-                pc = np.ascontiguousarray(p[(b, c, *crop)])
-                tc = np.ascontiguousarray(self._target[(b, c, *crop)])
+                pc, tc = p[(b, c, *crop)], self._target[(b, c, *crop)]
                 # the exact masks and grid, not a hash of them: equal keys are the same search
                 key = (self.spacing[b], pc.shape, np.packbits(pc).tobytes(), np.packbits(tc).tobytes())
                 index = self._job_index.get(key)
                 if index is None:
                     index = self._job_index[key] = len(self._jobs)
-                    self._jobs.append((self.spacing[b], pc, tc))
+                    self._jobs.append(key)
                 row.append(index)
             entries.append(row)
         self._added.append((pred.device, entries))
