@@ -153,8 +153,8 @@ class TrainingProgressHandler:
     limit ended with the same lines as one that trained every epoch. This handler logs:
 
     - at the start, the data (training and validation cases, the sequences their files lack), the settings
-      that decide the run (``settings``), the device and the versions, and the epoch and iteration a resumed
-      run continues from;
+      that decide the run (``settings``), the device and the versions, and the iteration a resumed run
+      continues from, with the time trained before it;
     - after each epoch, ``Epoch E/N done (iteration I of T): train_loss mean L, learning rate R, S s per
       iteration; H:MM:SS trained, about H:MM:SS left``, the estimate from this run's pace so far (validation
       included), ended by ``max_epochs`` or by the time limit, whichever comes first;
@@ -249,9 +249,9 @@ class TrainingProgressHandler:
                     f" ({total} in all)" if total else "", f"device {device}; " if device is not None else "",
                     torch.__version__, monai.__version__)
         if self._start_iteration:
-            logger.info("Resumed at epoch %d, iteration %d%s.", engine.state.epoch, self._start_iteration,
-                        "" if self.time_limit is None else
-                        f", after {format_duration(self.time_limit.elapsed())} trained")
+            # the epoch in progress is the checkpoint's line to name (state.epoch counts the epochs completed)
+            logger.info("Resumed after iteration %d%s.", self._start_iteration, "" if self.time_limit is None else
+                        f", with {format_duration(self.time_limit.elapsed())} trained before")
 
     def _epoch_started(self, engine: Engine) -> None:
         self._loss_sum, self._loss_count, self._epoch_iterations = 0.0, 0, 0

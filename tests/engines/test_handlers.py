@@ -379,3 +379,34 @@ def test_each_validation_report_logs_the_regions_and_the_worst_subset_and_puts_t
     ]
     assert writer.scalars == {"val_WT": (0.625, 7), "val_TC": (0.375, 7), "val_ET": (0.125, 7),
                               "val_worst_subset_dice": (0.25, 7)}
+
+
+def test_a_resumed_run_names_the_iteration_it_continues_from_and_estimates_from_its_own_pace(monkeypatch, caplog):
+    from ignite.engine import Engine
+
+    import app.engines.handlers as handlers
+    from app.engines import TimeLimitHandler, TrainingProgressHandler
+
+    caplog.set_level("INFO", logger="app.engines.handlers")
+    clock = _Clock()
+    monkeypatch.setattr(handlers.time, "monotonic", clock)
+
+    def step(engine, batch):
+        clock.now += 2.0
+        return {"loss": 1.0}
+
+    trainer = Engine(step)
+    limit = TimeLimitHandler(0)
+    limit.attach(trainer)
+
+    def restore(engine):  # as ResumableCheckpoint does at STARTED: 2 epochs of 3 done, 60 s trained before
+        engine.state.iteration, engine.state.epoch = 6, 2
+        limit.load_state_dict({"elapsed_seconds": 60.0})
+
+    trainer.add_event_handler(Events.STARTED, restore)
+    TrainingProgressHandler(time_limit=limit).attach(trainer)
+    trainer.run(range(3), max_epochs=4)
+    lines = [r.getMessage() for r in caplog.records if r.name == "app.engines.handlers"]
+    assert lines[1] == "Resumed after iteration 6, with 0:01:00 trained before."
+    assert lines[2] == ("Epoch 3/4 done (iteration 9 of 12): train_loss mean 1.0000, 2.00 s per iteration; 0:01:06 "
+                        "trained, about 0:00:06 left.")
