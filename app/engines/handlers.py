@@ -173,7 +173,8 @@ class TrainingProgressHandler:
         validator: optional evaluator whose best key metric the last line names.
         datalist: optional ``{"training": [...], "validation": [...]}`` case records (``modalities``: the
             sequences each case's files name) summarised at the start.
-        settings: optional settings logged at the start, in order (``{"strategy": "gmd", ...}``).
+        settings: optional settings logged at the start, in order (``{"seed": 0, ...}``), after the strategy of the
+            trainer (``engine.strategy``: its ``name``, and its class when it is not one of this package's).
         modalities: every sequence a case may have, for the count of those missing.
         loss_key: key of the loss in the engine output.
     """
@@ -241,7 +242,15 @@ class TrainingProgressHandler:
         data = self.data_summary()
         if data:
             logger.info("Data: %s.", data)
-        settings = ", ".join(f"{k} {v}" for k, v in self.settings.items())
+        settings = dict(self.settings)
+        strategy = getattr(engine, "strategy", None)
+        if strategy is not None:
+            # the object that trains, not the --strategy label: a recipe's strategy_def decides (and keeps the label)
+            kind = type(strategy)
+            where = "" if kind.__module__.startswith("app.") else f" ({kind.__module__}.{kind.__qualname__})"
+            settings = {"strategy": f"{getattr(strategy, 'name', kind.__name__)}{where}",
+                        **{k: v for k, v in settings.items() if k != "strategy"}}
+        settings = ", ".join(f"{k} {v}" for k, v in settings.items())
         total = engine.state.max_epochs * engine.state.epoch_length if engine.state.epoch_length else None
         device = getattr(engine.state, "device", None) or getattr(engine, "device", None)
         logger.info("Run: %s%s%d epoch(s) of %s iteration(s)%s; %storch %s, monai %s.",

@@ -410,3 +410,26 @@ def test_a_resumed_run_names_the_iteration_it_continues_from_and_estimates_from_
     assert lines[1] == "Resumed after iteration 6, with 0:01:00 trained before."
     assert lines[2] == ("Epoch 3/4 done (iteration 9 of 12): train_loss mean 1.0000, 2.00 s per iteration; 0:01:06 "
                         "trained, about 0:00:06 left.")
+
+
+def test_the_run_line_names_the_strategy_that_trains_not_the_label(caplog):
+    """A recipe replacing strategy_def leaves --strategy at its default label (gmd): the start of the log named
+    gmd for a run that trained another strategy."""
+    from ignite.engine import Engine
+
+    from app.engines import TrainingProgressHandler
+    from app.strategies import build_strategy
+
+    caplog.set_level("INFO", logger="app.engines.handlers")
+
+    class Mine(type(build_strategy("plain"))):
+        name = "unimodal_aux"
+
+    for strategy, named in ((build_strategy("gmd_approx"), "strategy gmd_approx, seed 1"),
+                            (Mine(), f"strategy unimodal_aux ({__name__}.{Mine.__qualname__}), seed 1")):
+        caplog.clear()
+        trainer = Engine(lambda e, b: None)
+        trainer.strategy = strategy
+        TrainingProgressHandler(settings={"strategy": "gmd", "seed": 1}).attach(trainer)
+        trainer.run([0], max_epochs=1)
+        assert caplog.records[0].getMessage().startswith(f"Run: {named}, 1 epoch(s) of 1 iteration(s)")
