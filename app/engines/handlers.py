@@ -247,7 +247,10 @@ class TrainingProgressHandler:
         if strategy is not None:
             # the object that trains, not the --strategy label: a recipe's strategy_def decides (and keeps the label)
             kind = type(strategy)
-            where = "" if kind.__module__.startswith("app.") else f" ({kind.__module__}.{kind.__qualname__})"
+            notes = [] if kind.__module__.startswith("app.") else [f"{kind.__module__}.{kind.__qualname__}"]
+            if getattr(strategy, "subsets", None) is not None:  # GMD: all subsets, or k sampled per iteration
+                notes.append(f"subsets {strategy.subsets}")
+            where = f" ({', '.join(notes)})" if notes else ""
             settings = {"strategy": f"{getattr(strategy, 'name', kind.__name__)}{where}",
                         **{k: v for k, v in settings.items() if k != "strategy"}}
         settings = ", ".join(f"{k} {v}" for k, v in settings.items())

@@ -425,7 +425,9 @@ def test_the_run_line_names_the_strategy_that_trains_not_the_label(caplog):
     class Mine(type(build_strategy("plain"))):
         name = "unimodal_aux"
 
-    for strategy, named in ((build_strategy("gmd_approx"), "strategy gmd_approx, seed 1"),
+    for strategy, named in ((build_strategy("gmd_approx"), "strategy gmd_approx (subsets all), seed 1"),
+                            (build_strategy("gmd", subsets=3), "strategy gmd (subsets 3), seed 1"),
+                            (build_strategy("cggm"), "strategy cggm, seed 1"),
                             (Mine(), f"strategy unimodal_aux ({__name__}.{Mine.__qualname__}), seed 1")):
         caplog.clear()
         trainer = Engine(lambda e, b: None)
