@@ -102,6 +102,9 @@ def test_segmentation_bundle_ablation_resumes_and_scores_held_out_cases(tmp_path
     assert {r["case"] for r in report["per_case"]} == {r["case"] for r in held_out}
     assert table["settings"]["seed"] == 0 and table["runs"]["gmd_k2"]["gmd_subsets"] == "2"
     assert table["runs"]["plain"]["iterations"] == 2  # 1 epoch of 2, no time limit: from the checkpoint
+    # each stage trains with its log in a file: the ablation's own output says which runs, and where it logs
+    assert f"Training gmd_k2 (strategy 2 of 2); log: {out / 'gmd_k2' / 'train.log'}\n" in proc.stdout
+    assert f"Evaluating plain; log: {out / 'plain' / 'eval.log'}\n" in proc.stdout
     env = table["runs"]["plain"]["environment"]  # where the stage trained
     assert env["torch"] == torch.__version__ and env["monai"] == monai.__version__ and env["cpu_count"] >= 1
     assert env["device"] == _environment([])["device"]
@@ -110,6 +113,8 @@ def test_segmentation_bundle_ablation_resumes_and_scores_held_out_cases(tmp_path
     logs = {p: p.stat().st_mtime_ns for p in out.glob("*/*.log")}
     again = _ablate(*args)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert f"Reusing the finished training of plain (strategy 1 of 2): {out / 'plain' / 'train' / 'models'}" \
+        in again.stdout and "Training plain" not in again.stdout
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.log")} == logs
     rerun = json.loads((out / "ablation.json").read_text())
     assert rerun["tables"] == table["tables"]
