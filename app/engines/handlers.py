@@ -320,11 +320,14 @@ class TrainingProgressHandler:
 
     def _completed(self, engine: Engine) -> None:
         state = engine.state
-        if getattr(self.time_limit, "expired", False):
+        total = int(state.max_epochs) * int(state.epoch_length or 0)
+        if total and state.iteration >= total:  # a limit spent at the last iteration stopped nothing
+            why = f"all {state.max_epochs} epoch(s) trained ({state.iteration} iterations)"
+        elif getattr(self.time_limit, "expired", False):
             why = (f"the time limit of {self.time_limit.seconds / 60:g} min was reached at epoch {state.epoch} of "
                    f"{state.max_epochs}, iteration {state.iteration}")
         else:
-            why = f"all {state.max_epochs} epoch(s) trained ({state.iteration} iterations)"
+            why = f"stopped at epoch {state.epoch} of {state.max_epochs}, iteration {state.iteration} of {total}"
         best = ""
         vstate = getattr(self.validator, "state", None)
         if vstate is not None and int(getattr(vstate, "best_metric_epoch", -1)) > 0:

@@ -336,6 +336,16 @@ def test_the_estimate_and_the_last_line_name_the_time_limit_when_it_stops_the_ru
                          "iteration 5, in 0:00:05.")
 
 
+def test_a_time_limit_spent_at_the_last_iteration_is_no_early_stop(monkeypatch, caplog):
+    """The budget ran out at the last iteration of the last epoch: every epoch had trained, and the last line
+    must not say that the time limit stopped the run."""
+    caplog.set_level("INFO", logger="app.engines.handlers")
+    _progress_run(monkeypatch, minutes=3 / 60, max_epochs=1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "app.engines.handlers"]
+    assert "Time limit of 0.05 min reached at epoch 1, iteration 3: stopping." in lines
+    assert lines[-1] == "Training finished: all 1 epoch(s) trained (3 iterations), in 0:00:03."
+
+
 def test_the_start_of_a_run_says_how_many_cases_train_and_validate_and_which_sequences_they_lack(monkeypatch,
                                                                                                   caplog):
     caplog.set_level("INFO", logger="app.engines.handlers")
