@@ -227,8 +227,10 @@ class TrainingProgressHandler:
             counts = [sum(seq not in (rec.get("modalities") or ()) for rec in recs) for recs in parts.values()]
             if any(counts):
                 missing.append(f"{seq} in {counts[0]} training and {counts[1]} validation case(s)")
-        return text + ("; sequences missing: " + ", ".join(missing) if missing else "; every case has all "
-                       f"{len(self.modalities)} sequences")
+        # by the files, as datalist.json lists them: an all-zero channel of an MSD 4D image drops out only when
+        # the case is loaded
+        return text + ("; sequences missing from the case files: " + ", ".join(missing) if missing
+                       else f"; every case's files hold all {len(self.modalities)} sequences")
 
     def _lr_now(self) -> float | None:
         groups = getattr(self.optimizer, "param_groups", None)

@@ -264,7 +264,7 @@ def test_a_training_logs_its_data_progress_and_why_it_ended_and_tensorboard_has_
     log = _TRAIN_LOG["plain"]
     datalist = json.loads((trained / "datalist.json").read_text())
     n_train, n_val = len(datalist["training"]), len(datalist["validation"])
-    assert f"Data: {n_train} training and {n_val} validation case(s); every case has all 4 sequences." in log
+    assert f"Data: {n_train} training and {n_val} validation case(s); every case's files hold all 4 sequences." in log
     assert "Run: strategy plain, seed 0, " in log and "; device cpu; torch " in log
     assert re.search(r"Epoch 1/1 done \(iteration (\d+) of \1\): train_loss mean [\d.]+, learning rate 0.0003, "
                      r"[\d.]+ s per iteration; \d:\d\d:\d\d trained, about 0:00:00 left\.", log), log

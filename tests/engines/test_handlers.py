@@ -354,13 +354,13 @@ def test_the_start_of_a_run_says_how_many_cases_train_and_validate_and_which_seq
                 "validation": [{"modalities": ["flair", "t1", "t2"]}]}
     _progress_run(monkeypatch, minutes=0, max_epochs=1, datalist=datalist)
     lines = [r.getMessage() for r in caplog.records if r.name == "app.engines.handlers"]
-    assert lines[0] == ("Data: 3 training and 1 validation case(s); sequences missing: flair in 1 training and 0 "
-                        "validation case(s), t1 in 1 training and 0 validation case(s), t1ce in 1 training and 1 "
-                        "validation case(s).")
+    assert lines[0] == ("Data: 3 training and 1 validation case(s); sequences missing from the case files: flair in 1 "
+                        "training and 0 validation case(s), t1 in 1 training and 0 validation case(s), t1ce in 1 "
+                        "training and 1 validation case(s).")
     caplog.clear()
     _progress_run(monkeypatch, minutes=0, max_epochs=1, datalist={"training": [{"modalities": every}],
                                                                    "validation": [{"modalities": every}]})
-    assert caplog.records[0].getMessage() == "Data: 1 training and 1 validation case(s); every case has all 4 sequences."
+    assert caplog.records[0].getMessage() == "Data: 1 training and 1 validation case(s); every case's files hold all 4 sequences."
 
 
 def test_each_validation_report_logs_the_regions_and_the_worst_subset_and_puts_them_on_tensorboard(tmp_path,
