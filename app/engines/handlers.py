@@ -298,7 +298,7 @@ class TrainingProgressHandler:
         left = None if pace is None else max(0, total - int(state.iteration)) * pace
         limit = ""
         budget = getattr(self.time_limit, "seconds", None)
-        if budget is not None and left is not None:
+        if budget is not None and pace:  # pace 0: a clock too coarse to measure this run's iterations
             budget_left = max(0.0, budget - self.time_limit.elapsed())
             if budget_left < left:
                 at = min(total, int(state.iteration) + int(budget_left / pace))
