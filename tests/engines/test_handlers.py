@@ -217,7 +217,7 @@ def test_records_of_a_strategy_of_ones_own_are_tagged_with_its_name(tmp_path):
     assert not (tmp_path / "gmd_diagnostics.jsonl").exists() and writer.scalars["gmd_scaled/alpha"] == (0.5, 5)
 
 
-def test_stop_on_signal_finishes_the_iteration_runs_terminate_handlers_then_ends_by_the_signal(monkeypatch):
+def test_stop_on_signal_finishes_the_iteration_runs_terminate_handlers_then_ends_by_the_signal(monkeypatch, caplog):
     """SIGTERM mid-iteration: the iteration completes, COMPLETED (model_final.pt) is skipped, the TERMINATE
     handlers (the resumable checkpoint) run, and only then is the process ended by the signal."""
     import signal
@@ -248,6 +248,10 @@ def test_stop_on_signal_finishes_the_iteration_runs_terminate_handlers_then_ends
         signal.signal(signal.SIGTERM, previous)
     assert events == ["iteration 1", "iteration 2", "iteration 3", "step 3 finished", "checkpoint written"]
     assert ended == [(distributed.os.getpid(), signal.SIGTERM)]
+    # the log ends on a line of its own, not on the checkpoint's line that every epoch's end writes too
+    assert caplog.records[-1].getMessage() == (
+        "Training stopped by SIGTERM at epoch 1, iteration 3, after writing the resumable checkpoint: exit status "
+        "143; run the same command with --resume true to continue.")
     assert signal.getsignal(signal.SIGTERM) == previous
 
 
