@@ -700,7 +700,7 @@ def run_ablation(
         runs: dict[str, Any] = {}
         reports: dict[str, Any] = {}
         first_split: tuple[str, dict[str, list[str]]] | None = None  # segmentation: every stage on the same cases
-        for label, name, subsets in planned:
+        for stage, (label, name, subsets) in enumerate(planned, 1):
             run_dir, eval_dir = out / label / "train", out / label / "eval"
             train_args = [*bundle_args, "--output_dir", str(run_dir), "--strategy", name, "--seed", str(seed),
                           "--max_epochs", str(int(max_epochs)), "--time_limit_minutes", str(time_limit_minutes)]
@@ -715,6 +715,9 @@ def run_ablation(
             if not _reusable(ckpt, out / label / "train_settings.json", _stage_settings(bundle, train_args, out, overrides),
                              seconds):
                 seconds.unlink(missing_ok=True)
+                # a stage trains for minutes to hours with its log in a file: say which one runs, and where it logs
+                print(f"Training {label} (strategy {stage} of {len(planned)}); log: {out / label / 'train.log'}",
+                      flush=True)
                 train_s = _run_bundle([train, *overrides], bundle, train_args, out / label / "train.log")
                 if not ckpt.is_file():
                     raise RuntimeError(f"Training {label!r} finished without writing {ckpt}; see {out / label / 'train.log'}.")
@@ -730,6 +733,9 @@ def run_ablation(
                 scored = ["--eval_datalist", str(run_dir / "datalist.json")]
             else:
                 scored = ["--eval_split", eval_split]
+            if train_s is None:
+                print(f"Reusing the finished training of {label} (strategy {stage} of {len(planned)}): {ckpt}",
+                      flush=True)
             eval_args = [*_without(bundle_args, scored[0][2:]), *scored, "--ckpt_path", str(ckpt),
                          "--output_dir", str(eval_dir), "--seed", str(seed)]
             if hd95:  # only then: the records of evaluations without it stay as they were, and are reused
@@ -744,6 +750,7 @@ def run_ablation(
             if not _reusable(report_path, out / label / "eval_settings.json",
                              _stage_settings(bundle, eval_args, out, overrides)):
                 threads = ["--hd95_workers", hd95_workers] if hd95 and hd95_workers is not None else []
+                print(f"Evaluating {label}; log: {out / label / 'eval.log'}", flush=True)
                 _run_bundle([train, *overrides, evaluate], bundle, [*eval_args, *threads], out / label / "eval.log")
             reports[label] = json.loads(report_path.read_text())
             if train_s is None:  # a reused stage: its time was recorded when it trained

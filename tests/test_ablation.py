@@ -102,6 +102,9 @@ def test_segmentation_bundle_ablation_resumes_and_scores_held_out_cases(tmp_path
     assert {r["case"] for r in report["per_case"]} == {r["case"] for r in held_out}
     assert table["settings"]["seed"] == 0 and table["runs"]["gmd_k2"]["gmd_subsets"] == "2"
     assert table["runs"]["plain"]["iterations"] == 2  # 1 epoch of 2, no time limit: from the checkpoint
+    # each stage trains with its log in a file: the ablation's own output says which runs, and where it logs
+    assert f"Training gmd_k2 (strategy 2 of 2); log: {out / 'gmd_k2' / 'train.log'}\n" in proc.stdout
+    assert f"Evaluating plain; log: {out / 'plain' / 'eval.log'}\n" in proc.stdout
     env = table["runs"]["plain"]["environment"]  # where the stage trained
     assert env["torch"] == torch.__version__ and env["monai"] == monai.__version__ and env["cpu_count"] >= 1
     assert env["device"] == _environment([])["device"]
@@ -110,6 +113,8 @@ def test_segmentation_bundle_ablation_resumes_and_scores_held_out_cases(tmp_path
     logs = {p: p.stat().st_mtime_ns for p in out.glob("*/*.log")}
     again = _ablate(*args)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert f"Reusing the finished training of plain (strategy 1 of 2): {out / 'plain' / 'train' / 'models'}" \
+        in again.stdout and "Training plain" not in again.stdout
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.log")} == logs
     rerun = json.loads((out / "ablation.json").read_text())
     assert rerun["tables"] == table["tables"]
@@ -774,3 +779,23 @@ def test_a_bare_hd95_flag_scores_hd95_as_the_bundle_reads_it(args, hd95, passed_
 
     assert _hd95_option(args, SEGMENTATION) is hd95
     assert _without(args, "hd95") == passed_on  # to the bundle commands: every --hd95 gone, the other options kept
+
+
+def test_the_progress_lines_of_a_training_log_do_not_pass_for_a_time_limit_stop(tmp_path):
+    """The iterations of a stage come from the time-limit handler's line when the limit stopped it: the per-epoch
+    estimate, which names the time limit, must not be read as one."""
+    from app.ablation import _iterations
+
+    log = tmp_path / "train.log"
+    log.write_text(
+        "... - INFO - Run: strategy plain, seed 0, time_limit_minutes 6, val_interval 1, 4 epoch(s) of 3 iteration(s) "
+        "(12 in all); device cpu; torch 2, monai 1.\n"
+        "... - INFO - Epoch 1/4 done (iteration 3 of 12): train_loss mean 1.5, learning rate 0.001, 1.00 s per "
+        "iteration; 0:00:03 trained, about 0:00:02 left, when the time limit of 6 min stops it (at about epoch 2 of 4)."
+        "\n... - INFO - Training finished: all 4 epoch(s) trained (12 iterations), in 0:00:12.\n")
+    assert _iterations(log, tmp_path / "no_checkpoint.pt") is None
+    with open(log, "a") as f:
+        f.write("... - INFO - Time limit of 6 min reached at epoch 2, iteration 5: stopping.\n"
+                "... - INFO - Training finished: the time limit of 6 min was reached at epoch 2 of 4, iteration 5, in "
+                "0:06:00; best val_mean_dice 0.1 at epoch 2.\n")
+    assert _iterations(log, tmp_path / "no_checkpoint.pt") == 5

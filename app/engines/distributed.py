@@ -341,6 +341,10 @@ class StopOnSignal:
 
     def _end_process(self, engine: Engine, signum: int) -> None:
         self._uninstall(engine)
+        # the log's last line: the checkpoint line before it is written at every epoch's end too
+        logger.warning("Training stopped by %s at epoch %d, iteration %d, after writing the resumable checkpoint: "
+                       "exit status %d; run the same command with --resume true to continue.",
+                       signal.Signals(signum).name, engine.state.epoch, engine.state.iteration, 128 + signum)
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         for handler in logging.getLogger().handlers:

@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from ignite.engine import Engine, Events
@@ -15,7 +15,7 @@ from ignite.engine import Engine, Events
 from app.atomic import atomic_write_text
 from app.flags import parse_bool
 
-__all__ = ["TimeLimitHandler", "DiagnosticsHandler", "SubsetReportHandler"]
+__all__ = ["TimeLimitHandler", "DiagnosticsHandler", "SubsetReportHandler", "TrainingProgressHandler", "format_duration"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,205 @@ class TimeLimitHandler:
 
     def _validated(self, engine: Engine) -> bool:
         return self.validator.state.epoch == engine.state.epoch
+
+
+def format_duration(seconds: float) -> str:
+    """``H:MM:SS`` of a number of seconds (rounded down; days add to the hours)."""
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class TrainingProgressHandler:
+    """Logs what a run is, how far it is and why it ended, and puts its learning rate and speed on TensorBoard.
+
+    A run of many hours is watched through its log: MONAI's per-iteration line gives the loss, but not the
+    learning rate, the time an iteration takes or how long the run has left, and a run that ended on its time
+    limit ended with the same lines as one that trained every epoch. This handler logs:
+
+    - at the start, the data (training and validation cases, the sequences their files lack), the settings
+      that decide the run (``settings``), the device and the versions, and the iteration a resumed run
+      continues from, with the time trained before it;
+    - after each epoch, ``Epoch E/N done (iteration I of T): train_loss mean L, learning rate R, S s per
+      iteration; H:MM:SS trained, about H:MM:SS left``, the estimate from this run's pace so far (validation
+      included), ended by ``max_epochs`` or by the time limit, whichever comes first;
+    - at the end, one line saying why the run ended (every epoch trained, or the time limit) and where the
+      best validation score is.
+
+    TensorBoard gets ``learning_rate``, ``train_loss_epoch`` (the epoch's mean) and ``seconds_per_iteration``
+    per epoch (the epoch as step, as the validation scores).
+
+    Args:
+        optimizer: the trainer's optimizer (its first parameter group's learning rate, as it was during the
+            epoch: the scheduler steps at the epoch's end).
+        summary_writer: optional TensorBoard ``SummaryWriter``.
+        time_limit: optional :class:`TimeLimitHandler` of the run: its budget bounds the estimate, and its
+            clock (which counts the time of the runs a resumed run continues) gives the time trained.
+        validator: optional evaluator whose best key metric the last line names.
+        datalist: optional ``{"training": [...], "validation": [...]}`` case records (``modalities``: the
+            sequences each case's files name) summarised at the start.
+        settings: optional settings logged at the start, in order (``{"seed": 0, ...}``), after the strategy of the
+            trainer (``engine.strategy``: its ``name``, and its class when it is not one of this package's).
+        modalities: every sequence a case may have, for the count of those missing.
+        loss_key: key of the loss in the engine output.
+    """
+
+    def __init__(self, optimizer: Any = None, summary_writer: Any = None, time_limit: TimeLimitHandler | None = None,
+                 validator: Engine | None = None, datalist: dict[str, list[dict[str, Any]]] | None = None,
+                 settings: dict[str, Any] | None = None, modalities: Sequence[str] = (),
+                 loss_key: str = "loss") -> None:
+        self.optimizer = optimizer
+        self.writer = summary_writer
+        self.time_limit = time_limit
+        self.validator = validator
+        self.datalist = datalist
+        self.settings = dict(settings or {})
+        self.modalities = tuple(modalities)
+        self.loss_key = loss_key
+        self._start = time.monotonic()
+        self._start_iteration = 0
+        self._loss_sum: Any = 0.0
+        self._loss_count = 0
+        self._lr: float | None = None
+        self._epoch_start = self._start
+        self._last_iteration = self._start
+        self._epoch_iterations = 0
+
+    def attach(self, engine: Engine) -> None:
+        """Log at the start, after each iteration's loss, at each epoch's end and at the end of ``engine``.
+
+        Attach it after the handlers whose epoch-end work the estimate should include (validation, checkpoint).
+
+        Args:
+            engine: the trainer.
+        """
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+        engine.add_event_handler(Events.COMPLETED, self._completed)
+
+    def data_summary(self) -> str | None:
+        """One sentence on the cases of ``datalist``: how many train and validate, and the sequences they lack."""
+        if not self.datalist:
+            return None
+        parts = {k: list(self.datalist.get(k) or []) for k in ("training", "validation")}
+        text = f"{len(parts['training'])} training and {len(parts['validation'])} validation case(s)"
+        if not self.modalities:
+            return text
+        missing = []
+        for seq in self.modalities:
+            counts = [sum(seq not in (rec.get("modalities") or ()) for rec in recs) for recs in parts.values()]
+            if any(counts):
+                missing.append(f"{seq} in {counts[0]} training and {counts[1]} validation case(s)")
+        # by the files, as datalist.json lists them: an all-zero channel of an MSD 4D image drops out only when
+        # the case is loaded
+        return text + ("; sequences missing from the case files: " + ", ".join(missing) if missing
+                       else f"; every case's files hold all {len(self.modalities)} sequences")
+
+    def _lr_now(self) -> float | None:
+        groups = getattr(self.optimizer, "param_groups", None)
+        return float(groups[0]["lr"]) if groups else None
+
+    def _started(self, engine: Engine) -> None:
+        import monai
+
+        self._start = time.monotonic()
+        self._start_iteration = int(engine.state.iteration)
+        data = self.data_summary()
+        if data:
+            logger.info("Data: %s.", data)
+        settings = dict(self.settings)
+        strategy = getattr(engine, "strategy", None)
+        if strategy is not None:
+            # the object that trains, not the --strategy label: a recipe's strategy_def decides (and keeps the label)
+            kind = type(strategy)
+            notes = [] if kind.__module__.startswith("app.") else [f"{kind.__module__}.{kind.__qualname__}"]
+            if getattr(strategy, "subsets", None) is not None:  # GMD: all subsets, or k sampled per iteration
+                notes.append(f"subsets {strategy.subsets}")
+            where = f" ({', '.join(notes)})" if notes else ""
+            settings = {"strategy": f"{getattr(strategy, 'name', kind.__name__)}{where}",
+                        **{k: v for k, v in settings.items() if k != "strategy"}}
+        settings = ", ".join(f"{k} {v}" for k, v in settings.items())
+        total = engine.state.max_epochs * engine.state.epoch_length if engine.state.epoch_length else None
+        device = getattr(engine.state, "device", None) or getattr(engine, "device", None)
+        logger.info("Run: %s%s%d epoch(s) of %s iteration(s)%s; %storch %s, monai %s.",
+                    settings, ", " if settings else "", engine.state.max_epochs, engine.state.epoch_length,
+                    f" ({total} in all)" if total else "", f"device {device}; " if device is not None else "",
+                    torch.__version__, monai.__version__)
+        if self._start_iteration:
+            # the epoch in progress is the checkpoint's line to name (state.epoch counts the epochs completed)
+            logger.info("Resumed after iteration %d%s.", self._start_iteration, "" if self.time_limit is None else
+                        f", with {format_duration(self.time_limit.elapsed())} trained before")
+
+    def _epoch_started(self, engine: Engine) -> None:
+        self._loss_sum, self._loss_count, self._epoch_iterations = 0.0, 0, 0
+        self._epoch_start = self._last_iteration = time.monotonic()
+        self._lr = self._lr_now()  # the scheduler steps at the epoch's end: this is the epoch's rate
+
+    def _iteration_completed(self, engine: Engine) -> None:
+        self._last_iteration = time.monotonic()
+        self._epoch_iterations += 1
+        output = engine.state.output
+        loss = output.get(self.loss_key) if isinstance(output, dict) else None
+        if loss is None:
+            return
+        # summed on the device: no host sync per iteration for the mean
+        self._loss_sum = self._loss_sum + (loss.detach().float().mean() if isinstance(loss, torch.Tensor) else loss)
+        self._loss_count += 1
+
+    def _elapsed(self) -> float:
+        return self.time_limit.elapsed() if self.time_limit is not None else time.monotonic() - self._start
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        state = engine.state
+        epoch_length = int(state.epoch_length or 0)
+        # the iterations alone (their data loading included), not the epoch-end validation
+        per_iteration = ((self._last_iteration - self._epoch_start) / self._epoch_iterations
+                         if self._epoch_iterations else None)
+        done = int(state.iteration) - self._start_iteration
+        pace = (time.monotonic() - self._start) / done if done > 0 else None  # validation and checkpoints too
+        total = int(state.max_epochs) * epoch_length
+        left = None if pace is None else max(0, total - int(state.iteration)) * pace
+        limit = ""
+        budget = getattr(self.time_limit, "seconds", None)
+        if budget is not None and pace:  # pace 0: a clock too coarse to measure this run's iterations
+            budget_left = max(0.0, budget - self.time_limit.elapsed())
+            if budget_left < left:
+                at = min(total, int(state.iteration) + int(budget_left / pace))
+                limit = (f", when the time limit of {budget / 60:g} min stops it (at about epoch "
+                         f"{max(1, -(-at // epoch_length))} of {state.max_epochs})")
+                left = budget_left
+        loss = float(self._loss_sum) / self._loss_count if self._loss_count else None
+        parts = [f"train_loss mean {loss:.4f}" if loss is not None else None,
+                 f"learning rate {self._lr:.3g}" if self._lr is not None else None,
+                 f"{per_iteration:.2f} s per iteration" if per_iteration is not None else None]
+        logger.info("Epoch %d/%d done (iteration %d of %d): %s; %s trained%s.", state.epoch, state.max_epochs,
+                    state.iteration, total, ", ".join(p for p in parts if p),
+                    format_duration(self._elapsed()),
+                    "" if left is None else f", about {format_duration(left)} left{limit}")
+        if self.writer is not None:
+            for tag, value in (("learning_rate", self._lr), ("train_loss_epoch", loss),
+                               ("seconds_per_iteration", per_iteration)):
+                if value is not None:
+                    self.writer.add_scalar(tag, value, state.epoch)
+            self.writer.flush()
+
+    def _completed(self, engine: Engine) -> None:
+        state = engine.state
+        total = int(state.max_epochs) * int(state.epoch_length or 0)
+        if total and state.iteration >= total:  # a limit spent at the last iteration stopped nothing
+            why = f"all {state.max_epochs} epoch(s) trained ({state.iteration} iterations)"
+        elif getattr(self.time_limit, "expired", False):
+            why = (f"the time limit of {self.time_limit.seconds / 60:g} min was reached at epoch {state.epoch} of "
+                   f"{state.max_epochs}, iteration {state.iteration}")
+        else:
+            why = f"stopped at epoch {state.epoch} of {state.max_epochs}, iteration {state.iteration} of {total}"
+        best = ""
+        vstate = getattr(self.validator, "state", None)
+        if vstate is not None and int(getattr(vstate, "best_metric_epoch", -1)) > 0:
+            name = getattr(vstate, "key_metric_name", None) or "validation score"
+            best = f"; best {name} {float(vstate.best_metric):.4f} at epoch {int(vstate.best_metric_epoch)}"
+        logger.info("Training finished: %s, in %s%s.", why, format_duration(self._elapsed()), best)
 
 
 #: the entries of GMD's diagnostics that the TensorBoard curves and ``plot-conflicts`` read
@@ -284,17 +483,23 @@ class SubsetReportHandler:
             best (``models/model.pt``).
         checkpoint: the checkpoint an evaluation scores: the report records its path and SHA-256
             (``"checkpoint"``), so two reports can be told apart once the file is moved or replaced.
+        summary_writer: optional TensorBoard ``SummaryWriter``: ``val_WT``, ``val_TC``, ``val_ET`` (means over the
+            subsets) and ``val_worst_subset_dice`` per epoch, beside the key metric's curve.
+
+    Each report is also summed up in one log line: the mean over the subsets scored (and how many), the
+    regions' means and the worst subset, which the key metric's line alone does not show.
     """
 
     def __init__(self, metric: Any, output_dir: str | os.PathLike, stem: str = "subset_dice",
                  print_table: bool = False, during_training: bool = False,
-                 checkpoint: str | os.PathLike | None = None) -> None:
+                 checkpoint: str | os.PathLike | None = None, summary_writer: Any = None) -> None:
         self.metric = metric
         self.output_dir = Path(output_dir)
         self.stem = stem
         self.print_table = parse_bool(print_table, "print_table")
         self.during_training = parse_bool(during_training, "during_training")
         self.checkpoint = os.path.abspath(os.fspath(checkpoint)) if checkpoint else None
+        self.writer = summary_writer
 
     def attach(self, engine: Engine) -> None:
         """Write the report each time ``engine`` completes.
@@ -332,3 +537,25 @@ class SubsetReportHandler:
         write_subset_report(result, self.output_dir, stem=self.stem, title=title, metrics=metrics)
         if self.print_table:
             print(format_table(result, metrics), flush=True)
+        self._summarise(engine, result)
+
+    def _summarise(self, engine: Engine, result: dict[str, Any]) -> None:
+        """One log line (and the TensorBoard curves) of a report: the mean, the regions and the worst subset."""
+        mean, worst = result.get("mean_over_subsets") or {}, result.get("worst_subset") or {}
+        if "mean" not in mean:
+            return
+        scored = len(result.get("subsets") or {})
+        total = scored + len(result.get("subsets_without_cases") or [])
+        regions = ", ".join(f"{k} {mean[k]:.4f}" for k in ("WT", "TC", "ET") if k in mean)
+        where = f"Validation after epoch {int(engine.state.epoch)}" if self.during_training else "Evaluation"
+        worst_text = f"; worst subset {worst['name']} {worst['mean']:.4f}" if "mean" in worst else ""
+        logger.info("%s: mean Dice over %s subsets %.4f (%s)%s.", where,
+                    scored if scored == total else f"{scored} of {total}", mean["mean"], regions, worst_text)
+        if self.writer is not None and self.during_training:
+            step = int(engine.state.epoch)
+            for k in ("WT", "TC", "ET"):
+                if k in mean:
+                    self.writer.add_scalar(f"val_{k}", mean[k], step)
+            if "mean" in worst:
+                self.writer.add_scalar("val_worst_subset_dice", worst["mean"], step)
+            self.writer.flush()

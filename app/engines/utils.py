@@ -7,6 +7,7 @@ import atexit
 import linecache
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -25,7 +26,7 @@ from app.networks.weights import describe_state_dict, load_weights
 
 __all__ = [
     "check_held_out", "check_held_out_split", "check_output_dir", "check_modalities", "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "load_weights", "describe_state_dict",
-    "ProgressBarHandler", "report_input_errors", "check_overrides", "check_bools", "check_counts", "check_share", "resolve_device", "amp_dtype", "check_positive", "lock_output_dir", "UNSELECTED_CHECKPOINTS",
+    "ProgressBarHandler", "report_input_errors", "is_out_of_memory", "allocation_failure", "check_overrides", "check_bools", "check_counts", "check_share", "resolve_device", "amp_dtype", "check_positive", "lock_output_dir", "UNSELECTED_CHECKPOINTS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,43 @@ def _worker_died(exc: BaseException) -> RuntimeError | None:
         "or run where more memory is free.")
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says that an allocation failed: CUDA's ``OutOfMemoryError``, PyTorch's CPU allocator (a
+    ``RuntimeError``), or numpy's ``MemoryError``."""
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def allocation_failure(err: BaseException) -> str:
+    """A short account of a failed allocation (PyTorch's messages run over several lines and sentences): the size
+    asked for when the message says it."""
+    text = " ".join(str(err).split())
+    asked = re.search(r"tried to allocate ([0-9.]+) ?([kmgt]?i?b(?:ytes)?)", text, re.IGNORECASE)
+    if asked is None:
+        return f"{type(err).__name__}: {text[:120]}" if text else type(err).__name__
+    amount, unit = float(asked.group(1)), asked.group(2)
+    if unit.lower() == "bytes":
+        amount, unit = amount / 2**20, "MiB"
+    return f"{type(err).__name__}: allocating {amount:.1f} {unit} failed"
+
+
+def _out_of_memory(exc: BaseException) -> RuntimeError | None:
+    """A run that ran out of memory, as a one-line error naming the settings that need less, or None.
+
+    A GPU too small for the patch and batch (or shared with another job) ended training or evaluation with
+    MONAI's ``Failed to evaluate ConfigExpression`` traceback, whose last line named neither the cause nor a fix:
+    the out-of-memory error sat in the middle of it.
+    """
+    if not is_out_of_memory(exc):
+        return None
+    return RuntimeError(
+        f"Out of memory ({allocation_failure(exc)}): pass a smaller --batch_size (segmentation: also --num_samples "
+        "or --patch_size, and --sw_batch_size for the validation windows), or run where more memory is free (on a "
+        "GPU another job may hold part of it: see nvidia-smi).")
+
+
 def _input_error(exc: BaseException | None) -> BaseException | None:
     """The product's own bad-input error behind ``exc``, or None.
 
@@ -71,8 +109,8 @@ def _input_error(exc: BaseException | None) -> BaseException | None:
     statement of this package, whose messages name the file and the fix; one raised inside a
     library or the interpreter (``int('x')``, a bad unpacking) is a bug, shown whole. A
     :class:`~app.data.errors.WorkerCaseError` is such an error found in a data-loader worker, which
-    PyTorch raises again in the main process. A data-loader worker that died (:func:`_worker_died`) is reported
-    as an error naming the settings that avoid it.
+    PyTorch raises again in the main process. A data-loader worker that died (:func:`_worker_died`) and an
+    allocation that failed (:func:`_out_of_memory`) are reported as errors naming the settings that avoid them.
     """
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -81,6 +119,8 @@ def _input_error(exc: BaseException | None) -> BaseException | None:
             return exc
         if (died := _worker_died(exc)) is not None:
             return died
+        if (oom := _out_of_memory(exc)) is not None:
+            return oom
         filename, line = _raised_at(exc)
         if filename.startswith(_APP_DIR):
             ours = linecache.getline(filename, line).lstrip().startswith("raise")

@@ -263,6 +263,8 @@ def _run_cases(records: Mapping[str, Any], discovery_errors: Mapping[str, str], 
         with contextlib.suppress(OSError):  # the last report written still says the batch did not finish
             report.write(results, stopped=True)
 
+    # the total, so that the per-case lines of a long batch say how far it is
+    print(f"Segmenting {len(names)} case(s) under {report.input_dir} into {report.output_dir}.", flush=True)
     try:
         _segment_cases(names, records, discovery_errors, results, segmenter, out_dir, claimed, inputs,
                        labels=labels, probabilities=probabilities, reference=reference, progress=progress,
@@ -280,6 +282,9 @@ def _run_cases(records: Mapping[str, Any], discovery_errors: Mapping[str, str], 
         raise
     failed = [r for r in results if r["status"] != "ok"]
     report.write(results)
+    # one line a service can grep for, whatever the outcome: the cases' own lines may be thousands
+    print(f"Batch finished: {len(results) - len(failed)} of {len(results)} case(s) segmented, {len(failed)} failed, "
+          f"in {time.perf_counter() - report.start:.1f} s; report: {report.path}.", flush=True)
     if failed and raise_on_error:
         raise BatchError(f"{len(failed)} of {len(results)} case(s) failed: "
                          + "; ".join(f"{r['case']}: {r['error']}" for r in failed))

@@ -46,7 +46,9 @@ from app.data.datalist import ras_spacing, spacing_differs
 from app.data.discovery import OUTPUT_DESCRIPTION_PREFIX, load_nifti, recorded_crc_matches, voxel_crc
 from app.data.errors import CaseError, check_readable
 from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, regions_to_labels
+from app.engines.utils import allocation_failure as _allocation_failure
 from app.engines.utils import amp_dtype, check_patch_size, resolve_device
+from app.engines.utils import is_out_of_memory as _out_of_memory
 from app.flags import parse_bool
 from app.inference.io import AtomicOutputs, CaseInputs, Volume, _one_line, read_case, voxel_volume_ml
 from app.inference.model import bundle_defaults, bundle_version, load_network
@@ -228,28 +230,6 @@ class Prediction:
 
 def _seconds(start: float) -> float:
     return round(time.perf_counter() - start, 4)
-
-
-def _allocation_failure(err: BaseException) -> str:
-    """A short account of a failed allocation (PyTorch's messages run over several lines and
-    sentences): the size asked for when the message says it."""
-    text = _one_line(err)
-    asked = re.search(r"tried to allocate ([0-9.]+) ?([kmgt]?i?b(?:ytes)?)", text, re.IGNORECASE)
-    if asked is None:
-        return f"{type(err).__name__}: {text[:120]}" if text else type(err).__name__
-    amount, unit = float(asked.group(1)), asked.group(2)
-    if unit.lower() == "bytes":
-        amount, unit = amount / 2**20, "MiB"
-    return f"{type(err).__name__}: allocating {amount:.1f} {unit} failed"
-
-
-def _out_of_memory(err: BaseException) -> bool:
-    """Whether ``err`` says that an allocation failed: CUDA's ``OutOfMemoryError``, PyTorch's CPU
-    allocator (a ``RuntimeError``), or numpy's ``MemoryError``."""
-    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(err).lower()
-    return "can't allocate memory" in text or "out of memory" in text
 
 
 class Segmenter:

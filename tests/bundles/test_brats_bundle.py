@@ -26,11 +26,16 @@ def phantoms(tmp_path_factory):
     return root
 
 
+#: the log of the ``trained`` run
+_TRAIN_LOG: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def trained(phantoms, tmp_path_factory):
     out = tmp_path_factory.mktemp("train_plain")
-    run_bundle([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
-               "--strategy", "plain", *TINY)
+    proc = run_bundle([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
+                      "--strategy", "plain", *TINY)
+    _TRAIN_LOG["plain"] = proc.stdout + proc.stderr
     return out
 
 
@@ -260,6 +265,30 @@ def test_a_bad_hd95_workers_count_is_one_line_before_any_case_is_read(trained, p
                     "the values do not depend on it), e.g. --hd95_workers 4."), line
 
 
+def test_a_training_logs_its_data_progress_and_why_it_ended_and_tensorboard_has_its_learning_rate(trained):
+    """The log named neither the split nor the device, gave no learning rate, time per iteration, time left or
+    worst subset, and ended as every run ended; TensorBoard had the loss and the key metric only."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = _TRAIN_LOG["plain"]
+    datalist = json.loads((trained / "datalist.json").read_text())
+    n_train, n_val = len(datalist["training"]), len(datalist["validation"])
+    assert f"Data: {n_train} training and {n_val} validation case(s); every case's files hold all 4 sequences." in log
+    assert "Run: strategy plain, seed 0, " in log and "; device cpu; torch " in log
+    assert re.search(r"Epoch 1/1 done \(iteration (\d+) of \1\): train_loss mean [\d.]+, learning rate 0.0003, "
+                     r"[\d.]+ s per iteration; \d:\d\d:\d\d trained, about 0:00:00 left\.", log), log
+    worst = json.loads((trained / "validation" / "subset_dice.json").read_text())["worst_subset"]
+    assert "Validation after epoch 1: mean Dice over 15 subsets " in log
+    assert f"worst subset {worst['name']} {worst['mean']:.4f}." in log
+    assert re.search(r"Training finished: all 1 epoch\(s\) trained \(\d+ iterations\), in \d:\d\d:\d\d; best "
+                     r"val_mean_dice [\d.]+ at epoch 1\.", log), log
+    events = EventAccumulator(str(trained / "tensorboard"))
+    events.Reload()
+    assert {"train_loss", "val_mean_dice", "learning_rate", "seconds_per_iteration", "train_loss_epoch", "val_WT",
+            "val_TC", "val_ET", "val_worst_subset_dice"} <= set(events.Tags()["scalars"])
+    assert events.Scalars("val_worst_subset_dice")[0].value == pytest.approx(worst["mean"])
+
+
 def test_time_limit_stops_cleanly_and_still_writes_final_model(phantoms, tmp_path):
     proc = run_bundle([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(tmp_path), "--max_epochs", "50",
                       "--strategy", "plain", "--time_limit_minutes", "0.0001", *TINY)
@@ -268,6 +297,9 @@ def test_time_limit_stops_cleanly_and_still_writes_final_model(phantoms, tmp_pat
     assert ckpt["max_epochs"] == 50 and ckpt["epoch_length"] > 1
     assert (ckpt["epoch"], ckpt["iteration"]) == (1, 1)
     assert "Time limit of 0.0001 min reached at epoch 1, iteration 1: stopping." in proc.stdout + proc.stderr
+    # the last line says why the run ended: not every epoch trained
+    assert "Training finished: the time limit of 0.0001 min was reached at epoch 1 of 50, iteration 1, in " \
+        in proc.stdout + proc.stderr
     assert (tmp_path / "models" / "model_final.pt").is_file()
     # the handler validated the last weights before stopping: no epoch ended, so nothing else did
     assert (tmp_path / "models" / "model.pt").is_file()

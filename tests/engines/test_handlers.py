@@ -6,6 +6,8 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import torch
+from ignite.engine import Events
 
 from app.engines import DiagnosticsHandler
 
@@ -215,7 +217,7 @@ def test_records_of_a_strategy_of_ones_own_are_tagged_with_its_name(tmp_path):
     assert not (tmp_path / "gmd_diagnostics.jsonl").exists() and writer.scalars["gmd_scaled/alpha"] == (0.5, 5)
 
 
-def test_stop_on_signal_finishes_the_iteration_runs_terminate_handlers_then_ends_by_the_signal(monkeypatch):
+def test_stop_on_signal_finishes_the_iteration_runs_terminate_handlers_then_ends_by_the_signal(monkeypatch, caplog):
     """SIGTERM mid-iteration: the iteration completes, COMPLETED (model_final.pt) is skipped, the TERMINATE
     handlers (the resumable checkpoint) run, and only then is the process ended by the signal."""
     import signal
@@ -246,6 +248,10 @@ def test_stop_on_signal_finishes_the_iteration_runs_terminate_handlers_then_ends
         signal.signal(signal.SIGTERM, previous)
     assert events == ["iteration 1", "iteration 2", "iteration 3", "step 3 finished", "checkpoint written"]
     assert ended == [(distributed.os.getpid(), signal.SIGTERM)]
+    # the log ends on a line of its own, not on the checkpoint's line that every epoch's end writes too
+    assert caplog.records[-1].getMessage() == (
+        "Training stopped by SIGTERM at epoch 1, iteration 3, after writing the resumable checkpoint: exit status "
+        "143; run the same command with --resume true to continue.")
     assert signal.getsignal(signal.SIGTERM) == previous
 
 
@@ -263,3 +269,183 @@ def test_stop_on_signal_changes_nothing_without_a_signal():
     StopOnSignal().attach(engine)
     engine.run(range(4), max_epochs=2)
     assert done == [8] and signal.getsignal(signal.SIGTERM) == previous  # uninstalled at the end
+
+
+class _Clock:
+    """``time.monotonic`` of the handlers: one second per training iteration."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def _progress_run(monkeypatch, minutes, max_epochs=4, epoch_length=3, writer=None, datalist=None):
+    from ignite.engine import Engine
+
+    import app.engines.handlers as handlers
+    from app.engines import TimeLimitHandler, TrainingProgressHandler
+
+    clock = _Clock()
+    monkeypatch.setattr(handlers.time, "monotonic", clock)
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.5)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.1)
+
+    def step(engine, batch):
+        clock.now += 1.0
+        optimizer.step()
+        return {"loss": torch.tensor(float(engine.state.iteration))}
+
+    trainer = Engine(step)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: scheduler.step())
+    limit = TimeLimitHandler(minutes)
+    limit.attach(trainer)
+    TrainingProgressHandler(optimizer=optimizer, summary_writer=writer, time_limit=limit, datalist=datalist,
+                            modalities=("flair", "t1", "t1ce", "t2"), settings={"strategy": "plain", "seed": 3}
+                            ).attach(trainer)
+    trainer.run(range(epoch_length), max_epochs=max_epochs)
+    return trainer
+
+
+def test_each_epoch_logs_its_loss_learning_rate_pace_and_the_time_left(monkeypatch, caplog):
+    """The log gave a loss per iteration only: no learning rate, no time per iteration and no estimate of the
+    time left, and a run that ended on its time limit ended with the same lines as one that trained every epoch."""
+    caplog.set_level("INFO", logger="app.engines.handlers")
+    writer = _Writer()
+    _progress_run(monkeypatch, minutes=0, writer=writer)
+    lines = [r.getMessage() for r in caplog.records if r.name == "app.engines.handlers"]
+    # epoch 1: iterations 1-3 (losses 1, 2, 3), at the learning rate set before the scheduler's step
+    assert ("Epoch 1/4 done (iteration 3 of 12): train_loss mean 2.0000, learning rate 0.5, 1.00 s per iteration; "
+            "0:00:03 trained, about 0:00:09 left.") in lines
+    assert ("Epoch 3/4 done (iteration 9 of 12): train_loss mean 8.0000, learning rate 0.005, 1.00 s per "
+            "iteration; 0:00:09 trained, about 0:00:03 left.") in lines
+    assert lines[-1] == "Training finished: all 4 epoch(s) trained (12 iterations), in 0:00:12."
+    assert writer.scalars["learning_rate"] == (pytest.approx(0.0005), 4)
+    assert writer.scalars["train_loss_epoch"] == (pytest.approx(11.0), 4)
+    assert writer.scalars["seconds_per_iteration"] == (1.0, 4)
+
+
+def test_the_estimate_and_the_last_line_name_the_time_limit_when_it_stops_the_run(monkeypatch, caplog):
+    caplog.set_level("INFO", logger="app.engines.handlers")
+    trainer = _progress_run(monkeypatch, minutes=5 / 60)  # 5 s: 1 epoch and 2 iterations of the 4 epochs
+    lines = [r.getMessage() for r in caplog.records if r.name == "app.engines.handlers"]
+    assert lines[0].startswith("Run: strategy plain, seed 3, 4 epoch(s) of 3 iteration(s) (12 in all); torch ")
+    assert ("Epoch 1/4 done (iteration 3 of 12): train_loss mean 2.0000, learning rate 0.5, 1.00 s per iteration; "
+            "0:00:03 trained, about 0:00:02 left, when the time limit of 0.0833333 min stops it (at about epoch 2 "
+            "of 4).") in lines
+    assert trainer.state.iteration == 5
+    assert lines[-1] == ("Training finished: the time limit of 0.0833333 min was reached at epoch 2 of 4, "
+                         "iteration 5, in 0:00:05.")
+
+
+def test_a_time_limit_spent_at_the_last_iteration_is_no_early_stop(monkeypatch, caplog):
+    """The budget ran out at the last iteration of the last epoch: every epoch had trained, and the last line
+    must not say that the time limit stopped the run."""
+    caplog.set_level("INFO", logger="app.engines.handlers")
+    _progress_run(monkeypatch, minutes=3 / 60, max_epochs=1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "app.engines.handlers"]
+    assert "Time limit of 0.05 min reached at epoch 1, iteration 3: stopping." in lines
+    assert lines[-1] == "Training finished: all 1 epoch(s) trained (3 iterations), in 0:00:03."
+
+
+def test_the_start_of_a_run_says_how_many_cases_train_and_validate_and_which_sequences_they_lack(monkeypatch,
+                                                                                                  caplog):
+    caplog.set_level("INFO", logger="app.engines.handlers")
+    every = ["flair", "t1", "t1ce", "t2"]
+    datalist = {"training": [{"modalities": every}, {"modalities": ["flair", "t2"]}, {"modalities": every[1:]}],
+                "validation": [{"modalities": ["flair", "t1", "t2"]}]}
+    _progress_run(monkeypatch, minutes=0, max_epochs=1, datalist=datalist)
+    lines = [r.getMessage() for r in caplog.records if r.name == "app.engines.handlers"]
+    assert lines[0] == ("Data: 3 training and 1 validation case(s); sequences missing from the case files: flair in 1 "
+                        "training and 0 validation case(s), t1 in 1 training and 0 validation case(s), t1ce in 1 "
+                        "training and 1 validation case(s).")
+    caplog.clear()
+    _progress_run(monkeypatch, minutes=0, max_epochs=1, datalist={"training": [{"modalities": every}],
+                                                                   "validation": [{"modalities": every}]})
+    assert caplog.records[0].getMessage() == "Data: 1 training and 1 validation case(s); every case's files hold all 4 sequences."
+
+
+def test_each_validation_report_logs_the_regions_and_the_worst_subset_and_puts_them_on_tensorboard(tmp_path,
+                                                                                                   caplog):
+    """The validation log gave the key metric alone: a run whose mean rose while one subset stayed at 0 looked
+    healthy from its log and TensorBoard."""
+    from app.engines import SubsetReportHandler
+
+    caplog.set_level("INFO", logger="app.engines.handlers")
+    result = {"subsets": {"flair": {"WT": 0.5, "TC": 0.25, "ET": 0.0, "mean": 0.25, "n_cases": 1},
+                          "t1ce": {"WT": 0.75, "TC": 0.5, "ET": 0.25, "mean": 0.5, "n_cases": 1}},
+              "mean_over_subsets": {"WT": 0.625, "TC": 0.375, "ET": 0.125, "mean": 0.375},
+              "worst_subset": {"name": "flair", "mean": 0.25},
+              "subsets_without_cases": ["t1"], "per_case": []}
+    metric = SimpleNamespace(last_result=result)
+    engine = SimpleNamespace(state=SimpleNamespace(epoch=7))
+    writer = _Writer()
+    SubsetReportHandler(metric, tmp_path / "train", during_training=True, summary_writer=writer)(engine)
+    SubsetReportHandler(metric, tmp_path / "eval")(engine)
+    lines = [r.getMessage() for r in caplog.records if r.name == "app.engines.handlers"]
+    assert lines == [
+        "Validation after epoch 7: mean Dice over 2 of 3 subsets 0.3750 (WT 0.6250, TC 0.3750, ET 0.1250); worst "
+        "subset flair 0.2500.",
+        "Evaluation: mean Dice over 2 of 3 subsets 0.3750 (WT 0.6250, TC 0.3750, ET 0.1250); worst subset flair "
+        "0.2500.",
+    ]
+    assert writer.scalars == {"val_WT": (0.625, 7), "val_TC": (0.375, 7), "val_ET": (0.125, 7),
+                              "val_worst_subset_dice": (0.25, 7)}
+
+
+def test_a_resumed_run_names_the_iteration_it_continues_from_and_estimates_from_its_own_pace(monkeypatch, caplog):
+    from ignite.engine import Engine
+
+    import app.engines.handlers as handlers
+    from app.engines import TimeLimitHandler, TrainingProgressHandler
+
+    caplog.set_level("INFO", logger="app.engines.handlers")
+    clock = _Clock()
+    monkeypatch.setattr(handlers.time, "monotonic", clock)
+
+    def step(engine, batch):
+        clock.now += 2.0
+        return {"loss": 1.0}
+
+    trainer = Engine(step)
+    limit = TimeLimitHandler(0)
+    limit.attach(trainer)
+
+    def restore(engine):  # as ResumableCheckpoint does at STARTED: 2 epochs of 3 done, 60 s trained before
+        engine.state.iteration, engine.state.epoch = 6, 2
+        limit.load_state_dict({"elapsed_seconds": 60.0})
+
+    trainer.add_event_handler(Events.STARTED, restore)
+    TrainingProgressHandler(time_limit=limit).attach(trainer)
+    trainer.run(range(3), max_epochs=4)
+    lines = [r.getMessage() for r in caplog.records if r.name == "app.engines.handlers"]
+    assert lines[1] == "Resumed after iteration 6, with 0:01:00 trained before."
+    assert lines[2] == ("Epoch 3/4 done (iteration 9 of 12): train_loss mean 1.0000, 2.00 s per iteration; 0:01:06 "
+                        "trained, about 0:00:06 left.")
+
+
+def test_the_run_line_names_the_strategy_that_trains_not_the_label(caplog):
+    """A recipe replacing strategy_def leaves --strategy at its default label (gmd): the start of the log named
+    gmd for a run that trained another strategy."""
+    from ignite.engine import Engine
+
+    from app.engines import TrainingProgressHandler
+    from app.strategies import build_strategy
+
+    caplog.set_level("INFO", logger="app.engines.handlers")
+
+    class Mine(type(build_strategy("plain"))):
+        name = "unimodal_aux"
+
+    for strategy, named in ((build_strategy("gmd_approx"), "strategy gmd_approx (subsets all), seed 1"),
+                            (build_strategy("gmd", subsets=3), "strategy gmd (subsets 3), seed 1"),
+                            (build_strategy("cggm"), "strategy cggm, seed 1"),
+                            (Mine(), f"strategy unimodal_aux ({__name__}.{Mine.__qualname__}), seed 1")):
+        caplog.clear()
+        trainer = Engine(lambda e, b: None)
+        trainer.strategy = strategy
+        TrainingProgressHandler(settings={"strategy": "gmd", "seed": 1}).attach(trainer)
+        trainer.run([0], max_epochs=1)
+        assert caplog.records[0].getMessage().startswith(f"Run: {named}, 1 epoch(s) of 1 iteration(s)")

@@ -626,3 +626,30 @@ def test_a_patch_size_fix_never_suggests_a_single_voxel_at_the_deepest_level():
         check_patch_size([8, 8, 8], 8)
     check_patch_size([8, 16, 8], 8)
     check_patch_size([8, 0, 0], 8, whole_axis=True)
+
+
+@pytest.mark.parametrize("oom", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.19 GiB "
+                           "of which 1.20 GiB is free. Including non-PyTorch memory, this process has 78 GiB in use."),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)"),
+])
+def test_a_run_out_of_memory_ends_with_one_line_naming_the_settings(oom, monkeypatch, capsys):
+    """A GPU too small for the patch and batch ended training with MONAI's traceback, whose last line was
+    'Failed to evaluate ConfigExpression' and the run expression: the out-of-memory error sat in its middle."""
+    import sys
+
+    monkeypatch.setattr("sys.excepthook", lambda *exc: None)
+    monkeypatch.delenv("APP_TRACEBACK", raising=False)
+    report_input_errors()
+    err = _wrapped(_raised(lambda: (_ for _ in ()).throw(oom)))
+    sys.excepthook(type(err), err, err.__traceback__)
+    line = capsys.readouterr().err
+    assert line.count("\n") == 1, line
+    assert line.startswith(f"error: Out of memory ({type(oom).__name__}: allocating ")
+    assert "--batch_size" in line and "--patch_size" in line and "--sw_batch_size" in line
+    assert ("20.0 GiB failed" in line) if isinstance(oom, torch.OutOfMemoryError) else ("65536.0 MiB failed" in line)
+    # another RuntimeError is a bug, shown whole
+    import app.engines.utils as utils
+
+    assert utils._input_error(_wrapped(_raised(lambda: (_ for _ in ()).throw(RuntimeError("shape mismatch"))))) is None

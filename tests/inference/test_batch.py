@@ -639,3 +639,26 @@ def test_a_case_with_a_sequence_copied_from_another_fails_alone(phantom_root, se
     assert {c: r["status"] for c, r in report.items()} == {"Copied": "error", "Good": "ok"}
     assert report["Copied"]["error"].startswith(f"{copied / 'Copied_t1ce.nii.gz'} (t1ce) holds the same voxels as ")
     assert not (out / "Copied.nii.gz").exists() and (out / "Good.nii.gz").exists()
+
+
+def test_a_batch_says_how_many_cases_it_has_and_ends_with_one_line_of_its_outcome(phantom_root, random_ckpt,
+                                                                                  tmp_path, capsys):
+    """A batch that segmented every case printed the cases' lines and nothing after them, so a service could not
+    tell a finished batch from one still running or cut short, nor read how many cases there were in all."""
+    import re
+
+    root = tmp_path / "in"
+    _copy_case(phantom_root, root, "A", seqs=("flair", "t2"))
+    _copy_case(phantom_root, root, "B")
+    out = tmp_path / "out"
+    args = ["--input-dir", str(root), "--output-dir", str(out), "--ckpt", random_ckpt, "--device", "cpu"]
+    assert batch_main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"Segmenting 2 case(s) under {root} into {out}."
+    assert re.fullmatch(r"Batch finished: 2 of 2 case\(s\) segmented, 0 failed, in [\d.]+ s; report: "
+                        + re.escape(str(out / "inference_summary.json")) + r"\.", lines[-1]), lines[-1]
+    (root / "B" / "B_t2.nii.gz").write_bytes(b"not a scan")
+    assert batch_main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1].startswith("Batch finished: 1 of 2 case(s) segmented, 1 failed, in ")
+    assert captured.err.strip().splitlines()[-1].startswith("error: 1 of 2 case(s) failed: B: ")

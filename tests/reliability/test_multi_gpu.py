@@ -278,6 +278,8 @@ MOSI = REPO / "bundles" / "mosi_gmd" / "configs"
 FILE_WRITERS = {
     "StatsHandler", "TensorBoardStatsHandler", "DiagnosticsHandler", "AtomicCheckpointSaver", "ProgressBarHandler",
 }
+#: writers of the segmentation bundle only (the sentiment bundle has no such handler)
+BRATS_FILE_WRITERS = {"TrainingProgressHandler"}
 # StopOnSignal on every rank: the ranks agree on a SIGTERM stop with one all-reduce per iteration
 ALL_RANKS = ["LrScheduleHandler", "ValidationHandler", "DistributedTimeLimitHandler", "ResumableCheckpoint",
              "StopOnSignal"]
@@ -318,7 +320,8 @@ def test_override_runs_file_writing_handlers_on_rank_0_only(bundle, rank, bundle
     assert all(name in names for name in ALL_RANKS)
     assert names.index("ResumableCheckpoint") > names.index("ValidationHandler") > names.index("LrScheduleHandler")
     if rank == 0:
-        assert FILE_WRITERS <= set(names) and "AtomicCheckpointSaver" in val_names
+        assert FILE_WRITERS | (BRATS_FILE_WRITERS if bundle == "brats" else set()) <= set(names)
+        assert "AtomicCheckpointSaver" in val_names
         assert type(checkpoint.key_metric_saver).__name__ == "AtomicCheckpointSaver"
         assert parser.get_parsed_content("summary_writer") is not None
     else:
