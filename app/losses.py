@@ -11,11 +11,54 @@ enhancing voxel (``[1, 1, 1]``) only pulls the three logits towards each other.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss as _MonaiDiceCELoss
 
-__all__ = ["DiceCELoss"]
+__all__ = ["DiceCELoss", "loss_settings", "describe_loss"]
+
+
+def _plain_value(value: Any) -> Any:
+    """A setting as plain Python (a tensor as its list of values), or None where it is not a setting."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+        return list(value)
+    if callable(value):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__qualname__)}"
+    return None
+
+
+def loss_settings(loss: Any) -> dict[str, Any]:
+    """The class of a loss and every setting that decides its value, as plain Python, to compare two runs' losses.
+
+    A module gives its class under ``_target_`` (``app.losses.DiceCELoss``), then its own public attributes and
+    buffers and those of its submodules (``dice.smooth_dr``, ``binary_cross_entropy.pos_weight``); a tensor gives
+    its values. A function gives its qualified name alone. Two losses with equal settings compute the same value.
+    """
+    cls = type(loss)
+    if not isinstance(loss, torch.nn.Module):
+        return {"_target_": _plain_value(loss) if callable(loss) else f"{cls.__module__}.{cls.__qualname__}"}
+    settings: dict[str, Any] = {}
+    for prefix, module in loss.named_modules():
+        items = [(k, v) for k, v in vars(module).items() if not k.startswith("_") and k != "training"]
+        items += list(module.named_buffers(recurse=False))
+        for key, value in items:
+            plain = _plain_value(value)
+            if plain is not None or value is None:
+                settings[f"{prefix}.{key}" if prefix else key] = plain
+    return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **{k: settings[k] for k in sorted(settings)}}
+
+
+def describe_loss(loss: Any) -> str:
+    """:func:`loss_settings` in one line: ``app.losses.DiceCELoss(dice.batch=False, ..., lambda_ce=1.0, ...)``."""
+    settings = dict(loss_settings(loss))
+    target = settings.pop("_target_")
+    return f"{target}({', '.join(f'{k}={v!r}' for k, v in settings.items())})" if settings else str(target)
 
 
 class DiceCELoss(_MonaiDiceCELoss):
