@@ -11,6 +11,7 @@ enhancing voxel (``[1, 1, 1]``) only pulls the three logits towards each other.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -71,7 +72,50 @@ class DiceCELoss(_MonaiDiceCELoss):
     mean taken over samples, channels and voxels; ``weight`` (one value per channel) is then the positive
     weight of each channel's BCE (``pos_weight``), and ``label_smoothing`` does not apply (as in MONAI's
     single-channel BCE). Without ``sigmoid`` it is MONAI's loss unchanged.
+
+    As in MONAI's loss, ``weight`` also weighs each channel's Dice, and ``include_background``, ``batch`` and the
+    ``smooth_*`` settings apply to the Dice alone: with ``include_background=False`` the Dice leaves channel 0 out
+    (``weight[1:]`` weighs the others) while the cross-entropy keeps every channel. ``weight`` may be a list
+    (``--loss#weight "[1,2,4]"``, a recipe's ``weight: [1, 2, 4]``) or one number for every channel.
     """
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        sigmoid: bool = False,
+        softmax: bool = False,
+        other_act: Callable | None = None,
+        squared_pred: bool = False,
+        jaccard: bool = False,
+        reduction: str = "mean",
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        batch: bool = False,
+        weight: torch.Tensor | Sequence[float] | float | None = None,
+        lambda_dice: float = 1.0,
+        lambda_ce: float = 1.0,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        """MONAI's arguments; ``weight`` may also be a list or a number (MONAI takes a tensor only).
+
+        Raises:
+            ValueError: ``weight`` is not numbers.
+        """
+        if weight is not None and not isinstance(weight, torch.Tensor):
+            # MONAI's loss registers weight as a buffer of torch's losses, which refuse a list: the list a YAML
+            # recipe or --loss#weight gives stopped the run with a traceback, after datalist.json was written
+            try:
+                weight = torch.as_tensor(weight, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"loss weight {weight!r} is not numbers: give one value per region channel, "
+                                 'e.g. --loss#weight "[1.0,1.0,2.0]", or one number for every channel.') from None
+        super().__init__(
+            include_background=include_background, to_onehot_y=to_onehot_y, sigmoid=sigmoid, softmax=softmax,
+            other_act=other_act, squared_pred=squared_pred, jaccard=jaccard, reduction=reduction, smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr, batch=batch, weight=weight, lambda_dice=lambda_dice, lambda_ce=lambda_ce,
+            label_smoothing=label_smoothing,
+        )
 
     def bce(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Binary cross-entropy of every channel's logits against its target, as one independent sigmoid each."""
@@ -80,7 +124,9 @@ class DiceCELoss(_MonaiDiceCELoss):
         pos_weight = getattr(self.binary_cross_entropy, "pos_weight", None)
         if pos_weight is not None and pos_weight.numel() > 1:
             # one weight per channel: broadcast along the channel axis, not the last spatial axis
-            pos_weight = pos_weight.to(input).reshape(-1, *([1] * (input.ndim - 2)))
+            # (device only: cast to bf16 logits' dtype, the weights were rounded to 8 bits before the cross-entropy,
+            # which autocast computes in float32)
+            pos_weight = pos_weight.to(device=input.device).reshape(-1, *([1] * (input.ndim - 2)))
         return F.binary_cross_entropy_with_logits(input, target, pos_weight=pos_weight,
                                                   reduction=self.binary_cross_entropy.reduction)
 
