@@ -175,6 +175,37 @@ def test_a_resumed_ablation_whose_data_changed_is_refused_instead_of_mixing_spli
     assert json.loads((out / "ablation.json").read_text())["strategies"] == ["plain"]
 
 
+def test_a_resumed_ablation_whose_loss_changed_is_refused_instead_of_mixing_objectives(tmp_path):
+    """A stage finished before the bundle's loss changed (brats_gmd 0.6.0 replaced MONAI's softmax cross-entropy) was
+    reused beside stages trained with the new loss, in one table, silently: its settings record the command, which
+    had not changed, not train.yaml."""
+    data = tmp_path / "data"
+    write_phantoms(data, cases=5, size=32, seed=0)
+    out = tmp_path / "ablation"
+    args = ["--bundle", "bundles/brats_gmd", "--max_epochs", "1", "--output_dir", str(out), "--dataset_dir",
+            str(data), "--epoch_length", "1", *TINY]
+    first = _ablate("--strategies", "plain", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    path = out / "plain" / "train" / "models" / "checkpoint_last.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["loss_config"]["_target_"] == "app.losses.DiceCELoss"
+    state["loss_config"]["_target_"] = "monai.losses.dice.DiceCELoss"  # as trained by the bundle before 0.6.0
+    torch.save(state, path)
+    again = _ablate("--strategies", "plain,dropout", *args)
+    assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr[-3000:]
+    line = again.stderr.strip().splitlines()[-1]
+    assert ("Strategy 'dropout' trained with another loss than 'plain' (_target_ 'monai.losses.dice.DiceCELoss' in "
+            "'plain', 'app.losses.DiceCELoss' in 'dropout')") in line, line
+    assert f"Delete {out / 'plain'}" in line and "--output_dir" in line
+    assert not (out / "dropout" / "eval").exists()  # nothing trained with the other loss was scored
+    # a stage trained by a version that recorded no loss cannot be told apart: refused too, naming it
+    del state["loss_config"]
+    torch.save(state, path)
+    older = _ablate("--strategies", "plain,dropout", *args)
+    assert older.returncode == 1 and f"{out / 'plain'} was trained by an earlier version, which recorded no loss" in \
+        older.stderr, older.stderr[-3000:]
+
+
 def test_finished_stages_are_reused_only_with_their_own_settings(tmp_path, capsys):
     out, bundle = tmp_path / "out", REPO / "bundles" / "brats_gmd"
     result, stamp = out / "plain" / "train" / "models" / "model_final.pt", out / "plain" / "train_settings.json"
