@@ -835,7 +835,18 @@ def run_ablation_seeds(
     _check_subset_count(args, _override_files(args, *_configs(Path(bundle))), planned)  # and before out is made
     out = Path(output_dir)
     with _locked_output_dir(out):  # each seed's run_ablation locks its own seed_<s> folder too
-        per_seed = {s: run_ablation(bundle, strategies, out / f"seed_{s}", max_epochs, seed=s, **kwargs) for s in seeds}
+        per_seed: dict[int, Any] = {}
+        first_loss: tuple[str, Any] | None = None
+        for s in seeds:
+            per_seed[s] = run_ablation(bundle, strategies, out / f"seed_{s}", max_epochs, seed=s, **kwargs)
+            # each seed's stages trained with one loss; a seed finished before the loss changed would still be
+            # averaged with the others
+            for label in per_seed[s]["runs"]:
+                stage = f"seed_{s}/{label}"
+                loss = _trained_loss(out / stage / "train" / "models" / "checkpoint_last.pt")
+                if first_loss is None or first_loss[1] is _NO_CHECKPOINT:
+                    first_loss = (stage, loss)
+                _check_same_loss(stage, loss, first_loss, out)
         table = seed_table(per_seed)
         minutes = per_seed[seeds[0]]["settings"]["time_limit_minutes"] or 0  # given, or the recipes'
         budget = f"{max_epochs} epochs" + (f" or {minutes:g} min" if minutes else "")

@@ -797,3 +797,25 @@ def test_a_bare_hd95_flag_scores_hd95_as_the_bundle_reads_it(args, hd95, passed_
 
     assert _hd95_option(args, SEGMENTATION) is hd95
     assert _without(args, "hd95") == passed_on  # to the bundle commands: every --hd95 gone, the other options kept
+
+
+def test_a_seed_trained_with_another_loss_is_refused_before_the_seeds_are_averaged(tmp_path, monkeypatch):
+    """--seeds: a seed folder finished before the loss changed (kept, as every finished stage) was averaged with seeds
+    trained with the new loss into one mean +/- deviation."""
+    import app.ablation
+
+    losses = {0: {"_target_": "monai.losses.dice.DiceCELoss"}, 1: {"_target_": "app.losses.DiceCELoss"}}
+
+    def fake_run(bundle, strategies, out, max_epochs, seed, **kwargs):  # one finished stage per seed
+        models = Path(out) / "plain" / "train" / "models"
+        models.mkdir(parents=True)
+        torch.save({"iteration": 1, "loss_config": losses[seed]}, models / "checkpoint_last.pt")
+        return {"runs": {"plain": {}}}
+
+    monkeypatch.setattr(app.ablation, "run_ablation", fake_run)
+    out = tmp_path / "seeds"
+    with pytest.raises(ValueError, match=r"Strategy 'seed_1/plain' trained with another loss than 'seed_0/plain' "
+                                         r"\(_target_ 'monai\.losses\.dice\.DiceCELoss' in 'seed_0/plain', "
+                                         rf"'app\.losses\.DiceCELoss' in 'seed_1/plain'\).*Delete {out / 'seed_0' / 'plain'}"):
+        app.ablation.run_ablation_seeds(REPO / "bundles" / "brats_gmd", "plain", out, 1, seeds=[0, 1])
+    assert not (out / "ablation_seeds.json").exists()
