@@ -11,6 +11,7 @@ enhancing voxel (``[1, 1, 1]``) only pulls the three logits towards each other.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -100,8 +101,21 @@ class DiceCELoss(_MonaiDiceCELoss):
         """MONAI's arguments; ``weight`` may also be a list or a number (MONAI takes a tensor only).
 
         Raises:
-            ValueError: ``weight`` is not numbers.
+            ValueError: ``weight`` is not numbers, a ``lambda_*`` is not a number >= 0 or ``reduction`` is neither
+                ``mean`` nor ``sum`` (MONAI refuses the last two with a message that a bundle run shows at the
+                bottom of a traceback).
         """
+        for name, value, term in (("lambda_dice", lambda_dice, "Dice"), ("lambda_ce", lambda_ce, "cross-entropy")):
+            try:
+                good = not isinstance(value, bool) and math.isfinite(float(value)) and float(value) >= 0
+            except (TypeError, ValueError):
+                good = False
+            if not good:
+                raise ValueError(f"--loss#{name} {value!r} must be a number >= 0 (the weight of the {term} term), "
+                                 f"e.g. --loss#{name} 1.0.")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"--loss#reduction {reduction!r} must be mean or sum (the Dice reduces the voxels, so "
+                             "there is no per-voxel loss to return), e.g. --loss#reduction mean.")
         if weight is not None and not isinstance(weight, torch.Tensor):
             # MONAI's loss registers weight as a buffer of torch's losses, which refuse a list: the list a YAML
             # recipe or --loss#weight gives stopped the run with a traceback, after datalist.json was written

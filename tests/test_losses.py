@@ -144,3 +144,16 @@ def test_an_all_tumour_crop_and_a_crop_without_enhancing_tumour_train_every_chan
     loss(logits, target).backward()
     expected = torch.sigmoid(logits.detach()[:, 2]) / logits.numel()
     assert torch.allclose(logits.grad[:, 2], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"lambda_ce": -1.0}, r"--loss#lambda_ce -1\.0 must be a number >= 0 \(the weight of the cross-entropy term\)"),
+    ({"lambda_dice": float("nan")}, r"--loss#lambda_dice nan must be a number >= 0 \(the weight of the Dice term\)"),
+    ({"lambda_ce": "high"}, r"--loss#lambda_ce 'high' must be a number >= 0"),
+    ({"reduction": "none"}, r"--loss#reduction 'none' must be mean or sum"),
+])
+def test_a_bad_setting_is_refused_naming_it(settings, message):
+    # MONAI refused a negative weight and reduction='none' with messages a bundle run printed under a traceback, and
+    # took a NaN weight, which made every loss NaN
+    with pytest.raises(ValueError, match=message):
+        DiceCELoss(sigmoid=True, **settings)
