@@ -632,7 +632,7 @@ def _check_same_loss(label: str, loss: Any, reference: tuple[str, Any], out: Pat
         keys = [k for k in dict.fromkeys([*expected, *loss]) if expected.get(k) != loss.get(k)]
         why = "; ".join(f"{k} {expected.get(k)!r} in {first!r}, {loss.get(k)!r} in {label!r}" for k in keys)
     raise ValueError(
-        f"Strategy {label!r} trained with another loss than {first!r} ({why}): the bundle's train.yaml or this "
+        f"Strategy {label!r} is trained with another loss than {first!r} ({why}): the bundle's train.yaml or this "
         f"package changed between them, so the two would not compare. Delete {out / first} (and every other stage "
         "trained before the change) to train it again with the current loss, or use a new --output_dir.")
 
@@ -754,6 +754,9 @@ def run_ablation(
             if not _reusable(ckpt, out / label / "train_settings.json", _stage_settings(bundle, train_args, out, overrides),
                              seconds):
                 seconds.unlink(missing_ok=True)
+                if first_loss is not None and first_loss[1] is None:
+                    # a stage trained now records its loss, which the earlier one does not: refused before training
+                    _check_same_loss(label, {}, first_loss, out)
                 train_s = _run_bundle([train, *overrides], bundle, train_args, out / label / "train.log")
                 if not ckpt.is_file():
                     raise RuntimeError(f"Training {label!r} finished without writing {ckpt}; see {out / label / 'train.log'}.")

@@ -194,16 +194,21 @@ def test_a_resumed_ablation_whose_loss_changed_is_refused_instead_of_mixing_obje
     again = _ablate("--strategies", "plain,dropout", *args)
     assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr[-3000:]
     line = again.stderr.strip().splitlines()[-1]
-    assert ("Strategy 'dropout' trained with another loss than 'plain' (_target_ 'monai.losses.dice.DiceCELoss' in "
+    assert ("Strategy 'dropout' is trained with another loss than 'plain' (_target_ 'monai.losses.dice.DiceCELoss' in "
             "'plain', 'app.losses.DiceCELoss' in 'dropout')") in line, line
     assert f"Delete {out / 'plain'}" in line and "--output_dir" in line
     assert not (out / "dropout" / "eval").exists()  # nothing trained with the other loss was scored
-    # a stage trained by a version that recorded no loss cannot be told apart: refused too, naming it
+    # a stage trained by a version that recorded no loss cannot be told apart: refused too, naming it, and before
+    # another stage trains
+    import shutil
+
+    shutil.rmtree(out / "dropout")
     del state["loss_config"]
     torch.save(state, path)
     older = _ablate("--strategies", "plain,dropout", *args)
     assert older.returncode == 1 and f"{out / 'plain'} was trained by an earlier version, which recorded no loss" in \
         older.stderr, older.stderr[-3000:]
+    assert not (out / "dropout" / "train" / "models").exists()  # refused before the new stage trained
 
 
 def test_finished_stages_are_reused_only_with_their_own_settings(tmp_path, capsys):
@@ -814,7 +819,7 @@ def test_a_seed_trained_with_another_loss_is_refused_before_the_seeds_are_averag
 
     monkeypatch.setattr(app.ablation, "run_ablation", fake_run)
     out = tmp_path / "seeds"
-    with pytest.raises(ValueError, match=r"Strategy 'seed_1/plain' trained with another loss than 'seed_0/plain' "
+    with pytest.raises(ValueError, match=r"Strategy 'seed_1/plain' is trained with another loss than 'seed_0/plain' "
                                          r"\(_target_ 'monai\.losses\.dice\.DiceCELoss' in 'seed_0/plain', "
                                          rf"'app\.losses\.DiceCELoss' in 'seed_1/plain'\).*Delete {out / 'seed_0' / 'plain'}"):
         app.ablation.run_ablation_seeds(REPO / "bundles" / "brats_gmd", "plain", out, 1, seeds=[0, 1])
