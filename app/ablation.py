@@ -16,7 +16,8 @@ files (recipes such as ``configs/demo.yaml``) go after ``train.yaml`` in both co
 ``HD95_ET``, mm, lower is better) after the Dice ones, as does ``--hd95_workers N`` (threads for those distances;
 it changes no value, so a finished evaluation is kept whatever it was). Each finished
 stage is kept, so an interrupted ablation resumes with the same command; a stage finished with other settings (seed,
-budget, overrides, checkpoint) is an error rather than a silent mix of runs, and a second ablation started on the
+budget, overrides, checkpoint) or trained with another loss than the stages before it (as their training checkpoints
+record it) is an error rather than a silent mix of runs, and a second ablation started on the
 same output folder while one runs is refused. Writes ``O/<strategy>/{train,eval}`` and
 ``O/ablation.{json,md,png}`` (:mod:`app.reports.ablation`).
 
@@ -594,6 +595,49 @@ def _iterations(log: Path, checkpoint: Path) -> int | None:
     return int(state["iteration"]) if isinstance(state, dict) and "iteration" in state else None
 
 
+#: what :func:`_trained_loss` gives for a stage without a training checkpoint: nothing to compare
+_NO_CHECKPOINT = object()
+
+
+def _trained_loss(checkpoint: Path) -> Any:
+    """The loss a training stage trained with, as its checkpoint records it (``loss_config``, see
+    :func:`app.losses.loss_settings`); None for a checkpoint written before the loss was recorded, and
+    ``_NO_CHECKPOINT`` where there is no readable checkpoint."""
+    if not checkpoint.is_file():
+        return _NO_CHECKPOINT
+    import torch
+
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - the resume of that stage reports a damaged file; nothing to compare here
+        return _NO_CHECKPOINT
+    return state.get("loss_config") if isinstance(state, dict) else _NO_CHECKPOINT
+
+
+def _check_same_loss(label: str, loss: Any, reference: tuple[str, Any], out: Path) -> None:
+    """Refuse a stage that trained with another loss than the stages before it (the bundle's ``train.yaml`` or
+    the package changed between them, e.g. brats_gmd 0.6.0's per-region cross-entropy), or where only one of the
+    two records its loss (one trained before the loss was recorded, with whatever loss its version had).
+
+    Raises:
+        ValueError: naming both stages, the settings that differ and the fix.
+    """
+    first, expected = reference
+    if loss is _NO_CHECKPOINT or expected is _NO_CHECKPOINT or loss == expected:
+        return
+    if loss is None or expected is None:
+        older = label if loss is None else first
+        why = (f"{out / older} was trained by an earlier version, which recorded no loss: it may have trained with "
+               "another one (brats_gmd before 0.6.0: MONAI's softmax cross-entropy)")
+    else:
+        keys = [k for k in dict.fromkeys([*expected, *loss]) if expected.get(k) != loss.get(k)]
+        why = "; ".join(f"{k} {expected.get(k)!r} in {first!r}, {loss.get(k)!r} in {label!r}" for k in keys)
+    raise ValueError(
+        f"Strategy {label!r} is trained with another loss than {first!r} ({why}): the bundle's train.yaml or this "
+        f"package changed between them, so the two would not compare. Delete {out / first} (and every other stage "
+        "trained before the change) to train it again with the current loss, or use a new --output_dir.")
+
+
 @contextlib.contextmanager
 def _locked_output_dir(out: Path) -> Iterator[None]:
     """Hold the kernel's lock on ``out`` (created if need be) while the ablation writes into it.
@@ -700,6 +744,7 @@ def run_ablation(
         runs: dict[str, Any] = {}
         reports: dict[str, Any] = {}
         first_split: tuple[str, dict[str, list[str]]] | None = None  # segmentation: every stage on the same cases
+        first_loss: tuple[str, Any] | None = None  # every stage trained with the same loss
         for stage, (label, name, subsets) in enumerate(planned, 1):
             run_dir, eval_dir = out / label / "train", out / label / "eval"
             train_args = [*bundle_args, "--output_dir", str(run_dir), "--strategy", name, "--seed", str(seed),
@@ -715,6 +760,9 @@ def run_ablation(
             if not _reusable(ckpt, out / label / "train_settings.json", _stage_settings(bundle, train_args, out, overrides),
                              seconds):
                 seconds.unlink(missing_ok=True)
+                if first_loss is not None and first_loss[1] is None:
+                    # a stage trained now records its loss, which the earlier one does not: refused before training
+                    _check_same_loss(label, {}, first_loss, out)
                 # a stage trains for minutes to hours with its log in a file: say which one runs, and where it logs
                 print(f"Training {label} (strategy {stage} of {len(planned)}); log: {out / label / 'train.log'}",
                       flush=True)
@@ -723,6 +771,12 @@ def run_ablation(
                     raise RuntimeError(f"Training {label!r} finished without writing {ckpt}; see {out / label / 'train.log'}.")
                 atomic_write_text(out / label / "train_environment.json", json.dumps(_environment(bundle_args), indent=1))
                 atomic_write_text(seconds, json.dumps(train_s))  # the stage's end: complete or absent, never cut short
+            # a resumed ablation reuses finished stages: one trained before train.yaml's loss (or the package's)
+            # changed would be tabulated beside stages trained with the new one
+            loss = _trained_loss(run_dir / "models" / "checkpoint_last.pt")
+            if first_loss is None or first_loss[1] is _NO_CHECKPOINT:
+                first_loss = (label, loss)
+            _check_same_loss(label, loss, first_loss, out)
             if layout is SEGMENTATION:
                 # a resumed ablation reuses finished stages: if cases were added, removed or renamed since,
                 # the new stages split other cases and each strategy would be scored on its own held-out set
@@ -798,7 +852,18 @@ def run_ablation_seeds(
     _check_subset_count(args, _override_files(args, *_configs(Path(bundle))), planned)  # and before out is made
     out = Path(output_dir)
     with _locked_output_dir(out):  # each seed's run_ablation locks its own seed_<s> folder too
-        per_seed = {s: run_ablation(bundle, strategies, out / f"seed_{s}", max_epochs, seed=s, **kwargs) for s in seeds}
+        per_seed: dict[int, Any] = {}
+        first_loss: tuple[str, Any] | None = None
+        for s in seeds:
+            per_seed[s] = run_ablation(bundle, strategies, out / f"seed_{s}", max_epochs, seed=s, **kwargs)
+            # each seed's stages trained with one loss; a seed finished before the loss changed would still be
+            # averaged with the others
+            for label in per_seed[s]["runs"]:
+                stage = f"seed_{s}/{label}"
+                loss = _trained_loss(out / stage / "train" / "models" / "checkpoint_last.pt")
+                if first_loss is None or first_loss[1] is _NO_CHECKPOINT:
+                    first_loss = (stage, loss)
+                _check_same_loss(stage, loss, first_loss, out)
         table = seed_table(per_seed)
         minutes = per_seed[seeds[0]]["settings"]["time_limit_minutes"] or 0  # given, or the recipes'
         budget = f"{max_epochs} epochs" + (f" or {minutes:g} min" if minutes else "")

@@ -11,11 +11,56 @@ enhancing voxel (``[1, 1, 1]``) only pulls the three logits towards each other.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss as _MonaiDiceCELoss
 
-__all__ = ["DiceCELoss"]
+__all__ = ["DiceCELoss", "loss_settings", "describe_loss"]
+
+
+def _plain_value(value: Any) -> Any:
+    """A setting as plain Python (a tensor as its list of values), or None where it is not a setting."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+        return list(value)
+    if callable(value):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__qualname__)}"
+    return None
+
+
+def loss_settings(loss: Any) -> dict[str, Any]:
+    """The class of a loss and every setting that decides its value, as plain Python, to compare two runs' losses.
+
+    A module gives its class under ``_target_`` (``app.losses.DiceCELoss``), then its own public attributes and
+    buffers and those of its submodules (``dice.smooth_dr``, ``binary_cross_entropy.pos_weight``); a tensor gives
+    its values. A function gives its qualified name alone. Two losses with equal settings compute the same value.
+    """
+    cls = type(loss)
+    if not isinstance(loss, torch.nn.Module):
+        return {"_target_": _plain_value(loss) if callable(loss) else f"{cls.__module__}.{cls.__qualname__}"}
+    settings: dict[str, Any] = {}
+    for prefix, module in loss.named_modules():
+        items = [(k, v) for k, v in vars(module).items() if not k.startswith("_") and k != "training"]
+        items += list(module.named_buffers(recurse=False))
+        for key, value in items:
+            plain = _plain_value(value)
+            if plain is not None or value is None:
+                settings[f"{prefix}.{key}" if prefix else key] = plain
+    return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **{k: settings[k] for k in sorted(settings)}}
+
+
+def describe_loss(loss: Any) -> str:
+    """:func:`loss_settings` in one line: ``app.losses.DiceCELoss(dice.batch=False, ..., lambda_ce=1.0, ...)``."""
+    settings = dict(loss_settings(loss))
+    target = settings.pop("_target_")
+    return f"{target}({', '.join(f'{k}={v!r}' for k, v in settings.items())})" if settings else str(target)
 
 
 class DiceCELoss(_MonaiDiceCELoss):
@@ -28,7 +73,63 @@ class DiceCELoss(_MonaiDiceCELoss):
     mean taken over samples, channels and voxels; ``weight`` (one value per channel) is then the positive
     weight of each channel's BCE (``pos_weight``), and ``label_smoothing`` does not apply (as in MONAI's
     single-channel BCE). Without ``sigmoid`` it is MONAI's loss unchanged.
+
+    As in MONAI's loss, ``weight`` also weighs each channel's Dice, and ``include_background``, ``batch`` and the
+    ``smooth_*`` settings apply to the Dice alone: with ``include_background=False`` the Dice leaves channel 0 out
+    (``weight[1:]`` weighs the others) while the cross-entropy keeps every channel. ``weight`` may be a list
+    (``--loss#weight "[1,2,4]"``, a recipe's ``weight: [1, 2, 4]``) or one number for every channel.
     """
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        sigmoid: bool = False,
+        softmax: bool = False,
+        other_act: Callable | None = None,
+        squared_pred: bool = False,
+        jaccard: bool = False,
+        reduction: str = "mean",
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        batch: bool = False,
+        weight: torch.Tensor | Sequence[float] | float | None = None,
+        lambda_dice: float = 1.0,
+        lambda_ce: float = 1.0,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        """MONAI's arguments; ``weight`` may also be a list or a number (MONAI takes a tensor only).
+
+        Raises:
+            ValueError: ``weight`` is not numbers, a ``lambda_*`` is not a number >= 0 or ``reduction`` is neither
+                ``mean`` nor ``sum`` (MONAI refuses the last two with a message that a bundle run shows at the
+                bottom of a traceback).
+        """
+        for name, value, term in (("lambda_dice", lambda_dice, "Dice"), ("lambda_ce", lambda_ce, "cross-entropy")):
+            try:
+                good = not isinstance(value, bool) and math.isfinite(float(value)) and float(value) >= 0
+            except (TypeError, ValueError):
+                good = False
+            if not good:
+                raise ValueError(f"--loss#{name} {value!r} must be a number >= 0 (the weight of the {term} term), "
+                                 f"e.g. --loss#{name} 1.0.")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"--loss#reduction {reduction!r} must be mean or sum (the Dice reduces the voxels, so "
+                             "there is no per-voxel loss to return), e.g. --loss#reduction mean.")
+        if weight is not None and not isinstance(weight, torch.Tensor):
+            # MONAI's loss registers weight as a buffer of torch's losses, which refuse a list: the list a YAML
+            # recipe or --loss#weight gives stopped the run with a traceback, after datalist.json was written
+            try:
+                weight = torch.as_tensor(weight, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"loss weight {weight!r} is not numbers: give one value per region channel, "
+                                 'e.g. --loss#weight "[1.0,1.0,2.0]", or one number for every channel.') from None
+        super().__init__(
+            include_background=include_background, to_onehot_y=to_onehot_y, sigmoid=sigmoid, softmax=softmax,
+            other_act=other_act, squared_pred=squared_pred, jaccard=jaccard, reduction=reduction, smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr, batch=batch, weight=weight, lambda_dice=lambda_dice, lambda_ce=lambda_ce,
+            label_smoothing=label_smoothing,
+        )
 
     def bce(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Binary cross-entropy of every channel's logits against its target, as one independent sigmoid each."""
@@ -37,7 +138,9 @@ class DiceCELoss(_MonaiDiceCELoss):
         pos_weight = getattr(self.binary_cross_entropy, "pos_weight", None)
         if pos_weight is not None and pos_weight.numel() > 1:
             # one weight per channel: broadcast along the channel axis, not the last spatial axis
-            pos_weight = pos_weight.to(input).reshape(-1, *([1] * (input.ndim - 2)))
+            # (device only: cast to bf16 logits' dtype, the weights were rounded to 8 bits before the cross-entropy,
+            # which autocast computes in float32)
+            pos_weight = pos_weight.to(device=input.device).reshape(-1, *([1] * (input.ndim - 2)))
         return F.binary_cross_entropy_with_logits(input, target, pos_weight=pos_weight,
                                                   reduction=self.binary_cross_entropy.reduction)
 

@@ -180,6 +180,42 @@ def test_a_resumed_ablation_whose_data_changed_is_refused_instead_of_mixing_spli
     assert json.loads((out / "ablation.json").read_text())["strategies"] == ["plain"]
 
 
+def test_a_resumed_ablation_whose_loss_changed_is_refused_instead_of_mixing_objectives(tmp_path):
+    """A stage finished before the bundle's loss changed (brats_gmd 0.6.0 replaced MONAI's softmax cross-entropy) was
+    reused beside stages trained with the new loss, in one table, silently: its settings record the command, which
+    had not changed, not train.yaml."""
+    data = tmp_path / "data"
+    write_phantoms(data, cases=5, size=32, seed=0)
+    out = tmp_path / "ablation"
+    args = ["--bundle", "bundles/brats_gmd", "--max_epochs", "1", "--output_dir", str(out), "--dataset_dir",
+            str(data), "--epoch_length", "1", *TINY]
+    first = _ablate("--strategies", "plain", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    path = out / "plain" / "train" / "models" / "checkpoint_last.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["loss_config"]["_target_"] == "app.losses.DiceCELoss"
+    state["loss_config"]["_target_"] = "monai.losses.dice.DiceCELoss"  # as trained by the bundle before 0.6.0
+    torch.save(state, path)
+    again = _ablate("--strategies", "plain,dropout", *args)
+    assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr[-3000:]
+    line = again.stderr.strip().splitlines()[-1]
+    assert ("Strategy 'dropout' is trained with another loss than 'plain' (_target_ 'monai.losses.dice.DiceCELoss' in "
+            "'plain', 'app.losses.DiceCELoss' in 'dropout')") in line, line
+    assert f"Delete {out / 'plain'}" in line and "--output_dir" in line
+    assert not (out / "dropout" / "eval").exists()  # nothing trained with the other loss was scored
+    # a stage trained by a version that recorded no loss cannot be told apart: refused too, naming it, and before
+    # another stage trains
+    import shutil
+
+    shutil.rmtree(out / "dropout")
+    del state["loss_config"]
+    torch.save(state, path)
+    older = _ablate("--strategies", "plain,dropout", *args)
+    assert older.returncode == 1 and f"{out / 'plain'} was trained by an earlier version, which recorded no loss" in \
+        older.stderr, older.stderr[-3000:]
+    assert not (out / "dropout" / "train" / "models").exists()  # refused before the new stage trained
+
+
 def test_finished_stages_are_reused_only_with_their_own_settings(tmp_path, capsys):
     out, bundle = tmp_path / "out", REPO / "bundles" / "brats_gmd"
     result, stamp = out / "plain" / "train" / "models" / "model_final.pt", out / "plain" / "train_settings.json"
@@ -799,3 +835,25 @@ def test_the_progress_lines_of_a_training_log_do_not_pass_for_a_time_limit_stop(
                 "... - INFO - Training finished: the time limit of 6 min was reached at epoch 2 of 4, iteration 5, in "
                 "0:06:00; best val_mean_dice 0.1 at epoch 2.\n")
     assert _iterations(log, tmp_path / "no_checkpoint.pt") == 5
+
+
+def test_a_seed_trained_with_another_loss_is_refused_before_the_seeds_are_averaged(tmp_path, monkeypatch):
+    """--seeds: a seed folder finished before the loss changed (kept, as every finished stage) was averaged with seeds
+    trained with the new loss into one mean +/- deviation."""
+    import app.ablation
+
+    losses = {0: {"_target_": "monai.losses.dice.DiceCELoss"}, 1: {"_target_": "app.losses.DiceCELoss"}}
+
+    def fake_run(bundle, strategies, out, max_epochs, seed, **kwargs):  # one finished stage per seed
+        models = Path(out) / "plain" / "train" / "models"
+        models.mkdir(parents=True)
+        torch.save({"iteration": 1, "loss_config": losses[seed]}, models / "checkpoint_last.pt")
+        return {"runs": {"plain": {}}}
+
+    monkeypatch.setattr(app.ablation, "run_ablation", fake_run)
+    out = tmp_path / "seeds"
+    with pytest.raises(ValueError, match=r"Strategy 'seed_1/plain' is trained with another loss than 'seed_0/plain' "
+                                         r"\(_target_ 'monai\.losses\.dice\.DiceCELoss' in 'seed_0/plain', "
+                                         rf"'app\.losses\.DiceCELoss' in 'seed_1/plain'\).*Delete {out / 'seed_0' / 'plain'}"):
+        app.ablation.run_ablation_seeds(REPO / "bundles" / "brats_gmd", "plain", out, 1, seeds=[0, 1])
+    assert not (out / "ablation_seeds.json").exists()

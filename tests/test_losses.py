@@ -81,3 +81,79 @@ def test_the_reduction_and_a_boolean_label_are_honoured():
     expected = 0.5 * float(dice) + float(F.binary_cross_entropy_with_logits(logits, target.float(), reduction="sum"))
     assert float(summed(logits, target.float())) == pytest.approx(expected, rel=1e-6)
     assert float(summed(logits, target)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_weight_given_as_a_list_or_a_number_is_the_tensor_of_its_values():
+    # the list a recipe (weight: [1, 2, 4]) or --loss#weight "[1,2,4]" gives stopped the run with MONAI's "cannot assign
+    # 'list' object to buffer 'weight'" traceback, after datalist.json was written
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser["loss"]["weight"] = [1, 2, 4]
+    from_config = parser.get_parsed_content("loss")
+    torch.manual_seed(3)
+    logits = torch.randn(2, 3, 4, 3, 2)
+    target = (torch.rand(2, 3, 4, 3, 2) > 0.5).float()
+    tensor = DiceCELoss(sigmoid=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-5, weight=torch.tensor([1.0, 2.0, 4.0]))
+    assert float(from_config(logits, target)) == pytest.approx(float(tensor(logits, target)), rel=1e-6)
+    number = DiceCELoss(sigmoid=True, lambda_dice=0.0, weight=2)
+    expected = F.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor(2.0))
+    assert float(number(logits, target)) == pytest.approx(float(expected), rel=1e-6)
+    with pytest.raises(ValueError, match=r"loss weight \['high'\] is not numbers.*--loss#weight"):
+        DiceCELoss(sigmoid=True, weight=["high"])
+
+
+def test_per_channel_weights_keep_their_precision_under_bf16_autocast():
+    # under the trainer's bf16 autocast the logits are bf16 and the cross-entropy runs in float32: the weights were
+    # cast to the logits' dtype first, so 1.1 weighed as 1.1015625 (the BCE off by 1e-4 of its value)
+    torch.manual_seed(4)
+    logits = torch.randn(2, 3, 6, 5, 4).bfloat16()
+    target = (torch.rand(2, 3, 6, 5, 4) > 0.6).float()
+    weight = torch.tensor([1.1, 2.3, 3.7])
+    loss = DiceCELoss(sigmoid=True, lambda_dice=0.0, weight=weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = loss(logits, target)
+    expected = F.binary_cross_entropy_with_logits(logits.float(), target, pos_weight=weight.reshape(3, 1, 1, 1))
+    assert value.dtype == torch.float32
+    assert float(value) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_include_background_and_batch_apply_to_the_dice_alone():
+    # as in MONAI's DiceCELoss: include_background=False leaves channel 0 out of the Dice (weight[1:] weighs the others),
+    # the cross-entropy keeps every channel with its own positive weight; batch=True pools the Dice over the batch only
+    torch.manual_seed(5)
+    logits = torch.randn(2, 3, 4, 4, 2)
+    target = (torch.rand(2, 3, 4, 4, 2) > 0.5).float()
+    weight = torch.tensor([1.0, 2.0, 3.0])
+    loss = DiceCELoss(sigmoid=True, include_background=False, batch=True, weight=weight)
+    dice = DiceLoss(sigmoid=True, include_background=False, batch=True, weight=weight[1:])(logits, target)
+    bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight.reshape(3, 1, 1, 1))
+    assert float(loss(logits, target)) == pytest.approx(float(dice) + float(bce), rel=1e-6)
+
+
+def test_an_all_tumour_crop_and_a_crop_without_enhancing_tumour_train_every_channel():
+    logits = torch.tensor([-2.0, 0.0, 1.0]).reshape(1, 3, 1, 1, 1).repeat(2, 1, 3, 2, 2).requires_grad_()
+    loss = _bundle_loss()
+    # every voxel tumour in every region: each logit is pushed up
+    loss(logits, torch.ones_like(logits)).backward()
+    assert bool((logits.grad < 0).all())
+    # no enhancing tumour (an ET-absent label map): the ET channel's Dice is the constant 1 of an empty reference, but
+    # its cross-entropy still pushes every ET logit down, by sigmoid(x) / N
+    logits.grad = None
+    target = torch.ones_like(logits)
+    target[:, 2] = 0.0
+    loss(logits, target).backward()
+    expected = torch.sigmoid(logits.detach()[:, 2]) / logits.numel()
+    assert torch.allclose(logits.grad[:, 2], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"lambda_ce": -1.0}, r"--loss#lambda_ce -1\.0 must be a number >= 0 \(the weight of the cross-entropy term\)"),
+    ({"lambda_dice": float("nan")}, r"--loss#lambda_dice nan must be a number >= 0 \(the weight of the Dice term\)"),
+    ({"lambda_ce": "high"}, r"--loss#lambda_ce 'high' must be a number >= 0"),
+    ({"reduction": "none"}, r"--loss#reduction 'none' must be mean or sum"),
+])
+def test_a_bad_setting_is_refused_naming_it(settings, message):
+    # MONAI refused a negative weight and reduction='none' with messages a bundle run printed under a traceback, and
+    # took a NaN weight, which made every loss NaN
+    with pytest.raises(ValueError, match=message):
+        DiceCELoss(sigmoid=True, **settings)

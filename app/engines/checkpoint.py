@@ -38,6 +38,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from app.atomic import atomic_write, stale_temporaries
 from app.networks.weights import check_archive, check_finite, describe_state_dict, optional_state_keys
 from app.flags import parse_bool
+from app.losses import loss_settings
 from app.strategies.base import process_group
 
 __all__ = [
@@ -398,7 +399,7 @@ class ResumableCheckpoint:
     iteration, ``epoch_length``, the validator's best metric and the key-metric saver's record (so
     ``model.pt`` is only replaced by a better model after a resume), and the generator states of
     every rank. With ``resume`` the handler restores all of it at ``STARTED`` (after refusing a run configured
-    with another network, epoch length, ``max_epochs``, ``settings``, learning rate, weight decay or strategy);
+    with another network, epoch length, ``max_epochs``, ``settings``, learning rate, weight decay, strategy or loss);
     ignite then continues from the restored iteration, and a :class:`ResumableSampler` of the trainer's loader
     is moved to the same batch.
 
@@ -423,6 +424,8 @@ class ResumableCheckpoint:
             ``num_samples``, ``label_convention``), recorded in the checkpoint: with another value the run
             would continue on other samples than the one it resumes, while the weights and the data order
             carried on without a word.
+        loss_function: the training loss, whose class and settings (:func:`app.losses.loss_settings`) are recorded
+            and must be the same in a resumed run; default: the trainer's ``loss_function`` attribute.
     """
 
     def __init__(
@@ -439,8 +442,11 @@ class ResumableCheckpoint:
         filename: str = "checkpoint_last.pt",
         time_limit: Any = None,
         settings: Mapping[str, Any] | None = None,
+        loss_function: Any = None,
     ) -> None:
         self.path = Path(save_dir) / filename
+        self.loss_function = loss_function
+        self._loss_settings: dict[str, Any] | None = None
         self.time_limit = time_limit
         self.settings = {str(k): _plain(v) for k, v in (settings or {}).items()}
         self.network = network
@@ -480,6 +486,11 @@ class ResumableCheckpoint:
             self.save(engine)
 
     def _started(self, engine: Engine) -> None:
+        # read when the run starts (MONAI's SupervisedTrainer sets loss_function after attaching its handlers) and
+        # before any step: a loss may rewrite a setting on its first call (MONAI's DiceLoss expands a scalar weight to
+        # one per class), which would tell a resumed run's loss from the one that wrote the checkpoint
+        loss = self.loss_function if self.loss_function is not None else getattr(engine, "loss_function", None)
+        self._loss_settings = None if loss is None else loss_settings(loss)
         _, rank = process_group()
         exists = self.path.is_file()
         if self.resume == "true" or (self.resume == "auto" and exists):
@@ -523,6 +534,8 @@ class ResumableCheckpoint:
         if strategy is not None:
             # the strategy and its settings (e.g. "GMDStrategy(subsets=5, seed=0, sync=None)"), checked by a resume
             state["strategy_config"] = repr(strategy)
+        if self._loss_settings is not None:
+            state["loss_config"] = dict(self._loss_settings)
         if self.validator is not None:
             vstate = self.validator.state
             state["validator"] = {"best_metric": float(vstate.best_metric),
@@ -578,6 +591,37 @@ class ResumableCheckpoint:
                 f"({option}): a resume continues the saved {what}, so resume with the original {option}, or start "
                 "a new run in another --output_dir to train with the new one."
             )
+
+    def _check_same_loss(self, written: Any, rank: int) -> None:
+        """Refuse a resume whose loss is not the one the checkpoint was trained with; warn where it records none.
+
+        Raises:
+            ValueError: the loss's class or a setting differs, naming both values and the fix.
+        """
+        if self._loss_settings is None:
+            return
+        if not isinstance(written, Mapping):
+            if rank == 0:
+                # checkpoints from before the loss was recorded: those of the brats_gmd bundle before 0.6.0 were
+                # trained with MONAI's DiceCELoss (a softmax cross-entropy over the region channels)
+                logger.warning(
+                    "%s records no training loss (it was written by an earlier version): the resumed run trains with "
+                    "%s. A brats_gmd checkpoint from before bundle version 0.6.0 was trained with "
+                    "monai.losses.DiceCELoss (a softmax cross-entropy over the region channels), so the run would "
+                    "mix two objectives: start a new run in another --output_dir to train with one loss throughout, "
+                    "or pass --loss#_target_ monai.losses.DiceCELoss to continue with that one.",
+                    self.path, self._loss_settings["_target_"])
+            return
+        keys = [k for k in dict.fromkeys([*written, *self._loss_settings]) if written.get(k) != self._loss_settings.get(k)]
+        if not keys:
+            return
+        listed = "; ".join(f"{k} {written.get(k)!r} there, {self._loss_settings.get(k)!r} here" for k in keys)
+        fix = " ".join(f"--loss#{k} {_cli_value(written[k])}" for k in keys if "." not in k and k in written)
+        raise ValueError(
+            f"{self.path} was written by a run training with another loss ({listed}): a resume must train with the "
+            f"loss the weights were trained with, so resume with the original loss settings{f' ({fix})' if fix else ''}, "
+            "or start a new run in another --output_dir to train with the new loss."
+        )
 
     def restore(self, engine: Engine, state: Mapping[str, Any]) -> None:
         """Load ``state`` (from :func:`load_training_checkpoint`) into the objects and ``engine``.
@@ -669,6 +713,7 @@ class ResumableCheckpoint:
                 "resume with the original --strategy and its settings (--gmd_subsets, --seed, the cggm_* and "
                 "predict knobs), or start a new run in another --output_dir."
             )
+        self._check_same_loss(state.get("loss_config"), rank)
         net.load_state_dict(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and "lr_scheduler" in state:

@@ -531,6 +531,34 @@ def test_a_network_of_other_sequences_than_the_data_is_refused_before_any_output
                     "a sequence, leave its files out of the cases (a case may lack sequences).")
 
 
+@pytest.mark.parametrize("configs, setting, value, message", [
+    ([TRAIN], "--loss#lambda_ce", "-1", "error: --loss#lambda_ce -1 must be a number >= 0 (the weight of the cross-entropy "
+                                        "term), e.g. --loss#lambda_ce 1.0."),
+    ([TRAIN], "--loss#reduction", "none", "error: --loss#reduction 'none' must be mean or sum"),
+    ([TRAIN], "--loss#weight", "[high]", "error: loss weight ['high'] is not numbers"),
+    ([TRAIN, str(BRATS / "configs" / "multi_gpu_train.yaml")], "--loss#lambda_dice", "-0.5",
+     "error: --loss#lambda_dice -0.5 must be a number >= 0"),
+], ids=["lambda", "reduction", "weight", "multi_gpu"])
+def test_a_bad_loss_setting_is_one_line_before_any_output(phantoms, tmp_path, configs, setting, value, message,
+                                                           monkeypatch):
+    """The loss was built with the trainer: a bad setting stopped the run with MONAI's 'Failed to instantiate
+    component' traceback after every case had been read and datalist.json written."""
+    out = tmp_path / "out"
+    gloo = ["--dist_backend", "gloo"] if len(configs) > 1 else []
+    if gloo:  # one process, as torchrun --nproc_per_node 1 starts it
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        for key, val in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+            monkeypatch.setenv(key, val)
+    last = refused_line(configs, "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
+                        "--strategy", "plain", setting, value, *gloo, *TINY, output_dir=out)
+    assert last.removeprefix("[rank0]: ").startswith(message), last
+
+
 @pytest.mark.parametrize("configs", [[TRAIN], [TRAIN, EVALUATE]], ids=["train", "evaluate"])
 @pytest.mark.parametrize("device, message", [
     ("gpu", "error: --device 'gpu' is not a device ("),

@@ -565,3 +565,54 @@ def test_a_resume_with_other_milestones_is_refused(tmp_path):
                                          r"here\).*\(--lr_scheduler#milestones \"\[1,5\]\"\)"):
         run([1, 3])
     assert run([5, 1]).milestones == {1: 1, 5: 1}  # the same milestones in another order resume
+
+
+def _train_with_loss(folder, loss) -> int:
+    """One epoch of a resumable run in ``folder`` whose trainer trains with ``loss``; returns its last iteration."""
+    net = torch.nn.Linear(2, 1)
+    engine = Engine(lambda e, b: loss(torch.zeros(1, 3, 2, 2, 2), torch.zeros(1, 3, 2, 2, 2)))
+    ResumableCheckpoint(folder, net, torch.optim.SGD(net.parameters(), lr=0.1), resume="auto").attach(engine)
+    engine.loss_function = loss  # as SupervisedTrainer sets it: after attaching its handlers
+    engine.run(DATA, max_epochs=1)
+    return engine.state.iteration
+
+
+def test_a_resume_with_another_loss_is_refused(tmp_path, caplog):
+    """The loss was not recorded: a resume with --loss#lambda_ce 0.5, MONAI's DiceCELoss instead of the bundle's, or
+    a checkpoint trained with the loss before the per-region cross-entropy, continued the weights under another
+    objective without a word."""
+    from monai.losses import DiceCELoss as MonaiDiceCELoss
+
+    from app.losses import DiceCELoss
+
+    assert _train_with_loss(tmp_path, DiceCELoss(sigmoid=True, smooth_nr=0.0)) == 3
+    recorded = load_training_checkpoint(tmp_path / "checkpoint_last.pt")["loss_config"]
+    assert recorded["_target_"] == "app.losses.DiceCELoss" and recorded["lambda_ce"] == 1.0
+    assert recorded["dice.smooth_nr"] == 0.0
+    with pytest.raises(ValueError, match=r"another loss \(lambda_ce 1\.0 there, 0\.5 here\).*original loss settings "
+                                         r"\(--loss#lambda_ce 1\.0\).*new run in another --output_dir"):
+        _train_with_loss(tmp_path, DiceCELoss(sigmoid=True, smooth_nr=0.0, lambda_ce=0.5))
+    with pytest.raises(ValueError, match=r"_target_ 'app\.losses\.DiceCELoss' there, 'monai\.losses\.dice\.DiceCELoss'"):
+        _train_with_loss(tmp_path, MonaiDiceCELoss(sigmoid=True, smooth_nr=0.0))
+    with pytest.raises(ValueError, match=r"dice\.smooth_nr 0\.0 there, 1e-05 here"):
+        _train_with_loss(tmp_path, DiceCELoss(sigmoid=True))
+    # the same loss resumes; so does a scalar weight, which MONAI's Dice expands to one per class on its first call
+    assert _train_with_loss(tmp_path, DiceCELoss(sigmoid=True, smooth_nr=0.0)) == 3
+    assert _train_with_loss(tmp_path / "weighted", DiceCELoss(sigmoid=True, weight=torch.tensor(2.0))) == 3
+    assert _train_with_loss(tmp_path / "weighted", DiceCELoss(sigmoid=True, weight=torch.tensor(2.0))) == 3
+
+
+def test_a_checkpoint_that_records_no_loss_resumes_with_a_warning_naming_the_old_loss(tmp_path, caplog):
+    """A checkpoint written before the loss was recorded (brats_gmd before 0.6.0 trained with MONAI's softmax
+    cross-entropy) cannot be checked: the resume says which loss it continues with and how to keep one objective."""
+    from app.losses import DiceCELoss
+
+    _train_with_loss(tmp_path, DiceCELoss(sigmoid=True))
+    path = tmp_path / "checkpoint_last.pt"
+    state = load_training_checkpoint(path)
+    del state["loss_config"]
+    torch.save(state, path)
+    with caplog.at_level("WARNING", logger="app.engines.checkpoint"):
+        assert _train_with_loss(tmp_path, DiceCELoss(sigmoid=True)) == 3
+    assert "records no training loss" in caplog.text and "app.losses.DiceCELoss" in caplog.text
+    assert "--loss#_target_ monai.losses.DiceCELoss" in caplog.text
