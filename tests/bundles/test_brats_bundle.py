@@ -504,6 +504,22 @@ def test_an_evaluation_with_a_seed_that_is_no_whole_number_is_one_line(trained, 
     assert last == "error: --seed 'abc' must be a whole number >= 0, e.g. --seed 1."
 
 
+def _single_process_torchrun(configs: list, monkeypatch) -> list:
+    """For the multi-GPU config (more than one config file): the environment torchrun --nproc_per_node 1 gives
+    its one process, and the gloo backend option; nothing for the single-process config."""
+    if len(configs) == 1:
+        return []
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    return ["--dist_backend", "gloo"]
+
+
 @pytest.mark.parametrize("modalities", ["['flair','t1ce']", "['t1','flair','t1ce','t2']"])
 @pytest.mark.parametrize("configs", [[TRAIN], [TRAIN, str(BRATS / "configs" / "multi_gpu_train.yaml")]],
                          ids=["train", "multi_gpu"])
@@ -513,16 +529,7 @@ def test_a_network_of_other_sequences_than_the_data_is_refused_before_any_output
     after datalist.json and models/ were written; the four names in another order trained silently, each
     encoder on the channel of another sequence than its name."""
     out = tmp_path / "out"
-    gloo = ["--dist_backend", "gloo"] if len(configs) > 1 else []
-    if gloo:  # one process, as torchrun --nproc_per_node 1 starts it
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        for key, value in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
-            monkeypatch.setenv(key, value)
+    gloo = _single_process_torchrun(configs, monkeypatch)
     last = refused_line(configs, "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
                         "--strategy", "plain", "--network_def#modalities", modalities, *gloo, *TINY, output_dir=out)
     names = modalities.strip("[]").replace(",", ", ")
@@ -544,16 +551,7 @@ def test_a_bad_loss_setting_is_one_line_before_any_output(phantoms, tmp_path, co
     """The loss was built with the trainer: a bad setting stopped the run with MONAI's 'Failed to instantiate
     component' traceback after every case had been read and datalist.json written."""
     out = tmp_path / "out"
-    gloo = ["--dist_backend", "gloo"] if len(configs) > 1 else []
-    if gloo:  # one process, as torchrun --nproc_per_node 1 starts it
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        for key, val in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
-            monkeypatch.setenv(key, val)
+    gloo = _single_process_torchrun(configs, monkeypatch)
     last = refused_line(configs, "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
                         "--strategy", "plain", setting, value, *gloo, *TINY, output_dir=out)
     assert last.removeprefix("[rank0]: ").startswith(message), last
