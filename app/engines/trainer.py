@@ -134,12 +134,14 @@ class SubsetTrainer(SupervisedTrainer):
         if bool(finite):
             return
         what = "training loss" if not bool(torch.isfinite(loss.detach()).all()) else "gradient of the training loss"
+        # --amp false is a fix only where the step ran in reduced precision (CUDA); on CPU it changes nothing
+        autocast = amp_dtype(loss.device, bool(getattr(engine, "use_amp", False)), training=True) is not None
         raise NonFiniteLossError(
             f"The {what} is not finite (loss {float(loss.detach().float().mean())}) at epoch "
             f"{engine.state.epoch}, iteration {engine.state.iteration}: training stopped before this step, "
             "so no NaN reached the weights or the saved models. Start again "
-            "with a lower --learning_rate (or --amp false), and check the training images for NaN or "
-            "infinite voxels."
+            f"with a lower --learning_rate{' (or --amp false)' if autocast else ''}, and check the training images "
+            "for NaN or infinite voxels."
         )
 
     def _iteration(self, engine: SubsetTrainer, batchdata: dict[str, Any]) -> dict:

@@ -109,6 +109,20 @@ def test_a_nan_loss_stops_training_before_the_step_with_a_one_line_error():
     # the first step (w 1 -> 0.2) happened, the NaN step did not, and the third iteration never ran
     assert round(float(net.w.detach()), 6) == 0.2 and len(calls) == 2
     assert _input_error(err.value) is err.value  # printed as one error: line by the bundle's hook
+    # on CPU nothing is autocast, so --amp false would change nothing: it is not offered as a fix
+    assert "--amp" not in str(err.value)
+
+
+def test_a_nan_loss_under_gpu_autocast_names_amp_as_a_fix(monkeypatch):
+    import pytest
+
+    import app.engines.trainer as trainer_module
+    from app.engines import NonFiniteLossError
+
+    monkeypatch.setattr(trainer_module, "amp_dtype", lambda device, enabled, training=False: torch.bfloat16)
+    trainer = _trainer(_Scaled(), lambda p, t: (p - t) ** 2 * float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"--learning_rate \(or --amp false\)"):
+        trainer.run()
 
 
 def test_an_infinite_gradient_under_a_finite_loss_stops_training_too():
