@@ -20,10 +20,10 @@ from typing import Any, Callable, Mapping, Sequence
 from app.reports.subset_report import (
     HD95_METRICS,
     LOWER_IS_BETTER,
-    _subset_position,
     atomic_write_bytes,
     atomic_write_text,
     strict_json,
+    subsets_with_unscored,
 )
 
 __all__ = [
@@ -173,9 +173,7 @@ def _bar_chart_figure(table: Mapping[str, Any], metric: str, title: str) -> Any:
         warnings.warn("matplotlib is not installed: the ablation bar chart (PNG) is skipped.", stacklevel=4)
         return None
     strategies = table["strategies"]
-    unscored = [n for n in table.get("subsets_without_cases") or [] if n not in table["subsets"]]
-    position = _subset_position([*table["subsets"], *unscored])
-    subsets = sorted([*table["subsets"], *unscored], key=position)
+    subsets, unscored = subsets_with_unscored(table["subsets"], table.get("subsets_without_cases"))
     groups = [*subsets, "mean over subsets", "worst subset"]  # the names of the Markdown rows
     per = table["tables"][metric]
     width = 0.8 / max(len(strategies), 1)

@@ -25,7 +25,7 @@ from app.atomic import atomic_write_bytes, atomic_write_text, replace_file_set
 
 __all__ = [
     "write_subset_report", "format_table", "strict_json", "atomic_write_bytes", "atomic_write_text", "MEAN_ROW",
-    "LOWER_IS_BETTER", "HD95_METRICS",
+    "LOWER_IS_BETTER", "HD95_METRICS", "subsets_with_unscored",
 ]
 
 #: Name of the summary row appended after the per-subset rows.
@@ -108,6 +108,15 @@ def _subset_position(names: Iterable[str]) -> Callable[[str], int]:
             return order.__getitem__
     keep = {name: i for i, name in enumerate(names)}
     return keep.__getitem__
+
+
+def subsets_with_unscored(scored: Iterable[str], without_cases: Iterable[str] | None) -> tuple[list[str], list[str]]:
+    """Every subset a figure shows, in :func:`app.subsets.all_subsets` order: the ``scored`` ones and those no case
+    could score (``without_cases``, a report's ``subsets_without_cases``), which a figure keeps as marked rows or
+    bars rather than dropping; returns ``(subsets, unscored)``."""
+    scored = list(scored)
+    unscored = [name for name in without_cases or [] if name not in scored]
+    return sorted([*scored, *unscored], key=_subset_position([*scored, *unscored])), unscored
 
 
 def _worst_line(result: Mapping[str, Any], digits: int) -> str | None:
@@ -194,9 +203,7 @@ def _heatmap_figure(result: Mapping[str, Any], metrics: Sequence[str], title: st
         warnings.warn("matplotlib is not installed: the subset report heatmap (PNG) is skipped.", stacklevel=4)
         return None
 
-    unscored = [name for name in result.get("subsets_without_cases") or [] if name not in result["subsets"]]
-    position = _subset_position([*result["subsets"], *unscored])
-    subsets = sorted([*result["subsets"], *unscored], key=position)
+    subsets, unscored = subsets_with_unscored(result["subsets"], result.get("subsets_without_cases"))
     row_names = [*subsets, MEAN_ROW]
     nan_row = [math.nan] * len(metrics)
     values = np.array(
