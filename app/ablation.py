@@ -638,6 +638,16 @@ def _check_same_loss(label: str, loss: Any, reference: tuple[str, Any], out: Pat
         "trained before the change) to train it again with the current loss, or use a new --output_dir.")
 
 
+def _same_loss_as(reference: tuple[str, Any] | None, label: str, checkpoint: Path, out: Path) -> tuple[str, Any]:
+    """Check the loss stage ``label`` trained with (its training ``checkpoint``) against ``reference``, the first
+    stage with a checkpoint (:func:`_check_same_loss`), and return the reference for the stages after it."""
+    loss = _trained_loss(checkpoint)
+    if reference is None or reference[1] is _NO_CHECKPOINT:
+        reference = (label, loss)
+    _check_same_loss(label, loss, reference, out)
+    return reference
+
+
 @contextlib.contextmanager
 def _locked_output_dir(out: Path) -> Iterator[None]:
     """Hold the kernel's lock on ``out`` (created if need be) while the ablation writes into it.
@@ -773,10 +783,7 @@ def run_ablation(
                 atomic_write_text(seconds, json.dumps(train_s))  # the stage's end: complete or absent, never cut short
             # a resumed ablation reuses finished stages: one trained before train.yaml's loss (or the package's)
             # changed would be tabulated beside stages trained with the new one
-            loss = _trained_loss(run_dir / "models" / "checkpoint_last.pt")
-            if first_loss is None or first_loss[1] is _NO_CHECKPOINT:
-                first_loss = (label, loss)
-            _check_same_loss(label, loss, first_loss, out)
+            first_loss = _same_loss_as(first_loss, label, run_dir / "models" / "checkpoint_last.pt", out)
             if layout is SEGMENTATION:
                 # a resumed ablation reuses finished stages: if cases were added, removed or renamed since,
                 # the new stages split other cases and each strategy would be scored on its own held-out set
@@ -860,10 +867,8 @@ def run_ablation_seeds(
             # averaged with the others
             for label in per_seed[s]["runs"]:
                 stage = f"seed_{s}/{label}"
-                loss = _trained_loss(out / stage / "train" / "models" / "checkpoint_last.pt")
-                if first_loss is None or first_loss[1] is _NO_CHECKPOINT:
-                    first_loss = (stage, loss)
-                _check_same_loss(stage, loss, first_loss, out)
+                checkpoint = out / stage / "train" / "models" / "checkpoint_last.pt"
+                first_loss = _same_loss_as(first_loss, stage, checkpoint, out)
         table = seed_table(per_seed)
         minutes = per_seed[seeds[0]]["settings"]["time_limit_minutes"] or 0  # given, or the recipes'
         budget = f"{max_epochs} epochs" + (f" or {minutes:g} min" if minutes else "")
