@@ -14,6 +14,7 @@ from ignite.engine import Engine, Events
 
 from app.atomic import atomic_write_text
 from app.flags import parse_bool
+from app.metrics.subset_metrics import BRATS_REGIONS
 
 __all__ = ["TimeLimitHandler", "DiagnosticsHandler", "SubsetReportHandler", "TrainingProgressHandler", "format_duration"]
 
@@ -533,7 +534,7 @@ class SubsetReportHandler:
             return
         result, title = self.annotated(engine, result)
         # the Dice columns as ever; the HD95 ones after them when the metric recorded HD95 (--hd95 true)
-        metrics = ("WT", "TC", "ET", "mean", *(k for k in result["mean_over_subsets"] if k.startswith("HD95_")))
+        metrics = (*BRATS_REGIONS, "mean", *(k for k in result["mean_over_subsets"] if k.startswith("HD95_")))
         write_subset_report(result, self.output_dir, stem=self.stem, title=title, metrics=metrics)
         if self.print_table:
             print(format_table(result, metrics), flush=True)
@@ -546,14 +547,14 @@ class SubsetReportHandler:
             return
         scored = len(result.get("subsets") or {})
         total = scored + len(result.get("subsets_without_cases") or [])
-        regions = ", ".join(f"{k} {mean[k]:.4f}" for k in ("WT", "TC", "ET") if k in mean)
+        regions = ", ".join(f"{k} {mean[k]:.4f}" for k in BRATS_REGIONS if k in mean)
         where = f"Validation after epoch {int(engine.state.epoch)}" if self.during_training else "Evaluation"
         worst_text = f"; worst subset {worst['name']} {worst['mean']:.4f}" if "mean" in worst else ""
         logger.info("%s: mean Dice over %s subsets %.4f (%s)%s.", where,
                     scored if scored == total else f"{scored} of {total}", mean["mean"], regions, worst_text)
         if self.writer is not None and self.during_training:
             step = int(engine.state.epoch)
-            for k in ("WT", "TC", "ET"):
+            for k in BRATS_REGIONS:
                 if k in mean:
                     self.writer.add_scalar(f"val_{k}", mean[k], step)
             if "mean" in worst:
