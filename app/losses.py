@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss as _MonaiDiceCELoss
 
-__all__ = ["DiceCELoss", "loss_settings", "describe_loss"]
+__all__ = ["DiceCELoss", "loss_settings"]
 
 
 def _plain_value(value: Any) -> Any:
@@ -54,13 +54,6 @@ def loss_settings(loss: Any) -> dict[str, Any]:
             if plain is not None or value is None:
                 settings[f"{prefix}.{key}" if prefix else key] = plain
     return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **{k: settings[k] for k in sorted(settings)}}
-
-
-def describe_loss(loss: Any) -> str:
-    """:func:`loss_settings` in one line: ``app.losses.DiceCELoss(dice.batch=False, ..., lambda_ce=1.0, ...)``."""
-    settings = dict(loss_settings(loss))
-    target = settings.pop("_target_")
-    return f"{target}({', '.join(f'{k}={v!r}' for k, v in settings.items())})" if settings else str(target)
 
 
 class DiceCELoss(_MonaiDiceCELoss):
