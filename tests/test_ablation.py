@@ -160,9 +160,8 @@ def test_an_ablation_of_a_recipe_trains_and_scores_every_strategy_with_it(tmp_pa
     assert not (tmp_path / "mine").exists()
 
 
-def test_a_resumed_ablation_whose_data_changed_is_refused_instead_of_mixing_splits(tmp_path):
-    """Cases added to --dataset_dir between an interrupted ablation and its rerun: the finished stage
-    was reused and the next trained and was scored on another split, in one table, silently."""
+def _finished_plain_stage(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """An ablation of plain alone, finished on 5 phantoms: ``(data folder, output folder, its arguments)``."""
     data = tmp_path / "data"
     write_phantoms(data, cases=5, size=32, seed=0)
     out = tmp_path / "ablation"
@@ -170,6 +169,13 @@ def test_a_resumed_ablation_whose_data_changed_is_refused_instead_of_mixing_spli
             str(data), "--epoch_length", "1", *TINY]
     first = _ablate("--strategies", "plain", *args)
     assert first.returncode == 0, first.stderr[-3000:]
+    return data, out, args
+
+
+def test_a_resumed_ablation_whose_data_changed_is_refused_instead_of_mixing_splits(tmp_path):
+    """Cases added to --dataset_dir between an interrupted ablation and its rerun: the finished stage
+    was reused and the next trained and was scored on another split, in one table, silently."""
+    data, out, args = _finished_plain_stage(tmp_path)
     write_phantoms(data, cases=10, size=32, seed=0)  # the same 5 cases and 5 more
     again = _ablate("--strategies", "plain,dropout", *args)
     assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr[-3000:]
@@ -184,13 +190,7 @@ def test_a_resumed_ablation_whose_loss_changed_is_refused_instead_of_mixing_obje
     """A stage finished before the bundle's loss changed (brats_gmd 0.6.0 replaced MONAI's softmax cross-entropy) was
     reused beside stages trained with the new loss, in one table, silently: its settings record the command, which
     had not changed, not train.yaml."""
-    data = tmp_path / "data"
-    write_phantoms(data, cases=5, size=32, seed=0)
-    out = tmp_path / "ablation"
-    args = ["--bundle", "bundles/brats_gmd", "--max_epochs", "1", "--output_dir", str(out), "--dataset_dir",
-            str(data), "--epoch_length", "1", *TINY]
-    first = _ablate("--strategies", "plain", *args)
-    assert first.returncode == 0, first.stderr[-3000:]
+    _, out, args = _finished_plain_stage(tmp_path)
     path = out / "plain" / "train" / "models" / "checkpoint_last.pt"
     state = torch.load(path, weights_only=True)
     assert state["loss_config"]["_target_"] == "app.losses.DiceCELoss"
