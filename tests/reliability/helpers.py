@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,10 +14,14 @@ from monai.bundle import ConfigParser
 
 from tests.bundles.helpers import BRATS, REPO, TRAIN, repo_env
 
-__all__ = ["MULTI_GPU", "TINY", "TRAIN", "REPO", "BRATS", "cli_args", "subprocess_env", "start_bundle",
+__all__ = ["MULTI_GPU", "PEER_TIMEOUT", "TINY", "TRAIN", "REPO", "BRATS", "cli_args", "subprocess_env", "start_bundle",
            "run_in_process", "load", "assert_same_tensors"]
 
 MULTI_GPU = str(BRATS / "configs" / "multi_gpu_train.yaml")
+
+#: process-group timeout of the tests' own gloo workers: when one rank fails a check and leaves, its peer's next
+#: collective fails within this time instead of waiting out gloo's default of 30 minutes
+PEER_TIMEOUT = timedelta(seconds=120)
 
 #: 16^3 patches and features [4, 8, 16]: a training iteration takes a fraction of a second on one core.
 TINY: dict[str, Any] = {

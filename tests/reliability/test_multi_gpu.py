@@ -33,7 +33,7 @@ from app.engines import (
 from app.networks import DSUNet
 from app.strategies import GMDApproxStrategy, GMDStrategy, build_strategy
 from tests.reliability.helpers import (
-    BRATS, MULTI_GPU, REPO, TINY, TRAIN, assert_same_tensors, cli_args, load, subprocess_env,
+    BRATS, MULTI_GPU, PEER_TIMEOUT, REPO, TINY, TRAIN, assert_same_tensors, cli_args, load, subprocess_env,
 )
 
 RANK_WEIGHTS = str(Path(__file__).with_name("configs") / "save_rank_weights.yaml")
@@ -69,7 +69,8 @@ class _Scaled(torch.nn.Module):
 
 def _sync_worker(rank: int, store: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=PEER_TIMEOUT)
     try:
         torch.manual_seed(0)
         model = DSUNet(features=(4, 8), out_channels=2).double()
@@ -248,7 +249,8 @@ def test_a_second_multi_process_training_on_a_busy_output_dir_stops_every_rank(b
 
 def _lock_worker(rank: int, store: str, folder: str, results: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=PEER_TIMEOUT)
     try:
         lock_output_dir(folder)
         dist.barrier()

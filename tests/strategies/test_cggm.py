@@ -15,6 +15,7 @@ from app.engines.handlers import DiagnosticsHandler
 from app.networks import DSTransformer, DSUNet
 from app.strategies import CGGMStrategy, build_strategy
 from app.strategies.cggm import balance_terms, head_metric, modulation_loss
+from tests.reliability.helpers import PEER_TIMEOUT
 
 # -- balance terms ------------------------------------------------------------------------------
 
@@ -428,7 +429,8 @@ def _sync_worker(rank: int, store: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=PEER_TIMEOUT)
     try:
         net = _seg_net().double()
         g = torch.Generator().manual_seed(0)
