@@ -7,16 +7,20 @@ model is selected on, from a log grid; the intercept is not penalised. The repor
 those of the selection split, as for the DS model's best checkpoint, plus any ``--eval_split``
 scored with the chosen penalties.
 
-Two diagnostics come with it: the *late-fusion* ridge (the single-modality ridges, mean-fused over
-each subset as the DS model fuses its per-modality outputs) and the selection-split Acc-2 and MAE
-of every penalty tried.
+Three diagnostics come with it: the *late-fusion* ridge (the single-modality ridges, mean-fused over
+each subset as the DS model fuses its per-modality outputs), the selection-split Acc-2 and MAE of
+every penalty tried, and a *video-held-out* score inside the training split: each subset's ridge,
+with its chosen penalty, refitted without a group of videos and scored on them (5 folds of
+videos). It tells how far the features separate sentiment on videos a model was not fitted to,
+independently of the selection split.
 
 Usage::
 
     python bench/mosi_baselines.py --data_path PKL --trust_pickle true --out_dir outputs/mosi_ridge
 
 writes ``<out_dir>/ridge_<split>.{json,csv,md,png}`` and ``ridge_late_<split>.*`` in the
-``subset_metrics`` format, ``ridge_lambdas.json`` and ``ridge_profile_<select split>.json``.
+``subset_metrics`` format, ``ridge_lambdas.json``, ``ridge_profile_<select split>.json`` and
+``ridge_video_cv_train.json``.
 """
 
 from __future__ import annotations
@@ -36,10 +40,23 @@ from app.metrics.sentiment import SENTIMENT_METRICS, SubsetSentimentAccumulator,
 from app.reports import format_table, write_subset_report  # noqa: E402
 from app.subsets import all_subsets, subset_name  # noqa: E402
 
-__all__ = ["LAMBDAS", "pooled_features", "fit_ridge", "ridge_baselines", "main"]
+__all__ = ["LAMBDAS", "VIDEO_FOLDS", "video_of", "pooled_features", "fit_ridge", "ridge_baselines", "main"]
 
 #: Ridge penalties tried for every subset.
 LAMBDAS: tuple[float, ...] = tuple(float(x) for x in 10.0 ** np.arange(-2.0, 5.01, 0.25))
+#: Folds of the video-held-out score inside the training split.
+VIDEO_FOLDS = 5
+
+
+def video_of(utterance_id: Any) -> str:
+    """The video an utterance id names: MMSA's ``video$_$clip`` or the bc-LSTM release's ``video_clip``.
+
+    An id with neither separator is its own group, so the held-out score is then per utterance.
+    """
+    text = str(utterance_id)
+    if "$_$" in text:
+        return text.split("$_$", 1)[0]
+    return text.rsplit("_", 1)[0] if "_" in text else text
 
 
 def pooled_features(split: Mapping[str, np.ndarray], modality: str) -> np.ndarray:
@@ -67,6 +84,7 @@ def ridge_baselines(
     select_split: str = "valid",
     eval_splits: Sequence[str] = (),
     lambdas: Sequence[float] = LAMBDAS,
+    video_folds: int = VIDEO_FOLDS,
 ) -> dict[str, Any]:
     """Fit the 7 dedicated ridge models and score them, plus their late-fusion counterpart.
 
@@ -78,9 +96,12 @@ def ridge_baselines(
 
     Returns:
         ``{"lambdas": {subset: lam}, "results": {split: aggregate}, "late": {split: aggregate},
-        "profile": {subset: [{"lambda", "Acc2", "MAE"}, ...]}}``. Each aggregate has the ``{"subsets",
-        "mean_over_subsets", "worst_subset"}`` layout of ``subset_metrics.json``; ``profile`` lists
-        the selection-split metrics of every penalty tried (how sharply Acc-2 depends on it).
+        "profile": {subset: [{"lambda", "Acc2", "MAE"}, ...]}, "video_cv": {subset: metrics}}``. Each
+        aggregate has the ``{"subsets", "mean_over_subsets", "worst_subset"}`` layout of
+        ``subset_metrics.json``; ``profile`` lists the selection-split metrics of every penalty tried
+        (how sharply Acc-2 depends on it); ``video_cv`` holds the sentiment metrics of the predictions
+        for the training split's videos, each made by the ridge refitted without its fold, plus
+        ``videos`` and ``folds`` (``None`` for a subset whose samples come from one video).
     """
     source = getattr(data, "source", "the data file")
     train = mmsa_split(data, train_split, source)
@@ -110,7 +131,7 @@ def ridge_baselines(
 
     subsets = all_subsets(len(MMSA_MODALITIES))
     y_sel = splits[select_split]["regression_labels"]
-    chosen, profile, preds = {}, {}, {}
+    chosen, profile, preds, video_cv = {}, {}, {}, {}
     for subset in subsets:
         name = subset_name(subset, MMSA_MODALITIES)
         fit_rows, sel_rows = rows(train_split, subset), rows(select_split, subset)
@@ -127,6 +148,7 @@ def ridge_baselines(
                 best = (scores["MAE"], lam, w)
         _, chosen[name], w = best
         preds[tuple(subset)] = {split: _predict(design(split, subset), w) for split in splits}
+        video_cv[name] = _video_held_out(x_train, y_train[fit_rows], train["id"][fit_rows], chosen[name], video_folds)
 
     def score(predict: Any) -> dict[str, Any]:
         out = {}
@@ -144,7 +166,27 @@ def ridge_baselines(
         "results": score(lambda subset, split: preds[tuple(subset)][split]),
         "late": score(lambda subset, split: np.mean([preds[(i,)][split] for i in subset], axis=0)),
         "profile": profile,
+        "video_cv": video_cv,
     }
+
+
+def _video_held_out(x: np.ndarray, y: np.ndarray, ids: Sequence[Any], lam: float, folds: int) -> dict[str, Any] | None:
+    """Sentiment metrics of out-of-fold predictions, the folds being disjoint sets of videos.
+
+    Utterances of one video share speaker, scene and topic, so a fold of utterances would score a
+    model on videos it was fitted to; the videos are shuffled with a fixed seed and dealt to the folds.
+    """
+    videos = np.array([video_of(i) for i in ids])
+    names = np.unique(videos)
+    if len(names) < 2:
+        return None
+    np.random.default_rng(0).shuffle(names)
+    groups = np.array_split(names, min(folds, len(names)))
+    pred = np.empty_like(y)
+    for group in groups:
+        held = np.isin(videos, group)
+        pred[held] = _predict(x[held], fit_ridge(x[~held], y[~held], lam))
+    return {**sentiment_metrics(pred, y), "videos": int(len(names)), "folds": len(groups)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -173,7 +215,16 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{format_table(late, SENTIMENT_METRICS)}\n")
     (out_dir / "ridge_lambdas.json").write_text(json.dumps(out["lambdas"], indent=2) + "\n")
     (out_dir / f"ridge_profile_{args.select_split}.json").write_text(json.dumps(out["profile"], indent=2) + "\n")
+    (out_dir / "ridge_video_cv_train.json").write_text(json.dumps(out["video_cv"], indent=2) + "\n")
     print("lambda per subset (chosen on %s by MAE): %s" % (args.select_split, out["lambdas"]))
+    selected = out["results"][args.select_split]["subsets"]
+    lines = [f"## ridge on videos held out of the train split ({VIDEO_FOLDS} folds of videos) vs the "
+             f"{args.select_split} split", "", f"| subset | held-out videos Acc2 | MAE | {args.select_split} Acc2 | MAE |",
+             "|---|---|---|---|---|"]
+    for name, cv in out["video_cv"].items():
+        held = "n/a | n/a" if cv is None else f"{cv['Acc2']:.3f} | {cv['MAE']:.3f}"
+        lines.append(f"| {name} | {held} | {selected[name]['Acc2']:.3f} | {selected[name]['MAE']:.3f} |")
+    print("\n".join(lines))
     return 0
 
 

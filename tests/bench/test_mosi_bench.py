@@ -13,7 +13,7 @@ from app.metrics.sentiment import sentiment_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from mosi_baselines import LAMBDAS, fit_ridge, pooled_features, ridge_baselines  # noqa: E402
+from mosi_baselines import LAMBDAS, fit_ridge, pooled_features, ridge_baselines, video_of  # noqa: E402
 from mosi_compare import checks, comparison_table, win_counts  # noqa: E402
 
 
@@ -215,3 +215,46 @@ def test_a_damaged_feature_file_is_one_error_line_and_writes_nothing(script, tmp
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"error: {bad} cannot be read as a pickle") and "download or export it again" in err
     assert not out.exists()
+
+
+def test_video_of_reads_both_id_layouts():
+    assert video_of("03bSnISJMiM$_$11") == "03bSnISJMiM"  # MMSA
+    assert video_of("2iD-tVS8NPw_10") == "2iD-tVS8NPw"  # bc-LSTM release: the video id may hold "_" and "-"
+    assert video_of("a_b_c_3") == "a_b_c"
+    assert video_of("utt7") == "utt7"  # no separator: each utterance is its own group
+
+
+def test_video_held_out_score_keeps_a_video_out_of_the_fit_that_scores_it(mmsa):
+    """Features that only identify the video, and a sentiment sign per video: a fit that saw the scored
+    videos separates them perfectly, while videos held out of the fit are no better than a guess."""
+    import copy
+
+    data = copy.deepcopy(mmsa)
+    rng = np.random.default_rng(0)
+    train = data["train"]
+    n_videos, per_video = 12, 5
+    video = np.repeat(np.arange(n_videos), per_video)
+    train["id"] = np.array([f"vid-{v}_{k}" for v, k in zip(video, np.tile(np.arange(per_video), n_videos))])
+    sign = np.where(np.arange(n_videos) % 2 == 0, 1.0, -1.0)
+    train["regression_labels"] = (2.0 * sign[video]).astype(train["regression_labels"].dtype)
+    for m in MMSA_MODALITIES:
+        d = train[m].shape[-1]
+        signature = rng.normal(size=(n_videos, d)) * 10.0
+        train[m] = (signature[video][:, None, :] + 0.01 * rng.normal(size=(len(video), 1, d))).astype(train[m].dtype)
+        train[f"{m}_lengths"] = np.ones(len(video), dtype=train[f"{m}_lengths"].dtype)
+    cv = ridge_baselines(data, lambdas=(1e-2,))["video_cv"]["text"]
+    assert (cv["videos"], cv["folds"], cv["n"]) == (12, 5, 60)
+    x = pooled_features(train, "text")
+    x = (x - x.mean(0)) / x.std(0)
+    w = fit_ridge(x, train["regression_labels"], 1e-2)
+    in_sample = sentiment_metrics(x @ w[:-1] + w[-1], train["regression_labels"])
+    assert in_sample["Acc2"] == 1.0
+    assert cv["Acc2"] <= 0.75, cv  # 12 videos: a guess gets 0.5 give or take a few videos
+
+
+def test_a_single_video_has_no_held_out_score(mmsa):
+    import copy
+
+    data = copy.deepcopy(mmsa)
+    data["train"]["id"] = np.array([f"onevideo_{k}" for k in range(len(data["train"]["id"]))])
+    assert all(v is None for v in ridge_baselines(data)["video_cv"].values())
