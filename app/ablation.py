@@ -90,6 +90,12 @@ REPORT_METRICS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _budget(max_epochs: int, minutes: float | None) -> str:
+    """A stage's training budget as the report titles give it: ``1 epoch``, ``25 epochs or 6 min``."""
+    epochs = f"{max_epochs} epoch" + ("" if int(max_epochs) == 1 else "s")
+    return epochs + (f" or {minutes:g} min" if minutes else "")
+
+
 def _configs(bundle: Path) -> tuple[Path, Path]:
     train, evaluate = bundle / "configs" / "train.yaml", bundle / "configs" / "evaluate.yaml"
     for path in (train, evaluate):
@@ -827,8 +833,8 @@ def run_ablation(
                              "time_limit_minutes": time_limit_minutes, "checkpoint": checkpoint,
                              "bundle_args": list(bundle_args), "config_files": [str(f) for f in overrides],
                              "hd95": hd95}
-        budget = f"{max_epochs} epochs" + (f" or {time_limit_minutes:g} min" if time_limit_minutes else "")
-        title = f"Ablation of {bundle.name}: seed {seed}, {budget} per strategy, {checkpoint} model"
+        title = f"Ablation of {bundle.name}: seed {seed}, {_budget(max_epochs, time_limit_minutes)} per strategy, " \
+                f"{checkpoint} model"
         write_ablation_report(table, out, title)
         print(format_ablation_markdown(table, title), flush=True)
         return table
@@ -871,8 +877,7 @@ def run_ablation_seeds(
                 first_loss = _same_loss_as(first_loss, stage, checkpoint, out)
         table = seed_table(per_seed)
         minutes = per_seed[seeds[0]]["settings"]["time_limit_minutes"] or 0  # given, or the recipes'
-        budget = f"{max_epochs} epochs" + (f" or {minutes:g} min" if minutes else "")
-        title = f"Ablation of {Path(bundle).name} over {len(seeds)} seeds: {budget} per strategy"
+        title = f"Ablation of {Path(bundle).name} over {len(seeds)} seeds: {_budget(max_epochs, minutes)} per strategy"
         write_seed_report(table, out, title)
         print(format_seed_markdown(table, title), flush=True)
         return {**table, "per_seed": per_seed}

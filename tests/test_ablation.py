@@ -614,7 +614,7 @@ def test_a_recipes_time_limit_and_seed_are_the_ablations_defaults(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     settings = json.loads((out / "ablation.json").read_text())["settings"]
     assert (settings["time_limit_minutes"], settings["seed"]) == (0.5, 3)
-    assert "seed 3, 1 epochs or 0.5 min per strategy" in (out / "ablation.md").read_text()
+    assert "seed 3, 1 epoch or 0.5 min per strategy" in (out / "ablation.md").read_text()
     log = (out / "plain" / "train.log").read_text()
     assert "time_limit_minutes: 0.5" in log and "seed: 3" in log
     # given on the command line, they win over the recipe
