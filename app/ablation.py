@@ -96,6 +96,15 @@ def _budget(max_epochs: int, minutes: float | None) -> str:
     return epochs + (f" or {minutes:g} min" if minutes else "")
 
 
+def _cli_value(text: str) -> Any:
+    """A command-line value as the bundle reads it: ``0`` a number, ``abc`` a string (an empty one stays text)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return text if value is None else value
+
+
 def _configs(bundle: Path) -> tuple[Path, Path]:
     train, evaluate = bundle / "configs" / "train.yaml", bundle / "configs" / "evaluate.yaml"
     for path in (train, evaluate):
@@ -722,8 +731,8 @@ def run_ablation(
     # threads for the evaluations' HD95 searches: passed to them only (training has no such setting) and left out
     # of their records, as it changes no value: a finished evaluation is kept whatever it was
     hd95_workers = _option(bundle_args, "hd95_workers")
-    if hd95_workers is not None:
-        check_hd95_workers(hd95_workers)
+    if hd95_workers is not None:  # read as the bundle's command line reads it, so that the error quotes the same value
+        check_hd95_workers(_cli_value(hd95_workers))
     bundle_args = _without(_without(_without(bundle_args, "config_file"), "hd95"), "hd95_workers")
     if checkpoint not in ("final", "best"):
         raise ValueError(f"checkpoint must be 'final' or 'best', got {checkpoint!r}.")

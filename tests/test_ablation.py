@@ -786,7 +786,7 @@ def test_hd95_goes_to_the_evaluations_only_and_adds_its_tables(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert (out / "plain" / "eval" / "subset_dice.json").stat().st_mtime_ns == scored
     bad = _ablate(*args, "--hd95", "true", "--hd95_workers", "0")
-    assert bad.returncode == 1 and "--hd95_workers '0' must be a whole number >= 1" in bad.stderr, bad.stderr[-2000:]
+    assert bad.returncode == 1 and "--hd95_workers 0 must be a whole number >= 1" in bad.stderr, bad.stderr[-2000:]
 
 
 def test_hd95_is_refused_for_a_sentiment_bundle_before_anything_trains(tmp_path):
