@@ -482,7 +482,7 @@ class ResumableCheckpoint:
     iteration, ``epoch_length``, the validator's best metric and the key-metric saver's record (so
     ``model.pt`` is only replaced by a better model after a resume), and the generator states of
     every rank. With ``resume`` the handler restores all of it at ``STARTED`` (after refusing a run configured
-    with another network, training voxel size, ``settings``, epoch length, ``max_epochs``, learning rate, weight
+    with other ``settings``, another network, training voxel size, epoch length, ``max_epochs``, learning rate, weight
     decay, strategy or loss);
     ignite then continues from the restored iteration, and a :class:`ResumableSampler` of the trainer's loader
     is moved to the same batch.
@@ -662,12 +662,16 @@ class ResumableCheckpoint:
         atomic_save(state, self.path)
         logger.info("Wrote %s (epoch %d, iteration %d).", self.path, engine.state.epoch, engine.state.iteration)
 
-    def _check_settings(self, recorded: Mapping[str, Any], rank: int) -> None:
-        """Refuse a resume whose ``settings`` differ from those the checkpoint recorded; warn for those in ``warn``.
+    def _check_settings(self, recorded: Mapping[str, Any]) -> list[str]:
+        """Refuse a resume whose ``settings`` differ from those the checkpoint recorded; those in ``warn`` are only
+        described, in the warnings returned (logged once every other check passed).
 
         A setting the checkpoint does not record (written by an earlier version) is not compared. A group of
         settings (a mapping, e.g. :func:`transform_settings`) is compared entry by entry, each entry named by its
         own flag, an entry on one side only counting as a change (a transform added or removed).
+
+        Returns:
+            the warning for the changed settings of ``warn``, or nothing.
 
         Raises:
             ValueError: a refused setting differs: names each one's two values and the flags that restore them.
@@ -715,11 +719,11 @@ class ResumableCheckpoint:
                 f"{restore or 'the original settings'}, or start a new run in another --output_dir to train with the "
                 "new ones."
             )
-        if warned and rank == 0:
-            logger.warning(
-                "%s was written by a run with other settings (%s): the resumed run continues the same experiment with "
-                "the new value(s) (pass %s to keep the original).", self.path, listed(warned),
-                fix(warned) or "the original settings")
+        if not warned:
+            return []
+        return [f"{self.path} was written by a run with other settings ({listed(warned)}): the resumed run continues "
+                f"the same experiment with the new value(s) (pass {fix(warned) or 'the original settings'} to keep the "
+                "original)."]
 
     def _check_same_spacing(self, expected: Mapping[str, Any], saved: Mapping[str, Any],
                             recorded: Mapping[str, Any]) -> None:
@@ -808,10 +812,14 @@ class ResumableCheckpoint:
         """Load ``state`` (from :func:`load_training_checkpoint`) into the objects and ``engine``.
 
         Raises:
-            ValueError: the checkpoint was written for another network, epoch length, number of epochs,
-                recorded setting, scheduler or optimizer setting, or strategy: the message names the resume that fits.
+            ValueError: the checkpoint was written with another recorded setting, network, training voxel size,
+                epoch length, number of epochs, scheduler or optimizer setting, strategy or loss: the message names
+                the resume that fits.
         """
         world, rank = process_group()
+        # first: each setting names the flag that restores it (--features, --strategy, --epoch_length), which the
+        # checks below, of what the settings lead to, cannot
+        warnings = self._check_settings(state.get("settings") or {})
         net = _unwrap(self.network)
         expected, saved = net.state_dict(), state["network"]
         # tensors added to the network after the checkpoint was written keep their current value
@@ -824,9 +832,6 @@ class ResumableCheckpoint:
                 "--output_dir."
             )
         self._check_same_spacing(expected, saved, state.get("settings") or {})
-        # before the epoch length: another number of processes or batch size also changes it, and the setting names
-        # the flag that restores it
-        self._check_settings(state.get("settings") or {}, rank)
         length = int(engine.state.epoch_length or 0)
         if state["epoch_length"] and length and state["epoch_length"] != length:
             raise ValueError(
@@ -889,6 +894,9 @@ class ResumableCheckpoint:
                 "predict knobs), or start a new run in another --output_dir."
             )
         self._check_same_loss(state.get("loss_config"), rank)
+        if rank == 0:
+            for warning in warnings:  # once nothing refused the resume
+                logger.warning(warning)
         net.load_state_dict(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and "lr_scheduler" in state:

@@ -232,7 +232,8 @@ def test_the_segmentation_bundle_records_its_sample_settings():
     handler = next(h for h in parser.get("train#handlers") if h["_target_"] == "app.engines.ResumableCheckpoint")
     assert set(handler["settings"]) == {"patch_size", "batch_size", "num_samples", "label_convention", "amp",
                                         "deterministic", "sw_overlap", "torchrun --nproc_per_node", "preprocessing",
-                                        "augmentation", "dataset_dir", "seed", "val_fraction"}
+                                        "augmentation", "dataset_dir", "seed", "val_fraction", "features",
+                                        "strategy", "epoch_length"}
     assert handler["warn"] == ["deterministic", "dataset_dir", "val_fraction"]
     # each transform setting is named by the override that sets it (MONAI writes "#" as "::" in expressions)
     parser["amp"] = "false"
@@ -263,6 +264,22 @@ def test_a_resume_with_another_amp_or_number_of_processes_is_refused_naming_the_
                                          r"--nproc_per_node 2, or"):
         _settings_run(tmp_path, amp=True, **{processes: 1})
     _settings_run(tmp_path, amp=True, **{processes: 2})  # the same: resumes
+
+
+def test_a_resume_with_other_features_names_the_flag_and_value_before_comparing_the_weights(tmp_path):
+    """A resume that forgot --features "[8,16,32,64]" was refused for 'a different network configuration' naming
+    --features but not the value to pass; the recorded setting names it (and is checked before the weights)."""
+    def run(features, width):
+        net = torch.nn.Linear(2, width)
+        engine = Engine(lambda e, b: None)
+        ResumableCheckpoint(tmp_path, net, torch.optim.SGD(net.parameters(), lr=0.1), resume="auto",
+                            settings={"features": features, "strategy": "gmd"}).attach(engine)
+        engine.run(DATA, max_epochs=1)
+
+    run([8, 16, 32, 64], 4)
+    with pytest.raises(ValueError, match=r"\(--features \[8, 16, 32, 64\] there, \[16, 32, 64, 128, 256\] here\): "
+                                         r"resume with --features \"\[8,16,32,64\]\", or"):
+        run([16, 32, 64, 128, 256], 5)
 
 
 def test_a_resume_without_deterministic_kernels_is_warned_about_not_refused(tmp_path, caplog):
