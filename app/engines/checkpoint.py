@@ -687,6 +687,9 @@ class ResumableCheckpoint:
                         changes.append((key, sub, then.get(sub, _NOT_A_SETTING), now.get(sub, _NOT_A_SETTING)))
             elif then != now:
                 changes.append((key, key, then, now))
+        # a transform setting that follows a changed setting (the crops' spatial_size is --patch_size) is not named twice
+        followed = [(old, new) for key, flag, old, new in changes if key == flag]
+        changes = [c for c in changes if c[0] == c[1] or (c[2], c[3]) not in followed]
 
         def shown(value: Any) -> str:
             return "(none)" if value is _NOT_A_SETTING else repr(value)
