@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -465,6 +466,35 @@ def _optimizer_changes(
     return changes
 
 
+#: the bundles' flags of the strategies' settings (strategy_def) that are not spelt as the setting itself
+_STRATEGY_FLAGS = {"subsets": "gmd_subsets", "rho": "cggm_rho", "head_lr": "cggm_head_lr", "b_clip": "cggm_b_clip",
+                   "sync": "gmd_sync"}
+
+
+def _strategy_settings(text: str) -> tuple[str, dict[str, str]] | None:
+    """``("GMDStrategy", {"subsets": "3", "seed": "0"})`` for a strategy's repr ``GMDStrategy(subsets=3, seed=0)``."""
+    match = re.fullmatch(r"(\w+)\((.*)\)", text.strip(), flags=re.S)
+    if match is None:
+        return None
+    args = [a for a in re.split(r", (?=[A-Za-z_]\w*=)", match.group(2)) if a]
+    if not all("=" in a for a in args):
+        return None
+    return match.group(1), dict(a.split("=", 1) for a in args)
+
+
+def _strategy_fix(written: str, configured: str) -> str:
+    """The flags that restore the strategy settings of ``written`` where this run's strategy is of its class and
+    differs in its settings (``--gmd_subsets 3``), else ``""``."""
+    old, new = _strategy_settings(written), _strategy_settings(configured)
+    if old is None or new is None or old[0] != new[0]:
+        return ""
+    flags = []
+    for name, value in old[1].items():
+        if new[1].get(name) != value:
+            flags.append(f"--{_STRATEGY_FLAGS.get(name, name)} {value.strip(chr(39))}")
+    return " ".join(flags)
+
+
 #: how many differing settings a refused resume names (then how many more)
 _LISTED = 6
 
@@ -891,10 +921,12 @@ class ResumableCheckpoint:
         written_by = state.get("strategy_config")
         if strategy is not None and written_by is not None and str(written_by) != repr(strategy):
             # the strategy's state would load silently into another one and the run would mix two methods
+            fix = _strategy_fix(str(written_by), repr(strategy))
             raise ValueError(
                 f"{self.path} was written by a run training with {written_by}, this run trains with {strategy!r}: "
-                "resume with the original --strategy and its settings (--gmd_subsets, --seed, the cggm_* and "
-                "predict knobs), or start a new run in another --output_dir."
+                + (f"resume with {fix}" if fix else "resume with the original --strategy and its settings (--gmd_subsets, "
+                   "--seed, the cggm_* and predict knobs)")
+                + ", or start a new run in another --output_dir."
             )
         self._check_same_loss(state.get("loss_config"), rank)
         if rank == 0:

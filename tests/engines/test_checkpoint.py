@@ -441,8 +441,23 @@ def test_a_resume_with_another_strategy_is_refused(tmp_path):
                                          r"GMDStrategy\(subsets=5.*resume with the original --strategy"):
         run("gmd", subsets=5)
     assert run("plain") == 3  # the same strategy resumes (a finished run: nothing to do)
-    with pytest.raises(ValueError, match="original --strategy and its settings"):
+    # the same strategy with other settings: the flags (and values) that restore them
+    with pytest.raises(ValueError, match=r"this run trains with PlainStrategy\(seed=1\): resume with --seed 0, or"):
         run("plain", seed=1)
+
+
+def test_a_resume_with_other_gmd_or_cggm_settings_names_the_flags_that_restore_them(tmp_path):
+    """--gmd_subsets 2 on a resume of a --gmd_subsets 3 run was refused with 'resume with the original --strategy and
+    its settings (--gmd_subsets, --seed, the cggm_* and predict knobs)': the values were in the repr, not the fix."""
+    from app.strategies import build_strategy
+
+    for name, first, second, fix in (
+            ("gmd", {"subsets": 3}, {"subsets": 2}, "--gmd_subsets 3"),
+            ("cggm", {"rho": 1.2}, {"rho": 1.5, "b_clip": 2.0}, "--cggm_rho 1.2 --cggm_b_clip None")):
+        folder = tmp_path / name
+        _train_one_epoch(folder, build_strategy(name, **first))
+        with pytest.raises(ValueError, match=rf": resume with {fix}, or start a new run"):
+            _train_one_epoch(folder, build_strategy(name, **second))
 
 
 def _train_one_epoch(folder, strategy) -> None:
