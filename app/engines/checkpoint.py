@@ -850,8 +850,8 @@ class ResumableCheckpoint:
                 the resume that fits.
         """
         world, rank = process_group()
-        # first: each setting names the flag that restores it (--features, --strategy, --epoch_length), which the
-        # checks below, of what the settings lead to, cannot
+        # first: each setting names the flag that restores it (--features, --strategy), which the checks below, of
+        # what the settings lead to, cannot
         warnings = self._check_settings(state.get("settings") or {})
         net = _unwrap(self.network)
         expected, saved = net.state_dict(), state["network"]
@@ -869,7 +869,8 @@ class ResumableCheckpoint:
         if state["epoch_length"] and length and state["epoch_length"] != length:
             raise ValueError(
                 f"{self.path} was written with {state['epoch_length']} iterations per epoch, this run has {length}: "
-                "resume with the original --epoch_length, --batch_size and data."
+                f"resume with --epoch_length {state['epoch_length']} (or the original --batch_size and data, where "
+                "the run took one pass over the training cases per epoch)."
             )
         planned = int(engine.state.max_epochs or 0)
         if state.get("max_epochs") and planned and int(state["max_epochs"]) != planned and self.lr_scheduler is not None:

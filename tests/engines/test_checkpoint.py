@@ -233,7 +233,7 @@ def test_the_segmentation_bundle_records_its_sample_settings():
     assert set(handler["settings"]) == {"patch_size", "batch_size", "num_samples", "label_convention", "amp",
                                         "deterministic", "sw_overlap", "torchrun --nproc_per_node", "preprocessing",
                                         "augmentation", "dataset_dir", "seed", "val_fraction", "features",
-                                        "strategy", "epoch_length"}
+                                        "strategy"}
     assert handler["warn"] == ["deterministic", "dataset_dir", "val_fraction"]
     # each transform setting is named by the override that sets it (MONAI writes "#" as "::" in expressions)
     parser["amp"] = "false"

@@ -146,7 +146,8 @@ def test_resume_that_does_not_fit_the_checkpoint_ends_with_the_error_alone(phant
                          "--resume", "true", *cli_args(settings)], log=log)
     assert proc.wait(timeout=300) == 1
     text = log.read_text()
-    assert "error: " in text and "(--epoch_length 3 there, 2 here): resume with --epoch_length 3" in text
+    assert "error: " in text and "written with 3 iterations per epoch, this run has 2: resume with --epoch_length 3 " \
+        "(or the original --batch_size" in text
     assert "Traceback" not in text, text[-3000:]
 
 
