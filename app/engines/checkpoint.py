@@ -696,7 +696,8 @@ class ResumableCheckpoint:
         """Refuse a resume whose ``settings`` differ from those the checkpoint recorded; those in ``warn`` are only
         described, in the warnings returned (logged once every other check passed).
 
-        A setting the checkpoint does not record (written by an earlier version) is not compared. A group of
+        A setting the checkpoint does not record (written by an earlier version) is not compared: the warnings name
+        it. A group of
         settings (a mapping, e.g. :func:`transform_settings`) is compared entry by entry, each entry named by its
         own flag, an entry on one side only counting as a change (a transform added or removed).
 
@@ -744,6 +745,7 @@ class ResumableCheckpoint:
 
         warned = [c for c in changes if c[0] in self.warn]
         refused = [c for c in changes if c[0] not in self.warn]
+        unrecorded = [k for k in self.settings if k not in recorded]
         if refused:
             # the weights, optimizer and data order would carry on, on other samples or numerics than the run it continues
             restore = fix(refused)
@@ -752,11 +754,19 @@ class ResumableCheckpoint:
                 f"{restore or 'the original settings'}, or start a new run in another --output_dir to train with the "
                 "new ones."
             )
-        if not warned:
-            return []
-        return [f"{self.path} was written by a run with other settings ({listed(warned)}): the resumed run continues "
-                f"the same experiment with the new value(s) (pass {fix(warned) or 'the original settings'} to keep the "
-                "original)."]
+        warnings = []
+        if unrecorded:
+            # a run started before this version recorded them (the checkpoint of a run under way at an upgrade)
+            names = ", ".join(option(k) if not isinstance(self.settings[k], Mapping) else f"the {k} transforms"
+                              for k in unrecorded)
+            warnings.append(f"{self.path} records no {names} (it was written by an earlier version): those are not "
+                            "compared beyond what its weights, strategy and split show, so make sure this command "
+                            "passes the values the run started with.")
+        if warned:
+            warnings.append(f"{self.path} was written by a run with other settings ({listed(warned)}): the resumed run "
+                            f"continues the same experiment with the new value(s) (pass "
+                            f"{fix(warned) or 'the original settings'} to keep the original).")
+        return warnings
 
     def _check_same_spacing(self, expected: Mapping[str, Any], saved: Mapping[str, Any],
                             recorded: Mapping[str, Any]) -> None:

@@ -282,6 +282,16 @@ def test_a_resume_with_other_features_names_the_flag_and_value_before_comparing_
         run([16, 32, 64, 128, 256], 5)
 
 
+def test_a_checkpoint_that_records_fewer_settings_resumes_with_a_warning_naming_them(tmp_path, caplog):
+    """The checkpoint of a run under way when the package was upgraded records none of the new settings: they
+    cannot be compared, and the resume says so instead of implying they were checked."""
+    _settings_run(tmp_path, patch_size=[32, 32, 32])
+    with caplog.at_level("WARNING", logger="app.engines.checkpoint"):
+        _settings_run(tmp_path, patch_size=[32, 32, 32], amp=True, augmentation={"train#augmentation#0#prob": 0.5})
+    assert any("records no --amp, the augmentation transforms (it was written by an earlier version): those are not "
+               "compared" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
 def test_a_resume_without_deterministic_kernels_is_warned_about_not_refused(tmp_path, caplog):
     _settings_run(tmp_path, warn=["deterministic"], deterministic=True)
     with caplog.at_level("WARNING", logger="app.engines.checkpoint"):
