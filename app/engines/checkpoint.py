@@ -377,6 +377,11 @@ def _transform_values(transform: Any, depth: int = 0) -> dict[str, Any]:
         elif isinstance(value, Transform) and depth < 3:
             for sub, inner in _transform_values(value, depth + 1).items():
                 values[sub if sub in params and sub not in own else f"{name}.{sub}"] = inner
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, Transform) for v in value) and depth < 3:
+            # the transforms of OneOf / RandomOrder / a nested Compose, named as their overrides (transforms#0#prob)
+            for index, item in enumerate(value):
+                values[f"{name}#{index}#_target_"] = _class_name(item)
+                values.update({f"{name}#{index}#{k}": v for k, v in _transform_values(item, depth + 1).items()})
     return values
 
 

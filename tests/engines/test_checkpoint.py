@@ -304,7 +304,7 @@ def test_a_resume_without_deterministic_kernels_is_warned_about_not_refused(tmp_
 def test_a_resume_with_other_augmentation_settings_is_refused_naming_the_override(tmp_path):
     """--train#augmentation#2#prob 0.1 (or a recipe's extra transform) on a resume trained on differently
     augmented samples than the run it continues, without a word."""
-    from monai.transforms import RandFlipd, RandGaussianNoised, RandScaleIntensityd, RandSpatialCropd
+    from monai.transforms import OneOf, RandFlipd, RandGaussianNoised, RandScaleIntensityd, RandSpatialCropd
 
     def augmentation(prob=0.5, factors=0.1, extra=()):
         return [RandFlipd(keys="image", prob=0.5, spatial_axis=0), RandFlipd(keys="image", prob=prob, spatial_axis=1),
@@ -326,6 +326,9 @@ def test_a_resume_with_other_augmentation_settings_is_refused_naming_the_overrid
         _settings_run(tmp_path, augmentation=transform_settings(augmentation(), "recipe#augmentation"))
     # a transform setting that follows another setting (a crop's spatial_size is --patch_size) is named once
     run()  # the same transforms, built again: resumes
+    # the transforms inside OneOf (or a nested Compose) too
+    one_of = [OneOf([RandFlipd(keys="image", prob=0.5, spatial_axis=0)])]
+    assert transform_settings(one_of, "aug")["aug#0#transforms#0#prob"] == 0.5
     _settings_run(tmp_path / "crop", patch_size=[32, 32, 32],
                   augmentation=transform_settings([RandSpatialCropd(keys="image", roi_size=[32, 32, 32])], "aug"))
     with pytest.raises(ValueError) as err:
