@@ -244,6 +244,18 @@ def test_the_segmentation_bundle_records_its_sample_settings():
     assert multi["train"]["handlers"][3]["settings"]["torchrun --nproc_per_node"] == "@world_size"
 
 
+def test_the_sentiment_multi_gpu_config_records_its_number_of_processes():
+    """A resume of a 4-process sentiment run with 2 processes only warned: each rank's share and the global batch
+    changed."""
+    from monai.bundle import ConfigParser
+
+    bundle = REPO / "bundles" / "mosi_gmd" / "configs"
+    config = ConfigParser.load_config_files([str(bundle / "train.yaml"), str(bundle / "multi_gpu_train.yaml")])
+    assert config["train"]["checkpoint"]["settings"] == {"batch_size": "@batch_size",
+                                                         "torchrun --nproc_per_node": "@world_size"}
+    assert ConfigParser(config).get_parsed_content("world_size") == 1  # outside torchrun
+
+
 def _settings_run(folder, warn=(), **settings):
     net = torch.nn.Linear(2, 1)
     engine = Engine(lambda e, b: None)
