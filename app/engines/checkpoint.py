@@ -541,10 +541,12 @@ class ResumableCheckpoint:
             spent is kept, so a resumed run continues its wall-clock budget instead of starting a new one.
         settings: named settings that a resumed run must keep, each named by the command-line flag that sets
             it (the segmentation bundle: ``patch_size``, ``batch_size``, ``num_samples``, ``label_convention``,
-            ``amp``, ``sw_overlap``, the transforms as :func:`transform_settings` describes them, the number of
-            processes ``torchrun --nproc_per_node``: a name with a space is written as is), recorded in the checkpoint: with another value the run would continue
-            on other samples or numerics than the one it resumes, while the weights and the data order carried on
-            without a word. A value may be a mapping of settings, each named by its flag (compared entry by entry).
+            ``features``, ``strategy``, ``amp``, ``sw_overlap``, ``seed``, the transforms as
+            :func:`transform_settings` describes them, the number of processes ``torchrun --nproc_per_node``: a
+            name with a space is written as is), recorded in the checkpoint: with another value the run would
+            continue on other samples or numerics than the one it resumes, while the weights and the data order
+            carried on without a word. A value may be a mapping of settings, each named by its flag (compared
+            entry by entry).
         loss_function: the training loss, whose class and settings (:func:`app.losses.loss_settings`) are recorded
             and must be the same in a resumed run; default: the trainer's ``loss_function`` attribute.
         warn: names of ``settings`` whose change is logged as a warning instead of refused: the experiment stays the
@@ -702,12 +704,11 @@ class ResumableCheckpoint:
         described, in the warnings returned (logged once every other check passed).
 
         A setting the checkpoint does not record (written by an earlier version) is not compared: the warnings name
-        it. A group of
-        settings (a mapping, e.g. :func:`transform_settings`) is compared entry by entry, each entry named by its
-        own flag, an entry on one side only counting as a change (a transform added or removed).
+        it. A group of settings (a mapping, e.g. :func:`transform_settings`) is compared entry by entry, each entry
+        named by its own flag, an entry on one side only counting as a change (a transform added or removed).
 
         Returns:
-            the warning for the changed settings of ``warn``, or nothing.
+            the warnings: the settings the checkpoint does not record, and the changed settings of ``warn``.
 
         Raises:
             ValueError: a refused setting differs: names each one's two values and the flags that restore them.
@@ -723,7 +724,7 @@ class ResumableCheckpoint:
                         changes.append((key, sub, then.get(sub, _NOT_A_SETTING), now.get(sub, _NOT_A_SETTING)))
             elif then != now:
                 changes.append((key, key, then, now))
-        # a transform setting that follows a changed setting (the crops' spatial_size is --patch_size) is not named twice
+        # a transform setting that follows a changed setting (the crops' spatial_size is --patch_size): named once
         followed = [(old, new) for key, flag, old, new in changes if key == flag]
         changes = [c for c in changes if c[0] == c[1] or (c[2], c[3]) not in followed]
 
@@ -752,7 +753,7 @@ class ResumableCheckpoint:
         refused = [c for c in changes if c[0] not in self.warn]
         unrecorded = [k for k in self.settings if k not in recorded]
         if refused:
-            # the weights, optimizer and data order would carry on, on other samples or numerics than the run it continues
+            # the weights, optimizer and data order would carry on with other samples or numerics than the run's
             restore = fix(refused)
             raise ValueError(
                 f"{self.path} was written by a run with other training settings ({listed(refused)}): resume with "
@@ -940,8 +941,8 @@ class ResumableCheckpoint:
             fix = _strategy_fix(str(written_by), repr(strategy))
             raise ValueError(
                 f"{self.path} was written by a run training with {written_by}, this run trains with {strategy!r}: "
-                + (f"resume with {fix}" if fix else "resume with the original --strategy and its settings (--gmd_subsets, "
-                   "--seed, the cggm_* and predict knobs)")
+                + (f"resume with {fix}" if fix else "resume with the original --strategy and its settings "
+                   "(--gmd_subsets, --seed, the cggm_* and predict knobs)")
                 + ", or start a new run in another --output_dir."
             )
         self._check_same_loss(state.get("loss_config"), rank)
