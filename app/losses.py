@@ -11,6 +11,7 @@ enhancing voxel (``[1, 1, 1]``) only pulls the three logits towards each other.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss as _MonaiDiceCELoss
 
-__all__ = ["DiceCELoss", "loss_settings"]
+__all__ = ["DiceCELoss", "check_loss", "loss_settings"]
 
 
 def _plain_value(value: Any) -> Any:
@@ -54,6 +55,56 @@ def loss_settings(loss: Any) -> dict[str, Any]:
             if plain is not None or value is None:
                 settings[f"{prefix}.{key}" if prefix else key] = plain
     return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **{k: settings[k] for k in sorted(settings)}}
+
+
+def _channel_weight(loss: Any) -> torch.Tensor | None:
+    """The per-channel ``weight`` a loss was built with (MONAI's ``DiceCELoss``: its cross-entropy's, which is the
+    whole ``weight``; its Dice's drops channel 0 without the background), or None."""
+    for owner, name in (("binary_cross_entropy", "pos_weight"), ("dice", "class_weight"), ("", "class_weight")):
+        module = getattr(loss, owner, None) if owner else loss
+        value = getattr(module, name, None) if module is not None else None
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def check_loss(loss: Any, channels: int, spatial_dims: int = 3) -> None:
+    """Refuse a loss whose settings do not fit a prediction of ``channels`` channels, before any case is read.
+
+    A ``weight`` of another length than the channels (``--loss#weight "[2.0]"`` for the three regions) was
+    refused by MONAI only at the first training step, with a traceback, after ``datalist.json``, ``models/`` and
+    ``tensorboard/`` were written. The weight is checked first; then the loss is computed once on an all-zero
+    prediction of that shape (on a copy: MONAI's Dice expands a single weight to one per channel on its first call,
+    which would change the settings a resume compares).
+
+    Args:
+        loss: the training loss, as the bundle builds it (``@loss``).
+        channels: the network's output channels (``@network_def#out_channels``).
+        spatial_dims: the prediction's spatial dimensions.
+
+    Raises:
+        ValueError: naming the setting and the fix.
+    """
+    weight = _channel_weight(loss)
+    if weight is not None and weight.ndim > 0:
+        values = [float(v) for v in weight.detach().cpu().flatten().tolist()]
+        even = "[" + ",".join(["1.0"] * channels) + "]"
+        include_background = getattr(getattr(loss, "dice", loss), "include_background", True)
+        if weight.ndim != 1 or len(values) != channels:
+            background = "" if include_background else " (also with --loss#include_background false)"
+            raise ValueError(f"--loss#weight {values} has {len(values)} value(s), the network predicts {channels} "
+                             f"channels: give one value per channel{background}, e.g. --loss#weight \"{even}\", "
+                             "or one number for every channel.")
+        if not all(math.isfinite(v) and v >= 0 for v in values):
+            raise ValueError(f"--loss#weight {values} must be finite numbers >= 0 (one per channel), "
+                             f"e.g. --loss#weight \"{even}\".")
+    shape = (1, int(channels), *([2] * spatial_dims))
+    try:
+        copy.deepcopy(loss)(torch.zeros(shape), torch.zeros(shape))
+    except (ValueError, RuntimeError, IndexError, TypeError, AssertionError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(f"The loss ({type(loss).__qualname__}) cannot be computed on the network's {channels} output "
+                         f"channels: {reason}. Fix its settings (--loss#...).") from None
 
 
 class DiceCELoss(_MonaiDiceCELoss):

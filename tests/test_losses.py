@@ -157,3 +157,34 @@ def test_a_bad_setting_is_refused_naming_it(settings, message):
     # took a NaN weight, which made every loss NaN
     with pytest.raises(ValueError, match=message):
         DiceCELoss(sigmoid=True, **settings)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"weight": [2.0]}, r'--loss#weight \[2.0\] has 1 value\(s\), the network predicts 3 channels: give one value per '
+                        r'channel, e.g. --loss#weight "\[1.0,1.0,1.0\]", or one number for every channel.'),
+    ({"weight": [1.0, 2.0, 4.0, 8.0]}, r"--loss#weight \[1.0, 2.0, 4.0, 8.0\] has 4 value\(s\)"),
+    ({"weight": [2.0, 4.0], "include_background": False},
+     r"has 2 value\(s\), the network predicts 3 channels: give one value per channel \(also with "
+     r"--loss#include_background false\)"),
+    ({"weight": [1.0, -1.0, 2.0]}, r"--loss#weight \[1.0, -1.0, 2.0\] must be finite numbers >= 0"),
+])
+def test_a_weight_that_does_not_fit_the_regions_is_refused_before_training(settings, message):
+    """MONAI refused --loss#weight "[2.0]" for the three regions only at the first training step, with a traceback
+    after datalist.json, models/ and tensorboard/ were written."""
+    from app.losses import check_loss
+
+    loss = DiceCELoss(sigmoid=True, squared_pred=True, **settings)
+    with pytest.raises(ValueError, match=message):
+        check_loss(loss, 3)
+
+
+def test_a_fitting_loss_passes_the_check_unchanged():
+    """One number, one per channel, no weight: accepted; the check leaves the loss as built (MONAI's Dice expands a
+    single weight on its first call, which would change the settings a resume compares)."""
+    from app.losses import check_loss, loss_settings
+
+    for weight in (2.0, [1.0, 2.0, 4.0], None):
+        loss = DiceCELoss(sigmoid=True, squared_pred=True, weight=weight)
+        before = loss_settings(loss)
+        check_loss(loss, 3)
+        assert loss_settings(loss) == before

@@ -269,8 +269,10 @@ def prepare_datalist(
     _warn_mixed_spacing(train)
     warn_header_conflicts(cases)
     path = Path(output_dir) / "datalist.json"
-    if _resuming(resume, Path(output_dir) / "models" / "checkpoint_last.pt") and path.is_file():
-        _check_same_split(path, train, val)
+    checkpoint = Path(output_dir) / "models" / "checkpoint_last.pt"
+    if _resuming(resume, checkpoint) and path.is_file():
+        _check_same_split(path, train, val, checkpoint,
+                          {"dataset_dir": os.path.abspath(dataset_dir), "val_fraction": val_fraction, "seed": seed})
     if write:
         write_datalist(path, train, val)
     return {"training": train, "validation": val}
@@ -331,7 +333,39 @@ def _resuming(resume: bool | str, checkpoint: Path) -> bool:
         return False
 
 
-def _check_same_split(path: Path, train: Sequence[dict[str, Any]], val: Sequence[dict[str, Any]]) -> None:
+def _recorded_settings(checkpoint: Path) -> dict[str, Any]:
+    """The ``settings`` the training checkpoint recorded (``seed``, ``val_fraction``, ``dataset_dir``), or {} where it
+    records none or cannot be read (the resume then reports the file itself)."""
+    import torch
+
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - only names the fix of another error
+        return {}
+    settings = state.get("settings") if isinstance(state, dict) else None
+    return dict(settings) if isinstance(settings, dict) else {}
+
+
+def _some(names: Sequence[str], sign: str, shown: int = 5) -> str:
+    """The first ``shown`` names, each after ``sign``, and how many more: a full release's split is 1,000 cases."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(sign + n for n in names[:shown]) + more
+
+
+def _check_same_split(path: Path, train: Sequence[dict[str, Any]], val: Sequence[dict[str, Any]],
+                      checkpoint: Path | None = None, settings: dict[str, Any] | None = None) -> None:
+    """Refuse a resumed run whose split differs from the one ``path`` recorded.
+
+    Args:
+        path: the run's ``datalist.json``.
+        train, val: this run's split.
+        checkpoint: the training checkpoint, whose recorded ``settings`` name the flags that restore the split.
+        settings: this run's values of those flags (``dataset_dir``, ``val_fraction``, ``seed``).
+
+    Raises:
+        ValueError: naming the cases that moved and, where the checkpoint records them, the flags that differ and
+            their original values.
+    """
     old_train, old_val = read_datalist(path)
     ids = [sorted(str(r["case"]) for r in records) for records in (old_train, old_val, train, val)]
     if ids[:2] == ids[2:]:
@@ -340,11 +374,18 @@ def _check_same_split(path: Path, train: Sequence[dict[str, Any]], val: Sequence
     for what, before, now in (("training", ids[0], ids[2]), ("validation", ids[1], ids[3])):
         added, dropped = sorted(set(now) - set(before)), sorted(set(before) - set(now))
         if added or dropped:
-            changes.append(f"{what} {'+' + ', +'.join(added) if added else ''}"
-                           f"{' ' if added and dropped else ''}{'-' + ', -'.join(dropped) if dropped else ''}")
+            changes.append(f"{what} {_some(added, '+')}{' ' if added and dropped else ''}{_some(dropped, '-')}")
+    recorded = _recorded_settings(checkpoint) if checkpoint is not None and settings else {}
+    differ = [k for k in (settings or {}) if k in recorded and recorded[k] != settings[k]]
+    if differ:
+        listed = "; ".join(f"--{k} {recorded[k]!r} there, {settings[k]!r} here" for k in differ)  # type: ignore[index]
+        fix = f"{' '.join(f'--{k} {recorded[k]}' for k in differ)} ({listed})"
+    else:
+        # the same flags (or a checkpoint that does not record them): the cases under --dataset_dir changed
+        fix = "the original --dataset_dir, --val_fraction and --seed, and the cases the run started with"
     raise ValueError(f"This resumed run splits the cases differently from the run it continues ({'; '.join(changes)} "
-                     f"against {path}): validation would score cases the model trained on. Resume with the original "
-                     "--dataset_dir, --val_fraction and --seed, or start a new run in another --output_dir.")
+                     f"against {path}): validation would score cases the model trained on. Resume with {fix}, or "
+                     "start a new run in another --output_dir.")
 
 
 def evaluation_cases(

@@ -3,7 +3,7 @@ sentiment), their handlers, crash-safe checkpoints and multi-process training.""
 
 from app.engines.checkpoint import (
     AtomicCheckpointSaver, ResumableCheckpoint, ResumableSampler, SeededDataset, atomic_save, check_resume,
-    load_training_checkpoint,
+    load_training_checkpoint, transform_settings,
 )
 from app.engines.distributed import (
     DistributedTimeLimitHandler, GradientSync, StopOnSignal, broadcast_module, check_shards, close_distributed, distributed_device,
@@ -26,5 +26,5 @@ __all__ = [
     "AtomicCheckpointSaver", "ResumableCheckpoint", "ResumableSampler", "SeededDataset", "atomic_save",
     "load_training_checkpoint", "init_distributed", "close_distributed", "distributed_device", "is_distributed", "broadcast_module", "check_shards", "mean_over_ranks", "wait_for_ranks", "GradientSync",
     "DistributedTimeLimitHandler", "StopOnSignal", "report_input_errors", "check_overrides", "check_bools", "check_counts", "check_positive",
-    "lock_output_dir", "check_resume", "resolve_device", "check_share", "check_hd95",
+    "lock_output_dir", "check_resume", "transform_settings", "resolve_device", "check_share", "check_hd95",
 ]

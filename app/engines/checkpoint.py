@@ -16,14 +16,16 @@ how many samples, workers or processes came before).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
 import random
+import re
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import ignite.distributed as idist
 import numpy as np
@@ -53,6 +55,7 @@ __all__ = [
     "ResumableSampler",
     "SeededDataset",
     "ResumableCheckpoint",
+    "transform_settings",
 ]
 
 logger = logging.getLogger(__name__)
@@ -320,7 +323,89 @@ def _plain(value: Any) -> Any:
         return _plain(value.tolist())
     if isinstance(value, Counter):  # MultiStepLR's milestones, as --lr_scheduler#milestones gives them
         return sorted(value.elements())
+    if isinstance(value, Mapping):  # a group of settings (transform_settings)
+        return {str(k): _plain(v) for k, v in value.items()}
     return value
+
+
+_NOT_A_SETTING = object()
+
+
+def _setting_value(value: Any) -> Any:
+    """A transform's attribute as plain Python (a dtype or function by its name), or ``_NOT_A_SETTING``."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, str):
+        return str(value)  # also MONAI's str enums ("constant")
+    if isinstance(value, (torch.dtype, np.dtype)):
+        return str(value)
+    if isinstance(value, type) or inspect.isfunction(value) or inspect.isbuiltin(value):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', '')}"
+    if isinstance(value, (list, tuple)):
+        items = [_setting_value(v) for v in value]
+        return _NOT_A_SETTING if any(v is _NOT_A_SETTING for v in items) else items
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    return _NOT_A_SETTING
+
+
+def _constructor_parameters(obj: Any) -> set[str]:
+    try:
+        return set(inspect.signature(type(obj)).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _transform_values(transform: Any, depth: int = 0) -> dict[str, Any]:
+    """The public settings of ``transform`` and of the transforms it holds (``RandFlipd``'s ``Flip``).
+
+    A held transform's setting is named as the outer transform's constructor argument that sets it
+    (``RandFlipd``'s ``spatial_axis``, kept by its ``flipper``) where the outer one takes such an argument,
+    else ``<attribute>.<setting>`` (``cropper.pos_ratio``).
+    """
+    from monai.transforms import Transform
+
+    values: dict[str, Any] = {}
+    params = _constructor_parameters(transform)
+    own = vars(transform)
+    for name, value in own.items():
+        if name.startswith("_") or name == "R":  # private state and the random generator, not settings
+            continue
+        plain = _setting_value(value)
+        if plain is not _NOT_A_SETTING:
+            values[name] = plain
+        elif isinstance(value, Transform) and depth < 3:
+            for sub, inner in _transform_values(value, depth + 1).items():
+                values[sub if sub in params and sub not in own else f"{name}.{sub}"] = inner
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, Transform) for v in value) and depth < 3:
+            # the transforms of OneOf / RandomOrder / a nested Compose, named as their overrides (transforms#0#prob)
+            for index, item in enumerate(value):
+                values[f"{name}#{index}#_target_"] = _class_name(item)
+                values.update({f"{name}#{index}#{k}": v for k, v in _transform_values(item, depth + 1).items()})
+    return values
+
+
+def transform_settings(transforms: Any, flag: str) -> dict[str, Any]:
+    """The class and settings of each transform of a list or ``Compose``, as ``{"<flag>#<index>#<setting>": value}``.
+
+    For :class:`ResumableCheckpoint`'s ``settings`` (the bundles: ``train#augmentation: ...``): an augmentation
+    probability or an intensity setting changed on the command line (``--train#augmentation#2#prob 0.1``) or
+    in a recipe made the resumed run train on other samples than the one it continues, without a word.
+    The index and the constructor argument name the override that restores a setting
+    (``--train#augmentation#2#prob 0.5``); the class is ``<flag>#<index>#_target_``.
+
+    Args:
+        transforms: a sequence of transforms, or an object with a ``transforms`` sequence (``Compose``).
+        flag: the config id of the list (``train#augmentation``), which starts each key.
+    """
+    # MONAI's config parser rewrites "#" to its other separator "::" inside "$" expressions
+    flag = flag.replace("::", "#")
+    items = list(getattr(transforms, "transforms", transforms) or [])
+    settings: dict[str, Any] = {}
+    for index, transform in enumerate(items):
+        settings[f"{flag}#{index}#_target_"] = _class_name(transform)
+        settings.update({f"{flag}#{index}#{k}": v for k, v in _transform_values(transform).items()})
+    return settings
 
 
 def _cli_value(value: Any) -> str:
@@ -386,6 +471,39 @@ def _optimizer_changes(
     return changes
 
 
+#: the bundles' flags of the strategies' settings (strategy_def) that are not spelt as the setting itself
+_STRATEGY_FLAGS = {"subsets": "gmd_subsets", "rho": "cggm_rho", "head_lr": "cggm_head_lr", "b_clip": "cggm_b_clip",
+                   "sync": "gmd_sync"}
+
+
+def _strategy_settings(text: str) -> tuple[str, dict[str, str]] | None:
+    """``("GMDStrategy", {"subsets": "3", "seed": "0"})`` for a strategy's repr ``GMDStrategy(subsets=3, seed=0)``."""
+    match = re.fullmatch(r"(\w+)\((.*)\)", text.strip(), flags=re.S)
+    if match is None:
+        return None
+    args = [a for a in re.split(r", (?=[A-Za-z_]\w*=)", match.group(2)) if a]
+    if not all("=" in a for a in args):
+        return None
+    return match.group(1), dict(a.split("=", 1) for a in args)
+
+
+def _strategy_fix(written: str, configured: str) -> str:
+    """The flags that restore the strategy settings of ``written`` where this run's strategy is of its class and
+    differs in its settings (``--gmd_subsets 3``), else ``""``."""
+    old, new = _strategy_settings(written), _strategy_settings(configured)
+    if old is None or new is None or old[0] != new[0]:
+        return ""
+    flags = []
+    for name, value in old[1].items():
+        if new[1].get(name) != value:
+            flags.append(f"--{_STRATEGY_FLAGS.get(name, name)} {value.strip(chr(39))}")
+    return " ".join(flags)
+
+
+#: how many differing settings a refused resume names (then how many more)
+_LISTED = 6
+
+
 class ResumableCheckpoint:
     """Writes ``<save_dir>/<filename>`` atomically during training and resumes from it.
 
@@ -399,7 +517,8 @@ class ResumableCheckpoint:
     iteration, ``epoch_length``, the validator's best metric and the key-metric saver's record (so
     ``model.pt`` is only replaced by a better model after a resume), and the generator states of
     every rank. With ``resume`` the handler restores all of it at ``STARTED`` (after refusing a run configured
-    with another network, epoch length, ``max_epochs``, ``settings``, learning rate, weight decay, strategy or loss);
+    with other ``settings``, another network, training voxel size, epoch length, ``max_epochs``, learning rate, weight
+    decay, strategy or loss);
     ignite then continues from the restored iteration, and a :class:`ResumableSampler` of the trainer's loader
     is moved to the same batch.
 
@@ -420,12 +539,19 @@ class ResumableCheckpoint:
         filename: checkpoint file name.
         time_limit: optional :class:`~app.engines.TimeLimitHandler` of the trainer: the training time
             spent is kept, so a resumed run continues its wall-clock budget instead of starting a new one.
-        settings: named settings that a resumed run must keep (the bundles: ``patch_size``, ``batch_size``,
-            ``num_samples``, ``label_convention``), recorded in the checkpoint: with another value the run
-            would continue on other samples than the one it resumes, while the weights and the data order
-            carried on without a word.
+        settings: named settings that a resumed run must keep, each named by the command-line flag that sets
+            it (the segmentation bundle: ``patch_size``, ``batch_size``, ``num_samples``, ``label_convention``,
+            ``features``, ``strategy``, ``amp``, ``sw_overlap``, ``seed``, the transforms as
+            :func:`transform_settings` describes them, the number of processes ``torchrun --nproc_per_node``: a
+            name with a space is written as is), recorded in the checkpoint: with another value the run would
+            continue on other samples or numerics than the one it resumes, while the weights and the data order
+            carried on without a word. A value may be a mapping of settings, each named by its flag (compared
+            entry by entry).
         loss_function: the training loss, whose class and settings (:func:`app.losses.loss_settings`) are recorded
             and must be the same in a resumed run; default: the trainer's ``loss_function`` attribute.
+        warn: names of ``settings`` whose change is logged as a warning instead of refused: the experiment stays the
+            same (the bundle: ``deterministic``, which only loses bit-for-bit reproducibility on a GPU, and
+            ``dataset_dir``, a moved copy of the data: the split and the voxel size are checked on their own).
     """
 
     def __init__(
@@ -443,12 +569,14 @@ class ResumableCheckpoint:
         time_limit: Any = None,
         settings: Mapping[str, Any] | None = None,
         loss_function: Any = None,
+        warn: Sequence[str] = (),
     ) -> None:
         self.path = Path(save_dir) / filename
         self.loss_function = loss_function
         self._loss_settings: dict[str, Any] | None = None
         self.time_limit = time_limit
         self.settings = {str(k): _plain(v) for k, v in (settings or {}).items()}
+        self.warn = frozenset(str(k) for k in warn)
         self.network = network
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -571,6 +699,112 @@ class ResumableCheckpoint:
         atomic_save(state, self.path)
         logger.info("Wrote %s (epoch %d, iteration %d).", self.path, engine.state.epoch, engine.state.iteration)
 
+    def _check_settings(self, recorded: Mapping[str, Any]) -> list[str]:
+        """Refuse a resume whose ``settings`` differ from those the checkpoint recorded; those in ``warn`` are only
+        described, in the warnings returned (logged once every other check passed).
+
+        A setting the checkpoint does not record (written by an earlier version) is not compared: the warnings name
+        it. A group of settings (a mapping, e.g. :func:`transform_settings`) is compared entry by entry, each entry
+        named by its own flag, an entry on one side only counting as a change (a transform added or removed).
+
+        Returns:
+            the warnings: the settings the checkpoint does not record, and the changed settings of ``warn``.
+
+        Raises:
+            ValueError: a refused setting differs: names each one's two values and the flags that restore them.
+        """
+        changes: list[tuple[str, str, Any, Any]] = []  # (setting, flag, saved value, this run's value)
+        for key, now in self.settings.items():
+            if key not in recorded:
+                continue
+            then = _plain(recorded[key])
+            if isinstance(now, Mapping) and isinstance(then, Mapping):
+                for sub in dict.fromkeys([*then, *now]):
+                    if then.get(sub, _NOT_A_SETTING) != now.get(sub, _NOT_A_SETTING):
+                        changes.append((key, sub, then.get(sub, _NOT_A_SETTING), now.get(sub, _NOT_A_SETTING)))
+            elif then != now:
+                changes.append((key, key, then, now))
+        # a transform setting that follows a changed setting (the crops' spatial_size is --patch_size): named once
+        followed = [(old, new) for key, flag, old, new in changes if key == flag]
+        changes = [c for c in changes if c[0] == c[1] or (c[2], c[3]) not in followed]
+
+        def shown(value: Any) -> str:
+            return "(none)" if value is _NOT_A_SETTING else repr(value)
+
+        def option(flag: str) -> str:
+            # a name with a space is another command's flag as it is written ("torchrun --nproc_per_node")
+            return flag if " " in flag else f"--{flag}"
+
+        def more(items: list[tuple[str, str, Any, Any]]) -> str:
+            # a transform list of a recipe replaced as a whole differs in dozens of settings: the line names a few
+            return f" and {len(items) - _LISTED} more" if len(items) > _LISTED else ""
+
+        def listed(items: list[tuple[str, str, Any, Any]]) -> str:
+            return "; ".join(f"{option(flag)} {shown(old)} there, {shown(new)} here"
+                             for _, flag, old, new in items[:_LISTED]) + more(items)
+
+        def fix(items: list[tuple[str, str, Any, Any]]) -> str:
+            # a transform's setting held by an inner object (cropper.pos_ratio) has no flag of its own
+            flags = [f"{option(flag)} {_cli_value(old)}" for _, flag, old, _ in items[:_LISTED]
+                     if old is not _NOT_A_SETTING and "." not in flag.rsplit("#", 1)[-1]]
+            return " ".join(flags) + (more(items) if flags else "")
+
+        warned = [c for c in changes if c[0] in self.warn]
+        refused = [c for c in changes if c[0] not in self.warn]
+        unrecorded = [k for k in self.settings if k not in recorded]
+        if refused:
+            # the weights, optimizer and data order would carry on with other samples or numerics than the run's
+            restore = fix(refused)
+            raise ValueError(
+                f"{self.path} was written by a run with other training settings ({listed(refused)}): resume with "
+                f"{restore or 'the original settings'}, or start a new run in another --output_dir to train with the "
+                "new ones."
+            )
+        warnings = []
+        if unrecorded:
+            # a run started before this version recorded them (the checkpoint of a run under way at an upgrade)
+            names = ", ".join(option(k) if not isinstance(self.settings[k], Mapping) else f"the {k} transforms"
+                              for k in unrecorded)
+            warnings.append(f"{self.path} records no {names} (it was written by an earlier version): those are not "
+                            "compared beyond what its weights, strategy and split show, so make sure this command "
+                            "passes the values the run started with.")
+        if warned:
+            warnings.append(f"{self.path} was written by a run with other settings ({listed(warned)}): the resumed run "
+                            f"continues the same experiment with the new value(s) (pass "
+                            f"{fix(warned) or 'the original settings'} to keep the original).")
+        return warnings
+
+    def _check_same_spacing(self, expected: Mapping[str, Any], saved: Mapping[str, Any],
+                            recorded: Mapping[str, Any]) -> None:
+        """Refuse a resume whose training cases have another voxel size than those the checkpoint was trained on.
+
+        The network records the median spacing of its training cases (``training_spacing``, set in ``initialize``);
+        loading the checkpoint brought the first run's value back over this run's, so a resume on a copy of the
+        cases at another resolution (the same case ids, e.g. the full-resolution release instead of the 2 mm one)
+        trained on at the new voxel size, and the model kept recording the old one for inference.
+
+        Args:
+            expected, saved: this run's network state (before loading) and the checkpoint's.
+            recorded: the checkpoint's ``settings``: its ``dataset_dir``, where recorded, is named as the fix.
+
+        Raises:
+            ValueError: both spacings are known and differ: names them and the fix.
+        """
+        if "training_spacing" not in expected or "training_spacing" not in saved:
+            return
+        now = [float(v) for v in torch.as_tensor(expected["training_spacing"]).flatten().tolist()]
+        then = [float(v) for v in torch.as_tensor(saved["training_spacing"]).flatten().tolist()]
+        if len(now) != len(then) or not any(now) or not any(then):
+            return  # unknown on one side (zeros): nothing to compare
+        if all(math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-4) for a, b in zip(now, then)):
+            return
+        data = f"--dataset_dir {recorded['dataset_dir']}" if recorded.get("dataset_dir") else "--dataset_dir"
+        raise ValueError(
+            f"{self.path} was written by a run trained on cases of median voxel size {[round(v, 4) for v in then]} mm, "
+            f"this run's training cases have {[round(v, 4) for v in now]} mm: resume with the data the run trained on "
+            f"({data}), or start a new run in another --output_dir to train at the new voxel size."
+        )
+
     def _check_same_class(self, configured: Any, saved_kind: str | None, unknown: str, keys_differ: bool,
                           verb: str, option: str, what: str) -> None:
         """Refuse a resume whose optimizer or scheduler is of another class than the saved one.
@@ -627,10 +861,14 @@ class ResumableCheckpoint:
         """Load ``state`` (from :func:`load_training_checkpoint`) into the objects and ``engine``.
 
         Raises:
-            ValueError: the checkpoint was written for another network, epoch length, number of epochs,
-                recorded setting, scheduler or optimizer setting, or strategy: the message names the resume that fits.
+            ValueError: the checkpoint was written with another recorded setting, network, training voxel size,
+                epoch length, number of epochs, scheduler or optimizer setting, strategy or loss: the message names
+                the resume that fits.
         """
         world, rank = process_group()
+        # first: each setting names the flag that restores it (--features, --strategy), which the checks below, of
+        # what the settings lead to, cannot
+        warnings = self._check_settings(state.get("settings") or {})
         net = _unwrap(self.network)
         expected, saved = net.state_dict(), state["network"]
         # tensors added to the network after the checkpoint was written keep their current value
@@ -642,11 +880,13 @@ class ResumableCheckpoint:
                 "settings (BraTS: --features; sentiment: --hidden and the layer counts), or start a new run in another "
                 "--output_dir."
             )
+        self._check_same_spacing(expected, saved, state.get("settings") or {})
         length = int(engine.state.epoch_length or 0)
         if state["epoch_length"] and length and state["epoch_length"] != length:
             raise ValueError(
                 f"{self.path} was written with {state['epoch_length']} iterations per epoch, this run has {length}: "
-                "resume with the original --epoch_length, --batch_size and data."
+                f"resume with --epoch_length {state['epoch_length']} (or the original --batch_size and data, where "
+                "the run took one pass over the training cases per epoch)."
             )
         planned = int(engine.state.max_epochs or 0)
         if state.get("max_epochs") and planned and int(state["max_epochs"]) != planned and self.lr_scheduler is not None:
@@ -656,16 +896,6 @@ class ResumableCheckpoint:
                 f"{self.path} was written by a run of {state['max_epochs']} epochs, this run asks for {planned}: the "
                 "learning-rate schedule was set for the original length, so resume with --max_epochs "
                 f"{state['max_epochs']}, or start a new run in another --output_dir to train for {planned}."
-            )
-        recorded = state.get("settings") or {}
-        differ = [k for k in self.settings if k in recorded and _plain(recorded[k]) != self.settings[k]]
-        if differ:
-            # the weights, optimizer and data order would carry on, on other samples than the run it continues
-            listed = "; ".join(f"--{k} {recorded[k]!r} there, {self.settings[k]!r} here" for k in differ)
-            fix = " ".join(f"--{k} {_cli_value(recorded[k])}" for k in differ)
-            raise ValueError(
-                f"{self.path} was written by a run with other training settings ({listed}): resume with {fix}, or "
-                "start a new run in another --output_dir to train with the new ones."
             )
         # the saved state (AdamW's moments and hyperparameters) loaded into SGD failed at the first step with
         # KeyError 'momentum'; into Adam it went on silently as AdamW, with decoupled weight decay
@@ -708,12 +938,17 @@ class ResumableCheckpoint:
         written_by = state.get("strategy_config")
         if strategy is not None and written_by is not None and str(written_by) != repr(strategy):
             # the strategy's state would load silently into another one and the run would mix two methods
+            fix = _strategy_fix(str(written_by), repr(strategy))
             raise ValueError(
                 f"{self.path} was written by a run training with {written_by}, this run trains with {strategy!r}: "
-                "resume with the original --strategy and its settings (--gmd_subsets, --seed, the cggm_* and "
-                "predict knobs), or start a new run in another --output_dir."
+                + (f"resume with {fix}" if fix else "resume with the original --strategy and its settings "
+                   "(--gmd_subsets, --seed, the cggm_* and predict knobs)")
+                + ", or start a new run in another --output_dir."
             )
         self._check_same_loss(state.get("loss_config"), rank)
+        if rank == 0:
+            for warning in warnings:  # once nothing refused the resume
+                logger.warning(warning)
         net.load_state_dict(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and "lr_scheduler" in state:

@@ -484,6 +484,9 @@ def test_a_strategy_the_network_cannot_train_stops_before_any_output(phantoms, t
     ("--progress_bar", "on", "error: --progress_bar must be true or false, got 'on'"),
     ("--resume", "yes", "error: --resume must be true, false or auto, got 'yes'"),
     ("--resume", "true", "error: No training checkpoint at "),
+    # MONAI refused a weight of the wrong length only at the first training step, with a traceback
+    ("--loss#weight", "[2.0]", 'error: --loss#weight [2.0] has 1 value(s), the network predicts 3 channels: give one '
+                               'value per channel, e.g. --loss#weight "[1.0,1.0,1.0]"'),
 ])
 def test_a_bad_flag_or_a_resume_without_checkpoint_stops_before_any_output(phantoms, tmp_path, flag, value, message):
     """``--amp``, ``--progress_bar`` and ``--resume`` were read only when the trainer was built, and

@@ -230,6 +230,27 @@ def test_a_resumed_run_keeps_its_split(tmp_path):
     assert prepare_datalist(data, run, val_fraction=0.5, seed=0, resume="auto")["validation"] != first["validation"]
 
 
+def test_a_resume_that_splits_differently_names_the_flag_and_value_that_restore_the_split(tmp_path):
+    """--seed 1 on a resume was refused with 'Resume with the original --dataset_dir, --val_fraction and --seed': a
+    colleague resuming days later did not know which seed the run had; the checkpoint records it."""
+    import torch
+
+    from app.data.phantoms import write_phantoms
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    write_phantoms(data, cases=30, size=16, seed=0)
+    prepare_datalist(data, run, val_fraction=0.5, seed=0)
+    (run / "models").mkdir()
+    torch.save({"settings": {"seed": 0, "val_fraction": 0.5, "dataset_dir": str(data)}},
+               run / "models" / "checkpoint_last.pt")
+    with pytest.raises(ValueError) as err:
+        prepare_datalist(data, run, val_fraction=0.5, seed=3, resume=True)
+    message = str(err.value)
+    assert "Resume with --seed 0 (--seed 0 there, 3 here), or start a new run" in message, message
+    # a split of many cases names a few of them and how many more
+    assert " more" in message and message.count("+Phantom_") <= 10, message
+
+
 def test_prepare_datalist_can_leave_the_writing_to_the_caller(tmp_path, make_case):
     """The bundles write the split only once every case has been read (no datalist.json after a bad file)."""
     from app.data.datalist import prepare_datalist, read_datalist, write_datalist

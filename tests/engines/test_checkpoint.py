@@ -6,7 +6,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from app.engines import ResumableCheckpoint, load_training_checkpoint
+from app.engines import ResumableCheckpoint, load_training_checkpoint, transform_settings
 from tests.bundles.helpers import REPO
 
 DATA = [0, 1, 2]  # three iterations per epoch
@@ -230,7 +230,145 @@ def test_the_segmentation_bundle_records_its_sample_settings():
     bundle = REPO / "bundles" / "brats_gmd" / "configs"
     parser = ConfigParser(ConfigParser.load_config_files([str(bundle / "train.yaml")]))
     handler = next(h for h in parser.get("train#handlers") if h["_target_"] == "app.engines.ResumableCheckpoint")
-    assert set(handler["settings"]) == {"patch_size", "batch_size", "num_samples", "label_convention"}
+    assert set(handler["settings"]) == {"patch_size", "batch_size", "num_samples", "label_convention", "amp",
+                                        "deterministic", "sw_overlap", "torchrun --nproc_per_node", "preprocessing",
+                                        "augmentation", "dataset_dir", "seed", "val_fraction", "features",
+                                        "strategy"}
+    assert handler["warn"] == ["deterministic", "dataset_dir", "val_fraction"]
+    # each transform setting is named by the override that sets it (MONAI writes "#" as "::" in expressions)
+    parser["amp"] = "false"
+    settings = parser.get_parsed_content("train#handlers#3#settings")
+    assert settings["augmentation"]["train#augmentation#2#prob"] == 0.5 and settings["amp"] is False
+    assert settings["preprocessing"]["preprocessing#4#nonzero"] is True
+    multi = ConfigParser.load_config_files([str(bundle / "train.yaml"), str(bundle / "multi_gpu_train.yaml")])
+    assert multi["train"]["handlers"][3]["settings"]["torchrun --nproc_per_node"] == "@world_size"
+
+
+def test_the_sentiment_multi_gpu_config_records_its_number_of_processes():
+    """A resume of a 4-process sentiment run with 2 processes only warned: each rank's share and the global batch
+    changed."""
+    from monai.bundle import ConfigParser
+
+    bundle = REPO / "bundles" / "mosi_gmd" / "configs"
+    config = ConfigParser.load_config_files([str(bundle / "train.yaml"), str(bundle / "multi_gpu_train.yaml")])
+    assert config["train"]["checkpoint"]["settings"] == {"batch_size": "@batch_size",
+                                                         "torchrun --nproc_per_node": "@world_size"}
+    assert ConfigParser(config).get_parsed_content("world_size") == 1  # outside torchrun
+
+
+def _settings_run(folder, warn=(), **settings):
+    net = torch.nn.Linear(2, 1)
+    engine = Engine(lambda e, b: None)
+    ResumableCheckpoint(folder, net, torch.optim.SGD(net.parameters(), lr=0.1), resume="auto", settings=settings,
+                        warn=warn).attach(engine)
+    engine.run(DATA, max_epochs=1)
+
+
+def test_a_resume_with_another_amp_or_number_of_processes_is_refused_naming_the_flag(tmp_path):
+    """--amp false on a resume of a bf16 run, or another torchrun --nproc_per_node (each rank's share of the cases
+    and the global batch), resumed without a word: the run went on with other numerics or other batches."""
+    processes = "torchrun --nproc_per_node"
+    _settings_run(tmp_path, amp=True, **{processes: 2})
+    with pytest.raises(ValueError, match=r"other training settings \(--amp True there, False here\): resume with "
+                                         r"--amp True, or start a new run"):
+        _settings_run(tmp_path, amp=False, **{processes: 2})
+    with pytest.raises(ValueError, match=r"\(torchrun --nproc_per_node 2 there, 1 here\): resume with torchrun "
+                                         r"--nproc_per_node 2, or"):
+        _settings_run(tmp_path, amp=True, **{processes: 1})
+    _settings_run(tmp_path, amp=True, **{processes: 2})  # the same: resumes
+
+
+def test_a_resume_with_other_features_names_the_flag_and_value_before_comparing_the_weights(tmp_path):
+    """A resume that forgot --features "[8,16,32,64]" was refused for 'a different network configuration' naming
+    --features but not the value to pass; the recorded setting names it (and is checked before the weights)."""
+    def run(features, width):
+        net = torch.nn.Linear(2, width)
+        engine = Engine(lambda e, b: None)
+        ResumableCheckpoint(tmp_path, net, torch.optim.SGD(net.parameters(), lr=0.1), resume="auto",
+                            settings={"features": features, "strategy": "gmd"}).attach(engine)
+        engine.run(DATA, max_epochs=1)
+
+    run([8, 16, 32, 64], 4)
+    with pytest.raises(ValueError, match=r"\(--features \[8, 16, 32, 64\] there, \[16, 32, 64, 128, 256\] here\): "
+                                         r"resume with --features \"\[8,16,32,64\]\", or"):
+        run([16, 32, 64, 128, 256], 5)
+
+
+def test_a_checkpoint_that_records_fewer_settings_resumes_with_a_warning_naming_them(tmp_path, caplog):
+    """The checkpoint of a run under way when the package was upgraded records none of the new settings: they
+    cannot be compared, and the resume says so instead of implying they were checked."""
+    _settings_run(tmp_path, patch_size=[32, 32, 32])
+    with caplog.at_level("WARNING", logger="app.engines.checkpoint"):
+        _settings_run(tmp_path, patch_size=[32, 32, 32], amp=True, augmentation={"train#augmentation#0#prob": 0.5})
+    assert any("records no --amp, the augmentation transforms (it was written by an earlier version): those are not "
+               "compared" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_a_resume_without_deterministic_kernels_is_warned_about_not_refused(tmp_path, caplog):
+    _settings_run(tmp_path, warn=["deterministic"], deterministic=True)
+    with caplog.at_level("WARNING", logger="app.engines.checkpoint"):
+        _settings_run(tmp_path, warn=["deterministic"], deterministic=False)
+    assert any("other settings (--deterministic True there, False here): the resumed run continues the same "
+               "experiment with the new value(s) (pass --deterministic True to keep the original)" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_resume_with_other_augmentation_settings_is_refused_naming_the_override(tmp_path):
+    """--train#augmentation#2#prob 0.1 (or a recipe's extra transform) on a resume trained on differently
+    augmented samples than the run it continues, without a word."""
+    from monai.transforms import OneOf, RandFlipd, RandGaussianNoised, RandScaleIntensityd, RandSpatialCropd
+
+    def augmentation(prob=0.5, factors=0.1, extra=()):
+        return [RandFlipd(keys="image", prob=0.5, spatial_axis=0), RandFlipd(keys="image", prob=prob, spatial_axis=1),
+                RandScaleIntensityd(keys="image", factors=factors, prob=0.5), *extra]
+
+    def run(**kwargs):
+        _settings_run(tmp_path, augmentation=transform_settings(augmentation(**kwargs), "train#augmentation"))
+
+    run()
+    with pytest.raises(ValueError, match=r"\(--train#augmentation#1#prob 0.5 there, 0.1 here\): resume with "
+                                         r"--train#augmentation#1#prob 0.5, or"):
+        run(prob=0.1)
+    with pytest.raises(ValueError, match=r"--train#augmentation#2#factors \[-0.1, 0.1\] there, \[-0.3, 0.3\] here"):
+        run(factors=0.3)
+    with pytest.raises(ValueError, match=r"--train#augmentation#3#_target_ \(none\) there, "
+                                         r"'monai.transforms.intensity.dictionary.RandGaussianNoised' here"):
+        run(extra=[RandGaussianNoised(keys="image", prob=0.1)])
+    with pytest.raises(ValueError, match=r"here and \d+ more\): resume with --train#augmentation#0#_target_ "):
+        _settings_run(tmp_path, augmentation=transform_settings(augmentation(), "recipe#augmentation"))
+    # a transform setting that follows another setting (a crop's spatial_size is --patch_size) is named once
+    run()  # the same transforms, built again: resumes
+    # the transforms inside OneOf (or a nested Compose) too
+    one_of = [OneOf([RandFlipd(keys="image", prob=0.5, spatial_axis=0)])]
+    assert transform_settings(one_of, "aug")["aug#0#transforms#0#prob"] == 0.5
+    _settings_run(tmp_path / "crop", patch_size=[32, 32, 32],
+                  augmentation=transform_settings([RandSpatialCropd(keys="image", roi_size=[32, 32, 32])], "aug"))
+    with pytest.raises(ValueError) as err:
+        _settings_run(tmp_path / "crop", patch_size=[96, 96, 96],
+                      augmentation=transform_settings([RandSpatialCropd(keys="image", roi_size=[96, 96, 96])], "aug"))
+    assert "(--patch_size [32, 32, 32] there, [96, 96, 96] here): resume with --patch_size" in str(err.value)
+
+
+def test_a_resume_on_cases_of_another_voxel_size_is_refused(tmp_path):
+    """The same case ids at full resolution instead of 2 mm passed the split check; loading the checkpoint put the
+    first run's training_spacing back, so the run trained on at 1 mm while the model said 2 mm."""
+    from app.networks import DSUNet
+
+    def run(spacing, data="/data/brats_2mm"):
+        net = DSUNet(modalities=("flair", "t1"), out_channels=1, features=(2, 4))
+        net.set_training_spacing(spacing)
+        engine = Engine(lambda e, b: None)
+        ResumableCheckpoint(tmp_path, net, torch.optim.SGD(net.parameters(), lr=0.1), resume="auto",
+                            settings={"dataset_dir": data}, warn=["dataset_dir"]).attach(engine)
+        engine.run(DATA, max_epochs=1)
+
+    run([2.0, 2.0, 2.0])
+    with pytest.raises(ValueError, match=r"trained on cases of median voxel size \[2.0, 2.0, 2.0\] mm, this run's "
+                                         r"training cases have \[1.0, 1.0, 1.0\] mm: resume with the data the run "
+                                         r"trained on \(--dataset_dir /data/brats_2mm\)"):
+        run([1.0, 1.0, 1.0], data="/data/brats_1mm")
+    run([2.0, 2.0, 2.0], data="/scratch/brats_2mm")  # a moved copy of the same cases: resumes (with a warning)
+    run(None)  # unknown (zeros) on one side: not compared
 
 
 def test_a_stop_at_an_epochs_last_iteration_is_saved(tmp_path):
@@ -328,8 +466,23 @@ def test_a_resume_with_another_strategy_is_refused(tmp_path):
                                          r"GMDStrategy\(subsets=5.*resume with the original --strategy"):
         run("gmd", subsets=5)
     assert run("plain") == 3  # the same strategy resumes (a finished run: nothing to do)
-    with pytest.raises(ValueError, match="original --strategy and its settings"):
+    # the same strategy with other settings: the flags (and values) that restore them
+    with pytest.raises(ValueError, match=r"this run trains with PlainStrategy\(seed=1\): resume with --seed 0, or"):
         run("plain", seed=1)
+
+
+def test_a_resume_with_other_gmd_or_cggm_settings_names_the_flags_that_restore_them(tmp_path):
+    """--gmd_subsets 2 on a resume of a --gmd_subsets 3 run was refused with 'resume with the original --strategy and
+    its settings (--gmd_subsets, --seed, the cggm_* and predict knobs)': the values were in the repr, not the fix."""
+    from app.strategies import build_strategy
+
+    for name, first, second, fix in (
+            ("gmd", {"subsets": 3}, {"subsets": 2}, "--gmd_subsets 3"),
+            ("cggm", {"rho": 1.2}, {"rho": 1.5, "b_clip": 2.0}, "--cggm_rho 1.2 --cggm_b_clip None")):
+        folder = tmp_path / name
+        _train_one_epoch(folder, build_strategy(name, **first))
+        with pytest.raises(ValueError, match=rf": resume with {fix}, or start a new run"):
+            _train_one_epoch(folder, build_strategy(name, **second))
 
 
 def _train_one_epoch(folder, strategy) -> None:

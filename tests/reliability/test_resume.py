@@ -146,8 +146,30 @@ def test_resume_that_does_not_fit_the_checkpoint_ends_with_the_error_alone(phant
                          "--resume", "true", *cli_args(settings)], log=log)
     assert proc.wait(timeout=300) == 1
     text = log.read_text()
-    assert "error: " in text and "written with 3 iterations per epoch, this run has 2" in text
+    assert "error: " in text and "written with 3 iterations per epoch, this run has 2: resume with --epoch_length 3 " \
+        "(or the original --batch_size" in text
     assert "Traceback" not in text, text[-3000:]
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--amp", "false", "(--amp True there, False here): resume with --amp True, or start a new run"),
+    ("--train#augmentation#2#prob", "0.1",
+     "(--train#augmentation#2#prob 0.5 there, 0.1 here): resume with --train#augmentation#2#prob 0.5,"),
+    ("--sw_overlap", "0.25", "(--sw_overlap 0.5 there, 0.25 here): resume with --sw_overlap 0.5,"),
+])
+def test_a_resume_with_other_numerics_augmentation_or_validation_is_refused_naming_the_flag(
+        phantoms, reference, tmp_path, flag, value, message):
+    """A colleague's resume command with --amp false, another augmentation probability or another sliding-window
+    overlap resumed without a word: the run continued under other numerics, on other samples, or chose model.pt by
+    scores of another validation."""
+    out = tmp_path / "run"
+    shutil.copytree(reference(), out)
+    log = tmp_path / "log.txt"
+    proc = start_bundle(["--config_file", TRAIN, "--dataset_dir", str(phantoms), "--output_dir", str(out),
+                         "--resume", "true", *cli_args(SETTINGS), flag, value], log=log)
+    assert proc.wait(timeout=300) == 1
+    last = log.read_text().strip().splitlines()[-1]
+    assert last.startswith("error: ") and "was written by a run with other training settings " + message in last, last
 
 
 def test_sigterm_writes_the_checkpoint_and_the_resume_matches_the_uninterrupted_run(phantoms, reference, tmp_path):
