@@ -357,3 +357,24 @@ def test_model_pt_is_the_epoch_with_the_lowest_validation_mae_not_the_last(synth
     best = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert best["trunk.head.bias"][0].item() == 0.0 and not best["trunk.head.weight"].any()
     assert evaluator.state.best_metric_epoch == 2 and evaluator.state.best_metric == pytest.approx(-maes[1])
+
+
+def test_training_logs_its_data_progress_validation_and_end_and_puts_them_on_tensorboard(synthetic_pkl, tmp_path):
+    """A sentiment run logged a loss per iteration and val_score alone: no data or settings line, no learning rate,
+    pace or time left, no per-metric means or worst subset, and no line saying why it ended; TensorBoard had the
+    loss and val_score only."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    proc = run_mosi_bundle([TRAIN], "--data_path", str(synthetic_pkl), "--trust_pickle", "true", "--output_dir",
+                           str(out), "--max_epochs", "2", "--strategy", "plain", "--time_limit_minutes", "30")
+    log = proc.stdout + proc.stderr
+    assert "Data: 48 training and 24 validation utterance(s); every utterance has all 3 modalities." in log
+    assert "Run: strategy plain, task regression, loss L1Loss, key_metric MAE, seed 0, batch_size 32" in log
+    assert "Epoch 2/2 done (iteration 4 of 4): train_loss mean " in log and "learning rate 0.0005" in log
+    assert "Validation after epoch 2: mean MAE over 7 subsets " in log and "; worst subset " in log
+    assert "Training finished: all 2 epoch(s) trained (4 iterations), in " in log and "; best val_score " in log
+    events = EventAccumulator(str(next((out / "tensorboard").iterdir())))
+    events.Reload()
+    assert {"val_MAE", "val_Acc2", "val_Corr", "val_worst_subset_Acc2", "learning_rate", "train_loss_epoch",
+            "seconds_per_iteration"} <= set(events.Tags()["scalars"])
