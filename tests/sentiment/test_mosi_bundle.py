@@ -378,3 +378,19 @@ def test_training_logs_its_data_progress_validation_and_end_and_puts_them_on_ten
     events.Reload()
     assert {"val_MAE", "val_Acc2", "val_Corr", "val_worst_subset_Acc2", "learning_rate", "train_loss_epoch",
             "seconds_per_iteration"} <= set(events.Tags()["scalars"])
+
+
+def test_evaluating_a_checkpoint_with_another_task_is_one_line_naming_the_file_and_its_settings(trained, synthetic_pkl,
+                                                                                               tmp_path):
+    """A regression model.pt evaluated as a 2-class model with mean fusion loaded without an error (its head has 2
+    rows either way: the score and its confidence logit) and scored the score as class logits."""
+    ckpt = trained / "models" / "model.pt"
+    proc = run_mosi_bundle([TRAIN, EVALUATE], "--data_path", str(synthetic_pkl), "--trust_pickle", "true",
+                           "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "eval"), "--task", "classification",
+                           "--label_key", "classification_labels", "--out_channels", "3", "--fusion", "mean",
+                           check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (f"error: Checkpoint {ckpt} was trained for regression (confidence fusion), but classification into 3 "
+            "classes (mean fusion) is configured: pass the settings it was trained with (--task regression "
+            "--label_key regression_labels --out_channels 1 --fusion confidence)") in proc.stderr
+    assert not (tmp_path / "eval").exists()
