@@ -394,3 +394,31 @@ def test_evaluating_a_checkpoint_with_another_task_is_one_line_naming_the_file_a
             "classes (mean fusion) is configured: pass the settings it was trained with (--task regression "
             "--label_key regression_labels --out_channels 1 --fusion confidence)") in proc.stderr
     assert not (tmp_path / "eval").exists()
+
+
+def test_sigterm_writes_the_resumable_checkpoint_ends_by_the_signal_and_the_run_resumes(synthetic_pkl, tmp_path):
+    """A scheduler's SIGTERM killed a sentiment training at once: no line in its log said why it ended, the epochs
+    since the last better model.pt were lost and nothing could be resumed (only the multi-process override had the
+    checkpoint)."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.bundles.helpers import repo_env
+
+    out = tmp_path / "run"
+    args = ["run", "--config_file", TRAIN, "--bundle_root", "bundles/mosi_gmd", "--data_path", str(synthetic_pkl),
+            "--trust_pickle", "true", "--output_dir", str(out), "--max_epochs", "3", "--strategy", "plain"]
+    driver = str(REPO / "tests" / "reliability" / "signal_driver.py")
+    proc = subprocess.run([sys.executable, driver, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**repo_env(), "SIGTERM_AT_ITERATION": "3"})  # 2 iterations per epoch: epoch 2
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == -signal.SIGTERM and "Traceback" not in log, log[-4000:]
+    assert ("Training stopped by SIGTERM at epoch 2, iteration 3, after writing the resumable checkpoint: exit status "
+            "143; run the same command with --resume true to continue.") in log
+    assert torch.load(out / "models" / "checkpoint_last.pt", weights_only=True)["iteration"] == 3
+    assert not (out / "models" / "model_final.pt").exists()  # the run did not finish
+    resumed = run_mosi_bundle([TRAIN], *args[5:], "--resume", "true")
+    assert "Resumed after iteration 3" in resumed.stdout + resumed.stderr
+    assert "Training finished: all 3 epoch(s) trained (6 iterations)" in resumed.stdout + resumed.stderr
+    assert (out / "models" / "model_final.pt").is_file()
