@@ -617,3 +617,21 @@ def test_a_checkpoint_that_records_no_loss_resumes_with_a_warning_naming_the_old
         assert _train_with_loss(tmp_path, DiceCELoss(sigmoid=True)) == 3
     assert "records no training loss" in caplog.text and "app.losses.DiceCELoss" in caplog.text
     assert "--loss#_target_ monai.losses.DiceCELoss" in caplog.text
+
+
+def test_a_resume_with_a_sentiment_head_of_another_task_is_refused_even_when_its_shapes_fit(tmp_path):
+    """A regression run with confidence fusion resumed as a 2-class run with mean fusion: the head has 2 rows either
+    way, so the resume went on training the regression weights as class logits without a word."""
+    from app.networks import DSTransformer
+
+    def run(**head):
+        net = DSTransformer(in_features=(6, 5, 4), encoder_layers=0, **head)
+        engine = Engine(lambda e, b: None)
+        ResumableCheckpoint(tmp_path, net, torch.optim.SGD(net.parameters(), lr=0.1), resume="auto").attach(engine)
+        engine.run(DATA, max_epochs=2)
+        return engine.state.iteration
+
+    run(task="regression", out_channels=1, fusion="confidence")
+    with pytest.raises(ValueError, match=r"checkpoint_last\.pt was trained for regression \(confidence fusion\), but "
+                                         r"classification into 2 classes \(mean fusion\) is configured"):
+        run(task="classification", out_channels=2, fusion="mean")
