@@ -857,3 +857,26 @@ def test_a_seed_trained_with_another_loss_is_refused_before_the_seeds_are_averag
                                          rf"'app\.losses\.DiceCELoss' in 'seed_1/plain'\).*Delete {out / 'seed_0' / 'plain'}"):
         app.ablation.run_ablation_seeds(REPO / "bundles" / "brats_gmd", "plain", out, 1, seeds=[0, 1])
     assert not (out / "ablation_seeds.json").exists()
+
+
+def test_a_resumed_sentiment_ablation_whose_loss_changed_is_refused_instead_of_mixing_objectives(tmp_path):
+    """A sentiment training wrote no checkpoint recording its loss, so a stage finished before train.yaml's loss
+    changed (L1 to MSE) was reused beside a stage trained with the new one, in one table, without a word."""
+    import shutil
+
+    bundle = tmp_path / "mosi_gmd"
+    shutil.copytree(REPO / "bundles" / "mosi_gmd", bundle)
+    pkl = write_synthetic_mmsa(tmp_path / "syn.pkl", splits={"train": 32, "valid": 16}, seed=4)
+    out = tmp_path / "ablation"
+    args = ["--bundle", str(bundle), "--max_epochs", "1", "--output_dir", str(out), "--data_path", str(pkl),
+            "--trust_pickle", "true"]
+    first = _ablate("--strategies", "plain", *args)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
+    train = bundle / "configs" / "train.yaml"
+    train.write_text(train.read_text().replace("torch.nn.L1Loss()", "torch.nn.MSELoss()"))
+    again = _ablate("--strategies", "plain,dropout", *args)
+    assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr[-3000:]
+    line = again.stderr.strip().splitlines()[-1]
+    assert ("Strategy 'dropout' is trained with another loss than 'plain' (_target_ 'torch.nn.modules.loss.L1Loss' in "
+            "'plain', 'torch.nn.modules.loss.MSELoss' in 'dropout')") in line, line
+    assert not (out / "dropout" / "eval").exists()  # nothing trained with the other loss was scored

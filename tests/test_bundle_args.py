@@ -47,15 +47,16 @@ def test_a_key_with_no_close_setting_gets_a_sentence_of_its_own():
 
 
 def test_a_setting_of_another_config_of_the_bundle_names_that_file():
-    """--resume is a setting of the sentiment bundle's multi_gpu_train.yaml: "check its spelling" misled."""
+    """--dist_backend is a setting of the sentiment bundle's multi_gpu_train.yaml: "check its spelling" misled."""
     from app.bundle_args import _MONAI_DIR, check_overrides
 
     main = os.path.join(_MONAI_DIR, "bundle", "__main__.py")
     bundles = os.path.join(os.path.dirname(__file__), "..", "bundles")
     mosi_train = os.path.join(bundles, "mosi_gmd", "configs", "train.yaml")
-    with pytest.raises(ValueError, match=r"--resume is not a setting of .*: it is a setting of multi_gpu_train\.yaml "
-                                         r"in the same folder, not of the files given: add that file"):
-        check_overrides([main, "run", "--config_file", mosi_train, "--resume", "true"])
+    with pytest.raises(ValueError, match=r"--dist_backend is not a setting of .*: it is a setting of "
+                                         r"multi_gpu_train\.yaml in the same folder, not of the files given: add that file"):
+        check_overrides([main, "run", "--config_file", mosi_train, "--dist_backend", "gloo"])
+    check_overrides([main, "run", "--config_file", mosi_train, "--resume", "true"])  # single-process training resumes
     brats_train = os.path.join(bundles, "brats_gmd", "configs", "train.yaml")
     with pytest.raises(ValueError, match=r"--eval_datalist is not a setting of .*: it is a setting of evaluate\.yaml"):
         check_overrides([main, "run", "--config_file", brats_train, "--eval_datalist", "d.json"])
@@ -157,13 +158,13 @@ def test_a_misspelt_entry_of_a_plain_section_is_refused():
     with pytest.raises(ValueError, match=r"--validate#report_dirr is not a setting of 'validate': did you mean "
                                          r"--validate#report_dir\?"):
         check_overrides([main, "run", "--config_file", train, "--validate#report_dirr", "x"])
-    # existing entries, and a new one that a setting refers to (the sentiment multi-GPU override's train#checkpoint)
+    # existing entries, and a new one that a setting refers to (the sentiment multi-GPU override's train#sampler)
     check_overrides([main, "run", "--config_file", train, "--validate#report_dir", "x", "--train#handlers#0#print_lr",
                      "true"])
     mosi = os.path.join(repo, "bundles", "mosi_gmd", "configs")
     check_overrides([main, "run", "--config_file", str([os.path.join(mosi, "train.yaml"),
                                                        os.path.join(mosi, "multi_gpu_train.yaml")]),
-                     "--train#checkpoint#interval", "2"])
+                     "--train#sampler#shuffle", "false"])
 
 
 def test_a_path_holding_a_hash_is_refused_instead_of_becoming_another_path(tmp_path):

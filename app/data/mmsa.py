@@ -713,6 +713,13 @@ class MMSADataset:
         """:func:`feature_statistics` of this split."""
         return feature_statistics(self.arrays)
 
+    def records(self) -> list[dict[str, Any]]:
+        """``{"case": id, "modalities": [names]}`` per sample, the modalities it has (offered, length above 0), as a
+        segmentation datalist lists each case's sequences: the training log's data line counts the missing ones."""
+        ids = self.arrays["id"]
+        return [{"case": str(ids[i]), "modalities": [m for m, on in zip(MMSA_MODALITIES, row) if on]}
+                for i, row in enumerate(self.modality_mask.tolist())]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         import torch
 

@@ -881,6 +881,11 @@ class ResumableCheckpoint:
                 "--output_dir."
             )
         self._check_same_spacing(expected, saved, state.get("settings") or {})
+        # a sentiment head of another task, class count or fusion may have the same shapes: it would go on training
+        # the weights as another task's
+        check = getattr(net, "check_checkpoint", None)
+        if callable(check):
+            check(saved, str(self.path))
         length = int(engine.state.epoch_length or 0)
         if state["epoch_length"] and length and state["epoch_length"] != length:
             raise ValueError(

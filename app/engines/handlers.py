@@ -178,12 +178,20 @@ class TrainingProgressHandler:
             trainer (``engine.strategy``: its ``name``, and its class when it is not one of this package's).
         modalities: every sequence a case may have, for the count of those missing.
         loss_key: key of the loss in the engine output.
+        unit: what a record of ``datalist`` is, in the data line (``utterance`` for the sentiment branch).
+        missing_text: the data line's words before the modalities missing from some records.
+        complete_text: the data line's words when no record misses one (``{count}``: how many ``modalities``).
     """
 
     def __init__(self, optimizer: Any = None, summary_writer: Any = None, time_limit: TimeLimitHandler | None = None,
                  validator: Engine | None = None, datalist: dict[str, list[dict[str, Any]]] | None = None,
                  settings: dict[str, Any] | None = None, modalities: Sequence[str] = (),
-                 loss_key: str = "loss") -> None:
+                 loss_key: str = "loss", unit: str = "case",
+                 missing_text: str = "sequences missing from the case files",
+                 complete_text: str = "every case's files hold all {count} sequences") -> None:
+        self.unit = unit
+        self.missing_text = missing_text
+        self.complete_text = complete_text
         self.optimizer = optimizer
         self.writer = summary_writer
         self.time_limit = time_limit
@@ -220,18 +228,18 @@ class TrainingProgressHandler:
         if not self.datalist:
             return None
         parts = {k: list(self.datalist.get(k) or []) for k in ("training", "validation")}
-        text = f"{len(parts['training'])} training and {len(parts['validation'])} validation case(s)"
+        text = f"{len(parts['training'])} training and {len(parts['validation'])} validation {self.unit}(s)"
         if not self.modalities:
             return text
         missing = []
         for seq in self.modalities:
             counts = [sum(seq not in (rec.get("modalities") or ()) for rec in recs) for recs in parts.values()]
             if any(counts):
-                missing.append(f"{seq} in {counts[0]} training and {counts[1]} validation case(s)")
+                missing.append(f"{seq} in {counts[0]} training and {counts[1]} validation {self.unit}(s)")
         # by the files, as datalist.json lists them: an all-zero channel of an MSD 4D image drops out only when
         # the case is loaded
-        return text + ("; sequences missing from the case files: " + ", ".join(missing) if missing
-                       else f"; every case's files hold all {len(self.modalities)} sequences")
+        return text + (f"; {self.missing_text}: " + ", ".join(missing) if missing
+                       else "; " + self.complete_text.format(count=len(self.modalities)))
 
     def _lr_now(self) -> float | None:
         groups = getattr(self.optimizer, "param_groups", None)
@@ -540,23 +548,40 @@ class SubsetReportHandler:
             print(format_table(result, metrics), flush=True)
         self._summarise(engine, result)
 
-    def _summarise(self, engine: Engine, result: dict[str, Any]) -> None:
-        """One log line (and the TensorBoard curves) of a report: the mean, the regions and the worst subset."""
+    def _summarise(self, engine: Engine, result: dict[str, Any], headline: str = "mean", label: str = "mean Dice",
+                   columns: Sequence[str] = BRATS_REGIONS, worst_tag: str = "val_worst_subset_dice") -> None:
+        """One log line (and the TensorBoard curves) of a report: the headline mean, the other columns' means and
+        the worst subset.
+
+        Args:
+            engine: the evaluator (its epoch names a validation of a training run).
+            result: the metric's aggregate (``mean_over_subsets``, ``worst_subset``, ...).
+            headline: the entry of ``mean_over_subsets`` the line leads with.
+            label: its name in the line.
+            columns: the other means, in the line's parentheses (the headline left out there) and on TensorBoard
+                as ``val_<column>`` (the headline too when it is one of them: a key metric logged negated, as
+                the sentiment MAE, gets its own curve).
+            worst_tag: TensorBoard tag of the worst subset's score.
+        """
         mean, worst = result.get("mean_over_subsets") or {}, result.get("worst_subset") or {}
-        if "mean" not in mean:
+        if headline not in mean:
             return
         scored = len(result.get("subsets") or {})
         total = scored + len(result.get("subsets_without_cases") or [])
-        regions = ", ".join(f"{k} {mean[k]:.4f}" for k in BRATS_REGIONS if k in mean)
+        others = ", ".join(f"{k} {mean[k]:.4f}" for k in columns if k in mean and k != headline)
         where = f"Validation after epoch {int(engine.state.epoch)}" if self.during_training else "Evaluation"
-        worst_text = f"; worst subset {worst['name']} {worst['mean']:.4f}" if "mean" in worst else ""
-        logger.info("%s: mean Dice over %s subsets %.4f (%s)%s.", where,
-                    scored if scored == total else f"{scored} of {total}", mean["mean"], regions, worst_text)
+        # the worst subset is ranked by the metric's primary score, which the line names when it is not the headline
+        worst_key = next((k for k in worst if k != "name"), None)
+        worst_text = ("" if worst_key is None else f"; worst subset {worst['name']}"
+                      f"{'' if worst_key == headline else ' ' + worst_key} {worst[worst_key]:.4f}")
+        logger.info("%s: %s over %s subsets %.4f%s%s.", where, label,
+                    scored if scored == total else f"{scored} of {total}", mean[headline],
+                    f" ({others})" if others else "", worst_text)
         if self.writer is not None and self.during_training:
             step = int(engine.state.epoch)
-            for k in BRATS_REGIONS:
+            for k in columns:
                 if k in mean:
                     self.writer.add_scalar(f"val_{k}", mean[k], step)
-            if "mean" in worst:
-                self.writer.add_scalar("val_worst_subset_dice", worst["mean"], step)
+            if worst_key is not None:
+                self.writer.add_scalar(worst_tag, worst[worst_key], step)
             self.writer.flush()

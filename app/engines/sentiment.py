@@ -143,12 +143,21 @@ class SentimentReportHandler(SubsetReportHandler):
         plot: also draw the PNG heatmap (about a second with matplotlib; training validations that
             run every epoch may skip it).
         checkpoint: the checkpoint an evaluation scores (recorded with its SHA-256, see the base class).
+        during_training: the evaluator validates a training run (the report records the epoch, see the base
+            class).
+        summary_writer: optional TensorBoard ``SummaryWriter``: ``val_<metric>`` (means over the subsets, the
+            MAE unnegated) and ``val_worst_subset_<metric>`` (Acc2, or Acc for classification) per epoch.
+
+    Each report is also summed up in one log line: the mean of the key metric over the subsets, the other
+    metrics' means and the worst subset.
     """
 
     def __init__(self, metric: Any, output_dir: str | os.PathLike, stem: str = "subset_metrics",
                  metrics: Sequence[str] | None = None, print_table: bool = False, plot: bool = True,
-                 checkpoint: str | os.PathLike | None = None) -> None:
-        super().__init__(metric, output_dir, stem=stem, print_table=print_table, checkpoint=checkpoint)
+                 checkpoint: str | os.PathLike | None = None, during_training: bool = False,
+                 summary_writer: Any = None) -> None:
+        super().__init__(metric, output_dir, stem=stem, print_table=print_table, checkpoint=checkpoint,
+                         during_training=during_training, summary_writer=summary_writer)
         self.metrics = tuple(metrics) if metrics is not None else None
         self.plot = parse_bool(plot, "plot")
 
@@ -164,3 +173,9 @@ class SentimentReportHandler(SubsetReportHandler):
         write_subset_report(result, self.output_dir, stem=self.stem, metrics=metrics, title=title, plot=self.plot)
         if self.print_table:
             print(format_table(result, metrics), flush=True)
+        # led by the selection metric (the log's val_score is it negated for the MAE), else the first column
+        headline = getattr(self.metric, "key", None)
+        headline = headline if headline in metrics else metrics[0]
+        worst_key = next((k for k in result.get("worst_subset") or {} if k != "name"), "score")
+        self._summarise(engine, result, headline=headline, label=f"mean {headline}", columns=metrics,
+                        worst_tag=f"val_worst_subset_{worst_key}")

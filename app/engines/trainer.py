@@ -136,12 +136,14 @@ class SubsetTrainer(SupervisedTrainer):
         what = "training loss" if not bool(torch.isfinite(loss.detach()).all()) else "gradient of the training loss"
         # --amp false is a fix only where the step ran in reduced precision (CUDA); on CPU it changes nothing
         autocast = amp_dtype(loss.device, bool(getattr(engine, "use_amp", False)), training=True) is not None
+        # sentiment features hold no NaN by then: the loader reads NaN and infinite values as 0, with a warning
+        images = getattr(engine.network, "task", "segmentation") == "segmentation"
         raise NonFiniteLossError(
             f"The {what} is not finite (loss {float(loss.detach().float().mean())}) at epoch "
             f"{engine.state.epoch}, iteration {engine.state.iteration}: training stopped before this step, "
             "so no NaN reached the weights or the saved models. Start again "
-            f"with a lower --learning_rate{' (or --amp false)' if autocast else ''}, and check the training images "
-            "for NaN or infinite voxels."
+            f"with a lower --learning_rate{' (or --amp false)' if autocast else ''}"
+            + (", and check the training images for NaN or infinite voxels." if images else ".")
         )
 
     def _iteration(self, engine: SubsetTrainer, batchdata: dict[str, Any]) -> dict:

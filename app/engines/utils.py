@@ -97,7 +97,8 @@ def _out_of_memory(exc: BaseException) -> RuntimeError | None:
         return None
     return RuntimeError(
         f"Out of memory ({allocation_failure(exc)}): pass a smaller --batch_size (segmentation: also --num_samples "
-        "or --patch_size, and --sw_batch_size for the validation windows), or run where more memory is free (on a "
+        "or --patch_size, and --sw_batch_size for the validation windows; sentiment: --val_batch_size for validation "
+        "and evaluation, whose memory grows with the squared sequence length), or run where more memory is free (on a "
         "GPU another job may hold part of it: see nvidia-smi).")
 
 

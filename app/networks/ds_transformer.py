@@ -24,6 +24,7 @@ from torch import nn
 
 from app.flags import check_counts
 from app.networks.ds_unet import check_fusable, masked_mean, modality_index
+from app.networks.weights import allow_missing_optional_keys
 from app.subsets import MOSI_MODALITIES
 
 __all__ = [
@@ -190,6 +191,13 @@ class DSTransformer(nn.Module):
             dropout outside [0, 1].
     """
 
+    #: state-dict keys a checkpoint may lack (written before they existed): ``head_config`` records the task, the
+    #: number of outputs and the fusion, which the head's shape alone does not tell apart (a regression head with
+    #: confidence fusion has as many rows as a 2-class head with mean fusion)
+    optional_state_keys: tuple[str, ...] = ("head_config",)
+    _TASKS: tuple[str, ...] = ("regression", "classification")
+    _FUSIONS: tuple[str, ...] = ("mean", "confidence")
+
     def __init__(
         self,
         in_features: Sequence[int] = (100, 73, 100),
@@ -246,6 +254,40 @@ class DSTransformer(nn.Module):
         self.trunk = SharedSequenceTrunk(
             hidden, self.per_modality_channels, trunk_layers, num_heads, ff_mult, dropout, head_dropout
         )
+        self.register_buffer("head_config", torch.tensor(
+            [self._TASKS.index(task), self.out_channels, self._FUSIONS.index(fusion)], dtype=torch.int64))
+        self.register_load_state_dict_post_hook(allow_missing_optional_keys)
+
+    @classmethod
+    def describe_head(cls, config: torch.Tensor | Sequence[int]) -> tuple[str, str]:
+        """``(what the head predicts, the bundle settings that build it)`` of a ``head_config`` buffer."""
+        task, channels, fusion = (int(v) for v in config)
+        fusion_name = cls._FUSIONS[fusion] if 0 <= fusion < len(cls._FUSIONS) else str(fusion)
+        if task == 0:
+            return (f"regression ({fusion_name} fusion)",
+                    f"--task regression --label_key regression_labels --out_channels 1 --fusion {fusion_name}")
+        return (f"classification into {channels} classes ({fusion_name} fusion)",
+                f"--task classification --label_key classification_labels --out_channels {channels} "
+                f"--fusion {fusion_name}")
+
+    def check_checkpoint(self, state: Mapping[str, torch.Tensor], path: str) -> None:
+        """Refuse a checkpoint whose head was trained for another task, number of classes or fusion.
+
+        Its weights may even fit (a regression head with confidence fusion has the rows of a 2-class head with
+        mean fusion) and would then score a regression output as class logits, or the reverse, without an error.
+        A checkpoint written before ``head_config`` existed is not checked here (its shapes still are).
+
+        Raises:
+            ValueError: naming the checkpoint, what it and this network predict, and the settings that fit it.
+        """
+        saved = state.get("head_config")
+        if saved is None or tuple(saved.shape) != tuple(self.head_config.shape):
+            return
+        if torch.equal(saved.to(self.head_config.device), self.head_config):
+            return
+        (trained, settings), (configured, _) = self.describe_head(saved), self.describe_head(self.head_config)
+        raise ValueError(f"Checkpoint {path} was trained for {trained}, but {configured} is configured: pass the "
+                         f"settings it was trained with ({settings}), or a checkpoint trained with these.")
 
     @property
     def num_modalities(self) -> int:

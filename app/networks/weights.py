@@ -271,6 +271,11 @@ def apply_state_dict(
     if None not in kinds and kinds[0] != kinds[1]:
         raise ValueError(f"Checkpoint {path} holds a {kinds[0][0]} model, but a {kinds[1][0]} model is configured: "
                          f"pass a checkpoint written by the {kinds[1][1]} bundle.")
+    # what the weights were trained for (the sentiment head's task and classes), before the shapes: a head of
+    # another task may have the same shape, and one of another shape is better named by its task
+    check = getattr(network, "check_checkpoint", None)
+    if callable(check):
+        check(state, path)
     optional: set[str] = set()
     for prefix in (*optional_prefixes, *optional_state_keys(network)):
         group = {k for k in expected if k.startswith(prefix)}

@@ -251,8 +251,12 @@ def test_the_sentiment_multi_gpu_config_records_its_number_of_processes():
 
     bundle = REPO / "bundles" / "mosi_gmd" / "configs"
     config = ConfigParser.load_config_files([str(bundle / "train.yaml"), str(bundle / "multi_gpu_train.yaml")])
-    assert config["train"]["checkpoint"]["settings"] == {"batch_size": "@batch_size",
-                                                         "torchrun --nproc_per_node": "@world_size"}
+    parser = ConfigParser(config)
+    assert parser["train#handlers#3#_target_"] == "app.engines.ResumableCheckpoint"
+    assert parser["train#handlers#3#settings"] == {"batch_size": "@batch_size",
+                                                   "torchrun --nproc_per_node": "@world_size"}
+    single = ConfigParser(ConfigParser.load_config_files([str(bundle / "train.yaml")]))
+    assert single["train#handlers#3#settings#torchrun --nproc_per_node"] == 1
     assert ConfigParser(config).get_parsed_content("world_size") == 1  # outside torchrun
 
 
@@ -440,11 +444,12 @@ def test_the_bundles_keep_the_time_budget_in_their_checkpoints():
     handlers = parser.get("train#handlers")
     checkpoint = next(h for h in handlers if h.get("_target_", "").endswith("ResumableCheckpoint"))
     assert handlers[int(checkpoint["time_limit"].split("#")[-1])]["_target_"].endswith("TimeLimitHandler")
-    parser = ConfigParser()
-    parser.read_config([str(REPO / "bundles" / "mosi_gmd" / "configs" / f) for f in ("train.yaml", "multi_gpu_train.yaml")])
-    handlers = parser.get("train#handlers")
-    assert handlers[int(parser.get("train#checkpoint")["time_limit"].split("#")[-1])]["_target_"].endswith(
-        "TimeLimitHandler")
+    for files in (["train.yaml"], ["train.yaml", "multi_gpu_train.yaml"]):
+        parser = ConfigParser()
+        parser.read_config([str(REPO / "bundles" / "mosi_gmd" / "configs" / f) for f in files])
+        handlers = parser.get("train#handlers")
+        checkpoint = next(h for h in handlers if h.get("_target_", "").endswith("ResumableCheckpoint"))
+        assert handlers[int(checkpoint["time_limit"].split("#")[-1])]["_target_"].endswith("TimeLimitHandler")
 
 
 def test_a_resume_with_another_strategy_is_refused(tmp_path):
@@ -769,3 +774,21 @@ def test_a_checkpoint_that_records_no_loss_resumes_with_a_warning_naming_the_old
         assert _train_with_loss(tmp_path, DiceCELoss(sigmoid=True)) == 3
     assert "records no training loss" in caplog.text and "app.losses.DiceCELoss" in caplog.text
     assert "--loss#_target_ monai.losses.DiceCELoss" in caplog.text
+
+
+def test_a_resume_with_a_sentiment_head_of_another_task_is_refused_even_when_its_shapes_fit(tmp_path):
+    """A regression run with confidence fusion resumed as a 2-class run with mean fusion: the head has 2 rows either
+    way, so the resume went on training the regression weights as class logits without a word."""
+    from app.networks import DSTransformer
+
+    def run(**head):
+        net = DSTransformer(in_features=(6, 5, 4), encoder_layers=0, **head)
+        engine = Engine(lambda e, b: None)
+        ResumableCheckpoint(tmp_path, net, torch.optim.SGD(net.parameters(), lr=0.1), resume="auto").attach(engine)
+        engine.run(DATA, max_epochs=2)
+        return engine.state.iteration
+
+    run(task="regression", out_channels=1, fusion="confidence")
+    with pytest.raises(ValueError, match=r"checkpoint_last\.pt was trained for regression \(confidence fusion\), but "
+                                         r"classification into 2 classes \(mean fusion\) is configured"):
+        run(task="classification", out_channels=2, fusion="mean")

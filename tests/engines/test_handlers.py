@@ -455,3 +455,49 @@ def test_the_run_line_names_the_strategy_that_trains_not_the_label(caplog):
         TrainingProgressHandler(settings={"strategy": "gmd", "seed": 1}).attach(trainer)
         trainer.run([0], max_epochs=1)
         assert _product_lines(caplog)[0].startswith(f"Run: {named}, 1 epoch(s) of 1 iteration(s)")
+
+
+@pytest.mark.parametrize("key, task, metrics, worst, line, scalars", [
+    ("MAE", "regression", ("Acc2", "F1", "MAE"), {"name": "audio", "Acc2": 0.5},
+     "Validation after epoch 3: mean MAE over 2 subsets 1.2500 (Acc2 0.7500, F1 0.7000); worst subset audio Acc2 0.5000.",
+     {"val_Acc2": (0.75, 3), "val_F1": (0.7, 3), "val_MAE": (1.25, 3), "val_worst_subset_Acc2": (0.5, 3)}),
+    ("Acc", "classification", ("Acc", "F1"), {"name": "audio", "Acc": 0.5},
+     "Validation after epoch 3: mean Acc over 2 subsets 0.7500 (F1 0.7000); worst subset audio 0.5000.",
+     {"val_Acc": (0.75, 3), "val_F1": (0.7, 3), "val_worst_subset_Acc": (0.5, 3)}),
+])
+def test_each_sentiment_validation_logs_every_metric_and_the_worst_subset_and_puts_them_on_tensorboard(
+        tmp_path, caplog, key, task, metrics, worst, line, scalars):
+    """A sentiment validation logged only val_score (minus the mean MAE): the other metrics, the worst subset and
+    the MAE itself reached neither the log nor TensorBoard."""
+    from app.engines import SentimentReportHandler
+
+    caplog.set_level("INFO", logger="app.engines.handlers")
+    mean = {"Acc2": 0.75, "F1": 0.7, "MAE": 1.25} if task == "regression" else {"Acc": 0.75, "F1": 0.7}
+    row = {**mean, "n": 1}
+    result = {"subsets": {"text": row, "audio": row}, "mean_over_subsets": mean, "worst_subset": worst,
+              "subsets_without_cases": [], "per_case": []}
+    metric = SimpleNamespace(last_result=result, key=key, metrics=metrics)
+    writer = _Writer()
+    SentimentReportHandler(metric, tmp_path, plot=False, during_training=True, summary_writer=writer)(
+        SimpleNamespace(state=SimpleNamespace(epoch=3)))
+    assert _product_lines(caplog) == [line]
+    assert writer.scalars == scalars
+    assert json.loads((tmp_path / "subset_metrics.json").read_text())["epoch"] == 3
+
+
+def test_the_data_line_counts_utterances_and_the_modalities_they_lack(monkeypatch, caplog):
+    from ignite.engine import Engine
+
+    from app.engines import TrainingProgressHandler
+
+    caplog.set_level("INFO", logger="app.engines.handlers")
+    datalist = {"training": [{"modalities": ["text", "audio", "vision"]}, {"modalities": ["text", "vision"]}],
+                "validation": [{"modalities": ["text"]}]}
+    trainer = Engine(lambda engine, batch: {"loss": 0.0})
+    TrainingProgressHandler(datalist=datalist, modalities=("text", "audio", "vision"), unit="utterance",
+                            missing_text="modalities missing (length 0)",
+                            complete_text="every utterance has all {count} modalities").attach(trainer)
+    trainer.run(range(1), max_epochs=1)
+    assert _product_lines(caplog)[0] == ("Data: 2 training and 1 validation utterance(s); modalities missing (length "
+                                         "0): audio in 1 training and 1 validation utterance(s), vision in 0 training "
+                                         "and 1 validation utterance(s).")

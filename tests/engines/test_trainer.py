@@ -113,6 +113,22 @@ def test_a_nan_loss_stops_training_before_the_step_with_a_one_line_error():
     assert "--amp" not in str(err.value)
 
 
+def test_a_nan_sentiment_loss_does_not_send_the_user_to_images_and_voxels():
+    """A diverged sentiment run was told to check its training images for NaN voxels: it has features, and the
+    loader has already read their NaN and infinite values as 0."""
+    import pytest
+
+    from app.engines import NonFiniteLossError
+
+    net = _Scaled()
+    net.task = "regression"
+    trainer = _trainer(net, lambda p, t: (p - t) ** 2 * float("nan"))
+    with pytest.raises(NonFiniteLossError) as err:
+        trainer.run()
+    assert str(err.value).endswith("Start again with a lower --learning_rate.")
+    assert "voxels" not in str(err.value) and "images" not in str(err.value)
+
+
 def test_a_nan_loss_under_gpu_autocast_names_amp_as_a_fix(monkeypatch):
     import pytest
 

@@ -648,6 +648,8 @@ def test_a_run_out_of_memory_ends_with_one_line_naming_the_settings(oom, monkeyp
     assert line.count("\n") == 1, line
     assert line.startswith(f"error: Out of memory ({type(oom).__name__}: allocating ")
     assert "--batch_size" in line and "--patch_size" in line and "--sw_batch_size" in line
+    # a sentiment evaluation has no --batch_size: its batches are --val_batch_size utterances
+    assert "sentiment: --val_batch_size for validation and evaluation" in line
     assert ("20.0 GiB failed" in line) if isinstance(oom, torch.OutOfMemoryError) else ("65536.0 MiB failed" in line)
     # another RuntimeError is a bug, shown whole
     import app.engines.utils as utils

@@ -33,7 +33,16 @@ def test_a_fusion_mismatch_names_fusion_not_only_out_channels(tmp_path):
     """Confidence fusion adds a confidence logit to the head: a regression checkpoint trained with
     --fusion mean, loaded into the default (confidence) network, must point at --fusion; '1 output
     vs 2 outputs' with only --out_channels in the hint sends the user to a setting regression refuses."""
-    torch.save(DSTransformer(in_features=[6, 5, 4], fusion="mean").state_dict(), tmp_path / "mean.pt")
+    state = DSTransformer(in_features=[6, 5, 4], fusion="mean").state_dict()
+    torch.save(state, tmp_path / "mean.pt")
+    with pytest.raises(ValueError) as err:
+        load_weights(DSTransformer(in_features=[6, 5, 4], fusion="confidence"), tmp_path / "mean.pt")
+    # the checkpoint records its head: the fusion it was trained with is named outright
+    assert ("was trained for regression (mean fusion), but regression (confidence fusion) is configured: pass the "
+            "settings it was trained with (--task regression --label_key regression_labels --out_channels 1 --fusion "
+            "mean)") in str(err.value)
+    # a checkpoint written before the head was recorded: its shapes say which settings may fit
+    torch.save({k: v for k, v in state.items() if k != "head_config"}, tmp_path / "mean.pt")
     with pytest.raises(ValueError) as err:
         load_weights(DSTransformer(in_features=[6, 5, 4], fusion="confidence"), tmp_path / "mean.pt")
     message = str(err.value)

@@ -304,3 +304,38 @@ def test_modality_mask_of_other_rows_is_refused(rows):
     with pytest.raises(ValueError, match=r"modality_mask must be \[B, 3\] .* give one row per sample"):
         net(batch["image"], mask)
     assert net(batch["image"], batch["modality_mask"]).shape == (6, 1)
+
+
+@pytest.mark.parametrize("trained, configured, fix", [
+    # the same head rows: 2 (score and confidence logit) against 2 class logits; 4 against 4
+    (dict(task="regression", out_channels=1, fusion="confidence"),
+     dict(task="classification", out_channels=2, fusion="mean"),
+     "--task regression --label_key regression_labels --out_channels 1 --fusion confidence"),
+    (dict(task="classification", out_channels=3, fusion="confidence"),
+     dict(task="classification", out_channels=4, fusion="mean"),
+     "--task classification --label_key classification_labels --out_channels 3 --fusion confidence"),
+])
+def test_a_checkpoint_of_another_task_or_class_count_is_refused_even_when_its_head_fits(tmp_path, trained,
+                                                                                     configured, fix):
+    """A regression checkpoint loaded into a 2-class network with mean fusion (or 3 classes with confidence into 4
+    with mean) fitted tensor for tensor, and was scored with its outputs read as another task's: wrong numbers, no
+    error."""
+    from app.networks.weights import load_weights
+
+    path = tmp_path / "model.pt"
+    torch.save(DSTransformer(in_features=(6, 5, 4), encoder_layers=0, **trained).state_dict(), path)
+    with pytest.raises(ValueError, match="was trained for") as err:
+        load_weights(DSTransformer(in_features=(6, 5, 4), encoder_layers=0, **configured), path)
+    assert str(path) in str(err.value) and fix in str(err.value) and "\n" not in str(err.value)
+    load_weights(DSTransformer(in_features=(6, 5, 4), encoder_layers=0, **trained), path)  # its own settings load
+
+
+def test_a_checkpoint_written_before_the_head_was_recorded_still_loads(tmp_path):
+    net = DSTransformer(in_features=(6, 5, 4), encoder_layers=0)
+    state = {k: v for k, v in net.state_dict().items() if k != "head_config"}
+    torch.save(state, tmp_path / "old.pt")
+    from app.networks.weights import load_weights
+
+    again = load_weights(DSTransformer(in_features=(6, 5, 4), encoder_layers=0), tmp_path / "old.pt")
+    assert again.head_config.tolist() == [0, 1, 0]  # regression, 1 output, mean fusion: the configured head
+    again.load_state_dict(state)  # torch's own loader too (e.g. a script of one's own)

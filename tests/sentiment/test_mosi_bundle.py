@@ -357,3 +357,68 @@ def test_model_pt_is_the_epoch_with_the_lowest_validation_mae_not_the_last(synth
     best = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert best["trunk.head.bias"][0].item() == 0.0 and not best["trunk.head.weight"].any()
     assert evaluator.state.best_metric_epoch == 2 and evaluator.state.best_metric == pytest.approx(-maes[1])
+
+
+def test_training_logs_its_data_progress_validation_and_end_and_puts_them_on_tensorboard(synthetic_pkl, tmp_path):
+    """A sentiment run logged a loss per iteration and val_score alone: no data or settings line, no learning rate,
+    pace or time left, no per-metric means or worst subset, and no line saying why it ended; TensorBoard had the
+    loss and val_score only."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    proc = run_mosi_bundle([TRAIN], "--data_path", str(synthetic_pkl), "--trust_pickle", "true", "--output_dir",
+                           str(out), "--max_epochs", "2", "--strategy", "plain", "--time_limit_minutes", "30")
+    log = proc.stdout + proc.stderr
+    assert "Data: 48 training and 24 validation utterance(s); every utterance has all 3 modalities." in log
+    assert "Run: strategy plain, task regression, loss L1Loss, key_metric MAE, seed 0, batch_size 32" in log
+    assert "Epoch 2/2 done (iteration 4 of 4): train_loss mean " in log and "learning rate 0.0005" in log
+    assert "Validation after epoch 2: mean MAE over 7 subsets " in log and "; worst subset " in log
+    assert "Training finished: all 2 epoch(s) trained (4 iterations), in " in log and "; best val_score " in log
+    events = EventAccumulator(str(next((out / "tensorboard").iterdir())))
+    events.Reload()
+    assert {"val_MAE", "val_Acc2", "val_Corr", "val_worst_subset_Acc2", "learning_rate", "train_loss_epoch",
+            "seconds_per_iteration"} <= set(events.Tags()["scalars"])
+
+
+def test_evaluating_a_checkpoint_with_another_task_is_one_line_naming_the_file_and_its_settings(trained, synthetic_pkl,
+                                                                                               tmp_path):
+    """A regression model.pt evaluated as a 2-class model with mean fusion loaded without an error (its head has 2
+    rows either way: the score and its confidence logit) and scored the score as class logits."""
+    ckpt = trained / "models" / "model.pt"
+    proc = run_mosi_bundle([TRAIN, EVALUATE], "--data_path", str(synthetic_pkl), "--trust_pickle", "true",
+                           "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "eval"), "--task", "classification",
+                           "--label_key", "classification_labels", "--out_channels", "3", "--fusion", "mean",
+                           check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (f"error: Checkpoint {ckpt} was trained for regression (confidence fusion), but classification into 3 "
+            "classes (mean fusion) is configured: pass the settings it was trained with (--task regression "
+            "--label_key regression_labels --out_channels 1 --fusion confidence)") in proc.stderr
+    assert not (tmp_path / "eval").exists()
+
+
+def test_sigterm_writes_the_resumable_checkpoint_ends_by_the_signal_and_the_run_resumes(synthetic_pkl, tmp_path):
+    """A scheduler's SIGTERM killed a sentiment training at once: no line in its log said why it ended, the epochs
+    since the last better model.pt were lost and nothing could be resumed (only the multi-process override had the
+    checkpoint)."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.bundles.helpers import repo_env
+
+    out = tmp_path / "run"
+    args = ["run", "--config_file", TRAIN, "--bundle_root", "bundles/mosi_gmd", "--data_path", str(synthetic_pkl),
+            "--trust_pickle", "true", "--output_dir", str(out), "--max_epochs", "3", "--strategy", "plain"]
+    driver = str(REPO / "tests" / "reliability" / "signal_driver.py")
+    proc = subprocess.run([sys.executable, driver, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**repo_env(), "SIGTERM_AT_ITERATION": "3"})  # 2 iterations per epoch: epoch 2
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == -signal.SIGTERM and "Traceback" not in log, log[-4000:]
+    assert ("Training stopped by SIGTERM at epoch 2, iteration 3, after writing the resumable checkpoint: exit status "
+            "143; run the same command with --resume true to continue.") in log
+    assert torch.load(out / "models" / "checkpoint_last.pt", weights_only=True)["iteration"] == 3
+    assert not (out / "models" / "model_final.pt").exists()  # the run did not finish
+    resumed = run_mosi_bundle([TRAIN], *args[5:], "--resume", "true")
+    assert "Resumed after iteration 3" in resumed.stdout + resumed.stderr
+    assert "Training finished: all 3 epoch(s) trained (6 iterations)" in resumed.stdout + resumed.stderr
+    assert (out / "models" / "model_final.pt").is_file()
