@@ -195,6 +195,10 @@ class SubsetEvaluator(SupervisedEvaluator):
         hd95_workers: threads searching a case's HD95 distances at once (:class:`app.metrics.HD95Scorer`:
             the 45 of a case are independent); None: ``DEFAULT_HD95_WORKERS``, at most the usable CPU cores.
             The values do not depend on it.
+        select_best: keep the best key metric over the runs and its epoch (a training's validation, which keeps
+            the best model as ``model.pt``). False where one checkpoint is scored (``evaluate.yaml``): nothing is
+            selected there, so MONAI's "Got new best metric" and the ``StatsHandler``'s "Key metric: ... best
+            value ... at epoch" lines would tell of a selection that does not happen.
         kwargs: everything else goes to ``SupervisedEvaluator``.
     """
 
@@ -208,11 +212,18 @@ class SubsetEvaluator(SupervisedEvaluator):
         amp: bool = False,
         hd95: bool = False,
         hd95_workers: int | None = None,
+        select_best: bool = True,
         **kwargs: Any,
     ) -> None:
         workers = check_hd95_workers(hd95_workers)
+        select_best = parse_bool(select_best, "select_best")
         kwargs.setdefault("decollate", False)
         super().__init__(*args, amp=False, **kwargs)
+        if not select_best:
+            # MONAI compares the key metric with the best so far (and logs each new best) only when the state names
+            # one; the metric itself is still computed under its name and read by the report
+            self.state.key_metric_name = None
+        self.select_best = select_best
         self.use_amp = parse_bool(amp, "amp")
         self.hd95 = parse_bool(hd95, "hd95")
         self.hd95_workers = workers
