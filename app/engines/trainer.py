@@ -8,6 +8,7 @@ subset of each case from one sliding-window pass of the per-modality outputs.
 from __future__ import annotations
 
 import copy
+import logging
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -74,6 +75,24 @@ def autocast_context(device: torch.device, enabled: bool, training: bool = False
     return nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
 
 
+class _NotAResumption(logging.Filter):
+    """Drop ignite's ``Engine run resuming from iteration ...`` record of a MONAI workflow's run.
+
+    MONAI puts ``max_epochs`` into the engine's state when the workflow is built, so ignite takes every run of
+    it, the first included, for the resumption of an earlier one: a fresh training logged "Engine run resuming
+    from iteration 0, epoch 0 until 100 epochs", which reads as if a checkpoint were continued, and each
+    validation "resuming from iteration 0, epoch E-1". A resumed training is restored when the run has started,
+    after that record (which still says iteration 0), and says so in its own lines ("Resumed from ... at
+    iteration N"), so the record is never true of these engines.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("Engine run resuming from iteration"))
+
+
+_NOT_A_RESUMPTION = _NotAResumption()
+
+
 class NonFiniteLossError(ValueError):
     """The training loss or its gradient became NaN or infinite; raised before the optimizer step."""
 
@@ -104,6 +123,7 @@ class SubsetTrainer(SupervisedTrainer):
     ) -> None:
         kwargs.setdefault("decollate", False)
         super().__init__(*args, amp=False, **kwargs)
+        self.logger.addFilter(_NOT_A_RESUMPTION)  # one filter per logger, however many engines share it
         self.strategy = strategy
         strategy.check_model(self.network)  # a network the strategy cannot train fails here, before the first step
         # the run's length is known once it starts (epoch_length from the data loader when not set)
@@ -219,6 +239,7 @@ class SubsetEvaluator(SupervisedEvaluator):
         select_best = parse_bool(select_best, "select_best")
         kwargs.setdefault("decollate", False)
         super().__init__(*args, amp=False, **kwargs)
+        self.logger.addFilter(_NOT_A_RESUMPTION)
         if not select_best:
             # MONAI compares the key metric with the best so far (and logs each new best) only when the state names
             # one; the metric itself is still computed under its name and read by the report

@@ -284,6 +284,14 @@ def test_evaluating_one_checkpoint_logs_no_best_metric_selection(net, caplog):
     assert evaluator.state.best_metric_epoch == 1
 
 
+def test_an_evaluation_does_not_log_that_it_resumes(net, caplog):
+    """ignite took every run of a MONAI engine for a resumption ('Engine run resuming from iteration 0, epoch 0
+    ...'): a plain evaluation, and each validation of a training, read as if something were continued."""
+    _, lines = _evaluate_logged(net, caplog, select_best=False)
+    assert lines and not any("resuming" in line for line in lines), lines
+    assert any(line.startswith("Engine run finished") for line in lines), lines
+
+
 @pytest.mark.parametrize("bundle", ["brats_gmd", "mosi_gmd"])
 def test_the_evaluate_configs_score_one_checkpoint_without_selecting(bundle):
     from monai.bundle import ConfigParser

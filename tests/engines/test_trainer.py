@@ -150,3 +150,16 @@ def test_the_training_step_asks_for_the_training_autocast(monkeypatch):
     trainer.use_amp = True
     trainer.run()
     assert asked == [(True, True), (True, True)]
+
+
+def test_a_fresh_training_does_not_log_that_it_resumes(caplog):
+    """ignite logged 'Engine run resuming from iteration 0, epoch 0 until 1 epochs' at the start of every
+    training (MONAI sets max_epochs when the trainer is built), as if a checkpoint were continued."""
+    import logging
+
+    trainer = _trainer(_Scaled(), lambda p, t: (p - t) ** 2)
+    caplog.set_level(logging.INFO, logger=trainer.logger.name)
+    trainer.run()
+    lines = [r.getMessage() for r in caplog.records if r.name == trainer.logger.name]
+    assert not any("resuming" in line for line in lines), lines
+    assert any(line.startswith("Engine run finished") for line in lines), lines
