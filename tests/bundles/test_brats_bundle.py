@@ -422,7 +422,7 @@ def test_demo_override_builds_the_demo_network():
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([TRAIN, str(REPO / "configs" / "demo.yaml")])
+    parser.read_config([TRAIN, str(REPO / "bundles" / "brats_gmd" / "configs" / "demo.yaml")])
     assert parser["strategy"] == "gmd_approx" and parser["time_limit_minutes"] == 4
     network = parser.get_parsed_content("network_def")
     assert network.features == (8, 16, 32, 64)
