@@ -303,3 +303,28 @@ def test_the_evaluate_configs_score_one_checkpoint_without_selecting(bundle):
     parser.read_config([str(configs / "train.yaml"), str(configs / "evaluate.yaml")])
     assert parser.get("validate#evaluator#select_best") is False
     assert ConfigParser.load_config_file(str(configs / "train.yaml"))["validate"]["evaluator"].get("select_best") is None
+
+
+@pytest.mark.parametrize("bundle", ["brats_gmd", "mosi_gmd"])
+def test_an_evaluation_logs_its_score_once(bundle):
+    """The StatsHandler's 'Epoch[1] Metrics -- val_mean_dice: ...' repeated the score of the report's own line
+    ('Evaluation: mean Dice over 15 subsets ...'; the sentiment table's mean row); it still logs what ends a run."""
+    from monai.bundle import ConfigParser
+    from monai.handlers import StatsHandler
+
+    from tests.bundles.helpers import REPO
+
+    configs = REPO / "bundles" / bundle / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.yaml"), str(configs / "evaluate.yaml")])
+    handlers = parser["validate#handlers"]
+    stats = [i for i, h in enumerate(handlers) if h["_target_"] == "StatsHandler"]
+    assert len(stats) == 1
+    handler = parser.get_parsed_content(f"validate#handlers#{stats[0]}")
+    assert isinstance(handler, StatsHandler) and handler.epoch_log is False and handler.iteration_log is False
+    # training's validation keeps its line, with the best score so far
+    parser = ConfigParser()
+    parser.read_config(str(configs / "train.yaml"))
+    handlers = parser["validate#handlers"]
+    stats = [i for i, h in enumerate(handlers) if h["_target_"] == "StatsHandler"]
+    assert parser.get_parsed_content(f"validate#handlers#{stats[0]}").epoch_log is True
