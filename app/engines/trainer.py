@@ -25,7 +25,7 @@ from app.engines.distributed import mean_over_ranks
 from app.engines.utils import amp_dtype, fit_roi
 from app.flags import parse_bool
 from app.networks.ds_unet import masked_mean
-from app.strategies.base import GradientStrategy
+from app.strategies.base import GradientStrategy, process_group
 from app.subsets import subset_masks
 
 __all__ = ["NonFiniteLossError", "SubsetTrainer", "SubsetEvaluator", "to_device", "autocast_context", "subset_fusions", "subset_sample_masks"]
@@ -93,6 +93,30 @@ class _NotAResumption(logging.Filter):
 _NOT_A_RESUMPTION = _NotAResumption()
 
 
+class _FirstRankInfo(logging.Filter):
+    """Keep an engine's informational records to rank 0 of a multi-process run.
+
+    The multi-process configs leave the log handlers to rank 0, but ignite's own records ("Epoch[1] Complete",
+    "Engine run finished") and MONAI's "Got new best metric" come from the engines themselves, so every rank
+    logged them: with 8 GPUs each line 8 times, none naming its rank. The ranks run the same steps in step (the
+    gradients and the validation scores are shared), so rank 0's lines say it for all; warnings and errors of
+    every rank stay.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or process_group()[1] == 0
+
+
+_FIRST_RANK_INFO = _FirstRankInfo()
+
+
+def _quiet_engine_log(engine: Any) -> None:
+    """The filters of the records that would be untrue or repeated (one of each per logger, however many engines
+    share it)."""
+    engine.logger.addFilter(_NOT_A_RESUMPTION)
+    engine.logger.addFilter(_FIRST_RANK_INFO)
+
+
 class NonFiniteLossError(ValueError):
     """The training loss or its gradient became NaN or infinite; raised before the optimizer step."""
 
@@ -123,7 +147,7 @@ class SubsetTrainer(SupervisedTrainer):
     ) -> None:
         kwargs.setdefault("decollate", False)
         super().__init__(*args, amp=False, **kwargs)
-        self.logger.addFilter(_NOT_A_RESUMPTION)  # one filter per logger, however many engines share it
+        _quiet_engine_log(self)
         self.strategy = strategy
         strategy.check_model(self.network)  # a network the strategy cannot train fails here, before the first step
         # the run's length is known once it starts (epoch_length from the data loader when not set)
@@ -239,7 +263,7 @@ class SubsetEvaluator(SupervisedEvaluator):
         select_best = parse_bool(select_best, "select_best")
         kwargs.setdefault("decollate", False)
         super().__init__(*args, amp=False, **kwargs)
-        self.logger.addFilter(_NOT_A_RESUMPTION)
+        _quiet_engine_log(self)
         if not select_best:
             # MONAI compares the key metric with the best so far (and logs each new best) only when the state names
             # one; the metric itself is still computed under its name and read by the report
