@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= outputs/demo
-# demo recipe: configs/demo.yaml (4 minutes of training on 2 CPU cores; a GPU is used when present)
+# demo recipe: bundles/brats_gmd/configs/demo.yaml (4 minutes of training on 2 CPU cores; a GPU is used when present)
 DEMO_STRATEGY ?= gmd_approx
 DEMO_MINUTES  ?= 4
 
@@ -27,11 +27,11 @@ demo: install
 	rm -rf $(DEMO)
 	$(BIN)/python -m app phantoms --out $(DEMO)/data/train --cases 16 --size 48 --seed 0
 	$(BIN)/python -m app phantoms --out $(DEMO)/data/test --cases 8 --size 48 --seed 1000
-	$(BIN)/python -m monai.bundle run --config_file "['bundles/brats_gmd/configs/train.yaml','configs/demo.yaml']" \
+	$(BIN)/python -m monai.bundle run --config_file "['bundles/brats_gmd/configs/train.yaml','bundles/brats_gmd/configs/demo.yaml']" \
 		--bundle_root bundles/brats_gmd --dataset_dir $(DEMO)/data/train --output_dir $(DEMO)/train \
 		--strategy $(DEMO_STRATEGY) --time_limit_minutes $(DEMO_MINUTES)
 	$(BIN)/python -m monai.bundle run \
-		--config_file "['bundles/brats_gmd/configs/train.yaml','configs/demo.yaml','bundles/brats_gmd/configs/evaluate.yaml']" \
+		--config_file "['bundles/brats_gmd/configs/train.yaml','bundles/brats_gmd/configs/demo.yaml','bundles/brats_gmd/configs/evaluate.yaml']" \
 		--bundle_root bundles/brats_gmd --dataset_dir $(DEMO)/data/test \
 		--ckpt_path $(DEMO)/train/models/model.pt --output_dir $(DEMO)
 	$(BIN)/python -m app plot-conflicts $(DEMO)/train --out $(DEMO)

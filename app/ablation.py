@@ -11,8 +11,8 @@ then ``train.yaml + evaluate.yaml`` on the held-out data:
 
 Every argument the runner does not know (``--dataset_dir D``, ``--data_path P --trust_pickle
 true``, ``--features "[...]"``) goes to both commands unchanged, except ``--config_file``: its override
-files (recipes such as ``configs/demo.yaml``) go after ``train.yaml`` in both commands; and ``--hd95 true``
-(segmentation), which goes to the evaluations only and adds the HD95 tables (``HD95_WT``, ``HD95_TC``,
+files (recipes such as ``bundles/brats_gmd/configs/demo.yaml``) go after ``train.yaml`` in both commands; and
+``--hd95 true`` (segmentation), which goes to the evaluations only and adds the HD95 tables (``HD95_WT``, ``HD95_TC``,
 ``HD95_ET``, mm, lower is better) after the Dice ones, as does ``--hd95_workers N`` (threads for those distances;
 it changes no value, so a finished evaluation is kept whatever it was). Each finished
 stage is kept, so an interrupted ablation resumes with the same command; a stage finished with other settings (seed,
@@ -342,7 +342,7 @@ def _override_files(args: Sequence[str], train: Path, evaluate: Path) -> list[Pa
         check_regular_file(name, "Pass a YAML or JSON file as --config_file.")
         if not os.path.isfile(name):
             raise ValueError(f"--config_file: {name} not found: give the override files (recipes) to train and evaluate "
-                             "every strategy with, e.g. --config_file configs/demo.yaml.")
+                             "every strategy with, e.g. --config_file bundles/brats_gmd/configs/demo.yaml.")
         if os.path.realpath(name) not in own:
             out.append(Path(name))
     for path in out:
@@ -740,8 +740,8 @@ def run_ablation(
     _check_subset_count(bundle_args, overrides, planned)
     _check_strategy_settings([train, *overrides], bundle_args, planned)
     config = {k: v for f in (train, *overrides) for k, v in _load_config(f).items()}  # the recipes' values win
-    # every stage's command sets both, so a recipe's own (configs/demo.yaml's 4-minute budget) was replaced by the
-    # runner's defaults (no limit, seed 0) without a word: they are the defaults here
+    # every stage's command sets both, so a recipe's own (bundles/brats_gmd/configs/demo.yaml's 4-minute budget) was
+    # replaced by the runner's defaults (no limit, seed 0) without a word: they are the defaults here
     time_limit_minutes, seed = _budget_and_seed(config, overrides, time_limit_minutes, seed)
     if layout is SENTIMENT:
         eval_split = eval_split or _option(bundle_args, "val_split") or config.get("val_split", "valid")

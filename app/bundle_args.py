@@ -299,8 +299,8 @@ def config_files(config_file: Any) -> list[str]:
 def check_override_files(config_file: Any, merged: dict | None = None) -> None:
     """Refuse a top-level key of an override file that the files before it lack and nothing reads.
 
-    A recipe such as ``configs/demo.yaml`` changes settings of the ``train.yaml`` before it; MONAI adds a
-    key it does not know (``learning_rat: 0.01``) as a new, unused entry, so the run silently trains with
+    A recipe such as ``bundles/brats_gmd/configs/demo.yaml`` changes settings of the ``train.yaml`` before it; MONAI
+    adds a key it does not know (``learning_rat: 0.01``) as a new, unused entry, so the run silently trains with
     the default. An override file may still add a new id that something refers to (``gmd_sync`` in
     ``multi_gpu_train.yaml``, read as ``@gmd_sync``; a ``_target_`` component referenced from another
     setting), and the ids ``monai.bundle run`` reads itself (``initialize``, ``run``, ``finalize``, ...).

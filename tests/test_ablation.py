@@ -599,8 +599,8 @@ def test_a_subset_count_outside_strategies_is_refused_before_anything_trains(tmp
 
 
 def test_a_recipes_time_limit_and_seed_are_the_ablations_defaults(tmp_path):
-    """Every stage's command sets --time_limit_minutes and --seed, so the budget of a recipe (configs/demo.yaml's
-    4 minutes, the README's example recipe for ablate) and its seed were replaced by the runner's defaults, no
+    """Every stage's command sets --time_limit_minutes and --seed, so the budget of a recipe
+    (bundles/brats_gmd/configs/demo.yaml's 4 minutes, the README's example recipe for ablate) and its seed were replaced by the runner's defaults, no
     limit and seed 0, without a word."""
     data = tmp_path / "phantoms"
     write_phantoms(data, cases=5, size=32, seed=0)

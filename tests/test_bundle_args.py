@@ -81,7 +81,7 @@ def test_a_misspelt_key_in_an_override_file_is_refused(tmp_path):
                       "  sigmoid: true\n  gamma: '@aux_weight'\n")
     check_overrides([main, "run", "--config_file", str([train, str(recipe)])])
     # the shipped override files, alone and stacked
-    for files in (["evaluate.yaml"], ["multi_gpu_train.yaml"], [os.path.join(repo, "configs", "demo.yaml"), "evaluate.yaml"]):
+    for files in (["evaluate.yaml"], ["multi_gpu_train.yaml"], ["demo.yaml", "evaluate.yaml"]):
         check_override_files([train, *(os.path.join(configs, f) for f in files)])
     mosi = os.path.join(repo, "bundles", "mosi_gmd", "configs")
     for files in (["evaluate.yaml"], ["multi_gpu_train.yaml"], ["predict.yaml", "evaluate.yaml"]):
@@ -246,7 +246,7 @@ def test_a_command_line_setting_a_recipe_cut_off_is_refused(tmp_path):
     check_overrides([main, "run", "--config_file", str([train, str(expression)]), "--gmd_subsets", "3"])
     multi = os.path.join(configs, "multi_gpu_train.yaml")  # replaces train#sampler#seed with an expression of @seed
     check_overrides([main, "run", "--config_file", str([train, multi]), "--seed", "3"])
-    demo = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
+    demo = os.path.join(configs, "demo.yaml")
     check_overrides([main, "run", "--config_file", str([train, demo]), "--gmd_subsets", "5", "--strategy", "gmd"])
 
 

@@ -38,3 +38,19 @@ def test_gpu_targets_refuse_the_cpu_build_of_torch(target):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr
     assert f"{target} needs a visible GPU" in proc.stderr, proc.stderr
+
+
+def test_the_demo_passes_its_config_files_from_one_folder():
+    """MONAI logs 'Not all config files are in bundles/brats_gmd/configs ...' as a warning when the files of one
+    --config_file lie in different folders: make demo printed it before its training and its evaluation."""
+    import ast
+    import re
+
+    proc = subprocess.run(["make", "-n", "-C", str(REPO), "demo", "DEMO=outputs/demo_dry_run"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lists = [ast.literal_eval(m) for m in re.findall(r"--config_file \"(\[[^\]]*\])\"", proc.stdout)]
+    assert len(lists) == 2 and all(len(files) >= 2 for files in lists), proc.stdout  # training, evaluation
+    for files in lists:
+        assert {str(Path(f).parent) for f in files} == {"bundles/brats_gmd/configs"}, files
+        assert all((REPO / f).is_file() for f in files), files

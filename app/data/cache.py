@@ -43,6 +43,8 @@ _UNLIMITED = 1 << 60  # cgroup v1 writes a huge number instead of "max"
 
 
 def _size(n: float) -> str:
+    if 0 < n < 1 << 19:  # rounds to 0 MiB: small cases (phantoms, a 2 mm case's labels) need some memory still
+        return "under 1 MiB"
     return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
 
 
@@ -222,7 +224,8 @@ def resolve_cache_rate(
     budget = fraction * room / procs
     rate = 1.0 if need <= budget else math.floor(100.0 * budget / need) / 100.0
     kept = int(len(records) * rate)
-    message = (f"cache_rate auto: {len(records)} cases need about {_size(need)} in memory; "
+    about = "about " if need >= 1 << 19 else ""
+    message = (f"cache_rate auto: {len(records)} case(s) need {about}{_size(need)} in memory; "
                f"{_size(room)} available, {procs} process(es) on this machine: caching {kept} of them "
                f"(cache_rate {rate:g}).")
     if rate < 1.0:

@@ -127,8 +127,14 @@ class TimeLimitHandler:
             # a validation an uninterrupted run does not do here: its data loader draws its base seed from the
             # global generator, which the checkpoint written at this stop records, so a run resumed from it with a
             # larger budget drew other dropout masks (sentiment) than the uninterrupted run from here on
-            with torch.random.fork_rng(devices=[]):
-                self.validator.run(engine.state.epoch)
+            # within an epoch, the weights scored are those of this iteration: the report says so, not "after epoch E"
+            within = not self._at_epoch_end(engine)
+            self.validator.state.trainer_iteration = int(engine.state.iteration) if within else None
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    self.validator.run(engine.state.epoch)
+            finally:
+                self.validator.state.trainer_iteration = None
         engine.terminate()
 
     @staticmethod
@@ -518,13 +524,22 @@ class SubsetReportHandler:
         """
         engine.add_event_handler(Events.COMPLETED, self)
 
+    @staticmethod
+    def _when(engine: Engine) -> str:
+        """Which weights a training's validation scored: those after an epoch, or (the time limit stopping the run
+        within an epoch, :class:`TimeLimitHandler`) those of the iteration it stopped at."""
+        epoch, iteration = int(engine.state.epoch), getattr(engine.state, "trainer_iteration", None)
+        if iteration is None:
+            return f"Validation after epoch {epoch}"
+        return f"Validation at the time limit, iteration {iteration} (within epoch {epoch})"
+
     def annotated(self, engine: Engine, result: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
         """``result`` with what it describes (the epoch, the checkpoint), and the report title (None: default)."""
         title = None
         if self.during_training:
             epoch = int(engine.state.epoch)
             result = {**result, "epoch": epoch}
-            title = f"Validation after epoch {epoch} (the latest weights; models/model.pt holds the best)"
+            title = f"{self._when(engine)} (the latest weights; models/model.pt holds the best)"
         if self.checkpoint is not None:
             from app.networks.weights import checkpoint_sha256, loaded_sha256
 
@@ -569,7 +584,7 @@ class SubsetReportHandler:
         scored = len(result.get("subsets") or {})
         total = scored + len(result.get("subsets_without_cases") or [])
         others = ", ".join(f"{k} {mean[k]:.4f}" for k in columns if k in mean and k != headline)
-        where = f"Validation after epoch {int(engine.state.epoch)}" if self.during_training else "Evaluation"
+        where = self._when(engine) if self.during_training else "Evaluation"
         # the worst subset is ranked by the metric's primary score, which the line names when it is not the headline
         worst_key = next((k for k in worst if k != "name"), None)
         worst_text = ("" if worst_key is None else f"; worst subset {worst['name']}"

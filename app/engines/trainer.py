@@ -8,6 +8,7 @@ subset of each case from one sliding-window pass of the per-modality outputs.
 from __future__ import annotations
 
 import copy
+import logging
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -24,7 +25,7 @@ from app.engines.distributed import mean_over_ranks
 from app.engines.utils import amp_dtype, fit_roi
 from app.flags import parse_bool
 from app.networks.ds_unet import masked_mean
-from app.strategies.base import GradientStrategy
+from app.strategies.base import GradientStrategy, process_group
 from app.subsets import subset_masks
 
 __all__ = ["NonFiniteLossError", "SubsetTrainer", "SubsetEvaluator", "to_device", "autocast_context", "subset_fusions", "subset_sample_masks"]
@@ -74,6 +75,48 @@ def autocast_context(device: torch.device, enabled: bool, training: bool = False
     return nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
 
 
+class _NotAResumption(logging.Filter):
+    """Drop ignite's ``Engine run resuming from iteration ...`` record of a MONAI workflow's run.
+
+    MONAI puts ``max_epochs`` into the engine's state when the workflow is built, so ignite takes every run of
+    it, the first included, for the resumption of an earlier one: a fresh training logged "Engine run resuming
+    from iteration 0, epoch 0 until 100 epochs", which reads as if a checkpoint were continued, and each
+    validation "resuming from iteration 0, epoch E-1". A resumed training is restored when the run has started,
+    after that record (which still says iteration 0), and says so in its own lines ("Resumed from ... at
+    iteration N"), so the record is never true of these engines.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("Engine run resuming from iteration"))
+
+
+_NOT_A_RESUMPTION = _NotAResumption()
+
+
+class _FirstRankInfo(logging.Filter):
+    """Keep an engine's informational records to rank 0 of a multi-process run.
+
+    The multi-process configs leave the log handlers to rank 0, but ignite's own records ("Epoch[1] Complete",
+    "Engine run finished") and MONAI's "Got new best metric" come from the engines themselves, so every rank
+    logged them: with 8 GPUs each line 8 times, none naming its rank. The ranks run the same steps in step (the
+    gradients and the validation scores are shared), so rank 0's lines say it for all; warnings and errors of
+    every rank stay.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or process_group()[1] == 0
+
+
+_FIRST_RANK_INFO = _FirstRankInfo()
+
+
+def _quiet_engine_log(engine: Any) -> None:
+    """The filters of the records that would be untrue or repeated (one of each per logger, however many engines
+    share it)."""
+    engine.logger.addFilter(_NOT_A_RESUMPTION)
+    engine.logger.addFilter(_FIRST_RANK_INFO)
+
+
 class NonFiniteLossError(ValueError):
     """The training loss or its gradient became NaN or infinite; raised before the optimizer step."""
 
@@ -104,6 +147,7 @@ class SubsetTrainer(SupervisedTrainer):
     ) -> None:
         kwargs.setdefault("decollate", False)
         super().__init__(*args, amp=False, **kwargs)
+        _quiet_engine_log(self)
         self.strategy = strategy
         strategy.check_model(self.network)  # a network the strategy cannot train fails here, before the first step
         # the run's length is known once it starts (epoch_length from the data loader when not set)
@@ -197,6 +241,10 @@ class SubsetEvaluator(SupervisedEvaluator):
         hd95_workers: threads searching a case's HD95 distances at once (:class:`app.metrics.HD95Scorer`:
             the 45 of a case are independent); None: ``DEFAULT_HD95_WORKERS``, at most the usable CPU cores.
             The values do not depend on it.
+        select_best: keep the best key metric over the runs and its epoch (a training's validation, which keeps
+            the best model as ``model.pt``). False where one checkpoint is scored (``evaluate.yaml``): nothing is
+            selected there, so MONAI's "Got new best metric" and the ``StatsHandler``'s "Key metric: ... best
+            value ... at epoch" lines would tell of a selection that does not happen.
         kwargs: everything else goes to ``SupervisedEvaluator``.
     """
 
@@ -210,11 +258,19 @@ class SubsetEvaluator(SupervisedEvaluator):
         amp: bool = False,
         hd95: bool = False,
         hd95_workers: int | None = None,
+        select_best: bool = True,
         **kwargs: Any,
     ) -> None:
         workers = check_hd95_workers(hd95_workers)
+        select_best = parse_bool(select_best, "select_best")
         kwargs.setdefault("decollate", False)
         super().__init__(*args, amp=False, **kwargs)
+        _quiet_engine_log(self)
+        if not select_best:
+            # MONAI compares the key metric with the best so far (and logs each new best) only when the state names
+            # one; the metric itself is still computed under its name and read by the report
+            self.state.key_metric_name = None
+        self.select_best = select_best
         self.use_amp = parse_bool(amp, "amp")
         self.hd95 = parse_bool(hd95, "hd95")
         self.hd95_workers = workers

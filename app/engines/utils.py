@@ -133,17 +133,30 @@ def _input_error(exc: BaseException | None) -> BaseException | None:
 
 
 class _InputErrorTracebacks(logging.Filter):
-    """Drop the traceback from a log record whose exception is the product's own bad-input error.
+    """Keep the product's own bad-input error to its one ``error:`` line.
 
     MONAI's ``StatsHandler`` logs every exception the engine raises with its traceback before the
     exception ends the run, so an input error found during a run (a ``--resume`` that does not fit
-    the checkpoint) printed a traceback above its ``error:`` line. The message itself stays logged.
+    the checkpoint) printed a traceback above its ``error:`` line: such a record keeps its message only.
+    An engine's own records of the error (ignite's "Current run is terminating due to exception: ...",
+    "Engine run is terminating due to exception: ...", and the ``StatsHandler``'s "Exception: ..." after
+    each, under the engine's logger) are dropped: they said the message of a diverged training four times
+    before the ``error:`` line that :func:`report_input_errors` prints for it. ignite logs the exception it
+    handles by its message alone, so the exception of such a record is the one being handled.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if os.environ.get("APP_TRACEBACK") == "1":
+            return True
         exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and os.environ.get("APP_TRACEBACK") != "1" and _input_error(exc) is not None:
-            record.exc_info, record.exc_text = None, None
+        engine = record.name.startswith("ignite.") and record.levelno >= logging.ERROR
+        if exc is None and engine:
+            exc = sys.exc_info()[1]
+        if exc is None or _input_error(exc) is None:
+            return True
+        if engine and str(exc) and record.getMessage().endswith(str(exc)):
+            return False  # the error: line says it
+        record.exc_info, record.exc_text = None, None
         return True
 
 

@@ -41,7 +41,17 @@ _NOT_REACHED = "not segmented: the batch was stopped before it (or, while it run
 
 
 class BatchError(RuntimeError):
-    """Some cases of a batch could not be segmented; the message lists them (one line each)."""
+    """Some cases of a batch could not be segmented; the message lists them with their errors.
+
+    Args:
+        message: every failed case with its error (for a caller of :func:`run_batch`).
+        summary: the last line of the command, which names the cases only: each case's error has its own
+            ``error: case`` line before it (empty: the message is the line).
+    """
+
+    def __init__(self, message: str, summary: str = "") -> None:
+        super().__init__(message)
+        self.summary = summary or message
 
 
 def _output_names(case: str, probabilities: bool = True) -> list[str]:
@@ -286,8 +296,12 @@ def _run_cases(records: Mapping[str, Any], discovery_errors: Mapping[str, str], 
     print(f"Batch finished: {len(results) - len(failed)} of {len(results)} case(s) segmented, {len(failed)} failed, "
           f"in {time.perf_counter() - report.start:.1f} s; report: {report.path}.", flush=True)
     if failed and raise_on_error:
-        raise BatchError(f"{len(failed)} of {len(results)} case(s) failed: "
-                         + "; ".join(f"{r['case']}: {r['error']}" for r in failed))
+        names = [str(r["case"]) for r in failed]
+        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        counts = f"{len(failed)} of {len(results)} case(s) failed"
+        raise BatchError(f"{counts}: " + "; ".join(f"{r['case']}: {r['error']}" for r in failed),
+                         summary=f"{counts} ({shown}): each case's error is on its 'error: case' line above and in "
+                                 f"{report.path}.")
     return results
 
 
@@ -462,8 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error_line(err: Exception) -> str:
-    """The one stderr line of a failed batch (a :class:`BatchError` keeps its line per case)."""
-    return f"error: {err}" if isinstance(err, BatchError) else f"error: {' '.join(str(err).split())}"
+    """The one stderr line of a failed batch: for a :class:`BatchError`, the failed cases by name (each case's
+    error has had its own line: said again, a batch with many bad cases ended on one line holding all of them)."""
+    return f"error: {err.summary}" if isinstance(err, BatchError) else f"error: {' '.join(str(err).split())}"
 
 
 def check_overrides_or_exit() -> None:

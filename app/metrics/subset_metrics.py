@@ -109,6 +109,9 @@ class SubsetAccumulator:
         self.subset_names: list[str] = [subset_name(s, self.modalities) for s in self.subsets]
         self._rows: list[tuple[str, int, tuple[float, ...]]] = []
         self._seen: set[tuple[str, int]] = set()
+        # the subsets the last aggregate could not score: kept over resets, so that a training's validation, which
+        # scores the same cases every epoch, warns about them once instead of at every epoch
+        self.unscored_warned: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         """Number of stored ``(case, subset)`` rows."""
@@ -240,10 +243,13 @@ class SubsetAccumulator:
         finite = [r for r in ranked if not math.isnan(r[0])]
         worst_name = min(finite)[2] if finite else ranked[0][2]
         missing = [name for name in self.subset_names if name not in subsets]
-        if missing:  # a mean over fewer subsets cannot be compared with a full table: say so where it is read
+        if missing and tuple(missing) != self.unscored_warned:
+            # a mean over fewer subsets cannot be compared with a full table: say so where it is read (the report's
+            # line says "over 7 of 15 subsets" each time)
             logger.warning("%d of the %d subsets have no %s to score (%s): mean_over_subsets is over the other %d. "
                            "Add %ss that have those %s for a full table.", len(missing), len(self.subset_names),
                            self.sample_word, ", ".join(missing), len(subsets), self.sample_word, self.input_word)
+        self.unscored_warned = tuple(missing)
         return {
             "subsets": subsets,
             "mean_over_subsets": mean_over,
@@ -469,11 +475,13 @@ class SubsetScalarMetric(Metric):
         # every rank must take part in the gather, so check emptiness only after it
         if idist.get_world_size() > 1:
             accumulator = self._new_accumulator()
+            accumulator.unscored_warned = self._accumulator.unscored_warned
             for state in idist.all_gather(self._accumulator.state_dict()):
                 accumulator.merge(state)
         if len(accumulator) == 0:
             raise NotComputableError(f"{type(self).__name__} must have at least one example before it can be computed.")
         self.last_result = accumulator.aggregate()
+        self._accumulator.unscored_warned = accumulator.unscored_warned
         return self.scalar(self.last_result)
 
 

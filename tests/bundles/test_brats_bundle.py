@@ -422,7 +422,7 @@ def test_demo_override_builds_the_demo_network():
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([TRAIN, str(REPO / "configs" / "demo.yaml")])
+    parser.read_config([TRAIN, str(REPO / "bundles" / "brats_gmd" / "configs" / "demo.yaml")])
     assert parser["strategy"] == "gmd_approx" and parser["time_limit_minutes"] == 4
     network = parser.get_parsed_content("network_def")
     assert network.features == (8, 16, 32, 64)
@@ -696,3 +696,24 @@ def test_a_second_evaluation_into_the_same_output_dir_stops_before_reading_a_cas
     assert [p.name for p in out.iterdir()] == ["subset_dice.json"] and (out / "subset_dice.json").read_text() == "{}\n"
     run_bundle([TRAIN, EVALUATE], "--dataset_dir", str(phantoms), *args)  # once the first has ended
     assert sorted(p.name for p in out.iterdir()) == [f"subset_dice.{ext}" for ext in ("csv", "json", "md", "png")]
+
+
+@pytest.mark.parametrize("bundle", ["brats_gmd", "mosi_gmd"])
+@pytest.mark.parametrize("progress_bar, iteration_lines", [("true", False), ("false", True), (True, False), ("0", True)])
+def test_the_progress_bar_replaces_the_per_iteration_log_lines(bundle, progress_bar, iteration_lines):
+    """With --progress_bar true (the demo's recipe) each iteration's loss was logged beside the bar, which showed it
+    too: the log lines broke the bar into fragments in front of their timestamps. The epoch lines stay."""
+    from monai.bundle import ConfigParser
+    from monai.handlers import StatsHandler
+
+    from app.engines import ProgressBarHandler
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / bundle / "configs" / "train.yaml"))
+    parser["progress_bar"] = progress_bar
+    stats = [i for i, h in enumerate(parser["train"]["handlers"]) if h["_target_"] == "StatsHandler"]
+    assert len(stats) == 1
+    handler = parser.get_parsed_content(f"train#handlers#{stats[0]}")
+    assert isinstance(handler, StatsHandler) and handler.iteration_log is iteration_lines and handler.epoch_log is True
+    bars = [i for i, h in enumerate(parser["train"]["handlers"]) if h["_target_"] == "app.engines.ProgressBarHandler"]
+    assert isinstance(parser.get_parsed_content(f"train#handlers#{bars[0]}"), ProgressBarHandler)

@@ -102,7 +102,8 @@ def test_auto_caches_the_share_that_fits(tmp_path, make_case, monkeypatch, caplo
     monkeypatch.setattr(cache, "available_memory", lambda: 3 * need)
     with caplog.at_level(logging.WARNING, logger="app.data.cache"):
         assert resolve_cache_rate("auto", records, steps, local_processes=2) == 0.75  # 1500 of 2000 bytes
-    assert "4 cases need about 0 MiB" in caplog.text and "caching 3 of them (cache_rate 0.75)" in caplog.text
+    # 2000 bytes: not "about 0 MiB", which read as if the cases took no memory
+    assert "4 case(s) need under 1 MiB in memory" in caplog.text and "caching 3 of them (cache_rate 0.75)" in caplog.text
     assert "2 process(es)" in caplog.text and "--cache_rate" in caplog.text
     monkeypatch.setattr(cache, "available_memory", lambda: None)
     caplog.clear()

@@ -132,6 +132,41 @@ def test_a_time_limit_validates_the_weights_it_stops_with_once(expire_at_iterati
     assert scored == validated and limit.expired
 
 
+@pytest.mark.parametrize("expire_at_iteration,line", [
+    (5, "Validation at the time limit, iteration 5 (within epoch 3): mean Dice over 1 subsets 0.4000"),
+    (6, "Validation after epoch 3: mean Dice over 1 subsets 0.4000"),
+])
+def test_a_time_limit_stop_within_an_epoch_says_which_weights_it_validated(tmp_path, caplog, expire_at_iteration,
+                                                                           line):
+    """2 iterations per epoch. The time limit stopping the run at iteration 5 (the first of epoch 3) validated
+    those weights as 'Validation after epoch 3', an epoch that was never finished; at an epoch's end it is."""
+    from ignite.engine import Engine, Events
+
+    from app.engines import SubsetReportHandler, TimeLimitHandler
+
+    result = {"subsets": {"flair": {"WT": 0.5, "TC": 0.4, "ET": 0.3, "mean": 0.4, "n_cases": 1}},
+              "mean_over_subsets": {"WT": 0.5, "TC": 0.4, "ET": 0.3, "mean": 0.4},
+              "worst_subset": {"name": "flair", "mean": 0.4}}
+    report = SubsetReportHandler(SimpleNamespace(last_result=result), tmp_path, during_training=True)
+
+    def run_validator(epoch: int) -> None:  # as MONAI's Evaluator.run: its epoch is the trainer's
+        validator.state.epoch = epoch
+        report(validator)
+
+    validator = SimpleNamespace(state=SimpleNamespace(epoch=0), run=run_validator)
+    trainer = Engine(lambda e, b: None)
+    limit = TimeLimitHandler(minutes=60, validator=validator)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: setattr(
+        limit, "spent_before", 2 * limit.seconds if e.state.iteration == expire_at_iteration else 0.0))
+    limit.attach(trainer)
+    caplog.set_level("INFO", logger="app.engines.handlers")
+    trainer.run([0, 0], max_epochs=5)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Validation")]
+    assert len(lines) == 1 and lines[0].startswith(line), lines
+    assert (tmp_path / "subset_dice.md").read_text().startswith(f"# {line.split(':')[0]} (the latest weights")
+    assert validator.state.trainer_iteration is None  # a later validation is after its epoch again
+
+
 def test_the_validation_of_a_time_limit_stop_leaves_the_global_generator_as_it_was():
     """The validation run when the budget stops training mid-epoch draws its data loader's base seed from
     the global generator, and the checkpoint written at that stop recorded the state after that draw: a run

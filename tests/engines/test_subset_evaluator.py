@@ -250,3 +250,81 @@ def test_hd95_counts_reference_tumour_the_foreground_crop_removed(net):
     evaluator.run()
     assert (evaluator.state.output["subset_dice"][0, :, 2] == 0).all()  # missed: Dice 0, not the 1 of empty masks
     assert evaluator.state.output["subset_hd95"][0, :, 2].tolist() == [373.13] * 15
+
+
+def _evaluate_logged(net, caplog, **kwargs) -> tuple[SubsetEvaluator, list[str]]:
+    """Run an evaluator with a StatsHandler as the bundles attach it; returns the engine's log lines."""
+    import logging
+
+    from monai.handlers import StatsHandler
+
+    torch.manual_seed(3)
+    data = [{"image": torch.randn(1, 4, 8, 8, 8), "label": (torch.rand(1, 3, 8, 8, 8) > 0.5).float(),
+             "modality_mask": torch.ones(1, 4, dtype=torch.bool), "case": ["a"]}]
+    evaluator = SubsetEvaluator(device=torch.device("cpu"), val_data_loader=data, network=net,
+                                inferer=SlidingWindowInferer(roi_size=(8, 8, 8), sw_batch_size=1),
+                                key_val_metric={"val_mean_dice": SubsetMeanDice()},
+                                val_handlers=[StatsHandler(name=None, iteration_log=False)], **kwargs)
+    caplog.set_level(logging.INFO, logger=evaluator.logger.name)
+    caplog.clear()
+    evaluator.run()
+    return evaluator, [r.getMessage() for r in caplog.records if r.name == evaluator.logger.name]
+
+
+def test_evaluating_one_checkpoint_logs_no_best_metric_selection(net, caplog):
+    """evaluate.yaml scores one checkpoint: MONAI's 'Got new best metric' and 'Key metric: ... best value ... at
+    epoch' lines told of a model selection that does not happen there; the score itself is still logged."""
+    evaluator, lines = _evaluate_logged(net, caplog, select_best="false")
+    assert not any("best" in line.lower() for line in lines), lines
+    assert any(line.startswith("Epoch[1] Metrics -- val_mean_dice: ") for line in lines), lines
+    assert evaluator.state.metrics["val_mean_dice"] >= 0 and evaluator.state.best_metric_epoch == -1
+    # training's validation keeps tracking the best epoch (model.pt is the best on validation)
+    evaluator, lines = _evaluate_logged(net, caplog)
+    assert any(line.startswith("Got new best metric of val_mean_dice") for line in lines), lines
+    assert evaluator.state.best_metric_epoch == 1
+
+
+def test_an_evaluation_does_not_log_that_it_resumes(net, caplog):
+    """ignite took every run of a MONAI engine for a resumption ('Engine run resuming from iteration 0, epoch 0
+    ...'): a plain evaluation, and each validation of a training, read as if something were continued."""
+    _, lines = _evaluate_logged(net, caplog, select_best=False)
+    assert lines and not any("resuming" in line for line in lines), lines
+    assert any(line.startswith("Engine run finished") for line in lines), lines
+
+
+@pytest.mark.parametrize("bundle", ["brats_gmd", "mosi_gmd"])
+def test_the_evaluate_configs_score_one_checkpoint_without_selecting(bundle):
+    from monai.bundle import ConfigParser
+
+    from tests.bundles.helpers import REPO
+
+    configs = REPO / "bundles" / bundle / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.yaml"), str(configs / "evaluate.yaml")])
+    assert parser.get("validate#evaluator#select_best") is False
+    assert ConfigParser.load_config_file(str(configs / "train.yaml"))["validate"]["evaluator"].get("select_best") is None
+
+
+@pytest.mark.parametrize("bundle", ["brats_gmd", "mosi_gmd"])
+def test_an_evaluation_logs_its_score_once(bundle):
+    """The StatsHandler's 'Epoch[1] Metrics -- val_mean_dice: ...' repeated the score of the report's own line
+    ('Evaluation: mean Dice over 15 subsets ...'; the sentiment table's mean row); it still logs what ends a run."""
+    from monai.bundle import ConfigParser
+    from monai.handlers import StatsHandler
+
+    from tests.bundles.helpers import REPO
+
+    configs = REPO / "bundles" / bundle / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.yaml"), str(configs / "evaluate.yaml")])
+    handlers = parser["validate#handlers"]
+    stats = [i for i, h in enumerate(handlers) if h["_target_"] == "StatsHandler"]
+    assert len(stats) == 1
+    handler = parser.get_parsed_content(f"validate#handlers#{stats[0]}")
+    assert isinstance(handler, StatsHandler) and handler.epoch_log is False and handler.iteration_log is False
+    # training's validation keeps its line, with the best score so far
+    parser = ConfigParser()
+    parser.read_config(str(configs / "train.yaml"))
+    handlers = parser["validate#handlers"]
+    stats = [i for i, h in enumerate(handlers) if h["_target_"] == "StatsHandler"]
+    assert parser.get_parsed_content(f"validate#handlers#{stats[0]}").epoch_log is True

@@ -166,3 +166,35 @@ def test_the_training_step_asks_for_the_training_autocast(monkeypatch):
     trainer.use_amp = True
     trainer.run()
     assert asked == [(True, True), (True, True)]
+
+
+def test_a_fresh_training_does_not_log_that_it_resumes(caplog):
+    """ignite logged 'Engine run resuming from iteration 0, epoch 0 until 1 epochs' at the start of every
+    training (MONAI sets max_epochs when the trainer is built), as if a checkpoint were continued."""
+    import logging
+
+    trainer = _trainer(_Scaled(), lambda p, t: (p - t) ** 2)
+    caplog.set_level(logging.INFO, logger=trainer.logger.name)
+    trainer.run()
+    lines = [r.getMessage() for r in caplog.records if r.name == trainer.logger.name]
+    assert not any("resuming" in line for line in lines), lines
+    assert any(line.startswith("Engine run finished") for line in lines), lines
+
+
+def test_only_rank_0_logs_the_engine_lines_of_a_multi_process_run(caplog, monkeypatch):
+    """ignite's 'Epoch[1] Complete' and 'Engine run finished' (and MONAI's 'Got new best metric') came from every
+    rank of a torchrun training, unlabelled: with 8 GPUs each line 8 times. A warning of any rank stays."""
+    import logging
+
+    import app.engines.trainer as trainer_module
+
+    trainer = _trainer(_Scaled(), lambda p, t: (p - t) ** 2)
+    caplog.set_level(logging.INFO, logger=trainer.logger.name)
+    monkeypatch.setattr(trainer_module, "process_group", lambda: (2, 1))
+    trainer.run()
+    trainer.logger.warning("a warning of rank 1")
+    assert [r.getMessage() for r in caplog.records if r.name == trainer.logger.name] == ["a warning of rank 1"]
+    caplog.clear()
+    monkeypatch.setattr(trainer_module, "process_group", lambda: (2, 0))
+    _trainer(_Scaled(), lambda p, t: (p - t) ** 2).run()
+    assert any(r.getMessage().startswith("Engine run finished") for r in caplog.records)

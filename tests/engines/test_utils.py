@@ -153,6 +153,68 @@ def test_report_input_errors_keeps_tracebacks_out_of_the_log_for_input_errors_on
         logging.getLogger().removeHandler(handler)
 
 
+def test_an_error_that_ends_a_training_is_said_once_by_its_error_line(monkeypatch, capsys):
+    """A diverged training logged its message four times (ignite's 'Current run is terminating due to exception'
+    and 'Engine run is terminating due to exception', each followed by the StatsHandler's 'Exception: ...')
+    before the one error: line; a bug still gets ignite's records and its traceback."""
+    import io
+    import logging
+    import sys
+
+    from monai.handlers import StatsHandler
+
+    class _Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(1.0))
+
+        def per_modality(self, x, mask):
+            return self.w * x.unsqueeze(2)
+
+        def fuse(self, per_modality, mask, check=True):
+            return per_modality.mean(1)
+
+    def run(loss_function):
+        net = _Net()
+        batch = {"image": torch.ones(1, 2, 1), "label": torch.zeros(1, 1, 1),
+                 "modality_mask": torch.ones(1, 2, dtype=torch.bool)}
+        trainer = SubsetTrainer(max_epochs=1, train_data_loader=[batch] * 2, network=net, device=torch.device("cpu"),
+                                optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=loss_function,
+                                strategy=build_strategy("plain"), train_handlers=[StatsHandler(name=None)])
+        stream.seek(0), stream.truncate()
+        with pytest.raises(Exception) as err:
+            trainer.run()
+        sys.excepthook(err.type, err.value, err.tb)
+        return stream.getvalue(), capsys.readouterr().err
+
+    seen = []
+    monkeypatch.setattr("sys.excepthook", lambda *exc: seen.append(exc[1]))
+    monkeypatch.delenv("APP_TRACEBACK", raising=False)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logging.getLogger().addHandler(handler)
+    engine_log = logging.getLogger("ignite.engine.engine.SubsetTrainer")
+    level = engine_log.level
+    engine_log.setLevel(logging.INFO)
+    try:
+        report_input_errors()
+        log, err = run(lambda p, t: (p - t).sum() * float("nan"))
+        assert "not finite" not in log and "Exception" not in log and "Traceback" not in log, log
+        assert err.startswith("error: The training loss is not finite") and err.count("\n") == 1
+        assert not seen  # printed by the product's hook, not handed on
+        # a bug is no input error: the engine's records and the traceback stay, and the previous hook shows it
+        log, err = run(lambda p, t: int("x"))
+        assert log.count("terminating due to exception: invalid literal") == 2 and "Traceback" in log and err == ""
+        assert isinstance(seen[-1], ValueError) and "invalid literal" in str(seen[-1])
+        # with APP_TRACEBACK=1 the input error is logged in full too
+        monkeypatch.setenv("APP_TRACEBACK", "1")
+        log, _ = run(lambda p, t: (p - t).sum() * float("nan"))
+        assert log.count("terminating due to exception: The training loss is not finite") == 2 and "Traceback" in log
+    finally:
+        logging.getLogger().removeHandler(handler)
+        engine_log.setLevel(level)
+
+
 def test_report_input_errors_prints_only_the_products_own_message(monkeypatch, capsys):
     seen = []
     monkeypatch.setattr("sys.excepthook", lambda *exc: seen.append(exc[1]))

@@ -661,4 +661,8 @@ def test_a_batch_says_how_many_cases_it_has_and_ends_with_one_line_of_its_outcom
     assert batch_main(args) == 2
     captured = capsys.readouterr()
     assert captured.out.strip().splitlines()[-1].startswith("Batch finished: 1 of 2 case(s) segmented, 1 failed, in ")
-    assert captured.err.strip().splitlines()[-1].startswith("error: 1 of 2 case(s) failed: B: ")
+    errors = captured.err.strip().splitlines()
+    # the case's error is said once, on its own line; the last line names the failed case without repeating it
+    assert len(errors) == 2 and errors[0].startswith("error: case B: ") and errors[0].endswith(".")
+    assert errors[-1] == (f"error: 1 of 2 case(s) failed (B): each case's error is on its 'error: case' line above "
+                          f"and in {out / 'inference_summary.json'}.")

@@ -195,6 +195,33 @@ def test_subsets_without_cases_are_named_in_the_result_and_the_table(caplog):
         f"No case to score for 8 subset(s) ({', '.join(missing)}): mean_over_subsets is over the 7 scored.")
 
 
+def test_subsets_without_cases_are_warned_about_once_per_training(caplog):
+    """A training's validation scores the same cases every epoch: the warning that no case can score the T1ce
+    subsets came at every validation (100 times in a 100-epoch run). It comes again when those subsets change."""
+    import logging
+
+    from app.subsets import BRATS_MODALITIES, all_subsets, subset_name
+
+    names = [subset_name(s, BRATS_MODALITIES) for s in all_subsets(4)]
+    metric = SubsetMeanDice()
+
+    def validate(lacking: str) -> None:
+        metric.reset()  # as at every validation
+        metric.accumulator.update_from_subset_dice(["a"], torch.rand(1, 15, 3, dtype=torch.float64),
+                                                   torch.tensor([[lacking not in n.split("+") for n in names]]))
+        metric.compute()
+        assert len(metric.last_result["subsets_without_cases"]) == 8
+
+    with caplog.at_level(logging.WARNING, logger="app.metrics.subset_metrics"):
+        for _ in range(3):
+            validate("t1ce")
+        assert caplog.text.count("8 of the 15 subsets have no case to score (t1ce, ") == 1
+        validate("t2")
+        assert caplog.text.count("8 of the 15 subsets have no case to score (t2, ") == 1
+        validate("t1ce")  # changed again: said again
+        assert caplog.text.count("8 of the 15 subsets have no case to score (t1ce, ") == 2
+
+
 def _random_batch(seed: int, b: int = 2, s: int = 15):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(b, s, 3, 6, 6, 6, generator=g)
