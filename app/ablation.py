@@ -580,9 +580,9 @@ def _environment(bundle_args: Sequence[str]) -> dict[str, Any]:
 def _iterations(log: Path, checkpoint: Path) -> int | None:
     """Iterations a training run did: from the time-limit handler's log line when the limit stopped it,
     else from its last training checkpoint (None when neither is there)."""
-    hits = re.findall(r"[Tt]ime limit.*?iteration (\d+)", log.read_text(errors="replace")) if log.is_file() else []
-    if hits:
-        return int(hits[-1])
+    stopped = _time_limit_stop(log)
+    if stopped is not None:
+        return stopped
     if not checkpoint.is_file():
         return None
     import torch
@@ -593,6 +593,49 @@ def _iterations(log: Path, checkpoint: Path) -> int | None:
     except Exception:  # noqa: BLE001 - a count for the table, not worth failing the ablation over
         return None
     return int(state["iteration"]) if isinstance(state, dict) and "iteration" in state else None
+
+
+def _time_limit_stop(log: Path) -> int | None:
+    """The iteration at which the time-limit handler stopped the training logged in ``log``, else None."""
+    hits = re.findall(r"[Tt]ime limit.*?iteration (\d+)", log.read_text(errors="replace")) if log.is_file() else []
+    return int(hits[-1]) if hits else None
+
+
+def _recover_finish_mark(out: Path, label: str, ckpt: Path, stamp: Path, seconds: Path, settings: dict[str, Any]) -> None:
+    """Write ``seconds`` (the mark of a finished training stage) for a stage an earlier version finished.
+
+    Versions of the runner before ``train_seconds.json`` (brats_gmd before 0.5.0) wrote the stage's settings and
+    recorded its time in ``ablation.json`` only, so without this its finished training counted as interrupted and
+    was trained again, replacing the models and reports the user came to tabulate. The mark is written only when
+    the stage's settings are this command's, ``ablation.json`` lists the stage with this checkpoint (the ablation
+    that trained it tabulated it) and the training checkpoint shows the run ended: every epoch's iterations done,
+    or the time limit's stop in its log. Anything short of that is left to train again, as an interrupted stage.
+    """
+    if seconds.exists() or _unreadable(stamp) or _read_json(stamp) != settings or not ckpt.is_file():
+        return
+    table = out / "ablation.json"
+    record = None if _unreadable(table) else ((_read_json(table) or {}).get("runs") or {}).get(label)
+    # compared within the output folder (<label>/train/models/<name>), which may have moved since
+    if not isinstance(record, dict) or Path(str(record.get("checkpoint"))).parts[-4:] != ckpt.parts[-4:]:
+        return
+    run_dir = ckpt.parent.parent
+    ended = _time_limit_stop(out / label / "train.log") is not None
+    if not ended:
+        import torch
+
+        try:
+            state = torch.load(run_dir / "models" / "checkpoint_last.pt", map_location="cpu", weights_only=True,
+                               mmap=True)
+            planned = int(state["epoch_length"]) * int(state["max_epochs"])
+            ended = 0 < planned <= int(state["iteration"])
+        except Exception:  # noqa: BLE001 - no readable proof that it ended: trained again, as an interrupted stage
+            return
+    if not ended:
+        return
+    train_s = record.get("train_seconds")
+    atomic_write_text(seconds, json.dumps(train_s if isinstance(train_s, (int, float)) else None))
+    print(f"note: {out / label} was trained by an earlier version, which did not mark finished stages; its "
+          "checkpoint shows the training ran to its end, so it is reused.", flush=True)
 
 
 #: what :func:`_trained_loss` gives for a stage without a training checkpoint: nothing to compare
@@ -767,8 +810,9 @@ def run_ablation(
             # different command (seed, budget, overrides) must not silently reuse them
             # train_seconds.json is written last, so it marks a training stage that ran to its end
             seconds = out / label / "train_seconds.json"
-            if not _reusable(ckpt, out / label / "train_settings.json", _stage_settings(bundle, train_args, out, overrides),
-                             seconds):
+            settings = _stage_settings(bundle, train_args, out, overrides)
+            _recover_finish_mark(out, label, ckpt, out / label / "train_settings.json", seconds, settings)
+            if not _reusable(ckpt, out / label / "train_settings.json", settings, seconds):
                 seconds.unlink(missing_ok=True)
                 if first_loss is not None and first_loss[1] is None:
                     # a stage trained now records its loss, which the earlier one does not: refused before training

@@ -216,6 +216,31 @@ def test_a_resumed_ablation_whose_loss_changed_is_refused_instead_of_mixing_obje
     assert not (out / "dropout" / "train" / "models").exists()  # refused before the new stage trained
 
 
+def test_a_stage_finished_by_a_version_without_the_finish_mark_is_reused_not_trained_again(tmp_path):
+    """Ablations of brats_gmd before 0.5.0 recorded a stage's settings but wrote no train_seconds.json (its time was
+    in ablation.json only): rerunning the command to tabulate them again trained every stage again, replacing the
+    models and reports."""
+    _, out, args = _finished_plain_stage(tmp_path)
+    seconds = json.loads((out / "plain" / "train_seconds.json").read_text())
+    (out / "plain" / "train_seconds.json").unlink()  # as that version left the stage
+    model = out / "plain" / "train" / "models" / "model_final.pt"
+    before = (model.read_bytes(), model.stat().st_mtime_ns)
+    again = _ablate("--strategies", "plain", *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "was trained by an earlier version, which did not mark finished stages" in again.stdout
+    assert "Reusing the finished training of plain" in again.stdout and "Training plain" not in again.stdout
+    assert (model.read_bytes(), model.stat().st_mtime_ns) == before
+    assert json.loads((out / "ablation.json").read_text())["runs"]["plain"]["train_seconds"] == seconds
+    # such a stage whose checkpoint shows fewer iterations than planned (killed) is trained again, as before
+    (out / "plain" / "train_seconds.json").unlink()
+    path = out / "plain" / "train" / "models" / "checkpoint_last.pt"
+    state = torch.load(path, weights_only=True)
+    state["max_epochs"] = 2
+    torch.save(state, path)
+    killed = _ablate("--strategies", "plain", *args)
+    assert killed.returncode == 0 and "Training plain" in killed.stdout, killed.stderr[-3000:]
+
+
 def test_finished_stages_are_reused_only_with_their_own_settings(tmp_path, capsys):
     out, bundle = tmp_path / "out", REPO / "bundles" / "brats_gmd"
     result, stamp = out / "plain" / "train" / "models" / "model_final.pt", out / "plain" / "train_settings.json"
