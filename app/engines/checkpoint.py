@@ -592,6 +592,31 @@ class ResumableCheckpoint:
                 "a new run in another --output_dir to train with the new one."
             )
 
+    def _warn_unrecorded(self, state: Mapping[str, Any], strategy: Any, rank: int) -> None:
+        """Say which of this run's choices a checkpoint from before they were recorded cannot confirm.
+
+        Checkpoints of brats_gmd before 0.5.0 record neither the strategy nor the time trained, and those before
+        the sample settings were recorded (patch size, batch size, samples, label convention) lack them: such a
+        resume used to continue under whatever this command says (``--strategy plain`` on GMD weights, another
+        ``--patch_size``, a new whole time budget) without a word, while a newer checkpoint refuses the mismatch.
+        """
+        if rank != 0:
+            return
+        unchecked = []
+        if strategy is not None and state.get("strategy_config") is None:
+            unchecked.append(f"strategy ({strategy!r})")
+        if self.settings and not isinstance(state.get("settings"), Mapping):
+            unchecked.append("training settings (" + " ".join(f"--{k} {_cli_value(v)}"
+                                                              for k, v in self.settings.items()) + ")")
+        budget = getattr(self.time_limit, "seconds", None)
+        if budget is not None and "time_limit" not in state:
+            unchecked.append(f"time trained (the {budget / 60:g}-minute budget counts from this resume)")
+        if unchecked:
+            logger.warning(
+                "%s records no %s (it was written by an earlier version): the resume cannot check them against the run "
+                "it continues, so it trains with this command's. Resume with the run's original --strategy and "
+                "settings, or start a new run in another --output_dir.", self.path, "; no ".join(unchecked))
+
     def _check_same_loss(self, written: Any, rank: int) -> None:
         """Refuse a resume whose loss is not the one the checkpoint was trained with; warn where it records none.
 
@@ -713,6 +738,7 @@ class ResumableCheckpoint:
                 "resume with the original --strategy and its settings (--gmd_subsets, --seed, the cggm_* and "
                 "predict knobs), or start a new run in another --output_dir."
             )
+        self._warn_unrecorded(state, strategy, rank)
         self._check_same_loss(state.get("loss_config"), rank)
         net.load_state_dict(saved)
         self.optimizer.load_state_dict(state["optimizer"])

@@ -616,3 +616,34 @@ def test_a_checkpoint_that_records_no_loss_resumes_with_a_warning_naming_the_old
         assert _train_with_loss(tmp_path, DiceCELoss(sigmoid=True)) == 3
     assert "records no training loss" in caplog.text and "app.losses.DiceCELoss" in caplog.text
     assert "--loss#_target_ monai.losses.DiceCELoss" in caplog.text
+
+
+def test_a_checkpoint_that_records_no_strategy_settings_or_time_resumes_with_a_warning_naming_them(tmp_path, caplog):
+    """Checkpoints of brats_gmd before 0.5.0 record neither the strategy, nor the sample settings, nor the time
+    trained: a resume with --strategy plain on GMD weights, another --patch_size or a time budget continued under
+    the new values without a word, while a newer checkpoint refuses the mismatch."""
+    from app.engines import TimeLimitHandler
+    from app.strategies import build_strategy
+
+    def run(strategy, minutes=None, **settings):
+        net = torch.nn.Linear(2, 1)
+        engine = Engine(lambda e, b: None)
+        ResumableCheckpoint(tmp_path, net, torch.optim.SGD(net.parameters(), lr=0.1), resume="auto",
+                            strategy=build_strategy(strategy), settings=settings,
+                            time_limit=TimeLimitHandler(minutes)).attach(engine)
+        engine.run(DATA, max_epochs=1)
+
+    run("gmd", patch_size=[32, 32, 32])
+    path = tmp_path / "checkpoint_last.pt"
+    state = load_training_checkpoint(path)
+    torch.save({k: v for k, v in state.items() if k not in ("strategy_config", "settings", "time_limit")},
+               path)  # as brats_gmd 0.3.0 wrote it
+    with caplog.at_level("WARNING", logger="app.engines.checkpoint"):
+        run("plain", minutes=5, patch_size=[96, 96, 96])
+    assert (f"{path} records no strategy (PlainStrategy(seed=0)); no training settings (--patch_size \"[96,96,96]\"); "
+            "no time trained (the 5-minute budget counts from this resume) (it was written by an earlier version)"
+            ) in caplog.text, caplog.text
+    caplog.clear()
+    torch.save(state, path)
+    run("gmd", minutes=5, patch_size=[32, 32, 32])  # a checkpoint that records them all: nothing to say
+    assert "records no" not in caplog.text
