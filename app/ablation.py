@@ -852,6 +852,14 @@ def run_ablation(
                                     _stage_settings(bundle, eval_args, out, overrides)) and report_path.is_file():
                 # the same model scored with(out) HD95: scored again, not refused as another run would be
                 report_path.unlink()
+            elif report_path.is_file() and not (out / label / "eval_settings.json").exists():
+                # only the runners of brats_gmd before 0.3.0 (and of the mosi_gmd 0.2.0 beside them) left a report
+                # without the record this runner writes before evaluating, and their evaluators scored otherwise: the
+                # segmentation one decoded only the first sliding window of each batch, the sentiment one counted a
+                # 0 label as positive in Acc2_has0. The model is kept; scoring it again takes minutes, not hours
+                print(f"note: {report_path} was scored by an earlier version, whose evaluator gave other values: "
+                      f"{label} is scored again.", flush=True)
+                report_path.unlink()
             if not _reusable(report_path, out / label / "eval_settings.json",
                              _stage_settings(bundle, eval_args, out, overrides)):
                 threads = ["--hd95_workers", hd95_workers] if hd95 and hd95_workers is not None else []

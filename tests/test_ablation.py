@@ -241,6 +241,24 @@ def test_a_stage_finished_by_a_version_without_the_finish_mark_is_reused_not_tra
     assert killed.returncode == 0 and "Training plain" in killed.stdout, killed.stderr[-3000:]
 
 
+def test_a_report_scored_by_a_version_before_the_evaluator_fix_is_scored_again(tmp_path):
+    """Ablations of brats_gmd before 0.3.0 recorded no settings, and their evaluator decoded only the first sliding
+    window of each batch: rerunning the command reused those reports, with a note, beside the models they mis-scored."""
+    _, out, args = _finished_plain_stage(tmp_path)
+    report = out / "plain" / "eval" / "subset_dice.json"
+    scored = json.loads(report.read_text())
+    (out / "plain" / "eval_settings.json").unlink()  # as that version left the stage
+    old = {**scored, "mean_over_subsets": {**scored["mean_over_subsets"], "mean": 0.5}}
+    report.write_text(json.dumps(old))
+    again = _ablate("--strategies", "plain", *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"note: {report} was scored by an earlier version, whose evaluator gave other values" in again.stdout
+    assert "Training plain" not in again.stdout  # the model is kept
+    assert json.loads(report.read_text())["mean_over_subsets"] == scored["mean_over_subsets"]
+    table = json.loads((out / "ablation.json").read_text())
+    assert table["tables"]["mean"]["plain"]["mean"] == scored["mean_over_subsets"]["mean"]
+
+
 def test_finished_stages_are_reused_only_with_their_own_settings(tmp_path, capsys):
     out, bundle = tmp_path / "out", REPO / "bundles" / "brats_gmd"
     result, stamp = out / "plain" / "train" / "models" / "model_final.pt", out / "plain" / "train_settings.json"
