@@ -608,8 +608,9 @@ def _recover_finish_mark(out: Path, label: str, ckpt: Path, stamp: Path, seconds
     recorded its time in ``ablation.json`` only, so without this its finished training counted as interrupted and
     was trained again, replacing the models and reports the user came to tabulate. The mark is written only when
     the stage's settings are this command's, ``ablation.json`` lists the stage with this checkpoint (the ablation
-    that trained it tabulated it) and the training checkpoint shows the run ended: every epoch's iterations done,
-    or the time limit's stop in its log. Anything short of that is left to train again, as an interrupted stage.
+    that trained it tabulated it) and the stage's log or training checkpoint shows the run ended: the trainer's
+    completion line or the time limit's stop in its log, or every epoch's iterations done in the segmentation
+    bundle's ``checkpoint_last.pt``. Anything short of that is left to train again, as an interrupted stage.
     """
     if seconds.exists() or _unreadable(stamp) or _read_json(stamp) != settings or not ckpt.is_file():
         return
@@ -618,8 +619,10 @@ def _recover_finish_mark(out: Path, label: str, ckpt: Path, stamp: Path, seconds
     # compared within the output folder (<label>/train/models/<name>), which may have moved since
     if not isinstance(record, dict) or Path(str(record.get("checkpoint"))).parts[-4:] != ckpt.parts[-4:]:
         return
-    run_dir = ckpt.parent.parent
-    ended = _time_limit_stop(out / label / "train.log") is not None
+    run_dir, log = ckpt.parent.parent, out / label / "train.log"
+    # MONAI's CheckpointSaver logs this line when the trainer completes (its time limit included), not when it raises
+    ended = _time_limit_stop(log) is not None or (
+        log.is_file() and "Train completed, saved final checkpoint" in log.read_text(errors="replace"))
     if not ended:
         import torch
 
@@ -635,7 +638,7 @@ def _recover_finish_mark(out: Path, label: str, ckpt: Path, stamp: Path, seconds
     train_s = record.get("train_seconds")
     atomic_write_text(seconds, json.dumps(train_s if isinstance(train_s, (int, float)) else None))
     print(f"note: {out / label} was trained by an earlier version, which did not mark finished stages; its "
-          "checkpoint shows the training ran to its end, so it is reused.", flush=True)
+          "log or checkpoint shows the training ran to its end, so it is reused.", flush=True)
 
 
 #: what :func:`_trained_loss` gives for a stage without a training checkpoint: nothing to compare

@@ -231,14 +231,31 @@ def test_a_stage_finished_by_a_version_without_the_finish_mark_is_reused_not_tra
     assert "Reusing the finished training of plain" in again.stdout and "Training plain" not in again.stdout
     assert (model.read_bytes(), model.stat().st_mtime_ns) == before
     assert json.loads((out / "ablation.json").read_text())["runs"]["plain"]["train_seconds"] == seconds
-    # such a stage whose checkpoint shows fewer iterations than planned (killed) is trained again, as before
+    # such a stage whose log and checkpoint show no end (killed) is trained again, as before
     (out / "plain" / "train_seconds.json").unlink()
+    log = out / "plain" / "train.log"
+    assert "Train completed, saved final checkpoint" in log.read_text()
+    log.write_text("".join(line for line in log.read_text().splitlines(True) if "Train completed" not in line))
     path = out / "plain" / "train" / "models" / "checkpoint_last.pt"
     state = torch.load(path, weights_only=True)
     state["max_epochs"] = 2
     torch.save(state, path)
     killed = _ablate("--strategies", "plain", *args)
     assert killed.returncode == 0 and "Training plain" in killed.stdout, killed.stderr[-3000:]
+
+
+def test_a_sentiment_stage_finished_by_a_version_without_the_finish_mark_is_reused(tmp_path):
+    """The sentiment bundle keeps no training checkpoint: its trainer's completion line in the stage's log tells that
+    a stage of an ablation before 0.5.0 finished."""
+    pkl = write_synthetic_mmsa(tmp_path / "syn.pkl", splits={"train": 48, "valid": 24}, seed=0)
+    out = tmp_path / "ablation"
+    args = ["--bundle", "bundles/mosi_gmd", "--strategies", "plain", "--max_epochs", "1", "--output_dir", str(out),
+            "--data_path", str(pkl), "--trust_pickle", "true"]
+    assert _ablate(*args).returncode == 0
+    (out / "plain" / "train_seconds.json").unlink()  # as that version left the stage
+    again = _ablate(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Reusing the finished training of plain" in again.stdout and "Training plain" not in again.stdout
 
 
 def test_a_report_scored_by_a_version_before_the_evaluator_fix_is_scored_again(tmp_path):
