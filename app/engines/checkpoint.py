@@ -596,9 +596,9 @@ class ResumableCheckpoint:
         """Say which of this run's choices a checkpoint from before they were recorded cannot confirm.
 
         Checkpoints of brats_gmd before 0.5.0 record neither the strategy nor the time trained, and those before
-        0.5.2 not the sample settings (patch size, batch size, samples, label convention): such a
-        resume used to continue under whatever this command says (``--strategy plain`` on GMD weights, another
-        ``--patch_size``, a new whole time budget) without a word, while a newer checkpoint refuses the mismatch.
+        0.5.2 not the sample settings (patch size, batch size, samples, label convention): such a resume used to
+        continue under whatever this command says (``--strategy plain`` on GMD weights, another ``--patch_size``,
+        a new whole time budget) without a word, while a newer checkpoint refuses the mismatch.
         """
         if rank != 0:
             return
