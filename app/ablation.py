@@ -595,9 +595,9 @@ def _environment(bundle_args: Sequence[str]) -> dict[str, Any]:
 def _iterations(log: Path, checkpoint: Path) -> int | None:
     """Iterations a training run did: from the time-limit handler's log line when the limit stopped it,
     else from its last training checkpoint (None when neither is there)."""
-    hits = re.findall(r"[Tt]ime limit.*?iteration (\d+)", log.read_text(errors="replace")) if log.is_file() else []
-    if hits:
-        return int(hits[-1])
+    stopped = _time_limit_stop(log)
+    if stopped is not None:
+        return stopped
     if not checkpoint.is_file():
         return None
     import torch
@@ -608,6 +608,52 @@ def _iterations(log: Path, checkpoint: Path) -> int | None:
     except Exception:  # noqa: BLE001 - a count for the table, not worth failing the ablation over
         return None
     return int(state["iteration"]) if isinstance(state, dict) and "iteration" in state else None
+
+
+def _time_limit_stop(log: Path) -> int | None:
+    """The iteration at which the time-limit handler stopped the training logged in ``log``, else None."""
+    hits = re.findall(r"[Tt]ime limit.*?iteration (\d+)", log.read_text(errors="replace")) if log.is_file() else []
+    return int(hits[-1]) if hits else None
+
+
+def _recover_finish_mark(out: Path, label: str, ckpt: Path, stamp: Path, seconds: Path, settings: dict[str, Any]) -> None:
+    """Write ``seconds`` (the mark of a finished training stage) for a stage an earlier version finished.
+
+    Versions of the runner before ``train_seconds.json`` (brats_gmd before 0.5.0) wrote the stage's settings and
+    recorded its time in ``ablation.json`` only, so without this its finished training counted as interrupted and
+    was trained again, replacing the models and reports the user came to tabulate. The mark is written only when
+    the stage's settings are this command's, ``ablation.json`` lists the stage with this checkpoint (the ablation
+    that trained it tabulated it) and the stage's log or training checkpoint shows the run ended: the trainer's
+    completion line or the time limit's stop in its log, or every epoch's iterations done in the segmentation
+    bundle's ``checkpoint_last.pt``. Anything short of that is left to train again, as an interrupted stage.
+    """
+    if seconds.exists() or _unreadable(stamp) or _read_json(stamp) != settings or not ckpt.is_file():
+        return
+    table = out / "ablation.json"
+    record = None if _unreadable(table) else ((_read_json(table) or {}).get("runs") or {}).get(label)
+    # compared within the output folder (<label>/train/models/<name>), which may have moved since
+    if not isinstance(record, dict) or Path(str(record.get("checkpoint"))).parts[-4:] != ckpt.parts[-4:]:
+        return
+    run_dir, log = ckpt.parent.parent, out / label / "train.log"
+    # MONAI's CheckpointSaver logs this line when the trainer completes (its time limit included), not when it raises
+    ended = _time_limit_stop(log) is not None or (
+        log.is_file() and "Train completed, saved final checkpoint" in log.read_text(errors="replace"))
+    if not ended:
+        import torch
+
+        try:
+            state = torch.load(run_dir / "models" / "checkpoint_last.pt", map_location="cpu", weights_only=True,
+                               mmap=True)
+            planned = int(state["epoch_length"]) * int(state["max_epochs"])
+            ended = 0 < planned <= int(state["iteration"])
+        except Exception:  # noqa: BLE001 - no readable proof that it ended: trained again, as an interrupted stage
+            return
+    if not ended:
+        return
+    train_s = record.get("train_seconds")
+    atomic_write_text(seconds, json.dumps(train_s if isinstance(train_s, (int, float)) else None))
+    print(f"note: {out / label} was trained by an earlier version, which did not mark finished stages; its "
+          "log or checkpoint shows the training ran to its end, so it is reused.", flush=True)
 
 
 #: what :func:`_trained_loss` gives for a stage without a training checkpoint: nothing to compare
@@ -782,8 +828,9 @@ def run_ablation(
             # different command (seed, budget, overrides) must not silently reuse them
             # train_seconds.json is written last, so it marks a training stage that ran to its end
             seconds = out / label / "train_seconds.json"
-            if not _reusable(ckpt, out / label / "train_settings.json", _stage_settings(bundle, train_args, out, overrides),
-                             seconds):
+            settings = _stage_settings(bundle, train_args, out, overrides)
+            _recover_finish_mark(out, label, ckpt, out / label / "train_settings.json", seconds, settings)
+            if not _reusable(ckpt, out / label / "train_settings.json", settings, seconds):
                 seconds.unlink(missing_ok=True)
                 if first_loss is not None and first_loss[1] is None:
                     # a stage trained now records its loss, which the earlier one does not: refused before training
@@ -822,6 +869,14 @@ def run_ablation(
             elif _only_hd95_differs(out / label / "eval_settings.json",
                                     _stage_settings(bundle, eval_args, out, overrides)) and report_path.is_file():
                 # the same model scored with(out) HD95: scored again, not refused as another run would be
+                report_path.unlink()
+            elif report_path.is_file() and not (out / label / "eval_settings.json").exists():
+                # only the runners of brats_gmd before 0.3.0 (and of the mosi_gmd 0.2.0 beside them) left a report
+                # without the record this runner writes before evaluating, and their evaluators scored otherwise: the
+                # segmentation one decoded only the first sliding window of each batch, the sentiment one counted a
+                # 0 label as positive in Acc2_has0. The model is kept; scoring it again takes minutes, not hours
+                print(f"note: {report_path} was scored by an earlier version, whose evaluator gave other values: "
+                      f"{label} is scored again.", flush=True)
                 report_path.unlink()
             if not _reusable(report_path, out / label / "eval_settings.json",
                              _stage_settings(bundle, eval_args, out, overrides)):

@@ -216,6 +216,66 @@ def test_a_resumed_ablation_whose_loss_changed_is_refused_instead_of_mixing_obje
     assert not (out / "dropout" / "train" / "models").exists()  # refused before the new stage trained
 
 
+def test_a_stage_finished_by_a_version_without_the_finish_mark_is_reused_not_trained_again(tmp_path):
+    """Ablations of brats_gmd before 0.5.0 recorded a stage's settings but wrote no train_seconds.json (its time was
+    in ablation.json only): rerunning the command to tabulate them again trained every stage again, replacing the
+    models and reports."""
+    _, out, args = _finished_plain_stage(tmp_path)
+    seconds = json.loads((out / "plain" / "train_seconds.json").read_text())
+    (out / "plain" / "train_seconds.json").unlink()  # as that version left the stage
+    model = out / "plain" / "train" / "models" / "model_final.pt"
+    before = (model.read_bytes(), model.stat().st_mtime_ns)
+    again = _ablate("--strategies", "plain", *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "was trained by an earlier version, which did not mark finished stages" in again.stdout
+    assert "Reusing the finished training of plain" in again.stdout and "Training plain" not in again.stdout
+    assert (model.read_bytes(), model.stat().st_mtime_ns) == before
+    assert json.loads((out / "ablation.json").read_text())["runs"]["plain"]["train_seconds"] == seconds
+    # such a stage whose log and checkpoint show no end (killed) is trained again, as before
+    (out / "plain" / "train_seconds.json").unlink()
+    log = out / "plain" / "train.log"
+    assert "Train completed, saved final checkpoint" in log.read_text()
+    log.write_text("".join(line for line in log.read_text().splitlines(True) if "Train completed" not in line))
+    path = out / "plain" / "train" / "models" / "checkpoint_last.pt"
+    state = torch.load(path, weights_only=True)
+    state["max_epochs"] = 2
+    torch.save(state, path)
+    killed = _ablate("--strategies", "plain", *args)
+    assert killed.returncode == 0 and "Training plain" in killed.stdout, killed.stderr[-3000:]
+
+
+def test_a_sentiment_stage_finished_by_a_version_without_the_finish_mark_is_reused(tmp_path):
+    """The sentiment bundle keeps no training checkpoint: its trainer's completion line in the stage's log tells that
+    a stage of an ablation before 0.5.0 finished."""
+    pkl = write_synthetic_mmsa(tmp_path / "syn.pkl", splits={"train": 48, "valid": 24}, seed=0)
+    out = tmp_path / "ablation"
+    args = ["--bundle", "bundles/mosi_gmd", "--strategies", "plain", "--max_epochs", "1", "--output_dir", str(out),
+            "--data_path", str(pkl), "--trust_pickle", "true"]
+    assert _ablate(*args).returncode == 0
+    (out / "plain" / "train_seconds.json").unlink()  # as that version left the stage
+    again = _ablate(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Reusing the finished training of plain" in again.stdout and "Training plain" not in again.stdout
+
+
+def test_a_report_scored_by_a_version_before_the_evaluator_fix_is_scored_again(tmp_path):
+    """Ablations of brats_gmd before 0.3.0 recorded no settings, and their evaluator decoded only the first sliding
+    window of each batch: rerunning the command reused those reports, with a note, beside the models they mis-scored."""
+    _, out, args = _finished_plain_stage(tmp_path)
+    report = out / "plain" / "eval" / "subset_dice.json"
+    scored = json.loads(report.read_text())
+    (out / "plain" / "eval_settings.json").unlink()  # as that version left the stage
+    old = {**scored, "mean_over_subsets": {**scored["mean_over_subsets"], "mean": 0.5}}
+    report.write_text(json.dumps(old))
+    again = _ablate("--strategies", "plain", *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"note: {report} was scored by an earlier version, whose evaluator gave other values" in again.stdout
+    assert "Training plain" not in again.stdout  # the model is kept
+    assert json.loads(report.read_text())["mean_over_subsets"] == scored["mean_over_subsets"]
+    table = json.loads((out / "ablation.json").read_text())
+    assert table["tables"]["mean"]["plain"]["mean"] == scored["mean_over_subsets"]["mean"]
+
+
 def test_finished_stages_are_reused_only_with_their_own_settings(tmp_path, capsys):
     out, bundle = tmp_path / "out", REPO / "bundles" / "brats_gmd"
     result, stamp = out / "plain" / "train" / "models" / "model_final.pt", out / "plain" / "train_settings.json"

@@ -761,8 +761,9 @@ class ResumableCheckpoint:
                 "new ones."
             )
         warnings = []
-        if unrecorded:
-            # a run started before this version recorded them (the checkpoint of a run under way at an upgrade)
+        if unrecorded and recorded:
+            # a run started before this version recorded them (the checkpoint of a run under way at an upgrade); a
+            # checkpoint that records no settings at all is named by _warn_unrecorded
             names = ", ".join(option(k) if not isinstance(self.settings[k], Mapping) else f"the {k} transforms"
                               for k in unrecorded)
             warnings.append(f"{self.path} records no {names} (it was written by an earlier version): those are not "
@@ -825,6 +826,31 @@ class ResumableCheckpoint:
                 f"({option}): a resume continues the saved {what}, so resume with the original {option}, or start "
                 "a new run in another --output_dir to train with the new one."
             )
+
+    def _warn_unrecorded(self, state: Mapping[str, Any], strategy: Any, rank: int) -> None:
+        """Say which of this run's choices a checkpoint from before they were recorded cannot confirm.
+
+        Checkpoints of brats_gmd before 0.5.0 record neither the strategy nor the time trained, and those before
+        0.5.2 not the sample settings (patch size, batch size, samples, label convention): such a resume used to
+        continue under whatever this command says (``--strategy plain`` on GMD weights, another ``--patch_size``,
+        a new whole time budget) without a word, while a newer checkpoint refuses the mismatch.
+        """
+        if rank != 0:
+            return
+        unchecked = []
+        if strategy is not None and state.get("strategy_config") is None:
+            unchecked.append(f"strategy ({strategy!r})")
+        if self.settings and not isinstance(state.get("settings"), Mapping):
+            unchecked.append("training settings (" + " ".join(f"--{k} {_cli_value(v)}"
+                                                              for k, v in self.settings.items()) + ")")
+        budget = getattr(self.time_limit, "seconds", None)
+        if budget is not None and "time_limit" not in state:
+            unchecked.append(f"time trained (the {budget / 60:g}-minute budget counts from this resume)")
+        if unchecked:
+            logger.warning(
+                "%s records no %s (it was written by an earlier version): the resume cannot check them against the run "
+                "it continues, so it trains with this command's. Resume with the run's original --strategy and "
+                "settings, or start a new run in another --output_dir.", self.path, "; no ".join(unchecked))
 
     def _check_same_loss(self, written: Any, rank: int) -> None:
         """Refuse a resume whose loss is not the one the checkpoint was trained with; warn where it records none.
@@ -950,6 +976,7 @@ class ResumableCheckpoint:
                    "(--gmd_subsets, --seed, the cggm_* and predict knobs)")
                 + ", or start a new run in another --output_dir."
             )
+        self._warn_unrecorded(state, strategy, rank)
         self._check_same_loss(state.get("loss_config"), rank)
         if rank == 0:
             for warning in warnings:  # once nothing refused the resume

@@ -602,7 +602,8 @@ def check_output_path(
         check_readable(out)  # an earlier output of another user (Docker --user) is a permission problem
         if not written_by_product(out):
             guess = "a note or a dataset description" if out.lower().endswith(".json") else \
-                "a reference segmentation, a scan, or an output edited since it was written"
+                ("a reference segmentation, a scan, or an output edited since it was written, or a label map of a "
+                 "release before 0.5.0 whose summary beside it no longer matches it")
             raise ValueError(f"{kind} {path} already exists and was not written by this product ({guess}?): "
                              f"{rename}, or move that file away first.")
     check_writable_folder(os.path.dirname(out), f"{kind} {path}")
@@ -635,12 +636,38 @@ def written_by_product(path: str | os.PathLike, case: str | None = None) -> bool
                 return summary.get("case") == case and "output" in summary
             return {"case", "output"} <= summary.keys() or {"output_dir", "results"} <= summary.keys()
         img = load_nifti(path)  # read once: the description, then the checksum it records
-        if not bytes(img.header["descrip"]).startswith(OUTPUT_DESCRIPTION_PREFIX.encode()):
+        description = bytes(img.header["descrip"])
+        if not description.startswith(OUTPUT_DESCRIPTION_PREFIX.encode()):
             return False
-        # outputs of releases before the checksum carry none and stay replaceable
-        return recorded_crc_matches(img) is not False
+        unedited = recorded_crc_matches(img)
+        if unedited is not None:
+            return unedited
+        # releases before 0.5.0 recorded no checksum, so a label map of theirs corrected by hand in a viewer (which
+        # keeps the header) was replaced by a rerun: it is taken for theirs only where its summary's volumes still
+        # hold. Probability maps are not corrected by hand
+        if not description.startswith(f"{OUTPUT_DESCRIPTION_PREFIX}labels".encode()):
+            return True
+        return _volumes_as_summarised(path, np.asarray(img.dataobj))
     except Exception:  # noqa: BLE001 - an unreadable file is not known to be ours
         return False
+
+
+def _volumes_as_summarised(path: str, labels: np.ndarray) -> bool:
+    """Whether the label map at ``path``, of a release that recorded no checksum, still has the region volumes its
+    JSON summary beside it (``<name>.json``, as batch mode writes it) records for it, to the precision recorded
+    (0.001 mL). Without such a summary the map cannot be told from one corrected by hand: the user's to keep."""
+    stem = path[: -len(".nii.gz")] if path.lower().endswith(".nii.gz") else os.path.splitext(path)[0]
+    try:
+        with open(stem + ".json", encoding="utf-8") as f:
+            summary = json.load(f)
+        if os.path.basename(str(summary["output"])) != os.path.basename(path):  # the folder may have moved since
+            return False
+        recorded = {str(k): float(v) for k, v in summary["volumes_ml"].items()}
+        volumes = _volumes_ml(labels, {p: int(summary["labels"][p]) for p in LABEL_PARTS},
+                              float(summary["voxel_volume_ml"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return "WT" in recorded and all(abs(volumes[k] - v) <= 5e-4 for k, v in recorded.items() if k in volumes)
 
 
 #: Free-text fields of a NIfTI-1/-2 header, where converters and anonymisation-unaware tools store identifiers

@@ -792,3 +792,35 @@ def test_a_resume_with_a_sentiment_head_of_another_task_is_refused_even_when_its
     with pytest.raises(ValueError, match=r"checkpoint_last\.pt was trained for regression \(confidence fusion\), but "
                                          r"classification into 2 classes \(mean fusion\) is configured"):
         run(task="classification", out_channels=2, fusion="mean")
+
+
+def test_a_checkpoint_that_records_no_strategy_settings_or_time_resumes_with_a_warning_naming_them(tmp_path, caplog):
+    """Checkpoints of brats_gmd before 0.5.0 record neither the strategy, nor the sample settings, nor the time
+    trained: a resume with --strategy plain on GMD weights, another --patch_size or a time budget continued under
+    the new values without a word, while a newer checkpoint refuses the mismatch."""
+    from app.engines import TimeLimitHandler
+    from app.strategies import build_strategy
+
+    def run(strategy, minutes=None, **settings):
+        net = torch.nn.Linear(2, 1)
+        engine = Engine(lambda e, b: None)
+        ResumableCheckpoint(tmp_path, net, torch.optim.SGD(net.parameters(), lr=0.1), resume="auto",
+                            strategy=build_strategy(strategy), settings=settings,
+                            time_limit=TimeLimitHandler(minutes)).attach(engine)
+        engine.run(DATA, max_epochs=1)
+
+    run("gmd", patch_size=[32, 32, 32])
+    path = tmp_path / "checkpoint_last.pt"
+    state = load_training_checkpoint(path)
+    torch.save({k: v for k, v in state.items() if k not in ("strategy_config", "settings", "time_limit")},
+               path)  # as brats_gmd 0.3.0 wrote it
+    with caplog.at_level("WARNING", logger="app.engines.checkpoint"):
+        run("plain", minutes=5, patch_size=[96, 96, 96])
+    assert (f"{path} records no strategy (PlainStrategy(seed=0)); no training settings (--patch_size \"[96,96,96]\"); "
+            "no time trained (the 5-minute budget counts from this resume) (it was written by an earlier version)"
+            ) in caplog.text, caplog.text
+    assert caplog.text.count("records no") == 1, caplog.text  # one warning, not one per kind of record
+    caplog.clear()
+    torch.save(state, path)
+    run("gmd", minutes=5, patch_size=[32, 32, 32])  # a checkpoint that records them all: nothing to say
+    assert "records no" not in caplog.text

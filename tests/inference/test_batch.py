@@ -331,6 +331,50 @@ def test_an_output_corrected_by_hand_survives_reruns(phantom_root, segmenter, tm
     np.testing.assert_array_equal(np.asarray(load(out / "P1.nii.gz").dataobj), corrected)
 
 
+def _as_before_the_checksum(path: Path) -> None:
+    """Rewrite the output image at ``path`` as a release before 0.5.0 wrote it: its description without ``crc32=``."""
+    img = load(path)
+    header = img.header.copy()
+    header["descrip"] = bytes(img.header["descrip"]).split(b" crc32=")[0].rsplit(b" ", 1)[0]  # 'brats_gmd labels brats2018'
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine, header=header), path)
+
+
+def test_an_output_of_a_release_before_the_checksum_is_replaced_only_where_its_summary_still_holds(
+        phantom_root, segmenter, tmp_path):
+    """Releases before 0.5.0 recorded no checksum of the voxels, and such a label map counted as the product's
+    whatever its voxels: a rerun replaced, and the clean-up after a failed case removed, one corrected by hand.
+    Its summary beside it records its volumes: where they still hold, it is replaced as before."""
+    from app.inference.pipeline import written_by_product
+
+    root = tmp_path / "in"
+    case = _copy_case(phantom_root, root, "P1", seqs=("flair",))
+    out = tmp_path / "out"
+    run_batch(segmenter, root, out, probabilities=True)
+    for name in ("P1.nii.gz", "P1_prob.nii.gz"):
+        _as_before_the_checksum(out / name)
+    assert bytes(load(out / "P1.nii.gz").header["descrip"]).rstrip(b"\0") == b"brats_gmd labels brats2018"
+    assert written_by_product(out / "P1.nii.gz") and written_by_product(out / "P1_prob.nii.gz")
+    run_batch(segmenter, root, out, probabilities=True)  # unedited: replaced
+    assert b"crc32=" in bytes(load(out / "P1.nii.gz").header["descrip"])
+
+    _as_before_the_checksum(out / "P1.nii.gz")
+    img = load(out / "P1.nii.gz")
+    corrected = np.asarray(img.dataobj).copy()
+    block = corrected[8:10, 8:10, 8:10]
+    corrected[8:10, 8:10, 8:10] = np.where(block == 2, 1, 2)  # 8 voxels corrected in a viewer, which keeps the header
+    nib.save(nib.Nifti1Image(corrected, img.affine, header=img.header), out / "P1.nii.gz")
+    assert not written_by_product(out / "P1.nii.gz")
+    with pytest.raises(BatchError, match="not written by this product.*a label map of a release before 0.5.0"):
+        run_batch(segmenter, root, out, probabilities=True)
+    (case / "P1_flair.nii.gz").write_bytes(b"garbage")  # the case now fails: the clean-up keeps it too
+    with pytest.raises(BatchError, match="P1"):
+        run_batch(segmenter, root, out, probabilities=True)
+    np.testing.assert_array_equal(np.asarray(load(out / "P1.nii.gz").dataobj), corrected)
+    # nor is one without its summary taken for the product's
+    shutil.copy(out / "P1.nii.gz", tmp_path / "alone.nii.gz")
+    assert not written_by_product(tmp_path / "alone.nii.gz")
+
+
 def _fail_second_case(monkeypatch, error: BaseException) -> None:
     """The network raises ``error`` on the second case of a batch (the first and third run)."""
     import app.inference.pipeline as pipeline
