@@ -624,8 +624,8 @@ def _recover_finish_mark(out: Path, label: str, ckpt: Path, stamp: Path, seconds
     was trained again, replacing the models and reports the user came to tabulate. The mark is written only when
     the stage's settings are this command's, ``ablation.json`` lists the stage with this checkpoint (the ablation
     that trained it tabulated it) and the stage's log or training checkpoint shows the run ended: the trainer's
-    completion line or the time limit's stop in its log, or every epoch's iterations done in the segmentation
-    bundle's ``checkpoint_last.pt``. Anything short of that is left to train again, as an interrupted stage.
+    completion line or the time limit's stop in its log, or every epoch's iterations done in the stage's
+    ``checkpoint_last.pt``. Anything short of that is left to train again, as an interrupted stage.
     """
     if seconds.exists() or _unreadable(stamp) or _read_json(stamp) != settings or not ckpt.is_file():
         return

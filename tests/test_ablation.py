@@ -172,6 +172,22 @@ def _finished_plain_stage(tmp_path: Path) -> tuple[Path, Path, list[str]]:
     return data, out, args
 
 
+@pytest.fixture(scope="module")
+def plain_stage(tmp_path_factory):
+    """One finished plain stage for the tests that only alter its output folder (each works on a copy)."""
+    return _finished_plain_stage(tmp_path_factory.mktemp("plain_stage"))
+
+
+def _copy_of(stage: tuple[Path, Path, list[str]], tmp_path: Path) -> tuple[Path, list[str]]:
+    """A copy of ``stage``'s output folder in ``tmp_path`` (the ablation records paths inside it relative to it), on
+    the same data: ``(output folder, its arguments)``."""
+    import shutil
+
+    _, out, args = stage
+    copy = shutil.copytree(out, tmp_path / "ablation")
+    return copy, [str(copy) if a == str(out) else a for a in args]
+
+
 def test_a_resumed_ablation_whose_data_changed_is_refused_instead_of_mixing_splits(tmp_path):
     """Cases added to --dataset_dir between an interrupted ablation and its rerun: the finished stage
     was reused and the next trained and was scored on another split, in one table, silently."""
@@ -186,11 +202,11 @@ def test_a_resumed_ablation_whose_data_changed_is_refused_instead_of_mixing_spli
     assert json.loads((out / "ablation.json").read_text())["strategies"] == ["plain"]
 
 
-def test_a_resumed_ablation_whose_loss_changed_is_refused_instead_of_mixing_objectives(tmp_path):
+def test_a_resumed_ablation_whose_loss_changed_is_refused_instead_of_mixing_objectives(plain_stage, tmp_path):
     """A stage finished before the bundle's loss changed (brats_gmd 0.6.0 replaced MONAI's softmax cross-entropy) was
     reused beside stages trained with the new loss, in one table, silently: its settings record the command, which
     had not changed, not train.yaml."""
-    _, out, args = _finished_plain_stage(tmp_path)
+    out, args = _copy_of(plain_stage, tmp_path)
     path = out / "plain" / "train" / "models" / "checkpoint_last.pt"
     state = torch.load(path, weights_only=True)
     assert state["loss_config"]["_target_"] == "app.losses.DiceCELoss"
@@ -216,11 +232,11 @@ def test_a_resumed_ablation_whose_loss_changed_is_refused_instead_of_mixing_obje
     assert not (out / "dropout" / "train" / "models").exists()  # refused before the new stage trained
 
 
-def test_a_stage_finished_by_a_version_without_the_finish_mark_is_reused_not_trained_again(tmp_path):
+def test_a_stage_finished_by_a_version_without_the_finish_mark_is_reused_not_trained_again(plain_stage, tmp_path):
     """Ablations of brats_gmd before 0.5.0 recorded a stage's settings but wrote no train_seconds.json (its time was
     in ablation.json only): rerunning the command to tabulate them again trained every stage again, replacing the
     models and reports."""
-    _, out, args = _finished_plain_stage(tmp_path)
+    out, args = _copy_of(plain_stage, tmp_path)
     seconds = json.loads((out / "plain" / "train_seconds.json").read_text())
     (out / "plain" / "train_seconds.json").unlink()  # as that version left the stage
     model = out / "plain" / "train" / "models" / "model_final.pt"
@@ -244,24 +260,10 @@ def test_a_stage_finished_by_a_version_without_the_finish_mark_is_reused_not_tra
     assert killed.returncode == 0 and "Training plain" in killed.stdout, killed.stderr[-3000:]
 
 
-def test_a_sentiment_stage_finished_by_a_version_without_the_finish_mark_is_reused(tmp_path):
-    """The sentiment bundle keeps no training checkpoint: its trainer's completion line in the stage's log tells that
-    a stage of an ablation before 0.5.0 finished."""
-    pkl = write_synthetic_mmsa(tmp_path / "syn.pkl", splits={"train": 48, "valid": 24}, seed=0)
-    out = tmp_path / "ablation"
-    args = ["--bundle", "bundles/mosi_gmd", "--strategies", "plain", "--max_epochs", "1", "--output_dir", str(out),
-            "--data_path", str(pkl), "--trust_pickle", "true"]
-    assert _ablate(*args).returncode == 0
-    (out / "plain" / "train_seconds.json").unlink()  # as that version left the stage
-    again = _ablate(*args)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "Reusing the finished training of plain" in again.stdout and "Training plain" not in again.stdout
-
-
-def test_a_report_scored_by_a_version_before_the_evaluator_fix_is_scored_again(tmp_path):
+def test_a_report_scored_by_a_version_before_the_evaluator_fix_is_scored_again(plain_stage, tmp_path):
     """Ablations of brats_gmd before 0.3.0 recorded no settings, and their evaluator decoded only the first sliding
     window of each batch: rerunning the command reused those reports, with a note, beside the models they mis-scored."""
-    _, out, args = _finished_plain_stage(tmp_path)
+    out, args = _copy_of(plain_stage, tmp_path)
     report = out / "plain" / "eval" / "subset_dice.json"
     scored = json.loads(report.read_text())
     (out / "plain" / "eval_settings.json").unlink()  # as that version left the stage
@@ -919,9 +921,11 @@ def test_a_seed_trained_with_another_loss_is_refused_before_the_seeds_are_averag
     assert not (out / "ablation_seeds.json").exists()
 
 
-def test_a_resumed_sentiment_ablation_whose_loss_changed_is_refused_instead_of_mixing_objectives(tmp_path):
-    """A sentiment training wrote no checkpoint recording its loss, so a stage finished before train.yaml's loss
-    changed (L1 to MSE) was reused beside a stage trained with the new one, in one table, without a word."""
+def test_a_sentiment_ablation_reuses_an_old_finished_stage_and_refuses_a_changed_loss(tmp_path):
+    """Two reruns of a sentiment ablation. A stage of an ablation before 0.5.0 has no train_seconds.json: its training
+    checkpoint or the trainer's completion line in its log tells that it finished, so it is reused, not trained again. And a sentiment training
+    wrote no checkpoint recording its loss, so a stage finished before train.yaml's loss changed (L1 to MSE) was
+    reused beside a stage trained with the new one, in one table, without a word."""
     import shutil
 
     bundle = tmp_path / "mosi_gmd"
@@ -932,11 +936,15 @@ def test_a_resumed_sentiment_ablation_whose_loss_changed_is_refused_instead_of_m
             "--trust_pickle", "true"]
     first = _ablate("--strategies", "plain", *args)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
+    (out / "plain" / "train_seconds.json").unlink()  # as a version before 0.5.0 left the stage
+    again = _ablate("--strategies", "plain", *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Reusing the finished training of plain" in again.stdout and "Training plain" not in again.stdout
     train = bundle / "configs" / "train.yaml"
     train.write_text(train.read_text().replace("torch.nn.L1Loss()", "torch.nn.MSELoss()"))
-    again = _ablate("--strategies", "plain,dropout", *args)
-    assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr[-3000:]
-    line = again.stderr.strip().splitlines()[-1]
+    mixed = _ablate("--strategies", "plain,dropout", *args)
+    assert mixed.returncode == 1 and "Traceback" not in mixed.stderr, mixed.stderr[-3000:]
+    line = mixed.stderr.strip().splitlines()[-1]
     assert ("Strategy 'dropout' is trained with another loss than 'plain' (_target_ 'torch.nn.modules.loss.L1Loss' in "
             "'plain', 'torch.nn.modules.loss.MSELoss' in 'dropout')") in line, line
     assert not (out / "dropout" / "eval").exists()  # nothing trained with the other loss was scored
