@@ -7,7 +7,7 @@ from app.engines.checkpoint import (
 )
 from app.engines.distributed import (
     DistributedTimeLimitHandler, GradientSync, StopOnSignal, broadcast_module, check_shards, close_distributed, distributed_device,
-    init_distributed, is_distributed, mean_over_ranks, wait_for_ranks,
+    data_worker_init, init_distributed, is_distributed, mean_over_ranks, wait_for_ranks,
 )
 from app.engines.handlers import DiagnosticsHandler, SubsetReportHandler, TimeLimitHandler, TrainingProgressHandler
 from app.metrics.hausdorff import check_hd95
@@ -25,6 +25,6 @@ __all__ = [
     "SentimentSubsetEvaluator", "SentimentReportHandler", "subset_predictions",
     "AtomicCheckpointSaver", "ResumableCheckpoint", "ResumableSampler", "SeededDataset", "atomic_save",
     "load_training_checkpoint", "init_distributed", "close_distributed", "distributed_device", "is_distributed", "broadcast_module", "check_shards", "mean_over_ranks", "wait_for_ranks", "GradientSync",
-    "DistributedTimeLimitHandler", "StopOnSignal", "report_input_errors", "check_overrides", "check_bools", "check_counts", "check_positive",
+    "DistributedTimeLimitHandler", "StopOnSignal", "data_worker_init", "report_input_errors", "check_overrides", "check_bools", "check_counts", "check_positive",
     "lock_output_dir", "check_resume", "transform_settings", "resolve_device", "check_share", "check_hd95",
 ]

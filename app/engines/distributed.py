@@ -40,6 +40,7 @@ __all__ = [
     "GradientSync",
     "DistributedTimeLimitHandler",
     "StopOnSignal",
+    "data_worker_init",
 ]
 
 logger = logging.getLogger(__name__)
@@ -260,6 +261,25 @@ class DistributedTimeLimitHandler(TimeLimitHandler):
             spent = _set_on_any_rank(spent)
         if spent:
             self._stop(engine)
+
+
+def data_worker_init(worker_id: int) -> None:
+    """``worker_init_fn`` of the bundles' data loaders: MONAI's (each worker's random transforms seeded), and
+    SIGTERM left to the main process.
+
+    A stop sent to the whole job (SLURM's ``scancel``, systemd, ``kill -- -PGID``) reaches the data-loader workers
+    too. PyTorch's own worker handler ends a worker by that signal, and the main process then stopped with "DataLoader
+    worker ... is killed by signal: Terminated" before :class:`StopOnSignal` could write the checkpoint. Ignored here,
+    the signal is the main process's to act on: it finishes the iteration and shuts its workers down, and a worker
+    whose parent is gone exits by itself (PyTorch's watchdog).
+
+    Args:
+        worker_id: the worker's index, as the ``DataLoader`` passes it.
+    """
+    from monai.data.utils import worker_init_fn
+
+    worker_init_fn(worker_id)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class StopOnSignal:

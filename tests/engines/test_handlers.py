@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -536,3 +539,28 @@ def test_the_data_line_counts_utterances_and_the_modalities_they_lack(monkeypatc
     assert _product_lines(caplog)[0] == ("Data: 2 training and 1 validation utterance(s); modalities missing (length "
                                          "0): audio in 1 training and 1 validation utterance(s), vision in 0 training "
                                          "and 1 validation utterance(s).")
+
+
+class _SignalsItself(torch.utils.data.Dataset):
+    """Each item sends SIGTERM to the data-loader worker that reads it, as a stop sent to a whole job does."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return index
+
+
+def test_data_loader_workers_leave_a_job_wide_sigterm_to_the_main_process():
+    """SLURM's scancel or systemd send SIGTERM to every process of the job: PyTorch's worker handler ended a worker by
+    it, and the main process stopped with "DataLoader worker ... killed by signal" before writing the checkpoint."""
+    from monai.data import DataLoader
+
+    from app.engines import data_worker_init
+
+    loader = DataLoader(_SignalsItself(), batch_size=1, num_workers=1, worker_init_fn=data_worker_init)
+    assert [int(b) for b in loader] == [0, 1, 2, 3]
+    for bundle in ("brats_gmd", "mosi_gmd"):
+        text = (Path(__file__).resolve().parents[2] / "bundles" / bundle / "configs" / "train.yaml").read_text()
+        assert text.count("_target_: DataLoader") == text.count("worker_init_fn: $engines.data_worker_init") == 2
