@@ -282,8 +282,13 @@ def data_worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+#: the signals a terminal sends to every process of its foreground group (Ctrl-C, the terminal closed)
+_TERMINAL_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGINT", "SIGHUP") if hasattr(signal, name))
+
+
 class StopOnSignal:
-    """Ends training cleanly on SIGTERM: the resumable checkpoint is written, then the process ends by the signal.
+    """Ends training cleanly on SIGTERM, Ctrl-C (SIGINT) or a closed terminal (SIGHUP): the resumable checkpoint
+    is written, then the process ends by the signal.
 
     A job scheduler (SLURM at a time limit or a preemption, Kubernetes, ``docker stop``) sends SIGTERM
     and, some seconds later, SIGKILL. Without a handler the process died at once and lost the
@@ -292,18 +297,27 @@ class StopOnSignal:
     ``model_final.pt`` claims the run finished, :class:`~app.engines.ResumableCheckpoint` writes the
     checkpoint at ``TERMINATE``, and the signal is then delivered again with its default action: the
     exit status says the run was stopped (143), and ``--resume true`` (or ``auto``) continues it
-    exactly. A second SIGTERM ends the process at once. The ranks of a multi-process run all-reduce
-    the decision after every iteration, so they stop at the same one.
+    exactly. A second SIGTERM ends the process at once (a SIGTERM sent to the whole job reaches the data-loader
+    workers too: :func:`data_worker_init` leaves it to the main process). The ranks of a multi-process run
+    all-reduce the decision after every iteration, so they stop at the same one.
+
+    Ctrl-C and a closed terminal are handled the same way (exit status 130 and 129): Python's default for
+    Ctrl-C raised ``KeyboardInterrupt`` wherever the step was, with a traceback and no checkpoint of the
+    iterations since the last epoch's end. The terminal sends these two to the whole process group, data-loader
+    workers included: a worker ignores them (the main process stops the run and the loader ends its workers),
+    where dying by them would make the loader raise a "worker killed" error instead of the clean stop.
 
     Signal handlers can only be installed from the main thread; elsewhere (a notebook's worker thread)
     the handler does nothing.
 
     Args:
-        signals: the signals to handle (default SIGTERM).
+        signals: the signals to handle (default SIGTERM, SIGINT and, where the platform has it, SIGHUP).
     """
 
     def __init__(self, signals: Iterable[int] | None = None) -> None:
-        self.signals = tuple(signals) if signals is not None else (signal.SIGTERM,)
+        if signals is None:
+            signals = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+        self.signals = tuple(signals)
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
         self._pid = os.getpid()
@@ -321,8 +335,10 @@ class StopOnSignal:
         engine.add_event_handler(Events.EXCEPTION_RAISED, self._uninstall_and_raise)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if os.getpid() != self._pid:  # a data-loader worker forked with this handler: die as asked
-            signal.signal(signum, signal.SIG_DFL)
+        if os.getpid() != self._pid:  # a data-loader worker forked with this handler
+            if signum in _TERMINAL_SIGNALS:  # sent to the whole group: the main process stops the run
+                return
+            signal.signal(signum, signal.SIG_DFL)  # die as asked
             os.kill(os.getpid(), signum)
             return
         self.received = signum

@@ -564,3 +564,51 @@ def test_data_loader_workers_leave_a_job_wide_sigterm_to_the_main_process():
     for bundle in ("brats_gmd", "mosi_gmd"):
         text = (Path(__file__).resolve().parents[2] / "bundles" / bundle / "configs" / "train.yaml").read_text()
         assert text.count("_target_: DataLoader") == text.count("worker_init_fn: $engines.data_worker_init") == 2
+
+
+def test_stop_on_signal_stops_on_ctrl_c_like_on_sigterm_and_a_worker_ignores_it(monkeypatch, caplog):
+    """Ctrl-C (SIGINT) mid-iteration stops training as SIGTERM does (checkpoint, one line, exit 130), where it
+    raised KeyboardInterrupt inside the step; a second Ctrl-C has its default action (ends the process at once);
+    a forked data-loader worker that gets the terminal's SIGINT ignores it instead of dying."""
+    import signal
+
+    from ignite.engine import Engine, Events
+
+    from app.engines import StopOnSignal
+    from app.engines import distributed
+
+    events: list[str] = []
+    ended: list[tuple[int, int]] = []
+    monkeypatch.setattr(distributed.os, "kill", lambda pid, signum: ended.append((pid, signum)))
+    previous = signal.getsignal(signal.SIGINT)
+    stopper = StopOnSignal()
+
+    def step(engine, batch):
+        events.append(f"iteration {engine.state.iteration}")
+        if engine.state.iteration == 2:
+            signal.raise_signal(signal.SIGINT)  # as the terminal's would arrive, inside the step
+            events.append("step 2 finished")
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL  # a second Ctrl-C ends it at once
+
+    engine = Engine(step)
+    engine.add_event_handler(Events.TERMINATE, lambda e: events.append("checkpoint written"))
+    stopper.attach(engine)
+    try:
+        engine.run(range(10), max_epochs=1)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert events == ["iteration 1", "iteration 2", "step 2 finished", "checkpoint written"]
+    assert ended == [(distributed.os.getpid(), signal.SIGINT)]
+    assert _product_lines(caplog)[-1] == (
+        "Training stopped by SIGINT at epoch 1, iteration 2, after writing the resumable checkpoint: exit status "
+        "130; run the same command with --resume true to continue.")
+    # in a forked worker (another pid) the terminal's signals are ignored, SIGTERM still ends it
+    ended.clear()
+    stopper._pid = -1
+    stopper._handle(signal.SIGINT, None)
+    assert ended == []
+    try:
+        stopper._handle(signal.SIGTERM, None)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert ended == [(distributed.os.getpid(), signal.SIGTERM)]
