@@ -564,3 +564,23 @@ def test_data_loader_workers_leave_a_job_wide_sigterm_to_the_main_process():
     for bundle in ("brats_gmd", "mosi_gmd"):
         text = (Path(__file__).resolve().parents[2] / "bundles" / bundle / "configs" / "train.yaml").read_text()
         assert text.count("_target_: DataLoader") == text.count("worker_init_fn: $engines.data_worker_init") == 2
+
+
+def test_the_lazy_summary_writer_writes_nothing_until_a_value_is_logged(tmp_path):
+    """A bundle builds its writer with the trainer: a run refused before training left an empty event file."""
+    from app.engines import LazySummaryWriter
+
+    writer = LazySummaryWriter(log_dir=str(tmp_path / "tb"))
+    assert not (tmp_path / "tb").exists() and not writer.created
+    writer.add_scalar("loss", 1.0, 1)
+    writer.flush()
+    assert writer.created and any((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("bundle", ["brats_gmd", "mosi_gmd"])
+def test_the_training_bundles_write_no_event_file_before_training(bundle):
+    from tests.bundles.helpers import REPO
+
+    text = (REPO / "bundles" / bundle / "configs" / "train.yaml").read_text()
+    assert "_target_: app.engines.LazySummaryWriter" in text and "tensorboard.SummaryWriter" not in text
+    assert "$@train#handlers#3.check(@train#trainer)" in text
