@@ -9,7 +9,7 @@ from app.engines.distributed import (
     DistributedTimeLimitHandler, GradientSync, StopOnSignal, broadcast_module, check_shards, close_distributed, distributed_device,
     data_worker_init, init_distributed, is_distributed, mean_over_ranks, wait_for_ranks,
 )
-from app.engines.handlers import DiagnosticsHandler, SubsetReportHandler, TimeLimitHandler, TrainingProgressHandler
+from app.engines.handlers import DiagnosticsHandler, LazySummaryWriter, SubsetReportHandler, TimeLimitHandler, TrainingProgressHandler
 from app.metrics.hausdorff import check_hd95
 from app.engines.sentiment import SentimentReportHandler, SentimentSubsetEvaluator, subset_predictions
 from app.engines.trainer import NonFiniteLossError, SubsetEvaluator, SubsetTrainer, autocast_context, to_device
@@ -20,7 +20,7 @@ from app.engines.utils import (
 
 __all__ = [
     "NonFiniteLossError", "SubsetTrainer", "SubsetEvaluator", "to_device", "autocast_context", "TimeLimitHandler", "DiagnosticsHandler",
-    "TrainingProgressHandler",
+    "TrainingProgressHandler", "LazySummaryWriter",
     "SubsetReportHandler", "ProgressBarHandler", "check_held_out", "check_held_out_split", "check_output_dir", "check_modalities", "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "describe_state_dict", "load_weights",
     "SentimentSubsetEvaluator", "SentimentReportHandler", "subset_predictions",
     "AtomicCheckpointSaver", "ResumableCheckpoint", "ResumableSampler", "SeededDataset", "atomic_save",

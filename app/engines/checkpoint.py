@@ -883,6 +883,30 @@ class ResumableCheckpoint:
             "or start a new run in another --output_dir to train with the new loss."
         )
 
+    def check(self, engine: Engine) -> None:
+        """Refuse now, before the run writes anything, a resume that :meth:`restore` would refuse at ``STARTED``.
+
+        A bundle calls it before it writes into the output folder (the split, the TensorBoard events): a refused
+        resume then leaves the run it would continue as it was. Without ``resume`` (or with ``"auto"`` and no
+        checkpoint) it does nothing; the checks read the configured settings, not the engine's progress.
+
+        Args:
+            engine: the trainer, built but not started.
+
+        Raises:
+            ValueError: as :meth:`restore`.
+        """
+        if not (self.resume == "true" or (self.resume == "auto" and self.path.is_file())):
+            return
+        loss = self.loss_function if self.loss_function is not None else getattr(engine, "loss_function", None)
+        self._loss_settings = None if loss is None else loss_settings(loss)
+        length = engine.state.epoch_length
+        if not length:
+            # ignite takes one pass over the loader per epoch when epoch_length is not set
+            with contextlib.suppress(TypeError):
+                length = len(getattr(engine, "data_loader", None))  # type: ignore[arg-type]
+        self._check(engine, load_training_checkpoint(self.path), int(length or 0), logged=False)
+
     def restore(self, engine: Engine, state: Mapping[str, Any]) -> None:
         """Load ``state`` (from :func:`load_training_checkpoint`) into the objects and ``engine``.
 
@@ -891,6 +915,13 @@ class ResumableCheckpoint:
                 epoch length, number of epochs, scheduler or optimizer setting, strategy or loss: the message names
                 the resume that fits.
         """
+        length = int(engine.state.epoch_length or 0)
+        saved, strategy = self._check(engine, state, length, logged=True)
+        self._load(engine, state, saved, strategy, length)
+
+    def _check(self, engine: Engine, state: Mapping[str, Any], length: int, logged: bool) -> tuple[dict, Any]:
+        """The checks of :meth:`restore` (``length``: this run's iterations per epoch, 0 if unknown); ``logged``:
+        log the warnings of a resume that passed. Returns the network state to load and the strategy."""
         world, rank = process_group()
         # first: each setting names the flag that restores it (--features, --strategy), which the checks below, of
         # what the settings lead to, cannot
@@ -912,7 +943,6 @@ class ResumableCheckpoint:
         check = getattr(net, "check_checkpoint", None)
         if callable(check):
             check(saved, str(self.path))
-        length = int(engine.state.epoch_length or 0)
         if state["epoch_length"] and length and state["epoch_length"] != length:
             raise ValueError(
                 f"{self.path} was written with {state['epoch_length']} iterations per epoch, this run has {length}: "
@@ -976,11 +1006,17 @@ class ResumableCheckpoint:
                    "(--gmd_subsets, --seed, the cggm_* and predict knobs)")
                 + ", or start a new run in another --output_dir."
             )
-        self._warn_unrecorded(state, strategy, rank)
-        self._check_same_loss(state.get("loss_config"), rank)
-        if rank == 0:
+        shown = rank if logged else -1  # -1: no rank logs (the check before the run: restore warns once)
+        self._warn_unrecorded(state, strategy, shown)
+        self._check_same_loss(state.get("loss_config"), shown)
+        if rank == 0 and logged:
             for warning in warnings:  # once nothing refused the resume
                 logger.warning(warning)
+        return saved, strategy
+
+    def _load(self, engine: Engine, state: Mapping[str, Any], saved: dict, strategy: Any, length: int) -> None:
+        world, rank = process_group()
+        net = _unwrap(self.network)
         net.load_state_dict(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and "lr_scheduler" in state:

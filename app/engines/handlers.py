@@ -16,9 +16,40 @@ from app.atomic import atomic_write_text
 from app.flags import parse_bool
 from app.metrics.subset_metrics import BRATS_REGIONS
 
-__all__ = ["TimeLimitHandler", "DiagnosticsHandler", "SubsetReportHandler", "TrainingProgressHandler", "format_duration"]
+__all__ = ["LazySummaryWriter", "TimeLimitHandler", "DiagnosticsHandler", "SubsetReportHandler", "TrainingProgressHandler", "format_duration"]
 
 logger = logging.getLogger(__name__)
+
+
+class LazySummaryWriter:
+    """A TensorBoard ``SummaryWriter`` created at its first use, with the same arguments.
+
+    ``SummaryWriter`` writes an event file into ``log_dir`` when it is built, which a bundle does with the trainer's
+    handlers: a run refused after that (a resume whose settings differ from the checkpoint's) left an empty event
+    file in the run it refused to continue. Built lazily, nothing is written until a value is logged.
+
+    Args:
+        args, kwargs: those of ``torch.utils.tensorboard.SummaryWriter``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._args, self._kwargs = args, kwargs
+        self._writer: Any = None
+
+    @property
+    def created(self) -> bool:
+        """Whether the writer exists (and its event file was written)."""
+        return self._writer is not None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # copy/pickle probes, and the attributes above before __init__
+            raise AttributeError(name)
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(*self._args, **self._kwargs)
+        return getattr(self._writer, name)
+
 
 
 class TimeLimitHandler:

@@ -824,3 +824,33 @@ def test_a_checkpoint_that_records_no_strategy_settings_or_time_resumes_with_a_w
     torch.save(state, path)
     run("gmd", minutes=5, patch_size=[32, 32, 32])  # a checkpoint that records them all: nothing to say
     assert "records no" not in caplog.text
+
+
+def test_check_refuses_a_resume_before_the_run_starts(tmp_path):
+    """The bundles call ``check`` before they write the split: a refused resume stops there (the run's files are
+    left as they were), one that fits passes, and without ``resume`` nothing is read."""
+    def handler(resume, amp):
+        net = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=1)
+        engine = Engine(lambda e, b: None)
+        engine.state.max_epochs = 1  # as MONAI's trainers set it when they are built
+        saver = ResumableCheckpoint(tmp_path, net, optimizer, lr_scheduler=scheduler, resume=resume,
+                                    settings={"amp": amp})
+        saver.attach(engine)
+        return saver, engine
+
+    saver, engine = handler(False, True)
+    saver.check(engine)  # no checkpoint read
+    engine.run(DATA, max_epochs=1)
+    written = (tmp_path / "checkpoint_last.pt").read_bytes()
+    saver, engine = handler(True, False)
+    with pytest.raises(ValueError, match=r"other training settings \(--amp True there, False here\)"):
+        saver.check(engine)
+    assert engine.state.iteration == 0 and (tmp_path / "checkpoint_last.pt").read_bytes() == written
+    saver, engine = handler(True, True)
+    engine.state.max_epochs = 2
+    with pytest.raises(ValueError, match="resume with --max_epochs 1"):
+        saver.check(engine)
+    saver, engine = handler(True, True)
+    saver.check(engine)

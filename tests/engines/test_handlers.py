@@ -612,3 +612,23 @@ def test_stop_on_signal_stops_on_ctrl_c_like_on_sigterm_and_a_worker_ignores_it(
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     assert ended == [(distributed.os.getpid(), signal.SIGTERM)]
+
+
+def test_the_lazy_summary_writer_writes_nothing_until_a_value_is_logged(tmp_path):
+    """A bundle builds its writer with the trainer: a run refused before training left an empty event file."""
+    from app.engines import LazySummaryWriter
+
+    writer = LazySummaryWriter(log_dir=str(tmp_path / "tb"))
+    assert not (tmp_path / "tb").exists() and not writer.created
+    writer.add_scalar("loss", 1.0, 1)
+    writer.flush()
+    assert writer.created and any((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("bundle", ["brats_gmd", "mosi_gmd"])
+def test_the_training_bundles_write_no_event_file_before_training(bundle):
+    from tests.bundles.helpers import REPO
+
+    text = (REPO / "bundles" / bundle / "configs" / "train.yaml").read_text()
+    assert "_target_: app.engines.LazySummaryWriter" in text and "tensorboard.SummaryWriter" not in text
+    assert "$@train#handlers#3.check(@train#trainer)" in text
