@@ -617,13 +617,11 @@ class ResumableCheckpoint:
         # read when the run starts (MONAI's SupervisedTrainer sets loss_function after attaching its handlers) and
         # before any step: a loss may rewrite a setting on its first call (MONAI's DiceLoss expands a scalar weight to
         # one per class), which would tell a resumed run's loss from the one that wrote the checkpoint
-        loss = self.loss_function if self.loss_function is not None else getattr(engine, "loss_function", None)
-        self._loss_settings = None if loss is None else loss_settings(loss)
+        self._read_loss_settings(engine)
         _, rank = process_group()
-        exists = self.path.is_file()
-        if self.resume == "true" or (self.resume == "auto" and exists):
+        if self._resuming():
             self.restore(engine, load_training_checkpoint(self.path))
-        elif exists and rank == 0:
+        elif self.path.is_file() and rank == 0:
             logger.warning("Starting a new run: %s will be overwritten (pass --resume true to continue it).", self.path)
         if rank == 0:
             # checkpoint_last.pt's, and model.pt's and model_final.pt's (AtomicCheckpointSaver): every *.pt's
@@ -631,6 +629,14 @@ class ResumableCheckpoint:
                 logger.info("Removing %s, left by a run killed while writing a checkpoint.", tmp)
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
+
+    def _resuming(self) -> bool:
+        """Whether this run continues ``checkpoint_last.pt``: ``--resume true``, or ``auto`` and the file exists."""
+        return self.resume == "true" or (self.resume == "auto" and self.path.is_file())
+
+    def _read_loss_settings(self, engine: Engine) -> None:
+        loss = self.loss_function if self.loss_function is not None else getattr(engine, "loss_function", None)
+        self._loss_settings = None if loss is None else loss_settings(loss)
 
     # -- state ------------------------------------------------------------------------------------
     def _strategy(self, engine: Engine) -> Any:
@@ -896,10 +902,9 @@ class ResumableCheckpoint:
         Raises:
             ValueError: as :meth:`restore`.
         """
-        if not (self.resume == "true" or (self.resume == "auto" and self.path.is_file())):
+        if not self._resuming():
             return
-        loss = self.loss_function if self.loss_function is not None else getattr(engine, "loss_function", None)
-        self._loss_settings = None if loss is None else loss_settings(loss)
+        self._read_loss_settings(engine)
         length = engine.state.epoch_length
         if not length:
             # ignite takes one pass over the loader per epoch when epoch_length is not set
@@ -922,7 +927,7 @@ class ResumableCheckpoint:
     def _check(self, engine: Engine, state: Mapping[str, Any], length: int, logged: bool) -> tuple[dict, Any]:
         """The checks of :meth:`restore` (``length``: this run's iterations per epoch, 0 if unknown); ``logged``:
         log the warnings of a resume that passed. Returns the network state to load and the strategy."""
-        world, rank = process_group()
+        _, rank = process_group()
         # first: each setting names the flag that restores it (--features, --strategy), which the checks below, of
         # what the settings lead to, cannot
         warnings = self._check_settings(state.get("settings") or {})
