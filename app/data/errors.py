@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import stat
 
-__all__ = ["CaseError", "WorkerCaseError", "check_readable", "check_regular_file", "special_file_kind",
+__all__ = ["CaseError", "WorkerCaseError", "check_readable", "check_regular_file", "one_line", "special_file_kind",
            "too_large_to_read", "unreadable"]
 
 
@@ -35,6 +35,11 @@ class WorkerCaseError(CaseError):
         super().__init__(message)
         if full != message and os.environ.get("APP_TRACEBACK") == "1":
             self.add_note(full)
+
+
+def one_line(text: object) -> str:
+    """``text`` with its line breaks and runs of spaces made single spaces, for a one-line error message."""
+    return " ".join(str(text).split())
 
 
 def unreadable(path: str | os.PathLike) -> CaseError:

@@ -24,7 +24,7 @@ from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys
 from app.atomic import missing_hint
 from app.data.cache import available_memory
 from app.data.discovery import is_unedited_label_output, load_nifti
-from app.data.errors import CaseError, check_readable, too_large_to_read, unreadable
+from app.data.errors import CaseError, check_readable, one_line, too_large_to_read, unreadable
 from app.data.labels import LABEL_CONVENTIONS, labels_to_regions
 from app.subsets import BRATS_MODALITIES
 
@@ -33,7 +33,7 @@ __all__ = [
     "check_channels_last", "check_distinct_sequences", "check_fits_in_memory", "check_nifti_stream",
     "check_not_a_slice", "check_voxels", "different_spaces_error", "grid_reordering", "has_orientation", "header_conflict",
     "load_case",
-    "no_orientation_error", "reorder_voxels", "xform_space",
+    "no_orientation_error", "open_nifti", "read_voxels", "reorder_voxels", "xform_space",
 ]
 
 #: Largest absolute difference between affine entries still treated as the same grid.
@@ -109,30 +109,47 @@ def check_nifti_stream(path: str, img: nib.spatialimages.SpatialImage) -> None:
     check_fits_in_memory(path, header.get_data_shape())
 
 
-def _open(path: str) -> nib.spatialimages.SpatialImage:
+def open_nifti(path: str, missing_fix: str = "restore the file or re-run discovery",
+               corrupt_fix: str = "re-download or re-export it") -> nib.spatialimages.SpatialImage:
+    """Open a NIfTI file (header only) and check that its stream holds the voxels the header describes.
+
+    Training and clinical inference read scans through this one check; each names the fix that fits its user.
+
+    Args:
+        path: the file.
+        missing_fix: what to do when the file does not exist.
+        corrupt_fix: what to do when the file is corrupt or not NIfTI.
+
+    Raises:
+        CaseError: the file is missing, unreadable, corrupt, not NIfTI, or truncated.
+    """
     check_readable(path)
     try:
         img = load_nifti(path)
     except FileNotFoundError as err:
-        raise CaseError(f"{path} does not exist{missing_hint(path)}: restore the file or re-run discovery.") from err
+        raise CaseError(f"{path} does not exist{missing_hint(path)}: {missing_fix}.") from err
     except Exception as err:  # nibabel raises many types for bad headers; all mean the same to the user
-        raise CaseError(f"Cannot read {path} ({type(err).__name__}: {err}): the file is corrupt or not NIfTI; "
-                        "re-download or re-export it.") from err
+        raise CaseError(f"Cannot read {path} ({type(err).__name__}: {one_line(err)}): the file is corrupt or not "
+                        f"NIfTI; {corrupt_fix}.") from err
     check_nifti_stream(path, img)
     return img
 
 
-def _read(img: nib.spatialimages.SpatialImage, path: str, dtype: type | None) -> np.ndarray:
-    """Read the voxels; decompression errors only show up here, not in ``nib.load``."""
+def read_voxels(img: nib.spatialimages.SpatialImage, path: str, dtype: type | None,
+                corrupt_fix: str = "re-download or re-export it") -> np.ndarray:
+    """Read the voxels of an image opened by :func:`open_nifti`, scaled by the header's slope and intercept
+    (``dtype`` given) or as stored (``None``, for label maps); decompression errors only show up here.
+
+    Raises:
+        CaseError: the voxels do not fit in the memory left, or the file is corrupt or truncated.
+    """
     try:
-        if dtype is None:
-            return np.asanyarray(img.dataobj)
-        return img.get_fdata(dtype=dtype)
+        return np.asanyarray(img.dataobj) if dtype is None else np.asanyarray(img.dataobj, dtype=dtype)
     except MemoryError:  # an intact file too large for the memory left: not a damaged file
         raise too_large_to_read(path, img.shape, np.dtype(dtype or img.get_data_dtype()).itemsize) from None
     except Exception as err:
-        raise CaseError(f"Cannot read the voxels of {path} ({type(err).__name__}: {err}): the file is corrupt or "
-                        "truncated; re-download or re-export it.") from err
+        raise CaseError(f"Cannot read the voxels of {path} ({type(err).__name__}: {one_line(err)}): the file is "
+                        f"corrupt or truncated; {corrupt_fix}.") from err
 
 
 def _spatial_shape(shape: tuple[int, ...], path: str, channels: bool, label: bool = False) -> tuple[int, ...]:
@@ -526,7 +543,7 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
     stacked: np.ndarray | None = None  # allocated once the grid is known; filled in place to avoid copies
     ref: _Grid | None = None
     if image4d:
-        img = _open(image4d)
+        img = open_nifti(image4d)
         shape = _spatial_shape(tuple(img.shape), image4d, channels=True)
         need = max(channels.values(), default=-1) + 1
         if need == 0 or shape[3] < need:
@@ -536,7 +553,7 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
         check_not_a_slice(image4d, shape)
         check_affine(image4d, img.affine)
         ref = _grid(image4d, shape[:3], img)
-        data = _read(img, image4d, np.float32).reshape(shape)
+        data = read_voxels(img, image4d, np.float32).reshape(shape)
         stacked = np.zeros((len(BRATS_MODALITIES), *shape[:3]), dtype=np.float32)
         for seq, idx in channels.items():
             if not data[..., idx].any():
@@ -554,7 +571,7 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
         if seq not in images:
             continue
         path = images[seq]
-        img = _open(path)
+        img = open_nifti(path)
         shape = _spatial_shape(tuple(img.shape), path, channels=False)
         check_not_a_slice(path, shape)
         check_affine(path, img.affine)
@@ -564,7 +581,7 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
             stacked = np.zeros((len(BRATS_MODALITIES), *shape), dtype=np.float32)
         else:
             transform = _onto_grid(_grid(path, shape, img), ref)
-        volume = reorder_voxels(_read(img, path, np.float32).reshape(shape), transform)
+        volume = reorder_voxels(read_voxels(img, path, np.float32).reshape(shape), transform)
         check_voxels(volume, path)
         stacked[c] = volume  # type: ignore[index]
         present.append(seq)
@@ -585,7 +602,7 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
     if load_label and label_path:
         if "label_map" not in record:
             raise CaseError(f"Case {case!r}: record has a label but no label_map; re-run discovery.")
-        img = _open(label_path)
+        img = open_nifti(label_path)
         if is_unedited_label_output(img):
             # infer --out <case>_seg.nii.gz on an unlabelled case: as the case's label, it would score the model
             # against its own output (Dice near 1) and train on it, without a word
@@ -596,7 +613,7 @@ def load_case(record: Mapping[str, Any], load_label: bool = True) -> dict[str, A
         shape = _spatial_shape(tuple(img.shape), label_path, channels=False, label=True)
         check_affine(label_path, img.affine)
         transform = _onto_grid(_grid(label_path, shape, img), ref)
-        labels = reorder_voxels(_read(img, label_path, None).reshape(shape), transform)
+        labels = reorder_voxels(read_voxels(img, label_path, None).reshape(shape), transform)
         regions = labels_to_regions(labels, record["label_map"], source=label_path, layout=record.get("layout"))
         out["label"] = _meta_tensor(regions, np.asarray(ref_affine, dtype=np.float64), label_path, case)
     return out

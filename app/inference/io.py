@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from app.atomic import missing_hint
-from app.data.discovery import CHANNEL_ALIASES, load_nifti
-from app.data.errors import CaseError, check_readable, special_file_kind, too_large_to_read
+from app.data.discovery import CHANNEL_ALIASES
+from app.data.errors import CaseError, check_readable, one_line, special_file_kind
 from app.data.transforms import (AFFINE_TOLERANCE, check_affine, check_channels_last, check_distinct_sequences,
-                                 check_fits_in_memory, check_nifti_stream, check_not_a_slice, check_voxels,
+                                 check_fits_in_memory, check_not_a_slice, check_voxels,
                                  different_spaces_error, grid_reordering, has_orientation, header_conflict,
-                                 no_orientation_error, reorder_voxels, xform_space)
+                                 no_orientation_error, open_nifti, read_voxels, reorder_voxels,
+                                 xform_space)
 from app.subsets import BRATS_MODALITIES
 
 __all__ = [
@@ -159,29 +160,12 @@ def sequence_name(name: str, option: str | None = None) -> str:
     raise CaseError(f"{what}: use one of {list(BRATS_MODALITIES)} (or an alias such as t2f, t1n, t1c/t1gd, t2w).")
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
 def _read_nifti(path: str) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header | None]:
-    check_readable(path)
-    try:
-        img = load_nifti(path)
-    except FileNotFoundError as err:
-        raise CaseError(f"{path} does not exist{missing_hint(path)}: check the path.") from err
-    except Exception as err:  # nibabel raises many types for bad headers; all mean the same to the user
-        raise CaseError(f"Cannot read {path} ({type(err).__name__}: {_one_line(err)}): the file is corrupt or not "
-                        "NIfTI; re-export it as .nii/.nii.gz or pass its DICOM series folder.") from err
-    check_nifti_stream(path, img)
-    try:
-        data = np.asarray(img.dataobj, dtype=np.float32)  # applies scl_slope/inter
-    except MemoryError:  # an intact file too large for the memory left: not a damaged file
-        raise too_large_to_read(path, img.shape) from None
-    except Exception as err:  # decompression errors only show up when the voxels are read
-        raise CaseError(f"Cannot read the voxels of {path} ({type(err).__name__}: {_one_line(err)}): the file is "
-                        "corrupt or truncated; re-export it.") from err
+    fix = "re-export it as .nii/.nii.gz or pass its DICOM series folder"
+    img = open_nifti(path, missing_fix="check the path", corrupt_fix=fix)
+    data = read_voxels(img, path, np.float32, corrupt_fix=fix)
     header = img.header.copy() if isinstance(img.header, nib.Nifti1Header) else None
-    return data, np.asarray(img.affine, dtype=np.float64), header
+    return np.asarray(data), np.asarray(img.affine, dtype=np.float64), header
 
 
 #: Largest relative deviation of one slice step from the median step of a DICOM series. Rounded
@@ -522,7 +506,7 @@ def _read_dicom(folder: str) -> tuple[np.ndarray, np.ndarray]:
             image = sitk.ReadImage(files[0], sitk.sitkFloat32, imageIO="GDCMImageIO")
     except Exception as err:  # SimpleITK raises RuntimeError with multi-line text
         _check_same_slice_size(sitk, folder, files)
-        raise CaseError(f"Cannot read the DICOM series in {folder} ({_one_line(err)[:200]}): "
+        raise CaseError(f"Cannot read the DICOM series in {folder} ({one_line(err)[:200]}): "
                         "re-export the series or convert it to NIfTI.") from err
     if image.GetDimension() > 3:  # the series reader stacks files that each hold a volume
         raise CaseError(f"{folder} holds {len(files)} multi-frame DICOM files of one series, each a volume, read as "

@@ -50,7 +50,7 @@ from app.engines.utils import allocation_failure as _allocation_failure
 from app.engines.utils import amp_dtype, check_patch_size, resolve_device
 from app.engines.utils import is_out_of_memory as _out_of_memory
 from app.flags import parse_bool
-from app.inference.io import AtomicOutputs, CaseInputs, Volume, _one_line, read_case, voxel_volume_ml
+from app.inference.io import AtomicOutputs, CaseInputs, Volume, read_case, voxel_volume_ml
 from app.inference.model import bundle_defaults, bundle_version, load_network
 from app.networks.weights import checkpoint_sha256
 from app.subsets import BRATS_MODALITIES
