@@ -59,33 +59,62 @@ def _output_names(case: str, probabilities: bool = True) -> list[str]:
     return [f"{case}.nii.gz", f"{case}.json"] + ([f"{case}_prob.nii.gz"] if probabilities else [])
 
 
-def _output_collisions(cases: Collection[str], probabilities: bool) -> dict[str, str]:
+def _output_collisions(cases: Collection[str], probabilities: bool, ignore_case: bool = False) -> dict[str, str]:
     """``{case: message}`` for the cases one of whose output files is also an output of another case.
 
     With ``--probabilities``, case ``P1`` writes ``P1_prob.nii.gz``, which is also the label map of
     a case named ``P1_prob``: whichever ran second would replace the other's file, and ``P1.json``
     would then point at another patient's labels. Both cases fail instead, before any case runs.
     So does a case named ``inference_summary``, whose summary would be replaced by the batch's
-    report of every case (:data:`SUMMARY_NAME`) after the case ran.
+    report of every case (:data:`SUMMARY_NAME`) after the case ran. With ``ignore_case`` (an output
+    folder whose file system ignores case, see :func:`_ignores_case`), ``Case1`` and ``case1`` collide too.
     """
-    owners: dict[str, list[str]] = {}
+    key = str.casefold if ignore_case else str
+    owners: dict[str, dict[str, str]] = {}  # {output file's key: {case: the case's spelling of it}}
     for case in sorted(cases):
         for name in _output_names(case, probabilities):
-            owners.setdefault(name, []).append(case)
+            owners.setdefault(key(name), {})[case] = name
     errors: dict[str, str] = {
         case: f"Its summary {SUMMARY_NAME} would be replaced by the batch's report of every case, which has that "
               "name: rename the files of this case."
-        for case in owners.get(SUMMARY_NAME, ())
+        for case in owners.get(key(SUMMARY_NAME), ())
     }
-    for name, both in owners.items():
+    for both in owners.values():
         if len(both) < 2:
             continue
-        for case in both:
+        for case, name in both.items():
             others = ", ".join(repr(c) for c in both if c != case)
-            errors.setdefault(case, f"Its output {name} would also be written for case {others}, so one would replace "
-                                    "the other: rename the files of one of these cases, or run them into separate "
-                                    "output folders.")
+            same = {n for c, n in both.items() if c != case} == {name}
+            where = "" if same else " (the disk of the output folder does not tell upper from lower case)"
+            errors.setdefault(case, f"Its output {name} would also be written for case {others}{where}, so one would "
+                                    "replace the other: rename the files of one of these cases, or run them into "
+                                    "separate output folders.")
     return errors
+
+
+def _ignores_case(folder: Path) -> bool:
+    """Whether files in ``folder`` (or, before it is made, in the nearest folder above it that exists) are
+    found under another case of their name: macOS and Windows disks, and folders of theirs mounted into Docker.
+
+    There, the outputs of ``Case1`` and ``case1`` are one file. An empty probe file is made and removed to
+    tell; a folder that cannot be probed counts as case-sensitive (its write check reports it).
+    """
+    import tempfile
+
+    probe_dir = folder.absolute()
+    while not probe_dir.is_dir() and probe_dir.parent != probe_dir:
+        probe_dir = probe_dir.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".case-probe-", suffix="-x", dir=probe_dir)
+    except OSError:
+        return False
+    os.close(fd)
+    try:
+        head, name = os.path.split(probe)
+        return os.path.exists(os.path.join(head, name.swapcase()))
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
 
 
 def _case_inputs(rec: Mapping[str, Any]) -> list[str]:
@@ -225,7 +254,8 @@ def run_batch(
     discovery_errors: dict[str, str] = {}
     records = {rec["case"]: rec for rec in discover_cases(input_dir, require_label=False,
                                                           case_errors=discovery_errors)}
-    for name, message in _output_collisions(records.keys() | discovery_errors.keys(), probabilities).items():
+    for name, message in _output_collisions(records.keys() | discovery_errors.keys(), probabilities,
+                                             _ignores_case(out_dir)).items():
         records.pop(name, None)
         discovery_errors.setdefault(name, message)
     inputs = {os.path.realpath(p) for rec in records.values() for p in _case_inputs(rec)}

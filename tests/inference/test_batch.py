@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import app.inference.batch as batch_module
 from app.inference.batch import BatchError, run_batch
 from app.inference.batch import main as batch_main
 from app.inference.pipeline import load_segmenter
@@ -267,7 +268,7 @@ def test_a_stopped_batch_says_which_cases_it_did_not_reach(phantom_root, random_
     assert sorted(p.name for p in out.iterdir()) == ["Phantom_000.json", "Phantom_000.nii.gz", "inference_summary.json"]
 
 
-def test_cases_whose_outputs_share_a_name_both_fail(phantom_root, random_ckpt, tmp_path, capsys):
+def test_cases_whose_outputs_share_a_name_both_fail(phantom_root, random_ckpt, tmp_path, capsys, monkeypatch):
     # with --probabilities, case P1 writes P1_prob.nii.gz, the label map of case P1_prob: neither may replace
     # the other's file
     root = tmp_path / "in"
@@ -291,6 +292,31 @@ def test_cases_whose_outputs_share_a_name_both_fail(phantom_root, random_ckpt, t
     assert batch_main(["--input-dir", str(root), "--output-dir", str(out), "--ckpt", random_ckpt,
                        "--device", "cpu"]) == 0
     assert nib.load(out / "P1_prob.nii.gz").header["descrip"].tobytes().startswith(b"brats_gmd labels")
+
+    # on a disk that does not tell upper from lower case (macOS, Windows, their folders in Docker), P1.nii.gz and
+    # p1.nii.gz are one file
+    _copy_case(phantom_root, root, "p1", seqs=("t2",))
+    monkeypatch.setattr(batch_module, "_ignores_case", lambda folder: True)
+    assert batch_main(["--input-dir", str(root), "--output-dir", str(out), "--ckpt", random_ckpt,
+                       "--device", "cpu"]) == 2
+    report = _report(out)
+    assert {c: r["status"] for c, r in report.items()} == {"Other": "ok", "P1": "error", "P1_prob": "ok",
+                                                           "p1": "error"}
+    assert ("P1.nii.gz would also be written for case 'p1' (the disk of the output folder does not tell upper from "
+            "lower case)") in report["P1"]["error"]
+
+
+def test_output_collisions_ignore_case_only_where_the_disk_does(tmp_path):
+    from app.inference.batch import _ignores_case, _output_collisions
+
+    assert _output_collisions({"Case1", "case1", "Other"}, probabilities=False) == {}
+    errors = _output_collisions({"Case1", "case1", "Other", "INFERENCE_SUMMARY"}, probabilities=False,
+                                ignore_case=True)
+    assert set(errors) == {"Case1", "case1", "INFERENCE_SUMMARY"}
+    assert errors["case1"].startswith("Its output case1.nii.gz would also be written for case 'Case1' (the disk")
+    # this test's disk tells case apart; the probe leaves nothing behind, also for a folder not made yet
+    assert _ignores_case(tmp_path / "not" / "made") is False
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_rerun_into_an_nnunet_images_folder_ignores_its_own_outputs(phantom_root, segmenter, tmp_path):
