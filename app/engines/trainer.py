@@ -275,6 +275,12 @@ class SubsetEvaluator(SupervisedEvaluator):
         self.hd95 = parse_bool(hd95, "hd95")
         self.hd95_workers = workers
         self.keys = (image_key, label_key, mask_key, case_key)
+        # the last batch (whole volumes, on the GPU in training) would otherwise be held until the next validation
+        self.add_event_handler(Events.COMPLETED, SubsetEvaluator._release_batch)
+
+    @staticmethod
+    def _release_batch(engine: SubsetEvaluator) -> None:
+        engine.state.batch = None
 
     def per_modality_outputs(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Run the inferer over the per-modality outputs; returns ``[B, M, C, ...]`` in float32.

@@ -89,6 +89,8 @@ def test_each_subset_is_scored_on_its_own_fused_prediction(net):
     evaluator.run()
     got = evaluator.state.output["subset_dice"][0]
     assert got.shape == (15, 3) and evaluator.state.output["subset_valid"].all()
+    # the last case's volumes (on the GPU in training) are not held until the next validation
+    assert evaluator.state.batch is None
     expected = []
     for mask in subset_masks(4):
         with torch.no_grad():
