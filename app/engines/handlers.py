@@ -516,6 +516,17 @@ class DiagnosticsHandler:
                         self.writer.add_scalar(f"{tag}_{key}/{name}", v, it)
 
 
+class _NoNewBestLine(logging.Filter):
+    """Drops MONAI's "Got new best metric of ..." record (the full float) from a training's validation, whose
+    :class:`SubsetReportHandler` line says when the weights are the best so far."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("Got new best metric of"))
+
+
+_NO_NEW_BEST_LINE = _NoNewBestLine()
+
+
 class SubsetReportHandler:
     """After each evaluation, writes the metric's per-subset report (JSON, CSV, MD, PNG).
 
@@ -554,6 +565,8 @@ class SubsetReportHandler:
             engine: the evaluator.
         """
         engine.add_event_handler(Events.COMPLETED, self)
+        if self.during_training:  # the summary line says when a validation is the best so far
+            engine.logger.addFilter(_NO_NEW_BEST_LINE)
 
     @staticmethod
     def _when(engine: Engine) -> str:
@@ -594,6 +607,25 @@ class SubsetReportHandler:
             print(format_table(result, metrics), flush=True)
         self._summarise(engine, result)
 
+    def _best_so_far(self, engine: Engine, headline: str) -> str:
+        """The end of a training validation's line: whether these weights are the best so far (and so kept as
+        ``models/model.pt``), else the best score and its epoch; empty outside training.
+
+        The key metric may be a report column negated so that higher is better (the sentiment MAE): the best is
+        then given as that column, unnegated.
+        """
+        state = engine.state
+        name, best, epoch = (getattr(state, "key_metric_name", None), getattr(state, "best_metric", None),
+                             getattr(state, "best_metric_epoch", -1))
+        if not self.during_training or not name or best is None or epoch is None or epoch < 1:
+            return ""
+        if int(epoch) == int(state.epoch):
+            return f"; the best {name} so far: kept as models/model.pt"
+        from app.reports.subset_report import LOWER_IS_BETTER
+
+        shown, value = (headline, -best) if headline in LOWER_IS_BETTER else (name, best)
+        return f"; the best {shown} is still {value:.4f}, after epoch {int(epoch)} (models/model.pt)"
+
     def _summarise(self, engine: Engine, result: dict[str, Any], headline: str = "mean", label: str = "mean Dice",
                    columns: Sequence[str] = BRATS_REGIONS, worst_tag: str = "val_worst_subset_dice") -> None:
         """One log line (and the TensorBoard curves) of a report: the headline mean, the other columns' means and
@@ -620,9 +652,9 @@ class SubsetReportHandler:
         worst_key = next((k for k in worst if k != "name"), None)
         worst_text = ("" if worst_key is None else f"; worst subset {worst['name']}"
                       f"{'' if worst_key == headline else ' ' + worst_key} {worst[worst_key]:.4f}")
-        logger.info("%s: %s over %s subsets %.4f%s%s.", where, label,
+        logger.info("%s: %s over %s subsets %.4f%s%s%s.", where, label,
                     scored if scored == total else f"{scored} of {total}", mean[headline],
-                    f" ({others})" if others else "", worst_text)
+                    f" ({others})" if others else "", worst_text, self._best_so_far(engine, headline))
         if self.writer is not None and self.during_training:
             step = int(engine.state.epoch)
             for k in columns:

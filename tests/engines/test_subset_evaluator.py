@@ -324,9 +324,44 @@ def test_an_evaluation_logs_its_score_once(bundle):
     assert len(stats) == 1
     handler = parser.get_parsed_content(f"validate#handlers#{stats[0]}")
     assert isinstance(handler, StatsHandler) and handler.epoch_log is False and handler.iteration_log is False
-    # training's validation keeps its line, with the best score so far
+    # training's validation too: its report line says the best so far (test below)
     parser = ConfigParser()
     parser.read_config(str(configs / "train.yaml"))
     handlers = parser["validate#handlers"]
     stats = [i for i, h in enumerate(handlers) if h["_target_"] == "StatsHandler"]
-    assert parser.get_parsed_content(f"validate#handlers#{stats[0]}").epoch_log is True
+    assert parser.get_parsed_content(f"validate#handlers#{stats[0]}").epoch_log is False
+    assert any(h["_target_"].endswith("ReportHandler") and h.get("during_training") for h in handlers)
+
+
+def test_a_training_validation_says_once_whether_it_is_the_best_so_far(net, caplog, tmp_path):
+    """A training's validation logged MONAI's 'Got new best metric of val_mean_dice: 0.066837046...', the
+    StatsHandler's 'Epoch[E] Metrics' and 'Key metric: ... best value ... at epoch' beside the report's own line;
+    that line now ends with the best so far, and the three are gone."""
+    import logging
+
+    from monai.handlers import StatsHandler
+
+    from app.engines import SubsetReportHandler
+
+    torch.manual_seed(3)
+    data = [{"image": torch.randn(1, 4, 8, 8, 8), "label": (torch.rand(1, 3, 8, 8, 8) > 0.5).float(),
+             "modality_mask": torch.ones(1, 4, dtype=torch.bool), "case": ["a"]}]
+    metric = SubsetMeanDice()
+    evaluator = SubsetEvaluator(device=torch.device("cpu"), val_data_loader=data, network=net,
+                                inferer=SlidingWindowInferer(roi_size=(8, 8, 8), sw_batch_size=1),
+                                key_val_metric={"val_mean_dice": metric},
+                                val_handlers=[StatsHandler(name=None, iteration_log=False, epoch_log=False),
+                                              SubsetReportHandler(metric, tmp_path, during_training=True)])
+    caplog.set_level(logging.INFO)
+    lines = []
+    for epoch in (1, 2):  # the same weights: epoch 2 is no better than epoch 1
+        caplog.clear()
+        evaluator.run(global_epoch=epoch)
+        lines.append([r.getMessage() for r in caplog.records])
+    score = evaluator.state.best_metric
+    first = [line for line in lines[0] if line.startswith("Validation after epoch 1: mean Dice over 15 subsets")]
+    assert len(first) == 1 and first[0].endswith("; the best val_mean_dice so far: kept as models/model.pt."), lines
+    second = [line for line in lines[1] if line.startswith("Validation after epoch 2: ")]
+    assert len(second) == 1 and second[0].endswith(
+        f"; the best val_mean_dice is still {score:.4f}, after epoch 1 (models/model.pt)."), lines
+    assert not any("best metric" in line or "best value" in line or "Metrics --" in line for line in sum(lines, []))
