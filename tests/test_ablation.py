@@ -79,6 +79,18 @@ def _check_tables(out, strategies, modalities, headline):
         values = [report["subsets"][n][headline] for n in names]
         assert entry["subsets"] == dict(zip(names, values))
         assert entry["worst"]["value"] == min(values)
+    # the paired comparison, from the evaluations' per-case rows, gives the tables' own differences
+    paired = table["paired"]
+    assert paired["metric"] == headline
+    if "strategies" in paired:
+        for strategy in strategies[1:]:
+            for name in names:
+                got = paired["strategies"][strategy]["subsets"][name]
+                assert got["difference"] == pytest.approx(table["tables"][headline][strategy]["subsets"][name]
+                                                          - table["tables"][headline][strategies[0]]["subsets"][name])
+                assert got["low"] <= got["high"]
+    else:
+        assert "held-out cases" in paired["unavailable"], paired
     md = (out / "ablation.md").read_text()
     assert md.count("| subset | " + " | ".join(strategies) + " |") == len(table["metrics"])
     assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
@@ -433,6 +445,7 @@ def test_sentiment_bundle_ablation_and_failure_names_the_log(tmp_path):
                    "--output_dir", str(out), "--data_path", str(pkl), "--trust_pickle", "true")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     table = _check_tables(out, ["plain", "predict"], MOSI_MODALITIES, "Acc2")
+    assert table["paired"]["cases"] == 24 and "predict − plain" in (out / "ablation.md").read_text()
     assert table["tables"]["MAE"]["plain"]["worst"]["value"] == max(table["tables"]["MAE"]["plain"]["subsets"].values())
     report = json.loads((out / "plain" / "eval" / "subset_metrics.json").read_text())
     assert report["subsets"]["text"]["n"] == 24  # scored on the valid split

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from app.reports.paired import paired_differences
 from app.reports.subset_report import (
     HD95_METRICS,
     LOWER_IS_BETTER,
@@ -57,6 +58,10 @@ def ablation_table(reports: Mapping[str, Mapping[str, Any]], metrics: Sequence[s
 
     Raises:
         ValueError: when a report lacks a metric or the strategies were evaluated on different subsets.
+
+    The table also holds ``"paired"``: each strategy's headline metric against ``plain``'s (else the first
+    strategy's) on the same held-out cases, per subset, with a 95% bootstrap interval over the cases
+    (:func:`app.reports.paired.paired_differences`).
     """
     if not reports:
         raise ValueError("No strategy reports to tabulate.")
@@ -84,8 +89,10 @@ def ablation_table(reports: Mapping[str, Mapping[str, Any]], metrics: Sequence[s
                 "mean": math.fsum(values.values()) / len(values) if values else float("nan"),
                 "worst": {"name": worst_name, "value": worst_value},
             }
+    headline = metrics[0]
     return {"metrics": list(metrics), "subsets": subsets or [], "strategies": list(reports), "tables": tables,
-            "subsets_without_cases": unscored}
+            "subsets_without_cases": unscored,
+            "paired": paired_differences(reports, headline, subsets or [], headline in LOWER_IS_BETTER)}
 
 
 def format_ablation_markdown(table: Mapping[str, Any], title: str = "", digits: int = 3) -> str:
@@ -117,9 +124,40 @@ def format_ablation_markdown(table: Mapping[str, Any], title: str = "", digits: 
         lines += [f"No case to score for {len(unscored)} subset(s) ({', '.join(unscored)}): every mean over subsets "
                   f"here is over the {len(table['subsets'])} scored, and the summary's last column is "
                   f"{full}, not all modalities.", ""]
+    lines += _paired_lines(table.get("paired") or {}, digits)
     lines += _metric_tables(table, lambda value: f"{value:.{digits}f}",
                             lambda worst: _named(f"{worst['value']:.{digits}f}", worst["name"]))
     return "\n".join(lines)
+
+
+def _paired_lines(paired: Mapping[str, Any], digits: int) -> list[str]:
+    """The Markdown section of :func:`app.reports.paired.paired_differences`: a column per strategy, its
+    difference from the reference with the 95% interval and the cases it scored better / worse on."""
+    if not paired.get("strategies"):
+        return []
+    metric, reference, n = paired["metric"], paired["reference"], paired["cases"]
+    others = list(paired["strategies"])
+    better = "lower" if metric in LOWER_IS_BETTER else "higher"
+
+    def cell(e: Mapping[str, Any]) -> str:
+        return (f"{e['difference']:+.{digits}f} [{e['low']:+.{digits}f}, {e['high']:+.{digits}f}] "
+                f"{e['better']}/{e['worse']}")
+
+    lines = [f"## Paired differences from {reference}: {metric}", "",
+             f"Each strategy's {metric} minus {reference}'s on the same {n} held-out cases ({better} is better), "
+             f"with its 95% bootstrap interval ({paired['resamples']} resamples of the cases, seed {paired['seed']}) "
+             f"and the number of cases scored better / worse than under {reference}. An interval that holds 0 "
+             "does not tell the two strategies apart on these cases.", "",
+             "| subset | " + " | ".join(f"{s} − {reference}" for s in others) + " |",
+             "|---|" + "---|" * len(others)]
+    names = list(next(iter(paired["strategies"].values()))["subsets"])
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(cell(paired["strategies"][s]["subsets"][name]) for s in others)
+                     + " |")
+    lines.append("| **mean over subsets** | " + " | ".join(f"**{cell(paired['strategies'][s]['mean'])}**"
+                                                         for s in others) + " |")
+    lines.append("")
+    return lines
 
 
 def _named(value: str, name: str) -> str:
