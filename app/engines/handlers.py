@@ -619,11 +619,11 @@ class SubsetReportHandler:
                              getattr(state, "best_metric_epoch", -1))
         if not self.during_training or not name or best is None or epoch is None or epoch < 1:
             return ""
-        if int(epoch) == int(state.epoch):
-            return f"; the best {name} so far: kept as models/model.pt"
         from app.reports.subset_report import LOWER_IS_BETTER
 
         shown, value = (headline, -best) if headline in LOWER_IS_BETTER else (name, best)
+        if int(epoch) == int(state.epoch):
+            return f"; the best {shown} so far: kept as models/model.pt"
         return f"; the best {shown} is still {value:.4f}, after epoch {int(epoch)} (models/model.pt)"
 
     def _summarise(self, engine: Engine, result: dict[str, Any], headline: str = "mean", label: str = "mean Dice",
