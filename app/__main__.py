@@ -6,6 +6,7 @@ Commands:
     convert-mmsa    convert a trusted MMSA feature pickle to the safe .npz layout
     infer           segment one case from any subset of FLAIR, T1, T1ce, T2
     ablate          train a bundle with several strategies at the same seed and budget; tabulate
+    compare         tabulate evaluation reports made apart, each model against the first case by case
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ COMMANDS = {
     "plot-conflicts": "app.reports.conflicts",
     "infer": "app.inference.cli",
     "ablate": "app.ablation",
+    "compare": "app.reports.compare",
 }
 
 

@@ -42,13 +42,15 @@ def _worst(values: Mapping[str, float], metric: str) -> tuple[str, float]:
     return name, finite[name]
 
 
-def ablation_table(reports: Mapping[str, Mapping[str, Any]], metrics: Sequence[str]) -> dict[str, Any]:
+def ablation_table(reports: Mapping[str, Mapping[str, Any]], metrics: Sequence[str],
+                   reference: str | None = None) -> dict[str, Any]:
     """Gather per-strategy subset reports into per-metric tables.
 
     Args:
         reports: ``{strategy: report}`` where each report has ``subsets: {name: {metric: value}}``
             (the layout of :func:`app.reports.write_subset_report`).
         metrics: the metrics to tabulate; the first is the headline metric of the chart.
+        reference: the strategy the others are compared with case by case (default ``plain``, else the first).
 
     Returns:
         ``{"metrics": [...], "subsets": [...], "strategies": [...], "tables": {metric: {strategy:
@@ -59,8 +61,8 @@ def ablation_table(reports: Mapping[str, Mapping[str, Any]], metrics: Sequence[s
     Raises:
         ValueError: when a report lacks a metric or the strategies were evaluated on different subsets.
 
-    The table also holds ``"paired"``: each strategy's headline metric against ``plain``'s (else the first
-    strategy's) on the same held-out cases, per subset, with a 95% bootstrap interval over the cases
+    The table also holds ``"paired"``: each strategy's headline metric against the reference's on the same
+    held-out cases, per subset, with a 95% bootstrap interval over the cases
     (:func:`app.reports.paired.paired_differences`).
     """
     if not reports:
@@ -92,7 +94,7 @@ def ablation_table(reports: Mapping[str, Mapping[str, Any]], metrics: Sequence[s
     headline = metrics[0]
     return {"metrics": list(metrics), "subsets": subsets or [], "strategies": list(reports), "tables": tables,
             "subsets_without_cases": unscored,
-            "paired": paired_differences(reports, headline, subsets or [], headline in LOWER_IS_BETTER)}
+            "paired": paired_differences(reports, headline, subsets or [], headline in LOWER_IS_BETTER, reference)}
 
 
 def format_ablation_markdown(table: Mapping[str, Any], title: str = "", digits: int = 3) -> str:
@@ -133,6 +135,8 @@ def format_ablation_markdown(table: Mapping[str, Any], title: str = "", digits: 
 def _paired_lines(paired: Mapping[str, Any], digits: int) -> list[str]:
     """The Markdown section of :func:`app.reports.paired.paired_differences`: a column per strategy, its
     difference from the reference with the 95% interval and the cases it scored better / worse on."""
+    if "unavailable" in paired:  # said, so that its absence is not read as "no difference"
+        return [f"No case-by-case comparison of {paired['metric']}: {paired['unavailable']}.", ""]
     if not paired.get("strategies"):
         return []
     metric, reference, n = paired["metric"], paired["reference"], paired["cases"]
