@@ -475,7 +475,7 @@ def _check_scored_records(datalist: str | os.PathLike, records: Sequence[Any]) -
     for i, record in enumerate(records):
         if not isinstance(record, dict) or not record.get("case"):
             what = f"keys {sorted(map(str, record))}" if isinstance(record, dict) else type(record).__name__
-            raise ValueError(f"{datalist}: validation entry {i} ({what}) is not a case record: evaluation reads "
+            raise ValueError(f"{datalist}: validation entry {i + 1} of {len(records)} ({what}) is not a case record: evaluation reads "
                              f"records as training writes them into its datalist.json, {record_form}. Pass that "
                              f"datalist.json, write the entries in that form, {folder_fix}.")
         case, images = record["case"], record.get("images")

@@ -423,8 +423,8 @@ def test_a_datalist_written_by_hand_is_checked_entry_by_entry_naming_the_datalis
 
     files = [*good["images"].values()]
     refused({"image": files, "label": good["label"]},
-            r"validation entry 1 \(keys \['image', 'label'\]\) is not a case record.*'label_map'")
-    refused(files, r"validation entry 1 \(list\) is not a case record")
+            r"validation entry 2 of 2 \(keys \['image', 'label'\]\) is not a case record.*'label_map'")
+    refused(files, r"validation entry 2 of 2 \(list\) is not a case record")
     refused({**good, "images": files}, r"gives 'images' as list, which does not say which file is which sequence")
     refused({**good, "images": {"FLAIR": files[0]}}, r"names sequence\(s\) \['FLAIR'\] in 'images'")
     refused({**good, "images": {}}, r"names no image")
