@@ -21,13 +21,27 @@ from typing import Any, Sequence
 from app.atomic import check_writable_folder
 from app.reports.ablation import ablation_table, format_ablation_markdown, write_ablation_report
 
-__all__ = ["REPORT_METRICS", "build_parser", "load_report", "main"]
+__all__ = ["REPORT_FILES", "REPORT_METRICS", "build_parser", "load_report", "main", "report_kind"]
 
-#: The report a bundle's evaluation writes, and the metrics tabulated from it by default (the first leads).
+#: The reports a bundle's evaluation writes.
+REPORT_FILES: tuple[str, ...] = ("subset_dice.json", "subset_metrics.json")
+#: The metrics tabulated by default for each kind of report (the first is compared case by case).
 REPORT_METRICS: dict[str, tuple[str, ...]] = {
-    "subset_dice.json": ("mean", "WT", "TC", "ET"),
-    "subset_metrics.json": ("Acc2", "MAE", "F1", "Acc7", "Corr"),
+    "segmentation": ("mean", "WT", "TC", "ET"),
+    "sentiment": ("Acc2", "MAE", "F1", "Acc7", "Corr"),
+    "sentiment classification": ("Acc", "F1"),
 }
+
+
+def report_kind(report: dict[str, Any]) -> str:
+    """``segmentation``, ``sentiment`` or ``sentiment classification``, from the columns of a report's subsets
+    (a report may be named otherwise: ``bench/mosi_baselines.py`` writes ``ridge_valid.json``); ``unknown``
+    for other columns."""
+    columns = set(next(iter(report["subsets"].values()), {}) or {})
+    for kind, metrics in REPORT_METRICS.items():
+        if set(metrics) <= columns:
+            return kind
+    return "unknown"
 
 
 def load_report(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
@@ -42,22 +56,23 @@ def load_report(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """
     path = Path(path)
     if path.is_dir():
-        found = [path / name for name in REPORT_METRICS if (path / name).is_file()]
+        found = [path / name for name in REPORT_FILES if (path / name).is_file()]
         if not found:
-            raise FileNotFoundError(f"{path} holds no {' or '.join(REPORT_METRICS)}: give the --output_dir of an "
+            raise FileNotFoundError(f"{path} holds no {' or '.join(REPORT_FILES)}: give the --output_dir of an "
                                     "evaluation (evaluate.yaml), or the report file itself.")
         path = found[0]
     elif not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: give an evaluation's report ({' or '.join(REPORT_METRICS)}) "
+        raise FileNotFoundError(f"{path} does not exist: give an evaluation's report ({' or '.join(REPORT_FILES)}) "
                                 "or the folder holding it.")
     try:
         report = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"Cannot read {path} as an evaluation report ({type(err).__name__}: {err}): give the "
-                         f"{' or '.join(REPORT_METRICS)} an evaluation wrote.") from None
-    if not isinstance(report, dict) or not isinstance(report.get("subsets"), dict) or not report["subsets"]:
+                         f"{' or '.join(REPORT_FILES)} an evaluation wrote.") from None
+    if (not isinstance(report, dict) or not isinstance(report.get("subsets"), dict) or not report["subsets"]
+            or not all(isinstance(row, dict) for row in report["subsets"].values())):
         raise ValueError(f"{path} is not an evaluation report (no per-subset results): give the "
-                         f"{' or '.join(REPORT_METRICS)} an evaluation wrote.")
+                         f"{' or '.join(REPORT_FILES)} an evaluation wrote.")
     return path, report
 
 
@@ -96,13 +111,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:  # before anything is read: a folder that cannot be written wastes nothing
         check_writable_folder(args.out, f"--out {args.out}")
     loaded = [load_report(p) for p in args.reports]
-    kinds = {path.name for path, _ in loaded}
-    if len(kinds) > 1:
-        raise ValueError(f"The reports are of different kinds ({', '.join(sorted(kinds))}): compare segmentation "
-                         "reports with each other, and sentiment reports with each other.")
+    kinds = {str(path): report_kind(report) for path, report in loaded}
+    if len(set(kinds.values())) > 1:
+        raise ValueError("The reports are of different kinds (" + ", ".join(f"{p}: {k}" for p, k in kinds.items())
+                         + "): compare segmentation reports with each other, and sentiment reports of one task with "
+                         "each other.")
     names = _names([path for path, _ in loaded], args.names)
+    kind = next(iter(kinds.values()))
+    if not args.metrics and kind == "unknown":
+        raise ValueError(f"The columns of {loaded[0][0]} are not those of a bundle's report: name the ones to "
+                         "compare with --metrics.")
     metrics = ([m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics
-               else list(REPORT_METRICS.get(kinds.pop(), ("mean",))))
+               else list(REPORT_METRICS[kind]))
     if not metrics:
         raise ValueError(f"--metrics {args.metrics!r} names no metric.")
     table = ablation_table(dict(zip(names, (report for _, report in loaded))), metrics, reference=names[0])

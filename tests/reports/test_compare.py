@@ -36,12 +36,18 @@ def test_compare_tabulates_reports_and_compares_each_with_the_first(tmp_path, ca
 def test_compare_refuses_what_it_cannot_compare(tmp_path, capsys):
     seg = _write(tmp_path / "seg", {"flair": {"a": 0.5, "b": 0.6}})
     other = _write(tmp_path / "other", {"flair": {"a": 0.5, "c": 0.6}})
-    senti = _write(tmp_path / "senti", {"text": {"u": 0.5}}, name="subset_metrics.json")
+    senti = tmp_path / "senti" / "subset_metrics.json"
+    senti.parent.mkdir()
+    senti.write_text(json.dumps({"subsets": {"text": {"Acc2": 1.0, "MAE": 0.5, "F1": 1.0, "Acc7": 0.0, "Corr": 0.1,
+                                                      "n": 1}}}))
+    odd = tmp_path / "odd.json"  # another tool's table: which columns to compare is the user's to say
+    odd.write_text(json.dumps({"subsets": {"flair": {"Dice": 0.5}}}))
     cases = [
         (["compare", str(seg)], "two evaluation reports or more"),
         (["compare", str(seg), str(tmp_path / "none")], "does not exist"),
         (["compare", str(seg), str(tmp_path)], "holds no subset_dice.json or subset_metrics.json"),
         (["compare", str(seg), str(senti)], "different kinds"),
+        (["compare", str(odd), str(odd), "--names", "a,b"], "name the ones to compare with --metrics"),
         (["compare", str(seg), str(other), "--names", "a"], "--names 'a' must give 2 different"),
         (["compare", str(seg), str(other), "--metrics", "Dice"], "choose --metrics among"),
     ]
