@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.data.mmsa import MMSA_MODALITIES, check_labels, load_mmsa, mmsa_split  # noqa: E402
+from app.data.mmsa import MMSA_MODALITIES, check_labels, load_mmsa, mmsa_split, video_of  # noqa: E402
 from app.metrics.sentiment import SENTIMENT_METRICS, SubsetSentimentAccumulator, sentiment_metrics  # noqa: E402
 from app.reports import format_table, write_subset_report  # noqa: E402
 from app.subsets import all_subsets, subset_name  # noqa: E402
@@ -46,17 +46,6 @@ __all__ = ["LAMBDAS", "VIDEO_FOLDS", "video_of", "pooled_features", "fit_ridge",
 LAMBDAS: tuple[float, ...] = tuple(float(x) for x in 10.0 ** np.arange(-2.0, 5.01, 0.25))
 #: Folds of the video-held-out score inside the training split.
 VIDEO_FOLDS = 5
-
-
-def video_of(utterance_id: Any) -> str:
-    """The video an utterance id names: MMSA's ``video$_$clip`` or the bc-LSTM release's ``video_clip``.
-
-    An id with neither separator is its own group, so the held-out score is then per utterance.
-    """
-    text = str(utterance_id)
-    if "$_$" in text:
-        return text.split("$_$", 1)[0]
-    return text.rsplit("_", 1)[0] if "_" in text else text
 
 
 def pooled_features(split: Mapping[str, np.ndarray], modality: str) -> np.ndarray:

@@ -44,6 +44,7 @@ from app.flags import parse_bool
 
 __all__ = [
     "MMSA_MODALITIES",
+    "video_of",
     "NPZ_FORMAT",
     "SPLITS_NAME",
     "MMSAData",
@@ -82,6 +83,18 @@ class MMSAData(dict):
     def __init__(self, splits: Mapping[str, dict[str, np.ndarray]], source: str | os.PathLike) -> None:
         super().__init__(splits)
         self.source = str(source)
+
+
+def video_of(utterance_id: Any) -> str:
+    """The video an utterance id names: MMSA's ``video$_$clip`` or the bc-LSTM release's ``video_clip``.
+
+    Utterances of one video share a speaker and a topic, so held-out scores and resampling group them by video.
+    An id with neither separator is its own group (then per utterance).
+    """
+    text = str(utterance_id)
+    if "$_$" in text:
+        return text.split("$_$", 1)[0]
+    return text.rsplit("_", 1)[0] if "_" in text else text
 
 
 def _refuse_pickle(path: Path) -> ValueError:

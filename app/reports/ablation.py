@@ -94,7 +94,19 @@ def ablation_table(reports: Mapping[str, Mapping[str, Any]], metrics: Sequence[s
     headline = metrics[0]
     return {"metrics": list(metrics), "subsets": subsets or [], "strategies": list(reports), "tables": tables,
             "subsets_without_cases": unscored,
-            "paired": paired_differences(reports, headline, subsets or [], headline in LOWER_IS_BETTER, reference)}
+            "paired": paired_differences(reports, headline, subsets or [], headline in LOWER_IS_BETTER, reference,
+                                         **_resampling(reports))}
+
+
+def _resampling(reports: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """How the paired comparison resamples: sentiment utterances (their rows hold ``pred`` and ``label``) by
+    video, as utterances of one video are alike; segmentation cases one by one."""
+    rows = next((r.get("per_case") for r in reports.values() if r.get("per_case")), None) or [{}]
+    if "pred" not in rows[0]:
+        return {}
+    from app.data.mmsa import video_of
+
+    return {"group_of": video_of, "group_word": "video"}
 
 
 def format_ablation_markdown(table: Mapping[str, Any], title: str = "", digits: int = 3) -> str:
@@ -140,6 +152,9 @@ def _paired_lines(paired: Mapping[str, Any], digits: int) -> list[str]:
     if not paired.get("strategies"):
         return []
     metric, reference, n = paired["metric"], paired["reference"], paired["cases"]
+    unit = paired.get("resampled", "case")
+    case = "utterance" if unit == "video" else "case"  # the sentiment bundle's cases are utterances of videos
+    drawn = "the cases" if unit == "case" else f"the {paired['groups']} {unit}s, each with all its {case}s"
     others = list(paired["strategies"])
     better = "lower" if metric in LOWER_IS_BETTER else "higher"
 
@@ -148,9 +163,9 @@ def _paired_lines(paired: Mapping[str, Any], digits: int) -> list[str]:
                 f"{e['better']}/{e['worse']}")
 
     lines = [f"## Paired differences from {reference}: {metric}", "",
-             f"Each strategy's {metric} minus {reference}'s on the same {n} held-out cases ({better} is better), "
-             f"with its 95% bootstrap interval ({paired['resamples']} resamples of the cases, seed {paired['seed']}) "
-             f"and the number of cases scored better / worse than under {reference}. An interval that holds 0 "
+             f"Each strategy's {metric} minus {reference}'s on the same {n} held-out {case}s ({better} is better), "
+             f"with its 95% bootstrap interval ({paired['resamples']} resamples of {drawn}, seed {paired['seed']}) "
+             f"and the number of {case}s scored better / worse than under {reference}. An interval that holds 0 "
              "does not tell the two strategies apart on these cases.", "",
              "| subset | " + " | ".join(f"{s} − {reference}" for s in others) + " |",
              "|---|" + "---|" * len(others)]

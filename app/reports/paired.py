@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -85,7 +85,8 @@ def _scored_cases(report: Mapping[str, Any]) -> dict[str, set[str]]:
 
 def paired_differences(reports: Mapping[str, Mapping[str, Any]], metric: str, subsets: Sequence[str],
                        lower_is_better: bool = False, reference: str | None = None,
-                       resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict[str, Any]:
+                       resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+                       group_of: Callable[[str], str] | None = None, group_word: str = "case") -> dict[str, Any]:
     """Each strategy's ``metric`` minus the reference strategy's, per subset and for the mean over subsets, on
     the cases both were scored on.
 
@@ -99,6 +100,10 @@ def paired_differences(reports: Mapping[str, Mapping[str, Any]], metric: str, su
             first.
         resamples: bootstrap resamples of the cases.
         seed: seed of the resampling.
+        group_of: the group of a case id, whose cases are resampled together (the video of a CMU-MOSI utterance,
+            :func:`app.data.mmsa.video_of`: utterances of one video are alike, and resampling them one by one
+            would give too narrow an interval); None: every case on its own.
+        group_word: what a group is, for the report (``video``).
 
     Returns:
         ``{"metric", "reference", "cases", "resamples", "seed", "interval": 0.95, "strategies": {strategy:
@@ -122,9 +127,14 @@ def paired_differences(reports: Mapping[str, Mapping[str, Any]], metric: str, su
     if any(m is None for m in matrices.values()):
         return {"metric": metric, "unavailable": f"the reports have no per-case {metric} (an earlier version's "
                                                   "reports, or a metric that is not a mean over cases)"}
-    # each resample draws the cases with replacement: how many times each case is drawn
-    counts = np.random.default_rng(seed).multinomial(len(cases), np.full(len(cases), 1.0 / len(cases)),
-                                                     size=resamples).astype(np.float64)
+    # each resample draws the groups (cases, or videos) with replacement: how many times each case is drawn
+    groups = [group_of(c) for c in cases] if group_of is not None else list(cases)
+    group_names = sorted(set(groups))
+    n_groups, index = len(group_names), {g: i for i, g in enumerate(group_names)}
+    if n_groups < 2:
+        return {"metric": metric, "unavailable": f"a comparison needs two held-out {group_word}s or more"}
+    drawn = np.random.default_rng(seed).multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=resamples)
+    counts = drawn[:, [index[g] for g in groups]].astype(np.float64)
 
     def resampled(values: np.ndarray) -> np.ndarray:
         """``[resample, subset]`` means over the drawn cases (NaN where none of them has the subset)."""
@@ -159,5 +169,6 @@ def paired_differences(reports: Mapping[str, Mapping[str, Any]], metric: str, su
             difference = float(np.mean(np.nanmean(values, axis=1)) - np.mean(np.nanmean(ref, axis=1)))
             case_means = np.nanmean(values, axis=0) - np.nanmean(ref, axis=0)
             out[name] = {"subsets": rows, "mean": entry(difference, np.nanmean(boot, axis=1), case_means)}
-    return {"metric": metric, "reference": reference, "cases": len(cases), "resamples": int(resamples),
+    return {"metric": metric, "reference": reference, "cases": len(cases), "groups": n_groups,
+            "resampled": group_word if group_of is not None else "case", "resamples": int(resamples),
             "seed": int(seed), "interval": 0.95, "strategies": out}

@@ -53,6 +53,25 @@ def test_a_case_missing_a_sequence_counts_only_in_the_subsets_it_has():
     assert got["subsets"]["t1"]["difference"] == pytest.approx(0.1) and got["subsets"]["t1"]["n"] == 2
 
 
+def test_cases_of_one_group_are_resampled_together():
+    # two videos: v1 holds a, b (each +0.2), v2 holds c (0). Drawn by video, a resample's difference is the mean of
+    # its cases: both videos drawn give 0.4/3, only v1 0.2, only v2 0, so the interval spans [0, 0.2]; a and b can
+    # never be drawn apart, so a resample never gives a mean like 0.1 (a and c) that drawing cases alone allows
+    plain = _report({"flair": {"v1_a": 0.5, "v1_b": 0.5, "v2_c": 0.5}})
+    gmd = _report({"flair": {"v1_a": 0.7, "v1_b": 0.7, "v2_c": 0.5}})
+    got = paired_differences({"plain": plain, "gmd": gmd}, "WT", ["flair"], group_of=lambda c: c.split("_")[0],
+                             group_word="video", resamples=400)
+    assert got["groups"] == 2 and got["resampled"] == "video" and got["cases"] == 3
+    flair = got["strategies"]["gmd"]["subsets"]["flair"]
+    assert (flair["low"], flair["high"]) == (pytest.approx(0.0), pytest.approx(0.2))
+    by_case = paired_differences({"plain": plain, "gmd": gmd}, "WT", ["flair"], resamples=400)
+    assert by_case["groups"] == 3 and by_case["resampled"] == "case"
+    # one group holds every case: no interval can be drawn
+    one = paired_differences({"plain": plain, "gmd": gmd}, "WT", ["flair"], group_of=lambda c: "v",
+                             group_word="video")
+    assert one["unavailable"] == "a comparison needs two held-out videos or more"
+
+
 def test_what_cannot_be_compared_says_why():
     plain = _report({"flair": {"a": 0.5, "b": 0.6}})
     assert "two strategies" in paired_differences({"plain": plain}, "mean", ["flair"])["unavailable"]
@@ -90,6 +109,10 @@ def test_the_sentiment_metrics_per_utterance_reproduce_the_accumulators_figures(
         assert text["n"] == (35 if metric == "Acc2" else 40)
     assert "unavailable" in paired_differences(reports, "F1", subsets)
     assert math.isnan(case_value({"pred": 1.0, "label": 0.0}, "Acc2"))
+    # in an ablation table, utterances are resampled by video (the ids here name 40 videos of one utterance)
+    table = ablation_table(reports, ["Acc2", "MAE"])
+    assert table["paired"]["resampled"] == "video" and table["paired"]["groups"] == 40
+    assert "2000 resamples of the 40 videos, each with all its utterances" in format_ablation_markdown(table)
 
 
 def test_the_ablation_report_shows_the_paired_differences_of_its_headline_metric():
