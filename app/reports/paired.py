@@ -8,9 +8,9 @@ resamples whole cases (all their subsets together, as the table's mean over subs
 jointly) and recomputes the table's figures from each resample: a percentile bootstrap, seeded, so the
 report is reproducible.
 
-Only metrics that are a mean over cases have per-case values: the Dice regions and their mean, HD95, and
-the sentiment ``MAE``, ``Acc2`` (non-zero labels only) and ``Acc2_has0``. Correlation, F1 and Acc7 are not
-compared here. The per-case values are checked against each report's own subset figures, so a report whose
+Only metrics that are a mean over cases have per-case values: the Dice regions and their mean, HD95, the
+sentiment ``MAE``, ``Acc2`` (non-zero labels only), ``Acc2_has0`` and ``Acc7``, and the classification ``Acc``.
+Correlation and F1 are not compared here. The per-case values are checked against each report's own subset figures, so a report whose
 metric is computed otherwise is left out rather than misread.
 """
 
@@ -29,6 +29,8 @@ __all__ = ["BOOTSTRAP_RESAMPLES", "case_value", "paired_differences"]
 BOOTSTRAP_RESAMPLES = 2000
 
 _REGIONS = ("WT", "TC", "ET")
+#: The sentiment metrics that are means over utterances, from a row's ``pred`` and ``label``.
+_PER_UTTERANCE = ("MAE", "Acc2", "Acc2_has0", "Acc7", "Acc")
 #: Per-case differences within this of 0 are ties.
 _TIE = 1e-9
 
@@ -42,12 +44,16 @@ def case_value(row: Mapping[str, Any], metric: str) -> float | None:
     if metric == "mean" and all(r in row for r in _REGIONS):
         values = [math.nan if row[r] is None else float(row[r]) for r in _REGIONS]
         return math.fsum(values) / len(values)
-    if metric in ("MAE", "Acc2", "Acc2_has0") and row.get("pred") is not None and row.get("label") is not None:
+    if metric in _PER_UTTERANCE and row.get("pred") is not None and row.get("label") is not None:
         pred, label = float(row["pred"]), float(row["label"])
         if metric == "MAE":
             return abs(pred - label)
         if metric == "Acc2" and label == 0:
             return math.nan
+        if metric == "Acc7":  # np.round: halves to even, as the metric rounds
+            return float(np.round(np.clip(pred, -3.0, 3.0)) == np.round(np.clip(label, -3.0, 3.0)))
+        if metric == "Acc":  # classification rows: class ids
+            return float(int(pred) == int(label))
         return float((pred > 0) == (label > 0))
     return None
 

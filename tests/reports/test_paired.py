@@ -100,13 +100,23 @@ def test_the_sentiment_metrics_per_utterance_reproduce_the_accumulators_figures(
             acc.update([f"u{i}" for i in range(40)], subset, labels + rng.normal(0, noise, 40), labels)
         reports[name] = acc.aggregate()
     subsets = list(reports["plain"]["subsets"])
-    for metric, lower in (("MAE", True), ("Acc2", False), ("Acc2_has0", False)):
+    for metric, lower in (("MAE", True), ("Acc2", False), ("Acc2_has0", False), ("Acc7", False)):
         got = paired_differences(reports, metric, subsets, lower_is_better=lower)
         assert "unavailable" not in got, metric  # the per-utterance values give the accumulator's figures
         text = got["strategies"]["gmd"]["subsets"]["text"]
         assert text["difference"] == pytest.approx(reports["gmd"]["subsets"]["text"][metric]
                                                    - reports["plain"]["subsets"]["text"][metric])
         assert text["n"] == (35 if metric == "Acc2" else 40)
+    # classification: the accuracy is a mean over utterances of class ids, F1 is not
+    from app.metrics.sentiment_metric import SubsetClassificationAccumulator
+
+    classes = {}
+    for name in ("plain", "gmd"):
+        acc = SubsetClassificationAccumulator()
+        for subset in range(7):
+            acc.update([f"u{i}" for i in range(40)], subset, rng.integers(0, 4, 40), rng.integers(0, 4, 40))
+        classes[name] = acc.aggregate()
+    assert "strategies" in paired_differences(classes, "Acc", list(classes["plain"]["subsets"]))
     assert "unavailable" in paired_differences(reports, "F1", subsets)
     assert math.isnan(case_value({"pred": 1.0, "label": 0.0}, "Acc2"))
     # in an ablation table, utterances are resampled by video (the ids here name 40 videos of one utterance)
