@@ -31,9 +31,12 @@ CASES = [("plain", "plain", {}), ("dropout", "dropout", {}), ("gmd", "gmd", {"su
 
 
 def _loss():
-    from app.losses import DiceCELoss  # the bundle's loss: a binary cross-entropy per region channel
+    """The segmentation bundle's own loss, as ``train.yaml`` builds it (a change there is timed here too)."""
+    from monai.bundle import ConfigParser
 
-    return DiceCELoss(sigmoid=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-5)
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "bundles" / "brats_gmd" / "configs" / "train.yaml"))
+    return parser.get_parsed_content("loss")
 
 
 def _sync(device: torch.device) -> None:
