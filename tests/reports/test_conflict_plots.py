@@ -165,6 +165,9 @@ def test_the_norm_plot_gives_each_of_the_15_subsets_its_own_line_and_whole_itera
     for fig in figures:
         ticks = [t for t in fig.axes[0].get_xticks() if 1 <= t <= 3]
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    # no conflict left after decoupling (0) is a line above the x axis, not hidden on it
+    low, high = figures[1].axes[0].get_ylim()
+    assert low < 0 and high > 1
 
 
 def test_records_without_a_pair_of_subsets_are_not_drawn_as_no_conflict(tmp_path, monkeypatch):
