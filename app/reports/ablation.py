@@ -122,7 +122,8 @@ def format_ablation_markdown(table: Mapping[str, Any], title: str = "", digits: 
     its = {s: runs.get(s, {}).get("iterations") for s in strategies}
     show_its = any(v is not None for v in its.values())
     lines += ["## Summary: mean over subsets", "",
-              "| strategy | " + " | ".join(metrics) + f" | worst subset ({headline}) | {full} ({headline}) |"
+              f"| {table.get('column', 'strategy')} | " + " | ".join(metrics)
+              + f" | worst subset ({headline}) | {full} ({headline}) |"
               + (" iterations |" if show_its else ""),
               "|---|" + "---|" * (len(metrics) + 2 + show_its)]
     for s in strategies:
@@ -138,13 +139,13 @@ def format_ablation_markdown(table: Mapping[str, Any], title: str = "", digits: 
         lines += [f"No case to score for {len(unscored)} subset(s) ({', '.join(unscored)}): every mean over subsets "
                   f"here is over the {len(table['subsets'])} scored, and the summary's last column is "
                   f"{full}, not all modalities.", ""]
-    lines += _paired_lines(table.get("paired") or {}, digits)
+    lines += _paired_lines(table.get("paired") or {}, digits, table.get("column", "strategy"))
     lines += _metric_tables(table, lambda value: f"{value:.{digits}f}",
                             lambda worst: _named(f"{worst['value']:.{digits}f}", worst["name"]))
     return "\n".join(lines)
 
 
-def _paired_lines(paired: Mapping[str, Any], digits: int) -> list[str]:
+def _paired_lines(paired: Mapping[str, Any], digits: int, column: str = "strategy") -> list[str]:
     """The Markdown section of :func:`app.reports.paired.paired_differences`: a column per strategy, its
     difference from the reference with the 95% interval and the cases it scored better / worse on."""
     if "unavailable" in paired:  # said, so that its absence is not read as "no difference"
@@ -163,10 +164,10 @@ def _paired_lines(paired: Mapping[str, Any], digits: int) -> list[str]:
                 f"{e['better']}/{e['worse']}")
 
     lines = [f"## Paired differences from {reference}: {metric}", "",
-             f"Each strategy's {metric} minus {reference}'s on the same {n} held-out {case}s ({better} is better), "
+             f"Each {column}'s {metric} minus {reference}'s on the same {n} held-out {case}s ({better} is better), "
              f"with its 95% bootstrap interval ({paired['resamples']} resamples of {drawn}, seed {paired['seed']}) "
              f"and the number of {case}s scored better / worse than under {reference}. An interval that holds 0 "
-             "does not tell the two strategies apart on these cases.", "",
+             f"does not tell the two apart on these {case}s.", "",
              "| subset | " + " | ".join(f"{s} − {reference}" for s in others) + " |",
              "|---|" + "---|" * len(others)]
     names = list(next(iter(paired["strategies"].values()))["subsets"])

@@ -127,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(f"--metrics {args.metrics!r} names no metric.")
     table = ablation_table(dict(zip(names, (report for _, report in loaded))), metrics, reference=names[0])
     table["reports"] = {name: str(path) for name, (path, _) in zip(names, loaded)}
+    table["column"] = "model"
     title = args.title or f"Comparison of {len(names)} evaluations"
     if args.out is not None:
         write_ablation_report(table, args.out, title, stem="compare")

@@ -23,6 +23,7 @@ def test_compare_tabulates_reports_and_compares_each_with_the_first(tmp_path, ca
     assert app_main(["compare", str(first), str(second / "subset_dice.json"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "## Paired differences from plain_eval: mean" in printed and "| gmd_eval − plain_eval |" in printed
+    assert "| model | mean | WT | TC | ET |" in printed and "Each model's mean minus plain_eval's" in printed
     assert "| flair | +0.200 [+0.100, +0.300] 2/0 |" in printed
     table = json.loads((out / "compare.json").read_text())
     assert table["strategies"] == ["plain_eval", "gmd_eval"] and table["paired"]["reference"] == "plain_eval"
