@@ -870,13 +870,22 @@ class ResumableCheckpoint:
             if rank == 0:
                 # checkpoints from before the loss was recorded: those of the brats_gmd bundle before 0.6.0 were
                 # trained with MONAI's DiceCELoss (a softmax cross-entropy over the region channels)
-                logger.warning(
-                    "%s records no training loss (it was written by an earlier version): the resumed run trains with "
-                    "%s. A brats_gmd checkpoint from before bundle version 0.6.0 was trained with "
-                    "monai.losses.DiceCELoss (a softmax cross-entropy over the region channels), so the run would "
-                    "mix two objectives: start a new run in another --output_dir to train with one loss throughout, "
-                    "or pass --loss#_target_ monai.losses.DiceCELoss to continue with that one.",
-                    self.path, self._loss_settings["_target_"])
+                target = self._loss_settings["_target_"]
+                if target.startswith("monai.losses.") and target.endswith(".DiceCELoss"):
+                    # the command gives the loss the other wording tells it to pass (--loss#_target_
+                    # monai.losses.DiceCELoss): naming the flag again read as if the command lacked it
+                    advice = ("the loss of brats_gmd checkpoints from before bundle version 0.6.0 (a softmax "
+                              "cross-entropy over the region channels); if this one was trained with another, start a "
+                              "new run in another --output_dir to train with one loss throughout.")
+                else:
+                    advice = ("A brats_gmd checkpoint from before bundle version 0.6.0 was trained with "
+                              "monai.losses.DiceCELoss (a softmax cross-entropy over the region channels), so the run "
+                              "would mix two objectives: start a new run in another --output_dir to train with one "
+                              "loss throughout, or pass --loss#_target_ monai.losses.DiceCELoss to continue with that "
+                              "one.")
+                logger.warning("%s records no training loss (it was written by an earlier version): the resumed run "
+                               "trains with %s%s %s", self.path, target, "," if advice.startswith("the") else ".",
+                               advice)
             return
         keys = [k for k in dict.fromkeys([*written, *self._loss_settings]) if written.get(k) != self._loss_settings.get(k)]
         if not keys:

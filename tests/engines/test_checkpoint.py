@@ -774,6 +774,18 @@ def test_a_checkpoint_that_records_no_loss_resumes_with_a_warning_naming_the_old
         assert _train_with_loss(tmp_path, DiceCELoss(sigmoid=True)) == 3
     assert "records no training loss" in caplog.text and "app.losses.DiceCELoss" in caplog.text
     assert "--loss#_target_ monai.losses.DiceCELoss" in caplog.text
+    # resumed with that loss (--loss#_target_ monai.losses.DiceCELoss): the warning told the user to pass it anyway
+    from monai.losses import DiceCELoss as MonaiDiceCELoss
+
+    torch.save(state, path)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="app.engines.checkpoint"):
+        assert _train_with_loss(tmp_path, MonaiDiceCELoss(sigmoid=True)) == 3
+    assert (f"{path} records no training loss (it was written by an earlier version): the resumed run trains with "
+            "monai.losses.dice.DiceCELoss, the loss of brats_gmd checkpoints from before bundle version 0.6.0 (a softmax "
+            "cross-entropy over the region channels); if this one was trained with another, start a new run in another "
+            "--output_dir to train with one loss throughout.") in caplog.text, caplog.text
+    assert "--loss#_target_" not in caplog.text
 
 
 def test_a_resume_with_a_sentiment_head_of_another_task_is_refused_even_when_its_shapes_fit(tmp_path):
