@@ -38,6 +38,7 @@ from monai.data.utils import set_rnd
 from torch.utils.data import Dataset, DistributedSampler
 
 from app.atomic import atomic_write, stale_temporaries
+from app.engines.handlers import format_duration
 from app.networks.weights import check_archive, check_finite, describe_state_dict, optional_state_keys
 from app.flags import parse_bool
 from app.losses import loss_settings
@@ -1068,9 +1069,17 @@ class ResumableCheckpoint:
                                "between ranks differ from an uninterrupted run.", self.path, len(rng_states), world)
             restore_rng_state(rng_states[rank if rank < len(rng_states) else 0])
         if rank == 0:
+            # the one line of the log that says where the run resumed (TrainingProgressHandler's "Run:" line follows)
             done = iteration - engine.state.epoch * length if length else 0
-            logger.info("Resumed from %s at iteration %d (epoch %d, %d of its %d iterations done).", self.path,
-                        iteration, engine.state.epoch + 1, done, length)
+            trained = ""
+            if self.time_limit is not None:
+                recorded = state.get("time_limit")
+                # a checkpoint from before the time trained was recorded (brats_gmd before 0.5.0): not 0:00:00
+                trained = (f", with {format_duration(float(recorded.get('elapsed_seconds', 0.0)))} trained before"
+                           if isinstance(recorded, Mapping) else
+                           ", the time trained before it unknown (the checkpoint was written by an earlier version)")
+            logger.info("Resumed from %s at iteration %d (epoch %d, %d of its %d iterations done)%s.", self.path,
+                        iteration, engine.state.epoch + 1, done, length, trained)
         self._saved_at = iteration  # the file holds this state: a stop right away need not write it again
         if self.time_limit is not None and "time_limit" in state:
             self.time_limit.load_state_dict(state["time_limit"], engine)

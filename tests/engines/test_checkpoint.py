@@ -434,6 +434,43 @@ def test_a_run_killed_mid_budget_trains_only_what_is_left(tmp_path, monkeypatch)
     assert _timed_run(tmp_path, True, 1.0, clock) == [4, 5, 6]
 
 
+def test_a_resume_says_once_where_it_continues_and_the_time_trained_before_or_that_it_is_unknown(
+        tmp_path, monkeypatch, caplog):
+    """A resumed run said where it resumed in two lines (the checkpoint's and the progress handler's); one from before
+    the time trained was recorded (brats_gmd before 0.5.0), without a time limit, said "0:00:00 trained before"."""
+    import app.engines.handlers as handlers
+    from app.engines import TimeLimitHandler, TrainingProgressHandler
+
+    clock = [0.0]
+    monkeypatch.setattr(handlers.time, "monotonic", lambda: clock[0])
+
+    def run(resume):
+        net = torch.nn.Linear(2, 1)
+        engine = Engine(lambda e, b: clock.__setitem__(0, clock[0] + 10.0))
+        limit = TimeLimitHandler(0)  # no budget: the clock still runs
+        limit.attach(engine)
+        ResumableCheckpoint(tmp_path, net, torch.optim.SGD(net.parameters(), lr=0.1), resume=resume,
+                            time_limit=limit).attach(engine)
+        TrainingProgressHandler(time_limit=limit).attach(engine)
+        engine.run(DATA, max_epochs=2 if resume else 1)
+
+    run(False)
+    path = tmp_path / "checkpoint_last.pt"
+    state = load_training_checkpoint(path)
+    with caplog.at_level("INFO"):
+        run(True)
+    resumed = [r.getMessage() for r in caplog.records if "esumed" in r.getMessage()]
+    assert resumed == [f"Resumed from {path} at iteration 3 (epoch 2, 0 of its 3 iterations done), with 0:00:30 "
+                       "trained before."], resumed
+    torch.save({k: v for k, v in state.items() if k != "time_limit"}, path)  # as brats_gmd 0.4.0 wrote it
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        run(True)
+    resumed = [r.getMessage() for r in caplog.records if "esumed" in r.getMessage()]
+    assert resumed == [f"Resumed from {path} at iteration 3 (epoch 2, 0 of its 3 iterations done), the time trained "
+                       "before it unknown (the checkpoint was written by an earlier version)."], resumed
+
+
 def test_the_bundles_keep_the_time_budget_in_their_checkpoints():
     from monai.bundle import ConfigParser
 
