@@ -416,6 +416,12 @@ def _cli_value(value: Any) -> str:
     return str(value)
 
 
+def _option(flag: str) -> str:
+    """A setting's flag: ``--patch_size``; a name with a space is another command's flag as it is written
+    (``torchrun --nproc_per_node``)."""
+    return flag if " " in flag else f"--{flag}"
+
+
 def _class_name(obj: Any) -> str:
     """``obj``'s class as ``--optimizer#_target_`` names it: ``torch.optim.AdamW`` (the public module where
     the class is exported from it), else ``module.Class``."""
@@ -553,6 +559,10 @@ class ResumableCheckpoint:
         warn: names of ``settings`` whose change is logged as a warning instead of refused: the experiment stays the
             same (the bundle: ``deterministic``, which only loses bit-for-bit reproducibility on a GPU, and
             ``dataset_dir``, a moved copy of the data: the split and the voxel size are checked on their own).
+        digests: ``settings`` that are a digest of the data another setting names, by the name of that setting (the
+            sentiment bundle: ``{"data": "data_path"}``, the utterance ids and labels of its splits): a changed digest
+            is refused naming that setting's values and the recorded one as the fix, a digest being no flag. The
+            setting it is of is then in ``warn``: a copy of the same data elsewhere, or converted, resumes.
     """
 
     def __init__(
@@ -571,6 +581,7 @@ class ResumableCheckpoint:
         settings: Mapping[str, Any] | None = None,
         loss_function: Any = None,
         warn: Sequence[str] = (),
+        digests: Mapping[str, str] | None = None,
     ) -> None:
         self.path = Path(save_dir) / filename
         self.loss_function = loss_function
@@ -578,6 +589,7 @@ class ResumableCheckpoint:
         self.time_limit = time_limit
         self.settings = {str(k): _plain(v) for k, v in (settings or {}).items()}
         self.warn = frozenset(str(k) for k in warn)
+        self.digests = {str(k): str(v) for k, v in (digests or {}).items()}
         self.network = network
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -738,22 +750,39 @@ class ResumableCheckpoint:
         def shown(value: Any) -> str:
             return "(none)" if value is _NOT_A_SETTING else repr(value)
 
-        def option(flag: str) -> str:
-            # a name with a space is another command's flag as it is written ("torchrun --nproc_per_node")
-            return flag if " " in flag else f"--{flag}"
+        option = _option
 
         def more(items: list[tuple[str, str, Any, Any]]) -> str:
             # a transform list of a recipe replaced as a whole differs in dozens of settings: the line names a few
             return f" and {len(items) - _LISTED} more" if len(items) > _LISTED else ""
 
+        def source(key: str) -> tuple[str, Any, Any]:
+            # the setting a digest is of (--data_path), with its recorded value and this run's
+            name = self.digests[key]
+            return name, _plain(recorded.get(name, _NOT_A_SETTING)), self.settings.get(name, _NOT_A_SETTING)
+
+        def change(key: str, flag: str, old: Any, new: Any) -> str:
+            if key not in self.digests:
+                return f"{option(flag)} {shown(old)} there, {shown(new)} here"
+            name, then, now = source(key)
+            where = (f"{option(name)} {shown(now)}" if then == now
+                     else f"{option(name)} {shown(then)} there, {shown(now)} here")
+            return f"{where}, whose data differ: digest {old} there, {new} here"
+
         def listed(items: list[tuple[str, str, Any, Any]]) -> str:
-            return "; ".join(f"{option(flag)} {shown(old)} there, {shown(new)} here"
-                             for _, flag, old, new in items[:_LISTED]) + more(items)
+            return "; ".join(change(*item) for item in items[:_LISTED]) + more(items)
+
+        def restore(key: str, flag: str, old: Any) -> str | None:
+            if key in self.digests:  # the digest is no flag: the setting it is of restores it, where that moved
+                name, then, now = source(key)
+                return None if then is _NOT_A_SETTING or then == now else f"{option(name)} {_cli_value(then)}"
+            # a transform's setting held by an inner object (cropper.pos_ratio) has no flag of its own
+            if old is _NOT_A_SETTING or "." in flag.rsplit("#", 1)[-1]:
+                return None
+            return f"{option(flag)} {_cli_value(old)}"
 
         def fix(items: list[tuple[str, str, Any, Any]]) -> str:
-            # a transform's setting held by an inner object (cropper.pos_ratio) has no flag of its own
-            flags = [f"{option(flag)} {_cli_value(old)}" for _, flag, old, _ in items[:_LISTED]
-                     if old is not _NOT_A_SETTING and "." not in flag.rsplit("#", 1)[-1]]
+            flags = [f for f in (restore(key, flag, old) for key, flag, old, _ in items[:_LISTED]) if f]
             return " ".join(flags) + (more(items) if flags else "")
 
         warned = [c for c in changes if c[0] in self.warn]
@@ -771,7 +800,8 @@ class ResumableCheckpoint:
         if unrecorded and recorded:
             # a run started before this version recorded them (the checkpoint of a run under way at an upgrade); a
             # checkpoint that records no settings at all is named by _warn_unrecorded
-            names = ", ".join(option(k) if not isinstance(self.settings[k], Mapping) else f"the {k} transforms"
+            names = ", ".join(f"digest of the {option(self.digests[k])} data" if k in self.digests
+                              else f"the {k} transforms" if isinstance(self.settings[k], Mapping) else option(k)
                               for k in unrecorded)
             warnings.append(f"{self.path} records no {names} (it was written by an earlier version): those are not "
                             "compared beyond what its weights, strategy and split show, so make sure this command "
@@ -848,8 +878,13 @@ class ResumableCheckpoint:
         if strategy is not None and state.get("strategy_config") is None:
             unchecked.append(f"strategy ({strategy!r})")
         if self.settings and not isinstance(state.get("settings"), Mapping):
-            unchecked.append("training settings (" + " ".join(f"--{k} {_cli_value(v)}"
-                                                              for k, v in self.settings.items()) + ")")
+            # the values to pass where a flag passes them; a transform list (hundreds of entries) and a digest by name
+            flags = [f"{_option(k)} {_cli_value(v)}" for k, v in self.settings.items()
+                     if not isinstance(v, Mapping) and k not in self.digests]
+            named = [f"the {k} transforms" if isinstance(v, Mapping) else f"digest of the "
+                     f"{_option(self.digests[k])} data" for k, v in self.settings.items()
+                     if isinstance(v, Mapping) or k in self.digests]
+            unchecked.append("training settings (" + "; ".join(filter(None, [" ".join(flags), ", ".join(named)])) + ")")
         budget = getattr(self.time_limit, "seconds", None)
         if budget is not None and "time_limit" not in state:
             unchecked.append(f"time trained (the {budget / 60:g}-minute budget counts from this resume)")

@@ -253,19 +253,83 @@ def test_the_sentiment_multi_gpu_config_records_its_number_of_processes():
     config = ConfigParser.load_config_files([str(bundle / "train.yaml"), str(bundle / "multi_gpu_train.yaml")])
     parser = ConfigParser(config)
     assert parser["train#handlers#3#_target_"] == "app.engines.ResumableCheckpoint"
-    assert parser["train#handlers#3#settings"] == {"batch_size": "@batch_size",
-                                                   "torchrun --nproc_per_node": "@world_size"}
+    assert parser["train#handlers#3#settings#torchrun --nproc_per_node"] == "@world_size"
+    assert parser["train#handlers#3#settings#batch_size"] == "@batch_size"
     single = ConfigParser(ConfigParser.load_config_files([str(bundle / "train.yaml")]))
     assert single["train#handlers#3#settings#torchrun --nproc_per_node"] == 1
     assert ConfigParser(config).get_parsed_content("world_size") == 1  # outside torchrun
 
 
-def _settings_run(folder, warn=(), **settings):
+def _settings_run(folder, warn=(), digests=None, **settings):
     net = torch.nn.Linear(2, 1)
     engine = Engine(lambda e, b: None)
     ResumableCheckpoint(folder, net, torch.optim.SGD(net.parameters(), lr=0.1), resume="auto", settings=settings,
-                        warn=warn).attach(engine)
+                        warn=warn, digests=digests).attach(engine)
     engine.run(DATA, max_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def synthetic_mmsa_files(tmp_path_factory):
+    """A tiny MMSA pickle, its .npz conversion and another pickle."""
+    from app.data import convert_mmsa
+    from app.data.mmsa import write_synthetic_mmsa
+
+    folder = tmp_path_factory.mktemp("mmsa")
+    splits = {"train": 8, "valid": 4}
+    pkl = write_synthetic_mmsa(folder / "mosi.pkl", splits=splits, seed=0)
+    return pkl, convert_mmsa(pkl, folder / "mosi.npz"), write_synthetic_mmsa(folder / "other.pkl", splits=splits, seed=1)
+
+
+def test_the_sentiment_bundle_records_the_settings_the_segmentation_bundle_records(synthetic_mmsa_files):
+    """A sentiment resume compared the batch size, processes, loss and head only: --amp, --seed, the network's
+    settings, the splits and model selection changed without a word, and so did --data_path: another file trained on
+    where the run left off. The data is recorded by a digest of its utterance ids and labels, which its .npz
+    conversion shares; its path changes with a warning only."""
+    from monai.bundle import ConfigParser
+
+    bundle = REPO / "bundles" / "mosi_gmd" / "configs"
+    pkl, npz, other = synthetic_mmsa_files
+
+    def settings(path, **overrides):
+        parser = ConfigParser(ConfigParser.load_config_files([str(bundle / "train.yaml")]))
+        parser.update({"data_path": str(path), "trust_pickle": True, **overrides})
+        handler = parser.get("train#handlers#3")
+        return parser.get_parsed_content("train#handlers#3#settings"), handler["warn"], handler["digests"]
+
+    recorded, warn, digests = settings(pkl, amp="false")
+    assert {"amp", "seed", "strategy", "hidden", "num_heads", "dropout", "input_dropout", "head_dropout", "train_split",
+            "val_split", "label_key", "key_metric", "data", "data_path", "batch_size",
+            "torchrun --nproc_per_node"} <= set(recorded)
+    assert recorded["amp"] is False and recorded["key_metric"] == "MAE" and recorded["data_path"] == str(pkl)
+    assert warn == ["data_path"] and digests == {"data": "data_path"}
+    assert settings(npz)[0]["data"] == recorded["data"]  # the converted file: the same data
+    assert settings(other)[0]["data"] != recorded["data"]
+
+
+def test_a_resume_on_other_data_is_refused_naming_the_path_and_on_a_copy_warned_about(tmp_path, caplog):
+    def run(path, digest):
+        _settings_run(tmp_path, warn=["data_path"], digests={"data": "data_path"}, data=digest, data_path=path)
+
+    run("/d/mosi.pkl", "1a2b")
+    with pytest.raises(ValueError, match=r"other training settings \(--data_path '/d/mosi.pkl' there, '/d/other.pkl' "
+                                         r"here, whose data differ: digest 1a2b there, 3c4d here\): resume with "
+                                         r"--data_path /d/mosi.pkl, or start a new run"):
+        run("/d/other.pkl", "3c4d")
+    # the same file rewritten: no flag restores it
+    with pytest.raises(ValueError, match=r"\(--data_path '/d/mosi.pkl', whose data differ: digest 1a2b there, 3c4d "
+                                         r"here\): resume with the original settings, or"):
+        run("/d/mosi.pkl", "3c4d")
+    with caplog.at_level("WARNING", logger="app.engines.checkpoint"):
+        run("/d/mosi.npz", "1a2b")  # converted: the same data
+    assert "other settings (--data_path '/d/mosi.pkl' there, '/d/mosi.npz' here): the resumed run continues" in caplog.text
+    # a checkpoint written before the data was recorded resumes, saying so
+    _settings_run(tmp_path / "old", batch_size=2)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="app.engines.checkpoint"):
+        _settings_run(tmp_path / "old", warn=["data_path"], digests={"data": "data_path"}, batch_size=2, data="3c4d",
+                      data_path="/d/other.pkl")
+    assert ("records no digest of the --data_path data, --data_path (it was written by an earlier version)"
+            in caplog.text), caplog.text
 
 
 def test_a_resume_with_another_amp_or_number_of_processes_is_refused_naming_the_flag(tmp_path):
