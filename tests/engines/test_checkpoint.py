@@ -928,10 +928,12 @@ def test_a_checkpoint_that_records_no_strategy_settings_or_time_resumes_with_a_w
     torch.save({k: v for k, v in state.items() if k not in ("strategy_config", "settings", "time_limit")},
                path)  # as brats_gmd 0.3.0 wrote it
     with caplog.at_level("WARNING", logger="app.engines.checkpoint"):
-        run("plain", minutes=5, patch_size=[96, 96, 96])
-    assert (f"{path} records no strategy (PlainStrategy(seed=0)); no training settings (--patch_size \"[96,96,96]\"); "
-            "no time trained (the 5-minute budget counts from this resume) (it was written by an earlier version)"
-            ) in caplog.text, caplog.text
+        # a transform list is named, not written out (the bundle's are hundreds of entries); torchrun's flag as it is
+        run("plain", minutes=5, patch_size=[96, 96, 96], augmentation={"train#augmentation#0#prob": 0.5},
+            **{"torchrun --nproc_per_node": 1})
+    assert (f"{path} records no strategy (PlainStrategy(seed=0)); no training settings (--patch_size \"[96,96,96]\" "
+            "torchrun --nproc_per_node 1; the augmentation transforms); no time trained (the 5-minute budget counts "
+            "from this resume) (it was written by an earlier version)") in caplog.text, caplog.text
     assert caplog.text.count("records no") == 1, caplog.text  # one warning, not one per kind of record
     caplog.clear()
     torch.save(state, path)
