@@ -599,6 +599,7 @@ class ResumableCheckpoint:
         self.resume = _resume_mode(resume)
         self.interval = max(0, int(interval or 0))
         self._saved_at: int | None = None  # iteration of the last save
+        self._read: tuple[tuple[int, int, int], dict[str, Any]] | None = None  # (file's key, state): _checkpoint
 
     def attach(self, engine: Engine) -> None:
         """Resume at ``STARTED``; save every ``interval`` iterations, at each epoch end and at ``TERMINATE``.
@@ -633,7 +634,8 @@ class ResumableCheckpoint:
         self._read_loss_settings(engine)
         _, rank = process_group()
         if self._resuming():
-            self.restore(engine, load_training_checkpoint(self.path))
+            state, self._read = self._checkpoint(), None  # restored from here on: the next resume reads the file
+            self.restore(engine, state)
         elif self.path.is_file() and rank == 0:
             logger.warning("Starting a new run: %s will be overwritten (pass --resume true to continue it).", self.path)
         if rank == 0:
@@ -955,7 +957,21 @@ class ResumableCheckpoint:
             # ignite takes one pass over the loader per epoch when epoch_length is not set
             with contextlib.suppress(TypeError):
                 length = len(getattr(engine, "data_loader", None))  # type: ignore[arg-type]
-        self._check(engine, load_training_checkpoint(self.path), int(length or 0), logged=False)
+        self._check(engine, self._checkpoint(), int(length or 0), logged=False)
+
+    def _checkpoint(self) -> dict[str, Any]:
+        """:func:`load_training_checkpoint` of ``self.path``, read once for :meth:`check` and the restore at
+        ``STARTED`` while the file stays the same (by its size and modification time): each read checks every byte
+        of the archive and unpickles it."""
+        stat = os.stat(self.path) if self.path.is_file() else None
+        key = None if stat is None else (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if key is None or self._read is None or self._read[0] != key:
+            self._read = None  # no file (load_training_checkpoint names the fix), or another one
+            state = load_training_checkpoint(self.path)
+            if key is not None:
+                self._read = (key, state)
+            return state
+        return self._read[1]
 
     def restore(self, engine: Engine, state: Mapping[str, Any]) -> None:
         """Load ``state`` (from :func:`load_training_checkpoint`) into the objects and ``engine``.

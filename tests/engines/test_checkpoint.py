@@ -969,3 +969,32 @@ def test_check_refuses_a_resume_before_the_run_starts(tmp_path):
         saver.check(engine)
     saver, engine = handler(True, True)
     saver.check(engine)
+
+
+def test_a_resume_reads_its_checkpoint_once_for_the_check_and_the_restore(tmp_path, monkeypatch):
+    """checkpoint_last.pt was read (every byte checked, then unpickled) by the early check and again by the restore;
+    a file changed in between is read again."""
+    import os
+
+    _train(tmp_path, False, max_epochs=1)
+    reads = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(a[0]) or load(*a, **k))
+
+    def resume(change=False):
+        net = torch.nn.Linear(2, 1)
+        engine = Engine(lambda e, b: None)
+        saver = ResumableCheckpoint(tmp_path, net, torch.optim.SGD(net.parameters(), lr=0.1), resume=True)
+        saver.attach(engine)
+        saver.check(engine)
+        if change:  # rewritten by another process between the check and the start, in the same second
+            path = tmp_path / "checkpoint_last.pt"
+            stat = path.stat()
+            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+        engine.run(DATA, max_epochs=1)
+        return engine.state.iteration
+
+    assert resume() == 3 and len(reads) == 1, reads
+    reads.clear()
+    assert resume(change=True) == 3 and len(reads) == 2, reads
+
