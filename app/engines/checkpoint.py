@@ -925,11 +925,26 @@ class ResumableCheckpoint:
                                "trains with %s%s %s", self.path, target, "," if advice.startswith("the") else ".",
                                advice)
             return
-        keys = [k for k in dict.fromkeys([*written, *self._loss_settings]) if written.get(k) != self._loss_settings.get(k)]
+        def trained(key: str) -> Any:
+            # a switch the command line gave as "false" reached the loss as that string before the loss parsed its
+            # switches (app.losses), and the loss read it as true: that is the objective the weights were trained with
+            value, now = written.get(key), self._loss_settings.get(key)
+            return bool(value) if isinstance(now, bool) and isinstance(value, str) else value
+
+        def shown(key: str) -> str:
+            value = written.get(key)
+            return f"{value!r} (read as {trained(key)})" if trained(key) is not value else repr(value)
+
+        keys = [k for k in dict.fromkeys([*written, *self._loss_settings]) if trained(k) != self._loss_settings.get(k)]
         if not keys:
             return
-        listed = "; ".join(f"{k} {written.get(k)!r} there, {self._loss_settings.get(k)!r} here" for k in keys)
-        fix = " ".join(f"--loss#{k} {_cli_value(written[k])}" for k in keys if "." not in k and k in written)
+        listed = "; ".join(f"{k} {shown(k)} there, {self._loss_settings.get(k)!r} here" for k in keys)
+        def restore(key: str) -> str | None:
+            if trained(key) is not written.get(key):  # such a switch is the loss's argument of that name, given as text
+                return f"--loss#{key.rsplit('.', 1)[-1]} {str(trained(key)).lower()}"
+            return f"--loss#{key} {_cli_value(written[key])}" if "." not in key and key in written else None
+
+        fix = " ".join(filter(None, map(restore, keys)))
         raise ValueError(
             f"{self.path} was written by a run training with another loss ({listed}): a resume must train with the "
             f"loss the weights were trained with, so resume with the original loss settings{f' ({fix})' if fix else ''}, "

@@ -861,6 +861,23 @@ def test_a_resume_with_another_loss_is_refused(tmp_path, caplog):
     assert _train_with_loss(tmp_path / "weighted", DiceCELoss(sigmoid=True, weight=torch.tensor(2.0))) == 3
 
 
+def test_a_switch_an_earlier_version_took_as_text_is_compared_as_the_loss_read_it(tmp_path):
+    """--loss#include_background false reached the loss as the string "false", which it read as true, and the
+    checkpoint recorded the string: the same command, whose "false" now means false, trains another objective, and
+    --loss#include_background true (the one it trained with) was refused too, so the run could not be resumed."""
+    from app.losses import DiceCELoss
+
+    _train_with_loss(tmp_path, DiceCELoss(sigmoid=True))
+    path = tmp_path / "checkpoint_last.pt"
+    state = load_training_checkpoint(path)
+    state["loss_config"]["dice.include_background"] = "false"  # as an earlier version recorded it
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"another loss \(dice\.include_background 'false' \(read as True\) there, "
+                                         r"False here\).*original loss settings \(--loss#include_background true\)"):
+        _train_with_loss(tmp_path, DiceCELoss(sigmoid=True, include_background="false"))
+    assert _train_with_loss(tmp_path, DiceCELoss(sigmoid=True, include_background="true")) == 3
+
+
 def test_a_checkpoint_that_records_no_loss_resumes_with_a_warning_naming_the_old_loss(tmp_path, caplog):
     """A checkpoint written before the loss was recorded (brats_gmd before 0.6.0 trained with MONAI's softmax
     cross-entropy) cannot be checked: the resume says which loss it continues with and how to keep one objective."""
