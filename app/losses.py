@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss as _MonaiDiceCELoss
 
+from app.flags import parse_bool
+
 __all__ = ["DiceCELoss", "check_loss", "loss_settings"]
 
 
@@ -121,7 +123,9 @@ class DiceCELoss(_MonaiDiceCELoss):
     As in MONAI's loss, ``weight`` also weighs each channel's Dice, and ``include_background``, ``batch`` and the
     ``smooth_*`` settings apply to the Dice alone: with ``include_background=False`` the Dice leaves channel 0 out
     (``weight[1:]`` weighs the others) while the cross-entropy keeps every channel. ``weight`` may be a list
-    (``--loss#weight "[1,2,4]"``, a recipe's ``weight: [1, 2, 4]``) or one number for every channel.
+    (``--loss#weight "[1,2,4]"``, a recipe's ``weight: [1, 2, 4]``) or one number for every channel, the channels
+    the Dice scores without the background included. The switches (``include_background``, ``sigmoid``, ...) take
+    ``true``/``false`` as the command line gives them.
     """
 
     def __init__(
@@ -145,10 +149,15 @@ class DiceCELoss(_MonaiDiceCELoss):
         """MONAI's arguments; ``weight`` may also be a list or a number (MONAI takes a tensor only).
 
         Raises:
-            ValueError: ``weight`` is not numbers, a ``lambda_*`` is not a number >= 0 or ``reduction`` is neither
-                ``mean`` nor ``sum`` (MONAI refuses the last two with a message that a bundle run shows at the
-                bottom of a traceback).
+            ValueError: ``weight`` is not numbers, a switch is not true or false, a ``lambda_*`` is not a number
+                >= 0 or ``reduction`` is neither ``mean`` nor ``sum`` (MONAI refuses the last two with a message that
+                a bundle run shows at the bottom of a traceback).
         """
+        # --loss#include_background false reaches the loss as the string "false", which Python reads as True: the
+        # Dice went on scoring the background channel without a word
+        switches = {"include_background": include_background, "to_onehot_y": to_onehot_y, "sigmoid": sigmoid,
+                    "softmax": softmax, "squared_pred": squared_pred, "jaccard": jaccard, "batch": batch}
+        switches = {name: parse_bool(value, f"loss#{name}") for name, value in switches.items()}
         for name, value, term in (("lambda_dice", lambda_dice, "Dice"), ("lambda_ce", lambda_ce, "cross-entropy")):
             try:
                 good = not isinstance(value, bool) and math.isfinite(float(value)) and float(value) >= 0
@@ -168,12 +177,19 @@ class DiceCELoss(_MonaiDiceCELoss):
             except (TypeError, ValueError, RuntimeError):
                 raise ValueError(f"loss weight {weight!r} is not numbers: give one value per region channel, "
                                  'e.g. --loss#weight "[1.0,1.0,2.0]", or one number for every channel.') from None
+        # MONAI's loss gives its Dice weight[1:] without the background, which stops with an IndexError on a single
+        # number; its Dice applies one number to every channel it scores, so that number is the Dice's weight
+        one_number = weight is not None and weight.ndim == 0 and not switches["include_background"]
         super().__init__(
-            include_background=include_background, to_onehot_y=to_onehot_y, sigmoid=sigmoid, softmax=softmax,
-            other_act=other_act, squared_pred=squared_pred, jaccard=jaccard, reduction=reduction, smooth_nr=smooth_nr,
-            smooth_dr=smooth_dr, batch=batch, weight=weight, lambda_dice=lambda_dice, lambda_ce=lambda_ce,
-            label_smoothing=label_smoothing,
+            other_act=other_act, reduction=reduction, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
+            weight=None if one_number else weight, lambda_dice=lambda_dice, lambda_ce=lambda_ce,
+            label_smoothing=label_smoothing, **switches,
         )
+        if one_number:
+            # the buffers MONAI's loss sets from weight (registered as None above)
+            self.dice.class_weight = weight
+            self.cross_entropy.weight = weight
+            self.binary_cross_entropy.pos_weight = weight
 
     def bce(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Binary cross-entropy of every channel's logits against its target, as one independent sigmoid each."""

@@ -130,6 +130,31 @@ def test_include_background_and_batch_apply_to_the_dice_alone():
     assert float(loss(logits, target)) == pytest.approx(float(dice) + float(bce), rel=1e-6)
 
 
+@pytest.mark.parametrize("include_background", [False, "false", "False"])
+def test_one_weight_without_the_background_weighs_every_channel_the_dice_scores(include_background):
+    """--loss#include_background false with --loss#weight 2.0 stopped with MONAI's IndexError (its weight[1:] of a single
+    number) when the loss was built; the command line's "false" was the string, which Python reads as True, so the
+    Dice went on scoring the background channel without a word."""
+    from app.losses import check_loss, loss_settings
+
+    torch.manual_seed(6)
+    logits = torch.randn(2, 3, 4, 4, 2)
+    target = (torch.rand(2, 3, 4, 4, 2) > 0.5).float()
+    loss = DiceCELoss(sigmoid=True, squared_pred=True, include_background=include_background, weight=2.0)
+    check_loss(loss, 3)
+    # MONAI's Dice applies one number to every channel it scores; the cross-entropy weighs every channel's positives
+    dice = DiceLoss(sigmoid=True, squared_pred=True, include_background=False, weight=2.0)(logits, target)
+    bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor(2.0))
+    assert float(loss(logits, target)) == pytest.approx(float(dice) + float(bce), rel=1e-6)
+    assert loss_settings(loss)["dice.include_background"] is False
+
+
+def test_a_switch_that_is_not_true_or_false_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"--loss#include_background must be true or false, got 'no': pass "
+                                         r"--loss#include_background true or --loss#include_background false\."):
+        DiceCELoss(sigmoid=True, include_background="no")
+
+
 def test_an_all_tumour_crop_and_a_crop_without_enhancing_tumour_train_every_channel():
     logits = torch.tensor([-2.0, 0.0, 1.0]).reshape(1, 3, 1, 1, 1).repeat(2, 1, 3, 2, 2).requires_grad_()
     loss = _bundle_loss()

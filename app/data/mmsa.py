@@ -56,6 +56,7 @@ __all__ = [
     "load_mmsa",
     "main",
     "make_synthetic_mmsa",
+    "mmsa_digest",
     "mmsa_split",
     "save_mmsa_npz",
     "read_mmsa_splits",
@@ -538,6 +539,28 @@ def _ids_identify(data: Mapping[str, Mapping[str, np.ndarray]]) -> bool:
     """
     ids = [str(i) for split in data.values() if isinstance(split, Mapping) and "id" in split for i in split["id"]]
     return len(set(ids)) == len(ids)
+
+
+def mmsa_digest(data: Mapping[str, Mapping[str, np.ndarray]], splits: Sequence[str], label_key: str,
+                source: str | os.PathLike = "the data file") -> str:
+    """A digest of what a training run trains and selects on: the utterance ids and ``label_key`` labels of each of
+    ``splits``, in order (with the features' digests where the ids do not name one utterance each, as
+    :func:`write_mmsa_splits` records them).
+
+    The training checkpoint records it (the bundle's ``settings``): a resume with another ``--data_path`` went on
+    training on the other file without a word, while the path alone cannot tell another file from the same data
+    converted to ``.npz`` or moved, whose ids and labels load the same.
+    """
+    ids_identify = _ids_identify(data)
+    h = hashlib.sha256()
+    for name in splits:
+        split = mmsa_split(data, name, source)
+        record = _utterance_record(split, name, ids_identify)
+        h.update(json.dumps([str(name), record["ids"], record.get("digests")]).encode("utf-8"))
+        labels = split.get(label_key)
+        if labels is not None:
+            h.update(np.ascontiguousarray(np.asarray(labels, dtype=np.float64)).tobytes())
+    return h.hexdigest()[:16]
 
 
 def write_mmsa_splits(output_dir: str | os.PathLike, data: Mapping[str, Mapping[str, np.ndarray]],

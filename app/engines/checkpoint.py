@@ -38,6 +38,7 @@ from monai.data.utils import set_rnd
 from torch.utils.data import Dataset, DistributedSampler
 
 from app.atomic import atomic_write, stale_temporaries
+from app.engines.handlers import format_duration
 from app.networks.weights import check_archive, check_finite, describe_state_dict, optional_state_keys
 from app.flags import parse_bool
 from app.losses import loss_settings
@@ -415,6 +416,12 @@ def _cli_value(value: Any) -> str:
     return str(value)
 
 
+def _option(flag: str) -> str:
+    """A setting's flag: ``--patch_size``; a name with a space is another command's flag as it is written
+    (``torchrun --nproc_per_node``)."""
+    return flag if " " in flag else f"--{flag}"
+
+
 def _class_name(obj: Any) -> str:
     """``obj``'s class as ``--optimizer#_target_`` names it: ``torch.optim.AdamW`` (the public module where
     the class is exported from it), else ``module.Class``."""
@@ -552,6 +559,10 @@ class ResumableCheckpoint:
         warn: names of ``settings`` whose change is logged as a warning instead of refused: the experiment stays the
             same (the bundle: ``deterministic``, which only loses bit-for-bit reproducibility on a GPU, and
             ``dataset_dir``, a moved copy of the data: the split and the voxel size are checked on their own).
+        digests: ``settings`` that are a digest of the data another setting names, by the name of that setting (the
+            sentiment bundle: ``{"data": "data_path"}``, the utterance ids and labels of its splits): a changed digest
+            is refused naming that setting's values and the recorded one as the fix, a digest being no flag. The
+            setting it is of is then in ``warn``: a copy of the same data elsewhere, or converted, resumes.
     """
 
     def __init__(
@@ -570,6 +581,7 @@ class ResumableCheckpoint:
         settings: Mapping[str, Any] | None = None,
         loss_function: Any = None,
         warn: Sequence[str] = (),
+        digests: Mapping[str, str] | None = None,
     ) -> None:
         self.path = Path(save_dir) / filename
         self.loss_function = loss_function
@@ -577,6 +589,7 @@ class ResumableCheckpoint:
         self.time_limit = time_limit
         self.settings = {str(k): _plain(v) for k, v in (settings or {}).items()}
         self.warn = frozenset(str(k) for k in warn)
+        self.digests = {str(k): str(v) for k, v in (digests or {}).items()}
         self.network = network
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -586,6 +599,7 @@ class ResumableCheckpoint:
         self.resume = _resume_mode(resume)
         self.interval = max(0, int(interval or 0))
         self._saved_at: int | None = None  # iteration of the last save
+        self._read: tuple[tuple[int, int, int], dict[str, Any]] | None = None  # (file's key, state): _checkpoint
 
     def attach(self, engine: Engine) -> None:
         """Resume at ``STARTED``; save every ``interval`` iterations, at each epoch end and at ``TERMINATE``.
@@ -620,7 +634,8 @@ class ResumableCheckpoint:
         self._read_loss_settings(engine)
         _, rank = process_group()
         if self._resuming():
-            self.restore(engine, load_training_checkpoint(self.path))
+            state, self._read = self._checkpoint(), None  # restored from here on: the next resume reads the file
+            self.restore(engine, state)
         elif self.path.is_file() and rank == 0:
             logger.warning("Starting a new run: %s will be overwritten (pass --resume true to continue it).", self.path)
         if rank == 0:
@@ -737,22 +752,39 @@ class ResumableCheckpoint:
         def shown(value: Any) -> str:
             return "(none)" if value is _NOT_A_SETTING else repr(value)
 
-        def option(flag: str) -> str:
-            # a name with a space is another command's flag as it is written ("torchrun --nproc_per_node")
-            return flag if " " in flag else f"--{flag}"
+        option = _option
 
         def more(items: list[tuple[str, str, Any, Any]]) -> str:
             # a transform list of a recipe replaced as a whole differs in dozens of settings: the line names a few
             return f" and {len(items) - _LISTED} more" if len(items) > _LISTED else ""
 
+        def source(key: str) -> tuple[str, Any, Any]:
+            # the setting a digest is of (--data_path), with its recorded value and this run's
+            name = self.digests[key]
+            return name, _plain(recorded.get(name, _NOT_A_SETTING)), self.settings.get(name, _NOT_A_SETTING)
+
+        def change(key: str, flag: str, old: Any, new: Any) -> str:
+            if key not in self.digests:
+                return f"{option(flag)} {shown(old)} there, {shown(new)} here"
+            name, then, now = source(key)
+            where = (f"{option(name)} {shown(now)}" if then == now
+                     else f"{option(name)} {shown(then)} there, {shown(now)} here")
+            return f"{where}, whose data differ: digest {old} there, {new} here"
+
         def listed(items: list[tuple[str, str, Any, Any]]) -> str:
-            return "; ".join(f"{option(flag)} {shown(old)} there, {shown(new)} here"
-                             for _, flag, old, new in items[:_LISTED]) + more(items)
+            return "; ".join(change(*item) for item in items[:_LISTED]) + more(items)
+
+        def restore(key: str, flag: str, old: Any) -> str | None:
+            if key in self.digests:  # the digest is no flag: the setting it is of restores it, where that moved
+                name, then, now = source(key)
+                return None if then is _NOT_A_SETTING or then == now else f"{option(name)} {_cli_value(then)}"
+            # a transform's setting held by an inner object (cropper.pos_ratio) has no flag of its own
+            if old is _NOT_A_SETTING or "." in flag.rsplit("#", 1)[-1]:
+                return None
+            return f"{option(flag)} {_cli_value(old)}"
 
         def fix(items: list[tuple[str, str, Any, Any]]) -> str:
-            # a transform's setting held by an inner object (cropper.pos_ratio) has no flag of its own
-            flags = [f"{option(flag)} {_cli_value(old)}" for _, flag, old, _ in items[:_LISTED]
-                     if old is not _NOT_A_SETTING and "." not in flag.rsplit("#", 1)[-1]]
+            flags = [f for f in (restore(key, flag, old) for key, flag, old, _ in items[:_LISTED]) if f]
             return " ".join(flags) + (more(items) if flags else "")
 
         warned = [c for c in changes if c[0] in self.warn]
@@ -770,7 +802,8 @@ class ResumableCheckpoint:
         if unrecorded and recorded:
             # a run started before this version recorded them (the checkpoint of a run under way at an upgrade); a
             # checkpoint that records no settings at all is named by _warn_unrecorded
-            names = ", ".join(option(k) if not isinstance(self.settings[k], Mapping) else f"the {k} transforms"
+            names = ", ".join(f"digest of the {option(self.digests[k])} data" if k in self.digests
+                              else f"the {k} transforms" if isinstance(self.settings[k], Mapping) else option(k)
                               for k in unrecorded)
             warnings.append(f"{self.path} records no {names} (it was written by an earlier version): those are not "
                             "compared beyond what its weights, strategy and split show, so make sure this command "
@@ -847,8 +880,13 @@ class ResumableCheckpoint:
         if strategy is not None and state.get("strategy_config") is None:
             unchecked.append(f"strategy ({strategy!r})")
         if self.settings and not isinstance(state.get("settings"), Mapping):
-            unchecked.append("training settings (" + " ".join(f"--{k} {_cli_value(v)}"
-                                                              for k, v in self.settings.items()) + ")")
+            # the values to pass where a flag passes them; a transform list (hundreds of entries) and a digest by name
+            flags = [f"{_option(k)} {_cli_value(v)}" for k, v in self.settings.items()
+                     if not isinstance(v, Mapping) and k not in self.digests]
+            named = [f"the {k} transforms" if isinstance(v, Mapping) else f"digest of the "
+                     f"{_option(self.digests[k])} data" for k, v in self.settings.items()
+                     if isinstance(v, Mapping) or k in self.digests]
+            unchecked.append("training settings (" + "; ".join(filter(None, [" ".join(flags), ", ".join(named)])) + ")")
         budget = getattr(self.time_limit, "seconds", None)
         if budget is not None and "time_limit" not in state:
             unchecked.append(f"time trained (the {budget / 60:g}-minute budget counts from this resume)")
@@ -870,19 +908,43 @@ class ResumableCheckpoint:
             if rank == 0:
                 # checkpoints from before the loss was recorded: those of the brats_gmd bundle before 0.6.0 were
                 # trained with MONAI's DiceCELoss (a softmax cross-entropy over the region channels)
-                logger.warning(
-                    "%s records no training loss (it was written by an earlier version): the resumed run trains with "
-                    "%s. A brats_gmd checkpoint from before bundle version 0.6.0 was trained with "
-                    "monai.losses.DiceCELoss (a softmax cross-entropy over the region channels), so the run would "
-                    "mix two objectives: start a new run in another --output_dir to train with one loss throughout, "
-                    "or pass --loss#_target_ monai.losses.DiceCELoss to continue with that one.",
-                    self.path, self._loss_settings["_target_"])
+                target = self._loss_settings["_target_"]
+                if target.startswith("monai.losses.") and target.endswith(".DiceCELoss"):
+                    # the command gives the loss the other wording tells it to pass (--loss#_target_
+                    # monai.losses.DiceCELoss): naming the flag again read as if the command lacked it
+                    advice = ("the loss of brats_gmd checkpoints from before bundle version 0.6.0 (a softmax "
+                              "cross-entropy over the region channels); if this one was trained with another, start a "
+                              "new run in another --output_dir to train with one loss throughout.")
+                else:
+                    advice = ("A brats_gmd checkpoint from before bundle version 0.6.0 was trained with "
+                              "monai.losses.DiceCELoss (a softmax cross-entropy over the region channels), so the run "
+                              "would mix two objectives: start a new run in another --output_dir to train with one "
+                              "loss throughout, or pass --loss#_target_ monai.losses.DiceCELoss to continue with that "
+                              "one.")
+                logger.warning("%s records no training loss (it was written by an earlier version): the resumed run "
+                               "trains with %s%s %s", self.path, target, "," if advice.startswith("the") else ".",
+                               advice)
             return
-        keys = [k for k in dict.fromkeys([*written, *self._loss_settings]) if written.get(k) != self._loss_settings.get(k)]
+        def trained(key: str) -> Any:
+            # a switch the command line gave as "false" reached the loss as that string before the loss parsed its
+            # switches (app.losses), and the loss read it as true: that is the objective the weights were trained with
+            value, now = written.get(key), self._loss_settings.get(key)
+            return bool(value) if isinstance(now, bool) and isinstance(value, str) else value
+
+        def shown(key: str) -> str:
+            value = written.get(key)
+            return f"{value!r} (read as {trained(key)})" if trained(key) is not value else repr(value)
+
+        keys = [k for k in dict.fromkeys([*written, *self._loss_settings]) if trained(k) != self._loss_settings.get(k)]
         if not keys:
             return
-        listed = "; ".join(f"{k} {written.get(k)!r} there, {self._loss_settings.get(k)!r} here" for k in keys)
-        fix = " ".join(f"--loss#{k} {_cli_value(written[k])}" for k in keys if "." not in k and k in written)
+        listed = "; ".join(f"{k} {shown(k)} there, {self._loss_settings.get(k)!r} here" for k in keys)
+        def restore(key: str) -> str | None:
+            if trained(key) is not written.get(key):  # such a switch is the loss's argument of that name, given as text
+                return f"--loss#{key.rsplit('.', 1)[-1]} {str(trained(key)).lower()}"
+            return f"--loss#{key} {_cli_value(written[key])}" if "." not in key and key in written else None
+
+        fix = " ".join(filter(None, map(restore, keys)))
         raise ValueError(
             f"{self.path} was written by a run training with another loss ({listed}): a resume must train with the "
             f"loss the weights were trained with, so resume with the original loss settings{f' ({fix})' if fix else ''}, "
@@ -910,7 +972,21 @@ class ResumableCheckpoint:
             # ignite takes one pass over the loader per epoch when epoch_length is not set
             with contextlib.suppress(TypeError):
                 length = len(getattr(engine, "data_loader", None))  # type: ignore[arg-type]
-        self._check(engine, load_training_checkpoint(self.path), int(length or 0), logged=False)
+        self._check(engine, self._checkpoint(), int(length or 0), logged=False)
+
+    def _checkpoint(self) -> dict[str, Any]:
+        """:func:`load_training_checkpoint` of ``self.path``, read once for :meth:`check` and the restore at
+        ``STARTED`` while the file stays the same (by its size and modification time): each read checks every byte
+        of the archive and unpickles it."""
+        stat = os.stat(self.path) if self.path.is_file() else None
+        key = None if stat is None else (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if key is None or self._read is None or self._read[0] != key:
+            self._read = None  # no file (load_training_checkpoint names the fix), or another one
+            state = load_training_checkpoint(self.path)
+            if key is not None:
+                self._read = (key, state)
+            return state
+        return self._read[1]
 
     def restore(self, engine: Engine, state: Mapping[str, Any]) -> None:
         """Load ``state`` (from :func:`load_training_checkpoint`) into the objects and ``engine``.
@@ -1059,9 +1135,17 @@ class ResumableCheckpoint:
                                "between ranks differ from an uninterrupted run.", self.path, len(rng_states), world)
             restore_rng_state(rng_states[rank if rank < len(rng_states) else 0])
         if rank == 0:
+            # the one line of the log that says where the run resumed (TrainingProgressHandler's "Run:" line follows)
             done = iteration - engine.state.epoch * length if length else 0
-            logger.info("Resumed from %s at iteration %d (epoch %d, %d of its %d iterations done).", self.path,
-                        iteration, engine.state.epoch + 1, done, length)
+            trained = ""
+            if self.time_limit is not None:
+                recorded = state.get("time_limit")
+                # a checkpoint from before the time trained was recorded (brats_gmd before 0.5.0): not 0:00:00
+                trained = (f", with {format_duration(float(recorded.get('elapsed_seconds', 0.0)))} trained before"
+                           if isinstance(recorded, Mapping) else
+                           ", the time trained before it unknown (the checkpoint was written by an earlier version)")
+            logger.info("Resumed from %s at iteration %d (epoch %d, %d of its %d iterations done)%s.", self.path,
+                        iteration, engine.state.epoch + 1, done, length, trained)
         self._saved_at = iteration  # the file holds this state: a stop right away need not write it again
         if self.time_limit is not None and "time_limit" in state:
             self.time_limit.load_state_dict(state["time_limit"], engine)

@@ -191,8 +191,8 @@ class TrainingProgressHandler:
     limit ended with the same lines as one that trained every epoch. This handler logs:
 
     - at the start, the data (training and validation cases, the sequences their files lack), the settings
-      that decide the run (``settings``), the device and the versions, and the iteration a resumed run
-      continues from, with the time trained before it;
+      that decide the run (``settings``), the device and the versions (where a resumed run continues, and the time
+      trained before it, is :class:`~app.engines.ResumableCheckpoint`'s line);
     - after each epoch, ``Epoch E/N done (iteration I of T): train_loss mean L, learning rate R, S s per
       iteration; H:MM:SS trained, about H:MM:SS left``, the estimate from this run's pace so far (validation
       included), ended by ``max_epochs`` or by the time limit, whichever comes first;
@@ -308,10 +308,6 @@ class TrainingProgressHandler:
                     settings, ", " if settings else "", engine.state.max_epochs, engine.state.epoch_length,
                     f" ({total} in all)" if total else "", f"device {device}; " if device is not None else "",
                     torch.__version__, monai.__version__)
-        if self._start_iteration:
-            # the epoch in progress is the checkpoint's line to name (state.epoch counts the epochs completed)
-            logger.info("Resumed after iteration %d%s.", self._start_iteration, "" if self.time_limit is None else
-                        f", with {format_duration(self.time_limit.elapsed())} trained before")
 
     def _epoch_started(self, engine: Engine) -> None:
         self._loss_sum, self._loss_count, self._epoch_iterations = 0.0, 0, 0

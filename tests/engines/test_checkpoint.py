@@ -253,19 +253,83 @@ def test_the_sentiment_multi_gpu_config_records_its_number_of_processes():
     config = ConfigParser.load_config_files([str(bundle / "train.yaml"), str(bundle / "multi_gpu_train.yaml")])
     parser = ConfigParser(config)
     assert parser["train#handlers#3#_target_"] == "app.engines.ResumableCheckpoint"
-    assert parser["train#handlers#3#settings"] == {"batch_size": "@batch_size",
-                                                   "torchrun --nproc_per_node": "@world_size"}
+    assert parser["train#handlers#3#settings#torchrun --nproc_per_node"] == "@world_size"
+    assert parser["train#handlers#3#settings#batch_size"] == "@batch_size"
     single = ConfigParser(ConfigParser.load_config_files([str(bundle / "train.yaml")]))
     assert single["train#handlers#3#settings#torchrun --nproc_per_node"] == 1
     assert ConfigParser(config).get_parsed_content("world_size") == 1  # outside torchrun
 
 
-def _settings_run(folder, warn=(), **settings):
+def _settings_run(folder, warn=(), digests=None, **settings):
     net = torch.nn.Linear(2, 1)
     engine = Engine(lambda e, b: None)
     ResumableCheckpoint(folder, net, torch.optim.SGD(net.parameters(), lr=0.1), resume="auto", settings=settings,
-                        warn=warn).attach(engine)
+                        warn=warn, digests=digests).attach(engine)
     engine.run(DATA, max_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def synthetic_mmsa_files(tmp_path_factory):
+    """A tiny MMSA pickle, its .npz conversion and another pickle."""
+    from app.data import convert_mmsa
+    from app.data.mmsa import write_synthetic_mmsa
+
+    folder = tmp_path_factory.mktemp("mmsa")
+    splits = {"train": 8, "valid": 4}
+    pkl = write_synthetic_mmsa(folder / "mosi.pkl", splits=splits, seed=0)
+    return pkl, convert_mmsa(pkl, folder / "mosi.npz"), write_synthetic_mmsa(folder / "other.pkl", splits=splits, seed=1)
+
+
+def test_the_sentiment_bundle_records_the_settings_the_segmentation_bundle_records(synthetic_mmsa_files):
+    """A sentiment resume compared the batch size, processes, loss and head only: --amp, --seed, the network's
+    settings, the splits and model selection changed without a word, and so did --data_path: another file trained on
+    where the run left off. The data is recorded by a digest of its utterance ids and labels, which its .npz
+    conversion shares; its path changes with a warning only."""
+    from monai.bundle import ConfigParser
+
+    bundle = REPO / "bundles" / "mosi_gmd" / "configs"
+    pkl, npz, other = synthetic_mmsa_files
+
+    def settings(path, **overrides):
+        parser = ConfigParser(ConfigParser.load_config_files([str(bundle / "train.yaml")]))
+        parser.update({"data_path": str(path), "trust_pickle": True, **overrides})
+        handler = parser.get("train#handlers#3")
+        return parser.get_parsed_content("train#handlers#3#settings"), handler["warn"], handler["digests"]
+
+    recorded, warn, digests = settings(pkl, amp="false")
+    assert {"amp", "seed", "strategy", "hidden", "num_heads", "dropout", "input_dropout", "head_dropout", "train_split",
+            "val_split", "label_key", "key_metric", "data", "data_path", "batch_size",
+            "torchrun --nproc_per_node"} <= set(recorded)
+    assert recorded["amp"] is False and recorded["key_metric"] == "MAE" and recorded["data_path"] == str(pkl)
+    assert warn == ["data_path"] and digests == {"data": "data_path"}
+    assert settings(npz)[0]["data"] == recorded["data"]  # the converted file: the same data
+    assert settings(other)[0]["data"] != recorded["data"]
+
+
+def test_a_resume_on_other_data_is_refused_naming_the_path_and_on_a_copy_warned_about(tmp_path, caplog):
+    def run(path, digest):
+        _settings_run(tmp_path, warn=["data_path"], digests={"data": "data_path"}, data=digest, data_path=path)
+
+    run("/d/mosi.pkl", "1a2b")
+    with pytest.raises(ValueError, match=r"other training settings \(--data_path '/d/mosi.pkl' there, '/d/other.pkl' "
+                                         r"here, whose data differ: digest 1a2b there, 3c4d here\): resume with "
+                                         r"--data_path /d/mosi.pkl, or start a new run"):
+        run("/d/other.pkl", "3c4d")
+    # the same file rewritten: no flag restores it
+    with pytest.raises(ValueError, match=r"\(--data_path '/d/mosi.pkl', whose data differ: digest 1a2b there, 3c4d "
+                                         r"here\): resume with the original settings, or"):
+        run("/d/mosi.pkl", "3c4d")
+    with caplog.at_level("WARNING", logger="app.engines.checkpoint"):
+        run("/d/mosi.npz", "1a2b")  # converted: the same data
+    assert "other settings (--data_path '/d/mosi.pkl' there, '/d/mosi.npz' here): the resumed run continues" in caplog.text
+    # a checkpoint written before the data was recorded resumes, saying so
+    _settings_run(tmp_path / "old", batch_size=2)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="app.engines.checkpoint"):
+        _settings_run(tmp_path / "old", warn=["data_path"], digests={"data": "data_path"}, batch_size=2, data="3c4d",
+                      data_path="/d/other.pkl")
+    assert ("records no digest of the --data_path data, --data_path (it was written by an earlier version)"
+            in caplog.text), caplog.text
 
 
 def test_a_resume_with_another_amp_or_number_of_processes_is_refused_naming_the_flag(tmp_path):
@@ -432,6 +496,43 @@ def test_a_run_killed_mid_budget_trains_only_what_is_left(tmp_path, monkeypatch)
     assert _timed_run(tmp_path, False, 1.0, clock, max_epochs=1) == [1, 2, 3]  # "killed" after 30 s (epoch end)
     clock[0] += 3600.0  # the time between the kill and the resume is not training
     assert _timed_run(tmp_path, True, 1.0, clock) == [4, 5, 6]
+
+
+def test_a_resume_says_once_where_it_continues_and_the_time_trained_before_or_that_it_is_unknown(
+        tmp_path, monkeypatch, caplog):
+    """A resumed run said where it resumed in two lines (the checkpoint's and the progress handler's); one from before
+    the time trained was recorded (brats_gmd before 0.5.0), without a time limit, said "0:00:00 trained before"."""
+    import app.engines.handlers as handlers
+    from app.engines import TimeLimitHandler, TrainingProgressHandler
+
+    clock = [0.0]
+    monkeypatch.setattr(handlers.time, "monotonic", lambda: clock[0])
+
+    def run(resume):
+        net = torch.nn.Linear(2, 1)
+        engine = Engine(lambda e, b: clock.__setitem__(0, clock[0] + 10.0))
+        limit = TimeLimitHandler(0)  # no budget: the clock still runs
+        limit.attach(engine)
+        ResumableCheckpoint(tmp_path, net, torch.optim.SGD(net.parameters(), lr=0.1), resume=resume,
+                            time_limit=limit).attach(engine)
+        TrainingProgressHandler(time_limit=limit).attach(engine)
+        engine.run(DATA, max_epochs=2 if resume else 1)
+
+    run(False)
+    path = tmp_path / "checkpoint_last.pt"
+    state = load_training_checkpoint(path)
+    with caplog.at_level("INFO"):
+        run(True)
+    resumed = [r.getMessage() for r in caplog.records if "esumed" in r.getMessage()]
+    assert resumed == [f"Resumed from {path} at iteration 3 (epoch 2, 0 of its 3 iterations done), with 0:00:30 "
+                       "trained before."], resumed
+    torch.save({k: v for k, v in state.items() if k != "time_limit"}, path)  # as brats_gmd 0.4.0 wrote it
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        run(True)
+    resumed = [r.getMessage() for r in caplog.records if "esumed" in r.getMessage()]
+    assert resumed == [f"Resumed from {path} at iteration 3 (epoch 2, 0 of its 3 iterations done), the time trained "
+                       "before it unknown (the checkpoint was written by an earlier version)."], resumed
 
 
 def test_the_bundles_keep_the_time_budget_in_their_checkpoints():
@@ -760,6 +861,23 @@ def test_a_resume_with_another_loss_is_refused(tmp_path, caplog):
     assert _train_with_loss(tmp_path / "weighted", DiceCELoss(sigmoid=True, weight=torch.tensor(2.0))) == 3
 
 
+def test_a_switch_an_earlier_version_took_as_text_is_compared_as_the_loss_read_it(tmp_path):
+    """--loss#include_background false reached the loss as the string "false", which it read as true, and the
+    checkpoint recorded the string: the same command, whose "false" now means false, trains another objective, and
+    --loss#include_background true (the one it trained with) was refused too, so the run could not be resumed."""
+    from app.losses import DiceCELoss
+
+    _train_with_loss(tmp_path, DiceCELoss(sigmoid=True))
+    path = tmp_path / "checkpoint_last.pt"
+    state = load_training_checkpoint(path)
+    state["loss_config"]["dice.include_background"] = "false"  # as an earlier version recorded it
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"another loss \(dice\.include_background 'false' \(read as True\) there, "
+                                         r"False here\).*original loss settings \(--loss#include_background true\)"):
+        _train_with_loss(tmp_path, DiceCELoss(sigmoid=True, include_background="false"))
+    assert _train_with_loss(tmp_path, DiceCELoss(sigmoid=True, include_background="true")) == 3
+
+
 def test_a_checkpoint_that_records_no_loss_resumes_with_a_warning_naming_the_old_loss(tmp_path, caplog):
     """A checkpoint written before the loss was recorded (brats_gmd before 0.6.0 trained with MONAI's softmax
     cross-entropy) cannot be checked: the resume says which loss it continues with and how to keep one objective."""
@@ -774,6 +892,18 @@ def test_a_checkpoint_that_records_no_loss_resumes_with_a_warning_naming_the_old
         assert _train_with_loss(tmp_path, DiceCELoss(sigmoid=True)) == 3
     assert "records no training loss" in caplog.text and "app.losses.DiceCELoss" in caplog.text
     assert "--loss#_target_ monai.losses.DiceCELoss" in caplog.text
+    # resumed with that loss (--loss#_target_ monai.losses.DiceCELoss): the warning told the user to pass it anyway
+    from monai.losses import DiceCELoss as MonaiDiceCELoss
+
+    torch.save(state, path)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="app.engines.checkpoint"):
+        assert _train_with_loss(tmp_path, MonaiDiceCELoss(sigmoid=True)) == 3
+    assert (f"{path} records no training loss (it was written by an earlier version): the resumed run trains with "
+            "monai.losses.dice.DiceCELoss, the loss of brats_gmd checkpoints from before bundle version 0.6.0 (a softmax "
+            "cross-entropy over the region channels); if this one was trained with another, start a new run in another "
+            "--output_dir to train with one loss throughout.") in caplog.text, caplog.text
+    assert "--loss#_target_" not in caplog.text
 
 
 def test_a_resume_with_a_sentiment_head_of_another_task_is_refused_even_when_its_shapes_fit(tmp_path):
@@ -815,10 +945,12 @@ def test_a_checkpoint_that_records_no_strategy_settings_or_time_resumes_with_a_w
     torch.save({k: v for k, v in state.items() if k not in ("strategy_config", "settings", "time_limit")},
                path)  # as brats_gmd 0.3.0 wrote it
     with caplog.at_level("WARNING", logger="app.engines.checkpoint"):
-        run("plain", minutes=5, patch_size=[96, 96, 96])
-    assert (f"{path} records no strategy (PlainStrategy(seed=0)); no training settings (--patch_size \"[96,96,96]\"); "
-            "no time trained (the 5-minute budget counts from this resume) (it was written by an earlier version)"
-            ) in caplog.text, caplog.text
+        # a transform list is named, not written out (the bundle's are hundreds of entries); torchrun's flag as it is
+        run("plain", minutes=5, patch_size=[96, 96, 96], augmentation={"train#augmentation#0#prob": 0.5},
+            **{"torchrun --nproc_per_node": 1})
+    assert (f"{path} records no strategy (PlainStrategy(seed=0)); no training settings (--patch_size \"[96,96,96]\" "
+            "torchrun --nproc_per_node 1; the augmentation transforms); no time trained (the 5-minute budget counts "
+            "from this resume) (it was written by an earlier version)") in caplog.text, caplog.text
     assert caplog.text.count("records no") == 1, caplog.text  # one warning, not one per kind of record
     caplog.clear()
     torch.save(state, path)
@@ -854,3 +986,32 @@ def test_check_refuses_a_resume_before_the_run_starts(tmp_path):
         saver.check(engine)
     saver, engine = handler(True, True)
     saver.check(engine)
+
+
+def test_a_resume_reads_its_checkpoint_once_for_the_check_and_the_restore(tmp_path, monkeypatch):
+    """checkpoint_last.pt was read (every byte checked, then unpickled) by the early check and again by the restore;
+    a file changed in between is read again."""
+    import os
+
+    _train(tmp_path, False, max_epochs=1)
+    reads = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(a[0]) or load(*a, **k))
+
+    def resume(change=False):
+        net = torch.nn.Linear(2, 1)
+        engine = Engine(lambda e, b: None)
+        saver = ResumableCheckpoint(tmp_path, net, torch.optim.SGD(net.parameters(), lr=0.1), resume=True)
+        saver.attach(engine)
+        saver.check(engine)
+        if change:  # rewritten by another process between the check and the start, in the same second
+            path = tmp_path / "checkpoint_last.pt"
+            stat = path.stat()
+            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+        engine.run(DATA, max_epochs=1)
+        return engine.state.iteration
+
+    assert resume() == 3 and len(reads) == 1, reads
+    reads.clear()
+    assert resume(change=True) == 3 and len(reads) == 2, reads
+

@@ -554,3 +554,32 @@ def test_an_mmsa_file_that_is_a_named_pipe_is_refused_as_one(tmp_path, capsys, n
         assert codes == [2]
         assert capsys.readouterr().err == f"error: {expected}\n"
         assert not (tmp_path / "out.npz").exists()
+
+
+def test_the_data_digest_follows_the_utterances_and_labels_not_the_file(tmp_path):
+    """A resume records it: the .npz conversion of a pickle digests the same, another file (other labels; or, without
+    ids, other features) does not, and nor does another split or label key."""
+    from app.data.mmsa import mmsa_digest
+
+    splits = {"train": 8, "valid": 4}
+    pkl = write_synthetic_mmsa(tmp_path / "a.pkl", splits=splits, seed=0)
+    npz = convert_mmsa(pkl, tmp_path / "a.npz")
+    first = mmsa_digest(load_mmsa(pkl, trust_pickle=True), ["train", "valid"], "regression_labels")
+    assert mmsa_digest(load_mmsa(npz), ["train", "valid"], "regression_labels") == first
+    other = load_mmsa(write_synthetic_mmsa(tmp_path / "b.pkl", splits=splits, seed=1), trust_pickle=True)
+    assert mmsa_digest(other, ["train", "valid"], "regression_labels") != first  # the same ids, other labels
+    data = load_mmsa(pkl, trust_pickle=True)
+    assert mmsa_digest(data, ["valid", "train"], "regression_labels") != first
+    assert mmsa_digest(data, ["train", "valid"], "classification_labels") != first
+    # without ids the positions are the ids: the features tell two files apart
+    raw = make_synthetic_mmsa(splits=splits, seed=0)
+    for split in raw.values():
+        del split["id"]
+    shifted = {name: {**split, "text": split["text"] + 1.0} for name, split in raw.items()}
+    digests = []
+    for name, content in (("c.pkl", raw), ("d.pkl", shifted)):
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump(content, f)
+        digests.append(mmsa_digest(load_mmsa(tmp_path / name, trust_pickle=True), ["train", "valid"],
+                                   "regression_labels"))
+    assert digests[0] != digests[1]

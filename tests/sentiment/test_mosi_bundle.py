@@ -419,6 +419,7 @@ def test_sigterm_writes_the_resumable_checkpoint_ends_by_the_signal_and_the_run_
     assert torch.load(out / "models" / "checkpoint_last.pt", weights_only=True)["iteration"] == 3
     assert not (out / "models" / "model_final.pt").exists()  # the run did not finish
     resumed = run_mosi_bundle([TRAIN], *args[5:], "--resume", "true")
-    assert "Resumed after iteration 3" in resumed.stdout + resumed.stderr
+    assert (f"Resumed from {out / 'models' / 'checkpoint_last.pt'} at iteration 3 (epoch 2, 1 of its 2 iterations "
+            "done), with ") in resumed.stdout + resumed.stderr
     assert "Training finished: all 3 epoch(s) trained (6 iterations)" in resumed.stdout + resumed.stderr
     assert (out / "models" / "model_final.pt").is_file()
