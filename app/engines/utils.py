@@ -152,6 +152,8 @@ class _InputErrorTracebacks(logging.Filter):
         engine = record.name.startswith("ignite.") and record.levelno >= logging.ERROR
         if exc is None and engine:
             exc = sys.exc_info()[1]
+        if isinstance(exc, KeyboardInterrupt):
+            return False  # a stop, no error: the hook's one line says it (ignite logs it with an empty message)
         if exc is None or _input_error(exc) is None:
             return True
         if engine and str(exc) and record.getMessage().endswith(str(exc)):
@@ -169,6 +171,11 @@ def report_input_errors() -> None:
     (exit status stays 1); any other failure keeps the full traceback (see :func:`_input_error`),
     and so does every failure when the environment sets ``APP_TRACEBACK=1``. The log handlers set
     up so far (the bundle's ``logging.conf``) leave out the traceback of such an error too.
+
+    Ctrl-C outside a training's own handling (:class:`~app.engines.StopOnSignal`), in an evaluation or while a
+    training reads its cases, ends with one line too: it printed two ``KeyboardInterrupt`` tracebacks (the
+    engine's log record and Python's), though the user asked for the stop. The process still ends by SIGINT
+    (exit status 130), as Python ends it after this hook for an uncaught ``KeyboardInterrupt``.
     """
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, _InputErrorTracebacks) for f in handler.filters):
@@ -178,6 +185,10 @@ def report_input_errors() -> None:
         return
 
     def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        if isinstance(exc, KeyboardInterrupt) and os.environ.get("APP_TRACEBACK") != "1":
+            print("error: stopped by SIGINT (Ctrl-C) before the run finished; run the same command again to start it "
+                  "over.", file=sys.stderr)
+            return
         err = None if os.environ.get("APP_TRACEBACK") == "1" else _input_error(exc)
         if err is None:
             previous(exc_type, exc, tb)

@@ -182,7 +182,7 @@ def test_an_error_that_ends_a_training_is_said_once_by_its_error_line(monkeypatc
                                 optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=loss_function,
                                 strategy=build_strategy("plain"), train_handlers=[StatsHandler(name=None)])
         stream.seek(0), stream.truncate()
-        with pytest.raises(Exception) as err:
+        with pytest.raises(BaseException) as err:
             trainer.run()
         sys.excepthook(err.type, err.value, err.tb)
         return stream.getvalue(), capsys.readouterr().err
@@ -202,6 +202,15 @@ def test_an_error_that_ends_a_training_is_said_once_by_its_error_line(monkeypatc
         assert "not finite" not in log and "Exception" not in log and "Traceback" not in log, log
         assert err.startswith("error: The training loss is not finite") and err.count("\n") == 1
         assert not seen  # printed by the product's hook, not handed on
+        # Ctrl-C in an evaluation (no StopOnSignal there): one line, not the engine's traceback and Python's
+
+        def interrupted(p, t):
+            raise KeyboardInterrupt
+
+        log, err = run(interrupted)
+        assert "KeyboardInterrupt" not in log and "Traceback" not in log and "Exception" not in log, log
+        assert err.startswith("error: stopped by SIGINT (Ctrl-C)") and err.count("\n") == 1, err
+        assert not seen
         # a bug is no input error: the engine's records and the traceback stay, and the previous hook shows it
         log, err = run(lambda p, t: int("x"))
         assert log.count("terminating due to exception: invalid literal") == 2 and "Traceback" in log and err == ""
