@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import linecache
 import logging
 import os
@@ -450,10 +451,37 @@ def _remove_if_empty(path: str, created: str) -> None:
 _MADE: list[tuple[str, str]] = []
 
 
+def _without_model(path: str) -> bool:
+    """Whether ``path`` is a training's output folder whose ``models/`` holds no file: no model, no resumable
+    checkpoint. A training that ends in any way but a failure leaves one there (``model_final.pt`` at its end,
+    ``checkpoint_last.pt`` at a stop by signal or time limit); an evaluation makes no ``models/``."""
+    models = os.path.join(path, "models")
+    if os.path.islink(models) or not os.path.isdir(models):
+        return False
+    return not any(files for _, _, files in os.walk(models))
+
+
 def _remove_made_folders() -> None:
     """Remove the output folders this process made (latest first), and the parents it made for them, while
-    they are empty."""
+    they are empty.
+
+    A training that failed before it wrote a model or a checkpoint (a loss that diverged in the first steps, a
+    bad case found by a data-loader worker) left ``datalist.json``, ``tensorboard/`` and an empty ``models/`` in
+    the folder it had made: a half-made run folder that a later ``--resume`` refuses and the user must delete.
+    Such a folder goes with what is in it, all of which this run wrote (it made the folder and held its lock).
+    A folder that existed before the run is never emptied.
+    """
+    import shutil
+
     for made, outermost in reversed(_MADE):
+        if _without_model(made):
+            with os.scandir(made) as entries:
+                for entry in list(entries):
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(OSError):
+                            os.unlink(entry.path)
         _remove_if_empty(made, outermost)
 
 

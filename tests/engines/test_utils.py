@@ -685,6 +685,34 @@ def test_an_output_folder_the_run_made_and_left_empty_is_removed_at_exit(tmp_pat
     assert (new / "datalist.json").is_file()
 
 
+def test_a_training_that_failed_before_any_model_leaves_no_folder_it_made(tmp_path, monkeypatch):
+    """A diverged training left datalist.json, tensorboard/ and an empty models/ in the output folder it had
+    made. Such a folder goes, with the parents made for it; one holding a checkpoint stays, and so does a folder
+    that was there before the run, with everything in it."""
+    import app.engines.utils as utils
+
+    def failed_run(out, made_from=None, model=None):
+        (out / "models").mkdir(parents=True)
+        (out / "tensorboard").mkdir()
+        (out / "tensorboard" / "events.out.tfevents.1").write_text("x")
+        (out / "datalist.json").write_text("{}")
+        if model:
+            (out / "models" / model).write_text("x")
+        made = [] if made_from is None else [(str(out), str(made_from))]
+        monkeypatch.setattr(utils, "_MADE", made)
+        utils._remove_made_folders()  # as at the end of the process
+
+    failed_run(tmp_path / "runs" / "site" / "out", made_from=tmp_path / "runs")
+    assert list(tmp_path.iterdir()) == []
+    failed_run(tmp_path / "runs" / "site" / "out", made_from=tmp_path / "runs", model="checkpoint_last.pt")
+    assert (tmp_path / "runs" / "site" / "out" / "datalist.json").is_file()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    failed_run(existing)  # not made by the run
+    assert (existing / "notes.txt").read_text() == "mine" and (existing / "datalist.json").is_file()
+
+
 def test_a_patch_size_fix_never_suggests_a_single_voxel_at_the_deepest_level():
     """[4, 4, 4] for a divisor of 8 suggested [8, 8, 8], which leaves one voxel at the deepest level and stopped
     training with a torch traceback; [8, 8, 8] itself was accepted. A whole axis (0, inference windows) may
