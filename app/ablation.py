@@ -15,7 +15,8 @@ files (recipes such as ``bundles/brats_gmd/configs/demo.yaml``) go after ``train
 ``--hd95 true`` (segmentation), which goes to the evaluations only and adds the HD95 tables (``HD95_WT``, ``HD95_TC``,
 ``HD95_ET``, mm, lower is better) after the Dice ones, as does ``--hd95_workers N`` (threads for those distances;
 it changes no value, so a finished evaluation is kept whatever it was). Each finished
-stage is kept, so an interrupted ablation resumes with the same command; a stage finished with other settings (seed,
+stage is kept, so an interrupted ablation resumes with the same command (a training stage stopped before its end
+resumes from its ``checkpoint_last.pt`` when its settings are the command's); a stage finished with other settings (seed,
 budget, overrides, checkpoint) or trained with another loss than the stages before it (as their training checkpoints
 record it) is an error rather than a silent mix of runs, and a second ablation started on the
 same output folder while one runs is refused. Writes ``O/<strategy>/{train,eval}`` and
@@ -202,22 +203,86 @@ def _die_with(parent: int) -> Callable[[], None] | None:
     return preexec
 
 
-def _run_bundle(configs: Sequence[Path], bundle: Path, args: Sequence[str], log: Path) -> float:
+def _run_logged(cmd: Sequence[str], log: Path, append: bool = False) -> int:
+    """Run ``cmd`` with its output in ``log``; returns its exit status. A stop of the ablation lets it stop cleanly.
+
+    ``subprocess.run`` killed the bundle run (SIGKILL) a quarter of a second after Ctrl-C or a SIGTERM reached the
+    ablation, so a training stage never wrote the checkpoint that :class:`~app.engines.StopOnSignal` writes at a
+    stop: the iterations since its last one were lost, and a stage stopped by ``kill PID`` or ``docker stop`` was
+    not told at all. The run has its own process group instead, so that the terminal's Ctrl-C (sent to the whole
+    foreground group) and ``kill -- -PGID`` reach it once, through the ablation, which passes every stop signal
+    on and waits for the run to end (a second Ctrl-C ends a training at once, as it does without the ablation).
+    """
+    import signal
+
+    with open(log, "a" if append else "w") as f:
+        f.write(" ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=_die_with(os.getpid()), process_group=0)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM through app.atomic.run_interruptible
+            signum = getattr(stop, "signum", signal.SIGINT)
+            print(f"Stopping: {signal.Signals(signum).name} passed on to the running stage, which ends after its "
+                  f"current iteration (a training writes its resumable checkpoint first; see {log}).", flush=True)
+            while True:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signum)
+                try:
+                    proc.wait()
+                    break
+                except KeyboardInterrupt as again:  # passed on too: a second Ctrl-C ends a training at once
+                    signum = getattr(again, "signum", signal.SIGINT)
+            raise
+
+
+def _run_bundle(configs: Sequence[Path], bundle: Path, args: Sequence[str], log: Path, append: bool = False,
+                fix: str = "") -> float:
+    """Run one bundle command with its output in ``log`` (after what ``log`` holds, with ``append``); returns its
+    wall time. A failure raises a ``RuntimeError`` with the command's last ``error:`` line, then ``fix``."""
     config = str(configs[0]) if len(configs) == 1 else str([str(c) for c in configs])
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", str(bundle), *args]
     log.parent.mkdir(parents=True, exist_ok=True)
     if log.is_symlink():  # open(log, "w") would write (and truncate) the file a link under the log's name points to
         log.unlink()
     start = time.perf_counter()
-    with open(log, "w") as f:
-        f.write(" ".join(cmd) + "\n")
-        f.flush()
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, preexec_fn=_die_with(os.getpid()))
-    if proc.returncode != 0:
+    returncode = _run_logged(cmd, log, append)
+    if returncode != 0:
         errors = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.startswith("error: ")]
         reason = f": {errors[-1]}" if errors else ""
-        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}{reason} (its output is in {log}).")
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {returncode}{reason} (its output is in {log})."
+                           f"{' ' + fix if fix else ''}")
     return time.perf_counter() - start
+
+
+def _interrupted_training(run_dir: Path, stamp: Path, settings: dict[str, Any], done: Path) -> float | None:
+    """The time a stage's interrupted training had trained (seconds, as its checkpoint records it) when it can be
+    resumed under ``settings``, else None; says so when it cannot.
+
+    A stage stopped before its end (Ctrl-C, a scheduler's time limit, a kill) leaves ``checkpoint_last.pt``, and the
+    ablation run again used to train it again from its first iteration, throwing away hours of a long stage. It is
+    resumed (the training bundle's ``--resume true``, bit-identical on CPU) when the stage's recorded settings are
+    this command's; a stage interrupted under other settings (another seed, budget or override) trains again from
+    the start, as a resume would refuse them. Call before :func:`_reusable`, which records this command's settings.
+    """
+    checkpoint = run_dir / "models" / "checkpoint_last.pt"
+    if done.exists() or not checkpoint.is_file() or _unreadable(stamp) or _option(settings["args"], "resume"):
+        return None
+    recorded = _read_json(stamp)
+    if recorded != settings:
+        if recorded is not None:
+            print(f"note: the training of {stamp.parent} was interrupted under other settings than this command's "
+                  f"({' '.join(recorded.get('args', []))}): it trains again from the start.", flush=True)
+        return None
+    import torch
+
+    try:
+        # memory-mapped: only the time is read, not the weights and optimizer state
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        return max(0.0, float(state["time_limit"]["elapsed_seconds"]))
+    except Exception:  # noqa: BLE001 - the resume itself names a damaged checkpoint; an older one records no time
+        return 0.0
 
 
 def _check_eval_split(data_path: Any, trust_pickle: Any, eval_split: str,
@@ -830,15 +895,25 @@ def run_ablation(
             seconds = out / label / "train_seconds.json"
             settings = _stage_settings(bundle, train_args, out, overrides)
             _recover_finish_mark(out, label, ckpt, out / label / "train_settings.json", seconds, settings)
+            trained_before = _interrupted_training(run_dir, out / label / "train_settings.json", settings, seconds)
             if not _reusable(ckpt, out / label / "train_settings.json", settings, seconds):
                 seconds.unlink(missing_ok=True)
                 if first_loss is not None and first_loss[1] is None:
                     # a stage trained now records its loss, which the earlier one does not: refused before training
                     _check_same_loss(label, {}, first_loss, out)
                 # a stage trains for minutes to hours with its log in a file: say which one runs, and where it logs
-                print(f"Training {label} (strategy {stage} of {len(planned)}); log: {out / label / 'train.log'}",
-                      flush=True)
-                train_s = _run_bundle([train, *overrides], bundle, train_args, out / label / "train.log")
+                log = out / label / "train.log"
+                if trained_before is None:
+                    print(f"Training {label} (strategy {stage} of {len(planned)}); log: {log}", flush=True)
+                    train_s = _run_bundle([train, *overrides], bundle, train_args, log)
+                else:
+                    checkpoint_last = run_dir / "models" / "checkpoint_last.pt"
+                    print(f"Resuming the interrupted training of {label} (strategy {stage} of {len(planned)}) from "
+                          f"{checkpoint_last}; log: {log}", flush=True)
+                    # the log goes on after the interrupted run's; its time counts the time trained before the stop
+                    train_s = trained_before + _run_bundle(
+                        [train, *overrides], bundle, [*train_args, "--resume", "true"], log, append=True,
+                        fix=f"To train {label} again from the start instead, delete {out / label}.")
                 if not ckpt.is_file():
                     raise RuntimeError(f"Training {label!r} finished without writing {ckpt}; see {out / label / 'train.log'}.")
                 atomic_write_text(out / label / "train_environment.json", json.dumps(_environment(bundle_args), indent=1))

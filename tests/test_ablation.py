@@ -259,17 +259,63 @@ def test_a_stage_finished_by_a_version_without_the_finish_mark_is_reused_not_tra
     assert "Reusing the finished training of plain" in again.stdout and "Training plain" not in again.stdout
     assert (model.read_bytes(), model.stat().st_mtime_ns) == before
     assert json.loads((out / "ablation.json").read_text())["runs"]["plain"]["train_seconds"] == seconds
-    # such a stage whose log and checkpoint show no end (killed) is trained again, as before
+    # such a stage whose log shows no end (stopped by Ctrl-C or a scheduler before ablation.json was written) is
+    # resumed from its checkpoint_last.pt under the same settings, with a note: it was trained again from its first
+    # iteration, and the log of the stopped run was overwritten
     (out / "plain" / "train_seconds.json").unlink()
+    (out / "ablation.json").unlink()
     log = out / "plain" / "train.log"
     assert "Train completed, saved final checkpoint" in log.read_text()
-    log.write_text("".join(line for line in log.read_text().splitlines(True) if "Train completed" not in line))
-    path = out / "plain" / "train" / "models" / "checkpoint_last.pt"
-    state = torch.load(path, weights_only=True)
-    state["max_epochs"] = 2
-    torch.save(state, path)
-    killed = _ablate("--strategies", "plain", *args)
-    assert killed.returncode == 0 and "Training plain" in killed.stdout, killed.stderr[-3000:]
+    stopped = "".join(line for line in log.read_text().splitlines(True) if "Train completed" not in line)
+    log.write_text(stopped)
+    resumed = _ablate("--strategies", "plain", *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming the interrupted training of plain" in resumed.stdout and "Training plain" not in resumed.stdout
+    text = log.read_text()
+    assert text.startswith(stopped) and "--resume true" in text and "Resumed from" in text  # the log goes on
+    assert "Starting a new run" not in text
+    assert json.loads((out / "plain" / "train_seconds.json").read_text()) > 0
+
+
+def test_an_interrupted_stage_resumes_only_under_its_own_settings(tmp_path, monkeypatch, capsys):
+    """The decision to resume a stopped stage, and the fix a refused resume names (no training: the bundle run is
+    replaced by one that fails as a refused resume does)."""
+    import app.ablation as ablation
+
+    out, bundle = tmp_path / "out", REPO / "bundles" / "brats_gmd"
+    run_dir, stamp, done = out / "plain" / "train", out / "plain" / "train_settings.json", out / "plain" / "train_seconds.json"
+    settings = _stage_settings(bundle, ["--seed", "0"], out)
+    stamp.parent.mkdir(parents=True)
+    stamp.write_text(json.dumps(settings))
+    assert ablation._interrupted_training(run_dir, stamp, settings, done) is None  # no checkpoint: trains
+    (run_dir / "models").mkdir(parents=True)
+    torch.save({"iteration": 3, "time_limit": {"elapsed_seconds": 12.5, "expired": False}},
+               run_dir / "models" / "checkpoint_last.pt")
+    assert ablation._interrupted_training(run_dir, stamp, settings, done) == 12.5  # resumed, its time counted
+    other = _stage_settings(bundle, ["--seed", "1"], out)
+    assert ablation._interrupted_training(run_dir, stamp, other, done) is None  # another seed: from the start
+    assert "interrupted under other settings than this command's (--seed 0): it trains again from the start" in \
+        capsys.readouterr().out
+    assert ablation._interrupted_training(run_dir, stamp, _stage_settings(bundle, ["--seed", "0", "--resume", "true"],
+                                                                          out), done) is None  # the user's own resume
+    done.write_text("12.5")
+    assert ablation._interrupted_training(run_dir, stamp, settings, done) is None  # finished: reused, not resumed
+
+    def refused(cmd, log, append=False):
+        with open(log, "a" if append else "w") as f:
+            f.write("error: Cannot resume: the checkpoint was written with --max_epochs 2, not 1.\n")
+        return 1
+
+    monkeypatch.setattr(ablation, "_run_logged", refused)
+    log = out / "plain" / "train.log"
+    log.write_text("the stopped run's log\n")
+    with pytest.raises(RuntimeError) as err:
+        ablation._run_bundle([bundle / "configs" / "train.yaml"], bundle, ["--resume", "true"], log, append=True,
+                             fix=f"To train plain again from the start instead, delete {out / 'plain'}.")
+    assert str(err.value).endswith(f"error: Cannot resume: the checkpoint was written with --max_epochs 2, not 1. "
+                                   f"(its output is in {log}). To train plain again from the start instead, delete "
+                                   f"{out / 'plain'}.")
+    assert log.read_text().startswith("the stopped run's log\n")
 
 
 def test_a_report_scored_by_a_version_before_the_evaluator_fix_is_scored_again(plain_stage, tmp_path):
@@ -521,8 +567,14 @@ def test_a_bundle_log_replaces_a_link_under_its_name_instead_of_writing_through_
     log = tmp_path / "plain" / "train.log"
     log.parent.mkdir()
     log.symlink_to(victim)
-    monkeypatch.setattr(subprocess, "run", lambda cmd, stdout, **kw: stdout.write("trained\n") and
-                        subprocess.CompletedProcess(cmd, 0))
+    class _Trained:
+        def __init__(self, cmd, stdout, **kwargs):
+            stdout.write("trained\n")
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", _Trained)
     bundle = REPO / "bundles" / "brats_gmd"
     _run_bundle([bundle / "configs" / "train.yaml"], bundle, [], log)
     assert victim.read_text() == "someone else's file"
@@ -961,3 +1013,41 @@ def test_a_sentiment_ablation_reuses_an_old_finished_stage_and_refuses_a_changed
     assert ("Strategy 'dropout' is trained with another loss than 'plain' (_target_ 'torch.nn.modules.loss.L1Loss' in "
             "'plain', 'torch.nn.modules.loss.MSELoss' in 'dropout')") in line, line
     assert not (out / "dropout" / "eval").exists()  # nothing trained with the other loss was scored
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals and process groups")
+def test_a_stop_of_the_ablation_lets_the_running_stage_stop_cleanly(tmp_path):
+    """Ctrl-C or SIGTERM reaching the ablation killed its bundle run (SIGKILL) a quarter of a second later, so a
+    training stage never wrote its checkpoint at the stop; one stopped by `kill PID` was not told at all. The stop
+    is passed on once and the stage's own clean stop (here: half a second) ends the run."""
+    import signal
+    import threading
+    import time
+
+    from app.ablation import _run_logged
+
+    code = ("import os, signal, sys, time\n"
+            "got = []\n"
+            "signal.signal(signal.SIGINT, lambda s, f: got.append(s))\n"
+            "print('ready', os.getpgid(0) == os.getpid(), flush=True)\n"
+            "while not got: time.sleep(0.02)\n"
+            "time.sleep(0.5)  # the end of its iteration and its checkpoint\n"
+            "print('stopped cleanly after', len(got), 'signal(s)', flush=True)\n"
+            "sys.exit(130)\n")
+    log = tmp_path / "train.log"
+    log.write_text("the log of the run stopped before\n")
+
+    def interrupt() -> None:
+        for _ in range(600):
+            if "\nready " in log.read_text():  # the child's line (the command line above it holds the word too)
+                os.kill(os.getpid(), signal.SIGINT)  # to the ablation alone (kill -INT PID)
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        _run_logged([sys.executable, "-c", code], log, append=True)
+    text = log.read_text()
+    assert text.startswith("the log of the run stopped before\n")
+    assert "ready True" in text  # its own process group: the terminal's Ctrl-C reaches it once, through the ablation
+    assert "stopped cleanly after 1 signal(s)" in text, text

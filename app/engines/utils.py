@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import linecache
 import logging
 import os
@@ -152,6 +153,8 @@ class _InputErrorTracebacks(logging.Filter):
         engine = record.name.startswith("ignite.") and record.levelno >= logging.ERROR
         if exc is None and engine:
             exc = sys.exc_info()[1]
+        if isinstance(exc, KeyboardInterrupt):
+            return False  # a stop, no error: the hook's one line says it (ignite logs it with an empty message)
         if exc is None or _input_error(exc) is None:
             return True
         if engine and str(exc) and record.getMessage().endswith(str(exc)):
@@ -169,6 +172,11 @@ def report_input_errors() -> None:
     (exit status stays 1); any other failure keeps the full traceback (see :func:`_input_error`),
     and so does every failure when the environment sets ``APP_TRACEBACK=1``. The log handlers set
     up so far (the bundle's ``logging.conf``) leave out the traceback of such an error too.
+
+    Ctrl-C outside a training's own handling (:class:`~app.engines.StopOnSignal`), in an evaluation or while a
+    training reads its cases, ends with one line too: it printed two ``KeyboardInterrupt`` tracebacks (the
+    engine's log record and Python's), though the user asked for the stop. The process still ends by SIGINT
+    (exit status 130), as Python ends it after this hook for an uncaught ``KeyboardInterrupt``.
     """
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, _InputErrorTracebacks) for f in handler.filters):
@@ -178,6 +186,10 @@ def report_input_errors() -> None:
         return
 
     def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        if isinstance(exc, KeyboardInterrupt) and os.environ.get("APP_TRACEBACK") != "1":
+            print("error: stopped by SIGINT (Ctrl-C) before the run finished; run the same command again to start it "
+                  "over.", file=sys.stderr)
+            return
         err = None if os.environ.get("APP_TRACEBACK") == "1" else _input_error(exc)
         if err is None:
             previous(exc_type, exc, tb)
@@ -439,10 +451,37 @@ def _remove_if_empty(path: str, created: str) -> None:
 _MADE: list[tuple[str, str]] = []
 
 
+def _without_model(path: str) -> bool:
+    """Whether ``path`` is a training's output folder whose ``models/`` holds no file: no model, no resumable
+    checkpoint. A training that ends in any way but a failure leaves one there (``model_final.pt`` at its end,
+    ``checkpoint_last.pt`` at a stop by signal or time limit); an evaluation makes no ``models/``."""
+    models = os.path.join(path, "models")
+    if os.path.islink(models) or not os.path.isdir(models):
+        return False
+    return not any(files for _, _, files in os.walk(models))
+
+
 def _remove_made_folders() -> None:
     """Remove the output folders this process made (latest first), and the parents it made for them, while
-    they are empty."""
+    they are empty.
+
+    A training that failed before it wrote a model or a checkpoint (a loss that diverged in the first steps, a
+    bad case found by a data-loader worker) left ``datalist.json``, ``tensorboard/`` and an empty ``models/`` in
+    the folder it had made: a half-made run folder that a later ``--resume`` refuses and the user must delete.
+    Such a folder goes with what is in it, all of which this run wrote (it made the folder and held its lock).
+    A folder that existed before the run is never emptied.
+    """
+    import shutil
+
     for made, outermost in reversed(_MADE):
+        if _without_model(made):
+            with os.scandir(made) as entries:
+                for entry in list(entries):
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(OSError):
+                            os.unlink(entry.path)
         _remove_if_empty(made, outermost)
 
 

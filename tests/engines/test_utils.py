@@ -182,7 +182,7 @@ def test_an_error_that_ends_a_training_is_said_once_by_its_error_line(monkeypatc
                                 optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=loss_function,
                                 strategy=build_strategy("plain"), train_handlers=[StatsHandler(name=None)])
         stream.seek(0), stream.truncate()
-        with pytest.raises(Exception) as err:
+        with pytest.raises(BaseException) as err:
             trainer.run()
         sys.excepthook(err.type, err.value, err.tb)
         return stream.getvalue(), capsys.readouterr().err
@@ -202,6 +202,15 @@ def test_an_error_that_ends_a_training_is_said_once_by_its_error_line(monkeypatc
         assert "not finite" not in log and "Exception" not in log and "Traceback" not in log, log
         assert err.startswith("error: The training loss is not finite") and err.count("\n") == 1
         assert not seen  # printed by the product's hook, not handed on
+        # Ctrl-C in an evaluation (no StopOnSignal there): one line, not the engine's traceback and Python's
+
+        def interrupted(p, t):
+            raise KeyboardInterrupt
+
+        log, err = run(interrupted)
+        assert "KeyboardInterrupt" not in log and "Traceback" not in log and "Exception" not in log, log
+        assert err.startswith("error: stopped by SIGINT (Ctrl-C)") and err.count("\n") == 1, err
+        assert not seen
         # a bug is no input error: the engine's records and the traceback stay, and the previous hook shows it
         log, err = run(lambda p, t: int("x"))
         assert log.count("terminating due to exception: invalid literal") == 2 and "Traceback" in log and err == ""
@@ -674,6 +683,34 @@ def test_an_output_folder_the_run_made_and_left_empty_is_removed_at_exit(tmp_pat
     assert existing.is_dir() and not (existing / "out").exists()
     subprocess.run([sys.executable, "-c", code, str(new), "write"], cwd=REPO, check=False)
     assert (new / "datalist.json").is_file()
+
+
+def test_a_training_that_failed_before_any_model_leaves_no_folder_it_made(tmp_path, monkeypatch):
+    """A diverged training left datalist.json, tensorboard/ and an empty models/ in the output folder it had
+    made. Such a folder goes, with the parents made for it; one holding a checkpoint stays, and so does a folder
+    that was there before the run, with everything in it."""
+    import app.engines.utils as utils
+
+    def failed_run(out, made_from=None, model=None):
+        (out / "models").mkdir(parents=True)
+        (out / "tensorboard").mkdir()
+        (out / "tensorboard" / "events.out.tfevents.1").write_text("x")
+        (out / "datalist.json").write_text("{}")
+        if model:
+            (out / "models" / model).write_text("x")
+        made = [] if made_from is None else [(str(out), str(made_from))]
+        monkeypatch.setattr(utils, "_MADE", made)
+        utils._remove_made_folders()  # as at the end of the process
+
+    failed_run(tmp_path / "runs" / "site" / "out", made_from=tmp_path / "runs")
+    assert list(tmp_path.iterdir()) == []
+    failed_run(tmp_path / "runs" / "site" / "out", made_from=tmp_path / "runs", model="checkpoint_last.pt")
+    assert (tmp_path / "runs" / "site" / "out" / "datalist.json").is_file()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    failed_run(existing)  # not made by the run
+    assert (existing / "notes.txt").read_text() == "mine" and (existing / "datalist.json").is_file()
 
 
 def test_a_patch_size_fix_never_suggests_a_single_voxel_at_the_deepest_level():
