@@ -7,7 +7,8 @@ then ``train.yaml + evaluate.yaml`` on the held-out data:
 
 - a segmentation bundle (``dataset_dir``) is scored on the validation cases of the run's own
   ``datalist.json`` (the split depends only on the seed, so every strategy holds out the same cases);
-- a sentiment bundle (``data_path``) is scored on ``--eval_split`` (default: its ``val_split``).
+- a sentiment bundle (``data_path``) is scored on ``--eval_split`` (default: its ``val_split``); a
+  segmentation bundle refuses ``--eval_split``.
 
 Every argument the runner does not know (``--dataset_dir D``, ``--data_path P --trust_pickle
 true``, ``--features "[...]"``) goes to both commands unchanged, except ``--config_file``: its override
@@ -218,6 +219,18 @@ def _run_bundle(configs: Sequence[Path], bundle: Path, args: Sequence[str], log:
         reason = f": {errors[-1]}" if errors else ""
         raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}{reason} (its output is in {log}).")
     return time.perf_counter() - start
+
+
+def _check_eval_split_applies(layout: BundleLayout, eval_split: str | None) -> None:
+    """Refuse ``--eval_split`` for a segmentation bundle, before anything is made.
+
+    Its evaluations score the held-out cases of each run's own ``datalist.json``: the option was dropped without a
+    word, and the tables read as scores on the split it named.
+    """
+    if eval_split is not None and layout is not SENTIMENT:
+        raise ValueError(f"--eval_split {eval_split} applies to sentiment bundles only: a {layout.kind} ablation scores "
+                         "each run on the validation cases of its own datalist.json (split by --seed). Leave "
+                         "--eval_split out.")
 
 
 def _check_eval_split(data_path: Any, trust_pickle: Any, eval_split: str,
@@ -771,6 +784,7 @@ def run_ablation(
     """
     bundle = Path(bundle)
     layout = bundle_layout(bundle)
+    _check_eval_split_applies(layout, eval_split)
     train, evaluate = _configs(bundle)
     overrides = _override_files(bundle_args, train, evaluate)
     hd95 = _hd95_option(bundle_args, layout)
@@ -925,6 +939,7 @@ def run_ablation_seeds(
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and non-empty, got {seeds}.")
     planned = parse_strategies(strategies, bundle_layout(bundle).kind)  # refused before the first seed trains
+    _check_eval_split_applies(bundle_layout(bundle), kwargs.get("eval_split"))
     args = kwargs.get("bundle_args", ())
     _check_subset_count(args, _override_files(args, *_configs(Path(bundle))), planned)  # and before out is made
     out = Path(output_dir)
@@ -973,7 +988,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeding.add_argument("--seeds", type=_seed_list, default=None,
                          help="comma-separated seeds: repeat the ablation at each (e.g. 0,1,2)")
     parser.add_argument("--checkpoint", choices=("final", "best"), default="final")
-    parser.add_argument("--eval_split", default=None, help="sentiment bundles: split to score (default: valid)")
+    parser.add_argument("--eval_split", default=None,
+                        help="sentiment bundles only: split to score (default: valid)")
     parser.add_argument("--metrics", default=None, help="comma-separated table metrics (default: the bundle's; Acc,F1 "
                         "for a sentiment --task classification)")
     args, bundle_args = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
