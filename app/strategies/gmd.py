@@ -85,6 +85,11 @@ class GMDStrategy(GradientStrategy):
                            "decoupling. Use --gmd_subsets 2 or more (or all).")
         self.diagnostics_interval = int(diagnostics_interval)
         self.vjp_chunk = int(vjp_chunk)
+        if self.approximate and self.vjp_chunk != 1:
+            # the bundles hand vjp_chunk to both GMD variants: only the exact one takes VJPs through the trunk
+            logger.warning("--vjp_chunk %d has no effect with --strategy %s: it batches exact GMD's per-subset "
+                           "vector-Jacobian products, and %s takes its Gram matrix from the trunk outputs without "
+                           "any. Leave --vjp_chunk out, or train --strategy gmd.", self.vjp_chunk, self.name, self.name)
         self.sync = str(sync).strip().lower()
         if self.sync not in ("local", "global"):
             raise ValueError(f"gmd_sync must be 'local' or 'global', got {sync!r}.")
