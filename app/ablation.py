@@ -15,7 +15,8 @@ true``, ``--features "[...]"``) goes to both commands unchanged, except ``--conf
 files (recipes such as ``bundles/brats_gmd/configs/demo.yaml``) go after ``train.yaml`` in both commands; and
 ``--hd95 true`` (segmentation), which goes to the evaluations only and adds the HD95 tables (``HD95_WT``, ``HD95_TC``,
 ``HD95_ET``, mm, lower is better) after the Dice ones, as does ``--hd95_workers N`` (threads for those distances;
-it changes no value, so a finished evaluation is kept whatever it was). Each finished
+it changes no value, so a finished evaluation is kept whatever it was); ``--strategy``, ``--ckpt_path`` and
+``--eval_datalist``, which each stage sets itself, are refused. Each finished
 stage is kept, so an interrupted ablation resumes with the same command; a stage finished with other settings (seed,
 budget, overrides, checkpoint) or trained with another loss than the stages before it (as their training checkpoints
 record it) is an error rather than a silent mix of runs, and a second ablation started on the
@@ -395,6 +396,29 @@ def _budget_and_seed(
 
     minutes = read("time_limit_minutes", float) if time_limit_minutes is None else float(time_limit_minutes)
     return minutes, (read("seed", int) if seed is None else int(seed))
+
+
+#: bundle settings every stage's commands set after the arguments the runner passes on, and the fix for each
+_STAGE_SETTINGS = {
+    "strategy": "each stage trains the strategy --strategies names for it: give --strategies {value} instead",
+    "ckpt_path": "each stage scores the checkpoint its own training wrote (--checkpoint final or best): leave it out",
+    "eval_datalist": "each stage is scored on the validation cases of its own datalist.json: leave it out",
+    **{key: f"it is an option of the runner itself: give --{key} {{value}} before any '--'"
+       for key in ("seed", "max_epochs", "time_limit_minutes", "output_dir", "eval_split")},
+}
+
+
+def _check_stage_settings(args: Sequence[str]) -> None:
+    """Refuse a bundle argument that every stage's own value would replace (``--strategy gmd`` among the arguments
+    passed on): the stage's commands put theirs after it, so it was dropped without a word.
+
+    Raises:
+        ValueError: naming the argument and where its value comes from instead.
+    """
+    for key, fix in _STAGE_SETTINGS.items():
+        value = _option(args, key)
+        if value is not None:
+            raise ValueError(f"--{key} {value} would be replaced in every stage: {fix.format(value=value)}.")
 
 
 def _check_subset_count(args: Sequence[str], overrides: Sequence[Path], planned: Sequence[tuple[str, str, str | None]]) -> None:
@@ -785,6 +809,7 @@ def run_ablation(
     bundle = Path(bundle)
     layout = bundle_layout(bundle)
     _check_eval_split_applies(layout, eval_split)
+    _check_stage_settings(bundle_args)
     train, evaluate = _configs(bundle)
     overrides = _override_files(bundle_args, train, evaluate)
     hd95 = _hd95_option(bundle_args, layout)
@@ -940,6 +965,7 @@ def run_ablation_seeds(
         raise ValueError(f"seeds must be distinct and non-empty, got {seeds}.")
     planned = parse_strategies(strategies, bundle_layout(bundle).kind)  # refused before the first seed trains
     _check_eval_split_applies(bundle_layout(bundle), kwargs.get("eval_split"))
+    _check_stage_settings(kwargs.get("bundle_args", ()))
     args = kwargs.get("bundle_args", ())
     _check_subset_count(args, _override_files(args, *_configs(Path(bundle))), planned)  # and before out is made
     out = Path(output_dir)
