@@ -7,14 +7,16 @@ then ``train.yaml + evaluate.yaml`` on the held-out data:
 
 - a segmentation bundle (``dataset_dir``) is scored on the validation cases of the run's own
   ``datalist.json`` (the split depends only on the seed, so every strategy holds out the same cases);
-- a sentiment bundle (``data_path``) is scored on ``--eval_split`` (default: its ``val_split``).
+- a sentiment bundle (``data_path``) is scored on ``--eval_split`` (default: its ``val_split``); a
+  segmentation bundle refuses ``--eval_split``.
 
 Every argument the runner does not know (``--dataset_dir D``, ``--data_path P --trust_pickle
 true``, ``--features "[...]"``) goes to both commands unchanged, except ``--config_file``: its override
 files (recipes such as ``bundles/brats_gmd/configs/demo.yaml``) go after ``train.yaml`` in both commands; and
 ``--hd95 true`` (segmentation), which goes to the evaluations only and adds the HD95 tables (``HD95_WT``, ``HD95_TC``,
 ``HD95_ET``, mm, lower is better) after the Dice ones, as does ``--hd95_workers N`` (threads for those distances;
-it changes no value, so a finished evaluation is kept whatever it was). Each finished
+it changes no value, so a finished evaluation is kept whatever it was); ``--strategy``, ``--ckpt_path`` and
+``--eval_datalist``, which each stage sets itself, are refused. Each finished
 stage is kept, so an interrupted ablation resumes with the same command (a training stage stopped before its end
 resumes from its ``checkpoint_last.pt`` when its settings are the command's); a stage finished with other settings (seed,
 budget, overrides, checkpoint) or trained with another loss than the stages before it (as their training checkpoints
@@ -285,6 +287,18 @@ def _interrupted_training(run_dir: Path, stamp: Path, settings: dict[str, Any], 
         return 0.0
 
 
+def _check_eval_split_applies(layout: BundleLayout, eval_split: str | None) -> None:
+    """Refuse ``--eval_split`` for a segmentation bundle, before anything is made.
+
+    Its evaluations score the held-out cases of each run's own ``datalist.json``: the option was dropped without a
+    word, and the tables read as scores on the split it named.
+    """
+    if eval_split is not None and layout is not SENTIMENT:
+        raise ValueError(f"--eval_split {eval_split} applies to sentiment bundles only: a {layout.kind} ablation scores "
+                         "each run on the validation cases of its own datalist.json (split by --seed). Leave "
+                         "--eval_split out.")
+
+
 def _check_eval_split(data_path: Any, trust_pickle: Any, eval_split: str,
                       labels: Mapping[str, Any] | None = None) -> None:
     """Refuse a sentiment ``eval_split`` that the evaluations cannot score before any strategy trains: a
@@ -447,6 +461,29 @@ def _budget_and_seed(
 
     minutes = read("time_limit_minutes", float) if time_limit_minutes is None else float(time_limit_minutes)
     return minutes, (read("seed", int) if seed is None else int(seed))
+
+
+#: bundle settings every stage's commands set after the arguments the runner passes on, and the fix for each
+_STAGE_SETTINGS = {
+    "strategy": "each stage trains the strategy --strategies names for it: give --strategies {value} instead",
+    "ckpt_path": "each stage scores the checkpoint its own training wrote (--checkpoint final or best): leave it out",
+    "eval_datalist": "each stage is scored on the validation cases of its own datalist.json: leave it out",
+    **{key: f"it is an option of the runner itself: give --{key} {{value}} before any '--'"
+       for key in ("seed", "max_epochs", "time_limit_minutes", "output_dir", "eval_split")},
+}
+
+
+def _check_stage_settings(args: Sequence[str]) -> None:
+    """Refuse a bundle argument that every stage's own value would replace (``--strategy gmd`` among the arguments
+    passed on): the stage's commands put theirs after it, so it was dropped without a word.
+
+    Raises:
+        ValueError: naming the argument and where its value comes from instead.
+    """
+    for key, fix in _STAGE_SETTINGS.items():
+        value = _option(args, key)
+        if value is not None:
+            raise ValueError(f"--{key} {value} would be replaced in every stage: {fix.format(value=value)}.")
 
 
 def _check_subset_count(args: Sequence[str], overrides: Sequence[Path], planned: Sequence[tuple[str, str, str | None]]) -> None:
@@ -836,6 +873,8 @@ def run_ablation(
     """
     bundle = Path(bundle)
     layout = bundle_layout(bundle)
+    _check_eval_split_applies(layout, eval_split)
+    _check_stage_settings(bundle_args)
     train, evaluate = _configs(bundle)
     overrides = _override_files(bundle_args, train, evaluate)
     hd95 = _hd95_option(bundle_args, layout)
@@ -1000,6 +1039,8 @@ def run_ablation_seeds(
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and non-empty, got {seeds}.")
     planned = parse_strategies(strategies, bundle_layout(bundle).kind)  # refused before the first seed trains
+    _check_eval_split_applies(bundle_layout(bundle), kwargs.get("eval_split"))
+    _check_stage_settings(kwargs.get("bundle_args", ()))
     args = kwargs.get("bundle_args", ())
     _check_subset_count(args, _override_files(args, *_configs(Path(bundle))), planned)  # and before out is made
     out = Path(output_dir)
@@ -1048,7 +1089,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeding.add_argument("--seeds", type=_seed_list, default=None,
                          help="comma-separated seeds: repeat the ablation at each (e.g. 0,1,2)")
     parser.add_argument("--checkpoint", choices=("final", "best"), default="final")
-    parser.add_argument("--eval_split", default=None, help="sentiment bundles: split to score (default: valid)")
+    parser.add_argument("--eval_split", default=None,
+                        help="sentiment bundles only: split to score (default: valid)")
     parser.add_argument("--metrics", default=None, help="comma-separated table metrics (default: the bundle's; Acc,F1 "
                         "for a sentiment --task classification)")
     args, bundle_args = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))

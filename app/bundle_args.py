@@ -146,7 +146,11 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
     # a setting this command never reads (--ckpt_path in training: evaluate.yaml's; --eval_split in sentiment
     # training): the run goes on as if it had not been given, so say so
     read = _referenced_ids(merged)  # a value no setting reads (train.yaml's bundle_root) may keep its '#'
-    used = read | _WORKFLOW_IDS
+    # what the command builds: the ids its workflow steps reach. Evaluation merges train.yaml, whose training
+    # sections read --max_epochs or --learning_rate, but never builds them
+    run = _reached_ids(merged, [str(options.get(k) or d) for k, d in
+                                (("init_id", "initialize"), ("run_id", "run"), ("final_id", "finalize"))])
+    used = (run or read) | _WORKFLOW_IDS
     for key, value in options.items():
         if key not in _RUN_ARGS and value is not None and re.split(r"::|#", key, maxsplit=1)[0] in read:
             _check_hash(_literal(value), f"--{key} {value}")
@@ -155,8 +159,16 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
         top = re.split(r"::|#", key, maxsplit=1)[0]
         if key not in _RUN_ARGS and top not in used:
             files = config_file if isinstance(config_file, str) else ", ".join(map(str, config_file))
-            logger.warning("--%s is a setting of %s that this command does not use (no setting refers to it): it has "
-                           "no effect here.", key, files)
+            readers = sorted(k for k, v in merged.items() if k != top and top in _referenced_ids(v))
+            if key != top:  # an entry of a section (--train#handlers#0#print_lr) that the command never builds
+                why = f"it does not build {top!r}"
+            elif readers:  # training's settings, read by sections that an evaluation never builds
+                why = (f"only {' and '.join(map(repr, readers))} refer{'s' if len(readers) == 1 else ''} to it, which it "
+                       "does not run")
+            else:
+                why = "no setting refers to it"
+            logger.warning("--%s is a setting of %s that this command does not use (%s): it has no effect here.", key,
+                           files, why)
     # a component's arguments, set on the command line (--loss#lambda_ce 0.5) or by an override file
     # (component id, argument, where it was set, whether a later file may have replaced it since)
     touched: list[tuple[str, str, str, bool]] = []
@@ -244,6 +256,23 @@ def _referenced_paths(config: Any, found: set[str] | None = None) -> set[str]:
     elif isinstance(config, str):
         found.update(_REFERENCE.findall(config))
     return found
+
+
+def _reached_ids(config: dict, roots: Sequence[str]) -> set[str]:
+    """The top-level ids that a run of ``config`` builds: ``roots`` (its workflow steps, ``initialize``, ``run``,
+    ``finalize``) and every id their values refer to, followed from reference to reference. Empty when the config
+    has none of ``roots``."""
+    seen: set[str] = set()
+    todo = [r for r in roots if _config_at(config, r) is not None]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        node = _config_at(config, path)
+        if node is not None:
+            todo.extend(ref.replace("::", "#") for ref in _referenced_paths(node))
+    return {re.split(r"::|#", path, maxsplit=1)[0] for path in seen}
 
 
 def _referenced_ids(config: Any) -> set[str]:

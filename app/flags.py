@@ -71,8 +71,15 @@ def check_counts(at_least: int = 1, **counts: Any) -> None:
     """Raise a ``ValueError`` naming the setting when a count (``max_epochs=...``) is not a whole number
     >= ``at_least`` (0 for settings where 0 means off, such as ``checkpoint_interval``).
 
+    A count is an integer, or its digits as text (a quoted YAML value, ``python -m app ablate``'s ``gmd:5``); a
+    float is refused even when whole: ``--batch_size 2.0`` reached torch's ``DataLoader`` and ``--num_samples 2.0``
+    MONAI's crop as a float, which they refuse with a traceback (the crop only at the first training step).
     Checked before the data split is written, so such a run leaves nothing behind.
     """
+    for name, value in counts.items():
+        if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+            raise ValueError(f"--{name} {value!r} must be a whole number written without a decimal point (a count "
+                             f"that is a float stops torch), e.g. --{name} {int(value)}.")
     _check_each(counts, lambda v: int(v) == float(v) and int(v) >= at_least, f"a whole number >= {at_least}",
                 max(at_least, 1))
 

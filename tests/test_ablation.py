@@ -704,6 +704,41 @@ def test_table_metrics_the_reports_lack_are_refused_before_any_strategy_trains(t
     assert not out.exists()
 
 
+@pytest.mark.parametrize("seeds", [[], ["--seeds", "0,1"]], ids=["seed", "seeds"])
+def test_an_eval_split_for_a_segmentation_bundle_is_refused_before_anything_is_made(tmp_path, capsys, seeds):
+    """--eval_split test with bundles/brats_gmd was dropped without a word: every stage trained and was scored on
+    its datalist's validation cases, and the tables read as scores on the test split."""
+    from app.ablation import main
+
+    out = tmp_path / "ablation"
+    assert main(["--bundle", "bundles/brats_gmd", "--strategies", "plain", "--max_epochs", "1", "--output_dir", str(out),
+                 "--eval_split", "test", *seeds, "--dataset_dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --eval_split test applies to sentiment bundles only: a segmentation ablation scores each run on the "
+        "validation cases of its own datalist.json (split by --seed). Leave --eval_split out."]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--strategy", "gmd"], "--strategy gmd would be replaced in every stage: each stage trains the strategy "
+                            "--strategies names for it: give --strategies gmd instead."),
+    (["--ckpt_path", "m.pt"], "--ckpt_path m.pt would be replaced in every stage: each stage scores the checkpoint its "
+                              "own training wrote (--checkpoint final or best): leave it out."),
+    (["--", "--seed", "3"], "--seed 3 would be replaced in every stage: it is an option of the runner itself: give "
+                            "--seed 3 before any '--'."),
+])
+def test_a_bundle_argument_each_stage_replaces_is_refused_before_anything_is_made(tmp_path, capsys, args, message):
+    """--strategy gmd among the arguments passed on was replaced by each stage's own --strategy (its commands put
+    theirs last): the ablation trained plain and tabulated plain, without a word."""
+    from app.ablation import main
+
+    out = tmp_path / "ablation"
+    assert main(["--bundle", "bundles/brats_gmd", "--strategies", "plain", "--max_epochs", "1", "--output_dir", str(out),
+                 "--dataset_dir", str(tmp_path), *args]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+    assert not out.exists()
+
+
 def test_a_subset_count_outside_strategies_is_refused_before_anything_trains(tmp_path):
     """``--strategies gmd --gmd_subsets 3`` trained the gmd stage on 3 subsets per iteration, tabulated as
     ``gmd`` with ``gmd_subsets: null`` in ablation.json, i.e. as the all-subset method."""

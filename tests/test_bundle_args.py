@@ -145,6 +145,39 @@ def test_a_setting_the_command_does_not_use_gets_a_warning(caplog):
     assert [r.getMessage().split(" is a setting")[0] for r in caplog.records] == ["--eval_split"]
 
 
+def test_a_training_setting_passed_to_an_evaluation_gets_a_warning(caplog):
+    """evaluate.yaml merges train.yaml, whose training sections refer to --max_epochs, --val_fraction or
+    --learning_rate: an evaluation given them (a training command with evaluate.yaml added) ignored them without
+    a word, although it never builds those sections."""
+    from app.bundle_args import _MONAI_DIR, check_overrides
+
+    main = os.path.join(_MONAI_DIR, "bundle", "__main__.py")
+    repo = os.path.join(os.path.dirname(__file__), "..")
+    brats, mosi = (os.path.join(repo, "bundles", name, "configs") for name in ("brats_gmd", "mosi_gmd"))
+    evaluation = str([os.path.join(brats, "train.yaml"), os.path.join(brats, "evaluate.yaml")])
+    with caplog.at_level("WARNING", logger="app.bundle_args"):
+        check_overrides([main, "run", "--config_file", evaluation, "--max_epochs", "5", "--val_fraction", "0.3",
+                         "--train#handlers#0#print_lr", "true",
+                         # what an evaluation reads: no warning
+                         "--seed", "1", "--sw_batch_size", "4", "--num_workers", "0", "--amp", "false",
+                         "--deterministic", "false", "--cache_rate", "1", "--label_convention", "auto",
+                         "--features", "[8,16,32,64]", "--hd95", "true"])
+    files = evaluation.strip("[]").replace("'", "")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--max_epochs is a setting of {files} that this command does not use (only 'lr_scheduler' and 'train' refer "
+        "to it, which it does not run): it has no effect here.",
+        f"--val_fraction is a setting of {files} that this command does not use (only 'datalist' and 'train' refer "
+        "to it, which it does not run): it has no effect here.",
+        f"--train#handlers#0#print_lr is a setting of {files} that this command does not use (it does not build "
+        "'train'): it has no effect here."]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="app.bundle_args"):
+        check_overrides([main, "run", "--config_file", str([os.path.join(mosi, "train.yaml"),
+                                                            os.path.join(mosi, "evaluate.yaml")]),
+                         "--learning_rate", "0.1", "--hidden", "32", "--strategy", "predict", "--missing", "skip"])
+    assert [r.getMessage().split(" is a setting")[0] for r in caplog.records] == ["--learning_rate"]
+
+
 def test_a_misspelt_entry_of_a_plain_section_is_refused():
     """--train#dataloder 3 added a new, unread entry to the train section: the run ignored it without a word."""
     from app.bundle_args import _MONAI_DIR, check_overrides

@@ -237,13 +237,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--size", type=int, nargs="+", default=[48], help="grid size: S or X Y Z, each >= 16 (default 48)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed, a whole number >= 0 (default 0)")
     args = parser.parse_args(argv)
     if len(args.size) not in (1, 3):
         parser.error("--size takes one value (cube) or three values (X Y Z).")
     size = args.size[0] if len(args.size) == 1 else tuple(args.size)
     if args.cases < 1 or min(args.size) < _MIN_SIZE:
         parser.error(f"--cases must be >= 1 and --size >= {_MIN_SIZE}.")
+    if args.seed < 0:  # numpy's own refusal named no flag: "error: expected non-negative integer"
+        parser.error(f"--seed must be a whole number >= 0, got {args.seed}: e.g. --seed 0.")
     start = time.perf_counter()
     folders = write_phantoms(args.out, args.cases, size, args.seed)
     print(f"Wrote {len(folders)} phantom case(s) of size {size} to {args.out} in {time.perf_counter() - start:.1f} s.")

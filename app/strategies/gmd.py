@@ -85,13 +85,33 @@ class GMDStrategy(GradientStrategy):
                            "decoupling. Use --gmd_subsets 2 or more (or all).")
         self.diagnostics_interval = int(diagnostics_interval)
         self.vjp_chunk = int(vjp_chunk)
+        if self.approximate and self.vjp_chunk != 1:
+            # the bundles hand vjp_chunk to both GMD variants: only the exact one takes VJPs through the trunk
+            logger.warning("--vjp_chunk %d has no effect with --strategy %s: it batches exact GMD's per-subset "
+                           "vector-Jacobian products, and %s takes its Gram matrix from the trunk outputs without "
+                           "any. Leave --vjp_chunk out, or train --strategy gmd.", self.vjp_chunk, self.name, self.name)
         self.sync = str(sync).strip().lower()
         if self.sync not in ("local", "global"):
             raise ValueError(f"gmd_sync must be 'local' or 'global', got {sync!r}.")
         self._deck: list[int] = []
+        self._warned_count = False  # check_model runs where the run starts and again in the trainer
         self._world = 1  # ranks taking part in the current step's decoupling (1: this rank's batch only)
 
     # -- subset selection -------------------------------------------------------------------
+    def check_model(self, model: Any) -> None:
+        """Warn (once) when ``--gmd_subsets`` asks for more subsets per iteration than ``model``'s modalities make.
+
+        Such a count trains every subset each iteration, as ``all`` does, yet the run (and an ablation's ``gmd:k``
+        row) is named by it: ``--gmd_subsets 10``, a sampled count on the 15 BraTS subsets, is all 7 of the
+        sentiment branch's.
+        """
+        n_subsets = 2 ** int(model.num_modalities) - 1
+        if self.subsets != "all" and self.subsets > n_subsets and not self._warned_count:
+            self._warned_count = True
+            logger.warning("--gmd_subsets %d is more than the %d subsets of %d modalities: every iteration trains all "
+                           "%d, as --gmd_subsets all does. Pass --gmd_subsets all, or a count below %d to sample.",
+                           self.subsets, n_subsets, model.num_modalities, n_subsets, n_subsets)
+
     def choose_subsets(self, n_subsets: int) -> list[int]:
         """Indices (into :func:`app.subsets.all_subsets`) of this iteration's subsets, sorted."""
         if self.subsets == "all" or self.subsets >= n_subsets:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,29 @@ def refused_line(config_files: list[str], *args: str, output_dir: Path | None = 
     if output_dir is not None:
         assert not output_dir.exists() or not any(output_dir.rglob("*")), sorted(output_dir.rglob("*"))
     return proc.stderr.strip().splitlines()[-1]
+
+
+def run_setting_checks(config_files: list[str], setting: str, **overrides) -> int:
+    """Evaluate, in this process, the steps of the configs' ``initialize`` that name ``@setting``, with the
+    settings in ``overrides`` replaced as the command line replaces them; returns how many there were.
+
+    These are the checks a run makes before it reads a case (a subprocess costs seconds of imports); the
+    exception MONAI raises wraps the check's own ``ValueError``.
+    """
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(ConfigParser.load_config_files(list(config_files)))
+    parser.update(overrides)
+    steps = [i for i, step in enumerate(parser.get("initialize")) if re.search(rf"@{setting}\b", str(step))]
+    for i in steps:
+        parser.get_parsed_content(f"initialize#{i}")
+    return len(steps)
+
+
+def error_messages(exc: BaseException | None) -> list[str]:
+    """Messages of an exception and of its causes (the bundle parser wraps the original error)."""
+    out = []
+    while exc is not None:
+        out.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return out

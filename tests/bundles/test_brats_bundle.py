@@ -14,7 +14,8 @@ import torch
 
 from app.data.phantoms import write_phantoms
 from app.subsets import all_subsets
-from tests.bundles.helpers import BRATS, EVALUATE, REPO, TINY, TRAIN, refused_line, run_bundle
+from tests.bundles.helpers import (BRATS, EVALUATE, REPO, TINY, TRAIN, error_messages, refused_line,
+                                   run_bundle, run_setting_checks)
 
 N_CASES = 5
 
@@ -604,6 +605,37 @@ def test_an_impossible_count_or_overlap_stops_before_any_output(phantoms, tmp_pa
     last = refused_line([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
                         "--strategy", "plain", flag, value, *TINY, output_dir=out)
     assert last == message, last
+
+
+MULTI_GPU = str(BRATS / "configs" / "multi_gpu_train.yaml")
+
+
+@pytest.mark.parametrize("configs, setting, value, message", [
+    pytest.param(configs, setting, value, message, id=f"{configs[-1].rsplit('/', 1)[-1]}-{setting}={value}")
+    for configs in ([TRAIN], [TRAIN, MULTI_GPU], [TRAIN, EVALUATE])
+    for setting, value, message in [
+        # trained a whole epoch, then stopped in a traceback at the first validation, leaving datalist.json behind
+        ("sw_batch_size", 0, "--sw_batch_size 0 must be a whole number >= 1, e.g. --sw_batch_size 1."),
+        ("sw_batch_size", -1, "--sw_batch_size -1 must be a whole number >= 1, e.g. --sw_batch_size 1."),
+        # the DataLoader's traceback
+        ("num_workers", -1, "--num_workers -1 must be a whole number >= 0, e.g. --num_workers 1."),
+        # trained with no time limit at all; a word stopped in a traceback after the output folder was made
+        ("time_limit_minutes", -5, "--time_limit_minutes -5 must be a number >= 0, e.g. --time_limit_minutes 0.01."),
+        ("time_limit_minutes", "abc",
+         "--time_limit_minutes 'abc' must be a number >= 0, e.g. --time_limit_minutes 0.01."),
+    ] if not (configs[-1] == EVALUATE and setting == "time_limit_minutes")   # evaluation has no time limit
+])
+def test_a_window_batch_worker_count_or_time_budget_out_of_range_is_refused_before_any_case(configs, setting, value,
+                                                                                            message):
+    assert run_setting_checks(configs, setting) > 0  # the defaults pass
+    with pytest.raises(Exception) as err:
+        run_setting_checks(configs, setting, **{setting: value})
+    assert message in error_messages(err.value), error_messages(err.value)
+
+
+def test_no_time_limit_passes_as_zero_or_null():
+    for value in (0, None, 30.5):
+        assert run_setting_checks([TRAIN], "time_limit_minutes", time_limit_minutes=value) == 1
 
 
 def test_evaluation_follows_deterministic_false_as_training_does():

@@ -91,6 +91,16 @@ def test_command_line(tmp_path, capsys):
         main(["--cases", "2"])
 
 
+def test_a_negative_seed_is_refused_naming_the_flag(tmp_path, capsys):
+    # numpy refused it with "error: expected non-negative integer", which named no flag
+    with pytest.raises(SystemExit) as stop:
+        main(["--out", str(tmp_path / "out"), "--cases", "1", "--size", "16", "--seed", "-1"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: --seed must be a whole number >= 0, got -1: e.g. --seed 0.")
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_output_path_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
     # `python -m app phantoms --out FILE` ended in a NotADirectoryError traceback
     from app.__main__ import main as app_main

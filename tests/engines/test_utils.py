@@ -337,7 +337,11 @@ def test_files_without_ids_are_told_apart_by_their_features(tmp_path):
 def test_check_counts_accepts_whole_numbers_from_one():
     from app.engines import check_counts
 
-    check_counts(max_epochs=1, val_interval="3", batch_size=2.0)
+    check_counts(max_epochs=1, val_interval="3", batch_size=np.int64(2))
+    # whole, but a float: torch's DataLoader (batch_size) and MONAI's crop (num_samples) refused it with a traceback
+    with pytest.raises(ValueError, match=r"^--batch_size 2\.0 must be a whole number written without a decimal point "
+                                         r"\(a count that is a float stops torch\), e\.g\. --batch_size 2\.$"):
+        check_counts(batch_size=2.0)
     for bad in (0, -1, 1.5, "x", None, True):
         with pytest.raises(ValueError, match=r"--max_epochs .* must be a whole number >= 1, e.g. --max_epochs 1\."):
             check_counts(max_epochs=bad)

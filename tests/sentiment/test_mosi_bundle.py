@@ -15,6 +15,7 @@ from monai.bundle import ConfigParser
 
 from app.data import convert_mmsa
 from app.metrics.sentiment import sentiment_metrics
+from tests.bundles.helpers import run_setting_checks
 from tests.sentiment.helpers import EVALUATE, MOSI_BUNDLE, REPO, TRAIN, run_mosi_bundle
 
 NAMES = ["text", "audio", "vision", "text+audio", "text+vision", "audio+vision", "text+audio+vision"]
@@ -132,6 +133,24 @@ def test_evaluate_missing_split_names_the_available_ones(trained, trainval_pkl, 
     assert any("Split 'test' is not in" in text and "available splits are ['train', 'valid']" in text
                for text in _messages(err.value))
     assert not (tmp_path / "subset_metrics.json").exists()
+
+
+@pytest.mark.parametrize("configs, setting, value, message", [
+    pytest.param(configs, setting, value, message, id=f"{configs[-1].rsplit('/', 1)[-1]}-{setting}={value}")
+    for configs in ([TRAIN], [TRAIN, str(MOSI_BUNDLE / "configs" / "multi_gpu_train.yaml")], [TRAIN, EVALUATE])
+    for setting, value, message in [
+        ("num_workers", -1, "--num_workers -1 must be a whole number >= 0, e.g. --num_workers 1."),   # a traceback
+        # trained with no time limit at all; a word stopped in a traceback after the output folder was made
+        ("time_limit_minutes", -5, "--time_limit_minutes -5 must be a number >= 0, e.g. --time_limit_minutes 0.01."),
+        ("time_limit_minutes", "abc",
+         "--time_limit_minutes 'abc' must be a number >= 0, e.g. --time_limit_minutes 0.01."),
+    ] if not (configs[-1] == EVALUATE and setting == "time_limit_minutes")   # evaluation has no time limit
+])
+def test_a_worker_count_or_time_budget_out_of_range_is_refused_before_any_output(configs, setting, value, message):
+    assert run_setting_checks(configs, setting) > 0  # the defaults pass
+    with pytest.raises(Exception) as err:
+        run_setting_checks(configs, setting, **{setting: value})
+    assert message in _messages(err.value), _messages(err.value)
 
 
 def test_evaluate_refuses_a_misspelt_setting(trained, synthetic_pkl, tmp_path):

@@ -158,6 +158,21 @@ def test_one_subset_per_step_is_named_as_no_decoupling(name, caplog):
     assert "nothing to decouple" in caplog.records[0].getMessage()
 
 
+def test_a_vjp_chunk_given_to_gmd_approx_is_warned(caplog):
+    """gmd_approx takes vjp_chunk (the bundles pass it to both GMD variants) and never uses it: --vjp_chunk 4
+    trained exactly as 1, without a word."""
+    with caplog.at_level("WARNING", logger="app.strategies"):
+        build_strategy("gmd", vjp_chunk=4)
+        build_strategy("gmd_approx", vjp_chunk=1)
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="app.strategies"):
+        build_strategy("gmd_approx", vjp_chunk=4)
+    assert [r.getMessage() for r in caplog.records] == [
+        "--vjp_chunk 4 has no effect with --strategy gmd_approx: it batches exact GMD's per-subset vector-Jacobian "
+        "products, and gmd_approx takes its Gram matrix from the trunk outputs without any. Leave --vjp_chunk out, or "
+        "train --strategy gmd."]
+
+
 def test_a_default_given_as_text_is_no_change(caplog):
     """A YAML string such as rho: "1.20" is the default 1.2: no "has no effect" warning."""
     with caplog.at_level("WARNING", logger="app.strategies"):

@@ -303,6 +303,28 @@ def test_k_at_least_the_subset_count_is_all_and_leaves_the_generator_alone(k):
     assert projection_orders(15, sampled.generator) == projection_orders(15, every.generator)
 
 
+@pytest.mark.parametrize("strategy", [GMDStrategy, GMDApproxStrategy])
+def test_a_subset_count_above_the_models_subsets_is_warned_about_once(strategy, caplog):
+    """--gmd_subsets 10 is a sampled count on the 15 BraTS subsets but all 7 of the sentiment network's: the run
+    trained every subset under the name of a sampled count, without a word."""
+    from types import SimpleNamespace
+
+    brats, sentiment = DSUNet(features=(4, 8), out_channels=3), SimpleNamespace(num_modalities=3)
+    with caplog.at_level("WARNING", logger="app.strategies"):
+        for k in ("all", 7, 15):
+            strategy(subsets=k).check_model(brats)
+        strategy(subsets=7).check_model(sentiment)
+    assert not caplog.records  # k equal to the subsets is what it says: all of them
+    sampled = strategy(subsets=10)
+    with caplog.at_level("WARNING", logger="app.strategies"):
+        sampled.check_model(brats)
+        sampled.check_model(sentiment)
+        sampled.check_model(sentiment)  # where the run starts, then in the trainer: said once
+    assert [r.getMessage() for r in caplog.records] == [
+        "--gmd_subsets 10 is more than the 7 subsets of 3 modalities: every iteration trains all 7, as --gmd_subsets "
+        "all does. Pass --gmd_subsets all, or a count below 7 to sample."]
+
+
 def test_strategy_state_round_trip_reproduces_draws():
     a = GMDStrategy(subsets=4, seed=2)
     a.choose_subsets(15)
