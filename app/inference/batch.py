@@ -220,7 +220,8 @@ def run_batch(
         A case that does not fit in the device's memory is an error of that case (the batch goes on).
         A problem found while discovering a case (see ``case_errors`` of
         :func:`app.data.discover_cases`) makes that case an error; only a missing or empty
-        ``input_dir`` or an unusable ``dataset.json`` raise before any case runs.
+        ``input_dir``, a folder of it that cannot be listed, or an unusable ``dataset.json`` raise before any
+        case runs.
 
     Raises:
         ValueError: a bad setting (``labels``, ``probabilities``, ``resample_to``), an empty
