@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import struct
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -554,3 +556,24 @@ def test_an_mmsa_file_that_is_a_named_pipe_is_refused_as_one(tmp_path, capsys, n
         assert codes == [2]
         assert capsys.readouterr().err == f"error: {expected}\n"
         assert not (tmp_path / "out.npz").exists()
+
+
+def test_a_feature_file_the_process_may_not_read_is_named_as_a_permission_problem(tmp_path, monkeypatch):
+    """A pickle the user may not read ended the training in a PermissionError traceback, and such a .npz was called
+    'not a .npz archive (truncated, or another format)', whose fix (convert it again) would be wrong. The tests may
+    run as root, whom chmod does not stop: opening the file is refused instead."""
+    import builtins
+
+    files = [write_synthetic_mmsa(tmp_path / "s.pkl", splits={"train": 4}),
+             write_synthetic_mmsa(tmp_path / "s.npz", splits={"train": 4})]
+    real_open = builtins.open
+
+    def refuse(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file) in files:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    for path in files:
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} is not readable by user id \d+: make it readable"):
+            load_mmsa(path, trust_pickle=True)
