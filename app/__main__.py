@@ -26,7 +26,8 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``<command> ...`` (default: ``sys.argv[1:]``); returns its exit status, 2 with one line on stderr
-    for an unknown command or a ``ValueError``/``FileNotFoundError`` of the command."""
+    for an unknown command or a ``ValueError``/``FileNotFoundError`` of the command, or an output it could not
+    write (:class:`app.atomic.WriteError`: a full disk, a read-only folder)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
@@ -36,15 +37,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Unknown command {command!r}: choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command])
+    from app.atomic import WriteError, run_interruptible
 
     def work() -> int:
         try:
             return int(module.main(rest) or 0)
-        except (ValueError, FileNotFoundError) as err:
+        except (ValueError, FileNotFoundError, WriteError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-
-    from app.atomic import run_interruptible
 
     return run_interruptible(work)
 

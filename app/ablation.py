@@ -53,7 +53,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import yaml
 
-from app.atomic import atomic_write_text, check_writable_folder, locked_folder
+from app.atomic import WriteError, atomic_write_text, check_writable_folder, locked_folder, write_error
 from app.data.errors import check_regular_file
 from app.flags import check_counts
 from app.metrics.hausdorff import check_hd95, check_hd95_workers
@@ -217,9 +217,17 @@ def _run_logged(cmd: Sequence[str], log: Path, append: bool = False) -> int:
     """
     import signal
 
-    with open(log, "a" if append else "w") as f:
+    f = None
+    try:  # a full disk or a read-only stage folder: the file and the fix, not the disk's bare errno
+        f = open(log, "a" if append else "w")
         f.write(" ".join(cmd) + "\n")
         f.flush()
+    except OSError as err:
+        if f is not None:
+            with contextlib.suppress(OSError):
+                f.close()
+        raise write_error(err, log) from err
+    with f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 preexec_fn=_die_with(os.getpid()), process_group=0)
         try:
@@ -245,9 +253,12 @@ def _run_bundle(configs: Sequence[Path], bundle: Path, args: Sequence[str], log:
     wall time. A failure raises a ``RuntimeError`` with the command's last ``error:`` line, then ``fix``."""
     config = str(configs[0]) if len(configs) == 1 else str([str(c) for c in configs])
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", str(bundle), *args]
-    log.parent.mkdir(parents=True, exist_ok=True)
-    if log.is_symlink():  # open(log, "w") would write (and truncate) the file a link under the log's name points to
-        log.unlink()
+    try:  # a full disk or a read-only stage folder: the file and the fix, not the disk's bare errno
+        log.parent.mkdir(parents=True, exist_ok=True)
+        if log.is_symlink():  # open(log, "w") would write (and truncate) the file a link under the log's name points to
+            log.unlink()
+    except OSError as err:
+        raise write_error(err, log) from err
     start = time.perf_counter()
     returncode = _run_logged(cmd, log, append)
     if returncode != 0:
@@ -1075,7 +1086,7 @@ def _seed_list(text: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``python -m app ablate``; options it does not know go to both bundle commands. Returns 0, or 1
-    with one line on stderr."""
+    with one line on stderr (a failed stage, a bad setting, or a file it could not write)."""
     parser = argparse.ArgumentParser(
         prog="python -m app ablate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/brats_gmd")
@@ -1104,7 +1115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_ablation_seeds(args.bundle, args.strategies, args.output_dir, args.max_epochs, args.seeds, **options)
         else:
             run_ablation(args.bundle, args.strategies, args.output_dir, args.max_epochs, seed=args.seed, **options)
-    except (RuntimeError, ValueError) as err:
+    except (RuntimeError, ValueError, WriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

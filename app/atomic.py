@@ -27,7 +27,7 @@ from typing import BinaryIO, Callable, Iterator, Mapping, NoReturn
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "check_path_text", "check_writable_folder",
            "escape_unsafe", "exit_with", "fsync_dir", "lock_folder", "locked_folder", "missing_hint",
            "run_interruptible", "remove_abandoned_temporaries", "replace_file_set", "stale_temporaries",
-           "unexpanded_home", "unsafe_character", "write_error"]
+           "unexpanded_home", "unsafe_character", "write_error", "WriteError"]
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -241,8 +241,15 @@ def locked_folder(folder: str | os.PathLike, busy: str) -> Iterator[None]:
             os.close(fd)  # releases the lock
 
 
-def write_error(err: OSError, path: str | os.PathLike, error_type: type[OSError] = OSError) -> OSError:
-    """An ``error_type`` for a failed write of ``path`` that names the file and the fix.
+class WriteError(OSError):
+    """An output could not be written (a full disk, a quota, a read-only folder or file): the message names
+    the file and the fix, and ``errno`` is the disk's. The command-line tools print it as their one ``error:``
+    line, as a bundle run does, where another ``OSError`` (a bug) keeps its traceback."""
+
+
+def write_error(err: OSError, path: str | os.PathLike, error_type: type[OSError] = WriteError) -> OSError:
+    """An ``error_type`` (by default a :class:`WriteError`) for a failed write of ``path`` that names the file
+    and the fix.
 
     The disk's own errors (``[Errno 28] No space left on device``) name neither: a full disk at the
     end of an evaluation or a training epoch used to end in a traceback with that line at its bottom.

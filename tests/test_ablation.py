@@ -1086,3 +1086,47 @@ def test_a_stop_of_the_ablation_lets_the_running_stage_stop_cleanly(tmp_path):
     assert text.startswith("the log of the run stopped before\n")
     assert "ready True" in text  # its own process group: the terminal's Ctrl-C reaches it once, through the ablation
     assert "stopped cleanly after 1 signal(s)" in text, text
+
+
+def test_a_full_disk_is_one_error_line_naming_the_file_and_the_fix(tmp_path, monkeypatch, capsys):
+    """The runner's own files (a stage's settings record, its log, the tables) on a full disk ended the ablation
+    with an OSError traceback, which `python -m app ablate` did not turn into its one error line."""
+    import errno
+
+    import app.ablation as ablation
+    import app.atomic as atomic
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    out = tmp_path / "out"
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(atomic.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    rc = ablation.main(["--bundle", str(REPO / "bundles" / "brats_gmd"), "--strategies", "plain", "--max_epochs", "1",
+                        "--output_dir", str(out), "--dataset_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 1 and err == (f"error: Cannot write {out / 'plain' / 'train_settings.json'} (No space left on device): "
+                               "free space on that disk (or raise the quota), or write to another folder.\n"), err
+    assert not [p for p in out.rglob("*") if p.is_file()]  # nor a temporary file
+    monkeypatch.undo()
+    # the stage's log, written before its training starts: no training runs
+    monkeypatch.setattr(ablation, "open", lambda path, mode: FullDisk(real_fdopen(os.open(path, os.O_WRONLY | os.O_CREAT),
+                                                                                   mode)), raising=False)
+    monkeypatch.setattr(ablation.subprocess, "Popen", lambda *a, **k: pytest.fail("the stage ran"))
+    log = out / "plain" / "train.log"
+    with pytest.raises(OSError, match=rf"^Cannot write {log} \(No space left on device\): free space"):
+        ablation._run_bundle([REPO / "bundles" / "brats_gmd" / "configs" / "train.yaml"], REPO / "bundles" / "brats_gmd",
+                             [], log)

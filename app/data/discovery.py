@@ -376,6 +376,43 @@ def case_sources(record: dict[str, Any]) -> list[str]:
     return files
 
 
+#: the folder fsck recovers files into, at the top of every ext2/3/4 file system and readable by root alone: a data
+#: disk's mount point holds one, and no case is ever in it
+_LOST_AND_FOUND = "lost+found"
+
+
+def _unlisted(folder: str | os.PathLike, err: OSError) -> CaseError:
+    """The error for a folder of the data that cannot be listed: ``os.walk`` passed over it without a word, so
+    a training, an evaluation or a batch ran without the cases in it (or said "No cases found" of a data folder
+    the user may not read)."""
+    folder, reason = os.fspath(folder), err.strerror or type(err).__name__
+    if isinstance(err, PermissionError):
+        who = f"user id {os.getuid()}" if hasattr(os, "getuid") else "this user"
+        return CaseError(f"Cannot list the folder {folder} ({reason}): {who} may not read it, so the cases in it would "
+                         f"be left out: make it readable (e.g. chmod a+rx {folder}), or run as a user who may read it "
+                         "(Docker: --user with the folder owner's id).")
+    return CaseError(f"Cannot list the folder {folder} ({reason}), so the cases in it would be left out: check that disk "
+                     "(or the network share it is on), or move the folder out of the data folder.")
+
+
+def _walk_error(err: OSError) -> None:
+    """``onerror`` of discovery's ``os.walk``: a folder that cannot be listed stops discovery (:func:`_unlisted`),
+    except one removed while the walk ran and the file system's own ``lost+found``."""
+    if isinstance(err, (FileNotFoundError, NotADirectoryError)):
+        return
+    if os.path.basename(os.path.normpath(os.fspath(err.filename or ""))) == _LOST_AND_FOUND:
+        return
+    raise _unlisted(err.filename, err) from None
+
+
+def _listdir(folder: str | os.PathLike) -> list[str]:
+    """The sorted names in ``folder``; :func:`_unlisted` when it cannot be listed."""
+    try:
+        return sorted(os.listdir(folder))
+    except OSError as err:
+        raise _unlisted(folder, err) from None
+
+
 def _case_problem(case_errors: dict[str, str] | None, case: str, message: str) -> None:
     """Raise ``message``, or keep it as ``case``'s problem (its first one) when the caller collects them."""
     if case_errors is None:
@@ -392,7 +429,7 @@ def _nifti_files(folder: Path) -> dict[str, list[str]]:
     if not folder.is_dir():
         return {}
     files: dict[str, list[str]] = {}
-    for fname in sorted(os.listdir(folder)):
+    for fname in _listdir(folder):
         if not fname.startswith(".") and (m := _NIFTI_RE.match(fname)) is not None:
             files.setdefault(m.group("case"), []).append(str(folder / fname))
     return files
@@ -480,7 +517,9 @@ def _unread_files(folder: Path, filenames: list[str], dirnames: list[str]) -> li
     for d in dirnames:
         if d in ("imagesTr", "imagesTs", "labelsTr", "labelsTs"):
             continue
-        for sub, subdirs, files in os.walk(folder / d):  # links not followed: a loop must not hang discovery
+        # links not followed: a loop must not hang discovery; a folder it cannot list is passed over, as no case
+        # is read from these folders (the warning is about what is there to see)
+        for sub, subdirs, files in os.walk(folder / d):
             subdirs[:] = [x for x in subdirs if not x.startswith(".")]
             unread += [os.path.join(sub, f) for f in sorted(files) if not f.startswith(".") and _NIFTI_RE.match(f)]
     return [f for f in unread if not is_inference_output(f)]  # a batch run's outputs kept there are no cases
@@ -506,7 +545,7 @@ def _msd_cases(
         cases: dict[str, dict[str, str]] = {}
         four_d: dict[str, str] = {}
         bad: set[str] = set()
-        for fname in sorted(os.listdir(folder / img_dir)):
+        for fname in _listdir(folder / img_dir):
             if fname.startswith("."):  # MSD tarballs ship macOS '._*' resource files
                 continue
             path = str(folder / img_dir / fname)
@@ -560,7 +599,7 @@ def _msd_cases(
             out.append((rec, location, str(folder / lbl_dir / f"{case}.nii.gz")))
     for lbl_dir in ("labelsTr", "labelsTs"):
         if (folder / lbl_dir).is_dir():
-            for fname in sorted(os.listdir(folder / lbl_dir)):
+            for fname in _listdir(folder / lbl_dir):
                 path = str(folder / lbl_dir / fname)
                 if not fname.startswith(".") and (m := _NIFTI_RE.match(fname)) and path not in seen_labels:
                     _case_problem(case_errors, m.group("case"),
@@ -611,8 +650,8 @@ def discover_cases(
             twice, a case id holding a control or invisible character, keyed by its escaped form) is
             stored here as ``{case: message}`` and that case is left out, instead of
             raising; the other cases are returned (batch inference). Problems of the whole folder
-            (missing root, no case at all, unusable ``dataset.json``) and missing labels
-            (``require_label``) still raise.
+            (missing root, no case at all, a folder that cannot be listed, unusable ``dataset.json``) and
+            missing labels (``require_label``) still raise.
         label_convention: label values of BraTS-named cases: ``None`` or ``"auto"`` picks them by the
             naming (``brats2018`` for ``<case>_seg``, ``brats2023`` for ``<case>-seg``); a name from
             :data:`app.data.labels.LABEL_CONVENTIONS` applies to them all, except that ``brats2024``
@@ -632,7 +671,8 @@ def discover_cases(
         Paths are absolute strings; the record is JSON-serialisable.
 
     Raises:
-        CaseError: missing/empty root, a case without image sequences, duplicate case ids or
+        CaseError: missing/empty root, a folder that cannot be listed (:func:`_unlisted`; the file system's
+            ``lost+found`` is passed over), a case without image sequences, duplicate case ids or
             duplicate files of one sequence, a case id holding a control or invisible character (with
             ``case_errors``: stored under the id with those characters escaped), unusable ``dataset.json``, or (with
             ``require_label``) a case without label other than an ``imagesTs/`` one, or no
@@ -657,7 +697,7 @@ def discover_cases(
     archives: list[str] = []  # archives of cases not yet extracted, named when no case is found
     visited: set[str] = set()
     real_root = os.path.realpath(root_path)
-    for dirpath, dirnames, filenames in os.walk(root_path, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(root_path, followlinks=True, onerror=_walk_error):
         real = os.path.realpath(dirpath)
         if real in visited:  # symlink loop or two links to one folder
             dirnames[:] = []

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from app.atomic import atomic_write, atomic_write_text, missing_hint
-from app.data.errors import check_regular_file
+from app.data.errors import check_readable, check_regular_file
 from app.flags import parse_bool
 
 __all__ = [
@@ -283,7 +283,8 @@ def load_mmsa(path: str | os.PathLike, trust_pickle: bool | str = False) -> dict
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: a pickle without trust, or a file that is not in the MMSA layout.
+        ValueError: a pickle without trust, a file this process may not read, or a file that is not in the MMSA
+            layout.
     """
     trusted = parse_bool(trust_pickle, "trust_pickle")  # a bad value is an error for .npz files too
     if not str(path).strip():
@@ -295,6 +296,9 @@ def load_mmsa(path: str | os.PathLike, trust_pickle: bool | str = False) -> dict
     if not path.is_file():
         raise FileNotFoundError(f"MMSA feature file {path} not found{missing_hint(path)}: check the path (an MMSA "
                                 ".pkl, or a .npz converted from one with python -m app convert-mmsa).")
+    # a permission problem, not a damaged file: a .npz read as "not a .npz archive (truncated ...)", a pickle as a
+    # PermissionError traceback
+    check_readable(path)
     if path.suffix.lower() == ".npz":
         return _load_npz(path)
     if path.suffix.lower() not in _PICKLE_SUFFIXES:

@@ -15,6 +15,7 @@ Command line (dispatched by ``python -m app phantoms``)::
 from __future__ import annotations
 
 import argparse
+import gzip
 import os
 import time
 from pathlib import Path
@@ -193,7 +194,9 @@ def write_phantoms(out_dir: str | os.PathLike, cases: int, size: int | Sequence[
     """Write ``cases`` phantoms as BraTS 2018-named NIfTI cases.
 
     Files are ``<out_dir>/Phantom_XXX/Phantom_XXX_{flair,t1,t1ce,t2,seg}.nii.gz``. Case ``i`` depends
-    only on ``(seed, i, size)``, so asking for more cases keeps the existing ones identical.
+    only on ``(seed, i, size)``, so asking for more cases keeps the existing ones identical. A case's files
+    are written together (:func:`app.atomic.replace_file_set`, the label last): a full disk leaves the cases
+    finished before it and no truncated file, nor a case with some of its files.
 
     Returns:
         The case folders written, in order.
@@ -201,8 +204,9 @@ def write_phantoms(out_dir: str | os.PathLike, cases: int, size: int | Sequence[
     Raises:
         ValueError: ``cases`` < 1, a bad ``size``, or an ``out_dir`` that is a file or cannot be
             written (checked before any case is made).
+        app.atomic.WriteError: a case could not be written (a full disk); the message names the file and the fix.
     """
-    from app.atomic import check_writable_folder
+    from app.atomic import check_writable_folder, replace_file_set
 
     if cases < 1:
         raise ValueError(f"cases must be >= 1, got {cases}.")
@@ -214,14 +218,16 @@ def write_phantoms(out_dir: str | os.PathLike, cases: int, size: int | Sequence[
         case = f"Phantom_{i:03d}"
         folder = root / case
         volumes = make_phantom(size, np.random.default_rng([seed, i]))  # a bad size fails before any folder
-        folder.mkdir(parents=True, exist_ok=True)
         affine = _affine(volumes["seg"].shape)
+        files = {}
         for name in (*BRATS_MODALITIES, "seg"):
             img = nib.Nifti1Image(volumes[name], affine)
             img.header.set_xyzt_units("mm")
             img.set_qform(affine, code=1)
             img.set_sform(affine, code=1)
-            nib.save(img, str(folder / f"{case}_{name}.nii.gz"))
+            # nib.save wrote in place: a full disk left a truncated scan, which training then refused as damaged
+            files[folder / f"{case}_{name}.nii.gz"] = gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
+        replace_file_set(files, last=folder / f"{case}_seg.nii.gz")
         folders.append(str(folder))
     return folders
 

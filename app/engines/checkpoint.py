@@ -600,6 +600,7 @@ class ResumableCheckpoint:
         self.interval = max(0, int(interval or 0))
         self._saved_at: int | None = None  # iteration of the last save
         self._read: tuple[tuple[int, int, int], dict[str, Any]] | None = None  # (file's key, state): _checkpoint
+        self._kept: tuple[int, int] | None = None  # (epoch, iteration) of the checkpoint on disk that this run continues
 
     def attach(self, engine: Engine) -> None:
         """Resume at ``STARTED``; save every ``interval`` iterations, at each epoch end and at ``TERMINATE``.
@@ -607,6 +608,7 @@ class ResumableCheckpoint:
         Args:
             engine: the trainer.
         """
+        engine.resumable_checkpoint = self  # read by SubsetTrainer.run for resume_note()
         engine.add_event_handler(Events.STARTED, self._started)
         if self.interval:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self._iteration_completed)
@@ -636,6 +638,7 @@ class ResumableCheckpoint:
         if self._resuming():
             state, self._read = self._checkpoint(), None  # restored from here on: the next resume reads the file
             self.restore(engine, state)
+            self._kept = (int(engine.state.epoch), int(engine.state.iteration))
         elif self.path.is_file() and rank == 0:
             logger.warning("Starting a new run: %s will be overwritten (pass --resume true to continue it).", self.path)
         if rank == 0:
@@ -718,7 +721,18 @@ class ResumableCheckpoint:
         state = self.state_dict(engine)
         state["rng"] = gathered
         atomic_save(state, self.path)
+        self._kept = (int(engine.state.epoch), int(engine.state.iteration))
         logger.info("Wrote %s (epoch %d, iteration %d).", self.path, engine.state.epoch, engine.state.iteration)
+
+    def resume_note(self) -> str:
+        """For the message of a write that stopped the run (a full disk): the checkpoint it leaves to continue from,
+        or ``""`` before the first (an atomic write that failed, ``checkpoint_last.pt``'s own included, keeps the
+        file before it). ``write_error``'s fix, "write to another folder", would otherwise start the run over."""
+        if self._kept is None:
+            return ""
+        epoch, iteration = self._kept
+        return (f" The resumable checkpoint {self.path} (epoch {epoch}, iteration {iteration}) is kept: once the disk "
+                "can take the run's files, run the same command with --resume true to continue from it.")
 
     def _check_settings(self, recorded: Mapping[str, Any]) -> list[str]:
         """Refuse a resume whose ``settings`` differ from those the checkpoint recorded; those in ``warn`` are only

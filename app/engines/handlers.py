@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -12,7 +14,7 @@ from typing import Any, Sequence
 import torch
 from ignite.engine import Engine, Events
 
-from app.atomic import atomic_write_text
+from app.atomic import atomic_write_text, write_error
 from app.flags import parse_bool
 from app.metrics.subset_metrics import BRATS_REGIONS
 
@@ -28,6 +30,11 @@ class LazySummaryWriter:
     handlers: a run refused after that (a resume whose settings differ from the checkpoint's) left an empty event
     file in the run it refused to continue. Built lazily, nothing is written until a value is logged.
 
+    The event file is written every iteration, so a disk that fills during training is usually met here first:
+    the writer's ``OSError`` (raised at its next use in the training thread) becomes :func:`app.atomic.write_error`,
+    one line naming the folder and the fix, and its writing thread's own traceback is not printed. The training
+    stops there; ``checkpoint_last.pt`` of the last epoch end is kept.
+
     Args:
         args, kwargs: those of ``torch.utils.tensorboard.SummaryWriter``.
     """
@@ -41,14 +48,51 @@ class LazySummaryWriter:
         """Whether the writer exists (and its event file was written)."""
         return self._writer is not None
 
+    def _log_dir(self) -> str:
+        return os.fspath(self._kwargs.get("log_dir") or (self._args[0] if self._args else None) or "runs")
+
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):  # copy/pickle probes, and the attributes above before __init__
             raise AttributeError(name)
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(*self._args, **self._kwargs)
-        return getattr(self._writer, name)
+            _quiet_event_writer_threads()
+            try:
+                self._writer = SummaryWriter(*self._args, **self._kwargs)  # writes the event file's first record
+            except OSError as err:
+                raise write_error(err, self._log_dir()) from err
+        attr = getattr(self._writer, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except OSError as err:  # a full disk: the writing thread's error, raised again here
+                raise write_error(err, self._log_dir()) from err
+
+        return call
+
+
+def _quiet_event_writer_threads() -> None:
+    """Keep TensorBoard's writing thread from printing a traceback for an ``OSError`` (a full disk, a folder made
+    read-only): the thread keeps the error, and the training thread's next use of the writer raises it, as
+    :class:`LazySummaryWriter` reports it, in one line. Installed once; ``APP_TRACEBACK=1`` keeps the traceback."""
+    previous = threading.excepthook
+    if getattr(previous, "_quiets_event_writers", False):
+        return
+
+    def hook(args: Any) -> None:
+        thread = type(args.thread).__module__ if args.thread is not None else ""
+        if (isinstance(args.exc_value, OSError) and thread.startswith("tensorboard.")
+                and os.environ.get("APP_TRACEBACK") != "1"):
+            return
+        previous(args)
+
+    hook._quiets_event_writers = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 
@@ -459,8 +503,11 @@ class DiagnosticsHandler:
         if path not in self._started:
             self._drop_records_from(path, engine.state.iteration)
             self._started.add(path)
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk: the file and the fix (readers and a resume drop a record cut short)
+            raise write_error(err, path) from err
         if self.writer is not None:
             if self._is_gmd(diag):
                 self._write_gmd(diag, engine.state.iteration)

@@ -19,6 +19,7 @@ from monai.engines.utils import IterationEvents
 from monai.inferers import SlidingWindowInferer
 from monai.utils import CommonKeys as Keys
 
+from app.atomic import WriteError
 from app.metrics.dice import dice_from_logits, logit_masks
 from app.metrics.hausdorff import HD95Scorer, affine_spacing, check_hd95_workers
 from app.engines.distributed import mean_over_ranks
@@ -155,6 +156,19 @@ class SubsetTrainer(SupervisedTrainer):
         self.use_amp = parse_bool(amp, "amp")
         self.grad_sync = grad_sync
         self.keys = (image_key, label_key, mask_key)
+
+    def run(self) -> None:
+        """Train; an output that cannot be written (:class:`app.atomic.WriteError`: a full disk, a folder made
+        read-only) stops the run with its message, which names the resumable checkpoint that is kept, if any
+        (:meth:`app.engines.ResumableCheckpoint.resume_note`)."""
+        try:
+            super().run()
+        except WriteError as err:
+            checkpoint = getattr(self, "resumable_checkpoint", None)
+            note = checkpoint.resume_note() if checkpoint is not None else ""
+            if note:
+                err.args = (f"{err}{note}",)  # the same error, raised where the write failed: one line still
+            raise
 
     def _check_run_length(self, engine: SubsetTrainer) -> None:
         if engine.state.max_epochs and engine.state.epoch_length:

@@ -334,7 +334,8 @@ def check_spacing(network: torch.nn.Module, records: Sequence[dict[str, Any]]) -
     return message
 
 
-def check_output_dir(output_dir: str | os.PathLike, option: str = "--output_dir") -> None:
+def check_output_dir(output_dir: str | os.PathLike, option: str = "--output_dir",
+                     subfolders: Sequence[str] = ()) -> None:
     """Raise a ``ValueError`` that names the fix unless the run can create its files in ``output_dir``.
 
     Called first in a bundle's ``initialize``: an evaluation otherwise read and scored every case and
@@ -345,6 +346,10 @@ def check_output_dir(output_dir: str | os.PathLike, option: str = "--output_dir"
     Args:
         output_dir: the run's output folder.
         option: the setting that gave it, named in the message.
+        subfolders: folders of ``output_dir`` the run writes into (training: ``models``, ``validation``,
+            ``tensorboard``), probed too where they exist: in the folder of an earlier run, one another user made
+            (or a read-only ``models/``) stopped a training or its resume only when it wrote ``model.pt`` after its
+            first epoch, with that run's report and split already replaced by this one's.
     """
     check_paths(**{option.lstrip("-"): output_dir})
     text = os.fspath(output_dir)
@@ -356,9 +361,14 @@ def check_output_dir(output_dir: str | os.PathLike, option: str = "--output_dir"
         raise ValueError(f"{option} {text}: '~' is not expanded here (the shell expands it only unquoted and not "
                          f"after '='), and the run would write part of its files under {os.path.abspath(text)} and "
                          f"part under {home}: give {option} {home}.")
-    check_writable_folder(output_dir, f"{option} {os.path.abspath(os.fspath(output_dir))}",
-                          file_fix=f"pass another {option}, or move the file away",
+    what = f"{option} {os.path.abspath(os.fspath(output_dir))}"
+    check_writable_folder(output_dir, what, file_fix=f"pass another {option}, or move the file away",
                           write_fix=f"pass an {option} you can write to")
+    for name in subfolders:
+        folder = os.path.join(text, name)
+        if os.path.lexists(folder):  # one the run will create is made in output_dir, probed above
+            check_writable_folder(folder, what, file_fix=f"pass another {option}, or move the file away",
+                                  write_fix=f"make it writable, or pass another {option}")
 
 
 #: Output folders this process holds (:func:`lock_output_dir`): path -> open descriptor holding the lock.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -217,10 +218,13 @@ def run_batch(
         A batch stopped by Ctrl-C or SIGTERM, or by an unexpected error (which is then raised), still
         writes ``inference_summary.json`` (``"stopped": true``, the case the error stopped it in with
         status ``error``, the cases it did not reach with status ``stopped``) before the stop goes on.
-        A case that does not fit in the device's memory is an error of that case (the batch goes on).
+        A case that does not fit in the device's memory is an error of that case (the batch goes on); a case
+        whose outputs the disk refuses (full, over quota, read-only) stops the batch there, its error raised
+        (``OSError``), as every later case would fail the same way.
         A problem found while discovering a case (see ``case_errors`` of
         :func:`app.data.discover_cases`) makes that case an error; only a missing or empty
-        ``input_dir`` or an unusable ``dataset.json`` raise before any case runs.
+        ``input_dir``, a folder of it that cannot be listed, or an unusable ``dataset.json`` raise before any
+        case runs.
 
     Raises:
         ValueError: a bad setting (``labels``, ``probabilities``, ``resample_to``), an empty
@@ -412,7 +416,7 @@ def _segment_cases(names: Sequence[str], records: Mapping[str, Any], discovery_e
     from app.data.discovery import CaseError, case_sources
     from app.inference.pipeline import OutputWriteError, segment_case, summary_notes
 
-    for name in names:
+    for position, name in enumerate(names):
         rec = records.get(name)
         written = _output_names(name, probabilities) if rec is not None else []
         try:
@@ -443,6 +447,13 @@ def _segment_cases(names: Sequence[str], records: Mapping[str, Any], discovery_e
                 # the disk, not the case, failed (full, over quota): an earlier run's complete result for
                 # the case is still the best there is, and removing it would lose it for a rerun to redo
                 message += " The outputs an earlier run wrote for this case, if any, are kept."
+                if err.errno in _DISK_ERRORS and position + 1 < len(names):
+                    # every later case would be segmented only to fail the same way (hours of a long batch, one
+                    # error line each): the batch stops here, as a whole, and its report lists the rest as stopped
+                    err.args = (f"case {name}: {message} The batch stopped at this case, as the {len(names) - position - 1} "
+                                f"case(s) after it would fail the same way (inference_summary.json lists them as "
+                                "stopped): run it again once the disk can take the outputs.",)
+                    raise
             else:
                 try:  # no result of an earlier run may stand in for a case that failed now
                     _remove_stale_outputs(out_dir, name, (), claimed, inputs, entries)
@@ -463,6 +474,9 @@ def _segment_cases(names: Sequence[str], records: Mapping[str, Any], discovery_e
 
 # auto and pipeline.LABEL_CHOICES, spelt out so that --help does not import torch
 _LABELS = ("auto", "2018", "2021", "2023", "2024")
+
+#: errors of a write that every later case would meet too: the disk is full, the quota spent, the file system read-only
+_DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,7 +40,7 @@ from monai.transforms import NormalizeIntensity
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
 from app import __version__
-from app.atomic import check_path_text, check_writable_folder, write_error
+from app.atomic import WriteError, check_path_text, check_writable_folder, write_error
 from app.data.cache import available_memory
 from app.data.datalist import ras_spacing, spacing_differs
 from app.data.discovery import OUTPUT_DESCRIPTION_PREFIX, load_nifti, recorded_crc_matches, voxel_crc
@@ -80,7 +80,7 @@ LABEL_CHOICES: dict[str, str] = {"2018": "brats2018", "2021": "brats2018", "2023
 _RAS = axcodes2ornt("RAS")
 
 
-class OutputWriteError(OSError):
+class OutputWriteError(WriteError):
     """The outputs of a case could not be written (a full disk, a quota, a folder made read-only).
 
     The case's input is fine and nothing was written for it; batch mode keeps what an earlier run

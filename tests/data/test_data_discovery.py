@@ -793,3 +793,57 @@ def test_a_case_id_with_accents_or_spaces_is_still_accepted(tmp_path, case):
     accepted: only characters that hide or reorder text are refused."""
     brats18(tmp_path, case)
     assert [r["case"] for r in discover_cases(tmp_path)] == [case]
+
+
+@pytest.fixture
+def locked(monkeypatch):
+    """Folders this process may not list, as for a user without read permission (the tests may run as root,
+    whom chmod does not stop): ``os.scandir`` (``os.walk``) and ``os.listdir`` refuse them."""
+    import errno
+
+    paths: set[str] = set()
+
+    def guard(lister):
+        def wrapped(path=".", *args, **kwargs):
+            if os.path.realpath(path) in paths:
+                raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+            return lister(path, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(os, "scandir", guard(os.scandir))
+    monkeypatch.setattr(os, "listdir", guard(os.listdir))
+    return lambda path: paths.add(os.path.realpath(path))
+
+
+def test_a_folder_that_cannot_be_listed_stops_discovery_instead_of_losing_its_cases(tmp_path, locked):
+    """os.walk passed over a case folder the user may not read: a training, an evaluation or a clinical batch ran
+    on the other cases without a word (the batch: '5 of 5 case(s) segmented, 0 failed', exit 0), and a data folder
+    the user may not read was 'No cases found'."""
+    for case in ("A_1", "B_1", "C_1"):
+        brats18(tmp_path / "data", case)
+    locked(tmp_path / "data" / "B_1")
+    message = (rf"^Cannot list the folder {re.escape(str(tmp_path / 'data' / 'B_1'))} \(Permission denied\): user id "
+               rf"\d+ may not read it, so the cases in it would be left out: make it readable \(e\.g\. chmod a\+rx .*B_1\)")
+    for case_errors in (None, {}):  # batch inference too: the folder's cases are unknown, so none can fail alone
+        with pytest.raises(CaseError, match=message):
+            discover_cases(tmp_path / "data", case_errors=case_errors)
+    locked(tmp_path / "data")
+    with pytest.raises(CaseError, match=rf"^Cannot list the folder {re.escape(str(tmp_path / 'data'))} \(Permission"):
+        discover_cases(tmp_path / "data")
+    # the file system's own lost+found (root's alone) at a data disk's mount point holds no case
+    brats18(tmp_path / "disk", "A_1")
+    (tmp_path / "disk" / "lost+found").mkdir()
+    locked(tmp_path / "disk" / "lost+found")
+    assert [c["case"] for c in discover_cases(tmp_path / "disk")] == ["A_1"]
+    # an MSD / nnU-Net folder lists imagesTr/ and labelsTr/ itself
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "dataset.json").write_text(json.dumps(MSD_DESC))
+    touch(task / "imagesTr" / "BRATS_001.nii.gz")
+    touch(task / "labelsTr" / "BRATS_001.nii.gz")
+    (task / "notes").mkdir()  # a folder beside them, which only a warning about NIfTI files left unread looks into
+    locked(task / "notes")
+    assert [c["case"] for c in discover_cases(task)] == ["BRATS_001"]
+    locked(task / "labelsTr")
+    with pytest.raises(CaseError, match=r"^Cannot list the folder .*labelsTr \(Permission denied\)"):
+        discover_cases(task)

@@ -119,3 +119,56 @@ def test_a_bad_size_leaves_no_case_folder(tmp_path):
     with pytest.raises(ValueError, match="Phantom size"):
         write_phantoms(tmp_path / "out", cases=2, size=8)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+
+def _phantoms_under_a_file_size_limit(out: str, limit: int, report: str) -> None:
+    """``python -m app phantoms --out OUT --cases 2 --size 16`` in a forked process whose files cannot grow beyond
+    ``limit`` bytes; its stderr goes to ``report``, and its exit status is the command's."""
+    import contextlib
+    import io
+    import resource
+    import signal
+    import sys
+
+    from app.__main__ import main as app_main
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write beyond the limit fails instead of killing
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            rc = app_main(["phantoms", "--out", out, "--cases", "2", "--size", "16"])
+    except BaseException:  # noqa: BLE001 - what the command let through is what the test reports
+        import traceback
+
+        traceback.print_exc(file=err)
+        rc = 1
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    with open(report, "w") as f:
+        f.write(err.getvalue())
+    sys.exit(rc)
+
+
+def test_a_write_cut_off_keeps_the_earlier_cases_whole_and_is_one_line(tmp_path):
+    """nib.save wrote each scan in place: a full disk left a truncated scan, which training then refused as damaged,
+    and `python -m app phantoms` ended in an OSError traceback. Now each case's files are written together, so a
+    rerun cut off keeps the cases already there byte for byte and leaves no temporary file.
+
+    The cut is a file-size limit (a write beyond it fails), which stops every writer at the same point, as a full
+    disk does; the command runs in a forked process, which the limit is set in."""
+    import multiprocessing
+
+    out, report = tmp_path / "cases", tmp_path / "stderr.txt"
+    write_phantoms(out, cases=2, size=16)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    child = multiprocessing.get_context("fork").Process(target=_phantoms_under_a_file_size_limit,
+                                                        args=(str(out), 1000, str(report)))
+    child.start()
+    child.join(120)
+    first = out / "Phantom_000" / "Phantom_000_flair.nii.gz"
+    err = report.read_text()
+    assert child.exitcode == 2 and err == f"error: Cannot write {first} (File too large): check that disk, or write " \
+                                          "to another folder.\n", err[-2000:]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -633,3 +633,44 @@ def test_the_training_bundles_write_no_event_file_before_training(bundle):
     text = (REPO / "bundles" / bundle / "configs" / "train.yaml").read_text()
     assert "_target_: app.engines.LazySummaryWriter" in text and "tensorboard.SummaryWriter" not in text
     assert "$@train#handlers#3.check(@train#trainer)" in text
+
+
+def test_a_full_disk_under_the_event_file_or_the_diagnostics_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    """TensorBoard writes every iteration, so a disk that fills during training is met there first: its writing
+    thread printed its traceback and the training ended in another, with the disk's bare '[Errno 28] No space left on
+    device'; the diagnostics records ended the same way. Each is now the product's error naming the file and the
+    fix, which a bundle run prints as its one error line."""
+    import builtins
+    import contextlib
+    import errno
+
+    from tensorboard.summary.writer import record_writer
+
+    from app.engines import LazySummaryWriter
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer = LazySummaryWriter(log_dir=str(tmp_path / "tb"))
+    writer.add_scalar("loss", 1.0, 1)
+    writer.flush()
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full)
+    try:
+        with pytest.raises(OSError, match=rf"^Cannot write {tmp_path / 'tb'} \(No space left on device\): free space "
+                                          r"on that disk"):
+            for step in range(2, 5):  # the writing thread fails; the writer's next use raises its error
+                writer.add_scalar("loss", 1.0, step)
+                writer.flush()
+    finally:
+        monkeypatch.undo()
+        with contextlib.suppress(OSError):
+            writer.close()
+    assert "Traceback" not in capsys.readouterr().err  # the writing thread's own traceback is not printed
+
+    records = tmp_path / "gmd_diagnostics.jsonl"
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda file, *a, **k: full() if Path(file) == records and a[:1] == ("a",)
+                        else real_open(file, *a, **k))
+    engine = SimpleNamespace(state=SimpleNamespace(iteration=20, epoch=1, output={"diagnostics": {"strategy": "gmd"}}))
+    with pytest.raises(OSError, match=rf"^Cannot write {records} \(No space left on device\): free space"):
+        DiagnosticsHandler(tmp_path)(engine)

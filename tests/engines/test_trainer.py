@@ -198,3 +198,61 @@ def test_only_rank_0_logs_the_engine_lines_of_a_multi_process_run(caplog, monkey
     monkeypatch.setattr(trainer_module, "process_group", lambda: (2, 0))
     _trainer(_Scaled(), lambda p, t: (p - t) ** 2).run()
     assert any(r.getMessage().startswith("Engine run finished") for r in caplog.records)
+
+
+
+class _FullDisk:
+    """An open file of :mod:`app.atomic` whose writes fail as on a full disk."""
+
+    def __init__(self, file) -> None:
+        self.file = file
+
+    def write(self, data):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def test_a_full_disk_after_a_checkpoint_names_the_checkpoint_to_resume_from(tmp_path, monkeypatch):
+    """A disk that filled during a long training ended it with 'free space ..., or write to another folder': a
+    training started again elsewhere, or without --resume, began from scratch although checkpoint_last.pt of the
+    last epoch end was still there. The error now names that checkpoint and how to continue from it."""
+    import os
+
+    import pytest
+
+    import app.atomic as atomic
+    from app.engines import ResumableCheckpoint, load_training_checkpoint
+    from app.engines.utils import _input_error
+
+    def trainer_with_checkpoint(folder, full):
+        net = _Scaled()
+        trainer = _trainer(net, lambda p, t: ((p - t) ** 2).mean())
+        trainer.state.max_epochs = 2
+        ResumableCheckpoint(folder, net, trainer.optimizer).attach(trainer)
+        real_fdopen = os.fdopen
+        monkeypatch.setattr(atomic.os, "fdopen", lambda fd, mode: _FullDisk(real_fdopen(fd, mode))
+                            if full(trainer) else real_fdopen(fd, mode))
+        return trainer
+
+    path = tmp_path / "models" / "checkpoint_last.pt"
+    trainer = trainer_with_checkpoint(path.parent, full=lambda trainer: trainer.state.epoch == 2)
+    with pytest.raises(OSError, match=rf"^Cannot write {path} \(No space left on device\): free space .* The resumable "
+                                      rf"checkpoint {path} \(epoch 1, iteration 3\) is kept: once the disk can take the "
+                                      r"run's files, run the same command with --resume true to continue from it\.$") as err:
+        trainer.run()
+    assert _input_error(err.value) is err.value  # still the bundle's one error line
+    monkeypatch.undo()
+    assert load_training_checkpoint(path)["iteration"] == 3
+    # nothing written yet: no checkpoint to name
+    with pytest.raises(OSError, match=r"free space on that disk \(or raise the quota\), or write to another folder\.$"):
+        trainer_with_checkpoint(tmp_path / "other", full=lambda trainer: True).run()

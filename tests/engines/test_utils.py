@@ -481,6 +481,54 @@ def test_check_output_dir_refuses_a_folder_it_cannot_write(tmp_path):
         locked.chmod(0o755)
 
 
+def test_check_output_dir_probes_the_folders_of_an_earlier_run_a_training_writes_into(tmp_path, monkeypatch):
+    """A training (or its resume) in the folder of an earlier run whose models/ it may not write (another user's run,
+    or one made read-only) stopped only at model.pt after its first epoch, with that run's validation report and
+    split already replaced by this one's. The tests may run as root, whom chmod does not stop: the write probe is
+    refused instead, as the kernel refuses it to another user."""
+    import errno
+    import tempfile
+
+    from app.engines import check_output_dir
+
+    run = tmp_path / "run"
+    (run / "models").mkdir(parents=True)
+    (run / "validation").mkdir()
+    real_mkstemp = tempfile.mkstemp
+
+    def refuse_in_models(*args, dir=None, **kwargs):
+        if dir is not None and os.path.basename(dir) == "models":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse_in_models)
+    check_output_dir(run)  # an evaluation writes into the folder itself only
+    with pytest.raises(ValueError, match=rf"^--output_dir {re.escape(str(run))}: cannot write in "
+                                         rf"{re.escape(str(run / 'models'))} \(Permission denied\): make it writable, or "
+                                         r"pass another --output_dir\.$"):
+        check_output_dir(run, subfolders=["models", "validation", "tensorboard"])  # tensorboard/: made by the run
+    monkeypatch.undo()
+    (run / "validation").rmdir()
+    (run / "validation").write_text("mine")
+    with pytest.raises(ValueError, match=r"validation is a file, not a folder: pass another --output_dir"):
+        check_output_dir(run, subfolders=["models", "validation"])
+    assert sorted(p.name for p in run.iterdir()) == ["models", "validation"]  # no probe left behind
+
+
+@pytest.mark.parametrize("config", ["brats_gmd/configs/train.yaml", "brats_gmd/configs/multi_gpu_train.yaml",
+                                    "mosi_gmd/configs/train.yaml", "mosi_gmd/configs/multi_gpu_train.yaml"])
+def test_every_folder_a_training_writes_into_is_probed_before_any_work(config):
+    import yaml
+
+    text = (REPO / "bundles" / config).read_text()
+    written = set(re.findall(r"@output_dir \+ '/(\w+)'", (REPO / "bundles" / config.split("/")[0] / "configs" /
+                                                           "train.yaml").read_text()))
+    (check,) = [step for step in yaml.safe_load(text)["initialize"] if "check_output_dir" in step]
+    probed = re.search(r"subfolders=\[([^\]]*)\]", check)
+    assert written == {"models", "validation", "tensorboard"} and probed is not None
+    assert written == {name.strip(" '\"") for name in probed.group(1).split(",")}
+
+
 def test_ids_repeated_across_splits_do_not_call_test_utterances_seen(tmp_path):
     """A file that numbers each split's utterances from 0 gives train and test the same ids; those test
     utterances were never trained on, so their scores must not be called 'not held out'."""

@@ -506,9 +506,10 @@ def test_an_empty_folder_setting_is_refused_instead_of_meaning_the_current_folde
 
 def test_a_full_disk_keeps_the_earlier_results_and_names_the_file(phantom_root, random_ckpt, tmp_path, monkeypatch,
                                                                   capsys):
-    """A rerun that finds the output disk full (here: adding --probabilities) fails each case with one
+    """A rerun that finds the output disk full (here: adding --probabilities) stops at the first case with one
     line naming the file it could not write and the fix, and keeps the label maps and summaries the
-    earlier run wrote: the disk failed, not the cases, and the earlier results were complete."""
+    earlier run wrote: the disk failed, not the cases, and the earlier results were complete. It used to
+    segment every later case only to fail it the same way, one error line each."""
     import errno
 
     import app.inference.pipeline as pipeline
@@ -528,13 +529,19 @@ def test_a_full_disk_keeps_the_earlier_results_and_names_the_file(phantom_root, 
 
     monkeypatch.setattr(pipeline.nib, "save", full_disk)
     capsys.readouterr()
+    segmented = []
+    real_segment = pipeline.segment_case
+    monkeypatch.setattr(pipeline, "segment_case", lambda *a, **k: (segmented.append(k["case"]), real_segment(*a, **k))[1])
     assert batch_main([*args, "--probabilities"]) == 2
-    err = capsys.readouterr().err
-    line = next(x for x in err.splitlines() if x.startswith("error: case Phantom_000:"))
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: case Phantom_000: ")
     assert f"Cannot write {out / 'Phantom_000_prob.nii.gz'} (No space left on device): free space" in line
     assert "[Errno" not in line and "earlier run wrote for this case, if any, are kept" in line
+    assert line.endswith("The batch stopped at this case, as the 1 case(s) after it would fail the same way "
+                         "(inference_summary.json lists them as stopped): run it again once the disk can take the outputs.")
+    assert segmented == ["Phantom_000"]  # the later case was not segmented in vain
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "inference_summary.json"} == before
-    assert {r["status"] for r in _report(out).values()} == {"error"}
+    assert {c: r["status"] for c, r in _report(out).items()} == {"Phantom_000": "error", "Phantom_001": "stopped"}
 
 
 _KILLED_IN_SECOND_CASE = """

@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import struct
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -583,3 +585,24 @@ def test_the_data_digest_follows_the_utterances_and_labels_not_the_file(tmp_path
         digests.append(mmsa_digest(load_mmsa(tmp_path / name, trust_pickle=True), ["train", "valid"],
                                    "regression_labels"))
     assert digests[0] != digests[1]
+
+
+def test_a_feature_file_the_process_may_not_read_is_named_as_a_permission_problem(tmp_path, monkeypatch):
+    """A pickle the user may not read ended the training in a PermissionError traceback, and such a .npz was called
+    'not a .npz archive (truncated, or another format)', whose fix (convert it again) would be wrong. The tests may
+    run as root, whom chmod does not stop: opening the file is refused instead."""
+    import builtins
+
+    files = [write_synthetic_mmsa(tmp_path / "s.pkl", splits={"train": 4}),
+             write_synthetic_mmsa(tmp_path / "s.npz", splits={"train": 4})]
+    real_open = builtins.open
+
+    def refuse(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file) in files:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    for path in files:
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} is not readable by user id \d+: make it readable"):
+            load_mmsa(path, trust_pickle=True)
