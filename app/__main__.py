@@ -36,10 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"Unknown command {command!r}: choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command])
     from app.atomic import WriteError, run_interruptible
 
     def work() -> int:
+        # imported here: torch takes seconds to import, and Ctrl-C then printed an import traceback
+        module = importlib.import_module(COMMANDS[command])
         try:
             return int(module.main(rest) or 0)
         except (ValueError, FileNotFoundError, WriteError) as err:

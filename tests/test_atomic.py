@@ -374,3 +374,18 @@ def test_an_output_path_is_refused_for_each_character_a_case_id_is_refused_for(t
     check_path_text(f"{tmp_path}/Größe Fall\u00a01", "--output_dir")  # accents and spaces stay accepted
     check_path_text(f"{tmp_path}/\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "--output_dir")  # a Persian ZWNJ
     check_path_text(f"{tmp_path}/\u0915\u094d\u200d\u0937", "--output_dir")  # a Devanagari ZWJ
+
+
+def test_ctrl_c_while_a_command_imports_ends_with_one_line(monkeypatch, capsys):
+    """`python -m app ablate` imports torch for seconds before its work starts: Ctrl-C then printed an import
+    traceback instead of the one line and status 130 of a stop."""
+    import importlib
+
+    from app.__main__ import main
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib, "import_module", interrupted)
+    assert main(["ablate", "--help"]) == 130
+    assert capsys.readouterr().err.startswith("error: stopped by SIGINT")
