@@ -911,16 +911,11 @@ def test_an_ablation_recipe_that_is_a_named_pipe_is_named_as_one(tmp_path):
                               "forever). Pass a YAML or JSON file as --config_file.")
 
 
-def test_hd95_goes_to_the_evaluations_only_and_adds_its_tables(tmp_path):
+def test_hd95_goes_to_the_evaluations_only_and_adds_its_tables(plain_stage, tmp_path):
     """``--hd95 true`` went to the training commands too, which refuse it (a setting of evaluate.yaml only), so an
     ablation could not report HD95; an ablation already trained is scored again with it, not trained again."""
-    data = tmp_path / "phantoms"
-    write_phantoms(data, cases=4, size=32, seed=0)
-    out = tmp_path / "ablation"
-    args = ["--bundle", "bundles/brats_gmd", "--strategies", "plain", "--max_epochs", "1", "--output_dir", str(out),
-            "--dataset_dir", str(data), "--epoch_length", "1", *TINY]
-    first = _ablate(*args)
-    assert first.returncode == 0, first.stderr[-3000:]
+    out, args = _copy_of(plain_stage, tmp_path)  # an ablation of plain, trained and scored without --hd95
+    args = ["--strategies", "plain", *args]
     before = json.loads((out / "ablation.json").read_text())
     assert before["metrics"] == ["mean", "WT", "TC", "ET"] and before["settings"]["hd95"] is False
     trained = {p: p.stat().st_mtime_ns for p in (out / "plain" / "train").rglob("*") if p.is_file()}

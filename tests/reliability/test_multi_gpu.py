@@ -268,8 +268,11 @@ def test_a_multi_process_training_holds_its_output_dir_against_single_process_ru
     """Rank 0 takes the lock for the whole run: a single-process training on the folder is refused meanwhile,
     and the lock is released when the run ends."""
     folder, results = tmp_path / "out", tmp_path / "single.txt"
+    # fork as in the sync test above (spawn re-imported torch and MONAI in each rank); the single-process run
+    # stays a process of its own
+    start = "spawn" if torch.cuda.is_available() else "fork"
     mp.start_processes(_lock_worker, args=(str(tmp_path / "store"), str(folder), str(results)), nprocs=WORLD,
-                       join=True, start_method="spawn")
+                       join=True, start_method=start)
     assert "is in use by another run that is still writing into it" in results.read_text(), results.read_text()
     fd = lock_folder(folder)
     assert fd is not None
