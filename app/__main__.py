@@ -11,7 +11,9 @@ Commands:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -46,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError, WriteError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        except BrokenPipeError:  # the reader went away (`python -m app compare ... | head`): as coreutils end
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            return 128 + 13  # SIGPIPE's status
 
     return run_interruptible(work)
 

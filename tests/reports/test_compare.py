@@ -72,3 +72,24 @@ def test_compare_refuses_a_file_that_is_not_a_report(tmp_path, capsys, bad):
     (tmp_path / "bad.json").write_text(bad)
     assert app_main(["compare", str(seg), str(tmp_path / "bad.json")]) == 2
     assert "bad.json" in capsys.readouterr().err
+
+
+def test_output_cut_short_by_its_reader_ends_without_a_traceback(tmp_path):
+    """`python -m app compare A B | head -1` ended in a BrokenPipeError traceback: it ends as `cat` would, with
+    SIGPIPE's status 141 and nothing on stderr."""
+    import subprocess
+    import sys
+
+    from tests.bundles.helpers import REPO
+
+    folders = []
+    for i in range(2):
+        cases = {f"c{j}": 0.5 + 0.01 * ((i + j) % 3) for j in range(40)}
+        folders.append(_write(tmp_path / f"e{i}", {"flair": cases, "t1": cases, "t2": cases}))
+    cmd = [sys.executable, "-m", "app", "compare", *map(str, folders * 400), "--names",
+           ",".join(f"m{i}" for i in range(800))]  # tables larger than a pipe's buffer
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and err == "", err
