@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from datetime import timedelta
 from typing import Any, Iterable, Sized
 
@@ -39,6 +40,7 @@ __all__ = [
     "any_rank",
     "GradientSync",
     "DistributedTimeLimitHandler",
+    "DUPLICATE_SIGNAL_SECONDS",
     "StopOnSignal",
     "data_worker_init",
 ]
@@ -286,6 +288,10 @@ def data_worker_init(worker_id: int) -> None:
 _TERMINAL_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGINT", "SIGHUP") if hasattr(signal, name))
 
 
+#: A second stop signal within this many seconds of the first is the same stop, delivered twice.
+DUPLICATE_SIGNAL_SECONDS = 2.0
+
+
 class StopOnSignal:
     """Ends training cleanly on SIGTERM, Ctrl-C (SIGINT) or a closed terminal (SIGHUP): the resumable checkpoint
     is written, then the process ends by the signal.
@@ -297,8 +303,11 @@ class StopOnSignal:
     ``model_final.pt`` claims the run finished, :class:`~app.engines.ResumableCheckpoint` writes the
     checkpoint at ``TERMINATE``, and the signal is then delivered again with its default action: the
     exit status says the run was stopped (143), and ``--resume true`` (or ``auto``) continues it
-    exactly. A second SIGTERM ends the process at once (a SIGTERM sent to the whole job reaches the data-loader
-    workers too: :func:`data_worker_init` leaves it to the main process). The ranks of a multi-process run
+    exactly. A second signal ends the process at once, unless it comes within :data:`DUPLICATE_SIGNAL_SECONDS` of
+    the first: that is the same stop reaching the process twice (a scheduler that signals every process of a job,
+    such as SLURM's ``scancel``, reaches a stage of ``python -m app ablate`` directly and through the ablation, which
+    passes stops on), and it would otherwise end the run without its checkpoint. A SIGTERM sent to the whole job
+    reaches the data-loader workers too: :func:`data_worker_init` leaves it to the main process. The ranks of a multi-process run
     all-reduce the decision after every iteration, so they stop at the same one.
 
     Ctrl-C and a closed terminal are handled the same way (exit status 130 and 129): Python's default for
@@ -319,6 +328,7 @@ class StopOnSignal:
             signals = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
         self.signals = tuple(signals)
         self.received: int | None = None
+        self._received_at = 0.0
         self._previous: dict[int, Any] = {}
         self._pid = os.getpid()
 
@@ -341,8 +351,12 @@ class StopOnSignal:
             signal.signal(signum, signal.SIG_DFL)  # die as asked
             os.kill(os.getpid(), signum)
             return
-        self.received = signum
-        signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+        now = time.monotonic()
+        if self.received is None:
+            self.received, self._received_at = signum, now
+        elif now - self._received_at >= DUPLICATE_SIGNAL_SECONDS:  # asked again: end at once, as without a handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
     def _install(self, engine: Engine) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -569,7 +569,8 @@ def test_data_loader_workers_leave_a_job_wide_sigterm_to_the_main_process():
 
 def test_stop_on_signal_stops_on_ctrl_c_like_on_sigterm_and_a_worker_ignores_it(monkeypatch, caplog):
     """Ctrl-C (SIGINT) mid-iteration stops training as SIGTERM does (checkpoint, one line, exit 130), where it
-    raised KeyboardInterrupt inside the step; a second Ctrl-C has its default action (ends the process at once);
+    raised KeyboardInterrupt inside the step; a second Ctrl-C has its default action (ends the process at once), one
+    within 2 s is the same stop delivered twice;
     a forked data-loader worker that gets the terminal's SIGINT ignores it instead of dying."""
     import signal
 
@@ -588,8 +589,16 @@ def test_stop_on_signal_stops_on_ctrl_c_like_on_sigterm_and_a_worker_ignores_it(
         events.append(f"iteration {engine.state.iteration}")
         if engine.state.iteration == 2:
             signal.raise_signal(signal.SIGINT)  # as the terminal's would arrive, inside the step
+            # the same stop delivered twice (scancel signals the ablation and its stage): still a clean stop
+            signal.raise_signal(signal.SIGTERM)
             events.append("step 2 finished")
-            assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL  # a second Ctrl-C ends it at once
+            assert ended == [] and signal.getsignal(signal.SIGINT) == stopper._handle  # not the default action yet
+            # a second Ctrl-C a while later ends it at once
+            stopper._received_at -= distributed.DUPLICATE_SIGNAL_SECONDS
+            stopper._handle(signal.SIGINT, None)
+            assert ended == [(distributed.os.getpid(), signal.SIGINT)] and signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+            ended.clear()
+            signal.signal(signal.SIGINT, stopper._handle)
 
     engine = Engine(step)
     engine.add_event_handler(Events.TERMINATE, lambda e: events.append("checkpoint written"))
