@@ -21,6 +21,7 @@ from app.data.mmsa import write_synthetic_mmsa
 from app.data.phantoms import write_phantoms
 from app.subsets import BRATS_MODALITIES, MOSI_MODALITIES, all_subsets, subset_name
 from tests.bundles.helpers import REPO, TINY
+from tests.fakes import FullDiskFile
 
 
 def _ablate(*args: str) -> subprocess.CompletedProcess:
@@ -1086,30 +1087,12 @@ def test_a_stop_of_the_ablation_lets_the_running_stage_stop_cleanly(tmp_path):
 def test_a_full_disk_is_one_error_line_naming_the_file_and_the_fix(tmp_path, monkeypatch, capsys):
     """The runner's own files (a stage's settings record, its log, the tables) on a full disk ended the ablation
     with an OSError traceback, which `python -m app ablate` did not turn into its one error line."""
-    import errno
-
     import app.ablation as ablation
     import app.atomic as atomic
 
-    class FullDisk:
-        def __init__(self, file):
-            self.file = file
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self.file, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.file.close()
-
     out = tmp_path / "out"
     real_fdopen = os.fdopen
-    monkeypatch.setattr(atomic.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    monkeypatch.setattr(atomic.os, "fdopen", lambda fd, mode: FullDiskFile(real_fdopen(fd, mode)))
     rc = ablation.main(["--bundle", str(REPO / "bundles" / "brats_gmd"), "--strategies", "plain", "--max_epochs", "1",
                         "--output_dir", str(out), "--dataset_dir", str(tmp_path)])
     err = capsys.readouterr().err
@@ -1118,7 +1101,7 @@ def test_a_full_disk_is_one_error_line_naming_the_file_and_the_fix(tmp_path, mon
     assert not [p for p in out.rglob("*") if p.is_file()]  # nor a temporary file
     monkeypatch.undo()
     # the stage's log, written before its training starts: no training runs
-    monkeypatch.setattr(ablation, "open", lambda path, mode: FullDisk(real_fdopen(os.open(path, os.O_WRONLY | os.O_CREAT),
+    monkeypatch.setattr(ablation, "open", lambda path, mode: FullDiskFile(real_fdopen(os.open(path, os.O_WRONLY | os.O_CREAT),
                                                                                    mode)), raising=False)
     monkeypatch.setattr(ablation.subprocess, "Popen", lambda *a, **k: pytest.fail("the stage ran"))
     log = out / "plain" / "train.log"

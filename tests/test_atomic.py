@@ -10,6 +10,7 @@ import pytest
 
 from app.atomic import atomic_write, atomic_write_text
 from tests.bundles.helpers import REPO, repo_env
+from tests.fakes import FullDiskFile
 
 
 def test_check_sees_the_complete_temporary_file_before_the_rename(tmp_path):
@@ -109,30 +110,6 @@ def test_the_file_is_fsynced_before_the_rename_and_the_folder_only_when_asked(tm
     assert events == ["fsync", "replace", f"dir {tmp_path.name}"]
 
 
-class _FullDisk:
-    """An open file on a disk that fills up after ``room`` bytes."""
-
-    def __init__(self, file, room: int) -> None:
-        self.file, self.room = file, room
-
-    def write(self, data) -> int:
-        import errno
-
-        self.room -= len(data)
-        if self.room < 0:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return self.file.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.file, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()
-
-
 @pytest.mark.parametrize("writer", ["bytes", "torch.save"])
 def test_a_full_disk_names_the_file_and_the_fix_and_keeps_the_old_file(writer, tmp_path, monkeypatch, capsys):
     """The disk's own error named no file (``[Errno 28] No space left on device``), and torch.save
@@ -151,7 +128,7 @@ def test_a_full_disk_names_the_file_and_the_fix_and_keeps_the_old_file(writer, t
     target = tmp_path / "model.pt"
     atomic_write_text(target, "old")
     real_fdopen = os.fdopen
-    monkeypatch.setattr(atomic.os, "fdopen", lambda fd, mode: _FullDisk(real_fdopen(fd, mode), room=10))
+    monkeypatch.setattr(atomic.os, "fdopen", lambda fd, mode: FullDiskFile(real_fdopen(fd, mode), room=10))
     write = (lambda f: f.write(b"x" * 100)) if writer == "bytes" else (lambda f: torch.save(torch.zeros(1000), f))
     with pytest.raises(OSError) as raised:
         atomic_write(target, write)

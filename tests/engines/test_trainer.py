@@ -6,6 +6,7 @@ import torch
 
 from app.engines.trainer import subset_sample_masks
 from app.subsets import BRATS_MODALITIES, all_subsets, subset_name
+from tests.fakes import FullDiskFile
 
 NAMES = [subset_name(s, BRATS_MODALITIES) for s in all_subsets(4)]
 
@@ -201,27 +202,6 @@ def test_only_rank_0_logs_the_engine_lines_of_a_multi_process_run(caplog, monkey
 
 
 
-class _FullDisk:
-    """An open file of :mod:`app.atomic` whose writes fail as on a full disk."""
-
-    def __init__(self, file) -> None:
-        self.file = file
-
-    def write(self, data):
-        import errno
-
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    def __getattr__(self, name):
-        return getattr(self.file, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()
-
-
 def test_a_full_disk_after_a_checkpoint_names_the_checkpoint_to_resume_from(tmp_path, monkeypatch):
     """A disk that filled during a long training ended it with 'free space ..., or write to another folder': a
     training started again elsewhere, or without --resume, began from scratch although checkpoint_last.pt of the
@@ -240,7 +220,7 @@ def test_a_full_disk_after_a_checkpoint_names_the_checkpoint_to_resume_from(tmp_
         trainer.state.max_epochs = 2
         ResumableCheckpoint(folder, net, trainer.optimizer).attach(trainer)
         real_fdopen = os.fdopen
-        monkeypatch.setattr(atomic.os, "fdopen", lambda fd, mode: _FullDisk(real_fdopen(fd, mode))
+        monkeypatch.setattr(atomic.os, "fdopen", lambda fd, mode: FullDiskFile(real_fdopen(fd, mode))
                             if full(trainer) else real_fdopen(fd, mode))
         return trainer
 
