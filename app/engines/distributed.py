@@ -343,6 +343,18 @@ class StopOnSignal:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._check)
         engine.add_event_handler(Events.COMPLETED, self._uninstall)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self._uninstall_and_raise)
+        # an EXCEPTION_RAISED handler attached before this one (MONAI's StatsHandler) re-raises before ours runs, and
+        # the handlers stayed installed after the failed run: in a notebook, Ctrl-C then did nothing. However the run
+        # ends, the previous handlers come back.
+        run = engine.run
+
+        def run_and_uninstall(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return run(*args, **kwargs)
+            finally:
+                self._uninstall()
+
+        engine.run = run_and_uninstall  # type: ignore[method-assign]
 
     def _handle(self, signum: int, frame: Any) -> None:
         if os.getpid() != self._pid:  # a data-loader worker forked with this handler

@@ -309,6 +309,29 @@ def test_stop_on_signal_changes_nothing_without_a_signal():
     assert done == [8] and signal.getsignal(signal.SIGTERM) == previous  # uninstalled at the end
 
 
+def test_stop_on_signal_gives_the_handlers_back_when_the_run_fails():
+    """MONAI's StatsHandler, attached before it as the bundles do, re-raises a failed step's error before
+    StopOnSignal's own EXCEPTION_RAISED handler runs: the handlers stayed installed after a diverged training, and
+    in a notebook (or any process that goes on) Ctrl-C then did nothing."""
+    import signal
+
+    from ignite.engine import Engine
+    from monai.handlers import StatsHandler
+
+    from app.engines import StopOnSignal
+
+    def step(engine, batch):
+        raise ValueError("diverged")
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    engine = Engine(step)
+    StatsHandler(name=None, iteration_log=False).attach(engine)
+    StopOnSignal().attach(engine)
+    with pytest.raises(ValueError, match="diverged"):
+        engine.run(range(4), max_epochs=1)
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
 class _Clock:
     """``time.monotonic`` of the handlers: one second per training iteration."""
 
