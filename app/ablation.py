@@ -594,7 +594,7 @@ def _stage_settings(bundle: Path, args: Sequence[str], out: Path, overrides: Seq
 
 def _read_json(path: Path) -> Any:
     """The JSON in ``path``, or None when there is none (e.g. a stage run by an earlier version)."""
-    return json.loads(path.read_text()) if path.is_file() else None
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def _unreadable(path: Path | None) -> bool:
@@ -603,7 +603,7 @@ def _unreadable(path: Path | None) -> bool:
     if path is None or not path.is_file():
         return False
     try:
-        json.loads(path.read_text())
+        json.loads(path.read_text(encoding="utf-8"))
     except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return True
     return False
@@ -1008,7 +1008,7 @@ def run_ablation(
                 threads = ["--hd95_workers", hd95_workers] if hd95 and hd95_workers is not None else []
                 print(f"Evaluating {label}; log: {out / label / 'eval.log'}", flush=True)
                 _run_bundle([train, *overrides, evaluate], bundle, [*eval_args, *threads], out / label / "eval.log")
-            reports[label] = json.loads(report_path.read_text())
+            reports[label] = json.loads(report_path.read_text(encoding="utf-8"))
             if train_s is None:  # a reused stage: its time was recorded when it trained
                 train_s = _read_json(seconds)
             runs[label] = {"strategy": name, "gmd_subsets": subsets, "train_seconds": train_s,

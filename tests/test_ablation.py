@@ -492,7 +492,7 @@ def test_sentiment_bundle_ablation_and_failure_names_the_log(tmp_path):
                    "--output_dir", str(out), "--data_path", str(pkl), "--trust_pickle", "true")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     table = _check_tables(out, ["plain", "predict"], MOSI_MODALITIES, "Acc2")
-    assert table["paired"]["cases"] == 24 and "predict − plain" in (out / "ablation.md").read_text()
+    assert table["paired"]["cases"] == 24 and "predict - plain" in (out / "ablation.md").read_text()
     assert table["tables"]["MAE"]["plain"]["worst"]["value"] == max(table["tables"]["MAE"]["plain"]["subsets"].values())
     report = json.loads((out / "plain" / "eval" / "subset_metrics.json").read_text())
     assert report["subsets"]["text"]["n"] == 24  # scored on the valid split

@@ -473,7 +473,7 @@ class DiagnosticsHandler:
             return
         for path in sorted(self.output_dir.glob("*_diagnostics.jsonl")):
             self._drop_records_from(path, iteration)
-            if path.is_file() and not path.read_text().strip():
+            if path.is_file() and not path.read_text(encoding="utf-8").strip():
                 path.unlink()
 
     @staticmethod
@@ -530,7 +530,7 @@ class DiagnosticsHandler:
         if not path.is_file():
             return
         kept = []
-        for line in path.read_text().splitlines():
+        for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 if int(json.loads(line)["iteration"]) < iteration:
                     kept.append(line + "\n")

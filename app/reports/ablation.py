@@ -168,7 +168,7 @@ def _paired_lines(paired: Mapping[str, Any], digits: int, column: str = "strateg
              f"with its 95% bootstrap interval ({paired['resamples']} resamples of {drawn}, seed {paired['seed']}) "
              f"and the number of {case}s scored better / worse than under {reference}. An interval that holds 0 "
              f"does not tell the two apart on these {case}s.", "",
-             "| subset | " + " | ".join(f"{s} − {reference}" for s in others) + " |",
+             "| subset | " + " | ".join(f"{s} - {reference}" for s in others) + " |",
              "|---|" + "---|" * len(others)]
     names = list(next(iter(paired["strategies"].values()))["subsets"])
     for name in names:

@@ -65,7 +65,7 @@ def load_report(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
         raise FileNotFoundError(f"{path} does not exist: give an evaluation's report ({' or '.join(REPORT_FILES)}) "
                                 "or the folder holding it.")
     try:
-        report = json.loads(path.read_text())
+        report = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"Cannot read {path} as an evaluation report ({type(err).__name__}: {err}): give the "
                          f"{' or '.join(REPORT_FILES)} an evaluation wrote.") from None

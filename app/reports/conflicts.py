@@ -83,7 +83,7 @@ def load_diagnostics(run_dir: str | os.PathLike, file_name: str = DIAGNOSTICS_FI
             "iterations (the first record is written at iteration N; a shorter run, such as one epoch of a few cases, "
             "writes none)."
         )
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     lines = text.splitlines()
     if lines and not text.endswith("\n"):
         lines.pop()  # cut short: being written, or its writer was killed

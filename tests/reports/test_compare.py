@@ -22,13 +22,13 @@ def test_compare_tabulates_reports_and_compares_each_with_the_first(tmp_path, ca
     out = tmp_path / "cmp"
     assert app_main(["compare", str(first), str(second / "subset_dice.json"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "## Paired differences from plain_eval: mean" in printed and "| gmd_eval − plain_eval |" in printed
+    assert "## Paired differences from plain_eval: mean" in printed and "| gmd_eval - plain_eval |" in printed
     assert "| model | mean | WT | TC | ET |" in printed and "Each model's mean minus plain_eval's" in printed
     assert "| flair | +0.200 [+0.100, +0.300] 2/0 |" in printed
     table = json.loads((out / "compare.json").read_text())
     assert table["strategies"] == ["plain_eval", "gmd_eval"] and table["paired"]["reference"] == "plain_eval"
     assert table["reports"]["gmd_eval"] == str(second / "subset_dice.json")
-    assert (out / "compare.md").read_text().startswith("# Comparison of 2 evaluations")
+    assert (out / "compare.md").read_text(encoding="utf-8").startswith("# Comparison of 2 evaluations")
     # --names, and a reference that is not called plain
     assert app_main(["compare", str(second), str(first), "--names", "b,a", "--metrics", "WT"]) == 0
     assert "## Paired differences from b: WT" in capsys.readouterr().out
