@@ -213,12 +213,16 @@ def _run_logged(cmd: Sequence[str], log: Path, append: bool = False) -> int:
     stop: the iterations since its last one were lost, and a stage stopped by ``kill PID`` or ``docker stop`` was
     not told at all. The run has its own process group instead, so that the terminal's Ctrl-C (sent to the whole
     foreground group) and ``kill -- -PGID`` reach it once, through the ablation, which passes every stop signal
-    on and waits for the run to end (a second Ctrl-C ends a training at once, as it does without the ablation).
+    on and waits for the run to end (a second Ctrl-C, 2 s or more after the first, ends a training at once, as it does
+    without the ablation).
     """
     import signal
 
     f = None
     try:  # a full disk or a read-only stage folder: the file and the fix, not the disk's bare errno
+        log.parent.mkdir(parents=True, exist_ok=True)
+        if log.is_symlink():  # open(log, "w") would write (and truncate) the file a link under the log's name points to
+            log.unlink()
         f = open(log, "a" if append else "w")
         f.write(" ".join(cmd) + "\n")
         f.flush()
@@ -253,16 +257,10 @@ def _run_bundle(configs: Sequence[Path], bundle: Path, args: Sequence[str], log:
     wall time. A failure raises a ``RuntimeError`` with the command's last ``error:`` line, then ``fix``."""
     config = str(configs[0]) if len(configs) == 1 else str([str(c) for c in configs])
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", str(bundle), *args]
-    try:  # a full disk or a read-only stage folder: the file and the fix, not the disk's bare errno
-        log.parent.mkdir(parents=True, exist_ok=True)
-        if log.is_symlink():  # open(log, "w") would write (and truncate) the file a link under the log's name points to
-            log.unlink()
-    except OSError as err:
-        raise write_error(err, log) from err
     start = time.perf_counter()
     returncode = _run_logged(cmd, log, append)
     if returncode != 0:
-        errors = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.startswith("error: ")]
+        errors = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.startswith("error: ")]
         reason = f": {errors[-1]}" if errors else ""
         raise RuntimeError(f"{' '.join(cmd)} failed with exit code {returncode}{reason} (its output is in {log})."
                            f"{' ' + fix if fix else ''}")
@@ -725,7 +723,7 @@ def _iterations(log: Path, checkpoint: Path) -> int | None:
 
 def _time_limit_stop(log: Path) -> int | None:
     """The iteration at which the time-limit handler stopped the training logged in ``log``, else None."""
-    hits = re.findall(r"[Tt]ime limit.*?iteration (\d+)", log.read_text(errors="replace")) if log.is_file() else []
+    hits = re.findall(r"[Tt]ime limit.*?iteration (\d+)", log.read_text(encoding="utf-8", errors="replace")) if log.is_file() else []
     return int(hits[-1]) if hits else None
 
 
@@ -750,7 +748,7 @@ def _recover_finish_mark(out: Path, label: str, ckpt: Path, stamp: Path, seconds
     run_dir, log = ckpt.parent.parent, out / label / "train.log"
     # MONAI's CheckpointSaver logs this line when the trainer completes (its time limit included), not when it raises
     ended = _time_limit_stop(log) is not None or (
-        log.is_file() and "Train completed, saved final checkpoint" in log.read_text(errors="replace"))
+        log.is_file() and "Train completed, saved final checkpoint" in log.read_text(encoding="utf-8", errors="replace"))
     if not ended:
         import torch
 

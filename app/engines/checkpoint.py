@@ -767,8 +767,6 @@ class ResumableCheckpoint:
         def shown(value: Any) -> str:
             return "(none)" if value is _NOT_A_SETTING else repr(value)
 
-        option = _option
-
         def more(items: list[tuple[str, str, Any, Any]]) -> str:
             # a transform list of a recipe replaced as a whole differs in dozens of settings: the line names a few
             return f" and {len(items) - _LISTED} more" if len(items) > _LISTED else ""
@@ -780,10 +778,10 @@ class ResumableCheckpoint:
 
         def change(key: str, flag: str, old: Any, new: Any) -> str:
             if key not in self.digests:
-                return f"{option(flag)} {shown(old)} there, {shown(new)} here"
+                return f"{_option(flag)} {shown(old)} there, {shown(new)} here"
             name, then, now = source(key)
-            where = (f"{option(name)} {shown(now)}" if then == now
-                     else f"{option(name)} {shown(then)} there, {shown(now)} here")
+            where = (f"{_option(name)} {shown(now)}" if then == now
+                     else f"{_option(name)} {shown(then)} there, {shown(now)} here")
             return f"{where}, whose data differ: digest {old} there, {new} here"
 
         def listed(items: list[tuple[str, str, Any, Any]]) -> str:
@@ -792,11 +790,11 @@ class ResumableCheckpoint:
         def restore(key: str, flag: str, old: Any) -> str | None:
             if key in self.digests:  # the digest is no flag: the setting it is of restores it, where that moved
                 name, then, now = source(key)
-                return None if then is _NOT_A_SETTING or then == now else f"{option(name)} {_cli_value(then)}"
+                return None if then is _NOT_A_SETTING or then == now else f"{_option(name)} {_cli_value(then)}"
             # a transform's setting held by an inner object (cropper.pos_ratio) has no flag of its own
             if old is _NOT_A_SETTING or "." in flag.rsplit("#", 1)[-1]:
                 return None
-            return f"{option(flag)} {_cli_value(old)}"
+            return f"{_option(flag)} {_cli_value(old)}"
 
         def fix(items: list[tuple[str, str, Any, Any]]) -> str:
             flags = [f for f in (restore(key, flag, old) for key, flag, old, _ in items[:_LISTED]) if f]
@@ -817,8 +815,8 @@ class ResumableCheckpoint:
         if unrecorded and recorded:
             # a run started before this version recorded them (the checkpoint of a run under way at an upgrade); a
             # checkpoint that records no settings at all is named by _warn_unrecorded
-            names = ", ".join(f"digest of the {option(self.digests[k])} data" if k in self.digests
-                              else f"the {k} transforms" if isinstance(self.settings[k], Mapping) else option(k)
+            names = ", ".join(f"digest of the {_option(self.digests[k])} data" if k in self.digests
+                              else f"the {k} transforms" if isinstance(self.settings[k], Mapping) else _option(k)
                               for k in unrecorded)
             warnings.append(f"{self.path} records no {names} (it was written by an earlier version): those are not "
                             "compared beyond what its weights, strategy and split show, so make sure this command "

@@ -15,7 +15,7 @@ from monai.bundle import ConfigParser
 
 from app.data import convert_mmsa
 from app.metrics.sentiment import sentiment_metrics
-from tests.bundles.helpers import run_setting_checks
+from tests.bundles.helpers import error_messages, run_setting_checks
 from tests.sentiment.helpers import EVALUATE, MOSI_BUNDLE, REPO, TRAIN, run_mosi_bundle
 
 NAMES = ["text", "audio", "vision", "text+audio", "text+vision", "audio+vision", "text+audio+vision"]
@@ -131,7 +131,7 @@ def test_evaluate_missing_split_names_the_available_ones(trained, trainval_pkl, 
     with pytest.raises(Exception) as err:
         parser.get_parsed_content("initialize")
     assert any("Split 'test' is not in" in text and "available splits are ['train', 'valid']" in text
-               for text in _messages(err.value))
+               for text in error_messages(err.value))
     assert not (tmp_path / "subset_metrics.json").exists()
 
 
@@ -150,7 +150,7 @@ def test_a_worker_count_or_time_budget_out_of_range_is_refused_before_any_output
     assert run_setting_checks(configs, setting) > 0  # the defaults pass
     with pytest.raises(Exception) as err:
         run_setting_checks(configs, setting, **{setting: value})
-    assert message in _messages(err.value), _messages(err.value)
+    assert message in error_messages(err.value), error_messages(err.value)
 
 
 def test_evaluate_refuses_a_misspelt_setting(trained, synthetic_pkl, tmp_path):
@@ -164,15 +164,6 @@ def test_evaluate_refuses_a_misspelt_setting(trained, synthetic_pkl, tmp_path):
     assert not (tmp_path / "subset_metrics.json").exists()
 
 
-def _messages(exc: BaseException | None) -> list[str]:
-    """Messages of an exception and of its causes (the bundle parser wraps the original error)."""
-    out = []
-    while exc is not None:
-        out.append(str(exc))
-        exc = exc.__cause__ or exc.__context__
-    return out
-
-
 def _parser(*files: str, **overrides) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config(list(files))
@@ -184,7 +175,7 @@ def test_untrusted_pickle_is_refused_and_npz_needs_no_trust(synthetic_pkl, tmp_p
     parser = _parser(TRAIN, data_path=str(synthetic_pkl), output_dir=str(tmp_path))
     with pytest.raises(Exception) as err:
         parser.get_parsed_content("train#dataset")
-    assert any("unpickling runs" in text and "convert-mmsa" in text for text in _messages(err.value))
+    assert any("unpickling runs" in text and "convert-mmsa" in text for text in error_messages(err.value))
 
     npz = convert_mmsa(synthetic_pkl, tmp_path / "synthetic.npz")
     parser = _parser(TRAIN, data_path=str(npz), output_dir=str(tmp_path))
