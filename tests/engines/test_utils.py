@@ -697,24 +697,24 @@ def test_an_output_folder_the_run_made_and_left_empty_is_removed_when_a_schedule
             "open(sys.argv[1] + '/subset_dice.json', 'w').close() if len(sys.argv) > 2 else None; "
             "print('locked', flush=True); time.sleep(60)")
 
-    def stopped(out, *extra):
-        proc = subprocess.Popen([sys.executable, "-c", code, str(out), *extra], cwd=REPO, stdout=subprocess.PIPE,
-                                text=True)
-        try:
-            assert proc.stdout.readline().strip() == "locked"
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == -signal.SIGTERM  # the job script still sees the signal
-        finally:
-            proc.kill()
-            proc.stdout.close()
-
-    stopped(tmp_path / "runs" / "site" / "eval")
-    assert list(tmp_path.iterdir()) == []
     existing = tmp_path / "existing"
     existing.mkdir()
-    stopped(existing)
-    assert existing.is_dir()
-    stopped(tmp_path / "eval", "write")
+    runs = [[tmp_path / "runs" / "site" / "eval"], [existing], [tmp_path / "eval", "write"]]
+    # the three runs start together: each spends seconds importing torch before it takes its folder
+    procs = [subprocess.Popen([sys.executable, "-c", code, *map(str, run)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True) for run in runs]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "locked"
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            assert proc.wait(timeout=30) == -signal.SIGTERM  # the job script still sees the signal
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.stdout.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "existing"]  # runs/site/eval went with its parents
+    assert existing.is_dir() and list(existing.iterdir()) == []
     assert (tmp_path / "eval" / "subset_dice.json").is_file()
 
 
@@ -726,15 +726,15 @@ def test_an_output_folder_the_run_made_and_left_empty_is_removed_at_exit(tmp_pat
 
     code = ("import sys; from app.engines import lock_output_dir; lock_output_dir(sys.argv[1]); "
             "open(sys.argv[1] + '/datalist.json', 'w').close() if len(sys.argv) > 2 else None; sys.exit(1)")
-    new = tmp_path / "runs" / "site" / "out"
-    subprocess.run([sys.executable, "-c", code, str(new)], cwd=REPO, check=False)
-    assert not (tmp_path / "runs").exists()
-    existing = tmp_path / "existing"
+    new, existing, kept = tmp_path / "runs" / "site" / "out", tmp_path / "existing", tmp_path / "kept" / "out"
     existing.mkdir()
-    subprocess.run([sys.executable, "-c", code, str(existing / "out")], cwd=REPO, check=False)
+    runs = [[new], [existing / "out"], [kept, "write"]]
+    # the three runs go together: each spends seconds importing torch before it takes its folder
+    procs = [subprocess.Popen([sys.executable, "-c", code, *map(str, run)], cwd=REPO) for run in runs]
+    assert [proc.wait(timeout=120) for proc in procs] == [1, 1, 1]
+    assert not (tmp_path / "runs").exists()
     assert existing.is_dir() and not (existing / "out").exists()
-    subprocess.run([sys.executable, "-c", code, str(new), "write"], cwd=REPO, check=False)
-    assert (new / "datalist.json").is_file()
+    assert (kept / "datalist.json").is_file()
 
 
 def test_a_training_that_failed_before_any_model_leaves_no_folder_it_made(tmp_path, monkeypatch):
