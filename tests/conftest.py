@@ -11,5 +11,29 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 # before torch is imported: OpenMP reads it when torch loads it
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--record-file-durations", action="store_true",
+                     help="write each test file's time to tests/file_durations.json, which orders the files of "
+                          "`make test` (tests/scheduling.py)")
+
+
+def pytest_configure(config) -> None:
+    if config.getoption("record_file_durations") and not hasattr(config, "workerinput"):
+        from tests.scheduling import FileDurations
+
+        config.pluginmanager.register(FileDurations(), "file-durations")
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from tests.scheduling import costliest_first_scheduler
+
+    return costliest_first_scheduler(config, log)
