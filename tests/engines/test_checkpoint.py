@@ -304,6 +304,9 @@ def test_the_sentiment_bundle_records_the_settings_the_segmentation_bundle_recor
     assert warn == ["data_path"] and digests == {"data": "data_path"}
     assert settings(npz)[0]["data"] == recorded["data"]  # the converted file: the same data
     assert settings(other)[0]["data"] != recorded["data"]
+    # --missing (predicted or skipped absent modalities) shows in no weight: recorded where it acts, for predict only
+    assert settings(pkl, strategy="predict", missing="skip")[0]["missing"] == "skip"
+    assert recorded["missing"] is None and settings(pkl, missing="skip")[0]["missing"] is None
 
 
 def test_a_resume_on_other_data_is_refused_naming_the_path_and_on_a_copy_warned_about(tmp_path, caplog):
