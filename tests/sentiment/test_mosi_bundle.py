@@ -433,3 +433,18 @@ def test_sigterm_writes_the_resumable_checkpoint_ends_by_the_signal_and_the_run_
             "done), with ") in resumed.stdout + resumed.stderr
     assert "Training finished: all 3 epoch(s) trained (6 iterations)" in resumed.stdout + resumed.stderr
     assert (out / "models" / "model_final.pt").is_file()
+
+
+def test_training_starts_from_the_same_global_generator_whatever_the_number_of_workers(synthetic_pkl, tmp_path):
+    """MONAI's DataLoader rewinds torch's global generator to the seed when built without workers, not with
+    them: the dropout masks and the shuffle, drawn from it, differed, and the same --seed trained other weights
+    with --num_workers 1 than with 0."""
+    states = []
+    for workers in (0, 1):
+        parser = _parser(TRAIN, data_path=str(synthetic_pkl), trust_pickle=True, output_dir=str(tmp_path / str(workers)),
+                         num_workers=workers, strategy="dropout")
+        parser.get_parsed_content("initialize")
+        # the generator's state where training would start (no batch is drawn, so no worker process starts)
+        parser.get_parsed_content("train#trainer").run = lambda: states.append(torch.get_rng_state())
+        parser.get_parsed_content("run")
+    assert len(states) == 2 and torch.equal(states[0], states[1])
