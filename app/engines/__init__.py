@@ -15,13 +15,13 @@ from app.engines.sentiment import SentimentReportHandler, SentimentSubsetEvaluat
 from app.engines.trainer import NonFiniteLossError, SubsetEvaluator, SubsetTrainer, autocast_context, to_device
 from app.engines.utils import (
     ProgressBarHandler, check_held_out, check_held_out_split, check_output_dir, check_modalities, check_patch_size, check_spacing, describe_state_dict, fit_roi, load_weights,
-    report_input_errors, resolve_device, set_cudnn, check_overrides, check_bools, check_counts, check_positive, check_share, lock_output_dir,
+    report_input_errors, reseed_global_generator, resolve_device, set_cudnn, check_overrides, check_bools, check_counts, check_positive, check_share, lock_output_dir,
 )
 
 __all__ = [
     "NonFiniteLossError", "SubsetTrainer", "SubsetEvaluator", "to_device", "autocast_context", "TimeLimitHandler", "DiagnosticsHandler",
     "TrainingProgressHandler", "LazySummaryWriter",
-    "SubsetReportHandler", "ProgressBarHandler", "check_held_out", "check_held_out_split", "check_output_dir", "check_modalities", "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "describe_state_dict", "load_weights",
+    "SubsetReportHandler", "ProgressBarHandler", "check_held_out", "check_held_out_split", "check_output_dir", "check_modalities", "check_patch_size", "check_spacing", "set_cudnn", "reseed_global_generator", "fit_roi", "describe_state_dict", "load_weights",
     "SentimentSubsetEvaluator", "SentimentReportHandler", "subset_predictions",
     "AtomicCheckpointSaver", "ResumableCheckpoint", "ResumableSampler", "SeededDataset", "atomic_save",
     "load_training_checkpoint", "init_distributed", "close_distributed", "distributed_device", "is_distributed", "broadcast_module", "check_shards", "mean_over_ranks", "wait_for_ranks", "GradientSync",

@@ -26,7 +26,7 @@ from app.networks.ds_unet import recorded_spacing
 from app.networks.weights import describe_state_dict, load_weights
 
 __all__ = [
-    "check_held_out", "check_held_out_split", "check_output_dir", "check_modalities", "check_patch_size", "check_spacing", "set_cudnn", "fit_roi", "load_weights", "describe_state_dict",
+    "check_held_out", "check_held_out_split", "check_output_dir", "check_modalities", "check_patch_size", "check_spacing", "set_cudnn", "reseed_global_generator", "fit_roi", "load_weights", "describe_state_dict",
     "ProgressBarHandler", "report_input_errors", "is_out_of_memory", "allocation_failure", "check_overrides", "check_bools", "check_counts", "check_share", "resolve_device", "amp_dtype", "check_positive", "lock_output_dir", "UNSELECTED_CHECKPOINTS",
 ]
 
@@ -661,6 +661,20 @@ def set_cudnn(deterministic: bool | str) -> None:
     bit-reproducible). Call after ``monai.utils.set_determinism``, which forces the deterministic ones."""
     torch.backends.cudnn.deterministic = parse_bool(deterministic, "deterministic")
     torch.backends.cudnn.benchmark = not torch.backends.cudnn.deterministic
+
+
+def reseed_global_generator() -> None:
+    """Put torch's global generator back at the seed ``monai.utils.set_determinism`` gave it: the bundles'
+    last step before ``trainer.run()``.
+
+    MONAI's ``DataLoader`` built with ``num_workers=0`` and no generator of its own does this rewind itself,
+    and one built with workers does not, so the global generator a training started from (the sentiment
+    network's dropout masks, and the shuffle of a loader that draws from it) depended on ``--num_workers``:
+    the same seed trained other weights with ``--num_workers 1`` than with 0. Rewound here, every number of
+    workers starts from the state ``num_workers=0`` always started from (its results are unchanged).
+    """
+    generator = torch.random.default_generator
+    generator.manual_seed(generator.initial_seed())
 
 
 def fit_roi(roi_size: Sequence[int], spatial_shape: Sequence[int], divisor: int) -> tuple[int, ...]:

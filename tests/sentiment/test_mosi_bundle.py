@@ -8,6 +8,7 @@ import hashlib
 import json
 
 import jsonschema
+import monai
 import pytest
 import torch
 from ignite.engine import Events
@@ -433,3 +434,34 @@ def test_sigterm_writes_the_resumable_checkpoint_ends_by_the_signal_and_the_run_
             "done), with ") in resumed.stdout + resumed.stderr
     assert "Training finished: all 3 epoch(s) trained (6 iterations)" in resumed.stdout + resumed.stderr
     assert (out / "models" / "model_final.pt").is_file()
+
+
+
+@pytest.mark.parametrize("multi_gpu", [False, True], ids=["train", "multi_gpu_train"])
+def test_training_starts_from_the_same_global_generator_whatever_the_number_of_workers(
+        multi_gpu, synthetic_pkl, tmp_path, monkeypatch):
+    """MONAI's DataLoader rewinds torch's global generator to the seed when built without workers, not with
+    them: the dropout masks and the shuffle, drawn from it, differed, and the same --seed trained other weights
+    with --num_workers 1 than with 0."""
+    files, extra = [TRAIN], {}
+    if multi_gpu:  # one rank, resolved without a process group (its initialize joins torchrun's)
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        files.append(str(MOSI_BUNDLE / "configs" / "multi_gpu_train.yaml"))
+        extra = {"dist_backend": "gloo", "train#sampler#num_replicas": 1, "train#sampler#rank": 0,
+                 "validate#sampler#num_replicas": 1, "validate#sampler#rank": 0}
+    states = []
+    for workers in (0, 1):
+        parser = _parser(*files, data_path=str(synthetic_pkl), trust_pickle=True, output_dir=str(tmp_path / str(workers)),
+                         num_workers=workers, strategy="dropout", **extra)
+        if multi_gpu:
+            monai.utils.set_determinism(seed=0)
+        else:
+            parser.get_parsed_content("initialize")
+        # the generator's state where training would start (no batch is drawn, so no worker process starts)
+        parser.get_parsed_content("train#trainer").run = lambda: states.append(torch.get_rng_state())
+        parser.get_parsed_content("run")
+        writer = parser.get_parsed_content("summary_writer")
+        if writer is not None:
+            writer.close()
+    assert len(states) == 2 and torch.equal(states[0], states[1])
