@@ -529,6 +529,34 @@ def _check_subset_count(args: Sequence[str], overrides: Sequence[Path], planned:
                      f"instead ({spelled}) and leave gmd_subsets out.")
 
 
+def _merged_config(configs: Sequence[Path], args: Sequence[str]) -> Any:
+    """A MONAI ``ConfigParser`` of ``configs`` (train.yaml and the recipes) with the command line's ``args`` set, as
+    each stage's bundle run reads them."""
+    from monai.bundle import ConfigParser
+
+    from app.bundle_args import _cli_options, _literal
+
+    parser = ConfigParser()
+    parser.read_config([str(c) for c in configs])
+    for key, value in _cli_options(args).items():
+        if value is not None:
+            parser[key] = _literal(value)
+    return parser
+
+
+def _planned_loss(configs: Sequence[Path], args: Sequence[str]) -> Any:
+    """The loss a stage trained now trains with, as its checkpoint will record it (:func:`app.losses.loss_settings`):
+    the trainer's ``loss_function`` of the merged configuration. ``_NO_CHECKPOINT`` (nothing to compare) where it
+    cannot be built here: the stage's own run reports why."""
+    try:
+        loss = _merged_config(configs, args).get_parsed_content("train#trainer#loss_function")
+        from app.losses import loss_settings
+
+        return loss_settings(loss)
+    except Exception:  # noqa: BLE001 - a loss built only with what the stage provides is compared after it trains
+        return _NO_CHECKPOINT
+
+
 def _check_strategy_settings(configs: Sequence[Path], args: Sequence[str],
                              planned: Sequence[tuple[str, str, str | None]]) -> None:
     """Build each stage's strategy from the merged configuration before any stage trains.
@@ -540,15 +568,9 @@ def _check_strategy_settings(configs: Sequence[Path], args: Sequence[str],
     Raises:
         ValueError: the stage's label and the strategy's own message, which names the setting and its fix.
     """
-    from monai.bundle import ConfigParser
+    from app.bundle_args import _literal
 
-    from app.bundle_args import _cli_options, _literal
-
-    parser = ConfigParser()
-    parser.read_config([str(c) for c in configs])
-    for key, value in _cli_options(args).items():
-        if value is not None:
-            parser[key] = _literal(value)
+    parser = _merged_config(configs, args)
     gmd_subsets = parser.get("gmd_subsets")
     quiet = logging.getLogger("app.strategies")
     level = quiet.level
@@ -786,10 +808,11 @@ def _trained_loss(checkpoint: Path) -> Any:
     return state.get("loss_config") if isinstance(state, dict) else _NO_CHECKPOINT
 
 
-def _check_same_loss(label: str, loss: Any, reference: tuple[str, Any], out: Path) -> None:
-    """Refuse a stage that trained with another loss than the stages before it (the bundle's ``train.yaml`` or
-    the package changed between them, e.g. brats_gmd 0.6.0's per-region cross-entropy), or where only one of the
-    two records its loss (one trained before the loss was recorded, with whatever loss its version had).
+def _check_same_loss(label: str, loss: Any, reference: tuple[str, Any], out: Path, planned: bool = False) -> None:
+    """Refuse a stage that trained (``planned``: would train) with another loss than the finished stage of
+    ``reference`` (the bundle's ``train.yaml`` or the package changed between them, e.g. brats_gmd 0.6.0's
+    per-region cross-entropy), or where only one of the two records its loss (one trained before the loss was
+    recorded, with whatever loss its version had).
 
     Raises:
         ValueError: naming both stages, the settings that differ and the fix.
@@ -805,9 +828,22 @@ def _check_same_loss(label: str, loss: Any, reference: tuple[str, Any], out: Pat
         keys = [k for k in dict.fromkeys([*expected, *loss]) if expected.get(k) != loss.get(k)]
         why = "; ".join(f"{k} {expected.get(k)!r} in {first!r}, {loss.get(k)!r} in {label!r}" for k in keys)
     raise ValueError(
-        f"Strategy {label!r} is trained with another loss than {first!r} ({why}): the bundle's train.yaml or this "
-        f"package changed between them, so the two would not compare. Delete {out / first} (and every other stage "
-        "trained before the change) to train it again with the current loss, or use a new --output_dir.")
+        f"Strategy {label!r} {'would be' if planned else 'is'} trained with another loss than {first!r} ({why}): "
+        f"the bundle's train.yaml or this package changed between them, so the two would not compare. Delete "
+        f"{out / first} (and every other stage trained before the change) to train it again with the current loss, "
+        "or use a new --output_dir.")
+
+
+def _finished_losses(reference: tuple[str, Any] | None, out: Path, later: Sequence[str]) -> list[tuple[str, Any]]:
+    """The finished stages a stage about to train must match in loss: ``reference`` (the first stage before it with
+    a checkpoint) and each ``later`` stage that finished in an earlier run of the ablation."""
+    found = [] if reference is None or reference[1] is _NO_CHECKPOINT else [reference]
+    for label in later:
+        if (out / label / "train_seconds.json").is_file():
+            loss = _trained_loss(out / label / "train" / "models" / "checkpoint_last.pt")
+            if loss is not _NO_CHECKPOINT:
+                found.append((label, loss))
+    return found
 
 
 def _same_loss_as(reference: tuple[str, Any] | None, label: str, checkpoint: Path, out: Path) -> tuple[str, Any]:
@@ -946,9 +982,16 @@ def run_ablation(
             trained_before = _interrupted_training(run_dir, out / label / "train_settings.json", settings, seconds)
             if not _reusable(ckpt, out / label / "train_settings.json", settings, seconds):
                 seconds.unlink(missing_ok=True)
-                if first_loss is not None and first_loss[1] is None:
-                    # a stage trained now records its loss, which the earlier one does not: refused before training
-                    _check_same_loss(label, {}, first_loss, out)
+                # a finished stage trained before train.yaml's loss (or the package's) changed, or before losses were
+                # recorded, would not compare with this one: refused now, not after this stage has trained for hours
+                finished = _finished_losses(first_loss, out, [later for later, _, _ in planned[stage:]])
+                if finished:
+                    loss_now = _planned_loss([train, *overrides], train_args)
+                    for reference in finished:
+                        if loss_now is not _NO_CHECKPOINT:
+                            _check_same_loss(label, loss_now, reference, out, planned=True)
+                        elif reference[1] is None:  # a stage trained now records a loss, which that one did not
+                            _check_same_loss(label, {}, reference, out, planned=True)
                 # a stage trains for minutes to hours with its log in a file: say which one runs, and where it logs
                 log = out / label / "train.log"
                 if trained_before is None:

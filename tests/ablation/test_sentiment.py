@@ -100,9 +100,9 @@ def test_a_sentiment_ablation_reuses_an_old_finished_stage_and_refuses_a_changed
     mixed = ablate("--strategies", "plain,dropout", *args)
     assert mixed.returncode == 1 and "Traceback" not in mixed.stderr, mixed.stderr[-3000:]
     line = mixed.stderr.strip().splitlines()[-1]
-    assert ("Strategy 'dropout' is trained with another loss than 'plain' (_target_ 'torch.nn.modules.loss.L1Loss' in "
-            "'plain', 'torch.nn.modules.loss.MSELoss' in 'dropout')") in line, line
-    assert not (out / "dropout" / "eval").exists()  # nothing trained with the other loss was scored
+    assert ("Strategy 'dropout' would be trained with another loss than 'plain' (_target_ "
+            "'torch.nn.modules.loss.L1Loss' in 'plain', 'torch.nn.modules.loss.MSELoss' in 'dropout')") in line, line
+    assert not (out / "dropout" / "train").exists()  # refused before it trained
 
 
 def test_a_sentiment_eval_split_the_file_lacks_is_refused_before_any_strategy_trains(tmp_path):
