@@ -49,7 +49,7 @@ def refused_line(config_files: list[str], *args: str, output_dir: Path | None = 
 
 
 def run_setting_checks(config_files: list[str], setting: str, **overrides) -> int:
-    """Evaluate, in this process, the steps of the configs' ``initialize`` that name ``@setting``, with the
+    """Evaluate, in this process, the checks among the configs' ``initialize`` steps that name ``@setting``, with the
     settings in ``overrides`` replaced as the command line replaces them; returns how many there were.
 
     These are the checks a run makes before it reads a case (a subprocess costs seconds of imports); the
@@ -59,7 +59,9 @@ def run_setting_checks(config_files: list[str], setting: str, **overrides) -> in
 
     parser = ConfigParser(ConfigParser.load_config_files(list(config_files)))
     parser.update(overrides)
-    steps = [i for i, step in enumerate(parser.get("initialize")) if re.search(rf"@{setting}\b", str(step))]
+    # not the steps that set process state (set_determinism, set_cudnn): they would stay set in the tests
+    steps = [i for i, step in enumerate(parser.get("initialize"))
+             if re.search(rf"@{setting}\b", str(step)) and not re.search(r"set_determinism|set_cudnn", str(step))]
     for i in steps:
         parser.get_parsed_content(f"initialize#{i}")
     return len(steps)

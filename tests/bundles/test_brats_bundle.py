@@ -495,11 +495,22 @@ def test_a_strategy_the_network_cannot_train_stops_before_any_output(phantoms, t
 def test_a_bad_flag_or_a_resume_without_checkpoint_stops_before_any_output(phantoms, tmp_path, flag, value, message):
     """``--amp``, ``--progress_bar`` and ``--resume`` were read only when the trainer was built, and
     ``--resume true`` found no checkpoint only when it started: each was refused after every case had been
-    read and datalist.json, models/ and tensorboard/ written into a folder that held no run."""
+    read and datalist.json, models/ and tensorboard/ written into a folder that held no run.
+
+    Each is checked in this process, among the steps a run takes before it reads a case; one bundle run shows
+    such a refusal end to end (one line, exit status 1, nothing written)."""
+    from fire.parser import DefaultParseValue as _literal  # as the command line gives it
+
     out = tmp_path / "out"
-    last = refused_line([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
-                        "--strategy", "plain", flag, value, *TINY, output_dir=out)
-    assert last.startswith(message), last
+    setting = flag[2:].split("#")[0]
+    with pytest.raises(Exception) as err:
+        run_setting_checks([TRAIN], setting, output_dir=str(out), **{flag[2:]: _literal(value)})
+    assert any(m.startswith(message[len("error: "):]) for m in error_messages(err.value)), error_messages(err.value)
+    assert not out.exists()
+    if flag == "--amp":
+        last = refused_line([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
+                            "--strategy", "plain", flag, value, *TINY, output_dir=out)
+        assert last.startswith(message), last
 
 
 def test_an_evaluation_with_a_seed_that_is_no_whole_number_is_one_line(trained, tmp_path):
@@ -535,14 +546,22 @@ def test_a_network_of_other_sequences_than_the_data_is_refused_before_any_output
     """--network_def#modalities "['flair','t1ce']" stopped at the first step (image [B, 4, ...] for 2 encoders)
     after datalist.json and models/ were written; the four names in another order trained silently, each
     encoder on the channel of another sequence than its name."""
-    out = tmp_path / "out"
+    names = modalities.strip("[]").replace(",", ", ")
+    message = (f"network_def#modalities [{names}] must be the sequences the cases are loaded with, in their order: "
+               "['flair', 't1', 't1ce', 't2']. Leave --network_def#modalities out; to train without a sequence, leave "
+               "its files out of the cases (a case may lack sequences).")
+    if len(configs) == 1 or modalities.startswith("['flair'"):  # in this process, before a case is read
+        from fire.parser import DefaultParseValue as _literal  # as the command line gives it
+
+        with pytest.raises(Exception) as err:
+            run_setting_checks(configs, "network_def", **{"network_def#modalities": _literal(modalities)})
+        assert message in error_messages(err.value), error_messages(err.value)
+        return
+    out = tmp_path / "out"  # a whole run, on every rank: one line, exit status 1, nothing written
     gloo = _single_process_torchrun(configs, monkeypatch)
     last = refused_line(configs, "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
                         "--strategy", "plain", "--network_def#modalities", modalities, *gloo, *TINY, output_dir=out)
-    names = modalities.strip("[]").replace(",", ", ")
-    assert last.removeprefix("[rank0]: ") == (f"error: network_def#modalities [{names}] must be the sequences the cases are loaded with, in "
-                    "their order: ['flair', 't1', 't1ce', 't2']. Leave --network_def#modalities out; to train without "
-                    "a sequence, leave its files out of the cases (a case may lack sequences).")
+    assert last.removeprefix("[rank0]: ") == f"error: {message}"
 
 
 @pytest.mark.parametrize("configs, setting, value, message", [
@@ -557,7 +576,15 @@ def test_a_bad_loss_setting_is_one_line_before_any_output(phantoms, tmp_path, co
                                                            monkeypatch):
     """The loss was built with the trainer: a bad setting stopped the run with MONAI's 'Failed to instantiate
     component' traceback after every case had been read and datalist.json written."""
-    out = tmp_path / "out"
+    if len(configs) == 1:  # checked in this process, among the steps a run takes before it reads a case
+        from fire.parser import DefaultParseValue as _literal  # as the command line gives it
+
+        with pytest.raises(Exception) as err:
+            run_setting_checks(configs, "loss", **{setting[2:]: _literal(value)})
+        assert any(m.startswith(message[len("error: "):]) for m in error_messages(err.value)), \
+            error_messages(err.value)
+        return
+    out = tmp_path / "out"  # a whole run, on every rank: one line, exit status 1, nothing written
     gloo = _single_process_torchrun(configs, monkeypatch)
     last = refused_line(configs, "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
                         "--strategy", "plain", setting, value, *gloo, *TINY, output_dir=out)
@@ -571,8 +598,16 @@ def test_a_bad_loss_setting_is_one_line_before_any_output(phantoms, tmp_path, co
 ] + ([] if torch.cuda.is_available() else [("cuda", "error: --device cuda was asked for but CUDA is not available")]))
 def test_a_device_the_machine_lacks_is_one_line_before_any_output(phantoms, trained, tmp_path, configs, device, message):
     """``--device cuda`` on a machine without CUDA, or a typo (``--device gpu``), ended in a torch traceback
-    when the network was moved there, after training had written datalist.json."""
+    when the network was moved there, after training had written datalist.json. ``--device auto``, which only
+    inference takes, is refused as no setting of these configs by a whole run; the others are checked in this
+    process, among the steps a run takes before it reads a case."""
     out = tmp_path / "out"
+    if device != "auto":
+        with pytest.raises(Exception) as err:
+            run_setting_checks(configs, "device", device=device)
+        assert any(m.startswith(message[len("error: "):]) for m in error_messages(err.value)), \
+            error_messages(err.value)
+        return
     last = refused_line(configs, "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
                         "--ckpt_path", str(trained / "models" / "model.pt"), "--device", device, *TINY, output_dir=out)
     assert last.startswith(message), last
@@ -584,13 +619,16 @@ def test_a_device_the_machine_lacks_is_one_line_before_any_output(phantoms, trai
      '--patch_size "[32, 32, 32]".'),
     (["--patch_size", "[32,32,32]", "--features", "16"], "error: --features 16 must list two or more positive widths"),
 ])
-def test_a_single_number_for_a_list_setting_names_the_fix(phantoms, tmp_path, args, message):
+def test_a_single_number_for_a_list_setting_names_the_fix(args, message):
     """``--patch_size 32`` (as infer's ``--patch-size 32 32 32`` reads) and ``--features 16`` ended in a
-    TypeError traceback ('int' object is not iterable) instead of the line that gives the list syntax."""
-    out = tmp_path / "out"
-    last = refused_line([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1", *args,
-                        output_dir=out)
-    assert last.startswith(message), last
+    TypeError traceback ('int' object is not iterable) instead of the line that gives the list syntax (checked in
+    this process, among the steps a run takes before it reads a case)."""
+    from fire.parser import DefaultParseValue as _literal  # as the command line gives it
+
+    settings = {args[0][2:]: _literal(args[1]), args[2][2:]: _literal(args[3])}
+    with pytest.raises(Exception) as err:
+        run_setting_checks([TRAIN], "patch_size", **settings)
+    assert any(m.startswith(message[len("error: "):]) for m in error_messages(err.value)), error_messages(err.value)
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -603,11 +641,22 @@ def test_a_single_number_for_a_list_setting_names_the_fix(phantoms, tmp_path, ar
 def test_an_impossible_count_or_overlap_stops_before_any_output(phantoms, tmp_path, flag, value, message):
     """``--epoch_length 0`` ended the run at once with exit status 0 and no model.pt; ``--num_samples 0`` and
     ``--sw_overlap 1`` ended in a traceback once training ran, after datalist.json, models/ and tensorboard/
-    were written; ``--seed abc`` in a traceback."""
-    out = tmp_path / "out"
-    last = refused_line([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
-                        "--strategy", "plain", flag, value, *TINY, output_dir=out)
-    assert last == message, last
+    were written; ``--seed abc`` in a traceback.
+
+    Each setting's check runs in this process, among the steps a run takes before it reads a case; one bundle run
+    shows such a refusal end to end (one line, exit status 1, nothing written)."""
+    from fire.parser import DefaultParseValue as _literal  # as the command line gives it
+
+    setting = flag[2:]
+    assert run_setting_checks([TRAIN], setting) > 0  # the default passes
+    with pytest.raises(Exception) as err:
+        run_setting_checks([TRAIN], setting, **{setting: _literal(value)})
+    assert message[len("error: "):] in error_messages(err.value), error_messages(err.value)
+    if flag == "--epoch_length":
+        out = tmp_path / "out"
+        last = refused_line([TRAIN], "--dataset_dir", str(phantoms), "--output_dir", str(out), "--max_epochs", "1",
+                            "--strategy", "plain", flag, value, *TINY, output_dir=out)
+        assert last == message, last
 
 
 MULTI_GPU = str(BRATS / "configs" / "multi_gpu_train.yaml")
