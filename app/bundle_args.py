@@ -141,6 +141,8 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
         if elsewhere:  # the exact key in another file of the bundle beats a close spelling
             hint = (f"it is a setting of {' and '.join(elsewhere)} in the same folder, not of the files given: add "
                     "that file to --config_file or use it instead.")
+        else:
+            hint = _other_bundle_hint(top, config_files(config_file)) or hint
         raise ValueError(f"--{key} is not a setting of {files}: {hint} The run would ignore it and use the default; "
                          "the settings are the top-level keys of those files.")
     # a setting this command never reads (--ckpt_path in training: evaluate.yaml's; --eval_split in sentiment
@@ -280,6 +282,71 @@ def _referenced_ids(config: Any) -> set[str]:
     return {re.match(r"\w*", path).group(0) for path in _referenced_paths(config)}
 
 
+#: what a setting of one of the product's bundles is done with in the other, for a user who carries it over (the
+#: settings named here are the other bundle's; tests/test_bundle_args.py checks that they are)
+_COUNTERPARTS = {
+    # brats_gmd's settings, given to mosi_gmd
+    "epoch_length": "a sentiment epoch is one pass over the training split (a segmentation epoch may be a count of "
+                    "iterations); set the training's length with --max_epochs or --time_limit_minutes",
+    "dataset_dir": "the sentiment features are one file, given as --data_path (an MMSA .pkl or a converted .npz)",
+    "eval_datalist": "an evaluation scores the --eval_split of the --data_path file",
+    "val_fraction": "the splits are the file's own: --train_split, --val_split and --eval_split name them",
+    "features": "the sentiment network's size is set by --hidden, --encoder_layers and --trunk_layers",
+    "patch_size": "an utterance is read whole; --batch_size and --val_batch_size set the utterances per batch",
+    # mosi_gmd's settings, given to brats_gmd
+    "data_path": "the segmentation cases are a folder, given as --dataset_dir",
+    "eval_split": "an evaluation scores --eval_datalist (a training's datalist.json) or the cases under --dataset_dir",
+    "train_split": "training splits the cases under --dataset_dir itself, by --val_fraction and --seed",
+    "val_split": "training splits the cases under --dataset_dir itself, by --val_fraction and --seed",
+    "hidden": "the segmentation network's widths are set by --features",
+    "num_threads": "its CPU threads are set by the OMP_NUM_THREADS environment variable (OMP_NUM_THREADS=1 python -m "
+                   "monai.bundle run ...)",
+}
+
+
+def _other_bundle_hint(key: str, files: Sequence[str]) -> str | None:
+    """The hint for ``key`` when it is a setting of another bundle beside the one of ``files`` (its spelling is
+    right, so "did you mean" or "check its spelling" would mislead), with what this bundle does instead; else None."""
+    other = _other_bundles_with(key, files)
+    if not other:
+        return None
+    return (f"it is a setting of another bundle, {' and '.join(other)}, not of this one"
+            f"{': ' + _COUNTERPARTS[key] if key in _COUNTERPARTS else ''}.")
+
+
+def _other_bundles_with(key: str, files: Sequence[str]) -> list[str]:
+    """The other bundles beside the one of ``files[0]`` (``bundles/brats_gmd`` beside ``bundles/mosi_gmd``) whose
+    configs define ``key`` at the top, each as the path of its folder (``bundles/NAME``).
+
+    A setting of the segmentation bundle given to the sentiment one (``--epoch_length``), or the other way round
+    (``--data_path``), is spelt right: "check its spelling", or a close setting of this bundle (``--patch_size``: "did
+    you mean --batch_size?"), sent the user the wrong way.
+    """
+    from monai.bundle import ConfigParser
+
+    configs = os.path.dirname(os.path.abspath(files[0]))
+    if os.path.basename(configs) != "configs":  # a recipe or config outside a bundle: no bundles beside it
+        return []
+    here = os.path.dirname(configs)
+    parent = os.path.dirname(here)
+    found = []
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        folder = os.path.join(parent, name, "configs")
+        if os.path.join(parent, name) == here or not os.path.isdir(folder):
+            continue
+        for file in sorted(os.listdir(folder)):
+            if not file.endswith((".yaml", ".yml", ".json")) or file == "metadata.json":
+                continue
+            try:
+                content = ConfigParser.load_config_file(os.path.join(folder, file))
+            except Exception:  # not a config this check can read: it cannot name the setting either
+                continue
+            if isinstance(content, dict) and key in content:
+                found.append(os.path.relpath(os.path.join(parent, name)))
+                break
+    return found
+
+
 def _sibling_configs_with(key: str, files: Sequence[str]) -> list[str]:
     """Names of the other config files beside the first of ``files`` that define ``key`` at the top.
 
@@ -359,6 +426,7 @@ def check_override_files(config_file: Any, merged: dict | None = None) -> None:
                 continue
             close = difflib.get_close_matches(top, sorted(earlier), n=3, cutoff=0.6)
             hint = f"did you mean {' or '.join(close)}?" if close else "check its spelling."
+            hint = _other_bundle_hint(top, files) or hint
             raise ValueError(
                 f"{top!r} in {path} is not a setting of {', '.join(files[:position])} and no setting refers to it: "
                 f"{hint} The run would ignore it and use the default. Fix the key in {path}, or refer to a new "
