@@ -173,22 +173,22 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
                            files, why)
     # a component's arguments, set on the command line (--loss#lambda_ce 0.5) or by an override file
     # (component id, argument, where it was set, whether a later file may have replaced it since)
-    touched: list[tuple[str, str, str, bool]] = []
-    for key in options:
+    touched: list[tuple[str, str, str, bool, Any]] = []  # ... and the value set
+    for key, given in options.items():
         if key not in _RUN_ARGS:
             parent, _, name = key.rpartition("#") if "#" in key else key.rpartition("::")
             if parent:
-                touched.append((parent, name, f"--{key}", False))
+                touched.append((parent, name, f"--{key}", False, _literal(given) if given is not None else None))
     for path in config_files(config_file)[1:]:
         for key, value in ConfigParser.load_config_file(path).items():
             parent, _, name = key.rpartition("#") if "#" in key else key.rpartition("::")
             if parent:
-                touched.append((parent, name, f"{key!r} in {path}", True))
+                touched.append((parent, name, f"{key!r} in {path}", True, value))
             if isinstance(value, dict) and "_target_" in value:
-                touched += [(key, arg, f"{arg!r} under {key!r} in {path}", True) for arg in value]
+                touched += [(key, arg, f"{arg!r} under {key!r} in {path}", True, v) for arg, v in value.items()]
     cli_targets = {k.rpartition("#")[0]: v for k, v in options.items() if k.endswith("#_target_")}
     referenced = {r.replace("::", "#") for r in _referenced_paths(merged)}
-    for parent, name, where, from_file in touched:
+    for parent, name, where, from_file, value in touched:
         component = _config_at(merged, parent)
         if from_file and not (isinstance(component, dict) and name in component):
             continue  # a later file replaced the component: the argument is not used
@@ -199,7 +199,7 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
             hint = f"did you mean {' or '.join(f'--{parent}#{c}' for c in close)}?" if close else "check its spelling."
             raise ValueError(f"{where} is not a setting of {parent!r}: {hint} The run would ignore it and use the "
                              "default.")
-        _check_component_argument(merged, parent, name, where, cli_targets.get(parent))
+        _check_component_argument(merged, parent, name, where, cli_targets.get(parent), value)
     _check_recipe_keeps_references(config_files(config_file), options)
 
 
@@ -517,13 +517,26 @@ def _config_at(config: Any, path: str) -> Any:
     return node
 
 
-def _check_component_argument(config: dict, path: str, name: str, where: str, target: Any = None) -> None:
+def _tensor_only(annotation: Any) -> bool:
+    """Whether a parameter's annotation (a type, or its text under ``from __future__ import annotations``) admits a
+    torch tensor and nothing a config can write as a literal: ``torch.Tensor | None``, ``Optional[Tensor]``."""
+    text = annotation if isinstance(annotation, str) else str(annotation)
+    text = re.sub(r"^(typing\.)?Optional\[(.*)\]$", r"\2", text.strip())
+    kinds = {part.strip() for part in text.split("|")} - {"None", "NoneType"}
+    return bool(kinds) and kinds <= {"torch.Tensor", "Tensor", "<class 'torch.Tensor'>"}
+
+
+def _check_component_argument(config: dict, path: str, name: str, where: str, target: Any = None,
+                              value: Any = None) -> None:
     """Refuse ``name`` as an argument of the component at ``path`` when its class or function takes no such
-    argument (and no ``**kwargs``).
+    argument (and no ``**kwargs``), or takes it as a torch tensor only and ``value`` is a list or a number.
 
     MONAI would stop only when it builds the component, with a traceback, often after every case has
     been read and ``datalist.json`` written; a loss, optimizer or network variant set in an override
-    file or with ``--loss#lambda_ce`` is checked here instead, before any work.
+    file or with ``--loss#lambda_ce`` is checked here instead, before any work. MONAI's own ``DiceCELoss``
+    (``--loss#_target_ monai.losses.DiceCELoss --loss#weight "[1,1,2]"``) and torch's losses register ``weight`` as a
+    buffer, which takes a tensor only: every list or number stopped the run with ``cannot assign 'list' object to
+    buffer 'weight'`` at the bottom of a traceback.
 
     Raises:
         ValueError: naming where the argument was set, the component, the arguments it resembles and the fix.
@@ -543,7 +556,23 @@ def _check_component_argument(config: dict, path: str, name: str, where: str, ta
         params = inspect.signature(callable_).parameters
     except Exception:  # noqa: BLE001 - a target that cannot be found or read is for MONAI to report
         return
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()) or name in params:
+    if name in params:
+        literal = isinstance(value, (list, tuple, int, float)) and not isinstance(value, bool)
+        if literal and _tensor_only(params[name].annotation):
+            values = list(value) if isinstance(value, (list, tuple)) else [value]
+            channels = _config_at(config, "network_def#out_channels")
+            if not isinstance(value, (list, tuple)) and isinstance(channels, int) and not isinstance(channels, bool):
+                values = values * channels  # a loss's 0-d weight tensor stops torch's cross-entropy: one per channel
+            # floats: torch's losses refuse an integer weight tensor
+            tensor = "$torch.tensor([" + ",".join(str(float(v)) for v in values) + "])"
+            cli = where.startswith("--")
+            fix = f"pass {where} '{tensor}'" if cli else f"write {name}: \"{tensor}\" there"
+            if path == "loss" and target.rpartition(".")[2] == "DiceCELoss" and target != "app.losses.DiceCELoss":
+                fix += ", or use the bundle's own loss, app.losses.DiceCELoss, which takes a list or a number"
+            raise ValueError(f"{where}{' ' if cli else ' = '}{value!r}: {target} (the {path!r} setting) takes {name} as "
+                             f"a torch tensor only, so the run would stop when it builds it: {fix}.")
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
     accepted = [p for p, v in params.items() if v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)]
     close = difflib.get_close_matches(name, accepted, n=3, cutoff=0.6)

@@ -175,6 +175,39 @@ def test_a_misspelt_argument_of_a_component_is_refused_before_any_work(tmp_path)
         check_overrides([main, "run", "--config_file", train, "--loss#gamma", "2"])
 
 
+def test_a_list_or_number_for_an_argument_that_takes_a_tensor_only_is_refused_with_the_tensor_to_write(tmp_path):
+    """MONAI's own DiceCELoss (and torch's losses) register weight as a buffer: --loss#weight "[1,1,2]", or any number,
+    stopped the run with "cannot assign 'list' object to buffer 'weight'" at the bottom of a traceback."""
+    from monai.bundle import ConfigParser
+
+    from app.bundle_args import _MONAI_DIR, check_overrides
+
+    main = os.path.join(_MONAI_DIR, "bundle", "__main__.py")
+    train = os.path.join(os.path.dirname(__file__), "..", "bundles", "brats_gmd", "configs", "train.yaml")
+    monai_loss = ["--loss#_target_", "monai.losses.DiceCELoss"]
+    with pytest.raises(ValueError) as err:
+        check_overrides([main, "run", "--config_file", train, *monai_loss, "--loss#weight", "[1,1,2]"])
+    assert str(err.value) == (
+        "--loss#weight [1, 1, 2]: monai.losses.DiceCELoss (the 'loss' setting) takes weight as a torch tensor only, so "
+        "the run would stop when it builds it: pass --loss#weight '$torch.tensor([1.0,1.0,2.0])', or use the bundle's "
+        "own loss, app.losses.DiceCELoss, which takes a list or a number.")
+    with pytest.raises(ValueError, match=r"--loss#weight '\$torch\.tensor\(\[2\.0,2\.0,2\.0\]\)'"):  # one per channel
+        check_overrides([main, "run", "--config_file", train, *monai_loss, "--loss#weight", "2"])
+    recipe = tmp_path / "bce.yaml"
+    recipe.write_text("loss:\n  _target_: torch.nn.BCEWithLogitsLoss\n  pos_weight: [1.0, 2.0, 2.0]\n")
+    with pytest.raises(ValueError, match=r"'pos_weight' under 'loss' in .*bce\.yaml = \[1\.0, 2\.0, 2\.0\]: .* write "
+                                         r"pos_weight: \"\$torch\.tensor\(\[1\.0,2\.0,2\.0\]\)\" there\.$"):
+        check_overrides([main, "run", "--config_file", str([train, str(recipe)])])
+    # the fix it names: the tensor, which builds; and the bundle's own loss, which takes the list
+    tensor = "$torch.tensor([1.0,1.0,2.0])"
+    check_overrides([main, "run", "--config_file", train, *monai_loss, "--loss#weight", tensor])
+    recipe.write_text(f"loss:\n  _target_: monai.losses.DiceCELoss\n  sigmoid: true\n  weight: '{tensor}'\n")
+    check_overrides([main, "run", "--config_file", str([train, str(recipe)])])
+    parser = ConfigParser(ConfigParser.load_config_files([train, str(recipe)]))
+    assert parser.get_parsed_content("loss").cross_entropy.weight.tolist() == [1.0, 1.0, 2.0]
+    check_overrides([main, "run", "--config_file", train, "--loss#weight", "[1,1,2]"])
+
+
 def test_a_setting_the_command_does_not_use_gets_a_warning(caplog):
     """--ckpt_path on a training command (evaluate.yaml reads it) was accepted without a word: training from
     scratch while the user meant to start from those weights."""
