@@ -57,7 +57,7 @@ _ANY_TEMPORARY_RE = re.compile(r"\.(?P<stem>.+)\.[0-9a-f]{8}(?:-\d+)?\.tmp(?P<su
 #: ``--resample-to``, ``--overlap``; the batch bundle (inference.yaml) ``--resample_to``, ``--sw_overlap``
 _BUNDLE_OPTIONS: ContextVar[bool] = ContextVar("bundle_options", default=False)
 #: the bundle's name of a setting where it is not the command line's with ``_`` for ``-``
-_BUNDLE_NAMES = {"overlap": "sw_overlap"}
+_BUNDLE_NAMES = {"overlap": "sw_overlap", "ckpt": "ckpt_path"}
 
 
 def option(name: str) -> str:

@@ -761,6 +761,11 @@ def test_messages_name_the_options_as_the_entry_point_running_spells_them(phanto
         with pytest.raises(SystemExit) as exit_:
             load_segmenter_or_exit(random_ckpt, device="cpu", **kwargs)  # the bundle's segmenter
         assert exit_.value.code == 2 and capsys.readouterr().err.strip() == line
+    with pytest.raises(SystemExit):
+        load_segmenter_or_exit("", device="cpu")
+    assert capsys.readouterr().err.strip().endswith("(--ckpt_path).")  # not the batch command's --ckpt, BRATS_CKPT
+    with pytest.raises(ValueError, match=r"\(--ckpt, BRATS_CKPT\)\.$"):
+        load_segmenter("", device="cpu")
     root = tmp_path / "in"
     _copy_case(phantom_root, root, "P1", seqs=("flair",))
     with bundle_options():
