@@ -218,6 +218,8 @@ def _run_logged(cmd: Sequence[str], log: Path, append: bool = False) -> int:
     """
     import signal
 
+    from app.engines.checkpoint import ABLATION_STAGE_ENV  # here: the engines import monai's handlers
+
     f = None
     try:  # a full disk or a read-only stage folder: the file and the fix, not the disk's bare errno
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -232,14 +234,17 @@ def _run_logged(cmd: Sequence[str], log: Path, append: bool = False) -> int:
                 f.close()
         raise write_error(err, log) from err
     with f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        # the stage's hints on how to continue a stopped training name this ablation's command, not the stage's
+        env = {**os.environ, ABLATION_STAGE_ENV: "1"}
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 preexec_fn=_die_with(os.getpid()), process_group=0)
         try:
             return proc.wait()
         except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM through app.atomic.run_interruptible
             signum = getattr(stop, "signum", signal.SIGINT)
             print(f"Stopping: {signal.Signals(signum).name} passed on to the running stage, which ends after its "
-                  f"current iteration (a training writes its resumable checkpoint first; see {log}).", flush=True)
+                  f"current iteration (a training writes its resumable checkpoint first; see {log}). Run the same "
+                  "command again to resume the ablation: finished stages are kept.", flush=True)
             while True:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signum)

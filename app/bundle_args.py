@@ -141,6 +141,8 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
         if elsewhere:  # the exact key in another file of the bundle beats a close spelling
             hint = (f"it is a setting of {' and '.join(elsewhere)} in the same folder, not of the files given: add "
                     "that file to --config_file or use it instead.")
+        else:
+            hint = _other_bundle_hint(top, config_files(config_file)) or hint
         raise ValueError(f"--{key} is not a setting of {files}: {hint} The run would ignore it and use the default; "
                          "the settings are the top-level keys of those files.")
     # a setting this command never reads (--ckpt_path in training: evaluate.yaml's; --eval_split in sentiment
@@ -171,22 +173,22 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
                            files, why)
     # a component's arguments, set on the command line (--loss#lambda_ce 0.5) or by an override file
     # (component id, argument, where it was set, whether a later file may have replaced it since)
-    touched: list[tuple[str, str, str, bool]] = []
-    for key in options:
+    touched: list[tuple[str, str, str, bool, Any]] = []  # ... and the value set
+    for key, given in options.items():
         if key not in _RUN_ARGS:
             parent, _, name = key.rpartition("#") if "#" in key else key.rpartition("::")
             if parent:
-                touched.append((parent, name, f"--{key}", False))
+                touched.append((parent, name, f"--{key}", False, _literal(given) if given is not None else None))
     for path in config_files(config_file)[1:]:
         for key, value in ConfigParser.load_config_file(path).items():
             parent, _, name = key.rpartition("#") if "#" in key else key.rpartition("::")
             if parent:
-                touched.append((parent, name, f"{key!r} in {path}", True))
+                touched.append((parent, name, f"{key!r} in {path}", True, value))
             if isinstance(value, dict) and "_target_" in value:
-                touched += [(key, arg, f"{arg!r} under {key!r} in {path}", True) for arg in value]
+                touched += [(key, arg, f"{arg!r} under {key!r} in {path}", True, v) for arg, v in value.items()]
     cli_targets = {k.rpartition("#")[0]: v for k, v in options.items() if k.endswith("#_target_")}
     referenced = {r.replace("::", "#") for r in _referenced_paths(merged)}
-    for parent, name, where, from_file in touched:
+    for parent, name, where, from_file, value in touched:
         component = _config_at(merged, parent)
         if from_file and not (isinstance(component, dict) and name in component):
             continue  # a later file replaced the component: the argument is not used
@@ -197,7 +199,7 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
             hint = f"did you mean {' or '.join(f'--{parent}#{c}' for c in close)}?" if close else "check its spelling."
             raise ValueError(f"{where} is not a setting of {parent!r}: {hint} The run would ignore it and use the "
                              "default.")
-        _check_component_argument(merged, parent, name, where, cli_targets.get(parent))
+        _check_component_argument(merged, parent, name, where, cli_targets.get(parent), value)
     _check_recipe_keeps_references(config_files(config_file), options)
 
 
@@ -280,6 +282,71 @@ def _referenced_ids(config: Any) -> set[str]:
     return {re.match(r"\w*", path).group(0) for path in _referenced_paths(config)}
 
 
+#: what a setting of one of the product's bundles is done with in the other, for a user who carries it over (the
+#: settings named here are the other bundle's; tests/test_bundle_args.py checks that they are)
+_COUNTERPARTS = {
+    # brats_gmd's settings, given to mosi_gmd
+    "epoch_length": "a sentiment epoch is one pass over the training split (a segmentation epoch may be a count of "
+                    "iterations); set the training's length with --max_epochs or --time_limit_minutes",
+    "dataset_dir": "the sentiment features are one file, given as --data_path (an MMSA .pkl or a converted .npz)",
+    "eval_datalist": "an evaluation scores the --eval_split of the --data_path file",
+    "val_fraction": "the splits are the file's own: --train_split, --val_split and --eval_split name them",
+    "features": "the sentiment network's size is set by --hidden, --encoder_layers and --trunk_layers",
+    "patch_size": "an utterance is read whole; --batch_size and --val_batch_size set the utterances per batch",
+    # mosi_gmd's settings, given to brats_gmd
+    "data_path": "the segmentation cases are a folder, given as --dataset_dir",
+    "eval_split": "an evaluation scores --eval_datalist (a training's datalist.json) or the cases under --dataset_dir",
+    "train_split": "training splits the cases under --dataset_dir itself, by --val_fraction and --seed",
+    "val_split": "training splits the cases under --dataset_dir itself, by --val_fraction and --seed",
+    "hidden": "the segmentation network's widths are set by --features",
+    "num_threads": "its CPU threads are set by the OMP_NUM_THREADS environment variable (OMP_NUM_THREADS=1 python -m "
+                   "monai.bundle run ...)",
+}
+
+
+def _other_bundle_hint(key: str, files: Sequence[str]) -> str | None:
+    """The hint for ``key`` when it is a setting of another bundle beside the one of ``files`` (its spelling is
+    right, so "did you mean" or "check its spelling" would mislead), with what this bundle does instead; else None."""
+    other = _other_bundles_with(key, files)
+    if not other:
+        return None
+    return (f"it is a setting of another bundle, {' and '.join(other)}, not of this one"
+            f"{': ' + _COUNTERPARTS[key] if key in _COUNTERPARTS else ''}.")
+
+
+def _other_bundles_with(key: str, files: Sequence[str]) -> list[str]:
+    """The other bundles beside the one of ``files[0]`` (``bundles/brats_gmd`` beside ``bundles/mosi_gmd``) whose
+    configs define ``key`` at the top, each as the path of its folder (``bundles/NAME``).
+
+    A setting of the segmentation bundle given to the sentiment one (``--epoch_length``), or the other way round
+    (``--data_path``), is spelt right: "check its spelling", or a close setting of this bundle (``--patch_size``: "did
+    you mean --batch_size?"), sent the user the wrong way.
+    """
+    from monai.bundle import ConfigParser
+
+    configs = os.path.dirname(os.path.abspath(files[0]))
+    if os.path.basename(configs) != "configs":  # a recipe or config outside a bundle: no bundles beside it
+        return []
+    here = os.path.dirname(configs)
+    parent = os.path.dirname(here)
+    found = []
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        folder = os.path.join(parent, name, "configs")
+        if os.path.join(parent, name) == here or not os.path.isdir(folder):
+            continue
+        for file in sorted(os.listdir(folder)):
+            if not file.endswith((".yaml", ".yml", ".json")) or file == "metadata.json":
+                continue
+            try:
+                content = ConfigParser.load_config_file(os.path.join(folder, file))
+            except Exception:  # not a config this check can read: it cannot name the setting either
+                continue
+            if isinstance(content, dict) and key in content:
+                found.append(os.path.relpath(os.path.join(parent, name)))
+                break
+    return found
+
+
 def _sibling_configs_with(key: str, files: Sequence[str]) -> list[str]:
     """Names of the other config files beside the first of ``files`` that define ``key`` at the top.
 
@@ -359,6 +426,7 @@ def check_override_files(config_file: Any, merged: dict | None = None) -> None:
                 continue
             close = difflib.get_close_matches(top, sorted(earlier), n=3, cutoff=0.6)
             hint = f"did you mean {' or '.join(close)}?" if close else "check its spelling."
+            hint = _other_bundle_hint(top, files) or hint
             raise ValueError(
                 f"{top!r} in {path} is not a setting of {', '.join(files[:position])} and no setting refers to it: "
                 f"{hint} The run would ignore it and use the default. Fix the key in {path}, or refer to a new "
@@ -449,13 +517,26 @@ def _config_at(config: Any, path: str) -> Any:
     return node
 
 
-def _check_component_argument(config: dict, path: str, name: str, where: str, target: Any = None) -> None:
+def _tensor_only(annotation: Any) -> bool:
+    """Whether a parameter's annotation (a type, or its text under ``from __future__ import annotations``) admits a
+    torch tensor and nothing a config can write as a literal: ``torch.Tensor | None``, ``Optional[Tensor]``."""
+    text = annotation if isinstance(annotation, str) else str(annotation)
+    text = re.sub(r"^(typing\.)?Optional\[(.*)\]$", r"\2", text.strip())
+    kinds = {part.strip() for part in text.split("|")} - {"None", "NoneType"}
+    return bool(kinds) and kinds <= {"torch.Tensor", "Tensor", "<class 'torch.Tensor'>"}
+
+
+def _check_component_argument(config: dict, path: str, name: str, where: str, target: Any = None,
+                              value: Any = None) -> None:
     """Refuse ``name`` as an argument of the component at ``path`` when its class or function takes no such
-    argument (and no ``**kwargs``).
+    argument (and no ``**kwargs``), or takes it as a torch tensor only and ``value`` is a list or a number.
 
     MONAI would stop only when it builds the component, with a traceback, often after every case has
     been read and ``datalist.json`` written; a loss, optimizer or network variant set in an override
-    file or with ``--loss#lambda_ce`` is checked here instead, before any work.
+    file or with ``--loss#lambda_ce`` is checked here instead, before any work. MONAI's own ``DiceCELoss``
+    (``--loss#_target_ monai.losses.DiceCELoss --loss#weight "[1,1,2]"``) and torch's losses register ``weight`` as a
+    buffer, which takes a tensor only: every list or number stopped the run with ``cannot assign 'list' object to
+    buffer 'weight'`` at the bottom of a traceback.
 
     Raises:
         ValueError: naming where the argument was set, the component, the arguments it resembles and the fix.
@@ -475,7 +556,23 @@ def _check_component_argument(config: dict, path: str, name: str, where: str, ta
         params = inspect.signature(callable_).parameters
     except Exception:  # noqa: BLE001 - a target that cannot be found or read is for MONAI to report
         return
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()) or name in params:
+    if name in params:
+        literal = isinstance(value, (list, tuple, int, float)) and not isinstance(value, bool)
+        if literal and _tensor_only(params[name].annotation):
+            values = list(value) if isinstance(value, (list, tuple)) else [value]
+            channels = _config_at(config, "network_def#out_channels")
+            if not isinstance(value, (list, tuple)) and isinstance(channels, int) and not isinstance(channels, bool):
+                values = values * channels  # a loss's 0-d weight tensor stops torch's cross-entropy: one per channel
+            # floats: torch's losses refuse an integer weight tensor
+            tensor = "$torch.tensor([" + ",".join(str(float(v)) for v in values) + "])"
+            cli = where.startswith("--")
+            fix = f"pass {where} '{tensor}'" if cli else f"write {name}: \"{tensor}\" there"
+            if path == "loss" and target.rpartition(".")[2] == "DiceCELoss" and target != "app.losses.DiceCELoss":
+                fix += ", or use the bundle's own loss, app.losses.DiceCELoss, which takes a list or a number"
+            raise ValueError(f"{where}{' ' if cli else ' = '}{value!r}: {target} (the {path!r} setting) takes {name} as "
+                             f"a torch tensor only, so the run would stop when it builds it: {fix}.")
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
     accepted = [p for p, v in params.items() if v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)]
     close = difflib.get_close_matches(name, accepted, n=3, cutoff=0.6)

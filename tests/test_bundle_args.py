@@ -61,6 +61,59 @@ def test_a_setting_of_another_config_of_the_bundle_names_that_file():
     with pytest.raises(ValueError, match=r"--eval_datalist is not a setting of .*: it is a setting of evaluate\.yaml"):
         check_overrides([main, "run", "--config_file", brats_train, "--eval_datalist", "d.json"])
 
+@pytest.mark.parametrize("bundle, config, key, fix", [
+    # a segmentation epoch may be a count of iterations; a sentiment epoch is the whole training split
+    ("mosi_gmd", "train.yaml", "epoch_length", "set the training's length with --max_epochs or --time_limit_minutes"),
+    ("mosi_gmd", "train.yaml", "patch_size", "an utterance is read whole"),  # was "did you mean --batch_size?"
+    ("mosi_gmd", "train.yaml", "dataset_dir", "given as --data_path"),
+    ("mosi_gmd", "train.yaml", "cache_rate", None),  # no counterpart: the other bundle's setting, named as such
+    ("mosi_gmd", "evaluate.yaml", "eval_datalist", "scores the --eval_split"),  # was "did you mean --eval_split?"
+    ("brats_gmd", "train.yaml", "data_path", "given as --dataset_dir"),  # was "did you mean --ckpt_path?"
+    ("brats_gmd", "train.yaml", "hidden", "set by --features"),
+    ("brats_gmd", "evaluate.yaml", "eval_split", "scores --eval_datalist"),
+])
+def test_a_setting_of_the_other_bundle_is_named_as_one_with_what_this_bundle_does_instead(bundle, config, key, fix):
+    """"check its spelling" (or a close setting of this bundle) sent a user who carried a setting over from the
+    segmentation bundle to the sentiment one, or back, the wrong way: its spelling is right."""
+    from app.bundle_args import _MONAI_DIR, check_overrides
+
+    main = os.path.join(_MONAI_DIR, "bundle", "__main__.py")
+    configs = os.path.join(os.path.dirname(__file__), "..", "bundles", bundle, "configs")
+    files = [os.path.join(configs, "train.yaml")] + ([os.path.join(configs, config)] if config != "train.yaml" else [])
+    other = "mosi_gmd" if bundle == "brats_gmd" else "brats_gmd"
+    with pytest.raises(ValueError) as err:
+        check_overrides([main, "run", "--config_file", str(files), f"--{key}", "1"])
+    message = str(err.value)
+    assert f"--{key} is not a setting of" in message and f"it is a setting of another bundle, " in message, message
+    assert os.path.join("bundles", other) in message and "did you mean" not in message, message
+    assert "check its spelling" not in message, message
+    if fix:
+        assert fix in message, message
+
+
+def test_what_a_setting_of_the_other_bundle_is_done_with_names_settings_this_bundle_has():
+    """The hints name settings of the bundle the key was given to: one renamed there would send the user to a
+    setting that is refused in turn."""
+    import re
+
+    from monai.bundle import ConfigParser
+
+    from app.bundle_args import _COUNTERPARTS
+
+    bundles = os.path.join(os.path.dirname(__file__), "..", "bundles")
+    settings = {}
+    for name in ("brats_gmd", "mosi_gmd"):
+        folder = os.path.join(bundles, name, "configs")
+        settings[name] = {k for f in os.listdir(folder) if f.endswith(".yaml")
+                          for k in ConfigParser.load_config_file(os.path.join(folder, f))}
+    for key, text in _COUNTERPARTS.items():
+        owner = [name for name, keys in settings.items() if key in keys]
+        assert len(owner) == 1, (key, owner)  # a setting of exactly one bundle
+        given_to = "mosi_gmd" if owner == ["brats_gmd"] else "brats_gmd"
+        named = re.findall(r"--(\w+)", text)
+        assert set(named) <= settings[given_to], (key, named)
+
+
 def test_a_misspelt_key_in_an_override_file_is_refused(tmp_path):
     """A recipe's keys were merged into train.yaml unchecked: ``learning_rat: 0.01`` trained at the default."""
     from app.bundle_args import _MONAI_DIR, check_override_files, check_overrides
@@ -120,6 +173,39 @@ def test_a_misspelt_argument_of_a_component_is_refused_before_any_work(tmp_path)
     check_overrides([main, "run", "--config_file", train, "--loss#_target_", "DiceFocalLoss", "--loss#gamma", "2"])
     with pytest.raises(ValueError, match="DiceCELoss .* takes no argument 'gamma'"):
         check_overrides([main, "run", "--config_file", train, "--loss#gamma", "2"])
+
+
+def test_a_list_or_number_for_an_argument_that_takes_a_tensor_only_is_refused_with_the_tensor_to_write(tmp_path):
+    """MONAI's own DiceCELoss (and torch's losses) register weight as a buffer: --loss#weight "[1,1,2]", or any number,
+    stopped the run with "cannot assign 'list' object to buffer 'weight'" at the bottom of a traceback."""
+    from monai.bundle import ConfigParser
+
+    from app.bundle_args import _MONAI_DIR, check_overrides
+
+    main = os.path.join(_MONAI_DIR, "bundle", "__main__.py")
+    train = os.path.join(os.path.dirname(__file__), "..", "bundles", "brats_gmd", "configs", "train.yaml")
+    monai_loss = ["--loss#_target_", "monai.losses.DiceCELoss"]
+    with pytest.raises(ValueError) as err:
+        check_overrides([main, "run", "--config_file", train, *monai_loss, "--loss#weight", "[1,1,2]"])
+    assert str(err.value) == (
+        "--loss#weight [1, 1, 2]: monai.losses.DiceCELoss (the 'loss' setting) takes weight as a torch tensor only, so "
+        "the run would stop when it builds it: pass --loss#weight '$torch.tensor([1.0,1.0,2.0])', or use the bundle's "
+        "own loss, app.losses.DiceCELoss, which takes a list or a number.")
+    with pytest.raises(ValueError, match=r"--loss#weight '\$torch\.tensor\(\[2\.0,2\.0,2\.0\]\)'"):  # one per channel
+        check_overrides([main, "run", "--config_file", train, *monai_loss, "--loss#weight", "2"])
+    recipe = tmp_path / "bce.yaml"
+    recipe.write_text("loss:\n  _target_: torch.nn.BCEWithLogitsLoss\n  pos_weight: [1.0, 2.0, 2.0]\n")
+    with pytest.raises(ValueError, match=r"'pos_weight' under 'loss' in .*bce\.yaml = \[1\.0, 2\.0, 2\.0\]: .* write "
+                                         r"pos_weight: \"\$torch\.tensor\(\[1\.0,2\.0,2\.0\]\)\" there\.$"):
+        check_overrides([main, "run", "--config_file", str([train, str(recipe)])])
+    # the fix it names: the tensor, which builds; and the bundle's own loss, which takes the list
+    tensor = "$torch.tensor([1.0,1.0,2.0])"
+    check_overrides([main, "run", "--config_file", train, *monai_loss, "--loss#weight", tensor])
+    recipe.write_text(f"loss:\n  _target_: monai.losses.DiceCELoss\n  sigmoid: true\n  weight: '{tensor}'\n")
+    check_overrides([main, "run", "--config_file", str([train, str(recipe)])])
+    parser = ConfigParser(ConfigParser.load_config_files([train, str(recipe)]))
+    assert parser.get_parsed_content("loss").cross_entropy.weight.tolist() == [1.0, 1.0, 2.0]
+    check_overrides([main, "run", "--config_file", train, "--loss#weight", "[1,1,2]"])
 
 
 def test_a_setting_the_command_does_not_use_gets_a_warning(caplog):

@@ -57,8 +57,14 @@ def split_cases(
     Raises:
         ValueError: ``val_fraction`` is not in ``(0, 1)``, or two records share a case id.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
+    try:  # a word (--val_fraction abc) stopped the run with a TypeError traceback
+        good = not isinstance(val_fraction, bool) and 0.0 < float(val_fraction) < 1.0
+    except (TypeError, ValueError):
+        good = False
+    if not good:
+        raise ValueError(f"--val_fraction {val_fraction!r} must be a number > 0 and < 1 (the share of the cases held out "
+                         "for validation), e.g. --val_fraction 0.2.")
+    val_fraction = float(val_fraction)
     ids = [str(c["case"]) for c in cases]
     dupes = sorted(i for i, n in Counter(ids).items() if n > 1)
     if dupes:

@@ -682,8 +682,8 @@ def discover_cases(
     convention = str(label_convention or "auto").strip().lower()
     convention = None if convention == "auto" else convention
     if convention is not None and convention not in LABEL_CONVENTIONS:
-        raise ValueError(f"Unknown label_convention {label_convention!r}: use auto (by the file names) or one of "
-                         f"{sorted(LABEL_CONVENTIONS)}.")
+        raise ValueError(f"--label_convention {label_convention!r} is not a label convention: use auto (by the file "
+                         f"names) or one of {sorted(LABEL_CONVENTIONS)}, e.g. --label_convention auto.")
     root_path = Path(root).expanduser().absolute()
     if not root_path.is_dir():
         raise CaseError(

@@ -47,6 +47,8 @@ from app.strategies.base import process_group
 __all__ = [
     "CHECKPOINT_FORMAT",
     "check_resume",
+    "ABLATION_STAGE_ENV",
+    "resume_hint",
     "AtomicCheckpointSaver",
     "atomic_save",
     "stale_temporaries",
@@ -157,6 +159,24 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
             logger.warning("The checkpoint holds CUDA generator states of %d device(s), this machine has %d: "
                            "CUDA random numbers will differ from the interrupted run.",
                            len(cuda_states), torch.cuda.device_count())
+
+
+#: set (to ``1``) by ``python -m app ablate`` in the environment of each stage it runs
+ABLATION_STAGE_ENV = "APP_ABLATION_STAGE"
+
+
+def resume_hint() -> str:
+    """How to continue a training stopped before its end, as the user started it: the words after "to continue".
+
+    A training started by hand continues with its own command and ``--resume true``. A stage of
+    ``python -m app ablate`` (its log under ``<output_dir>/<strategy>/train.log``) was started by the ablation, which
+    passes ``--resume true`` itself when it is run again under the same settings: the bundle command in the log,
+    rerun by hand with ``--resume true``, would train the stage outside the ablation, which would then not know it
+    finished.
+    """
+    if os.environ.get(ABLATION_STAGE_ENV) == "1":
+        return "run the same python -m app ablate command again (it resumes this stage from its checkpoint)"
+    return "run the same command with --resume true"
 
 
 def _resume_mode(resume: bool | str) -> str:
@@ -641,7 +661,11 @@ class ResumableCheckpoint:
             self.restore(engine, state)
             self._kept = (int(engine.state.epoch), int(engine.state.iteration))
         elif self.path.is_file() and rank == 0:
-            logger.warning("Starting a new run: %s will be overwritten (pass --resume true to continue it).", self.path)
+            if os.environ.get(ABLATION_STAGE_ENV) == "1":  # the ablation said why (other settings) before this stage
+                logger.warning("Starting a new run: %s will be overwritten.", self.path)
+            else:
+                logger.warning("Starting a new run: %s will be overwritten (pass --resume true to continue it).",
+                               self.path)
         if rank == 0:
             # checkpoint_last.pt's, and model.pt's and model_final.pt's (AtomicCheckpointSaver): every *.pt's
             for tmp in stale_temporaries(self.path.with_name("*.pt")):
@@ -733,7 +757,7 @@ class ResumableCheckpoint:
             return ""
         epoch, iteration = self._kept
         return (f" The resumable checkpoint {self.path} (epoch {epoch}, iteration {iteration}) is kept: once the disk "
-                "can take the run's files, run the same command with --resume true to continue from it.")
+                f"can take the run's files, {resume_hint()} to continue from it.")
 
     def _check_settings(self, recorded: Mapping[str, Any]) -> list[str]:
         """Refuse a resume whose ``settings`` differ from those the checkpoint recorded; those in ``warn`` are only

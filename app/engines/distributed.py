@@ -25,6 +25,7 @@ import ignite.distributed as idist
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 
+from app.engines.checkpoint import resume_hint
 from app.engines.handlers import TimeLimitHandler
 from app.strategies.base import process_group
 
@@ -394,9 +395,8 @@ class StopOnSignal:
         if not stop:
             return
         signum = self.received if self.received is not None else signal.SIGTERM
-        logger.warning("%s received: stopping after iteration %d and writing the resumable checkpoint; run the "
-                       "same command with --resume true to continue.", signal.Signals(signum).name,
-                       engine.state.iteration)
+        logger.warning("%s received: stopping after iteration %d and writing the resumable checkpoint; %s to "
+                       "continue.", signal.Signals(signum).name, engine.state.iteration, resume_hint())
         # registered now, so it runs after every TERMINATE handler attached before (the checkpoint's)
         engine.add_event_handler(Events.TERMINATE, self._end_process, signum)
         engine.terminate(skip_completed=True)
@@ -405,8 +405,8 @@ class StopOnSignal:
         self._uninstall(engine)
         # the log's last line: the checkpoint line before it is written at every epoch's end too
         logger.warning("Training stopped by %s at epoch %d, iteration %d, after writing the resumable checkpoint: "
-                       "exit status %d; run the same command with --resume true to continue.",
-                       signal.Signals(signum).name, engine.state.epoch, engine.state.iteration, 128 + signum)
+                       "exit status %d; %s to continue.", signal.Signals(signum).name, engine.state.epoch,
+                       engine.state.iteration, 128 + signum, resume_hint())
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         for handler in logging.getLogger().handlers:

@@ -170,6 +170,7 @@ def _remove_stale_outputs(
     Raises:
         OSError: a stale output could not be removed.
     """
+    from app.inference.io import option
     from app.inference.pipeline import written_by_product
 
     if entries is None:
@@ -187,7 +188,7 @@ def _remove_stale_outputs(
                 pass
             except OSError as err:
                 raise OSError(f"Cannot remove {entry.path}, left by an earlier run ({err.strerror}): remove it or "
-                              "use an empty --output-dir.") from err
+                              f"use an empty {option('output_dir')}.") from err
 
 
 def run_batch(
@@ -234,25 +235,27 @@ def run_batch(
         BatchError: some cases failed (with ``raise_on_error``).
     """
     from app.data.discovery import discover_cases
-    from app.inference.io import sequence_name
+    from app.inference.io import option, sequence_name
     from app.inference.pipeline import check_output_path, label_convention
 
     # an empty path (an unset shell variable, BRATS_INPUT= or BRATS_OUTPUT= in Docker) would mean the
     # current folder: every case under it segmented, or results written among the user's files
     check_paths(input_dir=input_dir, output_dir=output_dir)  # the bundle's --input_dir 2021: a number
-    for folder, option, variable, what in ((input_dir, "--input-dir", "BRATS_INPUT", "holding the cases"),
-                                           (output_dir, "--output-dir", "BRATS_OUTPUT", "to write the results to")):
+    for folder, name, variable, what in ((input_dir, "input_dir", "BRATS_INPUT", "holding the cases"),
+                                         (output_dir, "output_dir", "BRATS_OUTPUT", "to write the results to")):
         if folder is None or not os.fspath(folder).strip():  # None: input_dir: null in a bundle override file
-            raise ValueError(f"{option} is empty (an unset variable, or {variable} set to ''), which would mean the "
-                             f"current folder: give the folder {what}.")
+            # the environment variables are the batch command's defaults (the Docker image), not the bundle's
+            unset = "an unset variable" + ("" if option(name).endswith(name) else f", or {variable} set to ''")
+            raise ValueError(f"{option(name)} is empty ({unset}), which would mean the current folder: give the "
+                             f"folder {what}.")
     # settings first: a bad one would fail every case, and each failed case's clean-up would then
     # remove that case's outputs of an earlier run
     probabilities = parse_bool(probabilities, "probabilities")
     labels = label_convention(labels)
-    reference = sequence_name(resample_to, "--resample-to") if resample_to else None
+    reference = sequence_name(resample_to, option("resample_to")) if resample_to else None
 
     out_dir = Path(output_dir)
-    check_writable_folder(out_dir, f"--output-dir {output_dir}")  # before any case runs
+    check_writable_folder(out_dir, f"{option('output_dir')} {output_dir}")  # before any case runs
     # written after the last case: a file of the user's under its name must stop the batch before the first
     check_output_path(out_dir / SUMMARY_NAME, "Output", (".json",), rename="choose another output folder")
     discovery_errors: dict[str, str] = {}
@@ -283,8 +286,11 @@ def _output_dir_lock(out_dir: Path, option_value: str | os.PathLike) -> Iterator
     Raises:
         ValueError: another batch holds the lock.
     """
-    with locked_folder(out_dir, f"--output-dir {option_value} is in use by another batch that is still running (a "
-                                "job started twice?): wait for it to finish, or choose another --output-dir."):
+    from app.inference.io import option
+
+    flag = option("output_dir")
+    with locked_folder(out_dir, f"{flag} {option_value} is in use by another batch that is still running (a job "
+                                f"started twice?): wait for it to finish, or choose another {flag}."):
         yield
 
 
@@ -542,10 +548,12 @@ def load_segmenter_or_exit(ckpt: str | os.PathLike, **kwargs: Any) -> Any:
     """:func:`~app.inference.pipeline.load_segmenter` for the batch bundle's ``segmenter``: a
     missing or unreadable checkpoint, or a bad setting, ends with one error line and exit status 2
     before any case is read, instead of MONAI's traceback and status 1."""
+    from app.inference.io import bundle_options
     from app.inference.pipeline import load_segmenter
 
     try:
-        return load_segmenter(ckpt, **kwargs)
+        with bundle_options():  # its messages name --sw_overlap, not infer's --overlap
+            return load_segmenter(ckpt, **kwargs)
     except (ValueError, OSError) as err:
         print(_error_line(err), file=sys.stderr)
     raise SystemExit(2)
@@ -557,12 +565,14 @@ def run_batch_or_exit(segmenter: Any, input_dir: str | os.PathLike, output_dir: 
     with the error lines and exit status 2, as ``python -m app.inference.batch`` does, instead of
     MONAI's traceback and status 1; SIGTERM and Ctrl-C stop it as they stop that command."""
     from app.atomic import exit_with, run_interruptible
+    from app.inference.io import bundle_options
 
     results: list[dict[str, Any]] = []
 
     def work() -> int:
         try:
-            results.extend(run_batch(segmenter, input_dir, output_dir, **kwargs))
+            with bundle_options():  # its messages, the cases' included, name --resample_to, not the batch command's
+                results.extend(run_batch(segmenter, input_dir, output_dir, **kwargs))
         except (BatchError, ValueError, OSError) as err:
             print(_error_line(err), file=sys.stderr)
             return 2

@@ -8,9 +8,11 @@ folder and renamed into place, so a failed run never leaves a partial or stale-l
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -36,6 +38,8 @@ __all__ = [
     "EmptyChannelError",
     "AtomicOutputs",
     "sequence_name",
+    "option",
+    "bundle_options",
     "read_volume",
     "read_case",
     "resample_to_grid",
@@ -47,6 +51,32 @@ _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # any temporary name of AtomicOutputs.temp: ".<stem>.<8 hex>[-<pid>].tmp<suffix>", the suffix one of
 # _NIFTI_SUFFIXES or .json, as _stem_suffix gives it (lower case), or none
 _ANY_TEMPORARY_RE = re.compile(r"\.(?P<stem>.+)\.[0-9a-f]{8}(?:-\d+)?\.tmp(?P<suffix>\.nii\.gz|\.nii|\.json|)")
+
+
+#: how the running entry point spells a setting: ``python -m app infer`` and ``python -m app.inference.batch`` take
+#: ``--resample-to``, ``--overlap``; the batch bundle (inference.yaml) ``--resample_to``, ``--sw_overlap``
+_BUNDLE_OPTIONS: ContextVar[bool] = ContextVar("bundle_options", default=False)
+#: the bundle's name of a setting where it is not the command line's with ``_`` for ``-``
+_BUNDLE_NAMES = {"overlap": "sw_overlap", "ckpt": "ckpt_path"}
+
+
+def option(name: str) -> str:
+    """The flag that sets ``name`` (``resample_to``, ``overlap``) in the entry point running: ``--resample-to`` and
+    ``--overlap`` on the command lines, ``--resample_to`` and ``--sw_overlap`` in the batch bundle
+    (:func:`bundle_options`). A message names the option as the user typed it, in the command they ran."""
+    if _BUNDLE_OPTIONS.get():
+        return "--" + _BUNDLE_NAMES.get(name, name)
+    return "--" + name.replace("_", "-")
+
+
+@contextlib.contextmanager
+def bundle_options() -> Iterator[None]:
+    """Within it, :func:`option` spells settings as the batch bundle's command line does (its entry points use it)."""
+    token = _BUNDLE_OPTIONS.set(True)
+    try:
+        yield
+    finally:
+        _BUNDLE_OPTIONS.reset(token)
 
 
 class EmptyChannelError(CaseError):
@@ -108,7 +138,8 @@ class CaseInputs:
     Attributes:
         volumes: ``{sequence: Volume}`` in :data:`BRATS_MODALITIES` order, all on one grid.
         reference: the sequence whose grid (shape, affine, header) the outputs use.
-        resampled: sequences that were resampled onto the reference grid (``--resample-to``).
+        resampled: sequences that were resampled onto the reference grid (``--resample-to``, the bundle's
+            ``--resample_to``).
         empty_channels: sequences given as an all-zero channel of a 4D file, so missing (not in
             ``volumes``, False in :attr:`modality_mask`).
         header_conflicts: ``{sequence: description}`` of the NIfTI headers that contradict themselves where
@@ -703,10 +734,10 @@ def read_case(
         named[seq] = os.fspath(path)
     index = {sequence_name(k): int(v) for k, v in (channels or {}).items()}
     _check_distinct_files({s: p for s, p in named.items() if s not in index})
-    reference = sequence_name(resample_to, "--resample-to") if resample_to else None
+    reference = sequence_name(resample_to, option("resample_to")) if resample_to else None
     if reference is not None and reference not in named:
-        raise CaseError(f"--resample-to {resample_to} names a sequence that was not given (given: {list(named)}): "
-                        "pass one of those.")
+        raise CaseError(f"{option('resample_to')} {resample_to} names a sequence that was not given (given: "
+                        f"{list(named)}): pass one of those.")
     cache: dict[str, Any] = {}
     coverage: dict[str, dict[str, float]] = {}
     volumes: dict[str, Volume] = {}
@@ -753,7 +784,8 @@ def read_case(
                 f"{vol.source} ({seq}) and {ref.source} ({reference}) are on different grids (shape {vol.shape} vs "
                 f"{ref.shape}, voxel size {_spacing(vol.affine)} vs {_spacing(ref.affine)} mm"
                 + (f", largest affine difference {diff:.3g}" if diff == diff else "")
-                + f"): register them onto one grid, or pass --resample-to {reference} to resample onto {reference}."
+                + f"): register them onto one grid, or pass {option('resample_to')} {reference} to resample onto "
+                f"{reference}."
             )
         # fields of view that cover different parts of the head (a FLAIR slab beside a whole-brain T1ce): the
         # reference grid leaves out tumour outside it, and the sequence reads 0 beyond its own field of view

@@ -279,8 +279,12 @@ def load_network(
     """
     path = os.fspath(ckpt)
     if not path.strip():  # an unset variable (BRATS_CKPT=, --ckpt "$MODEL"): there is no file to name
+        from app.inference.io import option
+
+        flag = option("ckpt")  # the batch bundle's --ckpt_path, which the batch command's BRATS_CKPT does not set
+        where = flag if flag.endswith("_path") else f"{flag}, BRATS_CKPT"
         raise ValueError("The checkpoint path is empty (an unset variable?): give the model.pt written by training "
-                         "(<output_dir>/models/model.pt) or a model.ts exported from it (--ckpt, BRATS_CKPT).")
+                         f"(<output_dir>/models/model.pt) or a model.ts exported from it ({where}).")
     if not os.path.isfile(path):
         raise checkpoint_missing(path, "give the model.pt written by training (<output_dir>/models/model.pt) or a "
                                  "model.ts exported from it.")

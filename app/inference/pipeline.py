@@ -49,8 +49,8 @@ from app.data.labels import LABEL_CONVENTIONS, LABEL_PARTS, regions_to_labels
 from app.engines.utils import allocation_failure as _allocation_failure
 from app.engines.utils import amp_dtype, check_patch_size, resolve_device
 from app.engines.utils import is_out_of_memory as _out_of_memory
-from app.flags import parse_bool
-from app.inference.io import AtomicOutputs, CaseInputs, Volume, read_case, voxel_volume_ml
+from app.flags import check_counts, check_share, parse_bool
+from app.inference.io import AtomicOutputs, CaseInputs, Volume, option, read_case, voxel_volume_ml
 from app.inference.model import bundle_defaults, bundle_version, load_network
 from app.networks.weights import checkpoint_sha256
 from app.subsets import BRATS_MODALITIES
@@ -287,11 +287,10 @@ class Segmenter:
         self.patch_size = None if patch_size is None else self._checked(patch_size)
         self.fallback_patch_size = self._checked(fallback_patch_size)
         self.max_window_voxels = int(max_window_voxels)
-        if not 0.0 <= float(overlap) < 1.0:
-            raise ValueError(f"overlap must be in [0, 1), got {overlap}.")
+        # named as the entry point running takes them: infer's --overlap is the batch bundle's --sw_overlap
+        check_share(**{option("overlap")[2:]: overlap})
         self.overlap = float(overlap)
-        if int(sw_batch_size) < 1:
-            raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}.")
+        check_counts(**{option("sw_batch_size")[2:]: sw_batch_size})
         self.sw_batch_size = int(sw_batch_size)
         self.device = torch.device(device)
         self.amp = parse_bool(amp, "amp") and self.device.type == "cuda"

@@ -543,11 +543,13 @@ class SubsetMeanDice(SubsetScalarMetric):
         """Add a batch: ``case`` with ``subset_dice``, or with ``subset_logits`` and ``label`` (see the class).
 
         Raises:
-            TypeError: ``output`` is not a mapping with a ``case`` entry.
-            ValueError: it has neither ``subset_dice`` nor ``subset_logits`` and ``label``.
+            ValueError: ``output`` is not a mapping with a ``case`` entry, or it has neither ``subset_dice`` nor
+                ``subset_logits`` and ``label`` (as the sentiment metric refuses an output without its entries).
         """
         if not isinstance(output, Mapping) or "case" not in output:
-            raise TypeError(f"{type(self).__name__} expects a mapping with a 'case' entry, got {type(output)}.")
+            keys = list(output) if isinstance(output, Mapping) else type(output).__name__
+            raise ValueError(f"{type(self).__name__} needs 'case', with 'subset_dice' or with 'subset_logits' and "
+                             f"'label', in the output, got {keys}.")
         case_ids, valid = list(output["case"]), output.get("subset_valid")
         hd95 = self._accumulator.hd95
         if "subset_dice" in output:

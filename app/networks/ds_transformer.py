@@ -218,21 +218,25 @@ class DSTransformer(nn.Module):
         super().__init__()
         self.modalities = tuple(modalities)
         if fusion not in ("mean", "confidence"):
-            raise ValueError(f"fusion must be 'mean' or 'confidence', got {fusion!r}.")
+            raise ValueError(f"--fusion {fusion!r} must be mean or confidence, e.g. --fusion confidence.")
         self.fusion = fusion
         if len(in_features) != len(self.modalities):
             raise ValueError(f"in_features {list(in_features)} needs one size per modality {list(self.modalities)}.")
         if task not in ("regression", "classification"):
-            raise ValueError(f"task must be 'regression' or 'classification', got {task!r}.")
+            raise ValueError(f"--task {task!r} must be regression or classification, e.g. --task regression.")
         if task == "regression" and out_channels != 1:
-            raise ValueError(f"A regression head has out_channels=1, got {out_channels}; use task='classification'.")
+            raise ValueError(f"--out_channels {out_channels} needs --task classification: a regression head has one "
+                             "output, --out_channels 1.")
         if task == "classification" and out_channels < 2:
-            raise ValueError(f"A classification head needs out_channels >= 2 classes, got {out_channels}.")
+            raise ValueError(f"--task classification needs --out_channels N, the number of classes (>= 2), got "
+                             f"{out_channels}: e.g. --out_channels 4, with --label_key classification_labels.")
         # checked here, where the settings are named: torch would fail later on a modulo by zero or an empty layer
         check_counts(hidden=hidden, num_heads=num_heads)
         check_counts(at_least=0, encoder_layers=encoder_layers, trunk_layers=trunk_layers)
         if hidden % num_heads:
-            raise ValueError(f"hidden ({hidden}) must be a multiple of num_heads ({num_heads}).")
+            wider = -(-int(hidden) // int(num_heads)) * int(num_heads)
+            raise ValueError(f"--hidden {hidden} must be a multiple of --num_heads {num_heads} (each head takes an equal "
+                             f"share), e.g. --hidden {wider}.")
         for name, value in (("dropout", dropout), ("head_dropout", head_dropout), ("input_dropout", input_dropout)):
             values = np.atleast_1d(np.asarray(value, dtype=float))
             if not ((values >= 0.0) & (values <= 1.0)).all():
@@ -244,7 +248,9 @@ class DSTransformer(nn.Module):
         self.out_channels = int(out_channels)
         in_drop = [float(input_dropout)] * len(self.modalities) if np.isscalar(input_dropout) else list(input_dropout)
         if len(in_drop) != len(self.modalities):
-            raise ValueError(f"input_dropout {input_dropout} needs one value or one per modality {list(self.modalities)}.")
+            example = "[" + ",".join([str(in_drop[0])] * len(self.modalities)) + "]"
+            raise ValueError(f"--input_dropout {input_dropout} needs one value or one per modality "
+                             f"{list(self.modalities)}, e.g. --input_dropout \"{example}\".")
         self.encoders = nn.ModuleList(
             SequenceEncoder(d, hidden, encoder_layers, num_heads, ff_mult, dropout, p, clip)
             for d, p in zip(self.in_features, in_drop)

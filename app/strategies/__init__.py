@@ -25,8 +25,10 @@ logger = logging.getLogger(__name__)
 #: the bundles' setting of each strategy option whose name differs from it (``strategy_def#subsets: '@gmd_subsets'``)
 BUNDLE_SETTINGS = {"subsets": "gmd_subsets", "rho": "cggm_rho", "head_lr": "cggm_head_lr", "b_clip": "cggm_b_clip",
                    "sync": "gmd_sync"}
-#: options that only decide what is recorded: the bundles set them for every strategy
-_RECORDING = frozenset({"diagnostics_interval"})
+#: the bundles' defaults of options whose constructor default differs (``diagnostics_interval: 20`` in both
+#: ``train.yaml``, 0 in the strategies): the bundles pass them to every strategy, so only another value was set by
+#: the user (tests/strategies/test_build.py checks them against the bundles)
+BUNDLE_DEFAULTS = {"diagnostics_interval": 20}
 
 STRATEGIES: dict[str, type[GradientStrategy]] = {
     cls.name: cls for cls in (PlainStrategy, DropoutStrategy, GMDStrategy, GMDApproxStrategy, CGGMStrategy, PredictStrategy)
@@ -68,7 +70,7 @@ def build_strategy(name: str, **kwargs: Any) -> GradientStrategy:
                          "the default.")
     cls = STRATEGIES[key]
     params = inspect.signature(cls.__init__).parameters
-    _warn_unused(cls, {k: v for k, v in kwargs.items() if k not in params and k not in _RECORDING})
+    _warn_unused(cls, {k: v for k, v in kwargs.items() if k not in params})
     return cls(**{k: v for k, v in kwargs.items() if k in params})
 
 
@@ -94,11 +96,15 @@ def _warn_unused(cls: type[GradientStrategy], others: dict[str, object]) -> None
 
     The bundles pass every strategy's options to :func:`build_strategy`, so ``--gmd_subsets 3`` with
     ``--strategy plain``, or a recipe's ``warmup_iterations`` (``predict``) under ``--strategy gmd``, trained
-    as if it had not been given: the log says so, as it does for a setting the command does not use.
+    as if it had not been given: the log says so, as it does for a setting the command does not use. The bundles'
+    own default (:data:`BUNDLE_DEFAULTS`, ``diagnostics_interval`` 20) is a default too: ``--diagnostics_interval 5``
+    with ``--strategy plain`` is named, the bundle's 20 is not.
     """
     for option, value in others.items():
         owners = [(name, inspect.signature(c.__init__).parameters.get(option)) for name, c in STRATEGIES.items()]
         owners = [(name, p) for name, p in owners if p is not None]
+        if option in BUNDLE_DEFAULTS and _same(value, BUNDLE_DEFAULTS[option]):
+            continue
         if not owners or all(p.default is not p.empty and _same(value, p.default) for _, p in owners):
             continue
         setting = BUNDLE_SETTINGS.get(option, option)

@@ -173,6 +173,21 @@ def test_a_stop_of_the_ablation_lets_the_running_stage_stop_cleanly(tmp_path):
     assert "stopped cleanly after 1 signal(s)" in text, text
 
 
+def test_a_stage_is_told_it_runs_in_the_ablation_so_its_hints_name_the_ablation_command(tmp_path, monkeypatch):
+    """A stopped stage's log said "run the same command with --resume true": its bundle command, run again by hand,
+    trains the stage outside the ablation, which resumes it itself when its own command is run again."""
+    from app.ablation import _run_logged
+    from app.engines.checkpoint import ABLATION_STAGE_ENV, resume_hint
+
+    monkeypatch.delenv(ABLATION_STAGE_ENV, raising=False)
+    log = tmp_path / "train.log"
+    code = ("from app.engines.checkpoint import resume_hint; print('hint:', resume_hint())")
+    assert _run_logged([sys.executable, "-c", code], log) == 0
+    assert "hint: run the same python -m app ablate command again (it resumes this stage from its checkpoint)" in \
+        log.read_text(), log.read_text()
+    assert resume_hint() == "run the same command with --resume true"  # a training started by hand
+
+
 def test_a_full_disk_is_one_error_line_naming_the_file_and_the_fix(tmp_path, monkeypatch, capsys):
     """The runner's own files (a stage's settings record, its log, the tables) on a full disk ended the ablation
     with an OSError traceback, which `python -m app ablate` did not turn into its one error line."""

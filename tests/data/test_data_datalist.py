@@ -46,8 +46,12 @@ def test_split_sizes():
 
 
 def test_split_rejects_bad_input():
-    with pytest.raises(ValueError, match="val_fraction"):
+    with pytest.raises(ValueError, match=r"^--val_fraction 1\.0 must be a number > 0 and < 1 .*, e\.g\. --val_fraction 0\.2\.$"):
         split_cases(records(4), val_fraction=1.0)
+    # a word on the command line stopped the run with a TypeError traceback
+    with pytest.raises(ValueError, match=r"^--val_fraction 'abc' must be a number > 0 and < 1"):
+        split_cases(records(4), val_fraction="abc")
+    assert split_cases(records(4), val_fraction="0.25") == split_cases(records(4), val_fraction=0.25)
     with pytest.raises(ValueError, match="Duplicate case ids"):
         split_cases(records(3) + records(1), 0.2)
 

@@ -175,7 +175,7 @@ def test_label_convention_overrides_the_naming(tmp_path):
     by_name = {c["case"]: c["label_map"] for c in discover_cases(tmp_path, label_convention="auto")}
     assert by_name == {case: {"ncr": [1], "ed": [2], "et": [3]}, "Brats18_X_1": {"ncr": [1], "ed": [2], "et": [4]}}
     assert {c["case"]: c["label_map"] for c in discover_cases(tmp_path, label_convention=" AUTO ")} == by_name
-    with pytest.raises(ValueError, match=r"label_convention 'brats2025'.*auto.*'brats2024'"):
+    with pytest.raises(ValueError, match=r"^--label_convention 'brats2025' is not a label convention: .*auto.*'brats2024'"):
         discover_cases(tmp_path, label_convention="brats2025")
     # BraTS 2024 ships with the 2023 names: under 2018 names, 4 is enhancing tumour, which such a case keeps
     mixed = {c["case"]: c["label_map"] for c in discover_cases(tmp_path, label_convention="brats2024")}

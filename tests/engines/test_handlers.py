@@ -255,15 +255,28 @@ def test_records_of_a_strategy_of_ones_own_are_tagged_with_its_name(tmp_path):
     assert not (tmp_path / "gmd_diagnostics.jsonl").exists() and writer.scalars["gmd_scaled/alpha"] == (0.5, 5)
 
 
-def test_stop_on_signal_finishes_the_iteration_runs_terminate_handlers_then_ends_by_the_signal(monkeypatch, caplog):
+@pytest.mark.parametrize("ablation_stage, fix", [
+    (False, "run the same command with --resume true to continue."),
+    # a stage of `python -m app ablate`: the ablation resumes it; its bundle command rerun by hand would not
+    (True, "run the same python -m app ablate command again (it resumes this stage from its checkpoint) to continue."),
+])
+def test_stop_on_signal_finishes_the_iteration_runs_terminate_handlers_then_ends_by_the_signal(
+        monkeypatch, caplog, ablation_stage, fix):
     """SIGTERM mid-iteration: the iteration completes, COMPLETED (model_final.pt) is skipped, the TERMINATE
-    handlers (the resumable checkpoint) run, and only then is the process ended by the signal."""
+    handlers (the resumable checkpoint) run, and only then is the process ended by the signal. Its last line says
+    how to continue, in the command the user started."""
     import signal
 
     from ignite.engine import Engine, Events
 
     from app.engines import StopOnSignal
     from app.engines import distributed
+    from app.engines.checkpoint import ABLATION_STAGE_ENV
+
+    if ablation_stage:
+        monkeypatch.setenv(ABLATION_STAGE_ENV, "1")
+    else:
+        monkeypatch.delenv(ABLATION_STAGE_ENV, raising=False)
 
     events: list[str] = []
     ended: list[tuple[int, int]] = []
@@ -289,7 +302,8 @@ def test_stop_on_signal_finishes_the_iteration_runs_terminate_handlers_then_ends
     # the log ends on a line of its own, not on the checkpoint's line that every epoch's end writes too
     assert _product_lines(caplog)[-1] == (
         "Training stopped by SIGTERM at epoch 1, iteration 3, after writing the resumable checkpoint: exit status "
-        "143; run the same command with --resume true to continue.")
+        f"143; {fix}")
+    assert _product_lines(caplog)[0].endswith(f"writing the resumable checkpoint; {fix}")
     assert signal.getsignal(signal.SIGTERM) == previous
 
 

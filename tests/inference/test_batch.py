@@ -743,3 +743,47 @@ def test_a_batch_says_how_many_cases_it_has_and_ends_with_one_line_of_its_outcom
     assert len(errors) == 2 and errors[0].startswith("error: case B: ") and errors[0].endswith(".")
     assert errors[-1] == (f"error: 1 of 2 case(s) failed (B): each case's error is on its 'error: case' line above "
                           f"and in {out / 'inference_summary.json'}.")
+
+
+def test_messages_name_the_options_as_the_entry_point_running_spells_them(phantom_root, random_ckpt, tmp_path, capsys):
+    """The batch bundle (inference.yaml) takes --sw_overlap and --resample_to; its errors said "overlap must be in
+    [0, 1)" and "--resample-to", the library's and the batch command's spellings."""
+    from app.inference.batch import load_segmenter_or_exit
+    from app.inference.io import bundle_options, read_case
+
+    with pytest.raises(ValueError, match=r"^--overlap 1\.0 must be a number >= 0 and < 1, e\.g\. --overlap 0\.5\.$"):
+        load_segmenter(random_ckpt, device="cpu", overlap=1.0)  # python -m app infer and the batch command
+    with pytest.raises(ValueError, match=r"^--sw-batch-size 0 must be a whole number >= 1"):
+        load_segmenter(random_ckpt, device="cpu", sw_batch_size=0)
+    for kwargs, line in (({"overlap": 1}, "error: --sw_overlap 1 must be a number >= 0 and < 1, e.g. --sw_overlap 0.5."),
+                         ({"sw_batch_size": 0}, "error: --sw_batch_size 0 must be a whole number >= 1, e.g. "
+                                                "--sw_batch_size 1.")):
+        with pytest.raises(SystemExit) as exit_:
+            load_segmenter_or_exit(random_ckpt, device="cpu", **kwargs)  # the bundle's segmenter
+        assert exit_.value.code == 2 and capsys.readouterr().err.strip() == line
+    with pytest.raises(SystemExit):
+        load_segmenter_or_exit("", device="cpu")
+    assert capsys.readouterr().err.strip().endswith("(--ckpt_path).")  # not the batch command's --ckpt, BRATS_CKPT
+    with pytest.raises(ValueError, match=r"\(--ckpt, BRATS_CKPT\)\.$"):
+        load_segmenter("", device="cpu")
+    root = tmp_path / "in"
+    _copy_case(phantom_root, root, "P1", seqs=("flair",))
+    with bundle_options():
+        with pytest.raises(ValueError, match="^--resample_to 'dwi' is not a sequence name"):
+            run_batch(None, root, tmp_path / "out", resample_to="dwi")
+        with pytest.raises(ValueError, match=r"^--input_dir is empty \(an unset variable\), which"):  # no BRATS_INPUT
+            run_batch(None, None, tmp_path / "out")
+    with pytest.raises(ValueError, match=r"^--input-dir is empty \(an unset variable, or BRATS_INPUT set to ''\)"):
+        run_batch(None, None, tmp_path / "out")
+    # a case's own error: sequences on different grids
+    flair = phantom_root / "Phantom_000" / "Phantom_000_flair.nii.gz"
+    t2 = load(phantom_root / "Phantom_000" / "Phantom_000_t2.nii.gz")
+    moved = t2.affine.copy()
+    moved[0, 3] += 2.5
+    nib.save(nib.Nifti1Image(np.asarray(t2.dataobj), moved), str(tmp_path / "t2_moved.nii.gz"))
+    sequences = {"flair": str(flair), "t2": str(tmp_path / "t2_moved.nii.gz")}
+    with pytest.raises(Exception, match=r"or pass --resample-to flair to resample onto flair\.$"):
+        read_case(sequences)
+    with bundle_options(), pytest.raises(Exception, match=r"or pass --resample_to flair to resample onto flair\.$"):
+        read_case(sequences)
+    assert not (tmp_path / "out").exists()

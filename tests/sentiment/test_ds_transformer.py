@@ -124,15 +124,17 @@ def test_input_statistics_are_buffers_saved_with_the_weights():
 
 
 def test_constructor_checks():
-    with pytest.raises(ValueError, match="out_channels=1"):
+    # each names the bundle's flag and a value that it takes
+    with pytest.raises(ValueError, match=r"^--out_channels 3 needs --task classification"):
         DSTransformer(out_channels=3)
-    with pytest.raises(ValueError, match="classes"):
+    with pytest.raises(ValueError, match=r"^--task classification needs --out_channels N, .* e\.g\. --out_channels 4"):
         DSTransformer(task="classification", out_channels=1)
-    with pytest.raises(ValueError, match="fusion"):
+    with pytest.raises(ValueError, match=r"^--fusion 'max' must be mean or confidence, e\.g\. --fusion confidence\.$"):
         DSTransformer(fusion="max")
-    with pytest.raises(ValueError, match="multiple of num_heads"):
+    with pytest.raises(ValueError, match=r"^--hidden 10 must be a multiple of --num_heads 4 .*, e\.g\. --hidden 12\.$"):
         DSTransformer(hidden=10, num_heads=4)
-    with pytest.raises(ValueError, match="one per modality"):
+    with pytest.raises(ValueError, match=r"^--input_dropout \[0\.1, 0\.2\] needs one value or one per modality .*"
+                                         r"e\.g\. --input_dropout \"\[0\.1,0\.1,0\.1\]\"\.$"):
         DSTransformer(input_dropout=[0.1, 0.2])
     net = DSTransformer(input_dropout=[0.1, 0.5, 0.3])
     assert [enc.input_dropout.p for enc in net.encoders] == [0.1, 0.5, 0.3]

@@ -7,7 +7,7 @@ import os
 import pytest
 from monai.bundle import ConfigParser
 
-from app.strategies import GMDStrategy, PlainStrategy, build_strategy, strategy_options
+from app.strategies import BUNDLE_DEFAULTS, GMDStrategy, PlainStrategy, build_strategy, strategy_options
 
 BUNDLES = os.path.join(os.path.dirname(__file__), "..", "..", "bundles")
 
@@ -43,6 +43,16 @@ def test_an_option_of_another_strategy_set_away_from_its_default_is_named_in_a_w
     with caplog.at_level("WARNING", logger="app.strategies"):  # a default as a command line may spell it
         build_strategy("plain", subsets=" All ", b_clip=None)
     assert not caplog.records
+    # the bundles pass their diagnostics_interval (20) to every strategy: another value was set by the user, and
+    # plain, dropout and predict record no diagnostics
+    with caplog.at_level("WARNING", logger="app.strategies"):
+        build_strategy("dropout", diagnostics_interval=5)
+        build_strategy("predict", diagnostics_interval="20")
+        build_strategy("plain", diagnostics_interval=0)
+    assert [r.getMessage() for r in caplog.records] == [
+        "diagnostics_interval=5 (strategy_def#diagnostics_interval) is an option of gmd, gmd_approx, cggm: strategy "
+        "'dropout' does not use it, so it has no effect here."]
+    caplog.clear()
     with caplog.at_level("WARNING", logger="app.strategies"):  # the bundles' defaults, as they spell them
         for bundle in ("brats_gmd", "mosi_gmd"):
             parser = ConfigParser()
@@ -51,6 +61,7 @@ def test_an_option_of_another_strategy_set_away_from_its_default_is_named_in_a_w
                        if k not in ("_target_", "name")}
             for name in ("plain", "dropout", "gmd", "gmd_approx", "cggm", "predict"):
                 build_strategy(name, **options)
+            assert {k: parser.get_parsed_content(k) for k in BUNDLE_DEFAULTS} == BUNDLE_DEFAULTS, bundle
     assert not caplog.records
 
 
