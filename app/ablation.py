@@ -55,7 +55,7 @@ import yaml
 
 from app.atomic import WriteError, atomic_write_text, check_writable_folder, locked_folder, write_error
 from app.data.errors import check_regular_file
-from app.flags import check_counts
+from app.flags import check_counts, check_positive
 from app.metrics.hausdorff import check_hd95, check_hd95_workers
 from app.reports.ablation import (
     ablation_table, format_ablation_markdown, format_seed_markdown, seed_table, write_ablation_report,
@@ -474,7 +474,11 @@ def _budget_and_seed(
                              "in the recipe.") from None
 
     minutes = read("time_limit_minutes", float) if time_limit_minutes is None else float(time_limit_minutes)
-    return minutes, (read("seed", int) if seed is None else int(seed))
+    seed = read("seed", int) if seed is None else int(seed)
+    # every stage's training would refuse them, after the output folder and the first stage's log were made
+    check_positive(allow_zero=True, time_limit_minutes=minutes)
+    check_counts(at_least=0, seed=seed)
+    return minutes, seed
 
 
 #: bundle settings every stage's commands set after the arguments the runner passes on, and the fix for each
@@ -923,6 +927,7 @@ def run_ablation(
     """
     bundle = Path(bundle)
     layout = bundle_layout(bundle)
+    check_counts(max_epochs=max_epochs)  # the first stage's training would refuse it, after the output folder was made
     _check_eval_split_applies(layout, eval_split)
     _check_stage_settings(bundle_args)
     train, evaluate = _configs(bundle)

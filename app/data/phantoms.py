@@ -248,8 +248,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args.size) not in (1, 3):
         parser.error("--size takes one value (cube) or three values (X Y Z).")
     size = args.size[0] if len(args.size) == 1 else tuple(args.size)
-    if args.cases < 1 or min(args.size) < _MIN_SIZE:
-        parser.error(f"--cases must be >= 1 and --size >= {_MIN_SIZE}.")
+    if args.cases < 1:  # each bad option named with its own value and fix
+        parser.error(f"--cases {args.cases} must be a whole number >= 1, e.g. --cases 16.")
+    if min(args.size) < _MIN_SIZE:
+        parser.error(f"--size {' '.join(map(str, args.size))}: every size must be >= {_MIN_SIZE} voxels, "
+                     f"e.g. --size 48.")
     if args.seed < 0:  # numpy's own refusal named no flag: "error: expected non-negative integer"
         parser.error(f"--seed must be a whole number >= 0, got {args.seed}: e.g. --seed 0.")
     start = time.perf_counter()

@@ -147,6 +147,19 @@ def test_budget_and_seed_take_the_given_values_then_the_recipes(tmp_path):
     for bad in (True, "x", None):
         with pytest.raises(ValueError, match=rf"^seed: {bad!r} in {recipe} is not a number: give --seed"):
             _budget_and_seed({"seed": bad}, [recipe], 2.0, None)
+    # refused by every stage's training, after the output folder and the first stage's log were made: refused here
+    with pytest.raises(ValueError, match=r"^--time_limit_minutes -2\.0 must be a number >= 0"):
+        _budget_and_seed({}, [], -2, None)
+    with pytest.raises(ValueError, match=r"^--seed -1 must be a whole number >= 0"):
+        _budget_and_seed({"seed": -1}, [recipe], None, None)
+
+
+def test_a_bad_epoch_count_is_refused_before_the_output_folder_is_made(tmp_path):
+    from app.ablation import run_ablation
+
+    with pytest.raises(ValueError, match=r"^--max_epochs 0 must be a whole number >= 1"):
+        run_ablation(REPO / "bundles" / "mosi_gmd", "plain", tmp_path / "out", 0)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("bundle, strategies, setting, message", [

@@ -85,8 +85,13 @@ def test_command_line(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "Phantom_000").iterdir()) == [
         f"Phantom_000_{s}.nii.gz" for s in ("flair", "seg", "t1", "t1ce", "t2")
     ]
-    with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path), "--size", "8"])
+    capsys.readouterr()
+    # each bad option is named with its value (the line named --cases beside a bad --size, and the other way round)
+    for args, line in ((["--cases", "0"], "error: --cases 0 must be a whole number >= 1, e.g. --cases 16."),
+                       (["--size", "8"], "error: --size 8: every size must be >= 16 voxels, e.g. --size 48.")):
+        with pytest.raises(SystemExit):
+            main(["--out", str(tmp_path), "--cases", "1", *args])
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(line)
     with pytest.raises(SystemExit):
         main(["--cases", "2"])
 
