@@ -32,7 +32,7 @@ def process_state_restored():
     """For a test that runs, in this process, code made for a process of its own: a bundle's ``initialize`` (its
     error-line hook, cuDNN determinism, its thread count, the SIGTERM handler that removes a half-made output
     folder) or MONAI's ``StatsHandler(name=None)`` (the root logger at INFO). What it set is put back afterwards,
-    so the next test of the process runs as in a fresh one."""
+    so the next test of the process runs as in a fresh one (see tests.process_state.restored)."""
     with restored():
         yield
 

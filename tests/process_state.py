@@ -59,15 +59,21 @@ def restore(state: dict[str, Any]) -> None:
     os.environ.update({**state["environment"], **kept})
     os.chdir(state["working directory"])
     sys.path[:] = state["sys.path"]
-    sys.excepthook = state["sys.excepthook"]
     root = logging.getLogger()
-    root.setLevel(state["root logger level"])
-    root.propagate = True  # MONAI's get_logger(None) turns it off; the root logger has no parent anyway
     for handler in [h for h in root.handlers if not type(h).__module__.startswith("_pytest")]:
         if handler not in state["root logger handlers"]:
             root.removeHandler(handler)
     for handler in state["root logger handlers"]:
         root.addHandler(handler)  # a no-op for one still there
+    _restore_process_setup(state)
+
+
+def _restore_process_setup(state: dict[str, Any]) -> None:
+    """Put back the settings a bundle run makes for its whole process (see :func:`restored`)."""
+    sys.excepthook = state["sys.excepthook"]
+    root = logging.getLogger()
+    root.setLevel(state["root logger level"])
+    root.propagate = True  # MONAI's get_logger(None) turns it off; the root logger has no parent anyway
     torch_settings = state.get("torch settings")
     if torch_settings is not None:
         import torch
@@ -82,6 +88,7 @@ def restore(state: dict[str, Any]) -> None:
 
 
 def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """What differs between two :func:`snapshot` results, one line each."""
     out = []
     for key, old in before.items():
         new = after.get(key)
@@ -99,10 +106,16 @@ def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
 
 @contextlib.contextmanager
 def restored() -> Iterator[None]:
-    """Put back, at the end of the block, the process-wide state that the code run in it changed: for code made for
-    a process of its own run in this one (a bundle's ``initialize`` and ``run``)."""
+    """Put back, at the end of the block, what a bundle run made in it sets up for its whole process, for code made
+    for a process of its own run in this one (a bundle's ``initialize`` and ``run``, MONAI's
+    ``StatsHandler(name=None)``): the error-line hook (``sys.excepthook``), the root logger's level, the torch
+    settings (cuDNN determinism, the thread count) and the SIGTERM handler that removes an output folder the run
+    made and left half-made. Anything else the block changes (a Ctrl-C handler left by a failed training, the
+    environment) is still the leak the suite's check reports."""
     state = snapshot()
     try:
         yield
     finally:
-        restore(state)
+        _restore_process_setup(state)
+        if getattr(signal.getsignal(signal.SIGTERM), "_removes_made_folders", False):
+            signal.signal(signal.SIGTERM, state["signal handlers"]["SIGTERM"])
