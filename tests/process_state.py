@@ -18,8 +18,9 @@ __all__ = ["snapshot", "restore", "changes", "restored"]
 
 #: the stop signals: a handler left installed makes a later test's Ctrl-C, SIGTERM or hang-up do something else
 _STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
-#: variables pytest and torch set for the whole process by themselves (the test being run; the compile cache folder)
-_OWN_VARIABLES = frozenset({"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"})
+#: variables the libraries set for the whole process by themselves, in whichever test first needs them: pytest (the
+#: test being run), torch (its compile cache folder), MONAI when first imported (cuBLAS's deterministic workspace)
+_OWN_VARIABLES = frozenset({"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "CUBLAS_WORKSPACE_CONFIG"})
 
 
 def snapshot() -> dict[str, Any]:
