@@ -37,8 +37,11 @@ def test_declared_ranges_admit_the_pinned_versions():
 def test_pyproject_builds_without_setuptools_deprecations(tmp_path, monkeypatch):
     """``make install`` printed setuptools' warning that ``project.license`` as a TOML table is deprecated
     (builds will stop being supported): the project metadata must apply without any such warning."""
+    import sys
     import warnings
 
+    # importing setuptools appends its _vendor folder to sys.path, which would stay for the process's later tests
+    monkeypatch.setattr(sys, "path", list(sys.path))
     from setuptools.config.pyprojecttoml import apply_configuration
     from setuptools.dist import Distribution
 

@@ -159,7 +159,7 @@ def test_a_stop_of_the_ablation_lets_the_running_stage_stop_cleanly(tmp_path):
                 return
             time.sleep(0.05)
 
-    # Python's own Ctrl-C behaviour, whatever handler the test process was left with (a test runner's worker)
+    # Python's own Ctrl-C behaviour, also where the test process started with SIGINT ignored (a background job's)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         threading.Thread(target=interrupt, daemon=True).start()

@@ -53,17 +53,21 @@ def run_setting_checks(config_files: list[str], setting: str, **overrides) -> in
     settings in ``overrides`` replaced as the command line replaces them; returns how many there were.
 
     These are the checks a run makes before it reads a case (a subprocess costs seconds of imports); the
-    exception MONAI raises wraps the check's own ``ValueError``.
+    exception MONAI raises wraps the check's own ``ValueError``. What the steps set up for the run's process (the
+    error-line hook, the thread count) is put back afterwards.
     """
     from monai.bundle import ConfigParser
+
+    from tests.process_state import restored
 
     parser = ConfigParser(ConfigParser.load_config_files(list(config_files)))
     parser.update(overrides)
     # not the steps that set process state (set_determinism, set_cudnn): they would stay set in the tests
     steps = [i for i, step in enumerate(parser.get("initialize"))
              if re.search(rf"@{setting}\b", str(step)) and not re.search(r"set_determinism|set_cudnn", str(step))]
-    for i in steps:
-        parser.get_parsed_content(f"initialize#{i}")
+    with restored():
+        for i in steps:
+            parser.get_parsed_content(f"initialize#{i}")
     return len(steps)
 
 

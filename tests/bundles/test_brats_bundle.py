@@ -782,6 +782,7 @@ def test_a_second_evaluation_into_the_same_output_dir_stops_before_reading_a_cas
     assert sorted(p.name for p in out.iterdir()) == [f"subset_dice.{ext}" for ext in ("csv", "json", "md", "png")]
 
 
+@pytest.mark.usefixtures("process_state_restored")  # the bundle's StatsHandler sets the root logger to INFO
 @pytest.mark.parametrize("bundle", ["brats_gmd", "mosi_gmd"])
 @pytest.mark.parametrize("progress_bar, iteration_lines", [("true", False), ("false", True), (True, False), ("0", True)])
 def test_the_progress_bar_replaces_the_per_iteration_log_lines(bundle, progress_bar, iteration_lines):

@@ -323,10 +323,11 @@ def test_stop_on_signal_changes_nothing_without_a_signal():
     assert done == [8] and signal.getsignal(signal.SIGTERM) == previous  # uninstalled at the end
 
 
-def test_stop_on_signal_gives_the_handlers_back_when_the_run_fails():
+def test_stop_on_signal_gives_the_handlers_back_when_the_run_fails(caplog):
     """MONAI's StatsHandler, attached before it as the bundles do, re-raises a failed step's error before
     StopOnSignal's own EXCEPTION_RAISED handler runs: the handlers stayed installed after a diverged training, and
     in a notebook (or any process that goes on) Ctrl-C then did nothing."""
+    import logging
     import signal
 
     from ignite.engine import Engine
@@ -339,6 +340,7 @@ def test_stop_on_signal_gives_the_handlers_back_when_the_run_fails():
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     engine = Engine(step)
+    caplog.set_level(logging.INFO)  # what StatsHandler(name=None) sets the root logger to; put back after the test
     StatsHandler(name=None, iteration_log=False).attach(engine)
     StopOnSignal().attach(engine)
     with pytest.raises(ValueError, match="diverged"):
@@ -668,7 +670,7 @@ def test_the_lazy_summary_writer_writes_nothing_until_a_value_is_logged(tmp_path
     writer = LazySummaryWriter(log_dir=str(tmp_path / "tb"))
     assert not (tmp_path / "tb").exists() and not writer.created
     writer.add_scalar("loss", 1.0, 1)
-    writer.flush()
+    writer.close()  # and its writing thread ends
     assert writer.created and any((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 

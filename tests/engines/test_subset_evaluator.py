@@ -263,6 +263,7 @@ def _evaluate_logged(net, caplog, **kwargs) -> tuple[SubsetEvaluator, list[str]]
     torch.manual_seed(3)
     data = [{"image": torch.randn(1, 4, 8, 8, 8), "label": (torch.rand(1, 3, 8, 8, 8) > 0.5).float(),
              "modality_mask": torch.ones(1, 4, dtype=torch.bool), "case": ["a"]}]
+    caplog.set_level(logging.INFO)  # what StatsHandler(name=None) sets the root logger to; put back after the test
     evaluator = SubsetEvaluator(device=torch.device("cpu"), val_data_loader=data, network=net,
                                 inferer=SlidingWindowInferer(roi_size=(8, 8, 8), sw_batch_size=1),
                                 key_val_metric={"val_mean_dice": SubsetMeanDice()},
@@ -307,6 +308,7 @@ def test_the_evaluate_configs_score_one_checkpoint_without_selecting(bundle):
     assert ConfigParser.load_config_file(str(configs / "train.yaml"))["validate"]["evaluator"].get("select_best") is None
 
 
+@pytest.mark.usefixtures("process_state_restored")  # the bundle's StatsHandler sets the root logger to INFO
 @pytest.mark.parametrize("bundle", ["brats_gmd", "mosi_gmd"])
 def test_an_evaluation_logs_its_score_once(bundle):
     """The StatsHandler's 'Epoch[1] Metrics -- val_mean_dice: ...' repeated the score of the report's own line
@@ -347,12 +349,12 @@ def test_a_training_validation_says_once_whether_it_is_the_best_so_far(net, capl
     data = [{"image": torch.randn(1, 4, 8, 8, 8), "label": (torch.rand(1, 3, 8, 8, 8) > 0.5).float(),
              "modality_mask": torch.ones(1, 4, dtype=torch.bool), "case": ["a"]}]
     metric = SubsetMeanDice()
+    caplog.set_level(logging.INFO)  # before StatsHandler(name=None) sets the root logger to it: put back after the test
     evaluator = SubsetEvaluator(device=torch.device("cpu"), val_data_loader=data, network=net,
                                 inferer=SlidingWindowInferer(roi_size=(8, 8, 8), sw_batch_size=1),
                                 key_val_metric={"val_mean_dice": metric},
                                 val_handlers=[StatsHandler(name=None, iteration_log=False, epoch_log=False),
                                               SubsetReportHandler(metric, tmp_path, during_training=True)])
-    caplog.set_level(logging.INFO)
     lines = []
     for epoch in (1, 2):  # the same weights: epoch 2 is no better than epoch 1
         caplog.clear()

@@ -153,7 +153,7 @@ def test_report_input_errors_keeps_tracebacks_out_of_the_log_for_input_errors_on
         logging.getLogger().removeHandler(handler)
 
 
-def test_an_error_that_ends_a_training_is_said_once_by_its_error_line(monkeypatch, capsys):
+def test_an_error_that_ends_a_training_is_said_once_by_its_error_line(monkeypatch, capsys, caplog):
     """A diverged training logged its message four times (ignite's 'Current run is terminating due to exception'
     and 'Engine run is terminating due to exception', each followed by the StatsHandler's 'Exception: ...')
     before the one error: line; a bug still gets ignite's records and its traceback."""
@@ -190,6 +190,7 @@ def test_an_error_that_ends_a_training_is_said_once_by_its_error_line(monkeypatc
     seen = []
     monkeypatch.setattr("sys.excepthook", lambda *exc: seen.append(exc[1]))
     monkeypatch.delenv("APP_TRACEBACK", raising=False)
+    caplog.set_level(logging.INFO)  # what StatsHandler(name=None) sets the root logger to; put back after the test
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     logging.getLogger().addHandler(handler)

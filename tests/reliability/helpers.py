@@ -13,6 +13,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from tests.bundles.helpers import BRATS, REPO, TRAIN, repo_env
+from tests.process_state import restored
 
 __all__ = ["MULTI_GPU", "PEER_TIMEOUT", "TINY", "TRAIN", "REPO", "BRATS", "cli_args", "subprocess_env", "start_bundle",
            "run_in_process", "load", "assert_same_tensors"]
@@ -56,18 +57,20 @@ def start_bundle(args: list[str], driver: list[str] | None = None, env: dict[str
 
 def run_in_process(config_files: list[str], before_run: Callable[[ConfigParser], None] | None = None,
                    **overrides: Any) -> ConfigParser:
-    """Run a bundle like ``monai.bundle run`` does (initialize, then run), inside this process."""
+    """Run a bundle like ``monai.bundle run`` does (initialize, then run), inside this process; what the run sets up
+    for its process (the error-line hook, cuDNN determinism, the root logger's level) is put back afterwards."""
     parser = ConfigParser()
     parser.read_config(config_files)
     parser.update({"bundle_root": str(BRATS), **overrides})
-    try:
-        parser.get_parsed_content("initialize")
-        if before_run is not None:
-            before_run(parser)
-        parser.get_parsed_content("run")
-    finally:
-        if "summary_writer" in parser.ref_resolver.resolved_content:
-            parser.get_parsed_content("summary_writer").close()
+    with restored():
+        try:
+            parser.get_parsed_content("initialize")
+            if before_run is not None:
+                before_run(parser)
+            parser.get_parsed_content("run")
+        finally:
+            if "summary_writer" in parser.ref_resolver.resolved_content:
+                parser.get_parsed_content("summary_writer").close()
     return parser
 
 

@@ -303,6 +303,7 @@ def bundle_inputs(tmp_path_factory):
     }
 
 
+@pytest.mark.usefixtures("process_state_restored")  # the bundle's setup of its process, run in this one
 @pytest.mark.parametrize("bundle", ["brats", "mosi"])
 @pytest.mark.parametrize("rank", [0, 1])
 def test_override_runs_file_writing_handlers_on_rank_0_only(bundle, rank, bundle_inputs, monkeypatch, tmp_path):

@@ -125,6 +125,7 @@ def test_a_second_evaluation_into_the_same_output_dir_stops_before_scoring(train
     assert (out / "subset_metrics.json").read_text() == "{}\n"
 
 
+@pytest.mark.usefixtures("process_state_restored")  # the bundle's setup of its process, run in this one
 def test_evaluate_missing_split_names_the_available_ones(trained, trainval_pkl, tmp_path):
     # the same config evaluation as the command line, in-process (a subprocess costs seconds of imports)
     parser = _parser(TRAIN, EVALUATE, data_path=str(trainval_pkl), trust_pickle="true", eval_split="test",
@@ -337,6 +338,7 @@ def test_train_cggm_writes_models_and_its_diagnostics(synthetic_pkl, tmp_path):
     assert not (tmp_path / "gmd_diagnostics.jsonl").exists()
 
 
+@pytest.mark.usefixtures("process_state_restored")  # the bundle's setup of its process, run in this one
 def test_model_pt_is_the_epoch_with_the_lowest_validation_mae_not_the_last(synthetic_pkl, tmp_path):
     """The bundle's selection as configured (key metric MAE, lower is better): three epochs whose
     validation sees constant predictions 6, 0 and 3, so the middle one has the lowest MAE."""

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.usefixtures("process_state_restored")  # the bundle's setup of its process, run in this one
 def test_one_gmd_epoch_on_real_features(tmp_path):
     parser = ConfigParser()
     parser.read_config(TRAIN)

@@ -438,6 +438,7 @@ def _saved(module: nn.Module, path):
 
 
 # -- the bundle -----------------------------------------------------------------------------------------
+@pytest.mark.usefixtures("process_state_restored")  # the bundle's setup of its process, run in this one
 def test_bundle_config_pretrained_and_override(synthetic_pkl, tmp_path):
     from monai.bundle import ConfigParser
 
