@@ -440,7 +440,7 @@ def test_sigterm_writes_the_resumable_checkpoint_ends_by_the_signal_and_the_run_
 
 @pytest.mark.parametrize("multi_gpu", [False, True], ids=["train", "multi_gpu_train"])
 def test_training_starts_from_the_same_global_generator_whatever_the_number_of_workers(
-        multi_gpu, synthetic_pkl, tmp_path, monkeypatch):
+        multi_gpu, synthetic_pkl, tmp_path, monkeypatch, process_state_restored):
     """MONAI's DataLoader rewinds torch's global generator to the seed when built without workers, not with
     them: the dropout masks and the shuffle, drawn from it, differed, and the same --seed trained other weights
     with --num_workers 1 than with 0."""
