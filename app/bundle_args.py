@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import sys
-from typing import Any, Mapping, Sequence
+from typing import AbstractSet, Any, Mapping, Sequence
 
 import monai
 
@@ -322,8 +322,6 @@ def _other_bundles_with(key: str, files: Sequence[str]) -> list[str]:
     (``--data_path``), is spelt right: "check its spelling", or a close setting of this bundle (``--patch_size``: "did
     you mean --batch_size?"), sent the user the wrong way.
     """
-    from monai.bundle import ConfigParser
-
     configs = os.path.dirname(os.path.abspath(files[0]))
     if os.path.basename(configs) != "configs":  # a recipe or config outside a bundle: no bundles beside it
         return []
@@ -331,19 +329,9 @@ def _other_bundles_with(key: str, files: Sequence[str]) -> list[str]:
     parent = os.path.dirname(here)
     found = []
     for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
-        folder = os.path.join(parent, name, "configs")
-        if os.path.join(parent, name) == here or not os.path.isdir(folder):
-            continue
-        for file in sorted(os.listdir(folder)):
-            if not file.endswith((".yaml", ".yml", ".json")) or file == "metadata.json":
-                continue
-            try:
-                content = ConfigParser.load_config_file(os.path.join(folder, file))
-            except Exception:  # not a config this check can read: it cannot name the setting either
-                continue
-            if isinstance(content, dict) and key in content:
-                found.append(os.path.relpath(os.path.join(parent, name)))
-                break
+        bundle = os.path.join(parent, name)
+        if bundle != here and _configs_defining(key, os.path.join(bundle, "configs")):
+            found.append(os.path.relpath(bundle))
     return found
 
 
@@ -353,14 +341,19 @@ def _sibling_configs_with(key: str, files: Sequence[str]) -> list[str]:
     A setting of one command is often tried on another (``--resume`` of the sentiment bundle's
     ``multi_gpu_train.yaml`` on its ``train.yaml``): "check its spelling" would send the user the wrong way.
     """
+    folder = os.path.dirname(os.path.abspath(files[0]))
+    return _configs_defining(key, folder, skip={os.path.abspath(f) for f in files})
+
+
+def _configs_defining(key: str, folder: str, skip: AbstractSet[str] = frozenset()) -> list[str]:
+    """Names of the config files in ``folder`` (not ``metadata.json``, nor the paths in ``skip``) that define ``key``
+    at the top; none where ``folder`` is not one."""
     from monai.bundle import ConfigParser
 
-    folder = os.path.dirname(os.path.abspath(files[0]))
-    given = {os.path.abspath(f) for f in files}
     found = []
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         path = os.path.join(folder, name)
-        if path in given or name == "metadata.json" or not name.endswith((".yaml", ".yml", ".json")):
+        if path in skip or name == "metadata.json" or not name.endswith((".yaml", ".yml", ".json")):
             continue
         try:
             content = ConfigParser.load_config_file(path)
