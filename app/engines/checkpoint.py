@@ -49,6 +49,7 @@ __all__ = [
     "check_resume",
     "ABLATION_STAGE_ENV",
     "resume_hint",
+    "in_ablation_stage",
     "AtomicCheckpointSaver",
     "atomic_save",
     "stale_temporaries",
@@ -165,6 +166,11 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 ABLATION_STAGE_ENV = "APP_ABLATION_STAGE"
 
 
+def in_ablation_stage() -> bool:
+    """Whether this process is a stage that ``python -m app ablate`` runs (:data:`ABLATION_STAGE_ENV`)."""
+    return os.environ.get(ABLATION_STAGE_ENV) == "1"
+
+
 def resume_hint() -> str:
     """How to continue a training stopped before its end, as the user started it: the words after "to continue".
 
@@ -174,7 +180,7 @@ def resume_hint() -> str:
     rerun by hand with ``--resume true``, would train the stage outside the ablation, which would then not know it
     finished.
     """
-    if os.environ.get(ABLATION_STAGE_ENV) == "1":
+    if in_ablation_stage():
         return "run the same python -m app ablate command again (it resumes this stage from its checkpoint)"
     return "run the same command with --resume true"
 
@@ -661,7 +667,7 @@ class ResumableCheckpoint:
             self.restore(engine, state)
             self._kept = (int(engine.state.epoch), int(engine.state.iteration))
         elif self.path.is_file() and rank == 0:
-            if os.environ.get(ABLATION_STAGE_ENV) == "1":  # the ablation said why (other settings) before this stage
+            if in_ablation_stage():  # the ablation said why (other settings) before this stage
                 logger.warning("Starting a new run: %s will be overwritten.", self.path)
             else:
                 logger.warning("Starting a new run: %s will be overwritten (pass --resume true to continue it).",
