@@ -20,11 +20,22 @@ DURATIONS = Path(__file__).with_name("file_durations.json")
 __all__ = ["DURATIONS", "costliest_first_scheduler", "FileDurations"]
 
 
-def _recorded() -> dict[str, float]:
+def _recorded() -> tuple[dict[str, float], float]:
+    """The record, read once: the seconds per file (none without a readable record) and per test (the median; 1 s
+    without one)."""
     try:
-        return {str(k): float(v) for k, v in json.loads(DURATIONS.read_text())["files"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no record, or a damaged one: test counts
-        return {}
+        record = json.loads(DURATIONS.read_text())
+    except (OSError, ValueError):  # no record, or a damaged one: test counts
+        return {}, 1.0
+    try:
+        files = {str(k): float(v) for k, v in record["files"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        files = {}
+    try:
+        per_test = float(record["median_test_seconds"])
+    except (KeyError, TypeError, ValueError):
+        per_test = 1.0
+    return files, per_test
 
 
 class _CostliestFirst(OrderedDict):
@@ -51,12 +62,7 @@ def costliest_first_scheduler(config, log):
     """xdist's per-file scheduler, taking the costliest file first (see the module docstring)."""
     from xdist.scheduler import LoadFileScheduling
 
-    recorded = _recorded()
-    per_test = 1.0
-    try:
-        per_test = float(json.loads(DURATIONS.read_text())["median_test_seconds"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    recorded, per_test = _recorded()
     scheduler = LoadFileScheduling(config, log)
     scheduler.workqueue = _CostliestFirst(recorded, per_test)
     return scheduler
