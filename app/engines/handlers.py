@@ -561,13 +561,17 @@ class DiagnosticsHandler:
 
 class _NoNewBestLine(logging.Filter):
     """Drops MONAI's "Got new best metric of ..." record (the full float) from a training's validation, whose
-    :class:`SubsetReportHandler` line says when the weights are the best so far."""
+    :class:`SubsetReportHandler` line says when the weights are the best so far.
+
+    The engine's logger is shared by name with every evaluator of its class in the process: the filter drops the
+    line only while its own engine runs, so a later evaluation in the same process (a notebook) keeps it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (isinstance(record.msg, str) and record.msg.startswith("Got new best metric of"))
-
-
-_NO_NEW_BEST_LINE = _NoNewBestLine()
+        return not (self.running and isinstance(record.msg, str) and record.msg.startswith("Got new best metric of"))
 
 
 class SubsetReportHandler:
@@ -609,7 +613,10 @@ class SubsetReportHandler:
         """
         engine.add_event_handler(Events.COMPLETED, self)
         if self.during_training:  # the summary line says when a validation is the best so far
-            engine.logger.addFilter(_NO_NEW_BEST_LINE)
+            quiet = _NoNewBestLine()
+            engine.logger.addFilter(quiet)
+            engine.add_event_handler(Events.STARTED, lambda _: setattr(quiet, "running", True))
+            engine.add_event_handler(Events.COMPLETED, lambda _: setattr(quiet, "running", False))
 
     @staticmethod
     def _when(engine: Engine) -> str:

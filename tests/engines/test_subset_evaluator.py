@@ -254,8 +254,9 @@ def test_hd95_counts_reference_tumour_the_foreground_crop_removed(net):
     assert evaluator.state.output["subset_hd95"][0, :, 2].tolist() == [373.13] * 15
 
 
-def _evaluate_logged(net, caplog, **kwargs) -> tuple[SubsetEvaluator, list[str]]:
-    """Run an evaluator with a StatsHandler as the bundles attach it; returns the engine's log lines."""
+def _evaluate_logged(net, caplog, report=None, **kwargs) -> tuple[SubsetEvaluator, list[str]]:
+    """Run an evaluator with a StatsHandler as the bundles attach it (and ``report(metric)``'s handler where given);
+    returns the engine's log lines."""
     import logging
 
     from monai.handlers import StatsHandler
@@ -264,14 +265,28 @@ def _evaluate_logged(net, caplog, **kwargs) -> tuple[SubsetEvaluator, list[str]]
     data = [{"image": torch.randn(1, 4, 8, 8, 8), "label": (torch.rand(1, 3, 8, 8, 8) > 0.5).float(),
              "modality_mask": torch.ones(1, 4, dtype=torch.bool), "case": ["a"]}]
     caplog.set_level(logging.INFO)  # what StatsHandler(name=None) sets the root logger to; put back after the test
+    metric = SubsetMeanDice()
+    handlers = [StatsHandler(name=None, iteration_log=False)] + ([report(metric)] if report else [])
     evaluator = SubsetEvaluator(device=torch.device("cpu"), val_data_loader=data, network=net,
                                 inferer=SlidingWindowInferer(roi_size=(8, 8, 8), sw_batch_size=1),
-                                key_val_metric={"val_mean_dice": SubsetMeanDice()},
-                                val_handlers=[StatsHandler(name=None, iteration_log=False)], **kwargs)
+                                key_val_metric={"val_mean_dice": metric}, val_handlers=handlers, **kwargs)
     caplog.set_level(logging.INFO, logger=evaluator.logger.name)
     caplog.clear()
     evaluator.run()
     return evaluator, [r.getMessage() for r in caplog.records if r.name == evaluator.logger.name]
+
+
+def test_a_training_validation_leaves_a_later_evaluation_its_best_metric_line(net, caplog, tmp_path):
+    """A training's validation drops MONAI's 'Got new best metric' line through a filter on its logger, which every
+    evaluator of the process shares: it stayed, so a later evaluator in the same process lost the line too (and
+    test_evaluating_one_checkpoint_logs_no_best_metric_selection failed after such a test)."""
+    from app.engines import SubsetReportHandler
+
+    _, lines = _evaluate_logged(net, caplog, report=lambda metric: SubsetReportHandler(metric, tmp_path,
+                                                                                      during_training=True))
+    assert not any(line.startswith("Got new best metric") for line in lines), lines  # dropped there
+    _, lines = _evaluate_logged(net, caplog)
+    assert any(line.startswith("Got new best metric of val_mean_dice") for line in lines), lines
 
 
 def test_evaluating_one_checkpoint_logs_no_best_metric_selection(net, caplog):
