@@ -11,12 +11,12 @@ import pytest
 
 from app.data.phantoms import write_phantoms
 from app.subsets import all_subsets, subset_name
+from tests import warm
 from tests.bundles.helpers import REPO, TINY
 
 
 def ablate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app", "ablate", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=900)
+    return warm.run([sys.executable, "-m", "app", "ablate", *args], cwd=REPO, timeout=900)
 
 
 def check_tables(out, strategies, modalities, headline):

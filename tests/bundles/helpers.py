@@ -1,4 +1,5 @@
-"""Shared helpers of the bundle integration tests: run ``python -m monai.bundle`` in a subprocess."""
+"""Shared helpers of the bundle integration tests: run ``python -m monai.bundle`` in a process of its own
+(forked from a warm server where it can be: tests/warm.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+from tests import warm
 
 REPO = Path(__file__).resolve().parents[2]
 #: the read-only real data beside the repository (or SHARED_DATA_DIR); BRATS_DEV_DIR names other full-size cases
@@ -29,7 +32,7 @@ def run_bundle(config_files: list[str], *args: str, timeout: int = 600) -> subpr
     """Run ``python -m monai.bundle run`` from the repository root; fail with its output on error."""
     config = config_files[0] if len(config_files) == 1 else str(config_files)
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", str(BRATS), *args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    proc = warm.run(cmd, cwd=REPO, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -40,7 +43,7 @@ def refused_line(config_files: list[str], *args: str, output_dir: Path | None = 
     ``output_dir`` (when given); returns the run's last stderr line, its ``error:`` line."""
     config = config_files[0] if len(config_files) == 1 else str(config_files)
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", str(BRATS), *args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = warm.run(cmd, cwd=REPO, timeout=600)
     assert proc.returncode == 1, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-6000:]}"
     assert "Traceback" not in proc.stderr, proc.stderr
     if output_dir is not None:

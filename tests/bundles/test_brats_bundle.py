@@ -14,6 +14,7 @@ import torch
 
 from app.data.phantoms import write_phantoms
 from app.subsets import all_subsets
+from tests import warm
 from tests.bundles.helpers import (BRATS, EVALUATE, REPO, TINY, TRAIN, error_messages, refused_line,
                                    run_bundle, run_setting_checks)
 
@@ -371,10 +372,10 @@ def test_metadata_has_no_key_that_monai_renames():
 
 
 def test_metadata_verifies_offline():
-    proc = subprocess.run(
+    proc = warm.run(
         [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file",
          str(BRATS / "configs" / "metadata.json"), "--filepath", str(REPO / "bundles" / "meta_schema.json")],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "verified with no error" in proc.stdout + proc.stderr

@@ -14,14 +14,15 @@ import numpy as np
 
 from app.inference.batch import main as batch_main
 from tests.inference.conftest import REPO, assert_same_grid, load
+from tests import warm
 from tests.bundles.helpers import repo_env
 
 BUNDLE = REPO / "bundles" / "brats_gmd"
 
 
 def _bundle(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env=repo_env(OMP_NUM_THREADS="1"))
+    return warm.run([sys.executable, "-m", "monai.bundle", *args], cwd=REPO, timeout=600,
+                    env=repo_env(OMP_NUM_THREADS="1"))
 
 
 def _mixed_cases(phantom_root: Path, root: Path) -> dict[str, list[str]]:

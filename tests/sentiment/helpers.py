@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests import warm
 from tests.bundles.helpers import SHARED_DATA, repo_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,7 +24,7 @@ def run_mosi_bundle(config_files: list[str], *args: str, check: bool = True, tim
     config = config_files[0] if len(config_files) == 1 else str(config_files)
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", "bundles/mosi_gmd",
            *args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=repo_env())
+    proc = warm.run(cmd, cwd=REPO, timeout=timeout, env=repo_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
