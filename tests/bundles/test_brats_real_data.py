@@ -41,7 +41,7 @@ def test_one_training_iteration_then_evaluation(two_cases, tmp_path):
     small = ["--features", "[4,8,16,32]", "--num_workers", "0", "--cache_rate", "0"]
     run_bundle([TRAIN], "--dataset_dir", str(two_cases), "--output_dir", str(train_out), "--max_epochs", "1",
                "--epoch_length", "1", "--batch_size", "1", "--num_samples", "1", "--val_interval", "5",
-               "--patch_size", "[64,64,64]", "--strategy", "gmd_approx", *small)
+               "--patch_size", "[64,64,64]", "--strategy", "gmd_approx", "--sw_overlap", "0", *small)
     ckpt = train_out / "models" / "model_final.pt"
     assert ckpt.is_file()
     # scoring only the run's held-out case keeps the full-resolution pass to one case
