@@ -6,7 +6,9 @@ cores, and torch's default of one thread per core put four OpenMP threads on the
 at every barrier: a tiny training step took about 3 times the CPU time of one thread. The networks of the tests are
 too small to gain from a second thread (tests/inference/conftest.py pins its package's tests the same way).
 
-``make test``'s processes take the longest test files first (tests/scheduling.py).
+``make test``'s processes take the longest test files first (tests/scheduling.py). The bundle and ablation runs the
+tests start are forked from a process that has imported torch and MONAI once (tests/warm.py): each is still a
+process of its own, without the 5 s of imports a fresh one spends.
 
 Every test must leave the process as it found it (:func:`_process_state_unchanged`, tests/process_state.py):
 ``make test`` runs the tests of several files in one process, and a stop-signal handler, an environment variable,
