@@ -1,7 +1,7 @@
 """Runs of ``python -m monai.bundle …`` and ``python -m app ablate …`` for the tests, without their imports each time.
 
 Such a run spends about 5 s of a CPU core importing torch, MONAI and ignite before the product's code starts, and the
-suite starts a few hundred of them. :func:`run` hands each to a server (one per test process and kind of run) that
+suite starts well over a hundred of them. :func:`run` hands each to a server (one per test process and kind of run) that
 made those imports once and forks a child per run. The child is a process of its own, with the run's working
 directory, environment, exit status, standard streams and signal handlers, and starts from the state a fresh
 interpreter reaches after the same imports (the modules a run imports first anyway); it then runs the module as
@@ -15,7 +15,9 @@ A run is forked only where that start is the same as a fresh one's:
   ``os.fork`` and ``os.pidfd_open`` (Linux 5.3 and later have them), runs in a fresh interpreter, as
   ``subprocess.run`` does.
 
-Tests that signal a run, or need it to be the direct child of the test process, start it with ``subprocess``.
+The signal handlers a child starts with are those the test process had when its server started (a test that
+changes them for a run it starts uses ``subprocess``), and so are the tests that signal a run or need it to be
+the test process's own child.
 """
 
 from __future__ import annotations
