@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from app.networks.ds_transformer import DSTransformer, stack_sequences
+from app.networks.ds_transformer import DSTransformer, by_length
 from app.networks.ds_unet import modality_index
 from app.networks.weights import apply_state_dict, checkpoint_missing, read_state_dict
 
@@ -232,7 +232,7 @@ class PromptedDSTransformer(DSTransformer):
 
     def features(self, inputs: Mapping[str, torch.Tensor], modality_mask: torch.Tensor | None = None
                  ) -> PromptedFeatures:
-        """Embeddings ``C^m`` and prompt summaries of every present modality (one trunk pass)."""
+        """Embeddings ``C^m`` and prompt summaries of every present modality (the trunk once per sequence length)."""
         mask = self._full_mask(inputs, modality_mask)
         batch, m_count, dim = mask.shape[0], self.num_modalities, self.embedding_dim
         encoded, summaries = [], []
@@ -245,7 +245,7 @@ class PromptedDSTransformer(DSTransformer):
         if not encoded:
             return PromptedFeatures(embeddings, prompt_summaries, mask)
         # the prompts are stripped before the trunk: C^m does not depend on them
-        pooled = self.trunk.pooled(*stack_sequences([seq for _, _, seq in encoded]))
+        pooled = by_length(self.trunk.pooled, [seq for _, _, seq in encoded])
         index = modality_index(encoded)
         embeddings = embeddings.to(pooled.dtype).index_put(index, pooled)
         prompt_summaries = prompt_summaries.to(pooled.dtype).index_put(index, torch.cat(summaries).to(pooled.dtype))

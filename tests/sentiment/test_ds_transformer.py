@@ -9,7 +9,9 @@ from torch.utils.data import default_collate
 
 from app.data import MMSADataset, make_synthetic_mmsa
 from app.networks import DSTransformer, PromptedDSTransformer, lengths_to_padding_mask
-from app.networks.ds_transformer import masked_pool
+from app.networks import ds_transformer
+from app.networks import prompted as prompted_module
+from app.networks.ds_transformer import masked_pool, stack_sequences
 from app.strategies import STRATEGIES, build_strategy
 from app.subsets import subset_masks
 from tests.strategies.gmd_reference import decoupled_merge, flat_gradient, shared_flags
@@ -109,6 +111,33 @@ def test_padding_and_absent_modalities_are_never_read():
         none_left |= {"text_lengths": torch.zeros(1, dtype=torch.int64), "audio_lengths": torch.zeros(1, dtype=torch.int64)}
         with pytest.raises(ValueError, match="no modality"):
             net(none_left)
+
+
+@pytest.mark.parametrize("prompted", [False, True])
+def test_the_trunk_pads_each_modality_only_to_its_own_length(prompted, monkeypatch):
+    """Short text beside long audio (MOSEI: 50 steps beside 500): one stack padded the text to the audio's length
+    for the trunk's attention. Each length now runs as a stack of its own, with the outputs of the one stack."""
+    torch.manual_seed(0)
+    rows, lengths = 4, {"text": 3, "audio": 40, "vision": 40}
+    image = {m: torch.randn(rows, steps, d) for (m, steps), d in zip(lengths.items(), DIMS)}
+    image |= {f"{m}_lengths": torch.randint(1, steps + 1, (rows,)) for m, steps in lengths.items()}
+    mask = torch.ones(rows, 3, dtype=torch.bool)
+    mask[0, 1] = False  # a sample without audio: its row is left out of the audio's
+    net = (PromptedDSTransformer(DIMS, hidden=16, num_heads=2, encoder_layers=1, missing="skip").eval() if prompted
+           else _net())
+    seen = []
+    net.trunk.layers.register_forward_pre_hook(lambda _, args: seen.append(tuple(args[0].shape[:2])))
+
+    def outputs() -> torch.Tensor:
+        with torch.no_grad():
+            return net.features(image, mask).embeddings if prompted else net.per_modality(image, mask)
+
+    out = outputs()
+    assert sorted(seen) == [(4, 3), (7, 40)]
+    for module in (ds_transformer, prompted_module):  # every sequence in one stack, padded to the longest
+        monkeypatch.setattr(module, "by_length", lambda run, sequences: run(*stack_sequences(sequences)))
+    torch.testing.assert_close(out, outputs(), rtol=1e-5, atol=1e-5)
+    assert seen[-1] == (11, 40)
 
 
 def test_input_statistics_are_buffers_saved_with_the_weights():
