@@ -104,11 +104,22 @@ class SharedDecoder(nn.Module):
         self.ups = nn.ModuleList(ups)
         self.head = UnetOutBlock(3, features[0], out_channels)
 
-    def forward(self, skips: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Logits decoded from one encoder's skip features, shallowest first (:class:`ModalityEncoder`'s output)."""
-        x = skips[-1]
-        for up, skip in zip(self.ups, reversed(skips[:-1])):
-            x = up(x, skip)
+    def forward(self, skips: Sequence[torch.Tensor], release: bool = False) -> torch.Tensor:
+        """Logits decoded from one encoder's skip features, shallowest first (:class:`ModalityEncoder`'s output).
+
+        Args:
+            skips: the features of every level, shallowest first.
+            release: empty ``skips`` (a list the caller gives away) as the levels are decoded, so that
+                without gradients each level's features are freed once its up block has concatenated them.
+                The full-resolution skip is as large as the up block's output, and holding it through that
+                block's convolutions raised the peak memory of an evaluation window by that much. Otherwise
+                ``skips`` is left as it is. The logits are the same either way.
+        """
+        levels = skips if release else list(skips)
+        x = levels.pop()
+        for up in self.ups:
+            # UnetUpBlock.forward, whose ``skip`` argument would keep the features alive through its convolutions
+            x = up.conv_block(torch.cat((up.transp_conv(x), levels.pop()), dim=1))
         return self.head(x)
 
 
@@ -273,9 +284,14 @@ class DSUNet(nn.Module):
         out = torch.zeros(batch_size, self.num_modalities, self.out_channels, *spatial, dtype=dtype, device=device)
         if not encoded:
             return out
+        index = modality_index(encoded)
         stacked = [torch.cat(level, dim=0) for level in zip(*(skips for _, _, skips in encoded))]
-        decoded = self.trunk(stacked)
-        return out.index_put(modality_index(encoded), decoded.to(out.dtype))
+        # the stacked copies are all the trunk needs: without gradients, the encoders' own features (as large
+        # as the copies) are freed here unless the caller keeps ``encoded`` (per_modality() does not), and each
+        # stacked level once the trunk has used it
+        del encoded
+        decoded = self.trunk(stacked, release=True)
+        return out.index_put(index, decoded.to(out.dtype))
 
     def per_modality(self, image: torch.Tensor, modality_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Per-modality logits ``[B, M, C, D, H, W]``; entries of absent modalities are zero.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -54,6 +56,34 @@ def test_shared_trunk_matches_single_modality_run(net):
         only = torch.zeros(1, 4, dtype=torch.bool)
         only[0, m] = True
         assert torch.allclose(net.per_modality(x, only)[0, m], full[0, m], atol=1e-5)
+
+
+def test_without_gradients_each_feature_map_is_freed_once_the_trunk_has_used_it(net):
+    """Validation and evaluation run per_modality() without gradients on whole windows: the encoders' features
+    stayed alive beside their stacked copy through the whole trunk, and the full-resolution skip through the last
+    up block's convolutions, about a third of a full-resolution window's peak memory. The logits are unchanged."""
+    features, alive = [], []
+    hooks = [enc.register_forward_hook(lambda m, i, out: features.extend(weakref.ref(t) for t in out))
+             for enc in net.encoders]
+    hooks.append(net.trunk.register_forward_pre_hook(lambda m, args: features.extend(weakref.ref(t) for t in args[0])))
+    hooks.append(net.trunk.ups[-1].conv_block.register_forward_pre_hook(
+        lambda m, args: alive.append(sum(ref() is not None for ref in features))))
+    x = torch.randn(1, 4, 16, 16, 16)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    try:
+        with torch.no_grad():
+            out = net.per_modality(x, mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(features) == 4 * 3 + 3  # each encoder's 3 levels, then the trunk's 3 stacked levels
+    assert alive == [0]  # none of them is held when the last up block's convolutions run
+    # a caller's own list of features is left as it is, and decodes to the same logits
+    with torch.no_grad():
+        skips = [torch.cat(level) for level in zip(*(s for _, _, s in net.encode(x, mask)))]
+        decoded = net.trunk(skips)
+    assert len(skips) == 3
+    assert torch.equal(decoded, out[0])
 
 
 def test_features_from_config_and_parameter_groups():
