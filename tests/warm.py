@@ -203,6 +203,9 @@ class _Server:
     def __init__(self, kind: tuple[str, ...], load_env: dict[str, str]):
         self.kind, self.load_env = kind, load_env
         self.folder = tempfile.mkdtemp(prefix="warm-")
+        if len(self.folder) > 90:  # a socket's path holds at most 107 bytes on Linux
+            os.rmdir(self.folder)
+            self.folder = tempfile.mkdtemp(prefix="warm-", dir="/tmp")
         self.socket = os.path.join(self.folder, "socket")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         env = {k: v for k, v in env.items() if not k.startswith(_LOAD_TIME_PREFIXES) or k == "PYTHONPATH"}
