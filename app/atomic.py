@@ -185,6 +185,27 @@ def check_writable_folder(folder: str | os.PathLike, what: str, file_fix: str = 
         raise ValueError(f"{what}: cannot write in {probe_dir} ({err.strerror or err}): {write_fix}.") from None
 
 
+#: Descriptors holding a :func:`lock_folder` lock in this process: a forked child closes its copies.
+_HELD_LOCKS: set[int] = set()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a data-loader worker), close the copies of the parent's folder locks: an ``flock``
+    lasts until every descriptor sharing it is closed, so workers outliving a stopped run by a second or two
+    kept its output folder locked, and the resume a scheduler starts at once was refused as a second run.
+    Closing (not unlocking) leaves the parent's lock in place."""
+    for fd in _HELD_LOCKS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 def lock_folder(folder: str | os.PathLike) -> int | None:
     """Take the kernel's exclusive lock (``flock``) on ``folder`` itself (created if need be), without waiting.
 
@@ -216,6 +237,7 @@ def lock_folder(folder: str | os.PathLike) -> int | None:
     except OSError:
         os.close(fd)
         return None
+    _HELD_LOCKS.add(fd)
     return fd
 
 
@@ -238,6 +260,7 @@ def locked_folder(folder: str | os.PathLike, busy: str) -> Iterator[None]:
         yield
     finally:
         if fd is not None:
+            _HELD_LOCKS.discard(fd)
             os.close(fd)  # releases the lock
 
 

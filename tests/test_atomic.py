@@ -366,3 +366,28 @@ def test_ctrl_c_while_a_command_imports_ends_with_one_line(monkeypatch, capsys):
     monkeypatch.setattr(importlib, "import_module", interrupted)
     assert main(["ablate", "--help"]) == 130
     assert capsys.readouterr().err.startswith("error: stopped by SIGINT")
+
+
+def test_a_forked_child_does_not_keep_the_folder_locked_after_the_parent_lets_go(tmp_path):
+    """Data-loader workers are forked while training holds its output folder's lock: when a stopped run's
+    workers outlived it by a second or two, the resume a scheduler starts at once was refused as a second run."""
+    import signal
+
+    from app.atomic import lock_folder, locked_folder
+
+    started, ready = os.pipe()
+    with locked_folder(tmp_path, "busy"):
+        worker = os.fork()
+        if worker == 0:  # a worker still shutting down after its parent ended
+            os.write(ready, b"1")
+            signal.pause()
+            os._exit(0)
+        os.read(started, 1)  # the child runs past fork(), where its fork handlers run
+    os.close(started)
+    os.close(ready)
+    try:
+        fd = lock_folder(tmp_path)  # BlockingIOError while the worker shares the parent's lock
+        os.close(fd)
+    finally:
+        os.kill(worker, signal.SIGKILL)
+        os.waitpid(worker, 0)

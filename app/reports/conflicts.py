@@ -237,8 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     # a CGGM run has only CGGM diagnostics; anything else keeps the GMD plots and their errors
     cggm = (Path(args.run_dir) / CGGM_DIAGNOSTICS_FILE).is_file()
     gmd = (Path(args.run_dir) / DIAGNOSTICS_FILE).is_file()
+    if not (gmd or cggm):  # name both: the GMD-only line told a CGGM run that was too short to train GMD
+        raise FileNotFoundError(
+            f"{Path(args.run_dir)} holds no {DIAGNOSTICS_FILE} or {CGGM_DIAGNOSTICS_FILE}: train with --strategy gmd "
+            "(or gmd_approx, or cggm) and --diagnostics_interval N > 0, for at least N iterations (the first record "
+            "is written at iteration N; a shorter run, such as one epoch of a few cases, writes none).")
     paths = (plot_cggm(args.run_dir, args.out) if cggm else []) + (
-        plot_conflicts(args.run_dir, args.out) if gmd or not cggm else [])
+        plot_conflicts(args.run_dir, args.out) if gmd else [])
     for path in paths:
         print(path)
     return 0

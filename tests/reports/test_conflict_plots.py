@@ -50,8 +50,10 @@ def test_plots_replace_a_link_in_the_plot_folder_instead_of_writing_through_it(t
 def test_missing_and_empty_diagnostics_name_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="--strategy cggm and --diagnostics_interval"):
         plot_cggm(tmp_path)
-    # a gmd run shorter than its diagnostics interval writes no file: the line must not only say to train gmd
-    with pytest.raises(FileNotFoundError, match=r"--strategy gmd .*for at least N iterations"):
+    # a gmd or cggm run shorter than its diagnostics interval writes no file: the line must not only say to train
+    # gmd, and must name the file a cggm run writes (it told a short cggm run to train gmd)
+    with pytest.raises(FileNotFoundError, match=r"cggm_diagnostics\.jsonl: train with --strategy gmd .*cggm.*"
+                                                r"for at least N iterations"):
         main([str(tmp_path)])
     (tmp_path / "cggm_diagnostics.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="empty"):
