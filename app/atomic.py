@@ -185,18 +185,23 @@ def check_writable_folder(folder: str | os.PathLike, what: str, file_fix: str = 
         raise ValueError(f"{what}: cannot write in {probe_dir} ({err.strerror or err}): {write_fix}.") from None
 
 
-#: Descriptors holding a :func:`lock_folder` lock in this process: a forked child closes its copies.
-_HELD_LOCKS: set[int] = set()
+#: Descriptors holding a :func:`lock_folder` lock in this process, with the (device, inode) of their folder: a
+#: forked child closes its copies.
+_HELD_LOCKS: dict[int, tuple[int, int]] = {}
 
 
 def _drop_inherited_locks() -> None:
     """In a forked child (a data-loader worker), close the copies of the parent's folder locks: an ``flock``
     lasts until every descriptor sharing it is closed, so workers outliving a stopped run by a second or two
     kept its output folder locked, and the resume a scheduler starts at once was refused as a second run.
-    Closing (not unlocking) leaves the parent's lock in place."""
-    for fd in _HELD_LOCKS:
+    Closing (not unlocking) leaves the parent's lock in place. A descriptor the caller of :func:`lock_folder`
+    closed itself may since hold another file under the same number: only one still open on its folder is
+    closed (closing another file broke the child)."""
+    for fd, folder in _HELD_LOCKS.items():
         try:
-            os.close(fd)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == folder:
+                os.close(fd)
         except OSError:
             pass
     _HELD_LOCKS.clear()
@@ -237,7 +242,8 @@ def lock_folder(folder: str | os.PathLike) -> int | None:
     except OSError:
         os.close(fd)
         return None
-    _HELD_LOCKS.add(fd)
+    st = os.fstat(fd)
+    _HELD_LOCKS[fd] = (st.st_dev, st.st_ino)
     return fd
 
 
@@ -260,7 +266,7 @@ def locked_folder(folder: str | os.PathLike, busy: str) -> Iterator[None]:
         yield
     finally:
         if fd is not None:
-            _HELD_LOCKS.discard(fd)
+            _HELD_LOCKS.pop(fd, None)
             os.close(fd)  # releases the lock
 
 

@@ -368,6 +368,30 @@ def test_ctrl_c_while_a_command_imports_ends_with_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err.startswith("error: stopped by SIGINT")
 
 
+def test_a_forked_child_keeps_the_file_that_took_the_number_of_a_lock_its_caller_closed(tmp_path):
+    """A caller of lock_folder may close the lock's descriptor itself; the number then goes to the next file the
+    process opens. A forked child closed that file too (a test's forked writer lost the file it reported to)."""
+    from app.atomic import lock_folder
+
+    fd = lock_folder(tmp_path / "locked")
+    os.close(fd)
+    other = os.open(tmp_path / "report.txt", os.O_WRONLY | os.O_CREAT)
+    try:
+        assert other == fd  # the lowest free number: the case to check
+        child = os.fork()
+        if child == 0:
+            try:
+                os.write(other, b"written by the child")
+                os._exit(0)
+            except OSError:
+                os._exit(1)
+        _, status = os.waitpid(child, 0)
+    finally:
+        os.close(other)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert (tmp_path / "report.txt").read_bytes() == b"written by the child"
+
+
 def test_a_forked_child_does_not_keep_the_folder_locked_after_the_parent_lets_go(tmp_path):
     """Data-loader workers are forked while training holds its output folder's lock: when a stopped run's
     workers outlived it by a second or two, the resume a scheduler starts at once was refused as a second run."""
