@@ -68,6 +68,8 @@ def by_length(run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     groups: dict[int, list[int]] = {}
     for i, (h, _) in enumerate(sequences):
         groups.setdefault(int(h.shape[1]), []).append(i)
+    if len(groups) == 1:  # one stack, without splitting its result and joining the parts again
+        return run(*stack_sequences(sequences))
     parts: list[torch.Tensor | None] = [None] * len(sequences)
     for members in groups.values():
         out = run(*stack_sequences([sequences[i] for i in members]))
