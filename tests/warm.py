@@ -201,7 +201,6 @@ def _read_line(conn: socket.socket, buffer: bytearray) -> bytes:
 
 class _Server:
     def __init__(self, kind: tuple[str, ...], load_env: dict[str, str]):
-        self.kind, self.load_env = kind, load_env
         self.folder = tempfile.mkdtemp(prefix="warm-")
         if len(self.folder) > 90:  # a socket's path holds at most 107 bytes on Linux
             os.rmdir(self.folder)
@@ -254,8 +253,8 @@ def _server(kind: tuple[str, ...], env: dict[str, str]) -> _Server | None:
     with _lock:
         server = _servers.get(key)
         if server is None or not server.alive():
-            if not _servers:
-                atexit.register(_stop_servers)
+            if server is not None:  # ended: its log and socket folder go with it
+                server.stop()
             server = _servers[key] = _Server(kind, load_env)
     return server
 
@@ -294,3 +293,5 @@ def run(cmd: Sequence[str], *, cwd: str | os.PathLike = REPO, env: dict[str, str
 
 if __name__ == "__main__":
     _serve(sys.argv[1], sys.argv[2:])
+else:
+    atexit.register(_stop_servers)
