@@ -32,7 +32,7 @@ import os
 import pickle
 import zipfile
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,12 +80,51 @@ _STATISTICS_BLOCK_VALUES = 1 << 20
 
 
 # -- loading ---------------------------------------------------------------------------------------
-class MMSAData(dict):
-    """:func:`load_mmsa`'s ``{split: arrays}``, remembering the file it came from for error messages."""
+class MMSAData(Mapping):
+    """:func:`load_mmsa`'s ``{split: arrays}``, remembering the file it came from for error messages.
 
-    def __init__(self, splits: Mapping[str, dict[str, np.ndarray]], source: str | os.PathLike) -> None:
-        super().__init__(splits)
+    The splits of a converted ``.npz`` are read and checked when first used, then kept: an evaluation of the test
+    split held every split of the file (on a CMU-MOSEI-sized file, 3.17 GB of a 4.14 GB peak), and a training the
+    test split too. What runs across splits reads only the utterance ids (:meth:`ids`) and the ``.npy`` headers
+    (:meth:`feature_sizes`).
+    """
+
+    def __init__(self, splits: Mapping[str, Any], source: str | os.PathLike) -> None:
+        self._splits: dict[str, Any] = dict(splits)
         self.source = str(source)
+
+    def __getitem__(self, name: str) -> dict[str, np.ndarray]:
+        split = self._splits[name]
+        if isinstance(split, _NpzSplit):
+            split = self._splits[name] = split.load()
+        return split
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._splits)
+
+    def __len__(self) -> int:
+        return len(self._splits)
+
+    def __repr__(self) -> str:
+        return f"MMSAData({self.source!r}, splits={list(self._splits)})"
+
+    def loaded(self) -> list[str]:
+        """The splits read so far."""
+        return [name for name, split in self._splits.items() if not isinstance(split, _NpzSplit)]
+
+    def ids(self, name: str) -> np.ndarray:
+        """Split ``name``'s utterance ids, without reading its features."""
+        split = self._splits[name]
+        return split.ids() if isinstance(split, _NpzSplit) else split["id"]
+
+    def feature_sizes(self, name: str) -> list[int]:
+        """``[D_text, D_audio, D_vision]`` of split ``name``, without reading its features."""
+        split = self._splits[name]
+        sizes = split.feature_sizes() if isinstance(split, _NpzSplit) else None
+        if sizes is None:
+            split = self[name]
+            sizes = [int(split[m].shape[-1]) for m in MMSA_MODALITIES]
+        return sizes
 
 
 def video_of(utterance_id: Any) -> str:
@@ -365,32 +404,47 @@ def _py2_text(values: Any) -> Any:
     return values
 
 
-def _load_npz(path: Path) -> dict[str, dict[str, np.ndarray]]:
-    fix = "convert the MMSA pickle again with python -m app convert-mmsa"
+_NPZ_FIX = "convert the MMSA pickle again with python -m app convert-mmsa"
+#: Where an ``.npz`` cannot be read: a damaged archive or entry.
+_NPZ_READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def _load_npz(path: Path) -> MMSAData:
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is not a .npz archive (truncated, or another format): {fix}.")
+        raise ValueError(f"{path} is not a .npz archive (truncated, or another format): {_NPZ_FIX}.")
     try:
         return _read_npz(path)
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err}): it is truncated or damaged; {fix}.") from err
+    except _NPZ_READ_ERRORS as err:
+        raise _damaged_npz(path, err) from err
+
+
+def _damaged_npz(path: Path, err: BaseException) -> ValueError:
+    return ValueError(f"{path} cannot be read ({type(err).__name__}: {err}): it is truncated or damaged; {_NPZ_FIX}.")
+
+
+def _objects_refused(path: Path, key: str) -> ValueError:
+    # numpy stores an object array as a pickle, and unpickling runs code: the entry is refused
+    return ValueError(f"{path}: entry {key!r} is an array of Python objects, which loads only by unpickling (refused: "
+                      "a pickle runs code from the file). Convert the MMSA pickle with python -m app convert-mmsa, "
+                      "which writes plain arrays.")
 
 
 _NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
-def _check_npz_sizes(npz: Any, path: Path) -> None:
-    """Refuse an ``.npz`` whose arrays claim more bytes than their entries hold, or more than the memory left,
-    from the entries' ``.npy`` headers alone.
+def _npz_entries(npz: Any, path: Path) -> dict[str, Any]:
+    """Every entry's ``(shape, bytes)`` from its ``.npy`` header alone (None where the header is not one this
+    reads), refusing entries of Python objects and entries that claim more bytes than they hold.
 
     numpy allocates what an array's header claims before it reads the data: a few bytes claiming billions of
     values ended in a ``MemoryError`` traceback (or, below what the machine can hand out, in numpy's ``EOF``
     error), and an entry of zeros compressed a thousandfold (a zip bomb) took memory until the machine ran out.
     """
-    from app.data.cache import available_memory
-
-    total = 0
+    entries: dict[str, Any] = {}
     for name in npz.zip.namelist():
         info = npz.zip.getinfo(name)
+        key = name[:-4] if name.endswith(".npy") else name
+        entries[key] = None
         with npz.zip.open(info) as f:
             try:
                 version = np.lib.format.read_magic(f)
@@ -401,45 +455,91 @@ def _check_npz_sizes(npz: Any, path: Path) -> None:
             except ValueError:
                 continue  # not an array numpy can read: numpy's own reading names it
             if dtype.hasobject:
-                continue  # refused when it is read (it would be unpickled)
+                raise _objects_refused(path, key)
             nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
             held = info.file_size - f.tell()
-        key = name[:-4] if name.endswith(".npy") else name
         if nbytes > held:
             raise ValueError(f"{path}: entry {key!r} claims {tuple(shape)} {dtype} values ({nbytes} bytes), but holds "
                              f"{held} bytes: the file is damaged, or was made to exhaust memory. Convert the MMSA "
                              "pickle again with python -m app convert-mmsa.")
-        total += nbytes
-    room = available_memory()
-    if room is not None and total > room:
-        raise ValueError(f"{path}: its arrays take {total / 2**30:.1f} GiB, more than the {room / 2**30:.1f} GiB of "
-                         "memory left: run on a machine (or container) with more free memory.")
+        entries[key] = (tuple(int(d) for d in shape), nbytes)
+    return entries
 
 
-def _read_npz(path: Path) -> dict[str, dict[str, np.ndarray]]:
+def _file_identity(path: Path) -> tuple[int, ...]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _read_npz(path: Path) -> MMSAData:
     with np.load(path, allow_pickle=False) as npz:
         if "__format__" not in npz.files or str(npz["__format__"]) != NPZ_FORMAT:
             raise ValueError(
                 f"{path} is not an MMSA .npz written by `python -m app convert-mmsa` (no {NPZ_FORMAT!r} marker): "
                 "convert the original MMSA pickle with that command."
             )
-        _check_npz_sizes(npz, path)
-        splits: dict[str, dict[str, Any]] = {}
-        for key in npz.files:
-            if key == "__format__":
-                continue
+        entries = _npz_entries(npz, path)
+    identity = _file_identity(path)
+    splits: dict[str, dict[str, Any]] = {}
+    for key, info in entries.items():
+        if key != "__format__":
             split, _, field = key.partition("/")
-            try:
-                value = npz[key]
-            except ValueError as err:
-                if "allow_pickle" not in str(err):
-                    raise
-                # numpy stores an object array as a pickle, and unpickling runs code: the entry is refused
-                raise ValueError(f"{path}: entry {key!r} is an array of Python objects, which loads only by unpickling "
-                                 "(refused: a pickle runs code from the file). Convert the MMSA pickle with python -m "
-                                 "app convert-mmsa, which writes plain arrays.") from None
-            splits.setdefault(split, {})[field] = value
-    return MMSAData({name: _normalise_split(name, split, path) for name, split in splits.items()}, path)
+            splits.setdefault(split, {})[field] = info
+    return MMSAData({name: _NpzSplit(path, name, fields, identity) for name, fields in splits.items()}, path)
+
+
+class _NpzSplit:
+    """A split of a converted ``.npz`` not read yet: its entries' headers, and how to read and check it."""
+
+    def __init__(self, path: Path, name: str, fields: Mapping[str, Any], identity: tuple[int, ...]) -> None:
+        self.path, self.name, self.fields, self.identity = path, name, dict(fields), identity
+
+    def _read(self, fields: Sequence[str]) -> dict[str, np.ndarray]:
+        try:
+            if _file_identity(self.path) != self.identity:
+                raise ValueError(f"{self.path} changed after it was opened, before its split {self.name!r} was read: "
+                                 "run the command again once the file is complete.")
+            with np.load(self.path, allow_pickle=False) as npz:
+                out = {}
+                for field in fields:
+                    try:
+                        out[field] = npz[f"{self.name}/{field}"]
+                    except ValueError as err:
+                        if "allow_pickle" not in str(err):
+                            raise
+                        raise _objects_refused(self.path, f"{self.name}/{field}") from None
+                return out
+        except FileNotFoundError as err:
+            raise ValueError(f"{self.path} was removed after it was opened, before its split {self.name!r} was read: "
+                             "run the command again with the file in place.") from err
+        except _NPZ_READ_ERRORS as err:
+            raise _damaged_npz(self.path, err) from err
+
+    def ids(self) -> np.ndarray:
+        """The utterance ids as the split reads them (:func:`_normalise_split`), from the ``id`` entry alone."""
+        if "id" in self.fields:
+            return np.asarray([_text(v) for v in self._read(["id"])["id"]], dtype=str)
+        text = self.fields.get("text")
+        if text is None:  # no header to count the utterances by
+            return self.load()["id"]
+        return np.asarray([f"{self.name}_{i}" for i in range(text[0][0])], dtype=str)
+
+    def feature_sizes(self) -> list[int] | None:
+        """``[D_text, D_audio, D_vision]`` from the headers, or None where a header does not give them."""
+        infos = [self.fields.get(m) for m in MMSA_MODALITIES]
+        return None if any(i is None or not i[0] for i in infos) else [int(i[0][-1]) for i in infos]
+
+    def load(self) -> dict[str, np.ndarray]:
+        """The split's arrays, checked (:func:`_normalise_split`), once the memory they take is known to be there."""
+        from app.data.cache import available_memory
+
+        total = sum(info[1] for info in self.fields.values() if info is not None)
+        room = available_memory()
+        if room is not None and total > room:
+            raise ValueError(f"{self.path}: split {self.name!r} takes {total / 2**30:.1f} GiB, more than the "
+                             f"{room / 2**30:.1f} GiB of memory left: run on a machine (or container) with more free "
+                             "memory.")
+        return _normalise_split(self.name, self._read(list(self.fields)), self.path)
 
 
 def save_mmsa_npz(data: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> Path:
@@ -549,7 +649,10 @@ def _ids_identify(data: Mapping[str, Mapping[str, np.ndarray]]) -> bool:
     Files that number each split's utterances from 0 reuse the same ids in train and test; there the
     ids cannot tell a training utterance from a test one, and the features' digests must.
     """
-    ids = [str(i) for split in data.values() if isinstance(split, Mapping) and "id" in split for i in split["id"]]
+    if isinstance(data, MMSAData):  # without reading the splits' features
+        ids = [str(i) for name in data for i in data.ids(name)]
+    else:
+        ids = [str(i) for split in data.values() if isinstance(split, Mapping) and "id" in split for i in split["id"]]
     return len(set(ids)) == len(ids)
 
 
@@ -637,7 +740,8 @@ def feature_dims(data: Mapping[str, Mapping[str, np.ndarray]]) -> list[int]:
     Raises:
         ValueError: the splits' feature sizes differ.
     """
-    dims = {name: [int(split[m].shape[-1]) for m in MMSA_MODALITIES] for name, split in data.items()}
+    dims = ({name: data.feature_sizes(name) for name in data} if isinstance(data, MMSAData)  # from the headers
+            else {name: [int(split[m].shape[-1]) for m in MMSA_MODALITIES] for name, split in data.items()})
     distinct = {tuple(d) for d in dims.values()}
     if len(distinct) != 1:
         # one network reads every split, so a split extracted with other features (GloVe text in
