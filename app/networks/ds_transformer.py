@@ -397,7 +397,8 @@ class DSTransformer(nn.Module):
         self, inputs: Mapping[str, torch.Tensor], modality_mask: torch.Tensor | None = None
     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per present modality ``(m, rows, x [n, L_m, D_m] float, padding [n, L_m])``: the checked
-        inputs of the samples that have it and their padding mask (True = pad).
+        inputs of the samples that have it and their padding mask (True = pad), ``L_m`` the longest of
+        their lengths (at least 2 where the input has more than one step).
 
         Raises:
             ValueError: an input is not ``[B, L, D_m]``.
@@ -416,7 +417,11 @@ class DSTransformer(nn.Module):
             lengths = (torch.full((idx.numel(),), x.shape[1], device=x.device) if lengths is None
                        else lengths.to(x.device).reshape(-1)[idx])
             # a sample marked available always has at least one step (attention over nothing is NaN)
-            yield m, idx, x.float(), lengths_to_padding_mask(lengths.clamp(1, x.shape[1]), x.shape[1])
+            lengths = lengths.clamp(1, x.shape[1])
+            # only up to the batch's longest sequence: the steps after it are padding in every sample (a file pads
+            # to its longest utterance); two at least, since one step reads as one vector per utterance (no positions)
+            steps = min(x.shape[1], max(int(lengths.max()), 2))
+            yield m, idx, x[:, :steps].float(), lengths_to_padding_mask(lengths, steps)
 
     def decode(
         self, encoded: list[tuple[int, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]], batch_size: int,

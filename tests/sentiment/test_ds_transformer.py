@@ -121,6 +121,8 @@ def test_the_trunk_pads_each_modality_only_to_its_own_length(prompted, monkeypat
     rows, lengths = 4, {"text": 3, "audio": 40, "vision": 40}
     image = {m: torch.randn(rows, steps, d) for (m, steps), d in zip(lengths.items(), DIMS)}
     image |= {f"{m}_lengths": torch.randint(1, steps + 1, (rows,)) for m, steps in lengths.items()}
+    for m, steps in lengths.items():  # one sample as long as the padding: the batch's longest is the file's
+        image[f"{m}_lengths"][-1] = steps
     mask = torch.ones(rows, 3, dtype=torch.bool)
     mask[0, 1] = False  # a sample without audio: its row is left out of the audio's
     net = (PromptedDSTransformer(DIMS, hidden=16, num_heads=2, encoder_layers=1, missing="skip").eval() if prompted
@@ -138,6 +140,39 @@ def test_the_trunk_pads_each_modality_only_to_its_own_length(prompted, monkeypat
         monkeypatch.setattr(module, "by_length", lambda run, sequences: run(*stack_sequences(sequences)))
     torch.testing.assert_close(out, outputs(), rtol=1e-5, atol=1e-5)
     assert seen[-1] == (11, 40)
+
+
+@pytest.mark.parametrize("prompted", [False, True], ids=["plain", "prompted"])
+def test_a_batch_runs_only_up_to_its_longest_sequence(prompted):
+    """A file pads every utterance to its longest (MMSA's unaligned CMU-MOSEI: 500 audio steps), and each batch's
+    sequences went through the encoders and the trunk at that length. They now run up to the batch's longest, with
+    the outputs of the padded run; a batch of one-step sequences from a sequence file still gets its positions."""
+    torch.manual_seed(0)
+    rows, padded, longest = 5, {"text": 6, "audio": 12, "vision": 12}, {"text": 1, "audio": 5, "vision": 7}
+    image = {m: torch.randn(rows, padded[m], d) for m, d in zip(padded, DIMS)}
+    image |= {f"{m}_lengths": torch.randint(1, longest[m] + 1, (rows,)) for m in padded}
+    for m in padded:
+        image[f"{m}_lengths"][-1] = longest[m]
+    mask = torch.ones(rows, 3, dtype=torch.bool)
+    mask[0, 2] = False
+    net = (PromptedDSTransformer(DIMS, hidden=16, num_heads=2, encoder_layers=1, missing="skip").eval() if prompted
+           else _net())
+    seen = {}
+    for m, name in enumerate(padded):
+        net.encoders[m].layers.layers[0].register_forward_pre_hook(
+            lambda _, args, name=name: seen.setdefault(name, tuple(args[0].shape[:2])) and None)
+    with torch.no_grad():
+        out = net.features(image, mask).embeddings if prompted else net.per_modality(image, mask)
+        assert seen == {"text": (5, 2), "audio": (5, 5), "vision": (4, 7)}
+        # the padded run, modality by modality: each encoder, then the trunk, at the file's length
+        expected = torch.zeros_like(out)
+        for m, name in enumerate(padded):
+            rows_m = mask[:, m].nonzero().flatten()
+            padding = lengths_to_padding_mask(image[f"{name}_lengths"][rows_m], padded[name])
+            x = image[name][rows_m]
+            h = net.encode_with_prompts(m, x, padding)[0] if prompted else net.encoders[m](x, padding)
+            expected[rows_m, m] = net.trunk.pooled(h, padding) if prompted else net.trunk(h, padding)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_input_statistics_are_buffers_saved_with_the_weights():
