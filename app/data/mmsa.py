@@ -519,15 +519,21 @@ class _NpzSplit:
         """The utterance ids as the split reads them (:func:`_normalise_split`), from the ``id`` entry alone."""
         if "id" in self.fields:
             return np.asarray([_text(v) for v in self._read(["id"])["id"]], dtype=str)
-        text = self.fields.get("text")
-        if text is None:  # no header to count the utterances by
+        shape = self._feature_shape("text")
+        if shape is None:  # no header to count the utterances by: the split's reading says why
             return self.load()["id"]
-        return np.asarray([f"{self.name}_{i}" for i in range(text[0][0])], dtype=str)
+        return np.asarray([f"{self.name}_{i}" for i in range(shape[0])], dtype=str)
 
     def feature_sizes(self) -> list[int] | None:
         """``[D_text, D_audio, D_vision]`` from the headers, or None where a header does not give them."""
-        infos = [self.fields.get(m) for m in MMSA_MODALITIES]
-        return None if any(i is None or not i[0] for i in infos) else [int(i[0][-1]) for i in infos]
+        shapes = [self._feature_shape(m) for m in MMSA_MODALITIES]
+        return None if any(s is None for s in shapes) else [int(s[-1]) for s in shapes]
+
+    def _feature_shape(self, modality: str) -> tuple[int, ...] | None:
+        """The shape of ``modality``'s features from their header where it is one the split reads (``[N, L, D]`` or
+        ``[N, D]``), else None: the split's reading then names the shape (:func:`_normalise_split`)."""
+        info = self.fields.get(modality)
+        return info[0] if info is not None and len(info[0]) in (2, 3) else None
 
     def load(self) -> dict[str, np.ndarray]:
         """The split's arrays, checked (:func:`_normalise_split`), once the memory they take is known to be there."""

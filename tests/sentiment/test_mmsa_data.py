@@ -705,3 +705,26 @@ def test_an_npz_that_changes_or_goes_before_a_split_is_read_is_named(tmp_path):
     npz.unlink()
     with pytest.raises(ValueError, match=r"s\.npz was removed after it was opened, before its split 'train' was read"):
         data["train"]
+
+
+def test_features_of_another_shape_are_named_as_such_before_the_split_is_read(tmp_path):
+    """The feature sizes and ids of a .npz come from its headers, whose last size was read as the feature size
+    whatever the array's shape: an audio entry [N, L, D, 1] was 'audio 1-d' against the other splits, with the
+    fix of extracting the features again, and a scalar text in a file without ids stopped the data digest with an
+    IndexError traceback. Both are the shape error the split's reading gives."""
+    from app.data.mmsa import mmsa_digest
+
+    data = make_synthetic_mmsa({"train": 4, "valid": 3, "test": 2}, dims=(6, 5, 4))
+    data["valid"]["audio"] = data["valid"]["audio"][..., None]
+    npz = save_mmsa_npz(data, tmp_path / "deep.npz")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(npz))}: valid/audio must be \[N, L, D\] \(or \[N, D\]\), "
+                                         r"got shape \(3, \d+, 5, 1\)\.$"):
+        feature_dims(load_mmsa(npz))
+    data = make_synthetic_mmsa({"train": 4, "valid": 3, "test": 2}, dims=(6, 5, 4))
+    for split in data.values():
+        del split["id"]
+    data["test"]["text"] = np.float32(0.5)
+    npz = save_mmsa_npz(data, tmp_path / "scalar.npz")
+    with pytest.raises(ValueError, match=r"test/text must be \[N, L, D\] \(or \[N, D\]\), got shape \(\)"):
+        mmsa_digest(load_mmsa(npz), ["train", "valid"], "regression_labels")
+
