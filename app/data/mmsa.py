@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from app.atomic import atomic_write, atomic_write_text, missing_hint
-from app.data.errors import check_readable, check_regular_file
+from app.data.errors import check_readable, check_regular_file, unreadable
 from app.flags import parse_bool
 
 __all__ = [
@@ -419,6 +419,8 @@ def _load_npz(path: Path) -> MMSAData:
 
 
 def _damaged_npz(path: Path, err: BaseException) -> ValueError:
+    if isinstance(err, PermissionError):  # made unreadable after the run opened it: not damaged, nor to convert
+        return unreadable(path)
     return ValueError(f"{path} cannot be read ({type(err).__name__}: {err}): it is truncated or damaged; {_NPZ_FIX}.")
 
 

@@ -728,3 +728,21 @@ def test_features_of_another_shape_are_named_as_such_before_the_split_is_read(tm
     with pytest.raises(ValueError, match=r"test/text must be \[N, L, D\] \(or \[N, D\]\), got shape \(\)"):
         mmsa_digest(load_mmsa(npz), ["train", "valid"], "regression_labels")
 
+
+def test_an_npz_that_may_no_longer_be_read_is_named_as_a_permission_problem(tmp_path, monkeypatch):
+    """A split read after the file's permissions changed was called 'truncated or damaged', whose fix (convert it
+    again) would be wrong. The tests may run as root, whom chmod does not stop: opening the file is refused instead."""
+    import builtins
+
+    npz = write_synthetic_mmsa(tmp_path / "s.npz", splits={"train": 4, "valid": 3})
+    data = load_mmsa(npz)
+    real_open = builtins.open
+
+    def refuse(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file) == npz:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(npz))} is not readable by user id \d+: make it readable"):
+        data["train"]
