@@ -468,20 +468,24 @@ def _npz_entries(npz: Any, path: Path) -> dict[str, Any]:
     return entries
 
 
-def _file_identity(path: Path) -> tuple[int, ...]:
-    st = os.stat(path)
+def _file_identity(f: Any) -> tuple[int, ...]:
+    """The identity of the open file ``f``: a file replaced or rewritten under its name has another.
+
+    Taken from the open file, not its name: a file replaced between a look-up by name and the reading was read
+    without its headers' checks, with the feature sizes of the file it replaced."""
+    st = os.fstat(f.fileno())
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _read_npz(path: Path) -> MMSAData:
-    with np.load(path, allow_pickle=False) as npz:
+    with open(path, "rb") as f, np.load(f, allow_pickle=False) as npz:
+        identity = _file_identity(f)
         if "__format__" not in npz.files or str(npz["__format__"]) != NPZ_FORMAT:
             raise ValueError(
                 f"{path} is not an MMSA .npz written by `python -m app convert-mmsa` (no {NPZ_FORMAT!r} marker): "
                 "convert the original MMSA pickle with that command."
             )
         entries = _npz_entries(npz, path)
-    identity = _file_identity(path)
     splits: dict[str, dict[str, Any]] = {}
     for key, info in entries.items():
         if key != "__format__":
@@ -498,19 +502,20 @@ class _NpzSplit:
 
     def _read(self, fields: Sequence[str]) -> dict[str, np.ndarray]:
         try:
-            if _file_identity(self.path) != self.identity:
-                raise ValueError(f"{self.path} changed after it was opened, before its split {self.name!r} was read: "
-                                 "run the command again once the file is complete.")
-            with np.load(self.path, allow_pickle=False) as npz:
-                out = {}
-                for field in fields:
-                    try:
-                        out[field] = npz[f"{self.name}/{field}"]
-                    except ValueError as err:
-                        if "allow_pickle" not in str(err):
-                            raise
-                        raise _objects_refused(self.path, f"{self.name}/{field}") from None
-                return out
+            with open(self.path, "rb") as f:
+                if _file_identity(f) != self.identity:  # before numpy reads it: a file half written is not damaged
+                    raise ValueError(f"{self.path} changed after it was opened, before its split {self.name!r} was "
+                                     "read: run the command again once the file is complete.")
+                with np.load(f, allow_pickle=False) as npz:
+                    out = {}
+                    for field in fields:
+                        try:
+                            out[field] = npz[f"{self.name}/{field}"]
+                        except ValueError as err:
+                            if "allow_pickle" not in str(err):
+                                raise
+                            raise _objects_refused(self.path, f"{self.name}/{field}") from None
+                    return out
         except FileNotFoundError as err:
             raise ValueError(f"{self.path} was removed after it was opened, before its split {self.name!r} was read: "
                              "run the command again with the file in place.") from err

@@ -746,3 +746,41 @@ def test_an_npz_that_may_no_longer_be_read_is_named_as_a_permission_problem(tmp_
     monkeypatch.setattr(builtins, "open", refuse)
     with pytest.raises(ValueError, match=rf"^{re.escape(str(npz))} is not readable by user id \d+: make it readable"):
         data["train"]
+
+
+def test_an_npz_replaced_as_it_is_opened_is_never_read_as_another_file(tmp_path, monkeypatch):
+    """What a run knows of a .npz (its headers: feature sizes, sizes checked against the memory and the entries) and
+    the splits it reads later must come from one file. The file was looked up by name again after its headers were
+    read, and again before a split was read: a file replaced in between was read unchecked, with the feature sizes
+    of the first (here text 3-d under a network built for 6)."""
+    real_load = np.load
+
+    def replaced(when: str):
+        def load(*args, **kwargs):
+            if when == "before" and other.exists():
+                os.replace(other, npz)
+            out = real_load(*args, **kwargs)
+            if when == "after" and other.exists():
+                os.replace(other, npz)
+            return out
+        return load
+
+    for when in ("after", "before"):  # as the headers are read, as the split is read
+        npz = write_synthetic_mmsa(tmp_path / f"{when}.npz", splits={"train": 4, "valid": 3}, dims=(6, 5, 4))
+        other = write_synthetic_mmsa(tmp_path / f"{when}_other.npz", splits={"train": 4, "valid": 3}, dims=(3, 5, 4))
+        if when == "after":
+            monkeypatch.setattr(np, "load", replaced(when))
+            data = load_mmsa(npz)
+            monkeypatch.setattr(np, "load", real_load)
+        else:
+            data = load_mmsa(npz)
+            monkeypatch.setattr(np, "load", replaced(when))
+        assert feature_dims(data) == [6, 5, 4]
+        try:
+            train = data["train"]
+        except ValueError as err:
+            assert re.match(rf"{re.escape(str(npz))} changed after it was opened, before its split 'train' was read",
+                            str(err)), err
+        else:
+            assert train["text"].shape[-1] == 6, f"{when}: read the file that replaced it"
+        monkeypatch.setattr(np, "load", real_load)
