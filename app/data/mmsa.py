@@ -99,6 +99,10 @@ class MMSAData(Mapping):
             split = self._splits[name] = split.load()
         return split
 
+    def __contains__(self, name: object) -> bool:
+        # without reading the split: a Mapping asks by reading the item, which held a split the run does not use
+        return name in self._splits
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._splits)
 

@@ -784,3 +784,12 @@ def test_an_npz_replaced_as_it_is_opened_is_never_read_as_another_file(tmp_path,
         else:
             assert train["text"].shape[-1] == 6, f"{when}: read the file that replaced it"
         monkeypatch.setattr(np, "load", real_load)
+
+
+def test_asking_whether_an_npz_has_a_split_does_not_read_it(tmp_path):
+    """``name in data`` read the whole split (a Mapping asks by reading the item), and stopped on its damage or its
+    size instead of answering: a run asking whether the file has a test split held it, or failed on it."""
+    npz = write_synthetic_mmsa(tmp_path / "s.npz", splits={"train": 4, "test": 3})
+    data = load_mmsa(npz)
+    assert "test" in data and "valid" not in data and 7 not in data
+    assert data.loaded() == []
