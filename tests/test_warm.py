@@ -85,3 +85,26 @@ def test_a_run_starts_warm_only_where_its_start_is_a_fresh_ones(probe):
     two = warm.run([sys.executable, "-m", "probe", "plain"], cwd=folder, env={**env, "OMP_NUM_THREADS": "2"})
     assert "threads 1" in one.stdout and "threads 2" in two.stdout
     assert len({key for key in warm._servers if key[0] == ("probe",)}) == 2  # noqa: SLF001
+
+
+def test_a_server_that_ended_and_cannot_start_again_says_so_each_time_and_leaves_no_folder(probe, monkeypatch):
+    """A server that ended was stopped again at the next run when its replacement had failed to start: that run, and
+    the clean-up at exit, stopped on a FileNotFoundError for its folder instead of naming the server that did not
+    start, and the replacement's own folder (socket, server.log) was left in the temporary folder."""
+    import tempfile
+
+    folder, env = probe
+    cmd = [sys.executable, "-m", "probe", "plain"]
+    assert warm.run(cmd, cwd=folder, env=env).returncode == 0
+    (server,) = [s for key, s in warm._servers.items() if key[0] == ("probe",)]  # noqa: SLF001
+    server.proc.kill()
+    server.proc.wait()
+    made = []
+    real_mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *args, **kwargs: made.append(real_mkdtemp(*args, **kwargs)) or made[-1])
+    monkeypatch.setitem(warm.PRELOAD, ("probe",), ("probe_no_such_module",))
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=r"(?s)the warm server for probe did not start:.*probe_no_such_module"):
+            warm.run(cmd, cwd=folder, env=env)
+    warm._stop_servers(("probe",))  # noqa: SLF001 - as at exit
+    assert len(made) == 2 and not [path for path in made if os.path.exists(path)]

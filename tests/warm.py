@@ -214,8 +214,9 @@ class _Server:
                                      env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
         if self.proc.stdout.readline() != _READY:
             self.proc.wait()
-            raise RuntimeError(f"the warm server for {' '.join(kind)} did not start:\n"
-                               f"{Path(self.folder, 'server.log').read_text()[-3000:]}")
+            log = Path(self.folder, "server.log").read_text()[-3000:]
+            self.stop()  # nothing keeps it: its folder goes now
+            raise RuntimeError(f"the warm server for {' '.join(kind)} did not start:\n{log}")
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -228,7 +229,8 @@ class _Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.log.close()
+        for stream in (self.proc.stdin, self.proc.stdout, self.log):
+            stream.close()
         for name in ("socket", "server.log"):
             Path(self.folder, name).unlink(missing_ok=True)
         os.rmdir(self.folder)
@@ -253,8 +255,8 @@ def _server(kind: tuple[str, ...], env: dict[str, str]) -> _Server | None:
     with _lock:
         server = _servers.get(key)
         if server is None or not server.alive():
-            if server is not None:  # ended: its log and socket folder go with it
-                server.stop()
+            if server is not None:  # ended: its log and socket folder go with it, and it with them
+                _servers.pop(key).stop()
             server = _servers[key] = _Server(kind, load_env)
     return server
 

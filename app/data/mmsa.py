@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from app.atomic import atomic_write, atomic_write_text, missing_hint
-from app.data.errors import check_readable, check_regular_file
+from app.data.errors import check_readable, check_regular_file, unreadable
 from app.flags import parse_bool
 
 __all__ = [
@@ -98,6 +98,10 @@ class MMSAData(Mapping):
         if isinstance(split, _NpzSplit):
             split = self._splits[name] = split.load()
         return split
+
+    def __contains__(self, name: object) -> bool:
+        # without reading the split: a Mapping asks by reading the item, which held a split the run does not use
+        return name in self._splits
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._splits)
@@ -419,6 +423,8 @@ def _load_npz(path: Path) -> MMSAData:
 
 
 def _damaged_npz(path: Path, err: BaseException) -> ValueError:
+    if isinstance(err, PermissionError):  # made unreadable after the run opened it: not damaged, nor to convert
+        return unreadable(path)
     return ValueError(f"{path} cannot be read ({type(err).__name__}: {err}): it is truncated or damaged; {_NPZ_FIX}.")
 
 
@@ -466,20 +472,24 @@ def _npz_entries(npz: Any, path: Path) -> dict[str, Any]:
     return entries
 
 
-def _file_identity(path: Path) -> tuple[int, ...]:
-    st = os.stat(path)
+def _file_identity(f: Any) -> tuple[int, ...]:
+    """The identity of the open file ``f``: a file replaced or rewritten under its name has another.
+
+    Taken from the open file, not its name: a file replaced between a look-up by name and the reading was read
+    without its headers' checks, with the feature sizes of the file it replaced."""
+    st = os.fstat(f.fileno())
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _read_npz(path: Path) -> MMSAData:
-    with np.load(path, allow_pickle=False) as npz:
+    with open(path, "rb") as f, np.load(f, allow_pickle=False) as npz:
+        identity = _file_identity(f)
         if "__format__" not in npz.files or str(npz["__format__"]) != NPZ_FORMAT:
             raise ValueError(
                 f"{path} is not an MMSA .npz written by `python -m app convert-mmsa` (no {NPZ_FORMAT!r} marker): "
                 "convert the original MMSA pickle with that command."
             )
         entries = _npz_entries(npz, path)
-    identity = _file_identity(path)
     splits: dict[str, dict[str, Any]] = {}
     for key, info in entries.items():
         if key != "__format__":
@@ -496,19 +506,20 @@ class _NpzSplit:
 
     def _read(self, fields: Sequence[str]) -> dict[str, np.ndarray]:
         try:
-            if _file_identity(self.path) != self.identity:
-                raise ValueError(f"{self.path} changed after it was opened, before its split {self.name!r} was read: "
-                                 "run the command again once the file is complete.")
-            with np.load(self.path, allow_pickle=False) as npz:
-                out = {}
-                for field in fields:
-                    try:
-                        out[field] = npz[f"{self.name}/{field}"]
-                    except ValueError as err:
-                        if "allow_pickle" not in str(err):
-                            raise
-                        raise _objects_refused(self.path, f"{self.name}/{field}") from None
-                return out
+            with open(self.path, "rb") as f:
+                if _file_identity(f) != self.identity:  # before numpy reads it: a file half written is not damaged
+                    raise ValueError(f"{self.path} changed after it was opened, before its split {self.name!r} was "
+                                     "read: run the command again once the file is complete.")
+                with np.load(f, allow_pickle=False) as npz:
+                    out = {}
+                    for field in fields:
+                        try:
+                            out[field] = npz[f"{self.name}/{field}"]
+                        except ValueError as err:
+                            if "allow_pickle" not in str(err):
+                                raise
+                            raise _objects_refused(self.path, f"{self.name}/{field}") from None
+                    return out
         except FileNotFoundError as err:
             raise ValueError(f"{self.path} was removed after it was opened, before its split {self.name!r} was read: "
                              "run the command again with the file in place.") from err
@@ -519,15 +530,21 @@ class _NpzSplit:
         """The utterance ids as the split reads them (:func:`_normalise_split`), from the ``id`` entry alone."""
         if "id" in self.fields:
             return np.asarray([_text(v) for v in self._read(["id"])["id"]], dtype=str)
-        text = self.fields.get("text")
-        if text is None:  # no header to count the utterances by
+        shape = self._feature_shape("text")
+        if shape is None:  # no header to count the utterances by: the split's reading says why
             return self.load()["id"]
-        return np.asarray([f"{self.name}_{i}" for i in range(text[0][0])], dtype=str)
+        return np.asarray([f"{self.name}_{i}" for i in range(shape[0])], dtype=str)
 
     def feature_sizes(self) -> list[int] | None:
         """``[D_text, D_audio, D_vision]`` from the headers, or None where a header does not give them."""
-        infos = [self.fields.get(m) for m in MMSA_MODALITIES]
-        return None if any(i is None or not i[0] for i in infos) else [int(i[0][-1]) for i in infos]
+        shapes = [self._feature_shape(m) for m in MMSA_MODALITIES]
+        return None if any(s is None for s in shapes) else [int(s[-1]) for s in shapes]
+
+    def _feature_shape(self, modality: str) -> tuple[int, ...] | None:
+        """The shape of ``modality``'s features from their header where it is one the split reads (``[N, L, D]`` or
+        ``[N, D]``), else None: the split's reading then names the shape (:func:`_normalise_split`)."""
+        info = self.fields.get(modality)
+        return info[0] if info is not None and len(info[0]) in (2, 3) else None
 
     def load(self) -> dict[str, np.ndarray]:
         """The split's arrays, checked (:func:`_normalise_split`), once the memory they take is known to be there."""

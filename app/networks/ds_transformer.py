@@ -419,8 +419,10 @@ class DSTransformer(nn.Module):
             # a sample marked available always has at least one step (attention over nothing is NaN)
             lengths = lengths.clamp(1, x.shape[1])
             # only up to the batch's longest sequence: the steps after it are padding in every sample (a file pads
-            # to its longest utterance); two at least, since one step reads as one vector per utterance (no positions)
-            steps = min(x.shape[1], max(int(lengths.max()), 2))
+            # to its longest utterance); two at least, since one step reads as one vector per utterance (no positions).
+            # Rounded up: the padding mask keeps every step t < length, so a length of 3.5 (lengths given as floats)
+            # has four
+            steps = min(x.shape[1], max(math.ceil(float(lengths.max())), 2))
             yield m, idx, x[:, :steps].float(), lengths_to_padding_mask(lengths, steps)
 
     def decode(

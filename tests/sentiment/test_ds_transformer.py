@@ -175,6 +175,19 @@ def test_a_batch_runs_only_up_to_its_longest_sequence(prompted):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+
+def test_fractional_lengths_keep_every_step_their_padding_mask_keeps():
+    """Lengths given as floats mark ``t < length`` as steps (3.5: four steps), and a batch ran only up to the
+    floor of its longest, leaving out a step its padding mask kept: the output changed from the padded run."""
+    torch.manual_seed(0)
+    image = {m: torch.randn(3, 6, d) for m, d in zip(("text", "audio", "vision"), DIMS)}
+    whole = {f"{m}_lengths": torch.tensor([2, 4, 1]) for m in ("text", "audio", "vision")}
+    fractional = {f"{m}_lengths": torch.tensor([2.0, 3.5, 1.0]) for m in ("text", "audio", "vision")}
+    net = _net()
+    with torch.no_grad():
+        torch.testing.assert_close(net.per_modality({**image, **fractional}), net.per_modality({**image, **whole}),
+                                   rtol=0, atol=0)
+
 def test_input_statistics_are_buffers_saved_with_the_weights():
     ds, _ = _batch("utterance")
     net = _net().set_input_statistics(ds.statistics())

@@ -705,3 +705,91 @@ def test_an_npz_that_changes_or_goes_before_a_split_is_read_is_named(tmp_path):
     npz.unlink()
     with pytest.raises(ValueError, match=r"s\.npz was removed after it was opened, before its split 'train' was read"):
         data["train"]
+
+
+def test_features_of_another_shape_are_named_as_such_before_the_split_is_read(tmp_path):
+    """The feature sizes and ids of a .npz come from its headers, whose last size was read as the feature size
+    whatever the array's shape: an audio entry [N, L, D, 1] was 'audio 1-d' against the other splits, with the
+    fix of extracting the features again, and a scalar text in a file without ids stopped the data digest with an
+    IndexError traceback. Both are the shape error the split's reading gives."""
+    from app.data.mmsa import mmsa_digest
+
+    data = make_synthetic_mmsa({"train": 4, "valid": 3, "test": 2}, dims=(6, 5, 4))
+    data["valid"]["audio"] = data["valid"]["audio"][..., None]
+    npz = save_mmsa_npz(data, tmp_path / "deep.npz")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(npz))}: valid/audio must be \[N, L, D\] \(or \[N, D\]\), "
+                                         r"got shape \(3, \d+, 5, 1\)\.$"):
+        feature_dims(load_mmsa(npz))
+    data = make_synthetic_mmsa({"train": 4, "valid": 3, "test": 2}, dims=(6, 5, 4))
+    for split in data.values():
+        del split["id"]
+    data["test"]["text"] = np.float32(0.5)
+    npz = save_mmsa_npz(data, tmp_path / "scalar.npz")
+    with pytest.raises(ValueError, match=r"test/text must be \[N, L, D\] \(or \[N, D\]\), got shape \(\)"):
+        mmsa_digest(load_mmsa(npz), ["train", "valid"], "regression_labels")
+
+
+def test_an_npz_that_may_no_longer_be_read_is_named_as_a_permission_problem(tmp_path, monkeypatch):
+    """A split read after the file's permissions changed was called 'truncated or damaged', whose fix (convert it
+    again) would be wrong. The tests may run as root, whom chmod does not stop: opening the file is refused instead."""
+    import builtins
+
+    npz = write_synthetic_mmsa(tmp_path / "s.npz", splits={"train": 4, "valid": 3})
+    data = load_mmsa(npz)
+    real_open = builtins.open
+
+    def refuse(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file) == npz:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(npz))} is not readable by user id \d+: make it readable"):
+        data["train"]
+
+
+def test_an_npz_replaced_as_it_is_opened_is_never_read_as_another_file(tmp_path, monkeypatch):
+    """What a run knows of a .npz (its headers: feature sizes, sizes checked against the memory and the entries) and
+    the splits it reads later must come from one file. The file was looked up by name again after its headers were
+    read, and again before a split was read: a file replaced in between was read unchecked, with the feature sizes
+    of the first (here text 3-d under a network built for 6)."""
+    real_load = np.load
+
+    def replaced(when: str):
+        def load(*args, **kwargs):
+            if when == "before" and other.exists():
+                os.replace(other, npz)
+            out = real_load(*args, **kwargs)
+            if when == "after" and other.exists():
+                os.replace(other, npz)
+            return out
+        return load
+
+    for when in ("after", "before"):  # as the headers are read, as the split is read
+        npz = write_synthetic_mmsa(tmp_path / f"{when}.npz", splits={"train": 4, "valid": 3}, dims=(6, 5, 4))
+        other = write_synthetic_mmsa(tmp_path / f"{when}_other.npz", splits={"train": 4, "valid": 3}, dims=(3, 5, 4))
+        if when == "after":
+            monkeypatch.setattr(np, "load", replaced(when))
+            data = load_mmsa(npz)
+            monkeypatch.setattr(np, "load", real_load)
+        else:
+            data = load_mmsa(npz)
+            monkeypatch.setattr(np, "load", replaced(when))
+        assert feature_dims(data) == [6, 5, 4]
+        try:
+            train = data["train"]
+        except ValueError as err:
+            assert re.match(rf"{re.escape(str(npz))} changed after it was opened, before its split 'train' was read",
+                            str(err)), err
+        else:
+            assert train["text"].shape[-1] == 6, f"{when}: read the file that replaced it"
+        monkeypatch.setattr(np, "load", real_load)
+
+
+def test_asking_whether_an_npz_has_a_split_does_not_read_it(tmp_path):
+    """``name in data`` read the whole split (a Mapping asks by reading the item), and stopped on its damage or its
+    size instead of answering: a run asking whether the file has a test split held it, or failed on it."""
+    npz = write_synthetic_mmsa(tmp_path / "s.npz", splits={"train": 4, "test": 3})
+    data = load_mmsa(npz)
+    assert "test" in data and "valid" not in data and 7 not in data
+    assert data.loaded() == []
