@@ -118,8 +118,10 @@ class SharedDecoder(nn.Module):
         levels = skips if release else list(skips)
         x = levels.pop()
         for up in self.ups:
-            # UnetUpBlock.forward, whose ``skip`` argument would keep the features alive through its convolutions
-            x = up.conv_block(torch.cat((up.transp_conv(x), levels.pop()), dim=1))
+            # UnetUpBlock.forward, whose ``skip`` argument would keep the features alive through its convolutions;
+            # two statements, so that the level below (still named x during a one-line call) is freed before them
+            x = torch.cat((up.transp_conv(x), levels.pop()), dim=1)
+            x = up.conv_block(x)
         return self.head(x)
 
 

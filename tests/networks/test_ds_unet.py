@@ -61,11 +61,14 @@ def test_shared_trunk_matches_single_modality_run(net):
 def test_without_gradients_each_feature_map_is_freed_once_the_trunk_has_used_it(net):
     """Validation and evaluation run per_modality() without gradients on whole windows: the encoders' features
     stayed alive beside their stacked copy through the whole trunk, and the full-resolution skip through the last
-    up block's convolutions, about a third of a full-resolution window's peak memory. The logits are unchanged."""
+    up block's convolutions, about a third of a full-resolution window's peak memory, and the level below too. The
+    logits are unchanged."""
     features, alive = [], []
     hooks = [enc.register_forward_hook(lambda m, i, out: features.extend(weakref.ref(t) for t in out))
              for enc in net.encoders]
     hooks.append(net.trunk.register_forward_pre_hook(lambda m, args: features.extend(weakref.ref(t) for t in args[0])))
+    hooks += [up.conv_block.register_forward_hook(lambda m, i, out: features.append(weakref.ref(out)))
+              for up in net.trunk.ups[:-1]]
     hooks.append(net.trunk.ups[-1].conv_block.register_forward_pre_hook(
         lambda m, args: alive.append(sum(ref() is not None for ref in features))))
     x = torch.randn(1, 4, 16, 16, 16)
@@ -76,7 +79,7 @@ def test_without_gradients_each_feature_map_is_freed_once_the_trunk_has_used_it(
     finally:
         for hook in hooks:
             hook.remove()
-    assert len(features) == 4 * 3 + 3  # each encoder's 3 levels, then the trunk's 3 stacked levels
+    assert len(features) == 4 * 3 + 3 + 1  # each encoder's 3 levels, the trunk's 3 stacked ones and the level below
     assert alive == [0]  # none of them is held when the last up block's convolutions run
     # a caller's own list of features is left as it is, and decodes to the same logits
     with torch.no_grad():
