@@ -42,6 +42,7 @@ from app.engines.handlers import format_duration
 from app.networks.weights import check_archive, check_finite, describe_state_dict, optional_state_keys
 from app.flags import parse_bool
 from app.losses import loss_settings
+from app.strategies import strategy_options
 from app.strategies.base import process_group
 
 __all__ = [
@@ -522,14 +523,20 @@ def _strategy_settings(text: str) -> tuple[str, dict[str, str]] | None:
 
 def _strategy_fix(written: str, configured: str) -> str:
     """The flags that restore the strategy settings of ``written`` where this run's strategy is of its class and
-    differs in its settings (``--gmd_subsets 3``), else ``""``."""
+    differs in its settings (``--gmd_subsets 3``), else ``""``.
+
+    An option of the built-in strategies has a bundle setting (``subsets``: ``--gmd_subsets``); any other is an
+    option of a recipe's own strategy (``aux_weight``), which only ``--strategy_def#aux_weight`` reaches: the
+    bundles refuse ``--aux_weight`` as a setting they lack.
+    """
     old, new = _strategy_settings(written), _strategy_settings(configured)
     if old is None or new is None or old[0] != new[0]:
         return ""
     flags = []
     for name, value in old[1].items():
         if new[1].get(name) != value:
-            flags.append(f"--{_STRATEGY_FLAGS.get(name, name)} {value.strip(chr(39))}")
+            flag = _STRATEGY_FLAGS.get(name, name) if name in strategy_options() else f"strategy_def#{name}"
+            flags.append(f"--{flag} {value.strip(chr(39))}")
     return " ".join(flags)
 
 

@@ -28,22 +28,26 @@ def repo_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
-def run_bundle(config_files: list[str], *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m monai.bundle run`` from the repository root; fail with its output on error."""
+def run_bundle(config_files: list[str], *args: str, timeout: int = 600,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle run`` from the repository root (in ``env``: this process's environment when
+    None); fail with its output on error."""
     config = config_files[0] if len(config_files) == 1 else str(config_files)
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", str(BRATS), *args]
-    proc = warm.run(cmd, cwd=REPO, timeout=timeout)
+    proc = warm.run(cmd, cwd=REPO, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
-def refused_line(config_files: list[str], *args: str, output_dir: Path | None = None) -> str:
+def refused_line(config_files: list[str], *args: str, output_dir: Path | None = None,
+                 env: dict[str, str] | None = None) -> str:
     """Run a bundle that must refuse its input: exit status 1 with no traceback, nothing written under
-    ``output_dir`` (when given); returns the run's last stderr line, its ``error:`` line."""
+    ``output_dir`` (when given); returns the run's last stderr line, its ``error:`` line. ``env`` as in
+    :func:`run_bundle`."""
     config = config_files[0] if len(config_files) == 1 else str(config_files)
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", str(BRATS), *args]
-    proc = warm.run(cmd, cwd=REPO, timeout=600)
+    proc = warm.run(cmd, cwd=REPO, env=env, timeout=600)
     assert proc.returncode == 1, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-6000:]}"
     assert "Traceback" not in proc.stderr, proc.stderr
     if output_dir is not None:

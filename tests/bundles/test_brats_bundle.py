@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -444,6 +445,32 @@ def test_train_cggm_two_iterations_writes_its_diagnostics(phantoms, tmp_path):
     assert all(0.0 <= e <= 1.0 for e in rows[0]["eps"]) and rows[0]["delta"] == rows[0]["eps"]  # Dice; eps(0) = 0
     assert sum(rows[0]["B"]) == pytest.approx(1.3 * 3)  # sum_i B_i = rho (M - 1) whenever sum_k delta_k != 0
     assert not (tmp_path / "gmd_diagnostics.jsonl").exists()
+
+
+def test_the_readme_recipe_trains_the_example_strategy_and_a_resume_with_another_aux_weight_is_refused(
+        phantoms, tmp_path):
+    """README, "A strategy of your own": its recipe (examples/my_recipe.yaml, shown there as it is) trains the
+    worked example examples/my_strategies.py as written, and the resume check covers the example's own option."""
+    recipe = REPO / "examples" / "my_recipe.yaml"
+    shown = [b for b in re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+             if "my_strategies.UnimodalAux" in b]
+    assert shown == [recipe.read_text()]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "examples"),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    args = ["--dataset_dir", str(phantoms), "--output_dir", str(tmp_path), "--max_epochs", "1", "--epoch_length", "2",
+            *TINY]
+    proc = run_bundle([TRAIN, str(recipe)], *args, env=env)
+    assert "Run: strategy unimodal_aux (my_strategies.UnimodalAux), seed 0," in proc.stderr + proc.stdout
+    _check_training_outputs(tmp_path)
+    checkpoint = tmp_path / "models" / "checkpoint_last.pt"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert (state["strategy_config"], state["iteration"]) == ("UnimodalAux(seed=0, aux_weight=0.5)", 2)
+    before = checkpoint.read_bytes()
+    last = refused_line([TRAIN, str(recipe)], *args, "--resume", "true", "--strategy_def#aux_weight", "0.25", env=env)
+    assert last.startswith(f"error: {checkpoint} was written by a run training with UnimodalAux(seed=0, "
+                           "aux_weight=0.5), this run trains with UnimodalAux(seed=0, aux_weight=0.25): resume with "
+                           "--strategy_def#aux_weight 0.5, or start a new run"), last
+    assert checkpoint.read_bytes() == before
 
 
 def test_evaluate_stops_at_a_bad_case_before_scoring_with_one_line(trained, phantoms, tmp_path):

@@ -83,37 +83,55 @@ def test_every_knob_the_bundles_pass_is_an_option_of_some_strategy(bundle, extra
     assert passed and passed <= strategy_options()
 
 
-def test_a_strategy_of_ones_own_trains_through_an_override_file(tmp_path, monkeypatch):
-    """The README's recipe: an override file replaces strategy_def with a module outside the package."""
+def test_a_strategy_of_ones_own_trains_through_an_override_file(monkeypatch):
+    """The README's recipe (examples/my_recipe.yaml) replaces strategy_def with the worked example outside the
+    package, examples/my_strategies.py, whose step gives the gradient of the loss it documents."""
     import torch
 
+    from app.losses import DiceCELoss
     from app.networks import DSUNet
 
-    (tmp_path / "my_strategies.py").write_text(
-        "from app.strategies import GradientStrategy, StepResult, subset_loss\n\n"
-        "class UnimodalAux(GradientStrategy):\n"
-        "    def __init__(self, seed=0, aux_weight=0.5):\n"
-        "        super().__init__(seed)\n"
-        "        self.aux_weight = aux_weight\n\n"
-        "    def step(self, model, inputs, modality_mask, targets, loss_function, iteration=0):\n"
-        "        per_mod = model.per_modality(inputs, modality_mask)\n"
-        "        loss, pred = subset_loss(model, per_mod, modality_mask, targets, loss_function)\n"
-        "        (loss * (1 + self.aux_weight)).backward()\n"
-        "        return StepResult(loss=loss.detach(), pred=pred.detach())\n")
-    recipe = tmp_path / "my_recipe.yaml"
-    recipe.write_text("strategy: unimodal_aux\nstrategy_def:\n  _target_: my_strategies.UnimodalAux\n"
-                      "  seed: '@seed'\n  aux_weight: 0.5\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    files = [os.path.join(BUNDLES, "brats_gmd", "configs", "train.yaml"), str(recipe)]
+    examples = os.path.join(BUNDLES, "..", "examples")
+    monkeypatch.syspath_prepend(examples)
+    files = [os.path.join(BUNDLES, "brats_gmd", "configs", "train.yaml"), os.path.join(examples, "my_recipe.yaml")]
     parser = ConfigParser(ConfigParser.load_config_files(files))
     parser["seed"] = 7
     strategy = parser.get_parsed_content("strategy_def")
     assert repr(strategy) == "UnimodalAux(seed=7, aux_weight=0.5)"
+
+    torch.manual_seed(0)
     model = DSUNet(features=(4, 8), out_channels=3)
-    mask = torch.tensor([[True, False, True, True]])
-    result = strategy.step(model, torch.randn(1, 4, 8, 8, 8), mask, torch.rand(1, 3, 8, 8, 8),
-                           torch.nn.functional.mse_loss)
-    assert torch.isfinite(result.loss) and all(p.grad is not None for p in model.shared_parameters())
+    image, target = torch.randn(3, 4, 8, 8, 8), (torch.rand(3, 3, 8, 8, 8) > 0.7).float()
+    mask = torch.tensor([[True, False, True, True], [False, True, False, False], [True, True, False, False]])
+    loss_function = DiceCELoss(sigmoid=True, squared_pred=True)
+    params = list(model.parameters())
+
+    def grads(step) -> list:
+        model.zero_grad(set_to_none=True)
+        step()
+        return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+
+    def by_hand(weight: float) -> None:  # the class's formula, written out: a loss per sequence on its own output
+        per_mod = model.per_modality(image, mask)
+        own = [loss_function(per_mod[mask[:, m], m], target[mask[:, m]]) for m in range(4)]
+        (loss_function(model(image, mask), target) + weight * torch.stack(own).mean()).backward()
+
+    result = None
+
+    def step() -> None:
+        nonlocal result
+        result = strategy.step(model, image, mask, target, loss_function)
+
+    for got, want in zip(grads(step), grads(lambda: by_hand(0.5))):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # the reported loss is the fused prediction's, as every strategy reports it; aux_weight 0 trains as plain
+    torch.testing.assert_close(result.loss, loss_function(model(image, mask), target).detach())
+    plain = PlainStrategy()
+    strategy.aux_weight = 0.0
+    for got, want in zip(grads(step), grads(lambda: plain.step(model, image, mask, target, loss_function))):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match=r"strategy_def#aux_weight -1 must be a finite number >= 0, e.g. 0.5"):
+        type(strategy)(aux_weight=-1)
 
 
 def test_listing_the_strategies_does_not_import_monai():
