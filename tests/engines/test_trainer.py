@@ -236,3 +236,18 @@ def test_a_full_disk_after_a_checkpoint_names_the_checkpoint_to_resume_from(tmp_
     # nothing written yet: no checkpoint to name
     with pytest.raises(OSError, match=r"free space on that disk \(or raise the quota\), or write to another folder\.$"):
         trainer_with_checkpoint(tmp_path / "other", full=lambda trainer: True).run()
+
+
+def test_a_cpu_training_keeps_the_memory_a_step_frees_for_the_next(monkeypatch):
+    """Without it glibc gave the heap back after every step and the kernel zeroed it again for the next one:
+    about a tenth of a 48^3 CPU step's time (tests/test_host_memory.py checks the setting itself)."""
+    from ignite.engine import Events
+
+    import app.engines.trainer as trainer_module
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "keep_freed_host_memory", lambda: calls.append(1) or True)
+    trainer = _trainer(_Scaled(), lambda p, t: (p - t) ** 2)
+    trainer.add_event_handler(Events.STARTED, lambda e: calls.append("started"))
+    trainer.run()
+    assert calls == [1, "started"]  # before the first step
