@@ -1142,7 +1142,11 @@ class ResumableCheckpoint:
         written_by = state.get("strategy_config")
         if strategy is not None and written_by is not None and str(written_by) != repr(strategy):
             # the strategy's state would load silently into another one and the run would mix two methods
-            fix = _strategy_fix(str(written_by), repr(strategy), argument_flags("strategy_def"))
+            try:
+                wiring = argument_flags("strategy_def")
+            except (OSError, ValueError):  # a config file changed since the run started: the refusal still comes
+                wiring = None
+            fix = _strategy_fix(str(written_by), repr(strategy), wiring)
             raise ValueError(
                 f"{self.path} was written by a run training with {written_by}, this run trains with {strategy!r}: "
                 + (f"resume with {fix}" if fix else "resume with the original --strategy and its settings "
