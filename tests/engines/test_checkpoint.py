@@ -622,6 +622,11 @@ def test_a_resume_names_the_flag_that_reaches_a_strategy_option_a_recipe_sets(tm
     monkeypatch.setattr(sys, "argv", command[:3] + [str(REPO / "bundles/brats_gmd/configs/train.yaml")])
     with pytest.raises(ValueError, match=r": resume with --gmd_subsets 3, or start a new run"):
         _train_one_epoch(folder, build_strategy("gmd", subsets=2))
+    # a recipe gone since the run started: still the refusal with its fix, not the recipe's error
+    monkeypatch.setattr(sys, "argv", command[:3] + [f"['{REPO / 'bundles/brats_gmd/configs/train.yaml'}','{recipe}']"])
+    recipe.unlink()
+    with pytest.raises(ValueError, match=r": resume with --gmd_subsets 3, or start a new run"):
+        _train_one_epoch(folder, build_strategy("gmd", subsets=2))
 
 
 def _train_one_epoch(folder, strategy) -> None:
