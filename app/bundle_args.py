@@ -21,7 +21,7 @@ import monai
 
 from app.data.errors import check_regular_file
 
-__all__ = ["check_overrides", "check_override_files", "ckpt_export_file", "config_files"]
+__all__ = ["argument_flags", "check_overrides", "check_override_files", "ckpt_export_file", "config_files"]
 
 _MONAI_DIR = os.path.dirname(os.path.abspath(monai.__file__)) + os.sep
 
@@ -92,6 +92,65 @@ def _check_recipe_file(path: Any, setting: str) -> None:
     check_regular_file(str(path), f"Pass a YAML or JSON file as {setting}.")
 
 
+def _bundle_command(argv: Sequence[str] | None) -> tuple[dict[str, Any], Any] | None:
+    """``(options, config_file)`` of a ``python -m monai.bundle`` command line (``sys.argv`` when ``argv`` is
+    None; ``--args_file`` read in, the command line winning), its files checked as files; None for any other
+    command, one without ``--config_file``, or a malformed list of files (MONAI reports it itself)."""
+    from monai.bundle import ConfigParser
+
+    argv = list(sys.argv if argv is None else argv)
+    if not argv or not os.path.abspath(argv[0]).startswith(os.path.join(_MONAI_DIR, "bundle") + os.sep):
+        return None
+    options: dict[str, Any] = _cli_options(argv[1:])
+    if options.get("args_file"):  # defaults and overrides from a file, the command line wins
+        _check_recipe_file(options["args_file"], "--args_file")
+        options = {**ConfigParser.load_config_file(options["args_file"]), **options}
+    config_file: Any = options.get("config_file")
+    if not config_file:
+        return None
+    if isinstance(config_file, str) and config_file.lstrip().startswith("["):
+        try:
+            config_file = config_files(config_file)
+        except ValueError:
+            return None
+    for path in config_files(config_file):
+        _check_recipe_file(path, "--config_file")
+    return options, config_file
+
+
+def argument_flags(component: str, argv: Sequence[str] | None = None) -> dict[str, str] | None:
+    """The flag that sets each argument of ``component`` (``strategy_def``) in this ``python -m monai.bundle`` run.
+
+    ``--gmd_subsets`` where the config files wire the argument to that setting (``subsets: '@gmd_subsets'``),
+    else ``--strategy_def#subsets``: a recipe that sets the argument itself (or a whole ``strategy_def`` of its
+    own) cuts it off from the setting, so that :func:`check_overrides` refuses ``--gmd_subsets`` there, and an
+    argument the command line sets (``--strategy_def#subsets 5``) is that flag's to change. An argument the
+    config leaves out takes ``--strategy_def#NAME`` too (the key is not listed: callers default to it).
+
+    Returns:
+        ``{"subsets": "--gmd_subsets", "alpha": "--strategy_def#alpha", ...}``, or None outside a bundle
+        command line (``sys.argv`` when ``argv`` is None), where the config files are not known.
+    """
+    from monai.bundle import ConfigParser
+
+    command = _bundle_command(argv)
+    if command is None:
+        return None
+    options, config_file = command
+    entry = _config_at(ConfigParser.load_config_files(config_file), component)
+    if not isinstance(entry, dict):
+        return None
+    set_here = {key.replace("::", "#")[len(component) + 1:] for key in options
+                if key.replace("::", "#").startswith(component + "#")}
+    flags = {}
+    for name, value in entry.items():
+        if name in _NON_ARG_KEYS:
+            continue
+        wired = re.fullmatch(r"\s*@(\w+)\s*", value) if isinstance(value, str) else None
+        flags[str(name)] = f"--{wired.group(1)}" if wired and name not in set_here else f"--{component}#{name}"
+    return flags
+
+
 def check_overrides(argv: Sequence[str] | None = None) -> None:
     """Refuse a ``--key`` of ``python -m monai.bundle run`` that names no setting of the config files.
 
@@ -110,23 +169,10 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
     """
     from monai.bundle import ConfigParser
 
-    argv = list(sys.argv if argv is None else argv)
-    if not argv or not os.path.abspath(argv[0]).startswith(os.path.join(_MONAI_DIR, "bundle") + os.sep):
+    command = _bundle_command(argv)
+    if command is None:
         return
-    options: dict[str, Any] = _cli_options(argv[1:])
-    if options.get("args_file"):  # defaults and overrides from a file, the command line wins
-        _check_recipe_file(options["args_file"], "--args_file")
-        options = {**ConfigParser.load_config_file(options["args_file"]), **options}
-    config_file: Any = options.get("config_file")
-    if not config_file:
-        return
-    if isinstance(config_file, str) and config_file.lstrip().startswith("["):
-        try:
-            config_file = config_files(config_file)
-        except ValueError:
-            return  # MONAI reports the malformed list itself
-    for path in config_files(config_file):
-        _check_recipe_file(path, "--config_file")
+    options, config_file = command
     merged = ConfigParser.load_config_files(config_file)
     check_override_files(config_file, merged)
     known = set(merged) | {"_meta_"}

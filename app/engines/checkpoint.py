@@ -38,6 +38,7 @@ from monai.data.utils import set_rnd
 from torch.utils.data import Dataset, DistributedSampler
 
 from app.atomic import atomic_write, stale_temporaries
+from app.bundle_args import argument_flags
 from app.engines.handlers import format_duration
 from app.networks.weights import check_archive, check_finite, describe_state_dict, optional_state_keys
 from app.flags import parse_bool
@@ -521,13 +522,16 @@ def _strategy_settings(text: str) -> tuple[str, dict[str, str]] | None:
     return match.group(1), dict(a.split("=", 1) for a in args)
 
 
-def _strategy_fix(written: str, configured: str) -> str:
+def _strategy_fix(written: str, configured: str, wiring: Mapping[str, str] | None = None) -> str:
     """The flags that restore the strategy settings of ``written`` where this run's strategy is of its class and
     differs in its settings (``--gmd_subsets 3``), else ``""``.
 
-    An option of the built-in strategies has a bundle setting (``subsets``: ``--gmd_subsets``); any other is an
-    option of a recipe's own strategy (``aux_weight``), which only ``--strategy_def#aux_weight`` reaches: the
-    bundles refuse ``--aux_weight`` as a setting they lack.
+    ``wiring`` is the flag of each ``strategy_def`` argument in this run's config
+    (:func:`app.bundle_args.argument_flags`): ``--gmd_subsets`` where ``train.yaml`` wires ``subsets`` to it, but
+    ``--strategy_def#subsets`` where a recipe sets the argument itself, since the bundles then refuse
+    ``--gmd_subsets`` as a setting the run would ignore. An argument it does not list, and every argument of a
+    recipe's own strategy without it (``aux_weight``), takes ``--strategy_def#NAME``, which reaches any argument.
+    Without it (no bundle command line) an option of the built-in strategies takes its bundle setting.
     """
     old, new = _strategy_settings(written), _strategy_settings(configured)
     if old is None or new is None or old[0] != new[0]:
@@ -535,8 +539,11 @@ def _strategy_fix(written: str, configured: str) -> str:
     flags = []
     for name, value in old[1].items():
         if new[1].get(name) != value:
-            flag = _STRATEGY_FLAGS.get(name, name) if name in strategy_options() else f"strategy_def#{name}"
-            flags.append(f"--{flag} {value.strip(chr(39))}")
+            if wiring is not None:
+                flag = wiring.get(name, f"--strategy_def#{name}")
+            else:
+                flag = f"--{_STRATEGY_FLAGS.get(name, name)}" if name in strategy_options() else f"--strategy_def#{name}"
+            flags.append(f"{flag} {value.strip(chr(39))}")
     return " ".join(flags)
 
 
@@ -1135,7 +1142,11 @@ class ResumableCheckpoint:
         written_by = state.get("strategy_config")
         if strategy is not None and written_by is not None and str(written_by) != repr(strategy):
             # the strategy's state would load silently into another one and the run would mix two methods
-            fix = _strategy_fix(str(written_by), repr(strategy))
+            try:
+                wiring = argument_flags("strategy_def")
+            except (OSError, ValueError):  # a config file changed since the run started: the refusal still comes
+                wiring = None
+            fix = _strategy_fix(str(written_by), repr(strategy), wiring)
             raise ValueError(
                 f"{self.path} was written by a run training with {written_by}, this run trains with {strategy!r}: "
                 + (f"resume with {fix}" if fix else "resume with the original --strategy and its settings "

@@ -25,7 +25,7 @@ from app.metrics.hausdorff import HD95Scorer, affine_spacing, check_hd95_workers
 from app.engines.distributed import mean_over_ranks
 from app.engines.utils import amp_dtype, fit_roi
 from app.flags import parse_bool
-from app.host_memory import keep_freed_host_memory
+from app.host_memory import keep_freed_host_memory, release_kept_host_memory
 from app.networks.ds_unet import masked_mean
 from app.strategies.base import GradientStrategy, process_group
 from app.subsets import subset_masks
@@ -298,6 +298,9 @@ class SubsetEvaluator(SupervisedEvaluator):
         self.keys = (image_key, label_key, mask_key, case_key)
         # the last batch (whole volumes, on the GPU in training) would otherwise be held until the next validation
         self.add_event_handler(Events.COMPLETED, SubsetEvaluator._release_batch)
+        # a CPU training's heap is kept at its steps' high-water mark (SubsetTrainer.run): a validation's larger
+        # blocks are mapped beside it, so give it back first (nothing happens in a process that did not keep it)
+        self.add_event_handler(Events.STARTED, lambda engine: release_kept_host_memory())
 
     @staticmethod
     def _release_batch(engine: SubsetEvaluator) -> None:

@@ -594,6 +594,41 @@ def test_a_resume_with_other_gmd_or_cggm_settings_names_the_flags_that_restore_t
             _train_one_epoch(folder, build_strategy(name, **second))
 
 
+def test_a_resume_names_the_flag_that_reaches_a_strategy_option_a_recipe_sets(tmp_path, monkeypatch):
+    """A recipe that sets a built-in strategy's option itself (strategy_def#subsets: 2) cuts it off from
+    --gmd_subsets: the refusal named --gmd_subsets 3, which the bundle then refused as a flag the run would ignore."""
+    import os
+    import sys
+
+    import monai
+
+    from app.bundle_args import check_overrides
+    from app.strategies import build_strategy
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("strategy: gmd\nstrategy_def#subsets: 2\n")
+    command = [os.path.join(os.path.dirname(monai.__file__), "bundle", "__main__.py"), "run", "--config_file",
+               f"['{REPO / 'bundles/brats_gmd/configs/train.yaml'}','{recipe}']"]
+    folder = tmp_path / "run"
+    _train_one_epoch(folder, build_strategy("gmd", subsets=3))
+    monkeypatch.setattr(sys, "argv", command)
+    with pytest.raises(ValueError, match=r": resume with --strategy_def#subsets 3, or start a new run") as refused:
+        _train_one_epoch(folder, build_strategy("gmd", subsets=2))
+    fix = str(refused.value).split("resume with ")[1].split(",")[0].split()
+    check_overrides(command + fix)  # the bundle takes the flag named
+    with pytest.raises(ValueError, match=r"--gmd_subsets would be ignored"):
+        check_overrides(command + ["--gmd_subsets", "3"])
+    # without the recipe, train.yaml's wiring: the bundle setting
+    monkeypatch.setattr(sys, "argv", command[:3] + [str(REPO / "bundles/brats_gmd/configs/train.yaml")])
+    with pytest.raises(ValueError, match=r": resume with --gmd_subsets 3, or start a new run"):
+        _train_one_epoch(folder, build_strategy("gmd", subsets=2))
+    # a recipe gone since the run started: still the refusal with its fix, not the recipe's error
+    monkeypatch.setattr(sys, "argv", command[:3] + [f"['{REPO / 'bundles/brats_gmd/configs/train.yaml'}','{recipe}']"])
+    recipe.unlink()
+    with pytest.raises(ValueError, match=r": resume with --gmd_subsets 3, or start a new run"):
+        _train_one_epoch(folder, build_strategy("gmd", subsets=2))
+
+
 def _train_one_epoch(folder, strategy) -> None:
     """One (empty) epoch of a resumable run in ``folder`` with ``strategy``: it records the strategy's settings."""
     net = torch.nn.Linear(2, 1)
