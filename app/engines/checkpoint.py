@@ -43,7 +43,7 @@ from app.engines.handlers import format_duration
 from app.networks.weights import check_archive, check_finite, describe_state_dict, optional_state_keys
 from app.flags import parse_bool
 from app.losses import loss_settings
-from app.strategies import strategy_options
+from app.strategies import BUNDLE_SETTINGS, strategy_options
 from app.strategies.base import process_group
 
 __all__ = [
@@ -506,11 +506,6 @@ def _optimizer_changes(
     return changes
 
 
-#: the bundles' flags of the strategies' settings (strategy_def) that are not spelt as the setting itself
-_STRATEGY_FLAGS = {"subsets": "gmd_subsets", "rho": "cggm_rho", "head_lr": "cggm_head_lr", "b_clip": "cggm_b_clip",
-                   "sync": "gmd_sync"}
-
-
 def _strategy_settings(text: str) -> tuple[str, dict[str, str]] | None:
     """``("GMDStrategy", {"subsets": "3", "seed": "0"})`` for a strategy's repr ``GMDStrategy(subsets=3, seed=0)``."""
     match = re.fullmatch(r"(\w+)\((.*)\)", text.strip(), flags=re.S)
@@ -542,7 +537,7 @@ def _strategy_fix(written: str, configured: str, wiring: Mapping[str, str] | Non
             if wiring is not None:
                 flag = wiring.get(name, f"--strategy_def#{name}")
             else:
-                flag = f"--{_STRATEGY_FLAGS.get(name, name)}" if name in strategy_options() else f"--strategy_def#{name}"
+                flag = f"--{BUNDLE_SETTINGS.get(name, name)}" if name in strategy_options() else f"--strategy_def#{name}"
             flags.append(f"{flag} {value.strip(chr(39))}")
     return " ".join(flags)
 
